@@ -1,0 +1,44 @@
+# fsinfo_fast: `make demo` runs the main job, `make test` the tests. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fsinfo-fast-installed
+# The CPU build of torch is pinned here (and only here): package metadata keeps a range so GPU
+# machines can use the torch they already have.
+TORCH_PIN ?= torch==2.13.0
+TRITON_PIN ?= triton==3.7.1
+
+.PHONY: venv test test-fast demo bench lint format clean info
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]" "$(TORCH_PIN)" "$(TRITON_PIN)"
+	@touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+demo: venv
+	$(VENV)/bin/fsinfo-fast profile
+
+bench: venv
+	$(PY) -m pytest benchmarks --benchmark-only -q
+
+info: venv
+	$(VENV)/bin/fsinfo-fast info
+
+lint: venv
+	$(VENV)/bin/ruff check fsinfo_fast tests benchmarks
+
+format: venv
+	$(VENV)/bin/ruff format fsinfo_fast tests benchmarks
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .ruff_cache

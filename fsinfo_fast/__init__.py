@@ -1,0 +1,72 @@
+"""fsinfo_fast: fast, verified privacy-leakage metrics for split inference.
+
+FSInfo (Fisher-approximated Shannon information, both the diagonal and the log-det variant),
+dFIL, their error bounds and the FSInfoGuard noise scale, for any PyTorch encoder, with honest
+error bars. Every fast path is checked against the exact oracle in :mod:`fsinfo_fast.reference`.
+
+Importing the package initialises no CUDA context, imports no Triton and prints nothing.
+
+Example:
+    >>> import torch, fsinfo_fast as ff
+    >>> enc = torch.nn.Linear(4, 6).double()
+    >>> r = ff.fsinfo(enc, torch.randn(2, 4, dtype=torch.float64), sigma=0.1, estimator="exact")
+    >>> r.value.shape, r.units
+    (torch.Size([2]), 'nats/dim')
+"""
+
+from . import bounds, errors, formulas, reference
+from ._version import __version__
+from .errors import (
+    BackendUnavailableError,
+    EncoderError,
+    FSInfoError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    NonFiniteProbeError,
+    NotDifferentiableError,
+    SampleInteractionError,
+    SingularFisherWarning,
+    SplitError,
+    TrainingModeError,
+)
+from .metrics import dfil, fsinfo, fsinfo_sigma
+from .result import Aggregate, MetricResult
+
+__all__ = [
+    "__version__",
+    "Aggregate",
+    "BackendUnavailableError",
+    "EncoderError",
+    "FSInfoError",
+    "InvalidInputError",
+    "InvalidInputTypeError",
+    "MetricResult",
+    "NonFiniteProbeError",
+    "NotDifferentiableError",
+    "SampleInteractionError",
+    "SingularFisherWarning",
+    "SplitError",
+    "TrainingModeError",
+    "bounds",
+    "dfil",
+    "errors",
+    "formulas",
+    "fsinfo",
+    "fsinfo_sigma",
+    "models",
+    "reference",
+    "split",
+]
+
+
+def __getattr__(name: str):
+    # Heavier pieces load on first use, keeping `import fsinfo_fast` light.
+    if name == "models":
+        from . import models
+
+        return models
+    if name == "split":
+        from .split import split
+
+        return split
+    raise AttributeError(f"module 'fsinfo_fast' has no attribute {name!r}")

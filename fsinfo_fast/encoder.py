@@ -1,0 +1,293 @@
+"""Turn a user's encoder and batch into a checked, flat per-sample function.
+
+An *encoder* is any ``nn.Module`` or callable mapping a batch ``[B, *in_shape]`` to
+``[B, *out_shape]``. :func:`prepare` validates it and the batch once, with errors that say what
+is wrong and how to fix it, and returns a :class:`PreparedEncoder` whose ``fn`` maps flat
+``[N, d]`` inputs to flat ``[N, m]`` outputs. Both the reference oracle and the fast product
+engines consume this object, so every path refuses the same bad inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import (
+    EncoderError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    NotDifferentiableError,
+    SampleInteractionError,
+    TrainingModeError,
+)
+
+__all__ = [
+    "PreparedEncoder",
+    "prepare",
+    "check_sigma",
+    "check_prior_var",
+    "check_input",
+    "check_eval_mode",
+    "saved_bytes_per_sample",
+]
+
+# Modules whose output depends on the batch or on randomness while in training mode.
+_BATCH_OR_RANDOM = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.dropout._DropoutNd,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+@dataclass
+class PreparedEncoder:
+    """A validated encoder as a flat function.
+
+    Attributes:
+        fn: maps ``[N, d]`` to ``[N, m]`` (``N`` need not equal ``B``).
+        x: the batch, flattened to ``[B, d]``, in the working dtype.
+        in_shape: per-sample input shape.
+        out_shape: per-sample output shape.
+        y: the encoder's output on ``x``, flattened to ``[B, m]``.
+    """
+
+    fn: Callable[[Tensor], Tensor]
+    x: Tensor
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    y: Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def m(self) -> int:
+        return self.y.shape[1]
+
+
+def check_sigma(sigma: float | Tensor, batch: int | None = None, name: str = "sigma") -> None:
+    """Raise unless ``sigma`` is a positive finite number (or a ``[B]`` tensor of them)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
+        raise InvalidInputTypeError(
+            f"{name} must be a positive float or a tensor of shape [B], got {type(sigma).__name__}"
+        )
+    s = torch.as_tensor(sigma, dtype=torch.float64)
+    if s.ndim > 1 or (s.ndim == 1 and batch is not None and s.shape[0] != batch):
+        raise InvalidInputError(
+            f"{name} must be a scalar or have shape [B] = [{batch}], got shape {tuple(s.shape)}"
+        )
+    if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+        raise InvalidInputError(
+            f"{name} must be positive and finite, got {sigma!r}: it is the standard deviation of "
+            "the Gaussian noise on the smashed data (use the paper's nominal 0.1 if no noise is added)"
+        )
+
+
+def check_prior_var(prior_var: float | None) -> float:
+    """Return the prior precision ``lambda = 1/prior_var`` (0 for ``None``), checking the value."""
+    if prior_var is None:
+        return 0.0
+    if isinstance(prior_var, bool) or not isinstance(prior_var, (int, float)):
+        raise InvalidInputTypeError(
+            f"prior_var must be a positive float or None, got {type(prior_var).__name__}"
+        )
+    if not (math.isfinite(prior_var) and prior_var > 0):
+        raise InvalidInputError(
+            f"prior_var must be positive and finite (the prior variance of each input "
+            f"dimension), got {prior_var!r}; pass None for no prior term"
+        )
+    return 1.0 / float(prior_var)
+
+
+def check_input(x: object) -> Tensor:
+    """Raise unless ``x`` is a non-empty, finite, floating-point batch ``[B, ...]``."""
+    if not isinstance(x, Tensor):
+        raise InvalidInputTypeError(
+            f"x must be a torch.Tensor batch of shape [B, ...], got {type(x).__name__}"
+        )
+    if not x.is_floating_point():
+        raise InvalidInputTypeError(
+            f"x must be floating point, got dtype {x.dtype}: convert it, e.g. x.float() "
+            "(images usually as x.float() / 255)"
+        )
+    if x.ndim < 2:
+        raise InvalidInputError(
+            f"x must be a batch of shape [B, ...] with at least 2 dimensions, got shape "
+            f"{tuple(x.shape)}; for a single sample use x.unsqueeze(0)"
+        )
+    if x.numel() == 0:
+        raise InvalidInputError(f"x is empty (shape {tuple(x.shape)}): give at least one sample")
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = bad.reshape(x.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
+        raise InvalidInputError(
+            f"x contains NaN or inf (samples {rows[:10]}{'...' if len(rows) > 10 else ''}): "
+            "clean or drop those samples first"
+        )
+    return x
+
+
+def check_eval_mode(encoder: object) -> None:
+    """Refuse BatchNorm / InstanceNorm / Dropout modules that are in training mode."""
+    if not isinstance(encoder, nn.Module):
+        return
+    for name, mod in encoder.named_modules():
+        if mod.training and isinstance(mod, _BATCH_OR_RANDOM):
+            if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and not (
+                mod.track_running_stats
+            ):
+                continue  # per-sample statistics in both modes
+            where = f" at '{name}'" if name else ""
+            raise TrainingModeError(
+                f"{type(mod).__name__}{where} is in training mode: its output depends on the "
+                "batch or on randomness, but the metric is defined per sample for a fixed "
+                "encoder. Call encoder.eval() first."
+            )
+        if (
+            mod.training
+            and isinstance(mod, nn.MultiheadAttention)
+            and float(getattr(mod, "dropout", 0.0)) > 0
+        ):
+            raise TrainingModeError(
+                f"MultiheadAttention at '{name}' has dropout and is in training mode: "
+                "call encoder.eval() first."
+            )
+
+
+def _cast_encoder(encoder: Callable, dtype: torch.dtype | None) -> Callable:
+    if dtype is None or not isinstance(encoder, nn.Module):
+        return encoder
+    tensors = list(encoder.parameters()) + list(encoder.buffers())
+    if all(t.dtype == dtype or not t.is_floating_point() for t in tensors):
+        return encoder
+    return copy.deepcopy(encoder).to(dtype)
+
+
+def saved_bytes_per_sample(fn: Callable[[Tensor], Tensor], x1: Tensor) -> int:
+    """Bytes of tensors autograd saves for one sample's forward: a proxy for the memory one
+    tangent or cotangent needs (used to chunk probes to a memory budget)."""
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        xr = x1.detach().requires_grad_(True)
+        fn(xr)
+    return max(int(total), x1.numel() * x1.element_size())
+
+
+def prepare(
+    encoder: Callable[[Tensor], Tensor],
+    x: Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    check_interaction: int | None = None,
+) -> PreparedEncoder:
+    """Validate ``encoder`` and ``x`` and return the flat per-sample function.
+
+    Args:
+        encoder: ``nn.Module`` or callable mapping ``[B, *in_shape]`` to ``[B, *out_shape]``.
+        x: the batch ``[B, *in_shape]``.
+        dtype: working dtype; a module whose parameters have another dtype is deep-copied and cast
+            (the reference uses float64). ``None`` keeps the dtypes as given.
+        check_interaction: how many samples to check for independence from the rest of the batch
+            (``f(x)[i] == f(x[i:i+1])``); ``None`` checks all of them.
+
+    Raises:
+        InvalidInputTypeError, InvalidInputError: bad ``x``.
+        TrainingModeError: BatchNorm / Dropout in training mode.
+        EncoderError: output not floating point, not finite, or with the wrong batch size.
+        NotDifferentiableError: output not connected to ``x`` by differentiable operations.
+        SampleInteractionError: a sample's output depends on the other samples.
+    """
+    if not callable(encoder):
+        raise InvalidInputTypeError(
+            f"encoder must be an nn.Module or a callable, got {type(encoder).__name__}"
+        )
+    x = check_input(x)
+    check_eval_mode(encoder)
+    enc = _cast_encoder(encoder, dtype)
+    if dtype is not None:
+        x = x.to(dtype)
+    batch = x.shape[0]
+    in_shape = tuple(x.shape[1:])
+
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        try:
+            out = enc(xr)
+        except RuntimeError as err:
+            msg = str(err).lower()
+            if dtype is not None and any(k in msg for k in ("dtype", "scalar type", "double")):
+                raise EncoderError(
+                    f"the encoder failed on {dtype} input ({err}). Pass an nn.Module (it is "
+                    "cast automatically) or make the callable follow the input's dtype."
+                ) from err
+            raise
+        if not isinstance(out, Tensor):
+            raise EncoderError(
+                f"the encoder must return a tensor, got {type(out).__name__}; wrap it to select "
+                "the tensor (e.g. lambda x: model(x)[0])"
+            )
+        if not out.is_floating_point():
+            raise EncoderError(
+                f"the encoder's output has dtype {out.dtype}; it must be floating point "
+                "(argmax or rounding make the output non-differentiable)"
+            )
+        if out.ndim < 1 or out.shape[0] != batch:
+            raise EncoderError(
+                f"the encoder's output has shape {tuple(out.shape)}; it must keep the batch "
+                f"dimension first ([{batch}, ...])"
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise EncoderError(
+                "the encoder's output contains NaN or inf on this batch; the Jacobian is "
+                "undefined there. Check the input's scale and the model's weights"
+            )
+        grad = None
+        if out.requires_grad:
+            (grad,) = torch.autograd.grad(out.sum(), xr, allow_unused=True)
+        if grad is None:
+            raise NotDifferentiableError(
+                "the encoder's output does not depend differentiably on x (no autograd path: "
+                "was it computed under torch.no_grad(), detached, or via .numpy()?)"
+            )
+    out = out.detach()
+    out_shape = tuple(out.shape[1:])
+
+    def fn(flat: Tensor) -> Tensor:
+        return enc(flat.reshape(flat.shape[0], *in_shape)).reshape(flat.shape[0], -1)
+
+    y = out.reshape(batch, -1)
+    if batch > 1:
+        n = batch if check_interaction is None else min(batch, check_interaction)
+        with torch.no_grad():
+            for i in range(n):
+                alone = fn(x[i : i + 1].reshape(1, -1))[0]
+                scale = float(y[i].abs().max()) + 1e-30
+                tol = 1e-4 if y.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+                err = float((alone - y[i]).abs().max())
+                if not err <= tol * scale:
+                    raise SampleInteractionError(
+                        f"sample {i}'s output changes by {err:.3g} (relative "
+                        f"{err / scale:.3g}) when it is encoded alone instead of in the batch: "
+                        "the samples interact (batch statistics, mixing across the batch). The "
+                        "metric is per sample; use an encoder that treats samples independently"
+                    )
+    return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
+                           out_shape=out_shape, y=y)

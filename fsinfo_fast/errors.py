@@ -1,0 +1,52 @@
+"""Typed errors and warnings raised by fsinfo_fast.
+
+Every error says what was wrong and how to fix it. They subclass the built-in exception a user
+would expect (``ValueError`` for bad values, ``TypeError`` for bad types, ``RuntimeError`` for
+states), so ``except ValueError`` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class FSInfoError(Exception):
+    """Base class of every error raised by fsinfo_fast."""
+
+
+class InvalidInputError(FSInfoError, ValueError):
+    """An argument (``x``, ``sigma``, ``prior_var``, ...) has a bad value."""
+
+
+class InvalidInputTypeError(FSInfoError, TypeError):
+    """An argument has the wrong type (for example ``x`` is an integer tensor)."""
+
+
+class EncoderError(FSInfoError, RuntimeError):
+    """The encoder's output cannot be used: not floating point, not finite, wrong batch size."""
+
+
+class NotDifferentiableError(EncoderError):
+    """The encoder's output does not depend differentiably on its input."""
+
+
+class TrainingModeError(EncoderError):
+    """A module whose output depends on the batch or on randomness is in training mode."""
+
+
+class SampleInteractionError(EncoderError):
+    """The encoder's output for one sample depends on the other samples of the batch."""
+
+
+class NonFiniteProbeError(FSInfoError, FloatingPointError):
+    """A randomized probe produced a non-finite contribution (it is never averaged in)."""
+
+
+class BackendUnavailableError(FSInfoError, RuntimeError):
+    """An explicitly requested backend cannot run here; the message lists why."""
+
+
+class SplitError(FSInfoError, ValueError):
+    """A split point does not exist in the model, or the model cannot be split there."""
+
+
+class SingularFisherWarning(UserWarning):
+    """The Fisher information matrix is singular: its log-determinant is -inf."""

@@ -1,0 +1,161 @@
+r"""The closed-form pieces of the metrics, as pure functions of spectra.
+
+Everything here works on a per-sample *spectrum-like* vector ``mu`` (eigenvalues of ``J^T J``, or
+its diagonal for the diagonal variant) and is shared by the exact reference and the randomized
+estimators, so the two can differ only in how ``mu`` (or its log-sum) is obtained.
+
+With ``c`` the constant added inside the logarithm (the prior precision ``lambda`` for the
+log-det variant, the ``1e-10`` floor for the diagonal variant) and ``d`` the input dimension:
+
+.. math::
+
+    \mathrm{FSInfo}(x) = \frac{1}{2d} \sum_{k=1}^{d} \log\Big(\frac{\mu_k}{\sigma^2} + c\Big)
+                         - \frac{1}{2}\log(2\pi e)
+
+where entries of ``mu`` not given (``len(mu) < d``, the zero eigenvalues of the larger side)
+contribute ``log(c)`` each (``-inf`` when ``c = 0``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: ``(1/2) log(2 pi e)``: the per-dimension entropy of a unit Gaussian, in nats.
+HALF_LOG_2PIE: float = 0.5 * math.log(2.0 * math.pi * math.e)
+
+#: The floor the paper's code adds inside the logarithm of the diagonal variant.
+DIAG_FLOOR: float = 1e-10
+
+__all__ = [
+    "DIAG_FLOOR",
+    "HALF_LOG_2PIE",
+    "as_sigma",
+    "fsinfo_from_spectrum",
+    "sigma_for_target",
+    "nats_to_bits",
+]
+
+
+def nats_to_bits(value: Tensor | float) -> Tensor | float:
+    """Convert nats to bits (divide by ``ln 2``)."""
+    return value / math.log(2.0)
+
+
+def as_sigma(sigma: float | Tensor, batch: int, device: torch.device | None = None) -> Tensor:
+    """Broadcast a noise scale to a float64 tensor of shape ``[B]``."""
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=device)
+    if s.ndim == 0:
+        s = s.expand(batch)
+    return s.reshape(batch)
+
+
+def fsinfo_from_spectrum(
+    mu: Tensor, d: int, sigma: float | Tensor, c: float = 0.0
+) -> Tensor:
+    r"""FSInfo (nats per input dimension) from a per-sample spectrum.
+
+    Args:
+        mu: ``[B, n]`` non-negative values (eigenvalues of ``J^T J`` on the smaller side, or the
+            diagonal of ``J^T J``), ``n <= d``. Small negative rounding is clamped to 0.
+        d: the input dimension; ``d - n`` implicit zeros contribute ``log(c)`` each.
+        sigma: noise scale, a float or a ``[B]`` tensor.
+        c: constant inside the logarithm (prior precision or floor), ``>= 0``.
+
+    Returns:
+        ``[B]`` float64: :math:`\frac{1}{2d}\sum_k \log(\mu_k/\sigma^2 + c) - \frac12\log 2\pi e`.
+        ``-inf`` where a term is ``log 0``; never NaN for finite inputs.
+
+    Example:
+        >>> import torch
+        >>> mu = torch.tensor([[4.0, 1.0]], dtype=torch.float64)
+        >>> v = fsinfo_from_spectrum(mu, d=2, sigma=1.0)
+        >>> round(float(v + HALF_LOG_2PIE), 6)  # (log 4 + log 1) / 4
+        0.346574
+    """
+    mu = mu.to(torch.float64).clamp_min(0.0)
+    b, n = mu.shape
+    if n > d:
+        raise ValueError(f"spectrum has {n} entries but d = {d}")
+    s2 = as_sigma(sigma, b, mu.device) ** 2
+    total = torch.log(mu / s2[:, None] + c).sum(dim=1)
+    if n < d:
+        extra = (d - n) * (math.log(c) if c > 0 else -math.inf)
+        total = total + extra
+    return total / (2.0 * d) - HALF_LOG_2PIE
+
+
+def sigma_for_target(
+    mu: Tensor, d: int, target: float | Tensor, c: float = 0.0, iters: int = 200
+) -> Tensor:
+    r"""Noise scale that makes :func:`fsinfo_from_spectrum` equal ``target`` (FSInfoGuard).
+
+    With ``c = 0`` this is the paper's closed form
+    :math:`\sigma^* = \exp(\mathrm{FSInfo}_{\sigma=1} - \tau)`. With ``c > 0`` (prior or floor) the
+    map ``log sigma -> FSInfo`` is still strictly decreasing, and the root is found by bisection in
+    ``log sigma`` to float64 resolution, seeded with the closed form.
+
+    Args:
+        mu: ``[B, n]`` spectrum as in :func:`fsinfo_from_spectrum`.
+        d: input dimension.
+        target: the target FSInfo ``tau`` in nats per dimension (float or ``[B]``).
+        c: constant inside the logarithm.
+        iters: bisection steps (each halves the bracket in ``log sigma``).
+
+    Returns:
+        ``[B]`` float64 sigma*. ``0`` where FSInfo is ``-inf`` at every sigma (no noise needed);
+        ``inf`` where no finite sigma lowers FSInfo to ``target`` (with ``c > 0`` FSInfo never
+        drops below ``log(c)/2 - log(2 pi e)/2``).
+
+    Example:
+        >>> import torch
+        >>> mu = torch.tensor([[4.0, 1.0]], dtype=torch.float64)
+        >>> s = sigma_for_target(mu, d=2, target=-1.0)
+        >>> round(float(fsinfo_from_spectrum(mu, 2, s)), 9)
+        -1.0
+    """
+    mu = mu.to(torch.float64).clamp_min(0.0)
+    b = mu.shape[0]
+    tau = as_sigma(target, b, mu.device)
+    f1 = fsinfo_from_spectrum(mu, d, 1.0, 0.0)  # c = 0 closed form
+    closed = torch.exp(f1 - tau)
+    if c == 0.0:
+        return closed
+    # FSInfo(sigma) -> 0.5 log(c) - HALF_LOG_2PIE as sigma -> inf
+    floor_value = 0.5 * math.log(c) - HALF_LOG_2PIE
+    out = torch.empty(b, dtype=torch.float64, device=mu.device)
+    unreachable = tau <= floor_value
+    out[unreachable] = math.inf
+    idx = (~unreachable).nonzero().flatten()
+    if idx.numel() == 0:
+        return out
+    m, t = mu[idx], tau[idx]
+
+    def g(log_s: Tensor) -> Tensor:
+        return fsinfo_from_spectrum(m, d, torch.exp(log_s), c) - t
+
+    # bracket: start at the closed-form guess (finite fallback 0), widen until the sign changes
+    guess = torch.log(closed[idx])
+    guess = torch.where(torch.isfinite(guess), guess, torch.zeros_like(guess))
+    lo, hi = guess - 1.0, guess + 1.0
+    for _ in range(200):
+        bad = g(lo) <= 0  # FSInfo too small at lo: go lower
+        if not bad.any():
+            break
+        lo = torch.where(bad, lo - 2.0 * (hi - lo), lo)
+    for _ in range(200):
+        bad = g(hi) > 0
+        if not bad.any():
+            break
+        hi = torch.where(bad, hi + 2.0 * (hi - lo), hi)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        pos = g(mid) > 0
+        lo = torch.where(pos, mid, lo)
+        hi = torch.where(pos, hi, mid)
+        if bool(((hi - lo) <= 4 * torch.finfo(torch.float64).eps * hi.abs().clamp_min(1)).all()):
+            break
+    out[idx] = torch.exp(0.5 * (lo + hi))
+    return out

@@ -1,0 +1,292 @@
+r"""The exact oracle: dense per-sample Jacobians in float64 and everything computed from them.
+
+Small and obviously correct on purpose: every fast path, test and benchmark compares with this.
+
+For each sample ``x_b`` (flattened to ``d`` numbers) the Jacobian ``J_b = df/dx`` (``m x d``) is
+built with ``torch.func`` on the cheaper side: ``m`` VJPs when ``m <= d`` (rows), else ``d`` JVPs
+(columns), vmapped in chunks that bound memory. From it, exactly:
+
+- ``tr(J^T J) = ||J||_F^2``,
+- ``diag(J^T J)_k = ||J e_k||^2`` (squared column norms),
+- the eigenvalues of ``J^T J`` on the smaller side (``eigvalsh`` of ``J J^T`` or ``J^T J``), and
+  with them ``log det(J^T J / sigma^2 + lambda I_d)``, using
+  ``log det(J^T J/s + lambda I_d) = (d - m) log(lambda) + log det(J J^T/s + lambda I_m)``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from ..encoder import PreparedEncoder, check_prior_var, check_sigma, prepare, saved_bytes_per_sample
+from ..errors import InvalidInputError, SingularFisherWarning
+from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sigma_for_target
+from ..result import MetricResult
+
+__all__ = [
+    "jacobian",
+    "fisher_trace",
+    "fisher_diag",
+    "fisher_eigvals",
+    "fisher_logdet",
+    "fsinfo",
+    "dfil",
+    "fsinfo_sigma",
+]
+
+Encoder = Callable[[Tensor], Tensor]
+
+#: Memory the oracle lets one chunk of one-hot products use.
+DEFAULT_BUDGET_BYTES = 1 << 30
+
+
+def _chunk(n: int, per_item_bytes: int, budget: int) -> int:
+    return int(max(1, min(n, budget // max(1, 3 * per_item_bytes))))
+
+
+@torch.no_grad()  # function transforms still differentiate; this only skips parameter graphs
+def _jacobian_prepared(enc: PreparedEncoder, chunk_size: int | None, budget: int) -> Tensor:
+    """``[B, m, d]`` Jacobian of a prepared (float64) encoder, sample by sample."""
+    b, d, m = enc.batch, enc.d, enc.m
+    out = torch.empty(b, m, d, dtype=enc.x.dtype, device=enc.x.device)
+    per_item = saved_bytes_per_sample(enc.fn, enc.x[:1])
+    for i in range(b):
+        xi = enc.x[i : i + 1]
+        if m <= d:  # m VJPs give the rows
+            _, pullback = vjp(enc.fn, xi)
+            eye = torch.eye(m, dtype=xi.dtype, device=xi.device).unsqueeze(1)  # [m, 1, m]
+            cs = chunk_size or _chunk(m, per_item, budget)
+            rows = vmap(lambda u: pullback(u)[0], chunk_size=cs)(eye)  # [m, 1, d]
+            out[i] = rows[:, 0, :]
+        else:  # d JVPs give the columns
+            eye = torch.eye(d, dtype=xi.dtype, device=xi.device).unsqueeze(1)  # [d, 1, d]
+            cs = chunk_size or _chunk(d, per_item, budget)
+            cols = vmap(lambda v: jvp(enc.fn, (xi,), (v,))[1], chunk_size=cs)(eye)  # [d, 1, m]
+            out[i] = cols[:, 0, :].T
+    return out
+
+
+def jacobian(
+    encoder: Encoder, x: Tensor, *, chunk_size: int | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> Tensor:
+    """Exact per-sample Jacobian in float64.
+
+    Args:
+        encoder: module or callable mapping ``[B, *in_shape]`` to ``[B, *out_shape]``. Modules are
+            deep-copied and cast to float64; the caller's module is not changed.
+        x: batch ``[B, *in_shape]``.
+        chunk_size: one-hot products per vmapped chunk (default: from ``budget_bytes``).
+        budget_bytes: memory one chunk may use.
+
+    Returns:
+        ``[B, m, d]`` float64, ``J[b] = d f(x_b) / d x_b`` with input and output flattened.
+
+    Example:
+        >>> import torch
+        >>> A = torch.tensor([[1.0, 2.0], [0.0, 3.0], [1.0, 1.0]])
+        >>> J = jacobian(lambda x: x @ A.T.to(x.dtype), torch.randn(2, 2))
+        >>> J.shape, bool(torch.equal(J[0], A.double()))
+        (torch.Size([2, 3, 2]), True)
+    """
+    enc = prepare(encoder, x, dtype=torch.float64)
+    return _jacobian_prepared(enc, chunk_size, budget_bytes)
+
+
+def fisher_diag(encoder: Encoder, x: Tensor, **kw) -> Tensor:
+    """``[B, d]`` exact ``diag(J^T J)`` (squared column norms of ``J``), float64 (sigma = 1)."""
+    return (jacobian(encoder, x, **kw) ** 2).sum(dim=1)
+
+
+def fisher_trace(encoder: Encoder, x: Tensor, **kw) -> Tensor:
+    """``[B]`` exact ``tr(J^T J) = ||J||_F^2``, float64 (sigma = 1)."""
+    return (jacobian(encoder, x, **kw) ** 2).sum(dim=(1, 2))
+
+
+def eigvals_from_jacobian(J: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues of ``J^T J`` on the smaller side and a numerically-zero mask.
+
+    Returns:
+        ``(mu, zero)``: ``mu`` ``[B, min(m, d)]`` ascending, clamped at 0; ``zero`` marks values at
+        or below ``max(mu) * max(m, d) * eps`` (the usual numerical-rank threshold), set to 0.
+    """
+    _, m, d = J.shape
+    gram = J @ J.transpose(1, 2) if m <= d else J.transpose(1, 2) @ J
+    mu = torch.linalg.eigvalsh(gram)
+    tol = mu.amax(dim=1, keepdim=True).clamp_min(0) * max(m, d) * torch.finfo(J.dtype).eps
+    zero = mu <= tol
+    mu = torch.where(zero, torch.zeros_like(mu), mu)
+    return mu, zero
+
+
+def fisher_eigvals(encoder: Encoder, x: Tensor, **kw) -> Tensor:
+    """``[B, min(m, d)]`` eigenvalues of ``J^T J`` on the smaller side (ascending, float64).
+
+    The other ``d - min(m, d)`` eigenvalues of the ``d x d`` matrix are exactly 0."""
+    return eigvals_from_jacobian(jacobian(encoder, x, **kw))[0]
+
+
+def _singular_mask(zero: Tensor, m: int, d: int, lam: float) -> Tensor:
+    if lam > 0:
+        return torch.zeros(zero.shape[0], dtype=torch.bool, device=zero.device)
+    return zero.any(dim=1) | (m < d)
+
+
+def _warn_singular(singular: Tensor, m: int, d: int) -> None:
+    if bool(singular.any()):
+        n = int(singular.sum())
+        why = f"m = {m} < d = {d}, so rank(J^T J) < d" if m < d else "J^T J has zero eigenvalues"
+        warnings.warn(
+            f"the Fisher information matrix is singular for {n} sample(s) ({why}): their "
+            "log-det FSInfo is -inf. Use variant='diag' (the paper's published numbers) or give "
+            "prior_var= for the finite Bayesian (van Trees) version.",
+            SingularFisherWarning,
+            stacklevel=3,
+        )
+
+
+def fisher_logdet(
+    encoder: Encoder, x: Tensor, sigma: float | Tensor = 1.0, prior_var: float | None = None,
+    **kw,
+) -> Tensor:
+    """``[B]`` exact ``log det(J^T J / sigma^2 + lambda I_d)`` with ``lambda = 1/prior_var``.
+
+    ``-inf`` (with a :class:`SingularFisherWarning`) where the matrix is singular and there is no
+    prior term; never NaN."""
+    check_sigma(sigma, x.shape[0] if isinstance(x, Tensor) else None)
+    lam = check_prior_var(prior_var)
+    J = jacobian(encoder, x, **kw)
+    _, m, d = J.shape
+    mu, zero = eigvals_from_jacobian(J)
+    _warn_singular(_singular_mask(zero, m, d, lam), m, d)
+    from ..formulas import HALF_LOG_2PIE
+
+    return 2.0 * d * (fsinfo_from_spectrum(mu, d, sigma, lam) + HALF_LOG_2PIE)
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in ("diag", "logdet"):
+        raise InvalidInputError(
+            f"variant must be 'diag' (the paper's published numbers) or 'logdet' (the full "
+            f"definition), got {variant!r}"
+        )
+
+
+def fsinfo(
+    encoder: Encoder,
+    x: Tensor,
+    sigma: float | Tensor = 0.1,
+    variant: str = "diag",
+    *,
+    prior_var: float | None = None,
+    floor: float = DIAG_FLOOR,
+    chunk_size: int | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> MetricResult:
+    r"""Exact FSInfo per sample, in nats per input dimension.
+
+    ``variant="logdet"`` (the definition; a surrogate entropy, not a bound):
+
+    .. math:: \mathrm{FSInfo}(x) = \frac{1}{2d}\log\det\Big(\frac{J^TJ}{\sigma^2} + \lambda I\Big)
+              - \frac12 \log(2\pi e)
+
+    with ``lambda = 1/prior_var`` (0 without a prior: then ``-inf`` whenever ``J^T J`` is
+    singular, always when ``m < d``). ``variant="diag"`` (the paper's published numbers):
+
+    .. math:: \mathrm{FSInfo}_{diag}(x) = \frac{1}{2d}\sum_k \log\Big(\frac{(J^TJ)_{kk}}{\sigma^2}
+              + \mathrm{floor}\Big) - \frac12\log(2\pi e)
+
+    which by Hadamard's inequality is ``>=`` the log-det value (it over-states leakage).
+
+    Args:
+        encoder: module or callable ``[B, *in] -> [B, *out]``.
+        x: batch ``[B, *in]``.
+        sigma: noise standard deviation on the smashed data (float or ``[B]``).
+        variant: ``"diag"`` or ``"logdet"``.
+        prior_var: prior variance of each input dimension (log-det variant only).
+        floor: the constant the paper adds inside the diagonal log (``1e-10``).
+
+    Returns:
+        :class:`~fsinfo_fast.result.MetricResult` with ``stderr = 0``.
+    """
+    _check_variant(variant)
+    b = x.shape[0] if isinstance(x, Tensor) else None
+    check_sigma(sigma, b)
+    lam = check_prior_var(prior_var)
+    if variant == "diag" and prior_var is not None:
+        raise InvalidInputError("prior_var applies to variant='logdet' only")
+    if not (math.isfinite(floor) and floor >= 0):
+        raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
+    enc = prepare(encoder, x, dtype=torch.float64)
+    J = _jacobian_prepared(enc, chunk_size, budget_bytes)
+    d, m = enc.d, enc.m
+    if variant == "diag":
+        diag = (J**2).sum(dim=1)
+        value = fsinfo_from_spectrum(diag, d, sigma, floor)
+        singular = None
+        metric = "fsinfo_diag"
+        info = {"floor": floor}
+    else:
+        mu, zero = eigvals_from_jacobian(J)
+        singular = _singular_mask(zero, m, d, lam)
+        _warn_singular(singular, m, d)
+        value = fsinfo_from_spectrum(mu, d, sigma, lam)
+        metric = "fsinfo_logdet"
+        info = {"prior_var": prior_var}
+    return MetricResult(
+        value=value, stderr=torch.zeros_like(value), metric=metric, units="nats/dim",
+        estimator="exact", sigma=as_sigma(sigma, enc.batch, value.device), d=d, m=m,
+        passes=min(m, d), singular=singular, info={"backend": "reference", **info},
+    )
+
+
+def dfil(
+    encoder: Encoder, x: Tensor, sigma: float | Tensor = 0.1, *,
+    chunk_size: int | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> MetricResult:
+    r"""Exact dFIL per sample: :math:`\mathrm{tr}(J^TJ)/(\sigma^2 d)` (Maeng et al. 2023).
+
+    Proven bound (Cramer-Rao): any *unbiased* attacker has ``E||x_hat - x||^2 / d >= 1/dFIL``.
+    """
+    b = x.shape[0] if isinstance(x, Tensor) else None
+    check_sigma(sigma, b)
+    enc = prepare(encoder, x, dtype=torch.float64)
+    J = _jacobian_prepared(enc, chunk_size, budget_bytes)
+    s = as_sigma(sigma, enc.batch, J.device)
+    value = (J**2).sum(dim=(1, 2)) / (s**2 * enc.d)
+    return MetricResult(
+        value=value, stderr=torch.zeros_like(value), metric="dfil", units="1/dim",
+        estimator="exact", sigma=s, d=enc.d, m=enc.m, passes=min(enc.d, enc.m),
+        info={"backend": "reference"},
+    )
+
+
+def fsinfo_sigma(
+    encoder: Encoder, x: Tensor, target: float | Tensor = -1.0, variant: str = "diag", *,
+    prior_var: float | None = None, floor: float = DIAG_FLOOR,
+    chunk_size: int | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> Tensor:
+    r"""Exact FSInfoGuard noise scale per sample: the sigma whose FSInfo equals ``target``.
+
+    Closed form without a prior or floor: :math:`\sigma^* = \exp(\mathrm{FSInfo}_{\sigma=1}-\tau)`;
+    otherwise the monotone equation is solved to float64 precision
+    (:func:`fsinfo_fast.formulas.sigma_for_target`). Returns ``[B]`` float64.
+    """
+    _check_variant(variant)
+    lam = check_prior_var(prior_var)
+    if variant == "diag" and prior_var is not None:
+        raise InvalidInputError("prior_var applies to variant='logdet' only")
+    if not torch.isfinite(torch.as_tensor(target, dtype=torch.float64)).all():
+        raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
+    enc = prepare(encoder, x, dtype=torch.float64)
+    J = _jacobian_prepared(enc, chunk_size, budget_bytes)
+    if variant == "diag":
+        return sigma_for_target((J**2).sum(dim=1), enc.d, target, floor)
+    mu, zero = eigvals_from_jacobian(J)
+    _warn_singular(_singular_mask(zero, enc.m, enc.d, lam), enc.m, enc.d)
+    return sigma_for_target(mu, enc.d, target, lam)
