@@ -29,7 +29,7 @@ from .errors import (
     SplitError,
     TrainingModeError,
 )
-from .metrics import dfil, fsinfo, fsinfo_sigma
+from .metrics import dfil, dfil_sigma, fsinfo, fsinfo_sigma
 from .result import Aggregate, MetricResult
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "TrainingModeError",
     "bounds",
     "dfil",
+    "dfil_sigma",
     "errors",
     "formulas",
     "fsinfo",

@@ -6,6 +6,7 @@ Each routes to the exact oracle (``estimator="exact"``) or to the randomized est
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ from .errors import InvalidInputError
 from .formulas import DIAG_FLOOR
 from .result import MetricResult
 
-__all__ = ["fsinfo", "dfil", "fsinfo_sigma"]
+__all__ = ["fsinfo", "dfil", "fsinfo_sigma", "dfil_sigma"]
 
 Encoder = Callable[[Tensor], Tensor]
 _ESTIMATORS = ("auto", "exact", "randomized")
@@ -107,4 +108,21 @@ def fsinfo_sigma(
     )
 
 
-_ = torch  # torch is used in type hints only
+def dfil_sigma(
+    encoder: Encoder,
+    x: Tensor,
+    bound: float,
+    estimator: str = "auto",
+    *,
+    seed: int | None = 0,
+) -> float:
+    r"""Data-set noise scale for a target dFIL bound (Maeng et al. 2023's calibration).
+
+    :math:`\sigma = \sqrt{b \cdot \mathrm{mean}_x \mathrm{tr}(J^TJ) / d}`, so that the reciprocal of
+    the batch-mean dFIL equals ``b`` (the per-dimension MSE bound for unbiased attackers).
+    """
+    _check_estimator(estimator)
+    if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
+        raise InvalidInputError(f"bound must be a positive float (squared input units), got {bound!r}")
+    r = dfil(encoder, x, 1.0, estimator, seed=seed)
+    return math.sqrt(bound * float(r.value.mean()))

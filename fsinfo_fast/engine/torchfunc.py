@@ -1,0 +1,126 @@
+"""Batched Jacobian products with ``torch.func`` (always available; the fallback backend).
+
+For a batch of ``B`` samples and ``K`` probes per sample, the ``K`` probes are vmapped over the
+whole batch, so the linear layers see one tangent batch of ``B*K`` (one large GEMM/convolution),
+while the primal is computed once (unbatched under vmap). The VJP closure (``torch.func.vjp``) is
+built once per batch and reused by every later call, so estimators that need many rounds of
+cotangents (adaptive stopping, Lanczos) never recompute the forward pass for them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psutil
+import torch
+from torch import Tensor
+from torch.func import jvp as _jvp
+from torch.func import vjp as _vjp
+from torch.func import vmap
+
+from ..encoder import PreparedEncoder, saved_bytes_per_sample
+from ..errors import InvalidInputError
+
+__all__ = ["TorchFuncProducts", "default_memory_budget"]
+
+log = logging.getLogger(__name__)
+
+#: Fraction of free memory the probes may use by default.
+DEFAULT_MEMORY_FRACTION = 0.25
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the probe chunks may use: a fraction of the device's free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = psutil.virtual_memory().available
+    return int(DEFAULT_MEMORY_FRACTION * free)
+
+
+class TorchFuncProducts:
+    """``jvp``/``vjp`` of a prepared encoder over ``K`` probes per sample, with ``torch.func``.
+
+    Args:
+        enc: the prepared encoder (its batch ``x`` is the linearisation point).
+        memory_budget: bytes one chunk of probes may use (default: a quarter of free memory).
+        chunk_size: probes per vmapped chunk (overrides the budget).
+
+    Attributes:
+        jvp_passes, vjp_passes: products computed so far, per sample.
+        forward_mode: False once forward-mode AD was found unsupported (then ``jvp`` goes through
+            the transpose of the VJP, i.e. double backward).
+    """
+
+    backend = "torch"
+
+    def __init__(
+        self, enc: PreparedEncoder, *, memory_budget: int | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.enc = enc
+        self.x = enc.x
+        self.batch, self.d, self.m = enc.batch, enc.d, enc.m
+        self.dtype, self.device = enc.x.dtype, enc.x.device
+        if chunk_size is not None and chunk_size < 1:
+            raise InvalidInputError(f"chunk_size must be >= 1, got {chunk_size}")
+        budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
+        per_probe = self.batch * 3 * saved_bytes_per_sample(enc.fn, enc.x[:1])
+        self.chunk_size = chunk_size or max(1, int(budget // max(per_probe, 1)))
+        self.jvp_passes = 0
+        self.vjp_passes = 0
+        self.forward_mode = True
+        self._pullback = None
+
+    # -- products -----------------------------------------------------------------------------
+    def _vmap_probes(self, f, T: Tensor) -> Tensor:
+        """Apply ``f: [B, n] -> [B, n']`` to every probe of ``T: [B, K, n]`` in chunks."""
+        k = T.shape[1]
+        cs = min(self.chunk_size, k)
+        return vmap(f, in_dims=1, out_dims=1, chunk_size=cs)(T)
+
+    def _check(self, T: Tensor, n: int, name: str) -> Tensor:
+        if T.ndim != 3 or T.shape[0] != self.batch or T.shape[2] != n:
+            raise InvalidInputError(
+                f"{name} expects [B={self.batch}, K, {n}], got {tuple(T.shape)}"
+            )
+        return T.to(self.dtype)
+
+    @torch.no_grad()
+    def vjp(self, U: Tensor) -> Tensor:
+        """``J_b^T u`` for every sample ``b`` and probe: ``[B, K, m] -> [B, K, d]``."""
+        U = self._check(U, self.m, "vjp")
+        if self._pullback is None:
+            _, self._pullback = _vjp(self.enc.fn, self.x)
+        pull = self._pullback
+        out = self._vmap_probes(lambda u: pull(u)[0], U)
+        self.vjp_passes += U.shape[1]
+        return out
+
+    @torch.no_grad()
+    def jvp(self, V: Tensor) -> Tensor:
+        """``J_b v`` for every sample ``b`` and probe: ``[B, K, d] -> [B, K, m]``."""
+        V = self._check(V, self.d, "jvp")
+        if self.forward_mode:
+            try:
+                out = self._vmap_probes(lambda v: _jvp(self.enc.fn, (self.x,), (v,))[1], V)
+                self.jvp_passes += V.shape[1]
+                return out
+            except (RuntimeError, NotImplementedError) as err:
+                if "forward" not in str(err).lower() and "jvp" not in str(err).lower():
+                    raise
+                log.debug("forward-mode AD unsupported (%s); using the VJP-only route", err)
+                self.forward_mode = False
+        out = self._vmap_probes(self._jvp_by_double_vjp, V)
+        self.jvp_passes += V.shape[1]
+        return out
+
+    def _jvp_by_double_vjp(self, v: Tensor) -> Tensor:
+        # u -> J^T u is linear; its VJP with cotangent v is J v.
+        def pull(u: Tensor) -> Tensor:
+            _, pb = _vjp(self.enc.fn, self.x)
+            return pb(u)[0]
+
+        u0 = torch.zeros(self.batch, self.m, dtype=self.dtype, device=self.device)
+        _, pb2 = _vjp(pull, u0)
+        return pb2(v)[0]

@@ -1,0 +1,135 @@
+"""Bad input gets a typed error whose message says what was wrong and how to fix it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+
+ENTRY_POINTS = {
+    "fsinfo": lambda enc, x, **kw: ff.fsinfo(enc, x, estimator="exact", **kw),
+    "fsinfo_logdet": lambda enc, x, **kw: ff.fsinfo(enc, x, variant="logdet", prior_var=1.0,
+                                                    estimator="exact", **kw),
+    "dfil": lambda enc, x, **kw: ff.dfil(enc, x, estimator="exact", **kw),
+    "reference.fsinfo": lambda enc, x, **kw: ff.reference.fsinfo(enc, x, **kw),
+    "reference.jacobian": lambda enc, x, **kw: ff.reference.jacobian(enc, x),
+}
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 3), nn.Tanh()).eval()
+
+
+@pytest.mark.parametrize("entry", ["fsinfo", "fsinfo_logdet", "dfil", "reference.fsinfo"])
+@pytest.mark.parametrize("sigma", [0.0, -1.0, math.nan, math.inf])
+def test_bad_sigma(entry, sigma):
+    with pytest.raises(ff.InvalidInputError, match="sigma must be positive and finite"):
+        ENTRY_POINTS[entry](mlp(), torch.randn(2, 4), sigma=sigma)
+
+
+def test_sigma_type_and_shape():
+    with pytest.raises(ff.InvalidInputTypeError, match="sigma"):
+        ff.fsinfo(mlp(), torch.randn(2, 4), sigma="0.1", estimator="exact")
+    with pytest.raises(ff.InvalidInputTypeError, match="sigma"):
+        ff.fsinfo(mlp(), torch.randn(2, 4), sigma=True, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match=r"shape \[B\]"):
+        ff.fsinfo(mlp(), torch.randn(2, 4), sigma=torch.ones(3), estimator="exact")
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_bad_x(entry):
+    call = ENTRY_POINTS[entry]
+    with pytest.raises(ff.InvalidInputError, match="empty"):
+        call(mlp(), torch.randn(0, 4))
+    with pytest.raises(ff.InvalidInputTypeError, match="floating point"):
+        call(mlp(), torch.ones(2, 4, dtype=torch.int64))
+    x = torch.randn(3, 4)
+    x[1, 2] = math.nan
+    with pytest.raises(ff.InvalidInputError, match=r"NaN or inf \(samples \[1\]"):
+        call(mlp(), x)
+    x[1, 2] = math.inf
+    with pytest.raises(ff.InvalidInputError, match="NaN or inf"):
+        call(mlp(), x)
+    with pytest.raises(ff.InvalidInputTypeError, match="torch.Tensor"):
+        call(mlp(), [[1.0, 2.0, 3.0, 4.0]])
+    with pytest.raises(ff.InvalidInputError, match="unsqueeze"):
+        call(mlp(), torch.randn(4))
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_bad_encoder_output(entry):
+    call = ENTRY_POINTS[entry]
+    x = torch.randn(2, 4)
+    with pytest.raises(ff.EncoderError, match="NaN or inf"):
+        call(lambda z: z / 0.0, x)
+    with pytest.raises(ff.EncoderError, match="floating point"):
+        call(lambda z: z.argmax(dim=1, keepdim=True), x)
+    with pytest.raises(ff.NotDifferentiableError, match="no autograd path"):
+        call(lambda z: z.detach() * 2, x)
+    with pytest.raises(ff.NotDifferentiableError, match="no autograd path"):
+        call(lambda z: torch.ones(z.shape[0], 3, requires_grad=True) * 1.0, x)
+    with pytest.raises(ff.EncoderError, match="batch dimension first"):
+        call(lambda z: z.sum(), x)
+    with pytest.raises(ff.EncoderError, match="must return a tensor"):
+        call(lambda z: (z, z), x)
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.Dropout(0.5), nn.AlphaDropout(0.2)])
+def test_training_mode_refused(entry, layer):
+    enc = nn.Sequential(nn.Linear(4, 4), layer, nn.Tanh())
+    enc.train()
+    with pytest.raises(ff.TrainingModeError, match=r"\.eval\(\)") as info:
+        ENTRY_POINTS[entry](enc, torch.randn(3, 4))
+    assert type(layer).__name__ in str(info.value) and "'1'" in str(info.value)
+    enc.eval()
+    ENTRY_POINTS[entry](enc, torch.randn(3, 4))  # fine once in eval mode
+
+
+def test_interacting_batch_refused():
+    with pytest.raises(ff.SampleInteractionError, match="samples interact"):
+        ff.fsinfo(lambda z: z - z.mean(dim=0), torch.randn(3, 4), estimator="exact")
+    # a single sample cannot interact
+    ff.fsinfo(lambda z: torch.tanh(z - z.mean(dim=0) + z), torch.randn(1, 4), estimator="exact")
+
+
+def test_bad_variant_estimator_prior_floor():
+    x = torch.randn(2, 4)
+    with pytest.raises(ff.InvalidInputError, match="variant"):
+        ff.fsinfo(mlp(), x, variant="full", estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="estimator"):
+        ff.fsinfo(mlp(), x, estimator="fast")
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ff.InvalidInputError, match="prior_var"):
+            ff.fsinfo(mlp(), x, variant="logdet", prior_var=bad, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="variant='logdet' only"):
+        ff.fsinfo(mlp(), x, variant="diag", prior_var=1.0, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="floor"):
+        ff.fsinfo(mlp(), x, floor=-1.0, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="target must be finite"):
+        ff.fsinfo_sigma(mlp(), x, target=math.nan, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="bound"):
+        ff.dfil_sigma(mlp(), x, bound=0.0)
+
+
+def test_not_callable_encoder():
+    with pytest.raises(ff.InvalidInputTypeError, match="callable"):
+        ff.fsinfo("resnet", torch.randn(2, 4), estimator="exact")
+
+
+def test_errors_subclass_builtin_exceptions():
+    assert issubclass(ff.InvalidInputError, ValueError)
+    assert issubclass(ff.InvalidInputTypeError, TypeError)
+    assert issubclass(ff.TrainingModeError, RuntimeError)
+    assert issubclass(ff.SampleInteractionError, ff.FSInfoError)
+
+
+def test_callable_that_cannot_follow_float64_is_explained():
+    model = mlp()  # float32 weights captured by a closure: the oracle cannot cast them
+    with pytest.raises(ff.EncoderError, match="nn.Module"):
+        ff.reference.fsinfo(lambda z: model(z), torch.randn(2, 4))
+    ff.reference.fsinfo(model, torch.randn(2, 4))  # the module itself is cast automatically
