@@ -1,0 +1,72 @@
+"""The ``fsinfo-fast`` command line.
+
+Subcommands live in their own modules, imported only when used; each module provides
+``add_arguments(parser)`` and ``run(args) -> int``. User errors print one line and exit with
+status 2 (no traceback); ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import FSInfoError
+
+#: subcommand -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "profile": ("fsinfo_fast.profile", "leakage at every split point of a model over a data set"),
+    "bench": ("fsinfo_fast.bench", "benchmark every way to compute the metrics, side by side"),
+    "validate": ("fsinfo_fast.validate", "check the metric against real reconstruction attacks"),
+    "info": ("fsinfo_fast.info", "versions, devices and available backends"),
+}
+
+
+class UsageError(FSInfoError, ValueError):
+    """A command-line problem the user can fix (exit status 2)."""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(
+        prog="fsinfo-fast",
+        description="Fast, verified FSInfo / dFIL privacy-leakage metrics for split inference.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules: dict[str, object] = {}
+    for name, (modname, help_) in SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as err:
+            if err.name != modname:
+                raise
+            continue  # not built yet
+        p = sub.add_parser(name, help=help_, description=help_)
+        mod.add_arguments(p)
+        modules[name] = mod
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (FSInfoError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        if args.debug:
+            raise
+        print(f"fsinfo-fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fsinfo-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Packaging promises: a clean import, backend selection, the info command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import fsinfo_fast as ff
+from fsinfo_fast import cli
+from fsinfo_fast.engine import available_backends, resolve_backend
+
+
+def test_import_initialises_no_cuda_imports_no_triton_and_is_silent():
+    code = (
+        "import sys, torch, fsinfo_fast\n"
+        "assert 'triton' not in sys.modules, 'triton imported eagerly'\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialised on import'\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok" and out.stderr == ""
+
+
+def test_backend_resolution(monkeypatch):
+    monkeypatch.delenv("FSINFO_FAST_BACKEND", raising=False)
+    assert resolve_backend("auto") == "torch"
+    assert resolve_backend("torch") == "torch"
+    table = available_backends()
+    assert table["torch"][0] is True
+    for name, (ok, why) in table.items():
+        if not ok:
+            with pytest.raises(ff.BackendUnavailableError, match=name) as info:
+                resolve_backend(name)
+            assert why in str(info.value) and "Available: torch" in str(info.value)
+    with pytest.raises(ff.InvalidInputError, match="backend must be"):
+        resolve_backend("numpy")
+    monkeypatch.setenv("FSINFO_FAST_BACKEND", "torch")
+    assert resolve_backend("auto") == "torch"
+
+
+def test_info_command_json(capsys):
+    assert cli.main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fsinfo_fast"] == ff.__version__
+    assert info["backends"]["torch"]["available"] is True
+    assert info["auto_backend"] == "torch"
+
+
+def test_cli_without_command_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "usage: fsinfo-fast" in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "fsinfo_fast", "info"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "backends" in out.stdout
