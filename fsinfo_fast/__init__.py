@@ -36,6 +36,9 @@ __all__ = [
     "__version__",
     "Aggregate",
     "BackendUnavailableError",
+    "DFILMetric",
+    "FSInfoGuard",
+    "FSInfoMetric",
     "EncoderError",
     "FSInfoError",
     "InvalidInputError",
@@ -66,6 +69,14 @@ def __getattr__(name: str):
         from . import models
 
         return models
+    if name == "FSInfoGuard":
+        from .guard import FSInfoGuard
+
+        return FSInfoGuard
+    if name in ("FSInfoMetric", "DFILMetric"):
+        from . import metric_modules
+
+        return getattr(metric_modules, name)
     if name == "split":
         from .split import split
 

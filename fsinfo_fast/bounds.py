@@ -84,7 +84,7 @@ def fsinfo_bound(fsinfo: MetricResult | Tensor) -> Bound:
 
     Example:
         >>> import math, torch
-        >>> b = fsinfo_bound(torch.tensor([-0.5 * math.log(2 * math.pi * math.e)]))
+        >>> b = fsinfo_bound(torch.tensor([-0.5 * math.log(2 * math.pi * math.e)], dtype=torch.float64))
         >>> round(float(b.value[0]), 12)  # FSInfo of a unit Gaussian -> variance 1
         1.0
     """

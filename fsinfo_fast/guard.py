@@ -1,0 +1,138 @@
+r"""FSInfoGuard, the paper's defense: isotropic Gaussian noise calibrated to a target FSInfo.
+
+The smashed data becomes ``z = f(x) + sigma * eps`` with ``eps ~ N(0, I)`` and ``sigma`` chosen in
+closed form so that FSInfo equals a target ``tau`` (``-1`` nats/dim by default):
+
+.. math:: \sigma^*(x) = \exp(\mathrm{FSInfo}_{\sigma=1}(x) - \tau)
+
+Two modes: per sample (``sigma*`` computed for every input at every forward; the definition) or
+data-set level (``calibrate(data)`` once, then one fixed sigma: the maximum of ``sigma*`` over the
+calibration set, or a quantile of it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .errors import InvalidInputError
+
+__all__ = ["FSInfoGuard"]
+
+
+def _batches(data: Tensor | Iterable) -> Iterable[Tensor]:
+    if isinstance(data, Tensor):
+        yield data
+        return
+    for item in data:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+class FSInfoGuard(nn.Module):
+    """Wrap an encoder so its output carries noise calibrated to a target FSInfo.
+
+    Args:
+        encoder: the bottom part of the model (``[B, ...] -> [B, ...]``, eval mode).
+        target: target FSInfo ``tau`` in nats per input dimension.
+        variant: ``"diag"`` (the paper's) or ``"logdet"``.
+        sigma: a fixed noise scale to start with (data-set mode); ``None`` means per-sample mode
+            until :meth:`calibrate` is called.
+        generator: ``torch.Generator`` for the noise (reproducible outputs).
+        metric_kwargs: passed to :func:`fsinfo_fast.fsinfo_sigma` (``estimator``, ``atol``,
+            ``seed``, ``prior_var``, ...).
+
+    Example:
+        >>> import torch, fsinfo_fast as ff
+        >>> enc = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()).double().eval()
+        >>> guard = ff.FSInfoGuard(enc, target=-1.0, estimator="exact")
+        >>> x = torch.randn(3, 4, dtype=torch.float64)
+        >>> sigma = guard.sigma_for(x)
+        >>> ff.fsinfo(enc, x, sigma=sigma, estimator="exact").value.round(decimals=6).tolist()
+        [-1.0, -1.0, -1.0]
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module | Callable[[Tensor], Tensor],
+        target: float = -1.0,
+        variant: str = "diag",
+        *,
+        sigma: float | None = None,
+        generator: torch.Generator | None = None,
+        **metric_kwargs,
+    ) -> None:
+        super().__init__()
+        if not math.isfinite(target):
+            raise InvalidInputError(f"target must be a finite FSInfo in nats/dim, got {target!r}")
+        self.encoder = encoder
+        self.target = float(target)
+        self.variant = variant
+        self.generator = generator
+        self.metric_kwargs = metric_kwargs
+        self.register_buffer("sigma", torch.tensor(math.nan if sigma is None else float(sigma),
+                                                   dtype=torch.float64))
+        self.last_sigma: Tensor | None = None
+        if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
+            raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
+
+    @property
+    def per_sample(self) -> bool:
+        """True until a data-set sigma is set (by ``sigma=`` or :meth:`calibrate`)."""
+        return bool(torch.isnan(self.sigma))
+
+    def sigma_for(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        """``[B]`` per-sample ``sigma*`` for the batch ``x`` (float64)."""
+        from .metrics import fsinfo_sigma
+
+        kw = dict(self.metric_kwargs)
+        if sample_ids is not None:
+            kw["sample_ids"] = sample_ids
+        return fsinfo_sigma(self.encoder, x, self.target, self.variant, **kw)
+
+    @torch.no_grad()
+    def calibrate(
+        self, data: Tensor | Iterable, statistic: str = "max", q: float = 0.95
+    ) -> float:
+        """Set one data-set sigma from a calibration set and return it.
+
+        Args:
+            data: a tensor batch, or an iterable of batches (or of ``(x, y)`` pairs).
+            statistic: ``"max"`` (every calibration sample reaches the target or below) or
+                ``"quantile"`` (a fraction ``q`` of them does) or ``"mean"``.
+            q: the quantile for ``statistic="quantile"``.
+        """
+        if statistic not in ("max", "quantile", "mean"):
+            raise InvalidInputError(
+                f"statistic must be 'max', 'quantile' or 'mean', got {statistic!r}"
+            )
+        if statistic == "quantile" and not 0 < q <= 1:
+            raise InvalidInputError(f"q must be in (0, 1], got {q!r}")
+        sigmas, seen = [], 0
+        for batch in _batches(data):
+            ids = torch.arange(seen, seen + batch.shape[0])
+            sigmas.append(self.sigma_for(batch, sample_ids=ids).cpu())
+            seen += batch.shape[0]
+        if not sigmas:
+            raise InvalidInputError("calibrate() got no data")
+        s = torch.cat(sigmas)
+        value = {"max": s.max, "mean": s.mean,
+                 "quantile": lambda: torch.quantile(s, q)}[statistic]()
+        self.sigma.fill_(float(value))
+        self.calibration = {"statistic": statistic, "q": q, "n": int(s.numel()),
+                            "sigmas": s}
+        return float(value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
+        z = self.encoder(x)
+        if self.per_sample:
+            sigma = self.sigma_for(x.detach())
+        else:
+            sigma = self.sigma.expand(z.shape[0])
+        self.last_sigma = sigma
+        noise = torch.randn(z.shape, generator=self.generator, dtype=z.dtype, device=z.device)
+        scale = sigma.to(dtype=z.dtype, device=z.device).reshape(-1, *([1] * (z.ndim - 1)))
+        return z + scale * noise
