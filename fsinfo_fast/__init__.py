@@ -31,6 +31,7 @@ from .errors import (
 )
 from .metrics import dfil, dfil_sigma, fsinfo, fsinfo_sigma
 from .result import Aggregate, MetricResult
+from .split import split
 
 __all__ = [
     "__version__",
@@ -77,8 +78,4 @@ def __getattr__(name: str):
         from . import metric_modules
 
         return getattr(metric_modules, name)
-    if name == "split":
-        from .split import split
-
-        return split
     raise AttributeError(f"module 'fsinfo_fast' has no attribute {name!r}")
