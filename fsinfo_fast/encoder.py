@@ -56,6 +56,8 @@ class PreparedEncoder:
         in_shape: per-sample input shape.
         out_shape: per-sample output shape.
         y: the encoder's output on ``x``, flattened to ``[B, m]``.
+        saved_bytes: bytes autograd saved per sample in the validating forward pass: a proxy for
+            the memory one tangent or cotangent of one sample needs (used to chunk probes).
     """
 
     fn: Callable[[Tensor], Tensor]
@@ -63,6 +65,7 @@ class PreparedEncoder:
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     y: Tensor
+    saved_bytes: int = 0
 
     @property
     def batch(self) -> int:
@@ -175,20 +178,31 @@ def _cast_encoder(encoder: Callable, dtype: torch.dtype | None) -> Callable:
     return copy.deepcopy(encoder).to(dtype)
 
 
+class _SavedBytes:
+    """Context manager counting the bytes autograd saves for backward inside it."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.total += t.numel() * t.element_size()
+        return t
+
+    def __enter__(self) -> _SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
 def saved_bytes_per_sample(fn: Callable[[Tensor], Tensor], x1: Tensor) -> int:
     """Bytes of tensors autograd saves for one sample's forward: a proxy for the memory one
     tangent or cotangent needs (used to chunk probes to a memory budget)."""
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        xr = x1.detach().requires_grad_(True)
-        fn(xr)
-    return max(int(total), x1.numel() * x1.element_size())
+    with torch.enable_grad(), _SavedBytes() as counter:
+        fn(x1.detach().requires_grad_(True))
+    return max(int(counter.total), x1.numel() * x1.element_size())
 
 
 def prepare(
@@ -230,7 +244,8 @@ def prepare(
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         try:
-            out = enc(xr)
+            with _SavedBytes() as counter:
+                out = enc(xr)
         except RuntimeError as err:
             msg = str(err).lower()
             if dtype is not None and any(k in msg for k in ("dtype", "scalar type", "double")):
@@ -289,5 +304,6 @@ def prepare(
                         "the samples interact (batch statistics, mixing across the batch). The "
                         "metric is per sample; use an encoder that treats samples independently"
                     )
+    per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
-                           out_shape=out_shape, y=y)
+                           out_shape=out_shape, y=y, saved_bytes=per_sample)

@@ -1,33 +1,91 @@
-"""The public metrics: :func:`fsinfo`, :func:`dfil`, :func:`fsinfo_sigma`.
+"""The public metrics: :func:`fsinfo`, :func:`dfil`, :func:`fsinfo_sigma`, :func:`dfil_sigma`.
 
-Each routes to the exact oracle (``estimator="exact"``) or to the randomized estimators
-(``"randomized"``), or picks the cheaper of the two for the requested tolerance (``"auto"``).
+Each routes to the exact oracle (``estimator="exact"``), to the randomized estimators
+(``"randomized"``), or picks the cheaper of the two for the request (``"auto"``, the default):
+the oracle costs ``min(m, d)`` Jacobian products per sample whatever the tolerance, a randomized
+estimator the probes it needs. ``auto`` runs the randomized estimator with its probe budget capped
+at ``min(m, d)`` and finishes with the oracle for a batch it could not resolve within that budget,
+so it never costs more than about twice the cheaper route.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .encoder import check_prior_var, check_sigma, prepare
+from .engine import make_products
 from .errors import InvalidInputError
-from .formulas import DIAG_FLOOR
+from .estimators import estimate_diag, expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
+from .estimators.base import Estimate
+from .formulas import DIAG_FLOOR, as_sigma
 from .result import MetricResult
 
 __all__ = ["fsinfo", "dfil", "fsinfo_sigma", "dfil_sigma"]
 
+log = logging.getLogger(__name__)
+
 Encoder = Callable[[Tensor], Tensor]
 _ESTIMATORS = ("auto", "exact", "randomized")
+_DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++")
+#: Probes a randomized estimator starts with (its first round).
+_MIN_PROBES = 10
+#: How many samples the sample-independence check encodes alone.
+_INTERACTION_CHECKS = 2
 
 
 def _check_estimator(estimator: str) -> None:
     if estimator not in _ESTIMATORS:
+        raise InvalidInputError(f"estimator must be one of {_ESTIMATORS}, got {estimator!r}")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in ("diag", "logdet"):
         raise InvalidInputError(
-            f"estimator must be one of {_ESTIMATORS}, got {estimator!r}"
+            f"variant must be 'diag' (the paper's published numbers) or 'logdet' (the full "
+            f"definition), got {variant!r}"
         )
+
+
+def _check_common(x: Any, sigma: Any, floor: float = 0.0) -> None:
+    check_sigma(sigma, x.shape[0] if isinstance(x, Tensor) and x.ndim > 0 else None)
+    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
+        raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
+
+
+def _stopping_kw(atol, rtol, num_probes, max_probes, cap: int | None) -> dict[str, Any]:
+    if num_probes is None and atol is None and rtol is None:
+        raise InvalidInputError(
+            "the randomized estimator needs atol, rtol or num_probes (all were None)"
+        )
+    mp = max_probes if cap is None else max(_MIN_PROBES, min(max_probes, cap))
+    kw: dict[str, Any] = {"num_probes": num_probes, "atol": atol, "rtol": rtol,
+                          "max_probes": mp}
+    if num_probes is not None:
+        kw["max_probes"] = max(num_probes, kw["max_probes"])
+    return kw
+
+
+def _use_exact(estimator: str, cost_randomized: int, n: int) -> bool:
+    """``auto``: exact when its ``min(m, d)`` products cost no more than the randomized start."""
+    return estimator == "exact" or (estimator == "auto" and n <= cost_randomized)
+
+
+def _to_result(est: Estimate, *, metric: str, units: str, sigma: Tensor, d: int, m: int,
+               backend: str, **info: Any) -> MetricResult:
+    return MetricResult(
+        value=est.value, stderr=est.stderr, metric=metric, units=units, estimator="randomized",
+        sigma=sigma, d=d, m=m, num_probes=est.num_probes, passes=est.passes,
+        ci_halfwidth=est.ci_halfwidth, singular=est.singular,
+        info={"backend": backend, "converged": est.converged,
+              "probes_per_sample": est.probes_per_sample, **est.info, **info},
+    )
 
 
 def fsinfo(
@@ -38,35 +96,108 @@ def fsinfo(
     estimator: str = "auto",
     atol: float | None = 0.01,
     *,
+    rtol: float | None = None,
+    num_probes: int | None = None,
+    max_probes: int = 1000,
     prior_var: float | None = None,
     floor: float = DIAG_FLOOR,
-    seed: int | None = 0,
+    seed: int | torch.Generator = 0,
+    sample_ids: Tensor | None = None,
+    backend: str = "auto",
+    memory_budget: int | None = None,
+    lanczos_order: int = 30,
 ) -> MetricResult:
     r"""Per-sample FSInfo in nats per input dimension (higher = more leakage).
 
     ``variant="diag"`` gives the paper's published numbers,
-    :math:`\frac{1}{2d}\sum_k\log((J^TJ)_{kk}/\sigma^2 + 10^{-10}) - \frac12\log 2\pi e`;
-    ``variant="logdet"`` the definition
-    :math:`\frac{1}{2d}\log\det(J^TJ/\sigma^2 + \lambda I) - \frac12\log 2\pi e`,
-    ``lambda = 1/prior_var``. Both are Gaussian-surrogate entropies, not bounds; see
-    :mod:`fsinfo_fast.bounds` for what is proven.
+    :math:`\frac{1}{2d}\sum_k\log((J^TJ)_{kk}/\sigma^2 + 10^{-10}) - \frac12\log 2\pi e`,
+    estimated from ``K`` VJPs with the exact chi-square debiasing of the log (unbiased for
+    ``floor = 0``; the floor enters as a plug-in correction, negligible unless
+    ``(J^TJ)_{kk}/\sigma^2`` is near ``1e-10``). ``variant="logdet"`` gives the definition
+    :math:`\frac{1}{2d}\log\det(J^TJ/\sigma^2 + \lambda I) - \frac12\log 2\pi e`
+    (``lambda = 1/prior_var``) by stochastic Lanczos quadrature; ``-inf`` when ``J^T J`` is
+    singular and there is no prior (always when ``m < d``). Both are Gaussian-surrogate
+    entropies, not bounds: see :mod:`fsinfo_fast.bounds` for what is proven.
 
     Args:
         encoder: ``nn.Module`` or callable mapping ``[B, *in]`` to ``[B, *out]`` (eval mode).
         x: batch ``[B, *in]``.
-        sigma: noise standard deviation on the smashed data (0.1 nominal when none is added).
+        sigma: noise standard deviation on the smashed data (0.1 nominal when none is added),
+            a float or ``[B]``.
         variant: ``"diag"`` or ``"logdet"``.
-        estimator: ``"exact"``, ``"randomized"`` or ``"auto"``.
-        atol: target 95% half-width in nats per dimension (randomized estimator).
+        estimator: ``"exact"`` (the float64 oracle), ``"randomized"``, or ``"auto"``.
+        atol: target 95% half-width in nats per dimension (randomized).
+        rtol: target half-width relative to ``|value|`` (randomized).
+        num_probes: a fixed probe count instead of adaptive stopping.
+        max_probes: cap on the probes per sample.
         prior_var: prior variance per input dimension (log-det variant).
         floor: constant inside the diagonal variant's logarithm (the paper's ``1e-10``).
-        seed: seed of the probes (randomized estimator).
+        seed: probe seed (int or ``torch.Generator``); the same seed gives the same probes on
+            every backend.
+        sample_ids: ``[B]`` global sample ids seeding each sample's probes (default
+            ``arange(B)``): a sample's result then does not depend on how samples are batched.
+        backend: how products are computed (``"auto"``, ``"torch"``, ...; see
+            :mod:`fsinfo_fast.engine`).
+        memory_budget: bytes a chunk of probes may use (default: a share of free memory).
+        lanczos_order: Lanczos steps per probe for the log-det variant.
 
     Returns:
-        :class:`~fsinfo_fast.result.MetricResult` with ``value`` and ``stderr`` of shape ``[B]``.
+        :class:`~fsinfo_fast.result.MetricResult`: ``value``, ``stderr``, ``ci95()`` of shape
+        ``[B]``, the estimator used, probes and passes per sample.
+
+    Example:
+        >>> import torch, fsinfo_fast as ff
+        >>> enc = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Tanh()).eval()
+        >>> x = torch.rand(2, 1, 8, 8)
+        >>> r = ff.fsinfo(enc, x, sigma=0.1, estimator="randomized", num_probes=32)
+        >>> exact = ff.fsinfo(enc, x, sigma=0.1, estimator="exact")
+        >>> bool(((r.value - exact.value).abs() < 5 * r.stderr + 1e-9).all())
+        True
     """
     _check_estimator(estimator)
-    return reference.fsinfo(encoder, x, sigma, variant, prior_var=prior_var, floor=floor)
+    _check_variant(variant)
+    _check_common(x, sigma, floor)
+    lam = check_prior_var(prior_var)
+    if variant == "diag" and prior_var is not None:
+        raise InvalidInputError("prior_var applies to variant='logdet' only")
+
+    def exact() -> MetricResult:
+        return reference.fsinfo(encoder, x, sigma, variant, prior_var=prior_var, floor=floor)
+
+    if estimator == "exact":
+        return exact()
+    enc = prepare(encoder, x, check_interaction=_INTERACTION_CHECKS)
+    n = min(enc.m, enc.d)
+    k0 = num_probes or _MIN_PROBES
+    if variant == "diag":
+        cost = expected_passes("diag", d=enc.d, m=enc.m, num_probes=k0)
+    else:
+        cost = expected_passes("slq", d=enc.d, m=enc.m, num_probes=k0, order=lanczos_order,
+                               prior=lam > 0)
+        if cost == 0:  # m < d without a prior: -inf exactly, the oracle says so without work
+            estimator = "exact"
+    if _use_exact(estimator, cost, n):
+        return exact()
+    cap = None
+    if estimator == "auto":  # never spend more probes than the oracle's products
+        cap = n if variant == "diag" else max(2, n // (2 * min(lanczos_order, n)))
+    stop = _stopping_kw(atol, rtol, num_probes, max_probes, cap)
+    products = make_products(enc, backend, memory_budget=memory_budget)
+    s = as_sigma(sigma, enc.batch, enc.x.device)
+    if variant == "diag":
+        est = estimate_diag(products, sigma=s, floor=floor, seed=seed, sample_ids=sample_ids,
+                            **stop).fsinfo_diag
+        metric, extra = "fsinfo_diag", {"floor": floor}
+    else:
+        est = slq_logdet(products, sigma=s, prior_var=prior_var, order=lanczos_order, seed=seed,
+                         sample_ids=sample_ids, **stop)
+        metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
+    if estimator == "auto" and not bool(est.converged.all()):
+        log.debug("randomized %s did not converge within %d probes; using the oracle", metric,
+                  stop["max_probes"])
+        return exact()
+    return _to_result(est, metric=metric, units="nats/dim", sigma=s, d=enc.d, m=enc.m,
+                      backend=products.backend, **extra)
 
 
 def dfil(
@@ -76,14 +207,71 @@ def dfil(
     estimator: str = "auto",
     rtol: float | None = 0.01,
     *,
-    seed: int | None = 0,
+    atol: float | None = None,
+    num_probes: int | None = None,
+    max_probes: int = 1000,
+    method: str = "auto",
+    seed: int | torch.Generator = 0,
+    sample_ids: Tensor | None = None,
+    backend: str = "auto",
+    memory_budget: int | None = None,
 ) -> MetricResult:
-    r"""Per-sample dFIL, :math:`\mathrm{tr}(J^TJ)/(\sigma^2 d)` (Maeng et al. 2023).
+    r"""Per-sample dFIL, :math:`\mathrm{tr}(J^TJ)/(\sigma^2 d)` (Maeng et al. 2023), in 1/dim.
 
-    Any unbiased attacker has ``E||x_hat - x||^2/d >= 1/dFIL`` (Cramer-Rao).
+    Any *unbiased* attacker has ``E||x_hat - x||^2/d >= 1/dFIL`` (Cramer-Rao; proven).
+
+    Args:
+        encoder, x, sigma, estimator, seed, sample_ids, backend, memory_budget: as in
+            :func:`fsinfo`.
+        rtol: target 95% half-width relative to the value (randomized; 1% by default).
+        atol: target half-width in 1/dim.
+        num_probes, max_probes: fixed probe count / cap.
+        method: ``"hutch++"`` (Meyer et al. 2021; best for decaying spectra), ``"hutchinson"``
+            (Rademacher input-side probes), ``"diag"`` (the Gaussian VJP probes of the
+            FSInfo_diag estimator), or ``"auto"`` (Hutch++).
+
+    Returns:
+        :class:`~fsinfo_fast.result.MetricResult` (``units="1/dim"``).
     """
     _check_estimator(estimator)
-    return reference.dfil(encoder, x, sigma)
+    _check_common(x, sigma)
+    if method not in _DFIL_METHODS:
+        raise InvalidInputError(f"method must be one of {_DFIL_METHODS}, got {method!r}")
+
+    def exact() -> MetricResult:
+        return reference.dfil(encoder, x, sigma)
+
+    if estimator == "exact":
+        return exact()
+    enc = prepare(encoder, x, check_interaction=_INTERACTION_CHECKS)
+    n = min(enc.m, enc.d)
+    method = "hutch++" if method == "auto" else method
+    k0 = num_probes or _MIN_PROBES
+    sketch = min(n, 10) if method == "hutch++" else 0
+    cost = expected_passes("hutch++" if method == "hutch++" else "hutchinson", d=enc.d, m=enc.m,
+                           num_probes=k0, sketch_size=sketch)
+    if _use_exact(estimator, cost, n):
+        return exact()
+    cap = max(2, n - 3 * sketch) if estimator == "auto" else None
+    stop = _stopping_kw(atol, rtol, num_probes, max_probes, cap)
+    products = make_products(enc, backend, memory_budget=memory_budget)
+    s = as_sigma(sigma, enc.batch, enc.x.device)
+    common = {"sigma": s, "seed": seed, "sample_ids": sample_ids}
+    if method == "diag":
+        stop["dfil_rtol"], stop["rtol"] = stop.pop("rtol"), None
+        if stop["dfil_rtol"] is None and stop["atol"] is not None:
+            raise InvalidInputError("method='diag' stops on rtol (or num_probes), not atol")
+        est = estimate_diag(products, floor=0.0, **common, **stop).dfil
+    elif method == "hutchinson":
+        est = hutchinson_trace(products, side="input", kind="rademacher", min_probes=_MIN_PROBES,
+                               **common, **stop)
+    else:
+        est = hutchpp_trace(products, sketch_size=sketch, min_probes=_MIN_PROBES, **common,
+                            **stop)
+    if estimator == "auto" and not bool(est.converged.all()):
+        return exact()
+    return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=enc.d, m=enc.m,
+                      backend=products.backend)
 
 
 def fsinfo_sigma(
@@ -92,20 +280,54 @@ def fsinfo_sigma(
     target: float | Tensor = -1.0,
     variant: str = "diag",
     estimator: str = "auto",
+    atol: float | None = 0.01,
     *,
     prior_var: float | None = None,
     floor: float = DIAG_FLOOR,
-    seed: int | None = 0,
+    **kwargs: Any,
 ) -> Tensor:
     r"""FSInfoGuard noise scale per sample: the sigma at which FSInfo equals ``target``.
 
-    :math:`\sigma^*(x) = \exp(\mathrm{FSInfo}_{\sigma=1}(x) - \tau)` (closed form; with a prior or
-    floor the monotone equation is solved exactly). Returns ``[B]`` float64.
+    :math:`\sigma^*(x) = \exp(\mathrm{FSInfo}_{\sigma=1}(x) - \tau)
+    = \det(J^TJ)^{1/2d} e^{-\tau} / \sqrt{2\pi e}` (with the diagonal variant the determinant is
+    the product of the diagonal). The exact route also honours the floor / prior by solving the
+    monotone equation to float64 precision. The randomized route uses the closed form on the
+    estimated ``FSInfo_{sigma=1}`` (the diagonal floor is neglected there: its effect is below
+    ``floor * sigma^2 / (J^TJ)_kk``); an error of ``delta`` nats/dim in that estimate scales
+    ``sigma*`` by ``exp(delta)``. The randomized log-det variant with a prior is not supported
+    (``auto`` uses the oracle for it).
+
+    Args:
+        encoder, x, variant, estimator, atol, prior_var, floor: as in :func:`fsinfo`.
+        target: the target FSInfo ``tau`` in nats per dimension (float or ``[B]``).
+        **kwargs: ``num_probes``, ``seed``, ``sample_ids``, ``backend``, ... of :func:`fsinfo`.
+
+    Returns:
+        ``[B]`` float64 sigma* (``0`` where FSInfo is ``-inf`` at every sigma; ``inf`` where a
+        prior makes the target unreachable).
     """
     _check_estimator(estimator)
-    return reference.fsinfo_sigma(
-        encoder, x, target, variant, prior_var=prior_var, floor=floor
-    )
+    _check_variant(variant)
+    tau = torch.as_tensor(target, dtype=torch.float64)
+    if not bool(torch.isfinite(tau).all()):
+        raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
+    if variant == "logdet" and prior_var is not None:
+        if estimator == "randomized":
+            raise InvalidInputError(
+                "the randomized FSInfoGuard sigma for the log-det variant with a prior is not "
+                "supported; use estimator='exact' (or 'auto')"
+            )
+        estimator = "exact"
+    if estimator == "exact":
+        check_prior_var(prior_var)
+        return reference.fsinfo_sigma(encoder, x, target, variant, prior_var=prior_var,
+                                      floor=floor)
+    r = fsinfo(encoder, x, 1.0, variant, estimator, atol, prior_var=prior_var,
+               floor=0.0 if variant == "diag" else floor, **kwargs)
+    if r.estimator == "exact":  # auto chose the oracle: solve exactly (floor included)
+        return reference.fsinfo_sigma(encoder, x, target, variant, prior_var=prior_var,
+                                      floor=floor)
+    return torch.exp(r.value - tau.to(r.value.device))
 
 
 def dfil_sigma(
@@ -113,16 +335,21 @@ def dfil_sigma(
     x: Tensor,
     bound: float,
     estimator: str = "auto",
-    *,
-    seed: int | None = 0,
+    **kwargs: Any,
 ) -> float:
     r"""Data-set noise scale for a target dFIL bound (Maeng et al. 2023's calibration).
 
     :math:`\sigma = \sqrt{b \cdot \mathrm{mean}_x \mathrm{tr}(J^TJ) / d}`, so that the reciprocal of
-    the batch-mean dFIL equals ``b`` (the per-dimension MSE bound for unbiased attackers).
+    the batch-mean dFIL equals ``b`` (the per-dimension MSE bound for unbiased attackers, in
+    squared input units).
     """
     _check_estimator(estimator)
-    if not (isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0):
-        raise InvalidInputError(f"bound must be a positive float (squared input units), got {bound!r}")
-    r = dfil(encoder, x, 1.0, estimator, seed=seed)
+    if isinstance(bound, bool) or not (
+        isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0
+    ):
+        raise InvalidInputError(
+            f"bound must be a positive float (squared input units), got {bound!r}"
+        )
+    r = dfil(encoder, x, 1.0, estimator, **kwargs)
     return math.sqrt(bound * float(r.value.mean()))
+

@@ -9,6 +9,7 @@ cotangents (adaptive stopping, Lanczos) never recompute the forward pass for the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import psutil
@@ -18,7 +19,7 @@ from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 from torch.func import vmap
 
-from ..encoder import PreparedEncoder, saved_bytes_per_sample
+from ..encoder import PreparedEncoder
 from ..errors import InvalidInputError
 
 __all__ = ["TorchFuncProducts", "default_memory_budget"]
@@ -65,11 +66,12 @@ class TorchFuncProducts:
         if chunk_size is not None and chunk_size < 1:
             raise InvalidInputError(f"chunk_size must be >= 1, got {chunk_size}")
         budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
-        per_probe = self.batch * 3 * saved_bytes_per_sample(enc.fn, enc.x[:1])
+        per_probe = self.batch * 3 * enc.saved_bytes
         self.chunk_size = chunk_size or max(1, int(budget // max(per_probe, 1)))
         self.jvp_passes = 0
         self.vjp_passes = 0
         self.forward_mode = True
+        self._jvp_route = 0
         self._pullback = None
 
     # -- products -----------------------------------------------------------------------------
@@ -99,21 +101,48 @@ class TorchFuncProducts:
 
     @torch.no_grad()
     def jvp(self, V: Tensor) -> Tensor:
-        """``J_b v`` for every sample ``b`` and probe: ``[B, K, d] -> [B, K, m]``."""
+        """``J_b v`` for every sample ``b`` and probe: ``[B, K, d] -> [B, K, m]``.
+
+        Forward-mode AD first; where an op lacks a forward-mode (or batching) rule, attention is
+        retried with PyTorch's composite "math" kernel, and failing that ``jvp`` goes through the
+        transpose of the VJP (double backward). The route taken is logged at debug level and
+        kept for later calls.
+        """
         V = self._check(V, self.d, "jvp")
-        if self.forward_mode:
+        routes = [r for r in self._JVP_ROUTES if r >= self._jvp_route]
+        first_error: BaseException | None = None
+        for i, route in enumerate(routes):
             try:
-                out = self._vmap_probes(lambda v: _jvp(self.enc.fn, (self.x,), (v,))[1], V)
-                self.jvp_passes += V.shape[1]
-                return out
+                with self._attention_kernel(route):
+                    if route < 2:
+                        out = self._vmap_probes(
+                            lambda v: _jvp(self.enc.fn, (self.x,), (v,))[1], V)
+                    else:
+                        out = self._vmap_probes(self._jvp_by_double_vjp, V)
             except (RuntimeError, NotImplementedError) as err:
-                if "forward" not in str(err).lower() and "jvp" not in str(err).lower():
-                    raise
-                log.debug("forward-mode AD unsupported (%s); using the VJP-only route", err)
-                self.forward_mode = False
-        out = self._vmap_probes(self._jvp_by_double_vjp, V)
-        self.jvp_passes += V.shape[1]
-        return out
+                first_error = first_error or err
+                if i == len(routes) - 1:
+                    raise first_error from err
+                log.debug("jvp route %s failed (%s); trying %s", self._JVP_ROUTES[route],
+                          err, self._JVP_ROUTES[routes[i + 1]])
+                continue
+            self._jvp_route = route
+            self.forward_mode = route < 2
+            self.jvp_passes += V.shape[1]
+            return out
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    #: jvp routes in the order tried.
+    _JVP_ROUTES = {0: "forward-mode", 1: "forward-mode, math attention",
+                   2: "double backward, math attention"}
+
+    @staticmethod
+    def _attention_kernel(route: int):
+        if route == 0:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
 
     def _jvp_by_double_vjp(self, v: Tensor) -> Tensor:
         # u -> J^T u is linear; its VJP with cotangent v is J v.

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ..encoder import PreparedEncoder, check_prior_var, check_sigma, prepare, saved_bytes_per_sample
+from ..encoder import PreparedEncoder, check_prior_var, check_sigma, prepare
 from ..errors import InvalidInputError, SingularFisherWarning
 from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sigma_for_target
 from ..result import MetricResult
@@ -54,7 +54,7 @@ def _jacobian_prepared(enc: PreparedEncoder, chunk_size: int | None, budget: int
     """``[B, m, d]`` Jacobian of a prepared (float64) encoder, sample by sample."""
     b, d, m = enc.batch, enc.d, enc.m
     out = torch.empty(b, m, d, dtype=enc.x.dtype, device=enc.x.device)
-    per_item = saved_bytes_per_sample(enc.fn, enc.x[:1])
+    per_item = enc.saved_bytes
     for i in range(b):
         xi = enc.x[i : i + 1]
         if m <= d:  # m VJPs give the rows

@@ -1,0 +1,46 @@
+r"""Randomized estimators of FSInfo and dFIL, written against batched Jacobian products.
+
+Estimators see only a :class:`Products` object (``jvp``: ``[B, K, d] -> [B, K, m]``, ``vjp``:
+``[B, K, m] -> [B, K, d]``) and never know how the products are computed. All return float64
+per-sample :class:`Estimate` objects with a standard error and a t-interval, and draw their
+probes with :func:`draw_probes`, so results are reproducible from ``(seed, sample id)`` and do
+not depend on how samples are batched.
+
+- :func:`estimate_diag`: FSInfo_diag (exactly chi2-debiased log-sum of ``diag(J^T J)``) and
+  dFIL from the same ``K`` VJPs (delete-a-group jackknife standard error).
+- :func:`hutchinson_trace`: ``tr(J^T J)`` / dFIL (Hutchinson 1989).
+- :func:`hutchpp_trace`: Hutch++ (Meyer et al. 2021).
+- :func:`slq_logdet`: log-det FSInfo by stochastic Lanczos quadrature (Ubaru et al. 2017), with a
+  Golub-Kahan option.
+- :class:`StoppingRule`: fixed probe count or rounds until ``atol``/``rtol`` is met.
+- :func:`expected_passes`: the cost model.
+"""
+
+from .base import Estimate, Products, t_quantile
+from .cost import expected_passes
+from .diagonal import DiagEstimate, estimate_diag, log_chi2_mean_offset
+from .hutchinson import hutchinson_trace
+from .lanczos import golub_kahan_bidiagonal, lanczos_tridiagonal, slq_logdet, slq_quadrature
+from .meyer2020hutchpp import hutchpp_trace
+from .probes import PROBE_KINDS, draw_probes, resolve_seed
+from .stopping import StoppingRule
+
+__all__ = [
+    "PROBE_KINDS",
+    "DiagEstimate",
+    "Estimate",
+    "Products",
+    "StoppingRule",
+    "draw_probes",
+    "estimate_diag",
+    "expected_passes",
+    "golub_kahan_bidiagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos_tridiagonal",
+    "log_chi2_mean_offset",
+    "resolve_seed",
+    "slq_logdet",
+    "slq_quadrature",
+    "t_quantile",
+]

@@ -1,0 +1,219 @@
+r"""The interface every estimator is written against, and the result it returns.
+
+Estimators only see a :class:`Products` object: batched Jacobian-vector products for one batch
+of ``B`` samples, ``J_b`` being the ``m x d`` Jacobian of sample ``b``. How the products are
+computed (a dense matrix in tests, ``torch.func``, the linearised engine, kernels) is the
+engine's business. Products may run in float32; estimators accumulate in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidInputError, InvalidInputTypeError, NonFiniteProbeError
+
+__all__ = ["Estimate", "Products", "t_quantile"]
+
+
+@runtime_checkable
+class Products(Protocol):
+    """Batched Jacobian products for one batch of ``B`` samples.
+
+    Attributes:
+        batch: ``B``, the number of samples.
+        d: input dimension (columns of each ``J_b``).
+        m: output dimension (rows of each ``J_b``).
+        dtype: floating dtype the products expect and return.
+        device: device of the tensors.
+    """
+
+    batch: int
+    d: int
+    m: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def jvp(self, V: Tensor) -> Tensor:
+        """``[B, K, d] -> [B, K, m]``: ``out[b, k] = J_b V[b, k]``."""
+        ...
+
+    def vjp(self, U: Tensor) -> Tensor:
+        """``[B, K, m] -> [B, K, d]``: ``out[b, k] = J_b^T U[b, k]``."""
+        ...
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per-sample randomized estimate with its error bar (all tensors float64, shape ``[B]``).
+
+    Attributes:
+        value: the estimate, in the quantity's units (nats/dim for FSInfo, 1/dim for dFIL, the
+            raw trace when no ``sigma`` was given).
+        stderr: estimated standard error of ``value`` (0 where the value is known exactly, e.g.
+            ``-inf`` for a singular Fisher matrix).
+        ci_halfwidth: half-width of the two-sided interval at the requested confidence (95% by
+            default), ``t_quantile(dof) * stderr``.
+        num_probes: the largest number of probes any sample's estimate uses.
+        passes: Jacobian products (JVPs + VJPs) computed per sample.
+        converged: ``[B]`` bool: the interval met ``atol``/``rtol`` (always True without a
+            tolerance; False where ``max_probes`` stopped the sample first).
+        probes_per_sample: ``[B]`` int64, the probes each sample's estimate uses (adaptive
+            stopping freezes a sample at the round where it converged, so a sample's estimate
+            does not depend on the other samples of the batch).
+        singular: ``[B]`` bool where the value is ``-inf`` because a matrix is singular
+            (or a column of ``J`` is zero with ``floor = 0``); ``None`` if not applicable.
+        info: method details (method, side, order, dof, seed, ...).
+    """
+
+    value: Tensor
+    stderr: Tensor
+    ci_halfwidth: Tensor
+    num_probes: int
+    passes: int
+    converged: Tensor
+    probes_per_sample: Tensor | None = None
+    singular: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.value.shape[0])
+
+    def ci(self) -> tuple[Tensor, Tensor]:
+        """Per-sample interval ``(value - ci_halfwidth, value + ci_halfwidth)``."""
+        return self.value - self.ci_halfwidth, self.value + self.ci_halfwidth
+
+    def scaled(self, factor: Tensor | float, shift: Tensor | float = 0.0) -> Estimate:
+        """The estimate of ``factor * quantity + shift`` (``factor > 0``, per sample or scalar)."""
+        f = torch.as_tensor(factor, dtype=torch.float64, device=self.value.device)
+        return Estimate(
+            value=self.value * f + shift,
+            stderr=self.stderr * f,
+            ci_halfwidth=self.ci_halfwidth * f,
+            num_probes=self.num_probes,
+            passes=self.passes,
+            converged=self.converged,
+            probes_per_sample=self.probes_per_sample,
+            singular=self.singular,
+            info=dict(self.info),
+        )
+
+
+def t_quantile(dof: int, confidence: float = 0.95) -> float:
+    """Two-sided Student-t quantile ``t_{(1+confidence)/2, dof}`` (``inf`` for ``dof < 1``)."""
+    if dof < 1:
+        return math.inf
+    from scipy.stats import t as student_t
+
+    return float(student_t.ppf(0.5 * (1.0 + confidence), dof))
+
+
+def check_products(products: object) -> None:
+    """Raise unless ``products`` looks like a :class:`Products` object."""
+    missing = [
+        a for a in ("batch", "d", "m", "dtype", "device", "jvp", "vjp") if not hasattr(products, a)
+    ]
+    if missing:
+        raise InvalidInputTypeError(
+            f"products must implement the Products protocol (batch, d, m, dtype, device, jvp, "
+            f"vjp); {type(products).__name__} lacks {missing}"
+        )
+
+
+class _Detached:
+    """View of a :class:`Products` whose outputs are detached from any autograd graph.
+
+    Products built on autograd with parameters that require grad return tensors that carry a
+    graph; estimators treat products as data, so the graph is dropped right away instead of
+    being kept alive across Lanczos steps and rounds.
+    """
+
+    def __init__(self, inner: Products) -> None:
+        self.inner = inner
+        self.batch, self.d, self.m = inner.batch, inner.d, inner.m
+        self.dtype, self.device = inner.dtype, inner.device
+
+    def jvp(self, V: Tensor) -> Tensor:
+        return self.inner.jvp(V).detach()
+
+    def vjp(self, U: Tensor) -> Tensor:
+        return self.inner.vjp(U).detach()
+
+
+def detached(products: Products) -> Products:
+    """``products`` with outputs detached (checked against the protocol first)."""
+    check_products(products)
+    return products if isinstance(products, _Detached) else _Detached(products)
+
+
+def sample_ids_for(products: Products, sample_ids: Tensor | None) -> Tensor:
+    """Global sample ids ``[B]`` int64 (default ``arange(B)``), checked."""
+    b = products.batch
+    if sample_ids is None:
+        return torch.arange(b, dtype=torch.int64, device=products.device)
+    ids = torch.as_tensor(sample_ids, device=products.device)
+    if ids.dtype not in (torch.int64, torch.int32) or ids.shape != (b,):
+        raise InvalidInputError(
+            f"sample_ids must be an integer tensor of shape [B] = [{b}], got dtype {ids.dtype} "
+            f"and shape {tuple(ids.shape)}"
+        )
+    return ids.to(torch.int64)
+
+
+def sigma_for(products: Products, sigma: float | Tensor) -> Tensor:
+    """``[B]`` float64 noise scale, checked positive and finite."""
+    b = products.batch
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
+        raise InvalidInputTypeError(
+            f"sigma must be a positive float or a [B] tensor, got {type(sigma).__name__}"
+        )
+    s = torch.as_tensor(sigma, dtype=torch.float64, device=products.device)
+    if s.ndim == 0:
+        s = s.expand(b)
+    if s.shape != (b,):
+        raise InvalidInputError(
+            f"sigma must be a scalar or of shape [B] = [{b}], got {tuple(s.shape)}"
+        )
+    if not bool((torch.isfinite(s) & (s > 0)).all()):
+        raise InvalidInputError(f"sigma must be positive and finite, got {sigma!r}")
+    return s
+
+
+def prior_precision(prior_var: float | None) -> float:
+    """``lambda = 1 / prior_var`` (0 for ``None``), checked."""
+    if prior_var is None:
+        return 0.0
+    if isinstance(prior_var, bool) or not isinstance(prior_var, (int, float)):
+        raise InvalidInputTypeError(
+            f"prior_var must be a positive float or None, got {type(prior_var).__name__}"
+        )
+    if not (math.isfinite(prior_var) and prior_var > 0):
+        raise InvalidInputError(
+            f"prior_var must be positive and finite (prior variance per input dimension), got "
+            f"{prior_var!r}; pass None for no prior term"
+        )
+    return 1.0 / float(prior_var)
+
+
+def check_finite(out: Tensor, sample_ids: Tensor, start: int, what: str) -> None:
+    """Raise :class:`NonFiniteProbeError` if any probe's output ``out[b, k, ...]`` is not finite.
+
+    The message names the first offending sample (global id and batch index) and probe index
+    (``start + k``). Non-finite contributions are never averaged in.
+    """
+    bad = ~torch.isfinite(out)
+    if bad.ndim > 2:
+        bad = bad.flatten(2).any(dim=2)
+    if bool(bad.any()):
+        b, k = (int(i) for i in bad.nonzero()[0])
+        n_bad = int(bad.sum())
+        raise NonFiniteProbeError(
+            f"{what}: probe {start + k} of sample {int(sample_ids[b])} (batch index {b}) gave a "
+            f"non-finite value ({n_bad} probe(s) of this round affected). It is not averaged in: "
+            "check the encoder for overflow (e.g. run it in float64) or for non-differentiable "
+            "points at this input"
+        )

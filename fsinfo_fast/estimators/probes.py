@@ -1,0 +1,182 @@
+r"""Reproducible, batch-independent random probes (counter-based splitmix64).
+
+Probe ``j`` of the sample with global id ``i`` depends only on ``(seed, stream, i, j, n, kind)``:
+it is a pure function of those integers, computed with the splitmix64 hash (Steele, Lea and
+Flood 2014) in int64 tensor arithmetic, vectorised over all samples, probes and entries. So
+
+- the same arguments give bit-identical probes (on CPU; on GPU Rademacher probes are
+  bit-identical to the CPU ones and Gaussian ones agree to a few ulps, ``log``/``cos`` differ),
+- a sample gets the same probes whichever batch it is in and however the probes are split into
+  rounds (``start``, ``count``), which makes every estimate batch-independent,
+- there is no per-probe generator object and no sequential state (a kernel can regenerate any
+  probe in place from its indices).
+
+Construction: ``key = fmix(fmix(fmix(seed) ^ tag(stream, n, kind)) + G (i + 1)) + G' (j + 1)``,
+then entry ``e`` is built from the splitmix64 stream of ``key``, ``fmix(key + G (e + 1))``.
+Gaussian entries come in Box-Muller pairs from two 53-bit uniforms on the open interval
+``(0, 1)`` (no ``log 0``; the largest possible ``|z|`` is about 8.7). Rademacher entries are the
+sign bit of the hash.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidInputError, InvalidInputTypeError
+
+__all__ = ["draw_probes", "resolve_seed", "PROBE_KINDS"]
+
+#: Probe distributions: ``gaussian`` (``N(0, I)``) and ``rademacher`` (``+-1`` entries).
+PROBE_KINDS = ("gaussian", "rademacher")
+
+_M64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_GOLDEN2 = 0xD1B54A32D192ED03
+_C1 = 0xBF58476D1CE4E5B9
+_C2 = 0x94D049BB133111EB
+#: Elements hashed per chunk: cache-sized on CPU (several times faster than one big pass),
+#: large on accelerators (fewer kernel launches); bounds the int64 temporaries either way.
+_CHUNK_ELEMS_CPU = 1 << 16
+_CHUNK_ELEMS_ACCEL = 1 << 24
+
+
+def _signed(u: int) -> int:
+    u &= _M64
+    return u - (1 << 64) if u >= (1 << 63) else u
+
+
+def _fmix_int(z: int) -> int:
+    """splitmix64 finaliser on a Python int (unsigned 64-bit semantics)."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * _C1) & _M64
+    z = ((z ^ (z >> 27)) * _C2) & _M64
+    return z ^ (z >> 31)
+
+
+def _srl(z: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 ``z`` by ``s`` bits."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _fmix(z: Tensor) -> Tensor:
+    """splitmix64 finaliser on an int64 tensor (two's-complement wrap-around arithmetic)."""
+    z = (z ^ _srl(z, 30)) * _signed(_C1)
+    z = (z ^ _srl(z, 27)) * _signed(_C2)
+    return z ^ _srl(z, 31)
+
+
+def resolve_seed(seed: int | torch.Generator) -> int:
+    """An integer seed from an ``int`` or a ``torch.Generator`` (one draw from it).
+
+    Example:
+        >>> resolve_seed(7)
+        7
+        >>> g = torch.Generator().manual_seed(0)
+        >>> resolve_seed(g) == resolve_seed(torch.Generator().manual_seed(0))
+        True
+    """
+    if isinstance(seed, torch.Generator):
+        return int(torch.randint(0, 1 << 62, (1,), generator=seed, device=seed.device).item())
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidInputTypeError(
+            f"seed must be an int or a torch.Generator, got {type(seed).__name__}"
+        )
+    return seed
+
+
+def _base_key(seed: int, stream: int, n: int, kind: str) -> int:
+    tag = _fmix_int(stream * 0x100000001B3 + n * 4 + PROBE_KINDS.index(kind) + 0x5EED)
+    return _fmix_int(_fmix_int(seed & _M64) ^ tag)
+
+
+def _uniform53(h: Tensor) -> Tensor:
+    """53-bit uniforms on the open interval (0, 1) from int64 hashes."""
+    return (_srl(h, 11).to(torch.float64) + 0.5) * (2.0**-53)
+
+
+def draw_probes(
+    n: int,
+    *,
+    seed: int | torch.Generator,
+    sample_ids: Tensor,
+    start: int = 0,
+    count: int,
+    kind: str = "gaussian",
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    stream: int = 0,
+) -> Tensor:
+    r"""Probes ``start .. start+count-1`` of each sample: ``[B, count, n]``.
+
+    Entry ``[b, k, :]`` is probe ``j = start + k`` of the sample with global id
+    ``sample_ids[b]``, a function of ``(seed, stream, sample_ids[b], j, n, kind)`` only.
+
+    Args:
+        n: probe length (``d`` for input-side probes, ``m`` for output-side ones).
+        seed: integer seed (any int, taken modulo ``2^64``) or a ``torch.Generator`` from which
+            one seed is drawn (resolve it once with :func:`resolve_seed` if you call this
+            repeatedly and want the same probes).
+        sample_ids: ``[B]`` int64 global sample ids.
+        start: index of the first probe.
+        count: number of probes per sample.
+        kind: ``"gaussian"`` (iid ``N(0, 1)`` entries) or ``"rademacher"`` (iid ``+-1``).
+        dtype: floating dtype of the result (drawn in float64, then cast).
+        device: device of the result (default: that of ``sample_ids``).
+        stream: independent stream index (e.g. the Hutch++ sketch uses another stream than its
+            residual probes).
+
+    Returns:
+        ``[B, count, n]`` tensor of ``dtype``.
+
+    Example:
+        >>> ids = torch.tensor([0, 5])
+        >>> P = draw_probes(4, seed=0, sample_ids=ids, start=0, count=3)
+        >>> Q = draw_probes(4, seed=0, sample_ids=ids[1:], start=1, count=2)
+        >>> P.shape, bool(torch.equal(P[1, 1:], Q[0]))
+        (torch.Size([2, 3, 4]), True)
+    """
+    if kind not in PROBE_KINDS:
+        raise InvalidInputError(f"kind must be one of {PROBE_KINDS}, got {kind!r}")
+    for name, val, lo in (("n", n, 1), ("count", count, 0), ("start", start, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+            raise InvalidInputError(f"{name} must be an int >= {lo}, got {val!r}")
+    if not isinstance(sample_ids, Tensor) or sample_ids.ndim != 1 or sample_ids.is_floating_point():
+        raise InvalidInputError("sample_ids must be a 1-d integer tensor of global sample ids")
+    if not dtype.is_floating_point:
+        raise InvalidInputError(f"dtype must be floating point, got {dtype}")
+    seed = resolve_seed(seed)
+    device = torch.device(device) if device is not None else sample_ids.device
+    ids = sample_ids.to(device=device, dtype=torch.int64)
+    b = ids.shape[0]
+    out = torch.empty(b, count, n, dtype=dtype, device=device)
+    if b == 0 or count == 0:
+        return out
+    base = _base_key(seed, stream, n, kind)
+    j = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    k_sample = _fmix(ids * _signed(_GOLDEN) + _signed(base + _GOLDEN))  # [B]
+    keys = _fmix(k_sample[:, None] + (j[None, :] + 1) * _signed(_GOLDEN2)).reshape(-1)  # [B*count]
+    flat = out.view(b * count, n)
+    chunk = _CHUNK_ELEMS_CPU if device.type == "cpu" else _CHUNK_ELEMS_ACCEL
+    if kind == "gaussian":
+        pairs = (n + 1) // 2
+        e1 = (2 * torch.arange(pairs, dtype=torch.int64, device=device) + 1) * _signed(_GOLDEN)
+        e2 = e1 + _signed(_GOLDEN)
+        rows = max(1, chunk // pairs)
+        for r0 in range(0, keys.shape[0], rows):
+            kc = keys[r0 : r0 + rows, None]
+            u1 = _uniform53(_fmix(kc + e1))
+            u2 = _uniform53(_fmix(kc + e2))
+            r = torch.sqrt(-2.0 * torch.log(u1))
+            theta = (2.0 * math.pi) * u2
+            z = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1).flatten(1)
+            flat[r0 : r0 + rows] = z[:, :n].to(dtype)
+    else:
+        e = (torch.arange(n, dtype=torch.int64, device=device) + 1) * _signed(_GOLDEN)
+        rows = max(1, chunk // n)
+        for r0 in range(0, keys.shape[0], rows):
+            h = _fmix(keys[r0 : r0 + rows, None] + e)
+            flat[r0 : r0 + rows] = torch.where(h < 0, -1.0, 1.0).to(dtype)
+    return out
