@@ -1,0 +1,98 @@
+"""FSInfoGuard and the torchmetrics integration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fsinfo_fast as ff
+
+
+def _encoder():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Tanh()).double().eval()
+
+
+def test_guard_per_sample_noise_reaches_target_measured_by_oracle():
+    enc = _encoder()
+    x = torch.rand(3, 1, 6, 6, dtype=torch.float64)
+    guard = ff.FSInfoGuard(enc, target=-1.0, estimator="exact",
+                           generator=torch.Generator().manual_seed(0))
+    assert guard.per_sample
+    z = guard(x)
+    sigma = guard.last_sigma
+    r = ff.reference.fsinfo(enc, x, sigma=sigma)
+    torch.testing.assert_close(r.value, torch.full((3,), -1.0, dtype=torch.float64), rtol=0,
+                               atol=1e-9)
+    assert z.shape == enc(x).shape and not torch.equal(z, enc(x))
+
+
+def test_guard_noise_has_the_calibrated_scale_and_is_reproducible():
+    enc = _encoder()
+    x = torch.rand(2, 1, 30, 30, dtype=torch.float64)
+    g = ff.FSInfoGuard(enc, sigma=0.5, generator=torch.Generator().manual_seed(1))
+    assert not g.per_sample
+    noise = g(x) - enc(x)
+    # 2 * 3 * 28 * 28 = 4704 Gaussian draws: the sample std is within 5% of 0.5 w.p. ~1
+    assert abs(float(noise.std()) - 0.5) < 0.025
+    g2 = ff.FSInfoGuard(enc, sigma=0.5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(g2(x), enc(x) + noise)
+
+
+@pytest.mark.parametrize("statistic", ["max", "quantile", "mean"])
+def test_guard_calibrate_dataset_sigma(statistic):
+    enc = _encoder()
+    data = [torch.rand(2, 1, 6, 6, dtype=torch.float64) for _ in range(3)]
+    guard = ff.FSInfoGuard(enc, target=-0.5, estimator="exact")
+    sigma = guard.calibrate(data, statistic=statistic, q=0.5)
+    per_sample = ff.fsinfo_sigma(enc, torch.cat(data), target=-0.5, estimator="exact")
+    expected = {"max": per_sample.max(), "mean": per_sample.mean(),
+                "quantile": per_sample.quantile(0.5)}[statistic]
+    assert sigma == pytest.approx(float(expected), rel=1e-12)
+    assert not guard.per_sample and float(guard.sigma) == sigma
+    if statistic == "max":  # every calibration sample at or below the target
+        r = ff.reference.fsinfo(enc, torch.cat(data), sigma=sigma)
+        assert bool((r.value <= -0.5 + 1e-9).all())
+
+
+def test_guard_errors():
+    enc = _encoder()
+    with pytest.raises(ff.InvalidInputError, match="target"):
+        ff.FSInfoGuard(enc, target=float("nan"))
+    with pytest.raises(ff.InvalidInputError, match="sigma"):
+        ff.FSInfoGuard(enc, sigma=-1.0)
+    g = ff.FSInfoGuard(enc, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="statistic"):
+        g.calibrate(torch.rand(2, 1, 6, 6, dtype=torch.float64), statistic="median")
+    with pytest.raises(ff.InvalidInputError, match="no data"):
+        g.calibrate([])
+
+
+def test_torchmetrics_fsinfo_metric_accumulates_like_direct_calls():
+    enc = _encoder()
+    batches = [torch.rand(3, 1, 6, 6, dtype=torch.float64) for _ in range(3)]
+    metric = ff.FSInfoMetric(enc, sigma=0.1, estimator="exact")
+    for b in batches:
+        metric.update(b)
+    out = metric.compute()
+    direct = ff.fsinfo(enc, torch.cat(batches), sigma=0.1, estimator="exact")
+    assert int(out["count"]) == 9
+    torch.testing.assert_close(out["mean"], direct.value.mean())
+    torch.testing.assert_close(out["worst"], direct.value.max())
+    torch.testing.assert_close(out["stderr"], direct.value.std() / 3.0)
+    assert float(out["estimator_stderr"]) == 0.0
+    metric.reset()
+    metric.update(batches[0])
+    assert int(metric.compute()["count"]) == 3
+
+
+def test_torchmetrics_dfil_metric_randomized_has_estimator_error():
+    enc = _encoder()
+    metric = ff.DFILMetric(enc, sigma=0.1, estimator="randomized", num_probes=20)
+    x = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    metric.update(x)
+    out = metric.compute()
+    direct = ff.dfil(enc, x, sigma=0.1, estimator="randomized", num_probes=20)
+    torch.testing.assert_close(out["mean"], direct.value.mean())
+    torch.testing.assert_close(out["estimator_stderr"], (direct.stderr**2).sum().sqrt() / 2)
+    assert float(out["estimator_stderr"]) > 0
