@@ -211,3 +211,18 @@ def test_nominal_sigma_identity_holds_for_randomized_with_fixed_probes():
             + math.log(s) for s in (0.1, 1.0, 10.0)]
     for v in vals[1:]:
         assert_close_verbose(v, vals[0], rtol=0, atol=1e-12)
+
+
+def test_auto_keeps_unconverged_estimate_when_oracle_does_not_fit(monkeypatch):
+    import fsinfo_fast.metrics as metrics
+
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh()).eval()
+    x = torch.rand(1, 1, 16, 16)
+    monkeypatch.setattr(metrics, "default_memory_budget", lambda device: 1000)
+    with pytest.warns(RuntimeWarning, match="does not fit in memory"):
+        r = ff.fsinfo(enc, x, atol=1e-6, max_probes=20)
+    assert r.estimator == "randomized" and not bool(r.info["converged"].all())
+    monkeypatch.undo()
+    r = ff.fsinfo(enc, x, atol=1e-6, max_probes=20)  # the oracle fits: auto finishes with it
+    assert r.estimator == "exact"
