@@ -73,10 +73,8 @@ def dfil_bound(dfil: MetricResult | Tensor) -> Bound:
         raise ValueError(f"dfil_bound needs a dFIL result, got {dfil.metric}")
     v, lo, hi = _metric_and_interval(dfil)
     # larger dFIL -> smaller bound: the interval flips; a non-positive lower end means no bound
-    return Bound(
-        value=1.0 / v, low=1.0 / hi, high=torch.where(lo > 0, 1.0 / lo, torch.full_like(lo, math.inf)),
-        proven=True, kind="dfil",
-    )
+    high = torch.where(lo > 0, 1.0 / lo, torch.full_like(lo, math.inf))
+    return Bound(value=1.0 / v, low=1.0 / hi, high=high, proven=True, kind="dfil")
 
 
 def fsinfo_bound(fsinfo: MetricResult | Tensor) -> Bound:
@@ -84,7 +82,8 @@ def fsinfo_bound(fsinfo: MetricResult | Tensor) -> Bound:
 
     Example:
         >>> import math, torch
-        >>> b = fsinfo_bound(torch.tensor([-0.5 * math.log(2 * math.pi * math.e)], dtype=torch.float64))
+        >>> unit_gaussian = -0.5 * math.log(2 * math.pi * math.e)
+        >>> b = fsinfo_bound(torch.tensor([unit_gaussian], dtype=torch.float64))
         >>> round(float(b.value[0]), 12)  # FSInfo of a unit Gaussian -> variance 1
         1.0
     """

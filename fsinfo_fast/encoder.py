@@ -94,7 +94,8 @@ def check_sigma(sigma: float | Tensor, batch: int | None = None, name: str = "si
     if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
         raise InvalidInputError(
             f"{name} must be positive and finite, got {sigma!r}: it is the standard deviation of "
-            "the Gaussian noise on the smashed data (use the paper's nominal 0.1 if no noise is added)"
+            "the Gaussian noise on the smashed data (use the paper's nominal 0.1 if no noise "
+            "is added)"
         )
 
 

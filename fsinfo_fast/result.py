@@ -75,7 +75,9 @@ class MetricResult:
     def to_bits(self) -> MetricResult:
         """The same result in bits per input dimension (FSInfo only)."""
         if self.units != "nats/dim":
-            raise ValueError(f"only FSInfo results (nats/dim) convert to bits, this is {self.units}")
+            raise ValueError(
+                f"only FSInfo results (nats/dim) convert to bits, this is {self.units}"
+            )
         k = 1.0 / math.log(2.0)
         return MetricResult(
             value=self.value * k, stderr=self.stderr * k, metric=self.metric, units="bits/dim",

@@ -61,12 +61,12 @@ def _jacobian_prepared(enc: PreparedEncoder, chunk_size: int | None, budget: int
             _, pullback = vjp(enc.fn, xi)
             eye = torch.eye(m, dtype=xi.dtype, device=xi.device).unsqueeze(1)  # [m, 1, m]
             cs = chunk_size or _chunk(m, per_item, budget)
-            rows = vmap(lambda u: pullback(u)[0], chunk_size=cs)(eye)  # [m, 1, d]
+            rows = vmap(lambda u, pb=pullback: pb(u)[0], chunk_size=cs)(eye)  # [m, 1, d]
             out[i] = rows[:, 0, :]
         else:  # d JVPs give the columns
             eye = torch.eye(d, dtype=xi.dtype, device=xi.device).unsqueeze(1)  # [d, 1, d]
             cs = chunk_size or _chunk(d, per_item, budget)
-            cols = vmap(lambda v: jvp(enc.fn, (xi,), (v,))[1], chunk_size=cs)(eye)  # [d, 1, m]
+            cols = vmap(lambda v, xi=xi: jvp(enc.fn, (xi,), (v,))[1], chunk_size=cs)(eye)  # d,1,m
             out[i] = cols[:, 0, :].T
     return out
 
