@@ -8,7 +8,7 @@ STAMP := $(VENV)/.fsinfo-fast-installed
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.7.1
 
-.PHONY: venv test test-fast demo bench lint format clean info
+.PHONY: venv test test-fast demo bench bench-quick bench-compare lint format clean info
 
 venv: $(STAMP)
 
@@ -30,6 +30,14 @@ demo: venv
 
 bench: venv
 	$(PY) -m pytest benchmarks --benchmark-only -q
+
+# The side-by-side runner (JSON, CSV, plots under benchmarks/results/).
+bench-quick: venv
+	$(PY) -m fsinfo_fast.bench --quick --threads 2 --out benchmarks/results/
+
+bench-compare: venv
+	$(PY) -m fsinfo_fast.bench --quick --threads 2 --out /tmp/fsinfo-bench-new/ \
+	  --compare benchmarks/results/bench_quick.json --fail-if-regression
 
 info: venv
 	$(VENV)/bin/fsinfo-fast info

@@ -1,0 +1,131 @@
+"""Per-op timings (pytest-benchmark): forward, batched products, and every provider.
+
+Each provider benchmark checks the result against the exact float64 oracle *before* timing (a
+wrong provider fails instead of being timed). Sizes are small enough for a CPU; the side-by-side
+runner (``fsinfo-fast bench``) covers the paper-scale cases, ratios and accuracy targets.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import jvp, vjp, vmap
+
+from fsinfo_fast.bench.providers import (
+    DfilOneHot,
+    ExactBest,
+    Ours,
+    PaperReference,
+    ProviderUnavailable,
+    TorchFuncBaseline,
+)
+
+from .conftest import get_case
+
+ENCODERS = [("vgg5", 2), ("resnet18", 7)]
+IDS = ["vgg5-s2", "resnet18-s7"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.mark.parametrize(("model", "split"), ENCODERS, ids=IDS)
+def test_forward(benchmark, model, split, device):
+    """One forward pass at batch 8 (3x32x32): the unit of the probe efficiency."""
+    case = get_case("fsinfo_diag", model, split, 32, 8, exact=False)
+
+    @torch.no_grad()
+    def fwd():
+        out = case.encoder(case.x)
+        _sync(device)
+        return out
+
+    assert fwd().shape[0] == 8
+    benchmark.extra_info.update(d=case.d, m=case.m, batch=8)
+    benchmark(fwd)
+
+
+@pytest.mark.parametrize("k", [8, 64])
+@pytest.mark.parametrize(("model", "split"), ENCODERS, ids=IDS)
+@pytest.mark.parametrize("kind", ["jvp", "vjp"])
+def test_probe_products(benchmark, kind, model, split, k, device):
+    """K tangent (JVP) or cotangent (VJP) products for one 3x32x32 sample, plain torch.func."""
+    case = get_case("fsinfo_diag", model, split, 32, 1, exact=False)
+    fn = case.flat_fn()
+    x = case.x.reshape(1, -1)
+    g = torch.Generator(device=device).manual_seed(0)
+    if kind == "jvp":
+        T = torch.randn(k, 1, case.d, generator=g, device=device)
+
+        def call():
+            return vmap(lambda v: jvp(fn, (x,), (v,))[1])(T)
+    else:
+        T = torch.randn(k, 1, case.m, generator=g, device=device)
+        _, pullback = vjp(fn, x)
+
+        def call():
+            return vmap(lambda u: pullback(u)[0])(T)
+
+    # correctness first: linear in the probe, matches a single product
+    with torch.no_grad():
+        out = call()
+        one = (jvp(fn, (x,), (T[0],))[1] if kind == "jvp" else vjp(fn, x)[1](T[0])[0])
+    torch.testing.assert_close(out[0], one, rtol=1e-4, atol=1e-5)
+    benchmark.extra_info.update(d=case.d, m=case.m, num_probes=k)
+    benchmark.pedantic(lambda: (call(), _sync(device)), rounds=5, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize(("model", "split"), ENCODERS, ids=IDS)
+def test_paper_reference_rows(benchmark, model, split, device):
+    """The paper's route costs one backward pass per output row: 256 rows of one 3x32x32
+    sample's Jacobian (``torch.autograd.functional.jacobian`` with defaults), checked against
+    the float64 oracle's rows first."""
+    from fsinfo_fast import reference
+    from fsinfo_fast.bench.runner import _FirstRows
+
+    case = get_case("fsinfo_diag", model, split, 32, 1, exact=False)
+    rows = 256
+    J = PaperReference.jacobian_rows(case, rows)
+    J_ref = reference.jacobian(_FirstRows(case.encoder, rows), case.x).to(J.device)
+    rel = float((J.double() - J_ref).norm() / J_ref.norm())
+    assert rel < 1e-4, rel
+    benchmark.extra_info.update(d=case.d, m=case.m, rows=rows, rows_rel_err=rel)
+    benchmark.pedantic(lambda: PaperReference.jacobian_rows(case, rows), rounds=3,
+                       iterations=1, warmup_rounds=1)
+
+
+PROVIDERS = {
+    "exact-best": ExactBest,
+    "dfil-onehot": DfilOneHot,
+    "torchfunc-eager": lambda: TorchFuncBaseline(False),
+    "ours-torch": lambda: Ours("torch"),
+}
+TASKS = ["fsinfo_diag", "dfil", "fsinfo_logdet"]
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("name", list(PROVIDERS))
+def test_provider(benchmark, name, task, device):
+    """One provider on VGG5 split 2 at 3x16x16 (d = 768, m = 4096), batch 2, K = 16 probes.
+
+    (``paper-reference`` is timed per row in :func:`test_paper_reference_rows`.)"""
+    case = get_case(task, "vgg5", 2, 16, 2)
+    p = PROVIDERS[name]()
+    why = p.unavailable(case)
+    if why:
+        pytest.skip(why)
+    p.setup(case)
+    k = 16 if p.kind == "randomized" else None
+    try:
+        out = p.run(case, k, 0)
+    except ProviderUnavailable as err:
+        pytest.skip(str(err))
+    err = float(case.error(out.value).max())
+    # the gate: exact providers to float32 rounding; randomized ones loosely at K = 16
+    gate = 1e-3 * case.target if p.kind == "exact" else 10 * case.target
+    assert err <= gate, f"{name} is off by {err:.3g} (gate {gate:.3g})"
+    benchmark.extra_info.update(d=case.d, m=case.m, num_probes=out.num_probes,
+                                passes=out.passes, max_err=err)
+    benchmark.pedantic(lambda: p.run(case, k, 0), rounds=3, iterations=1, warmup_rounds=1)

@@ -1,0 +1,194 @@
+"""``fsinfo-fast bench``: every way to compute the metrics, measured side by side.
+
+Usage (also ``python -m fsinfo_fast.bench ...``)::
+
+    fsinfo-fast bench --quick --out benchmarks/results/       # < 3 min on 2 CPU cores
+    fsinfo-fast bench --full --out benchmarks/results/        # every case of the issue
+    fsinfo-fast bench --config benchmarks/configs/sweep_gpu.json --out benchmarks/results/
+    fsinfo-fast bench --table benchmarks/results/bench_quick.json     # README Markdown
+    fsinfo-fast bench --plot benchmarks/results/bench_quick.json      # PNGs beside it
+    fsinfo-fast bench --quick --compare benchmarks/results/bench_quick.json --fail-if-regression
+    fsinfo-fast bench --compare OLD.json --results NEW.json --fail-if-regression
+
+A run writes ``bench_<name>.json`` (schema: :mod:`fsinfo_fast.bench.schema`), ``.csv``,
+``_sweep.csv`` and the two plots. Exit status: 0; 1 when a provider failed the correctness gate
+or (with ``--fail-if-regression``) something regressed; 2 for usage errors.
+
+Modules: :mod:`.config` (cases, presets), :mod:`.cases` (encoders, inputs, exact values),
+:mod:`.providers` and :mod:`.baseline` (what is compared), :mod:`.harness` (timing, memory,
+environment), :mod:`.runner`, :mod:`.schema`, :mod:`.report` (tables, comparison), :mod:`.plots`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .config import (
+    BenchConfig,
+    CaseSpec,
+    ClaimSpec,
+    EfficiencySpec,
+    EncoderSpec,
+    SweepSpec,
+    full_config,
+    load_config,
+    quick_config,
+)
+
+__all__ = [
+    "BenchConfig",
+    "CaseSpec",
+    "ClaimSpec",
+    "EfficiencySpec",
+    "EncoderSpec",
+    "SweepSpec",
+    "add_arguments",
+    "full_config",
+    "load_config",
+    "quick_config",
+    "run",
+    "run_bench",
+]
+
+
+def run_bench(*args, **kwargs):
+    """See :func:`fsinfo_fast.bench.runner.run_bench` (imported lazily)."""
+    from .runner import run_bench as _run_bench
+
+    return _run_bench(*args, **kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fsinfo-fast bench``."""
+    what = parser.add_argument_group("what to run")
+    preset = what.add_mutually_exclusive_group()
+    preset.add_argument("--quick", action="store_true",
+                        help="the quick preset (under 3 minutes on 2 CPU cores)")
+    preset.add_argument("--full", action="store_true", help="the full preset (long on a CPU)")
+    preset.add_argument("--config", metavar="FILE", help="a JSON config (benchmarks/configs/)")
+    what.add_argument("--tasks", nargs="+", metavar="TASK",
+                      help="only these tasks (fsinfo_diag, fsinfo_logdet, dfil)")
+    what.add_argument("--providers", nargs="+", metavar="GLOB",
+                      help="only providers matching these names/globs (e.g. 'ours-*' exact-best)")
+    what.add_argument("--backends", nargs="+", metavar="NAME",
+                      help="library backends to try as ours-<name> (default: all)")
+    what.add_argument("--no-compile", action="store_true", help="skip torchfunc-compile")
+    what.add_argument("--cold-compile", action="store_true",
+                      help="disable the inductor disk caches so compile times are cold")
+    what.add_argument("--no-sweep", action="store_true", help="skip the scaling sweep")
+    what.add_argument("--no-efficiency", action="store_true", help="skip probe efficiency")
+    what.add_argument("--no-memory", action="store_true", help="skip peak-memory measurements")
+    hyg = parser.add_argument_group("hygiene")
+    hyg.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    hyg.add_argument("--threads", type=int, default=None,
+                     help="pin torch intra-op threads (default: keep torch's count; recorded)")
+    hyg.add_argument("--repeats", type=int, default=None, help="timed calls per measurement")
+    hyg.add_argument("--ref-cache", metavar="DIR", default=None,
+                     help="cache exact oracle values on disk in DIR")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default="benchmarks/results",
+                     help="directory (or .json path) for the results (default: %(default)s)")
+    out.add_argument("--no-plot", action="store_true", help="do not draw the PNGs after a run")
+    out.add_argument("--table", metavar="RESULTS", help="print the README Markdown of a results "
+                     "file and exit")
+    out.add_argument("--plot", metavar="RESULTS", help="draw the PNGs of a results file and exit")
+    cmp_ = parser.add_argument_group("regression check")
+    cmp_.add_argument("--compare", metavar="OLD", help="compare with an earlier results file")
+    cmp_.add_argument("--results", metavar="NEW",
+                      help="with --compare: compare this file instead of running")
+    cmp_.add_argument("--fail-if-regression", action="store_true",
+                      help="exit 1 when --compare finds a regression")
+    cmp_.add_argument("--tolerance", type=float, default=0.25,
+                      help="relative slow-down tolerated by --compare (default: %(default)s)")
+
+
+def _config_from_args(args: argparse.Namespace) -> BenchConfig:
+    from ..cli import UsageError
+
+    if args.config:
+        cfg = load_config(args.config)
+    elif args.full:
+        cfg = full_config()
+    elif args.quick:
+        cfg = quick_config()
+    else:
+        raise UsageError("choose what to run: --quick, --full or --config FILE "
+                         "(or --table/--plot/--compare with --results to read a results file)")
+    if args.tasks:
+        cfg.cases = [c for c in cfg.cases if c.task in args.tasks]
+    if args.providers:
+        cfg.cases = [replace(c, providers=list(args.providers)) for c in cfg.cases]
+        if cfg.sweep is not None:
+            cfg.sweep.providers = list(args.providers)
+    if args.backends:
+        cfg.ours_backends = list(args.backends)
+    if args.no_compile:
+        cfg.compile = False
+    if args.cold_compile:
+        cfg.cold_compile = True
+    if args.no_sweep:
+        cfg.sweep = None
+    if args.no_efficiency:
+        cfg.efficiency = None
+    if args.no_memory:
+        cfg.memory = False
+    if args.device:
+        cfg.device = args.device
+    if args.threads is not None:
+        cfg.threads = args.threads
+    if args.repeats is not None:
+        cfg.repeats = args.repeats
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``fsinfo-fast bench`` (see the module docstring)."""
+    from .report import compare, format_comparison, markdown
+    from .schema import load_results, output_paths, validate, write_csv, write_json
+
+    if args.table:
+        print(markdown(load_results(args.table)))
+        return 0
+    if args.plot:
+        from .plots import plot_all
+
+        src = Path(args.plot)
+        dest = Path(args.out) if args.out and Path(args.out).suffix != ".json" else src.parent
+        for p in plot_all(load_results(src), dest, src.stem):
+            print(p)
+        return 0
+    status = 0
+    if args.compare and args.results:
+        doc = load_results(args.results)
+    else:
+        cfg = _config_from_args(args)
+        from .runner import run_bench as _run
+
+        doc = _run(cfg, cache_dir=args.ref_cache,
+                   command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        problems = validate(doc)
+        if problems:  # a bug in the runner, not the user's fault
+            raise RuntimeError("results do not follow the schema: " + "; ".join(problems[:5]))
+        jpath, cpath, spath = output_paths(args.out, cfg.name)
+        write_json(doc, jpath)
+        write_csv(doc, cpath, spath)
+        print(f"wrote {jpath} and {cpath}")
+        if not args.no_plot:
+            from .plots import plot_all
+
+            for p in plot_all(doc, jpath.parent, jpath.stem):
+                print(f"wrote {p}")
+        bad = [r for r in doc["results"] if r["status"] == "incorrect"]
+        for r in bad:
+            print(f"INCORRECT {r['provider']} on {r['case']}: {r['reason']}", file=sys.stderr)
+        status = 1 if bad else 0
+    if args.compare:
+        old = load_results(args.compare)
+        findings = compare(old, doc, tolerance=args.tolerance)
+        print(format_comparison(old, doc, findings))
+        if args.fail_if_regression and any(f["regression"] for f in findings):
+            status = 1
+    return status

@@ -1,0 +1,213 @@
+"""Reading results: the README's Markdown tables and the regression comparison.
+
+:func:`markdown` turns a results document into Markdown (one table per case, plus claims and
+probe efficiency) for the README. :func:`compare` matches the rows of two results documents and
+flags slow-downs beyond a tolerance *and* beyond the measured spread, providers that stopped
+passing the correctness gate or their accuracy target, and claims that stopped passing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["markdown", "compare", "format_comparison", "Finding"]
+
+
+def _t(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if v < 1e-3:
+        return f"{v * 1e6:.3g} us"
+    if v < 1:
+        return f"{v * 1e3:.3g} ms"
+    return f"{v:.3g} s"
+
+
+def _mem(v: int | None) -> str:
+    if v is None:
+        return "-"
+    for unit, f in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if v >= f:
+            return f"{v / f:.3g} {unit}"
+    return f"{v} B"
+
+
+def _x(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}x" if v < 1000 else f"{v:,.0f}x"
+
+
+def _err(acc: dict[str, Any] | None) -> str:
+    if not acc or acc.get("err95") is None:
+        return "(rows checked)" if acc and acc.get("checked") == "rows" else "-"
+    e = acc["err95"]
+    units = "%" if acc.get("units") == "relative" else ""
+    val = f"{e * 100:.2g}%" if units else f"{e:.2g}"
+    return val
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """Markdown tables of a results document (what the README shows)."""
+    env = doc["environment"]
+    hw, th, ver, git = env["hardware"], env["threads"], env["versions"], env["git"]
+    dev = hw.get("gpu", {}) or {}
+    device = dev.get("name") or f"{hw.get('cpu_model')} ({hw.get('logical_cores')} cores)"
+    commit = (git.get("commit") or "unknown")[:10] + (" (dirty)" if git.get("dirty") else "")
+    lines = [
+        f"Benchmark `{doc['config']['name']}` on {device}, {th['torch_num_threads']} thread(s), "
+        f"torch {ver['torch']}, fsinfo_fast {ver['fsinfo_fast']}, commit {commit}, "
+        f"{doc['created']}. Medians of repeats; speed-up = other provider's time / this time.",
+        "",
+    ]
+    cases: dict[str, list[dict[str, Any]]] = {}
+    for r in doc["results"]:
+        cases.setdefault(r["case"], []).append(r)
+    meta = {c["case"]: c for c in doc.get("cases", [])}
+    for case, rows in cases.items():
+        m = meta.get(case, {})
+        target = m.get("target")
+        rel = rows[0]["task"] == "dfil"
+        tgt = ("-" if target is None else f"{target * 100:g}% relative" if rel
+               else f"{target:g} nats/dim")
+        lines += [f"**{case}** (d = {rows[0]['d']}, m = {rows[0]['m']}, target {tgt})", "",
+                  "| provider | mode | probes | passes/img | time/img | vs paper-ref | "
+                  "vs exact-best | error (95%) | peak mem | note |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        skipped: dict[str, list[str]] = {}
+        for r in rows:
+            if r["status"] == "skipped":
+                if not str(r["reason"]).startswith("does not compute"):
+                    skipped.setdefault(str(r["reason"]), []).append(r["provider"])
+                continue
+            note = ""
+            if r["status"] != "ok":
+                note = f"{r['status']}: {r['reason']}"
+            elif r.get("extrapolated"):
+                note = f"extrapolated from {r['extrapolated']['rows_timed']} rows"
+            if r.get("compile_s") is not None:
+                note = (note + "; " if note else "") + f"compile {_t(r['compile_s'])}"
+            note = note.replace("|", "/")
+            sv = r.get("speedup_vs") or {}
+            lines.append(
+                f"| {r['provider']} | {r['mode']} | {r['num_probes'] or '-'} | "
+                f"{r['passes'] if r['passes'] is not None else '-'} | "
+                f"{_t(r['time_per_image_s'])} | {_x(sv.get('paper-reference'))} | "
+                f"{_x(sv.get('exact-best'))} | {_err(r.get('accuracy'))} | "
+                f"{_mem(r.get('peak_memory_bytes'))} | {note} |")
+        if skipped:
+            lines += ["", "Skipped: " + "; ".join(f"{', '.join(names)} ({why})"
+                                                 for why, names in skipped.items())]
+        lines.append("")
+    if doc.get("claims"):
+        lines += ["**Claims** (ratio = baseline / ours)", "",
+                  "| claim | value | required | status |", "|---|---:|---:|---|"]
+        for c in doc["claims"]:
+            v = c["value"]
+            if c["metric"] == "time_per_image":
+                val, req = _t(v), "-" if c.get("max_value") is None else f"<= {c['max_value']}"
+            else:
+                val = _x(v)
+                req = "-" if c.get("min_ratio") is None else f">= {c['min_ratio']:g}x"
+            status = c["status"] + (f" ({c['reason']})" if c.get("reason") else "")
+            lines.append(f"| {c['name']} | {val} | {req} | {status.replace('|', '/')} |")
+        lines.append("")
+    eff = doc.get("probe_efficiency") or []
+    if eff:
+        lines += ["**Probe efficiency** (time of K products / time of one forward at batch K; "
+                  "floor about 1)", "",
+                  "| backend | K | forward (batch K) | JVP | VJP | note |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for e in eff:
+            j = "-" if e["jvp_efficiency"] is None else f"{e['jvp_efficiency']:.2f}"
+            v = "-" if e["vjp_efficiency"] is None else f"{e['vjp_efficiency']:.2f}"
+            note = "" if e["status"] == "ok" else f"{e['status']}: {e['reason']}"
+            lines.append(f"| {e['backend']} | {e['num_probes']} | {_t(e['forward_s'])} | {j} | "
+                         f"{v} | {note.replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# -- regression comparison -----------------------------------------------------------------------
+Finding = dict[str, Any]
+
+
+def _key(r: dict[str, Any]) -> tuple:
+    return (r["case"], r["provider"], r["mode"])
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float = 0.25) -> list[Finding]:
+    """Rows of ``new`` that regressed against ``old``.
+
+    A slow-down is flagged when ``new_median > (1 + tolerance) * old_median`` and the new lower
+    quartile lies above the old upper quartile (outside the noise). Also flagged: a row that was
+    ``ok`` and is not any more, an accuracy target met before and missed now, and a claim that
+    passed and now fails. Each finding is ``{kind, key, old, new, ratio, message, regression}``;
+    improvements are returned too with ``regression = False``.
+    """
+    out: list[Finding] = []
+    old_rows = {_key(r): r for r in old.get("results", [])}
+    for r in new.get("results", []):
+        o = old_rows.get(_key(r))
+        if o is None:
+            continue
+        key = " / ".join(str(k) for k in _key(r))
+        if o["status"] == "ok" and r["status"] != "ok":
+            out.append({"kind": "status", "key": key, "old": o["status"], "new": r["status"],
+                        "ratio": None, "regression": True,
+                        "message": f"was ok, now {r['status']}: {r['reason']}"})
+            continue
+        if o["status"] != "ok" or r["status"] != "ok":
+            continue
+        to, tn = o.get("time_s"), r.get("time_s")
+        if to and tn and to["median"] > 0:
+            ratio = tn["median"] / to["median"]
+            beyond_noise = tn["q25"] > to["q75"]
+            if ratio > 1 + tolerance and beyond_noise:
+                out.append({"kind": "time", "key": key, "old": to["median"],
+                            "new": tn["median"], "ratio": ratio, "regression": True,
+                            "message": f"{ratio:.2f}x slower ({_t(to['median'])} -> "
+                                       f"{_t(tn['median'])})"})
+            elif ratio < 1 / (1 + tolerance) and tn["q75"] < to["q25"]:
+                out.append({"kind": "time", "key": key, "old": to["median"],
+                            "new": tn["median"], "ratio": ratio, "regression": False,
+                            "message": f"{1 / ratio:.2f}x faster"})
+        ao, an = o.get("accuracy") or {}, r.get("accuracy") or {}
+        if ao.get("meets_target") is True and an.get("meets_target") is False:
+            out.append({"kind": "accuracy", "key": key, "old": ao.get("err95"),
+                        "new": an.get("err95"), "ratio": None, "regression": True,
+                        "message": f"misses its accuracy target now (err95 {an.get('err95'):.3g}"
+                                   f" > {an.get('target')})"})
+    old_claims = {c["name"]: c for c in old.get("claims", [])}
+    for c in new.get("claims", []):
+        o = old_claims.get(c["name"])
+        if o and o["status"] == "pass" and c["status"] == "fail":
+            out.append({"kind": "claim", "key": c["name"], "old": o["value"], "new": c["value"],
+                        "ratio": None, "regression": True, "message": "claim passed before, "
+                        "fails now"})
+    return out
+
+
+def _env_note(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    notes = []
+    for section, keys in (("hardware", ("cpu_model", "device", "logical_cores")),
+                          ("threads", ("torch_num_threads",)), ("versions", ("torch",))):
+        for k in keys:
+            a = old.get("environment", {}).get(section, {}).get(k)
+            b = new.get("environment", {}).get(section, {}).get(k)
+            if a != b:
+                notes.append(f"note: {section}.{k} differs ({a} -> {b}); times may not compare")
+    return notes
+
+
+def format_comparison(old: dict[str, Any], new: dict[str, Any], findings: list[Finding]) -> str:
+    """Human-readable comparison report."""
+    lines = _env_note(old, new)
+    reg = [f for f in findings if f["regression"]]
+    imp = [f for f in findings if not f["regression"]]
+    for f in reg:
+        lines.append(f"REGRESSION {f['kind']:<8s} {f['key']}: {f['message']}")
+    for f in imp:
+        lines.append(f"improved   {f['kind']:<8s} {f['key']}: {f['message']}")
+    lines.append(f"{len(reg)} regression(s), {len(imp)} improvement(s)")
+    return "\n".join(lines)
