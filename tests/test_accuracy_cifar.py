@@ -34,13 +34,20 @@ def case(request):
     return encoder, x, exact_fsinfo, exact_dfil
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fsinfo_diag_within_001_with_32_probes(case, seed):
+def test_fsinfo_diag_within_001_with_32_probes(case):
+    """At K = 32 the 95% interval is narrower than 0.01 nats/dim, and the actual errors over
+    independent seeds are those of an estimator whose 95% error is below 0.01 (RMS < 0.01/1.96;
+    with 6 seeds a true RMS of 0.01/1.96 would pass this only 1 time in 3)."""
     encoder, x, exact, _ = case
-    r = ff.fsinfo(encoder, x, sigma=0.1, estimator="randomized", num_probes=32, seed=seed)
-    assert r.passes == 32
-    assert bool(((r.value - exact).abs() < 0.01).all()), (r.value, exact)
-    assert bool((r.ci_halfwidth < 0.01).all())
+    errors = []
+    for seed in range(6):
+        r = ff.fsinfo(encoder, x, sigma=0.1, estimator="randomized", num_probes=32, seed=seed)
+        assert r.passes == 32
+        assert bool((r.ci_halfwidth < 0.01).all()), r.ci_halfwidth
+        errors.append(r.value - exact)
+    e = torch.stack(errors)
+    assert float(e.abs().max()) < 0.015, e  # no single seed far off
+    assert float(e.pow(2).mean().sqrt()) < 0.01 / 1.96, e
 
 
 def test_fsinfo_diag_adaptive_meets_atol(case):
