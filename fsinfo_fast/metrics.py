@@ -37,6 +37,8 @@ _ESTIMATORS = ("auto", "exact", "randomized")
 _DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++")
 #: Probes a randomized estimator starts with (its first round).
 _MIN_PROBES = 10
+#: ... and the trace estimators, whose t-intervals need more probes for honest coverage.
+_MIN_TRACE_PROBES = 30
 #: How many samples the sample-independence check encodes alone.
 _INTERACTION_CHECKS = 2
 
@@ -280,7 +282,8 @@ def dfil(
     enc = prepare(encoder, x, check_interaction=_INTERACTION_CHECKS)
     n = min(enc.m, enc.d)
     method = "hutchinson" if method == "auto" else method
-    k0 = num_probes or _MIN_PROBES
+    # trace t-intervals undercover on top-heavy spectra below ~30 probes (see estimators)
+    k0 = num_probes or (_MIN_PROBES if method == "diag" else _MIN_TRACE_PROBES)
     sketch = min(n, 10) if method == "hutch++" else 0
     cost = expected_passes("hutch++" if method == "hutch++" else "hutchinson", d=enc.d, m=enc.m,
                            num_probes=k0, sketch_size=sketch)
@@ -297,11 +300,11 @@ def dfil(
             raise InvalidInputError("method='diag' stops on rtol (or num_probes), not atol")
         est = estimate_diag(products, floor=0.0, **common, **stop).dfil
     elif method == "hutchinson":
-        est = hutchinson_trace(products, side="input", kind="rademacher", min_probes=_MIN_PROBES,
-                               **common, **stop)
+        est = hutchinson_trace(products, side="input", kind="rademacher",
+                               min_probes=min(k0, stop["max_probes"]), **common, **stop)
     else:
-        est = hutchpp_trace(products, sketch_size=sketch, min_probes=_MIN_PROBES, **common,
-                            **stop)
+        est = hutchpp_trace(products, sketch_size=sketch, min_probes=min(k0, stop["max_probes"]),
+                            **common, **stop)
     fallback = _finish(est, exact, enc, estimator, "dfil", stop)
     if fallback is not None:
         return fallback
