@@ -21,9 +21,9 @@ cheaper QR). Cost: ``3 k + K`` products per sample.
 and its only randomness is the residual Hutchinson mean. Its conditional variance is estimated
 by the residual probes' sample variance over ``K`` (t-interval with ``K - 1`` dof); because the
 conditional mean does not depend on ``Q``, the conditional variance averages to the total
-variance, so the interval is honest unconditionally too. A rounding allowance ``sqrt(n) eps |value|``
-is added in quadrature: when the sketch spans the whole range (``k >= rank``) the residual is
-zero and the estimate is exact up to rounding. Adaptive stopping adds residual probes
+variance, so the interval is honest unconditionally too. A rounding allowance
+``sqrt(n) eps |value|`` is added in quadrature: when the sketch spans the whole range
+(``k >= rank``) the residual is zero and the estimate is exact up to rounding. Adaptive stopping adds residual probes
 only; the sketch is drawn once.
 """
 
