@@ -23,8 +23,8 @@ by the residual probes' sample variance over ``K`` (t-interval with ``K - 1`` do
 conditional mean does not depend on ``Q``, the conditional variance averages to the total
 variance, so the interval is honest unconditionally too. A rounding allowance
 ``sqrt(n) eps |value|`` is added in quadrature: when the sketch spans the whole range
-(``k >= rank``) the residual is zero and the estimate is exact up to rounding. Adaptive stopping adds residual probes
-only; the sketch is drawn once.
+(``k >= rank``) the residual is zero and the estimate is exact up to rounding. Adaptive
+stopping adds residual probes only; the sketch is drawn once.
 """
 
 from __future__ import annotations
