@@ -13,7 +13,8 @@ standard deviation over ``sqrt(K)`` (plus a rounding allowance ``sqrt(n) eps |va
 quadrature, see :func:`with_rounding`) and the interval uses the Student-t quantile with
 ``K - 1`` degrees of freedom. The per-probe values are right-skewed when a few singular
 values dominate (a weighted chi-square with few effective degrees of freedom), which makes
-the t-interval undercover at small ``K`` (observed about 0.86-0.90 at ``K = 10`` and 0.90-0.96 at ``K >= 30``
+the t-interval undercover at small ``K`` (observed about 0.86-0.90 at ``K = 10`` and
+0.90-0.96 at ``K >= 30``
 on geometric spectra), hence the default ``min_probes = 30``. With ``sigma`` given, everything
 is scaled to dFIL, ``tr(J^T J) / (sigma^2 d)`` (Maeng et al. 2023), in 1/dim.
 """
