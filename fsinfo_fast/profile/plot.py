@@ -1,0 +1,101 @@
+"""``profile.png``: leakage against split point, with intervals (matplotlib, Agg backend).
+
+Four panels sharing the split axis:
+
+1. FSInfo (diag, and log det where finite): the mean over samples with its 95% estimator
+   interval as error bars, and the spread over samples (min to max) as a band;
+2. dFIL (log scale), the same way;
+3. the worst-case error bounds (log scale): ``1/dFIL`` (proven, unbiased attackers) and the FSInfo
+   surrogate ``exp(-2 FSInfo)/(2 pi e)``, with their intervals;
+4. the FSInfoGuard noise scale ``sigma*`` (log scale): the data-set value (largest over samples)
+   with its interval, and the mean.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+__all__ = ["plot_profile"]
+
+
+def _err(mean: float, lo: float | None, hi: float | None) -> tuple[float, float]:
+    return (max(0.0, mean - lo) if lo is not None else 0.0,
+            max(0.0, hi - mean) if hi is not None else 0.0)
+
+
+def plot_profile(summary: dict[str, Any], dpi: int = 110) -> bytes:
+    """Render the profile summary to PNG bytes (no file is touched, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    splits = summary["splits"]
+    xs = list(range(len(splits)))
+    labels = [f"{s['index'] if s['index'] is not None else s['name']}\n{s['layer']}"
+              for s in splits]
+    fig = Figure(figsize=(max(8.0, 1.1 * len(splits) + 3), 10.5), dpi=dpi)
+    axes = fig.subplots(4, 1, sharex=True)
+    st = summary["settings"]
+    model = str(st["model"]).split(":")[-1]
+    data = str(st["data"]) if len(str(st["data"])) <= 30 else "..." + str(st["data"])[-27:]
+    fig.suptitle(f"{model} on {data}: leakage by split point\n"
+                 f"(sigma={st['sigma']}, {splits[0]['n'] if splits else 0} samples, "
+                 f"{st['estimator']} estimator)")
+
+    def series(ax, key: str, label: str, color: str, marker: str, log: bool = False) -> None:
+        pts = [(x, s[key]) for x, s in zip(xs, splits, strict=True) if s.get(key)]
+        if not pts:
+            return
+        px = [p[0] for p in pts]
+        mean = [p[1]["mean"] for p in pts]
+        err = list(zip(*[_err(p[1]["mean"], *p[1]["mean_ci95"]) for p in pts], strict=True))
+        ax.fill_between(px, [p[1]["min"] for p in pts], [p[1]["max"] for p in pts],
+                        color=color, alpha=0.15, linewidth=0, label=f"{label}: sample range")
+        ax.errorbar(px, mean, yerr=err, color=color, marker=marker, capsize=4,
+                    label=f"{label}: mean ± 95% CI")
+        if log:
+            ax.set_yscale("log")
+
+    series(axes[0], "fsinfo_diag", "FSInfo diag", "tab:blue", "o")
+    series(axes[0], "fsinfo_logdet", "FSInfo log det", "tab:purple", "s")
+    axes[0].axhline(st["target"], color="tab:red", linestyle=":", linewidth=1,
+                    label=f"target {st['target']}")
+    axes[0].set_ylabel("FSInfo (nats/dim)")
+    series(axes[1], "dfil", "dFIL", "tab:green", "o", log=True)
+    axes[1].set_ylabel("dFIL")
+
+    def extreme(ax, key: str, label: str, color: str, marker: str) -> None:
+        pts = [(x, s[key]) for x, s in zip(xs, splits, strict=True) if s.get(key)]
+        if not pts:
+            return
+        px = [p[0] for p in pts]
+        v = [p[1]["value"] for p in pts]
+        err = list(zip(*[_err(p[1]["value"], *p[1]["interval"]) for p in pts], strict=True))
+        ax.errorbar(px, v, yerr=err, color=color, marker=marker, capsize=4, label=label)
+
+    extreme(axes[2], "dfil_bound_worst", "1/dFIL (proven, unbiased)", "tab:green", "o")
+    extreme(axes[2], "fsinfo_diag_bound_worst", "FSInfo diag surrogate", "tab:blue", "s")
+    extreme(axes[2], "fsinfo_logdet_bound_worst", "FSInfo log det surrogate", "tab:purple", "^")
+    axes[2].set_yscale("log")
+    axes[2].set_ylabel("MSE bound\n(least private sample)")
+    extreme(axes[3], "sigma_star", "sigma* (max over samples)", "tab:red", "o")
+    pts = [(x, s["sigma_star"]["mean"])
+           for x, s in zip(xs, splits, strict=True) if s.get("sigma_star")]
+    if pts:
+        axes[3].plot([p[0] for p in pts], [p[1] for p in pts], color="tab:orange", marker=".",
+                     linestyle="--", label="sigma* (mean)")
+    axes[3].set_yscale("log")
+    axes[3].set_ylabel(f"FSInfoGuard sigma*\n(target {st['target']})")
+    axes[3].set_xticks(xs, labels)
+    axes[3].set_xlabel("split point (paper index / layer)")
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        handles, _ = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

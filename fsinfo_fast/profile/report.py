@@ -1,0 +1,298 @@
+"""Summaries of a profile's records: per-split statistics, JSON, CSV and the terminal table.
+
+Per split and metric (over the ``n`` samples):
+
+- ``mean`` with ``mean_ci95`` = ``mean +- 1.96 * sqrt(sum_i se_i^2) / n``: the estimators'
+  uncertainty about the mean of *these* samples (0 for exact estimates);
+- ``sample_std`` and ``sem`` = ``sample_std / sqrt(n)``: the spread over the data (the standard
+  error of the mean as an estimate of the data distribution's mean);
+- ``min``/``max`` and ``worst``: the most leaking sample (largest FSInfo or dFIL) with its own
+  95% interval.
+
+Bounds (per-dimension reconstruction MSE; lower = weaker privacy) are reported for the worst
+case, the least private sample: the smallest bound, with the interval ``[min_i low_i,
+min_i high_i]`` (the image of the per-sample intervals). ``dfil_bound`` is proven (Cramer-Rao,
+unbiased attackers); ``fsinfo_bound`` is the FSInfo surrogate (see :mod:`fsinfo_fast.bounds`).
+
+The FSInfoGuard noise scale is reported per data set as the largest per-sample ``sigma*`` (the
+noise that brings every profiled sample down to the target), with ``[max_i low_i, max_i
+high_i]``, and as a mean.
+
+JSON: non-finite values are written as ``null`` (with a status field saying why).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from .store import atomic_write_bytes, atomic_write_text
+
+__all__ = ["summarize", "write_outputs", "print_table", "SAMPLE_FIELDS", "SUMMARY_FIELDS"]
+
+_Z95 = 1.959963984540054
+
+#: Columns of ``samples.csv`` (one row per sample and split).
+SAMPLE_FIELDS = (
+    "sample", "split", "split_index", "layer", "label", "d", "m",
+    "fsinfo_diag", "fsinfo_diag_se", "fsinfo_diag_hw", "fsinfo_diag_probes",
+    "fsinfo_diag_estimator",
+    "fsinfo_logdet", "fsinfo_logdet_se", "fsinfo_logdet_hw", "fsinfo_logdet_status",
+    "dfil", "dfil_se", "dfil_hw", "dfil_probes", "dfil_estimator", "dfil_converged",
+    "dfil_bound", "dfil_bound_low", "dfil_bound_high",
+    "fsinfo_diag_bound", "fsinfo_diag_bound_low", "fsinfo_diag_bound_high",
+    "fsinfo_logdet_bound", "fsinfo_logdet_bound_low", "fsinfo_logdet_bound_high",
+    "sigma_star", "sigma_star_low", "sigma_star_high",
+    "sigma_star_logdet", "sigma_star_logdet_low", "sigma_star_logdet_high",
+)
+
+#: Columns of ``summary.csv`` (one row per split).
+SUMMARY_FIELDS = (
+    "split_index", "split", "layer", "m", "d", "n",
+    "fsinfo_diag_mean", "fsinfo_diag_mean_low", "fsinfo_diag_mean_high", "fsinfo_diag_std",
+    "fsinfo_diag_max",
+    "fsinfo_logdet_mean", "fsinfo_logdet_mean_low", "fsinfo_logdet_mean_high",
+    "fsinfo_logdet_n_finite",
+    "dfil_mean", "dfil_mean_low", "dfil_mean_high", "dfil_std", "dfil_max",
+    "dfil_bound_worst", "dfil_bound_worst_low", "dfil_bound_worst_high",
+    "fsinfo_diag_bound_worst", "fsinfo_diag_bound_worst_low", "fsinfo_diag_bound_worst_high",
+    "sigma_star_max", "sigma_star_max_low", "sigma_star_max_high", "sigma_star_mean",
+)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    pairs = [(r["sample"], r[key], r.get(f"{key}_se") or 0.0, r.get(f"{key}_hw") or 0.0)
+             for r in recs if _finite(r.get(key))]
+    if not pairs:
+        return None
+    n = len(pairs)
+    vals = [p[1] for p in pairs]
+    mean = sum(vals) / n
+    se_mean = math.sqrt(sum(p[2] ** 2 for p in pairs)) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    worst = max(pairs, key=lambda p: p[1])
+    return {
+        "n": n,
+        "mean": mean,
+        "mean_stderr": se_mean,
+        "mean_ci95": [mean - _Z95 * se_mean, mean + _Z95 * se_mean],
+        "sample_std": std,
+        "sem": std / math.sqrt(n) if n > 1 else None,
+        "min": min(vals),
+        "max": max(vals),
+        "worst": {"sample": worst[0], "value": worst[1],
+                  "ci95": [worst[1] - worst[3], worst[1] + worst[3]]},
+    }
+
+
+def _extreme(recs: list[dict[str, Any]], key: str, pick) -> dict[str, Any] | None:
+    rows = [r for r in recs if _finite(r.get(key))]
+    if not rows:
+        return None
+    best = pick(rows, key=lambda r: r[key])
+
+    def agg(k: str) -> float | None:
+        vals = [r[k] if _finite(r.get(k)) else math.inf for r in rows]
+        v = pick(vals)
+        return v if math.isfinite(v) else None
+
+    return {"value": best[key], "sample": best["sample"],
+            "interval": [agg(f"{key}_low"), agg(f"{key}_high")],
+            "mean": sum(r[key] for r in rows) / len(rows)}
+
+
+def summarize(settings: dict[str, Any], splits: list, plan: Any,
+              records: dict[tuple[int, str], dict[str, Any]]) -> dict[str, Any]:
+    """The content of ``profile.json``: settings, per-split statistics and per-sample records."""
+    by_split: dict[str, list[dict[str, Any]]] = {s.name: [] for s in splits}
+    for rec in records.values():
+        if rec["split"] in by_split:
+            by_split[rec["split"]].append(rec)
+    out_splits = []
+    for s in splits:
+        recs = sorted(by_split[s.name], key=lambda r: r["sample"])
+        first = recs[0] if recs else {}
+        logdet_status = sorted({r.get("fsinfo_logdet_status") for r in recs} - {None, "ok"})
+        out_splits.append({
+            "name": s.name,
+            "index": s.index,
+            "layer": s.layer,
+            "m": first.get("m"),
+            "d": first.get("d"),
+            "n": len(recs),
+            "fsinfo_diag": _stats(recs, "fsinfo_diag"),
+            "fsinfo_logdet": _stats(recs, "fsinfo_logdet"),
+            "fsinfo_logdet_status": logdet_status,
+            "dfil": _stats(recs, "dfil"),
+            "dfil_bound_worst": _extreme(recs, "dfil_bound", min),
+            "fsinfo_diag_bound_worst": _extreme(recs, "fsinfo_diag_bound", min),
+            "fsinfo_logdet_bound_worst": _extreme(recs, "fsinfo_logdet_bound", min),
+            "sigma_star": _extreme(recs, "sigma_star", max),
+            "sigma_star_logdet": _extreme(recs, "sigma_star_logdet", max),
+            "estimators": {
+                "fsinfo_diag": sorted({str(r.get("fsinfo_diag_estimator")) for r in recs
+                                       if r.get("fsinfo_diag_estimator")}),
+                "dfil": sorted({str(r.get("dfil_estimator")) for r in recs
+                                if r.get("dfil_estimator")}),
+            },
+        })
+    samples = sorted(records.values(), key=lambda r: (r["sample"], _order(splits, r["split"])))
+    from .. import __version__
+
+    return {
+        "fsinfo_fast_version": __version__,
+        "units": {"fsinfo": "nats per input dimension", "dfil": "1/dim (per unit sigma^2)",
+                  "bounds": "per-dimension MSE, squared input units",
+                  "sigma_star": "input-independent noise std on the smashed data"},
+        "settings": settings,
+        "sharing": plan.describe() if plan is not None else None,
+        "splits": out_splits,
+        "samples": [{k: r.get(k) for k in SAMPLE_FIELDS} for r in samples],
+    }
+
+
+def _order(splits: list, name: str) -> int:
+    for i, s in enumerate(splits):
+        if s.name == name:
+            return i
+    return len(splits)
+
+
+def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for s in summary["splits"]:
+        def g(metric: str, *path, s=s):
+            v = s.get(metric)
+            for p in path:
+                if v is None:
+                    return None
+                v = v[p]
+            return v
+
+        rows.append({
+            "split_index": s["index"], "split": s["name"], "layer": s["layer"], "m": s["m"],
+            "d": s["d"], "n": s["n"],
+            "fsinfo_diag_mean": g("fsinfo_diag", "mean"),
+            "fsinfo_diag_mean_low": g("fsinfo_diag", "mean_ci95", 0),
+            "fsinfo_diag_mean_high": g("fsinfo_diag", "mean_ci95", 1),
+            "fsinfo_diag_std": g("fsinfo_diag", "sample_std"),
+            "fsinfo_diag_max": g("fsinfo_diag", "max"),
+            "fsinfo_logdet_mean": g("fsinfo_logdet", "mean"),
+            "fsinfo_logdet_mean_low": g("fsinfo_logdet", "mean_ci95", 0),
+            "fsinfo_logdet_mean_high": g("fsinfo_logdet", "mean_ci95", 1),
+            "fsinfo_logdet_n_finite": g("fsinfo_logdet", "n") or 0,
+            "dfil_mean": g("dfil", "mean"),
+            "dfil_mean_low": g("dfil", "mean_ci95", 0),
+            "dfil_mean_high": g("dfil", "mean_ci95", 1),
+            "dfil_std": g("dfil", "sample_std"),
+            "dfil_max": g("dfil", "max"),
+            "dfil_bound_worst": g("dfil_bound_worst", "value"),
+            "dfil_bound_worst_low": g("dfil_bound_worst", "interval", 0),
+            "dfil_bound_worst_high": g("dfil_bound_worst", "interval", 1),
+            "fsinfo_diag_bound_worst": g("fsinfo_diag_bound_worst", "value"),
+            "fsinfo_diag_bound_worst_low": g("fsinfo_diag_bound_worst", "interval", 0),
+            "fsinfo_diag_bound_worst_high": g("fsinfo_diag_bound_worst", "interval", 1),
+            "sigma_star_max": g("sigma_star", "value"),
+            "sigma_star_max_low": g("sigma_star", "interval", 0),
+            "sigma_star_max_high": g("sigma_star", "interval", 1),
+            "sigma_star_mean": g("sigma_star", "mean"),
+        })
+    return rows
+
+
+def _csv(rows: list[dict[str, Any]], fields: tuple[str, ...]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def write_outputs(run_dir: Path, summary: dict[str, Any], records: dict, *,
+                  plot: bool = True) -> dict[str, str]:
+    """Write ``profile.json``, ``summary.csv``, ``samples.csv`` and (optionally) ``profile.png``,
+    each atomically. Returns their paths."""
+    run_dir = Path(run_dir)
+    files = {
+        "json": str(run_dir / "profile.json"),
+        "summary_csv": str(run_dir / "summary.csv"),
+        "samples_csv": str(run_dir / "samples.csv"),
+    }
+    if plot:
+        files["plot"] = str(run_dir / "profile.png")
+    summary["files"] = {k: Path(v).name for k, v in files.items()}
+    atomic_write_text(files["summary_csv"], _csv(_summary_rows(summary), SUMMARY_FIELDS))
+    atomic_write_text(files["samples_csv"], _csv(summary["samples"], SAMPLE_FIELDS))
+    if plot:
+        from .plot import plot_profile
+
+        atomic_write_bytes(files["plot"], plot_profile(summary))
+    atomic_write_text(files["json"], json.dumps(summary, indent=1, allow_nan=False) + "\n")
+    return files
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if v != 0 and (abs(v) >= 1e4 or abs(v) < 1e-2):
+        return f"{v:.{max(0, digits - 1)}e}"
+    return f"{v:.{digits}g}"
+
+
+def _pm(st: dict[str, Any] | None) -> str:
+    if st is None:
+        return "-"
+    hw = (st["mean_ci95"][1] - st["mean_ci95"][0]) / 2
+    if hw <= 0:
+        return _fmt(st["mean"])
+    half = f"{hw:.1g}" if 1e-4 <= hw < 1e4 else f"{hw:.0e}"
+    return f"{_fmt(st['mean'])} ± {half}"
+
+
+def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
+                console: Any = None) -> None:
+    """Print the per-split table (rich) and where the files are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=max(console.width, 132))
+    st = summary["settings"]
+    n = summary["splits"][0]["n"] if summary["splits"] else 0
+    t = Table(title=f"{st['model']} on {st['data']}: {n} samples, sigma={st['sigma']}, "
+                    f"target={st['target']}", title_justify="left")
+    with_logdet = st.get("variant") != "diag"
+    cols = ["split", "layer", "m", "FSInfo diag"] + (["FSInfo logdet"] if with_logdet else [])
+    for col in cols + ["dFIL", "1/dFIL", "FSInfo bnd", "sigma*"]:
+        t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+    for s in summary["splits"]:
+        ld = _pm(s["fsinfo_logdet"])
+        if s["fsinfo_logdet"] is None and s["fsinfo_logdet_status"]:
+            ld = "-inf" if s["fsinfo_logdet_status"][0].startswith("-inf") else "-"
+        b, fb, sg = s["dfil_bound_worst"], s["fsinfo_diag_bound_worst"], s["sigma_star"]
+        if st.get("variant") == "logdet" or fb is None:  # the log-det bound and sigma*
+            fb, sg = s["fsinfo_logdet_bound_worst"], s["sigma_star_logdet"]
+        t.add_row(
+            str(s["index"]) if s["index"] is not None else s["name"], s["layer"], str(s["m"]),
+            _pm(s["fsinfo_diag"]), *([ld] if with_logdet else []), _pm(s["dfil"]),
+            _fmt(b["value"]) if b else "-", _fmt(fb["value"]) if fb else "-",
+            _fmt(sg["value"]) if sg else "-",
+        )
+    console.print(t)
+    console.print(
+        "FSInfo: nats/dim, mean ± 95% estimator half-width. 1/dFIL (proven, unbiased attackers) "
+        "and FSInfo bnd (surrogate): per-dim MSE bound of the least private sample. sigma*: "
+        "largest per-sample FSInfoGuard noise for the target.", soft_wrap=False)
+    if files:
+        console.print("wrote " + ", ".join(files.values()), soft_wrap=True)

@@ -1,0 +1,919 @@
+"""The profile job: settings, the per-batch computation, resume and the main loop.
+
+Work units are *batches*: the samples (ids ``0 .. N-1``, in data-set order) are cut into fixed
+chunks of ``batch_size``. A batch is computed whole (all its samples, all split points) and each
+(sample, split) result is committed as one record. On ``--resume`` a batch is skipped when all its
+records exist; a batch with some records missing is recomputed whole (the same inputs as in the
+interrupted run, so the same numbers) and only the missing records are written. Hence a resumed
+run's records equal an uninterrupted run's, none lost, none duplicated.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import math
+import re
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..errors import EncoderError, FSInfoError, InvalidInputError
+from ..formulas import DIAG_FLOOR
+from .distributed import DistContext
+from .errors import DataError, ResumeError, RunDirError
+from .shared import NestedStack, dfil_shared, exact_diag_shared
+from .sources import (
+    Dataset,
+    SplitSpec,
+    apply_checkpoint,
+    build_model,
+    describe_model_source,
+    file_sha256,
+    infer_num_classes,
+    is_zoo_model,
+    load_checkpoint,
+    load_data,
+    resolve_splits,
+    state_fingerprint,
+    state_to_bytes,
+    tensor_fingerprint,
+    zoo_key,
+)
+from .store import STORE_VERSION, RunDir, atomic_write_bytes, settings_diff
+
+__all__ = [
+    "ProfileConfig",
+    "ProfileOutcome",
+    "run_profile",
+    "MATCH_KEYS",
+    "DEFAULT_ROOT",
+    "EXACT_SMALL_D",
+    "DFIL_EXACT_MAX",
+]
+
+log = logging.getLogger(__name__)
+
+#: Where runs go when ``--out`` is not given (one timestamped folder per run).
+DEFAULT_ROOT = "fsinfo-profile"
+#: With ``estimator="auto"``, inputs this small (``d``) are profiled exactly.
+EXACT_SMALL_D = 256
+#: With ``estimator="auto"``, dFIL of a split with ``min(m, d)`` at most this is computed exactly.
+DFIL_EXACT_MAX = 256
+#: Settings that change the numbers: a resumed run must have the same ones.
+MATCH_KEYS = (
+    "model", "checkpoint_sha256", "model_sha256", "data", "size", "data_sha256", "num_samples",
+    "splits", "sigma", "variant", "estimator", "atol", "rtol", "prior_var", "target", "seed",
+    "share", "dfil_max_probes",
+)
+_Z95 = 1.959963984540054
+
+
+@dataclass
+class ProfileConfig:
+    """Options of a profile run (the CLI flags; see ``fsinfo-fast profile --help``).
+
+    Attributes:
+        model: zoo name or ``package.module:function``.
+        checkpoint: weights file (``torch.load(weights_only=True)``).
+        data: ``digits``, ``natural``, a folder of images or ``torchvision:NAME:ROOT[:split]``.
+        size: image side for the bundled data sets.
+        splits: ``paper`` (default), ``all`` or a comma-separated list.
+        sigma: noise scale on the smashed data.
+        variant: ``diag``, ``logdet`` or ``both`` (log det where it can be finite).
+        estimator: ``auto``, ``exact`` or ``randomized``.
+        atol: FSInfo target 95% half-width (nats per dimension).
+        rtol: dFIL target relative 95% half-width.
+        prior_var: prior variance per input dimension (log-det variant).
+        target: FSInfoGuard target FSInfo (nats per dimension).
+        max_samples: first this many samples (``0``/``None``: all).
+        batch_size: samples per batch (work unit).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        seed: seed of the probes (and of the demo model's training).
+        out: run directory (default: a new folder under ``fsinfo-profile/``).
+        resume: continue the run in ``out``.
+        plot: write ``profile.png``.
+        share: share work across split points (see :mod:`fsinfo_fast.profile.shared`).
+        backend: product backend for the metrics.
+        progress: show a progress bar.
+        table: print the result table.
+        dfil_max_probes: shared dFIL probes per sample before a (sample, split) whose interval
+            is still too wide falls back to the per-split estimator (Hutch++).
+    """
+
+    model: str = "vgg5"
+    checkpoint: str | None = None
+    data: str = "digits"
+    size: int = 32
+    splits: str | None = None
+    sigma: float = 0.1
+    variant: str = "diag"
+    estimator: str = "auto"
+    atol: float = 0.01
+    rtol: float = 0.01
+    prior_var: float | None = None
+    target: float = -1.0
+    max_samples: int | None = 16
+    batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    resume: bool = False
+    plot: bool = True
+    share: bool = True
+    backend: str = "auto"
+    progress: bool = True
+    table: bool = True
+    dfil_max_probes: int = 256
+
+    def validate(self) -> None:
+        """Raise :class:`InvalidInputError` (one line) on a bad option value."""
+        def positive(name: str, v: object) -> None:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (
+                math.isfinite(v) and v > 0
+            ):
+                raise InvalidInputError(f"--{name.replace('_', '-')} must be a positive number, "
+                                        f"got {v!r}")
+
+        positive("sigma", self.sigma)
+        positive("atol", self.atol)
+        positive("rtol", self.rtol)
+        if self.prior_var is not None:
+            positive("prior_var", self.prior_var)
+        if not math.isfinite(self.target):
+            raise InvalidInputError(f"--target must be finite, got {self.target!r}")
+        if self.variant not in ("diag", "logdet", "both"):
+            raise InvalidInputError(f"--variant must be diag, logdet or both, got {self.variant!r}")
+        if self.estimator not in ("auto", "exact", "randomized"):
+            raise InvalidInputError(
+                f"--estimator must be auto, exact or randomized, got {self.estimator!r}")
+        if self.prior_var is not None and self.variant == "diag":
+            raise InvalidInputError("--prior-var applies to the log-det variant: use --variant "
+                                    "logdet or both")
+        if self.max_samples is not None and self.max_samples < 0:
+            raise InvalidInputError(f"--max-samples must be >= 0, got {self.max_samples}")
+        if self.batch_size < 1:
+            raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.size < 1:
+            raise InvalidInputError(f"--size must be >= 1, got {self.size}")
+        if self.dfil_max_probes < 2:
+            raise InvalidInputError("dfil_max_probes must be >= 2")
+
+
+@dataclass
+class ProfileOutcome:
+    """What a finished run produced (rank 0; other ranks get ``summary=None``).
+
+    Attributes:
+        run_dir: the run directory.
+        summary: the content of ``profile.json``.
+        files: paths of the files written.
+        computed: records computed by this invocation (0 when everything was already there).
+    """
+
+    run_dir: Path
+    summary: dict[str, Any] | None
+    files: dict[str, str] = field(default_factory=dict)
+    computed: int = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# set-up
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:40] or "run"
+
+
+def resolve_out(cfg: ProfileConfig) -> Path:
+    """The run directory: ``--out``, else the newest run under ``fsinfo-profile/`` for
+    ``--resume``, else a new timestamped folder there."""
+    if cfg.out:
+        return Path(cfg.out)
+    root = Path(DEFAULT_ROOT)
+    if cfg.resume:
+        runs = sorted((p for p in root.glob("*") if (p / "settings.json").is_file()),
+                      key=lambda p: p.stat().st_mtime) if root.is_dir() else []
+        if not runs:
+            raise ResumeError(f"--resume without --out: no run found under {root}/; pass --out")
+        return runs[-1]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    data = _slug(Path(cfg.data).name or cfg.data)
+    base = root / f"{_slug(cfg.model.split(':')[-1])}-{data}-{stamp}"
+    p, i = base, 1
+    while p.exists():
+        i += 1
+        p = Path(f"{base}-{i}")
+    return p
+
+
+@dataclass
+class _Prepared:
+    """What rank 0 sets up and sends to the other ranks."""
+
+    recipe: dict[str, Any]
+    state: bytes
+    split_names: list[str]
+    example: Tensor
+    settings: dict[str, Any]
+    run_dir: str
+    num_samples: int
+
+
+def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
+                         progress: bool) -> tuple[nn.Module, Dataset, dict[str, Any], str | None]:
+    """Model, data, the recipe to rebuild the model elsewhere, and the checkpoint hash."""
+    embedded = cfg.data in ("digits", "natural")
+    ckpt_sha = None
+    if cfg.checkpoint:
+        data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None)
+        state = load_checkpoint(cfg.checkpoint)
+        ckpt_sha = file_sha256(cfg.checkpoint)
+        recipe = {"spec": cfg.model, "zoo_kwargs": {}}
+        if is_zoo_model(cfg.model):
+            _require_square(data, cfg.model)
+            recipe["zoo_kwargs"] = {"num_classes": infer_num_classes(state),
+                                    "in_channels": int(data.x.shape[1]),
+                                    "input_size": int(data.x.shape[-1])}
+        model = _build(recipe)
+        apply_checkpoint(model, state, cfg.checkpoint)
+        return model.eval(), data, recipe, ckpt_sha
+    if is_zoo_model(cfg.model):
+        from ..train import demo_model
+
+        train_data = cfg.data if embedded else "digits"
+        if embedded:
+            size = cfg.size
+        else:
+            data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None)
+            _require_square(data, cfg.model)
+            if data.x.shape[1] != 3:
+                raise DataError(f"--data {cfg.data}: the demo model takes RGB images")
+            size = int(data.x.shape[-1])
+        cached = run_dir.model_path if resuming and run_dir.model_path.is_file() else None
+        if cached is not None:  # resume: the weights trained by the first invocation
+            _, x_te, y_te, _ = demo_model(zoo_key(cfg.model), data=train_data, size=size,
+                                          seed=cfg.seed, epochs=0)
+            state = load_checkpoint(cached)
+            recipe = {"spec": zoo_key(cfg.model), "zoo_kwargs": {
+                "num_classes": infer_num_classes(state), "in_channels": 3, "input_size": size}}
+            model = _build(recipe)
+            apply_checkpoint(model, state, str(cached))
+            acc = None
+        else:
+            # cached in the user cache (fsinfo_fast.train.default_cache_dir), so a second demo
+            # does not train again; the run directory keeps its own copy (model.pt) for --resume
+            model, x_te, y_te, acc = demo_model(zoo_key(cfg.model), data=train_data, size=size,
+                                                seed=cfg.seed, progress=progress, cache=True)
+            recipe = {"spec": zoo_key(cfg.model), "zoo_kwargs": {
+                "num_classes": infer_num_classes(model.state_dict()), "in_channels": 3,
+                "input_size": size}}
+        if embedded:
+            n = cfg.max_samples or len(x_te)
+            what = "digits test split" if cfg.data == "digits" else "natural-image test crops"
+            data = Dataset(x=x_te[:n].contiguous(), y=y_te[:n], name=cfg.data,
+                           description=f"{what} held out from the demo model's training "
+                                       f"({min(n, len(x_te))} of {len(x_te)}, {size}x{size})")
+        model.demo_accuracy = acc  # type: ignore[attr-defined]
+        return model.eval(), data, recipe, None
+    data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None)
+    recipe = {"spec": cfg.model, "zoo_kwargs": {}}
+    return _build(recipe), data, recipe, None
+
+
+def _require_square(data: Dataset, model: str) -> None:
+    if data.x.shape[-1] != data.x.shape[-2]:
+        raise DataError(
+            f"zoo model {model} needs square images; {data.name} has "
+            f"{data.x.shape[-1]}x{data.x.shape[-2]}"
+        )
+
+
+def _build(recipe: dict[str, Any]) -> nn.Module:
+    return build_model(recipe["spec"], **recipe["zoo_kwargs"])
+
+
+def _check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
+    for s in splits:
+        try:
+            with torch.no_grad():
+                out = s.encoder(x1)
+        except Exception as err:
+            msg = " ".join(str(err).split())[:200]
+            raise DataError(
+                f"the encoder at split {s.name} cannot take the data's inputs of shape "
+                f"{tuple(x1.shape[1:])}: {type(err).__name__}: {msg}"
+            ) from None
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            raise EncoderError(f"the encoder at split {s.name} does not return a float tensor")
+
+
+def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[SplitSpec],
+              ckpt_sha: str | None, device: torch.device, world: int) -> dict[str, Any]:
+    return {
+        "store_version": STORE_VERSION,
+        "fsinfo_fast_version": __version__,
+        "model": cfg.model,
+        "model_source": describe_model_source(cfg.model, cfg.checkpoint),
+        "model_class": type(model).__name__,
+        "checkpoint": cfg.checkpoint,
+        "checkpoint_sha256": ckpt_sha,
+        "model_sha256": state_fingerprint(model),
+        "demo_accuracy": getattr(model, "demo_accuracy", None),
+        "data": cfg.data,
+        "data_description": data.description,
+        "size": cfg.size if cfg.data in ("digits", "natural") else int(data.x.shape[-1]),
+        "input_shape": list(data.x.shape[1:]),
+        "data_sha256": tensor_fingerprint(data.x, data.y),
+        "num_samples": int(data.x.shape[0]),
+        "max_samples": cfg.max_samples,
+        "splits": [s.name for s in splits],
+        "split_index": [s.index for s in splits],
+        "split_layer": [s.layer for s in splits],
+        "sigma": float(cfg.sigma),
+        "variant": cfg.variant,
+        "estimator": cfg.estimator,
+        "atol": float(cfg.atol),
+        "rtol": float(cfg.rtol),
+        "prior_var": None if cfg.prior_var is None else float(cfg.prior_var),
+        "target": float(cfg.target),
+        "seed": int(cfg.seed),
+        "share": bool(cfg.share),
+        "dfil_max_probes": int(cfg.dfil_max_probes),
+        # free to change on --resume (rounding-level effects only):
+        "batch_size": int(cfg.batch_size),
+        "device": str(device),
+        "world_size": world,
+        "backend": cfg.backend,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _prepare_root(cfg: ProfileConfig, dist: DistContext) -> tuple[_Prepared, Dataset, dict]:
+    run_dir = RunDir(resolve_out(cfg))
+    stored = run_dir.check_resume() if cfg.resume else None
+    if not cfg.resume:
+        run_dir.check_new()
+    model, data, recipe, ckpt_sha = _load_model_and_data(
+        cfg, run_dir, cfg.resume, progress=cfg.progress)
+    if data.x.shape[0] == 0:
+        raise DataError(f"--data {cfg.data}: no samples")
+    splits = resolve_splits(model, cfg.splits)
+    _check_runs(model, splits, data.x[:1])
+    settings = _settings(cfg, model, data, splits, ckpt_sha, dist.device, dist.world)
+    if stored is not None:
+        diffs = settings_diff(stored, settings, MATCH_KEYS)
+        if diffs:
+            raise ResumeError(
+                f"--resume: {run_dir.path} was made with different settings ({'; '.join(diffs)}); "
+                "rerun with the same options or choose a new --out"
+            )
+        settings = {**stored, **{k: settings[k] for k in ("batch_size", "device", "world_size",
+                                                          "backend")}}
+    else:
+        run_dir.create()
+        try:
+            run_dir.clear_leftovers()
+            if not cfg.checkpoint and is_zoo_model(cfg.model):
+                atomic_write_bytes(run_dir.model_path, state_to_bytes(model))
+            run_dir.write_settings(settings)
+        except OSError as err:
+            raise RunDirError(
+                f"cannot write to output directory {run_dir.path}: {err.strerror or err}"
+            ) from None
+    prepared = _Prepared(
+        recipe=recipe, state=state_to_bytes(model) if dist.distributed else b"",
+        split_names=[s.name for s in splits],
+        example=data.x[:1].clone(), settings=settings, run_dir=str(run_dir.path),
+        num_samples=int(data.x.shape[0]),
+    )
+    return prepared, data, {"model": model, "splits": splits}
+
+
+def _rebuild(prep: _Prepared) -> tuple[nn.Module, list[SplitSpec]]:
+    model = _build(prep.recipe)
+    state = torch.load(io.BytesIO(prep.state), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.eval()
+    return model, resolve_splits(model, list(prep.split_names))
+
+
+# ------------------------------------------------------------------------------------------------
+# the computation
+
+
+@dataclass
+class Plan:
+    """How each quantity is computed for each split (identical on every rank).
+
+    Attributes:
+        d: input size per sample; m: output size per split.
+        exact: the profile is exact (``--estimator exact``, or ``auto`` with ``d`` small).
+        sweep: splits whose exact diagonal and trace come from the shared one-hot JVP sweep.
+        dfil_shared: splits whose randomized dFIL comes from shared input-side probes.
+        small_exact: splits computed exactly in a randomized profile (``estimator="auto"`` and
+            ``min(m, d) <= DFIL_EXACT_MAX``): one exact Jacobian gives FSInfo diag and dFIL.
+        logdet: per split, ``None`` when the log-det variant is computed, else why not.
+        stack: the nested stack (``None`` without sharing).
+    """
+
+    d: int
+    m: dict[str, int]
+    exact: bool
+    sweep: list[str]
+    dfil_shared: list[str]
+    small_exact: list[str]
+    logdet: dict[str, str | None]
+    stack: NestedStack | None
+    rejected: dict[str, str]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "exact": self.exact,
+            "exact_sweep_splits": self.sweep,
+            "dfil_shared_probe_splits": self.dfil_shared,
+            "small_exact_splits": self.small_exact,
+            "stack_splits": self.stack.names if self.stack else [],
+            "not_shareable": self.rejected,
+            "logdet_skipped": {k: v for k, v in self.logdet.items() if v is not None},
+        }
+
+
+def make_plan(cfg: ProfileConfig, model: nn.Module, splits: list[SplitSpec],
+              example: Tensor) -> Plan:
+    """Decide, deterministically, which route each split's quantities take."""
+    d = int(example[0].numel())
+    with torch.no_grad():
+        m = {s.name: int(s.encoder(example)[0].numel()) for s in splits}
+    exact = cfg.estimator == "exact" or (cfg.estimator == "auto" and d <= EXACT_SMALL_D)
+    stack = None
+    rejected: dict[str, str] = {}
+    if cfg.share:
+        stack = NestedStack(model, [s.name for s in splits], example,
+                            {s.name: s.encoder for s in splits})
+        rejected = dict(stack.rejected)
+        if not stack.names:
+            stack = None
+    logdet: dict[str, str | None] = {}
+    for s in splits:
+        if cfg.variant == "diag":
+            logdet[s.name] = "not requested (--variant diag)"
+        elif cfg.prior_var is None and m[s.name] < d:
+            logdet[s.name] = (f"-inf: m = {m[s.name]} < d = {d}, J^T J is singular; give "
+                              "--prior-var for the finite (van Trees) version")
+        else:
+            logdet[s.name] = None
+    sweep: list[str] = []
+    dfil_sh: list[str] = []
+    dfil_ex: list[str] = []
+    names = stack.names if stack else []
+    if exact:
+        if names:
+            # cost of covering the first j shared splits by the sweep, the rest per split
+            best_j, best = 0, math.inf
+            for j in range(len(names) + 1):
+                c = d * stack.cost[names[j - 1]] if j else 0
+                c += sum(min(m[n], d) * stack.cost[n] for n in names[j:])
+                if c < best:
+                    best_j, best = j, c
+            sweep = names[:best_j]
+    else:
+        for s in splits:
+            if cfg.estimator == "auto" and min(m[s.name], d) <= DFIL_EXACT_MAX:
+                dfil_ex.append(s.name)
+            elif s.name in names:
+                dfil_sh.append(s.name)
+    return Plan(d=d, m=m, exact=exact, sweep=sweep, dfil_shared=dfil_sh, small_exact=dfil_ex,
+                logdet=logdet, stack=stack, rejected=rejected)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _metric(fn, *args, ids: Tensor, seed: int, backend: str, **kw):
+    """Call a public metric with per-sample seeding when it supports it."""
+    if _accepts(fn, "sample_ids"):
+        kw["sample_ids"] = ids
+        kw["seed"] = seed
+    elif _accepts(fn, "seed"):
+        # no per-sample seeding yet: a seed per batch (batches are fixed, so resume and the
+        # distributed run still reproduce the numbers)
+        kw["seed"] = (seed * 1_000_003 + int(ids[0])) % (1 << 62)
+    if backend != "auto" and _accepts(fn, "backend"):
+        kw["backend"] = backend
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kw)
+
+
+def _method(r: Any) -> str:
+    m = r.info.get("method") if isinstance(getattr(r, "info", None), dict) else None
+    return f", {m}" if m else ""
+
+
+def _num(v: float) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _tensor_field(r: Any, name: str, b: int, default: float | int | bool):
+    t = getattr(r, name, None)
+    if t is None and isinstance(getattr(r, "info", None), dict):
+        t = r.info.get(name)
+    if isinstance(t, Tensor) and t.numel() == b:
+        return [x.item() for x in t.flatten()]
+    if t is None:
+        return [default] * b
+    return [t] * b
+
+
+def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Tensor,
+                  y: Tensor, ids: Tensor, status=None) -> list[dict[str, Any]]:
+    """Every (sample, split) record of one batch (fields: :data:`report.SAMPLE_FIELDS`).
+
+    Args:
+        status: optional ``callable(str)`` told which step is running (for the progress bar).
+    """
+    import fsinfo_fast as ff
+
+    def say(text: str) -> None:
+        if status is not None:
+            status(text)
+
+    b = x.shape[0]
+    d = plan.d
+    sigma = float(cfg.sigma)
+    est = "exact" if plan.exact else cfg.estimator
+    out: dict[str, dict[str, list]] = {s.name: {} for s in splits}
+    timings: dict[str, float] = {}
+
+    def put(name: str, key: str, values) -> None:
+        out[name][key] = list(values)
+
+    # --- diagonal FSInfo and dFIL ------------------------------------------------------------
+    t0 = time.perf_counter()
+    diags: dict[str, Tensor] = {}  # exact diag(J^T J), where the plan computes it exactly
+    if plan.exact:
+        if plan.sweep:
+            say(f"exact sweep ({len(plan.sweep)} splits)")
+            diags.update(exact_diag_shared(plan.stack, plan.sweep, x))
+        todo = [s for s in splits if s.name not in diags]
+    else:
+        todo = [s for s in splits if s.name in plan.small_exact]
+    for s in todo:
+        say(f"exact {s.layer}")
+        diags[s.name] = ff.reference.fisher_diag(s.encoder, x)
+    for name, dg in diags.items():
+        dg = dg.cpu()
+        zeros = [0.0] * b
+        put(name, "fsinfo_diag", _fsinfo_from_diag(dg, d, sigma).tolist())
+        put(name, "fsinfo_diag_se", zeros)
+        put(name, "fsinfo_diag_hw", zeros)
+        put(name, "fsinfo_diag_probes", [None] * b)
+        put(name, "fsinfo_diag_estimator", ["exact"] * b)
+        put(name, "dfil", (dg.sum(1) / (sigma**2 * d)).tolist())
+        put(name, "dfil_se", zeros)
+        put(name, "dfil_hw", zeros)
+        put(name, "dfil_probes", [None] * b)
+        put(name, "dfil_estimator",
+            ["exact (shared sweep)" if name in plan.sweep else "exact"] * b)
+        put(name, "dfil_converged", [True] * b)
+    if not plan.exact:
+        for s in splits:
+            if s.name in diags or cfg.variant == "logdet":
+                continue
+            say(f"FSInfo diag {s.layer}")
+            r = _metric(ff.fsinfo, s.encoder, x, sigma, "diag", est, cfg.atol, ids=ids,
+                        seed=cfg.seed, backend=cfg.backend)
+            put(s.name, "fsinfo_diag", r.value.tolist())
+            put(s.name, "fsinfo_diag_se", r.stderr.tolist())
+            put(s.name, "fsinfo_diag_hw", r.ci_halfwidth.tolist())
+            put(s.name, "fsinfo_diag_probes",
+                _tensor_field(r, "probes_per_sample", b, r.num_probes))
+            put(s.name, "fsinfo_diag_estimator", [r.estimator] * b)
+        timings["fsinfo_diag"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        shared = None
+        if plan.dfil_shared:
+            say(f"dFIL, shared probes ({len(plan.dfil_shared)} splits)")
+            shared = dfil_shared(plan.stack, plan.dfil_shared, x, ids, seed=cfg.seed,
+                                 rtol=cfg.rtol, max_probes=cfg.dfil_max_probes)
+        for s in splits:
+            if s.name in diags:
+                continue
+            if shared is not None and s.name in shared.trace:
+                scale = 1.0 / (sigma**2 * d)
+                v = shared.trace[s.name].cpu() * scale
+                se = shared.stderr[s.name].cpu() * scale
+                hw = [float(e) * _t95(int(k) - 1)
+                      for e, k in zip(se, shared.probes[s.name], strict=True)]
+                v, se = v.tolist(), se.tolist()
+                probes = shared.probes[s.name].tolist()
+                label = ["randomized (shared input probes)"] * b
+                conv = shared.converged[s.name].cpu()
+                if not bool(conv.all()):
+                    # low effective rank: Hutchinson would need too many probes; these samples
+                    # take the per-split estimator (Hutch++), seeded per sample as well
+                    rows = (~conv).nonzero().flatten()
+                    say(f"dFIL {s.layer} ({len(rows)} sample(s) per split)")
+                    r = _metric(ff.dfil, s.encoder, x[rows.to(x.device)], sigma, est, cfg.rtol,
+                                ids=ids[rows], seed=cfg.seed, backend=cfg.backend)
+                    r_probes = _tensor_field(r, "probes_per_sample", len(rows), r.num_probes)
+                    r_conv = _tensor_field(r, "converged", len(rows), True)
+                    for j, i in enumerate(rows.tolist()):
+                        v[i], se[i] = float(r.value[j]), float(r.stderr[j])
+                        hw[i] = float(r.ci_halfwidth[j])
+                        probes[i] = r_probes[j]
+                        conv[i] = bool(r_conv[j])
+                        label[i] = f"{r.estimator} (per split{_method(r)})"
+                put(s.name, "dfil", v)
+                put(s.name, "dfil_se", se)
+                put(s.name, "dfil_hw", hw)
+                put(s.name, "dfil_probes", probes)
+                put(s.name, "dfil_estimator", label)
+                put(s.name, "dfil_converged", conv.tolist())
+            else:
+                say(f"dFIL {s.layer}")
+                r = _metric(ff.dfil, s.encoder, x, sigma, est, cfg.rtol, ids=ids, seed=cfg.seed,
+                            backend=cfg.backend)
+                put(s.name, "dfil", r.value.tolist())
+                put(s.name, "dfil_se", r.stderr.tolist())
+                put(s.name, "dfil_hw", r.ci_halfwidth.tolist())
+                put(s.name, "dfil_probes", _tensor_field(r, "probes_per_sample", b, r.num_probes))
+                put(s.name, "dfil_estimator", [r.estimator] * b)
+                put(s.name, "dfil_converged", _tensor_field(r, "converged", b, True))
+    timings["dfil"] = time.perf_counter() - t0
+
+    # --- log-det FSInfo ------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    for s in splits:
+        why = plan.logdet[s.name]
+        if why is not None:
+            put(s.name, "fsinfo_logdet", [None] * b)
+            put(s.name, "fsinfo_logdet_se", [None] * b)
+            put(s.name, "fsinfo_logdet_hw", [None] * b)
+            put(s.name, "fsinfo_logdet_status", [why] * b)
+            continue
+        say(f"FSInfo logdet {s.layer}")
+        r = _metric(ff.fsinfo, s.encoder, x, sigma, "logdet", est, cfg.atol, ids=ids,
+                    seed=cfg.seed, backend=cfg.backend, prior_var=cfg.prior_var)
+        put(s.name, "fsinfo_logdet", [_num(v) for v in r.value])
+        put(s.name, "fsinfo_logdet_se", [_num(v) for v in r.stderr])
+        put(s.name, "fsinfo_logdet_hw", [_num(v) for v in r.ci_halfwidth])
+        put(s.name, "fsinfo_logdet_status",
+            ["ok" if math.isfinite(float(v)) else "-inf: J^T J is singular" for v in r.value])
+    timings["fsinfo_logdet"] = time.perf_counter() - t0
+
+    # --- derived: FSInfoGuard sigma*, bounds -----------------------------------------------------
+    records = []
+    lay = {s.name: s for s in splits}
+    for s in splits:
+        o = out[s.name]
+        for i in range(b):
+            rec: dict[str, Any] = {
+                "sample": int(ids[i]), "split": s.name, "split_index": s.index,
+                "layer": lay[s.name].layer, "label": int(y[i]), "d": d, "m": plan.m[s.name],
+            }
+            for k, vals in o.items():
+                v = vals[i]
+                rec[k] = _num(v) if isinstance(v, float) else v
+            _derive(rec, sigma, cfg.target, cfg.prior_var)
+            records.append(rec)
+    return records
+
+
+def _t95(dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof)) if dof >= 1 else math.inf
+
+
+def _fsinfo_from_diag(diag: Tensor, d: int, sigma: float) -> Tensor:
+    from ..formulas import fsinfo_from_spectrum
+
+    return fsinfo_from_spectrum(diag, d, sigma, DIAG_FLOOR)
+
+
+def _derive(rec: dict[str, Any], sigma: float, target: float, prior_var: float | None) -> None:
+    """FSInfoGuard sigma* (closed form from the FSInfo estimate) and the error bounds."""
+    log_s = math.log(sigma)
+
+    def sig(f: float | None) -> float | None:
+        if f is None:
+            return None
+        return _num(math.exp(min(700.0, f + log_s - target)))
+
+    def fs_bound(f: float | None) -> float | None:
+        if f is None:
+            return None
+        return _num(math.exp(min(700.0, -2.0 * f)) / (2.0 * math.pi * math.e))
+
+    for variant in ("diag", "logdet"):
+        f = rec.get(f"fsinfo_{variant}")
+        hw = rec.get(f"fsinfo_{variant}_hw")
+        suffix = "" if variant == "diag" else "_logdet"
+        if f is None or (variant == "logdet" and prior_var is not None):
+            rec[f"sigma_star{suffix}"] = None
+            rec[f"sigma_star{suffix}_low"] = None
+            rec[f"sigma_star{suffix}_high"] = None
+        else:
+            h = hw or 0.0
+            rec[f"sigma_star{suffix}"] = sig(f)
+            rec[f"sigma_star{suffix}_low"] = sig(f - h)
+            rec[f"sigma_star{suffix}_high"] = sig(f + h)
+        if f is None:
+            rec[f"fsinfo{suffix or '_diag'}_bound"] = None
+            rec[f"fsinfo{suffix or '_diag'}_bound_low"] = None
+            rec[f"fsinfo{suffix or '_diag'}_bound_high"] = None
+        else:
+            h = hw or 0.0
+            rec[f"fsinfo{suffix or '_diag'}_bound"] = fs_bound(f)
+            rec[f"fsinfo{suffix or '_diag'}_bound_low"] = fs_bound(f + h)
+            rec[f"fsinfo{suffix or '_diag'}_bound_high"] = fs_bound(f - h)
+    v, h = rec.get("dfil"), rec.get("dfil_hw") or 0.0
+    if v is None or v <= 0:
+        rec["dfil_bound"] = rec["dfil_bound_low"] = rec["dfil_bound_high"] = None
+    else:
+        rec["dfil_bound"] = _num(1.0 / v)
+        rec["dfil_bound_low"] = _num(1.0 / (v + h))
+        rec["dfil_bound_high"] = _num(1.0 / (v - h)) if v - h > 0 else None
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+def batches(n: int, batch_size: int) -> list[list[int]]:
+    """Sample ids ``0..n-1`` cut into consecutive batches."""
+    return [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
+
+
+def run_profile(cfg: ProfileConfig, dist: DistContext | None = None) -> ProfileOutcome:
+    """Run (or resume) a profile; every rank of a ``torchrun`` job calls this.
+
+    Returns:
+        The outcome (the summary on rank 0).
+
+    Raises:
+        FSInfoError: a user error (one-line message), on every rank.
+    """
+    cfg.validate()
+    if dist is not None:
+        return _run(cfg, dist)
+    with DistContext.from_env(cfg.device) as own:  # leaves the process group in step
+        return _run(cfg, own)
+
+
+def _run(cfg: ProfileConfig, dist: DistContext) -> ProfileOutcome:
+    from .report import summarize, write_outputs
+
+    t_start = time.perf_counter()
+    root_extra: dict[str, Any] = {}
+    data: Dataset | None = None
+
+    def setup() -> _Prepared:
+        nonlocal data
+        prep, data_, extra = _prepare_root(cfg, dist)
+        data = data_
+        root_extra.update(extra)
+        return prep
+
+    prep = dist.root_call(setup)
+    if dist.is_root:
+        model, splits = root_extra["model"], root_extra["splits"]
+    else:
+        model, splits = _rebuild(prep)
+    device = dist.device
+    model.to(device).eval()
+    for s in splits:
+        s.encoder.to(device)
+    t_setup = time.perf_counter() - t_start
+    plan = make_plan(cfg, model, splits, prep.example.to(device))
+
+    run_dir = RunDir(prep.run_dir)
+    names = [s.name for s in splits]
+    todo: list[tuple[list[int], list[int]]] = []  # (batch ids, ids still missing)
+    total_missing = 0
+    store = None
+    if dist.is_root:
+        existing = run_dir.records.read()
+        for ids in batches(prep.num_samples, cfg.batch_size):
+            missing = [i for i in ids if any((i, n) not in existing for n in names)]
+            if missing:
+                todo.append((ids, missing))
+                total_missing += len(missing) * len(names)
+        store = run_dir.records.open()
+    todo_n = dist.broadcast(len(todo))
+    steps = (todo_n + dist.world - 1) // dist.world
+    bar = _progress(cfg, dist, total_missing, len(todo))
+    computed = 0
+    t_compute = time.perf_counter()
+    try:
+        for step in range(steps):
+            work = None
+            if dist.is_root:
+                work = []
+                for r in range(dist.world):
+                    j = step * dist.world + r
+                    if j < len(todo):
+                        ids, _ = todo[j]
+                        work.append((ids, data.x[ids].clone(), data.y[ids].clone()))
+                    else:
+                        work.append(None)
+            mine = dist.scatter(work)
+            result: Any = None
+            if mine is not None:
+                ids, xb, yb = mine
+                try:
+                    recs = compute_batch(cfg, plan, splits, xb.to(device), yb,
+                                         torch.tensor(ids, dtype=torch.int64),
+                                         status=_status(bar, ids))
+                    result = ("ok", recs)
+                except Exception as err:  # reported to every rank, re-raised below
+                    user = isinstance(err, (FSInfoError, OSError))
+                    result = ("error", user, " ".join(str(err).split()), err)
+            gathered = dist.gather(result if result is None or result[0] == "ok"
+                                   else result[:3])
+            err_msg = None
+            if dist.is_root:
+                for j, res in enumerate(gathered):
+                    if res is None:
+                        continue
+                    if res[0] != "ok":
+                        err_msg = err_msg or res
+                        continue
+                    ids, missing = todo[step * dist.world + j]
+                    keep = set(missing)
+                    new = [rec for rec in res[1] if rec["sample"] in keep]
+                    store.append(new)
+                    computed += len(new)
+                    if bar is not None:
+                        bar.update(len(new))
+            err_msg = dist.broadcast(err_msg)
+            if err_msg is not None:
+                if result is not None and result[0] == "error":
+                    raise result[3]
+                from .distributed import RemoteError
+
+                if err_msg[1]:
+                    raise RemoteError(err_msg[2])
+                raise RuntimeError(f"another rank failed: {err_msg[2]}")
+    finally:
+        if bar is not None:
+            bar.close()
+        if store is not None:
+            store.close()
+    t_compute = time.perf_counter() - t_compute
+
+    if not dist.is_root:
+        return ProfileOutcome(run_dir=run_dir.path, summary=None, computed=0)
+    records = run_dir.records.read()
+    summary = summarize(prep.settings, splits, plan, records)
+    summary["timing"] = {"setup_s": round(t_setup, 3), "compute_s": round(t_compute, 3),
+                         "records_computed": computed, "world_size": dist.world,
+                         "device": str(device)}
+    summary["timing"]["total_s"] = round(time.perf_counter() - t_start, 3)  # before the files
+    files = write_outputs(run_dir.path, summary, records, plot=cfg.plot)
+    if cfg.table:
+        from .report import print_table
+
+        print_table(summary, files)
+    return ProfileOutcome(run_dir=run_dir.path, summary=summary, files=files, computed=computed)
+
+
+def _status(bar, ids: list[int]):
+    if bar is None:
+        return None
+    span = f"samples {ids[0]}-{ids[-1]}" if len(ids) > 1 else f"sample {ids[0]}"
+
+    def show(text: str) -> None:
+        bar.set_postfix_str(f"{span}: {text}", refresh=True)
+
+    return show
+
+
+def _progress(cfg: ProfileConfig, dist: DistContext, total: int, nbatches: int):
+    if not (cfg.progress and dist.is_root) or total == 0:
+        return None
+    from tqdm.auto import tqdm
+
+    desc = f"profile ({nbatches} batches" + (f", {dist.world} procs)" if dist.distributed else ")")
+    return tqdm(total=total, desc=desc, unit="rec", file=sys.stderr, dynamic_ncols=True)
+
+
+def config_dict(cfg: ProfileConfig) -> dict[str, Any]:
+    return asdict(cfg)
+

@@ -1,0 +1,477 @@
+r"""Work shared across the split points of one model.
+
+The encoders of one model's split points are nested prefixes: the encoder at split ``k`` is the
+first part of the encoder at any deeper split. :class:`NestedStack` runs the **model itself** once
+with forward hooks on the split modules, records each split's output (the last call of its
+module) and stops the forward pass at the deepest one (an exception raised in that hook and
+caught inside the function, so it also works under ``torch.func`` transforms). One pass through
+the deepest split therefore yields every shallower split's smashed data, and the same holds for
+forward-mode derivatives:
+
+- **forward**: one pass gives ``z_k = f_k(x)`` for every split ``k``;
+- **exact diagonal and trace** (``--estimator exact``): ``d`` one-hot JVPs through the deepest
+  split give the columns ``J_k e_i`` of every split's Jacobian at once, hence the exact
+  ``diag(J_k^T J_k)`` (FSInfo diag, its FSInfoGuard sigma) and ``tr(J_k^T J_k)`` (dFIL) of
+  every split, for the price of ``d`` JVPs through the deepest split instead of
+  ``sum_k min(m_k, d)`` products through each prefix;
+- **randomized dFIL**: input-side probes ``v`` (Rademacher, seeded per sample id) pushed through
+  the deepest split give ``||J_k v||^2`` for every split in one pass: Hutchinson estimates of
+  ``tr(J_k^T J_k)`` for all splits from the same probes.
+
+Not shared: the diagonal FSInfo's randomized estimator needs output-side probes ``J_k^T u_k``
+(VJPs), one cotangent space per split, and a VJP through the deepest split cannot separate the
+contributions of several splits; the log-det variant's Lanczos iterations likewise run per split.
+Those go through the public metrics per split encoder.
+
+Which splits can share. A split is served by the stack when it is a module path whose module is
+called in the model's ``forward`` and returns a tensor, and when the captured output equals the
+split encoder's output (checked once on one sample; otherwise it is computed per split). The
+routes are chosen deterministically, never from timings, so a run's numbers do not depend on
+load (:func:`fsinfo_fast.profile.runner.make_plan`):
+
+- exact profiles: the one-hot sweep covers the first ``j`` stack splits (in call order), ``j``
+  minimising ``d * c_j + sum_{k > j} min(m_k, d) * c_k`` with ``c_k`` the multiply-accumulates of
+  the forward pass up to split ``k`` (counted once with hooks); the rest get the exact reference
+  per split (``min(m_k, d)`` products each);
+- randomized profiles: splits with ``min(m_k, d) <= 256`` (``estimator="auto"``) are computed
+  exactly per split (one Jacobian gives FSInfo diag and dFIL); the other stack splits share the
+  input-side dFIL probes.
+
+:func:`measure_sharing` times the shared route against the per-split route on the same inputs
+(for the benchmark suite).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp, vmap
+
+__all__ = [
+    "NestedStack",
+    "SharedDfil",
+    "exact_diag_shared",
+    "dfil_shared",
+    "measure_sharing",
+    "SHARED_DFIL_STREAM",
+]
+
+#: Probe stream of the shared input-side dFIL probes (distinct from the metrics' own streams).
+SHARED_DFIL_STREAM = 0x5AD1F11
+
+
+class _Stop(Exception):
+    """Raised in the deepest split's hook to end the forward pass early."""
+
+
+def _leaf_macs(mod: nn.Module, out: object) -> int:
+    if not isinstance(out, Tensor):
+        return 0
+    n = out.numel()
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        k = math.prod(mod.kernel_size) * (mod.in_channels // mod.groups)
+        return n * k
+    if isinstance(mod, nn.Linear):
+        return n * mod.in_features
+    return n
+
+
+class NestedStack:
+    """Several split points of one model served by one (early-stopped) pass through the model.
+
+    Args:
+        model: the full model (eval mode).
+        names: module paths of the split points, any order.
+        example: one input sample ``[1, ...]`` used to find the call order, to check that each
+            captured output equals ``encoders[name](example)``, and to count layer costs.
+        encoders: the split encoders by name (the reference for the check).
+
+    Attributes:
+        names: the servable split names in call order (the others are in ``rejected``).
+        cost: cumulative multiply-accumulates of the forward pass up to each split (one sample).
+        m: output size of each split (per sample).
+        d: input size per sample.
+    """
+
+    def __init__(
+        self, model: nn.Module, names: Sequence[str], example: Tensor,
+        encoders: dict[str, nn.Module],
+    ) -> None:
+        self.model = model
+        self.rejected: dict[str, str] = {}
+        modules = dict(model.named_modules())
+        cands = []
+        for n in names:
+            if n in modules and n != "":
+                cands.append(n)
+            else:
+                self.rejected[n] = "not a module path (torch.fx node)"
+        self.d = int(example[0].numel())
+        calls: dict[str, int] = {}
+        last_out: dict[str, Tensor] = {}
+        order: list[str] = []
+        cost_at: dict[str, int] = {}
+        numel_at: dict[str, int] = {}
+        total = [0, 0]  # multiply-accumulates, activation numbers so far
+
+        def track(name: str):
+            def hook(mod, inp, out):
+                calls[name] = calls.get(name, 0) + 1
+                if isinstance(out, Tensor):
+                    last_out[name] = out.detach()
+                    cost_at[name], numel_at[name] = total
+                if name in order:
+                    order.remove(name)
+                order.append(name)
+            return hook
+
+        def count(mod, inp, out):
+            total[0] += _leaf_macs(mod, out)
+            total[1] += out.numel() if isinstance(out, Tensor) else 0
+
+        # leaf counters first: hooks of one module fire in registration order, so a split's
+        # cost includes its own module
+        handles = [mod.register_forward_hook(count)
+                   for _, mod in model.named_modules() if not list(mod.children())]
+        handles += [modules[n].register_forward_hook(track(n)) for n in cands]
+        try:
+            with torch.no_grad():
+                model(example)
+        except Exception as err:  # the model cannot run whole (e.g. a head needing more inputs)
+            for n in cands:
+                self.rejected[n] = f"the model's forward fails ({type(err).__name__})"
+            cands = []
+        finally:
+            for h in handles:
+                h.remove()
+        self.calls = calls
+        ok: list[str] = []
+        for n in cands:
+            if n not in last_out:
+                self.rejected[n] = "its module is not called in forward or returns no tensor"
+                continue
+            with torch.no_grad():
+                ref = encoders[n](example)
+            got = last_out[n]
+            if not isinstance(ref, Tensor) or ref.shape != got.shape or not torch.allclose(
+                ref, got, rtol=1e-5, atol=1e-6
+            ):
+                self.rejected[n] = "the split encoder's output differs from the module's output"
+                continue
+            ok.append(n)
+        self.names: list[str] = [n for n in order if n in ok]
+        self.cost: dict[str, int] = {n: max(1, cost_at[n]) for n in self.names}
+        self.m: dict[str, int] = {n: int(last_out[n][0].numel()) for n in self.names}
+        self.activations: dict[str, int] = {n: max(1, numel_at[n]) for n in self.names}
+
+    # ---------------------------------------------------------------------------------------
+    def function(self, names: Sequence[str], model: nn.Module | None = None):
+        """``x -> tuple of [B, m_k]`` outputs of ``names`` (call order), stopping after the last.
+
+        Args:
+            names: a subset of :attr:`names`.
+            model: run this copy of the model instead (e.g. a float64 copy); same module paths.
+        """
+        model = self.model if model is None else model
+        names = [n for n in self.names if n in set(names)]
+        if not names:
+            raise ValueError("no split to compute")
+        deepest = names[-1]
+        n_calls = self.calls[deepest]
+        mods = {n: model.get_submodule(n) for n in names}
+
+        def f(x: Tensor) -> tuple[Tensor, ...]:
+            outs: dict[str, Tensor] = {}
+            seen = [0]
+
+            def grab(name: str):
+                def hook(mod, inp, out):
+                    outs[name] = out
+                    if name == deepest:
+                        seen[0] += 1
+                        if seen[0] == n_calls:
+                            raise _Stop
+                return hook
+
+            handles = [mods[n].register_forward_hook(grab(n)) for n in names]
+            try:
+                model(x)
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+            return tuple(outs[n].flatten(1) for n in names)
+
+        return f
+
+    def float64_model(self) -> nn.Module:
+        """A float64 deep copy of the model (made once; the caller's model is not changed)."""
+        if getattr(self, "_model64", None) is None:
+            self._model64 = copy.deepcopy(self.model).to(torch.float64).eval()
+        return self._model64
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Every servable split's output ``[B, m_k]`` from one pass."""
+        with torch.no_grad():
+            outs = self.function(self.names)(x)
+        return dict(zip(self.names, outs, strict=True))
+
+
+def _probe_chunk(stack: NestedStack, names: Sequence[str], batch: int, itemsize: int,
+                 budget: int) -> int:
+    act = stack.activations[names[-1]] + stack.d
+    per_probe = 3 * batch * act * itemsize
+    return int(max(1, min(4096, budget // max(1, per_probe))))
+
+
+def exact_diag_shared(
+    stack: NestedStack, names: Sequence[str], x: Tensor, *, budget_bytes: int = 1 << 29,
+) -> dict[str, Tensor]:
+    """Exact ``diag(J_k^T J_k)`` ``[B, d]`` (float64) of every split in ``names``, from ``d``
+    one-hot JVPs through the deepest of them (vmapped in chunks).
+
+    The model is deep-copied to float64 (the caller's model is unchanged), as the reference does.
+    """
+    names = [n for n in stack.names if n in set(names)]
+    f = stack.function(names, model=stack.float64_model())
+    x64 = x.detach().to(torch.float64)
+    b = x64.shape[0]
+    d = x64[0].numel()
+    shape = x64.shape
+    diag = {n: torch.zeros(b, d, dtype=torch.float64, device=x.device) for n in names}
+    chunk = _probe_chunk(stack, names, b, 8, budget_bytes)
+
+    def push(v: Tensor) -> tuple[Tensor, ...]:
+        return jvp(f, (x64,), (v,))[1]
+
+    with torch.no_grad():
+        for i0 in range(0, d, chunk):
+            c = min(chunk, d - i0)
+            V = torch.zeros(c, b, d, dtype=torch.float64, device=x.device)
+            idx = torch.arange(c, device=x.device)
+            V[idx, :, i0 + idx] = 1.0
+            outs = vmap(push)(V.view(c, *shape))
+            for n, o in zip(names, outs, strict=True):
+                diag[n][:, i0 : i0 + c] = (o**2).sum(-1).T
+    return diag
+
+
+@dataclass
+class SharedDfil:
+    """Per-split Hutchinson estimates of ``tr(J_k^T J_k)`` (sigma = 1), with standard errors.
+
+    Attributes:
+        trace: ``[B]`` float64 estimate per split.
+        stderr: ``[B]`` float64 standard error per split.
+        probes: ``[B]`` int64 probes used per split (a (sample, split) stops when its interval is
+            narrow enough).
+        converged: ``[B]`` bool per split.
+        passes: JVP passes through the deepest split per sample (the cost of the whole set).
+    """
+
+    trace: dict[str, Tensor]
+    stderr: dict[str, Tensor]
+    probes: dict[str, Tensor]
+    converged: dict[str, Tensor]
+    passes: int
+
+
+def _t975(dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
+def dfil_shared(
+    stack: NestedStack,
+    names: Sequence[str],
+    x: Tensor,
+    sample_ids: Tensor,
+    *,
+    seed: int = 0,
+    rtol: float = 0.01,
+    min_probes: int = 16,
+    round_size: int = 16,
+    max_probes: int = 1024,
+    budget_bytes: int = 1 << 29,
+) -> SharedDfil:
+    """Hutchinson ``tr(J_k^T J_k)`` of every split in ``names`` from shared input-side probes.
+
+    Probe ``j`` of sample ``i`` is Rademacher, a function of ``(seed, i, j)`` only
+    (:func:`fsinfo_fast.estimators.probes.draw_probes`, stream :data:`SHARED_DFIL_STREAM`), so
+    each sample's estimates do not depend on its batch. Probes come in rounds (``min_probes``,
+    then ``round_size`` more) through the deepest split; after each round every open
+    (sample, split) whose 95% half-width ``t * stderr`` is within ``rtol * estimate`` is frozen
+    (its estimate is not changed by later rounds); at ``max_probes`` the rest are frozen as not
+    converged.
+    """
+    from ..estimators.probes import draw_probes
+
+    names = [n for n in stack.names if n in set(names)]
+    f = stack.function(names)
+    b = x.shape[0]
+    d = x[0].numel()
+    shape = x.shape
+    dev, dt = x.device, x.dtype
+    ids = sample_ids.to(dev)
+    s1 = {n: torch.zeros(b, dtype=torch.float64, device=dev) for n in names}
+    s2 = {n: torch.zeros(b, dtype=torch.float64, device=dev) for n in names}
+    est = {n: torch.full((b,), math.nan, dtype=torch.float64, device=dev) for n in names}
+    se = {n: torch.full((b,), math.nan, dtype=torch.float64, device=dev) for n in names}
+    used = {n: torch.zeros(b, dtype=torch.int64, device=dev) for n in names}
+    done = {n: torch.zeros(b, dtype=torch.bool, device=dev) for n in names}
+    chunk = _probe_chunk(stack, names, b, x.element_size(), budget_bytes)
+    conv = {n: torch.zeros(b, dtype=torch.bool, device=dev) for n in names}
+    k = 0
+    passes = 0
+    with torch.no_grad():
+        while k < max_probes:
+            open_ = torch.zeros(b, dtype=torch.bool, device=dev)
+            for n in names:
+                open_ |= ~done[n]
+            if not bool(open_.any()):
+                break
+            count = min(min_probes if k == 0 else round_size, max_probes - k)
+            rows = open_.nonzero().flatten()
+            xr = x[rows]
+
+            def fr(v: Tensor, xr: Tensor = xr) -> tuple[Tensor, ...]:
+                return jvp(f, (xr,), (v,))[1]
+
+            V = draw_probes(d, seed=seed, sample_ids=ids[rows], start=k, count=count,
+                            kind="rademacher", dtype=dt, device=dev, stream=SHARED_DFIL_STREAM)
+            V = V.transpose(0, 1).reshape(count, len(rows), *shape[1:])
+            sq: dict[str, list[Tensor]] = {n: [] for n in names}
+            for c0 in range(0, count, chunk):
+                outs = vmap(fr)(V[c0 : c0 + chunk])
+                for n, o in zip(names, outs, strict=True):
+                    sq[n].append((o.to(torch.float64) ** 2).sum(-1))  # [c, rows]
+            passes += count
+            k += count
+            tq = _t975(k - 1)
+            for n in names:
+                q = torch.cat(sq[n], 0)  # [count, rows]
+                s1[n][rows] += q.sum(0)
+                s2[n][rows] += (q**2).sum(0)
+                mean = s1[n][rows] / k
+                var = (s2[n][rows] - k * mean**2).clamp_min(0) / max(1, k - 1)
+                err = torch.sqrt(var / k)
+                met = tq * err <= rtol * mean.abs()
+                newly = (met | (k >= max_probes)) & ~done[n][rows]
+                r_new = rows[newly]
+                est[n][r_new] = mean[newly]
+                se[n][r_new] = err[newly]
+                used[n][r_new] = k
+                conv[n][r_new] = met[newly]
+                done[n][r_new] = True
+    return SharedDfil(trace=est, stderr=se, probes=used, converged=conv, passes=passes)
+
+
+def measure_sharing(
+    model: nn.Module,
+    x: Tensor,
+    splits: Sequence[int | str] | None = None,
+    *,
+    num_probes: int = 32,
+    exact: bool = True,
+    repeats: int = 3,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Time the shared route against the per-split route on the same inputs (for benchmarks).
+
+    Three comparisons, each the median of ``repeats`` runs (after one warm-up):
+
+    - ``forward``: one early-stopped pass giving every split's output vs one forward per split
+      encoder;
+    - ``dfil_probes``: ``num_probes`` input-side JVP probes through the deepest split (all splits'
+      ``||J_k v||^2``) vs the same probes pushed through every split encoder separately;
+    - ``exact_diag`` (if ``exact``): ``d`` one-hot JVPs through the deepest split vs the exact
+      reference per split (``fsinfo_fast.reference.fisher_diag``), which uses ``min(m_k, d)``
+      products per split. Use small inputs: this is ``O(d)`` passes.
+
+    Args:
+        model: the full model (eval mode).
+        x: a batch of inputs.
+        splits: split points (default: the model's default split list).
+        num_probes: probes for the dFIL comparison.
+        exact: include the exact comparison.
+        repeats: timed repetitions.
+        seed: probe seed.
+
+    Returns:
+        A dict with, per comparison, ``shared_s``, ``per_split_s``, ``speedup`` and
+        ``max_abs_diff`` (the shared route must agree with the per-split route), plus ``splits``,
+        ``d``, ``m`` and the cost-model ``macs`` per split.
+    """
+    from ..estimators.probes import draw_probes
+    from ..reference import fisher_diag
+    from .sources import resolve_splits
+
+    model = model.eval()
+    specs = resolve_splits(model, None if splits is None else list(splits))
+    enc = {s.name: s.encoder for s in specs}
+    stack = NestedStack(model, [s.name for s in specs], x[:1], enc)
+    names = stack.names
+    if not names:
+        raise ValueError(f"no split point can be shared: {stack.rejected}")
+
+    def timed(fn) -> tuple[float, object]:
+        out = fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = fn()
+            ts.append(time.perf_counter() - t0)
+        ts.sort()
+        return ts[len(ts) // 2], out
+
+    res: dict[str, object] = {"splits": names, "d": stack.d, "m": dict(stack.m),
+                              "macs": dict(stack.cost), "rejected": dict(stack.rejected)}
+    with torch.no_grad():
+        t_sh, out_sh = timed(lambda: stack.forward(x))
+        t_ps, out_ps = timed(lambda: {n: enc[n](x).flatten(1) for n in names})
+    diff = max(float((out_sh[n] - out_ps[n]).abs().max()) for n in names)
+    res["forward"] = {"shared_s": t_sh, "per_split_s": t_ps, "speedup": t_ps / t_sh,
+                      "max_abs_diff": diff}
+
+    b = x.shape[0]
+    ids = torch.arange(b)
+    V = draw_probes(x[0].numel(), seed=seed, sample_ids=ids, count=num_probes, kind="rademacher",
+                    dtype=x.dtype, device=x.device, stream=SHARED_DFIL_STREAM)
+    V = V.transpose(0, 1).reshape(num_probes, *x.shape)
+    f = stack.function(names)
+
+    def shared_probes():
+        with torch.no_grad():
+            outs = vmap(lambda v: jvp(f, (x,), (v,))[1])(V)
+        return {n: (o.double() ** 2).sum(-1) for n, o in zip(names, outs, strict=True)}
+
+    def per_split_probes():
+        out = {}
+        with torch.no_grad():
+            for n in names:
+                e = enc[n]
+                o = vmap(lambda v, e=e: jvp(e, (x,), (v,))[1])(V)
+                out[n] = (o.flatten(2).double() ** 2).sum(-1)
+        return out
+
+    t_sh, a = timed(shared_probes)
+    t_ps, c = timed(per_split_probes)
+    diff = max(float(((a[n] - c[n]).abs() / c[n].abs().clamp_min(1e-30)).max()) for n in names)
+    res["dfil_probes"] = {"shared_s": t_sh, "per_split_s": t_ps, "speedup": t_ps / t_sh,
+                          "max_rel_diff": diff, "num_probes": num_probes}
+    if exact:
+        t_sh, a = timed(lambda: exact_diag_shared(stack, names, x))
+        t_ps, c = timed(lambda: {n: fisher_diag(enc[n], x) for n in names})
+        diff = max(float(((a[n] - c[n]).abs() / c[n].abs().clamp_min(1e-300)).max())
+                   for n in names)
+        res["exact_diag"] = {"shared_s": t_sh, "per_split_s": t_ps, "speedup": t_ps / t_sh,
+                             "max_rel_diff": diff}
+    return res

@@ -1,0 +1,513 @@
+"""Where a profile's model, weights, data and split points come from.
+
+- Models: a zoo name (:data:`fsinfo_fast.models.ZOO`) or ``package.module:function`` (called
+  with no arguments, it must return an ``nn.Module``).
+- Weights: ``--checkpoint`` is read with ``torch.load(weights_only=True)`` only (no arbitrary
+  pickles); a zoo model without a checkpoint is trained briefly on bundled data
+  (:func:`fsinfo_fast.train.demo_model`).
+- Data: the bundled sets (``digits``, ``natural``), a folder of images (PIL; all the same size),
+  or ``torchvision:NAME:ROOT[:train|test]`` (a torchvision data set already on disk; only when
+  torchvision is installed).
+- Split points: ``paper`` (the model's ``paper_splits``), ``all``, or a comma-separated list of
+  paper indices, ranges ``a-b``, module paths and torch.fx node names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import FSInfoError, SplitError
+from .errors import CheckpointError, DataError, ModelSpecError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SplitSpec",
+    "Dataset",
+    "is_zoo_model",
+    "build_model",
+    "load_checkpoint",
+    "load_data",
+    "load_image_folder",
+    "resolve_splits",
+    "state_fingerprint",
+    "tensor_fingerprint",
+]
+
+#: File name endings read as images in a data folder (case-insensitive).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm", ".pbm")
+_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def _one_line(text: object, limit: int = 240) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------------------------------
+# models
+
+
+def is_zoo_model(spec: str) -> bool:
+    """Whether ``spec`` names a zoo model (case, ``-`` and ``_`` ignored)."""
+    from ..models import ZOO
+
+    return spec.lower().replace("-", "").replace("_", "") in ZOO
+
+
+def zoo_key(spec: str) -> str:
+    return spec.lower().replace("-", "").replace("_", "")
+
+
+def build_model(spec: str, **zoo_kwargs) -> nn.Module:
+    """The model named by ``spec`` (fresh weights), in eval mode.
+
+    Args:
+        spec: zoo name, or ``package.module:function`` returning an ``nn.Module``.
+        **zoo_kwargs: constructor arguments for zoo models (``num_classes``, ``input_size``, ...).
+
+    Raises:
+        ModelSpecError: unknown name, import failure, or a function that fails or returns no
+            module (one-line message).
+    """
+    from ..models import ZOO, get_model
+
+    if is_zoo_model(spec):
+        return get_model(spec, **zoo_kwargs).eval()
+    if not _SPEC.match(spec):
+        raise ModelSpecError(
+            f"unknown model {spec!r}: give a zoo model ({', '.join(sorted(ZOO))}) or "
+            "'package.module:function' returning an nn.Module"
+        )
+    modname, func = spec.split(":")
+    try:
+        mod = importlib.import_module(modname)
+    except Exception as err:  # ImportError, or whatever the module raises on import
+        raise ModelSpecError(
+            f"cannot import {modname!r} for --model {spec}: {_one_line(err)}"
+        ) from None
+    fn = getattr(mod, func, None)
+    if not callable(fn):
+        raise ModelSpecError(f"--model {spec}: module {modname!r} has no function {func!r}")
+    try:
+        model = fn()
+    except FSInfoError:
+        raise
+    except Exception as err:
+        raise ModelSpecError(
+            f"--model {spec}: {func}() failed: {type(err).__name__}: {_one_line(err)}"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(
+            f"--model {spec}: {func}() returned {type(model).__name__}, not an nn.Module"
+        )
+    return model.eval()
+
+
+def _unwrap_state(obj: object, path: str) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner and all(
+                isinstance(v, Tensor) for v in inner.values()
+            ):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(
+            f"checkpoint {path} holds {type(obj).__name__}, not a state dict (a mapping of "
+            "parameter names to tensors); save model.state_dict() with torch.save"
+        )
+    bad = [k for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} is not a plain state dict: entry {bad[0]!r} is "
+            f"{type(obj[bad[0]]).__name__}, not a tensor"
+        )
+    state = {str(k): v for k, v in obj.items()}
+    if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """Read a weights file safely: ``torch.load(weights_only=True)`` on CPU, nothing else.
+
+    Accepts a state dict, or a dict holding one under ``state_dict`` / ``model_state_dict`` /
+    ``model``; strips a DataParallel ``module.`` prefix.
+
+    Raises:
+        CheckpointError: missing or unreadable file, a pickle that is not plain weights (refused,
+            never executed), or content that is not a state dict.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {p} does not exist or is not a file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = _one_line(str(err).split("\n", 1)[0], 160)
+        raise CheckpointError(
+            f"refusing checkpoint {p}: it is not a plain weights file and loading it would run "
+            f"arbitrary code (torch.load(weights_only=True) rejected it: {first}); save "
+            "model.state_dict() with torch.save instead"
+        ) from None
+    except Exception as err:  # not a torch file at all, truncated zip, ...
+        raise CheckpointError(
+            f"cannot read checkpoint {p}: {type(err).__name__}: {_one_line(err, 160)}"
+        ) from None
+    return _unwrap_state(obj, str(p))
+
+
+def apply_checkpoint(model: nn.Module, state: dict[str, Tensor], path: str) -> None:
+    """``model.load_state_dict(state, strict=True)`` with a one-line summary of any mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:3])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es) (e.g. {shapes[0]}, "
+                         "checkpoint vs model)")
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model {type(model).__name__}: "
+            + "; ".join(parts)
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model: {_one_line(err, 200)}"
+        ) from None
+
+
+def infer_num_classes(state: Mapping[str, Tensor], default: int = 10) -> int:
+    """Output width of a classifier state dict: rows of its last 2-d ``*.weight``."""
+    last = None
+    for k, v in state.items():
+        if k.endswith(".weight") and v.ndim == 2:
+            last = v
+    return int(last.shape[0]) if last is not None else default
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes), hex."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def tensor_fingerprint(*tensors: Tensor) -> str:
+    """SHA-256 of tensors' dtypes, shapes and bytes, hex."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class Dataset:
+    """Profile inputs.
+
+    Attributes:
+        x: float32 ``[N, C, H, W]`` in ``[0, 1]``.
+        y: int64 ``[N]`` labels (``-1`` where unknown).
+        name: what ``--data`` said.
+        description: how the samples were chosen.
+    """
+
+    x: Tensor
+    y: Tensor
+    name: str
+    description: str
+
+
+def load_image_folder(folder: str | Path) -> tuple[Tensor, Tensor, list[str]]:
+    """Every image in ``folder`` (sorted by path), as RGB float32 ``[N, 3, H, W]`` in ``[0, 1]``.
+
+    Images directly in the folder get label ``-1``; with class sub-folders (``folder/cat/1.png``,
+    the torchvision ``ImageFolder`` layout) the label is the sub-folder's index in sorted order.
+
+    Raises:
+        DataError: no images, an unreadable image, or images of different sizes (naming the file).
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"--data {folder}: not a bundled data set name and not a folder")
+    files = sorted(p for p in root.iterdir()
+                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    labels: list[int] = [-1] * len(files)
+    if not files:
+        classes = sorted(p for p in root.iterdir() if p.is_dir())
+        for ci, c in enumerate(classes):
+            sub = sorted(q for q in c.iterdir() if q.is_file()
+                         and q.suffix.lower() in IMAGE_EXTENSIONS)
+            files += sub
+            labels += [ci] * len(sub)
+    if not files:
+        raise DataError(
+            f"data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS[:5])}, ... "
+            "directly or in class sub-folders)"
+        )
+    from PIL import Image, UnidentifiedImageError
+
+    arrays = []
+    first: tuple[int, int] | None = None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.load()
+                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise DataError(
+                f"cannot read image {f}: {_one_line(err, 160) or type(err).__name__}"
+            ) from None
+        size = (arr.shape[1], arr.shape[0])
+        if first is None:
+            first = size
+        elif size != first:
+            raise DataError(
+                f"images in {root} differ in size: {f.name} is {size[0]}x{size[1]} but "
+                f"{files[0].name} is {first[0]}x{first[1]}; resize them to one size first"
+            )
+        arrays.append(arr)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    return x.contiguous(), torch.tensor(labels, dtype=torch.int64), [str(f) for f in files]
+
+
+def _load_torchvision(spec: str) -> tuple[Tensor, Tensor, str]:
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or not parts[1] or not parts[2]:
+        raise DataError(
+            f"--data {spec}: expected torchvision:NAME:ROOT[:train|test], e.g. "
+            "torchvision:CIFAR10:/data/cifar"
+        )
+    name, root = parts[1], parts[2]
+    split = parts[3] if len(parts) == 4 else "test"
+    if split not in ("train", "test"):
+        raise DataError(f"--data {spec}: split must be 'train' or 'test', got {split!r}")
+    try:
+        import torchvision.datasets as tvd
+    except Exception as err:
+        raise DataError(
+            f"--data {spec} needs torchvision, which is not installed or does not import here "
+            f"({type(err).__name__}); use a bundled data set or a folder of images"
+        ) from None
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise DataError(f"--data {spec}: torchvision.datasets has no {name!r}")
+    try:
+        ds = cls(root, train=(split == "train"), download=False)
+    except TypeError:
+        try:
+            ds = cls(root, split=split, download=False)
+        except Exception as err:
+            raise DataError(f"--data {spec}: {_one_line(err, 200)}") from None
+    except Exception as err:  # not on disk (download=False), corrupt, ...
+        raise DataError(f"--data {spec}: {_one_line(err, 200)}") from None
+    xs, ys = [], []
+    for i in range(len(ds)):
+        img, label = ds[i]
+        arr = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)
+        xs.append(arr)
+        ys.append(int(label))
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    return x.contiguous(), torch.tensor(ys, dtype=torch.int64), f"torchvision {name} ({split})"
+
+
+def load_data(spec: str, size: int, seed: int, max_samples: int | None) -> Dataset:
+    """The profile's inputs for ``--data spec`` (bundled names use their held-out test split).
+
+    Args:
+        spec: ``digits``, ``natural``, a folder path or ``torchvision:NAME:ROOT[:split]``.
+        size: side in pixels for the bundled sets (folders keep their images' size).
+        seed: seed of the natural-image crops.
+        max_samples: keep the first this many samples (``None``: all).
+    """
+    from ..data import DATASETS, digits, natural_images
+
+    if spec == "digits":
+        x, y = digits(size=size, channels=3, split="test")
+        desc = f"digits test split ({len(x)} images, {size}x{size})"
+    elif spec == "natural":
+        # The demo model trains on natural_images(n=900, seed) minus a held-out 20%; for a
+        # checkpoint, fresh crops: a different seed stream than the demo's training crops.
+        n = max_samples if max_samples else 256
+        x, y = natural_images(size=size, n=n, seed=seed + 1_000_003)
+        desc = f"natural image crops ({len(x)}, {size}x{size}, seed {seed})"
+    elif spec.startswith("torchvision:"):
+        x, y, desc = _load_torchvision(spec)
+    elif spec in DATASETS:  # a bundled set without special handling above
+        x, y = DATASETS[spec](size=size)
+        desc = spec
+    else:
+        p = Path(spec)
+        if not p.exists():
+            raise DataError(
+                f"unknown data {spec!r}: not a bundled data set ({', '.join(sorted(DATASETS))}), "
+                "not an existing folder of images and not torchvision:NAME:ROOT"
+            )
+        x, y, _files = load_image_folder(p)
+        desc = f"image folder {p} ({len(x)} images, {x.shape[-1]}x{x.shape[-2]})"
+    if max_samples:
+        x, y = x[:max_samples], y[:max_samples]
+    return Dataset(x=x.contiguous(), y=y, name=spec, description=desc)
+
+
+# ------------------------------------------------------------------------------------------------
+# split points
+
+
+@dataclass
+class SplitSpec:
+    """One split point of the profiled model.
+
+    Attributes:
+        name: module path or fx node name (the record key).
+        index: paper split index (``None`` when not one of ``model.split_points``).
+        layer: human-readable layer name (``"conv64"``, ...), or ``name``.
+        encoder: the bottom part of the model up to the split.
+    """
+
+    name: str
+    index: int | None
+    layer: str
+    encoder: nn.Module
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}" if self.index is not None else self.name
+
+
+def _default_split_items(model: nn.Module) -> list[int | str]:
+    paper = list(getattr(model, "paper_splits", []) or [])
+    if paper:
+        return paper
+    points = getattr(model, "split_points", None)
+    if points:
+        return list(range(len(points)))
+    if isinstance(model, nn.Sequential):
+        return list(range(max(1, len(model) - 1)))
+    raise SplitError(
+        f"{type(model).__name__} has no split_points or paper_splits, so there is no default "
+        "list of split points; pass --splits with module paths (see model.named_modules()) or "
+        "torch.fx node names"
+    )
+
+
+def parse_split_items(spec: str | None, model: nn.Module) -> list[int | str]:
+    """The split points named by ``--splits`` (before checking they exist)."""
+    if spec is None or spec.strip() in ("", "paper", "default"):
+        return _default_split_items(model)
+    if spec.strip() == "all":
+        points = getattr(model, "split_points", None)
+        if points:
+            return list(range(len(points)))
+        if isinstance(model, nn.Sequential):
+            return list(range(len(model)))
+        raise SplitError(
+            f"--splits all needs a model with split_points or an nn.Sequential; "
+            f"{type(model).__name__} has neither, list module paths instead"
+        )
+    items: list[int | str] = []
+    for raw in spec.split(","):
+        tok = raw.strip()
+        if not tok:
+            continue
+        m = re.fullmatch(r"(-?\d+)-(\d+)", tok)
+        if m:
+            a, b = int(m.group(1)), int(m.group(2))
+            if b < a:
+                raise SplitError(f"--splits: empty range {tok!r}")
+            items.extend(range(a, b + 1))
+        elif re.fullmatch(r"-?\d+", tok):
+            items.append(int(tok))
+        else:
+            items.append(tok)
+    if not items:
+        raise SplitError("--splits names no split point")
+    return items
+
+
+def resolve_splits(model: nn.Module, spec: str | list[int | str] | None) -> list[SplitSpec]:
+    """Split the model at every point named by ``spec`` (duplicates dropped, order kept).
+
+    Args:
+        model: the full model.
+        spec: a ``--splits`` string (see :func:`parse_split_items`), or a list of split points
+            taken as they are (``int``: paper index; ``str``: module path or fx node name, never
+            parsed as a number).
+
+    Raises:
+        SplitError: an unknown or unusable split point (one line, from :func:`fsinfo_fast.split`).
+    """
+    from ..split import split
+
+    out: list[SplitSpec] = []
+    seen: set[str] = set()
+    names = list(getattr(model, "layer_names", []) or [])
+    items = list(spec) if isinstance(spec, (list, tuple)) else parse_split_items(spec, model)
+    for item in items:
+        try:
+            enc = split(model, item)
+        except SplitError as err:
+            raise SplitError(_one_line(err, 400)) from None
+        name = str(getattr(enc, "split_name", item))
+        if name in seen:
+            continue
+        seen.add(name)
+        index = getattr(enc, "split_index", item if isinstance(item, int) else None)
+        layer = names[index] if index is not None and index < len(names) else name
+        out.append(SplitSpec(name=name, index=index, layer=layer, encoder=enc.eval()))
+    return out
+
+
+def describe_model_source(spec: str, checkpoint: str | None) -> str:
+    if checkpoint:
+        return f"{spec} with weights from {checkpoint}"
+    if is_zoo_model(spec):
+        return f"{spec} trained briefly on bundled data (demo_model)"
+    return f"{spec}"
+
+
+def state_to_bytes(model: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()

@@ -1,0 +1,363 @@
+"""The run directory: settings, an append-only record store and atomically written outputs.
+
+Layout of a run directory::
+
+    settings.json      the run's settings (written last when the run is set up: its presence
+                       marks a directory as a run that ``--resume`` may continue)
+    model.pt           the briefly trained weights of a demo model (written before settings.json)
+    records.jsonl      one JSON line per (sample, split): the per-sample results
+    profile.json       final results (atomic: temp file + os.replace)
+    summary.csv        one row per split
+    samples.csv        one row per (sample, split)
+    profile.png        leakage against split point
+
+Record commits. Each record is one line ``{...}\\n`` whose JSON carries a CRC-32 of its own
+content (``"crc"``). A batch of records is written with one ``write`` of whole lines, then
+flushed and ``fsync``-ed. A record exists once its complete line is on disk: the reader skips a
+torn last line (no final newline) and any line whose JSON or CRC does not check out (for example
+the zero-filled tail a crash can leave), so a record is either fully present or absent. Before
+appending, the writer truncates a torn tail so that a new line never continues a broken one.
+Records are keyed by ``(sample, split)``; the reader keeps the first copy of a key, so the store
+never holds a duplicate result. Only one process (rank 0) ever appends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import ResumeError, RunDirError
+
+__all__ = [
+    "RecordStore",
+    "RunDir",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "canonical_json",
+    "record_key",
+]
+
+log = logging.getLogger(__name__)
+
+SETTINGS = "settings.json"
+RECORDS = "records.jsonl"
+MODEL = "model.pt"
+#: Files a run directory may contain (anything else makes a directory "foreign").
+OUTPUTS = ("profile.json", "summary.csv", "samples.csv", "profile.png")
+#: Bump when the record or settings layout changes incompatibly.
+STORE_VERSION = 1
+
+
+def canonical_json(obj: Any) -> str:
+    """Compact, key-sorted JSON; non-finite floats are refused (store them as ``None``)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform / file system allows it
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, os.replace.
+
+    A reader sees either the old file or the complete new one, never a partial file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with contextlib.suppress(OSError):  # mkstemp makes 0600; give the usual umask mode
+            os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def record_key(rec: dict[str, Any]) -> tuple[int, str]:
+    """The identity of a record: ``(sample id, split name)``."""
+    return int(rec["sample"]), str(rec["split"])
+
+
+def _encode(rec: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in rec.items() if k != "crc"}
+    text = canonical_json(body)
+    body["crc"] = zlib.crc32(text.encode("utf-8"))
+    return (canonical_json(body) + "\n").encode("utf-8")
+
+
+def _decode(line: bytes) -> dict[str, Any] | None:
+    try:
+        rec = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(rec, dict) or "crc" not in rec:
+        return None
+    crc = rec.pop("crc")
+    if zlib.crc32(canonical_json(rec).encode("utf-8")) != crc:
+        return None
+    if "sample" not in rec or "split" not in rec:
+        return None
+    return rec
+
+
+class RecordStore:
+    """Append-only JSONL store of per-sample records (see the module docstring).
+
+    Args:
+        path: the ``records.jsonl`` file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fh = None
+
+    def read(self) -> dict[tuple[int, str], dict[str, Any]]:
+        """Every committed record by key (first copy wins); torn or corrupt lines are skipped."""
+        out: dict[tuple[int, str], dict[str, Any]] = {}
+        for rec in self._iter_valid():
+            out.setdefault(record_key(rec), rec)
+        return out
+
+    def _iter_valid(self) -> Iterator[dict[str, Any]]:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        lines = data.split(b"\n")
+        tail = lines.pop()  # after the last newline: empty, or a torn record
+        if tail:
+            log.info("ignoring a torn last record (%d bytes) in %s", len(tail), self.path)
+        bad = 0
+        for line in lines:
+            if not line.strip(b"\x00 \t\r"):
+                continue
+            rec = _decode(line)
+            if rec is None:
+                bad += 1
+                continue
+            yield rec
+        if bad:
+            log.warning("ignoring %d unreadable record line(s) in %s", bad, self.path)
+
+    def open(self) -> RecordStore:
+        """Open for appending, first cutting off a torn tail (bytes after the last newline)."""
+        if self._fh is not None:
+            return self
+        fh = open(self.path, "ab+")  # noqa: SIM115 - kept open across appends, closed in close()
+        try:
+            size = fh.seek(0, os.SEEK_END)
+            if size:
+                back = min(size, 1 << 20)
+                while True:
+                    fh.seek(size - back)
+                    chunk = fh.read(back)
+                    nl = chunk.rfind(b"\n")
+                    if nl >= 0 or back == size:
+                        keep = size - back + nl + 1 if nl >= 0 else 0
+                        break
+                    back = min(size, back * 2)
+                if keep != size:
+                    fh.truncate(keep)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except BaseException:
+            fh.close()
+            raise
+        self._fh = fh
+        return self
+
+    def append(self, records: Iterable[dict[str, Any]]) -> int:
+        """Commit records: whole lines in one write, then flush and fsync. Returns the count."""
+        if self._fh is None:
+            self.open()
+        payload = b"".join(_encode(r) for r in records)
+        if not payload:
+            return 0
+        self._fh.write(payload)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        return payload.count(b"\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RecordStore:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """Human-readable differences ``key: old -> new`` over ``keys``."""
+    out = []
+    for k in keys:
+        a, b = old.get(k), new.get(k)
+        if a != b:
+            out.append(f"{k} {_describe(a)} -> {_describe(b)}")
+    return out
+
+
+class RunDir:
+    """A run directory (see the module docstring for its layout).
+
+    Args:
+        path: the directory.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    @property
+    def settings_path(self) -> Path:
+        return self.path / SETTINGS
+
+    @property
+    def records(self) -> RecordStore:
+        return RecordStore(self.path / RECORDS)
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL
+
+    def exists(self) -> bool:
+        """Whether this directory holds a run (its settings file)."""
+        return self.settings_path.is_file()
+
+    def load_settings(self) -> dict[str, Any]:
+        """The stored settings; :class:`ResumeError` when missing or unreadable."""
+        try:
+            data = json.loads(self.settings_path.read_text("utf-8"))
+        except FileNotFoundError:
+            raise ResumeError(
+                f"--resume: {self.path} holds no profile run (no {SETTINGS}); start a new run "
+                "without --resume"
+            ) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ResumeError(f"--resume: cannot read {self.settings_path}: {err}") from None
+        if not isinstance(data, dict) or data.get("store_version") != STORE_VERSION:
+            raise ResumeError(
+                f"--resume: {self.settings_path} was written by an incompatible version of "
+                "fsinfo-fast profile; start a new run with a new --out"
+            )
+        return data
+
+    def check_new(self) -> None:
+        """Raise unless the directory can hold a new run: absent, or an empty directory, and its
+        nearest existing parent is writable."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise RunDirError(
+                f"output path {p} exists and is not a directory; choose another --out")
+        if p.is_dir():
+            try:
+                entries = [e for e in p.iterdir() if not self._setup_leftover(e)]
+            except OSError as err:
+                raise RunDirError(
+                    f"cannot read output directory {p}: {err.strerror or err}") from None
+            if entries:
+                what = "a previous profile run" if self.exists() else "other files"
+                raise RunDirError(
+                    f"output directory {p} is not empty (it holds {what}); pass --resume to "
+                    "continue that run or choose a new --out"
+                )
+        self._check_writable()
+
+    def check_resume(self) -> dict[str, Any]:
+        """Raise unless the directory holds a run that can be continued; return its settings.
+
+        Temporary files of an interrupted atomic write are removed."""
+        if not self.path.is_dir():
+            raise ResumeError(
+                f"--resume: output directory {self.path} does not exist; start a new run "
+                "without --resume"
+            )
+        settings = self.load_settings()
+        self._check_writable()
+        for tmp in self.path.glob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        return settings
+
+    def _setup_leftover(self, entry: Path) -> bool:
+        """Files an interrupted set-up may leave before ``settings.json`` exists (a new run may
+        replace them): the demo weights and temporary files of atomic writes."""
+        if self.settings_path.exists():
+            return False
+        return entry.is_file() and (entry.name == MODEL or (
+            entry.name.startswith(".") and entry.name.endswith(".tmp")))
+
+    def _check_writable(self) -> None:
+        p = self.path
+        probe = p
+        while not probe.exists():
+            parent = probe.parent
+            if parent == probe:
+                break
+            probe = parent
+        if not probe.is_dir():
+            raise RunDirError(
+                f"cannot create output directory {p}: {probe} is not a directory"
+            )
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise RunDirError(
+                f"output directory {p} cannot be written (no write permission on {probe})"
+            )
+
+    def create(self) -> None:
+        """Create the directory (and parents); one-line :class:`RunDirError` on failure."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(
+                f"cannot create output directory {self.path}: {err.strerror or err}"
+            ) from None
+
+    def clear_leftovers(self) -> None:
+        """Remove what an interrupted set-up left (see :meth:`check_new`)."""
+        if self.settings_path.exists() or not self.path.is_dir():
+            return
+        for entry in list(self.path.iterdir()):
+            if self._setup_leftover(entry):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+    def write_settings(self, settings: dict[str, Any]) -> None:
+        """Commit the settings (atomically); from now on the directory is a resumable run."""
+        atomic_write_text(self.settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
