@@ -15,7 +15,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ..encoder import check_prior_var, check_sigma
 from ..errors import InvalidInputError, InvalidInputTypeError, NonFiniteProbeError
+from ..formulas import as_sigma
 
 __all__ = ["Estimate", "Products", "t_quantile"]
 
@@ -165,38 +167,16 @@ def sample_ids_for(products: Products, sample_ids: Tensor | None) -> Tensor:
 
 
 def sigma_for(products: Products, sigma: float | Tensor) -> Tensor:
-    """``[B]`` float64 noise scale, checked positive and finite."""
-    b = products.batch
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
-        raise InvalidInputTypeError(
-            f"sigma must be a positive float or a [B] tensor, got {type(sigma).__name__}"
-        )
-    s = torch.as_tensor(sigma, dtype=torch.float64, device=products.device)
-    if s.ndim == 0:
-        s = s.expand(b)
-    if s.shape != (b,):
-        raise InvalidInputError(
-            f"sigma must be a scalar or of shape [B] = [{b}], got {tuple(s.shape)}"
-        )
-    if not bool((torch.isfinite(s) & (s > 0)).all()):
-        raise InvalidInputError(f"sigma must be positive and finite, got {sigma!r}")
-    return s
+    """``[B]`` float64 noise scale, checked positive and finite (the checks of
+    :func:`fsinfo_fast.encoder.check_sigma`)."""
+    check_sigma(sigma, products.batch)
+    return as_sigma(sigma, products.batch, products.device)
 
 
 def prior_precision(prior_var: float | None) -> float:
-    """``lambda = 1 / prior_var`` (0 for ``None``), checked."""
-    if prior_var is None:
-        return 0.0
-    if isinstance(prior_var, bool) or not isinstance(prior_var, (int, float)):
-        raise InvalidInputTypeError(
-            f"prior_var must be a positive float or None, got {type(prior_var).__name__}"
-        )
-    if not (math.isfinite(prior_var) and prior_var > 0):
-        raise InvalidInputError(
-            f"prior_var must be positive and finite (prior variance per input dimension), got "
-            f"{prior_var!r}; pass None for no prior term"
-        )
-    return 1.0 / float(prior_var)
+    """``lambda = 1 / prior_var`` (0 for ``None``), checked
+    (:func:`fsinfo_fast.encoder.check_prior_var`)."""
+    return check_prior_var(prior_var)
 
 
 def check_finite(out: Tensor, sample_ids: Tensor, start: int, what: str) -> None:
