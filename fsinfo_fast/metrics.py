@@ -37,6 +37,9 @@ _ESTIMATORS = ("auto", "exact", "randomized")
 _DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++")
 #: Probes a randomized estimator starts with (its first round).
 _MIN_PROBES = 10
+#: ... the diagonal log-sum (its jackknife interval, first trusted at this many probes: at 10 a
+#: 3-seed calibration on ResNet-18 split 7 at 32 px showed a 95% error of 0.018 for atol 0.01)
+_MIN_DIAG_PROBES = 20
 #: ... and the trace estimators, whose t-intervals need more probes for honest coverage.
 _MIN_TRACE_PROBES = 30
 #: How many samples the sample-independence check encodes alone.
@@ -203,7 +206,7 @@ def fsinfo(
         return exact()
     enc = prepare(encoder, x, check_interaction=_INTERACTION_CHECKS)
     n = min(enc.m, enc.d)
-    k0 = num_probes or _MIN_PROBES
+    k0 = num_probes or (_MIN_DIAG_PROBES if variant == "diag" else _MIN_PROBES)
     if variant == "diag":
         cost = expected_passes("diag", d=enc.d, m=enc.m, num_probes=k0)
     else:
@@ -221,7 +224,7 @@ def fsinfo(
     s = as_sigma(sigma, enc.batch, enc.x.device)
     if variant == "diag":
         est = estimate_diag(products, sigma=s, floor=floor, seed=seed, sample_ids=sample_ids,
-                            **stop).fsinfo_diag
+                            min_probes=min(k0, stop["max_probes"]), **stop).fsinfo_diag
         metric, extra = "fsinfo_diag", {"floor": floor}
     else:
         est = slq_logdet(products, sigma=s, prior_var=prior_var, order=lanczos_order, seed=seed,
