@@ -17,6 +17,8 @@ from .errors import FSInfoError
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "profile": ("fsinfo_fast.profile", "leakage at every split point of a model over a data set"),
+    "guard": ("fsinfo_fast.profile.guard_cmd",
+              "FSInfoGuard noise for a target FSInfo per split, and its accuracy cost"),
     "bench": ("fsinfo_fast.bench", "benchmark every way to compute the metrics, side by side"),
     "validate": ("fsinfo_fast.validate", "check the metric against real reconstruction attacks"),
     "info": ("fsinfo_fast.info", "versions, devices and available backends"),

@@ -20,7 +20,44 @@ from torch import Tensor, nn
 
 from .errors import InvalidInputError
 
-__all__ = ["FSInfoGuard"]
+__all__ = ["FSInfoGuard", "GaussianNoise", "add_noise"]
+
+
+def add_noise(z: Tensor, sigma: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """``z + sigma * N(0, I)`` with ``sigma`` a float or a per-sample ``[B]`` tensor."""
+    sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device)
+    if sigma.ndim == 1 and sigma.shape[0] != z.shape[0]:
+        raise InvalidInputError(
+            f"sigma has {sigma.shape[0]} entries for a batch of {z.shape[0]} samples"
+        )
+    scale = sigma.reshape(-1, *([1] * (z.ndim - 1))) if sigma.ndim == 1 else sigma
+    noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+    return z + scale * noise
+
+
+class GaussianNoise(nn.Module):
+    """A layer adding ``sigma * N(0, I)``: the guard's noise placed inside a model.
+
+    With :func:`fsinfo_fast.split.insert` it puts the defense at a split point of a whole model,
+    e.g. to measure the accuracy cost of a calibrated sigma. ``sigma`` is a float or a ``[B]``
+    tensor for the next batch (set the attribute between batches).
+
+    Example:
+        >>> import torch
+        >>> from fsinfo_fast.models import vgg5
+        >>> from fsinfo_fast.split import insert
+        >>> noisy = insert(vgg5().eval(), 2, GaussianNoise(0.5))
+        >>> noisy(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(self, sigma: float | Tensor = 0.0, generator: torch.Generator | None = None):
+        super().__init__()
+        self.sigma = sigma
+        self.generator = generator
+
+    def forward(self, z: Tensor) -> Tensor:
+        return add_noise(z, self.sigma, self.generator)
 
 
 def _batches(data: Tensor | Iterable) -> Iterable[Tensor]:
@@ -133,6 +170,4 @@ class FSInfoGuard(nn.Module):
         else:
             sigma = self.sigma.expand(z.shape[0])
         self.last_sigma = sigma
-        noise = torch.randn(z.shape, generator=self.generator, dtype=z.dtype, device=z.device)
-        scale = sigma.to(dtype=z.dtype, device=z.device).reshape(-1, *([1] * (z.ndim - 1)))
-        return z + scale * noise
+        return add_noise(z, sigma, self.generator)

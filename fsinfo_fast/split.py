@@ -37,7 +37,7 @@ from torch import nn
 
 from .errors import InvalidInputTypeError, SplitError
 
-__all__ = ["split"]
+__all__ = ["insert", "split"]
 
 _MAX_ERR = 300  # characters of an underlying tracing error quoted in messages
 
@@ -72,9 +72,94 @@ def split(model: nn.Module, at: int | str) -> nn.Module:
         >>> enc(torch.zeros(2, 3, 32, 32)).shape, enc.split_name, enc.split_index
         (torch.Size([2, 128, 16, 16]), 'layer2.1', 7)
     """
+    return _locate(model, at, "split()").encoder()
+
+
+def insert(model: nn.Module, at: int | str, layer: nn.Module) -> nn.Module:
+    """The whole ``model`` with ``layer`` applied to the smashed data at the split point ``at``.
+
+    ``insert(model, at, layer)(x)`` computes ``top(layer(bottom(x)))`` where ``bottom`` is
+    ``split(model, at)``: e.g. a noise layer at the split (what :class:`fsinfo_fast.FSInfoGuard`
+    does to the encoder's output) to measure the model's accuracy under the defense. ``at`` is
+    resolved exactly as by :func:`split`; later uses of the split point's output (skip
+    connections included) see ``layer``'s output. Parameters are shared with ``model``.
+
+    Example:
+        >>> import torch
+        >>> from fsinfo_fast.models import vgg5
+        >>> model = vgg5().eval()
+        >>> x = torch.zeros(2, 3, 32, 32)
+        >>> noisy = insert(model, 2, torch.nn.Identity())
+        >>> torch.equal(noisy(x), model(x))
+        True
+    """
+    if not isinstance(layer, nn.Module):
+        raise InvalidInputTypeError(
+            f"insert() needs an nn.Module layer, got {type(layer).__name__}"
+        )
+    return _locate(model, at, "insert()").with_layer(layer)
+
+
+class _Cut:
+    """Where a model is cut: after child ``k`` of a Sequential, or after ``node`` of a graph."""
+
+    def __init__(self, model: nn.Module, name: str, index: int | None, *, k: int | None = None,
+                 graph: fx.Graph | None = None, node: fx.Node | None = None) -> None:
+        self.model, self.name, self.index = model, name, index
+        self.k, self.graph, self.node = k, graph, node
+
+    def encoder(self) -> nn.Module:
+        if self.k is not None:
+            return _slice_sequential(self.model, self.k, self.name, self.index)
+        return _tag(_build(self.model, self.graph, self.node), self.name, self.index)
+
+    def with_layer(self, layer: nn.Module) -> nn.Module:
+        model = self.model
+        if self.k is not None:
+            items = list(model._modules.items())
+            full = nn.Sequential(OrderedDict(
+                [*items[: self.k + 1], ("split_layer", layer), *items[self.k + 1 :]]
+            ))
+            full.training = model.training
+            return _tag(full, self.name, self.index)
+        graph = self.graph
+        out = next(n for n in graph.nodes if n.op == "output")
+        cut = self.node if self.node is not None else out.args[0]
+        if not isinstance(cut, fx.Node):
+            raise SplitError(f"the output of {type(model).__name__} is not a single tensor; "
+                             "pass a split point inside the model")
+        root: dict[str, object] = {}
+        for n in graph.nodes:
+            if n.op in ("call_module", "get_attr"):
+                root[str(n.target)] = _get_attr(model, str(n.target))
+        name = "split_layer"
+        while name in root:
+            name = "_" + name
+        root[name] = layer
+        with graph.inserting_after(cut):
+            new = graph.call_module(name, (cut,))
+        cut.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        gm = fx.GraphModule(root, graph, class_name=f"{type(model).__name__}WithSplitLayer")
+        gm.graph.lint()
+        gm.recompile()
+        original = {id(m) for m in model.modules()} | {id(m) for m in layer.modules()}
+        for m in gm.modules():
+            if id(m) not in original:
+                m.training = model.training
+        return _tag(gm, self.name, self.index)
+
+
+def _get_attr(model: nn.Module, path: str) -> object:
+    obj: object = model
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _locate(model: nn.Module, at: int | str, who: str) -> _Cut:
     if not isinstance(model, nn.Module):
         raise InvalidInputTypeError(
-            f"split() needs an nn.Module, got {type(model).__name__}"
+            f"{who} needs an nn.Module, got {type(model).__name__}"
         )
     if isinstance(at, bool) or not isinstance(at, (int, str)):
         raise InvalidInputTypeError(
@@ -90,7 +175,7 @@ def split(model: nn.Module, at: int | str) -> nn.Module:
             if _is_plain_sequence(model):
                 names = list(model._modules)
                 k = _normalise_index(at, len(names), cls, names)
-                return _slice_sequential(model, k, names[k], k)
+                return _Cut(model, names[k], k, k=k)
             raise SplitError(
                 f"{cls} has no `split_points` attribute, so the integer split index {at} has no "
                 "meaning; pass a module path or a torch.fx node name instead (top-level modules: "
@@ -114,9 +199,11 @@ def split(model: nn.Module, at: int | str) -> nn.Module:
     if path in modules:
         if _is_plain_sequence(model) and path in model._modules:
             k = list(model._modules).index(path)
-            return _slice_sequential(model, k, path, index if index is not None else k)
+            return _Cut(model, path, index if index is not None else k, k=k)
         return _cut_at_module(model, path, modules[path], index)
     return _cut_at_node(model, path, points)
+
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,9 +318,7 @@ def _build(model: nn.Module, graph: fx.Graph, cut: fx.Node | None) -> fx.GraphMo
     return gm
 
 
-def _cut_at_module(
-    model: nn.Module, path: str, target: nn.Module, index: int | None
-) -> fx.GraphModule:
+def _cut_at_module(model: nn.Module, path: str, target: nn.Module, index: int | None) -> _Cut:
     graph = _trace(model, _CutTracer(target), path)
     calls = [
         n for n in graph.nodes
@@ -254,10 +339,10 @@ def _cut_at_module(
             f"module {path!r} ({type(target).__name__}) is never called in the traced forward of "
             f"{type(model).__name__}:{where}"
         )
-    return _tag(_build(model, graph, calls[-1]), path, index)
+    return _Cut(model, path, index, graph=graph, node=calls[-1])
 
 
-def _cut_at_node(model: nn.Module, name: str, points: list[str] | None) -> fx.GraphModule:
+def _cut_at_node(model: nn.Module, name: str, points: list[str] | None) -> _Cut:
     cls = type(model).__name__
     try:
         graph = fx.Tracer().trace(model)
@@ -294,4 +379,4 @@ def _cut_at_node(model: nn.Module, name: str, points: list[str] | None) -> fx.Gr
     if node.op == "call_module" and points is not None and str(node.target) in points:
         index = points.index(str(node.target))
     cut = None if node.op == "output" else node
-    return _tag(_build(model, graph, cut), name, index)
+    return _Cut(model, name, index, graph=graph, node=cut)

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..encoder import check_prior_var, check_sigma
+from ..engine.ops import Ops, TorchOps
 from ..errors import InvalidInputError, InvalidInputTypeError, NonFiniteProbeError
 from ..formulas import as_sigma
 
@@ -138,6 +139,7 @@ class _Detached:
         self.inner = inner
         self.batch, self.d, self.m = inner.batch, inner.d, inner.m
         self.dtype, self.device = inner.dtype, inner.device
+        self.ops = getattr(inner, "ops", None)
 
     def jvp(self, V: Tensor) -> Tensor:
         return self.inner.jvp(V).detach()
@@ -197,3 +199,10 @@ def check_finite(out: Tensor, sample_ids: Tensor, start: int, what: str) -> None
             "check the encoder for overflow (e.g. run it in float64) or for non-differentiable "
             "points at this input"
         )
+
+
+def ops_for(products: object) -> Ops:
+    """The fused-op implementation that goes with ``products`` (``products.ops``, else the
+    PyTorch reference), so probe reductions and Lanczos steps run on the same backend."""
+    ops = getattr(products, "ops", None)
+    return ops if ops is not None else TorchOps()

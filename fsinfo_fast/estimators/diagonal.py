@@ -51,6 +51,7 @@ from .base import (
     Products,
     check_finite,
     detached,
+    ops_for,
     sample_ids_for,
     sigma_for,
 )
@@ -185,6 +186,7 @@ def estimate_diag(
     floor = float(floor)
     b, d, m, dev = products.batch, products.d, products.m, products.device
     n_groups = jackknife_groups
+    ops = ops_for(products)
     group_sums = torch.zeros(b, n_groups, d, dtype=torch.float64, device=dev)
     group_n = torch.zeros(n_groups, dtype=torch.float64, device=dev)
     traces: list[Tensor] = []
@@ -207,12 +209,12 @@ def estimate_diag(
         # float64 squares in slices of probes, so the float64 copy stays bounded
         step = max(1, _SLICE_ELEMS // max(1, b * d))
         for c0 in range(0, count, step):
-            g2 = G[:, c0 : c0 + step].to(torch.float64) ** 2  # [B, step, d]
+            Gs = G[:, c0 : c0 + step]
             j0 = start + c0
-            groups = torch.arange(j0, j0 + g2.shape[1], device=dev) % n_groups
-            group_sums.index_add_(1, groups, g2)
-            group_n.index_add_(0, groups, torch.ones(g2.shape[1], dtype=torch.float64, device=dev))
-            traces.append(g2.sum(dim=2))
+            # fused: group sums of g^2 (float64, in place) and the squared norms, one read of G
+            traces.append(ops.sq_accumulate(Gs, group_sums, j0))
+            groups = torch.arange(j0, j0 + Gs.shape[1], device=dev) % n_groups
+            group_n.index_add_(0, groups, torch.ones(Gs.shape[1], dtype=torch.float64, device=dev))
 
     def summarize():
         K = float(group_n.sum())

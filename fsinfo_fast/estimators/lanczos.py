@@ -53,11 +53,13 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from ..formulas import HALF_LOG_2PIE
+from ..engine.ops import Ops, TorchOps
 from .base import (
     Estimate,
     Products,
     check_finite,
     detached,
+    ops_for,
     prior_precision,
     sample_ids_for,
     sigma_for,
@@ -105,7 +107,8 @@ def _reorth(w: Tensor, basis: Tensor) -> Tensor:
 
 
 def lanczos_tridiagonal(
-    matvec: Callable[[Tensor], Tensor], V: Tensor, order: int, *, tol: float
+    matvec: Callable[[Tensor], Tensor], V: Tensor, order: int, *, tol: float,
+    ops: Ops | None = None,
 ) -> tuple[Tensor, Tensor, int]:
     r"""Lanczos with full reorthogonalisation, batched over ``[B, K]`` start vectors.
 
@@ -122,7 +125,11 @@ def lanczos_tridiagonal(
         off-diagonal) and the number of ``matvec`` calls. After a breakdown the remaining
         diagonal entries are padded with the probe's norm estimate and the off-diagonal with 0,
         a decoupled block whose eigenvectors carry no weight on ``e_1``.
+
+    ``ops`` (default: the PyTorch reference) runs each step's fused dot product, three-term
+    update, reorthogonalisation and norm (:meth:`~fsinfo_fast.engine.ops.Ops.lanczos_step`).
     """
+    ops = ops if ops is not None else TorchOps()
     b, kk, n = V.shape
     alpha = torch.zeros(b, kk, order, dtype=torch.float64, device=V.device)
     beta = torch.zeros(b, kk, max(order - 1, 0), dtype=torch.float64, device=V.device)
@@ -138,14 +145,19 @@ def lanczos_tridiagonal(
         basis[:, :, i] = q
         w = matvec(q)
         steps += 1
-        a = (q * w).sum(dim=2)
+        if i == order - 1:
+            a = (q * w).sum(dim=2)
+        else:
+            # alpha, w - alpha q - beta q_prev, CGS2 against the basis, ||w||: one fused step
+            a, w, bn = ops.lanczos_step(
+                w.reshape(b * kk, n), q.reshape(b * kk, n), q_prev.reshape(b * kk, n),
+                b_prev.reshape(b * kk), basis.view(b * kk, order, n)[:, : i + 1],
+            )
+            a, w, bn = a.view(b, kk), w.view(b, kk, n), bn.view(b, kk)
         scale = torch.maximum(scale, a.abs())
         alpha[:, :, i] = torch.where(active, a, pad)
         if i == order - 1:
             break
-        w = w - a[..., None] * q - b_prev * q_prev
-        w = _reorth(w, basis[:, :, : i + 1])
-        bn = torch.linalg.vector_norm(w, dim=2)
         scale = torch.maximum(scale, bn)
         active = active & (bn > tol * scale)
         pad = torch.where(active, pad, scale.clamp_min(torch.finfo(torch.float64).tiny))
@@ -326,10 +338,13 @@ def slq_quadrature(
         return out.to(torch.float64)
 
     if method == "lanczos":
-        alpha, beta, _ = lanczos_tridiagonal(lambda X: bwd(fwd(X)) / s2 + lam * X, V, k, tol=tol)
-        T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
-        theta, Y = torch.linalg.eigh(T)
-        w = Y[..., 0, :] ** 2
+        ops = ops_for(products)
+        alpha, beta, _ = lanczos_tridiagonal(
+            lambda X: bwd(fwd(X)) / s2 + lam * X, V, k, tol=tol, ops=ops
+        )
+        bb, kk = alpha.shape[:2]
+        theta, w = ops.tridiag_eigh(alpha.reshape(bb * kk, k), beta.reshape(bb * kk, k - 1))
+        theta, w = theta.view(bb, kk, k), w.view(bb, kk, k)
         nodes = theta.clamp_min(0.0)
         # numerically zero eigenvalues of A (matter only with lambda = 0)
         zero = (theta <= theta.abs().amax(dim=2, keepdim=True) * rank_tol).any(dim=2)

@@ -1,0 +1,306 @@
+"""``fsinfo-fast guard``: the FSInfoGuard noise for a target FSInfo, and what it costs in accuracy.
+
+For each split point: the per-sample noise scale ``sigma*`` that brings FSInfo down to
+``--target`` (:func:`fsinfo_fast.fsinfo_sigma`), computed on every sample; one data-set sigma
+calibrated on the first ``--calibration`` samples (``--statistic max``: every calibration sample
+at the target or below; ``quantile``: a fraction ``--quantile`` of them; ``mean``), as
+:meth:`fsinfo_fast.FSInfoGuard.calibrate` does; on the held-out remaining samples, the fraction
+that the calibrated sigma protects (``sigma*_i <= sigma``, i.e. FSInfo at or below the target),
+and, with labels and the whole model, the top-1 accuracy without noise, with the calibrated
+sigma and with per-sample ``sigma*`` (noise injected at the split with
+:func:`fsinfo_fast.split.insert`, averaged over ``--noise-draws`` seeded draws).
+
+Usage::
+
+    fsinfo-fast guard                                  # VGG5 trained briefly on digits, paper splits
+    fsinfo-fast guard --model resnet18 --data natural --splits 3,7 --target -1.5
+    fsinfo-fast guard --model vgg5 --checkpoint vgg5.pt --data ./images --statistic quantile
+
+Writes the table to the terminal and, with ``--out FILE.json``, the numbers (per split, plus
+every sample's ``sigma*``). The model, data and split options mean what they mean for
+``fsinfo-fast profile``. Accuracy needs labels (the bundled sets and class sub-folders have
+them) and a model whose output is class scores; otherwise only the sigmas are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InvalidInputError
+from .errors import DataError, RunDirError
+
+__all__ = ["add_arguments", "guard_report", "run"]
+
+STATISTICS = ("max", "quantile", "mean")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from . import _max_samples, _positive_int
+
+    g = parser.add_argument_group("model and data (as for profile)")
+    g.add_argument("--model", default="vgg5",
+                   help="zoo model (vgg5, vgg9, resnet18) or package.module:function (default "
+                        "vgg5, trained briefly on the bundled data)")
+    g.add_argument("--checkpoint", default=None,
+                   help="weights file, read with torch.load(weights_only=True) only")
+    g.add_argument("--data", default="digits",
+                   help="digits, natural, a folder of images or torchvision:NAME:ROOT[:split] "
+                        "(default digits)")
+    g.add_argument("--size", type=_positive_int, default=32,
+                   help="image side for the bundled data sets (default 32)")
+    g.add_argument("--splits", default=None,
+                   help="'paper' (default), 'all', or a comma list of indices, ranges, module "
+                        "paths and fx node names")
+    g.add_argument("--max-samples", type=_max_samples, default=128, metavar="N",
+                   help="use the first N samples, calibration and held-out together; 'all' or "
+                        "0: every one (default 128)")
+    c = parser.add_argument_group("guard")
+    c.add_argument("--target", type=float, default=-1.0,
+                   help="target FSInfo in nats per input dimension (default -1)")
+    c.add_argument("--variant", choices=("diag", "logdet"), default="diag",
+                   help="FSInfo variant the target refers to (default diag)")
+    c.add_argument("--prior-var", type=float, default=None,
+                   help="prior variance (log-det variant only)")
+    c.add_argument("--statistic", choices=STATISTICS, default="max",
+                   help="data-set sigma from the calibration samples' sigma* (default max)")
+    c.add_argument("--quantile", type=float, default=0.95,
+                   help="the quantile for --statistic quantile (default 0.95)")
+    c.add_argument("--calibration", type=_positive_int, default=64, metavar="N",
+                   help="calibrate on the first N samples; the rest are held out (default 64)")
+    c.add_argument("--noise-draws", type=_positive_int, default=5,
+                   help="noise draws averaged for the accuracy under noise (default 5)")
+    c.add_argument("--no-accuracy", dest="accuracy", action="store_false",
+                   help="report the sigmas only")
+    c.add_argument("--estimator", choices=("auto", "exact", "randomized"), default="auto",
+                   help="how sigma* is computed (default auto)")
+    c.add_argument("--atol", type=float, default=0.01,
+                   help="95%% half-width of FSInfo at sigma = 1, nats/dim (default 0.01)")
+    c.add_argument("--backend", default="auto", help="product backend (default auto)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--batch-size", type=_positive_int, default=32, help="samples per batch")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--seed", type=int, default=0,
+                   help="seed of the probes, the noise and the demo model's training")
+    r.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
+    r.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not math.isfinite(args.target):
+        raise InvalidInputError(f"--target must be finite, got {args.target!r}")
+    if args.statistic == "quantile" and not 0 < args.quantile <= 1:
+        raise InvalidInputError(f"--quantile must be in (0, 1], got {args.quantile!r}")
+    if not (math.isfinite(args.atol) and args.atol > 0):
+        raise InvalidInputError(f"--atol must be a positive number, got {args.atol!r}")
+    if args.prior_var is not None and args.variant != "logdet":
+        raise InvalidInputError("--prior-var applies to --variant logdet")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise RunDirError(f"--out {out} is a directory; give a file name such as guard.json")
+        parent = out.parent if str(out.parent) else Path(".")
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise RunDirError(f"--out {out}: cannot write into {parent}")
+
+
+def _load(args: argparse.Namespace, progress: bool):
+    from .runner import ProfileConfig, _load_model_and_data
+    from .store import RunDir
+
+    cfg = ProfileConfig(model=args.model, checkpoint=args.checkpoint, data=args.data,
+                        size=args.size, max_samples=args.max_samples, seed=args.seed)
+    cfg.validate()
+    # a fresh (never resumed) load: the run directory is not touched
+    model, data, _, _ = _load_model_and_data(cfg, RunDir(tempfile.gettempdir()), False, progress)
+    return model, data
+
+
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
+    hits = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            hits += int((model(x[i : i + batch_size]).argmax(dim=1) == y[i : i + batch_size]).sum())
+    return hits / len(x)
+
+
+def _noisy_accuracy(model: nn.Module, at: str | int, x: Tensor, y: Tensor, sigma: Tensor,
+                    draws: int, seed: int, batch_size: int) -> list[float]:
+    """Top-1 accuracy with ``sigma`` (``[N]``) noise at the split, one value per draw."""
+    from ..guard import GaussianNoise
+    from ..split import insert
+
+    gen = torch.Generator(device=x.device)
+    layer = GaussianNoise(0.0, generator=gen)
+    noisy = insert(model, at, layer)
+    out = []
+    for k in range(draws):
+        gen.manual_seed(seed * 1_000_003 + k)
+        hits = 0
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                layer.sigma = sigma[i : i + batch_size]
+                pred = noisy(x[i : i + batch_size]).argmax(dim=1)
+                hits += int((pred == y[i : i + batch_size]).sum())
+        out.append(hits / len(x))
+    return out
+
+
+def _classifier_ok(model: nn.Module, x: Tensor, y: Tensor) -> str | None:
+    """Why accuracy cannot be measured (``None`` when it can)."""
+    if bool((y < 0).any()):
+        return "the data has no labels"
+    with torch.no_grad():
+        out = model(x[:1])
+    if not isinstance(out, Tensor) or out.ndim != 2:
+        return "the model's output is not class scores [B, C]"
+    if int(y.max()) >= out.shape[1]:
+        return f"labels go up to {int(y.max())} but the model has {out.shape[1]} outputs"
+    return None
+
+
+def guard_report(args: argparse.Namespace) -> dict[str, Any]:
+    """Compute everything ``fsinfo-fast guard`` reports (see the module docstring)."""
+    from ..metrics import fsinfo_sigma
+    from .distributed import resolve_device
+    from .sources import resolve_splits
+
+    _check(args)
+    progress = not args.quiet
+    model, data = _load(args, progress)
+    dev = resolve_device(args.device, None)
+    model = model.to(dev).eval()
+    x, y = data.x.to(dev), data.y.to(dev)
+    n = len(x)
+    n_cal = min(args.calibration, n)
+    if n_cal < 1:
+        raise DataError(f"--data {args.data} has no samples")
+    splits = resolve_splits(model, args.splits)
+    why_not = None if args.accuracy else "--no-accuracy"
+    if why_not is None and n_cal == n:
+        why_not = (f"no held-out samples: all {n} samples are used for calibration "
+                   "(lower --calibration or raise --max-samples)")
+    if why_not is None:
+        why_not = _classifier_ok(model, x, y)
+    x_ev, y_ev = x[n_cal:], y[n_cal:]
+    clean = _accuracy(model, x_ev, y_ev, args.batch_size) if why_not is None else None
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n * len(splits), desc="guard sigma*", unit="sample", file=sys.stderr,
+                   dynamic_ncols=True)
+    kw: dict[str, Any] = {"estimator": args.estimator, "atol": args.atol, "seed": args.seed,
+                          "backend": args.backend}
+    if args.prior_var is not None:
+        kw["prior_var"] = args.prior_var
+    rows = []
+    try:
+        for s in splits:
+            sig = []
+            for i in range(0, n, args.batch_size):
+                xb = x[i : i + args.batch_size]
+                ids = torch.arange(i, i + len(xb))
+                sig.append(fsinfo_sigma(s.encoder, xb, args.target, args.variant, sample_ids=ids,
+                                        **kw).detach().cpu())
+                if bar is not None:
+                    bar.update(len(xb))
+            sig = torch.cat(sig)
+            cal = sig[:n_cal]
+            sigma = float({"max": cal.max, "mean": cal.mean,
+                           "quantile": lambda c=cal: torch.quantile(c, args.quantile)}
+                          [args.statistic]())
+            held = sig[n_cal:]
+            row: dict[str, Any] = {
+                "split": s.name, "index": s.index, "sigma": sigma,
+                "sigma_star": {"min": float(sig.min()), "median": float(sig.median()),
+                               "max": float(sig.max())},
+                "held_out": int(len(held)),
+                "protected_fraction": (float((held <= sigma).double().mean())
+                                       if len(held) else None),
+                # FSInfo at the calibrated sigma: target + ln(sigma*_i / sigma)
+                "fsinfo_at_sigma_max": (args.target + math.log(float(held.max()) / sigma)
+                                        if len(held) else None),
+            }
+            if why_not is None:
+                at = s.index if s.index is not None else s.name
+                fixed = _noisy_accuracy(model, at, x_ev, y_ev,
+                                        torch.full((len(x_ev),), sigma, device=dev),
+                                        args.noise_draws, args.seed, args.batch_size)
+                per = _noisy_accuracy(model, at, x_ev, y_ev, held.to(dev), args.noise_draws,
+                                      args.seed, args.batch_size)
+                t = torch.tensor(fixed, dtype=torch.float64)
+                row.update({
+                    "accuracy_calibrated": float(t.mean()),
+                    "accuracy_calibrated_sd": float(t.std()) if len(fixed) > 1 else 0.0,
+                    "accuracy_per_sample": float(torch.tensor(per).mean()),
+                    "accuracy_cost": clean - float(t.mean()),
+                })
+            row["sigma_star_all"] = sig.tolist()
+            rows.append(row)
+    finally:
+        if bar is not None:
+            bar.close()
+    return {
+        "model": args.model, "data": data.description, "target": args.target,
+        "variant": args.variant, "statistic": args.statistic,
+        "quantile": args.quantile if args.statistic == "quantile" else None,
+        "calibration_samples": n_cal, "held_out_samples": n - n_cal,
+        "noise_draws": args.noise_draws, "seed": args.seed,
+        "accuracy_clean": clean, "accuracy_note": why_not, "splits": rows,
+    }
+
+
+def _print(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(v: float | None, fmt: str = ".3g") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    stat = report["statistic"] + (f" {report['quantile']}" if report["quantile"] else "")
+    t = Table(title=f"FSInfoGuard at target {report['target']} nats/dim ({report['variant']}; "
+                    f"sigma = {stat} of sigma* over {report['calibration_samples']} samples)")
+    for c in ("split", "sigma", "sigma* min..max", "protected", "acc clean", "acc guarded",
+              "acc per-sample", "cost"):
+        t.add_column(c, justify="left" if c == "split" else "right")
+    clean = report["accuracy_clean"]
+    for r in report["splits"]:
+        acc = r.get("accuracy_calibrated")
+        t.add_row(
+            f"{r['index']} {r['split']}" if r["index"] is not None else r["split"],
+            f(r["sigma"]), f"{f(r['sigma_star']['min'])}..{f(r['sigma_star']['max'])}",
+            f(r["protected_fraction"], ".0%"), f(clean, ".1%"),
+            "-" if acc is None else f"{acc:.1%} ± {r['accuracy_calibrated_sd']:.1%}",
+            f(r.get("accuracy_per_sample"), ".1%"), f(r.get("accuracy_cost"), "+.1%"),
+        )
+    console = Console()
+    console.print(t)
+    if report["accuracy_note"]:
+        console.print(f"accuracy not measured: {report['accuracy_note']}")
+    console.print(f"data: {report['data']}; held out: {report['held_out_samples']} samples, "
+                  f"{report['noise_draws']} noise draws")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = guard_report(args)
+    if not args.quiet:
+        _print(report)
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
+        tmp.replace(out)  # atomic: no half-written file is ever left under the final name
+        if not args.quiet:
+            print(f"wrote {out}")
+    return 0

@@ -1,0 +1,178 @@
+"""``fsinfo-fast guard`` and the pieces it stands on (``split.insert``, ``GaussianNoise``).
+
+Tiny configuration: VGG5 built for 8x8 inputs (d = 192) with saved random weights, a few digits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import fsinfo_fast as ff
+from fsinfo_fast.cli import main
+from fsinfo_fast.guard import GaussianNoise, add_noise
+from fsinfo_fast.models import resnet18, vgg5
+from fsinfo_fast.profile.sources import load_checkpoint, load_data
+from fsinfo_fast.split import insert
+
+
+def _tiny_vgg5(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return vgg5(input_size=8).eval()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ckpt") / "vgg5_8.pt"
+    torch.save(_tiny_vgg5().state_dict(), p)
+    return p
+
+
+def _args(ckpt, *extra: str) -> list[str]:
+    return ["guard", "--model", "vgg5", "--checkpoint", str(ckpt), "--data", "digits",
+            "--size", "8", "--max-samples", "10", "--calibration", "4", "--batch-size", "4",
+            "--noise-draws", "2", "--quiet", *extra]
+
+
+# ------------------------------------------------------------------------------------------------
+# insert / GaussianNoise
+
+
+class _Shift(torch.nn.Module):
+    def forward(self, z):
+        return z + 0.25
+
+
+@pytest.mark.parametrize("make", [lambda: vgg5(input_size=16), lambda: resnet18(input_size=16)])
+def test_insert_equals_a_hook_at_every_split_point(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.rand(2, 3, 16, 16)
+    n = len(model.split_points)
+    for i in sorted({0, 2, n // 2, n - 2, n - 1}):
+        path = model.split_points[i]
+        full = insert(model, i, _Shift())
+        handle = model.get_submodule(path).register_forward_hook(lambda m, a, o: o + 0.25)
+        try:
+            expected = model(x)
+        finally:
+            handle.remove()
+        assert torch.allclose(full(x), expected, atol=1e-6), path
+        assert torch.equal(insert(model, i, torch.nn.Identity())(x), model(x))
+    # the original model is untouched
+    assert not any(n.startswith("split_layer") for n, _ in model.named_modules())
+
+
+def test_insert_at_an_fx_node_and_errors():
+    model = resnet18(input_size=16).eval()
+    x = torch.rand(2, 3, 16, 16)
+    enc = ff.split(model, "add_3")
+    full = insert(model, "add_3", torch.nn.Identity())
+    assert torch.equal(full(x), model(x)) and enc.split_name == "add_3"
+    with pytest.raises(ff.errors.SplitError):
+        insert(model, "no_such_layer", torch.nn.Identity())
+    with pytest.raises(TypeError):
+        insert(model, 3, lambda z: z)
+
+
+def test_gaussian_noise_per_sample_sigma():
+    z = torch.zeros(3, 4, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    out = add_noise(z, torch.tensor([0.0, 1.0, 10.0]), g)
+    assert torch.equal(out[0], z[0])
+    g.manual_seed(1)
+    ref = torch.randn(3, 4, 5, generator=g, dtype=torch.float64)
+    assert torch.allclose(out[1], ref[1]) and torch.allclose(out[2], 10 * ref[2])
+    layer = GaussianNoise(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ff.errors.InvalidInputError):
+        layer(z)
+
+
+# ------------------------------------------------------------------------------------------------
+# the command
+
+
+@pytest.fixture(scope="module")
+def report(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("guard") / "guard.json"
+    assert main(_args(ckpt, "--splits", "1,5", "--target", "-0.5", "--out", str(out))) == 0
+    return json.loads(out.read_text())
+
+
+def test_report_schema(report):
+    assert report["calibration_samples"] == 4 and report["held_out_samples"] == 6
+    assert report["statistic"] == "max" and report["target"] == -0.5
+    assert [r["split"] for r in report["splits"]] == ["features.1", "classifier.0"]
+    assert 0 <= report["accuracy_clean"] <= 1 and report["accuracy_note"] is None
+    for r in report["splits"]:
+        sig = r["sigma_star_all"]
+        assert len(sig) == 10 and all(s > 0 for s in sig)
+        assert r["sigma"] == pytest.approx(max(sig[:4]))  # statistic max over calibration
+        held = sig[4:]
+        assert r["protected_fraction"] == pytest.approx(
+            sum(s <= r["sigma"] for s in held) / len(held))
+        assert r["fsinfo_at_sigma_max"] == pytest.approx(-0.5 + math.log(max(held) / r["sigma"]))
+        for k in ("accuracy_calibrated", "accuracy_per_sample"):
+            assert 0 <= r[k] <= 1
+        assert r["accuracy_cost"] == pytest.approx(report["accuracy_clean"]
+                                                   - r["accuracy_calibrated"])
+
+
+def test_calibrated_sigma_hits_the_target_by_the_reference(ckpt, report):
+    """The worst calibration sample sits at the target under the reported sigma, the others
+    below it: checked with the exact float64 oracle, not with the estimator that made sigma."""
+    model = _tiny_vgg5()
+    model.load_state_dict(load_checkpoint(ckpt))
+    x = load_data("digits", 8, 0, 10).x[:4]
+    for r in report["splits"]:
+        enc = ff.split(model, r["split"])
+        f = ff.reference.fsinfo(enc, x, sigma=r["sigma"], variant="diag").value
+        assert float(f.max()) == pytest.approx(-0.5, abs=0.02), r["split"]
+        assert bool((f <= -0.5 + 0.02).all())
+
+
+def test_accuracy_clean_is_the_models_accuracy(ckpt, report):
+    model = _tiny_vgg5()
+    model.load_state_dict(load_checkpoint(ckpt))
+    data = load_data("digits", 8, 0, 10)
+    with torch.no_grad():
+        acc = float((model(data.x[4:]).argmax(1) == data.y[4:]).double().mean())
+    assert report["accuracy_clean"] == pytest.approx(acc)
+
+
+def test_noise_costs_accuracy_only_when_large(ckpt, tmp_path):
+    """A very high target needs almost no noise (accuracy unchanged); a very low one drowns
+    the features (the predictions change)."""
+    out = tmp_path / "g.json"
+    assert main(_args(ckpt, "--splits", "2", "--target", "8", "--out", str(out))) == 0
+    low = json.loads(out.read_text())["splits"][0]
+    assert low["sigma"] < 1e-2
+    assert low["accuracy_calibrated"] == pytest.approx(json.loads(out.read_text())["accuracy_clean"])
+    assert main(_args(ckpt, "--splits", "2", "--target", "-6", "--out", str(out))) == 0
+    rep = json.loads(out.read_text())
+    assert rep["splits"][0]["sigma"] > 100 * low["sigma"]
+
+
+def test_unlabelled_or_no_accuracy_reports_sigma_only(ckpt, tmp_path):
+    out = tmp_path / "g.json"
+    assert main(_args(ckpt, "--splits", "2", "--no-accuracy", "--out", str(out))) == 0
+    rep = json.loads(out.read_text())
+    assert rep["accuracy_clean"] is None and rep["accuracy_note"] == "--no-accuracy"
+    assert "accuracy_calibrated" not in rep["splits"][0] and rep["splits"][0]["sigma"] > 0
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--statistic", "quantile", "--quantile", "2"], "--quantile"),
+    (["--splits", "nope"], "nope"),
+    (["--out", "."], "directory"),
+    (["--out", "/nonexistent-dir/g.json"], "cannot write"),
+    (["--prior-var", "1.0"], "--prior-var"),
+])
+def test_bad_input_exits_2_with_one_line(ckpt, capsys, extra, words):
+    assert main(_args(ckpt, *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("fsinfo-fast guard: error: ") and words in err
