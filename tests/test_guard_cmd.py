@@ -148,9 +148,10 @@ def test_noise_costs_accuracy_only_when_large(ckpt, tmp_path):
     the features (the predictions change)."""
     out = tmp_path / "g.json"
     assert main(_args(ckpt, "--splits", "2", "--target", "8", "--out", str(out))) == 0
-    low = json.loads(out.read_text())["splits"][0]
+    rep = json.loads(out.read_text())
+    low = rep["splits"][0]
     assert low["sigma"] < 1e-2
-    assert low["accuracy_calibrated"] == pytest.approx(json.loads(out.read_text())["accuracy_clean"])
+    assert low["accuracy_calibrated"] == pytest.approx(rep["accuracy_clean"])
     assert main(_args(ckpt, "--splits", "2", "--target", "-6", "--out", str(out))) == 0
     rep = json.loads(out.read_text())
     assert rep["splits"][0]["sigma"] > 100 * low["sigma"]

@@ -51,9 +51,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..engine.ops import Ops, TorchOps
 from ..errors import InvalidInputError
 from ..formulas import HALF_LOG_2PIE
-from ..engine.ops import Ops, TorchOps
 from .base import (
     Estimate,
     Products,

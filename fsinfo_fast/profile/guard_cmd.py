@@ -12,7 +12,7 @@ sigma and with per-sample ``sigma*`` (noise injected at the split with
 
 Usage::
 
-    fsinfo-fast guard                                  # VGG5 trained briefly on digits, paper splits
+    fsinfo-fast guard                          # VGG5 trained briefly on digits, paper splits
     fsinfo-fast guard --model resnet18 --data natural --splits 3,7 --target -1.5
     fsinfo-fast guard --model vgg5 --checkpoint vgg5.pt --data ./images --statistic quantile
 
