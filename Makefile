@@ -8,11 +8,12 @@ STAMP := $(VENV)/.fsinfo-fast-installed
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.7.1
 
-.PHONY: venv test test-fast demo bench bench-quick bench-compare lint format clean info
+.PHONY: venv test test-fast demo bench bench-quick bench-compare lint format clean info gpu-check
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py
+# csrc/ is listed so that editing the C++/CUDA sources rebuilds fsinfo_fast._C.
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu csrc/cuda/*.cpp csrc/cuda/*.h)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
@@ -38,6 +39,11 @@ bench-quick: venv
 bench-compare: venv
 	$(PY) -m fsinfo_fast.bench --quick --threads 2 --out /tmp/fsinfo-bench-new/ \
 	  --compare benchmarks/results/bench_quick.json --fail-if-regression
+
+# On a machine with a CUDA GPU and its own torch (no venv): build the CUDA extension, run the GPU
+# tests and the GPU benchmark (scripts/gpu_check.sh, about 8 minutes).
+gpu-check:
+	bash scripts/gpu_check.sh
 
 info: venv
 	$(VENV)/bin/fsinfo-fast info

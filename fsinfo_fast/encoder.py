@@ -58,6 +58,8 @@ class PreparedEncoder:
         y: the encoder's output on ``x``, flattened to ``[B, m]``.
         saved_bytes: bytes autograd saved per sample in the validating forward pass: a proxy for
             the memory one tangent or cotangent of one sample needs (used to chunk probes).
+        module: the encoder itself (after any dtype cast), mapping ``[B, *in_shape]`` to
+            ``[B, *out_shape]``; the linearised engine traces it (``None``: not available).
     """
 
     fn: Callable[[Tensor], Tensor]
@@ -66,6 +68,7 @@ class PreparedEncoder:
     out_shape: tuple[int, ...]
     y: Tensor
     saved_bytes: int = 0
+    module: Callable[[Tensor], Tensor] | None = None
 
     @property
     def batch(self) -> int:
@@ -307,4 +310,4 @@ def prepare(
                     )
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
-                           out_shape=out_shape, y=y, saved_bytes=per_sample)
+                           out_shape=out_shape, y=y, saved_bytes=per_sample, module=enc)

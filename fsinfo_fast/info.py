@@ -15,6 +15,7 @@ def collect() -> dict[str, object]:
 
     from . import __version__
     from .engine import available_backends, resolve_backend
+    from .engine.compiled import build_info
 
     try:
         import triton
@@ -36,7 +37,9 @@ def collect() -> dict[str, object]:
         if cuda else [],
         "backends": {k: {"available": ok, "reason": why}
                      for k, (ok, why) in available_backends().items()},
-        "auto_backend": resolve_backend("auto"),
+        # what auto picks for tensors on the default device (CUDA when present)
+        "auto_backend": resolve_backend("auto", torch.device("cuda" if cuda else "cpu")),
+        "extension": build_info(),
     }
 
 

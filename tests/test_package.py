@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fsinfo_fast as ff
 from fsinfo_fast import cli
@@ -28,15 +29,18 @@ def test_import_initialises_no_cuda_imports_no_triton_and_is_silent():
 
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("FSINFO_FAST_BACKEND", raising=False)
-    assert resolve_backend("auto") == "torch"
-    assert resolve_backend("torch") == "torch"
     table = available_backends()
-    assert table["torch"][0] is True
+    assert table["torch"][0] is True and table["engine"][0] is True
+    # on a CPU: the C++ ops when built, else the engine with PyTorch ops (never a GPU backend)
+    cpu_auto = "cpp" if table["cpp"][0] else "engine"
+    assert resolve_backend("auto", torch.device("cpu")) == cpu_auto
+    assert resolve_backend("torch") == "torch"
     for name, (ok, why) in table.items():
         if not ok:
             with pytest.raises(ff.BackendUnavailableError, match=name) as info:
                 resolve_backend(name)
-            assert why in str(info.value) and "Available: torch" in str(info.value)
+            assert why in str(info.value) and "Available: " in str(info.value)
+            assert "torch" in str(info.value).split("Available: ")[1]
     with pytest.raises(ff.InvalidInputError, match="backend must be"):
         resolve_backend("numpy")
     monkeypatch.setenv("FSINFO_FAST_BACKEND", "torch")
@@ -48,7 +52,11 @@ def test_info_command_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["fsinfo_fast"] == ff.__version__
     assert info["backends"]["torch"]["available"] is True
-    assert info["auto_backend"] == "torch"
+    expected = "cpp" if info["backends"]["cpp"]["available"] else "engine"
+    if info["cuda_available"]:
+        expected = next(n for n in ("cuda", "triton", "cpp", "engine")
+                        if info["backends"][n]["available"])
+    assert info["auto_backend"] == expected
 
 
 def test_cli_without_command_prints_help(capsys):

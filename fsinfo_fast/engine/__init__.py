@@ -4,8 +4,11 @@ Every backend returns an object implementing the :class:`~fsinfo_fast.estimators
 protocol for one batch: ``jvp(V)`` maps ``[B, K, d]`` tangents to ``[B, K, m]``, ``vjp(U)`` maps
 ``[B, K, m]`` cotangents to ``[B, K, d]``.
 
-Backends: ``"torch"`` (torch.func, always available) and the compiled ones (``"engine"``,
-``"triton"``, ``"cpp"``, ``"cuda"``) where built. ``"auto"`` (or the ``FSINFO_FAST_BACKEND``
+Backends: ``"torch"`` (torch.func, always available), ``"engine"`` (the linearised engine of
+:mod:`.linearised` with the plain-PyTorch ops, always available) and the same engine with the
+compiled ops (``"triton"``, ``"cpp"``, ``"cuda"``) where built (Triton and CUDA need a CUDA
+device; Triton runs interpreted on a CPU under ``TRITON_INTERPRET=1``, slowly, and ``auto``
+never picks it there). ``"auto"`` (or the ``FSINFO_FAST_BACKEND``
 environment variable) picks the fastest available one, falling back silently (debug log); a
 backend requested explicitly that cannot run raises :class:`BackendUnavailableError` with the
 reasons.
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+
+import torch
 
 from ..encoder import PreparedEncoder
 from ..errors import BackendUnavailableError, InvalidInputError
@@ -35,13 +39,30 @@ log = logging.getLogger(__name__)
 #: All backend names, fastest first (the order ``auto`` tries).
 BACKENDS = ("cuda", "triton", "cpp", "engine", "torch")
 ENV_VAR = "FSINFO_FAST_BACKEND"
+#: Backends whose ops run on a GPU (``auto`` considers them only for CUDA tensors).
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def _cuda_present() -> bool:
+    # torch.cuda.is_available() asks the driver (NVML) and does not initialise CUDA
+    return torch.cuda.is_available()
 
 
 def _availability(name: str) -> tuple[bool, str]:
     if name == "torch":
         return True, "torch.func (always available)"
-    # The compiled backends are not part of this version of the package.
-    return False, f"the '{name}' backend is not built into this version of fsinfo_fast"
+    if name == "engine":
+        return True, "linearised engine with plain-PyTorch ops (always available)"
+    from .ops import ops_availability
+
+    ok, why = ops_availability(name)
+    if not ok:
+        return False, why
+    if name in GPU_BACKENDS and not _cuda_present():
+        if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            return True, f"{why} (TRITON_INTERPRET=1: interpreted on the CPU, slow)"
+        return False, f"{why}, but no CUDA device is present"
+    return True, f"linearised engine with {name} ops: {why}"
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:
@@ -49,15 +70,32 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return {name: _availability(name) for name in BACKENDS}
 
 
-def resolve_backend(backend: str | None = "auto") -> str:
+def _auto_candidates(device: torch.device | None) -> list[str]:
+    """Backends ``auto`` may pick on ``device``, fastest first.
+
+    GPU backends only for CUDA tensors (Triton under ``TRITON_INTERPRET=1`` on a CPU is slow,
+    never chosen). On a CPU the C++ ops first, then the engine with plain-PyTorch ops, then
+    ``torch``; :func:`make_products` may still prefer ``torch`` for an encoder the engine would
+    mostly run through per-node ``torch.func`` (see there).
+    """
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    return [n for n in BACKENDS if on_gpu or n not in GPU_BACKENDS]
+
+
+def resolve_backend(backend: str | None = "auto", device: torch.device | None = None) -> str:
     """Name of the backend to use for a request.
 
-    ``"auto"`` (or ``None``) takes ``$FSINFO_FAST_BACKEND`` if set, else the fastest available.
+    ``"auto"`` (or ``None``) takes ``$FSINFO_FAST_BACKEND`` if set, else the fastest available
+    on ``device`` (GPU backends only for CUDA tensors).
+
+    Raises:
+        InvalidInputError: an unknown name.
+        BackendUnavailableError: an explicitly requested backend cannot run (with the reason).
     """
     if backend is None or backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         if backend == "auto":
-            for name in BACKENDS:
+            for name in _auto_candidates(device):
                 ok, why = _availability(name)
                 if ok:
                     return name
@@ -67,6 +105,10 @@ def resolve_backend(backend: str | None = "auto") -> str:
             f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}"
         )
     ok, why = _availability(backend)
+    if ok and backend in GPU_BACKENDS and device is not None and torch.device(
+            device).type != "cuda" and not (backend == "triton" and os.environ.get(
+                "TRITON_INTERPRET") == "1"):
+        ok, why = False, f"the data is on {torch.device(device).type}, not on a CUDA device"
     if not ok:
         others = ", ".join(n for n in BACKENDS if _availability(n)[0])
         raise BackendUnavailableError(
@@ -75,9 +117,39 @@ def resolve_backend(backend: str | None = "auto") -> str:
     return backend
 
 
-_FACTORIES: dict[str, Callable[..., object]] = {"torch": TorchFuncProducts}
+#: ``auto`` keeps ``torch`` when more than this share of the encoder's nonlinear nodes would
+#: run through per-node ``torch.func`` in the engine (it then saves little and adds overhead).
+AUTO_MAX_FALLBACK_SHARE = 0.0
+
+
+def _linearised(enc: PreparedEncoder, name: str, auto: bool, **kw) -> object:
+    from .linearised import LinearisedProducts, TraceError
+    from .ops import get_ops
+
+    ops = get_ops("torch" if name == "engine" else name)
+    try:
+        prods = LinearisedProducts(enc, ops=ops, backend=name, **kw)
+    except TraceError as err:
+        log.debug("backend %s: falling back to torch.func for the whole encoder: %s", name, err)
+        return TorchFuncProducts(enc, **kw)
+    if auto and prods.fallback_share > AUTO_MAX_FALLBACK_SHARE:
+        log.debug("auto: %s runs %.0f%% of the nonlinear nodes through torch.func; using torch",
+                  name, 100 * prods.fallback_share)
+        return TorchFuncProducts(enc, **kw)
+    return prods
 
 
 def make_products(enc: PreparedEncoder, backend: str | None = "auto", **kw) -> object:
-    """Build the products object of ``backend`` for a prepared batch."""
-    return _FACTORIES[resolve_backend(backend)](enc, **kw)
+    """Build the products object of ``backend`` for a prepared batch.
+
+    Every compiled backend is the linearised engine
+    (:class:`~fsinfo_fast.engine.linearised.LinearisedProducts`) with that backend's ops;
+    an encoder it cannot trace runs whole through ``torch.func`` (its ``backend`` attribute then
+    says ``"torch"``). Under ``auto``, an encoder whose nonlinear nodes the engine would run
+    through per-node ``torch.func`` (e.g. attention) uses ``torch`` directly.
+    """
+    auto = backend is None or backend == "auto"
+    name = resolve_backend(backend, enc.x.device)
+    if name == "torch":
+        return TorchFuncProducts(enc, **kw)
+    return _linearised(enc, name, auto and not os.environ.get(ENV_VAR), **kw)

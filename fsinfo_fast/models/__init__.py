@@ -22,13 +22,18 @@ from collections.abc import Callable
 from torch import nn
 
 from ..errors import InvalidInputError
-from .resnet import BasicBlock, ResNet, resnet18
+from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from .vgg import VGG, vgg5, vgg9
 
-__all__ = ["ZOO", "get_model", "vgg5", "vgg9", "resnet18", "VGG", "ResNet", "BasicBlock"]
+__all__ = [
+    "ZOO", "get_model", "vgg5", "vgg9", "resnet18", "resnet50", "VGG", "ResNet", "BasicBlock",
+    "Bottleneck",
+]
 
 #: Registry of the zoo constructors by name.
-ZOO: dict[str, Callable[..., nn.Module]] = {"vgg5": vgg5, "vgg9": vgg9, "resnet18": resnet18}
+ZOO: dict[str, Callable[..., nn.Module]] = {
+    "vgg5": vgg5, "vgg9": vgg9, "resnet18": resnet18, "resnet50": resnet50,
+}
 
 
 def get_model(name: str, **kwargs) -> nn.Module:

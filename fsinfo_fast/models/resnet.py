@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "ResNet", "resnet18", "RESNET18_SPLIT_POINTS"]
+__all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50", "RESNET18_SPLIT_POINTS"]
 
 #: Module paths of ResNet-18's paper layers, index = paper split index.
 RESNET18_SPLIT_POINTS: list[str] = [
@@ -67,8 +67,41 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class Bottleneck(nn.Module):
+    """1x1 - 3x3 - 1x1 conv + BatchNorm layers with a residual connection (torchvision naming,
+    stride on the 3x3 conv as in torchvision's ResNet v1.5); output channels ``4 * planes``."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        width = planes
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU()
+        self.downsample: nn.Module | None = None
+        if stride != 1 or inplanes != planes * self.expansion:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes * self.expansion, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes * self.expansion),
+            )
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
 class ResNet(nn.Module):
-    """ResNet with :class:`BasicBlock` stages (ResNet-18 for ``layers=(2, 2, 2, 2)``).
+    """ResNet with :class:`BasicBlock` stages (ResNet-18 for ``layers=(2, 2, 2, 2)``) or
+    :class:`Bottleneck` stages (``block=Bottleneck``; ResNet-50 for ``layers=(3, 4, 6, 3)``).
 
     Args:
         layers: number of blocks in each of the four stages.
@@ -94,8 +127,10 @@ class ResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         stem: str = "cifar",
+        block: type[nn.Module] = BasicBlock,
     ) -> None:
         super().__init__()
+        self.block = block
         if stem == "cifar":
             self.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
             self.maxpool: nn.Module = nn.Identity()
@@ -113,7 +148,7 @@ class ResNet(nn.Module):
         self.layer3 = self._make_layer(256, layers[2], stride=2)
         self.layer4 = self._make_layer(512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(512 * BasicBlock.expansion, num_classes)
+        self.fc = nn.Linear(512 * block.expansion, num_classes)
         self.num_classes = int(num_classes)
 
         blocks = [f"layer{s}.{i}" for s in range(1, 5) for i in range(layers[s - 1])]
@@ -129,9 +164,9 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [BasicBlock(self.inplanes, planes, stride)]
-        self.inplanes = planes * BasicBlock.expansion
-        layers += [BasicBlock(self.inplanes, planes, 1) for _ in range(1, blocks)]
+        layers = [self.block(self.inplanes, planes, stride)]
+        self.inplanes = planes * self.block.expansion
+        layers += [self.block(self.inplanes, planes, 1) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -174,4 +209,30 @@ def resnet18(
     del input_size
     model = ResNet((2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, stem=stem)
     model.paper_splits = [2, 5, 7, 9, 11]
+    return model
+
+
+def resnet50(
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    stem: str = "imagenet",
+    input_size: int | None = None,
+) -> ResNet:
+    """ResNet-50 (torchvision layout and module names; the ImageNet stem unless
+    ``stem="cifar"``), for full-resolution measurements.
+
+    Split points (index: module path): 0 conv1, 1 bn1, 2 relu, 3 maxpool, 4-6 layer1.0-2,
+    7-10 layer2.0-3, 11-16 layer3.0-5, 17-19 layer4.0-2, 20 avgpool, 21 fc. "After the second
+    stage" is ``layer2.3`` (index 10: ``[B, 512, 28, 28]`` at 224x224). ``paper_splits`` (the
+    paper does not report ResNet-50) lists the stage outputs 6, 10, 16, 19.
+
+    Example:
+        >>> m = resnet50(num_classes=10).eval()
+        >>> m(torch.zeros(1, 3, 64, 64)).shape, m.split_points[10]
+        (torch.Size([1, 10]), 'layer2.3')
+    """
+    del input_size
+    model = ResNet((3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, stem=stem,
+                   block=Bottleneck)
+    model.paper_splits = [6, 10, 16, 19]
     return model
