@@ -33,7 +33,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 import fsinfo_fast as ff
-from fsinfo_fast.bench.harness import environment, pin_threads
+from fsinfo_fast.bench.harness import environment, peak_memory, pin_threads
 from fsinfo_fast.data import natural_images
 from fsinfo_fast.encoder import prepare
 from fsinfo_fast.engine import available_backends, make_products
@@ -85,7 +85,7 @@ def _plain(enc, x):
 
 
 def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, probes, repeats,
-                  backends, compile_: bool, slq_steps: int = 30) -> dict:
+                  backends, compile_: bool, slq_steps: int = 30, memory: bool = True) -> dict:
     torch.manual_seed(0)
     model = get_model(model_name, **kw).eval().to(device=device, dtype=dtype)
     enc = ff.split(model, split)
@@ -150,6 +150,9 @@ def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, prob
             "jvp_s": _best(lambda fj=fj: fj(V), device, repeats),
             "slq_k4_s": _best(slq, device, max(1, repeats // 2)),
         }
+        if memory:
+            row["providers"][name]["vjp_peak_bytes"] = peak_memory(lambda fv=fv: fv(U), device)
+            row["providers"][name]["jvp_peak_bytes"] = peak_memory(lambda fj=fj: fj(V), device)
     fwd = _best(lambda: enc(x.reshape(batch, *in_shape).repeat_interleave(probes, 0)), device,
                 repeats)
     row["forward_at_BK_s"] = fwd
@@ -203,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
+                   help=f"only these encoders (of {[e[0] for e in ENCODERS]})")
+    p.add_argument("--no-metric", dest="metric", action="store_false",
+                   help="skip the adaptive per-image metric timing")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -211,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     threads = pin_threads(args.threads)
     encoders = SMOKE if args.smoke else ENCODERS
+    if args.only:
+        encoders = [e for e in encoders if e[0] in args.only]
     probes = 4 if args.smoke else args.probes
     repeats = 1 if args.smoke else args.repeats
     backends = list(available_backends())
@@ -223,11 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                             slq_steps=2 if args.smoke else 30)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-    label, name, split, size, kw = encoders[-1]
-    met = bench_metric(label, name, split, size, kw, device, backends,
-                       1 if args.smoke else args.images)
-    result["metric"].append(met)
-    print(json.dumps(met), flush=True)
+    if args.metric:
+        label, name, split, size, kw = encoders[-1]
+        met = bench_metric(label, name, split, size, kw, device, backends,
+                           1 if args.smoke else args.images)
+        result["metric"].append(met)
+        print(json.dumps(met), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -24,6 +24,7 @@ __all__ = [
     "CaseSpec",
     "SweepSpec",
     "EfficiencySpec",
+    "SharingSpec",
     "ClaimSpec",
     "BenchConfig",
     "quick_config",
@@ -144,6 +145,28 @@ class EfficiencySpec:
 
 
 @dataclass
+class SharingSpec:
+    """Work shared across split points (``fsinfo-fast profile``): one pass through the deepest
+    split serves every shallower one. Measured with
+    :func:`fsinfo_fast.profile.shared.measure_sharing` (shared vs per-split route, same probes).
+
+    Attributes:
+        model: zoo model; ``size``: input side; ``batch``: samples;
+        splits: split points (``None``: the model's paper splits);
+        num_probes: dFIL probes; exact: include the exact diagonal (``d`` one-hot JVPs);
+        repeats: timed repetitions.
+    """
+
+    model: str = "vgg5"
+    size: int = 16
+    batch: int = 2
+    splits: list[int] | None = None
+    num_probes: int = 32
+    exact: bool = True
+    repeats: int = 3
+
+
+@dataclass
 class ClaimSpec:
     """A speed or memory claim the run checks, expressed as a ratio.
 
@@ -177,6 +200,7 @@ class BenchConfig:
         cases: the side-by-side cases.
         sweep: scaling sweep (``None``: none).
         efficiency: probe-efficiency measurement (``None``: none).
+        sharing: the split-sharing saving of ``profile`` (``None``: not measured).
         claims: ratios to evaluate at the end.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         threads: intra-op threads to pin (``None``: keep torch's current count; it is recorded).
@@ -209,6 +233,7 @@ class BenchConfig:
     cases: list[CaseSpec] = field(default_factory=list)
     sweep: SweepSpec | None = None
     efficiency: EfficiencySpec | None = None
+    sharing: SharingSpec | None = None
     claims: list[ClaimSpec] = field(default_factory=list)
     device: str = "auto"
     threads: int | None = None
@@ -292,6 +317,7 @@ def quick_config() -> BenchConfig:
             max_reference_d=768,
         ),
         efficiency=EfficiencySpec(EncoderSpec("vgg5", 2, 32), probes=[8, 64]),
+        sharing=SharingSpec("vgg5", size=16, batch=2),
         claims=_claims(),
         warmup=1, repeats=3, min_repeats=2, max_seconds=4.0,
         probe_grid=[1, 2, 4, 8, 16, 32, 64, 128, 256], calib_seeds=3, equal_probes=16,
@@ -317,6 +343,7 @@ def full_config() -> BenchConfig:
             max_reference_d=3072,
         ),
         efficiency=EfficiencySpec(EncoderSpec("vgg5", 2, 32), probes=[8, 32, 128]),
+        sharing=SharingSpec("vgg5", size=32, batch=4, exact=False),
         claims=_claims(),
         warmup=2, repeats=7, min_repeats=3, max_seconds=60.0,
         paper_rows=512, paper_full_max_s=120.0,
@@ -335,7 +362,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if unknown:
         raise InvalidInputError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     kw = dict(data)
-    nested = {"encoder": EncoderSpec, "sweep": SweepSpec, "efficiency": EfficiencySpec}
+    nested = {"encoder": EncoderSpec, "sweep": SweepSpec, "efficiency": EfficiencySpec,
+              "sharing": SharingSpec}
     for key, sub in nested.items():
         if key in kw and kw[key] is not None:
             kw[key] = _build(sub, kw[key], f"{where}.{key}")

@@ -125,6 +125,20 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {e['backend']} | {e['num_probes']} | {_t(e['forward_s'])} | {j} | "
                          f"{v} | {note.replace('|', '/')} |")
         lines.append("")
+    sh = doc.get("sharing")
+    if sh:
+        lines += [f"**Work shared across split points** ({sh['model']} at {sh['size']} px, "
+                  f"{sh['batch']} samples, splits {sh.get('splits')}; one pass through the deepest "
+                  "split vs every split on its own)", "",
+                  "| what | shared | per split | speed-up | max diff (abs / rel) |",
+                  "|---|---:|---:|---:|---:|"]
+        for key in ("forward", "dfil_probes", "exact_diag"):
+            r = sh.get(key)
+            if isinstance(r, dict) and "speedup" in r:
+                diff = r.get("max_abs_diff", r.get("max_rel_diff"))
+                lines.append(f"| {key} | {_t(r['shared_s'])} | {_t(r['per_split_s'])} | "
+                             f"{r['speedup']:.1f}x | {diff:.1e} |")
+        lines.append("")
     return "\n".join(lines)
 
 

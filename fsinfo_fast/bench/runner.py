@@ -662,6 +662,28 @@ def _claims(cfg: BenchConfig, results: list[dict], sweep: list[dict]) -> list[di
 
 
 # -- the run -------------------------------------------------------------------------------------
+def _sharing(cfg: BenchConfig, device: torch.device, log: Log) -> dict[str, Any]:
+    """Shared route vs per-split route of ``fsinfo-fast profile`` on the same inputs/probes."""
+    from ..data import natural_images
+    from ..models import get_model
+    from ..profile.shared import measure_sharing
+
+    sh = cfg.sharing
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = get_model(sh.model, input_size=sh.size).eval().to(device)
+    x, _ = natural_images(size=sh.size, n=sh.batch, seed=cfg.seed)
+    res = measure_sharing(model, x.to(device), sh.splits, num_probes=sh.num_probes,
+                          exact=sh.exact, repeats=sh.repeats, seed=cfg.seed)
+    for key in ("forward", "dfil_probes", "exact_diag"):
+        r = res.get(key)
+        if isinstance(r, dict) and "speedup" in r:
+            log(f"    {key:<12s} shared {_fmt_s(r['shared_s'])}  per split "
+                f"{_fmt_s(r['per_split_s'])}  x{r['speedup']:.1f}  (max diff "
+                f"{r.get('max_abs_diff', r.get('max_rel_diff')):.1e})")
+    return {"model": sh.model, "size": sh.size, "batch": sh.batch, **res}
+
+
 def run_bench(
     cfg: BenchConfig, *, providers: list[Provider] | None = None, log: Log = _stderr_log,
     cache_dir: str | Path | None = None, command: str | None = None,
@@ -721,6 +743,10 @@ def _run_bench(cfg: BenchConfig, providers: list[Provider] | None, log: Log,
     if cfg.efficiency is not None:
         log("probe efficiency")
         eff_rows = _efficiency(cfg, device, log)
+    sharing: dict[str, Any] | None = None
+    if cfg.sharing is not None:
+        log("work shared across split points (profile)")
+        sharing = _sharing(cfg, device, log)
     claims = _claims(cfg, results, sweep_rows)
     for c in claims:
         v = c["value"]
@@ -739,6 +765,7 @@ def _run_bench(cfg: BenchConfig, providers: list[Provider] | None, log: Log,
         "results": results,
         "sweep": sweep_rows,
         "probe_efficiency": eff_rows,
+        "sharing": sharing,
         "claims": claims,
         "wall_time_s": wall,
     }

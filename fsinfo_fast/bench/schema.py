@@ -16,6 +16,7 @@ Top level (``SCHEMA_VERSION = "fsinfo_fast.bench/1"``)::
     results           list   one row per (case, provider, mode), see RESULT_FIELDS
     sweep             list   one row per (axis, size, batch, num_probes, provider)
     probe_efficiency  list   one row per (backend, num_probes)
+    sharing           dict   the split-sharing saving of profile (optional; see SharingSpec)
     claims            list   {name, metric, provider, baseline, value, min_ratio, status, ...}
     wall_time_s       float
 
@@ -69,6 +70,8 @@ _TOP: dict[str, tuple[type, ...]] = {
     "environment": (dict,), "providers": (list,), "cases": (list,), "results": (list,),
     "sweep": (list,), "probe_efficiency": (list,), "claims": (list,), "wall_time_s": (float,),
 }
+#: top-level keys added later (results written before them stay valid)
+_TOP_OPTIONAL: dict[str, tuple[type, ...]] = {"sharing": (dict, type(None))}
 _TIME_KEYS = ("median", "q25", "q75", "min", "max", "repeats", "samples")
 _ACC_KEYS = ("max_err", "rms_err", "err95", "target", "units", "meets_target", "checked")
 
@@ -80,6 +83,9 @@ def validate(doc: dict[str, Any]) -> list[str]:
         if key not in doc:
             errs.append(f"missing top-level key {key!r}")
         elif not isinstance(doc[key], types):
+            errs.append(f"{key}: expected {types}, got {type(doc[key]).__name__}")
+    for key, types in _TOP_OPTIONAL.items():
+        if key in doc and not isinstance(doc[key], types):
             errs.append(f"{key}: expected {types}, got {type(doc[key]).__name__}")
     if errs:
         return errs
