@@ -1,0 +1,100 @@
+"""What every attack returns, and the observation model they share.
+
+The attacker of split inference sees the smashed data ``z = f(x) + e``, ``e ~ N(0, sigma^2 I)``
+(the channel whose Fisher information the metrics measure). :func:`observe` draws ``z`` from a
+seeded generator, so an attack's result depends only on its arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidInputError, InvalidInputTypeError
+from .scores import reconstruction_scores
+
+__all__ = ["AttackResult", "observe", "encode", "check_sigma_scalar"]
+
+Encoder = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """Reconstructions of a batch and their scores.
+
+    Attributes:
+        attack: ``"inverse_network"`` or ``"optimization"``.
+        x_hat: reconstructions ``[N, ...]`` (float32, CPU), the input's shape.
+        mse: ``[N]`` float64 per-dimension squared error ``||x_hat - x||^2 / d``.
+        psnr: ``[N]`` float64 PSNR in dB (``data_range = 1``).
+        ssim: ``[N]`` float64 SSIM (``nan`` for inputs that are not images).
+        sigma: the noise scale of the observations attacked.
+        info: settings and diagnostics (training loss, final objective, seed, ...).
+    """
+
+    attack: str
+    x_hat: Tensor
+    mse: Tensor
+    psnr: Tensor
+    ssim: Tensor
+    sigma: float
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Mean and standard error over samples of each score (JSON-ready floats)."""
+        out: dict[str, Any] = {"n": int(self.mse.shape[0])}
+        for key in ("mse", "psnr", "ssim"):
+            v = getattr(self, key)
+            v = v[torch.isfinite(v)]
+            n = int(v.numel())
+            mean = float(v.mean()) if n else None
+            se = float(v.std() / math.sqrt(n)) if n > 1 else None
+            out[key] = {"mean": mean, "stderr": se}
+        return out
+
+
+def check_sigma_scalar(sigma: Any) -> float:
+    """A finite ``sigma >= 0`` as a float (attacks use one noise scale for the whole batch)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise InvalidInputTypeError(f"sigma must be a number, got {type(sigma).__name__}")
+    s = float(sigma)
+    if not math.isfinite(s) or s < 0:
+        raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
+    return s
+
+
+def _check_x(x: Any, name: str = "x") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise InvalidInputTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise InvalidInputTypeError(f"{name} must be floating point, got {x.dtype}")
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise InvalidInputError(
+            f"{name} must be a batch [N, ...] with N >= 1, got {tuple(x.shape)}")
+    return x
+
+
+@torch.no_grad()
+def encode(encoder: Encoder, x: Tensor, batch_size: int = 256) -> Tensor:
+    """``encoder(x)`` in batches, without gradients (on ``x``'s device)."""
+    outs = [encoder(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(outs)
+
+
+def observe(features: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    """``features + sigma * N(0, I)``, the noise drawn on the CPU from ``generator``."""
+    if sigma == 0:
+        return features.clone()
+    e = torch.randn(features.shape, generator=generator, dtype=features.dtype)
+    return features + sigma * e.to(features.device)
+
+
+def result(attack: str, x_hat: Tensor, x: Tensor, sigma: float, **info: Any) -> AttackResult:
+    s = reconstruction_scores(x_hat, x)
+    return AttackResult(attack=attack, x_hat=x_hat.detach().float().cpu(), mse=s.mse,
+                        psnr=s.psnr, ssim=s.ssim, sigma=sigma, info=info)

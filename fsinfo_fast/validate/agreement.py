@@ -1,0 +1,146 @@
+r"""Agreement between a leakage metric and an attack across split points (the paper's protocol).
+
+For split points ``0 .. n-1`` ordered from the shallowest, with a metric's mean ``m_i`` and the
+attack's mean reconstruction error ``MSE_i`` at each:
+
+.. math::
+
+    \text{metric drop}_i = \frac{m_0 - m_i}{m_0},\qquad
+    \text{attack rise}_i = \frac{\mathrm{MSE}_i - \mathrm{MSE}_0}{\mathrm{MSE}_i}
+
+(both relative to the shallowest split, so both are 0 there), and the agreement is the Pearson
+correlation of the two sequences over the ``n`` splits. A metric that predicts the attack well
+has ``r`` near ``+1``: where the metric says leakage fell, the attacker's error rose.
+
+Caveats (kept as the paper defines them, not corrected): the drop divides by ``m_0``, so for a
+metric whose shallowest value is negative (FSInfo can be negative) its sign flips; with ``n`` of
+5 or 6 points the correlation is very uncertain (the Fisher-z interval says how much).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InvalidInputError
+
+__all__ = ["Agreement", "agreement", "pearson", "relative_drop", "relative_rise"]
+
+_Z95 = 1.959963984540054
+
+
+def _vector(values: Sequence[float], name: str) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size < 2:
+        raise InvalidInputError(f"{name} needs at least 2 split points, got {v.size}")
+    return v
+
+
+def relative_drop(values: Sequence[float]) -> np.ndarray:
+    """``(m_0 - m_i) / m_0`` for each split ``i`` (the metric's relative drop)."""
+    v = _vector(values, "relative_drop")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (v[0] - v) / v[0]
+
+
+def relative_rise(mse: Sequence[float]) -> np.ndarray:
+    """``(MSE_i - MSE_0) / MSE_i`` for each split ``i`` (the attack error's relative rise)."""
+    v = _vector(mse, "relative_rise")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (v - v[0]) / v
+
+
+def pearson(a: Sequence[float], b: Sequence[float]) -> float:
+    r"""Pearson correlation ``sum (a-abar)(b-bbar) / sqrt(sum (a-abar)^2 sum (b-bbar)^2)``.
+
+    ``nan`` when either sequence is constant or holds a non-finite value.
+
+    Example:
+        >>> pearson([0, 1, 2], [0, 2, 4]), pearson([0, 1, 2], [2, 1, 0])
+        (1.0, -1.0)
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise InvalidInputError(f"pearson needs two 1-D sequences of one length, got "
+                                f"{x.shape} and {y.shape}")
+    if x.size < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((dx * dx).sum()) * float((dy * dy).sum()))
+    if den == 0.0:
+        return float("nan")
+    return float(max(-1.0, min(1.0, float((dx * dy).sum()) / den)))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The paper's agreement statistic of one metric with one attack.
+
+    Attributes:
+        pearson: the correlation of ``metric_drop`` with ``attack_rise`` (``nan`` if undefined).
+        ci95: Fisher-z 95% interval of the correlation (``None`` below 4 splits).
+        p_value: two-sided p-value of ``r = 0`` (t-test with ``n - 2`` degrees of freedom).
+        n: split points used.
+        metric_drop, attack_rise: the two sequences.
+    """
+
+    pearson: float
+    ci95: tuple[float, float] | None
+    p_value: float | None
+    n: int
+    metric_drop: list[float]
+    attack_rise: list[float]
+
+    def as_dict(self) -> dict:
+        def num(v: float) -> float | None:
+            return float(v) if v is not None and math.isfinite(v) else None
+
+        return {"pearson": num(self.pearson),
+                "ci95": [num(c) for c in self.ci95] if self.ci95 else None,
+                "p_value": num(self.p_value) if self.p_value is not None else None, "n": self.n,
+                "metric_drop": [num(v) for v in self.metric_drop],
+                "attack_rise": [num(v) for v in self.attack_rise]}
+
+
+def agreement(metric: Sequence[float], mse: Sequence[float]) -> Agreement:
+    """Pearson correlation of a metric's relative drop with the attack MSE's relative rise.
+
+    Args:
+        metric: the metric's value at each split point, shallowest first.
+        mse: the attack's mean reconstruction MSE at the same split points.
+
+    Returns:
+        :class:`Agreement`.
+
+    Example:
+        >>> a = agreement([4.0, 2.0, 1.0], [0.1, 0.2, 0.4])
+        >>> a.metric_drop, [round(v, 12) for v in a.attack_rise], round(a.pearson, 6)
+        ([0.0, 0.5, 0.75], [0.0, 0.5, 0.75], 1.0)
+    """
+    drop, rise = relative_drop(metric), relative_rise(mse)
+    if drop.shape != rise.shape:
+        raise InvalidInputError(
+            f"metric has {drop.size} split points but the attack has {rise.size}"
+        )
+    r = pearson(drop, rise)
+    n = int(drop.size)
+    ci = None
+    p = None
+    if math.isfinite(r):
+        if n >= 4:
+            zr = math.atanh(max(-0.999999999, min(0.999999999, r)))
+            h = _Z95 / math.sqrt(n - 3)
+            ci = (math.tanh(zr - h), math.tanh(zr + h))
+        if n >= 3:
+            from scipy.stats import t as student_t
+
+            if abs(r) >= 1.0:
+                p = 0.0
+            else:
+                tstat = r * math.sqrt((n - 2) / (1.0 - r * r))
+                p = float(2.0 * student_t.sf(abs(tstat), n - 2))
+    return Agreement(pearson=r, ci95=ci, p_value=p, n=n, metric_drop=drop.tolist(),
+                     attack_rise=rise.tolist())

@@ -1,0 +1,590 @@
+"""The validate job: metrics and attacks at every split point, agreement, noise sweep, bounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..attacks import (
+    AttackResult,
+    distance_correlation,
+    inverse_network_attack,
+    ksg_mutual_information,
+    observe,
+    optimization_attack,
+)
+from ..bounds import dfil_bound, fsinfo_bound
+from ..errors import InvalidInputError
+from .agreement import agreement
+
+__all__ = ["ValidateConfig", "ValidateOutcome", "run_validate", "SCHEMA", "PAPER_PEARSON"]
+
+log = logging.getLogger(__name__)
+
+#: Identifies the layout of ``validate.json``.
+SCHEMA = "fsinfo_fast.validate/1"
+#: The paper's Pearson correlations (CIFAR-10, inverse-network attack; PAPER.md).
+PAPER_PEARSON = {
+    "resnet18": {"fsinfo_diag": 0.9875, "dfil": 0.9570, "dcor": 0.9711, "knn_mi": 0.9437},
+    "vgg5": {"fsinfo_diag": 0.9872, "dfil": 0.8945, "dcor": 0.7332, "knn_mi": 0.6690},
+}
+#: Metrics whose agreement is reported, in table order (``fsinfo_logdet`` when computed).
+METRICS = ("fsinfo_diag", "fsinfo_logdet", "dfil", "dcor", "knn_mi", "knn_mi_pca")
+ATTACKS = ("inverse_network", "optimization")
+_Z95 = 1.959963984540054
+
+
+@dataclass
+class ValidateConfig:
+    """Options of a validate run (the CLI flags; see ``fsinfo-fast validate --help``).
+
+    Attributes:
+        models: zoo models, each trained briefly on ``data`` (cached weights).
+        data: bundled data set, ``natural`` (CIFAR-sized photograph crops) or ``digits``.
+        size: image side in pixels.
+        epochs: training epochs of the models.
+        splits: ``paper`` (each model's ``paper_splits``), ``all``, or a comma list.
+        sigma: noise scale of the smashed data (the paper's nominal 0.1 by default).
+        samples: held-out samples for the per-sample metrics, the optimisation attack and the
+            bound report (the first ones of the test split).
+        eval_samples: held-out samples for the inverse network's scores and the set-level
+            baselines (dCor, kNN MI); ``None``: the whole test split.
+        train_samples: the attacker's training samples for the decoder (``None``: all).
+        probes: probes per sample of the randomized FSInfo_diag / dFIL estimator.
+        exact_max: splits with ``min(m, d)`` at most this are computed exactly.
+        logdet: also compute FSInfo log det (with ``prior_var`` = the training pixels' variance
+            so that it is finite everywhere); slow.
+        decoder_epochs, decoder_width: the inverse network's training.
+        attack_steps, attack_lr, tv_weight: the optimisation attack.
+        mi_k: neighbours of the KSG estimator; mi_dims: PCA dimensions of ``knn_mi_pca``.
+        sweep_model, sweep_split, sweep_sigmas: the noise sweep (``sweep_model`` must be one of
+            ``models``; no sweep if ``sweep_sigmas`` is empty).
+        seed: seeds the model training, the probes, the noise and the attacks.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        backend: product backend of the metrics.
+        out: output folder (default ``fsinfo-validate/<time>``).
+        plot: write the PNG figures.
+        progress: show a progress bar; table: print the result table.
+    """
+
+    models: tuple[str, ...] = ("vgg5", "resnet18")
+    data: str = "natural"
+    size: int = 16
+    epochs: int = 4
+    splits: str = "paper"
+    sigma: float = 0.1
+    samples: int = 6
+    eval_samples: int | None = None
+    train_samples: int | None = None
+    probes: int = 16
+    exact_max: int = 256
+    logdet: bool = False
+    decoder_epochs: int = 8
+    decoder_width: int = 16
+    attack_steps: int = 100
+    attack_lr: float = 0.05
+    tv_weight: float = 0.01
+    mi_k: int = 3
+    mi_dims: int = 8
+    sweep_model: str = "vgg5"
+    sweep_split: int = 2
+    sweep_sigmas: tuple[float, ...] = (0.1, 1.0, 10.0, 50.0)
+    seed: int = 0
+    device: str = "auto"
+    backend: str = "auto"
+    out: str | None = None
+    plot: bool = True
+    progress: bool = True
+    table: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`~fsinfo_fast.errors.InvalidInputError` for a bad setting."""
+        from ..data import DATASETS
+        from ..models import ZOO
+
+        if not self.models:
+            raise InvalidInputError("--models needs at least one model")
+        for mname in self.models:
+            if mname not in ZOO:
+                raise InvalidInputError(
+                    f"unknown model {mname!r}; zoo models: {', '.join(sorted(ZOO))}")
+        if self.data not in DATASETS:
+            raise InvalidInputError(
+                f"unknown data set {self.data!r}; bundled: {', '.join(sorted(DATASETS))}")
+        for key in ("size", "samples", "probes", "decoder_epochs", "decoder_width",
+                    "attack_steps", "mi_k", "mi_dims"):
+            if int(getattr(self, key)) < 1:
+                raise InvalidInputError(f"--{key.replace('_', '-')} must be >= 1, "
+                                        f"got {getattr(self, key)}")
+        if self.size < 8:
+            raise InvalidInputError(f"--size must be >= 8 pixels, got {self.size}")
+        if self.probes < 2:
+            raise InvalidInputError(f"--probes must be >= 2, got {self.probes}")
+        if self.epochs < 0:
+            raise InvalidInputError(f"--epochs must be >= 0, got {self.epochs}")
+        for key in ("eval_samples", "train_samples"):
+            v = getattr(self, key)
+            if v is not None and v < 2:
+                raise InvalidInputError(f"--{key.replace('_', '-')} must be >= 2, got {v}")
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise InvalidInputError(f"--sigma must be finite and > 0, got {self.sigma}")
+        if any(not (math.isfinite(s) and s > 0) for s in self.sweep_sigmas):
+            raise InvalidInputError(f"--sweep-sigmas must be finite and > 0, got "
+                                    f"{list(self.sweep_sigmas)}")
+        if self.sweep_sigmas and self.sweep_model not in self.models:
+            raise InvalidInputError(
+                f"--sweep-model {self.sweep_model!r} is not among --models "
+                f"({', '.join(self.models)}); add it or pass --sweep-sigmas none")
+        if not (self.attack_lr > 0 and self.tv_weight >= 0):
+            raise InvalidInputError("--attack-lr must be > 0 and --tv-weight >= 0")
+
+
+@dataclass
+class ValidateOutcome:
+    """What :func:`run_validate` returns: the output folder, the JSON document and its files."""
+
+    out: Path
+    report: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _num(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _mean_se(v: Tensor, se: Tensor | None = None) -> dict[str, Any]:
+    """Mean over samples with the estimator's and the sampling error bars."""
+    v = v.detach().to(torch.float64).cpu()
+    n = int(v.numel())
+    out: dict[str, Any] = {"mean": _num(v.mean()), "n": n,
+                           "sample_std": _num(v.std()) if n > 1 else None,
+                           "min": _num(v.min()), "max": _num(v.max())}
+    # the standard error of the mean as an estimate of the data set's mean (sampling + estimator)
+    out["stderr"] = _num(v.std() / math.sqrt(n)) if n > 1 else None
+    if se is not None:
+        est = float(torch.sqrt((se.to(torch.float64).cpu() ** 2).sum()) / n)
+        out["estimator_stderr"] = _num(est)
+        out["max_sample_ci95_halfwidth"] = _num(_Z95 * se.max())
+    if out["stderr"] is not None:
+        out["ci95"] = [out["mean"] - _Z95 * out["stderr"], out["mean"] + _Z95 * out["stderr"]]
+    return out
+
+
+def _resolve_out(cfg: ValidateConfig) -> Path:
+    if cfg.out:
+        out = Path(cfg.out)
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = Path("fsinfo-validate") / stamp
+    if out.exists() and not out.is_dir():
+        raise InvalidInputError(f"--out {out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _load_demo(cfg: ValidateConfig, name: str, device: torch.device, bar) -> dict[str, Any]:
+    """The briefly trained model and its train / test data (the attacker trains on the former)."""
+    from ..train import _demo_data, demo_model
+
+    if bar is not None:
+        bar.set_postfix_str(f"{name}: training (cached after the first run)", refresh=True)
+    model, x_te, _, acc = demo_model(name, data=cfg.data, size=cfg.size, seed=cfg.seed,
+                                     epochs=cfg.epochs, cache=True)
+    x_tr, _, x_te2, _ = _demo_data(cfg.data, cfg.size, cfg.seed)
+    if not torch.equal(x_te, x_te2):  # pragma: no cover - both come from one function
+        raise RuntimeError("demo_model's test split differs from its data split")
+    if cfg.train_samples is not None:
+        x_tr = x_tr[: cfg.train_samples]
+    if cfg.eval_samples is not None:
+        x_te = x_te[: cfg.eval_samples]
+    if cfg.samples > len(x_te):
+        raise InvalidInputError(
+            f"--samples {cfg.samples} exceeds the {len(x_te)} held-out samples available")
+    return {"model": model.to(device).eval(), "x_train": x_tr.to(device),
+            "x_test": x_te.to(device), "accuracy": acc}
+
+
+def _features(model: nn.Module, splits: list, xs: list[Tensor]) -> list[dict[str, Tensor]]:
+    """Each split's smashed data for each tensor in ``xs``, sharing one pass per batch where the
+    splits nest (:class:`~fsinfo_fast.profile.shared.NestedStack`)."""
+    from ..profile.shared import NestedStack
+
+    encoders = {s.name: s.encoder for s in splits}
+    example = xs[0][:1]
+    stack = NestedStack(model, list(encoders), example, encoders)
+    shapes = {}
+    with torch.no_grad():
+        for n, enc in encoders.items():
+            shapes[n] = tuple(enc(example).shape[1:])
+    out: list[dict[str, Tensor]] = []
+    for x in xs:
+        feats: dict[str, list[Tensor]] = {n: [] for n in encoders}
+        for i in range(0, len(x), 128):
+            xb = x[i : i + 128]
+            got = stack.forward(xb) if stack.names else {}
+            for n, enc in encoders.items():
+                if n in got:
+                    feats[n].append(got[n].reshape(len(xb), *shapes[n]))
+                else:
+                    with torch.no_grad():
+                        feats[n].append(enc(xb))
+        out.append({n: torch.cat(v) for n, v in feats.items()})
+    return out
+
+
+def _diag_metrics(cfg: ValidateConfig, enc: nn.Module, x: Tensor, sigma: float,
+                  seed: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """FSInfo_diag and dFIL per sample: exact for small ``min(m, d)``, else from the same ``K``
+    VJP probes (one randomized pass gives both)."""
+    from .. import dfil, fsinfo
+    from ..encoder import prepare
+    from ..engine import make_products
+    from ..estimators import estimate_diag
+
+    prepared = prepare(enc, x)
+    if min(prepared.m, prepared.d) <= cfg.exact_max:
+        fs = fsinfo(enc, x, sigma=sigma, estimator="exact")
+        df = dfil(enc, x, sigma=sigma, estimator="exact")
+        values = {"fsinfo_diag": (fs.value, fs.stderr), "dfil": (df.value, df.stderr)}
+        how = {"estimator": "exact", "probes": None, "backend": "reference"}
+    else:
+        products = make_products(prepared, cfg.backend)
+        est = estimate_diag(products, sigma=sigma, seed=seed, num_probes=cfg.probes)
+        values = {"fsinfo_diag": (est.fsinfo_diag.value, est.fsinfo_diag.stderr),
+                  "dfil": (est.dfil.value, est.dfil.stderr)}
+        how = {"estimator": "randomized", "probes": cfg.probes,
+               "backend": getattr(products, "backend", str(cfg.backend))}
+    per_sample = {k: v[0].detach().cpu().to(torch.float64) for k, v in values.items()}
+    per_sample.update({f"{k}_stderr": v[1].detach().cpu().to(torch.float64)
+                       for k, v in values.items()})
+    summary = {k: dict(_mean_se(v[0], v[1]), **how) for k, v in values.items()}
+    return summary, per_sample
+
+
+def _logdet(cfg: ValidateConfig, enc: nn.Module, x: Tensor, sigma: float, prior_var: float,
+            seed: int) -> tuple[dict[str, Any], Tensor]:
+    from .. import fsinfo
+
+    r = fsinfo(enc, x, sigma=sigma, variant="logdet", prior_var=prior_var, atol=0.02, seed=seed,
+               backend=cfg.backend)
+    return dict(_mean_se(r.value, r.stderr), estimator=r.estimator,
+                prior_var=prior_var), r.value.detach().cpu().to(torch.float64)
+
+
+def _bound_fractions(mse: Tensor, per_sample: dict[str, Tensor]) -> dict[str, Any]:
+    """How often the attack's per-sample MSE falls below each bound (per dimension)."""
+    out: dict[str, Any] = {}
+    mse = mse.to(torch.float64).cpu()
+    bounds = {"dfil": dfil_bound(per_sample["dfil"]),
+              "fsinfo_diag": fsinfo_bound(per_sample["fsinfo_diag"])}
+    if "fsinfo_logdet" in per_sample:
+        bounds["fsinfo_logdet"] = fsinfo_bound(per_sample["fsinfo_logdet"])
+    for key, b in bounds.items():
+        below = mse < b.value
+        out[key] = {"proven": b.proven, "fraction_below": float(below.double().mean()),
+                    "count_below": int(below.sum()), "n": int(mse.numel()),
+                    "bound_mean": _num(b.value.mean()),
+                    "mse_over_bound_median": _num((mse / b.value).median())}
+    return out
+
+
+def _attack_summary(r: AttackResult, n_first: int | None = None) -> dict[str, Any]:
+    out = {"all": r.summary()}
+    if n_first is not None and n_first < len(r.mse):
+        out["first"] = AttackResult(r.attack, r.x_hat[:n_first], r.mse[:n_first],
+                                    r.psnr[:n_first], r.ssim[:n_first], r.sigma).summary()
+    keep = {k: v for k, v in r.info.items() if isinstance(v, (int, float, str))}
+    out["settings"] = keep
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the job
+
+
+def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
+    """Run the validation (see :mod:`fsinfo_fast.validate`) and write its JSON and figures."""
+    cfg.validate()
+    from ..profile.distributed import resolve_device
+    from ..profile.sources import resolve_splits
+    from ..profile.store import atomic_write_bytes, atomic_write_text
+
+    device = resolve_device(cfg.device)
+    out = _resolve_out(cfg)
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    bar = None
+    models_report: list[dict[str, Any]] = []
+    examples: dict[str, Any] = {}
+    sweep_report: dict[str, Any] | None = None
+
+    try:
+        loaded: dict[str, dict[str, Any]] = {}
+        split_lists: dict[str, list] = {}
+        for name in cfg.models:
+            t0 = time.perf_counter()
+            loaded[name] = _load_demo(cfg, name, device, None)
+            split_lists[name] = resolve_splits(loaded[name]["model"], cfg.splits)
+            timing[f"{name}/train"] = time.perf_counter() - t0
+        # one progress step per (model, split) and per sweep sigma
+        total = sum(len(v) for v in split_lists.values()) + len(cfg.sweep_sigmas)
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc="validate", unit="step", file=sys.stderr,
+                       dynamic_ncols=True)
+        for name in cfg.models:
+            rep, ex = _validate_model(cfg, name, loaded[name], split_lists[name], bar, timing)
+            models_report.append(rep)
+            examples[name] = ex
+        if cfg.sweep_sigmas:
+            sweep_report, ex = _noise_sweep(cfg, loaded[cfg.sweep_model],
+                                            split_lists[cfg.sweep_model], bar, timing)
+            examples["sweep"] = ex
+    finally:
+        if bar is not None:
+            bar.close()
+
+    report: dict[str, Any] = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "settings": {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in asdict(cfg).items() if k not in ("progress", "table", "plot")},
+        "environment": _environment(device),
+        "models": models_report,
+        "noise_sweep": sweep_report,
+        "bounds": _bounds_overview(models_report, sweep_report),
+        "paper": {"pearson": PAPER_PEARSON, "protocol": "Pearson correlation across split "
+                  "points of (m0 - mi)/m0 with (MSE_i - MSE0)/MSE_i, inverse-network attack"},
+    }
+    files: dict[str, str] = {}
+    if cfg.plot:
+        from .plot import plot_agreement, plot_noise_sweep, plot_reconstructions, plot_splits
+
+        t0 = time.perf_counter()
+        pngs = {"agreement.png": plot_agreement(report)}
+        for m in models_report:
+            pngs[f"splits_{m['model']}.png"] = plot_splits(m)
+            pngs[f"reconstructions_{m['model']}.png"] = plot_reconstructions(
+                m["model"], examples[m["model"]])
+        if sweep_report is not None:
+            pngs["noise_sweep.png"] = plot_noise_sweep(sweep_report, examples["sweep"])
+        for fname, data in pngs.items():
+            atomic_write_bytes(out / fname, data)
+            files[fname.removesuffix(".png")] = str(out / fname)
+        timing["plots"] = time.perf_counter() - t0
+    timing["total"] = time.perf_counter() - t_start
+    report["timing_s"] = {k: round(v, 2) for k, v in timing.items()}
+    report["files"] = {k: Path(v).name for k, v in files.items()}
+    report["files"]["json"] = "validate.json"
+    atomic_write_text(out / "validate.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    files["json"] = str(out / "validate.json")
+    if cfg.table:
+        from .report import print_table
+
+        print_table(report, files)
+    return ValidateOutcome(out=out, report=report, files=files)
+
+
+def _environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {"fsinfo_fast": __version__, "torch": torch.__version__,
+                           "python": platform.python_version(), "platform": platform.platform(),
+                           "device": str(device), "torch_threads": torch.get_num_threads(),
+                           "cpu_count": os.cpu_count()}
+    try:
+        env["load_average"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        pass
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def _step(bar, text: str) -> Any:
+    if bar is None:
+        return None
+
+    def show(msg: str) -> None:
+        bar.set_postfix_str(f"{text}: {msg}", refresh=True)
+
+    show("start")
+    return show
+
+
+def _validate_model(cfg: ValidateConfig, name: str, data: dict[str, Any], splits: list, bar,
+                    timing: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    model, x_tr, x_te = data["model"], data["x_train"], data["x_test"]
+    x = x_te[: cfg.samples]
+    prior_var = float(x_tr.double().var())
+    t0 = time.perf_counter()
+    f_train, f_test = _features(model, splits, [x_tr, x_te])
+    timing[f"{name}/features"] = time.perf_counter() - t0
+    zgen = torch.Generator().manual_seed(cfg.seed + 2)
+    split_reports: list[dict[str, Any]] = []
+    series: dict[str, list[float | None]] = {k: [] for k in METRICS}
+    mse_series: dict[str, list[float | None]] = {a: [] for a in ATTACKS}
+    examples: dict[str, Any] = {"x": x_te[:6].cpu(), "rows": []}
+    for sp in splits:
+        label = f"{name} split {sp.label} ({sp.layer})"
+        show = _step(bar, label)
+        t_split = time.perf_counter()
+        enc = sp.encoder
+        rep: dict[str, Any] = {"index": sp.index, "name": sp.name, "layer": sp.layer,
+                               "feature_shape": list(f_test[sp.name].shape[1:]),
+                               "d": int(x[0].numel()), "m": int(f_test[sp.name][0].numel())}
+        metrics: dict[str, Any] = {}
+        show and show("FSInfo / dFIL")
+        summ, per_sample = _diag_metrics(cfg, enc, x, cfg.sigma, cfg.seed)
+        metrics.update(summ)
+        if cfg.logdet:
+            show and show("FSInfo log det")
+            metrics["fsinfo_logdet"], per_sample["fsinfo_logdet"] = _logdet(
+                cfg, enc, x, cfg.sigma, prior_var, cfg.seed)
+        show and show("dCor / kNN MI")
+        z_eval = observe(f_test[sp.name], cfg.sigma, zgen)
+        dc = distance_correlation(x_te, z_eval)
+        mi = ksg_mutual_information(x_te, z_eval, k=cfg.mi_k)
+        mip = ksg_mutual_information(x_te, z_eval, k=cfg.mi_k, dims=cfg.mi_dims)
+        for key, st in (("dcor", dc), ("knn_mi", mi), ("knn_mi_pca", mip)):
+            metrics[key] = {"value": _num(st.value), "stderr": _num(st.stderr), "n": st.n,
+                            **{k2: v for k2, v in st.info.items() if v is not None}}
+        rep["metrics"] = metrics
+        show and show("inverse network")
+        inv = inverse_network_attack(
+            enc, cfg.sigma, x_tr, x_te, epochs=cfg.decoder_epochs, width=cfg.decoder_width,
+            seed=cfg.seed, features=(f_train[sp.name], f_test[sp.name]), progress=show)
+        show and show("optimisation attack")
+        opt = optimization_attack(enc, cfg.sigma, x, steps=cfg.attack_steps, lr=cfg.attack_lr,
+                                  tv_weight=cfg.tv_weight, seed=cfg.seed, progress=show)
+        rep["attacks"] = {"inverse_network": _attack_summary(inv, cfg.samples),
+                          "optimization": _attack_summary(opt)}
+        rep["bounds"] = {"optimization": _bound_fractions(opt.mse, per_sample),
+                         "inverse_network": _bound_fractions(inv.mse[: cfg.samples], per_sample)}
+        rep["per_sample"] = {
+            "fsinfo_diag": per_sample["fsinfo_diag"].tolist(),
+            "dfil": per_sample["dfil"].tolist(),
+            "optimization_mse": opt.mse.tolist(),
+            "inverse_network_mse": inv.mse[: cfg.samples].tolist(),
+        }
+        if "fsinfo_logdet" in per_sample:
+            rep["per_sample"]["fsinfo_logdet"] = per_sample["fsinfo_logdet"].tolist()
+        rep["seconds"] = round(time.perf_counter() - t_split, 2)
+        timing[f"{name}/split {sp.label}"] = time.perf_counter() - t_split
+        split_reports.append(rep)
+        for key in METRICS:
+            m = metrics.get(key)
+            series[key].append(None if m is None else m.get("mean", m.get("value")))
+        mse_series["inverse_network"].append(inv.summary()["mse"]["mean"])
+        mse_series["optimization"].append(opt.summary()["mse"]["mean"])
+        examples["rows"].append({"label": f"{sp.label} {sp.layer}",
+                                 "inverse_network": inv.x_hat[:6], "optimization": opt.x_hat[:6]})
+        if bar is not None:
+            bar.update(1)
+    agree: dict[str, Any] = {}
+    for attack in ATTACKS:
+        agree[attack] = {}
+        for key in METRICS:
+            vals = series[key]
+            if any(v is None for v in vals) or len(vals) < 2:
+                continue
+            agree[attack][key] = agreement(vals, mse_series[attack]).as_dict()
+    report = {"model": name, "data": cfg.data, "size": cfg.size,
+              "test_accuracy": _num(data["accuracy"]),
+              "train_samples": int(len(x_tr)), "eval_samples": int(len(x_te)),
+              "samples": int(len(x)), "sigma": cfg.sigma, "splits": split_reports,
+              "agreement": agree, "paper_pearson": PAPER_PEARSON.get(name)}
+    return report, examples
+
+
+def _noise_sweep(cfg: ValidateConfig, data: dict[str, Any], splits: list, bar,
+                 timing: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from ..profile.sources import resolve_splits
+
+    model, x_tr, x_te = data["model"], data["x_train"], data["x_test"]
+    sp = resolve_splits(model, [cfg.sweep_split])[0]
+    x = x_te[: cfg.samples]
+    f_train, f_test = _features(model, [sp], [x_tr, x_te])
+    points: list[dict[str, Any]] = []
+    examples: dict[str, Any] = {"x": x_te[:6].cpu(), "rows": []}
+    for sigma in cfg.sweep_sigmas:
+        show = _step(bar, f"noise sweep sigma={sigma:g}")
+        t0 = time.perf_counter()
+        summ, per_sample = _diag_metrics(cfg, sp.encoder, x, float(sigma), cfg.seed)
+        inv = inverse_network_attack(
+            sp.encoder, float(sigma), x_tr, x_te, epochs=cfg.decoder_epochs,
+            width=cfg.decoder_width, seed=cfg.seed,
+            features=(f_train[sp.name], f_test[sp.name]), progress=show)
+        opt = optimization_attack(sp.encoder, float(sigma), x, steps=cfg.attack_steps,
+                                  lr=cfg.attack_lr, tv_weight=cfg.tv_weight, seed=cfg.seed,
+                                  progress=show)
+        shifted = per_sample["fsinfo_diag"] + math.log(sigma)
+        points.append({
+            "sigma": float(sigma), "metrics": summ,
+            "fsinfo_diag_plus_ln_sigma": _mean_se(shifted),
+            "attacks": {"inverse_network": _attack_summary(inv, cfg.samples),
+                        "optimization": _attack_summary(opt)},
+            "bounds": {"optimization": _bound_fractions(opt.mse, per_sample),
+                       "inverse_network": _bound_fractions(inv.mse[: cfg.samples], per_sample)},
+            "per_sample_fsinfo_diag_plus_ln_sigma": shifted.tolist(),
+        })
+        examples["rows"].append({"label": f"sigma {sigma:g}", "inverse_network": inv.x_hat[:6],
+                                 "optimization": opt.x_hat[:6]})
+        timing[f"sweep/sigma {sigma:g}"] = time.perf_counter() - t0
+        if bar is not None:
+            bar.update(1)
+    const = [p["fsinfo_diag_plus_ln_sigma"]["mean"] for p in points]
+    per = torch.tensor([p["per_sample_fsinfo_diag_plus_ln_sigma"] for p in points])
+    return {"model": cfg.sweep_model,
+            "split": {"index": sp.index, "name": sp.name, "layer": sp.layer},
+            "samples": int(len(x)), "points": points,
+            "fsinfo_diag_plus_ln_sigma_spread": _num(max(const) - min(const)),
+            "per_sample_max_spread": _num((per.max(0).values - per.min(0).values).max()),
+            "variance_of_data": _num(x_te.double().var())}, examples
+
+
+def _bounds_overview(models: list[dict[str, Any]], sweep: dict[str, Any] | None) -> dict:
+    """Pooled counts of samples whose optimisation-attack MSE fell below each bound."""
+    out: dict[str, Any] = {"note": (
+        "per-sample MSE of one reconstruction against the per-dimension bounds: 1/dFIL "
+        "(Cramer-Rao, proven only for unbiased attackers) and exp(-2 FSInfo)/(2 pi e) (the "
+        "FSInfo Gaussian surrogate, not a theorem); the attacks are biased (prior, box "
+        "constraint), so neither bound binds them")}
+    for attack in ATTACKS:
+        pooled: dict[str, list[int]] = {}
+        for m in models:
+            for s in m["splits"]:
+                for key, b in s["bounds"][attack].items():
+                    c = pooled.setdefault(f"splits/{key}", [0, 0])
+                    c[0] += b["count_below"]
+                    c[1] += b["n"]
+        if sweep is not None:
+            for p in sweep["points"]:
+                for key, b in p["bounds"][attack].items():
+                    c = pooled.setdefault(f"sweep/{key}", [0, 0])
+                    c[0] += b["count_below"]
+                    c[1] += b["n"]
+        out[attack] = {k: {"count_below": v[0], "n": v[1],
+                           "fraction_below": v[0] / v[1] if v[1] else None}
+                       for k, v in pooled.items()}
+    return out
