@@ -66,20 +66,15 @@ def _best(fn, device, repeats: int) -> float:
 
 
 def _plain(enc, x):
-    """The torch.func products a user would write (primal recomputed per call)."""
+    """The torch.func products a user would write (the primal is recomputed per call): one
+    ``vjp``/``jvp`` of the batch (samples are independent in eval mode), ``vmap`` over probes."""
 
     def vjp_fn(U):  # U [B, K, *out]
-        def one(xb, ub):
-            _, pull = vjp(enc, xb[None])
-            return vmap(lambda u: pull(u[None])[0][0])(ub)
+        _, pull = vjp(enc, x)
+        return vmap(lambda u: pull(u)[0], in_dims=1, out_dims=1)(U)
 
-        return vmap(one)(x, U)
-
-    def jvp_fn(V):
-        def one(xb, vb):
-            return vmap(lambda v: jvp(enc, (xb[None],), (v[None],))[1][0])(vb)
-
-        return vmap(one)(x, V)
+    def jvp_fn(V):  # V [B, K, *in]
+        return vmap(lambda v: jvp(enc, (x,), (v,))[1], in_dims=1, out_dims=1)(V)
 
     return vjp_fn, jvp_fn
 
@@ -129,7 +124,12 @@ def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, prob
 
     provs["torchfunc-eager"] = (flat_v(pv), flat_j(pj))
     if compile_:
-        provs["torchfunc-compile"] = (flat_v(torch.compile(pv)), flat_j(torch.compile(pj)))
+        # only the VJPs are compiled (as in the benchmark runner): torch.compile of vmap-over-jvp
+        # fails on BatchNorm in torch 2.13 (a dynamo fake-tensor error) and the failed attempt
+        # leaves functorch state behind that breaks later vmap calls of the same process
+        cv, cj = torch.compile(pv), pj
+        row["compile_jvp"] = "not compiled (eager jvp)"
+        provs["torchfunc-compile"] = (flat_v(cv), flat_j(cj))
     for name, (fv, fj) in provs.items():
         try:
             check(name, fv(U), fj(V))
@@ -137,6 +137,7 @@ def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, prob
             if isinstance(err, SystemExit):
                 raise
             row["providers"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            torch._dynamo.reset()
             continue
 
         def slq(fv=fv, fj=fj):
@@ -210,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"only these encoders (of {[e[0] for e in ENCODERS]})")
     p.add_argument("--no-metric", dest="metric", action="store_false",
                    help="skip the adaptive per-image metric timing")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure every encoder in this process (default: one process each)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -225,6 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     backends = list(available_backends())
     result = {"environment": environment(device, threads), "device": str(device), "rows": [],
               "metric": []}
+    if len(encoders) > 1 and not args.in_process:
+        # one process per encoder: a failed torch.compile can leave autograd state behind that
+        # breaks later rows of the same process (seen with torch 2.13 on the CPU)
+        import subprocess
+        import tempfile
+
+        for label, *_ in encoders:
+            with tempfile.TemporaryDirectory() as tmp:
+                sub = Path(tmp) / "row.json"
+                cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                       "--only", label, "--in-process", "--no-metric", "--out", str(sub)]
+                subprocess.run(cmd, check=True)
+                result["rows"] += json.loads(sub.read_text())["rows"]
+        encoders = []
     for label, name, split, size, kw in encoders:
         batch = 1 if size >= 224 else args.batch
         row = bench_encoder(label, name, split, size, kw, device, torch.float32, batch, probes,
@@ -233,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
     if args.metric:
-        label, name, split, size, kw = encoders[-1]
+        label, name, split, size, kw = (SMOKE if args.smoke else ENCODERS)[-1] if not (
+            args.only) else next(e for e in ENCODERS + SMOKE if e[0] == args.only[-1])
         met = bench_metric(label, name, split, size, kw, device, backends,
                            1 if args.smoke else args.images)
         result["metric"].append(met)

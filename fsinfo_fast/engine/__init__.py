@@ -70,16 +70,23 @@ def available_backends() -> dict[str, tuple[bool, str]]:
     return {name: _availability(name) for name in BACKENDS}
 
 
+#: ``auto``'s order on a CPU. The engine with PyTorch's own elementwise ops is first: in
+#: ``benchmarks/results/backends_cpu.json`` (2 threads, K = 64) it was 1.5x faster than the C++ ops
+#: on VGG5 split 2 products and equal within 5% on ResNet-18 split 7, where the C++ ops won the
+#: SLQ proxy by 9%; ``cpp`` stays available by name.
+CPU_AUTO_ORDER = ("engine", "cpp", "torch")
+
+
 def _auto_candidates(device: torch.device | None) -> list[str]:
     """Backends ``auto`` may pick on ``device``, fastest first.
 
-    GPU backends only for CUDA tensors (Triton under ``TRITON_INTERPRET=1`` on a CPU is slow,
-    never chosen). On a CPU the C++ ops first, then the engine with plain-PyTorch ops, then
-    ``torch``; :func:`make_products` may still prefer ``torch`` for an encoder the engine would
-    mostly run through per-node ``torch.func`` (see there).
+    CUDA tensors: :data:`BACKENDS` order (``cuda``, ``triton``, ``cpp``, ``engine``, ``torch``).
+    Otherwise :data:`CPU_AUTO_ORDER` (GPU backends never: Triton under ``TRITON_INTERPRET=1``
+    is interpreted, slowly). :func:`make_products` may still prefer ``torch`` for an encoder the
+    engine would run partly through per-node ``torch.func`` (see there).
     """
     on_gpu = device is not None and torch.device(device).type == "cuda"
-    return [n for n in BACKENDS if on_gpu or n not in GPU_BACKENDS]
+    return list(BACKENDS) if on_gpu else list(CPU_AUTO_ORDER)
 
 
 def resolve_backend(backend: str | None = "auto", device: torch.device | None = None) -> str:
