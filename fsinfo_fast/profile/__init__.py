@@ -22,7 +22,8 @@ seed 0) on the bundled digits at 32x32 (:func:`fsinfo_fast.train.demo_model`), t
 held-out test digits, the paper's VGG5 split points 0-5, ``--sigma 0.1``, ``--variant diag``,
 ``--estimator auto`` with ``--atol 0.01`` (FSInfo, nats/dim) and ``--rtol 0.01`` (dFIL),
 ``--target -1``, batches of 8, output in a new folder ``fsinfo-profile/<model>-<data>-<time>/``.
-About 15 s on two idle CPU cores (11 s once the demo weights are cached), up to about 1.5 min
+The profile itself took 6 s on two idle CPU cores with the linearised engine (96 records; the
+brief training adds about 10 s the first time, then the weights are cached), up to about 1.5 min
 when the cores are shared with other CPU-bound jobs. The log-det variant is not in the default:
 at ``d = 3072`` its Lanczos quadrature costs about 1-3 s per sample and split on two cores
 (``--variant both`` adds it).
