@@ -125,14 +125,6 @@ def _load(args: argparse.Namespace, progress: bool):
     return model, data
 
 
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> float:
-    hits = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            hits += int((model(x[i : i + batch_size]).argmax(dim=1) == y[i : i + batch_size]).sum())
-    return hits / len(x)
-
-
 def _noisy_accuracy(model: nn.Module, at: str | int, x: Tensor, y: Tensor, sigma: Tensor,
                     draws: int, seed: int, batch_size: int) -> list[float]:
     """Top-1 accuracy with ``sigma`` (``[N]``) noise at the split, one value per draw."""
@@ -192,7 +184,12 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     if why_not is None:
         why_not = _classifier_ok(model, x, y)
     x_ev, y_ev = x[n_cal:], y[n_cal:]
-    clean = _accuracy(model, x_ev, y_ev, args.batch_size) if why_not is None else None
+    clean = None
+    if why_not is None:
+        from ..train import accuracy
+
+        with torch.no_grad():
+            clean = accuracy(model, x_ev, y_ev.cpu(), args.batch_size)
 
     bar = None
     if progress:
