@@ -120,9 +120,9 @@ def _to_result(est: Estimate, *, metric: str, units: str, sigma: Tensor, d: int,
     return MetricResult(
         value=est.value, stderr=est.stderr, metric=metric, units=units, estimator="randomized",
         sigma=sigma, d=d, m=m, num_probes=est.num_probes, passes=est.passes,
-        ci_halfwidth=est.ci_halfwidth, singular=est.singular,
-        info={"backend": backend, "converged": est.converged,
-              "probes_per_sample": est.probes_per_sample, **est.info, **info},
+        ci_halfwidth=est.ci_halfwidth, singular=est.singular, converged=est.converged,
+        probes_per_sample=est.probes_per_sample, bound=est.bound, bias_bound=est.bias_bound,
+        info={"backend": backend, **est.info, **info},
     )
 
 

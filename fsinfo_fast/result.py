@@ -44,7 +44,15 @@ class MetricResult:
         passes: Jacobian products (JVP or VJP) per sample.
         ci_halfwidth: ``[B]`` half-width of the 95% interval (0 for exact).
         singular: ``[B]`` bool, where the Fisher matrix was found singular (log-det is ``-inf``).
-        info: anything else worth knowing (backend, seed, variant options).
+        converged: ``[B]`` bool: the interval met the requested tolerance (always True for the
+            exact estimator; False where the probe cap stopped the sample first).
+        probes_per_sample: ``[B]`` int64 probes each sample's estimate used (``None``: exact).
+        bound: ``[B]`` bool: the value is a one-sided **upper bound**, not an estimate (e.g. a
+            log det whose spectrum reaches the working precision: eigenvalues below the
+            precision floor are clamped there). ``ci95()`` is then ``(-inf, value + hw)``.
+        bias_bound: ``[B]`` float64 deterministic error allowance (quadrature error, plug-in
+            bias, rounding) already included in ``ci_halfwidth`` (0 where there is none).
+        info: anything else worth knowing (backend, seed, variant options, fallbacks).
     """
 
     value: Tensor
@@ -59,18 +67,33 @@ class MetricResult:
     passes: int = 0
     ci_halfwidth: Tensor | None = None
     singular: Tensor | None = None
+    converged: Tensor | None = None
+    probes_per_sample: Tensor | None = None
+    bound: Tensor | None = None
+    bias_bound: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ci_halfwidth is None:
             object.__setattr__(self, "ci_halfwidth", _Z95 * self.stderr)
+        b, dev = self.value.shape[0], self.value.device
+        if self.converged is None:
+            object.__setattr__(self, "converged", torch.ones(b, dtype=torch.bool, device=dev))
+        if self.bound is None:
+            object.__setattr__(self, "bound", torch.zeros(b, dtype=torch.bool, device=dev))
+        if self.bias_bound is None:
+            object.__setattr__(self, "bias_bound",
+                               torch.zeros(b, dtype=torch.float64, device=dev))
 
     def __len__(self) -> int:
         return int(self.value.shape[0])
 
     def ci95(self) -> tuple[Tensor, Tensor]:
-        """Per-sample 95% interval ``(low, high)``."""
-        return self.value - self.ci_halfwidth, self.value + self.ci_halfwidth
+        """Per-sample 95% interval ``(low, high)`` (``low = -inf`` where ``bound``: the value is
+        then only an upper bound)."""
+        low = self.value - self.ci_halfwidth
+        low = torch.where(self.bound, torch.full_like(low, -math.inf), low)
+        return low, self.value + self.ci_halfwidth
 
     def to_bits(self) -> MetricResult:
         """The same result in bits per input dimension (FSInfo only)."""
@@ -83,7 +106,9 @@ class MetricResult:
             value=self.value * k, stderr=self.stderr * k, metric=self.metric, units="bits/dim",
             estimator=self.estimator, sigma=self.sigma, d=self.d, m=self.m,
             num_probes=self.num_probes, passes=self.passes, ci_halfwidth=self.ci_halfwidth * k,
-            singular=self.singular, info=dict(self.info),
+            singular=self.singular, converged=self.converged,
+            probes_per_sample=self.probes_per_sample, bound=self.bound,
+            bias_bound=self.bias_bound * k, info=dict(self.info),
         )
 
     def mean(self, population: bool = False) -> Aggregate:

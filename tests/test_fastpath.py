@@ -131,7 +131,7 @@ def test_adaptive_stopping_meets_atol_and_records_probes():
     enc = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Tanh()).eval()
     x = torch.rand(3, 1, 10, 10)
     r = ff.fsinfo(enc, x, estimator="randomized", atol=0.02)
-    assert bool((r.ci_halfwidth <= 0.02).all()) and bool(r.info["converged"].all())
+    assert bool((r.ci_halfwidth <= 0.02).all()) and bool(r.converged.all())
     assert r.num_probes >= 10 and r.passes >= r.num_probes
     exact = ff.fsinfo(enc, x, estimator="exact")
     assert bool(((r.value - exact.value).abs() <= 2.5 * r.ci_halfwidth).all())
@@ -222,7 +222,7 @@ def test_auto_keeps_unconverged_estimate_when_oracle_does_not_fit(monkeypatch):
     monkeypatch.setattr(metrics, "default_memory_budget", lambda device: 1000)
     with pytest.warns(RuntimeWarning, match="does not fit in memory"):
         r = ff.fsinfo(enc, x, atol=1e-6, max_probes=20)
-    assert r.estimator == "randomized" and not bool(r.info["converged"].all())
+    assert r.estimator == "randomized" and not bool(r.converged.all())
     monkeypatch.undo()
     r = ff.fsinfo(enc, x, atol=1e-6, max_probes=20)  # the oracle fits: auto finishes with it
     assert r.estimator == "exact"

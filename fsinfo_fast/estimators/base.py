@@ -70,6 +70,10 @@ class Estimate:
             does not depend on the other samples of the batch).
         singular: ``[B]`` bool where the value is ``-inf`` because a matrix is singular
             (or a column of ``J`` is zero with ``floor = 0``); ``None`` if not applicable.
+        bound: ``[B]`` bool where the value is only a one-sided upper bound (flagged, e.g. a
+            log det whose spectrum reaches the working precision); ``None``: nowhere.
+        bias_bound: ``[B]`` float64 deterministic error allowance (quadrature, plug-in bias,
+            rounding) included in ``ci_halfwidth``; ``None``: zero.
         info: method details (method, side, order, dof, seed, ...).
     """
 
@@ -81,6 +85,8 @@ class Estimate:
     converged: Tensor
     probes_per_sample: Tensor | None = None
     singular: Tensor | None = None
+    bound: Tensor | None = None
+    bias_bound: Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -102,6 +108,8 @@ class Estimate:
             converged=self.converged,
             probes_per_sample=self.probes_per_sample,
             singular=self.singular,
+            bound=self.bound,
+            bias_bound=None if self.bias_bound is None else self.bias_bound * f,
             info=dict(self.info),
         )
 
