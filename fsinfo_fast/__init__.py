@@ -29,8 +29,9 @@ from .errors import (
     SplitError,
     TrainingModeError,
 )
+from .linearization import Linearization, linearize
 from .metrics import dfil, dfil_sigma, fsinfo, fsinfo_sigma
-from .result import Aggregate, MetricResult
+from .result import Aggregate, MetricResult, SigmaResult
 from .split import split
 
 __all__ = [
@@ -44,10 +45,12 @@ __all__ = [
     "FSInfoError",
     "InvalidInputError",
     "InvalidInputTypeError",
+    "Linearization",
     "MetricResult",
     "NonFiniteProbeError",
     "NotDifferentiableError",
     "SampleInteractionError",
+    "SigmaResult",
     "SingularFisherWarning",
     "SplitError",
     "TrainingModeError",
@@ -58,6 +61,7 @@ __all__ = [
     "formulas",
     "fsinfo",
     "fsinfo_sigma",
+    "linearize",
     "models",
     "reference",
     "split",

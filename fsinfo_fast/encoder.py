@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ __all__ = [
     "check_input",
     "check_eval_mode",
     "saved_bytes_per_sample",
+    "clear_validation_cache",
 ]
 
 # Modules whose output depends on the batch or on randomness while in training mode.
@@ -55,20 +57,34 @@ class PreparedEncoder:
         x: the batch, flattened to ``[B, d]``, in the working dtype.
         in_shape: per-sample input shape.
         out_shape: per-sample output shape.
-        y: the encoder's output on ``x``, flattened to ``[B, m]``.
+        y: the encoder's output on ``x``, flattened to ``[B, m]`` (computed on first access when
+            the validation came from the cache, see :func:`prepare`).
         saved_bytes: bytes autograd saved per sample in the validating forward pass: a proxy for
             the memory one tangent or cotangent of one sample needs (used to chunk probes).
         module: the encoder itself (after any dtype cast), mapping ``[B, *in_shape]`` to
             ``[B, *out_shape]``; the linearised engine traces it (``None``: not available).
+        cached: True when the structural checks (differentiability, sample independence,
+            saved bytes) were taken from the validation cache instead of run on this batch.
     """
 
     fn: Callable[[Tensor], Tensor]
     x: Tensor
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    y: Tensor
+    _y: Tensor | None = None
     saved_bytes: int = 0
     module: Callable[[Tensor], Tensor] | None = None
+    cached: bool = False
+
+    @property
+    def y(self) -> Tensor:
+        if self._y is None:
+            with torch.no_grad():
+                y = self.fn(self.x)
+            if not bool(torch.isfinite(y).all()):
+                raise EncoderError(_NONFINITE_OUTPUT)
+            self._y = y.detach()
+        return self._y
 
     @property
     def batch(self) -> int:
@@ -80,7 +96,13 @@ class PreparedEncoder:
 
     @property
     def m(self) -> int:
-        return self.y.shape[1]
+        return math.prod(self.out_shape)
+
+
+_NONFINITE_OUTPUT = (
+    "the encoder's output contains NaN or inf on this batch; the Jacobian is undefined there. "
+    "Check the input's scale and the model's weights"
+)
 
 
 def check_sigma(sigma: float | Tensor, batch: int | None = None, name: str = "sigma") -> None:
@@ -209,14 +231,55 @@ def saved_bytes_per_sample(fn: Callable[[Tensor], Tensor], x1: Tensor) -> int:
     return max(int(counter.total), x1.numel() * x1.element_size())
 
 
+@dataclass
+class _Validated:
+    """What :func:`prepare` learned about an encoder for one input signature."""
+
+    out_shape: tuple[int, ...]
+    saved_bytes: int
+    interaction_checked: int  # samples checked alone (a large number: all of a batch)
+    enc: Callable[[Tensor], Tensor] | None  # the cast copy (None: the encoder itself; a strong
+    # reference to the key would keep the weak-keyed entry alive forever)
+
+
+#: encoder -> {signature: _Validated}; entries die with the encoder.
+_VALIDATION_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None) -> tuple:
+    """Cache key: input shape, dtypes, device, training flags, parameter identities (and their
+    in-place versions when a dtype cast makes a copy that would otherwise go stale)."""
+    key: tuple = (tuple(x.shape[1:]), x.dtype, dtype, str(x.device))
+    if isinstance(encoder, nn.Module):
+        tensors = list(encoder.parameters()) + list(encoder.buffers())
+        key += (tuple(m.training for m in encoder.modules()), tuple(id(t) for t in tensors))
+        if dtype is not None:
+            key += (tuple(t._version for t in tensors),)
+    return key
+
+
+def clear_validation_cache() -> None:
+    """Forget every cached encoder validation (see :func:`prepare`)."""
+    _VALIDATION_CACHE.clear()
+
+
 def prepare(
     encoder: Callable[[Tensor], Tensor],
     x: Tensor,
     *,
     dtype: torch.dtype | None = None,
     check_interaction: int | None = None,
+    cache: bool = False,
 ) -> PreparedEncoder:
     """Validate ``encoder`` and ``x`` and return the flat per-sample function.
+
+    The structural checks (a forward with autograd and a backward to prove the output depends
+    differentiably on ``x``, the sample-independence check, the saved-bytes count used to size
+    probe chunks, and a dtype cast's deep copy) depend on the encoder and the input's shape, not
+    on the values of this batch. With ``cache=True`` they are remembered per encoder object and
+    signature (input shape, dtypes, device, training flags, parameter identities), so a second
+    batch of the same shape pays only the input checks; its output ``y`` is then computed on first
+    access (a no-grad forward), with the same non-finite check.
 
     Args:
         encoder: ``nn.Module`` or callable mapping ``[B, *in_shape]`` to ``[B, *out_shape]``.
@@ -225,6 +288,8 @@ def prepare(
             (the reference uses float64). ``None`` keeps the dtypes as given.
         check_interaction: how many samples to check for independence from the rest of the batch
             (``f(x)[i] == f(x[i:i+1])``); ``None`` checks all of them.
+        cache: reuse (and store) the structural checks of an earlier call with this encoder and
+            signature.
 
     Raises:
         InvalidInputTypeError, InvalidInputError: bad ``x``.
@@ -239,6 +304,23 @@ def prepare(
         )
     x = check_input(x)
     check_eval_mode(encoder)
+    want = (1 << 62) if check_interaction is None else check_interaction
+    key = _signature(encoder, x, dtype) if cache else None
+    hit = None
+    if cache:
+        try:
+            hit = _VALIDATION_CACHE.get(encoder, {}).get(key)
+        except TypeError:  # not weak-referenceable
+            hit = None
+    need = min(want, x.shape[0]) if x.shape[0] > 1 else 0
+    if hit is not None and hit.interaction_checked >= need:
+        xc = x.to(dtype) if dtype is not None else x
+        in_shape = tuple(xc.shape[1:])
+        enc = encoder if hit.enc is None else hit.enc
+        return PreparedEncoder(
+            fn=_flat_fn(enc, in_shape), x=xc.reshape(xc.shape[0], -1).detach(),
+            in_shape=in_shape, out_shape=hit.out_shape, saved_bytes=hit.saved_bytes,
+            module=enc, cached=True)
     enc = _cast_encoder(encoder, dtype)
     if dtype is not None:
         x = x.to(dtype)
@@ -274,10 +356,7 @@ def prepare(
                 f"dimension first ([{batch}, ...])"
             )
         if not bool(torch.isfinite(out).all()):
-            raise EncoderError(
-                "the encoder's output contains NaN or inf on this batch; the Jacobian is "
-                "undefined there. Check the input's scale and the model's weights"
-            )
+            raise EncoderError(_NONFINITE_OUTPUT)
         grad = None
         if out.requires_grad:
             (grad,) = torch.autograd.grad(out.sum(), xr, allow_unused=True)
@@ -288,11 +367,9 @@ def prepare(
             )
     out = out.detach()
     out_shape = tuple(out.shape[1:])
-
-    def fn(flat: Tensor) -> Tensor:
-        return enc(flat.reshape(flat.shape[0], *in_shape)).reshape(flat.shape[0], -1)
-
+    fn = _flat_fn(enc, in_shape)
     y = out.reshape(batch, -1)
+    n = 0
     if batch > 1:
         n = batch if check_interaction is None else min(batch, check_interaction)
         with torch.no_grad():
@@ -309,5 +386,20 @@ def prepare(
                         "metric is per sample; use an encoder that treats samples independently"
                     )
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
+    if cache:
+        # a batch of one checks nothing about interaction: record 0 so a later larger batch does
+        checked = (1 << 62) if (batch > 1 and n == batch and check_interaction is None) else n
+        try:
+            _VALIDATION_CACHE.setdefault(encoder, {})[key] = _Validated(
+                out_shape, per_sample, checked, None if enc is encoder else enc)
+        except TypeError:
+            pass
     return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
-                           out_shape=out_shape, y=y, saved_bytes=per_sample, module=enc)
+                           out_shape=out_shape, _y=y, saved_bytes=per_sample, module=enc)
+
+
+def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]):
+    def fn(flat: Tensor) -> Tensor:
+        return enc(flat.reshape(flat.shape[0], *in_shape)).reshape(flat.shape[0], -1)
+
+    return fn

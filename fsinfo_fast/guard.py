@@ -127,7 +127,7 @@ class FSInfoGuard(nn.Module):
         kw = dict(self.metric_kwargs)
         if sample_ids is not None:
             kw["sample_ids"] = sample_ids
-        return fsinfo_sigma(self.encoder, x, self.target, self.variant, **kw)
+        return fsinfo_sigma(self.encoder, x, self.target, variant=self.variant, **kw).sigma
 
     @torch.no_grad()
     def calibrate(

@@ -9,22 +9,38 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["MetricResult", "Aggregate"]
+__all__ = ["MetricResult", "Aggregate", "SigmaResult", "Z95"]
 
-_Z95 = 1.959963984540054
+#: The two-sided 95% normal quantile (the one place it is written down).
+Z95 = 1.959963984540054
+_Z95 = Z95
 
 
 @dataclass(frozen=True)
 class Aggregate:
-    """A scalar summary over samples with its standard error (float64)."""
+    """A scalar summary over samples with its standard error and 95% half-width (float64).
+
+    The interval convention is the per-sample one: ``ci95() = value -+ ci_halfwidth``, the
+    half-width holding the probe-noise part (``1.96 * stderr`` by default) plus any
+    deterministic error allowance (``bias_bound``).
+    """
 
     value: float
     stderr: float
     index: int | None = None  # which sample, for the worst case
+    ci_halfwidth: float | None = None
+    bias_bound: float = 0.0
+    bound: bool = False  # the value is only an upper bound
+
+    def __post_init__(self) -> None:
+        if self.ci_halfwidth is None:
+            object.__setattr__(self, "ci_halfwidth", Z95 * self.stderr + self.bias_bound)
 
     def ci95(self) -> tuple[float, float]:
-        """Normal 95% interval ``value +- 1.96 stderr``."""
-        return (self.value - _Z95 * self.stderr, self.value + _Z95 * self.stderr)
+        """95% interval ``(value - ci_halfwidth, value + ci_halfwidth)`` (``-inf`` low end when
+        the value is only an upper bound)."""
+        low = -math.inf if self.bound else self.value - self.ci_halfwidth
+        return (low, self.value + self.ci_halfwidth)
 
 
 @dataclass(frozen=True)
@@ -122,16 +138,20 @@ class MetricResult:
         """
         v = self.value
         n = v.shape[0]
+        bias = float(self.bias_bound.mean())
         if population:
             se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
         else:
             se = float(torch.sqrt((self.stderr**2).sum()) / n)
-        return Aggregate(float(v.mean()), se)
+        return Aggregate(float(v.mean()), se, bias_bound=bias, bound=bool(self.bound.any()))
 
     def worst(self) -> Aggregate:
-        """The most leaking sample: the largest value (FSInfo and dFIL both grow with leakage)."""
+        """The most leaking sample: the largest value (FSInfo and dFIL both grow with leakage),
+        with that sample's own interval."""
         i = int(torch.argmax(self.value))
-        return Aggregate(float(self.value[i]), float(self.stderr[i]), index=i)
+        return Aggregate(float(self.value[i]), float(self.stderr[i]), index=i,
+                         ci_halfwidth=float(self.ci_halfwidth[i]),
+                         bias_bound=float(self.bias_bound[i]), bound=bool(self.bound[i]))
 
     def __repr__(self) -> str:
         n = len(self)
@@ -142,3 +162,87 @@ class MetricResult:
             f"MetricResult({self.metric}, [{head}{more}] {self.units}, "
             f"max stderr {se:.2g}, estimator={self.estimator}, B={n}, d={self.d}, m={self.m})"
         )
+
+
+@dataclass(frozen=True)
+class SigmaResult:
+    r"""Per-sample noise scales that reach a target (FSInfoGuard's ``sigma*``, dFIL calibration).
+
+    Attributes:
+        sigma: ``[B]`` float64 per-sample noise scale (in the smashed data's units).
+        target: ``[B]`` float64 target: FSInfo ``tau`` in nats per input dimension, or the dFIL
+            bound ``b`` (per-dimension MSE of unbiased attackers, squared input units).
+        metric: ``"fsinfo_diag"``, ``"fsinfo_logdet"`` or ``"dfil"``.
+        estimator: ``"exact"`` or ``"randomized"``.
+        ci_low, ci_high: ``[B]`` 95% interval of ``sigma`` from the estimate's interval (equal to
+            ``sigma`` for the exact estimator).
+        converged: ``[B]`` bool (see :class:`MetricResult`).
+        info: provenance (backend, probes, the metric result it was computed from).
+
+    Example:
+        >>> import torch
+        >>> s = SigmaResult(sigma=torch.tensor([1.0, 3.0], dtype=torch.float64),
+        ...                 target=torch.tensor([-1.0, -1.0], dtype=torch.float64),
+        ...                 metric="fsinfo_diag", estimator="exact")
+        >>> s.dataset("max"), s.dataset("mean")
+        (3.0, 2.0)
+    """
+
+    sigma: Tensor
+    target: Tensor
+    metric: str
+    estimator: str
+    ci_low: Tensor | None = None
+    ci_high: Tensor | None = None
+    converged: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ci_low is None:
+            object.__setattr__(self, "ci_low", self.sigma.clone())
+        if self.ci_high is None:
+            object.__setattr__(self, "ci_high", self.sigma.clone())
+        if self.converged is None:
+            object.__setattr__(self, "converged", torch.ones_like(self.sigma, dtype=torch.bool))
+
+    def __len__(self) -> int:
+        return int(self.sigma.shape[0])
+
+    def ci95(self) -> tuple[Tensor, Tensor]:
+        """Per-sample 95% interval of ``sigma``."""
+        return self.ci_low, self.ci_high
+
+    #: Data-set statistics :meth:`dataset` knows.
+    STATISTICS = ("max", "quantile", "mean", "rms")
+
+    def dataset(self, statistic: str = "max", q: float = 0.95, *,
+                conservative: bool = False) -> float:
+        """One data-set noise scale from the per-sample ones.
+
+        Args:
+            statistic: ``"max"`` (every sample reaches the target or better), ``"quantile"``
+                (a fraction ``q`` does), ``"mean"``, or ``"rms"`` (``sqrt(mean sigma^2)``: for
+                dFIL this is Maeng et al.'s calibration ``sqrt(b mean_x tr(J^T J) / d)``, which
+                puts the reciprocal of the batch-mean dFIL at ``b``).
+            q: the quantile for ``statistic="quantile"``, in ``(0, 1]``.
+            conservative: use the upper ends of the per-sample 95% intervals instead of the
+                estimates (more noise, never less protection from estimation error).
+        """
+        if statistic not in self.STATISTICS:
+            raise ValueError(f"statistic must be one of {self.STATISTICS}, got {statistic!r}")
+        s = self.ci_high if conservative else self.sigma
+        if statistic == "max":
+            return float(s.max())
+        if statistic == "mean":
+            return float(s.mean())
+        if statistic == "rms":
+            return float((s**2).mean().sqrt())
+        if not (isinstance(q, (int, float)) and 0 < q <= 1):
+            raise ValueError(f"q must be in (0, 1], got {q!r}")
+        return float(torch.quantile(s, q))
+
+    def __repr__(self) -> str:
+        head = ", ".join(f"{float(v):.4g}" for v in self.sigma[:4])
+        more = ", ..." if len(self) > 4 else ""
+        return (f"SigmaResult({self.metric}, sigma [{head}{more}], estimator={self.estimator}, "
+                f"B={len(self)})")

@@ -45,7 +45,7 @@ def test_guard_calibrate_dataset_sigma(statistic):
     data = [torch.rand(2, 1, 6, 6, dtype=torch.float64) for _ in range(3)]
     guard = ff.FSInfoGuard(enc, target=-0.5, estimator="exact")
     sigma = guard.calibrate(data, statistic=statistic, q=0.5)
-    per_sample = ff.fsinfo_sigma(enc, torch.cat(data), target=-0.5, estimator="exact")
+    per_sample = ff.fsinfo_sigma(enc, torch.cat(data), target=-0.5, estimator="exact").sigma
     expected = {"max": per_sample.max(), "mean": per_sample.mean(),
                 "quantile": per_sample.quantile(0.5)}[statistic]
     assert sigma == pytest.approx(float(expected), rel=1e-12)

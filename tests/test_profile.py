@@ -119,9 +119,9 @@ def test_numbers_match_public_api(finished_run, ckpt):
     x, _ = digits(size=8, split="test", max_samples=4)
     for k, name in [(3, "features.3"), (5, "classifier.0")]:
         enc = ff.split(model, k)
-        fs = ff.fsinfo(enc, x, 0.1, "diag", estimator="exact").value
+        fs = ff.fsinfo(enc, x, 0.1, variant="diag", estimator="exact").value
         dfil = ff.dfil(enc, x, 0.1, estimator="exact").value
-        sig = ff.fsinfo_sigma(enc, x, -1.0, "diag", estimator="exact")
+        sig = ff.fsinfo_sigma(enc, x, -1.0, variant="diag", estimator="exact").sigma
         rec = sorted((r for r in summary["samples"] if r["split"] == name),
                      key=lambda r: r["sample"])
         got = torch.tensor([r["fsinfo_diag"] for r in rec], dtype=torch.float64)
@@ -134,7 +134,7 @@ def test_numbers_match_public_api(finished_run, ckpt):
         assert all(r["fsinfo_diag_bound"] == pytest.approx(
             math.exp(-2 * r["fsinfo_diag"]) / (2 * math.pi * math.e), rel=1e-12) for r in rec)
         if k == 3:
-            ld = ff.fsinfo(enc, x, 0.1, "logdet", estimator="exact").value
+            ld = ff.fsinfo(enc, x, 0.1, variant="logdet", estimator="exact").value
             got = torch.tensor([r["fsinfo_logdet"] for r in rec], dtype=torch.float64)
             torch.testing.assert_close(got, ld, rtol=1e-10, atol=1e-10)
 

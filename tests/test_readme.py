@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from fsinfo_fast.cli import build_parser
 
@@ -38,7 +39,10 @@ def test_readme_quick_start_runs(capsys):
     r, exact = ns["r"], ns["exact"]
     # the fast estimate agrees with the exact oracle within its own error bar (+ rounding)
     assert bool(((r.value - exact.value).abs() <= 3 * r.stderr + 0.02).all())
-    assert ns["sigma"].shape == r.value.shape and bool((ns["sigma"] > 0).all())
+    sigma = ns["sigma"].sigma
+    assert sigma.shape == r.value.shape and bool((sigma > 0).all())
+    # the one-call wrapper is the linearization's method with the same seed
+    assert torch.equal(ns["r1"].value, r.value)
     assert capsys.readouterr().out  # it printed its results
 
 

@@ -167,12 +167,16 @@ def test_dfil_noise_calibration(zoo):
     """Maeng et al.: sigma = sqrt(b * mean_x tr(J^T J) / d) makes 1/mean dFIL equal b."""
     model, x = zoo["cnn_bn_maxpool_m<d"]
     b = 0.05
-    s = ff.dfil_sigma(model, x, bound=b)
+    per_sample = ff.dfil_sigma(model, x, bound=b)
+    s = per_sample.dataset("rms")
     dfil = ff.reference.dfil(model, x, sigma=s)
     torch.testing.assert_close(torch.tensor(1.0 / float(dfil.value.mean()), dtype=torch.float64),
                                torch.tensor(b, dtype=torch.float64))
     trace = ff.reference.fisher_trace(model, x)
     assert math.isclose(s, math.sqrt(b * float(trace.mean()) / x[0].numel()), rel_tol=1e-12)
+    # per sample: sigma_b puts that sample's 1/dFIL at b
+    own = ff.reference.dfil(model, x, sigma=per_sample.sigma).value
+    torch.testing.assert_close(1.0 / own, torch.full_like(own, b))
 
 
 def test_diag_floor_is_documented_parameter(zoo):

@@ -208,8 +208,8 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(0, n, args.batch_size):
                 xb = x[i : i + args.batch_size]
                 ids = torch.arange(i, i + len(xb))
-                sig.append(fsinfo_sigma(s.encoder, xb, args.target, args.variant, sample_ids=ids,
-                                        **kw).detach().cpu())
+                sig.append(fsinfo_sigma(s.encoder, xb, args.target, variant=args.variant,
+                                        sample_ids=ids, **kw).sigma.detach().cpu())
                 if bar is not None:
                     bar.update(len(xb))
             sig = torch.cat(sig)

@@ -596,7 +596,8 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
             if s.name in diags or cfg.variant == "logdet":
                 continue
             say(f"FSInfo diag {s.layer}")
-            r = _metric(ff.fsinfo, s.encoder, x, sigma, "diag", est, cfg.atol, ids=ids,
+            r = _metric(ff.fsinfo, s.encoder, x, sigma, variant="diag", estimator=est,
+                        atol=cfg.atol, ids=ids,
                         seed=cfg.seed, backend=cfg.backend)
             put(s.name, "fsinfo_diag", r.value.tolist())
             put(s.name, "fsinfo_diag_se", r.stderr.tolist())
@@ -629,7 +630,8 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
                     # take the per-split estimator (Hutch++), seeded per sample as well
                     rows = (~conv).nonzero().flatten()
                     say(f"dFIL {s.layer} ({len(rows)} sample(s) per split)")
-                    r = _metric(ff.dfil, s.encoder, x[rows.to(x.device)], sigma, est, cfg.rtol,
+                    r = _metric(ff.dfil, s.encoder, x[rows.to(x.device)], sigma, estimator=est,
+                                rtol=cfg.rtol,
                                 ids=ids[rows], seed=cfg.seed, backend=cfg.backend)
                     r_probes = _tensor_field(r, "probes_per_sample", len(rows), r.num_probes)
                     r_conv = _tensor_field(r, "converged", len(rows), True)
@@ -647,7 +649,8 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
                 put(s.name, "dfil_converged", conv.tolist())
             else:
                 say(f"dFIL {s.layer}")
-                r = _metric(ff.dfil, s.encoder, x, sigma, est, cfg.rtol, ids=ids, seed=cfg.seed,
+                r = _metric(ff.dfil, s.encoder, x, sigma, estimator=est, rtol=cfg.rtol, ids=ids,
+                            seed=cfg.seed,
                             backend=cfg.backend)
                 put(s.name, "dfil", r.value.tolist())
                 put(s.name, "dfil_se", r.stderr.tolist())
@@ -668,7 +671,8 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
             put(s.name, "fsinfo_logdet_status", [why] * b)
             continue
         say(f"FSInfo logdet {s.layer}")
-        r = _metric(ff.fsinfo, s.encoder, x, sigma, "logdet", est, cfg.atol, ids=ids,
+        r = _metric(ff.fsinfo, s.encoder, x, sigma, variant="logdet", estimator=est,
+                    atol=cfg.atol, ids=ids,
                     seed=cfg.seed, backend=cfg.backend, prior_var=cfg.prior_var)
         put(s.name, "fsinfo_logdet", [_num(v) for v in r.value])
         put(s.name, "fsinfo_logdet_se", [_num(v) for v in r.stderr])

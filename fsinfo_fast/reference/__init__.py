@@ -1,8 +1,10 @@
 """The exact oracle (dense float64 per-sample Jacobians). See :mod:`.oracle`."""
 
 from .oracle import (
+    ExactFisher,
     dfil,
     eigvals_from_jacobian,
+    exact_fisher,
     fisher_diag,
     fisher_eigvals,
     fisher_logdet,
@@ -13,7 +15,9 @@ from .oracle import (
 )
 
 __all__ = [
+    "ExactFisher",
     "dfil",
+    "exact_fisher",
     "eigvals_from_jacobian",
     "fisher_diag",
     "fisher_eigvals",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -37,6 +38,8 @@ __all__ = [
     "fsinfo",
     "dfil",
     "fsinfo_sigma",
+    "ExactFisher",
+    "exact_fisher",
 ]
 
 Encoder = Callable[[Tensor], Tensor]
@@ -177,6 +180,116 @@ def _check_variant(variant: str) -> None:
         )
 
 
+def _check_options(variant: str, prior_var: float | None, floor: float) -> float:
+    _check_variant(variant)
+    lam = check_prior_var(prior_var)
+    if variant == "diag" and prior_var is not None:
+        raise InvalidInputError("prior_var applies to variant='logdet' only")
+    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
+        raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
+    return lam
+
+
+@dataclass(frozen=True)
+class ExactFisher:
+    r"""Exact per-sample Fisher quantities at ``sigma = 1``, from the dense float64 Jacobian.
+
+    Everything the metrics need, computed once: the diagonal and the trace of ``J^T J`` and
+    (with ``spectrum``) its eigenvalues on the smaller side. Every sigma, floor and prior is then
+    closed-form arithmetic (:mod:`fsinfo_fast.formulas`).
+
+    Attributes:
+        diag: ``[B, d]`` float64 ``diag(J^T J)`` (squared column norms of ``J``).
+        trace: ``[B]`` float64 ``tr(J^T J) = ||J||_F^2``.
+        eigvals: ``[B, min(m, d)]`` float64 eigenvalues (ascending, numerically-zero ones set to
+            0), or ``None`` when not computed.
+        zero: ``[B, min(m, d)]`` bool mask of the numerically-zero eigenvalues (or ``None``).
+        d, m: input and output dimensions.
+    """
+
+    diag: Tensor
+    trace: Tensor
+    eigvals: Tensor | None
+    zero: Tensor | None
+    d: int
+    m: int
+
+    @property
+    def batch(self) -> int:
+        return int(self.trace.shape[0])
+
+    def _need_spectrum(self) -> None:
+        if self.eigvals is None:
+            raise InvalidInputError(
+                "this ExactFisher was computed without the spectrum (spectrum=False); the "
+                "log-det variant needs it"
+            )
+
+    def fsinfo(self, sigma: float | Tensor = 0.1, variant: str = "diag", *,
+               prior_var: float | None = None, floor: float = DIAG_FLOOR) -> MetricResult:
+        """Exact FSInfo (see :func:`fsinfo`)."""
+        check_sigma(sigma, self.batch)
+        lam = _check_options(variant, prior_var, floor)
+        d, m = self.d, self.m
+        if variant == "diag":
+            value = fsinfo_from_spectrum(self.diag, d, sigma, floor)
+            singular, metric, info = None, "fsinfo_diag", {"floor": floor}
+        else:
+            self._need_spectrum()
+            singular = _singular_mask(self.zero, m, d, lam)
+            _warn_singular(singular, m, d)
+            value = fsinfo_from_spectrum(self.eigvals, d, sigma, lam)
+            metric, info = "fsinfo_logdet", {"prior_var": prior_var}
+        return MetricResult(
+            value=value, stderr=torch.zeros_like(value), metric=metric, units="nats/dim",
+            estimator="exact", sigma=as_sigma(sigma, self.batch, value.device), d=d, m=m,
+            passes=min(m, d), singular=singular, info={"backend": "reference", **info},
+        )
+
+    def dfil(self, sigma: float | Tensor = 0.1) -> MetricResult:
+        """Exact dFIL ``tr(J^T J) / (sigma^2 d)`` (see :func:`dfil`)."""
+        check_sigma(sigma, self.batch)
+        s = as_sigma(sigma, self.batch, self.trace.device)
+        value = self.trace / (s**2 * self.d)
+        return MetricResult(
+            value=value, stderr=torch.zeros_like(value), metric="dfil", units="1/dim",
+            estimator="exact", sigma=s, d=self.d, m=self.m, passes=min(self.d, self.m),
+            info={"backend": "reference"},
+        )
+
+    def fsinfo_sigma(self, target: float | Tensor = -1.0, variant: str = "diag", *,
+                     prior_var: float | None = None, floor: float = DIAG_FLOOR) -> Tensor:
+        """Exact FSInfoGuard ``sigma*`` per sample (see :func:`fsinfo_sigma`)."""
+        lam = _check_options(variant, prior_var, floor)
+        if not torch.isfinite(torch.as_tensor(target, dtype=torch.float64)).all():
+            raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
+        if variant == "diag":
+            return sigma_for_target(self.diag, self.d, target, floor)
+        self._need_spectrum()
+        _warn_singular(_singular_mask(self.zero, self.m, self.d, lam), self.m, self.d)
+        return sigma_for_target(self.eigvals, self.d, target, lam)
+
+
+def exact_fisher(
+    encoder: Encoder, x: Tensor, *, spectrum: bool = True, chunk_size: int | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> ExactFisher:
+    """The exact Fisher quantities of every sample (one dense float64 Jacobian per sample).
+
+    Args:
+        encoder, x, chunk_size, budget_bytes: as in :func:`jacobian`.
+        spectrum: also compute the eigenvalues of ``J^T J`` (an ``O(min(m, d)^3)`` eigensolve
+            per sample; needed for the log-det variant only).
+    """
+    enc = prepare(encoder, x, dtype=torch.float64)
+    J = _jacobian_prepared(enc, chunk_size, budget_bytes)
+    mu = zero = None
+    if spectrum:
+        mu, zero = eigvals_from_jacobian(J)
+    return ExactFisher(diag=(J**2).sum(dim=1), trace=(J**2).sum(dim=(1, 2)), eigvals=mu,
+                       zero=zero, d=enc.d, m=enc.m)
+
+
 def fsinfo(
     encoder: Encoder,
     x: Tensor,
@@ -214,35 +327,11 @@ def fsinfo(
     Returns:
         :class:`~fsinfo_fast.result.MetricResult` with ``stderr = 0``.
     """
-    _check_variant(variant)
-    b = x.shape[0] if isinstance(x, Tensor) else None
-    check_sigma(sigma, b)
-    lam = check_prior_var(prior_var)
-    if variant == "diag" and prior_var is not None:
-        raise InvalidInputError("prior_var applies to variant='logdet' only")
-    if not (math.isfinite(floor) and floor >= 0):
-        raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
-    enc = prepare(encoder, x, dtype=torch.float64)
-    J = _jacobian_prepared(enc, chunk_size, budget_bytes)
-    d, m = enc.d, enc.m
-    if variant == "diag":
-        diag = (J**2).sum(dim=1)
-        value = fsinfo_from_spectrum(diag, d, sigma, floor)
-        singular = None
-        metric = "fsinfo_diag"
-        info = {"floor": floor}
-    else:
-        mu, zero = eigvals_from_jacobian(J)
-        singular = _singular_mask(zero, m, d, lam)
-        _warn_singular(singular, m, d)
-        value = fsinfo_from_spectrum(mu, d, sigma, lam)
-        metric = "fsinfo_logdet"
-        info = {"prior_var": prior_var}
-    return MetricResult(
-        value=value, stderr=torch.zeros_like(value), metric=metric, units="nats/dim",
-        estimator="exact", sigma=as_sigma(sigma, enc.batch, value.device), d=d, m=m,
-        passes=min(m, d), singular=singular, info={"backend": "reference", **info},
-    )
+    check_sigma(sigma, x.shape[0] if isinstance(x, Tensor) else None)
+    _check_options(variant, prior_var, floor)
+    ex = exact_fisher(encoder, x, spectrum=variant == "logdet", chunk_size=chunk_size,
+                      budget_bytes=budget_bytes)
+    return ex.fsinfo(sigma, variant, prior_var=prior_var, floor=floor)
 
 
 def dfil(
@@ -253,17 +342,9 @@ def dfil(
 
     Proven bound (Cramer-Rao): any *unbiased* attacker has ``E||x_hat - x||^2 / d >= 1/dFIL``.
     """
-    b = x.shape[0] if isinstance(x, Tensor) else None
-    check_sigma(sigma, b)
-    enc = prepare(encoder, x, dtype=torch.float64)
-    J = _jacobian_prepared(enc, chunk_size, budget_bytes)
-    s = as_sigma(sigma, enc.batch, J.device)
-    value = (J**2).sum(dim=(1, 2)) / (s**2 * enc.d)
-    return MetricResult(
-        value=value, stderr=torch.zeros_like(value), metric="dfil", units="1/dim",
-        estimator="exact", sigma=s, d=enc.d, m=enc.m, passes=min(enc.d, enc.m),
-        info={"backend": "reference"},
-    )
+    check_sigma(sigma, x.shape[0] if isinstance(x, Tensor) else None)
+    ex = exact_fisher(encoder, x, spectrum=False, chunk_size=chunk_size, budget_bytes=budget_bytes)
+    return ex.dfil(sigma)
 
 
 def fsinfo_sigma(
@@ -277,16 +358,9 @@ def fsinfo_sigma(
     otherwise the monotone equation is solved to float64 precision
     (:func:`fsinfo_fast.formulas.sigma_for_target`). Returns ``[B]`` float64.
     """
-    _check_variant(variant)
-    lam = check_prior_var(prior_var)
-    if variant == "diag" and prior_var is not None:
-        raise InvalidInputError("prior_var applies to variant='logdet' only")
+    _check_options(variant, prior_var, floor)
     if not torch.isfinite(torch.as_tensor(target, dtype=torch.float64)).all():
         raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
-    enc = prepare(encoder, x, dtype=torch.float64)
-    J = _jacobian_prepared(enc, chunk_size, budget_bytes)
-    if variant == "diag":
-        return sigma_for_target((J**2).sum(dim=1), enc.d, target, floor)
-    mu, zero = eigvals_from_jacobian(J)
-    _warn_singular(_singular_mask(zero, enc.m, enc.d, lam), enc.m, enc.d)
-    return sigma_for_target(mu, enc.d, target, lam)
+    ex = exact_fisher(encoder, x, spectrum=variant == "logdet", chunk_size=chunk_size,
+                      budget_bytes=budget_bytes)
+    return ex.fsinfo_sigma(target, variant, prior_var=prior_var, floor=floor)

@@ -1,0 +1,512 @@
+r"""Linearise once, answer everything: :func:`linearize` and :class:`Linearization`.
+
+Every metric of this package is a functional of one object, the per-sample Jacobian ``J`` of the
+encoder at the batch ``x``. :func:`linearize` validates the encoder once (cached per encoder and
+input signature, so a second batch of the same shape pays nothing for it), builds the product
+backend once (the engine's primal runs once per batch) and returns a :class:`Linearization` whose
+methods share every product they can:
+
+- :meth:`Linearization.fsinfo` (``variant="diag"``) and :meth:`Linearization.dfil` (``method=
+  "auto"``) read the same Gaussian output-side VJP probes: the diagonal estimator's probes give
+  ``tr(J^T J)`` too;
+- :meth:`Linearization.fsinfo_sigma` (FSInfoGuard's ``sigma*``) comes from the ``sigma = 1``
+  quantities of those probes (``FSInfo(sigma) + log(sigma)`` does not depend on ``sigma``), and
+  :meth:`Linearization.dfil_sigma` from the trace;
+- the exact route (:meth:`Linearization.exact`, the float64 oracle) is computed at most once and
+  then serves every variant, sigma, floor and prior; ``estimator="auto"`` uses it whenever it is
+  already there.
+
+The module-level :func:`fsinfo_fast.fsinfo`, :func:`fsinfo_fast.dfil`,
+:func:`fsinfo_fast.fsinfo_sigma` and :func:`fsinfo_fast.dfil_sigma` are thin wrappers:
+``ff.fsinfo(encoder, x, sigma, **kw) == ff.linearize(encoder, x, ...).fsinfo(sigma, **kw)``.
+
+Example:
+    >>> import torch, fsinfo_fast as ff
+    >>> enc = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Tanh()).eval()
+    >>> lin = ff.linearize(enc, torch.rand(2, 1, 16, 16), seed=0)
+    >>> r = lin.fsinfo(0.1, num_probes=16)      # FSInfo_diag from 16 VJPs per sample
+    >>> d = lin.dfil(0.1, num_probes=16)        # dFIL from the same 16 VJPs
+    >>> s = lin.fsinfo_sigma(-1.0, num_probes=16)   # sigma* from them too
+    >>> r.value.shape, d.value.shape, s.sigma.shape
+    (torch.Size([2]), torch.Size([2]), torch.Size([2]))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .encoder import PreparedEncoder, check_prior_var, check_sigma, prepare
+from .engine import default_memory_budget, make_products
+from .errors import InvalidInputError
+from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
+from .estimators.base import Estimate, sample_ids_for
+from .estimators.diagonal import estimate_diag
+from .estimators.probes import resolve_seed
+from .formulas import DIAG_FLOOR, as_sigma
+from .reference.oracle import _warn_singular
+from .result import MetricResult, SigmaResult
+
+__all__ = ["Linearization", "linearize"]
+
+log = logging.getLogger(__name__)
+
+Encoder = Callable[[Tensor], Tensor]
+ESTIMATORS = ("auto", "exact", "randomized")
+DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++")
+VARIANTS = ("diag", "logdet")
+#: Probes a randomized estimator starts with (its first round).
+_MIN_PROBES = 10
+#: ... the diagonal log-sum (its jackknife interval, first trusted at this many probes).
+_MIN_DIAG_PROBES = 20
+#: ... and the trace estimators, whose t-intervals need more probes for honest coverage.
+_MIN_TRACE_PROBES = 30
+#: How many samples the sample-independence check encodes alone.
+_INTERACTION_CHECKS = 2
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InvalidInputError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_floor(floor: object) -> float:
+    if isinstance(floor, bool) or not (
+        isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0
+    ):
+        raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
+    return float(floor)
+
+
+def _check_target(target: object) -> Tensor:
+    try:
+        tau = torch.as_tensor(target, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidInputError(f"target must be a float or a [B] tensor, got {target!r}") from err
+    if not bool(torch.isfinite(tau).all()):
+        raise InvalidInputError(f"target must be finite, got {target!r}")
+    return tau
+
+
+def _stopping(atol, rtol, num_probes, max_probes, cap: int | None) -> dict[str, Any]:
+    """Stopping keywords for the estimators; ``cap`` bounds the probes under ``auto``."""
+    if num_probes is None and atol is None and rtol is None:
+        raise InvalidInputError(
+            "the randomized estimator needs atol, rtol or num_probes (all were None)"
+        )
+    mp = max_probes if cap is None else max(_MIN_PROBES, min(max_probes, cap))
+    kw: dict[str, Any] = {"num_probes": num_probes, "atol": atol, "rtol": rtol, "max_probes": mp}
+    if num_probes is not None:
+        kw["max_probes"] = max(num_probes, kw["max_probes"])
+    return kw
+
+
+def _to_result(est: Estimate, *, metric: str, units: str, sigma: Tensor, d: int, m: int,
+               info: dict[str, Any]) -> MetricResult:
+    return MetricResult(
+        value=est.value, stderr=est.stderr, metric=metric, units=units, estimator="randomized",
+        sigma=sigma, d=d, m=m, num_probes=est.num_probes, passes=est.passes,
+        ci_halfwidth=est.ci_halfwidth, singular=est.singular, converged=est.converged,
+        probes_per_sample=est.probes_per_sample, bound=est.bound, bias_bound=est.bias_bound,
+        info={**est.info, **info},
+    )
+
+
+class _Shape:
+    """``batch`` and ``device`` of a prepared encoder, for the estimators' argument checks."""
+
+    def __init__(self, enc: PreparedEncoder) -> None:
+        self.batch, self.device = enc.batch, enc.x.device
+
+
+class Linearization:
+    """One encoder linearised at one batch: validated once, every metric sharing its products.
+
+    Build it with :func:`linearize`. Attributes: ``encoder``, ``x`` (the batch as given),
+    ``enc`` (the :class:`~fsinfo_fast.encoder.PreparedEncoder`), ``batch``, ``d``, ``m``,
+    ``seed``, ``sample_ids``, ``backend`` (as requested) and :attr:`products` (built on first
+    use).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        x: Tensor,
+        *,
+        backend: str = "auto",
+        seed: int | torch.Generator = 0,
+        sample_ids: Tensor | None = None,
+        memory_budget: int | None = None,
+    ) -> None:
+        if not isinstance(backend, str):
+            raise InvalidInputError(f"backend must be a string, got {type(backend).__name__}")
+        self.encoder = encoder
+        self.x = x
+        self.enc: PreparedEncoder = prepare(encoder, x, check_interaction=_INTERACTION_CHECKS,
+                                            cache=True)
+        self.backend = backend
+        self.seed = resolve_seed(seed)
+        self.sample_ids = None if sample_ids is None else sample_ids_for(_Shape(self.enc),
+                                                                          sample_ids)
+        self.memory_budget = memory_budget
+        self._products: Any = None
+        self._exact: reference.ExactFisher | None = None
+        self._diag_cache: dict[tuple, Any] = {}
+
+    # -- basic properties --------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.enc.batch
+
+    @property
+    def d(self) -> int:
+        return self.enc.d
+
+    @property
+    def m(self) -> int:
+        return self.enc.m
+
+    @property
+    def products(self) -> Any:
+        """The Jacobian-product backend for this batch (built on first use, then reused)."""
+        if self._products is None:
+            self._products = make_products(self.enc, self.backend,
+                                           memory_budget=self.memory_budget)
+        return self._products
+
+    def __repr__(self) -> str:
+        built = self._products is not None
+        return (f"Linearization(B={self.batch}, d={self.d}, m={self.m}, backend={self.backend!r}"
+                f"{' -> ' + self._products.backend if built else ''}, seed={self.seed}, "
+                f"exact={'cached' if self._exact is not None else 'not computed'})")
+
+    def _sigma(self, sigma: float | Tensor) -> Tensor:
+        check_sigma(sigma, self.batch)
+        return as_sigma(sigma, self.batch, self.enc.x.device)
+
+    def _info(self, **extra: Any) -> dict[str, Any]:
+        p = self._products
+        info: dict[str, Any] = {"backend": getattr(p, "backend", None), "seed": self.seed}
+        fallback = getattr(p, "fallback_report", None)
+        if fallback:
+            info["fallback"] = fallback
+        info.update(extra)
+        return info
+
+    # -- the exact route ---------------------------------------------------------------------
+    def exact(self, *, spectrum: bool = False) -> reference.ExactFisher:
+        """The exact (float64 oracle) Fisher quantities of every sample, computed at most once.
+
+        Args:
+            spectrum: also compute the eigenvalues of ``J^T J`` (needed by the log-det
+                variant; the Jacobian is recomputed if an earlier call skipped them).
+
+        Returns:
+            :class:`~fsinfo_fast.reference.ExactFisher`: ``diag``, ``trace`` and (with
+            ``spectrum``) ``eigvals`` at ``sigma = 1``; its ``fsinfo``, ``dfil`` and
+            ``fsinfo_sigma`` methods give every exact result by closed-form arithmetic.
+        """
+        if self._exact is None or (spectrum and self._exact.eigvals is None):
+            self._exact = reference.exact_fisher(self.encoder, self.x, spectrum=spectrum)
+        return self._exact
+
+    def _has_exact(self, spectrum: bool) -> bool:
+        return self._exact is not None and (not spectrum or self._exact.eigvals is not None)
+
+    def _oracle_fits(self) -> bool:
+        """Whether one sample's dense float64 Jacobian (and its Gram matrix) fits in memory."""
+        need = 8 * (self.m * self.d + min(self.m, self.d) ** 2)
+        return need <= default_memory_budget(self.enc.x.device)
+
+    def _auto_exact(self, estimator: str, cost_randomized: int, spectrum: bool) -> str | None:
+        """Why ``auto`` (or ``exact``) takes the oracle route, or None for the randomized one."""
+        if estimator == "exact":
+            return "requested"
+        if estimator != "auto":
+            return None
+        if self._has_exact(spectrum):
+            return "the exact Fisher quantities were already computed for this batch"
+        n = min(self.m, self.d)
+        if n <= cost_randomized and self._oracle_fits():
+            return (f"the oracle's min(m, d) = {n} products cost no more than the randomized "
+                    f"estimator's first round ({cost_randomized})")
+        return None
+
+    def _finish(self, est: Estimate, spectrum: bool, estimator: str, what: str,
+                max_probes: int) -> str | None:
+        """``auto`` only: why the oracle replaces a randomized estimate that missed its
+        tolerance within the probe cap (None: keep the estimate, ``converged=False``)."""
+        if estimator != "auto" or bool(est.converged.all()):
+            return None
+        n_bad = int((~est.converged).sum())
+        if self._oracle_fits():
+            return (f"the randomized {what} did not reach the tolerance within {max_probes} "
+                    f"probes for {n_bad} sample(s); the exact oracle was used")
+        warnings.warn(
+            f"{what}: the tolerance was not met within {max_probes} probes for {n_bad} sample(s),"
+            f" and the exact oracle does not fit in memory (m = {self.m}, d = {self.d}); "
+            "returning the randomized estimate with its error bar (converged=False; raise "
+            "max_probes or loosen the tolerance)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+
+    # -- FSInfo ------------------------------------------------------------------------------
+    def fsinfo(
+        self,
+        sigma: float | Tensor = 0.1,
+        *,
+        variant: str = "diag",
+        estimator: str = "auto",
+        atol: float | None = 0.01,
+        rtol: float | None = None,
+        num_probes: int | None = None,
+        max_probes: int = 1000,
+        prior_var: float | None = None,
+        floor: float = DIAG_FLOOR,
+        lanczos_order: int = 30,
+    ) -> MetricResult:
+        r"""Per-sample FSInfo in nats per input dimension (see :func:`fsinfo_fast.fsinfo`)."""
+        _check_choice("estimator", estimator, ESTIMATORS)
+        _check_choice("variant", variant, VARIANTS)
+        floor = _check_floor(floor)
+        lam = check_prior_var(prior_var)
+        if variant == "diag" and prior_var is not None:
+            raise InvalidInputError("prior_var applies to variant='logdet' only")
+        s = self._sigma(sigma)
+        n = min(self.m, self.d)
+        spectrum = variant == "logdet"
+        k0 = num_probes or (_MIN_DIAG_PROBES if variant == "diag" else _MIN_PROBES)
+        if variant == "diag":
+            cost = expected_passes("diag", d=self.d, m=self.m, num_probes=k0)
+        else:
+            cost = expected_passes("slq", d=self.d, m=self.m, num_probes=k0, order=lanczos_order,
+                                   prior=lam > 0)
+            if cost == 0 and estimator == "auto":
+                # m < d without a prior: -inf exactly (rank J^T J <= m < d); the SLQ route
+                # returns that structural answer with no products, the oracle would build J
+                estimator = "randomized"
+        why = self._auto_exact(estimator, cost, spectrum)
+        if why is not None:
+            return self._exact_fsinfo(s, variant, prior_var, floor, why)
+        cap = None
+        if estimator == "auto":  # never spend more probes than the oracle's products
+            cap = n if variant == "diag" else max(2, n // (2 * min(lanczos_order, n)))
+        stop = _stopping(atol, rtol, num_probes, max_probes, cap)
+        common = {"seed": self.seed, "sample_ids": self.sample_ids}
+        if variant == "diag":
+            est = self._diag(s, floor, stop, min(k0, stop["max_probes"])).fsinfo_diag
+            metric, extra = "fsinfo_diag", {"floor": floor}
+        else:
+            est = slq_logdet(self.products, sigma=s, prior_var=prior_var, order=lanczos_order,
+                             **common, **stop)
+            metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
+        why = self._finish(est, spectrum, estimator, metric, stop["max_probes"])
+        if why is not None:
+            return self._exact_fsinfo(s, variant, prior_var, floor, why)
+        if variant == "logdet" and est.singular is not None:
+            _warn_singular(est.singular, self.m, self.d)
+        return _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
+                          info=self._info(**extra))
+
+    def _exact_fsinfo(self, s: Tensor, variant: str, prior_var, floor: float,
+                      why: str) -> MetricResult:
+        r = self.exact(spectrum=variant == "logdet").fsinfo(s, variant, prior_var=prior_var,
+                                                             floor=floor)
+        r.info["auto"] = why
+        return r
+
+    def _diag(self, s: Tensor, floor: float, stop: dict[str, Any], min_probes: int,
+              dfil_rtol: float | None = None):
+        """The diagonal estimator on this batch's products (memoised per request)."""
+        key = (tuple(s.tolist()), floor, tuple(sorted(stop.items())), min_probes, dfil_rtol)
+        hit = self._diag_cache.get(key)
+        if hit is None:
+            kw = dict(stop)
+            if dfil_rtol is not None:
+                kw["dfil_rtol"] = dfil_rtol
+            hit = estimate_diag(self.products, sigma=s, floor=floor, seed=self.seed,
+                                sample_ids=self.sample_ids, min_probes=min_probes, **kw)
+            self._diag_cache[key] = hit
+        return hit
+
+    # -- dFIL --------------------------------------------------------------------------------
+    def dfil(
+        self,
+        sigma: float | Tensor = 0.1,
+        *,
+        estimator: str = "auto",
+        rtol: float | None = 0.01,
+        atol: float | None = None,
+        num_probes: int | None = None,
+        max_probes: int = 1000,
+        method: str = "auto",
+    ) -> MetricResult:
+        r"""Per-sample dFIL ``tr(J^T J)/(sigma^2 d)`` in 1/dim (see :func:`fsinfo_fast.dfil`)."""
+        _check_choice("estimator", estimator, ESTIMATORS)
+        _check_choice("method", method, DFIL_METHODS)
+        s = self._sigma(sigma)
+        n = min(self.m, self.d)
+        if method == "auto":  # reuse FSInfo_diag's VJPs when they exist, else Rademacher JVPs
+            method = "diag" if self._diag_cache else "hutchinson"
+        k0 = num_probes or (_MIN_PROBES if method == "diag" else _MIN_TRACE_PROBES)
+        sketch = min(n, 10) if method == "hutch++" else 0
+        cost = expected_passes("hutch++" if method == "hutch++" else "hutchinson", d=self.d,
+                               m=self.m, num_probes=k0, sketch_size=sketch)
+        why = self._auto_exact(estimator, cost, spectrum=False)
+        if why is not None:
+            r = self.exact().dfil(s)
+            r.info["auto"] = why
+            return r
+        cap = max(2, n - 3 * sketch) if estimator == "auto" else None
+        stop = _stopping(atol, rtol, num_probes, max_probes, cap)
+        common = {"sigma": s, "seed": self.seed, "sample_ids": self.sample_ids}
+        if method == "diag":
+            if stop["rtol"] is None and stop["atol"] is not None and num_probes is None:
+                raise InvalidInputError("method='diag' stops on rtol (or num_probes), not atol")
+            dstop = {**stop, "rtol": None, "atol": None}
+            est = self._diag(s, 0.0, dstop, min(k0, stop["max_probes"]),
+                             dfil_rtol=stop["rtol"]).dfil
+        elif method == "hutchinson":
+            est = hutchinson_trace(self.products, side="input", kind="rademacher",
+                                   min_probes=min(k0, stop["max_probes"]), **common, **stop)
+        else:
+            est = hutchpp_trace(self.products, sketch_size=sketch,
+                                min_probes=min(k0, stop["max_probes"]), **common, **stop)
+        why = self._finish(est, False, estimator, "dfil", stop["max_probes"])
+        if why is not None:
+            r = self.exact().dfil(s)
+            r.info["auto"] = why
+            return r
+        return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
+                          info=self._info(method=method))
+
+    # -- noise calibration -------------------------------------------------------------------
+    def fsinfo_sigma(
+        self,
+        target: float | Tensor = -1.0,
+        *,
+        variant: str = "diag",
+        estimator: str = "auto",
+        atol: float | None = 0.01,
+        rtol: float | None = None,
+        num_probes: int | None = None,
+        max_probes: int = 1000,
+        prior_var: float | None = None,
+        floor: float = DIAG_FLOOR,
+        lanczos_order: int = 30,
+    ) -> SigmaResult:
+        r"""FSInfoGuard's per-sample noise scale: the sigma at which FSInfo equals ``target``.
+
+        :math:`\sigma^* = \exp(\mathrm{FSInfo}_{\sigma=1} - \tau)` from the ``sigma = 1``
+        estimate (an error of ``delta`` nats/dim there scales ``sigma*`` by ``exp(delta)``: the
+        interval of ``sigma*`` is the FSInfo interval mapped through that). The exact route
+        honours the floor and a prior by solving the monotone equation to float64 precision;
+        the randomized diagonal route neglects the floor (its effect at ``sigma*`` is below
+        ``floor sigma*^2 / (J^TJ)_kk``), the randomized log-det route with a prior is not
+        available (``auto`` uses the oracle).
+        """
+        _check_choice("estimator", estimator, ESTIMATORS)
+        _check_choice("variant", variant, VARIANTS)
+        tau = _check_target(target).to(self.enc.x.device)
+        if tau.ndim > 1 or (tau.ndim == 1 and tau.shape[0] != self.batch):
+            raise InvalidInputError(
+                f"target must be a float or have shape [B] = [{self.batch}], got "
+                f"{tuple(tau.shape)}")
+        tau_b = tau.expand(self.batch) if tau.ndim == 0 else tau
+        floor = _check_floor(floor)
+        if variant == "logdet" and prior_var is not None:
+            check_prior_var(prior_var)
+            if estimator == "randomized":
+                raise InvalidInputError(
+                    "the randomized FSInfoGuard sigma for the log-det variant with a prior is "
+                    "not supported; use estimator='exact' (or 'auto')")
+            estimator = "exact"
+        kw = dict(variant=variant, estimator=estimator, atol=atol, rtol=rtol,
+                  num_probes=num_probes, max_probes=max_probes, prior_var=prior_var,
+                  lanczos_order=lanczos_order)
+        if estimator == "exact":
+            r = None
+        else:
+            r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
+        if r is None or r.estimator == "exact":
+            ex = self.exact(spectrum=variant == "logdet")
+            sig = ex.fsinfo_sigma(tau_b, variant, prior_var=prior_var, floor=floor)
+            info = {"backend": "reference"}
+            if r is not None and "auto" in r.info:
+                info["auto"] = r.info["auto"]
+            return SigmaResult(sigma=sig, target=tau_b, metric=f"fsinfo_{variant}",
+                               estimator="exact", info=info)
+        hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)
+        sig = torch.exp(r.value - tau_b)
+        return SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator="randomized",
+                           ci_low=torch.exp(r.value - hw - tau_b),
+                           ci_high=torch.exp(r.value + r.ci_halfwidth - tau_b),
+                           converged=r.converged, info={**r.info, "fsinfo_sigma1": r})
+
+    def dfil_sigma(
+        self,
+        bound: float,
+        *,
+        estimator: str = "auto",
+        rtol: float | None = 0.01,
+        num_probes: int | None = None,
+        max_probes: int = 1000,
+        method: str = "auto",
+    ) -> SigmaResult:
+        r"""Per-sample noise scale for a target dFIL bound (Maeng et al. 2023's calibration).
+
+        :math:`\sigma_b = \sqrt{b\,\mathrm{tr}(J_b^TJ_b)/d}` puts sample ``b``'s ``1/dFIL`` (the
+        per-dimension MSE bound for unbiased attackers, squared input units) at ``bound``;
+        ``.dataset("rms")`` is their data-set calibration ``sqrt(b mean_x tr(J^T J)/d)``.
+        """
+        if isinstance(bound, bool) or not (
+            isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0
+        ):
+            raise InvalidInputError(
+                f"bound must be a positive float (squared input units), got {bound!r}")
+        r = self.dfil(1.0, estimator=estimator, rtol=rtol, num_probes=num_probes,
+                      max_probes=max_probes, method=method)
+        lo = (r.value - r.ci_halfwidth).clamp_min(0)
+        b = torch.full_like(r.value, float(bound))
+        return SigmaResult(sigma=(bound * r.value).sqrt(), target=b, metric="dfil",
+                           estimator=r.estimator, ci_low=(bound * lo).sqrt(),
+                           ci_high=(bound * (r.value + r.ci_halfwidth)).sqrt(),
+                           converged=r.converged, info={**r.info, "dfil_sigma1": r})
+
+
+def linearize(
+    encoder: Encoder,
+    x: Tensor,
+    *,
+    backend: str = "auto",
+    seed: int | torch.Generator = 0,
+    sample_ids: Tensor | None = None,
+    memory_budget: int | None = None,
+) -> Linearization:
+    """Validate ``encoder`` at the batch ``x`` once and return a :class:`Linearization`.
+
+    Args:
+        encoder: ``nn.Module`` or callable mapping ``[B, *in]`` to ``[B, *out]`` (eval mode).
+        x: the batch ``[B, *in]``.
+        backend: how Jacobian products are computed (``"auto"``, ``"torch"``, ``"engine"``,
+            ``"cpp"``, ``"triton"``, ``"cuda"``; see :mod:`fsinfo_fast.engine`).
+        seed: probe seed (int or ``torch.Generator``); the same seed gives the same probes on
+            every backend.
+        sample_ids: ``[B]`` global sample ids seeding each sample's probes (default
+            ``arange(B)``): a sample's result then does not depend on how samples are batched.
+        memory_budget: bytes a chunk of probes may use (default: a share of free memory).
+
+    Raises:
+        The input and encoder errors of :func:`fsinfo_fast.encoder.prepare`.
+    """
+    return Linearization(encoder, x, backend=backend, seed=seed, sample_ids=sample_ids,
+                         memory_budget=memory_budget)

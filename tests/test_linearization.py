@@ -1,0 +1,200 @@
+"""The Linearization object: validation once, shared products, wrappers, results' shape."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+import fsinfo_fast.reference.oracle as oracle
+from fsinfo_fast.encoder import clear_validation_cache
+
+
+class _Counting(nn.Module):
+    """A small conv encoder that counts its forward calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3)).eval()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.net(x)
+
+
+def _x(b=3, n=12, seed=1):
+    return torch.rand(b, 1, n, n, generator=torch.Generator().manual_seed(seed))
+
+
+def test_second_batch_of_same_shape_pays_no_validation():
+    clear_validation_cache()
+    enc = _Counting().eval()
+    ff.linearize(enc, _x(seed=1))
+    first = enc.calls
+    assert first >= 3  # the validating forward and the two samples encoded alone
+    enc.calls = 0
+    lin = ff.linearize(enc, _x(seed=2))
+    assert enc.calls == 0 and lin.enc.cached
+    # the output is still checked when it is used (lazy), and equals the encoder's
+    torch.testing.assert_close(lin.enc.y, enc.net(_x(seed=2)).reshape(3, -1))
+    # another shape, or training mode, is validated again
+    enc.calls = 0
+    ff.linearize(enc, _x(n=10))
+    assert enc.calls >= 3
+    enc.train()
+    enc.net.train()
+    enc.calls = 0
+    ff.linearize(enc, _x(seed=3))
+    assert enc.calls >= 3
+
+
+class _Scale(nn.Module):
+    def forward(self, x):
+        return (x * 1e20).flatten(1)[:, :5] * 1e20  # overflows to inf for inputs above ~1e-2
+
+
+def test_cached_validation_still_refuses_bad_input_and_nonfinite_output():
+    clear_validation_cache()
+    enc = _Counting().eval()
+    ff.linearize(enc, _x())
+    bad = _x()
+    bad[1, 0, 0, 0] = math.nan
+    with pytest.raises(ff.InvalidInputError, match="NaN"):
+        ff.linearize(enc, bad)
+    scale = _Scale()
+    ff.linearize(scale, _x() * 1e-5)
+    lin = ff.linearize(scale, _x())  # cached: the output is checked when first used
+    assert lin.enc.cached
+    with pytest.raises(ff.EncoderError, match="NaN or inf"):
+        _ = lin.enc.y
+
+
+def test_cast_copy_is_revalidated_after_in_place_parameter_change():
+    """The float64 oracle's cast copy must not go stale when the weights change in place."""
+    clear_validation_cache()
+    enc = _Counting().eval()
+    x = _x().double()
+    a = ff.encoder.prepare(enc, x, dtype=torch.float64, cache=True)
+    b = ff.encoder.prepare(enc, x, dtype=torch.float64, cache=True)
+    assert b.cached and b.module is a.module
+    with torch.no_grad():
+        enc.net[0].weight.mul_(2.0)
+    c = ff.encoder.prepare(enc, x, dtype=torch.float64, cache=True)
+    assert not c.cached
+    torch.testing.assert_close(c.y, enc.net.double()(x).reshape(3, -1))
+
+
+def test_wrappers_equal_linearization_methods():
+    enc = _Counting().eval()
+    x = _x()
+    lin = ff.linearize(enc, x, seed=5)
+    for kw in ({"num_probes": 12}, {"atol": 0.05}):
+        assert torch.equal(ff.fsinfo(enc, x, 0.2, estimator="randomized", seed=5, **kw).value,
+                           lin.fsinfo(0.2, estimator="randomized", **kw).value)
+    assert torch.equal(ff.dfil(enc, x, 0.2, estimator="randomized", seed=5, num_probes=12).value,
+                       ff.linearize(enc, x, seed=5).dfil(0.2, estimator="randomized",
+                                                         num_probes=12).value)
+
+
+def test_everything_after_sigma_is_keyword_only():
+    enc, x = _Counting().eval(), _x()
+    with pytest.raises(TypeError):
+        ff.fsinfo(enc, x, 0.1, "diag")  # variant must be a keyword
+    with pytest.raises(TypeError):
+        ff.dfil(enc, x, 0.1, "auto")
+    with pytest.raises(TypeError):
+        ff.linearize(enc, x).fsinfo(0.1, "diag")
+
+
+def test_exact_is_computed_once_and_serves_every_request(monkeypatch):
+    enc, x = _Counting().eval(), _x()
+    ref = ff.reference
+    want = (ref.fsinfo(enc, x, 0.1).value, ref.dfil(enc, x, 0.3).value,
+            ref.fsinfo_sigma(enc, x, -1.0))
+    calls = []
+    real = oracle.exact_fisher
+
+    def counting(*a, **k):
+        calls.append(k.get("spectrum"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(oracle, "exact_fisher", counting)
+    monkeypatch.setattr(ff.reference, "exact_fisher", counting)
+    lin = ff.linearize(enc, x)
+    f = lin.fsinfo(0.1, estimator="exact")
+    d = lin.dfil(0.3, estimator="exact")
+    s = lin.fsinfo_sigma(-1.0, estimator="exact")
+    assert calls == [False]
+    torch.testing.assert_close(f.value, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(d.value, want[1], rtol=0, atol=0)
+    torch.testing.assert_close(s.sigma, want[2], rtol=0, atol=0)
+    # auto now uses the cached exact quantities, whatever the cost model says
+    r = lin.fsinfo(0.1, estimator="auto")
+    assert r.estimator == "exact" and "already computed" in r.info["auto"]
+    lin.fsinfo(0.1, variant="logdet", prior_var=1.0, estimator="exact")
+    assert calls == [False, True]  # the spectrum needs the Jacobian once more, then cached
+    lin.fsinfo(0.5, variant="logdet", prior_var=2.0, estimator="exact")
+    assert calls == [False, True]
+
+
+def test_randomized_sigma_star_is_the_sigma1_estimate_mapped_with_its_interval():
+    """sigma* = exp(FSInfo_1 - tau): the FSInfo interval (whose coverage the statistics tests
+    check) maps to sigma*'s, and FSInfo at sigma* is then within that interval of the target."""
+    enc, x = _Counting().eval(), _x(b=4)
+    lin = ff.linearize(enc, x, seed=3)
+    s = lin.fsinfo_sigma(-1.0, estimator="randomized", num_probes=40)
+    r1 = lin.fsinfo(1.0, estimator="randomized", num_probes=40, floor=0.0)
+    torch.testing.assert_close(s.sigma, torch.exp(r1.value + 1.0))
+    lo, hi = s.ci95()
+    torch.testing.assert_close(lo, torch.exp(r1.value - r1.ci_halfwidth + 1.0))
+    torch.testing.assert_close(hi, torch.exp(r1.value + r1.ci_halfwidth + 1.0))
+    at = lin.exact().fsinfo(s.sigma, floor=0.0).value  # exact FSInfo at the estimated sigma*
+    err = (at + 1.0).abs()
+    assert bool((err <= 4 * r1.stderr).all()), (err, r1.stderr)
+    # the data-set statistics
+    assert s.dataset("max") == pytest.approx(float(s.sigma.max()))
+    assert s.dataset("max", conservative=True) == pytest.approx(float(hi.max()))
+    assert s.dataset("quantile", q=0.5) == pytest.approx(float(s.sigma.quantile(0.5)))
+
+
+def test_dfil_sigma_per_sample_and_dataset():
+    enc, x = _Counting().eval(), _x(b=4)
+    lin = ff.linearize(enc, x)
+    r = lin.dfil_sigma(0.05, estimator="exact")
+    trace = lin.exact().trace
+    torch.testing.assert_close(r.sigma, (0.05 * trace / lin.d).sqrt())
+    assert r.dataset("rms") == pytest.approx(math.sqrt(0.05 * float(trace.mean()) / lin.d))
+    with pytest.raises(ff.InvalidInputError, match="bound"):
+        lin.dfil_sigma(-1.0)
+
+
+def test_aggregate_uses_the_per_sample_interval_convention():
+    enc, x = _Counting().eval(), _x(b=4)
+    r = ff.linearize(enc, x).fsinfo(0.1, estimator="randomized", num_probes=16)
+    m = r.mean()
+    lo, hi = m.ci95()
+    assert hi - m.value == pytest.approx(1.959963984540054 * m.stderr + m.bias_bound)
+    w = r.worst()
+    assert w.ci_halfwidth == pytest.approx(float(r.ci_halfwidth[w.index]))
+
+
+def test_bad_arguments_raise_typed_errors():
+    enc, x = _Counting().eval(), _x()
+    lin = ff.linearize(enc, x)
+    with pytest.raises(ff.InvalidInputError, match="variant"):
+        lin.fsinfo(0.1, variant="full")
+    with pytest.raises(ff.InvalidInputError, match="estimator"):
+        lin.dfil(0.1, estimator="fast")
+    with pytest.raises(ff.InvalidInputError, match="floor"):
+        lin.fsinfo(0.1, floor=-1.0)
+    with pytest.raises(ff.InvalidInputError, match="target"):
+        lin.fsinfo_sigma(math.inf)
+    with pytest.raises(ff.InvalidInputError, match=r"shape \[B\]"):
+        lin.fsinfo_sigma(torch.zeros(5))
+    with pytest.raises(ff.InvalidInputError, match="backend"):
+        ff.linearize(enc, x, backend=3)
