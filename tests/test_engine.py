@@ -278,11 +278,12 @@ def test_products_expose_ops_and_protocol_attributes():
 @pytest.mark.parametrize("variant", ["diag", "logdet"])
 def test_public_metric_engine_equals_torch(variant):
     model, x, _ = CASES["residual_inplace_relu"]
+    model.eval()
     kw = {"estimator": "randomized", "num_probes": 6, "seed": 3}
     if variant == "logdet":
         kw.update(prior_var=1.0, lanczos_order=8)
-    a = ff.fsinfo(model, x, 0.1, variant, backend="engine", **kw)
-    b = ff.fsinfo(model, x, 0.1, variant, backend="torch", **kw)
+    a = ff.fsinfo(model, x, 0.1, variant=variant, backend="engine", **kw)
+    b = ff.fsinfo(model, x, 0.1, variant=variant, backend="torch", **kw)
     assert a.info["backend"] == "engine" and b.info["backend"] == "torch"
     torch.testing.assert_close(a.value, b.value, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a.stderr, b.stderr, rtol=1e-3, atol=1e-6)

@@ -406,7 +406,7 @@ class Ours(Provider):
             else:
                 variant = "diag" if case.task == "fsinfo_diag" else "logdet"
                 extra = {"prior_var": case.spec.prior_var} if variant == "logdet" else {}
-                r = ff.fsinfo(case.encoder, case.x, case.sigma, variant, atol=case.target,
+                r = ff.fsinfo(case.encoder, case.x, case.sigma, variant=variant, atol=case.target,
                               **extra, **kw)
         except (NotImplementedError, BackendUnavailableError) as err:
             raise ProviderUnavailable(f"{type(err).__name__}: {err}") from err

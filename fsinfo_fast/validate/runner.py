@@ -257,24 +257,19 @@ def _diag_metrics(cfg: ValidateConfig, enc: nn.Module, x: Tensor, sigma: float,
                   seed: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """FSInfo_diag and dFIL per sample: exact for small ``min(m, d)``, else from the same ``K``
     VJP probes (one randomized pass gives both)."""
-    from .. import dfil, fsinfo
-    from ..encoder import prepare
-    from ..engine import make_products
-    from ..estimators import estimate_diag
+    from ..linearization import linearize
 
-    prepared = prepare(enc, x)
-    if min(prepared.m, prepared.d) <= cfg.exact_max:
-        fs = fsinfo(enc, x, sigma=sigma, estimator="exact")
-        df = dfil(enc, x, sigma=sigma, estimator="exact")
-        values = {"fsinfo_diag": (fs.value, fs.stderr), "dfil": (df.value, df.stderr)}
+    lin = linearize(enc, x, backend=cfg.backend, seed=seed)
+    if min(lin.m, lin.d) <= cfg.exact_max:
+        ex = lin.exact()  # one oracle pass serves both metrics
+        fs, df = ex.fsinfo(sigma), ex.dfil(sigma)
         how = {"estimator": "exact", "probes": None, "backend": "reference"}
     else:
-        products = make_products(prepared, cfg.backend)
-        est = estimate_diag(products, sigma=sigma, seed=seed, num_probes=cfg.probes)
-        values = {"fsinfo_diag": (est.fsinfo_diag.value, est.fsinfo_diag.stderr),
-                  "dfil": (est.dfil.value, est.dfil.stderr)}
+        fs = lin.fsinfo(sigma, estimator="randomized", num_probes=cfg.probes)
+        df = lin.dfil(sigma, estimator="randomized", num_probes=cfg.probes, method="diag")
         how = {"estimator": "randomized", "probes": cfg.probes,
-               "backend": getattr(products, "backend", str(cfg.backend))}
+               "backend": fs.info.get("backend", str(cfg.backend))}
+    values = {"fsinfo_diag": (fs.value, fs.stderr), "dfil": (df.value, df.stderr)}
     per_sample = {k: v[0].detach().cpu().to(torch.float64) for k, v in values.items()}
     per_sample.update({f"{k}_stderr": v[1].detach().cpu().to(torch.float64)
                        for k, v in values.items()})
