@@ -520,7 +520,17 @@ class HookEncoder(_HookBase):
 
     Shapes: ``x [B, *input]`` -> the selected tensor, e.g. ``[B, C, H, W]`` or ``[B, T, D]``.
     Its dtype and device are the model's computation's (a ``transformers`` model casts
-    ``pixel_values`` to its weights' dtype).
+    ``pixel_values`` to its weights' dtype); ``x`` must be on the model's device.
+
+    Notes:
+        With a negative ``occurrence`` (the default) the first call for each input signature
+        (shape without the batch dimension, dtype, device type, the model's mode) runs the whole
+        forward pass to count the module's calls; tracing the encoder with ``make_fx`` at that
+        moment records the whole model (call it once on an input of that shape first, or pass
+        ``occurrence >= 0``). While a call runs, the hook sits on the shared module: do not run
+        the same model in another thread at the same time. ``torch.fx.symbolic_trace`` cannot
+        trace this encoder (torch.fx does not run forward hooks of the modules it keeps whole);
+        ``make_fx`` can.
     """
 
     def __init__(self, model: nn.Module, path: str, *, occurrence: int = -1,
@@ -586,7 +596,8 @@ class HookInsert(_HookBase):
     first tensor, :func:`first_tensor`, for a tuple/list/mapping output) by ``layer(output)``,
     and returns the model's output. A negative ``occurrence`` needs the number of calls: the
     first call for each input signature runs one extra forward pass under ``torch.no_grad()``
-    (without ``layer``) to count them.
+    (without ``layer``) to count them (in training mode, BatchNorm running statistics see that
+    pass too).
 
     Attributes:
         model: the full model (shared); split_layer: ``layer``; path, occurrence, split_name,
