@@ -1,68 +1,122 @@
 """Cut a model in two and return its bottom part (the *encoder* of split inference).
 
-``split(model, at)`` returns a module mapping the model's input ``[B, ...]`` to the smashed data at
-the split point: the output of the layer named by ``at``, layers up to and including it being the
-encoder. ``at`` may be
+``split(model, at)`` returns a module mapping the model's input ``x [B, ...]`` to the smashed data
+at the split point: the output of the layer named by ``at``, layers up to and including it being
+the encoder. ``at`` may be
 
 - an ``int``: a paper split index into ``model.split_points`` (every zoo model has them; see
   :mod:`fsinfo_fast.models`). Negative indices count from the end. A plain ``nn.Sequential`` without
   ``split_points`` is indexed by its children (``at=k`` keeps children ``0..k``);
-- a module path (``"layer2.1"``, ``"features.3"``, as in ``model.named_modules()``): the cut is
-  at the output of the **last** call of that module in ``forward``;
+- a module path (``"layer2.1"``, ``"encoder.stages.1"``, as in ``model.named_modules()``): the cut
+  is at the output of the **last** call of that module in ``forward`` (``occurrence=`` picks
+  another call). Works on **every** ``nn.Module``, traceable or not;
 - a torch.fx node name of the traced ``forward`` (``"add"``, ``"relu_1"``, ``"flatten"``; list
-  them with ``torch.fx.symbolic_trace(model).graph``): the cut is at that node. Module paths take
-  precedence over node names.
+  them with ``torch.fx.symbolic_trace(model).graph``): the cut is at that node. Needs a model that
+  torch.fx can trace. Module paths take precedence over node names.
 
-How. ``torch.fx`` traces ``forward`` with a tracer that keeps the requested module (and the usual
-``torch.nn`` layers) as a single call, the graph is cut after that call (or the named node), which
-becomes the output, dead code is removed and the result is a ``torch.fx.GraphModule``. A top-level
-child of an ``nn.Sequential`` is cut by slicing instead (no tracing; a new ``nn.Sequential``).
+Two routes, chosen deterministically and recorded on the encoder (``split_route``,
+``split_route_reason``):
+
+- ``"fx"`` (models torch.fx can trace, e.g. the zoo): ``forward`` is traced with a tracer that
+  keeps the requested module as a single call, the graph is cut after that call (or the named
+  node), dead code is removed; the encoder is a ``torch.fx.GraphModule`` holding only the layers
+  it uses. The linearised engine (``backend="engine"``) works on these encoders. A top-level
+  child of an ``nn.Sequential`` is cut by slicing instead (route ``"sequential"``).
+- ``"hooks"`` (any model: Hugging Face ``transformers`` models, Python control flow,
+  tuple/``ModelOutput`` returns): a :class:`HookEncoder` runs the **model itself** with a forward
+  hook on the module; the hook takes the module's output and ends the forward pass early (a
+  private exception raised in the hook and caught in the encoder's ``forward``), so the layers
+  after the cut are not computed. Used when torch.fx cannot trace the model, when the module
+  sits inside a module torch.fx keeps whole (``nn.TransformerEncoderLayer.linear1``), when
+  ``select=`` or ``input_name=`` is given, or on request (``route="hooks"``). On traceable models
+  both routes give identical outputs (tested); ``auto`` keeps ``fx`` there because the engine
+  needs an fx-traceable encoder (torch.fx does not run forward hooks of the modules it keeps
+  whole, so it cannot trace a hook encoder).
 
 Either way the encoder **shares** the model's submodules, parameters and buffers (nothing is copied:
 training the model changes the encoder), starts in the model's train/eval mode (the submodules
 keep their own flags) and carries ``split_name`` (module path or node name) and ``split_index``
 (paper index, or ``None`` when the cut is not one of ``model.split_points``).
 
-Python control flow in ``forward`` is resolved at trace time (e.g. ``if self.training``: the branch
-of the model's mode when ``split`` was called).
+Python control flow in ``forward`` is resolved at trace time on the fx route (e.g. ``if
+self.training``: the branch of the model's mode when ``split`` was called) and at every call on
+the hooks route.
 """
 
 from __future__ import annotations
 
+import collections
 import difflib
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import torch
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
-from .errors import InvalidInputTypeError, SplitError
+from .errors import InvalidInputError, InvalidInputTypeError, SplitError
 
-__all__ = ["insert", "split"]
+__all__ = ["HookEncoder", "HookInsert", "ROUTES", "first_tensor", "insert", "split"]
 
 _MAX_ERR = 300  # characters of an underlying tracing error quoted in messages
 
+#: Values of ``route=``.
+ROUTES = ("auto", "fx", "hooks")
 
-def split(model: nn.Module, at: int | str) -> nn.Module:
+
+def split(
+    model: nn.Module,
+    at: int | str,
+    *,
+    occurrence: int | None = None,
+    select: Callable[[Any], Tensor] | None = None,
+    input_name: str | None = None,
+    route: str = "auto",
+) -> nn.Module:
     """The bottom part of ``model`` up to and including the split point ``at``, as an encoder.
 
     Args:
         model: the full model (any ``nn.Module``; zoo models also accept paper split indices).
         at: paper split index (``int``, into ``model.split_points``; for a plain ``nn.Sequential``
-            the child index), module path (``str``, cut after its last call) or torch.fx node
-            name (``str``).
+            the child index), module path (``str``) or torch.fx node name (``str``).
+        occurrence: for a module path, which call of the module is the cut when ``forward``
+            calls it more than once (a shared block): ``-1`` / ``None`` the last call (the
+            default), ``0`` the first, ``k`` the ``k+1``-th, ``-2`` the one before the last.
+            Negative values on the hooks route need the number of calls: the first call of the
+            encoder for each input shape (and dtype, device, mode) runs the model's whole forward
+            to count them (and returns the right output); later calls stop early at the counted
+            call. ``occurrence >= 0`` always stops early.
+        select: hooks route: ``select(module_output) -> Tensor`` picks the smashed data from the
+            module's output (e.g. ``lambda out: out[1]`` for the second element of a tuple).
+            Default: the output itself if it is a tensor, else its first tensor, depth first
+            through tuples, lists and mappings (a ``transformers`` ``ModelOutput`` is a mapping
+            in field order): :func:`first_tensor`.
+        input_name: hooks route: call the model as ``model(**{input_name: x})`` instead of
+            ``model(x)`` (e.g. ``"pixel_values"``; the ``transformers`` vision models also take
+            it positionally, so the default works for them).
+        route: ``"auto"`` (``fx`` for a module path or node name of a model torch.fx traces,
+            ``hooks`` for module paths otherwise, see the module docstring), ``"fx"`` or
+            ``"hooks"`` (module paths only).
 
     Returns:
-        The encoder: maps ``x [B, ...]`` (the model's input) to the smashed data at the split point,
-        e.g. ``[B, 128, 16, 16]`` for ResNet-18 split 7 on 32x32 inputs. A
-        ``torch.fx.GraphModule`` (an ``nn.Sequential`` when cutting a Sequential at a child), with
-        attributes ``split_name: str`` and ``split_index: int | None``. Parameters are shared with
-        ``model``; the mode (train/eval) is the model's.
+        The encoder: maps ``x [B, ...]`` (the model's input) to the smashed data at the split
+        point, e.g. ``[B, 128, 16, 16]`` for ResNet-18 split 7 on 32x32 inputs, ``[B, 17, 32]``
+        for the tokens after block 0 of a small ViT. A ``torch.fx.GraphModule`` (route ``fx``),
+        an ``nn.Sequential`` (cutting a Sequential at a child) or a :class:`HookEncoder`, with
+        attributes ``split_name: str``, ``split_index: int | None``, ``split_route: str`` and
+        ``split_route_reason: str | None`` (why the hooks route was taken). Parameters are
+        shared with ``model``; the mode (train/eval) is the model's.
 
     Raises:
         SplitError: unknown module path / node name (the message lists close matches and the
             split points), an ``int`` for a model without ``split_points``, an index out of range,
-            a module that ``forward`` never calls, or a model torch.fx cannot trace.
-        InvalidInputTypeError: ``model`` is not an ``nn.Module`` or ``at`` not an ``int``/``str``.
+            a module that ``forward`` never calls (fx route: here; hooks route: at the encoder's
+            first call, which runs the model), a node name of a model torch.fx cannot trace, or
+            ``route="fx"`` where it cannot work.
+        InvalidInputTypeError: ``model`` is not an ``nn.Module``, ``at`` not an ``int``/``str``,
+            ``occurrence`` not an ``int``, ``select`` not callable or ``input_name`` not a str.
+        InvalidInputError: unknown ``route``.
 
     Example:
         >>> import torch
@@ -71,18 +125,32 @@ def split(model: nn.Module, at: int | str) -> nn.Module:
         >>> enc = split(model, 7)                      # paper split 7 = after layer2.1
         >>> enc(torch.zeros(2, 3, 32, 32)).shape, enc.split_name, enc.split_index
         (torch.Size([2, 128, 16, 16]), 'layer2.1', 7)
+        >>> enc.split_route
+        'fx'
     """
-    return _locate(model, at, "split()").encoder()
+    opts = _Options.make(occurrence, select, input_name, route, "split()")
+    return _locate(model, at, "split()", opts).encoder()
 
 
-def insert(model: nn.Module, at: int | str, layer: nn.Module) -> nn.Module:
+def insert(
+    model: nn.Module,
+    at: int | str,
+    layer: nn.Module,
+    *,
+    occurrence: int | None = None,
+    route: str = "auto",
+) -> nn.Module:
     """The whole ``model`` with ``layer`` applied to the smashed data at the split point ``at``.
 
     ``insert(model, at, layer)(x)`` computes ``top(layer(bottom(x)))`` where ``bottom`` is
     ``split(model, at)``: e.g. a noise layer at the split (what :class:`fsinfo_fast.FSInfoGuard`
-    does to the encoder's output) to measure the model's accuracy under the defense. ``at`` is
-    resolved exactly as by :func:`split`; later uses of the split point's output (skip
-    connections included) see ``layer``'s output. Parameters are shared with ``model``.
+    does to the encoder's output) to measure the model's accuracy under the defense. ``at``,
+    ``occurrence`` and ``route`` are resolved exactly as by :func:`split`; later uses of the split
+    point's output (skip connections included) see ``layer``'s output. On the hooks route (any
+    model) a forward hook replaces the module's output at the cut call by ``layer(output)``; for
+    a tuple / list / mapping output the first tensor (:func:`first_tensor`) is replaced and the
+    rest kept. The returned module is called like ``model`` (same arguments, same output type).
+    Parameters are shared with ``model``.
 
     Example:
         >>> import torch
@@ -97,31 +165,150 @@ def insert(model: nn.Module, at: int | str, layer: nn.Module) -> nn.Module:
         raise InvalidInputTypeError(
             f"insert() needs an nn.Module layer, got {type(layer).__name__}"
         )
-    return _locate(model, at, "insert()").with_layer(layer)
+    opts = _Options.make(occurrence, None, None, route, "insert()")
+    return _locate(model, at, "insert()", opts).with_layer(layer)
+
+
+# --------------------------------------------------------------------------------------------
+# options and locating the cut
+
+
+class _Options:
+    """The keyword options of :func:`split` / :func:`insert`, validated."""
+
+    def __init__(self, occurrence: int | None, select: Callable | None, input_name: str | None,
+                 route: str) -> None:
+        self.occurrence, self.select, self.input_name, self.route = (
+            occurrence, select, input_name, route)
+
+    @classmethod
+    def make(cls, occurrence: object, select: object, input_name: object, route: object,
+             who: str) -> _Options:
+        if occurrence is not None and (isinstance(occurrence, bool)
+                                       or not isinstance(occurrence, int)):
+            raise InvalidInputTypeError(
+                f"{who}: occurrence must be an int (0 = first call, -1 = last call) or None, got "
+                f"{type(occurrence).__name__}"
+            )
+        if select is not None and not callable(select):
+            raise InvalidInputTypeError(
+                f"{who}: select must be a callable (module output -> Tensor), got "
+                f"{type(select).__name__}"
+            )
+        if input_name is not None and not (isinstance(input_name, str)
+                                           and input_name.isidentifier()):
+            raise InvalidInputTypeError(
+                f"{who}: input_name must be the name of a keyword argument of the model's "
+                f"forward (a str such as 'pixel_values'), got {input_name!r}"
+            )
+        if route not in ROUTES:
+            raise InvalidInputError(f"{who}: route must be one of {ROUTES}, got {route!r}")
+        return cls(occurrence, select, input_name, str(route))
+
+    @property
+    def hooks_only(self) -> str | None:
+        """Why only the hooks route can serve these options (``None``: any route)."""
+        given = [n for n, v in (("select=", self.select), ("input_name=", self.input_name))
+                 if v is not None]
+        return " and ".join(given) + " given" if given else None
+
+    @property
+    def index(self) -> int:
+        return -1 if self.occurrence is None else self.occurrence
+
+
+def _locate(model: nn.Module, at: int | str, who: str, opts: _Options) -> _Cut:
+    if not isinstance(model, nn.Module):
+        raise InvalidInputTypeError(
+            f"{who} needs an nn.Module, got {type(model).__name__}"
+        )
+    if isinstance(at, bool) or not isinstance(at, (int, str)):
+        raise InvalidInputTypeError(
+            "split point `at` must be an int (paper split index), a module path or a torch.fx node "
+            f"name (str); got {type(at).__name__}"
+        )
+    cls = type(model).__name__
+    points = _split_points(model)
+    plain = (opts.route == "auto" and opts.occurrence is None and opts.hooks_only is None
+             and _is_plain_sequence(model))
+
+    index: int | None = None
+    if isinstance(at, int):
+        if points is None:
+            if _is_plain_sequence(model):
+                names = list(model._modules)
+                k = _normalise_index(at, len(names), cls, names)
+                if plain:
+                    return _Cut(model, names[k], k, k=k)
+                return _cut_at_module(model, names[k], model._modules[names[k]], k, opts)
+            raise SplitError(
+                f"{cls} has no `split_points` attribute, so the integer split index {at} has no "
+                "meaning; pass a module path or a torch.fx node name instead (top-level modules: "
+                f"{_fmt_list(n for n, _ in model.named_children())}), or give the model a "
+                "`split_points: list[str]` attribute of module paths"
+            )
+        index = _normalise_index(at, len(points), cls, points)
+        path = points[index]
+    else:
+        path = at
+        if points is not None and at in points:
+            index = points.index(at)
+
+    if path == "":
+        raise SplitError(
+            "the empty module path names the whole model, not a split point; pass a submodule "
+            "path or a paper split index"
+        )
+
+    modules = dict(model.named_modules(remove_duplicate=False))
+    if path in modules:
+        if plain and path in model._modules:
+            k = list(model._modules).index(path)
+            return _Cut(model, path, index if index is not None else k, k=k)
+        return _cut_at_module(model, path, modules[path], index, opts)
+    if opts.route == "hooks" or opts.hooks_only or opts.occurrence is not None:
+        what = ("route='hooks'" if opts.route == "hooks"
+                else opts.hooks_only or "occurrence= given")
+        raise SplitError(
+            f"{path!r} is not a module path of {cls} ({what}: the split point must be a module "
+            f"path, as in model.named_modules()).{_close_modules(model, path)}"
+        )
+    return _cut_at_node(model, path, points)
 
 
 class _Cut:
-    """Where a model is cut: after child ``k`` of a Sequential, or after ``node`` of a graph."""
+    """Where a model is cut: after child ``k`` of a Sequential, after ``node`` of a graph, or at
+    a call of the module ``path`` (hooks)."""
 
     def __init__(self, model: nn.Module, name: str, index: int | None, *, k: int | None = None,
-                 graph: fx.Graph | None = None, node: fx.Node | None = None) -> None:
+                 graph: fx.Graph | None = None, node: fx.Node | None = None,
+                 hooks: dict[str, Any] | None = None) -> None:
         self.model, self.name, self.index = model, name, index
-        self.k, self.graph, self.node = k, graph, node
+        self.k, self.graph, self.node, self.hooks = k, graph, node, hooks
 
     def encoder(self) -> nn.Module:
+        if self.hooks is not None:
+            return HookEncoder(self.model, **self.hooks, split_name=self.name,
+                               split_index=self.index)
         if self.k is not None:
             return _slice_sequential(self.model, self.k, self.name, self.index)
-        return _tag(_build(self.model, self.graph, self.node), self.name, self.index)
+        return _tag(_build(self.model, self.graph, self.node), self.name, self.index, "fx")
 
     def with_layer(self, layer: nn.Module) -> nn.Module:
         model = self.model
+        if self.hooks is not None:
+            h = dict(self.hooks)
+            h.pop("select")
+            h.pop("input_name")
+            return HookInsert(model, layer=layer, **h, split_name=self.name,
+                              split_index=self.index)
         if self.k is not None:
             items = list(model._modules.items())
             full = nn.Sequential(OrderedDict(
                 [*items[: self.k + 1], ("split_layer", layer), *items[self.k + 1 :]]
             ))
             full.training = model.training
-            return _tag(full, self.name, self.index)
+            return _tag(full, self.name, self.index, "sequential")
         graph = self.graph
         out = next(n for n in graph.nodes if n.op == "output")
         cut = self.node if self.node is not None else out.args[0]
@@ -146,7 +333,342 @@ class _Cut:
         for m in gm.modules():
             if id(m) not in original:
                 m.training = model.training
-        return _tag(gm, self.name, self.index)
+        return _tag(gm, self.name, self.index, "fx")
+
+
+# --------------------------------------------------------------------------------------------
+# the hooks route
+
+
+class _StopForward(BaseException):
+    """Raised in the cut module's forward hook to end the model's forward pass early.
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so that a model's own ``except Exception``
+    clauses do not swallow it; it never leaves :class:`HookEncoder`'s ``forward``.
+    """
+
+
+def first_tensor(output: Any) -> Tensor:
+    """The smashed data in a module's output: the output itself if it is a tensor, else its first
+    tensor, depth first through tuples, lists and mappings (in their order; a ``transformers``
+    ``ModelOutput`` is an ordered mapping of its non-``None`` fields).
+
+    Raises:
+        SplitError: the output holds no tensor.
+    """
+    path = _first_tensor_path(output)
+    if path is None:
+        raise SplitError(
+            f"the module's output ({_describe(output)}) holds no tensor; pass select= to pick "
+            "the smashed data from it"
+        )
+    return _get_path(output, path)
+
+
+def _is_tensor_like(obj: Any) -> bool:
+    return isinstance(obj, (Tensor, fx.Proxy))
+
+
+def _first_tensor_path(obj: Any, depth: int = 0) -> tuple | None:
+    if _is_tensor_like(obj):
+        return ()
+    if depth > 8:
+        return None
+    if isinstance(obj, Mapping):
+        items = list(obj.items())
+    elif isinstance(obj, (tuple, list)):
+        items = list(enumerate(obj))
+    else:
+        return None
+    for key, value in items:
+        sub = _first_tensor_path(value, depth + 1)
+        if sub is not None:
+            return (key, *sub)
+    return None
+
+
+def _get_path(obj: Any, path: tuple) -> Any:
+    for key in path:
+        obj = obj[key]
+    return obj
+
+
+def _replace_path(obj: Any, path: tuple, value: Any) -> Any:
+    """``obj`` with the element at ``path`` replaced (tuples and lists rebuilt; mappings, e.g. a
+    ``ModelOutput``, updated in place: the module created them for this call)."""
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
+    new = _replace_path(obj[key], rest, value)
+    if isinstance(obj, Mapping):
+        obj[key] = new
+        return obj
+    items = list(obj)
+    items[key] = new
+    if isinstance(obj, list):
+        return items
+    if hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*items)
+    return type(obj)(items)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, Tensor):
+        return f"Tensor{tuple(obj.shape)}"
+    if isinstance(obj, Mapping):
+        inner = ", ".join(f"{k}: {_describe(v)}" for k, v in list(obj.items())[:4])
+        return f"{type(obj).__name__}({inner})"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in list(obj)[:4])
+        return f"{type(obj).__name__}({inner}{', ...' if len(obj) > 4 else ''})"
+    return type(obj).__name__
+
+
+def _signature(args: tuple, kwargs: dict, model: nn.Module) -> tuple | None:
+    """Cache key of the number of calls: every tensor argument's shape without the batch
+    dimension, dtype and device type, and the model's mode (``None``: do not cache)."""
+    key: list[Any] = [model.training]
+    try:
+        for v in (*args, *(kwargs[k] for k in sorted(kwargs))):
+            if isinstance(v, Tensor):
+                key.append((tuple(int(s) for s in v.shape[1:]), v.dtype, v.device.type))
+            elif isinstance(v, fx.Proxy):
+                return None
+            else:
+                key.append(type(v).__name__)
+        hash(tuple(key))
+    except Exception:  # symbolic shapes, unhashable arguments: count every time
+        return None
+    return tuple(key)
+
+
+class _HookBase(nn.Module):
+    """What :class:`HookEncoder` and :class:`HookInsert` share: the model, the module path, the
+    call to cut and the per-signature call counts."""
+
+    split_route = "hooks"
+
+    def __init__(self, model: nn.Module, path: str, occurrence: int, reason: str | None,
+                 hint: str, split_name: str, split_index: int | None) -> None:
+        super().__init__()
+        self.model = model
+        self.path = path
+        self.occurrence = int(occurrence)
+        self.split_name = split_name
+        self.split_index = split_index
+        self.split_route_reason = reason
+        self._hint = hint
+        self._cut_call: dict[tuple, int] = {}  # signature -> 0-based index of the cut call
+        self.training = model.training  # the submodules keep their own flags
+
+    def extra_repr(self) -> str:
+        return f"path={self.path!r}, occurrence={self.occurrence}"
+
+    def _target(self) -> nn.Module:
+        return self.model.get_submodule(self.path)
+
+    def _never_called(self, seen: int, stop: int | None) -> SplitError:
+        cls = type(self.model).__name__
+        mod = type(self._target()).__name__
+        if seen == 0:
+            why = self._hint or (
+                " It is unused, used other than by calling it (e.g. only its weights), or "
+                "skipped on this input."
+            )
+            if fx._symbolic_trace.is_fx_tracing():
+                why += (" (Under torch.fx symbolic tracing, forward hooks of modules that "
+                        "torch.fx keeps whole do not run, so a hooks-route encoder cannot be "
+                        "traced by torch.fx.)")
+            return SplitError(
+                f"module {self.path!r} ({mod}) was never called in the forward of {cls}.{why}"
+            )
+        if stop is not None and self.occurrence < 0:
+            return SplitError(
+                f"module {self.path!r} ({mod}) was called {seen} time(s) in the forward of {cls} "
+                f"on this input, but {stop + 1} or more on the first input of the same shape: "
+                "the number of calls depends on the input's values; pass occurrence=k >= 0"
+            )
+        want = stop + 1 if stop is not None else -self.occurrence
+        return SplitError(
+            f"module {self.path!r} ({mod}) was called {seen} time(s) in the forward of {cls}, "
+            f"so occurrence={self.occurrence} names no call (it needs at least {want}); "
+            f"valid: 0..{seen - 1} or -{seen}..-1"
+        )
+
+
+class HookEncoder(_HookBase):
+    """The bottom part of any model, cut at a call of one of its modules by a forward hook.
+
+    ``forward(x)`` runs ``model(x)`` (or ``model(**{input_name: x})``) with a forward hook on
+    ``model.<path>``; at the cut call (``occurrence``) the hook takes ``select(output)`` (default
+    :func:`first_tensor`) and raises a private exception that ends the forward pass, caught
+    here: the layers after the cut are not computed. Nothing persists between calls (the hook is
+    registered for one call and removed), so the encoder works under ``torch.func`` transforms
+    (``vmap``, ``jvp``, ``vjp``, ``jacrev``; the exception is raised and caught inside the
+    transformed function), with ``torch.autograd``, deep-copies, pickles (with a picklable
+    ``select``) and ``.to(dtype/device)`` (which converts the model: the encoder holds it as its
+    submodule ``model``, so ``state_dict()`` keys are ``"model." + key``).
+
+    Attributes:
+        model: the full model (shared, not copied).
+        path: module path of the cut.
+        occurrence: which call of the module is the cut (``-1``: the last).
+        select: picks the smashed data from the module's output (``None``: first tensor).
+        input_name: keyword the model takes the input as (``None``: positional).
+        split_name, split_index, split_route (``"hooks"``), split_route_reason: as for
+            :func:`split`.
+
+    Shapes: ``x [B, *input]`` -> the selected tensor, e.g. ``[B, C, H, W]`` or ``[B, T, D]``.
+    Its dtype and device are the model's computation's (a ``transformers`` model casts
+    ``pixel_values`` to its weights' dtype); ``x`` must be on the model's device.
+
+    Notes:
+        With a negative ``occurrence`` (the default) the first call for each input signature
+        (shape without the batch dimension, dtype, device type, the model's mode) runs the whole
+        forward pass to count the module's calls; tracing the encoder with ``make_fx`` at that
+        moment records the whole model (call it once on an input of that shape first, or pass
+        ``occurrence >= 0``). While a call runs, the hook sits on the shared module: do not run
+        the same model in another thread at the same time. ``torch.fx.symbolic_trace`` cannot
+        trace this encoder (torch.fx does not run forward hooks of the modules it keeps whole);
+        ``make_fx`` can.
+    """
+
+    def __init__(self, model: nn.Module, path: str, *, occurrence: int = -1,
+                 select: Callable[[Any], Tensor] | None = None, input_name: str | None = None,
+                 reason: str | None = None, hint: str = "", split_name: str | None = None,
+                 split_index: int | None = None) -> None:
+        super().__init__(model, path, occurrence, reason, hint,
+                         path if split_name is None else split_name, split_index)
+        self.select = select
+        self.input_name = input_name
+
+    def _pick(self, output: Any) -> Tensor:
+        value = first_tensor(output) if self.select is None else self.select(output)
+        if not _is_tensor_like(value):
+            raise SplitError(
+                f"select= returned {type(value).__name__}, not a Tensor, for the output of "
+                f"{self.path!r} ({_describe(output)})"
+            )
+        return value
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The smashed data ``select(model.<path>(...))`` at the cut call, for input ``x``."""
+        args, kwargs = ((), {self.input_name: x}) if self.input_name else ((x,), {})
+        key = _signature(args, kwargs, self.model)
+        stop = self.occurrence if self.occurrence >= 0 else self._cut_call.get(key)
+        seen = 0
+        found: list[Tensor] = []
+        # counting run (negative occurrence, first input of its signature): keep the last
+        # |occurrence| picks, cloned, since later in-place ops of the model may change them
+        kept: collections.deque = collections.deque(maxlen=max(1, -self.occurrence))
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            nonlocal seen
+            i = seen
+            seen += 1
+            if stop is None:
+                kept.append(self._pick(output).clone())
+            elif i == stop:
+                found.append(self._pick(output))
+                raise _StopForward
+
+        handle = self._target().register_forward_hook(hook)
+        try:
+            self.model(*args, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if found:
+            return found[0]
+        if stop is not None or seen < -self.occurrence:
+            raise self._never_called(seen, stop)
+        if key is not None:
+            self._cut_call[key] = seen + self.occurrence
+        return kept[0]
+
+
+class HookInsert(_HookBase):
+    """The whole model with ``layer`` applied at a call of one of its modules (a forward hook).
+
+    ``forward(*args, **kwargs)`` calls ``model(*args, **kwargs)`` with a forward hook on
+    ``model.<path>`` that, at the cut call (``occurrence``), replaces the module's output (its
+    first tensor, :func:`first_tensor`, for a tuple/list/mapping output) by ``layer(output)``,
+    and returns the model's output. A negative ``occurrence`` needs the number of calls: the
+    first call for each input signature runs one extra forward pass under ``torch.no_grad()``
+    (without ``layer``) to count them (in training mode, BatchNorm running statistics see that
+    pass too).
+
+    Attributes:
+        model: the full model (shared); split_layer: ``layer``; path, occurrence, split_name,
+            split_index, split_route (``"hooks"``), split_route_reason: as for
+            :class:`HookEncoder`.
+    """
+
+    def __init__(self, model: nn.Module, path: str, *, layer: nn.Module, occurrence: int = -1,
+                 reason: str | None = None, hint: str = "", split_name: str | None = None,
+                 split_index: int | None = None) -> None:
+        super().__init__(model, path, occurrence, reason, hint,
+                         path if split_name is None else split_name, split_index)
+        self.split_layer = layer
+
+    def _count(self, args: tuple, kwargs: dict) -> int:
+        seen = 0
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            nonlocal seen
+            seen += 1
+
+        handle = self._target().register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                self.model(*args, **kwargs)
+        finally:
+            handle.remove()
+        if seen + self.occurrence < 0:
+            raise self._never_called(seen, None)
+        return seen + self.occurrence
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``model(*args, **kwargs)`` with ``layer`` applied to the smashed data at the cut."""
+        stop: int | None = self.occurrence if self.occurrence >= 0 else None
+        if stop is None:
+            key = _signature(args, kwargs, self.model)
+            stop = self._cut_call.get(key) if key is not None else None
+            if stop is None:
+                stop = self._count(args, kwargs)
+                if key is not None:
+                    self._cut_call[key] = stop
+        seen = 0
+        done = [False]
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            nonlocal seen
+            i = seen
+            seen += 1
+            if i != stop:
+                return None
+            path = _first_tensor_path(output)
+            if path is None:
+                raise SplitError(
+                    f"the output of {self.path!r} ({_describe(output)}) holds no tensor to "
+                    "apply the split layer to"
+                )
+            done[0] = True
+            return _replace_path(output, path, self.split_layer(_get_path(output, path)))
+
+        handle = self._target().register_forward_hook(hook)
+        try:
+            out = self.model(*args, **kwargs)
+        finally:
+            handle.remove()
+        if not done[0]:
+            raise self._never_called(seen, stop)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
 
 
 def _get_attr(model: nn.Module, path: str) -> object:
@@ -154,60 +676,6 @@ def _get_attr(model: nn.Module, path: str) -> object:
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _locate(model: nn.Module, at: int | str, who: str) -> _Cut:
-    if not isinstance(model, nn.Module):
-        raise InvalidInputTypeError(
-            f"{who} needs an nn.Module, got {type(model).__name__}"
-        )
-    if isinstance(at, bool) or not isinstance(at, (int, str)):
-        raise InvalidInputTypeError(
-            "split point `at` must be an int (paper split index), a module path or a torch.fx node "
-            f"name (str); got {type(at).__name__}"
-        )
-    cls = type(model).__name__
-    points = _split_points(model)
-
-    index: int | None = None
-    if isinstance(at, int):
-        if points is None:
-            if _is_plain_sequence(model):
-                names = list(model._modules)
-                k = _normalise_index(at, len(names), cls, names)
-                return _Cut(model, names[k], k, k=k)
-            raise SplitError(
-                f"{cls} has no `split_points` attribute, so the integer split index {at} has no "
-                "meaning; pass a module path or a torch.fx node name instead (top-level modules: "
-                f"{_fmt_list(n for n, _ in model.named_children())}), or give the model a "
-                "`split_points: list[str]` attribute of module paths"
-            )
-        index = _normalise_index(at, len(points), cls, points)
-        path = points[index]
-    else:
-        path = at
-        if points is not None and at in points:
-            index = points.index(at)
-
-    if path == "":
-        raise SplitError(
-            "the empty module path names the whole model, not a split point; pass a submodule "
-            "path or a paper split index"
-        )
-
-    modules = dict(model.named_modules(remove_duplicate=False))
-    if path in modules:
-        if _is_plain_sequence(model) and path in model._modules:
-            k = list(model._modules).index(path)
-            return _Cut(model, path, index if index is not None else k, k=k)
-        return _cut_at_module(model, path, modules[path], index)
-    return _cut_at_node(model, path, points)
-
-
-
-
-# --------------------------------------------------------------------------------------------
-# helpers
 
 
 class _CutTracer(fx.Tracer):
@@ -249,6 +717,13 @@ def _fmt_points(points: list[str]) -> str:
     return _fmt_list((f"{i}={p}" for i, p in enumerate(points)), limit=40)
 
 
+def _close_modules(model: nn.Module, name: str) -> str:
+    close = difflib.get_close_matches(
+        name, [n for n, _ in model.named_modules() if n], n=5, cutoff=0.6
+    )
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
 def _normalise_index(at: int, n: int, cls: str, names: list[str]) -> int:
     if not -n <= at < n:
         raise SplitError(
@@ -258,43 +733,34 @@ def _normalise_index(at: int, n: int, cls: str, names: list[str]) -> int:
     return at % n
 
 
-def _tag(enc: nn.Module, name: str, index: int | None) -> nn.Module:
+def _tag(enc: nn.Module, name: str, index: int | None, route: str,
+         reason: str | None = None) -> nn.Module:
     enc.split_name = name
     enc.split_index = index
+    enc.split_route = route
+    enc.split_route_reason = reason
     return enc
 
 
 def _slice_sequential(model: nn.Sequential, k: int, name: str, index: int | None) -> nn.Module:
     enc = nn.Sequential(OrderedDict(list(model._modules.items())[: k + 1]))
     enc.training = model.training
-    return _tag(enc, name, index)
+    return _tag(enc, name, index, "sequential")
+
+
+def _error_text(err: BaseException) -> str:
+    msg = " ".join(f"{type(err).__name__}: {err}".split())
+    return msg[:_MAX_ERR] + "..." if len(msg) > _MAX_ERR else msg
 
 
 def _untraceable(model: nn.Module, at: str, err: BaseException) -> SplitError:
     cls = type(model).__name__
-    seqs = [n for n, m in model.named_modules() if n and isinstance(m, nn.Sequential)]
-    hint = (
-        f" nn.Sequential submodules here: {_fmt_list(seqs, limit=10)};"
-        f" e.g. split(model.{seqs[0]}, at=...) cuts one of them directly."
-        if seqs
-        else ""
-    )
-    msg = f"{type(err).__name__}: {err}"
-    if len(msg) > _MAX_ERR:
-        msg = msg[:_MAX_ERR] + "..."
+    paths = [n for n, _ in model.named_children()]
     return SplitError(
-        f"{cls} cannot be traced by torch.fx ({msg}), so it cannot be split automatically at "
-        f"{at!r}. Pass a module path of an nn.Sequential (split a Sequential submodule by index or "
-        "child name, no tracing needed) or split by hand: write an nn.Module whose forward runs "
-        f"the bottom layers.{hint}"
+        f"{cls} cannot be traced by torch.fx ({_error_text(err)}), so it cannot be cut at the "
+        f"torch.fx node {at!r}. Module paths work on any model (forward hooks, no tracing): "
+        f"split(model, 'module.path'); top-level modules: {_fmt_list(paths, limit=10)}"
     )
-
-
-def _trace(model: nn.Module, tracer: fx.Tracer, at: str) -> fx.Graph:
-    try:
-        return tracer.trace(model)
-    except Exception as err:  # torch.fx raises many types (TraceError, TypeError, ...)
-        raise _untraceable(model, at, err) from err
 
 
 def _build(model: nn.Module, graph: fx.Graph, cut: fx.Node | None) -> fx.GraphModule:
@@ -318,8 +784,32 @@ def _build(model: nn.Module, graph: fx.Graph, cut: fx.Node | None) -> fx.GraphMo
     return gm
 
 
-def _cut_at_module(model: nn.Module, path: str, target: nn.Module, index: int | None) -> _Cut:
-    graph = _trace(model, _CutTracer(target), path)
+def _hooks_cut(model: nn.Module, path: str, index: int | None, opts: _Options, reason: str,
+               hint: str = "") -> _Cut:
+    return _Cut(model, path, index, hooks=dict(
+        path=path, occurrence=opts.index, select=opts.select, input_name=opts.input_name,
+        reason=reason, hint=hint))
+
+
+def _cut_at_module(model: nn.Module, path: str, target: nn.Module, index: int | None,
+                   opts: _Options) -> _Cut:
+    cls = type(model).__name__
+    if opts.route == "hooks":
+        return _hooks_cut(model, path, index, opts, "route='hooks' requested")
+    if opts.hooks_only:
+        if opts.route == "fx":
+            raise SplitError(f"route='fx' cannot honour {opts.hooks_only}; use route='auto'")
+        return _hooks_cut(model, path, index, opts, opts.hooks_only)
+    try:
+        graph = _CutTracer(target).trace(model)
+    except Exception as err:  # torch.fx raises many types (TraceError, TypeError, ...)
+        if opts.route == "fx":
+            raise SplitError(
+                f"route='fx': {cls} cannot be traced by torch.fx ({_error_text(err)}); "
+                "route='auto' or 'hooks' cuts it at a module path with forward hooks"
+            ) from err
+        return _hooks_cut(model, path, index, opts,
+                          f"torch.fx cannot trace {cls} ({_error_text(err)})")
     calls = [
         n for n in graph.nodes
         if n.op == "call_module" and model.get_submodule(str(n.target)) is target
@@ -329,17 +819,30 @@ def _cut_at_module(model: nn.Module, path: str, target: nn.Module, index: int | 
             str(n.target) for n in graph.nodes
             if n.op == "call_module" and path.startswith(str(n.target) + ".")
         ]
+        if outer and opts.route == "auto":
+            hint = (f" It sits inside {outer[0]!r}, which torch.fx keeps as one call; that module "
+                    "does not call it as a module (e.g. uses only its weights).")
+            return _hooks_cut(model, path, index, opts,
+                              f"{path!r} sits inside {outer[0]!r}, which torch.fx keeps as one "
+                              "call", hint)
         where = (
             f" it sits inside {outer[0]!r}, which torch.fx keeps as one call; split at "
-            f"{outer[0]!r} instead"
+            f"{outer[0]!r} or use route='hooks'"
             if outer
             else " it is unused, or used other than by calling it (e.g. only its weights)"
         )
         raise SplitError(
             f"module {path!r} ({type(target).__name__}) is never called in the traced forward of "
-            f"{type(model).__name__}:{where}"
+            f"{cls}:{where}"
         )
-    return _Cut(model, path, index, graph=graph, node=calls[-1])
+    k = opts.index
+    if not -len(calls) <= k < len(calls):
+        n = len(calls)
+        raise SplitError(
+            f"module {path!r} is called {n} time(s) in the traced forward of {cls}, so "
+            f"occurrence={k} names no call; valid: 0..{n - 1} or -{n}..-1"
+        )
+    return _Cut(model, path, index, graph=graph, node=calls[k])
 
 
 def _cut_at_node(model: nn.Module, name: str, points: list[str] | None) -> _Cut:
@@ -347,13 +850,9 @@ def _cut_at_node(model: nn.Module, name: str, points: list[str] | None) -> _Cut:
     try:
         graph = fx.Tracer().trace(model)
     except Exception as err:
-        close = difflib.get_close_matches(
-            name, [n for n, _ in model.named_modules() if n], n=5, cutoff=0.6
-        )
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise SplitError(
-            f"{name!r} is not a module path of {cls}.{hint} It could be a torch.fx node name, "
-            f"but {_untraceable(model, name, err)}"
+            f"{name!r} is not a module path of {cls}.{_close_modules(model, name)} It could be a "
+            f"torch.fx node name, but {_untraceable(model, name, err)}"
         ) from err
     by_name = {n.name: n for n in graph.nodes}
     node = by_name.get(name)

@@ -10,6 +10,17 @@ Each builder returns the raw ``transformers`` model in eval mode (input ``pixel_
 ``[B, 3, size, size]``, output a ``ModelOutput``); cut it with
 ``fsinfo_fast.split(model, at="module.path")``. :data:`SPLITS` lists module paths to cut at.
 
+Zero-argument builders for ``fsinfo-fast profile / guard --model package.module:function``:
+``vit_small32``, ``deit_small32``, ``dinov2_small32``, ``swin_small32``, ``convnext_small32``,
+``resnet_small32``, ``mobilenetv2_small32``, ``segformer_small32`` and ``regnet_small32`` (the small
+configs at 32 px, seed 0), and ``convnext_classifier_small32`` / ``vit_classifier_small32`` (the
+same with a 10-class head, output ``.logits``: ``fsinfo-fast guard`` measures their accuracy) carry
+``split_points`` (:data:`SPLITS`), so integer split indices and the commands' default ``--splits``
+work on them::
+
+    fsinfo-fast profile --model fsinfo_fast.models.third_party:convnext_small32 \
+        --data natural --size 32 --splits encoder.stages.0,encoder.stages.1
+
 ``transformers`` is an optional dependency (``pip install transformers``); a builder raises
 :class:`ImportError` with that line when it is missing.
 
@@ -28,7 +39,26 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ARCHITECTURES", "FULL_SIZE", "SPLITS", "build", "require_transformers"]
+__all__ = [
+    "ARCHITECTURES",
+    "FULL_SIZE",
+    "SPLITS",
+    "build",
+    "builder",
+    "convnext_classifier_small32",
+    "convnext_small32",
+    "deit_small32",
+    "dinov2_small32",
+    "mobilenetv2_small32",
+    "regnet_small32",
+    "require_transformers",
+    "resnet_small32",
+    "segformer_small32",
+    "splits_of",
+    "swin_small32",
+    "vit_classifier_small32",
+    "vit_small32",
+]
 
 
 def require_transformers() -> Any:
@@ -96,7 +126,8 @@ SPLITS: dict[str, tuple[str, ...]] = {
 }
 
 
-def build(name: str, *, size: int = 32, seed: int = 0, **overrides: Any) -> nn.Module:
+def build(name: str, *, size: int = 32, seed: int = 0, num_labels: int | None = None,
+          **overrides: Any) -> nn.Module:
     """A ``transformers`` vision model with random (seeded) weights, in eval mode.
 
     Args:
@@ -104,6 +135,10 @@ def build(name: str, *, size: int = 32, seed: int = 0, **overrides: Any) -> nn.M
             ``"convnext_tiny"`` at their library-default size, 224 px).
         size: input resolution the small configs are built for (ViT-like models need it).
         seed: seed of the random weights.
+        num_labels: ``None``: the bare model (output ``last_hidden_state`` etc.); an ``int``:
+            its ``...ForImageClassification`` version with that many classes (output
+            ``.logits [B, num_labels]``; the bare model is its submodule
+            ``model.base_model_prefix``, so split paths gain that prefix: :func:`splits_of`).
         **overrides: config fields to change.
 
     Raises:
@@ -117,6 +152,9 @@ def build(name: str, *, size: int = 32, seed: int = 0, **overrides: Any) -> nn.M
         raise ValueError(f"unknown architecture {name!r}; choose one of {ARCHITECTURES}")
     tf = require_transformers()
     model_cls, cfg_cls, kwargs = table[name]
+    if num_labels is not None:
+        model_cls = model_cls.removesuffix("Model") + "ForImageClassification"
+        overrides = {**overrides, "num_labels": int(num_labels)}
     config = getattr(tf, cfg_cls)(**{**kwargs, **overrides})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -127,3 +165,77 @@ def build(name: str, *, size: int = 32, seed: int = 0, **overrides: Any) -> nn.M
 def builder(name: str, **kw: Any) -> Callable[[], nn.Module]:
     """A zero-argument builder for ``fsinfo-fast profile --model``-style loading."""
     return lambda: build(name, **kw)
+
+
+def splits_of(model: nn.Module, name: str) -> tuple[str, ...]:
+    """:data:`SPLITS` of ``name`` as module paths of ``model``: prefixed with the bare model's
+    attribute (``"convnext."``, ...) for a ``...ForImageClassification`` model."""
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return tuple(f"{prefix}.{p}" for p in SPLITS[name])
+    return SPLITS[name]
+
+
+def _small32(name: str, num_labels: int | None = None) -> nn.Module:
+    """``build(name, size=32)`` with ``split_points`` (:func:`splits_of`) attached."""
+    model = build(name, size=32, num_labels=num_labels)
+    model.split_points = list(splits_of(model, name))
+    return model
+
+
+def convnext_classifier_small32() -> nn.Module:
+    """:func:`convnext_small32` with a 10-class head (``ConvNextForImageClassification``,
+    output ``.logits``; split points ``convnext.encoder.stages.0`` and ``.1``)."""
+    return _small32("convnext", num_labels=10)
+
+
+def vit_classifier_small32() -> nn.Module:
+    """:func:`vit_small32` with a 10-class head (``ViTForImageClassification``, output
+    ``.logits``; split points ``vit.layers.0`` and ``vit.layers.1``)."""
+    return _small32("vit", num_labels=10)
+
+
+def vit_small32() -> nn.Module:
+    """Small random-weight ViT (patch 8, width 32, 2 blocks) for 3x32x32, with split points."""
+    return _small32("vit")
+
+
+def deit_small32() -> nn.Module:
+    """Small random-weight DeiT (patch 8, width 32, 2 blocks) for 3x32x32, with split points."""
+    return _small32("deit")
+
+
+def dinov2_small32() -> nn.Module:
+    """Small random-weight DINOv2 (patch 8, width 32, 2 blocks) for 3x32x32, with split points."""
+    return _small32("dinov2")
+
+
+def swin_small32() -> nn.Module:
+    """Small random-weight Swin (patch 2, width 16, depths 2-2) for 3x32x32, with split points."""
+    return _small32("swin")
+
+
+def convnext_small32() -> nn.Module:
+    """Small random-weight ConvNeXt (widths 16-32) for 3x32x32, with split points."""
+    return _small32("convnext")
+
+
+def resnet_small32() -> nn.Module:
+    """Small random-weight ``transformers`` ResNet (basic blocks, widths 16-32), with split
+    points."""
+    return _small32("resnet")
+
+
+def mobilenetv2_small32() -> nn.Module:
+    """Small random-weight MobileNetV2 (depth multiplier 0.35) for 3x32x32, with split points."""
+    return _small32("mobilenetv2")
+
+
+def segformer_small32() -> nn.Module:
+    """Small random-weight Segformer encoder (2 stages) for 3x32x32, with split points."""
+    return _small32("segformer")
+
+
+def regnet_small32() -> nn.Module:
+    """Small random-weight RegNet (widths 16-32) for 3x32x32, with split points."""
+    return _small32("regnet")

@@ -41,7 +41,10 @@ for a torchvision data set already on disk (only where torchvision is installed)
 
 Split points (``--splits``): ``paper`` (default: the model's ``paper_splits``, else every split
 point), ``all``, or a comma-separated list of paper indices, ranges (``0-3``), module paths and
-torch.fx node names.
+torch.fx node names. Module paths work for any ``--model package.module:function``: a model that
+torch.fx cannot trace (``transformers`` models, ...) is cut with forward hooks
+(:func:`fsinfo_fast.split`), e.g. ``--model fsinfo_fast.models.third_party:convnext_small32
+--splits encoder.stages.0,encoder.stages.1``.
 
 Nothing lost (``--resume``): records are committed one line at a time (:mod:`.store`); a run
 killed at any moment continues with ``--resume`` (same ``--out``, or the newest run under

@@ -19,7 +19,10 @@ Usage::
 Writes the table to the terminal and, with ``--out FILE.json``, the numbers (per split, plus
 every sample's ``sigma*``). The model, data and split options mean what they mean for
 ``fsinfo-fast profile``. Accuracy needs labels (the bundled sets and class sub-folders have
-them) and a model whose output is class scores; otherwise only the sigmas are reported.
+them) and a model whose output is class scores (a tensor ``[B, C]``, or ``.logits`` as the
+``transformers`` classifiers return); otherwise only the sigmas are reported. Split points of any
+``--model package.module:function`` may be module paths (cut with forward hooks when torch.fx
+cannot trace the model, e.g. ``fsinfo_fast.models.third_party:convnext_classifier_small32``).
 """
 
 from __future__ import annotations
@@ -125,6 +128,24 @@ def _load(args: argparse.Namespace, progress: bool):
     return model, data
 
 
+def class_scores(output: Any) -> Any:
+    """A classifier's scores ``[B, C]``: ``output`` itself if it is a tensor, else its ``.logits``
+    (a ``transformers`` ``...ForImageClassification`` output); anything else unchanged."""
+    logits = getattr(output, "logits", None)
+    return logits if not isinstance(output, Tensor) and isinstance(logits, Tensor) else output
+
+
+class _Scores(nn.Module):
+    """``class_scores(model(x))``: lets :func:`fsinfo_fast.train.accuracy` read ``.logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Any:
+        return class_scores(self.model(x))
+
+
 def _noisy_accuracy(model: nn.Module, at: str | int, x: Tensor, y: Tensor, sigma: Tensor,
                     draws: int, seed: int, batch_size: int) -> list[float]:
     """Top-1 accuracy with ``sigma`` (``[N]``) noise at the split, one value per draw."""
@@ -141,7 +162,7 @@ def _noisy_accuracy(model: nn.Module, at: str | int, x: Tensor, y: Tensor, sigma
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
                 layer.sigma = sigma[i : i + batch_size]
-                pred = noisy(x[i : i + batch_size]).argmax(dim=1)
+                pred = class_scores(noisy(x[i : i + batch_size])).argmax(dim=1)
                 hits += int((pred == y[i : i + batch_size]).sum())
         out.append(hits / len(x))
     return out
@@ -152,9 +173,9 @@ def _classifier_ok(model: nn.Module, x: Tensor, y: Tensor) -> str | None:
     if bool((y < 0).any()):
         return "the data has no labels"
     with torch.no_grad():
-        out = model(x[:1])
+        out = class_scores(model(x[:1]))
     if not isinstance(out, Tensor) or out.ndim != 2:
-        return "the model's output is not class scores [B, C]"
+        return "the model's output is not class scores [B, C] (a tensor, or .logits)"
     if int(y.max()) >= out.shape[1]:
         return f"labels go up to {int(y.max())} but the model has {out.shape[1]} outputs"
     return None
@@ -189,7 +210,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
         from ..train import accuracy
 
         with torch.no_grad():
-            clean = accuracy(model, x_ev, y_ev.cpu(), args.batch_size)
+            clean = accuracy(_Scores(model), x_ev, y_ev.cpu(), args.batch_size)
 
     bar = None
     if progress:

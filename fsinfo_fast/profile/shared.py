@@ -166,6 +166,19 @@ class NestedStack:
                 continue
             ok.append(n)
         self.names: list[str] = [n for n in order if n in ok]
+        if self.names:
+            # the shared routes push JVPs through the model: check forward-mode AD works there
+            # (e.g. PyTorch's CPU flash-attention kernel, used by transformers' SDPA attention,
+            # has no forward-AD formula); otherwise every split is computed on its own
+            try:
+                with torch.no_grad():
+                    jvp(self.function(self.names), (example,), (torch.zeros_like(example),))
+            except Exception as err:  # the model's own error, whatever its type
+                why = " ".join(str(err).split())[:160]
+                for n in self.names:
+                    self.rejected[n] = (f"forward-mode AD fails through the model "
+                                        f"({type(err).__name__}: {why})")
+                self.names = []
         self.cost: dict[str, int] = {n: max(1, cost_at[n]) for n in self.names}
         self.m: dict[str, int] = {n: int(last_out[n][0].numel()) for n in self.names}
         self.activations: dict[str, int] = {n: max(1, numel_at[n]) for n in self.names}

@@ -1,7 +1,12 @@
 """Where a profile's model, weights, data and split points come from.
 
 - Models: a zoo name (:data:`fsinfo_fast.models.ZOO`) or ``package.module:function`` (called
-  with no arguments, it must return an ``nn.Module``).
+  with no arguments, it must return an ``nn.Module``; e.g.
+  ``fsinfo_fast.models.third_party:vit_small32``, a ``transformers`` ViT with random weights).
+  The model is called as ``model(x)`` with ``x [B, C, H, W]`` (``transformers`` vision models take
+  ``pixel_values`` as their first positional argument); a model that needs another call can be
+  wrapped by the function. A model's ``split_points`` attribute (module paths) gives the
+  default ``--splits`` and the meaning of integer split indices.
 - Weights: ``--checkpoint`` is read with ``torch.load(weights_only=True)`` only (no arbitrary
   pickles); a zoo model without a checkpoint is trained briefly on bundled data
   (:func:`fsinfo_fast.train.demo_model`).
@@ -9,7 +14,11 @@
   or ``torchvision:NAME:ROOT[:train|test]`` (a torchvision data set already on disk; only when
   torchvision is installed).
 - Split points: ``paper`` (the model's ``paper_splits``), ``all``, or a comma-separated list of
-  paper indices, ranges ``a-b``, module paths and torch.fx node names.
+  paper indices, ranges ``a-b``, module paths and torch.fx node names. Module paths work on any
+  model: one torch.fx cannot trace (a ``transformers`` model, Python control flow, tuple or
+  ``ModelOutput`` returns) is cut with forward hooks (:func:`fsinfo_fast.split`, route
+  ``"hooks"``; the smashed data is the module's output, its first tensor for a tuple or
+  ``ModelOutput``).
 """
 
 from __future__ import annotations
@@ -404,12 +413,16 @@ class SplitSpec:
         index: paper split index (``None`` when not one of ``model.split_points``).
         layer: human-readable layer name (``"conv64"``, ...), or ``name``.
         encoder: the bottom part of the model up to the split.
+        route: how :func:`fsinfo_fast.split` cut it (``"fx"``, ``"sequential"`` or ``"hooks"``).
+        route_reason: why the hooks route was taken (``None`` otherwise).
     """
 
     name: str
     index: int | None
     layer: str
     encoder: nn.Module
+    route: str = "fx"
+    route_reason: str | None = None
 
     @property
     def label(self) -> str:
@@ -495,7 +508,9 @@ def resolve_splits(model: nn.Module, spec: str | list[int | str] | None) -> list
         seen.add(name)
         index = getattr(enc, "split_index", item if isinstance(item, int) else None)
         layer = names[index] if index is not None and index < len(names) else name
-        out.append(SplitSpec(name=name, index=index, layer=layer, encoder=enc.eval()))
+        out.append(SplitSpec(name=name, index=index, layer=layer, encoder=enc.eval(),
+                             route=str(getattr(enc, "split_route", "fx")),
+                             route_reason=getattr(enc, "split_route_reason", None)))
     return out
 
 
