@@ -167,6 +167,27 @@ class SharingSpec:
 
 
 @dataclass
+class LinearizeSpec:
+    """Both metrics of one image through one ``Linearization`` vs version 0.1's two public calls
+    vs a bare ``vmap(vjp)`` with the same probes (:mod:`fsinfo_fast.bench.linearize`).
+
+    Attributes:
+        encoders: the encoders (one image at a time).
+        images: images per encoder; sigma, atol (FSInfo_diag), rtol (dFIL): the request.
+        backend: library backend; repeats, max_seconds: timing.
+    """
+
+    encoders: list[EncoderSpec] = field(default_factory=lambda: [EncoderSpec("vgg5", 2, 32)])
+    images: int = 2
+    sigma: float = 0.1
+    atol: float = 0.01
+    rtol: float = 0.01
+    backend: str = "auto"
+    repeats: int = 5
+    max_seconds: float = 30.0
+
+
+@dataclass
 class ClaimSpec:
     """A speed or memory claim the run checks, expressed as a ratio.
 
@@ -201,6 +222,8 @@ class BenchConfig:
         sweep: scaling sweep (``None``: none).
         efficiency: probe-efficiency measurement (``None``: none).
         sharing: the split-sharing saving of ``profile`` (``None``: not measured).
+        linearize: both metrics per image through one ``Linearization`` vs version 0.1's two
+            calls (``None``: not measured).
         claims: ratios to evaluate at the end.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         threads: intra-op threads to pin (``None``: keep torch's current count; it is recorded).
@@ -234,6 +257,7 @@ class BenchConfig:
     sweep: SweepSpec | None = None
     efficiency: EfficiencySpec | None = None
     sharing: SharingSpec | None = None
+    linearize: LinearizeSpec | None = None
     claims: list[ClaimSpec] = field(default_factory=list)
     device: str = "auto"
     threads: int | None = None
@@ -363,10 +387,13 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise InvalidInputError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     kw = dict(data)
     nested = {"encoder": EncoderSpec, "sweep": SweepSpec, "efficiency": EfficiencySpec,
-              "sharing": SharingSpec}
+              "sharing": SharingSpec, "linearize": LinearizeSpec}
     for key, sub in nested.items():
         if key in kw and kw[key] is not None:
             kw[key] = _build(sub, kw[key], f"{where}.{key}")
+    if cls is LinearizeSpec and "encoders" in kw:
+        kw["encoders"] = [_build(EncoderSpec, e, f"{where}.encoders[{i}]")
+                          for i, e in enumerate(kw["encoders"])]
     if cls is BenchConfig:
         kw["cases"] = [_build(CaseSpec, c, f"{where}.cases[{i}]")
                        for i, c in enumerate(kw.get("cases", []))]

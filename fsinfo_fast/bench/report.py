@@ -139,6 +139,30 @@ def markdown(doc: dict[str, Any]) -> str:
                 lines.append(f"| {key} | {_t(r['shared_s'])} | {_t(r['per_split_s'])} | "
                              f"{r['speedup']:.1f}x | {diff:.1e} |")
         lines.append("")
+    lz = doc.get("linearize")
+    if lz:
+        lines += [f"**Both metrics per image** (FSInfo_diag at atol {lz['atol']}, dFIL at rtol "
+                  f"{lz['rtol']}, sigma {lz['sigma']}): one `Linearization` vs version 0.1's two "
+                  "public calls vs a bare `vmap(vjp)` with the same probes", "",
+                  "| encoder | image | linearization | probes (VJPs / dFIL) | 0.1 route | probes "
+                  "(VJPs + JVPs) | speed-up | bare vmap(vjp) | agree |",
+                  "|---|---:|---:|---|---:|---|---:|---:|---|"]
+        for e in lz["encoders"]:
+            for r in e["images"]:
+                lines.append(
+                    f"| {e['encoder']} | {r['image']} | {_t(r['linearization_s'])} | "
+                    f"{r['fsinfo_probes']} / {r['dfil_probes']} {r['dfil_method']} | "
+                    f"{_t(r['two_calls_v01_s'])} | {r['v01_fsinfo_probes']} + "
+                    f"{r['v01_dfil_probes']} | {r['speedup_vs_v01']:.1f}x | "
+                    f"{_t(r['bare_vmap_vjp_s'])} | "
+                    f"{'yes' if r['agree_fsinfo'] and r['agree_dfil'] else 'NO'} |")
+        lines.append("")
+        lines += ["| encoder | `linearize()` on a new shape | on a second batch (cached) |",
+                  "|---|---:|---:|"]
+        for e in lz["encoders"]:
+            lines.append(f"| {e['encoder']} | {_t(e['linearize_cold_s'])} | "
+                         f"{_t(e['linearize_cached_s'])} |")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -747,6 +747,12 @@ def _run_bench(cfg: BenchConfig, providers: list[Provider] | None, log: Log,
     if cfg.sharing is not None:
         log("work shared across split points (profile)")
         sharing = _sharing(cfg, device, log)
+    lin: dict[str, Any] | None = None
+    if cfg.linearize is not None:
+        from .linearize import measure_linearize
+
+        log("both metrics per image: one Linearization vs version 0.1's two calls")
+        lin = measure_linearize(cfg.linearize, device, log, seed=cfg.seed)
     claims = _claims(cfg, results, sweep_rows)
     for c in claims:
         v = c["value"]
@@ -766,6 +772,7 @@ def _run_bench(cfg: BenchConfig, providers: list[Provider] | None, log: Log,
         "sweep": sweep_rows,
         "probe_efficiency": eff_rows,
         "sharing": sharing,
+        "linearize": lin,
         "claims": claims,
         "wall_time_s": wall,
     }

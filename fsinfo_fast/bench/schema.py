@@ -17,6 +17,8 @@ Top level (``SCHEMA_VERSION = "fsinfo_fast.bench/1"``)::
     sweep             list   one row per (axis, size, batch, num_probes, provider)
     probe_efficiency  list   one row per (backend, num_probes)
     sharing           dict   the split-sharing saving of profile (optional; see SharingSpec)
+    linearize         dict   both metrics per image, one Linearization vs version 0.1's two calls
+                             (optional; see LinearizeSpec)
     claims            list   {name, metric, provider, baseline, value, min_ratio, status, ...}
     wall_time_s       float
 
@@ -71,7 +73,8 @@ _TOP: dict[str, tuple[type, ...]] = {
     "sweep": (list,), "probe_efficiency": (list,), "claims": (list,), "wall_time_s": (float,),
 }
 #: top-level keys added later (results written before them stay valid)
-_TOP_OPTIONAL: dict[str, tuple[type, ...]] = {"sharing": (dict, type(None))}
+_TOP_OPTIONAL: dict[str, tuple[type, ...]] = {"sharing": (dict, type(None)),
+                                               "linearize": (dict, type(None))}
 _TIME_KEYS = ("median", "q25", "q75", "min", "max", "repeats", "samples")
 _ACC_KEYS = ("max_err", "rms_err", "err95", "target", "units", "meets_target", "checked")
 
