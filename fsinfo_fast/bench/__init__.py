@@ -167,7 +167,12 @@ def run(args: argparse.Namespace) -> int:
         doc = load_results(args.results)
     else:
         cfg = _config_from_args(args)
+        from .._extras import require
         from .runner import run_bench as _run
+
+        require("psutil", "fsinfo-fast bench")  # before the work, not after it
+        if not args.no_plot:
+            require("matplotlib", "the benchmark plots (--no-plot skips them)")
 
         doc = _run(cfg, cache_dir=args.ref_cache,
                    command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._extras import require
 from ..errors import InvalidInputError
 from .errors import DataError, RunDirError
 
@@ -193,6 +194,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
 
     bar = None
     if progress:
+        require("tqdm", "the guard progress bar")
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n * len(splits), desc="guard sigma*", unit="sample", file=sys.stderr,
@@ -259,6 +261,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print(report: dict[str, Any]) -> None:
+    require("rich", "the guard table")
     from rich.console import Console
     from rich.table import Table
 
@@ -290,6 +293,8 @@ def _print(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.quiet:  # before the work, not after it
+        require("rich", "the guard table (--quiet skips it)")
     report = guard_report(args)
     if not args.quiet:
         _print(report)
