@@ -242,7 +242,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
                 row.update({
                     "accuracy_calibrated": float(t.mean()),
                     "accuracy_calibrated_sd": float(t.std()) if len(fixed) > 1 else 0.0,
-                    "accuracy_per_sample": float(torch.tensor(per).mean()),
+                    "accuracy_per_sample": float(torch.tensor(per, dtype=torch.float64).mean()),
                     "accuracy_cost": clean - float(t.mean()),
                 })
             row["sigma_star_all"] = sig.tolist()
