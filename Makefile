@@ -7,6 +7,9 @@ STAMP := $(VENV)/.fsinfo-fast-installed
 # machines can use the torch they already have.
 TORCH_PIN ?= torch==2.13.0
 TRITON_PIN ?= triton==3.7.1
+# installed with --no-deps: its backpack-for-pytorch dependency needs torchvision, whose wheel would
+# replace the pinned CPU torch (its other dependencies are in the dev extra)
+CURVLINOPS_PIN ?= curvlinops-for-pytorch==3.0.1
 
 .PHONY: venv test test-fast demo bench bench-quick bench-compare lint format clean info gpu-check
 
@@ -17,7 +20,16 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu 
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_PIN)" "$(TRITON_PIN)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev]" "$(TORCH_PIN)" "$(TRITON_PIN)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[all,dev]" "$(TORCH_PIN)" "$(TRITON_PIN)"
+	$(PY) -m pip install -q --no-deps "$(CURVLINOPS_PIN)"
+	@# the pinned torch is still there, torchvision never came in, curvlinops imports without backpack
+	$(PY) -c 'import importlib.util as u, sys, torch; \
+	  want = "$(TORCH_PIN)".split("==")[-1]; \
+	  sys.exit(f"torch {torch.__version__} is not the pinned {want}" \
+	           if torch.__version__.split("+")[0] != want.split("+")[0] else \
+	           "torchvision was installed (it replaces the pinned torch)" \
+	           if u.find_spec("torchvision") else None)'
+	$(PY) -c 'from curvlinops import hutchinson_diag, xdiag'
 	@touch $(STAMP)
 
 test: venv

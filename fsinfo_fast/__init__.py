@@ -69,17 +69,17 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # Heavier pieces load on first use, keeping `import fsinfo_fast` light.
+    """Load the heavier public names on first use, keeping ``import fsinfo_fast`` light.
+
+    ``importlib.import_module`` is used, not ``from . import models``: the latter asks this very
+    module for the attribute first and would re-enter ``__getattr__`` forever.
+    """
+    import importlib
+
     if name == "models":
-        from . import models
-
-        return models
+        return importlib.import_module(".models", __name__)
     if name == "FSInfoGuard":
-        from .guard import FSInfoGuard
-
-        return FSInfoGuard
+        return importlib.import_module(".guard", __name__).FSInfoGuard
     if name in ("FSInfoMetric", "DFILMetric"):
-        from . import metric_modules
-
-        return getattr(metric_modules, name)
+        return getattr(importlib.import_module(".metric_modules", __name__), name)
     raise AttributeError(f"module 'fsinfo_fast' has no attribute {name!r}")

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._extras import require
 from .errors import InvalidInputError
 
 __all__ = ["digits", "natural_images", "load_dataset", "DATASETS", "NATURAL_SOURCES"]
@@ -60,6 +61,7 @@ def _check_channels(channels: int) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
+    require("sklearn", "the bundled digits data set")
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -120,10 +122,12 @@ def digits(
 def _load_photo(package: str, name: str) -> np.ndarray:
     """``[H, W, 3]`` uint8 photograph from an installed package (cached per process)."""
     if package == "skimage":
+        require("skimage", "the bundled natural images")
         import skimage.data
 
         img = getattr(skimage.data, name)()
     elif package == "sklearn":
+        require("sklearn", "the bundled natural images")
         from sklearn.datasets import load_sample_image
 
         img = load_sample_image(f"{name}.jpg")

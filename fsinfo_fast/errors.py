@@ -50,3 +50,12 @@ class SplitError(FSInfoError, ValueError):
 
 class SingularFisherWarning(UserWarning):
     """The Fisher information matrix is singular: its log-determinant is -inf."""
+
+
+class MissingExtraError(FSInfoError, ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` line.
+
+    ``import fsinfo_fast`` and the metrics need only torch and numpy; the command line, plots,
+    tables, the bundled data sets, the attacks and the torchmetrics modules need extras
+    (``fsinfo_fast[cli]``, ``[validate]``, ``[torchmetrics]``, ``[all]``).
+    """

@@ -14,7 +14,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
+
+from ._extras import require
+
+Metric = require("torchmetrics", "FSInfoMetric / DFILMetric").Metric
 
 __all__ = ["FSInfoMetric", "DFILMetric"]
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._extras import require
 from ._version import __version__
 from .errors import InvalidInputError, InvalidInputTypeError
 
@@ -81,6 +82,7 @@ def train_briefly(
     n = len(x)
     bar = None
     if progress:
+        require("tqdm", "the training progress bar (progress=True)")
         from tqdm.auto import tqdm
 
         bar = tqdm(total=epochs, desc="train", unit="epoch")

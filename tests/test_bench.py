@@ -100,9 +100,38 @@ def tiny_doc() -> dict:
     return run_bench(tiny_config(), providers=providers, log=_quiet, command="test")
 
 
+#: the only reasons a row may be skipped in these CPU tests: a provider asked for a task it does
+#: not compute, or a GPU backend on a CPU
+EXPECTED_SKIPS = ("does not compute ", "backend 'cuda' needs a GPU", "backend 'triton' needs a GPU")
+
+
+def problems(doc: dict) -> list[str]:
+    """Rows that errored, and skips for any reason but the expected ones (a missing attribute or
+    keyword of the library must surface here, not pass as a skip)."""
+    out = []
+    for part in ("results", "sweep", "probe_efficiency"):
+        for r in doc.get(part) or []:
+            who = f"{part}: {r.get('provider') or r.get('backend')} {r.get('case', '')}"
+            if r.get("status") == "error":
+                out.append(f"{who}: error: {r.get('reason')}")
+            elif r.get("status") == "skipped" and not str(r.get("reason")).startswith(
+                    EXPECTED_SKIPS):
+                out.append(f"{who}: skipped: {r.get('reason')}")
+    return out
+
+
 def _rows(doc: dict, provider: str, task: str | None = None) -> list[dict]:
     return [r for r in doc["results"]
             if r["provider"] == provider and (task is None or r["task"] == task)]
+
+
+def test_no_provider_failed_or_was_skipped_unexpectedly(tiny_doc):
+    assert problems(tiny_doc) == []
+    # and the check itself catches both kinds
+    broken = copy.deepcopy(tiny_doc)
+    broken["results"][0].update(status="error", reason="TypeError: boom")
+    broken["probe_efficiency"][0].update(status="skipped", reason="no make_products yet")
+    assert len(problems(broken)) == 2
 
 
 def test_results_follow_the_schema(tiny_doc, tmp_path):
@@ -178,14 +207,61 @@ def test_real_library_path_runs():
     cfg = tiny_config(cases=[CaseSpec("fsinfo_diag", TINY, batch=1, probe_grid=[4, 64])],
                       sweep=None, efficiency=None, claims=[], memory=False)
     doc = run_bench(cfg, providers=[Ours("torch"), Ours("cuda")], log=_quiet)
-    assert validate(doc) == []
+    assert validate(doc) == [] and problems(doc) == []
     ours = _rows(doc, "ours-torch")
-    assert ours and all(r["status"] != "error" for r in ours), [r["reason"] for r in ours]
-    if ours[0]["status"] != "skipped":
-        assert {r["mode"] for r in ours} == {"equal_accuracy", "equal_probes", "adaptive"}
-        assert all(r["passes"] and r["num_probes"] for r in ours)
+    # the library path exists: it must run (a skip here would hide a missing keyword)
+    assert {r["mode"] for r in ours} == {"equal_accuracy", "equal_probes", "adaptive"}
+    assert all(r["status"] in ("ok", "target_not_reached") for r in ours), ours
+    assert all(r["passes"] and r["num_probes"] for r in ours)
     (cuda,) = _rows(doc, "ours-cuda")
-    assert cuda["status"] == "skipped" and cuda["reason"]
+    if not torch.cuda.is_available():
+        assert cuda["status"] == "skipped" and "needs a GPU" in cuda["reason"]
+
+
+def test_a_failing_provider_is_an_error_and_fails_the_command(monkeypatch, tmp_path, capsys):
+    class Broken(ExactBest):
+        name = "broken-exact"
+
+        def run(self, case, num_probes=None, seed=0):
+            raise RuntimeError("kernel exploded")
+
+    cfg = tiny_config(cases=[CaseSpec("dfil", TINY, batch=1)], sweep=None, efficiency=None,
+                      claims=[], memory=False)
+    doc = run_bench(cfg, providers=[ExactBest(), Broken()], log=_quiet)
+    (row,) = _rows(doc, "broken-exact")
+    assert row["status"] == "error" and "kernel exploded" in row["reason"]
+    assert problems(doc) == ["results: broken-exact dfil/tiny-cnn-s0@3x8x8/B1: error: "
+                             "RuntimeError: kernel exploded"]
+    # the command line: the run completes and writes its results, but exits 1
+    monkeypatch.setattr(ExactBest, "run", Broken.run)
+    cfg = tiny_config(cases=[CaseSpec("dfil", TINY, batch=1, providers=["exact-best"])],
+                      sweep=None, efficiency=None, claims=[])
+    cfg_path = tmp_path / "tiny.json"
+    cfg_path.write_text(json.dumps(cfg.to_dict()))
+    assert bench_main(["--config", str(cfg_path), "--out", str(tmp_path / "o"), "--no-plot"]) == 1
+    assert "ERROR exact-best on dfil" in capsys.readouterr().err
+    assert (tmp_path / "o" / "bench_tiny.json").exists()
+
+
+def test_a_missing_library_keyword_or_attribute_is_an_error_not_a_skip(monkeypatch):
+    import fsinfo_fast.engine
+
+    def fsinfo_without_num_probes(encoder, x, sigma=0.1, variant="diag", estimator="auto",
+                                  atol=0.01, *, seed=0, backend="auto"):
+        raise AssertionError("never called: the keyword is missing")
+
+    monkeypatch.setattr(fsinfo_fast, "fsinfo", fsinfo_without_num_probes)
+    cfg = tiny_config(cases=[CaseSpec("fsinfo_diag", TINY, batch=1, probe_grid=[4])],
+                      sweep=None, efficiency=EfficiencySpec(TINY, probes=[4]), claims=[],
+                      memory=False, ours_backends=["engine"])
+    monkeypatch.delattr(fsinfo_fast.engine, "make_products")
+    doc = run_bench(cfg, providers=[ExactBest(), Ours("torch")], log=_quiet)
+    ours = _rows(doc, "ours-torch")
+    assert ours and {r["status"] for r in ours} == {"error"}
+    assert "num_probes" in ours[0]["reason"]
+    (eff,) = [e for e in doc["probe_efficiency"] if e["backend"] == "ours-engine"]
+    assert eff["status"] == "error" and "make_products" in eff["reason"]
+    assert len(problems(doc)) >= 2
 
 
 def test_claims_sweep_and_efficiency(tiny_doc):
@@ -193,8 +269,10 @@ def test_claims_sweep_and_efficiency(tiny_doc):
     assert claim["status"] == "pass" and claim["value"] > 0
     assert {r["axis"] for r in tiny_doc["sweep"]} == {"size", "batch", "probes"}
     assert all(r["status"] == "ok" for r in tiny_doc["sweep"])
-    eff = [e for e in tiny_doc["probe_efficiency"] if e["status"] == "ok"]
-    assert eff and all(e["jvp_efficiency"] > 0 and e["vjp_efficiency"] > 0 for e in eff)
+    eff = tiny_doc["probe_efficiency"]
+    assert {e["backend"] for e in eff} == {"torch.func", "ours-torch"}
+    assert all(e["status"] == "ok" for e in eff), [(e["backend"], e["reason"]) for e in eff]
+    assert all(e["jvp_efficiency"] > 0 and e["vjp_efficiency"] > 0 for e in eff)
     table = markdown(tiny_doc)
     assert "| exact-best |" in table and "Probe efficiency" in table and "Claims" in table
     # the split-sharing saving of profile: measured, and the shared route agrees

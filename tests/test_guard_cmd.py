@@ -106,7 +106,8 @@ def test_report_schema(report):
     assert report["calibration_samples"] == 4 and report["held_out_samples"] == 6
     assert report["statistic"] == "max" and report["target"] == -0.5
     assert [r["split"] for r in report["splits"]] == ["features.1", "classifier.0"]
-    assert 0 <= report["accuracy_clean"] <= 1 and report["accuracy_note"] is None
+    # accuracy_clean's value: test_accuracy_clean_is_the_models_accuracy
+    assert report["accuracy_note"] is None and report["noise_draws"] == 2
     for r in report["splits"]:
         sig = r["sigma_star_all"]
         assert len(sig) == 10 and all(s > 0 for s in sig)
@@ -116,9 +117,32 @@ def test_report_schema(report):
             sum(s <= r["sigma"] for s in held) / len(held))
         assert r["fsinfo_at_sigma_max"] == pytest.approx(-0.5 + math.log(max(held) / r["sigma"]))
         for k in ("accuracy_calibrated", "accuracy_per_sample"):
-            assert 0 <= r[k] <= 1
+            # the mean over 2 draws of hits / 6 held-out samples: a whole number of twelfths
+            assert r[k] * 12 == pytest.approx(round(r[k] * 12), abs=1e-9), (k, r[k])
         assert r["accuracy_cost"] == pytest.approx(report["accuracy_clean"]
                                                    - r["accuracy_calibrated"])
+
+
+def test_noisy_accuracy_known_answers():
+    """Zero noise gives the model's own accuracy; a model whose head ignores the features
+    predicts one class whatever the noise, so its accuracy is the share of that class."""
+    from fsinfo_fast.profile.guard_cmd import _noisy_accuracy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    model.eval()
+    x = torch.randn(10, 4)
+    y = torch.tensor([0, 1, 2, 1, 1, 0, 2, 2, 1, 0])
+    with torch.no_grad():
+        clean = float((model(x).argmax(1) == y).double().mean())
+    zero = _noisy_accuracy(model, 0, x, y, torch.zeros(10), draws=3, seed=0, batch_size=4)
+    assert zero == [clean] * 3
+    with torch.no_grad():
+        model[2].weight.zero_()
+        model[2].bias.copy_(torch.tensor([0.0, 1.0, 0.0]))  # always class 1
+    loud = _noisy_accuracy(model, 0, x, y, torch.full((10,), 1e3), draws=2, seed=1,
+                           batch_size=3)
+    assert loud == [0.4, 0.4]  # four of the ten labels are 1
 
 
 def test_calibrated_sigma_hits_the_target_by_the_reference(ckpt, report):

@@ -92,6 +92,9 @@ def _pair(x, z) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _distances(a: np.ndarray) -> np.ndarray:
+    from .._extras import require
+
+    require("scipy", "distance correlation")
     from scipy.spatial.distance import cdist
 
     return cdist(a, a, metric="euclidean")
@@ -145,6 +148,9 @@ def distance_correlation(x: Tensor | np.ndarray, z: Tensor | np.ndarray,
 def _project(a: np.ndarray, dims: int | None) -> np.ndarray:
     if dims is None or dims >= min(a.shape):
         return a
+    from .._extras import require
+
+    require("sklearn", "the PCA of the k-NN mutual information", extra="validate")
     from sklearn.decomposition import PCA
 
     return PCA(n_components=dims, svd_solver="full").fit_transform(a)
@@ -171,6 +177,10 @@ def ksg_mutual_information(x: Tensor | np.ndarray, z: Tensor | np.ndarray, k: in
         >>> abs(ksg_mutual_information(x, z).value - 0.5108) < 0.1   # -0.5 log(1 - rho^2)
         True
     """
+    from .._extras import require
+
+    require("scipy", "the k-NN mutual information")
+    require("sklearn", "the k-NN mutual information", extra="validate")
     from scipy.special import digamma
     from sklearn.neighbors import NearestNeighbors
 

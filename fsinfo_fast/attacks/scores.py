@@ -70,6 +70,9 @@ def reconstruction_scores(
         >>> s.mse.tolist(), [round(v, 6) for v in s.ssim.tolist()]
         ([0.0, 0.0], [1.0, 1.0])
     """
+    from .._extras import require
+
+    require("torchmetrics", "PSNR and SSIM of reconstructions", extra="validate")
     from torchmetrics.functional.image import (
         peak_signal_noise_ratio,
         structural_similarity_index_measure,

@@ -12,7 +12,8 @@ Usage (also ``python -m fsinfo_fast.bench ...``)::
 
 A run writes ``bench_<name>.json`` (schema: :mod:`fsinfo_fast.bench.schema`), ``.csv``,
 ``_sweep.csv`` and the two plots. Exit status: 0; 1 when a provider failed the correctness gate
-or (with ``--fail-if-regression``) something regressed; 2 for usage errors.
+or raised (a row, sweep point or efficiency measurement with status ``error``), or (with
+``--fail-if-regression``) something regressed; 2 for usage errors.
 
 Modules: :mod:`.config` (cases, presets), :mod:`.cases` (encoders, inputs, exact values),
 :mod:`.providers` and :mod:`.baseline` (what is compared), :mod:`.harness` (timing, memory,
@@ -167,7 +168,12 @@ def run(args: argparse.Namespace) -> int:
         doc = load_results(args.results)
     else:
         cfg = _config_from_args(args)
+        from .._extras import require
         from .runner import run_bench as _run
+
+        require("psutil", "fsinfo-fast bench")  # before the work, not after it
+        if not args.no_plot:
+            require("matplotlib", "the benchmark plots (--no-plot skips them)")
 
         doc = _run(cfg, cache_dir=args.ref_cache,
                    command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
@@ -183,9 +189,17 @@ def run(args: argparse.Namespace) -> int:
 
             for p in plot_all(doc, jpath.parent, jpath.stem):
                 print(f"wrote {p}")
-        bad = [r for r in doc["results"] if r["status"] == "incorrect"]
+        bad = [r for r in doc["results"] if r["status"] in ("incorrect", "error")]
         for r in bad:
-            print(f"INCORRECT {r['provider']} on {r['case']}: {r['reason']}", file=sys.stderr)
+            print(f"{r['status'].upper()} {r['provider']} on {r['case']}: {r['reason']}",
+                  file=sys.stderr)
+        # a provider that crashed is a failed run, not a row to skip over quietly
+        for part in ("sweep", "probe_efficiency"):
+            for r in doc.get(part) or []:
+                if r.get("status") == "error":
+                    bad.append(r)
+                    who = r.get("provider") or r.get("backend")
+                    print(f"ERROR in {part}: {who}: {r.get('reason')}", file=sys.stderr)
         status = 1 if bad else 0
     if args.compare:
         old = load_results(args.compare)

@@ -35,8 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
+
+from .._extras import require
 
 __all__ = [
     "Timing",
@@ -210,7 +211,7 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
             fh.write("5")
         fn()
         return max(0, int((_status_kb("VmHWM") or 0) - before))
-    proc = psutil.Process()
+    proc = require("psutil", "the benchmark's CPU memory sampling").Process()
     before = proc.memory_info().rss
     peak = before
     done = threading.Event()
@@ -289,6 +290,7 @@ def environment(device: torch.device, threads: dict[str, Any]) -> dict[str, Any]
     """Hardware, library versions, git commit and thread settings of this run."""
     from .._version import __version__
 
+    psutil = require("psutil", "the benchmark's hardware record")
     vm = psutil.virtual_memory()
     hw: dict[str, Any] = {
         "platform": platform.platform(),

@@ -27,6 +27,9 @@ _MARKERS = {"exact": "s", "equal_accuracy": "o", "equal_probes": "^", "adaptive"
 
 
 def _plt():
+    from .._extras import require
+
+    require("matplotlib", "the benchmark plots")
     import matplotlib
 
     matplotlib.use("Agg")

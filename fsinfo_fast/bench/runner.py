@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from ..errors import BackendUnavailableError
 from .cases import Case, build_encoder, make_case
 from .config import BenchConfig, CaseSpec
 from .harness import Timing, environment, peak_memory, pin_threads, synchronize, time_call
@@ -510,17 +511,11 @@ def _sweep(cfg: BenchConfig, providers: list[Provider], device: torch.device,
 
 # -- probe efficiency ----------------------------------------------------------------------------
 def _products_for(prepared: Any, backend: str) -> Any:
-    """The library's product object for ``backend`` (the engine's factory when it exists)."""
-    from .. import engine
+    """The library's product object for ``backend`` (``fsinfo_fast.engine.make_products``: the
+    one entry point the metrics use)."""
+    from ..engine import make_products
 
-    for name in ("make_products", "get_products", "build_products", "products"):
-        factory = getattr(engine, name, None)
-        if callable(factory):
-            return factory(prepared, backend=backend)
-    if backend == "torch":
-        return engine.TorchFuncProducts(prepared)
-    raise ProviderUnavailable(
-        f"no product factory in fsinfo_fast.engine for backend {backend!r} yet")
+    return make_products(prepared, backend)
 
 
 def _efficiency(cfg: BenchConfig, device: torch.device, log: Log) -> list[dict[str, Any]]:
@@ -543,8 +538,10 @@ def _efficiency(cfg: BenchConfig, device: torch.device, log: Log) -> list[dict[s
             continue
         try:
             backends.append((f"ours-{be}", _products_for(prepared, be), None))
-        except Exception as err:  # noqa: BLE001
+        except BackendUnavailableError as err:  # not built here: skipped, with the reason
             backends.append((f"ours-{be}", None, f"{type(err).__name__}: {err}"))
+        except Exception as err:  # noqa: BLE001 - recorded as an error row, never a skip
+            backends.append((f"ours-{be}", err, f"{type(err).__name__}: {err}"))
     g = torch.Generator(device=device).manual_seed(0)
     for k in eff.probes:
         V = torch.randn(b, k, d, generator=g, device=device)
@@ -576,6 +573,10 @@ def _efficiency(cfg: BenchConfig, device: torch.device, log: Log) -> list[dict[s
                     return vmap(lambda u: pullback(u)[0])(Ut)
             elif prods is None:
                 row.update(status="skipped")
+                rows.append(row)
+                continue
+            elif isinstance(prods, Exception):
+                row.update(status="error")
                 rows.append(row)
                 continue
             else:

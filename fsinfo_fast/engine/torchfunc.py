@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 
-import psutil
 import torch
 from torch import Tensor
 from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 from torch.func import vmap
 
+from .._sysinfo import available_memory_bytes
 from ..encoder import PreparedEncoder
 from ..errors import InvalidInputError
 
@@ -35,7 +35,7 @@ def default_memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        free = psutil.virtual_memory().available
+        free = available_memory_bytes()  # /proc/meminfo; psutil only off Linux
     return int(DEFAULT_MEMORY_FRACTION * free)
 
 

@@ -118,9 +118,9 @@ def t_quantile(dof: int, confidence: float = 0.95) -> float:
     """Two-sided Student-t quantile ``t_{(1+confidence)/2, dof}`` (``inf`` for ``dof < 1``)."""
     if dof < 1:
         return math.inf
-    from scipy.stats import t as student_t
+    from .student_t import t_quantile as _t_quantile  # exact series, no scipy
 
-    return float(student_t.ppf(0.5 * (1.0 + confidence), dof))
+    return _t_quantile(dof, confidence)
 
 
 def check_products(products: object) -> None:

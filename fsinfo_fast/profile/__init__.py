@@ -6,7 +6,12 @@ the log-det variant where it can be finite, i.e. ``m >= d``, or everywhere with 
 (``1/dFIL``, proven for unbiased attackers; the FSInfo surrogate ``exp(-2 FSInfo)/(2 pi e)``) and
 the FSInfoGuard noise scale ``sigma*`` for ``--target``, each with a 95% interval. Results go to a
 run directory: per-sample records as they are computed, then ``profile.json``, ``summary.csv``,
-``samples.csv`` and ``profile.png``; a table is printed.
+``samples.csv`` and ``profile.png``; a table is printed. Each record also says per metric whether
+the estimate reached its tolerance (``*_converged``: False where the probe cap stopped it) and
+whether the value is only an upper bound (``*_is_bound``); the table marks such values (``*``,
+``≤``, with a legend), both CSV files carry the flags and per-split counts, the plot draws them
+hollow, and the metrics' warnings reach the user once per split (:mod:`.report`). Needs the
+``cli`` extra (``pip install 'fsinfo_fast[cli]'``).
 
 Usage::
 

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._extras import require
 from ..errors import InvalidInputError
 from .errors import DataError, RunDirError
 
@@ -214,6 +215,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
 
     bar = None
     if progress:
+        require("tqdm", "the guard progress bar")
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n * len(splits), desc="guard sigma*", unit="sample", file=sys.stderr,
@@ -261,7 +263,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
                 row.update({
                     "accuracy_calibrated": float(t.mean()),
                     "accuracy_calibrated_sd": float(t.std()) if len(fixed) > 1 else 0.0,
-                    "accuracy_per_sample": float(torch.tensor(per).mean()),
+                    "accuracy_per_sample": float(torch.tensor(per, dtype=torch.float64).mean()),
                     "accuracy_cost": clean - float(t.mean()),
                 })
             row["sigma_star_all"] = sig.tolist()
@@ -280,6 +282,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print(report: dict[str, Any]) -> None:
+    require("rich", "the guard table")
     from rich.console import Console
     from rich.table import Table
 
@@ -311,6 +314,8 @@ def _print(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.quiet:  # before the work, not after it
+        require("rich", "the guard table (--quiet skips it)")
     report = guard_report(args)
     if not args.quiet:
         _print(report)

@@ -9,6 +9,10 @@ Four panels sharing the split axis:
    surrogate ``exp(-2 FSInfo)/(2 pi e)``, with their intervals;
 4. the FSInfoGuard noise scale ``sigma*`` (log scale): the data-set value (largest over samples)
    with its interval, and the mean.
+
+A point drawn **hollow** comes from a split where some sample's estimate did not reach its
+tolerance (the probe cap stopped it) or is only an upper bound (``n_unconverged`` / ``n_bound``
+in the summary); the bounds and ``sigma*`` are hollow where the metric they come from is.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-__all__ = ["plot_profile"]
+__all__ = ["plot_profile", "profile_figure"]
 
 
 def _err(mean: float, lo: float | None, hi: float | None) -> tuple[float, float]:
@@ -24,8 +28,25 @@ def _err(mean: float, lo: float | None, hi: float | None) -> tuple[float, float]
             max(0.0, hi - mean) if hi is not None else 0.0)
 
 
+def _flagged(st: dict[str, Any] | None) -> bool:
+    return bool(st) and bool(st.get("n_unconverged") or st.get("n_convergence_unknown")
+                             or st.get("n_bound"))
+
+
 def plot_profile(summary: dict[str, Any], dpi: int = 110) -> bytes:
     """Render the profile summary to PNG bytes (no file is touched, no display needed)."""
+    fig = profile_figure(summary, dpi)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def profile_figure(summary: dict[str, Any], dpi: int = 110):
+    """The ``matplotlib.figure.Figure`` of :func:`plot_profile` (four panels, see the module
+    docstring; flagged points hollow)."""
+    from .._extras import require
+
+    require("matplotlib", "the profile plot (--no-plot skips it)")
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -44,6 +65,15 @@ def plot_profile(summary: dict[str, Any], dpi: int = 110) -> bytes:
                  f"(sigma={st['sigma']}, {splits[0]['n'] if splits else 0} samples, "
                  f"{st['estimator']} estimator)")
 
+    def hollow(ax, px: list, py: list, flags: list[bool], color: str, marker: str) -> None:
+        """Redraw the flagged points with a white face (hollow)."""
+        fx = [x for x, f in zip(px, flags, strict=True) if f]
+        fy = [y for y, f in zip(py, flags, strict=True) if f]
+        if fx:
+            ax.plot(fx, fy, linestyle="none", marker=marker, markersize=9, color=color,
+                    markerfacecolor="white", markeredgewidth=1.5, zorder=5,
+                    label="hollow: not converged or upper bound only")
+
     def series(ax, key: str, label: str, color: str, marker: str, log: bool = False) -> None:
         pts = [(x, s[key]) for x, s in zip(xs, splits, strict=True) if s.get(key)]
         if not pts:
@@ -55,6 +85,7 @@ def plot_profile(summary: dict[str, Any], dpi: int = 110) -> bytes:
                         color=color, alpha=0.15, linewidth=0, label=f"{label}: sample range")
         ax.errorbar(px, mean, yerr=err, color=color, marker=marker, capsize=4,
                     label=f"{label}: mean ± 95% CI")
+        hollow(ax, px, mean, [_flagged(p[1]) for p in pts], color, marker)
         if log:
             ax.set_yscale("log")
 
@@ -66,21 +97,24 @@ def plot_profile(summary: dict[str, Any], dpi: int = 110) -> bytes:
     series(axes[1], "dfil", "dFIL", "tab:green", "o", log=True)
     axes[1].set_ylabel("dFIL")
 
-    def extreme(ax, key: str, label: str, color: str, marker: str) -> None:
-        pts = [(x, s[key]) for x, s in zip(xs, splits, strict=True) if s.get(key)]
+    def extreme(ax, key: str, label: str, color: str, marker: str, source: str) -> None:
+        pts = [(x, s[key], s.get(source)) for x, s in zip(xs, splits, strict=True) if s.get(key)]
         if not pts:
             return
         px = [p[0] for p in pts]
         v = [p[1]["value"] for p in pts]
         err = list(zip(*[_err(p[1]["value"], *p[1]["interval"]) for p in pts], strict=True))
         ax.errorbar(px, v, yerr=err, color=color, marker=marker, capsize=4, label=label)
+        hollow(ax, px, v, [_flagged(p[2]) for p in pts], color, marker)
 
-    extreme(axes[2], "dfil_bound_worst", "1/dFIL (proven, unbiased)", "tab:green", "o")
-    extreme(axes[2], "fsinfo_diag_bound_worst", "FSInfo diag surrogate", "tab:blue", "s")
-    extreme(axes[2], "fsinfo_logdet_bound_worst", "FSInfo log det surrogate", "tab:purple", "^")
+    extreme(axes[2], "dfil_bound_worst", "1/dFIL (proven, unbiased)", "tab:green", "o", "dfil")
+    extreme(axes[2], "fsinfo_diag_bound_worst", "FSInfo diag surrogate", "tab:blue", "s",
+            "fsinfo_diag")
+    extreme(axes[2], "fsinfo_logdet_bound_worst", "FSInfo log det surrogate", "tab:purple", "^",
+            "fsinfo_logdet")
     axes[2].set_yscale("log")
     axes[2].set_ylabel("MSE bound\n(least private sample)")
-    extreme(axes[3], "sigma_star", "sigma* (max over samples)", "tab:red", "o")
+    extreme(axes[3], "sigma_star", "sigma* (max over samples)", "tab:red", "o", "fsinfo_diag")
     pts = [(x, s["sigma_star"]["mean"])
            for x, s in zip(xs, splits, strict=True) if s.get("sigma_star")]
     if pts:
@@ -92,10 +126,11 @@ def plot_profile(summary: dict[str, Any], dpi: int = 110) -> bytes:
     axes[3].set_xlabel("split point (paper index / layer)")
     for ax in axes:
         ax.grid(True, alpha=0.3)
-        handles, _ = ax.get_legend_handles_labels()
+        handles, labels_ = ax.get_legend_handles_labels()
         if handles:
-            ax.legend(fontsize=7, loc="best")
+            keep = {}  # one legend entry per label (the hollow marker can repeat)
+            for h, lab in zip(handles, labels_, strict=True):
+                keep.setdefault(lab, h)
+            ax.legend(list(keep.values()), list(keep), fontsize=7, loc="best")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return fig

@@ -18,6 +18,14 @@ The FSInfoGuard noise scale is reported per data set as the largest per-sample `
 noise that brings every profiled sample down to the target), with ``[max_i low_i, max_i
 high_i]``, and as a mean.
 
+Convergence. Each record says per metric whether the estimate met its tolerance
+(``*_converged``; False where the probe cap stopped it first, so its interval is wider than
+asked) and whether the value is only an upper bound (``*_is_bound``: the interval is then
+``(-inf, value + hw]``). Per split, ``n_unconverged`` / ``n_bound`` (and the sample ids) count
+them; a mean over samples that includes an upper bound is itself only an upper bound
+(``mean_is_bound``, no lower end). The table marks such cells (``*`` not converged, ``≤`` upper
+bound, with a legend), the CSV files carry the flags and counts, the plot draws them hollow.
+
 JSON: non-finite values are written as ``null`` (with a status field saying why).
 """
 
@@ -30,6 +38,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .._extras import require
 from .store import atomic_write_bytes, atomic_write_text
 
 __all__ = ["summarize", "write_outputs", "print_table", "SAMPLE_FIELDS", "SUMMARY_FIELDS"]
@@ -40,9 +49,11 @@ _Z95 = 1.959963984540054
 SAMPLE_FIELDS = (
     "sample", "split", "split_index", "layer", "label", "d", "m",
     "fsinfo_diag", "fsinfo_diag_se", "fsinfo_diag_hw", "fsinfo_diag_probes",
-    "fsinfo_diag_estimator",
+    "fsinfo_diag_estimator", "fsinfo_diag_converged", "fsinfo_diag_is_bound",
     "fsinfo_logdet", "fsinfo_logdet_se", "fsinfo_logdet_hw", "fsinfo_logdet_status",
+    "fsinfo_logdet_converged", "fsinfo_logdet_is_bound",
     "dfil", "dfil_se", "dfil_hw", "dfil_probes", "dfil_estimator", "dfil_converged",
+    "dfil_is_bound",
     "dfil_bound", "dfil_bound_low", "dfil_bound_high",
     "fsinfo_diag_bound", "fsinfo_diag_bound_low", "fsinfo_diag_bound_high",
     "fsinfo_logdet_bound", "fsinfo_logdet_bound_low", "fsinfo_logdet_bound_high",
@@ -54,10 +65,11 @@ SAMPLE_FIELDS = (
 SUMMARY_FIELDS = (
     "split_index", "split", "layer", "m", "d", "n",
     "fsinfo_diag_mean", "fsinfo_diag_mean_low", "fsinfo_diag_mean_high", "fsinfo_diag_std",
-    "fsinfo_diag_max",
+    "fsinfo_diag_max", "fsinfo_diag_n_unconverged", "fsinfo_diag_n_bound",
     "fsinfo_logdet_mean", "fsinfo_logdet_mean_low", "fsinfo_logdet_mean_high",
-    "fsinfo_logdet_n_finite",
+    "fsinfo_logdet_n_finite", "fsinfo_logdet_n_unconverged", "fsinfo_logdet_n_bound",
     "dfil_mean", "dfil_mean_low", "dfil_mean_high", "dfil_std", "dfil_max",
+    "dfil_n_unconverged", "dfil_n_bound",
     "dfil_bound_worst", "dfil_bound_worst_low", "dfil_bound_worst_high",
     "fsinfo_diag_bound_worst", "fsinfo_diag_bound_worst_low", "fsinfo_diag_bound_worst_high",
     "sigma_star_max", "sigma_star_max_low", "sigma_star_max_high", "sigma_star_mean",
@@ -73,6 +85,12 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
              for r in recs if _finite(r.get(key))]
     if not pairs:
         return None
+    # records written before the flags existed have none: unknown, not "converged"
+    unconverged = [r["sample"] for r in recs
+                   if _finite(r.get(key)) and r.get(f"{key}_converged") is False]
+    unknown = [r["sample"] for r in recs
+               if _finite(r.get(key)) and r.get(f"{key}_converged") is None]
+    bound = {r["sample"] for r in recs if _finite(r.get(key)) and r.get(f"{key}_is_bound")}
     n = len(pairs)
     vals = [p[1] for p in pairs]
     mean = sum(vals) / n
@@ -83,13 +101,23 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
         "n": n,
         "mean": mean,
         "mean_stderr": se_mean,
-        "mean_ci95": [mean - _Z95 * se_mean, mean + _Z95 * se_mean],
+        # a mean over an upper bound is only an upper bound: no lower end
+        "mean_ci95": [None if bound else mean - _Z95 * se_mean, mean + _Z95 * se_mean],
+        "mean_is_bound": bool(bound),
         "sample_std": std,
         "sem": std / math.sqrt(n) if n > 1 else None,
         "min": min(vals),
         "max": max(vals),
         "worst": {"sample": worst[0], "value": worst[1],
-                  "ci95": [worst[1] - worst[3], worst[1] + worst[3]]},
+                  "ci95": [None if worst[0] in bound else worst[1] - worst[3],
+                           worst[1] + worst[3]],
+                  "converged": worst[0] not in unconverged and worst[0] not in unknown,
+                  "is_bound": worst[0] in bound},
+        "n_unconverged": len(unconverged),
+        "unconverged_samples": unconverged,
+        "n_convergence_unknown": len(unknown),
+        "n_bound": len(bound),
+        "bound_samples": sorted(bound),
     }
 
 
@@ -185,15 +213,21 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "fsinfo_diag_mean_high": g("fsinfo_diag", "mean_ci95", 1),
             "fsinfo_diag_std": g("fsinfo_diag", "sample_std"),
             "fsinfo_diag_max": g("fsinfo_diag", "max"),
+            "fsinfo_diag_n_unconverged": g("fsinfo_diag", "n_unconverged"),
+            "fsinfo_diag_n_bound": g("fsinfo_diag", "n_bound"),
             "fsinfo_logdet_mean": g("fsinfo_logdet", "mean"),
             "fsinfo_logdet_mean_low": g("fsinfo_logdet", "mean_ci95", 0),
             "fsinfo_logdet_mean_high": g("fsinfo_logdet", "mean_ci95", 1),
             "fsinfo_logdet_n_finite": g("fsinfo_logdet", "n") or 0,
+            "fsinfo_logdet_n_unconverged": g("fsinfo_logdet", "n_unconverged"),
+            "fsinfo_logdet_n_bound": g("fsinfo_logdet", "n_bound"),
             "dfil_mean": g("dfil", "mean"),
             "dfil_mean_low": g("dfil", "mean_ci95", 0),
             "dfil_mean_high": g("dfil", "mean_ci95", 1),
             "dfil_std": g("dfil", "sample_std"),
             "dfil_max": g("dfil", "max"),
+            "dfil_n_unconverged": g("dfil", "n_unconverged"),
+            "dfil_n_bound": g("dfil", "n_bound"),
             "dfil_bound_worst": g("dfil_bound_worst", "value"),
             "dfil_bound_worst_low": g("dfil_bound_worst", "interval", 0),
             "dfil_bound_worst_high": g("dfil_bound_worst", "interval", 1),
@@ -248,19 +282,52 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return f"{v:.{digits}g}"
 
 
+#: table markers (explained under the table when used)
+UNCONVERGED_MARK = "*"
+BOUND_MARK = "≤"
+
+
+def _flags(st: dict[str, Any] | None) -> tuple[bool, bool]:
+    """(some sample missed its tolerance or has no convergence record, some value is only an
+    upper bound)."""
+    if st is None:
+        return False, False
+    return (bool(st.get("n_unconverged") or st.get("n_convergence_unknown")),
+            bool(st.get("n_bound")))
+
+
 def _pm(st: dict[str, Any] | None) -> str:
     if st is None:
         return "-"
-    hw = (st["mean_ci95"][1] - st["mean_ci95"][0]) / 2
+    unconv, bound = _flags(st)
+    hw = st["mean_stderr"] * _Z95
     if hw <= 0:
-        return _fmt(st["mean"])
-    half = f"{hw:.1g}" if 1e-4 <= hw < 1e4 else f"{hw:.0e}"
-    return f"{_fmt(st['mean'])} ± {half}"
+        text = _fmt(st["mean"])
+    else:
+        half = f"{hw:.1g}" if 1e-4 <= hw < 1e4 else f"{hw:.0e}"
+        text = f"{_fmt(st['mean'])} ± {half}"
+    if bound:
+        text = f"{BOUND_MARK} {text}"
+    return text + (f" {UNCONVERGED_MARK}" if unconv else "")
+
+
+def _derived(v: dict[str, Any] | None, source: dict[str, Any] | None, bound_mark: str) -> str:
+    """A bound or sigma* cell, marked like the metric it comes from: ``*`` when that did not
+    converge, ``bound_mark`` (the direction the derived value is one-sided in) when it is only
+    an upper bound."""
+    if not v:
+        return "-"
+    unconv, bound = _flags(source)
+    text = _fmt(v["value"])
+    if bound:
+        text = f"{bound_mark} {text}"
+    return text + (f" {UNCONVERGED_MARK}" if unconv else "")
 
 
 def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
                 console: Any = None) -> None:
     """Print the per-split table (rich) and where the files are."""
+    require("rich", "the profile table")
     from rich.console import Console
     from rich.table import Table
 
@@ -276,23 +343,43 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
     cols = ["split", "layer", "m", "FSInfo diag"] + (["FSInfo logdet"] if with_logdet else [])
     for col in cols + ["dFIL", "1/dFIL", "FSInfo bnd", "sigma*"]:
         t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+    n_unconv = n_bound = 0
+    marked = False
     for s in summary["splits"]:
         ld = _pm(s["fsinfo_logdet"])
         if s["fsinfo_logdet"] is None and s["fsinfo_logdet_status"]:
             ld = "-inf" if s["fsinfo_logdet_status"][0].startswith("-inf") else "-"
         b, fb, sg = s["dfil_bound_worst"], s["fsinfo_diag_bound_worst"], s["sigma_star"]
+        fs = s["fsinfo_diag"]
         if st.get("variant") == "logdet" or fb is None:  # the log-det bound and sigma*
-            fb, sg = s["fsinfo_logdet_bound_worst"], s["sigma_star_logdet"]
-        t.add_row(
-            str(s["index"]) if s["index"] is not None else s["name"], s["layer"], str(s["m"]),
-            _pm(s["fsinfo_diag"]), *([ld] if with_logdet else []), _pm(s["dfil"]),
-            _fmt(b["value"]) if b else "-", _fmt(fb["value"]) if fb else "-",
-            _fmt(sg["value"]) if sg else "-",
-        )
+            fb, sg, fs = s["fsinfo_logdet_bound_worst"], s["sigma_star_logdet"], s["fsinfo_logdet"]
+        shown = [s["fsinfo_diag"], s["dfil"]] + ([s["fsinfo_logdet"]] if with_logdet else [])
+        n_unconv += sum((st_ or {}).get("n_unconverged", 0)
+                        + (st_ or {}).get("n_convergence_unknown", 0) for st_ in shown)
+        n_bound += sum((st_ or {}).get("n_bound", 0) for st_ in shown)
+        cells = [_pm(s["fsinfo_diag"]), *([ld] if with_logdet else []), _pm(s["dfil"]),
+                 # 1/dFIL and exp(-2 FSInfo)/(2 pi e) fall as their metric rises; sigma* rises
+                 _derived(b, s["dfil"], "≥"), _derived(fb, fs, "≥"), _derived(sg, fs, "≤")]
+        marked = marked or any(m in c for c in cells for m in (UNCONVERGED_MARK, "≤", "≥"))
+        t.add_row(str(s["index"]) if s["index"] is not None else s["name"], s["layer"],
+                  str(s["m"]), *cells)
     console.print(t)
     console.print(
         "FSInfo: nats/dim, mean ± 95% estimator half-width. 1/dFIL (proven, unbiased attackers) "
         "and FSInfo bnd (surrogate): per-dim MSE bound of the least private sample. sigma*: "
         "largest per-sample FSInfoGuard noise for the target.", soft_wrap=False)
+    if marked:
+        parts = []
+        if n_unconv or not n_bound:
+            parts.append(
+                f"{UNCONVERGED_MARK} not converged: {n_unconv} sample value(s) stopped at the "
+                "probe cap before reaching --atol/--rtol (their intervals are wider than asked; "
+                "on a bound or sigma* column: computed from a flagged value).")
+        if n_bound:
+            parts.append(f"{BOUND_MARK} upper bound only: {n_bound} sample value(s) are "
+                         "one-sided (interval (-inf, value + hw]; ≥ on a bound column: a lower "
+                         "end only).")
+        parts.append("Per sample: the *_converged and *_is_bound columns of samples.csv.")
+        console.print(" ".join(parts), soft_wrap=True)
     if files:
         console.print("wrote " + ", ".join(files.values()), soft_wrap=True)

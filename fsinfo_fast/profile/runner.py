@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from .._extras import require
 from ..errors import EncoderError, FSInfoError, InvalidInputError
 from ..formulas import DIAG_FLOOR
 from .distributed import DistContext
@@ -503,8 +504,47 @@ def _accepts(fn, name: str) -> bool:
         return False
 
 
-def _metric(fn, *args, ids: Tensor, seed: int, backend: str, **kw):
-    """Call a public metric with per-sample seeding when it supports it."""
+class WarningSink:
+    """Warnings of the metric calls, passed on to the user once per split and kind.
+
+    The metrics warn per call, and a profile calls them once per batch and split: the same
+    warning (up to its numbers) would repeat for every batch. Each distinct warning (category,
+    split and text with its numbers masked) is re-emitted the first time only, prefixed with the
+    split; nothing is swallowed. The records keep the per-sample facts (``*_converged``,
+    ``*_is_bound``).
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str, type, str]] = set()
+
+    def emit(self, caught: list[warnings.WarningMessage], split: str) -> None:
+        for w in caught:
+            text = str(w.message)
+            key = (split, w.category, re.sub(r"[-+]?\d[\d.,]*(e[-+]?\d+)?", "#", text))
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            warnings.warn_explicit(
+                f"split {split}: {text} (shown once per split; later batches may repeat it)",
+                w.category, w.filename, w.lineno, module=_module_of(w.filename))
+
+
+def _module_of(filename: str) -> str:
+    """The dotted module name of a source file (for warning filters such as
+    ``error::DeprecationWarning:fsinfo_fast.*``), else the file name without ``.py``."""
+    path = Path(filename).resolve()
+    pkg = Path(__file__).resolve().parents[1]
+    try:
+        rel = path.relative_to(pkg.parent).with_suffix("")
+    except ValueError:
+        return filename[:-3] if filename.endswith(".py") else filename
+    return ".".join(rel.parts)
+
+
+def _metric(fn, *args, ids: Tensor, seed: int, backend: str, sink: WarningSink | None = None,
+            split: str = "", **kw):
+    """Call a public metric with per-sample seeding when it supports it; its warnings go to
+    ``sink`` (once per split), or straight to the user without one."""
     if _accepts(fn, "sample_ids"):
         kw["sample_ids"] = ids
         kw["seed"] = seed
@@ -514,9 +554,13 @@ def _metric(fn, *args, ids: Tensor, seed: int, backend: str, **kw):
         kw["seed"] = (seed * 1_000_003 + int(ids[0])) % (1 << 62)
     if backend != "auto" and _accepts(fn, "backend"):
         kw["backend"] = backend
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    if sink is None:
         return fn(*args, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = fn(*args, **kw)
+    sink.emit(caught, split)
+    return r
 
 
 def _method(r: Any) -> str:
@@ -541,11 +585,19 @@ def _tensor_field(r: Any, name: str, b: int, default: float | int | bool):
 
 
 def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Tensor,
-                  y: Tensor, ids: Tensor, status=None) -> list[dict[str, Any]]:
+                  y: Tensor, ids: Tensor, status=None,
+                  sink: WarningSink | None = None) -> list[dict[str, Any]]:
     """Every (sample, split) record of one batch (fields: :data:`report.SAMPLE_FIELDS`).
+
+    Per sample and metric the record says whether the estimate met its tolerance
+    (``*_converged``: False where the probe cap stopped it first; its interval is then wider than
+    asked) and whether the value is only an upper bound (``*_is_bound``, e.g. a log det whose
+    spectrum reached the working precision; its interval is then ``(-inf, value + hw]``).
 
     Args:
         status: optional ``callable(str)`` told which step is running (for the progress bar).
+        sink: where the metrics' warnings go (one per split and kind over the whole run); a
+            new one per call when omitted.
     """
     import fsinfo_fast as ff
 
@@ -559,6 +611,7 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
     est = "exact" if plan.exact else cfg.estimator
     out: dict[str, dict[str, list]] = {s.name: {} for s in splits}
     timings: dict[str, float] = {}
+    sink = sink if sink is not None else WarningSink()
 
     def put(name: str, key: str, values) -> None:
         out[name][key] = list(values)
@@ -584,6 +637,8 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
         put(name, "fsinfo_diag_hw", zeros)
         put(name, "fsinfo_diag_probes", [None] * b)
         put(name, "fsinfo_diag_estimator", ["exact"] * b)
+        put(name, "fsinfo_diag_converged", [True] * b)
+        put(name, "fsinfo_diag_is_bound", [False] * b)
         put(name, "dfil", (dg.sum(1) / (sigma**2 * d)).tolist())
         put(name, "dfil_se", zeros)
         put(name, "dfil_hw", zeros)
@@ -591,6 +646,7 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
         put(name, "dfil_estimator",
             ["exact (shared sweep)" if name in plan.sweep else "exact"] * b)
         put(name, "dfil_converged", [True] * b)
+        put(name, "dfil_is_bound", [False] * b)
     if not plan.exact:
         for s in splits:
             if s.name in diags or cfg.variant == "logdet":
@@ -598,13 +654,15 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
             say(f"FSInfo diag {s.layer}")
             r = _metric(ff.fsinfo, s.encoder, x, sigma, variant="diag", estimator=est,
                         atol=cfg.atol, ids=ids,
-                        seed=cfg.seed, backend=cfg.backend)
+                        seed=cfg.seed, backend=cfg.backend, sink=sink, split=s.name)
             put(s.name, "fsinfo_diag", r.value.tolist())
             put(s.name, "fsinfo_diag_se", r.stderr.tolist())
             put(s.name, "fsinfo_diag_hw", r.ci_halfwidth.tolist())
             put(s.name, "fsinfo_diag_probes",
                 _tensor_field(r, "probes_per_sample", b, r.num_probes))
             put(s.name, "fsinfo_diag_estimator", [r.estimator] * b)
+            put(s.name, "fsinfo_diag_converged", _tensor_field(r, "converged", b, True))
+            put(s.name, "fsinfo_diag_is_bound", _tensor_field(r, "bound", b, False))
         timings["fsinfo_diag"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         shared = None
@@ -625,6 +683,7 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
                 probes = shared.probes[s.name].tolist()
                 label = ["randomized (shared input probes)"] * b
                 conv = shared.converged[s.name].cpu()
+                is_bound = [False] * b
                 if not bool(conv.all()):
                     # low effective rank: Hutchinson would need too many probes; these samples
                     # take the per-split estimator (Hutch++), seeded per sample as well
@@ -632,14 +691,17 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
                     say(f"dFIL {s.layer} ({len(rows)} sample(s) per split)")
                     r = _metric(ff.dfil, s.encoder, x[rows.to(x.device)], sigma, estimator=est,
                                 rtol=cfg.rtol,
-                                ids=ids[rows], seed=cfg.seed, backend=cfg.backend)
+                                ids=ids[rows], seed=cfg.seed, backend=cfg.backend, sink=sink,
+                                split=s.name)
                     r_probes = _tensor_field(r, "probes_per_sample", len(rows), r.num_probes)
                     r_conv = _tensor_field(r, "converged", len(rows), True)
+                    r_bound = _tensor_field(r, "bound", len(rows), False)
                     for j, i in enumerate(rows.tolist()):
                         v[i], se[i] = float(r.value[j]), float(r.stderr[j])
                         hw[i] = float(r.ci_halfwidth[j])
                         probes[i] = r_probes[j]
                         conv[i] = bool(r_conv[j])
+                        is_bound[i] = bool(r_bound[j])
                         label[i] = f"{r.estimator} (per split{_method(r)})"
                 put(s.name, "dfil", v)
                 put(s.name, "dfil_se", se)
@@ -647,17 +709,19 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
                 put(s.name, "dfil_probes", probes)
                 put(s.name, "dfil_estimator", label)
                 put(s.name, "dfil_converged", conv.tolist())
+                put(s.name, "dfil_is_bound", is_bound)
             else:
                 say(f"dFIL {s.layer}")
                 r = _metric(ff.dfil, s.encoder, x, sigma, estimator=est, rtol=cfg.rtol, ids=ids,
                             seed=cfg.seed,
-                            backend=cfg.backend)
+                            backend=cfg.backend, sink=sink, split=s.name)
                 put(s.name, "dfil", r.value.tolist())
                 put(s.name, "dfil_se", r.stderr.tolist())
                 put(s.name, "dfil_hw", r.ci_halfwidth.tolist())
                 put(s.name, "dfil_probes", _tensor_field(r, "probes_per_sample", b, r.num_probes))
                 put(s.name, "dfil_estimator", [r.estimator] * b)
                 put(s.name, "dfil_converged", _tensor_field(r, "converged", b, True))
+                put(s.name, "dfil_is_bound", _tensor_field(r, "bound", b, False))
     timings["dfil"] = time.perf_counter() - t0
 
     # --- log-det FSInfo ------------------------------------------------------------------------
@@ -669,16 +733,21 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
             put(s.name, "fsinfo_logdet_se", [None] * b)
             put(s.name, "fsinfo_logdet_hw", [None] * b)
             put(s.name, "fsinfo_logdet_status", [why] * b)
+            put(s.name, "fsinfo_logdet_converged", [None] * b)
+            put(s.name, "fsinfo_logdet_is_bound", [None] * b)
             continue
         say(f"FSInfo logdet {s.layer}")
         r = _metric(ff.fsinfo, s.encoder, x, sigma, variant="logdet", estimator=est,
                     atol=cfg.atol, ids=ids,
-                    seed=cfg.seed, backend=cfg.backend, prior_var=cfg.prior_var)
+                    seed=cfg.seed, backend=cfg.backend, prior_var=cfg.prior_var, sink=sink,
+                    split=s.name)
         put(s.name, "fsinfo_logdet", [_num(v) for v in r.value])
         put(s.name, "fsinfo_logdet_se", [_num(v) for v in r.stderr])
         put(s.name, "fsinfo_logdet_hw", [_num(v) for v in r.ci_halfwidth])
         put(s.name, "fsinfo_logdet_status",
             ["ok" if math.isfinite(float(v)) else "-inf: J^T J is singular" for v in r.value])
+        put(s.name, "fsinfo_logdet_converged", _tensor_field(r, "converged", b, True))
+        put(s.name, "fsinfo_logdet_is_bound", _tensor_field(r, "bound", b, False))
     timings["fsinfo_logdet"] = time.perf_counter() - t0
 
     # --- derived: FSInfoGuard sigma*, bounds -----------------------------------------------------
@@ -700,9 +769,9 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
 
 
 def _t95(dof: int) -> float:
-    from scipy.stats import t
+    from ..estimators.student_t import t_quantile
 
-    return float(t.ppf(0.975, dof)) if dof >= 1 else math.inf
+    return t_quantile(dof, 0.95)
 
 
 def _fsinfo_from_diag(diag: Tensor, d: int, sigma: float) -> Tensor:
@@ -728,6 +797,9 @@ def _derive(rec: dict[str, Any], sigma: float, target: float, prior_var: float |
     for variant in ("diag", "logdet"):
         f = rec.get(f"fsinfo_{variant}")
         hw = rec.get(f"fsinfo_{variant}_hw")
+        # an FSInfo that is only an upper bound: its interval is (-inf, f + hw], so sigma* has
+        # no lower end above 0 and the surrogate MSE bound no upper end
+        upper_only = bool(rec.get(f"fsinfo_{variant}_is_bound"))
         suffix = "" if variant == "diag" else "_logdet"
         if f is None or (variant == "logdet" and prior_var is not None):
             rec[f"sigma_star{suffix}"] = None
@@ -736,7 +808,7 @@ def _derive(rec: dict[str, Any], sigma: float, target: float, prior_var: float |
         else:
             h = hw or 0.0
             rec[f"sigma_star{suffix}"] = sig(f)
-            rec[f"sigma_star{suffix}_low"] = sig(f - h)
+            rec[f"sigma_star{suffix}_low"] = 0.0 if upper_only else sig(f - h)
             rec[f"sigma_star{suffix}_high"] = sig(f + h)
         if f is None:
             rec[f"fsinfo{suffix or '_diag'}_bound"] = None
@@ -746,7 +818,7 @@ def _derive(rec: dict[str, Any], sigma: float, target: float, prior_var: float |
             h = hw or 0.0
             rec[f"fsinfo{suffix or '_diag'}_bound"] = fs_bound(f)
             rec[f"fsinfo{suffix or '_diag'}_bound_low"] = fs_bound(f + h)
-            rec[f"fsinfo{suffix or '_diag'}_bound_high"] = fs_bound(f - h)
+            rec[f"fsinfo{suffix or '_diag'}_bound_high"] = None if upper_only else fs_bound(f - h)
     v, h = rec.get("dfil"), rec.get("dfil_hw") or 0.0
     if v is None or v <= 0:
         rec["dfil_bound"] = rec["dfil_bound_low"] = rec["dfil_bound_high"] = None
@@ -765,6 +837,25 @@ def batches(n: int, batch_size: int) -> list[list[int]]:
     return [list(range(i, min(n, i + batch_size))) for i in range(0, n, batch_size)]
 
 
+def require_extras(cfg: ProfileConfig) -> None:
+    """Raise :class:`~fsinfo_fast.errors.MissingExtraError` (with the ``pip install`` line)
+    before any work when an optional package this run will need is missing, rather than after
+    an hour of computing when the table or the plot is drawn."""
+    embedded = cfg.data in ("digits", "natural")
+    if embedded or (is_zoo_model(cfg.model) and not cfg.checkpoint):
+        require("sklearn", "the bundled data sets (and the demo model's training data)")
+    if cfg.data == "natural":
+        require("skimage", "--data natural")
+    elif not embedded and not cfg.data.startswith("torchvision:"):
+        require("PIL", f"reading the images of --data {cfg.data}")
+    if cfg.progress:
+        require("tqdm", "the progress bar")
+    if cfg.table:
+        require("rich", "the result table")
+    if cfg.plot:
+        require("matplotlib", "profile.png (--no-plot skips it)")
+
+
 def run_profile(cfg: ProfileConfig, dist: DistContext | None = None) -> ProfileOutcome:
     """Run (or resume) a profile; every rank of a ``torchrun`` job calls this.
 
@@ -775,6 +866,7 @@ def run_profile(cfg: ProfileConfig, dist: DistContext | None = None) -> ProfileO
         FSInfoError: a user error (one-line message), on every rank.
     """
     cfg.validate()
+    require_extras(cfg)
     if dist is not None:
         return _run(cfg, dist)
     with DistContext.from_env(cfg.device) as own:  # leaves the process group in step
@@ -823,6 +915,7 @@ def _run(cfg: ProfileConfig, dist: DistContext) -> ProfileOutcome:
     todo_n = dist.broadcast(len(todo))
     steps = (todo_n + dist.world - 1) // dist.world
     bar = _progress(cfg, dist, total_missing, len(todo))
+    sink = WarningSink()  # each distinct warning once per split over the whole run
     computed = 0
     t_compute = time.perf_counter()
     try:
@@ -844,7 +937,7 @@ def _run(cfg: ProfileConfig, dist: DistContext) -> ProfileOutcome:
                 try:
                     recs = compute_batch(cfg, plan, splits, xb.to(device), yb,
                                          torch.tensor(ids, dtype=torch.int64),
-                                         status=_status(bar, ids))
+                                         status=_status(bar, ids), sink=sink)
                     result = ("ok", recs)
                 except Exception as err:  # reported to every rank, re-raised below
                     user = isinstance(err, (FSInfoError, OSError))
@@ -912,6 +1005,7 @@ def _status(bar, ids: list[int]):
 def _progress(cfg: ProfileConfig, dist: DistContext, total: int, nbatches: int):
     if not (cfg.progress and dist.is_root) or total == 0:
         return None
+    require("tqdm", "the profile progress bar")
     from tqdm.auto import tqdm
 
     desc = f"profile ({nbatches} batches" + (f", {dist.world} procs)" if dist.distributed else ")")

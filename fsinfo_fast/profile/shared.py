@@ -297,9 +297,9 @@ class SharedDfil:
 
 
 def _t975(dof: int) -> float:
-    from scipy.stats import t
+    from ..estimators.student_t import t_quantile
 
-    return float(t.ppf(0.975, dof))
+    return t_quantile(dof, 0.95)
 
 
 def dfil_shared(

@@ -51,8 +51,9 @@ RECORDS = "records.jsonl"
 MODEL = "model.pt"
 #: Files a run directory may contain (anything else makes a directory "foreign").
 OUTPUTS = ("profile.json", "summary.csv", "samples.csv", "profile.png")
-#: Bump when the record or settings layout changes incompatibly.
-STORE_VERSION = 1
+#: Bump when the record or settings layout changes incompatibly (2: per-sample *_converged and
+#: *_is_bound flags for every metric; a run without them cannot be continued).
+STORE_VERSION = 2
 
 
 def canonical_json(obj: Any) -> str:

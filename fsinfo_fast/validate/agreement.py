@@ -135,12 +135,12 @@ def agreement(metric: Sequence[float], mse: Sequence[float]) -> Agreement:
             h = _Z95 / math.sqrt(n - 3)
             ci = (math.tanh(zr - h), math.tanh(zr + h))
         if n >= 3:
-            from scipy.stats import t as student_t
+            from ..estimators.student_t import t_two_sided_tail
 
             if abs(r) >= 1.0:
                 p = 0.0
             else:
                 tstat = r * math.sqrt((n - 2) / (1.0 - r * r))
-                p = float(2.0 * student_t.sf(abs(tstat), n - 2))
+                p = t_two_sided_tail(tstat, n - 2)
     return Agreement(pearson=r, ci95=ci, p_value=p, n=n, metric_drop=drop.tolist(),
                      attack_rise=rise.tolist())

@@ -22,6 +22,9 @@ _ATTACKS = {"inverse_network": "inverse network", "optimization": "optimisation"
 
 
 def _figure(w: float, h: float):
+    from .._extras import require
+
+    require("matplotlib", "the validate figures")
     import matplotlib
 
     matplotlib.use("Agg", force=False)

@@ -25,6 +25,9 @@ def _pm(entry: dict[str, Any] | None) -> str:
 def print_table(report: dict[str, Any], files: dict[str, str] | None = None,
                 console: Any = None) -> None:
     """Per-split metrics and attack errors, the agreement table and the bound report."""
+    from .._extras import require
+
+    require("rich", "the validate tables")
     from rich.console import Console
     from rich.table import Table
 

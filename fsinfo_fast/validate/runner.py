@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from .._extras import require
 from ..attacks import (
     AttackResult,
     distance_correlation,
@@ -345,6 +346,7 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
         # one progress step per (model, split) and per sweep sigma
         total = sum(len(v) for v in split_lists.values()) + len(cfg.sweep_sigmas)
         if cfg.progress:
+            require("tqdm", "the validate progress bar")
             from tqdm.auto import tqdm
 
             bar = tqdm(total=total, desc="validate", unit="step", file=sys.stderr,
