@@ -25,6 +25,7 @@ from .engine import default_memory_budget, make_products
 from .errors import InvalidInputError
 from .estimators import estimate_diag, expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate
+from .estimators.cost import SLQ_ORDER_ESTIMATE
 from .formulas import DIAG_FLOOR, as_sigma
 from .result import MetricResult
 
@@ -143,7 +144,7 @@ def fsinfo(
     sample_ids: Tensor | None = None,
     backend: str = "auto",
     memory_budget: int | None = None,
-    lanczos_order: int = 30,
+    lanczos_order: int | None = None,
 ) -> MetricResult:
     r"""Per-sample FSInfo in nats per input dimension (higher = more leakage).
 
@@ -177,7 +178,11 @@ def fsinfo(
         backend: how products are computed (``"auto"``, ``"torch"``, ...; see
             :mod:`fsinfo_fast.engine`).
         memory_budget: bytes a chunk of probes may use (default: a share of free memory).
-        lanczos_order: Lanczos steps per probe for the log-det variant.
+        lanczos_order: maximum Lanczos steps per probe for the log-det variant (None: adaptive
+            up to ``min(m, d)``, where the quadrature is exact; under ``auto``, capped so that
+            the randomized route costs at most about the oracle's products). Each probe stops
+            once its quadrature bracket is below 5% of ``atol``; what remains is in the
+            interval (:func:`~fsinfo_fast.estimators.slq_logdet`).
 
     Returns:
         :class:`~fsinfo_fast.result.MetricResult`: ``value``, ``stderr``, ``ci95()`` of shape
@@ -212,13 +217,14 @@ def fsinfo(
     else:
         cost = expected_passes("slq", d=enc.d, m=enc.m, num_probes=k0, order=lanczos_order,
                                prior=lam > 0)
+        order_est = SLQ_ORDER_ESTIMATE if lanczos_order is None else lanczos_order
         if cost == 0:  # m < d without a prior: -inf exactly, the oracle says so without work
             estimator = "exact"
     if _use_exact(estimator, cost, enc):
         return exact()
     cap = None
     if estimator == "auto":  # never spend more probes than the oracle's products
-        cap = n if variant == "diag" else max(2, n // (2 * min(lanczos_order, n)))
+        cap = n if variant == "diag" else max(2, n // (2 * min(order_est, n)))
     stop = _stopping_kw(atol, rtol, num_probes, max_probes, cap)
     products = make_products(enc, backend, memory_budget=memory_budget)
     s = as_sigma(sigma, enc.batch, enc.x.device)
@@ -227,7 +233,10 @@ def fsinfo(
                             min_probes=min(k0, stop["max_probes"]), **stop).fsinfo_diag
         metric, extra = "fsinfo_diag", {"floor": floor}
     else:
-        est = slq_logdet(products, sigma=s, prior_var=prior_var, order=lanczos_order, seed=seed,
+        order = lanczos_order
+        if estimator == "auto" and order is None:  # SLQ (slq branch): bound the adaptive order
+            order = max(4, n // (2 * k0))  # so 2 * order * k0 <= n, the oracle's products
+        est = slq_logdet(products, sigma=s, prior_var=prior_var, order=order, seed=seed,
                          sample_ids=sample_ids, **stop)
         metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
     fallback = _finish(est, exact, enc, estimator, metric, stop)
