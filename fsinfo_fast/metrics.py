@@ -155,7 +155,9 @@ def fsinfo(
     ``(J^TJ)_{kk}/\sigma^2`` is near ``1e-10``). ``variant="logdet"`` gives the definition
     :math:`\frac{1}{2d}\log\det(J^TJ/\sigma^2 + \lambda I) - \frac12\log 2\pi e`
     (``lambda = 1/prior_var``) by stochastic Lanczos quadrature; ``-inf`` when ``J^T J`` is
-    singular and there is no prior (always when ``m < d``). Both are Gaussian-surrogate
+    singular and there is no prior (always when ``m < d``). Where the randomized estimator
+    cannot resolve the spectrum at the products' precision it returns a finite upper bound,
+    flagged in ``bound`` (``ci95()`` is then ``(-inf, value + hw)``). Both are Gaussian-surrogate
     entropies, not bounds: see :mod:`fsinfo_fast.bounds` for what is proven.
 
     Args:
