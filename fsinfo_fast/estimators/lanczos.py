@@ -17,10 +17,10 @@ is returned as such (flagged ``singular``), with no products.
 (Ubaru, Chen and Saad 2017, SIAM J. Matrix Anal. Appl.). For each probe, ``k`` Krylov steps on
 ``G`` (sigma and lambda free) give a tridiagonal ``T_k`` with ``v^T log(A) v =
 ||v||^2 [e_1^T log(T_k + c I) e_1]_{quadrature} - ||v||^2 log sigma^2``, ``c = lambda sigma^2``.
-For ``f(x) = log(x + c)`` the derivatives alternate in sign (``f^{(2j)} < 0 < f^{(2j+1)}``), so
+For ``g(x) = log(x + c)`` the derivatives alternate in sign (``g^{(2j)} < 0 < g^{(2j+1)}``), so
 (Golub and Meurant, "Matrices, Moments and Quadrature with Applications", 2010, ch. 6-7):
 
-- the **Gauss** rule (nodes/weights from ``T_k``) over-estimates ``e_1^T f(G) e_1``;
+- the **Gauss** rule (nodes/weights from ``T_k``) over-estimates ``e_1^T g(G) e_1``;
 - the **Gauss-Radau** rule with a prescribed node ``a <= lambda_min(G)`` under-estimates it. It
   is ``T_k`` extended by the next coupling ``beta_k`` and the diagonal entry
   ``a + beta_k^2 e_k^T (T_k - a I)^{-1} e_k`` (computed from the pivots of ``T_k - a I``).
@@ -28,8 +28,9 @@ For ``f(x) = log(x + c)`` the derivatives alternate in sign (``f^{(2j)} < 0 < f^
 Each probe thus has a bracket ``[Radau, Gauss]``. The probe's value is the Gauss rule and the
 whole bracket width goes into the interval as a deterministic error allowance: with the Radau
 node far below the spectrum (the only rigorous choice without knowing ``lambda_min``) the Radau
-rule lags, and the Gauss rule sits near the top of the bracket (on log-spaced spectra its error
-was below 2% of the width, where the midpoint's was 98% of the half-width), so the Gauss value
+rule lags, and the Gauss rule sits near the top of the bracket (on log-spaced spectra over 2-6
+decades its error was a few percent of the width at most, where the midpoint's was 98% of the
+half-width), so the Gauss value
 has almost no systematic error while the interval stays rigorous. Both rules are exact once the
 Krylov space is invariant (a breakdown, at the latest at order ``n``).
 
@@ -53,8 +54,9 @@ the encoder is) do not resolve the smallest eigenvalues of ``G``. The model, per
   ``Delta = delta_rel * lam_hat``, ``delta_rel = 4 eps_p + 16 sqrt(n) eps_64``. (Measured on
   linear+tanh maps and VGG5 blocks in float32, saturated included: ``|dG v| <= 1.9 eps_p ||G||``
   for unit ``v``; the ``eps_64`` term covers the float64 recursion and reorthogonalisation.)
-- ``method="golub_kahan"`` works with ``F v`` and ``F^T u`` separately (``T_k = B_k^T B_k``), so
-  singular values move by ``delta_J = delta_rel * sqrt(lam_hat)`` and an eigenvalue ``x`` by
+- ``method="golub_kahan"`` works with ``F v`` and ``F^T u`` separately (``T_k = B_k^T B_k``; the
+  Gauss nodes are the squared singular values of ``B_k``), so singular values move by
+  ``delta_J = delta_rel * sqrt(lam_hat)`` and an eigenvalue ``x`` by
   ``Delta(x) = 2 sqrt(x) delta_J + delta_J^2 + eps_T`` (``eps_T = 16 sqrt(n) eps_64 lam_hat``,
   the float64 arithmetic on ``T``): the squared condition number of ``J`` no longer meets
   ``eps_p``, which matters for float32 products.
@@ -64,16 +66,18 @@ A negative Ritz value ``theta_min < 0`` is direct evidence of rounding: the mode
 ``f = max(100 delta_J^2, 10 eps_T)`` (Golub-Kahan, i.e. singular values ``>= 10 delta_J``).
 Each probe is evaluated in one of three regimes (``c = lambda sigma^2``):
 
-- *prior* (``c >= f``): ``f(x) = log(x + c)``, Radau node ``-Delta(0)`` (rigorous: the
-  computed operator is ``>= -Delta(0)``);
-- *resolved* (``c < f`` and every Ritz value ``> f``): ``f(x) = log(x + c)``, Radau node
+- *prior* (``c >= f``): ``g(x) = log(x + c)``, Radau node ``-Delta(0)`` (rigorous within the
+  model: the computed operator is ``>= -Delta(0)``);
+- *resolved* (``c < f`` and every Ritz value ``> f``): ``g(x) = log(x + c)``, Radau node
   ``min(f, theta_min / 2)``. **Assumption:** ``lambda_min(G) >= `` that node; nothing short of
   order ``n`` can prove it without a prior, and a probe whose Krylov space reaches lower
   eigenvalues moves to the next regime;
 - *bound* (``c < f`` and a Ritz value ``<= f``: the spectrum reaches the working precision):
-  ``f(x) = log(x + c + f)``, Radau node ``-Delta(0)``. ``log det(G + c + f) >= log det(G + c)``,
-  so the sample's value is an **upper bound** (``bound = True``), finite, with an upper
-  confidence limit ``value + ci_halfwidth``; never a bare ``-inf``.
+  ``g(x) = log(x + c + f)``, Radau node ``-Delta(0)``. ``log det(G + c + f) >= log det(G + c)``,
+  so the value is an **upper bound**. A sample is flagged ``bound = True`` when any of its
+  probes is in this regime; the Gauss values of its other probes are upper bounds too (only
+  their Radau ends rest on the now doubtful assumption), so ``value + ci_halfwidth`` is an
+  upper confidence limit of the log det. Finite; never a bare ``-inf``.
 
 In every regime a rounding allowance ``sum_i w_i Delta(x_i) / (x_i + shift - Delta(x_i))``
 (first-order change of ``log`` under the eigenvalue perturbation, on the Radau nodes/weights,
