@@ -636,7 +636,7 @@ class SLQProbeTerms:
 def slq_probe_terms(
     state: LanczosProbeState,
     *,
-    sigma: Tensor,
+    sigma: float | Tensor,
     prior_var: float | None = None,
     quad_atol: float = DEFAULT_QUAD_ATOL,
     max_order: int | None = None,
@@ -651,7 +651,7 @@ def slq_probe_terms(
 
     Args:
         state: the probes' recursions.
-        sigma: ``[B]`` float64 noise scale.
+        sigma: noise scale, float or ``[B]``.
         prior_var: prior variance (``lambda = 1/prior_var``), None for none.
         quad_atol: per-probe bracket-width target in nats/dim (0: run to ``max_order``).
         max_order: cap on the order (default and at most ``n``).
@@ -660,10 +660,14 @@ def slq_probe_terms(
         :class:`SLQProbeTerms`.
     """
     lam = prior_precision(prior_var)
+    max_order = _check_order(max_order, "max_order")
+    quad_atol = _check_quad_atol(quad_atol)
+    if quad_atol is None:
+        raise InvalidInputError("quad_atol must be a float >= 0 (nats per input dimension)")
     n, d = state.n, state.products.d
     cap = n if max_order is None else min(max_order, n)
     sched = order_schedule(cap)
-    sig2 = sigma.to(torch.float64) ** 2
+    sig2 = sigma_for(state.products, sigma) ** 2
     shift_c = (lam * sig2)[:, None].expand(state.batch, state.num_probes)
     b, kk, dev = state.batch, state.num_probes, state.steps.device
     pos = torch.zeros(b, kk, dtype=torch.int64, device=dev)
