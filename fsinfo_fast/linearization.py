@@ -48,6 +48,7 @@ from .engine import default_memory_budget, make_products
 from .errors import InvalidInputError
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
+from .estimators.cost import SLQ_ORDER_ESTIMATE
 from .estimators.diagonal import estimate_diag
 from .estimators.probes import resolve_seed
 from .formulas import DIAG_FLOOR, as_sigma
@@ -272,7 +273,7 @@ class Linearization:
         max_probes: int = 1000,
         prior_var: float | None = None,
         floor: float = DIAG_FLOOR,
-        lanczos_order: int = 30,
+        lanczos_order: int | None = None,
     ) -> MetricResult:
         r"""Per-sample FSInfo in nats per input dimension (see :func:`fsinfo_fast.fsinfo`)."""
         _check_choice("estimator", estimator, ESTIMATORS)
@@ -290,6 +291,7 @@ class Linearization:
         else:
             cost = expected_passes("slq", d=self.d, m=self.m, num_probes=k0, order=lanczos_order,
                                    prior=lam > 0)
+            order_est = SLQ_ORDER_ESTIMATE if lanczos_order is None else lanczos_order
             if cost == 0 and estimator == "auto":
                 # m < d without a prior: -inf exactly (rank J^T J <= m < d); the SLQ route
                 # returns that structural answer with no products, the oracle would build J
@@ -299,14 +301,17 @@ class Linearization:
             return self._exact_fsinfo(s, variant, prior_var, floor, why)
         cap = None
         if estimator == "auto":  # never spend more probes than the oracle's products
-            cap = n if variant == "diag" else max(2, n // (2 * min(lanczos_order, n)))
+            cap = n if variant == "diag" else max(2, n // (2 * min(order_est, n)))
         stop = _stopping(atol, rtol, num_probes, max_probes, cap)
         common = {"seed": self.seed, "sample_ids": self.sample_ids}
         if variant == "diag":
             est = self._diag(s, floor, stop, min(k0, stop["max_probes"])).fsinfo_diag
             metric, extra = "fsinfo_diag", {"floor": floor}
         else:
-            est = slq_logdet(self.products, sigma=s, prior_var=prior_var, order=lanczos_order,
+            order = lanczos_order
+            if estimator == "auto" and order is None:  # bound the adaptive order so that
+                order = max(4, n // (2 * k0))  # 2 * order * k0 <= n, the oracle's products
+            est = slq_logdet(self.products, sigma=s, prior_var=prior_var, order=order,
                              **common, **stop)
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
         why = self._finish(est, spectrum, estimator, metric, stop["max_probes"])
@@ -402,7 +407,7 @@ class Linearization:
         max_probes: int = 1000,
         prior_var: float | None = None,
         floor: float = DIAG_FLOOR,
-        lanczos_order: int = 30,
+        lanczos_order: int | None = None,
     ) -> SigmaResult:
         r"""FSInfoGuard's per-sample noise scale: the sigma at which FSInfo equals ``target``.
 

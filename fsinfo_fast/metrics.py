@@ -45,7 +45,7 @@ def fsinfo(
     sample_ids: Tensor | None = None,
     backend: str = "auto",
     memory_budget: int | None = None,
-    lanczos_order: int = 30,
+    lanczos_order: int | None = None,
 ) -> MetricResult:
     r"""Per-sample FSInfo in nats per input dimension (higher = more leakage).
 
@@ -56,7 +56,9 @@ def fsinfo(
     ``(J^TJ)_{kk}/\sigma^2`` is near ``1e-10``). ``variant="logdet"`` gives the definition
     :math:`\frac{1}{2d}\log\det(J^TJ/\sigma^2 + \lambda I) - \frac12\log 2\pi e`
     (``lambda = 1/prior_var``) by stochastic Lanczos quadrature; ``-inf`` when ``J^T J`` is
-    singular and there is no prior (always when ``m < d``). Both are Gaussian-surrogate
+    singular and there is no prior (always when ``m < d``). Where the randomized estimator
+    cannot resolve the spectrum at the products' precision it returns a finite upper bound,
+    flagged in ``bound`` (``ci95()`` is then ``(-inf, value + hw)``). Both are Gaussian-surrogate
     entropies, not bounds: see :mod:`fsinfo_fast.bounds` for what is proven.
 
     Args:
@@ -79,7 +81,11 @@ def fsinfo(
         backend: how products are computed (``"auto"``, ``"torch"``, ...; see
             :mod:`fsinfo_fast.engine`).
         memory_budget: bytes a chunk of probes may use (default: a share of free memory).
-        lanczos_order: Lanczos steps per probe for the log-det variant.
+        lanczos_order: maximum Lanczos steps per probe for the log-det variant (None: adaptive
+            up to ``min(m, d)``, where the quadrature is exact; under ``auto``, capped so that
+            the randomized route costs at most about the oracle's products). Each probe stops
+            once its quadrature bracket is below 5% of ``atol``; what remains is in the
+            interval (:func:`~fsinfo_fast.estimators.slq_logdet`).
 
     Computing more than one metric for the same batch? Use :func:`fsinfo_fast.linearize`: it
     validates the encoder once and shares the probes between FSInfo, dFIL and ``sigma*``.
@@ -165,7 +171,7 @@ def fsinfo_sigma(
     sample_ids: Tensor | None = None,
     backend: str = "auto",
     memory_budget: int | None = None,
-    lanczos_order: int = 30,
+    lanczos_order: int | None = None,
 ) -> SigmaResult:
     r"""FSInfoGuard noise scale per sample: the sigma at which FSInfo equals ``target``.
 

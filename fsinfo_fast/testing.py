@@ -54,6 +54,7 @@ class Tolerances:
         float32_rtol: float32 products against float64 ones (same probes).
         z_unbiased: ``|mean - exact|`` must be below this many standard errors of the mean.
         coverage_low, coverage_high: range of the observed coverage of nominal 95% intervals.
+        slq_coverage_low, slq_coverage_high: the same for the SLQ log det (tighter, see below).
         seeds: independent repetitions for the statistical checks (binomial standard error
             of an observed 95% coverage: 0.7%; the t-intervals of the trace estimators cover
             0.92-0.95 at ``K = 50`` on top-heavy spectra, so this keeps a margin of 3 SE).
@@ -67,6 +68,11 @@ class Tolerances:
     coverage_low: float = 0.90
     coverage_high: float = 0.99
     seeds: int = 1000
+    #: SLQ log det: coverage of its 95% interval over ``seeds`` runs within 3 binomial standard
+    #: errors of 0.95 (``sqrt(0.95 * 0.05 / 1000) = 0.0069``): a normal interval built on a
+    #: standard error 8% too small (coverage 0.93) or 11% too large (0.97) fails.
+    slq_coverage_low: float = 0.93
+    slq_coverage_high: float = 0.97
 
 
 #: The tolerances the tests use.

@@ -184,10 +184,11 @@ def test_slq_logdet(case, method):
 
 
 def test_slq_truncated_order_with_prior():
-    """Order 12 < n = 48: the quadrature error is below Monte-Carlo resolution with a prior."""
+    """Order cap 12 < n = 48: the quadrature error is below Monte-Carlo resolution with a prior
+    (probes whose bracket closes earlier stop earlier)."""
     J = spectral_jacobian(geometric_spectrum(40, 1e4), 60, 48, batch=B, seed=11)
     r = slq_logdet(DenseProducts(J), sigma=SIGMA, prior_var=1.0, order=12, num_probes=10, seed=7)
-    assert r.info["order"] == 12 and r.passes == 2 * 12 * 10
+    assert r.info["order"] == 12 and r.passes <= 2 * 12 * 10
     _check(
         "geometric_m>d_n48",
         r.value,

@@ -10,8 +10,10 @@ not depend on how samples are batched.
   dFIL from the same ``K`` VJPs (delete-a-group jackknife standard error).
 - :func:`hutchinson_trace`: ``tr(J^T J)`` / dFIL (Hutchinson 1989).
 - :func:`hutchpp_trace`: Hutch++ (Meyer et al. 2021).
-- :func:`slq_logdet`: log-det FSInfo by stochastic Lanczos quadrature (Ubaru et al. 2017), with a
-  Golub-Kahan option.
+- :func:`slq_logdet`: log-det FSInfo by stochastic Lanczos quadrature (Ubaru et al. 2017):
+  adaptive order, Gauss/Gauss-Radau bracket and rounding allowance in the interval, flagged upper
+  bounds at the working precision; Lanczos or Golub-Kahan. :class:`LanczosProbeState` and
+  :func:`slq_probe_terms` serve several sigmas/priors (and the Hutchinson trace) from one run.
 - :class:`StoppingRule`: fixed probe count or rounds until ``atol``/``rtol`` is met.
 - :func:`expected_passes`: the cost model.
 """
@@ -20,7 +22,15 @@ from .base import Estimate, Products, t_quantile
 from .cost import expected_passes
 from .diagonal import DiagEstimate, estimate_diag, log_chi2_mean_offset
 from .hutchinson import hutchinson_trace
-from .lanczos import golub_kahan_bidiagonal, lanczos_tridiagonal, slq_logdet, slq_quadrature
+from .lanczos import (
+    LanczosProbeState,
+    SLQProbeTerms,
+    golub_kahan_bidiagonal,
+    lanczos_tridiagonal,
+    slq_logdet,
+    slq_probe_terms,
+    slq_quadrature,
+)
 from .meyer2020hutchpp import hutchpp_trace
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
 from .stopping import StoppingRule
@@ -29,7 +39,9 @@ __all__ = [
     "PROBE_KINDS",
     "DiagEstimate",
     "Estimate",
+    "LanczosProbeState",
     "Products",
+    "SLQProbeTerms",
     "StoppingRule",
     "draw_probes",
     "estimate_diag",
@@ -41,6 +53,7 @@ __all__ = [
     "log_chi2_mean_offset",
     "resolve_seed",
     "slq_logdet",
+    "slq_probe_terms",
     "slq_quadrature",
     "t_quantile",
 ]

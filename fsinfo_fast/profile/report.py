@@ -349,6 +349,8 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
         ld = _pm(s["fsinfo_logdet"])
         if s["fsinfo_logdet"] is None and s["fsinfo_logdet_status"]:
             ld = "-inf" if s["fsinfo_logdet_status"][0].startswith("-inf") else "-"
+        elif any(x.startswith("upper bound") for x in s.get("fsinfo_logdet_status") or ()):
+            ld = "<= " + ld  # some samples' log det is only an upper bound (working precision)
         b, fb, sg = s["dfil_bound_worst"], s["fsinfo_diag_bound_worst"], s["sigma_star"]
         fs = s["fsinfo_diag"]
         if st.get("variant") == "logdet" or fb is None:  # the log-det bound and sigma*

@@ -745,7 +745,9 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
         put(s.name, "fsinfo_logdet_se", [_num(v) for v in r.stderr])
         put(s.name, "fsinfo_logdet_hw", [_num(v) for v in r.ci_halfwidth])
         put(s.name, "fsinfo_logdet_status",
-            ["ok" if math.isfinite(float(v)) else "-inf: J^T J is singular" for v in r.value])
+            ["-inf: J^T J is singular" if not math.isfinite(float(v)) else
+             "upper bound: the spectrum reaches the products' precision" if bool(bd) else "ok"
+             for v, bd in zip(r.value, r.bound, strict=True)])
         put(s.name, "fsinfo_logdet_converged", _tensor_field(r, "converged", b, True))
         put(s.name, "fsinfo_logdet_is_bound", _tensor_field(r, "bound", b, False))
     timings["fsinfo_logdet"] = time.perf_counter() - t0
