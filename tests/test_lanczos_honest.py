@@ -134,8 +134,8 @@ FULL_GRID = [
 def _grid_case(decades, tanh, dtype, prior_var, num_probes=6, **kw):
     enc, x = _issue_encoder(decades, dtype, tanh)
     J = ff.reference.jacobian(enc, x)
-    exact = ff.fsinfo(enc, x, SIGMA, "logdet", estimator="exact", prior_var=prior_var).value
-    r = ff.fsinfo(enc, x, SIGMA, "logdet", estimator="randomized", num_probes=num_probes,
+    exact = ff.fsinfo(enc, x, SIGMA, variant="logdet", estimator="exact", prior_var=prior_var).value
+    r = ff.fsinfo(enc, x, SIGMA, variant="logdet", estimator="randomized", num_probes=num_probes,
                   prior_var=prior_var, seed=0, **kw)
     same = _same_probe_exact(J, r, prior_var, num_probes)
     return r, exact, same
@@ -203,9 +203,9 @@ def test_saturated_tanh_vgg5_float32(scale, at):
     randomized value was a finite number far from it before (or -inf at 32 px)."""
     enc, x = _saturated_vgg5(scale, at)
     J = ff.reference.jacobian(enc, x)
-    exact = ff.fsinfo(enc, x, SIGMA, "logdet", estimator="exact").value
+    exact = ff.fsinfo(enc, x, SIGMA, variant="logdet", estimator="exact").value
     assert torch.isfinite(exact).all()
-    r = ff.fsinfo(enc, x, SIGMA, "logdet", estimator="randomized", num_probes=4, seed=0)
+    r = ff.fsinfo(enc, x, SIGMA, variant="logdet", estimator="randomized", num_probes=4, seed=0)
     assert not r.singular.any() and torch.isfinite(r.value).all()
     _check_honest(r, exact, _same_probe_exact(J, r, None, 4), f"VGG5 x{scale} split {at}")
 
