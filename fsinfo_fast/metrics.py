@@ -234,7 +234,7 @@ def fsinfo(
     if fallback is not None:
         return fallback
     return _to_result(est, metric=metric, units="nats/dim", sigma=s, d=enc.d, m=enc.m,
-                      backend=products.backend, **extra)
+                      backend=products.backend, **getattr(products, "info", {}), **extra)
 
 
 def dfil(
@@ -312,7 +312,7 @@ def dfil(
     if fallback is not None:
         return fallback
     return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=enc.d, m=enc.m,
-                      backend=products.backend)
+                      backend=products.backend, **getattr(products, "info", {}))
 
 
 def fsinfo_sigma(

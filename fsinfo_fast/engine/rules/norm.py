@@ -1,0 +1,136 @@
+r"""Normalisation layers: batch norm (eval), layer norm, group norm, RMS norm.
+
+BatchNorm in eval mode is a per-channel affine map: its Jacobian is the constant channel scale
+``weight / sqrt(running_var + eps)`` (no state per sample; folded into a preceding convolution
+by the engine).
+
+LayerNorm / GroupNorm normalise each group ``g`` of ``n`` elements: with
+``x_hat = (x - mean) * rstd``, ``rstd = 1 / sqrt(var + eps)``,
+
+.. math::  J t = w \odot \mathrm{rstd}\,\big(t - \overline{t} - \hat x\,\overline{t \hat x}\big)
+
+(bars: means over the group), a symmetric projection times the affine weight, so the transpose
+is the same projection applied after the weight. RMS norm is the same without the centring:
+``x_hat = x * rstd``, ``J t = w * rstd (t - x_hat mean(t x_hat))``. The stored state is ``x_hat``
+and ``rstd`` (one activation and one number per group, per sample).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import Decline, Lin, OpCall, register
+
+aten = torch.ops.aten
+
+
+class ChannelScaleLin(Lin):
+    """``t * scale[c]`` along dim 1 of the primal (BatchNorm in eval mode)."""
+
+    kind = "batchnorm"
+
+    def __init__(self, scale: Tensor, ndim: int, n_out: int) -> None:
+        self.channel_scale = scale
+        self.scale = scale.reshape(-1, *([1] * (ndim - 2)))
+        self.n_out = n_out
+
+    def jvp(self, ts):
+        return [ts[0] * self.scale] + [None] * (self.n_out - 1)
+
+    def vjp(self, u):
+        return [u[0] * self.scale]
+
+
+@register(aten._native_batch_norm_legit_no_training, aten.native_batch_norm,
+          aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit)
+def batch_norm_rule(call: OpCall) -> Lin:
+    """BatchNorm with running statistics (eval mode)."""
+    call.only_active(0)
+    x, w = call.args[0], call.args[1]
+    if call.op.overloadpacket is aten._native_batch_norm_legit_no_training:
+        running_var, eps = call.args[4], call.args[6]
+    else:
+        training = call.args[5]
+        if training:
+            raise Decline("BatchNorm in training mode uses batch statistics: call .eval()")
+        running_var, eps = call.args[4], call.args[7]
+    if running_var is None or x.ndim < 2:
+        raise Decline("BatchNorm without running statistics")
+    scale = torch.rsqrt(running_var + eps)
+    if w is not None:
+        scale = scale * w
+    return ChannelScaleLin(scale.to(x.dtype), x.ndim, len(call.out))
+
+
+class NormLin(Lin):
+    """``w * rstd * (t - [mean(t)] - x_hat mean(t x_hat))`` over groups of the primal."""
+
+    kind = "norm"
+
+    def __init__(self, xhat: Tensor, rstd: Tensor, weight: Tensor | None, center: bool,
+                 shape: tuple, n_out: int) -> None:
+        self.gshape = tuple(xhat.shape)  # [*groups, n]
+        self.xhat = xhat
+        self.rstd = rstd  # [*groups, 1]
+        self.w = weight  # broadcasts against [*shape] (right-aligned), or None
+        self.center = center
+        self.shape = shape
+        self.n_out = n_out
+
+    def _project(self, t: Tensor) -> Tensor:
+        k = t.shape[0]
+        g = t.reshape(k, *self.gshape)
+        xh = self.xhat
+        inner = (g * xh).mean(-1, keepdim=True)
+        if self.center:
+            g = g - g.mean(-1, keepdim=True)
+        g = (g - xh * inner) * self.rstd
+        return g.view(k, *self.shape)
+
+    def jvp(self, ts):
+        out = self._project(ts[0])
+        if self.w is not None:
+            out = out * self.w
+        return [out] + [None] * (self.n_out - 1)
+
+    def vjp(self, u):
+        g = u[0] if self.w is None else u[0] * self.w
+        return [self._project(g)]
+
+
+@register(aten.native_layer_norm)
+def layer_norm_rule(call: OpCall) -> Lin:
+    call.only_active(0)
+    x, normalized_shape, w = call.args[0], call.args[1], call.args[2]
+    _, mean, rstd = call.out
+    n = math.prod(normalized_shape)
+    lead = tuple(x.shape[: x.ndim - len(normalized_shape)])
+    xhat = ((x - mean) * rstd).reshape(*lead, n)
+    return NormLin(xhat, rstd.reshape(*lead, 1), w, True, tuple(x.shape), 3)
+
+
+@register(aten.native_group_norm)
+def group_norm_rule(call: OpCall) -> Lin:
+    call.only_active(0)
+    x, w = call.args[0], call.args[1]
+    n, c, _hw, groups = call.args[3:7]
+    _, mean, rstd = call.out
+    g = x.reshape(n, groups, -1)
+    xhat = (g - mean.reshape(n, groups, 1)) * rstd.reshape(n, groups, 1)
+    wb = None if w is None else w.reshape(c, *([1] * (x.ndim - 2)))
+    return NormLin(xhat, rstd.reshape(n, groups, 1), wb, True, tuple(x.shape), 3)
+
+
+@register(aten._fused_rms_norm)
+def rms_norm_rule(call: OpCall) -> Lin:
+    call.only_active(0)
+    x, normalized_shape, w = call.args[0], call.args[1], call.args[2]
+    _, rstd = call.out
+    n = math.prod(normalized_shape)
+    lead = tuple(x.shape[: x.ndim - len(normalized_shape)])
+    rstd = rstd.to(x.dtype).reshape(*lead, 1)
+    xhat = x.reshape(*lead, n) * rstd
+    return NormLin(xhat, rstd, w, False, tuple(x.shape), 2)
