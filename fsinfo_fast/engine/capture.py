@@ -15,10 +15,11 @@ Why ``make_fx`` and not ``torch.export``: export tracks the module call stack an
 exception that leaves a submodule's ``forward`` early ("Unexpected key ..."), which is exactly how
 a hook-based encoder stops; ``make_fx`` does not track modules and records the same core-ATen ops.
 
-Kept whole (removed from the decomposition table) because the engine has compact rules for them:
-scaled dot-product attention (every backend variant: one node with the softmax statistics),
-SiLU, Hardswish, Hardsigmoid, Softplus, Mish, ``roll`` and RMS norm (``F.rms_norm`` is routed to
-``aten._fused_rms_norm`` during capture). Everything else is core ATen: ``convolution``,
+Kept whole because the engine has compact rules for them: scaled dot-product attention and RMS
+norm (``F.scaled_dot_product_attention`` and ``F.rms_norm`` are recorded as one opaque op each,
+:data:`SDPA_OP` and :data:`RMS_NORM_OP`, whatever kernel they would dispatch to; the ATen
+attention variants are kept too), and, removed from the decomposition table, SiLU, Hardswish,
+Hardsigmoid, Softplus, Mish and ``roll``. Everything else is core ATen: ``convolution``,
 ``addmm``/``mm``/``bmm``, ``native_layer_norm``, ``native_group_norm``,
 ``_native_batch_norm_legit_no_training``, ``max_pool2d_with_indices``, ``view``, ...
 
@@ -74,19 +75,84 @@ def decomposition_table() -> dict:
     return table
 
 
-class _RouteRMSNorm(TorchFunctionMode):
-    """During capture, ``F.rms_norm`` becomes one ``aten._fused_rms_norm`` node (on a CPU the
-    composite would otherwise be recorded as five elementwise ops and a mean)."""
+def _opaque(name: str, fn: Callable, schema: str, n_tensors: int) -> Any:
+    """``fn`` as an opaque torch op ``fsinfo_fast_capture::name`` (one graph node): its fake
+    kernel gives the first input's shape, autograd goes through ``torch.func.vjp`` of ``fn``
+    (used only where the engine's rule declines and the node runs through torch.func)."""
+    op = torch.library.custom_op(f"fsinfo_fast_capture::{name}", fn, mutates_args=(),
+                                 schema=schema)
+
+    @op.register_fake
+    def _fake(*args):
+        return torch.empty_like(args[0])
+
+    def setup(ctx, inputs, output):
+        ctx.inputs = inputs
+
+    def backward(ctx, grad):
+        inputs = list(ctx.inputs)
+        pos = [i for i in range(n_tensors) if isinstance(inputs[i], Tensor)
+               and inputs[i].is_floating_point()]
+
+        def f(*ts):
+            vals = list(inputs)
+            for i, t in zip(pos, ts, strict=True):
+                vals[i] = t
+            return fn(*vals)
+
+        _, pull = torch.func.vjp(f, *(inputs[i] for i in pos))
+        grads = dict(zip(pos, pull(grad), strict=True))
+        return tuple(grads.get(i) for i in range(len(inputs)))
+
+    op.register_autograd(backward, setup_context=setup)
+    return op
+
+
+def _rms_norm(input: Tensor, normalized_shape: list[int], weight: Tensor | None,
+              eps: float | None) -> Tensor:
+    return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
+          is_causal: bool, scale: float | None, enable_gqa: bool) -> Tensor:
+    return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
+                                          scale=scale, enable_gqa=enable_gqa)
+
+
+#: ``F.rms_norm`` as one op (its composite decomposes on a CPU before any table sees it)
+RMS_NORM_OP = _opaque("rms_norm", _rms_norm,
+                      "(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) "
+                      "-> Tensor", 3)
+#: ``F.scaled_dot_product_attention`` as one op, whatever kernel it would pick
+SDPA_OP = _opaque("sdpa", _sdpa,
+                  "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
+                  "bool is_causal, float? scale, bool enable_gqa) -> Tensor", 4)
+
+
+def _route_rms_norm(input, normalized_shape, weight=None, eps=None):
+    return RMS_NORM_OP(input, list(normalized_shape), weight, eps)
+
+
+def _route_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+    return SDPA_OP(query, key, value, attn_mask, float(dropout_p), bool(is_causal), scale,
+                   bool(enable_gqa))
+
+
+#: Python functions recorded as one op during capture
+_ROUTES = {F.rms_norm: _route_rms_norm, torch.rms_norm: _route_rms_norm,
+           F.scaled_dot_product_attention: _route_sdpa}
+
+
+class _Route(TorchFunctionMode):
+    """During capture, RMS norm and scaled dot-product attention become one node each
+    (:data:`RMS_NORM_OP`, :data:`SDPA_OP`), which the engine's rules linearise compactly."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.rms_norm or func is torch.rms_norm:
-            names = ("input", "normalized_shape", "weight", "eps")
-            vals = dict(zip(names, args, strict=False))
-            vals.update(kwargs)
-            return aten._fused_rms_norm(vals["input"], list(vals["normalized_shape"]),
-                                        vals.get("weight"), vals.get("eps"))[0]
-        return func(*args, **kwargs)
+        route = _ROUTES.get(func)
+        if route is not None:
+            return route(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
 
 
 @dataclass
@@ -173,7 +239,7 @@ def _capture(encoder: Callable, x: Tensor) -> Captured:
         names = list(tensors)
 
         def run(inp: Tensor, params: dict[str, Tensor]) -> Tensor:
-            with _RouteRMSNorm():
+            with _Route():
                 return torch.func.functional_call(encoder, params, (inp,))
 
         example: tuple = (x, tensors)
@@ -181,7 +247,7 @@ def _capture(encoder: Callable, x: Tensor) -> Captured:
         names = []
 
         def run(inp: Tensor) -> Tensor:  # type: ignore[misc]
-            with _RouteRMSNorm():
+            with _Route():
                 return encoder(inp)
 
         example = (x,)

@@ -33,7 +33,7 @@ from ..encoder import PreparedEncoder
 from ..errors import InvalidInputError
 from .capture import Captured, CaptureError, capture
 from .ops import Ops, TorchOps
-from .rules import Decline, Lin, OpCall, find_rule
+from .rules import CONSTANT_OPS, Decline, Lin, OpCall, find_rule
 from .rules.fallback import TorchFuncLin
 from .rules.linalg import ConvLin
 from .rules.norm import ChannelScaleLin
@@ -171,6 +171,7 @@ class LinearisedProducts:
         self.fallbacks: list[dict[str, str]] = []
         self._n_out: dict[fx.Node, int] = {}
         feed = iter(self._inputs_of(cap, x))
+        order = {n: i for i, n in enumerate(cap.graph.nodes)}
         self._input: fx.Node | None = None
         output: fx.Node | None = None
         for node in cap.graph.nodes:
@@ -212,12 +213,12 @@ class LinearisedProducts:
                 continue
             schema = getattr(target, "_schema", None)
             if schema is not None and schema.is_mutable:
-                raise CaptureError(f"in-place op {target} in the captured graph")
+                target = self._out_of_place(node, target, order)
             value = target(*args, **kwargs)
             env[node] = value
             if isinstance(value, (tuple, list)):
                 self._n_out[node] = len(value)
-            if target is aten.detach.default or not _has_float(value):
+            if not _has_float(value) or getattr(target, "overloadpacket", None) in CONSTANT_OPS:
                 continue  # no derivative flows through
             inputs, act, kw_active, list_lens = self._active_inputs(node, active)
             if not inputs:
@@ -246,6 +247,22 @@ class LinearisedProducts:
         self._plan()
         self.node_kinds = {s.node.name: s.lin.kind for s in self._steps
                            if not isinstance(s.lin, _GetItem)}
+
+    @staticmethod
+    def _out_of_place(node: fx.Node, op: Any, order: dict) -> Any:
+        """The functional twin of an in-place op left by a decomposition (``add_`` on a fresh
+        temporary); refused where the mutated value is read again later."""
+        base = op._schema.name.split("::")[-1]
+        twin = getattr(getattr(aten, base[:-1], None), op._overloadname, None) \
+            if base.endswith("_") else None
+        src = node.args[0] if node.args else None
+        if twin is None or not isinstance(src, fx.Node):
+            raise CaptureError(f"in-place op {op} in the captured graph")
+        later = [u for u in src.users if u is not node and order[u] > order[node]]
+        if later:
+            raise CaptureError(f"in-place op {op} mutates {src.name}, which "
+                               f"{later[0].name} reads afterwards")
+        return twin
 
     @staticmethod
     def _active_inputs(node: fx.Node, active: set) -> tuple[list, tuple, list, dict]:

@@ -46,6 +46,7 @@ from torch import Tensor
 from ..ops import Ops
 
 __all__ = [
+    "CONSTANT_OPS",
     "RULES",
     "Decline",
     "Lin",
@@ -60,6 +61,14 @@ aten = torch.ops.aten
 
 #: op (``OpOverloadPacket`` or ``OpOverload``) -> rule
 RULES: dict[Any, Callable[[OpCall], Lin]] = {}
+
+#: Ops whose output does not depend differentiably on their inputs' values (it depends on their
+#: shapes only, or is piecewise constant with derivative 0 as PyTorch defines it): their outputs
+#: carry no tangent.
+CONSTANT_OPS = (aten.full_like, aten.zeros_like, aten.ones_like, aten.empty_like,
+                aten.rand_like, aten.randn_like, aten.new_zeros, aten.new_ones, aten.new_full,
+                aten.new_empty, aten.sign, aten.floor, aten.ceil, aten.round, aten.trunc,
+                aten.detach, aten.sym_size, aten.sym_numel, aten.sym_stride)
 
 
 class Decline(Exception):  # noqa: N818  (a control-flow signal, not an error)

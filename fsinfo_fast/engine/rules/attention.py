@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..capture import SDPA_OP
 from . import Decline, Lin, OpCall, register
 from .linalg import left_mul, right_mul
 
@@ -156,7 +157,8 @@ class AttentionLin(Lin):
 
 
 #: the attention ops (all variants: one rule)
-SDPA_OPS = (aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+SDPA_OPS = (SDPA_OP._opoverload, aten.scaled_dot_product_attention,
+            aten._scaled_dot_product_flash_attention_for_cpu,
             aten._scaled_dot_product_flash_attention,
             aten._scaled_dot_product_efficient_attention,
             aten._scaled_dot_product_cudnn_attention)
@@ -171,8 +173,21 @@ def attention_rule(call: OpCall) -> Lin:
     mask = a.get("attn_mask", a.get("attn_bias"))
     if a.get("dropout_p", 0.0):
         raise Decline("attention dropout > 0 (training mode): call encoder.eval()")
-    if q.shape[-3:-2] != k.shape[-3:-2] or k.shape[:-2] != v.shape[:-2]:
-        raise Decline("grouped-query attention (heads of Q and K/V differ)")
+    if a.get("enable_gqa"):
+        raise Decline("grouped-query attention (enable_gqa=True)")
+    # batch dims broadcast between Q, K, V: expand the constant ones, decline active ones
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError as err:
+        raise Decline(f"attention batch shapes do not broadcast: {err}") from err
+    qkv = []
+    for i, t in enumerate((q, k, v)):
+        if tuple(t.shape[:-2]) != tuple(batch):
+            if call.is_active(i):
+                raise Decline("an active attention input is broadcast over batch dims")
+            t = t.expand(*batch, *t.shape[-2:]).contiguous()
+        qkv.append(t)
+    q, k, v = qkv
     scale = a.get("scale")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])

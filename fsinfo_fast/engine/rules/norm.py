@@ -22,6 +22,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..capture import RMS_NORM_OP
 from . import Decline, Lin, OpCall, register
 
 aten = torch.ops.aten
@@ -90,14 +91,17 @@ class NormLin(Lin):
         g = (g - xh * inner) * self.rstd
         return g.view(k, *self.shape)
 
+    single = False  # a one-output op (its tangent is a tensor, not a list)
+
     def jvp(self, ts):
         out = self._project(ts[0])
         if self.w is not None:
             out = out * self.w
-        return [out] + [None] * (self.n_out - 1)
+        return out if self.single else [out] + [None] * (self.n_out - 1)
 
     def vjp(self, u):
-        g = u[0] if self.w is None else u[0] * self.w
+        u = u if self.single else u[0]
+        g = u if self.w is None else u * self.w
         return [self._project(g)]
 
 
@@ -124,13 +128,20 @@ def group_norm_rule(call: OpCall) -> Lin:
     return NormLin(xhat, rstd.reshape(n, groups, 1), wb, True, tuple(x.shape), 3)
 
 
-@register(aten._fused_rms_norm)
+@register(aten._fused_rms_norm, RMS_NORM_OP._opoverload)
 def rms_norm_rule(call: OpCall) -> Lin:
+    """RMS norm (``F.rms_norm`` / ``nn.RMSNorm``, captured as one op; ``_fused_rms_norm``)."""
     call.only_active(0)
     x, normalized_shape, w = call.args[0], call.args[1], call.args[2]
-    _, rstd = call.out
+    eps = call.arg(3, "eps", None)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
     n = math.prod(normalized_shape)
     lead = tuple(x.shape[: x.ndim - len(normalized_shape)])
-    rstd = rstd.to(x.dtype).reshape(*lead, 1)
-    xhat = x.reshape(*lead, n) * rstd
-    return NormLin(xhat, rstd, w, False, tuple(x.shape), 2)
+    g = x.reshape(*lead, n)
+    rstd = torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    n_out = len(call.out) if isinstance(call.out, (tuple, list)) else 1
+    lin = NormLin(g * rstd, rstd, w, False, tuple(x.shape), max(n_out, 1))
+    if n_out == 1:
+        lin.single = True
+    return lin
