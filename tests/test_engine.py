@@ -510,3 +510,48 @@ def test_metrics_through_every_op_implementation(backend):
         got = fn(enc, x, backend=backend, **kw, **extra)
         assert torch.allclose(got.value, want.value, rtol=1e-9, atol=1e-9), (fn, extra)
         assert torch.allclose(got.stderr, want.stderr, rtol=1e-7, atol=1e-9)
+
+
+def _write_models(path) -> None:
+    path.joinpath("engine_cli_models.py").write_text(
+        "import torch\n"
+        "from torch import nn\n\n"
+        "class NoRule(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = nn.Linear(6, 5)\n\n"
+        "    def forward(self, x):\n"
+        "        return torch.cumsum(torch.tanh(self.lin(x)), dim=-1)\n\n"
+        "class Untraceable(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x * 2 if x.sum() > 0 else x\n\n"
+        "def no_rule():\n"
+        "    return NoRule()\n\n"
+        "def untraceable():\n"
+        "    return Untraceable()\n"
+    )
+
+
+def test_info_model_lists_fallback_nodes_and_why(tmp_path, monkeypatch, capsys):
+    from fsinfo_fast.cli import main
+
+    _write_models(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("FSINFO_FAST_BACKEND", raising=False)
+    assert main(["info", "--model", "resnet18", "--split", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "engine on resnet18 cut at 7, input (3, 32, 32):" in out
+    assert "conv+batchnorm 10, gate 9, add 4" in out
+    assert "every node has an engine rule" in out and "backend auto picks: engine" in out
+    assert main(["info", "--model", "engine_cli_models:no_rule", "--input-shape", "6"]) == 0
+    out = capsys.readouterr().out
+    assert ("torch.func: node cumsum (aten.cumsum.default): no rule for aten.cumsum.default"
+            in out)
+    assert "backend auto picks: engine" in out  # 1 of 2 stateful nodes: at the 50% threshold
+    assert main(["info", "--model", "engine_cli_models:untraceable", "--input-shape", "4",
+                 "--json"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out)["engine_model_report"]
+    assert not rep["captured"] and "make_fx could not capture" in rep["reason"]
+    assert rep["auto"] == "torch" and rep["auto_reason"].startswith("engine -> torch: make_fx")

@@ -31,6 +31,7 @@ __all__ = [
     "TorchFuncProducts",
     "available_backends",
     "default_memory_budget",
+    "engine_report",
     "make_products",
     "resolve_backend",
 ]
@@ -189,3 +190,36 @@ def make_products(enc: PreparedEncoder, backend: str | None = "auto", **kw) -> o
     if name == "torch":
         return TorchFuncProducts(enc, **kw)
     return _engine(enc, name, auto and not os.environ.get(ENV_VAR), **kw)
+
+
+def engine_report(encoder, x) -> dict:
+    """How the linearised engine serves ``encoder`` at inputs shaped like ``x``.
+
+    Returns:
+        ``{"captured": bool, "reason": str | None, "nodes": int, "kinds": {kind: count},
+        "fallbacks": [{"node", "op", "reason"}, ...], "fallback_share": float,
+        "auto": backend name auto picks, "auto_reason": why auto falls back (or None)}``.
+        ``captured`` is False (with the reason) where the engine cannot capture the encoder:
+        an explicit ``backend="engine"`` then raises, ``auto`` runs torch.func.
+    """
+    from collections import Counter
+
+    from ..encoder import prepare
+    from .capture import CaptureError
+    from .products import LinearisedProducts
+
+    enc = prepare(encoder, x)
+    out: dict = {"captured": False, "reason": None, "nodes": 0, "kinds": {}, "fallbacks": [],
+                 "fallback_share": 0.0}
+    try:
+        P = LinearisedProducts(enc)
+    except CaptureError as err:
+        out["reason"] = str(err)
+    else:
+        out.update(captured=True, nodes=len(P.node_kinds),
+                   kinds=dict(Counter(P.node_kinds.values()).most_common()),
+                   fallbacks=[dict(f) for f in P.fallbacks], fallback_share=P.fallback_share)
+    auto = make_products(enc, "auto")
+    out["auto"] = auto.backend
+    out["auto_reason"] = getattr(auto, "info", {}).get("backend_fallback")
+    return out

@@ -172,9 +172,18 @@ class LinearisedProducts:
         self._n_out: dict[fx.Node, int] = {}
         feed = iter(self._inputs_of(cap, x))
         order = {n: i for i, n in enumerate(cap.graph.nodes)}
+        # primal values are dropped after their last use (rules keep what they need)
+        last_use: dict[int, list[fx.Node]] = {}
+        for n in cap.graph.nodes:
+            if n.users and n.op != "output":
+                end = max(order[u] for u in n.users)
+                last_use.setdefault(end, []).append(n)
         self._input: fx.Node | None = None
         output: fx.Node | None = None
-        for node in cap.graph.nodes:
+        for i_node, node in enumerate(cap.graph.nodes):
+            for dead in last_use.get(i_node - 1, ()):
+                if dead is not output and dead.op != "placeholder":
+                    env.pop(dead, None)
             if node.op == "placeholder":
                 env[node] = next(feed)
                 if self._input is None:

@@ -34,6 +34,12 @@ from .linalg import left_mul, right_mul
 aten = torch.ops.aten
 
 
+def softmax_project(t: Tensor, y: Tensor, dim: int) -> Tensor:
+    """``y * (t - sum(y * t, dim))`` for tangents ``t [K, *P]`` and the softmax output
+    ``y [*P]`` (``dim`` in tangent coordinates), with PyTorch's fused softmax-backward kernel."""
+    return aten._softmax_backward_data(t, y.expand(t.shape), dim, y.dtype)
+
+
 class SoftmaxLin(Lin):
     kind = "softmax"
 
@@ -42,7 +48,7 @@ class SoftmaxLin(Lin):
         self.dim = dim % y.ndim + 1  # in tangent coordinates
 
     def _apply(self, t: Tensor) -> Tensor:
-        return self.y * (t - (self.y * t).sum(self.dim, keepdim=True))
+        return softmax_project(t, self.y, self.dim)
 
     def jvp(self, ts):
         return self._apply(ts[0])
@@ -132,8 +138,7 @@ class AttentionLin(Lin):
             x = right_mul(self.q, tk.transpose(-1, -2))
             dS = x if dS is None else dS + x
         if dS is not None:
-            dS = dS * self.scale
-            dP = P * (dS - (P * dS).sum(-1, keepdim=True))
+            dP = softmax_project(dS * self.scale, P, dS.ndim - 1)
             out = left_mul(dP, self.v)
         if tv is not None and self.active[2]:
             x = right_mul(P, tv)
@@ -148,7 +153,7 @@ class AttentionLin(Lin):
             uv = right_mul(P.transpose(-1, -2), g)
         if self.active[0] or self.active[1]:
             dP = left_mul(g, self.v.transpose(-1, -2))
-            dS = P * (dP - (P * dP).sum(-1, keepdim=True)) * self.scale
+            dS = softmax_project(dP, P, dP.ndim - 1) * self.scale
             if self.active[0]:
                 uq = left_mul(dS, self.k)
             if self.active[1]:

@@ -98,7 +98,7 @@ def left_mul(t: Tensor, b: Tensor) -> Tensor:
     k, n, e = t.shape[0], t.shape[-2], t.shape[-1]
     bt = tuple(b.shape[:-2])
     nb = math.prod(bt)
-    tt = t.reshape(k, nb, n, e).transpose(0, 1).reshape(nb, k * n, e)
+    tt = t.movedim(0, -3).reshape(nb, k * n, e)  # one copy at most
     y = torch.bmm(tt, b.reshape(nb, e, b.shape[-1]))
     return y.view(nb, k, n, -1).transpose(0, 1).reshape(k, *bt, n, -1)
 
@@ -111,7 +111,7 @@ def right_mul(a: Tensor, t: Tensor) -> Tensor:
     k, e, o = t.shape[0], t.shape[-2], t.shape[-1]
     bt = tuple(a.shape[:-2])
     nb, n = math.prod(bt), a.shape[-2]
-    tt = t.reshape(k, nb, e, o).permute(1, 2, 0, 3).reshape(nb, e, k * o)
+    tt = t.movedim(0, -2).reshape(nb, e, k * o)  # one copy at most
     y = torch.bmm(a.reshape(nb, n, e), tt)
     return y.view(nb, n, k, o).permute(2, 0, 1, 3).reshape(k, *bt, n, o)
 

@@ -7,12 +7,16 @@ by the engine).
 LayerNorm / GroupNorm normalise each group ``g`` of ``n`` elements: with
 ``x_hat = (x - mean) * rstd``, ``rstd = 1 / sqrt(var + eps)``,
 
-.. math::  J t = w \odot \mathrm{rstd}\,\big(t - \overline{t} - \hat x\,\overline{t \hat x}\big)
+.. math::  J t = w \odot P t,\qquad
+    P t = \mathrm{rstd}\,\big(t - \overline{t} - \hat x\,\overline{t \hat x}\big)
 
-(bars: means over the group), a symmetric projection times the affine weight, so the transpose
-is the same projection applied after the weight. RMS norm is the same without the centring:
-``x_hat = x * rstd``, ``J t = w * rstd (t - x_hat mean(t x_hat))``. The stored state is ``x_hat``
-and ``rstd`` (one activation and one number per group, per sample).
+(bars: means over the group), a symmetric projection ``P`` times the affine weight, so
+``J^T u = P (w \odot u)``. ``P`` applied to a cotangent is exactly what PyTorch's fused backward
+kernel of the layer computes (``native_layer_norm_backward`` / ``native_group_norm_backward``
+with the weight left out), so both products run through it, on the ``K * B`` rows at once; the
+state is the layer's input and its ``mean`` / ``rstd`` (one activation and two numbers per group,
+per sample). RMS norm is the same projection without the centring (``x_hat = x * rstd``,
+``P t = rstd (t - x_hat mean(t x_hat))``), evaluated directly (no CPU kernel for its backward).
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def batch_norm_rule(call: OpCall) -> Lin:
 
 
 class NormLin(Lin):
-    """``w * rstd * (t - [mean(t)] - x_hat mean(t x_hat))`` over groups of the primal."""
+    """``w * rstd * (t - [mean(t)] - x_hat mean(t x_hat))`` over groups of the primal (the
+    projection evaluated directly: RMS norm)."""
 
     kind = "norm"
 
@@ -105,27 +110,85 @@ class NormLin(Lin):
         return [self._project(g)]
 
 
+def _repeat(v: Tensor, k: int) -> Tensor:
+    """``v`` repeated ``k`` times along a new leading dim, flattened into its first dim."""
+    return v.expand(k, *v.shape).reshape(k * v.shape[0], *v.shape[1:])
+
+
+class LayerNormLin(Lin):
+    """LayerNorm through its fused backward kernel (``P`` on ``K * rows`` rows)."""
+
+    kind = "norm"
+
+    def __init__(self, x: Tensor, shape: list[int], mean: Tensor, rstd: Tensor,
+                 weight: Tensor | None) -> None:
+        n = len(shape)
+        rows = math.prod(x.shape[: x.ndim - n])
+        self.shape, self.normalized = tuple(x.shape), list(shape)
+        self.x = x.reshape(rows, *shape)
+        self.mean, self.rstd = mean.reshape(rows, 1), rstd.reshape(rows, 1)
+        self.w = weight
+
+    def _project(self, g: Tensor) -> Tensor:
+        k = g.shape[0]
+        out = aten.native_layer_norm_backward(
+            g.reshape(k * self.x.shape[0], *self.x.shape[1:]), _repeat(self.x, k),
+            self.normalized, _repeat(self.mean, k), _repeat(self.rstd, k), None, None,
+            [True, False, False])[0]
+        return out.view(k, *self.shape)
+
+    def jvp(self, ts):
+        out = self._project(ts[0])
+        return [out if self.w is None else out * self.w, None, None]
+
+    def vjp(self, u):
+        g = u[0] if self.w is None else u[0] * self.w
+        return [self._project(g)]
+
+
 @register(aten.native_layer_norm)
 def layer_norm_rule(call: OpCall) -> Lin:
     call.only_active(0)
     x, normalized_shape, w = call.args[0], call.args[1], call.args[2]
     _, mean, rstd = call.out
-    n = math.prod(normalized_shape)
-    lead = tuple(x.shape[: x.ndim - len(normalized_shape)])
-    xhat = ((x - mean) * rstd).reshape(*lead, n)
-    return NormLin(xhat, rstd.reshape(*lead, 1), w, True, tuple(x.shape), 3)
+    return LayerNormLin(x, list(normalized_shape), mean, rstd, w)
+
+
+class GroupNormLin(Lin):
+    """GroupNorm through its fused backward kernel (``P`` on ``K * N`` samples)."""
+
+    kind = "norm"
+
+    def __init__(self, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+                 n: int, c: int, hw: int, groups: int) -> None:
+        self.x, self.mean, self.rstd = x, mean, rstd
+        self.n, self.c, self.hw, self.groups = n, c, hw, groups
+        self.w = None if weight is None else weight.reshape(c, *([1] * (x.ndim - 2)))
+
+    def _project(self, g: Tensor) -> Tensor:
+        k = g.shape[0]
+        out = aten.native_group_norm_backward(
+            g.reshape(k * self.n, *self.x.shape[1:]), _repeat(self.x, k),
+            _repeat(self.mean, k), _repeat(self.rstd, k), None, k * self.n, self.c, self.hw,
+            self.groups, [True, False, False])[0]
+        return out.view(k, *self.x.shape)
+
+    def jvp(self, ts):
+        out = self._project(ts[0])
+        return [out if self.w is None else out * self.w, None, None]
+
+    def vjp(self, u):
+        g = u[0] if self.w is None else u[0] * self.w
+        return [self._project(g)]
 
 
 @register(aten.native_group_norm)
 def group_norm_rule(call: OpCall) -> Lin:
     call.only_active(0)
     x, w = call.args[0], call.args[1]
-    n, c, _hw, groups = call.args[3:7]
+    n, c, hw, groups = call.args[3:7]
     _, mean, rstd = call.out
-    g = x.reshape(n, groups, -1)
-    xhat = (g - mean.reshape(n, groups, 1)) * rstd.reshape(n, groups, 1)
-    wb = None if w is None else w.reshape(c, *([1] * (x.ndim - 2)))
-    return NormLin(xhat, rstd.reshape(n, groups, 1), wb, True, tuple(x.shape), 3)
+    return GroupNormLin(x, mean, rstd, w, n, c, hw, groups)
 
 
 @register(aten._fused_rms_norm, RMS_NORM_OP._opoverload)
