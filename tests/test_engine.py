@@ -175,7 +175,7 @@ CASES = layer_cases()
 
 
 def _products(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, **kw) -> LinearisedProducts:
-    enc = prepare(model.eval(), x, dtype=dtype)
+    enc = prepare(model.eval() if isinstance(model, nn.Module) else model, x, dtype=dtype)
     return LinearisedProducts(enc, **kw)
 
 
@@ -555,3 +555,15 @@ def test_info_model_lists_fallback_nodes_and_why(tmp_path, monkeypatch, capsys):
     rep = json.loads(capsys.readouterr().out)["engine_model_report"]
     assert not rep["captured"] and "make_fx could not capture" in rep["reason"]
     assert rep["auto"] == "torch" and rep["auto_reason"].startswith("engine -> torch: make_fx")
+
+
+def test_plain_function_encoder_with_closed_over_tensors():
+    """A callable (not a module): tensors it closes over become graph constants (real)."""
+    W = torch.randn(5, 4, dtype=torch.float64)
+
+    def encoder(x):
+        return torch.tanh(x @ W) * 2.0
+
+    x = torch.randn(3, 5, dtype=torch.float64)
+    P = _check_against_oracle(encoder, x, torch.float64, 1e-10, {"matmul", "scale", "mul"})
+    assert P.fallbacks == []

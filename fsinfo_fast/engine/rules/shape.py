@@ -375,10 +375,10 @@ class ReduceLin(Lin):
     kind = "reduce"
 
     def __init__(self, in_shape: tuple, dims: list[int], keepdim: bool, mean: bool,
-                 out_dtype: torch.dtype) -> None:
+                 out_dtype: torch.dtype, in_dtype: torch.dtype) -> None:
         self.in_shape, self.dims, self.keepdim = in_shape, sorted(dims), keepdim
         self.count = math.prod(in_shape[d - 1] for d in self.dims) if mean else 1
-        self.mean, self.out_dtype = mean, out_dtype
+        self.mean, self.out_dtype, self.in_dtype = mean, out_dtype, in_dtype
 
     def jvp(self, ts):
         t = ts[0]
@@ -392,7 +392,7 @@ class ReduceLin(Lin):
         if not self.keepdim:
             for d in self.dims:
                 g = g.unsqueeze(d)
-        g = g.expand(u.shape[0], *self.in_shape)
+        g = g.expand(u.shape[0], *self.in_shape).to(self.in_dtype)
         return [g / self.count if self.mean else g]
 
 
@@ -411,4 +411,4 @@ def reduce_rule(call: OpCall) -> Lin:
     if not call.out.is_floating_point():
         raise Decline("integer reduction")
     return ReduceLin(tuple(x.shape), sorted({_dim(d, x.ndim) for d in dims}), keepdim,
-                     call.op.overloadpacket is aten.mean, call.out.dtype)
+                     call.op.overloadpacket is aten.mean, call.out.dtype, x.dtype)
