@@ -124,7 +124,10 @@ def _plain(enc, x):
 def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, probes, repeats,
                   backends, compile_: bool, slq_steps: int = 30, memory: bool = True) -> dict:
     torch.manual_seed(0)
-    enc = build_encoder(model_name, split, kw).to(device=device, dtype=dtype)
+    try:
+        enc = build_encoder(model_name, split, kw).to(device=device, dtype=dtype)
+    except ImportError as err:  # transformers missing (e.g. on an offline GPU machine)
+        return {"encoder": label, "unavailable": str(err), "providers": {}}
     x, _ = natural_images(size=size, n=batch, seed=0)
     x = x.to(device=device, dtype=dtype)
     prep = prepare(enc, x, dtype=dtype)

@@ -128,8 +128,9 @@ def resolve_backend(backend: str | None = "auto", device: torch.device | None = 
 
 #: ``auto`` uses ``torch`` instead of the engine when more than this share of the encoder's nodes
 #: with per-sample state (activations, norms, attention, products, ...) would run through
-#: per-node ``torch.func``: each such node costs about what ``torch.func`` costs for it, plus
-#: the engine's bookkeeping, so past this share the engine stops paying for itself.
+#: per-node ``torch.func``. Each such node costs about what ``torch.func`` costs for it plus the
+#: engine's bookkeeping; the threshold is a judgement, not a measurement (no encoder of the test
+#: matrix has a fallback node), and the decision is recorded in ``result.info`` either way.
 AUTO_MAX_FALLBACK_SHARE = 0.5
 
 
