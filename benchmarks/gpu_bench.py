@@ -39,12 +39,54 @@ from fsinfo_fast.encoder import prepare
 from fsinfo_fast.engine import available_backends, make_products
 from fsinfo_fast.models import get_model
 
-#: (label, zoo model, split index, input side, model kwargs)
+#: (label, zoo model, split index, input side, model kwargs); a ``tp:`` model is a Hugging Face
+#: ``transformers`` config (:mod:`fsinfo_fast.models.third_party`, random weights) cut after the
+#: module path given as the split
 ENCODERS = [
     ("vgg5-s2@32", "vgg5", 2, 32, {}),
     ("resnet18-s7@32", "resnet18", 7, 32, {}),
     ("resnet50-s10@224", "resnet50", 10, 224, {}),
+    ("vit_b16-block4@224", "tp:vit_b16", "layers.3", 224, {}),
+    ("convnext_t-stage2@224", "tp:convnext_tiny", "encoder.stages.1", 224, {}),
 ]
+
+
+class _Stop(Exception):
+    pass
+
+
+class HookCut(torch.nn.Module):
+    """``model`` up to the output of the module at ``path`` (a forward hook stores it and raises
+    to stop the forward early): the cut of a model ``torch.fx`` cannot trace."""
+
+    def __init__(self, model: torch.nn.Module, path: str) -> None:
+        super().__init__()
+        self.model, self.path = model, path
+
+    def forward(self, x):
+        box = {}
+
+        def hook(mod, inp, out):
+            box["out"] = out[0] if isinstance(out, (tuple, list)) else out
+            raise _Stop
+
+        h = self.model.get_submodule(self.path).register_forward_hook(hook)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return box["out"]
+
+
+def build_encoder(model_name: str, split, kw: dict) -> torch.nn.Module:
+    """The encoder of a benchmark row (zoo split, or a transformers model cut by a hook)."""
+    if model_name.startswith("tp:"):
+        from fsinfo_fast.models.third_party import build
+
+        return HookCut(build(model_name[3:], **kw), split).eval()
+    return ff.split(get_model(model_name, **kw).eval(), split)
 SMOKE = [("vgg5-s2@8", "vgg5", 2, 8, {"input_size": 8})]
 
 
@@ -82,8 +124,10 @@ def _plain(enc, x):
 def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, probes, repeats,
                   backends, compile_: bool, slq_steps: int = 30, memory: bool = True) -> dict:
     torch.manual_seed(0)
-    model = get_model(model_name, **kw).eval().to(device=device, dtype=dtype)
-    enc = ff.split(model, split)
+    try:
+        enc = build_encoder(model_name, split, kw).to(device=device, dtype=dtype)
+    except ImportError as err:  # transformers missing (e.g. on an offline GPU machine)
+        return {"encoder": label, "unavailable": str(err), "providers": {}}
     x, _ = natural_images(size=size, n=batch, seed=0)
     x = x.to(device=device, dtype=dtype)
     prep = prepare(enc, x, dtype=dtype)
@@ -107,6 +151,7 @@ def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, prob
                 raise SystemExit(f"{label} {name} {what}: relative error {err:.2e} > {tol}")
 
     provs: dict = {}
+    setup_peak: dict = {}
     for b in backends:
         try:
             p = make_products(prep, b)
@@ -114,6 +159,12 @@ def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, prob
             row["providers"][f"ours-{b}"] = {"unavailable": str(err)}
             continue
         provs[f"ours-{b}"] = (p.vjp, p.jvp)
+        if memory and b in ("engine", "torch"):
+            # what a user pays in all: linearisation (engine) or the pullback (torch) + K VJPs
+            setup_peak[f"ours-{b}"] = peak_memory(
+                lambda b=b: make_products(prep, b).vjp(U), device)
+        if hasattr(p, "node_kinds"):
+            row.setdefault("engine_fallback_nodes", {})[b] = list(p.fallbacks)
     pv, pj = _plain(enc, x.reshape(batch, *in_shape))
 
     def flat_v(f):
@@ -131,13 +182,29 @@ def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, prob
         row["compile_jvp"] = "not compiled (eager jvp)"
         provs["torchfunc-compile"] = (flat_v(cv), flat_j(cj))
     for name, (fv, fj) in provs.items():
+        jvp_error = None
         try:
-            check(name, fv(U), fj(V))
+            got_vjp = fv(U)
+            try:
+                got_jvp = fj(V)
+            except (RuntimeError, NotImplementedError) as err:
+                # e.g. plain torch.func has no forward-mode rule for flash attention on a CPU:
+                # its VJPs are still measured, the JVP column records why it is missing
+                jvp_error = f"{type(err).__name__}: {err}"[:300]
+                got_jvp = ref_jvp
+            check(name, got_vjp, got_jvp)
         except Exception as err:  # e.g. a compile failure: reported, not hidden
             if isinstance(err, SystemExit):
                 raise
             row["providers"][name] = {"error": f"{type(err).__name__}: {err}"[:300]}
             torch._dynamo.reset()
+            continue
+        if jvp_error is not None:
+            row["providers"][name] = {"vjp_s": _best(lambda fv=fv: fv(U), device, repeats),
+                                      "jvp_error": jvp_error}
+            if memory:
+                row["providers"][name]["vjp_peak_bytes"] = peak_memory(lambda fv=fv: fv(U),
+                                                                       device)
             continue
 
         def slq(fv=fv, fj=fj):
@@ -149,17 +216,21 @@ def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, prob
         row["providers"][name] = {
             "vjp_s": _best(lambda fv=fv: fv(U), device, repeats),
             "jvp_s": _best(lambda fj=fj: fj(V), device, repeats),
-            "slq_k4_s": _best(slq, device, max(1, repeats // 2)),
         }
+        if slq_steps > 0:
+            row["providers"][name]["slq_k4_s"] = _best(slq, device, max(1, repeats // 2))
         if memory:
             row["providers"][name]["vjp_peak_bytes"] = peak_memory(lambda fv=fv: fv(U), device)
             row["providers"][name]["jvp_peak_bytes"] = peak_memory(lambda fj=fj: fj(V), device)
+            if name in setup_peak:
+                row["providers"][name]["setup_and_vjp_peak_bytes"] = setup_peak[name]
     fwd = _best(lambda: enc(x.reshape(batch, *in_shape).repeat_interleave(probes, 0)), device,
                 repeats)
     row["forward_at_BK_s"] = fwd
     for r in row["providers"].values():
         if "vjp_s" in r:
             r["efficiency_vjp"] = r["vjp_s"] / fwd
+        if "jvp_s" in r:
             r["efficiency_jvp"] = r["jvp_s"] / fwd
     return row
 
@@ -167,7 +238,7 @@ def bench_encoder(label, model_name, split, size, kw, device, dtype, batch, prob
 def bench_metric(label, model_name, split, size, kw, device, backends, images: int) -> dict:
     """FSInfo_diag (atol 0.01) + dFIL (rtol 1%) per image, adaptive, per library backend."""
     torch.manual_seed(0)
-    enc = ff.split(get_model(model_name, **kw).eval().to(device), split)
+    enc = build_encoder(model_name, split, kw).to(device)
     x, _ = natural_images(size=size, n=images, seed=0)
     x = x.to(device)
     out = {"encoder": label, "images": images, "backends": {}}
@@ -206,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--backends", nargs="+", default=None, metavar="NAME",
+                   help="library backends to measure (default: every available one)")
+    p.add_argument("--slq-steps", type=int, default=30,
+                   help="jvp+vjp rounds of the SLQ proxy (0: skip it)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", nargs="+", default=None, metavar="LABEL",
                    help=f"only these encoders (of {[e[0] for e in ENCODERS]})")
@@ -225,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         encoders = [e for e in encoders if e[0] in args.only]
     probes = 4 if args.smoke else args.probes
     repeats = 1 if args.smoke else args.repeats
-    backends = list(available_backends())
+    backends = args.backends or list(available_backends())
     result = {"environment": environment(device, threads), "device": str(device), "rows": [],
               "metric": []}
     if len(encoders) > 1 and not args.in_process:
@@ -246,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = 1 if size >= 224 else args.batch
         row = bench_encoder(label, name, split, size, kw, device, torch.float32, batch, probes,
                             repeats, backends, args.compile and not args.smoke,
-                            slq_steps=2 if args.smoke else 30)
+                            slq_steps=2 if args.smoke else args.slq_steps)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
     if args.metric:

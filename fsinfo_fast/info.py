@@ -1,4 +1,5 @@
-"""``fsinfo-fast info``: versions, devices, backends available and why others are not."""
+"""``fsinfo-fast info``: versions, devices, backends available and why others are not; with
+``--model``, how the linearised engine serves that model (which nodes fall back and why)."""
 
 from __future__ import annotations
 
@@ -45,15 +46,58 @@ def collect() -> dict[str, object]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--model", default=None,
+                        help="also report how the engine serves this model (zoo name or "
+                             "'package.module:function'): captured or not, and every node that "
+                             "runs through per-node torch.func, with the reason")
+    parser.add_argument("--split", default=None,
+                        help="cut the model here first (as fsinfo_fast.split: index or path)")
+    parser.add_argument("--size", type=int, default=32, help="image side of the example input")
+    parser.add_argument("--input-shape", default=None,
+                        help="per-sample input shape, e.g. 3,224,224 (default 3,SIZE,SIZE)")
+
+
+class _FirstTensor:
+    """A model whose output is a tuple or a ``ModelOutput``: its first tensor."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __call__(self, x):
+        out = self.model(x)
+        return out if hasattr(out, "shape") else out[0]
+
+
+def model_report(args: argparse.Namespace) -> dict[str, object]:
+    """``engine_report`` of ``--model`` (cut at ``--split``) on a random example input."""
+    import torch
+
+    from .engine import engine_report
+    from .profile.sources import build_model
+    from .split import split
+
+    model = build_model(args.model)
+    encoder = split(model, int(args.split) if str(args.split).lstrip("-").isdigit()
+                    else args.split) if args.split is not None else model
+    if args.input_shape:
+        shape = tuple(int(s) for s in str(args.input_shape).split(","))
+    else:
+        shape = (3, args.size, args.size)
+    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))
+    report = engine_report(encoder if args.split is not None else _FirstTensor(model), x)
+    return {"model": args.model, "split": args.split, "input_shape": list(shape), **report}
 
 
 def run(args: argparse.Namespace) -> int:
     info = collect()
+    if getattr(args, "model", None):
+        info["engine_model_report"] = model_report(args)
     if args.json:
         import json
 
         print(json.dumps(info, indent=2))
         return 0
+    report = info.pop("engine_model_report", None)
     backends = info.pop("backends")
     for k, v in info.items():
         print(f"{k:>16}: {v}")
@@ -61,4 +105,22 @@ def run(args: argparse.Namespace) -> int:
     for name, b in backends.items():
         mark = "yes" if b["available"] else "no "
         print(f"  {name:>14}  {mark}  {b['reason']}")
+    if report is not None:
+        _print_report(report)
     return 0
+
+
+def _print_report(r: dict) -> None:
+    where = f" cut at {r['split']}" if r["split"] is not None else ""
+    print(f"\nengine on {r['model']}{where}, input {tuple(r['input_shape'])}:")
+    if not r["captured"]:
+        print(f"  not captured: {r['reason']}")
+    else:
+        kinds = ", ".join(f"{k} {n}" for k, n in r["kinds"].items())
+        print(f"  {r['nodes']} linearised nodes: {kinds}")
+        if not r["fallbacks"]:
+            print("  every node has an engine rule (no per-node torch.func)")
+        for f in r["fallbacks"]:
+            print(f"  torch.func: node {f['node']} ({f['op']}): {f['reason']}")
+    auto = r["auto"] + (f" ({r['auto_reason']})" if r["auto_reason"] else "")
+    print(f"  backend auto picks: {auto}")

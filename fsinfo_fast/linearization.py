@@ -195,9 +195,7 @@ class Linearization:
     def _info(self, **extra: Any) -> dict[str, Any]:
         p = self._products
         info: dict[str, Any] = {"backend": getattr(p, "backend", None), "seed": self.seed}
-        fallback = getattr(p, "fallback_report", None)
-        if fallback:
-            info["fallback"] = fallback
+        info.update(getattr(p, "info", None) or {})  # e.g. backend_fallback, engine fallbacks
         info.update(extra)
         return info
 

@@ -1,9 +1,11 @@
-"""Tier B for the linearised engine: every supported layer against the float64 oracle.
+"""Tier B for the linearised engine: layers and the engine's machinery against the float64 oracle.
 
 Each encoder is linearised once; ``jvp``/``vjp`` on seeded probes must equal ``J V`` / ``J^T U``
 with ``J`` from :func:`fsinfo_fast.reference.jacobian` (float64 to 1e-10, float32 to ~1e-4
-relative), and the engine must really use its compact path for the layer (checked through
-``node_kinds``), not the per-node ``torch.func`` fallback.
+relative), and the engine must really use its compact rule for the layer (checked through
+``node_kinds``), not the per-node ``torch.func`` fallback. One test per op rule lives in
+``tests/test_rules.py``; third-party models in ``tests/test_third_party.py``. Here: capture
+caching, fallback reporting, no silent backend fallback, chunking and out-of-memory handling.
 """
 
 from __future__ import annotations
@@ -19,13 +21,9 @@ from torch import nn
 import fsinfo_fast as ff
 from fsinfo_fast.encoder import prepare
 from fsinfo_fast.engine import available_backends, make_products, resolve_backend
-from fsinfo_fast.engine.linearised import (
-    LinearisedProducts,
-    TraceError,
-    linearised_products,
-    trace_encoder,
-)
+from fsinfo_fast.engine.capture import CaptureError, capture
 from fsinfo_fast.engine.ops import TorchOps
+from fsinfo_fast.engine.products import LinearisedProducts
 from fsinfo_fast.engine.torchfunc import TorchFuncProducts
 from fsinfo_fast.errors import BackendUnavailableError
 from fsinfo_fast.reference import jacobian
@@ -83,8 +81,8 @@ class Residual(nn.Module):
         return self.relu(out)
 
 
-class Fallback(nn.Module):
-    """torch.sin and x * sigmoid(x) (a product of two active tensors) run through torch.func."""
+class Product(nn.Module):
+    """torch.sin and h * sigmoid(h): a product of two active tensors (the product rule)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -95,13 +93,25 @@ class Fallback(nn.Module):
         return h * torch.sigmoid(h)
 
 
+class NoRule(nn.Module):
+    """cumsum and cummax have no engine rule: they run through per-node torch.func."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        h = torch.cumsum(self.lin(x), dim=-1)
+        return torch.cummax(h, dim=-1).values * 2.0
+
+
 class Untraceable(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(4, 3)
 
     def forward(self, x):
-        if x.abs().max() < 1e9:  # data-dependent control flow: torch.fx cannot trace it
+        if x.abs().max() < 1e9:  # data-dependent control flow: cannot be captured
             return torch.tanh(self.lin(x))
         return self.lin(x)
 
@@ -120,7 +130,7 @@ def layer_cases() -> dict[str, tuple[nn.Module, torch.Tensor, set[str]]]:
     for name, act in ACTIVATIONS.items():
         kind = "gate" if name == "relu" else "scale"
         cases[f"act_{name}"] = (nn.Sequential(nn.Linear(5, 6), act, nn.Linear(6, 4)),
-                                torch.randn(2, 5, generator=g) * 2, {"linear", kind})
+                                torch.randn(2, 5, generator=g) * 2, {"matmul", kind})
     cases["conv_groups_stride_dilation"] = (
         nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), nn.ReLU()),
         torch.randn(2, 4, 7, 8, generator=g), {"conv", "gate"})
@@ -151,12 +161,13 @@ def layer_cases() -> dict[str, tuple[nn.Module, torch.Tensor, set[str]]]:
     cases["avgpool_adaptive"] = (
         nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(3, 2, padding=1),
                       nn.Tanh(), nn.AdaptiveAvgPool2d((2, 3))),
-        torch.randn(2, 2, 7, 9, generator=g), {"linear(vmap)", "scale"})
+        torch.randn(2, 2, 7, 9, generator=g), {"avgpool", "scale"})
     cases["residual_inplace_relu"] = (Residual(), torch.randn(2, 3, 4, 4, generator=g),
                                       {"add", "gate", "conv+batchnorm"})
     cases["cat_mul_sub_view_permute"] = (CatFlatten(), torch.randn(2, 2, 3, 4, generator=g),
-                                         {"mul", "add", "gate", "identity", "linear(vmap)"})
-    cases["fallback_node"] = (Fallback(), torch.randn(2, 6, generator=g), {"torch.func"})
+                                         {"mul", "add", "gate", "cat", "view", "reduce"})
+    cases["product_rule"] = (Product(), torch.randn(2, 6, generator=g), {"product", "scale"})
+    cases["fallback_node"] = (NoRule(), torch.randn(2, 6, generator=g), {"torch.func"})
     return cases
 
 
@@ -164,7 +175,7 @@ CASES = layer_cases()
 
 
 def _products(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, **kw) -> LinearisedProducts:
-    enc = prepare(model.eval(), x, dtype=dtype)
+    enc = prepare(model.eval() if isinstance(model, nn.Module) else model, x, dtype=dtype)
     return LinearisedProducts(enc, **kw)
 
 
@@ -206,7 +217,7 @@ def test_layer_float32_matches_oracle(name):
                                   "tanh_mlp_m<d", "tanh_mlp_m>d", "linear_m>d", "attention_m=d"])
 def test_zoo_matches_oracle(zoo, name):
     model, x = zoo[name]
-    kinds = {"torch.func"} if name.startswith("attention") else None
+    kinds = {"attention", "norm"} if name.startswith("attention") else None
     _check_against_oracle(model, x, torch.float64, 1e-10, kinds)
 
 
@@ -240,29 +251,154 @@ def test_primal_runs_once():
     assert calls == after_init, "jvp/vjp recomputed the primal"
 
 
-def test_untraceable_encoder_falls_back_whole():
+def test_explicit_engine_raises_when_it_cannot_capture():
+    """No silent fallback: backend="engine" raises with the reason and the capture error as
+    its cause; ``auto`` falls back to torch.func and records why in result.info."""
     model, x = Untraceable().eval(), torch.randn(2, 4)
     enc = prepare(model, x)
-    with pytest.raises(TraceError, match="torch.fx"):
+    with pytest.raises(CaptureError, match="make_fx could not capture"):
         LinearisedProducts(enc)
-    P = linearised_products(enc)
-    assert isinstance(P, TorchFuncProducts)
-    prods = make_products(enc, "engine")
-    assert prods.backend == "torch"
-    r = ff.fsinfo(model, x, estimator="randomized", num_probes=4, backend="engine")
+    for name in ("engine", "cpp"):
+        if not available_backends()[name][0]:
+            continue
+        with pytest.raises(BackendUnavailableError, match=f"'{name}' was requested but cannot "
+                           "serve this encoder: make_fx could not capture") as info:
+            make_products(enc, name)
+        assert isinstance(info.value.__cause__, CaptureError)
+        with pytest.raises(BackendUnavailableError, match="cannot serve"):
+            ff.fsinfo(model, x, estimator="randomized", num_probes=4, backend=name)
+    r = ff.fsinfo(model, x, estimator="randomized", num_probes=4, backend="auto")
     assert r.info["backend"] == "torch"
+    assert r.info["backend_fallback"].startswith("engine -> torch: make_fx could not capture")
 
 
-def test_trace_is_cached_and_invalidated():
+def test_environment_backend_counts_as_explicit(monkeypatch):
+    model, x = Untraceable().eval(), torch.randn(2, 4)
+    monkeypatch.setenv("FSINFO_FAST_BACKEND", "engine")
+    with pytest.raises(BackendUnavailableError, match="cannot serve"):
+        make_products(prepare(model, x), "auto")
+
+
+def test_per_node_fallback_is_exact_and_reported():
+    model, x, _ = CASES["fallback_node"]
+    P = _check_against_oracle(model, x, torch.float64, 1e-10, {"torch.func", "matmul"})
+    ops = sorted(f["op"] for f in P.fallbacks)
+    assert ops == ["aten.cummax.default", "aten.cumsum.default"], P.fallbacks
+    assert all(f["reason"] == f"no rule for {f['op']}" for f in P.fallbacks)
+    assert P.info["engine_fallback_nodes"] == P.fallbacks
+    assert P.fallback_share == 1.0
+    # explicit engine: runs, and the metric's info lists the nodes
+    r = ff.dfil(model, x, estimator="randomized", num_probes=4, backend="engine")
+    assert r.info["backend"] == "engine"
+    assert [f["op"] for f in r.info["engine_fallback_nodes"]] == [f["op"] for f in P.fallbacks]
+
+
+def test_capture_is_cached_per_shape_and_invalidated():
     model = nn.Sequential(nn.Linear(3, 3), nn.Dropout(0.1), nn.Tanh()).eval()
-    g1 = trace_encoder(model)
-    assert trace_encoder(model) is g1
+    x = torch.randn(2, 3)
+    c1 = capture(model, x)
+    assert capture(model, x.clone()) is c1  # same shape, dtype, device: cached
+    assert capture(model, torch.randn(4, 3)) is not c1  # another batch size
+    assert capture(model, x.double()) is not c1
     model.train()
-    g2 = trace_encoder(model)
-    assert g2 is not g1
+    c2 = capture(model, x)
+    assert c2 is not c1
     model.eval()
-    model[0].weight = nn.Parameter(torch.randn(3, 3))
-    assert trace_encoder(model) is not g2
+    assert capture(model, x) is c1
+    model[0].weight = nn.Parameter(torch.randn(5, 3))  # another parameter shape
+    model[0].bias = nn.Parameter(torch.randn(5))
+    assert capture(model, x) is not c1
+
+
+def test_products_read_the_live_weights():
+    """The captured graph takes parameters as inputs: a weight changed in place after the
+    capture is seen by the next linearisation (no stale copy in the graph)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).eval()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    model.double()
+    LinearisedProducts(prepare(model, x))
+    with torch.no_grad():
+        model[0].weight.mul_(-2.0)
+    _check_against_oracle(model, x, torch.float64, 1e-10, {"matmul", "scale"})
+
+
+class _Stop(Exception):
+    pass
+
+
+class HookCut(nn.Module):
+    """The bottom of ``model`` up to ``path``, stopped early by raising from a forward hook."""
+
+    def __init__(self, model: nn.Module, path: str) -> None:
+        super().__init__()
+        self.model, self.path = model, path
+
+    def forward(self, x):
+        box = {}
+
+        def hook(mod, inp, out):
+            box["out"] = out
+            raise _Stop
+
+        h = self.model.get_submodule(self.path).register_forward_hook(hook)
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            h.remove()
+        return box["out"]
+
+
+def test_hook_based_early_exit_captures_the_prefix_only():
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(48, 5),
+                          nn.Softmax(-1)).eval()
+    enc = HookCut(model, "1")
+    x = torch.randn(2, 2, 6, 6)
+    ops = capture(enc, x).ops()
+    assert ops == ["aten.convolution.default", "aten.relu.default"], ops
+    _check_against_oracle(enc, x, torch.float64, 1e-10, {"conv", "gate"})
+
+
+def test_out_of_memory_halves_the_chunk_then_names_the_sizes(monkeypatch):
+    model, x, _ = CASES["act_tanh"]
+    P = _products(model, x, torch.float64, chunk_size=8)
+    V = torch.randn(2, 8, P.d, dtype=torch.float64)
+    want = P.jvp(V)
+    real = P._jvp
+
+    def limited(T):
+        if T.shape[1] > 2:
+            raise torch.OutOfMemoryError("fake: too many probes")
+        return real(T)
+
+    monkeypatch.setattr(P, "_jvp", limited)
+    torch.testing.assert_close(P.jvp(V), want, rtol=0, atol=0)
+    assert P.chunk_size == 2
+
+    def never(T):
+        raise torch.OutOfMemoryError("fake: nothing fits")
+
+    monkeypatch.setattr(P, "_jvp", never)
+    with pytest.raises(torch.OutOfMemoryError, match=r"one probe of 2 sample\(s\) does not fit"
+                       r".*d = 5, m = 4") as info:
+        P.jvp(V)
+    assert "nothing fits" in str(info.value.__cause__)
+
+
+def test_torch_backend_does_not_retry_out_of_memory_with_double_backward(monkeypatch):
+    model, x, _ = CASES["act_tanh"]
+    P = TorchFuncProducts(prepare(model, x), chunk_size=4)
+    calls = []
+
+    def oom(*a, **k):
+        calls.append(1)
+        raise torch.OutOfMemoryError("fake")
+
+    monkeypatch.setattr("fsinfo_fast.engine.torchfunc._jvp", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="one probe"):
+        P.jvp(torch.randn(2, 4, 5))
+    assert P._jvp_route == 0 and P.chunk_size == 1  # halved 4 -> 2 -> 1, never route 2
 
 
 def test_products_expose_ops_and_protocol_attributes():
@@ -314,12 +450,18 @@ def test_auto_never_picks_a_gpu_backend_for_cpu_data(monkeypatch):
     assert resolve_backend("auto", torch.device("cpu")) in ("cpp", "engine")
 
 
-def test_auto_uses_torch_where_the_engine_would_fall_back(monkeypatch):
+def test_auto_uses_torch_where_most_nodes_would_fall_back(monkeypatch):
     monkeypatch.delenv("FSINFO_FAST_BACKEND", raising=False)
     model, x, _ = CASES["fallback_node"]
-    assert make_products(prepare(model, x), "auto").backend == "torch"
+    P = make_products(prepare(model, x), "auto")
+    assert P.backend == "torch"
+    assert "2 of the encoder's nodes with per-sample state (100%)" in P.info["backend_fallback"]
+    assert len(P.info["engine_fallback_nodes"]) == 2
+    r = ff.dfil(model, x, estimator="randomized", num_probes=4)
+    assert r.info["backend"] == "torch" and "cumsum" in r.info["backend_fallback"]
     model, x, _ = CASES["act_gelu"]
-    assert make_products(prepare(model, x), "auto").backend in ("cpp", "engine")
+    P = make_products(prepare(model, x), "auto")
+    assert P.backend in ("cpp", "engine") and P.info["engine_fallback_nodes"] == []
 
 
 def test_import_does_not_initialise_cuda():
@@ -334,7 +476,7 @@ def test_import_does_not_initialise_cuda():
 def test_reduced_precision_scales_are_opt_in():
     model, x, _ = CASES["act_tanh"]
     exact = _check_against_oracle(model, x, torch.float32, 1e-5)
-    assert all(lin.s.dtype == torch.float32 for _, lin in exact._order if hasattr(lin, "s"))
+    assert all(s.lin.s.dtype == torch.float32 for s in exact._steps if hasattr(s.lin, "s"))
     # bfloat16 storage of tanh' costs ~3 significant digits: visible, bounded
     _check_against_oracle(model, x, torch.float32, 2e-2, scale_dtype=torch.bfloat16)
     with pytest.raises(AssertionError):
@@ -369,3 +511,60 @@ def test_metrics_through_every_op_implementation(backend):
         got = fn(enc, x, backend=backend, **kw, **extra)
         assert torch.allclose(got.value, want.value, rtol=1e-9, atol=1e-9), (fn, extra)
         assert torch.allclose(got.stderr, want.stderr, rtol=1e-7, atol=1e-9)
+
+
+def _write_models(path) -> None:
+    path.joinpath("engine_cli_models.py").write_text(
+        "import torch\n"
+        "from torch import nn\n\n"
+        "class NoRule(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.lin = nn.Linear(6, 5)\n\n"
+        "    def forward(self, x):\n"
+        "        return torch.cumsum(torch.tanh(self.lin(x)), dim=-1)\n\n"
+        "class Untraceable(nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        return x * 2 if x.sum() > 0 else x\n\n"
+        "def no_rule():\n"
+        "    return NoRule()\n\n"
+        "def untraceable():\n"
+        "    return Untraceable()\n"
+    )
+
+
+def test_info_model_lists_fallback_nodes_and_why(tmp_path, monkeypatch, capsys):
+    from fsinfo_fast.cli import main
+
+    _write_models(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("FSINFO_FAST_BACKEND", raising=False)
+    assert main(["info", "--model", "resnet18", "--split", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "engine on resnet18 cut at 7, input (3, 32, 32):" in out
+    assert "conv+batchnorm 10, gate 9, add 4" in out
+    assert "every node has an engine rule" in out and "backend auto picks: engine" in out
+    assert main(["info", "--model", "engine_cli_models:no_rule", "--input-shape", "6"]) == 0
+    out = capsys.readouterr().out
+    assert ("torch.func: node cumsum (aten.cumsum.default): no rule for aten.cumsum.default"
+            in out)
+    assert "backend auto picks: engine" in out  # 1 of 2 stateful nodes: at the 50% threshold
+    assert main(["info", "--model", "engine_cli_models:untraceable", "--input-shape", "4",
+                 "--json"]) == 0
+    import json
+
+    rep = json.loads(capsys.readouterr().out)["engine_model_report"]
+    assert not rep["captured"] and "make_fx could not capture" in rep["reason"]
+    assert rep["auto"] == "torch" and rep["auto_reason"].startswith("engine -> torch: make_fx")
+
+
+def test_plain_function_encoder_with_closed_over_tensors():
+    """A callable (not a module): tensors it closes over become graph constants (real)."""
+    W = torch.randn(5, 4, dtype=torch.float64)
+
+    def encoder(x):
+        return torch.tanh(x @ W) * 2.0
+
+    x = torch.randn(3, 5, dtype=torch.float64)
+    P = _check_against_oracle(encoder, x, torch.float64, 1e-10, {"matmul", "scale", "mul"})
+    assert P.fallbacks == []

@@ -5,13 +5,14 @@ protocol for one batch: ``jvp(V)`` maps ``[B, K, d]`` tangents to ``[B, K, m]``,
 ``[B, K, m]`` cotangents to ``[B, K, d]``.
 
 Backends: ``"torch"`` (torch.func, always available), ``"engine"`` (the linearised engine of
-:mod:`.linearised` with the plain-PyTorch ops, always available) and the same engine with the
-compiled ops (``"triton"``, ``"cpp"``, ``"cuda"``) where built (Triton and CUDA need a CUDA
-device; Triton runs interpreted on a CPU under ``TRITON_INTERPRET=1``, slowly, and ``auto``
-never picks it there). ``"auto"`` (or the ``FSINFO_FAST_BACKEND``
-environment variable) picks the fastest available one, falling back silently (debug log); a
-backend requested explicitly that cannot run raises :class:`BackendUnavailableError` with the
-reasons.
+:mod:`.products`: ATen capture :mod:`.capture`, per-op rules :mod:`.rules`, with the
+plain-PyTorch ops, always available) and the same engine with the compiled ops (``"triton"``,
+``"cpp"``, ``"cuda"``) where built (Triton and CUDA need a CUDA device; Triton runs interpreted
+on a CPU under ``TRITON_INTERPRET=1``, slowly, and ``auto`` never picks it there). ``"auto"``
+picks the fastest available one and, where the engine cannot serve an encoder, falls back to
+``torch`` and records where and why in the products' ``info`` (copied to ``result.info``); a
+backend requested explicitly (argument or ``FSINFO_FAST_BACKEND``) that cannot run or cannot
+serve the encoder raises :class:`BackendUnavailableError` with the reasons.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "TorchFuncProducts",
     "available_backends",
     "default_memory_budget",
+    "engine_report",
     "make_products",
     "resolve_backend",
 ]
@@ -124,25 +126,47 @@ def resolve_backend(backend: str | None = "auto", device: torch.device | None = 
     return backend
 
 
-#: ``auto`` keeps ``torch`` when more than this share of the encoder's nonlinear nodes would
-#: run through per-node ``torch.func`` in the engine (it then saves little and adds overhead).
-AUTO_MAX_FALLBACK_SHARE = 0.0
+#: ``auto`` uses ``torch`` instead of the engine when more than this share of the encoder's nodes
+#: with per-sample state (activations, norms, attention, products, ...) would run through
+#: per-node ``torch.func``. Each such node costs about what ``torch.func`` costs for it plus the
+#: engine's bookkeeping; the threshold is a judgement, not a measurement (no encoder of the test
+#: matrix has a fallback node), and the decision is recorded in ``result.info`` either way.
+AUTO_MAX_FALLBACK_SHARE = 0.5
 
 
-def _linearised(enc: PreparedEncoder, name: str, auto: bool, **kw) -> object:
-    from .linearised import LinearisedProducts, TraceError
+def _engine(enc: PreparedEncoder, name: str, auto: bool, **kw) -> object:
+    """The linearised engine with ``name``'s ops; under ``auto`` a recorded fallback to
+    ``torch.func``, otherwise :class:`BackendUnavailableError` when it cannot serve ``enc``."""
+    from .capture import CaptureError
     from .ops import get_ops
+    from .products import LinearisedProducts
 
     ops = get_ops("torch" if name == "engine" else name)
     try:
         prods = LinearisedProducts(enc, ops=ops, backend=name, **kw)
-    except TraceError as err:
-        log.debug("backend %s: falling back to torch.func for the whole encoder: %s", name, err)
-        return TorchFuncProducts(enc, **kw)
+    except CaptureError as err:
+        if not auto:
+            raise BackendUnavailableError(
+                f"backend {name!r} was requested but cannot serve this encoder: {err}. "
+                "backend='torch' runs it through torch.func; backend='auto' does so and records "
+                "why in result.info"
+            ) from err
+        log.debug("auto: %s cannot serve the encoder (%s); using torch", name, err)
+        kw.pop("scale_dtype", None)
+        fallback = TorchFuncProducts(enc, **kw)
+        fallback.info = {"backend_fallback": f"{name} -> torch: {err}"}
+        return fallback
     if auto and prods.fallback_share > AUTO_MAX_FALLBACK_SHARE:
-        log.debug("auto: %s runs %.0f%% of the nonlinear nodes through torch.func; using torch",
-                  name, 100 * prods.fallback_share)
-        return TorchFuncProducts(enc, **kw)
+        nodes = ", ".join(f"{f['node']} ({f['op']})" for f in prods.fallbacks[:8])
+        why = (f"{name} -> torch: {len(prods.fallbacks)} of the encoder's nodes with per-sample "
+               f"state ({100 * prods.fallback_share:.0f}%) have no engine rule and would run "
+               f"through per-node torch.func: {nodes}")
+        log.debug("auto: %s", why)
+        kw.pop("scale_dtype", None)
+        fallback = TorchFuncProducts(enc, **kw)
+        fallback.info = {"backend_fallback": why,
+                         "engine_fallback_nodes": [dict(f) for f in prods.fallbacks]}
+        return fallback
     return prods
 
 
@@ -150,13 +174,53 @@ def make_products(enc: PreparedEncoder, backend: str | None = "auto", **kw) -> o
     """Build the products object of ``backend`` for a prepared batch.
 
     Every compiled backend is the linearised engine
-    (:class:`~fsinfo_fast.engine.linearised.LinearisedProducts`) with that backend's ops;
-    an encoder it cannot trace runs whole through ``torch.func`` (its ``backend`` attribute then
-    says ``"torch"``). Under ``auto``, an encoder whose nonlinear nodes the engine would run
-    through per-node ``torch.func`` (e.g. attention) uses ``torch`` directly.
+    (:class:`~fsinfo_fast.engine.products.LinearisedProducts`) with that backend's ops. An
+    explicitly requested backend (argument or ``$FSINFO_FAST_BACKEND``) that cannot serve the
+    encoder raises :class:`BackendUnavailableError` with the reason (the capture error chained);
+    nodes without an engine rule run through ``torch.func`` one by one and are listed in the
+    products' ``info``. Under ``auto``, an encoder the engine cannot capture, or most of whose
+    stateful nodes would fall back, runs through ``torch.func`` and the reason is recorded in
+    the products' ``info`` (``"backend_fallback"``), which the metrics copy to ``result.info``.
+
+    Returns:
+        An object with ``batch, d, m, dtype, device``, ``jvp([B, K, d]) -> [B, K, m]``,
+        ``vjp([B, K, m]) -> [B, K, d]``, ``backend`` (the name that ran) and ``info`` (a dict).
     """
     auto = backend is None or backend == "auto"
     name = resolve_backend(backend, enc.x.device)
     if name == "torch":
         return TorchFuncProducts(enc, **kw)
-    return _linearised(enc, name, auto and not os.environ.get(ENV_VAR), **kw)
+    return _engine(enc, name, auto and not os.environ.get(ENV_VAR), **kw)
+
+
+def engine_report(encoder, x) -> dict:
+    """How the linearised engine serves ``encoder`` at inputs shaped like ``x``.
+
+    Returns:
+        ``{"captured": bool, "reason": str | None, "nodes": int, "kinds": {kind: count},
+        "fallbacks": [{"node", "op", "reason"}, ...], "fallback_share": float,
+        "auto": backend name auto picks, "auto_reason": why auto falls back (or None)}``.
+        ``captured`` is False (with the reason) where the engine cannot capture the encoder:
+        an explicit ``backend="engine"`` then raises, ``auto`` runs torch.func.
+    """
+    from collections import Counter
+
+    from ..encoder import prepare
+    from .capture import CaptureError
+    from .products import LinearisedProducts
+
+    enc = prepare(encoder, x)
+    out: dict = {"captured": False, "reason": None, "nodes": 0, "kinds": {}, "fallbacks": [],
+                 "fallback_share": 0.0}
+    try:
+        P = LinearisedProducts(enc)
+    except CaptureError as err:
+        out["reason"] = str(err)
+    else:
+        out.update(captured=True, nodes=len(P.node_kinds),
+                   kinds=dict(Counter(P.node_kinds.values()).most_common()),
+                   fallbacks=[dict(f) for f in P.fallbacks], fallback_share=P.fallback_share)
+    auto = make_products(enc, "auto")
+    out["auto"] = auto.backend
+    out["auto_reason"] = getattr(auto, "info", {}).get("backend_fallback")
+    return out

@@ -73,13 +73,29 @@ class TorchFuncProducts:
         self.forward_mode = True
         self._jvp_route = 0
         self._pullback = None
+        #: what the metrics record in ``result.info`` (e.g. why ``auto`` fell back to torch)
+        self.info: dict = {}
 
     # -- products -----------------------------------------------------------------------------
     def _vmap_probes(self, f, T: Tensor) -> Tensor:
-        """Apply ``f: [B, n] -> [B, n']`` to every probe of ``T: [B, K, n]`` in chunks."""
+        """Apply ``f: [B, n] -> [B, n']`` to every probe of ``T: [B, K, n]`` in chunks.
+
+        Out of memory, the chunk is halved and the call retried (never a more memory-hungry
+        route); if one probe does not fit, the error names the sizes."""
         k = T.shape[1]
-        cs = min(self.chunk_size, k)
-        return vmap(f, in_dims=1, out_dims=1, chunk_size=cs)(T)
+        while True:
+            cs = min(self.chunk_size, k)
+            try:
+                return vmap(f, in_dims=1, out_dims=1, chunk_size=cs)(T)
+            except torch.OutOfMemoryError as err:
+                if cs == 1:
+                    raise torch.OutOfMemoryError(
+                        f"torch.func products: one probe of {self.batch} sample(s) does not fit "
+                        f"in memory (d = {self.d}, m = {self.m}, {self.dtype}); use a smaller "
+                        "batch") from err
+                self.chunk_size = max(1, cs // 2)
+                log.debug("out of memory at %d probes per chunk; retrying with %d", cs,
+                          self.chunk_size)
 
     def _check(self, T: Tensor, n: int, name: str) -> Tensor:
         if T.ndim != 3 or T.shape[0] != self.batch or T.shape[2] != n:
@@ -119,6 +135,8 @@ class TorchFuncProducts:
                             lambda v: _jvp(self.enc.fn, (self.x,), (v,))[1], V)
                     else:
                         out = self._vmap_probes(self._jvp_by_double_vjp, V)
+            except torch.OutOfMemoryError:
+                raise  # chunked smaller already; double backward would need more memory
             except (RuntimeError, NotImplementedError) as err:
                 first_error = first_error or err
                 if i == len(routes) - 1:

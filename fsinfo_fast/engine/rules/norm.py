@@ -1,0 +1,210 @@
+r"""Normalisation layers: batch norm (eval), layer norm, group norm, RMS norm.
+
+BatchNorm in eval mode is a per-channel affine map: its Jacobian is the constant channel scale
+``weight / sqrt(running_var + eps)`` (no state per sample; folded into a preceding convolution
+by the engine).
+
+LayerNorm / GroupNorm normalise each group ``g`` of ``n`` elements: with
+``x_hat = (x - mean) * rstd``, ``rstd = 1 / sqrt(var + eps)``,
+
+.. math::  J t = w \odot P t,\qquad
+    P t = \mathrm{rstd}\,\big(t - \overline{t} - \hat x\,\overline{t \hat x}\big)
+
+(bars: means over the group), a symmetric projection ``P`` times the affine weight, so
+``J^T u = P (w \odot u)``. ``P`` applied to a cotangent is exactly what PyTorch's fused backward
+kernel of the layer computes (``native_layer_norm_backward`` / ``native_group_norm_backward``
+with the weight left out), so both products run through it, on the ``K * B`` rows at once; the
+state is the layer's input and its ``mean`` / ``rstd`` (one activation and two numbers per group,
+per sample). RMS norm is the same projection without the centring (``x_hat = x * rstd``,
+``P t = rstd (t - x_hat mean(t x_hat))``), evaluated directly (no CPU kernel for its backward).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..capture import RMS_NORM_OP
+from . import Decline, Lin, OpCall, register
+
+aten = torch.ops.aten
+
+
+class ChannelScaleLin(Lin):
+    """``t * scale[c]`` along dim 1 of the primal (BatchNorm in eval mode)."""
+
+    kind = "batchnorm"
+
+    def __init__(self, scale: Tensor, ndim: int, n_out: int) -> None:
+        self.channel_scale = scale
+        self.scale = scale.reshape(-1, *([1] * (ndim - 2)))
+        self.n_out = n_out
+
+    def jvp(self, ts):
+        return [ts[0] * self.scale] + [None] * (self.n_out - 1)
+
+    def vjp(self, u):
+        return [u[0] * self.scale]
+
+
+@register(aten._native_batch_norm_legit_no_training, aten.native_batch_norm,
+          aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit)
+def batch_norm_rule(call: OpCall) -> Lin:
+    """BatchNorm with running statistics (eval mode)."""
+    call.only_active(0)
+    x, w = call.args[0], call.args[1]
+    if call.op.overloadpacket is aten._native_batch_norm_legit_no_training:
+        running_var, eps = call.args[4], call.args[6]
+    else:
+        training = call.args[5]
+        if training:
+            raise Decline("BatchNorm in training mode uses batch statistics: call .eval()")
+        running_var, eps = call.args[4], call.args[7]
+    if running_var is None or x.ndim < 2:
+        raise Decline("BatchNorm without running statistics")
+    scale = torch.rsqrt(running_var + eps)
+    if w is not None:
+        scale = scale * w
+    return ChannelScaleLin(scale.to(x.dtype), x.ndim, len(call.out))
+
+
+class NormLin(Lin):
+    """``w * rstd * (t - [mean(t)] - x_hat mean(t x_hat))`` over groups of the primal (the
+    projection evaluated directly: RMS norm)."""
+
+    kind = "norm"
+
+    def __init__(self, xhat: Tensor, rstd: Tensor, weight: Tensor | None, center: bool,
+                 shape: tuple, n_out: int) -> None:
+        self.gshape = tuple(xhat.shape)  # [*groups, n]
+        self.xhat = xhat
+        self.rstd = rstd  # [*groups, 1]
+        self.w = weight  # broadcasts against [*shape] (right-aligned), or None
+        self.center = center
+        self.shape = shape
+        self.n_out = n_out
+
+    def _project(self, t: Tensor) -> Tensor:
+        k = t.shape[0]
+        g = t.reshape(k, *self.gshape)
+        xh = self.xhat
+        inner = (g * xh).mean(-1, keepdim=True)
+        if self.center:
+            g = g - g.mean(-1, keepdim=True)
+        g = (g - xh * inner) * self.rstd
+        return g.view(k, *self.shape)
+
+    single = False  # a one-output op (its tangent is a tensor, not a list)
+
+    def jvp(self, ts):
+        out = self._project(ts[0])
+        if self.w is not None:
+            out = out * self.w
+        return out if self.single else [out] + [None] * (self.n_out - 1)
+
+    def vjp(self, u):
+        u = u if self.single else u[0]
+        g = u if self.w is None else u * self.w
+        return [self._project(g)]
+
+
+def _repeat(v: Tensor, k: int) -> Tensor:
+    """``v`` repeated ``k`` times along a new leading dim, flattened into its first dim."""
+    return v.expand(k, *v.shape).reshape(k * v.shape[0], *v.shape[1:])
+
+
+class LayerNormLin(Lin):
+    """LayerNorm through its fused backward kernel (``P`` on ``K * rows`` rows)."""
+
+    kind = "norm"
+
+    def __init__(self, x: Tensor, shape: list[int], mean: Tensor, rstd: Tensor,
+                 weight: Tensor | None) -> None:
+        n = len(shape)
+        rows = math.prod(x.shape[: x.ndim - n])
+        self.shape, self.normalized = tuple(x.shape), list(shape)
+        self.x = x.reshape(rows, *shape)
+        self.mean, self.rstd = mean.reshape(rows, 1), rstd.reshape(rows, 1)
+        self.w = weight
+
+    def _project(self, g: Tensor) -> Tensor:
+        k = g.shape[0]
+        out = aten.native_layer_norm_backward(
+            g.reshape(k * self.x.shape[0], *self.x.shape[1:]), _repeat(self.x, k),
+            self.normalized, _repeat(self.mean, k), _repeat(self.rstd, k), None, None,
+            [True, False, False])[0]
+        return out.view(k, *self.shape)
+
+    def jvp(self, ts):
+        out = self._project(ts[0])
+        return [out if self.w is None else out * self.w, None, None]
+
+    def vjp(self, u):
+        g = u[0] if self.w is None else u[0] * self.w
+        return [self._project(g)]
+
+
+@register(aten.native_layer_norm)
+def layer_norm_rule(call: OpCall) -> Lin:
+    call.only_active(0)
+    x, normalized_shape, w = call.args[0], call.args[1], call.args[2]
+    _, mean, rstd = call.out
+    return LayerNormLin(x, list(normalized_shape), mean, rstd, w)
+
+
+class GroupNormLin(Lin):
+    """GroupNorm through its fused backward kernel (``P`` on ``K * N`` samples)."""
+
+    kind = "norm"
+
+    def __init__(self, x: Tensor, mean: Tensor, rstd: Tensor, weight: Tensor | None,
+                 n: int, c: int, hw: int, groups: int) -> None:
+        self.x, self.mean, self.rstd = x, mean, rstd
+        self.n, self.c, self.hw, self.groups = n, c, hw, groups
+        self.w = None if weight is None else weight.reshape(c, *([1] * (x.ndim - 2)))
+
+    def _project(self, g: Tensor) -> Tensor:
+        k = g.shape[0]
+        out = aten.native_group_norm_backward(
+            g.reshape(k * self.n, *self.x.shape[1:]), _repeat(self.x, k),
+            _repeat(self.mean, k), _repeat(self.rstd, k), None, k * self.n, self.c, self.hw,
+            self.groups, [True, False, False])[0]
+        return out.view(k, *self.x.shape)
+
+    def jvp(self, ts):
+        out = self._project(ts[0])
+        return [out if self.w is None else out * self.w, None, None]
+
+    def vjp(self, u):
+        g = u[0] if self.w is None else u[0] * self.w
+        return [self._project(g)]
+
+
+@register(aten.native_group_norm)
+def group_norm_rule(call: OpCall) -> Lin:
+    call.only_active(0)
+    x, w = call.args[0], call.args[1]
+    n, c, hw, groups = call.args[3:7]
+    _, mean, rstd = call.out
+    return GroupNormLin(x, mean, rstd, w, n, c, hw, groups)
+
+
+@register(aten._fused_rms_norm, RMS_NORM_OP._opoverload)
+def rms_norm_rule(call: OpCall) -> Lin:
+    """RMS norm (``F.rms_norm`` / ``nn.RMSNorm``, captured as one op; ``_fused_rms_norm``)."""
+    call.only_active(0)
+    x, normalized_shape, w = call.args[0], call.args[1], call.args[2]
+    eps = call.arg(3, "eps", None)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    n = math.prod(normalized_shape)
+    lead = tuple(x.shape[: x.ndim - len(normalized_shape)])
+    g = x.reshape(*lead, n)
+    rstd = torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    n_out = len(call.out) if isinstance(call.out, (tuple, list)) else 1
+    lin = NormLin(g * rstd, rstd, w, False, tuple(x.shape), max(n_out, 1))
+    if n_out == 1:
+        lin.single = True
+    return lin
