@@ -63,9 +63,11 @@ A new run refuses a non-empty ``--out``.
 Several processes: under ``torchrun`` the samples are handed out by batch over the ranks (gloo on
 CPU, NCCL on GPU) and rank 0 writes everything (:mod:`.distributed`).
 
-Shared work across split points (:mod:`.shared`): one early-stopped pass through the deepest split
-gives every split's activations; in exact mode ``d`` one-hot JVPs through it give every split's
-exact Fisher diagonal and trace; randomized dFIL uses input-side probes shared by all splits.
+One :class:`fsinfo_fast.Linearization` per split and batch: FSInfo_diag, dFIL, the log det and
+``sigma*`` are its methods (so they share its products: the validation, the primal, the probes),
+the bounds come from :mod:`fsinfo_fast.bounds`. Shared work across split points (:mod:`.shared`):
+in exact mode ``d`` one-hot JVPs through the deepest split give every shallower split's exact
+Fisher diagonal and trace (one :class:`fsinfo_fast.reference.ExactFisher` per split);
 :func:`fsinfo_fast.profile.shared.measure_sharing` times the saving.
 
 Example, a real pretrained network that ships offline (the VGG16-BN backbone of EasyOCR's CRAFT
