@@ -545,7 +545,7 @@ def test_records_equal_a_direct_linearization(ckpt, tmp_path, monkeypatch):
         for ids in ([0, 1, 2], [3]):
             lin = ff.linearize(enc, x[ids], seed=5, sample_ids=torch.tensor(ids))
             fd = lin.fsinfo(0.1, variant="diag", estimator="randomized", atol=0.05)
-            dl = lin.dfil(0.1, estimator="randomized", rtol=0.05)
+            dl = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="hutchinson")
             sg = lin.fsinfo_sigma(-1.0, variant="diag", estimator="randomized", atol=0.05)
             db, fb = ff.bounds.dfil_bound(dl), ff.bounds.fsinfo_bound(fd)
             for j, i in enumerate(ids):
@@ -567,13 +567,13 @@ def test_records_equal_a_direct_linearization(ckpt, tmp_path, monkeypatch):
                 assert r["fsinfo_diag_converged"] is bool(fd.converged[j])
                 assert r["dfil_converged"] is bool(dl.converged[j])
                 assert r["fsinfo_diag_estimator"] == "randomized"
-                assert r["dfil_estimator"] == f"randomized ({dl.info['method']})"
+                assert r["dfil_estimator"] == "randomized (hutchinson)"  # --dfil-method
                 checked += 1
     assert checked == 8
     # batch independence: sample 1 alone gives what it gave inside the batch [0, 1, 2]
     lin = ff.linearize(ff.split(model, 4), x[1:2], seed=5, sample_ids=torch.tensor([1]))
     fd = lin.fsinfo(0.1, variant="diag", estimator="randomized", atol=0.05)
-    dl = lin.dfil(0.1, estimator="randomized", rtol=0.05)
+    dl = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="hutchinson")
     assert recs[(1, "features.4")]["fsinfo_diag"] == pytest.approx(float(fd.value[0]), rel=1e-6)
     assert recs[(1, "features.4")]["dfil"] == pytest.approx(float(dl.value[0]), rel=1e-6)
 
@@ -599,3 +599,25 @@ def test_exact_sweep_builds_linearizations_only_where_needed(ckpt, tmp_path, mon
                                     **cfg))
     assert out.summary["sharing"]["exact_sweep_splits"] == []
     assert sorted(calls) == sorted((f"features.{k}", 2) for k in range(3) for _ in range(2))
+
+
+def test_dfil_method_option(ckpt, tmp_path):
+    """``--dfil-method`` reaches ``Linearization.dfil`` (and changes the numbers: part of the
+    settings a resume must match); a bad value is refused."""
+    with pytest.raises(ff.InvalidInputError, match="--dfil-method"):
+        ProfileConfig(dfil_method="exact").validate()
+    out = run_profile(ProfileConfig(model="vgg5", checkpoint=str(ckpt), size=8, max_samples=2,
+                                    splits="0", variant="diag", estimator="randomized",
+                                    atol=0.05, rtol=0.05, dfil_method="diag",
+                                    out=str(tmp_path / "r"), plot=False, progress=False,
+                                    table=False))
+    assert out.summary["settings"]["dfil_method"] == "diag"
+    recs = out.summary["samples"]
+    assert {r["dfil_estimator"] for r in recs} == {"randomized (diag)"}
+    from fsinfo_fast.data import digits
+
+    x, _ = digits(size=8, split="test", max_samples=2)
+    lin = ff.linearize(ff.split(_tiny_vgg5(), 0), x, seed=0, sample_ids=torch.arange(2))
+    lin.fsinfo(0.1, variant="diag", estimator="randomized", atol=0.05)
+    dl = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="diag")
+    assert [r["dfil"] for r in recs] == pytest.approx(dl.value.tolist(), rel=1e-12)

@@ -180,6 +180,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"FSInfoGuard target FSInfo in nats/dim for sigma* (default {d.target})")
     m.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed of the probes and of the demo model's training (default {d.seed})")
+    m.add_argument("--dfil-method", choices=("auto", "hutchinson", "hutch++", "diag"),
+                   default=d.dfil_method,
+                   help="randomized dFIL estimator: Rademacher JVPs (hutchinson), Hutch++, the "
+                        "FSInfo_diag VJP probes (diag) or the Linearization's choice (auto) "
+                        f"(default {d.dfil_method})")
     m.add_argument("--no-share", dest="share", action="store_false",
                    help="compute every split on its own (no work shared across split points)")
     m.add_argument("--backend", default=d.backend,
@@ -208,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         max_samples=args.max_samples, batch_size=args.batch_size, device=args.device,
         seed=args.seed, out=args.out, resume=args.resume, plot=args.plot, share=args.share,
         backend=args.backend, progress=not args.quiet, table=not args.quiet,
+        dfil_method=args.dfil_method,
     )
 
 
