@@ -621,3 +621,18 @@ def test_dfil_method_option(ckpt, tmp_path):
     lin.fsinfo(0.1, variant="diag", estimator="randomized", atol=0.05)
     dl = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="diag")
     assert [r["dfil"] for r in recs] == pytest.approx(dl.value.tolist(), rel=1e-12)
+
+
+def test_auto_fallback_to_the_oracle_is_named_in_the_record():
+    """Where ``auto`` took the oracle the record's estimator says why (no silent fallback)."""
+    from fsinfo_fast.profile.runner import _label
+
+    lin = ff.linearize(ff.split(_tiny_vgg5(), 4), torch.rand(2, 3, 8, 8), seed=0)
+    r = lin.dfil(0.1, estimator="randomized", num_probes=4, method="hutchinson")
+    assert _label(r, "auto", method=True) == "randomized (hutchinson)"
+    assert _label(r, "auto") == "randomized"
+    lin.exact()
+    r = lin.fsinfo(0.1, estimator="auto")
+    assert r.estimator == "exact" and r.info["auto"]
+    assert _label(r, "auto") == f"exact (auto: {r.info['auto']})"
+    assert _label(r, "exact") == "exact"  # the plan asked for it: nothing to explain

@@ -584,12 +584,16 @@ def _none_fields(b: int, *keys: str) -> dict[str, list]:
     return {k: [None] * b for k in keys}
 
 
-def _label(r: Any) -> str:
-    """``exact``, or ``randomized (<method>)`` for a randomized dFIL."""
-    if r.estimator != "randomized":
-        return r.estimator
-    method = r.info.get("method") if isinstance(r.info, dict) else None
-    return f"randomized ({method})" if method else "randomized"
+def _label(r: Any, requested: str, *, method: bool = False) -> str:
+    """The estimator a record names: ``randomized`` (``randomized (<method>)`` with ``method``)
+    or ``exact``; where ``auto`` took the oracle, why (``exact (auto: <reason>)``), so that a
+    fallback is never silent."""
+    info = r.info if isinstance(r.info, dict) else {}
+    if r.estimator == "exact":
+        why = info.get("auto")
+        return f"exact (auto: {why})" if requested == "auto" and why else "exact"
+    m = info.get("method") if method else None
+    return f"{r.estimator} ({m})" if m else r.estimator
 
 
 def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor, ids: Tensor,
@@ -653,7 +657,7 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
             fd = lin.fsinfo(sigma, variant="diag", estimator=est, atol=cfg.atol)
         step("dFIL")
         dl = lin.dfil(sigma, estimator=est, rtol=cfg.rtol, method=cfg.dfil_method)
-        dfil_label = _label(dl)
+        dfil_label = _label(dl, est, method=True)
         if fd is not None:
             step("sigma*")
             sg = lin.fsinfo_sigma(target, variant="diag", estimator=est, atol=cfg.atol)
@@ -665,7 +669,7 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
                                 "fsinfo_diag_bound_high", "sigma_star", "sigma_star_low",
                                 "sigma_star_high"))
     else:
-        out.update(_metric_fields("fsinfo_diag", fd, fd.estimator))
+        out.update(_metric_fields("fsinfo_diag", fd, _label(fd, est)))
         out.update(_bound_fields("fsinfo_diag_bound", fsinfo_bound(fd)))
         out.update(_sigma_fields("sigma_star", sg))
     out.update(_metric_fields("dfil", dl, dfil_label))
