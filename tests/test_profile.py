@@ -582,8 +582,8 @@ def test_exact_sweep_builds_linearizations_only_where_needed(ckpt, tmp_path, mon
     """Exact profiles: the splits of the one-hot sweep need no Linearization (diag variant);
     a split whose log det is asked gets exactly one per batch; --no-share: one per split and
     batch."""
-    cfg = {"model": "vgg5", "checkpoint": str(ckpt), "size": 8, "max_samples": 4,
-           "batch_size": 2, "splits": "0,1,2", "estimator": "exact", "plot": False,
+    cfg = {"model": "vgg5", "checkpoint": str(ckpt), "size": 8, "max_samples": 2,
+           "batch_size": 1, "splits": "0,1,2", "estimator": "exact", "plot": False,
            "progress": False, "table": False}
     calls = _count_linearizations(monkeypatch)
     out = run_profile(ProfileConfig(variant="diag", out=str(tmp_path / "a"), **cfg))
@@ -593,12 +593,12 @@ def test_exact_sweep_builds_linearizations_only_where_needed(ckpt, tmp_path, mon
     out = run_profile(ProfileConfig(variant="both", out=str(tmp_path / "b"), **cfg))
     logdet = [s["name"] for s in out.summary["splits"] if s["fsinfo_logdet"] is not None]
     assert logdet  # m >= d at these splits
-    assert sorted(calls) == sorted((n, 2) for n in logdet for _ in range(2))
+    assert sorted(calls) == sorted((n, 1) for n in logdet for _ in range(2))
     calls.clear()
     out = run_profile(ProfileConfig(variant="diag", share=False, out=str(tmp_path / "c"),
                                     **cfg))
     assert out.summary["sharing"]["exact_sweep_splits"] == []
-    assert sorted(calls) == sorted((f"features.{k}", 2) for k in range(3) for _ in range(2))
+    assert sorted(calls) == sorted((f"features.{k}", 1) for k in range(3) for _ in range(2))
 
 
 def test_dfil_method_option(ckpt, tmp_path):
