@@ -690,7 +690,9 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
                     prior_var=cfg.prior_var)
     out.update(_metric_fields("fsinfo_logdet", ld, ld.estimator, probes=False))
     out["fsinfo_logdet_status"] = [
-        "ok" if math.isfinite(v) else "-inf: J^T J is singular" for v in ld.value.tolist()]
+        "-inf: J^T J is singular" if not math.isfinite(v) else
+        "upper bound: the spectrum reaches the products' precision" if bd else "ok"
+        for v, bd in zip(ld.value.tolist(), ld.bound.tolist(), strict=True)]
     out.update(_bound_fields("fsinfo_logdet_bound", fsinfo_bound(ld)))
     if cfg.prior_var is None or ld.estimator == "exact":
         # with a prior only the exact route solves for sigma* (the log det it just computed
