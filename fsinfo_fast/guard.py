@@ -8,19 +8,27 @@ closed form so that FSInfo equals a target ``tau`` (``-1`` nats/dim by default):
 Two modes: per sample (``sigma*`` computed for every input at every forward; the definition) or
 data-set level (``calibrate(data)`` once, then one fixed sigma: the maximum of ``sigma*`` over the
 calibration set, or a quantile of it).
+
+``sigma*`` comes from :meth:`fsinfo_fast.Linearization.fsinfo_sigma` (one
+:class:`~fsinfo_fast.Linearization` per batch) and the data-set sigma from
+:meth:`fsinfo_fast.result.SigmaResult.dataset`: the guard has no arithmetic of its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .errors import InvalidInputError
+from .result import SigmaResult
 
-__all__ = ["FSInfoGuard", "GaussianNoise", "add_noise"]
+__all__ = ["FSInfoGuard", "GaussianNoise", "add_noise", "concat_sigma_results"]
+
+#: Keywords of :func:`fsinfo_fast.linearize` (the rest go to ``fsinfo_sigma``).
+_LINEARIZE_KW = ("backend", "seed", "memory_budget")
 
 
 def add_noise(z: Tensor, sigma: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -60,6 +68,34 @@ class GaussianNoise(nn.Module):
         return add_noise(z, self.sigma, self.generator)
 
 
+def concat_sigma_results(results: Sequence[SigmaResult]) -> SigmaResult:
+    """The per-sample noise scales of several batches as one :class:`SigmaResult`.
+
+    Args:
+        results: one or more results of the same metric (e.g. one per batch).
+
+    Returns:
+        A :class:`SigmaResult` whose ``[N]`` tensors are the batches' concatenated (on the CPU);
+        ``estimator`` is the common one, or ``"mixed"`` (e.g. ``auto`` chose the oracle for
+        some batches); ``info["batches"]`` holds the batches' own ``info``.
+    """
+    if not results:
+        raise InvalidInputError("no noise scales to concatenate (no batches)")
+    metrics = {r.metric for r in results}
+    if len(metrics) > 1:
+        raise InvalidInputError(f"cannot concatenate noise scales of different metrics "
+                                f"{sorted(metrics)}")
+    estimators = {r.estimator for r in results}
+
+    def cat(name: str) -> Tensor:
+        return torch.cat([getattr(r, name).detach().cpu() for r in results])
+
+    return SigmaResult(sigma=cat("sigma"), target=cat("target"), metric=results[0].metric,
+                       estimator=estimators.pop() if len(estimators) == 1 else "mixed",
+                       ci_low=cat("ci_low"), ci_high=cat("ci_high"), converged=cat("converged"),
+                       info={"batches": [r.info for r in results]})
+
+
 def _batches(data: Tensor | Iterable) -> Iterable[Tensor]:
     if isinstance(data, Tensor):
         yield data
@@ -78,8 +114,9 @@ class FSInfoGuard(nn.Module):
         sigma: a fixed noise scale to start with (data-set mode); ``None`` means per-sample mode
             until :meth:`calibrate` is called.
         generator: ``torch.Generator`` for the noise (reproducible outputs).
-        metric_kwargs: passed to :func:`fsinfo_fast.fsinfo_sigma` (``estimator``, ``atol``,
-            ``seed``, ``prior_var``, ...).
+        metric_kwargs: ``backend``, ``seed`` and ``memory_budget`` go to
+            :func:`fsinfo_fast.linearize`, the rest (``estimator``, ``atol``, ``prior_var``,
+            ...) to :meth:`fsinfo_fast.Linearization.fsinfo_sigma`.
 
     Example:
         >>> import torch, fsinfo_fast as ff
@@ -120,20 +157,40 @@ class FSInfoGuard(nn.Module):
         """True until a data-set sigma is set (by ``sigma=`` or :meth:`calibrate`)."""
         return bool(torch.isnan(self.sigma))
 
-    def sigma_for(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
-        """``[B]`` per-sample ``sigma*`` for the batch ``x`` (float64)."""
-        from .metrics import fsinfo_sigma
+    def sigma_result(self, x: Tensor, sample_ids: Tensor | None = None) -> SigmaResult:
+        """Per-sample ``sigma*`` of the batch ``x`` with its 95% interval: one
+        :class:`~fsinfo_fast.Linearization` of the encoder at ``x``, its
+        :meth:`~fsinfo_fast.Linearization.fsinfo_sigma`.
+
+        Args:
+            x: the batch ``[B, ...]``.
+            sample_ids: ``[B]`` global sample ids seeding each sample's probes (default
+                ``arange(B)``).
+        """
+        from .linearization import linearize
 
         kw = dict(self.metric_kwargs)
-        if sample_ids is not None:
-            kw["sample_ids"] = sample_ids
-        return fsinfo_sigma(self.encoder, x, self.target, variant=self.variant, **kw).sigma
+        lin_kw = {k: kw.pop(k) for k in _LINEARIZE_KW if k in kw}
+        default_ids = kw.pop("sample_ids", None)
+        ids = default_ids if sample_ids is None else sample_ids
+        lin = linearize(self.encoder, x, sample_ids=ids, **lin_kw)
+        return lin.fsinfo_sigma(self.target, variant=self.variant, **kw)
+
+    def sigma_for(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        """``[B]`` per-sample ``sigma*`` for the batch ``x`` (float64; see
+        :meth:`sigma_result`)."""
+        return self.sigma_result(x, sample_ids).sigma
 
     @torch.no_grad()
     def calibrate(
         self, data: Tensor | Iterable, statistic: str = "max", q: float = 0.95
     ) -> float:
         """Set one data-set sigma from a calibration set and return it.
+
+        The per-sample ``sigma*`` (batch ``i`` of ``data`` seeded with the sample ids that
+        continue those of the batches before it) are concatenated and reduced by
+        :meth:`fsinfo_fast.result.SigmaResult.dataset`; ``self.calibration`` keeps them
+        (``"sigmas"``, and the whole :class:`~fsinfo_fast.result.SigmaResult` as ``"result"``).
 
         Args:
             data: a tensor batch, or an iterable of batches (or of ``(x, y)`` pairs).
@@ -147,20 +204,19 @@ class FSInfoGuard(nn.Module):
             )
         if statistic == "quantile" and not 0 < q <= 1:
             raise InvalidInputError(f"q must be in (0, 1], got {q!r}")
-        sigmas, seen = [], 0
+        results, seen = [], 0
         for batch in _batches(data):
             ids = torch.arange(seen, seen + batch.shape[0])
-            sigmas.append(self.sigma_for(batch, sample_ids=ids).cpu())
+            results.append(self.sigma_result(batch, sample_ids=ids))
             seen += batch.shape[0]
-        if not sigmas:
+        if not results:
             raise InvalidInputError("calibrate() got no data")
-        s = torch.cat(sigmas)
-        value = {"max": s.max, "mean": s.mean,
-                 "quantile": lambda: torch.quantile(s, q)}[statistic]()
-        self.sigma.fill_(float(value))
-        self.calibration = {"statistic": statistic, "q": q, "n": int(s.numel()),
-                            "sigmas": s}
-        return float(value)
+        res = concat_sigma_results(results)
+        value = res.dataset(statistic, q)
+        self.sigma.fill_(value)
+        self.calibration = {"statistic": statistic, "q": q, "n": len(res),
+                            "sigmas": res.sigma, "result": res}
+        return value
 
     def forward(self, x: Tensor) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""

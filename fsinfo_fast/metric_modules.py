@@ -2,9 +2,21 @@
 
 They drop into existing evaluation loops (``update`` per batch, ``compute`` at the end, ``reset``)
 and synchronise across processes as torchmetrics does (sums and maxima are reduced over ranks).
+Each ``update`` builds one :class:`fsinfo_fast.Linearization` of the encoder at the batch
+(:func:`fsinfo_fast.linearize`) and reads the metric from it. Without ``sample_ids`` the samples
+are numbered in the order they arrive (``0, 1, ...`` since the last ``reset``; under
+torch.distributed each rank counts from ``rank * 2**40``), so every sample gets its own probes and
+``estimator_stderr`` (which adds the per-sample variances as independent) is honest; giving the
+same ids to two batches would reuse the same probes for both.
+
 ``compute()`` returns a dict: ``mean`` (over all samples seen), ``stderr`` (of that mean as an
 estimate of the data distribution's mean), ``estimator_stderr`` (the part due to the randomized
-estimator alone), ``worst`` (the most leaking sample's value) and ``count``.
+estimator alone: ``sqrt(sum_i se_i^2) / n``, as :meth:`fsinfo_fast.MetricResult.mean`),
+``bias_bound`` (the mean of the per-sample deterministic error allowances, quadrature or plug-in
+bias, that the per-sample intervals include; 0 where there are none), ``worst`` (the most leaking
+sample's value), ``count``, ``n_unconverged`` (samples whose estimate stopped at the probe cap
+before its tolerance) and ``n_bound`` (samples whose value is only an upper bound: then ``mean``
+is only an upper bound too).
 """
 
 from __future__ import annotations
@@ -16,10 +28,14 @@ import torch
 from torch import Tensor
 
 from ._extras import require
+from .errors import InvalidInputError
 
 Metric = require("torchmetrics", "FSInfoMetric / DFILMetric").Metric
 
 __all__ = ["FSInfoMetric", "DFILMetric"]
+
+#: Keywords of :func:`fsinfo_fast.linearize` (the rest go to the metric method).
+_LINEARIZE_KW = ("backend", "seed", "memory_budget")
 
 
 class _LeakageMetric(Metric):
@@ -29,25 +45,56 @@ class _LeakageMetric(Metric):
 
     def __init__(self, encoder: Callable[[Tensor], Tensor], sigma: float = 0.1, **kwargs) -> None:
         metric_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in _METRIC_BASE_KW}
+        if "sample_ids" in metric_kwargs:
+            raise InvalidInputError("sample_ids belong to each batch: pass them to update(), "
+                                    "not to the metric's constructor")
         super().__init__(**kwargs)
         self.encoder = encoder
         self.noise_sigma = sigma
         self.metric_kwargs = metric_kwargs
-        for name in ("total", "total_sq", "total_var", "count"):
+        for name in ("total", "total_sq", "total_var", "total_bias", "count", "n_unconverged",
+                     "n_bound"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("worst", torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx="max")
+        self._next_id = 0  # running sample id (not a state: each rank numbers its own samples)
+
+    def reset(self) -> None:
+        super().reset()
+        self._next_id = 0
+
+    def _running_ids(self, batch: int) -> Tensor:
+        """``[B]`` ids continuing the ones used since the last reset (offset per rank)."""
+        dist = torch.distributed
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        start = (rank << 40) + self._next_id
+        self._next_id += batch
+        return torch.arange(start, start + batch, dtype=torch.int64)
+
+    def _linearize(self, x: Tensor, sample_ids: Tensor | None):
+        """One :class:`~fsinfo_fast.Linearization` of the encoder at ``x``; returns it and the
+        keywords left for the metric method."""
+        from .linearization import linearize
+
+        kw = dict(self.metric_kwargs)
+        lin_kw = {k: kw.pop(k) for k in _LINEARIZE_KW if k in kw}
+        ids = self._running_ids(x.shape[0]) if sample_ids is None else sample_ids
+        return linearize(self.encoder, x, sample_ids=ids, **lin_kw), kw
 
     def _evaluate(self, x: Tensor, sample_ids: Tensor | None):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def update(self, x: Tensor, sample_ids: Tensor | None = None) -> None:
-        """Add a batch ``x`` (``[B, ...]``); ``sample_ids`` seed each sample's probes."""
+        """Add a batch ``x`` (``[B, ...]``); ``sample_ids`` (``[B]`` int64 global ids) seed
+        each sample's probes (default: the running count of samples seen)."""
         r = self._evaluate(x, sample_ids)
         v = r.value.detach().to(self.total.device)
         self.total += v.sum()
         self.total_sq += (v**2).sum()
         self.total_var += (r.stderr.detach().to(self.total.device) ** 2).sum()
+        self.total_bias += r.bias_bound.detach().to(self.total.device).sum()
         self.count += v.numel()
+        self.n_unconverged += (~r.converged).sum().to(self.total.device)
+        self.n_bound += r.bound.sum().to(self.total.device)
         self.worst = torch.maximum(self.worst, v.max())
 
     def compute(self) -> dict[str, Tensor]:
@@ -58,8 +105,11 @@ class _LeakageMetric(Metric):
             "mean": mean,
             "stderr": torch.sqrt(var / n) if n > 1 else torch.tensor(math.inf),
             "estimator_stderr": torch.sqrt(self.total_var) / n,
+            "bias_bound": self.total_bias / n,
             "worst": self.worst,
             "count": n,
+            "n_unconverged": self.n_unconverged,
+            "n_bound": self.n_bound,
         }
 
 
@@ -75,7 +125,9 @@ class FSInfoMetric(_LeakageMetric):
     Args:
         encoder: the bottom part of the model.
         sigma: noise scale on the smashed data.
-        variant, estimator, atol, seed, ...: passed to :func:`fsinfo_fast.fsinfo`.
+        backend, seed, memory_budget: passed to :func:`fsinfo_fast.linearize` (once per
+            ``update`` batch).
+        variant, estimator, atol, ...: passed to :meth:`fsinfo_fast.Linearization.fsinfo`.
 
     Example:
         >>> import torch, fsinfo_fast as ff
@@ -88,23 +140,17 @@ class FSInfoMetric(_LeakageMetric):
     """
 
     def _evaluate(self, x, sample_ids):
-        from .metrics import fsinfo
-
-        kw = dict(self.metric_kwargs)
-        if sample_ids is not None:
-            kw["sample_ids"] = sample_ids
-        return fsinfo(self.encoder, x, self.noise_sigma, **kw)
+        lin, kw = self._linearize(x, sample_ids)
+        return lin.fsinfo(self.noise_sigma, **kw)
 
 
 class DFILMetric(_LeakageMetric):
-    """Running dFIL (``tr(I)/d``) over an evaluation loop; see :class:`FSInfoMetric`."""
+    """Running dFIL (``tr(I)/d``) over an evaluation loop; see :class:`FSInfoMetric`
+    (``estimator``, ``rtol``, ``method``, ...: passed to :meth:`fsinfo_fast.Linearization.dfil`).
+    """
 
     higher_is_better = False
 
     def _evaluate(self, x, sample_ids):
-        from .metrics import dfil
-
-        kw = dict(self.metric_kwargs)
-        if sample_ids is not None:
-            kw["sample_ids"] = sample_ids
-        return dfil(self.encoder, x, self.noise_sigma, **kw)
+        lin, kw = self._linearize(x, sample_ids)
+        return lin.dfil(self.noise_sigma, **kw)

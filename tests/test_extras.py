@@ -69,7 +69,7 @@ def _metrics(ff_mod, conv, mlp, x) -> dict[str, list[float]]:
                                        **kw).value,
         "logdet": ff_mod.fsinfo(mlp, x, variant="logdet", estimator="randomized", num_probes=4,
                                 **kw).value,
-        "sigma_star": ff_mod.fsinfo_sigma(conv, x, target=-1.0),
+        "sigma_star": ff_mod.fsinfo_sigma(conv, x, target=-1.0).sigma,
         "oracle": ff_mod.reference.fsinfo(conv, x, sigma=0.1).value,
     }
     return {k: [float(v) for v in t] for k, t in out.items()}

@@ -96,3 +96,49 @@ def test_torchmetrics_dfil_metric_randomized_has_estimator_error():
     torch.testing.assert_close(out["mean"], direct.value.mean())
     torch.testing.assert_close(out["estimator_stderr"], (direct.stderr**2).sum().sqrt() / 2)
     assert float(out["estimator_stderr"]) > 0
+
+
+@pytest.mark.parametrize("statistic", ["max", "quantile", "mean"])
+def test_guard_calibration_is_the_sigma_result_dataset(statistic):
+    """Randomized sigma*: the calibrated sigma is ``SigmaResult.dataset`` of the per-sample
+    sigmas of one ``ff.linearize(...).fsinfo_sigma`` over the calibration samples (numbered
+    across batches, so the batching does not matter)."""
+    enc = _encoder()
+    data = [torch.rand(2, 1, 12, 12, dtype=torch.float64) for _ in range(2)]
+    guard = ff.FSInfoGuard(enc, target=-0.5, estimator="randomized", num_probes=16, seed=3)
+    sigma = guard.calibrate(data, statistic=statistic, q=0.5)
+    lin = ff.linearize(enc, torch.cat(data), seed=3, sample_ids=torch.arange(4))
+    direct = lin.fsinfo_sigma(-0.5, estimator="randomized", num_probes=16)
+    assert direct.estimator == "randomized" and bool((direct.ci_high > direct.sigma).all())
+    torch.testing.assert_close(guard.calibration["sigmas"], direct.sigma, rtol=1e-10, atol=0)
+    assert sigma == pytest.approx(direct.dataset(statistic, 0.5), rel=1e-10)
+    res = guard.calibration["result"]
+    torch.testing.assert_close(res.ci_high, direct.ci_high, rtol=1e-10, atol=0)
+    assert res.dataset(statistic, 0.5, conservative=True) > sigma
+
+
+def test_torchmetrics_numbers_samples_across_batches():
+    """Without sample ids each sample gets its own probes (ids count on across updates), so
+    two updates with the same batch are two independent estimates; reset starts again."""
+    enc = _encoder()
+    x = torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    metric = ff.FSInfoMetric(enc, sigma=0.1, estimator="randomized", num_probes=16, seed=1)
+    metric.update(x)
+    metric.update(x)
+    out = metric.compute()
+    lin = ff.linearize(enc, torch.cat([x, x]), seed=1, sample_ids=torch.arange(4))
+    direct = lin.fsinfo(0.1, estimator="randomized", num_probes=16)
+    assert not torch.equal(direct.value[:2], direct.value[2:])  # different probes
+    torch.testing.assert_close(out["mean"], direct.value.mean(), rtol=1e-10, atol=0)
+    torch.testing.assert_close(out["estimator_stderr"], (direct.stderr**2).sum().sqrt() / 4,
+                               rtol=1e-10, atol=0)
+    torch.testing.assert_close(out["bias_bound"], direct.bias_bound.mean(), rtol=1e-10,
+                               atol=1e-300)
+    assert int(out["n_unconverged"]) == int((~direct.converged).sum())
+    assert int(out["n_bound"]) == 0
+    metric.reset()
+    metric.update(x)
+    first = ff.linearize(enc, x, seed=1).fsinfo(0.1, estimator="randomized", num_probes=16)
+    torch.testing.assert_close(metric.compute()["mean"], first.value.mean(), rtol=1e-12, atol=0)
+    with pytest.raises(ff.InvalidInputError, match="update"):
+        ff.DFILMetric(enc, sample_ids=torch.arange(2))

@@ -201,3 +201,28 @@ def test_bad_input_exits_2_with_one_line(ckpt, capsys, extra, words):
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert err.startswith("fsinfo-fast guard: error: ") and words in err
+
+
+def test_sigmas_are_one_linearization_per_batch(ckpt, report):
+    """Every sample's sigma* is ``ff.linearize(split encoder, batch, seed, sample_ids)
+    .fsinfo_sigma(...)`` of its batch, and the calibrated sigma is ``SigmaResult.dataset`` of
+    the calibration samples' (here: the first of the command's batches of 4)."""
+    from fsinfo_fast.guard import concat_sigma_results
+
+    model = _tiny_vgg5()
+    model.load_state_dict(load_checkpoint(ckpt))
+    x = load_data("digits", 8, 0, 10).x
+    for r in report["splits"]:
+        enc = ff.split(model, r["split"])
+        parts = []
+        for i in range(0, 10, 4):
+            lin = ff.linearize(enc, x[i : i + 4], seed=0,
+                               sample_ids=torch.arange(i, min(10, i + 4)))
+            parts.append(lin.fsinfo_sigma(-0.5, variant="diag", estimator="auto", atol=0.01))
+        res = concat_sigma_results(parts)
+        assert r["sigma_star_all"] == pytest.approx(res.sigma.tolist(), rel=1e-12)
+        assert r["sigma"] == pytest.approx(parts[0].dataset("max"), rel=1e-12)
+        assert r["sigma_conservative"] == pytest.approx(parts[0].dataset("max", conservative=True),
+                                                        rel=1e-12)
+        assert r["sigma_conservative"] >= r["sigma"]
+        assert r["estimator"] == res.estimator

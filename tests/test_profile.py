@@ -19,7 +19,7 @@ from fsinfo_fast.cli import main
 from fsinfo_fast.models import vgg5
 from fsinfo_fast.profile import ProfileConfig, run_profile
 from fsinfo_fast.profile.report import SAMPLE_FIELDS, SUMMARY_FIELDS
-from fsinfo_fast.profile.shared import NestedStack, dfil_shared, exact_diag_shared, measure_sharing
+from fsinfo_fast.profile.shared import NestedStack, exact_diag_shared, measure_sharing
 from fsinfo_fast.profile.sources import resolve_splits
 from fsinfo_fast.profile.store import RecordStore, RunDir
 
@@ -183,13 +183,32 @@ def test_python_api(ckpt, tmp_path):
 
 
 def test_prior_var_makes_logdet_finite_everywhere(ckpt, tmp_path):
-    out = run_profile(ProfileConfig(model="vgg5", checkpoint=str(ckpt), size=8, max_samples=2,
-                                    splits="5", variant="both", prior_var=0.1,
-                                    out=str(tmp_path / "r"),
-                                    plot=False, progress=False, table=False))
-    s = out.summary["splits"][0]
-    assert s["m"] < s["d"] and s["fsinfo_logdet"] is not None
-    assert s["sigma_star_logdet"] is None  # no closed form with a prior term
+    # with a prior FSInfo never falls below log(1/prior_var)/2 - log(2 pi e)/2 = -0.27 nats/dim
+    floor = 0.5 * math.log(1 / 0.1) - 0.5 * math.log(2 * math.pi * math.e)
+    assert -1.0 < floor < -0.2
+    for target in (-1.0, -0.2):
+        out = run_profile(ProfileConfig(model="vgg5", checkpoint=str(ckpt), size=8,
+                                        max_samples=2, splits="5", variant="both",
+                                        prior_var=0.1, target=target,
+                                        out=str(tmp_path / f"r{target}"),
+                                        plot=False, progress=False, table=False))
+        s = out.summary["splits"][0]
+        assert s["m"] < s["d"] and s["fsinfo_logdet"] is not None
+        recs = out.summary["samples"]
+        if target < floor:  # unreachable: sigma* is infinite, stored as null
+            assert s["sigma_star_logdet"] is None
+            assert all(r["sigma_star_logdet"] is None for r in recs)
+            continue
+        # reachable: the exact profile solves for sigma* with the prior (the oracle agrees)
+        from fsinfo_fast.data import digits
+
+        x, _ = digits(size=8, split="test", max_samples=2)
+        enc = ff.split(_tiny_vgg5(), 5)
+        sig = torch.tensor([r["sigma_star_logdet"] for r in recs], dtype=torch.float64)
+        ref = ff.reference.fsinfo_sigma(enc, x, target, "logdet", prior_var=0.1)
+        torch.testing.assert_close(sig, ref, rtol=1e-8, atol=0)
+        f = ff.reference.fsinfo(enc, x, sig, "logdet", prior_var=0.1).value
+        torch.testing.assert_close(f, torch.full_like(f, target), rtol=0, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +247,7 @@ def test_store_refuses_nan(tmp_path):
 # shared work across splits
 
 
-def test_shared_exact_and_probes_match_per_split():
+def test_shared_exact_sweep_matches_per_split():
     model = _tiny_vgg5(1)
     x = torch.rand(2, 3, 8, 8)
     specs = resolve_splits(model, "all")
@@ -238,27 +257,25 @@ def test_shared_exact_and_probes_match_per_split():
     assert costs == sorted(costs)
     diag = exact_diag_shared(stack, stack.names, x)
     for s in specs:
-        ref = ff.reference.fisher_diag(s.encoder, x)
-        torch.testing.assert_close(diag[s.name], ref, rtol=1e-10, atol=1e-14)
-    # randomized dFIL from shared input probes: batch-independent and near the exact trace
-    ids = torch.tensor([10, 11])
-    r = dfil_shared(stack, ["features.0", "features.2"], x, ids, rtol=0.05)
-    r1 = dfil_shared(stack, ["features.0", "features.2"], x[1:], ids[1:], rtol=0.05)
-    for n in ("features.0", "features.2"):
-        assert float(r.trace[n][1]) == pytest.approx(float(r1.trace[n][0]), rel=1e-5)
-        exact = diag[n].sum(1)
-        assert bool(((r.trace[n] - exact).abs() <= 5 * r.stderr[n] + 1e-9).all())
-        assert bool(r.converged[n].all())
+        ref = ff.reference.exact_fisher(s.encoder, x, spectrum=False)
+        torch.testing.assert_close(diag[s.name], ref.diag, rtol=1e-10, atol=1e-14)
+        # the profile wraps the swept diagonal in an ExactFisher: the same numbers as the oracle
+        ex = ff.reference.ExactFisher(diag=diag[s.name], trace=diag[s.name].sum(1), eigvals=None,
+                                      zero=None, d=ref.d, m=ref.m)
+        torch.testing.assert_close(ex.fsinfo(0.1).value, ref.fsinfo(0.1).value, rtol=1e-12,
+                                   atol=1e-12)
+        torch.testing.assert_close(ex.dfil(0.1).value, ref.dfil(0.1).value, rtol=1e-10, atol=0)
+        torch.testing.assert_close(ex.fsinfo_sigma(-1.0), ref.fsinfo_sigma(-1.0), rtol=1e-10,
+                                   atol=0)
 
 
 def test_measure_sharing_reports_agreement():
-    res = measure_sharing(_tiny_vgg5(2), torch.rand(2, 3, 8, 8), splits=[0, 2, 4], repeats=1,
-                          num_probes=4)
+    res = measure_sharing(_tiny_vgg5(2), torch.rand(2, 3, 8, 8), splits=[0, 2, 4], repeats=1)
     assert res["splits"] == ["features.0", "features.2", "features.4"]
     assert res["forward"]["max_abs_diff"] == 0.0
-    assert res["dfil_probes"]["max_rel_diff"] < 1e-5
     assert res["exact_diag"]["max_rel_diff"] < 1e-10
-    for k in ("forward", "dfil_probes", "exact_diag"):
+    assert "dfil_probes" not in res  # the shared input-side dFIL probes are gone
+    for k in ("forward", "exact_diag"):
         assert res[k]["shared_s"] > 0 and res[k]["per_split_s"] > 0
 
 
@@ -482,21 +499,140 @@ def test_demo_model_is_trained_once_and_resumed(tmp_path, monkeypatch):
     assert json.loads((out / "profile.json").read_text())["samples"] == first
 
 
-def test_shared_dfil_falls_back_per_split(ckpt, tmp_path):
-    """(sample, split) pairs the shared probes cannot settle go to the per-split estimator."""
+# ------------------------------------------------------------------------------------------------
+# one Linearization per (split, batch)
+
+
+def _count_linearizations(monkeypatch) -> list[tuple[str, int]]:
+    """Record ``(split name, batch size)`` of every Linearization built (each validates its
+    encoder once, through ``fsinfo_fast.linearization.prepare``)."""
+    import fsinfo_fast.linearization as lz
+
+    calls: list[tuple[str, int]] = []
+    real = lz.prepare
+
+    def counting(encoder, x, *args, **kw):
+        calls.append((getattr(encoder, "split_name", "?"), int(x.shape[0])))
+        return real(encoder, x, *args, **kw)
+
+    monkeypatch.setattr(lz, "prepare", counting)
+    return calls
+
+
+def test_records_equal_a_direct_linearization(ckpt, tmp_path, monkeypatch):
+    """A randomized profile's per-sample FSInfo_diag, dFIL and sigma* (values, errors, probes,
+    intervals, bounds) are those of ``ff.linearize(encoder, x_batch, seed=, sample_ids=)``'s
+    ``.fsinfo`` / ``.dfil`` / ``.fsinfo_sigma``; one Linearization per (split, batch); and a
+    sample's numbers do not depend on the batch it was computed in."""
     from fsinfo_fast.data import digits
 
-    out = run_profile(ProfileConfig(model="vgg5", checkpoint=str(ckpt), size=8, max_samples=2,
-                                    splits="0,2", variant="diag", estimator="randomized",
-                                    rtol=0.02, dfil_max_probes=4, out=str(tmp_path / "r"),
+    calls = _count_linearizations(monkeypatch)
+    out = run_profile(ProfileConfig(model="vgg5", checkpoint=str(ckpt), size=8, max_samples=4,
+                                    batch_size=3, splits="0,4", variant="diag",
+                                    estimator="randomized", atol=0.05, rtol=0.05, seed=5,
+                                    out=str(tmp_path / "r"),
                                     plot=False, progress=False, table=False))
-    assert out.summary["sharing"]["dfil_shared_probe_splits"] == ["features.0", "features.2"]
-    x, _ = digits(size=8, split="test", max_samples=2)
+    # batches [0, 1, 2] and [3], splits features.0 and features.4: four Linearizations
+    assert sorted(calls) == sorted([("features.0", 3), ("features.4", 3), ("features.0", 1),
+                                    ("features.4", 1)])
+    monkeypatch.undo()
+    recs = {(r["sample"], r["split"]): r for r in out.summary["samples"]}
+    x, _ = digits(size=8, split="test", max_samples=4)
     model = _tiny_vgg5()
-    for name, k in (("features.0", 0), ("features.2", 2)):
-        recs = [r for r in out.summary["samples"] if r["split"] == name]
-        assert all("per split" in r["dfil_estimator"] for r in recs)
-        exact = ff.dfil(ff.split(model, k), x, 0.1, estimator="exact").value
-        for r, e in zip(recs, exact.tolist(), strict=True):
-            assert abs(r["dfil"] - e) <= max(4 * r["dfil_hw"], 1e-9 * e)
-            assert r["dfil_hw"] <= 0.02 * r["dfil"] * 1.0001
+    checked = 0
+    for name, k in (("features.0", 0), ("features.4", 4)):
+        enc = ff.split(model, k)
+        for ids in ([0, 1, 2], [3]):
+            lin = ff.linearize(enc, x[ids], seed=5, sample_ids=torch.tensor(ids))
+            fd = lin.fsinfo(0.1, variant="diag", estimator="randomized", atol=0.05)
+            dl = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="hutchinson")
+            sg = lin.fsinfo_sigma(-1.0, variant="diag", estimator="randomized", atol=0.05)
+            db, fb = ff.bounds.dfil_bound(dl), ff.bounds.fsinfo_bound(fd)
+            for j, i in enumerate(ids):
+                r = recs[(i, name)]
+                want = {
+                    "fsinfo_diag": fd.value[j], "fsinfo_diag_se": fd.stderr[j],
+                    "fsinfo_diag_hw": fd.ci_halfwidth[j], "dfil": dl.value[j],
+                    "dfil_se": dl.stderr[j], "dfil_hw": dl.ci_halfwidth[j],
+                    "sigma_star": sg.sigma[j], "sigma_star_low": sg.ci_low[j],
+                    "sigma_star_high": sg.ci_high[j], "dfil_bound": db.value[j],
+                    "dfil_bound_low": db.low[j], "dfil_bound_high": db.high[j],
+                    "fsinfo_diag_bound": fb.value[j], "fsinfo_diag_bound_low": fb.low[j],
+                    "fsinfo_diag_bound_high": fb.high[j],
+                }
+                for key, v in want.items():
+                    assert r[key] == pytest.approx(float(v), rel=1e-12, abs=0), (name, i, key)
+                assert r["fsinfo_diag_probes"] == int(fd.probes_per_sample[j])
+                assert r["dfil_probes"] == int(dl.probes_per_sample[j])
+                assert r["fsinfo_diag_converged"] is bool(fd.converged[j])
+                assert r["dfil_converged"] is bool(dl.converged[j])
+                assert r["fsinfo_diag_estimator"] == "randomized"
+                assert r["dfil_estimator"] == "randomized (hutchinson)"  # --dfil-method
+                checked += 1
+    assert checked == 8
+    # batch independence: sample 1 alone gives what it gave inside the batch [0, 1, 2]
+    lin = ff.linearize(ff.split(model, 4), x[1:2], seed=5, sample_ids=torch.tensor([1]))
+    fd = lin.fsinfo(0.1, variant="diag", estimator="randomized", atol=0.05)
+    dl = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="hutchinson")
+    assert recs[(1, "features.4")]["fsinfo_diag"] == pytest.approx(float(fd.value[0]), rel=1e-6)
+    assert recs[(1, "features.4")]["dfil"] == pytest.approx(float(dl.value[0]), rel=1e-6)
+
+
+def test_exact_sweep_builds_linearizations_only_where_needed(ckpt, tmp_path, monkeypatch):
+    """Exact profiles: the splits of the one-hot sweep need no Linearization (diag variant);
+    a split whose log det is asked gets exactly one per batch; --no-share: one per split and
+    batch."""
+    cfg = {"model": "vgg5", "checkpoint": str(ckpt), "size": 8, "max_samples": 2,
+           "batch_size": 1, "splits": "0,1,2", "estimator": "exact", "plot": False,
+           "progress": False, "table": False}
+    calls = _count_linearizations(monkeypatch)
+    out = run_profile(ProfileConfig(variant="diag", out=str(tmp_path / "a"), **cfg))
+    assert out.summary["sharing"]["exact_sweep_splits"] == ["features.0", "features.1",
+                                                            "features.2"]
+    assert calls == []
+    out = run_profile(ProfileConfig(variant="both", out=str(tmp_path / "b"), **cfg))
+    logdet = [s["name"] for s in out.summary["splits"] if s["fsinfo_logdet"] is not None]
+    assert logdet  # m >= d at these splits
+    assert sorted(calls) == sorted((n, 1) for n in logdet for _ in range(2))
+    calls.clear()
+    out = run_profile(ProfileConfig(variant="diag", share=False, out=str(tmp_path / "c"),
+                                    **cfg))
+    assert out.summary["sharing"]["exact_sweep_splits"] == []
+    assert sorted(calls) == sorted((f"features.{k}", 1) for k in range(3) for _ in range(2))
+
+
+def test_dfil_method_option(ckpt, tmp_path):
+    """``--dfil-method`` reaches ``Linearization.dfil`` (and changes the numbers: part of the
+    settings a resume must match); a bad value is refused."""
+    with pytest.raises(ff.InvalidInputError, match="--dfil-method"):
+        ProfileConfig(dfil_method="exact").validate()
+    out = run_profile(ProfileConfig(model="vgg5", checkpoint=str(ckpt), size=8, max_samples=2,
+                                    splits="0", variant="diag", estimator="randomized",
+                                    atol=0.05, rtol=0.05, dfil_method="diag",
+                                    out=str(tmp_path / "r"), plot=False, progress=False,
+                                    table=False))
+    assert out.summary["settings"]["dfil_method"] == "diag"
+    recs = out.summary["samples"]
+    assert {r["dfil_estimator"] for r in recs} == {"randomized (diag)"}
+    from fsinfo_fast.data import digits
+
+    x, _ = digits(size=8, split="test", max_samples=2)
+    lin = ff.linearize(ff.split(_tiny_vgg5(), 0), x, seed=0, sample_ids=torch.arange(2))
+    lin.fsinfo(0.1, variant="diag", estimator="randomized", atol=0.05)
+    dl = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="diag")
+    assert [r["dfil"] for r in recs] == pytest.approx(dl.value.tolist(), rel=1e-12)
+
+
+def test_auto_fallback_to_the_oracle_is_named_in_the_record():
+    """Where ``auto`` took the oracle the record's estimator says why (no silent fallback)."""
+    from fsinfo_fast.profile.runner import _label
+
+    lin = ff.linearize(ff.split(_tiny_vgg5(), 4), torch.rand(2, 3, 8, 8), seed=0)
+    r = lin.dfil(0.1, estimator="randomized", num_probes=4, method="hutchinson")
+    assert _label(r, "auto", method=True) == "randomized (hutchinson)"
+    assert _label(r, "auto") == "randomized"
+    lin.exact()
+    r = lin.fsinfo(0.1, estimator="auto")
+    assert r.estimator == "exact" and r.info["auto"]
+    assert _label(r, "auto") == f"exact (auto: {r.info['auto']})"
+    assert _label(r, "exact") == "exact"  # the plan asked for it: nothing to explain

@@ -148,20 +148,18 @@ class EfficiencySpec:
 class SharingSpec:
     """Work shared across split points (``fsinfo-fast profile``): one pass through the deepest
     split serves every shallower one. Measured with
-    :func:`fsinfo_fast.profile.shared.measure_sharing` (shared vs per-split route, same probes).
+    :func:`fsinfo_fast.profile.shared.measure_sharing` (shared vs per-split route, same inputs).
 
     Attributes:
         model: zoo model; ``size``: input side; ``batch``: samples;
         splits: split points (``None``: the model's paper splits);
-        num_probes: dFIL probes; exact: include the exact diagonal (``d`` one-hot JVPs);
-        repeats: timed repetitions.
+        exact: include the exact diagonal (``d`` one-hot JVPs); repeats: timed repetitions.
     """
 
     model: str = "vgg5"
     size: int = 16
     batch: int = 2
     splits: list[int] | None = None
-    num_probes: int = 32
     exact: bool = True
     repeats: int = 3
 

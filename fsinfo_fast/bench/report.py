@@ -132,7 +132,7 @@ def markdown(doc: dict[str, Any]) -> str:
                   "split vs every split on its own)", "",
                   "| what | shared | per split | speed-up | max diff (abs / rel) |",
                   "|---|---:|---:|---:|---:|"]
-        for key in ("forward", "dfil_probes", "exact_diag"):
+        for key in ("forward", "exact_diag"):
             r = sh.get(key)
             if isinstance(r, dict) and "speedup" in r:
                 diff = r.get("max_abs_diff", r.get("max_rel_diff"))

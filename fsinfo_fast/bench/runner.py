@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..errors import BackendUnavailableError
+from ..result import Z95
 from .cases import Case, build_encoder, make_case
 from .config import BenchConfig, CaseSpec
 from .harness import Timing, environment, peak_memory, pin_threads, synchronize, time_call
@@ -50,7 +51,6 @@ from .schema import SCHEMA_VERSION
 
 __all__ = ["run_bench", "measure_case", "resolve_device"]
 
-_Z95 = 1.959963984540054
 
 Log = Callable[[str], None]
 
@@ -268,7 +268,7 @@ def _calibrate(case: Case, p: Provider, cfg: BenchConfig,
                 out = p.run(case, k, s)
             errs.append(case.error(out.value))
         e = torch.cat(errs)
-        err95 = float(_Z95 * torch.sqrt((e**2).mean()))
+        err95 = float(Z95 * torch.sqrt((e**2).mean()))
         curve.append({"num_probes": k, "err95": err95, "max_err": float(e.max()),
                       "seeds": seeds})
         if err95 <= case.target:
@@ -284,7 +284,7 @@ def _pooled_err95(case: Case, p: Provider, k: int | None, seeds: int,
         out = p.run(case, None, s, adaptive=True) if adaptive else p.run(case, k, s)
         errs.append(case.error(out.value))
     e = torch.cat(errs)
-    return float(_Z95 * torch.sqrt((e**2).mean()))
+    return float(Z95 * torch.sqrt((e**2).mean()))
 
 
 def _measure_randomized_at(case: Case, p: Provider, cfg: BenchConfig, k: int | None, mode: str,
@@ -674,9 +674,8 @@ def _sharing(cfg: BenchConfig, device: torch.device, log: Log) -> dict[str, Any]
         torch.manual_seed(cfg.seed)
         model = get_model(sh.model, input_size=sh.size).eval().to(device)
     x, _ = natural_images(size=sh.size, n=sh.batch, seed=cfg.seed)
-    res = measure_sharing(model, x.to(device), sh.splits, num_probes=sh.num_probes,
-                          exact=sh.exact, repeats=sh.repeats, seed=cfg.seed)
-    for key in ("forward", "dfil_probes", "exact_diag"):
+    res = measure_sharing(model, x.to(device), sh.splits, exact=sh.exact, repeats=sh.repeats)
+    for key in ("forward", "exact_diag"):
         r = res.get(key)
         if isinstance(r, dict) and "speedup" in r:
             log(f"    {key:<12s} shared {_fmt_s(r['shared_s'])}  per split "

@@ -63,9 +63,11 @@ A new run refuses a non-empty ``--out``.
 Several processes: under ``torchrun`` the samples are handed out by batch over the ranks (gloo on
 CPU, NCCL on GPU) and rank 0 writes everything (:mod:`.distributed`).
 
-Shared work across split points (:mod:`.shared`): one early-stopped pass through the deepest split
-gives every split's activations; in exact mode ``d`` one-hot JVPs through it give every split's
-exact Fisher diagonal and trace; randomized dFIL uses input-side probes shared by all splits.
+One :class:`fsinfo_fast.Linearization` per split and batch: FSInfo_diag, dFIL, the log det and
+``sigma*`` are its methods (so they share its products: the validation, the primal, the probes),
+the bounds come from :mod:`fsinfo_fast.bounds`. Shared work across split points (:mod:`.shared`):
+in exact mode ``d`` one-hot JVPs through the deepest split give every shallower split's exact
+Fisher diagonal and trace (one :class:`fsinfo_fast.reference.ExactFisher` per split);
 :func:`fsinfo_fast.profile.shared.measure_sharing` times the saving.
 
 Example, a real pretrained network that ships offline (the VGG16-BN backbone of EasyOCR's CRAFT
@@ -178,6 +180,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"FSInfoGuard target FSInfo in nats/dim for sigma* (default {d.target})")
     m.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed of the probes and of the demo model's training (default {d.seed})")
+    m.add_argument("--dfil-method", choices=("auto", "hutchinson", "hutch++", "diag"),
+                   default=d.dfil_method,
+                   help="randomized dFIL estimator: Rademacher JVPs (hutchinson), Hutch++, the "
+                        "FSInfo_diag VJP probes (diag) or the Linearization's choice (auto) "
+                        f"(default {d.dfil_method})")
     m.add_argument("--no-share", dest="share", action="store_false",
                    help="compute every split on its own (no work shared across split points)")
     m.add_argument("--backend", default=d.backend,
@@ -206,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         max_samples=args.max_samples, batch_size=args.batch_size, device=args.device,
         seed=args.seed, out=args.out, resume=args.resume, plot=args.plot, share=args.share,
         backend=args.backend, progress=not args.quiet, table=not args.quiet,
+        dfil_method=args.dfil_method,
     )
 
 

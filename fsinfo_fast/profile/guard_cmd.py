@@ -1,10 +1,13 @@
 """``fsinfo-fast guard``: the FSInfoGuard noise for a target FSInfo, and what it costs in accuracy.
 
 For each split point: the per-sample noise scale ``sigma*`` that brings FSInfo down to
-``--target`` (:func:`fsinfo_fast.fsinfo_sigma`), computed on every sample; one data-set sigma
-calibrated on the first ``--calibration`` samples (``--statistic max``: every calibration sample
+``--target``, computed on every sample (one :class:`fsinfo_fast.Linearization` per batch, its
+:meth:`~fsinfo_fast.Linearization.fsinfo_sigma`, through :class:`fsinfo_fast.FSInfoGuard`); one
+data-set sigma calibrated on the first ``--calibration`` samples by
+:meth:`fsinfo_fast.result.SigmaResult.dataset` (``--statistic max``: every calibration sample
 at the target or below; ``quantile``: a fraction ``--quantile`` of them; ``mean``), as
-:meth:`fsinfo_fast.FSInfoGuard.calibrate` does; on the held-out remaining samples, the fraction
+:meth:`fsinfo_fast.FSInfoGuard.calibrate` does (``sigma_conservative``: the same statistic of
+the upper ends of the per-sample 95% intervals); on the held-out remaining samples, the fraction
 that the calibrated sigma protects (``sigma*_i <= sigma``, i.e. FSInfo at or below the target),
 and, with labels and the whole model, the top-1 accuracy without noise, with the calibrated
 sigma and with per-sample ``sigma*`` (noise injected at the split with
@@ -28,6 +31,7 @@ cannot trace the model, e.g. ``fsinfo_fast.models.third_party:convnext_classifie
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -182,9 +186,16 @@ def _classifier_ok(model: nn.Module, x: Tensor, y: Tensor) -> str | None:
     return None
 
 
+def _head(res: Any, n: int) -> Any:
+    """The first ``n`` samples of a :class:`~fsinfo_fast.result.SigmaResult`."""
+    return dataclasses.replace(res, sigma=res.sigma[:n], target=res.target[:n],
+                               ci_low=res.ci_low[:n], ci_high=res.ci_high[:n],
+                               converged=res.converged[:n])
+
+
 def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     """Compute everything ``fsinfo-fast guard`` reports (see the module docstring)."""
-    from ..metrics import fsinfo_sigma
+    from ..guard import FSInfoGuard, concat_sigma_results
     from .distributed import resolve_device
     from .sources import resolve_splits
 
@@ -227,30 +238,35 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     try:
         for s in splits:
-            sig = []
+            guard = FSInfoGuard(s.encoder, args.target, args.variant, **kw)
+            parts = []
             for i in range(0, n, args.batch_size):
                 xb = x[i : i + args.batch_size]
                 ids = torch.arange(i, i + len(xb))
-                sig.append(fsinfo_sigma(s.encoder, xb, args.target, variant=args.variant,
-                                        sample_ids=ids, **kw).sigma.detach().cpu())
+                parts.append(guard.sigma_result(xb, sample_ids=ids))
                 if bar is not None:
                     bar.update(len(xb))
-            sig = torch.cat(sig)
-            cal = sig[:n_cal]
-            sigma = float({"max": cal.max, "mean": cal.mean,
-                           "quantile": lambda c=cal: torch.quantile(c, args.quantile)}
-                          [args.statistic]())
+            res = concat_sigma_results(parts)
+            sig = res.sigma
+            cal = _head(res, n_cal)
+            q = args.quantile
+            sigma = cal.dataset(args.statistic, q)
             held = sig[n_cal:]
+            # FSInfo at the calibrated sigma: target + ln(sigma*_i / sigma), exact without a
+            # prior (FSInfo + ln sigma does not depend on sigma); with one, not reported
+            at_max = (args.target + math.log(float(held.max()) / sigma)
+                      if len(held) and args.prior_var is None and sigma > 0 else None)
             row: dict[str, Any] = {
                 "split": s.name, "index": s.index, "sigma": sigma,
+                "sigma_conservative": cal.dataset(args.statistic, q, conservative=True),
+                "estimator": res.estimator,
                 "sigma_star": {"min": float(sig.min()), "median": float(sig.median()),
                                "max": float(sig.max())},
+                "unconverged": int((~res.converged).sum()),
                 "held_out": int(len(held)),
                 "protected_fraction": (float((held <= sigma).double().mean())
                                        if len(held) else None),
-                # FSInfo at the calibrated sigma: target + ln(sigma*_i / sigma)
-                "fsinfo_at_sigma_max": (args.target + math.log(float(held.max()) / sigma)
-                                        if len(held) else None),
+                "fsinfo_at_sigma_max": at_max,
             }
             if why_not is None:
                 at = s.index if s.index is not None else s.name

@@ -2,7 +2,8 @@
 
 Per split and metric (over the ``n`` samples):
 
-- ``mean`` with ``mean_ci95`` = ``mean +- 1.96 * sqrt(sum_i se_i^2) / n``: the estimators'
+- ``mean`` with ``mean_ci95`` = ``mean +- Z95 * sqrt(sum_i se_i^2) / n`` (``Z95 = 1.96``,
+  :data:`fsinfo_fast.result.Z95`): the estimators'
   uncertainty about the mean of *these* samples (0 for exact estimates);
 - ``sample_std`` and ``sem`` = ``sample_std / sqrt(n)``: the spread over the data (the standard
   error of the mean as an estimate of the data distribution's mean);
@@ -39,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from .._extras import require
+from ..result import Z95
 from .store import atomic_write_bytes, atomic_write_text
 
 __all__ = ["summarize", "write_outputs", "print_table", "SAMPLE_FIELDS", "SUMMARY_FIELDS"]
-
-_Z95 = 1.959963984540054
 
 #: Columns of ``samples.csv`` (one row per sample and split).
 SAMPLE_FIELDS = (
@@ -102,7 +102,7 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
         "mean": mean,
         "mean_stderr": se_mean,
         # a mean over an upper bound is only an upper bound: no lower end
-        "mean_ci95": [None if bound else mean - _Z95 * se_mean, mean + _Z95 * se_mean],
+        "mean_ci95": [None if bound else mean - Z95 * se_mean, mean + Z95 * se_mean],
         "mean_is_bound": bool(bound),
         "sample_std": std,
         "sem": std / math.sqrt(n) if n > 1 else None,
@@ -300,7 +300,7 @@ def _pm(st: dict[str, Any] | None) -> str:
     if st is None:
         return "-"
     unconv, bound = _flags(st)
-    hw = st["mean_stderr"] * _Z95
+    hw = st["mean_stderr"] * Z95
     if hw <= 0:
         text = _fmt(st["mean"])
     else:

@@ -10,7 +10,6 @@ run's records equal an uninterrupted run's, none lost, none duplicated.
 
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import math
@@ -29,10 +28,11 @@ from torch import Tensor, nn
 from .. import __version__
 from .._extras import require
 from ..errors import EncoderError, FSInfoError, InvalidInputError
-from ..formulas import DIAG_FLOOR
+from ..reference import ExactFisher
+from ..result import SigmaResult
 from .distributed import DistContext
 from .errors import DataError, ResumeError, RunDirError
-from .shared import NestedStack, dfil_shared, exact_diag_shared
+from .shared import NestedStack, exact_diag_shared
 from .sources import (
     Dataset,
     SplitSpec,
@@ -74,9 +74,10 @@ DFIL_EXACT_MAX = 256
 MATCH_KEYS = (
     "model", "checkpoint_sha256", "model_sha256", "data", "size", "data_sha256", "num_samples",
     "splits", "sigma", "variant", "estimator", "atol", "rtol", "prior_var", "target", "seed",
-    "share", "dfil_max_probes",
+    "share", "dfil_method",
 )
-_Z95 = 1.959963984540054
+#: dFIL methods ``--dfil-method`` accepts (those of :meth:`fsinfo_fast.Linearization.dfil`).
+DFIL_METHODS = ("auto", "hutchinson", "hutch++", "diag")
 
 
 @dataclass
@@ -107,8 +108,12 @@ class ProfileConfig:
         backend: product backend for the metrics.
         progress: show a progress bar.
         table: print the result table.
-        dfil_max_probes: shared dFIL probes per sample before a (sample, split) whose interval
-            is still too wide falls back to the per-split estimator (Hutch++).
+        dfil_method: how a randomized dFIL is estimated (:meth:`fsinfo_fast.Linearization.dfil`'s
+            ``method``): ``hutchinson`` (default: Rademacher JVPs; on the demo VGG5 at 3x32x32
+            and rtol 1% it needs 30-120 of them where the diagonal estimator's Gaussian VJPs,
+            ``diag``, which ``auto`` picks once FSInfo_diag has drawn some, need 50-170, and
+            those cost more per probe: 3-4x the time, measured under load), ``hutch++``,
+            ``diag`` or ``auto``.
     """
 
     model: str = "vgg5"
@@ -134,7 +139,7 @@ class ProfileConfig:
     backend: str = "auto"
     progress: bool = True
     table: bool = True
-    dfil_max_probes: int = 256
+    dfil_method: str = "hutchinson"
 
     def validate(self) -> None:
         """Raise :class:`InvalidInputError` (one line) on a bad option value."""
@@ -154,6 +159,9 @@ class ProfileConfig:
             raise InvalidInputError(f"--target must be finite, got {self.target!r}")
         if self.variant not in ("diag", "logdet", "both"):
             raise InvalidInputError(f"--variant must be diag, logdet or both, got {self.variant!r}")
+        if self.dfil_method not in DFIL_METHODS:
+            raise InvalidInputError(f"--dfil-method must be one of {', '.join(DFIL_METHODS)}, "
+                                    f"got {self.dfil_method!r}")
         if self.estimator not in ("auto", "exact", "randomized"):
             raise InvalidInputError(
                 f"--estimator must be auto, exact or randomized, got {self.estimator!r}")
@@ -166,8 +174,6 @@ class ProfileConfig:
             raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.size < 1:
             raise InvalidInputError(f"--size must be >= 1, got {self.size}")
-        if self.dfil_max_probes < 2:
-            raise InvalidInputError("dfil_max_probes must be >= 2")
 
 
 @dataclass
@@ -349,7 +355,7 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
         "target": float(cfg.target),
         "seed": int(cfg.seed),
         "share": bool(cfg.share),
-        "dfil_max_probes": int(cfg.dfil_max_probes),
+        "dfil_method": cfg.dfil_method,
         # free to change on --resume (rounding-level effects only):
         "batch_size": int(cfg.batch_size),
         "device": str(device),
@@ -419,19 +425,21 @@ class Plan:
     Attributes:
         d: input size per sample; m: output size per split.
         exact: the profile is exact (``--estimator exact``, or ``auto`` with ``d`` small).
-        sweep: splits whose exact diagonal and trace come from the shared one-hot JVP sweep.
-        dfil_shared: splits whose randomized dFIL comes from shared input-side probes.
+        sweep: splits whose exact diagonal and trace come from the shared one-hot JVP sweep
+            (exact profiles only; every other split goes through its own
+            :class:`~fsinfo_fast.Linearization`).
         small_exact: splits computed exactly in a randomized profile (``estimator="auto"`` and
-            ``min(m, d) <= DFIL_EXACT_MAX``): one exact Jacobian gives FSInfo diag and dFIL.
+            ``min(m, d) <= DFIL_EXACT_MAX``): one exact Jacobian gives every quantity.
         logdet: per split, ``None`` when the log-det variant is computed, else why not.
-        stack: the nested stack (``None`` without sharing).
+        stack: the nested stack (``None`` without sharing, or in a randomized profile, where
+            nothing is shared across splits).
+        rejected: splits the stack cannot serve, with the reason.
     """
 
     d: int
     m: dict[str, int]
     exact: bool
     sweep: list[str]
-    dfil_shared: list[str]
     small_exact: list[str]
     logdet: dict[str, str | None]
     stack: NestedStack | None
@@ -441,7 +449,6 @@ class Plan:
         return {
             "exact": self.exact,
             "exact_sweep_splits": self.sweep,
-            "dfil_shared_probe_splits": self.dfil_shared,
             "small_exact_splits": self.small_exact,
             "stack_splits": self.stack.names if self.stack else [],
             "not_shareable": self.rejected,
@@ -458,7 +465,7 @@ def make_plan(cfg: ProfileConfig, model: nn.Module, splits: list[SplitSpec],
     exact = cfg.estimator == "exact" or (cfg.estimator == "auto" and d <= EXACT_SMALL_D)
     stack = None
     rejected: dict[str, str] = {}
-    if cfg.share:
+    if cfg.share and exact:  # the one-hot sweep is the only work shared across splits
         stack = NestedStack(model, [s.name for s in splits], example,
                             {s.name: s.encoder for s in splits})
         rejected = dict(stack.rejected)
@@ -474,8 +481,7 @@ def make_plan(cfg: ProfileConfig, model: nn.Module, splits: list[SplitSpec],
         else:
             logdet[s.name] = None
     sweep: list[str] = []
-    dfil_sh: list[str] = []
-    dfil_ex: list[str] = []
+    small: list[str] = []
     names = stack.names if stack else []
     if exact:
         if names:
@@ -487,21 +493,10 @@ def make_plan(cfg: ProfileConfig, model: nn.Module, splits: list[SplitSpec],
                 if c < best:
                     best_j, best = j, c
             sweep = names[:best_j]
-    else:
-        for s in splits:
-            if cfg.estimator == "auto" and min(m[s.name], d) <= DFIL_EXACT_MAX:
-                dfil_ex.append(s.name)
-            elif s.name in names:
-                dfil_sh.append(s.name)
-    return Plan(d=d, m=m, exact=exact, sweep=sweep, dfil_shared=dfil_sh, small_exact=dfil_ex,
-                logdet=logdet, stack=stack, rejected=rejected)
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    elif cfg.estimator == "auto":
+        small = [s.name for s in splits if min(m[s.name], d) <= DFIL_EXACT_MAX]
+    return Plan(d=d, m=m, exact=exact, sweep=sweep, small_exact=small, logdet=logdet,
+                stack=stack, rejected=rejected)
 
 
 class WarningSink:
@@ -541,53 +536,187 @@ def _module_of(filename: str) -> str:
     return ".".join(rel.parts)
 
 
-def _metric(fn, *args, ids: Tensor, seed: int, backend: str, sink: WarningSink | None = None,
-            split: str = "", **kw):
-    """Call a public metric with per-sample seeding when it supports it; its warnings go to
-    ``sink`` (once per split), or straight to the user without one."""
-    if _accepts(fn, "sample_ids"):
-        kw["sample_ids"] = ids
-        kw["seed"] = seed
-    elif _accepts(fn, "seed"):
-        # no per-sample seeding yet: a seed per batch (batches are fixed, so resume and the
-        # distributed run still reproduce the numbers)
-        kw["seed"] = (seed * 1_000_003 + int(ids[0])) % (1 << 62)
-    if backend != "auto" and _accepts(fn, "backend"):
-        kw["backend"] = backend
-    if sink is None:
-        return fn(*args, **kw)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        r = fn(*args, **kw)
-    sink.emit(caught, split)
-    return r
-
-
-def _method(r: Any) -> str:
-    m = r.info.get("method") if isinstance(getattr(r, "info", None), dict) else None
-    return f", {m}" if m else ""
-
-
 def _num(v: float) -> float | None:
     v = float(v)
     return v if math.isfinite(v) else None
 
 
-def _tensor_field(r: Any, name: str, b: int, default: float | int | bool):
-    t = getattr(r, name, None)
-    if t is None and isinstance(getattr(r, "info", None), dict):
-        t = r.info.get(name)
-    if isinstance(t, Tensor) and t.numel() == b:
-        return [x.item() for x in t.flatten()]
-    if t is None:
-        return [default] * b
-    return [t] * b
+def _nums(t: Tensor) -> list[float | None]:
+    return [_num(v) for v in t.detach().cpu().tolist()]
+
+
+def _flags(t: Tensor | None, b: int, default: bool) -> list[bool]:
+    return [default] * b if t is None else [bool(v) for v in t.detach().cpu().tolist()]
+
+
+def _metric_fields(prefix: str, r: Any, estimator: str, *, probes: bool = True
+                   ) -> dict[str, list]:
+    """The record fields of one :class:`~fsinfo_fast.MetricResult` (``[B]`` lists)."""
+    b = len(r)
+    out: dict[str, list] = {
+        prefix: _nums(r.value),
+        f"{prefix}_se": _nums(r.stderr),
+        f"{prefix}_hw": _nums(r.ci_halfwidth),
+        f"{prefix}_converged": _flags(r.converged, b, True),
+        f"{prefix}_is_bound": _flags(r.bound, b, False),
+    }
+    if probes:
+        pps = r.probes_per_sample
+        out[f"{prefix}_probes"] = ([r.num_probes] * b if pps is None
+                                   else [int(k) for k in pps.cpu().tolist()])
+        out[f"{prefix}_estimator"] = [estimator] * b
+    return out
+
+
+def _bound_fields(prefix: str, bound: Any) -> dict[str, list]:
+    """``{prefix}`` and its ``_low`` / ``_high`` from a :class:`fsinfo_fast.bounds.Bound`."""
+    return {prefix: _nums(bound.value), f"{prefix}_low": _nums(bound.low),
+            f"{prefix}_high": _nums(bound.high)}
+
+
+def _sigma_fields(prefix: str, s: Any) -> dict[str, list]:
+    """``{prefix}`` and its 95% interval from a :class:`~fsinfo_fast.result.SigmaResult`."""
+    return {prefix: _nums(s.sigma), f"{prefix}_low": _nums(s.ci_low),
+            f"{prefix}_high": _nums(s.ci_high)}
+
+
+def _none_fields(b: int, *keys: str) -> dict[str, list]:
+    return {k: [None] * b for k in keys}
+
+
+def _label(r: Any, requested: str, *, method: bool = False) -> str:
+    """The estimator a record names: ``randomized`` (``randomized (<method>)`` with ``method``)
+    or ``exact``; where ``auto`` took the oracle, why (``exact (auto: <reason>)``), so that a
+    fallback is never silent."""
+    info = r.info if isinstance(r.info, dict) else {}
+    if r.estimator == "exact":
+        why = info.get("auto")
+        return f"exact (auto: {why})" if requested == "auto" and why else "exact"
+    m = info.get("method") if method else None
+    return f"{r.estimator} ({m})" if m else r.estimator
+
+
+def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor, ids: Tensor,
+                     swept: ExactFisher | None = None, say=None) -> dict[str, list]:
+    """Every record field of one split for one batch, from ONE
+    :class:`~fsinfo_fast.Linearization` of the split's encoder at ``x``.
+
+    FSInfo_diag, dFIL, the log-det FSInfo (where the plan asks) and FSInfoGuard's ``sigma*``
+    come from the methods of ``ff.linearize(encoder, x, seed=cfg.seed, sample_ids=ids)`` (so
+    they share every product the Linearization can share, and each sample's probes are seeded
+    by ``(seed, sample id)`` only); the bounds from :mod:`fsinfo_fast.bounds`. A split served by
+    the exact one-hot sweep (``swept``, the :class:`~fsinfo_fast.reference.ExactFisher` built
+    from the shared diagonal) takes FSInfo_diag, dFIL and ``sigma*`` from it and builds a
+    Linearization only for the log det.
+
+    Args:
+        cfg: the run's settings.
+        plan: the run's plan.
+        spec: the split.
+        x: the batch ``[B, *in]`` on the run's device.
+        ids: ``[B]`` int64 sample ids.
+        swept: the split's exact Fisher quantities from the shared sweep, or ``None``.
+        say: optional ``callable(str)`` told which step runs.
+
+    Returns:
+        ``{field: [B] list}`` (the fields of :data:`fsinfo_fast.profile.report.SAMPLE_FIELDS`
+        after the identification columns).
+    """
+    import fsinfo_fast as ff
+
+    from ..bounds import dfil_bound, fsinfo_bound
+
+    def step(text: str) -> None:
+        if say is not None:
+            say(f"{text} {spec.layer}")
+
+    b = x.shape[0]
+    sigma, target = float(cfg.sigma), float(cfg.target)
+    exact = plan.exact or spec.name in plan.small_exact
+    est = "exact" if exact else cfg.estimator
+    want_logdet = plan.logdet[spec.name] is None
+    out: dict[str, list] = {}
+    lin = None
+    if swept is None or want_logdet:
+        step("linearize")
+        lin = ff.linearize(spec.encoder, x, backend=cfg.backend, seed=cfg.seed, sample_ids=ids)
+        if exact and want_logdet and swept is None:
+            lin.exact(spectrum=True)  # one dense Jacobian (with its spectrum) serves everything
+
+    # --- FSInfo_diag, dFIL and sigma* ---------------------------------------------------------
+    if swept is not None:
+        fd, dl = swept.fsinfo(sigma, "diag"), swept.dfil(sigma)
+        sig = swept.fsinfo_sigma(target, "diag")
+        sg = SigmaResult(sigma=sig, target=torch.full_like(sig, target), metric="fsinfo_diag",
+                         estimator="exact", info={"backend": "reference (shared sweep)"})
+        dfil_label = "exact (shared sweep)"
+    else:
+        fd = sg = None
+        if exact or cfg.variant != "logdet":
+            step("FSInfo diag")
+            fd = lin.fsinfo(sigma, variant="diag", estimator=est, atol=cfg.atol)
+        step("dFIL")
+        dl = lin.dfil(sigma, estimator=est, rtol=cfg.rtol, method=cfg.dfil_method)
+        dfil_label = _label(dl, est, method=True)
+        if fd is not None:
+            step("sigma*")
+            sg = lin.fsinfo_sigma(target, variant="diag", estimator=est, atol=cfg.atol)
+    diag_keys = ("fsinfo_diag", "fsinfo_diag_se", "fsinfo_diag_hw", "fsinfo_diag_probes",
+                 "fsinfo_diag_estimator", "fsinfo_diag_converged", "fsinfo_diag_is_bound")
+    if fd is None:
+        out.update(_none_fields(b, *diag_keys))
+        out.update(_none_fields(b, "fsinfo_diag_bound", "fsinfo_diag_bound_low",
+                                "fsinfo_diag_bound_high", "sigma_star", "sigma_star_low",
+                                "sigma_star_high"))
+    else:
+        out.update(_metric_fields("fsinfo_diag", fd, _label(fd, est)))
+        out.update(_bound_fields("fsinfo_diag_bound", fsinfo_bound(fd)))
+        out.update(_sigma_fields("sigma_star", sg))
+    out.update(_metric_fields("dfil", dl, dfil_label))
+    out.update(_bound_fields("dfil_bound", dfil_bound(dl)))
+
+    # --- FSInfo log det -----------------------------------------------------------------------
+    why = plan.logdet[spec.name]
+    if why is not None:
+        out.update(_none_fields(b, "fsinfo_logdet", "fsinfo_logdet_se", "fsinfo_logdet_hw",
+                                "fsinfo_logdet_converged", "fsinfo_logdet_is_bound",
+                                "fsinfo_logdet_bound", "fsinfo_logdet_bound_low",
+                                "fsinfo_logdet_bound_high", "sigma_star_logdet",
+                                "sigma_star_logdet_low", "sigma_star_logdet_high"))
+        out["fsinfo_logdet_status"] = [why] * b
+        return out
+    step("FSInfo logdet")
+    ld = lin.fsinfo(sigma, variant="logdet", estimator=est, atol=cfg.atol,
+                    prior_var=cfg.prior_var)
+    out.update(_metric_fields("fsinfo_logdet", ld, ld.estimator, probes=False))
+    out["fsinfo_logdet_status"] = [
+        "-inf: J^T J is singular" if not math.isfinite(v) else
+        "upper bound: the spectrum reaches the products' precision" if bd else "ok"
+        for v, bd in zip(ld.value.tolist(), ld.bound.tolist(), strict=True)]
+    out.update(_bound_fields("fsinfo_logdet_bound", fsinfo_bound(ld)))
+    if cfg.prior_var is None or ld.estimator == "exact":
+        # with a prior only the exact route solves for sigma* (the log det it just computed
+        # is cached on the Linearization, so this is arithmetic)
+        step("sigma* logdet")
+        sl = lin.fsinfo_sigma(target, variant="logdet",
+                              estimator="exact" if ld.estimator == "exact" else est,
+                              atol=cfg.atol, prior_var=cfg.prior_var)
+        out.update(_sigma_fields("sigma_star_logdet", sl))
+    else:
+        out.update(_none_fields(b, "sigma_star_logdet", "sigma_star_logdet_low",
+                                "sigma_star_logdet_high"))
+    return out
 
 
 def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Tensor,
                   y: Tensor, ids: Tensor, status=None,
                   sink: WarningSink | None = None) -> list[dict[str, Any]]:
     """Every (sample, split) record of one batch (fields: :data:`report.SAMPLE_FIELDS`).
+
+    Per split, one :class:`~fsinfo_fast.Linearization` (:func:`split_quantities`); in exact
+    profiles the splits of the plan's sweep take their exact diagonal from one one-hot JVP sweep
+    through the deepest of them (:func:`~fsinfo_fast.profile.shared.exact_diag_shared`), as a
+    :class:`~fsinfo_fast.reference.ExactFisher`.
 
     Per sample and metric the record says whether the estimate met its tolerance
     (``*_converged``: False where the probe cap stopped it first; its interval is then wider than
@@ -599,237 +728,33 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
         sink: where the metrics' warnings go (one per split and kind over the whole run); a
             new one per call when omitted.
     """
-    import fsinfo_fast as ff
-
     def say(text: str) -> None:
         if status is not None:
             status(text)
 
     b = x.shape[0]
     d = plan.d
-    sigma = float(cfg.sigma)
-    est = "exact" if plan.exact else cfg.estimator
-    out: dict[str, dict[str, list]] = {s.name: {} for s in splits}
-    timings: dict[str, float] = {}
     sink = sink if sink is not None else WarningSink()
-
-    def put(name: str, key: str, values) -> None:
-        out[name][key] = list(values)
-
-    # --- diagonal FSInfo and dFIL ------------------------------------------------------------
-    t0 = time.perf_counter()
-    diags: dict[str, Tensor] = {}  # exact diag(J^T J), where the plan computes it exactly
-    if plan.exact:
-        if plan.sweep:
-            say(f"exact sweep ({len(plan.sweep)} splits)")
-            diags.update(exact_diag_shared(plan.stack, plan.sweep, x))
-        todo = [s for s in splits if s.name not in diags]
-    else:
-        todo = [s for s in splits if s.name in plan.small_exact]
-    for s in todo:
-        say(f"exact {s.layer}")
-        diags[s.name] = ff.reference.fisher_diag(s.encoder, x)
-    for name, dg in diags.items():
-        dg = dg.cpu()
-        zeros = [0.0] * b
-        put(name, "fsinfo_diag", _fsinfo_from_diag(dg, d, sigma).tolist())
-        put(name, "fsinfo_diag_se", zeros)
-        put(name, "fsinfo_diag_hw", zeros)
-        put(name, "fsinfo_diag_probes", [None] * b)
-        put(name, "fsinfo_diag_estimator", ["exact"] * b)
-        put(name, "fsinfo_diag_converged", [True] * b)
-        put(name, "fsinfo_diag_is_bound", [False] * b)
-        put(name, "dfil", (dg.sum(1) / (sigma**2 * d)).tolist())
-        put(name, "dfil_se", zeros)
-        put(name, "dfil_hw", zeros)
-        put(name, "dfil_probes", [None] * b)
-        put(name, "dfil_estimator",
-            ["exact (shared sweep)" if name in plan.sweep else "exact"] * b)
-        put(name, "dfil_converged", [True] * b)
-        put(name, "dfil_is_bound", [False] * b)
-    if not plan.exact:
-        for s in splits:
-            if s.name in diags or cfg.variant == "logdet":
-                continue
-            say(f"FSInfo diag {s.layer}")
-            r = _metric(ff.fsinfo, s.encoder, x, sigma, variant="diag", estimator=est,
-                        atol=cfg.atol, ids=ids,
-                        seed=cfg.seed, backend=cfg.backend, sink=sink, split=s.name)
-            put(s.name, "fsinfo_diag", r.value.tolist())
-            put(s.name, "fsinfo_diag_se", r.stderr.tolist())
-            put(s.name, "fsinfo_diag_hw", r.ci_halfwidth.tolist())
-            put(s.name, "fsinfo_diag_probes",
-                _tensor_field(r, "probes_per_sample", b, r.num_probes))
-            put(s.name, "fsinfo_diag_estimator", [r.estimator] * b)
-            put(s.name, "fsinfo_diag_converged", _tensor_field(r, "converged", b, True))
-            put(s.name, "fsinfo_diag_is_bound", _tensor_field(r, "bound", b, False))
-        timings["fsinfo_diag"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        shared = None
-        if plan.dfil_shared:
-            say(f"dFIL, shared probes ({len(plan.dfil_shared)} splits)")
-            shared = dfil_shared(plan.stack, plan.dfil_shared, x, ids, seed=cfg.seed,
-                                 rtol=cfg.rtol, max_probes=cfg.dfil_max_probes)
-        for s in splits:
-            if s.name in diags:
-                continue
-            if shared is not None and s.name in shared.trace:
-                scale = 1.0 / (sigma**2 * d)
-                v = shared.trace[s.name].cpu() * scale
-                se = shared.stderr[s.name].cpu() * scale
-                hw = [float(e) * _t95(int(k) - 1)
-                      for e, k in zip(se, shared.probes[s.name], strict=True)]
-                v, se = v.tolist(), se.tolist()
-                probes = shared.probes[s.name].tolist()
-                label = ["randomized (shared input probes)"] * b
-                conv = shared.converged[s.name].cpu()
-                is_bound = [False] * b
-                if not bool(conv.all()):
-                    # low effective rank: Hutchinson would need too many probes; these samples
-                    # take the per-split estimator (Hutch++), seeded per sample as well
-                    rows = (~conv).nonzero().flatten()
-                    say(f"dFIL {s.layer} ({len(rows)} sample(s) per split)")
-                    r = _metric(ff.dfil, s.encoder, x[rows.to(x.device)], sigma, estimator=est,
-                                rtol=cfg.rtol,
-                                ids=ids[rows], seed=cfg.seed, backend=cfg.backend, sink=sink,
-                                split=s.name)
-                    r_probes = _tensor_field(r, "probes_per_sample", len(rows), r.num_probes)
-                    r_conv = _tensor_field(r, "converged", len(rows), True)
-                    r_bound = _tensor_field(r, "bound", len(rows), False)
-                    for j, i in enumerate(rows.tolist()):
-                        v[i], se[i] = float(r.value[j]), float(r.stderr[j])
-                        hw[i] = float(r.ci_halfwidth[j])
-                        probes[i] = r_probes[j]
-                        conv[i] = bool(r_conv[j])
-                        is_bound[i] = bool(r_bound[j])
-                        label[i] = f"{r.estimator} (per split{_method(r)})"
-                put(s.name, "dfil", v)
-                put(s.name, "dfil_se", se)
-                put(s.name, "dfil_hw", hw)
-                put(s.name, "dfil_probes", probes)
-                put(s.name, "dfil_estimator", label)
-                put(s.name, "dfil_converged", conv.tolist())
-                put(s.name, "dfil_is_bound", is_bound)
-            else:
-                say(f"dFIL {s.layer}")
-                r = _metric(ff.dfil, s.encoder, x, sigma, estimator=est, rtol=cfg.rtol, ids=ids,
-                            seed=cfg.seed,
-                            backend=cfg.backend, sink=sink, split=s.name)
-                put(s.name, "dfil", r.value.tolist())
-                put(s.name, "dfil_se", r.stderr.tolist())
-                put(s.name, "dfil_hw", r.ci_halfwidth.tolist())
-                put(s.name, "dfil_probes", _tensor_field(r, "probes_per_sample", b, r.num_probes))
-                put(s.name, "dfil_estimator", [r.estimator] * b)
-                put(s.name, "dfil_converged", _tensor_field(r, "converged", b, True))
-                put(s.name, "dfil_is_bound", _tensor_field(r, "bound", b, False))
-    timings["dfil"] = time.perf_counter() - t0
-
-    # --- log-det FSInfo ------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    for s in splits:
-        why = plan.logdet[s.name]
-        if why is not None:
-            put(s.name, "fsinfo_logdet", [None] * b)
-            put(s.name, "fsinfo_logdet_se", [None] * b)
-            put(s.name, "fsinfo_logdet_hw", [None] * b)
-            put(s.name, "fsinfo_logdet_status", [why] * b)
-            put(s.name, "fsinfo_logdet_converged", [None] * b)
-            put(s.name, "fsinfo_logdet_is_bound", [None] * b)
-            continue
-        say(f"FSInfo logdet {s.layer}")
-        r = _metric(ff.fsinfo, s.encoder, x, sigma, variant="logdet", estimator=est,
-                    atol=cfg.atol, ids=ids,
-                    seed=cfg.seed, backend=cfg.backend, prior_var=cfg.prior_var, sink=sink,
-                    split=s.name)
-        put(s.name, "fsinfo_logdet", [_num(v) for v in r.value])
-        put(s.name, "fsinfo_logdet_se", [_num(v) for v in r.stderr])
-        put(s.name, "fsinfo_logdet_hw", [_num(v) for v in r.ci_halfwidth])
-        put(s.name, "fsinfo_logdet_status",
-            ["-inf: J^T J is singular" if not math.isfinite(float(v)) else
-             "upper bound: the spectrum reaches the products' precision" if bool(bd) else "ok"
-             for v, bd in zip(r.value, r.bound, strict=True)])
-        put(s.name, "fsinfo_logdet_converged", _tensor_field(r, "converged", b, True))
-        put(s.name, "fsinfo_logdet_is_bound", _tensor_field(r, "bound", b, False))
-    timings["fsinfo_logdet"] = time.perf_counter() - t0
-
-    # --- derived: FSInfoGuard sigma*, bounds -----------------------------------------------------
+    swept: dict[str, ExactFisher] = {}
+    if plan.exact and plan.sweep:
+        say(f"exact sweep ({len(plan.sweep)} splits)")
+        for name, dg in exact_diag_shared(plan.stack, plan.sweep, x).items():
+            swept[name] = ExactFisher(diag=dg, trace=dg.sum(1), eigvals=None, zero=None, d=d,
+                                      m=plan.m[name])
     records = []
-    lay = {s.name: s for s in splits}
     for s in splits:
-        o = out[s.name]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fields = split_quantities(cfg, plan, s, x, ids, swept.get(s.name), say)
+        sink.emit(caught, s.name)
         for i in range(b):
             rec: dict[str, Any] = {
                 "sample": int(ids[i]), "split": s.name, "split_index": s.index,
-                "layer": lay[s.name].layer, "label": int(y[i]), "d": d, "m": plan.m[s.name],
+                "layer": s.layer, "label": int(y[i]), "d": d, "m": plan.m[s.name],
             }
-            for k, vals in o.items():
-                v = vals[i]
-                rec[k] = _num(v) if isinstance(v, float) else v
-            _derive(rec, sigma, cfg.target, cfg.prior_var)
+            rec.update({k: v[i] for k, v in fields.items()})
             records.append(rec)
     return records
-
-
-def _t95(dof: int) -> float:
-    from ..estimators.student_t import t_quantile
-
-    return t_quantile(dof, 0.95)
-
-
-def _fsinfo_from_diag(diag: Tensor, d: int, sigma: float) -> Tensor:
-    from ..formulas import fsinfo_from_spectrum
-
-    return fsinfo_from_spectrum(diag, d, sigma, DIAG_FLOOR)
-
-
-def _derive(rec: dict[str, Any], sigma: float, target: float, prior_var: float | None) -> None:
-    """FSInfoGuard sigma* (closed form from the FSInfo estimate) and the error bounds."""
-    log_s = math.log(sigma)
-
-    def sig(f: float | None) -> float | None:
-        if f is None:
-            return None
-        return _num(math.exp(min(700.0, f + log_s - target)))
-
-    def fs_bound(f: float | None) -> float | None:
-        if f is None:
-            return None
-        return _num(math.exp(min(700.0, -2.0 * f)) / (2.0 * math.pi * math.e))
-
-    for variant in ("diag", "logdet"):
-        f = rec.get(f"fsinfo_{variant}")
-        hw = rec.get(f"fsinfo_{variant}_hw")
-        # an FSInfo that is only an upper bound: its interval is (-inf, f + hw], so sigma* has
-        # no lower end above 0 and the surrogate MSE bound no upper end
-        upper_only = bool(rec.get(f"fsinfo_{variant}_is_bound"))
-        suffix = "" if variant == "diag" else "_logdet"
-        if f is None or (variant == "logdet" and prior_var is not None):
-            rec[f"sigma_star{suffix}"] = None
-            rec[f"sigma_star{suffix}_low"] = None
-            rec[f"sigma_star{suffix}_high"] = None
-        else:
-            h = hw or 0.0
-            rec[f"sigma_star{suffix}"] = sig(f)
-            rec[f"sigma_star{suffix}_low"] = 0.0 if upper_only else sig(f - h)
-            rec[f"sigma_star{suffix}_high"] = sig(f + h)
-        if f is None:
-            rec[f"fsinfo{suffix or '_diag'}_bound"] = None
-            rec[f"fsinfo{suffix or '_diag'}_bound_low"] = None
-            rec[f"fsinfo{suffix or '_diag'}_bound_high"] = None
-        else:
-            h = hw or 0.0
-            rec[f"fsinfo{suffix or '_diag'}_bound"] = fs_bound(f)
-            rec[f"fsinfo{suffix or '_diag'}_bound_low"] = fs_bound(f + h)
-            rec[f"fsinfo{suffix or '_diag'}_bound_high"] = None if upper_only else fs_bound(f - h)
-    v, h = rec.get("dfil"), rec.get("dfil_hw") or 0.0
-    if v is None or v <= 0:
-        rec["dfil_bound"] = rec["dfil_bound_low"] = rec["dfil_bound_high"] = None
-    else:
-        rec["dfil_bound"] = _num(1.0 / v)
-        rec["dfil_bound_low"] = _num(1.0 / (v + h))
-        rec["dfil_bound_high"] = _num(1.0 / (v - h)) if v - h > 0 else None
-
-
 # ------------------------------------------------------------------------------------------------
 # the loop
 

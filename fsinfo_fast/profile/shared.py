@@ -13,15 +13,15 @@ forward-mode derivatives:
   split give the columns ``J_k e_i`` of every split's Jacobian at once, hence the exact
   ``diag(J_k^T J_k)`` (FSInfo diag, its FSInfoGuard sigma) and ``tr(J_k^T J_k)`` (dFIL) of
   every split, for the price of ``d`` JVPs through the deepest split instead of
-  ``sum_k min(m_k, d)`` products through each prefix;
-- **randomized dFIL**: input-side probes ``v`` (Rademacher, seeded per sample id) pushed through
-  the deepest split give ``||J_k v||^2`` for every split in one pass: Hutchinson estimates of
-  ``tr(J_k^T J_k)`` for all splits from the same probes.
+  ``sum_k min(m_k, d)`` products through each prefix. The profile wraps each split's diagonal
+  in a :class:`fsinfo_fast.reference.ExactFisher`, so FSInfo, dFIL, ``sigma*`` and the bounds
+  come from the same formulas as everywhere else.
 
-Not shared: the diagonal FSInfo's randomized estimator needs output-side probes ``J_k^T u_k``
-(VJPs), one cotangent space per split, and a VJP through the deepest split cannot separate the
-contributions of several splits; the log-det variant's Lanczos iterations likewise run per split.
-Those go through the public metrics per split encoder.
+Not shared across splits: the randomized estimators. Each (split, batch) goes through one
+:class:`fsinfo_fast.Linearization` of the split encoder, which shares the products *between the
+metrics* of that split (FSInfo_diag, dFIL and ``sigma*`` from the same output-side VJP probes);
+a VJP through the deepest split cannot separate the contributions of several splits, and the
+log-det variant's Lanczos iterations run per split.
 
 Which splits can share. A split is served by the stack when it is a module path whose module is
 called in the model's ``forward`` and returns a tensor, and when the captured output equals the
@@ -33,9 +33,8 @@ load (:func:`fsinfo_fast.profile.runner.make_plan`):
   minimising ``d * c_j + sum_{k > j} min(m_k, d) * c_k`` with ``c_k`` the multiply-accumulates of
   the forward pass up to split ``k`` (counted once with hooks); the rest get the exact reference
   per split (``min(m_k, d)`` products each);
-- randomized profiles: splits with ``min(m_k, d) <= 256`` (``estimator="auto"``) are computed
-  exactly per split (one Jacobian gives FSInfo diag and dFIL); the other stack splits share the
-  input-side dFIL probes.
+- randomized profiles: nothing is shared across splits; splits with ``min(m_k, d) <= 256``
+  (``estimator="auto"``) are computed exactly per split (one Jacobian gives every quantity).
 
 :func:`measure_sharing` times the shared route against the per-split route on the same inputs
 (for the benchmark suite).
@@ -47,7 +46,6 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -55,15 +53,9 @@ from torch.func import jvp, vmap
 
 __all__ = [
     "NestedStack",
-    "SharedDfil",
     "exact_diag_shared",
-    "dfil_shared",
     "measure_sharing",
-    "SHARED_DFIL_STREAM",
 ]
-
-#: Probe stream of the shared input-side dFIL probes (distinct from the metrics' own streams).
-SHARED_DFIL_STREAM = 0x5AD1F11
 
 
 class _Stop(Exception):
@@ -276,135 +268,20 @@ def exact_diag_shared(
     return diag
 
 
-@dataclass
-class SharedDfil:
-    """Per-split Hutchinson estimates of ``tr(J_k^T J_k)`` (sigma = 1), with standard errors.
-
-    Attributes:
-        trace: ``[B]`` float64 estimate per split.
-        stderr: ``[B]`` float64 standard error per split.
-        probes: ``[B]`` int64 probes used per split (a (sample, split) stops when its interval is
-            narrow enough).
-        converged: ``[B]`` bool per split.
-        passes: JVP passes through the deepest split per sample (the cost of the whole set).
-    """
-
-    trace: dict[str, Tensor]
-    stderr: dict[str, Tensor]
-    probes: dict[str, Tensor]
-    converged: dict[str, Tensor]
-    passes: int
-
-
-def _t975(dof: int) -> float:
-    from ..estimators.student_t import t_quantile
-
-    return t_quantile(dof, 0.95)
-
-
-def dfil_shared(
-    stack: NestedStack,
-    names: Sequence[str],
-    x: Tensor,
-    sample_ids: Tensor,
-    *,
-    seed: int = 0,
-    rtol: float = 0.01,
-    min_probes: int = 16,
-    round_size: int = 16,
-    max_probes: int = 1024,
-    budget_bytes: int = 1 << 29,
-) -> SharedDfil:
-    """Hutchinson ``tr(J_k^T J_k)`` of every split in ``names`` from shared input-side probes.
-
-    Probe ``j`` of sample ``i`` is Rademacher, a function of ``(seed, i, j)`` only
-    (:func:`fsinfo_fast.estimators.probes.draw_probes`, stream :data:`SHARED_DFIL_STREAM`), so
-    each sample's estimates do not depend on its batch. Probes come in rounds (``min_probes``,
-    then ``round_size`` more) through the deepest split; after each round every open
-    (sample, split) whose 95% half-width ``t * stderr`` is within ``rtol * estimate`` is frozen
-    (its estimate is not changed by later rounds); at ``max_probes`` the rest are frozen as not
-    converged.
-    """
-    from ..estimators.probes import draw_probes
-
-    names = [n for n in stack.names if n in set(names)]
-    f = stack.function(names)
-    b = x.shape[0]
-    d = x[0].numel()
-    shape = x.shape
-    dev, dt = x.device, x.dtype
-    ids = sample_ids.to(dev)
-    s1 = {n: torch.zeros(b, dtype=torch.float64, device=dev) for n in names}
-    s2 = {n: torch.zeros(b, dtype=torch.float64, device=dev) for n in names}
-    est = {n: torch.full((b,), math.nan, dtype=torch.float64, device=dev) for n in names}
-    se = {n: torch.full((b,), math.nan, dtype=torch.float64, device=dev) for n in names}
-    used = {n: torch.zeros(b, dtype=torch.int64, device=dev) for n in names}
-    done = {n: torch.zeros(b, dtype=torch.bool, device=dev) for n in names}
-    chunk = _probe_chunk(stack, names, b, x.element_size(), budget_bytes)
-    conv = {n: torch.zeros(b, dtype=torch.bool, device=dev) for n in names}
-    k = 0
-    passes = 0
-    with torch.no_grad():
-        while k < max_probes:
-            open_ = torch.zeros(b, dtype=torch.bool, device=dev)
-            for n in names:
-                open_ |= ~done[n]
-            if not bool(open_.any()):
-                break
-            count = min(min_probes if k == 0 else round_size, max_probes - k)
-            rows = open_.nonzero().flatten()
-            xr = x[rows]
-
-            def fr(v: Tensor, xr: Tensor = xr) -> tuple[Tensor, ...]:
-                return jvp(f, (xr,), (v,))[1]
-
-            V = draw_probes(d, seed=seed, sample_ids=ids[rows], start=k, count=count,
-                            kind="rademacher", dtype=dt, device=dev, stream=SHARED_DFIL_STREAM)
-            V = V.transpose(0, 1).reshape(count, len(rows), *shape[1:])
-            sq: dict[str, list[Tensor]] = {n: [] for n in names}
-            for c0 in range(0, count, chunk):
-                outs = vmap(fr)(V[c0 : c0 + chunk])
-                for n, o in zip(names, outs, strict=True):
-                    sq[n].append((o.to(torch.float64) ** 2).sum(-1))  # [c, rows]
-            passes += count
-            k += count
-            tq = _t975(k - 1)
-            for n in names:
-                q = torch.cat(sq[n], 0)  # [count, rows]
-                s1[n][rows] += q.sum(0)
-                s2[n][rows] += (q**2).sum(0)
-                mean = s1[n][rows] / k
-                var = (s2[n][rows] - k * mean**2).clamp_min(0) / max(1, k - 1)
-                err = torch.sqrt(var / k)
-                met = tq * err <= rtol * mean.abs()
-                newly = (met | (k >= max_probes)) & ~done[n][rows]
-                r_new = rows[newly]
-                est[n][r_new] = mean[newly]
-                se[n][r_new] = err[newly]
-                used[n][r_new] = k
-                conv[n][r_new] = met[newly]
-                done[n][r_new] = True
-    return SharedDfil(trace=est, stderr=se, probes=used, converged=conv, passes=passes)
-
-
 def measure_sharing(
     model: nn.Module,
     x: Tensor,
     splits: Sequence[int | str] | None = None,
     *,
-    num_probes: int = 32,
     exact: bool = True,
     repeats: int = 3,
-    seed: int = 0,
 ) -> dict[str, object]:
     """Time the shared route against the per-split route on the same inputs (for benchmarks).
 
-    Three comparisons, each the median of ``repeats`` runs (after one warm-up):
+    Two comparisons, each the median of ``repeats`` runs (after one warm-up):
 
     - ``forward``: one early-stopped pass giving every split's output vs one forward per split
       encoder;
-    - ``dfil_probes``: ``num_probes`` input-side JVP probes through the deepest split (all splits'
-      ``||J_k v||^2``) vs the same probes pushed through every split encoder separately;
     - ``exact_diag`` (if ``exact``): ``d`` one-hot JVPs through the deepest split vs the exact
       reference per split (``fsinfo_fast.reference.fisher_diag``), which uses ``min(m_k, d)``
       products per split. Use small inputs: this is ``O(d)`` passes.
@@ -413,17 +290,14 @@ def measure_sharing(
         model: the full model (eval mode).
         x: a batch of inputs.
         splits: split points (default: the model's default split list).
-        num_probes: probes for the dFIL comparison.
         exact: include the exact comparison.
         repeats: timed repetitions.
-        seed: probe seed.
 
     Returns:
         A dict with, per comparison, ``shared_s``, ``per_split_s``, ``speedup`` and
         ``max_abs_diff`` (the shared route must agree with the per-split route), plus ``splits``,
         ``d``, ``m`` and the cost-model ``macs`` per split.
     """
-    from ..estimators.probes import draw_probes
     from ..reference import fisher_diag
     from .sources import resolve_splits
 
@@ -454,32 +328,6 @@ def measure_sharing(
     res["forward"] = {"shared_s": t_sh, "per_split_s": t_ps, "speedup": t_ps / t_sh,
                       "max_abs_diff": diff}
 
-    b = x.shape[0]
-    ids = torch.arange(b)
-    V = draw_probes(x[0].numel(), seed=seed, sample_ids=ids, count=num_probes, kind="rademacher",
-                    dtype=x.dtype, device=x.device, stream=SHARED_DFIL_STREAM)
-    V = V.transpose(0, 1).reshape(num_probes, *x.shape)
-    f = stack.function(names)
-
-    def shared_probes():
-        with torch.no_grad():
-            outs = vmap(lambda v: jvp(f, (x,), (v,))[1])(V)
-        return {n: (o.double() ** 2).sum(-1) for n, o in zip(names, outs, strict=True)}
-
-    def per_split_probes():
-        out = {}
-        with torch.no_grad():
-            for n in names:
-                e = enc[n]
-                o = vmap(lambda v, e=e: jvp(e, (x,), (v,))[1])(V)
-                out[n] = (o.flatten(2).double() ** 2).sum(-1)
-        return out
-
-    t_sh, a = timed(shared_probes)
-    t_ps, c = timed(per_split_probes)
-    diff = max(float(((a[n] - c[n]).abs() / c[n].abs().clamp_min(1e-30)).max()) for n in names)
-    res["dfil_probes"] = {"shared_s": t_sh, "per_split_s": t_ps, "speedup": t_ps / t_sh,
-                          "max_rel_diff": diff, "num_probes": num_probes}
     if exact:
         t_sh, a = timed(lambda: exact_diag_shared(stack, names, x))
         t_ps, c = timed(lambda: {n: fisher_diag(enc[n], x) for n in names})

@@ -51,9 +51,11 @@ RECORDS = "records.jsonl"
 MODEL = "model.pt"
 #: Files a run directory may contain (anything else makes a directory "foreign").
 OUTPUTS = ("profile.json", "summary.csv", "samples.csv", "profile.png")
-#: Bump when the record or settings layout changes incompatibly (2: per-sample *_converged and
-#: *_is_bound flags for every metric; a run without them cannot be continued).
-STORE_VERSION = 2
+#: Bump when the record or settings layout, or the way a record's numbers are computed, changes
+#: incompatibly (2: per-sample *_converged and *_is_bound flags for every metric; 3: every
+#: quantity of a (split, batch) from one Linearization, sigma* from FSInfo at sigma = 1, no
+#: shared input-side dFIL probes: a run of version 2 cannot be continued into mixed records).
+STORE_VERSION = 3
 
 
 def canonical_json(obj: Any) -> str:

@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..result import Z95
 
 __all__ = ["Agreement", "agreement", "pearson", "relative_drop", "relative_rise"]
-
-_Z95 = 1.959963984540054
 
 
 def _vector(values: Sequence[float], name: str) -> np.ndarray:
@@ -132,7 +131,7 @@ def agreement(metric: Sequence[float], mse: Sequence[float]) -> Agreement:
     if math.isfinite(r):
         if n >= 4:
             zr = math.atanh(max(-0.999999999, min(0.999999999, r)))
-            h = _Z95 / math.sqrt(n - 3)
+            h = Z95 / math.sqrt(n - 3)
             ci = (math.tanh(zr - h), math.tanh(zr + h))
         if n >= 3:
             from ..estimators.student_t import t_two_sided_tail

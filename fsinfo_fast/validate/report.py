@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..profile.report import _fmt
+from ..result import Z95
 
 __all__ = ["print_table"]
 
@@ -19,7 +20,7 @@ def _pm(entry: dict[str, Any] | None) -> str:
     se = entry.get("stderr")
     if v is None:
         return "-"
-    return _fmt(v) if not se else f"{_fmt(v)} ± {1.96 * se:.1g}"
+    return _fmt(v) if not se else f"{_fmt(v)} ± {Z95 * se:.1g}"
 
 
 def print_table(report: dict[str, Any], files: dict[str, str] | None = None,

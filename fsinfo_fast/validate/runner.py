@@ -29,6 +29,7 @@ from ..attacks import (
 )
 from ..bounds import dfil_bound, fsinfo_bound
 from ..errors import InvalidInputError
+from ..result import Z95
 from .agreement import agreement
 
 __all__ = ["ValidateConfig", "ValidateOutcome", "run_validate", "SCHEMA", "PAPER_PEARSON"]
@@ -45,7 +46,6 @@ PAPER_PEARSON = {
 #: Metrics whose agreement is reported, in table order (``fsinfo_logdet`` when computed).
 METRICS = ("fsinfo_diag", "fsinfo_logdet", "dfil", "dcor", "knn_mi", "knn_mi_pca")
 ATTACKS = ("inverse_network", "optimization")
-_Z95 = 1.959963984540054
 
 
 @dataclass
@@ -186,9 +186,9 @@ def _mean_se(v: Tensor, se: Tensor | None = None) -> dict[str, Any]:
     if se is not None:
         est = float(torch.sqrt((se.to(torch.float64).cpu() ** 2).sum()) / n)
         out["estimator_stderr"] = _num(est)
-        out["max_sample_ci95_halfwidth"] = _num(_Z95 * se.max())
+        out["max_sample_ci95_halfwidth"] = _num(Z95 * se.max())
     if out["stderr"] is not None:
-        out["ci95"] = [out["mean"] - _Z95 * out["stderr"], out["mean"] + _Z95 * out["stderr"]]
+        out["ci95"] = [out["mean"] - Z95 * out["stderr"], out["mean"] + Z95 * out["stderr"]]
     return out
 
 
