@@ -155,29 +155,40 @@ def test_slq_exact_probes_give_exact_logdet():
 
 def test_diag_jackknife_matches_brute_force():
     J = _mixed_batch(b=2)
-    K, sigma = 6, 0.3
-    est = estimate_diag(DenseProducts(J), sigma=sigma, floor=0.0, num_probes=K, seed=4)
+    K, sigma, d = 6, 0.3, 7
+    kw = dict(sigma=sigma, floor=0.0, num_probes=K, seed=4)
+    plain = estimate_diag(DenseProducts(J), exact_diagonal=False, **kw)
+    est = estimate_diag(DenseProducts(J), **kw)
     U = draw_probes(9, seed=4, sample_ids=torch.arange(2), count=K)
     g2 = torch.einsum("bmd,bkm->bkd", J, U) ** 2
 
-    def theta(sub):  # debiased FSInfo_diag from a subset of probes
-        k = sub.shape[1]
-        s = sub.mean(dim=1)
-        return (
-            (torch.log(s) - log_chi2_mean_offset(k)).mean(dim=1) / 2
-            - math.log(sigma)
-            - HALF_LOG_2PIE
-        )
+    def terms(sub):  # debiased per-column terms from a subset of probes: [B, d]
+        return torch.log(sub.mean(dim=1)) - log_chi2_mean_offset(sub.shape[1]) - 2 * math.log(sigma)
 
-    full = theta(g2)
-    loo = torch.stack([theta(torch.cat([g2[:, :j], g2[:, j + 1 :]], dim=1)) for j in range(K)], 1)
-    se = torch.sqrt((K - 1) / K * ((loo - loo.mean(dim=1, keepdim=True)) ** 2).sum(dim=1))
-    f = est.fsinfo_diag
+    def jack(full, loo):  # delete-one jackknife variance over dim 1 of loo
+        return (K - 1) / K * ((loo - loo.mean(dim=1, keepdim=True)) ** 2).sum(dim=1)
+
+    t_full = terms(g2)
+    t_loo = torch.stack([terms(torch.cat([g2[:, :j], g2[:, j + 1 :]], dim=1)) for j in range(K)], 1)
+    full = t_full.mean(dim=1) / 2 - HALF_LOG_2PIE
+    var = jack(full, t_loo.mean(dim=2) / 2)
+    f = plain.fsinfo_diag
     assert_close_verbose(f.value, full, name="diag value")
-    assert_close_verbose(f.stderr, se, name="delete-one jackknife")
+    assert_close_verbose(f.stderr, var.sqrt(), name="delete-one jackknife")
     from fsinfo_fast.estimators import t_quantile
 
-    assert_close_verbose(f.ci_halfwidth, t_quantile(K - 1) * se, name="t interval")
+    assert_close_verbose(f.ci_halfwidth, t_quantile(K - 1) * var.sqrt(), name="t interval")
+    # exact diagonal part: the per-column jackknife variances are replaced by psi'(K/2)
+    from scipy.special import polygamma
+
+    per_col = jack(t_full, t_loo).sum(dim=1) / (4 * d * d)
+    known = d * float(polygamma(1, K / 2.0)) / (4 * d * d)  # trigamma
+    from scipy.stats import norm
+
+    floor_se = float(norm.ppf(0.975)) / t_quantile(K - 1) * math.sqrt(known)
+    want = torch.clamp((var - per_col + known).clamp_min(0).sqrt(), min=floor_se)
+    assert_close_verbose(est.fsinfo_diag.value, full, name="value unchanged")
+    assert_close_verbose(est.fsinfo_diag.stderr, want, name="exact-diagonal jackknife")
     t = g2.sum(dim=2)
     assert_close_verbose(est.dfil.value, t.mean(dim=1) / (sigma**2 * 7))
     assert_close_verbose(est.dfil.stderr, t.std(dim=1) / math.sqrt(K) / (sigma**2 * 7))
@@ -316,7 +327,9 @@ def test_adaptive_meets_atol_and_freezes_samples():
     J = _mixed_batch(b=4)
     J[0] *= torch.logspace(0, -3, 7, dtype=torch.float64)  # harder sample: more spread columns
     P = DenseProducts(J)
-    est = estimate_diag(P, sigma=0.1, atol=0.03, min_probes=10, round_size=10, max_probes=2000)
+    est = estimate_diag(
+        P, sigma=0.1, atol=0.03, min_probes=10, round_size=10, growth=1.0, max_probes=2000
+    )
     f = est.fsinfo_diag
     assert f.converged.all() and (f.ci_halfwidth <= 0.03).all()
     assert f.num_probes == int(f.probes_per_sample.max()) == P.vjp_passes == f.passes

@@ -34,7 +34,7 @@ from .base import (
     sigma_for,
 )
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import StoppingRule, run_rounds
+from .stopping import DEFAULT_GROWTH, DEFAULT_ROUND, START_PROBES, StoppingRule, run_rounds
 
 __all__ = ["hutchinson_trace", "SIDES"]
 
@@ -88,10 +88,11 @@ def hutchinson_trace(
     num_probes: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    min_probes: int = 30,
+    min_probes: int = START_PROBES,
     max_probes: int = 1000,
-    round_size: int = 10,
+    round_size: int = DEFAULT_ROUND,
     confidence: float = 0.95,
+    growth: float = DEFAULT_GROWTH,
 ) -> Estimate:
     r"""Per-sample Hutchinson estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
 
@@ -107,8 +108,9 @@ def hutchinson_trace(
             the Gram matrix on the probe side.
         seed: probe seed (or a ``torch.Generator``, from which one seed is drawn).
         sample_ids: ``[B]`` global ids of the samples (default ``arange(B)``).
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence: see
-            :class:`~fsinfo_fast.estimators.StoppingRule`; tolerances in the value's units.
+        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: see
+            :class:`~fsinfo_fast.estimators.StoppingRule`; tolerances in the value's units
+            (default start: 4 probes, then +50% per round).
 
     Returns:
         :class:`~fsinfo_fast.estimators.Estimate`; ``passes`` = probes drawn (one product each).
@@ -131,6 +133,7 @@ def hutchinson_trace(
         max_probes=max_probes,
         round_size=round_size,
         confidence=confidence,
+        growth=growth,
     )
     seed = resolve_seed(seed)
     ids = sample_ids_for(products, sample_ids)

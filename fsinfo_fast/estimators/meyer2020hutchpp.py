@@ -60,6 +60,7 @@ def hutchpp_trace(
     max_probes: int = 1000,
     round_size: int = 10,
     confidence: float = 0.95,
+    growth: float = 1.0,
 ) -> Estimate:
     r"""Per-sample Hutch++ estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
 
@@ -73,7 +74,7 @@ def hutchpp_trace(
             always Gaussian).
         seed, sample_ids: probe seed and ``[B]`` global sample ids.
         num_probes: fixed number of *residual* probes ``K`` (``>= 2``).
-        atol, rtol, min_probes, max_probes, round_size, confidence: see
+        atol, rtol, min_probes, max_probes, round_size, confidence, growth: see
             :class:`~fsinfo_fast.estimators.StoppingRule` (residual probes).
 
     Returns:
@@ -98,6 +99,7 @@ def hutchpp_trace(
         max_probes=max_probes,
         round_size=round_size,
         confidence=confidence,
+        growth=growth,
     )
     n = products.d if side == "input" else products.m
     if sketch_size is None:
