@@ -73,7 +73,7 @@ from .base import (
     sample_ids_for,
     sigma_for,
 )
-from .hutchinson import mean_and_stderr
+from .hutchinson import log_t_halfwidth, mean_and_stderr
 from .logfloor import H_ABS_ERR, floor_correction, x_hi
 from .probes import draw_probes, resolve_seed
 from .stopping import (
@@ -175,11 +175,16 @@ class DiagSummary:
     stderr: Tensor
     dof: int
     bias_bound: Tensor
+    log_scale: bool = False
 
     def halfwidth(self, confidence: float = 0.95) -> Tensor:
-        """``t_{(1+c)/2, dof} stderr + bias_bound`` (0 where the value is exact)."""
+        """``t_{(1+c)/2, dof} stderr + bias_bound`` (0 where the value is exact); for a trace
+        (``log_scale``) the log-scale half-width of
+        :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`."""
         from .base import t_quantile
 
+        if self.log_scale:
+            return log_t_halfwidth(self.value, self.stderr, self.dof, confidence) + self.bias_bound
         hw = t_quantile(self.dof, confidence) * self.stderr
         hw = torch.where(self.stderr == 0, torch.zeros_like(hw), hw)
         return hw + self.bias_bound
@@ -521,14 +526,16 @@ def _normal_over_t(dof: int, confidence: float) -> float:
 
 def trace_summary(stats: DiagStats) -> DiagSummary:
     r"""Hutchinson ``tr(J^T J)`` from the same Gaussian output-side probes: the mean of
-    ``||g_j||^2``, its standard error ``std / sqrt(K)`` and ``K - 1`` dof (``K >= 2``).
+    ``||g_j||^2``, its standard error ``std / sqrt(K)`` and ``K - 1`` dof (``K >= 2``); the
+    interval is the log-scale t-interval (``log_scale=True``,
+    :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`).
 
-    Scale by ``1 / (sigma^2 d)`` for dFIL.
+    Scale by ``1 / (sigma^2 d)`` for dFIL (the half-width scales with it).
     """
     if stats.k < 2:
         raise InvalidInputError(f"a standard error needs K >= 2 probes, got {stats.k}")
     mean, se = mean_and_stderr(stats.norms)
-    return DiagSummary(mean, se, stats.k - 1, torch.zeros_like(mean))
+    return DiagSummary(mean, se, stats.k - 1, torch.zeros_like(mean), log_scale=True)
 
 
 def estimate_diag(
@@ -626,9 +633,10 @@ def estimate_diag(
             st, sigma_t, floor, exact_diagonal=exact_diagonal, confidence=confidence
         )
         tr = trace_summary(st)
+        tr_hw = tr.halfwidth(confidence) * dfil_scale
         return {
             "fsinfo_diag": (fs.value, fs.stderr, fs.dof, fs.bias_bound),
-            "dfil": (tr.value * dfil_scale, tr.stderr * dfil_scale, tr.dof),
+            "dfil": (tr.value * dfil_scale, tr.stderr * dfil_scale, tr.dof, tr.bias_bound, tr_hw),
         }
 
     frozen, converged, probes, drawn = run_rounds(
@@ -675,6 +683,7 @@ def estimate_diag(
             "method": "hutchinson",
             "quantity": "dfil",
             "se_method": "sample std / sqrt(K)",
+            "interval": "log-scale t (upper side, symmetric)",
             "dof": df.dof,
             **info,
         },

@@ -222,7 +222,8 @@ class Frozen:
 
 #: ``summarize()`` returns, per quantity name, ``(value [B], stderr [B], dof)`` or
 #: ``(value, stderr, dof, bias_bound [B])`` (a deterministic error allowance added to the
-#: half-width).
+#: half-width) or ``(value, stderr, dof, bias_bound, halfwidth [B])`` (an interval that is not
+#: ``t * stderr``, e.g. the log-scale interval of a trace; it includes ``bias_bound``).
 Summary = dict[str, tuple]
 
 
@@ -274,8 +275,11 @@ def run_rounds(
             exact = ~torch.isfinite(v)
             se = torch.where(exact, torch.zeros_like(se), se)
             bias = torch.where(exact, torch.zeros_like(bias), bias)
-            hw = t_quantile(dof, rule.confidence) * se
-            hw = torch.where(se == 0, torch.zeros_like(hw), hw) + bias  # inf * 0 for dof < 1
+            if len(parts) > 4:
+                hw = torch.where(exact, torch.zeros_like(parts[4]), parts[4])
+            else:
+                hw = t_quantile(dof, rule.confidence) * se
+                hw = torch.where(se == 0, torch.zeros_like(hw), hw) + bias  # inf*0 for dof < 1
             hws[name] = (v, se, hw, dof, bias)
             if name in targets:
                 ok &= tolerance_met(v, hw, *targets[name]) | exact
