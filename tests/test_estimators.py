@@ -555,3 +555,64 @@ def test_memory_chunking_does_not_change_results(monkeypatch):
     assert_close_verbose(e.fsinfo_diag.value, c.fsinfo_diag.value, rtol=1e-12, atol=0)
     assert_close_verbose(e.fsinfo_diag.stderr, c.fsinfo_diag.stderr, rtol=1e-12, atol=0)
     assert_close_verbose(e.dfil.stderr, c.dfil.stderr, rtol=1e-12, atol=0)
+
+
+# --- the probe state shared between requests (what Linearization keeps per seed) -----------
+
+
+def _diag_fields(e):
+    return (e.value, e.stderr, e.ci_halfwidth, e.probes_per_sample, e.converged)
+
+
+def test_diag_state_reused_across_requests_equals_fresh():
+    """One DiagProbeState serving two requests (different sigma, floor and targets) gives each
+    sample exactly the result of a fresh estimate_diag call, in either order and in any batch,
+    and the second request only computes the probes the first did not."""
+    from fsinfo_fast.estimators.diagonal import DiagProbeState
+
+    J = _mixed_batch(b=4)
+    J[0] *= torch.logspace(0, -3, 7, dtype=torch.float64)
+    ids = torch.tensor([5, 1, 7, 2])
+    reqs = [
+        dict(sigma=0.1, atol=0.05),
+        dict(sigma=torch.tensor([0.3, 1.0, 0.2, 0.5], dtype=torch.float64), floor=1e-10,
+             atol=0.02, dfil_rtol=0.05),
+    ]
+    fresh = [estimate_diag(DenseProducts(J), seed=3, sample_ids=ids, **kw) for kw in reqs]
+    for order in ([0, 1], [1, 0]):
+        P = DenseProducts(J)
+        st = DiagProbeState.for_products(P, seed=3, sample_ids=ids, snapshot_bytes=1 << 26)
+        for i in order:
+            r = estimate_diag(P, seed=3, sample_ids=ids, state=st, **reqs[i])
+            for a, b in zip(_diag_fields(r.fsinfo_diag), _diag_fields(fresh[i].fsinfo_diag),
+                            strict=True):
+                assert torch.equal(a, b)
+            for a, b in zip(_diag_fields(r.dfil), _diag_fields(fresh[i].dfil), strict=True):
+                assert torch.equal(a, b)
+        assert P.vjp_passes == st.k == max(f.fsinfo_diag.num_probes for f in fresh)
+    # batch independence: sample 7 alone, from its own state, gives the same result
+    P1 = DenseProducts(J[2:3])
+    st1 = DiagProbeState.for_products(P1, seed=3, sample_ids=ids[2:3], snapshot_bytes=1 << 26)
+    kw = {**reqs[1], "sigma": reqs[1]["sigma"][2:3]}
+    r1 = estimate_diag(P1, seed=3, sample_ids=ids[2:3], state=st1, **kw)
+    for a, b in zip(_diag_fields(r1.fsinfo_diag), _diag_fields(fresh[1].fsinfo_diag), strict=True):
+        assert torch.equal(a, b[2:3])
+
+
+def test_diag_state_dropped_snapshot_says_so():
+    from fsinfo_fast.estimators.diagonal import DiagProbeState, SnapshotDroppedError
+
+    J = _mixed_batch(b=2)
+    P = DenseProducts(J)
+    st = DiagProbeState.for_products(P, seed=0)  # no snapshot budget
+    estimate_diag(P, sigma=0.1, atol=1e-9, max_probes=9, state=st)  # rounds 4, 6, 9
+    assert st.k == 9 and st.available() == [9] and st.dropped == [4, 6]
+    with pytest.raises(SnapshotDroppedError, match="dropped"):
+        estimate_diag(P, sigma=0.2, atol=1e-9, max_probes=9, state=st)
+    with pytest.raises(SnapshotDroppedError, match="not a round boundary"):
+        st.stats(5)
+    with pytest.raises(InvalidInputError, match="same seed"):
+        estimate_diag(P, sigma=0.1, num_probes=9, seed=1, state=st)
+    # fixed K = 9 is served from the current count without products
+    r = estimate_diag(P, sigma=0.1, num_probes=9, state=st)
+    assert r.fsinfo_diag.passes == 0 and r.fsinfo_diag.info["reused_probes"] == 9

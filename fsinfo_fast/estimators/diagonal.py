@@ -366,6 +366,30 @@ class DiagProbeState:
         )
 
 
+def _check_state(
+    state: DiagProbeState,
+    products: Products,
+    seed: int | torch.Generator,
+    sample_ids: Tensor | None,
+    groups: int,
+) -> None:
+    ids = sample_ids_for(products, sample_ids)
+    same = (
+        isinstance(state, DiagProbeState)
+        and state.batch == products.batch
+        and state.d == products.d
+        and state.m == products.m
+        and state.groups == groups
+        and (isinstance(seed, torch.Generator) or state.seed == seed)
+        and torch.equal(state.sample_ids.cpu(), ids.cpu())
+    )
+    if not same:
+        raise InvalidInputError(
+            "state must be a DiagProbeState of this batch with the same seed, sample_ids and "
+            "jackknife_groups as the call"
+        )
+
+
 def _trigamma(x: float) -> float:
     from scipy.special import polygamma
 
@@ -556,6 +580,7 @@ def estimate_diag(
     jackknife_groups: int = 20,
     exact_diagonal: bool = True,
     growth: float = DEFAULT_GROWTH,
+    state: DiagProbeState | None = None,
 ) -> DiagEstimate:
     r"""FSInfo_diag and dFIL per sample from ``K`` VJPs with Gaussian probes.
 
@@ -587,10 +612,17 @@ def estimate_diag(
         jackknife_groups: at most this many jackknife groups (``>= 2``); bounds memory to
             ``[B, groups, d]`` float64.
         exact_diagonal: see :func:`fsinfo_diag_summary`.
+        state: a :class:`DiagProbeState` of this batch (same seed, sample ids and groups) to
+            reuse: round boundaries it already holds (as snapshots, or its current count) are
+            served without products, the rest are drawn and added to it. Each sample's result
+            equals that of a fresh call with the same arguments. Raises
+            :class:`SnapshotDroppedError` when a boundary it passed was not kept (recompute
+            with a fresh state).
 
     Returns:
         :class:`DiagEstimate` (``fsinfo_diag``, ``dfil``), float64 ``[B]`` tensors; ``passes``
-        is the number of VJPs per sample. ``fsinfo_diag.singular`` marks ``-inf`` values (a
+        is the number of VJPs per sample computed by this call (``info["reused_probes"]``
+        were served from ``state``). ``fsinfo_diag.singular`` marks ``-inf`` values (a
         zero column with ``floor = 0``).
 
     Example:
@@ -620,15 +652,32 @@ def estimate_diag(
         targets["fsinfo_diag"] = (atol, rtol)
     if dfil_rtol is not None:
         targets["dfil"] = (None, dfil_rtol)
-    state = DiagProbeState.for_products(
-        products, seed=seed, sample_ids=sample_ids, jackknife_groups=jackknife_groups
-    )
+    if state is None:
+        state = DiagProbeState.for_products(
+            products, seed=seed, sample_ids=sample_ids, jackknife_groups=jackknife_groups
+        )
+    else:
+        _check_state(state, products, seed, sample_ids, jackknife_groups)
+    k_entry = state.k
     sigma_t = sigma_for(products, sigma)
     floor = float(floor)
     dfil_scale = 1.0 / (sigma_t**2 * products.d)
+    boundary = [0]
+
+    def process(start: int, count: int) -> None:
+        k = start + count
+        if state.k < k:
+            if state.k != start:
+                raise SnapshotDroppedError(
+                    f"the state holds {state.k} probes, between the round boundaries {start} "
+                    f"and {k} of this schedule: replay it with the schedule that built it, or "
+                    "use a fresh DiagProbeState"
+                )
+            state.extend(products, count)
+        boundary[0] = k
 
     def summarize():
-        st = state.stats()
+        st = state.stats(boundary[0])
         fs = fsinfo_diag_summary(
             st, sigma_t, floor, exact_diagonal=exact_diagonal, confidence=confidence
         )
@@ -643,18 +692,25 @@ def estimate_diag(
         rule,
         batch=products.batch,
         device=products.device,
-        process=lambda start, count: state.extend(products, count),
+        process=process,
         summarize=summarize,
         targets=targets,
     )
-    info = {"seed": state.seed, "confidence": confidence, "side": "output", "kind": "gaussian"}
+    computed = max(0, state.k - k_entry)
+    info = {
+        "seed": state.seed,
+        "confidence": confidence,
+        "side": "output",
+        "kind": "gaussian",
+        "reused_probes": min(drawn, k_entry),
+    }
     fs, df = frozen["fsinfo_diag"], frozen["dfil"]
     fs_est = Estimate(
         value=fs.value,
         stderr=fs.stderr,
         ci_halfwidth=fs.ci_halfwidth,
         num_probes=drawn,
-        passes=drawn,
+        passes=computed,
         converged=converged,
         probes_per_sample=probes,
         singular=~torch.isfinite(fs.value),
@@ -676,7 +732,7 @@ def estimate_diag(
         stderr=df.stderr,
         ci_halfwidth=df.ci_halfwidth,
         num_probes=drawn,
-        passes=drawn,
+        passes=computed,
         converged=converged,
         probes_per_sample=probes,
         info={
