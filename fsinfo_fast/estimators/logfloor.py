@@ -187,14 +187,43 @@ def _check_alpha(alpha: float) -> float:
     return a
 
 
-def floor_correction(x: Tensor, alpha: float) -> Tensor:
+@lru_cache(maxsize=4096)
+def _asym_tuple(alpha: float) -> tuple[float, ...]:
+    return tuple(float(c) for c in _asym_coeffs(alpha))
+
+
+def _asym_terms(alpha: float, x_min: float) -> tuple[float, ...]:
+    """The coefficients of the asymptotic series still above ``1e-19`` at ``x >= x_min``."""
+    c = _asym_tuple(alpha)
+    n = 0
+    while n < len(c) and abs(c[n]) > 1e-19 * x_min ** (n + 1):
+        n += 1
+    return c[:n]
+
+
+def floor_correction(x: Tensor, alpha: float, x_min: float | None = None) -> Tensor:
     r"""``E_alpha(x) = H_alpha(x) - log x + psi(alpha)`` elementwise, for ``x > 0`` (float64).
 
     The amount by which the unbiased floor term exceeds the floor-free unbiased
     ``log s - E[log(chi2_K / K)]``; tends to ``-log x`` as ``x -> 0`` and to ``(alpha-1)/x``
-    as ``x -> inf``.
+    as ``x -> inf``. Where every ``x`` is beyond :func:`x_hi` (columns far above the floor) it
+    is the asymptotic series alone, with only the terms above ``1e-19`` (one or two far from
+    the floor): about the cost of the plug-in's ``log1p``. ``x_min``: ``x.min()`` if known.
     """
-    tab = _table(_check_alpha(alpha))
+    alpha = _check_alpha(alpha)
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    lo_x = float(x.min()) if x_min is None else x_min
+    if lo_x >= x_hi(alpha):
+        coef = _asym_terms(alpha, lo_x)
+        if not coef:
+            return torch.zeros_like(x)
+        r = torch.reciprocal(x)
+        acc = torch.full_like(x, coef[-1])
+        for cn in coef[-2::-1]:
+            acc.mul_(r).add_(cn)
+        return acc.mul_(r)
+    tab = _table(alpha)
     out = tab.e_large(x.clamp_min(tab.x_top))
     lo = x < tab.x_top
     if bool(lo.any()):
