@@ -10,7 +10,8 @@ probe ``sample_id``) of the library's default procedures, each scored against th
 - ``dfil(diag probes) rtol``: dFIL from the same Gaussian VJPs, stopping at ``rtol``;
 - ``joint``: both targets from the same probes (what ``Linearization`` serves);
 - ``fixed K=4``: the first round, with no stopping;
-- ``dfil(rademacher) rtol``: the standalone dFIL default (Rademacher input-side Hutchinson).
+- ``dfil(rademacher) rtol``: the standalone dFIL default (Rademacher input-side Hutchinson,
+  starting at 10 probes).
 
 The first four come from one probe sequence per run: a :class:`~fsinfo_fast.estimators.diagonal.
 DiagProbeState` is extended round by round and every procedure is replayed on the summaries at
@@ -46,20 +47,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 TRUTH_SEED = 1_000_003
 RUN_SEED = 11
 
-#: name -> (model, size, seeds, chunk, truth probes (0: the exact oracle), max probes)
+#: name -> model, input size, seeded runs, runs per batch, truth probes (0: the exact oracle).
+#: 1000 runs where that fit in about 30 min on 2 shared cores; fewer (said in the results)
+#: where the Gaussian probe generation of the output side (m entries per probe) or the
+#: products made it longer: rerun with ``--seeds 1000`` on an idle machine.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "vgg5-s2@32": dict(model="vgg5", size=32, seeds=1000, chunk=100, truth_probes=0),
-    "resnet18-cifar-s7@32": dict(model="resnet18-cifar", size=32, seeds=1000, chunk=50,
+    "vgg5-s2@32": dict(model="vgg5", size=32, seeds=1000, chunk=50, truth_probes=0),
+    "resnet18-cifar-s7@32": dict(model="resnet18-cifar", size=32, seeds=300, chunk=50,
                                  truth_probes=0),
-    "resnet18-imagenet-s7@32": dict(model="resnet18-imagenet", size=32, seeds=1000, chunk=100,
+    "resnet18-imagenet-s7@32": dict(model="resnet18-imagenet", size=32, seeds=300, chunk=50,
                                     truth_probes=0),
-    "vit-l0@32": dict(model="vit", size=32, seeds=1000, chunk=100, truth_probes=0),
-    "resnet18-imagenet-s7@224": dict(model="resnet18-imagenet", size=224, seeds=1000, chunk=8,
-                                     truth_probes=2000),
-    "vit-l0@224": dict(model="vit", size=224, seeds=1000, chunk=10, truth_probes=2000),
-    "vgg5-s2@224": dict(model="vgg5", size=224, seeds=300, chunk=4, truth_probes=800),
-    "resnet18-cifar-s7@224": dict(model="resnet18-cifar", size=224, seeds=100, chunk=2,
-                                  truth_probes=400),
+    "vit-l0@32": dict(model="vit", size=32, seeds=500, chunk=50, truth_probes=0),
+    "resnet18-imagenet-s7@224": dict(model="resnet18-imagenet", size=224, seeds=300, chunk=10,
+                                     truth_probes=1000),
+    "vit-l0@224": dict(model="vit", size=224, seeds=300, chunk=20, truth_probes=1000),
+    "vgg5-s2@224": dict(model="vgg5", size=224, seeds=100, chunk=4, truth_probes=400),
+    "resnet18-cifar-s7@224": dict(model="resnet18-cifar", size=224, seeds=30, chunk=2,
+                                  truth_probes=200),
 }
 
 
@@ -155,8 +159,10 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
                truth_probes: int | None = None, atol: float = 0.01, rtol: float = 0.01,
                max_probes: int = 1000, rademacher: bool = True, sigma: float = 0.1,
                size: int | None = None, model: str | None = None,
-               verbose: bool = True) -> dict[str, Any]:
-    """Run one configuration (keyword arguments override :data:`CONFIGS`)."""
+               verbose: bool = True, keep_values: bool = False,
+               diag: bool = True) -> dict[str, Any]:
+    """Run one configuration (keyword arguments override :data:`CONFIGS`; ``keep_values``:
+    also return every run's value, half-width and probe count per procedure)."""
     from fsinfo_fast.data import natural_images
     from fsinfo_fast.encoder import prepare
     from fsinfo_fast.engine import make_products
@@ -181,7 +187,7 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
     t0 = time.time()
     enc = build_encoder(cfg["model"], cfg["size"])
     x, _ = natural_images(size=cfg["size"], n=1, seed=0)
-    truth = _truth(enc, x, sigma, cfg["truth_probes"])
+    truth = cfg.get("truth") or _truth(enc, x, sigma, cfg["truth_probes"])
     if verbose:
         print(f"{name}: truth {truth} ({time.time() - t0:.0f} s)", flush=True)
     rule = StoppingRule(atol=atol, min_probes=initial_probes(max_probes=max_probes),
@@ -201,7 +207,7 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
         dscale = 1.0 / (sigma**2 * P.d)
         st = DiagProbeState.for_products(P, seed=RUN_SEED, sample_ids=ids)
         bounds = []
-        for K in sched:
+        for K in sched if diag else []:
             st.extend(P, K - st.k)
             stats = st.stats()
             fs = fsinfo_diag_summary(stats, sigma)
@@ -212,7 +218,7 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
             if bool(ok.all()):
                 break
         last = len(bounds) - 1
-        for p in procs:
+        for p in procs if diag else []:
             done = torch.zeros(n, dtype=torch.bool)
             out = {f: torch.full((n,), math.nan, dtype=torch.float64) for f in rec[p]}
             for i, (K, (fv, fh, dv, dh)) in enumerate(bounds):
@@ -236,13 +242,15 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
                               strict=True):
                 rad[f].append(val.double())
         if verbose:
-            print(f"  seeds {c0 + n}/{S}: last K {bounds[-1][0]} ({time.time() - t0:.0f} s)",
-                  flush=True)
+            kmax = bounds[-1][0] if bounds else 0
+            print(f"  seeds {c0 + n}/{S}: last K {kmax} ({time.time() - t0:.0f} s)", flush=True)
     res: dict[str, Any] = {"config": name, **cfg, "d": int(P.d), "m": int(P.m),
                            "backend": backend, "sigma": sigma, "atol": atol, "rtol": rtol,
                            "max_probes": max_probes, "truth": truth, "procedures": {}}
-    for p in procs:
+    for p in procs if diag else []:
         cat = {f: torch.cat(v) for f, v in rec[p].items()}
+        if keep_values:
+            res.setdefault("values", {})[p] = {f: v.tolist() for f, v in cat.items()}
         if p != "dfil(diag probes) rtol":
             res["procedures"][f"{p} / FSInfo_diag"] = _score(
                 cat["v"], cat["hw"], cat["k"], cat["conv"] > 0, truth["fsinfo_diag"],
@@ -305,15 +313,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-rademacher", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS / "coverage")
     p.add_argument("--combine", action="store_true", help="only combine the stored results")
+    p.add_argument("--rademacher-only", action="store_true",
+                   help="rerun only the stand-alone Rademacher dFIL and merge it into the "
+                        "stored result (same truth)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.combine:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in args.only or list(CONFIGS):
+            path = args.out / f"{name}.json"
+            if args.rademacher_only:
+                old = json.loads(path.read_text())
+                CONFIGS[name]["truth"] = old["truth"]
             res = run_config(name, seeds=args.seeds, chunk=args.chunk,
                              truth_probes=args.truth_probes, max_probes=args.max_probes,
-                             rademacher=not args.no_rademacher)
-            (args.out / f"{name}.json").write_text(json.dumps(res, indent=1))
+                             rademacher=not args.no_rademacher,
+                             diag=not args.rademacher_only)
+            if args.rademacher_only:
+                key = "dfil(rademacher) rtol / dFIL"
+                old["procedures"][key] = res["procedures"][key]
+                old["time_s"] += res["time_s"]
+                res = old
+            path.write_text(json.dumps(res, indent=1))
             print(_markdown([res]), flush=True)
     combine(args.out)
     return 0

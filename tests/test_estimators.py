@@ -397,6 +397,27 @@ def test_stopping_schedule():
     ]
     sched = list(StoppingRule(rtol=0.1, min_probes=3, round_size=4, max_probes=12).schedule())
     assert sched == [(0, 3, False), (3, 4, False), (7, 4, False), (11, 1, True)]
+    # the default start and geometric rounds: few calls, each boundary fixed by the rule
+    from fsinfo_fast.estimators.stopping import DEFAULT_GROWTH, DEFAULT_ROUND, initial_probes
+
+    rule = StoppingRule(atol=0.01, min_probes=initial_probes(), round_size=DEFAULT_ROUND,
+                        growth=DEFAULT_GROWTH, max_probes=1000)
+    ks = [s + c for s, c, _ in rule.schedule()]
+    assert ks[:8] == [4, 6, 9, 14, 21, 32, 48, 72] and ks[-1] == 1000 and len(ks) == 15
+    steps = [max(DEFAULT_ROUND, math.ceil(0.5 * a)) for a in ks[:-2]]
+    assert [b - a for a, b in zip(ks[:-2], ks[1:-1], strict=True)] == steps
+    assert initial_probes(max_probes=3) == 3 and initial_probes(num_probes=9) == 9
+    assert initial_probes(min_probes=1) == 2
+    for bad in (0.5, 20.0, True, "2"):
+        with pytest.raises(InvalidInputError, match="growth"):
+            StoppingRule(atol=0.1, growth=bad)
+    # the estimators' defaults use it
+    J = _mixed_batch(b=2)
+    est = hutchinson_trace(DenseProducts(J), sigma=0.1, rtol=1e-9, max_probes=20)
+    assert est.num_probes == 20 and (est.probes_per_sample == 20).all()
+    P = DenseProducts(J)
+    est = estimate_diag(P, sigma=0.1, atol=1e-9, max_probes=14)
+    assert P.vjp_passes == 14 and not est.fsinfo_diag.converged.any()
 
 
 # --- non-finite contributions raise ------------------------------------------------------------

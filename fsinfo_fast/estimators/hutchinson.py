@@ -40,7 +40,13 @@ from .base import (
     sigma_for,
 )
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import DEFAULT_GROWTH, DEFAULT_ROUND, START_PROBES, StoppingRule, run_rounds
+from .stopping import (
+    DEFAULT_GROWTH,
+    DEFAULT_ROUND,
+    START_TRACE_PROBES,
+    StoppingRule,
+    run_rounds,
+)
 
 __all__ = ["hutchinson_trace", "log_t_halfwidth", "skew_weight", "SIDES"]
 
@@ -124,7 +130,7 @@ def hutchinson_trace(
     num_probes: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    min_probes: int = START_PROBES,
+    min_probes: int = START_TRACE_PROBES,
     max_probes: int = 1000,
     round_size: int = DEFAULT_ROUND,
     confidence: float = 0.95,
@@ -146,7 +152,8 @@ def hutchinson_trace(
         sample_ids: ``[B]`` global ids of the samples (default ``arange(B)``).
         num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: see
             :class:`~fsinfo_fast.estimators.StoppingRule`; tolerances in the value's units
-            (default start: 4 probes, then +50% per round).
+            (default start: 10 probes, then +50% per round; see
+            :func:`~fsinfo_fast.estimators.stopping.initial_probes`).
 
     Returns:
         :class:`~fsinfo_fast.estimators.Estimate`; ``passes`` = probes drawn (one product each).
