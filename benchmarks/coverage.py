@@ -80,6 +80,18 @@ class _ViTCut(nn.Module):
         return out[0] if isinstance(out, tuple) else out
 
 
+class _HFResNetCut(nn.Module):
+    """``transformers`` ResNet (small config, random weights) cut after its first stage."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.embedder = model.embedder
+        self.stage = model.encoder.stages[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(self.embedder(x))
+
+
 def build_encoder(model: str, size: int) -> nn.Module:
     """The encoder of a configuration (seeded random weights, eval mode)."""
     import fsinfo_fast as ff
@@ -94,6 +106,10 @@ def build_encoder(model: str, size: int) -> nn.Module:
         from fsinfo_fast.models.third_party import build
 
         return _ViTCut(build("vit", size=size)).eval()
+    if model == "hf-resnet":
+        from fsinfo_fast.models.third_party import build
+
+        return _HFResNetCut(build("resnet", size=size)).eval()
     raise ValueError(f"unknown model {model!r}")
 
 

@@ -32,10 +32,10 @@ def _study():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model,size",
-    [("vgg5", 8), ("resnet18-cifar", 8), ("vit", 16)],
+    [("vgg5", 8), ("hf-resnet", 32), ("vit", 16)],
 )
 def test_default_intervals_cover_at_the_probes_they_use(model, size):
-    if model == "vit":
+    if model in ("vit", "hf-resnet"):
         pytest.importorskip("transformers")
     study = _study()
     n = torch.get_num_threads()
