@@ -21,7 +21,7 @@ from fsinfo_fast.estimators.logfloor import (
     x_hi,
 )
 
-ALPHAS = [0.5, 1.0, 1.5, 2.0, 3.5, 10.0, 10.5, 49.5, 250.0, 500.0]
+ALPHAS = [0.5, 1.0, 2.0, 3.5, 10.5, 49.5, 500.0]
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)
@@ -31,7 +31,7 @@ def test_h_alpha_matches_mpmath(alpha):
     g = torch.Generator().manual_seed(int(2 * alpha))
     top = math.log(40 * x_hi(alpha))
     # random points over the whole range, plus both ends of every regime
-    xs = torch.exp(torch.empty(40, dtype=torch.float64).uniform_(math.log(1e-9), top, generator=g))
+    xs = torch.exp(torch.empty(16, dtype=torch.float64).uniform_(math.log(1e-9), top, generator=g))
     xs = torch.cat([xs, torch.tensor([0.5, 0.5000001, x_hi(alpha), x_hi(alpha) * 1.07])])
     got = h_alpha(xs, alpha)
     for x, v in zip(xs.tolist(), got.tolist(), strict=True):
@@ -39,8 +39,8 @@ def test_h_alpha_matches_mpmath(alpha):
         assert abs(v - float(want)) <= H_ABS_ERR, (alpha, x, v, float(want))
 
 
-@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0, 5.0, 10.0, 50.0])
-@pytest.mark.parametrize("u", [1e-3, 0.1, 1.0, 10.0, 1e3, 1e6])
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 5.0, 50.0])
+@pytest.mark.parametrize("u", [1e-3, 0.1, 1.0, 10.0, 1e6])
 def test_unbiased_by_quadrature(alpha, u):
     """``E[H_alpha(u G)] = log(1 + u)`` for ``G ~ Gamma(alpha, 1)`` (i.e. ``D/a = u``)."""
     from scipy import integrate, special
