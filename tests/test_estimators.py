@@ -165,29 +165,40 @@ def test_slq_exact_probes_give_exact_logdet():
 
 def test_diag_jackknife_matches_brute_force():
     J = _mixed_batch(b=2)
-    K, sigma = 6, 0.3
-    est = estimate_diag(DenseProducts(J), sigma=sigma, floor=0.0, num_probes=K, seed=4)
+    K, sigma, d = 6, 0.3, 7
+    kw = dict(sigma=sigma, floor=0.0, num_probes=K, seed=4)
+    plain = estimate_diag(DenseProducts(J), exact_diagonal=False, **kw)
+    est = estimate_diag(DenseProducts(J), **kw)
     U = draw_probes(9, seed=4, sample_ids=torch.arange(2), count=K)
     g2 = torch.einsum("bmd,bkm->bkd", J, U) ** 2
 
-    def theta(sub):  # debiased FSInfo_diag from a subset of probes
-        k = sub.shape[1]
-        s = sub.mean(dim=1)
-        return (
-            (torch.log(s) - log_chi2_mean_offset(k)).mean(dim=1) / 2
-            - math.log(sigma)
-            - HALF_LOG_2PIE
-        )
+    def terms(sub):  # debiased per-column terms from a subset of probes: [B, d]
+        return torch.log(sub.mean(dim=1)) - log_chi2_mean_offset(sub.shape[1]) - 2 * math.log(sigma)
 
-    full = theta(g2)
-    loo = torch.stack([theta(torch.cat([g2[:, :j], g2[:, j + 1 :]], dim=1)) for j in range(K)], 1)
-    se = torch.sqrt((K - 1) / K * ((loo - loo.mean(dim=1, keepdim=True)) ** 2).sum(dim=1))
-    f = est.fsinfo_diag
+    def jack(full, loo):  # delete-one jackknife variance over dim 1 of loo
+        return (K - 1) / K * ((loo - loo.mean(dim=1, keepdim=True)) ** 2).sum(dim=1)
+
+    t_full = terms(g2)
+    t_loo = torch.stack([terms(torch.cat([g2[:, :j], g2[:, j + 1 :]], dim=1)) for j in range(K)], 1)
+    full = t_full.mean(dim=1) / 2 - HALF_LOG_2PIE
+    var = jack(full, t_loo.mean(dim=2) / 2)
+    f = plain.fsinfo_diag
     assert_close_verbose(f.value, full, name="diag value")
-    assert_close_verbose(f.stderr, se, name="delete-one jackknife")
+    assert_close_verbose(f.stderr, var.sqrt(), name="delete-one jackknife")
     from fsinfo_fast.estimators import t_quantile
 
-    assert_close_verbose(f.ci_halfwidth, t_quantile(K - 1) * se, name="t interval")
+    assert_close_verbose(f.ci_halfwidth, t_quantile(K - 1) * var.sqrt(), name="t interval")
+    # exact diagonal part: the per-column jackknife variances are replaced by psi'(K/2)
+    from scipy.special import polygamma
+
+    per_col = jack(t_full, t_loo).sum(dim=1) / (4 * d * d)
+    known = d * float(polygamma(1, K / 2.0)) / (4 * d * d)  # trigamma
+    from scipy.stats import norm
+
+    floor_se = float(norm.ppf(0.975)) / t_quantile(K - 1) * math.sqrt(known)
+    want = torch.clamp((var - per_col + known).clamp_min(0).sqrt(), min=floor_se)
+    assert_close_verbose(est.fsinfo_diag.value, full, name="value unchanged")
+    assert_close_verbose(est.fsinfo_diag.stderr, want, name="exact-diagonal jackknife")
     t = g2.sum(dim=2)
     assert_close_verbose(est.dfil.value, t.mean(dim=1) / (sigma**2 * 7))
     assert_close_verbose(est.dfil.stderr, t.std(dim=1) / math.sqrt(K) / (sigma**2 * 7))
@@ -326,7 +337,9 @@ def test_adaptive_meets_atol_and_freezes_samples():
     J = _mixed_batch(b=4)
     J[0] *= torch.logspace(0, -3, 7, dtype=torch.float64)  # harder sample: more spread columns
     P = DenseProducts(J)
-    est = estimate_diag(P, sigma=0.1, atol=0.03, min_probes=10, round_size=10, max_probes=2000)
+    est = estimate_diag(
+        P, sigma=0.1, atol=0.03, min_probes=10, round_size=10, growth=1.0, max_probes=2000
+    )
     f = est.fsinfo_diag
     assert f.converged.all() and (f.ci_halfwidth <= 0.03).all()
     assert f.num_probes == int(f.probes_per_sample.max()) == P.vjp_passes == f.passes
@@ -394,6 +407,27 @@ def test_stopping_schedule():
     ]
     sched = list(StoppingRule(rtol=0.1, min_probes=3, round_size=4, max_probes=12).schedule())
     assert sched == [(0, 3, False), (3, 4, False), (7, 4, False), (11, 1, True)]
+    # the default start and geometric rounds: few calls, each boundary fixed by the rule
+    from fsinfo_fast.estimators.stopping import DEFAULT_GROWTH, DEFAULT_ROUND, initial_probes
+
+    rule = StoppingRule(atol=0.01, min_probes=initial_probes(), round_size=DEFAULT_ROUND,
+                        growth=DEFAULT_GROWTH, max_probes=1000)
+    ks = [s + c for s, c, _ in rule.schedule()]
+    assert ks[:8] == [4, 6, 9, 14, 21, 32, 48, 72] and ks[-1] == 1000 and len(ks) == 15
+    steps = [max(DEFAULT_ROUND, math.ceil(0.5 * a)) for a in ks[:-2]]
+    assert [b - a for a, b in zip(ks[:-2], ks[1:-1], strict=True)] == steps
+    assert initial_probes(max_probes=3) == 3 and initial_probes(num_probes=9) == 9
+    assert initial_probes(min_probes=1) == 2
+    for bad in (0.5, 20.0, True, "2"):
+        with pytest.raises(InvalidInputError, match="growth"):
+            StoppingRule(atol=0.1, growth=bad)
+    # the estimators' defaults use it
+    J = _mixed_batch(b=2)
+    est = hutchinson_trace(DenseProducts(J), sigma=0.1, rtol=1e-9, max_probes=20)
+    assert est.num_probes == 20 and (est.probes_per_sample == 20).all()
+    P = DenseProducts(J)
+    est = estimate_diag(P, sigma=0.1, atol=1e-9, max_probes=14)
+    assert P.vjp_passes == 14 and not est.fsinfo_diag.converged.any()
 
 
 # --- non-finite contributions raise ------------------------------------------------------------
@@ -553,3 +587,64 @@ def test_memory_chunking_does_not_change_results(monkeypatch):
     assert_close_verbose(e.fsinfo_diag.value, c.fsinfo_diag.value, rtol=1e-12, atol=0)
     assert_close_verbose(e.fsinfo_diag.stderr, c.fsinfo_diag.stderr, rtol=1e-12, atol=0)
     assert_close_verbose(e.dfil.stderr, c.dfil.stderr, rtol=1e-12, atol=0)
+
+
+# --- the probe state shared between requests (what Linearization keeps per seed) -----------
+
+
+def _diag_fields(e):
+    return (e.value, e.stderr, e.ci_halfwidth, e.probes_per_sample, e.converged)
+
+
+def test_diag_state_reused_across_requests_equals_fresh():
+    """One DiagProbeState serving two requests (different sigma, floor and targets) gives each
+    sample exactly the result of a fresh estimate_diag call, in either order and in any batch,
+    and the second request only computes the probes the first did not."""
+    from fsinfo_fast.estimators.diagonal import DiagProbeState
+
+    J = _mixed_batch(b=4)
+    J[0] *= torch.logspace(0, -3, 7, dtype=torch.float64)
+    ids = torch.tensor([5, 1, 7, 2])
+    reqs = [
+        dict(sigma=0.1, atol=0.05),
+        dict(sigma=torch.tensor([0.3, 1.0, 0.2, 0.5], dtype=torch.float64), floor=1e-10,
+             atol=0.02, dfil_rtol=0.05),
+    ]
+    fresh = [estimate_diag(DenseProducts(J), seed=3, sample_ids=ids, **kw) for kw in reqs]
+    for order in ([0, 1], [1, 0]):
+        P = DenseProducts(J)
+        st = DiagProbeState.for_products(P, seed=3, sample_ids=ids, snapshot_bytes=1 << 26)
+        for i in order:
+            r = estimate_diag(P, seed=3, sample_ids=ids, state=st, **reqs[i])
+            for a, b in zip(_diag_fields(r.fsinfo_diag), _diag_fields(fresh[i].fsinfo_diag),
+                            strict=True):
+                assert torch.equal(a, b)
+            for a, b in zip(_diag_fields(r.dfil), _diag_fields(fresh[i].dfil), strict=True):
+                assert torch.equal(a, b)
+        assert P.vjp_passes == st.k == max(f.fsinfo_diag.num_probes for f in fresh)
+    # batch independence: sample 7 alone, from its own state, gives the same result
+    P1 = DenseProducts(J[2:3])
+    st1 = DiagProbeState.for_products(P1, seed=3, sample_ids=ids[2:3], snapshot_bytes=1 << 26)
+    kw = {**reqs[1], "sigma": reqs[1]["sigma"][2:3]}
+    r1 = estimate_diag(P1, seed=3, sample_ids=ids[2:3], state=st1, **kw)
+    for a, b in zip(_diag_fields(r1.fsinfo_diag), _diag_fields(fresh[1].fsinfo_diag), strict=True):
+        assert torch.equal(a, b[2:3])
+
+
+def test_diag_state_dropped_snapshot_says_so():
+    from fsinfo_fast.estimators.diagonal import DiagProbeState, SnapshotDroppedError
+
+    J = _mixed_batch(b=2)
+    P = DenseProducts(J)
+    st = DiagProbeState.for_products(P, seed=0)  # no snapshot budget
+    estimate_diag(P, sigma=0.1, atol=1e-9, max_probes=9, state=st)  # rounds 4, 6, 9
+    assert st.k == 9 and st.available() == [9] and st.dropped == [4, 6]
+    with pytest.raises(SnapshotDroppedError, match="dropped"):
+        estimate_diag(P, sigma=0.2, atol=1e-9, max_probes=9, state=st)
+    with pytest.raises(SnapshotDroppedError, match="not a round boundary"):
+        st.stats(5)
+    with pytest.raises(InvalidInputError, match="same seed"):
+        estimate_diag(P, sigma=0.1, num_probes=9, seed=1, state=st)
+    # fixed K = 9 is served from the current count without products
+    r = estimate_diag(P, sigma=0.1, num_probes=9, state=st)
+    assert r.fsinfo_diag.passes == 0 and r.fsinfo_diag.info["reused_probes"] == 9

@@ -69,13 +69,17 @@ def case(request):
     return request.param, J, pv
 
 
-def _check(name, value, halfwidth, exact, *, what):
+#: The coverage band the seed count justifies (diag, Hutchinson, Hutch++ tests).
+BAND = TOL.coverage_band(B)
+
+
+def _check(name, value, halfwidth, exact, *, what, band=(TOL.coverage_low, TOL.coverage_high)):
     z = unbiasedness_z(value, exact)
     cov = coverage(value, halfwidth, exact)
     assert abs(z) < TOL.z_unbiased, f"{what} on {name}: mean is {z:.2f} standard errors off"
-    assert TOL.coverage_low <= cov <= TOL.coverage_high, (
-        f"{what} on {name}: 95% interval coverage {cov:.3f} outside "
-        f"[{TOL.coverage_low}, {TOL.coverage_high}]"
+    lo, hi = band
+    assert lo <= cov <= hi, (
+        f"{what} on {name}: 95% interval coverage {cov:.3f} outside [{lo:.3f}, {hi:.3f}]"
     )
     return z, cov
 
@@ -91,6 +95,7 @@ def test_diag_fsinfo_and_dfil(case):
         r.fsinfo_diag.ci_halfwidth,
         exact_fsinfo_diag(J[:1], SIGMA),
         what="FSInfo_diag (K=10)",
+        band=BAND,
     )
     # dFIL from the same probes: a Hutchinson mean, nominal coverage needs more probes
     r = estimate_diag(P, sigma=SIGMA, floor=0.0, num_probes=50, seed=2)
@@ -100,6 +105,7 @@ def test_diag_fsinfo_and_dfil(case):
         r.dfil.ci_halfwidth,
         exact_trace(J[:1], SIGMA),
         what="dFIL from the diag probes (K=50)",
+        band=BAND,
     )
 
 
@@ -116,6 +122,7 @@ def test_diag_grouped_jackknife(case):
         r.ci_halfwidth,
         exact_fsinfo_diag(J[:1], SIGMA),
         what="FSInfo_diag (K=25, 10 groups)",
+        band=BAND,
     )
 
 
@@ -155,6 +162,7 @@ def test_hutchinson(case, side, kind):
         r.ci_halfwidth,
         exact_trace(J[:1], SIGMA),
         what=f"Hutchinson dFIL ({side}, {kind}, K=50)",
+        band=BAND,
     )
 
 
@@ -164,7 +172,12 @@ def test_hutchpp(case):
     r = hutchpp_trace(P, sigma=SIGMA, sketch_size=4, num_probes=50, seed=5)
     assert r.passes == 3 * 4 + 50 == P.passes
     _check(
-        name, r.value, r.ci_halfwidth, exact_trace(J[:1], SIGMA), what="Hutch++ dFIL (k=4, K=50)"
+        name,
+        r.value,
+        r.ci_halfwidth,
+        exact_trace(J[:1], SIGMA),
+        what="Hutch++ dFIL (k=4, K=50)",
+        band=BAND,
     )
 
 
@@ -246,9 +259,10 @@ def test_against_reference_oracle(name):
     assert P.vjp(torch.ones(B, 1, P.m, dtype=torch.float64)).requires_grad  # parameters do
     assert not r.fsinfo_diag.value.requires_grad  # estimators detach the products
     exact = ref.fsinfo(enc, x1, SIGMA, "diag", floor=0.0).value
-    _check(name, r.fsinfo_diag.value, r.fsinfo_diag.ci_halfwidth, exact, what="FSInfo_diag")
+    f = r.fsinfo_diag
+    _check(name, f.value, f.ci_halfwidth, exact, what="FSInfo_diag", band=BAND)
     t = hutchinson_trace(P, sigma=SIGMA, side="input", num_probes=50, seed=9)
-    _check(name, t.value, t.ci_halfwidth, ref.dfil(enc, x1, SIGMA).value, what="dFIL")
+    _check(name, t.value, t.ci_halfwidth, ref.dfil(enc, x1, SIGMA).value, what="dFIL", band=BAND)
     s = slq_logdet(P, sigma=SIGMA, prior_var=2.0, num_probes=10, seed=10)
     exact = ref.fsinfo(enc, x1, SIGMA, "logdet", prior_var=2.0).value
     _check(name, s.value, s.ci_halfwidth, exact, what="log-det FSInfo (prior)")
@@ -258,3 +272,66 @@ def test_against_reference_oracle(name):
         assert torch.isfinite(exact).all()
         _check(name, s.value, s.ci_halfwidth, exact, what="log-det FSInfo (no prior)")
     assert float(exact) > -HALF_LOG_2PIE - 10  # finite, sensible
+
+
+# --- the floor: exact debiasing where diag(J^T J) / sigma^2 is near 1e-10 -------------------
+
+
+def _floor_jacobian(b: int, m: int = 40, d: int = 24) -> torch.Tensor:
+    """``[b, m, d]`` copies of one Jacobian whose ``D_k / (sigma^2 floor)`` runs from ``1e-4`` to
+    ``1e4`` over the columns (correlated columns)."""
+    g = torch.Generator().manual_seed(7)
+    mix = torch.eye(d, dtype=torch.float64)
+    mix += 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+    J = torch.randn(m, d, generator=g, dtype=torch.float64) @ mix
+    target = torch.logspace(-4, 4, d, dtype=torch.float64) * SIGMA**2 * 1e-10
+    J = J * (target / (J**2).sum(dim=0)).sqrt()
+    return J.expand(b, m, d).contiguous()
+
+
+@pytest.mark.parametrize("K", [4, 20])
+def test_diag_floor_exactly_debiased(K):
+    """Columns from 1e-4 to 1e4 times the floor: the estimate is unbiased and its interval
+    covers; the old plug-in ``log(s/sigma^2 + floor) - E log(chi2_K/K)`` from the same probes is
+    biased by many standard errors (the test can see the difference)."""
+    from fsinfo_fast.estimators.probes import draw_probes
+
+    J = _floor_jacobian(B)
+    exact = exact_fsinfo_diag(J[:1], SIGMA, 1e-10)
+    r = estimate_diag(DenseProducts(J), sigma=SIGMA, num_probes=K, seed=21).fsinfo_diag
+    _check("floor", r.value, r.ci_halfwidth, exact, what=f"FSInfo_diag at the floor (K={K})",
+           band=BAND)
+    assert (r.bias_bound > 0).all() and (r.bias_bound < 1e-10).all()
+    U = draw_probes(J.shape[1], seed=21, sample_ids=torch.arange(B), count=K)
+    s = (torch.einsum("bmd,bkm->bkd", J, U) ** 2).mean(dim=1)
+    plug = (torch.log(s / SIGMA**2 + 1e-10) - log_chi2_mean_offset(K)).mean(dim=1) / 2
+    assert abs(unbiasedness_z(plug - HALF_LOG_2PIE, exact)) > 10
+
+
+@pytest.mark.slow
+def test_diag_floor_real_encoder_near_the_floor():
+    """The issue's case: a random MobileNetV2 (inverted residual blocks, ReLU6, BatchNorm) cut
+    after its fourth block has every ``D_k / sigma^2`` at or below the floor. The plug-in was
+    off by 0.025 nats/dim at K = 20 with a 1e-12 half-width; now the error is at rounding
+    level and inside the interval for every seed."""
+    pytest.importorskip("transformers")
+    from fsinfo_fast.data import natural_images
+    from fsinfo_fast.models.third_party import build
+
+    model = build("mobilenetv2", size=32)
+    enc = nn.Sequential(model.conv_stem, *model.layer[:4]).eval()
+    x, _ = natural_images(size=32, n=1)
+    D = ref.fisher_diag(enc, x)[0]
+    assert float(D.max()) / SIGMA**2 < 1e-10  # the regime of the issue
+    exact = ref.fsinfo(enc, x, SIGMA, "diag").value
+    from fsinfo_fast.encoder import prepare
+    from fsinfo_fast.engine import make_products
+
+    n = 64
+    P = make_products(prepare(enc, x.expand(n, -1, -1, -1).contiguous(), check_interaction=1))
+    for K in (4, 20):
+        r = estimate_diag(P, sigma=SIGMA, num_probes=K, seed=2).fsinfo_diag
+        err = r.value - exact
+        assert float(err.mean().abs()) < 1e-9, float(err.mean())
+        assert ((err.abs() <= r.ci_halfwidth).all()), float(err.abs().max())
+        assert float(r.ci_halfwidth.max()) < 1e-9

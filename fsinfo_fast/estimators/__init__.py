@@ -6,21 +6,34 @@ per-sample :class:`Estimate` objects with a standard error and a t-interval, and
 probes with :func:`draw_probes`, so results are reproducible from ``(seed, sample id)`` and do
 not depend on how samples are batched.
 
-- :func:`estimate_diag`: FSInfo_diag (exactly chi2-debiased log-sum of ``diag(J^T J)``) and
-  dFIL from the same ``K`` VJPs (delete-a-group jackknife standard error).
+- :func:`estimate_diag`: FSInfo_diag (exactly chi2-debiased log-sum of ``diag(J^T J)``, the
+  paper's floor included) and dFIL from the same ``K`` VJPs; built on :class:`DiagProbeState`
+  (the probes' statistics, reusable across requests) and the pure summaries
+  :func:`fsinfo_diag_summary` and :func:`trace_summary`.
 - :func:`hutchinson_trace`: ``tr(J^T J)`` / dFIL (Hutchinson 1989).
 - :func:`hutchpp_trace`: Hutch++ (Meyer et al. 2021).
 - :func:`slq_logdet`: log-det FSInfo by stochastic Lanczos quadrature (Ubaru et al. 2017):
   adaptive order, Gauss/Gauss-Radau bracket and rounding allowance in the interval, flagged upper
   bounds at the working precision; Lanczos or Golub-Kahan. :class:`LanczosProbeState` and
   :func:`slq_probe_terms` serve several sigmas/priors (and the Hutchinson trace) from one run.
-- :class:`StoppingRule`: fixed probe count or rounds until ``atol``/``rtol`` is met.
+- :class:`StoppingRule`: fixed probe count or rounds until ``atol``/``rtol`` is met;
+  :func:`initial_probes`: the first round.
 - :func:`expected_passes`: the cost model.
 """
 
 from .base import Estimate, Products, t_quantile
 from .cost import expected_passes
-from .diagonal import DiagEstimate, estimate_diag, log_chi2_mean_offset
+from .diagonal import (
+    DiagEstimate,
+    DiagProbeState,
+    DiagStats,
+    DiagSummary,
+    SnapshotDroppedError,
+    estimate_diag,
+    fsinfo_diag_summary,
+    log_chi2_mean_offset,
+    trace_summary,
+)
 from .hutchinson import hutchinson_trace
 from .lanczos import (
     LanczosProbeState,
@@ -33,11 +46,15 @@ from .lanczos import (
 )
 from .meyer2020hutchpp import hutchpp_trace
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import StoppingRule
+from .stopping import StoppingRule, initial_probes
 
 __all__ = [
     "PROBE_KINDS",
     "DiagEstimate",
+    "DiagProbeState",
+    "DiagStats",
+    "DiagSummary",
+    "SnapshotDroppedError",
     "Estimate",
     "LanczosProbeState",
     "Products",
@@ -46,9 +63,11 @@ __all__ = [
     "draw_probes",
     "estimate_diag",
     "expected_passes",
+    "fsinfo_diag_summary",
     "golub_kahan_bidiagonal",
     "hutchinson_trace",
     "hutchpp_trace",
+    "initial_probes",
     "lanczos_tridiagonal",
     "log_chi2_mean_offset",
     "resolve_seed",
@@ -56,4 +75,5 @@ __all__ = [
     "slq_probe_terms",
     "slq_quadrature",
     "t_quantile",
+    "trace_summary",
 ]

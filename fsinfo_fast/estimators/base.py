@@ -60,7 +60,9 @@ class Estimate:
         stderr: estimated standard error of ``value`` (0 where the value is known exactly, e.g.
             ``-inf`` for a singular Fisher matrix).
         ci_halfwidth: half-width of the two-sided interval at the requested confidence (95% by
-            default), ``t_quantile(dof) * stderr``.
+            default), ``t_quantile(dof) * stderr + bias_bound`` (trace estimators: the longer
+            side of the log-scale t-interval, ``value (exp(t stderr / value) - 1)``, see
+            :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`).
         num_probes: the largest number of probes any sample's estimate uses.
         passes: Jacobian products (JVPs + VJPs) computed per sample.
         converged: ``[B]`` bool: the interval met ``atol``/``rtol`` (always True without a

@@ -10,13 +10,19 @@ For probes ``v`` with ``E[v v^T] = I`` (Gaussian or Rademacher; Hutchinson 1989,
 
 The estimate is the mean of ``K`` iid per-probe values ``t_j``; its standard error is the sample
 standard deviation over ``sqrt(K)`` (plus a rounding allowance ``sqrt(n) eps |value|`` in
-quadrature, see :func:`with_rounding`) and the interval uses the Student-t quantile with
-``K - 1`` degrees of freedom. The per-probe values are right-skewed when a few singular
-values dominate (a weighted chi-square with few effective degrees of freedom), which makes
-the t-interval undercover at small ``K`` (observed about 0.86-0.90 at ``K = 10`` and
-0.90-0.96 at ``K >= 30``
-on geometric spectra), hence the default ``min_probes = 30``. With ``sigma`` given, everything
-is scaled to dFIL, ``tr(J^T J) / (sigma^2 d)`` (Maeng et al. 2023), in 1/dim.
+quadrature, see :func:`with_rounding`). **Interval** (:func:`log_t_halfwidth`): the per-probe
+values are right-skewed when a few singular values dominate (a weighted chi-square with few
+effective degrees of freedom); the plain Student-t interval ``t_{K-1} se`` then undercovers,
+because a low mean comes with a low standard deviation (1000 seeds on the test suite's
+geometric spectra: 0.84-0.90 at ``K = 4``, 0.88-0.93 at ``K = 10``, 0.92-0.95 at ``K = 50``).
+The half-width is therefore the upper side of the t-interval for ``log tr``,
+``x (exp(t_{K-1} se / x) - 1) >= t_{K-1} se`` (``x`` the estimate), used on both sides: with
+Gaussian probes, on the same spectra (4000 seeds) 0.92-0.94 at ``K = 4``, 0.93-0.94 at
+``K = 10``, 0.95-0.96 at ``K = 50``, and indistinguishable from the t-interval where the
+per-probe values are nearly Gaussian (VGG5 split 2 at 32 px: 0.050 vs 0.051 relative
+half-width at ``K = 4``). Rademacher probes get the mean of the two half-widths
+(:func:`log_t_halfwidth`, ``weight = 1/2``). With ``sigma`` given,
+everything is scaled to dFIL, ``tr(J^T J) / (sigma^2 d)`` (Maeng et al. 2023), in 1/dim.
 """
 
 from __future__ import annotations
@@ -34,9 +40,15 @@ from .base import (
     sigma_for,
 )
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import StoppingRule, run_rounds
+from .stopping import (
+    DEFAULT_GROWTH,
+    DEFAULT_ROUND,
+    START_TRACE_PROBES,
+    StoppingRule,
+    run_rounds,
+)
 
-__all__ = ["hutchinson_trace", "SIDES"]
+__all__ = ["hutchinson_trace", "log_t_halfwidth", "skew_weight", "SIDES"]
 
 #: Which side the probes live on: ``input`` (``v in R^d``, JVPs), ``output`` (``u in R^m``, VJPs).
 SIDES = ("input", "output")
@@ -61,6 +73,36 @@ def mean_and_stderr(t: Tensor) -> tuple[Tensor, Tensor]:
     """Mean over probes of ``t [B, K]`` and its standard error ``std / sqrt(K)``."""
     k = t.shape[1]
     return t.mean(dim=1), t.std(dim=1, correction=1) / k**0.5
+
+
+def log_t_halfwidth(
+    value: Tensor, stderr: Tensor, dof: int, confidence: float = 0.95, weight: float = 1.0
+) -> Tensor:
+    r"""Symmetric half-width from the t-interval of ``log(value)`` for a positive mean of
+    right-skewed values: ``value (exp(t_{dof} stderr / value) - 1)`` (its longer, upper side;
+    ``>= t stderr``), blended with the plain ``t stderr`` as ``weight * log + (1 - weight) * t``.
+
+    ``weight = 1`` for Gaussian probes; ``1/2`` for Rademacher probes, whose per-probe values
+    are less skewed (the diagonal of the Gram matrix contributes no randomness): measured over
+    4000 seeds on the test suite's four spectra at ``K = 50``, Rademacher coverage 0.92-0.95
+    (plain t), 0.94-0.95 (``weight = 1/2``) and 0.955-0.96 (``weight = 1``).
+
+    Returns ``[B]`` float64; 0 where ``stderr`` is 0, ``t stderr`` where ``value <= 0``.
+    """
+    from .base import t_quantile
+
+    q = t_quantile(dof, confidence)
+    lin = q * stderr
+    pos = value > 0
+    safe = torch.where(pos, value, torch.ones_like(value))
+    hw = torch.where(pos, safe * torch.expm1(lin / safe), lin)
+    hw = weight * hw + (1.0 - weight) * lin
+    return torch.where(stderr == 0, torch.zeros_like(hw), hw)
+
+
+def skew_weight(kind: str) -> float:
+    """The ``weight`` of :func:`log_t_halfwidth` for a probe distribution."""
+    return 1.0 if kind == "gaussian" else 0.5
 
 
 def with_rounding(se: Tensor, value: Tensor, n: int, dtype: torch.dtype) -> Tensor:
@@ -88,10 +130,11 @@ def hutchinson_trace(
     num_probes: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    min_probes: int = 30,
+    min_probes: int = START_TRACE_PROBES,
     max_probes: int = 1000,
-    round_size: int = 10,
+    round_size: int = DEFAULT_ROUND,
     confidence: float = 0.95,
+    growth: float = DEFAULT_GROWTH,
 ) -> Estimate:
     r"""Per-sample Hutchinson estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
 
@@ -107,8 +150,10 @@ def hutchinson_trace(
             the Gram matrix on the probe side.
         seed: probe seed (or a ``torch.Generator``, from which one seed is drawn).
         sample_ids: ``[B]`` global ids of the samples (default ``arange(B)``).
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence: see
-            :class:`~fsinfo_fast.estimators.StoppingRule`; tolerances in the value's units.
+        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: see
+            :class:`~fsinfo_fast.estimators.StoppingRule`; tolerances in the value's units
+            (default start: 10 probes, then +50% per round; see
+            :func:`~fsinfo_fast.estimators.stopping.initial_probes`).
 
     Returns:
         :class:`~fsinfo_fast.estimators.Estimate`; ``passes`` = probes drawn (one product each).
@@ -131,6 +176,7 @@ def hutchinson_trace(
         max_probes=max_probes,
         round_size=round_size,
         confidence=confidence,
+        growth=growth,
     )
     seed = resolve_seed(seed)
     ids = sample_ids_for(products, sample_ids)
@@ -156,7 +202,9 @@ def hutchinson_trace(
     def summarize():
         mean, se = mean_and_stderr(torch.cat(chunks, dim=1))
         se = with_rounding(se, mean, n, products.dtype)
-        return {"value": (mean * scale, se * scale, sum(c.shape[1] for c in chunks) - 1)}
+        dof = sum(c.shape[1] for c in chunks) - 1
+        hw = log_t_halfwidth(mean * scale, se * scale, dof, confidence, skew_weight(kind))
+        return {"value": (mean * scale, se * scale, dof, torch.zeros_like(mean), hw)}
 
     frozen, converged, probes, drawn = run_rounds(
         rule,
@@ -182,6 +230,7 @@ def hutchinson_trace(
             "kind": kind,
             "seed": seed,
             "dof": f.dof,
+            "interval": f"log-scale t (upper side, symmetric; weight {skew_weight(kind)})",
             "confidence": confidence,
         },
     )

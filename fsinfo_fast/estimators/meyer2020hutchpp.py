@@ -19,7 +19,9 @@ cheaper QR). Cost: ``3 k + K`` products per sample.
 **Standard error**, conditional on the sketch: for *any* orthonormal ``Q``,
 ``tr(Q^T A Q) + tr((I - QQ^T) A (I - QQ^T)) = tr(A)``, so given ``Q`` the estimator is unbiased
 and its only randomness is the residual Hutchinson mean. Its conditional variance is estimated
-by the residual probes' sample variance over ``K`` (t-interval with ``K - 1`` dof); because the
+by the residual probes' sample variance over ``K`` (the interval is the log-scale t-interval of
+the residual mean, :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`, ``K - 1`` dof,
+shifted by the exact sketch part); because the
 conditional mean does not depend on ``Q``, the conditional variance averages to the total
 variance, so the interval is honest unconditionally too. A rounding allowance
 ``sqrt(n) eps |value|`` is added in quadrature: when the sketch spans the whole range
@@ -34,7 +36,14 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 from .base import Estimate, Products, check_finite, detached, sample_ids_for
-from .hutchinson import _check_side_kind, mean_and_stderr, trace_scale, with_rounding
+from .hutchinson import (
+    _check_side_kind,
+    log_t_halfwidth,
+    mean_and_stderr,
+    skew_weight,
+    trace_scale,
+    with_rounding,
+)
 from .probes import draw_probes, resolve_seed
 from .stopping import StoppingRule, run_rounds
 
@@ -60,6 +69,7 @@ def hutchpp_trace(
     max_probes: int = 1000,
     round_size: int = 10,
     confidence: float = 0.95,
+    growth: float = 1.0,
 ) -> Estimate:
     r"""Per-sample Hutch++ estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
 
@@ -73,7 +83,7 @@ def hutchpp_trace(
             always Gaussian).
         seed, sample_ids: probe seed and ``[B]`` global sample ids.
         num_probes: fixed number of *residual* probes ``K`` (``>= 2``).
-        atol, rtol, min_probes, max_probes, round_size, confidence: see
+        atol, rtol, min_probes, max_probes, round_size, confidence, growth: see
             :class:`~fsinfo_fast.estimators.StoppingRule` (residual probes).
 
     Returns:
@@ -98,6 +108,7 @@ def hutchpp_trace(
         max_probes=max_probes,
         round_size=round_size,
         confidence=confidence,
+        growth=growth,
     )
     n = products.d if side == "input" else products.m
     if sketch_size is None:
@@ -160,7 +171,9 @@ def hutchpp_trace(
         k_res = sum(c.shape[1] for c in chunks)
         total = sketch_trace + mean
         se = with_rounding(se, total, n, dt)
-        return {"value": (total * scale, se * scale, k_res - 1)}
+        # the skew is the residual mean's: its log-scale interval, shifted by the exact sketch
+        hw = log_t_halfwidth(mean * scale, se * scale, k_res - 1, confidence, skew_weight(kind))
+        return {"value": (total * scale, se * scale, k_res - 1, torch.zeros_like(total), hw)}
 
     frozen, converged, probes, drawn = run_rounds(
         rule,
@@ -188,6 +201,7 @@ def hutchpp_trace(
             "seed": seed,
             "dof": f.dof,
             "se_method": "conditional on the sketch: residual sample std / sqrt(K)",
+            "interval": "log-scale t of the residual mean (upper side, symmetric)",
             "confidence": confidence,
         },
     )

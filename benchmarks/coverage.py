@@ -1,0 +1,360 @@
+"""Coverage of the randomized 95% intervals at the probe counts the defaults actually use.
+
+For each encoder (random initialisation, eval mode; one natural image from
+``fsinfo_fast.data.natural_images``), ``S`` independent runs (seeded probes: the run index is the
+probe ``sample_id``) of the library's default procedures, each scored against the truth:
+
+- ``fsinfo_diag atol``: FSInfo_diag (paper floor ``1e-10``, ``sigma = 0.1``) with adaptive
+  stopping at ``atol`` nats/dim, the default start (:func:`~fsinfo_fast.estimators.stopping.
+  initial_probes`, 4 probes) and rounds (+50%);
+- ``dfil(diag probes) rtol``: dFIL from the same Gaussian VJPs, stopping at ``rtol``;
+- ``joint``: both targets from the same probes (what ``Linearization`` serves);
+- ``fixed K=4``: the first round, with no stopping;
+- ``dfil(rademacher) rtol``: the standalone dFIL default (Rademacher input-side Hutchinson,
+  starting at 10 probes).
+
+The first four come from one probe sequence per run: a :class:`~fsinfo_fast.estimators.diagonal.
+DiagProbeState` is extended round by round and every procedure is replayed on the summaries at
+the round boundaries (each run's result equals a fresh ``estimate_diag`` call with the same
+arguments; the tests check that). Per procedure the report gives the coverage (with its binomial
+standard error), the bias z (``(mean - truth) / sqrt(var / S + se_truth^2)``, a two-sample z when
+the truth is itself an estimate), the mean half-width and the probes used (mean, min, max).
+
+Truth: the exact float64 oracle (``fsinfo_fast.reference``) where it is affordable (32 px);
+otherwise a high-probe estimate with another seed (``truth_probes`` Gaussian VJPs; its standard
+error is reported and enters the bias z; it slightly deflates the coverage, by about
+``(se_truth / sd_run)^2 / 2`` relative, also reported).
+
+Run (one configuration at a time, ``nice``; results per configuration are kept and combined)::
+
+    nice -n 10 python benchmarks/coverage.py --only vgg5-s2@32 resnet18-imagenet-s7@224
+    python benchmarks/coverage.py --combine     # benchmarks/results/coverage.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TRUTH_SEED = 1_000_003
+RUN_SEED = 11
+
+#: name -> model, input size, seeded runs, runs per batch, truth probes (0: the exact oracle).
+#: 1000 runs where that fit in about 30 min on 2 shared cores; fewer (said in the results)
+#: where the Gaussian probe generation of the output side (m entries per probe) or the
+#: products made it longer: rerun with ``--seeds 1000`` on an idle machine.
+CONFIGS: dict[str, dict[str, Any]] = {
+    "vgg5-s2@32": dict(model="vgg5", size=32, seeds=1000, chunk=50, truth_probes=0),
+    "resnet18-cifar-s7@32": dict(model="resnet18-cifar", size=32, seeds=300, chunk=50,
+                                 truth_probes=0),
+    "resnet18-imagenet-s7@32": dict(model="resnet18-imagenet", size=32, seeds=300, chunk=50,
+                                    truth_probes=0),
+    "vit-l0@32": dict(model="vit", size=32, seeds=500, chunk=50, truth_probes=0),
+    "resnet18-imagenet-s7@224": dict(model="resnet18-imagenet", size=224, seeds=300, chunk=10,
+                                     truth_probes=1000),
+    "vit-l0@224": dict(model="vit", size=224, seeds=300, chunk=20, truth_probes=1000),
+    "vgg5-s2@224": dict(model="vgg5", size=224, seeds=100, chunk=4, truth_probes=400),
+    "resnet18-cifar-s7@224": dict(model="resnet18-cifar", size=224, seeds=30, chunk=2,
+                                  truth_probes=200),
+}
+
+
+class _ViTCut(nn.Module):
+    """``transformers`` ViT (random weights) cut after its first encoder layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.embeddings = model.embeddings
+        self.layer = model.layers[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer(self.embeddings(x))
+        return out[0] if isinstance(out, tuple) else out
+
+
+class _HFResNetCut(nn.Module):
+    """``transformers`` ResNet (small config, random weights) cut after its first stage."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.embedder = model.embedder
+        self.stage = model.encoder.stages[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stage(self.embedder(x))
+
+
+def build_encoder(model: str, size: int) -> nn.Module:
+    """The encoder of a configuration (seeded random weights, eval mode)."""
+    import fsinfo_fast as ff
+    from fsinfo_fast.models import resnet18, vgg5
+
+    torch.manual_seed(0)
+    if model == "vgg5":
+        return ff.split(vgg5(input_size=size).eval(), 2)
+    if model.startswith("resnet18-"):
+        return ff.split(resnet18(stem=model.split("-", 1)[1]).eval(), 7)
+    if model == "vit":
+        from fsinfo_fast.models.third_party import build
+
+        return _ViTCut(build("vit", size=size)).eval()
+    if model == "hf-resnet":
+        from fsinfo_fast.models.third_party import build
+
+        return _HFResNetCut(build("resnet", size=size)).eval()
+    raise ValueError(f"unknown model {model!r}")
+
+
+def _truth(enc: nn.Module, x: torch.Tensor, sigma: float, probes: int) -> dict[str, float]:
+    from fsinfo_fast import reference
+    from fsinfo_fast.encoder import prepare
+    from fsinfo_fast.engine import make_products
+    from fsinfo_fast.estimators.diagonal import (
+        DiagProbeState,
+        fsinfo_diag_summary,
+        trace_summary,
+    )
+
+    if probes == 0:
+        return {
+            "method": "exact float64 oracle",
+            "fsinfo_diag": float(reference.fsinfo(enc, x, sigma, "diag").value[0]),
+            "fsinfo_diag_se": 0.0,
+            "dfil": float(reference.dfil(enc, x, sigma).value[0]),
+            "dfil_se": 0.0,
+        }
+    P = make_products(prepare(enc, x, check_interaction=1), "auto")
+    st = DiagProbeState.for_products(P, seed=TRUTH_SEED)
+    while st.k < probes:
+        st.extend(P, min(50, probes - st.k))
+    stats = st.stats()
+    fs = fsinfo_diag_summary(stats, sigma, exact_diagonal=False)
+    tr = trace_summary(stats)
+    scale = 1.0 / (sigma**2 * P.d)
+    return {
+        "method": f"{probes} Gaussian VJP probes (seed {TRUTH_SEED})",
+        "fsinfo_diag": float(fs.value[0]),
+        "fsinfo_diag_se": float(fs.stderr[0]),
+        "dfil": float(tr.value[0] * scale),
+        "dfil_se": float(tr.stderr[0] * scale),
+    }
+
+
+def _score(values: torch.Tensor, hw: torch.Tensor, k: torch.Tensor, conv: torch.Tensor,
+           truth: float, truth_se: float, rel: bool) -> dict[str, float]:
+    n = values.shape[0]
+    cov = float(((values - truth).abs() <= hw).double().mean())
+    sd = float(values.std())
+    z = float((values.mean() - truth) / math.sqrt(sd**2 / n + truth_se**2)) if sd > 0 else 0.0
+    out = {
+        "coverage": cov,
+        "coverage_se": math.sqrt(max(cov * (1 - cov), 1e-12) / n),
+        "bias_z": z,
+        "mean_halfwidth": float(hw.mean()),
+        "sd": sd,
+        "truth_se_over_sd": truth_se / sd if sd > 0 else 0.0,
+        "K_mean": float(k.double().mean()),
+        "K_min": int(k.min()),
+        "K_max": int(k.max()),
+        "converged": float(conv.double().mean()),
+    }
+    if rel:
+        out["mean_rel_halfwidth"] = float((hw / values.abs()).mean())
+    return out
+
+
+def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
+               truth_probes: int | None = None, atol: float = 0.01, rtol: float = 0.01,
+               max_probes: int = 1000, rademacher: bool = True, sigma: float = 0.1,
+               size: int | None = None, model: str | None = None,
+               verbose: bool = True, keep_values: bool = False,
+               diag: bool = True) -> dict[str, Any]:
+    """Run one configuration (keyword arguments override :data:`CONFIGS`; ``keep_values``:
+    also return every run's value, half-width and probe count per procedure)."""
+    from fsinfo_fast.data import natural_images
+    from fsinfo_fast.encoder import prepare
+    from fsinfo_fast.engine import make_products
+    from fsinfo_fast.estimators import hutchinson_trace
+    from fsinfo_fast.estimators.diagonal import (
+        DiagProbeState,
+        fsinfo_diag_summary,
+        trace_summary,
+    )
+    from fsinfo_fast.estimators.stopping import (
+        DEFAULT_GROWTH,
+        DEFAULT_ROUND,
+        StoppingRule,
+        initial_probes,
+    )
+
+    cfg = dict(CONFIGS.get(name, {}))
+    for key, val in (("seeds", seeds), ("chunk", chunk), ("truth_probes", truth_probes),
+                     ("size", size), ("model", model)):
+        if val is not None:
+            cfg[key] = val
+    t0 = time.time()
+    enc = build_encoder(cfg["model"], cfg["size"])
+    x, _ = natural_images(size=cfg["size"], n=1, seed=0)
+    truth = cfg.get("truth") or _truth(enc, x, sigma, cfg["truth_probes"])
+    if verbose:
+        print(f"{name}: truth {truth} ({time.time() - t0:.0f} s)", flush=True)
+    rule = StoppingRule(atol=atol, min_probes=initial_probes(max_probes=max_probes),
+                        round_size=DEFAULT_ROUND, growth=DEFAULT_GROWTH, max_probes=max_probes)
+    sched = [s + c for s, c, _ in rule.schedule()]
+    S, B = cfg["seeds"], cfg["chunk"]
+    procs = ("fsinfo_diag atol", "dfil(diag probes) rtol", "joint", "fixed K=4")
+    rec = {p: {f: [] for f in ("v", "hw", "k", "conv", "dv", "dhw")} for p in procs}
+    rad: dict[str, list] = {f: [] for f in ("v", "hw", "k", "conv")}
+    backend = None
+    for c0 in range(0, S, B):
+        n = min(B, S - c0)
+        ids = torch.arange(c0, c0 + n)
+        P = make_products(prepare(enc, x.expand(n, *x.shape[1:]).contiguous(),
+                                  check_interaction=1), "auto")
+        backend = getattr(P, "backend", type(P).__name__)
+        dscale = 1.0 / (sigma**2 * P.d)
+        st = DiagProbeState.for_products(P, seed=RUN_SEED, sample_ids=ids)
+        bounds = []
+        for K in sched if diag else []:
+            st.extend(P, K - st.k)
+            stats = st.stats()
+            fs = fsinfo_diag_summary(stats, sigma)
+            tr = trace_summary(stats)
+            row = (fs.value, fs.halfwidth(), tr.value * dscale, tr.halfwidth() * dscale)
+            bounds.append((K, row))
+            ok = (row[1] <= atol) & (row[3] <= rtol * row[2])
+            if bool(ok.all()):
+                break
+        last = len(bounds) - 1
+        for p in procs if diag else []:
+            done = torch.zeros(n, dtype=torch.bool)
+            out = {f: torch.full((n,), math.nan, dtype=torch.float64) for f in rec[p]}
+            for i, (K, (fv, fh, dv, dh)) in enumerate(bounds):
+                met_f, met_d = fh <= atol, dh <= rtol * dv
+                met = {"fsinfo_diag atol": met_f, "dfil(diag probes) rtol": met_d,
+                       "joint": met_f & met_d,
+                       "fixed K=4": torch.full((n,), K >= 4, dtype=torch.bool)}[p]
+                new = ~done & (met | (i == last))
+                for f, val in zip(("v", "hw", "dv", "dhw"), (fv, fh, dv, dh), strict=True):
+                    out[f][new] = val[new]
+                out["k"][new] = float(K)
+                out["conv"][new] = met[new].double()
+                done |= new
+            for f in rec[p]:
+                rec[p][f].append(out[f])
+        if rademacher:
+            r = hutchinson_trace(P, sigma=sigma, side="input", kind="rademacher", rtol=rtol,
+                                 seed=RUN_SEED, sample_ids=ids, max_probes=max_probes)
+            for f, val in zip(("v", "hw", "k", "conv"),
+                              (r.value, r.ci_halfwidth, r.probes_per_sample, r.converged),
+                              strict=True):
+                rad[f].append(val.double())
+        if verbose:
+            kmax = bounds[-1][0] if bounds else 0
+            print(f"  seeds {c0 + n}/{S}: last K {kmax} ({time.time() - t0:.0f} s)", flush=True)
+    res: dict[str, Any] = {"config": name, **cfg, "d": int(P.d), "m": int(P.m),
+                           "backend": backend, "sigma": sigma, "atol": atol, "rtol": rtol,
+                           "max_probes": max_probes, "truth": truth, "procedures": {}}
+    for p in procs if diag else []:
+        cat = {f: torch.cat(v) for f, v in rec[p].items()}
+        if keep_values:
+            res.setdefault("values", {})[p] = {f: v.tolist() for f, v in cat.items()}
+        if p != "dfil(diag probes) rtol":
+            res["procedures"][f"{p} / FSInfo_diag"] = _score(
+                cat["v"], cat["hw"], cat["k"], cat["conv"] > 0, truth["fsinfo_diag"],
+                truth["fsinfo_diag_se"], rel=False)
+        if p != "fsinfo_diag atol":
+            res["procedures"][f"{p} / dFIL"] = _score(
+                cat["dv"], cat["dhw"], cat["k"], cat["conv"] > 0, truth["dfil"],
+                truth["dfil_se"], rel=True)
+    if rademacher:
+        cat = {f: torch.cat(v) for f, v in rad.items()}
+        res["procedures"]["dfil(rademacher) rtol / dFIL"] = _score(
+            cat["v"], cat["hw"], cat["k"], cat["conv"] > 0, truth["dfil"], truth["dfil_se"],
+            rel=True)
+    res["time_s"] = time.time() - t0
+    return res
+
+
+def _markdown(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| encoder (random init) | d | m | seeds | truth | procedure / quantity | K used: mean "
+        "[min-max] | coverage (SE) | bias z | mean half-width |",
+        "|---|---:|---:|---:|---|---|---|---|---:|---|",
+    ]
+    for r in results:
+        truth = "oracle" if r["truth_probes"] == 0 else f"{r['truth_probes']} probes"
+        for p, s in r["procedures"].items():
+            hw = (f"{100 * s['mean_rel_halfwidth']:.2f}%" if "mean_rel_halfwidth" in s
+                  else f"{s['mean_halfwidth']:.4f} nats/dim")
+            lines.append(
+                f"| {r['config']} | {r['d']} | {r['m']} | {r['seeds']} | {truth} | {p} | "
+                f"{s['K_mean']:.1f} [{s['K_min']}-{s['K_max']}] | {s['coverage']:.3f} "
+                f"({s['coverage_se']:.3f}) | {s['bias_z']:+.2f} | {hw} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def combine(directory: Path = RESULTS / "coverage") -> None:
+    """Combine the per-configuration JSON files into ``coverage.json`` and ``coverage.md``."""
+    from fsinfo_fast.bench.harness import environment
+
+    results = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+    order = list(CONFIGS)
+    results.sort(key=lambda r: order.index(r["config"]) if r["config"] in order else 99)
+    doc = {"benchmark": "coverage", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "note": "random-init encoders in eval mode; one natural image per encoder; timings "
+                   "under load (not speed claims)",
+           "results": results, "environment": environment(torch.device("cpu"), {})}
+    (RESULTS / "coverage.json").write_text(json.dumps(doc, indent=1))
+    (RESULTS / "coverage.md").write_text(_markdown(results))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="*", default=None, help="configurations to run")
+    p.add_argument("--seeds", type=int, default=None)
+    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--truth-probes", type=int, default=None)
+    p.add_argument("--max-probes", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-rademacher", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS / "coverage")
+    p.add_argument("--combine", action="store_true", help="only combine the stored results")
+    p.add_argument("--rademacher-only", action="store_true",
+                   help="rerun only the stand-alone Rademacher dFIL and merge it into the "
+                        "stored result (same truth)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if not args.combine:
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in args.only or list(CONFIGS):
+            path = args.out / f"{name}.json"
+            if args.rademacher_only:
+                old = json.loads(path.read_text())
+                CONFIGS[name]["truth"] = old["truth"]
+            res = run_config(name, seeds=args.seeds, chunk=args.chunk,
+                             truth_probes=args.truth_probes, max_probes=args.max_probes,
+                             rademacher=not args.no_rademacher,
+                             diag=not args.rademacher_only)
+            if args.rademacher_only:
+                key = "dfil(rademacher) rtol / dFIL"
+                old["procedures"][key] = res["procedures"][key]
+                old["time_s"] += res["time_s"]
+                res = old
+            path.write_text(json.dumps(res, indent=1))
+            print(_markdown([res]), flush=True)
+    combine(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""The coverage study (benchmarks/coverage.py) in reduced form: the default procedures' 95%
+intervals at the probe counts they actually use, on small real encoders.
+
+400 seeded runs per encoder give a binomial standard error of 1.1% on a 95% coverage, so the
+band is ``TOL.coverage_band(400) = [0.918, 0.982]``; the full study (1000 runs per encoder at
+32 and 224 px) is ``benchmarks/results/coverage.md``. Tolerances are looser than the defaults
+(``atol = 0.02``, ``rtol = 0.05``) to keep the probe counts, and the test, small; the start (4
+probes) and the +50% rounds are the defaults.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsinfo_fast.testing import TOL
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = 400
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("coverage_study", ROOT / "benchmarks/coverage.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "model,size",
+    [("vgg5", 8), ("hf-resnet", 32), ("vit", 16)],
+)
+def test_default_intervals_cover_at_the_probes_they_use(model, size):
+    if model in ("vit", "hf-resnet"):
+        pytest.importorskip("transformers")
+    study = _study()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = study.run_config(f"{model}@{size}", model=model, size=size, seeds=SEEDS,
+                               chunk=200, truth_probes=0, atol=0.02, rtol=0.05,
+                               max_probes=400, verbose=False, keep_values=True)
+    finally:
+        torch.set_num_threads(n)
+    lo, hi = TOL.coverage_band(SEEDS)
+    for name, s in res["procedures"].items():
+        assert lo <= s["coverage"] <= hi, (name, s)
+        assert abs(s["bias_z"]) < TOL.z_unbiased, (name, s)
+        if not name.startswith("fixed"):
+            assert s["converged"] == 1.0, (name, s)
+    # the study replays estimate_diag exactly: the first runs against fresh calls
+    from fsinfo_fast.data import natural_images
+    from fsinfo_fast.encoder import prepare
+    from fsinfo_fast.engine import make_products
+    from fsinfo_fast.estimators import estimate_diag
+
+    enc = study.build_encoder(model, size)
+    x, _ = natural_images(size=size, n=1, seed=0)
+    ids = torch.arange(5)
+    P = make_products(prepare(enc, x.expand(5, *x.shape[1:]).contiguous(), check_interaction=1))
+    fresh = estimate_diag(P, sigma=0.1, atol=0.02, dfil_rtol=0.05, max_probes=400,
+                          seed=study.RUN_SEED, sample_ids=ids)
+    joint = res["values"]["joint"]
+    assert fresh.fsinfo_diag.value.tolist() == joint["v"][:5]
+    assert fresh.dfil.value.tolist() == pytest.approx(joint["dv"][:5], rel=1e-13)
+    assert fresh.fsinfo_diag.probes_per_sample.tolist() == [int(k) for k in joint["k"][:5]]
