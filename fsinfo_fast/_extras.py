@@ -1,12 +1,13 @@
 """Optional dependencies: import them where they are used, or raise with the pip line to run.
 
-``import fsinfo_fast`` and the metrics need only torch and numpy. Everything else belongs to an
+``import fsinfo_fast`` and the metrics need only torch, numpy and scipy (whose
+``hyp1f1`` gives FSInfo_diag's exactly unbiased floor term). Everything else belongs to an
 extra of the package (``pyproject.toml``):
 
 - ``cli``: the command line (``fsinfo-fast profile``, ``guard``, ``bench``): progress bars (tqdm),
   tables (rich), plots (matplotlib), the bundled data sets (scikit-learn, scikit-image), image
   folders (pillow) and the benchmark's memory sampling (psutil);
-- ``validate``: ``fsinfo-fast validate`` and :mod:`fsinfo_fast.attacks` (``cli`` plus scipy and
+- ``validate``: ``fsinfo-fast validate`` and :mod:`fsinfo_fast.attacks` (``cli`` plus
   torchmetrics);
 - ``torchmetrics``: the ``FSInfoMetric`` / ``DFILMetric`` modules;
 - ``all``: every one of them (``make venv`` installs ``.[all,dev]``).
@@ -30,7 +31,6 @@ EXTRA_OF: dict[str, tuple[str, str]] = {
     "skimage": ("scikit-image", "cli"),
     "psutil": ("psutil", "cli"),
     "PIL": ("pillow", "cli"),
-    "scipy": ("scipy", "validate"),
     "torchmetrics": ("torchmetrics", "torchmetrics"),
 }
 

@@ -49,8 +49,9 @@ from .errors import InvalidInputError
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
 from .estimators.cost import SLQ_ORDER_ESTIMATE
-from .estimators.diagonal import estimate_diag
+from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
 from .estimators.probes import resolve_seed
+from .estimators.stopping import initial_probes
 from .formulas import DIAG_FLOOR, as_sigma
 from .reference.oracle import _warn_singular
 from .result import MetricResult, SigmaResult
@@ -63,12 +64,15 @@ Encoder = Callable[[Tensor], Tensor]
 ESTIMATORS = ("auto", "exact", "randomized")
 DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++")
 VARIANTS = ("diag", "logdet")
-#: Probes a randomized estimator starts with (its first round).
-_MIN_PROBES = 10
-#: ... the diagonal log-sum (its jackknife interval, first trusted at this many probes).
-_MIN_DIAG_PROBES = 20
-#: ... and the trace estimators, whose t-intervals need more probes for honest coverage.
-_MIN_TRACE_PROBES = 30
+#: Probes the SLQ log det starts with (its first round); the diagonal estimator and the trace
+#: estimators start at :func:`~fsinfo_fast.estimators.stopping.initial_probes`.
+_SLQ_START = 10
+#: Under ``auto`` the probe cap is the oracle's cost, but never below this many probes.
+_CAP_FLOOR = 10
+#: Memory the shared diagonal probe state may keep for earlier round boundaries (bytes; at most
+#: this share of the probe memory budget).
+_SNAPSHOT_SHARE = 8
+_SNAPSHOT_MAX = 1 << 29
 #: How many samples the sample-independence check encodes alone.
 _INTERACTION_CHECKS = 2
 
@@ -102,7 +106,7 @@ def _stopping(atol, rtol, num_probes, max_probes, cap: int | None) -> dict[str, 
         raise InvalidInputError(
             "the randomized estimator needs atol, rtol or num_probes (all were None)"
         )
-    mp = max_probes if cap is None else max(_MIN_PROBES, min(max_probes, cap))
+    mp = max_probes if cap is None else max(_CAP_FLOOR, min(max_probes, cap))
     kw: dict[str, Any] = {"num_probes": num_probes, "atol": atol, "rtol": rtol, "max_probes": mp}
     if num_probes is not None:
         kw["max_probes"] = max(num_probes, kw["max_probes"])
@@ -160,6 +164,7 @@ class Linearization:
         self._products: Any = None
         self._exact: reference.ExactFisher | None = None
         self._diag_cache: dict[tuple, Any] = {}
+        self._dstate: DiagProbeState | None = None
 
     # -- basic properties --------------------------------------------------------------------
     @property
@@ -283,7 +288,10 @@ class Linearization:
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         spectrum = variant == "logdet"
-        k0 = num_probes or (_MIN_DIAG_PROBES if variant == "diag" else _MIN_PROBES)
+        if variant == "diag":
+            k0 = initial_probes(num_probes=num_probes, max_probes=max_probes)
+        else:
+            k0 = num_probes or _SLQ_START
         if variant == "diag":
             cost = expected_passes("diag", d=self.d, m=self.m, num_probes=k0)
         else:
@@ -327,17 +335,41 @@ class Linearization:
         r.info["auto"] = why
         return r
 
+    def _diag_state(self) -> DiagProbeState:
+        """The Gaussian VJP probes of this batch, shared by every diagonal request (FSInfo_diag
+        at any sigma or floor, dFIL with ``method="diag"``, ``sigma*``)."""
+        if self._dstate is None:
+            budget = self.memory_budget or default_memory_budget(self.enc.x.device)
+            self._dstate = DiagProbeState.for_products(
+                self.products, seed=self.seed, sample_ids=self.sample_ids,
+                snapshot_bytes=int(min(budget // _SNAPSHOT_SHARE, _SNAPSHOT_MAX)))
+        return self._dstate
+
     def _diag(self, s: Tensor, floor: float, stop: dict[str, Any], min_probes: int,
               dfil_rtol: float | None = None):
-        """The diagonal estimator on this batch's products (memoised per request)."""
+        """The diagonal estimator on this batch's products (memoised per request).
+
+        Every request replays the shared probe state (:meth:`_diag_state`): the round boundaries
+        it already holds cost no products (``info["reused_probes"]``), only probes beyond them
+        are drawn. The result equals that of a fresh :func:`estimate_diag` call. Where a boundary
+        the request needs was dropped to bound memory, the request runs on a fresh state
+        (recorded in ``info["probe_state"]``).
+        """
         key = (tuple(s.tolist()), floor, tuple(sorted(stop.items())), min_probes, dfil_rtol)
         hit = self._diag_cache.get(key)
         if hit is None:
             kw = dict(stop)
             if dfil_rtol is not None:
                 kw["dfil_rtol"] = dfil_rtol
-            hit = estimate_diag(self.products, sigma=s, floor=floor, seed=self.seed,
-                                sample_ids=self.sample_ids, min_probes=min_probes, **kw)
+            call = dict(sigma=s, floor=floor, seed=self.seed, sample_ids=self.sample_ids,
+                        min_probes=min_probes, **kw)
+            try:
+                hit = estimate_diag(self.products, state=self._diag_state(), **call)
+            except SnapshotDroppedError as err:
+                self._dstate = None
+                hit = estimate_diag(self.products, state=self._diag_state(), **call)
+                for est in (hit.fsinfo_diag, hit.dfil):
+                    est.info["probe_state"] = f"recomputed on a fresh probe state ({err})"
             self._diag_cache[key] = hit
         return hit
 
@@ -359,8 +391,9 @@ class Linearization:
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         if method == "auto":  # reuse FSInfo_diag's VJPs when they exist, else Rademacher JVPs
-            method = "diag" if self._diag_cache else "hutchinson"
-        k0 = num_probes or (_MIN_PROBES if method == "diag" else _MIN_TRACE_PROBES)
+            method = "diag" if self._dstate is not None and self._dstate.k > 0 else "hutchinson"
+        k0 = initial_probes(num_probes=num_probes, max_probes=max_probes,
+                            quantity="fsinfo_diag" if method == "diag" else "trace")
         sketch = min(n, 10) if method == "hutch++" else 0
         cost = expected_passes("hutch++" if method == "hutch++" else "hutchinson", d=self.d,
                                m=self.m, num_probes=k0, sketch_size=sketch)

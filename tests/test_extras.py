@@ -1,7 +1,7 @@
-"""A lighter core: ``import fsinfo_fast`` and the metrics need only torch and numpy.
+"""A lighter core: ``import fsinfo_fast`` and the metrics need only torch, numpy and scipy.
 
 The optional packages (matplotlib, scikit-learn, scikit-image, rich, tqdm, psutil, torchmetrics,
-scipy, pillow) are made truly absent for a subprocess: it runs with ``python -S`` on a copy of
+pillow) are made truly absent for a subprocess: it runs with ``python -S`` on a copy of
 site-packages without them (symbolic links to everything else), so ``importlib.util.find_spec``
 finds nothing, as on a machine where they were never installed. There the metrics give the same
 numbers as here, no optional module gets imported, and every command that needs an extra exits 2
@@ -31,10 +31,10 @@ except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
 ROOT = Path(__file__).resolve().parents[1]
 #: import names of the optional packages
 BLOCKED = ("matplotlib", "mpl_toolkits", "pylab", "sklearn", "skimage", "rich", "tqdm", "psutil",
-           "torchmetrics", "scipy", "PIL")
+           "torchmetrics", "PIL")
 #: their distributions' metadata folders (so importlib.metadata does not see them either)
 BLOCKED_DISTS = ("matplotlib-", "scikit_learn-", "scikit_image-", "rich-", "tqdm-", "psutil-",
-                 "torchmetrics-", "scipy-", "pillow-")
+                 "torchmetrics-", "pillow-")
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +139,12 @@ def _names(reqs: list[str]) -> set[str]:
             for r in reqs}
 
 
-def test_core_dependencies_are_torch_and_numpy():
+def test_core_dependencies_are_torch_numpy_and_scipy():
     proj = _pyproject()["project"]
     core = [r for r in proj["dependencies"] if "sys_platform != 'linux'" not in r]
-    assert _names(core) == {"torch", "numpy"}
+    assert _names(core) == {"torch", "numpy", "scipy"}
     # psutil only where /proc/meminfo is missing
-    assert _names(proj["dependencies"]) == {"torch", "numpy", "psutil"}
+    assert _names(proj["dependencies"]) == {"torch", "numpy", "scipy", "psutil"}
 
 
 def test_every_optional_module_is_in_its_extra():
@@ -163,7 +163,6 @@ def test_every_optional_module_is_in_its_extra():
     for module, (dist, extra) in EXTRA_OF.items():
         assert dist.lower() in closure(extra), (module, dist, extra)
         assert dist.lower() in closure("all"), (module, dist)
-    assert _names(["scipy"]) <= closure("dev")  # the tests compare with scipy.stats
     assert {"transformers", "einconv", "einops", "linear-operator", "opt-einsum"} <= closure("dev")
     # never torchvision (it would replace the pinned CPU torch), never curvlinops with its deps
     assert not {"torchvision", "curvlinops-for-pytorch", "backpack-for-pytorch"} & closure("dev")

@@ -198,3 +198,41 @@ def test_bad_arguments_raise_typed_errors():
         lin.fsinfo_sigma(torch.zeros(5))
     with pytest.raises(ff.InvalidInputError, match="backend"):
         ff.linearize(enc, x, backend=3)
+
+
+def test_diagonal_requests_share_one_probe_state_and_equal_fresh_calls(monkeypatch):
+    """FSInfo_diag at two sigmas, dFIL (method auto -> the same VJPs) and sigma* replay one
+    DiagProbeState: the later requests draw no VJP where the earlier ones already went, and
+    each equals a fresh estimate_diag call with the same arguments."""
+    from fsinfo_fast.estimators import estimate_diag
+
+    enc, x = _Counting().eval(), _x(b=3)
+    lin = ff.linearize(enc, x, seed=7)
+    P = lin.products
+    n_vjp = []
+    real = type(P).vjp
+
+    def counting(self, U):
+        n_vjp.append(U.shape[1])
+        return real(self, U)
+
+    monkeypatch.setattr(type(P), "vjp", counting)
+    f = lin.fsinfo(0.1, estimator="randomized", atol=0.02)
+    drawn = sum(n_vjp)
+    assert drawn == int(f.probes_per_sample.max())
+    n_vjp.clear()
+    f2 = lin.fsinfo(0.3, estimator="randomized", atol=0.02)
+    s = lin.fsinfo_sigma(-1.0, estimator="randomized", atol=0.02)
+    assert n_vjp == []  # replayed: same probes, new sigma / floor
+    assert f2.info["reused_probes"] == drawn
+    assert s.estimator == "randomized"
+    d = lin.dfil(0.1, estimator="randomized", rtol=0.05)
+    assert d.info["method"] == "diag"
+    beyond = sum(n_vjp)
+    # each equals a fresh call (these draw their own VJPs: counted no more)
+    monkeypatch.setattr(type(P), "vjp", real)
+    assert torch.equal(f.value, estimate_diag(P, sigma=0.1, atol=0.02, seed=7).fsinfo_diag.value)
+    assert torch.equal(f2.value, estimate_diag(P, sigma=0.3, atol=0.02, seed=7).fsinfo_diag.value)
+    want = estimate_diag(P, sigma=0.1, dfil_rtol=0.05, seed=7).dfil
+    assert torch.equal(d.value, want.value)
+    assert beyond == max(0, int(want.num_probes) - drawn)  # only the probes beyond

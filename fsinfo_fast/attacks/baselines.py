@@ -92,9 +92,6 @@ def _pair(x, z) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _distances(a: np.ndarray) -> np.ndarray:
-    from .._extras import require
-
-    require("scipy", "distance correlation")
     from scipy.spatial.distance import cdist
 
     return cdist(a, a, metric="euclidean")
@@ -179,7 +176,6 @@ def ksg_mutual_information(x: Tensor | np.ndarray, z: Tensor | np.ndarray, k: in
     """
     from .._extras import require
 
-    require("scipy", "the k-NN mutual information")
     require("sklearn", "the k-NN mutual information", extra="validate")
     from scipy.special import digamma
     from sklearn.neighbors import NearestNeighbors

@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``fsinfo-fast validate``; returns the exit status (user errors raise FSInfoError)."""
     from .._extras import require
 
-    for module in ("sklearn", "skimage", "scipy", "torchmetrics", "matplotlib", "rich", "tqdm"):
+    for module in ("sklearn", "skimage", "torchmetrics", "matplotlib", "rich", "tqdm"):
         require(module, "fsinfo-fast validate", extra="validate")  # before the work, not after
     run_validate(config_from_args(args))
     return 0
