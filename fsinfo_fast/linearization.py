@@ -54,7 +54,7 @@ from .estimators.probes import resolve_seed
 from .estimators.stopping import initial_probes
 from .formulas import DIAG_FLOOR, as_sigma
 from .reference.oracle import _warn_singular
-from .result import MetricResult, SigmaResult
+from .result import Z95, MetricResult, SigmaResult
 
 __all__ = ["Linearization", "linearize"]
 
@@ -390,8 +390,9 @@ class Linearization:
         _check_choice("method", method, DFIL_METHODS)
         s = self._sigma(sigma)
         n = min(self.m, self.d)
-        if method == "auto":  # reuse FSInfo_diag's VJPs when they exist, else Rademacher JVPs
-            method = "diag" if self._dstate is not None and self._dstate.k > 0 else "hutchinson"
+        method_reason = None
+        if method == "auto":  # FSInfo_diag's VJPs where they are cheaper, else Rademacher JVPs
+            method, method_reason = self._dfil_method(s, rtol, atol, num_probes, max_probes)
         k0 = initial_probes(num_probes=num_probes, max_probes=max_probes,
                             quantity="fsinfo_diag" if method == "diag" else "trace")
         sketch = min(n, 10) if method == "hutch++" else 0
@@ -422,8 +423,50 @@ class Linearization:
             r = self.exact().dfil(s)
             r.info["auto"] = why
             return r
+        extra = {"method": method}
+        if method_reason is not None:
+            extra["method_reason"] = method_reason
         return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
-                          info=self._info(method=method))
+                          info=self._info(**extra))
+
+    def _dfil_method(self, s: Tensor, rtol, atol, num_probes, max_probes) -> tuple[str, str]:
+        r"""``auto``'s dFIL method and why: the diagonal estimator's Gaussian VJPs when they are
+        already drawn and reaching the tolerance from them costs fewer new products than
+        Rademacher JVPs would, else Rademacher (Hutchinson).
+
+        From the ``K`` Gaussian probes held: the per-probe variance of ``||J^T u||^2`` is
+        :math:`2\|J^TJ\|_F^2` (estimated by the sample variance ``v_G``), that of input-side
+        Rademacher :math:`2(\|J^TJ\|_F^2 - \sum_k D_k^2)` (``v_G - 2 \sum_k \hat D_k^2
+        K/(K+2)``, the chi-square mean's second moment removed). Probes needed for a 95%
+        half-width ``tol`` (trace units): ``N = v (1.96 / tol)^2``; Gaussian costs
+        ``N_G - K`` more VJPs, Rademacher ``max(start, N_R)`` JVPs (the batch's worst sample).
+        """
+        st = self._dstate
+        if st is None or st.k < 2:
+            return "hutchinson", "no diagonal (Gaussian VJP) probes drawn on this batch yet"
+        if num_probes is not None:
+            return "diag", f"{st.k} Gaussian VJPs already drawn by FSInfo_diag are reused"
+        stats = st.stats()
+        k = stats.k
+        norms = stats.norms
+        tr = norms.mean(dim=1)
+        var_g = norms.var(dim=1)
+        dhat = stats.sums() / k
+        var_r = (var_g - 2.0 * (dhat**2).sum(dim=1) * k / (k + 2.0)).clamp_min(0.0)
+        tols = []
+        if rtol is not None:
+            tols.append(rtol * tr)
+        if atol is not None:  # atol is in dFIL units: 1 / (sigma^2 d) of the trace
+            tols.append(torch.full_like(tr, float(atol)) * (s.to(tr) ** 2) * self.d)
+        tol = torch.stack(tols).max(dim=0).values.clamp_min(1e-300)
+        need_g = int(math.ceil(float((var_g * (Z95 / tol) ** 2).max())))
+        need_r = int(math.ceil(float((var_r * (Z95 / tol) ** 2).max())))
+        start = initial_probes(max_probes=max_probes, quantity="trace")
+        more_g = min(max(0, need_g - k), max_probes)
+        cost_r = min(max(start, need_r), max_probes)
+        why = (f"predicted from the {k} Gaussian VJPs held: about {more_g} more VJPs "
+               f"(diag) vs {cost_r} Rademacher JVPs (hutchinson)")
+        return ("diag" if more_g <= cost_r else "hutchinson"), why
 
     # -- noise calibration -------------------------------------------------------------------
     def fsinfo_sigma(

@@ -226,8 +226,7 @@ def test_diagonal_requests_share_one_probe_state_and_equal_fresh_calls(monkeypat
     assert n_vjp == []  # replayed: same probes, new sigma / floor
     assert f2.info["reused_probes"] == drawn
     assert s.estimator == "randomized"
-    d = lin.dfil(0.1, estimator="randomized", rtol=0.05)
-    assert d.info["method"] == "diag"
+    d = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="diag")
     beyond = sum(n_vjp)
     # each equals a fresh call (these draw their own VJPs: counted no more)
     monkeypatch.setattr(type(P), "vjp", real)
@@ -236,3 +235,28 @@ def test_diagonal_requests_share_one_probe_state_and_equal_fresh_calls(monkeypat
     want = estimate_diag(P, sigma=0.1, dfil_rtol=0.05, seed=7).dfil
     assert torch.equal(d.value, want.value)
     assert beyond == max(0, int(want.num_probes) - drawn)  # only the probes beyond
+
+
+@pytest.mark.parametrize("kind", ["elementwise", "rank_one"])
+def test_dfil_auto_method_picks_the_cheaper_probes(kind):
+    """After FSInfo_diag, ``dfil(method="auto")`` predicts the cost of both routes from the
+    Gaussian VJPs held. An elementwise map has a diagonal J^T J: input-side Rademacher probes
+    are exact (zero variance), so it takes them. A rank-one J has one column direction:
+    Rademacher's variance is no smaller than the Gaussian's, and the VJPs are already there."""
+    torch.manual_seed(0)
+    if kind == "elementwise":
+        enc = nn.Sequential(nn.Flatten(), nn.Tanh()).eval()
+    else:
+        w = torch.randn(1, 64)
+        enc = nn.Sequential(nn.Flatten(), nn.Linear(64, 1, bias=False), nn.Tanh(),
+                            nn.Linear(1, 32, bias=False)).eval()
+        with torch.no_grad():
+            enc[1].weight.copy_(w)
+    x = torch.rand(2, 1, 8, 8)
+    lin = ff.linearize(enc, x, seed=1)
+    lin.fsinfo(0.1, estimator="randomized", atol=0.05)
+    d = lin.dfil(0.1, estimator="randomized", rtol=0.02)
+    want = "hutchinson" if kind == "elementwise" else "diag"
+    assert d.info["method"] == want, d.info["method_reason"]
+    ex = lin.exact().dfil(0.1).value
+    assert bool(((d.value - ex).abs() <= d.ci_halfwidth + 1e-12 * ex).all())

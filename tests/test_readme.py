@@ -33,7 +33,7 @@ def _commands() -> list[str]:
 
 
 def test_readme_quick_start_runs(capsys):
-    (code,) = [b for b in _blocks("python") if "import fsinfo_fast as ff" in b]
+    code = [b for b in _blocks("python") if "import fsinfo_fast as ff" in b][0]
     ns: dict = {}
     torch.manual_seed(0)  # the example's untrained VGG5: the same weights every run
     exec(compile(code, str(README), "exec"), ns)  # noqa: S102 - the README's own example
@@ -66,3 +66,26 @@ def test_readme_documents_every_subcommand():
     text = README.read_text(encoding="utf-8")
     for sub in ("profile", "guard", "validate", "bench", "info"):
         assert f"fsinfo-fast {sub}" in text, sub
+
+
+def test_readme_third_party_example_runs_in_a_fresh_process():
+    """The README's transformers example, as a user runs it (a new process, a fresh
+    ``import fsinfo_fast as ff``), agrees with the exact oracle within its interval."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    (code,) = [b for b in _blocks("python") if "ff.split(model, \"encoder.stages.1\")" in b]
+    check = code + (
+        "ex = lin.exact()\n"
+        "assert r.estimator == 'randomized' and bool(r.converged.all())\n"
+        "err = (r.value - ex.fsinfo(0.1).value).abs()\n"
+        "assert bool((err <= r.ci_halfwidth).all()), (err, r.ci_halfwidth)\n"
+        "assert bool((r.ci_halfwidth <= 0.01).all())\n"
+        "derr = (d.value - ex.dfil(0.1).value).abs()\n"
+        "assert bool((derr <= d.ci_halfwidth).all()), (derr, d.ci_halfwidth)\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0)\n" + check],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

@@ -40,7 +40,8 @@ from .harness import time_call
 __all__ = ["measure_linearize"]
 
 #: Version 0.1's settings of the two public calls.
-V01 = {"diag_min_probes": 20, "trace_min_probes": 30, "round_size": 10, "interaction_checks": 2}
+V01 = {"diag_min_probes": 20, "trace_min_probes": 30, "round_size": 10, "growth": 1.0,
+       "interaction_checks": 2}
 
 
 def _two_calls_v01(encoder, x, ids, sigma: float, atol: float, rtol: float,
@@ -50,11 +51,12 @@ def _two_calls_v01(encoder, x, ids, sigma: float, atol: float, rtol: float,
     enc = prepare(encoder, x, check_interaction=V01["interaction_checks"])
     est = estimate_diag(make_products(enc, backend), sigma=sigma, atol=atol, seed=0,
                         sample_ids=ids, min_probes=V01["diag_min_probes"],
-                        round_size=V01["round_size"]).fsinfo_diag
+                        round_size=V01["round_size"], growth=V01["growth"]).fsinfo_diag
     enc = prepare(encoder, x, check_interaction=V01["interaction_checks"])
     tr = hutchinson_trace(make_products(enc, backend), sigma=sigma, rtol=rtol, seed=0,
                           sample_ids=ids, side="input", kind="rademacher",
-                          min_probes=V01["trace_min_probes"], round_size=V01["round_size"])
+                          min_probes=V01["trace_min_probes"], round_size=V01["round_size"],
+                          growth=V01["growth"])
     return {"fsinfo": est, "dfil": tr}
 
 
