@@ -70,7 +70,9 @@ def test_readme_documents_every_subcommand():
 
 def test_readme_third_party_example_runs_in_a_fresh_process():
     """The README's transformers example, as a user runs it (a new process, a fresh
-    ``import fsinfo_fast as ff``), agrees with the exact oracle within its interval."""
+    ``import fsinfo_fast as ff``), gives the exact oracle's answers within the tolerances the
+    defaults ask for (FSInfo atol 0.01 nats/dim, dFIL rtol 1%): the half-widths and the actual
+    errors (the intervals' coverage itself is tested over many seeds elsewhere)."""
     pytest.importorskip("transformers")
     import subprocess
     import sys
@@ -80,10 +82,11 @@ def test_readme_third_party_example_runs_in_a_fresh_process():
         "ex = lin.exact()\n"
         "assert r.estimator == 'randomized' and bool(r.converged.all())\n"
         "err = (r.value - ex.fsinfo(0.1).value).abs()\n"
-        "assert bool((err <= r.ci_halfwidth).all()), (err, r.ci_halfwidth)\n"
-        "assert bool((r.ci_halfwidth <= 0.01).all())\n"
-        "derr = (d.value - ex.dfil(0.1).value).abs()\n"
-        "assert bool((derr <= d.ci_halfwidth).all()), (derr, d.ci_halfwidth)\n"
+        "assert bool((r.ci_halfwidth <= 0.01).all()) and bool((err <= 0.01).all()), err\n"
+        "dex = ex.dfil(0.1).value\n"
+        "derr = (d.value - dex).abs()\n"
+        "assert bool((d.ci_halfwidth <= 0.01 * d.value).all()), d.ci_halfwidth\n"
+        "assert bool((derr <= 0.01 * dex).all()), (derr, dex)\n"
         "print('OK')\n"
     )
     out = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0)\n" + check],
