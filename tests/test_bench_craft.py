@@ -103,7 +103,7 @@ def test_missing_curvlinops_is_an_error_not_a_skip(monkeypatch):
     assert row["status"] == "error" and "pip install" in row["reason"]
     spec = CraftSpec(model="tests.test_bench_craft:tiny_model", splits=[2], size=8, images=1,
                      routes=["exact-fast"], curvlinops=["hutchinson"], curvlinops_grid=[8],
-                     curvlinops_seeds=1)
+                     curvlinops_seeds=1, curvlinops_splits=[2])
     doc = run_bench(BenchConfig(name="c", craft=spec, compile=False, memory=False, threads=1),
                     providers=[], log=_quiet)
     assert craft_problems(doc["craft"]) and "pip install" in craft_problems(doc["craft"])[0]
@@ -113,7 +113,7 @@ def test_craft_section_tiny():
     spec = CraftSpec(model="tests.test_bench_craft:tiny_model", splits=None, size=8, images=2,
                      routes=["auto", "randomized", "exact-fast"], max_probes=200,
                      curvlinops=["hutchinson", "xdiag"], curvlinops_grid=[8, 64, 190],
-                     curvlinops_seeds=2)
+                     curvlinops_seeds=2, curvlinops_splits=None)
     cfg = config_from_dict({"name": "craft-tiny", "cases": [], "claims": [], "compile": False,
                             "memory": False, "threads": 1, "craft": spec.__dict__})
     assert cfg.craft == spec
