@@ -14,7 +14,12 @@ methods share every product they can:
   :meth:`Linearization.dfil_sigma` from the trace;
 - the exact route (:meth:`Linearization.exact`, the float64 oracle) is computed at most once and
   then serves every variant, sigma, floor and prior; ``estimator="auto"`` uses it whenever it is
-  already there.
+  already there;
+- the fast exact route (:meth:`Linearization.exact_fast`, ``estimator="exact-fast"``): the
+  diagonal and the trace from ``min(m, d)`` one-hot products of this batch's backend in its
+  working dtype (float64 accumulation, a measured rounding allowance as the interval); where
+  ``auto`` switches to an exact route for FSInfo_diag or dFIL it takes this one (recorded in
+  ``result.info["auto"]``), not the oracle.
 
 The module-level :func:`fsinfo_fast.fsinfo`, :func:`fsinfo_fast.dfil`,
 :func:`fsinfo_fast.fsinfo_sigma` and :func:`fsinfo_fast.dfil_sigma` are thin wrappers:
