@@ -364,7 +364,9 @@ class Linearization:
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
         why = self._finish(est, spectrum, estimator, metric, stop["max_probes"])
         if why is not None:
-            return self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
+            r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
+            r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
+            return r
         if variant == "logdet" and est.singular is not None:
             _warn_singular(est.singular, self.m, self.d)
         return _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
@@ -438,7 +440,9 @@ class Linearization:
                                 min_probes=min(k0, stop["max_probes"]), **common, **stop)
         why = self._finish(est, False, estimator, "dfil", stop["max_probes"])
         if why is not None:
-            return self._exact_dfil(s, why, estimator)
+            r = self._exact_dfil(s, why, estimator)
+            r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
+            return r
         return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
                           info=self._info(method=method))
 

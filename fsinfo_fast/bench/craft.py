@@ -13,7 +13,8 @@ image at a time:
     ``ff.linearize(encoder, x).fsinfo(sigma, atol=atol, estimator=<estimator>)`` for every
     estimator in ``CraftSpec.routes`` (``"auto"``, ``"randomized"``, ``"exact-fast"``; a new
     estimator such as a deflated one is one more name there): seconds per sample (the whole
-    call, validation included), Jacobian products per sample, the route taken (``estimator``
+    call, validation included), Jacobian products per sample (with the randomized probes
+    ``auto`` spent before it switched to an exact route), the route taken (``estimator``
     and ``info["auto"]``), the value against the oracle and whether the 95% interval covers it.
 ``curvlinops-<method>``
     curvlinops' Hutchinson and XDiag diagonals of a ``torch.func`` ``J^T J`` operator
@@ -107,7 +108,8 @@ def _route_row(encoder, xi, i: int, route: str, spec: CraftSpec, oracle: float,
     value = float(r.value[0])
     row.update(
         seconds=sec, estimator=r.estimator, auto=r.info.get("auto"), backend=r.info.get("backend"),
-        passes=int(r.passes), num_probes=r.num_probes, converged=bool(r.converged[0]),
+        passes=int(r.passes) + int(r.info.get("auto_randomized_passes", 0)),
+        num_probes=r.num_probes, converged=bool(r.converged[0]),
         value=value, ci_halfwidth=float(r.ci_halfwidth[0]), bound=bool(r.bound[0]),
         oracle=oracle, error=value - oracle, covers=bool(lo <= oracle <= hi),
         through_oracle=r.estimator == "exact")
