@@ -14,7 +14,12 @@ methods share every product they can:
   :meth:`Linearization.dfil_sigma` from the trace;
 - the exact route (:meth:`Linearization.exact`, the float64 oracle) is computed at most once and
   then serves every variant, sigma, floor and prior; ``estimator="auto"`` uses it whenever it is
-  already there.
+  already there;
+- the fast exact route (:meth:`Linearization.exact_fast`, ``estimator="exact-fast"``): the
+  diagonal and the trace from ``min(m, d)`` one-hot products of this batch's backend in its
+  working dtype (float64 accumulation, a measured rounding allowance as the interval); where
+  ``auto`` switches to an exact route for FSInfo_diag or dFIL it takes this one (recorded in
+  ``result.info["auto"]``), not the oracle.
 
 The module-level :func:`fsinfo_fast.fsinfo`, :func:`fsinfo_fast.dfil`,
 :func:`fsinfo_fast.fsinfo_sigma` and :func:`fsinfo_fast.dfil_sigma` are thin wrappers:
@@ -50,6 +55,7 @@ from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_lo
 from .estimators.base import Estimate, sample_ids_for
 from .estimators.cost import SLQ_ORDER_ESTIMATE
 from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
+from .estimators.exact_fast import FastExactFisher, exact_fast_fisher
 from .estimators.probes import resolve_seed
 from .estimators.stopping import initial_probes
 from .formulas import DIAG_FLOOR, as_sigma
@@ -61,7 +67,7 @@ __all__ = ["Linearization", "linearize"]
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[Tensor], Tensor]
-ESTIMATORS = ("auto", "exact", "randomized")
+ESTIMATORS = ("auto", "exact", "exact-fast", "randomized")
 DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++")
 VARIANTS = ("diag", "logdet")
 #: Probes the SLQ log det starts with (its first round); the diagonal estimator and the trace
@@ -163,6 +169,7 @@ class Linearization:
         self.memory_budget = memory_budget
         self._products: Any = None
         self._exact: reference.ExactFisher | None = None
+        self._exact_fast: FastExactFisher | None = None
         self._diag_cache: dict[tuple, Any] = {}
         self._dstate: DiagProbeState | None = None
 
@@ -224,6 +231,43 @@ class Linearization:
     def _has_exact(self, spectrum: bool) -> bool:
         return self._exact is not None and (not spectrum or self._exact.eigvals is not None)
 
+    def exact_fast(self) -> FastExactFisher:
+        """``diag(J^T J)`` and the trace from ``min(m, d)`` one-hot products of this batch's
+        backend (working dtype, float64 accumulation, a measured rounding allowance), computed
+        at most once: the fast exact route (``estimator="exact-fast"``, and ``auto``'s exact
+        route for FSInfo_diag and dFIL). See :mod:`fsinfo_fast.estimators.exact_fast`."""
+        if self._exact_fast is None:
+            check = None
+            if self.enc.x.dtype != torch.float64:
+                from .encoder import prepare as _prepare
+                from .engine import TorchFuncProducts
+
+                enc64 = _prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
+                                 cache=True)
+                check = TorchFuncProducts(enc64, memory_budget=self.memory_budget)
+            self._exact_fast = exact_fast_fisher(self.products, check_products=check,
+                                                 seed=self.seed,
+                                                 memory_budget=self.memory_budget)
+        return self._exact_fast
+
+    def _exact_route(self, estimator: str, spectrum: bool, why: str):
+        """The exact quantities a switch to the exact route reads, and the reason to record:
+        the oracle when asked for (or for the spectrum) or already computed, else the fast
+        exact route."""
+        if estimator == "exact" or spectrum:
+            return self.exact(spectrum=spectrum), why
+        if self._has_exact(False):
+            if estimator == "exact-fast":
+                return self.exact_fast(), why
+            return self._exact, f"{why}; the float64 oracle (already computed) was used"
+        fx = self.exact_fast()
+        if estimator == "auto":
+            why = (f"{why}; the fast exact route was used ({fx.passes} one-hot "
+                   f"{'JVPs' if fx.side == 'columns' else 'VJPs'} per sample in "
+                   f"{fx.info.get('exact_fast_dtype')} on backend {fx.info.get('backend')!r}, "
+                   "float64 accumulation)")
+        return fx, why
+
     def _oracle_fits(self) -> bool:
         """Whether one sample's dense float64 Jacobian (and its Gram matrix) fits in memory."""
         need = 8 * (self.m * self.d + min(self.m, self.d) ** 2)
@@ -231,16 +275,18 @@ class Linearization:
 
     def _auto_exact(self, estimator: str, cost_randomized: int, spectrum: bool) -> str | None:
         """Why ``auto`` (or ``exact``) takes the oracle route, or None for the randomized one."""
-        if estimator == "exact":
+        if estimator in ("exact", "exact-fast"):
             return "requested"
         if estimator != "auto":
             return None
-        if self._has_exact(spectrum):
+        if self._has_exact(spectrum) or (not spectrum and self._exact_fast is not None):
             return "the exact Fisher quantities were already computed for this batch"
         n = min(self.m, self.d)
-        if n <= cost_randomized and self._oracle_fits():
-            return (f"the oracle's min(m, d) = {n} products cost no more than the randomized "
-                    f"estimator's first round ({cost_randomized})")
+        # the fast exact route (no spectrum) chunks its one-hot products to the memory budget;
+        # the oracle builds each sample's dense Jacobian
+        if n <= cost_randomized and (not spectrum or self._oracle_fits()):
+            return (f"the exact route's min(m, d) = {n} products cost no more than the "
+                    f"randomized estimator's first round ({cost_randomized})")
         return None
 
     def _finish(self, est: Estimate, spectrum: bool, estimator: str, what: str,
@@ -250,9 +296,9 @@ class Linearization:
         if estimator != "auto" or bool(est.converged.all()):
             return None
         n_bad = int((~est.converged).sum())
-        if self._oracle_fits():
+        if not spectrum or self._oracle_fits():
             return (f"the randomized {what} did not reach the tolerance within {max_probes} "
-                    f"probes for {n_bad} sample(s); the exact oracle was used")
+                    f"probes for {n_bad} sample(s)")
         warnings.warn(
             f"{what}: the tolerance was not met within {max_probes} probes for {n_bad} sample(s),"
             f" and the exact oracle does not fit in memory (m = {self.m}, d = {self.d}); "
@@ -285,6 +331,10 @@ class Linearization:
         lam = check_prior_var(prior_var)
         if variant == "diag" and prior_var is not None:
             raise InvalidInputError("prior_var applies to variant='logdet' only")
+        if estimator == "exact-fast" and variant != "diag":
+            raise InvalidInputError(
+                "estimator='exact-fast' computes the diagonal and the trace only; the log-det "
+                "variant needs the spectrum: use estimator='exact' (the float64 oracle)")
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         spectrum = variant == "logdet"
@@ -304,7 +354,7 @@ class Linearization:
                 estimator = "randomized"
         why = self._auto_exact(estimator, cost, spectrum)
         if why is not None:
-            return self._exact_fsinfo(s, variant, prior_var, floor, why)
+            return self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
         cap = None
         if estimator == "auto":  # never spend more probes than the oracle's products
             cap = n if variant == "diag" else max(2, n // (2 * min(order_est, n)))
@@ -322,16 +372,22 @@ class Linearization:
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
         why = self._finish(est, spectrum, estimator, metric, stop["max_probes"])
         if why is not None:
-            return self._exact_fsinfo(s, variant, prior_var, floor, why)
+            r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
+            r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
+            return r
         if variant == "logdet" and est.singular is not None:
             _warn_singular(est.singular, self.m, self.d)
         return _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
                           info=self._info(**extra))
 
     def _exact_fsinfo(self, s: Tensor, variant: str, prior_var, floor: float,
-                      why: str) -> MetricResult:
-        r = self.exact(spectrum=variant == "logdet").fsinfo(s, variant, prior_var=prior_var,
-                                                             floor=floor)
+                      why: str, estimator: str) -> MetricResult:
+        src, why = self._exact_route(estimator, variant == "logdet", why)
+        if isinstance(src, FastExactFisher):
+            r = src.fsinfo(s, variant, floor=floor)
+            r.info.update(self._info(floor=floor))
+        else:
+            r = src.fsinfo(s, variant, prior_var=prior_var, floor=floor)
         r.info["auto"] = why
         return r
 
@@ -400,9 +456,7 @@ class Linearization:
                                m=self.m, num_probes=k0, sketch_size=sketch)
         why = self._auto_exact(estimator, cost, spectrum=False)
         if why is not None:
-            r = self.exact().dfil(s)
-            r.info["auto"] = why
-            return r
+            return self._exact_dfil(s, why, estimator)
         cap = max(2, n - 3 * sketch) if estimator == "auto" else None
         stop = _stopping(atol, rtol, num_probes, max_probes, cap)
         common = {"sigma": s, "seed": self.seed, "sample_ids": self.sample_ids}
@@ -420,8 +474,8 @@ class Linearization:
                                 min_probes=min(k0, stop["max_probes"]), **common, **stop)
         why = self._finish(est, False, estimator, "dfil", stop["max_probes"])
         if why is not None:
-            r = self.exact().dfil(s)
-            r.info["auto"] = why
+            r = self._exact_dfil(s, why, estimator)
+            r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
             return r
         extra = {"method": method}
         if method_reason is not None:
@@ -467,6 +521,14 @@ class Linearization:
         why = (f"predicted from the {k} Gaussian VJPs held: about {more_g} more VJPs "
                f"(diag) vs {cost_r} Rademacher JVPs (hutchinson)")
         return ("diag" if more_g <= cost_r else "hutchinson"), why
+
+    def _exact_dfil(self, s: Tensor, why: str, estimator: str) -> MetricResult:
+        src, why = self._exact_route(estimator, False, why)
+        r = src.dfil(s)
+        if isinstance(src, FastExactFisher):
+            r.info.update(self._info())
+        r.info["auto"] = why
+        return r
 
     # -- noise calibration -------------------------------------------------------------------
     def fsinfo_sigma(
@@ -526,7 +588,7 @@ class Linearization:
                                estimator="exact", info=info)
         hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)
         sig = torch.exp(r.value - tau_b)
-        return SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator="randomized",
+        return SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,
                            ci_low=torch.exp(r.value - hw - tau_b),
                            ci_high=torch.exp(r.value + r.ci_halfwidth - tau_b),
                            converged=r.converged, info={**r.info, "fsinfo_sigma1": r})

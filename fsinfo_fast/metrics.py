@@ -9,7 +9,10 @@ default): the oracle costs ``min(m, d)`` Jacobian products per sample whatever t
 randomized estimator the probes it needs. ``auto`` runs the randomized estimator with its probe
 budget capped at ``min(m, d)`` and finishes with the oracle for a batch it could not resolve
 within that budget, so it never costs more than about twice the cheaper route; where it switches,
-``result.info["auto"]`` says why.
+``result.info["auto"]`` says why. For FSInfo_diag and dFIL that exact route is the fast exact
+route (``estimator="exact-fast"``: ``min(m, d)`` one-hot products of the fastest backend in the
+working dtype, float64 accumulation, a measured rounding allowance as the interval; see
+:mod:`fsinfo_fast.estimators.exact_fast`), unless the oracle was already computed.
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ def fsinfo(
         sigma: noise standard deviation on the smashed data (0.1 nominal when none is added),
             a float or ``[B]``.
         variant: ``"diag"`` or ``"logdet"``.
-        estimator: ``"exact"`` (the float64 oracle), ``"randomized"``, or ``"auto"``.
+        estimator: ``"exact"`` (the float64 oracle), ``"exact-fast"`` (one-hot products in the
+            working dtype, diag variant only), ``"randomized"``, or ``"auto"``.
         atol: target 95% half-width in nats per dimension (randomized).
         rtol: target half-width relative to ``|value|`` (randomized).
         num_probes: a fixed probe count instead of adaptive stopping.

@@ -53,7 +53,8 @@ class MetricResult:
         metric: ``"fsinfo_diag"``, ``"fsinfo_logdet"`` or ``"dfil"``.
         units: ``"nats/dim"`` for FSInfo; ``"1/dim"`` for dFIL (Fisher information per input
             dimension, in inverse squared input units).
-        estimator: ``"exact"`` or ``"randomized"``.
+        estimator: ``"exact"`` (the float64 oracle), ``"exact-fast"`` (one-hot products in
+            the working dtype; its interval is the rounding allowance) or ``"randomized"``.
         sigma: ``[B]`` float64 noise scale used.
         d: input dimension; m: output dimension.
         num_probes: probes used per sample (``None`` for exact).

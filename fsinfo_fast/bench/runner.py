@@ -257,7 +257,9 @@ def _calibrate(case: Case, p: Provider, cfg: BenchConfig,
     curve = []
     grid = case.spec.probe_grid or cfg.probe_grid
     seeds = case.spec.calib_seeds or cfg.calib_seeds
-    grid = [k for k in grid if k >= p.min_probes] or [p.min_probes]
+    cap = p.max_probes(case)
+    grid = [k for k in grid if k >= p.min_probes and (cap is None or k <= cap)] or [
+        p.min_probes]
     for k in grid:
         errs = []
         for s in range(seeds):
@@ -344,6 +346,8 @@ def _measure_randomized(case: Case, p: Provider, cfg: BenchConfig,
     rows.append(row)
     if row["status"] in ("ok", "target_not_reached"):
         k_eq = max(cfg.equal_probes, p.min_probes)
+        cap = p.max_probes(case)
+        k_eq = k_eq if cap is None else min(k_eq, cap)
         known = next((c["err95"] for c in curve if c["num_probes"] == k_eq), None)
         rows.append(_measure_randomized_at(case, p, cfg, k_eq, "equal_probes", known,
                                            seeds=seeds))
@@ -753,6 +757,12 @@ def _run_bench(cfg: BenchConfig, providers: list[Provider] | None, log: Log,
 
         log("both metrics per image: one Linearization vs version 0.1's two calls")
         lin = measure_linearize(cfg.linearize, device, log, seed=cfg.seed)
+    craft: dict[str, Any] | None = None
+    if cfg.craft is not None:
+        from .craft import measure_craft
+
+        log("CRAFT VGG16-BN: FSInfo_diag at every paper split, per route")
+        craft = measure_craft(cfg.craft, device, log, seed=cfg.seed)
     claims = _claims(cfg, results, sweep_rows)
     for c in claims:
         v = c["value"]
@@ -773,6 +783,7 @@ def _run_bench(cfg: BenchConfig, providers: list[Provider] | None, log: Log,
         "probe_efficiency": eff_rows,
         "sharing": sharing,
         "linearize": lin,
+        "craft": craft,
         "claims": claims,
         "wall_time_s": wall,
     }

@@ -19,6 +19,8 @@ Top level (``SCHEMA_VERSION = "fsinfo_fast.bench/1"``)::
     sharing           dict   the split-sharing saving of profile (optional; see SharingSpec)
     linearize         dict   both metrics per image, one Linearization vs version 0.1's two calls
                              (optional; see LinearizeSpec)
+    craft             dict   FSInfo_diag per paper split of the CRAFT VGG16-BN, per route, with
+                             the oracle and curvlinops (optional; see fsinfo_fast.bench.craft)
     claims            list   {name, metric, provider, baseline, value, min_ratio, status, ...}
     wall_time_s       float
 
@@ -74,7 +76,8 @@ _TOP: dict[str, tuple[type, ...]] = {
 }
 #: top-level keys added later (results written before them stay valid)
 _TOP_OPTIONAL: dict[str, tuple[type, ...]] = {"sharing": (dict, type(None)),
-                                               "linearize": (dict, type(None))}
+                                               "linearize": (dict, type(None)),
+                                               "craft": (dict, type(None))}
 _TIME_KEYS = ("median", "q25", "q75", "min", "max", "repeats", "samples")
 _ACC_KEYS = ("max_err", "rms_err", "err95", "target", "units", "meets_target", "checked")
 

@@ -589,9 +589,9 @@ def _label(r: Any, requested: str, *, method: bool = False) -> str:
     or ``exact``; where ``auto`` took the oracle, why (``exact (auto: <reason>)``), so that a
     fallback is never silent."""
     info = r.info if isinstance(r.info, dict) else {}
-    if r.estimator == "exact":
+    if r.estimator in ("exact", "exact-fast"):
         why = info.get("auto")
-        return f"exact (auto: {why})" if requested == "auto" and why else "exact"
+        return f"{r.estimator} (auto: {why})" if requested == "auto" and why else r.estimator
     m = info.get("method") if method else None
     return f"{r.estimator} ({m})" if m else r.estimator
 

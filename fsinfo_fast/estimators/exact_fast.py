@@ -1,0 +1,257 @@
+r"""The fast exact route: ``diag(J^T J)`` and ``tr(J^T J)`` from ``min(m, d)`` one-hot products.
+
+The float64 oracle (:mod:`fsinfo_fast.reference`) builds each sample's dense Jacobian in float64
+through ``torch.func``, one sample at a time. When ``min(m, d)`` products are affordable the same
+exact quantities come much faster from the batch's own product backend (the linearised engine,
+in the encoder's working dtype, usually float32), batched over one-hot probes for all samples at
+once and chunked to a memory budget:
+
+- ``d <= m`` (columns): the JVP of ``e_k`` is column ``k`` of ``J``, so
+  ``(J^T J)_kk = ||J e_k||^2`` exactly; ``d`` JVPs give the whole diagonal.
+- ``m < d`` (rows): the VJP of ``e_i`` is row ``i`` of ``J``, and
+  ``(J^T J)_kk = sum_i J_ik^2``; ``m`` VJPs give the whole diagonal.
+
+The squares are accumulated in float64; ``tr(J^T J)`` is the sum of the diagonal.
+
+**Rounding allowance.** The products are computed in the working dtype, so each diagonal entry
+carries a relative rounding error (of the products themselves, and of a linearisation point
+computed in that dtype: a ReLU mask or a max-pool argmax can differ from the float64 one). A
+zero half-width would claim exactness, so the route *measures* that error: the diagonal entries
+of ``n_check`` seeded columns (:data:`CHECK_COLUMNS`) are recomputed by float64 ``torch.func``
+JVPs (the oracle's own computation, on a float64 copy of the encoder) and compared. With
+``r_b = max_{k in S} |D̂_bk / D_bk - 1|`` the allowance is
+
+.. math:: \varepsilon_b = \max(\mathrm{SAFETY}\cdot r_b,\ \mathrm{FLOOR\_ULPS}\cdot u)
+
+(``u`` the unit roundoff of the working dtype), taken as a relative bound on every diagonal
+entry and on the trace. Because ``|log(D̂/s^2 + c) - log(D/s^2 + c)| <= |log(D̂/D)|`` for
+``c >= 0``, the FSInfo_diag error of a sample is at most ``-log(1 - eps_b) / 2`` nats/dim and the
+dFIL error at most ``eps_b * dFIL``; these go into ``bias_bound`` and ``ci_halfwidth``
+(``stderr = 0``: there is no probe noise). The allowance is a measurement scaled by a safety
+factor, not a proof: a large error confined to columns outside the checked set (a flipped mask
+that moves few columns) could exceed it; the tests compare it with the oracle on the zoo.
+
+Example:
+    >>> import torch
+    >>> from fsinfo_fast.encoder import prepare
+    >>> from fsinfo_fast.engine import make_products
+    >>> enc = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh()).eval()
+    >>> x = torch.randn(2, 6)
+    >>> p = make_products(prepare(enc, x), "torch")
+    >>> check = make_products(prepare(enc, x, dtype=torch.float64), "torch")
+    >>> fx = exact_fast_fisher(p, check_products=check, seed=0)
+    >>> fx.diag.shape, fx.side, bool((fx.rel_err < 1e-3).all())
+    (torch.Size([2, 6]), 'rows', True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import InvalidInputError
+from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum
+from ..result import MetricResult
+
+__all__ = ["CHECK_COLUMNS", "FLOOR_ULPS", "SAFETY", "FastExactFisher", "exact_fast_fisher"]
+
+#: Columns whose diagonal entries are recomputed in float64 to measure the rounding error.
+CHECK_COLUMNS = 16
+#: Factor between the largest measured relative error and the allowance claimed for all entries.
+SAFETY = 10.0
+#: The allowance is never below this many unit roundoffs of the working dtype.
+FLOOR_ULPS = 64.0
+#: Name of the route in ``MetricResult.estimator``.
+NAME = "exact-fast"
+
+
+def _fsinfo_bias(eps: Tensor) -> Tensor:
+    """``-log(1 - eps) / 2`` (``inf`` for ``eps >= 1``): the FSInfo_diag error bound."""
+    out = torch.full_like(eps, math.inf)
+    ok = eps < 1
+    out[ok] = -0.5 * torch.log1p(-eps[ok])
+    return out
+
+
+@dataclass(frozen=True)
+class FastExactFisher:
+    r"""``diag(J^T J)`` and ``tr(J^T J)`` of every sample (``sigma = 1``) from one-hot products.
+
+    Attributes:
+        diag: ``[B, d]`` float64 diagonal (working-dtype products, float64 accumulation).
+        trace: ``[B]`` float64 trace (the sum of ``diag``).
+        rel_err: ``[B]`` float64 relative error allowance ``eps_b`` of every diagonal entry and
+            of the trace (see the module docstring).
+        measured: ``[B]`` float64 largest measured relative error on the checked columns.
+        checked: ``[n_check]`` int64 indices of the checked columns.
+        d, m: input and output dimensions.
+        side: ``"columns"`` (``d`` JVPs) or ``"rows"`` (``m`` VJPs).
+        passes: products per sample in the working dtype (``min(m, d)``), plus ``n_check``
+            float64 JVPs for the check (``check_passes``).
+        info: backend, dtype, chunking.
+    """
+
+    diag: Tensor
+    trace: Tensor
+    rel_err: Tensor
+    measured: Tensor
+    checked: Tensor
+    d: int
+    m: int
+    side: str
+    passes: int
+    check_passes: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return int(self.trace.shape[0])
+
+    def _info(self, extra: dict[str, Any]) -> dict[str, Any]:
+        return {**self.info, "exact_fast_rel_err": self.rel_err.tolist(),
+                "exact_fast_measured": self.measured.tolist(), "exact_fast_side": self.side,
+                "exact_fast_check_passes": self.check_passes, **extra}
+
+    def fsinfo(self, sigma: float | Tensor = 0.1, variant: str = "diag", *,
+               floor: float = DIAG_FLOOR) -> MetricResult:
+        r"""FSInfo_diag in nats/dim with the rounding allowance as its interval.
+
+        .. math:: \frac{1}{2d}\sum_k \log\Big(\frac{(J^TJ)_{kk}}{\sigma^2} + \mathrm{floor}\Big)
+                  - \frac12\log(2\pi e), \quad |\mathrm{error}| \le -\tfrac12\log(1-\varepsilon_b)
+
+        Args:
+            sigma: noise scale, a float or ``[B]``.
+            variant: ``"diag"`` only (the log-det variant needs the spectrum: the oracle).
+            floor: the paper's constant inside the logarithm.
+
+        Raises:
+            InvalidInputError: ``variant`` is not ``"diag"``.
+        """
+        if variant != "diag":
+            raise InvalidInputError(
+                "the fast exact route ('exact-fast') computes the diagonal and the trace only; "
+                f"variant={variant!r} needs the spectrum: use estimator='exact' (the oracle)")
+        s = as_sigma(sigma, self.batch, self.diag.device)
+        value = fsinfo_from_spectrum(self.diag, self.d, s, floor)
+        bias = _fsinfo_bias(self.rel_err)
+        return MetricResult(
+            value=value, stderr=torch.zeros_like(value), metric="fsinfo_diag", units="nats/dim",
+            estimator=NAME, sigma=s, d=self.d, m=self.m, passes=self.passes + self.check_passes,
+            ci_halfwidth=bias.clone(), bias_bound=bias, info=self._info({"floor": floor}))
+
+    def dfil(self, sigma: float | Tensor = 0.1) -> MetricResult:
+        r"""dFIL ``tr(J^T J) / (sigma^2 d)`` with ``eps_b * dFIL`` as its interval."""
+        s = as_sigma(sigma, self.batch, self.trace.device)
+        value = self.trace / (s**2 * self.d)
+        bias = self.rel_err * value
+        return MetricResult(
+            value=value, stderr=torch.zeros_like(value), metric="dfil", units="1/dim",
+            estimator=NAME, sigma=s, d=self.d, m=self.m, passes=self.passes + self.check_passes,
+            ci_halfwidth=bias.clone(), bias_bound=bias, info=self._info({}))
+
+
+def _chunk_size(n: int, batch: int, d: int, m: int, itemsize: int, budget: int) -> int:
+    """One-hot probes per chunk: inputs, outputs and their float64 squares within ``budget``."""
+    per_probe = batch * (itemsize * (d + m) + 8 * max(d, m))
+    return int(max(1, min(n, budget // max(1, per_probe))))
+
+
+def _one_hot(batch: int, start: int, size: int, n: int, dtype: torch.dtype,
+             device: torch.device) -> Tensor:
+    e = torch.zeros(batch, size, n, dtype=dtype, device=device)
+    idx = torch.arange(size, device=device)
+    e[:, idx, start + idx] = 1
+    return e
+
+
+@torch.no_grad()
+def exact_fast_fisher(
+    products: Any,
+    *,
+    check_products: Any | None,
+    seed: int = 0,
+    memory_budget: int | None = None,
+    n_check: int = CHECK_COLUMNS,
+) -> FastExactFisher:
+    r"""Exact ``diag(J^T J)`` and trace from ``min(m, d)`` one-hot products of ``products``.
+
+    Args:
+        products: the batch's product backend (``jvp``: ``[B, K, d] -> [B, K, m]``, ``vjp``:
+            ``[B, K, m] -> [B, K, d]``, with ``batch, d, m, dtype, device``), in its working
+            dtype.
+        check_products: the same batch's products in float64 (an independent path, e.g.
+            :class:`~fsinfo_fast.engine.TorchFuncProducts` on a float64 copy of the encoder),
+            used to measure the rounding error on ``n_check`` seeded columns; ``None`` only
+            when ``products`` already works in float64 (the allowance is then the floor).
+        seed: chooses the checked columns.
+        memory_budget: bytes a chunk of one-hot probes and their outputs may use (default:
+            :func:`fsinfo_fast.engine.default_memory_budget`).
+        n_check: columns checked (capped at ``d``).
+
+    Returns:
+        :class:`FastExactFisher`.
+
+    Raises:
+        InvalidInputError: no float64 check products for a lower-precision backend, or the
+            check products do not match the batch.
+        FloatingPointError: a product is not finite.
+    """
+    from ..engine import default_memory_budget
+
+    b, d, m = products.batch, products.d, products.m
+    dtype, dev = products.dtype, products.device
+    if check_products is None and dtype != torch.float64:
+        raise InvalidInputError(
+            f"the fast exact route works in {dtype}; it needs float64 check products to "
+            "measure its rounding error")
+    if check_products is not None and (check_products.batch, check_products.d,
+                                       check_products.m) != (b, d, m):
+        raise InvalidInputError("check_products do not match the batch (B, d, m)")
+    budget = memory_budget if memory_budget is not None else default_memory_budget(dev)
+    side = "columns" if d <= m else "rows"
+    n = min(m, d)
+    itemsize = torch.finfo(dtype).bits // 8
+    cs = _chunk_size(n, b, d, m, itemsize, budget)
+    diag = torch.zeros(b, d, dtype=torch.float64, device=dev)
+    for start in range(0, n, cs):
+        size = min(cs, n - start)
+        if side == "columns":
+            out = products.jvp(_one_hot(b, start, size, d, dtype, dev))  # [B, c, m]
+            sq = out.to(torch.float64).square_().sum(dim=2)  # [B, c]
+            diag[:, start:start + size] = sq
+        else:
+            out = products.vjp(_one_hot(b, start, size, m, dtype, dev))  # [B, c, d]
+            sq = out.to(torch.float64).square_()
+            diag += sq.sum(dim=1)
+        if not bool(torch.isfinite(sq).all()):
+            raise FloatingPointError(
+                f"the fast exact route got non-finite products ({side} {start}..{start + size})")
+    trace = diag.sum(dim=1)
+    u = torch.finfo(dtype).eps / 2
+    floor = FLOOR_ULPS * u
+    k = min(n_check, d)
+    gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+    checked = torch.randperm(d, generator=gen)[:k].sort().values
+    measured = torch.zeros(b, dtype=torch.float64, device=dev)
+    check_passes = 0
+    if check_products is not None and k > 0:
+        e = torch.zeros(b, k, d, dtype=torch.float64, device=dev)
+        e[:, torch.arange(k), checked.to(dev)] = 1
+        ref = check_products.jvp(e).to(torch.float64).square().sum(dim=2)  # [B, k]
+        check_passes = k
+        got = diag[:, checked.to(dev)]
+        both0 = (ref == 0) & (got == 0)
+        rel = torch.where(both0, torch.zeros_like(ref), (got - ref).abs() / ref)
+        rel = torch.nan_to_num(rel, nan=math.inf, posinf=math.inf)
+        measured = rel.amax(dim=1)
+    rel_err = (SAFETY * measured).clamp_min(floor)
+    info = {"backend": getattr(products, "backend", None), "exact_fast_dtype": str(dtype),
+            "exact_fast_chunk": cs}
+    info.update(getattr(products, "info", None) or {})
+    return FastExactFisher(diag=diag, trace=trace, rel_err=rel_err, measured=measured,
+                           checked=checked, d=d, m=m, side=side, passes=n,
+                           check_passes=check_passes, info=info)
