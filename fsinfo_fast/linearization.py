@@ -49,6 +49,13 @@ from .errors import InvalidInputError
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
 from .estimators.cost import SLQ_ORDER_ESTIMATE
+from .estimators.deflated import (
+    DEFLATE_ABOVE,
+    PILOT_PROBES,
+    START_RANK,
+    estimate_diag_deflated,
+    predict_plain_probes,
+)
 from .estimators.diagonal import estimate_diag
 from .estimators.probes import resolve_seed
 from .formulas import DIAG_FLOOR, as_sigma
@@ -60,8 +67,8 @@ __all__ = ["Linearization", "linearize"]
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[Tensor], Tensor]
-ESTIMATORS = ("auto", "exact", "randomized")
-DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++")
+ESTIMATORS = ("auto", "exact", "randomized", "deflated")
+DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++", "deflated")
 VARIANTS = ("diag", "logdet")
 #: Probes a randomized estimator starts with (its first round).
 _MIN_PROBES = 10
@@ -160,6 +167,7 @@ class Linearization:
         self._products: Any = None
         self._exact: reference.ExactFisher | None = None
         self._diag_cache: dict[tuple, Any] = {}
+        self._deflated_cache: dict[tuple, Any] = {}
 
     # -- basic properties --------------------------------------------------------------------
     @property
@@ -280,6 +288,8 @@ class Linearization:
         lam = check_prior_var(prior_var)
         if variant == "diag" and prior_var is not None:
             raise InvalidInputError("prior_var applies to variant='logdet' only")
+        if variant == "logdet" and estimator == "deflated":
+            raise InvalidInputError("estimator='deflated' applies to variant='diag' only")
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         spectrum = variant == "logdet"
@@ -303,8 +313,13 @@ class Linearization:
         stop = _stopping(atol, rtol, num_probes, max_probes, cap)
         common = {"seed": self.seed, "sample_ids": self.sample_ids}
         if variant == "diag":
-            est = self._diag(s, floor, stop, min(k0, stop["max_probes"])).fsinfo_diag
-            metric, extra = "fsinfo_diag", {"floor": floor}
+            route, route_why = self._diag_route(estimator, s, floor, stop)
+            if route == "deflated":
+                est = self._deflated(s, floor, stop).fsinfo_diag
+            else:
+                est = self._diag(s, floor, stop, min(k0, stop["max_probes"])).fsinfo_diag
+            metric = "fsinfo_diag"
+            extra = {"floor": floor, "diag_method": route, "diag_method_why": route_why}
         else:
             order = lanczos_order
             if estimator == "auto" and order is None:  # bound the adaptive order so that
@@ -341,6 +356,43 @@ class Linearization:
             self._diag_cache[key] = hit
         return hit
 
+    def _diag_route(self, estimator: str, s: Tensor, floor: float,
+                    stop: dict[str, Any]) -> tuple[str, str]:
+        """``("plain" | "deflated", why)`` for FSInfo_diag. ``auto`` predicts the plain
+        estimator's probes from :data:`~.estimators.deflated.PILOT_PROBES` of its own VJPs and
+        deflates where the batch's largest prediction exceeds
+        :data:`~.estimators.deflated.DEFLATE_ABOVE` (a choice per batch)."""
+        if estimator == "deflated":
+            return "deflated", "requested"
+        if estimator != "auto":
+            return "plain", "requested"
+        if stop["num_probes"] is not None:
+            return "plain", "a fixed num_probes (deflation chooses its rank for a tolerance)"
+        k = predict_plain_probes(self.products, sigma=s, floor=floor, atol=stop["atol"],
+                                 rtol=stop["rtol"], seed=self.seed, sample_ids=self.sample_ids)
+        kmax = float(k.max())
+        if kmax > DEFLATE_ABOVE:
+            return "deflated", (f"the plain estimator was predicted to need {kmax:.0f} probes "
+                                f"(> {DEFLATE_ABOVE}) from {PILOT_PROBES} pilot VJPs")
+        return "plain", (f"the plain estimator was predicted to need {kmax:.0f} probes "
+                         f"(<= {DEFLATE_ABOVE}) from {PILOT_PROBES} pilot VJPs (not reused)")
+
+    def _deflated(self, s: Tensor, floor: float, stop: dict[str, Any],
+                  dfil_rtol: float | None = None):
+        """The deflated diagonal estimator (rank ``auto`` for a tolerance, else
+        :data:`~.estimators.deflated.START_RANK`), memoised per request."""
+        key = ("deflated", tuple(s.tolist()), floor, tuple(sorted(stop.items())), dfil_rtol)
+        hit = self._deflated_cache.get(key)
+        if hit is None:
+            tol = stop["atol"] is not None or stop["rtol"] is not None or dfil_rtol is not None
+            rank = "auto" if tol and stop["num_probes"] is None else min(
+                START_RANK, max(1, min(self.m, self.d) // 2))
+            hit = estimate_diag_deflated(self.products, sigma=s, floor=floor, seed=self.seed,
+                                         sample_ids=self.sample_ids, rank=rank,
+                                         dfil_rtol=dfil_rtol, **stop)
+            self._deflated_cache[key] = hit
+        return hit
+
     # -- dFIL --------------------------------------------------------------------------------
     def dfil(
         self,
@@ -358,6 +410,8 @@ class Linearization:
         _check_choice("method", method, DFIL_METHODS)
         s = self._sigma(sigma)
         n = min(self.m, self.d)
+        if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
+            method, estimator = "deflated", "randomized"
         if method == "auto":  # reuse FSInfo_diag's VJPs when they exist, else Rademacher JVPs
             method = "diag" if self._diag_cache else "hutchinson"
         k0 = num_probes or (_MIN_PROBES if method == "diag" else _MIN_TRACE_PROBES)
@@ -378,6 +432,11 @@ class Linearization:
             dstop = {**stop, "rtol": None, "atol": None}
             est = self._diag(s, 0.0, dstop, min(k0, stop["max_probes"]),
                              dfil_rtol=stop["rtol"]).dfil
+        elif method == "deflated":
+            if stop["rtol"] is None and num_probes is None:
+                raise InvalidInputError("method='deflated' stops on rtol (or num_probes)")
+            dstop = {**stop, "rtol": None, "atol": None}
+            est = self._deflated(s, 0.0, dstop, dfil_rtol=stop["rtol"]).dfil
         elif method == "hutchinson":
             est = hutchinson_trace(self.products, side="input", kind="rademacher",
                                    min_probes=min(k0, stop["max_probes"]), **common, **stop)

@@ -212,3 +212,57 @@ def test_adaptive_rank_and_stopping():
                           max_probes=400).fsinfo_diag
     assert not bool(plain.converged.any())  # the plain estimator needs > 400 probes here
     assert float(cost.double().median()) * 5 < 400, float(cost.double().median())
+
+
+# --- wiring: Linearization / ff.fsinfo / ff.dfil ---------------------------------------------
+
+
+def _linear_encoder(m: int = 300, d: int = 200):
+    """A linear encoder whose Jacobian has a few dominant output directions."""
+    J = _low_rank_plus_noise(1, m, d, seed=21)[0].float()
+    enc = torch.nn.Linear(d, m, bias=False)
+    with torch.no_grad():
+        enc.weight.copy_(J)
+    return enc.eval(), J.double()
+
+
+def test_linearization_routes():
+    import fsinfo_fast as ff
+
+    enc, J = _linear_encoder()
+    x = torch.randn(2, J.shape[1])
+    exact = exact_fsinfo_diag(J.expand(2, -1, -1), SIGMA, 1e-10)
+    lin = ff.linearize(enc, x, seed=3)
+    r = lin.fsinfo(SIGMA, estimator="deflated", atol=0.01)
+    assert r.info["diag_method"] == "deflated" and r.info["diag_method_why"] == "requested"
+    assert r.info["method"] == "deflated_chi2_debiased_diag" and min(r.info["rank"]) >= 16
+    assert bool(((r.value - exact).abs() <= r.ci_halfwidth).all())
+    assert bool((r.ci_halfwidth <= 0.01).all())
+    # auto: the pilot predicts far more than DEFLATE_ABOVE plain probes -> deflated, and why
+    a = lin.fsinfo(SIGMA, atol=0.01)
+    assert a.info["diag_method"] == "deflated", a.info
+    assert "predicted to need" in a.info["diag_method_why"]
+    assert_close_verbose(a.value, r.value, name="auto = deflated")
+    assert ff.fsinfo(enc, x, sigma=SIGMA, seed=3).info["diag_method"] == "deflated"
+    # the plain estimator when asked for, and under auto with a fixed probe count
+    assert lin.fsinfo(SIGMA, estimator="randomized").info["diag_method"] == "plain"
+    assert lin.fsinfo(SIGMA, num_probes=8, atol=None).info["diag_method"] == "plain"
+    with pytest.raises(InvalidInputError, match="deflated"):
+        lin.fsinfo(SIGMA, variant="logdet", estimator="deflated")
+    # dFIL from the same machinery (Hutch++ split): covers the exact trace
+    d = lin.dfil(SIGMA, method="deflated", rtol=0.01)
+    tr = exact_trace(J.expand(2, -1, -1), SIGMA)
+    assert d.info["method"].startswith("deflated") and bool(((d.value - tr).abs()
+                                                            <= d.ci_halfwidth).all())
+    assert bool((d.ci_halfwidth <= 0.01 * d.value).all())
+
+
+def test_auto_keeps_the_plain_estimator_where_columns_are_independent():
+    import fsinfo_fast as ff
+
+    g = torch.Generator().manual_seed(0)
+    enc = torch.nn.Linear(200, 300, bias=False)
+    with torch.no_grad():
+        enc.weight.copy_(torch.randn(300, 200, generator=g))
+    r = ff.linearize(enc, torch.randn(1, 200), seed=1).fsinfo(SIGMA, atol=0.01)
+    assert r.info["diag_method"] == "plain" and "predicted" in r.info["diag_method_why"]

@@ -90,7 +90,8 @@ __all__ = [
     "PILOT_PROBES",
     "DeflationSketch",
     "estimate_diag_deflated",
-    "predicted_probes",
+    "DEFLATE_ABOVE",
+    "predict_plain_probes",
 ]
 
 #: Probe stream of the sketch ``Omega`` (input side) ...
@@ -100,6 +101,12 @@ DEFLATION_SKETCH_STREAM = 11
 DEFLATION_RESIDUAL_STREAM = 12
 #: Plain Gaussian VJPs that predict the remainder's variance when the rank is chosen.
 PILOT_PROBES = 8
+#: ``auto`` takes the deflated estimator where the plain one is predicted to need more probes
+#: than this (8 times the products of the first sketch block: below it the sketch rarely pays;
+#: on the CRAFT VGG16-BN at 32 px the plain estimator needed 162 probes at pool3, where
+#: deflation cost about as much, and 548 and 2775 at pool4 and conv5_2, where it cost 3x and
+#: 25x fewer).
+DEFLATE_ABOVE = 256
 #: The sketch grows by this factor per step with ``rank="auto"``.
 RANK_GROWTH = 1.5
 #: Range of the local decay exponent ``p`` of ``K(r) ~ r^-p`` used by the rank choice.
@@ -233,47 +240,105 @@ class _DeflatedProbeState(DiagProbeState):
         return U.to(dtype)
 
 
-def predicted_probes(
-    pilot_g: Tensor,
-    pilot_u: Tensor,
-    sketch: DeflationSketch,
-    ranks: Tensor,
-    weights: Tensor,
-    atol: Tensor,
-    groups: int = 20,
+def _pilot_f2(
+    pilot_g: Tensor, pilot_u: Tensor, sketch: DeflationSketch, ranks: Tensor, weights: Tensor | None
 ) -> Tensor:
-    r"""``[B]`` remainder probes the FSInfo_diag tolerance is predicted to need at ``ranks``.
-
-    ``(t_{K-1} / atol)^2 ||Rt||_F^2 / (2 d^2)`` (module docstring; ``t`` the 95% quantile at
-    ``min(K, groups) - 1`` degrees of freedom) with ``||Rt||_F^2`` estimated without bias by
-    the mean of ``(h_j^T h_l)^2`` over the pilot pairs ``j < l``.
-
-    Args:
-        pilot_g: ``[B, K_p, d]`` float64 ``J^T u_j``.
-        pilot_u: ``[B, K_p, m]`` float64 the pilot probes ``u_j``.
-        sketch: the sketch.
-        ranks: ``[B]`` int64 ranks to evaluate (``<= sketch.rank``).
-        weights: ``[B, d]`` ``1 / (D_k + floor sigma^2)`` (estimated).
-        atol: ``[B]`` target half-width (nats/dim).
-    """
+    """``[B]`` unbiased estimate of ``||Dw^{-1/2} R Dw^{-1/2}||_F^2`` (``R`` the remainder
+    ``J^T (I - P) J`` at ``ranks``; ``Dw^{-1} = weights``, ``None``: identity) from the pilot
+    pairs ``j < l``: ``E[(h_j^T h_l)^2]`` for independent ``h ~ N(0, Dw^{-1/2} R Dw^{-1/2})``."""
     mask = sketch._mask(ranks)  # [B, r]
     C = (pilot_u @ sketch.Q) * mask[:, None, :]  # [B, K_p, r]
-    G = pilot_g - C @ sketch.W.transpose(1, 2)  # [B, K_p, d]
-    H = G * weights.sqrt()[:, None, :]
+    H = pilot_g - C @ sketch.W.transpose(1, 2)  # [B, K_p, d]
+    if weights is not None:
+        H = H * weights.sqrt()[:, None, :]
     gram = H @ H.transpose(1, 2)  # [B, K_p, K_p]
     kp = gram.shape[1]
     off = torch.triu(torch.ones(kp, kp, dtype=torch.bool, device=gram.device), diagonal=1)
-    f2 = gram.square()[:, off].mean(dim=1)
-    d = pilot_g.shape[2]
-    var1 = f2 / (2.0 * d * d)  # one probe's variance (delta method)
-    k = (_PLAN_Q / atol) ** 2 * var1
+    return gram.square()[:, off].mean(dim=1)
+
+
+def _probes_for(var1: Tensor, tol: Tensor, groups: int) -> Tensor:
+    """``[B]`` probes ``K`` with ``t_{min(K, groups) - 1} sqrt(var1 / K) <= tol``."""
+    k = (_PLAN_Q / tol) ** 2 * var1
     for _ in range(3):  # the t-quantile at the degrees of freedom of that probe count
         q = torch.tensor(
             [t_quantile(max(1, min(int(math.ceil(kk)), groups) - 1), 0.95) for kk in k.tolist()],
             dtype=torch.float64, device=k.device,
         )
-        k = (q / atol) ** 2 * var1
+        k = (q / tol) ** 2 * var1
     return k
+
+
+class _Pilot:
+    r"""Plain Gaussian VJPs (stream 0, probes ``0 .. K_p - 1``) that predict the remainder
+    probes each target needs at a given sketch rank.
+
+    FSInfo_diag: one probe's variance ``||Rt||_F^2 / (2 d^2)`` (``Rt`` weighted by
+    ``1 / (D + floor sigma^2)``, the delta method), target ``atol`` (or ``rtol`` times a plug-in
+    value). dFIL: Hutchinson's ``2 ||R||_F^2`` against ``(dfil_rtol tr)^2`` on the log scale's
+    linear part.
+    """
+
+    def __init__(self, products, seed, ids, sigma, floor, atol, rtol, dfil_rtol, count, groups):
+        U = draw_probes(
+            products.m, seed=seed, sample_ids=ids, start=0, count=count, kind="gaussian",
+            dtype=torch.float64, device=products.device,
+        )
+        G = products.vjp(U.to(products.dtype)).to(torch.float64)
+        check_finite(G, ids, 0, "deflation pilot (J^T u)")
+        self.U, self.G, self.count, self.groups = U, G, count, groups
+        self.sig2, self.floor = sigma**2, floor
+        self.d = products.d
+        D0 = G.square().mean(dim=1)
+        self.fs_tol = (
+            _plan_tol(D0, self.sig2, floor, atol, rtol)
+            if atol is not None or rtol is not None else None
+        )
+        self.dfil_rtol = dfil_rtol
+
+    def predict(self, sketch: DeflationSketch, ranks: Tensor) -> Tensor:
+        """``[B]`` remainder probes predicted at ``ranks`` (the largest over the targets)."""
+        full = sketch._mask(ranks)
+        C = (self.U @ sketch.Q) * full[:, None, :]
+        rem = (self.G - C @ sketch.W.transpose(1, 2)).square()  # [B, K_p, d]
+        E = sketch.exact_part(ranks)
+        k = torch.zeros(self.G.shape[0], dtype=torch.float64, device=self.G.device)
+        if self.fs_tol is not None:
+            w = 1.0 / (E + rem.mean(dim=1) + self.floor * self.sig2[:, None])
+            f2 = _pilot_f2(self.G, self.U, sketch, ranks, w)
+            k = torch.maximum(k, _probes_for(f2 / (2.0 * self.d**2), self.fs_tol, self.groups))
+        if self.dfil_rtol is not None:
+            tr = (E.sum(dim=1) + rem.sum(dim=2).mean(dim=1)).clamp_min(1e-300)
+            f2 = _pilot_f2(self.G, self.U, sketch, ranks, None).clamp_min(0)
+            k = torch.maximum(k, _probes_for(2.0 * f2, self.dfil_rtol * tr, 1 << 30))
+        return k
+
+
+def predict_plain_probes(
+    products: Products,
+    *,
+    sigma: float | Tensor,
+    floor: float = DIAG_FLOOR,
+    atol: float | None = None,
+    rtol: float | None = None,
+    dfil_rtol: float | None = None,
+    seed: int | torch.Generator = 0,
+    sample_ids: Tensor | None = None,
+    pilot_probes: int = PILOT_PROBES,
+    jackknife_groups: int = 20,
+) -> Tensor:
+    """``[B]`` probes the plain estimator (:func:`~.diagonal.estimate_diag`) is predicted to
+    need for the tolerances, from ``pilot_probes`` of its own Gaussian VJPs (stream 0, probes
+    ``0 .. pilot_probes - 1``, the same as its first probes); costs ``pilot_probes`` VJPs.
+    What ``auto`` compares with :data:`DEFLATE_ABOVE`."""
+    products = detached(products)
+    if atol is None and rtol is None and dfil_rtol is None:
+        raise InvalidInputError("give a tolerance (atol, rtol or dfil_rtol) to predict for")
+    ids = sample_ids_for(products, sample_ids)
+    pilot = _Pilot(products, resolve_seed(seed), ids, sigma_for(products, sigma), float(floor),
+                   atol, rtol, dfil_rtol, pilot_probes, jackknife_groups)
+    zero = torch.zeros(products.batch, dtype=torch.int64, device=products.device)
+    return pilot.predict(DeflationSketch.empty(products), zero)
 
 
 def estimate_diag_deflated(
@@ -355,9 +420,10 @@ def estimate_diag_deflated(
         )
     auto = rank == "auto"
     if auto:
-        if atol is None and rtol is None:
+        if atol is None and rtol is None and dfil_rtol is None:
             raise InvalidInputError(
-                "rank='auto' chooses the rank for a tolerance: give atol or rtol (or an int rank)"
+                "rank='auto' chooses the rank for a tolerance: give atol, rtol or dfil_rtol (or "
+                "an int rank)"
             )
         for name, v, lo in (("start_rank", start_rank, 1), ("pilot_probes", pilot_probes, 3)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -391,9 +457,11 @@ def estimate_diag_deflated(
     pilot = 0
     first_look = torch.zeros(b, dtype=torch.int64, device=dev)
     if auto:
-        ranks, pilot, k_pred = _choose_rank(
-            products, sketch, seed_i, ids, sigma_t, floor, atol, rtol,
-            min(start_rank, max_rank), max_rank, pilot_probes, min_probes,
+        plan = _Pilot(products, seed_i, ids, sigma_t, floor, atol, rtol, dfil_rtol,
+                      pilot_probes, jackknife_groups)
+        pilot = pilot_probes
+        ranks, k_pred = _choose_rank(
+            products, sketch, plan, seed_i, ids, min(start_rank, max_rank), max_rank, min_probes
         )
         if num_probes is None:
             # the first look at each sample: the probes the pilot predicts (with a margin), so
@@ -506,31 +574,18 @@ def estimate_diag_deflated(
 def _choose_rank(
     products: Products,
     sketch: DeflationSketch,
+    pilot: _Pilot,
     seed: int,
     ids: Tensor,
-    sigma: Tensor,
-    floor: float,
-    atol: float | None,
-    rtol: float | None,
     start_rank: int,
     max_rank: int,
-    pilot_probes: int,
     min_probes: int,
-) -> tuple[Tensor, int, Tensor]:
-    """Grow ``sketch`` by half while the pilot predicts a saving; per-sample ranks, the
-    pilot probes spent and the remainder probes predicted at those ranks."""
+) -> tuple[Tensor, Tensor]:
+    """Grow ``sketch`` by half while the pilot predicts a saving; per-sample ranks and the
+    remainder probes predicted at those ranks."""
     b, dev = products.batch, products.device
-    U = draw_probes(
-        products.m, seed=seed, sample_ids=ids, start=0, count=pilot_probes, kind="gaussian",
-        dtype=torch.float64, device=dev,
-    )
-    G = products.vjp(U.to(products.dtype)).to(torch.float64)
-    check_finite(G, ids, 0, "deflation pilot (J^T u)")
-    sig2 = sigma**2
-    D0 = G.square().mean(dim=1)
-    tol = _plan_tol(D0, sig2, floor, atol, rtol)
     zero = torch.zeros(b, dtype=torch.int64, device=dev)
-    k_prev = predicted_probes(G, U, sketch, zero, 1.0 / (D0 + floor * sig2[:, None]), tol)
+    k_prev = pilot.predict(sketch, zero)
     ranks = zero.clone()
     k_at = k_prev.clone()
     growing = torch.ones(b, dtype=torch.bool, device=dev)
@@ -539,11 +594,7 @@ def _choose_rank(
     while bool(growing.any()) and r <= max_rank:
         sketch.grow(products, r - sketch.rank, seed, ids)
         full = torch.full((b,), r, dtype=torch.int64, device=dev)
-        mask = sketch._mask(full)
-        C = (U @ sketch.Q) * mask[:, None, :]
-        Dh = sketch.exact_part(full) + (G - C @ sketch.W.transpose(1, 2)).square().mean(dim=1)
-        w = 1.0 / (Dh + floor * sig2[:, None])
-        k_now = predicted_probes(G, U, sketch, full, w, tol)
+        k_now = pilot.predict(sketch, full)
         ranks = torch.where(growing, full, ranks)
         k_at = torch.where(growing, k_now, k_at)
         # local power law K ~ r^-p from the last step (p = 1 after the first block): growing
@@ -558,7 +609,7 @@ def _choose_rank(
         k_prev, r_prev, r = k_now, r, r_next
         if r == r_prev:
             break
-    return ranks, pilot_probes, k_at
+    return ranks, k_at
 
 
 def _known_value(E: Tensor, sigma: Tensor, floor: float) -> Tensor:
