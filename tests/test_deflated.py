@@ -123,6 +123,22 @@ def test_matches_dense_reference_on_the_same_probes(floor):
     assert_close_verbose(sk.exact_part(torch.full((3,), 4)), E, name="E")
 
 
+def test_batch_independent():
+    """A sample's estimate (rank, probes, value) is the same alone or in a batch whose other
+    samples choose other ranks."""
+    J = torch.cat([_low_rank_plus_noise(1), spectral_jacobian(geometric_spectrum(32, 3.0), 48,
+                                                               32), _floor_jacobian(1, 48, 32)])
+    kw = dict(sigma=SIGMA, rank="auto", atol=0.01, start_rank=4, seed=2)
+    both = estimate_diag_deflated(DenseProducts(J), **kw).fsinfo_diag
+    for i in range(3):
+        one = estimate_diag_deflated(DenseProducts(J[i : i + 1]), sample_ids=torch.tensor([i]),
+                                     **kw).fsinfo_diag
+        assert one.info["rank"][0] == both.info["rank"][i]
+        assert int(one.probes_per_sample[0]) == int(both.probes_per_sample[i])
+        assert_close_verbose(one.value, both.value[i : i + 1], name=f"sample {i}")
+        assert_close_verbose(one.ci_halfwidth, both.ci_halfwidth[i : i + 1], name="hw")
+
+
 def test_offset_zero_is_the_plain_summary():
     """The summary with a zero offset is the plain one (floor > 0: the same terms)."""
     J = _floor_jacobian(2)
