@@ -54,10 +54,17 @@ from .errors import InvalidInputError
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
 from .estimators.cost import SLQ_ORDER_ESTIMATE
+from .estimators.deflated import (
+    DEFLATE_ABOVE,
+    PILOT_PROBES,
+    START_RANK,
+    estimate_diag_deflated,
+    predict_plain_probes,
+)
 from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
 from .estimators.exact_fast import FastExactFisher, exact_fast_fisher
 from .estimators.probes import resolve_seed
-from .estimators.stopping import initial_probes
+from .estimators.stopping import DEFAULT_GROWTH, DEFAULT_ROUND, StoppingRule, initial_probes
 from .formulas import DIAG_FLOOR, as_sigma
 from .reference.oracle import _warn_singular
 from .result import Z95, MetricResult, SigmaResult
@@ -67,8 +74,8 @@ __all__ = ["Linearization", "linearize"]
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[Tensor], Tensor]
-ESTIMATORS = ("auto", "exact", "exact-fast", "randomized")
-DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++")
+ESTIMATORS = ("auto", "exact", "exact-fast", "randomized", "deflated")
+DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++", "deflated")
 VARIANTS = ("diag", "logdet")
 #: Probes the SLQ log det starts with (its first round); the diagonal estimator and the trace
 #: estimators start at :func:`~fsinfo_fast.estimators.stopping.initial_probes`.
@@ -79,6 +86,9 @@ _CAP_FLOOR = 10
 #: this share of the probe memory budget).
 _SNAPSHOT_SHARE = 8
 _SNAPSHOT_MAX = 1 << 29
+#: ``auto``'s plain-vs-deflated choice: a prediction from the plain estimator's first rounds
+#: within this factor of ``DEFLATE_ABOVE`` is refined by the deflation pilot.
+_PILOT_BAND = 4.0
 #: How many samples the sample-independence check encodes alone.
 _INTERACTION_CHECKS = 2
 
@@ -130,6 +140,17 @@ def _to_result(est: Estimate, *, metric: str, units: str, sigma: Tensor, d: int,
     )
 
 
+def _first_boundary(start: int, at_least: int, cap: int) -> int:
+    """The first round boundary of the default schedule from ``start`` that is ``>= at_least``
+    (or ``cap``)."""
+    rule = StoppingRule(atol=1.0, min_probes=start, max_probes=max(cap, start),
+                        round_size=DEFAULT_ROUND, growth=DEFAULT_GROWTH)
+    for k, c, _ in rule.schedule():
+        if k + c >= at_least:
+            return k + c
+    return max(cap, start)
+
+
 class _Shape:
     """``batch`` and ``device`` of a prepared encoder, for the estimators' argument checks."""
 
@@ -172,6 +193,7 @@ class Linearization:
         self._exact_fast: FastExactFisher | None = None
         self._diag_cache: dict[tuple, Any] = {}
         self._dstate: DiagProbeState | None = None
+        self._deflated_cache: dict[tuple, Any] = {}
 
     # -- basic properties --------------------------------------------------------------------
     @property
@@ -335,6 +357,8 @@ class Linearization:
             raise InvalidInputError(
                 "estimator='exact-fast' computes the diagonal and the trace only; the log-det "
                 "variant needs the spectrum: use estimator='exact' (the float64 oracle)")
+        if variant == "logdet" and estimator == "deflated":
+            raise InvalidInputError("estimator='deflated' applies to variant='diag' only")
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         spectrum = variant == "logdet"
@@ -361,8 +385,13 @@ class Linearization:
         stop = _stopping(atol, rtol, num_probes, max_probes, cap)
         common = {"seed": self.seed, "sample_ids": self.sample_ids}
         if variant == "diag":
-            est = self._diag(s, floor, stop, min(k0, stop["max_probes"])).fsinfo_diag
-            metric, extra = "fsinfo_diag", {"floor": floor}
+            route, route_why = self._diag_route(estimator, s, floor, stop)
+            if route == "deflated":
+                est = self._deflated(s, floor, stop).fsinfo_diag
+            else:
+                est = self._diag(s, floor, stop, min(k0, stop["max_probes"])).fsinfo_diag
+            metric = "fsinfo_diag"
+            extra = {"floor": floor, "diag_method": route, "diag_method_why": route_why}
         else:
             order = lanczos_order
             if estimator == "auto" and order is None:  # bound the adaptive order so that
@@ -429,6 +458,65 @@ class Linearization:
             self._diag_cache[key] = hit
         return hit
 
+    def _diag_route(self, estimator: str, s: Tensor, floor: float,
+                    stop: dict[str, Any]) -> tuple[str, str]:
+        """``("plain" | "deflated", why)`` for FSInfo_diag. ``auto`` predicts the plain
+        estimator's probes from the first :data:`~.estimators.deflated.PILOT_PROBES` Gaussian
+        VJPs of the shared probe state (the plain estimator's own first probes, so they are not
+        spent twice): ``K_p (1.96 se_p / tol)^2`` with ``tol`` the tolerance (``atol``, or
+        ``rtol |value|``), and deflates where the batch's largest prediction exceeds
+        :data:`~.estimators.deflated.DEFLATE_ABOVE` (a choice per batch)."""
+        if estimator == "deflated":
+            return "deflated", "requested"
+        if estimator != "auto":
+            return "plain", "requested"
+        if stop["num_probes"] is not None:
+            return "plain", "a fixed num_probes (deflation chooses its rank for a tolerance)"
+        # the plain request itself, capped at the first round boundary >= PILOT_PROBES: its
+        # rounds are the plain estimator's first ones (replayed from the state, not redrawn)
+        k0 = initial_probes(max_probes=stop["max_probes"])
+        kp = _first_boundary(k0, PILOT_PROBES, stop["max_probes"])
+        pilot = self._diag(s, floor, {**stop, "max_probes": kp}, k0).fsinfo_diag
+        tols = []
+        if stop["atol"] is not None:
+            tols.append(torch.full_like(pilot.value, float(stop["atol"])))
+        if stop["rtol"] is not None:
+            tols.append(float(stop["rtol"]) * pilot.value.abs())
+        tol = torch.stack(tols).max(dim=0).values.clamp_min(1e-300)
+        pred = pilot.probes_per_sample.to(tol) * (Z95 * pilot.stderr / tol) ** 2
+        pred = torch.where(torch.isfinite(pilot.value), pred, torch.zeros_like(pred))
+        kmax = float(pred.max())
+        if DEFLATE_ABOVE / _PILOT_BAND < kmax < DEFLATE_ABOVE * _PILOT_BAND:
+            # too close to call from a few probes' spread: the deflation pilot's prediction
+            # (PILOT_PROBES more VJPs on the plain estimator's stream, cross-column terms)
+            k = predict_plain_probes(self.products, sigma=s, floor=floor, atol=stop["atol"],
+                                     rtol=stop["rtol"], seed=self.seed,
+                                     sample_ids=self.sample_ids)
+            kmax, how = float(k.max()), f"the deflation pilot ({PILOT_PROBES} more VJPs)"
+        else:
+            how = f"its first rounds (<= {kp} VJPs, reused)"
+        if kmax > DEFLATE_ABOVE:
+            return "deflated", (f"the plain estimator was predicted to need {kmax:.0f} probes "
+                                f"(> {DEFLATE_ABOVE}) from {how}")
+        return "plain", (f"the plain estimator was predicted to need {kmax:.0f} probes "
+                         f"(<= {DEFLATE_ABOVE}) from {how}")
+
+    def _deflated(self, s: Tensor, floor: float, stop: dict[str, Any],
+                  dfil_rtol: float | None = None):
+        """The deflated diagonal estimator (rank ``auto`` for a tolerance, else
+        :data:`~.estimators.deflated.START_RANK`), memoised per request."""
+        key = ("deflated", tuple(s.tolist()), floor, tuple(sorted(stop.items())), dfil_rtol)
+        hit = self._deflated_cache.get(key)
+        if hit is None:
+            tol = stop["atol"] is not None or stop["rtol"] is not None or dfil_rtol is not None
+            rank = "auto" if tol and stop["num_probes"] is None else min(
+                START_RANK, max(1, min(self.m, self.d) // 2))
+            hit = estimate_diag_deflated(self.products, sigma=s, floor=floor, seed=self.seed,
+                                         sample_ids=self.sample_ids, rank=rank,
+                                         dfil_rtol=dfil_rtol, **stop)
+            self._deflated_cache[key] = hit
+        return hit
+
     # -- dFIL --------------------------------------------------------------------------------
     def dfil(
         self,
@@ -446,6 +534,8 @@ class Linearization:
         _check_choice("method", method, DFIL_METHODS)
         s = self._sigma(sigma)
         n = min(self.m, self.d)
+        if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
+            method, estimator = "deflated", "randomized"
         method_reason = None
         if method == "auto":  # FSInfo_diag's VJPs where they are cheaper, else Rademacher JVPs
             method, method_reason = self._dfil_method(s, rtol, atol, num_probes, max_probes)
@@ -466,6 +556,11 @@ class Linearization:
             dstop = {**stop, "rtol": None, "atol": None}
             est = self._diag(s, 0.0, dstop, min(k0, stop["max_probes"]),
                              dfil_rtol=stop["rtol"]).dfil
+        elif method == "deflated":
+            if stop["rtol"] is None and num_probes is None:
+                raise InvalidInputError("method='deflated' stops on rtol (or num_probes)")
+            dstop = {**stop, "rtol": None, "atol": None}
+            est = self._deflated(s, 0.0, dstop, dfil_rtol=stop["rtol"]).dfil
         elif method == "hutchinson":
             est = hutchinson_trace(self.products, side="input", kind="rademacher",
                                    min_probes=min(k0, stop["max_probes"]), **common, **stop)

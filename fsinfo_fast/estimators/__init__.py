@@ -10,6 +10,9 @@ not depend on how samples are batched.
   paper's floor included) and dFIL from the same ``K`` VJPs; built on :class:`DiagProbeState`
   (the probes' statistics, reusable across requests) and the pure summaries
   :func:`fsinfo_diag_summary` and :func:`trace_summary`.
+- :func:`estimate_diag_deflated`: the same two quantities with the dominant output subspace of
+  ``J`` taken exactly (a sketch) and only the remainder by projected probes, for correlated
+  columns (deep splits); :func:`predict_plain_probes` is what ``auto`` compares.
 - :func:`hutchinson_trace`: ``tr(J^T J)`` / dFIL (Hutchinson 1989).
 - :func:`hutchpp_trace`: Hutch++ (Meyer et al. 2021).
 - :func:`slq_logdet`: log-det FSInfo by stochastic Lanczos quadrature (Ubaru et al. 2017):
@@ -23,6 +26,7 @@ not depend on how samples are batched.
 
 from .base import Estimate, Products, t_quantile
 from .cost import expected_passes
+from .deflated import estimate_diag_deflated, predict_plain_probes
 from .diagonal import (
     DiagEstimate,
     DiagProbeState,
@@ -62,12 +66,14 @@ __all__ = [
     "StoppingRule",
     "draw_probes",
     "estimate_diag",
+    "estimate_diag_deflated",
     "expected_passes",
     "fsinfo_diag_summary",
     "golub_kahan_bidiagonal",
     "hutchinson_trace",
     "hutchpp_trace",
     "initial_probes",
+    "predict_plain_probes",
     "lanczos_tridiagonal",
     "log_chi2_mean_offset",
     "resolve_seed",

@@ -310,16 +310,7 @@ class DiagProbeState:
         self._snapshot()
         start, b, d, dev = self.k, self.batch, self.d, self.device
         ops = ops_for(products)
-        U = draw_probes(
-            self.m,
-            seed=self.seed,
-            sample_ids=self.sample_ids,
-            start=start,
-            count=count,
-            kind="gaussian",
-            dtype=products.dtype,
-            device=dev,
-        )
+        U = self._output_probes(start, count, products.dtype)
         G = products.vjp(U)
         check_finite(G, self.sample_ids, start, "FSInfo_diag (J^T u)")
         # float64 squares in slices of probes, so the float64 copy stays bounded
@@ -334,6 +325,20 @@ class DiagProbeState:
                 0, groups, torch.ones(Gs.shape[1], dtype=torch.float64, device=dev)
             )
         self.k = start + count
+
+    def _output_probes(self, start: int, count: int, dtype: torch.dtype) -> Tensor:
+        """``[B, count, m]`` output-side probes ``start .. start+count-1`` (Gaussian, stream 0;
+        a subclass may transform them, e.g. project out a deflated subspace)."""
+        return draw_probes(
+            self.m,
+            seed=self.seed,
+            sample_ids=self.sample_ids,
+            start=start,
+            count=count,
+            kind="gaussian",
+            dtype=dtype,
+            device=self.device,
+        )
 
     def norms(self) -> Tensor:
         """``[B, k]`` float64 ``||g_j||^2`` of every probe so far."""
@@ -396,7 +401,12 @@ def _trigamma(x: float) -> float:
 
 
 def _column_terms(
-    S: Tensor, k: Tensor, log_sigma: Tensor, sigma2: Tensor, floor: float
+    S: Tensor,
+    k: Tensor,
+    log_sigma: Tensor,
+    sigma2: Tensor,
+    floor: float,
+    offset: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-column unbiased ``log(D_k / sigma^2 + floor)`` from sums ``S`` of ``k`` probes, and
     the mask of the non-zero columns far from the floor (``floor = 0``, or ``x >= _X_FAR``;
@@ -405,7 +415,13 @@ def _column_terms(
     ``S``: ``[B, ..., d]``; ``k``: ``[B, ...]`` probe counts (few distinct values); sigma
     tensors ``[B]``. Fast paths: no masks where every column is non-zero, no table where every
     column is far above the floor (the correction is then one or two terms of a series).
+
+    ``offset``: ``[B, d]`` exactly known part ``E_k >= 0`` of each column (deflation): the
+    terms are then unbiased for ``log((E_k + R_k) / sigma^2 + floor)`` where ``S`` are sums of
+    ``k`` squared probes of the remainder ``R_k`` (:func:`_offset_terms`).
     """
+    if offset is not None:
+        return _offset_terms(S, k, log_sigma, sigma2, floor, offset)
     shape = (-1,) + (1,) * (S.ndim - 1)
     kk = k.unsqueeze(-1)
     pos = S > 0
@@ -442,6 +458,41 @@ def _column_terms(
     return t, far
 
 
+def _offset_terms(
+    S: Tensor, k: Tensor, log_sigma: Tensor, sigma2: Tensor, floor: float, offset: Tensor
+) -> tuple[Tensor, Tensor]:
+    r""":func:`_column_terms` with a per-column known offset: with ``a_k = E_k + floor sigma^2``
+    and ``s_k = S_k / K ~ R_k chi2_K / K``, the term ``log a_k + H_{K/2}(K s_k / (2 a_k)) -
+    2 log sigma`` is the unique unbiased estimate of ``log((E_k + R_k)/sigma^2 + floor)``
+    (:mod:`~fsinfo_fast.estimators.logfloor` with ``a`` per column); written as the
+    floor-free term plus :func:`~fsinfo_fast.estimators.logfloor.floor_correction`. A column
+    with ``S_k = 0`` contributes ``log(a_k) - 2 log sigma`` (``-inf`` where ``a_k = 0``).
+    Returns the terms and the mask of the columns with ``S_k > 0`` and ``x >= _X_FAR``.
+    """
+    shape = (-1,) + (1,) * (S.ndim - 1)
+    oshape = (S.shape[0],) + (1,) * (S.ndim - 2) + (S.shape[-1],)
+    a = offset.to(torch.float64).reshape(oshape) + floor * sigma2.reshape(shape)
+    a = a.expand_as(S)
+    has_a = a > 0
+    kk = k.unsqueeze(-1)
+    pos = S > 0
+    s = torch.where(pos, S / kk, torch.ones_like(S))
+    t = torch.log(s)
+    t -= log_chi2_mean_offset(kk) + 2.0 * log_sigma.reshape(shape)
+    a_safe = torch.where(has_a, a, torch.ones_like(a))
+    x = torch.where(has_a & pos, s * (kk / 2.0) / a_safe, torch.full_like(s, math.inf))
+    for kv in torch.unique(k).tolist():
+        rows = (k == kv).unsqueeze(-1).expand_as(S)
+        xs = x[rows]
+        if xs.numel():
+            t[rows] += floor_correction(xs, kv / 2.0, float(xs.min()))
+    zero = torch.where(
+        has_a, torch.log(a_safe) - 2.0 * log_sigma.reshape(shape), torch.full_like(a, -math.inf)
+    )
+    t = torch.where(pos, t, zero)
+    return t, pos & (x >= _X_FAR)
+
+
 def _jackknife_parts(theta: Tensor, theta_minus: Tensor, ng: Tensor, K: float) -> Tensor:
     """Delete-a-group jackknife variance for unequal groups (Busing et al. 1999).
 
@@ -467,9 +518,17 @@ def fsinfo_diag_summary(
     *,
     exact_diagonal: bool = True,
     confidence: float = 0.95,
+    offset: Tensor | None = None,
 ) -> DiagSummary:
     r"""FSInfo_diag (nats/dim) from the statistics of ``K >= 2`` probes: value, standard error,
     degrees of freedom and bias bound.
+
+    With ``offset`` (``[B, d]`` float64, the exactly known part ``E_k`` of each diagonal entry
+    ``D_k = E_k + R_k``, as in deflation, :mod:`~fsinfo_fast.estimators.deflated`) the probes
+    are those of the remainder ``R`` and each column's term is the unbiased
+    ``log(a_k) + H_{K/2}(K s_k / (2 a_k))`` with ``a_k = E_k + floor sigma^2`` (exactly
+    unbiased given ``E``); everything below applies unchanged, the exactly known variance
+    part counting only the columns whose remainder dominates their offset (``x >= 1e8``).
 
     Value: the exactly unbiased per-column terms (module docstring) averaged, halved, minus
     ``(1/2) log(2 pi e)``.
@@ -507,6 +566,8 @@ def fsinfo_diag_summary(
         floor: constant inside the logarithm (``>= 0``).
         exact_diagonal: use the exact diagonal part (above) instead of the plain jackknife.
         confidence: two-sided confidence level the interval is built for.
+        offset: ``[B, d]`` exactly known non-negative part of each diagonal entry (``None``:
+            none).
 
     Returns:
         :class:`DiagSummary`; ``value`` is ``-inf`` with ``stderr`` 0 where a column is zero and
@@ -522,7 +583,14 @@ def fsinfo_diag_summary(
         raise InvalidInputError(f"a standard error needs K >= 2 probes, got {stats.k}")
     S = stats.sums()  # [B, d]
     kt = torch.full((b,), K, dtype=torch.float64, device=dev)
-    terms, far = _column_terms(S, kt, log_sigma, sigma2, floor)
+    if offset is not None:
+        offset = torch.as_tensor(offset, dtype=torch.float64, device=dev)
+        if offset.shape != (b, d) or not bool((offset >= 0).all()):
+            raise InvalidInputError(
+                f"offset must be a non-negative [B, d] = [{b}, {d}] tensor, got shape "
+                f"{tuple(offset.shape)}"
+            )
+    terms, far = _column_terms(S, kt, log_sigma, sigma2, floor, offset)
     theta = terms.mean(dim=1) / 2
     used = stats.group_n > 0
     ng = stats.group_n[used]  # [G]
@@ -535,7 +603,9 @@ def fsinfo_diag_summary(
         S[:, None, :] * torch.finfo(torch.float64).eps,
         S_minus,
     )
-    t_minus, _ = _column_terms(S_minus, (K - ng).expand(b, -1), log_sigma, sigma2, floor)
+    t_minus, _ = _column_terms(
+        S_minus, (K - ng).expand(b, -1), log_sigma, sigma2, floor, offset
+    )
     theta_minus = t_minus.mean(dim=2) / 2  # [B, G]
     var = _jackknife_parts(theta, theta_minus, ng, K)
     finite = torch.isfinite(theta)
@@ -566,7 +636,7 @@ def fsinfo_diag_summary(
         se = torch.maximum(se, ratio * known.sqrt())
     se = torch.where(finite, se, torch.zeros_like(theta))
     bias = torch.zeros_like(theta)
-    if floor > 0 and far is not None:
+    if (floor > 0 or offset is not None) and far is not None:
         near = (S > 0) & ~far
         bias = torch.where(near.any(dim=1) & finite, torch.full_like(theta, H_ABS_ERR / 2), bias)
     return DiagSummary(theta - HALF_LOG_2PIE, se, dof, bias)

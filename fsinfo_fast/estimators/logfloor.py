@@ -224,14 +224,21 @@ def floor_correction(x: Tensor, alpha: float, x_min: float | None = None) -> Ten
             acc.mul_(r).add_(cn)
         return acc.mul_(r)
     tab = _table(alpha)
-    out = tab.e_large(x.clamp_min(tab.x_top))
     lo = x < tab.x_top
-    if bool(lo.any()):
-        xl = x[lo]
-        small = xl <= _X_LO
-        mid_val = tab.e_mid(xl.clamp(_X_LO, tab.x_top))
-        sm = tab.h_small(xl.clamp_max(_X_LO)) - torch.log(xl) + tab.psi
-        out[lo] = torch.where(small, sm, mid_val)
+    if not bool(lo.any()):
+        return tab.e_large(x)
+    out = torch.empty_like(x)
+    hi = ~lo
+    if bool(hi.any()):
+        out[hi] = tab.e_large(x[hi])
+    # each regime evaluated on its own entries only
+    small = x <= _X_LO
+    mid = lo & ~small
+    if bool(mid.any()):
+        out[mid] = tab.e_mid(x[mid])
+    if bool(small.any()):
+        xs = x[small]
+        out[small] = tab.h_small(xs) - torch.log(xs) + tab.psi
     return out
 
 
