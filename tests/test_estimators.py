@@ -334,32 +334,41 @@ def test_hutchpp_sketch_spanning_the_range_is_exact():
 
 
 def test_adaptive_meets_atol_and_freezes_samples():
+    """Two stages: each sample's pilot (probes 0..n0-1, rounds of 10 until it holds a quarter of
+    the second stage it plans) fixes the second stage's size; the sample is reported from the
+    fresh probes n0..K-1 alone, with Stein's half-width (the pilot's, its standard error
+    scaled by sqrt(n0 / (K - n0))), which meets atol by construction."""
     J = _mixed_batch(b=4)
     J[0] *= torch.logspace(0, -3, 7, dtype=torch.float64)  # harder sample: more spread columns
     P = DenseProducts(J)
     est = estimate_diag(
-        P, sigma=0.1, atol=0.03, min_probes=10, round_size=10, growth=1.0, max_probes=2000
+        P, sigma=0.1, floor=0.0, atol=0.03, min_probes=10, round_size=10, growth=1.0,
+        max_probes=2000,
     )
     f = est.fsinfo_diag
+    n0s = f.info["pilot_probes"]
     assert f.converged.all() and (f.ci_halfwidth <= 0.03).all()
     assert f.num_probes == int(f.probes_per_sample.max()) == P.vjp_passes == f.passes
-    assert ((f.probes_per_sample - 10) % 10 == 0).all()
-    # a frozen sample's estimate is the fixed-K estimate with the same probes
+    assert ((f.probes_per_sample - 10) % 10 == 0).all() and (n0s % 10 == 0).all()
+    assert (f.probes_per_sample > n0s).all() and (n0s > 10).any()
+    sigma = 0.1
     for b in range(4):
-        k = int(f.probes_per_sample[b])
-        fixed = estimate_diag(
-            DenseProducts(J[b : b + 1]), sigma=0.1, num_probes=k, sample_ids=torch.tensor([b])
-        ).fsinfo_diag
-        assert torch.equal(fixed.value, f.value[b : b + 1])
-        # one round earlier it had not converged
-        if k > 10:
-            prev = estimate_diag(
-                DenseProducts(J[b : b + 1]),
-                sigma=0.1,
-                num_probes=k - 10,
-                sample_ids=torch.tensor([b]),
-            ).fsinfo_diag
-            assert float(prev.ci_halfwidth) > 0.03
+        k, n0, ids = int(f.probes_per_sample[b]), int(n0s[b]), torch.tensor([b])
+        pilot = estimate_diag(DenseProducts(J[b : b + 1]), sigma=sigma, floor=0.0,
+                              num_probes=n0, sample_ids=ids).fsinfo_diag
+        # the value: the exactly debiased estimate from the fresh probes n0..k-1 only
+        U = draw_probes(J.shape[1], seed=0, sample_ids=ids, start=n0, count=k - n0)
+        g2 = (U[0] @ J[b]) ** 2  # [k - n0, d]
+        terms = torch.log(g2.mean(dim=0)) - log_chi2_mean_offset(k - n0) - 2 * math.log(sigma)
+        value = terms.mean() / 2 - HALF_LOG_2PIE
+        assert_close_verbose(f.value[b], value, rtol=1e-12, atol=0)
+        # the half-width: Stein's, from the pilot's (and the pilot's dof)
+        stein = pilot.ci_halfwidth * math.sqrt(n0 / (k - n0))
+        assert_close_verbose(f.ci_halfwidth[b : b + 1], stein, rtol=1e-12, atol=0)
+        assert int(f.info["dof"][b]) == min(n0, 20) - 1
+        # the size was fixed by the pilot: one round less would not have reached it
+        if k - n0 > 10:
+            assert float(stein) * math.sqrt((k - n0) / (k - n0 - 10)) > 0.03
 
 
 @pytest.mark.parametrize("name", ["hutchinson", "hutchpp", "slq", "dfil_diag"])

@@ -22,24 +22,31 @@ start and the growth of the rounds are :func:`initial_probes` and :data:`DEFAULT
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError
-from .base import t_quantile
+from ..errors import InvalidInputError, InvalidInputTypeError
+from .base import Estimate, t_quantile
 
 __all__ = [
     "DEFAULT_GROWTH",
     "DEFAULT_ROUND",
+    "ESTIMATOR_DEFAULTS",
+    "PILOT_SHARE",
     "START_PROBES",
     "START_TRACE_PROBES",
     "Frozen",
     "StoppingRule",
+    "estimate_from",
     "initial_probes",
+    "resolve_rule",
     "run_rounds",
     "tolerance_met",
 ]
@@ -71,20 +78,24 @@ def _check_tol(name: str, val: object) -> None:
 
 @dataclass(frozen=True)
 class StoppingRule:
-    """When to stop drawing probes.
+    """When to stop drawing probes: the one options object every estimator takes (``stop=``).
 
     Args:
         num_probes: a fixed number of probes (``>= 2``, needed for a standard error). If given,
             exactly this many are used; ``atol``/``rtol`` then only set ``converged``.
         atol: target half-width of the interval, in the value's units (``> 0``).
         rtol: target half-width relative to ``|value|`` (``> 0``).
-        min_probes: probes before the standard error is trusted (``>= 2``).
-        max_probes: cap on the probes per sample (``>= min_probes``).
-        round_size: the fewest probes added per round after the first (``>= 1``).
+        min_probes: the pilot: probes of the first round (``>= 2``). ``None``: the
+            estimator's default (:data:`ESTIMATOR_DEFAULTS`; 10 for :meth:`schedule` alone).
+        max_probes: cap on the probes per sample, pilot included (``>= min_probes``).
+        round_size: the fewest probes added per round after the first (``>= 1``; ``None``: the
+            estimator's default, 10 for :meth:`schedule` alone).
         confidence: two-sided confidence level of the interval, in ``(0, 1)``.
         growth: after ``k`` probes the next round adds ``max(round_size, ceil((growth - 1) k))``
-            (``>= 1``; ``1``: fixed rounds of ``round_size``). Geometric rounds keep the number
-            of product calls (and of looks at the data) logarithmic in the probe count.
+            (``>= 1``; ``1``: fixed rounds of ``round_size``; ``None``: the estimator's
+            default, 1 for :meth:`schedule` alone). Geometric rounds keep the number of product
+            calls logarithmic in the probe count; the rounds only quantise the second stage's
+            size (module docstring), they are no longer looks at the data.
 
     One of ``num_probes``, ``atol`` or ``rtol`` must be given.
 
@@ -94,16 +105,18 @@ class StoppingRule:
         >>> [s + c for s, c, _ in StoppingRule(atol=0.1, min_probes=4, round_size=2,
         ...                                     growth=1.5, max_probes=60).schedule()]
         [4, 6, 9, 14, 21, 32, 48, 60]
+        >>> StoppingRule(rtol=0.01).for_estimator("trace").min_probes
+        10
     """
 
     num_probes: int | None = None
     atol: float | None = None
     rtol: float | None = None
-    min_probes: int = 10
+    min_probes: int | None = None
     max_probes: int = 1000
-    round_size: int = 10
+    round_size: int | None = None
     confidence: float = 0.95
-    growth: float = 1.0
+    growth: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_probes is not None:
@@ -116,10 +129,12 @@ class StoppingRule:
                 )
         _check_tol("atol", self.atol)
         _check_tol("rtol", self.rtol)
-        _check_int("min_probes", self.min_probes, 2)
+        if self.min_probes is not None:
+            _check_int("min_probes", self.min_probes, 2)
         _check_int("max_probes", self.max_probes, 2)
-        _check_int("round_size", self.round_size, 1)
-        if self.max_probes < self.min_probes:
+        if self.round_size is not None:
+            _check_int("round_size", self.round_size, 1)
+        if self.min_probes is not None and self.max_probes < self.min_probes:
             raise InvalidInputError(
                 f"max_probes ({self.max_probes}) must be >= min_probes ({self.min_probes})"
             )
@@ -127,7 +142,9 @@ class StoppingRule:
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not (0.0 < c < 1.0):
             raise InvalidInputError(f"confidence must be in (0, 1), got {c!r}")
         g = self.growth
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not (1.0 <= g <= 16.0):
+        if g is not None and (
+            isinstance(g, bool) or not isinstance(g, (int, float)) or not (1.0 <= g <= 16.0)
+        ):
             raise InvalidInputError(f"growth must be a number in [1, 16], got {g!r}")
         if self.num_probes is None and self.atol is None and self.rtol is None:
             raise InvalidInputError(
@@ -137,20 +154,39 @@ class StoppingRule:
 
     @property
     def adaptive(self) -> bool:
-        """True when probes are drawn in rounds until the tolerance is met."""
+        """True when the probe count is chosen from the data (a tolerance, no ``num_probes``)."""
         return self.num_probes is None
+
+    def for_estimator(self, estimator: str) -> StoppingRule:
+        """This rule with the unset ``min_probes``/``round_size``/``growth`` taken from
+        :data:`ESTIMATOR_DEFAULTS` ``[estimator]`` (``min_probes`` capped at ``max_probes``)."""
+        if estimator not in ESTIMATOR_DEFAULTS:
+            raise InvalidInputError(
+                f"estimator must be one of {sorted(ESTIMATOR_DEFAULTS)}, got {estimator!r}"
+            )
+        start, rnd, grow = ESTIMATOR_DEFAULTS[estimator]
+        mp = self.min_probes
+        if mp is None:
+            mp = min(start, self.max_probes)
+        return dataclasses.replace(
+            self,
+            min_probes=mp,
+            round_size=rnd if self.round_size is None else self.round_size,
+            growth=grow if self.growth is None else self.growth,
+        )
 
     def schedule(self) -> Iterator[tuple[int, int, bool]]:
         """``(start, count, last)`` of each round: fixed by the rule, never by the data."""
         if not self.adaptive:
             yield 0, int(self.num_probes), True
             return
-        k = min(self.min_probes, self.max_probes)
-        yield 0, k, k >= self.max_probes
-        while k < self.max_probes:
-            step = max(self.round_size, math.ceil(round((self.growth - 1.0) * k, 9)))
-            c = min(step, self.max_probes - k)
-            yield k, c, k + c >= self.max_probes
+        r = self.for_estimator("generic")
+        k = min(r.min_probes, r.max_probes)
+        yield 0, k, k >= r.max_probes
+        while k < r.max_probes:
+            step = max(r.round_size, math.ceil(round((r.growth - 1.0) * k, 9)))
+            c = min(step, r.max_probes - k)
+            yield k, c, k + c >= r.max_probes
             k += c
 
     def met(self, value: Tensor, halfwidth: Tensor) -> Tensor:
@@ -161,6 +197,39 @@ class StoppingRule:
     def targets(self) -> tuple[float | None, float | None]:
         """``(atol, rtol)``."""
         return self.atol, self.rtol
+
+
+#: Per estimator, ``(min_probes, round_size, growth)`` where a :class:`StoppingRule` leaves them
+#: unset: the diagonal estimator (FSInfo_diag and dFIL from its probes) and the stand-alone
+#: Hutchinson trace start at :func:`initial_probes` with +50% rounds; Hutch++ (30 residual
+#: probes, the sketch as large) and SLQ (10 probes) in fixed rounds of 10; ``"generic"`` for a
+#: rule used on its own.
+ESTIMATOR_DEFAULTS: dict[str, tuple[int, int, float]] = {
+    "diag": (START_PROBES, DEFAULT_ROUND, DEFAULT_GROWTH),
+    "trace": (START_TRACE_PROBES, DEFAULT_ROUND, DEFAULT_GROWTH),
+    "hutch++": (30, 10, 1.0),
+    "slq": (10, 10, 1.0),
+    "generic": (10, 10, 1.0),
+}
+
+
+def resolve_rule(stop: StoppingRule | None, estimator: str, **keywords: Any) -> StoppingRule:
+    """The rule an estimator runs: ``stop`` (with the estimator's defaults filled in) or, the
+    convenience form, one built from the individual keywords (``num_probes``, ``atol``,
+    ``rtol``, ``min_probes``, ``max_probes``, ``round_size``, ``confidence``, ``growth``;
+    ``None`` = unset). Giving both raises: the rule would silently override the keywords."""
+    given = {k: v for k, v in keywords.items() if v is not None}
+    if stop is not None:
+        if not isinstance(stop, StoppingRule):
+            raise InvalidInputTypeError(
+                f"stop must be a StoppingRule or None, got {type(stop).__name__}"
+            )
+        if given:
+            raise InvalidInputError(
+                f"give either stop=StoppingRule(...) or the keywords {sorted(given)}, not both"
+            )
+        return stop.for_estimator(estimator)
+    return StoppingRule(**given).for_estimator(estimator)
 
 
 def initial_probes(
@@ -234,10 +303,12 @@ class Frozen:
     bias_bound: Tensor
 
 
-#: ``summarize()`` returns, per quantity name, ``(value [B], stderr [B], dof)`` or
+#: ``summarize(lo)`` returns, per quantity name, ``(value [B], stderr [B], dof)`` or
 #: ``(value, stderr, dof, bias_bound [B])`` (a deterministic error allowance added to the
-#: half-width) or ``(value, stderr, dof, bias_bound, halfwidth [B])`` (an interval that is not
-#: ``t * stderr``, e.g. the log-scale interval of a trace; it includes ``bias_bound``).
+#: half-width) or ``(value, stderr, dof, bias_bound, hw_fn)``: ``hw_fn(stderr, dof)`` the
+#: stochastic part of the half-width when it is not ``t_{dof} stderr`` (e.g. the log-scale
+#: interval of a trace, :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`, at this
+#: summary's value); the half-width is ``hw_fn(stderr, dof) + bias_bound``.
 Summary = dict[str, tuple]
 
 
@@ -247,67 +318,268 @@ def run_rounds(
     batch: int,
     device: torch.device,
     process: Callable[[int, int], None],
-    summarize: Callable[[], Summary],
+    summarize: Callable[[int], Summary],
     targets: Mapping[str, tuple[float | None, float | None]],
-) -> tuple[dict[str, Frozen], Tensor, Tensor, int]:
-    """Drive the rounds of an estimator and freeze each sample when it meets the rule.
+    mark: Callable[[Tensor], None] | None = None,
+) -> tuple[dict[str, Frozen], Tensor, Tensor, int, Tensor]:
+    r"""Drive the rounds of an estimator: a pilot, then a fresh stage whose size the pilot fixed.
 
     Args:
         rule: the stopping rule.
         batch: ``B``.
         device: device of the per-sample tensors.
-        process: ``process(start, count)`` consumes probes ``start .. start+count-1``.
-        summarize: current ``{name: (value, stderr, dof[, bias_bound])}`` from all probes
-            processed so far.
+        process: ``process(start, count)`` consumes probes ``start .. start+count-1`` (called
+            with consecutive ranges along ``rule.schedule()``).
+        summarize: ``summarize(lo)`` gives ``{name: (value, stderr, dof[, bias_bound[,
+            hw_fn]])}`` (see :data:`Summary`), ``[B]`` each, from the probes ``lo .. k-1``
+            processed so far (``lo`` a round boundary; ``0``: all of them).
         targets: ``{name: (atol, rtol)}`` for the quantities whose intervals must all meet
             their tolerance (the others are recorded alongside).
+        mark: ``mark(rows)`` (``[B]`` bool) is called when the pilots of ``rows`` stop at the
+            current round boundary, before more probes are processed (an estimator that
+            keeps running sums records them there, to take the second stage's statistics
+            from).
 
     Returns:
-        ``(frozen, converged, probes_per_sample, probes_drawn)``: the recorded quantities, the
-        ``[B]`` converged mask, the ``[B]`` probe counts, and the probes drawn for the batch.
-        Samples with a non-finite value (an exact ``-inf``) have stderr 0 and count as met.
+        ``(frozen, converged, probes_per_sample, probes_drawn, pilot)``: the recorded
+        quantities, the ``[B]`` converged mask, the ``[B]`` probe counts (pilot included), the
+        probes drawn for the batch, and the ``[B]`` pilot sizes (the probes not in the
+        estimate; 0 for a fixed count or a sample reported at its pilot).
+        Samples with a non-finite value (an exact ``-inf``) have stderr 0 and
+        count as met.
+
+    A fixed ``num_probes`` (or ``max_probes <= min_probes``) is one round reported as is.
+    Adaptive: see the module docstring. Every decision about a sample is a function of its own
+    probes, so its result does not depend on the batch.
     """
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    sched = list(rule.schedule())
+    _, n0, last0 = sched[0]
+    process(0, n0)
+    parts = _parts(summarize(0), rule.confidence)
+    frozen = {
+        name: Frozen(*(torch.full_like(p[0], math.nan) for _ in range(3)),
+                     torch.zeros(batch, dtype=torch.int64, device=device),
+                     torch.full_like(p[0], math.nan))
+        for name, p in parts.items()
+    }
+    if last0 or not rule.adaptive:
+        _freeze(frozen, parts, torch.ones(batch, dtype=torch.bool, device=device))
+        ok = _met_all(parts, targets)
+        full = torch.full((batch,), n0, dtype=torch.int64, device=device)
+        return frozen, ok, full, n0, torch.zeros_like(full)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     probes = torch.zeros(batch, dtype=torch.int64, device=device)
-    frozen: dict[str, Frozen] = {}
-    drawn = 0
-    for start, count, last in rule.schedule():
-        process(start, count)
-        drawn = start + count
-        summ = summarize()
-        if not frozen:
-            for name, parts in summ.items():
-                nan = torch.full_like(parts[0], math.nan)
-                dofs = torch.zeros(batch, dtype=torch.int64, device=device)
-                frozen[name] = Frozen(nan.clone(), nan.clone(), nan.clone(), dofs, nan.clone())
-        ok = torch.ones(batch, dtype=torch.bool, device=device)
-        hws = {}
-        for name, parts in summ.items():
-            v, se, dof = parts[:3]
-            bias = parts[3] if len(parts) > 3 else torch.zeros_like(v)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    piloting = torch.ones(batch, dtype=torch.bool, device=device)
+    lo = torch.zeros(batch, dtype=torch.int64, device=device)  # the pilot's size
+    need = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
+    pilots: dict[int, dict[str, tuple]] = {}  # pilot size -> the pilots' summaries
+    pilot_cap = rule.max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE)
+    drawn = n0
+    for i, (start, count, last) in enumerate(sched):
+        if i > 0:
+            if bool(done.all()):
+                break
+            process(start, count)
+            drawn = start + count
+        if bool(piloting.any()):
+            if i > 0:
+                parts = _parts(summarize(0), rule.confidence)
+            exact = _any_exact(parts, targets) & piloting
+            if bool(exact.any()):  # an exact value (-inf) is known from the pilot: report it
+                _freeze(frozen, parts, exact)
+                converged |= exact
+                probes[exact] = drawn
+                done |= exact
+                piloting &= ~exact
+            plan = _stage_two_size(parts, targets, drawn)
+            stop = piloting & ((drawn >= PILOT_SHARE * plan) | (drawn >= pilot_cap) | last)
+            if bool(stop.any()):
+                pilots[drawn] = parts
+                lo[stop], need[stop] = drawn, plan[stop]
+                piloting &= ~stop
+                if mark is not None and not last:
+                    mark(stop)
+        stage = ~done & ~piloting & (lo < drawn)
+        newly = stage & ((drawn - lo >= need) | last)
+        if last:  # a pilot that reached the cap: reported as a fixed-count estimate
+            capped = ~done & (lo == drawn)
+            if bool(capped.any()):
+                _freeze(frozen, parts, capped)
+                converged[capped] = _met_all(parts, targets)[capped]
+                probes[capped] = drawn
+                done |= capped
+        for k_p in torch.unique(lo[newly]).tolist():
+            rows = newly & (lo == k_p)
+            rep = _stein(_parts(summarize(k_p), rule.confidence), pilots[k_p], targets,
+                         k_p, drawn - k_p)
+            _freeze(frozen, rep, rows)
+            converged[rows] = _met_all(rep, targets)[rows]
+            probes[rows] = drawn
+            done |= rows
+    pilot = torch.where(probes > lo, lo, torch.zeros_like(lo))
+    return frozen, converged, probes, drawn, pilot
+
+
+#: Room left for the second stage's deterministic allowance, in multiples of the pilot's.
+BIAS_MARGIN = 2.0
+
+#: The pilot stops once it holds at least this share of the second stage it plans (module
+#: docstring): the second stage's interval then rests on a variance estimate with at least a
+#: quarter as many probes behind it as the estimate itself.
+PILOT_SHARE = 0.25
+
+
+def _stein(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapping[str, tuple],
+           n_pilot: int, n2: int) -> dict[str, tuple]:
+    """The second stage's report: its own value; for the targeted quantities the pilot's
+    interval with the pilot's standard error scaled to ``n2`` probes (Stein), plus the second
+    stage's allowance; for the others the second stage's own fixed-count interval."""
+    rep = {}
+    for name, (v, se, hw, dof, bias, fn) in stage.items():
+        if name in targets:
+            _, se0, _, dof0, _, fn0 = pilot[name]
+            se_s = se0 * math.sqrt(n_pilot / n2)
             exact = ~torch.isfinite(v)
-            se = torch.where(exact, torch.zeros_like(se), se)
-            bias = torch.where(exact, torch.zeros_like(bias), bias)
-            if len(parts) > 4:
-                hw = torch.where(exact, torch.zeros_like(parts[4]), parts[4])
-            else:
-                hw = t_quantile(dof, rule.confidence) * se
-                hw = torch.where(se == 0, torch.zeros_like(hw), hw) + bias  # inf*0 for dof < 1
-            hws[name] = (v, se, hw, dof, bias)
-            if name in targets:
-                ok &= tolerance_met(v, hw, *targets[name]) | exact
-        newly = ~done & (ok | last)
-        if bool(newly.any()):
-            for name, (v, se, hw, dof, bias) in hws.items():
-                f = frozen[name]
-                f.value[newly], f.stderr[newly] = v[newly], se[newly]
-                f.ci_halfwidth[newly] = hw[newly]
-                f.bias_bound[newly] = bias[newly]
-                f.dof[newly] = dof
-            converged[newly] = ok[newly]
-            probes[newly] = drawn
-            done |= newly
-        if bool(done.all()):
-            break
-    return frozen, converged, probes, drawn
+            zero = torch.zeros_like(se_s)
+            h = torch.where(exact | (se_s == 0), zero, fn0(se_s, dof0))
+            rep[name] = (v, torch.where(exact, zero, se_s), h + bias, dof0, bias, fn0)
+        else:
+            rep[name] = (v, se, hw, dof, bias, fn)
+    return rep
+
+
+def _parts(summ: Summary, confidence: float) -> dict[str, tuple]:
+    """``{name: (value, stderr, halfwidth, dof, bias, hw_fn)}`` with exact (non-finite)
+    values at stderr, half-width and bias 0; ``hw_fn(stderr, dof)`` is the stochastic part of
+    the half-width as a function of the standard error (the t-interval's ``t_{dof} stderr``
+    unless the summary gives its own)."""
+    out = {}
+    for name, parts in summ.items():
+        v, se, dof = parts[:3]
+        bias = parts[3] if len(parts) > 3 else torch.zeros_like(v)
+        fn = parts[4] if len(parts) > 4 else None
+        if fn is None:
+            fn = functools.partial(_t_halfwidth, confidence=confidence)
+        exact = ~torch.isfinite(v)
+        zero = torch.zeros_like(v)
+        se = torch.where(exact, zero, se)
+        bias = torch.where(exact, zero, bias)
+        hw = torch.where(exact | (se == 0), zero, fn(se, dof)) + bias
+        out[name] = (v, se, hw, dof, bias, fn)
+    return out
+
+
+def _t_halfwidth(se: Tensor, dof: int, confidence: float) -> Tensor:
+    hw = t_quantile(dof, confidence) * se
+    return torch.where(se == 0, torch.zeros_like(hw), hw)  # inf * 0 for dof < 1
+
+
+def _met_all(parts: dict[str, tuple], targets: Mapping[str, tuple]) -> Tensor:
+    v0 = next(iter(parts.values()))[0]
+    ok = torch.ones_like(v0, dtype=torch.bool)
+    for name, tol in targets.items():
+        v, hw = parts[name][0], parts[name][2]
+        ok &= tolerance_met(v, hw, *tol) | ~torch.isfinite(v)
+    return ok
+
+
+def _any_exact(parts: dict[str, tuple], targets: Mapping[str, tuple]) -> Tensor:
+    v0 = next(iter(parts.values()))[0]
+    ex = torch.zeros_like(v0, dtype=torch.bool)
+    for name in targets:
+        ex |= ~torch.isfinite(parts[name][0])
+    return ex
+
+
+def _stage_two_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int) -> Tensor:
+    r"""``[B]`` float64 second-stage size ``N2`` (``inf``: the tolerance cannot be reached).
+
+    Per targeted quantity, with ``h(c) = hw_fn(c se_0, dof_0)`` the pilot's stochastic
+    half-width with its standard error scaled by ``c`` (``h(1) = hw_0 - bias_0``): the largest
+    ``c`` with ``h(c) <= tol - m bias_0`` (``m`` = :data:`BIAS_MARGIN`: the second stage's
+    allowance, e.g. SLQ's quadrature brackets, is a mean over its own probes), found by
+    bisection (``h`` is increasing, and convex for the log-scale interval, so
+    ``c >= (tol - m bias_0) / h(1)``), and ``N2 = n_0 / c^2``. ``tol`` is ``atol``, or ``rtol``
+    times the pilot's ``|v_0| - 2 h(1)`` (at least ``|v_0| / 2``: the reported ``|value|`` is
+    at least that large with high probability); the smaller ``N2`` of the two when both are
+    given, the largest over the targeted quantities; at least 2 (a standard error needs two
+    probes).
+    """
+    v0 = next(iter(pilot.values()))[0]
+    need = torch.full_like(v0, 2.0)
+    for name, (atol, rtol) in targets.items():
+        v, se, hw, dof, bias, fn = pilot[name]
+        h1 = (hw - bias).clamp_min(0)
+        best = torch.full_like(v, math.inf)
+        for tol in (
+            None if atol is None else torch.full_like(v, atol),
+            None if rtol is None else rtol * torch.maximum(v.abs() - 2 * h1, v.abs() / 2),
+        ):
+            if tol is None:
+                continue
+            room = tol - BIAS_MARGIN * bias  # the second stage's allowance is its own
+            ok = (room > 0) & torch.isfinite(v)
+            lo = torch.where(ok & (h1 > 0), room / h1.clamp_min(1e-300), torch.ones_like(v))
+            lo = lo.clamp(max=1.0)  # h(lo) <= room
+            hi = torch.ones_like(v)
+            for _ in range(40):  # bisection in log c between lo and 1
+                mid = torch.sqrt(lo * hi)
+                fits = fn(se * mid, dof) <= room
+                lo, hi = torch.where(fits, mid, lo), torch.where(fits, hi, mid)
+            c = torch.where(h1 <= room, torch.ones_like(v), lo)
+            n = torch.where(ok & (c > 0), n0 / c.clamp_min(1e-150) ** 2, math.inf)
+            best = torch.minimum(best, n)
+        need = torch.maximum(need, torch.where(torch.isfinite(v), best, torch.zeros_like(v)))
+    return need
+
+
+def _freeze(frozen: dict[str, Frozen], parts: dict[str, tuple], mask: Tensor) -> None:
+    for name, (v, se, hw, dof, bias, _) in parts.items():
+        f = frozen[name]
+        f.value[mask], f.stderr[mask] = v[mask], se[mask]
+        f.ci_halfwidth[mask], f.bias_bound[mask] = hw[mask], bias[mask]
+        f.dof[mask] = dof
+
+
+def estimate_from(
+    rule: StoppingRule,
+    frozen: Frozen,
+    *,
+    converged: Tensor,
+    probes: Tensor,
+    drawn: int,
+    pilot: Tensor,
+    passes: int,
+    info: dict[str, Any],
+    singular: Tensor | None = None,
+    bound: Tensor | None = None,
+    bias_bound: bool = True,
+) -> Estimate:
+    """The one place an :class:`~fsinfo_fast.estimators.Estimate` is built from the recorded
+    quantity of :func:`run_rounds`: value, stderr, half-width, the ``[B]`` converged mask and
+    probe counts, and ``info`` with ``dof``, ``confidence``, ``stopping`` (how the probe
+    count was chosen) and ``pilot_probes`` (``[B]``, the pilot's probes, not in the value)
+    added. ``bias_bound=False``: the quantity has no deterministic
+    allowance (the field stays ``None``)."""
+    if not rule.adaptive:
+        how = f"fixed: {rule.num_probes} probes"
+    else:
+        how = (
+            "two-stage (Stein): each sample's pilot fixes its second stage's size; the value "
+            "comes from the second stage alone, the interval from the pilot's spread"
+        )
+    return Estimate(
+        value=frozen.value,
+        stderr=frozen.stderr,
+        ci_halfwidth=frozen.ci_halfwidth,
+        num_probes=drawn,
+        passes=passes,
+        converged=converged,
+        probes_per_sample=probes,
+        singular=singular,
+        bound=bound,
+        bias_bound=frozen.bias_bound if bias_bound else None,
+        info={**info, "dof": frozen.dof, "confidence": rule.confidence, "stopping": how,
+              "pilot_probes": pilot},
+    )
