@@ -334,10 +334,10 @@ def test_hutchpp_sketch_spanning_the_range_is_exact():
 
 
 def test_adaptive_meets_atol_and_freezes_samples():
-    """Two stages: each sample's pilot (probes 0..n0-1, rounds of 10 until it holds a quarter of
-    the second stage it plans) fixes the second stage's size; the sample is reported from the
-    fresh probes n0..K-1 alone, with Stein's half-width (the pilot's, its standard error
-    scaled by sqrt(n0 / (K - n0))), which meets atol by construction."""
+    """Three stages: stage 1 (probes 0..9) sizes stage 2 (10..n0-1), whose spread sizes stage 3
+    (n0..K-1); the sample is reported from stage 3 alone, with Stein's half-width (stage 2's
+    interval, its standard error scaled to stage 3's count), which meets atol by
+    construction."""
     J = _mixed_batch(b=4)
     J[0] *= torch.logspace(0, -3, 7, dtype=torch.float64)  # harder sample: more spread columns
     P = DenseProducts(J)
@@ -350,25 +350,37 @@ def test_adaptive_meets_atol_and_freezes_samples():
     assert f.converged.all() and (f.ci_halfwidth <= 0.03).all()
     assert f.num_probes == int(f.probes_per_sample.max()) == P.vjp_passes == f.passes
     assert ((f.probes_per_sample - 10) % 10 == 0).all() and (n0s % 10 == 0).all()
-    assert (f.probes_per_sample > n0s).all() and (n0s > 10).any()
+    assert (f.probes_per_sample > n0s).all() and (n0s >= 20).all()
     sigma = 0.1
     for b in range(4):
         k, n0, ids = int(f.probes_per_sample[b]), int(n0s[b]), torch.tensor([b])
-        pilot = estimate_diag(DenseProducts(J[b : b + 1]), sigma=sigma, floor=0.0,
-                              num_probes=n0, sample_ids=ids).fsinfo_diag
         # the value: the exactly debiased estimate from the fresh probes n0..k-1 only
         U = draw_probes(J.shape[1], seed=0, sample_ids=ids, start=n0, count=k - n0)
         g2 = (U[0] @ J[b]) ** 2  # [k - n0, d]
         terms = torch.log(g2.mean(dim=0)) - log_chi2_mean_offset(k - n0) - 2 * math.log(sigma)
         value = terms.mean() / 2 - HALF_LOG_2PIE
         assert_close_verbose(f.value[b], value, rtol=1e-12, atol=0)
-        # the half-width: Stein's, from the pilot's (and the pilot's dof)
-        stein = pilot.ci_halfwidth * math.sqrt(n0 / (k - n0))
-        assert_close_verbose(f.ci_halfwidth[b : b + 1], stein, rtol=1e-12, atol=0)
-        assert int(f.info["dof"][b]) == min(n0, 20) - 1
-        # the size was fixed by the pilot: one round less would not have reached it
-        if k - n0 > 10:
-            assert float(stein) * math.sqrt((k - n0) / (k - n0 - 10)) > 0.03
+        assert int(f.info["dof"][b]) == min(n0 - 10, 20) - 1  # stage 2's jackknife dof
+
+
+def test_adaptive_trace_is_stein_on_fresh_probes():
+    """Hutchinson by hand: stage 3's mean, stage 2's log-scale interval with its standard
+    error scaled by sqrt(n2 / n3) and its dof."""
+    from fsinfo_fast.estimators.hutchinson import log_t_halfwidth
+
+    J = _mixed_batch(b=3)
+    est = hutchinson_trace(DenseProducts(J), rtol=0.1, seed=4, max_probes=5000)
+    n1 = 10  # the trace's start
+    for b in range(3):
+        k, k2 = int(est.probes_per_sample[b]), int(est.info["pilot_probes"][b])
+        U = draw_probes(J.shape[1], seed=4, sample_ids=torch.tensor([b]), count=k)[0]
+        t = ((U @ J[b]) ** 2).sum(dim=1)  # per-probe ||J^T u||^2
+        s2, s3 = t[n1:k2], t[k2:k]
+        assert_close_verbose(est.value[b], s3.mean(), rtol=1e-12, atol=0)
+        se = s2.std() / math.sqrt(len(s2)) * math.sqrt(len(s2) / len(s3))
+        hw = log_t_halfwidth(s2.mean()[None], se[None], len(s2) - 1)
+        assert_close_verbose(est.ci_halfwidth[b : b + 1], hw, rtol=1e-9, atol=0)
+        assert float(hw) <= 0.1 * float(s3.mean())
 
 
 @pytest.mark.parametrize("name", ["hutchinson", "hutchpp", "slq", "dfil_diag"])

@@ -928,7 +928,8 @@ def slq_logdet(
         allow = torch.where(singular, torch.zeros_like(allow), allow)
         zeros = torch.zeros_like(se)
         return {
-            "value": (value, se, kk - 1, allow),
+            # a converged probe's bracket is at most qa: plan second stages for that allowance
+            "value": (value, se, kk - 1, allow, None, qa),
             "bound": (cat("bound", lo).any(dim=1).to(torch.float64), zeros, kk - 1),
             "qconv": (cat("conv", lo).all(dim=1).to(torch.float64), zeros, kk - 1),
             "order": (cat("order", lo).max(dim=1).values.to(torch.float64), zeros, kk - 1),

@@ -305,10 +305,11 @@ class Frozen:
 
 #: ``summarize(lo)`` returns, per quantity name, ``(value [B], stderr [B], dof)`` or
 #: ``(value, stderr, dof, bias_bound [B])`` (a deterministic error allowance added to the
-#: half-width) or ``(value, stderr, dof, bias_bound, hw_fn)``: ``hw_fn(stderr, dof)`` the
-#: stochastic part of the half-width when it is not ``t_{dof} stderr`` (e.g. the log-scale
-#: interval of a trace, :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`, at this
-#: summary's value); the half-width is ``hw_fn(stderr, dof) + bias_bound``.
+#: half-width) or ``(value, stderr, dof, bias_bound, hw_fn[, bias_cap])``: ``hw_fn(stderr,
+#: dof)`` the stochastic part of the half-width when it is not ``t_{dof} stderr`` (e.g. the
+#: log-scale interval of a trace, :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`,
+#: at this summary's value; ``None``: the t-interval); the half-width is ``hw_fn(stderr, dof) +
+#: bias_bound``. ``bias_cap``: a bound on the allowance of a second stage (for its planning).
 Summary = dict[str, tuple]
 
 
@@ -322,7 +323,7 @@ def run_rounds(
     targets: Mapping[str, tuple[float | None, float | None]],
     mark: Callable[[Tensor], None] | None = None,
 ) -> tuple[dict[str, Frozen], Tensor, Tensor, int, Tensor]:
-    r"""Drive the rounds of an estimator: a pilot, then a fresh stage whose size the pilot fixed.
+    r"""Drive the rounds of an estimator: three stages per sample, each sized by the one before.
 
     Args:
         rule: the stopping rule.
@@ -331,22 +332,20 @@ def run_rounds(
         process: ``process(start, count)`` consumes probes ``start .. start+count-1`` (called
             with consecutive ranges along ``rule.schedule()``).
         summarize: ``summarize(lo)`` gives ``{name: (value, stderr, dof[, bias_bound[,
-            hw_fn]])}`` (see :data:`Summary`), ``[B]`` each, from the probes ``lo .. k-1``
-            processed so far (``lo`` a round boundary; ``0``: all of them).
+            hw_fn[, bias_cap]]])}`` (see :data:`Summary`), ``[B]`` each, from the probes
+            ``lo .. k-1`` processed so far (``lo`` a round boundary; ``0``: all of them).
         targets: ``{name: (atol, rtol)}`` for the quantities whose intervals must all meet
             their tolerance (the others are recorded alongside).
-        mark: ``mark(rows)`` (``[B]`` bool) is called when the pilots of ``rows`` stop at the
-            current round boundary, before more probes are processed (an estimator that
-            keeps running sums records them there, to take the second stage's statistics
-            from).
+        mark: ``mark(rows)`` (``[B]`` bool) is called at the round boundary where the next
+            stage of ``rows`` starts, before more probes are processed (an estimator that keeps
+            running sums records them there, to take that stage's statistics from).
 
     Returns:
         ``(frozen, converged, probes_per_sample, probes_drawn, pilot)``: the recorded
-        quantities, the ``[B]`` converged mask, the ``[B]`` probe counts (pilot included), the
-        probes drawn for the batch, and the ``[B]`` pilot sizes (the probes not in the
-        estimate; 0 for a fixed count or a sample reported at its pilot).
-        Samples with a non-finite value (an exact ``-inf``) have stderr 0 and
-        count as met.
+        quantities, the ``[B]`` converged mask, the ``[B]`` probe counts (all stages), the
+        probes drawn for the batch, and the ``[B]`` probes of the first two stages (not in the
+        estimate; 0 for a fixed count or a sample reported from them). Samples with a
+        non-finite value (an exact ``-inf``) have stderr 0 and count as met.
 
     A fixed ``num_probes`` (or ``max_probes <= min_probes``) is one round reported as is.
     Adaptive: see the module docstring. Every decision about a sample is a function of its own
@@ -355,64 +354,65 @@ def run_rounds(
     sched = list(rule.schedule())
     _, n0, last0 = sched[0]
     process(0, n0)
-    parts = _parts(summarize(0), rule.confidence)
+    first = _parts(summarize(0), rule.confidence)
     frozen = {
         name: Frozen(*(torch.full_like(p[0], math.nan) for _ in range(3)),
                      torch.zeros(batch, dtype=torch.int64, device=device),
                      torch.full_like(p[0], math.nan))
-        for name, p in parts.items()
+        for name, p in first.items()
     }
     if last0 or not rule.adaptive:
-        _freeze(frozen, parts, torch.ones(batch, dtype=torch.bool, device=device))
-        ok = _met_all(parts, targets)
+        _freeze(frozen, first, torch.ones(batch, dtype=torch.bool, device=device))
+        ok = _met_all(first, targets)
         full = torch.full((batch,), n0, dtype=torch.int64, device=device)
         return frozen, ok, full, n0, torch.zeros_like(full)
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     probes = torch.zeros(batch, dtype=torch.int64, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    piloting = torch.ones(batch, dtype=torch.bool, device=device)
-    lo = torch.zeros(batch, dtype=torch.int64, device=device)  # the pilot's size
+    lo = torch.zeros(batch, dtype=torch.int64, device=device)  # start of the last stage
+    # stage 1 (probes 0..n0-1) sizes stage 2; an exact value (-inf) is reported at once
+    done = _any_exact(first, targets)
+    if bool(done.any()):
+        _freeze(frozen, first, done)
+        converged |= done
+        probes[done] = n0
+    plan = _stage_size(first, targets, n0)
+    cap = max(n0 + 2.0, rule.max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE))
+    end2 = torch.clamp(n0 + torch.clamp(PILOT_SHARE * plan, min=float(n0)), max=cap)
+    in2 = ~done
+    if mark is not None:
+        mark(in2)
     need = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
-    pilots: dict[int, dict[str, tuple]] = {}  # pilot size -> the pilots' summaries
-    pilot_cap = rule.max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE)
+    pilots: dict[int, dict[str, tuple]] = {}  # end of stage 2 -> stage 2's summaries
     drawn = n0
-    for i, (start, count, last) in enumerate(sched):
-        if i > 0:
-            if bool(done.all()):
-                break
-            process(start, count)
-            drawn = start + count
-        if bool(piloting.any()):
-            if i > 0:
-                parts = _parts(summarize(0), rule.confidence)
-            exact = _any_exact(parts, targets) & piloting
-            if bool(exact.any()):  # an exact value (-inf) is known from the pilot: report it
-                _freeze(frozen, parts, exact)
-                converged |= exact
-                probes[exact] = drawn
-                done |= exact
-                piloting &= ~exact
-            plan = _stage_two_size(parts, targets, drawn)
-            stop = piloting & ((drawn >= PILOT_SHARE * plan) | (drawn >= pilot_cap) | last)
-            if bool(stop.any()):
-                pilots[drawn] = parts
-                lo[stop], need[stop] = drawn, plan[stop]
-                piloting &= ~stop
-                if mark is not None and not last:
-                    mark(stop)
-        stage = ~done & ~piloting & (lo < drawn)
-        newly = stage & ((drawn - lo >= need) | last)
-        if last:  # a pilot that reached the cap: reported as a fixed-count estimate
-            capped = ~done & (lo == drawn)
-            if bool(capped.any()):
-                _freeze(frozen, parts, capped)
-                converged[capped] = _met_all(parts, targets)[capped]
-                probes[capped] = drawn
-                done |= capped
-        for k_p in torch.unique(lo[newly]).tolist():
-            rows = newly & (lo == k_p)
-            rep = _stein(_parts(summarize(k_p), rule.confidence), pilots[k_p], targets,
-                         k_p, drawn - k_p)
+    for start, count, last in sched[1:]:
+        if bool(done.all()):
+            break
+        process(start, count)
+        drawn = start + count
+        # stage 2 (probes n0..k2-1) sizes stage 3 and gives its interval's spread
+        end = in2 & ((drawn >= end2) | last)
+        if bool(end.any()):
+            second = _parts(summarize(n0), rule.confidence)
+            now = end & (_any_exact(second, targets) | last)  # exact, or no room left
+            if bool(now.any()):
+                _freeze(frozen, second, now)
+                converged[now] = _met_all(second, targets)[now]
+                probes[now] = drawn
+                lo[now] = n0
+                done |= now
+            on = end & ~now
+            if bool(on.any()):
+                pilots[drawn] = second
+                lo[on], need[on] = drawn, _stage_size(second, targets, drawn - n0)[on]
+                if mark is not None:
+                    mark(on)
+            in2 &= ~end
+        # stage 3 (probes k2..k-1): the estimate
+        newly = ~done & ~in2 & (lo > n0) & ((drawn - lo >= need) | last)
+        for k2 in torch.unique(lo[newly]).tolist():
+            rows = newly & (lo == k2)
+            rep = _stein(_parts(summarize(k2), rule.confidence), pilots[k2], targets,
+                         k2 - n0, drawn - k2)
             _freeze(frozen, rep, rows)
             converged[rows] = _met_all(rep, targets)[rows]
             probes[rows] = drawn
@@ -421,13 +421,14 @@ def run_rounds(
     return frozen, converged, probes, drawn, pilot
 
 
-#: Room left for the second stage's deterministic allowance, in multiples of the pilot's.
-BIAS_MARGIN = 2.0
-
-#: The pilot stops once it holds at least this share of the second stage it plans (module
-#: docstring): the second stage's interval then rests on a variance estimate with at least a
-#: quarter as many probes behind it as the estimate itself.
+#: Stage 2 holds this share of the estimate's probe count that stage 1 plans (module
+#: docstring; at least as many probes as stage 1, at most ``PILOT_SHARE / (1 + PILOT_SHARE)``
+#: of ``max_probes``): the interval then rests on a spread with about a quarter as many probes
+#: behind it as the estimate itself.
 PILOT_SHARE = 0.25
+
+#: Room left for the last stage's deterministic allowance, in multiples of stage 2's.
+BIAS_MARGIN = 2.0
 
 
 def _stein(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapping[str, tuple],
@@ -436,24 +437,25 @@ def _stein(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapping[st
     interval with the pilot's standard error scaled to ``n2`` probes (Stein), plus the second
     stage's allowance; for the others the second stage's own fixed-count interval."""
     rep = {}
-    for name, (v, se, hw, dof, bias, fn) in stage.items():
+    for name, (v, se, hw, dof, bias, fn, cap) in stage.items():
         if name in targets:
-            _, se0, _, dof0, _, fn0 = pilot[name]
+            _, se0, _, dof0, _, fn0, _ = pilot[name]
             se_s = se0 * math.sqrt(n_pilot / n2)
             exact = ~torch.isfinite(v)
             zero = torch.zeros_like(se_s)
             h = torch.where(exact | (se_s == 0), zero, fn0(se_s, dof0))
-            rep[name] = (v, torch.where(exact, zero, se_s), h + bias, dof0, bias, fn0)
+            rep[name] = (v, torch.where(exact, zero, se_s), h + bias, dof0, bias, fn0, cap)
         else:
-            rep[name] = (v, se, hw, dof, bias, fn)
+            rep[name] = (v, se, hw, dof, bias, fn, cap)
     return rep
 
 
 def _parts(summ: Summary, confidence: float) -> dict[str, tuple]:
-    """``{name: (value, stderr, halfwidth, dof, bias, hw_fn)}`` with exact (non-finite)
-    values at stderr, half-width and bias 0; ``hw_fn(stderr, dof)`` is the stochastic part of
-    the half-width as a function of the standard error (the t-interval's ``t_{dof} stderr``
-    unless the summary gives its own)."""
+    """``{name: (value, stderr, halfwidth, dof, bias, hw_fn, bias_cap)}`` with exact
+    (non-finite) values at stderr, half-width and bias 0; ``hw_fn(stderr, dof)`` is the
+    stochastic part of the half-width as a function of the standard error (the t-interval's
+    ``t_{dof} stderr`` unless the summary gives its own); ``bias_cap`` the allowance a second
+    stage is planned for (:data:`BIAS_MARGIN` times this one's, or the summary's bound)."""
     out = {}
     for name, parts in summ.items():
         v, se, dof = parts[:3]
@@ -466,7 +468,10 @@ def _parts(summ: Summary, confidence: float) -> dict[str, tuple]:
         se = torch.where(exact, zero, se)
         bias = torch.where(exact, zero, bias)
         hw = torch.where(exact | (se == 0), zero, fn(se, dof)) + bias
-        out[name] = (v, se, hw, dof, bias, fn)
+        cap = BIAS_MARGIN * bias
+        if len(parts) > 5:
+            cap = torch.maximum(cap, torch.as_tensor(parts[5], dtype=v.dtype, device=v.device))
+        out[name] = (v, se, hw, dof, bias, fn, cap)
     return out
 
 
@@ -492,24 +497,24 @@ def _any_exact(parts: dict[str, tuple], targets: Mapping[str, tuple]) -> Tensor:
     return ex
 
 
-def _stage_two_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int) -> Tensor:
+def _stage_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int) -> Tensor:
     r"""``[B]`` float64 second-stage size ``N2`` (``inf``: the tolerance cannot be reached).
 
     Per targeted quantity, with ``h(c) = hw_fn(c se_0, dof_0)`` the pilot's stochastic
     half-width with its standard error scaled by ``c`` (``h(1) = hw_0 - bias_0``): the largest
-    ``c`` with ``h(c) <= tol - m bias_0`` (``m`` = :data:`BIAS_MARGIN`: the second stage's
-    allowance, e.g. SLQ's quadrature brackets, is a mean over its own probes), found by
-    bisection (``h`` is increasing, and convex for the log-scale interval, so
-    ``c >= (tol - m bias_0) / h(1)``), and ``N2 = n_0 / c^2``. ``tol`` is ``atol``, or ``rtol``
-    times the pilot's ``|v_0| - 2 h(1)`` (at least ``|v_0| / 2``: the reported ``|value|`` is
-    at least that large with high probability); the smaller ``N2`` of the two when both are
-    given, the largest over the targeted quantities; at least 2 (a standard error needs two
-    probes).
+    ``c`` with ``h(c) <= tol - a`` (``a``: ``m bias_0``, ``m`` = :data:`BIAS_MARGIN`, or the
+    summary's bound on the second stage's allowance, e.g. SLQ's bracket target, if larger: that
+    allowance is a mean over the second stage's own probes), found by bisection (``h`` is
+    increasing, and convex for the log-scale interval, so ``c >= (tol - a) / h(1)``), and
+    ``N2 = n_0 / c^2``. ``tol`` is ``atol``, or ``rtol`` times the pilot's ``|v_0| - 2 h(1)``
+    (at least ``|v_0| / 2``: the reported ``|value|`` is at least that large with high
+    probability); the smaller ``N2`` of the two when both are given, the largest over the
+    targeted quantities; at least 2 (a standard error needs two probes).
     """
     v0 = next(iter(pilot.values()))[0]
     need = torch.full_like(v0, 2.0)
     for name, (atol, rtol) in targets.items():
-        v, se, hw, dof, bias, fn = pilot[name]
+        v, se, hw, dof, bias, fn, cap = pilot[name]
         h1 = (hw - bias).clamp_min(0)
         best = torch.full_like(v, math.inf)
         for tol in (
@@ -518,7 +523,7 @@ def _stage_two_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: i
         ):
             if tol is None:
                 continue
-            room = tol - BIAS_MARGIN * bias  # the second stage's allowance is its own
+            room = tol - cap  # the second stage's allowance is its own
             ok = (room > 0) & torch.isfinite(v)
             lo = torch.where(ok & (h1 > 0), room / h1.clamp_min(1e-300), torch.ones_like(v))
             lo = lo.clamp(max=1.0)  # h(lo) <= room
@@ -535,7 +540,7 @@ def _stage_two_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: i
 
 
 def _freeze(frozen: dict[str, Frozen], parts: dict[str, tuple], mask: Tensor) -> None:
-    for name, (v, se, hw, dof, bias, _) in parts.items():
+    for name, (v, se, hw, dof, bias, _, _) in parts.items():
         f = frozen[name]
         f.value[mask], f.stderr[mask] = v[mask], se[mask]
         f.ci_halfwidth[mask], f.bias_bound[mask] = hw[mask], bias[mask]
