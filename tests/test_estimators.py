@@ -366,11 +366,12 @@ def test_adaptive_meets_atol_and_freezes_samples():
 def test_adaptive_trace_is_stein_on_fresh_probes():
     """Hutchinson by hand: stage 3's mean, stage 2's log-scale interval with its standard
     error scaled by sqrt(n2 / n3) and its dof."""
+    from fsinfo_fast.estimators import initial_probes
     from fsinfo_fast.estimators.hutchinson import log_t_halfwidth
 
     J = _mixed_batch(b=3)
     est = hutchinson_trace(DenseProducts(J), rtol=0.1, seed=4, max_probes=5000)
-    n1 = 10  # the trace's start
+    n1 = initial_probes(quantity="trace")  # the trace's start (4)
     for b in range(3):
         k, k2 = int(est.probes_per_sample[b]), int(est.info["pilot_probes"][b])
         U = draw_probes(J.shape[1], seed=4, sample_ids=torch.tensor([b]), count=k)[0]
