@@ -670,3 +670,45 @@ def test_diag_state_dropped_snapshot_says_so():
     # fixed K = 9 is served from the current count without products
     r = estimate_diag(P, sigma=0.1, num_probes=9, state=st)
     assert r.fsinfo_diag.passes == 0 and r.fsinfo_diag.info["reused_probes"] == 9
+
+
+# --- one options object --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_stop_rule_equals_keywords(name):
+    """``stop=StoppingRule(...)`` is the same request as the individual keywords (the thin
+    convenience form); giving both raises instead of silently preferring one."""
+    fn, J = ESTIMATORS[name], _mixed_batch(b=2)
+    kw = dict(atol=0.2, rtol=0.2, min_probes=4, round_size=3, max_probes=60)
+    a = fn(DenseProducts(J), seed=3, **kw)
+    b = fn(DenseProducts(J), seed=3, stop=StoppingRule(**kw))
+    assert torch.equal(a.value, b.value) and torch.equal(a.ci_halfwidth, b.ci_halfwidth)
+    assert torch.equal(a.probes_per_sample, b.probes_per_sample)
+    assert b.info["stopping"].startswith("three-stage") and "pilot_probes" in b.info
+    fixed = fn(DenseProducts(J), seed=3, stop=StoppingRule(num_probes=5))
+    assert fixed.info["stopping"] == "fixed: 5 probes" and (fixed.probes_per_sample == 5).all()
+    with pytest.raises(InvalidInputError, match="not both"):
+        fn(DenseProducts(J), stop=StoppingRule(num_probes=5), max_probes=10)
+    with pytest.raises(InvalidInputTypeError, match="StoppingRule"):
+        fn(DenseProducts(J), stop={"num_probes": 5})
+
+
+def test_stop_rule_estimator_defaults():
+    from fsinfo_fast.estimators.stopping import ESTIMATOR_DEFAULTS
+
+    rule = StoppingRule(atol=0.1)
+    assert rule.for_estimator("diag").min_probes == 4 and rule.for_estimator("diag").growth == 1.5
+    assert rule.for_estimator("slq").round_size == 10
+    assert StoppingRule(atol=0.1, max_probes=3).for_estimator("hutch++").min_probes == 3
+    assert set(ESTIMATOR_DEFAULTS) == {"diag", "trace", "hutch++", "slq", "generic"}
+    with pytest.raises(InvalidInputError, match="estimator"):
+        rule.for_estimator("magic")
+    # dFIL alone from the diagonal estimator's probes: stop_on, or dfil_rtol alone
+    J = _mixed_batch(b=2)
+    a = estimate_diag(DenseProducts(J), sigma=0.1, dfil_rtol=0.2, max_probes=200).dfil
+    b = estimate_diag(DenseProducts(J), sigma=0.1, stop=StoppingRule(rtol=0.2, max_probes=200),
+                      stop_on="dfil").dfil
+    assert torch.equal(a.value, b.value) and torch.equal(a.converged, b.converged)
+    with pytest.raises(InvalidInputError, match="stop_on"):
+        estimate_diag(DenseProducts(J), sigma=0.1, stop=StoppingRule(rtol=0.2), stop_on="x")

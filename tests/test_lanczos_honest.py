@@ -328,9 +328,9 @@ def test_slq_coverage_and_bias_at_default_probes(name):
 @pytest.mark.parametrize("name", ["well_conditioned_prior", "ill_conditioned_no_prior",
                                   "ill_conditioned_prior"])
 def test_slq_coverage_adaptive_stopping(name):
-    """Adaptive probe count (atol set to about half the K = 10 half-width so that the pilot
-    grows past its start): the two-stage rule (``estimators.stopping``) reports the second
-    stage's value with Stein's interval; coverage in ``TOL.coverage_band(1000)`` and no
+    """Adaptive probe count (atol set to about half the K = 10 half-width, so that 40-60 probes
+    are needed): the three-stage rule (``estimators.stopping``) reports the last stage's value
+    with Stein's interval; coverage in ``TOL.coverage_band(1000)`` and no
     detectable bias over 1000 seeds. (Stopping at the first round whose own interval met atol
     covered 0.928 on ill_conditioned_no_prior and 0.927 on ill_conditioned_prior.)"""
     s, m, d, pv = COVERAGE_CASES[name]
@@ -340,12 +340,13 @@ def test_slq_coverage_adaptive_stopping(name):
             "ill_conditioned_prior": 0.14}[name]
     r = slq_logdet(DenseProducts(J), sigma=SIGMA, prior_var=pv, atol=atol, seed=4)
     assert r.converged.all() and (r.ci_halfwidth <= atol).all()
-    assert (r.info["pilot_probes"] > 10).float().mean() > 0.5
+    assert (r.info["pilot_probes"] >= 20).all()  # stages 1 and 2, not in the value
     lo, hi = TOL.coverage_band(TOL.seeds)
     cov = coverage(r.value, r.ci_halfwidth, exact)
     z = unbiasedness_z(r.value, exact)
     what = (f"SLQ (adaptive, atol={atol}) on {name}: coverage {cov:.3f}, bias z {z:+.2f}, "
             f"probes mean {float(r.probes_per_sample.double().mean()):.1f}")
+    print(what)
     assert lo <= cov <= hi, what
     assert abs(z) < TOL.z_unbiased, what
 

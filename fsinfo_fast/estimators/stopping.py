@@ -24,11 +24,12 @@ bias of -4.2 standard errors on a top-heavy spectrum.
 alone** (Stein's two-stage procedure, Stein 1945, with a sizing stage in front: Hall 1981's
 three-stage idea).
 
-1. Stage 1: the first round (``n1 = min_probes`` probes). From its interval, the count ``N``
-   the estimate would need (:func:`_stage_size`).
+1. Stage 1: the first round (``n1 = min_probes`` probes). From its normal interval, the count
+   ``N`` the estimate would roughly need (:func:`_rough_size`).
 2. Stage 2: the next ``n2 ~ max(n1, PILOT_SHARE N)`` probes (a fixed function of stage 1, up to
    the next round boundary). From *its* spread alone: the final count ``n3`` for which its
-   interval, with the standard error scaled by ``sqrt(n2 / n3)``, meets the tolerance.
+   interval, with the standard error scaled by ``sqrt(n2 / n3)``, meets the tolerance
+   (:func:`_stage_size`).
 3. Stage 3: the next ``n3`` probes (up to the next round boundary). Reported: the value from
    these probes alone; the interval is stage 2's (Stein): its own half-width function (the
    t-interval, or the log-scale interval of a trace) at stage 2's standard error times
@@ -412,7 +413,7 @@ def run_rounds(
         _freeze(frozen, first, done)
         converged |= done
         probes[done] = n0
-    plan = _stage_size(first, targets, n0)
+    plan = _rough_size(first, targets, n0, rule.confidence)
     cap = max(n0 + 2.0, rule.max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE))
     end2 = torch.clamp(n0 + torch.clamp(PILOT_SHARE * plan, min=float(n0)), max=cap)
     in2 = ~done
@@ -534,6 +535,31 @@ def _any_exact(parts: dict[str, tuple], targets: Mapping[str, tuple]) -> Tensor:
     return ex
 
 
+def _rough_size(first: dict[str, tuple], targets: Mapping[str, tuple], n1: int,
+                confidence: float) -> Tensor:
+    """``[B]`` the count the estimate would need by the normal interval of stage 1, ``n1 (z se /
+    (tol - a))^2`` with ``tol = atol`` or ``rtol |v|`` (the smaller count of the two), the
+    largest over the targeted quantities (``inf`` where no room is left): only the size of
+    stage 2 depends on it, so it need not be conservative (the t- or log-scale interval of a
+    few skewed probes would make it many times too large)."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 * (1.0 + confidence))
+    v0 = next(iter(first.values()))[0]
+    need = torch.zeros_like(v0)
+    for name, (atol, rtol) in targets.items():
+        v, se, _, _, _, _, cap = first[name]
+        best = torch.full_like(v, math.inf)
+        for tol in (None if atol is None else torch.full_like(v, atol),
+                    None if rtol is None else rtol * v.abs()):
+            if tol is not None:
+                room = tol - cap
+                n = n1 * (z * se / room.clamp_min(1e-300)) ** 2
+                best = torch.minimum(best, torch.where(room > 0, n, math.inf))
+        need = torch.maximum(need, torch.where(torch.isfinite(v), best, torch.zeros_like(v)))
+    return need
+
+
 def _stage_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int) -> Tensor:
     r"""``[B]`` float64 second-stage size ``N2`` (``inf``: the tolerance cannot be reached).
 
@@ -608,8 +634,8 @@ def estimate_from(
         how = f"fixed: {rule.num_probes} probes"
     else:
         how = (
-            "two-stage (Stein): each sample's pilot fixes its second stage's size; the value "
-            "comes from the second stage alone, the interval from the pilot's spread"
+            "three-stage (Stein): stage 1 sizes stage 2, whose spread sizes stage 3 and gives "
+            "the interval; the value comes from stage 3 alone"
         )
     return Estimate(
         value=frozen.value,
