@@ -712,3 +712,25 @@ def test_stop_rule_estimator_defaults():
     assert torch.equal(a.value, b.value) and torch.equal(a.converged, b.converged)
     with pytest.raises(InvalidInputError, match="stop_on"):
         estimate_diag(DenseProducts(J), sigma=0.1, stop=StoppingRule(rtol=0.2), stop_on="x")
+
+
+def test_diag_adaptive_batch_independent_near_the_floor():
+    """Samples whose stages end at different rounds, one of them at the paper's floor: each
+    sample's value, interval and allowance are those it gets alone (a summary of one stage
+    never sees the other samples' statistics: their floor terms and far-column masks)."""
+    J = _mixed_batch(b=4, m=12, d=9)
+    J[1] *= 1e-5  # (J^T J)_kk / sigma^2 ~ 1e-10..1e-14: at the floor
+    J[3] *= torch.logspace(0, -2, 9, dtype=torch.float64)
+    ids = torch.tensor([5, 1, 8, 2])
+    kw = dict(sigma=0.1, seed=7, atol=0.05, dfil_rtol=0.1, max_probes=3000)
+    full = estimate_diag(DenseProducts(J), sample_ids=ids, **kw)
+    assert len(set(full.fsinfo_diag.probes_per_sample.tolist())) > 1
+    for b in range(4):
+        alone = estimate_diag(DenseProducts(J[b : b + 1]), sample_ids=ids[b : b + 1], **kw)
+        for q in ("fsinfo_diag", "dfil"):
+            e, f = getattr(alone, q), getattr(full, q)
+            assert torch.equal(e.probes_per_sample, f.probes_per_sample[b : b + 1])
+            for field in ("value", "stderr", "ci_halfwidth"):  # as test_batch_independent
+                assert_close_verbose(getattr(e, field), getattr(f, field)[b : b + 1],
+                                     rtol=1e-12, atol=0, name=f"{q} {field} of sample {b}")
+        assert torch.equal(alone.fsinfo_diag.bias_bound, full.fsinfo_diag.bias_bound[b : b + 1])

@@ -54,6 +54,9 @@ def _check(what, est, exact, *, converged=1.0):
     assert BAND[0] <= cov <= BAND[1], msg
     assert abs(z) < TOL.z_unbiased, msg
     assert float(est.converged.double().mean()) >= converged, msg
+    # a sample that did not converge is one whose last stage was cut by max_probes (flagged)
+    cap = est.probes_per_sample.max()
+    assert (est.converged | (est.probes_per_sample == cap)).all(), msg
     # the estimate never contains the pilot's probes
     assert (est.probes_per_sample > est.info["pilot_probes"]).all(), msg
     return cov, z
@@ -70,12 +73,10 @@ TRACE_CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(TRACE_CASES))
-@pytest.mark.parametrize(
-    "how",
-    ["gaussian-output", "rademacher-input", "gaussian-output-start4", "hutch++"],
-)
+@pytest.mark.parametrize("how", ["gaussian-output", "rademacher-input", "hutch++"])
 def test_trace_adaptive_coverage_and_bias(name, how):
-    """Hutchinson (both probe kinds) and Hutch++ at rtol 0.05 on skewed per-probe values."""
+    """Hutchinson (both probe kinds, from the default start of 4 probes, which was 10 under the
+    first-look rule) and Hutch++ at rtol 0.05 on skewed per-probe values."""
     s, m, d = TRACE_CASES[name]
     J = spectral_jacobian(s, m, d, batch=S, seed=len(name))
     P = DenseProducts(J)
@@ -85,11 +86,11 @@ def test_trace_adaptive_coverage_and_bias(name, how):
     elif how == "rademacher-input":
         est = hutchinson_trace(P, kind="rademacher", side="input", seed=1, stop=stop)
     else:
-        if how.endswith("start4"):
-            stop = StoppingRule(rtol=0.05, max_probes=20000, min_probes=4)
         est = hutchinson_trace(P, kind="gaussian", side="output", seed=1, stop=stop)
-    _check(f"{how} on {name}", est, exact_trace(J[:1]))
-    assert (est.ci_halfwidth <= 0.05 * est.value).all()
+    # with ~2 effective degrees of freedom a second stage that drew one of the rare very large
+    # per-probe values can ask for more than max_probes: that sample is flagged (~1 in 1000)
+    _check(f"{how} on {name}", est, exact_trace(J[:1]), converged=0.995)
+    assert (est.ci_halfwidth[est.converged] <= 0.05 * est.value[est.converged]).all()
 
 
 # name -> (singular values, m, d, sigma, atol). sigma = 1e5 puts (J^T J)_kk / sigma^2 at
@@ -140,8 +141,8 @@ def test_diag_dfil_adaptive():
     FSInfo_diag (what Linearization serves)."""
     J = spectral_jacobian(torch.ones(64), 96, 64, batch=S, seed=3)
     exact = exact_trace(J[:1], 0.1)
-    r = estimate_diag(DenseProducts(J), sigma=0.1, seed=5, stop=StoppingRule(rtol=0.02),
-                      stop_on="dfil")
+    r = estimate_diag(DenseProducts(J), sigma=0.1, seed=5,
+                      stop=StoppingRule(rtol=0.02, max_probes=5000), stop_on="dfil")
     _check("dFIL (diag probes) rtol 0.02", r.dfil, exact)
     assert (r.dfil.ci_halfwidth <= 0.02 * r.dfil.value).all()
     s, m, d, sigma, atol = DIAG_CASES["well_spread"]

@@ -725,22 +725,37 @@ def estimate_diag(
             base["sums"] = torch.zeros_like(gs)
         base["sums"][rows] = gs[rows]
 
-    def summarize(lo: int):
+    def summarize(lo: int, rows: Tensor | None = None):
         st = state.stats(boundary[0])
         if lo > 0:
             st = _stats_since(lo, st, base["sums"])
-        fs = fsinfo_diag_summary(
-            st, sigma_t, floor, exact_diagonal=exact_diagonal, confidence=confidence
-        )
+        idx = None
+        if rows is not None and not bool(rows.all()):
+            # only these rows' statistics start at lo: summarise them alone, so that no other
+            # row (nor its batch) enters their floor-term evaluation or far-column masks
+            idx = rows.nonzero().squeeze(1)
+            st = DiagStats(st.k, st.group_sums[idx], st.group_n, st.norms[idx])
+        sig = sigma_t if idx is None else sigma_t[idx]
+        fs = fsinfo_diag_summary(st, sig, floor, exact_diagonal=exact_diagonal,
+                                 confidence=confidence)
         tr = trace_summary(st)
-        dv = tr.value * dfil_scale
+        scale = dfil_scale if idx is None else dfil_scale[idx]
+        parts = [fs.value, fs.stderr, fs.bias_bound, tr.value * scale, tr.stderr * scale]
+        if idx is not None:
+            full = []
+            for t in parts:
+                f = torch.full((products.batch,), math.nan, dtype=t.dtype, device=t.device)
+                f[idx] = t
+                full.append(f)
+            parts = full
+        fv, fse, fb, dv, dse = parts
 
         def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
             return log_t_halfwidth(dv, se_, dof_, confidence)
 
         return {
-            "fsinfo_diag": (fs.value, fs.stderr, fs.dof, fs.bias_bound),
-            "dfil": (dv, tr.stderr * dfil_scale, tr.dof, tr.bias_bound * dfil_scale, dfil_hw),
+            "fsinfo_diag": (fv, fse, fs.dof, fb),
+            "dfil": (dv, dse, tr.dof, torch.zeros_like(dv), dfil_hw),
         }
 
     frozen, converged, probes, drawn, pilot = run_rounds(

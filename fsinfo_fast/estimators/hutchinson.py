@@ -189,7 +189,7 @@ def hutchinson_trace(
         check_finite(out, ids, start, f"Hutchinson trace ({side} side)")
         chunks.append((out.to(torch.float64) ** 2).sum(dim=2))
 
-    def summarize(lo: int):
+    def summarize(lo: int, rows: Tensor | None = None):  # per-row: rows unused
         t = torch.cat(chunks, dim=1)
         chunks[:] = [t]
         mean, se = mean_and_stderr(t[:, lo:])

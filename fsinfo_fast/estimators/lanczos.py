@@ -914,7 +914,7 @@ def slq_logdet(
         parts[name] = [torch.cat(parts[name], dim=1)]
         return parts[name][0][:, lo:]
 
-    def summarize(lo: int):
+    def summarize(lo: int, rows: Tensor | None = None):  # per-row: rows unused
         zero = cat("zero", lo) & (lam == 0.0)
         singular = zero.any(dim=1)
         vals = cat("value", lo)
