@@ -408,8 +408,19 @@ def _column_terms(
 
     ``S``: ``[B, ..., d]``; ``k``: ``[B, ...]`` probe counts (few distinct values); sigma
     tensors ``[B]``. Fast paths: no masks where every column is non-zero, no table where every
-    column is far above the floor (the correction is then one or two terms of a series).
+    column is far above the floor (the correction is then one or two terms of a series). With
+    a floor, each sample is evaluated on its own: the fast path (and the series' length) is
+    chosen from the sample's smallest ``x``, so that no other sample of the batch changes its
+    terms in the last bits.
     """
+    if floor > 0 and S.shape[0] > 1:
+        per = [_column_terms(S[b : b + 1], k[b : b + 1], log_sigma[b : b + 1],
+                             sigma2[b : b + 1], floor) for b in range(S.shape[0])]
+        terms = torch.cat([t for t, _ in per])
+        if all(f is None for _, f in per):
+            return terms, None
+        far = torch.cat([S[b : b + 1] > 0 if f is None else f for b, (_, f) in enumerate(per)])
+        return terms, far
     shape = (-1,) + (1,) * (S.ndim - 1)
     kk = k.unsqueeze(-1)
     pos = S > 0
