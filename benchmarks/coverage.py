@@ -13,10 +13,9 @@ probe ``sample_id``) of the library's default procedures, each scored against th
 - ``dfil(rademacher) rtol``: the standalone dFIL default (Rademacher input-side Hutchinson,
   starting at 10 probes).
 
-The first four come from one probe sequence per run: a :class:`~fsinfo_fast.estimators.diagonal.
-DiagProbeState` is extended round by round and every procedure is replayed on the summaries at
-the round boundaries (each run's result equals a fresh ``estimate_diag`` call with the same
-arguments; the tests check that). Per procedure the report gives the coverage (with its binomial
+The first four are ``estimate_diag`` calls with the same probe seed (so they share their first
+probes; under the two-stage rule, :mod:`fsinfo_fast.estimators.stopping`, each reports from the
+probes after its pilot). Per procedure the report gives the coverage (with its binomial
 standard error), the bias z (``(mean - truth) / sqrt(var / S + se_truth^2)``, a two-sample z when
 the truth is itself an estimate), the mean half-width and the probes used (mean, min, max).
 
@@ -182,18 +181,7 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
     from fsinfo_fast.data import natural_images
     from fsinfo_fast.encoder import prepare
     from fsinfo_fast.engine import make_products
-    from fsinfo_fast.estimators import hutchinson_trace
-    from fsinfo_fast.estimators.diagonal import (
-        DiagProbeState,
-        fsinfo_diag_summary,
-        trace_summary,
-    )
-    from fsinfo_fast.estimators.stopping import (
-        DEFAULT_GROWTH,
-        DEFAULT_ROUND,
-        StoppingRule,
-        initial_probes,
-    )
+    from fsinfo_fast.estimators import estimate_diag, hutchinson_trace
 
     cfg = dict(CONFIGS.get(name, {}))
     for key, val in (("seeds", seeds), ("chunk", chunk), ("truth_probes", truth_probes),
@@ -206,9 +194,6 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
     truth = cfg.get("truth") or _truth(enc, x, sigma, cfg["truth_probes"])
     if verbose:
         print(f"{name}: truth {truth} ({time.time() - t0:.0f} s)", flush=True)
-    rule = StoppingRule(atol=atol, min_probes=initial_probes(max_probes=max_probes),
-                        round_size=DEFAULT_ROUND, growth=DEFAULT_GROWTH, max_probes=max_probes)
-    sched = [s + c for s, c, _ in rule.schedule()]
     S, B = cfg["seeds"], cfg["chunk"]
     procs = ("fsinfo_diag atol", "dfil(diag probes) rtol", "joint", "fixed K=4")
     rec = {p: {f: [] for f in ("v", "hw", "k", "conv", "dv", "dhw")} for p in procs}
@@ -220,36 +205,23 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
         P = make_products(prepare(enc, x.expand(n, *x.shape[1:]).contiguous(),
                                   check_interaction=1), "auto")
         backend = getattr(P, "backend", type(P).__name__)
-        dscale = 1.0 / (sigma**2 * P.d)
-        st = DiagProbeState.for_products(P, seed=RUN_SEED, sample_ids=ids)
-        bounds = []
-        for K in sched if diag else []:
-            st.extend(P, K - st.k)
-            stats = st.stats()
-            fs = fsinfo_diag_summary(stats, sigma)
-            tr = trace_summary(stats)
-            row = (fs.value, fs.halfwidth(), tr.value * dscale, tr.halfwidth() * dscale)
-            bounds.append((K, row))
-            ok = (row[1] <= atol) & (row[3] <= rtol * row[2])
-            if bool(ok.all()):
-                break
-        last = len(bounds) - 1
+        requests = {
+            "fsinfo_diag atol": dict(atol=atol),
+            "dfil(diag probes) rtol": dict(dfil_rtol=rtol),
+            "joint": dict(atol=atol, dfil_rtol=rtol),
+            "fixed K=4": dict(num_probes=4),
+        }
+        kmax = 0
         for p in procs if diag else []:
-            done = torch.zeros(n, dtype=torch.bool)
-            out = {f: torch.full((n,), math.nan, dtype=torch.float64) for f in rec[p]}
-            for i, (K, (fv, fh, dv, dh)) in enumerate(bounds):
-                met_f, met_d = fh <= atol, dh <= rtol * dv
-                met = {"fsinfo_diag atol": met_f, "dfil(diag probes) rtol": met_d,
-                       "joint": met_f & met_d,
-                       "fixed K=4": torch.full((n,), K >= 4, dtype=torch.bool)}[p]
-                new = ~done & (met | (i == last))
-                for f, val in zip(("v", "hw", "dv", "dhw"), (fv, fh, dv, dh), strict=True):
-                    out[f][new] = val[new]
-                out["k"][new] = float(K)
-                out["conv"][new] = met[new].double()
-                done |= new
-            for f in rec[p]:
-                rec[p][f].append(out[f])
+            kw = requests[p] if p == "fixed K=4" else {**requests[p], "max_probes": max_probes}
+            r = estimate_diag(P, sigma=sigma, seed=RUN_SEED, sample_ids=ids, **kw)
+            f, dl = r.fsinfo_diag, r.dfil
+            for fld, val in zip(("v", "hw", "dv", "dhw", "k", "conv"),
+                                (f.value, f.ci_halfwidth, dl.value, dl.ci_halfwidth,
+                                 f.probes_per_sample.double(), f.converged.double()),
+                                strict=True):
+                rec[p][fld].append(val)
+            kmax = max(kmax, f.num_probes)
         if rademacher:
             r = hutchinson_trace(P, sigma=sigma, side="input", kind="rademacher", rtol=rtol,
                                  seed=RUN_SEED, sample_ids=ids, max_probes=max_probes)
@@ -258,7 +230,6 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
                               strict=True):
                 rad[f].append(val.double())
         if verbose:
-            kmax = bounds[-1][0] if bounds else 0
             print(f"  seeds {c0 + n}/{S}: last K {kmax} ({time.time() - t0:.0f} s)", flush=True)
     res: dict[str, Any] = {"config": name, **cfg, "d": int(P.d), "m": int(P.m),
                            "backend": backend, "sigma": sigma, "atol": atol, "rtol": rtol,

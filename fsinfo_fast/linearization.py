@@ -64,7 +64,7 @@ from .estimators.deflated import (
 from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
 from .estimators.exact_fast import FastExactFisher, exact_fast_fisher
 from .estimators.probes import resolve_seed
-from .estimators.stopping import DEFAULT_GROWTH, DEFAULT_ROUND, StoppingRule, initial_probes
+from .estimators.stopping import initial_probes
 from .formulas import DIAG_FLOOR, as_sigma
 from .reference.oracle import _warn_singular
 from .result import Z95, MetricResult, SigmaResult
@@ -138,17 +138,6 @@ def _to_result(est: Estimate, *, metric: str, units: str, sigma: Tensor, d: int,
         probes_per_sample=est.probes_per_sample, bound=est.bound, bias_bound=est.bias_bound,
         info={**est.info, **info},
     )
-
-
-def _first_boundary(start: int, at_least: int, cap: int) -> int:
-    """The first round boundary of the default schedule from ``start`` that is ``>= at_least``
-    (or ``cap``)."""
-    rule = StoppingRule(atol=1.0, min_probes=start, max_probes=max(cap, start),
-                        round_size=DEFAULT_ROUND, growth=DEFAULT_GROWTH)
-    for k, c, _ in rule.schedule():
-        if k + c >= at_least:
-            return k + c
-    return max(cap, start)
 
 
 class _Shape:
@@ -461,29 +450,30 @@ class Linearization:
     def _diag_route(self, estimator: str, s: Tensor, floor: float,
                     stop: dict[str, Any]) -> tuple[str, str]:
         """``("plain" | "deflated", why)`` for FSInfo_diag. ``auto`` predicts the plain
-        estimator's probes from the first :data:`~.estimators.deflated.PILOT_PROBES` Gaussian
-        VJPs of the shared probe state (the plain estimator's own first probes, so they are not
-        spent twice): ``K_p (1.96 se_p / tol)^2`` with ``tol`` the tolerance (``atol``, or
-        ``rtol |value|``), and deflates where the batch's largest prediction exceeds
-        :data:`~.estimators.deflated.DEFLATE_ABOVE` (a choice per batch)."""
+        estimator's probes from its first round of Gaussian VJPs in the shared probe state (the
+        plain estimator's own stage 1, so they are not spent twice): ``K_1 (1.96 se_1 / tol)^2``
+        with ``tol`` the tolerance (``atol``, or ``rtol |value|``). Within a factor
+        ``_PILOT_BAND`` of :data:`~.estimators.deflated.DEFLATE_ABOVE` that few probes' spread
+        cannot decide, and the deflation pilot's prediction (cross-column terms,
+        :data:`~.estimators.deflated.PILOT_PROBES` more VJPs) does. Deflates where the batch's
+        largest prediction exceeds ``DEFLATE_ABOVE`` (a choice per batch)."""
         if estimator == "deflated":
             return "deflated", "requested"
         if estimator != "auto":
             return "plain", "requested"
         if stop["num_probes"] is not None:
             return "plain", "a fixed num_probes (deflation chooses its rank for a tolerance)"
-        # the plain request itself, capped at the first round boundary >= PILOT_PROBES: its
-        # rounds are the plain estimator's first ones (replayed from the state, not redrawn)
-        k0 = initial_probes(max_probes=stop["max_probes"])
-        kp = _first_boundary(k0, PILOT_PROBES, stop["max_probes"])
-        pilot = self._diag(s, floor, {**stop, "max_probes": kp}, k0).fsinfo_diag
+        # the plain estimator's first round (its stage 1, served to it from the shared state)
+        kp = initial_probes(max_probes=stop["max_probes"])
+        pilot = self._diag(s, floor, {"num_probes": kp, "atol": None, "rtol": None,
+                                      "max_probes": kp}, kp).fsinfo_diag
         tols = []
         if stop["atol"] is not None:
             tols.append(torch.full_like(pilot.value, float(stop["atol"])))
         if stop["rtol"] is not None:
             tols.append(float(stop["rtol"]) * pilot.value.abs())
         tol = torch.stack(tols).max(dim=0).values.clamp_min(1e-300)
-        pred = pilot.probes_per_sample.to(tol) * (Z95 * pilot.stderr / tol) ** 2
+        pred = kp * (Z95 * pilot.stderr / tol) ** 2
         pred = torch.where(torch.isfinite(pilot.value), pred, torch.zeros_like(pred))
         kmax = float(pred.max())
         if DEFLATE_ABOVE / _PILOT_BAND < kmax < DEFLATE_ABOVE * _PILOT_BAND:
@@ -494,7 +484,7 @@ class Linearization:
                                      sample_ids=self.sample_ids)
             kmax, how = float(k.max()), f"the deflation pilot ({PILOT_PROBES} more VJPs)"
         else:
-            how = f"its first rounds (<= {kp} VJPs, reused)"
+            how = f"its first round ({kp} VJPs, reused)"
         if kmax > DEFLATE_ABOVE:
             return "deflated", (f"the plain estimator was predicted to need {kmax:.0f} probes "
                                 f"(> {DEFLATE_ABOVE}) from {how}")

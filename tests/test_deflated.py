@@ -223,7 +223,7 @@ def test_adaptive_rank_and_stopping():
     ranks = torch.tensor(r.info["rank"])
     assert int(ranks.min()) >= 4
     # products per sample: pilot, sketch (JVP) and exact part (VJP), remainder probes
-    cost = r.info["pilot_probes"] + 2 * ranks + r.probes_per_sample
+    cost = r.info["rank_pilot_probes"] + 2 * ranks + r.probes_per_sample
     plain = estimate_diag(DenseProducts(J[:20]), sigma=SIGMA, atol=0.01, seed=14,
                           max_probes=400).fsinfo_diag
     assert not bool(plain.converged.any())  # the plain estimator needs > 400 probes here

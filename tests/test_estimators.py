@@ -334,32 +334,54 @@ def test_hutchpp_sketch_spanning_the_range_is_exact():
 
 
 def test_adaptive_meets_atol_and_freezes_samples():
+    """Three stages: stage 1 (probes 0..9) sizes stage 2 (10..n0-1), whose spread sizes stage 3
+    (n0..K-1); the sample is reported from stage 3 alone, with Stein's half-width (stage 2's
+    interval, its standard error scaled to stage 3's count), which meets atol by
+    construction."""
     J = _mixed_batch(b=4)
     J[0] *= torch.logspace(0, -3, 7, dtype=torch.float64)  # harder sample: more spread columns
     P = DenseProducts(J)
     est = estimate_diag(
-        P, sigma=0.1, atol=0.03, min_probes=10, round_size=10, growth=1.0, max_probes=2000
+        P, sigma=0.1, floor=0.0, atol=0.03, min_probes=10, round_size=10, growth=1.0,
+        max_probes=2000,
     )
     f = est.fsinfo_diag
+    n0s = f.info["pilot_probes"]
     assert f.converged.all() and (f.ci_halfwidth <= 0.03).all()
     assert f.num_probes == int(f.probes_per_sample.max()) == P.vjp_passes == f.passes
-    assert ((f.probes_per_sample - 10) % 10 == 0).all()
-    # a frozen sample's estimate is the fixed-K estimate with the same probes
+    assert ((f.probes_per_sample - 10) % 10 == 0).all() and (n0s % 10 == 0).all()
+    assert (f.probes_per_sample > n0s).all() and (n0s >= 20).all()
+    sigma = 0.1
     for b in range(4):
-        k = int(f.probes_per_sample[b])
-        fixed = estimate_diag(
-            DenseProducts(J[b : b + 1]), sigma=0.1, num_probes=k, sample_ids=torch.tensor([b])
-        ).fsinfo_diag
-        assert torch.equal(fixed.value, f.value[b : b + 1])
-        # one round earlier it had not converged
-        if k > 10:
-            prev = estimate_diag(
-                DenseProducts(J[b : b + 1]),
-                sigma=0.1,
-                num_probes=k - 10,
-                sample_ids=torch.tensor([b]),
-            ).fsinfo_diag
-            assert float(prev.ci_halfwidth) > 0.03
+        k, n0, ids = int(f.probes_per_sample[b]), int(n0s[b]), torch.tensor([b])
+        # the value: the exactly debiased estimate from the fresh probes n0..k-1 only
+        U = draw_probes(J.shape[1], seed=0, sample_ids=ids, start=n0, count=k - n0)
+        g2 = (U[0] @ J[b]) ** 2  # [k - n0, d]
+        terms = torch.log(g2.mean(dim=0)) - log_chi2_mean_offset(k - n0) - 2 * math.log(sigma)
+        value = terms.mean() / 2 - HALF_LOG_2PIE
+        assert_close_verbose(f.value[b], value, rtol=1e-12, atol=0)
+        assert int(f.info["dof"][b]) == min(n0 - 10, 20) - 1  # stage 2's jackknife dof
+
+
+def test_adaptive_trace_is_stein_on_fresh_probes():
+    """Hutchinson by hand: stage 3's mean, stage 2's log-scale interval with its standard
+    error scaled by sqrt(n2 / n3) and its dof."""
+    from fsinfo_fast.estimators import initial_probes
+    from fsinfo_fast.estimators.hutchinson import log_t_halfwidth
+
+    J = _mixed_batch(b=3)
+    est = hutchinson_trace(DenseProducts(J), rtol=0.1, seed=4, max_probes=5000)
+    n1 = initial_probes(quantity="trace")  # the trace's start (4)
+    for b in range(3):
+        k, k2 = int(est.probes_per_sample[b]), int(est.info["pilot_probes"][b])
+        U = draw_probes(J.shape[1], seed=4, sample_ids=torch.tensor([b]), count=k)[0]
+        t = ((U @ J[b]) ** 2).sum(dim=1)  # per-probe ||J^T u||^2
+        s2, s3 = t[n1:k2], t[k2:k]
+        assert_close_verbose(est.value[b], s3.mean(), rtol=1e-12, atol=0)
+        se = s2.std() / math.sqrt(len(s2)) * math.sqrt(len(s2) / len(s3))
+        hw = log_t_halfwidth(s2.mean()[None], se[None], len(s2) - 1)
+        assert_close_verbose(est.ci_halfwidth[b : b + 1], hw, rtol=1e-9, atol=0)
+        assert float(hw) <= 0.1 * float(s3.mean())
 
 
 @pytest.mark.parametrize("name", ["hutchinson", "hutchpp", "slq", "dfil_diag"])
@@ -648,3 +670,67 @@ def test_diag_state_dropped_snapshot_says_so():
     # fixed K = 9 is served from the current count without products
     r = estimate_diag(P, sigma=0.1, num_probes=9, state=st)
     assert r.fsinfo_diag.passes == 0 and r.fsinfo_diag.info["reused_probes"] == 9
+
+
+# --- one options object --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_stop_rule_equals_keywords(name):
+    """``stop=StoppingRule(...)`` is the same request as the individual keywords (the thin
+    convenience form); giving both raises instead of silently preferring one."""
+    fn, J = ESTIMATORS[name], _mixed_batch(b=2)
+    kw = dict(atol=0.2, rtol=0.2, min_probes=4, round_size=3, max_probes=60)
+    a = fn(DenseProducts(J), seed=3, **kw)
+    b = fn(DenseProducts(J), seed=3, stop=StoppingRule(**kw))
+    assert torch.equal(a.value, b.value) and torch.equal(a.ci_halfwidth, b.ci_halfwidth)
+    assert torch.equal(a.probes_per_sample, b.probes_per_sample)
+    assert b.info["stopping"].startswith("three-stage") and "pilot_probes" in b.info
+    fixed = fn(DenseProducts(J), seed=3, stop=StoppingRule(num_probes=5))
+    assert fixed.info["stopping"] == "fixed: 5 probes" and (fixed.probes_per_sample == 5).all()
+    with pytest.raises(InvalidInputError, match="not both"):
+        fn(DenseProducts(J), stop=StoppingRule(num_probes=5), max_probes=10)
+    with pytest.raises(InvalidInputTypeError, match="StoppingRule"):
+        fn(DenseProducts(J), stop={"num_probes": 5})
+
+
+def test_stop_rule_estimator_defaults():
+    from fsinfo_fast.estimators.stopping import ESTIMATOR_DEFAULTS
+
+    rule = StoppingRule(atol=0.1)
+    assert rule.for_estimator("diag").min_probes == 4 and rule.for_estimator("diag").growth == 1.5
+    assert rule.for_estimator("slq").round_size == 10
+    assert StoppingRule(atol=0.1, max_probes=3).for_estimator("hutch++").min_probes == 3
+    assert set(ESTIMATOR_DEFAULTS) == {"diag", "trace", "hutch++", "slq", "generic"}
+    with pytest.raises(InvalidInputError, match="estimator"):
+        rule.for_estimator("magic")
+    # dFIL alone from the diagonal estimator's probes: stop_on, or dfil_rtol alone
+    J = _mixed_batch(b=2)
+    a = estimate_diag(DenseProducts(J), sigma=0.1, dfil_rtol=0.2, max_probes=200).dfil
+    b = estimate_diag(DenseProducts(J), sigma=0.1, stop=StoppingRule(rtol=0.2, max_probes=200),
+                      stop_on="dfil").dfil
+    assert torch.equal(a.value, b.value) and torch.equal(a.converged, b.converged)
+    with pytest.raises(InvalidInputError, match="stop_on"):
+        estimate_diag(DenseProducts(J), sigma=0.1, stop=StoppingRule(rtol=0.2), stop_on="x")
+
+
+def test_diag_adaptive_batch_independent_near_the_floor():
+    """Samples whose stages end at different rounds, one of them at the paper's floor: each
+    sample's value, interval and allowance are those it gets alone (a summary of one stage
+    never sees the other samples' statistics: their floor terms and far-column masks)."""
+    J = _mixed_batch(b=4, m=12, d=9)
+    J[1] *= 1e-5  # (J^T J)_kk / sigma^2 ~ 1e-10..1e-14: at the floor
+    J[3] *= torch.logspace(0, -2, 9, dtype=torch.float64)
+    ids = torch.tensor([5, 1, 8, 2])
+    kw = dict(sigma=0.1, seed=7, atol=0.05, dfil_rtol=0.1, max_probes=3000)
+    full = estimate_diag(DenseProducts(J), sample_ids=ids, **kw)
+    assert len(set(full.fsinfo_diag.probes_per_sample.tolist())) > 1
+    for b in range(4):
+        alone = estimate_diag(DenseProducts(J[b : b + 1]), sample_ids=ids[b : b + 1], **kw)
+        for q in ("fsinfo_diag", "dfil"):
+            e, f = getattr(alone, q), getattr(full, q)
+            assert torch.equal(e.probes_per_sample, f.probes_per_sample[b : b + 1])
+            for field in ("value", "stderr", "ci_halfwidth"):  # as test_batch_independent
+                assert_close_verbose(getattr(e, field), getattr(f, field)[b : b + 1],
+                                     rtol=1e-12, atol=0, name=f"{q} {field} of sample {b}")
+        assert torch.equal(alone.fsinfo_diag.bias_bound, full.fsinfo_diag.bias_bound[b : b + 1])

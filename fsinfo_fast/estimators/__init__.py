@@ -19,7 +19,9 @@ not depend on how samples are batched.
   adaptive order, Gauss/Gauss-Radau bracket and rounding allowance in the interval, flagged upper
   bounds at the working precision; Lanczos or Golub-Kahan. :class:`LanczosProbeState` and
   :func:`slq_probe_terms` serve several sigmas/priors (and the Hutchinson trace) from one run.
-- :class:`StoppingRule`: fixed probe count or rounds until ``atol``/``rtol`` is met;
+- :class:`StoppingRule`: the one options object (``stop=``) of every estimator: a fixed probe
+  count, or ``atol``/``rtol`` met by a three-stage rule whose estimate comes from probes drawn
+  after their count was fixed (honest coverage and no bias at the stop);
   :func:`initial_probes`: the first round.
 - :func:`expected_passes`: the cost model.
 """

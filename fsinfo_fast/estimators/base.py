@@ -67,9 +67,10 @@ class Estimate:
         passes: Jacobian products (JVPs + VJPs) computed per sample.
         converged: ``[B]`` bool: the interval met ``atol``/``rtol`` (always True without a
             tolerance; False where ``max_probes`` stopped the sample first).
-        probes_per_sample: ``[B]`` int64, the probes each sample's estimate uses (adaptive
-            stopping freezes a sample at the round where it converged, so a sample's estimate
-            does not depend on the other samples of the batch).
+        probes_per_sample: ``[B]`` int64, the probes drawn for each sample (adaptive stopping:
+            all three stages, of which ``info["pilot_probes"]`` only chose the count and are
+            not in the value; every decision about a sample uses only its own probes, so its
+            estimate does not depend on the other samples of the batch).
         singular: ``[B]`` bool where the value is ``-inf`` because a matrix is singular
             (or a column of ``J`` is zero with ``floor = 0``); ``None`` if not applicable.
         bound: ``[B]`` bool where the value is only a one-sided upper bound (flagged, e.g. a

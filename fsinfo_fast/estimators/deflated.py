@@ -39,11 +39,11 @@ seen over the last step, while ``p K(r) / r > 2``; per sample (a sample keeps th
 stopped at, so its estimate does not depend on the batch). The pilot probes decide only the
 rank and are not used in the estimate: ``Q`` stays independent of the remainder probes.
 
-**Stopping.** With a tolerance, a sample's first look is at ``1.5 K(r)`` remainder probes (the
-prediction, fixed before any remainder probe is drawn): most samples stop there, at a probe
-count independent of their remainder probes, which keeps the sequential-stopping bias small
-(a sample that stops at a later round was selected by its own variance estimate). Rounds
-before every sample's first look skip the summary. The FSInfo_diag interval is the log-scale
+**Stopping.** With a tolerance, the remainder probes follow the shared three-stage rule of
+:mod:`~fsinfo_fast.estimators.stopping` (stage 1 sizes stage 2, whose spread sizes stage 3;
+the estimate from stage 3's fresh probes alone, with Stein's interval), so neither the value
+nor its interval is selected by its own variance estimate; the pilot's prediction ``K(r)`` is
+recorded (``info["predicted_probes"]``). The FSInfo_diag interval is the log-scale
 t-interval (:func:`~.hutchinson.log_t_halfwidth`) of the remainder's share ``theta - theta_0``
 (``theta_0`` the value with a zero remainder, exactly known; the share is ``>= 0`` and
 right-skewed where the exact part dominates, where the plain t-interval undercovered: 0.88-0.90
@@ -64,7 +64,6 @@ from torch import Tensor
 from ..errors import InvalidInputError
 from ..formulas import DIAG_FLOOR, HALF_LOG_2PIE
 from .base import (
-    Estimate,
     Products,
     check_finite,
     detached,
@@ -72,7 +71,7 @@ from .base import (
     sigma_for,
     t_quantile,
 )
-from .diagonal import DiagEstimate, DiagProbeState, fsinfo_diag_summary
+from .diagonal import DiagEstimate, DiagProbeState, DiagStats, _stats_since, fsinfo_diag_summary
 from .hutchinson import log_t_halfwidth, mean_and_stderr
 from .probes import draw_probes, resolve_seed
 from .stopping import (
@@ -81,6 +80,7 @@ from .stopping import (
     START_PROBES,
     StoppingRule,
     _check_tol,
+    estimate_from,
     run_rounds,
 )
 
@@ -113,8 +113,6 @@ RANK_GROWTH = 1.5
 _P_MIN, _P_MAX = 0.25, 4.0
 #: The first sketch block with ``rank="auto"``.
 START_RANK = 16
-#: The first look at a sample with ``rank="auto"``: this many times the predicted probes.
-_FIRST_LOOK_MARGIN = 1.5
 #: The normal 95% quantile, the first guess of the planning quantile (then the t-quantile).
 _PLAN_Q = 1.96
 
@@ -455,18 +453,14 @@ def estimate_diag_deflated(
     b, d, dev = products.batch, products.d, products.device
     sketch = DeflationSketch.empty(products, power)
     pilot = 0
-    first_look = torch.zeros(b, dtype=torch.int64, device=dev)
+    predicted = torch.zeros(b, dtype=torch.float64, device=dev)
     if auto:
         plan = _Pilot(products, seed_i, ids, sigma_t, floor, atol, rtol, dfil_rtol,
                       pilot_probes, jackknife_groups)
         pilot = pilot_probes
-        ranks, k_pred = _choose_rank(
+        ranks, predicted = _choose_rank(
             products, sketch, plan, seed_i, ids, min(start_rank, max_rank), max_rank, min_probes
         )
-        if num_probes is None:
-            # the first look at each sample: the probes the pilot predicts (with a margin), so
-            # most samples stop at a probe count fixed before any remainder probe is drawn
-            first_look = (_FIRST_LOOK_MARGIN * k_pred).ceil().clamp(0, max_probes).to(torch.int64)
     else:
         if rank > 0:
             sketch.grow(products, rank, seed_i, ids)
@@ -484,35 +478,59 @@ def estimate_diag_deflated(
 
     # the value with a zero remainder: the exactly known lower end of the estimate
     known = _known_value(E, sigma_t, floor)
+    base: dict[str, Tensor] = {}
 
-    look0 = int(first_look.min())
+    def mark(rows: Tensor) -> None:  # where these samples' next stage starts (stopping.py)
+        gs = state.stats().group_sums
+        if not base:
+            base["sums"] = torch.zeros_like(gs)
+        base["sums"][rows] = gs[rows]
 
-    def summarize():
+    def summarize(lo: int, rows: Tensor | None = None):
         st = state.stats()
-        if st.k < look0 and st.k < max_probes:  # no sample may stop yet: skip the summary
-            z, inf = torch.zeros(b, dtype=torch.float64, device=dev), torch.full(
-                (b,), math.inf, dtype=torch.float64, device=dev
-            )
-            return {"fsinfo_diag": (z, inf, 1, z, inf), "dfil": (z, inf, 1, z, inf)}
-        fs = fsinfo_diag_summary(
-            st, sigma_t, floor, exact_diagonal=exact_diagonal, confidence=confidence, offset=E
-        )
+        if lo > 0:
+            st = _stats_since(lo, st, base["sums"])
+        idx = None
+        if rows is not None and not bool(rows.all()):
+            # only these rows' statistics start at lo: summarise them alone
+            idx = rows.nonzero().squeeze(1)
+            st = DiagStats(st.k, st.group_sums[idx], st.group_n, st.norms[idx])
+
+        def sub(t: Tensor) -> Tensor:
+            return t if idx is None else t[idx]
+
+        fs = fsinfo_diag_summary(st, sub(sigma_t), floor, exact_diagonal=exact_diagonal,
+                                 confidence=confidence, offset=sub(E))
         # the remainder's share of the value is >= 0 and right-skewed: log-scale t-interval
-        share = fs.value - known
+        share = fs.value - sub(known)
         share = torch.where(torch.isfinite(share), share, torch.zeros_like(share))
-        fs_hw = log_t_halfwidth(share, fs.stderr, fs.dof, confidence) + fs.bias_bound
-        fs_hw = torch.where(st.k < first_look, torch.full_like(fs_hw, math.inf), fs_hw)
         mean, se = mean_and_stderr(st.norms)
-        hw = log_t_halfwidth(mean, se, st.k - 1, confidence) * dfil_scale
-        tr = (e_tr + mean) * dfil_scale
-        zero = torch.zeros_like(tr)
+        scale = sub(dfil_scale)
+        parts = [fs.value, fs.stderr, fs.bias_bound, share, (sub(e_tr) + mean) * scale,
+                 se * scale, mean * scale]
+        if idx is not None:
+            full = []
+            for t in parts:
+                f = torch.full((b,), math.nan, dtype=t.dtype, device=t.device)
+                f[idx] = t
+                full.append(f)
+            parts = full
+        fv, fse, fb, sh, tr, tse, rem = parts
+
+        def fs_hw(se_: Tensor, dof_: int) -> Tensor:
+            return log_t_halfwidth(sh, se_, dof_, confidence)
+
+        def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
+            return log_t_halfwidth(rem, se_, dof_, confidence)
+
         return {
-            "fsinfo_diag": (fs.value, fs.stderr, fs.dof, fs.bias_bound, fs_hw),
-            "dfil": (tr, se * dfil_scale, st.k - 1, zero, hw),
+            "fsinfo_diag": (fv, fse, fs.dof, fb, fs_hw),
+            "dfil": (tr, tse, st.k - 1, torch.zeros_like(tr), dfil_hw),
         }
 
-    frozen, converged, probes, drawn = run_rounds(
-        rule, batch=b, device=dev, process=process, summarize=summarize, targets=targets
+    frozen, converged, probes, drawn, stage_probes = run_rounds(
+        rule, batch=b, device=dev, process=process, summarize=summarize, targets=targets,
+        mark=mark,
     )
     passes = pilot + sketch.passes + state.k
     info = {
@@ -523,22 +541,17 @@ def estimate_diag_deflated(
         "rank": [int(r) for r in ranks.tolist()],
         "rank_choice": "auto (pilot-predicted variance)" if auto else "fixed",
         "power": power,
-        "pilot_probes": pilot,
+        "rank_pilot_probes": pilot,
         "sketch_passes": sketch.passes,
         "remainder_probes": drawn,
-        "first_look": [int(k) for k in first_look.tolist()],
+        "predicted_probes": [round(float(k), 1) for k in predicted.tolist()],
+        "stage_probes": [int(k) for k in stage_probes.tolist()],
     }
     fs, df = frozen["fsinfo_diag"], frozen["dfil"]
-    fs_est = Estimate(
-        value=fs.value,
-        stderr=fs.stderr,
-        ci_halfwidth=fs.ci_halfwidth,
-        num_probes=drawn,
-        passes=passes,
-        converged=converged,
-        probes_per_sample=probes,
-        singular=~torch.isfinite(fs.value),
-        bias_bound=fs.bias_bound,
+    common = dict(converged=converged, probes=probes, drawn=drawn, pilot=stage_probes,
+                  passes=passes)
+    fs_est = estimate_from(
+        rule, fs, singular=~torch.isfinite(fs.value), **common,
         info={
             "method": "deflated_chi2_debiased_diag",
             "quantity": "fsinfo_diag",
@@ -547,24 +560,16 @@ def estimate_diag_deflated(
             "se_method": "delete-a-group jackknife over remainder probes"
             + (", exact diagonal part" if exact_diagonal else ""),
             "jackknife_groups": jackknife_groups,
-            "dof": fs.dof,
             **info,
         },
     )
-    df_est = Estimate(
-        value=df.value,
-        stderr=df.stderr,
-        ci_halfwidth=df.ci_halfwidth,
-        num_probes=drawn,
-        passes=passes,
-        converged=converged,
-        probes_per_sample=probes,
+    df_est = estimate_from(
+        rule, df, bias_bound=False, **common,
         info={
             "method": "deflated_hutchinson (hutch++ split)",
             "quantity": "dfil",
             "se_method": "remainder sample std / sqrt(K)",
             "interval": "log-scale t of the remainder (upper side, symmetric)",
-            "dof": df.dof,
             **info,
         },
     )

@@ -76,14 +76,7 @@ from .base import (
 from .hutchinson import log_t_halfwidth, mean_and_stderr
 from .logfloor import H_ABS_ERR, floor_correction
 from .probes import draw_probes, resolve_seed
-from .stopping import (
-    DEFAULT_GROWTH,
-    DEFAULT_ROUND,
-    START_PROBES,
-    StoppingRule,
-    _check_tol,
-    run_rounds,
-)
+from .stopping import StoppingRule, _check_tol, estimate_from, resolve_rule, run_rounds
 
 __all__ = [
     "DiagEstimate",
@@ -370,6 +363,17 @@ class DiagProbeState:
         )
 
 
+def _stats_since(lo: int, hi: DiagStats, base_sums: Tensor) -> DiagStats:
+    """The statistics of the probes ``lo .. hi.k - 1`` alone, for the rows whose
+    ``base_sums`` (``[B, G, d]``) are the group sums at ``lo`` (the other rows are not
+    meaningful)."""
+    g = hi.group_n.shape[0]
+    j = torch.arange(lo, hi.k, device=hi.group_n.device)
+    one = torch.ones_like(j, dtype=hi.group_n.dtype)
+    n = torch.zeros_like(hi.group_n).index_add_(0, j % g, one)
+    return DiagStats(hi.k - lo, hi.group_sums - base_sums, n, hi.norms[:, lo : hi.k])
+
+
 def _check_state(
     state: DiagProbeState,
     products: Products,
@@ -414,7 +418,10 @@ def _column_terms(
 
     ``S``: ``[B, ..., d]``; ``k``: ``[B, ...]`` probe counts (few distinct values); sigma
     tensors ``[B]``. Fast paths: no masks where every column is non-zero, no table where every
-    column is far above the floor (the correction is then one or two terms of a series).
+    column is far above the floor (the correction is then one or two terms of a series). With
+    a floor, each sample is evaluated on its own: the fast path (and the series' length) is
+    chosen from the sample's smallest ``x``, so that no other sample of the batch changes its
+    terms in the last bits.
 
     ``offset``: ``[B, d]`` exactly known part ``E_k >= 0`` of each column (deflation): the
     terms are then unbiased for ``log((E_k + R_k) / sigma^2 + floor)`` where ``S`` are sums of
@@ -422,6 +429,14 @@ def _column_terms(
     """
     if offset is not None:
         return _offset_terms(S, k, log_sigma, sigma2, floor, offset)
+    if floor > 0 and S.shape[0] > 1:
+        per = [_column_terms(S[b : b + 1], k[b : b + 1], log_sigma[b : b + 1],
+                             sigma2[b : b + 1], floor) for b in range(S.shape[0])]
+        terms = torch.cat([t for t, _ in per])
+        if all(f is None for _, f in per):
+            return terms, None
+        far = torch.cat([S[b : b + 1] > 0 if f is None else f for b, (_, f) in enumerate(per)])
+        return terms, far
     shape = (-1,) + (1,) * (S.ndim - 1)
     kk = k.unsqueeze(-1)
     pos = S > 0
@@ -672,17 +687,19 @@ def estimate_diag(
     floor: float = DIAG_FLOOR,
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
+    stop: StoppingRule | None = None,
+    stop_on: str = "fsinfo_diag",
+    dfil_rtol: float | None = None,
     num_probes: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    dfil_rtol: float | None = None,
-    min_probes: int = START_PROBES,
-    max_probes: int = 1000,
-    round_size: int = DEFAULT_ROUND,
-    confidence: float = 0.95,
+    min_probes: int | None = None,
+    max_probes: int | None = None,
+    round_size: int | None = None,
+    confidence: float | None = None,
+    growth: float | None = None,
     jackknife_groups: int = 20,
     exact_diagonal: bool = True,
-    growth: float = DEFAULT_GROWTH,
     state: DiagProbeState | None = None,
 ) -> DiagEstimate:
     r"""FSInfo_diag and dFIL per sample from ``K`` VJPs with Gaussian probes.
@@ -704,14 +721,15 @@ def estimate_diag(
             debiased for every ``floor``; ``-inf`` for a zero column with ``floor = 0``.
         seed: probe seed (or a ``torch.Generator``).
         sample_ids: ``[B]`` global sample ids (default ``arange(B)``).
-        num_probes: fixed probe count ``K`` (``>= 2``).
-        atol: target 95% half-width of FSInfo_diag in nats per input dimension.
-        rtol: target half-width of FSInfo_diag relative to ``|value|``.
-        dfil_rtol: also require dFIL's half-width ``<= dfil_rtol * dFIL`` (alone: stop on
-            dFIL only).
-        min_probes, max_probes, round_size, confidence, growth: see
-            :class:`~fsinfo_fast.estimators.StoppingRule` (default: 4 probes, then +50% per
-            round, :func:`~fsinfo_fast.estimators.stopping.initial_probes`).
+        stop: the :class:`~fsinfo_fast.estimators.StoppingRule`; its ``atol``/``rtol`` are
+            the targets of the quantity ``stop_on`` (unset start and rounds: 4 probes, then
+            +50% per round, :func:`~fsinfo_fast.estimators.stopping.initial_probes`).
+        stop_on: ``"fsinfo_diag"`` (the rule's tolerance is FSInfo_diag's: ``atol`` in nats
+            per input dimension) or ``"dfil"`` (dFIL's).
+        dfil_rtol: also require dFIL's half-width ``<= dfil_rtol * dFIL``.
+        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+            same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``);
+            ``dfil_rtol`` alone (no ``atol``/``rtol``/``num_probes``) stops on dFIL only.
         jackknife_groups: at most this many jackknife groups (``>= 2``); bounds memory to
             ``[B, groups, d]`` float64.
         exact_diagonal: see :func:`fsinfo_diag_summary`.
@@ -739,22 +757,21 @@ def estimate_diag(
     if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
         raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
     _check_tol("dfil_rtol", dfil_rtol)
-    only_dfil = num_probes is None and atol is None and rtol is None and dfil_rtol is not None
-    rule = StoppingRule(
-        num_probes=num_probes,
-        atol=atol,
-        rtol=dfil_rtol if only_dfil else rtol,
-        min_probes=min_probes,
-        max_probes=max_probes,
-        round_size=round_size,
-        confidence=confidence,
-        growth=growth,
-    )
+    if stop_on not in ("fsinfo_diag", "dfil"):
+        raise InvalidInputError(f"stop_on must be 'fsinfo_diag' or 'dfil', got {stop_on!r}")
+    if (stop is None and num_probes is None and atol is None and rtol is None
+            and dfil_rtol is not None):  # the convenience form of stopping on dFIL alone
+        stop_on, rtol, dfil_rtol = "dfil", dfil_rtol, None
+    rule = resolve_rule(stop, "diag", num_probes=num_probes, atol=atol, rtol=rtol,
+                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
+                        confidence=confidence, growth=growth)
+    confidence = rule.confidence
     targets: dict[str, tuple[float | None, float | None]] = {}
-    if atol is not None or rtol is not None:
-        targets["fsinfo_diag"] = (atol, rtol)
+    if rule.targets != (None, None):
+        targets[stop_on] = rule.targets
     if dfil_rtol is not None:
-        targets["dfil"] = (None, dfil_rtol)
+        a, r = targets.get("dfil", (None, None))
+        targets["dfil"] = (a, dfil_rtol if r is None else min(r, dfil_rtol))
     if state is None:
         state = DiagProbeState.for_products(
             products, seed=seed, sample_ids=sample_ids, jackknife_groups=jackknife_groups
@@ -779,45 +796,70 @@ def estimate_diag(
             state.extend(products, count)
         boundary[0] = k
 
-    def summarize():
+    base: dict[str, Tensor] = {}
+
+    def mark(rows: Tensor) -> None:
+        # the running sums where these samples' pilots stopped: their second stage's
+        # statistics are the sums since then
+        gs = state.stats(boundary[0]).group_sums
+        if not base:
+            base["sums"] = torch.zeros_like(gs)
+        base["sums"][rows] = gs[rows]
+
+    def summarize(lo: int, rows: Tensor | None = None):
         st = state.stats(boundary[0])
-        fs = fsinfo_diag_summary(
-            st, sigma_t, floor, exact_diagonal=exact_diagonal, confidence=confidence
-        )
+        if lo > 0:
+            st = _stats_since(lo, st, base["sums"])
+        idx = None
+        if rows is not None and not bool(rows.all()):
+            # only these rows' statistics start at lo: summarise them alone, so that no other
+            # row (nor its batch) enters their floor-term evaluation or far-column masks
+            idx = rows.nonzero().squeeze(1)
+            st = DiagStats(st.k, st.group_sums[idx], st.group_n, st.norms[idx])
+        sig = sigma_t if idx is None else sigma_t[idx]
+        fs = fsinfo_diag_summary(st, sig, floor, exact_diagonal=exact_diagonal,
+                                 confidence=confidence)
         tr = trace_summary(st)
-        tr_hw = tr.halfwidth(confidence) * dfil_scale
+        scale = dfil_scale if idx is None else dfil_scale[idx]
+        parts = [fs.value, fs.stderr, fs.bias_bound, tr.value * scale, tr.stderr * scale]
+        if idx is not None:
+            full = []
+            for t in parts:
+                f = torch.full((products.batch,), math.nan, dtype=t.dtype, device=t.device)
+                f[idx] = t
+                full.append(f)
+            parts = full
+        fv, fse, fb, dv, dse = parts
+
+        def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
+            return log_t_halfwidth(dv, se_, dof_, confidence)
+
         return {
-            "fsinfo_diag": (fs.value, fs.stderr, fs.dof, fs.bias_bound),
-            "dfil": (tr.value * dfil_scale, tr.stderr * dfil_scale, tr.dof, tr.bias_bound, tr_hw),
+            "fsinfo_diag": (fv, fse, fs.dof, fb),
+            "dfil": (dv, dse, tr.dof, torch.zeros_like(dv), dfil_hw),
         }
 
-    frozen, converged, probes, drawn = run_rounds(
+    frozen, converged, probes, drawn, pilot = run_rounds(
         rule,
         batch=products.batch,
         device=products.device,
         process=process,
         summarize=summarize,
         targets=targets,
+        mark=mark,
     )
     computed = max(0, state.k - k_entry)
     info = {
         "seed": state.seed,
-        "confidence": confidence,
         "side": "output",
         "kind": "gaussian",
         "reused_probes": min(drawn, k_entry),
+        "stop_on": sorted(targets),
     }
-    fs, df = frozen["fsinfo_diag"], frozen["dfil"]
-    fs_est = Estimate(
-        value=fs.value,
-        stderr=fs.stderr,
-        ci_halfwidth=fs.ci_halfwidth,
-        num_probes=drawn,
-        passes=computed,
-        converged=converged,
-        probes_per_sample=probes,
-        singular=~torch.isfinite(fs.value),
-        bias_bound=fs.bias_bound,
+    common = dict(converged=converged, probes=probes, drawn=drawn, pilot=pilot, passes=computed)
+    fs = frozen["fsinfo_diag"]
+    fs_est = estimate_from(
+        rule, fs, singular=~torch.isfinite(fs.value), **common,
         info={
             "method": "chi2_debiased_diag",
             "quantity": "fsinfo_diag",
@@ -826,24 +868,16 @@ def estimate_diag(
             "se_method": "delete-a-group jackknife"
             + (", exact diagonal part" if exact_diagonal else ""),
             "jackknife_groups": jackknife_groups,
-            "dof": fs.dof,
             **info,
         },
     )
-    df_est = Estimate(
-        value=df.value,
-        stderr=df.stderr,
-        ci_halfwidth=df.ci_halfwidth,
-        num_probes=drawn,
-        passes=computed,
-        converged=converged,
-        probes_per_sample=probes,
+    df_est = estimate_from(
+        rule, frozen["dfil"], bias_bound=False, **common,
         info={
             "method": "hutchinson",
             "quantity": "dfil",
             "se_method": "sample std / sqrt(K)",
             "interval": "log-scale t (upper side, symmetric)",
-            "dof": df.dof,
             **info,
         },
     )

@@ -40,13 +40,7 @@ from .base import (
     sigma_for,
 )
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import (
-    DEFAULT_GROWTH,
-    DEFAULT_ROUND,
-    START_TRACE_PROBES,
-    StoppingRule,
-    run_rounds,
-)
+from .stopping import StoppingRule, estimate_from, resolve_rule, run_rounds
 
 __all__ = ["hutchinson_trace", "log_t_halfwidth", "skew_weight", "SIDES"]
 
@@ -127,14 +121,15 @@ def hutchinson_trace(
     kind: str = "gaussian",
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
+    stop: StoppingRule | None = None,
     num_probes: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    min_probes: int = START_TRACE_PROBES,
-    max_probes: int = 1000,
-    round_size: int = DEFAULT_ROUND,
-    confidence: float = 0.95,
-    growth: float = DEFAULT_GROWTH,
+    min_probes: int | None = None,
+    max_probes: int | None = None,
+    round_size: int | None = None,
+    confidence: float | None = None,
+    growth: float | None = None,
 ) -> Estimate:
     r"""Per-sample Hutchinson estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
 
@@ -150,10 +145,11 @@ def hutchinson_trace(
             the Gram matrix on the probe side.
         seed: probe seed (or a ``torch.Generator``, from which one seed is drawn).
         sample_ids: ``[B]`` global ids of the samples (default ``arange(B)``).
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: see
-            :class:`~fsinfo_fast.estimators.StoppingRule`; tolerances in the value's units
-            (default start: 10 probes, then +50% per round; see
+        stop: the :class:`~fsinfo_fast.estimators.StoppingRule` (tolerances in the value's
+            units; unset start and rounds: 10 probes, then +50% per round, see
             :func:`~fsinfo_fast.estimators.stopping.initial_probes`).
+        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+            same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
 
     Returns:
         :class:`~fsinfo_fast.estimators.Estimate`; ``passes`` = probes drawn (one product each).
@@ -168,16 +164,10 @@ def hutchinson_trace(
     """
     products = detached(products)
     _check_side_kind(side, kind)
-    rule = StoppingRule(
-        num_probes=num_probes,
-        atol=atol,
-        rtol=rtol,
-        min_probes=min_probes,
-        max_probes=max_probes,
-        round_size=round_size,
-        confidence=confidence,
-        growth=growth,
-    )
+    rule = resolve_rule(stop, "trace", num_probes=num_probes, atol=atol, rtol=rtol,
+                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
+                        confidence=confidence, growth=growth)
+    confidence = rule.confidence
     seed = resolve_seed(seed)
     ids = sample_ids_for(products, sample_ids)
     scale = trace_scale(products, sigma)
@@ -199,14 +189,20 @@ def hutchinson_trace(
         check_finite(out, ids, start, f"Hutchinson trace ({side} side)")
         chunks.append((out.to(torch.float64) ** 2).sum(dim=2))
 
-    def summarize():
-        mean, se = mean_and_stderr(torch.cat(chunks, dim=1))
+    def summarize(lo: int, rows: Tensor | None = None):  # per-row: rows unused
+        t = torch.cat(chunks, dim=1)
+        chunks[:] = [t]
+        mean, se = mean_and_stderr(t[:, lo:])
         se = with_rounding(se, mean, n, products.dtype)
-        dof = sum(c.shape[1] for c in chunks) - 1
-        hw = log_t_halfwidth(mean * scale, se * scale, dof, confidence, skew_weight(kind))
-        return {"value": (mean * scale, se * scale, dof, torch.zeros_like(mean), hw)}
+        dof = t.shape[1] - lo - 1
+        v, w = mean * scale, skew_weight(kind)
 
-    frozen, converged, probes, drawn = run_rounds(
+        def hw_fn(se_: Tensor, dof_: int) -> Tensor:
+            return log_t_halfwidth(v, se_, dof_, confidence, w)
+
+        return {"value": (v, se * scale, dof, torch.zeros_like(mean), hw_fn)}
+
+    frozen, converged, probes, drawn, pilot = run_rounds(
         rule,
         batch=products.batch,
         device=products.device,
@@ -214,23 +210,15 @@ def hutchinson_trace(
         summarize=summarize,
         targets={"value": rule.targets},
     )
-    f = frozen["value"]
-    return Estimate(
-        value=f.value,
-        stderr=f.stderr,
-        ci_halfwidth=f.ci_halfwidth,
-        num_probes=drawn,
-        passes=drawn,
-        converged=converged,
-        probes_per_sample=probes,
+    return estimate_from(
+        rule, frozen["value"], converged=converged, probes=probes, drawn=drawn, pilot=pilot,
+        passes=drawn, bias_bound=False,
         info={
             "method": "hutchinson",
             "quantity": "dfil" if sigma is not None else "trace",
             "side": side,
             "kind": kind,
             "seed": seed,
-            "dof": f.dof,
             "interval": f"log-scale t (upper side, symmetric; weight {skew_weight(kind)})",
-            "confidence": confidence,
         },
     )

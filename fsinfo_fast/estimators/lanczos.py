@@ -120,11 +120,10 @@ from .base import (
     prior_precision,
     sample_ids_for,
     sigma_for,
-    t_quantile,
 )
 from .hutchinson import mean_and_stderr
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import StoppingRule, run_rounds
+from .stopping import StoppingRule, estimate_from, resolve_rule, run_rounds
 
 __all__ = [
     "METHODS",
@@ -772,13 +771,15 @@ def slq_logdet(
     kind: str = "rademacher",
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
+    stop: StoppingRule | None = None,
     num_probes: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    min_probes: int = 10,
-    max_probes: int = 1000,
-    round_size: int = 10,
-    confidence: float = 0.95,
+    min_probes: int | None = None,
+    max_probes: int | None = None,
+    round_size: int | None = None,
+    confidence: float | None = None,
+    growth: float | None = None,
     probe_chunk: int | None = None,
     quad_atol: float | None = None,
 ) -> Estimate:
@@ -801,9 +802,11 @@ def slq_logdet(
         side: ``"auto"`` (the smaller side), ``"input"`` or ``"output"``.
         kind: ``"rademacher"`` (default, lower variance) or ``"gaussian"`` probes.
         seed, sample_ids: probe seed and ``[B]`` global ids.
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence: see
-            :class:`~fsinfo_fast.estimators.StoppingRule` (``atol`` in nats per dimension; the
-            interval compared with it includes the quadrature and rounding allowance).
+        stop: the :class:`~fsinfo_fast.estimators.StoppingRule` (``atol`` in nats per
+            dimension; the interval compared with it includes the quadrature and rounding
+            allowance; unset start and rounds: 10 probes, then rounds of 10).
+        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+            same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
         probe_chunk: run the recursions for at most this many probes at once (default: a whole
             round). Bounds the Krylov bases, ``[B, chunk, order, n]`` float64, at the price of
             smaller product batches; the result does not depend on it.
@@ -839,16 +842,11 @@ def slq_logdet(
         isinstance(probe_chunk, bool) or not isinstance(probe_chunk, int) or probe_chunk < 1
     ):
         raise InvalidInputError(f"probe_chunk must be an int >= 1 or None, got {probe_chunk!r}")
-    rule = StoppingRule(
-        num_probes=num_probes,
-        atol=atol,
-        rtol=rtol,
-        min_probes=min_probes,
-        max_probes=max_probes,
-        round_size=round_size,
-        confidence=confidence,
-    )
-    qa = default_quad_atol(atol, rtol) if quad_atol is None else quad_atol
+    rule = resolve_rule(stop, "slq", num_probes=num_probes, atol=atol, rtol=rtol,
+                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
+                        confidence=confidence, growth=growth)
+    confidence = rule.confidence
+    qa = default_quad_atol(rule.atol, rule.rtol) if quad_atol is None else quad_atol
     lam = prior_precision(prior_var)
     sig = sigma_for(products, sigma)
     seed = resolve_seed(seed)
@@ -912,33 +910,32 @@ def slq_logdet(
             parts["bound"].append(t.bound)
             parts["zero"].append(t.zero)
 
-    def cat(name: str) -> Tensor:
-        return torch.cat(parts[name], dim=1)
+    def cat(name: str, lo: int) -> Tensor:
+        parts[name] = [torch.cat(parts[name], dim=1)]
+        return parts[name][0][:, lo:]
 
-    def summarize():
-        zero = cat("zero") & (lam == 0.0)
+    def summarize(lo: int, rows: Tensor | None = None):  # per-row: rows unused
+        zero = cat("zero", lo) & (lam == 0.0)
         singular = zero.any(dim=1)
-        q = torch.where(zero, torch.zeros_like(cat("value")), cat("value"))
+        vals = cat("value", lo)
+        q = torch.where(zero, torch.zeros_like(vals), vals)
         mean, se = mean_and_stderr(q)
         kk = q.shape[1]
-        allow = cat("allow").mean(dim=1) / (2 * d)
+        allow = cat("allow", lo).mean(dim=1) / (2 * d)
         value = (mean + extra) / (2 * d) - HALF_LOG_2PIE
         value = torch.where(singular, torch.full_like(value, -math.inf), value)
         se = torch.where(singular, torch.zeros_like(se), se / (2 * d))
         allow = torch.where(singular, torch.zeros_like(allow), allow)
-        # run_rounds forms t * stderr: carry the allowance as stderr + allowance / t
-        tq = t_quantile(kk - 1, confidence)
+        zeros = torch.zeros_like(se)
         return {
-            "value": (value, se + allow / tq, kk - 1),
-            "se": (se, torch.zeros_like(se), kk - 1),
-            "allow": (allow, torch.zeros_like(se), kk - 1),
-            "bound": (cat("bound").any(dim=1).to(torch.float64), torch.zeros_like(se), kk - 1),
-            "qconv": (cat("conv").all(dim=1).to(torch.float64), torch.zeros_like(se), kk - 1),
-            "order": (cat("order").max(dim=1).values.to(torch.float64), torch.zeros_like(se),
-                      kk - 1),
+            # a converged probe's bracket is at most qa: plan second stages for that allowance
+            "value": (value, se, kk - 1, allow, None, qa),
+            "bound": (cat("bound", lo).any(dim=1).to(torch.float64), zeros, kk - 1),
+            "qconv": (cat("conv", lo).all(dim=1).to(torch.float64), zeros, kk - 1),
+            "order": (cat("order", lo).max(dim=1).values.to(torch.float64), zeros, kk - 1),
         }
 
-    frozen, converged, probes, drawn = run_rounds(
+    frozen, converged, probes, drawn, pilot = run_rounds(
         rule,
         batch=b,
         device=dev,
@@ -947,15 +944,10 @@ def slq_logdet(
         targets={"value": rule.targets},
     )
     f = frozen["value"]
-    se, allow = frozen["se"].value, frozen["allow"].value
     singular = ~torch.isfinite(f.value)
     bound = (frozen["bound"].value > 0) & ~singular
-    tq = torch.tensor([t_quantile(int(k), confidence) for k in f.dof.tolist()],
-                      dtype=torch.float64, device=dev)
-    hw = torch.where(singular, torch.zeros_like(se), tq * se + allow)
     orders = frozen["order"].value.to(torch.int64)
-    out_info = {**info, "dof": f.dof, "order": int(orders.max()) if orders.numel() else 0,
-                "orders": orders}
+    out_info = {**info, "order": int(orders.max()) if orders.numel() else 0, "orders": orders}
     if bool(bound.any()):
         out_info["bound_reason"] = (
             "the spectrum of J^T J reaches the working precision of the products "
@@ -963,19 +955,10 @@ def slq_logdet(
             "raised by the precision floor); use float64 products, method='golub_kahan' or a "
             "prior to resolve it"
         )
-    return Estimate(
-        value=f.value,
-        stderr=se,
-        ci_halfwidth=hw,
-        num_probes=drawn,
-        passes=passes,
-        converged=converged if rule.targets != (None, None) else frozen["qconv"].value > 0,
-        probes_per_sample=probes,
-        singular=singular,
-        bound=bound,
-        bias_bound=allow,
-        info=out_info,
-    )
+    if rule.targets == (None, None):
+        converged = frozen["qconv"].value > 0
+    return estimate_from(rule, f, converged=converged, probes=probes, drawn=drawn, pilot=pilot,
+                         passes=passes, singular=singular, bound=bound, info=out_info)
 
 
 # --- plain building blocks (fixed order; kept for callers that want the raw recursion) --------

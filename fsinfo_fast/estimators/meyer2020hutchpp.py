@@ -45,7 +45,7 @@ from .hutchinson import (
     with_rounding,
 )
 from .probes import draw_probes, resolve_seed
-from .stopping import StoppingRule, run_rounds
+from .stopping import StoppingRule, estimate_from, resolve_rule, run_rounds
 
 __all__ = ["hutchpp_trace", "SKETCH_STREAM"]
 
@@ -62,29 +62,31 @@ def hutchpp_trace(
     kind: str = "gaussian",
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
+    stop: StoppingRule | None = None,
     num_probes: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
-    min_probes: int = 30,
-    max_probes: int = 1000,
-    round_size: int = 10,
-    confidence: float = 0.95,
-    growth: float = 1.0,
+    min_probes: int | None = None,
+    max_probes: int | None = None,
+    round_size: int | None = None,
+    confidence: float | None = None,
+    growth: float | None = None,
 ) -> Estimate:
     r"""Per-sample Hutch++ estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
 
     Args:
         products: batched Jacobian products.
         sigma: noise scale; if given the value is dFIL ``tr(J^T J) / (sigma^2 d)``.
-        sketch_size: sketch columns ``k`` (default: ``num_probes`` if fixed, else
-            ``min_probes``; Meyer et al.'s equal split of the budget), capped at ``n``.
+        sketch_size: sketch columns ``k`` (default: the rule's ``num_probes`` if fixed, else
+            its ``min_probes``; Meyer et al.'s equal split of the budget), capped at ``n``.
         side: ``"input"`` (``A = J^T J``), ``"output"`` (``A = J J^T``) or ``"auto"`` (smaller).
         kind: residual probe distribution, ``"gaussian"`` or ``"rademacher"`` (the sketch is
             always Gaussian).
         seed, sample_ids: probe seed and ``[B]`` global sample ids.
-        num_probes: fixed number of *residual* probes ``K`` (``>= 2``).
-        atol, rtol, min_probes, max_probes, round_size, confidence, growth: see
-            :class:`~fsinfo_fast.estimators.StoppingRule` (residual probes).
+        stop: the :class:`~fsinfo_fast.estimators.StoppingRule` of the *residual* probes
+            (unset start and rounds: 30, then rounds of 10).
+        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+            same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
 
     Returns:
         :class:`~fsinfo_fast.estimators.Estimate`; ``passes = 3 k + K``; ``info["sketch_size"]``.
@@ -100,19 +102,13 @@ def hutchpp_trace(
     if side == "auto":
         side = "input" if products.d <= products.m else "output"
     _check_side_kind(side, kind)
-    rule = StoppingRule(
-        num_probes=num_probes,
-        atol=atol,
-        rtol=rtol,
-        min_probes=min_probes,
-        max_probes=max_probes,
-        round_size=round_size,
-        confidence=confidence,
-        growth=growth,
-    )
+    rule = resolve_rule(stop, "hutch++", num_probes=num_probes, atol=atol, rtol=rtol,
+                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
+                        confidence=confidence, growth=growth)
+    confidence = rule.confidence
     n = products.d if side == "input" else products.m
     if sketch_size is None:
-        sketch_size = num_probes if num_probes is not None else min_probes
+        sketch_size = rule.num_probes if rule.num_probes is not None else rule.min_probes
     if isinstance(sketch_size, bool) or not isinstance(sketch_size, int) or sketch_size < 1:
         raise InvalidInputError(f"sketch_size must be an int >= 1, got {sketch_size!r}")
     k = min(sketch_size, n)
@@ -166,16 +162,22 @@ def hutchpp_trace(
         check_finite(out, ids, start, f"Hutch++ residual ({side} side)")
         chunks.append((out.to(torch.float64) ** 2).sum(dim=2))
 
-    def summarize():
-        mean, se = mean_and_stderr(torch.cat(chunks, dim=1))
-        k_res = sum(c.shape[1] for c in chunks)
+    def summarize(lo: int, rows: Tensor | None = None):  # per-row: rows unused
+        t = torch.cat(chunks, dim=1)
+        chunks[:] = [t]
+        mean, se = mean_and_stderr(t[:, lo:])
+        k_res = t.shape[1] - lo
         total = sketch_trace + mean
         se = with_rounding(se, total, n, dt)
         # the skew is the residual mean's: its log-scale interval, shifted by the exact sketch
-        hw = log_t_halfwidth(mean * scale, se * scale, k_res - 1, confidence, skew_weight(kind))
-        return {"value": (total * scale, se * scale, k_res - 1, torch.zeros_like(total), hw)}
+        res, w = mean * scale, skew_weight(kind)
 
-    frozen, converged, probes, drawn = run_rounds(
+        def hw_fn(se_: Tensor, dof_: int) -> Tensor:
+            return log_t_halfwidth(res, se_, dof_, confidence, w)
+
+        return {"value": (total * scale, se * scale, k_res - 1, torch.zeros_like(total), hw_fn)}
+
+    frozen, converged, probes, drawn, pilot = run_rounds(
         rule,
         batch=products.batch,
         device=dev,
@@ -183,15 +185,9 @@ def hutchpp_trace(
         summarize=summarize,
         targets={"value": rule.targets},
     )
-    f = frozen["value"]
-    return Estimate(
-        value=f.value,
-        stderr=f.stderr,
-        ci_halfwidth=f.ci_halfwidth,
-        num_probes=drawn,
-        passes=3 * k + drawn,
-        converged=converged,
-        probes_per_sample=probes,
+    return estimate_from(
+        rule, frozen["value"], converged=converged, probes=probes, drawn=drawn, pilot=pilot,
+        passes=3 * k + drawn, bias_bound=False,
         info={
             "method": "hutch++",
             "quantity": "dfil" if sigma is not None else "trace",
@@ -199,9 +195,7 @@ def hutchpp_trace(
             "kind": kind,
             "sketch_size": k,
             "seed": seed,
-            "dof": f.dof,
             "se_method": "conditional on the sketch: residual sample std / sqrt(K)",
             "interval": "log-scale t of the residual mean (upper side, symmetric)",
-            "confidence": confidence,
         },
     )
