@@ -52,8 +52,13 @@ def test_fsinfo_diag_within_001_with_32_probes(case):
 
 def test_fsinfo_diag_adaptive_meets_atol(case):
     encoder, x, exact, _ = case
+    """Adaptive at atol 0.01: the three-stage rule (estimators/stopping.py) spends its sizing
+    stages and a Stein t-quantile with few dof on top of the 32 probes a fixed count needs:
+    at most 1.5 times that in all, the estimate itself from at most 40."""
     r = ff.fsinfo(encoder, x, sigma=0.1, estimator="auto", atol=0.01)
-    assert r.estimator == "randomized" and r.num_probes <= 32
+    pilot = int(r.info["pilot_probes"].max())
+    assert r.estimator == "randomized" and r.num_probes <= 48 and r.num_probes - pilot <= 40
+    assert bool((r.ci_halfwidth <= 0.01).all())
     assert bool(((r.value - exact).abs() < 0.01).all())
 
 

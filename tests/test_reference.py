@@ -167,7 +167,7 @@ def test_dfil_noise_calibration(zoo):
     """Maeng et al.: sigma = sqrt(b * mean_x tr(J^T J) / d) makes 1/mean dFIL equal b."""
     model, x = zoo["cnn_bn_maxpool_m<d"]
     b = 0.05
-    per_sample = ff.dfil_sigma(model, x, bound=b)
+    per_sample = ff.dfil_sigma(model, x, bound=b, estimator="exact")  # the float64 oracle
     s = per_sample.dataset("rms")
     dfil = ff.reference.dfil(model, x, sigma=s)
     torch.testing.assert_close(torch.tensor(1.0 / float(dfil.value.mean()), dtype=torch.float64),
