@@ -71,7 +71,7 @@ from .base import (
     sigma_for,
     t_quantile,
 )
-from .diagonal import DiagEstimate, DiagProbeState, DiagStats, _stats_since, fsinfo_diag_summary
+from .diagonal import DiagEstimate, DiagProbeState, fsinfo_diag_summary, stage_stats
 from .hutchinson import log_t_halfwidth, mean_and_stderr
 from .probes import draw_probes, resolve_seed
 from .stopping import (
@@ -487,14 +487,7 @@ def estimate_diag_deflated(
         base["sums"][rows] = gs[rows]
 
     def summarize(lo: int, rows: Tensor | None = None):
-        st = state.stats()
-        if lo > 0:
-            st = _stats_since(lo, st, base["sums"])
-        idx = None
-        if rows is not None and not bool(rows.all()):
-            # only these rows' statistics start at lo: summarise them alone
-            idx = rows.nonzero().squeeze(1)
-            st = DiagStats(st.k, st.group_sums[idx], st.group_n, st.norms[idx])
+        st, idx = stage_stats(state.stats(), lo, base.get("sums"), rows)
 
         def sub(t: Tensor) -> Tensor:
             return t if idx is None else t[idx]

@@ -374,6 +374,22 @@ def _stats_since(lo: int, hi: DiagStats, base_sums: Tensor) -> DiagStats:
     return DiagStats(hi.k - lo, hi.group_sums - base_sums, n, hi.norms[:, lo : hi.k])
 
 
+def stage_stats(
+    st: DiagStats, lo: int, base_sums: Tensor | None, rows: Tensor | None
+) -> tuple[DiagStats, Tensor | None]:
+    """The statistics a stage summary of :func:`~.stopping.run_rounds` needs: those of the
+    probes ``lo ..`` (``base_sums`` the group sums at ``lo``, kept by ``mark``), restricted to
+    ``rows`` when only some rows' stage starts at ``lo`` (summarised alone, so that no other row
+    enters their floor-term evaluation or far-column masks). Returns ``(stats, idx)`` with
+    ``idx`` the row indices kept (``None``: all)."""
+    if lo > 0:
+        st = _stats_since(lo, st, base_sums)
+    if rows is None or bool(rows.all()):
+        return st, None
+    idx = rows.nonzero().squeeze(1)
+    return DiagStats(st.k, st.group_sums[idx], st.group_n, st.norms[idx]), idx
+
+
 def _check_state(
     state: DiagProbeState,
     products: Products,
@@ -807,15 +823,7 @@ def estimate_diag(
         base["sums"][rows] = gs[rows]
 
     def summarize(lo: int, rows: Tensor | None = None):
-        st = state.stats(boundary[0])
-        if lo > 0:
-            st = _stats_since(lo, st, base["sums"])
-        idx = None
-        if rows is not None and not bool(rows.all()):
-            # only these rows' statistics start at lo: summarise them alone, so that no other
-            # row (nor its batch) enters their floor-term evaluation or far-column masks
-            idx = rows.nonzero().squeeze(1)
-            st = DiagStats(st.k, st.group_sums[idx], st.group_n, st.norms[idx])
+        st, idx = stage_stats(state.stats(boundary[0]), lo, base.get("sums"), rows)
         sig = sigma_t if idx is None else sigma_t[idx]
         fs = fsinfo_diag_summary(st, sig, floor, exact_diagonal=exact_diagonal,
                                  confidence=confidence)
