@@ -51,42 +51,16 @@ ENCODERS = [
 ]
 
 
-class _Stop(Exception):
-    pass
-
-
-class HookCut(torch.nn.Module):
-    """``model`` up to the output of the module at ``path`` (a forward hook stores it and raises
-    to stop the forward early): the cut of a model ``torch.fx`` cannot trace."""
-
-    def __init__(self, model: torch.nn.Module, path: str) -> None:
-        super().__init__()
-        self.model, self.path = model, path
-
-    def forward(self, x):
-        box = {}
-
-        def hook(mod, inp, out):
-            box["out"] = out[0] if isinstance(out, (tuple, list)) else out
-            raise _Stop
-
-        h = self.model.get_submodule(self.path).register_forward_hook(hook)
-        try:
-            self.model(x)
-        except _Stop:
-            pass
-        finally:
-            h.remove()
-        return box["out"]
-
-
 def build_encoder(model_name: str, split, kw: dict) -> torch.nn.Module:
-    """The encoder of a benchmark row (zoo split, or a transformers model cut by a hook)."""
+    """The encoder of a benchmark row (zoo split, or a transformers model cut at a module path
+    by :func:`fsinfo_fast.split`'s forward-hook route)."""
     if model_name.startswith("tp:"):
         from fsinfo_fast.models.third_party import build
 
-        return HookCut(build(model_name[3:], **kw), split).eval()
+        return ff.split(build(model_name[3:], **kw), split, route="hooks").eval()
     return ff.split(get_model(model_name, **kw).eval(), split)
+
+
 SMOKE = [("vgg5-s2@8", "vgg5", 2, 8, {"input_size": 8})]
 
 
