@@ -58,13 +58,14 @@ from .estimators.deflated import (
     DEFLATE_ABOVE,
     PILOT_PROBES,
     START_RANK,
+    DeflationSketch,
     estimate_diag_deflated,
     predict_plain_probes,
 )
 from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
-from .estimators.exact_fast import FastExactFisher, exact_fast_fisher
+from .estimators.exact_fast import CHECK_COLUMNS, FastExactFisher, exact_fast_fisher
 from .estimators.probes import resolve_seed
-from .estimators.stopping import initial_probes
+from .estimators.stopping import START_PROBES, initial_probes, planned_probes
 from .formulas import DIAG_FLOOR, as_sigma
 from .reference.oracle import _warn_singular
 from .result import Z95, MetricResult, SigmaResult
@@ -183,6 +184,7 @@ class Linearization:
         self._diag_cache: dict[tuple, Any] = {}
         self._dstate: DiagProbeState | None = None
         self._deflated_cache: dict[tuple, Any] = {}
+        self._sketch: DeflationSketch | None = None  # shared by the deflated requests
 
     # -- basic properties --------------------------------------------------------------------
     @property
@@ -501,9 +503,14 @@ class Linearization:
             tol = stop["atol"] is not None or stop["rtol"] is not None or dfil_rtol is not None
             rank = "auto" if tol and stop["num_probes"] is None else min(
                 START_RANK, max(1, min(self.m, self.d) // 2))
+            sketch = None
+            if rank == "auto":  # one sketch for every request: its prefixes are the sketches
+                if self._sketch is None:
+                    self._sketch = DeflationSketch.empty(self.products)
+                sketch = self._sketch
             hit = estimate_diag_deflated(self.products, sigma=s, floor=floor, seed=self.seed,
                                          sample_ids=self.sample_ids, rank=rank,
-                                         dfil_rtol=dfil_rtol, **stop)
+                                         dfil_rtol=dfil_rtol, sketch=sketch, **stop)
             self._deflated_cache[key] = hit
         return hit
 
@@ -519,16 +526,31 @@ class Linearization:
         max_probes: int = 1000,
         method: str = "auto",
     ) -> MetricResult:
-        r"""Per-sample dFIL ``tr(J^T J)/(sigma^2 d)`` in 1/dim (see :func:`fsinfo_fast.dfil`)."""
+        r"""Per-sample dFIL ``tr(J^T J)/(sigma^2 d)`` in 1/dim (see :func:`fsinfo_fast.dfil`).
+
+        ``estimator="auto"`` with a tolerance predicts the products the randomized route will
+        spend under the three-stage stopping rule (stages 1 + 2 + 3,
+        :func:`~fsinfo_fast.estimators.stopping.planned_probes`) from what this batch already
+        holds (:meth:`_dfil_costs`: FSInfo_diag's Gaussian VJPs, its deflated estimate) or,
+        if nothing, from the first round of the chosen method, and takes the fast exact route
+        at once where that is predicted cheaper than the randomized one (``min(m, d)``
+        products), or where the randomized one would stop at its probe cap (reason in
+        ``info["auto"]``). A randomized estimate that still misses its tolerance within the
+        cap is replaced by the exact route as before (:meth:`_finish`).
+        """
         _check_choice("estimator", estimator, ESTIMATORS)
         _check_choice("method", method, DFIL_METHODS)
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
             method, estimator = "deflated", "randomized"
+        tol_run = num_probes is None and (rtol is not None or atol is not None)
+        # the probe cap of the single-stream methods under auto (the oracle's products)
+        mp = max(_CAP_FLOOR, min(max_probes, n)) if estimator == "auto" else max_probes
+        costs = self._dfil_costs(s, rtol, atol, mp) if tol_run else {}
         method_reason = None
         if method == "auto":  # FSInfo_diag's VJPs where they are cheaper, else Rademacher JVPs
-            method, method_reason = self._dfil_method(s, rtol, atol, num_probes, max_probes)
+            method, method_reason = self._dfil_method(num_probes, costs)
         k0 = initial_probes(num_probes=num_probes, max_probes=max_probes,
                             quantity="fsinfo_diag" if method == "diag" else "trace")
         sketch = min(n, 10) if method == "hutch++" else 0
@@ -537,6 +559,15 @@ class Linearization:
         why = self._auto_exact(estimator, cost, spectrum=False)
         if why is not None:
             return self._exact_dfil(s, why, estimator)
+        prediction: dict[str, Any] = {}
+        if estimator == "auto" and tol_run and method != "hutch++":
+            why, prediction = self._dfil_predicted_exact(s, method, costs, rtol, atol, mp)
+            if why is not None:
+                r = self._exact_dfil(s, why, estimator)
+                r.info["auto_prediction_passes"] = prediction.get("passes", 0)
+                if method_reason is not None:
+                    r.info["method_reason"] = method_reason
+                return r
         cap = max(2, n - 3 * sketch) if estimator == "auto" else None
         stop = _stopping(atol, rtol, num_probes, max_probes, cap)
         common = {"sigma": s, "seed": self.seed, "sample_ids": self.sample_ids}
@@ -561,51 +592,155 @@ class Linearization:
         if why is not None:
             r = self._exact_dfil(s, why, estimator)
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
+            if prediction:
+                r.info["auto_prediction"] = prediction["why"]
             return r
-        extra = {"method": method}
+        extra: dict[str, Any] = {"method": method}
         if method_reason is not None:
             extra["method_reason"] = method_reason
+        if prediction:
+            extra["auto_prediction"] = prediction["why"]
+            extra["auto_prediction_passes"] = prediction.get("passes", 0)
         return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
                           info=self._info(**extra))
 
-    def _dfil_method(self, s: Tensor, rtol, atol, num_probes, max_probes) -> tuple[str, str]:
-        r"""``auto``'s dFIL method and why: the diagonal estimator's Gaussian VJPs when they are
-        already drawn and reaching the tolerance from them costs fewer new products than
-        Rademacher JVPs would, else Rademacher (Hutchinson).
-
-        From the ``K`` Gaussian probes held: the per-probe variance of ``||J^T u||^2`` is
-        :math:`2\|J^TJ\|_F^2` (estimated by the sample variance ``v_G``), that of input-side
-        Rademacher :math:`2(\|J^TJ\|_F^2 - \sum_k D_k^2)` (``v_G - 2 \sum_k \hat D_k^2
-        K/(K+2)``, the chi-square mean's second moment removed). Probes needed for a 95%
-        half-width ``tol`` (trace units): ``N = v (1.96 / tol)^2``; Gaussian costs
-        ``N_G - K`` more VJPs, Rademacher ``max(start, N_R)`` JVPs (the batch's worst sample).
-        """
-        st = self._dstate
-        if st is None or st.k < 2:
-            return "hutchinson", "no diagonal (Gaussian VJP) probes drawn on this batch yet"
-        if num_probes is not None:
-            return "diag", f"{st.k} Gaussian VJPs already drawn by FSInfo_diag are reused"
-        stats = st.stats()
-        k = stats.k
-        norms = stats.norms
-        tr = norms.mean(dim=1)
-        var_g = norms.var(dim=1)
-        dhat = stats.sums() / k
-        var_r = (var_g - 2.0 * (dhat**2).sum(dim=1) * k / (k + 2.0)).clamp_min(0.0)
+    @staticmethod
+    def _need(value: Tensor, var: Tensor, rtol, atol) -> float:
+        """Probes the batch's worst sample needs for a 95% half-width at the tolerance by the
+        normal interval, ``var (1.96 / tol)^2`` (``value``, ``var``: ``[B]`` dFIL and the
+        per-probe variance in dFIL units; ``tol = max(rtol |value|, atol)``)."""
         tols = []
         if rtol is not None:
-            tols.append(rtol * tr)
-        if atol is not None:  # atol is in dFIL units: 1 / (sigma^2 d) of the trace
-            tols.append(torch.full_like(tr, float(atol)) * (s.to(tr) ** 2) * self.d)
+            tols.append(rtol * value.abs())
+        if atol is not None:
+            tols.append(torch.full_like(value, float(atol)))
         tol = torch.stack(tols).max(dim=0).values.clamp_min(1e-300)
-        need_g = int(math.ceil(float((var_g * (Z95 / tol) ** 2).max())))
-        need_r = int(math.ceil(float((var_r * (Z95 / tol) ** 2).max())))
-        start = initial_probes(max_probes=max_probes, quantity="trace")
-        more_g = min(max(0, need_g - k), max_probes)
-        cost_r = min(max(start, need_r), max_probes)
-        why = (f"predicted from the {k} Gaussian VJPs held: about {more_g} more VJPs "
-               f"(diag) vs {cost_r} Rademacher JVPs (hutchinson)")
-        return ("diag" if more_g <= cost_r else "hutchinson"), why
+        need = var.clamp_min(0) * (Z95 / tol) ** 2
+        need = torch.where(torch.isfinite(value), need, torch.zeros_like(need))
+        return float(need.max())
+
+    def _dfil_costs(self, s: Tensor, rtol, atol, mp: int) -> dict[str, dict[str, Any]]:
+        r"""Predicted new products (per sample, the batch's worst) of each dFIL method whose
+        variance this batch already holds, under the three-stage rule
+        (:func:`~fsinfo_fast.estimators.stopping.planned_probes`: stages 1 + 2 + 3 on the
+        round schedule, about ``n1 + N/4 + N`` for ``N`` the probes the tolerance needs):
+        ``{method: {"new": products, "total": probes of its rule, "need": N}}``.
+
+        From the ``K`` Gaussian VJPs held (FSInfo_diag's): the per-probe variance of ``||J^T
+        u||^2`` is :math:`2\|J^TJ\|_F^2` (estimated by the sample variance ``v_G``), that of
+        input-side Rademacher :math:`2(\|J^TJ\|_F^2 - \sum_k D_k^2)` (``v_G - 2 \sum_k \hat
+        D_k^2 K/(K+2)``, the chi-square mean's second moment removed): ``diag`` costs its
+        total less the ``K`` held, ``hutchinson`` its total. From FSInfo_diag's deflated
+        estimate (a deflated sketch held): the remainder's per-probe variance of its dFIL
+        recorded alongside (stage 3's, at its rank); ``deflated`` costs
+        :data:`~.estimators.deflated.PILOT_PROBES` pilot VJPs plus the remainder's total (the
+        sketch is shared; a larger rank, where it pays, only lowers the remainder's count).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        scale = 1.0 / (s.to(torch.float64) ** 2 * self.d)
+        relf = rtol if atol is None else None
+        st = self._dstate
+        if st is not None and st.k >= 2:
+            stats = st.stats()
+            k = stats.k
+            norms = stats.norms
+            tr = norms.mean(dim=1) * scale
+            var_g = norms.var(dim=1) * scale**2
+            dhat = stats.sums() / k
+            var_r = (var_g - 2.0 * (dhat**2).sum(dim=1) * k / (k + 2.0) * scale**2)
+            need_g = self._need(tr, var_g, rtol, atol)
+            need_r = self._need(tr, var_r.clamp_min(0.0), rtol, atol)
+            tot_g = planned_probes(need_g, min_probes=min(START_PROBES, mp), max_probes=mp,
+                                   rtol=relf)
+            tot_r = planned_probes(need_r, min_probes=initial_probes(max_probes=mp,
+                                                                     quantity="trace"),
+                                   max_probes=mp, rtol=relf)
+            out["diag"] = {"new": max(0.0, tot_g - k), "total": tot_g, "need": need_g,
+                           "from": f"the {k} Gaussian VJPs held"}
+            out["hutchinson"] = {"new": tot_r, "total": tot_r, "need": need_r,
+                                 "from": f"the {k} Gaussian VJPs held"}
+        held = [(key, est) for key, est in self._deflated_cache.items()]
+        if held:
+            key, hit = held[-1]
+            df = hit.dfil
+            k3 = (df.probes_per_sample - df.info["pilot_probes"]).to(torch.float64)
+            sig_fs = torch.as_tensor(key[1], dtype=torch.float64, device=df.value.device)
+            f = (sig_fs / s.to(torch.float64)) ** 2  # the held dFIL at this sigma
+            v = df.value * f
+            var = (df.stderr * f) ** 2 * k3.clamp_min(1)
+            need_d = self._need(v, var, rtol, atol)
+            tot_d = planned_probes(need_d, min_probes=min(START_PROBES, mp), max_probes=mp,
+                                   rtol=relf)
+            out["deflated"] = {
+                "new": PILOT_PROBES + tot_d, "total": tot_d, "need": need_d,
+                "from": (f"FSInfo_diag's deflated estimate (rank {max(df.info['rank'])}, "
+                         f"{int(k3.min())}+ remainder probes)")}
+        return out
+
+    def _dfil_method(self, num_probes, costs: dict[str, dict[str, Any]]) -> tuple[str, str]:
+        r"""``auto``'s dFIL method and why: of the methods whose cost this batch can predict
+        (:meth:`_dfil_costs`: ``diag`` and ``hutchinson`` from the Gaussian VJPs held,
+        ``deflated`` where FSInfo_diag took the deflated route), the one predicted to spend
+        the fewest new products under the three-stage rule; Rademacher (``hutchinson``)
+        where nothing is held."""
+        st = self._dstate
+        if num_probes is not None:
+            if st is not None and st.k >= 2:
+                return "diag", f"{st.k} Gaussian VJPs already drawn by FSInfo_diag are reused"
+            return "hutchinson", "no diagonal (Gaussian VJP) probes drawn on this batch yet"
+        if not costs:
+            return "hutchinson", "no diagonal (Gaussian VJP) probes drawn on this batch yet"
+        order = [m for m in ("diag", "hutchinson", "deflated") if m in costs]
+        best = min(order, key=lambda m: costs[m]["new"])  # ties: the first (held probes)
+        parts = [f"about {costs[m]['new']:.0f} new products ({m}: "
+                 f"{'stages 1-3 ' if m != 'deflated' else 'pilot + remainder stages 1-3 '}"
+                 f"{costs[m]['total']:.0f} probes for N = {costs[m]['need']:.0f}, from "
+                 f"{costs[m]['from']})" for m in order]
+        why = "predicted under the three-stage rule: " + " vs ".join(parts)
+        if "deflated" in costs:
+            why += "; the deflated sketch of FSInfo_diag is shared"
+        return best, why
+
+    def _dfil_predicted_exact(self, s: Tensor, method: str, costs, rtol, atol,
+                              mp: int) -> tuple[str | None, dict[str, Any]]:
+        """``auto``: why the fast exact route is predicted cheaper than ``method`` under the
+        three-stage rule (None: keep the randomized route), and the prediction (``why``,
+        ``passes`` spent on it). Where nothing held predicts ``method``'s cost, its first round
+        does (``diag``: Gaussian VJPs into the shared state, reused; ``hutchinson``: Rademacher
+        JVPs, drawn again by the estimate; ``deflated``: no prediction)."""
+        passes = 0
+        c = costs.get(method)
+        if c is None and method == "diag":
+            k1 = min(START_PROBES, mp)
+            self._diag(s, 0.0, {"num_probes": k1, "atol": None, "rtol": None,
+                                "max_probes": k1}, k1)
+            c = self._dfil_costs(s, rtol, atol, mp).get("diag")
+            if c is not None:
+                c = {**c, "from": f"its first round ({k1} Gaussian VJPs, reused)"}
+        elif c is None and method == "hutchinson":
+            k1 = initial_probes(max_probes=mp, quantity="trace")
+            r1 = hutchinson_trace(self.products, side="input", kind="rademacher", sigma=s,
+                                  seed=self.seed, sample_ids=self.sample_ids, num_probes=k1)
+            passes = int(r1.passes)
+            need = self._need(r1.value, r1.stderr**2 * k1, rtol, atol)
+            tot = planned_probes(need, min_probes=k1, max_probes=mp,
+                                 rtol=rtol if atol is None else None)
+            c = {"new": tot, "total": tot, "need": need,
+                 "from": f"its first round ({k1} Rademacher JVPs, drawn again by the estimate)"}
+        if c is None:
+            return None, {}
+        n = expected_passes("exact", d=self.d, m=self.m)
+        check = 0 if self.enc.x.dtype == torch.float64 else min(CHECK_COLUMNS, n)
+        what = (f"the randomized dfil ({method}) was predicted to need about {c['new']:.0f} new "
+                f"products under the three-stage rule (stages 1-3: {c['total']:.0f} probes for "
+                f"the N = {c['need']:.0f} the tolerance needs, from {c['from']})")
+        pred = {"why": what, "passes": passes}
+        if c["total"] > mp:
+            return (f"{what}, more than its probe cap {mp}: it would stop unconverged"), pred
+        if c["new"] >= n + check:
+            return (f"{what}, no fewer than the exact route's min(m, d) = {n} products"
+                    + (f" (+ {check} float64 check JVPs)" if check else "")), pred
+        return None, pred
 
     def _exact_dfil(self, s: Tensor, why: str, estimator: str) -> MetricResult:
         src, why = self._exact_route(estimator, False, why)

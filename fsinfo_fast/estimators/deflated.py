@@ -362,6 +362,7 @@ def estimate_diag_deflated(
     jackknife_groups: int = 20,
     exact_diagonal: bool = True,
     growth: float = DEFAULT_GROWTH,
+    sketch: DeflationSketch | None = None,
 ) -> DiagEstimate:
     r"""FSInfo_diag and dFIL per sample with the dominant subspace of ``J`` deflated.
 
@@ -390,6 +391,12 @@ def estimate_diag_deflated(
         num_probes, atol, rtol, dfil_rtol, min_probes, max_probes, round_size, confidence,
             growth: the remainder's probes, see :func:`~.diagonal.estimate_diag`.
         jackknife_groups, exact_diagonal: see :func:`~.diagonal.fsinfo_diag_summary`.
+        sketch: a :class:`DeflationSketch` of these products (same ``seed``, ``sample_ids`` and
+            ``power``) from an earlier call, grown further where needed and used as the
+            sketch: every prefix of it is the sketch of that size (the columns ``rank ..
+            rank+c-1`` come from the same seeded ``Omega`` columns), so the result is that of a
+            fresh sketch up to rounding, and its columns are not paid for again (``passes``
+            counts only new products, ``info["sketch_reused_passes"]`` the reused ones).
 
     Returns:
         :class:`~.diagonal.DiagEstimate`; ``passes`` counts every product per sample (pilot,
@@ -451,7 +458,11 @@ def estimate_diag_deflated(
     sigma_t = sigma_for(products, sigma)
     floor = float(floor)
     b, d, dev = products.batch, products.d, products.device
-    sketch = DeflationSketch.empty(products, power)
+    if sketch is None:
+        sketch = DeflationSketch.empty(products, power)
+    elif sketch.power != power or sketch.Q.shape[:2] != (b, products.m):
+        raise InvalidInputError("sketch must come from these products with the same power")
+    reused = sketch.passes
     pilot = 0
     predicted = torch.zeros(b, dtype=torch.float64, device=dev)
     if auto:
@@ -462,8 +473,8 @@ def estimate_diag_deflated(
             products, sketch, plan, seed_i, ids, min(start_rank, max_rank), max_rank, min_probes
         )
     else:
-        if rank > 0:
-            sketch.grow(products, rank, seed_i, ids)
+        if rank > sketch.rank:
+            sketch.grow(products, rank - sketch.rank, seed_i, ids)
         ranks = torch.full((b,), rank, dtype=torch.int64, device=dev)
     E = sketch.exact_part(ranks)  # [B, d]
     state = _DeflatedProbeState.for_products(
@@ -525,7 +536,7 @@ def estimate_diag_deflated(
         rule, batch=b, device=dev, process=process, summarize=summarize, targets=targets,
         mark=mark,
     )
-    passes = pilot + sketch.passes + state.k
+    passes = pilot + sketch.passes - reused + state.k
     info = {
         "seed": seed_i,
         "confidence": confidence,
@@ -535,7 +546,8 @@ def estimate_diag_deflated(
         "rank_choice": "auto (pilot-predicted variance)" if auto else "fixed",
         "power": power,
         "rank_pilot_probes": pilot,
-        "sketch_passes": sketch.passes,
+        "sketch_passes": sketch.passes - reused,
+        "sketch_reused_passes": reused,
         "remainder_probes": drawn,
         "predicted_probes": [round(float(k), 1) for k in predicted.tolist()],
         "stage_probes": [int(k) for k in stage_probes.tolist()],
@@ -590,7 +602,8 @@ def _choose_rank(
     per_col = 2 + 2 * sketch.power
     r_prev, r = 0, start_rank
     while bool(growing.any()) and r <= max_rank:
-        sketch.grow(products, r - sketch.rank, seed, ids)
+        if r > sketch.rank:  # a shared sketch may hold these columns already
+            sketch.grow(products, r - sketch.rank, seed, ids)
         full = torch.full((b,), r, dtype=torch.int64, device=dev)
         k_now = pilot.predict(sketch, full)
         ranks = torch.where(growing, full, ranks)

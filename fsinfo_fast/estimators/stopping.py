@@ -119,6 +119,7 @@ __all__ = [
     "StoppingRule",
     "estimate_from",
     "initial_probes",
+    "planned_probes",
     "resolve_rule",
     "run_rounds",
     "tolerance_met",
@@ -498,6 +499,60 @@ PILOT_SHARE = 0.25
 
 #: Room left for the last stage's deterministic allowance, in multiples of stage 2's.
 BIAS_MARGIN = 2.0
+
+
+def planned_probes(
+    need: float,
+    *,
+    min_probes: int,
+    max_probes: int,
+    rtol: float | None = None,
+    round_size: int = DEFAULT_ROUND,
+    growth: float = DEFAULT_GROWTH,
+    confidence: float = 0.95,
+) -> float:
+    r"""Probes the three-stage rule draws (stages 1 + 2 + 3, on its round schedule) for a
+    sample whose tolerance needs ``need`` probes by the normal interval (``need = (z s /
+    tol)^2``, ``s`` the per-probe standard deviation): what :func:`run_rounds` spends when
+    each stage's spread equals the true one.
+
+    Replays :func:`run_rounds`: stage 1 is ``min_probes``; stage 2 ends at the first round
+    boundary at or past ``n1 + max(n1, PILOT_SHARE need)`` (at most ``max_probes PILOT_SHARE /
+    (1 + PILOT_SHARE)``); stage 3 holds ``need (t_{n2-1} / z)^2`` probes (Stein's t-interval
+    at stage 2's dof), divided by ``(1 - 2 rtol (t / z) sqrt(need / n2))^2`` (at most 4) for a
+    relative target (planned against ``|v_2| - 2 h_2``), up to the next boundary. So the total is
+    about ``n1 + need / 4 + need`` plus the rounding to the schedule (up to +50% per stage
+    end with growth 1.5), not ``need``.
+
+    Returns the total (a float; ``inf`` for an infinite ``need``); a value above
+    ``max_probes`` means stage 3 has no room: the estimate would stop there unconverged.
+
+    Example:
+        >>> planned_probes(100.0, min_probes=4, max_probes=1000)
+        162.0
+    """
+    from statistics import NormalDist
+
+    if not math.isfinite(need):
+        return math.inf
+    need = max(float(need), 0.0)
+    rule = StoppingRule(atol=1.0, min_probes=min_probes, max_probes=1 << 40,
+                        round_size=round_size, growth=growth, confidence=confidence)
+    bounds = (s + c for s, c, _ in rule.schedule())
+    n1 = next(bounds)
+    cap = max(n1 + 2.0, max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE))
+    end2 = min(n1 + max(PILOT_SHARE * need, float(n1)), cap)
+    k2 = next(k for k in bounds if k >= end2)
+    if k2 >= max_probes:
+        return float(k2)
+    n2 = k2 - n1
+    z = NormalDist().inv_cdf(0.5 * (1.0 + confidence))
+    tz = t_quantile(n2 - 1, confidence) / z
+    n3 = need * tz**2
+    if rtol is not None:
+        n3 /= max(1.0 - 2.0 * rtol * tz * math.sqrt(need / n2), 0.5) ** 2
+    n3 = max(n3, 2.0)
+    return float(next(k for k in bounds if k - k2 >= n3))
 
 
 def _stein(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapping[str, tuple],

@@ -182,9 +182,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"seed of the probes and of the demo model's training (default {d.seed})")
     m.add_argument("--dfil-method", choices=("auto", "hutchinson", "hutch++", "diag"),
                    default=d.dfil_method,
-                   help="randomized dFIL estimator: Rademacher JVPs (hutchinson), Hutch++, the "
-                        "FSInfo_diag VJP probes (diag) or the Linearization's choice (auto) "
-                        f"(default {d.dfil_method})")
+                   help="randomized dFIL estimator: the Linearization's choice (auto: the "
+                        "method predicted cheapest under the three-stage stopping rule, or the "
+                        "fast exact route where min(m, d) products are predicted cheaper with "
+                        "--estimator auto), Rademacher JVPs (hutchinson), Hutch++ or the "
+                        f"FSInfo_diag VJP probes (diag) (default {d.dfil_method})")
     m.add_argument("--no-share", dest="share", action="store_false",
                    help="compute every split on its own (no work shared across split points)")
     m.add_argument("--backend", default=d.backend,

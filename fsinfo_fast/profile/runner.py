@@ -109,11 +109,17 @@ class ProfileConfig:
         progress: show a progress bar.
         table: print the result table.
         dfil_method: how a randomized dFIL is estimated (:meth:`fsinfo_fast.Linearization.dfil`'s
-            ``method``): ``hutchinson`` (default: Rademacher JVPs; on the demo VGG5 at 3x32x32
-            and rtol 1% it needs 30-120 of them where the diagonal estimator's Gaussian VJPs,
-            ``diag``, which ``auto`` picks once FSInfo_diag has drawn some, need 50-170, and
-            those cost more per probe: 3-4x the time, measured under load), ``hutch++``,
-            ``diag`` or ``auto``.
+            ``method``): ``auto`` (default: the Linearization's choice; from FSInfo_diag's
+            Gaussian VJPs, or its deflated estimate, it predicts the products each method
+            spends under the three-stage stopping rule and takes the cheapest, and with
+            ``--estimator auto`` it takes the fast exact route at once where ``min(m, d)``
+            one-hot products are predicted cheaper: on the CRAFT VGG16-BN at 32 px Rademacher
+            JVPs ran into the 1000-probe cap at conv5_2 before switching anyway),
+            ``hutchinson`` (Rademacher JVPs: the default before; on the demo VGG5 at 3x32x32 and
+            rtol 1% they need 30-120 where the Gaussian VJPs, ``diag``, need 50-170, and those
+            cost more per probe: 3-4x the time, measured under load), ``hutch++`` or ``diag``.
+            Runs stored with another ``dfil_method`` do not resume under this one
+            (:data:`MATCH_KEYS`).
     """
 
     model: str = "vgg5"
@@ -139,7 +145,7 @@ class ProfileConfig:
     backend: str = "auto"
     progress: bool = True
     table: bool = True
-    dfil_method: str = "hutchinson"
+    dfil_method: str = "auto"
 
     def validate(self) -> None:
         """Raise :class:`InvalidInputError` (one line) on a bad option value."""

@@ -1,0 +1,169 @@
+"""``Linearization.dfil(estimator="auto")``: the three-stage cost prediction and its choices.
+
+``auto`` predicts the products the randomized dFIL spends under the three-stage stopping rule
+(:func:`~fsinfo_fast.estimators.stopping.planned_probes`) and takes the fast exact route at once
+where ``min(m, d)`` products are predicted cheaper; with FSInfo_diag's deflated estimate held it
+also considers the deflated dFIL (the sketch is shared).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+from fsinfo_fast.estimators.stopping import StoppingRule, planned_probes, run_rounds
+
+
+@pytest.mark.parametrize("rtol", [None, 0.05])
+@pytest.mark.parametrize("need", [0.5, 7.0, 40.0, 333.0, 900.0, 4000.0])
+def test_planned_probes_replays_the_three_stage_rule(need, rtol):
+    """With every stage's spread equal to the true one (per-probe sd ``s``), run_rounds draws
+    exactly what planned_probes predicts (stages 1 + 2 + 3 on the schedule), and stops
+    unconverged exactly where the prediction exceeds max_probes."""
+    s, max_probes = 1.0, 1000
+    tol = 1.96 * s / math.sqrt(need)  # the normal interval needs `need` probes at this tol
+    atol = None if rtol is not None else tol
+    value = 1.0 if rtol is None else tol / rtol  # rtol * value = tol
+    drawn = [0]
+
+    def process(start, count):
+        drawn[0] = start + count
+
+    def summarize(lo, rows=None):
+        k = drawn[0] - lo
+        v = torch.full((1,), value, dtype=torch.float64)
+        return {"v": (v, torch.full((1,), s / math.sqrt(k), dtype=torch.float64), k - 1)}
+
+    rule = StoppingRule(atol=atol, rtol=rtol, max_probes=max_probes).for_estimator("trace")
+    _, converged, probes, total, _ = run_rounds(
+        rule, batch=1, device=torch.device("cpu"), process=process, summarize=summarize,
+        targets={"v": (atol, rtol)})
+    want = planned_probes(need, min_probes=rule.min_probes, max_probes=max_probes, rtol=rtol)
+    assert want >= need  # stage 3 alone holds about `need`: the total is more
+    if want <= max_probes:
+        assert int(probes[0]) == total == want and bool(converged[0])
+    else:
+        assert total == max_probes and not bool(converged[0])
+
+
+def _low_rank(d=256, m=48, rank=2, seed=0):
+    """m < d, J of effective rank 2: Rademacher (and Gaussian) trace probes are poor."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, rank, generator=g) @ torch.randn(rank, d, generator=g)
+    w = w + 0.01 * torch.randn(m, d, generator=g)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(d, m, bias=False), nn.Tanh()).eval()
+    with torch.no_grad():
+        enc[1].weight.copy_(w / d**0.5)
+    return enc, torch.rand(2, d, generator=g)
+
+
+def _check_exact(lin, d, sigma=0.1):
+    assert d.estimator == "exact-fast"
+    assert torch.equal(d.value, lin.exact_fast().dfil(sigma).value)
+    ex = lin.exact().dfil(sigma).value  # the float64 oracle
+    assert bool(((d.value - ex).abs() <= d.ci_halfwidth).all())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auto_goes_exact_at_once_from_the_first_round(seed, monkeypatch):
+    """No probes held: the first round of the Rademacher estimator (4 JVPs) predicts far more
+    products than min(m, d) = 48; the fast exact route is taken at once, why is recorded, and
+    no randomized products beyond that round are spent."""
+    enc, x = _low_rank(seed=seed)
+    lin = ff.linearize(enc, x, seed=seed)
+    P = lin.products
+    jvps = []
+    real = type(P).jvp
+
+    def counting(self, V):
+        jvps.append(V.shape[1])
+        return real(self, V)
+
+    monkeypatch.setattr(type(P), "jvp", counting)
+    d = lin.dfil(0.1)
+    assert "three-stage rule" in d.info["auto"] and "first round (4 Rademacher" in d.info["auto"]
+    assert "fast exact route was used" in d.info["auto"]
+    assert d.info.get("auto_randomized_passes") is None and d.info["auto_prediction_passes"] == 4
+    assert sum(jvps) == 4  # the exact route here reads rows (m < d): VJPs only
+    monkeypatch.setattr(type(P), "jvp", real)
+    _check_exact(lin, d)
+
+
+def test_auto_goes_exact_from_the_held_gaussian_vjps():
+    """After a plain FSInfo_diag, its Gaussian VJPs predict both methods' three-stage cost; both
+    exceed min(m, d): exact at once, with no further probe drawn for the prediction."""
+    enc, x = _low_rank()
+    lin = ff.linearize(enc, x, seed=1)
+    lin.fsinfo(0.1, estimator="randomized", atol=0.2)
+    d = lin.dfil(0.1)
+    assert "Gaussian VJPs held" in d.info["auto"] and "three-stage rule" in d.info["auto"]
+    assert "three-stage rule" in d.info["method_reason"]
+    assert d.info.get("auto_randomized_passes") is None and d.info["auto_prediction_passes"] == 0
+    _check_exact(lin, d)
+
+
+def _spread(seed, n=512):
+    """A square Gaussian J (Wishart J^T J): trace probes are good, min(m, d) = 512 large."""
+    g = torch.Generator().manual_seed(seed)
+    enc = nn.Sequential(nn.Linear(n, n, bias=False)).eval()
+    with torch.no_grad():
+        enc[0].weight.copy_(torch.randn(n, n, generator=g) / n**0.5)
+    return enc, torch.rand(2, n, generator=g)
+
+
+def test_auto_keeps_the_randomized_route_where_it_is_cheaper():
+    """On a well-spread J the prediction stays well below min(m, d): the randomized estimate is
+    kept (with the prediction recorded) and covers the float64 oracle; over 8 seeds the
+    predicted three-stage total is within a factor 3 of the probes drawn (median)."""
+    ratios = []
+    for seed in range(8):
+        enc, x = _spread(seed)
+        lin = ff.linearize(enc, x, seed=seed)
+        d = lin.dfil(0.1, rtol=0.02)
+        assert d.estimator == "randomized" and d.info["method"] == "hutchinson"
+        assert "three-stage rule" in d.info["auto_prediction"] and bool(d.converged.all())
+        assert d.info.get("auto_randomized_passes") is None
+        pred = float(d.info["auto_prediction"].split("stages 1-3: ")[1].split(" ")[0])
+        ratios.append(pred / int(d.num_probes))
+        if seed < 2:
+            ex = lin.exact().dfil(0.1).value
+            assert bool(((d.value - ex).abs() <= d.ci_halfwidth).all())
+    ratios.sort()
+    med = 0.5 * (ratios[3] + ratios[4])
+    assert 1 / 3 < med < 3, ratios
+
+
+def test_auto_considers_the_deflated_dfil_and_shares_the_sketch():
+    """FSInfo_diag took the deflated route (low effective rank): dFIL's auto method choice
+    predicts the deflated remainder's cost from that estimate, picks it (cheaper than min(m, d)
+    and than the plain methods), reuses the sketch, and covers the oracle."""
+    enc, x = _low_rank()
+    lin = ff.linearize(enc, x, seed=2)
+    f = lin.fsinfo(0.1)
+    assert f.info["diag_method"] == "deflated"
+    d = lin.dfil(0.1)
+    assert d.estimator == "randomized" and d.info["method"] == "deflated"
+    assert "deflated sketch of FSInfo_diag is shared" in d.info["method_reason"]
+    assert d.info["sketch_reused_passes"] > 0
+    ex = lin.exact().dfil(0.1).value
+    assert bool(((d.value - ex).abs() <= d.ci_halfwidth).all())
+
+
+def test_shared_sketch_gives_the_fresh_result():
+    """A deflated request on a shared sketch equals a fresh one up to rounding (prefixes of the
+    sketch are the sketches)."""
+    from fsinfo_fast.estimators.deflated import DeflationSketch, estimate_diag_deflated
+
+    enc, x = _low_rank(d=128, m=64, rank=6)
+    P = ff.linearize(enc, x, seed=0).products
+    sk = DeflationSketch.empty(P)
+    a = estimate_diag_deflated(P, sigma=0.1, atol=0.01, seed=3, sketch=sk)
+    b = estimate_diag_deflated(P, sigma=0.1, dfil_rtol=0.01, seed=3, sketch=sk)
+    c = estimate_diag_deflated(P, sigma=0.1, dfil_rtol=0.01, seed=3)
+    assert b.dfil.info["sketch_reused_passes"] == a.dfil.info["sketch_passes"] > 0
+    torch.testing.assert_close(b.dfil.value, c.dfil.value, rtol=1e-9, atol=0)
+    assert b.dfil.info["rank"] == c.dfil.info["rank"]
