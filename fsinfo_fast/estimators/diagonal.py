@@ -57,6 +57,7 @@ independent of ``K``, plus ``[B, K]`` probe norms.
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import torch
@@ -822,30 +823,32 @@ def estimate_diag(
             base["sums"] = torch.zeros_like(gs)
         base["sums"][rows] = gs[rows]
 
-    def summarize(lo: int, rows: Tensor | None = None):
+    def summarize(lo: int, rows: Tensor | None = None, names: Container[str] | None = None):
         st, idx = stage_stats(state.stats(boundary[0]), lo, base.get("sums"), rows)
-        sig = sigma_t if idx is None else sigma_t[idx]
-        fs = fsinfo_diag_summary(st, sig, floor, exact_diagonal=exact_diagonal,
-                                 confidence=confidence)
-        tr = trace_summary(st)
-        scale = dfil_scale if idx is None else dfil_scale[idx]
-        parts = [fs.value, fs.stderr, fs.bias_bound, tr.value * scale, tr.stderr * scale]
-        if idx is not None:
-            full = []
-            for t in parts:
-                f = torch.full((products.batch,), math.nan, dtype=t.dtype, device=t.device)
-                f[idx] = t
-                full.append(f)
-            parts = full
-        fv, fse, fb, dv, dse = parts
 
-        def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
-            return log_t_halfwidth(dv, se_, dof_, confidence)
+        def full(t: Tensor) -> Tensor:  # [rows] -> [B], NaN elsewhere
+            if idx is None:
+                return t
+            f = torch.full((products.batch,), math.nan, dtype=t.dtype, device=t.device)
+            f[idx] = t
+            return f
 
-        return {
-            "fsinfo_diag": (fv, fse, fs.dof, fb),
-            "dfil": (dv, dse, tr.dof, torch.zeros_like(dv), dfil_hw),
-        }
+        out = {}
+        if names is None or "fsinfo_diag" in names:
+            sig = sigma_t if idx is None else sigma_t[idx]
+            fs = fsinfo_diag_summary(st, sig, floor, exact_diagonal=exact_diagonal,
+                                     confidence=confidence)
+            out["fsinfo_diag"] = (full(fs.value), full(fs.stderr), fs.dof, full(fs.bias_bound))
+        if names is None or "dfil" in names:
+            tr = trace_summary(st)
+            scale = dfil_scale if idx is None else dfil_scale[idx]
+            dv, dse = full(tr.value * scale), full(tr.stderr * scale)
+
+            def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
+                return log_t_halfwidth(dv, se_, dof_, confidence)
+
+            out["dfil"] = (dv, dse, tr.dof, torch.zeros_like(dv), dfil_hw)
+        return out
 
     frozen, converged, probes, drawn, pilot = run_rounds(
         rule,
