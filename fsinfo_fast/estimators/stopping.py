@@ -370,8 +370,8 @@ class Frozen:
     bias_bound: Tensor
 
 
-#: ``summarize(lo, rows, names)`` returns, for the quantities ``names`` (``None``: all), per
-#: quantity name, ``(value [B], stderr [B], dof)`` or
+#: ``summarize(lo, rows, names)`` returns, for (at least) the quantities ``name in names``
+#: (``None``: all), per quantity name, ``(value [B], stderr [B], dof)`` or
 #: ``(value, stderr, dof, bias_bound [B])`` (a deterministic error allowance added to the
 #: half-width) or ``(value, stderr, dof, bias_bound, hw_fn[, bias_cap])``: ``hw_fn(stderr,
 #: dof)`` the stochastic part of the half-width when it is not ``t_{dof} stderr`` (e.g. the
@@ -404,11 +404,12 @@ def run_rounds(
             probes ``lo .. k-1`` processed so far (``lo`` a round boundary; ``0``: all of
             them), for (at least) the quantities ``name in names`` (``None``: all of them; a
             quantity's summary must not depend on which others are asked for; ``names`` only
-            supports ``in``); only the ``rows`` (``[B]`` bool,
-            ``None``: all) are used, and must not depend on the others. Where no sample is
-            recorded from a summary (the sizing summaries of stages 1 and 2), only the targeted
-            quantities are asked for; the others are asked for separately, with the same
-            ``lo`` and ``rows``, where some sample is recorded there after all.
+            supports ``in``); only the ``rows`` (``[B]`` bool, ``None``: all) are used, and
+            must not depend on the others. Where no sample is recorded from a summary (the
+            sizing summaries of stages 1 and 2), only the targeted quantities are asked for;
+            the others are asked for separately, with the same ``lo`` and ``rows``, where some
+            sample is recorded there after all (an exact value, or no room left). A fixed
+            count and stage 3 ask for all of them.
         targets: ``{name: (atol, rtol)}`` for the quantities whose intervals must all meet
             their tolerance (the others are recorded alongside).
         mark: ``mark(rows)`` (``[B]`` bool) is called at the round boundary where the next
