@@ -413,3 +413,58 @@ def test_quick_preset_covers_the_issue():
     assert 224 in full.sweep.gpu_sizes and full.sweep.sizes == [16, 32, 64, 128]
     names = " ".join(c.name for c in full.claims)
     assert "paper-reference" in names and "dfil-onehot" in names and "224px" in names
+
+
+# -- the linearize section's version 0.1 route (fsinfo_fast.bench.linearize) -------------------
+@pytest.mark.parametrize(("atol", "rtol"), [(0.05, 0.1), (0.02, 0.05)])
+def test_v01_counts_are_the_first_round_meeting_the_tolerance(atol, rtol):
+    """0.1's rule: the first of 20, 30, ... VJPs (30, 40, ... JVPs) whose fixed-count interval
+    meets the tolerance; checked against fresh fixed-count calls at that round and the one
+    before."""
+    from torch import nn
+
+    from fsinfo_fast.bench.linearize import V01, _v01_counts
+    from fsinfo_fast.encoder import prepare
+    from fsinfo_fast.engine import make_products
+    from fsinfo_fast.estimators import estimate_diag, hutchinson_trace
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Conv2d(3, 2, 3)).eval()
+    x = torch.rand(1, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([0])
+    k_fs, k_tr = _v01_counts(enc, x, ids, 0.1, atol, rtol, "auto")
+    P = make_products(prepare(enc, x), "auto")
+
+    def fs_met(k):
+        return bool(estimate_diag(P, sigma=0.1, atol=atol, num_probes=k, seed=0,
+                                  sample_ids=ids).fsinfo_diag.converged.all())
+
+    def tr_met(k):
+        return bool(hutchinson_trace(P, sigma=0.1, rtol=rtol, num_probes=k, seed=0,
+                                     sample_ids=ids, side="input",
+                                     kind="rademacher").converged.all())
+
+    for k, first, met in ((k_fs, V01["diag_min_probes"], fs_met),
+                          (k_tr, V01["trace_min_probes"], tr_met)):
+        assert (k - first) % V01["round_size"] == 0 and k < V01["max_probes"]
+        assert met(k)
+        if k > first:
+            assert not met(k - V01["round_size"])
+    if atol == 0.02:  # the tolerance takes the rule past its first round (the loop is used)
+        assert k_fs > V01["diag_min_probes"] and k_tr > V01["trace_min_probes"]
+
+
+def test_fixed_count_need():
+    """``n (1.96 se / tol)^2`` with ``n`` the estimate's own probes (the pilot's left out)."""
+    from types import SimpleNamespace
+
+    from fsinfo_fast.bench.linearize import fixed_count_need
+
+    r = SimpleNamespace(probes_per_sample=torch.tensor([40, 20]),
+                        stderr=torch.tensor([0.01, 0.02], dtype=torch.float64),
+                        info={"pilot_probes": torch.tensor([10, 4])})
+    want = max(30 * (1.96 * 0.01 / 0.005) ** 2, 16 * (1.96 * 0.02 / 0.005) ** 2)
+    assert fixed_count_need(r, 0.005) == pytest.approx(want, rel=1e-12)
+    r.info = {}
+    assert fixed_count_need(r, 0.005) == pytest.approx(20 * (1.96 * 0.02 / 0.005) ** 2,
+                                                       rel=1e-12)

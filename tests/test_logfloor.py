@@ -85,3 +85,16 @@ def test_limits_and_monotonicity():
     assert float(t[0]) == math.log(1e-12) and float(t[1]) == pytest.approx(math.log(1e-12))
     with pytest.raises(ValueError, match="half-integer"):
         h_alpha(x, 0.7)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.5, 10.0, 200.0])
+@pytest.mark.parametrize("lo", [1e-3, 1e3, 1e6, 1e9, 1e14])
+def test_floor_correction_overwrite_same_bits(alpha, lo):
+    """``overwrite=True`` (the series in the caller's temporary) gives the same bits, and the
+    default leaves ``x`` alone."""
+    x = torch.logspace(math.log10(lo), 16, 3001, dtype=torch.float64)
+    keep = x.clone()
+    ref = floor_correction(x, alpha)
+    assert torch.equal(x, keep)
+    got = floor_correction(x.clone(), alpha, overwrite=True)
+    assert torch.equal(ref.view(torch.int64), got.view(torch.int64))

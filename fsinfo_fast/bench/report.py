@@ -143,18 +143,26 @@ def markdown(doc: dict[str, Any]) -> str:
     if lz:
         lines += [f"**Both metrics per image** (FSInfo_diag at atol {lz['atol']}, dFIL at rtol "
                   f"{lz['rtol']}, sigma {lz['sigma']}): one `Linearization` vs version 0.1's two "
-                  "public calls vs a bare `vmap(vjp)` with the same probes", "",
+                  "public calls (its rule, the first round meeting the tolerance, emulated by one "
+                  "fixed-count call per metric at that round's count: favours 0.1) vs a bare "
+                  "`vmap(vjp)` with the same probes; the fixed-count floor: the probes a fixed "
+                  "count would need by our stage-3 standard errors, and the bare `vmap(vjp)` "
+                  "there", "",
                   "| encoder | image | linearization | probes (VJPs / dFIL) | 0.1 route | probes "
-                  "(VJPs + JVPs) | speed-up | bare vmap(vjp) | agree |",
-                  "|---|---:|---:|---|---:|---|---:|---:|---|"]
+                  "(VJPs + JVPs) | speed-up | bare vmap(vjp) | fixed-count need (FSInfo / dFIL) "
+                  "| bare there | agree |",
+                  "|---|---:|---:|---|---:|---|---:|---:|---|---:|---|"]
         for e in lz["encoders"]:
             for r in e["images"]:
+                need = (f"{r['fixed_count_need_fsinfo']:.0f} / {r['fixed_count_need_dfil']:.0f}"
+                        if "fixed_count_need_fsinfo" in r else "-")
+                there = _t(r["bare_at_fixed_need_s"]) if "bare_at_fixed_need_s" in r else "-"
                 lines.append(
                     f"| {e['encoder']} | {r['image']} | {_t(r['linearization_s'])} | "
                     f"{r['fsinfo_probes']} / {r['dfil_probes']} {r['dfil_method']} | "
                     f"{_t(r['two_calls_v01_s'])} | {r['v01_fsinfo_probes']} + "
                     f"{r['v01_dfil_probes']} | {r['speedup_vs_v01']:.1f}x | "
-                    f"{_t(r['bare_vmap_vjp_s'])} | "
+                    f"{_t(r['bare_vmap_vjp_s'])} | {need} | {there} | "
                     f"{'yes' if r['agree_fsinfo'] and r['agree_dfil'] else 'NO'} |")
         lines.append("")
         lines += ["| encoder | `linearize()` on a new shape | on a second batch (cached) |",

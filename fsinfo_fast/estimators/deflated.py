@@ -56,6 +56,7 @@ products; memory ``[B, m, r]`` and ``[B, d, r]`` float64 (``r <= max_rank``).
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass
 
 import torch
@@ -497,40 +498,42 @@ def estimate_diag_deflated(
             base["sums"] = torch.zeros_like(gs)
         base["sums"][rows] = gs[rows]
 
-    def summarize(lo: int, rows: Tensor | None = None):
+    def summarize(lo: int, rows: Tensor | None = None, names: Container[str] | None = None):
         st, idx = stage_stats(state.stats(), lo, base.get("sums"), rows)
 
         def sub(t: Tensor) -> Tensor:
             return t if idx is None else t[idx]
 
-        fs = fsinfo_diag_summary(st, sub(sigma_t), floor, exact_diagonal=exact_diagonal,
-                                 confidence=confidence, offset=sub(E))
-        # the remainder's share of the value is >= 0 and right-skewed: log-scale t-interval
-        share = fs.value - sub(known)
-        share = torch.where(torch.isfinite(share), share, torch.zeros_like(share))
-        mean, se = mean_and_stderr(st.norms)
-        scale = sub(dfil_scale)
-        parts = [fs.value, fs.stderr, fs.bias_bound, share, (sub(e_tr) + mean) * scale,
-                 se * scale, mean * scale]
-        if idx is not None:
-            full = []
-            for t in parts:
-                f = torch.full((b,), math.nan, dtype=t.dtype, device=t.device)
-                f[idx] = t
-                full.append(f)
-            parts = full
-        fv, fse, fb, sh, tr, tse, rem = parts
+        def full(t: Tensor) -> Tensor:  # [rows] -> [B], NaN elsewhere
+            if idx is None:
+                return t
+            f = torch.full((b,), math.nan, dtype=t.dtype, device=t.device)
+            f[idx] = t
+            return f
 
-        def fs_hw(se_: Tensor, dof_: int) -> Tensor:
-            return log_t_halfwidth(sh, se_, dof_, confidence)
+        out = {}
+        if names is None or "fsinfo_diag" in names:
+            fs = fsinfo_diag_summary(st, sub(sigma_t), floor, exact_diagonal=exact_diagonal,
+                                     confidence=confidence, offset=sub(E))
+            # the remainder's share of the value is >= 0 and right-skewed: log-scale t-interval
+            share = fs.value - sub(known)
+            sh = full(torch.where(torch.isfinite(share), share, torch.zeros_like(share)))
 
-        def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
-            return log_t_halfwidth(rem, se_, dof_, confidence)
+            def fs_hw(se_: Tensor, dof_: int) -> Tensor:
+                return log_t_halfwidth(sh, se_, dof_, confidence)
 
-        return {
-            "fsinfo_diag": (fv, fse, fs.dof, fb, fs_hw),
-            "dfil": (tr, tse, st.k - 1, torch.zeros_like(tr), dfil_hw),
-        }
+            out["fsinfo_diag"] = (full(fs.value), full(fs.stderr), fs.dof, full(fs.bias_bound),
+                                  fs_hw)
+        if names is None or "dfil" in names:
+            mean, se = mean_and_stderr(st.norms)
+            scale = sub(dfil_scale)
+            tr, rem = full((sub(e_tr) + mean) * scale), full(mean * scale)
+
+            def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
+                return log_t_halfwidth(rem, se_, dof_, confidence)
+
+            out["dfil"] = (tr, full(se * scale), st.k - 1, torch.zeros_like(tr), dfil_hw)
+        return out
 
     frozen, converged, probes, drawn, stage_probes = run_rounds(
         rule, batch=b, device=dev, process=process, summarize=summarize, targets=targets,

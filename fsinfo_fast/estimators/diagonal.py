@@ -57,6 +57,7 @@ independent of ``K``, plus ``[B, K]`` probe norms.
 from __future__ import annotations
 
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import torch
@@ -459,33 +460,36 @@ def _column_terms(
     all_pos = bool(pos.all())
     s = S / kk
     if not all_pos:
-        s = torch.where(pos, s, torch.ones_like(s))
+        s.masked_fill_(~pos, 1.0)
     t = torch.log(s)
     t -= log_chi2_mean_offset(kk) + 2.0 * log_sigma.reshape(shape)
     far: Tensor | None = None if all_pos else pos
     if floor > 0:
         inv_a = 1.0 / (floor * sigma2.reshape(shape))  # x = (k/2) s / (floor sigma^2)
         values = torch.unique(k).tolist()
-        x_lo_all = math.inf
-        for kv in values:
-            alpha = kv / 2.0
-            if len(values) == 1:
-                xs = s * (alpha * inv_a)
-                x_min = float(xs.min())
-                t += floor_correction(xs, alpha, x_min)
-            else:
+        if len(values) == 1:  # one probe count (s is not needed after x: x in its memory)
+            alpha = values[0] / 2.0
+            xs = s.mul_(alpha * inv_a)
+            x_min = float(xs.min())
+            if x_min < _X_FAR:  # some column near the floor: mark the far ones
+                far = pos & (xs >= _X_FAR)
+            t += floor_correction(xs, alpha, x_min, overwrite=True)
+        else:
+            x_lo_all = math.inf
+            for kv in values:
+                alpha = kv / 2.0
                 rows = k == kv
                 xs = s[rows] * (alpha * inv_a.squeeze(-1).expand_as(k)[rows].unsqueeze(-1))
                 x_min = float(xs.min())
-                t[rows] += floor_correction(xs, alpha, x_min)
-            x_lo_all = min(x_lo_all, x_min)
-        if x_lo_all < _X_FAR:  # some column near the floor: mark the far ones
-            far = pos & (s * ((kk / 2.0) * inv_a) >= _X_FAR)
+                t[rows] += floor_correction(xs, alpha, x_min, overwrite=True)
+                x_lo_all = min(x_lo_all, x_min)
+            if x_lo_all < _X_FAR:  # some column near the floor: mark the far ones
+                far = pos & (s * ((kk / 2.0) * inv_a) >= _X_FAR)
         zero_term = math.log(floor)
     else:
         zero_term = -math.inf
     if not all_pos:
-        t = torch.where(pos, t, torch.full_like(t, zero_term))
+        t.masked_fill_(~pos, zero_term)
     return t, far
 
 
@@ -624,16 +628,16 @@ def fsinfo_diag_summary(
     terms, far = _column_terms(S, kt, log_sigma, sigma2, floor, offset)
     theta = terms.mean(dim=1) / 2
     used = stats.group_n > 0
-    ng = stats.group_n[used]  # [G]
+    every = bool(used.all())
+    ng = stats.group_n if every else stats.group_n[used]  # [G]
     dof = int(ng.shape[0]) - 1
-    S_minus = S[:, None, :] - stats.group_sums[:, used, :]
+    S_minus = S[:, None, :] - (stats.group_sums if every else stats.group_sums[:, used, :])
     # exact cancellation cannot make a non-zero column's leave-out sum vanish (probability
     # 0); guard the rounding case so a non-zero column never turns into a zero column
-    S_minus = torch.where(
-        (S_minus <= 0) & (S[:, None, :] > 0),
-        S[:, None, :] * torch.finfo(torch.float64).eps,
-        S_minus,
-    )
+    low = S_minus <= 0
+    if bool(low.any()):
+        low &= S[:, None, :] > 0
+        S_minus = torch.where(low, S[:, None, :] * torch.finfo(torch.float64).eps, S_minus)
     t_minus, _ = _column_terms(
         S_minus, (K - ng).expand(b, -1), log_sigma, sigma2, floor, offset
     )
@@ -822,30 +826,32 @@ def estimate_diag(
             base["sums"] = torch.zeros_like(gs)
         base["sums"][rows] = gs[rows]
 
-    def summarize(lo: int, rows: Tensor | None = None):
+    def summarize(lo: int, rows: Tensor | None = None, names: Container[str] | None = None):
         st, idx = stage_stats(state.stats(boundary[0]), lo, base.get("sums"), rows)
-        sig = sigma_t if idx is None else sigma_t[idx]
-        fs = fsinfo_diag_summary(st, sig, floor, exact_diagonal=exact_diagonal,
-                                 confidence=confidence)
-        tr = trace_summary(st)
-        scale = dfil_scale if idx is None else dfil_scale[idx]
-        parts = [fs.value, fs.stderr, fs.bias_bound, tr.value * scale, tr.stderr * scale]
-        if idx is not None:
-            full = []
-            for t in parts:
-                f = torch.full((products.batch,), math.nan, dtype=t.dtype, device=t.device)
-                f[idx] = t
-                full.append(f)
-            parts = full
-        fv, fse, fb, dv, dse = parts
 
-        def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
-            return log_t_halfwidth(dv, se_, dof_, confidence)
+        def full(t: Tensor) -> Tensor:  # [rows] -> [B], NaN elsewhere
+            if idx is None:
+                return t
+            f = torch.full((products.batch,), math.nan, dtype=t.dtype, device=t.device)
+            f[idx] = t
+            return f
 
-        return {
-            "fsinfo_diag": (fv, fse, fs.dof, fb),
-            "dfil": (dv, dse, tr.dof, torch.zeros_like(dv), dfil_hw),
-        }
+        out = {}
+        if names is None or "fsinfo_diag" in names:
+            sig = sigma_t if idx is None else sigma_t[idx]
+            fs = fsinfo_diag_summary(st, sig, floor, exact_diagonal=exact_diagonal,
+                                     confidence=confidence)
+            out["fsinfo_diag"] = (full(fs.value), full(fs.stderr), fs.dof, full(fs.bias_bound))
+        if names is None or "dfil" in names:
+            tr = trace_summary(st)
+            scale = dfil_scale if idx is None else dfil_scale[idx]
+            dv, dse = full(tr.value * scale), full(tr.stderr * scale)
+
+            def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
+                return log_t_halfwidth(dv, se_, dof_, confidence)
+
+            out["dfil"] = (dv, dse, tr.dof, torch.zeros_like(dv), dfil_hw)
+        return out
 
     frozen, converged, probes, drawn, pilot = run_rounds(
         rule,

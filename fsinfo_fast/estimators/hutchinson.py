@@ -27,6 +27,8 @@ everything is scaled to dFIL, ``tr(J^T J) / (sigma^2 d)`` (Maeng et al. 2023), i
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import torch
 from torch import Tensor
 
@@ -189,7 +191,8 @@ def hutchinson_trace(
         check_finite(out, ids, start, f"Hutchinson trace ({side} side)")
         chunks.append((out.to(torch.float64) ** 2).sum(dim=2))
 
-    def summarize(lo: int, rows: Tensor | None = None):  # per-row: rows unused
+    def summarize(lo: int, rows: Tensor | None = None,
+                  names: Container[str] | None = None):  # one quantity; rows unused
         t = torch.cat(chunks, dim=1)
         chunks[:] = [t]
         mean, se = mean_and_stderr(t[:, lo:])

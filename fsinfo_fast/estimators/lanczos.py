@@ -102,7 +102,7 @@ of the product calls.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 
 import torch
@@ -914,7 +914,8 @@ def slq_logdet(
         parts[name] = [torch.cat(parts[name], dim=1)]
         return parts[name][0][:, lo:]
 
-    def summarize(lo: int, rows: Tensor | None = None):  # per-row: rows unused
+    def summarize(lo: int, rows: Tensor | None = None,
+                  names: Container[str] | None = None):  # per-row: rows unused
         zero = cat("zero", lo) & (lam == 0.0)
         singular = zero.any(dim=1)
         vals = cat("value", lo)
@@ -927,13 +928,15 @@ def slq_logdet(
         se = torch.where(singular, torch.zeros_like(se), se / (2 * d))
         allow = torch.where(singular, torch.zeros_like(allow), allow)
         zeros = torch.zeros_like(se)
-        return {
-            # a converged probe's bracket is at most qa: plan second stages for that allowance
-            "value": (value, se, kk - 1, allow, None, qa),
-            "bound": (cat("bound", lo).any(dim=1).to(torch.float64), zeros, kk - 1),
-            "qconv": (cat("conv", lo).all(dim=1).to(torch.float64), zeros, kk - 1),
-            "order": (cat("order", lo).max(dim=1).values.to(torch.float64), zeros, kk - 1),
-        }
+        # a converged probe's bracket is at most qa: plan second stages for that allowance
+        out = {"value": (value, se, kk - 1, allow, None, qa)}
+        if names is None or "bound" in names:
+            out["bound"] = (cat("bound", lo).any(dim=1).to(torch.float64), zeros, kk - 1)
+        if names is None or "qconv" in names:
+            out["qconv"] = (cat("conv", lo).all(dim=1).to(torch.float64), zeros, kk - 1)
+        if names is None or "order" in names:
+            out["order"] = (cat("order", lo).max(dim=1).values.to(torch.float64), zeros, kk - 1)
+        return out
 
     frozen, converged, probes, drawn, pilot = run_rounds(
         rule,

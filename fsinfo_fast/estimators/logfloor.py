@@ -201,7 +201,8 @@ def _asym_terms(alpha: float, x_min: float) -> tuple[float, ...]:
     return c[:n]
 
 
-def floor_correction(x: Tensor, alpha: float, x_min: float | None = None) -> Tensor:
+def floor_correction(x: Tensor, alpha: float, x_min: float | None = None, *,
+                     overwrite: bool = False) -> Tensor:
     r"""``E_alpha(x) = H_alpha(x) - log x + psi(alpha)`` elementwise, for ``x > 0`` (float64).
 
     The amount by which the unbiased floor term exceeds the floor-free unbiased
@@ -209,6 +210,8 @@ def floor_correction(x: Tensor, alpha: float, x_min: float | None = None) -> Ten
     as ``x -> inf``. Where every ``x`` is beyond :func:`x_hi` (columns far above the floor) it
     is the asymptotic series alone, with only the terms above ``1e-19`` (one or two far from
     the floor): about the cost of the plug-in's ``log1p``. ``x_min``: ``x.min()`` if known.
+    ``overwrite``: ``x`` is a temporary the caller no longer needs (the series then works in
+    its memory; the values are the same either way).
     """
     alpha = _check_alpha(alpha)
     if x.numel() == 0:
@@ -218,11 +221,14 @@ def floor_correction(x: Tensor, alpha: float, x_min: float | None = None) -> Ten
         coef = _asym_terms(alpha, lo_x)
         if not coef:
             return torch.zeros_like(x)
-        r = torch.reciprocal(x)
-        acc = torch.full_like(x, coef[-1])
+        # Horner: ((c_n r + c_{n-1}) r + ...) r, the first product c_n r without a fill
+        r = x.reciprocal_() if overwrite else torch.reciprocal(x)
+        if overwrite and len(coef) == 1:
+            return r.mul_(coef[0])
+        acc = r * coef[-1]
         for cn in coef[-2::-1]:
-            acc.mul_(r).add_(cn)
-        return acc.mul_(r)
+            acc.add_(cn).mul_(r)
+        return acc
     tab = _table(alpha)
     lo = x < tab.x_top
     if not bool(lo.any()):

@@ -31,6 +31,8 @@ stopping adds residual probes only; the sketch is drawn once.
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 import torch
 from torch import Tensor
 
@@ -162,7 +164,8 @@ def hutchpp_trace(
         check_finite(out, ids, start, f"Hutch++ residual ({side} side)")
         chunks.append((out.to(torch.float64) ** 2).sum(dim=2))
 
-    def summarize(lo: int, rows: Tensor | None = None):  # per-row: rows unused
+    def summarize(lo: int, rows: Tensor | None = None,
+                  names: Container[str] | None = None):  # one quantity; rows unused
         t = torch.cat(chunks, dim=1)
         chunks[:] = [t]
         mean, se = mean_and_stderr(t[:, lo:])

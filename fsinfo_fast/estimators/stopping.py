@@ -98,7 +98,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Container, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -371,7 +371,8 @@ class Frozen:
     bias_bound: Tensor
 
 
-#: ``summarize(lo, rows)`` returns, per quantity name, ``(value [B], stderr [B], dof)`` or
+#: ``summarize(lo, rows, names)`` returns, for (at least) the quantities ``name in names``
+#: (``None``: all), per quantity name, ``(value [B], stderr [B], dof)`` or
 #: ``(value, stderr, dof, bias_bound [B])`` (a deterministic error allowance added to the
 #: half-width) or ``(value, stderr, dof, bias_bound, hw_fn[, bias_cap])``: ``hw_fn(stderr,
 #: dof)`` the stochastic part of the half-width when it is not ``t_{dof} stderr`` (e.g. the
@@ -387,7 +388,7 @@ def run_rounds(
     batch: int,
     device: torch.device,
     process: Callable[[int, int], None],
-    summarize: Callable[[int, Tensor | None], Summary],
+    summarize: Callable[[int, Tensor | None, Container[str] | None], Summary],
     targets: Mapping[str, tuple[float | None, float | None]],
     mark: Callable[[Tensor], None] | None = None,
 ) -> tuple[dict[str, Frozen], Tensor, Tensor, int, Tensor]:
@@ -399,11 +400,17 @@ def run_rounds(
         device: device of the per-sample tensors.
         process: ``process(start, count)`` consumes probes ``start .. start+count-1`` (called
             with consecutive ranges along ``rule.schedule()``).
-        summarize: ``summarize(lo, rows)`` gives ``{name: (value, stderr, dof[, bias_bound[,
-            hw_fn[, bias_cap]]])}`` (see :data:`Summary`), ``[B]`` each, from the probes
-            ``lo .. k-1`` processed so far (``lo`` a round boundary; ``0``: all of them); only
-            the ``rows`` (``[B]`` bool, ``None``: all) are used, and must not depend on the
-            others.
+        summarize: ``summarize(lo, rows, names)`` gives ``{name: (value, stderr, dof[,
+            bias_bound[, hw_fn[, bias_cap]]])}`` (see :data:`Summary`), ``[B]`` each, from the
+            probes ``lo .. k-1`` processed so far (``lo`` a round boundary; ``0``: all of
+            them), for (at least) the quantities ``name in names`` (``None``: all of them; a
+            quantity's summary must not depend on which others are asked for; ``names`` only
+            supports ``in``); only the ``rows`` (``[B]`` bool, ``None``: all) are used, and
+            must not depend on the others. Where no sample is recorded from a summary (the
+            sizing summaries of stages 1 and 2), only the targeted quantities are asked for;
+            the others are asked for separately, with the same ``lo`` and ``rows``, where some
+            sample is recorded there after all (an exact value, or no room left). A fixed
+            count and stage 3 ask for all of them.
         targets: ``{name: (atol, rtol)}`` for the quantities whose intervals must all meet
             their tolerance (the others are recorded alongside).
         mark: ``mark(rows)`` (``[B]`` bool) is called at the round boundary where the next
@@ -424,25 +431,32 @@ def run_rounds(
     sched = list(rule.schedule())
     _, n0, last0 = sched[0]
     process(0, n0)
-    first = _parts(summarize(0, None), rule.confidence)
-    frozen = {
-        name: Frozen(*(torch.full_like(p[0], math.nan) for _ in range(3)),
-                     torch.zeros(batch, dtype=torch.int64, device=device),
-                     torch.full_like(p[0], math.nan))
-        for name, p in first.items()
-    }
+    frozen: dict[str, Frozen] = {}
     if last0 or not rule.adaptive:
+        first = _parts(summarize(0, None, None), rule.confidence)
         _freeze(frozen, first, torch.ones(batch, dtype=torch.bool, device=device))
         ok = _met_all(first, targets)
         full = torch.full((batch,), n0, dtype=torch.int64, device=device)
         return frozen, ok, full, n0, torch.zeros_like(full)
+    # the sizing summaries need the targeted quantities only (all of them where nothing is
+    # targeted, or with the test hook _SUMMARIZE_ALL); the others are summarised where a
+    # sample is recorded from them after all (an exact value, or no room left)
+    want = tuple(targets) if targets and not _SUMMARIZE_ALL else None
+
+    def complete(parts: dict[str, tuple], lo_: int, rows_: Tensor | None) -> dict[str, tuple]:
+        if want is None:
+            return parts
+        rest = _parts(summarize(lo_, rows_, _Except(want)), rule.confidence)
+        return {**parts, **{nm: p for nm, p in rest.items() if nm not in parts}}
+
     converged = torch.zeros(batch, dtype=torch.bool, device=device)
     probes = torch.zeros(batch, dtype=torch.int64, device=device)
     lo = torch.zeros(batch, dtype=torch.int64, device=device)  # start of the last stage
     # stage 1 (probes 0..n0-1) sizes stage 2; an exact value (-inf) is reported at once
+    first = _parts(summarize(0, None, want), rule.confidence)
     done = _any_exact(first, targets)
     if bool(done.any()):
-        _freeze(frozen, first, done)
+        _freeze(frozen, complete(first, 0, None), done)
         converged |= done
         probes[done] = n0
     plan = _rough_size(first, targets, n0, rule.confidence)
@@ -462,10 +476,10 @@ def run_rounds(
         # stage 2 (probes n0..k2-1) sizes stage 3 and gives its interval's spread
         end = in2 & ((drawn >= end2) | last)
         if bool(end.any()):
-            second = _parts(summarize(n0, end), rule.confidence)
+            second = _parts(summarize(n0, end, want), rule.confidence)
             now = end & (_any_exact(second, targets) | last)  # exact, or no room left
             if bool(now.any()):
-                _freeze(frozen, second, now)
+                _freeze(frozen, complete(second, n0, end), now)
                 converged[now] = _met_all(second, targets)[now]
                 probes[now] = drawn
                 lo[now] = n0
@@ -481,7 +495,7 @@ def run_rounds(
         newly = ~done & ~in2 & (lo > n0) & ((drawn - lo >= need) | last)
         for k2 in torch.unique(lo[newly]).tolist():
             rows = newly & (lo == k2)
-            rep = _stein(_parts(summarize(k2, rows), rule.confidence), pilots[k2], targets,
+            rep = _stein(_parts(summarize(k2, rows, None), rule.confidence), pilots[k2], targets,
                          k2 - n0, drawn - k2)
             _freeze(frozen, rep, rows)
             converged[rows] = _met_all(rep, targets)[rows]
@@ -489,6 +503,25 @@ def run_rounds(
             done |= rows
     pilot = torch.where(probes > lo, lo, torch.zeros_like(lo))
     return frozen, converged, probes, drawn, pilot
+
+
+#: Test hook: ``True`` makes :func:`run_rounds` ask ``summarize`` for every quantity at every
+#: boundary (the protocol before the sizing summaries asked for the targeted ones only); the
+#: results must be bit-identical either way (``tests/test_stopping_lean.py``).
+_SUMMARIZE_ALL = False
+
+
+class _Except:
+    """``names`` for ``summarize``: every quantity except ``names`` (only ``in`` is defined)."""
+
+    def __init__(self, names: Collection[str]) -> None:
+        self.names = frozenset(names)
+
+    def __contains__(self, name: object) -> bool:
+        return name not in self.names
+
+    def __repr__(self) -> str:
+        return f"_Except({sorted(self.names)!r})"
 
 
 #: Stage 2 holds this share of the estimate's probe count that stage 1 plans (module
@@ -690,7 +723,13 @@ def _stage_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int) 
 
 def _freeze(frozen: dict[str, Frozen], parts: dict[str, tuple], mask: Tensor) -> None:
     for name, (v, se, hw, dof, bias, _, _) in parts.items():
-        f = frozen[name]
+        f = frozen.get(name)
+        if f is None:  # first recorded here: NaN (dof 0) until each sample is
+            f = frozen[name] = Frozen(
+                *(torch.full_like(v, math.nan) for _ in range(3)),
+                torch.zeros(v.shape[0], dtype=torch.int64, device=v.device),
+                torch.full_like(v, math.nan),
+            )
         f.value[mask], f.stderr[mask] = v[mask], se[mask]
         f.ci_halfwidth[mask], f.bias_bound[mask] = hw[mask], bias[mask]
         f.dof[mask] = dof
