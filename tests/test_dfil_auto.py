@@ -33,7 +33,7 @@ def test_planned_probes_replays_the_three_stage_rule(need, rtol):
     def process(start, count):
         drawn[0] = start + count
 
-    def summarize(lo, rows=None):
+    def summarize(lo, rows=None, names=None):
         k = drawn[0] - lo
         v = torch.full((1,), value, dtype=torch.float64)
         return {"v": (v, torch.full((1,), s / math.sqrt(k), dtype=torch.float64), k - 1)}
