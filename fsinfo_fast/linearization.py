@@ -12,6 +12,9 @@ methods share every product they can:
 - :meth:`Linearization.fsinfo_sigma` (FSInfoGuard's ``sigma*``) comes from the ``sigma = 1``
   quantities of those probes (``FSInfo(sigma) + log(sigma)`` does not depend on ``sigma``), and
   :meth:`Linearization.dfil_sigma` from the trace;
+- on deep splits FSInfo_diag takes the deflated route; its sketch, rank pilot and remainder
+  probes are held too (:class:`~fsinfo_fast.estimators.DeflatedProbeState`), so ``sigma*``,
+  another sigma or floor, and the deflated dFIL replay them and draw only what is new;
 - the exact route (:meth:`Linearization.exact`, the float64 oracle) is computed at most once and
   then serves every variant, sigma, floor and prior; ``estimator="auto"`` uses it whenever it is
   already there;
