@@ -12,6 +12,9 @@ methods share every product they can:
 - :meth:`Linearization.fsinfo_sigma` (FSInfoGuard's ``sigma*``) comes from the ``sigma = 1``
   quantities of those probes (``FSInfo(sigma) + log(sigma)`` does not depend on ``sigma``), and
   :meth:`Linearization.dfil_sigma` from the trace;
+- on deep splits FSInfo_diag takes the deflated route; its sketch, rank pilot and remainder
+  probes are held too (:class:`~fsinfo_fast.estimators.DeflatedProbeState`), so ``sigma*``,
+  another sigma or floor, and the deflated dFIL replay them and draw only what is new;
 - the exact route (:meth:`Linearization.exact`, the float64 oracle) is computed at most once and
   then serves every variant, sigma, floor and prior; ``estimator="auto"`` uses it whenever it is
   already there;
@@ -38,6 +41,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -58,14 +62,14 @@ from .estimators.deflated import (
     DEFLATE_ABOVE,
     PILOT_PROBES,
     START_RANK,
-    DeflationSketch,
+    DeflatedProbeState,
     estimate_diag_deflated,
     predict_plain_probes,
 )
 from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
 from .estimators.exact_fast import CHECK_COLUMNS, FastExactFisher, exact_fast_fisher
 from .estimators.probes import resolve_seed
-from .estimators.stopping import START_PROBES, initial_probes, planned_probes
+from .estimators.stopping import START_PROBES, StoppingRule, initial_probes, planned_probes
 from .formulas import DIAG_FLOOR, as_sigma
 from .reference.oracle import _warn_singular
 from .result import Z95, MetricResult, SigmaResult
@@ -117,17 +121,23 @@ def _check_target(target: object) -> Tensor:
     return tau
 
 
-def _stopping(atol, rtol, num_probes, max_probes, cap: int | None) -> dict[str, Any]:
-    """Stopping keywords for the estimators; ``cap`` bounds the probes under ``auto``."""
+def _stopping(atol, rtol, num_probes, max_probes, cap: int | None) -> StoppingRule:
+    """The estimators' :class:`~fsinfo_fast.estimators.StoppingRule` (``stop=``; its unset
+    start and rounds are each estimator's defaults); ``cap`` bounds the probes under
+    ``auto``."""
     if num_probes is None and atol is None and rtol is None:
         raise InvalidInputError(
             "the randomized estimator needs atol, rtol or num_probes (all were None)"
         )
     mp = max_probes if cap is None else max(_CAP_FLOOR, min(max_probes, cap))
-    kw: dict[str, Any] = {"num_probes": num_probes, "atol": atol, "rtol": rtol, "max_probes": mp}
     if num_probes is not None:
-        kw["max_probes"] = max(num_probes, kw["max_probes"])
-    return kw
+        mp = max(num_probes, mp)
+    return StoppingRule(num_probes=num_probes, atol=atol, rtol=rtol, max_probes=mp)
+
+
+def _fixed(k: int) -> StoppingRule:
+    """``k`` probes, a single round."""
+    return StoppingRule(num_probes=k, min_probes=k, max_probes=k)
 
 
 def _to_result(est: Estimate, *, metric: str, units: str, sigma: Tensor, d: int, m: int,
@@ -184,7 +194,7 @@ class Linearization:
         self._diag_cache: dict[tuple, Any] = {}
         self._dstate: DiagProbeState | None = None
         self._deflated_cache: dict[tuple, Any] = {}
-        self._sketch: DeflationSketch | None = None  # shared by the deflated requests
+        self._dfstate: DeflatedProbeState | None = None  # shared by the deflated requests
 
     # -- basic properties --------------------------------------------------------------------
     @property
@@ -380,7 +390,8 @@ class Linearization:
             if route == "deflated":
                 est = self._deflated(s, floor, stop).fsinfo_diag
             else:
-                est = self._diag(s, floor, stop, min(k0, stop["max_probes"])).fsinfo_diag
+                rule = dataclasses.replace(stop, min_probes=min(k0, stop.max_probes))
+                est = self._diag(s, floor, rule).fsinfo_diag
             metric = "fsinfo_diag"
             extra = {"floor": floor, "diag_method": route, "diag_method_why": route_why}
         else:
@@ -388,9 +399,9 @@ class Linearization:
             if estimator == "auto" and order is None:  # bound the adaptive order so that
                 order = max(4, n // (2 * k0))  # 2 * order * k0 <= n, the oracle's products
             est = slq_logdet(self.products, sigma=s, prior_var=prior_var, order=order,
-                             **common, **stop)
+                             stop=stop, **common)
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
-        why = self._finish(est, spectrum, estimator, metric, stop["max_probes"])
+        why = self._finish(est, spectrum, estimator, metric, stop.max_probes)
         if why is not None:
             r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
@@ -421,9 +432,9 @@ class Linearization:
                 snapshot_bytes=int(min(budget // _SNAPSHOT_SHARE, _SNAPSHOT_MAX)))
         return self._dstate
 
-    def _diag(self, s: Tensor, floor: float, stop: dict[str, Any], min_probes: int,
-              dfil_rtol: float | None = None):
-        """The diagonal estimator on this batch's products (memoised per request).
+    def _diag(self, s: Tensor, floor: float, stop: StoppingRule, stop_on: str = "fsinfo_diag"):
+        """The diagonal estimator on this batch's products (memoised per request), under the
+        rule ``stop`` for ``stop_on``'s tolerance (:func:`~.estimators.estimate_diag`).
 
         Every request replays the shared probe state (:meth:`_diag_state`): the round boundaries
         it already holds cost no products (``info["reused_probes"]``), only probes beyond them
@@ -431,14 +442,11 @@ class Linearization:
         the request needs was dropped to bound memory, the request runs on a fresh state
         (recorded in ``info["probe_state"]``).
         """
-        key = (tuple(s.tolist()), floor, tuple(sorted(stop.items())), min_probes, dfil_rtol)
+        key = (tuple(s.tolist()), floor, stop, stop_on)
         hit = self._diag_cache.get(key)
         if hit is None:
-            kw = dict(stop)
-            if dfil_rtol is not None:
-                kw["dfil_rtol"] = dfil_rtol
             call = dict(sigma=s, floor=floor, seed=self.seed, sample_ids=self.sample_ids,
-                        min_probes=min_probes, **kw)
+                        stop=stop, stop_on=stop_on)
             try:
                 hit = estimate_diag(self.products, state=self._diag_state(), **call)
             except SnapshotDroppedError as err:
@@ -450,7 +458,7 @@ class Linearization:
         return hit
 
     def _diag_route(self, estimator: str, s: Tensor, floor: float,
-                    stop: dict[str, Any]) -> tuple[str, str]:
+                    stop: StoppingRule) -> tuple[str, str]:
         """``("plain" | "deflated", why)`` for FSInfo_diag. ``auto`` predicts the plain
         estimator's probes from its first round of Gaussian VJPs in the shared probe state (the
         plain estimator's own stage 1, so they are not spent twice): ``K_1 (1.96 se_1 / tol)^2``
@@ -463,28 +471,31 @@ class Linearization:
             return "deflated", "requested"
         if estimator != "auto":
             return "plain", "requested"
-        if stop["num_probes"] is not None:
+        if stop.num_probes is not None:
             return "plain", "a fixed num_probes (deflation chooses its rank for a tolerance)"
         # the plain estimator's first round (its stage 1, served to it from the shared state)
-        kp = initial_probes(max_probes=stop["max_probes"])
-        pilot = self._diag(s, floor, {"num_probes": kp, "atol": None, "rtol": None,
-                                      "max_probes": kp}, kp).fsinfo_diag
+        kp = initial_probes(max_probes=stop.max_probes)
+        pilot = self._diag(s, floor, _fixed(kp)).fsinfo_diag
         tols = []
-        if stop["atol"] is not None:
-            tols.append(torch.full_like(pilot.value, float(stop["atol"])))
-        if stop["rtol"] is not None:
-            tols.append(float(stop["rtol"]) * pilot.value.abs())
+        if stop.atol is not None:
+            tols.append(torch.full_like(pilot.value, float(stop.atol)))
+        if stop.rtol is not None:
+            tols.append(float(stop.rtol) * pilot.value.abs())
         tol = torch.stack(tols).max(dim=0).values.clamp_min(1e-300)
         pred = kp * (Z95 * pilot.stderr / tol) ** 2
         pred = torch.where(torch.isfinite(pilot.value), pred, torch.zeros_like(pred))
         kmax = float(pred.max())
         if DEFLATE_ABOVE / _PILOT_BAND < kmax < DEFLATE_ABOVE * _PILOT_BAND:
             # too close to call from a few probes' spread: the deflation pilot's prediction
-            # (PILOT_PROBES more VJPs on the plain estimator's stream, cross-column terms)
-            k = predict_plain_probes(self.products, sigma=s, floor=floor, atol=stop["atol"],
-                                     rtol=stop["rtol"], seed=self.seed,
-                                     sample_ids=self.sample_ids)
-            kmax, how = float(k.max()), f"the deflation pilot ({PILOT_PROBES} more VJPs)"
+            # (PILOT_PROBES more VJPs on the plain estimator's stream, cross-column terms; held
+            # for the deflated estimator's rank choice)
+            st = self._deflated_state()
+            held = st.holds_pilot(PILOT_PROBES)
+            k = predict_plain_probes(self.products, sigma=s, floor=floor, atol=stop.atol,
+                                     rtol=stop.rtol, seed=self.seed,
+                                     sample_ids=self.sample_ids, state=st)
+            kmax = float(k.max())
+            how = f"the deflation pilot ({PILOT_PROBES} {'held' if held else 'more'} VJPs)"
         else:
             how = f"its first round ({kp} VJPs, reused)"
         if kmax > DEFLATE_ABOVE:
@@ -493,24 +504,46 @@ class Linearization:
         return "plain", (f"the plain estimator was predicted to need {kmax:.0f} probes "
                          f"(<= {DEFLATE_ABOVE}) from {how}")
 
-    def _deflated(self, s: Tensor, floor: float, stop: dict[str, Any],
-                  dfil_rtol: float | None = None):
+    def _deflated_state(self) -> DeflatedProbeState:
+        """The deflated estimator's products on this batch, shared by every deflated request
+        (FSInfo_diag at any sigma or floor, dFIL with ``method="deflated"``, ``sigma*``): the
+        sketch, the rank pilot's VJPs and the remainder probes with snapshots at round
+        boundaries (within the same memory share as :meth:`_diag_state`)."""
+        if self._dfstate is None:
+            budget = self.memory_budget or default_memory_budget(self.enc.x.device)
+            self._dfstate = DeflatedProbeState.for_products(
+                self.products, seed=self.seed, sample_ids=self.sample_ids,
+                snapshot_bytes=int(min(budget // _SNAPSHOT_SHARE, _SNAPSHOT_MAX)))
+        return self._dfstate
+
+    def _deflated(self, s: Tensor, floor: float, stop: StoppingRule,
+                  stop_on: str = "fsinfo_diag"):
         """The deflated diagonal estimator (rank ``auto`` for a tolerance, else
-        :data:`~.estimators.deflated.START_RANK`), memoised per request."""
-        key = ("deflated", tuple(s.tolist()), floor, tuple(sorted(stop.items())), dfil_rtol)
+        :data:`~.estimators.deflated.START_RANK`), memoised per request.
+
+        Every request replays the shared :meth:`_deflated_state`: the sketch columns, the rank
+        pilot's VJPs and the remainder round boundaries it holds at the ranks chosen cost no
+        products (``info["sketch_reused_passes"]``, ``"rank_pilot_reused_probes"``,
+        ``"reused_probes"``); the result equals that of a fresh
+        :func:`~.estimators.estimate_diag_deflated` call on the same sketch. Where a boundary
+        was dropped to bound memory, the remainder probes at those ranks are drawn afresh
+        (recorded in ``info["probe_state"]``).
+        """
+        key = ("deflated", tuple(s.tolist()), floor, stop, stop_on)
         hit = self._deflated_cache.get(key)
         if hit is None:
-            tol = stop["atol"] is not None or stop["rtol"] is not None or dfil_rtol is not None
-            rank = "auto" if tol and stop["num_probes"] is None else min(
+            rank = "auto" if stop.num_probes is None else min(
                 START_RANK, max(1, min(self.m, self.d) // 2))
-            sketch = None
-            if rank == "auto":  # one sketch for every request: its prefixes are the sketches
-                if self._sketch is None:
-                    self._sketch = DeflationSketch.empty(self.products)
-                sketch = self._sketch
-            hit = estimate_diag_deflated(self.products, sigma=s, floor=floor, seed=self.seed,
-                                         sample_ids=self.sample_ids, rank=rank,
-                                         dfil_rtol=dfil_rtol, sketch=sketch, **stop)
+            st = self._deflated_state()
+            call = dict(sigma=s, floor=floor, seed=self.seed, sample_ids=self.sample_ids,
+                        rank=rank, stop=stop, stop_on=stop_on)
+            try:
+                hit = estimate_diag_deflated(self.products, state=st, **call)
+            except SnapshotDroppedError as err:
+                st.forget_remainders()
+                hit = estimate_diag_deflated(self.products, state=st, **call)
+                for est in (hit.fsinfo_diag, hit.dfil):
+                    est.info["probe_state"] = f"recomputed on fresh remainder probes ({err})"
             self._deflated_cache[key] = hit
         return hit
 
@@ -571,24 +604,22 @@ class Linearization:
         cap = max(2, n - 3 * sketch) if estimator == "auto" else None
         stop = _stopping(atol, rtol, num_probes, max_probes, cap)
         common = {"sigma": s, "seed": self.seed, "sample_ids": self.sample_ids}
+        start = dataclasses.replace(stop, min_probes=min(k0, stop.max_probes))
         if method == "diag":
-            if stop["rtol"] is None and stop["atol"] is not None and num_probes is None:
+            if stop.rtol is None and stop.atol is not None and num_probes is None:
                 raise InvalidInputError("method='diag' stops on rtol (or num_probes), not atol")
-            dstop = {**stop, "rtol": None, "atol": None}
-            est = self._diag(s, 0.0, dstop, min(k0, stop["max_probes"]),
-                             dfil_rtol=stop["rtol"]).dfil
+            # the rule's rtol is dFIL's (atol is not used for dFIL)
+            est = self._diag(s, 0.0, dataclasses.replace(start, atol=None), "dfil").dfil
         elif method == "deflated":
-            if stop["rtol"] is None and num_probes is None:
+            if stop.rtol is None and num_probes is None:
                 raise InvalidInputError("method='deflated' stops on rtol (or num_probes)")
-            dstop = {**stop, "rtol": None, "atol": None}
-            est = self._deflated(s, 0.0, dstop, dfil_rtol=stop["rtol"]).dfil
+            est = self._deflated(s, 0.0, dataclasses.replace(stop, atol=None), "dfil").dfil
         elif method == "hutchinson":
-            est = hutchinson_trace(self.products, side="input", kind="rademacher",
-                                   min_probes=min(k0, stop["max_probes"]), **common, **stop)
+            est = hutchinson_trace(self.products, side="input", kind="rademacher", stop=start,
+                                   **common)
         else:
-            est = hutchpp_trace(self.products, sketch_size=sketch,
-                                min_probes=min(k0, stop["max_probes"]), **common, **stop)
-        why = self._finish(est, False, estimator, "dfil", stop["max_probes"])
+            est = hutchpp_trace(self.products, sketch_size=sketch, stop=start, **common)
+        why = self._finish(est, False, estimator, "dfil", stop.max_probes)
         if why is not None:
             r = self._exact_dfil(s, why, estimator)
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
@@ -712,8 +743,7 @@ class Linearization:
         c = costs.get(method)
         if c is None and method == "diag":
             k1 = min(START_PROBES, mp)
-            self._diag(s, 0.0, {"num_probes": k1, "atol": None, "rtol": None,
-                                "max_probes": k1}, k1)
+            self._diag(s, 0.0, _fixed(k1))
             c = self._dfil_costs(s, rtol, atol, mp).get("diag")
             if c is not None:
                 c = {**c, "from": f"its first round ({k1} Gaussian VJPs, reused)"}

@@ -21,6 +21,8 @@ from fsinfo_fast.errors import InvalidInputError
 from fsinfo_fast.estimators.deflated import (
     DEFLATION_RESIDUAL_STREAM,
     DEFLATION_SKETCH_STREAM,
+    PILOT_PROBES,
+    DeflatedProbeState,
     DeflationSketch,
     estimate_diag_deflated,
 )
@@ -230,6 +232,93 @@ def test_adaptive_rank_and_stopping():
     assert float(cost.double().median()) * 5 < 400, float(cost.double().median())
 
 
+# --- the held state: a second request replays the probes of the first -------------------
+
+
+class _CountingProducts(DenseProducts):
+    """DenseProducts that records the probes of every product call."""
+
+    def __init__(self, J):
+        super().__init__(J)
+        self.calls: list[tuple[str, int]] = []
+
+    def jvp(self, V):
+        self.calls.append(("jvp", V.shape[1]))
+        return super().jvp(V)
+
+    def vjp(self, U):
+        self.calls.append(("vjp", U.shape[1]))
+        return super().vjp(U)
+
+
+def _same(a, b) -> None:
+    """Bit-identical per-sample results (value, interval, probe counts, ranks)."""
+    for q in ("fsinfo_diag", "dfil"):
+        x, y = getattr(a, q), getattr(b, q)
+        for f in ("value", "stderr", "ci_halfwidth", "probes_per_sample", "converged"):
+            assert torch.equal(getattr(x, f), getattr(y, f)), (q, f, getattr(x, f),
+                                                               getattr(y, f))
+        assert x.info["rank"] == y.info["rank"] and x.num_probes == y.num_probes
+
+
+def test_state_replay_equals_fresh_calls_and_draws_only_what_is_new():
+    """Requests on one DeflatedProbeState (another sigma and floor; a tighter tolerance; a dFIL
+    target) equal fresh calls with the same arguments bit for bit; the second draws no product
+    (pilot, sketch and remainder boundaries all held: far from the floor its rank choice and
+    stages are those of the first), the others draw only what they add."""
+    J = torch.cat([_low_rank_plus_noise(2),
+                   spectral_jacobian(geometric_spectrum(32, 1e3), 48, 32, seed=9)])
+    P = _CountingProducts(J)
+    st = DeflatedProbeState.for_products(P, seed=4, snapshot_bytes=1 << 24)
+    kw = dict(seed=4, start_rank=4)
+    a = estimate_diag_deflated(P, sigma=SIGMA, atol=0.01, state=st, **kw)
+    n_a = sum(c for _, c in P.calls)
+    assert n_a == a.fsinfo_diag.passes > 0
+    P.calls.clear()
+    b = estimate_diag_deflated(P, sigma=1.0, floor=0.0, atol=0.01, state=st, **kw)
+    assert P.calls == [] and b.fsinfo_diag.passes == b.dfil.passes == 0
+    fb = b.fsinfo_diag.info
+    assert fb["reused_probes"] == b.fsinfo_diag.num_probes == a.fsinfo_diag.num_probes
+    assert fb["rank_pilot_reused_probes"] == PILOT_PROBES and fb["sketch_passes"] == 0
+    c = estimate_diag_deflated(P, sigma=SIGMA, atol=0.004, state=st, **kw)
+    fc = c.fsinfo_diag.info
+    new = sum(n for _, n in P.calls)
+    assert fc["rank_pilot_reused_probes"] == PILOT_PROBES
+    assert new == c.fsinfo_diag.passes == (fc["sketch_passes"] + fc["remainder_probes"]
+                                           - fc["reused_probes"])
+    P.calls.clear()
+    d = estimate_diag_deflated(P, sigma=SIGMA, floor=0.0, dfil_rtol=0.02, state=st, **kw)
+    assert sum(n for _, n in P.calls) == d.dfil.passes
+    for r, args in ((a, dict(sigma=SIGMA, atol=0.01)),
+                    (b, dict(sigma=1.0, floor=0.0, atol=0.01)),
+                    (c, dict(sigma=SIGMA, atol=0.004)),
+                    (d, dict(sigma=SIGMA, floor=0.0, dfil_rtol=0.02))):
+        _same(r, estimate_diag_deflated(DenseProducts(J), **args, **kw))
+
+
+def test_state_replay_with_dropped_snapshots_raises_and_fixed_rank_shares_the_state():
+    """Without snapshots a replay that needs an earlier boundary raises SnapshotDroppedError
+    (as DiagProbeState); a fixed rank reuses the state's remainder probes too."""
+    from fsinfo_fast.estimators.diagonal import SnapshotDroppedError
+
+    J = _low_rank_plus_noise(2)
+    P = DenseProducts(J)
+    st = DeflatedProbeState.for_products(P, seed=1)
+    estimate_diag_deflated(P, sigma=SIGMA, atol=0.01, start_rank=4, seed=1, state=st)
+    with pytest.raises(SnapshotDroppedError):
+        estimate_diag_deflated(P, sigma=1.0, atol=0.01, start_rank=4, seed=1, state=st)
+    st = DeflatedProbeState.for_products(P, seed=1, snapshot_bytes=1 << 24)
+    f = estimate_diag_deflated(P, sigma=SIGMA, rank=3, num_probes=12, seed=1, state=st)
+    g = estimate_diag_deflated(P, sigma=1.0, rank=3, num_probes=12, seed=1, state=st)
+    assert g.fsinfo_diag.passes == 0 and f.fsinfo_diag.passes == 3 + 3 + 12
+    _same(g, estimate_diag_deflated(P, sigma=1.0, rank=3, num_probes=12, seed=1))
+    with pytest.raises(InvalidInputError, match="DeflatedProbeState"):
+        estimate_diag_deflated(P, sigma=SIGMA, rank=3, num_probes=12, seed=2, state=st)
+    with pytest.raises(InvalidInputError, match="not both"):
+        estimate_diag_deflated(P, sigma=SIGMA, rank=3, num_probes=12, seed=1, state=st,
+                               sketch=DeflationSketch.empty(P))
+
+
 # --- wiring: Linearization / ff.fsinfo / ff.dfil ---------------------------------------------
 
 
@@ -271,6 +360,47 @@ def test_linearization_routes():
     assert d.info["method"].startswith("deflated") and bool(((d.value - tr).abs()
                                                             <= d.ci_halfwidth).all())
     assert bool((d.ci_halfwidth <= 0.01 * d.value).all())
+
+
+def test_sigma_star_on_the_deflated_route_reuses_fsinfos_probes(monkeypatch):
+    """FSInfoGuard's sigma* after FSInfo_diag on the deflated route (auto): no product at all
+    (the plain first round, the rank pilot, the sketch and the remainder boundaries are held;
+    the sigma = 1, floor = 0 estimate is replayed from them), and each result equals a fresh
+    estimate_diag_deflated call with the same arguments bit for bit."""
+    import fsinfo_fast as ff
+    from fsinfo_fast.estimators.stopping import StoppingRule
+
+    enc, J = _linear_encoder()
+    x = torch.randn(2, J.shape[1])
+    lin = ff.linearize(enc, x, seed=3)
+    P = lin.products
+    calls = []
+    for name in ("jvp", "vjp"):
+        real = getattr(type(P), name)
+
+        def counting(self, V, _real=real, _name=name):
+            calls.append((_name, V.shape[1]))
+            return _real(self, V)
+
+        monkeypatch.setattr(type(P), name, counting)
+    f = lin.fsinfo(SIGMA, atol=0.01)
+    assert f.info["diag_method"] == "deflated", f.info["diag_method_why"]
+    assert sum(n for _, n in calls) > 0
+    calls.clear()
+    s = lin.fsinfo_sigma(-1.0, atol=0.01)
+    assert calls == []
+    s1 = s.info["fsinfo_sigma1"]
+    assert s.estimator == "randomized" and s1.info["diag_method"] == "deflated"
+    assert s1.passes == 0 and s1.info["reused_probes"] == s1.num_probes == f.num_probes
+    assert s1.info["rank_pilot_reused_probes"] == PILOT_PROBES
+    assert s1.info["sketch_passes"] == 0
+    # the fresh calls (auto caps the probes at min(m, d), the oracle's products)
+    stop = StoppingRule(atol=0.01, max_probes=min(J.shape))
+    for r, sig, floor in ((f, SIGMA, 1e-10), (s1, 1.0, 0.0)):
+        want = estimate_diag_deflated(P, sigma=sig, floor=floor, seed=3, stop=stop).fsinfo_diag
+        for field in ("value", "stderr", "ci_halfwidth", "probes_per_sample"):
+            assert torch.equal(getattr(r, field), getattr(want, field)), field
+    assert torch.equal(s.sigma, torch.exp(s1.value + 1.0))
 
 
 def test_auto_keeps_the_plain_estimator_where_columns_are_independent():

@@ -12,7 +12,8 @@ not depend on how samples are batched.
   :func:`fsinfo_diag_summary` and :func:`trace_summary`.
 - :func:`estimate_diag_deflated`: the same two quantities with the dominant output subspace of
   ``J`` taken exactly (a sketch) and only the remainder by projected probes, for correlated
-  columns (deep splits); :func:`predict_plain_probes` is what ``auto`` compares.
+  columns (deep splits); :class:`DeflatedProbeState` holds its sketch, rank pilot and remainder
+  probes across requests; :func:`predict_plain_probes` is what ``auto`` compares.
 - :func:`hutchinson_trace`: ``tr(J^T J)`` / dFIL (Hutchinson 1989).
 - :func:`hutchpp_trace`: Hutch++ (Meyer et al. 2021).
 - :func:`slq_logdet`: log-det FSInfo by stochastic Lanczos quadrature (Ubaru et al. 2017):
@@ -28,7 +29,7 @@ not depend on how samples are batched.
 
 from .base import Estimate, Products, t_quantile
 from .cost import expected_passes
-from .deflated import estimate_diag_deflated, predict_plain_probes
+from .deflated import DeflatedProbeState, estimate_diag_deflated, predict_plain_probes
 from .diagonal import (
     DiagEstimate,
     DiagProbeState,
@@ -56,6 +57,7 @@ from .stopping import StoppingRule, initial_probes
 
 __all__ = [
     "PROBE_KINDS",
+    "DeflatedProbeState",
     "DiagEstimate",
     "DiagProbeState",
     "DiagStats",

@@ -72,15 +72,18 @@ from .base import (
     sigma_for,
     t_quantile,
 )
-from .diagonal import DiagEstimate, DiagProbeState, fsinfo_diag_summary, stage_stats
+from .diagonal import (
+    DiagEstimate,
+    DiagProbeState,
+    _check_state,
+    _diag_rule,
+    _Replay,
+    fsinfo_diag_summary,
+)
 from .hutchinson import log_t_halfwidth, mean_and_stderr
 from .probes import draw_probes, resolve_seed
 from .stopping import (
-    DEFAULT_GROWTH,
-    DEFAULT_ROUND,
-    START_PROBES,
     StoppingRule,
-    _check_tol,
     estimate_from,
     run_rounds,
 )
@@ -89,6 +92,7 @@ __all__ = [
     "DEFLATION_SKETCH_STREAM",
     "DEFLATION_RESIDUAL_STREAM",
     "PILOT_PROBES",
+    "DeflatedProbeState",
     "DeflationSketch",
     "estimate_diag_deflated",
     "DEFLATE_ABOVE",
@@ -182,15 +186,26 @@ class DeflationSketch:
 
     def exact_part(self, ranks: Tensor) -> Tensor:
         """``[B, d]`` float64 ``E_k = sum_{i < r_b} W[b, k, i]^2`` for per-sample ranks."""
-        return (self.W.square() * self._mask(ranks)[:, None, :]).sum(dim=2)
+        _, W, mask = self.prefix(ranks)
+        return (W.square() * mask[:, None, :]).sum(dim=2)
 
-    def _mask(self, ranks: Tensor) -> Tensor:
-        idx = torch.arange(self.rank, device=self.Q.device)
-        return (idx[None, :] < ranks[:, None]).to(torch.float64)  # [B, r]
+    def prefix(self, ranks: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``Q``, ``W`` and the ``[B, R]`` float64 mask of each sample's columns, cut at ``R =
+        max(ranks)``: what every use of the sketch at ``ranks`` reads, so that the result does
+        not depend on how far a shared sketch has grown beyond them."""
+        r = int(ranks.max()) if ranks.numel() else 0
+        idx = torch.arange(r, device=self.Q.device)
+        mask = (idx[None, :] < ranks[:, None]).to(torch.float64)  # [B, R]
+        return self.Q[:, :, :r], self.W[:, :, :r], mask
 
     def basis(self, ranks: Tensor) -> Tensor:
-        """``[B, m, r]`` ``Q`` with the columns beyond each sample's rank zeroed."""
-        return self.Q * self._mask(ranks)[:, None, :]
+        """``[B, m, R]`` ``Q`` with the columns beyond each sample's rank zeroed."""
+        Q, _, mask = self.prefix(ranks)
+        return Q * mask[:, None, :]
+
+    def copy(self) -> DeflationSketch:
+        """An independent copy (growing it leaves this one as it is)."""
+        return DeflationSketch(self.Q.clone(), self.W.clone(), self.passes, self.power)
 
 
 def _orthonormal(Y: Tensor) -> Tensor:
@@ -245,9 +260,9 @@ def _pilot_f2(
     """``[B]`` unbiased estimate of ``||Dw^{-1/2} R Dw^{-1/2}||_F^2`` (``R`` the remainder
     ``J^T (I - P) J`` at ``ranks``; ``Dw^{-1} = weights``, ``None``: identity) from the pilot
     pairs ``j < l``: ``E[(h_j^T h_l)^2]`` for independent ``h ~ N(0, Dw^{-1/2} R Dw^{-1/2})``."""
-    mask = sketch._mask(ranks)  # [B, r]
-    C = (pilot_u @ sketch.Q) * mask[:, None, :]  # [B, K_p, r]
-    H = pilot_g - C @ sketch.W.transpose(1, 2)  # [B, K_p, d]
+    Q, W, mask = sketch.prefix(ranks)  # [B, m, R], [B, d, R], [B, R]
+    C = (pilot_u @ Q) * mask[:, None, :]  # [B, K_p, R]
+    H = pilot_g - C @ W.transpose(1, 2)  # [B, K_p, d]
     if weights is not None:
         H = H * weights.sqrt()[:, None, :]
     gram = H @ H.transpose(1, 2)  # [B, K_p, K_p]
@@ -278,16 +293,10 @@ class _Pilot:
     linear part.
     """
 
-    def __init__(self, products, seed, ids, sigma, floor, atol, rtol, dfil_rtol, count, groups):
-        U = draw_probes(
-            products.m, seed=seed, sample_ids=ids, start=0, count=count, kind="gaussian",
-            dtype=torch.float64, device=products.device,
-        )
-        G = products.vjp(U.to(products.dtype)).to(torch.float64)
-        check_finite(G, ids, 0, "deflation pilot (J^T u)")
-        self.U, self.G, self.count, self.groups = U, G, count, groups
+    def __init__(self, U, G, sigma, floor, atol, rtol, dfil_rtol, groups):
+        self.U, self.G, self.count, self.groups = U, G, int(U.shape[1]), groups
         self.sig2, self.floor = sigma**2, floor
-        self.d = products.d
+        self.d = int(G.shape[2])
         D0 = G.square().mean(dim=1)
         self.fs_tol = (
             _plan_tol(D0, self.sig2, floor, atol, rtol)
@@ -297,9 +306,9 @@ class _Pilot:
 
     def predict(self, sketch: DeflationSketch, ranks: Tensor) -> Tensor:
         """``[B]`` remainder probes predicted at ``ranks`` (the largest over the targets)."""
-        full = sketch._mask(ranks)
-        C = (self.U @ sketch.Q) * full[:, None, :]
-        rem = (self.G - C @ sketch.W.transpose(1, 2)).square()  # [B, K_p, d]
+        Q, W, mask = sketch.prefix(ranks)
+        C = (self.U @ Q) * mask[:, None, :]
+        rem = (self.G - C @ W.transpose(1, 2)).square()  # [B, K_p, d]
         E = sketch.exact_part(ranks)
         k = torch.zeros(self.G.shape[0], dtype=torch.float64, device=self.G.device)
         if self.fs_tol is not None:
@@ -311,6 +320,121 @@ class _Pilot:
             f2 = _pilot_f2(self.G, self.U, sketch, ranks, None).clamp_min(0)
             k = torch.maximum(k, _probes_for(2.0 * f2, self.dfil_rtol * tr, 1 << 30))
         return k
+
+
+def _pilot_vjps(products: Products, seed: int, ids: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The rank pilot's plain Gaussian VJPs (stream 0, probes ``0 .. count - 1``): ``U`` ``[B,
+    count, m]`` and ``G = J^T U`` ``[B, count, d]``, float64."""
+    U = draw_probes(
+        products.m, seed=seed, sample_ids=ids, start=0, count=count, kind="gaussian",
+        dtype=torch.float64, device=products.device,
+    )
+    G = products.vjp(U.to(products.dtype)).to(torch.float64)
+    check_finite(G, ids, 0, "deflation pilot (J^T u)")
+    return U, G
+
+
+#: Remainder probe states a :class:`DeflatedProbeState` holds (one per rank vector; the least
+#: recently used is dropped first).
+KEEP_REMAINDERS = 2
+
+
+@dataclass
+class DeflatedProbeState:
+    r"""The products of the deflated estimator on one batch, held for the next request (another
+    sigma, floor or tolerance; FSInfoGuard's ``sigma*``), as :class:`~.diagonal.DiagProbeState`
+    holds the plain estimator's probes: the sketch (:class:`DeflationSketch`, grown where a
+    request needs more columns), the rank pilot's plain VJPs (``U``, ``J^T U``) and, per rank
+    vector, the remainder probes (a :class:`~.diagonal.DiagProbeState` of the projected probes
+    ``(I - P) u``, with snapshots at round boundaries within ``snapshot_bytes``; the
+    :data:`KEEP_REMAINDERS` most recently used rank vectors are kept).
+
+    :func:`estimate_diag_deflated` (``state=``) and :func:`predict_plain_probes` read it: what
+    it holds costs no products, only what is new is drawn and added, and each sample's result
+    equals that of a fresh call with the same arguments and sketch. Build it with
+    :meth:`for_products`.
+
+    Example:
+        >>> from fsinfo_fast.engine.dense import DenseProducts
+        >>> P = DenseProducts(torch.randn(2, 12, 10, dtype=torch.float64))
+        >>> st = DeflatedProbeState.for_products(P, seed=0, snapshot_bytes=1 << 20)
+        >>> a = estimate_diag_deflated(P, sigma=0.1, atol=0.05, start_rank=2, state=st)
+        >>> b = estimate_diag_deflated(P, sigma=1.0, atol=0.05, start_rank=2, state=st)
+        >>> b.fsinfo_diag.passes, b.fsinfo_diag.info["reused_probes"] == a.fsinfo_diag.num_probes
+        (0, True)
+    """
+
+    batch: int
+    d: int
+    m: int
+    seed: int
+    sample_ids: Tensor
+    sketch: DeflationSketch
+    groups: int = 20
+    snapshot_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self._pilot: tuple[Tensor, Tensor] | None = None
+        self._rem: dict[tuple[int, ...], _DeflatedProbeState] = {}
+
+    @classmethod
+    def for_products(
+        cls,
+        products: Products,
+        *,
+        seed: int | torch.Generator = 0,
+        sample_ids: Tensor | None = None,
+        jackknife_groups: int = 20,
+        power: int = 0,
+        snapshot_bytes: int = 0,
+    ) -> DeflatedProbeState:
+        """An empty state (an empty sketch with ``power`` power steps) for the batch of
+        ``products`` (checked arguments)."""
+        for name, v, lo in (("jackknife_groups", jackknife_groups, 2),
+                            ("snapshot_bytes", snapshot_bytes, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise InvalidInputError(f"{name} must be an int >= {lo}, got {v!r}")
+        if power not in (0, 1) or isinstance(power, bool):
+            raise InvalidInputError(f"power must be 0 or 1, got {power!r}")
+        return cls(batch=products.batch, d=products.d, m=products.m, seed=resolve_seed(seed),
+                   sample_ids=sample_ids_for(products, sample_ids),
+                   sketch=DeflationSketch.empty(products, power), groups=jackknife_groups,
+                   snapshot_bytes=snapshot_bytes)
+
+    def holds_pilot(self, count: int) -> bool:
+        """Whether the rank pilot's ``count`` VJPs are held."""
+        return self._pilot is not None and self._pilot[0].shape[1] == count
+
+    def pilot(self, products: Products, count: int) -> tuple[Tensor, Tensor, int]:
+        """The rank pilot's ``count`` plain VJPs (:func:`_pilot_vjps`) and how many were
+        computed now (``0``: held from an earlier request with the same count)."""
+        if self._pilot is not None and self.holds_pilot(count):
+            return (*self._pilot, 0)
+        self._pilot = _pilot_vjps(products, self.seed, self.sample_ids, count)
+        return (*self._pilot, count)
+
+    def remainder(self, products: Products, ranks: Tensor) -> _DeflatedProbeState:
+        """The remainder probes at the per-sample ``ranks`` (a new, empty state the first
+        time), the most recently used."""
+        key = tuple(int(r) for r in ranks.tolist())
+        st = self._rem.pop(key, None)
+        if st is None:
+            st = _DeflatedProbeState.for_products(
+                products, seed=self.seed, sample_ids=self.sample_ids,
+                jackknife_groups=self.groups, snapshot_bytes=self.snapshot_bytes)
+            st.basis = self.sketch.basis(ranks)
+        self._rem[key] = st
+        while len(self._rem) > KEEP_REMAINDERS:
+            del self._rem[next(iter(self._rem))]
+        return st
+
+    def forget_remainders(self) -> None:
+        """Drop every remainder probe held (the next request draws them afresh)."""
+        self._rem.clear()
+
+    def held(self) -> dict[tuple[int, ...], int]:
+        """``{rank vector: remainder probes held}``."""
+        return {key: st.k for key, st in self._rem.items()}
 
 
 def predict_plain_probes(
@@ -325,17 +449,25 @@ def predict_plain_probes(
     sample_ids: Tensor | None = None,
     pilot_probes: int = PILOT_PROBES,
     jackknife_groups: int = 20,
+    state: DeflatedProbeState | None = None,
 ) -> Tensor:
     """``[B]`` probes the plain estimator (:func:`~.diagonal.estimate_diag`) is predicted to
     need for the tolerances, from ``pilot_probes`` of its own Gaussian VJPs (stream 0, probes
-    ``0 .. pilot_probes - 1``, the same as its first probes); costs ``pilot_probes`` VJPs.
-    What ``auto`` compares with :data:`DEFLATE_ABOVE`."""
+    ``0 .. pilot_probes - 1``, the same as its first probes); costs ``pilot_probes`` VJPs, none
+    where ``state`` (a :class:`DeflatedProbeState` of this batch) holds them (they are the
+    deflated estimator's rank pilot, and are held there for it). What ``auto`` compares with
+    :data:`DEFLATE_ABOVE`."""
     products = detached(products)
     if atol is None and rtol is None and dfil_rtol is None:
         raise InvalidInputError("give a tolerance (atol, rtol or dfil_rtol) to predict for")
-    ids = sample_ids_for(products, sample_ids)
-    pilot = _Pilot(products, resolve_seed(seed), ids, sigma_for(products, sigma), float(floor),
-                   atol, rtol, dfil_rtol, pilot_probes, jackknife_groups)
+    if state is None:
+        state = DeflatedProbeState.for_products(products, seed=seed, sample_ids=sample_ids,
+                                                jackknife_groups=jackknife_groups)
+    else:
+        _check_state(state, products, seed, sample_ids, jackknife_groups, DeflatedProbeState)
+    U, G, _ = state.pilot(products, pilot_probes)
+    pilot = _Pilot(U, G, sigma_for(products, sigma), float(floor), atol, rtol, dfil_rtol,
+                   jackknife_groups)
     zero = torch.zeros(products.batch, dtype=torch.int64, device=products.device)
     return pilot.predict(DeflationSketch.empty(products), zero)
 
@@ -352,18 +484,21 @@ def estimate_diag_deflated(
     start_rank: int = START_RANK,
     power: int = 0,
     pilot_probes: int = PILOT_PROBES,
+    stop: StoppingRule | None = None,
+    stop_on: str = "fsinfo_diag",
     num_probes: int | None = None,
     atol: float | None = None,
     rtol: float | None = None,
     dfil_rtol: float | None = None,
-    min_probes: int = START_PROBES,
-    max_probes: int = 1000,
-    round_size: int = DEFAULT_ROUND,
-    confidence: float = 0.95,
+    min_probes: int | None = None,
+    max_probes: int | None = None,
+    round_size: int | None = None,
+    confidence: float | None = None,
     jackknife_groups: int = 20,
     exact_diagonal: bool = True,
-    growth: float = DEFAULT_GROWTH,
+    growth: float | None = None,
     sketch: DeflationSketch | None = None,
+    state: DeflatedProbeState | None = None,
 ) -> DiagEstimate:
     r"""FSInfo_diag and dFIL per sample with the dominant subspace of ``J`` deflated.
 
@@ -382,27 +517,40 @@ def estimate_diag_deflated(
         floor: constant inside the logarithm (``>= 0``).
         seed, sample_ids: probe seed and ``[B]`` global sample ids (as :func:`estimate_diag`).
         rank: sketch size ``r`` (an int ``>= 0``, the same for every sample), or ``"auto"``
-            (needs ``atol`` or ``rtol``): start at ``start_rank`` and grow by half per sample while
+            (needs a tolerance): start at ``start_rank`` and grow by half per sample while
             the pilot predicts it pays (module docstring).
         max_rank: cap on the sketch size (default ``min(m, d) // 2``).
         start_rank: first block with ``rank="auto"``.
         power: power steps per sketch block (0 or 1; 1 costs ``2r`` more products and helps
             slowly decaying spectra).
         pilot_probes: plain probes predicting the variance with ``rank="auto"`` (``>= 3``).
-        num_probes, atol, rtol, dfil_rtol, min_probes, max_probes, round_size, confidence,
-            growth: the remainder's probes, see :func:`~.diagonal.estimate_diag`.
+        stop, stop_on, dfil_rtol: the remainder probes' :class:`~.stopping.StoppingRule` and
+            whose tolerance it is (``"fsinfo_diag"`` or ``"dfil"``; dFIL's is relative), as
+            in :func:`~.diagonal.estimate_diag` (unset start and rounds: 4 probes, then +50%
+            per round).
+        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+            same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
         jackknife_groups, exact_diagonal: see :func:`~.diagonal.fsinfo_diag_summary`.
         sketch: a :class:`DeflationSketch` of these products (same ``seed``, ``sample_ids`` and
             ``power``) from an earlier call, grown further where needed and used as the
             sketch: every prefix of it is the sketch of that size (the columns ``rank ..
-            rank+c-1`` come from the same seeded ``Omega`` columns), so the result is that of a
-            fresh sketch up to rounding, and its columns are not paid for again (``passes``
-            counts only new products, ``info["sketch_reused_passes"]`` the reused ones).
+            rank+c-1`` come from the same seeded ``Omega`` columns, and every use of it reads
+            the prefix up to the largest rank only), and its columns are not paid for again
+            (``info["sketch_reused_passes"]`` counts the reused ones).
+        state: a :class:`DeflatedProbeState` of this batch (same seed, sample ids, groups and
+            power; its sketch is the sketch, not together with another ``sketch``) to reuse:
+            the rank pilot's VJPs it holds, its sketch columns and the remainder round
+            boundaries it holds at the chosen ranks cost no products; the rest are drawn and
+            added to it. Each sample's result equals that of a fresh call with the same
+            arguments and sketch. Raises :class:`~.diagonal.SnapshotDroppedError` where a
+            boundary it went past was not kept (recompute with a fresh state).
 
     Returns:
-        :class:`~.diagonal.DiagEstimate`; ``passes`` counts every product per sample (pilot,
-        sketch, exact part, remainder); ``info`` has ``rank`` (``[B]`` list), ``sketch_passes``,
-        ``pilot_probes``, ``remainder_probes``, ``power``.
+        :class:`~.diagonal.DiagEstimate`; ``passes`` counts the products per sample computed
+        by this call (pilot, sketch, exact part, remainder); ``info`` has ``rank`` (``[B]``
+        list), ``sketch_passes``, ``sketch_reused_passes``, ``rank_pilot_probes`` (and
+        ``rank_pilot_reused_probes``, held), ``remainder_probes`` (and ``reused_probes``,
+        served from ``state``), ``power``.
 
     Example:
         >>> from fsinfo_fast.engine.dense import DenseProducts
@@ -414,7 +562,12 @@ def estimate_diag_deflated(
     products = detached(products)
     if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
         raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
-    _check_tol("dfil_rtol", dfil_rtol)
+    rule, targets = _diag_rule(stop, stop_on, dfil_rtol, num_probes=num_probes, atol=atol,
+                               rtol=rtol, min_probes=min_probes, max_probes=max_probes,
+                               round_size=round_size, confidence=confidence, growth=growth)
+    confidence = rule.confidence
+    if targets.get("dfil", (None, None))[0] is not None:
+        raise InvalidInputError("the deflated estimator's dFIL tolerance is relative (rtol)")
     if power not in (0, 1) or isinstance(power, bool):
         raise InvalidInputError(f"power must be 0 or 1, got {power!r}")
     n = min(products.m, products.d)
@@ -426,7 +579,7 @@ def estimate_diag_deflated(
         )
     auto = rank == "auto"
     if auto:
-        if atol is None and rtol is None and dfil_rtol is None:
+        if not targets:
             raise InvalidInputError(
                 "rank='auto' chooses the rank for a tolerance: give atol, rtol or dfil_rtol (or "
                 "an int rank)"
@@ -438,68 +591,49 @@ def estimate_diag_deflated(
         raise InvalidInputError(
             f"rank must be 'auto' or an int in [0, max_rank = {max_rank}], got {rank!r}"
         )
-    only_dfil = num_probes is None and atol is None and rtol is None and dfil_rtol is not None
-    rule = StoppingRule(
-        num_probes=num_probes,
-        atol=atol,
-        rtol=dfil_rtol if only_dfil else rtol,
-        min_probes=min_probes,
-        max_probes=max_probes,
-        round_size=round_size,
-        confidence=confidence,
-        growth=growth,
-    )
-    targets: dict[str, tuple[float | None, float | None]] = {}
-    if atol is not None or rtol is not None:
-        targets["fsinfo_diag"] = (atol, rtol)
-    if dfil_rtol is not None:
-        targets["dfil"] = (None, dfil_rtol)
-    seed_i = resolve_seed(seed)
-    ids = sample_ids_for(products, sample_ids)
+    if state is None:
+        state = DeflatedProbeState.for_products(products, seed=seed, sample_ids=sample_ids,
+                                                jackknife_groups=jackknife_groups, power=power)
+        if sketch is not None:
+            state.sketch = sketch
+    else:
+        _check_state(state, products, seed, sample_ids, jackknife_groups, DeflatedProbeState)
+        if sketch is not None and sketch is not state.sketch:
+            raise InvalidInputError("give a sketch or a state (which holds its sketch), not both")
+    sketch = state.sketch
+    if sketch.power != power or sketch.Q.shape[:2] != (products.batch, products.m):
+        raise InvalidInputError("sketch must come from these products with the same power")
+    seed_i, ids = state.seed, state.sample_ids
     sigma_t = sigma_for(products, sigma)
     floor = float(floor)
     b, d, dev = products.batch, products.d, products.device
-    if sketch is None:
-        sketch = DeflationSketch.empty(products, power)
-    elif sketch.power != power or sketch.Q.shape[:2] != (b, products.m):
-        raise InvalidInputError("sketch must come from these products with the same power")
     reused = sketch.passes
-    pilot = 0
+    pilot = pilot_new = 0
     predicted = torch.zeros(b, dtype=torch.float64, device=dev)
     if auto:
-        plan = _Pilot(products, seed_i, ids, sigma_t, floor, atol, rtol, dfil_rtol,
-                      pilot_probes, jackknife_groups)
+        U, G, pilot_new = state.pilot(products, pilot_probes)
+        fs_atol, fs_rtol = targets.get("fsinfo_diag", (None, None))
+        plan = _Pilot(U, G, sigma_t, floor, fs_atol, fs_rtol,
+                      targets.get("dfil", (None, None))[1], jackknife_groups)
         pilot = pilot_probes
         ranks, predicted = _choose_rank(
-            products, sketch, plan, seed_i, ids, min(start_rank, max_rank), max_rank, min_probes
+            products, sketch, plan, seed_i, ids, min(start_rank, max_rank), max_rank,
+            rule.min_probes,
         )
     else:
         if rank > sketch.rank:
             sketch.grow(products, rank - sketch.rank, seed_i, ids)
         ranks = torch.full((b,), rank, dtype=torch.int64, device=dev)
     E = sketch.exact_part(ranks)  # [B, d]
-    state = _DeflatedProbeState.for_products(
-        products, seed=seed_i, sample_ids=ids, jackknife_groups=jackknife_groups
-    )
-    state.basis = sketch.basis(ranks)
+    run = _Replay(state.remainder(products, ranks), products)
     e_tr = E.sum(dim=1)
     dfil_scale = 1.0 / (sigma_t**2 * d)
 
-    def process(start: int, count: int) -> None:
-        state.extend(products, count)
-
     # the value with a zero remainder: the exactly known lower end of the estimate
     known = _known_value(E, sigma_t, floor)
-    base: dict[str, Tensor] = {}
-
-    def mark(rows: Tensor) -> None:  # where these samples' next stage starts (stopping.py)
-        gs = state.stats().group_sums
-        if not base:
-            base["sums"] = torch.zeros_like(gs)
-        base["sums"][rows] = gs[rows]
 
     def summarize(lo: int, rows: Tensor | None = None, names: Container[str] | None = None):
-        st, idx = stage_stats(state.stats(), lo, base.get("sums"), rows)
+        st, idx = run.stats(lo, rows)
 
         def sub(t: Tensor) -> Tensor:
             return t if idx is None else t[idx]
@@ -536,10 +670,10 @@ def estimate_diag_deflated(
         return out
 
     frozen, converged, probes, drawn, stage_probes = run_rounds(
-        rule, batch=b, device=dev, process=process, summarize=summarize, targets=targets,
-        mark=mark,
+        rule, batch=b, device=dev, process=run.process, summarize=summarize, targets=targets,
+        mark=run.mark,
     )
-    passes = pilot + sketch.passes - reused + state.k
+    passes = pilot_new + sketch.passes - reused + run.computed
     info = {
         "seed": seed_i,
         "confidence": confidence,
@@ -549,9 +683,11 @@ def estimate_diag_deflated(
         "rank_choice": "auto (pilot-predicted variance)" if auto else "fixed",
         "power": power,
         "rank_pilot_probes": pilot,
+        "rank_pilot_reused_probes": pilot - pilot_new,
         "sketch_passes": sketch.passes - reused,
         "sketch_reused_passes": reused,
         "remainder_probes": drawn,
+        "reused_probes": run.reused(drawn),
         "predicted_probes": [round(float(k), 1) for k in predicted.tolist()],
         "stage_probes": [int(k) for k in stage_probes.tolist()],
     }

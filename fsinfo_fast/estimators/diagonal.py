@@ -59,6 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Container
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -392,15 +393,19 @@ def stage_stats(
 
 
 def _check_state(
-    state: DiagProbeState,
+    state: object,
     products: Products,
     seed: int | torch.Generator,
     sample_ids: Tensor | None,
     groups: int,
+    cls: type = DiagProbeState,
 ) -> None:
+    """Raise unless ``state`` is a ``cls`` of this batch with this seed, sample ids and
+    jackknife groups (``cls``: :class:`DiagProbeState`, or a holder with the same attributes,
+    :class:`~.deflated.DeflatedProbeState`)."""
     ids = sample_ids_for(products, sample_ids)
     same = (
-        isinstance(state, DiagProbeState)
+        isinstance(state, cls)
         and state.batch == products.batch
         and state.d == products.d
         and state.m == products.m
@@ -410,9 +415,92 @@ def _check_state(
     )
     if not same:
         raise InvalidInputError(
-            "state must be a DiagProbeState of this batch with the same seed, sample_ids and "
+            f"state must be a {cls.__name__} of this batch with the same seed, sample_ids and "
             "jackknife_groups as the call"
         )
+
+
+class _Replay:
+    """Runs the rounds of :func:`~.stopping.run_rounds` over a :class:`DiagProbeState` that may
+    already hold probes: :meth:`process` draws a round only where the state has not gone past
+    it (the probes it holds cost no products); :meth:`stats` and :meth:`mark` read the
+    statistics at the current round boundary (a kept snapshot where the state is further
+    along). Shared by the plain and the deflated diagonal estimators, so that a request on a
+    state built by another (another sigma, floor or tolerance) equals a fresh call.
+
+    Raises :class:`SnapshotDroppedError` where the state holds a probe count between two round
+    boundaries of this schedule, or a boundary's snapshot was dropped.
+    """
+
+    def __init__(self, state: DiagProbeState, products: Products) -> None:
+        self.state, self.products = state, products
+        self.k_entry = state.k
+        self.boundary = 0
+        self.base: dict[str, Tensor] = {}
+
+    def process(self, start: int, count: int) -> None:
+        k, state = start + count, self.state
+        if state.k < k:
+            if state.k != start:
+                raise SnapshotDroppedError(
+                    f"the state holds {state.k} probes, between the round boundaries {start} "
+                    f"and {k} of this schedule: replay it with the schedule that built it, or "
+                    "use a fresh state"
+                )
+            state.extend(self.products, count)
+        self.boundary = k
+
+    def current(self) -> DiagStats:
+        """The statistics at the current round boundary."""
+        return self.state.stats(self.boundary)
+
+    def mark(self, rows: Tensor) -> None:
+        # the running sums where these samples' previous stage ended: their next stage's
+        # statistics are the sums since then
+        gs = self.current().group_sums
+        if not self.base:
+            self.base["sums"] = torch.zeros_like(gs)
+        self.base["sums"][rows] = gs[rows]
+
+    def stats(self, lo: int, rows: Tensor | None) -> tuple[DiagStats, Tensor | None]:
+        """:func:`stage_stats` of the probes ``lo ..`` at the current boundary."""
+        return stage_stats(self.current(), lo, self.base.get("sums"), rows)
+
+    @property
+    def computed(self) -> int:
+        """Probes drawn (one product each) by this run."""
+        return max(0, self.state.k - self.k_entry)
+
+    def reused(self, drawn: int) -> int:
+        """How many of the ``drawn`` probes of this run the state already held."""
+        return min(drawn, self.k_entry)
+
+
+def _diag_rule(
+    stop: StoppingRule | None,
+    stop_on: str,
+    dfil_rtol: float | None,
+    **keywords: Any,
+) -> tuple[StoppingRule, dict[str, tuple[float | None, float | None]]]:
+    """The rule (the diagonal estimator's defaults filled in) and the ``{quantity: (atol,
+    rtol)}`` targets of a diagonal estimator: the rule's tolerance is that of ``stop_on``
+    (``"fsinfo_diag"`` or ``"dfil"``), ``dfil_rtol`` adds dFIL's; ``dfil_rtol`` alone (no
+    ``stop``, none of ``num_probes``/``atol``/``rtol``) stops on dFIL only. ``keywords``: the
+    rule's fields one by one (the convenience form, not together with ``stop``)."""
+    _check_tol("dfil_rtol", dfil_rtol)
+    if stop_on not in ("fsinfo_diag", "dfil"):
+        raise InvalidInputError(f"stop_on must be 'fsinfo_diag' or 'dfil', got {stop_on!r}")
+    if (stop is None and all(keywords.get(k) is None for k in ("num_probes", "atol", "rtol"))
+            and dfil_rtol is not None):  # the convenience form of stopping on dFIL alone
+        stop_on, keywords["rtol"], dfil_rtol = "dfil", dfil_rtol, None
+    rule = resolve_rule(stop, "diag", **keywords)
+    targets: dict[str, tuple[float | None, float | None]] = {}
+    if rule.targets != (None, None):
+        targets[stop_on] = rule.targets
+    if dfil_rtol is not None:
+        a, r = targets.get("dfil", (None, None))
+        targets["dfil"] = (a, dfil_rtol if r is None else min(r, dfil_rtol))
+    return rule, targets
 
 
 def _trigamma(x: float) -> float:
@@ -776,58 +864,23 @@ def estimate_diag(
     products = detached(products)
     if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
         raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
-    _check_tol("dfil_rtol", dfil_rtol)
-    if stop_on not in ("fsinfo_diag", "dfil"):
-        raise InvalidInputError(f"stop_on must be 'fsinfo_diag' or 'dfil', got {stop_on!r}")
-    if (stop is None and num_probes is None and atol is None and rtol is None
-            and dfil_rtol is not None):  # the convenience form of stopping on dFIL alone
-        stop_on, rtol, dfil_rtol = "dfil", dfil_rtol, None
-    rule = resolve_rule(stop, "diag", num_probes=num_probes, atol=atol, rtol=rtol,
-                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
-                        confidence=confidence, growth=growth)
+    rule, targets = _diag_rule(stop, stop_on, dfil_rtol, num_probes=num_probes, atol=atol,
+                               rtol=rtol, min_probes=min_probes, max_probes=max_probes,
+                               round_size=round_size, confidence=confidence, growth=growth)
     confidence = rule.confidence
-    targets: dict[str, tuple[float | None, float | None]] = {}
-    if rule.targets != (None, None):
-        targets[stop_on] = rule.targets
-    if dfil_rtol is not None:
-        a, r = targets.get("dfil", (None, None))
-        targets["dfil"] = (a, dfil_rtol if r is None else min(r, dfil_rtol))
     if state is None:
         state = DiagProbeState.for_products(
             products, seed=seed, sample_ids=sample_ids, jackknife_groups=jackknife_groups
         )
     else:
         _check_state(state, products, seed, sample_ids, jackknife_groups)
-    k_entry = state.k
+    run = _Replay(state, products)
     sigma_t = sigma_for(products, sigma)
     floor = float(floor)
     dfil_scale = 1.0 / (sigma_t**2 * products.d)
-    boundary = [0]
-
-    def process(start: int, count: int) -> None:
-        k = start + count
-        if state.k < k:
-            if state.k != start:
-                raise SnapshotDroppedError(
-                    f"the state holds {state.k} probes, between the round boundaries {start} "
-                    f"and {k} of this schedule: replay it with the schedule that built it, or "
-                    "use a fresh DiagProbeState"
-                )
-            state.extend(products, count)
-        boundary[0] = k
-
-    base: dict[str, Tensor] = {}
-
-    def mark(rows: Tensor) -> None:
-        # the running sums where these samples' pilots stopped: their second stage's
-        # statistics are the sums since then
-        gs = state.stats(boundary[0]).group_sums
-        if not base:
-            base["sums"] = torch.zeros_like(gs)
-        base["sums"][rows] = gs[rows]
 
     def summarize(lo: int, rows: Tensor | None = None, names: Container[str] | None = None):
-        st, idx = stage_stats(state.stats(boundary[0]), lo, base.get("sums"), rows)
+        st, idx = run.stats(lo, rows)
 
         def full(t: Tensor) -> Tensor:  # [rows] -> [B], NaN elsewhere
             if idx is None:
@@ -857,17 +910,17 @@ def estimate_diag(
         rule,
         batch=products.batch,
         device=products.device,
-        process=process,
+        process=run.process,
         summarize=summarize,
         targets=targets,
-        mark=mark,
+        mark=run.mark,
     )
-    computed = max(0, state.k - k_entry)
+    computed = run.computed
     info = {
         "seed": state.seed,
         "side": "output",
         "kind": "gaussian",
-        "reused_probes": min(drawn, k_entry),
+        "reused_probes": run.reused(drawn),
         "stop_on": sorted(targets),
     }
     common = dict(converged=converged, probes=probes, drawn=drawn, pilot=pilot, passes=computed)
