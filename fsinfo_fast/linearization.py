@@ -680,7 +680,10 @@ class Linearization:
         From the ``K`` SLQ probes held (a log det on this batch, :meth:`_slq_store`): their
         Hutchinson terms ``||v||^2 T_{11}`` give the per-probe variance of the same estimator
         (probes of the SLQ distribution on the smaller side); ``lanczos`` costs two products
-        (one Krylov step) per probe of its total beyond the ``K`` held (cap ``mp_lanczos``).
+        (one Krylov step) per probe of its total beyond the ``K`` held (cap ``mp_lanczos``);
+        where those probes are Rademacher on the input side (``m >= d``), the ``hutchinson``
+        method's probes have their distribution, and its cost is predicted from the same
+        spread when no Gaussian VJPs predict it.
         """
         out: dict[str, dict[str, Any]] = {}
         scale = 1.0 / (s.to(torch.float64) ** 2 * self.d)
@@ -733,6 +736,14 @@ class Linearization:
                               "cap": mpl,
                               "from": (f"the {k} SLQ probes held (log det; 2 products per "
                                        "new probe)")}
+            if "hutchinson" not in out and sl.side == "input" and sl.kind == "rademacher":
+                # the very distribution of the hutchinson method: its cost from the same spread
+                tot_h = planned_probes(need_l, min_probes=initial_probes(max_probes=mp,
+                                                                         quantity="trace"),
+                                       max_probes=mp, rtol=relf)
+                out["hutchinson"] = {"new": tot_h, "total": tot_h, "need": need_l,
+                                     "from": (f"the {k} SLQ probes held (Rademacher, input "
+                                              "side: the same distribution)")}
         return out
 
     def _dfil_method(self, num_probes, costs: dict[str, dict[str, Any]]) -> tuple[str, str]:
