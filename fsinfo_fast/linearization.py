@@ -9,6 +9,12 @@ methods share every product they can:
 - :meth:`Linearization.fsinfo` (``variant="diag"``) and :meth:`Linearization.dfil` (``method=
   "auto"``) read the same Gaussian output-side VJP probes: the diagonal estimator's probes give
   ``tr(J^T J)`` too;
+- the log-det requests (:meth:`Linearization.fsinfo` ``variant="logdet"`` at any sigma or
+  prior, :meth:`Linearization.fsinfo_sigma` through SLQ) share one
+  :class:`~fsinfo_fast.estimators.SLQProbeStore`: its probes and the Krylov steps already
+  taken are reused, and :meth:`Linearization.dfil` (``method="lanczos"``, or ``"auto"``
+  where it is predicted cheapest) reads ``tr(J^T J)`` from the same probes, ``||v||^2
+  T_{11}``, one Krylov step per probe not yet held;
 - :meth:`Linearization.fsinfo_sigma` (FSInfoGuard's ``sigma*``) comes from the ``sigma = 1``
   quantities of those probes (``FSInfo(sigma) + log(sigma)`` does not depend on ``sigma``), and
   :meth:`Linearization.dfil_sigma` from the trace;
@@ -68,6 +74,7 @@ from .estimators.deflated import (
 )
 from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
 from .estimators.exact_fast import CHECK_COLUMNS, FastExactFisher, exact_fast_fisher
+from .estimators.lanczos import SLQProbeStore, slq_trace
 from .estimators.probes import resolve_seed
 from .estimators.stopping import START_PROBES, StoppingRule, initial_probes, planned_probes
 from .formulas import DIAG_FLOOR, as_sigma
@@ -80,7 +87,7 @@ log = logging.getLogger(__name__)
 
 Encoder = Callable[[Tensor], Tensor]
 ESTIMATORS = ("auto", "exact", "exact-fast", "randomized", "deflated")
-DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++", "deflated")
+DFIL_METHODS = ("auto", "diag", "hutchinson", "hutch++", "deflated", "lanczos")
 VARIANTS = ("diag", "logdet")
 #: Probes the SLQ log det starts with (its first round); the diagonal estimator and the trace
 #: estimators start at :func:`~fsinfo_fast.estimators.stopping.initial_probes`.
@@ -195,6 +202,7 @@ class Linearization:
         self._dstate: DiagProbeState | None = None
         self._deflated_cache: dict[tuple, Any] = {}
         self._dfstate: DeflatedProbeState | None = None  # shared by the deflated requests
+        self._slq: SLQProbeStore | None = None  # the SLQ probes (log det, dFIL "lanczos")
 
     # -- basic properties --------------------------------------------------------------------
     @property
@@ -399,7 +407,7 @@ class Linearization:
             if estimator == "auto" and order is None:  # bound the adaptive order so that
                 order = max(4, n // (2 * k0))  # 2 * order * k0 <= n, the oracle's products
             est = slq_logdet(self.products, sigma=s, prior_var=prior_var, order=order,
-                             stop=stop, **common)
+                             stop=stop, store=self._slq_store(), **common)
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
         why = self._finish(est, spectrum, estimator, metric, stop.max_probes)
         if why is not None:
@@ -421,6 +429,19 @@ class Linearization:
             r = src.fsinfo(s, variant, prior_var=prior_var, floor=floor)
         r.info["auto"] = why
         return r
+
+    def _slq_store(self) -> SLQProbeStore:
+        """The SLQ probes of this batch and their Krylov recursions, shared by every log-det
+        request (any sigma, prior, order cap) and dFIL ``method="lanczos"``. Its Krylov bases
+        are kept up to the same share of the memory budget as the diagonal probe state's
+        snapshots (older blocks are released beyond it, and rebuilt from their probes if a
+        later request needs higher orders)."""
+        if self._slq is None:
+            budget = self.memory_budget or default_memory_budget(self.enc.x.device)
+            self._slq = SLQProbeStore(self.products, seed=self.seed, sample_ids=self.sample_ids,
+                                      memory_bytes=int(min(budget // _SNAPSHOT_SHARE,
+                                                           _SNAPSHOT_MAX)))
+        return self._slq
 
     def _diag_state(self) -> DiagProbeState:
         """The Gaussian VJP probes of this batch, shared by every diagonal request (FSInfo_diag
@@ -570,6 +591,12 @@ class Linearization:
         products), or where the randomized one would stop at its probe cap (reason in
         ``info["auto"]``). A randomized estimate that still misses its tolerance within the
         cap is replaced by the exact route as before (:meth:`_finish`).
+
+        ``method="lanczos"``: Hutchinson over the SLQ probes of this batch
+        (:func:`~fsinfo_fast.estimators.lanczos.slq_trace`, Rademacher on the smaller side),
+        ``||v||^2 T_{11}`` per probe: free for the probes a log-det request already ran, one
+        Krylov step (two products) per new probe, which the next log det then reuses.
+        ``method="auto"`` weighs it from those probes' spread where a log det was computed.
         """
         _check_choice("estimator", estimator, ESTIMATORS)
         _check_choice("method", method, DFIL_METHODS)
@@ -578,30 +605,41 @@ class Linearization:
         if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
             method, estimator = "deflated", "randomized"
         tol_run = num_probes is None and (rtol is not None or atol is not None)
-        # the probe cap of the single-stream methods under auto (the oracle's products)
+        # the probe cap of the single-stream methods under auto (the oracle's products); the
+        # SLQ probes held are free, each new one costs two products
+        held = self._slq.k if self._slq is not None else 0
         mp = max(_CAP_FLOOR, min(max_probes, n)) if estimator == "auto" else max_probes
-        costs = self._dfil_costs(s, rtol, atol, mp) if tol_run else {}
+        mp_l = (max(_CAP_FLOOR, min(max_probes, held + n // 2)) if estimator == "auto"
+                else max_probes)
+        costs = self._dfil_costs(s, rtol, atol, mp, mp_l) if tol_run else {}
         method_reason = None
-        if method == "auto":  # FSInfo_diag's VJPs where they are cheaper, else Rademacher JVPs
+        if method == "auto":  # the cheapest of the probes held, else Rademacher JVPs
             method, method_reason = self._dfil_method(num_probes, costs)
         k0 = initial_probes(num_probes=num_probes, max_probes=max_probes,
                             quantity="fsinfo_diag" if method == "diag" else "trace")
         sketch = min(n, 10) if method == "hutch++" else 0
-        cost = expected_passes("hutch++" if method == "hutch++" else "hutchinson", d=self.d,
-                               m=self.m, num_probes=k0, sketch_size=sketch)
+        if method == "lanczos":
+            cost = 2 * max(0, k0 - held)
+        else:
+            cost = expected_passes("hutch++" if method == "hutch++" else "hutchinson",
+                                   d=self.d, m=self.m, num_probes=k0, sketch_size=sketch)
         why = self._auto_exact(estimator, cost, spectrum=False)
         if why is not None:
             return self._exact_dfil(s, why, estimator)
         prediction: dict[str, Any] = {}
         if estimator == "auto" and tol_run and method != "hutch++":
-            why, prediction = self._dfil_predicted_exact(s, method, costs, rtol, atol, mp)
+            why, prediction = self._dfil_predicted_exact(s, method, costs, rtol, atol,
+                                                         mp_l if method == "lanczos" else mp)
             if why is not None:
                 r = self._exact_dfil(s, why, estimator)
                 r.info["auto_prediction_passes"] = prediction.get("passes", 0)
                 if method_reason is not None:
                     r.info["method_reason"] = method_reason
                 return r
-        cap = max(2, n - 3 * sketch) if estimator == "auto" else None
+        cap = None
+        if estimator == "auto":
+            cap = held + n // 2 if method == "lanczos" else n - 3 * sketch
+            cap = max(2, cap)
         stop = _stopping(atol, rtol, num_probes, max_probes, cap)
         common = {"sigma": s, "seed": self.seed, "sample_ids": self.sample_ids}
         start = dataclasses.replace(stop, min_probes=min(k0, stop.max_probes))
@@ -614,6 +652,8 @@ class Linearization:
             if stop.rtol is None and num_probes is None:
                 raise InvalidInputError("method='deflated' stops on rtol (or num_probes)")
             est = self._deflated(s, 0.0, dataclasses.replace(stop, atol=None), "dfil").dfil
+        elif method == "lanczos":
+            est = slq_trace(self.products, store=self._slq_store(), stop=start, **common)
         elif method == "hutchinson":
             est = hutchinson_trace(self.products, side="input", kind="rademacher", stop=start,
                                    **common)
@@ -650,7 +690,8 @@ class Linearization:
         need = torch.where(torch.isfinite(value), need, torch.zeros_like(need))
         return float(need.max())
 
-    def _dfil_costs(self, s: Tensor, rtol, atol, mp: int) -> dict[str, dict[str, Any]]:
+    def _dfil_costs(self, s: Tensor, rtol, atol, mp: int,
+                    mp_lanczos: int | None = None) -> dict[str, dict[str, Any]]:
         r"""Predicted new products (per sample, the batch's worst) of each dFIL method whose
         variance this batch already holds, under the three-stage rule
         (:func:`~fsinfo_fast.estimators.stopping.planned_probes`: stages 1 + 2 + 3 on the
@@ -666,6 +707,13 @@ class Linearization:
         recorded alongside (stage 3's, at its rank); ``deflated`` costs
         :data:`~.estimators.deflated.PILOT_PROBES` pilot VJPs plus the remainder's total (the
         sketch is shared; a larger rank, where it pays, only lowers the remainder's count).
+        From the ``K`` SLQ probes held (a log det on this batch, :meth:`_slq_store`): their
+        Hutchinson terms ``||v||^2 T_{11}`` give the per-probe variance of the same estimator
+        (probes of the SLQ distribution on the smaller side); ``lanczos`` costs two products
+        (one Krylov step) per probe of its total beyond the ``K`` held (cap ``mp_lanczos``);
+        where those probes are Rademacher on the input side (``m >= d``), the ``hutchinson``
+        method's probes have their distribution, and its cost is predicted from the same
+        spread when no Gaussian VJPs predict it.
         """
         out: dict[str, dict[str, Any]] = {}
         scale = 1.0 / (s.to(torch.float64) ** 2 * self.d)
@@ -706,22 +754,56 @@ class Linearization:
                 "new": PILOT_PROBES + tot_d, "total": tot_d, "need": need_d,
                 "from": (f"FSInfo_diag's deflated estimate (rank {max(df.info['rank'])}, "
                          f"{int(k3.min())}+ remainder probes)")}
+        sl = self._slq
+        if sl is not None and sl.k >= 2:
+            k, mpl = sl.k, mp if mp_lanczos is None else mp_lanczos
+            terms = sl.trace_terms(0, k) * scale[:, None]  # held: no products
+            need_l = self._need(terms.mean(dim=1), terms.var(dim=1), rtol, atol)
+            tot_l = planned_probes(need_l, min_probes=initial_probes(max_probes=mpl,
+                                                                     quantity="trace"),
+                                   max_probes=mpl, rtol=relf)
+            out["lanczos"] = {"new": 2.0 * max(0.0, tot_l - k), "total": tot_l, "need": need_l,
+                              "cap": mpl,
+                              "from": (f"the {k} SLQ probes held (log det; 2 products per "
+                                       "new probe)")}
+            if "hutchinson" not in out and sl.side == "input" and sl.kind == "rademacher":
+                # the very distribution of the hutchinson method: its cost from the same spread
+                tot_h = planned_probes(need_l, min_probes=initial_probes(max_probes=mp,
+                                                                         quantity="trace"),
+                                       max_probes=mp, rtol=relf)
+                out["hutchinson"] = {"new": tot_h, "total": tot_h, "need": need_l,
+                                     "from": (f"the {k} SLQ probes held (Rademacher, input "
+                                              "side: the same distribution)")}
         return out
 
     def _dfil_method(self, num_probes, costs: dict[str, dict[str, Any]]) -> tuple[str, str]:
         r"""``auto``'s dFIL method and why: of the methods whose cost this batch can predict
         (:meth:`_dfil_costs`: ``diag`` and ``hutchinson`` from the Gaussian VJPs held,
-        ``deflated`` where FSInfo_diag took the deflated route), the one predicted to spend
-        the fewest new products under the three-stage rule; Rademacher (``hutchinson``)
-        where nothing is held."""
-        st = self._dstate
+        ``deflated`` where FSInfo_diag took the deflated route, ``lanczos`` from the SLQ probes
+        of a log det), the one predicted to spend the fewest new products under the
+        three-stage rule; Rademacher (``hutchinson``) where nothing is held. With a fixed
+        ``num_probes``: ``diag`` (one VJP per probe beyond those held) or ``lanczos`` (two
+        products per probe beyond those held), whichever spends fewer (``diag`` on a tie)."""
+        st, sl = self._dstate, self._slq
         if num_probes is not None:
+            fixed = {}
             if st is not None and st.k >= 2:
-                return "diag", f"{st.k} Gaussian VJPs already drawn by FSInfo_diag are reused"
+                fixed["diag"] = (max(0, num_probes - st.k),
+                                 f"{st.k} Gaussian VJPs already drawn by FSInfo_diag are reused")
+            if sl is not None and sl.k >= 2:
+                fixed["lanczos"] = (2 * max(0, num_probes - sl.k),
+                                    f"{sl.k} SLQ probes of the log det are reused")
+            if fixed:
+                best = min(fixed, key=lambda m: fixed[m][0])
+                why = fixed[best][1]
+                if len(fixed) > 1:
+                    why += " (" + " vs ".join(f"{m}: {c} new products"
+                                              for m, (c, _) in fixed.items()) + ")"
+                return best, why
             return "hutchinson", "no diagonal (Gaussian VJP) probes drawn on this batch yet"
         if not costs:
             return "hutchinson", "no diagonal (Gaussian VJP) probes drawn on this batch yet"
-        order = [m for m in ("diag", "hutchinson", "deflated") if m in costs]
+        order = [m for m in ("diag", "hutchinson", "deflated", "lanczos") if m in costs]
         best = min(order, key=lambda m: costs[m]["new"])  # ties: the first (held probes)
         parts = [f"about {costs[m]['new']:.0f} new products ({m}: "
                  f"{'stages 1-3 ' if m != 'deflated' else 'pilot + remainder stages 1-3 '}"
@@ -765,8 +847,9 @@ class Linearization:
                 f"products under the three-stage rule (stages 1-3: {c['total']:.0f} probes for "
                 f"the N = {c['need']:.0f} the tolerance needs, from {c['from']})")
         pred = {"why": what, "passes": passes}
-        if c["total"] > mp:
-            return (f"{what}, more than its probe cap {mp}: it would stop unconverged"), pred
+        if c["total"] > c.get("cap", mp):
+            return (f"{what}, more than its probe cap {c.get('cap', mp)}: it would stop "
+                    "unconverged"), pred
         if c["new"] >= n + check:
             return (f"{what}, no fewer than the exact route's min(m, d) = {n} products"
                     + (f" (+ {check} float64 check JVPs)" if check else "")), pred

@@ -145,9 +145,11 @@ def dfil(
             ResNet-18 at 3x32x32), ``"hutch++"`` (Meyer et al. 2021; pays ``3k`` products for a
             sketch, which only wins for fast-decaying spectra), ``"diag"`` (the Gaussian VJP
             probes of the FSInfo_diag estimator: free when FSInfo_diag was computed on the same
-            :class:`~fsinfo_fast.Linearization`, but about 1.7x wider per probe), or ``"auto"``
-            (``"diag"`` when this linearization already drew FSInfo_diag probes, else
-            ``"hutchinson"``).
+            :class:`~fsinfo_fast.Linearization`, but about 1.7x wider per probe),
+            ``"deflated"``, ``"lanczos"`` (the log det's SLQ probes, ``||v||^2 T_11``: free on
+            a :class:`~fsinfo_fast.Linearization` that computed the log-det FSInfo, two
+            products per new probe), or ``"auto"`` (the method predicted to spend the fewest
+            new products from the probes the linearization holds, else ``"hutchinson"``).
 
     Returns:
         :class:`~fsinfo_fast.result.MetricResult` (``units="1/dim"``).

@@ -44,12 +44,14 @@ from .diagonal import (
 from .hutchinson import hutchinson_trace
 from .lanczos import (
     LanczosProbeState,
+    SLQProbeStore,
     SLQProbeTerms,
     golub_kahan_bidiagonal,
     lanczos_tridiagonal,
     slq_logdet,
     slq_probe_terms,
     slq_quadrature,
+    slq_trace,
 )
 from .meyer2020hutchpp import hutchpp_trace
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
@@ -66,6 +68,7 @@ __all__ = [
     "Estimate",
     "LanczosProbeState",
     "Products",
+    "SLQProbeStore",
     "SLQProbeTerms",
     "StoppingRule",
     "draw_probes",
@@ -84,6 +87,7 @@ __all__ = [
     "slq_logdet",
     "slq_probe_terms",
     "slq_quadrature",
+    "slq_trace",
     "t_quantile",
     "trace_summary",
 ]

@@ -115,6 +115,31 @@ def with_rounding(se: Tensor, value: Tensor, n: int, dtype: torch.dtype) -> Tens
     return torch.sqrt(se**2 + (n**0.5 * torch.finfo(dtype).eps * value.abs()) ** 2)
 
 
+def trace_summarizer(chunks: list[Tensor], scale: Tensor, n: int, dtype: torch.dtype,
+                     kind: str, confidence: float):
+    """The :func:`~fsinfo_fast.estimators.stopping.run_rounds` summary of a Hutchinson trace
+    from the per-probe terms appended to ``chunks`` (``[B, k]`` each, ``v^T A v`` with ``E[v
+    v^T] = I``, probes of ``kind`` and length ``n``): the mean times ``scale``, its standard
+    error with the rounding allowance of ``dtype`` (:func:`with_rounding`) and the log-scale
+    t-interval (:func:`log_t_halfwidth`, weight :func:`skew_weight`)."""
+
+    def summarize(lo: int, rows: Tensor | None = None,
+                  names: Container[str] | None = None):  # one quantity; rows unused
+        t = torch.cat(chunks, dim=1)
+        chunks[:] = [t]
+        mean, se = mean_and_stderr(t[:, lo:])
+        se = with_rounding(se, mean, n, dtype)
+        dof = t.shape[1] - lo - 1
+        v, w = mean * scale, skew_weight(kind)
+
+        def hw_fn(se_: Tensor, dof_: int) -> Tensor:
+            return log_t_halfwidth(v, se_, dof_, confidence, w)
+
+        return {"value": (v, se * scale, dof, torch.zeros_like(mean), hw_fn)}
+
+    return summarize
+
+
 def hutchinson_trace(
     products: Products,
     *,
@@ -191,20 +216,7 @@ def hutchinson_trace(
         check_finite(out, ids, start, f"Hutchinson trace ({side} side)")
         chunks.append((out.to(torch.float64) ** 2).sum(dim=2))
 
-    def summarize(lo: int, rows: Tensor | None = None,
-                  names: Container[str] | None = None):  # one quantity; rows unused
-        t = torch.cat(chunks, dim=1)
-        chunks[:] = [t]
-        mean, se = mean_and_stderr(t[:, lo:])
-        se = with_rounding(se, mean, n, products.dtype)
-        dof = t.shape[1] - lo - 1
-        v, w = mean * scale, skew_weight(kind)
-
-        def hw_fn(se_: Tensor, dof_: int) -> Tensor:
-            return log_t_halfwidth(v, se_, dof_, confidence, w)
-
-        return {"value": (v, se * scale, dof, torch.zeros_like(mean), hw_fn)}
-
+    summarize = trace_summarizer(chunks, scale, n, products.dtype, kind, confidence)
     frozen, converged, probes, drawn, pilot = run_rounds(
         rule,
         batch=products.batch,

@@ -93,7 +93,10 @@ width + rounding allowance), in nats/dim; ``ci_halfwidth = t * stderr + bias_bou
 the Krylov bases needed to continue it; :func:`slq_probe_terms` serves any sigma/prior from it
 (continuing recursions when a request needs a higher order), and
 :meth:`LanczosProbeState.trace_terms` gives the Hutchinson terms ``v^T G v`` of the same probes
-(dFIL). :func:`slq_logdet` is the driver on top.
+(dFIL). :class:`SLQProbeStore` holds the probes of one batch in blocks of such states and
+serves every request from them: :func:`slq_logdet` (the driver on top, a fresh store per call
+unless given one) at any sigma or prior, and :func:`slq_trace`, ``tr(J^T J)`` (dFIL) from the
+same probes, one Krylov step per probe not yet held.
 
 Each step costs one JVP and one VJP per active probe; probes that have stopped are packed out
 of the product calls.
@@ -101,6 +104,7 @@ of the product calls.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Container
 from dataclasses import dataclass
@@ -121,14 +125,16 @@ from .base import (
     sample_ids_for,
     sigma_for,
 )
-from .hutchinson import mean_and_stderr
+from .hutchinson import mean_and_stderr, skew_weight
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
 from .stopping import StoppingRule, estimate_from, resolve_rule, run_rounds
 
 __all__ = [
     "METHODS",
     "LanczosProbeState",
+    "SLQProbeStore",
     "SLQProbeTerms",
+    "StateReleasedError",
     "golub_kahan_bidiagonal",
     "lanczos_tridiagonal",
     "eigensolver_for",
@@ -137,6 +143,7 @@ __all__ = [
     "slq_logdet",
     "slq_probe_terms",
     "slq_quadrature",
+    "slq_trace",
 ]
 
 #: Krylov methods: ``auto`` picks Golub-Kahan for products below float64, else Lanczos.
@@ -155,6 +162,11 @@ FLOOR_GK = 100.0
 QUAD_FRACTION = 0.05
 #: Default per-probe quadrature target (nats/dim) when no tolerance is given.
 DEFAULT_QUAD_ATOL = 1e-3
+#: Probes per :class:`LanczosProbeState` block of an :class:`SLQProbeStore` (without
+#: ``probe_chunk``): probe ``j`` is in block ``j // SLQ_BLOCK`` whatever the request, so its
+#: Krylov steps run in product calls of the same block in a fresh call and a shared store (the
+#: rounding of a dense product depends on how many probes share the call). SLQ's rounds are 10.
+SLQ_BLOCK = 10
 
 _EPS64 = torch.finfo(torch.float64).eps
 
@@ -310,6 +322,11 @@ def _reorth(w: Tensor, basis: Tensor) -> Tensor:
     return w
 
 
+class StateReleasedError(InvalidInputError):
+    """A request needs higher orders of a :class:`LanczosProbeState` whose bases were released
+    (:class:`SLQProbeStore` then rebuilds that block)."""
+
+
 class LanczosProbeState:
     r"""Krylov recursions of ``G = F^T F`` (sigma and prior free) for ``K`` probes of ``B``
     samples, continuable to higher orders.
@@ -457,7 +474,7 @@ class LanczosProbeState:
             if not bool(act.any()):
                 return
             if self.released:
-                raise InvalidInputError(
+                raise StateReleasedError(
                     "this LanczosProbeState was released (its Krylov bases dropped) and a request "
                     "needs higher orders: rebuild it (the same seed gives the same probes)"
                 )
@@ -534,6 +551,14 @@ class LanczosProbeState:
         side; needs one step)."""
         self.advance(1)
         return self.vnorm2 * self.diag[:, :, 0]
+
+    @property
+    def basis_bytes(self) -> int:
+        """Bytes held by the Krylov bases (what :meth:`release` frees)."""
+        n = self._Q.numel()
+        if self.method == "golub_kahan":
+            n += self._U.numel()
+        return 8 * n
 
     def release(self) -> None:
         """Drop the Krylov bases (memory); the tridiagonals stay."""
@@ -639,6 +664,7 @@ def slq_probe_terms(
     prior_var: float | None = None,
     quad_atol: float = DEFAULT_QUAD_ATOL,
     max_order: int | None = None,
+    probes: tuple[int, int] | None = None,
 ) -> SLQProbeTerms:
     r"""Serve one request from a state: adaptive per-probe orders, then each probe's bracket.
 
@@ -654,9 +680,11 @@ def slq_probe_terms(
         prior_var: prior variance (``lambda = 1/prior_var``), None for none.
         quad_atol: per-probe bracket-width target in nats/dim (0: run to ``max_order``).
         max_order: cap on the order (default and at most ``n``).
+        probes: ``(lo, hi)``: serve only the state's probes ``lo .. hi-1`` (the others are
+            neither continued nor evaluated); default all.
 
     Returns:
-        :class:`SLQProbeTerms`.
+        :class:`SLQProbeTerms` (``[B, hi - lo]`` with ``probes``).
     """
     lam = prior_precision(prior_var)
     max_order = _check_order(max_order, "max_order")
@@ -672,6 +700,12 @@ def slq_probe_terms(
     pos = torch.zeros(b, kk, dtype=torch.int64, device=dev)
     sched_t = torch.tensor(sched, dtype=torch.int64, device=dev)
     decided = torch.zeros(b, kk, dtype=torch.bool, device=dev)
+    lo, hi = (0, kk) if probes is None else probes
+    if not (0 <= lo < hi <= kk):
+        raise InvalidInputError(f"probes must be (lo, hi) with 0 <= lo < hi <= {kk}, got "
+                                f"{probes!r}")
+    decided[:, :lo] = True
+    decided[:, hi:] = True
     met = torch.zeros(b, kk, dtype=torch.bool, device=dev)
     order = torch.zeros(b, kk, dtype=torch.int64, device=dev)
     names = ("gauss", "radau", "rounding", "bound", "zero")
@@ -710,9 +744,213 @@ def slq_probe_terms(
     width = vn2 * torch.where(res["zero"], torch.zeros_like(g),
                               (g - res["radau"]).clamp_min(0.0))
     return SLQProbeTerms(
-        value=value, quad_error=width, rounding=vn2 * res["rounding"], order=order,
-        converged=met, bound=res["bound"], zero=res["zero"],
+        value=value[:, lo:hi], quad_error=width[:, lo:hi],
+        rounding=(vn2 * res["rounding"])[:, lo:hi], order=order[:, lo:hi],
+        converged=met[:, lo:hi], bound=res["bound"][:, lo:hi], zero=res["zero"][:, lo:hi],
     )
+
+
+# --- the probes of one batch, shared by every request ----------------------------------------
+
+
+def _inner(products: Products) -> Products:
+    return getattr(products, "inner", products)
+
+
+class SLQProbeStore:
+    r"""The SLQ probes of one batch and their Krylov recursions, shared by every request: log
+    dets at any sigma or prior (:func:`slq_logdet`) and the Hutchinson trace of ``J^T J``
+    (:func:`slq_trace`, dFIL) from the same probes.
+
+    Probe ``j`` of the sample with global id ``i`` is :func:`~.probes.draw_probes` probe ``j``
+    of ``(seed, i)`` on the chosen side, whichever request drew it first. The store holds
+    blocks of consecutive probes (one :class:`LanczosProbeState` of :data:`SLQ_BLOCK` or
+    ``probe_chunk`` probes each, created as a request first reaches them), so probes ``0 ..
+    k-1`` are held and a
+    request reuses every Krylov step already taken: a second log det runs only the steps its
+    adaptive orders need beyond those reached, the trace only needs one step per probe (the
+    first Lanczos / Golub-Kahan step, ``v^T G v = ||v||^2 T_{11}``). Each probe's result
+    depends only on its own recursion and the request, so a request served from the store
+    equals a fresh call's up to the products' rounding: steps are packed to the probes still
+    running, and a product's last bits for one probe depend on how many probes share the call
+    (measured with dense float64 products: 1e-16 relative on a first step taken with 10
+    probes vs 3, 1e-14 on the log det; tests/test_lanczos_share.py). Where the same probes
+    share each call (requests on the same rounds) the results are bit-identical.
+
+    Memory: after each block a request used, blocks are released oldest first (Krylov bases
+    dropped, tridiagonals kept) while the bases exceed ``memory_bytes`` (None: no limit; 0:
+    release each block once used, what a fresh :func:`slq_logdet` does). A later request that
+    needs higher orders of a released block rebuilds it from its probes (the same products
+    again; counted in ``passes`` and ``rebuilt``).
+
+    Args:
+        products: batched Jacobian products.
+        method: ``"auto"``, ``"lanczos"`` or ``"golub_kahan"`` (:func:`resolve_method`).
+        side: ``"auto"`` (smaller side), ``"input"`` or ``"output"``.
+        kind: probe distribution, ``"rademacher"`` or ``"gaussian"``.
+        seed, sample_ids: probe seed and ``[B]`` global ids.
+        probe_chunk: probes per block (default :data:`SLQ_BLOCK`).
+        memory_bytes: bound on the Krylov bases kept between requests (see above).
+
+    Example:
+        >>> from fsinfo_fast.engine.dense import DenseProducts
+        >>> J = torch.diag(torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64))[None]
+        >>> P = DenseProducts(J)
+        >>> st = SLQProbeStore(P)
+        >>> a = slq_logdet(P, sigma=1.0, num_probes=4, store=st)
+        >>> b = slq_trace(P, num_probes=4, store=st)  # the same 4 probes: no new steps
+        >>> round(float(b.value[0]), 12), b.passes, P.passes == a.passes  # tr = 4 + 1 + 1/4
+        (5.25, 0, True)
+    """
+
+    def __init__(
+        self,
+        products: Products,
+        *,
+        method: str = "auto",
+        side: str = "auto",
+        kind: str = "rademacher",
+        seed: int | torch.Generator = 0,
+        sample_ids: Tensor | None = None,
+        probe_chunk: int | None = None,
+        memory_bytes: int | None = None,
+    ) -> None:
+        products = detached(products)
+        if kind not in PROBE_KINDS:
+            raise InvalidInputError(f"kind must be one of {PROBE_KINDS}, got {kind!r}")
+        if probe_chunk is not None and (
+            isinstance(probe_chunk, bool) or not isinstance(probe_chunk, int) or probe_chunk < 1
+        ):
+            raise InvalidInputError(
+                f"probe_chunk must be an int >= 1 or None, got {probe_chunk!r}")
+        self.products = products
+        self.method = resolve_method(method, products)
+        self.side = _resolve_side(products, side)
+        self.kind = kind
+        self.seed = resolve_seed(seed)
+        self.ids = sample_ids_for(products, sample_ids)
+        self.n = products.d if self.side == "input" else products.m
+        self.probe_chunk = probe_chunk
+        self.block = probe_chunk or SLQ_BLOCK
+        self.memory_bytes = memory_bytes
+        self.blocks: list[LanczosProbeState] = []
+        self.rebuilt = 0
+        self._retired = 0  # products of blocks replaced by a rebuild
+
+    @property
+    def k(self) -> int:
+        """Probes held per sample: ``0 .. k-1`` have taken at least one Krylov step (their
+        trace terms cost nothing; a block's probes past those a request used have none)."""
+        k = 0
+        for bl in self.blocks:
+            started = (bl.steps >= 1).all(dim=0)
+            first = int(torch.argmin(started.to(torch.int8))) if not bool(started.all()) else None
+            if first is not None:
+                return k + first
+            k += bl.num_probes
+        return k
+
+    @property
+    def passes(self) -> int:
+        """Products spent on this store so far, per sample (rebuilds included)."""
+        return self._retired + sum(bl.passes for bl in self.blocks)
+
+    def check(self, products: Products, *, method: str, side: str, kind: str,
+              seed: int | torch.Generator, sample_ids: Tensor | None) -> None:
+        """Raise unless a request with these arguments is served by this store's probes."""
+        want = {
+            "products": _inner(detached(products)) is _inner(self.products),
+            "method": resolve_method(method, products) == self.method,
+            "side": _resolve_side(products, side) == self.side,
+            "kind": kind == self.kind,
+            "seed": resolve_seed(seed) == self.seed,
+            "sample_ids": torch.equal(sample_ids_for(products, sample_ids), self.ids),
+        }
+        bad = [k for k, ok in want.items() if not ok]
+        if bad:
+            raise InvalidInputError(
+                f"this SLQProbeStore holds other probes ({', '.join(bad)} differ): use a store "
+                "built with the same products, method, side, kind, seed and sample_ids")
+
+    def _draw(self, start: int, count: int) -> Tensor:
+        return draw_probes(self.n, seed=self.seed, sample_ids=self.ids, start=start,
+                           count=count, kind=self.kind, dtype=torch.float64,
+                           device=self.products.device)
+
+    def _new_block(self, start: int, count: int) -> LanczosProbeState:
+        return LanczosProbeState(self.products, self._draw(start, count), method=self.method,
+                                 side=self.side, sample_ids=self.ids, probe_start=start)
+
+    def _pieces(self, start: int, count: int) -> list[tuple[int, int, int]]:
+        """``(block index, lo, hi)`` (probes local to the block) covering ``start ..
+        start+count-1``; the blocks past the held probes are created (whole blocks: only the
+        probes a request uses take steps)."""
+        end = start + count
+        k = sum(bl.num_probes for bl in self.blocks)
+        while k < end:
+            self.blocks.append(self._new_block(k, self.block))
+            k += self.block
+        out = []
+        for i, bl in enumerate(self.blocks):
+            b0 = bl.probe_start
+            lo, hi = max(start, b0), min(end, b0 + bl.num_probes)
+            if lo < hi:
+                out.append((i, lo - b0, hi - b0))
+        return out
+
+    def _rebuild(self, i: int) -> LanczosProbeState:
+        old = self.blocks[i]
+        self._retired += old.passes
+        self.blocks[i] = self._new_block(old.probe_start, old.num_probes)
+        self.rebuilt += 1
+        return self.blocks[i]
+
+    def _trim(self) -> None:
+        if self.memory_bytes is None:
+            return
+        live = [bl for bl in self.blocks if not bl.released]
+        total = sum(bl.basis_bytes for bl in live)
+        for bl in live:
+            if total <= self.memory_bytes:
+                return
+            total -= bl.basis_bytes
+            bl.release()
+
+    def _serve(self, i: int, fn: Callable[[LanczosProbeState], Tensor | SLQProbeTerms]):
+        try:
+            out = fn(self.blocks[i])
+        except StateReleasedError:
+            out = fn(self._rebuild(i))
+        self._trim()
+        return out
+
+    def terms(self, start: int, count: int, *, sigma: float | Tensor,
+              prior_var: float | None, quad_atol: float,
+              max_order: int | None) -> SLQProbeTerms:
+        """:func:`slq_probe_terms` of probes ``start .. start+count-1`` (``[B, count]``)."""
+        parts = [
+            self._serve(i, lambda bl, lo=lo, hi=hi: slq_probe_terms(
+                bl, sigma=sigma, prior_var=prior_var, quad_atol=quad_atol,
+                max_order=max_order, probes=(lo, hi)))
+            for i, lo, hi in self._pieces(start, count)
+        ]
+        return SLQProbeTerms(**{
+            f.name: torch.cat([getattr(t, f.name) for t in parts], dim=1)
+            for f in dataclasses.fields(SLQProbeTerms)
+        })
+
+    def trace_terms(self, start: int, count: int) -> Tensor:
+        """``[B, count]`` Hutchinson terms ``v^T G v = ||v||^2 T_{11}`` of probes ``start ..
+        start+count-1`` (one Krylov step for a probe that has none)."""
+
+        def one(bl: LanczosProbeState, lo: int, hi: int) -> Tensor:
+            t = torch.zeros_like(bl.steps)
+            t[:, lo:hi] = 1
+            bl.advance(t)
+            return (bl.vnorm2 * bl.diag[:, :, 0])[:, lo:hi]
+
+        return torch.cat([self._serve(i, lambda bl, lo=lo, hi=hi: one(bl, lo, hi))
+                          for i, lo, hi in self._pieces(start, count)], dim=1)
 
 
 # --- drivers ---------------------------------------------------------------------------------
@@ -782,6 +1020,7 @@ def slq_logdet(
     growth: float | None = None,
     probe_chunk: int | None = None,
     quad_atol: float | None = None,
+    store: SLQProbeStore | None = None,
 ) -> Estimate:
     r"""Log-det FSInfo per sample by stochastic Lanczos quadrature, with an honest interval.
 
@@ -807,11 +1046,17 @@ def slq_logdet(
             allowance; unset start and rounds: 10 probes, then rounds of 10).
         num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
             same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
-        probe_chunk: run the recursions for at most this many probes at once (default: a whole
-            round). Bounds the Krylov bases, ``[B, chunk, order, n]`` float64, at the price of
-            smaller product batches; the result does not depend on it.
+        probe_chunk: run the recursions for at most this many probes at once (default
+            :data:`SLQ_BLOCK`). Bounds the Krylov bases, ``[B, chunk, order, n]`` float64, at
+            the price of smaller product batches; the result does not depend on it (up to the
+            products' rounding).
         quad_atol: per-probe bracket-width target in nats/dim (default
             :func:`default_quad_atol`: 5% of ``atol``); 0 runs every probe to ``order``.
+        store: an :class:`SLQProbeStore` of these products, method, side, kind, seed and ids
+            (``probe_chunk`` is then the store's): its probes and the Krylov steps already
+            taken are reused (a second log det at another sigma or prior, the trace of
+            :func:`slq_trace`), the result equal to a fresh call's; ``passes`` counts only the
+            new products (``info["reused_probes"]``: the probes held before the call).
 
     Returns:
         :class:`~fsinfo_fast.estimators.Estimate` on the FSInfo scale (nats per input dimension).
@@ -887,28 +1132,27 @@ def slq_logdet(
                   "reason": f"m = {m} < d = {d} and no prior: J^T J is singular"},
         )
     extra = (d - n) * math.log(lam) if n < d else 0.0
+    if store is None:  # a private store: each block's bases dropped once its round is done
+        store = SLQProbeStore(products, method=method, side=side, kind=kind, seed=seed,
+                              sample_ids=ids, probe_chunk=probe_chunk, memory_bytes=0)
+    else:
+        store.check(products, method=method, side=side, kind=kind, seed=seed, sample_ids=ids)
+        if probe_chunk is not None and probe_chunk != store.probe_chunk:
+            raise InvalidInputError("probe_chunk is the store's: give it to SLQProbeStore")
+    held, spent0 = store.k, store.passes
     parts: dict[str, list[Tensor]] = {
         k: [] for k in ("value", "allow", "order", "conv", "bound", "zero")
     }
-    passes = 0
 
     def process(start: int, count: int) -> None:
-        nonlocal passes
-        V = draw_probes(n, seed=seed, sample_ids=ids, start=start, count=count, kind=kind,
-                        dtype=torch.float64, device=dev)
-        step = probe_chunk or count
-        for c0 in range(0, count, step):
-            st = LanczosProbeState(products, V[:, c0 : c0 + step], method=method, side=side,
-                                   sample_ids=ids, probe_start=start + c0)
-            t = slq_probe_terms(st, sigma=sig, prior_var=prior_var, quad_atol=qa,
-                                max_order=cap)
-            passes += st.passes
-            parts["value"].append(t.value)
-            parts["allow"].append(t.quad_error + t.rounding)
-            parts["order"].append(t.order)
-            parts["conv"].append(t.converged)
-            parts["bound"].append(t.bound)
-            parts["zero"].append(t.zero)
+        t = store.terms(start, count, sigma=sig, prior_var=prior_var, quad_atol=qa,
+                        max_order=cap)
+        parts["value"].append(t.value)
+        parts["allow"].append(t.quad_error + t.rounding)
+        parts["order"].append(t.order)
+        parts["conv"].append(t.converged)
+        parts["bound"].append(t.bound)
+        parts["zero"].append(t.zero)
 
     def cat(name: str, lo: int) -> Tensor:
         parts[name] = [torch.cat(parts[name], dim=1)]
@@ -946,11 +1190,13 @@ def slq_logdet(
         summarize=summarize,
         targets={"value": rule.targets},
     )
+    passes = store.passes - spent0
     f = frozen["value"]
     singular = ~torch.isfinite(f.value)
     bound = (frozen["bound"].value > 0) & ~singular
     orders = frozen["order"].value.to(torch.int64)
-    out_info = {**info, "order": int(orders.max()) if orders.numel() else 0, "orders": orders}
+    out_info = {**info, "order": int(orders.max()) if orders.numel() else 0, "orders": orders,
+                "reused_probes": min(held, drawn)}
     if bool(bound.any()):
         out_info["bound_reason"] = (
             "the spectrum of J^T J reaches the working precision of the products "
@@ -962,6 +1208,106 @@ def slq_logdet(
         converged = frozen["qconv"].value > 0
     return estimate_from(rule, f, converged=converged, probes=probes, drawn=drawn, pilot=pilot,
                          passes=passes, singular=singular, bound=bound, info=out_info)
+
+
+def slq_trace(
+    products: Products,
+    *,
+    sigma: float | Tensor | None = None,
+    method: str = "auto",
+    side: str = "auto",
+    kind: str = "rademacher",
+    seed: int | torch.Generator = 0,
+    sample_ids: Tensor | None = None,
+    stop: StoppingRule | None = None,
+    num_probes: int | None = None,
+    atol: float | None = None,
+    rtol: float | None = None,
+    min_probes: int | None = None,
+    max_probes: int | None = None,
+    round_size: int | None = None,
+    confidence: float | None = None,
+    growth: float | None = None,
+    store: SLQProbeStore | None = None,
+) -> Estimate:
+    r"""Hutchinson's ``tr(J^T J)`` (or dFIL, ``tr / (sigma^2 d)``) from the SLQ probes.
+
+    Per probe ``v`` (the log det's: ``kind`` on the smaller side), ``v^T G v = ||v||^2
+    T_{11}``: the first entry of its Lanczos tridiagonal (Golub-Kahan: ``||F v||^2``), an
+    unbiased term of ``tr G = tr(J^T J)`` on either side. With a ``store`` that a log det
+    already filled, its probes cost nothing; a new probe costs one Krylov step (two products:
+    Lanczos ``F^T (F v)``, Golub-Kahan ``F v`` and the next ``F^T u``), and is then available
+    to the next log det. The interval is the other trace estimators' (:mod:`.hutchinson`):
+    mean and standard error over the probes (plus the products' rounding allowance), the
+    log-scale t-interval with the weight of ``kind`` (:func:`~.hutchinson.skew_weight`),
+    the probe count chosen by the :class:`~fsinfo_fast.estimators.StoppingRule` under the
+    three-stage rule (:func:`~.stopping.run_rounds`; trace defaults: 4 probes, +50% rounds).
+
+    Args:
+        products: batched Jacobian products.
+        sigma: noise scale (float or ``[B]``); if given the value is dFIL (1/dim), else the
+            raw trace.
+        method, side, kind, seed, sample_ids: the probes and recursion (as
+            :func:`slq_logdet`; a ``store`` must have been built with the same).
+        stop, num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth:
+            the stopping rule (tolerances in the value's units).
+        store: the :class:`SLQProbeStore` to read (and extend); default a private one.
+
+    Returns:
+        :class:`~fsinfo_fast.estimators.Estimate`; ``passes`` = products spent by this call
+        (0 where the store held every probe it used); ``info["reused_probes"]``: probes held
+        before the call.
+
+    Example:
+        >>> from fsinfo_fast.engine.dense import DenseProducts
+        >>> J = torch.eye(3, dtype=torch.float64)[None] * 2.0   # tr(J^T J) = 12
+        >>> est = slq_trace(DenseProducts(J), num_probes=4)
+        >>> round(float(est.value[0]), 12), est.passes  # Rademacher: exact here; 2 per probe
+        (12.0, 8)
+    """
+    products = detached(products)
+    from .hutchinson import trace_scale, trace_summarizer
+
+    if kind not in PROBE_KINDS:
+        raise InvalidInputError(f"kind must be one of {PROBE_KINDS}, got {kind!r}")
+    rule = resolve_rule(stop, "trace", num_probes=num_probes, atol=atol, rtol=rtol,
+                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
+                        confidence=confidence, growth=growth)
+    ids = sample_ids_for(products, sample_ids)
+    if store is None:
+        store = SLQProbeStore(products, method=method, side=side, kind=kind, seed=seed,
+                              sample_ids=ids, memory_bytes=0)
+    else:
+        store.check(products, method=method, side=side, kind=kind, seed=seed, sample_ids=ids)
+    scale = trace_scale(products, sigma)
+    held, spent0 = store.k, store.passes
+    chunks: list[Tensor] = []
+
+    def process(start: int, count: int) -> None:
+        chunks.append(store.trace_terms(start, count))
+
+    frozen, converged, probes, drawn, pilot = run_rounds(
+        rule,
+        batch=products.batch,
+        device=products.device,
+        process=process,
+        summarize=trace_summarizer(chunks, scale, store.n, products.dtype, store.kind,
+                                   rule.confidence),
+        targets={"value": rule.targets},
+    )
+    return estimate_from(
+        rule, frozen["value"], converged=converged, probes=probes, drawn=drawn, pilot=pilot,
+        passes=store.passes - spent0, bias_bound=False,
+        info={
+            "method": f"slq_{store.method}_trace",
+            "quantity": "dfil" if sigma is not None else "trace",
+            "side": store.side,
+            "kind": store.kind,
+            "seed": store.seed,
+            "reused_probes": min(held, drawn),
+            "interval": f"log-scale t (upper side, symmetric; weight {skew_weight(kind)})",
+        },
+    )
 
 
 # --- plain building blocks (fixed order; kept for callers that want the raw recursion) --------
