@@ -100,7 +100,7 @@ from .errors import (
     ResumeError,
     RunDirError,
 )
-from .runner import ProfileConfig, ProfileOutcome, run_profile
+from .runner import DFIL_METHODS, ProfileConfig, ProfileOutcome, run_profile
 
 __all__ = [
     "add_arguments",
@@ -180,13 +180,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"FSInfoGuard target FSInfo in nats/dim for sigma* (default {d.target})")
     m.add_argument("--seed", type=int, default=d.seed,
                    help=f"seed of the probes and of the demo model's training (default {d.seed})")
-    m.add_argument("--dfil-method", choices=("auto", "hutchinson", "hutch++", "diag"),
+    m.add_argument("--dfil-method", choices=DFIL_METHODS,
                    default=d.dfil_method,
                    help="randomized dFIL estimator: the Linearization's choice (auto: the "
                         "method predicted cheapest under the three-stage stopping rule, or the "
                         "fast exact route where min(m, d) products are predicted cheaper with "
-                        "--estimator auto), Rademacher JVPs (hutchinson), Hutch++ or the "
-                        f"FSInfo_diag VJP probes (diag) (default {d.dfil_method})")
+                        "--estimator auto), Rademacher JVPs (hutchinson), Hutch++, the "
+                        "FSInfo_diag VJP probes (diag), the deflated diagonal estimator's sketch "
+                        "and remainder (deflated) or the log-det SLQ probes (lanczos) (default "
+                        f"{d.dfil_method})")
     m.add_argument("--no-share", dest="share", action="store_false",
                    help="compute every split on its own (no work shared across split points)")
     m.add_argument("--backend", default=d.backend,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .. import __version__
 from .._extras import require
 from ..errors import EncoderError, FSInfoError, InvalidInputError
+from ..linearization import DFIL_METHODS as LINEARIZATION_DFIL_METHODS
 from ..reference import ExactFisher
 from ..result import SigmaResult
 from .distributed import DistContext
@@ -77,7 +78,7 @@ MATCH_KEYS = (
     "share", "dfil_method",
 )
 #: dFIL methods ``--dfil-method`` accepts (those of :meth:`fsinfo_fast.Linearization.dfil`).
-DFIL_METHODS = ("auto", "hutchinson", "hutch++", "diag")
+DFIL_METHODS = LINEARIZATION_DFIL_METHODS
 
 
 @dataclass
