@@ -129,3 +129,27 @@ def test_provider(benchmark, name, task, device):
     benchmark.extra_info.update(d=case.d, m=case.m, num_probes=out.num_probes,
                                 passes=out.passes, max_err=err)
     benchmark.pedantic(lambda: p.run(case, k, 0), rounds=3, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_draw_probes(benchmark, impl, kind, device, monkeypatch):
+    """64 probes of m = 16384 entries for one sample (VGG5 split 2 at 3x32x32, float32), with
+    the entries hashed in int64 torch arithmetic or by the C++ op (CPU only; same bits)."""
+    from fsinfo_fast.estimators import probes
+
+    if impl == "cpp":
+        if device.type != "cpu":
+            pytest.skip("the C++ probe hashing ops are CPU only")
+        ok, why = probes._cpp_hash_available()
+        if not ok:
+            pytest.skip(why)
+    kw = dict(seed=0, sample_ids=torch.tensor([3], device=device), count=64, kind=kind,
+              dtype=torch.float32)
+    # correctness first: the same bits as the pure-torch path
+    monkeypatch.setattr(probes, "_FORCE_HASH", "torch")
+    want = probes.draw_probes(16384, **kw)
+    monkeypatch.setattr(probes, "_FORCE_HASH", impl)
+    assert torch.equal(probes.draw_probes(16384, **kw), want)
+    benchmark.extra_info.update(n=16384, count=64, impl=impl)
+    benchmark(lambda: (probes.draw_probes(16384, **kw), _sync(device)))

@@ -109,6 +109,13 @@ inline void tridiag_eigh(const Tensor& alpha, const Tensor& beta) {
               " and ", beta.scalar_type());
 }
 
+// Per-(sample, probe) keys of the probe hashing ops: [R] int64, and a row length >= 0.
+inline void probe_keys(const Tensor& keys, const char* op, int64_t len, const char* len_name) {
+  TORCH_CHECK(keys.dim() == 1 && keys.scalar_type() == at::kLong, "fsinfo_fast::", op,
+              " expects keys [R] int64, got ", keys.sizes(), " ", keys.scalar_type());
+  TORCH_CHECK(len >= 0, "fsinfo_fast::", op, ": ", len_name, " must be >= 0, got ", len);
+}
+
 // All tensors on one device (the CUDA kernels index raw pointers).
 inline void same_device(const char* op, std::initializer_list<const Tensor*> ts) {
   const Tensor* first = *ts.begin();

@@ -350,6 +350,113 @@ std::tuple<Tensor, Tensor> tridiag_eigh_cpu(const Tensor& alpha_in, const Tensor
   return {theta, tau};
 }
 
+// ------------------------------------------------------------------------------------------
+// Probe hashing (fsinfo_fast/estimators/probes.py): the integer part of draw_probes
+// ------------------------------------------------------------------------------------------
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ull;
+
+// The hashing loops vectorise only with 64-bit multiplies: AVX2 emulates them, AVX-512DQ has
+// them (x86-64-v4 clone, dispatched on CPU features since GCC 12). Integer math and exact
+// conversions only, so every clone gives the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && \
+    __GNUC__ >= 12
+#define FSI_HASH_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define FSI_HASH_CLONES FSI_CLONES
+#endif
+
+// splitmix64 finaliser (Steele, Lea and Flood 2014), as _fmix in probes.py.
+inline uint64_t fmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// 53-bit uniform on (0, 1), as _uniform53: h >> 11 < 2^53 converts exactly, then the same two
+// IEEE operations as the torch expression (an add that rounds to nearest even, an exact
+// power-of-2 scaling), so the value is bit-identical.
+inline double uniform53(uint64_t h) {
+  return (static_cast<double>(static_cast<int64_t>(h >> 11)) + 0.5) * 0x1p-53;
+}
+
+FSI_HASH_CLONES void uniform_pairs_row(double* __restrict__ u1, double* __restrict__ u2,
+                                       uint64_t key, int64_t pairs) {
+  _Pragma("omp simd")
+  for (int64_t p = 0; p < pairs; ++p) {
+    const uint64_t e1 = key + static_cast<uint64_t>(2 * p + 1) * kGolden;
+    u1[p] = uniform53(fmix64(e1));
+    u2[p] = uniform53(fmix64(e1 + kGolden));
+  }
+}
+
+// u[0, r, p] = u53(fmix(keys[r] + (2p + 1) G)), u[1, r, p] = u53(fmix(keys[r] + (2p + 2) G)):
+// the two uniforms of Box-Muller pair p of probe row r (float64, [2, R, pairs]).
+Tensor probe_uniforms_cpu(const Tensor& keys_in, int64_t pairs) {
+  checks::probe_keys(keys_in, "probe_uniforms", pairs, "pairs");
+  const Tensor keys = keys_in.contiguous();
+  const int64_t R = keys.size(0);
+  Tensor u = at::empty({2, R, pairs}, keys.options().dtype(at::kDouble));
+  if (R * pairs == 0) return u;
+  const int64_t* kp = keys.const_data_ptr<int64_t>();
+  double* up = u.data_ptr<double>();
+  at::parallel_for(0, R, grain_rows(2 * pairs), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      uniform_pairs_row(up + r * pairs, up + (R + r) * pairs, static_cast<uint64_t>(kp[r]), pairs);
+  });
+  return u;
+}
+
+// Rademacher signs written as bit patterns: the IEEE encoding of 1.0 (`one`) with the sign bit
+// of the hash (the top bit: negative as an int64, as in probes.py) moved into the sign position.
+FSI_HASH_CLONES void signs_row(uint64_t* __restrict__ o, uint64_t key, int64_t n) {
+  _Pragma("omp simd")
+  for (int64_t e = 0; e < n; ++e)
+    o[e] = 0x3FF0000000000000ull | (fmix64(key + static_cast<uint64_t>(e + 1) * kGolden) &
+                                    0x8000000000000000ull);
+}
+
+FSI_HASH_CLONES void signs_row(uint32_t* __restrict__ o, uint64_t key, int64_t n) {
+  _Pragma("omp simd")
+  for (int64_t e = 0; e < n; ++e)
+    o[e] = 0x3F800000u |
+           static_cast<uint32_t>(fmix64(key + static_cast<uint64_t>(e + 1) * kGolden) >> 63 << 31);
+}
+
+FSI_HASH_CLONES void signs_row(uint16_t* __restrict__ o, uint64_t key, int64_t n, uint16_t one) {
+  _Pragma("omp simd")
+  for (int64_t e = 0; e < n; ++e)
+    o[e] = one | static_cast<uint16_t>(
+                     fmix64(key + static_cast<uint64_t>(e + 1) * kGolden) >> 63 << 15);
+}
+
+// out[r, e] = -1 if fmix(keys[r] + (e + 1) G) has its top bit set, else +1 ([R, n], dtype).
+Tensor probe_signs_cpu(const Tensor& keys_in, int64_t n, at::ScalarType dtype) {
+  checks::probe_keys(keys_in, "probe_signs", n, "n");
+  TORCH_CHECK(dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
+                  dtype == at::kBFloat16,
+              "fsinfo_fast::probe_signs: dtype must be float64, float32, float16 or bfloat16, "
+              "got ", dtype);
+  const Tensor keys = keys_in.contiguous();
+  const int64_t R = keys.size(0);
+  Tensor out = at::empty({R, n}, keys.options().dtype(dtype));
+  if (R * n == 0) return out;
+  const int64_t* kp = keys.const_data_ptr<int64_t>();
+  void* op = out.data_ptr();
+  at::parallel_for(0, R, grain_rows(n), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint64_t key = static_cast<uint64_t>(kp[r]);
+      switch (dtype) {
+        case at::kDouble: signs_row(static_cast<uint64_t*>(op) + r * n, key, n); break;
+        case at::kFloat: signs_row(static_cast<uint32_t*>(op) + r * n, key, n); break;
+        case at::kHalf: signs_row(static_cast<uint16_t*>(op) + r * n, key, n, 0x3C00); break;
+        default: signs_row(static_cast<uint16_t*>(op) + r * n, key, n, 0x3F80); break;  // bf16
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(fsinfo_fast, m) {
@@ -363,6 +470,8 @@ TORCH_LIBRARY(fsinfo_fast, m) {
       "lanczos_step(Tensor w, Tensor q, Tensor q_prev, Tensor b_prev, Tensor basis) "
       "-> (Tensor, Tensor, Tensor)");
   m.def("tridiag_eigh(Tensor alpha, Tensor beta) -> (Tensor, Tensor)");
+  m.def("probe_uniforms(Tensor keys, int pairs) -> Tensor");
+  m.def("probe_signs(Tensor keys, int n, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fsinfo_fast, CPU, m) {
@@ -374,6 +483,8 @@ TORCH_LIBRARY_IMPL(fsinfo_fast, CPU, m) {
   m.impl("sq_accumulate", &sq_accumulate_cpu);
   m.impl("lanczos_step", &lanczos_step_cpu);
   m.impl("tridiag_eigh", &tridiag_eigh_cpu);
+  m.impl("probe_uniforms", &probe_uniforms_cpu);
+  m.impl("probe_signs", &probe_signs_cpu);
 }
 
 }  // namespace fsinfo_fast

@@ -17,6 +17,7 @@ def collect() -> dict[str, object]:
     from . import __version__
     from .engine import available_backends, resolve_backend
     from .engine.compiled import build_info
+    from .estimators.probes import probe_hash_backend
 
     try:
         import triton
@@ -41,6 +42,8 @@ def collect() -> dict[str, object]:
         # what auto picks for tensors on the default device (CUDA when present)
         "auto_backend": resolve_backend("auto", torch.device("cuda" if cuda else "cpu")),
         "extension": build_info(),
+        # which code hashes CPU probes (same bits either way; C++ is faster)
+        "probe_hash": "{} ({})".format(*probe_hash_backend("cpu")),
     }
 
 

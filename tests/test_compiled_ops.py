@@ -317,6 +317,13 @@ def test_compiled_ops_reject_bad_input(cpp):
         cpp.tridiag_eigh(
             torch.zeros(2, 4, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
         )
+    keys = torch.zeros(3, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="keys"):
+        torch.ops.fsinfo_fast.probe_uniforms(keys.view(1, 3), 4)
+    with pytest.raises(RuntimeError, match="pairs must be >= 0"):
+        torch.ops.fsinfo_fast.probe_uniforms(keys, -1)
+    with pytest.raises(RuntimeError, match="float64, float32, float16 or bfloat16"):
+        torch.ops.fsinfo_fast.probe_signs(keys, 4, torch.float8_e4m3fn)
 
 
 # ------------------------------------------------------------------------------------------
@@ -331,6 +338,7 @@ def _opcheck_cases():
     G = torch.randn(B, 7, FEAT, generator=_gen(5))
     gs = torch.zeros(B, 3, FEAT, dtype=torch.float64)
     a, b = _tridiag("random", 4, 6)
+    keys = torch.tensor([0, -1, 2**62 + 3], dtype=torch.int64)
     return [
         ("gate_pack", (mask,)),
         ("gate_apply", (V, packed)),
@@ -341,6 +349,9 @@ def _opcheck_cases():
         ("sq_accumulate", (G, gs, 2)),
         ("lanczos_step", tuple(_lanczos_inputs(3))),
         ("tridiag_eigh", (a, b)),
+        ("probe_uniforms", (keys, 5)),
+        ("probe_signs", (keys, 7, torch.float32)),
+        ("probe_signs", (keys, 3, torch.bfloat16)),
         # the linear ops have backward formulas (checked against autograd by gradcheck below)
         ("gate_apply", (V.double().requires_grad_(), packed)),
         (
@@ -363,7 +374,7 @@ def test_every_registered_op_has_an_opcheck_case():
 
 
 @needs_cpp
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(16))
 def test_opcheck(case):
     name, args = _opcheck_cases()[case]
     torch.library.opcheck(getattr(torch.ops.fsinfo_fast, name).default, args)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from fsinfo_fast.errors import InvalidInputError, InvalidInputTypeError
+from fsinfo_fast.errors import BackendUnavailableError, InvalidInputError, InvalidInputTypeError
+from fsinfo_fast.estimators import probes
 from fsinfo_fast.estimators.probes import draw_probes, resolve_seed
 
 
@@ -103,3 +104,212 @@ def test_argument_errors():
         draw_probes(3, seed=0, sample_ids=torch.tensor([0.5]), count=1)
     with pytest.raises(InvalidInputTypeError, match="seed"):
         draw_probes(3, seed=1.5, sample_ids=ids, count=1)
+
+
+# ------------------------------------------------------------------------------------------
+# The contract pinned, and the C++ hashing path (fsinfo_fast._C) against the pure-torch one
+# ------------------------------------------------------------------------------------------
+
+_CPP_OK, _CPP_WHY = probes._cpp_hash_available()
+needs_cpp_hash = pytest.mark.skipif(not _CPP_OK, reason=f"C++ probe hashing: {_CPP_WHY}")
+HASH_IMPLS = ["torch", pytest.param("cpp", marks=needs_cpp_hash)]
+
+
+@pytest.fixture
+def force_hash(monkeypatch):
+    def force(impl):
+        monkeypatch.setattr(probes, "_FORCE_HASH", impl)
+
+    return force
+
+
+@pytest.mark.parametrize("impl", HASH_IMPLS)
+def test_pinned_values(impl, force_hash):
+    """Values the stored results were computed with (the reproducibility contract).
+
+    Rademacher signs are integer bits (exact anywhere); Gaussian entries go through torch's
+    log/cos/sin, which may differ by an ulp on another CPU, hence the 1e-14 relative tolerance.
+    """
+    force_hash(impl)
+    g = draw_probes(5, seed=0, sample_ids=torch.tensor([0, 2**63 - 1]), start=3, count=2)
+    want = [
+        ["-0x1.4924113f1a417p-1", "-0x1.88691a0bdfc85p+0", "-0x1.77ebf73504635p-1",
+         "-0x1.1f31063d41deap-1", "-0x1.49c7a3848748cp-1"],
+        ["-0x1.760ff3a30f174p-1", "-0x1.b865b43d1bc89p-3", "-0x1.5e0f277fdea94p-2",
+         "-0x1.f135760b32db6p-4", "0x1.489cf6690088ep-1"],
+        ["-0x1.e6be823dc0815p-1", "-0x1.613b1fc86a84dp+0", "-0x1.34a95cd45efbbp-2",
+         "-0x1.5f97d8eb2f095p-1", "-0x1.316ead703c61cp-1"],
+        ["-0x1.10914d8c44a06p-5", "0x1.9891650d24925p-1", "-0x1.b932d5a12103bp-1",
+         "0x1.dabe4f7d84502p-1", "0x1.030c765ad6347p+1"],
+    ]  # fmt: skip
+    want = torch.tensor([[float.fromhex(h) for h in row] for row in want], dtype=torch.float64)
+    torch.testing.assert_close(g.reshape(4, 5), want, rtol=1e-14, atol=0)
+    r = draw_probes(
+        64,
+        seed=0,
+        sample_ids=torch.tensor([1, -(2**63)]),
+        start=1,
+        count=2,
+        kind="rademacher",
+        stream=2,
+    )
+    rows = r.reshape(4, 64).tolist()
+    bits = [int("".join("1" if v < 0 else "0" for v in row), 2) for row in rows]
+    assert bits == [0xAB969CB33152CF55, 0xAE6064205727AC24, 0x94C2861C8C9105DE, 0x83A520F93F31CA8F]
+
+
+def _draw_both(force_hash, n, **kw):
+    force_hash("torch")
+    a = draw_probes(n, **kw)
+    force_hash("cpp")
+    b = draw_probes(n, **kw)
+    return a, b
+
+
+def _bit_equal(a, b):
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+_IDS = [
+    torch.tensor([0]),
+    torch.tensor([5, 0, 3]),
+    # large and negative-looking int64 ids (the hash sees them modulo 2^64)
+    torch.tensor([2**63 - 1, -(2**63), -1, 2**62 + 12345, 987654321987]),
+]
+
+
+@needs_cpp_hash
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("n", [1, 2, 3, 8, 33, 256, 1025])
+@pytest.mark.parametrize("ids", range(len(_IDS)))
+def test_cpp_hash_bit_identical_to_torch(force_hash, kind, n, ids):
+    for (start, count), stream, seed, dtype in [
+        ((0, 3), 0, 0, torch.float64),
+        ((4, 2), 1, -3, torch.float32),
+        ((1, 5), 7, 2**70 + 9, torch.float16),
+        ((9, 1), 2, 12345, torch.bfloat16),
+        ((0, 0), 0, 0, torch.float64),
+    ]:
+        kw = dict(
+            seed=seed,
+            sample_ids=_IDS[ids],
+            start=start,
+            count=count,
+            kind=kind,
+            dtype=dtype,
+            stream=stream,
+        )
+        a, b = _draw_both(force_hash, n, **kw)
+        assert _bit_equal(a, b), (kind, n, ids, start, count, stream, seed, dtype)
+        assert a.shape == (len(_IDS[ids]), count, n)
+
+
+@needs_cpp_hash
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_hash_bit_identical_many_chunks(force_hash, kind, threads):
+    """Several hashing chunks, rows split over threads, an odd n: same bits as pure torch."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, count in [(16383, 9), (70001, 2), (3072, 40)]:
+            a, b = _draw_both(
+                force_hash,
+                n,
+                seed=4,
+                sample_ids=torch.tensor([3, -8]),
+                start=2,
+                count=count,
+                kind=kind,
+                dtype=torch.float32,
+            )
+            assert _bit_equal(a, b), (n, count)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@needs_cpp_hash
+def test_cpp_hash_other_float_dtypes(force_hash):
+    """dtypes the kernels do not write directly (float8) are cast from float64 on both paths."""
+    for kind in ("gaussian", "rademacher"):
+        a, b = _draw_both(
+            force_hash,
+            9,
+            seed=1,
+            sample_ids=torch.tensor([0, 7]),
+            count=3,
+            kind=kind,
+            dtype=torch.float8_e4m3fn,
+        )
+        assert _bit_equal(a, b)
+        force_hash("cpp")
+        p64 = draw_probes(9, seed=1, sample_ids=torch.tensor([0, 7]), count=3, kind=kind)
+        assert _bit_equal(b, p64.to(torch.float8_e4m3fn))
+
+
+@needs_cpp_hash
+def test_cpp_ops_are_the_torch_hash():
+    """probe_uniforms / probe_signs equal _uniform53(_fmix(key + e G)) and its sign bit."""
+    keys = torch.tensor([0, 1, -1, 2**63 - 1, -(2**63), 0x123456789ABCDEF], dtype=torch.int64)
+    pairs = 37
+    e1 = (2 * torch.arange(pairs) + 1) * probes._signed(probes._GOLDEN)
+    u = torch.ops.fsinfo_fast.probe_uniforms(keys, pairs)
+    assert u.shape == (2, 6, pairs) and u.dtype == torch.float64
+    assert torch.equal(u[0], probes._uniform53(probes._fmix(keys[:, None] + e1)))
+    e2 = e1 + probes._signed(probes._GOLDEN)
+    assert torch.equal(u[1], probes._uniform53(probes._fmix(keys[:, None] + e2)))
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    e = (torch.arange(75) + 1) * probes._signed(probes._GOLDEN)
+    neg = probes._fmix(keys[:, None] + e) < 0
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        s = torch.ops.fsinfo_fast.probe_signs(keys, 75, dtype)
+        assert s.dtype == dtype and torch.equal(s, torch.where(neg, -1.0, 1.0).to(dtype))
+    assert torch.ops.fsinfo_fast.probe_uniforms(keys[:0], 4).shape == (2, 0, 4)
+    assert torch.ops.fsinfo_fast.probe_signs(keys, 0, torch.float32).shape == (6, 0)
+    with pytest.raises(RuntimeError, match="int64"):
+        torch.ops.fsinfo_fast.probe_uniforms(keys.int(), 4)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.fsinfo_fast.probe_signs(keys, 4, torch.int32)
+
+
+def test_fmix_leaves_its_input_alone():
+    z = torch.tensor([1, -2, 2**62], dtype=torch.int64)
+    before = z.clone()
+    h = probes._fmix(z)
+    assert torch.equal(z, before) and not torch.equal(h, z)
+    assert [probes._signed(probes._fmix_int(v)) for v in before.tolist()] == h.tolist()
+
+
+def test_hash_backend_choice(force_hash, monkeypatch):
+    name, why = probes.probe_hash_backend("cpu")
+    assert name == ("cpp" if _CPP_OK else "torch") and why
+    assert probes.probe_hash_backend("meta")[0] == "torch"
+    force_hash("torch")
+    assert probes.probe_hash_backend("cpu")[0] == "torch"
+    force_hash("cpp")
+    with pytest.raises(BackendUnavailableError, match="CPU"):
+        probes.probe_hash_backend("meta")
+    # an extension without the ops (built from older sources): torch path, or an error if forced
+    monkeypatch.setattr(probes, "_hash_cpp", (False, "no CPU probe hashing ops"))
+    with pytest.raises(BackendUnavailableError, match="no CPU probe hashing ops"):
+        probes.probe_hash_backend("cpu")
+    force_hash(None)
+    assert probes.probe_hash_backend("cpu") == (
+        "torch",
+        "int64 torch arithmetic (no CPU probe hashing ops)",
+    )
+    P = draw_probes(6, seed=0, sample_ids=torch.tensor([2]), count=2)  # the torch path runs
+    assert P.shape == (1, 2, 6) and torch.isfinite(P).all()
+    force_hash("gpu")
+    with pytest.raises(InvalidInputError, match="probe hashing"):
+        probes.probe_hash_backend("cpu")
+
+
+def test_info_reports_probe_hash():
+    from fsinfo_fast.info import collect
+
+    assert collect()["probe_hash"].startswith("cpp (" if _CPP_OK else "torch (")

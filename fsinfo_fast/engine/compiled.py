@@ -31,6 +31,8 @@ OP_NAMES = (
     "sq_accumulate",
     "lanczos_step",
     "tridiag_eigh",
+    "probe_uniforms",
+    "probe_signs",
 )
 
 _EXT_NAME = "fsinfo_fast._C"
@@ -160,6 +162,17 @@ def _register_fakes() -> None:
     def _tridiag_eigh(alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
         torch._check(alpha.dim() >= 1, lambda: "tridiag_eigh expects alpha [..., k]")
         return alpha.new_empty(alpha.shape), alpha.new_empty(alpha.shape)
+
+    # CPU only: the integer part of fsinfo_fast.estimators.probes.draw_probes
+    @reg("fsinfo_fast::probe_uniforms")
+    def _probe_uniforms(keys: Tensor, pairs: int) -> Tensor:
+        torch._check(keys.dim() == 1, lambda: "probe_uniforms expects keys [R]")
+        return keys.new_empty((2, keys.shape[0], pairs), dtype=torch.float64)
+
+    @reg("fsinfo_fast::probe_signs")
+    def _probe_signs(keys: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+        torch._check(keys.dim() == 1, lambda: "probe_signs expects keys [R]")
+        return keys.new_empty((keys.shape[0], n), dtype=dtype)
 
     _register_autograd()
     _fakes_registered = True
