@@ -13,9 +13,10 @@ probe ``sample_id``) of the library's default procedures, each scored against th
 - ``dfil(rademacher) rtol``: the standalone dFIL default (Rademacher input-side Hutchinson,
   starting at 10 probes).
 
-The first four are ``estimate_diag`` calls with the same probe seed (so they share their first
-probes; under the two-stage rule, :mod:`fsinfo_fast.estimators.stopping`, each reports from the
-probes after its pilot). Per procedure the report gives the coverage (with its binomial
+The first four are ``estimate_diag`` calls with the same probe seed on one shared
+``DiagProbeState`` (as in a ``Linearization``: each result is the one a fresh call gives, the
+probes are computed once; under the three-stage rule, :mod:`fsinfo_fast.estimators.stopping`,
+each reports from its last stage's probes). Per procedure the report gives the coverage (with its binomial
 standard error), the bias z (``(mean - truth) / sqrt(var / S + se_truth^2)``, a two-sample z when
 the truth is itself an estimate), the mean half-width and the probes used (mean, min, max).
 
@@ -175,13 +176,14 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
                max_probes: int = 1000, rademacher: bool = True, sigma: float = 0.1,
                size: int | None = None, model: str | None = None,
                verbose: bool = True, keep_values: bool = False,
-               diag: bool = True) -> dict[str, Any]:
+               diag: bool = True, snapshot_bytes: int = 2 << 30) -> dict[str, Any]:
     """Run one configuration (keyword arguments override :data:`CONFIGS`; ``keep_values``:
     also return every run's value, half-width and probe count per procedure)."""
     from fsinfo_fast.data import natural_images
     from fsinfo_fast.encoder import prepare
     from fsinfo_fast.engine import make_products
     from fsinfo_fast.estimators import estimate_diag, hutchinson_trace
+    from fsinfo_fast.estimators.diagonal import DiagProbeState, SnapshotDroppedError
 
     cfg = dict(CONFIGS.get(name, {}))
     for key, val in (("seeds", seeds), ("chunk", chunk), ("truth_probes", truth_probes),
@@ -195,7 +197,8 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
     if verbose:
         print(f"{name}: truth {truth} ({time.time() - t0:.0f} s)", flush=True)
     S, B = cfg["seeds"], cfg["chunk"]
-    procs = ("fsinfo_diag atol", "dfil(diag probes) rtol", "joint", "fixed K=4")
+    # ascending in the probes they usually need, so the shared state rarely has to replay
+    procs = ("fixed K=4", "fsinfo_diag atol", "dfil(diag probes) rtol", "joint")
     rec = {p: {f: [] for f in ("v", "hw", "k", "conv", "dv", "dhw")} for p in procs}
     rad: dict[str, list] = {f: [] for f in ("v", "hw", "k", "conv")}
     backend = None
@@ -212,9 +215,17 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
             "fixed K=4": dict(num_probes=4),
         }
         kmax = 0
+        # one probe state serves the four procedures (what a Linearization does): each result
+        # equals that of a fresh call with the same arguments (estimate_diag's ``state``), the
+        # probes are computed once; a boundary that was not kept is recomputed afresh
+        st = DiagProbeState.for_products(P, seed=RUN_SEED, sample_ids=ids,
+                                         snapshot_bytes=snapshot_bytes)
         for p in procs if diag else []:
             kw = requests[p] if p == "fixed K=4" else {**requests[p], "max_probes": max_probes}
-            r = estimate_diag(P, sigma=sigma, seed=RUN_SEED, sample_ids=ids, **kw)
+            try:
+                r = estimate_diag(P, sigma=sigma, seed=RUN_SEED, sample_ids=ids, state=st, **kw)
+            except SnapshotDroppedError:
+                r = estimate_diag(P, sigma=sigma, seed=RUN_SEED, sample_ids=ids, **kw)
             f, dl = r.fsinfo_diag, r.dfil
             for fld, val in zip(("v", "hw", "dv", "dhw", "k", "conv"),
                                 (f.value, f.ci_halfwidth, dl.value, dl.ci_halfwidth,
