@@ -107,6 +107,16 @@ def _base_key(seed: int, stream: int, n: int, kind: str) -> int:
     return _fmix_int(_fmix_int(seed & _M64) ^ tag)
 
 
+def _probe_keys(seed: int, stream: int, n: int, kind: str, ids: Tensor, start: int,
+                count: int) -> Tensor:
+    """``[B * count]`` int64 keys of probes ``start .. start+count-1`` of the samples ``ids``
+    (row-major: sample, then probe); every entry of a probe is hashed from its key."""
+    base = _base_key(seed, stream, n, kind)
+    j = torch.arange(start, start + count, dtype=torch.int64, device=ids.device)
+    k_sample = _fmix(ids * _signed(_GOLDEN) + _signed(base + _GOLDEN))  # [B]
+    return _fmix(k_sample[:, None] + (j[None, :] + 1) * _signed(_GOLDEN2)).reshape(-1)
+
+
 def _uniform53(h: Tensor) -> Tensor:
     """53-bit uniforms on the open interval (0, 1) from int64 hashes: ``((h >>> 11) + 0.5) 2^-53``.
 
@@ -244,10 +254,7 @@ def draw_probes(
             stream=stream,
         ).to(dtype)
     use_cpp = probe_hash_backend(device)[0] == "cpp"
-    base = _base_key(seed, stream, n, kind)
-    j = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    k_sample = _fmix(ids * _signed(_GOLDEN) + _signed(base + _GOLDEN))  # [B]
-    keys = _fmix(k_sample[:, None] + (j[None, :] + 1) * _signed(_GOLDEN2)).reshape(-1)  # [B*count]
+    keys = _probe_keys(seed, stream, n, kind, ids, start, count)
     if kind == "rademacher" and use_cpp:
         return torch.ops.fsinfo_fast.probe_signs(keys, n, dtype).view(b, count, n)
     out = torch.empty(b, count, n, dtype=dtype, device=device)

@@ -105,11 +105,7 @@ def draw_probes(
             device=device,
             stream=stream,
         ).to(dtype)
-    # per-(sample, probe) keys, exactly as draw_probes builds them
-    base = _p._base_key(seed, stream, n, kind)
-    j = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    k_sample = _p._fmix(ids * _p._signed(_p._GOLDEN) + _p._signed(base + _p._GOLDEN))
-    keys = _p._fmix(k_sample[:, None] + (j[None, :] + 1) * _p._signed(_p._GOLDEN2)).reshape(-1)
+    keys = _p._probe_keys(seed, stream, n, kind, ids, start, count)  # as draw_probes builds them
     gauss = kind == "gaussian"
     m = (n + 1) // 2 if gauss else n  # work items per row (pairs for Gaussian)
     block = min(triton.next_power_of_2(m), 4096 if interpreting() else 512)
