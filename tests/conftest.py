@@ -87,3 +87,14 @@ def encoder_zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 @pytest.fixture(scope="session")
 def zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     return encoder_zoo()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    small batched products run fastest single-threaded and do not fight the other tests'
+    processes for the shared cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

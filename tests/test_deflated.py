@@ -46,12 +46,7 @@ B = TOL.seeds
 BAND = TOL.coverage_band(B)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _low_rank_plus_noise(b: int, m: int = 48, d: int = 32, seed: int = 3) -> torch.Tensor:

@@ -35,13 +35,7 @@ from fsinfo_fast.testing import (
     spectral_jacobian,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mixed_batch(b: int = 4, m: int = 9, d: int = 7, seed: int = 0) -> torch.Tensor:

@@ -47,12 +47,7 @@ from fsinfo_fast.testing import (
 SIGMA = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LinearMap(nn.Module):

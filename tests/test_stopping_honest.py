@@ -36,12 +36,7 @@ S = TOL.seeds
 BAND = TOL.coverage_band(S)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check(what, est, exact, *, converged=1.0):

@@ -29,12 +29,7 @@ from fsinfo_fast.estimators import diagonal as diagonal_mod
 SIGMA = 0.1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bits(t: Tensor) -> Tensor:

@@ -68,7 +68,6 @@ from .base import (
     Products,
     check_finite,
     detached,
-    sample_ids_for,
     sigma_for,
     t_quantile,
 )
@@ -79,9 +78,10 @@ from .diagonal import (
     _diag_rule,
     _Replay,
     fsinfo_diag_summary,
+    state_fields,
 )
 from .hutchinson import log_t_halfwidth, mean_and_stderr
-from .probes import draw_probes, resolve_seed
+from .probes import draw_probes
 from .stopping import (
     StoppingRule,
     estimate_from,
@@ -390,16 +390,10 @@ class DeflatedProbeState:
     ) -> DeflatedProbeState:
         """An empty state (an empty sketch with ``power`` power steps) for the batch of
         ``products`` (checked arguments)."""
-        for name, v, lo in (("jackknife_groups", jackknife_groups, 2),
-                            ("snapshot_bytes", snapshot_bytes, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise InvalidInputError(f"{name} must be an int >= {lo}, got {v!r}")
         if power not in (0, 1) or isinstance(power, bool):
             raise InvalidInputError(f"power must be 0 or 1, got {power!r}")
-        return cls(batch=products.batch, d=products.d, m=products.m, seed=resolve_seed(seed),
-                   sample_ids=sample_ids_for(products, sample_ids),
-                   sketch=DeflationSketch.empty(products, power), groups=jackknife_groups,
-                   snapshot_bytes=snapshot_bytes)
+        return cls(**state_fields(products, seed, sample_ids, jackknife_groups, snapshot_bytes),
+                   sketch=DeflationSketch.empty(products, power))
 
     def holds_pilot(self, count: int) -> bool:
         """Whether the rank pilot's ``count`` VJPs are held."""

@@ -184,6 +184,20 @@ class DiagSummary:
         return hw + self.bias_bound
 
 
+def state_fields(products: Products, seed: int | torch.Generator, sample_ids: Tensor | None,
+                 jackknife_groups: int, snapshot_bytes: int) -> dict[str, Any]:
+    """The checked fields every probe state of a batch starts from (``batch``, ``d``, ``m``,
+    ``seed``, ``sample_ids``, ``groups``, ``snapshot_bytes``): :meth:`DiagProbeState.for_products`
+    and the deflated route's state build from the same arguments the same way."""
+    for name, v, lo in (("jackknife_groups", jackknife_groups, 2),
+                        ("snapshot_bytes", snapshot_bytes, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise InvalidInputError(f"{name} must be an int >= {lo}, got {v!r}")
+    return {"batch": products.batch, "d": products.d, "m": products.m,
+            "seed": resolve_seed(seed), "sample_ids": sample_ids_for(products, sample_ids),
+            "groups": jackknife_groups, "snapshot_bytes": snapshot_bytes}
+
+
 @dataclass
 class DiagProbeState:
     r"""Accumulated statistics of the Gaussian output-side VJP probes drawn so far for a batch.
@@ -244,27 +258,7 @@ class DiagProbeState:
         snapshot_bytes: int = 0,
     ) -> DiagProbeState:
         """An empty state for the batch of ``products`` (checked arguments)."""
-        if (
-            isinstance(jackknife_groups, bool)
-            or not isinstance(jackknife_groups, int)
-            or jackknife_groups < 2
-        ):
-            raise InvalidInputError(
-                f"jackknife_groups must be an int >= 2, got {jackknife_groups!r}"
-            )
-        if isinstance(snapshot_bytes, bool) or not isinstance(snapshot_bytes, int) or (
-            snapshot_bytes < 0
-        ):
-            raise InvalidInputError(f"snapshot_bytes must be an int >= 0, got {snapshot_bytes!r}")
-        return cls(
-            batch=products.batch,
-            d=products.d,
-            m=products.m,
-            seed=resolve_seed(seed),
-            sample_ids=sample_ids_for(products, sample_ids),
-            groups=jackknife_groups,
-            snapshot_bytes=snapshot_bytes,
-        )
+        return cls(**state_fields(products, seed, sample_ids, jackknife_groups, snapshot_bytes))
 
     @property
     def device(self) -> torch.device:
