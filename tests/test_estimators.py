@@ -686,6 +686,28 @@ def test_stop_rule_equals_keywords(name):
         fn(DenseProducts(J), stop=StoppingRule(num_probes=5), max_probes=10)
     with pytest.raises(InvalidInputTypeError, match="StoppingRule"):
         fn(DenseProducts(J), stop={"num_probes": 5})
+    # a misspelt stopping keyword raises (the keywords are one **rule, not named parameters)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['num_probe'\]"):
+        fn(DenseProducts(J), num_probe=5)
+
+
+def test_stopping_keywords_are_declared_once():
+    """The estimators take the stopping fields as one ``**rule: Unpack[StopKeywords]``, not as
+    the same eight named parameters in every signature; StopKeywords is StoppingRule's fields
+    less none."""
+    import dataclasses
+    import inspect
+
+    from fsinfo_fast.estimators import estimate_diag_deflated, slq_trace
+    from fsinfo_fast.estimators.stopping import STOP_KEYWORDS
+
+    assert STOP_KEYWORDS == {f.name for f in dataclasses.fields(StoppingRule)}
+    for fn in (estimate_diag, estimate_diag_deflated, hutchinson_trace, hutchpp_trace,
+               slq_logdet, slq_trace):
+        params = inspect.signature(fn).parameters
+        assert not STOP_KEYWORDS & set(params), fn.__name__
+        assert params["rule"].kind is inspect.Parameter.VAR_KEYWORD, fn.__name__
+        assert "stop" in params, fn.__name__
 
 
 def test_stop_rule_estimator_defaults():

@@ -55,7 +55,7 @@ from .lanczos import (
 )
 from .meyer2020hutchpp import hutchpp_trace
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import StoppingRule, initial_probes
+from .stopping import StopKeywords, StoppingRule, initial_probes
 
 __all__ = [
     "PROBE_KINDS",
@@ -70,6 +70,7 @@ __all__ = [
     "Products",
     "SLQProbeStore",
     "SLQProbeTerms",
+    "StopKeywords",
     "StoppingRule",
     "draw_probes",
     "estimate_diag",

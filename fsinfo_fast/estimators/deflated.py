@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Container
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 from torch import Tensor
@@ -83,6 +84,7 @@ from .diagonal import (
 from .hutchinson import log_t_halfwidth, mean_and_stderr
 from .probes import draw_probes
 from .stopping import (
+    StopKeywords,
     StoppingRule,
     estimate_from,
     run_rounds,
@@ -480,19 +482,12 @@ def estimate_diag_deflated(
     pilot_probes: int = PILOT_PROBES,
     stop: StoppingRule | None = None,
     stop_on: str = "fsinfo_diag",
-    num_probes: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
     dfil_rtol: float | None = None,
-    min_probes: int | None = None,
-    max_probes: int | None = None,
-    round_size: int | None = None,
-    confidence: float | None = None,
     jackknife_groups: int = 20,
     exact_diagonal: bool = True,
-    growth: float | None = None,
     sketch: DeflationSketch | None = None,
     state: DeflatedProbeState | None = None,
+    **rule: Unpack[StopKeywords],
 ) -> DiagEstimate:
     r"""FSInfo_diag and dFIL per sample with the dominant subspace of ``J`` deflated.
 
@@ -522,7 +517,8 @@ def estimate_diag_deflated(
             whose tolerance it is (``"fsinfo_diag"`` or ``"dfil"``; dFIL's is relative), as
             in :func:`~.diagonal.estimate_diag` (unset start and rounds: 4 probes, then +50%
             per round).
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+        **rule: the keywords of :class:`~.stopping.StopKeywords` (``num_probes``,
+            ``atol``, ``rtol``, ``max_probes``, ...): the
             same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
         jackknife_groups, exact_diagonal: see :func:`~.diagonal.fsinfo_diag_summary`.
         sketch: a :class:`DeflationSketch` of these products (same ``seed``, ``sample_ids`` and
@@ -556,9 +552,7 @@ def estimate_diag_deflated(
     products = detached(products)
     if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
         raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
-    rule, targets = _diag_rule(stop, stop_on, dfil_rtol, num_probes=num_probes, atol=atol,
-                               rtol=rtol, min_probes=min_probes, max_probes=max_probes,
-                               round_size=round_size, confidence=confidence, growth=growth)
+    rule, targets = _diag_rule(stop, stop_on, dfil_rtol, **rule)
     confidence = rule.confidence
     if targets.get("dfil", (None, None))[0] is not None:
         raise InvalidInputError("the deflated estimator's dFIL tolerance is relative (rtol)")

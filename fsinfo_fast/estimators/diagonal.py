@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 from collections.abc import Container
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import Tensor
@@ -78,7 +78,14 @@ from .base import (
 from .hutchinson import log_t_halfwidth, mean_and_stderr
 from .logfloor import H_ABS_ERR, floor_correction
 from .probes import draw_probes, resolve_seed
-from .stopping import StoppingRule, _check_tol, estimate_from, resolve_rule, run_rounds
+from .stopping import (
+    StopKeywords,
+    StoppingRule,
+    _check_tol,
+    estimate_from,
+    resolve_rule,
+    run_rounds,
+)
 
 __all__ = [
     "DiagEstimate",
@@ -792,17 +799,10 @@ def estimate_diag(
     stop: StoppingRule | None = None,
     stop_on: str = "fsinfo_diag",
     dfil_rtol: float | None = None,
-    num_probes: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    min_probes: int | None = None,
-    max_probes: int | None = None,
-    round_size: int | None = None,
-    confidence: float | None = None,
-    growth: float | None = None,
     jackknife_groups: int = 20,
     exact_diagonal: bool = True,
     state: DiagProbeState | None = None,
+    **rule: Unpack[StopKeywords],
 ) -> DiagEstimate:
     r"""FSInfo_diag and dFIL per sample from ``K`` VJPs with Gaussian probes.
 
@@ -829,7 +829,8 @@ def estimate_diag(
         stop_on: ``"fsinfo_diag"`` (the rule's tolerance is FSInfo_diag's: ``atol`` in nats
             per input dimension) or ``"dfil"`` (dFIL's).
         dfil_rtol: also require dFIL's half-width ``<= dfil_rtol * dFIL``.
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+        **rule: the keywords of :class:`~.stopping.StopKeywords` (``num_probes``,
+            ``atol``, ``rtol``, ``max_probes``, ...): the
             same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``);
             ``dfil_rtol`` alone (no ``atol``/``rtol``/``num_probes``) stops on dFIL only.
         jackknife_groups: at most this many jackknife groups (``>= 2``); bounds memory to
@@ -858,9 +859,7 @@ def estimate_diag(
     products = detached(products)
     if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
         raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
-    rule, targets = _diag_rule(stop, stop_on, dfil_rtol, num_probes=num_probes, atol=atol,
-                               rtol=rtol, min_probes=min_probes, max_probes=max_probes,
-                               round_size=round_size, confidence=confidence, growth=growth)
+    rule, targets = _diag_rule(stop, stop_on, dfil_rtol, **rule)
     confidence = rule.confidence
     if state is None:
         state = DiagProbeState.for_products(

@@ -28,6 +28,7 @@ everything is scaled to dFIL, ``tr(J^T J) / (sigma^2 d)`` (Maeng et al. 2023), i
 from __future__ import annotations
 
 from collections.abc import Container
+from typing import Unpack
 
 import torch
 from torch import Tensor
@@ -42,7 +43,7 @@ from .base import (
     sigma_for,
 )
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import StoppingRule, estimate_from, resolve_rule, run_rounds
+from .stopping import StopKeywords, StoppingRule, estimate_from, resolve_rule, run_rounds
 
 __all__ = ["hutchinson_trace", "log_t_halfwidth", "skew_weight", "SIDES"]
 
@@ -149,14 +150,7 @@ def hutchinson_trace(
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
     stop: StoppingRule | None = None,
-    num_probes: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    min_probes: int | None = None,
-    max_probes: int | None = None,
-    round_size: int | None = None,
-    confidence: float | None = None,
-    growth: float | None = None,
+    **rule: Unpack[StopKeywords],
 ) -> Estimate:
     r"""Per-sample Hutchinson estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
 
@@ -175,7 +169,8 @@ def hutchinson_trace(
         stop: the :class:`~fsinfo_fast.estimators.StoppingRule` (tolerances in the value's
             units; unset start and rounds: 10 probes, then +50% per round, see
             :func:`~fsinfo_fast.estimators.stopping.initial_probes`).
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+        **rule: the keywords of :class:`~.stopping.StopKeywords` (``num_probes``,
+            ``atol``, ``rtol``, ``max_probes``, ...): the
             same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
 
     Returns:
@@ -191,9 +186,7 @@ def hutchinson_trace(
     """
     products = detached(products)
     _check_side_kind(side, kind)
-    rule = resolve_rule(stop, "trace", num_probes=num_probes, atol=atol, rtol=rtol,
-                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
-                        confidence=confidence, growth=growth)
+    rule = resolve_rule(stop, "trace", **rule)
     confidence = rule.confidence
     seed = resolve_seed(seed)
     ids = sample_ids_for(products, sample_ids)

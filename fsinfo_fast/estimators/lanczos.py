@@ -108,6 +108,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Container
 from dataclasses import dataclass
+from typing import Unpack
 
 import torch
 from torch import Tensor
@@ -127,7 +128,7 @@ from .base import (
 )
 from .hutchinson import mean_and_stderr, skew_weight
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
-from .stopping import StoppingRule, estimate_from, resolve_rule, run_rounds
+from .stopping import StopKeywords, StoppingRule, estimate_from, resolve_rule, run_rounds
 
 __all__ = [
     "METHODS",
@@ -1010,17 +1011,10 @@ def slq_logdet(
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
     stop: StoppingRule | None = None,
-    num_probes: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    min_probes: int | None = None,
-    max_probes: int | None = None,
-    round_size: int | None = None,
-    confidence: float | None = None,
-    growth: float | None = None,
     probe_chunk: int | None = None,
     quad_atol: float | None = None,
     store: SLQProbeStore | None = None,
+    **rule: Unpack[StopKeywords],
 ) -> Estimate:
     r"""Log-det FSInfo per sample by stochastic Lanczos quadrature, with an honest interval.
 
@@ -1044,7 +1038,8 @@ def slq_logdet(
         stop: the :class:`~fsinfo_fast.estimators.StoppingRule` (``atol`` in nats per
             dimension; the interval compared with it includes the quadrature and rounding
             allowance; unset start and rounds: 10 probes, then rounds of 10).
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+        **rule: the keywords of :class:`~.stopping.StopKeywords` (``num_probes``,
+            ``atol``, ``rtol``, ``max_probes``, ...): the
             same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
         probe_chunk: run the recursions for at most this many probes at once (default
             :data:`SLQ_BLOCK`). Bounds the Krylov bases, ``[B, chunk, order, n]`` float64, at
@@ -1087,9 +1082,7 @@ def slq_logdet(
         isinstance(probe_chunk, bool) or not isinstance(probe_chunk, int) or probe_chunk < 1
     ):
         raise InvalidInputError(f"probe_chunk must be an int >= 1 or None, got {probe_chunk!r}")
-    rule = resolve_rule(stop, "slq", num_probes=num_probes, atol=atol, rtol=rtol,
-                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
-                        confidence=confidence, growth=growth)
+    rule = resolve_rule(stop, "slq", **rule)
     confidence = rule.confidence
     qa = default_quad_atol(rule.atol, rule.rtol) if quad_atol is None else quad_atol
     lam = prior_precision(prior_var)
@@ -1220,15 +1213,8 @@ def slq_trace(
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
     stop: StoppingRule | None = None,
-    num_probes: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    min_probes: int | None = None,
-    max_probes: int | None = None,
-    round_size: int | None = None,
-    confidence: float | None = None,
-    growth: float | None = None,
     store: SLQProbeStore | None = None,
+    **rule: Unpack[StopKeywords],
 ) -> Estimate:
     r"""Hutchinson's ``tr(J^T J)`` (or dFIL, ``tr / (sigma^2 d)``) from the SLQ probes.
 
@@ -1249,8 +1235,8 @@ def slq_trace(
             raw trace.
         method, side, kind, seed, sample_ids: the probes and recursion (as
             :func:`slq_logdet`; a ``store`` must have been built with the same).
-        stop, num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth:
-            the stopping rule (tolerances in the value's units).
+        stop, **rule: the stopping rule, or the keywords of
+            :class:`~.stopping.StopKeywords` (tolerances in the value's units).
         store: the :class:`SLQProbeStore` to read (and extend); default a private one.
 
     Returns:
@@ -1270,9 +1256,7 @@ def slq_trace(
 
     if kind not in PROBE_KINDS:
         raise InvalidInputError(f"kind must be one of {PROBE_KINDS}, got {kind!r}")
-    rule = resolve_rule(stop, "trace", num_probes=num_probes, atol=atol, rtol=rtol,
-                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
-                        confidence=confidence, growth=growth)
+    rule = resolve_rule(stop, "trace", **rule)
     ids = sample_ids_for(products, sample_ids)
     if store is None:
         store = SLQProbeStore(products, method=method, side=side, kind=kind, seed=seed,

@@ -32,6 +32,7 @@ stopping adds residual probes only; the sketch is drawn once.
 from __future__ import annotations
 
 from collections.abc import Container
+from typing import Unpack
 
 import torch
 from torch import Tensor
@@ -47,7 +48,7 @@ from .hutchinson import (
     with_rounding,
 )
 from .probes import draw_probes, resolve_seed
-from .stopping import StoppingRule, estimate_from, resolve_rule, run_rounds
+from .stopping import StopKeywords, StoppingRule, estimate_from, resolve_rule, run_rounds
 
 __all__ = ["hutchpp_trace", "SKETCH_STREAM"]
 
@@ -65,14 +66,7 @@ def hutchpp_trace(
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
     stop: StoppingRule | None = None,
-    num_probes: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
-    min_probes: int | None = None,
-    max_probes: int | None = None,
-    round_size: int | None = None,
-    confidence: float | None = None,
-    growth: float | None = None,
+    **rule: Unpack[StopKeywords],
 ) -> Estimate:
     r"""Per-sample Hutch++ estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
 
@@ -87,7 +81,8 @@ def hutchpp_trace(
         seed, sample_ids: probe seed and ``[B]`` global sample ids.
         stop: the :class:`~fsinfo_fast.estimators.StoppingRule` of the *residual* probes
             (unset start and rounds: 30, then rounds of 10).
-        num_probes, atol, rtol, min_probes, max_probes, round_size, confidence, growth: the
+        **rule: the keywords of :class:`~.stopping.StopKeywords` (``num_probes``,
+            ``atol``, ``rtol``, ``max_probes``, ...): the
             same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
 
     Returns:
@@ -104,9 +99,7 @@ def hutchpp_trace(
     if side == "auto":
         side = "input" if products.d <= products.m else "output"
     _check_side_kind(side, kind)
-    rule = resolve_rule(stop, "hutch++", num_probes=num_probes, atol=atol, rtol=rtol,
-                        min_probes=min_probes, max_probes=max_probes, round_size=round_size,
-                        confidence=confidence, growth=growth)
+    rule = resolve_rule(stop, "hutch++", **rule)
     confidence = rule.confidence
     n = products.d if side == "input" else products.m
     if sketch_size is None:

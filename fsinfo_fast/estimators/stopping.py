@@ -100,7 +100,7 @@ import functools
 import math
 from collections.abc import Callable, Collection, Container, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -116,6 +116,8 @@ __all__ = [
     "START_PROBES",
     "START_TRACE_PROBES",
     "Frozen",
+    "STOP_KEYWORDS",
+    "StopKeywords",
     "StoppingRule",
     "estimate_from",
     "initial_probes",
@@ -287,11 +289,36 @@ ESTIMATOR_DEFAULTS: dict[str, tuple[int, int, float]] = {
 }
 
 
+class StopKeywords(TypedDict, total=False):
+    """The shorthand of ``stop=StoppingRule(...)``: every estimator takes these fields of
+    :class:`StoppingRule` as keywords too (``**rule``; ``None`` = unset), not together with
+    ``stop``. One definition, so the estimators' signatures do not repeat them."""
+
+    num_probes: int | None
+    atol: float | None
+    rtol: float | None
+    min_probes: int | None
+    max_probes: int | None
+    round_size: int | None
+    confidence: float | None
+    growth: float | None
+
+
+#: The keyword names of :class:`StopKeywords`.
+STOP_KEYWORDS = frozenset(StopKeywords.__annotations__)
+
+
 def resolve_rule(stop: StoppingRule | None, estimator: str, **keywords: Any) -> StoppingRule:
     """The rule an estimator runs: ``stop`` (with the estimator's defaults filled in) or, the
-    convenience form, one built from the individual keywords (``num_probes``, ``atol``,
-    ``rtol``, ``min_probes``, ``max_probes``, ``round_size``, ``confidence``, ``growth``;
-    ``None`` = unset). Giving both raises: the rule would silently override the keywords."""
+    convenience form, one built from the keywords of :class:`StopKeywords` (``None`` =
+    unset). Giving both raises: the rule would silently override the keywords; so does a
+    keyword that is not a stopping field (a misspelt ``atol`` must not pass unnoticed)."""
+    unknown = sorted(set(keywords) - STOP_KEYWORDS)
+    if unknown:
+        raise InvalidInputTypeError(
+            f"unexpected keyword argument(s) {unknown}; the stopping keywords are "
+            f"{sorted(STOP_KEYWORDS)} (or give stop=StoppingRule(...))"
+        )
     given = {k: v for k, v in keywords.items() if v is not None}
     if stop is not None:
         if not isinstance(stop, StoppingRule):
