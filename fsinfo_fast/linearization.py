@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -60,7 +61,7 @@ from torch import Tensor
 from . import reference
 from .encoder import PreparedEncoder, check_prior_var, check_sigma, prepare
 from .engine import default_memory_budget, make_products
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidInputTypeError
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
 from .estimators.cost import SLQ_ORDER_ESTIMATE
@@ -81,7 +82,7 @@ from .formulas import DIAG_FLOOR, as_sigma
 from .reference.oracle import _warn_singular
 from .result import Z95, MetricResult, SigmaResult
 
-__all__ = ["Linearization", "linearize"]
+__all__ = ["DEFAULT_MAX_PROBES", "Linearization", "linearize"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,10 @@ VARIANTS = ("diag", "logdet")
 #: Probes the SLQ log det starts with (its first round); the diagonal estimator and the trace
 #: estimators start at :func:`~fsinfo_fast.estimators.stopping.initial_probes`.
 _SLQ_START = 10
+#: The probe cap of an explicitly randomized request (``estimator="randomized"`` or
+#: ``"deflated"``) when ``max_probes`` is None (the default); under ``auto`` None means the
+#: exact route's cost instead (:func:`_cap`).
+DEFAULT_MAX_PROBES = 1000
 #: Under ``auto`` the probe cap is the oracle's cost, but never below this many probes.
 _CAP_FLOOR = 10
 #: Memory the shared diagonal probe state may keep for earlier round boundaries (bytes; at most
@@ -126,6 +131,41 @@ def _check_target(target: object) -> Tensor:
     if not bool(torch.isfinite(tau).all()):
         raise InvalidInputError(f"target must be finite, got {target!r}")
     return tau
+
+
+def _check_max_probes(max_probes: object) -> int | None:
+    """``max_probes`` as an int (None stays None: the default cap, see :func:`_cap`).
+
+    Raises:
+        InvalidInputTypeError: not an int or None (a float, a bool, a string, ...).
+        InvalidInputError: an int below 2 (an interval needs two probes).
+    """
+    if max_probes is None:
+        return None
+    if isinstance(max_probes, bool) or not isinstance(max_probes, numbers.Integral):
+        raise InvalidInputTypeError(
+            f"max_probes must be an int >= 2 or None (None: min(m, d) under estimator='auto', "
+            f"{DEFAULT_MAX_PROBES} for a randomized estimator), got "
+            f"{type(max_probes).__name__} {max_probes!r}")
+    if max_probes < 2:
+        raise InvalidInputError(
+            f"max_probes must be >= 2 (an interval needs two probes), got {max_probes!r}")
+    return int(max_probes)
+
+
+def _cap(max_probes: object, m: int, d: int, estimator: str, own: int | None = None) -> int:
+    """The probe cap per sample a request runs under: ``max_probes`` where given; None (the
+    default) is ``min(m, d)`` under ``estimator="auto"`` (the products the fast exact route
+    costs: more randomized probes than that cannot be cheaper) or the route's ``own`` cap where
+    it counts its products otherwise (dFIL ``method="lanczos"``: the SLQ probes held are free,
+    each new one costs two products), else :data:`DEFAULT_MAX_PROBES`. Under ``auto`` each
+    route then applies its own caps too (the SLQ log det's is below ``min(m, d)``)."""
+    mp = _check_max_probes(max_probes)
+    if mp is not None:
+        return mp
+    if estimator == "auto":
+        return max(2, min(m, d) if own is None else own)
+    return DEFAULT_MAX_PROBES
 
 
 def _stopping(atol, rtol, num_probes, max_probes, cap: int | None) -> StoppingRule:
@@ -350,14 +390,20 @@ class Linearization:
         atol: float | None = 0.01,
         rtol: float | None = None,
         num_probes: int | None = None,
-        max_probes: int = 1000,
+        max_probes: int | None = None,
         prior_var: float | None = None,
         floor: float = DIAG_FLOOR,
         lanczos_order: int | None = None,
     ) -> MetricResult:
-        r"""Per-sample FSInfo in nats per input dimension (see :func:`fsinfo_fast.fsinfo`)."""
+        r"""Per-sample FSInfo in nats per input dimension (see :func:`fsinfo_fast.fsinfo`).
+
+        ``max_probes=None`` (the default) caps the probes per sample at ``min(m, d)`` under
+        ``estimator="auto"`` (the fast exact route's products; the SLQ log det keeps its own
+        smaller cap, ``min(m, d) / (2 order)``), and at :data:`DEFAULT_MAX_PROBES` for an
+        explicitly randomized estimator."""
         _check_choice("estimator", estimator, ESTIMATORS)
         _check_choice("variant", variant, VARIANTS)
+        max_probes = _cap(max_probes, self.m, self.d, estimator)
         floor = _check_floor(floor)
         lam = check_prior_var(prior_var)
         if variant == "diag" and prior_var is not None:
@@ -577,7 +623,7 @@ class Linearization:
         rtol: float | None = 0.01,
         atol: float | None = None,
         num_probes: int | None = None,
-        max_probes: int = 1000,
+        max_probes: int | None = None,
         method: str = "auto",
     ) -> MetricResult:
         r"""Per-sample dFIL ``tr(J^T J)/(sigma^2 d)`` in 1/dim (see :func:`fsinfo_fast.dfil`).
@@ -597,9 +643,16 @@ class Linearization:
         ``||v||^2 T_{11}`` per probe: free for the probes a log-det request already ran, one
         Krylov step (two products) per new probe, which the next log det then reuses.
         ``method="auto"`` weighs it from those probes' spread where a log det was computed.
+
+        ``max_probes=None`` (the default) caps the probes per sample at ``min(m, d)`` under
+        ``estimator="auto"`` (the products of the fast exact route it would fall back to;
+        ``method="lanczos"`` keeps its own cap, the SLQ probes held plus ``min(m, d) / 2`` new
+        ones at two products each), and at :data:`DEFAULT_MAX_PROBES` for an explicitly
+        randomized estimator.
         """
         _check_choice("estimator", estimator, ESTIMATORS)
         _check_choice("method", method, DFIL_METHODS)
+        asked = _check_max_probes(max_probes)
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
@@ -608,9 +661,12 @@ class Linearization:
         # the probe cap of the single-stream methods under auto (the oracle's products); the
         # SLQ probes held are free, each new one costs two products
         held = self._slq.k if self._slq is not None else 0
+        own_l = held + n // 2
+        max_probes = _cap(asked, self.m, self.d, estimator)
+        max_probes_l = _cap(asked, self.m, self.d, estimator, own=own_l)
         mp = max(_CAP_FLOOR, min(max_probes, n)) if estimator == "auto" else max_probes
-        mp_l = (max(_CAP_FLOOR, min(max_probes, held + n // 2)) if estimator == "auto"
-                else max_probes)
+        mp_l = (max(_CAP_FLOOR, min(max_probes_l, own_l)) if estimator == "auto"
+                else max_probes_l)
         costs = self._dfil_costs(s, rtol, atol, mp, mp_l) if tol_run else {}
         method_reason = None
         if method == "auto":  # the cheapest of the probes held, else Rademacher JVPs
@@ -638,9 +694,10 @@ class Linearization:
                 return r
         cap = None
         if estimator == "auto":
-            cap = held + n // 2 if method == "lanczos" else n - 3 * sketch
+            cap = own_l if method == "lanczos" else n - 3 * sketch
             cap = max(2, cap)
-        stop = _stopping(atol, rtol, num_probes, max_probes, cap)
+        stop = _stopping(atol, rtol, num_probes,
+                         max_probes_l if method == "lanczos" else max_probes, cap)
         common = {"sigma": s, "seed": self.seed, "sample_ids": self.sample_ids}
         start = dataclasses.replace(stop, min_probes=min(k0, stop.max_probes))
         if method == "diag":
@@ -873,7 +930,7 @@ class Linearization:
         atol: float | None = 0.01,
         rtol: float | None = None,
         num_probes: int | None = None,
-        max_probes: int = 1000,
+        max_probes: int | None = None,
         prior_var: float | None = None,
         floor: float = DIAG_FLOOR,
         lanczos_order: int | None = None,
@@ -886,10 +943,12 @@ class Linearization:
         honours the floor and a prior by solving the monotone equation to float64 precision;
         the randomized diagonal route neglects the floor (its effect at ``sigma*`` is below
         ``floor sigma*^2 / (J^TJ)_kk``), the randomized log-det route with a prior is not
-        available (``auto`` uses the oracle).
+        available (``auto`` uses the oracle). ``max_probes``: as in :meth:`fsinfo` (None:
+        ``min(m, d)`` under ``auto``, :data:`DEFAULT_MAX_PROBES` for a randomized estimator).
         """
         _check_choice("estimator", estimator, ESTIMATORS)
         _check_choice("variant", variant, VARIANTS)
+        _check_max_probes(max_probes)
         tau = _check_target(target).to(self.enc.x.device)
         if tau.ndim > 1 or (tau.ndim == 1 and tau.shape[0] != self.batch):
             raise InvalidInputError(
@@ -933,7 +992,7 @@ class Linearization:
         estimator: str = "auto",
         rtol: float | None = 0.01,
         num_probes: int | None = None,
-        max_probes: int = 1000,
+        max_probes: int | None = None,
         method: str = "auto",
     ) -> SigmaResult:
         r"""Per-sample noise scale for a target dFIL bound (Maeng et al. 2023's calibration).
@@ -941,7 +1000,10 @@ class Linearization:
         :math:`\sigma_b = \sqrt{b\,\mathrm{tr}(J_b^TJ_b)/d}` puts sample ``b``'s ``1/dFIL`` (the
         per-dimension MSE bound for unbiased attackers, squared input units) at ``bound``;
         ``.dataset("rms")`` is their data-set calibration ``sqrt(b mean_x tr(J^T J)/d)``.
+        ``max_probes``: as in :meth:`dfil` (None: ``min(m, d)`` under ``auto``,
+        :data:`DEFAULT_MAX_PROBES` for a randomized estimator).
         """
+        _check_max_probes(max_probes)
         if isinstance(bound, bool) or not (
             isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0
         ):

@@ -41,7 +41,7 @@ def fsinfo(
     atol: float | None = 0.01,
     rtol: float | None = None,
     num_probes: int | None = None,
-    max_probes: int = 1000,
+    max_probes: int | None = None,
     prior_var: float | None = None,
     floor: float = DIAG_FLOOR,
     seed: int | torch.Generator = 0,
@@ -75,7 +75,10 @@ def fsinfo(
         atol: target 95% half-width in nats per dimension (randomized).
         rtol: target half-width relative to ``|value|`` (randomized).
         num_probes: a fixed probe count instead of adaptive stopping.
-        max_probes: cap on the probes per sample.
+        max_probes: cap on the probes per sample (an int >= 2). None (the default): ``min(m,
+            d)`` under ``estimator="auto"``, the products of the exact route it would fall
+            back to (the log det keeps its smaller cap, ``min(m, d) / (2 order)``); 1000
+            (:data:`fsinfo_fast.linearization.DEFAULT_MAX_PROBES`) for ``"randomized"``.
         prior_var: prior variance per input dimension (log-det variant).
         floor: constant inside the diagonal variant's logarithm (the paper's ``1e-10``).
         seed: probe seed (int or ``torch.Generator``); the same seed gives the same probes on
@@ -123,7 +126,7 @@ def dfil(
     rtol: float | None = 0.01,
     atol: float | None = None,
     num_probes: int | None = None,
-    max_probes: int = 1000,
+    max_probes: int | None = None,
     method: str = "auto",
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
@@ -139,7 +142,9 @@ def dfil(
             :func:`fsinfo`.
         rtol: target 95% half-width relative to the value (randomized; 1% by default).
         atol: target half-width in 1/dim.
-        num_probes, max_probes: fixed probe count / cap.
+        num_probes, max_probes: fixed probe count / cap (``max_probes=None``: ``min(m, d)``
+            under ``auto``, ``method="lanczos"`` keeping its own cap; 1000 for
+            ``"randomized"``; see :func:`fsinfo`).
         method: ``"hutchinson"`` (Rademacher input-side probes, one JVP each; the lowest
             variance on the paper's encoders: about 0.5% 95% half-width at 64 probes on VGG5 and
             ResNet-18 at 3x32x32), ``"hutch++"`` (Meyer et al. 2021; pays ``3k`` products for a
@@ -170,7 +175,7 @@ def fsinfo_sigma(
     atol: float | None = 0.01,
     rtol: float | None = None,
     num_probes: int | None = None,
-    max_probes: int = 1000,
+    max_probes: int | None = None,
     prior_var: float | None = None,
     floor: float = DIAG_FLOOR,
     seed: int | torch.Generator = 0,
@@ -223,7 +228,7 @@ def dfil_sigma(
     estimator: str = "auto",
     rtol: float | None = 0.01,
     num_probes: int | None = None,
-    max_probes: int = 1000,
+    max_probes: int | None = None,
     method: str = "auto",
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
@@ -237,6 +242,11 @@ def dfil_sigma(
     ``bound``; ``.dataset("rms")`` is the data-set calibration
     :math:`\sigma = \sqrt{b \cdot \mathrm{mean}_x \mathrm{tr}(J^TJ) / d}`, which puts the
     reciprocal of the batch-mean dFIL at ``b``.
+
+    Args:
+        encoder, x, estimator, rtol, num_probes, max_probes, method, seed, sample_ids, backend,
+            memory_budget: as in :func:`dfil`.
+        bound: the target ``1/dFIL`` (squared input units, ``> 0``).
 
     Returns:
         :class:`~fsinfo_fast.result.SigmaResult` (``metric="dfil"``).

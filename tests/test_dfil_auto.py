@@ -167,3 +167,15 @@ def test_shared_sketch_gives_the_fresh_result():
     assert b.dfil.info["sketch_reused_passes"] == a.dfil.info["sketch_passes"] > 0
     torch.testing.assert_close(b.dfil.value, c.dfil.value, rtol=1e-9, atol=0)
     assert b.dfil.info["rank"] == c.dfil.info["rank"]
+
+
+def test_planned_probes_past_the_schedule_is_inf():
+    """A need beyond the schedule's 2^40 probes (a tolerance near zero) is an infinite plan,
+    not a StopIteration: dfil's cost prediction then says the cap stops it."""
+    assert planned_probes(1e30, min_probes=4, max_probes=1000, rtol=1e-9) == math.inf
+    assert planned_probes(1e30, min_probes=4, max_probes=1000) == math.inf
+    enc, x = _spread(0, n=64)
+    lin = ff.linearize(enc, x, seed=0)
+    lin.fsinfo(0.1, estimator="randomized", num_probes=8)  # Gaussian VJPs held
+    d = lin.dfil(0.1, rtol=1e-12)
+    assert d.estimator == "exact-fast" and "more than its probe cap 64:" in d.info["auto"]

@@ -260,3 +260,110 @@ def test_dfil_auto_method_picks_the_cheaper_probes(kind):
     assert d.info["method"] == want, d.info["method_reason"]
     ex = lin.exact().dfil(0.1).value
     assert bool(((d.value - ex).abs() <= d.ci_halfwidth + 1e-12 * ex).all())
+
+
+# -- the default probe cap (max_probes=None) ----------------------------------------------------
+def _wide(d=1040, m=1100, seed=0):
+    """A dense layer with min(m, d) = 1040 > DEFAULT_MAX_PROBES: the two defaults differ."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Linear(d, m), nn.Tanh()).eval()
+    return enc, torch.rand(1, d, generator=g)
+
+
+def _products(lin):
+    p = lin.products
+    return int(p.vjp_passes) + int(p.jvp_passes)
+
+
+@pytest.mark.parametrize("name", ["fsinfo", "dfil", "fsinfo_sigma", "dfil_sigma"])
+def test_max_probes_defaults_to_none(name):
+    import inspect
+
+    for fn in (getattr(ff.Linearization, name), getattr(ff, name)):
+        assert inspect.signature(fn).parameters["max_probes"].default is None, fn
+
+
+def test_max_probes_none_is_min_m_d_under_auto(one_thread):
+    """A tolerance no estimate can meet: under auto the randomized FSInfo_diag runs to min(m, d)
+    = 1040 probes with the default cap (1000 with an explicit max_probes=1000, as before) and
+    then takes the fast exact route; dFIL's prediction compares against that cap."""
+    from fsinfo_fast.linearization import DEFAULT_MAX_PROBES
+
+    enc, x = _wide()
+    n = 1040
+    assert DEFAULT_MAX_PROBES == 1000 < n
+    runs = {}
+    for mp in (None, 1000):
+        lin = ff.linearize(enc, x, seed=0)
+        r = lin.fsinfo(0.1, atol=1e-9, max_probes=mp)
+        assert r.estimator == "exact-fast"
+        assert f"within {n if mp is None else mp} probes" in r.info["auto"]
+        runs[mp] = (r.info["auto_randomized_passes"], _products(lin))
+        lin = ff.linearize(enc, x, seed=0)
+        d = lin.dfil(0.1, rtol=1e-7, max_probes=mp)
+        assert d.estimator == "exact-fast"
+        assert f"more than its probe cap {n if mp is None else mp}:" in d.info["auto"]
+    # the same sketch and pilot (same seed), the remainder probes run to the cap: n - 1000 more
+    assert runs[None][0] - runs[1000][0] == n - 1000
+    assert runs[None][1] - runs[1000][1] == n - 1000
+    # an explicit cap above min(m, d) is still cut to it under auto
+    lin = ff.linearize(enc, x, seed=0)
+    d = lin.dfil(0.1, rtol=1e-7, max_probes=5000)
+    assert f"more than its probe cap {n}:" in d.info["auto"]
+
+
+def test_max_probes_none_is_the_constant_for_randomized(one_thread):
+    """An explicitly randomized estimator with the default cap stops at DEFAULT_MAX_PROBES even
+    where min(m, d) is far smaller (the exact route is not its business)."""
+    from fsinfo_fast.linearization import DEFAULT_MAX_PROBES
+
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    enc = nn.Sequential(nn.Linear(20, 30), nn.Tanh()).eval()
+    x = torch.rand(2, 20, generator=g)
+    lin = ff.linearize(enc, x, seed=0)
+    r = lin.fsinfo(0.1, estimator="randomized", atol=1e-9)
+    assert r.num_probes == DEFAULT_MAX_PROBES and not bool(r.converged.any())
+    d = ff.dfil(enc, x, 0.1, estimator="randomized", rtol=1e-9, method="hutchinson")
+    assert d.num_probes == DEFAULT_MAX_PROBES and int(d.passes) == DEFAULT_MAX_PROBES
+    assert not bool(d.converged.any())
+    s = lin.dfil_sigma(1.0, estimator="randomized", rtol=1e-9, method="hutchinson")
+    assert s.info["dfil_sigma1"].num_probes == DEFAULT_MAX_PROBES
+
+
+_BAD_TYPE = [2.5, 1000.0, True, False, "1000", [10]]
+_BAD_VALUE = [1, 0, -5]
+
+
+@pytest.mark.parametrize("name", ["fsinfo", "dfil", "fsinfo_sigma", "dfil_sigma"])
+@pytest.mark.parametrize("estimator", ["auto", "randomized", "exact"])
+def test_invalid_max_probes_raise(name, estimator):
+    enc = nn.Sequential(nn.Linear(6, 5), nn.Tanh()).eval()
+    x = torch.rand(2, 6)
+    lin = ff.linearize(enc, x)
+    first = {"fsinfo": 0.1, "dfil": 0.1, "fsinfo_sigma": -1.0, "dfil_sigma": 1.0}[name]
+    for call in (getattr(lin, name), lambda *a, **k: getattr(ff, name)(enc, x, *a, **k)):
+        for bad in _BAD_TYPE:
+            with pytest.raises(ff.InvalidInputTypeError, match="max_probes must be an int"):
+                call(first, estimator=estimator, max_probes=bad)
+        for bad in _BAD_VALUE:
+            with pytest.raises(ff.InvalidInputError, match="max_probes must be >= 2"):
+                call(first, estimator=estimator, max_probes=bad)
+        call(first, estimator=estimator, max_probes=2, num_probes=2)  # the least cap is fine
+
+
+def test_max_probes_none_keeps_the_lanczos_cap_with_held_probes(one_thread):
+    """dFIL ``method="lanczos"`` under auto keeps its own cap, the SLQ probes held (free) plus
+    min(m, d) / 2 new ones, also where the held probes exceed min(m, d): None gives what the
+    old default 1000 gave (48 = 40 held + 16 // 2), not min(m, d) = 16."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(16, 24), nn.Tanh()).eval()
+    x = torch.rand(2, 16)
+    for mp in (None, 1000):
+        lin = ff.linearize(enc, x, seed=0)
+        lin.fsinfo(0.1, variant="logdet", estimator="randomized", num_probes=40)
+        d = lin.dfil(0.1, rtol=1e-6, method="lanczos", max_probes=mp)
+        assert d.estimator == "exact-fast"
+        assert "from the 40 SLQ probes held" in d.info["auto"], d.info["auto"]
+        assert "more than its probe cap 48:" in d.info["auto"], d.info["auto"]

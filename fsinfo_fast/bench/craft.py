@@ -52,7 +52,8 @@ class CraftSpec:
         size: input side in pixels; images: real crops, measured one at a time.
         sigma, atol: the request (FSInfo_diag to ``atol`` nats/dim at noise ``sigma``).
         routes: ``estimator=`` values of :meth:`fsinfo_fast.Linearization.fsinfo`.
-        backend: library backend; max_probes: the randomized routes' probe cap.
+        backend: library backend; max_probes: the randomized routes' probe cap (``None``, the
+            default: the library's, ``min(m, d)`` for ``auto`` and 1000 for ``randomized``).
         curvlinops: curvlinops methods (``"hutchinson"``, ``"xdiag"``; empty: none).
         curvlinops_grid: matvec counts tried, smallest first (those ``>= d`` are dropped).
         curvlinops_seeds: seeds per matvec count; curvlinops_images: images it is run on.
@@ -69,7 +70,7 @@ class CraftSpec:
     atol: float = 0.01
     routes: list[str] = field(default_factory=lambda: ["auto", "randomized", "exact-fast"])
     backend: str = "auto"
-    max_probes: int = 1000
+    max_probes: int | None = None
     curvlinops: list[str] = field(default_factory=lambda: ["hutchinson", "xdiag"])
     curvlinops_grid: list[int] = field(default_factory=lambda: [16, 64, 256, 1024])
     curvlinops_seeds: int = 2

@@ -584,8 +584,9 @@ def planned_probes(
     about ``n1 + need / 4 + need`` plus the rounding to the schedule (up to +50% per stage
     end with growth 1.5), not ``need``.
 
-    Returns the total (a float; ``inf`` for an infinite ``need``); a value above
-    ``max_probes`` means stage 3 has no room: the estimate would stop there unconverged.
+    Returns the total (a float; ``inf`` for an infinite ``need`` or one past the schedule's
+    ``2^40`` probes); a value above ``max_probes`` means stage 3 has no room: the estimate
+    would stop there unconverged.
 
     Example:
         >>> planned_probes(100.0, min_probes=4, max_probes=1000)
@@ -612,7 +613,7 @@ def planned_probes(
     if rtol is not None:
         n3 /= max(1.0 - 2.0 * rtol * tz * math.sqrt(need / n2), 0.5) ** 2
     n3 = max(n3, 2.0)
-    return float(next(k for k in bounds if k - k2 >= n3))
+    return float(next((k for k in bounds if k - k2 >= n3), math.inf))  # inf: past 2^40
 
 
 def _stein(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapping[str, tuple],

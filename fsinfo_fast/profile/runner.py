@@ -114,8 +114,10 @@ class ProfileConfig:
             Gaussian VJPs, or its deflated estimate, it predicts the products each method
             spends under the three-stage stopping rule and takes the cheapest, and with
             ``--estimator auto`` it takes the fast exact route at once where ``min(m, d)``
-            one-hot products are predicted cheaper: on the CRAFT VGG16-BN at 32 px Rademacher
-            JVPs ran into the 1000-probe cap at conv5_2 before switching anyway),
+            one-hot products are predicted cheaper, or where the randomized route would stop at
+            its probe cap, ``min(m, d)`` under ``auto``: under the earlier cap of 1000 probes,
+            Rademacher JVPs on the CRAFT VGG16-BN at 32 px ran into it at conv5_2 before
+            switching anyway),
             ``hutchinson`` (Rademacher JVPs: the default before; on the demo VGG5 at 3x32x32 and
             rtol 1% they need 30-120 where the Gaussian VJPs, ``diag``, need 50-170, and those
             cost more per probe: 3-4x the time, measured under load), ``hutch++`` or ``diag``.
