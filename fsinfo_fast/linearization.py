@@ -77,7 +77,13 @@ from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_
 from .estimators.exact_fast import CHECK_COLUMNS, FastExactFisher, exact_fast_fisher
 from .estimators.lanczos import SLQProbeStore, slq_trace
 from .estimators.probes import resolve_seed
-from .estimators.stopping import START_PROBES, StoppingRule, initial_probes, planned_probes
+from .estimators.stopping import (
+    DEFAULT_MAX_PROBES,
+    START_PROBES,
+    StoppingRule,
+    initial_probes,
+    planned_probes,
+)
 from .formulas import DIAG_FLOOR, as_sigma
 from .reference.oracle import _warn_singular
 from .result import Z95, MetricResult, SigmaResult
@@ -93,10 +99,6 @@ VARIANTS = ("diag", "logdet")
 #: Probes the SLQ log det starts with (its first round); the diagonal estimator and the trace
 #: estimators start at :func:`~fsinfo_fast.estimators.stopping.initial_probes`.
 _SLQ_START = 10
-#: The probe cap of an explicitly randomized request (``estimator="randomized"`` or
-#: ``"deflated"``) when ``max_probes`` is None (the default); under ``auto`` None means the
-#: exact route's cost instead (:func:`_cap`).
-DEFAULT_MAX_PROBES = 1000
 #: Under ``auto`` the probe cap is the oracle's cost, but never below this many probes.
 _CAP_FLOOR = 10
 #: Memory the shared diagonal probe state may keep for earlier round boundaries (bytes; at most

@@ -108,7 +108,13 @@ from torch import Tensor
 from ..errors import InvalidInputError, InvalidInputTypeError
 from .base import Estimate, t_quantile
 
+#: The probe cap of a randomized estimate when none is given (``StoppingRule.max_probes``;
+#: ``Linearization``'s ``max_probes=None`` under an explicit randomized estimator). Under
+#: ``estimator="auto"`` the public calls cap at the exact route's cost instead.
+DEFAULT_MAX_PROBES = 1000
+
 __all__ = [
+    "DEFAULT_MAX_PROBES",
     "DEFAULT_GROWTH",
     "DEFAULT_ROUND",
     "ESTIMATOR_DEFAULTS",
@@ -189,7 +195,7 @@ class StoppingRule:
     atol: float | None = None
     rtol: float | None = None
     min_probes: int | None = None
-    max_probes: int = 1000
+    max_probes: int = DEFAULT_MAX_PROBES
     round_size: int | None = None
     confidence: float = 0.95
     growth: float | None = None
@@ -336,7 +342,7 @@ def resolve_rule(stop: StoppingRule | None, estimator: str, **keywords: Any) -> 
 def initial_probes(
     *,
     num_probes: int | None = None,
-    max_probes: int = 1000,
+    max_probes: int = DEFAULT_MAX_PROBES,
     min_probes: int | None = None,
     quantity: str = "fsinfo_diag",
 ) -> int:
