@@ -20,7 +20,12 @@ image at a time:
     curvlinops' Hutchinson and XDiag diagonals of a ``torch.func`` ``J^T J`` operator
     (:mod:`.curvlinops_provider`), plug-in log-sum: the products needed until the error against
     the oracle is within ``atol`` for every image and seed (an oracle-informed stopping point:
-    curvlinops gives no interval to stop on), with the error curve.
+    curvlinops gives no interval to stop on), with the error curve; with
+    ``curvlinops_bisect`` the grid is refined by bisection (:func:`search_count`).
+``fixed-<estimator>``
+    ours at a fixed count found the same oracle-informed way (``CraftSpec.fixed``: the plain
+    estimator's probes, the deflated estimator's remainder probes per rank): the like-for-like
+    comparison with curvlinops. The ``route`` rows run over ``route_seeds`` seeds.
 
 Timings are single calls on whatever machine runs it: the results record the load; compare
 routes within one run, not across machines.
