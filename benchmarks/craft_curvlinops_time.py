@@ -9,7 +9,8 @@ thread, interleaved (``--repeats`` rounds, a different seed each round), it time
 - ``xdiag``: ``curvlinops.xdiag`` at that count on the ``torch.func`` ``J^T J`` operator, with
   the plug-in log-sum (:func:`fsinfo_fast.bench.curvlinops_provider.curvlinops_fsinfo_diag`);
 - ``auto``: ``ff.linearize(enc, x, seed=s).fsinfo(sigma, variant="diag", atol=atol)`` (stops on
-  its own interval, no oracle);
+  its own interval, no oracle; the route it took, ``info["diag_method"]``, and its products
+  are recorded per seed);
 - ``plain``/``deflated``: ``ff.linearize`` then the estimator at the fixed (oracle-informed) count.
 
 It prints the median seconds ratios against XDiag only: the machine is shared and loaded, so
@@ -72,8 +73,11 @@ def main() -> None:
         def run_xdiag(s, enc=enc, n=n):
             curvlinops_fsinfo_diag(enc, x, sigma, method="xdiag", num_matvecs=n["xdiag"], seed=s)
 
-        def run_auto(s, enc=enc):
-            ff.linearize(enc, x, seed=s).fsinfo(sigma, variant="diag", atol=atol)
+        auto_routes: list[tuple[int, str, int]] = []
+
+        def run_auto(s, enc=enc, routes=auto_routes):
+            r = ff.linearize(enc, x, seed=s).fsinfo(sigma, variant="diag", atol=atol)
+            routes.append((s, str(r.info.get("diag_method")), int(r.passes)))
 
         def run_plain(s, enc=enc, n=n):
             P = ff.linearize(enc, x, seed=s).products
@@ -91,6 +95,7 @@ def main() -> None:
             runs["deflated"] = run_deflated
         for f in runs.values():  # warm-up (imports, allocator, first-call overheads)
             f(100)
+        auto_routes.clear()  # record the timed runs only
         secs: dict[str, list[float]] = {k: [] for k in runs}
         for rep in range(args.repeats):
             for name, f in runs.items():
@@ -100,7 +105,9 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in secs.items()}
         ratios = {k: med["xdiag"] / v for k, v in med.items() if k != "xdiag"}
         row = {"split": rec["split"], "layer": rec["layer"], "counts": n,
-               "xdiag_time_over": ratios}
+               "xdiag_time_over": ratios,
+               "auto_runs": [{"seed": s, "diag_method": m, "products": p}
+                             for s, m, p in auto_routes]}
         report["splits"].append(row)
         print(f"{rec['layer']}: XDiag {n['xdiag']} matvecs ({2 * n['xdiag']} products); "
               + ", ".join(f"time XDiag / {k} = {v:.2f}x" for k, v in ratios.items()),
