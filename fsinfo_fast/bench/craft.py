@@ -20,7 +20,12 @@ image at a time:
     curvlinops' Hutchinson and XDiag diagonals of a ``torch.func`` ``J^T J`` operator
     (:mod:`.curvlinops_provider`), plug-in log-sum: the products needed until the error against
     the oracle is within ``atol`` for every image and seed (an oracle-informed stopping point:
-    curvlinops gives no interval to stop on), with the error curve.
+    curvlinops gives no interval to stop on), with the error curve; with
+    ``curvlinops_bisect`` the grid is refined by bisection (:func:`search_count`).
+``fixed-<estimator>``
+    ours at a fixed count found the same oracle-informed way (``CraftSpec.fixed``: the plain
+    estimator's probes, the deflated estimator's remainder probes per rank): the like-for-like
+    comparison with curvlinops. The ``route`` rows run over ``route_seeds`` seeds.
 
 Timings are single calls on whatever machine runs it: the results record the load; compare
 routes within one run, not across machines.
@@ -29,8 +34,10 @@ routes within one run, not across machines.
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +45,7 @@ import torch
 
 from ..errors import InvalidInputError
 
-__all__ = ["CraftSpec", "craft_problems", "measure_craft", "load_model"]
+__all__ = ["CraftSpec", "craft_problems", "measure_craft", "load_model", "search_count"]
 
 
 @dataclass
@@ -60,6 +67,21 @@ class CraftSpec:
         curvlinops_splits: the splits (indices into ``split_points``) curvlinops runs on
             (``None``: every measured split; its search costs up to ``2 * sum(grid) * seeds``
             products per image, so the default is the two deep splits of the issue).
+        curvlinops_bisect: the equal-accuracy search (:func:`search_count`): after the first
+            grid count where every seed is within ``atol``, bisect down to the previous
+            (failing) grid count for the smallest passing one; a count stops at its first
+            failing seed. ``False``: the grid alone, every seed at every count.
+        bisect_rtol: stop bisecting once the bracket is within ``bisect_rtol * count`` (``0``:
+            down to one step, 2 matvecs for XDiag, 1 otherwise).
+        route_seeds: seeds per route row (``seed, seed + 1, ...``): the rows' products spread
+            and how often the interval covers the oracle.
+        fixed: our estimators at a fixed count, searched like curvlinops (oracle-informed,
+            ``curvlinops_seeds`` seeds, on the curvlinops splits): ``"plain"``
+            (:func:`~fsinfo_fast.estimators.estimate_diag`, ``num_probes`` over
+            ``fixed_grid``) and ``"deflated"``
+            (:func:`~fsinfo_fast.estimators.deflated.estimate_diag_deflated`, for each rank of
+            ``deflated_ranks`` the remainder probes over ``deflated_grid``; products ``2 r +
+            K``). The like-for-like comparison with curvlinops, which has no interval to stop on.
     """
 
     model: str = "fsinfo_fast.profile.examples:vgg16bn_craft"
@@ -76,6 +98,13 @@ class CraftSpec:
     curvlinops_seeds: int = 2
     curvlinops_images: int = 1
     curvlinops_splits: list[int] | None = field(default_factory=lambda: [13, 15])
+    curvlinops_bisect: bool = False
+    bisect_rtol: float = 0.0
+    route_seeds: int = 1
+    fixed: list[str] = field(default_factory=list)
+    fixed_grid: list[int] = field(default_factory=lambda: [16, 64, 256, 1024, 4096])
+    deflated_ranks: list[int] = field(default_factory=lambda: [16, 32, 64])
+    deflated_grid: list[int] = field(default_factory=lambda: [8, 32, 128, 512])
 
 
 def load_model(spec: str) -> torch.nn.Module:
@@ -117,6 +146,91 @@ def _route_row(encoder, xi, i: int, route: str, spec: CraftSpec, oracle: float,
     return row
 
 
+def search_count(evaluate: Callable[[int, int], tuple[int, int, list[float], float,
+                                                     dict[str, float]]],
+                 grid: list[int], seeds: list[int], atol: float, *, bisect: bool = True,
+                 step: int = 1, rtol: float = 0.0) -> dict[str, Any]:
+    """The smallest count whose error is within ``atol`` for every seed (and image).
+
+    ``evaluate(count, seed)`` returns ``(count_used, products_per_sample, abs_errors,
+    seconds_per_sample, extras)`` (``count_used``: the count after the method's rounding;
+    ``abs_errors``: one per image; ``extras``: numbers recorded per point as their maximum over
+    seeds). The grid is tried smallest first until every seed passes at a count; with ``bisect``
+    the bracket between the previous (failing) grid count and that one is then halved, in
+    multiples of ``step``, until it is one step wide or within ``rtol * count`` (this assumes
+    the error falls with the count: it reports the smallest passing count it saw). With
+    ``bisect`` a count stops at its first failing seed (its ``max_abs_err`` is then over the
+    seeds run, ``seeds_run``); without it every seed runs at every grid count.
+
+    Returns ``{"reached", "count", "passes", "seconds_per_sample", "max_abs_err", "bracket",
+    "curve", "reason"}``: ``count``/``passes`` the smallest passing count and its products per
+    sample (not reached: the largest tried), ``bracket`` ``[largest failing below, count]``
+    (``None`` below the grid's smallest), ``curve`` every evaluated count in the order run.
+    """
+    curve: list[dict[str, Any]] = []
+
+    def point(k: int) -> dict[str, Any]:
+        errs: list[float] = []
+        secs: list[float] = []
+        extras: dict[str, float] = {}
+        used = passes = k
+        run = 0
+        for s in seeds:
+            used, passes, e, sec, ex = evaluate(k, s)
+            run += 1
+            errs += [float(v) for v in e]
+            secs.append(float(sec))
+            for key, v in ex.items():
+                extras[key] = max(extras.get(key, -math.inf), float(v))
+            if bisect and max(float(v) for v in e) > atol:
+                break
+        et = torch.tensor(errs, dtype=torch.float64)
+        pt = {"count": int(used), "passes": int(passes), "max_abs_err": float(et.max()),
+              "err95": float(1.959963984540054 * torch.sqrt((et**2).mean())),
+              "seconds_per_sample": sum(secs) / len(secs), "seeds_run": run,
+              "passed": bool(run == len(seeds) and float(et.max()) <= atol), **extras}
+        curve.append(pt)
+        return pt
+
+    out: dict[str, Any] = {"reached": False, "count": None, "passes": None,
+                           "seconds_per_sample": None, "max_abs_err": None, "bracket": None,
+                           "curve": curve, "reason": None}
+    lo: dict[str, Any] | None = None
+    hi: dict[str, Any] | None = None
+    for k in sorted(grid):
+        pt = point(k)
+        if pt["passed"]:
+            hi = pt
+            break
+        lo = pt
+    if hi is None:
+        last = curve[-1]
+        out.update(count=last["count"], passes=last["passes"],
+                   seconds_per_sample=last["seconds_per_sample"],
+                   max_abs_err=last["max_abs_err"],
+                   reason=f"not reached at {last['passes']} products ({last['count']}): max "
+                          f"error {last['max_abs_err']:.3g} > atol {atol}")
+        return out
+    while bisect and lo is not None:
+        gap = hi["count"] - lo["count"]
+        if gap <= step or gap <= rtol * hi["count"]:
+            break
+        mid = (lo["count"] + gap // 2) // step * step
+        if mid <= lo["count"] or mid >= hi["count"]:
+            break
+        pt = point(mid)
+        if pt["count"] >= hi["count"]:  # the method rounded it up to the passing count
+            break
+        if pt["passed"]:
+            hi = pt
+        else:
+            lo = pt
+    out.update(reached=True, count=hi["count"], passes=hi["passes"],
+               seconds_per_sample=hi["seconds_per_sample"], max_abs_err=hi["max_abs_err"],
+               bracket=[lo["count"] if lo is not None else None, hi["count"]])
+    return out
+
+
 def _curvlinops(encoder, x, oracle: torch.Tensor, method: str, d: int,
                 spec: CraftSpec) -> dict[str, Any]:
     """The smallest matvec count whose error is within ``atol`` for every image and seed."""
@@ -124,37 +238,78 @@ def _curvlinops(encoder, x, oracle: torch.Tensor, method: str, d: int,
 
     out: dict[str, Any] = {"method": method, "status": "ok", "reason": None, "curve": [],
                            "reached": False, "num_matvecs": None, "passes": None,
-                           "seconds_per_sample": None, "interval": None}
+                           "seconds_per_sample": None, "interval": None, "bracket": None}
     n_img = min(spec.curvlinops_images, x.shape[0])
     grid = [k for k in spec.curvlinops_grid if k < d] or [d - 1]
+
+    def evaluate(k: int, s: int):
+        t0 = _now()
+        v, used, negative = curvlinops_fsinfo_diag(
+            encoder, x[:n_img], spec.sigma, method=method, num_matvecs=k, seed=s)
+        sec = (_now() - t0) / n_img
+        return (used, 2 * used, (v.cpu() - oracle[:n_img]).abs().tolist(), sec,
+                {"negative_diag_fraction": negative})
+
     try:
-        for k in grid:
-            errs, secs, neg = [], [], []
-            for s in range(spec.curvlinops_seeds):
-                t0 = _now()
-                v, used, negative = curvlinops_fsinfo_diag(
-                    encoder, x[:n_img], spec.sigma, method=method, num_matvecs=k, seed=s)
-                secs.append((_now() - t0) / n_img)
-                errs.append((v.cpu() - oracle[:n_img]).abs())
-                neg.append(negative)
-            e = torch.cat(errs)
-            point = {"num_matvecs": used, "passes": 2 * used, "max_abs_err": float(e.max()),
-                     "err95": float(1.959963984540054 * torch.sqrt((e**2).mean())),
-                     "seconds_per_sample": float(sum(secs) / len(secs)),
-                     "negative_diag_fraction": float(max(neg))}
-            out["curve"].append(point)
-            if point["max_abs_err"] <= spec.atol:
-                out.update(reached=True, num_matvecs=used, passes=2 * used,
-                           seconds_per_sample=point["seconds_per_sample"])
-                break
-        if not out["reached"]:
-            last = out["curve"][-1]
-            out.update(status="target_not_reached", num_matvecs=last["num_matvecs"],
-                       passes=last["passes"], seconds_per_sample=last["seconds_per_sample"],
-                       reason=f"max error {last['max_abs_err']:.3g} > atol {spec.atol} at "
-                              f"{last['num_matvecs']} matvecs (the grid's largest below d)")
+        res = search_count(evaluate, grid, list(range(spec.curvlinops_seeds)), spec.atol,
+                           bisect=spec.curvlinops_bisect, rtol=spec.bisect_rtol,
+                           step=2 if method == "xdiag" else 1)
     except Exception as err:  # noqa: BLE001 - curvlinops missing or failing: an error row
         out.update(status="error", reason=f"{type(err).__name__}: {err}")
+        return out
+    out.update(curve=[dict(p, num_matvecs=p["count"]) for p in res["curve"]],
+               reached=res["reached"], num_matvecs=res["count"], passes=res["passes"],
+               seconds_per_sample=res["seconds_per_sample"], bracket=res["bracket"],
+               max_abs_err=res["max_abs_err"])
+    if not res["reached"]:
+        out.update(status="target_not_reached",
+                   reason=f"max error {res['max_abs_err']:.3g} > atol {spec.atol} at "
+                          f"{res['count']} matvecs (the grid's largest below d)")
+    return out
+
+
+def _fixed(encoder, x, oracle: torch.Tensor, method: str, spec: CraftSpec,
+           rank: int | None = None) -> dict[str, Any]:
+    """Our estimator at a fixed count, searched like :func:`_curvlinops` (oracle-informed)."""
+    import fsinfo_fast as ff
+
+    from ..estimators import estimate_diag
+    from ..estimators.deflated import estimate_diag_deflated
+
+    out: dict[str, Any] = {"method": method, "rank": rank, "status": "ok", "reason": None,
+                           "curve": [], "reached": False, "count": None, "passes": None,
+                           "seconds_per_sample": None, "bracket": None}
+    n_img = min(spec.curvlinops_images, x.shape[0])
+
+    def evaluate(k: int, s: int):
+        errs, secs, hws, passes = [], [], [], 0
+        for i in range(n_img):
+            t0 = _now()
+            lin = ff.linearize(encoder, x[i : i + 1], backend=spec.backend, seed=s,
+                               sample_ids=torch.tensor([i], device=x.device))
+            if method == "plain":
+                r = estimate_diag(lin.products, sigma=spec.sigma, seed=s, num_probes=k,
+                                  sample_ids=torch.tensor([i], device=x.device)).fsinfo_diag
+            else:
+                r = estimate_diag_deflated(lin.products, sigma=spec.sigma, seed=s, rank=rank,
+                                           num_probes=k, sample_ids=torch.tensor(
+                                               [i], device=x.device)).fsinfo_diag
+            secs.append(_now() - t0)
+            errs.append(abs(float(r.value[0]) - float(oracle[i])))
+            hws.append(float(r.ci_halfwidth[0]))
+            passes = max(passes, int(r.passes))
+        return k, passes, errs, sum(secs) / n_img, {"ci_halfwidth": max(hws)}
+
+    grid = spec.fixed_grid if method == "plain" else spec.deflated_grid
+    try:
+        res = search_count(evaluate, list(grid), list(range(spec.curvlinops_seeds)), spec.atol,
+                           bisect=spec.curvlinops_bisect, rtol=spec.bisect_rtol)
+    except Exception as err:  # noqa: BLE001 - a failing estimator is an error row
+        out.update(status="error", reason=f"{type(err).__name__}: {err}")
+        return out
+    out.update(res)
+    if not res["reached"]:
+        out["status"] = "target_not_reached"
     return out
 
 
@@ -192,15 +347,18 @@ def measure_craft(spec: CraftSpec, device: torch.device, log, *, seed: int = 0) 
         log(f"  {names[k]} (split {k}): d={d} m={m}, oracle "
             f"{sum(o['seconds'] for o in rec['oracle']) / spec.images:.1f} s/sample")
         for route in spec.routes:
-            for i in range(spec.images):
-                row = _route_row(enc, x[i : i + 1], i, route, spec, oracle[i], seed)
+            for i, sd in itertools.product(range(spec.images),
+                                           range(seed, seed + spec.route_seeds)):
+                row = _route_row(enc, x[i : i + 1], i, route, spec, oracle[i], sd)
+                row["seed"] = sd
                 rec["rows"].append(row)
                 if row["status"] == "ok":
-                    log(f"    {route:<11s} image {i}: {row['seconds']:.2f} s, {row['passes']} "
-                        f"products, {row['estimator']}, err {row['error']:+.1e} "
-                        f"(hw {row['ci_halfwidth']:.1e}) covers={row['covers']}")
+                    log(f"    {route:<11s} image {i} seed {sd}: {row['seconds']:.2f} s, "
+                        f"{row['passes']} products, {row['estimator']}, err "
+                        f"{row['error']:+.1e} (hw {row['ci_halfwidth']:.1e}) "
+                        f"covers={row['covers']}")
                 else:
-                    log(f"    {route:<11s} image {i}: ERROR {row['reason']}")
+                    log(f"    {route:<11s} image {i} seed {sd}: ERROR {row['reason']}")
         ot = torch.tensor(oracle, dtype=torch.float64)
         methods = spec.curvlinops if (spec.curvlinops_splits is None
                                       or k in spec.curvlinops_splits) else []
@@ -210,6 +368,16 @@ def measure_craft(spec: CraftSpec, device: torch.device, log, *, seed: int = 0) 
             log(f"    curvlinops-{method}: {c['status']}, {c['passes']} products"
                 + (f", {c['seconds_per_sample']:.2f} s/sample" if c["seconds_per_sample"]
                    else "") + (f" ({c['reason']})" if c["reason"] else ""))
+        rec["fixed"] = []
+        for method in (spec.fixed if spec.curvlinops_splits is None
+                       or k in spec.curvlinops_splits else []):
+            for rank in (spec.deflated_ranks if method == "deflated" else [None]):
+                c = _fixed(enc, x, ot, method, spec, rank)
+                rec["fixed"].append(c)
+                log(f"    fixed-{method}" + (f" rank {rank}" if rank is not None else "")
+                    + f": {c['status']}, {c['passes']} products"
+                    + (f", {c['seconds_per_sample']:.2f} s/sample" if c["seconds_per_sample"]
+                       else "") + (f" ({c['reason']})" if c["reason"] else ""))
         out["splits"].append(rec)
         out["summary"] += _summarise(rec, spec)
     return out
@@ -231,6 +399,9 @@ def _summarise(rec: dict[str, Any], spec: CraftSpec) -> list[dict[str, Any]]:
                 estimator=",".join(sorted({r["estimator"] for r in ok})),
                 seconds_per_sample=sum(r["seconds"] for r in ok) / len(ok),
                 passes=max(r["passes"] for r in ok),
+                passes_mean=sum(r["passes"] for r in ok) / len(ok),
+                passes_min=min(r["passes"] for r in ok), runs=len(ok),
+                covers_count=sum(bool(r["covers"]) for r in ok),
                 max_abs_err=max(abs(r["error"]) for r in ok),
                 max_halfwidth=max(r["ci_halfwidth"] for r in ok),
                 covers=all(r["covers"] for r in ok),
@@ -242,7 +413,16 @@ def _summarise(rec: dict[str, Any], spec: CraftSpec) -> list[dict[str, Any]]:
         lines.append(dict(base, route=f"curvlinops-{c['method']}", estimator="plug-in, no "
                           "interval", seconds_per_sample=c["seconds_per_sample"],
                           passes=c["passes"], status=c["status"], covers=None,
-                          max_abs_err=c["curve"][-1]["max_abs_err"] if c["curve"] else math.nan))
+                          reached=c["reached"], bracket=c.get("bracket"),
+                          max_abs_err=c.get("max_abs_err", c["curve"][-1]["max_abs_err"]
+                                            if c["curve"] else math.nan)))
+    for c in rec.get("fixed", []):
+        name = f"fixed-{c['method']}" + (f"-r{c['rank']}" if c["rank"] is not None else "")
+        lines.append(dict(base, route=name, estimator=f"{c['method']} at a fixed count "
+                          "(oracle-informed)", seconds_per_sample=c["seconds_per_sample"],
+                          passes=c["passes"], status=c["status"], covers=None,
+                          reached=c["reached"], bracket=c.get("bracket"),
+                          max_abs_err=c.get("max_abs_err")))
     return lines
 
 
@@ -256,4 +436,8 @@ def craft_problems(craft: dict[str, Any] | None) -> list[str]:
         for c in rec["curvlinops"]:
             if c["status"] == "error":
                 out.append(f"{rec['layer']} curvlinops-{c['method']}: {c['reason']}")
+        for c in rec.get("fixed", []):
+            if c["status"] == "error":
+                out.append(f"{rec['layer']} fixed-{c['method']} rank {c['rank']}: "
+                           f"{c['reason']}")
     return out
