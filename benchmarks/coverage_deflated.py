@@ -169,14 +169,19 @@ def score(runs: list[dict[str, Any]], truth: dict[str, Any]) -> dict[str, dict[s
 
 
 def auto_summary(runs: list[dict[str, Any]], truth: dict[str, Any]) -> dict[str, Any]:
-    """What ``auto`` returned: the routes, and the runs it answered by the exact route (their
-    largest error against the float64 oracle)."""
+    """What ``auto`` returned: the routes, and the runs it answered by an exact route, split by
+    whether the deflated estimator had run on them (then it missed the tolerance within the
+    probe cap) or not (another route or method missed it first, or the exact route was chosen
+    up front), with their largest
+    error against the float64 oracle and the products those runs spent."""
     out: dict[str, Any] = {}
     for q, tk in (("fs", "fsinfo_diag"), ("df", "dfil")):
         ex = [r for r in runs if r[f"{q}_estimator"] != "randomized"]
         out[tk] = {
             "routes": _tally(runs, f"{q}_route" if q == "fs" else f"{q}_method"),
-            "exact_runs": [r["run"] for r in ex],
+            "exact_after_deflated": [r["run"] for r in ex if r[f"{q}_defl"] is not None],
+            "exact_without_deflated": [r["run"] for r in ex if r[f"{q}_defl"] is None],
+            "exact_products": [r[f"{q}_products"] for r in ex],
             "exact_max_abs_err": max((abs(r[f"{q}_v"] - truth[tk]) for r in ex), default=None),
             "products_mean": sum(r[f"{q}_products"] for r in runs) / len(runs),
         }
@@ -277,18 +282,32 @@ def markdown(results: list[dict[str, Any]]) -> str:
         t = r.get("timing", {})
         a = r["auto"]
         lines.append(
-            f"- {r['config']}: {r['seeds']} runs {r['run_indices']}; scored: FSInfo_diag "
-            f"{r['procedures'].get(FS_KEY, {}).get('runs', 0)}, dFIL "
-            f"{r['procedures'].get(DF_KEY, {}).get('runs', 0)} runs where auto ran the "
-            f"deflated estimator. Auto's routes: FSInfo_diag {a['fsinfo_diag']['routes']}, dFIL "
-            f"{a['dfil']['routes']}; answered by the exact route (the deflated estimate missed "
-            f"the tolerance within the probe cap): FSInfo_diag runs "
-            f"{a['fsinfo_diag']['exact_runs']}, dFIL runs {a['dfil']['exact_runs']} (largest "
-            f"error vs the oracle {_fmt(a['fsinfo_diag']['exact_max_abs_err'])} nats/dim, "
-            f"{_fmt(a['dfil']['exact_max_abs_err'])} 1/dim); "
-            f"{t.get('seconds_per_run', float('nan')):.2f} s per run (both calls, 1 thread, "
-            "nice, shared machine)")
+            f"- {r['config']}: {r['seeds']} runs (indices {_span(r['run_indices'])}); scored "
+            f"above: the {r['procedures'].get(FS_KEY, {}).get('runs', 0)} (FSInfo_diag) and "
+            f"{r['procedures'].get(DF_KEY, {}).get('runs', 0)} (dFIL) runs where auto ran the "
+            f"deflated estimator. {t.get('seconds_per_run', float('nan')):.2f} s per run (both "
+            "calls; 1 thread, nice, shared machine under load).")
+        for tk, name in (("fsinfo_diag", "FSInfo_diag"), ("dfil", "dFIL")):
+            q = a[tk]
+            lines.append(
+                f"  - auto's {name} routes {q['routes']}, mean products per run (all runs) "
+                f"{q['products_mean']:.0f}; answered exactly: after the deflated estimate "
+                f"missed the tolerance within the cap {len(q['exact_after_deflated'])} runs, "
+                f"without a deflated estimate (another route or method first, or the exact route "
+                f"up front) "
+                f"{len(q['exact_without_deflated'])} runs {q['exact_without_deflated'][:20]}"
+                f"{' ...' if len(q['exact_without_deflated']) > 20 else ''}, products "
+                f"{_minmax(q['exact_products'])}, largest error vs the oracle "
+                f"{_fmt(q['exact_max_abs_err'])}")
     return "\n".join(lines) + "\n"
+
+
+def _span(ranges: list[list[int]]) -> str:
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges)
+
+
+def _minmax(v: list[int]) -> str:
+    return f"{min(v)}-{max(v)}" if v else "-"
 
 
 def _fmt(v: float | None) -> str:
