@@ -239,7 +239,7 @@ def merge_files(into: Path, other: Path) -> dict[str, Any]:
     n = ta["runs_timed"] + tb["runs_timed"]
     res["timing"] = {"runs_timed": n, "seconds": ta["seconds"] + tb["seconds"],
                      "seconds_per_run": (ta["seconds"] + tb["seconds"]) / max(n, 1)}
-    write_atomic(into, json.dumps(res, indent=1))
+    write_atomic(into, dumps(res))
     return res
 
 
@@ -252,6 +252,13 @@ def _ranges(ids: list[int]) -> list[list[int]]:
         else:
             out.append([i, i])
     return out
+
+
+def dumps(res: dict[str, Any]) -> str:
+    """The result as JSON, one line per stored run."""
+    head = json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1)
+    runs = ",\n".join("  " + json.dumps(r, separators=(",", ":")) for r in res.get("runs", []))
+    return head[:-2] + ',\n "runs": [\n' + runs + "\n ]\n}\n"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -377,7 +384,7 @@ def run_split(split: str, indices: range, *, out: Path, sigma: float = 0.1, atol
         if n % save_every == 0 or n == len(indices):
             res = merge(res, pending, split=split, truth=truth, meta=meta, command=command,
                         elapsed_s=time.time() - t_chunk)
-            write_atomic(path, json.dumps(res, indent=1))
+            write_atomic(path, dumps(res))
             if verbose:
                 s = res["procedures"]
                 cov = {k: round(v["coverage"], 3) for k, v in s.items()}
