@@ -24,6 +24,11 @@ into one result per split, rescored over all stored runs; the file is rewritten 
 every ``--save-every`` runs so a cut-off run keeps what it did::
 
     nice -n 10 python benchmarks/coverage_deflated.py --splits pool4 --start 0 --seeds 1000
+    # a part run at the same time writes elsewhere, then merges in:
+    nice -n 10 python benchmarks/coverage_deflated.py --splits pool4 --start 740 --seeds 260 \
+        --out benchmarks/results/coverage_deflated_part2
+    python benchmarks/coverage_deflated.py --splits pool4 \
+        --merge-from benchmarks/results/coverage_deflated_part2
     python benchmarks/coverage_deflated.py --combine   # benchmarks/results/coverage_deflated.md
 """
 
