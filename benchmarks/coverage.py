@@ -16,9 +16,10 @@ probe ``sample_id``) of the library's default procedures, each scored against th
 The first four are ``estimate_diag`` calls with the same probe seed on one shared
 ``DiagProbeState`` (as in a ``Linearization``: each result is the one a fresh call gives, the
 probes are computed once; under the three-stage rule, :mod:`fsinfo_fast.estimators.stopping`,
-each reports from its last stage's probes). Per procedure the report gives the coverage (with its binomial
-standard error), the bias z (``(mean - truth) / sqrt(var / S + se_truth^2)``, a two-sample z when
-the truth is itself an estimate), the mean half-width and the probes used (mean, min, max).
+each reports from its last stage's probes). Per procedure the report gives the coverage (with
+its binomial standard error), the bias z (``(mean - truth) / sqrt(var / S + se_truth^2)``, a
+two-sample z when the truth is itself an estimate), the mean half-width and the probes used
+(mean, min, max).
 
 Truth: the exact float64 oracle (``fsinfo_fast.reference``) where it is affordable (32 px);
 otherwise a high-probe estimate with another seed (``truth_probes`` Gaussian VJPs; its standard
