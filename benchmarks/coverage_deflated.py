@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import shlex
 import sys
 import time
@@ -267,10 +266,12 @@ def dumps(res: dict[str, Any]) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` through the profile store's atomic writer (temp file, fsync,
+    ``os.replace``), creating the folder."""
+    from fsinfo_fast.profile.store import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def markdown(results: list[dict[str, Any]]) -> str:

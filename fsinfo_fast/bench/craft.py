@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInputError
+from ..result import Z95
 
 __all__ = ["CraftSpec", "craft_problems", "measure_craft", "load_model", "search_count"]
 
@@ -186,7 +187,7 @@ def search_count(evaluate: Callable[[int, int], tuple[int, int, list[float], flo
                 break
         et = torch.tensor(errs, dtype=torch.float64)
         pt = {"count": int(used), "passes": int(passes), "max_abs_err": float(et.max()),
-              "err95": float(1.959963984540054 * torch.sqrt((et**2).mean())),
+              "err95": float(Z95 * torch.sqrt((et**2).mean())),
               "seconds_per_sample": sum(secs) / len(secs), "seeds_run": run,
               "passed": bool(run == len(seeds) and float(et.max()) <= atol), **extras}
         curve.append(pt)
@@ -285,15 +286,15 @@ def _fixed(encoder, x, oracle: torch.Tensor, method: str, spec: CraftSpec,
         errs, secs, hws, passes = [], [], [], 0
         for i in range(n_img):
             t0 = _now()
+            ids = torch.tensor([i], device=x.device)
             lin = ff.linearize(encoder, x[i : i + 1], backend=spec.backend, seed=s,
-                               sample_ids=torch.tensor([i], device=x.device))
+                               sample_ids=ids)
             if method == "plain":
                 r = estimate_diag(lin.products, sigma=spec.sigma, seed=s, num_probes=k,
-                                  sample_ids=torch.tensor([i], device=x.device)).fsinfo_diag
+                                  sample_ids=ids).fsinfo_diag
             else:
                 r = estimate_diag_deflated(lin.products, sigma=spec.sigma, seed=s, rank=rank,
-                                           num_probes=k, sample_ids=torch.tensor(
-                                               [i], device=x.device)).fsinfo_diag
+                                           num_probes=k, sample_ids=ids).fsinfo_diag
             secs.append(_now() - t0)
             errs.append(abs(float(r.value[0]) - float(oracle[i])))
             hws.append(float(r.ci_halfwidth[0]))
@@ -311,6 +312,13 @@ def _fixed(encoder, x, oracle: torch.Tensor, method: str, spec: CraftSpec,
     if not res["reached"]:
         out["status"] = "target_not_reached"
     return out
+
+
+def _search_line(name: str, c: dict[str, Any]) -> str:
+    """The progress line of one equal-accuracy search (curvlinops or ours at a fixed count)."""
+    return (f"    {name}: {c['status']}, {c['passes']} products"
+            + (f", {c['seconds_per_sample']:.2f} s/sample" if c["seconds_per_sample"] else "")
+            + (f" ({c['reason']})" if c["reason"] else ""))
 
 
 def measure_craft(spec: CraftSpec, device: torch.device, log, *, seed: int = 0) -> dict[str, Any]:
@@ -365,19 +373,15 @@ def measure_craft(spec: CraftSpec, device: torch.device, log, *, seed: int = 0) 
         for method in methods:
             c = _curvlinops(enc, x, ot, method, d, spec)
             rec["curvlinops"].append(c)
-            log(f"    curvlinops-{method}: {c['status']}, {c['passes']} products"
-                + (f", {c['seconds_per_sample']:.2f} s/sample" if c["seconds_per_sample"]
-                   else "") + (f" ({c['reason']})" if c["reason"] else ""))
+            log(_search_line(f"curvlinops-{method}", c))
         rec["fixed"] = []
         for method in (spec.fixed if spec.curvlinops_splits is None
                        or k in spec.curvlinops_splits else []):
             for rank in (spec.deflated_ranks if method == "deflated" else [None]):
                 c = _fixed(enc, x, ot, method, spec, rank)
                 rec["fixed"].append(c)
-                log(f"    fixed-{method}" + (f" rank {rank}" if rank is not None else "")
-                    + f": {c['status']}, {c['passes']} products"
-                    + (f", {c['seconds_per_sample']:.2f} s/sample" if c["seconds_per_sample"]
-                       else "") + (f" ({c['reason']})" if c["reason"] else ""))
+                log(_search_line(f"fixed-{method}"
+                                 + (f" rank {rank}" if rank is not None else ""), c))
         out["splits"].append(rec)
         out["summary"] += _summarise(rec, spec)
     return out
