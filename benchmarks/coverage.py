@@ -30,6 +30,12 @@ Run (one configuration at a time, ``nice``; results per configuration are kept a
 
     nice -n 10 python benchmarks/coverage.py --only vgg5-s2@32 resnet18-imagenet-s7@224
     python benchmarks/coverage.py --combine     # benchmarks/results/coverage.{json,md}
+
+Top up a stored configuration with more runs (run indices ``start, start + 1, ...``, disjoint
+from the stored ones; the stored truth is reused; the summaries are pooled exactly, see
+:func:`pool_scores`)::
+
+    nice -n 10 python benchmarks/coverage.py --only vit-l0@224 --start 300 --seeds 700 --merge
 """
 
 from __future__ import annotations
@@ -159,6 +165,7 @@ def _score(values: torch.Tensor, hw: torch.Tensor, k: torch.Tensor, conv: torch.
         "coverage": cov,
         "coverage_se": math.sqrt(max(cov * (1 - cov), 1e-12) / n),
         "bias_z": z,
+        "mean": float(values.mean()),
         "mean_halfwidth": float(hw.mean()),
         "sd": sd,
         "truth_se_over_sd": truth_se / sd if sd > 0 else 0.0,
@@ -172,14 +179,83 @@ def _score(values: torch.Tensor, hw: torch.Tensor, k: torch.Tensor, conv: torch.
     return out
 
 
+def _mean_of(s: dict[str, Any], n: int, truth: float, truth_se: float) -> float:
+    """The runs' mean (stored since the top-up option; older results: from their bias z,
+    ``mean = truth + z sqrt(sd^2 / n + se^2)``, the inverse of :func:`_score`)."""
+    if "mean" in s:
+        return float(s["mean"])
+    return truth + s["bias_z"] * math.sqrt(s["sd"] ** 2 / n + truth_se**2)
+
+
+def pool_scores(a: dict[str, Any], na: int, b: dict[str, Any], nb: int, truth: float,
+                truth_se: float) -> dict[str, Any]:
+    """One procedure's :func:`_score` over ``na + nb`` runs from the summaries of two disjoint
+    sets of runs against the same truth (counts, means and the pooled sample variance are
+    exact; min/max over both)."""
+    n = na + nb
+    ma, mb = _mean_of(a, na, truth, truth_se), _mean_of(b, nb, truth, truth_se)
+    mean = (na * ma + nb * mb) / n
+    ss = ((na - 1) * a["sd"] ** 2 + na * ma**2 + (nb - 1) * b["sd"] ** 2 + nb * mb**2
+          - n * mean**2)
+    sd = math.sqrt(max(ss, 0.0) / (n - 1))
+
+    def avg(key: str) -> float:
+        return (na * a[key] + nb * b[key]) / n
+
+    cov = avg("coverage")
+    out = {
+        "coverage": cov,
+        "coverage_se": math.sqrt(max(cov * (1 - cov), 1e-12) / n),
+        "bias_z": (mean - truth) / math.sqrt(sd**2 / n + truth_se**2) if sd > 0 else 0.0,
+        "mean": mean,
+        "mean_halfwidth": avg("mean_halfwidth"),
+        "sd": sd,
+        "truth_se_over_sd": truth_se / sd if sd > 0 else 0.0,
+        "K_mean": avg("K_mean"),
+        "K_min": min(a["K_min"], b["K_min"]),
+        "K_max": max(a["K_max"], b["K_max"]),
+        "converged": avg("converged"),
+    }
+    if "mean_rel_halfwidth" in a:
+        out["mean_rel_halfwidth"] = avg("mean_rel_halfwidth")
+    return out
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A stored configuration topped up with new, disjoint runs (same truth, procedures and
+    settings); the runs of each part are listed under ``parts``."""
+    for key in ("config", "d", "m", "sigma", "atol", "rtol", "max_probes", "truth"):
+        if old[key] != new[key]:
+            raise ValueError(f"cannot merge {old['config']}: {key} differs "
+                             f"({old[key]!r} vs {new[key]!r})")
+    truth = old["truth"]
+    out = dict(old)
+    out["procedures"] = {}
+    for p, s in old["procedures"].items():
+        if p not in new["procedures"]:
+            raise ValueError(f"cannot merge {old['config']}: {p} not in the new runs")
+        q = "dfil" if p.endswith("/ dFIL") else "fsinfo_diag"
+        out["procedures"][p] = pool_scores(s, old["seeds"], new["procedures"][p], new["seeds"],
+                                           truth[q], truth[f"{q}_se"])
+    parts = old.get("parts") or [{"start": old.get("start", 0), "seeds": old["seeds"],
+                                  "time_s": old["time_s"]}]
+    out["parts"] = [*parts, {"start": new.get("start", 0), "seeds": new["seeds"],
+                             "time_s": new["time_s"]}]
+    out["seeds"] = old["seeds"] + new["seeds"]
+    out["time_s"] = old["time_s"] + new["time_s"]
+    return out
+
+
 def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
                truth_probes: int | None = None, atol: float = 0.01, rtol: float = 0.01,
                max_probes: int = 1000, rademacher: bool = True, sigma: float = 0.1,
                size: int | None = None, model: str | None = None,
                verbose: bool = True, keep_values: bool = False,
-               diag: bool = True, snapshot_bytes: int = 2 << 30) -> dict[str, Any]:
+               diag: bool = True, snapshot_bytes: int = 2 << 30,
+               start: int = 0) -> dict[str, Any]:
     """Run one configuration (keyword arguments override :data:`CONFIGS`; ``keep_values``:
-    also return every run's value, half-width and probe count per procedure)."""
+    also return every run's value, half-width and probe count per procedure; ``start``: the
+    first run index, so that a top-up draws runs disjoint from the stored ones)."""
     from fsinfo_fast.data import natural_images
     from fsinfo_fast.encoder import prepare
     from fsinfo_fast.engine import make_products
@@ -205,7 +281,7 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
     backend = None
     for c0 in range(0, S, B):
         n = min(B, S - c0)
-        ids = torch.arange(c0, c0 + n)
+        ids = torch.arange(start + c0, start + c0 + n)
         P = make_products(prepare(enc, x.expand(n, *x.shape[1:]).contiguous(),
                                   check_interaction=1), "auto")
         backend = getattr(P, "backend", type(P).__name__)
@@ -242,8 +318,9 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
                               strict=True):
                 rad[f].append(val.double())
         if verbose:
-            print(f"  seeds {c0 + n}/{S}: last K {kmax} ({time.time() - t0:.0f} s)", flush=True)
-    res: dict[str, Any] = {"config": name, **cfg, "d": int(P.d), "m": int(P.m),
+            print(f"  runs to {start + c0 + n - 1} ({c0 + n}/{S}): last K {kmax} "
+                  f"({time.time() - t0:.0f} s)", flush=True)
+    res: dict[str, Any] = {"config": name, **cfg, "start": start, "d": int(P.d), "m": int(P.m),
                            "backend": backend, "sigma": sigma, "atol": atol, "rtol": rtol,
                            "max_probes": max_probes, "truth": truth, "procedures": {}}
     for p in procs if diag else []:
@@ -315,24 +392,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rademacher-only", action="store_true",
                    help="rerun only the stand-alone Rademacher dFIL and merge it into the "
                         "stored result (same truth)")
+    p.add_argument("--start", type=int, default=0,
+                   help="first run index (sample id of the probes); with --merge, at least "
+                        "the stored runs' end")
+    p.add_argument("--merge", action="store_true",
+                   help="top up the stored result: reuse its truth and pool the new runs "
+                        "into it")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.combine:
         args.out.mkdir(parents=True, exist_ok=True)
         for name in args.only or list(CONFIGS):
             path = args.out / f"{name}.json"
-            if args.rademacher_only:
+            if args.rademacher_only or args.merge:
                 old = json.loads(path.read_text())
                 CONFIGS[name]["truth"] = old["truth"]
+            if args.merge:
+                ends = [q["start"] + q["seeds"] for q in old.get("parts", [])] or [
+                    old.get("start", 0) + old["seeds"]]
+                if args.start < max(ends):
+                    p.error(f"--merge: --start {args.start} would repeat stored runs of "
+                            f"{name} (they end at {max(ends)})")
             res = run_config(name, seeds=args.seeds, chunk=args.chunk,
                              truth_probes=args.truth_probes, max_probes=args.max_probes,
                              rademacher=not args.no_rademacher,
-                             diag=not args.rademacher_only)
+                             diag=not args.rademacher_only, start=args.start)
             if args.rademacher_only:
                 key = "dfil(rademacher) rtol / dFIL"
                 old["procedures"][key] = res["procedures"][key]
                 old["time_s"] += res["time_s"]
                 res = old
+            elif args.merge:
+                # the new runs on their own first, so that nothing is lost if the merge fails
+                part = args.out / "parts" / f"{name}.start{args.start}.json"
+                part.parent.mkdir(exist_ok=True)
+                part.write_text(json.dumps(res, indent=1))
+                res = merge_results(old, res)
             path.write_text(json.dumps(res, indent=1))
             print(_markdown([res]), flush=True)
     combine(args.out)

@@ -73,3 +73,37 @@ def test_default_intervals_cover_at_the_probes_they_use(model, size):
     assert fresh.fsinfo_diag.value.tolist() == pytest.approx(joint["v"][:5], rel=1e-9)
     assert fresh.dfil.value.tolist() == pytest.approx(joint["dv"][:5], rel=1e-9)
     assert fresh.fsinfo_diag.probes_per_sample.tolist() == [int(k) for k in joint["k"][:5]]
+
+
+def test_a_top_up_pools_to_the_scores_of_all_runs_at_once():
+    """``--start/--merge``: two disjoint sets of runs pooled from their summaries (the first
+    stored before ``mean`` was recorded: recovered from its bias z) equal the score of all the
+    runs at once; merging refuses results against another truth."""
+    study = _study()
+    g = torch.Generator().manual_seed(3)
+    n = 1000
+    v = 0.5 + 0.01 * torch.randn(n, generator=g, dtype=torch.float64)
+    hw = 0.02 * torch.rand(n, generator=g, dtype=torch.float64)
+    k = torch.randint(4, 40, (n,), generator=g)
+    conv = torch.rand(n, generator=g) < 0.9
+    truth, se = 0.5004, 0.0003
+    whole = study._score(v, hw, k, conv, truth, se, rel=True)
+    a = study._score(v[:300], hw[:300], k[:300], conv[:300], truth, se, rel=True)
+    a.pop("mean")
+    b = study._score(v[300:], hw[300:], k[300:], conv[300:], truth, se, rel=True)
+    pooled = study.pool_scores(a, 300, b, n - 300, truth, se)
+    assert pooled.keys() == whole.keys()
+    for key, val in whole.items():
+        assert pooled[key] == pytest.approx(val, rel=1e-9, abs=1e-12), key
+    base = {"config": "c", "d": 3, "m": 2, "sigma": 0.1, "atol": 0.01, "rtol": 0.01,
+            "max_probes": 10, "time_s": 1.0,
+            "truth": {"fsinfo_diag": truth, "fsinfo_diag_se": se, "dfil": 1.0, "dfil_se": 0.0}}
+    old = {**base, "seeds": 300, "procedures": {"p / FSInfo_diag": a}}
+    new = {**base, "seeds": n - 300, "start": 300, "procedures": {"p / FSInfo_diag": b}}
+    merged = study.merge_results(old, new)
+    assert merged["seeds"] == n
+    assert [q["start"] for q in merged["parts"]] == [0, 300]
+    assert merged["procedures"]["p / FSInfo_diag"]["coverage"] == pytest.approx(
+        whole["coverage"])
+    with pytest.raises(ValueError, match="truth differs"):
+        study.merge_results(old, {**new, "truth": {**base["truth"], "fsinfo_diag": 0.6}})
