@@ -606,7 +606,7 @@ def estimate_diag_deflated(
         pilot = pilot_probes
         ranks, predicted = _choose_rank(
             products, sketch, plan, seed_i, ids, min(start_rank, max_rank), max_rank,
-            rule.min_probes,
+            rule.min_probes, budget=rule.max_probes if rule.stop_unreachable else None,
         )
     else:
         if rank > sketch.rank:
@@ -717,9 +717,16 @@ def _choose_rank(
     start_rank: int,
     max_rank: int,
     min_probes: int,
+    budget: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Grow ``sketch`` by half while the pilot predicts a saving; per-sample ranks and the
-    remainder probes predicted at those ranks."""
+    remainder probes predicted at those ranks.
+
+    ``budget`` (``StoppingRule.stop_unreachable``: the products of the caller's exact route):
+    a sample stops growing once even an optimistic projection (the steepest decay ``K ~
+    r^-_P_MAX``, no stopping overhead) of the products still to spend, ``per_col (r' - r) +
+    K(r) (r / r')^p`` at its best ``r' <= max_rank``, exceeds it; its remainder then stops at
+    once under the same rule."""
     b, dev = products.batch, products.device
     zero = torch.zeros(b, dtype=torch.int64, device=dev)
     k_prev = pilot.predict(sketch, zero)
@@ -744,10 +751,23 @@ def _choose_rank(
             p = torch.ones_like(k_now)
         r_next = min(math.ceil(RANK_GROWTH * r), max_rank)
         growing = growing & (p * k_now / r > per_col) & (k_now > min_probes) & (r_next > r)
+        if budget is not None:
+            growing &= _future_cost(k_now, r, max_rank, per_col) <= budget
         k_prev, r_prev, r = k_now, r, r_next
         if r == r_prev:
             break
     return ranks, k_at
+
+
+def _future_cost(k: Tensor, r: int, max_rank: int, per_col: int) -> Tensor:
+    """``[B]`` the least products still to spend at rank ``r`` with ``K(r) = k`` predicted
+    remainder probes, if ``K`` fell as fast as ``r^-_P_MAX`` beyond ``r``: ``min_{r <= r' <=
+    max_rank} per_col (r' - r) + k (r / r')^p`` (at ``r' = (p k r^p / per_col)^(1 / (p + 1))``
+    clamped to the range)."""
+    p = _P_MAX
+    best = (p * k.clamp_min(0) * r**p / per_col) ** (1.0 / (p + 1.0))
+    rr = best.clamp(min=float(r), max=float(max(r, max_rank)))
+    return per_col * (rr - r) + k * (r / rr) ** p
 
 
 def _known_value(E: Tensor, sigma: Tensor, floor: float) -> Tensor:

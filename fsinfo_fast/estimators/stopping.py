@@ -178,6 +178,15 @@ class StoppingRule:
             default, 1 for :meth:`schedule` alone). Geometric rounds keep the number of product
             calls logarithmic in the probe count; the rounds only quantise the second stage's
             size (module docstring), they are no longer looks at the data.
+        stop_unreachable: stop a sample at the end of its stage 2 when even an optimistic
+            stage 3 planned from it would end past ``max_probes``, or already at the end of
+            stage 1 where its rough size is :data:`UNREACHABLE_FACTOR` times the cap
+            (reported from that stage with ``converged=False``, as a sample that reaches the
+            cap is, instead of drawing probes up to the cap first). For a caller with a
+            cheaper way out: ``estimator="auto"`` takes an exact route for an unconverged
+            sample (or reroutes a plain diagonal estimate to the deflated one), so the probes
+            to the cap would be spent for nothing. Default ``False`` (an explicitly randomized
+            estimate uses every probe the cap allows).
 
     One of ``num_probes``, ``atol`` or ``rtol`` must be given.
 
@@ -199,6 +208,7 @@ class StoppingRule:
     round_size: int | None = None
     confidence: float = 0.95
     growth: float | None = None
+    stop_unreachable: bool = False
 
     def __post_init__(self) -> None:
         if self.num_probes is not None:
@@ -228,6 +238,9 @@ class StoppingRule:
             isinstance(g, bool) or not isinstance(g, (int, float)) or not (1.0 <= g <= 16.0)
         ):
             raise InvalidInputError(f"growth must be a number in [1, 16], got {g!r}")
+        if not isinstance(self.stop_unreachable, bool):
+            raise InvalidInputError(
+                f"stop_unreachable must be a bool, got {self.stop_unreachable!r}")
         if self.num_probes is None and self.atol is None and self.rtol is None:
             raise InvalidInputError(
                 "give num_probes (a fixed probe count) or a tolerance (atol and/or rtol) for "
@@ -308,6 +321,7 @@ class StopKeywords(TypedDict, total=False):
     round_size: int | None
     confidence: float | None
     growth: float | None
+    stop_unreachable: bool | None
 
 
 #: The keyword names of :class:`StopKeywords`.
@@ -493,6 +507,13 @@ def run_rounds(
         converged |= done
         probes[done] = n0
     plan = _rough_size(first, targets, n0, rule.confidence)
+    if rule.stop_unreachable:  # hopeless already by stage 1's rough size: stop here
+        out = ~done & (plan > UNREACHABLE_FACTOR * rule.max_probes)
+        if bool(out.any()):
+            _freeze(frozen, complete(first, 0, out), out)
+            converged[out] = _met_all(first, targets)[out]
+            probes[out] = n0
+            done |= out
     cap = max(n0 + 2.0, rule.max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE))
     end2 = torch.clamp(n0 + torch.clamp(PILOT_SHARE * plan, min=float(n0)), max=cap)
     in2 = ~done
@@ -519,8 +540,19 @@ def run_rounds(
                 done |= now
             on = end & ~now
             if bool(on.any()):
+                n3 = _stage_size(second, targets, drawn - n0)
+                if rule.stop_unreachable:  # even an optimistic stage 3 passes the cap: stop
+                    least = _stage_size(second, targets, drawn - n0, optimistic=True)
+                    out = on & (drawn + least > rule.max_probes)
+                    if bool(out.any()):
+                        _freeze(frozen, complete(second, n0, out), out)
+                        converged[out] = _met_all(second, targets)[out]
+                        probes[out] = drawn
+                        lo[out] = n0
+                        done |= out
+                        on &= ~out
                 pilots[drawn] = second
-                lo[on], need[on] = drawn, _stage_size(second, targets, drawn - n0)[on]
+                lo[on], need[on] = drawn, n3[on]
                 if mark is not None:
                     mark(on)
             in2 &= ~end
@@ -562,6 +594,15 @@ class _Except:
 #: of ``max_probes``): the interval then rests on a spread with about a quarter as many probes
 #: behind it as the estimate itself.
 PILOT_SHARE = 0.25
+
+#: ``StoppingRule.stop_unreachable``: a sample whose stage 1 plans more than this many times
+#: ``max_probes`` stops there (a true need within the cap shows such a plan from 4 Gaussian
+#: probes with probability about 1e-6; a wrong call costs only the caller's exact route).
+#: Otherwise it stops at the end of stage 2 if even an optimistic stage 3 (planned against
+#: ``|v_2| + 2 h_2`` for a relative target, not the conservative ``|v_2| - 2 h_2``: a stage 3
+#: cut at the cap can still meet a relative target at its own value, two of four samples did
+#: on a test case) would end past the cap.
+UNREACHABLE_FACTOR = 10.0
 
 #: Room left for the last stage's deterministic allowance, in multiples of stage 2's.
 BIAS_MARGIN = 2.0
@@ -713,7 +754,8 @@ def _rough_size(first: dict[str, tuple], targets: Mapping[str, tuple], n1: int,
     return need
 
 
-def _stage_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int) -> Tensor:
+def _stage_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int,
+                optimistic: bool = False) -> Tensor:
     r"""``[B]`` float64 second-stage size ``N2`` (``inf``: the tolerance cannot be reached).
 
     Per targeted quantity, with ``h(c) = hw_fn(c se_0, dof_0)`` the pilot's stochastic
@@ -726,6 +768,10 @@ def _stage_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int) 
     (at least ``|v_0| / 2``: the reported ``|value|`` is at least that large with high
     probability); the smaller ``N2`` of the two when both are given, the largest over the
     targeted quantities; at least 2 (a standard error needs two probes).
+
+    ``optimistic``: the least size that could still do (``StoppingRule.stop_unreachable``
+    gives up beyond it): ``rtol`` times ``|v_0| + 2 h(1)`` (a larger value than the pilot's
+    makes a relative target easier) and room for the pilot's own allowance only.
     """
     v0 = next(iter(pilot.values()))[0]
     need = torch.full_like(v0, 2.0)
@@ -735,11 +781,13 @@ def _stage_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int) 
         best = torch.full_like(v, math.inf)
         for tol in (
             None if atol is None else torch.full_like(v, atol),
-            None if rtol is None else rtol * torch.maximum(v.abs() - 2 * h1, v.abs() / 2),
+            None if rtol is None else rtol * (
+                v.abs() + 2 * h1 if optimistic else torch.maximum(v.abs() - 2 * h1,
+                                                                  v.abs() / 2)),
         ):
             if tol is None:
                 continue
-            room = tol - cap  # the second stage's allowance is its own
+            room = tol - (bias if optimistic else cap)  # the second stage's allowance is its own
             ok = (room > 0) & torch.isfinite(v)
             lo = torch.where(ok & (h1 > 0), room / h1.clamp_min(1e-300), torch.ones_like(v))
             lo = lo.clamp(max=1.0)  # h(lo) <= room

@@ -1,0 +1,156 @@
+"""``StoppingRule.stop_unreachable``: a sample whose planned last stage would pass
+``max_probes`` stops at the end of its stage 2 (unconverged) instead of drawing probes to the
+cap; ``estimator="auto"`` sets it, because its exact route takes over such a sample anyway.
+The samples that converge are untouched: bit for bit the same values, intervals and counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+from fsinfo_fast.engine.dense import DenseProducts
+from fsinfo_fast.estimators import StoppingRule, estimate_diag, hutchinson_trace
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _products(batch=4, d=48, m=16, seed=0):
+    """Samples of very different column spreads: some converge within the cap, some cannot."""
+    J = torch.randn(batch, m, d, generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float64)
+    for i in range(batch):
+        J[i] *= torch.linspace(0.2, 1.0, d, dtype=torch.float64) ** (2 * i)
+    return DenseProducts(J)
+
+
+def _runs(fn):
+    return fn(False), fn(True)
+
+
+def test_hopeless_samples_stop_at_stage_two_the_others_are_unchanged():
+    P = _products()
+    cap = 100
+    full, early = _runs(lambda flag: estimate_diag(P, sigma=0.1, seed=3, atol=0.05,
+                                                   max_probes=cap,
+                                                   stop_unreachable=flag).fsinfo_diag)
+    ok = full.converged
+    assert bool(ok.any()) and not bool(ok.all()), "the case needs both kinds of sample"
+    assert torch.equal(early.converged, ok)
+    for f in ("value", "stderr", "ci_halfwidth"):
+        assert torch.equal(getattr(early, f)[ok], getattr(full, f)[ok]), f
+    assert torch.equal(early.probes_per_sample[ok], full.probes_per_sample[ok])
+    bad = ~ok
+    assert (full.probes_per_sample[bad] == cap).all()
+    # stopped where stage 2 ended: well before the cap, an interval from stage 2's probes
+    assert (early.probes_per_sample[bad] < cap // 2).all()
+    assert (early.info["pilot_probes"][bad] == 4).all()  # reported from stage 2
+    assert torch.isfinite(early.ci_halfwidth[bad]).all() and (early.stderr[bad] > 0).all()
+
+
+def _trace(P, what, rtol, cap, flag):
+    if what == "trace":
+        return hutchinson_trace(P, sigma=0.1, seed=3, rtol=rtol, max_probes=cap,
+                                stop_unreachable=flag)
+    return estimate_diag(P, sigma=0.1, seed=3, dfil_rtol=rtol, max_probes=cap,
+                         stop_unreachable=flag).dfil
+
+
+@pytest.mark.parametrize("what", ["trace", "dfil_same_probes"])
+def test_relative_targets_give_up_only_where_even_an_optimistic_plan_fails(what):
+    """Skewed per-probe traces: a stage 3 cut at the cap can still meet ``rtol`` at its own
+    value (two of these samples do at rtol 0.1 within 100 probes), so the give-up is planned
+    against ``|v_2| + 2 h_2``: nothing changes there; at rtol 0.03 within 300 no sample
+    converges, and every one stops early."""
+    P = _products()
+    full, early = _runs(lambda flag: _trace(P, what, 0.1, 100, flag))
+    assert bool(full.converged.any())
+    for f in ("value", "ci_halfwidth", "converged", "probes_per_sample"):
+        assert torch.equal(getattr(early, f), getattr(full, f)), f
+    full, early = _runs(lambda flag: _trace(P, what, 0.03, 300, flag))
+    assert not bool(full.converged.any()) and not bool(early.converged.any())
+    assert (full.probes_per_sample == 300).all()
+    assert (early.probes_per_sample < 100).all() and early.num_probes < 100
+
+
+def test_a_batch_that_cannot_converge_stops_drawing_early():
+    P = _products()
+    full, early = _runs(lambda flag: estimate_diag(P, sigma=0.1, seed=3, atol=0.005,
+                                                   max_probes=200, stop_unreachable=flag))
+    assert not bool(full.fsinfo_diag.converged.any())
+    assert full.fsinfo_diag.num_probes == 200
+    assert early.fsinfo_diag.num_probes < 50  # the batch's last stage 2 end
+    assert int(P.vjp_passes) > 0
+
+
+def test_the_flag_is_a_validated_stopping_field():
+    assert StoppingRule(atol=0.1).stop_unreachable is False
+    with pytest.raises(ff.InvalidInputError, match="stop_unreachable must be a bool"):
+        StoppingRule(atol=0.1, stop_unreachable=1)
+
+
+def _wide(d=600, m=700, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Linear(d, m), nn.Tanh()).eval()
+    return enc, torch.rand(2, d, generator=g)
+
+
+def test_auto_takes_the_exact_route_without_spending_probes_to_the_cap():
+    """A tolerance no estimate meets within min(m, d) = 600 probes: ``auto`` used to draw all
+    600 before its exact route (twice the exact cost); now it stops where stage 2 plans past
+    the cap. An explicitly randomized estimate still uses every probe the cap allows."""
+    enc, x = _wide()
+    lin = ff.linearize(enc, x, seed=0)
+    r = lin.fsinfo(0.1, atol=1e-6)
+    assert r.estimator == "exact-fast"
+    assert "within 600 probes" in r.info["auto"]
+    spent = r.info["auto_randomized_passes"]
+    assert 0 < spent < 600 // 4
+    exact = lin.exact()
+    torch.testing.assert_close(r.value, exact.fsinfo(0.1, "diag").value, rtol=1e-5, atol=1e-6)
+    d = ff.linearize(enc, x, seed=0).dfil(0.1, rtol=1e-6, method="hutchinson")
+    assert d.estimator == "exact-fast"
+    spent = d.info.get("auto_randomized_passes", 0) + d.info.get("auto_prediction_passes", 0)
+    assert 0 < spent < 600 // 4
+    rr = ff.linearize(enc, x, seed=0).fsinfo(0.1, estimator="randomized", atol=1e-6,
+                                             max_probes=600)
+    assert rr.num_probes == 600 and not bool(rr.converged.any())
+
+
+def _low_rank(d=1000, m=600, r=3, seed=0):
+    """Strongly correlated columns (a rank-3 map plus a little noise): the plain estimator
+    cannot reach 0.01 nats/dim within 5000 probes, the deflated one does in a few dozen."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Linear(d, m)
+    with torch.no_grad():
+        U, V = torch.randn(m, r, generator=g), torch.randn(d, r, generator=g)
+        layer.weight.copy_(3 * U @ V.T / d**0.5 + 0.05 * torch.randn(m, d, generator=g) / d**0.5)
+    return nn.Sequential(layer, nn.Tanh()).eval(), torch.rand(1, d, generator=g)
+
+
+def test_auto_reroutes_a_wrongly_chosen_plain_route_to_the_deflated_estimator(monkeypatch):
+    """4 probes can hide a heavy tail (21 of 1160 seeded CRAFT pool4 runs chose the plain
+    route and needed 1241-1850 probes, or the exact route after the cap). Forced onto the plain
+    route, ``auto`` gives it a cap of ``_REROUTE_AT`` probes under ``stop_unreachable`` and
+    reroutes the batch to the deflated estimator when it cannot converge there."""
+    from fsinfo_fast import linearization as L
+
+    enc, x = _low_rank()
+    lin = ff.linearize(enc, x, seed=0)
+    plain = lin.fsinfo(0.1, estimator="randomized", atol=0.01, max_probes=2000)
+    assert not bool(plain.converged.any())  # the plain route is hopeless here
+    exact = lin.exact().fsinfo(0.1, "diag").value
+    monkeypatch.setattr(L.Linearization, "_diag_route",
+                        lambda self, *a, **k: ("plain", "forced by the test"))
+    lin = ff.linearize(enc, x, seed=0)
+    r = lin.fsinfo(0.1, atol=0.01)
+    assert r.estimator == "randomized" and r.info["diag_method"] == "deflated"
+    assert r.info["diag_method_why"].startswith("rerouted: forced by the test")
+    assert f"within {L._REROUTE_AT} probes" in r.info["diag_method_why"]
+    assert bool(r.converged.all()) and float(r.ci_halfwidth[0]) <= 0.01
+    assert abs(float(r.value[0] - exact[0])) <= float(r.ci_halfwidth[0])
+    p = lin.products
+    assert int(p.vjp_passes) + int(p.jvp_passes) < 200  # min(m, d) = 600 for the exact route
