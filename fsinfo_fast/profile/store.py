@@ -54,8 +54,11 @@ OUTPUTS = ("profile.json", "summary.csv", "samples.csv", "profile.png")
 #: Bump when the record or settings layout, or the way a record's numbers are computed, changes
 #: incompatibly (2: per-sample *_converged and *_is_bound flags for every metric; 3: every
 #: quantity of a (split, batch) from one Linearization, sigma* from FSInfo at sigma = 1, no
-#: shared input-side dFIL probes: a run of version 2 cannot be continued into mixed records).
-STORE_VERSION = 3
+#: shared input-side dFIL probes: a run of version 2 cannot be continued into mixed records;
+#: 4: under auto the probe cap is min(m, d), a sample that cannot converge gives up early and a
+#: plain FSInfo_diag route is rerouted to the deflated one: other routes and probes serve a
+#: record, so a version-3 run is not continued into records computed two ways).
+STORE_VERSION = 4
 
 
 def canonical_json(obj: Any) -> str:
