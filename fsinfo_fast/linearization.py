@@ -382,7 +382,8 @@ class Linearization:
         n_bad = int((~est.converged).sum())
         if not spectrum or self._oracle_fits():
             return (f"the randomized {what} did not reach the tolerance within {max_probes} "
-                    f"probes for {n_bad} sample(s)")
+                    f"probes for {n_bad} sample(s) (stopped at the cap, or as soon as that was "
+                    f"predicted)")
         warnings.warn(
             f"{what}: the tolerance was not met within {max_probes} probes for {n_bad} sample(s),"
             f" and the exact oracle does not fit in memory (m = {self.m}, d = {self.d}); "
