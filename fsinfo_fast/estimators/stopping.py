@@ -506,14 +506,20 @@ def run_rounds(
         _freeze(frozen, complete(first, 0, None), done)
         converged |= done
         probes[done] = n0
+
+    def stop_here(parts: dict[str, tuple], lo_: int, rows: Tensor, k: int) -> None:
+        """Record ``rows`` from the stage that starts at ``lo_`` (ends at ``k``), no stage 3."""
+        _freeze(frozen, complete(parts, lo_, rows), rows)
+        converged[rows] = _met_all(parts, targets)[rows]
+        probes[rows] = k
+        lo[rows] = lo_
+        done[rows] = True
+
     plan = _rough_size(first, targets, n0, rule.confidence)
     if rule.stop_unreachable:  # hopeless already by stage 1's rough size: stop here
         out = ~done & (plan > UNREACHABLE_FACTOR * rule.max_probes)
         if bool(out.any()):
-            _freeze(frozen, complete(first, 0, out), out)
-            converged[out] = _met_all(first, targets)[out]
-            probes[out] = n0
-            done |= out
+            stop_here(first, 0, out, n0)
     cap = max(n0 + 2.0, rule.max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE))
     end2 = torch.clamp(n0 + torch.clamp(PILOT_SHARE * plan, min=float(n0)), max=cap)
     in2 = ~done
@@ -533,11 +539,7 @@ def run_rounds(
             second = _parts(summarize(n0, end, want), rule.confidence)
             now = end & (_any_exact(second, targets) | last)  # exact, or no room left
             if bool(now.any()):
-                _freeze(frozen, complete(second, n0, end), now)
-                converged[now] = _met_all(second, targets)[now]
-                probes[now] = drawn
-                lo[now] = n0
-                done |= now
+                stop_here(second, n0, now, drawn)
             on = end & ~now
             if bool(on.any()):
                 n3 = _stage_size(second, targets, drawn - n0)
@@ -545,11 +547,7 @@ def run_rounds(
                     least = _stage_size(second, targets, drawn - n0, optimistic=True)
                     out = on & (drawn + least > rule.max_probes)
                     if bool(out.any()):
-                        _freeze(frozen, complete(second, n0, out), out)
-                        converged[out] = _met_all(second, targets)[out]
-                        probes[out] = drawn
-                        lo[out] = n0
-                        done |= out
+                        stop_here(second, n0, out, drawn)
                         on &= ~out
                 pilots[drawn] = second
                 lo[on], need[on] = drawn, n3[on]
