@@ -462,19 +462,8 @@ class Linearization:
                 est = self._deflated(s, floor, stop).fsinfo_diag
             else:
                 rule = dataclasses.replace(stop, min_probes=min(k0, stop.max_probes))
-                if estimator == "auto" and stop.adaptive and stop.max_probes > _REROUTE_AT:
-                    trial = dataclasses.replace(rule, max_probes=_REROUTE_AT,
-                                                stop_unreachable=True)
-                    est = self._diag(s, floor, trial).fsinfo_diag
-                    if not bool(est.converged.all()):
-                        n_bad = int((~est.converged).sum())
-                        route = "deflated"
-                        route_why = (f"rerouted: {route_why}, but it did not converge within "
-                                     f"{_REROUTE_AT} probes for {n_bad} sample(s) "
-                                     f"({est.num_probes} probes spent on it)")
-                        est = self._deflated(s, floor, stop).fsinfo_diag
-                else:
-                    est = self._diag(s, floor, rule).fsinfo_diag
+                est, route, route_why = self._plain_diag(estimator, s, floor, rule, stop,
+                                                         route_why)
             metric = "fsinfo_diag"
             extra = {"floor": floor, "diag_method": route, "diag_method_why": route_why}
         else:
@@ -599,6 +588,22 @@ class Linearization:
                                 f"(> {DEFLATE_ABOVE}) from {how}")
         return "plain", (f"the plain estimator was predicted to need {kmax:.0f} probes "
                          f"(<= {DEFLATE_ABOVE}) from {how}")
+
+    def _plain_diag(self, estimator: str, s: Tensor, floor: float, rule: StoppingRule,
+                    stop: StoppingRule, why: str) -> tuple[Estimate, str, str]:
+        """FSInfo_diag on the plain route (``rule``), and the route and why. Under ``auto`` the
+        plain estimator first runs under a cap of ``_REROUTE_AT`` probes, giving up early; a
+        batch with a sample that does not converge there takes the deflated route (``stop``)."""
+        if not (estimator == "auto" and stop.adaptive and stop.max_probes > _REROUTE_AT):
+            return self._diag(s, floor, rule).fsinfo_diag, "plain", why
+        trial = dataclasses.replace(rule, max_probes=_REROUTE_AT, stop_unreachable=True)
+        est = self._diag(s, floor, trial).fsinfo_diag
+        if bool(est.converged.all()):
+            return est, "plain", why
+        n_bad = int((~est.converged).sum())
+        why = (f"rerouted: {why}, but it did not converge within {_REROUTE_AT} probes for "
+               f"{n_bad} sample(s) ({est.num_probes} probes spent on it)")
+        return self._deflated(s, floor, stop).fsinfo_diag, "deflated", why
 
     def _deflated_state(self) -> DeflatedProbeState:
         """The deflated estimator's products on this batch, shared by every deflated request

@@ -594,8 +594,9 @@ class _Except:
 PILOT_SHARE = 0.25
 
 #: ``StoppingRule.stop_unreachable``: a sample whose stage 1 plans more than this many times
-#: ``max_probes`` stops there (a true need within the cap shows such a plan from 4 Gaussian
-#: probes with probability about 1e-6; a wrong call costs only the caller's exact route).
+#: ``max_probes`` stops there (with normally distributed per-probe values a true need within
+#: the cap shows such a plan from 4 probes with probability about 1e-6; skewed values make it
+#: likelier, and a wrong call costs only the caller's exact route, never accuracy).
 #: Otherwise it stops at the end of stage 2 if even an optimistic stage 3 (planned against
 #: ``|v_2| + 2 h_2`` for a relative target, not the conservative ``|v_2| - 2 h_2``: a stage 3
 #: cut at the cap can still meet a relative target at its own value, two of four samples did
