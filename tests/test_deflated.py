@@ -137,11 +137,14 @@ def test_batch_independent():
 
 
 def test_offset_zero_is_the_plain_summary():
-    """The summary with a zero offset is the plain one (floor > 0: the same terms)."""
+    """The summary with a zero offset is the plain one (floor > 0: the same terms; the plain
+    summary's near-floor skew allowance is the deflated estimator's own log-scale interval
+    there, not the offset summary's)."""
     J = _floor_jacobian(2)
     st = DiagProbeState.for_products(DenseProducts(J), seed=1)
     st.extend(DenseProducts(J), 12)
-    a = fsinfo_diag_summary(st.stats(), SIGMA, 1e-10)
+    a = fsinfo_diag_summary(st.stats(), SIGMA, 1e-10, skew_allowance=False)
+    assert (fsinfo_diag_summary(st.stats(), SIGMA, 1e-10).stderr > a.stderr).all()
     b = fsinfo_diag_summary(st.stats(), SIGMA, 1e-10, offset=torch.zeros(2, J.shape[2]))
     assert_close_verbose(b.value, a.value, name="value")
     assert_close_verbose(b.stderr, a.stderr, name="stderr")

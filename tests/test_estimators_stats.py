@@ -301,6 +301,57 @@ def test_diag_floor_exactly_debiased(K):
     assert abs(unbiasedness_z(plug - HALF_LOG_2PIE, exact)) > 10
 
 
+# near-floor columns carried by a few output directions: (singular values, sigma); sigma = 1e5
+# puts D_k / sigma^2 at 1e-11..1e-10 (the floor's scale), 3e5 mostly below it
+NEAR_FLOOR_CORRELATED = {
+    "rank3": (torch.tensor([3.0, 2.0, 1.0]), 1e5),
+    "cond1e6": (geometric_spectrum(64, 1e6), 1e5),
+    "cond1e6_below": (geometric_spectrum(64, 1e6), 3e5),
+}
+
+
+@pytest.mark.parametrize("K", [4, 16])
+@pytest.mark.parametrize("name", list(NEAR_FLOOR_CORRELATED))
+def test_diag_floor_correlated_columns_skew_allowance(name, K, monkeypatch):
+    """Columns at the floor whose terms move together: their part of the estimate is a mean
+    of right-skewed values with few effective degrees of freedom, where the symmetric jackknife
+    t-interval undercovers (0.89-0.93 here); the skew allowance of the near-floor part
+    (``diagonal._floor_skew``) restores the band. Without it the same probes undercover (the
+    test can see the difference)."""
+    import fsinfo_fast.estimators.diagonal as diag
+
+    s, sigma = NEAR_FLOOR_CORRELATED[name]
+    J = spectral_jacobian(s, 96, 64, batch=B, seed=len(name))
+    exact = exact_fsinfo_diag(J[:1], sigma, 1e-10)
+    P = DenseProducts(J)
+    r = estimate_diag(P, sigma=sigma, num_probes=K, seed=31).fsinfo_diag
+    _check(name, r.value, r.ci_halfwidth, exact, what=f"FSInfo_diag near the floor (K={K})",
+           band=BAND)
+    monkeypatch.setattr(diag, "_floor_skew", lambda terms, *a: torch.zeros_like(terms[:, 0]))
+    old = estimate_diag(P, sigma=sigma, num_probes=K, seed=31).fsinfo_diag
+    assert torch.equal(old.value, r.value)
+    assert (old.ci_halfwidth <= r.ci_halfwidth).all()
+    if K == 4:
+        assert coverage(old.value, old.ci_halfwidth, exact) < BAND[0]
+
+
+def test_diag_skew_allowance_absent_far_from_the_floor(monkeypatch):
+    """Far above the floor (every column's ``x >= 1e8``) the allowance is not evaluated: the
+    half-widths are bit-identical with and without it."""
+    import fsinfo_fast.estimators.diagonal as diag
+
+    J = spectral_jacobian(geometric_spectrum(64, 1e6), 96, 64, batch=8, seed=3)
+    P = DenseProducts(J)
+    r = estimate_diag(P, sigma=SIGMA, num_probes=8, seed=1).fsinfo_diag
+
+    def fail(*a):
+        raise AssertionError("evaluated far from the floor")
+
+    monkeypatch.setattr(diag, "_floor_skew", fail)
+    again = estimate_diag(P, sigma=SIGMA, num_probes=8, seed=1).fsinfo_diag
+    assert torch.equal(again.ci_halfwidth, r.ci_halfwidth)
+
+
 @pytest.mark.slow
 def test_diag_floor_real_encoder_near_the_floor():
     """The issue's case: a random MobileNetV2 (inverted residual blocks, ReLU6, BatchNorm) cut

@@ -99,34 +99,27 @@ DIAG_CASES = {
     "near_floor_low_effective_rank": (geometric_spectrum(64, 1e6), 96, 64, 1e5, 0.01),
 }
 
-_FIXED_K_NEAR_FLOOR = (
-    "the diagonal estimator's own fixed-count interval undercovers here (same J, 1000 seeds: "
-    "0.904, 0.916, 0.929, 0.940 at K = 4, 8, 16, 32; unbiased): columns at the floor with "
-    "strongly correlated terms leave the jackknife few dof and no exactly known part. The "
-    "stopping rule reports a second stage of ~5 probes (coverage 0.916, bias z +0.6; the "
-    "first-look rule: 0.867, z -9.5)"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        "well_spread",
-        "near_floor",
-        pytest.param("near_floor_low_effective_rank",
-                     marks=pytest.mark.xfail(strict=True, reason=_FIXED_K_NEAR_FLOOR)),
-    ],
-)
+@pytest.mark.parametrize("name", list(DIAG_CASES))
 def test_diag_adaptive_coverage_and_bias(name):
     """FSInfo_diag from the default start (4 probes), and dFIL from the same probes recorded
-    alongside (its interval is the last stage's own)."""
+    alongside (its interval is the last stage's own).
+
+    On the low-effective-rank case at the floor the near-floor part of the estimate is a mean
+    of strongly right-skewed values (few effective degrees of freedom): the symmetric jackknife
+    interval undercovered there (fixed K = 4..32: 0.90-0.94; adaptive 0.916) until the skew
+    allowance of the near-floor part (``diagonal._floor_skew``); now 0.94-0.96 over seeds 2-5.
+    As for the skewed traces, a stage 2 that drew a rare very large value can plan past
+    ``max_probes``: that sample is flagged (1-2 in 1000)."""
     s, m, d, sigma, atol = DIAG_CASES[name]
     J = spectral_jacobian(s, m, d, batch=S, seed=len(name))
     r = estimate_diag(DenseProducts(J), sigma=sigma, seed=2, stop=StoppingRule(atol=atol))
-    _check(f"FSInfo_diag on {name}", r.fsinfo_diag, exact_fsinfo_diag(J[:1], sigma, 1e-10))
-    assert (r.fsinfo_diag.ci_halfwidth <= atol).all()
-    _check(f"dFIL alongside on {name}", r.dfil, exact_trace(J[:1], sigma))
+    converged = 0.995 if name == "near_floor_low_effective_rank" else 1.0
+    _check(f"FSInfo_diag on {name}", r.fsinfo_diag, exact_fsinfo_diag(J[:1], sigma, 1e-10),
+           converged=converged)
+    ok = r.fsinfo_diag.converged
+    assert (r.fsinfo_diag.ci_halfwidth[ok] <= atol).all()
+    _check(f"dFIL alongside on {name}", r.dfil, exact_trace(J[:1], sigma), converged=converged)
 
 
 @pytest.mark.slow

@@ -67,12 +67,14 @@ Hutchinson Rademacher, top-heavy, rtol 0.05         0.950, -0.3, 608       0.954
 Hutch++ (k = 4), cond 1e6, rtol 0.05                0.943, -2.7, 30        0.945, +1.6, 90
 Hutch++ (k = 4), top-heavy, rtol 0.05               0.938, **-4.2**, 55    0.953, -0.2, 142
 FSInfo_diag d = 64 well spread, atol 0.03           0.942, -1.0, 108 *     0.951, -0.2, 175
-FSInfo_diag at the floor (sigma 1e5), atol 0.01     **0.921**, **-4.2**,   0.951, +0.2, 63
-                                                    31 *
-... same, low effective rank, atol 0.01             **0.867**, **-9.5**,   0.916, +0.6, 30
-                                                    10 *                   (fixed-K interval:
-                                                                           0.904-0.929 at
-                                                                           K = 4-16)
+FSInfo_diag at the floor (sigma 1e5), atol 0.01     **0.921**, **-4.2**,   0.967, -0.5, 84
+                                                    31 *                   (0.951, +0.2, 63
+                                                                           before the skew
+                                                                           allowance)
+... same, low effective rank, atol 0.01             **0.867**, **-9.5**,   0.960, -0.0, 64
+                                                    10 *                   (0.916, +0.6, 30
+                                                                           before it; 2 of
+                                                                           1000 at the cap)
 dFIL (diag probes) flat d = 64, rtol 0.02           --                     0.948, +0.5, 684
 joint FSInfo_diag 0.03 + dFIL 0.05                  --                     0.966/0.961, 372
 ==================================================  =====================  =====================
