@@ -224,6 +224,10 @@ def test_adaptive_rank_and_stopping():
     assert int(ranks.min()) >= 4
     # products per sample: pilot, sketch (JVP) and exact part (VJP), remainder probes
     cost = r.info["rank_pilot_probes"] + 2 * ranks + r.probes_per_sample
+    assert r.info["products_per_sample"] == cost.tolist()  # reported per sample
+    # the batch computes the largest rank's sketch and draws until its last sample is done
+    assert r.passes == (r.info["rank_pilot_probes"] + 2 * int(ranks.max())
+                        + int(r.probes_per_sample.max())) >= int(cost.max())
     plain = estimate_diag(DenseProducts(J[:20]), sigma=SIGMA, atol=0.01, seed=14,
                           max_probes=400).fsinfo_diag
     assert not bool(plain.converged.any())  # the plain estimator needs > 400 probes here

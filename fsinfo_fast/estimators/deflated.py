@@ -520,6 +520,10 @@ def estimate_diag_deflated(
         **rule: the keywords of :class:`~.stopping.StopKeywords` (``num_probes``,
             ``atol``, ``rtol``, ``max_probes``, ...): the
             same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
+            ``num_probes`` and ``max_probes`` count the remainder probes (``probes_per_sample``);
+            the rank pilot and the sketch (``2 (1 + power) r`` products) come on top, each
+            sample's total in ``info["products_per_sample"]`` (with ``stop_unreachable`` the
+            rank choice keeps the projected total within ``max_probes``).
         jackknife_groups, exact_diagonal: see :func:`~.diagonal.fsinfo_diag_summary`.
         sketch: a :class:`DeflationSketch` of these products (same ``seed``, ``sample_ids`` and
             ``power``) from an earlier call, grown further where needed and used as the
@@ -675,6 +679,10 @@ def estimate_diag_deflated(
         "sketch_passes": sketch.passes - reused,
         "sketch_reused_passes": reused,
         "remainder_probes": drawn,
+        # what each sample's estimate rests on, computed here or reused: the rank pilot, its
+        # sketch columns (and power steps) and its remainder probes
+        "products_per_sample": [pilot + (2 + 2 * power) * int(r) + int(k)
+                                for r, k in zip(ranks.tolist(), probes.tolist(), strict=True)],
         "reused_probes": run.reused(drawn),
         "predicted_probes": [round(float(k), 1) for k in predicted.tolist()],
         "stage_probes": [int(k) for k in stage_probes.tolist()],
