@@ -414,10 +414,9 @@ class Linearization:
         ``max_probes=None`` (the default) caps the probes per sample at ``min(m, d)`` under
         ``estimator="auto"`` (the fast exact route's products; the SLQ log det keeps its own
         smaller cap, ``min(m, d) / (2 order)``), and at :data:`DEFAULT_MAX_PROBES` for an
-        explicitly randomized estimator. On the deflated route the cap (and
-        ``probes_per_sample``) counts the remainder probes; its rank pilot and sketch products
-        come on top, each sample's total in ``info["products_per_sample"]`` (under ``auto``
-        the rank choice keeps that projected total within the cap)."""
+        explicitly randomized estimator. On the deflated route the cap counts each sample's
+        rank pilot, sketch and remainder products (``info["products_per_sample"]``;
+        ``probes_per_sample`` counts the remainder probes)."""
         _check_choice("estimator", estimator, ESTIMATORS)
         _check_choice("variant", variant, VARIANTS)
         max_probes = _cap(max_probes, self.m, self.d, estimator)

@@ -120,20 +120,42 @@ def test_matches_dense_reference_on_the_same_probes(floor):
     assert_close_verbose(sk.exact_part(torch.full((3,), 4)), E, name="E")
 
 
-def test_batch_independent():
+@pytest.mark.parametrize("max_probes", [1000, 80])
+def test_batch_independent(max_probes):
     """A sample's estimate (rank, probes, value) is the same alone or in a batch whose other
-    samples choose other ranks."""
+    samples choose other ranks, also where the cap binds (each sample's own cap on the
+    remainder is what the cap leaves after its own pilot and sketch)."""
     J = torch.cat([_low_rank_plus_noise(1), spectral_jacobian(geometric_spectrum(32, 3.0), 48,
                                                                32), _floor_jacobian(1, 48, 32)])
-    kw = dict(sigma=SIGMA, rank="auto", atol=0.01, start_rank=4, seed=2)
+    kw = dict(sigma=SIGMA, rank="auto", atol=0.01 if max_probes > 100 else 1e-4, start_rank=4,
+              seed=2, max_probes=max_probes)
     both = estimate_diag_deflated(DenseProducts(J), **kw).fsinfo_diag
+    assert max(both.info["products_per_sample"]) <= max_probes
     for i in range(3):
         one = estimate_diag_deflated(DenseProducts(J[i : i + 1]), sample_ids=torch.tensor([i]),
                                      **kw).fsinfo_diag
         assert one.info["rank"][0] == both.info["rank"][i]
         assert int(one.probes_per_sample[0]) == int(both.probes_per_sample[i])
+        assert one.info["products_per_sample"][0] == both.info["products_per_sample"][i]
         assert_close_verbose(one.value, both.value[i : i + 1], name=f"sample {i}")
         assert_close_verbose(one.ci_halfwidth, both.ci_halfwidth[i : i + 1], name="hw")
+    if max_probes == 80:
+        assert not bool(both.converged.any())  # atol 1e-4 is out of reach within 80
+    else:
+        assert len(set(both.info["rank"])) > 1  # the samples chose different ranks
+
+
+def test_cap_counts_pilot_and_sketch():
+    """max_probes caps each sample's products (pilot, sketch, remainder); a fixed rank that
+    leaves no room for the remainder is refused."""
+    J = _low_rank_plus_noise(4, m=40, d=32)
+    for cap in (20, 33, 60, 200):
+        r = estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, rank="auto", atol=1e-4,
+                                   start_rank=4, seed=1, max_probes=cap).fsinfo_diag
+        assert max(r.info["products_per_sample"]) <= cap, (cap, r.info["products_per_sample"])
+        assert not bool(r.converged.any())
+    with pytest.raises(InvalidInputError, match="no room"):
+        estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, rank=10, atol=0.01, max_probes=22)
 
 
 def test_offset_zero_is_the_plain_summary():
@@ -357,8 +379,12 @@ def test_linearization_routes():
     with pytest.raises(InvalidInputError, match="deflated"):
         lin.fsinfo(SIGMA, variant="logdet", estimator="deflated")
     # dFIL from the same machinery (Hutch++ split): covers the exact trace
-    d = lin.dfil(SIGMA, method="deflated", rtol=0.01)
+    d = lin.dfil(SIGMA, estimator="deflated", rtol=0.01)
     tr = exact_trace(J.expand(2, -1, -1), SIGMA)
+    # under auto its cap is the exact route's min(m, d) products, pilot and sketch included
+    a = lin.dfil(SIGMA, method="deflated", rtol=0.01)
+    n = min(J.shape)
+    assert a.estimator == "exact-fast" or max(a.info["products_per_sample"]) <= n
     assert d.info["method"].startswith("deflated") and bool(((d.value - tr).abs()
                                                             <= d.ci_halfwidth).all())
     assert bool((d.ci_halfwidth <= 0.01 * d.value).all())

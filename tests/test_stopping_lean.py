@@ -148,8 +148,8 @@ def test_shared_state_replay_bit_identical(monkeypatch):
 
 @pytest.mark.parametrize("kw", [dict(atol=0.05), dict(dfil_rtol=0.1),
                                 dict(atol=0.05, dfil_rtol=0.1), dict(num_probes=8),
-                                dict(atol=1e-4, max_probes=6), dict(dfil_rtol=1e-4, max_probes=6),
-                                dict(atol=1e-4, max_probes=12)])
+                                dict(atol=1e-4, max_probes=12), dict(dfil_rtol=1e-4, max_probes=12),
+                                dict(atol=1e-4, max_probes=18)])
 @pytest.mark.parametrize("zero_col", [None, 2])
 def test_deflated_bit_identical(monkeypatch, kw, zero_col):
     P = DenseProducts(_jac(d=32, m=12, zero_col=zero_col))

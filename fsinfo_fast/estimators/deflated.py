@@ -520,10 +520,11 @@ def estimate_diag_deflated(
         **rule: the keywords of :class:`~.stopping.StopKeywords` (``num_probes``,
             ``atol``, ``rtol``, ``max_probes``, ...): the
             same as ``stop=StoppingRule(...)`` with these fields (not together with ``stop``).
-            ``num_probes`` and ``max_probes`` count the remainder probes (``probes_per_sample``);
-            the rank pilot and the sketch (``2 (1 + power) r`` products) come on top, each
-            sample's total in ``info["products_per_sample"]`` (with ``stop_unreachable`` the
-            rank choice keeps the projected total within ``max_probes``).
+            ``num_probes`` counts the remainder probes (``probes_per_sample``); ``max_probes``
+            caps each sample's products: the rank pilot, the sketch (``2 (1 + power) r``
+            products) and the remainder probes (``info["products_per_sample"]``; the
+            rank chosen leaves room for three stages of remainder probes; a fixed rank must
+            leave room for ``min_probes``).
         jackknife_groups, exact_diagonal: see :func:`~.diagonal.fsinfo_diag_summary`.
         sketch: a :class:`DeflationSketch` of these products (same ``seed``, ``sample_ids`` and
             ``power``) from an earlier call, grown further where needed and used as the
@@ -596,6 +597,7 @@ def estimate_diag_deflated(
     if sketch.power != power or sketch.Q.shape[:2] != (products.batch, products.m):
         raise InvalidInputError("sketch must come from these products with the same power")
     seed_i, ids = state.seed, state.sample_ids
+    per_col = 2 + 2 * power  # products per sketch column
     sigma_t = sigma_for(products, sigma)
     floor = float(floor)
     b, d, dev = products.batch, products.d, products.device
@@ -608,11 +610,22 @@ def estimate_diag_deflated(
         plan = _Pilot(U, G, sigma_t, floor, fs_atol, fs_rtol,
                       targets.get("dfil", (None, None))[1], jackknife_groups)
         pilot = pilot_probes
-        ranks, predicted = _choose_rank(
-            products, sketch, plan, seed_i, ids, min(start_rank, max_rank), max_rank,
-            rule.min_probes, budget=rule.max_probes if rule.stop_unreachable else None,
-        )
+        # the sketch may take what the cap leaves after the pilot and room for three stages
+        fit = min(max_rank, (rule.max_probes - pilot - 3 * rule.min_probes) // per_col)
+        if fit >= 1:
+            ranks, predicted = _choose_rank(
+                products, sketch, plan, seed_i, ids, min(start_rank, fit), fit,
+                rule.min_probes, budget=rule.max_probes if rule.stop_unreachable else None,
+            )
+        else:
+            ranks = torch.zeros(b, dtype=torch.int64, device=dev)
+            predicted = plan.predict(sketch, ranks)
     else:
+        if rule.adaptive and per_col * rank + rule.min_probes > rule.max_probes:
+            raise InvalidInputError(
+                f"max_probes ({rule.max_probes}) leaves no room for remainder probes after a "
+                f"sketch of rank {rank} ({per_col * rank} products)"
+            )
         if rank > sketch.rank:
             sketch.grow(products, rank - sketch.rank, seed_i, ids)
         ranks = torch.full((b,), rank, dtype=torch.int64, device=dev)
@@ -661,9 +674,11 @@ def estimate_diag_deflated(
             out["dfil"] = (tr, full(se * scale), st.k - 1, torch.zeros_like(tr), dfil_hw)
         return out
 
+    # each sample's cap counts its pilot and sketch products too
+    caps = (rule.max_probes - pilot - per_col * ranks).clamp_min(0) if rule.adaptive else None
     frozen, converged, probes, drawn, stage_probes = run_rounds(
         rule, batch=b, device=dev, process=run.process, summarize=summarize, targets=targets,
-        mark=run.mark,
+        mark=run.mark, caps=caps,
     )
     passes = pilot_new + sketch.passes - reused + run.computed
     info = {
@@ -681,7 +696,7 @@ def estimate_diag_deflated(
         "remainder_probes": drawn,
         # what each sample's estimate rests on, computed here or reused: the rank pilot, its
         # sketch columns (and power steps) and its remainder probes
-        "products_per_sample": [pilot + (2 + 2 * power) * int(r) + int(k)
+        "products_per_sample": [pilot + per_col * int(r) + int(k)
                                 for r, k in zip(ranks.tolist(), probes.tolist(), strict=True)],
         "reused_probes": run.reused(drawn),
         "predicted_probes": [round(float(k), 1) for k in predicted.tolist()],

@@ -440,6 +440,7 @@ def run_rounds(
     summarize: Callable[[int, Tensor | None, Container[str] | None], Summary],
     targets: Mapping[str, tuple[float | None, float | None]],
     mark: Callable[[Tensor], None] | None = None,
+    caps: Tensor | None = None,
 ) -> tuple[dict[str, Frozen], Tensor, Tensor, int, Tensor]:
     r"""Drive the rounds of an estimator: three stages per sample, each sized by the one before.
 
@@ -465,6 +466,11 @@ def run_rounds(
         mark: ``mark(rows)`` (``[B]`` bool) is called at the round boundary where the next
             stage of ``rows`` starts, before more probes are processed (an estimator that keeps
             running sums records them there, to take that stage's statistics from).
+        caps: ``[B]`` per-sample caps on the probes, each at most ``rule.max_probes`` (an
+            estimator whose samples spent other products first, e.g. a deflation sketch of a
+            per-sample rank; ``None``: ``rule.max_probes`` for every sample). A sample's last
+            stage ends at the last round boundary within its cap (the schedule is the rule's,
+            so a sample's result depends on its own cap only); adaptive rules only.
 
     Returns:
         ``(frozen, converged, probes_per_sample, probes_drawn, pilot)``: the recorded
@@ -491,6 +497,18 @@ def run_rounds(
     # targeted, or with the test hook _SUMMARIZE_ALL); the others are summarised where a
     # sample is recorded from them after all (an exact value, or no room left)
     want = tuple(targets) if targets and not _SUMMARIZE_ALL else None
+    # per-sample caps: the last round boundary within each (the schedule's end without caps)
+    ends = torch.tensor([st + c for st, c, _ in sched], dtype=torch.int64, device=device)
+    if caps is None:
+        cap_f = torch.full((batch,), float(rule.max_probes), dtype=torch.float64, device=device)
+        last_at = torch.full((batch,), int(ends[-1]), dtype=torch.int64, device=device)
+    else:
+        caps = torch.as_tensor(caps, dtype=torch.int64, device=device).reshape(batch)
+        if bool((caps > rule.max_probes).any()):
+            raise InvalidInputError(f"caps must be <= max_probes ({rule.max_probes})")
+        cap_f = caps.to(torch.float64)
+        within = ends.unsqueeze(0) <= caps.unsqueeze(1)
+        last_at = torch.where(within, ends.unsqueeze(0), ends[:1].unsqueeze(0)).amax(dim=1)
 
     def complete(parts: dict[str, tuple], lo_: int, rows_: Tensor | None) -> dict[str, tuple]:
         if want is None:
@@ -519,27 +537,31 @@ def run_rounds(
 
     plan = _rough_size(first, targets, n0, rule.confidence)
     if rule.stop_unreachable:  # hopeless already by stage 1's rough size: stop here
-        out = ~done & (plan > UNREACHABLE_FACTOR * rule.max_probes)
+        out = ~done & (plan > UNREACHABLE_FACTOR * cap_f)
         if bool(out.any()):
             stop_here(first, 0, out, n0)
-    cap = max(n0 + 2.0, rule.max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE))
-    end2 = torch.clamp(n0 + torch.clamp(PILOT_SHARE * plan, min=float(n0)), max=cap)
+    out = ~done & (last_at <= n0)  # a cap within stage 1: no room for more
+    if bool(out.any()):
+        stop_here(first, 0, out, n0)
+    cap = torch.clamp(cap_f * (PILOT_SHARE / (1.0 + PILOT_SHARE)), min=n0 + 2.0)
+    end2 = torch.minimum(n0 + torch.clamp(PILOT_SHARE * plan, min=float(n0)), cap)
     in2 = ~done
     if mark is not None:
         mark(in2)
     need = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
     pilots: dict[int, dict[str, tuple]] = {}  # end of stage 2 -> stage 2's summaries
     drawn = n0
-    for start, count, last in sched[1:]:
+    for start, count, _ in sched[1:]:
         if bool(done.all()):
             break
         process(start, count)
         drawn = start + count
+        at_cap = drawn >= last_at  # the last boundary within the sample's cap
         # stage 2 (probes n0..k2-1) sizes stage 3 and gives its interval's spread
-        end = in2 & ((drawn >= end2) | last)
+        end = in2 & ((drawn >= end2) | at_cap)
         if bool(end.any()):
             second = _parts(summarize(n0, end, want), rule.confidence)
-            now = end & (_any_exact(second, targets) | last)  # exact, or no room left
+            now = end & (_any_exact(second, targets) | at_cap)  # exact, or no room left
             if bool(now.any()):
                 stop_here(second, n0, now, drawn)
             on = end & ~now
@@ -547,7 +569,7 @@ def run_rounds(
                 n3 = _stage_size(second, targets, drawn - n0)
                 if rule.stop_unreachable:  # even an optimistic stage 3 passes the cap: stop
                     least = _stage_size(second, targets, drawn - n0, optimistic=True)
-                    out = on & (drawn + least > rule.max_probes)
+                    out = on & (drawn + least > cap_f)
                     if bool(out.any()):
                         stop_here(second, n0, out, drawn)
                         on &= ~out
@@ -557,7 +579,7 @@ def run_rounds(
                     mark(on)
             in2 &= ~end
         # stage 3 (probes k2..k-1): the estimate
-        newly = ~done & ~in2 & (lo > n0) & ((drawn - lo >= need) | last)
+        newly = ~done & ~in2 & (lo > n0) & ((drawn - lo >= need) | at_cap)
         for k2 in torch.unique(lo[newly]).tolist():
             rows = newly & (lo == k2)
             rep = _stein(_parts(summarize(k2, rows, None), rule.confidence), pilots[k2], targets,
