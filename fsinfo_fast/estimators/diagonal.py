@@ -799,11 +799,10 @@ def _floor_skew(terms: Tensor, t_minus: Tensor, near: Tensor, ng: Tensor, K: flo
     e = (torch.einsum("bd,bd->b", terms, w) - log_floor * n_near) / (2 * d)
     e_minus = (torch.einsum("bgd,bd->bg", t_minus, w)
                - log_floor * n_near.unsqueeze(1)) / (2 * d)
+    se_e = _jackknife_parts(e, e_minus, ng, K).clamp_min(0).sqrt()
     q = t_quantile(dof, confidence)
-    lin = q * _jackknife_parts(e, e_minus, ng, K).clamp_min(0).sqrt()
-    pos = e > 0
-    safe = torch.where(pos, e, torch.ones_like(e))
-    extra = torch.where(pos, safe * torch.expm1(lin / safe) - lin, torch.zeros_like(e))
+    # the log-scale half-width's excess over the symmetric one (0 where E <= 0 or s_E = 0)
+    extra = log_t_halfwidth(e, se_e, dof, confidence) - q * se_e
     return extra.clamp_min(0) / q
 
 
