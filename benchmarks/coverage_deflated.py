@@ -30,6 +30,9 @@ every ``--save-every`` runs so a cut-off run keeps what it did::
     python benchmarks/coverage_deflated.py --splits pool4 \
         --merge-from benchmarks/results/coverage_deflated_part2
     python benchmarks/coverage_deflated.py --combine   # benchmarks/results/coverage_deflated.md
+    # runs stored before a change of auto's routing, rerun with the current code by index:
+    nice -n 10 python benchmarks/coverage_deflated.py --splits pool4 conv5_2 \
+        --rerun-routes plain exact-fast
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import json
 import shlex
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -356,8 +359,8 @@ def combine(directory: Path = OUT, md_path: Path = RESULTS / "coverage_deflated.
     return text
 
 
-def run_split(split: str, indices: range, *, out: Path, sigma: float = 0.1, atol: float = 0.01,
-              save_every: int = 10, command: str | None = None,
+def run_split(split: str, indices: Sequence[int], *, out: Path, sigma: float = 0.1,
+              atol: float = 0.01, save_every: int = 10, command: str | None = None,
               encoder: Callable[[str], nn.Module] = craft_encoder,
               x: torch.Tensor | None = None, verbose: bool = True,
               estimator: str = "auto") -> dict[str, Any]:
@@ -424,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--combine", action="store_true", help="only rewrite the markdown table")
+    p.add_argument("--rerun-routes", nargs="+", default=None, metavar="ROUTE",
+                   help="rerun the stored runs whose FSInfo_diag took one of these routes "
+                        "(e.g. plain exact-fast: runs stored before a change of auto's "
+                        "routing) and replace them by index")
     p.add_argument("--merge-from", type=Path, default=None,
                    help="merge this directory's split results (another part) into --out, then "
                         "rewrite the table")
@@ -436,8 +443,15 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.combine:
         cmd = _relative_command([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
         for split in args.splits:
-            run_split(split, range(args.start, args.start + args.seeds), out=args.out,
-                      save_every=args.save_every, command=cmd)
+            indices: Sequence[int] = range(args.start, args.start + args.seeds)
+            if args.rerun_routes is not None:
+                stored = json.loads((args.out / f"{split}.json").read_text())["runs"]
+                indices = [r["run"] for r in stored if r["fs_route"] in args.rerun_routes]
+                print(f"{split}: rerunning {len(indices)} stored runs (routes "
+                      f"{args.rerun_routes})", flush=True)
+                if not indices:
+                    continue
+            run_split(split, indices, out=args.out, save_every=args.save_every, command=cmd)
     print(combine(args.out, args.out.parent / f"{args.out.name}.md"), flush=True)
     return 0
 

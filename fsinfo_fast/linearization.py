@@ -183,7 +183,9 @@ def _stopping(atol, rtol, num_probes, max_probes, cap: int | None,
     start and rounds are each estimator's defaults); ``cap`` bounds the probes under
     ``auto``; ``fallback``: an exact route takes over an unconverged sample (``auto``), so a
     sample whose planned last stage would pass the cap stops at once
-    (``StoppingRule.stop_unreachable``) instead of drawing probes to the cap first."""
+    (``StoppingRule.stop_unreachable``) instead of drawing probes to the cap first, and the
+    batch's other samples stop with it (``StoppingRule.stop_batch``: the exact route replaces
+    the whole batch)."""
     if num_probes is None and atol is None and rtol is None:
         raise InvalidInputError(
             "the randomized estimator needs atol, rtol or num_probes (all were None)"
@@ -192,7 +194,7 @@ def _stopping(atol, rtol, num_probes, max_probes, cap: int | None,
     if num_probes is not None:
         mp = max(num_probes, mp)
     return StoppingRule(num_probes=num_probes, atol=atol, rtol=rtol, max_probes=mp,
-                        stop_unreachable=fallback)
+                        stop_unreachable=fallback, stop_batch=fallback)
 
 
 def _fixed(k: int) -> StoppingRule:
@@ -598,7 +600,8 @@ class Linearization:
         batch with a sample that does not converge there takes the deflated route (``stop``)."""
         if not (estimator == "auto" and stop.adaptive and stop.max_probes > _REROUTE_AT):
             return self._diag(s, floor, rule).fsinfo_diag, "plain", why
-        trial = dataclasses.replace(rule, max_probes=_REROUTE_AT, stop_unreachable=True)
+        trial = dataclasses.replace(rule, max_probes=_REROUTE_AT, stop_unreachable=True,
+                                    stop_batch=True)
         est = self._diag(s, floor, trial).fsinfo_diag
         if bool(est.converged.all()):
             return est, "plain", why

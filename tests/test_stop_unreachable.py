@@ -86,8 +86,62 @@ def test_a_batch_that_cannot_converge_stops_drawing_early():
 
 def test_the_flag_is_a_validated_stopping_field():
     assert StoppingRule(atol=0.1).stop_unreachable is False
+    assert StoppingRule(atol=0.1).stop_batch is False
     with pytest.raises(ff.InvalidInputError, match="stop_unreachable must be a bool"):
         StoppingRule(atol=0.1, stop_unreachable=1)
+    with pytest.raises(ff.InvalidInputError, match="stop_batch must be a bool"):
+        StoppingRule(atol=0.1, stop_batch="yes")
+
+
+def _batch_runs(fn):
+    """``fn(stop_batch)`` under ``stop_unreachable``, without and with the batch stop, and the
+    products each spent."""
+    out = []
+    for flag in (False, True):
+        P = _products()
+        out.append((fn(P, flag), int(P.vjp_passes) + int(P.jvp_passes)))
+    return out
+
+
+@pytest.mark.parametrize("what", ["fsinfo_diag", "trace"])
+def test_stop_batch_stops_every_sample_with_the_first_unconverged_one(what):
+    """``StoppingRule.stop_batch``: once a sample is recorded unconverged, the others stop
+    before the next round (``auto`` replaces the whole batch then, so their rounds would be
+    drawn for nothing): reported from every probe so far, ``converged=False``. The sample that
+    gave up first is untouched."""
+    def run(P, flag):
+        if what == "trace":
+            return hutchinson_trace(P, sigma=0.1, seed=3, rtol=0.07, max_probes=100,
+                                    stop_unreachable=True, stop_batch=flag)
+        return estimate_diag(P, sigma=0.1, seed=3, atol=0.05, max_probes=100,
+                             stop_unreachable=True, stop_batch=flag).fsinfo_diag
+
+    (alone, spent_alone), (batch, spent_batch) = _batch_runs(run)
+    bad = ~alone.converged
+    assert bool(bad.any())
+    first = int(alone.probes_per_sample[bad].min())
+    assert int(alone.probes_per_sample.max()) > first, "the case needs a later sample"
+    assert not bool(batch.converged.any())
+    assert (batch.probes_per_sample == first).all() and batch.num_probes == first
+    assert spent_batch < spent_alone
+    i = int(torch.nonzero(bad & (alone.probes_per_sample == first))[0])
+    for f in ("value", "stderr", "ci_halfwidth"):
+        assert torch.equal(getattr(batch, f)[i], getattr(alone, f)[i]), f
+    # the others: the plain mean of every probe drawn for them
+    assert torch.isfinite(batch.value).all() and (batch.stderr > 0).all()
+
+
+def test_stop_batch_changes_nothing_where_every_sample_converges():
+    def run(P, flag):
+        return estimate_diag(P, sigma=0.1, seed=3, atol=0.3, max_probes=100,
+                             stop_unreachable=True, stop_batch=flag).fsinfo_diag
+
+    (alone, spent_alone), (batch, spent_batch) = _batch_runs(run)
+    assert bool(alone.converged.all()) and int(alone.probes_per_sample.min()) < 100
+    assert len(set(alone.probes_per_sample.tolist())) > 1  # samples stop at different counts
+    for f in ("value", "stderr", "ci_halfwidth", "converged", "probes_per_sample"):
+        assert torch.equal(getattr(batch, f), getattr(alone, f)), f
+    assert spent_batch == spent_alone
 
 
 def _wide(d=600, m=700, seed=0):
@@ -154,3 +208,31 @@ def test_auto_reroutes_a_wrongly_chosen_plain_route_to_the_deflated_estimator(mo
     assert abs(float(r.value[0] - exact[0])) <= float(r.ci_halfwidth[0])
     p = lin.products
     assert int(p.vjp_passes) + int(p.jvp_passes) < 200  # min(m, d) = 600 for the exact route
+
+
+def test_auto_stops_the_whole_batch_with_its_first_hopeless_sample():
+    """Under ``auto`` a batch with an unconverged sample takes the exact route as a whole, so
+    it stops drawing (sketch and remainder) with the first sample that gives up, instead of
+    growing the shared sketch for its most expensive sample (here the deflated route: alone,
+    one sample gives up at rank 183 and runs 48 remainder probes before giving up again, the
+    other grows its sketch to rank 290 first). In a batch, a sample given up at the rank
+    choice stops every sample after the remainder's stage 1."""
+    enc, x = _wide()
+    spent, exact = [], []
+    for ids in ([0], [1], [0, 1]):
+        lin = ff.linearize(enc, x[ids], sample_ids=torch.tensor(ids), seed=0)
+        r = lin.fsinfo(0.1, atol=0.001)
+        assert r.estimator == "exact-fast"
+        spent.append(r.info["auto_randomized_passes"])
+        exact.append(r.value)
+    assert spent[2] <= min(spent[:2]) and spent[2] < max(spent[:2])
+    torch.testing.assert_close(exact[2], torch.cat(exact[:2]), rtol=1e-7, atol=1e-8)
+    lin = ff.linearize(enc, x, seed=0)
+    runs = [ff.estimators.estimate_diag_deflated(
+        lin.products, sigma=0.1, atol=0.001, max_probes=600, stop_unreachable=True,
+        stop_batch=flag).fsinfo_diag for flag in (False, True)]
+    assert not any(bool(f.converged.any()) for f in runs)
+    without, batch = (f.info for f in runs)
+    assert any(batch["gave_up_at_rank_choice"])
+    assert batch["remainder_probes"] == 4  # stage 1 only
+    assert max(without["products_per_sample"]) > max(batch["products_per_sample"])

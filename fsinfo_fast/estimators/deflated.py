@@ -604,6 +604,7 @@ def estimate_diag_deflated(
     reused = sketch.passes
     pilot = pilot_new = 0
     predicted = torch.zeros(b, dtype=torch.float64, device=dev)
+    gave_up = torch.zeros(b, dtype=torch.bool, device=dev)
     if auto:
         U, G, pilot_new = state.pilot(products, pilot_probes)
         fs_atol, fs_rtol = targets.get("fsinfo_diag", (None, None))
@@ -613,9 +614,10 @@ def estimate_diag_deflated(
         # the sketch may take what the cap leaves after the pilot and room for three stages
         fit = min(max_rank, (rule.max_probes - pilot - 3 * rule.min_probes) // per_col)
         if fit >= 1:
-            ranks, predicted = _choose_rank(
+            ranks, predicted, gave_up = _choose_rank(
                 products, sketch, plan, seed_i, ids, min(start_rank, fit), fit,
                 rule.min_probes, budget=rule.max_probes if rule.stop_unreachable else None,
+                stop_batch=rule.stop_batch,
             )
         else:
             ranks = torch.zeros(b, dtype=torch.int64, device=dev)
@@ -676,10 +678,18 @@ def estimate_diag_deflated(
 
     # each sample's cap counts its pilot and sketch products too
     caps = (rule.max_probes - pilot - per_col * ranks).clamp_min(0) if rule.adaptive else None
+    # stop_batch: a sample given up at the rank choice sends the whole batch to the caller's
+    # other route, so every sample stops after its remainder's stage 1, unconverged (one
+    # sample alone goes on under stop_unreachable's own checks, as before)
+    forced = rule.stop_batch and b > 1 and bool(gave_up.any())
+    if forced and caps is not None:
+        caps = torch.zeros_like(caps)
     frozen, converged, probes, drawn, stage_probes = run_rounds(
         rule, batch=b, device=dev, process=run.process, summarize=summarize, targets=targets,
         mark=run.mark, caps=caps,
     )
+    if forced:
+        converged = torch.zeros_like(converged)
     passes = pilot_new + sketch.passes - reused + run.computed
     info = {
         "seed": seed_i,
@@ -701,6 +711,7 @@ def estimate_diag_deflated(
         "reused_probes": run.reused(drawn),
         "predicted_probes": [round(float(k), 1) for k in predicted.tolist()],
         "stage_probes": [int(k) for k in stage_probes.tolist()],
+        "gave_up_at_rank_choice": [bool(g) for g in gave_up.tolist()],
     }
     fs, df = frozen["fsinfo_diag"], frozen["dfil"]
     common = dict(converged=converged, probes=probes, drawn=drawn, pilot=stage_probes,
@@ -741,21 +752,25 @@ def _choose_rank(
     max_rank: int,
     min_probes: int,
     budget: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Grow ``sketch`` by half while the pilot predicts a saving; per-sample ranks and the
-    remainder probes predicted at those ranks.
+    stop_batch: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Grow ``sketch`` by half while the pilot predicts a saving; per-sample ranks, the
+    remainder probes predicted at those ranks and which samples gave up (``[B]`` bool).
 
     ``budget`` (``StoppingRule.stop_unreachable``: the products of the caller's exact route):
     a sample stops growing once even an optimistic projection (the steepest decay ``K ~
     r^-_P_MAX``, no stopping overhead) of the products still to spend, ``per_col (r' - r) +
-    K(r) (r / r')^p`` at its best ``r' <= max_rank``, exceeds it; its remainder then stops at
-    once under the same rule."""
+    K(r) (r / r')^p`` at its best ``r' <= max_rank``, exceeds it; its remainder then runs under
+    the same rule (which stops it at its stage 1 or 2 where its own probes plan past the cap).
+    ``stop_batch`` (``StoppingRule.stop_batch``): the whole batch stops growing then, and the
+    caller stops every sample after the remainder's stage 1 (the batch is replaced anyway)."""
     b, dev = products.batch, products.device
     zero = torch.zeros(b, dtype=torch.int64, device=dev)
     k_prev = pilot.predict(sketch, zero)
     ranks = zero.clone()
     k_at = k_prev.clone()
     growing = torch.ones(b, dtype=torch.bool, device=dev)
+    gave_up = torch.zeros(b, dtype=torch.bool, device=dev)
     per_col = 2 + 2 * sketch.power
     r_prev, r = 0, start_rank
     while bool(growing.any()) and r <= max_rank:
@@ -775,11 +790,15 @@ def _choose_rank(
         r_next = min(math.ceil(RANK_GROWTH * r), max_rank)
         growing = growing & (p * k_now / r > per_col) & (k_now > min_probes) & (r_next > r)
         if budget is not None:
-            growing &= _future_cost(k_now, r, max_rank, per_col) <= budget
+            hopeless = growing & (_future_cost(k_now, r, max_rank, per_col) > budget)
+            gave_up |= hopeless
+            growing &= ~hopeless
+            if stop_batch and bool(hopeless.any()):
+                break
         k_prev, r_prev, r = k_now, r, r_next
         if r == r_prev:
             break
-    return ranks, k_at
+    return ranks, k_at, gave_up
 
 
 def _future_cost(k: Tensor, r: int, max_rank: int, per_col: int) -> Tensor:

@@ -189,6 +189,16 @@ class StoppingRule:
             sample (or reroutes a plain diagonal estimate to the deflated one), so the probes
             to the cap would be spent for nothing. Default ``False`` (an explicitly randomized
             estimate uses every probe the cap allows).
+        stop_batch: once any sample of the batch is recorded unconverged (at its cap, or
+            given up under ``stop_unreachable``), stop the others too, before the next round:
+            they are reported from every probe drawn so far with ``converged=False``. For a
+            caller that replaces the whole batch when any sample is unconverged
+            (``estimator="auto"``'s exact route and its reroute to the deflated estimator
+            do), so the other samples' remaining rounds would be drawn for nothing. Their
+            values then depend on the batch; a sample's result still does not wherever every
+            sample converges. On the deflated estimator, a sample given up at the rank choice
+            (more than one sample) stops the batch's sketch there and every sample after the
+            remainder's stage 1. Default ``False``.
 
     One of ``num_probes``, ``atol`` or ``rtol`` must be given.
 
@@ -211,6 +221,7 @@ class StoppingRule:
     confidence: float = 0.95
     growth: float | None = None
     stop_unreachable: bool = False
+    stop_batch: bool = False
 
     def __post_init__(self) -> None:
         if self.num_probes is not None:
@@ -240,9 +251,9 @@ class StoppingRule:
             isinstance(g, bool) or not isinstance(g, (int, float)) or not (1.0 <= g <= 16.0)
         ):
             raise InvalidInputError(f"growth must be a number in [1, 16], got {g!r}")
-        if not isinstance(self.stop_unreachable, bool):
-            raise InvalidInputError(
-                f"stop_unreachable must be a bool, got {self.stop_unreachable!r}")
+        for name in ("stop_unreachable", "stop_batch"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.num_probes is None and self.atol is None and self.rtol is None:
             raise InvalidInputError(
                 "give num_probes (a fixed probe count) or a tolerance (atol and/or rtol) for "
@@ -324,6 +335,7 @@ class StopKeywords(TypedDict, total=False):
     confidence: float | None
     growth: float | None
     stop_unreachable: bool | None
+    stop_batch: bool | None
 
 
 #: The keyword names of :class:`StopKeywords`.
@@ -553,6 +565,12 @@ def run_rounds(
     drawn = n0
     for start, count, _ in sched[1:]:
         if bool(done.all()):
+            break
+        if rule.stop_batch and bool((done & ~converged).any()):
+            # the caller replaces the whole batch: the rest stop here, from every probe so far
+            rest = ~done
+            stop_here(_parts(summarize(0, rest, want), rule.confidence), 0, rest, drawn)
+            converged[rest] = False
             break
         process(start, count)
         drawn = start + count
