@@ -366,7 +366,9 @@ def _markdown(results: list[dict[str, Any]]) -> str:
 
 
 def combine(directory: Path = RESULTS / "coverage") -> None:
-    """Combine the per-configuration JSON files into ``coverage.json`` and ``coverage.md``."""
+    """Combine the per-configuration JSON files of ``directory`` into ``<directory>.json`` and
+    ``<directory>.md`` beside it (``results/coverage.json`` and ``coverage.md`` for the stored
+    results; a part run with ``--out`` elsewhere leaves them alone)."""
     from fsinfo_fast.bench.harness import environment
 
     results = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
@@ -376,8 +378,8 @@ def combine(directory: Path = RESULTS / "coverage") -> None:
            "note": "random-init encoders in eval mode; one natural image per encoder; timings "
                    "under load (not speed claims)",
            "results": results, "environment": environment(torch.device("cpu"), {})}
-    (RESULTS / "coverage.json").write_text(json.dumps(doc, indent=1))
-    (RESULTS / "coverage.md").write_text(_markdown(results))
+    (directory.parent / f"{directory.name}.json").write_text(json.dumps(doc, indent=1))
+    (directory.parent / f"{directory.name}.md").write_text(_markdown(results))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ probes) and the +50% rounds are the defaults.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,7 @@ def test_default_intervals_cover_at_the_probes_they_use(model, size):
     assert fresh.fsinfo_diag.probes_per_sample.tolist() == [int(k) for k in joint["k"][:5]]
 
 
-def test_a_top_up_pools_to_the_scores_of_all_runs_at_once():
+def test_a_top_up_pools_to_the_scores_of_all_runs_at_once(tmp_path):
     """``--start/--merge``: two disjoint sets of runs pooled from their summaries (the first
     stored before ``mean`` was recorded: recovered from its bias z) equal the score of all the
     runs at once; merging refuses results against another truth."""
@@ -107,3 +108,10 @@ def test_a_top_up_pools_to_the_scores_of_all_runs_at_once():
         whole["coverage"])
     with pytest.raises(ValueError, match="truth differs"):
         study.merge_results(old, {**new, "truth": {**base["truth"], "fsinfo_diag": 0.6}})
+    # a part run elsewhere (--out) combines beside its own directory, not into the results
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "c.json").write_text(json.dumps({**merged, "truth_probes": 0}))
+    study.combine(part)
+    assert json.loads((tmp_path / "part.json").read_text())["results"][0]["seeds"] == n
+    assert "| c |" in (tmp_path / "part.md").read_text()
