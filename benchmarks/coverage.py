@@ -36,6 +36,11 @@ from the stored ones; the stored truth is reused; the summaries are pooled exact
 :func:`pool_scores`)::
 
     nice -n 10 python benchmarks/coverage.py --only vit-l0@224 --start 300 --seeds 700 --merge
+
+Parallel parts write elsewhere (``--out``; the combined table goes beside that directory) and
+are pooled with :func:`merge_results`. Every chunk of runs is checkpointed in
+``<out>/parts/<config>.start<start>.partial.json``: the same command, rerun after an
+interruption, resumes after the last chunk stored.
 """
 
 from __future__ import annotations
@@ -248,16 +253,57 @@ def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _lists(rec: dict[str, Any]) -> dict[str, Any]:
+    """The per-run values of ``rec`` (nested dicts of lists of ``[n]`` tensors) as lists."""
+    return {k: _lists(v) if isinstance(v, dict) else (torch.cat(v).tolist() if v else [])
+            for k, v in rec.items()}
+
+
+def _write_checkpoint(path: Path, key: dict[str, Any], runs: int, rec: dict, rad: dict,
+                      **meta: Any) -> None:
+    """The runs done so far, rewritten atomically (:func:`run_config`'s ``checkpoint``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"key": key, "runs": runs, **meta, "rec": _lists(rec),
+                               "rad": _lists(rad)}))
+    tmp.replace(path)
+
+
+def _resume(path: Path | None, key: dict[str, Any], rec: dict, rad: dict,
+            verbose: bool) -> tuple[dict[str, Any], float]:
+    """Load a checkpoint of the same settings into ``rec`` and ``rad``: ``(its metadata, the
+    seconds it had spent)``, or ``({}, 0.0)`` where there is none (or it is of other
+    settings)."""
+    if path is None or not path.exists():
+        return {}, 0.0
+    ck = json.loads(path.read_text())
+    if ck.get("key") != key:
+        if verbose:
+            print(f"  {path} holds runs of other settings; starting afresh", flush=True)
+        return {}, 0.0
+    for dst, src in ((rad, ck["rad"]), *((rec[p], ck["rec"][p]) for p in rec)):
+        for f, vals in src.items():
+            dst[f][:] = [torch.tensor(vals, dtype=torch.float64)] if vals else []
+    if verbose:
+        print(f"  resuming after {ck['runs']} runs stored in {path}", flush=True)
+    return ck, float(ck["time_s"])
+
+
 def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
                truth_probes: int | None = None, atol: float = 0.01, rtol: float = 0.01,
                max_probes: int = 1000, rademacher: bool = True, sigma: float = 0.1,
                size: int | None = None, model: str | None = None,
                verbose: bool = True, keep_values: bool = False,
                diag: bool = True, snapshot_bytes: int = 2 << 30,
-               start: int = 0) -> dict[str, Any]:
+               start: int = 0, checkpoint: Path | None = None) -> dict[str, Any]:
     """Run one configuration (keyword arguments override :data:`CONFIGS`; ``keep_values``:
     also return every run's value, half-width and probe count per procedure; ``start``: the
-    first run index, so that a top-up draws runs disjoint from the stored ones)."""
+    first run index, so that a top-up draws runs disjoint from the stored ones).
+
+    ``checkpoint``: a JSON file rewritten (atomically) after every chunk with the runs done so
+    far; a call with the same settings resumes after them (an interrupted part loses at most
+    one chunk), one with other settings starts afresh. The caller removes it once the result
+    is stored."""
     from fsinfo_fast.data import natural_images
     from fsinfo_fast.encoder import prepare
     from fsinfo_fast.engine import make_products
@@ -280,13 +326,19 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
     procs = ("fixed K=4", "fsinfo_diag atol", "dfil(diag probes) rtol", "joint")
     rec = {p: {f: [] for f in ("v", "hw", "k", "conv", "dv", "dhw")} for p in procs}
     rad: dict[str, list] = {f: [] for f in ("v", "hw", "k", "conv")}
-    backend = None
-    for c0 in range(0, S, B):
+    backend, d, m = None, None, None
+    key = {"config": name, "model": cfg["model"], "size": cfg["size"], "start": start,
+           "seeds": S, "chunk": B, "truth": truth, "atol": atol, "rtol": rtol,
+           "max_probes": max_probes, "sigma": sigma, "rademacher": rademacher, "diag": diag}
+    done, spent = _resume(checkpoint, key, rec, rad, verbose)
+    if done:
+        backend, d, m = done["backend"], done["d"], done["m"]
+    for c0 in range(done.get("runs", 0), S, B):
         n = min(B, S - c0)
         ids = torch.arange(start + c0, start + c0 + n)
         P = make_products(prepare(enc, x.expand(n, *x.shape[1:]).contiguous(),
                                   check_interaction=1), "auto")
-        backend = getattr(P, "backend", type(P).__name__)
+        backend, d, m = getattr(P, "backend", type(P).__name__), int(P.d), int(P.m)
         requests = {
             "fsinfo_diag atol": dict(atol=atol),
             "dfil(diag probes) rtol": dict(dfil_rtol=rtol),
@@ -319,10 +371,13 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
                               (r.value, r.ci_halfwidth, r.probes_per_sample, r.converged),
                               strict=True):
                 rad[f].append(val.double())
+        if checkpoint is not None:
+            _write_checkpoint(checkpoint, key, c0 + n, rec, rad,
+                              backend=backend, d=d, m=m, time_s=spent + time.time() - t0)
         if verbose:
             print(f"  runs to {start + c0 + n - 1} ({c0 + n}/{S}): last K {kmax} "
                   f"({time.time() - t0:.0f} s)", flush=True)
-    res: dict[str, Any] = {"config": name, **cfg, "start": start, "d": int(P.d), "m": int(P.m),
+    res: dict[str, Any] = {"config": name, **cfg, "start": start, "d": d, "m": m,
                            "backend": backend, "sigma": sigma, "atol": atol, "rtol": rtol,
                            "max_probes": max_probes, "truth": truth, "procedures": {}}
     for p in procs if diag else []:
@@ -342,7 +397,7 @@ def run_config(name: str, *, seeds: int | None = None, chunk: int | None = None,
         res["procedures"]["dfil(rademacher) rtol / dFIL"] = _score(
             cat["v"], cat["hw"], cat["k"], cat["conv"] > 0, truth["dfil"], truth["dfil_se"],
             rel=True)
-    res["time_s"] = time.time() - t0
+    res["time_s"] = spent + time.time() - t0
     return res
 
 
@@ -417,10 +472,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.start < max(ends):
                     p.error(f"--merge: --start {args.start} would repeat stored runs of "
                             f"{name} (they end at {max(ends)})")
+            # the runs done so far, after every chunk (a rerun of the same command resumes)
+            ckpt = args.out / "parts" / f"{name}.start{args.start}.partial.json"
             res = run_config(name, seeds=args.seeds, chunk=args.chunk,
                              truth_probes=args.truth_probes, max_probes=args.max_probes,
                              rademacher=not args.no_rademacher,
-                             diag=not args.rademacher_only, start=args.start)
+                             diag=not args.rademacher_only, start=args.start,
+                             checkpoint=ckpt)
             if args.rademacher_only:
                 key = "dfil(rademacher) rtol / dFIL"
                 old["procedures"][key] = res["procedures"][key]
@@ -433,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
                 part.write_text(json.dumps(res, indent=1))
                 res = merge_results(old, res)
             path.write_text(json.dumps(res, indent=1))
+            ckpt.unlink(missing_ok=True)
             print(_markdown([res]), flush=True)
     combine(args.out)
     return 0

@@ -115,3 +115,38 @@ def test_a_top_up_pools_to_the_scores_of_all_runs_at_once(tmp_path):
     study.combine(part)
     assert json.loads((tmp_path / "part.json").read_text())["results"][0]["seeds"] == n
     assert "| c |" in (tmp_path / "part.md").read_text()
+
+
+def test_an_interrupted_part_resumes_after_its_last_chunk(tmp_path, monkeypatch):
+    """``run_config(checkpoint=...)``: a part cut off after its first chunk resumes after it
+    with the same command (the stored runs are not drawn again) and ends with the result of an
+    uninterrupted run; a checkpoint of other settings is not reused."""
+    import fsinfo_fast.estimators as est
+
+    study = _study()
+    kw = dict(model="vgg5", size=8, seeds=6, chunk=3, truth_probes=0, atol=0.05, rtol=0.1,
+              max_probes=60, verbose=False, keep_values=True)
+    whole = study.run_config("vgg5@8", **kw)
+    ckpt = tmp_path / "parts" / "vgg5@8.start0.partial.json"
+    real, calls, cut_at = est.estimate_diag, [], [3]
+
+    def watched(*a, **k):  # records each call's first sample; the second chunk is cut off
+        calls.append(int(k["sample_ids"][0]))
+        if calls[-1] in cut_at:
+            raise RuntimeError("interrupted")
+        return real(*a, **k)
+
+    monkeypatch.setattr(est, "estimate_diag", watched)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        study.run_config("vgg5@8", checkpoint=ckpt, **kw)
+    assert json.loads(ckpt.read_text())["runs"] == 3
+    calls.clear()
+    cut_at.clear()
+    resumed = study.run_config("vgg5@8", checkpoint=ckpt, **kw)
+    assert set(calls) == {3}  # only the second chunk was drawn: the first was not redone
+    assert resumed["values"] == whole["values"]
+    assert resumed["procedures"] == whole["procedures"]
+    assert (resumed["d"], resumed["m"]) == (whole["d"], whole["m"])
+    other = study.run_config("vgg5@8", checkpoint=ckpt, **{**kw, "atol": 0.04})
+    assert other["values"] != whole["values"]
+    assert json.loads(ckpt.read_text())["key"]["atol"] == 0.04
