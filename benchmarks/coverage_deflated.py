@@ -428,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--combine", action="store_true", help="only rewrite the markdown table")
     p.add_argument("--rerun-routes", nargs="+", default=None, metavar="ROUTE",
-                   help="rerun the stored runs whose FSInfo_diag took one of these routes "
-                        "(e.g. plain exact-fast: runs stored before a change of auto's "
+                   help="rerun the stored runs whose FSInfo_diag or dFIL took one of these "
+                        "routes (e.g. plain exact-fast: runs stored before a change of auto's "
                         "routing) and replace them by index")
     p.add_argument("--merge-from", type=Path, default=None,
                    help="merge this directory's split results (another part) into --out, then "
@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             indices: Sequence[int] = range(args.start, args.start + args.seeds)
             if args.rerun_routes is not None:
                 stored = json.loads((args.out / f"{split}.json").read_text())["runs"]
-                indices = [r["run"] for r in stored if r["fs_route"] in args.rerun_routes]
+                indices = [r["run"] for r in stored if r["fs_route"] in args.rerun_routes
+                           or r.get("df_method") in args.rerun_routes]
                 print(f"{split}: rerunning {len(indices)} stored runs (routes "
                       f"{args.rerun_routes})", flush=True)
                 if not indices:

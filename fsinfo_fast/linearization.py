@@ -202,6 +202,17 @@ def _fixed(k: int) -> StoppingRule:
     return StoppingRule(num_probes=k, min_probes=k, max_probes=k)
 
 
+def _unconverged(est: Estimate) -> tuple[int, str]:
+    """The samples of ``est`` that did not converge on their own (not counting those stopped
+    with the batch, ``StoppingRule.stop_batch``), and a note on the others (``""`` if none)."""
+    bad = ~est.converged
+    with_batch = est.info.get("stopped_with_batch")
+    if with_batch is None or not bool(with_batch.any()):
+        return int(bad.sum()), ""
+    return (int((bad & ~with_batch).sum()),
+            f"; the batch stopped with it ({int(with_batch.sum())} other sample(s) unfinished)")
+
+
 def _to_result(est: Estimate, *, metric: str, units: str, sigma: Tensor, d: int, m: int,
                info: dict[str, Any]) -> MetricResult:
     return MetricResult(
@@ -381,11 +392,11 @@ class Linearization:
         tolerance within the probe cap (None: keep the estimate, ``converged=False``)."""
         if estimator != "auto" or bool(est.converged.all()):
             return None
-        n_bad = int((~est.converged).sum())
+        n_bad, others = _unconverged(est)
         if not spectrum or self._oracle_fits():
             return (f"the randomized {what} did not reach the tolerance within {max_probes} "
                     f"probes for {n_bad} sample(s) (stopped at the cap, or as soon as that was "
-                    f"predicted)")
+                    f"predicted){others}")
         warnings.warn(
             f"{what}: the tolerance was not met within {max_probes} probes for {n_bad} sample(s),"
             f" and the exact oracle does not fit in memory (m = {self.m}, d = {self.d}); "
@@ -605,9 +616,9 @@ class Linearization:
         est = self._diag(s, floor, trial).fsinfo_diag
         if bool(est.converged.all()):
             return est, "plain", why
-        n_bad = int((~est.converged).sum())
+        n_bad, others = _unconverged(est)
         why = (f"rerouted: {why}, but it did not converge within {_REROUTE_AT} probes for "
-               f"{n_bad} sample(s) ({est.num_probes} probes spent on it)")
+               f"{n_bad} sample(s) ({est.num_probes} probes spent on it){others}")
         return self._deflated(s, floor, stop).fsinfo_diag, "deflated", why
 
     def _deflated_state(self) -> DeflatedProbeState:

@@ -124,7 +124,10 @@ def test_stop_batch_stops_every_sample_with_the_first_unconverged_one(what):
     assert not bool(batch.converged.any())
     assert (batch.probes_per_sample == first).all() and batch.num_probes == first
     assert spent_batch < spent_alone
-    i = int(torch.nonzero(bad & (alone.probes_per_sample == first))[0])
+    first_out = bad & (alone.probes_per_sample == first)
+    assert torch.equal(batch.info["stopped_with_batch"], ~first_out)
+    assert "stopped_with_batch" not in alone.info
+    i = int(torch.nonzero(first_out)[0])
     for f in ("value", "stderr", "ci_halfwidth"):
         assert torch.equal(getattr(batch, f)[i], getattr(alone, f)[i]), f
     # the others: the plain mean of every probe drawn for them
@@ -225,6 +228,9 @@ def test_auto_stops_the_whole_batch_with_its_first_hopeless_sample():
         assert r.estimator == "exact-fast"
         spent.append(r.info["auto_randomized_passes"])
         exact.append(r.value)
+    # the record says which sample gave up and that the other stopped with it
+    assert "for 1 sample(s)" in r.info["auto"]
+    assert "the batch stopped with it (1 other sample(s) unfinished)" in r.info["auto"]
     assert spent[2] <= min(spent[:2]) and spent[2] < max(spent[:2])
     torch.testing.assert_close(exact[2], torch.cat(exact[:2]), rtol=1e-7, atol=1e-8)
     lin = ff.linearize(enc, x, seed=0)
@@ -234,5 +240,6 @@ def test_auto_stops_the_whole_batch_with_its_first_hopeless_sample():
     assert not any(bool(f.converged.any()) for f in runs)
     without, batch = (f.info for f in runs)
     assert any(batch["gave_up_at_rank_choice"])
+    assert batch["stopped_with_batch"].tolist() == [not g for g in batch["gave_up_at_rank_choice"]]
     assert batch["remainder_probes"] == 4  # stage 1 only
     assert max(without["products_per_sample"]) > max(batch["products_per_sample"])

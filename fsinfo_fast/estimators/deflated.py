@@ -688,8 +688,10 @@ def estimate_diag_deflated(
         rule, batch=b, device=dev, process=run.process, summarize=summarize, targets=targets,
         mark=run.mark, caps=caps,
     )
-    if forced:
+    if forced:  # the samples that did not give up stopped with the batch
         converged = torch.zeros_like(converged)
+        for f in frozen.values():
+            f.with_batch = ~gave_up
     passes = pilot_new + sketch.passes - reused + run.computed
     info = {
         "seed": seed_i,

@@ -422,7 +422,8 @@ def tolerance_met(
 class Frozen:
     """Recorded per-sample results of one quantity (``[B]`` float64 each; ``dof`` int64).
 
-    ``ci_halfwidth = t_{dof} * stderr + bias_bound``.
+    ``ci_halfwidth = t_{dof} * stderr + bias_bound``. ``with_batch``: ``[B]`` bool, the samples
+    stopped with the batch (``StoppingRule.stop_batch``; ``None`` where none was).
     """
 
     value: Tensor
@@ -430,6 +431,7 @@ class Frozen:
     ci_halfwidth: Tensor
     dof: Tensor
     bias_bound: Tensor
+    with_batch: Tensor | None = None
 
 
 #: ``summarize(lo, rows, names)`` returns, for (at least) the quantities ``name in names``
@@ -571,6 +573,8 @@ def run_rounds(
             rest = ~done
             stop_here(_parts(summarize(0, rest, want), rule.confidence), 0, rest, drawn)
             converged[rest] = False
+            for f in frozen.values():
+                f.with_batch = rest
             break
         process(start, count)
         drawn = start + count
@@ -897,5 +901,6 @@ def estimate_from(
         bound=bound,
         bias_bound=frozen.bias_bound if bias_bound else None,
         info={**info, "dof": frozen.dof, "confidence": rule.confidence, "stopping": how,
-              "pilot_probes": pilot},
+              "pilot_probes": pilot,
+              **({} if frozen.with_batch is None else {"stopped_with_batch": frozen.with_batch})},
     )
