@@ -60,11 +60,11 @@ TRUTH_SEED = 1_000_003
 RUN_SEED = 11
 
 #: name -> model, input size, seeded runs, runs per batch, truth probes (0: the exact oracle).
-#: The stored results hold 1000 runs except where said in them; the 224 px ResNet-18 and ViT
-#: results were topped up from 300 (``--start 300 --seeds 700 --merge``), the CIFAR-stem
-#: ResNet-18 at 32 px was run in parts (to 1000 runs, about 5 s per run on one shared core);
-#: its stem at 224 px costs about 20x more per product (0.44 s per VJP on one core, m = 1.6M):
-#: run in parallel parts as time allows (the stored result says how many runs it holds).
+#: The stored results hold 1000 runs each; the 224 px ResNet-18 and ViT results were topped up
+#: from 300 (``--start 300 --seeds 700 --merge``), the CIFAR-stem ResNet-18 at 32 px was run in
+#: parts (about 5 s per run on one shared core); its stem at 224 px costs about 20x more per
+#: product (0.44 s per VJP on one core, m = 1.6M): six parallel parts (``parts`` in its
+#: result), 11-25 s per run on a shared core.
 CONFIGS: dict[str, dict[str, Any]] = {
     "vgg5-s2@32": dict(model="vgg5", size=32, seeds=1000, chunk=50, truth_probes=0),
     "resnet18-cifar-s7@32": dict(model="resnet18-cifar", size=32, seeds=1000, chunk=50,
