@@ -262,11 +262,11 @@ def _lists(rec: dict[str, Any]) -> dict[str, Any]:
 def _write_checkpoint(path: Path, key: dict[str, Any], runs: int, rec: dict, rad: dict,
                       **meta: Any) -> None:
     """The runs done so far, rewritten atomically (:func:`run_config`'s ``checkpoint``)."""
+    from fsinfo_fast.profile.store import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"key": key, "runs": runs, **meta, "rec": _lists(rec),
-                               "rad": _lists(rad)}))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps({"key": key, "runs": runs, **meta, "rec": _lists(rec),
+                                        "rad": _lists(rad)}))
 
 
 def _resume(path: Path | None, key: dict[str, Any], rec: dict, rad: dict,
