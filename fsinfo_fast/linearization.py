@@ -69,8 +69,10 @@ from .estimators.cost import SLQ_ORDER_ESTIMATE
 from .estimators.deflated import (
     DEFLATE_ABOVE,
     PILOT_PROBES,
+    RANK_GROWTH,
     START_RANK,
     DeflatedProbeState,
+    choose_rank,
     estimate_diag_deflated,
     predict_plain_probes,
 )
@@ -115,6 +117,17 @@ _PILOT_BAND = 4.0
 #: hide a heavy tail: 21 of 1160 seeded runs on the CRAFT pool4 split took the plain route
 #: and needed 1241-1850 probes, where the deflated route takes about 230).
 _REROUTE_AT = 2 * DEFLATE_ABOVE
+#: ``auto`` takes the deflated dFIL only where its rank pilot predicts the sketch leaves at most
+#: this share of the plain Gaussian probes' need (the batch's mean; the pilot's own prediction
+#: at rank 0 from the same probes): a smaller saving is within the noise of predictions from a
+#: few probes.
+_DEFLATED_DFIL_SAVES = 0.5
+#: ... and grows its sketch for the prediction beyond the first block only where that block
+#: already leaves at most this share (a flat spectrum: about ``1 - r/min(m, d)``).
+_DEFLATED_DFIL_FIRST = 0.85
+#: ... within this share of the products of the route it would replace (the cheaper of the
+#: other methods and the exact route) for its rank pilot and sketch.
+_DEFLATED_DFIL_SPEND = 0.15
 #: How many samples the sample-independence check encodes alone.
 _INTERACTION_CHECKS = 2
 
@@ -694,6 +707,16 @@ class Linearization:
         Krylov step (two products) per new probe, which the next log det then reuses.
         ``method="auto"`` weighs it from those probes' spread where a log det was computed.
 
+        ``method="auto"`` with an ``rtol``: where every method predicted from what is held (or,
+        with nothing held, the Rademacher estimator's first round) needs more than
+        :data:`~.estimators.deflated.DEFLATE_ABOVE` new products, the deflated dFIL
+        (Hutch++'s split: a sketch of the dominant directions exactly, the remainder by probes)
+        is weighed too where ``min(m, d) >= DEFLATE_ABOVE``, from its own rank choice (the
+        rank pilot's 8 VJPs and the sketch,
+        reused by its estimate; ``info["auto_prediction_passes"]`` counts them where another
+        method is taken). On deep splits of a pretrained network, where a few directions
+        dominate ``J^T J``, it needs several times fewer products than plain probes.
+
         ``max_probes=None`` (the default) caps the probes per sample at ``min(m, d)`` under
         ``estimator="auto"`` (the products of the fast exact route it would fall back to;
         ``method="lanczos"`` keeps its own cap, the SLQ probes held plus ``min(m, d) / 2`` new
@@ -720,6 +743,17 @@ class Linearization:
         costs = self._dfil_costs(s, rtol, atol, mp, mp_l) if tol_run else {}
         method_reason = None
         if method == "auto":  # the cheapest of the probes held, else Rademacher JVPs
+            if estimator == "auto" and tol_run and not costs:
+                costs["hutchinson"] = self._first_round_cost(s, rtol, atol, mp)
+            # the deflated dFIL where the others need many products and the exact route is
+            # not cheap either (below DEFLATE_ABOVE its pilot and first sketch block cost a
+            # sizable share of min(m, d))
+            if (tol_run and atol is None and "deflated" not in costs and costs
+                    and n >= DEFLATE_ABOVE
+                    and min(c["new"] for c in costs.values()) > DEFLATE_ABOVE):
+                dstop = _stopping(None, rtol, None, max_probes, n, fallback=estimator == "auto")
+                costs["deflated"] = self._deflated_dfil_cost(
+                    s, dstop, min(c["new"] for c in costs.values()))
             method, method_reason = self._dfil_method(num_probes, costs)
         k0 = initial_probes(num_probes=num_probes, max_probes=max_probes,
                             quantity="fsinfo_diag" if method == "diag" else "trace")
@@ -888,8 +922,11 @@ class Linearization:
         r"""``auto``'s dFIL method and why: of the methods whose cost this batch can predict
         (:meth:`_dfil_costs`: ``diag`` and ``hutchinson`` from the Gaussian VJPs held,
         ``deflated`` where FSInfo_diag took the deflated route, ``lanczos`` from the SLQ probes
-        of a log det), the one predicted to spend the fewest new products under the
-        three-stage rule; Rademacher (``hutchinson``) where nothing is held. With a fixed
+        of a log det; under ``auto`` with nothing held, ``hutchinson`` from its first round;
+        ``deflated`` from its own rank choice, :meth:`_deflated_dfil_cost`, where the others
+        predict more than :data:`~.estimators.deflated.DEFLATE_ABOVE` new products), the one
+        predicted to spend the fewest new products under the three-stage rule (the deflated
+        on a tie); Rademacher (``hutchinson``) where nothing predicts. With a fixed
         ``num_probes``: ``diag`` (one VJP per probe beyond those held) or ``lanczos`` (two
         products per probe beyond those held), whichever spends fewer (``diag`` on a tie)."""
         st, sl = self._dstate, self._slq
@@ -912,13 +949,21 @@ class Linearization:
         if not costs:
             return "hutchinson", "no diagonal (Gaussian VJP) probes drawn on this batch yet"
         order = [m for m in ("diag", "hutchinson", "deflated", "lanczos") if m in costs]
-        best = min(order, key=lambda m: costs[m]["new"])  # ties: the first (held probes)
-        parts = [f"about {costs[m]['new']:.0f} new products ({m}: "
-                 f"{'stages 1-3 ' if m != 'deflated' else 'pilot + remainder stages 1-3 '}"
+        # ties: the deflated dFIL (its remainder has the dominant directions, which make the
+        # spread of the few plain probes held an underestimate, taken out), then the first
+        best = min((m for m in order if "not_taken" not in costs[m]),
+                   key=lambda m: (costs[m]["new"], m != "deflated"))
+        stages = {m: "stages 1-3 " for m in order}
+        if "deflated" in costs:
+            stages["deflated"] = ("pilot + remainder stages 1-3 " if "spent" not in
+                                  costs["deflated"] else "pilot, sketch + remainder stages 1-3 ")
+        parts = [f"about {costs[m]['new']:.0f} new products ({m}: {stages[m]}"
                  f"{costs[m]['total']:.0f} probes for N = {costs[m]['need']:.0f}, from "
                  f"{costs[m]['from']})" for m in order]
+        parts = [p + (f" [not taken: {costs[m]['not_taken']}]" if "not_taken" in costs[m] else "")
+                 for m, p in zip(order, parts, strict=True)]
         why = "predicted under the three-stage rule: " + " vs ".join(parts)
-        if "deflated" in costs:
+        if "deflated" in costs and "spent" not in costs["deflated"]:
             why += "; the deflated sketch of FSInfo_diag is shared"
         return best, why
 
@@ -929,7 +974,7 @@ class Linearization:
         ``passes`` spent on it). Where nothing held predicts ``method``'s cost, its first round
         does (``diag``: Gaussian VJPs into the shared state, reused; ``hutchinson``: Rademacher
         JVPs, drawn again by the estimate; ``deflated``: no prediction)."""
-        passes = 0
+        passes = sum(int(c.get("spent", 0)) for c in costs.values())
         c = costs.get(method)
         if c is None and method == "diag":
             k1 = min(START_PROBES, mp)
@@ -938,15 +983,8 @@ class Linearization:
             if c is not None:
                 c = {**c, "from": f"its first round ({k1} Gaussian VJPs, reused)"}
         elif c is None and method == "hutchinson":
-            k1 = initial_probes(max_probes=mp, quantity="trace")
-            r1 = hutchinson_trace(self.products, side="input", kind="rademacher", sigma=s,
-                                  seed=self.seed, sample_ids=self.sample_ids, num_probes=k1)
-            passes = int(r1.passes)
-            need = self._need(r1.value, r1.stderr**2 * k1, rtol, atol)
-            tot = planned_probes(need, min_probes=k1, max_probes=mp,
-                                 rtol=rtol if atol is None else None)
-            c = {"new": tot, "total": tot, "need": need,
-                 "from": f"its first round ({k1} Rademacher JVPs, drawn again by the estimate)"}
+            c = self._first_round_cost(s, rtol, atol, mp)
+            passes += c["spent"]
         if c is None:
             return None, {}
         n = expected_passes("exact", d=self.d, m=self.m)
@@ -962,6 +1000,74 @@ class Linearization:
             return (f"{what}, no fewer than the exact route's min(m, d) = {n} products"
                     + (f" (+ {check} float64 check JVPs)" if check else "")), pred
         return None, pred
+
+    def _first_round_cost(self, s: Tensor, rtol, atol, mp: int) -> dict[str, Any]:
+        """The ``hutchinson`` method's cost (as :meth:`_dfil_costs`) predicted from its first
+        round of Rademacher JVPs (``"spent"``: those products, drawn again by the estimate)."""
+        k1 = initial_probes(max_probes=mp, quantity="trace")
+        r1 = hutchinson_trace(self.products, side="input", kind="rademacher", sigma=s,
+                              seed=self.seed, sample_ids=self.sample_ids, num_probes=k1)
+        need = self._need(r1.value, r1.stderr**2 * k1, rtol, atol)
+        tot = planned_probes(need, min_probes=k1, max_probes=mp,
+                             rtol=rtol if atol is None else None)
+        return {"new": tot, "total": tot, "need": need, "spent": int(r1.passes),
+                "from": f"its first round ({k1} Rademacher JVPs, drawn again by the estimate)"}
+
+    def _deflated_dfil_cost(self, s: Tensor, stop: StoppingRule,
+                            best: float) -> dict[str, Any]:
+        r"""The ``deflated`` method's cost (as :meth:`_dfil_costs`) where no deflated estimate
+        is held, from the rank choice its estimate makes (:func:`~.estimators.deflated.
+        choose_rank` on the shared :meth:`_deflated_state` under the rule ``stop`` the estimate
+        runs with: the estimate then takes the same ranks and reuses the rank pilot and the
+        sketch, ``"spent"``) and the remainder's three-stage total for the probes the rank
+        pilot predicts there. ``"new"`` counts the remainder only (the pilot and sketch are
+        spent either way), ``"total"`` each sample's products against the cap.
+
+        Asked for only where the other methods predict ``best`` > :data:`~.estimators.
+        deflated.DEFLATE_ABOVE` new products, and bounded: the first sketch block alone first;
+        only where the pilot predicts it already saves something (the batch's mean share of
+        the plain probes' need at most :data:`_DEFLATED_DFIL_FIRST`; a flat spectrum keeps
+        about ``1 - r / min(m, d)``) does the sketch grow on, while the pilot and sketch cost
+        at most :data:`_DEFLATED_DFIL_SPEND` of the cheaper of ``best`` and the exact route
+        (what a prediction that is not taken costs). The pilot's predictions from 8 probes
+        are noisy, so the deflated
+        dFIL is taken only where the batch's mean predicted share is at most
+        :data:`_DEFLATED_DFIL_SAVES` (``"not_taken"`` says why otherwise)."""
+        mp = stop.max_probes
+        n = min(self.m, self.d)
+        kw = dict(sigma=s, floor=0.0, seed=self.seed, sample_ids=self.sample_ids, stop=stop,
+                  stop_on="dfil", state=self._deflated_state())
+        first = min(START_RANK, max(1, n // 2))
+        ch = choose_rank(self.products, max_rank=first, **kw)
+        spent = ch.pilot_new + ch.sketch_new
+
+        def share(c) -> float:  # the batch's mean predicted share of the plain need
+            return float((c.predicted / c.predicted_plain.clamp_min(1e-300)).mean())
+
+        if share(ch) <= _DEFLATED_DFIL_FIRST:
+            check = 0 if self.enc.x.dtype == torch.float64 else min(CHECK_COLUMNS, n)
+            alt = min(best, n + check)  # the cheaper of the other methods and the exact route
+            grow = min(int((_DEFLATED_DFIL_SPEND * alt - ch.pilot) // ch.per_col), n // 2)
+            r = first  # the largest rank of the rank choice's own schedule within that
+            while math.ceil(RANK_GROWTH * r) <= grow:
+                r = math.ceil(RANK_GROWTH * r)
+            if r > first:
+                ch = choose_rank(self.products, max_rank=r, **kw)
+                spent += ch.sketch_new
+        before = int(ch.before_remainder().max())
+        need = float(ch.predicted.max())
+        tot = planned_probes(need, min_probes=min(START_PROBES, mp),
+                             max_probes=max(1, mp - before), rtol=stop.rtol)
+        if bool(ch.gave_up.any()):  # its rank choice saw the cap pass: it cannot converge
+            tot = math.inf
+        lo, hi = int(ch.ranks.min()), int(ch.ranks.max())
+        c = {"new": tot, "total": before + tot, "need": need, "spent": spent,
+             "from": (f"its rank pilot and a sketch of rank {lo if lo == hi else f'{lo}-{hi}'} "
+                      f"({spent} products, reused by the estimate)")}
+        if not share(ch) <= _DEFLATED_DFIL_SAVES:
+            c["not_taken"] = (f"the pilot predicts the sketch keeps {share(ch):.0%} of the "
+                              f"plain probes' need (batch mean; > {_DEFLATED_DFIL_SAVES:.0%})")
+        return c
 
     def _exact_dfil(self, s: Tensor, why: str, estimator: str) -> MetricResult:
         src, why = self._exact_route(estimator, False, why)

@@ -179,3 +179,102 @@ def test_planned_probes_past_the_schedule_is_inf():
     lin.fsinfo(0.1, estimator="randomized", num_probes=8)  # Gaussian VJPs held
     d = lin.dfil(0.1, rtol=1e-12)
     assert d.estimator == "exact-fast" and "more than its probe cap 64:" in d.info["auto"]
+
+
+def test_auto_weighs_the_deflated_dfil_where_plain_probes_need_many(monkeypatch):
+    """dFIL alone, nothing held, J of effective rank 4 with min(m, d) = 384 >= DEFLATE_ABOVE:
+    the Rademacher first round predicts far more than the cap, so the deflated dFIL is weighed
+    from its own rank choice; it is taken, its estimate reuses the rank pilot and the sketch
+    (no product paid twice), the whole call spends far fewer products than the exact route it
+    would otherwise take, and over 30 seeds the 95% interval covers the float64 oracle."""
+    enc, x = _low_rank(d=512, m=384, rank=4)
+    ex = ff.linearize(enc, x).exact().dfil(0.1).value
+    covered, totals = 0, []
+    for seed in range(30):
+        lin = ff.linearize(enc, x, seed=seed)
+        P = lin.products
+        counted = []
+        for name in ("jvp", "vjp"):
+            real = getattr(P, name)
+            monkeypatch.setattr(P, name, lambda V, _r=real, _c=counted: (_c.append(V.shape[1]),
+                                                                _r(V))[1])
+        d = lin.dfil(0.1)
+        assert d.estimator == "randomized" and d.info["method"] == "deflated"
+        assert bool(d.converged.all())
+        assert "deflated: pilot, sketch + remainder" in d.info["method_reason"]
+        assert "not taken" not in d.info["method_reason"]
+        # the prediction spent 4 Rademacher JVPs, the pilot's 8 VJPs and 16 sketch columns
+        assert d.info["auto_prediction_passes"] == 4 + 8 + 2 * 16
+        assert d.info["rank_pilot_reused_probes"] == 8 and d.info["sketch_passes"] == 0
+        assert d.info["sketch_reused_passes"] == 2 * 16
+        total = d.passes + d.info["auto_prediction_passes"]
+        assert sum(counted) == total  # every product counted once: nothing redrawn
+        totals.append(total)
+        covered += int(((d.value - ex).abs() <= d.ci_halfwidth).sum())
+    assert max(totals) < min(lin.m, lin.d) / 4
+    assert covered >= 51, covered  # of 60 intervals (expected 57; 51 is 3.5 sd below)
+
+
+def test_flat_spectrum_does_not_grow_or_take_the_deflated_dfil():
+    """A Wishart J^T J (flat spectrum) at a tight rtol: every method predicts more than
+    DEFLATE_ABOVE, so the deflated dFIL is weighed, but its first sketch block saves little;
+    it is listed as not taken and its prediction stops at that block (8 pilot VJPs and 16
+    columns, not the hundreds of columns a rank choice for this tolerance would grow)."""
+    for seed in range(2):
+        enc, x = _spread(seed)
+        lin = ff.linearize(enc, x, seed=seed)
+        lin.fsinfo(0.1)
+        d = lin.dfil(0.1, rtol=0.005)
+        assert d.info.get("method") != "deflated"
+        assert "deflated: " in d.info["method_reason"] and "[not taken: " in d.info["method_reason"]
+        assert d.info["auto_prediction_passes"] <= 8 + 2 * 16
+
+
+def test_choose_rank_is_the_ranks_the_estimate_takes():
+    """choose_rank on a state, then the estimate on that state with the same arguments: the
+    same ranks, the rank pilot and sketch reused (the estimate pays its remainder only), and
+    each value equals a fresh estimate's."""
+    from fsinfo_fast.estimators.deflated import (
+        DeflatedProbeState,
+        choose_rank,
+        estimate_diag_deflated,
+    )
+
+    enc, x = _low_rank(d=128, m=96, rank=6)
+    P = ff.linearize(enc, x, seed=0).products
+    kw = dict(sigma=0.1, seed=3, dfil_rtol=0.01)
+    st = DeflatedProbeState.for_products(P, seed=3)
+    ch = choose_rank(P, state=st, **kw)
+    assert ch.pilot_new == 8 and ch.sketch_new == 2 * int(ch.ranks.max()) > 0
+    assert bool((ch.predicted <= ch.predicted_plain).all())
+    r = estimate_diag_deflated(P, state=st, **kw).dfil
+    fresh = estimate_diag_deflated(P, **kw).dfil
+    assert r.info["rank"] == fresh.info["rank"] == ch.ranks.tolist()
+    assert r.info["rank_pilot_reused_probes"] == 8 and r.info["sketch_passes"] == 0
+    assert r.passes == r.info["remainder_probes"]
+    torch.testing.assert_close(r.value, fresh.value, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("path", ["encoder.stages.0", "encoder.stages.1"])
+def test_the_deflated_dfil_prediction_spends_little_where_it_is_not_taken(path):
+    """A transformers ResNet (built offline from its config) cut after a stage, a batch of 3
+    natural crops: the plain methods predict more than DEFLATE_ABOVE new products, the deflated
+    dFIL is weighed and not taken there; what its prediction spent (rank pilot and sketch) stays
+    within its bound (the first block, or 15% of the route it would replace), and the result
+    covers the float64 oracle."""
+    pytest.importorskip("transformers")
+    from fsinfo_fast.data import natural_images
+    from fsinfo_fast.linearization import _DEFLATED_DFIL_SPEND
+    from fsinfo_fast.models.third_party import build
+
+    x, _ = natural_images(size=32, n=3, seed=0)
+    lin = ff.linearize(ff.split(build("resnet", size=32), path), x)
+    lin.fsinfo(0.1)
+    d = lin.dfil(0.1)
+    why = d.info.get("method_reason", "")
+    assert "deflated: pilot, sketch" in why
+    assert d.info.get("method") != "deflated"
+    n = min(lin.m, lin.d)
+    assert d.info["auto_prediction_passes"] <= 8 + max(2 * 16, _DEFLATED_DFIL_SPEND * (n + 16))
+    ex = lin.exact().dfil(0.1).value
+    assert bool(((d.value - ex).abs() <= d.ci_halfwidth).all())

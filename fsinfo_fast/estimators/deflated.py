@@ -96,6 +96,8 @@ __all__ = [
     "PILOT_PROBES",
     "DeflatedProbeState",
     "DeflationSketch",
+    "RankChoice",
+    "choose_rank",
     "estimate_diag_deflated",
     "DEFLATE_ABOVE",
     "predict_plain_probes",
@@ -468,6 +470,166 @@ def predict_plain_probes(
     return pilot.predict(DeflationSketch.empty(products), zero)
 
 
+@dataclass
+class RankChoice:
+    """The deflated estimator's per-sample sketch ranks (:func:`choose_rank`).
+
+    Attributes:
+        ranks: ``[B]`` int64 sketch rank per sample.
+        predicted: ``[B]`` float64 remainder probes the rank pilot predicts each sample's
+            tolerance needs at its rank (zeros for a fixed rank).
+        predicted_plain: ``[B]`` float64 the same at rank 0 (plain Gaussian probes, the same
+            pilot; zeros for a fixed rank): ``predicted / predicted_plain`` is what the sketch
+            is predicted to save.
+        gave_up: ``[B]`` bool, samples whose projected cost passed the rule's cap
+            (``StoppingRule.stop_unreachable``).
+        pilot: the rank pilot's VJPs the choice rests on (0 for a fixed rank).
+        pilot_new, sketch_new: products per sample computed by this choice (the rest were
+            held by the state).
+        per_col: products per sketch column (``2 + 2 power``).
+    """
+
+    ranks: Tensor
+    predicted: Tensor
+    predicted_plain: Tensor
+    gave_up: Tensor
+    pilot: int
+    pilot_new: int
+    sketch_new: int
+    per_col: int
+
+    def before_remainder(self) -> Tensor:
+        """``[B]`` products per sample before the remainder: pilot and sketch columns."""
+        return self.pilot + self.per_col * self.ranks
+
+
+def _setup(products: Products, *, floor, seed, sample_ids, rank, max_rank, start_rank, power,
+           pilot_probes, stop, stop_on, dfil_rtol, jackknife_groups, sketch, state,
+           rule: dict) -> tuple[Products, StoppingRule, dict, DeflatedProbeState, int]:
+    """The checked arguments of :func:`estimate_diag_deflated` and :func:`choose_rank`: the
+    detached products, the rule and targets, the state (a new one holding ``sketch``, or the
+    caller's, checked) and ``max_rank`` (default ``min(m, d) // 2``)."""
+    products = detached(products)
+    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
+        raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
+    rule_, targets = _diag_rule(stop, stop_on, dfil_rtol, **rule)
+    if targets.get("dfil", (None, None))[0] is not None:
+        raise InvalidInputError("the deflated estimator's dFIL tolerance is relative (rtol)")
+    if power not in (0, 1) or isinstance(power, bool):
+        raise InvalidInputError(f"power must be 0 or 1, got {power!r}")
+    n = min(products.m, products.d)
+    if max_rank is None:
+        max_rank = max(1, n // 2)
+    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or not 0 <= max_rank <= n:
+        raise InvalidInputError(
+            f"max_rank must be an int in [0, min(m, d) = {n}], got {max_rank!r}"
+        )
+    if rank == "auto":
+        if not targets:
+            raise InvalidInputError(
+                "rank='auto' chooses the rank for a tolerance: give atol, rtol or dfil_rtol (or "
+                "an int rank)"
+            )
+        for name, v, lo in (("start_rank", start_rank, 1), ("pilot_probes", pilot_probes, 3)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise InvalidInputError(f"{name} must be an int >= {lo}, got {v!r}")
+    elif isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= max_rank:
+        raise InvalidInputError(
+            f"rank must be 'auto' or an int in [0, max_rank = {max_rank}], got {rank!r}"
+        )
+    if state is None:
+        state = DeflatedProbeState.for_products(products, seed=seed, sample_ids=sample_ids,
+                                                jackknife_groups=jackknife_groups, power=power)
+        if sketch is not None:
+            state.sketch = sketch
+    else:
+        _check_state(state, products, seed, sample_ids, jackknife_groups, DeflatedProbeState)
+        if sketch is not None and sketch is not state.sketch:
+            raise InvalidInputError("give a sketch or a state (which holds its sketch), not both")
+    sk = state.sketch
+    if sk.power != power or sk.Q.shape[:2] != (products.batch, products.m):
+        raise InvalidInputError("sketch must come from these products with the same power")
+    return products, rule_, targets, state, max_rank
+
+
+def _rank_choice(products: Products, state: DeflatedProbeState, rule: StoppingRule,
+                 targets: dict, sigma_t: Tensor, floor: float, rank: int | str, max_rank: int,
+                 start_rank: int, pilot_probes: int, groups: int) -> RankChoice:
+    """The ranks of :func:`estimate_diag_deflated` (checked arguments, :func:`_setup`): with
+    ``rank="auto"`` the rank pilot and :func:`_choose_rank` (the sketch may take what the cap
+    leaves after the pilot and room for three stages of remainder probes), else the fixed rank
+    (its sketch grown where the state holds fewer columns)."""
+    sketch = state.sketch
+    b, dev = products.batch, products.device
+    per_col = 2 + 2 * sketch.power  # products per sketch column
+    held = sketch.passes
+    pilot = pilot_new = 0
+    predicted = torch.zeros(b, dtype=torch.float64, device=dev)
+    plain = torch.zeros(b, dtype=torch.float64, device=dev)
+    gave_up = torch.zeros(b, dtype=torch.bool, device=dev)
+    if rank == "auto":
+        U, G, pilot_new = state.pilot(products, pilot_probes)
+        fs_atol, fs_rtol = targets.get("fsinfo_diag", (None, None))
+        plan = _Pilot(U, G, sigma_t, floor, fs_atol, fs_rtol,
+                      targets.get("dfil", (None, None))[1], groups)
+        pilot = pilot_probes
+        plain = plan.predict(sketch, torch.zeros(b, dtype=torch.int64, device=dev))
+        fit = min(max_rank, (rule.max_probes - pilot - 3 * rule.min_probes) // per_col)
+        if fit >= 1:
+            ranks, predicted, gave_up = _choose_rank(
+                products, sketch, plan, state.seed, state.sample_ids, min(start_rank, fit), fit,
+                rule.min_probes, budget=rule.max_probes if rule.stop_unreachable else None,
+                stop_batch=rule.stop_batch,
+            )
+        else:
+            ranks = torch.zeros(b, dtype=torch.int64, device=dev)
+            predicted = plan.predict(sketch, ranks)
+    else:
+        if rule.adaptive and per_col * rank + rule.min_probes > rule.max_probes:
+            raise InvalidInputError(
+                f"max_probes ({rule.max_probes}) leaves no room for remainder probes after a "
+                f"sketch of rank {rank} ({per_col * rank} products)"
+            )
+        if rank > sketch.rank:
+            sketch.grow(products, rank - sketch.rank, state.seed, state.sample_ids)
+        ranks = torch.full((b,), rank, dtype=torch.int64, device=dev)
+    return RankChoice(ranks, predicted, plain, gave_up, pilot, pilot_new, sketch.passes - held,
+                      per_col)
+
+
+def choose_rank(
+    products: Products,
+    *,
+    sigma: float | Tensor,
+    floor: float = DIAG_FLOOR,
+    seed: int | torch.Generator = 0,
+    sample_ids: Tensor | None = None,
+    rank: int | str = "auto",
+    max_rank: int | None = None,
+    start_rank: int = START_RANK,
+    power: int = 0,
+    pilot_probes: int = PILOT_PROBES,
+    stop: StoppingRule | None = None,
+    stop_on: str = "fsinfo_diag",
+    dfil_rtol: float | None = None,
+    jackknife_groups: int = 20,
+    state: DeflatedProbeState | None = None,
+    **rule: Unpack[StopKeywords],
+) -> RankChoice:
+    """The ranks :func:`estimate_diag_deflated` with the same arguments takes, without its
+    remainder probes: the rank pilot's VJPs and the sketch columns it grows are kept in
+    ``state`` (give one to use them: the estimate on that state then costs its remainder
+    probes only, and chooses the same ranks). What ``auto`` predicts the deflated route's cost
+    from: ``before_remainder()`` products plus the remainder stages for ``predicted``."""
+    products, rule_, targets, state, max_rank = _setup(
+        products, floor=floor, seed=seed, sample_ids=sample_ids, rank=rank, max_rank=max_rank,
+        start_rank=start_rank, power=power, pilot_probes=pilot_probes, stop=stop,
+        stop_on=stop_on, dfil_rtol=dfil_rtol, jackknife_groups=jackknife_groups, sketch=None,
+        state=state, rule=rule)
+    return _rank_choice(products, state, rule_, targets, sigma_for(products, sigma),
+                        float(floor), rank, max_rank, start_rank, pilot_probes, jackknife_groups)
+
+
 def estimate_diag_deflated(
     products: Products,
     *,
@@ -554,83 +716,21 @@ def estimate_diag_deflated(
         >>> r.fsinfo_diag.info["rank"], r.fsinfo_diag.passes
         ([2, 2], 12)
     """
-    products = detached(products)
-    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
-        raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
-    rule, targets = _diag_rule(stop, stop_on, dfil_rtol, **rule)
+    products, rule, targets, state, max_rank = _setup(
+        products, floor=floor, seed=seed, sample_ids=sample_ids, rank=rank, max_rank=max_rank,
+        start_rank=start_rank, power=power, pilot_probes=pilot_probes, stop=stop,
+        stop_on=stop_on, dfil_rtol=dfil_rtol, jackknife_groups=jackknife_groups, sketch=sketch,
+        state=state, rule=rule)
     confidence = rule.confidence
-    if targets.get("dfil", (None, None))[0] is not None:
-        raise InvalidInputError("the deflated estimator's dFIL tolerance is relative (rtol)")
-    if power not in (0, 1) or isinstance(power, bool):
-        raise InvalidInputError(f"power must be 0 or 1, got {power!r}")
-    n = min(products.m, products.d)
-    if max_rank is None:
-        max_rank = max(1, n // 2)
-    if isinstance(max_rank, bool) or not isinstance(max_rank, int) or not 0 <= max_rank <= n:
-        raise InvalidInputError(
-            f"max_rank must be an int in [0, min(m, d) = {n}], got {max_rank!r}"
-        )
-    auto = rank == "auto"
-    if auto:
-        if not targets:
-            raise InvalidInputError(
-                "rank='auto' chooses the rank for a tolerance: give atol, rtol or dfil_rtol (or "
-                "an int rank)"
-            )
-        for name, v, lo in (("start_rank", start_rank, 1), ("pilot_probes", pilot_probes, 3)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise InvalidInputError(f"{name} must be an int >= {lo}, got {v!r}")
-    elif isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank <= max_rank:
-        raise InvalidInputError(
-            f"rank must be 'auto' or an int in [0, max_rank = {max_rank}], got {rank!r}"
-        )
-    if state is None:
-        state = DeflatedProbeState.for_products(products, seed=seed, sample_ids=sample_ids,
-                                                jackknife_groups=jackknife_groups, power=power)
-        if sketch is not None:
-            state.sketch = sketch
-    else:
-        _check_state(state, products, seed, sample_ids, jackknife_groups, DeflatedProbeState)
-        if sketch is not None and sketch is not state.sketch:
-            raise InvalidInputError("give a sketch or a state (which holds its sketch), not both")
-    sketch = state.sketch
-    if sketch.power != power or sketch.Q.shape[:2] != (products.batch, products.m):
-        raise InvalidInputError("sketch must come from these products with the same power")
-    seed_i, ids = state.seed, state.sample_ids
-    per_col = 2 + 2 * power  # products per sketch column
     sigma_t = sigma_for(products, sigma)
     floor = float(floor)
-    b, d, dev = products.batch, products.d, products.device
+    sketch = state.sketch
     reused = sketch.passes
-    pilot = pilot_new = 0
-    predicted = torch.zeros(b, dtype=torch.float64, device=dev)
-    gave_up = torch.zeros(b, dtype=torch.bool, device=dev)
-    if auto:
-        U, G, pilot_new = state.pilot(products, pilot_probes)
-        fs_atol, fs_rtol = targets.get("fsinfo_diag", (None, None))
-        plan = _Pilot(U, G, sigma_t, floor, fs_atol, fs_rtol,
-                      targets.get("dfil", (None, None))[1], jackknife_groups)
-        pilot = pilot_probes
-        # the sketch may take what the cap leaves after the pilot and room for three stages
-        fit = min(max_rank, (rule.max_probes - pilot - 3 * rule.min_probes) // per_col)
-        if fit >= 1:
-            ranks, predicted, gave_up = _choose_rank(
-                products, sketch, plan, seed_i, ids, min(start_rank, fit), fit,
-                rule.min_probes, budget=rule.max_probes if rule.stop_unreachable else None,
-                stop_batch=rule.stop_batch,
-            )
-        else:
-            ranks = torch.zeros(b, dtype=torch.int64, device=dev)
-            predicted = plan.predict(sketch, ranks)
-    else:
-        if rule.adaptive and per_col * rank + rule.min_probes > rule.max_probes:
-            raise InvalidInputError(
-                f"max_probes ({rule.max_probes}) leaves no room for remainder probes after a "
-                f"sketch of rank {rank} ({per_col * rank} products)"
-            )
-        if rank > sketch.rank:
-            sketch.grow(products, rank - sketch.rank, seed_i, ids)
-        ranks = torch.full((b,), rank, dtype=torch.int64, device=dev)
+    choice = _rank_choice(products, state, rule, targets, sigma_t, floor, rank, max_rank,
+                          start_rank, pilot_probes, jackknife_groups)
+    ranks, predicted, gave_up = choice.ranks, choice.predicted, choice.gave_up
+    pilot, pilot_new, per_col = choice.pilot, choice.pilot_new, choice.per_col
+    b, d, dev = products.batch, products.d, products.device
     E = sketch.exact_part(ranks)  # [B, d]
     run = _Replay(state.remainder(products, ranks), products)
     e_tr = E.sum(dim=1)
@@ -694,12 +794,12 @@ def estimate_diag_deflated(
             f.with_batch = ~gave_up
     passes = pilot_new + sketch.passes - reused + run.computed
     info = {
-        "seed": seed_i,
+        "seed": state.seed,
         "confidence": confidence,
         "side": "output",
         "kind": "gaussian",
         "rank": [int(r) for r in ranks.tolist()],
-        "rank_choice": "auto (pilot-predicted variance)" if auto else "fixed",
+        "rank_choice": "auto (pilot-predicted variance)" if rank == "auto" else "fixed",
         "power": power,
         "rank_pilot_probes": pilot,
         "rank_pilot_reused_probes": pilot - pilot_new,
