@@ -755,7 +755,11 @@ class Linearization:
             if (tol_run and atol is None and "deflated" not in costs and costs
                     and n >= DEFLATE_ABOVE
                     and min(c["new"] for c in costs.values()) > _DEFLATED_DFIL_ABOVE):
-                dstop = _stopping(None, rtol, None, max_probes, n, fallback=estimator == "auto")
+                # the rule the deflated estimate would run under (below), so that it takes
+                # the ranks predicted and reuses their pilot and sketch
+                auto = estimator == "auto"
+                dstop = _stopping(None, rtol, None, max_probes, max(2, n) if auto else None,
+                                  fallback=auto)
                 costs["deflated"] = self._deflated_dfil_cost(
                     s, dstop, min(c["new"] for c in costs.values()))
             method, method_reason = self._dfil_method(num_probes, costs)
@@ -811,6 +815,7 @@ class Linearization:
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
             if prediction:
                 r.info["auto_prediction"] = prediction["why"]
+                r.info["auto_prediction_passes"] = prediction.get("passes", 0)
             return r
         extra: dict[str, Any] = {"method": method}
         if method_reason is not None:
@@ -818,6 +823,9 @@ class Linearization:
         if prediction:
             extra["auto_prediction"] = prediction["why"]
             extra["auto_prediction_passes"] = prediction.get("passes", 0)
+        elif any("spent" in c for c in costs.values()):  # the method choice's own products
+            extra["auto_prediction_passes"] = sum(int(c.get("spent", 0))
+                                                  for c in costs.values())
         return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
                           info=self._info(**extra))
 

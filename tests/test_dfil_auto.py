@@ -278,3 +278,17 @@ def test_the_deflated_dfil_prediction_spends_little_where_it_is_not_taken(path):
     assert d.info["auto_prediction_passes"] <= 8 + max(2 * 16, _DEFLATED_DFIL_SPEND * (n + 16))
     ex = lin.exact().dfil(0.1).value
     assert bool(((d.value - ex).abs() <= d.ci_halfwidth).all())
+
+
+def test_randomized_estimator_weighs_the_deflated_dfil_under_its_own_rule():
+    """estimator='randomized' (no exact route, its own probe cap): the deflated dFIL is weighed
+    under the rule its estimate runs with, so the estimate takes the predicted ranks and reuses
+    the pilot and sketch, and the products of the prediction are recorded."""
+    enc, x = _low_rank(d=512, m=384, rank=4)
+    lin = ff.linearize(enc, x, seed=0)
+    lin.fsinfo(0.1, estimator="randomized", num_probes=8)  # Gaussian VJPs held
+    d = lin.dfil(0.1, estimator="randomized")
+    assert d.estimator == "randomized" and d.info["method"] == "deflated"
+    assert d.info["auto_prediction_passes"] == 8 + 2 * 16
+    assert d.info["sketch_passes"] == 0 and d.info["sketch_reused_passes"] == 2 * 16
+    assert d.info["rank_pilot_reused_probes"] == 8
