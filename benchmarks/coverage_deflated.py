@@ -80,6 +80,23 @@ def craft_encoder(split: str) -> nn.Module:
     return ff.split(model, at=model.split_points[model.layer_names.index(split)]).eval()
 
 
+def linear_encoder(split: str, x: torch.Tensor | None = None) -> nn.Module:
+    """The CRAFT encoder's Jacobian at the study's crop as a linear encoder (``Flatten``, then
+    ``Linear(d, m)`` with ``J`` in float32 as its weight): every metric depends on ``J`` only,
+    so each seed takes the same route and the same probes as on the network, at a fraction of
+    the cost per product (a cross-check of the network runs, and many more runs)."""
+    from fsinfo_fast.data import natural_images
+    from fsinfo_fast.reference.oracle import jacobian
+
+    if x is None:
+        x = natural_images(size=32, n=1, seed=0)[0][:1]
+    J = jacobian(craft_encoder(split), x)[0].reshape(-1, x[0].numel())
+    lin = nn.Linear(J.shape[1], J.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(J.to(torch.float32))
+    return nn.Sequential(nn.Flatten(), lin).eval()
+
+
 def oracle_truth(enc: nn.Module, x: torch.Tensor, sigma: float) -> dict[str, Any]:
     """The exact float64 oracle (``coverage.py``'s truth with ``truth_probes=0``)."""
     return _coverage_module()._truth(enc, x, sigma, 0)
@@ -226,7 +243,8 @@ def merge(old: dict[str, Any] | None, new_runs: list[dict[str, Any]], *, split: 
                   "seconds": timing["seconds"] + elapsed_s}
         timing["seconds_per_run"] = timing["seconds"] / timing["runs_timed"]
     res = {
-        "config": f"craft-vgg16bn-{split}@32", "split": split, **meta,
+        "config": f"craft-vgg16bn-{split}@32{meta.get('variant', '')}", "split": split,
+        **meta,
         "seeds": len(runs), "truth_probes": 0, "truth": truth,
         "run_indices": _ranges([r["run"] for r in runs]),
         "procedures": score(runs, truth), "auto": auto_summary(runs, truth),
@@ -241,7 +259,7 @@ def merge_files(into: Path, other: Path) -> dict[str, Any]:
     b = json.loads(other.read_text())
     a = json.loads(into.read_text()) if into.exists() else None
     meta = {k: b[k] for k in ("d", "m", "sigma", "atol", "dfil_rtol", "estimator", "x",
-                              "threads") if k in b}
+                              "threads", "variant") if k in b}
     res = merge(a, b["runs"], split=b["split"], truth=b["truth"], meta=meta)
     res["commands"] = res["commands"] + [c for c in b["commands"] if c not in res["commands"]]
     ta = (a or {}).get("timing", {"runs_timed": 0, "seconds": 0.0})
@@ -366,7 +384,7 @@ def run_split(split: str, indices: Sequence[int], *, out: Path, sigma: float = 0
               atol: float = 0.01, save_every: int = 10, command: str | None = None,
               encoder: Callable[[str], nn.Module] = craft_encoder,
               x: torch.Tensor | None = None, verbose: bool = True,
-              estimator: str = "auto") -> dict[str, Any]:
+              estimator: str = "auto", variant: str = "") -> dict[str, Any]:
     """Run ``indices`` on one split and merge them into ``out/<split>.json`` (saved every
     ``save_every`` runs)."""
     from fsinfo_fast.data import natural_images
@@ -385,6 +403,8 @@ def run_split(split: str, indices: Sequence[int], *, out: Path, sigma: float = 0
             "estimator": estimator,
             "x": "fsinfo_fast.data.natural_images(size=32, n=1, seed=0), crop 0",
             "threads": torch.get_num_threads()}
+    if variant:
+        meta["variant"] = variant
     res = old
     pending: list[dict[str, Any]] = []
     t_chunk = time.time()
@@ -434,11 +454,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="rerun the stored runs whose FSInfo_diag or dFIL took one of these "
                         "routes (e.g. plain exact-fast: runs stored before a change of auto's "
                         "routing) and replace them by index")
+    p.add_argument("--linear", action="store_true",
+                   help="run on the encoder's Jacobian at the crop as a linear encoder "
+                        "(linear_encoder; default --out: results/coverage_deflated_linear)")
     p.add_argument("--merge-from", type=Path, default=None,
                    help="merge this directory's split results (another part) into --out, then "
                         "rewrite the table")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    extra: dict[str, Any] = {}
+    if args.linear:
+        extra = {"encoder": linear_encoder, "variant": " (J as a linear map)"}
+        if args.out == OUT:
+            args.out = RESULTS / "coverage_deflated_linear"
     if args.merge_from is not None:
         for split in args.splits:
             if (args.merge_from / f"{split}.json").exists():
@@ -455,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{args.rerun_routes})", flush=True)
                 if not indices:
                     continue
-            run_split(split, indices, out=args.out, save_every=args.save_every, command=cmd)
+            run_split(split, indices, out=args.out, save_every=args.save_every, command=cmd,
+                      **extra)
     print(combine(args.out, args.out.parent / f"{args.out.name}.md"), flush=True)
     return 0
 

@@ -72,3 +72,22 @@ def test_parts_merge_into_the_one_run_result_and_scores_match(tmp_path, one_thre
         merged["runs"], truth)
     md = study.combine(tmp_path / "parts", tmp_path / "parts.md")
     assert "| craft-vgg16bn-tiny@32 |" in md and (tmp_path / "parts.md").read_text() == md
+
+
+def test_the_linear_map_stands_in_for_the_network(monkeypatch, one_thread):
+    """linear_encoder: the encoder's Jacobian at the crop as Flatten + Linear (float32). Every
+    metric depends on J only, so a run on it takes the network's routes and gives its values up
+    to float32 rounding of the products, seed by seed."""
+    study = _study()
+    monkeypatch.setattr(study, "craft_encoder", _tiny)
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    lin = study.linear_encoder("tiny", x)
+    J = torch.autograd.functional.jacobian(lambda z: _tiny("tiny")(z).flatten(), x)
+    torch.testing.assert_close(lin[1].weight, J.reshape(lin[1].weight.shape).float())
+    for seed in range(3):
+        a = study.one_run(_tiny("tiny"), x, seed, atol=0.05, estimator="deflated")
+        b = study.one_run(lin, x, seed, atol=0.05, estimator="deflated")
+        assert (a["fs_route"], a["df_method"], a["fs_products"], a["df_products"]) == (
+            b["fs_route"], b["df_method"], b["fs_products"], b["df_products"])
+        for k in ("fs_v", "df_v", "fs_hw", "df_hw"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), k
