@@ -744,6 +744,16 @@ class Linearization:
         mp = max(_CAP_FLOOR, min(max_probes, n)) if estimator == "auto" else max_probes
         mp_l = (max(_CAP_FLOOR, min(max_probes_l, own_l)) if estimator == "auto"
                 else max_probes_l)
+        def rule_for(method: str) -> StoppingRule:  # the rule each method's estimate runs under
+            cap = None
+            if estimator == "auto":
+                cap = own_l if method == "lanczos" else n - 3 * (min(n, 10) if method == "hutch++"
+                                                                 else 0)
+                cap = max(2, cap)
+            return _stopping(atol, rtol, num_probes,
+                             max_probes_l if method == "lanczos" else max_probes, cap,
+                             fallback=estimator == "auto")
+
         costs = self._dfil_costs(s, rtol, atol, mp, mp_l) if tol_run else {}
         method_reason = None
         if method == "auto":  # the cheapest of the probes held, else Rademacher JVPs
@@ -752,16 +762,13 @@ class Linearization:
             # the deflated dFIL where the others need many products and the exact route is
             # not cheap either (below that its pilot and first sketch block, 40 products, cost
             # a sizable share of what it could save)
-            if (tol_run and atol is None and "deflated" not in costs and costs
-                    and n >= DEFLATE_ABOVE
-                    and min(c["new"] for c in costs.values()) > _DEFLATED_DFIL_ABOVE):
-                # the rule the deflated estimate would run under (below), so that it takes
-                # the ranks predicted and reuses their pilot and sketch
-                auto = estimator == "auto"
-                dstop = _stopping(None, rtol, None, max_probes, max(2, n) if auto else None,
-                                  fallback=auto)
+            best = min((c["new"] for c in costs.values()), default=0.0)
+            if (tol_run and atol is None and "deflated" not in costs
+                    and n >= DEFLATE_ABOVE and best > _DEFLATED_DFIL_ABOVE):
+                # under the rule its estimate runs with (below), so that the estimate takes the
+                # ranks predicted and reuses their pilot and sketch
                 costs["deflated"] = self._deflated_dfil_cost(
-                    s, dstop, min(c["new"] for c in costs.values()))
+                    s, dataclasses.replace(rule_for("deflated"), atol=None), best)
             method, method_reason = self._dfil_method(num_probes, costs)
         k0 = initial_probes(num_probes=num_probes, max_probes=max_probes,
                             quantity="fsinfo_diag" if method == "diag" else "trace")
@@ -784,13 +791,7 @@ class Linearization:
                 if method_reason is not None:
                     r.info["method_reason"] = method_reason
                 return r
-        cap = None
-        if estimator == "auto":
-            cap = own_l if method == "lanczos" else n - 3 * sketch
-            cap = max(2, cap)
-        stop = _stopping(atol, rtol, num_probes,
-                         max_probes_l if method == "lanczos" else max_probes, cap,
-                         fallback=estimator == "auto")
+        stop = rule_for(method)
         common = {"sigma": s, "seed": self.seed, "sample_ids": self.sample_ids}
         start = dataclasses.replace(stop, min_probes=min(k0, stop.max_probes))
         if method == "diag":
