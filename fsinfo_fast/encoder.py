@@ -10,6 +10,7 @@ engines consume this object, so every path refuses the same bad inputs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import weakref
 from collections.abc import Callable
@@ -89,6 +90,12 @@ class PreparedEncoder:
     @property
     def batch(self) -> int:
         return self.x.shape[0]
+
+    def select(self, idx: Tensor) -> PreparedEncoder:
+        """The same encoder at the samples ``idx`` of this batch (``[n]`` int64): the checks
+        are per encoder and sample, so they hold for any subset of the batch."""
+        return dataclasses.replace(self, x=self.x[idx],
+                                   _y=None if self._y is None else self._y[idx])
 
     @property
     def d(self) -> int:

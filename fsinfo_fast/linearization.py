@@ -874,14 +874,18 @@ class Linearization:
         scale = 1.0 / (s.to(torch.float64) ** 2 * self.d)
         relf = rtol if atol is None else None
         st = self._dstate
-        if st is not None and st.k >= 2:
-            stats = st.stats()
-            k = stats.k
-            norms = stats.norms
-            tr = norms.mean(dim=1) * scale
-            var_g = norms.var(dim=1) * scale**2
-            dhat = stats.sums() / k
-            var_r = (var_g - 2.0 * (dhat**2).sum(dim=1) * k / (k + 2.0) * scale**2)
+        if st is not None and int(st.counts.min()) >= 2:
+            # each sample's own probes (a sample that stopped early holds fewer)
+            k = int(st.counts.min())
+            kr = st.counts.to(torch.float64)
+            norms = st.norms()
+            held = torch.isfinite(norms)
+            mean = torch.where(held, norms, 0.0).sum(dim=1) / kr
+            dev2 = torch.where(held, (norms - mean[:, None]) ** 2, 0.0).sum(dim=1)
+            tr = mean * scale
+            var_g = dev2 / (kr - 1.0) * scale**2
+            dhat = st.group_sums.sum(dim=1) / kr[:, None]
+            var_r = (var_g - 2.0 * (dhat**2).sum(dim=1) * kr / (kr + 2.0) * scale**2)
             need_g = self._need(tr, var_g, rtol, atol)
             need_r = self._need(tr, var_r.clamp_min(0.0), rtol, atol)
             tot_g = planned_probes(need_g, min_probes=min(START_PROBES, mp), max_probes=mp,
@@ -945,9 +949,10 @@ class Linearization:
         st, sl = self._dstate, self._slq
         if num_probes is not None:
             fixed = {}
-            if st is not None and st.k >= 2:
-                fixed["diag"] = (max(0, num_probes - st.k),
-                                 f"{st.k} Gaussian VJPs already drawn by FSInfo_diag are reused")
+            held = int(st.counts.min()) if st is not None else 0
+            if held >= 2:
+                fixed["diag"] = (max(0, num_probes - held),
+                                 f"{held} Gaussian VJPs already drawn by FSInfo_diag are reused")
             if sl is not None and sl.k >= 2:
                 fixed["lanczos"] = (2 * max(0, num_probes - sl.k),
                                     f"{sl.k} SLQ probes of the log det are reused")

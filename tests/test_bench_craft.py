@@ -142,6 +142,35 @@ def test_craft_section_tiny():
     assert ("pool1", "oracle") in routes and ("conv2", "curvlinops-xdiag") in routes
 
 
+def test_craft_batch_rows_tiny():
+    """The batch rows: every mode alternated, the same results, no oracle without routes; an
+    unknown mode is an error row."""
+    spec = CraftSpec(model="tests.test_bench_craft:tiny_model", splits=[2], size=8, images=1,
+                     routes=[], curvlinops=[], batch_rows=["never", "auto", "always"],
+                     batch_images=4, batch_repeats=2, batch_estimator="randomized", atol=0.05,
+                     batch_rtol=0.05)
+    doc = run_bench(BenchConfig(name="c", craft=spec, compile=False, memory=False, threads=1),
+                    providers=[], log=_quiet)
+    assert validate(doc) == [] and craft_problems(doc["craft"]) == []
+    (rec,) = doc["craft"]["splits"]
+    assert rec["oracle"] == [] and rec["batch"]["same"] and rec["batch"]["status"] == "ok"
+    assert rec["batch"]["max_rel_diff"] < 1e-7
+    for mode in ("never", "auto", "always"):
+        r = rec["batch"]["modes"][mode]
+        assert len(r["seconds"]) == 2 and r["products_recorded"] > 0
+    lines = {s["route"]: s for s in doc["craft"]["summary"]}
+    assert set(lines) == {"batch-never", "batch-auto", "batch-always"}
+    assert lines["batch-never"]["speedup_vs_never"] == 1.0
+    modes = rec["batch"]["modes"]
+    assert modes["always"]["products_recorded"] < modes["never"]["products_recorded"]
+    bad = CraftSpec(model="tests.test_bench_craft:tiny_model", splits=[2], size=8, images=1,
+                    routes=[], curvlinops=[], batch_rows=["sometimes"], batch_images=2,
+                    batch_repeats=1)
+    doc = run_bench(BenchConfig(name="c", craft=bad, compile=False, memory=False, threads=1),
+                    providers=[], log=_quiet)
+    assert any("ROW_SUBSETS" in p for p in craft_problems(doc["craft"]))
+
+
 def test_an_unknown_route_is_an_error_row():
     spec = CraftSpec(model="tests.test_bench_craft:tiny_model", splits=[2], size=8, images=1,
                      routes=["deflated-not-yet"], curvlinops=[])

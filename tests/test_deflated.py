@@ -285,11 +285,15 @@ def _same(a, b) -> None:
         assert x.info["rank"] == y.info["rank"] and x.num_probes == y.num_probes
 
 
-def test_state_replay_equals_fresh_calls_and_draws_only_what_is_new():
+def test_state_replay_equals_fresh_calls_and_draws_only_what_is_new(monkeypatch):
     """Requests on one DeflatedProbeState (another sigma and floor; a tighter tolerance; a dFIL
     target) equal fresh calls with the same arguments bit for bit; the second draws no product
     (pilot, sketch and remainder boundaries all held: far from the floor its rank choice and
-    stages are those of the first), the others draw only what they add."""
+    stages are those of the first), the others draw only what they add (whole-batch rounds,
+    whose calls the counting products see; rounds on sub-batches: tests/test_row_subsets.py)."""
+    from fsinfo_fast.estimators import base
+
+    monkeypatch.setattr(base, "ROW_SUBSETS", "never")
     J = torch.cat([_low_rank_plus_noise(2),
                    spectral_jacobian(geometric_spectrum(32, 1e3), 48, 32, seed=9)])
     P = _CountingProducts(J)

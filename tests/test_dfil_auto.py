@@ -30,7 +30,7 @@ def test_planned_probes_replays_the_three_stage_rule(need, rtol):
     value = 1.0 if rtol is None else tol / rtol  # rtol * value = tol
     drawn = [0]
 
-    def process(start, count):
+    def process(start, count, active):
         drawn[0] = start + count
 
     def summarize(lo, rows=None, names=None):

@@ -612,11 +612,18 @@ def _diag_fields(e):
     return (e.value, e.stderr, e.ci_halfwidth, e.probes_per_sample, e.converged)
 
 
-def test_diag_state_reused_across_requests_equals_fresh():
+@pytest.mark.parametrize("subsets", ["always", "auto", "never"])
+def test_diag_state_reused_across_requests_equals_fresh(monkeypatch, subsets):
     """One DiagProbeState serving two requests (different sigma, floor and targets) gives each
     sample exactly the result of a fresh estimate_diag call, in either order and in any batch,
-    and the second request only computes the probes the first did not."""
+    and the second request only computes the probes the first did not: with the rounds on the
+    samples still running (``always``) every probe of every sample is computed once, and each
+    sample holds the most either request drew for it; with whole-batch rounds (``never``)
+    every sample holds the most any sample drew; ``auto`` (measured costs) lies between."""
+    from fsinfo_fast.estimators import base
     from fsinfo_fast.estimators.diagonal import DiagProbeState
+
+    monkeypatch.setattr(base, "ROW_SUBSETS", subsets)
 
     J = _mixed_batch(b=4)
     J[0] *= torch.logspace(0, -3, 7, dtype=torch.float64)
@@ -630,6 +637,7 @@ def test_diag_state_reused_across_requests_equals_fresh():
     for order in ([0, 1], [1, 0]):
         P = DenseProducts(J)
         st = DiagProbeState.for_products(P, seed=3, sample_ids=ids, snapshot_bytes=1 << 26)
+        spent = torch.zeros(4, dtype=torch.int64)
         for i in order:
             r = estimate_diag(P, seed=3, sample_ids=ids, state=st, **reqs[i])
             for a, b in zip(_diag_fields(r.fsinfo_diag), _diag_fields(fresh[i].fsinfo_diag),
@@ -637,7 +645,16 @@ def test_diag_state_reused_across_requests_equals_fresh():
                 assert torch.equal(a, b)
             for a, b in zip(_diag_fields(r.dfil), _diag_fields(fresh[i].dfil), strict=True):
                 assert torch.equal(a, b)
-        assert P.vjp_passes == st.k == max(f.fsinfo_diag.num_probes for f in fresh)
+            spent += r.fsinfo_diag.info["computed_per_sample"]
+        most = max(f.fsinfo_diag.num_probes for f in fresh)
+        assert st.k == most
+        own = torch.maximum(*(f.fsinfo_diag.probes_per_sample for f in fresh))
+        if subsets == "never":
+            assert P.vjp_passes == most and torch.equal(spent, torch.full((4,), most))
+        elif subsets == "always":
+            assert torch.equal(st.counts, own) and torch.equal(spent, own)
+        else:
+            assert bool((st.counts >= own).all()) and bool((spent >= own).all())
     # batch independence: sample 7 alone, from its own state, gives the same result
     P1 = DenseProducts(J[2:3])
     st1 = DiagProbeState.for_products(P1, seed=3, sample_ids=ids[2:3], snapshot_bytes=1 << 26)

@@ -200,12 +200,16 @@ def test_bad_arguments_raise_typed_errors():
         ff.linearize(enc, x, backend=3)
 
 
-def test_diagonal_requests_share_one_probe_state_and_equal_fresh_calls(monkeypatch):
+@pytest.mark.parametrize("subsets", ["never", "always"])
+def test_diagonal_requests_share_one_probe_state_and_equal_fresh_calls(monkeypatch, subsets):
     """FSInfo_diag at two sigmas, dFIL (method auto -> the same VJPs) and sigma* replay one
     DiagProbeState: the later requests draw no VJP where the earlier ones already went, and
-    each equals a fresh estimate_diag call with the same arguments."""
-    from fsinfo_fast.estimators import estimate_diag
+    each equals a fresh estimate_diag call with the same arguments. With whole-batch rounds
+    every sample holds the most any drew; with the rounds on the samples still running each
+    holds its own, and dFIL draws for each sample only the probes beyond those it holds."""
+    from fsinfo_fast.estimators import base, estimate_diag
 
+    monkeypatch.setattr(base, "ROW_SUBSETS", subsets)
     enc, x = _Counting().eval(), _x(b=3)
     lin = ff.linearize(enc, x, seed=7)
     P = lin.products
@@ -226,6 +230,7 @@ def test_diagonal_requests_share_one_probe_state_and_equal_fresh_calls(monkeypat
     assert n_vjp == []  # replayed: same probes, new sigma / floor
     assert f2.info["reused_probes"] == drawn
     assert s.estimator == "randomized"
+    held = lin._dstate.counts.clone()
     d = lin.dfil(0.1, estimator="randomized", rtol=0.05, method="diag")
     beyond = sum(n_vjp)
     # each equals a fresh call (these draw their own VJPs: counted no more)
@@ -234,7 +239,13 @@ def test_diagonal_requests_share_one_probe_state_and_equal_fresh_calls(monkeypat
     assert torch.equal(f2.value, estimate_diag(P, sigma=0.3, atol=0.02, seed=7).fsinfo_diag.value)
     want = estimate_diag(P, sigma=0.1, dfil_rtol=0.05, seed=7).dfil
     assert torch.equal(d.value, want.value)
-    assert beyond == max(0, int(want.num_probes) - drawn)  # only the probes beyond
+    if subsets == "never":
+        assert beyond == max(0, int(want.num_probes) - drawn)  # only the probes beyond
+    else:
+        new = (want.probes_per_sample - held).clamp_min(0)  # each sample's own beyond
+        assert bool((held < f.probes_per_sample.max()).any())  # the samples held different
+        assert torch.equal(d.info["computed_per_sample"], new)
+        assert torch.equal(lin._dstate.counts, torch.maximum(held, want.probes_per_sample))
 
 
 @pytest.mark.parametrize("kind", ["elementwise", "rank_one"])

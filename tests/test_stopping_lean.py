@@ -32,6 +32,16 @@ SIGMA = 0.1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _rows_always(monkeypatch):
+    """Rounds on the samples still running whenever they can (``auto`` weighs measured times,
+    so the products each sample computed, ``info["computed_per_sample"]``, could differ
+    between two runs; ``always`` is deterministic and exercises the sub-batches)."""
+    from fsinfo_fast.estimators import base
+
+    monkeypatch.setattr(base, "ROW_SUBSETS", "always")
+
+
 def _bits(t: Tensor) -> Tensor:
     if t.is_floating_point():
         return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])

@@ -26,6 +26,15 @@ image at a time:
     ours at a fixed count found the same oracle-informed way (``CraftSpec.fixed``: the plain
     estimator's probes, the deflated estimator's remainder probes per rank): the like-for-like
     comparison with curvlinops. The ``route`` rows run over ``route_seeds`` seeds.
+``batch-<mode>``
+    a batch of ``batch_images`` crops through one ``ff.linearize`` (FSInfo_diag at ``atol``,
+    then dFIL at ``batch_rtol``, the profile's calls), with the rounds after some samples
+    stopped on the whole batch (``never``) or on the samples still running (``auto``, the
+    default; ``estimators.base.ROW_SUBSETS``), the modes alternated ``batch_repeats`` times:
+    seconds and the products each sample computed, whether every mode drew the same probe
+    counts and took the same routes (``same``) and the largest relative difference of the
+    values and half-widths (``max_rel_diff``: a sample's probes are its own; the products of
+    a sub-batch may round differently, an error row above 1e-5 at the same counts).
 
 Timings are single calls on whatever machine runs it: the results record the load; compare
 routes within one run, not across machines.
@@ -83,6 +92,10 @@ class CraftSpec:
             (:func:`~fsinfo_fast.estimators.deflated.estimate_diag_deflated`, for each rank of
             ``deflated_ranks`` the remainder probes over ``deflated_grid``; products ``2 r +
             K``). The like-for-like comparison with curvlinops, which has no interval to stop on.
+        batch_rows: ``ROW_SUBSETS`` modes of the batch rows (``"never"``, ``"auto"``,
+            ``"always"``; empty: no batch rows); batch_images: crops in the batch;
+            batch_repeats: runs per mode, alternated; batch_rtol: dFIL's tolerance there;
+            batch_estimator: both calls' ``estimator=``.
     """
 
     model: str = "fsinfo_fast.profile.examples:vgg16bn_craft"
@@ -106,6 +119,11 @@ class CraftSpec:
     fixed_grid: list[int] = field(default_factory=lambda: [16, 64, 256, 1024, 4096])
     deflated_ranks: list[int] = field(default_factory=lambda: [16, 32, 64])
     deflated_grid: list[int] = field(default_factory=lambda: [8, 32, 128, 512])
+    batch_rows: list[str] = field(default_factory=list)
+    batch_images: int = 8
+    batch_repeats: int = 2
+    batch_rtol: float = 0.01
+    batch_estimator: str = "auto"
 
 
 def load_model(spec: str) -> torch.nn.Module:
@@ -314,6 +332,66 @@ def _fixed(encoder, x, oracle: torch.Tensor, method: str, spec: CraftSpec,
     return out
 
 
+def _batch_rows(encoder, x, spec: CraftSpec, seed: int) -> dict[str, Any]:
+    """The ``batch-<mode>`` rows of one split: the modes alternated ``batch_repeats`` times on
+    the same batch and seed."""
+    import fsinfo_fast as ff
+
+    from ..estimators import base
+
+    out: dict[str, Any] = {"images": int(x.shape[0]), "modes": {}, "same": True,
+                           "status": "ok", "reason": None}
+    first: dict[str, Any] | None = None
+    keep = base.ROW_SUBSETS
+    try:
+        for _, mode in itertools.product(range(spec.batch_repeats), spec.batch_rows):
+            base.ROW_SUBSETS = mode
+            t0 = _now()
+            lin = ff.linearize(encoder, x, backend=spec.backend, seed=seed)
+            fs = lin.fsinfo(spec.sigma, variant="diag", atol=spec.atol,
+                            estimator=spec.batch_estimator)
+            df = lin.dfil(spec.sigma, rtol=spec.batch_rtol, estimator=spec.batch_estimator)
+            sec = _now() - t0
+            rows = out["modes"].setdefault(mode, {"seconds": [], "products": None})
+            rows["seconds"].append(sec)
+            # the products each estimate computed per sample, and the whole-batch products
+            # of dFIL's auto prediction
+            spent = sum(int(r.info.get("computed_per_sample", torch.zeros(1)).sum())
+                        + int(r.info.get("auto_prediction_passes", 0)) * int(x.shape[0])
+                        for r in (fs, df))
+            got = {"fsinfo_diag": fs.value.tolist(), "fsinfo_hw": fs.ci_halfwidth.tolist(),
+                   "dfil": df.value.tolist(), "dfil_hw": df.ci_halfwidth.tolist(),
+                   "probes": [None if r.probes_per_sample is None else
+                              r.probes_per_sample.tolist() for r in (fs, df)],
+                   "routes": [fs.info.get("method"), df.info.get("method")]}
+            rows.update(products_recorded=spent, **{k: got[k] for k in ("probes", "routes")})
+            if first is None:
+                first = got
+                continue
+            if (got["probes"], got["routes"]) != (first["probes"], first["routes"]):
+                out["same"] = False
+            for key in ("fsinfo_diag", "fsinfo_hw", "dfil", "dfil_hw"):
+                for a, b in zip(got[key], first[key], strict=True):
+                    rel = abs(a - b) / max(abs(b), 1e-300)
+                    out["max_rel_diff"] = max(out.get("max_rel_diff", 0.0), rel)
+    except Exception as err:  # noqa: BLE001 - a failing mode is an error row
+        out.update(status="error", reason=f"{type(err).__name__}: {err}")
+    finally:
+        base.ROW_SUBSETS = keep
+    # the same probes everywhere; the products of a sub-batch may round differently from the
+    # whole batch's (float32 kernels), far below 1e-5 relative in a float64 accumulation
+    if out["status"] == "ok" and out["same"] and out.get("max_rel_diff", 0.0) > _BATCH_RTOL:
+        out.update(status="error", reason=f"the modes' values differ by "
+                                          f"{out['max_rel_diff']:.2g} relative at the same "
+                                          "probe counts")
+    return out
+
+
+#: The batch rows' modes must agree to this relative difference where they drew the same probe
+#: counts (the rounding of float32 products; a different count is recorded, ``same: false``).
+_BATCH_RTOL = 1e-5
+
+
 def _search_line(name: str, c: dict[str, Any]) -> str:
     """The progress line of one equal-accuracy search (curvlinops or ours at a fixed count)."""
     return (f"    {name}: {c['status']}, {c['passes']} products"
@@ -334,6 +412,9 @@ def measure_craft(spec: CraftSpec, device: torch.device, log, *, seed: int = 0) 
     idx = list(spec.splits) if spec.splits is not None else list(model.paper_splits)
     x, _ = natural_images(size=spec.size, n=spec.images, seed=seed)
     x = x.to(device)
+    xb = None
+    if spec.batch_rows:
+        xb = natural_images(size=spec.size, n=spec.batch_images, seed=seed)[0].to(device)
     out: dict[str, Any] = {"model": spec.model, "size": spec.size, "images": spec.images,
                            "sigma": spec.sigma, "atol": spec.atol, "routes": list(spec.routes),
                            "splits": [], "summary": []}
@@ -345,15 +426,17 @@ def measure_craft(spec: CraftSpec, device: torch.device, log, *, seed: int = 0) 
         rec: dict[str, Any] = {"split": k, "layer": names[k], "module": points[k], "d": d,
                                "m": m, "oracle": [], "rows": [], "curvlinops": []}
         oracle = []
-        for i in range(spec.images):
+        need_oracle = bool(spec.routes or spec.curvlinops or spec.fixed)
+        for i in range(spec.images if need_oracle else 0):
             t0 = _now()
             ex = reference.exact_fisher(enc, x[i : i + 1], spectrum=False)
             val = float(ex.fsinfo(spec.sigma).value[0])
             rec["oracle"].append({"image": i, "value": val, "seconds": _now() - t0,
                                   "passes": min(m, d)})
             oracle.append(val)
-        log(f"  {names[k]} (split {k}): d={d} m={m}, oracle "
-            f"{sum(o['seconds'] for o in rec['oracle']) / spec.images:.1f} s/sample")
+        log(f"  {names[k]} (split {k}): d={d} m={m}" + (
+            f", oracle {sum(o['seconds'] for o in rec['oracle']) / spec.images:.1f} s/sample"
+            if need_oracle else ""))
         for route in spec.routes:
             for i, sd in itertools.product(range(spec.images),
                                            range(seed, seed + spec.route_seeds)):
@@ -382,6 +465,13 @@ def measure_craft(spec: CraftSpec, device: torch.device, log, *, seed: int = 0) 
                 rec["fixed"].append(c)
                 log(_search_line(f"fixed-{method}"
                                  + (f" rank {rank}" if rank is not None else ""), c))
+        if spec.batch_rows:
+            rec["batch"] = _batch_rows(enc, xb, spec, seed)
+            for mode, r in rec["batch"]["modes"].items():
+                log(f"    batch-{mode}: {', '.join(f'{t:.1f}' for t in r['seconds'])} s for "
+                    f"{xb.shape[0]} images")
+            if rec["batch"]["status"] != "ok":
+                log(f"    batch: ERROR {rec['batch']['reason']}")
         out["splits"].append(rec)
         out["summary"] += _summarise(rec, spec)
     return out
@@ -393,7 +483,7 @@ def _summarise(rec: dict[str, Any], spec: CraftSpec) -> list[dict[str, Any]]:
     lines = [dict(base, route="oracle", estimator="exact (float64 oracle)",
                   seconds_per_sample=sum(o["seconds"] for o in rec["oracle"]) / len(
                       rec["oracle"]), passes=min(rec["d"], rec["m"]), max_abs_err=0.0,
-                  covers=True, status="ok")]
+                  covers=True, status="ok")] if rec["oracle"] else []
     for route in spec.routes:
         rows = [r for r in rec["rows"] if r["route"] == route]
         ok = [r for r in rows if r["status"] == "ok"]
@@ -420,6 +510,21 @@ def _summarise(rec: dict[str, Any], spec: CraftSpec) -> list[dict[str, Any]]:
                           reached=c["reached"], bracket=c.get("bracket"),
                           max_abs_err=c.get("max_abs_err", c["curve"][-1]["max_abs_err"]
                                             if c["curve"] else math.nan)))
+    bt = rec.get("batch")
+    if bt is not None:
+        ref = bt["modes"].get("never")
+        for mode, r in bt["modes"].items():
+            sec = sorted(r["seconds"])[len(r["seconds"]) // 2]  # the median run
+            line = dict(base, route=f"batch-{mode}", estimator="FSInfo_diag + dFIL, "
+                        f"{bt['images']} images in one batch", status=bt["status"],
+                        seconds_per_sample=sec / bt["images"], seconds=r["seconds"],
+                        products_per_sample=r["products_recorded"] / bt["images"],
+                        same_probes=bt["same"], max_rel_diff=bt.get("max_rel_diff"),
+                        covers=None)
+            if ref is not None:
+                rsec = sorted(ref["seconds"])[len(ref["seconds"]) // 2]
+                line["speedup_vs_never"] = rsec / sec
+            lines.append(line)
     for c in rec.get("fixed", []):
         name = f"fixed-{c['method']}" + (f"-r{c['rank']}" if c["rank"] is not None else "")
         lines.append(dict(base, route=name, estimator=f"{c['method']} at a fixed count "
@@ -444,4 +549,6 @@ def craft_problems(craft: dict[str, Any] | None) -> list[str]:
             if c["status"] == "error":
                 out.append(f"{rec['layer']} fixed-{c['method']} rank {c['rank']}: "
                            f"{c['reason']}")
+        if rec.get("batch", {}).get("status", "ok") == "error":
+            out.append(f"{rec['layer']} batch: {rec['batch']['reason']}")
     return out

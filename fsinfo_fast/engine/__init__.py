@@ -184,7 +184,9 @@ def make_products(enc: PreparedEncoder, backend: str | None = "auto", **kw) -> o
 
     Returns:
         An object with ``batch, d, m, dtype, device``, ``jvp([B, K, d]) -> [B, K, m]``,
-        ``vjp([B, K, m]) -> [B, K, d]``, ``backend`` (the name that ran) and ``info`` (a dict).
+        ``vjp([B, K, m]) -> [B, K, d]``, ``backend`` (the name that ran), ``info`` (a dict)
+        and ``select(idx)`` (the products of a sub-batch, for the rounds of the samples still
+        running, :class:`~fsinfo_fast.estimators.base.RowProducts`).
     """
     auto = backend is None or backend == "auto"
     name = resolve_backend(backend, enc.x.device)

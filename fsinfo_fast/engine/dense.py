@@ -54,6 +54,10 @@ class DenseProducts:
         """Jacobian products computed so far, per sample (JVPs + VJPs)."""
         return self.jvp_passes + self.vjp_passes
 
+    def select(self, idx: Tensor) -> DenseProducts:
+        """The products of the samples ``idx`` (``[n]`` int64 row indices)."""
+        return DenseProducts(self.J[idx])
+
     def _check(self, T: Tensor, n: int, name: str) -> None:
         if T.ndim != 3 or T.shape[0] != self.batch or T.shape[2] != n:
             raise InvalidInputError(

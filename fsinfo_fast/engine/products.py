@@ -135,6 +135,8 @@ class LinearisedProducts:
         self.scale_dtype = scale_dtype
         if chunk_size is not None and chunk_size < 1:
             raise InvalidInputError(f"chunk_size must be >= 1, got {chunk_size}")
+        self._options = {"memory_budget": memory_budget, "chunk_size": chunk_size,
+                         "scale_dtype": scale_dtype, "backend": backend}
         module = getattr(enc, "module", None)
         if module is None:
             raise CaptureError("the prepared encoder carries no module to capture")
@@ -343,6 +345,12 @@ class LinearisedProducts:
         for src, i in last.items():
             if src is not self._output:
                 self._last_use.setdefault(i, []).append(src)
+
+    def select(self, idx: Tensor) -> LinearisedProducts:
+        """The products of the samples ``idx`` (``[n]`` int64) of this batch: the encoder
+        linearised again at those samples alone (its capture is cached per input shape), with
+        the same ops and options."""
+        return LinearisedProducts(self.enc.select(idx), ops=self.ops, **self._options)
 
     # -- reports --------------------------------------------------------------------------------
     @property

@@ -65,6 +65,7 @@ class TorchFuncProducts:
         self.dtype, self.device = enc.x.dtype, enc.x.device
         if chunk_size is not None and chunk_size < 1:
             raise InvalidInputError(f"chunk_size must be >= 1, got {chunk_size}")
+        self._options = {"memory_budget": memory_budget, "chunk_size": chunk_size}
         budget = memory_budget if memory_budget is not None else default_memory_budget(self.device)
         per_probe = self.batch * 3 * enc.saved_bytes
         self.chunk_size = chunk_size or max(1, int(budget // max(per_probe, 1)))
@@ -75,6 +76,13 @@ class TorchFuncProducts:
         self._pullback = None
         #: what the metrics record in ``result.info`` (e.g. why ``auto`` fell back to torch)
         self.info: dict = {}
+
+    def select(self, idx: Tensor) -> TorchFuncProducts:
+        """The products of the samples ``idx`` (``[n]`` int64) of this batch, with the same
+        options (its pullback is built on first use)."""
+        sub = TorchFuncProducts(self.enc.select(idx), **self._options)
+        sub.forward_mode, sub._jvp_route = self.forward_mode, self._jvp_route
+        return sub
 
     # -- products -----------------------------------------------------------------------------
     def _vmap_probes(self, f, T: Tensor) -> Tensor:

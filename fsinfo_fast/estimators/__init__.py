@@ -25,6 +25,11 @@ not depend on how samples are batched.
   after their count was fixed (honest coverage and no bias at the stop);
   :func:`initial_probes`: the first round.
 - :func:`expected_passes`: the cost model.
+
+Once some samples of a batch have stopped, the plain and deflated diagonal estimators and
+Hutchinson's run the next rounds on the samples still running only, on a sub-batch of the
+products where the measured cost says it pays (:class:`~.base.RowProducts`,
+``base.ROW_SUBSETS``); each sample's probes, and so its result, stay the same.
 """
 
 from .base import Estimate, Products, t_quantile

@@ -9,6 +9,7 @@ engine's business. Products may run in float32; estimators accumulate in float64
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,7 +21,7 @@ from ..engine.ops import Ops, TorchOps
 from ..errors import InvalidInputError, InvalidInputTypeError, NonFiniteProbeError
 from ..formulas import as_sigma
 
-__all__ = ["Estimate", "Products", "t_quantile"]
+__all__ = ["Estimate", "Products", "RowProducts", "t_quantile"]
 
 
 @runtime_checkable
@@ -49,6 +50,11 @@ class Products(Protocol):
         """``[B, K, m] -> [B, K, d]``: ``out[b, k] = J_b^T U[b, k]``."""
         ...
 
+    # Optional: ``select(idx) -> Products``, the products of the sub-batch ``idx`` (``[n]``
+    # int64 row indices), row ``i`` of its outputs being row ``idx[i]`` of this batch's.
+    # Estimators then run the rounds after some samples have stopped on the samples still
+    # running only (:class:`RowProducts`).
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -64,7 +70,10 @@ class Estimate:
             side of the log-scale t-interval, ``value (exp(t stderr / value) - 1)``, see
             :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`).
         num_probes: the largest number of probes any sample's estimate uses.
-        passes: Jacobian products (JVPs + VJPs) computed per sample.
+        passes: Jacobian products (JVPs + VJPs) computed per sample (for the sample that
+            computed the most: once some samples have stopped, the rounds may run on the others
+            alone, :class:`RowProducts`; ``info["computed_per_sample"]`` where an estimator
+            records each sample's own).
         converged: ``[B]`` bool: the interval met ``atol``/``rtol`` (always True without a
             tolerance; False where ``max_probes`` stopped the sample first).
         probes_per_sample: ``[B]`` int64, the probes drawn for each sample (adaptive stopping:
@@ -158,6 +167,11 @@ class _Detached:
     def vjp(self, U: Tensor) -> Tensor:
         return self.inner.vjp(U).detach()
 
+    def __getattr__(self, name: str) -> Any:  # select, counters, ...: the inner's
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
 
 def detached(products: Products) -> Products:
     """``products`` with outputs detached (checked against the protocol first)."""
@@ -192,17 +206,21 @@ def prior_precision(prior_var: float | None) -> float:
     return check_prior_var(prior_var)
 
 
-def check_finite(out: Tensor, sample_ids: Tensor, start: int, what: str) -> None:
+def check_finite(out: Tensor, sample_ids: Tensor, start: int, what: str,
+                 rows: Tensor | None = None) -> None:
     """Raise :class:`NonFiniteProbeError` if any probe's output ``out[b, k, ...]`` is not finite.
 
     The message names the first offending sample (global id and batch index) and probe index
-    (``start + k``). Non-finite contributions are never averaged in.
+    (``start + k``). Non-finite contributions are never averaged in. ``rows``: the batch
+    indices of ``out``'s rows when they are a sub-batch (``sample_ids`` the whole batch's).
     """
     bad = ~torch.isfinite(out)
     if bad.ndim > 2:
         bad = bad.flatten(2).any(dim=2)
     if bool(bad.any()):
         b, k = (int(i) for i in bad.nonzero()[0])
+        if rows is not None:
+            b = int(rows[b])
         n_bad = int(bad.sum())
         raise NonFiniteProbeError(
             f"{what}: probe {start + k} of sample {int(sample_ids[b])} (batch index {b}) gave a "
@@ -217,3 +235,139 @@ def ops_for(products: object) -> Ops:
     PyTorch reference), so probe reductions and Lanczos steps run on the same backend."""
     ops = getattr(products, "ops", None)
     return ops if ops is not None else TorchOps()
+
+
+#: How the estimators' rounds run once some samples of the batch have stopped:
+#: ``"auto"``: on a sub-batch of the samples still running (``products.select``) where the
+#: round's row-products it saves exceed :data:`SUBSET_BUILD_ROWS` (what building it is taken to
+#: cost); ``"always"``: on the sub-batch whenever the products can select one; ``"never"``: the
+#: whole batch (every sample gets the round's probes). A sample's probes are drawn from its own
+#: id, so which rows run together changes no probe; a row's products are the whole batch's up
+#: to the rounding of batched float32 kernels (bit for bit on many encoders; on some a
+#: convolution's kernel choice changes with the batch, e.g. 5e-10 relative on a tiny CNN's
+#: FSInfo_diag), so a result may differ from whole-batch rounds at that level. The choice is
+#: a function of the probe counts only (no timings), so a run is reproducible.
+ROW_SUBSETS = "auto"
+
+#: ``auto`` builds a new sub-batch where it saves more than this many row-products (one
+#: product of one sample) in the round at hand: about what re-linearising a few samples costs
+#: (the CRAFT VGG16-BN at 32 px on 2 CPU cores: 0.17 s against 2 ms per row-product).
+SUBSET_BUILD_ROWS = 64
+
+#: Sub-batches kept per products object (the most recently used).
+KEEP_SUBSETS = 2
+
+_SUBSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _root(products: object) -> object:
+    while isinstance(products, _Detached):
+        products = products.inner
+    return products
+
+
+def _subsets_of(root: object) -> dict[tuple[int, ...], object]:
+    """The sub-batches built for ``root`` (``{row indices: products}``, most recently used
+    last; a fresh dict, not kept, where ``root`` is not weak-referenceable)."""
+    try:
+        held = _SUBSETS.get(root)
+        if held is None:
+            held = _SUBSETS[root] = {}
+        return held
+    except TypeError:
+        return {}
+
+
+def rows_at_one_count(counts: Tensor, rows: Tensor | None, what: str
+                      ) -> tuple[Tensor, int] | None:
+    """``(want, start)``: the ``[B]`` bool mask of ``rows`` (``None``: all) and the one count
+    ``counts[rows]`` they all hold (``None`` when no row is asked for); an
+    :class:`InvalidInputError` naming ``what`` where they hold different counts."""
+    want = torch.ones_like(counts, dtype=torch.bool) if rows is None else rows.to(
+        device=counts.device, dtype=torch.bool)
+    held = counts[want]
+    if held.numel() == 0:
+        return None
+    start = int(held[0])
+    if bool((held != start).any()):
+        raise InvalidInputError(
+            f"{what}: the samples asked for hold different counts "
+            f"({sorted(set(held.tolist()))}); extend each count on its own")
+    return want, start
+
+
+class RowProducts:
+    """The products of one batch for the samples still running (:data:`ROW_SUBSETS`).
+
+    :meth:`rows` picks, for a round of ``count`` probes of the ``active`` samples, which
+    products run it: the whole batch, a sub-batch built earlier that holds the active samples,
+    or a new sub-batch of exactly them (``products.select``), whichever costs the fewest
+    row-products (a new one :data:`SUBSET_BUILD_ROWS` more; ties: a held one, then the whole
+    batch); then :meth:`jvp` / :meth:`vjp` run the round's ``[n, K, .]`` probes of those rows
+    (``n`` the rows chosen). The root products' ``jvp_passes`` / ``vjp_passes`` count a
+    sub-batch's call as one of the whole batch's (products per sample, as before);
+    :attr:`computed` counts each sample's own.
+    """
+
+    def __init__(self, products: Products) -> None:
+        self.products = detached(products)
+        self.root = _root(products)
+        self.batch = products.batch
+        self.subsets = _subsets_of(self.root)
+        self.current: Products = self.products
+        self.idx: Tensor | None = None
+        self.computed = torch.zeros(self.batch, dtype=torch.int64, device=products.device)
+
+    def rows(self, active: Tensor | None, count: int) -> Tensor | None:
+        """Choose the products of a round of ``count`` probes for the ``active`` samples
+        (``[B]`` bool; ``None``: all); returns the row indices they compute (``None``: all)."""
+        self.current, self.idx = self.products, None
+        if ROW_SUBSETS not in ("auto", "always", "never"):
+            raise InvalidInputError(
+                f"ROW_SUBSETS must be 'auto', 'always' or 'never', got {ROW_SUBSETS!r}")
+        if active is None or ROW_SUBSETS == "never" or not hasattr(self.root, "select"):
+            return None
+        n = int(active.sum())
+        if n == self.batch or n == 0:
+            return None
+        key = tuple(active.nonzero().squeeze(1).tolist())
+        if ROW_SUBSETS == "always":
+            pick: tuple[int, ...] | None = key
+        else:
+            want = set(key)
+            options = [(self.batch * count, 1, None), (n * count + SUBSET_BUILD_ROWS, 3, key)]
+            options += [(len(k) * count, 0 if k == key else 2, k) for k in self.subsets
+                        if want.issubset(k)]
+            _, _, pick = min(options)
+        if pick is None:
+            return None
+        sub = self.subsets.pop(pick, None)
+        if sub is None:
+            sub = self.root.select(torch.tensor(pick, dtype=torch.int64,
+                                                device=self.products.device))
+        self.subsets[pick] = sub
+        while len(self.subsets) > KEEP_SUBSETS:
+            del self.subsets[next(iter(self.subsets))]
+        self.current = detached(sub)
+        self.idx = torch.tensor(pick, dtype=torch.int64, device=self.products.device)
+        return self.idx
+
+    def _run(self, name: str, T: Tensor) -> Tensor:
+        k = T.shape[1]
+        out = getattr(self.current, name)(T)
+        if self.idx is None:
+            self.computed += k
+        else:
+            self.computed[self.idx] += k
+            counter = f"{name}_passes"
+            if hasattr(self.root, counter):  # products per sample, as a whole-batch call
+                setattr(self.root, counter, getattr(self.root, counter) + k)
+        return out
+
+    def jvp(self, V: Tensor) -> Tensor:
+        """``[n, K, d] -> [n, K, m]`` on the rows :meth:`rows` chose."""
+        return self._run("jvp", V)
+
+    def vjp(self, U: Tensor) -> Tensor:
+        """``[n, K, m] -> [n, K, d]`` on the rows :meth:`rows` chose."""
+        return self._run("vjp", U)

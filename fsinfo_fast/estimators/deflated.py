@@ -67,8 +67,10 @@ from ..errors import InvalidInputError
 from ..formulas import DIAG_FLOOR, HALF_LOG_2PIE
 from .base import (
     Products,
+    RowProducts,
     check_finite,
     detached,
+    rows_at_one_count,
     sigma_for,
     t_quantile,
 )
@@ -132,19 +134,29 @@ class DeflationSketch:
 
     Attributes:
         Q: ``[B, m, r]`` float64, orthonormal columns (a Gram-Schmidt order: every prefix of
-            ``Q`` is the sketch of that size).
+            ``Q`` is the sketch of that size); sample ``b``'s first ``held[b]`` columns.
         W: ``[B, d, r]`` float64, ``J^T Q``.
-        passes: products (JVPs + VJPs) spent per sample.
+        passes: products (JVPs + VJPs) spent per sample (for the sample that spent the most).
         power: power steps per block.
+        held: ``[B]`` int64, the columns each sample holds (a sample that stopped growing
+            holds fewer than ``r``; its columns beyond are zero and never read).
     """
 
     Q: Tensor
     W: Tensor
     passes: int = 0
     power: int = 0
+    held: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.held is None:
+            self.held = torch.full((self.Q.shape[0],), self.Q.shape[2], dtype=torch.int64,
+                                   device=self.Q.device)
+        self._spent = torch.full_like(self.held, self.passes)
 
     @property
     def rank(self) -> int:
+        """The most columns any sample holds."""
         return int(self.Q.shape[2])
 
     @classmethod
@@ -157,36 +169,67 @@ class DeflationSketch:
             power,
         )
 
-    def grow(self, products: Products, count: int, seed: int, sample_ids: Tensor) -> None:
-        """Add ``count`` columns: ``J Omega`` (sketch columns ``rank .. rank+count-1``), with
-        ``power`` power steps, orthogonalised against ``Q``; then their ``J^T q``."""
-        r0 = self.rank
+    def grow(self, products: Products | RowProducts, count: int, seed: int,
+             sample_ids: Tensor, rows: Tensor | None = None) -> None:
+        """Add ``count`` columns for the samples ``rows`` (``[B]`` bool, ``None``: all), which
+        must hold the same number ``r0`` of columns: ``J Omega`` (sketch columns ``r0 ..
+        r0+count-1``, each sample's own), with ``power`` power steps, orthogonalised against
+        its ``Q``; then their ``J^T q``. On a sub-batch of those samples where ``products``
+        can select one and that pays (:class:`~.base.RowProducts`); a whole-batch round also
+        grows the other samples that hold ``r0`` columns."""
+        router = products if isinstance(products, RowProducts) else RowProducts(products)
+        b, dev = self.Q.shape[0], self.Q.device
+        at = rows_at_one_count(self.held, rows, "grow (sketch ranks)")
+        if at is None:
+            return
+        want, r0 = at
+        per_col = 2 + 2 * self.power
+        idx = router.rows(None if bool(want.all()) else want, per_col * count)
+        comp = torch.arange(b, device=dev) if idx is None else idx
+        prod = router.products
         om = draw_probes(
-            products.d,
+            prod.d,
             seed=seed,
-            sample_ids=sample_ids,
+            sample_ids=sample_ids[comp],
             start=r0,
             count=count,
             kind="gaussian",
-            dtype=products.dtype,
-            device=products.device,
+            dtype=prod.dtype,
+            device=prod.device,
             stream=DEFLATION_SKETCH_STREAM,
         )
-        Y = products.jvp(om).to(torch.float64)  # [B, c, m]
-        check_finite(Y, sample_ids, r0, "deflation sketch (J omega)")
-        self.passes += count
+        Y = router.jvp(om).to(torch.float64)  # [n, c, m]
+        check_finite(Y, sample_ids, r0, "deflation sketch (J omega)", idx)
         for _ in range(self.power):
-            Qy = _orthonormal(Y.transpose(1, 2))  # [B, m, c]
-            Z = products.vjp(Qy.transpose(1, 2).to(products.dtype))
-            Y = products.jvp(Z).to(torch.float64)
-            check_finite(Y, sample_ids, r0, "deflation power step (J J^T q)")
-            self.passes += 2 * count
-        Qn = _orth_against(self.Q, Y.transpose(1, 2))  # [B, m, c]
-        Wn = products.vjp(Qn.transpose(1, 2).to(products.dtype)).to(torch.float64)
-        check_finite(Wn, sample_ids, r0, "deflation exact part (J^T q)")
-        self.passes += count
-        self.Q = torch.cat([self.Q, Qn], dim=2)
-        self.W = torch.cat([self.W, Wn.transpose(1, 2)], dim=2)
+            Qy = _orthonormal(Y.transpose(1, 2))  # [n, m, c]
+            Z = router.vjp(Qy.transpose(1, 2).to(prod.dtype))
+            Y = router.jvp(Z).to(torch.float64)
+            check_finite(Y, sample_ids, r0, "deflation power step (J J^T q)", idx)
+        self._spent[comp] += per_col * count
+        self.passes = int(self._spent.max())
+        keep = self.held[comp] == r0  # a row computed past its rank is not added
+        Qn = torch.zeros(comp.numel(), self.Q.shape[1], count, dtype=torch.float64, device=dev)
+        kept = comp[keep]
+        Qn[keep] = _orth_against(self.Q[kept, :, :r0], Y[keep].transpose(1, 2))
+        Wn = router.vjp(Qn.transpose(1, 2).to(prod.dtype)).to(torch.float64)
+        check_finite(Wn, sample_ids, r0, "deflation exact part (J^T q)", idx)
+        end = r0 + count
+        if end > self.rank:  # room for the new columns (zero: not held)
+            pad = end - self.rank
+            self.Q = torch.cat([self.Q, self.Q.new_zeros(b, self.Q.shape[1], pad)], dim=2)
+            self.W = torch.cat([self.W, self.W.new_zeros(b, self.W.shape[1], pad)], dim=2)
+        self.Q[kept, :, r0:end] = Qn[keep]
+        self.W[kept, :, r0:end] = Wn[keep].transpose(1, 2)
+        self.held[kept] = end
+
+    def grow_to(self, products: Products | RowProducts, rank: int, seed: int,
+                sample_ids: Tensor, rows: Tensor | None = None) -> None:
+        """Grow every sample of ``rows`` (``None``: all) that holds fewer than ``rank``
+        columns to ``rank`` (one :meth:`grow` per rank held)."""
+        want = torch.ones_like(self.held, dtype=torch.bool) if rows is None else rows
+        short = want & (self.held < rank)
+        for h in sorted({int(v) for v in self.held[short].tolist()}):
+            self.grow(products, rank - h, seed, sample_ids, short & (self.held == h))
 
     def exact_part(self, ranks: Tensor) -> Tensor:
         """``[B, d]`` float64 ``E_k = sum_{i < r_b} W[b, k, i]^2`` for per-sample ranks."""
@@ -197,6 +240,10 @@ class DeflationSketch:
         """``Q``, ``W`` and the ``[B, R]`` float64 mask of each sample's columns, cut at ``R =
         max(ranks)``: what every use of the sketch at ``ranks`` reads, so that the result does
         not depend on how far a shared sketch has grown beyond them."""
+        if bool((ranks > self.held).any()):
+            raise InvalidInputError(
+                f"the sketch holds ranks {self.held.tolist()}, fewer than asked for "
+                f"({ranks.tolist()}): grow it first")
         r = int(ranks.max()) if ranks.numel() else 0
         idx = torch.arange(r, device=self.Q.device)
         mask = (idx[None, :] < ranks[:, None]).to(torch.float64)  # [B, R]
@@ -209,7 +256,10 @@ class DeflationSketch:
 
     def copy(self) -> DeflationSketch:
         """An independent copy (growing it leaves this one as it is)."""
-        return DeflationSketch(self.Q.clone(), self.W.clone(), self.passes, self.power)
+        out = DeflationSketch(self.Q.clone(), self.W.clone(), self.passes, self.power,
+                              self.held.clone())
+        out._spent = self._spent.clone()
+        return out
 
 
 def _orthonormal(Y: Tensor) -> Tensor:
@@ -241,11 +291,12 @@ class _DeflatedProbeState(DiagProbeState):
 
     basis: Tensor
 
-    def _output_probes(self, start: int, count: int, dtype: torch.dtype) -> Tensor:
+    def _output_probes(self, start: int, count: int, dtype: torch.dtype,
+                       idx: Tensor | None = None) -> Tensor:
         U = draw_probes(
             self.m,
             seed=self.seed,
-            sample_ids=self.sample_ids,
+            sample_ids=self.sample_ids if idx is None else self.sample_ids[idx],
             start=start,
             count=count,
             kind="gaussian",
@@ -253,7 +304,7 @@ class _DeflatedProbeState(DiagProbeState):
             device=self.device,
             stream=DEFLATION_RESIDUAL_STREAM,
         )
-        Q = self.basis
+        Q = self.basis if idx is None else self.basis[idx]
         U = U - (U @ Q) @ Q.transpose(1, 2)
         return U.to(dtype)
 
@@ -590,8 +641,7 @@ def _rank_choice(products: Products, state: DeflatedProbeState, rule: StoppingRu
                 f"max_probes ({rule.max_probes}) leaves no room for remainder probes after a "
                 f"sketch of rank {rank} ({per_col * rank} products)"
             )
-        if rank > sketch.rank:
-            sketch.grow(products, rank - sketch.rank, state.seed, state.sample_ids)
+        sketch.grow_to(products, rank, state.seed, state.sample_ids)
         ranks = torch.full((b,), rank, dtype=torch.int64, device=dev)
     return RankChoice(ranks, predicted, plain, gave_up, pilot, pilot_new, sketch.passes - held,
                       per_col)
@@ -726,6 +776,7 @@ def estimate_diag_deflated(
     floor = float(floor)
     sketch = state.sketch
     reused = sketch.passes
+    spent0 = sketch._spent.clone()
     choice = _rank_choice(products, state, rule, targets, sigma_t, floor, rank, max_rank,
                           start_rank, pilot_probes, jackknife_groups)
     ranks, predicted, gave_up = choice.ranks, choice.predicted, choice.gave_up
@@ -811,6 +862,9 @@ def estimate_diag_deflated(
         "products_per_sample": [pilot + per_col * int(r) + int(k)
                                 for r, k in zip(ranks.tolist(), probes.tolist(), strict=True)],
         "reused_probes": run.reused(drawn),
+        "remainder_computed_per_sample": run.computed_per_sample,
+        # the products this call computed for each sample: pilot, sketch columns, remainder
+        "computed_per_sample": pilot_new + (sketch._spent - spent0) + run.computed_per_sample,
         "predicted_probes": [round(float(k), 1) for k in predicted.tolist()],
         "stage_probes": [int(k) for k in stage_probes.tolist()],
         "gave_up_at_rank_choice": [bool(g) for g in gave_up.tolist()],
@@ -874,12 +928,14 @@ def _choose_rank(
     growing = torch.ones(b, dtype=torch.bool, device=dev)
     gave_up = torch.zeros(b, dtype=torch.bool, device=dev)
     per_col = 2 + 2 * sketch.power
+    router = RowProducts(products)
     r_prev, r = 0, start_rank
     while bool(growing.any()) and r <= max_rank:
-        if r > sketch.rank:  # a shared sketch may hold these columns already
-            sketch.grow(products, r - sketch.rank, seed, ids)
+        # the samples still growing (a shared sketch may hold their columns already)
+        sketch.grow_to(router, r, seed, ids, growing)
         full = torch.full((b,), r, dtype=torch.int64, device=dev)
-        k_now = pilot.predict(sketch, full)
+        # the others' predictions are not used: each at its own rank, which its sketch holds
+        k_now = pilot.predict(sketch, torch.where(growing, full, ranks))
         ranks = torch.where(growing, full, ranks)
         k_at = torch.where(growing, k_now, k_at)
         # local power law K ~ r^-p from the last step (p = 1 after the first block): growing

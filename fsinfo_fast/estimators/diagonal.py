@@ -69,9 +69,11 @@ from ..formulas import DIAG_FLOOR, HALF_LOG_2PIE
 from .base import (
     Estimate,
     Products,
+    RowProducts,
     check_finite,
     detached,
     ops_for,
+    rows_at_one_count,
     sample_ids_for,
     sigma_for,
 )
@@ -205,16 +207,24 @@ def state_fields(products: Products, seed: int | torch.Generator, sample_ids: Te
             "groups": jackknife_groups, "snapshot_bytes": snapshot_bytes}
 
 
+def _group_counts(k: int, groups: int, device: torch.device) -> Tensor:
+    """``[G]`` float64: how many of the probes ``0 .. k-1`` fall in each group (``j mod G``)."""
+    return torch.full((groups,), float(k // groups), dtype=torch.float64, device=device) + (
+        torch.arange(groups, device=device) < k % groups).to(torch.float64)
+
+
 @dataclass
 class DiagProbeState:
     r"""Accumulated statistics of the Gaussian output-side VJP probes drawn so far for a batch.
 
     Probe ``j`` of sample ``b`` is ``draw_probes(m, seed, sample_ids[b], j)`` (Gaussian), so
     the statistics at ``K`` probes do not depend on how the probes were split into rounds or
-    which batch the sample is in. :meth:`extend` draws the next probes and runs their VJPs;
-    :meth:`stats` gives the statistics at the current count or at an earlier round boundary
-    kept as a snapshot (within ``snapshot_bytes``; older snapshots are dropped first, and
-    asking for a dropped one raises :class:`SnapshotDroppedError`).
+    which batch the sample is in. :meth:`extend` draws the next probes and runs their VJPs,
+    for every sample or for some (the samples still running: each sample holds its own count,
+    :attr:`counts`); :meth:`stats` gives the statistics at a count some samples hold now or
+    held at an earlier round boundary kept as a snapshot (within ``snapshot_bytes``; older
+    snapshots are dropped first, and asking for a dropped one raises
+    :class:`SnapshotDroppedError`).
 
     Build it with :meth:`for_products`.
 
@@ -224,7 +234,7 @@ class DiagProbeState:
         sample_ids: ``[B]`` int64 global sample ids.
         groups: jackknife groups ``G``.
         snapshot_bytes: memory allowed for snapshots (``0``: keep none).
-        k: probes accumulated so far.
+        k: probes accumulated by the samples furthest along.
         dropped: round boundaries whose snapshots were dropped.
 
     Example:
@@ -234,6 +244,8 @@ class DiagProbeState:
         >>> st.extend(P, 4); st.extend(P, 4)
         >>> st.k, st.available(), tuple(st.stats(4).norms.shape)
         (8, [4, 8], (2, 4))
+        >>> st.extend(P, 4, rows=torch.tensor([False, True])); st.counts.tolist()
+        [8, 12]
     """
 
     batch: int
@@ -250,8 +262,10 @@ class DiagProbeState:
         dev = self.sample_ids.device
         self.group_sums = torch.zeros(self.batch, self.groups, self.d, dtype=torch.float64,
                                       device=dev)
-        self.group_n = torch.zeros(self.groups, dtype=torch.float64, device=dev)
-        self._norms: list[Tensor] = []
+        #: ``[B]`` int64, the probes each sample holds
+        self.counts = torch.zeros(self.batch, dtype=torch.int64, device=dev)
+        self._norms = torch.zeros(self.batch, 0, dtype=torch.float64, device=dev)
+        #: round boundary -> (group sums, ``[B]`` bool: the samples whose sums they are)
         self._snaps: dict[int, tuple[Tensor, Tensor]] = {}
 
     @classmethod
@@ -271,14 +285,28 @@ class DiagProbeState:
     def device(self) -> torch.device:
         return self.sample_ids.device
 
-    def available(self) -> list[int]:
-        """Probe counts whose statistics :meth:`stats` can give (kept snapshots and ``k``)."""
-        return sorted(self._snaps) + ([self.k] if self.k > 0 else [])
+    @property
+    def group_n(self) -> Tensor:
+        """``[G]`` float64 probes per group at :attr:`k`."""
+        return _group_counts(self.k, self.groups, self.device)
 
-    def _snapshot(self) -> None:
-        if self.k == 0 or self.snapshot_bytes <= 0:
-            if self.k > 0:
-                self.dropped.append(self.k)
+    def available(self) -> list[int]:
+        """Probe counts whose statistics :meth:`stats` can give for some samples (kept
+        snapshots and the counts held now)."""
+        now = {int(c) for c in self.counts.unique().tolist() if c > 0}
+        return sorted(set(self._snaps) | now)
+
+    def _snapshot(self, start: int) -> None:
+        """Keep the sums of the samples at ``start`` probes (within the budget)."""
+        at = self.counts == start
+        if start == 0 or self.snapshot_bytes <= 0:
+            if start > 0 and start not in self.dropped:
+                self.dropped.append(start)
+            return
+        held = self._snaps.get(start)
+        if held is not None:  # others passed this boundary before: add these samples
+            held[0][at] = self.group_sums[at]
+            held[1][at] = True
             return
         one = self.group_sums.numel() * 8
         while self._snaps and (len(self._snaps) + 1) * one > self.snapshot_bytes:
@@ -286,49 +314,72 @@ class DiagProbeState:
             del self._snaps[oldest]
             self.dropped.append(oldest)
         if one > self.snapshot_bytes:
-            self.dropped.append(self.k)
+            self.dropped.append(start)
             return
-        self._snaps[self.k] = (self.group_sums.clone(), self.group_n.clone())
+        self._snaps[start] = (self.group_sums.clone(), at.clone())
 
-    def extend(self, products: Products, count: int) -> None:
-        """Draw probes ``k .. k+count-1``, run their VJPs and accumulate (``count >= 1``).
+    def extend(self, products: Products | RowProducts, count: int,
+               rows: Tensor | None = None) -> None:
+        """Draw probes ``s .. s+count-1`` for the samples ``rows`` (``[B]`` bool, ``None``:
+        all), which must all hold ``s`` probes, run their VJPs and accumulate (``count >= 1``).
 
-        The statistics at the current ``k`` are kept as a snapshot first (within the budget).
+        The statistics at ``s`` are kept as a snapshot first (within the budget). With
+        ``rows``, the VJPs run on a sub-batch of those samples where ``products`` can select
+        one and that pays (:class:`~.base.RowProducts`); the whole batch's VJPs also extend
+        the other samples that hold ``s`` probes.
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise InvalidInputError(f"count must be an int >= 1, got {count!r}")
-        if products.batch != self.batch or products.d != self.d or products.m != self.m:
+        router = products if isinstance(products, RowProducts) else RowProducts(products)
+        prod = router.products
+        if prod.batch != self.batch or prod.d != self.d or prod.m != self.m:
             raise InvalidInputError(
-                f"products (B={products.batch}, m={products.m}, d={products.d}) do not match "
+                f"products (B={prod.batch}, m={prod.m}, d={prod.d}) do not match "
                 f"the state (B={self.batch}, m={self.m}, d={self.d})"
             )
-        products = detached(products)
-        self._snapshot()
-        start, b, d, dev = self.k, self.batch, self.d, self.device
-        ops = ops_for(products)
-        U = self._output_probes(start, count, products.dtype)
-        G = products.vjp(U)
-        check_finite(G, self.sample_ids, start, "FSInfo_diag (J^T u)")
+        at = rows_at_one_count(self.counts, rows, "extend")
+        if at is None:
+            return
+        want, start = at
+        self._snapshot(start)
+        idx = router.rows(None if bool(want.all()) else want, count)
+        U = self._output_probes(start, count, prod.dtype, idx)
+        G = router.vjp(U)
+        check_finite(G, self.sample_ids, start, "FSInfo_diag (J^T u)", idx)
+        comp = torch.arange(self.batch, device=self.device) if idx is None else idx
+        keep = self.counts[comp] == start  # a row computed past its count is not added
+        if not bool(keep.all()):
+            G, comp = G[keep], comp[keep]
+        whole = comp.numel() == self.batch
+        sums = self.group_sums if whole else self.group_sums[comp]
+        ops = ops_for(prod)
+        b, d = comp.numel(), self.d
         # float64 squares in slices of probes, so the float64 copy stays bounded
         step = max(1, _SLICE_ELEMS // max(1, b * d))
+        norms = []
         for c0 in range(0, count, step):
-            Gs = G[:, c0 : c0 + step]
-            j0 = start + c0
             # fused: group sums of g^2 (float64, in place) and the squared norms, one read of G
-            self._norms.append(ops.sq_accumulate(Gs, self.group_sums, j0))
-            groups = torch.arange(j0, j0 + Gs.shape[1], device=dev) % self.groups
-            self.group_n.index_add_(
-                0, groups, torch.ones(Gs.shape[1], dtype=torch.float64, device=dev)
-            )
-        self.k = start + count
+            norms.append(ops.sq_accumulate(G[:, c0 : c0 + step], sums, start + c0))
+        if not whole:
+            self.group_sums[comp] = sums
+        end = start + count
+        if self._norms.shape[1] < end:  # room for the new probes (NaN: not drawn)
+            grow = max(end, 2 * self._norms.shape[1]) - self._norms.shape[1]
+            self._norms = torch.cat([self._norms, self._norms.new_full(
+                (self.batch, grow), math.nan)], dim=1)
+        self._norms[comp, start:end] = torch.cat(norms, dim=1) if len(norms) > 1 else norms[0]
+        self.counts[comp] = end
+        self.k = max(self.k, end)
 
-    def _output_probes(self, start: int, count: int, dtype: torch.dtype) -> Tensor:
-        """``[B, count, m]`` output-side probes ``start .. start+count-1`` (Gaussian, stream 0;
-        a subclass may transform them, e.g. project out a deflated subspace)."""
+    def _output_probes(self, start: int, count: int, dtype: torch.dtype,
+                       idx: Tensor | None = None) -> Tensor:
+        """``[n, count, m]`` output-side probes ``start .. start+count-1`` of the samples
+        ``idx`` (``None``: all; Gaussian, stream 0; a subclass may transform them, e.g. project
+        out a deflated subspace)."""
         return draw_probes(
             self.m,
             seed=self.seed,
-            sample_ids=self.sample_ids,
+            sample_ids=self.sample_ids if idx is None else self.sample_ids[idx],
             start=start,
             count=count,
             kind="gaussian",
@@ -337,29 +388,38 @@ class DiagProbeState:
         )
 
     def norms(self) -> Tensor:
-        """``[B, k]`` float64 ``||g_j||^2`` of every probe so far."""
-        if not self._norms:
-            return torch.zeros(self.batch, 0, dtype=torch.float64, device=self.device)
-        if len(self._norms) > 1:
-            self._norms = [torch.cat(self._norms, dim=1)]
-        return self._norms[0]
+        """``[B, k]`` float64 ``||g_j||^2`` of every probe so far (NaN beyond a sample's
+        count)."""
+        return self._norms[:, : self.k]
 
-    def stats(self, k: int | None = None) -> DiagStats:
-        """The statistics at ``k`` probes (default: all so far).
+    def stats(self, k: int | None = None, rows: Tensor | None = None) -> DiagStats:
+        """The statistics at ``k`` probes (default: :attr:`k`) of the samples ``rows``
+        (``[B]`` bool, ``None``: all; the other rows of the result are not meaningful).
 
-        At the current count the tensors are views of the live accumulators (valid until the
-        next :meth:`extend`); at an earlier round boundary they are the kept snapshot.
+        A sample holding ``k`` probes now gives its live accumulators (valid until the next
+        :meth:`extend`); one that went past ``k`` gives the kept snapshot.
 
         Raises:
-            SnapshotDroppedError: ``k`` is not the current count nor a kept snapshot.
+            SnapshotDroppedError: a sample asked for neither holds ``k`` probes nor passed
+                ``k`` as a round boundary whose snapshot is kept.
         """
         k = self.k if k is None else k
-        if k == self.k and k > 0:
-            return DiagStats(k, self.group_sums, self.group_n, self.norms())
-        if k in self._snaps:
-            gs, gn = self._snaps[k]
-            return DiagStats(k, gs, gn, self.norms()[:, :k])
-        why = "was dropped to bound memory" if k in self.dropped else "is not a round boundary"
+        want = torch.ones(self.batch, dtype=torch.bool, device=self.device) if rows is None \
+            else rows
+        live = self.counts == k
+        norms = self._norms[:, :k]
+        if k > 0 and bool(live[want].all()):
+            return DiagStats(k, self.group_sums, _group_counts(k, self.groups, self.device),
+                             norms)
+        snap = self._snaps.get(k)
+        if k > 0 and snap is not None and bool((snap[1] | live)[want].all()):
+            sums = snap[0] if bool(snap[1][want].all()) else torch.where(
+                live[:, None, None], self.group_sums, snap[0])
+            return DiagStats(k, sums, _group_counts(k, self.groups, self.device), norms)
+        behind = bool((self.counts[want] < k).any())
+        why = ("some of the samples asked for hold fewer probes" if behind else
+               "was dropped to bound memory" if k in self.dropped else
+               "is not a round boundary")
         raise SnapshotDroppedError(
             f"the statistics at {k} probes are not held ({why}; held: {self.available()}); "
             "recompute them with a fresh DiagProbeState"
@@ -423,58 +483,72 @@ def _check_state(
 
 class _Replay:
     """Runs the rounds of :func:`~.stopping.run_rounds` over a :class:`DiagProbeState` that may
-    already hold probes: :meth:`process` draws a round only where the state has not gone past
-    it (the probes it holds cost no products); :meth:`stats` and :meth:`mark` read the
-    statistics at the current round boundary (a kept snapshot where the state is further
-    along). Shared by the plain and the deflated diagonal estimators, so that a request on a
-    state built by another (another sigma, floor or tolerance) equals a fresh call.
+    already hold probes: :meth:`process` draws a round for the samples still running that
+    have not gone past it (the probes a sample holds cost no products; a round runs on a
+    sub-batch of those samples where that pays, :class:`~.base.RowProducts`); :meth:`stats`
+    and :meth:`mark` read the statistics at the current round boundary (a kept snapshot where a
+    sample is further along). Shared by the plain and the deflated diagonal estimators, so that
+    a request on a state built by another (another sigma, floor or tolerance) equals a fresh
+    call.
 
-    Raises :class:`SnapshotDroppedError` where the state holds a probe count between two round
+    Raises :class:`SnapshotDroppedError` where a sample holds a probe count between two round
     boundaries of this schedule, or a boundary's snapshot was dropped.
     """
 
     def __init__(self, state: DiagProbeState, products: Products) -> None:
-        self.state, self.products = state, products
-        self.k_entry = state.k
+        self.state = state
+        self.rows = RowProducts(products)
+        self.k_entry = state.counts.clone()
         self.boundary = 0
         self.base: dict[str, Tensor] = {}
 
-    def process(self, start: int, count: int) -> None:
+    def process(self, start: int, count: int, active: Tensor | None = None) -> None:
         k, state = start + count, self.state
-        if state.k < k:
-            if state.k != start:
+        c = state.counts
+        short = c < k if active is None else active & (c < k)
+        if bool(short.any()):
+            if bool((short & (c != start)).any()):
+                held = sorted({int(v) for v in c[short & (c != start)].tolist()})
                 raise SnapshotDroppedError(
-                    f"the state holds {state.k} probes, between the round boundaries {start} "
-                    f"and {k} of this schedule: replay it with the schedule that built it, or "
-                    "use a fresh state"
+                    f"the state holds {held} probes for some samples, not the round boundary "
+                    f"{start} of this schedule (next: {k}): replay it with the schedule that "
+                    "built it, or use a fresh state"
                 )
-            state.extend(self.products, count)
+            state.extend(self.rows, count, None if bool(short.all()) else short)
         self.boundary = k
 
-    def current(self) -> DiagStats:
-        """The statistics at the current round boundary."""
-        return self.state.stats(self.boundary)
+    def current(self, rows: Tensor | None = None) -> DiagStats:
+        """The statistics at the current round boundary (of ``rows``, ``None``: all)."""
+        return self.state.stats(self.boundary, rows)
 
     def mark(self, rows: Tensor) -> None:
         # the running sums where these samples' previous stage ended: their next stage's
         # statistics are the sums since then
-        gs = self.current().group_sums
+        gs = self.current(rows).group_sums
         if not self.base:
             self.base["sums"] = torch.zeros_like(gs)
         self.base["sums"][rows] = gs[rows]
 
     def stats(self, lo: int, rows: Tensor | None) -> tuple[DiagStats, Tensor | None]:
         """:func:`stage_stats` of the probes ``lo ..`` at the current boundary."""
-        return stage_stats(self.current(), lo, self.base.get("sums"), rows)
+        return stage_stats(self.current(rows), lo, self.base.get("sums"), rows)
 
     @property
     def computed(self) -> int:
-        """Probes drawn (one product each) by this run."""
-        return max(0, self.state.k - self.k_entry)
+        """Probes drawn (one product each) by this run for the sample that drew the most."""
+        return int((self.state.counts - self.k_entry).clamp_min(0).max()) \
+            if self.state.batch else 0
+
+    @property
+    def computed_per_sample(self) -> Tensor:
+        """``[B]`` int64: the products this run computed for each sample (a whole-batch round
+        also computes the samples that had stopped, or went past it before)."""
+        return self.rows.computed
 
     def reused(self, drawn: int) -> int:
-        """How many of the ``drawn`` probes of this run the state already held."""
-        return min(drawn, self.k_entry)
+        """How many of the ``drawn`` probes of this run the state already held (for the
+        sample that held the most)."""
+        return min(drawn, int(self.k_entry.max())) if self.state.batch else 0
 
 
 def _diag_rule(
@@ -955,6 +1029,7 @@ def estimate_diag(
         "kind": "gaussian",
         "reused_probes": run.reused(drawn),
         "stop_on": sorted(targets),
+        "computed_per_sample": run.computed_per_sample,
     }
     common = dict(converged=converged, probes=probes, drawn=drawn, pilot=pilot, passes=computed)
     fs = frozen["fsinfo_diag"]

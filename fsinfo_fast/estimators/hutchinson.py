@@ -27,6 +27,7 @@ everything is scaled to dFIL, ``tr(J^T J) / (sigma^2 d)`` (Maeng et al. 2023), i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container
 from typing import Unpack
 
@@ -37,6 +38,7 @@ from ..errors import InvalidInputError
 from .base import (
     Estimate,
     Products,
+    RowProducts,
     check_finite,
     detached,
     sample_ids_for,
@@ -193,21 +195,27 @@ def hutchinson_trace(
     scale = trace_scale(products, sigma)
     n = products.d if side == "input" else products.m
     chunks: list[Tensor] = []
+    rows = RowProducts(products)
 
-    def process(start: int, count: int) -> None:
+    def process(start: int, count: int, active: Tensor | None = None) -> None:
+        idx = rows.rows(active, count)
+        sub = ids if idx is None else ids[idx]
         P = draw_probes(
             n,
             seed=seed,
-            sample_ids=ids,
+            sample_ids=sub,
             start=start,
             count=count,
             kind=kind,
             dtype=products.dtype,
             device=products.device,
         )
-        out = products.jvp(P) if side == "input" else products.vjp(P)
-        check_finite(out, ids, start, f"Hutchinson trace ({side} side)")
-        chunks.append((out.to(torch.float64) ** 2).sum(dim=2))
+        out = rows.jvp(P) if side == "input" else rows.vjp(P)
+        check_finite(out, ids, start, f"Hutchinson trace ({side} side)", idx)
+        t = (out.to(torch.float64) ** 2).sum(dim=2)
+        if idx is not None:  # the samples that stopped are not summarised from here on
+            t = t.new_full((products.batch, count), math.nan).index_copy_(0, idx, t)
+        chunks.append(t)
 
     summarize = trace_summarizer(chunks, scale, n, products.dtype, kind, confidence)
     frozen, converged, probes, drawn, pilot = run_rounds(
@@ -228,5 +236,6 @@ def hutchinson_trace(
             "kind": kind,
             "seed": seed,
             "interval": f"log-scale t (upper side, symmetric; weight {skew_weight(kind)})",
+            "computed_per_sample": rows.computed,
         },
     )

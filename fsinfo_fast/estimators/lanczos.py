@@ -1137,7 +1137,7 @@ def slq_logdet(
         k: [] for k in ("value", "allow", "order", "conv", "bound", "zero")
     }
 
-    def process(start: int, count: int) -> None:
+    def process(start: int, count: int, active: Tensor | None = None) -> None:
         t = store.terms(start, count, sigma=sig, prior_var=prior_var, quad_atol=qa,
                         max_order=cap)
         parts["value"].append(t.value)
@@ -1267,7 +1267,7 @@ def slq_trace(
     held, spent0 = store.k, store.passes
     chunks: list[Tensor] = []
 
-    def process(start: int, count: int) -> None:
+    def process(start: int, count: int, active: Tensor | None = None) -> None:
         chunks.append(store.trace_terms(start, count))
 
     frozen, converged, probes, drawn, pilot = run_rounds(

@@ -141,7 +141,7 @@ def hutchpp_trace(
     sketch_trace = (FQ.to(torch.float64) ** 2).sum(dim=(1, 2))  # [B]
     chunks: list[Tensor] = []
 
-    def process(start: int, count: int) -> None:
+    def process(start: int, count: int, active: Tensor | None = None) -> None:
         G = draw_probes(
             n,
             seed=seed,

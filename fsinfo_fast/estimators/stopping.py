@@ -462,8 +462,11 @@ def run_rounds(
         rule: the stopping rule.
         batch: ``B``.
         device: device of the per-sample tensors.
-        process: ``process(start, count)`` consumes probes ``start .. start+count-1`` (called
-            with consecutive ranges along ``rule.schedule()``).
+        process: ``process(start, count, active)`` consumes probes ``start .. start+count-1``
+            of the ``active`` samples (``[B]`` bool, ``None``: all; called with consecutive
+            ranges along ``rule.schedule()``): only they are summarised from these probes on,
+            so an estimator may draw them for those samples alone (:class:`~.base.
+            RowProducts`).
         summarize: ``summarize(lo, rows, names)`` gives ``{name: (value, stderr, dof[,
             bias_bound[, hw_fn[, bias_cap]]])}`` (see :data:`Summary`), ``[B]`` each, from the
             probes ``lo .. k-1`` processed so far (``lo`` a round boundary; ``0``: all of
@@ -499,7 +502,7 @@ def run_rounds(
     """
     sched = list(rule.schedule())
     _, n0, last0 = sched[0]
-    process(0, n0)
+    process(0, n0, None)
     frozen: dict[str, Frozen] = {}
     if last0 or not rule.adaptive:
         first = _parts(summarize(0, None, None), rule.confidence)
@@ -576,7 +579,7 @@ def run_rounds(
             for f in frozen.values():
                 f.with_batch = rest
             break
-        process(start, count)
+        process(start, count, None if bool(done.logical_not().all()) else ~done)
         drawn = start + count
         at_cap = drawn >= last_at  # the last boundary within the sample's cap
         # stage 2 (probes n0..k2-1) sizes stage 3 and gives its interval's spread
