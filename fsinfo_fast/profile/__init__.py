@@ -57,7 +57,9 @@ killed at any moment continues with ``--resume`` (same ``--out``, or the newest 
 uninterrupted run (probes are seeded per sample id and batches are fixed sets of samples). The
 run's settings are stored in ``settings.json``; resuming with settings that change the numbers
 (model weights, data, splits, sigma, variant, estimator, tolerances, prior, target, seed,
-sharing) is refused; ``--batch-size``, ``--device`` and the number of processes may change.
+sharing) is refused; ``--batch-size``, ``--device`` and the number of processes may change
+(another ``--batch-size`` keeps every sample's probes, but ``auto`` picks its routes and dFIL
+method per batch, so a regrouped batch may take another one).
 A new run refuses a non-empty ``--out``.
 
 Several processes: under ``torchrun`` the samples are handed out by batch over the ranks (gloo on
