@@ -254,8 +254,10 @@ ROW_SUBSETS = "auto"
 #: (the CRAFT VGG16-BN at 32 px on 2 CPU cores: 0.17 s against 2 ms per row-product).
 SUBSET_BUILD_ROWS = 64
 
-#: Sub-batches kept per products object (the most recently used).
-KEEP_SUBSETS = 2
+#: Sub-batches kept per products object (the most recently used; the others are dropped before
+#: a new one is built, so that the memory held is at most the whole batch's linearisation and
+#: this many smaller ones).
+KEEP_SUBSETS = 1
 
 _SUBSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -343,6 +345,8 @@ class RowProducts:
             return None
         sub = self.subsets.pop(pick, None)
         if sub is None:
+            while self.subsets and len(self.subsets) >= KEEP_SUBSETS:  # free memory first
+                del self.subsets[next(iter(self.subsets))]
             sub = self.root.select(torch.tensor(pick, dtype=torch.int64,
                                                 device=self.products.device))
         self.subsets[pick] = sub
