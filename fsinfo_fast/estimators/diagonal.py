@@ -244,8 +244,8 @@ class DiagProbeState:
         >>> st.extend(P, 4); st.extend(P, 4)
         >>> st.k, st.available(), tuple(st.stats(4).norms.shape)
         (8, [4, 8], (2, 4))
-        >>> st.extend(P, 4, rows=torch.tensor([False, True])); st.counts.tolist()
-        [8, 12]
+        >>> st.extend(P, 100, rows=torch.tensor([False, True])); st.counts.tolist()
+        [8, 108]
     """
 
     batch: int
