@@ -140,3 +140,24 @@ def test_explicit_engine_engages_without_fallback(name):
     assert isinstance(P, LinearisedProducts) and P.backend == "engine"
     assert P.fallbacks == [], P.fallbacks
     assert make_products(prep, "auto").backend in ("engine", "cpp")
+
+
+@pytest.mark.parametrize("name", ["resnet", "vit", "convnext"])
+@pytest.mark.parametrize("backend", ["engine", "torch"])
+def test_sub_batch_products_equal_the_batch_rows(name, backend):
+    """``select`` (the rounds of the samples still running, ``estimators.base.RowProducts``) on
+    models users bring: the encoder re-linearised at one sample of the batch (a new input shape
+    for the capture) gives that sample's rows of the whole batch's products, up to the rounding
+    of float32 kernels whose choice may change with the batch."""
+    from fsinfo_fast.encoder import prepare
+    from fsinfo_fast.engine import make_products
+
+    enc, x, _ = _case(name)
+    P = make_products(prepare(enc, x), backend)
+    S = P.select(torch.tensor([1]))
+    assert (S.batch, S.m, S.d, S.backend) == (1, P.m, P.d, P.backend)
+    g = torch.Generator().manual_seed(3)
+    V = torch.randn(2, 3, P.d, generator=g)
+    U = torch.randn(2, 3, P.m, generator=g)
+    for a, b in ((S.jvp(V[1:]), P.jvp(V)[1:]), (S.vjp(U[1:]), P.vjp(U)[1:])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
