@@ -167,11 +167,6 @@ class _Detached:
     def vjp(self, U: Tensor) -> Tensor:
         return self.inner.vjp(U).detach()
 
-    def __getattr__(self, name: str) -> Any:  # select, counters, ...: the inner's
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
 
 def detached(products: Products) -> Products:
     """``products`` with outputs detached (checked against the protocol first)."""
@@ -262,7 +257,8 @@ KEEP_SUBSETS = 1
 _SUBSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _root(products: object) -> object:
+def undetached(products: object) -> object:
+    """The products a :func:`detached` view wraps (``products`` itself if it is none)."""
     while isinstance(products, _Detached):
         products = products.inner
     return products
@@ -313,7 +309,7 @@ class RowProducts:
 
     def __init__(self, products: Products) -> None:
         self.products = detached(products)
-        self.root = _root(products)
+        self.root = undetached(products)
         self.batch = products.batch
         self.subsets = _subsets_of(self.root)
         self.current: Products = self.products
@@ -350,8 +346,6 @@ class RowProducts:
             sub = self.root.select(torch.tensor(pick, dtype=torch.int64,
                                                 device=self.products.device))
         self.subsets[pick] = sub
-        while len(self.subsets) > KEEP_SUBSETS:
-            del self.subsets[next(iter(self.subsets))]
         self.current = detached(sub)
         self.idx = torch.tensor(pick, dtype=torch.int64, device=self.products.device)
         return self.idx

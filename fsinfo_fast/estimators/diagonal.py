@@ -430,10 +430,8 @@ def _stats_since(lo: int, hi: DiagStats, base_sums: Tensor) -> DiagStats:
     """The statistics of the probes ``lo .. hi.k - 1`` alone, for the rows whose
     ``base_sums`` (``[B, G, d]``) are the group sums at ``lo`` (the other rows are not
     meaningful)."""
-    g = hi.group_n.shape[0]
-    j = torch.arange(lo, hi.k, device=hi.group_n.device)
-    one = torch.ones_like(j, dtype=hi.group_n.dtype)
-    n = torch.zeros_like(hi.group_n).index_add_(0, j % g, one)
+    g, dev = hi.group_n.shape[0], hi.group_n.device
+    n = _group_counts(hi.k, g, dev) - _group_counts(lo, g, dev)
     return DiagStats(hi.k - lo, hi.group_sums - base_sums, n, hi.norms[:, lo : hi.k])
 
 

@@ -125,6 +125,7 @@ from .base import (
     prior_precision,
     sample_ids_for,
     sigma_for,
+    undetached,
 )
 from .hutchinson import mean_and_stderr, skew_weight
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
@@ -754,10 +755,6 @@ def slq_probe_terms(
 # --- the probes of one batch, shared by every request ----------------------------------------
 
 
-def _inner(products: Products) -> Products:
-    return getattr(products, "inner", products)
-
-
 class SLQProbeStore:
     r"""The SLQ probes of one batch and their Krylov recursions, shared by every request: log
     dets at any sigma or prior (:func:`slq_logdet`) and the Hutchinson trace of ``J^T J``
@@ -860,7 +857,7 @@ class SLQProbeStore:
               seed: int | torch.Generator, sample_ids: Tensor | None) -> None:
         """Raise unless a request with these arguments is served by this store's probes."""
         want = {
-            "products": _inner(detached(products)) is _inner(self.products),
+            "products": undetached(detached(products)) is undetached(self.products),
             "method": resolve_method(method, products) == self.method,
             "side": _resolve_side(products, side) == self.side,
             "kind": kind == self.kind,
