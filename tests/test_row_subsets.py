@@ -255,3 +255,35 @@ def test_non_finite_probe_names_the_batch_index(monkeypatch):
     with pytest.raises(NonFiniteProbeError, match=r"sample 11 \(batch index 1\)"):
         hutchinson_trace(Bad(J), sigma=SIGMA, side="input", kind="rademacher", rtol=0.02,
                          sample_ids=torch.tensor([10, 11, 12, 13]))
+
+
+def test_ragged_states_refuse_what_they_do_not_hold(monkeypatch):
+    """The per-sample counts' error paths: one extend for samples at different counts, the
+    statistics of a sample at a count it does not hold, a sketch prefix beyond a sample's rank,
+    a sketch grow for samples at different ranks."""
+    from fsinfo_fast.estimators import DiagProbeState, SnapshotDroppedError
+    from fsinfo_fast.estimators.deflated import DeflationSketch
+
+    P = DenseProducts(torch.randn(3, 6, 5, dtype=torch.float64))
+    st = DiagProbeState.for_products(P, seed=0, snapshot_bytes=1 << 20)
+    st.extend(P, 4)
+    st.extend(P, 100, rows=torch.tensor([True, False, False]))
+    assert st.counts.tolist() == [104, 4, 4] and st.k == 104
+    with pytest.raises(InvalidInputError, match="different counts"):
+        st.extend(P, 4)  # 104 and 4
+    with pytest.raises(SnapshotDroppedError, match="fewer probes"):
+        st.stats(104)  # samples 1 and 2 hold 4
+    assert st.stats(104, rows=torch.tensor([True, False, False])).k == 104
+    s4 = st.stats(4)  # sample 0 from its snapshot at 4, the others live
+    assert torch.isnan(st.norms()[1:, 4:]).all() and not torch.isnan(s4.norms).any()
+    monkeypatch.setattr(base, "ROW_SUBSETS", "always")
+    sk = DeflationSketch.empty(P)
+    sk.grow(P, 2, 0, torch.arange(3), rows=torch.tensor([True, True, False]))
+    assert sk.held.tolist() == [2, 2, 0] and sk.rank == 2
+    assert bool((sk.Q[2] == 0).all())  # not held: zero, never read
+    with pytest.raises(InvalidInputError, match="grow it first"):
+        sk.prefix(torch.tensor([2, 2, 1]))
+    with pytest.raises(InvalidInputError, match="different counts"):
+        sk.grow(P, 1, 0, torch.arange(3))
+    sk.grow_to(P, 3, 0, torch.arange(3))
+    assert sk.held.tolist() == [3, 3, 3]
