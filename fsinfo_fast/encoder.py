@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import weakref
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._precision import ieee_fp32
 from .errors import (
     EncoderError,
     InvalidInputError,
@@ -311,6 +313,36 @@ def prepare(
         )
     x = check_input(x)
     check_eval_mode(encoder)
+    check_device(encoder, x)
+    with ieee_fp32(x.device):  # no TF32 in the checks' forward passes (see _precision)
+        return _prepare(encoder, x, dtype=dtype, check_interaction=check_interaction,
+                        cache=cache)
+
+
+def check_device(encoder: Callable[[Tensor], Tensor], x: Tensor) -> None:
+    """Raise :class:`InvalidInputError` when ``encoder`` is a module whose parameters and
+    buffers all live on one device and ``x`` on another (a model split across devices is left
+    to its own forward)."""
+    if not isinstance(encoder, nn.Module):
+        return
+    devices = {t.device for t in itertools.chain(encoder.parameters(), encoder.buffers())}
+    if len(devices) == 1:
+        (dev,) = devices
+        if dev != x.device:
+            raise InvalidInputError(
+                f"x is on device {x.device} but the encoder's parameters and buffers are on "
+                f"{dev}: "
+                f"move one of them (x.to('{dev}') or encoder.to('{x.device}'))")
+
+
+def _prepare(
+    encoder: Callable[[Tensor], Tensor],
+    x: Tensor,
+    *,
+    dtype: torch.dtype | None,
+    check_interaction: int | None,
+    cache: bool,
+) -> PreparedEncoder:
     want = (1 << 62) if check_interaction is None else check_interaction
     key = _signature(encoder, x, dtype) if cache else None
     hit = None

@@ -32,14 +32,20 @@ _LINEARIZE_KW = ("backend", "seed", "memory_budget")
 
 
 def add_noise(z: Tensor, sigma: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """``z + sigma * N(0, I)`` with ``sigma`` a float or a per-sample ``[B]`` tensor."""
+    """``z + sigma * N(0, I)`` with ``sigma`` a float or a per-sample ``[B]`` tensor.
+
+    ``generator`` may live on another device than ``z`` (the noise is drawn on the generator's
+    device and moved to ``z``'s)."""
     sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device)
     if sigma.ndim == 1 and sigma.shape[0] != z.shape[0]:
         raise InvalidInputError(
             f"sigma has {sigma.shape[0]} entries for a batch of {z.shape[0]} samples"
         )
     scale = sigma.reshape(-1, *([1] * (z.ndim - 1))) if sigma.ndim == 1 else sigma
-    noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+    # a generator draws on its own device (a CPU generator for a model on the GPU is common):
+    # the noise is drawn there and moved, so the same generator state gives the same noise
+    where = z.device if generator is None else generator.device
+    noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=where).to(z.device)
     return z + scale * noise
 
 

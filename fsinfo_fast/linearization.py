@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._precision import ieee_fp32, ieee_fp32_method
 from .encoder import PreparedEncoder, check_prior_var, check_sigma, prepare
 from .engine import default_memory_budget, make_products
 from .errors import InvalidInputError, InvalidInputTypeError
@@ -302,10 +303,14 @@ class Linearization:
 
     @property
     def products(self) -> Any:
-        """The Jacobian-product backend for this batch (built on first use, then reused)."""
+        """The Jacobian-product backend for this batch (built on first use, then reused).
+
+        On a CUDA device the metrics call it with TF32 off (:mod:`fsinfo_fast._precision`); a
+        direct call runs under the caller's TF32 settings."""
         if self._products is None:
-            self._products = make_products(self.enc, self.backend,
-                                           memory_budget=self.memory_budget)
+            with ieee_fp32(self.x.device):
+                self._products = make_products(self.enc, self.backend,
+                                               memory_budget=self.memory_budget)
         return self._products
 
     def __repr__(self) -> str:
@@ -326,6 +331,7 @@ class Linearization:
         return info
 
     # -- the exact route ---------------------------------------------------------------------
+    @ieee_fp32_method
     def exact(self, *, spectrum: bool = False) -> reference.ExactFisher:
         """The exact (float64 oracle) Fisher quantities of every sample, computed at most once.
 
@@ -345,6 +351,7 @@ class Linearization:
     def _has_exact(self, spectrum: bool) -> bool:
         return self._exact is not None and (not spectrum or self._exact.eigvals is not None)
 
+    @ieee_fp32_method
     def exact_fast(self) -> FastExactFisher:
         """``diag(J^T J)`` and the trace from ``min(m, d)`` one-hot products of this batch's
         backend (working dtype, float64 accumulation, a measured rounding allowance), computed
@@ -425,6 +432,7 @@ class Linearization:
         return None
 
     # -- FSInfo ------------------------------------------------------------------------------
+    @ieee_fp32_method
     def fsinfo(
         self,
         sigma: float | Tensor = 0.1,
@@ -682,6 +690,7 @@ class Linearization:
         return hit
 
     # -- dFIL --------------------------------------------------------------------------------
+    @ieee_fp32_method
     def dfil(
         self,
         sigma: float | Tensor = 0.1,
@@ -1096,6 +1105,7 @@ class Linearization:
         return r
 
     # -- noise calibration -------------------------------------------------------------------
+    @ieee_fp32_method
     def fsinfo_sigma(
         self,
         target: float | Tensor = -1.0,
@@ -1160,6 +1170,7 @@ class Linearization:
                            ci_high=torch.exp(r.value + r.ci_halfwidth - tau_b),
                            converged=r.converged, info={**r.info, "fsinfo_sigma1": r})
 
+    @ieee_fp32_method
     def dfil_sigma(
         self,
         bound: float,

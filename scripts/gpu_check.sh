@@ -8,6 +8,9 @@
 #      GPU_CHECK_ALLOW_SKIPS=1,
 #   4. the GPU benchmark (benchmarks/gpu_bench.py) -> $RESULTS/gpu_bench.json,
 #   5. the benchmark's results: every library backend (ours-*) ran; none was unavailable or failed.
+# Step time limits (seconds) can be set with GPU_CHECK_BUILD_S, GPU_CHECK_TESTS_S and
+# GPU_CHECK_BENCH_S; GPU_CHECK_PYTEST_ARGS and GPU_BENCH_ARGS add arguments to the tests and the
+# benchmark (e.g. GPU_BENCH_ARGS="--no-compile --repeats 3" to fit a short lease).
 # Uses the python on PATH or $PYTHON (a GPU machine keeps its own CUDA torch; nothing is
 # downloaded). Each step has its own time limit and its full output in $GPU_CHECK_LOGS (a new
 # temporary folder by default; the last lines are printed). A failing step is reported, the next
@@ -54,14 +57,15 @@ print(torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", tor
 fi
 echo "$gpu"
 
-run_step "build the CUDA extension" 20 240 \
+run_step "build the CUDA extension" 20 "${GPU_CHECK_BUILD_S:-240}" \
   env FSINFO_FAST_BUILD_CUDA=1 MAX_JOBS="${MAX_JOBS:-16}" \
   "$PY" -m pip install --no-deps --no-build-isolation -e . -q
 
 run_step "fsinfo-fast info" 40 60 "$PY" -m fsinfo_fast info
 
-if run_step "GPU tests" 30 200 env TRITON_INTERPRET=0 \
-    "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider tests; then
+# shellcheck disable=SC2086  # GPU_CHECK_PYTEST_ARGS is a list of words
+if run_step "GPU tests" 30 "${GPU_CHECK_TESTS_S:-300}" env TRITON_INTERPRET=0 \
+    "$PY" -m pytest -q -rs -m gpu -p no:cacheprovider ${GPU_CHECK_PYTEST_ARGS:-} tests; then
   summary=$(tail -n 1 "$LOGS/GPU_tests.log")
   if [ "${GPU_CHECK_ALLOW_SKIPS:-0}" != 1 ] && printf '%s' "$summary" | grep -q ' skipped'; then
     echo "--- GPU tests: some GPU tests were skipped ($summary): a skipped check checked" \
@@ -70,8 +74,10 @@ if run_step "GPU tests" 30 200 env TRITON_INTERPRET=0 \
   fi
 fi
 
-if run_step "GPU benchmark" 20 200 \
-    "$PY" benchmarks/gpu_bench.py --device cuda --out "$RESULTS/gpu_bench.json"; then
+# shellcheck disable=SC2086  # GPU_BENCH_ARGS is a list of words
+if run_step "GPU benchmark" 20 "${GPU_CHECK_BENCH_S:-300}" \
+    "$PY" benchmarks/gpu_bench.py --device cuda ${GPU_BENCH_ARGS:-} \
+    --out "$RESULTS/gpu_bench.json"; then
   run_step "GPU benchmark results: every library backend ran" 20 60 "$PY" -c '
 import json, sys
 res = json.load(open(sys.argv[1]))

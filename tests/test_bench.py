@@ -468,3 +468,24 @@ def test_fixed_count_need():
     r.info = {}
     assert fixed_count_need(r, 0.005) == pytest.approx(20 * (1.96 * 0.02 / 0.005) ** 2,
                                                        rel=1e-12)
+
+
+def test_git_changed_files_keep_their_first_character(tmp_path):
+    """The environment's changed files are the paths git reports (a porcelain line for a
+    modified tracked file starts with a blank status column)."""
+    import subprocess
+
+    from fsinfo_fast.bench.harness import _git
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench.py").write_text("a\n")
+    git("add", "bench.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    (tmp_path / "bench.py").write_text("b\n")
+    (tmp_path / "new.py").write_text("c\n")
+    info = _git(tmp_path)
+    assert info["dirty"] is True
+    assert sorted(info["changed_files"]) == ["bench.py", "new.py"]

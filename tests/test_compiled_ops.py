@@ -624,6 +624,10 @@ def test_cuda_opcheck():
     ok, why = _cuda_ok()
     if not ok:
         pytest.skip(f"CUDA ops unavailable: {why}")
+    from fsinfo_fast.estimators.probes import _HASH_OPS
+
     for name, args in _opcheck_cases():
+        if name in _HASH_OPS:  # host ops: probes on a GPU are hashed by torch or Triton
+            continue
         cargs = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(getattr(torch.ops.fsinfo_fast, name).default, cargs)

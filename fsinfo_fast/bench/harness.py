@@ -276,7 +276,8 @@ def _git(repo: Path) -> dict[str, Any]:
                                  timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
-        return out.stdout.strip() if out.returncode == 0 else None
+        # only trailing whitespace: porcelain lines start with a status column that may be " "
+        return out.stdout.rstrip() if out.returncode == 0 else None
 
     commit = run("rev-parse", "HEAD")
     status = run("status", "--porcelain")
