@@ -235,10 +235,17 @@ def test_diagonal_requests_share_one_probe_state_and_equal_fresh_calls(monkeypat
     beyond = sum(n_vjp)
     # each equals a fresh call (these draw their own VJPs: counted no more)
     monkeypatch.setattr(type(P), "vjp", real)
-    assert torch.equal(f.value, estimate_diag(P, sigma=0.1, atol=0.02, seed=7).fsinfo_diag.value)
-    assert torch.equal(f2.value, estimate_diag(P, sigma=0.3, atol=0.02, seed=7).fsinfo_diag.value)
+
+    def same(a, b):  # sub-batches may round their float32 products in other kernels
+        if subsets == "never":
+            assert torch.equal(a, b), (a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+    same(f.value, estimate_diag(P, sigma=0.1, atol=0.02, seed=7).fsinfo_diag.value)
+    same(f2.value, estimate_diag(P, sigma=0.3, atol=0.02, seed=7).fsinfo_diag.value)
     want = estimate_diag(P, sigma=0.1, dfil_rtol=0.05, seed=7).dfil
-    assert torch.equal(d.value, want.value)
+    same(d.value, want.value)
     if subsets == "never":
         assert beyond == max(0, int(want.num_probes) - drawn)  # only the probes beyond
     else:

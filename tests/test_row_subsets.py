@@ -2,10 +2,14 @@
 
 Once a sample of a batch has stopped, the adaptive estimators draw the next rounds for the
 others only, on a sub-batch of the products (``products.select``). A sample's probes come
-from its own id, so this changes no probe: every estimator must give bit-identical results
-with whole-batch rounds (``never``) and sub-batch rounds (``always``), on dense Jacobians and
+from its own id, so this changes no probe: every estimator must give the same results with
+whole-batch rounds (``never``) and sub-batch rounds (``always``), on dense Jacobians and
 through the engine and ``torch.func`` backends, while each sample computes only its own
-probes. Also: the sub-batch products equal the whole batch's rows bit for bit, the cost rule
+probes. "The same" is up to the rounding of the products: a sub-batch can take other BLAS or
+convolution kernels than the whole batch (bit for bit on the Intel CPUs this was first run on,
+last-bit differences on an AMD EPYC), so values compare to ``rtol`` 1e-12 (float64 products) or
+1e-6 (float32 products), probe counts and flags exactly. Also: the sub-batch products equal the
+whole batch's rows to that rounding, the cost rule
 picks the cheapest of the whole batch, a held sub-batch and a new one, and an error names the
 sample's index in the whole batch.
 """
@@ -54,9 +58,16 @@ def _fields(e):
     return (e.value, e.stderr, e.ci_halfwidth, e.probes_per_sample, e.converged)
 
 
-def _same(a, b) -> None:
+#: relative rounding allowed between whole-batch and sub-batch rounds, by product dtype
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+
+def _same(a, b, rtol: float = RTOL[torch.float64]) -> None:
     for x, y in zip(_fields(a), _fields(b), strict=True):
-        assert torch.equal(x, y), (x, y)
+        if x.is_floating_point():
+            torch.testing.assert_close(x, y, rtol=rtol, atol=0)
+        else:
+            assert torch.equal(x, y), (x, y)
     assert a.num_probes == b.num_probes
 
 
@@ -118,9 +129,9 @@ def test_deflated_sub_batches_change_nothing_but_the_products(monkeypatch):
     sk, sk0 = states["always"].sketch, states["never"].sketch
     assert sk.held.tolist() == ranks and sk._spent.tolist() == [2 * r for r in ranks]
     assert sk0.held.tolist() == [max(ranks)] * 3
-    for b, r in enumerate(ranks):  # each sample's columns, bit for bit
-        assert torch.equal(sk.Q[b, :, :r], sk0.Q[b, :, :r])
-        assert torch.equal(sk.W[b, :, :r], sk0.W[b, :, :r])
+    for b, r in enumerate(ranks):  # each sample's columns (to the products' rounding)
+        torch.testing.assert_close(sk.Q[b, :, :r], sk0.Q[b, :, :r], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(sk.W[b, :, :r], sk0.W[b, :, :r], rtol=1e-12, atol=1e-14)
     # a later request that needs more columns grows the samples that hold fewer (in another
     # block than a fresh sketch: the same span, equal up to the rounding of Gram-Schmidt)
     monkeypatch.setattr(base, "ROW_SUBSETS", "always")
@@ -169,7 +180,9 @@ def test_selected_products_equal_the_batch_rows(backend):
     idx = torch.tensor([1, 3, 4])
     S = P.select(idx)
     assert (S.batch, S.d, S.m, S.backend) == (3, P.d, P.m, P.backend)
-    assert torch.equal(S.jvp(V[idx]), a[idx]) and torch.equal(S.vjp(U[idx]), b[idx])
+    tol = dict(rtol=RTOL[torch.float32], atol=1e-6)
+    torch.testing.assert_close(S.jvp(V[idx]), a[idx], **tol)
+    torch.testing.assert_close(S.vjp(U[idx]), b[idx], **tol)
     D = DenseProducts(torch.randn(5, 4, 3, dtype=torch.float64, generator=g)).select(idx)
     assert D.batch == 3
 
@@ -177,7 +190,7 @@ def test_selected_products_equal_the_batch_rows(backend):
 @pytest.mark.parametrize("backend", ["engine", "torch"])
 def test_linearization_through_sub_batches_equals_whole_batches(monkeypatch, backend):
     """The README's route (``ff.linearize``, FSInfo_diag then dFIL sharing its probes) on a
-    conv encoder: bit-identical results with sub-batch rounds, fewer products."""
+    conv encoder: the same results with sub-batch rounds (float32 products), fewer products."""
     enc, x = _conv_batch()
 
     def run():
@@ -187,7 +200,10 @@ def test_linearization_through_sub_batches_equals_whole_batches(monkeypatch, bac
 
     (fn, dn), (fa, da) = _both(monkeypatch, run)
     for a, b in ((fn, fa), (dn, da)):
-        for f in ("value", "ci_halfwidth", "probes_per_sample", "converged"):
+        for f in ("value", "ci_halfwidth"):
+            torch.testing.assert_close(getattr(a, f), getattr(b, f),
+                                       rtol=RTOL[torch.float32], atol=0, msg=f)
+        for f in ("probes_per_sample", "converged"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
     spent = fa.info["computed_per_sample"]
     assert torch.equal(spent, fa.probes_per_sample)
@@ -287,3 +303,4 @@ def test_ragged_states_refuse_what_they_do_not_hold(monkeypatch):
         sk.grow(P, 1, 0, torch.arange(3))
     sk.grow_to(P, 3, 0, torch.arange(3))
     assert sk.held.tolist() == [3, 3, 3]
+
