@@ -64,6 +64,7 @@ from ._precision import ieee_fp32, ieee_fp32_method
 from .encoder import PreparedEncoder, check_prior_var, check_sigma, prepare
 from .engine import default_memory_budget, make_products
 from .errors import InvalidInputError, InvalidInputTypeError
+from .estimators import base as _base
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
 from .estimators.cost import SLQ_ORDER_ESTIMATE
@@ -119,8 +120,9 @@ _PILOT_BAND = 4.0
 #: and needed 1241-1850 probes, where the deflated route takes about 230).
 _REROUTE_AT = 2 * DEFLATE_ABOVE
 #: dFIL ``auto`` weighs the deflated dFIL where every other method predicts more new products
-#: than this (and ``min(m, d) >= DEFLATE_ABOVE``): its first look costs 40 products (rank pilot
-#: and first sketch block), at most 8% of the cheapest alternative then.
+#: per sample (:meth:`Linearization._plan`) than this (and ``min(m, d) >= DEFLATE_ABOVE``): its
+#: first look costs 40 products (rank pilot and first sketch block), at most 8% of the cheapest
+#: alternative then.
 _DEFLATED_DFIL_ABOVE = 2 * DEFLATE_ABOVE
 #: ``auto`` takes the deflated dFIL only where its rank pilot predicts the sketch leaves at most
 #: this share of the plain Gaussian probes' need (the batch's mean; the pilot's own prediction
@@ -841,9 +843,36 @@ class Linearization:
 
     @staticmethod
     def _need(value: Tensor, var: Tensor, rtol, atol) -> float:
-        """Probes the batch's worst sample needs for a 95% half-width at the tolerance by the
-        normal interval, ``var (1.96 / tol)^2`` (``value``, ``var``: ``[B]`` dFIL and the
-        per-probe variance in dFIL units; ``tol = max(rtol |value|, atol)``)."""
+        """Probes the batch's worst sample needs (:meth:`_need_each`, its largest)."""
+        return float(Linearization._need_each(value, var, rtol, atol).max())
+
+    def _plan(self, need: Tensor, min_probes: int, mp: int, relf, *, source: str,
+              held: Tensor | None = None) -> dict[str, Any]:
+        r"""A method's predicted cost from each sample's ``need`` (``[B]``, :meth:`_need_each`)
+        under the three-stage rule (:func:`~.estimators.stopping.planned_probes` per sample),
+        as :meth:`_dfil_costs` reports it: ``"new"`` the products per sample beyond the
+        ``held`` probes each sample already has (``[B]``; none by default), the batch mean
+        where the estimator's rounds run on the samples still running
+        (:data:`~.estimators.base.ROW_SUBSETS` not ``"never"``: each sample spends its own),
+        the worst sample's where every round runs on the whole batch; ``"total"`` and
+        ``"need"`` the worst sample's (the total is what the probe cap is checked against)."""
+        tot = torch.tensor([planned_probes(float(n), min_probes=min_probes, max_probes=mp,
+                                           rtol=relf) for n in need.tolist()],
+                           dtype=torch.float64)
+        new = tot if held is None else (tot - held.to(tot)).clamp_min(0.0)
+        rows = _base.ROW_SUBSETS != "never" and hasattr(self.products, "select")
+        c = {"new": float(new.mean() if rows else new.max()), "total": float(tot.max()),
+             "need": float(need.max()), "from": source}
+        if rows and len(new) > 1:
+            c["from"] = f"{source}; each sample's own, batch mean"
+        return c
+
+    @staticmethod
+    def _need_each(value: Tensor, var: Tensor, rtol, atol) -> Tensor:
+        """Probes each sample needs for a 95% half-width at the tolerance by the normal
+        interval, ``var (1.96 / tol)^2`` (``value``, ``var``: ``[B]`` dFIL and the per-probe
+        variance in dFIL units; ``tol = max(rtol |value|, atol)``; 0 for a non-finite
+        value)."""
         tols = []
         if rtol is not None:
             tols.append(rtol * value.abs())
@@ -851,13 +880,13 @@ class Linearization:
             tols.append(torch.full_like(value, float(atol)))
         tol = torch.stack(tols).max(dim=0).values.clamp_min(1e-300)
         need = var.clamp_min(0) * (Z95 / tol) ** 2
-        need = torch.where(torch.isfinite(value), need, torch.zeros_like(need))
-        return float(need.max())
+        return torch.where(torch.isfinite(value), need, torch.zeros_like(need)).cpu()
 
     def _dfil_costs(self, s: Tensor, rtol, atol, mp: int,
                     mp_lanczos: int | None = None) -> dict[str, dict[str, Any]]:
-        r"""Predicted new products (per sample, the batch's worst) of each dFIL method whose
-        variance this batch already holds, under the three-stage rule
+        r"""Predicted new products per sample of each dFIL method whose variance this batch
+        already holds (:meth:`_plan`: each sample's own, their mean where the rounds run on the
+        samples still running, else the worst sample's), under the three-stage rule
         (:func:`~fsinfo_fast.estimators.stopping.planned_probes`: stages 1 + 2 + 3 on the
         round schedule, about ``n1 + N/4 + N`` for ``N`` the probes the tolerance needs):
         ``{method: {"new": products, "total": probes of its rule, "need": N}}``.
@@ -895,17 +924,15 @@ class Linearization:
             var_g = dev2 / (kr - 1.0) * scale**2
             dhat = st.group_sums.sum(dim=1) / kr[:, None]
             var_r = (var_g - 2.0 * (dhat**2).sum(dim=1) * kr / (kr + 2.0) * scale**2)
-            need_g = self._need(tr, var_g, rtol, atol)
-            need_r = self._need(tr, var_r.clamp_min(0.0), rtol, atol)
-            tot_g = planned_probes(need_g, min_probes=min(START_PROBES, mp), max_probes=mp,
-                                   rtol=relf)
-            tot_r = planned_probes(need_r, min_probes=initial_probes(max_probes=mp,
-                                                                     quantity="trace"),
-                                   max_probes=mp, rtol=relf)
-            out["diag"] = {"new": max(0.0, tot_g - k), "total": tot_g, "need": need_g,
-                           "from": f"the {k} Gaussian VJPs held"}
-            out["hutchinson"] = {"new": tot_r, "total": tot_r, "need": need_r,
-                                 "from": f"the {k} Gaussian VJPs held"}
+            # each sample's own three-stage total, less the VJPs it holds (diag: the same
+            # Gaussian probes continue; hutchinson: new Rademacher probes)
+            out["diag"] = self._plan(self._need_each(tr, var_g, rtol, atol),
+                                     min(START_PROBES, mp), mp, relf, held=kr,
+                                     source=f"the {k}+ Gaussian VJPs held")
+            out["hutchinson"] = self._plan(
+                self._need_each(tr, var_r.clamp_min(0.0), rtol, atol),
+                initial_probes(max_probes=mp, quantity="trace"), mp, relf,
+                source=f"the {k}+ Gaussian VJPs held")
         held = [(key, est) for key, est in self._deflated_cache.items()]
         if held:
             key, hit = held[-1]
@@ -1034,11 +1061,11 @@ class Linearization:
         k1 = initial_probes(max_probes=mp, quantity="trace")
         r1 = hutchinson_trace(self.products, side="input", kind="rademacher", sigma=s,
                               seed=self.seed, sample_ids=self.sample_ids, num_probes=k1)
-        need = self._need(r1.value, r1.stderr**2 * k1, rtol, atol)
-        tot = planned_probes(need, min_probes=k1, max_probes=mp,
-                             rtol=rtol if atol is None else None)
-        return {"new": tot, "total": tot, "need": need, "spent": int(r1.passes),
-                "from": f"its first round ({k1} Rademacher JVPs, drawn again by the estimate)"}
+        c = self._plan(self._need_each(r1.value, r1.stderr**2 * k1, rtol, atol), k1, mp,
+                       rtol if atol is None else None,
+                       source=f"its first round ({k1} Rademacher JVPs, drawn again by the "
+                              "estimate)")
+        return {**c, "spent": int(r1.passes)}
 
     def _deflated_dfil_cost(self, s: Tensor, stop: StoppingRule,
                             best: float) -> dict[str, Any]:

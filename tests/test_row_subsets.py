@@ -304,3 +304,38 @@ def test_ragged_states_refuse_what_they_do_not_hold(monkeypatch):
     sk.grow_to(P, 3, 0, torch.arange(3))
     assert sk.held.tolist() == [3, 3, 3]
 
+
+@pytest.mark.parametrize("mode", ["never", "auto"])
+def test_dfil_cost_model_counts_each_samples_own_probes(monkeypatch, mode):
+    """dFIL's ``auto`` method choice predicts each sample's three-stage total from its own
+    need, less the Gaussian VJPs that sample holds (``diag``); the batch's figure is their mean
+    where the rounds run on the samples still running, the worst sample's where every round
+    runs on the whole batch. (Before, it was the worst sample's total less the fewest VJPs any
+    sample held: a sample that stopped early made every sample look far from done.)"""
+    from fsinfo_fast.estimators.stopping import START_PROBES, planned_probes
+
+    monkeypatch.setattr(base, "ROW_SUBSETS", mode)
+    enc, x = _conv_batch()
+    lin = ff.linearize(enc, x, seed=3)
+    lin.fsinfo(SIGMA, estimator="randomized", atol=0.01)
+    counts = lin._dstate.counts.to(torch.float64)
+    if mode == "auto":
+        assert len(set(counts.tolist())) >= 2  # the samples hold different counts
+    mp = 10**6
+    c = lin._dfil_costs(torch.tensor(SIGMA, dtype=torch.float64), 0.01, None, mp)["diag"]
+    # each sample's need, from its own held VJPs (the mean and spread of ||J^T u||^2)
+    st = lin._dstate
+    norms = st.norms()
+    held = torch.isfinite(norms)
+    scale = 1.0 / (SIGMA**2 * lin.d)
+    mean = torch.where(held, norms, 0.0).sum(1) / counts
+    var = torch.where(held, (norms - mean[:, None]) ** 2, 0.0).sum(1) / (counts - 1) * scale**2
+    need = var * (1.959963984540054 / (0.01 * mean * scale)) ** 2
+    tot = torch.tensor([planned_probes(float(n), min_probes=START_PROBES, max_probes=mp,
+                                       rtol=0.01) for n in need], dtype=torch.float64)
+    new = (tot - counts).clamp_min(0)
+    want = float(new.mean()) if mode == "auto" else float(new.max())
+    assert c["new"] == pytest.approx(want, rel=1e-9)
+    assert c["total"] == pytest.approx(float(tot.max()), rel=1e-9)
+    if mode == "auto":  # the old figure, worst total less the fewest held, was larger here
+        assert c["new"] < float(tot.max() - counts.min())
