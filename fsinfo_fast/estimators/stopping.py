@@ -26,10 +26,11 @@ three-stage idea).
 
 1. Stage 1: the first round (``n1 = min_probes`` probes). From its normal interval, the count
    ``N`` the estimate would roughly need (:func:`_rough_size`).
-2. Stage 2: the next ``n2 ~ max(n1, PILOT_SHARE N)`` probes (a fixed function of stage 1, up to
-   the next round boundary). From *its* spread alone: the final count ``n3`` for which its
-   interval, with the standard error scaled by ``sqrt(n2 / n3)``, meets the tolerance
-   (:func:`_stage_size`).
+2. Stage 2: the next ``n2 ~ max(n1, PILOT_SHARE N, F(N))`` probes (a fixed function of stage
+   1, up to the next round boundary; ``F`` (:func:`stage2_floor`) minimises ``n2 + N t_{n2-1}^2
+   / z^2`` and only matters where ``N`` is small). From *its* spread alone: the final count
+   ``n3`` for which its interval, with the standard error scaled by ``sqrt(n2 / n3)``, meets
+   the tolerance (:func:`_stage_size`).
 3. Stage 3: the next ``n3`` probes (up to the next round boundary). Reported: the value from
    these probes alone; the interval is stage 2's (Stein): its own half-width function (the
    t-interval, or the log-scale interval of a trace) at stage 2's standard error times
@@ -132,6 +133,7 @@ __all__ = [
     "planned_probes",
     "resolve_rule",
     "run_rounds",
+    "stage2_floor",
     "tolerance_met",
 ]
 
@@ -561,7 +563,9 @@ def run_rounds(
     if bool(out.any()):
         stop_here(first, 0, out, n0)
     cap = torch.clamp(cap_f * (PILOT_SHARE / (1.0 + PILOT_SHARE)), min=n0 + 2.0)
-    end2 = torch.minimum(n0 + torch.clamp(PILOT_SHARE * plan, min=float(n0)), cap)
+    size2 = torch.maximum(torch.clamp(PILOT_SHARE * plan, min=float(n0)),
+                          stage2_floor(plan, n0, rule.confidence).to(plan.dtype))
+    end2 = torch.minimum(n0 + size2, cap)
     in2 = ~done
     if mark is not None:
         mark(in2)
@@ -637,10 +641,42 @@ class _Except:
 
 
 #: Stage 2 holds this share of the estimate's probe count that stage 1 plans (module
-#: docstring; at least as many probes as stage 1, at most ``PILOT_SHARE / (1 + PILOT_SHARE)``
-#: of ``max_probes``): the interval then rests on a spread with about a quarter as many probes
-#: behind it as the estimate itself.
+#: docstring; at least as many probes as stage 1 and as :func:`stage2_floor`, at most
+#: ``PILOT_SHARE / (1 + PILOT_SHARE)`` of ``max_probes``): the interval then rests on a spread
+#: with about a quarter as many probes behind it as the estimate itself.
 PILOT_SHARE = 0.25
+#: The largest stage 2 :func:`stage2_floor` considers (beyond it ``PILOT_SHARE`` rules anyway).
+_FLOOR_MAX = 256
+
+
+@functools.lru_cache(maxsize=8)
+def _t_ratio_sq(n0: int, confidence: float) -> tuple[Tensor, Tensor]:
+    """Stage-2 sizes ``n`` from ``max(n0, 2)`` to :data:`_FLOOR_MAX` and ``(t_{n-1} / z)^2``."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 * (1.0 + confidence))
+    ns = torch.arange(max(n0, 2), _FLOOR_MAX + 1, dtype=torch.float64)
+    ratio = torch.tensor([(t_quantile(int(n) - 1, confidence) / z) ** 2 for n in ns.tolist()],
+                         dtype=torch.float64)
+    return ns, ratio
+
+
+def stage2_floor(plan: Tensor, n0: int, confidence: float = 0.95) -> Tensor:
+    r"""``[B]`` the stage-2 size that minimises ``n + plan (t_{n-1} / z)^2``, the probes of
+    stages 2 and 3 when stage 3 needs ``plan`` probes by the normal interval (``n >= n0``).
+
+    Stein's stage 3 holds ``need (t_{n2-1} / z)^2`` probes, so a short stage 2 costs through its
+    t-quantile: with stage 1's 4 probes planning a small need, ``max(n1, PILOT_SHARE N)`` gave a
+    stage 2 of 4-5 probes (``t_3^2 / z^2 = 2.6``), and where stage 1 had underestimated the
+    spread, as a few skewed probes often do, stage 3 ran to several times its need (a CRAFT
+    pool2 crop: a stage 2 of 5 probes, dof 4, then the 1000-probe cap for a need near 185).
+    This floor lengthens stage 2 only where stage 1 plans little (about 6 probes for a plan of
+    4, 10 for 20, 25 for 185, where ``PILOT_SHARE`` gives 46). Stage 2's size is a function of
+    stage 1 alone, as before, so Stein's interval keeps its coverage (module docstring)."""
+    ns, ratio = _t_ratio_sq(int(n0), float(confidence))
+    fin = torch.where(torch.isfinite(plan), plan, torch.zeros_like(plan)).to("cpu", torch.float64)
+    best = (ns[None, :] + fin[:, None] * ratio[None, :]).argmin(dim=1)
+    return ns[best].to(plan.device)
 
 #: ``StoppingRule.stop_unreachable``: a sample whose stage 1 plans more than this many times
 #: ``max_probes`` stops there (with normally distributed per-probe values a true need within
@@ -672,12 +708,12 @@ def planned_probes(
     each stage's spread equals the true one.
 
     Replays :func:`run_rounds`: stage 1 is ``min_probes``; stage 2 ends at the first round
-    boundary at or past ``n1 + max(n1, PILOT_SHARE need)`` (at most ``max_probes PILOT_SHARE /
-    (1 + PILOT_SHARE)``); stage 3 holds ``need (t_{n2-1} / z)^2`` probes (Stein's t-interval
-    at stage 2's dof), divided by ``(1 - 2 rtol (t / z) sqrt(need / n2))^2`` (at most 4) for a
-    relative target (planned against ``|v_2| - 2 h_2``), up to the next boundary. So the total is
-    about ``n1 + need / 4 + need`` plus the rounding to the schedule (up to +50% per stage
-    end with growth 1.5), not ``need``.
+    boundary at or past ``n1 + max(n1, PILOT_SHARE need, stage2_floor(need))`` (at most
+    ``max_probes PILOT_SHARE / (1 + PILOT_SHARE)``); stage 3 holds ``need (t_{n2-1} / z)^2``
+    probes (Stein's t-interval at stage 2's dof), divided by ``(1 - 2 rtol (t / z) sqrt(need /
+    n2))^2`` (at most 4) for a relative target (planned against ``|v_2| - 2 h_2``), up to the
+    next boundary. So the total is about ``n1 + need / 4 + need`` plus the rounding to the
+    schedule (up to +50% per stage end with growth 1.5), not ``need``.
 
     Returns the total (a float; ``inf`` for an infinite ``need`` or one past the schedule's
     ``2^40`` probes); a value above ``max_probes`` means stage 3 has no room: the estimate
@@ -697,7 +733,8 @@ def planned_probes(
     bounds = (s + c for s, c, _ in rule.schedule())
     n1 = next(bounds)
     cap = max(n1 + 2.0, max_probes * PILOT_SHARE / (1.0 + PILOT_SHARE))
-    end2 = min(n1 + max(PILOT_SHARE * need, float(n1)), cap)
+    floor2 = float(stage2_floor(torch.tensor([need], dtype=torch.float64), n1, confidence)[0])
+    end2 = min(n1 + max(PILOT_SHARE * need, float(n1), floor2), cap)
     k2 = next(k for k in bounds if k >= end2)
     if k2 >= max_probes:
         return float(k2)
