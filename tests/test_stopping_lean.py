@@ -240,3 +240,26 @@ def test_dfil_only_skips_the_fsinfo_sizing_summaries(monkeypatch):
     assert 1 <= counts["dfil", False]["fs"] <= counts["dfil", True]["fs"] - 2, counts
     assert counts["fsinfo", False]["fs"] == counts["fsinfo", True]["fs"], counts
     assert 1 <= counts["fsinfo", False]["tr"] <= counts["fsinfo", True]["tr"] - 2, counts
+
+
+def test_stage2_floor_minimises_stages_2_and_3():
+    """stage2_floor(N) is the n2 >= n1 minimising n2 + N (t_{n2-1}/z)^2 (checked against a brute
+    force over 2..256), grows with N, and is what planned_probes' stage 2 holds at least."""
+    import math
+
+    from fsinfo_fast.estimators.base import t_quantile
+    from fsinfo_fast.estimators.stopping import stage2_floor
+
+    z = 1.959963984540054
+    plans = torch.tensor([0.0, 0.5, 3.0, 4.0, 20.0, 185.0, 1e3, 1e5, math.inf],
+                         dtype=torch.float64)
+    got = stage2_floor(plans, 4)
+    for p, g in zip(plans.tolist(), got.tolist(), strict=True):
+        q = 0.0 if not math.isfinite(p) else p
+        cost = {n: n + q * (t_quantile(n - 1, 0.95) / z) ** 2 for n in range(4, 257)}
+        best = min(cost, key=cost.get)
+        assert g == best, (p, g, best)
+    assert got[:-1].tolist() == sorted(got[:-1].tolist())  # non-decreasing in the plan
+    assert got.tolist()[:5] == [4.0, 4.0, 5.0, 6.0, 10.0]
+    assert float(stage2_floor(torch.tensor([20.0], dtype=torch.float64), 9)[0]) == 10.0
+    assert float(stage2_floor(torch.tensor([0.0], dtype=torch.float64), 9)[0]) == 9.0
