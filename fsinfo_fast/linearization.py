@@ -841,26 +841,22 @@ class Linearization:
         return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
                           info=self._info(**extra))
 
-    @staticmethod
-    def _need(value: Tensor, var: Tensor, rtol, atol) -> float:
-        """Probes the batch's worst sample needs (:meth:`_need_each`, its largest)."""
-        return float(Linearization._need_each(value, var, rtol, atol).max())
-
     def _plan(self, need: Tensor, min_probes: int, mp: int, relf, *, source: str,
-              held: Tensor | None = None) -> dict[str, Any]:
+              held: Tensor | None = None, rows: bool = True) -> dict[str, Any]:
         r"""A method's predicted cost from each sample's ``need`` (``[B]``, :meth:`_need_each`)
         under the three-stage rule (:func:`~.estimators.stopping.planned_probes` per sample),
         as :meth:`_dfil_costs` reports it: ``"new"`` the products per sample beyond the
         ``held`` probes each sample already has (``[B]``; none by default), the batch mean
         where the estimator's rounds run on the samples still running
         (:data:`~.estimators.base.ROW_SUBSETS` not ``"never"``: each sample spends its own),
-        the worst sample's where every round runs on the whole batch; ``"total"`` and
-        ``"need"`` the worst sample's (the total is what the probe cap is checked against)."""
+        the worst sample's where every round runs on the whole batch (or ``rows=False``: a
+        method whose rounds always do); ``"total"`` and ``"need"`` the worst sample's (the total
+        is what the probe cap is checked against)."""
         tot = torch.tensor([planned_probes(float(n), min_probes=min_probes, max_probes=mp,
                                            rtol=relf) for n in need.tolist()],
                            dtype=torch.float64)
         new = tot if held is None else (tot - held.to(tot)).clamp_min(0.0)
-        rows = _base.ROW_SUBSETS != "never" and hasattr(self.products, "select")
+        rows = rows and _base.ROW_SUBSETS != "never" and hasattr(self.products, "select")
         c = {"new": float(new.mean() if rows else new.max()), "total": float(tot.max()),
              "need": float(need.max()), "from": source}
         if rows and len(new) > 1:
@@ -942,33 +938,27 @@ class Linearization:
             f = (sig_fs / s.to(torch.float64)) ** 2  # the held dFIL at this sigma
             v = df.value * f
             var = (df.stderr * f) ** 2 * k3.clamp_min(1)
-            need_d = self._need(v, var, rtol, atol)
-            tot_d = planned_probes(need_d, min_probes=min(START_PROBES, mp), max_probes=mp,
-                                   rtol=relf)
-            out["deflated"] = {
-                "new": PILOT_PROBES + tot_d, "total": tot_d, "need": need_d,
-                "from": (f"FSInfo_diag's deflated estimate (rank {max(df.info['rank'])}, "
-                         f"{int(k3.min())}+ remainder probes)")}
+            c = self._plan(self._need_each(v, var, rtol, atol), min(START_PROBES, mp), mp,
+                           relf, source=(f"FSInfo_diag's deflated estimate (rank "
+                                         f"{max(df.info['rank'])}, {int(k3.min())}+ remainder "
+                                         "probes)"))
+            out["deflated"] = {**c, "new": PILOT_PROBES + c["new"]}
         sl = self._slq
         if sl is not None and sl.k >= 2:
             k, mpl = sl.k, mp if mp_lanczos is None else mp_lanczos
             terms = sl.trace_terms(0, k) * scale[:, None]  # held: no products
-            need_l = self._need(terms.mean(dim=1), terms.var(dim=1), rtol, atol)
-            tot_l = planned_probes(need_l, min_probes=initial_probes(max_probes=mpl,
-                                                                     quantity="trace"),
-                                   max_probes=mpl, rtol=relf)
-            out["lanczos"] = {"new": 2.0 * max(0.0, tot_l - k), "total": tot_l, "need": need_l,
-                              "cap": mpl,
-                              "from": (f"the {k} SLQ probes held (log det; 2 products per "
-                                       "new probe)")}
+            need_l = self._need_each(terms.mean(dim=1), terms.var(dim=1), rtol, atol)
+            # the SLQ store's rounds run on the whole batch: the worst sample's cost
+            c = self._plan(need_l, initial_probes(max_probes=mpl, quantity="trace"), mpl, relf,
+                           held=torch.full_like(need_l, float(k)), rows=False,
+                           source=f"the {k} SLQ probes held (log det; 2 products per new probe)")
+            out["lanczos"] = {**c, "new": 2.0 * c["new"], "cap": mpl}
             if "hutchinson" not in out and sl.side == "input" and sl.kind == "rademacher":
                 # the very distribution of the hutchinson method: its cost from the same spread
-                tot_h = planned_probes(need_l, min_probes=initial_probes(max_probes=mp,
-                                                                         quantity="trace"),
-                                       max_probes=mp, rtol=relf)
-                out["hutchinson"] = {"new": tot_h, "total": tot_h, "need": need_l,
-                                     "from": (f"the {k} SLQ probes held (Rademacher, input "
-                                              "side: the same distribution)")}
+                out["hutchinson"] = self._plan(
+                    need_l, initial_probes(max_probes=mp, quantity="trace"), mp, relf,
+                    source=(f"the {k} SLQ probes held (Rademacher, input side: the same "
+                            "distribution)"))
         return out
 
     def _dfil_method(self, num_probes, costs: dict[str, dict[str, Any]]) -> tuple[str, str]:

@@ -313,6 +313,7 @@ def test_dfil_cost_model_counts_each_samples_own_probes(monkeypatch, mode):
     runs on the whole batch. (Before, it was the worst sample's total less the fewest VJPs any
     sample held: a sample that stopped early made every sample look far from done.)"""
     from fsinfo_fast.estimators.stopping import START_PROBES, planned_probes
+    from fsinfo_fast.result import Z95
 
     monkeypatch.setattr(base, "ROW_SUBSETS", mode)
     enc, x = _conv_batch()
@@ -330,7 +331,7 @@ def test_dfil_cost_model_counts_each_samples_own_probes(monkeypatch, mode):
     scale = 1.0 / (SIGMA**2 * lin.d)
     mean = torch.where(held, norms, 0.0).sum(1) / counts
     var = torch.where(held, (norms - mean[:, None]) ** 2, 0.0).sum(1) / (counts - 1) * scale**2
-    need = var * (1.959963984540054 / (0.01 * mean * scale)) ** 2
+    need = var * (Z95 / (0.01 * mean * scale)) ** 2
     tot = torch.tensor([planned_probes(float(n), min_probes=START_PROBES, max_probes=mp,
                                        rtol=0.01) for n in need], dtype=torch.float64)
     new = (tot - counts).clamp_min(0)
@@ -339,3 +340,19 @@ def test_dfil_cost_model_counts_each_samples_own_probes(monkeypatch, mode):
     assert c["total"] == pytest.approx(float(tot.max()), rel=1e-9)
     if mode == "auto":  # the old figure, worst total less the fewest held, was larger here
         assert c["new"] < float(tot.max() - counts.min())
+
+
+def test_lanczos_dfil_cost_stays_the_worst_samples(monkeypatch):
+    """The SLQ store's rounds run on the whole batch, so dFIL's ``lanczos`` cost is the worst
+    sample's whatever ROW_SUBSETS says (two products per probe beyond those held)."""
+    enc, x = _conv_batch()
+    got = {}
+    for mode in ("never", "auto"):
+        monkeypatch.setattr(base, "ROW_SUBSETS", mode)
+        lin = ff.linearize(enc, x, seed=3)
+        lin.fsinfo(SIGMA, variant="logdet", estimator="randomized", num_probes=6,
+                   lanczos_order=8, prior_var=1.0)
+        got[mode] = lin._dfil_costs(lin._sigma(SIGMA), 0.01, None, 10**6)["lanczos"]
+    assert got["never"] == got["auto"]
+    c = got["auto"]
+    assert c["new"] == 2.0 * max(0.0, c["total"] - 6) and "batch mean" not in c["from"]
