@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check (`make gpu-check`), one script for a machine with a CUDA GPU, about 7 minutes
-# (measured on an H200: the build 22 s, the GPU tests about 3 minutes, the benchmark about 3.5
-# minutes with GPU_BENCH_ARGS="--no-compile --repeats 3"; torch.compile adds more):
+# The GPU check (`make gpu-check`), one script for a machine with a CUDA GPU, about 3-7 minutes
+# (measured on an H200 in two leases: the build 12-22 s, the GPU tests 70 s-3 minutes, the
+# benchmark about 3.5 minutes for every encoder with GPU_BENCH_ARGS="--no-compile --repeats 3",
+# 38 s for the ConvNeXt-T row alone; torch.compile of VGG5 and ResNet-18 at 32 px 77 s more):
 #   0. a CUDA GPU must be visible to torch (otherwise: exit 2 at once, nothing is checked),
 #   1. build the CUDA extension (fsinfo_fast._C with the CUDA ops) in place,
 #   2. `fsinfo-fast info` (what is built and available),
@@ -33,11 +34,13 @@ run_step() {
   local t0 rc
   echo; echo "=== $name ($(date +%T))"
   t0=$(date +%s)
-  timeout "$limit" "$@" >"$log" 2>&1
+  # SIGABRT at the limit: with PYTHONFAULTHANDLER a Python step that hangs prints where it hangs
+  # (every thread's stack) into its log; SIGKILL 20 s later if it ignores that
+  PYTHONFAULTHANDLER=1 timeout -s ABRT -k 20 "$limit" "$@" >"$log" 2>&1
   rc=$?
   tail -n "$lines" "$log"
   echo "--- $name: exit status $rc after $(( $(date +%s) - t0 )) s (full output: $log)"
-  if [ "$rc" -eq 124 ]; then
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     failed+=("$name (timed out after $limit s)")
   elif [ "$rc" -ne 0 ]; then
     failed+=("$name (exit status $rc)")

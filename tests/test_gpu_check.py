@@ -29,6 +29,9 @@ case "$*" in
   "-m fsinfo_fast info"*)
     echo "backends: ..."; [ "${FAKE_FAIL:-}" = info ] && exit 1; exit 0 ;;
   "-m pytest"*)
+    if [ -n "${FAKE_HANG:-}" ]; then  # a Python step that never ends (the real python sleeps)
+      exec "$REAL_PYTHON" -c "import time; print('all tests ran', flush=True); time.sleep(600)"
+    fi
     if [ "${FAKE_FAIL:-}" = tests ]; then echo "1 failed, 2 passed in 0.10s"; exit 1; fi
     if [ -n "${FAKE_SKIP:-}" ]; then
       echo "SKIPPED [1] CUDA ops unavailable"; echo "2 passed, 1 skipped in 0.10s"; exit 0
@@ -109,6 +112,17 @@ def test_an_unavailable_library_backend_in_the_benchmark_fails(fake_python, tmp_
     assert out.returncode == 1, out.stdout + out.stderr
     assert "vgg5-s2: ours-cuda: no CUDA ops built" in out.stdout
     assert "every library backend ran" in out.stderr
+
+
+def test_a_hanging_step_times_out_and_shows_where_it_hangs(fake_python, tmp_path):
+    out = _run(fake_python, tmp_path, FAKE_HANG="1", GPU_CHECK_TESTS_S="3")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "  - GPU tests (timed out after 3 s)" in out.stderr
+    log = (tmp_path / "logs" / "GPU_tests.log").read_text()
+    # SIGABRT at the limit, with the fault handler on: the stack of the hanging Python
+    assert "all tests ran" in log
+    assert "Fatal Python error: Aborted" in log and 'File "<string>", line 1' in log
+    assert "GPU benchmark" in out.stdout  # the later steps still ran
 
 
 def test_no_gpu_exits_2_before_any_step(fake_python, tmp_path):

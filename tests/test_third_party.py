@@ -17,19 +17,22 @@ Skipped where ``transformers`` is not installed (a test dependency: ``pip instal
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
 
 import fsinfo_fast as ff
+from fsinfo_fast.models.third_party import SPLITS, build
 from fsinfo_fast.reference import jacobian
 from fsinfo_fast.testing import exact_fsinfo_diag, exact_trace
 
 from .engine_check import check_products
 
-pytest.importorskip("transformers")
-
-from fsinfo_fast.models.third_party import SPLITS, build  # noqa: E402
+# a mark, not a collection-time importorskip: `pytest -m gpu` deselects these CPU tests first
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                reason="transformers is not installed (pip install transformers)")
 
 #: architectures of the test matrix (small configs)
 MATRIX = ("vit", "deit", "dinov2", "swin", "convnext", "resnet", "mobilenetv2", "segformer",
