@@ -61,7 +61,7 @@ from torch import Tensor
 
 from . import reference
 from ._precision import ieee_fp32, ieee_fp32_method
-from .encoder import PreparedEncoder, check_prior_var, check_sigma, prepare
+from .encoder import PreparedEncoder, check_prior_var, check_sigma, prepare, working_dtype
 from .engine import default_memory_budget, make_products
 from .errors import InvalidInputError, InvalidInputTypeError
 from .estimators import base as _base
@@ -269,13 +269,18 @@ class Linearization:
         seed: int | torch.Generator = 0,
         sample_ids: Tensor | None = None,
         memory_budget: int | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not isinstance(backend, str):
             raise InvalidInputError(f"backend must be a string, got {type(backend).__name__}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise InvalidInputTypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
         self.encoder = encoder
         self.x = x
-        self.enc: PreparedEncoder = prepare(encoder, x, check_interaction=_INTERACTION_CHECKS,
-                                            cache=True)
+        work, self.dtype_note = (working_dtype(encoder, x, dtype) if isinstance(x, Tensor)
+                                 else (dtype, None))  # not a tensor: prepare says so
+        self.enc: PreparedEncoder = prepare(encoder, x, dtype=work,
+                                            check_interaction=_INTERACTION_CHECKS, cache=True)
         self.backend = backend
         self.seed = resolve_seed(seed)
         self.sample_ids = None if sample_ids is None else sample_ids_for(_Shape(self.enc),
@@ -328,6 +333,8 @@ class Linearization:
     def _info(self, **extra: Any) -> dict[str, Any]:
         p = self._products
         info: dict[str, Any] = {"backend": getattr(p, "backend", None), "seed": self.seed}
+        if self.dtype_note is not None:
+            info["working_dtype"] = self.dtype_note
         info.update(getattr(p, "info", None) or {})  # e.g. backend_fallback, engine fallbacks
         info.update(extra)
         return info
@@ -1230,6 +1237,7 @@ def linearize(
     seed: int | torch.Generator = 0,
     sample_ids: Tensor | None = None,
     memory_budget: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Linearization:
     """Validate ``encoder`` at the batch ``x`` once and return a :class:`Linearization`.
 
@@ -1243,9 +1251,15 @@ def linearize(
         sample_ids: ``[B]`` global sample ids seeding each sample's probes (default
             ``arange(B)``): a sample's result then does not depend on how samples are batched.
         memory_budget: bytes a chunk of probes may use (default: a share of free memory).
+        dtype: the products' dtype, ``torch.float32`` or ``torch.float64``. ``None`` (default)
+            keeps the encoder's and the input's, except that a ``float16`` / ``bfloat16``
+            encoder or input is linearised in float32 on a copy (half-precision products err
+            by more than the intervals count; recorded in ``info["working_dtype"]``, see
+            :func:`fsinfo_fast.encoder.working_dtype`).
 
     Raises:
-        The input and encoder errors of :func:`fsinfo_fast.encoder.prepare`.
+        InvalidInputError: ``dtype`` is not float32 / float64; the input and encoder errors of
+            :func:`fsinfo_fast.encoder.prepare`.
     """
     return Linearization(encoder, x, backend=backend, seed=seed, sample_ids=sample_ids,
-                         memory_budget=memory_budget)
+                         memory_budget=memory_budget, dtype=dtype)
