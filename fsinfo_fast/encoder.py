@@ -301,7 +301,7 @@ def working_dtype(encoder: Callable[[Tensor], Tensor], x: Tensor,
                 "the intervals count; a half-precision encoder is linearised in float32 by "
                 "default, dtype=None)")
         return requested, None
-    half = {x.dtype} & set(HALF_DTYPES)
+    half = {getattr(x, "dtype", None)} & set(HALF_DTYPES)  # not a tensor: prepare says so
     if isinstance(encoder, nn.Module):
         half |= {t.dtype for t in itertools.chain(encoder.parameters(), encoder.buffers())
                  if t.dtype in HALF_DTYPES}

@@ -127,3 +127,5 @@ def _print_report(r: dict) -> None:
             print(f"  torch.func: node {f['node']} ({f['op']}): {f['reason']}")
     auto = r["auto"] + (f" ({r['auto_reason']})" if r["auto_reason"] else "")
     print(f"  backend auto picks: {auto}")
+    if r.get("dtype_note"):
+        print(f"  products in {r['dtype_note']}")

@@ -277,8 +277,7 @@ class Linearization:
             raise InvalidInputTypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
         self.encoder = encoder
         self.x = x
-        work, self.dtype_note = (working_dtype(encoder, x, dtype) if isinstance(x, Tensor)
-                                 else (dtype, None))  # not a tensor: prepare says so
+        work, self.dtype_note = working_dtype(encoder, x, dtype)
         self.enc: PreparedEncoder = prepare(encoder, x, dtype=work,
                                             check_interaction=_INTERACTION_CHECKS, cache=True)
         self.backend = backend

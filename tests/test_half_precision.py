@@ -80,3 +80,20 @@ def test_a_half_precision_callable_says_to_pass_a_module():
     enc, x = _vgg5_s2(torch.bfloat16)
     with pytest.raises(EncoderError, match="nn.Module"):
         ff.linearize(lambda t: enc(t), x)  # its weights stay bf16 while the input is float32
+
+
+def test_engine_report_sees_the_float32_copy():
+    from fsinfo_fast.engine import engine_report
+
+    enc, x = _vgg5_s2(torch.bfloat16)
+    rep = engine_report(enc, x)
+    assert rep["captured"] and not rep["fallbacks"]
+    assert rep["dtype"] == "torch.float32" and "torch.bfloat16" in rep["dtype_note"]
+    rep32 = engine_report(*_vgg5_s2(torch.float32))
+    assert rep32["dtype"] == "torch.float32" and rep32["dtype_note"] is None
+
+
+def test_not_a_tensor_still_gets_the_input_error():
+    enc, _ = _vgg5_s2(torch.bfloat16)
+    with pytest.raises(InvalidInputTypeError):
+        ff.linearize(enc, [[1.0, 2.0]])

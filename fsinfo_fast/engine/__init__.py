@@ -201,19 +201,21 @@ def engine_report(encoder, x) -> dict:
     Returns:
         ``{"captured": bool, "reason": str | None, "nodes": int, "kinds": {kind: count},
         "fallbacks": [{"node", "op", "reason"}, ...], "fallback_share": float,
-        "auto": backend name auto picks, "auto_reason": why auto falls back (or None)}``.
+        "auto": backend name auto picks, "auto_reason": why auto falls back (or None),
+        "dtype": the products' dtype, "dtype_note": why it is not the given one (or None)}``.
         ``captured`` is False (with the reason) where the engine cannot capture the encoder:
         an explicit ``backend="engine"`` then raises, ``auto`` runs torch.func.
     """
     from collections import Counter
 
-    from ..encoder import prepare
+    from ..encoder import prepare, working_dtype
     from .capture import CaptureError
     from .products import LinearisedProducts
 
-    enc = prepare(encoder, x)
+    work, note = working_dtype(encoder, x)  # as the metrics linearise it
+    enc = prepare(encoder, x, dtype=work)
     out: dict = {"captured": False, "reason": None, "nodes": 0, "kinds": {}, "fallbacks": [],
-                 "fallback_share": 0.0}
+                 "fallback_share": 0.0, "dtype": str(enc.x.dtype), "dtype_note": note}
     try:
         P = LinearisedProducts(enc)
     except CaptureError as err:
