@@ -1,4 +1,4 @@
-"""Full IEEE float32 on CUDA while a metric runs (TF32 off for convolutions and matmuls).
+"""Full IEEE float32 while a metric runs: TF32 off on CUDA, autocast off on every device.
 
 PyTorch runs float32 cuDNN convolutions in TF32 by default (``torch.backends.cudnn.conv.
 fp32_precision == "tf32"``), and matmuls too after ``torch.set_float32_matmul_precision("high")``:
@@ -9,6 +9,13 @@ torch.func ones by 1.0e-3. The metrics are properties of the encoder as a mathem
 and their intervals allow for float32 rounding, not for TF32's, so :func:`ieee_fp32` turns TF32
 off for their computations and restores the user's settings exactly afterwards (the setting is
 process-global: another thread's CUDA work during a metric call runs without TF32 too).
+
+Autocast (``torch.autocast``, thread-local) is turned off too: inside a user's
+``torch.autocast("cpu" | "cuda", dtype=torch.bfloat16)`` block the encoder's convolutions and
+matmuls would run in half precision, whose products err by far more than the intervals count
+(see :func:`fsinfo_fast.encoder.working_dtype`), and the captured engine's float32 primal would
+no longer match the encoder's output (measured on VGG5 under CPU autocast: the engine refused the
+encoder, the torch.func route raised a dtype error).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["ieee_fp32", "ieee_fp32_method"]
+__all__ = ["ieee_fp32", "ieee_fp32_method", "no_tf32"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,6 +52,18 @@ def _is_cuda(device: torch.device | str | None) -> bool:
 
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device | str | None) -> Iterator[None]:
+    """Autocast off for ``device``'s type, and TF32 off (:func:`no_tf32`) when it is CUDA."""
+    kind = None if device is None else torch.device(device).type
+    if kind is None or not torch.amp.is_autocast_available(kind):
+        with no_tf32(device):
+            yield
+        return
+    with torch.autocast(kind, enabled=False), no_tf32(device):
+        yield
+
+
+@contextlib.contextmanager
+def no_tf32(device: torch.device | str | None) -> Iterator[None]:
     """TF32 off (``fp32_precision = "ieee"``) for cuDNN convolutions and RNNs and for cuBLAS
     matmuls inside the block, when ``device`` is a CUDA device; a no-op otherwise.
 

@@ -112,3 +112,26 @@ def test_device_mismatch_raises_with_the_fix():
     r = ff.fsinfo(lambda t: 2 * t, torch.randn(2, 3, dtype=torch.float64), sigma=0.1,
                   estimator="exact")
     assert r.value.shape == (2,)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_metrics_ignore_a_users_autocast(backend):
+    """Inside ``torch.autocast("cpu", dtype=torch.bfloat16)`` the metrics still compute in float32
+    (the same numbers as outside; before, the engine refused the encoder and torch.func raised a
+    dtype error), and the user's autocast is on again after the call."""
+    from fsinfo_fast.data import natural_images
+    from fsinfo_fast.models import get_model
+
+    torch.manual_seed(0)
+    enc = ff.split(get_model("vgg5").eval(), at=2)
+    x = natural_images(size=32, n=2)[0]
+    lin0 = ff.linearize(enc, x, backend=backend, seed=0)
+    want = (lin0.fsinfo(0.1).value, lin0.dfil(0.1).value)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert enc(x).dtype == torch.bfloat16  # autocast does reach this encoder
+        lin = ff.linearize(enc, x, backend=backend, seed=0)
+        got = (lin.fsinfo(0.1).value, lin.dfil(0.1).value)
+        assert torch.is_autocast_enabled("cpu")
+    assert lin.products.backend == lin0.products.backend
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
