@@ -1,4 +1,5 @@
-"""Full IEEE float32 while a metric runs: TF32 off on CUDA, autocast off on every device.
+"""Full IEEE float32 while a metric runs: TF32 off on CUDA, autocast off on every device (and
+inference mode off, so a call inside ``torch.inference_mode()`` can take its Jacobian products).
 
 PyTorch runs float32 cuDNN convolutions in TF32 by default (``torch.backends.cudnn.conv.
 fp32_precision == "tf32"``), and matmuls too after ``torch.set_float32_matmul_precision("high")``:
@@ -52,13 +53,16 @@ def _is_cuda(device: torch.device | str | None) -> bool:
 
 @contextlib.contextmanager
 def ieee_fp32(device: torch.device | str | None) -> Iterator[None]:
-    """Autocast off for ``device``'s type, and TF32 off (:func:`no_tf32`) when it is CUDA."""
+    """Autocast off for ``device``'s type, TF32 off (:func:`no_tf32`) when it is CUDA, and
+    inference mode off (autograd, which the products need, refuses to record under
+    ``torch.inference_mode()``; measured: the engine raised "element 0 of tensors does not
+    require grad" there)."""
     kind = None if device is None else torch.device(device).type
-    if kind is None or not torch.amp.is_autocast_available(kind):
-        with no_tf32(device):
-            yield
-        return
-    with torch.autocast(kind, enabled=False), no_tf32(device):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        if kind is not None and torch.amp.is_autocast_available(kind):
+            stack.enter_context(torch.autocast(kind, enabled=False))
+        stack.enter_context(no_tf32(device))
         yield
 
 

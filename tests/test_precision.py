@@ -135,3 +135,27 @@ def test_metrics_ignore_a_users_autocast(backend):
     assert lin.products.backend == lin0.products.backend
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=0)
+
+
+def test_metrics_work_inside_inference_mode():
+    """``torch.inference_mode()`` (Lightning's validation loop runs in it): the products need
+    autograd, so the metrics turn inference mode off for their work. Before, FSInfoMetric.update
+    there raised NotDifferentiableError and the engine a raw autograd RuntimeError."""
+    pytest.importorskip("torchmetrics")
+    from fsinfo_fast.data import natural_images
+    from fsinfo_fast.models import get_model
+
+    torch.manual_seed(0)
+    enc = ff.split(get_model("vgg5").eval(), at=2)
+    x = natural_images(size=32, n=2)[0]
+    want = ff.linearize(enc, x, seed=0).fsinfo(0.1).value
+    with torch.inference_mode():
+        for backend in ("auto", "torch"):
+            got = ff.linearize(enc, x, backend=backend, seed=0).fsinfo(0.1).value
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        metric = ff.FSInfoMetric(enc, sigma=0.1)
+        metric.update(x)
+        assert torch.isfinite(metric.compute()["mean"])
+        out = ff.FSInfoGuard(enc, target=-1.0)(x)
+        assert out.shape == enc(x).shape
+        assert torch.is_inference_mode_enabled()
