@@ -61,7 +61,15 @@ from torch import Tensor
 
 from . import reference
 from ._precision import ieee_fp32, ieee_fp32_method
-from .encoder import PreparedEncoder, check_prior_var, check_sigma, prepare, working_dtype
+from .encoder import (
+    COMPILED_NOTE,
+    PreparedEncoder,
+    check_prior_var,
+    check_sigma,
+    prepare,
+    uncompiled,
+    working_dtype,
+)
 from .engine import default_memory_budget, make_products
 from .errors import InvalidInputError, InvalidInputTypeError
 from .estimators import base as _base
@@ -334,6 +342,8 @@ class Linearization:
         info: dict[str, Any] = {"backend": getattr(p, "backend", None), "seed": self.seed}
         if self.dtype_note is not None:
             info["working_dtype"] = self.dtype_note
+        if uncompiled(self.encoder) is not self.encoder:
+            info["compiled"] = COMPILED_NOTE
         info.update(getattr(p, "info", None) or {})  # e.g. backend_fallback, engine fallbacks
         info.update(extra)
         return info

@@ -55,6 +55,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from .encoder import uncompiled
 from .errors import InvalidInputError, InvalidInputTypeError, SplitError
 
 __all__ = ["HookEncoder", "HookInsert", "ROUTES", "first_tensor", "insert", "split"]
@@ -77,7 +78,8 @@ def split(
     """The bottom part of ``model`` up to and including the split point ``at``, as an encoder.
 
     Args:
-        model: the full model (any ``nn.Module``; zoo models also accept paper split indices).
+        model: the full model (any ``nn.Module``; zoo models also accept paper split indices;
+            a ``torch.compile``'d model is cut at its original module, the result eager).
         at: paper split index (``int``, into ``model.split_points``; for a plain ``nn.Sequential``
             the child index), module path (``str``) or torch.fx node name (``str``).
         occurrence: for a module path, which call of the module is the cut when ``forward``
@@ -218,6 +220,7 @@ class _Options:
 
 
 def _locate(model: nn.Module, at: int | str, who: str, opts: _Options) -> _Cut:
+    model = uncompiled(model)  # a torch.compile'd model: cut its original module
     if not isinstance(model, nn.Module):
         raise InvalidInputTypeError(
             f"{who} needs an nn.Module, got {type(model).__name__}"

@@ -388,3 +388,23 @@ def test_max_probes_none_keeps_the_lanczos_cap_with_held_probes(one_thread):
         assert d.estimator == "exact-fast"
         assert "from the 40 SLQ probes held" in d.info["auto"], d.info["auto"]
         assert "more than its probe cap 48:" in d.info["auto"], d.info["auto"]
+
+
+def test_a_compiled_encoder_is_linearised_through_its_original_module():
+    """``torch.compile(encoder)``: the engine cannot trace compiled code (auto fell back to
+    torch.func after a 13 s compile in the validation's forward); its ``_orig_mod`` is the same
+    function, linearised instead and recorded. ``ff.split`` cuts a compiled model likewise."""
+    from fsinfo_fast.models import get_model
+
+    torch.manual_seed(0)
+    model = get_model("vgg5").eval()
+    enc = ff.split(model, at=2)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = ff.linearize(enc, x, seed=0).fsinfo(0.1)
+    lin = ff.linearize(torch.compile(enc), x, seed=0)
+    got = lin.fsinfo(0.1)
+    assert lin.products.backend == want.info["backend"] != "torch"
+    assert "torch.compile" in got.info["compiled"] and "compiled" not in want.info
+    torch.testing.assert_close(got.value, want.value, rtol=0, atol=0)
+    cut = ff.split(torch.compile(model), at=2)  # module paths of the original model
+    torch.testing.assert_close(cut(x), enc(x), rtol=0, atol=0)
