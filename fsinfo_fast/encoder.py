@@ -485,7 +485,15 @@ def _prepare(
         n = batch if check_interaction is None else min(batch, check_interaction)
         with torch.no_grad():
             for i in range(n):
-                alone = fn(x[i : i + 1].reshape(1, -1))[0]
+                try:
+                    alone = fn(x[i : i + 1].reshape(1, -1))[0]
+                except Exception as err:  # e.g. an exported program with a static batch size
+                    raise EncoderError(
+                        f"the encoder ran on the batch of {batch} samples but failed on sample "
+                        f"{i} alone ({type(err).__name__}: {err}). The metrics evaluate every "
+                        "sample on its own (batch size 1): the encoder must accept any batch "
+                        "size (a torch.export program needs a dynamic batch dimension, e.g. "
+                        "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})") from err
                 scale = float(y[i].abs().max()) + 1e-30
                 tol = 1e-4 if y.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
                 err = float((alone - y[i]).abs().max())

@@ -133,3 +133,20 @@ def test_callable_that_cannot_follow_float64_is_explained():
     with pytest.raises(ff.EncoderError, match="nn.Module"):
         ff.reference.fsinfo(lambda z: model(z), torch.randn(2, 4))
     ff.reference.fsinfo(model, torch.randn(2, 4))  # the module itself is cast automatically
+
+
+def test_an_exported_program_needs_a_dynamic_batch():
+    """``torch.export`` programs keep the example's batch size unless told otherwise; the metrics
+    run every sample alone, so a static one is refused with the fix (was a bare AssertionError
+    "Guard failed"), and a dynamic batch dimension works on the engine."""
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.rand(2, 3, 8, 8)
+    static = torch.export.export(enc, (x,)).module()
+    with pytest.raises(ff.EncoderError, match=r"sample 0 alone .*dynamic_shapes"):
+        ff.linearize(static, x)
+    dyn = torch.export.export(enc, (x,), dynamic_shapes={"input": {0: torch.export.Dim("b")}})
+    lin = ff.linearize(dyn.module(), x, seed=0)
+    want = ff.linearize(enc, x, seed=0).fsinfo(0.1).value
+    torch.testing.assert_close(lin.fsinfo(0.1).value, want, rtol=1e-6, atol=0)
+    assert lin.products.backend != "torch"

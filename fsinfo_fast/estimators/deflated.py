@@ -210,7 +210,8 @@ class DeflationSketch:
         keep = self.held[comp] == r0  # a row computed past its rank is not added
         Qn = torch.zeros(comp.numel(), self.Q.shape[1], count, dtype=torch.float64, device=dev)
         kept = comp[keep]
-        Qn[keep] = _orth_against(self.Q[kept, :, :r0], Y[keep].transpose(1, 2))
+        Qn[keep] = _orth_against(self.Q[kept, :, :r0], Y[keep].transpose(1, 2),
+                                 _SPAN_ULPS * torch.finfo(prod.dtype).eps)
         Wn = router.vjp(Qn.transpose(1, 2).to(prod.dtype)).to(torch.float64)
         check_finite(Wn, sample_ids, r0, "deflation exact part (J^T q)", idx)
         end = r0 + count
@@ -267,21 +268,64 @@ def _orthonormal(Y: Tensor) -> Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
-def _orth_against(Q: Tensor, Y: Tensor) -> Tensor:
-    """Orthonormal ``[B, m, c]`` basis of ``(I - Q Q^T) Y`` (block Gram-Schmidt, twice)."""
+#: Orthonormality the sketch must keep (``max |Q^T Q - I|``).
+_ORTH_TOL = 1e-8
+#: A new sketch direction whose part outside the held ones is below this many unit roundoffs
+#: of the products' dtype (relative to the block's largest column) is numerically in their span.
+_SPAN_ULPS = 1e3
+
+
+def _orth_error(full: Tensor) -> Tensor:
+    """``[B]`` ``max |Q^T Q - I|`` per sample."""
+    eye = torch.eye(full.shape[2], dtype=torch.float64, device=full.device)
+    return (full.transpose(1, 2) @ full - eye).abs().amax(dim=(1, 2))
+
+
+def _complete(Q: Tensor, Y: Tensor, tol: float) -> Tensor:
+    r"""One sample's ``[m, c]`` orthonormal block orthogonal to ``Q`` ``[m, r]`` when ``(I -
+    QQ^T) Y`` is numerically rank-deficient (``J`` has rank below the sketch's: a bottleneck,
+    dead ReLUs): the directions of that part above ``tol`` (its SVD), then the coordinate
+    vectors ``e_i`` least covered by the basis so far (``argmin ||P e_i||``, deterministic),
+    each orthogonalised twice. The split of ``diag(J^T J)`` into the sketch's exact part and the
+    remainder holds for any orthonormal ``Q``; directions outside the range of ``J`` only add
+    exact parts of zero."""
+    m, c = Y.shape
+    U, S, _ = torch.linalg.svd(Y, full_matrices=False)
+    basis = torch.cat([Q, U[:, S > tol]], dim=1)
+    while basis.shape[1] < Q.shape[1] + c:
+        i = int(torch.argmin(basis.square().sum(dim=1)))
+        v = torch.zeros(m, 1, dtype=Y.dtype, device=Y.device)
+        v[i] = 1.0
+        for _ in range(2):
+            v = v - basis @ (basis.T @ v)
+        basis = torch.cat([basis, v / v.norm()], dim=1)
+    return basis[:, Q.shape[1]:]
+
+
+def _orth_against(Q: Tensor, Y: Tensor, rel_tol: float = 0.0) -> Tensor:
+    """Orthonormal ``[B, m, c]`` basis of ``(I - Q Q^T) Y`` (block Gram-Schmidt, twice); for a
+    sample where that part is numerically rank-deficient (``J``'s rank is below the sketch's),
+    its directions above ``rel_tol`` times the block's largest column, completed by
+    :func:`_complete`. Batch-independent: each sample's block depends on its own ``Q``, ``Y``."""
+    scale = Y.norm(dim=1).amax(dim=1)  # [B]
     for _ in range(2):
         if Q.shape[2]:
             Y = Y - Q @ (Q.transpose(1, 2) @ Y)
-    Qn = _orthonormal(Y)
+    Qn, R = torch.linalg.qr(Y, mode="reduced")
     if Q.shape[2]:
         Qn = _orthonormal(Qn - Q @ (Q.transpose(1, 2) @ Qn))
-    full = torch.cat([Q, Qn], dim=2)
-    eye = torch.eye(full.shape[2], dtype=torch.float64, device=Y.device)
-    err = float((full.transpose(1, 2) @ full - eye).abs().max())
-    if not err < 1e-8:
+    # rank-deficient: a small diagonal of the projected block's R, or orthogonality lost
+    r_diag = R.diagonal(dim1=1, dim2=2).abs()  # [B, c]
+    tol = rel_tol * scale
+    bad = (r_diag <= tol[:, None]).any(dim=1) | ~(_orth_error(torch.cat([Q, Qn], dim=2))
+                                                 < _ORTH_TOL)
+    for b in torch.nonzero(bad).flatten().tolist():
+        Qn[b] = _complete(Q[b], Y[b], float(tol[b]))
+    err = float(_orth_error(torch.cat([Q, Qn], dim=2)).max()) if Qn.shape[0] else 0.0
+    if not err < _ORTH_TOL:
         raise FloatingPointError(
-            f"deflation sketch lost orthogonality ({err:.2e}); the sketch rank exceeds the "
-            "numerical rank of J: lower max_rank"
+            f"deflation sketch lost orthogonality ({err:.2e}) although every sample's block was "
+            "completed; lower max_rank"
         )
     return Qn
 
