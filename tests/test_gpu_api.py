@@ -209,3 +209,35 @@ def test_profile_command_cuda_matches_cpu(tmp_path):
             diff = abs(float(g[col]) - float(c[col]))
             hw = max(float(g[col + "_hw"]), float(c[col + "_hw"]))
             assert diff <= hw, (col, g["split"], g["sample"], g[col], c[col], hw)
+
+
+def test_bf16_model_autocast_and_inference_mode_on_the_device():
+    """What GPU users run: a bfloat16 model (linearised on a float32 copy), a call inside
+    ``torch.autocast(<device>, dtype=torch.bfloat16)`` and one inside ``torch.inference_mode()``
+    give the float32 model's numbers on the same probes (the first exactly)."""
+    enc, x = _encoder("vgg5-s2")
+    enc, x = enc.to(DEV), x.to(DEV)
+    base = ff.linearize(enc, x, seed=0)
+    want = (base.fsinfo(0.1).value, base.dfil(0.1).value)
+    # bf16 weights and input: the float32 copy of those weights, on the float32 input they give
+    enc16, x16 = ff.split(get_model("vgg5").eval(), 2), x.to(torch.bfloat16)
+    enc16.load_state_dict(enc.state_dict())
+    enc16 = enc16.to(DEV).to(torch.bfloat16)
+    lin16 = ff.linearize(enc16, x16, seed=0)
+    assert lin16.enc.x.dtype == torch.float32
+    enc32 = ff.split(get_model("vgg5").eval(), 2)
+    enc32.load_state_dict({k: v.float() for k, v in enc16.state_dict().items()})
+    ref32 = ff.linearize(enc32.to(DEV), x16.float(), seed=0)
+    for got, ref in ((lin16.fsinfo(0.1), ref32.fsinfo(0.1)), (lin16.dfil(0.1), ref32.dfil(0.1))):
+        assert "torch.bfloat16" in got.info["working_dtype"]
+        torch.testing.assert_close(got.value, ref.value, rtol=0, atol=0)
+    with torch.autocast(torch.device(DEV).type, dtype=torch.bfloat16):
+        lin = ff.linearize(enc, x, seed=0)
+        got = (lin.fsinfo(0.1).value, lin.dfil(0.1).value)
+        assert torch.is_autocast_enabled(torch.device(DEV).type)
+    with torch.inference_mode():
+        lin = ff.linearize(enc, x, seed=0)
+        got_inf = (lin.fsinfo(0.1).value, lin.dfil(0.1).value)
+    for a, b, w in zip(got, got_inf, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-6, atol=0)
+        torch.testing.assert_close(b, w, rtol=1e-6, atol=0)
