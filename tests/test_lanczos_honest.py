@@ -113,7 +113,7 @@ def _check_honest(r, exact, same, what):
 # --- the issue: log-spaced singular values, d = 192, m = 384 ----------------------------------
 
 # 3 decades (tanh): 33 half-widths off before; 4 and 6 decades in float32: -inf before, oracle
-# finite; 7 decades: the oracle itself is -inf (numerically singular in float64)
+# finite; 7 decades: the oracle is finite too (the SVD of J; -inf from eigvalsh of J^T J before)
 FAST_GRID = [(3, True, torch.float64, None), (4, True, torch.float32, None),
              (6, True, torch.float32, None), (3, False, torch.float32, 1e4)]
 FULL_GRID = [
@@ -155,7 +155,9 @@ def test_log_spaced_spectra_full_grid(decades, tanh, dtype, prior_var):
     what = f"{decades} decades, {'tanh' if tanh else 'linear'}, {dtype}, prior_var={prior_var}"
     _check_honest(r, exact, same, what)
     if decades == 7 and prior_var is None:
-        assert torch.isneginf(exact).all() and r.bound.all()
+        # the float64 oracle resolves cond(J) = 1e7 through the SVD of J (it read -inf off the
+        # eigenvalues of J^T J, condition 1e14, before); the estimate is flagged a bound
+        assert torch.isfinite(exact).all() and r.bound.all(), (exact, r.bound)
 
 
 @pytest.mark.parametrize("decades, bound_lanczos", [(2, False), (4, True)])

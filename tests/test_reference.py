@@ -209,3 +209,28 @@ def test_worst_case_bound_is_least_private_sample(zoo):
     i, v = ff.bounds.fsinfo_bound(r).worst()
     assert i == r.worst().index
     assert math.isclose(v, math.exp(-2 * r.worst().value) / (2 * math.pi * math.e))
+
+
+def test_oracle_spectrum_of_an_ill_conditioned_jacobian():
+    """Singular values from 1e-6 to 1e6 (cond 1e12, a Gram matrix of cond 1e24): the oracle's
+    log det comes from the SVD of J and matches the closed form; through eigvalsh of J^T J it
+    read -inf without a prior and was 0.022 nats/dim off with prior_var=1."""
+    from fsinfo_fast.reference import eigvals_from_jacobian
+
+    s = torch.logspace(-6, 6, 192, dtype=torch.float64)
+    J = torch.diag(s)[None] @ torch.linalg.qr(
+        torch.randn(1, 192, 192, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)).Q
+    mu, zero = eigvals_from_jacobian(J)
+    assert not bool(zero.any())
+    # float64 SVD: absolute error about eps * s_max on each singular value (3e-5 relative on the
+    # smallest here); eigvalsh of J^T J errs by eps * s_max^2 on mu (1e-4, larger than mu_min)
+    torch.testing.assert_close(mu[0], s.square(), rtol=1e-3, atol=0)
+    enc = torch.nn.Linear(192, 192, bias=False).double().eval()
+    with torch.no_grad():
+        enc.weight.copy_(J[0])
+    x = torch.zeros(1, 192, dtype=torch.float64)
+    for pv, lam in ((None, 0.0), (1.0, 1.0)):
+        got = ff.fsinfo(enc, x, 0.1, variant="logdet", estimator="exact", prior_var=pv).value
+        want = 0.5 * torch.log(s.square() / 0.01 + lam).mean() - HALF_LOG_2PIE
+        assert abs(float(got) - float(want)) < 1e-8, (pv, float(got), float(want))

@@ -8,7 +8,7 @@ built with ``torch.func`` on the cheaper side: ``m`` VJPs when ``m <= d`` (rows)
 
 - ``tr(J^T J) = ||J||_F^2``,
 - ``diag(J^T J)_k = ||J e_k||^2`` (squared column norms),
-- the eigenvalues of ``J^T J`` on the smaller side (``eigvalsh`` of ``J J^T`` or ``J^T J``), and
+- the eigenvalues of ``J^T J`` on the smaller side (squared singular values of ``J``), and
   with them ``log det(J^T J / sigma^2 + lambda I_d)``, using
   ``log det(J^T J/s + lambda I_d) = (d - m) log(lambda) + log det(J J^T/s + lambda I_m)``.
 """
@@ -114,16 +114,20 @@ def fisher_trace(encoder: Encoder, x: Tensor, **kw) -> Tensor:
 def eigvals_from_jacobian(J: Tensor) -> tuple[Tensor, Tensor]:
     """Eigenvalues of ``J^T J`` on the smaller side and a numerically-zero mask.
 
+    The squares of ``J``'s singular values (an SVD of ``J`` itself, not an eigendecomposition of
+    ``J^T J``, which squares the condition number: a ``J`` with singular values from 1e-6 to 1e6
+    has a Gram matrix the float64 eigensolver cannot tell from a singular one, and its log-det
+    FSInfo came out ``-inf``).
+
     Returns:
-        ``(mu, zero)``: ``mu`` ``[B, min(m, d)]`` ascending, clamped at 0; ``zero`` marks values at
-        or below ``max(mu) * max(m, d) * eps`` (the usual numerical-rank threshold), set to 0.
+        ``(mu, zero)``: ``mu`` ``[B, min(m, d)]`` ascending; ``zero`` marks singular values at or
+        below ``max(s) * max(m, d) * eps`` (the usual numerical-rank threshold), set to 0.
     """
     _, m, d = J.shape
-    gram = J @ J.transpose(1, 2) if m <= d else J.transpose(1, 2) @ J
-    mu = torch.linalg.eigvalsh(gram)
-    tol = mu.amax(dim=1, keepdim=True).clamp_min(0) * max(m, d) * torch.finfo(J.dtype).eps
-    zero = mu <= tol
-    mu = torch.where(zero, torch.zeros_like(mu), mu)
+    sv = torch.linalg.svdvals(J).flip(-1)  # [B, min(m, d)] ascending
+    tol = sv.amax(dim=1, keepdim=True) * max(m, d) * torch.finfo(J.dtype).eps
+    zero = sv <= tol
+    mu = torch.where(zero, torch.zeros_like(sv), sv.square())
     return mu, zero
 
 
