@@ -444,12 +444,21 @@ def _prepare(
                 out = enc(xr)
         except RuntimeError as err:
             msg = str(err).lower()
-            if dtype is not None and any(k in msg for k in ("dtype", "scalar type", "double",
-                                                          "input type", "bfloat16", "half")):
+            about_dtype = any(k in msg for k in ("dtype", "scalar type", "double", "input type",
+                                                  "bfloat16", "half"))
+            if dtype is not None and about_dtype:
                 raise EncoderError(
                     f"the encoder failed on {dtype} input ({err}). Pass an nn.Module (it is "
                     "cast automatically) or make the callable follow the input's dtype."
                 ) from err
+            params = ({t.dtype for t in itertools.chain(enc.parameters(), enc.buffers())
+                       if t.is_floating_point()} if isinstance(enc, nn.Module) else set())
+            if about_dtype and len(params) == 1 and x.dtype not in params:
+                (want,) = params
+                raise InvalidInputError(
+                    f"x is {x.dtype} but the encoder's parameters are {want} ({err}): pass "
+                    f"x.to({want}), or ff.linearize(..., dtype={x.dtype}) to compute in "
+                    f"{x.dtype} on a cast copy of the encoder") from err
             raise
         if not isinstance(out, Tensor):
             raise EncoderError(

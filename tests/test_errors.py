@@ -150,3 +150,18 @@ def test_an_exported_program_needs_a_dynamic_batch():
     want = ff.linearize(enc, x, seed=0).fsinfo(0.1).value
     torch.testing.assert_close(lin.fsinfo(0.1).value, want, rtol=1e-6, atol=0)
     assert lin.products.backend != "torch"
+
+
+def test_input_and_encoder_dtypes_differ():
+    """A float64 batch for a float32 model (or the reverse): the error names both dtypes and
+    both fixes (was the convolution's raw RuntimeError), and the suggested dtype= works."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Tanh()).eval()
+    x64 = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(ff.InvalidInputError,
+                       match=r"x is torch.float64 but the encoder's parameters are torch.float32"):
+        ff.linearize(enc, x64)
+    with pytest.raises(ff.InvalidInputError, match=r"pass x.to\(torch.float64\)"):
+        ff.fsinfo(enc.double(), x64.float(), 0.1)
+    lin = ff.linearize(enc.float(), x64, dtype=torch.float64)
+    assert lin.enc.x.dtype == torch.float64 and torch.isfinite(lin.fsinfo(0.1).value).all()
