@@ -317,11 +317,13 @@ def _orth_against(Q: Tensor, Y: Tensor, rel_tol: float = 0.0) -> Tensor:
     # rank-deficient: a small diagonal of the projected block's R, or orthogonality lost
     r_diag = R.diagonal(dim1=1, dim2=2).abs()  # [B, c]
     tol = rel_tol * scale
-    bad = (r_diag <= tol[:, None]).any(dim=1) | ~(_orth_error(torch.cat([Q, Qn], dim=2))
-                                                 < _ORTH_TOL)
-    for b in torch.nonzero(bad).flatten().tolist():
+    errs = _orth_error(torch.cat([Q, Qn], dim=2))
+    bad = torch.nonzero((r_diag <= tol[:, None]).any(dim=1) | ~(errs < _ORTH_TOL)).flatten()
+    for b in bad.tolist():
         Qn[b] = _complete(Q[b], Y[b], float(tol[b]))
-    err = float(_orth_error(torch.cat([Q, Qn], dim=2)).max()) if Qn.shape[0] else 0.0
+    if bad.numel():
+        errs = _orth_error(torch.cat([Q, Qn], dim=2))
+    err = float(errs.max()) if errs.numel() else 0.0
     if not err < _ORTH_TOL:
         raise FloatingPointError(
             f"deflation sketch lost orthogonality ({err:.2e}) although every sample's block was "
