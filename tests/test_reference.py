@@ -233,4 +233,6 @@ def test_oracle_spectrum_of_an_ill_conditioned_jacobian():
     for pv, lam in ((None, 0.0), (1.0, 1.0)):
         got = ff.fsinfo(enc, x, 0.1, variant="logdet", estimator="exact", prior_var=pv).value
         want = 0.5 * torch.log(s.square() / 0.01 + lam).mean() - HALF_LOG_2PIE
-        assert abs(float(got) - float(want)) < 1e-8, (pv, float(got), float(want))
+        # float64 SVD at cond 1e12: about eps * s_max absolute on each singular value, so the
+        # smallest carry ~1e-4 relative (measured: 2e-9 to 6e-7 nats/dim, by thread count)
+        assert abs(float(got) - float(want)) < 1e-5, (pv, float(got), float(want))
