@@ -454,10 +454,12 @@ class Linearization:
         return None
 
     def _finish(self, est: Estimate, spectrum: bool, estimator: str, what: str,
-                max_probes: int) -> str | None:
+                max_probes: int, fixed: bool = False) -> str | None:
         """``auto`` only: why the oracle replaces a randomized estimate that missed its
-        tolerance within the probe cap (None: keep the estimate, ``converged=False``)."""
-        if estimator != "auto" or bool(est.converged.all()):
+        tolerance within the probe cap (None: keep the estimate, ``converged=False``). A fixed
+        ``num_probes`` (``fixed``) is what the caller asked for: its estimate is kept, with its
+        interval and ``converged`` saying whether it met the tolerance."""
+        if estimator != "auto" or fixed or bool(est.converged.all()):
             return None
         n_bad, others = _unconverged(est)
         if not spectrum or self._oracle_fits():
@@ -497,7 +499,8 @@ class Linearization:
         smaller cap, ``min(m, d) / (2 order)``), and at :data:`DEFAULT_MAX_PROBES` for an
         explicitly randomized estimator. On the deflated route the cap counts each sample's
         rank pilot, sketch and remainder products (``info["products_per_sample"]``;
-        ``probes_per_sample`` counts the remainder probes)."""
+        ``probes_per_sample`` counts the remainder probes). A fixed ``num_probes`` is kept under
+        ``auto`` too: ``converged`` then says whether its interval met the tolerance."""
         _check_choice("estimator", estimator, ESTIMATORS)
         _check_choice("variant", variant, VARIANTS)
         max_probes = _cap(max_probes, self.m, self.d, estimator)
@@ -556,7 +559,8 @@ class Linearization:
             est = slq_logdet(self.products, sigma=s, prior_var=prior_var, order=order,
                              stop=stop, store=self._slq_store(), **common)
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
-        why = self._finish(est, spectrum, estimator, metric, stop.max_probes)
+        why = self._finish(est, spectrum, estimator, metric, stop.max_probes,
+                           fixed=num_probes is not None)
         if why is not None:
             r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
@@ -862,7 +866,8 @@ class Linearization:
                                    **common)
         else:
             est = hutchpp_trace(self.products, sketch_size=sketch, stop=start, **common)
-        why = self._finish(est, False, estimator, "dfil", stop.max_probes)
+        why = self._finish(est, False, estimator, "dfil", stop.max_probes,
+                           fixed=num_probes is not None)
         if why is not None:
             r = self._exact_dfil(s, why, estimator)
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch

@@ -74,7 +74,9 @@ def fsinfo(
             working dtype, diag variant only), ``"randomized"``, or ``"auto"``.
         atol: target 95% half-width in nats per dimension (randomized).
         rtol: target half-width relative to ``|value|`` (randomized).
-        num_probes: a fixed probe count instead of adaptive stopping.
+        num_probes: a fixed probe count instead of adaptive stopping; kept under
+            ``estimator="auto"`` too (no switch to an exact route): ``converged`` says whether
+            its interval met ``atol`` / ``rtol``.
         max_probes: cap on the probes per sample (an int >= 2). None (the default): ``min(m,
             d)`` under ``estimator="auto"``, the products of the exact route it would fall
             back to (the log det keeps its smaller cap, ``min(m, d) / (2 order)``); 1000

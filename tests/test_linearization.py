@@ -408,3 +408,22 @@ def test_a_compiled_encoder_is_linearised_through_its_original_module():
     torch.testing.assert_close(got.value, want.value, rtol=0, atol=0)
     cut = ff.split(torch.compile(model), at=2)  # module paths of the original model
     torch.testing.assert_close(cut(x), enc(x), rtol=0, atol=0)
+
+
+def test_a_fixed_num_probes_is_kept_under_auto():
+    """``num_probes`` is a fixed count: ``auto`` returns that estimate with its interval and
+    ``converged`` for the tolerance. It used to replace it by the fast exact route (3072
+    one-hot products here) with the message 'did not reach the tolerance within 3072 probes'
+    after the 2 asked for."""
+    from fsinfo_fast.models import get_model
+
+    torch.manual_seed(0)
+    enc = ff.split(get_model("vgg5").eval(), at=2)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    r = ff.linearize(enc, x, seed=0).fsinfo(0.1, num_probes=2)
+    same = ff.linearize(enc, x, seed=0).fsinfo(0.1, num_probes=2, estimator="randomized")
+    assert torch.equal(r.value, same.value) and torch.equal(r.ci_halfwidth, same.ci_halfwidth)
+    d = ff.linearize(enc, x, seed=0).dfil(0.1, num_probes=2)
+    for res in (r, d):
+        assert res.estimator == "randomized" and res.num_probes == 2, (res.estimator, res.info)
+        assert "auto" not in res.info and not bool(res.converged.all())
