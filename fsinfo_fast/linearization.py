@@ -1168,6 +1168,34 @@ class Linearization:
         return r
 
     # -- noise calibration -------------------------------------------------------------------
+    def _floor_matters(self, r: MetricResult, tau: Tensor, floor: float,
+                       kw: dict[str, Any]) -> str | None:
+        r"""Why the floorless ``sigma = 1`` estimate ``r`` cannot give FSInfo_diag's ``sigma*``
+        with the paper's ``floor``, or None. The floor adds ``Delta(s) = (1/2d) sum_k log(1 +
+        floor s^2 / (J^TJ)_kk) >= 0`` to FSInfo at noise ``s``, so the floorless root is a lower
+        bound of the true one and the upper end of its interval holds only where ``Delta`` is
+        small there: where an input dimension does not reach the output at all (``(J^TJ)_kk =
+        0``: a crop, a skipped pixel; the floorless value is ``-inf`` and its ``sigma*`` was 0,
+        interval [0, 0]) or where the floored estimate at the interval's upper end (the held
+        probes, :meth:`fsinfo`) exceeds the floorless one there by more than 1% of the
+        half-width (a target near the floor's asymptote ``log(floor) / 2 - log(2 pi e) / 2``;
+        below it ``sigma*`` is infinite)."""
+        if floor <= 0:
+            return None
+        bad = ~torch.isfinite(r.value)
+        if bool(bad.any()):
+            return (f"{int(bad.sum())} sample(s) have input dimensions that do not reach the "
+                    "output ((J^T J)_kk = 0: the floorless FSInfo is -inf)")
+        hi = torch.exp(r.value + r.ci_halfwidth - tau)
+        at_hi = self.fsinfo(hi, floor=floor, **kw)
+        delta = at_hi.value - (r.value - torch.log(hi))  # floored minus floorless at hi
+        big = delta > 0.01 * r.ci_halfwidth
+        if not bool(big.any()):
+            return None
+        return (f"for {int(big.sum())} sample(s) the floor moves FSInfo at the interval's upper "
+                f"end by {float(delta.max()):.3g} nats/dim (half-width "
+                f"{float(r.ci_halfwidth.max()):.3g}): the target is near the floor's asymptote")
+
     @ieee_fp32_method
     def fsinfo_sigma(
         self,
@@ -1190,7 +1218,11 @@ class Linearization:
         interval of ``sigma*`` is the FSInfo interval mapped through that). The exact route
         honours the floor and a prior by solving the monotone equation to float64 precision;
         the randomized diagonal route neglects the floor (its effect at ``sigma*`` is below
-        ``floor sigma*^2 / (J^TJ)_kk``), the randomized log-det route with a prior is not
+        ``floor sigma*^2 / (J^TJ)_kk``) where that is checked to be small (:meth:`_floor_matters`:
+        not where an input dimension does not reach the output, nor near the floor's
+        asymptote; there ``auto`` solves the floored equation with the oracle, recorded in
+        ``info["auto"]``, and ``"randomized"`` raises), the randomized log-det route with a
+        prior is not
         available (``auto`` uses the oracle). ``max_probes``: as in :meth:`fsinfo` (None:
         ``min(m, d)`` under ``auto``, :data:`DEFAULT_MAX_PROBES` for a randomized estimator).
         """
@@ -1218,12 +1250,26 @@ class Linearization:
             r = None
         else:
             r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
+            why = self._floor_matters(r, tau_b, floor, kw) if variant == "diag" else None
+            if why is not None:
+                if estimator == "randomized" or not self._oracle_fits():
+                    raise InvalidInputError(
+                        f"the randomized FSInfoGuard sigma neglects the floor ({floor:g}), which "
+                        f"matters here: {why}. Use estimator='exact' (the float64 oracle solves "
+                        "the floored equation)" + ("" if self._oracle_fits() else
+                                                   ", which does not fit in memory at this size"
+                                                   "; or floor=0.0"))
+                r = None
+                floor_why = (f"the randomized sigma* neglects the floor, which matters here: "
+                             f"{why}; the float64 oracle solves the floored equation")
         if r is None or r.estimator == "exact":
             ex = self.exact(spectrum=variant == "logdet")
             sig = ex.fsinfo_sigma(tau_b, variant, prior_var=prior_var, floor=floor)
             info = {"backend": "reference"}
             if r is not None and "auto" in r.info:
                 info["auto"] = r.info["auto"]
+            elif estimator == "auto" and r is None:
+                info["auto"] = floor_why
             return SigmaResult(sigma=sig, target=tau_b, metric=f"fsinfo_{variant}",
                                estimator="exact", info=info)
         hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)

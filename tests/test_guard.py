@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fsinfo_fast as ff
+from fsinfo_fast.models import get_model
 
 
 def _encoder():
@@ -142,3 +143,44 @@ def test_torchmetrics_numbers_samples_across_batches():
     torch.testing.assert_close(metric.compute()["mean"], first.value.mean(), rtol=1e-12, atol=0)
     with pytest.raises(ff.InvalidInputError, match="update"):
         ff.DFILMetric(enc, sample_ids=torch.arange(2))
+
+
+class _Crop(torch.nn.Module):
+    """A conv that never sees the first two rows and columns: those input dimensions have
+    ``(J^T J)_kk = 0``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        return torch.tanh(self.conv(x[:, :, 2:, 2:]))
+
+
+def test_sigma_star_where_the_floor_matters():
+    """The randomized sigma* (from the floorless FSInfo at sigma = 1) gave 0 with the interval
+    [0, 0] where input dimensions do not reach the output (FSInfoGuard then added no noise at
+    all), and a finite interval for a target below the floor's asymptote, where no noise
+    reaches it (sigma* = inf). auto now solves the floored equation with the oracle and says
+    why; an explicit randomized estimator refuses."""
+    torch.manual_seed(0)
+    enc, x = _Crop().eval(), torch.rand(2, 3, 16, 16)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
+    got = ff.linearize(enc, x, seed=0).fsinfo_sigma(-1.0)
+    assert got.estimator == "exact" and "floor" in got.info["auto"]
+    torch.testing.assert_close(got.sigma, want, rtol=0, atol=0)
+    assert bool((got.sigma > 0).all())
+    with pytest.raises(ff.InvalidInputError, match=r"\(J\^T J\)_kk = 0"):
+        ff.linearize(enc, x, seed=0).fsinfo_sigma(-1.0, estimator="randomized")
+    guard = ff.FSInfoGuard(enc, target=-1.0)
+    guard(x)
+    torch.testing.assert_close(guard.last_sigma, want, rtol=0, atol=0)
+
+    vgg = ff.split(get_model("vgg5").eval(), at=2)
+    xv = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    below = ff.linearize(vgg, xv, seed=0).fsinfo_sigma(-15.0)  # asymptote: -12.93 nats/dim
+    assert below.estimator == "exact" and bool(torch.isinf(below.sigma).all())
+    with pytest.raises(ff.InvalidInputError, match="asymptote"):
+        ff.linearize(vgg, xv, seed=0).fsinfo_sigma(-15.0, estimator="randomized")
+    usual = ff.linearize(vgg, xv, seed=0).fsinfo_sigma(-1.0)  # the floor is negligible there
+    assert usual.estimator == "randomized" and "auto" not in usual.info
