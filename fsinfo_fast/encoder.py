@@ -14,7 +14,7 @@ import dataclasses
 import itertools
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,11 +207,15 @@ def check_eval_mode(encoder: object) -> None:
             )
 
 
+def _tensors(module: nn.Module) -> Iterator[Tensor]:
+    """Every parameter and buffer of ``module``."""
+    return itertools.chain(module.parameters(), module.buffers())
+
+
 def _cast_encoder(encoder: Callable, dtype: torch.dtype | None) -> Callable:
     if dtype is None or not isinstance(encoder, nn.Module):
         return encoder
-    tensors = list(encoder.parameters()) + list(encoder.buffers())
-    if all(t.dtype == dtype or not t.is_floating_point() for t in tensors):
+    if all(t.dtype == dtype or not t.is_floating_point() for t in _tensors(encoder)):
         return encoder
     return copy.deepcopy(encoder).to(dtype)
 
@@ -263,7 +267,7 @@ def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None) -> tuple
     in-place versions when a dtype cast makes a copy that would otherwise go stale)."""
     key: tuple = (tuple(x.shape[1:]), x.dtype, dtype, str(x.device))
     if isinstance(encoder, nn.Module):
-        tensors = list(encoder.parameters()) + list(encoder.buffers())
+        tensors = list(_tensors(encoder))
         key += (tuple(m.training for m in encoder.modules()), tuple(id(t) for t in tensors))
         if dtype is not None:
             key += (tuple(t._version for t in tensors),)
@@ -326,8 +330,7 @@ def working_dtype(encoder: Callable[[Tensor], Tensor], x: Tensor,
         return requested, None
     half = {getattr(x, "dtype", None)} & set(HALF_DTYPES)  # not a tensor: prepare says so
     if isinstance(encoder, nn.Module):
-        half |= {t.dtype for t in itertools.chain(encoder.parameters(), encoder.buffers())
-                 if t.dtype in HALF_DTYPES}
+        half |= {t.dtype for t in _tensors(encoder) if t.dtype in HALF_DTYPES}
     if not half:
         return None, None
     names = ", ".join(sorted(str(t) for t in half))
@@ -396,7 +399,7 @@ def check_device(encoder: Callable[[Tensor], Tensor], x: Tensor) -> None:
     to its own forward)."""
     if not isinstance(encoder, nn.Module):
         return
-    devices = {t.device for t in itertools.chain(encoder.parameters(), encoder.buffers())}
+    devices = {t.device for t in _tensors(encoder)}
     if len(devices) == 1:
         (dev,) = devices
         if dev != x.device:
@@ -451,8 +454,8 @@ def _prepare(
                     f"the encoder failed on {dtype} input ({err}). Pass an nn.Module (it is "
                     "cast automatically) or make the callable follow the input's dtype."
                 ) from err
-            params = ({t.dtype for t in itertools.chain(enc.parameters(), enc.buffers())
-                       if t.is_floating_point()} if isinstance(enc, nn.Module) else set())
+            params = ({t.dtype for t in _tensors(enc) if t.is_floating_point()}
+                      if isinstance(enc, nn.Module) else set())
             if about_dtype and len(params) == 1 and x.dtype not in params:
                 (want,) = params
                 raise InvalidInputError(

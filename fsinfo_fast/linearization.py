@@ -87,7 +87,13 @@ from .estimators.deflated import (
     predict_plain_probes,
 )
 from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
-from .estimators.exact_fast import CHECK_COLUMNS, FLOOR_ULPS, FastExactFisher, exact_fast_fisher
+from .estimators.exact_fast import (
+    CHECK_COLUMNS,
+    FastExactFisher,
+    exact_fast_fisher,
+    fsinfo_bias,
+    rounding_floor,
+)
 from .estimators.lanczos import SLQProbeStore, slq_trace
 from .estimators.probes import resolve_seed
 from .estimators.stopping import (
@@ -250,14 +256,15 @@ def rounding_allowance(metric: str, value: Tensor, dtype: torch.dtype) -> tuple[
     low-rank Jacobian: a bottleneck, dead ReLUs) leaves almost none of it (measured: half-widths
     of 5e-12 nats/dim around float32 values 1.5e-8 off the oracle). As for the fast exact route
     (:mod:`fsinfo_fast.estimators.exact_fast`), every diagonal entry and the trace are taken
-    within ``eps = FLOOR_ULPS * u`` (``u`` the unit roundoff; 3.8e-6 in float32) relative, so
+    within ``eps = FLOOR_ULPS * u`` (:func:`~fsinfo_fast.estimators.exact_fast.rounding_floor`;
+    3.8e-6 in float32) relative, so
     FSInfo_diag within ``-log(1 - eps) / 2`` nats/dim and dFIL within ``eps |dFIL|``. The
     exact route's float64 checks measured 5e-8 to 2.5e-7 on VGG5 and ResNet-18 splits in
     float32, 15-80x inside it. The log-det variant gets none here: its SLQ interval carries
     its own rounding allowance (:mod:`fsinfo_fast.estimators.lanczos`)."""
-    eps = FLOOR_ULPS * torch.finfo(dtype).eps / 2
+    eps = rounding_floor(dtype)
     if metric == "fsinfo_diag":
-        return torch.full_like(value, -math.log1p(-eps) / 2), eps
+        return fsinfo_bias(torch.full_like(value, eps)), eps
     if metric == "dfil":
         return eps * value.abs(), eps
     return torch.zeros_like(value), 0.0
@@ -1246,19 +1253,20 @@ class Linearization:
         kw = dict(variant=variant, estimator=estimator, atol=atol, rtol=rtol,
                   num_probes=num_probes, max_probes=max_probes, prior_var=prior_var,
                   lanczos_order=lanczos_order)
+        floor_why = None  # why auto solves the floored equation with the oracle
         if estimator == "exact":
             r = None
         else:
             r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
             why = self._floor_matters(r, tau_b, floor, kw) if variant == "diag" else None
             if why is not None:
-                if estimator == "randomized" or not self._oracle_fits():
+                fits = self._oracle_fits()
+                if estimator == "randomized" or not fits:
                     raise InvalidInputError(
                         f"the randomized FSInfoGuard sigma neglects the floor ({floor:g}), which "
                         f"matters here: {why}. Use estimator='exact' (the float64 oracle solves "
-                        "the floored equation)" + ("" if self._oracle_fits() else
-                                                   ", which does not fit in memory at this size"
-                                                   "; or floor=0.0"))
+                        "the floored equation)" + ("" if fits else ", which does not fit in "
+                                                   "memory at this size; or floor=0.0"))
                 r = None
                 floor_why = (f"the randomized sigma* neglects the floor, which matters here: "
                              f"{why}; the float64 oracle solves the floored equation")
@@ -1268,7 +1276,7 @@ class Linearization:
             info = {"backend": "reference"}
             if r is not None and "auto" in r.info:
                 info["auto"] = r.info["auto"]
-            elif estimator == "auto" and r is None:
+            elif floor_why is not None:
                 info["auto"] = floor_why
             return SigmaResult(sigma=sig, target=tau_b, metric=f"fsinfo_{variant}",
                                estimator="exact", info=info)

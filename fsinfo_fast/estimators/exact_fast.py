@@ -57,7 +57,8 @@ from ..errors import InvalidInputError
 from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum
 from ..result import MetricResult
 
-__all__ = ["CHECK_COLUMNS", "FLOOR_ULPS", "SAFETY", "FastExactFisher", "exact_fast_fisher"]
+__all__ = ["CHECK_COLUMNS", "FLOOR_ULPS", "SAFETY", "FastExactFisher", "exact_fast_fisher",
+           "fsinfo_bias", "rounding_floor"]
 
 #: Columns whose diagonal entries are recomputed in float64 to measure the rounding error.
 CHECK_COLUMNS = 16
@@ -69,7 +70,13 @@ FLOOR_ULPS = 64.0
 NAME = "exact-fast"
 
 
-def _fsinfo_bias(eps: Tensor) -> Tensor:
+def rounding_floor(dtype: torch.dtype) -> float:
+    """``FLOOR_ULPS * u``: the smallest relative rounding allowance claimed for products in
+    ``dtype`` (``u`` its unit roundoff)."""
+    return FLOOR_ULPS * torch.finfo(dtype).eps / 2
+
+
+def fsinfo_bias(eps: Tensor) -> Tensor:
     """``-log(1 - eps) / 2`` (``inf`` for ``eps >= 1``): the FSInfo_diag error bound."""
     out = torch.full_like(eps, math.inf)
     ok = eps < 1
@@ -137,7 +144,7 @@ class FastExactFisher:
                 f"variant={variant!r} needs the spectrum: use estimator='exact' (the oracle)")
         s = as_sigma(sigma, self.batch, self.diag.device)
         value = fsinfo_from_spectrum(self.diag, self.d, s, floor)
-        bias = _fsinfo_bias(self.rel_err)
+        bias = fsinfo_bias(self.rel_err)
         return MetricResult(
             value=value, stderr=torch.zeros_like(value), metric="fsinfo_diag", units="nats/dim",
             estimator=NAME, sigma=s, d=self.d, m=self.m, passes=self.passes + self.check_passes,
@@ -231,8 +238,7 @@ def exact_fast_fisher(
             raise FloatingPointError(
                 f"the fast exact route got non-finite products ({side} {start}..{start + size})")
     trace = diag.sum(dim=1)
-    u = torch.finfo(dtype).eps / 2
-    floor = FLOOR_ULPS * u
+    floor = rounding_floor(dtype)
     k = min(n_check, d)
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
     checked = torch.randperm(d, generator=gen)[:k].sort().values
