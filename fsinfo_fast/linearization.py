@@ -1176,7 +1176,7 @@ class Linearization:
 
     # -- noise calibration -------------------------------------------------------------------
     def _floor_matters(self, r: MetricResult, tau: Tensor, floor: float,
-                       kw: dict[str, Any]) -> str | None:
+                       kw: dict[str, Any]) -> tuple[str | None, Tensor]:
         r"""Why the floorless ``sigma = 1`` estimate ``r`` cannot give FSInfo_diag's ``sigma*``
         with the paper's ``floor``, or None. The floor adds ``Delta(s) = (1/2d) sum_k log(1 +
         floor s^2 / (J^TJ)_kk) >= 0`` to FSInfo at noise ``s``, so the floorless root is a lower
@@ -1186,22 +1186,25 @@ class Linearization:
         interval [0, 0]) or where the floored estimate at the interval's upper end (the held
         probes, :meth:`fsinfo`) exceeds the floorless one there by more than 1% of the
         half-width (a target near the floor's asymptote ``log(floor) / 2 - log(2 pi e) / 2``;
-        below it ``sigma*`` is infinite)."""
+        below it ``sigma*`` is infinite). Also returns ``[B]`` that floored-minus-floorless
+        difference (>= 0; zeros without a floor), by which the caller widens the upper end."""
+        none = torch.zeros_like(r.value)
         if floor <= 0:
-            return None
+            return None, none
         bad = ~torch.isfinite(r.value)
         if bool(bad.any()):
             return (f"{int(bad.sum())} sample(s) have input dimensions that do not reach the "
-                    "output ((J^T J)_kk = 0: the floorless FSInfo is -inf)")
+                    "output ((J^T J)_kk = 0: the floorless FSInfo is -inf)"), none
         hi = torch.exp(r.value + r.ci_halfwidth - tau)
         at_hi = self.fsinfo(hi, floor=floor, **kw)
-        delta = at_hi.value - (r.value - torch.log(hi))  # floored minus floorless at hi
+        delta = (at_hi.value - (r.value - torch.log(hi))).clamp_min(0)  # floored - floorless
         big = delta > 0.01 * r.ci_halfwidth
         if not bool(big.any()):
-            return None
-        return (f"for {int(big.sum())} sample(s) the floor moves FSInfo at the interval's upper "
-                f"end by {float(delta.max()):.3g} nats/dim (half-width "
-                f"{float(r.ci_halfwidth.max()):.3g}): the target is near the floor's asymptote")
+            return None, delta
+        why = (f"for {int(big.sum())} sample(s) the floor moves FSInfo at the interval's upper "
+               f"end by {float(delta.max()):.3g} nats/dim (half-width "
+               f"{float(r.ci_halfwidth.max()):.3g}): the target is near the floor's asymptote")
+        return why, delta
 
     @ieee_fp32_method
     def fsinfo_sigma(
@@ -1258,7 +1261,8 @@ class Linearization:
             r = None
         else:
             r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
-            why = self._floor_matters(r, tau_b, floor, kw) if variant == "diag" else None
+            why, floor_shift = (self._floor_matters(r, tau_b, floor, kw) if variant == "diag"
+                                else (None, torch.zeros_like(r.value)))
             if why is not None:
                 fits = self._oracle_fits()
                 if estimator == "randomized" or not fits:
@@ -1284,7 +1288,7 @@ class Linearization:
         sig = torch.exp(r.value - tau_b)
         return SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,
                            ci_low=torch.exp(r.value - hw - tau_b),
-                           ci_high=torch.exp(r.value + r.ci_halfwidth - tau_b),
+                           ci_high=torch.exp(r.value + r.ci_halfwidth + floor_shift - tau_b),
                            converged=r.converged, info={**r.info, "fsinfo_sigma1": r})
 
     @ieee_fp32_method

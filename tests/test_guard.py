@@ -184,3 +184,18 @@ def test_sigma_star_where_the_floor_matters():
         ff.linearize(vgg, xv, seed=0).fsinfo_sigma(-15.0, estimator="randomized")
     usual = ff.linearize(vgg, xv, seed=0).fsinfo_sigma(-1.0)  # the floor is negligible there
     assert usual.estimator == "randomized" and "auto" not in usual.info
+
+
+def test_sigma_star_upper_end_counts_the_floor():
+    """Where the floor is small but not nothing, the randomized sigma*'s upper end is widened by
+    the floored-minus-floorless FSInfo at that end (from the same probes)."""
+    vgg = ff.split(get_model("vgg5").eval(), at=2)
+    xv = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    lin = ff.linearize(vgg, xv, seed=0)
+    s = lin.fsinfo_sigma(-1.0)
+    r = s.info["fsinfo_sigma1"]
+    hi = torch.exp(r.value + r.ci_halfwidth - s.target)
+    shift = (lin.fsinfo(hi).value - (r.value - torch.log(hi))).clamp_min(0)
+    assert s.estimator == "randomized" and bool((shift > 0).all())
+    torch.testing.assert_close(torch.log(s.ci_high) - torch.log(hi), shift, rtol=1e-3, atol=0)
+    torch.testing.assert_close(s.ci_low, torch.exp(r.value - r.ci_halfwidth - s.target))
