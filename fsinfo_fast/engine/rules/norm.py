@@ -112,7 +112,9 @@ class NormLin(Lin):
 
 def _repeat(v: Tensor, k: int) -> Tensor:
     """``v`` repeated ``k`` times along a new leading dim, flattened into its first dim."""
-    return v.expand(k, *v.shape).reshape(k * v.shape[0], *v.shape[1:])
+    # contiguous: for a one-sample batch the reshape is a stride-0 view, which the fused
+    # backward kernels read as if it were dense (past the end of the buffer)
+    return v.expand(k, *v.shape).reshape(k * v.shape[0], *v.shape[1:]).contiguous()
 
 
 class LayerNormLin(Lin):
