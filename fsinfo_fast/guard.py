@@ -219,16 +219,30 @@ class FSInfoGuard(nn.Module):
             raise InvalidInputError("calibrate() got no data")
         res = concat_sigma_results(results)
         value = res.dataset(statistic, q)
+        self._check_reachable(torch.tensor([value], dtype=torch.float64), f"the {statistic} "
+                              "of the calibration set's sigma*")
         self.sigma.fill_(value)
         self.calibration = {"statistic": statistic, "q": q, "n": len(res),
                             "sigmas": res.sigma, "result": res}
         return value
+
+    def _check_reachable(self, sigma: Tensor, what: str) -> None:
+        """Raise where no finite noise reaches the target (an infinite ``sigma*``: the noise
+        would turn the smashed data into inf/NaN)."""
+        bad = ~torch.isfinite(sigma)
+        if bool(bad.any()):
+            raise InvalidInputError(
+                f"no finite noise brings FSInfo to the target {self.target:g} nats/dim ({what} "
+                f"is inf for {int(bad.sum())} of {bad.numel()}): FSInfo_diag never goes below "
+                "the floor's asymptote log(floor)/2 - log(2 pi e)/2 (-12.93 nats/dim for the "
+                "paper's floor 1e-10); choose a higher target")
 
     def forward(self, x: Tensor) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
         z = self.encoder(x)
         if self.per_sample:
             sigma = self.sigma_for(x.detach())
+            self._check_reachable(sigma, "sigma*")
         else:
             sigma = self.sigma.expand(z.shape[0])
         self.last_sigma = sigma

@@ -86,7 +86,12 @@ from .estimators.deflated import (
     estimate_diag_deflated,
     predict_plain_probes,
 )
-from .estimators.diagonal import DiagProbeState, SnapshotDroppedError, estimate_diag
+from .estimators.diagonal import (
+    DiagProbeState,
+    SnapshotDroppedError,
+    estimate_diag,
+    fsinfo_diag_restaged,
+)
 from .estimators.exact_fast import (
     CHECK_COLUMNS,
     FastExactFisher,
@@ -100,10 +105,11 @@ from .estimators.stopping import (
     DEFAULT_MAX_PROBES,
     START_PROBES,
     StoppingRule,
+    _check_tol,
     initial_probes,
     planned_probes,
 )
-from .formulas import DIAG_FLOOR, as_sigma
+from .formulas import DIAG_FLOOR, HALF_LOG_2PIE, as_sigma
 from .reference.oracle import _warn_singular
 from .result import Z95, MetricResult, SigmaResult
 
@@ -282,6 +288,94 @@ def _to_result(est: Estimate, *, metric: str, units: str, sigma: Tensor, d: int,
         converged=est.converged, probes_per_sample=est.probes_per_sample, bound=est.bound,
         bias_bound=bias, info={**est.info, **info, **extra},
     )
+
+
+#: ``log(sigma)`` beyond which the floored sigma* solver calls a noise scale infinite (or 0)
+#: (``sigma^2`` stays finite in float64).
+_LOG_SIGMA_MAX = 300.0
+#: Width in ``log(sigma)`` at which the solver's bracket counts as converged.
+_LOG_SIGMA_TOL = 1e-10
+#: Points checked beyond a crossing (``log sigma`` up to ``2^(_BEYOND - 3)`` past it).
+_BEYOND = 6
+
+
+def _crossing(f: Callable[[Tensor, Tensor], Tensor], t0: Tensor, want: Tensor,
+              last: bool, monotone: bool = False) -> Tensor:
+    r"""``[B]`` where ``f(t, rows)`` (``[B]``, evaluated for the samples ``rows``) turns from
+    ``>= 0`` to ``< 0`` in ``t = log sigma``, per sample of ``want`` (NaN elsewhere): with
+    ``last``, the end of the bracket at or above ``sup {t : f(t) >= 0}``, else the end at or
+    below ``inf {t : f(t) < 0}`` (brackets narrowed to ``_LOG_SIGMA_TOL``). For a ``monotone``
+    (decreasing) ``f``, an estimate at fixed probes, the crossing is unique. An estimate plus or
+    minus its half-width need not be monotone: once a crossing is found, the points ``2^j / 4``
+    (``j <`` :data:`_BEYOND`) beyond it (after it for ``last``, before it otherwise) are
+    checked, and the search goes on from any with the other sign (a crossing between those
+    points, or further out, would be missed). ``+inf`` where ``f >= 0`` up to ``t =``
+    :data:`_LOG_SIGMA_MAX` (no finite sigma), ``-inf`` where ``f < 0`` down to
+    ``-_LOG_SIGMA_MAX`` (sigma 0)."""
+    out = torch.full_like(t0, math.nan)
+    a = torch.full_like(t0, -math.inf)  # f(a) >= 0
+    b = torch.full_like(t0, math.inf)   # f(b) < 0
+    fa, fb = torch.zeros_like(t0), torch.zeros_like(t0)
+    f0 = f(torch.where(want, t0, torch.zeros_like(t0)), want)
+    a, fa = torch.where(want & (f0 >= 0), t0, a), torch.where(want & (f0 >= 0), f0, fa)
+    b, fb = torch.where(want & (f0 < 0), t0, b), torch.where(want & (f0 < 0), f0, fb)
+    for _ in range(8):  # rounds of: bracket, refine, check beyond
+        step = torch.ones_like(t0)
+        while True:  # bracket by doubling steps away from the known end
+            open_ = want & torch.isnan(out) & (torch.isinf(a) | torch.isinf(b))
+            if not bool(open_.any()):
+                break
+            up = open_ & torch.isinf(b)
+            t = torch.where(up, a + step, b - step).clamp(-_LOG_SIGMA_MAX, _LOG_SIGMA_MAX)
+            t = torch.where(open_, t, torch.zeros_like(t))
+            ft = f(t, open_)
+            if bool(torch.isnan(ft[open_]).any()):
+                raise FloatingPointError(f"the floored FSInfo was NaN at log(sigma) = "
+                                         f"{t[open_ & torch.isnan(ft)].tolist()}")
+            pos = open_ & (ft >= 0)
+            neg = open_ & (ft < 0)
+            a, fa = torch.where(pos, t, a), torch.where(pos, ft, fa)
+            b, fb = torch.where(neg, t, b), torch.where(neg, ft, fb)
+            step = torch.where(open_, step * 2, step)
+            out = torch.where(open_ & torch.isinf(b) & (a >= _LOG_SIGMA_MAX), math.inf, out)
+            out = torch.where(open_ & torch.isinf(a) & (b <= -_LOG_SIGMA_MAX), -math.inf, out)
+        side = torch.zeros_like(t0)
+        for _ in range(300):  # refine: regula falsi with the Illinois rule
+            live = want & torch.isnan(out) & ((b - a) > _LOG_SIGMA_TOL)
+            if not bool(live.any()):
+                break
+            w = (fa / (fa - fb)).nan_to_num(0.5).clamp(0.0, 1.0)
+            c = a + w * (b - a)
+            c = torch.where((c <= a) | (c >= b) | (side.abs() > 2), (a + b) / 2, c)
+            c = torch.where(live, c, torch.zeros_like(c))
+            fc = f(c, live)
+            pos = live & (fc >= 0)
+            neg = live & (fc < 0)
+            a, fa = torch.where(pos, c, a), torch.where(pos, fc, fa)
+            b, fb = torch.where(neg, c, b), torch.where(neg, fc, fb)
+            fb = torch.where(pos & (side > 0), fb / 2, fb)  # Illinois: halve the stale end
+            fa = torch.where(neg & (side < 0), fa / 2, fa)
+            # consecutive moves of one end (a bisection step after three)
+            side = torch.where(pos, side.clamp_min(0) + 1, torch.where(neg, side.clamp_max(0) - 1,
+                                                                       side))
+        # beyond the crossing: a later f >= 0 (last) or an earlier f < 0 re-opens the search
+        found = want & torch.isnan(out) & (not monotone)
+        again = torch.zeros_like(want)
+        for j in range(_BEYOND):
+            t = torch.where(found & ~again, b + 2.0**j / 4 if last else a - 2.0**j / 4,
+                            torch.zeros_like(t0)).clamp(-_LOG_SIGMA_MAX, _LOG_SIGMA_MAX)
+            ft = f(t, found & ~again)
+            hit = found & ~again & ((ft >= 0) if last else (ft < 0))
+            if last:
+                a, fa = torch.where(hit, t, a), torch.where(hit, ft, fa)
+                b = torch.where(hit, math.inf, b)
+            else:
+                b, fb = torch.where(hit, t, b), torch.where(hit, ft, fb)
+                a = torch.where(hit, -math.inf, a)
+            again |= hit
+        if not bool(again.any()):
+            break
+    return torch.where(want & torch.isnan(out), b if last else a, out)
 
 
 class _Shape:
@@ -509,6 +603,8 @@ class Linearization:
         ``probes_per_sample`` counts the remainder probes). A fixed ``num_probes`` is kept under
         ``auto`` too: ``converged`` then says whether its interval met the tolerance."""
         _check_choice("estimator", estimator, ESTIMATORS)
+        _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
+        _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
         max_probes = _cap(max_probes, self.m, self.d, estimator)
         floor = _check_floor(floor)
@@ -791,6 +887,8 @@ class Linearization:
         randomized estimator.
         """
         _check_choice("estimator", estimator, ESTIMATORS)
+        _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
+        _check_tol("rtol", rtol)
         _check_choice("method", method, DFIL_METHODS)
         asked = _check_max_probes(max_probes)
         s = self._sigma(sigma)
@@ -1206,6 +1304,58 @@ class Linearization:
                f"{float(r.ci_halfwidth.max()):.3g}): the target is near the floor's asymptote")
         return why, delta
 
+    def _floored_sigma(self, tau: Tensor, floor: float,
+                       kw: dict[str, Any]) -> tuple[SigmaResult | None, str]:
+        r"""FSInfo_diag's ``sigma*`` with the floor, from the randomized estimator: the
+        floored ``sigma = 1`` estimate (three stages as usual) fixes the probes and stages, and
+        FSInfo at any ``s`` from exactly those (:func:`~.estimators.diagonal.
+        fsinfo_diag_restaged`) is decreasing in ``s``; ``sigma*`` solves ``value(s) = tau``,
+        the interval's upper end ``sup {s : value + h >= tau}`` and its lower end ``inf {s :
+        value - h <= tau}`` (``h`` the half-width at ``s``, rounding allowance included). Where
+        the interval at the true ``sigma*`` covers ``tau`` (95%: Stein's interval holds at each
+        fixed ``s``), ``sigma*`` lies between them, whatever ``h`` does elsewhere. ``inf``
+        where ``tau`` is at or below the floor's asymptote ``log(floor) / 2 - log(2 pi e) / 2``
+        (every estimate lies above it: exact), as the oracle says. Returns ``(None, why)``
+        where this route cannot serve (the estimate took another route, or the probe state no
+        longer holds its stages)."""
+        r = self.fsinfo(1.0, floor=floor, **kw)
+        if r.estimator != "randomized" or r.info.get("diag_method") != "plain":
+            return None, (f"the floored sigma = 1 estimate took the "
+                          f"{r.info.get('diag_method', r.estimator)} route")
+        st = self._dstate
+        ones = torch.ones(self.batch, dtype=torch.bool, device=self.enc.x.device)
+        dtype = self.enc.x.dtype
+
+        def at(t: Tensor, rows: Tensor, sign: float) -> Tensor:
+            v, hw = fsinfo_diag_restaged(st, r, torch.exp(t), floor, rows=rows,
+                                         halfwidth=bool(sign))
+            if not sign:
+                return v - tau
+            return v + sign * (hw + rounding_allowance("fsinfo_diag", v, dtype)[0]) - tau
+
+        try:
+            v1, _ = fsinfo_diag_restaged(st, r, torch.ones_like(tau), floor, halfwidth=False)
+            if not torch.equal(v1, r.value):
+                return None, "the probe state no longer holds the estimate's probes"
+            # start at the floorless closed form's root (the live columns' slope is at most 1)
+            t0 = (r.value - tau).clamp(-_LOG_SIGMA_MAX / 2, _LOG_SIGMA_MAX / 2)
+            # at or below the asymptote no finite noise reaches tau (every estimate lies above
+            # it): sigma* and the upper end are inf exactly; the lower end is solved
+            above = ones & (tau > 0.5 * math.log(floor) - HALF_LOG_2PIE)
+            mid = _crossing(lambda t, w: at(t, w, 0.0), t0, above, last=True, monotone=True)
+            hi = _crossing(lambda t, w: at(t, w, 1.0), t0, above, last=True)
+            lo = _crossing(lambda t, w: at(t, w, -1.0), t0, ones, last=False)
+        except SnapshotDroppedError as err:
+            return None, f"the probe state no longer holds the estimate's stages ({err})"
+        mid = torch.where(above, mid, math.inf)
+        hi = torch.where(above, hi, math.inf)
+        how = ("floored equation solved on the probes and stages of the floored sigma = 1 "
+               "estimate (value decreasing in sigma; interval ends from value +- half-width)")
+        return SigmaResult(sigma=torch.exp(mid), target=tau, metric="fsinfo_diag",
+                           estimator="randomized", ci_low=torch.exp(lo), ci_high=torch.exp(hi),
+                           converged=r.converged,
+                           info={**r.info, "fsinfo_sigma1": r, "floor_solve": how}), ""
+
     @ieee_fp32_method
     def fsinfo_sigma(
         self,
@@ -1237,6 +1387,8 @@ class Linearization:
         ``min(m, d)`` under ``auto``, :data:`DEFAULT_MAX_PROBES` for a randomized estimator).
         """
         _check_choice("estimator", estimator, ESTIMATORS)
+        _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
+        _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
         _check_max_probes(max_probes)
         tau = _check_target(target).to(self.enc.x.device)
@@ -1261,19 +1413,28 @@ class Linearization:
             r = None
         else:
             r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
-            why, floor_shift = (self._floor_matters(r, tau_b, floor, kw) if variant == "diag"
+            # (an exact r, from auto's oracle, is re-solved with the floor below)
+            why, floor_shift = (self._floor_matters(r, tau_b, floor, kw)
+                                if variant == "diag" and r.estimator != "exact"
                                 else (None, torch.zeros_like(r.value)))
             if why is not None:
+                solved, cannot = self._floored_sigma(tau_b, floor, kw)
+                if solved is not None:
+                    solved.info["floor_matters"] = why
+                    return solved
                 fits = self._oracle_fits()
                 if estimator == "randomized" or not fits:
                     raise InvalidInputError(
-                        f"the randomized FSInfoGuard sigma neglects the floor ({floor:g}), which "
-                        f"matters here: {why}. Use estimator='exact' (the float64 oracle solves "
-                        "the floored equation)" + ("" if fits else ", which does not fit in "
-                                                   "memory at this size; or floor=0.0"))
+                        f"the randomized FSInfoGuard sigma's closed form neglects the floor "
+                        f"({floor:g}), which matters here: {why}; the floored equation could "
+                        f"not be solved on the randomized estimate: {cannot}. Use "
+                        "estimator='exact' (the float64 oracle solves the floored equation)"
+                        + ("" if fits else ", which does not fit in memory at this size; or "
+                           "floor=0.0"))
                 r = None
                 floor_why = (f"the randomized sigma* neglects the floor, which matters here: "
-                             f"{why}; the float64 oracle solves the floored equation")
+                             f"{why}; the floored equation could not be solved on the "
+                             f"randomized estimate ({cannot}); the float64 oracle solves it")
         if r is None or r.estimator == "exact":
             ex = self.exact(spectrum=variant == "logdet")
             sig = ex.fsinfo_sigma(tau_b, variant, prior_var=prior_var, floor=floor)
@@ -1310,6 +1471,7 @@ class Linearization:
         ``max_probes``: as in :meth:`dfil` (None: ``min(m, d)`` under ``auto``,
         :data:`DEFAULT_MAX_PROBES` for a randomized estimator).
         """
+        _check_tol("rtol", rtol)
         _check_max_probes(max_probes)
         if isinstance(bound, bool) or not (
             isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0

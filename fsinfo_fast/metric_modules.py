@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -57,10 +58,22 @@ class _LeakageMetric(Metric):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("worst", torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx="max")
         self._next_id = 0  # running sample id (not a state: each rank numbers its own samples)
+        self._in_forward = False
 
     def reset(self) -> None:
         super().reset()
-        self._next_id = 0
+        if not self._in_forward:  # forward() resets to compute the batch alone: ids go on
+            self._next_id = 0
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """``metric(x)``: the batch's value, accumulated as :meth:`update` does. torchmetrics
+        resets the states to compute the batch alone; the running sample ids go on, so every
+        batch gets its own probes (they restarted at 0 with each batch before)."""
+        self._in_forward = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._in_forward = False
 
     def _running_ids(self, batch: int) -> Tensor:
         """``[B]`` ids continuing the ones used since the last reset (offset per rank)."""

@@ -40,6 +40,21 @@ def test_sigma_type_and_shape():
         ff.fsinfo(mlp(), torch.randn(2, 4), sigma=torch.ones(3), estimator="exact")
 
 
+@pytest.mark.parametrize("call", [
+    lambda enc, x, **kw: ff.fsinfo(enc, x, sigma=0.1, **kw),
+    lambda enc, x, **kw: ff.dfil(enc, x, sigma=0.1, **kw),
+    lambda enc, x, **kw: ff.fsinfo_sigma(enc, x, target=-1.0, **kw),
+])
+@pytest.mark.parametrize("tol", [{"rtol": math.nan}, {"rtol": -1.0}, {"atol": 0.0},
+                                 {"rtol": "a"}, {"atol": math.inf}])
+def test_bad_tolerance_under_every_estimator(call, tol):
+    """A bad atol/rtol was accepted under auto where an exact route served (rtol=nan, -1), or
+    raised a raw TypeError (rtol='a'); the randomized estimator refused it."""
+    for estimator in ("auto", "exact", "randomized"):
+        with pytest.raises(ff.InvalidInputError, match="atol|rtol"):
+            call(mlp(), torch.randn(2, 4), estimator=estimator, **tol)
+
+
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
 def test_bad_x(entry):
     call = ENTRY_POINTS[entry]

@@ -87,6 +87,28 @@ def test_torchmetrics_fsinfo_metric_accumulates_like_direct_calls():
     assert int(metric.compute()["count"]) == 3
 
 
+def test_torchmetrics_forward_gives_each_batch_its_own_probes():
+    """``metric(x)`` (torchmetrics' forward, what Lightning calls) resets the states to compute
+    the batch alone; the running sample ids restarted at 0 there, so every batch reused the
+    first batch's probes while the estimator error added up as if independent."""
+    enc = _encoder()
+    x1, x2 = (torch.rand(2, 1, 6, 6, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(s)) for s in (1, 2))
+    kw = dict(sigma=0.1, estimator="randomized", num_probes=4, seed=0)
+    fwd, upd = ff.FSInfoMetric(enc, **kw), ff.FSInfoMetric(enc, **kw)
+    first = fwd(x1)
+    second = fwd(x2)
+    upd.update(x1)
+    upd.update(x2)
+    torch.testing.assert_close(fwd.compute()["mean"], upd.compute()["mean"], rtol=0, atol=0)
+    want = ff.fsinfo(enc, x2, sample_ids=torch.arange(2, 4), **kw).value.mean()
+    torch.testing.assert_close(second["mean"], want, rtol=0, atol=0)
+    torch.testing.assert_close(first["mean"], ff.fsinfo(enc, x1, **kw).value.mean(), rtol=0,
+                               atol=0)
+    fwd.reset()
+    torch.testing.assert_close(fwd(x1)["mean"], first["mean"], rtol=0, atol=0)
+
+
 def test_torchmetrics_dfil_metric_randomized_has_estimator_error():
     enc = _encoder()
     metric = ff.DFILMetric(enc, sigma=0.1, estimator="randomized", num_probes=20)
@@ -161,29 +183,47 @@ def test_sigma_star_where_the_floor_matters():
     """The randomized sigma* (from the floorless FSInfo at sigma = 1) gave 0 with the interval
     [0, 0] where input dimensions do not reach the output (FSInfoGuard then added no noise at
     all), and a finite interval for a target below the floor's asymptote, where no noise
-    reaches it (sigma* = inf). auto now solves the floored equation with the oracle and says
-    why; an explicit randomized estimator refuses."""
+    reaches it (sigma* = inf). Both are now detected and the floored equation solved on the
+    randomized estimate (tests/test_floored_sigma.py); where that cannot serve (the deflated
+    route), auto takes the oracle and an explicit randomized estimator raises."""
     torch.manual_seed(0)
     enc, x = _Crop().eval(), torch.rand(2, 3, 16, 16)
     want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
     got = ff.linearize(enc, x, seed=0).fsinfo_sigma(-1.0)
-    assert got.estimator == "exact" and "floor" in got.info["auto"]
-    torch.testing.assert_close(got.sigma, want, rtol=0, atol=0)
-    assert bool((got.sigma > 0).all())
-    with pytest.raises(ff.InvalidInputError, match=r"\(J\^T J\)_kk = 0"):
-        ff.linearize(enc, x, seed=0).fsinfo_sigma(-1.0, estimator="randomized")
+    assert got.estimator == "randomized" and "floor_solve" in got.info
+    assert bool(((got.ci_low <= want) & (want <= got.ci_high)).all())
+    assert bool((got.ci_low > 0).all())
     guard = ff.FSInfoGuard(enc, target=-1.0)
     guard(x)
-    torch.testing.assert_close(guard.last_sigma, want, rtol=0, atol=0)
+    torch.testing.assert_close(guard.last_sigma, got.sigma, rtol=0, atol=0)
+    # the deflated route holds no stages to re-evaluate: auto's oracle, randomized raises
+    lin = ff.linearize(enc, x, seed=0)
+    floored, why = lin._floored_sigma(torch.full((2,), -1.0, dtype=torch.float64), 1e-10,
+                                      dict(estimator="deflated", atol=0.01))
+    assert floored is None and "deflated" in why
 
     vgg = ff.split(get_model("vgg5").eval(), at=2)
     xv = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     below = ff.linearize(vgg, xv, seed=0).fsinfo_sigma(-15.0)  # asymptote: -12.93 nats/dim
-    assert below.estimator == "exact" and bool(torch.isinf(below.sigma).all())
-    with pytest.raises(ff.InvalidInputError, match="asymptote"):
-        ff.linearize(vgg, xv, seed=0).fsinfo_sigma(-15.0, estimator="randomized")
+    assert below.estimator == "randomized" and bool(torch.isinf(below.sigma).all())
+    assert "asymptote" in below.info["floor_matters"]
     usual = ff.linearize(vgg, xv, seed=0).fsinfo_sigma(-1.0)  # the floor is negligible there
     assert usual.estimator == "randomized" and "auto" not in usual.info
+    assert "floor_solve" not in usual.info
+
+
+def test_sigma_star_after_an_exact_route_says_why():
+    """After a request that took the oracle on the same Linearization, sigma* comes from the
+    oracle (zero width, correct) and must not claim the floor mattered (it compared the floor's
+    effect with 1% of a zero half-width)."""
+    enc, x = _Crop().eval(), torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh()).eval()
+    lin = ff.linearize(enc, x, seed=0)
+    lin.exact()
+    s = lin.fsinfo_sigma(-1.0)
+    assert s.estimator == "exact"
+    assert "floor" not in s.info.get("auto", "")
+    torch.testing.assert_close(s.sigma, lin.exact().fsinfo_sigma(-1.0), rtol=0, atol=0)
 
 
 def test_sigma_star_upper_end_counts_the_floor():
@@ -199,3 +239,17 @@ def test_sigma_star_upper_end_counts_the_floor():
     assert s.estimator == "randomized" and bool((shift > 0).all())
     torch.testing.assert_close(torch.log(s.ci_high) - torch.log(hi), shift, rtol=1e-3, atol=0)
     torch.testing.assert_close(s.ci_low, torch.exp(r.value - r.ci_halfwidth - s.target))
+
+
+def test_guard_refuses_an_unreachable_target():
+    """Below the floor's asymptote no finite noise reaches the target: sigma* = inf, which the
+    guard turned into inf/NaN smashed data (and calibrate() returned inf)."""
+    enc = _encoder()
+    x = torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    g = ff.FSInfoGuard(enc, target=-20.0)
+    assert bool(torch.isinf(g.sigma_for(x)).all())  # the result itself stays available
+    with pytest.raises(ff.InvalidInputError, match="asymptote"):
+        g(x)
+    with pytest.raises(ff.InvalidInputError, match="asymptote"):
+        g.calibrate(x)
+    assert g.per_sample  # nothing was set

@@ -96,6 +96,7 @@ __all__ = [
     "DiagSummary",
     "SnapshotDroppedError",
     "estimate_diag",
+    "fsinfo_diag_restaged",
     "fsinfo_diag_summary",
     "log_chi2_mean_offset",
     "trace_summary",
@@ -1055,3 +1056,84 @@ def estimate_diag(
         },
     )
     return DiagEstimate(fsinfo_diag=fs_est, dfil=df_est)
+
+
+def fsinfo_diag_restaged(
+    state: DiagProbeState,
+    est: Estimate,
+    sigma: Tensor,
+    floor: float,
+    *,
+    rows: Tensor | None = None,
+    halfwidth: bool = True,
+    exact_diagonal: bool = True,
+    confidence: float = 0.95,
+) -> tuple[Tensor, Tensor | None]:
+    r"""FSInfo_diag at another ``sigma`` and ``floor`` from exactly the probes and stages of
+    ``est``, an adaptive :func:`estimate_diag` result on ``state``: ``(value, ci_halfwidth)``,
+    ``[B]`` float64 each (``sigma``: float or ``[B]``; ``rows``: ``[B]`` bool, the samples to
+    evaluate, ``None``: all; NaN elsewhere; ``halfwidth=False``: the value alone, ``None`` for
+    the half-width).
+
+    A sample reported from stage 3 gets stage 3's value at ``(sigma, floor)`` and Stein's
+    interval from stage 2's spread at ``(sigma, floor)`` scaled to stage 3's size (plus stage
+    3's allowance), as :func:`~.stopping.run_rounds` builds it; a sample reported from one
+    stage (stage 1 or 2, or a fixed count), that stage's own interval. Stein's argument holds
+    for every ``(sigma, floor)`` at once: the stage sizes are functions of the earlier stages'
+    probes only, and stage 3's probes are fresh given its size, so at each fixed ``(sigma,
+    floor)`` the interval covers as the one at ``est``'s own. What ``est``'s tolerance said
+    about the half-width at its own ``sigma`` and ``floor`` need not hold at these.
+
+    Used to solve FSInfoGuard's floored equation (:meth:`~fsinfo_fast.Linearization.
+    fsinfo_sigma`): the value is decreasing in ``sigma`` for fixed probes (each column's term
+    is ``log(floor) + H(x)`` with ``H`` increasing and ``x`` proportional to ``sigma^-2``).
+
+    Raises:
+        SnapshotDroppedError: a stage boundary's statistics are no longer held by ``state``.
+    """
+    from .base import t_quantile
+
+    n1 = est.info.get("stage1_probes")
+    if n1 is None or est.probes_per_sample is None:
+        raise InvalidInputError("fsinfo_diag_restaged needs an adaptive estimate's stages")
+    b = state.batch
+    want = torch.ones(b, dtype=torch.bool, device=state.device) if rows is None else rows
+    sig = torch.as_tensor(sigma, dtype=torch.float64, device=state.device).reshape(-1)
+    sig = sig.expand(b) if sig.numel() == 1 else sig
+    if sig.shape != (b,) or want.shape != (b,) or want.dtype != torch.bool:
+        raise InvalidInputError(f"sigma must be a float or [B] = [{b}], rows a [B] bool mask")
+    los, his = est.info["pilot_probes"], est.probes_per_sample
+    value = torch.full((b,), math.nan, dtype=torch.float64, device=state.device)
+    hw = value.clone()
+    def stage(a: int, z: int, group: Tensor) -> tuple[DiagStats, Tensor | None]:
+        base = state.stats(a, group).group_sums if a > 0 else None
+        return stage_stats(state.stats(z, group), a, base, group)
+
+    def summary(a: int, z: int, group: Tensor) -> tuple[DiagSummary, Tensor]:
+        st, idx = stage(a, z, group)
+        out = fsinfo_diag_summary(st, sig if idx is None else sig[idx], floor,
+                                  exact_diagonal=exact_diagonal, confidence=confidence)
+        return out, (group.nonzero().squeeze(1) if idx is None else idx)
+
+    # the samples sharing a stage are summarised together, as run_rounds did
+    pilot_se = torch.zeros_like(value)
+    pilot_t = torch.zeros_like(value)
+    for lo in sorted(set(los[want].tolist())) if halfwidth else ():
+        group = want & (los == lo)
+        if lo > n1:  # Stein: stage 2's spread (probes n1 .. lo - 1), then scaled
+            pilot, idx = summary(n1, lo, group)
+            pilot_se[idx] = pilot.stderr
+            pilot_t[idx] = t_quantile(pilot.dof, confidence)
+    for lo, hi in sorted({(int(a), int(z)) for a, z in zip(los[want].tolist(),
+                                                            his[want].tolist(), strict=True)}):
+        last, idx = summary(lo, hi, want & (los == lo) & (his == hi))
+        value[idx] = last.value
+        if not halfwidth:
+            continue
+        if lo > n1:  # stage 2's standard error scaled to stage 3's size
+            se = pilot_se[idx] * math.sqrt((lo - n1) / (hi - lo))
+            h = torch.where(se == 0, torch.zeros_like(se), pilot_t[idx] * se) + last.bias_bound
+        else:
+            h = last.halfwidth(confidence)
+        hw[idx] = torch.where(torch.isfinite(last.value), h, torch.zeros_like(h))
+    return value, (hw if halfwidth else None)

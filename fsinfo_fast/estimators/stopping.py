@@ -926,6 +926,7 @@ def estimate_from(
     count was chosen) and ``pilot_probes`` (``[B]``, the pilot's probes, not in the value)
     added. ``bias_bound=False``: the quantity has no deterministic
     allowance (the field stays ``None``)."""
+    stages = {}
     if not rule.adaptive:
         how = f"fixed: {rule.num_probes} probes"
     else:
@@ -933,6 +934,9 @@ def estimate_from(
             "three-stage (Stein): stage 1 sizes stage 2, whose spread sizes stage 3 and gives "
             "the interval; the value comes from stage 3 alone"
         )
+        # where stage 2 starts: a sample whose value starts past it (pilot_probes) has Stein's
+        # interval from the probes stage1_probes .. pilot_probes - 1 (stage_ranges)
+        stages = {"stage1_probes": next(iter(rule.schedule()))[1]}
     return Estimate(
         value=frozen.value,
         stderr=frozen.stderr,
@@ -945,6 +949,6 @@ def estimate_from(
         bound=bound,
         bias_bound=frozen.bias_bound if bias_bound else None,
         info={**info, "dof": frozen.dof, "confidence": rule.confidence, "stopping": how,
-              "pilot_probes": pilot,
+              "pilot_probes": pilot, **stages,
               **({} if frozen.with_batch is None else {"stopped_with_batch": frozen.with_batch})},
     )
