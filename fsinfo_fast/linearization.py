@@ -1380,7 +1380,9 @@ class Linearization:
         the randomized diagonal route neglects the floor (its effect at ``sigma*`` is below
         ``floor sigma*^2 / (J^TJ)_kk``) where that is checked to be small (:meth:`_floor_matters`:
         not where an input dimension does not reach the output, nor near the floor's
-        asymptote; there ``auto`` solves the floored equation with the oracle, recorded in
+        asymptote; there the floored equation is solved on the floored randomized estimate's
+        own probes and stages, :meth:`_floored_sigma`, with ``info["floor_matters"]`` and
+        ``info["floor_solve"]``; where that cannot serve, ``auto`` uses the oracle, recorded in
         ``info["auto"]``, and ``"randomized"`` raises), the randomized log-det route with a
         prior is not
         available (``auto`` uses the oracle). ``max_probes``: as in :meth:`fsinfo` (None:
@@ -1408,7 +1410,7 @@ class Linearization:
         kw = dict(variant=variant, estimator=estimator, atol=atol, rtol=rtol,
                   num_probes=num_probes, max_probes=max_probes, prior_var=prior_var,
                   lanczos_order=lanczos_order)
-        floor_why = None  # why auto solves the floored equation with the oracle
+        floor_why = None  # why auto solves the floored equation with the oracle after all
         if estimator == "exact":
             r = None
         else:
