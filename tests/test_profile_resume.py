@@ -152,3 +152,28 @@ def test_two_processes_match_one(ckpt, tmp_path):
     assert re.search(r"exitcode\s*:\s*2 ", r.stderr)
     assert "fsinfo_fast/" not in r.stderr and "Error:" not in r.stderr.replace(
         "ChildFailedError:", "")
+
+
+def test_resume_with_out_alone_continues_the_stored_run(ckpt, tmp_path):
+    """The README's `fsinfo-fast profile --out run1 --resume`: the options left out were
+    taken from the defaults and refused as "different settings" (model vgg5, data digits, ...
+    of a run made with others); they are now read from the run's settings.json. An option
+    given with another value than the run's is still refused."""
+    n, per_sample = 6, 3
+    full = tmp_path / "full"
+    r = _run(_args(ckpt, full, n))
+    assert r.returncode == 0, r.stderr
+    reference = _samples(full)
+
+    out = tmp_path / "cut"
+    r = _run(_args(ckpt, out, n))
+    assert r.returncode == 0, r.stderr
+    lines = (out / "records.jsonl").read_bytes().split(b"\n")
+    (out / "records.jsonl").write_bytes(b"\n".join(lines[: 2 * per_sample]) + b"\n")
+    (out / "profile.json").unlink()  # an interrupted run has none yet
+
+    r = _run(["profile", "--sigma", "0.5", "--out", str(out), "--resume", "--quiet"])
+    assert r.returncode == 2 and "different settings" in r.stderr
+    r = _run(["profile", "--out", str(out), "--resume", "--quiet", "--no-plot"])
+    assert r.returncode == 0, r.stderr
+    _assert_same(reference, _samples(out))

@@ -10,6 +10,7 @@ run's records equal an uninterrupted run's, none lost, none duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -792,6 +793,43 @@ def require_extras(cfg: ProfileConfig) -> None:
         require("matplotlib", "profile.png (--no-plot skips it)")
 
 
+#: The options a resumed run reads from its ``settings.json`` where they are left at their
+#: defaults (``ProfileConfig`` field -> settings key).
+RESUMED_OPTIONS = {
+    "model": "model", "checkpoint": "checkpoint", "data": "data", "size": "size",
+    "max_samples": "max_samples", "splits": "splits", "sigma": "sigma", "variant": "variant",
+    "estimator": "estimator", "atol": "atol", "rtol": "rtol", "prior_var": "prior_var",
+    "target": "target", "seed": "seed", "share": "share", "dfil_method": "dfil_method",
+    "batch_size": "batch_size", "backend": "backend",
+}
+
+
+def with_stored_settings(cfg: ProfileConfig) -> ProfileConfig:
+    """For ``--resume``: ``cfg`` with every option of :data:`RESUMED_OPTIONS` that is at its
+    default taken from the run's ``settings.json`` (``fsinfo-fast profile --out run1
+    --resume`` alone continues ``run1`` as it was started; an option given with another value
+    than the run's is still refused by the settings check). Unchanged without ``--resume`` or
+    where the directory holds no readable run (the resume check reports that)."""
+    if not cfg.resume:
+        return cfg
+    try:
+        stored = RunDir(resolve_out(cfg)).load_settings()
+    except (FSInfoError, OSError, ValueError):
+        return cfg
+    default = ProfileConfig()
+    changes: dict[str, Any] = {}
+    for name, key in RESUMED_OPTIONS.items():
+        if key not in stored or getattr(cfg, name) != getattr(default, name):
+            continue
+        value = stored[key]
+        if name == "splits" and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        changes[name] = value
+    if cfg.out is None:  # the newest run, found now: keep it even if a newer one appears
+        changes["out"] = str(resolve_out(cfg))
+    return dataclasses.replace(cfg, **changes)
+
+
 def run_profile(cfg: ProfileConfig, dist: DistContext | None = None) -> ProfileOutcome:
     """Run (or resume) a profile; every rank of a ``torchrun`` job calls this.
 
@@ -802,6 +840,7 @@ def run_profile(cfg: ProfileConfig, dist: DistContext | None = None) -> ProfileO
         FSInfoError: a user error (one-line message), on every rank.
     """
     cfg.validate()
+    cfg = with_stored_settings(cfg)
     require_extras(cfg)
     if dist is not None:
         return _run(cfg, dist)
