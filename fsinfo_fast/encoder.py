@@ -217,7 +217,30 @@ def _cast_encoder(encoder: Callable, dtype: torch.dtype | None) -> Callable:
         return encoder
     if all(t.dtype == dtype or not t.is_floating_point() for t in _tensors(encoder)):
         return encoder
-    return copy.deepcopy(encoder).to(dtype)
+    # tensors a module keeps outside its parameters and buffers that autograd produced (a
+    # cache filled by an earlier forward, e.g. transformers LeViT's attention_bias_cache)
+    # refuse deepcopy ("only graph leaves support the deepcopy protocol"): copy them detached,
+    # in the working dtype as the parameters they were computed from
+    memo: dict[int, Any] = {}
+
+    def visit(v: Any, depth: int) -> None:
+        if isinstance(v, Tensor):
+            if v.grad_fn is not None and id(v) not in memo:
+                d = v.detach()
+                memo[id(v)] = d.to(dtype) if d.is_floating_point() and d.dtype != dtype \
+                    else d.clone()
+        elif depth < 3 and isinstance(v, dict):
+            for item in v.values():
+                visit(item, depth + 1)
+        elif depth < 3 and isinstance(v, (list, tuple)):
+            for item in v:
+                visit(item, depth + 1)
+
+    for m in encoder.modules():
+        for key, v in vars(m).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                visit(v, 0)
+    return copy.deepcopy(encoder, memo).to(dtype)
 
 
 class _SavedBytes:
@@ -492,7 +515,27 @@ def _prepare(
     out_shape = tuple(out.shape[1:])
     fn = _flat_fn(enc, in_shape)
     y = out.reshape(batch, -1)
+    tol = 1e-4 if y.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+
+    def deterministic() -> None:
+        """Raise unless a second forward of the batch gives the same output (dropout in train
+        mode, F.dropout(training=True), noise layers: every product would see other weights,
+        and the float64 oracle returned another value at each call)."""
+        with torch.no_grad():
+            again = fn(x.reshape(batch, -1))
+        diff = float((again - y).abs().max())
+        scale = float(y.abs().max()) + 1e-30
+        if not diff <= tol * scale:
+            raise EncoderError(
+                f"the encoder's output is not deterministic: a second forward of the same input "
+                f"differs by {diff:.3g} (relative {diff / scale:.3g}). Random operations "
+                "(dropout in train mode, F.dropout(..., training=True), noise layers) make the "
+                "Jacobian undefined; call model.eval() (and split again on the fx route) or "
+                "remove them")
+
     n = 0
+    if batch == 1:
+        deterministic()
     if batch > 1:
         n = batch if check_interaction is None else min(batch, check_interaction)
         with torch.no_grad():
@@ -507,9 +550,9 @@ def _prepare(
                         "size (a torch.export program needs a dynamic batch dimension, e.g. "
                         "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})") from err
                 scale = float(y[i].abs().max()) + 1e-30
-                tol = 1e-4 if y.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
                 err = float((alone - y[i]).abs().max())
                 if not err <= tol * scale:
+                    deterministic()  # randomness, not interaction, if the batch itself varies
                     raise SampleInteractionError(
                         f"sample {i}'s output changes by {err:.3g} (relative "
                         f"{err / scale:.3g}) when it is encoded alone instead of in the batch: "

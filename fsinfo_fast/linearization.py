@@ -468,7 +468,8 @@ class Linearization:
         info: dict[str, Any] = {"backend": getattr(p, "backend", None), "seed": self.seed}
         if self.dtype_note is not None:
             info["working_dtype"] = self.dtype_note
-        if uncompiled(self.encoder) is not self.encoder:
+        if uncompiled(self.encoder) is not self.encoder or getattr(
+                uncompiled(self.encoder), "split_from_compiled", False):
             info["compiled"] = COMPILED_NOTE
         info.update(getattr(p, "info", None) or {})  # e.g. backend_fallback, engine fallbacks
         info.update(extra)

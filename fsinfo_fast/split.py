@@ -56,7 +56,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .encoder import uncompiled
-from .errors import InvalidInputError, InvalidInputTypeError, SplitError
+from .errors import EncoderError, InvalidInputError, InvalidInputTypeError, SplitError
 
 __all__ = ["HookEncoder", "HookInsert", "ROUTES", "first_tensor", "insert", "split"]
 
@@ -131,7 +131,10 @@ def split(
         'fx'
     """
     opts = _Options.make(occurrence, select, input_name, route, "split()")
-    return _locate(model, at, "split()", opts).encoder()
+    enc = _locate(model, at, "split()", opts).encoder()
+    if uncompiled(model) is not model:  # results say the compiled model ran eagerly
+        enc.split_from_compiled = True
+    return enc
 
 
 def insert(
@@ -295,7 +298,9 @@ class _Cut:
                                split_index=self.index)
         if self.k is not None:
             return _slice_sequential(self.model, self.k, self.name, self.index)
-        return _tag(_build(self.model, self.graph, self.node), self.name, self.index, "fx")
+        gm = _build(self.model, self.graph, self.node)
+        _guard_mode(gm, self.model)
+        return _tag(gm, self.name, self.index, "fx")
 
     def with_layer(self, layer: nn.Module) -> nn.Module:
         model = self.model
@@ -684,7 +689,9 @@ def _get_attr(model: nn.Module, path: str) -> object:
 class _CutTracer(fx.Tracer):
     """Default torch.fx tracer that also keeps one given module as a single leaf call."""
 
-    def __init__(self, leaf: nn.Module) -> None:
+    def __init__(self, leaf: nn.Module | None = None) -> None:
+        # leaf optional: unpickling a GraphModule re-traces it with its tracer class, built
+        # without arguments (torch.save of an fx-route encoder raised TypeError)
         super().__init__()
         self._leaf = leaf
 
@@ -764,6 +771,48 @@ def _untraceable(model: nn.Module, at: str, err: BaseException) -> SplitError:
         f"torch.fx node {at!r}. Module paths work on any model (forward hooks, no tracing): "
         f"split(model, 'module.path'); top-level modules: {_fmt_list(paths, limit=10)}"
     )
+
+
+def _mode_dependent(model: nn.Module) -> bool:
+    """Whether ``model`` traces to another graph in the other train/eval mode (``if
+    self.training`` branches, ``F.dropout(..., training=self.training)``): the fx route bakes
+    the branch of the mode at split time. False where the model does not trace as a whole."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        here = str(fx.Tracer().trace(model))
+        model.train(not model.training)
+        other = str(fx.Tracer().trace(model))
+    except Exception:  # torch.fx raises many types; the cut's own trace succeeded
+        return False
+    finally:
+        for m, f in flags.items():
+            m.training = f
+    return here != other
+
+
+def _guard_mode(gm: fx.GraphModule, model: nn.Module) -> None:
+    """On a mode-dependent model, make the encoder refuse to run once the mode of the model's
+    submodules it shares has changed since the split (:func:`_check_mode`)."""
+    if not _mode_dependent(model):
+        return
+    original = {id(m) for m in model.modules()}
+    gm._split_modes = {n: m.training for n, m in gm.named_modules() if id(m) in original}
+    gm._split_training = model.training
+    gm.register_forward_pre_hook(_check_mode)
+
+
+def _check_mode(gm: nn.Module, args: Any) -> None:
+    """Forward pre-hook of a mode-dependent fx encoder (module level: picklable)."""
+    modes = getattr(gm, "_split_modes", {})
+    for name, flag in modes.items():
+        if gm.get_submodule(name).training != flag:
+            was = "train" if gm._split_training else "eval"
+            raise EncoderError(
+                f"the model's train/eval mode changed after ff.split traced it (module "
+                f"{name!r} is now in {'train' if not flag else 'eval'} mode), and its forward "
+                f"depends on the mode (it traces differently in train and eval mode): this "
+                f"encoder still runs the {was}-mode branch. Call ff.split again after "
+                "model.eval() (or model.train()), or split with route='hooks'")
 
 
 def _build(model: nn.Module, graph: fx.Graph, cut: fx.Node | None) -> fx.GraphModule:

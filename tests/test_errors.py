@@ -180,3 +180,26 @@ def test_input_and_encoder_dtypes_differ():
         ff.fsinfo(enc.double(), x64.float(), 0.1)
     lin = ff.linearize(enc.float(), x64, dtype=torch.float64)
     assert lin.enc.x.dtype == torch.float64 and torch.isfinite(lin.fsinfo(0.1).value).all()
+
+
+class _FunctionalDropout(nn.Module):
+    """Dropout that ignores eval() (``F.dropout(..., training=True)``): random outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return nn.functional.dropout(self.c(x), p=0.5, training=True)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("estimator", ["auto", "exact", "randomized"])
+def test_random_encoder_refused_with_the_reason(batch, estimator):
+    """A random encoder has no Jacobian: with one sample the oracle returned another value at
+    each call (0.447, then 0.139) and the engine blamed its capture; with two the error said
+    the samples interact. Both now say the output is not deterministic."""
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, 8, 8)
+    with pytest.raises(ff.EncoderError, match="not deterministic"):
+        ff.fsinfo(_FunctionalDropout().eval(), x, sigma=0.1, estimator=estimator)

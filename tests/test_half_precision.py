@@ -97,3 +97,35 @@ def test_not_a_tensor_still_gets_the_input_error():
     enc, _ = _vgg5_s2(torch.bfloat16)
     with pytest.raises(InvalidInputTypeError):
         ff.linearize(enc, [[1.0, 2.0]])
+
+
+class _CachedWeights(torch.nn.Module):
+    """Keeps a tensor computed from its weights in a plain attribute after the first forward
+    (as transformers LeViT's attention_bias_cache does): a non-leaf tensor deepcopy refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.cache = {}
+
+    def forward(self, x):
+        if "w" not in self.cache:
+            self.cache["w"] = self.conv.weight * 2.0
+        return torch.tanh(torch.nn.functional.conv2d(x, self.cache["w"].to(x.dtype)))
+
+
+def test_float64_copy_of_a_module_with_a_cache():
+    """The float64 oracle and dtype=float64 raised "Only Tensors created explicitly by the user
+    support the deepcopy protocol" once such a module had run a forward."""
+    torch.manual_seed(0)
+    enc = _CachedWeights().eval()
+    x = torch.rand(2, 3, 6, 6)
+    enc(x)  # fills the cache with a non-leaf tensor
+    fresh = _CachedWeights().eval()
+    fresh.load_state_dict(enc.state_dict())
+    want = ff.fsinfo(fresh.double(), x.double(), sigma=0.1, estimator="exact").value
+    got = ff.fsinfo(enc, x, sigma=0.1, estimator="exact").value
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    lin = ff.linearize(enc, x, dtype=torch.float64)
+    torch.testing.assert_close(lin.exact().fsinfo(0.1).value, want, rtol=0, atol=1e-12)
+    assert enc.cache["w"].dtype == torch.float32 and enc.cache["w"].grad_fn is not None

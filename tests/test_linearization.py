@@ -408,6 +408,10 @@ def test_a_compiled_encoder_is_linearised_through_its_original_module():
     torch.testing.assert_close(got.value, want.value, rtol=0, atol=0)
     cut = ff.split(torch.compile(model), at=2)  # module paths of the original model
     torch.testing.assert_close(cut(x), enc(x), rtol=0, atol=0)
+    # the split of a compiled model says so too (it did not: only a compiled encoder did)
+    from_cut = ff.linearize(cut, x, seed=0).fsinfo(0.1)
+    assert "torch.compile" in from_cut.info["compiled"]
+    torch.testing.assert_close(from_cut.value, want.value, rtol=0, atol=0)
 
 
 def test_a_fixed_num_probes_is_kept_under_auto():

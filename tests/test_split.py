@@ -928,3 +928,46 @@ def test_shared_profile_work_skips_a_model_without_forward_ad():
     assert all("forward-mode AD fails" in stack.rejected[n] for n in ("a", "b"))
     ok = NestedStack(net, ["a"], x, {"a": encs["a"]})  # the cut is before the custom op
     assert ok.names == ["a"] and ok.rejected == {}
+
+
+class _ModeNet(nn.Module):
+    """Functional dropout keyed on ``self.training``: torch.fx bakes the branch at trace time."""
+
+    def __init__(self, mode_dependent=True):
+        super().__init__()
+        self.mode_dependent = mode_dependent
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.tanh(self.c1(x))
+        if self.mode_dependent:
+            y = torch.nn.functional.dropout(y, p=0.5, training=self.training)
+        return self.c2(y)
+
+
+def test_fx_encoder_refuses_a_mode_changed_after_the_split(tmp_path):
+    """Split in train mode (a fresh model), then model.eval(): the fx encoder kept running the
+    train-mode branch (random dropout; SampleInteractionError or a silently wrong value). It
+    now raises; a model whose forward does not depend on the mode keeps working."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    net = _ModeNet()
+    enc = ff.split(net, "c2")
+    assert enc.split_route == "fx"
+    net.eval()
+    with pytest.raises(ff.EncoderError, match="mode changed after ff.split"):
+        enc(x)
+    with pytest.raises(ff.EncoderError, match="mode changed after ff.split"):
+        ff.fsinfo(enc, x, sigma=0.1)
+    again = ff.split(net, "c2")  # split after eval(): the eval branch
+    torch.testing.assert_close(again(x), net.c2(torch.tanh(net.c1(x))))
+    path = tmp_path / "enc.pt"
+    torch.save(again, path)
+    assert torch.equal(torch.load(path, weights_only=False)(x), again(x))
+
+    plain = _ModeNet(mode_dependent=False)
+    enc = ff.split(plain, "c2")
+    plain.eval()
+    torch.testing.assert_close(enc(x), plain.c2(torch.tanh(plain.c1(x))))
+    assert not hasattr(enc, "_split_modes")
