@@ -145,6 +145,10 @@ class FSInfoGuard(nn.Module):
         **metric_kwargs,
     ) -> None:
         super().__init__()
+        from .linearization import check_metric_keywords
+
+        check_metric_keywords(metric_kwargs, "fsinfo_sigma", "FSInfoGuard",
+                              extra=("sample_ids",))
         if not math.isfinite(target):
             raise InvalidInputError(f"target must be a finite FSInfo in nats/dim, got {target!r}")
         self.encoder = encoder

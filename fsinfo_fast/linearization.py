@@ -1491,6 +1491,30 @@ class Linearization:
                            converged=r.converged, info={**r.info, "dfil_sigma1": r})
 
 
+#: Keywords of :func:`linearize` that FSInfoGuard and the torchmetrics metrics pass through.
+LINEARIZE_KEYWORDS = ("backend", "seed", "memory_budget")
+
+
+def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
+                          extra: tuple[str, ...] = ()) -> None:
+    """Raise :class:`InvalidInputTypeError` (a ``TypeError``) at construction for keywords that
+    neither :func:`linearize` nor ``Linearization.<method>`` takes (a typo such as
+    ``estimatr=`` was accepted and failed at the first forward or update, deep in a loop)."""
+    import difflib
+    import inspect
+
+    params = inspect.signature(getattr(Linearization, method)).parameters
+    allowed = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    allowed |= set(LINEARIZE_KEYWORDS) | set(extra)
+    bad = sorted(set(kw) - allowed)
+    if bad:
+        hints = [f"{b!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
+            b, sorted(allowed), n=1)) else repr(b) for b in bad]
+        raise InvalidInputTypeError(
+            f"{who} got unexpected keyword(s) {', '.join(hints)}; it takes "
+            f"{', '.join(sorted(allowed))}")
+
+
 def linearize(
     encoder: Encoder,
     x: Tensor,

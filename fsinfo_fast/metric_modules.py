@@ -49,6 +49,9 @@ class _LeakageMetric(Metric):
         if "sample_ids" in metric_kwargs:
             raise InvalidInputError("sample_ids belong to each batch: pass them to update(), "
                                     "not to the metric's constructor")
+        from .linearization import check_metric_keywords
+
+        check_metric_keywords(metric_kwargs, self._method, type(self).__name__)
         super().__init__(**kwargs)
         self.encoder = encoder
         self.noise_sigma = sigma
@@ -152,6 +155,8 @@ class FSInfoMetric(_LeakageMetric):
         6
     """
 
+    _method = "fsinfo"
+
     def _evaluate(self, x, sample_ids):
         lin, kw = self._linearize(x, sample_ids)
         return lin.fsinfo(self.noise_sigma, **kw)
@@ -163,6 +168,8 @@ class DFILMetric(_LeakageMetric):
     """
 
     higher_is_better = False
+
+    _method = "dfil"
 
     def _evaluate(self, x, sample_ids):
         lin, kw = self._linearize(x, sample_ids)

@@ -253,3 +253,20 @@ def test_guard_refuses_an_unreachable_target():
     with pytest.raises(ff.InvalidInputError, match="asymptote"):
         g.calibrate(x)
     assert g.per_sample  # nothing was set
+
+
+def test_unknown_keywords_refused_at_construction():
+    """A typo (estimatr=) was accepted by the constructors and raised a raw TypeError at the
+    first forward or update, deep inside an evaluation loop."""
+    enc = _encoder()
+    with pytest.raises(ff.InvalidInputTypeError, match="'estimatr' .did you mean 'estimator'"):
+        ff.FSInfoGuard(enc, estimatr="exact")
+    with pytest.raises(TypeError, match="foo"):
+        ff.FSInfoMetric(enc, foo=1)
+    with pytest.raises(ff.InvalidInputTypeError, match="atol"):
+        ff.DFILMetric(enc, atoll=0.1)
+    # every keyword the methods take is accepted
+    ff.FSInfoGuard(enc, estimator="exact", atol=0.02, seed=3, backend="torch", sample_ids=None)
+    ff.FSInfoMetric(enc, variant="diag", estimator="randomized", num_probes=4, seed=1,
+                    compute_on_cpu=False)
+    ff.DFILMetric(enc, method="diag", rtol=0.05, memory_budget=1 << 30)
