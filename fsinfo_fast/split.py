@@ -93,7 +93,7 @@ def split(
             module's output (e.g. ``lambda out: out[1]`` for the second element of a tuple).
             Default: the output itself if it is a tensor, else its first tensor, depth first
             through tuples, lists and mappings (a ``transformers`` ``ModelOutput`` is a mapping
-            in field order): :func:`first_tensor`.
+            in field order): :func:`first_tensor`, on both routes.
         input_name: hooks route: call the model as ``model(**{input_name: x})`` instead of
             ``model(x)`` (e.g. ``"pixel_values"``; the ``transformers`` vision models also take
             it positionally, so the default works for them).
@@ -821,7 +821,11 @@ def _build(model: nn.Module, graph: fx.Graph, cut: fx.Node | None) -> fx.GraphMo
         nodes = list(graph.nodes)
         for node in reversed(nodes[nodes.index(cut) + 1 :]):
             graph.erase_node(node)
-        graph.output(cut)
+        # the smashed data is the cut's first tensor, as on the hooks route (a GRU's
+        # (output, h) tuple: the fx encoder returned the tuple, the hooks encoder the output)
+        with graph.inserting_after(cut):
+            sel = graph.call_function(first_tensor, (cut,))
+        graph.output(sel)
     gm = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Encoder")
     gm.graph.eliminate_dead_code()  # needs the owning module for its purity checks
     gm.graph.lint()

@@ -513,11 +513,16 @@ def test_select_and_first_tensor():
     x = torch.rand(2, 3)
     h = net.pair.lin(x)
     with torch.no_grad():
-        # hooks: the first tensor, depth first; fx (the model traces): the output as it is
+        # both routes: the first tensor, depth first (the fx route returned the output as it
+        # was, a dict here, which no metric takes; a GRU's (output, h) likewise)
         torch.testing.assert_close(split(net, "pair", route="hooks")(x), h)
-        fx_out = split(net, "pair")(x)
-        assert fx_out["aux"] is None
-        torch.testing.assert_close(fx_out["out"][1], 2 * h)
+        fx_enc = split(net, "pair")
+        assert fx_enc.split_route == "fx"
+        torch.testing.assert_close(fx_enc(x), h)
+    hooks_r = ff.fsinfo(split(net, "pair", route="hooks"), x, sigma=0.1, estimator="exact")
+    torch.testing.assert_close(ff.fsinfo(fx_enc, x, sigma=0.1, estimator="exact").value,
+                               hooks_r.value)
+    with torch.no_grad():
         enc = split(net, "pair", select=lambda out: out["out"][1])
         assert enc.split_route == "hooks" and enc.split_route_reason == "select= given"
         torch.testing.assert_close(enc(x), 2 * h)
