@@ -56,7 +56,13 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from .encoder import uncompiled
-from .errors import EncoderError, InvalidInputError, InvalidInputTypeError, SplitError
+from .errors import (
+    EncoderError,
+    FSInfoError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    SplitError,
+)
 
 __all__ = ["HookEncoder", "HookInsert", "ROUTES", "first_tensor", "insert", "split"]
 
@@ -585,6 +591,17 @@ class HookEncoder(_HookBase):
             self.model(*args, **kwargs)
         except _StopForward:
             pass
+        except Exception as err:
+            if stop is not None or seen == 0 or isinstance(err, FSInfoError):
+                raise
+            # the counting run failed in the layers after the cut (e.g. a fixed-size head on
+            # a smaller input): say why the whole forward ran, and how not to
+            raise EncoderError(
+                f"the model's forward failed after {self.path!r} had been called {seen} "
+                f"time(s) ({type(err).__name__}: {err}). With occurrence={self.occurrence} (the "
+                "last call) the first call for each input shape runs the whole forward to count "
+                f"the calls; pass occurrence=0 (or the index of the call) to cut at that call "
+                "and stop there") from err
         finally:
             handle.remove()
         if found:

@@ -976,3 +976,24 @@ def test_fx_encoder_refuses_a_mode_changed_after_the_split(tmp_path):
     plain.eval()
     torch.testing.assert_close(enc(x), plain.c2(torch.tanh(plain.c1(x))))
     assert not hasattr(enc, "_split_modes")
+
+
+def test_hooks_counting_run_failure_says_why_and_how():
+    """The hooks route's default (the module's last call) runs the whole forward on the first
+    call of an input shape; a head that needs another resolution failed there with a raw
+    RuntimeError. It now says why the whole forward ran and that occurrence=0 stops early."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4 * 8 * 8, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).flatten(1))
+
+    m = Net().eval()
+    x = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ff.EncoderError, match="occurrence=0"):
+        ff.split(m, "conv", route="hooks")(x)
+    assert ff.split(m, "conv", route="hooks", occurrence=0)(x).shape == (2, 4, 16, 16)
