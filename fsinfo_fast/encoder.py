@@ -170,6 +170,9 @@ def check_input(x: object) -> Tensor:
         )
     if x.numel() == 0:
         raise InvalidInputError(f"x is empty (shape {tuple(x.shape)}): give at least one sample")
+    if x.device.type == "meta":
+        raise InvalidInputError("x is on the meta device (shapes only, no values): the metrics "
+                                "need the data; move it to the encoder's device")
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         rows = bad.reshape(x.shape[0], -1).any(dim=1).nonzero().flatten().tolist()

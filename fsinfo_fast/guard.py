@@ -17,7 +17,7 @@ calibration set, or a quantile of it).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -107,6 +107,12 @@ def _batches(data: Tensor | Iterable) -> Iterable[Tensor]:
         yield data
         return
     for item in data:
+        if isinstance(item, Mapping):  # a Hugging Face style batch
+            if "pixel_values" not in item:
+                raise InvalidInputError(
+                    f"a calibration batch is a mapping without 'pixel_values' (keys "
+                    f"{sorted(map(str, item))}); pass tensors, (x, y) pairs or such mappings")
+            item = item["pixel_values"]
         yield item[0] if isinstance(item, (tuple, list)) else item
 
 

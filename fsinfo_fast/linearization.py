@@ -409,6 +409,10 @@ class Linearization:
             raise InvalidInputError(f"backend must be a string, got {type(backend).__name__}")
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise InvalidInputTypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
+                memory_budget, numbers.Integral) or memory_budget <= 0):
+            raise InvalidInputError(
+                f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
         self.encoder = encoder
         self.x = x
         work, self.dtype_note = working_dtype(encoder, x, dtype)

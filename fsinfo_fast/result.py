@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InvalidInputError
+
 __all__ = ["MetricResult", "Aggregate", "SigmaResult", "Z95"]
 
 #: The two-sided 95% normal quantile (the one place it is written down).
@@ -115,7 +117,7 @@ class MetricResult:
     def to_bits(self) -> MetricResult:
         """The same result in bits per input dimension (FSInfo only)."""
         if self.units != "nats/dim":
-            raise ValueError(
+            raise InvalidInputError(
                 f"only FSInfo results (nats/dim) convert to bits, this is {self.units}"
             )
         k = 1.0 / math.log(2.0)
@@ -230,7 +232,8 @@ class SigmaResult:
                 estimates (more noise, never less protection from estimation error).
         """
         if statistic not in self.STATISTICS:
-            raise ValueError(f"statistic must be one of {self.STATISTICS}, got {statistic!r}")
+            raise InvalidInputError(
+                f"statistic must be one of {self.STATISTICS}, got {statistic!r}")
         s = self.ci_high if conservative else self.sigma
         if statistic == "max":
             return float(s.max())
@@ -238,8 +241,10 @@ class SigmaResult:
             return float(s.mean())
         if statistic == "rms":
             return float((s**2).mean().sqrt())
-        if not (isinstance(q, (int, float)) and 0 < q <= 1):
-            raise ValueError(f"q must be in (0, 1], got {q!r}")
+        if isinstance(q, Tensor) and q.numel() == 1:
+            q = float(q)
+        if isinstance(q, bool) or not (isinstance(q, (int, float)) and 0 < q <= 1):
+            raise InvalidInputError(f"q must be in (0, 1], got {q!r}")
         return float(torch.quantile(s, q))
 
     def __repr__(self) -> str:

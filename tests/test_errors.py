@@ -203,3 +203,26 @@ def test_random_encoder_refused_with_the_reason(batch, estimator):
     x = torch.rand(batch, 3, 8, 8)
     with pytest.raises(ff.EncoderError, match="not deterministic"):
         ff.fsinfo(_FunctionalDropout().eval(), x, sigma=0.1, estimator=estimator)
+
+
+def test_more_bad_inputs_get_library_errors():
+    """Found by fuzzing: raw torch errors or internal names before."""
+    enc = mlp()
+    with pytest.raises(ff.InvalidInputError, match="meta device"):
+        ff.fsinfo(enc, torch.rand(2, 4, device="meta"), sigma=0.1)
+    with pytest.raises(ff.InvalidInputError, match="memory_budget"):
+        ff.fsinfo(enc, torch.rand(2, 4), sigma=0.1, memory_budget=-5)
+    s = ff.fsinfo_sigma(enc, torch.rand(3, 4), target=-1.0, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="statistic"):
+        s.dataset("median")
+    with pytest.raises(ff.InvalidInputError, match="q must be"):
+        s.dataset("quantile", q=0)
+    assert s.dataset("quantile", q=torch.tensor(0.5)) == s.dataset("quantile", q=0.5)
+    d = ff.dfil(enc, torch.rand(2, 4), sigma=0.1, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="bits"):
+        d.to_bits()
+    guard = ff.FSInfoGuard(enc, estimator="exact")
+    x = torch.rand(3, 4)
+    assert guard.calibrate([{"pixel_values": x}]) == guard.calibrate([x])
+    with pytest.raises(ff.InvalidInputError, match="pixel_values"):
+        guard.calibrate([{"inputs": x}])
