@@ -137,3 +137,13 @@ def test_floored_sigma_interval_coverage(case, seeds):
     z = float(e.mean() / (e.std() / math.sqrt(e.numel())))
     assert cover >= (0.93 if e.numel() >= 1000 else 0.92), (cover, z)
     assert abs(z) < 3.0, (cover, z)
+
+
+def test_fixed_num_probes_solved_too():
+    """A fixed num_probes has one stage: the floored sigma* takes its own interval there."""
+    enc, x = _crop(size=16)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
+    got = ff.linearize(enc, x, seed=0).fsinfo_sigma(-1.0, estimator="randomized",
+                                                    num_probes=16)
+    assert "floor_solve" in got.info
+    assert bool(((got.ci_low <= want) & (want <= got.ci_high)).all())

@@ -1070,10 +1070,10 @@ def fsinfo_diag_restaged(
     confidence: float = 0.95,
 ) -> tuple[Tensor, Tensor | None]:
     r"""FSInfo_diag at another ``sigma`` and ``floor`` from exactly the probes and stages of
-    ``est``, an adaptive :func:`estimate_diag` result on ``state``: ``(value, ci_halfwidth)``,
-    ``[B]`` float64 each (``sigma``: float or ``[B]``; ``rows``: ``[B]`` bool, the samples to
-    evaluate, ``None``: all; NaN elsewhere; ``halfwidth=False``: the value alone, ``None`` for
-    the half-width).
+    ``est``, an :func:`estimate_diag` result on ``state`` (adaptive, or a fixed count):
+    ``(value, ci_halfwidth)``, ``[B]`` float64 each (``sigma``: float or ``[B]``; ``rows``:
+    ``[B]`` bool, the samples to evaluate, ``None``: all; NaN elsewhere; ``halfwidth=False``:
+    the value alone, ``None`` for the half-width).
 
     A sample reported from stage 3 gets stage 3's value at ``(sigma, floor)`` and Stein's
     interval from stage 2's spread at ``(sigma, floor)`` scaled to stage 3's size (plus stage
@@ -1093,9 +1093,9 @@ def fsinfo_diag_restaged(
     """
     from .base import t_quantile
 
-    n1 = est.info.get("stage1_probes")
-    if n1 is None or est.probes_per_sample is None:
-        raise InvalidInputError("fsinfo_diag_restaged needs an adaptive estimate's stages")
+    n1 = est.info.get("stage1_probes", 0)  # absent for a fixed count: its own interval
+    if est.probes_per_sample is None or "pilot_probes" not in est.info:
+        raise InvalidInputError("fsinfo_diag_restaged needs an estimate_diag result")
     b = state.batch
     want = torch.ones(b, dtype=torch.bool, device=state.device) if rows is None else rows
     sig = torch.as_tensor(sigma, dtype=torch.float64, device=state.device).reshape(-1)
