@@ -463,6 +463,7 @@ def test_bad_option_values(capsys, tmp_path):
         (["--variant", "diag", "--prior-var", "1"], "--prior-var"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "tpu"],
          "--device"),
+        (["--backend", "bogus"], "--backend"),  # was checked after the run directory was made
     ]:
         err = one_line_error(capsys, main(["profile", *argv, "--out", out]))
         assert needle in err

@@ -184,6 +184,12 @@ class ProfileConfig:
             raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.size < 1:
             raise InvalidInputError(f"--size must be >= 1, got {self.size}")
+        from ..engine import available_backends
+
+        names = ("auto", *available_backends())
+        if self.backend not in names:  # before the run directory is made
+            raise InvalidInputError(f"--backend must be one of {', '.join(names)}, got "
+                                    f"{self.backend!r}")
 
 
 @dataclass
