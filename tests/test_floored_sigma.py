@@ -147,3 +147,29 @@ def test_fixed_num_probes_solved_too():
                                                     num_probes=16)
     assert "floor_solve" in got.info
     assert bool(((got.ci_low <= want) & (want <= got.ci_high)).all())
+
+
+def test_auto_on_a_batch_mixing_seen_and_unseen_inputs():
+    """Inputs reach the output only through relu(x - 0.5): one sample sees every input, the
+    others not. auto's route prediction (the deflation pilot, floor 0) divided by a zero
+    column: NaN, then a raw ValueError from every fsinfo_sigma and FSInfoGuard call."""
+
+    class Gate(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(48, 60)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(torch.relu(x.flatten(1) - 0.5)))
+
+    torch.manual_seed(0)
+    enc = Gate().eval()
+    x = torch.rand(4, 48)
+    x[0] = 0.6 + 0.3 * torch.rand(48)
+    lin = ff.linearize(enc, x, seed=0)
+    r = lin.fsinfo(1.0, floor=0.0)
+    assert bool(torch.isfinite(r.value[0])) and bool(torch.isinf(r.value[1:]).all())
+    got = lin.fsinfo_sigma(-1.0)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
+    assert bool(((got.ci_low <= want) & (want <= got.ci_high)).all())
+    ff.FSInfoGuard(enc, target=-1.0)(x[:2])

@@ -413,7 +413,10 @@ class _Pilot:
         E = sketch.exact_part(ranks)
         k = torch.zeros(self.G.shape[0], dtype=torch.float64, device=self.G.device)
         if self.fs_tol is not None:
-            w = 1.0 / (E + rem.mean(dim=1) + self.floor * self.sig2[:, None])
+            den = E + rem.mean(dim=1) + self.floor * self.sig2[:, None]
+            # a zero column with floor 0 (an input the sample never sees) has an exact term
+            # (-inf) and no variance: weight 0 (it was 1/0, a NaN prediction and a ValueError)
+            w = torch.where(den > 0, 1.0 / den.clamp_min(1e-300), torch.zeros_like(den))
             f2 = _pilot_f2(self.G, self.U, sketch, ranks, w)
             k = torch.maximum(k, _probes_for(f2 / (2.0 * self.d**2), self.fs_tol, self.groups))
         if self.dfil_rtol is not None:
