@@ -50,9 +50,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     return parser, modules
 
 
+def given_options(argv: list[str] | None) -> frozenset[str]:
+    """The option destinations the command line sets explicitly (whatever their value): the
+    same parser with every default suppressed (``profile --resume`` reads the others from the
+    run it continues)."""
+    parser, _ = build_parser()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        for action in p._actions:  # argparse keeps no public list of them
+            if action.dest != "command":
+                action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+    return frozenset(vars(parser.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
+    args.given_options = given_options(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:

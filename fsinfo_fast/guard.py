@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidInputTypeError
 from .result import SigmaResult
 
 __all__ = ["FSInfoGuard", "GaussianNoise", "add_noise", "concat_sigma_results"]
@@ -153,8 +153,11 @@ class FSInfoGuard(nn.Module):
         super().__init__()
         from .linearization import check_metric_keywords
 
-        check_metric_keywords(metric_kwargs, "fsinfo_sigma", "FSInfoGuard",
-                              extra=("sample_ids",))
+        check_metric_keywords({**metric_kwargs, "variant": variant}, "fsinfo_sigma",
+                              "FSInfoGuard", extra=("sample_ids",))
+        for name, v in (("target", target), ("sigma", sigma)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise InvalidInputTypeError(f"{name} must be a float, got {v!r}")
         if not math.isfinite(target):
             raise InvalidInputError(f"target must be a finite FSInfo in nats/dim, got {target!r}")
         self.encoder = encoder

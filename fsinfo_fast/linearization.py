@@ -1503,13 +1503,21 @@ def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
                           extra: tuple[str, ...] = ()) -> None:
     """Raise :class:`InvalidInputTypeError` (a ``TypeError``) at construction for keywords that
     neither :func:`linearize` nor ``Linearization.<method>`` takes (a typo such as
-    ``estimatr=`` was accepted and failed at the first forward or update, deep in a loop)."""
+    ``estimatr=`` was accepted and failed at the first forward or update, deep in a loop), and
+    :class:`InvalidInputError` for a bad estimator, variant, method or tolerance."""
     import difflib
     import inspect
 
     params = inspect.signature(getattr(Linearization, method)).parameters
     allowed = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     allowed |= set(LINEARIZE_KEYWORDS) | set(extra)
+    for name, choices in (("estimator", ESTIMATORS), ("variant", VARIANTS),
+                          ("method", DFIL_METHODS)):
+        if name in kw and name in allowed:
+            _check_choice(name, kw[name], choices)
+    for name in ("atol", "rtol"):
+        if name in kw:
+            _check_tol(name, kw[name])
     bad = sorted(set(kw) - allowed)
     if bad:
         hints = [f"{b!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(

@@ -52,6 +52,9 @@ class _LeakageMetric(Metric):
         from .linearization import check_metric_keywords
 
         check_metric_keywords(metric_kwargs, self._method, type(self).__name__)
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (
+                math.isfinite(sigma) and sigma > 0):
+            raise InvalidInputError(f"sigma must be a positive finite float, got {sigma!r}")
         super().__init__(**kwargs)
         self.encoder = encoder
         self.noise_sigma = sigma

@@ -40,7 +40,10 @@ keep their own flags) and carries ``split_name`` (module path or node name) and 
 
 Python control flow in ``forward`` is resolved at trace time on the fx route (e.g. ``if
 self.training``: the branch of the model's mode when ``split`` was called) and at every call on
-the hooks route.
+the hooks route. Where the encoder's part of the model traces differently in the other mode, the
+fx encoder checks the mode of the modules it calls at each call and raises once it changed
+(a deepcopy keeps the check; ``torch.save`` / ``torch.load`` re-trace the graph and keep the
+split-time branch without the check).
 """
 
 from __future__ import annotations
@@ -294,9 +297,11 @@ class _Cut:
 
     def __init__(self, model: nn.Module, name: str, index: int | None, *, k: int | None = None,
                  graph: fx.Graph | None = None, node: fx.Node | None = None,
-                 hooks: dict[str, Any] | None = None) -> None:
+                 hooks: dict[str, Any] | None = None,
+                 tracer: Callable[[], fx.Tracer] | None = None) -> None:
         self.model, self.name, self.index = model, name, index
         self.k, self.graph, self.node, self.hooks = k, graph, node, hooks
+        self.tracer = tracer  # builds the tracer the graph came from (fx route)
 
     def encoder(self) -> nn.Module:
         if self.hooks is not None:
@@ -304,8 +309,12 @@ class _Cut:
                                split_index=self.index)
         if self.k is not None:
             return _slice_sequential(self.model, self.k, self.name, self.index)
+        cut_name = None if self.node is None else self.node.name
+        dependent = self.tracer is not None and _mode_dependent(self.model, self.tracer,
+                                                                 cut_name)
         gm = _build(self.model, self.graph, self.node)
-        _guard_mode(gm, self.model)
+        if dependent:
+            _guard_mode(gm, self.model)
         return _tag(gm, self.name, self.index, "fx")
 
     def with_layer(self, layer: nn.Module) -> nn.Module:
@@ -790,15 +799,27 @@ def _untraceable(model: nn.Module, at: str, err: BaseException) -> SplitError:
     )
 
 
-def _mode_dependent(model: nn.Module) -> bool:
-    """Whether ``model`` traces to another graph in the other train/eval mode (``if
-    self.training`` branches, ``F.dropout(..., training=self.training)``): the fx route bakes
-    the branch of the mode at split time. False where the model does not trace as a whole."""
+def _code_up_to(graph: fx.Graph, cut: str | None) -> str | None:
+    """The graph's nodes up to the one named ``cut`` (``None``: all), one line each; ``None``
+    where no node has that name."""
+    lines = []
+    for n in graph.nodes:
+        lines.append(n.format_node() or "")
+        if cut is not None and n.name == cut:
+            return "\n".join(lines)
+    return "\n".join(lines) if cut is None else None
+
+
+def _mode_dependent(model: nn.Module, tracer: Callable[[], fx.Tracer], cut: str | None) -> bool:
+    """Whether the encoder's part of ``model`` (its graph up to the node ``cut``) traces
+    differently in the other train/eval mode (``if self.training`` branches,
+    ``F.dropout(..., training=self.training)`` before the cut): the fx route bakes the branch of
+    the mode at split time. False where the model does not trace in the other mode."""
     flags = {m: m.training for m in model.modules()}
     try:
-        here = str(fx.Tracer().trace(model))
+        here = _code_up_to(tracer().trace(model), cut)
         model.train(not model.training)
-        other = str(fx.Tracer().trace(model))
+        other = _code_up_to(tracer().trace(model), cut)
     except Exception:  # torch.fx raises many types; the cut's own trace succeeded
         return False
     finally:
@@ -808,28 +829,38 @@ def _mode_dependent(model: nn.Module) -> bool:
 
 
 def _guard_mode(gm: fx.GraphModule, model: nn.Module) -> None:
-    """On a mode-dependent model, make the encoder refuse to run once the mode of the model's
-    submodules it shares has changed since the split (:func:`_check_mode`)."""
-    if not _mode_dependent(model):
-        return
+    """Make the encoder of a mode-dependent model refuse to run once the mode of the model's
+    submodules it calls has changed since the split: a check at the start of its graph (so that
+    torch.save / load and deepcopy keep it, which they do not do for hooks)."""
     original = {id(m) for m in model.modules()}
-    gm._split_modes = {n: m.training for n, m in gm.named_modules() if id(m) in original}
-    gm._split_training = model.training
-    gm.register_forward_pre_hook(_check_mode)
+    targets = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_module"
+                      and id(gm.get_submodule(str(n.target))) in original})
+    if not targets:
+        return
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        mods = [gm.graph.get_attr(t) for t in targets]
+        gm.graph.call_function(check_split_mode, (
+            tuple(targets), tuple(gm.get_submodule(t).training for t in targets),
+            model.training, *mods))
+    gm.graph.lint()
+    gm.recompile()
 
 
-def _check_mode(gm: nn.Module, args: Any) -> None:
-    """Forward pre-hook of a mode-dependent fx encoder (module level: picklable)."""
-    modes = getattr(gm, "_split_modes", {})
-    for name, flag in modes.items():
-        if gm.get_submodule(name).training != flag:
-            was = "train" if gm._split_training else "eval"
+def check_split_mode(names: tuple[str, ...], flags: tuple[bool, ...], was_training: bool,
+                     *modules: nn.Module) -> None:
+    """Raise :class:`EncoderError` where a module of a mode-dependent fx encoder is no longer in
+    its mode at split time (called from the encoder's graph; public for the generated code)."""
+    for name, flag, m in zip(names, flags, modules, strict=True):
+        if m.training != flag:
+            was = "train" if was_training else "eval"
             raise EncoderError(
                 f"the model's train/eval mode changed after ff.split traced it (module "
-                f"{name!r} is now in {'train' if not flag else 'eval'} mode), and its forward "
-                f"depends on the mode (it traces differently in train and eval mode): this "
-                f"encoder still runs the {was}-mode branch. Call ff.split again after "
-                "model.eval() (or model.train()), or split with route='hooks'")
+                f"{name!r} is now in {'train' if m.training else 'eval'} mode), and the "
+                f"encoder's part of its forward depends on the mode (it traces differently in "
+                f"train and eval mode): this encoder still runs the {was}-mode branch. Call "
+                "ff.split again after model.eval() (or model.train()), or split with "
+                "route='hooks'")
 
 
 def _build(model: nn.Module, graph: fx.Graph, cut: fx.Node | None) -> fx.GraphModule:
@@ -915,7 +946,8 @@ def _cut_at_module(model: nn.Module, path: str, target: nn.Module, index: int | 
             f"module {path!r} is called {n} time(s) in the traced forward of {cls}, so "
             f"occurrence={k} names no call; valid: 0..{n - 1} or -{n}..-1"
         )
-    return _Cut(model, path, index, graph=graph, node=calls[k])
+    return _Cut(model, path, index, graph=graph, node=calls[k],
+                tracer=lambda: _CutTracer(target))
 
 
 def _cut_at_node(model: nn.Module, name: str, points: list[str] | None) -> _Cut:
@@ -951,4 +983,4 @@ def _cut_at_node(model: nn.Module, name: str, points: list[str] | None) -> _Cut:
     if node.op == "call_module" and points is not None and str(node.target) in points:
         index = points.index(str(node.target))
     cut = None if node.op == "output" else node
-    return _Cut(model, name, index, graph=graph, node=cut)
+    return _Cut(model, name, index, graph=graph, node=cut, tracer=fx.Tracer)

@@ -270,3 +270,16 @@ def test_unknown_keywords_refused_at_construction():
     ff.FSInfoMetric(enc, variant="diag", estimator="randomized", num_probes=4, seed=1,
                     compute_on_cpu=False)
     ff.DFILMetric(enc, method="diag", rtol=0.05, memory_budget=1 << 30)
+
+
+def test_bad_values_refused_at_construction():
+    enc = _encoder()
+    for bad in (dict(estimator="bogus"), dict(variant="dag"), dict(atol="a")):
+        with pytest.raises(ff.FSInfoError):
+            ff.FSInfoGuard(enc, **bad)
+    with pytest.raises(ff.InvalidInputTypeError, match="target"):
+        ff.FSInfoGuard(enc, target="a")
+    with pytest.raises(ff.InvalidInputError, match="sigma"):
+        ff.FSInfoMetric(enc, sigma=-1)
+    with pytest.raises(ff.InvalidInputError, match="method"):
+        ff.DFILMetric(enc, method="rademacher")

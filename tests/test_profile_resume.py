@@ -174,6 +174,10 @@ def test_resume_with_out_alone_continues_the_stored_run(ckpt, tmp_path):
 
     r = _run(["profile", "--sigma", "0.5", "--out", str(out), "--resume", "--quiet"])
     assert r.returncode == 2 and "different settings" in r.stderr
+    # given explicitly at its default value, against the run's randomized: refused too (it
+    # was taken for 'not given' and silently replaced by the run's value)
+    r = _run(["profile", "--estimator", "auto", "--out", str(out), "--resume", "--quiet"])
+    assert r.returncode == 2 and "estimator" in r.stderr
     r = _run(["profile", "--out", str(out), "--resume", "--quiet", "--no-plot"])
     assert r.returncode == 0, r.stderr
     _assert_same(reference, _samples(out))

@@ -975,7 +975,36 @@ def test_fx_encoder_refuses_a_mode_changed_after_the_split(tmp_path):
     enc = ff.split(plain, "c2")
     plain.eval()
     torch.testing.assert_close(enc(x), plain.c2(torch.tanh(plain.c1(x))))
-    assert not hasattr(enc, "_split_modes")
+    assert "check_split_mode" not in enc.code
+
+
+class _HeadModeNet(nn.Module):
+    """The mode matters only after the cut (in the head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.head(torch.tanh(self.c1(x)))
+        return y * 2 if self.training else y
+
+
+def test_fx_mode_check_follows_copies_and_only_the_encoders_part():
+    """The check sits in the encoder's graph, so a deepcopy keeps it (a forward pre-hook was
+    lost); a model whose mode matters only after the cut gets none (it refused such encoders)."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    net = _ModeNet().eval()
+    enc = copy.deepcopy(ff.split(net, "c2"))
+    enc.train()
+    with pytest.raises(ff.EncoderError, match="mode changed after ff.split"):
+        enc(x)
+    head = _HeadModeNet().eval()
+    enc = ff.split(head, "c1")
+    head.train()
+    torch.testing.assert_close(enc(x), head.c1(x))
 
 
 def test_hooks_counting_run_failure_says_why_and_how():

@@ -219,7 +219,7 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         max_samples=args.max_samples, batch_size=args.batch_size, device=args.device,
         seed=args.seed, out=args.out, resume=args.resume, plot=args.plot, share=args.share,
         backend=args.backend, progress=not args.quiet, table=not args.quiet,
-        dfil_method=args.dfil_method,
+        dfil_method=args.dfil_method, given=getattr(args, "given_options", None),
     )
 
 

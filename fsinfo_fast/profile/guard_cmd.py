@@ -251,6 +251,8 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
             cal = _head(res, n_cal)
             q = args.quantile
             sigma = cal.dataset(args.statistic, q)
+            guard._check_reachable(torch.tensor([sigma], dtype=torch.float64),
+                                   f"split {s.name}: the calibrated sigma")
             held = sig[n_cal:]
             # FSInfo at the calibrated sigma: target + ln(sigma*_i / sigma), exact without a
             # prior (FSInfo + ln sigma does not depend on sigma); with one, not reported

@@ -150,6 +150,9 @@ class ProfileConfig:
     progress: bool = True
     table: bool = True
     dfil_method: str = "auto"
+    #: the options the command line set explicitly (``None``: unknown, e.g. an API call; then
+    #: ``--resume`` takes the stored value of every option at its default)
+    given: frozenset[str] | None = None
 
     def validate(self) -> None:
         """Raise :class:`InvalidInputError` (one line) on a bad option value."""
@@ -811,8 +814,9 @@ RESUMED_OPTIONS = {
 
 
 def with_stored_settings(cfg: ProfileConfig) -> ProfileConfig:
-    """For ``--resume``: ``cfg`` with every option of :data:`RESUMED_OPTIONS` that is at its
-    default taken from the run's ``settings.json`` (``fsinfo-fast profile --out run1
+    """For ``--resume``: ``cfg`` with every option of :data:`RESUMED_OPTIONS` that the command
+    line did not give (``cfg.given``; without it, that is at its default) taken from the run's
+    ``settings.json`` (``fsinfo-fast profile --out run1
     --resume`` alone continues ``run1`` as it was started; an option given with another value
     than the run's is still refused by the settings check). Unchanged without ``--resume`` or
     where the directory holds no readable run (the resume check reports that)."""
@@ -825,7 +829,9 @@ def with_stored_settings(cfg: ProfileConfig) -> ProfileConfig:
     default = ProfileConfig()
     changes: dict[str, Any] = {}
     for name, key in RESUMED_OPTIONS.items():
-        if key not in stored or getattr(cfg, name) != getattr(default, name):
+        given = name in cfg.given if cfg.given is not None else \
+            getattr(cfg, name) != getattr(default, name)
+        if key not in stored or given:
             continue
         value = stored[key]
         if name == "splits" and isinstance(value, list):
