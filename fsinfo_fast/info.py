@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import platform
 
+from .errors import InvalidInputError
+
 __all__ = ["add_arguments", "run", "collect"]
 
 
@@ -83,7 +85,13 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
     encoder = split(model, int(args.split) if str(args.split).lstrip("-").isdigit()
                     else args.split) if args.split is not None else model
     if args.input_shape:
-        shape = tuple(int(s) for s in str(args.input_shape).split(","))
+        try:
+            shape = tuple(int(s) for s in str(args.input_shape).split(","))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise InvalidInputError(f"--input-shape must be positive ints separated by commas "
+                                    f"(e.g. 3,224,224), got {args.input_shape!r}")
     else:
         shape = (3, args.size, args.size)
     x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))
@@ -93,6 +101,10 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     info = collect()
+    if not getattr(args, "model", None) and (getattr(args, "split", None) is not None
+                                             or getattr(args, "input_shape", None)):
+        raise InvalidInputError("--split and --input-shape describe --model's engine report: "
+                                "pass --model too")
     if getattr(args, "model", None):
         info["engine_model_report"] = model_report(args)
     if args.json:

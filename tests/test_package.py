@@ -58,6 +58,16 @@ def test_info_command_json(capsys):
     assert info["auto_backend"] == expected
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["info", "--model", "vgg5", "--input-shape", "3,x"], "--input-shape"),  # a traceback
+    (["info", "--split", "2"], "--model"),  # was ignored silently
+])
+def test_info_bad_options_exit_2(capsys, argv, words):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
 def test_cli_without_command_prints_help(capsys):
     assert cli.main([]) == 2
     assert "usage: fsinfo-fast" in capsys.readouterr().out
