@@ -122,7 +122,7 @@ class _LeakageMetric(Metric):
         var = (self.total_sq / n - mean**2).clamp_min(0) * n / (n - 1).clamp_min(1)
         return {
             "mean": mean,
-            "stderr": torch.sqrt(var / n) if n > 1 else torch.tensor(math.inf),
+            "stderr": torch.sqrt(var / n) if n > 1 else torch.full_like(mean, math.inf),
             "estimator_stderr": torch.sqrt(self.total_var) / n,
             "bias_bound": self.total_bias / n,
             "worst": self.worst,

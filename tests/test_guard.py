@@ -283,3 +283,17 @@ def test_bad_values_refused_at_construction():
         ff.FSInfoMetric(enc, sigma=-1)
     with pytest.raises(ff.InvalidInputError, match="method"):
         ff.DFILMetric(enc, method="rademacher")
+
+
+def test_metric_stderr_of_one_sample_is_float64_inf():
+    """With fewer than two samples the spread is unknown: inf, float64 on the states' device
+    like every other field (it was a float32 CPU tensor)."""
+    import warnings
+
+    enc = _encoder()
+    m = ff.FSInfoMetric(enc, estimator="exact")
+    m.update(torch.rand(1, 1, 6, 6, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = m.compute()
+    assert out["stderr"].dtype == torch.float64 and bool(torch.isinf(out["stderr"]))
