@@ -27,8 +27,6 @@ from .result import SigmaResult
 
 __all__ = ["FSInfoGuard", "GaussianNoise", "add_noise", "concat_sigma_results"]
 
-#: Keywords of :func:`fsinfo_fast.linearize` (the rest go to ``fsinfo_sigma``).
-_LINEARIZE_KW = ("backend", "seed", "memory_budget")
 
 
 def add_noise(z: Tensor, sigma: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -186,10 +184,10 @@ class FSInfoGuard(nn.Module):
             sample_ids: ``[B]`` global sample ids seeding each sample's probes (default
                 ``arange(B)``).
         """
-        from .linearization import linearize
+        from .linearization import LINEARIZE_KEYWORDS, linearize
 
         kw = dict(self.metric_kwargs)
-        lin_kw = {k: kw.pop(k) for k in _LINEARIZE_KW if k in kw}
+        lin_kw = {k: kw.pop(k) for k in LINEARIZE_KEYWORDS if k in kw}
         default_ids = kw.pop("sample_ids", None)
         ids = default_ids if sample_ids is None else sample_ids
         lin = linearize(self.encoder, x, sample_ids=ids, **lin_kw)

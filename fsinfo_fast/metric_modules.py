@@ -35,9 +35,6 @@ Metric = require("torchmetrics", "FSInfoMetric / DFILMetric").Metric
 
 __all__ = ["FSInfoMetric", "DFILMetric"]
 
-#: Keywords of :func:`fsinfo_fast.linearize` (the rest go to the metric method).
-_LINEARIZE_KW = ("backend", "seed", "memory_budget")
-
 
 class _LeakageMetric(Metric):
     is_differentiable = False
@@ -92,10 +89,10 @@ class _LeakageMetric(Metric):
     def _linearize(self, x: Tensor, sample_ids: Tensor | None):
         """One :class:`~fsinfo_fast.Linearization` of the encoder at ``x``; returns it and the
         keywords left for the metric method."""
-        from .linearization import linearize
+        from .linearization import LINEARIZE_KEYWORDS, linearize
 
         kw = dict(self.metric_kwargs)
-        lin_kw = {k: kw.pop(k) for k in _LINEARIZE_KW if k in kw}
+        lin_kw = {k: kw.pop(k) for k in LINEARIZE_KEYWORDS if k in kw}
         ids = self._running_ids(x.shape[0]) if sample_ids is None else sample_ids
         return linearize(self.encoder, x, sample_ids=ids, **lin_kw), kw
 

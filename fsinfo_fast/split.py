@@ -310,8 +310,8 @@ class _Cut:
         if self.k is not None:
             return _slice_sequential(self.model, self.k, self.name, self.index)
         cut_name = None if self.node is None else self.node.name
-        dependent = self.tracer is not None and _mode_dependent(self.model, self.tracer,
-                                                                 cut_name)
+        dependent = self.tracer is not None and _mode_dependent(self.model, self.graph,
+                                                                 self.tracer, cut_name)
         gm = _build(self.model, self.graph, self.node)
         if dependent:
             _guard_mode(gm, self.model)
@@ -810,14 +810,15 @@ def _code_up_to(graph: fx.Graph, cut: str | None) -> str | None:
     return "\n".join(lines) if cut is None else None
 
 
-def _mode_dependent(model: nn.Module, tracer: Callable[[], fx.Tracer], cut: str | None) -> bool:
-    """Whether the encoder's part of ``model`` (its graph up to the node ``cut``) traces
-    differently in the other train/eval mode (``if self.training`` branches,
-    ``F.dropout(..., training=self.training)`` before the cut): the fx route bakes the branch of
-    the mode at split time. False where the model does not trace in the other mode."""
+def _mode_dependent(model: nn.Module, graph: fx.Graph, tracer: Callable[[], fx.Tracer],
+                    cut: str | None) -> bool:
+    """Whether the encoder's part of ``model`` (``graph``, its trace in the current mode, up to
+    the node ``cut``) traces differently in the other train/eval mode (``if self.training``
+    branches, ``F.dropout(..., training=self.training)`` before the cut): the fx route bakes the
+    branch of the mode at split time. False where the model does not trace in the other mode."""
+    here = _code_up_to(graph, cut)
     flags = {m: m.training for m in model.modules()}
     try:
-        here = _code_up_to(tracer().trace(model), cut)
         model.train(not model.training)
         other = _code_up_to(tracer().trace(model), cut)
     except Exception:  # torch.fx raises many types; the cut's own trace succeeded
