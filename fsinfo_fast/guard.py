@@ -239,7 +239,16 @@ class FSInfoGuard(nn.Module):
 
     def _check_reachable(self, sigma: Tensor, what: str) -> None:
         """Raise where no finite noise reaches the target (an infinite ``sigma*``: the noise
-        would turn the smashed data into inf/NaN)."""
+        would turn the smashed data into inf/NaN), and where the log-det ``sigma*`` is 0
+        (FSInfo_logdet = -inf at every sigma: the guard would add no noise at all)."""
+        zero = sigma == 0
+        if self.variant == "logdet" and bool(zero.any()):
+            raise InvalidInputError(
+                f"{what} is 0 for {int(zero.sum())} of {zero.numel()}: FSInfo_logdet is -inf "
+                "at every sigma there (J^T J is singular, e.g. m < d, and there is no prior), "
+                "so every target holds without noise and the guard would add none. Use the "
+                "diag variant (the paper's) or give a prior variance (the finite Bayesian log "
+                "det)")
         bad = ~torch.isfinite(sigma)
         if bool(bad.any()):
             raise InvalidInputError(

@@ -297,3 +297,22 @@ def test_metric_stderr_of_one_sample_is_float64_inf():
         warnings.simplefilter("ignore")
         out = m.compute()
     assert out["stderr"].dtype == torch.float64 and bool(torch.isinf(out["stderr"]))
+
+
+def test_guard_refuses_a_zero_logdet_sigma():
+    """With m < d and no prior FSInfo_logdet is -inf at every sigma: sigma* = 0 and the guard
+    added no noise ('protects 100%' in the CLI). The result stays available; the guard refuses
+    to use it, and a prior makes it finite."""
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(12, 5).double()
+    x = torch.randn(2, 12, dtype=torch.float64)
+    g = ff.FSInfoGuard(enc, -1.0, "logdet", estimator="exact")
+    assert torch.equal(g.sigma_for(x), torch.zeros(2, dtype=torch.float64))
+    for call in (g, g.calibrate):
+        with pytest.raises(ff.InvalidInputError, match="add none"):
+            call(x)
+    assert g.per_sample
+    g = ff.FSInfoGuard(enc, -1.0, "logdet", estimator="exact", prior_var=1.0)
+    assert g.calibrate(x) > 0 and g(x).shape == (2, 5)
+    # the diag variant sees the same encoder's columns and needs noise
+    assert ff.FSInfoGuard(enc, -1.0, estimator="exact").calibrate(x) > 0

@@ -197,6 +197,8 @@ def test_unlabelled_or_no_accuracy_reports_sigma_only(ckpt, tmp_path):
     (["--prior-var", "1.0"], "--prior-var"),
     (["--splits", "2", "--target", "-13"], "no finite noise"),  # below the asymptote: it
     # reported sigma inf, "protects 100%" and Infinity in guard.json
+    (["--splits", "5", "--variant", "logdet"], "add none"),  # m < d, no prior: sigma* 0,
+    # reported as sigma 0 "protects 100%"
 ])
 def test_bad_input_exits_2_with_one_line(ckpt, capsys, extra, words):
     assert main(_args(ckpt, *extra)) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,9 +88,17 @@ def test_dtype_and_generator_seed():
         draw_probes(5, seed=g1, sample_ids=ids, count=3),
         draw_probes(5, seed=g2, sample_ids=ids, count=3),
     )
-    assert resolve_seed(-3) == -3  # any int, taken modulo 2^64
-    draw_probes(5, seed=-3, sample_ids=ids, count=1)
-    draw_probes(5, seed=2**70, sample_ids=ids, count=1)
+    # torch.manual_seed's range; negative seeds are taken modulo 2^64 as there
+    assert resolve_seed(-3) == -3
+    assert torch.equal(draw_probes(5, seed=-3, sample_ids=ids, count=2),
+                       draw_probes(5, seed=2**64 - 3, sample_ids=ids, count=2))
+    assert resolve_seed(np.int64(5)) == 5 and resolve_seed(torch.tensor(6)) == 6
+    for bad in (2**64, 2**70, -(2**63) - 1):
+        with pytest.raises(InvalidInputError, match="seed must lie"):
+            resolve_seed(bad)  # would wrap onto another seed silently
+    for bad in (True, 1.0, torch.tensor(1.5), "3"):
+        with pytest.raises(InvalidInputTypeError, match="seed must be an int"):
+            resolve_seed(bad)
 
 
 def test_argument_errors():
@@ -190,7 +199,7 @@ def test_cpp_hash_bit_identical_to_torch(force_hash, kind, n, ids):
     for (start, count), stream, seed, dtype in [
         ((0, 3), 0, 0, torch.float64),
         ((4, 2), 1, -3, torch.float32),
-        ((1, 5), 7, 2**70 + 9, torch.float16),
+        ((1, 5), 7, 2**64 - 9, torch.float16),
         ((9, 1), 2, 12345, torch.bfloat16),
         ((0, 0), 0, 0, torch.float64),
     ]:

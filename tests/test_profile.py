@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 import fsinfo_fast as ff
 from fsinfo_fast.cli import main
 from fsinfo_fast.models import vgg5
 from fsinfo_fast.profile import ProfileConfig, run_profile
-from fsinfo_fast.profile.report import SAMPLE_FIELDS, SUMMARY_FIELDS
+from fsinfo_fast.profile.report import SAMPLE_FIELDS, SUMMARY_FIELDS, print_table
 from fsinfo_fast.profile.shared import NestedStack, exact_diag_shared, measure_sharing
 from fsinfo_fast.profile.sources import resolve_splits
 from fsinfo_fast.profile.store import RecordStore, RunDir
@@ -195,10 +196,13 @@ def test_prior_var_makes_logdet_finite_everywhere(ckpt, tmp_path):
         s = out.summary["splits"][0]
         assert s["m"] < s["d"] and s["fsinfo_logdet"] is not None
         recs = out.summary["samples"]
-        if target < floor:  # unreachable: sigma* is infinite, stored as null
-            assert s["sigma_star_logdet"] is None
-            assert all(r["sigma_star_logdet"] is None for r in recs)
+        if target < floor:  # unreachable: sigma* is infinite, stored as null with a status
+            assert s["sigma_star_logdet"]["value"] is None
+            assert s["sigma_star_logdet"]["n_unreachable"] == 2
+            assert all(r["sigma_star_logdet"] is None and "unreachable" in
+                       r["sigma_star_logdet_status"] for r in recs)
             continue
+        assert all(r["sigma_star_logdet_status"] is None for r in recs)
         # reachable: the exact profile solves for sigma* with the prior (the oracle agrees)
         from fsinfo_fast.data import digits
 
@@ -209,6 +213,36 @@ def test_prior_var_makes_logdet_finite_everywhere(ckpt, tmp_path):
         torch.testing.assert_close(sig, ref, rtol=1e-8, atol=0)
         f = ff.reference.fsinfo(enc, x, sig, "logdet", prior_var=0.1).value
         torch.testing.assert_close(f, torch.full_like(f, target), rtol=0, atol=1e-9)
+
+
+def test_unreachable_sigma_star_is_shown_as_such(ckpt, tmp_path):
+    # below the floor's asymptote (-12.9 nats/dim) no finite noise reaches the target: sigma*
+    # is infinite, which JSON stores as null; a status and the table say so (a bare null / "-"
+    # read as "not computed")
+    out = run_profile(ProfileConfig(model="vgg5", checkpoint=str(ckpt), size=8, max_samples=2,
+                                    splits="2", variant="diag", target=-13.5,
+                                    out=str(tmp_path / "r"), plot=False, progress=False,
+                                    table=False))
+    s = out.summary["splits"][0]
+    assert s["sigma_star"]["value"] is None and s["sigma_star"]["n_unreachable"] == 2
+    assert all(r["sigma_star"] is None and "unreachable" in r["sigma_star_status"]
+               for r in out.summary["samples"])
+    rows = list(csv.DictReader((tmp_path / "r" / "summary.csv").open()))
+    assert rows[0]["sigma_star_n_unreachable"] == "2"
+    console = Console(record=True, width=200)
+    print_table(out.summary, console=console)
+    text = console.export_text()
+    assert "∞" in text and "2 sample(s) no finite noise reaches --target -13.5" in text
+    # a reachable target: no status, no note
+    out = run_profile(ProfileConfig(model="vgg5", checkpoint=str(ckpt), size=8, max_samples=2,
+                                    splits="2", variant="diag", target=-1.0,
+                                    out=str(tmp_path / "r2"), plot=False, progress=False,
+                                    table=False))
+    assert out.summary["splits"][0]["sigma_star"]["value"] > 0
+    assert all(r["sigma_star_status"] is None for r in out.summary["samples"])
+    console = Console(record=True, width=200)
+    print_table(out.summary, console=console)
+    assert "∞" not in console.export_text()
 
 
 # ------------------------------------------------------------------------------------------------

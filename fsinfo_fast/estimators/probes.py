@@ -28,6 +28,7 @@ depend on which one runs.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 
 import torch
@@ -95,9 +96,19 @@ def resolve_seed(seed: int | torch.Generator) -> int:
     """
     if isinstance(seed, torch.Generator):
         return int(torch.randint(0, 1 << 62, (1,), generator=seed, device=seed.device).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)  # numpy / torch integer scalars too
+    except (TypeError, RuntimeError):
         raise InvalidInputTypeError(
             f"seed must be an int or a torch.Generator, got {type(seed).__name__}"
+        ) from None
+    if not -(1 << 63) <= seed < (1 << 64):
+        # torch.manual_seed's range: a wider seed would wrap silently onto another one
+        raise InvalidInputError(
+            f"seed must lie in [-2**63, 2**64), got {seed} (negative seeds are taken modulo "
+            "2**64, as torch.manual_seed does)"
         )
     return seed
 

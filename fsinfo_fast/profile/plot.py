@@ -98,7 +98,8 @@ def profile_figure(summary: dict[str, Any], dpi: int = 110):
     axes[1].set_ylabel("dFIL")
 
     def extreme(ax, key: str, label: str, color: str, marker: str, source: str) -> None:
-        pts = [(x, s[key], s.get(source)) for x, s in zip(xs, splits, strict=True) if s.get(key)]
+        pts = [(x, s[key], s.get(source)) for x, s in zip(xs, splits, strict=True)
+               if s.get(key) and s[key]["value"] is not None]  # null: unreachable sigma*
         if not pts:
             return
         px = [p[0] for p in pts]
@@ -116,7 +117,8 @@ def profile_figure(summary: dict[str, Any], dpi: int = 110):
     axes[2].set_ylabel("MSE bound\n(least private sample)")
     extreme(axes[3], "sigma_star", "sigma* (max over samples)", "tab:red", "o", "fsinfo_diag")
     pts = [(x, s["sigma_star"]["mean"])
-           for x, s in zip(xs, splits, strict=True) if s.get("sigma_star")]
+           for x, s in zip(xs, splits, strict=True)
+           if s.get("sigma_star") and s["sigma_star"]["mean"] is not None]
     if pts:
         axes[3].plot([p[0] for p in pts], [p[1] for p in pts], color="tab:orange", marker=".",
                      linestyle="--", label="sigma* (mean)")

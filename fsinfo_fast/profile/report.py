@@ -57,8 +57,9 @@ SAMPLE_FIELDS = (
     "dfil_bound", "dfil_bound_low", "dfil_bound_high",
     "fsinfo_diag_bound", "fsinfo_diag_bound_low", "fsinfo_diag_bound_high",
     "fsinfo_logdet_bound", "fsinfo_logdet_bound_low", "fsinfo_logdet_bound_high",
-    "sigma_star", "sigma_star_low", "sigma_star_high",
+    "sigma_star", "sigma_star_low", "sigma_star_high", "sigma_star_status",
     "sigma_star_logdet", "sigma_star_logdet_low", "sigma_star_logdet_high",
+    "sigma_star_logdet_status",
 )
 
 #: Columns of ``summary.csv`` (one row per split).
@@ -73,6 +74,7 @@ SUMMARY_FIELDS = (
     "dfil_bound_worst", "dfil_bound_worst_low", "dfil_bound_worst_high",
     "fsinfo_diag_bound_worst", "fsinfo_diag_bound_worst_low", "fsinfo_diag_bound_worst_high",
     "sigma_star_max", "sigma_star_max_low", "sigma_star_max_high", "sigma_star_mean",
+    "sigma_star_n_unreachable",
 )
 
 
@@ -137,6 +139,19 @@ def _extreme(recs: list[dict[str, Any]], key: str, pick) -> dict[str, Any] | Non
             "mean": sum(r[key] for r in rows) / len(rows)}
 
 
+def _sigma_extreme(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The largest sigma* of a split; where some sample's target no finite noise reaches
+    (``{key}_status``), that is the largest: value, interval and mean null (infinite) and
+    ``n_unreachable`` counts those samples."""
+    out = _extreme(recs, key, max)
+    gone = [r for r in recs if r.get(f"{key}_status")]
+    if not gone:
+        return out
+    return {"value": None, "sample": gone[0]["sample"], "interval": [None, None],
+            "mean": None, "n_unreachable": len(gone),
+            "finite_max": out["value"] if out else None}
+
+
 def summarize(settings: dict[str, Any], splits: list, plan: Any,
               records: dict[tuple[int, str], dict[str, Any]]) -> dict[str, Any]:
     """The content of ``profile.json``: settings, per-split statistics and per-sample records."""
@@ -163,8 +178,8 @@ def summarize(settings: dict[str, Any], splits: list, plan: Any,
             "dfil_bound_worst": _extreme(recs, "dfil_bound", min),
             "fsinfo_diag_bound_worst": _extreme(recs, "fsinfo_diag_bound", min),
             "fsinfo_logdet_bound_worst": _extreme(recs, "fsinfo_logdet_bound", min),
-            "sigma_star": _extreme(recs, "sigma_star", max),
-            "sigma_star_logdet": _extreme(recs, "sigma_star_logdet", max),
+            "sigma_star": _sigma_extreme(recs, "sigma_star"),
+            "sigma_star_logdet": _sigma_extreme(recs, "sigma_star_logdet"),
             "estimators": {
                 "fsinfo_diag": sorted({str(r.get("fsinfo_diag_estimator")) for r in recs
                                        if r.get("fsinfo_diag_estimator")}),
@@ -238,6 +253,7 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "sigma_star_max_low": g("sigma_star", "interval", 0),
             "sigma_star_max_high": g("sigma_star", "interval", 1),
             "sigma_star_mean": g("sigma_star", "mean"),
+            "sigma_star_n_unreachable": (s.get("sigma_star") or {}).get("n_unreachable", 0),
         })
     return rows
 
@@ -317,6 +333,8 @@ def _derived(v: dict[str, Any] | None, source: dict[str, Any] | None, bound_mark
     an upper bound."""
     if not v:
         return "-"
+    if v.get("n_unreachable"):
+        return "∞"  # some sample's target lies at or below the floor's asymptote
     unconv, bound = _flags(source)
     text = _fmt(v["value"])
     if bound:
@@ -343,7 +361,7 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
     cols = ["split", "layer", "m", "FSInfo diag"] + (["FSInfo logdet"] if with_logdet else [])
     for col in cols + ["dFIL", "1/dFIL", "FSInfo bnd", "sigma*"]:
         t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
-    n_unconv = n_bound = 0
+    n_unconv = n_bound = n_gone = 0
     marked = False
     for s in summary["splits"]:
         ld = _pm(s["fsinfo_logdet"])
@@ -355,6 +373,7 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
         fs = s["fsinfo_diag"]
         if st.get("variant") == "logdet" or fb is None:  # the log-det bound and sigma*
             fb, sg, fs = s["fsinfo_logdet_bound_worst"], s["sigma_star_logdet"], s["fsinfo_logdet"]
+        n_gone += (sg or {}).get("n_unreachable", 0)
         shown = [s["fsinfo_diag"], s["dfil"]] + ([s["fsinfo_logdet"]] if with_logdet else [])
         n_unconv += sum((st_ or {}).get("n_unconverged", 0)
                         + (st_ or {}).get("n_convergence_unknown", 0) for st_ in shown)
@@ -383,5 +402,9 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
                          "end only).")
         parts.append("Per sample: the *_converged and *_is_bound columns of samples.csv.")
         console.print(" ".join(parts), soft_wrap=True)
+    if n_gone:
+        console.print(f"∞ sigma*: for {n_gone} sample(s) no finite noise reaches --target "
+                      f"{st['target']}: it lies at or below FSInfo's floor asymptote "
+                      "(*_status in samples.csv).", soft_wrap=True)
     if files:
         console.print("wrote " + ", ".join(files.values()), soft_wrap=True)

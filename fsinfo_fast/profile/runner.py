@@ -593,10 +593,22 @@ def _bound_fields(prefix: str, bound: Any) -> dict[str, list]:
             f"{prefix}_high": _nums(bound.high)}
 
 
+#: ``{prefix}_status`` of a sigma* no finite noise reaches (JSON has no infinity; the value
+#: fields are null there, which alone would read as "not computed")
+SIGMA_UNREACHABLE = "unreachable: the target is at or below FSInfo's floor asymptote"
+
+
+def _sigma_keys(prefix: str) -> tuple[str, ...]:
+    return prefix, f"{prefix}_low", f"{prefix}_high", f"{prefix}_status"
+
+
 def _sigma_fields(prefix: str, s: Any) -> dict[str, list]:
-    """``{prefix}`` and its 95% interval from a :class:`~fsinfo_fast.result.SigmaResult`."""
+    """``{prefix}`` and its 95% interval from a :class:`~fsinfo_fast.result.SigmaResult`;
+    ``{prefix}_status`` says where no finite sigma reaches the target."""
     return {prefix: _nums(s.sigma), f"{prefix}_low": _nums(s.ci_low),
-            f"{prefix}_high": _nums(s.ci_high)}
+            f"{prefix}_high": _nums(s.ci_high),
+            f"{prefix}_status": [SIGMA_UNREACHABLE if math.isinf(v) else None
+                                 for v in s.sigma.tolist()]}
 
 
 def _none_fields(b: int, *keys: str) -> dict[str, list]:
@@ -685,8 +697,7 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
     if fd is None:
         out.update(_none_fields(b, *diag_keys))
         out.update(_none_fields(b, "fsinfo_diag_bound", "fsinfo_diag_bound_low",
-                                "fsinfo_diag_bound_high", "sigma_star", "sigma_star_low",
-                                "sigma_star_high"))
+                                "fsinfo_diag_bound_high", *_sigma_keys("sigma_star")))
     else:
         out.update(_metric_fields("fsinfo_diag", fd, _label(fd, est)))
         out.update(_bound_fields("fsinfo_diag_bound", fsinfo_bound(fd)))
@@ -700,8 +711,7 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
         out.update(_none_fields(b, "fsinfo_logdet", "fsinfo_logdet_se", "fsinfo_logdet_hw",
                                 "fsinfo_logdet_converged", "fsinfo_logdet_is_bound",
                                 "fsinfo_logdet_bound", "fsinfo_logdet_bound_low",
-                                "fsinfo_logdet_bound_high", "sigma_star_logdet",
-                                "sigma_star_logdet_low", "sigma_star_logdet_high"))
+                                "fsinfo_logdet_bound_high", *_sigma_keys("sigma_star_logdet")))
         out["fsinfo_logdet_status"] = [why] * b
         return out
     step("FSInfo logdet")
@@ -722,8 +732,7 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
                               atol=cfg.atol, prior_var=cfg.prior_var)
         out.update(_sigma_fields("sigma_star_logdet", sl))
     else:
-        out.update(_none_fields(b, "sigma_star_logdet", "sigma_star_logdet_low",
-                                "sigma_star_logdet_high"))
+        out.update(_none_fields(b, *_sigma_keys("sigma_star_logdet")))
     return out
 
 
