@@ -18,6 +18,7 @@ from . import bounds, errors, formulas, reference
 from ._version import __version__
 from .errors import (
     BackendUnavailableError,
+    CostlyRouteWarning,
     EncoderError,
     FSInfoError,
     InvalidInputError,
@@ -52,6 +53,7 @@ __all__ = [
     "SampleInteractionError",
     "SigmaResult",
     "SingularFisherWarning",
+    "CostlyRouteWarning",
     "SplitError",
     "TrainingModeError",
     "bounds",

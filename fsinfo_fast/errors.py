@@ -7,6 +7,10 @@ states), so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 
 class FSInfoError(Exception):
     """Base class of every error raised by fsinfo_fast."""
@@ -52,6 +56,11 @@ class SingularFisherWarning(UserWarning):
     """The Fisher information matrix is singular: its log-determinant is -inf."""
 
 
+class CostlyRouteWarning(UserWarning):
+    """An explicitly chosen route spent many more products than another would have needed
+    (e.g. the randomized log det at a small sigma against the exact route's ``min(m, d)``)."""
+
+
 class MissingExtraError(FSInfoError, ImportError):
     """An optional dependency is not installed; the message names the ``pip install`` line.
 
@@ -59,3 +68,16 @@ class MissingExtraError(FSInfoError, ImportError):
     tables, the bundled data sets, the attacks and the torchmetrics modules need extras
     (``fsinfo_fast[cli]``, ``[validate]``, ``[torchmetrics]``, ``[all]``).
     """
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the first caller outside fsinfo_fast (the user's line,
+    whichever public function or method the warning came through)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

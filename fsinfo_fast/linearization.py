@@ -52,7 +52,6 @@ import dataclasses
 import logging
 import math
 import numbers
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -71,7 +70,7 @@ from .encoder import (
     working_dtype,
 )
 from .engine import default_memory_budget, make_products
-from .errors import InvalidInputError, InvalidInputTypeError
+from .errors import InvalidInputError, InvalidInputTypeError, warn_user
 from .estimators import base as _base
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
@@ -572,13 +571,12 @@ class Linearization:
             return (f"the randomized {what} did not reach the tolerance within {max_probes} "
                     f"probes for {n_bad} sample(s) (stopped at the cap, or as soon as that was "
                     f"predicted){others}")
-        warnings.warn(
+        warn_user(
             f"{what}: the tolerance was not met within {max_probes} probes for {n_bad} sample(s),"
             f" and the exact oracle does not fit in memory (m = {self.m}, d = {self.d}); "
             "returning the randomized estimate with its error bar (converged=False; raise "
             "max_probes or loosen the tolerance)",
             RuntimeWarning,
-            stacklevel=4,
         )
         return None
 

@@ -416,3 +416,39 @@ def test_auto_method_and_packing_of_stopped_probes():
     k = int(t.order.max())
     assert t.order[0, :2].tolist() == [1, 1] and k > 4
     assert passes == P.passes == 2 * (4 + 2 * (k - 1))  # not 2 * 4 * k
+
+
+def test_costly_randomized_logdet_warns_at_the_users_line():
+    """An explicitly randomized log det at a small sigma runs every probe to a high Krylov
+    order (a Swin block: 168 s against the oracle's 0.5 s, without a word); past
+    COSTLY_FACTOR times the exact route's min(m, d) products it says so, attributed to the
+    caller's line. At sigma = 1 it stays quiet, and auto takes the exact route there."""
+    import warnings
+
+    from fsinfo_fast.estimators.lanczos import COSTLY_FACTOR
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(60, 90), nn.Tanh(), nn.Linear(90, 90)).double().eval()
+    x = torch.randn(1, 60, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        quiet = ff.fsinfo(enc, x, sigma=1.0, variant="logdet", estimator="randomized",
+                          prior_var=1.0, num_probes=4)
+        r = ff.fsinfo(enc, x, sigma=1e-3, variant="logdet", estimator="randomized",
+                      prior_var=1.0, atol=0.01)
+    costly = [x for x in w if issubclass(x.category, ff.CostlyRouteWarning)]
+    assert "costly" not in quiet.info
+    assert len(costly) == 1 and costly[0].filename == __file__, [str(x.message) for x in w]
+    assert "min(m, d) = 60" in str(costly[0].message) and r.info["costly"]
+    assert int(r.info["costly"].split()[0]) > COSTLY_FACTOR * 60
+    auto = ff.fsinfo(enc, x, sigma=1e-3, variant="logdet", prior_var=1.0, atol=0.01)
+    assert auto.estimator in ("exact", "exact-fast")
+    assert abs(float(r.value[0]) - float(auto.value[0])) <= float(r.ci_halfwidth[0])
+
+
+def test_singular_warning_is_attributed_to_the_caller():
+    enc = nn.Linear(6, 3).double()
+    with pytest.warns(ff.SingularFisherWarning) as w:
+        ff.fsinfo(enc, torch.randn(2, 6, dtype=torch.float64), sigma=1.0, variant="logdet",
+                  estimator="exact")
+    assert w[0].filename == __file__

@@ -114,7 +114,7 @@ import torch
 from torch import Tensor
 
 from ..engine.ops import Ops, TorchOps, get_ops, ops_availability
-from ..errors import InvalidInputError
+from ..errors import CostlyRouteWarning, InvalidInputError, warn_user
 from ..formulas import HALF_LOG_2PIE
 from .base import (
     Estimate,
@@ -996,6 +996,11 @@ def slq_quadrature(
     return terms, st.passes
 
 
+#: :func:`slq_logdet` warns (:class:`~fsinfo_fast.errors.CostlyRouteWarning`) where its
+#: products exceed this many times the exact route's ``min(m, d)``
+COSTLY_FACTOR = 4
+
+
 def slq_logdet(
     products: Products,
     *,
@@ -1196,6 +1201,16 @@ def slq_logdet(
         )
     if rule.targets == (None, None):
         converged = frozen["qconv"].value > 0
+    exact_cost = min(m, d)
+    if passes > COSTLY_FACTOR * exact_cost:
+        # small sigma (or a wide spectrum): every probe runs to a high Krylov order
+        out_info["costly"] = (f"{passes} products for the randomized log det, the exact "
+                              f"route needs min(m, d) = {exact_cost}")
+        warn_user(
+            f"the randomized log det took {passes} products (Krylov order up to "
+            f"{out_info['order']} on {drawn} probes per sample): the exact route needs "
+            f"min(m, d) = {exact_cost}; estimator='exact' (or 'auto', which weighs both) is "
+            "faster here", CostlyRouteWarning)
     return estimate_from(rule, f, converged=converged, probes=probes, drawn=drawn, pilot=pilot,
                          passes=passes, singular=singular, bound=bound, info=out_info)
 

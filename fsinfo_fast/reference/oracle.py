@@ -16,7 +16,6 @@ built with ``torch.func`` on the cheaper side: ``m`` VJPs when ``m <= d`` (rows)
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
 from ..encoder import PreparedEncoder, check_prior_var, check_sigma, prepare
-from ..errors import InvalidInputError, SingularFisherWarning
+from ..errors import InvalidInputError, SingularFisherWarning, warn_user
 from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sigma_for_target
 from ..result import MetricResult
 
@@ -148,12 +147,11 @@ def _warn_singular(singular: Tensor, m: int, d: int) -> None:
     if bool(singular.any()):
         n = int(singular.sum())
         why = f"m = {m} < d = {d}, so rank(J^T J) < d" if m < d else "J^T J has zero eigenvalues"
-        warnings.warn(
+        warn_user(
             f"the Fisher information matrix is singular for {n} sample(s) ({why}): their "
             "log-det FSInfo is -inf. Use variant='diag' (the paper's published numbers) or give "
             "prior_var= for the finite Bayesian (van Trees) version.",
             SingularFisherWarning,
-            stacklevel=3,
         )
 
 
