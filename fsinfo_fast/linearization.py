@@ -700,14 +700,17 @@ class Linearization:
                                                            _SNAPSHOT_MAX)))
         return self._slq
 
-    def _diag_state(self) -> DiagProbeState:
+    def _diag_state(self, snapshot_bytes: int | None = None) -> DiagProbeState:
         """The Gaussian VJP probes of this batch, shared by every diagonal request (FSInfo_diag
-        at any sigma or floor, dFIL with ``method="diag"``, ``sigma*``)."""
-        if self._dstate is None:
+        at any sigma or floor, dFIL with ``method="diag"``, ``sigma*``). ``snapshot_bytes``:
+        start a fresh state with that snapshot budget (default: a share of the memory budget)."""
+        if self._dstate is None or snapshot_bytes is not None:
             budget = self.memory_budget or default_memory_budget(self.enc.x.device)
+            if snapshot_bytes is None:
+                snapshot_bytes = int(min(budget // _SNAPSHOT_SHARE, _SNAPSHOT_MAX))
             self._dstate = DiagProbeState.for_products(
                 self.products, seed=self.seed, sample_ids=self.sample_ids,
-                snapshot_bytes=int(min(budget // _SNAPSHOT_SHARE, _SNAPSHOT_MAX)))
+                snapshot_bytes=snapshot_bytes)
         return self._dstate
 
     def _diag(self, s: Tensor, floor: float, stop: StoppingRule, stop_on: str = "fsinfo_diag"):
@@ -1325,6 +1328,28 @@ class Linearization:
         if r.estimator != "randomized" or r.info.get("diag_method") != "plain":
             return None, (f"the floored sigma = 1 estimate took the "
                           f"{r.info.get('diag_method', r.estimator)} route")
+        try:
+            return self._floored_solve(r, tau, floor), ""
+        except SnapshotDroppedError as err:
+            # the shared state dropped a boundary of this estimate's stages (its snapshot
+            # budget, or other requests' rounds): this estimate alone on a fresh state that
+            # may keep its stages in half the memory budget (its pinned boundaries: stage
+            # ends and stops), the same probes and result as a fresh call
+            budget = self.memory_budget or default_memory_budget(self.enc.x.device)
+            self._diag_state(snapshot_bytes=budget // 2)
+            self._diag_cache.clear()
+            r = self.fsinfo(1.0, floor=floor, **kw)
+            try:
+                out = self._floored_solve(r, tau, floor)
+            except SnapshotDroppedError as err2:
+                return None, ("the probe state no longer holds the estimate's stages, also "
+                              f"on a fresh state with half the memory budget ({err2})")
+            out.info["probe_state"] = f"recomputed on a fresh probe state ({err})"
+            return out, ""
+
+    def _floored_solve(self, r: MetricResult, tau: Tensor, floor: float) -> SigmaResult:
+        """:meth:`_floored_sigma`'s solve on the probe state that holds ``r``'s stages (raises
+        :class:`~.estimators.SnapshotDroppedError` where it does not)."""
         st = self._dstate
         ones = torch.ones(self.batch, dtype=torch.bool, device=self.enc.x.device)
         dtype = self.enc.x.dtype
@@ -1336,20 +1361,18 @@ class Linearization:
                 return v - tau
             return v + sign * (hw + rounding_allowance("fsinfo_diag", v, dtype)[0]) - tau
 
-        try:
-            v1, _ = fsinfo_diag_restaged(st, r, torch.ones_like(tau), floor, halfwidth=False)
-            if not torch.equal(v1, r.value):
-                return None, "the probe state no longer holds the estimate's probes"
-            # start at the floorless closed form's root (the live columns' slope is at most 1)
-            t0 = (r.value - tau).clamp(-_LOG_SIGMA_MAX / 2, _LOG_SIGMA_MAX / 2)
-            # at or below the asymptote no finite noise reaches tau (every estimate lies above
-            # it): sigma* and the upper end are inf exactly; the lower end is solved
-            above = ones & (tau > 0.5 * math.log(floor) - HALF_LOG_2PIE)
-            mid = _crossing(lambda t, w: at(t, w, 0.0), t0, above, last=True, monotone=True)
-            hi = _crossing(lambda t, w: at(t, w, 1.0), t0, above, last=True)
-            lo = _crossing(lambda t, w: at(t, w, -1.0), t0, ones, last=False)
-        except SnapshotDroppedError as err:
-            return None, f"the probe state no longer holds the estimate's stages ({err})"
+        # every stage boundary read at once (a dropped one raises before the solve starts)
+        v1, _ = fsinfo_diag_restaged(st, r, torch.ones_like(tau), floor)
+        if not torch.equal(v1, r.value):
+            raise SnapshotDroppedError("the probe state no longer holds the estimate's probes")
+        # start at the floorless closed form's root (the live columns' slope is at most 1)
+        t0 = (r.value - tau).clamp(-_LOG_SIGMA_MAX / 2, _LOG_SIGMA_MAX / 2)
+        # at or below the asymptote no finite noise reaches tau (every estimate lies above
+        # it): sigma* and the upper end are inf exactly; the lower end is solved
+        above = ones & (tau > 0.5 * math.log(floor) - HALF_LOG_2PIE)
+        mid = _crossing(lambda t, w: at(t, w, 0.0), t0, above, last=True, monotone=True)
+        hi = _crossing(lambda t, w: at(t, w, 1.0), t0, above, last=True)
+        lo = _crossing(lambda t, w: at(t, w, -1.0), t0, ones, last=False)
         mid = torch.where(above, mid, math.inf)
         hi = torch.where(above, hi, math.inf)
         how = ("floored equation solved on the probes and stages of the floored sigma = 1 "
@@ -1357,7 +1380,7 @@ class Linearization:
         return SigmaResult(sigma=torch.exp(mid), target=tau, metric="fsinfo_diag",
                            estimator="randomized", ci_low=torch.exp(lo), ci_high=torch.exp(hi),
                            converged=r.converged,
-                           info={**r.info, "fsinfo_sigma1": r, "floor_solve": how}), ""
+                           info={**r.info, "fsinfo_sigma1": r, "floor_solve": how})
 
     @ieee_fp32_method
     def fsinfo_sigma(

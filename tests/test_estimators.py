@@ -767,3 +767,39 @@ def test_diag_adaptive_batch_independent_near_the_floor():
                 assert_close_verbose(getattr(e, field), getattr(f, field)[b : b + 1],
                                      rtol=1e-12, atol=0, name=f"{q} {field} of sample {b}")
         assert torch.equal(alone.fsinfo_diag.bias_bound, full.fsinfo_diag.bias_bound[b : b + 1])
+
+
+def test_diag_state_snapshots_keep_only_passing_rows_and_stage_boundaries_last(monkeypatch):
+    """A snapshot holds the rows that passed its boundary (samples stopping at different
+    counts no longer cost a whole batch's sums each); where the budget runs out, boundaries
+    that are nobody's stage end go first, and an unpinned one is not kept at a pinned one's
+    expense (a floored sigma* at 224 px lost its stage-1 boundary to later rounds and failed)."""
+    from fsinfo_fast.estimators import base
+    from fsinfo_fast.estimators.diagonal import DiagProbeState, SnapshotDroppedError
+
+    monkeypatch.setattr(base, "ROW_SUBSETS", "always")  # rounds on the rows asked for only
+    P = DenseProducts(_mixed_batch(b=3))
+    row = 20 * P.d * 8  # one sample's group sums
+    st = DiagProbeState.for_products(P, seed=0, snapshot_bytes=4 * row)
+    st.extend(P, 4)
+    st.extend(P, 2, rows=torch.tensor([True, False, False]))  # sample 0 passes 4 alone
+    assert {k: int(v[0].sum()) for k, v in st._snaps.items()} == {4: 1}
+    st.extend(P, 2, rows=torch.tensor([False, True, True]))  # then the others: one snapshot
+    assert {k: int(v[0].sum()) for k, v in st._snaps.items()} == {4: 3}
+    fresh = DiagProbeState.for_products(P, seed=0)
+    fresh.extend(P, 4)
+    torch.testing.assert_close(st.stats(4).group_sums, fresh.stats(4).group_sums, rtol=1e-12,
+                               atol=0)
+    # budget of 4 rows: 4 (3 rows, pinned) is kept, the unpinned 6 cannot push it out
+    st.pin(4)
+    st.extend(P, 3)  # snapshot at 6 (3 rows) would need 6 rows
+    assert sorted(st._snaps) == [4] and 6 in st.dropped
+    st.stats(4)
+    with pytest.raises(SnapshotDroppedError, match="dropped"):
+        st.stats(6)
+    # without the pin the oldest goes first, as before
+    st2 = DiagProbeState.for_products(P, seed=0, snapshot_bytes=4 * row)
+    st2.extend(P, 4)
+    st2.extend(P, 2)
+    st2.extend(P, 3)
+    assert sorted(st2._snaps) == [6] and st2.dropped == [4]

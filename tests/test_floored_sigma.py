@@ -173,3 +173,24 @@ def test_auto_on_a_batch_mixing_seen_and_unseen_inputs():
     want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
     assert bool(((got.ci_low <= want) & (want <= got.ci_high)).all())
     ff.FSInfoGuard(enc, target=-1.0)(x[:2])
+
+
+def test_stage_boundaries_dropped_by_the_snapshot_budget_are_recomputed():
+    """At 224 px the probe state's snapshot budget (an eighth of the memory budget) held two
+    whole-batch snapshots; later rounds pushed out the stage-1 boundary and the floored sigma*
+    raised ('no longer holds the estimate's stages'; auto then wanted the oracle, which does
+    not fit there). Now the estimate reruns on a fresh state that keeps its stage boundaries in
+    half the budget: the same probes, the same sigma*, recorded in info["probe_state"]."""
+    enc, x = _crop(batch=4, size=16)
+    full = 4 * 20 * x[0].numel() * 8  # one whole-batch snapshot
+    want = ff.linearize(enc, x, seed=0).fsinfo_sigma(-1.0, estimator="randomized")
+    assert "probe_state" not in want.info
+    lin = ff.linearize(enc, x, seed=0, memory_budget=8 * full + 8)
+    got = lin.fsinfo_sigma(-1.0, estimator="randomized")
+    assert "recomputed on a fresh probe state" in got.info["probe_state"]
+    for a, b in ((got.sigma, want.sigma), (got.ci_low, want.ci_low),
+                 (got.ci_high, want.ci_high)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    # later requests run on the fresh state and equal a fresh call's
+    torch.testing.assert_close(lin.fsinfo(0.1).value,
+                               ff.linearize(enc, x, seed=0).fsinfo(0.1).value, rtol=1e-12, atol=0)

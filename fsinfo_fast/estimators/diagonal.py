@@ -266,8 +266,12 @@ class DiagProbeState:
         #: ``[B]`` int64, the probes each sample holds
         self.counts = torch.zeros(self.batch, dtype=torch.int64, device=dev)
         self._norms = torch.zeros(self.batch, 0, dtype=torch.float64, device=dev)
-        #: round boundary -> (group sums, ``[B]`` bool: the samples whose sums they are)
+        #: round boundary -> (``[B]`` bool: the samples kept, ``[n, G, d]`` their group sums
+        #: in row order): only the samples that passed the boundary are kept, so the samples
+        #: of a batch stopping at different counts do not each cost a whole batch's sums
         self._snaps: dict[int, tuple[Tensor, Tensor]] = {}
+        #: stage boundaries (:meth:`pin`): their snapshots are dropped after the others
+        self.pinned: set[int] = set()
 
     @classmethod
     def for_products(
@@ -297,27 +301,52 @@ class DiagProbeState:
         now = {int(c) for c in self.counts.unique().tolist() if c > 0}
         return sorted(set(self._snaps) | now)
 
-    def _snapshot(self, start: int) -> None:
-        """Keep the sums of the samples at ``start`` probes (within the budget)."""
-        at = self.counts == start
+    def _snapshot(self, start: int, at: Tensor) -> None:
+        """Keep the sums of the samples ``at`` (``[B]`` bool), which hold ``start`` probes and
+        are about to pass it (within the budget; the others stay live at ``start``)."""
         if start == 0 or self.snapshot_bytes <= 0:
             if start > 0 and start not in self.dropped:
                 self.dropped.append(start)
             return
         held = self._snaps.get(start)
         if held is not None:  # others passed this boundary before: add these samples
-            held[0][at] = self.group_sums[at]
-            held[1][at] = True
+            at = at & ~held[0]
+        new = int(at.sum())
+        if new == 0:
             return
-        one = self.group_sums.numel() * 8
-        while self._snaps and (len(self._snaps) + 1) * one > self.snapshot_bytes:
-            oldest = min(self._snaps)
+        row = self.groups * self.d * 8
+
+        def used() -> int:
+            return sum(v[1].shape[0] for v in self._snaps.values()) * row
+
+        while self._snaps and used() + new * row > self.snapshot_bytes:
+            loose = set(self._snaps) - self.pinned
+            if not loose and start not in self.pinned:  # keep the stage boundaries held
+                self.dropped.append(start)
+                return
+            oldest = min(loose or self._snaps)
             del self._snaps[oldest]
             self.dropped.append(oldest)
-        if one > self.snapshot_bytes:
+            if oldest == start:
+                held = None
+        if new * row > self.snapshot_bytes:
             self.dropped.append(start)
             return
-        self._snaps[start] = (self.group_sums.clone(), at.clone())
+        if held is None:
+            self._snaps[start] = (at.clone(), self.group_sums[at])
+            return
+        mask = held[0] | at
+        sums = self.group_sums.new_empty((int(mask.sum()), self.groups, self.d))
+        # rows in batch order: the old rows' places among the new mask, then the new rows'
+        sums[held[0][mask]] = held[1]
+        sums[at[mask]] = self.group_sums[at]
+        self._snaps[start] = (mask, sums)
+
+    def pin(self, k: int) -> None:
+        """Mark ``k`` as a stage boundary: where the snapshot budget runs out, the snapshots
+        of other round boundaries are dropped first (a later re-evaluation of the estimate at
+        another sigma or floor, :func:`fsinfo_diag_restaged`, reads the stage boundaries)."""
+        self.pinned.add(int(k))
 
     def extend(self, products: Products | RowProducts, count: int,
                rows: Tensor | None = None) -> None:
@@ -342,8 +371,11 @@ class DiagProbeState:
         if at is None:
             return
         want, start = at
-        self._snapshot(start)
         idx = router.rows(None if bool(want.all()) else want, count)
+        passing = self.counts == start
+        if idx is not None:
+            passing &= torch.zeros_like(passing).index_fill_(0, idx, True)
+        self._snapshot(start, passing)
         U = self._output_probes(start, count, prod.dtype, idx)
         G = router.vjp(U)
         check_finite(G, self.sample_ids, start, "FSInfo_diag (J^T u)", idx)
@@ -413,9 +445,13 @@ class DiagProbeState:
             return DiagStats(k, self.group_sums, _group_counts(k, self.groups, self.device),
                              norms)
         snap = self._snaps.get(k)
-        if k > 0 and snap is not None and bool((snap[1] | live)[want].all()):
-            sums = snap[0] if bool(snap[1][want].all()) else torch.where(
-                live[:, None, None], self.group_sums, snap[0])
+        if k > 0 and snap is not None and bool((snap[0] | live)[want].all()):
+            kept, rows_sums = snap
+            if bool(kept.all()) and not bool((live & want).any()):
+                sums = rows_sums  # the whole batch passed k together
+            else:  # the live rows, and the kept ones from the snapshot
+                sums = self.group_sums.clone()
+                sums[kept & ~live] = rows_sums[(~live)[kept]]
             return DiagStats(k, sums, _group_counts(k, self.groups, self.device), norms)
         behind = bool((self.counts[want] < k).any())
         why = ("some of the samples asked for hold fewer probes" if behind else
@@ -524,12 +560,15 @@ class _Replay:
         # the running sums where these samples' previous stage ended: their next stage's
         # statistics are the sums since then
         gs = self.current(rows).group_sums
+        self.state.pin(self.boundary)
         if not self.base:
             self.base["sums"] = torch.zeros_like(gs)
         self.base["sums"][rows] = gs[rows]
 
     def stats(self, lo: int, rows: Tensor | None) -> tuple[DiagStats, Tensor | None]:
-        """:func:`stage_stats` of the probes ``lo ..`` at the current boundary."""
+        """:func:`stage_stats` of the probes ``lo ..`` at the current boundary (a stage ends
+        there for some samples, or they stop: pinned, as the stage's start was)."""
+        self.state.pin(self.boundary)
         return stage_stats(self.current(rows), lo, self.base.get("sums"), rows)
 
     @property
