@@ -42,8 +42,7 @@ Python control flow in ``forward`` is resolved at trace time on the fx route (e.
 self.training``: the branch of the model's mode when ``split`` was called) and at every call on
 the hooks route. Where the encoder's part of the model traces differently in the other mode, the
 fx encoder checks the mode of the modules it calls at each call and raises once it changed
-(a deepcopy keeps the check; ``torch.save`` / ``torch.load`` re-trace the graph and keep the
-split-time branch without the check).
+(a :class:`ModeCheck` submodule: deepcopy and ``torch.save`` / ``torch.load`` keep it).
 """
 
 from __future__ import annotations
@@ -838,30 +837,49 @@ def _guard_mode(gm: fx.GraphModule, model: nn.Module) -> None:
                       and id(gm.get_submodule(str(n.target))) in original})
     if not targets:
         return
+    gm.add_module(MODE_CHECK, ModeCheck(targets, [gm.get_submodule(t) for t in targets],
+                                        model.training))
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first):
-        mods = [gm.graph.get_attr(t) for t in targets]
-        gm.graph.call_function(check_split_mode, (
-            tuple(targets), tuple(gm.get_submodule(t).training for t in targets),
-            model.training, *mods))
+        gm.graph.call_module(MODE_CHECK)
     gm.graph.lint()
     gm.recompile()
 
 
-def check_split_mode(names: tuple[str, ...], flags: tuple[bool, ...], was_training: bool,
-                     *modules: nn.Module) -> None:
-    """Raise :class:`EncoderError` where a module of a mode-dependent fx encoder is no longer in
-    its mode at split time (called from the encoder's graph; public for the generated code)."""
-    for name, flag, m in zip(names, flags, modules, strict=True):
-        if m.training != flag:
-            was = "train" if was_training else "eval"
-            raise EncoderError(
-                f"the model's train/eval mode changed after ff.split traced it (module "
-                f"{name!r} is now in {'train' if m.training else 'eval'} mode), and the "
-                f"encoder's part of its forward depends on the mode (it traces differently in "
-                f"train and eval mode): this encoder still runs the {was}-mode branch. Call "
-                "ff.split again after model.eval() (or model.train()), or split with "
-                "route='hooks'")
+#: the name of a mode-dependent fx encoder's :class:`ModeCheck` submodule
+MODE_CHECK = "fsinfo_mode_check"
+
+
+class ModeCheck(nn.Module):
+    """Raises :class:`EncoderError` where a module of a mode-dependent fx encoder is no longer
+    in its mode at split time; called first in the encoder's graph.
+
+    A leaf module, not a function: unpickling a GraphModule (``torch.load``) re-traces its
+    code with every submodule a leaf, which keeps this call (a function ran at that trace and
+    dropped out of the graph). The watched modules are held by reference, not registered (the
+    encoder's ``state_dict`` is unchanged); pickling and deepcopy keep them the encoder's own.
+    """
+
+    _is_impure = True  # kept by dead-code elimination though its output is unused
+
+    def __init__(self, names: list[str], modules: list[nn.Module], was_training: bool) -> None:
+        super().__init__()
+        self.names = tuple(names)
+        self.flags = tuple(m.training for m in modules)
+        self.was_training = was_training
+        self.watched = list(modules)  # a plain list: not submodules
+
+    def forward(self) -> None:
+        for name, flag, m in zip(self.names, self.flags, self.watched, strict=True):
+            if m.training != flag:
+                was = "train" if self.was_training else "eval"
+                raise EncoderError(
+                    f"the model's train/eval mode changed after ff.split traced it (module "
+                    f"{name!r} is now in {'train' if m.training else 'eval'} mode), and the "
+                    f"encoder's part of its forward depends on the mode (it traces differently "
+                    f"in train and eval mode): this encoder still runs the {was}-mode branch. "
+                    "Call ff.split again after model.eval() (or model.train()), or split with "
+                    "route='hooks'")
 
 
 def _build(model: nn.Module, graph: fx.Graph, cut: fx.Node | None) -> fx.GraphModule:

@@ -969,13 +969,24 @@ def test_fx_encoder_refuses_a_mode_changed_after_the_split(tmp_path):
     torch.testing.assert_close(again(x), net.c2(torch.tanh(net.c1(x))))
     path = tmp_path / "enc.pt"
     torch.save(again, path)
-    assert torch.equal(torch.load(path, weights_only=False)(x), again(x))
+    loaded = torch.load(path, weights_only=False)
+    assert torch.equal(loaded(x), again(x))
+    # the check survives torch.save / load (the load re-traces the graph; a function call
+    # there ran once and dropped out) and deepcopy, and watches the copy's own modules
+    assert set(loaded.state_dict()) == set(again.state_dict())
+    for dup in (loaded, copy.deepcopy(again)):
+        dup.train()
+        with pytest.raises(ff.EncoderError, match="mode changed after ff.split"):
+            dup(x)
+        dup.eval()
+        assert torch.equal(dup(x), again(x))
+    assert again.training is False and torch.equal(again(x), loaded(x))
 
     plain = _ModeNet(mode_dependent=False)
     enc = ff.split(plain, "c2")
     plain.eval()
     torch.testing.assert_close(enc(x), plain.c2(torch.tanh(plain.c1(x))))
-    assert "check_split_mode" not in enc.code
+    assert "mode_check" not in enc.code
 
 
 class _HeadModeNet(nn.Module):
