@@ -9,6 +9,7 @@ engines consume this object, so every path refuses the same bad inputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import itertools
@@ -123,6 +124,8 @@ def check_sigma(sigma: float | Tensor, batch: int | None = None, name: str = "si
         raise InvalidInputTypeError(
             f"{name} must be a positive float or a tensor of shape [B], got {type(sigma).__name__}"
         )
+    if isinstance(sigma, Tensor) and (sigma.dtype == torch.bool or sigma.is_complex()):
+        raise InvalidInputTypeError(f"{name} must be a real tensor, got dtype {sigma.dtype}")
     s = torch.as_tensor(sigma, dtype=torch.float64)
     if s.ndim > 1 or (s.ndim == 1 and batch is not None and s.shape[0] != batch):
         raise InvalidInputError(
@@ -134,6 +137,15 @@ def check_sigma(sigma: float | Tensor, batch: int | None = None, name: str = "si
             "the Gaussian noise on the smashed data (use the paper's nominal 0.1 if no noise "
             "is added)"
         )
+    if not bool(((s >= SIGMA_RANGE[0]) & (s <= SIGMA_RANGE[1])).all()):
+        raise InvalidInputError(
+            f"{name} must lie in [{SIGMA_RANGE[0]:g}, {SIGMA_RANGE[1]:g}], got {sigma!r}: beyond "
+            "that its square over- or underflows float64 in the metrics' arithmetic")
+
+
+#: the noise scales the metrics accept (``sigma**2`` and ``D / sigma**2`` stay finite and
+#: normal in float64 for any Jacobian entry up to ``1e100``)
+SIGMA_RANGE = (1e-100, 1e100)
 
 
 def check_prior_var(prior_var: float | None) -> float:
@@ -470,8 +482,13 @@ def _prepare(
         xr = x.detach().requires_grad_(True)
         try:
             with _SavedBytes() as counter:
-                out = enc(xr)
+                # a copy: an encoder may write into its input (ReLU(inplace=True) first, x.sub_),
+                # which autograd refuses on a leaf that requires grad
+                out = enc(xr.clone())
         except RuntimeError as err:
+            mapped = func_error(err)
+            if mapped is not None:
+                raise mapped from err
             msg = str(err).lower()
             about_dtype = any(k in msg for k in ("dtype", "scalar type", "double", "input type",
                                                   "bfloat16", "half"))
@@ -504,11 +521,15 @@ def _prepare(
                 f"the encoder's output has shape {tuple(out.shape)}; it must keep the batch "
                 f"dimension first ([{batch}, ...])"
             )
+        if out[0].numel() == 0:
+            raise EncoderError(f"the encoder's output has shape {tuple(out.shape)}: no values "
+                               "per sample (nothing to measure)")
         if not bool(torch.isfinite(out).all()):
             raise EncoderError(_NONFINITE_OUTPUT)
         grad = None
         if out.requires_grad:
-            (grad,) = torch.autograd.grad(out.sum(), xr, allow_unused=True)
+            with func_errors():
+                (grad,) = torch.autograd.grad(out.sum(), xr, allow_unused=True)
         if grad is None:
             raise NotDifferentiableError(
                 "the encoder's output does not depend differentiably on x (no autograd path: "
@@ -529,12 +550,18 @@ def _prepare(
         diff = float((again - y).abs().max())
         scale = float(y.abs().max()) + 1e-30
         if not diff <= tol * scale:
+            training = isinstance(enc, nn.Module) and any(m.training for m in enc.modules())
+            how = ("call model.eval() (and split again on the fx route) or remove them"
+                   if training or not isinstance(enc, nn.Module) else
+                   "the model is in eval mode, so the randomness does not depend on the mode "
+                   "(torch.rand / randn in forward: random masking such as ViTMAE's noise, "
+                   "noise layers, F.dropout(..., training=True)): pass it fixed (ViTMAE: "
+                   "noise=) or remove it")
             raise EncoderError(
                 f"the encoder's output is not deterministic: a second forward of the same input "
                 f"differs by {diff:.3g} (relative {diff / scale:.3g}). Random operations "
                 "(dropout in train mode, F.dropout(..., training=True), noise layers) make the "
-                "Jacobian undefined; call model.eval() (and split again on the fx route) or "
-                "remove them")
+                f"Jacobian undefined; {how}")
 
     n = 0
     if batch == 1:
@@ -562,6 +589,7 @@ def _prepare(
                         "the samples interact (batch statistics, mixing across the batch). The "
                         "metric is per sample; use an encoder that treats samples independently"
                     )
+    _check_adjoint(fn, x.reshape(batch, -1), grad.reshape(batch, -1), tol)
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:
         # a batch of one checks nothing about interaction: record 0 so a later larger batch does
@@ -575,8 +603,93 @@ def _prepare(
                            out_shape=out_shape, _y=y, saved_bytes=per_sample, module=enc)
 
 
+#: torch.func / autograd failures caused by how the encoder is written: (substring of the
+#: error message, what the user should know)
+_FUNC_ERRORS = (
+    ("would mutate a captured tensor",
+     "its forward writes in place into a tensor it did not create (a buffer or an attribute, "
+     "e.g. self.count += 1), which torch.func (the float64 oracle and the torch backend) "
+     "refuses; keep state updates out of forward"),
+    ("must override the setup_context staticmethod",
+     "a custom torch.autograd.Function takes ctx in forward and has no setup_context "
+     "staticmethod, which torch.func needs (PyTorch docs: 'Extending torch.func with "
+     "autograd.Function'); give it one"),
+    ("saved tensor hooks",
+     "torch.utils.checkpoint (activation checkpointing) runs inside forward, which torch.func "
+     "does not support; turn it off for the measurement (transformers: "
+     "model.gradient_checkpointing_disable())"),
+    ("use_reentrant=true, torch.utils.checkpoint is incompatible",
+     "torch.utils.checkpoint(use_reentrant=True) runs inside forward, which cannot be "
+     "differentiated with respect to the input alone; turn checkpointing off for the "
+     "measurement (transformers: model.gradient_checkpointing_disable())"),
+)
+
+
+def func_error(err: BaseException) -> EncoderError | None:
+    """An :class:`EncoderError` that says what in the encoder made torch.func / autograd fail
+    (see :data:`_FUNC_ERRORS`), or None for another failure."""
+    msg = str(err).lower()
+    for key, why in _FUNC_ERRORS:
+        if key in msg:
+            first = str(err).strip().splitlines()[0][:200]
+            return EncoderError(f"the encoder cannot be differentiated here: {why} "
+                                f"({type(err).__name__}: {first})")
+    return None
+
+
+@contextlib.contextmanager
+def func_errors():
+    """Re-raise the failures of :func:`func_error` as :class:`EncoderError` (chained)."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as err:
+        mapped = func_error(err)
+        if mapped is None or isinstance(err, torch.OutOfMemoryError):
+            raise
+        raise mapped from err
+
+
+def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor,
+                   tol: float) -> None:
+    """Raise :class:`EncoderError` where forward-mode and reverse-mode autograd differentiate
+    the encoder differently: ``1^T (J v)`` (one JVP, a seeded ``v``) against ``(J^T 1)^T v``
+    (``grad``, the backward of the structural check). ``torch.no_grad()`` inside ``forward``
+    stops the reverse mode only, so the routes built on JVPs (the oracle, the fast exact route
+    by columns) and those built on VJPs measured different Jacobians. Skipped where forward-mode
+    AD does not run the encoder (the products then go through the reverse mode only)."""
+    gen = torch.Generator().manual_seed(0x5EED)
+    v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
+    try:
+        with torch.enable_grad():
+            _, jv = torch.func.jvp(fn, (x.detach(),), (v,))
+    except Exception as err:  # no forward-mode rule somewhere: nothing to compare
+        mapped = func_error(err)
+        if mapped is not None:
+            raise mapped from err
+        return
+    # over the whole batch (the identity holds for the batch map even where samples interact
+    # and the interaction check did not look)
+    jv = jv.detach()
+    a = float(jv.to(torch.float64).sum())
+    terms = grad.to(torch.float64) * v.to(torch.float64)
+    b = float(terms.sum())
+    scale = float(jv.to(torch.float64).abs().sum() + terms.abs().sum())
+    if not math.isfinite(scale):  # non-finite derivatives are reported where products run
+        return
+    if not abs(a - b) <= 100 * tol * scale + 1e-30:
+        raise EncoderError(
+            f"the encoder's forward-mode and reverse-mode derivatives disagree (1^T J v = "
+            f"{a:.6g} by a JVP, {b:.6g} by a VJP, over the batch): torch.no_grad()"
+            " (or set_grad_enabled(False)) inside forward stops the reverse mode only, and a "
+            "custom autograd.Function may define jvp and backward differently. The routes "
+            "would measure different Jacobians; use .detach() for a stop-gradient (every route "
+            "honours it) or remove the no_grad block")
+
+
 def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]):
     def fn(flat: Tensor) -> Tensor:
-        return enc(flat.reshape(flat.shape[0], *in_shape)).reshape(flat.shape[0], -1)
+        # a copy: an encoder that writes into its input (x.sub_(), ReLU(inplace=True) first)
+        # would move the linearisation point (and the caller's x) at every product
+        return enc(flat.reshape(flat.shape[0], *in_shape).clone()).reshape(flat.shape[0], -1)
 
     return fn

@@ -56,7 +56,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import reference
 from ._precision import ieee_fp32, ieee_fp32_method
@@ -70,7 +70,7 @@ from .encoder import (
     working_dtype,
 )
 from .engine import default_memory_budget, make_products
-from .errors import InvalidInputError, InvalidInputTypeError, warn_user
+from .errors import EncoderError, InvalidInputError, InvalidInputTypeError, warn_user
 from .estimators import base as _base
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
@@ -86,6 +86,7 @@ from .estimators.deflated import (
     predict_plain_probes,
 )
 from .estimators.diagonal import (
+    MAX_FLOORED_PROBES,
     DiagProbeState,
     SnapshotDroppedError,
     estimate_diag,
@@ -430,6 +431,8 @@ class Linearization:
         self._deflated_cache: dict[tuple, Any] = {}
         self._dfstate: DeflatedProbeState | None = None  # shared by the deflated requests
         self._slq: SLQProbeStore | None = None  # the SLQ probes (log det, dFIL "lanczos")
+        self._enc64: PreparedEncoder | None = None  # the float64 copy (fast route's check)
+        self._no_exact: str | None = None  # why the exact routes cannot run ("" : they can)
 
     # -- basic properties --------------------------------------------------------------------
     @property
@@ -475,6 +478,8 @@ class Linearization:
                 uncompiled(self.encoder), "split_from_compiled", False):
             info["compiled"] = COMPILED_NOTE
         info.update(getattr(p, "info", None) or {})  # e.g. backend_fallback, engine fallbacks
+        if self._no_exact:  # auto could not weigh the exact routes
+            info["exact_unavailable"] = self._no_exact
         info.update(extra)
         return info
 
@@ -492,6 +497,8 @@ class Linearization:
             ``spectrum``) ``eigvals`` at ``sigma = 1``; its ``fsinfo``, ``dfil`` and
             ``fsinfo_sigma`` methods give every exact result by closed-form arithmetic.
         """
+        if not isinstance(spectrum, bool):
+            raise InvalidInputTypeError(f"spectrum must be True or False, got {spectrum!r}")
         if self._exact is None or (spectrum and self._exact.eigvals is None):
             self._exact = reference.exact_fisher(self.encoder, self.x, spectrum=spectrum)
         return self._exact
@@ -508,12 +515,10 @@ class Linearization:
         if self._exact_fast is None:
             check = None
             if self.enc.x.dtype != torch.float64:
-                from .encoder import prepare as _prepare
                 from .engine import TorchFuncProducts
 
-                enc64 = _prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
-                                 cache=True)
-                check = TorchFuncProducts(enc64, memory_budget=self.memory_budget)
+                check = TorchFuncProducts(self._float64_encoder(),
+                                          memory_budget=self.memory_budget)
             self._exact_fast = exact_fast_fisher(self.products, check_products=check,
                                                  seed=self.seed,
                                                  memory_budget=self.memory_budget)
@@ -537,10 +542,45 @@ class Linearization:
                    "float64 accumulation)")
         return fx, why
 
+    def _exact_unavailable(self) -> str | None:
+        """Why the exact routes (the oracle and the fast route's rounding check, both on a
+        float64 copy of the encoder) cannot run here, or None. An ``nn.Module`` is cast; a plain
+        callable is tried in float64 once (``auto`` then stays randomized and says why)."""
+        if self._no_exact is None:
+            self._no_exact = ""
+            if self.enc.x.dtype != torch.float64 and not isinstance(self.encoder, nn.Module):
+                try:
+                    self._float64_encoder()
+                except EncoderError as err:
+                    self._no_exact = ("the exact routes run the encoder in float64, which this "
+                                      f"callable cannot ({err})")
+        return self._no_exact or None
+
+    def _auto_without_exact(self, estimator: str) -> str:
+        """``auto`` is ``randomized`` where the exact routes cannot run (a callable that does
+        not run in float64): no switch to them, no cap at their cost; every result says why
+        (``info["exact_unavailable"]``)."""
+        if estimator == "auto" and self._exact_unavailable() is not None:
+            return "randomized"
+        return estimator
+
+    def _float64_encoder(self) -> PreparedEncoder:
+        """The encoder prepared in float64 at this batch (cached)."""
+        if self._enc64 is None:
+            self._enc64 = prepare(self.encoder, self.x, dtype=torch.float64,
+                                  check_interaction=0, cache=True)
+        return self._enc64
+
     def _oracle_fits(self) -> bool:
-        """Whether one sample's dense float64 Jacobian (and its Gram matrix) fits in memory."""
+        """Whether the oracle can run: the encoder runs in float64 and one sample's dense
+        float64 Jacobian (and its Gram matrix) fits in memory."""
         need = 8 * (self.m * self.d + min(self.m, self.d) ** 2)
-        return need <= default_memory_budget(self.enc.x.device)
+        return (self._exact_unavailable() is None
+                and need <= default_memory_budget(self.enc.x.device))
+
+    def _no_oracle_why(self) -> str:
+        return self._exact_unavailable() or (
+            f"the exact oracle does not fit in memory (m = {self.m}, d = {self.d})")
 
     def _auto_exact(self, estimator: str, cost_randomized: int, spectrum: bool) -> str | None:
         """Why ``auto`` (or ``exact``) takes the oracle route, or None for the randomized one."""
@@ -553,7 +593,8 @@ class Linearization:
         n = min(self.m, self.d)
         # the fast exact route (no spectrum) chunks its one-hot products to the memory budget;
         # the oracle builds each sample's dense Jacobian
-        if n <= cost_randomized and (not spectrum or self._oracle_fits()):
+        if (n <= cost_randomized and self._exact_unavailable() is None
+                and (not spectrum or self._oracle_fits())):
             return (f"the exact route's min(m, d) = {n} products cost no more than the "
                     f"randomized estimator's first round ({cost_randomized})")
         return None
@@ -567,15 +608,14 @@ class Linearization:
         if estimator != "auto" or fixed or bool(est.converged.all()):
             return None
         n_bad, others = _unconverged(est)
-        if not spectrum or self._oracle_fits():
+        if self._exact_unavailable() is None and (not spectrum or self._oracle_fits()):
             return (f"the randomized {what} did not reach the tolerance within {max_probes} "
                     f"probes for {n_bad} sample(s) (stopped at the cap, or as soon as that was "
                     f"predicted){others}")
         warn_user(
             f"{what}: the tolerance was not met within {max_probes} probes for {n_bad} sample(s),"
-            f" and the exact oracle does not fit in memory (m = {self.m}, d = {self.d}); "
-            "returning the randomized estimate with its error bar (converged=False; raise "
-            "max_probes or loosen the tolerance)",
+            f" and {self._no_oracle_why()}; returning the randomized estimate with its error "
+            "bar (converged=False; raise max_probes or loosen the tolerance)",
             RuntimeWarning,
         )
         return None
@@ -606,6 +646,7 @@ class Linearization:
         ``probes_per_sample`` counts the remainder probes). A fixed ``num_probes`` is kept under
         ``auto`` too: ``converged`` then says whether its interval met the tolerance."""
         _check_choice("estimator", estimator, ESTIMATORS)
+        estimator = self._auto_without_exact(estimator)
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
         _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
@@ -642,10 +683,12 @@ class Linearization:
             return self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
         cap = None
         if estimator == "auto":  # never spend more probes than the oracle's products
-            cap = n if variant == "diag" else max(2, n // (2 * min(order_est, n)))
+            cap = (min(n, MAX_FLOORED_PROBES) if variant == "diag"
+                   else max(2, n // (2 * min(order_est, n))))
         # auto's exact route takes over a sample that cannot converge within the cap (the
         # log det's only where the oracle fits): such a sample stops as soon as that is planned
-        fallback = estimator == "auto" and (not spectrum or self._oracle_fits())
+        fallback = estimator == "auto" and self._exact_unavailable() is None and (
+            not spectrum or self._oracle_fits())
         stop = _stopping(atol, rtol, num_probes, max_probes, cap, fallback)
         common = {"seed": self.seed, "sample_ids": self.sample_ids}
         if variant == "diag":
@@ -893,6 +936,7 @@ class Linearization:
         randomized estimator.
         """
         _check_choice("estimator", estimator, ESTIMATORS)
+        estimator = self._auto_without_exact(estimator)
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
         _check_tol("rtol", rtol)
         _check_choice("method", method, DFIL_METHODS)
@@ -1299,7 +1343,9 @@ class Linearization:
         if bool(bad.any()):
             return (f"{int(bad.sum())} sample(s) have input dimensions that do not reach the "
                     "output ((J^T J)_kk = 0: the floorless FSInfo is -inf)"), none
-        hi = torch.exp(r.value + r.ci_halfwidth - tau)
+        from .encoder import SIGMA_RANGE
+
+        hi = torch.exp(r.value + r.ci_halfwidth - tau).clamp(max=SIGMA_RANGE[1])
         at_hi = self.fsinfo(hi, floor=floor, **kw)
         delta = (at_hi.value - (r.value - torch.log(hi))).clamp_min(0)  # floored - floorless
         big = delta > 0.01 * r.ci_halfwidth
@@ -1335,15 +1381,21 @@ class Linearization:
             # budget, or other requests' rounds): this estimate alone on a fresh state that
             # may keep its stages in half the memory budget (its pinned boundaries: stage
             # ends and stops), the same probes and result as a fresh call
-            budget = self.memory_budget or default_memory_budget(self.enc.x.device)
-            self._diag_state(snapshot_bytes=budget // 2)
+            free = default_memory_budget(self.enc.x.device)
+            budget = self.memory_budget or free
+            st = self._dstate
+            stages = 3 * st.batch * st.groups * st.d * 8  # each sample's three boundaries
+            # (a memory_budget sizes the probe chunks; a tiny one should not make the snapshots
+            # of three stage boundaries impossible where free memory holds them)
+            self._diag_state(snapshot_bytes=max(budget // 2, min(stages, free // 2)))
+            self._dstate.pinned_rows_only = True  # this estimate's stage boundaries only
             self._diag_cache.clear()
             r = self.fsinfo(1.0, floor=floor, **kw)
             try:
                 out = self._floored_solve(r, tau, floor)
             except SnapshotDroppedError as err2:
-                return None, ("the probe state no longer holds the estimate's stages, also "
-                              f"on a fresh state with half the memory budget ({err2})")
+                return None, ("the estimate's stage boundaries do not fit in the memory "
+                              f"for probe-state snapshots, also on a fresh state ({err2})")
             out.info["probe_state"] = f"recomputed on a fresh probe state ({err})"
             return out, ""
 
@@ -1415,6 +1467,7 @@ class Linearization:
         ``min(m, d)`` under ``auto``, :data:`DEFAULT_MAX_PROBES` for a randomized estimator).
         """
         _check_choice("estimator", estimator, ESTIMATORS)
+        estimator = self._auto_without_exact(estimator)
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
         _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
@@ -1441,6 +1494,7 @@ class Linearization:
             r = None
         else:
             r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
+            _check_sigma_star(torch.exp(r.value - tau_b), r.value, tau_b)
             # (an exact r, from auto's oracle, is re-solved with the floor below)
             why, floor_shift = (self._floor_matters(r, tau_b, floor, kw)
                                 if variant == "diag" and r.estimator != "exact"
@@ -1457,8 +1511,8 @@ class Linearization:
                         f"({floor:g}), which matters here: {why}; the floored equation could "
                         f"not be solved on the randomized estimate: {cannot}. Use "
                         "estimator='exact' (the float64 oracle solves the floored equation)"
-                        + ("" if fits else ", which does not fit in memory at this size; or "
-                           "floor=0.0"))
+                        + ("" if fits else f", which cannot serve here ({self._no_oracle_why()}); "
+                           "or floor=0.0"))
                 r = None
                 floor_why = (f"the randomized sigma* neglects the floor, which matters here: "
                              f"{why}; the floored equation could not be solved on the "
@@ -1466,6 +1520,8 @@ class Linearization:
         if r is None or r.estimator == "exact":
             ex = self.exact(spectrum=variant == "logdet")
             sig = ex.fsinfo_sigma(tau_b, variant, prior_var=prior_var, floor=floor)
+            _check_sigma_star(sig, ex.fsinfo(1.0, variant, prior_var=prior_var,
+                                             floor=floor).value, tau_b)
             info = {"backend": "reference"}
             if r is not None and "auto" in r.info:
                 info["auto"] = r.info["auto"]
@@ -1546,6 +1602,24 @@ def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
         raise InvalidInputTypeError(
             f"{who} got unexpected keyword(s) {', '.join(hints)}; it takes "
             f"{', '.join(sorted(allowed))}")
+
+
+def _check_sigma_star(sig: Tensor, f1: Tensor, tau: Tensor) -> None:
+    """Raise where ``sigma*`` falls below :data:`~fsinfo_fast.encoder.SIGMA_RANGE` (a target
+    far above FSInfo at ``sigma = 1``: ``exp(FSInfo(1) - target)`` underflowed, and the exact
+    solver stopped at its bracket's end) rather than return a value the metrics refuse. An
+    exact 0 (FSInfo -inf at every sigma) is a result, not an underflow."""
+    from .encoder import SIGMA_RANGE
+
+    tiny = (sig < SIGMA_RANGE[0]) & torch.isfinite(f1)
+    if bool(tiny.any()):
+        i = int(tiny.nonzero()[0])
+        raise InvalidInputError(
+            f"target {float(tau[i]):g} nats/dim lies {float(tau[i] - f1[i]):.4g} above "
+            f"FSInfo at sigma = 1 ({float(f1[i]):.4g}, sample {i}): sigma* = exp(FSInfo(1) - "
+            f"target) is below {SIGMA_RANGE[0]:g}, where the metrics' float64 arithmetic "
+            "ends; such a target needs no noise in practice (choose one within "
+            f"{-math.log(SIGMA_RANGE[0]):.0f} nats/dim of FSInfo(1))")
 
 
 def linearize(

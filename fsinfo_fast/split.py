@@ -599,6 +599,13 @@ class HookEncoder(_HookBase):
             self.model(*args, **kwargs)
         except _StopForward:
             pass
+        except TypeError as err:
+            if seen == 0 and not self.input_name and "positional argument" in str(err):
+                raise EncoderError(
+                    f"the model did not take the input positionally ({err}); give the keyword "
+                    "its forward takes it as, e.g. ff.split(model, ..., "
+                    "input_name='pixel_values')") from err
+            raise
         except Exception as err:
             if stop is not None or seen == 0 or isinstance(err, FSInfoError):
                 raise

@@ -134,6 +134,77 @@ def resolve_backend(backend: str | None = "auto", device: torch.device | None = 
 AUTO_MAX_FALLBACK_SHARE = 0.5
 
 
+#: relative tolerance of :func:`_cross_check` (products in the working dtype; looser where
+#: the engine stores activation derivatives in a narrower ``scale_dtype``)
+CROSS_CHECK_RTOL = 1e-3
+CROSS_CHECK_RTOL_SCALED = 5e-2
+
+
+def _cross_check(prods, enc: PreparedEncoder, kw: dict) -> None:
+    """One seeded VJP of the engine against ``torch.func``'s at the same batch: the capture
+    cannot see everything autograd honours (``y.data`` records no op at all: the engine
+    differentiated through a stop-gradient), and a node's rule may fail only when it runs (an
+    in-place ``copy_`` into a slice). Raises :class:`~.capture.CaptureError` with the reason
+    where they disagree or the engine's product fails; where ``torch.func`` itself cannot run
+    the encoder there is nothing to compare with and the engine serves."""
+    from .capture import CaptureError
+
+    key = (getattr(prods, "backend", None), str(enc.x.dtype), str(kw.get("scale_dtype")))
+    done = prods.captured.checked
+    if key not in done:
+        counts = prods.jvp_passes, prods.vjp_passes
+        try:
+            _compare_with_torch_func(prods, enc, kw)
+            done[key] = None
+        except CaptureError as err:
+            done[key] = err
+        prods.jvp_passes, prods.vjp_passes = counts  # the check's products are not the run's
+    if done[key] is not None:
+        raise done[key]
+
+
+def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict) -> None:
+    from ..estimators.probes import draw_probes
+    from .capture import CaptureError
+
+    u = draw_probes(enc.m, seed=0x5EED_C4EC, sample_ids=torch.arange(enc.batch), count=1,
+                    kind="gaussian", dtype=enc.x.dtype, device=enc.x.device)
+    try:
+        ref = TorchFuncProducts(enc, memory_budget=kw.get("memory_budget")).vjp(u)
+    except Exception:  # torch.func cannot run it (buffer writes, old-style Functions, ...)
+        return
+    try:
+        got = prods.vjp(u)
+    except Exception as err:
+        raise CaptureError(f"the engine's vector-Jacobian product failed: "
+                           f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
+    ref64, got64 = ref.to(torch.float64).flatten(1), got.to(torch.float64).flatten(1)
+    rtol = CROSS_CHECK_RTOL if kw.get("scale_dtype") is None else CROSS_CHECK_RTOL_SCALED
+    rtol = max(rtol, 50 * torch.finfo(enc.x.dtype).eps)  # half-precision products round more
+    # the engine's JVP too (its rules' forward mode), through the adjoint identity
+    # u^T (J v) = (J^T u)^T v against torch.func's VJP
+    v = draw_probes(enc.d, seed=0x5EED_C4EC, sample_ids=torch.arange(enc.batch), count=1,
+                    kind="gaussian", dtype=enc.x.dtype, device=enc.x.device)
+    try:
+        jv = prods.jvp(v)
+    except Exception as err:
+        raise CaptureError(f"the engine's Jacobian-vector product failed: "
+                           f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
+    uj = u.to(torch.float64).flatten(1) * jv.to(torch.float64).flatten(1)
+    rv = ref64 * v.to(torch.float64).flatten(1)
+    checks = (((got64 - ref64).norm(dim=1), ref64.norm(dim=1)),
+              ((uj.sum(dim=1) - rv.sum(dim=1)).abs(), uj.abs().sum(dim=1) + rv.abs().sum(dim=1)))
+    for err, scale in checks:
+        bad = ~(err <= rtol * scale + 1e-30)  # NaN counts as a disagreement
+        if bool(bad.any()):
+            rel = float((err / scale.clamp_min(1e-300)).max())
+            raise CaptureError(
+                f"the engine's Jacobian products disagree with torch.func's at this batch "
+                f"(relative difference {rel:.2g} on a seeded probe): the recorded graph is not "
+                "what autograd differentiates (a stop-gradient the capture cannot see, such as "
+                "y.data, or an op without a faithful rule)")
+
+
 def _engine(enc: PreparedEncoder, name: str, auto: bool, **kw) -> object:
     """The linearised engine with ``name``'s ops; under ``auto`` a recorded fallback to
     ``torch.func``, otherwise :class:`BackendUnavailableError` when it cannot serve ``enc``."""
@@ -144,6 +215,7 @@ def _engine(enc: PreparedEncoder, name: str, auto: bool, **kw) -> object:
     ops = get_ops("torch" if name == "engine" else name)
     try:
         prods = LinearisedProducts(enc, ops=ops, backend=name, **kw)
+        _cross_check(prods, enc, kw)
     except CaptureError as err:
         if not auto:
             raise BackendUnavailableError(

@@ -68,6 +68,9 @@ def decomposition_table() -> dict:
     from torch._decomp import core_aten_decompositions
 
     table = dict(core_aten_decompositions())
+    # detach (and ``.data``) stays a node: its core decomposition is ``alias``, which the
+    # engine differentiated through (a stop-gradient silently ignored)
+    table.pop(aten.detach.default, None)
     keep = set(KEEP_WHOLE)
     for op in list(table):
         if getattr(op, "overloadpacket", None) in keep:
@@ -172,6 +175,9 @@ class Captured:
     inputs: list[str | None]
     in_shape: tuple[int, ...]
     graph: fx.Graph = field(init=False)
+    #: outcomes of the engine's cross-check against torch.func per (backend, dtypes): the
+    #: graph's structure decides it, so a second batch of this shape does not pay it again
+    checked: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.graph = self.gm.graph

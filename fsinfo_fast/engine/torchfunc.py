@@ -19,7 +19,7 @@ from torch.func import vjp as _vjp
 from torch.func import vmap
 
 from .._sysinfo import available_memory_bytes
-from ..encoder import PreparedEncoder
+from ..encoder import PreparedEncoder, func_error, func_errors
 from ..errors import InvalidInputError
 
 __all__ = ["TorchFuncProducts", "default_memory_budget"]
@@ -116,10 +116,11 @@ class TorchFuncProducts:
     def vjp(self, U: Tensor) -> Tensor:
         """``J_b^T u`` for every sample ``b`` and probe: ``[B, K, m] -> [B, K, d]``."""
         U = self._check(U, self.m, "vjp")
-        if self._pullback is None:
-            _, self._pullback = _vjp(self.enc.fn, self.x)
-        pull = self._pullback
-        out = self._vmap_probes(lambda u: pull(u)[0], U)
+        with func_errors():
+            if self._pullback is None:
+                _, self._pullback = _vjp(self.enc.fn, self.x)
+            pull = self._pullback
+            out = self._vmap_probes(lambda u: pull(u)[0], U)
         self.vjp_passes += U.shape[1]
         return out
 
@@ -147,6 +148,9 @@ class TorchFuncProducts:
                 raise  # chunked smaller already; double backward would need more memory
             except (RuntimeError, NotImplementedError) as err:
                 first_error = first_error or err
+                mapped = func_error(err)
+                if mapped is not None:
+                    raise mapped from err
                 if i == len(routes) - 1:
                     raise first_error from err
                 log.debug("jvp route %s failed (%s); trying %s", self._JVP_ROUTES[route],

@@ -80,6 +80,7 @@ from .diagonal import (
     _check_state,
     _diag_rule,
     _Replay,
+    check_floored_cap,
     fsinfo_diag_summary,
     state_fields,
 )
@@ -374,13 +375,17 @@ def _pilot_f2(
 
 def _probes_for(var1: Tensor, tol: Tensor, groups: int) -> Tensor:
     """``[B]`` probes ``K`` with ``t_{min(K, groups) - 1} sqrt(var1 / K) <= tol``."""
-    k = (_PLAN_Q / tol) ** 2 * var1
+    # no spread (a zero remainder: J = 0, or the sketch took it all): no probes, whatever the
+    # tolerance (a zero tolerance made that 0/0); a zero tolerance with spread: unbounded
+    none = var1 <= 0
+    k = torch.where(none, 0.0, (_PLAN_Q / tol) ** 2 * var1).nan_to_num(posinf=math.inf)
     for _ in range(3):  # the t-quantile at the degrees of freedom of that probe count
         q = torch.tensor(
-            [t_quantile(max(1, min(int(math.ceil(kk)), groups) - 1), 0.95) for kk in k.tolist()],
+            [t_quantile(max(1, min(int(math.ceil(min(kk, groups))), groups) - 1), 0.95)
+             for kk in k.tolist()],
             dtype=torch.float64, device=k.device,
         )
-        k = (q / tol) ** 2 * var1
+        k = torch.where(none, 0.0, (q / tol) ** 2 * var1)
     return k
 
 
@@ -613,6 +618,7 @@ def _setup(products: Products, *, floor, seed, sample_ids, rank, max_rank, start
     if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
         raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
     rule_, targets = _diag_rule(stop, stop_on, dfil_rtol, **rule)
+    check_floored_cap(rule_, floor)
     if targets.get("dfil", (None, None))[0] is not None:
         raise InvalidInputError("the deflated estimator's dFIL tolerance is relative (rtol)")
     if power not in (0, 1) or isinstance(power, bool):

@@ -235,6 +235,10 @@ class DiagProbeState:
         sample_ids: ``[B]`` int64 global sample ids.
         groups: jackknife groups ``G``.
         snapshot_bytes: memory allowed for snapshots (``0``: keep none).
+        pinned_rows_only: keep in a snapshot only the samples pinned there (:meth:`pin`: their
+            stage ends or stops there), not every sample passing it: the memory one estimate's
+            re-evaluation needs (three boundaries per sample), where other requests replaying
+            the state would find fewer boundaries held.
         k: probes accumulated by the samples furthest along.
         dropped: round boundaries whose snapshots were dropped.
 
@@ -256,6 +260,7 @@ class DiagProbeState:
     sample_ids: Tensor
     groups: int = 20
     snapshot_bytes: int = 0
+    pinned_rows_only: bool = False
     k: int = 0
     dropped: list[int] = field(default_factory=list)
 
@@ -271,7 +276,8 @@ class DiagProbeState:
         #: of a batch stopping at different counts do not each cost a whole batch's sums
         self._snaps: dict[int, tuple[Tensor, Tensor]] = {}
         #: stage boundaries (:meth:`pin`): their snapshots are dropped after the others
-        self.pinned: set[int] = set()
+        #: (boundary -> ``[B]`` bool: the samples whose stage ends or stops there)
+        self.pinned: dict[int, Tensor] = {}
 
     @classmethod
     def for_products(
@@ -308,6 +314,8 @@ class DiagProbeState:
             if start > 0 and start not in self.dropped:
                 self.dropped.append(start)
             return
+        if self.pinned_rows_only:  # only the samples whose stage ends or stops here
+            at = at & self.pinned.get(start, torch.zeros_like(at))
         held = self._snaps.get(start)
         if held is not None:  # others passed this boundary before: add these samples
             at = at & ~held[0]
@@ -320,7 +328,7 @@ class DiagProbeState:
             return sum(v[1].shape[0] for v in self._snaps.values()) * row
 
         while self._snaps and used() + new * row > self.snapshot_bytes:
-            loose = set(self._snaps) - self.pinned
+            loose = set(self._snaps) - set(self.pinned)
             if not loose and start not in self.pinned:  # keep the stage boundaries held
                 self.dropped.append(start)
                 return
@@ -342,11 +350,17 @@ class DiagProbeState:
         sums[at[mask]] = self.group_sums[at]
         self._snaps[start] = (mask, sums)
 
-    def pin(self, k: int) -> None:
-        """Mark ``k`` as a stage boundary: where the snapshot budget runs out, the snapshots
-        of other round boundaries are dropped first (a later re-evaluation of the estimate at
-        another sigma or floor, :func:`fsinfo_diag_restaged`, reads the stage boundaries)."""
-        self.pinned.add(int(k))
+    def pin(self, k: int, rows: Tensor | None = None) -> None:
+        """Mark ``k`` as a stage boundary of the samples ``rows`` (``[B]`` bool, ``None``:
+        all): its snapshot keeps only the samples pinned there, and where the snapshot budget
+        runs out the snapshots of other round boundaries are dropped first (a later
+        re-evaluation of the estimate at another sigma or floor,
+        :func:`fsinfo_diag_restaged`, reads each sample's stage boundaries)."""
+        k = int(k)
+        want = (torch.ones(self.batch, dtype=torch.bool, device=self.device) if rows is None
+                else rows.to(torch.bool))
+        held = self.pinned.get(k)
+        self.pinned[k] = want.clone() if held is None else held | want
 
     def extend(self, products: Products | RowProducts, count: int,
                rows: Tensor | None = None) -> None:
@@ -560,7 +574,7 @@ class _Replay:
         # the running sums where these samples' previous stage ended: their next stage's
         # statistics are the sums since then
         gs = self.current(rows).group_sums
-        self.state.pin(self.boundary)
+        self.state.pin(self.boundary, rows)
         if not self.base:
             self.base["sums"] = torch.zeros_like(gs)
         self.base["sums"][rows] = gs[rows]
@@ -568,7 +582,7 @@ class _Replay:
     def stats(self, lo: int, rows: Tensor | None) -> tuple[DiagStats, Tensor | None]:
         """:func:`stage_stats` of the probes ``lo ..`` at the current boundary (a stage ends
         there for some samples, or they stop: pinned, as the stage's start was)."""
-        self.state.pin(self.boundary)
+        self.state.pin(self.boundary, rows)
         return stage_stats(self.current(rows), lo, self.base.get("sums"), rows)
 
     @property
@@ -941,6 +955,25 @@ def trace_summary(stats: DiagStats) -> DiagSummary:
     return DiagSummary(mean, se, stats.k - 1, torch.zeros_like(mean), log_scale=True)
 
 
+#: the most probes per sample the floored FSInfo_diag takes (:mod:`.logfloor` tabulates its
+#: unbiased floor term for chi-square shapes ``K / 2 <= 5000``)
+MAX_FLOORED_PROBES = 10_000
+
+
+def check_floored_cap(rule: StoppingRule, floor: float) -> None:
+    """Raise where ``rule`` lets a floored FSInfo_diag take more than
+    :data:`MAX_FLOORED_PROBES` probes per sample."""
+    if floor <= 0:
+        return
+    for name in ("num_probes", "max_probes"):
+        v = getattr(rule, name)
+        if v is not None and v > MAX_FLOORED_PROBES:
+            raise InvalidInputError(
+                f"{name} = {v}: FSInfo_diag's unbiased floor term is tabulated up to "
+                f"{MAX_FLOORED_PROBES} probes per sample (chi-square shape K/2 <= 5000); give "
+                "at most that many, or floor=0")
+
+
 def estimate_diag(
     products: Products,
     *,
@@ -1012,6 +1045,7 @@ def estimate_diag(
     if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
         raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
     rule, targets = _diag_rule(stop, stop_on, dfil_rtol, **rule)
+    check_floored_cap(rule, floor)
     confidence = rule.confidence
     if state is None:
         state = DiagProbeState.for_products(

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidInputError
+
 __all__ = ["BasicBlock", "Bottleneck", "ResNet", "resnet18", "resnet50", "RESNET18_SPLIT_POINTS"]
 
 #: Module paths of ResNet-18's paper layers, index = paper split index.
@@ -138,7 +140,7 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         else:
-            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+            raise InvalidInputError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         self.stem = stem
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU()

@@ -39,6 +39,8 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import InvalidInputError
+
 __all__ = [
     "ARCHITECTURES",
     "FULL_SIZE",
@@ -149,7 +151,7 @@ def build(name: str, *, size: int = 32, seed: int = 0, num_labels: int | None = 
 
     table = {**_small(size), **FULL_SIZE}
     if name not in table:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {ARCHITECTURES}")
+        raise InvalidInputError(f"unknown architecture {name!r}; choose one of {ARCHITECTURES}")
     tf = require_transformers()
     model_cls, cfg_cls, kwargs = table[name]
     if num_labels is not None:

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidInputError
+
 __all__ = ["VGG", "vgg5", "vgg9", "VGG5_CFG", "VGG9_CFG"]
 
 #: VGG5 paper layers: ("C", out_channels) conv block, ("M",) 2x2 max-pool, ("D", width) dense.
@@ -71,7 +73,7 @@ class VGG(nn.Module):
     ) -> None:
         super().__init__()
         if int(num_classes) < 1 or int(in_channels) < 1:
-            raise ValueError(f"num_classes and in_channels must be >= 1, got {num_classes}, "
+            raise InvalidInputError(f"num_classes and in_channels must be >= 1, got {num_classes}, "
                              f"{in_channels}")
         features: list[nn.Module] = []
         dense: list[nn.Module] = []
@@ -82,7 +84,8 @@ class VGG(nn.Module):
             kind = entry[0]
             if kind == "C":
                 if dense:
-                    raise ValueError("convolution layers must come before dense layers in cfg")
+                    raise InvalidInputError(
+                        "convolution layers must come before dense layers in cfg")
                 out = int(entry[1])
                 features.append(nn.Sequential(
                     nn.Conv2d(channels, out, kernel_size=3, padding=1),
@@ -93,7 +96,7 @@ class VGG(nn.Module):
                 channels = out
             elif kind == "M":
                 if dense:
-                    raise ValueError("max-pool layers must come before dense layers in cfg")
+                    raise InvalidInputError("max-pool layers must come before dense layers in cfg")
                 features.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 names.append("maxpool")
                 side //= 2
@@ -101,7 +104,7 @@ class VGG(nn.Module):
                 if flat is None:
                     flat = channels * side * side
                     if flat < 1:
-                        raise ValueError(
+                        raise InvalidInputError(
                             f"input_size={input_size} is too small for this VGG: the feature map "
                             "vanishes before the dense layers"
                         )
@@ -110,11 +113,12 @@ class VGG(nn.Module):
                 names.append(f"dense{width}")
                 flat = width
             else:
-                raise ValueError(f"unknown VGG layer kind {kind!r} (expected 'C', 'M' or 'D')")
+                raise InvalidInputError(
+                    f"unknown VGG layer kind {kind!r} (expected 'C', 'M' or 'D')")
         if flat is None:
             flat = channels * side * side
             if flat < 1:
-                raise ValueError(f"input_size={input_size} is too small for this VGG")
+                raise InvalidInputError(f"input_size={input_size} is too small for this VGG")
         dense.append(nn.Linear(flat, int(num_classes)))
         names.append(f"dense{int(num_classes)}")
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ..encoder import PreparedEncoder, check_prior_var, check_sigma, prepare
+from ..encoder import PreparedEncoder, check_prior_var, check_sigma, func_errors, prepare
 from ..errors import InvalidInputError, SingularFisherWarning, warn_user
 from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sigma_for_target
 from ..result import MetricResult
@@ -53,7 +53,28 @@ def _chunk(n: int, per_item_bytes: int, budget: int) -> int:
 
 @torch.no_grad()  # function transforms still differentiate; this only skips parameter graphs
 def _jacobian_prepared(enc: PreparedEncoder, chunk_size: int | None, budget: int) -> Tensor:
-    """``[B, m, d]`` Jacobian of a prepared (float64) encoder, sample by sample."""
+    """``[B, m, d]`` Jacobian of a prepared (float64) encoder, sample by sample (attention
+    through PyTorch's composite "math" kernel: the fused CPU/GPU kernels have no forward-mode
+    rule, and the columns, ``m > d``, are JVPs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with func_errors(), sdpa_kernel([SDPBackend.MATH]):
+        return _jacobian_rows_or_columns(enc, chunk_size, budget)
+
+
+def _map(f, eye: Tensor, chunk_size: int) -> Tensor:
+    """``f`` over the one-hot rows of ``eye``: vmapped, or one by one where an op has no vmap
+    batching rule (``nn.RReLU`` in eval mode: aten::rrelu_with_noise)."""
+    try:
+        return vmap(f, chunk_size=chunk_size)(eye)
+    except RuntimeError as err:
+        if "vmap" not in str(err).lower():
+            raise
+        return torch.stack([f(e) for e in eye])
+
+
+def _jacobian_rows_or_columns(enc: PreparedEncoder, chunk_size: int | None,
+                              budget: int) -> Tensor:
     b, d, m = enc.batch, enc.d, enc.m
     out = torch.empty(b, m, d, dtype=enc.x.dtype, device=enc.x.device)
     per_item = enc.saved_bytes
@@ -63,12 +84,12 @@ def _jacobian_prepared(enc: PreparedEncoder, chunk_size: int | None, budget: int
             _, pullback = vjp(enc.fn, xi)
             eye = torch.eye(m, dtype=xi.dtype, device=xi.device).unsqueeze(1)  # [m, 1, m]
             cs = chunk_size or _chunk(m, per_item, budget)
-            rows = vmap(lambda u, pb=pullback: pb(u)[0], chunk_size=cs)(eye)  # [m, 1, d]
+            rows = _map(lambda u, pb=pullback: pb(u)[0], eye, cs)  # [m, 1, d]
             out[i] = rows[:, 0, :]
         else:  # d JVPs give the columns
             eye = torch.eye(d, dtype=xi.dtype, device=xi.device).unsqueeze(1)  # [d, 1, d]
             cs = chunk_size or _chunk(d, per_item, budget)
-            cols = vmap(lambda v, xi=xi: jvp(enc.fn, (xi,), (v,))[1], chunk_size=cs)(eye)  # d,1,m
+            cols = _map(lambda v, xi=xi: jvp(enc.fn, (xi,), (v,))[1], eye, cs)  # [d, 1, m]
             out[i] = cols[:, 0, :].T
     return out
 
