@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(modules[args.command].run(args) or 0)
-    except (FSInfoError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+    except (FSInfoError, FileNotFoundError, FileExistsError, PermissionError,
+            IsADirectoryError, NotADirectoryError) as err:
         if args.debug:
             raise
         print(f"fsinfo-fast {args.command}: error: {err}", file=sys.stderr)

@@ -93,18 +93,30 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
             raise InvalidInputError(f"--input-shape must be positive ints separated by commas "
                                     f"(e.g. 3,224,224), got {args.input_shape!r}")
     else:
+        if args.size < 1:
+            raise InvalidInputError(f"--size must be a positive int, got {args.size}")
         shape = (3, args.size, args.size)
     x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))
-    report = engine_report(encoder if args.split is not None else _FirstTensor(model), x)
+    enc = encoder if args.split is not None else _FirstTensor(model)
+    try:
+        with torch.no_grad():
+            enc(x)
+    except Exception as err:  # the model cannot take this input: a user error, one line
+        msg = " ".join(str(err).split())[:240]
+        raise InvalidInputError(
+            f"--model {args.model} cannot take an input of shape {shape} ({type(err).__name__}: "
+            f"{msg}); give --input-shape (or --size) that it takes") from None
+    report = engine_report(enc, x)
     return {"model": args.model, "split": args.split, "input_shape": list(shape), **report}
 
 
 def run(args: argparse.Namespace) -> int:
     info = collect()
-    if not getattr(args, "model", None) and (getattr(args, "split", None) is not None
-                                             or getattr(args, "input_shape", None)):
-        raise InvalidInputError("--split and --input-shape describe --model's engine report: "
-                                "pass --model too")
+    if not getattr(args, "model", None) and (
+            getattr(args, "split", None) is not None or getattr(args, "input_shape", None)
+            or "size" in getattr(args, "given_options", ())):
+        raise InvalidInputError("--split, --input-shape and --size describe --model's engine "
+                                "report: pass --model too")
     if getattr(args, "model", None):
         info["engine_model_report"] = model_report(args)
     if args.json:

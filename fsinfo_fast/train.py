@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._extras import require
 from ._version import __version__
 from .errors import InvalidInputError, InvalidInputTypeError
 
@@ -82,10 +81,10 @@ def train_briefly(
     n = len(x)
     bar = None
     if progress:
-        require("tqdm", "the training progress bar (progress=True)")
-        from tqdm.auto import tqdm
+        from ._progress import progress_bar
 
-        bar = tqdm(total=epochs, desc="train", unit="epoch")
+        bar = progress_bar("the training progress bar (progress=True)", total=epochs,
+                           desc="train", unit="epoch")
     model.train()
     try:
         for _ in range(int(epochs)):

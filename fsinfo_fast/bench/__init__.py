@@ -108,6 +108,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="relative slow-down tolerated by --compare (default: %(default)s)")
 
 
+def _check_out(path: Path) -> None:
+    """Raise where the results file cannot be written (a file in the way of its folder, a
+    folder in place of the file, no write permission): found after the whole run before."""
+    import os
+
+    from ..cli import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"--out: {path} is a directory")
+    anc = path.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise UsageError(f"--out: {anc} is a file, not a directory")
+    if not os.access(anc, os.W_OK):
+        raise UsageError(f"--out: cannot write into {anc}")
+
+
+def _check_selection(args: argparse.Namespace) -> None:
+    """Refuse names that select nothing and counts below 1 (a misspelt task or provider ran
+    nothing and exited 0; a bad backend or --threads 0 raised a traceback)."""
+    import fnmatch
+
+    from ..cli import UsageError
+    from ..engine import BACKENDS
+    from .config import TASKS
+    from .providers import default_providers
+
+    bad = [t for t in args.tasks or () if t not in TASKS]
+    if bad:
+        raise UsageError(f"unknown --tasks {' '.join(bad)}; known tasks: {', '.join(TASKS)}")
+    bad = [b for b in args.backends or () if b not in BACKENDS]
+    if bad:
+        raise UsageError(f"unknown --backends {' '.join(bad)}; known: {', '.join(BACKENDS)}")
+    if args.providers:
+        names = [p.name for p in default_providers(ours_backends=list(BACKENDS),
+                                                   curvlinops=True)]
+        bad = [g for g in args.providers if not fnmatch.filter(names, g)]
+        if bad:
+            raise UsageError(f"--providers {' '.join(bad)} match(es) no provider; known: "
+                             f"{', '.join(names)}")
+    for name in ("threads", "repeats"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be >= 1, got {v}")
+
+
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:
     from ..cli import UsageError
 
@@ -120,8 +167,13 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
     else:
         raise UsageError("choose what to run: --quick, --full or --config FILE "
                          "(or --table/--plot/--compare with --results to read a results file)")
+    _check_selection(args)
     if args.tasks:
+        have = sorted({c.task for c in cfg.cases})
         cfg.cases = [c for c in cfg.cases if c.task in args.tasks]
+        if not cfg.cases:
+            raise UsageError(f"--tasks {' '.join(args.tasks)}: the config has no case of "
+                             f"those tasks (it has: {', '.join(have) or 'none'})")
     if args.providers:
         cfg.cases = [replace(c, providers=list(args.providers)) for c in cfg.cases]
         if cfg.sweep is not None:
@@ -149,9 +201,12 @@ def _config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``fsinfo-fast bench`` (see the module docstring)."""
+    from ..cli import UsageError
     from .report import compare, format_comparison, markdown
     from .schema import load_results, output_paths, validate, write_csv, write_json
 
+    if not (args.tolerance >= 0):
+        raise UsageError(f"--tolerance must be >= 0, got {args.tolerance}")
     if args.table:
         print(markdown(load_results(args.table)))
         return 0
@@ -168,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         doc = load_results(args.results)
     else:
         cfg = _config_from_args(args)
+        _check_out(output_paths(args.out, cfg.name)[0])  # before the work, not after it
         from .._extras import require
         from .runner import run_bench as _run
 

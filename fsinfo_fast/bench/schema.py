@@ -210,4 +210,14 @@ def load_results(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no results file at {p}")
-    return json.loads(p.read_text())
+    from ..errors import InvalidInputError
+
+    try:
+        doc = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InvalidInputError(f"{p} is not a results file (not JSON: {err})") from None
+    if not isinstance(doc, dict) or not {"environment", "results"} <= set(doc):
+        raise InvalidInputError(
+            f"{p} is not a results file of fsinfo-fast bench (no 'environment' and 'results'; "
+            "a config file is run with --config)")
+    return doc

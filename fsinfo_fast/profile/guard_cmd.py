@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from torch import Tensor, nn
 from .._extras import require
 from ..errors import InvalidInputError
 from .errors import DataError, RunDirError
+from .sources import _one_line
 
 __all__ = ["add_arguments", "guard_report", "run"]
 
@@ -177,8 +177,11 @@ def _classifier_ok(model: nn.Module, x: Tensor, y: Tensor) -> str | None:
     """Why accuracy cannot be measured (``None`` when it can)."""
     if bool((y < 0).any()):
         return "the data has no labels"
-    with torch.no_grad():
-        out = class_scores(model(x[:1]))
+    try:
+        with torch.no_grad():
+            out = class_scores(model(x[:1]))
+    except Exception as err:  # the whole model cannot take the data (the encoders can)
+        return f"the whole model fails on the data ({type(err).__name__}: {_one_line(err)})"
     if not isinstance(out, Tensor) or out.ndim != 2:
         return "the model's output is not class scores [B, C] (a tensor, or .logits)"
     if int(y.max()) >= out.shape[1]:
@@ -197,6 +200,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     """Compute everything ``fsinfo-fast guard`` reports (see the module docstring)."""
     from ..guard import FSInfoGuard, concat_sigma_results
     from .distributed import resolve_device
+    from .runner import _check_runs
     from .sources import resolve_splits
 
     _check(args)
@@ -210,6 +214,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     if n_cal < 1:
         raise DataError(f"--data {args.data} has no samples")
     splits = resolve_splits(model, args.splits)
+    _check_runs(model, splits, x[:1])  # one-line errors where the encoders cannot take x
     why_not = None if args.accuracy else "--no-accuracy"
     if why_not is None and n_cal == n:
         why_not = (f"no held-out samples: all {n} samples are used for calibration "
@@ -226,11 +231,10 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
 
     bar = None
     if progress:
-        require("tqdm", "the guard progress bar")
-        from tqdm.auto import tqdm
+        from .._progress import progress_bar
 
-        bar = tqdm(total=n * len(splits), desc="guard sigma*", unit="sample", file=sys.stderr,
-                   dynamic_ncols=True)
+        bar = progress_bar("the guard progress bar", total=n * len(splits),
+                           desc="guard sigma*", unit="sample")
     kw: dict[str, Any] = {"estimator": args.estimator, "atol": args.atol, "seed": args.seed,
                           "backend": args.backend}
     if args.prior_var is not None:
@@ -301,7 +305,6 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
 
 def _print(report: dict[str, Any]) -> None:
     require("rich", "the guard table")
-    from rich.console import Console
     from rich.table import Table
 
     def f(v: float | None, fmt: str = ".3g") -> str:
@@ -323,7 +326,9 @@ def _print(report: dict[str, Any]) -> None:
             "-" if acc is None else f"{acc:.1%} ± {r['accuracy_calibrated_sd']:.1%}",
             f(r.get("accuracy_per_sample"), ".1%"), f(r.get("accuracy_cost"), "+.1%"),
         )
-    console = Console()
+    from .report import table_console
+
+    console = table_console()
     console.print(t)
     if report["accuracy_note"]:
         console.print(f"accuracy not measured: {report['accuracy_note']}")

@@ -342,17 +342,28 @@ def _derived(v: dict[str, Any] | None, source: dict[str, Any] | None, bound_mark
     return text + (f" {UNCONVERGED_MARK}" if unconv else "")
 
 
+#: the width of the tables written where stdout is not a terminal (a log, a pipe): rich's
+#: default of 80 columns cut their cells ("3.71..…", "featur…")
+LOG_WIDTH = 240
+
+
+def table_console():
+    """A rich console for the subcommands' tables: the terminal's width, or
+    :data:`LOG_WIDTH` columns where stdout is not a terminal."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, LOG_WIDTH))
+
+
 def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
                 console: Any = None) -> None:
     """Print the per-split table (rich) and where the files are."""
     require("rich", "the profile table")
-    from rich.console import Console
     from rich.table import Table
 
     if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=max(console.width, 132))
+        console = table_console()
     st = summary["settings"]
     n = summary["splits"][0]["n"] if summary["splits"] else 0
     t = Table(title=f"{st['model']} on {st['data']}: {n} samples, sigma={st['sigma']}, "

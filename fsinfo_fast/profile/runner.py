@@ -15,7 +15,6 @@ import io
 import logging
 import math
 import re
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 
 from .. import __version__
 from .._extras import require
+from .._progress import progress_bar, set_status
 from ..errors import EncoderError, FSInfoError, InvalidInputError
 from ..linearization import DFIL_METHODS as LINEARIZATION_DFIL_METHODS
 from ..reference import ExactFisher
@@ -163,6 +163,9 @@ class ProfileConfig:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be a positive number, "
                                         f"got {v!r}")
 
+        if isinstance(self.splits, str) and not self.splits.strip(" ,"):
+            raise InvalidInputError("--splits is empty: give split points, 'paper' or 'all' "
+                                    "(or leave the option out for the paper splits)")
         positive("sigma", self.sigma)
         positive("atol", self.atol)
         positive("rtol", self.rtol)
@@ -389,6 +392,15 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext) -> tuple[_Prepared, Dat
     stored = run_dir.check_resume() if cfg.resume else None
     if not cfg.resume:
         run_dir.check_new()
+    if stored is not None:  # what selects the model and data, before loading them (another
+        # model or size failed in the checkpoint or split lookup, naming neither)
+        early = {k: getattr(cfg, k) for k in ("model", "checkpoint", "data", "size")
+                 if k in stored}
+        diffs = settings_diff(stored, early, early)
+        if diffs:
+            raise ResumeError(
+                f"--resume: {run_dir.path} was made with different settings ({'; '.join(diffs)}); "
+                "rerun with the same options or choose a new --out")
     model, data, recipe, ckpt_sha = _load_model_and_data(
         cfg, run_dir, cfg.resume, progress=cfg.progress)
     if data.x.shape[0] == 0:
@@ -993,7 +1005,7 @@ def _status(bar, ids: list[int]):
     span = f"samples {ids[0]}-{ids[-1]}" if len(ids) > 1 else f"sample {ids[0]}"
 
     def show(text: str) -> None:
-        bar.set_postfix_str(f"{span}: {text}", refresh=True)
+        set_status(bar, f"{span}: {text}")
 
     return show
 
@@ -1001,11 +1013,8 @@ def _status(bar, ids: list[int]):
 def _progress(cfg: ProfileConfig, dist: DistContext, total: int, nbatches: int):
     if not (cfg.progress and dist.is_root) or total == 0:
         return None
-    require("tqdm", "the profile progress bar")
-    from tqdm.auto import tqdm
-
     desc = f"profile ({nbatches} batches" + (f", {dist.world} procs)" if dist.distributed else ")")
-    return tqdm(total=total, desc=desc, unit="rec", file=sys.stderr, dynamic_ncols=True)
+    return progress_bar("the profile progress bar", total=total, desc=desc, unit="rec")
 
 
 def config_dict(cfg: ProfileConfig) -> dict[str, Any]:

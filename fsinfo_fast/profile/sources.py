@@ -93,7 +93,10 @@ def build_model(spec: str, **zoo_kwargs) -> nn.Module:
     from ..models import ZOO, get_model
 
     if is_zoo_model(spec):
-        return get_model(spec, **zoo_kwargs).eval()
+        try:
+            return get_model(spec, **zoo_kwargs).eval()
+        except ValueError as err:  # e.g. an input size too small for the architecture
+            raise ModelSpecError(f"--model {spec}: {_one_line(err)}") from None
     if not _SPEC.match(spec):
         raise ModelSpecError(
             f"unknown model {spec!r}: give a zoo model ({', '.join(sorted(ZOO))}) or "
@@ -163,6 +166,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {p} does not exist or is not a file")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # zip, or a legacy pickle
+        raise CheckpointError(f"cannot read checkpoint {p}: not a weights file written by "
+                              f"torch.save (it starts with {head!r})")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -174,7 +182,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Tensor]:
         ) from None
     except Exception as err:  # not a torch file at all, truncated zip, ...
         raise CheckpointError(
-            f"cannot read checkpoint {p}: {type(err).__name__}: {_one_line(err, 160)}"
+            f"cannot read checkpoint {p}: not a weights file written by torch.save "
+            f"({type(err).__name__}: {_one_line(err, 160)})"
         ) from None
     return _unwrap_state(obj, str(p))
 

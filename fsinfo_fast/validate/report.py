@@ -29,13 +29,12 @@ def print_table(report: dict[str, Any], files: dict[str, str] | None = None,
     from .._extras import require
 
     require("rich", "the validate tables")
-    from rich.console import Console
     from rich.table import Table
 
     if console is None:
-        console = Console()
-        if not console.is_terminal:
-            console = Console(width=max(console.width, 150))
+        from ..profile.report import table_console
+
+        console = table_console()
     for m in report["models"]:
         keys = [k for k in _SHORT if k in m["splits"][0]["metrics"]]
         t = Table(title=f"{m['model']} on {m['data']} {m['size']}px (test acc "

@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from .._extras import require
+from .._progress import progress_bar, set_status
 from ..attacks import (
     AttackResult,
     distance_correlation,
@@ -140,6 +139,11 @@ class ValidateConfig:
             v = getattr(self, key)
             if v is not None and v < 2:
                 raise InvalidInputError(f"--{key.replace('_', '-')} must be >= 2, got {v}")
+        if self.eval_samples is not None and self.mi_k >= self.eval_samples:
+            raise InvalidInputError(
+                f"--mi-k {self.mi_k} needs more than {self.mi_k} held-out samples for the kNN "
+                f"mutual information; --eval-samples is {self.eval_samples} (raise it or lower "
+                "--mi-k)")
         if not (math.isfinite(self.sigma) and self.sigma > 0):
             raise InvalidInputError(f"--sigma must be finite and > 0, got {self.sigma}")
         if any(not (math.isfinite(s) and s > 0) for s in self.sweep_sigmas):
@@ -209,7 +213,7 @@ def _load_demo(cfg: ValidateConfig, name: str, device: torch.device, bar) -> dic
     from ..train import _demo_data, demo_model
 
     if bar is not None:
-        bar.set_postfix_str(f"{name}: training (cached after the first run)", refresh=True)
+        set_status(bar, f"{name}: training (cached after the first run)")
     model, x_te, _, acc = demo_model(name, data=cfg.data, size=cfg.size, seed=cfg.seed,
                                      epochs=cfg.epochs, cache=True)
     x_tr, _, x_te2, _ = _demo_data(cfg.data, cfg.size, cfg.seed)
@@ -222,6 +226,10 @@ def _load_demo(cfg: ValidateConfig, name: str, device: torch.device, bar) -> dic
     if cfg.samples > len(x_te):
         raise InvalidInputError(
             f"--samples {cfg.samples} exceeds the {len(x_te)} held-out samples available")
+    if cfg.mi_k >= len(x_te):
+        raise InvalidInputError(
+            f"--mi-k {cfg.mi_k} needs more than {cfg.mi_k} held-out samples for the kNN mutual "
+            f"information; the data has {len(x_te)} (lower --mi-k)")
     return {"model": model.to(device).eval(), "x_train": x_tr.to(device),
             "x_test": x_te.to(device), "accuracy": acc}
 
@@ -346,11 +354,8 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
         # one progress step per (model, split) and per sweep sigma
         total = sum(len(v) for v in split_lists.values()) + len(cfg.sweep_sigmas)
         if cfg.progress:
-            require("tqdm", "the validate progress bar")
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, desc="validate", unit="step", file=sys.stderr,
-                       dynamic_ncols=True)
+            bar = progress_bar("the validate progress bar", total=total, desc="validate",
+                               unit="step")
         for name in cfg.models:
             rep, ex = _validate_model(cfg, name, loaded[name], split_lists[name], bar, timing)
             models_report.append(rep)
@@ -423,7 +428,7 @@ def _step(bar, text: str) -> Any:
         return None
 
     def show(msg: str) -> None:
-        bar.set_postfix_str(f"{text}: {msg}", refresh=True)
+        set_status(bar, f"{text}: {msg}")
 
     show("start")
     return show
