@@ -144,3 +144,17 @@ def test_bench_results_file_is_checked(tmp_path, capsys):
     p.write_text(json.dumps({"results": []}))
     err = _one_line(capsys, main(["bench", "--table", str(p)]), "bench")
     assert "not a results file" in err
+
+
+def test_model_module_in_the_current_directory(tmp_path, monkeypatch, capsys):
+    """`fsinfo-fast profile --model mymodels:build` from the folder holding mymodels.py failed
+    ('cannot import') where `python -m fsinfo_fast` worked: the script has no current
+    directory on sys.path."""
+    (tmp_path / "cwd_model_round3.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten())\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["info", "--model", "cwd_model_round3:build", "--size", "8"]) == 0
+    assert "backend auto picks" in capsys.readouterr().out

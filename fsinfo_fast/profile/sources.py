@@ -79,6 +79,28 @@ def zoo_key(spec: str) -> str:
     return spec.lower().replace("-", "").replace("_", "")
 
 
+def _import_from_cwd_too(modname: str):
+    """``importlib.import_module``, and where the module is not found, again with the current
+    directory on ``sys.path`` (``python -m fsinfo_fast`` has it there; the ``fsinfo-fast``
+    script does not, so a model file beside the user was found by one and not the other)."""
+    import os
+    import sys
+
+    try:
+        return importlib.import_module(modname)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        top = modname.split(".")[0]
+        if err.name != top or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(modname)
+        except ModuleNotFoundError:
+            sys.path.remove(cwd)
+            raise err from None
+
+
 def build_model(spec: str, **zoo_kwargs) -> nn.Module:
     """The model named by ``spec`` (fresh weights), in eval mode.
 
@@ -104,7 +126,7 @@ def build_model(spec: str, **zoo_kwargs) -> nn.Module:
         )
     modname, func = spec.split(":")
     try:
-        mod = importlib.import_module(modname)
+        mod = _import_from_cwd_too(modname)
     except Exception as err:  # ImportError, or whatever the module raises on import
         raise ModelSpecError(
             f"cannot import {modname!r} for --model {spec}: {_one_line(err)}"
