@@ -531,8 +531,8 @@ def _prepare(
             with func_errors():
                 # a seeded cotangent, not ones: the adjoint check below reads this backward,
                 # and a dropped term orthogonal to the ones vector would hide from it
-                (grad,) = torch.autograd.grad(out, xr, grad_outputs=_adjoint_u(out),
-                                              allow_unused=True)
+                u = _adjoint_u(out)
+                (grad,) = torch.autograd.grad(out, xr, grad_outputs=u, allow_unused=True)
         if grad is None:
             raise NotDifferentiableError(
                 "the encoder's output does not depend differentiably on x (no autograd path: "
@@ -592,7 +592,8 @@ def _prepare(
                         "the samples interact (batch statistics, mixing across the batch). The "
                         "metric is per sample; use an encoder that treats samples independently"
                     )
-    _check_adjoint(fn, x.reshape(batch, -1), grad.reshape(batch, -1), y, tol)
+    _check_adjoint(fn, x.reshape(batch, -1), u.reshape(batch, -1), grad.reshape(batch, -1), y,
+                   tol)
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:
         # a batch of one checks nothing about interaction: record 0 so a later larger batch does
@@ -676,16 +677,17 @@ def natural_scale(x: Tensor, y: Tensor) -> Tensor:
     return y64.norm(dim=1) / x64.norm(dim=1).clamp_min(math.sqrt(x64.shape[1]))
 
 
-def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor, y: Tensor,
-                   tol: float) -> None:
+def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: Tensor,
+                   y: Tensor, tol: float) -> None:
     """Raise :class:`EncoderError` where forward-mode and reverse-mode autograd differentiate
-    the encoder differently: ``u^T (J v)`` (one JVP, seeded ``u``, ``v``) against
-    ``(J^T u)^T v`` (``grad``, the backward of the structural check). ``torch.no_grad()``
-    inside ``forward`` stops the reverse mode only, so the routes built on JVPs (the oracle,
-    the fast exact route by columns) and those built on VJPs measured different Jacobians.
-    The tolerance is relative to the terms' size and to :func:`natural_scale` (rounding noise
-    of a vanishing Jacobian is no disagreement). Skipped where forward-mode AD does not run the
-    encoder (the products then go through the reverse mode only)."""
+    the encoder differently: ``u^T (J v)`` (one JVP, a seeded ``v``) against ``(J^T u)^T v``
+    (``grad``, the backward of the structural check with the seeded cotangent ``u``).
+    ``torch.no_grad()`` inside ``forward`` stops the reverse mode only, so the routes built on
+    JVPs (the oracle, the fast exact route by columns) and those built on VJPs measured
+    different Jacobians. The tolerance is relative to the terms' size and to
+    :func:`natural_scale` (rounding noise of a vanishing Jacobian is no disagreement). Skipped
+    where forward-mode AD does not run the encoder (the products then go through the reverse
+    mode only)."""
     gen = torch.Generator().manual_seed(0x5EED)
     v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
     try:
@@ -698,7 +700,7 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, grad: Tensor, y: T
         return
     # over the whole batch (the identity holds for the batch map even where samples interact
     # and the interaction check did not look)
-    u = _adjoint_u(jv).to(torch.float64)
+    u = u.to(torch.float64)
     uj = u * jv.detach().to(torch.float64)
     a = float(uj.sum())
     terms = grad.to(torch.float64) * v.to(torch.float64)

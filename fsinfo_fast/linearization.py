@@ -593,8 +593,7 @@ class Linearization:
         n = min(self.m, self.d)
         # the fast exact route (no spectrum) chunks its one-hot products to the memory budget;
         # the oracle builds each sample's dense Jacobian
-        if (n <= cost_randomized and self._exact_unavailable() is None
-                and (not spectrum or self._oracle_fits())):
+        if n <= cost_randomized and (not spectrum or self._oracle_fits()):
             return (f"the exact route's min(m, d) = {n} products cost no more than the "
                     f"randomized estimator's first round ({cost_randomized})")
         return None
@@ -608,7 +607,7 @@ class Linearization:
         if estimator != "auto" or fixed or bool(est.converged.all()):
             return None
         n_bad, others = _unconverged(est)
-        if self._exact_unavailable() is None and (not spectrum or self._oracle_fits()):
+        if not spectrum or self._oracle_fits():
             return (f"the randomized {what} did not reach the tolerance within {max_probes} "
                     f"probes for {n_bad} sample(s) (stopped at the cap, or as soon as that was "
                     f"predicted){others}")
@@ -687,8 +686,7 @@ class Linearization:
                    else max(2, n // (2 * min(order_est, n))))
         # auto's exact route takes over a sample that cannot converge within the cap (the
         # log det's only where the oracle fits): such a sample stops as soon as that is planned
-        fallback = estimator == "auto" and self._exact_unavailable() is None and (
-            not spectrum or self._oracle_fits())
+        fallback = estimator == "auto" and (not spectrum or self._oracle_fits())
         stop = _stopping(atol, rtol, num_probes, max_probes, cap, fallback)
         common = {"seed": self.seed, "sample_ids": self.sample_ids}
         if variant == "diag":
@@ -743,10 +741,12 @@ class Linearization:
                                                            _SNAPSHOT_MAX)))
         return self._slq
 
-    def _diag_state(self, snapshot_bytes: int | None = None) -> DiagProbeState:
+    def _diag_state(self, snapshot_bytes: int | None = None,
+                    pinned_rows_only: bool = False) -> DiagProbeState:
         """The Gaussian VJP probes of this batch, shared by every diagonal request (FSInfo_diag
         at any sigma or floor, dFIL with ``method="diag"``, ``sigma*``). ``snapshot_bytes``:
-        start a fresh state with that snapshot budget (default: a share of the memory budget)."""
+        start a fresh state with that snapshot budget (default: a share of the memory budget)
+        and ``pinned_rows_only`` (see :class:`~.estimators.DiagProbeState`)."""
         if self._dstate is None or snapshot_bytes is not None:
             budget = self.memory_budget or default_memory_budget(self.enc.x.device)
             if snapshot_bytes is None:
@@ -754,6 +754,7 @@ class Linearization:
             self._dstate = DiagProbeState.for_products(
                 self.products, seed=self.seed, sample_ids=self.sample_ids,
                 snapshot_bytes=snapshot_bytes)
+            self._dstate.pinned_rows_only = pinned_rows_only
         return self._dstate
 
     def _diag(self, s: Tensor, floor: float, stop: StoppingRule, stop_on: str = "fsinfo_diag"):
@@ -1387,8 +1388,9 @@ class Linearization:
             stages = 3 * st.batch * st.groups * st.d * 8  # each sample's three boundaries
             # (a memory_budget sizes the probe chunks; a tiny one should not make the snapshots
             # of three stage boundaries impossible where free memory holds them)
-            self._diag_state(snapshot_bytes=max(budget // 2, min(stages, free // 2)))
-            self._dstate.pinned_rows_only = True  # this estimate's stage boundaries only
+            # this estimate's stage boundaries only
+            self._diag_state(snapshot_bytes=max(budget // 2, min(stages, free // 2)),
+                             pinned_rows_only=True)
             self._diag_cache.clear()
             r = self.fsinfo(1.0, floor=floor, **kw)
             try:

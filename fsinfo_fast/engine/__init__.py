@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..encoder import PreparedEncoder
+from ..encoder import PreparedEncoder, natural_scale
 from ..errors import BackendUnavailableError, InvalidInputError
 from .torchfunc import TorchFuncProducts, default_memory_budget
 
@@ -163,6 +163,17 @@ def _cross_check(prods, enc: PreparedEncoder, kw: dict) -> None:
         raise done[key]
 
 
+def _engine_product(product, t: torch.Tensor, what: str) -> torch.Tensor:
+    """``product(t)``, a failure raised as :class:`~.capture.CaptureError`."""
+    from .capture import CaptureError
+
+    try:
+        return product(t)
+    except Exception as err:
+        raise CaptureError(f"the engine's {what} product failed: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0][:200]}") from err
+
+
 def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict) -> None:
     from ..estimators.probes import draw_probes
     from .capture import CaptureError
@@ -173,11 +184,7 @@ def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict) -> None:
         ref = TorchFuncProducts(enc, memory_budget=kw.get("memory_budget")).vjp(u)
     except Exception:  # torch.func cannot run it (buffer writes, old-style Functions, ...)
         return
-    try:
-        got = prods.vjp(u)
-    except Exception as err:
-        raise CaptureError(f"the engine's vector-Jacobian product failed: "
-                           f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
+    got = _engine_product(prods.vjp, u, "vector-Jacobian")
     ref64, got64 = ref.to(torch.float64).flatten(1), got.to(torch.float64).flatten(1)
     rtol = CROSS_CHECK_RTOL if kw.get("scale_dtype") is None else CROSS_CHECK_RTOL_SCALED
     rtol = max(rtol, 50 * torch.finfo(enc.x.dtype).eps)  # half-precision products round more
@@ -185,15 +192,9 @@ def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict) -> None:
     # u^T (J v) = (J^T u)^T v against torch.func's VJP
     v = draw_probes(enc.d, seed=0x5EED_C4EC, sample_ids=torch.arange(enc.batch), count=1,
                     kind="gaussian", dtype=enc.x.dtype, device=enc.x.device)
-    try:
-        jv = prods.jvp(v)
-    except Exception as err:
-        raise CaptureError(f"the engine's Jacobian-vector product failed: "
-                           f"{type(err).__name__}: {str(err).splitlines()[0][:200]}") from err
+    jv = _engine_product(prods.jvp, v, "Jacobian-vector")
     uj = u.to(torch.float64).flatten(1) * jv.to(torch.float64).flatten(1)
     rv = ref64 * v.to(torch.float64).flatten(1)
-    from ..encoder import natural_scale
-
     # plus the size of a derivative that is not rounding noise (a sample whose Jacobian
     # vanishes, a similarity score on a blank image, has products of pure noise)
     nat = natural_scale(enc.x, enc.y)
