@@ -212,6 +212,12 @@ def cases() -> dict[str, tuple[nn.Module, torch.Tensor, set[str]]]:
         Fn(lambda s, x: F.pad(x, (1, 2, 0, 1), value=0.5)[:, :, :7, :6]
            + F.pad(x, (1, 1, 2, 0), mode="reflect")[:, :, :7, :6]
            + F.pad(x, (0, 1, 1, 1), mode="replicate")[:, :, :7, :6]), img, {"pad", "index"})
+    # circular padding: torch's kernel copies into views of an empty tensor (the engine refused
+    # it as "output does not depend on the input"); captured as gathers
+    c["pad_circular"] = (
+        nn.Sequential(Fn(lambda s, x: F.pad(x, (2, 1, -1, 1), mode="circular")),
+                      nn.Conv2d(4, 2, 3, padding=1, padding_mode="circular")), img,
+        {"index", "conv"})
     c["roll"] = (Fn(lambda s, x: torch.roll(x, (2, -3), (2, 3)) + torch.roll(x, 1, -1)), img,
                  {"roll"})
     c["flip_repeat"] = (Fn(lambda s, x: x.flip(1).repeat(1, 2, 3)), seq, {"view", "repeat"})

@@ -142,14 +142,38 @@ def _route_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
                    bool(enable_gqa))
 
 
-#: Python functions recorded as one op during capture
+def _pad_circular(x: Tensor, pad: list[int]) -> Tensor:
+    """``F.pad(x, pad, mode="circular")`` as gathers: negative pads crop, then output index j of
+    a padded dimension reads index (j - left) mod size, as torch's own (whose kernel copies
+    slices into an empty tensor, in place on views: nothing the engine can follow)."""
+    for i in range(len(pad) // 2):
+        dim = x.dim() - 1 - i
+        left, right = int(pad[2 * i]), int(pad[2 * i + 1])
+        x = x.narrow(dim, max(-left, 0), x.shape[dim] - max(-left, 0) - max(-right, 0))
+        left, right, size = max(left, 0), max(right, 0), x.shape[dim]
+        if left or right:
+            idx = torch.remainder(torch.arange(size + left + right, device=x.device) - left,
+                                  size)
+            x = torch.index_select(x, dim, idx)
+    return x
+
+
+def _route_pad(input, pad, mode="constant", value=None):
+    if mode == "circular":
+        return _pad_circular(input, list(pad))
+    return F.pad(input, pad, mode=mode, value=value)
+
+
+#: Python functions recorded as one op (or, for circular padding, as gathers) during capture
 _ROUTES = {F.rms_norm: _route_rms_norm, torch.rms_norm: _route_rms_norm,
-           F.scaled_dot_product_attention: _route_sdpa}
+           F.scaled_dot_product_attention: _route_sdpa, F.pad: _route_pad,
+           torch._C._nn.pad: _route_pad}
 
 
 class _Route(TorchFunctionMode):
     """During capture, RMS norm and scaled dot-product attention become one node each
-    (:data:`RMS_NORM_OP`, :data:`SDPA_OP`), which the engine's rules linearise compactly."""
+    (:data:`RMS_NORM_OP`, :data:`SDPA_OP`), which the engine's rules linearise compactly, and
+    circular padding becomes gathers (:func:`_pad_circular`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         route = _ROUTES.get(func)
