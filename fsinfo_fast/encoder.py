@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ._precision import ieee_fp32
 from .errors import (
@@ -594,6 +595,7 @@ def _prepare(
                     )
     _check_adjoint(fn, x.reshape(batch, -1), u.reshape(batch, -1), grad.reshape(batch, -1), y,
                    tol)
+    _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), grad.reshape(batch, -1), y, tol)
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:
         # a batch of one checks nothing about interaction: record 0 so a later larger batch does
@@ -720,10 +722,58 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: T
             "honours it) or remove the no_grad block")
 
 
+def cdist_as_norm(x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: Any = None) -> Tensor:
+    """``torch.cdist`` as the p-norm of broadcast differences: the same distances (the
+    matrix-product form torch picks for large inputs differs by rounding only). PyTorch's own op
+    has no forward-mode derivative, and under ``vmap`` its backward returned the first
+    cotangent's result for every row (torch 2.13): the oracle and the torch backend measured a
+    wrong Jacobian without an error. The torch.func routes and the engine's capture use this."""
+    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+
+
+class FuncRoute(TorchFunctionMode):
+    """While the encoder runs under torch.func, ops PyTorch differentiates wrongly or not at all
+    there are computed by equivalent primitives (``torch.cdist``: :func:`cdist_as_norm`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.cdist:
+            return cdist_as_norm(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
 def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]):
     def fn(flat: Tensor) -> Tensor:
         # a copy: an encoder that writes into its input (x.sub_(), ReLU(inplace=True) first)
         # would move the linearisation point (and the caller's x) at every product
-        return enc(flat.reshape(flat.shape[0], *in_shape).clone()).reshape(flat.shape[0], -1)
+        with FuncRoute():
+            out = enc(flat.reshape(flat.shape[0], *in_shape).clone())
+        return out.reshape(flat.shape[0], -1)
 
     return fn
+
+
+def _check_vmap(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: Tensor,
+                y: Tensor, tol: float) -> None:
+    """Raise :class:`EncoderError` where torch.func's batched VJPs (``vmap``, as the torch
+    backend, the oracle and the engine's per-node fallbacks run them) differ from plain
+    autograd's backward on sample 0: a wrong batching rule in PyTorch gives every route built on
+    it a wrong Jacobian without an error (``torch.cdist`` did, before :class:`FuncRoute`). The
+    validation cotangent is the second of two, so a rule that repeats the first row is caught.
+    Skipped where vmap cannot run the encoder at all (the routes then raise or loop)."""
+    x0, u0, g0 = x[:1].detach(), u[:1], grad[:1]
+    other = torch.flip(u0, dims=(1,)) + 0.5
+    try:
+        with torch.enable_grad():
+            _, pull = torch.func.vjp(fn, x0)
+            got = torch.func.vmap(lambda w: pull(w)[0])(torch.stack([other, u0]))[1]
+    except Exception:  # noqa: BLE001  (no batching rule, no torch.func support: said elsewhere)
+        return
+    got, ref = got.detach().to(torch.float64), g0.to(torch.float64)
+    err = float((got - ref).abs().max())
+    scale = float(ref.abs().max()) + float(natural_scale(x0, y[:1])[0]) * float(u0.abs().max())
+    if math.isfinite(scale) and not err <= tol * scale + 1e-30:
+        raise EncoderError(
+            f"torch.func's batched (vmap) backward of this encoder differs from autograd's by "
+            f"{err:.3g} (relative {err / max(scale, 1e-300):.3g}) on sample 0: an op in it has "
+            "a wrong vmap batching rule in this PyTorch, and every route built on torch.func "
+            "would measure a wrong Jacobian. Write the op with other primitives")

@@ -41,6 +41,8 @@ from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..encoder import cdist_as_norm
+
 __all__ = ["Captured", "CaptureError", "capture", "decomposition_table", "KEEP_WHOLE"]
 
 log = logging.getLogger(__name__)
@@ -164,16 +166,18 @@ def _route_pad(input, pad, mode="constant", value=None):
     return F.pad(input, pad, mode=mode, value=value)
 
 
-#: Python functions recorded as one op (or, for circular padding, as gathers) during capture
+#: Python functions recorded as one op (or, for circular padding and cdist, as primitives)
+#: during capture
 _ROUTES = {F.rms_norm: _route_rms_norm, torch.rms_norm: _route_rms_norm,
            F.scaled_dot_product_attention: _route_sdpa, F.pad: _route_pad,
-           torch._C._nn.pad: _route_pad}
+           torch._C._nn.pad: _route_pad, torch.cdist: cdist_as_norm}
 
 
 class _Route(TorchFunctionMode):
     """During capture, RMS norm and scaled dot-product attention become one node each
     (:data:`RMS_NORM_OP`, :data:`SDPA_OP`), which the engine's rules linearise compactly, and
-    circular padding becomes gathers (:func:`_pad_circular`)."""
+    circular padding becomes gathers (:func:`_pad_circular`), ``torch.cdist`` a norm of
+    differences."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         route = _ROUTES.get(func)
