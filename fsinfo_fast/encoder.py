@@ -595,7 +595,7 @@ def _prepare(
                     )
     _check_adjoint(fn, x.reshape(batch, -1), u.reshape(batch, -1), grad.reshape(batch, -1), y,
                    tol)
-    _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), grad.reshape(batch, -1), y, tol)
+    _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol)
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:
         # a batch of one checks nothing about interaction: record 0 so a later larger batch does
@@ -752,28 +752,32 @@ def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]):
     return fn
 
 
-def _check_vmap(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: Tensor,
-                y: Tensor, tol: float) -> None:
+def _check_vmap(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, y: Tensor,
+                tol: float) -> None:
     """Raise :class:`EncoderError` where torch.func's batched VJPs (``vmap``, as the torch
-    backend, the oracle and the engine's per-node fallbacks run them) differ from plain
-    autograd's backward on sample 0: a wrong batching rule in PyTorch gives every route built on
-    it a wrong Jacobian without an error (``torch.cdist`` did, before :class:`FuncRoute`). The
-    validation cotangent is the second of two, so a rule that repeats the first row is caught.
+    backend, the oracle and the engine's per-node fallbacks run them) differ from the same
+    pullback applied to one cotangent on sample 0: a wrong batching rule in PyTorch gives every
+    route built on it a wrong Jacobian without an error (``torch.cdist`` did, before
+    :class:`FuncRoute`). The validation cotangent is the second of two, so a rule that repeats
+    the first row is caught.
     Skipped where vmap cannot run the encoder at all (the routes then raise or loop)."""
-    x0, u0, g0 = x[:1].detach(), u[:1], grad[:1]
+    x0, u0 = x[:1].detach(), u[:1]
     other = torch.flip(u0, dims=(1,)) + 0.5
     try:
         with torch.enable_grad():
             _, pull = torch.func.vjp(fn, x0)
             got = torch.func.vmap(lambda w: pull(w)[0])(torch.stack([other, u0]))[1]
+            ref = pull(u0)[0]
     except Exception:  # noqa: BLE001  (no batching rule, no torch.func support: said elsewhere)
         return
-    got, ref = got.detach().to(torch.float64), g0.to(torch.float64)
+    # the same forward for both: only the batching of the backward differs (a batch-size
+    # dependent primal would make saturated layers' rounding look like a disagreement)
+    got, ref = got.detach().to(torch.float64), ref.detach().to(torch.float64)
     err = float((got - ref).abs().max())
     scale = float(ref.abs().max()) + float(natural_scale(x0, y[:1])[0]) * float(u0.abs().max())
     if math.isfinite(scale) and not err <= tol * scale + 1e-30:
         raise EncoderError(
-            f"torch.func's batched (vmap) backward of this encoder differs from autograd's by "
-            f"{err:.3g} (relative {err / max(scale, 1e-300):.3g}) on sample 0: an op in it has "
-            "a wrong vmap batching rule in this PyTorch, and every route built on torch.func "
-            "would measure a wrong Jacobian. Write the op with other primitives")
+            f"torch.func's batched (vmap) backward of this encoder differs from its unbatched "
+            f"one by {err:.3g} (relative {err / max(scale, 1e-300):.3g}) on sample 0: an op in "
+            "it has a wrong vmap batching rule in this PyTorch, and every route built on "
+            "torch.func would measure a wrong Jacobian. Write the op with other primitives")
