@@ -587,6 +587,13 @@ def _prepare(
                 err = float((alone - y[i]).abs().max())
                 if not err <= tol * scale:
                     deterministic()  # randomness, not interaction, if the batch itself varies
+                    # kernels pick their blocking by batch size: saturated layers (tanh at
+                    # large weights) turn that rounding into 1e-4 differences. A batch of the
+                    # same size holding only sample i rounds as the batch did, and still moves
+                    # sample i's output where the samples interact
+                    same = fn(x[i : i + 1].expand(batch, *x.shape[1:]).reshape(batch, -1))[i]
+                    if float((same - y[i]).abs().max()) <= tol * scale:
+                        continue
                     raise SampleInteractionError(
                         f"sample {i}'s output changes by {err:.3g} (relative "
                         f"{err / scale:.3g}) when it is encoded alone instead of in the batch: "

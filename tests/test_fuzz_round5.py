@@ -75,3 +75,36 @@ def test_a_wrong_vmap_batching_rule_is_refused(monkeypatch):
     enc, x = _cdist_case()
     with pytest.raises(ff.EncoderError, match="vmap"):
         ff.linearize(enc, x, backend="torch")
+
+
+def _saturated_mlp(seed):
+    torch.manual_seed(seed)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(192, 512), nn.Tanh(), nn.Linear(512, 512),
+                        nn.Tanh(), nn.Linear(512, 64), nn.Tanh()).eval()
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.mul_(100)
+    return enc
+
+
+def test_batch_size_rounding_is_not_sample_interaction():
+    """A tanh MLP at weights x100: its outputs alone and in the batch differ by 1e-4..2.5e-4
+    (the kernels' blocking depends on the batch size; saturated tanh turns the rounding into
+    that), and the interaction check refused 6 of 24 such encoders. A batch of the same size
+    holding only the sample rounds as the batch did, so it tells rounding from interaction."""
+    for seed in (2, 4):
+        enc = _saturated_mlp(seed)
+        x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        ff.linearize(enc, x)
+
+
+@pytest.mark.parametrize("strength", [1e-3, 1.0])
+def test_real_interaction_is_still_refused(strength):
+    """Mixing in the next sample (even at 1e-3) and batch centring stay refused."""
+    def mix(z):
+        return torch.tanh(z + strength * torch.roll(z, 1, dims=0))
+
+    with pytest.raises(ff.SampleInteractionError, match="samples interact"):
+        ff.linearize(mix, torch.randn(4, 6, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(ff.SampleInteractionError, match="samples interact"):
+        ff.linearize(lambda z: z - strength * z.mean(dim=0), torch.randn(3, 5))
