@@ -200,7 +200,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     """Compute everything ``fsinfo-fast guard`` reports (see the module docstring)."""
     from ..guard import FSInfoGuard, concat_sigma_results
     from .distributed import resolve_device
-    from .runner import _check_runs
+    from .runner import check_runs
     from .sources import resolve_splits
 
     _check(args)
@@ -214,7 +214,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     if n_cal < 1:
         raise DataError(f"--data {args.data} has no samples")
     splits = resolve_splits(model, args.splits)
-    _check_runs(model, splits, x[:1])  # one-line errors where the encoders cannot take x
+    check_runs(model, splits, x[:1])  # one-line errors where the encoders cannot take x
     why_not = None if args.accuracy else "--no-accuracy"
     if why_not is None and n_cal == n:
         why_not = (f"no held-out samples: all {n} samples are used for calibration "

@@ -58,6 +58,7 @@ __all__ = [
     "ProfileConfig",
     "ProfileOutcome",
     "run_profile",
+    "check_runs",
     "MATCH_KEYS",
     "DEFAULT_ROOT",
     "EXACT_SMALL_D",
@@ -331,7 +332,11 @@ def _build(recipe: dict[str, Any]) -> nn.Module:
     return build_model(recipe["spec"], **recipe["zoo_kwargs"])
 
 
-def _check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
+def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
+    """Raise :class:`DataError` (a one-line message) where a split's encoder cannot run on one
+    sample ``x1`` (a size too small for the model, an incompatible input), and
+    :class:`EncoderError` where it returns no float tensor; shared by ``profile`` and
+    ``guard``."""
     for s in splits:
         try:
             with torch.no_grad():
@@ -406,7 +411,7 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext) -> tuple[_Prepared, Dat
     if data.x.shape[0] == 0:
         raise DataError(f"--data {cfg.data}: no samples")
     splits = resolve_splits(model, cfg.splits)
-    _check_runs(model, splits, data.x[:1])
+    check_runs(model, splits, data.x[:1])
     settings = _settings(cfg, model, data, splits, ckpt_sha, dist.device, dist.world)
     if stored is not None:
         diffs = settings_diff(stored, settings, MATCH_KEYS)
