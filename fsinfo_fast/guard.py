@@ -17,7 +17,9 @@ calibration set, or a quantile of it).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -29,16 +31,32 @@ __all__ = ["FSInfoGuard", "GaussianNoise", "add_noise", "concat_sigma_results"]
 
 
 
+def _noise_sigma(sigma: float | Tensor) -> Tensor:
+    """``sigma`` as a float64 tensor, refused unless a real number (or tensor) finite and >= 0
+    (a negative sigma added noise of ``|sigma|``, NaN or inf made the output NaN/inf)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (numbers.Real, Tensor)) or (
+            isinstance(sigma, Tensor) and (sigma.is_complex() or sigma.dtype == torch.bool)):
+        raise InvalidInputTypeError(f"sigma must be a float or a [B] tensor, got {sigma!r}")
+    exact = torch.as_tensor(sigma, dtype=torch.float64)
+    if not bool((torch.isfinite(exact) & (exact >= 0)).all()):
+        raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
+    return exact
+
+
 def add_noise(z: Tensor, sigma: float | Tensor, generator: torch.Generator | None = None) -> Tensor:
     """``z + sigma * N(0, I)`` with ``sigma`` a float or a per-sample ``[B]`` tensor.
 
     ``generator`` may live on another device than ``z`` (the noise is drawn on the generator's
     device and moved to ``z``'s)."""
-    sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device)
-    if sigma.ndim == 1 and sigma.shape[0] != z.shape[0]:
+    exact = _noise_sigma(sigma).to(z.device)
+    if exact.ndim > 1 or (exact.ndim == 1 and exact.shape[0] != z.shape[0]):
         raise InvalidInputError(
-            f"sigma has {sigma.shape[0]} entries for a batch of {z.shape[0]} samples"
-        )
+            f"sigma has shape {tuple(exact.shape)} for a batch of {z.shape[0]} samples (a float "
+            "or [B])")
+    # in z's dtype, rounded up: a half-precision model must not get less noise than asked
+    sigma = exact.to(z.dtype)
+    sigma = torch.where(sigma.to(torch.float64) < exact,
+                        torch.nextafter(sigma, torch.full_like(sigma, math.inf)), sigma)
     scale = sigma.reshape(-1, *([1] * (z.ndim - 1))) if sigma.ndim == 1 else sigma
     # a generator draws on its own device (a CPU generator for a model on the GPU is common):
     # the noise is drawn there and moved, so the same generator state gives the same noise
@@ -65,6 +83,7 @@ class GaussianNoise(nn.Module):
 
     def __init__(self, sigma: float | Tensor = 0.0, generator: torch.Generator | None = None):
         super().__init__()
+        _noise_sigma(sigma)
         self.sigma = sigma
         self.generator = generator
 
@@ -100,18 +119,32 @@ def concat_sigma_results(results: Sequence[SigmaResult]) -> SigmaResult:
                        info={"batches": [r.info for r in results]})
 
 
+def _is_pair(data: Any) -> bool:
+    """``(x, y)`` with float inputs and non-float labels: one batch, not two."""
+    return (isinstance(data, (tuple, list)) and len(data) == 2
+            and all(isinstance(t, Tensor) for t in data) and data[0].is_floating_point()
+            and not data[1].is_floating_point() and data[1].shape[:1] == data[0].shape[:1])
+
+
 def _batches(data: Tensor | Iterable) -> Iterable[Tensor]:
-    if isinstance(data, Tensor):
-        yield data
-        return
-    for item in data:
+    if isinstance(data, (Tensor, Mapping)) or _is_pair(data):
+        data = [data]
+    for k, item in enumerate(data):
         if isinstance(item, Mapping):  # a Hugging Face style batch
             if "pixel_values" not in item:
                 raise InvalidInputError(
                     f"a calibration batch is a mapping without 'pixel_values' (keys "
                     f"{sorted(map(str, item))}); pass tensors, (x, y) pairs or such mappings")
             item = item["pixel_values"]
-        yield item[0] if isinstance(item, (tuple, list)) else item
+        item = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(item, Tensor) or not item.is_floating_point():
+            what = (f"a {item.dtype} tensor (labels?)" if isinstance(item, Tensor)
+                    else type(item).__name__)
+            raise InvalidInputTypeError(
+                f"calibration batch {k} is {what}, not a float tensor of inputs: pass one "
+                "tensor, an (x, y) pair, a mapping with 'pixel_values', or an iterable of "
+                "these")
+        yield item
 
 
 class FSInfoGuard(nn.Module):
@@ -124,7 +157,7 @@ class FSInfoGuard(nn.Module):
         sigma: a fixed noise scale to start with (data-set mode); ``None`` means per-sample mode
             until :meth:`calibrate` is called.
         generator: ``torch.Generator`` for the noise (reproducible outputs).
-        metric_kwargs: ``backend``, ``seed`` and ``memory_budget`` go to
+        metric_kwargs: ``backend``, ``seed``, ``memory_budget`` and ``dtype`` go to
             :func:`fsinfo_fast.linearize`, the rest (``estimator``, ``atol``, ``prior_var``,
             ...) to :meth:`fsinfo_fast.Linearization.fsinfo_sigma`.
 
@@ -154,7 +187,7 @@ class FSInfoGuard(nn.Module):
         check_metric_keywords({**metric_kwargs, "variant": variant}, "fsinfo_sigma",
                               "FSInfoGuard", extra=("sample_ids",))
         for name, v in (("target", target), ("sigma", sigma)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                 raise InvalidInputTypeError(f"{name} must be a float, got {v!r}")
         if not math.isfinite(target):
             raise InvalidInputError(f"target must be a finite FSInfo in nats/dim, got {target!r}")
@@ -168,6 +201,14 @@ class FSInfoGuard(nn.Module):
         self.last_sigma: Tensor | None = None
         if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
             raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
+
+    def _apply(self, fn, recurse=True):
+        """``.half()``, ``.to(dtype)`` and the like leave the calibrated sigma in float64 (a
+        float16 copy rounded it down: less noise than calibrated); devices move as usual."""
+        keep = self.sigma
+        super()._apply(fn, recurse)
+        self.sigma = keep.to(device=self.sigma.device, dtype=torch.float64)
+        return self
 
     @property
     def per_sample(self) -> bool:
@@ -200,7 +241,8 @@ class FSInfoGuard(nn.Module):
 
     @torch.no_grad()
     def calibrate(
-        self, data: Tensor | Iterable, statistic: str = "max", q: float = 0.95
+        self, data: Tensor | Iterable, statistic: str = "max", q: float = 0.95, *,
+        conservative: bool = False,
     ) -> float:
         """Set one data-set sigma from a calibration set and return it.
 
@@ -210,11 +252,19 @@ class FSInfoGuard(nn.Module):
         (``"sigmas"``, and the whole :class:`~fsinfo_fast.result.SigmaResult` as ``"result"``).
 
         Args:
-            data: a tensor batch, or an iterable of batches (or of ``(x, y)`` pairs).
-            statistic: ``"max"`` (every calibration sample reaches the target or below) or
+            data: a tensor batch, an ``(x, y)`` pair, a Hugging Face style mapping with
+                ``pixel_values``, or an iterable of any of these (a DataLoader).
+            statistic: ``"max"`` (every calibration sample's estimate reaches the target or
+                below: within the estimator's tolerance, ``atol`` 0.01 nats/dim by default) or
                 ``"quantile"`` (a fraction ``q`` of them does) or ``"mean"``.
             q: the quantile for ``statistic="quantile"``.
+            conservative: reduce the upper ends of the per-sample 95% intervals of ``sigma*``
+                instead of the estimates (:meth:`~fsinfo_fast.result.SigmaResult.dataset`):
+                more noise, so that estimation error does not lower the protection.
         """
+        if not isinstance(conservative, bool):
+            raise InvalidInputTypeError(f"conservative must be True or False, got "
+                                        f"{conservative!r}")
         if statistic not in ("max", "quantile", "mean"):
             raise InvalidInputError(
                 f"statistic must be 'max', 'quantile' or 'mean', got {statistic!r}"
@@ -229,26 +279,31 @@ class FSInfoGuard(nn.Module):
         if not results:
             raise InvalidInputError("calibrate() got no data")
         res = concat_sigma_results(results)
-        value = res.dataset(statistic, q)
+        value = res.dataset(statistic, q, conservative=conservative)
         self._check_reachable(torch.tensor([value], dtype=torch.float64), f"the {statistic} "
                               "of the calibration set's sigma*")
         self.sigma.fill_(value)
-        self.calibration = {"statistic": statistic, "q": q, "n": len(res),
+        self.calibration = {"statistic": statistic, "q": q, "conservative": conservative,
+                            "n": len(res),
                             "sigmas": res.sigma, "result": res}
         return value
 
     def _check_reachable(self, sigma: Tensor, what: str) -> None:
         """Raise where no finite noise reaches the target (an infinite ``sigma*``: the noise
-        would turn the smashed data into inf/NaN), and where the log-det ``sigma*`` is 0
-        (FSInfo_logdet = -inf at every sigma: the guard would add no noise at all)."""
+        would turn the smashed data into inf/NaN), and where ``sigma*`` is 0 (FSInfo = -inf at
+        every sigma: the guard would add no noise at all)."""
         zero = sigma == 0
-        if self.variant == "logdet" and bool(zero.any()):
+        if bool(zero.any()):
+            why = ("J^T J is singular, e.g. m < d, and there is no prior" if
+                   self.variant == "logdet" else "an input dimension does not reach the output "
+                   "and floor=0 puts log 0 = -inf in the mean")
+            fix = ("Use the diag variant (the paper's) or give a prior variance (the finite "
+                   "Bayesian log det)" if self.variant == "logdet" else
+                   "Keep the default floor (1e-10, the paper's) or a positive one")
             raise InvalidInputError(
-                f"{what} is 0 for {int(zero.sum())} of {zero.numel()}: FSInfo_logdet is -inf "
-                "at every sigma there (J^T J is singular, e.g. m < d, and there is no prior), "
-                "so every target holds without noise and the guard would add none. Use the "
-                "diag variant (the paper's) or give a prior variance (the finite Bayesian log "
-                "det)")
+                f"{what} is 0 for {int(zero.sum())} of {zero.numel()}: FSInfo_{self.variant} is "
+                f"-inf at every sigma there ({why}), so every target holds without noise and "
+                f"the guard would add none. {fix}")
         bad = ~torch.isfinite(sigma)
         if bool(bad.any()):
             raise InvalidInputError(
@@ -259,11 +314,14 @@ class FSInfoGuard(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
-        z = self.encoder(x)
+        sigma = None
         if self.per_sample:
+            # before the encoder runs: one that writes into its input (x.mul_(), an in-place
+            # first ReLU) would have moved x, and sigma* would be sized for another input
             sigma = self.sigma_for(x.detach())
             self._check_reachable(sigma, "sigma*")
-        else:
+        z = self.encoder(x)
+        if sigma is None:
             sigma = self.sigma.expand(z.shape[0])
         self.last_sigma = sigma
         return add_noise(z, sigma, self.generator)

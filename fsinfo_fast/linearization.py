@@ -63,7 +63,6 @@ from ._precision import ieee_fp32, ieee_fp32_method
 from .encoder import (
     COMPILED_NOTE,
     PreparedEncoder,
-    check_prior_var,
     check_sigma,
     prepare,
     uncompiled,
@@ -110,7 +109,7 @@ from .estimators.stopping import (
     planned_probes,
 )
 from .formulas import DIAG_FLOOR, HALF_LOG_2PIE, as_sigma
-from .reference.oracle import _warn_singular
+from .reference.oracle import _check_options, _warn_singular
 from .result import Z95, MetricResult, SigmaResult
 
 __all__ = ["DEFAULT_MAX_PROBES", "Linearization", "linearize"]
@@ -162,14 +161,6 @@ _INTERACTION_CHECKS = 2
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InvalidInputError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_floor(floor: object) -> float:
-    if isinstance(floor, bool) or not (
-        isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0
-    ):
-        raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
-    return float(floor)
 
 
 def _check_target(target: object) -> Tensor:
@@ -650,10 +641,8 @@ class Linearization:
         _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
         max_probes = _cap(max_probes, self.m, self.d, estimator)
-        floor = _check_floor(floor)
-        lam = check_prior_var(prior_var)
-        if variant == "diag" and prior_var is not None:
-            raise InvalidInputError("prior_var applies to variant='logdet' only")
+        lam = _check_options(variant, prior_var, floor, lanczos_order)
+        floor = float(floor)
         if estimator == "exact-fast" and variant != "diag":
             raise InvalidInputError(
                 "estimator='exact-fast' computes the diagonal and the trace only; the log-det "
@@ -1480,9 +1469,9 @@ class Linearization:
                 f"target must be a float or have shape [B] = [{self.batch}], got "
                 f"{tuple(tau.shape)}")
         tau_b = tau.expand(self.batch) if tau.ndim == 0 else tau
-        floor = _check_floor(floor)
+        _check_options(variant, prior_var, floor, lanczos_order)
+        floor = float(floor)
         if variant == "logdet" and prior_var is not None:
-            check_prior_var(prior_var)
             if estimator == "randomized":
                 raise InvalidInputError(
                     "the randomized FSInfoGuard sigma for the log-det variant with a prior is "
@@ -1575,7 +1564,7 @@ class Linearization:
 
 
 #: Keywords of :func:`linearize` that FSInfoGuard and the torchmetrics metrics pass through.
-LINEARIZE_KEYWORDS = ("backend", "seed", "memory_budget")
+LINEARIZE_KEYWORDS = ("backend", "seed", "memory_budget", "dtype")
 
 
 def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
@@ -1597,6 +1586,18 @@ def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
     for name in ("atol", "rtol"):
         if name in kw:
             _check_tol(name, kw[name])
+
+    def value(name: str) -> Any:
+        return kw[name] if name in kw else params[name].default
+
+    if method in ("fsinfo", "fsinfo_sigma"):
+        _check_options(value("variant"), value("prior_var"), value("floor"),
+                       value("lanczos_order"))
+    stops = [n for n in ("atol", "rtol", "num_probes") if n in params]
+    if stops and all(value(n) is None for n in stops) and value("estimator") not in (
+            "exact", "exact-fast"):
+        raise InvalidInputError(f"{who}: the randomized estimators need "
+                                f"{', '.join(stops)} (all were None)")
     bad = sorted(set(kw) - allowed)
     if bad:
         hints = [f"{b!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(

@@ -22,6 +22,7 @@ is only an upper bound too).
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -49,9 +50,10 @@ class _LeakageMetric(Metric):
         from .linearization import check_metric_keywords
 
         check_metric_keywords(metric_kwargs, self._method, type(self).__name__)
-        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (
                 math.isfinite(sigma) and sigma > 0):
             raise InvalidInputError(f"sigma must be a positive finite float, got {sigma!r}")
+        sigma = float(sigma)
         super().__init__(**kwargs)
         self.encoder = encoder
         self.noise_sigma = sigma
@@ -71,12 +73,45 @@ class _LeakageMetric(Metric):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """``metric(x)``: the batch's value, accumulated as :meth:`update` does. torchmetrics
         resets the states to compute the batch alone; the running sample ids go on, so every
-        batch gets its own probes (they restarted at 0 with each batch before)."""
+        batch gets its own probes (they restarted at 0 with each batch before). A batch the
+        metric refuses leaves the accumulated states as they were (torchmetrics' reset had
+        erased them: a NaN in one batch lost every batch before it)."""
+        saved = {k: getattr(self, k) for k in self._defaults}
+        flags = {k: getattr(self, k) for k in _FORWARD_FLAGS if hasattr(self, k)}
         self._in_forward = True
         try:
             return super().forward(*args, **kwargs)
+        except BaseException:
+            for k, v in {**saved, **flags}.items():
+                setattr(self, k, v)
+            raise
         finally:
             self._in_forward = False
+
+    #: keywords that define what the metric measures (the others change only its accuracy)
+    _DEFINING = ("variant", "floor", "prior_var")
+
+    def merge_state(self, incoming_state: Any) -> None:
+        """Add another metric's states (or a state dict) to this one's, as torchmetrics does;
+        a metric of another class, noise scale or variant is refused (its values measure
+        something else), and a cached :meth:`compute` result is dropped (torchmetrics kept
+        returning it). Metrics merged this way should have numbered their samples apart
+        (``sample_ids``), else their probes coincide."""
+        if isinstance(incoming_state, Metric):
+            if type(incoming_state) is not type(self):
+                raise InvalidInputError(f"cannot merge a {type(incoming_state).__name__} into a "
+                                        f"{type(self).__name__}")
+            mine = (self.noise_sigma, *(self.metric_kwargs.get(k) for k in self._DEFINING))
+            theirs = (incoming_state.noise_sigma,
+                      *(incoming_state.metric_kwargs.get(k) for k in self._DEFINING))
+            if mine != theirs:
+                names = ("sigma", *self._DEFINING)
+                diff = ", ".join(f"{n} {a!r} vs {b!r}" for n, a, b in zip(names, mine, theirs,
+                                                                          strict=True) if a != b)
+                raise InvalidInputError(f"cannot merge metrics that measure different things "
+                                        f"({diff})")
+        super().merge_state(incoming_state)
+        self._computed = None
 
     def _running_ids(self, batch: int) -> Tensor:
         """``[B]`` ids continuing the ones used since the last reset (offset per rank)."""
@@ -129,6 +164,11 @@ class _LeakageMetric(Metric):
         }
 
 
+#: torchmetrics' bookkeeping that ``forward`` changes around its reset (restored with the
+#: states where the batch is refused)
+_FORWARD_FLAGS = ("_update_count", "_computed", "compute_on_cpu", "_to_sync", "_should_unsync",
+                  "_is_synced", "_enable_grad", "_forward_cache")
+
 _METRIC_BASE_KW = {
     "compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
     "distributed_available_fn", "sync_on_compute", "compute_with_cache",
@@ -141,7 +181,7 @@ class FSInfoMetric(_LeakageMetric):
     Args:
         encoder: the bottom part of the model.
         sigma: noise scale on the smashed data.
-        backend, seed, memory_budget: passed to :func:`fsinfo_fast.linearize` (once per
+        backend, seed, memory_budget, dtype: passed to :func:`fsinfo_fast.linearize` (once per
             ``update`` batch).
         variant, estimator, atol, ...: passed to :meth:`fsinfo_fast.Linearization.fsinfo`.
 

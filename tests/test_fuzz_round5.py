@@ -108,3 +108,162 @@ def test_real_interaction_is_still_refused(strength):
         ff.linearize(mix, torch.randn(4, 6, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ff.SampleInteractionError, match="samples interact"):
         ff.linearize(lambda z: z - strength * z.mean(dim=0), torch.randn(3, 5))
+
+
+# -- FSInfoGuard, GaussianNoise, the torchmetrics metrics (fuzz round 5) -----------------------
+
+
+class _ScalesInPlace(nn.Module):
+    def forward(self, x):
+        return x.mul_(3.0)
+
+
+def test_guard_sizes_noise_for_the_input_not_the_overwritten_one():
+    """An encoder writing into its input: the guard ran it first and sized sigma* at the
+    overwritten x (exact FSInfo at its sigma up to 4.7 against a target of -1)."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(_ScalesInPlace(), nn.Linear(8, 6), nn.Tanh()).eval()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    want = ff.fsinfo_sigma(enc, x.clone(), target=-1.0, estimator="exact").sigma
+    guard = ff.FSInfoGuard(enc, target=-1.0, estimator="exact")
+    guard(x.clone())
+    torch.testing.assert_close(guard.last_sigma, want)
+
+
+class _Crop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x[:, :4]))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "auto"])
+def test_guard_refuses_to_add_no_noise_with_floor_zero(estimator):
+    """floor=0 on an encoder that ignores input dimensions: FSInfo_diag = -inf at every sigma,
+    sigma* = 0 and the guard sent the dimensions it sees without noise."""
+    x = torch.randn(3, 8)
+    guard = ff.FSInfoGuard(_Crop().eval(), target=-1.0, floor=0.0, estimator=estimator)
+    with pytest.raises(ff.InvalidInputError, match="would add none"):
+        guard(x)
+    with pytest.raises(ff.InvalidInputError, match="would add none"):
+        guard.calibrate(x)
+
+
+def test_calibrate_takes_one_pair_or_mapping_and_a_conservative_statistic():
+    enc = nn.Sequential(nn.Linear(6, 4), nn.Tanh()).eval()
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    y = torch.arange(5)
+    guard = ff.FSInfoGuard(enc, target=-1.0)
+    plain = guard.calibrate(x)
+    assert guard.calibrate((x, y)) == plain  # the labels were taken for a second batch
+    assert guard.calibrate({"pixel_values": x}) == plain  # raw AttributeError before
+    high = guard.calibrate(x, conservative=True)
+    assert high > plain and guard.calibration["conservative"] is True
+    assert high == pytest.approx(float(guard.calibration["result"].ci_high.max()))
+    with pytest.raises(ff.InvalidInputTypeError, match="labels"):
+        guard.calibrate([x, x, y])
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), torch.tensor([0.1, -0.1])])
+def test_noise_layers_refuse_bad_sigma(bad):
+    """A negative sigma added noise of |sigma|; NaN/inf made the output NaN/inf."""
+    from fsinfo_fast.guard import GaussianNoise, add_noise
+
+    with pytest.raises(ff.InvalidInputError, match="finite and >= 0"):
+        add_noise(torch.zeros(2, 3), bad)
+    with pytest.raises(ff.InvalidInputError, match="finite and >= 0"):
+        GaussianNoise(bad)
+
+
+def test_half_precision_never_gets_less_noise_than_calibrated():
+    """guard.half() rounded the calibrated sigma down (0.0623878 -> 0.0623779)."""
+    from fsinfo_fast.guard import add_noise
+
+    sigma = 0.0623878
+    guard = ff.FSInfoGuard(nn.Linear(4, 3).eval(), sigma=sigma).half()
+    assert guard.sigma.dtype == torch.float64 and float(guard.sigma) == sigma
+    assert next(guard.parameters()).dtype == torch.float16
+    gen = torch.Generator().manual_seed(0)
+    z = torch.zeros(1, 1, dtype=torch.float16)
+    noisy = add_noise(z, sigma, torch.Generator().manual_seed(0))
+    unit = torch.randn(1, 1, generator=gen, dtype=torch.float16)
+    scale = torch.tensor(sigma, dtype=torch.float16)
+    up = torch.nextafter(scale, torch.tensor(1.0, dtype=torch.float16))
+    assert float(scale) < sigma <= float(up)
+    torch.testing.assert_close(noisy, unit * up, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(variant="logdet", floor=0.5), dict(lanczos_order=5)])
+def test_keywords_of_the_other_variant_are_refused(kw):
+    """floor with the log det and lanczos_order with the diagonal changed nothing."""
+    enc = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).eval()
+    x = torch.randn(2, 4)
+    with pytest.raises(ff.InvalidInputError, match="applies to variant"):
+        ff.fsinfo(enc, x, sigma=0.1, **kw)
+    with pytest.raises(ff.InvalidInputError, match="applies to variant"):
+        ff.fsinfo_sigma(enc, x, target=-1.0, **kw)
+    for cls in (ff.FSInfoMetric, ff.FSInfoGuard):
+        with pytest.raises(ff.InvalidInputError, match="applies to variant"):
+            cls(enc, **kw)
+
+
+def test_metrics_without_a_stopping_rule_are_refused_at_construction():
+    enc = nn.Linear(4, 3).eval()
+    for cls in (ff.FSInfoMetric, ff.DFILMetric, ff.FSInfoGuard):
+        with pytest.raises(ff.InvalidInputError, match="all were None"):
+            cls(enc, atol=None, rtol=None)
+    ff.DFILMetric(enc, atol=None, rtol=None, estimator="exact")
+
+
+def test_metric_forward_keeps_the_states_when_a_batch_is_refused():
+    """torchmetrics' forward resets the states before update; a refused batch (NaN) erased
+    every batch accumulated before it."""
+    enc = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).eval()
+    metric = ff.FSInfoMetric(enc, sigma=0.1, estimator="exact")
+    for seed in range(2):
+        metric(torch.randn(3, 4, generator=torch.Generator().manual_seed(seed)))
+    before = {k: v.clone() for k, v in metric.compute().items()}
+    bad = torch.randn(3, 4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(ff.InvalidInputError):
+        metric(bad)
+    after = metric.compute()
+    assert int(after["count"]) == 6
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v)
+    metric(torch.randn(2, 4))
+    assert int(metric.compute()["count"]) == 8
+
+
+def test_merge_state_refuses_other_settings_and_drops_the_cache():
+    enc = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).eval()
+
+    def make(sigma, **kw):
+        m = ff.FSInfoMetric(enc, sigma=sigma, estimator="exact", **kw)
+        m.update(torch.randn(3, 4))
+        return m
+
+    a = make(0.1)
+    with pytest.raises(ff.InvalidInputError, match="sigma 0.1 vs 10.0"):
+        a.merge_state(make(10.0))
+    with pytest.raises(ff.InvalidInputError, match="variant"):
+        a.merge_state(make(0.1, variant="logdet", prior_var=1.0))
+    assert int(a.compute()["count"]) == 3
+    a.merge_state(make(0.1))
+    assert int(a.compute()["count"]) == 6  # the cached 3 was returned before
+
+
+def test_numpy_scalars_and_dtype_are_taken_by_metric_and_guard():
+    import numpy as np
+
+    enc = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).eval()
+    x = torch.randn(2, 4)
+    m = ff.FSInfoMetric(enc, sigma=np.float32(0.1), estimator="exact", dtype=torch.float64)
+    m.update(x)
+    want = ff.linearize(enc, x, dtype=torch.float64).fsinfo(0.1, estimator="exact").value
+    torch.testing.assert_close(m.compute()["mean"], want.mean())
+    guard = ff.FSInfoGuard(enc, target=np.float32(-1.0), estimator="exact")
+    assert guard.target == -1.0

@@ -203,13 +203,24 @@ def _check_variant(variant: str) -> None:
         )
 
 
-def _check_options(variant: str, prior_var: float | None, floor: float) -> float:
+def _check_options(variant: str, prior_var: float | None, floor: float,
+                   lanczos_order: int | None = None) -> float:
+    """Check the variant and the keywords that belong to one variant only (each was accepted
+    and ignored by the other: ``floor`` by the log det, ``lanczos_order`` by the diagonal)."""
     _check_variant(variant)
     lam = check_prior_var(prior_var)
     if variant == "diag" and prior_var is not None:
         raise InvalidInputError("prior_var applies to variant='logdet' only")
-    if not (isinstance(floor, (int, float)) and math.isfinite(floor) and floor >= 0):
+    if isinstance(floor, bool) or not (isinstance(floor, (int, float)) and math.isfinite(floor)
+                                       and floor >= 0):
         raise InvalidInputError(f"floor must be finite and >= 0, got {floor!r}")
+    if variant == "logdet" and floor != DIAG_FLOOR:
+        raise InvalidInputError(
+            "floor applies to variant='diag' only (the constant inside the diagonal's log); the "
+            "log-det variant has none (prior_var regularises it)")
+    if variant == "diag" and lanczos_order is not None:
+        raise InvalidInputError("lanczos_order applies to variant='logdet' only (its stochastic "
+                                "Lanczos quadrature)")
     return lam
 
 
