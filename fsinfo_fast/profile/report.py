@@ -2,9 +2,11 @@
 
 Per split and metric (over the ``n`` samples):
 
-- ``mean`` with ``mean_ci95`` = ``mean +- Z95 * sqrt(sum_i se_i^2) / n`` (``Z95 = 1.96``,
-  :data:`fsinfo_fast.result.Z95`): the estimators'
-  uncertainty about the mean of *these* samples (0 for exact estimates);
+- ``mean`` with ``mean_stderr`` = ``sqrt(sum_i se_i^2) / n`` and ``mean_ci95`` =
+  ``mean +- mean_halfwidth`` (:func:`fsinfo_fast.result.mean_halfwidth`: the samples' own
+  intervals, their probe-noise parts combined as independent and their rounding/bias allowances
+  added): the estimators' uncertainty about the mean of *these* samples (0 for exact
+  estimates);
 - ``sample_std`` and ``sem`` = ``sample_std / sqrt(n)``: the spread over the data (the standard
   error of the mean as an estimate of the data distribution's mean);
 - ``min``/``max`` and ``worst``: the most leaking sample (largest FSInfo or dFIL) with its own
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .._extras import require
-from ..result import Z95
+from ..result import mean_halfwidth
 from .store import atomic_write_bytes, atomic_write_text
 
 __all__ = ["summarize", "write_outputs", "print_table", "SAMPLE_FIELDS", "SUMMARY_FIELDS"]
@@ -97,6 +99,7 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     vals = [p[1] for p in pairs]
     mean = sum(vals) / n
     se_mean = math.sqrt(sum(p[2] ** 2 for p in pairs)) / n
+    hw_mean = mean_halfwidth([p[2] for p in pairs], [p[3] for p in pairs])
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
     worst = max(pairs, key=lambda p: p[1])
     return {
@@ -104,7 +107,8 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
         "mean": mean,
         "mean_stderr": se_mean,
         # a mean over an upper bound is only an upper bound: no lower end
-        "mean_ci95": [None if bound else mean - Z95 * se_mean, mean + Z95 * se_mean],
+        "mean_halfwidth": hw_mean,
+        "mean_ci95": [None if bound else mean - hw_mean, mean + hw_mean],
         "mean_is_bound": bool(bound),
         "sample_std": std,
         "sem": std / math.sqrt(n) if n > 1 else None,
@@ -316,7 +320,7 @@ def _pm(st: dict[str, Any] | None) -> str:
     if st is None:
         return "-"
     unconv, bound = _flags(st)
-    hw = st["mean_stderr"] * Z95
+    hw = st["mean_halfwidth"]
     if hw <= 0:
         text = _fmt(st["mean"])
     else:
