@@ -24,14 +24,19 @@ Two routes, chosen deterministically and recorded on the encoder (``split_route`
   child of an ``nn.Sequential`` is cut by slicing instead (route ``"sequential"``).
 - ``"hooks"`` (any model: Hugging Face ``transformers`` models, Python control flow,
   tuple/``ModelOutput`` returns): a :class:`HookEncoder` runs the **model itself** with a forward
-  hook on the module; the hook takes the module's output and ends the forward pass early (a
-  private exception raised in the hook and caught in the encoder's ``forward``), so the layers
-  after the cut are not computed. Used when torch.fx cannot trace the model, when the module
-  sits inside a module torch.fx keeps whole (``nn.TransformerEncoderLayer.linear1``), when
-  ``select=`` or ``input_name=`` is given, or on request (``route="hooks"``). On traceable models
-  both routes give identical outputs (tested); ``auto`` keeps ``fx`` there because the engine
-  needs an fx-traceable encoder (torch.fx does not run forward hooks of the modules it keeps
-  whole, so it cannot trace a hook encoder).
+  hook on the module; at a cut call given from the first (``occurrence >= 0``) the hook takes
+  the module's output and ends the forward pass early (a private exception raised in the hook
+  and caught in the encoder's ``forward``), so the layers after the cut are not computed. A cut
+  call counted from the last (``occurrence < 0``, the default) is only known once the forward
+  has finished (the number of calls may depend on the input's values), so the whole forward
+  runs at every call and the model's buffers (BatchNorm statistics) and the RNG states are put
+  back to where they were right after the cut call. Used when torch.fx cannot trace the
+  model, when the module sits inside a module torch.fx keeps whole
+  (``nn.TransformerEncoderLayer.linear1``), when ``select=`` or ``input_name=`` is given, or on
+  request (``route="hooks"``). On traceable models both routes give identical outputs
+  (tested); ``auto`` keeps ``fx`` there because the engine needs an fx-traceable encoder
+  (torch.fx does not run forward hooks of the modules it keeps whole, so it cannot trace a hook
+  encoder).
 
 Either way the encoder **shares** the model's submodules, parameters and buffers (nothing is copied:
 training the model changes the encoder), starts in the model's train/eval mode (the submodules
@@ -93,10 +98,12 @@ def split(
         occurrence: for a module path, which call of the module is the cut when ``forward``
             calls it more than once (a shared block): ``-1`` / ``None`` the last call (the
             default), ``0`` the first, ``k`` the ``k+1``-th, ``-2`` the one before the last.
-            Negative values on the hooks route need the number of calls: the first call of the
-            encoder for each input shape (and dtype, device, mode) runs the model's whole forward
-            to count them (and returns the right output); later calls stop early at the counted
-            call. ``occurrence >= 0`` always stops early.
+            Negative values on the hooks route need the number of calls, which may depend on
+            the input's values: every call of the encoder runs the model's whole forward and
+            keeps the output of the right call; the model's buffers (BatchNorm running
+            statistics) and the RNG states are then put back to their state right after that
+            call, so the call changes them exactly as the encoder's part of the model would.
+            ``occurrence >= 0`` stops the forward at the cut call.
         select: hooks route: ``select(module_output) -> Tensor`` picks the smashed data from the
             module's output (e.g. ``lambda out: out[1]`` for the second element of a tuple).
             Default: the output itself if it is a tensor, else its first tensor, depth first
@@ -163,7 +170,10 @@ def insert(
     model) a forward hook replaces the module's output at the cut call by ``layer(output)``; for
     a tuple / list / mapping output the first tensor (:func:`first_tensor`) is replaced and the
     rest kept. The returned module is called like ``model`` (same arguments, same output type).
-    Parameters are shared with ``model``.
+    Parameters are shared with ``model``. A call changes the model's buffers (BatchNorm running
+    statistics in training mode) and the global RNG exactly as ``model``'s own forward (plus
+    what ``layer`` draws): the hooks route's counting pass for a negative ``occurrence`` puts
+    them back (see :class:`HookInsert`).
 
     Example:
         >>> import torch
@@ -464,6 +474,52 @@ def _signature(args: tuple, kwargs: dict, model: nn.Module) -> tuple | None:
     return tuple(key)
 
 
+class _State:
+    """Every buffer of a module tree and the RNG states (CPU, and the given CUDA devices) at one
+    moment, to put back after a pass whose effects must not persist: the hooks route runs parts
+    of the model that a plain forward (or the encoder's part of it) would not run, and those must
+    not update BatchNorm statistics or draw from the global RNG."""
+
+    def __init__(self, module: nn.Module, cuda: list[torch.device]) -> None:
+        with torch.no_grad():
+            self.buffers = [(m, name, t, _version(t), t.clone())
+                            for m in module.modules() for name, t in m._buffers.items()
+                            if t is not None]
+        self.cpu = torch.get_rng_state()
+        self.cuda = [(d, torch.cuda.get_rng_state(d)) for d in cuda]
+
+    def restore(self) -> None:
+        """Put back the buffers and the RNG states. A buffer is written back where it was
+        replaced or written to since (its version counter moved) and wherever its module is in
+        training mode: BatchNorm updates its running statistics inside the kernel, which does not
+        move the counter."""
+        with torch.no_grad():
+            for m, name, t, version, value in self.buffers:
+                if m._buffers.get(name) is not t:
+                    m._buffers[name] = t
+                if m.training or version is None or _version(t) != version:
+                    t.copy_(value)
+        torch.set_rng_state(self.cpu)
+        for d, state in self.cuda:
+            torch.cuda.set_rng_state(state, d)
+
+
+def _version(t: Tensor) -> int | None:
+    """The in-place write counter of ``t`` (``None`` where it has none: inference tensors)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _cuda_devices(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.device]:
+    """The CUDA devices of the model's tensors and the call's tensor arguments (whose RNG a
+    forward may draw from)."""
+    devs = {t.device for t in (*model.parameters(), *model.buffers(), *args, *kwargs.values())
+            if isinstance(t, Tensor) and t.device.type == "cuda"}
+    return sorted(devs, key=lambda d: -1 if d.index is None else d.index)
+
+
 class _HookBase(nn.Module):
     """What :class:`HookEncoder` and :class:`HookInsert` share: the model, the module path, the
     call to cut and the per-signature call counts."""
@@ -524,7 +580,11 @@ class HookEncoder(_HookBase):
     ``forward(x)`` runs ``model(x)`` (or ``model(**{input_name: x})``) with a forward hook on
     ``model.<path>``; at the cut call (``occurrence``) the hook takes ``select(output)`` (default
     :func:`first_tensor`) and raises a private exception that ends the forward pass, caught
-    here: the layers after the cut are not computed. Nothing persists between calls (the hook is
+    here: the layers after the cut are not computed. With a negative ``occurrence`` the
+    cut call is only known at the end, so the whole forward runs and the outputs of the last
+    ``|occurrence|`` calls are kept; the model's buffers and the RNG states (CPU and the CUDA
+    devices of the model and ``x``) are then put back to their state right after the cut call:
+    the layers after the cut leave no trace. Nothing persists between calls (the hook is
     registered for one call and removed), so the encoder works under ``torch.func`` transforms
     (``vmap``, ``jvp``, ``vjp``, ``jacrev``; the exception is raised and caught inside the
     transformed function), with ``torch.autograd``, deep-copies, pickles (with a picklable
@@ -545,14 +605,14 @@ class HookEncoder(_HookBase):
     ``pixel_values`` to its weights' dtype); ``x`` must be on the model's device.
 
     Notes:
-        With a negative ``occurrence`` (the default) the first call for each input signature
-        (shape without the batch dimension, dtype, device type, the model's mode) runs the whole
-        forward pass to count the module's calls; tracing the encoder with ``make_fx`` at that
-        moment records the whole model (call it once on an input of that shape first, or pass
-        ``occurrence >= 0``). While a call runs, the hook sits on the shared module: do not run
-        the same model in another thread at the same time. ``torch.fx.symbolic_trace`` cannot
-        trace this encoder (torch.fx does not run forward hooks of the modules it keeps whole);
-        ``make_fx`` can.
+        With a negative ``occurrence`` (the default) every call runs the whole forward pass
+        (the number of the module's calls may depend on the input's values: counting it once per
+        input shape gave an earlier call's output on inputs with more calls); tracing the
+        encoder with ``make_fx`` records the whole model and the buffer restores (pass
+        ``occurrence >= 0`` to stop at the cut). While a call runs, the hook sits on the shared
+        module: do not run the same model in another thread at the same time.
+        ``torch.fx.symbolic_trace`` cannot trace this encoder (torch.fx does not run forward
+        hooks of the modules it keeps whole); ``make_fx`` can.
     """
 
     def __init__(self, model: nn.Module, path: str, *, occurrence: int = -1,
@@ -576,20 +636,21 @@ class HookEncoder(_HookBase):
     def forward(self, x: Tensor) -> Tensor:
         """The smashed data ``select(model.<path>(...))`` at the cut call, for input ``x``."""
         args, kwargs = ((), {self.input_name: x}) if self.input_name else ((x,), {})
-        key = _signature(args, kwargs, self.model)
-        stop = self.occurrence if self.occurrence >= 0 else self._cut_call.get(key)
+        stop = self.occurrence if self.occurrence >= 0 else None
         seen = 0
         found: list[Tensor] = []
-        # counting run (negative occurrence, first input of its signature): keep the last
-        # |occurrence| picks, cloned, since later in-place ops of the model may change them
+        # negative occurrence: the whole forward runs (the number of calls may depend on the
+        # input's values); keep the last |occurrence| picks, cloned since later in-place ops of
+        # the model may change them, each with the buffers and RNG states right after its call
         kept: collections.deque = collections.deque(maxlen=max(1, -self.occurrence))
+        cuda = _cuda_devices(self.model, args, kwargs) if stop is None else []
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             nonlocal seen
             i = seen
             seen += 1
             if stop is None:
-                kept.append(self._pick(output).clone())
+                kept.append((self._pick(output).clone(), _State(self.model, cuda)))
             elif i == stop:
                 found.append(self._pick(output))
                 raise _StopForward
@@ -609,23 +670,23 @@ class HookEncoder(_HookBase):
         except Exception as err:
             if stop is not None or seen == 0 or isinstance(err, FSInfoError):
                 raise
-            # the counting run failed in the layers after the cut (e.g. a fixed-size head on
-            # a smaller input): say why the whole forward ran, and how not to
+            # the run failed in the layers after the cut (e.g. a fixed-size head on a smaller
+            # input): say why the whole forward ran, and how not to
             raise EncoderError(
                 f"the model's forward failed after {self.path!r} had been called {seen} "
-                f"time(s) ({type(err).__name__}: {err}). With occurrence={self.occurrence} (the "
-                "last call) the first call for each input shape runs the whole forward to count "
-                f"the calls; pass occurrence=0 (or the index of the call) to cut at that call "
-                "and stop there") from err
+                f"time(s) ({type(err).__name__}: {err}). With occurrence={self.occurrence} (a "
+                "call counted from the last) the encoder runs the whole forward to find that "
+                "call; pass occurrence=0 (or the index of the call) to cut at that call and "
+                "stop there") from err
         finally:
             handle.remove()
         if found:
             return found[0]
         if stop is not None or seen < -self.occurrence:
             raise self._never_called(seen, stop)
-        if key is not None:
-            self._cut_call[key] = seen + self.occurrence
-        return kept[0]
+        out, state = kept[0]
+        state.restore()  # the layers after the cut leave no trace (BatchNorm statistics, RNG)
+        return out
 
 
 class HookInsert(_HookBase):
@@ -635,9 +696,13 @@ class HookInsert(_HookBase):
     ``model.<path>`` that, at the cut call (``occurrence``), replaces the module's output (its
     first tensor, :func:`first_tensor`, for a tuple/list/mapping output) by ``layer(output)``,
     and returns the model's output. A negative ``occurrence`` needs the number of calls: the
-    first call for each input signature runs one extra forward pass under ``torch.no_grad()``
-    (without ``layer``) to count them (in training mode, BatchNorm running statistics see that
-    pass too).
+    first call for each input signature (shape without the batch dimension, dtype, device type,
+    the model's mode) runs one extra forward pass under ``torch.no_grad()`` (without ``layer``)
+    to count them; every buffer of the model and the RNG states are put back after that pass,
+    so a call changes them exactly as ``model``'s own forward. Every call then checks the count
+    (the forward runs to the end anyway) and raises :class:`SplitError` where this input called
+    the module another number of times (a value-dependent number of calls: pass
+    ``occurrence >= 0``).
 
     Attributes:
         model: the full model (shared); split_layer: ``layer``; path, occurrence, split_name,
@@ -653,18 +718,23 @@ class HookInsert(_HookBase):
         self.split_layer = layer
 
     def _count(self, args: tuple, kwargs: dict) -> int:
+        """The 0-based index of the cut call on this input: a forward pass (under
+        ``torch.no_grad()``, without ``layer``) counts the module's calls; the model's buffers
+        and the RNG states are put back afterwards, so the pass leaves no trace."""
         seen = 0
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             nonlocal seen
             seen += 1
 
+        state = _State(self.model, _cuda_devices(self.model, args, kwargs))
         handle = self._target().register_forward_hook(hook)
         try:
             with torch.no_grad():
                 self.model(*args, **kwargs)
         finally:
             handle.remove()
+            state.restore()
         if seen + self.occurrence < 0:
             raise self._never_called(seen, None)
         return seen + self.occurrence
@@ -704,6 +774,17 @@ class HookInsert(_HookBase):
             handle.remove()
         if not done[0]:
             raise self._never_called(seen, stop)
+        if self.occurrence < 0 and seen != stop - self.occurrence:
+            # the whole forward ran: check that the cut call is still |occurrence|-th from the
+            # end (the count was taken on the first input of this signature)
+            cls = type(self.model).__name__
+            raise SplitError(
+                f"module {self.path!r} ({type(self._target()).__name__}) was called {seen} "
+                f"time(s) in the forward of {cls} on this input (with the split layer applied), "
+                f"but {stop - self.occurrence} on the first input of the same shape: the number "
+                "of calls depends on the input's values, so the cut "
+                f"(occurrence={self.occurrence}) would not be that call; pass occurrence=k >= 0"
+            )
         return out
 
 

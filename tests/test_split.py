@@ -419,7 +419,8 @@ def test_hooks_equal_fx_on_zoo_models(small_models):
 
 def test_repeated_module_which_call_is_the_cut(res):
     """`act` runs twice: the default is the last call (as on the fx route), occurrence=0 the
-    first; the hooks route counts the calls on the first input of a shape only."""
+    first; on the hooks route the last call is only known at the end of the forward, which runs
+    whole at every call (occurrence >= 0 stops at the cut)."""
     x = torch.rand(3, 3, 8, 8)
     with torch.no_grad():
         h0 = torch.tanh(res.inp(x))
@@ -448,10 +449,10 @@ def test_repeated_module_which_call_is_the_cut(res):
             first_enc(x)
         assert calls == {"head": 0, "block": 0}  # stops at the first call of act, always
         last_enc(x)
-        assert calls == {"head": 1, "block": 1}  # first input of this shape: counting run
+        assert calls == {"head": 1, "block": 1}  # the whole forward finds the last call
         last_enc(x)
-        last_enc(torch.rand(5, 3, 8, 8))  # another batch size: same signature
-        assert calls == {"head": 1, "block": 3}  # stops at the last call: head not run
+        last_enc(torch.rand(5, 3, 8, 8))
+        assert calls == {"head": 3, "block": 3}  # at every call (the count may depend on x)
 
 
 def test_call_count_that_depends_on_the_values():
@@ -469,20 +470,25 @@ def test_call_count_that_depends_on_the_values():
     assert enc.split_route == "hooks"
     x = torch.ones(1, 2)
     torch.testing.assert_close(enc(x), torch.tanh(torch.tanh(torch.tanh(x))))
+    # the number of calls depends on the values: the last call is found at every call
+    torch.testing.assert_close(enc(-x), torch.tanh(-x))
+    torch.testing.assert_close(enc(x), torch.tanh(torch.tanh(torch.tanh(x))))
+    noisy = insert(Loop(), "step", nn.Identity())  # insert counts on the first input
+    torch.testing.assert_close(noisy(x), torch.tanh(torch.tanh(torch.tanh(x))))
     with pytest.raises(SplitError, match="called 1 time.*3 or more.*depends on the input's values"):
-        enc(-x)
+        noisy(-x)
     torch.testing.assert_close(split(Loop(), "step", occurrence=0)(-x), torch.tanh(-x))
 
 
 def test_later_layers_not_computed_on_an_untraceable_model():
     torch.manual_seed(0)
     model = Untraceable().eval()
-    enc = split(model, "body.0")
+    enc = split(model, "body.0", occurrence=0)  # (the last call, occurrence=-1, runs it all)
     x = torch.rand(2, 3)
     after = _after_cut(model, "body.0", x)
     assert {id(model.body[1]), id(model.head)} <= after
     with torch.no_grad():
-        enc(x)  # counting run
+        enc(x)
         with _CallLog() as log:
             enc(x)
     assert [m for m in log.done if id(m) in after] == []
@@ -699,13 +705,15 @@ def test_third_party_split_equals_hook_capture(hf_models, name):
         ref = out if isinstance(out, torch.Tensor) else out[0]  # Swin stages return tuples
         after = _after_cut(model, path, x)
         assert after or path != SPLITS[name][0]  # the shallow cut has layers after it
+        assert len(captured) == 1  # so occurrence=0 is the last call too, and stops there
+        first = ff.split(model, path, occurrence=0)
         with torch.no_grad():
-            assert torch.equal(enc(x), ref)  # first call: counts the module's calls
+            assert torch.equal(enc(x), ref)  # the last call: the whole forward runs
             with _CallLog() as log:
-                z = enc(x)
+                z = first(x)
         assert torch.equal(z, ref) and z.shape[0] == 2
         assert not [m for m in log.done if id(m) in after]  # stopped at the cut
-        assert log.done[-1] is enc and log.done[-2] is model.get_submodule(path)
+        assert log.done[-1] is first and log.done[-2] is model.get_submodule(path)
         assert not model.training and not enc.training
 
 
