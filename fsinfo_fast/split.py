@@ -553,7 +553,7 @@ class _HookBase(nn.Module):
                 " It is unused, used other than by calling it (e.g. only its weights), or "
                 "skipped on this input."
             )
-            if fx._symbolic_trace.is_fx_tracing():
+            if fx._symbolic_trace.is_fx_symbolic_tracing():
                 why += (" (Under torch.fx symbolic tracing, forward hooks of modules that "
                         "torch.fx keeps whole do not run, so a hooks-route encoder cannot be "
                         "traced by torch.fx.)")

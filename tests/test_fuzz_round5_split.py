@@ -4,9 +4,11 @@ fix."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
+import torch.fx as fx
 from torch import nn
 
 from fsinfo_fast.errors import SplitError
@@ -137,3 +139,22 @@ def test_insert_hooks_last_call_with_more_calls_raises():
         torch.testing.assert_close(
             insert(model, "block", nn.Identity(), occurrence=1, route="hooks")(b), model(b)
         )
+
+
+def test_never_called_error_logs_no_fx_deprecation(caplog):
+    """The hooks route's never-called error asked torch.fx.is_fx_tracing, which logs a
+    deprecation line (torch 2.13)."""
+    if hasattr(fx._symbolic_trace, "is_fx_tracing_warning"):
+        fx._symbolic_trace.is_fx_tracing_warning.cache_clear()  # it logs once per process
+
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used, self.unused = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with caplog.at_level(logging.WARNING), pytest.raises(SplitError, match="never called"):
+        split(Skip(), "unused", route="hooks")(torch.ones(1, 2))
+    assert not [r for r in caplog.records if "is_fx_tracing" in r.getMessage()]
