@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import numbers
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,27 +41,35 @@ def train_briefly(
 ) -> nn.Module:
     """Train a classifier in place with Adam and cross-entropy, deterministically.
 
-    The mini-batch order comes from a ``torch.Generator`` seeded with ``seed`` (the global RNG is
-    neither used nor changed), so the same model, data and arguments give bit-identical weights on
-    the same machine and thread count.
+    The mini-batch order comes from a ``torch.Generator`` seeded with ``seed``; the model's own
+    random draws (Dropout) come from the global RNG, seeded with ``seed`` inside
+    ``torch.random.fork_rng`` (CPU and the model's CUDA device), so the caller's global RNG state
+    is neither used nor changed and the same model, data and arguments give bit-identical weights
+    on the same machine and thread count.
 
     Args:
-        model: maps ``x[i:j]`` to logits ``[j - i, num_classes]``; trained on its own device.
+        model: maps ``x[i:j]`` to logits ``[j - i, num_classes]`` (a tensor, or an output with a
+            ``logits`` tensor attribute, as Hugging Face classifiers return); trained on its own
+            device.
         x: inputs ``[N, ...]`` (float).
-        y: integer class labels ``[N]``.
-        epochs: passes over the data.
-        lr: Adam learning rate.
-        batch_size: mini-batch size (the last batch of an epoch may be smaller).
-        seed: seed of the shuffling.
+        y: integer class labels ``[N]`` in ``0..num_classes - 1``.
+        epochs: passes over the data (an integer >= 0).
+        lr: Adam learning rate (finite, > 0).
+        batch_size: mini-batch size (an integer >= 1; the last batch of an epoch may be smaller).
+        seed: seed of the shuffling and of the model's random draws (an integer).
         progress: show a tqdm progress bar (one step per epoch, with the mean loss).
-        weight_decay: Adam weight decay.
+        weight_decay: Adam weight decay (finite, >= 0).
 
     Returns:
         ``model`` itself, in eval mode.
 
     Raises:
-        InvalidInputError: mismatched lengths, empty data or bad hyper-parameters.
-        InvalidInputTypeError: ``x`` not floating point or ``y`` not integer.
+        InvalidInputError: mismatched lengths, empty data, bad hyper-parameters, or labels
+            outside ``0..num_classes - 1`` (checked at the first mini-batch, whose logits give
+            ``num_classes``).
+        InvalidInputTypeError: ``x`` not floating point, ``y`` not integer, ``epochs``,
+            ``batch_size`` or ``seed`` not integers, ``lr`` / ``weight_decay`` not real numbers,
+            or the model's output neither logits nor an output with ``logits``.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         raise InvalidInputTypeError("x must be a floating-point tensor [N, ...]")
@@ -66,19 +77,79 @@ def train_briefly(
         raise InvalidInputTypeError("y must be a 1-D integer tensor of class labels [N]")
     if len(x) != len(y) or len(x) == 0:
         raise InvalidInputError(f"x and y need the same, non-zero length; got {len(x)}, {len(y)}")
-    if epochs < 0 or batch_size < 1 or lr <= 0:
+    epochs = _integer(epochs, "epochs")
+    batch_size = _integer(batch_size, "batch_size")
+    seed = _integer(seed, "seed")
+    lr = _real(lr, "lr")
+    weight_decay = _real(weight_decay, "weight_decay")
+    if epochs < 0 or batch_size < 1 or not lr > 0 or not weight_decay >= 0:
         raise InvalidInputError(
-            f"need epochs >= 0, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}"
+            "train_briefly needs epochs >= 0, batch_size >= 1, a finite lr > 0 and a finite "
+            f"weight_decay >= 0; got epochs={epochs}, batch_size={batch_size}, lr={lr}, "
+            f"weight_decay={weight_decay}"
         )
+    if int(y.min()) < 0:
+        raise InvalidInputError(f"y holds a negative class label ({int(y.min())})")
     try:
         device = next(model.parameters()).device
     except StopIteration:
         raise InvalidInputError("model has no parameters to train") from None
 
-    gen = torch.Generator().manual_seed(int(seed))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                               device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        _train(model, x, y, device, epochs, lr, batch_size, seed, progress, weight_decay)
+    return model
+
+
+def _integer(value: object, name: str) -> int:
+    """``value`` as an ``int``; raises where it is not an integer (a bool, ``1.5``, ``8.0``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInputTypeError(
+            f"train_briefly: {name} must be an integer, got {value!r} ({type(value).__name__})"
+        )
+    return int(value)
+
+
+def _real(value: object, name: str) -> float:
+    """``value`` as a finite ``float``; raises where it is not a real number or not finite."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidInputTypeError(
+            f"train_briefly: {name} must be a real number, got {value!r} ({type(value).__name__})"
+        )
+    if not math.isfinite(float(value)):
+        raise InvalidInputError(f"train_briefly: {name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _logits(out: Any, who: str) -> Tensor:
+    """The logits ``[B, num_classes]`` in a model's output: the output itself if it is a tensor,
+    else its ``logits`` attribute (a Hugging Face classifier's ``ModelOutput``)."""
+    logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise InvalidInputTypeError(
+            f"{who}: the model returned {type(out).__name__}, neither a logits tensor "
+            "[B, num_classes] nor an output with a `logits` tensor attribute"
+        )
+    if logits.ndim != 2:
+        raise InvalidInputError(
+            f"{who}: the model's logits must be [B, num_classes], got shape {tuple(logits.shape)}"
+        )
+    return logits
+
+
+def _train(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, epochs: int, lr: float,
+           batch_size: int, seed: int, progress: bool, weight_decay: float) -> None:
+    """:func:`train_briefly`'s loop, arguments checked (run inside its ``fork_rng``)."""
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     y = y.long()
     n = len(x)
+    top = int(y.max())
+    checked = False
     bar = None
     if progress:
         from ._progress import progress_bar
@@ -87,13 +158,21 @@ def train_briefly(
                            desc="train", unit="epoch")
     model.train()
     try:
-        for _ in range(int(epochs)):
+        for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             total, seen = 0.0, 0
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
                 xb, yb = x[idx].to(device), y[idx].to(device)
-                loss = F.cross_entropy(model(xb), yb)
+                logits = _logits(model(xb), "train_briefly")
+                if not checked:
+                    if top >= logits.shape[1]:
+                        raise InvalidInputError(
+                            f"train_briefly: y holds class label {top}, but the model gives "
+                            f"{logits.shape[1]} logits (labels must be in 0..{logits.shape[1] - 1})"
+                        )
+                    checked = True
+                loss = F.cross_entropy(logits, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -107,16 +186,18 @@ def train_briefly(
         if bar is not None:
             bar.close()
         model.eval()
-    return model
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
-    """Fraction of ``x`` ``[N, ...]`` whose arg-max logit equals ``y`` ``[N]`` (current mode)."""
+    """Fraction of ``x`` ``[N, ...]`` whose arg-max logit equals ``y`` ``[N]`` (current mode).
+
+    The model returns logits ``[B, num_classes]``: a tensor, or an output with a ``logits``
+    tensor attribute (a Hugging Face classifier's ``ModelOutput``)."""
     device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(x), batch_size):
-        logits = model(x[start : start + batch_size].to(device))
+        logits = _logits(model(x[start : start + batch_size].to(device)), "accuracy")
         correct += int((logits.argmax(1).cpu() == y[start : start + batch_size]).sum())
     return correct / max(1, len(x))
 

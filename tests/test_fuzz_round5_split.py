@@ -11,8 +11,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fsinfo_fast.errors import SplitError
+from fsinfo_fast.errors import InvalidInputError, InvalidInputTypeError, SplitError
 from fsinfo_fast.split import insert, split
+from fsinfo_fast.train import accuracy, train_briefly
 
 
 class _BNDropNet(nn.Module):
@@ -158,3 +159,95 @@ def test_never_called_error_logs_no_fx_deprecation(caplog):
     with caplog.at_level(logging.WARNING), pytest.raises(SplitError, match="never called"):
         split(Skip(), "unused", route="hooks")(torch.ones(1, 2))
     assert not [r for r in caplog.records if "is_fx_tracing" in r.getMessage()]
+
+
+# ------------------------------------------------------------------------------ train_briefly
+
+
+def _dropout_net() -> nn.Module:
+    torch.manual_seed(123)
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(12, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4)
+    )
+
+
+def test_train_briefly_with_dropout_neither_uses_nor_changes_the_global_rng():
+    """Dropout drew its masks from the caller's global RNG: it changed, and other global seeds
+    gave other weights, against the docstring."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(32, 3, 2, 2, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+    states = []
+    for global_seed in (1, 2):
+        m = _dropout_net()
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        train_briefly(m, x, y, epochs=1, seed=0, batch_size=16)
+        assert torch.equal(before, torch.get_rng_state())
+        states.append(m.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    m = _dropout_net()
+    train_briefly(m, x, y, epochs=1, seed=1, batch_size=16)  # the seed does matter
+    assert not all(torch.equal(states[0][k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"epochs": 1.5}, InvalidInputTypeError, "epochs must be an integer"),
+        ({"epochs": True}, InvalidInputTypeError, "epochs must be an integer"),
+        ({"batch_size": 8.0}, InvalidInputTypeError, "batch_size must be an integer"),
+        ({"lr": float("nan")}, InvalidInputError, "lr must be finite"),
+        ({"lr": "0.1"}, InvalidInputTypeError, "lr must be a real number"),
+        ({"weight_decay": -1.0}, InvalidInputError, "weight_decay >= 0"),
+        ({"seed": 0.5}, InvalidInputTypeError, "seed must be an integer"),
+    ],
+)
+def test_train_briefly_refuses_bad_hyper_parameters_clearly(kwargs, error, match):
+    """epochs=1.5 trained one epoch silently; lr=nan, batch_size=8.0 raised raw errors."""
+    x, y = torch.rand(16, 8), torch.randint(0, 6, (16,))
+    m = nn.Linear(8, 6)
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(error, match=match):
+        train_briefly(m, x, y, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())  # nothing trained
+
+
+@pytest.mark.parametrize(
+    ("shift", "match"), [(10, "class label 1[0-5].*6 logits"), (-10, "negative class label")]
+)
+def test_train_briefly_refuses_labels_out_of_range(shift, match):
+    """Labels outside 0..num_classes-1 raised a raw IndexError from cross_entropy."""
+    x, y = torch.rand(16, 8), torch.randint(0, 6, (16,))
+    with pytest.raises(InvalidInputError, match=match):
+        train_briefly(nn.Linear(8, 6), x, y + shift)
+
+
+def test_train_briefly_and_accuracy_on_a_transformers_classifier():
+    """A Hugging Face classifier returns a ModelOutput with `.logits`: both raised raw errors."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3
+    )
+    model = transformers.ResNetForImageClassification(cfg)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(8, 3, 32, 32, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    assert train_briefly(model, x, y, epochs=1, batch_size=4) is model
+    acc = accuracy(model, x, y)
+    assert 0.0 <= acc <= 1.0
+    with torch.no_grad():
+        expected = float((model(x).logits.argmax(1) == y).float().mean())
+    assert acc == expected
+
+
+def test_accuracy_refuses_an_output_without_logits():
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return (self.lin(x),)
+
+    with pytest.raises(InvalidInputTypeError, match="neither a logits tensor"):
+        accuracy(Pair(), torch.rand(4, 2), torch.zeros(4, dtype=torch.long))
