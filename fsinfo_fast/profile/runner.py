@@ -392,6 +392,31 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
     }
 
 
+def _claim(cfg: ProfileConfig, run_dir: RunDir, settings: dict[str, Any]) -> RunDir:
+    """Create the run directory and commit the settings there, exclusively: where another run
+    started at the same time claimed it first, an automatic name moves on to the next free
+    one and an explicit ``--out`` is refused (both runs wrote their records into one folder,
+    under one run's settings, and exited 0)."""
+    for _ in range(100):
+        run_dir.create()
+        try:
+            run_dir.clear_leftovers()
+            run_dir.write_settings(settings, new=True)
+            return run_dir
+        except FileExistsError:
+            if cfg.out:
+                raise RunDirError(
+                    f"output directory {run_dir.path} was claimed by another profile run "
+                    "started at the same time; choose another --out (or --resume it once that "
+                    "run has stopped)") from None
+            run_dir = RunDir(resolve_out(cfg))
+        except OSError as err:
+            raise RunDirError(
+                f"cannot write to output directory {run_dir.path}: {err.strerror or err}"
+            ) from None
+    raise RunDirError(f"no free output directory next to {run_dir.path}; pass --out")
+
+
 def _prepare_root(cfg: ProfileConfig, dist: DistContext) -> tuple[_Prepared, Dataset, dict]:
     run_dir = RunDir(resolve_out(cfg))
     stored = run_dir.check_resume() if cfg.resume else None
@@ -423,12 +448,10 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext) -> tuple[_Prepared, Dat
         settings = {**stored, **{k: settings[k] for k in ("batch_size", "device", "world_size",
                                                           "backend")}}
     else:
-        run_dir.create()
+        run_dir = _claim(cfg, run_dir, settings)
         try:
-            run_dir.clear_leftovers()
             if not cfg.checkpoint and is_zoo_model(cfg.model):
                 atomic_write_bytes(run_dir.model_path, state_to_bytes(model))
-            run_dir.write_settings(settings)
         except OSError as err:
             raise RunDirError(
                 f"cannot write to output directory {run_dir.path}: {err.strerror or err}"

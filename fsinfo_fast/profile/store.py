@@ -81,10 +81,12 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> None:
     """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, os.replace.
 
-    A reader sees either the old file or the complete new one, never a partial file.
+    A reader sees either the old file or the complete new one, never a partial file. With
+    ``exclusive`` the file must not exist yet (a hard link of the temp file, which fails where
+    another process created it first): :class:`FileExistsError` then, and nothing written.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -95,12 +97,33 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if exclusive:
+            _link_exclusive(tmp, path, data)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _link_exclusive(tmp: str, path: Path, data: bytes) -> None:
+    """``path`` made from ``tmp`` only if it does not exist (a hard link; where the file system
+    has none, an ``O_EXCL`` create written in place)."""
+    try:
+        os.link(tmp, path)
+        return
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -364,6 +387,9 @@ class RunDir:
                 with contextlib.suppress(OSError):
                     entry.unlink()
 
-    def write_settings(self, settings: dict[str, Any]) -> None:
-        """Commit the settings (atomically); from now on the directory is a resumable run."""
-        atomic_write_text(self.settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    def write_settings(self, settings: dict[str, Any], *, new: bool = False) -> None:
+        """Commit the settings (atomically); from now on the directory is a resumable run.
+        ``new``: claim the directory for a new run: :class:`FileExistsError` where another run
+        committed its settings there first (two runs started together mixed their records)."""
+        text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+        atomic_write_bytes(self.settings_path, text.encode("utf-8"), exclusive=new)

@@ -1,0 +1,75 @@
+"""Two profile runs started together: each claims its run directory exclusively (they wrote their
+records into one folder under one run's settings and both exited 0)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fsinfo_fast.profile import ProfileConfig, run_profile
+from fsinfo_fast.profile import runner as _runner
+from fsinfo_fast.profile.errors import RunDirError
+from fsinfo_fast.profile.store import RunDir
+from tests.test_profile import _tiny_vgg5
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    p = tmp_path_factory.mktemp("ckpt") / "vgg5_8.pt"
+    torch.save(_tiny_vgg5().state_dict(), p)
+    return p
+
+
+def _cfg(ckpt, out, **kw) -> ProfileConfig:
+    base = {"model": "vgg5", "checkpoint": str(ckpt), "size": 8, "max_samples": 2,
+            "batch_size": 2, "splits": "1", "out": out, "plot": False, "progress": False,
+            "table": False, "estimator": "exact"}
+    base.update(kw)
+    return ProfileConfig(**base)
+
+
+def test_settings_of_a_new_run_are_written_exclusively(tmp_path):
+    rd = RunDir(tmp_path / "r")
+    rd.create()
+    rd.write_settings({"a": 1}, new=True)
+    with pytest.raises(FileExistsError):
+        rd.write_settings({"a": 2}, new=True)
+    assert json.loads(rd.settings_path.read_text()) == {"a": 1}
+    assert not [p for p in rd.path.iterdir() if p.name.endswith(".tmp")]
+    rd.write_settings({"a": 3})  # a resumed run rewrites its own settings
+    assert json.loads(rd.settings_path.read_text()) == {"a": 3}
+
+
+def _racing(monkeypatch):
+    """Another run claims the directory between this run's checks and its claim."""
+    real = RunDir.clear_leftovers
+    raced: list = []
+
+    def other_run_first(self):
+        real(self)
+        if not raced:
+            raced.append(self.path)
+            self.settings_path.write_text(json.dumps({"other": True}))
+
+    monkeypatch.setattr(RunDir, "clear_leftovers", other_run_first)
+
+
+def test_an_explicit_out_claimed_by_another_run_is_refused(ckpt, tmp_path, monkeypatch):
+    _racing(monkeypatch)
+    with pytest.raises(RunDirError, match="claimed by another profile run"):
+        run_profile(_cfg(ckpt, str(tmp_path / "r")))
+    assert json.loads((tmp_path / "r" / "settings.json").read_text()) == {"other": True}
+    assert not (tmp_path / "r" / "records.jsonl").exists()
+
+
+def test_an_automatic_name_moves_on_to_a_free_one(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(_runner, "DEFAULT_ROOT", str(tmp_path / "runs"))
+    _racing(monkeypatch)
+    out = run_profile(_cfg(ckpt, None))
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and runs[1] == runs[0] + "-2"
+    assert json.loads((tmp_path / "runs" / runs[0] / "settings.json").read_text()) == {
+        "other": True}
+    assert str(out.run_dir).endswith(runs[1])
