@@ -41,7 +41,8 @@ bundled data (once: the weights are cached in ``$FSINFO_FAST_CACHE``, default
 
 Data (``--data``): ``digits`` (scikit-learn's handwritten digits) or ``natural`` (crops of the
 photographs bundled with scikit-image / scikit-learn), resized to ``--size``; a folder of images
-(PIL; all the same size; class sub-folders allowed); or ``torchvision:NAME:ROOT[:train|test]``
+(PIL; all the same size; images either all at its root or all in class sub-folders, not both;
+8-bit images / 255, 16-bit ones / 65535); or ``torchvision:NAME:ROOT[:train|test]``
 for a torchvision data set already on disk (only where torchvision is installed).
 
 Split points (``--splits``): ``paper`` (default: the model's ``paper_splits``, else every split

@@ -10,7 +10,8 @@
 - Weights: ``--checkpoint`` is read with ``torch.load(weights_only=True)`` only (no arbitrary
   pickles); a zoo model without a checkpoint is trained briefly on bundled data
   (:func:`fsinfo_fast.train.demo_model`).
-- Data: the bundled sets (``digits``, ``natural``), a folder of images (PIL; all the same size),
+- Data: the bundled sets (``digits``, ``natural``), a folder of images (PIL; all the same size;
+  8-bit images / 255, 16-bit ones / 65535: :func:`load_image_folder`),
   or ``torchvision:NAME:ROOT[:train|test]`` (a torchvision data set already on disk; only when
   torchvision is installed).
 - Split points: ``paper`` (the model's ``paper_splits``), ``all``, or a comma-separated list of
@@ -299,26 +300,98 @@ class Dataset:
     description: str
 
 
-def load_image_folder(folder: str | Path) -> tuple[Tensor, Tensor, list[str]]:
-    """Every image in ``folder`` (sorted by path), as RGB float32 ``[N, 3, H, W]`` in ``[0, 1]``.
+#: Pillow modes of one band holding 16-bit samples (read as ``uint16``, divided by 65535).
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _image_array(im, path: Path, channels: int) -> np.ndarray:
+    """One opened image as float32 ``[H, W, channels]`` in ``[0, 1]`` (intensity / the mode's
+    maximum: 255 for 8-bit modes, 65535 for 16-bit ones).
+
+    8-bit modes go through Pillow's ``convert("RGB")`` (gray repeated, a palette expanded, an
+    alpha band dropped). Single-band wide modes are scaled by numpy, never clipped: ``I;16*``
+    by 65535; ``I`` (32-bit integers; Pillow's mode for some 16-bit files) by 65535 when every
+    value is in 0..65535, else refused; ``F`` (32-bit float) taken as it is when every value is
+    finite and in [0, 1], else refused. ``channels=1`` takes gray images, and colour images only
+    when their three bands are equal (a colour image is refused, not converted to gray).
+    """
+    mode = im.mode
+    if mode in _MODES_16BIT or mode in ("I", "F"):
+        raw = np.asarray(im)
+        if mode in _MODES_16BIT:
+            arr = raw.astype(np.float32) / 65535.0
+        elif mode == "I":
+            lo, hi = int(raw.min()), int(raw.max())
+            if lo < 0 or hi > 65535:
+                raise DataError(
+                    f"image {path} is 32-bit integer (Pillow mode I) with values {lo}..{hi}: "
+                    "outside 0..65535, so its range is unknown; save it as 8- or 16-bit"
+                )
+            arr = raw.astype(np.float32) / 65535.0
+        else:
+            raw = raw.astype(np.float32)
+            if not np.isfinite(raw).all() or raw.min() < 0.0 or raw.max() > 1.0:
+                raise DataError(
+                    f"image {path} is floating point (Pillow mode F) with values outside [0, 1] "
+                    f"({float(np.nanmin(raw)):.4g}..{float(np.nanmax(raw)):.4g}) or non-finite; "
+                    "scale it to [0, 1] or save it as 8- or 16-bit"
+                )
+            arr = raw
+        arr = arr[..., None]
+        return arr if channels == 1 else np.repeat(arr, 3, axis=2)
+    if channels == 1 and mode in ("L", "1", "LA", "La"):
+        return np.asarray(im.convert("L"), dtype=np.float32)[..., None] / 255.0
+    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if channels == 1:
+        if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
+            raise DataError(
+                f"image {path} is in colour (mode {mode}) but --channels 1 takes grayscale "
+                "images; convert the folder to gray first or use --channels 3"
+            )
+        rgb = rgb[..., :1]
+    return rgb.astype(np.float32) / 255.0
+
+
+def load_image_folder(folder: str | Path,
+                      channels: int = 3) -> tuple[Tensor, Tensor, list[str]]:
+    """Every image in ``folder`` (sorted by path), as float32 ``[N, channels, H, W]`` in ``[0, 1]``.
 
     Images directly in the folder get label ``-1``; with class sub-folders (``folder/cat/1.png``,
     the torchvision ``ImageFolder`` layout) the label is the sub-folder's index in sorted order.
+    A folder holding both images and class sub-folders with images is refused (ambiguous).
+
+    Values are intensity / the format's maximum: 8-bit images / 255, 16-bit images (Pillow
+    modes ``I;16*``, and ``I`` with values in 0..65535) / 65535; float images (mode ``F``) must
+    already be in [0, 1]. ``channels=3`` (default) repeats gray over RGB; ``channels=1`` takes
+    grayscale images (colour images are refused, not converted).
 
     Raises:
-        DataError: no images, an unreadable image, or images of different sizes (naming the file).
+        DataError: no images, an unreadable image, images of different sizes (naming the file),
+            images both at the root and in class sub-folders, a colour image with
+            ``channels=1``, or a 32-bit / float image whose range is unknown.
     """
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels!r}")
     root = Path(folder)
     if not root.is_dir():
         raise DataError(f"--data {folder}: not a bundled data set name and not a folder")
-    files = sorted(p for p in root.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def images_in(d: Path) -> list[Path]:
+        return sorted(p for p in d.iterdir()
+                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    files = images_in(root)
     labels: list[int] = [-1] * len(files)
+    classes = [c for c in sorted(p for p in root.iterdir() if p.is_dir()) if images_in(c)]
+    if files and classes:
+        raise DataError(
+            f"data folder {root} holds {len(files)} image(s) at its root (e.g. {files[0].name}) "
+            f"and class sub-folders with images ({', '.join(c.name for c in classes[:3])}"
+            f"{', ...' if len(classes) > 3 else ''}); keep only one layout"
+        )
     if not files:
-        classes = sorted(p for p in root.iterdir() if p.is_dir())
-        for ci, c in enumerate(classes):
-            sub = sorted(q for q in c.iterdir() if q.is_file()
-                         and q.suffix.lower() in IMAGE_EXTENSIONS)
+        for ci, c in enumerate(sorted(p for p in root.iterdir() if p.is_dir())):
+            sub = images_in(c)
             files += sub
             labels += [ci] * len(sub)
     if not files:
@@ -334,8 +407,10 @@ def load_image_folder(folder: str | Path) -> tuple[Tensor, Tensor, list[str]]:
         try:
             with Image.open(f) as im:
                 im.load()
-                arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                arr = _image_array(im, f, channels)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            if isinstance(err, DataError):
+                raise
             raise DataError(
                 f"cannot read image {f}: {_one_line(err, 160) or type(err).__name__}"
             ) from None
@@ -348,7 +423,7 @@ def load_image_folder(folder: str | Path) -> tuple[Tensor, Tensor, list[str]]:
                 f"{files[0].name} is {first[0]}x{first[1]}; resize them to one size first"
             )
         arrays.append(arr)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).to(torch.float32)
     return x.contiguous(), torch.tensor(labels, dtype=torch.int64), [str(f) for f in files]
 
 
