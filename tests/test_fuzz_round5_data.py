@@ -88,3 +88,85 @@ def test_images_at_root_and_in_class_folders_refused(tmp_path):
     (tmp_path / "cat" / "1.png").unlink()
     x, y, _ = load_image_folder(tmp_path)
     assert len(x) == 2 and y.tolist() == [-1, -1]
+
+
+# ------------------------------------------------------------------------------------------------
+# validate: per-split noise, split order, Pearson r with 2 splits
+
+
+def _tiny_validate(monkeypatch, tmp_path, splits, out, table=False):
+    from fsinfo_fast.models import get_model
+    from fsinfo_fast.validate import ValidateConfig, run_validate, runner
+
+    def fake_load(cfg, name, device, bar):  # an untrained tiny VGG5: no training, no download
+        torch.manual_seed(0)
+        model = get_model("vgg5", num_classes=9, in_channels=3, input_size=8).eval()
+        g = torch.Generator().manual_seed(1)
+        return {"model": model, "x_train": torch.rand(12, 3, 8, 8, generator=g),
+                "x_test": torch.rand(10, 3, 8, 8, generator=g), "accuracy": 0.0}
+
+    monkeypatch.setattr(runner, "_load_demo", fake_load)
+    cfg = ValidateConfig(models=("vgg5",), size=8, epochs=0, splits=splits, samples=2,
+                         probes=2, decoder_epochs=1, decoder_width=2, attack_steps=1,
+                         sweep_sigmas=(), out=str(tmp_path / out), plot=False, progress=False,
+                         table=table)
+    return run_validate(cfg).report["models"][0]
+
+
+def _at(report, index):
+    (s,) = [s for s in report["splits"] if s["index"] == index]
+    return s
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_validate_split_numbers_do_not_depend_on_the_other_splits(monkeypatch, tmp_path):
+    # one noise generator ran over the split loop: dCor at split 3 was 0.98828 with
+    # --splits 1,2,3 and 0.98703 with --splits 3
+    a = _tiny_validate(monkeypatch, tmp_path, "1,2,3", "a")
+    b = _tiny_validate(monkeypatch, tmp_path, "3", "b")
+    for key in ("dcor", "knn_mi", "knn_mi_pca"):
+        assert _at(a, 3)["metrics"][key] == _at(b, 3)["metrics"][key], key
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_validate_runs_splits_shallowest_first(monkeypatch, tmp_path):
+    # --splits 3,1,2 was kept in that order, so the agreement took split 3 as its reference
+    a = _tiny_validate(monkeypatch, tmp_path, "3,1,2", "a")
+    b = _tiny_validate(monkeypatch, tmp_path, "1,2,3", "b")
+    assert [s["index"] for s in a["splits"]] == [1, 2, 3]
+    assert a["agreement"] == b["agreement"]
+
+
+def test_agreement_undefined_below_three_splits():
+    from fsinfo_fast.validate import agreement
+
+    a = agreement([2.0, 1.0], [0.1, 0.2])  # was r = 1.0 with no note
+    assert np.isnan(a.pearson) and a.ci95 is None and a.p_value is None and a.n == 2
+    assert "undefined with 2 split points" in a.note
+    d = a.as_dict()
+    assert d["pearson"] is None and d["note"] == a.note and d["metric_drop"] == [0.0, 0.5]
+    assert agreement([2.0, 1.0, 0.5], [0.1, 0.2, 0.25]).note is None
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_validate_two_splits_reports_pearson_undefined(monkeypatch, tmp_path, capsys):
+    m = _tiny_validate(monkeypatch, tmp_path, "1,2", "p2", table=True)
+    for attack in ("inverse_network", "optimization"):
+        for key, g in m["agreement"][attack].items():
+            assert g["pearson"] is None and "undefined" in g["note"], (attack, key)
+    out = capsys.readouterr().out
+    assert "n/a (n=2)" in out and "undefined with 2 split points" in out
+    assert "1.000" not in out.split("Pearson r")[1]
+
+
+def test_validate_refuses_to_order_a_split_without_depth():
+    from fsinfo_fast.errors import InvalidInputError
+    from fsinfo_fast.profile.sources import SplitSpec
+    from fsinfo_fast.validate.runner import _by_depth
+
+    enc = torch.nn.Identity()
+    deep, shallow = SplitSpec("b", 2, "b", enc), SplitSpec("a", 0, "a", enc)
+    assert [s.name for s in _by_depth("m", [deep, shallow])] == ["a", "b"]
+    assert _by_depth("m", [SplitSpec("relu_1", None, "relu_1", enc)])[0].name == "relu_1"
+    with pytest.raises(InvalidInputError, match="'relu_1' is not one of m's split points"):
+        _by_depth("m", [deep, SplitSpec("relu_1", None, "relu_1", enc)])

@@ -93,7 +93,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--epochs", type=int, default=d.epochs,
                    help=f"training epochs of the models (weights cached; default {d.epochs})")
     g.add_argument("--splits", default=d.splits,
-                   help="'paper' (default), 'all' or a comma list of split indices / names")
+                   help="'paper' (default), 'all' or a comma list of split indices / names; "
+                        "run shallowest first whatever the order given")
     g.add_argument("--samples", type=_positive_int, default=d.samples, metavar="N",
                    help=f"held-out samples for the per-sample metrics, the optimisation attack "
                         f"and the bound report (default {d.samples})")

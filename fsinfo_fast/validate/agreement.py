@@ -14,7 +14,9 @@ has ``r`` near ``+1``: where the metric says leakage fell, the attacker's error 
 
 Caveats (kept as the paper defines them, not corrected): the drop divides by ``m_0``, so for a
 metric whose shallowest value is negative (FSInfo can be negative) its sign flips; with ``n`` of
-5 or 6 points the correlation is very uncertain (the Fisher-z interval says how much).
+5 or 6 points the correlation is very uncertain (the Fisher-z interval says how much). With fewer
+than 3 split points the statistic is undefined (two points always correlate at +-1 and the drop
+and rise have one non-trivial point): :func:`agreement` reports ``nan`` with a note.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ import numpy as np
 from ..errors import InvalidInputError
 from ..result import Z95
 
-__all__ = ["Agreement", "agreement", "pearson", "relative_drop", "relative_rise"]
+__all__ = ["Agreement", "agreement", "pearson", "relative_drop", "relative_rise", "MIN_SPLITS"]
+
+#: Fewest split points at which :func:`agreement` reports a correlation.
+MIN_SPLITS = 3
 
 
 def _vector(values: Sequence[float], name: str) -> np.ndarray:
@@ -84,6 +89,7 @@ class Agreement:
         p_value: two-sided p-value of ``r = 0`` (t-test with ``n - 2`` degrees of freedom).
         n: split points used.
         metric_drop, attack_rise: the two sequences.
+        note: why ``pearson`` is undefined (``None`` when it is defined).
     """
 
     pearson: float
@@ -92,6 +98,7 @@ class Agreement:
     n: int
     metric_drop: list[float]
     attack_rise: list[float]
+    note: str | None = None
 
     def as_dict(self) -> dict:
         def num(v: float) -> float | None:
@@ -101,7 +108,7 @@ class Agreement:
                 "ci95": [num(c) for c in self.ci95] if self.ci95 else None,
                 "p_value": num(self.p_value) if self.p_value is not None else None, "n": self.n,
                 "metric_drop": [num(v) for v in self.metric_drop],
-                "attack_rise": [num(v) for v in self.attack_rise]}
+                "attack_rise": [num(v) for v in self.attack_rise], "note": self.note}
 
 
 def agreement(metric: Sequence[float], mse: Sequence[float]) -> Agreement:
@@ -112,7 +119,8 @@ def agreement(metric: Sequence[float], mse: Sequence[float]) -> Agreement:
         mse: the attack's mean reconstruction MSE at the same split points.
 
     Returns:
-        :class:`Agreement`.
+        :class:`Agreement`; with fewer than 3 split points ``pearson`` is ``nan`` and ``note``
+        says why (two points always give ``r = +-1``, which carries no information).
 
     Example:
         >>> a = agreement([4.0, 2.0, 1.0], [0.1, 0.2, 0.4])
@@ -124,8 +132,13 @@ def agreement(metric: Sequence[float], mse: Sequence[float]) -> Agreement:
         raise InvalidInputError(
             f"metric has {drop.size} split points but the attack has {rise.size}"
         )
-    r = pearson(drop, rise)
     n = int(drop.size)
+    if n < MIN_SPLITS:
+        return Agreement(pearson=float("nan"), ci95=None, p_value=None, n=n,
+                         metric_drop=drop.tolist(), attack_rise=rise.tolist(),
+                         note=f"undefined with {n} split points (needs {MIN_SPLITS}: two points "
+                              "always correlate at +-1)")
+    r = pearson(drop, rise)
     ci = None
     p = None
     if math.isfinite(r):

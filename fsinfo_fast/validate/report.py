@@ -23,6 +23,15 @@ def _pm(entry: dict[str, Any] | None) -> str:
     return _fmt(v) if not se else f"{_fmt(v)} ± {Z95 * se:.1g}"
 
 
+def _r(entry: dict[str, Any] | None) -> str:
+    """An agreement's r for the table: ``n/a`` where it is undefined (fewer than 3 splits)."""
+    if entry is None:
+        return "-"
+    if entry["pearson"] is None:
+        return f"n/a (n={entry['n']})" if entry.get("note") else "-"
+    return _fmt(entry["pearson"])
+
+
 def print_table(report: dict[str, Any], files: dict[str, str] | None = None,
                 console: Any = None) -> None:
     """Per-split metrics and attack errors, the agreement table and the bound report."""
@@ -59,10 +68,16 @@ def print_table(report: dict[str, Any], files: dict[str, str] | None = None,
             gi = m["agreement"]["inverse_network"].get(k)
             go = m["agreement"]["optimization"].get(k)
             ci = gi["ci95"] if gi and gi["ci95"] else None
-            a.add_row(_SHORT[k], _fmt(gi["pearson"]) if gi else "-",
+            a.add_row(_SHORT[k], _r(gi),
                       f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else "-",
-                      _fmt(go["pearson"]) if go else "-", _fmt(paper.get(k)))
+                      _r(go), _fmt(paper.get(k)))
         console.print(a)
+        notes = {g["note"] for att in m["agreement"].values() for g in att.values()
+                 if g.get("note")}
+        if len(m["splits"]) < 2:
+            notes.add(f"undefined with {len(m['splits'])} split point (needs 3)")
+        for note in sorted(notes):
+            console.print(f"{m['model']}: Pearson r {note}", soft_wrap=True)
     sw = report.get("noise_sweep")
     if sw:
         t = Table(title=f"noise sweep: {sw['model']} split {sw['split']['index']} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -349,7 +350,8 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
         for name in cfg.models:
             t0 = time.perf_counter()
             loaded[name] = _load_demo(cfg, name, device, None)
-            split_lists[name] = resolve_splits(loaded[name]["model"], cfg.splits)
+            split_lists[name] = _by_depth(name, resolve_splits(loaded[name]["model"],
+                                                               cfg.splits))
             timing[f"{name}/train"] = time.perf_counter() - t0
         # one progress step per (model, split) and per sweep sigma
         total = sum(len(v) for v in split_lists.values()) + len(cfg.sweep_sigmas)
@@ -423,6 +425,31 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def _by_depth(model_name: str, splits: list) -> list:
+    """``splits`` shallowest first (by paper index): the agreement statistic takes the first
+    split as its reference, so ``--splits 3,1,2`` is run as ``1,2,3``.
+
+    Raises:
+        InvalidInputError: with several splits, one that is not among the model's split points
+            (no index, so no depth to order it by).
+    """
+    if len(splits) > 1:
+        for sp in splits:
+            if sp.index is None:
+                raise InvalidInputError(
+                    f"--splits: {sp.name!r} is not one of {model_name}'s split points, so "
+                    "validate cannot order it by depth; name split points by index or by "
+                    "module path from the model's split_points")
+    return sorted(splits, key=lambda sp: sp.index if sp.index is not None else 0)
+
+
+def _noise_seed(seed: int, split_name: str) -> int:
+    """Seed of the noise ``z = f(x) + sigma * eps`` for dCor / kNN MI at one split: from the run
+    seed and the split's name only, so a split's numbers do not depend on the other splits."""
+    digest = hashlib.sha256(f"validate-noise|{int(seed)}|{split_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
 def _step(bar, text: str) -> Any:
     if bar is None:
         return None
@@ -442,7 +469,6 @@ def _validate_model(cfg: ValidateConfig, name: str, data: dict[str, Any], splits
     t0 = time.perf_counter()
     f_train, f_test = _features(model, splits, [x_tr, x_te])
     timing[f"{name}/features"] = time.perf_counter() - t0
-    zgen = torch.Generator().manual_seed(cfg.seed + 2)
     split_reports: list[dict[str, Any]] = []
     series: dict[str, list[float | None]] = {k: [] for k in METRICS}
     mse_series: dict[str, list[float | None]] = {a: [] for a in ATTACKS}
@@ -464,6 +490,7 @@ def _validate_model(cfg: ValidateConfig, name: str, data: dict[str, Any], splits
             metrics["fsinfo_logdet"], per_sample["fsinfo_logdet"] = _logdet(
                 cfg, enc, x, cfg.sigma, prior_var, cfg.seed)
         show and show("dCor / kNN MI")
+        zgen = torch.Generator().manual_seed(_noise_seed(cfg.seed, sp.name))
         z_eval = observe(f_test[sp.name], cfg.sigma, zgen)
         dc = distance_correlation(x_te, z_eval)
         mi = ksg_mutual_information(x_te, z_eval, k=cfg.mi_k)
