@@ -170,3 +170,37 @@ def test_validate_refuses_to_order_a_split_without_depth():
     assert _by_depth("m", [SplitSpec("relu_1", None, "relu_1", enc)])[0].name == "relu_1"
     with pytest.raises(InvalidInputError, match="'relu_1' is not one of m's split points"):
         _by_depth("m", [deep, SplitSpec("relu_1", None, "relu_1", enc)])
+
+
+# ------------------------------------------------------------------------------------------------
+# the demo model's weights do not depend on the caller's thread count
+
+
+def test_demo_model_trains_on_a_fixed_thread_count(monkeypatch, tmp_path):
+    # trained with the caller's threads (1 vs 2 gave other weights) under a cache key without
+    # them: the demo's numbers depended on which thread count filled the cache first
+    from fsinfo_fast import train
+
+    seen = []
+
+    def record(model, *args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return model.eval()
+
+    monkeypatch.setattr(train, "train_briefly", record)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            train.demo_model("vgg5", size=8, epochs=1, cache=tmp_path / str(threads))
+            assert torch.get_num_threads() == threads  # the caller's count is restored
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 1]
+    # a cache file written under the old key (caller's threads) is not read
+    (name,) = [p.name for p in (tmp_path / "1").iterdir()]
+    old_key = repr(("vgg5", "digits", 8, 0, 1, 1e-3, 64, train.__version__,
+                    torch.__version__.split("+")[0]))
+    import hashlib
+
+    assert hashlib.sha256(old_key.encode()).hexdigest()[:16] not in name
