@@ -3,6 +3,9 @@ before its fix."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -204,3 +207,59 @@ def test_demo_model_trains_on_a_fixed_thread_count(monkeypatch, tmp_path):
     import hashlib
 
     assert hashlib.sha256(old_key.encode()).hexdigest()[:16] not in name
+
+
+# ------------------------------------------------------------------------------------------------
+# 1-channel models: --channels 1
+
+
+def gray_net() -> torch.nn.Module:
+    """A tiny 1-channel model for ``--model tests.test_fuzz_round5_data:gray_net``."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.Tanh(),
+                               torch.nn.Flatten(), torch.nn.Linear(2 * 16 * 16, 3)).eval()
+
+
+def test_load_folder_and_digits_with_one_channel(tmp_path):
+    from fsinfo_fast.profile.sources import load_data
+
+    rng = np.random.default_rng(2)
+    gray = (rng.random((2, 4, 4)) * 255).astype(np.uint8)
+    for i in range(2):
+        _save(tmp_path / "g" / f"{i}.png", gray[i], "L")
+    x, _, _ = load_image_folder(tmp_path / "g", channels=1)
+    assert x.shape == (2, 1, 4, 4)
+    assert torch.equal(x[:, 0], torch.from_numpy(gray).float() / 255.0)
+    x3, _, _ = load_image_folder(tmp_path / "g")  # the default stays RGB
+    assert x3.shape == (2, 3, 4, 4) and torch.equal(x3[:, 1:2], x)
+    _save(tmp_path / "c" / "0.png", (rng.random((4, 4, 3)) * 255).astype(np.uint8))
+    with pytest.raises(DataError, match="colour .*--channels 1 takes grayscale"):
+        load_image_folder(tmp_path / "c", channels=1)
+    d = load_data("digits", 8, 0, 4, channels=1)
+    assert d.x.shape == (4, 1, 8, 8)
+    with pytest.raises(DataError, match="natural is colour"):
+        load_data("natural", 8, 0, 4, channels=1)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_profile_a_one_channel_model_on_gray_images(tmp_path, monkeypatch, capsys):
+    # every folder was forced to 3 channels: a 1-channel model could not be profiled at all
+    from fsinfo_fast.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    rng = np.random.default_rng(3)
+    for i in range(2):
+        _save(tmp_path / "g" / f"{i}.png", (rng.random((16, 16)) * 255).astype(np.uint8), "L")
+    common = ["profile", "--model", "tests.test_fuzz_round5_data:gray_net", "--data",
+              str(tmp_path / "g"), "--splits", "1", "--quiet", "--no-plot"]
+    assert main([*common, "--channels", "1", "--out", str(tmp_path / "run")]) == 0
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert settings["channels"] == 1 and settings["input_shape"] == [1, 16, 16]
+    # --resume reads --channels from the run
+    assert main(["profile", "--out", str(tmp_path / "run"), "--resume", "--quiet",
+                 "--no-plot"]) == 0
+    assert main([*common, "--out", str(tmp_path / "rgb")]) == 2  # default: RGB, as before
+    assert main(["profile", "--channels", "1", "--out", str(tmp_path / "demo"), "--quiet",
+                 "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "--channels 1: the demo model" in err

@@ -43,7 +43,9 @@ Data (``--data``): ``digits`` (scikit-learn's handwritten digits) or ``natural``
 photographs bundled with scikit-image / scikit-learn), resized to ``--size``; a folder of images
 (PIL; all the same size; images either all at its root or all in class sub-folders, not both;
 8-bit images / 255, 16-bit ones / 65535); or ``torchvision:NAME:ROOT[:train|test]``
-for a torchvision data set already on disk (only where torchvision is installed).
+for a torchvision data set already on disk (only where torchvision is installed). Inputs are RGB
+(gray repeated) unless ``--channels 1``: grayscale for a 1-channel model (digits, or gray images
+only).
 
 Split points (``--splits``): ``paper`` (default: the model's ``paper_splits``, else every split
 point), ``all``, or a comma-separated list of paper indices, ranges (``0-3``), module paths and
@@ -155,6 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", default=d.data,
                    help="digits, natural, a folder of same-sized images, or "
                         f"torchvision:NAME:ROOT[:train|test] (default {d.data})")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=d.channels,
+                   help="input channels: 3 (default; gray images repeated over RGB) or 1 "
+                        "(digits, or a folder / torchvision set of grayscale images, refusing "
+                        "colour ones; needs --checkpoint or a package.module:function model)")
     g.add_argument("--size", type=_positive_int, default=d.size,
                    help=f"image side for the bundled data sets (default {d.size})")
     g.add_argument("--max-samples", type=_max_samples, default=d.max_samples, metavar="N",
@@ -220,7 +226,8 @@ def config_from_args(args: argparse.Namespace) -> ProfileConfig:
         max_samples=args.max_samples, batch_size=args.batch_size, device=args.device,
         seed=args.seed, out=args.out, resume=args.resume, plot=args.plot, share=args.share,
         backend=args.backend, progress=not args.quiet, table=not args.quiet,
-        dfil_method=args.dfil_method, given=getattr(args, "given_options", None),
+        dfil_method=args.dfil_method, channels=args.channels,
+        given=getattr(args, "given_options", None),
     )
 
 

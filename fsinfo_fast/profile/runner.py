@@ -101,6 +101,8 @@ class ProfileConfig:
         prior_var: prior variance per input dimension (log-det variant).
         target: FSInfoGuard target FSInfo (nats per dimension).
         max_samples: first this many samples (``0``/``None``: all).
+        channels: 3 (default: gray repeated over RGB) or 1 (grayscale: ``digits``, a folder of
+            gray images or a gray torchvision set; for a 1-channel ``--checkpoint`` or model).
         batch_size: samples per batch (work unit).
         device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         seed: seed of the probes (and of the demo model's training).
@@ -151,6 +153,7 @@ class ProfileConfig:
     progress: bool = True
     table: bool = True
     dfil_method: str = "auto"
+    channels: int = 3
     #: the options the command line set explicitly (``None``: unknown, e.g. an API call; then
     #: ``--resume`` takes the stored value of every option at its default)
     given: frozenset[str] | None = None
@@ -187,6 +190,8 @@ class ProfileConfig:
                                     "logdet or both")
         if self.max_samples is not None and self.max_samples < 0:
             raise InvalidInputError(f"--max-samples must be >= 0, got {self.max_samples}")
+        if isinstance(self.channels, bool) or self.channels not in (1, 3):
+            raise InvalidInputError(f"--channels must be 1 or 3, got {self.channels!r}")
         if self.batch_size < 1:
             raise InvalidInputError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.size < 1:
@@ -265,7 +270,8 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
     embedded = cfg.data in ("digits", "natural")
     ckpt_sha = None
     if cfg.checkpoint:
-        data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None)
+        data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
+                         channels=cfg.channels)
         state = load_checkpoint(cfg.checkpoint)
         ckpt_sha = file_sha256(cfg.checkpoint)
         recipe = {"spec": cfg.model, "zoo_kwargs": {}}
@@ -281,10 +287,16 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
         from ..train import demo_model
 
         train_data = cfg.data if embedded else "digits"
+        if cfg.channels != 3:
+            raise DataError(
+                f"--channels {cfg.channels}: the demo model ({cfg.model} trained briefly on "
+                "bundled data) takes RGB images; give --checkpoint with 1-channel weights or a "
+                "--model package.module:function")
         if embedded:
             size = cfg.size
         else:
-            data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None)
+            data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
+                         channels=cfg.channels)
             _require_square(data, cfg.model)
             if data.x.shape[1] != 3:
                 raise DataError(f"--data {cfg.data}: the demo model takes RGB images")
@@ -315,7 +327,8 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
                                        f"({min(n, len(x_te))} of {len(x_te)}, {size}x{size})")
         model.demo_accuracy = acc  # type: ignore[attr-defined]
         return model.eval(), data, recipe, None
-    data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None)
+    data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
+                         channels=cfg.channels)
     recipe = {"spec": cfg.model, "zoo_kwargs": {}}
     return _build(recipe), data, recipe, None
 
@@ -370,6 +383,7 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
         "data_sha256": tensor_fingerprint(data.x, data.y),
         "num_samples": int(data.x.shape[0]),
         "max_samples": cfg.max_samples,
+        "channels": int(data.x.shape[1]),
         "splits": [s.name for s in splits],
         "split_index": [s.index for s in splits],
         "split_layer": [s.layer for s in splits],
@@ -858,7 +872,7 @@ RESUMED_OPTIONS = {
     "max_samples": "max_samples", "splits": "splits", "sigma": "sigma", "variant": "variant",
     "estimator": "estimator", "atol": "atol", "rtol": "rtol", "prior_var": "prior_var",
     "target": "target", "seed": "seed", "share": "share", "dfil_method": "dfil_method",
-    "batch_size": "batch_size", "backend": "backend",
+    "batch_size": "batch_size", "backend": "backend", "channels": "channels",
 }
 
 

@@ -427,7 +427,7 @@ def load_image_folder(folder: str | Path,
     return x.contiguous(), torch.tensor(labels, dtype=torch.int64), [str(f) for f in files]
 
 
-def _load_torchvision(spec: str) -> tuple[Tensor, Tensor, str]:
+def _load_torchvision(spec: str, channels: int = 3) -> tuple[Tensor, Tensor, str]:
     parts = spec.split(":")
     if len(parts) not in (3, 4) or not parts[1] or not parts[2]:
         raise DataError(
@@ -460,14 +460,21 @@ def _load_torchvision(spec: str) -> tuple[Tensor, Tensor, str]:
     xs, ys = [], []
     for i in range(len(ds)):
         img, label = ds[i]
-        arr = np.asarray(img.convert("RGB") if hasattr(img, "convert") else img, dtype=np.uint8)
+        if hasattr(img, "convert"):  # a PIL image: scaled by its mode like a folder's images
+            arr = _image_array(img, Path(f"{spec}[{i}]"), channels)
+        elif channels == 1:
+            raise DataError(f"--data {spec}: --channels 1 needs PIL images, sample {i} is "
+                            f"{type(img).__name__}")
+        else:
+            arr = np.asarray(img, dtype=np.uint8).astype(np.float32) / 255.0
         xs.append(arr)
         ys.append(int(label))
-    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+    x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).to(torch.float32)
     return x.contiguous(), torch.tensor(ys, dtype=torch.int64), f"torchvision {name} ({split})"
 
 
-def load_data(spec: str, size: int, seed: int, max_samples: int | None) -> Dataset:
+def load_data(spec: str, size: int, seed: int, max_samples: int | None,
+              channels: int = 3) -> Dataset:
     """The profile's inputs for ``--data spec`` (bundled names use their held-out test split).
 
     Args:
@@ -475,11 +482,21 @@ def load_data(spec: str, size: int, seed: int, max_samples: int | None) -> Datas
         size: side in pixels for the bundled sets (folders keep their images' size).
         seed: seed of the natural-image crops.
         max_samples: keep the first this many samples (``None``: all).
+        channels: 3 (gray repeated over RGB) or 1 (``digits``, or gray images only: a colour
+            image and ``natural`` are refused).
+
+    Raises:
+        DataError: unknown data, unreadable images, or colour data with ``channels=1``.
     """
     from ..data import DATASETS, digits, natural_images
 
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels!r}")
+    if channels == 1 and spec == "natural":
+        raise DataError("--data natural is colour photographs; --channels 1 takes digits or a "
+                        "folder of grayscale images")
     if spec == "digits":
-        x, y = digits(size=size, channels=3, split="test")
+        x, y = digits(size=size, channels=channels, split="test")
         desc = f"digits test split ({len(x)} images, {size}x{size})"
     elif spec == "natural":
         # The demo model trains on natural_images(n=900, seed) minus a held-out 20%; for a
@@ -488,9 +505,11 @@ def load_data(spec: str, size: int, seed: int, max_samples: int | None) -> Datas
         x, y = natural_images(size=size, n=n, seed=seed + 1_000_003)
         desc = f"natural image crops ({len(x)}, {size}x{size}, seed {seed})"
     elif spec.startswith("torchvision:"):
-        x, y, desc = _load_torchvision(spec)
+        x, y, desc = _load_torchvision(spec, channels)
     elif spec in DATASETS:  # a bundled set without special handling above
         x, y = DATASETS[spec](size=size)
+        if x.shape[1] != channels:
+            raise DataError(f"--data {spec} has {x.shape[1]} channels, not {channels}")
         desc = spec
     else:
         p = Path(spec)
@@ -499,7 +518,7 @@ def load_data(spec: str, size: int, seed: int, max_samples: int | None) -> Datas
                 f"unknown data {spec!r}: not a bundled data set ({', '.join(sorted(DATASETS))}), "
                 "not an existing folder of images and not torchvision:NAME:ROOT"
             )
-        x, y, _files = load_image_folder(p)
+        x, y, _files = load_image_folder(p, channels)
         desc = f"image folder {p} ({len(x)} images, {x.shape[-1]}x{x.shape[-2]})"
     if max_samples:
         x, y = x[:max_samples], y[:max_samples]
