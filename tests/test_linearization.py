@@ -11,6 +11,7 @@ from torch import nn
 import fsinfo_fast as ff
 import fsinfo_fast.reference.oracle as oracle
 from fsinfo_fast.encoder import clear_validation_cache
+from fsinfo_fast.result import mean_halfwidth
 
 
 class _Counting(nn.Module):
@@ -178,9 +179,15 @@ def test_aggregate_uses_the_per_sample_interval_convention():
     r = ff.linearize(enc, x).fsinfo(0.1, estimator="randomized", num_probes=16)
     m = r.mean()
     lo, hi = m.ci95()
-    assert hi - m.value == pytest.approx(1.959963984540054 * m.stderr + m.bias_bound)
+    # the samples' own (Student-t) intervals, combined: wider than 1.96 standard errors
+    assert hi - m.value == pytest.approx(mean_halfwidth(r.stderr.tolist(),
+                                                        r.ci_halfwidth.tolist(),
+                                                        r.bias_bound.tolist()))
+    assert hi - m.value > 1.959963984540054 * m.stderr + m.bias_bound
     w = r.worst()
     assert w.ci_halfwidth == pytest.approx(float(r.ci_halfwidth[w.index]))
+    _, whi = w.ci95()  # for the batch's largest true value: reaches the largest upper end
+    assert whi == pytest.approx(float((r.value + r.ci_halfwidth).max()))
 
 
 def test_bad_arguments_raise_typed_errors():

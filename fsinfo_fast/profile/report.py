@@ -9,17 +9,19 @@ Per split and metric (over the ``n`` samples):
   estimates);
 - ``sample_std`` and ``sem`` = ``sample_std / sqrt(n)``: the spread over the data (the standard
   error of the mean as an estimate of the data distribution's mean);
-- ``min``/``max`` and ``worst``: the most leaking sample (largest FSInfo or dFIL) with its own
-  95% interval.
+- ``min``/``max`` and ``worst``: the most leaking sample (largest FSInfo or dFIL) with a 95%
+  interval for the split's largest true value (:func:`fsinfo_fast.result.max_interval`: the
+  largest upper end, and the largest lower end widened for selection among ``n`` samples).
 
 Bounds (per-dimension reconstruction MSE; lower = weaker privacy) are reported for the worst
 case, the least private sample: the smallest bound, with the interval ``[min_i low_i,
-min_i high_i]`` (the image of the per-sample intervals). ``dfil_bound`` is proven (Cramer-Rao,
+min_i high_i']`` (the image of the per-sample intervals, the upper ends widened for selection
+among ``n`` samples: an interval for the smallest true bound). ``dfil_bound`` is proven (Cramer-Rao,
 unbiased attackers); ``fsinfo_bound`` is the FSInfo surrogate (see :mod:`fsinfo_fast.bounds`).
 
 The FSInfoGuard noise scale is reported per data set as the largest per-sample ``sigma*`` (the
-noise that brings every profiled sample down to the target), with ``[max_i low_i, max_i
-high_i]``, and as a mean.
+noise that brings every profiled sample down to the target), with ``[max_i low_i', max_i
+high_i]`` (lower ends widened for selection), and as a mean.
 
 Convergence. Each record says per metric whether the estimate met its tolerance
 (``*_converged``; False where the probe cap stopped it first, so its interval is wider than
@@ -42,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from .._extras import require
-from ..result import mean_halfwidth
+from ..result import max_interval, mean_halfwidth, selection_ratio
 from .store import atomic_write_bytes, atomic_write_text
 
 __all__ = ["summarize", "write_outputs", "print_table", "SAMPLE_FIELDS", "SUMMARY_FIELDS"]
@@ -102,6 +104,12 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     hw_mean = mean_halfwidth([p[2] for p in pairs], [p[3] for p in pairs])
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
     worst = max(pairs, key=lambda p: p[1])
+    # an interval for the split's largest true value, not the chosen sample's own (selection
+    # biases the largest estimate upward)
+    dof = [r.get(f"{key}_probes") for r in recs if _finite(r.get(key))]
+    worst_ci = max_interval([p[1] for p in pairs], [p[3] for p in pairs],
+                            [k - 1 if isinstance(k, int) else None for k in dof],
+                            [p[0] in bound for p in pairs])
     return {
         "n": n,
         "mean": mean,
@@ -115,8 +123,7 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
         "min": min(vals),
         "max": max(vals),
         "worst": {"sample": worst[0], "value": worst[1],
-                  "ci95": [None if worst[0] in bound else worst[1] - worst[3],
-                           worst[1] + worst[3]],
+                  "ci95": [worst_ci[0] if math.isfinite(worst_ci[0]) else None, worst_ci[1]],
                   "converged": worst[0] not in unconverged and worst[0] not in unknown,
                   "is_bound": worst[0] in bound},
         "n_unconverged": len(unconverged),
@@ -127,14 +134,42 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     }
 
 
+#: the metric whose interval (and probe count) each derived quantity's interval is the image of
+_SOURCE = {"dfil_bound": "dfil", "fsinfo_diag_bound": "fsinfo_diag",
+           "fsinfo_logdet_bound": "fsinfo_logdet", "sigma_star": "fsinfo_diag",
+           "sigma_star_logdet": "fsinfo_logdet"}
+
+
+def _widened(v: float, end: Any, ratio: float) -> Any:
+    """An interval end of a positive quantity moved ``ratio`` times as far from ``v`` in log
+    space (the bounds and sigma* are exponentials of FSInfo or reciprocals of dFIL: their log
+    is linear in the metric, whose interval :func:`selection_ratio` widens)."""
+    if not (_finite(end) and v > 0 and end > 0 and ratio != 1.0):
+        return end
+    return v * (end / v) ** ratio
+
+
 def _extreme(recs: list[dict[str, Any]], key: str, pick) -> dict[str, Any] | None:
+    """The smallest (bounds) or largest (sigma*) value of a split with an interval for the
+    smallest / largest true value: the per-sample interval ends reduced by ``pick``, the side
+    selection biases widened for ``n`` samples (:func:`fsinfo_fast.result.selection_ratio` on
+    the source metric's probes; the other side needs none)."""
     rows = [r for r in recs if _finite(r.get(key))]
     if not rows:
         return None
     best = pick(rows, key=lambda r: r[key])
+    n = len(rows)
+    side = f"{key}_low" if pick is max else f"{key}_high"
+
+    def end(r: dict[str, Any], k: str) -> Any:
+        if k != side:
+            return r.get(k)
+        probes = r.get(f"{_SOURCE.get(key, key)}_probes")
+        ratio = selection_ratio(n, probes - 1 if isinstance(probes, int) else None)
+        return _widened(r[key], r.get(k), ratio)
 
     def agg(k: str) -> float | None:
-        vals = [r[k] if _finite(r.get(k)) else math.inf for r in rows]
+        vals = [end(r, k) if _finite(r.get(k)) else math.inf for r in rows]
         v = pick(vals)
         return v if math.isfinite(v) else None
 
