@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+import fsinfo_fast as ff
 from fsinfo_fast.profile import ProfileConfig, run_profile
 from fsinfo_fast.profile import runner as _runner
 from fsinfo_fast.profile.errors import RunDirError
@@ -73,3 +74,37 @@ def test_an_automatic_name_moves_on_to_a_free_one(ckpt, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "runs" / runs[0] / "settings.json").read_text()) == {
         "other": True}
     assert str(out.run_dir).endswith(runs[1])
+
+
+def _tiny_cnn(dtype):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.Tanh(),
+                               torch.nn.Flatten(), torch.nn.Linear(64, 10)).to(dtype).eval()
+
+
+def half_cnn():
+    return _tiny_cnn(torch.float16)
+
+
+def double_cnn():
+    return _tiny_cnn(torch.float64)
+
+
+@pytest.mark.parametrize("name", ["half_cnn", "double_cnn"])
+def test_profile_takes_half_and_double_models(name, tmp_path):
+    """A float16 or float64 model was refused ("cannot take the data's inputs ... expected
+    scalar type Float but found Half"); the library measures both (float16 on a float32 copy,
+    float64 with the data cast exactly)."""
+    out = run_profile(ProfileConfig(model=f"tests.test_profile_claim:{name}", data="natural",
+                                    size=8, max_samples=2, batch_size=2, splits="1",
+                                    out=str(tmp_path / "r"), plot=False, progress=False,
+                                    table=False))
+    got = [r["fsinfo_diag"] for r in out.summary["samples"]]
+    from fsinfo_fast.profile.sources import load_data
+
+    cfg = out.summary["settings"]
+    x = load_data("natural", size=8, seed=cfg["seed"], max_samples=2).x.double()
+    enc = ff.split(_tiny_cnn(torch.float64), 1)
+    want = ff.fsinfo(enc, x, sigma=cfg["sigma"], estimator="exact").value.tolist()
+    assert got == pytest.approx(want, abs=0.02)
