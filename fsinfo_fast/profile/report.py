@@ -79,6 +79,10 @@ SUMMARY_FIELDS = (
     "fsinfo_diag_bound_worst", "fsinfo_diag_bound_worst_low", "fsinfo_diag_bound_worst_high",
     "sigma_star_max", "sigma_star_max_low", "sigma_star_max_high", "sigma_star_mean",
     "sigma_star_n_unreachable",
+    "fsinfo_logdet_bound_worst", "fsinfo_logdet_bound_worst_low",
+    "fsinfo_logdet_bound_worst_high",
+    "sigma_star_logdet_max", "sigma_star_logdet_max_low", "sigma_star_logdet_max_high",
+    "sigma_star_logdet_mean", "sigma_star_logdet_n_unreachable",
 )
 
 
@@ -293,6 +297,15 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "sigma_star_max_high": g("sigma_star", "interval", 1),
             "sigma_star_mean": g("sigma_star", "mean"),
             "sigma_star_n_unreachable": (s.get("sigma_star") or {}).get("n_unreachable", 0),
+            "fsinfo_logdet_bound_worst": g("fsinfo_logdet_bound_worst", "value"),
+            "fsinfo_logdet_bound_worst_low": g("fsinfo_logdet_bound_worst", "interval", 0),
+            "fsinfo_logdet_bound_worst_high": g("fsinfo_logdet_bound_worst", "interval", 1),
+            "sigma_star_logdet_max": g("sigma_star_logdet", "value"),
+            "sigma_star_logdet_max_low": g("sigma_star_logdet", "interval", 0),
+            "sigma_star_logdet_max_high": g("sigma_star_logdet", "interval", 1),
+            "sigma_star_logdet_mean": g("sigma_star_logdet", "mean"),
+            "sigma_star_logdet_n_unreachable": (s.get("sigma_star_logdet") or {}).get(
+                "n_unreachable", 0),
         })
     return rows
 
@@ -408,8 +421,11 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
     t = Table(title=f"{st['model']} on {st['data']}: {n} samples, sigma={st['sigma']}, "
                     f"target={st['target']}", title_justify="left")
     with_logdet = st.get("variant") != "diag"
+    from_logdet = st.get("variant") == "logdet"  # the bound and sigma* columns' source
     cols = ["split", "layer", "m", "FSInfo diag"] + (["FSInfo logdet"] if with_logdet else [])
-    for col in cols + ["dFIL", "1/dFIL", "FSInfo bnd", "sigma*"]:
+    derived = (["FSInfo bnd (logdet)", "sigma* (logdet)"] if from_logdet
+               else ["FSInfo bnd", "sigma*"])
+    for col in cols + ["dFIL", "1/dFIL", *derived]:
         t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
     n_unconv = n_bound = n_gone = 0
     marked = False
@@ -421,8 +437,10 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
             ld = "<= " + ld  # some samples' log det is only an upper bound (working precision)
         b, fb, sg = s["dfil_bound_worst"], s["fsinfo_diag_bound_worst"], s["sigma_star"]
         fs = s["fsinfo_diag"]
-        if st.get("variant") == "logdet" or fb is None:  # the log-det bound and sigma*
+        tag = ""
+        if from_logdet or fb is None:  # the log-det bound and sigma*
             fb, sg, fs = s["fsinfo_logdet_bound_worst"], s["sigma_star_logdet"], s["fsinfo_logdet"]
+            tag = "" if from_logdet else " (logdet)"  # a row without diag values
         n_gone += (sg or {}).get("n_unreachable", 0)
         shown = [s["fsinfo_diag"], s["dfil"]] + ([s["fsinfo_logdet"]] if with_logdet else [])
         n_unconv += sum((st_ or {}).get("n_unconverged", 0)
@@ -430,7 +448,8 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
         n_bound += sum((st_ or {}).get("n_bound", 0) for st_ in shown)
         cells = [_pm(s["fsinfo_diag"]), *([ld] if with_logdet else []), _pm(s["dfil"]),
                  # 1/dFIL and exp(-2 FSInfo)/(2 pi e) fall as their metric rises; sigma* rises
-                 _derived(b, s["dfil"], "≥"), _derived(fb, fs, "≥"), _derived(sg, fs, "≤")]
+                 _derived(b, s["dfil"], "≥"), _derived(fb, fs, "≥") + tag,
+                 _derived(sg, fs, "≤") + tag]
         marked = marked or any(m in c for c in cells for m in (UNCONVERGED_MARK, "≤", "≥"))
         t.add_row(str(s["index"]) if s["index"] is not None else s["name"], s["layer"],
                   str(s["m"]), *cells)
@@ -438,7 +457,8 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
     console.print(
         "FSInfo: nats/dim, mean ± 95% estimator half-width. 1/dFIL (proven, unbiased attackers) "
         "and FSInfo bnd (surrogate): per-dim MSE bound of the least private sample. sigma*: "
-        "largest per-sample FSInfoGuard noise for the target.", soft_wrap=False)
+        "largest per-sample FSInfoGuard noise for the target"
+        + (", both from FSInfo logdet." if from_logdet else "."), soft_wrap=False)
     if marked:
         parts = []
         if n_unconv or not n_bound:

@@ -1,5 +1,7 @@
-"""Two profile runs started together: each claims its run directory exclusively (they wrote their
-records into one folder under one run's settings and both exited 0)."""
+"""profile, fuzz round 5: two runs started together claim their directories exclusively (they
+wrote their records into one folder under one run's settings and both exited 0); float16 and
+float64 models; the log-det columns of the table and summary.csv. Each test failed before its
+fix."""
 
 from __future__ import annotations
 
@@ -69,11 +71,12 @@ def test_an_automatic_name_moves_on_to_a_free_one(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(_runner, "DEFAULT_ROOT", str(tmp_path / "runs"))
     _racing(monkeypatch)
     out = run_profile(_cfg(ckpt, None))
-    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
-    assert len(runs) == 2 and runs[1] == runs[0] + "-2"
-    assert json.loads((tmp_path / "runs" / runs[0] / "settings.json").read_text()) == {
-        "other": True}
-    assert str(out.run_dir).endswith(runs[1])
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2  # "<name>-2", or a later second's name
+    mine = [p for p in runs if p.resolve() == out.run_dir.resolve()]
+    (other,) = [p for p in runs if p not in mine]
+    assert json.loads((other / "settings.json").read_text()) == {"other": True}
+    assert json.loads((mine[0] / "settings.json").read_text())["model"] == "vgg5"
 
 
 def _tiny_cnn(dtype):
@@ -96,7 +99,7 @@ def test_profile_takes_half_and_double_models(name, tmp_path):
     """A float16 or float64 model was refused ("cannot take the data's inputs ... expected
     scalar type Float but found Half"); the library measures both (float16 on a float32 copy,
     float64 with the data cast exactly)."""
-    out = run_profile(ProfileConfig(model=f"tests.test_profile_claim:{name}", data="natural",
+    out = run_profile(ProfileConfig(model=f"tests.test_profile_round5:{name}", data="natural",
                                     size=8, max_samples=2, batch_size=2, splits="1",
                                     out=str(tmp_path / "r"), plot=False, progress=False,
                                     table=False))
@@ -108,3 +111,25 @@ def test_profile_takes_half_and_double_models(name, tmp_path):
     enc = ff.split(_tiny_cnn(torch.float64), 1)
     want = ff.fsinfo(enc, x, sigma=cfg["sigma"], estimator="exact").value.tolist()
     assert got == pytest.approx(want, abs=0.02)
+
+
+def test_logdet_bound_and_sigma_star_are_labelled_and_written(ckpt, tmp_path):
+    """--variant logdet: the table's bound and sigma* columns showed the log-det values under the
+    diag headings, and summary.csv had no log-det bound or sigma* (its columns held the diag
+    values)."""
+    import csv
+    import io
+
+    from rich.console import Console
+
+    from fsinfo_fast.profile.report import print_table
+
+    out = run_profile(_cfg(ckpt, str(tmp_path / "r"), variant="logdet", prior_var=1.0))
+    (s,) = out.summary["splits"]
+    (row,) = list(csv.DictReader((tmp_path / "r" / "summary.csv").open()))
+    assert float(row["sigma_star_logdet_max"]) == pytest.approx(s["sigma_star_logdet"]["value"])
+    assert float(row["fsinfo_logdet_bound_worst"]) == pytest.approx(
+        s["fsinfo_logdet_bound_worst"]["value"])
+    buf = io.StringIO()
+    print_table(out.summary, console=Console(file=buf, width=240, color_system=None))
+    assert "sigma* (logdet)" in buf.getvalue() and "FSInfo bnd (logdet)" in buf.getvalue()
