@@ -726,7 +726,9 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: T
             " (or set_grad_enabled(False)) inside forward stops the reverse mode only, and a "
             "custom autograd.Function may define jvp and backward differently. The routes "
             "would measure different Jacobians; use .detach() for a stop-gradient (every route "
-            "honours it) or remove the no_grad block")
+            "honours it) or remove the no_grad block. Where neither applies, the encoder's "
+            "terms cancel in float32 (layers much larger than their product): compute in "
+            "float64 (ff.linearize(..., dtype=torch.float64))")
 
 
 def cdist_as_norm(x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: Any = None) -> Tensor:
