@@ -133,3 +133,21 @@ def test_logdet_bound_and_sigma_star_are_labelled_and_written(ckpt, tmp_path):
     buf = io.StringIO()
     print_table(out.summary, console=Console(file=buf, width=240, color_system=None))
     assert "sigma* (logdet)" in buf.getvalue() and "FSInfo bnd (logdet)" in buf.getvalue()
+
+
+def unseeded_cnn():
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Tanh(),
+                               torch.nn.Flatten(), torch.nn.Linear(256, 10)).eval()
+
+
+def test_resume_names_weights_that_change_at_each_build(tmp_path):
+    """A builder with an unseeded random init cannot be resumed; the refusal said 'rerun with
+    the same options' though the options were the same."""
+    from fsinfo_fast.profile.errors import ResumeError
+
+    kw = dict(model="tests.test_profile_round5:unseeded_cnn", data="natural", size=8,
+              max_samples=2, batch_size=2, splits="1", out=str(tmp_path / "r"), plot=False,
+              progress=False, table=False)
+    run_profile(ProfileConfig(**kw))
+    with pytest.raises(ResumeError, match="builds other weights at each call"):
+        run_profile(ProfileConfig(**kw, resume=True))

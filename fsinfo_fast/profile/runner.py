@@ -468,6 +468,12 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext) -> tuple[_Prepared, Dat
     settings = _settings(cfg, model, data, splits, ckpt_sha, dist.device, dist.world)
     if stored is not None:
         diffs = settings_diff(stored, settings, MATCH_KEYS)
+        if diffs == settings_diff(stored, settings, ("model_sha256",)) and diffs:
+            raise ResumeError(
+                f"--resume: the model's weights differ from those {run_dir.path} was made with "
+                f"({diffs[0]}), with the same options: --model {cfg.model} builds other weights "
+                "at each call (an unseeded random initialisation, e.g. a transformers model from "
+                "a config); seed the builder (torch.manual_seed) or pass --checkpoint")
         if diffs:
             raise ResumeError(
                 f"--resume: {run_dir.path} was made with different settings ({'; '.join(diffs)}); "
