@@ -151,3 +151,15 @@ def test_resume_names_weights_that_change_at_each_build(tmp_path):
     run_profile(ProfileConfig(**kw))
     with pytest.raises(ResumeError, match="builds other weights at each call"):
         run_profile(ProfileConfig(**kw, resume=True))
+
+
+def test_plot_marks_an_unreachable_sigma_star(ckpt, tmp_path):
+    """The sigma* panel was left empty, without a note, where the target is unreachable."""
+    from fsinfo_fast.profile.plot import profile_figure
+
+    out = run_profile(_cfg(ckpt, str(tmp_path / "r"), target=-20.0))
+    (s,) = out.summary["splits"]
+    assert s["sigma_star"]["n_unreachable"] == 2
+    ax = profile_figure(out.summary).axes[3]
+    assert [t.get_text() for t in ax.texts] == ["∞"]
+    assert any("no finite noise" in t.get_text() for t in ax.get_legend().get_texts())

@@ -116,6 +116,14 @@ def profile_figure(summary: dict[str, Any], dpi: int = 110):
     axes[2].set_yscale("log")
     axes[2].set_ylabel("MSE bound\n(least private sample)")
     extreme(axes[3], "sigma_star", "sigma* (max over samples)", "tab:red", "o", "fsinfo_diag")
+    # an unreachable target (some sample's sigma* is infinite) has no point: mark it
+    gone = [x for x, s in zip(xs, splits, strict=True)
+            if (s.get("sigma_star") or {}).get("n_unreachable")]
+    for x in gone:
+        axes[3].annotate("∞", (x, 0.97), xycoords=("data", "axes fraction"), ha="center",
+                         va="top", color="tab:red", fontsize=14)
+    if gone:
+        axes[3].plot([], [], linestyle="none", label="∞: no finite noise reaches the target")
     pts = [(x, s["sigma_star"]["mean"])
            for x, s in zip(xs, splits, strict=True)
            if s.get("sigma_star") and s["sigma_star"]["mean"] is not None]
