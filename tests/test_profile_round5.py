@@ -163,3 +163,26 @@ def test_plot_marks_an_unreachable_sigma_star(ckpt, tmp_path):
     ax = profile_figure(out.summary).axes[3]
     assert [t.get_text() for t in ax.texts] == ["∞"]
     assert any("no finite noise" in t.get_text() for t in ax.get_legend().get_texts())
+
+
+def gray_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 4, 3, stride=2, padding=1), torch.nn.Tanh(),
+                               torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+
+
+@pytest.mark.parametrize("name, extra", [("half_cnn", []), ("double_cnn", []),
+                                         ("gray_cnn", ["--channels", "1"])])
+def test_guard_takes_half_double_and_gray_models(name, extra, tmp_path):
+    """guard refused float16/float64 models (float32 data fed straight to them) and had no
+    --channels for a 1-channel model."""
+    from fsinfo_fast.cli import main
+
+    out = tmp_path / "g.json"
+    argv = ["guard", "--model", f"tests.test_profile_round5:{name}", "--data", "digits",
+            "--size", "8", "--max-samples", "6", "--calibration", "3", "--splits", "1",
+            "--noise-draws", "1", "--quiet", "--out", str(out), *extra]
+    assert main(argv) == 0
+    rep = json.loads(out.read_text())
+    assert rep["splits"][0]["sigma"] > 0

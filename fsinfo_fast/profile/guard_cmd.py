@@ -66,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default digits)")
     g.add_argument("--size", type=_positive_int, default=32,
                    help="image side for the bundled data sets (default 32)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=3,
+                   help="input channels: 3 (default; gray images repeated over RGB) or 1 "
+                        "(grayscale, for a 1-channel model: digits or a folder of gray images)")
     g.add_argument("--splits", default=None,
                    help="'paper' (default), 'all', or a comma list of indices, ranges, module "
                         "paths and fx node names")
@@ -126,7 +129,8 @@ def _load(args: argparse.Namespace, progress: bool):
     from .store import RunDir
 
     cfg = ProfileConfig(model=args.model, checkpoint=args.checkpoint, data=args.data,
-                        size=args.size, max_samples=args.max_samples, seed=args.seed)
+                        size=args.size, max_samples=args.max_samples, seed=args.seed,
+                        channels=args.channels)
     cfg.validate()
     # a fresh (never resumed) load: the run directory is not touched
     model, data, _, _ = _load_model_and_data(cfg, RunDir(tempfile.gettempdir()), False, progress)
@@ -200,7 +204,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     """Compute everything ``fsinfo-fast guard`` reports (see the module docstring)."""
     from ..guard import FSInfoGuard, concat_sigma_results
     from .distributed import resolve_device
-    from .runner import check_runs
+    from .runner import check_runs, model_dtype
     from .sources import resolve_splits
 
     _check(args)
@@ -208,7 +212,9 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     model, data = _load(args, progress)
     dev = resolve_device(args.device, None)
     model = model.to(dev).eval()
-    x, y = data.x.to(dev), data.y.to(dev)
+    # the model's own dtype: the accuracy runs it directly (FSInfoGuard computes sigma* of a
+    # float16 model on a float32 copy); float32 data are cast exactly to float64
+    x, y = data.x.to(device=dev, dtype=model_dtype(model) or data.x.dtype), data.y.to(dev)
     n = len(x)
     n_cal = min(args.calibration, n)
     if n_cal < 1:

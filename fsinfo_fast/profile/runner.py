@@ -345,7 +345,7 @@ def _build(recipe: dict[str, Any]) -> nn.Module:
     return build_model(recipe["spec"], **recipe["zoo_kwargs"])
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype | None:
+def model_dtype(model: nn.Module) -> torch.dtype | None:
     """The model's floating-point parameter dtype where it has exactly one, else None."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else None
@@ -355,7 +355,7 @@ def input_dtype(model: nn.Module) -> torch.dtype:
     """The dtype the profile feeds the data in: float64 for a float64 model (the data cast
     exactly; float32 inputs were refused by its first layer), else float32 (the metrics compute
     a float16/bfloat16 model on a float32 copy)."""
-    return torch.float64 if _model_dtype(model) == torch.float64 else torch.float32
+    return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
 
 
 def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
@@ -363,7 +363,7 @@ def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
     sample ``x1`` (a size too small for the model, an incompatible input), and
     :class:`EncoderError` where it returns no float tensor; shared by ``profile`` and
     ``guard``."""
-    x1 = x1.to(_model_dtype(model) or x1.dtype)  # the check only: a half model runs on half
+    x1 = x1.to(model_dtype(model) or x1.dtype)  # the check only: a half model runs on half
     for s in splits:
         try:
             with torch.no_grad():
@@ -554,7 +554,7 @@ def make_plan(cfg: ProfileConfig, model: nn.Module, splits: list[SplitSpec],
     """Decide, deterministically, which route each split's quantities take."""
     d = int(example[0].numel())
     with torch.no_grad():
-        probe = example.to(_model_dtype(model) or example.dtype)  # shapes only
+        probe = example.to(model_dtype(model) or example.dtype)  # shapes only
         m = {s.name: int(s.encoder(probe)[0].numel()) for s in splits}
     exact = cfg.estimator == "exact" or (cfg.estimator == "auto" and d <= EXACT_SMALL_D)
     stack = None
