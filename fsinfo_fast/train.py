@@ -196,7 +196,8 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
 
     The model returns logits ``[B, num_classes]``: a tensor, or an output with a ``logits``
     tensor attribute (a Hugging Face classifier's ``ModelOutput``)."""
-    device = next(model.parameters()).device
+    # the model's device (a model without parameters or buffers runs where x is)
+    device = next(iter([*model.parameters(), *model.buffers()]), x).device
     correct = 0
     for start in range(0, len(x), batch_size):
         logits = _logits(model(x[start : start + batch_size].to(device)), "accuracy")

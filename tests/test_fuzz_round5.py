@@ -356,3 +356,11 @@ def test_profile_extremes_are_widened_for_selection():
     assert bnd["interval"] == pytest.approx([0.45, 0.5 * (0.55 / 0.5) ** r])
     one = _extreme(recs[:1], "sigma_star", max)  # one sample: nothing selected
     assert one["interval"] == pytest.approx([1.9, 2.1])
+
+
+def test_accuracy_of_a_model_without_parameters():
+    """accuracy() raised a raw StopIteration on a model without parameters."""
+    from fsinfo_fast.train import accuracy
+
+    x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
+    assert accuracy(nn.Identity(), x, torch.tensor([1, 0, 0])) == pytest.approx(2 / 3)
