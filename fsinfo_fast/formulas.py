@@ -105,7 +105,8 @@ def sigma_for_target(
         iters: bisection steps (each halves the bracket in ``log sigma``).
 
     Returns:
-        ``[B]`` float64 sigma*. ``0`` where FSInfo is ``-inf`` at every sigma (no noise needed);
+        ``[B]`` float64 sigma*. ``0`` where FSInfo is ``-inf`` at every sigma, or (``c > 0``)
+        where the spectrum is 0 and FSInfo is its asymptote, below the target (no noise needed);
         ``inf`` where no finite sigma lowers FSInfo to ``target`` (with ``c > 0`` FSInfo never
         drops below ``log(c)/2 - log(2 pi e)/2``).
 
@@ -128,7 +129,11 @@ def sigma_for_target(
     out = torch.empty(b, dtype=torch.float64, device=mu.device)
     unreachable = tau <= floor_value
     out[unreachable] = math.inf
-    idx = (~unreachable).nonzero().flatten()
+    # a zero spectrum (the output does not depend on the input): FSInfo is the asymptote at
+    # every sigma, already below the target: no noise needed (the search ran to exp(-400))
+    silent = (mu == 0).all(dim=1) & ~unreachable
+    out[silent] = 0.0
+    idx = (~unreachable & ~silent).nonzero().flatten()
     if idx.numel() == 0:
         return out
     m, t = mu[idx], tau[idx]

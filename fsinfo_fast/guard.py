@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InvalidInputError, InvalidInputTypeError
+from .formulas import DIAG_FLOOR
 from .result import SigmaResult
 
 __all__ = ["FSInfoGuard", "GaussianNoise", "add_noise", "concat_sigma_results"]
@@ -290,10 +291,17 @@ class FSInfoGuard(nn.Module):
 
     def _check_reachable(self, sigma: Tensor, what: str) -> None:
         """Raise where no finite noise reaches the target (an infinite ``sigma*``: the noise
-        would turn the smashed data into inf/NaN), and where ``sigma*`` is 0 (FSInfo = -inf at
-        every sigma: the guard would add no noise at all)."""
+        would turn the smashed data into inf/NaN), and where ``sigma*`` is 0 because FSInfo is
+        -inf at every sigma (``floor=0``, or the log det without a prior: the guard would add no
+        noise to samples that leak); a sample whose Jacobian is 0 needs none."""
         zero = sigma == 0
-        if bool(zero.any()):
+        # with a floor (diag) or a prior (log det) sigma* = 0 only where the output does not
+        # depend on the input at all: no noise is needed there, and none is added
+        if self.variant == "diag":
+            degenerate = self.metric_kwargs.get("floor", DIAG_FLOOR) == 0
+        else:
+            degenerate = self.metric_kwargs.get("prior_var") is None
+        if degenerate and bool(zero.any()):
             why = ("J^T J is singular, e.g. m < d, and there is no prior" if
                    self.variant == "logdet" else "an input dimension does not reach the output "
                    "and floor=0 puts log 0 = -inf in the mean")

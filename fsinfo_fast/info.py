@@ -77,11 +77,13 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
     """``engine_report`` of ``--model`` (cut at ``--split``) on a random example input."""
     import torch
 
+    from .encoder import COMPILED_NOTE, uncompiled
     from .engine import engine_report
     from .profile.sources import build_model
     from .split import split
 
-    model = build_model(args.model)
+    built = build_model(args.model)
+    model = uncompiled(built)  # a torch.compile'd model: the metrics linearise its original
     encoder = split(model, int(args.split) if str(args.split).lstrip("-").isdigit()
                     else args.split) if args.split is not None else model
     if args.input_shape:
@@ -107,6 +109,8 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
             f"--model {args.model} cannot take an input of shape {shape} ({type(err).__name__}: "
             f"{msg}); give --input-shape (or --size) that it takes") from None
     report = engine_report(enc, x)
+    if model is not built:
+        report["compiled"] = COMPILED_NOTE
     return {"model": args.model, "split": args.split, "input_shape": list(shape), **report}
 
 
@@ -153,3 +157,5 @@ def _print_report(r: dict) -> None:
     print(f"  backend auto picks: {auto}")
     if r.get("dtype_note"):
         print(f"  products in {r['dtype_note']}")
+    if r.get("compiled"):
+        print(f"  {r['compiled']}")

@@ -1512,7 +1512,8 @@ class Linearization:
             ex = self.exact(spectrum=variant == "logdet")
             sig = ex.fsinfo_sigma(tau_b, variant, prior_var=prior_var, floor=floor)
             _check_sigma_star(sig, ex.fsinfo(1.0, variant, prior_var=prior_var,
-                                             floor=floor).value, tau_b)
+                                             floor=floor).value, tau_b,
+                              exact_zero=(ex.diag == 0).all(dim=1))
             info = {"backend": "reference"}
             if r is not None and "auto" in r.info:
                 info["auto"] = r.info["auto"]
@@ -1607,14 +1608,19 @@ def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
             f"{', '.join(sorted(allowed))}")
 
 
-def _check_sigma_star(sig: Tensor, f1: Tensor, tau: Tensor) -> None:
+def _check_sigma_star(sig: Tensor, f1: Tensor, tau: Tensor,
+                      exact_zero: Tensor | None = None) -> None:
     """Raise where ``sigma*`` falls below :data:`~fsinfo_fast.encoder.SIGMA_RANGE` (a target
     far above FSInfo at ``sigma = 1``: ``exp(FSInfo(1) - target)`` underflowed, and the exact
     solver stopped at its bracket's end) rather than return a value the metrics refuse. An
-    exact 0 (FSInfo -inf at every sigma) is a result, not an underflow."""
+    exact 0 (FSInfo -inf at every sigma, or ``exact_zero``: a sample whose exact Jacobian is 0,
+    at the floor's asymptote below the target at every sigma) is a result, not an
+    underflow."""
     from .encoder import SIGMA_RANGE
 
     tiny = (sig < SIGMA_RANGE[0]) & torch.isfinite(f1)
+    if exact_zero is not None:
+        tiny &= ~(exact_zero.to(tiny.device) & (sig == 0))
     if bool(tiny.any()):
         i = int(tiny.nonzero()[0])
         raise InvalidInputError(

@@ -322,7 +322,9 @@ class SigmaResult:
             q = float(q)
         if isinstance(q, bool) or not (isinstance(q, (int, float)) and 0 < q <= 1):
             raise InvalidInputError(f"q must be in (0, 1], got {q!r}")
-        return float(torch.quantile(s, q))
+        # "higher": at least a fraction q of the samples are at or below it (linear
+        # interpolation fell between two samples: 4 of 5 at q = 0.95)
+        return float(torch.quantile(s, q, interpolation="higher"))
 
     def __repr__(self) -> str:
         head = ", ".join(f"{float(v):.4g}" for v in self.sigma[:4])

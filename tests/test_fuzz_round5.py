@@ -364,3 +364,77 @@ def test_accuracy_of_a_model_without_parameters():
 
     x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [0.0, 3.0]])
     assert accuracy(nn.Identity(), x, torch.tensor([1, 0, 0])) == pytest.approx(2 / 3)
+
+
+# -- fuzz round 5 (guard command, formulas, info) ----------------------------------------------
+
+
+class _DeadForOne(nn.Module):
+    """Every ReLU dead for sample 0: its Jacobian is exactly 0 (it leaks nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.lin(torch.relu(x - 0.5))
+
+
+def test_a_sample_that_leaks_nothing_needs_no_noise():
+    """sigma* of a zero-Jacobian sample: auto/exact raised 'target -1 lies 11.93 above FSInfo
+    ... choose one within 230 nats/dim' (the solver ran to exp(-400)), the reference returned
+    2.3e-211, and the guard refused the batch; it is 0 (FSInfo sits at the floor's asymptote,
+    below the target, at every sigma) and the other samples are unaffected."""
+    x = torch.rand(3, 8, generator=torch.Generator().manual_seed(1)) * 0.5 + 0.5
+    x[0] = 0.1
+    enc = _DeadForOne().eval()
+    alone = ff.fsinfo_sigma(enc, x[1:], target=-1.0, estimator="exact").sigma
+    for est in ("exact", "auto", "randomized"):
+        s = ff.fsinfo_sigma(enc, x, target=-1.0, estimator=est).sigma
+        assert float(s[0]) == 0.0, est
+        if est != "randomized":
+            torch.testing.assert_close(s[1:], alone)
+    assert float(ff.reference.fsinfo_sigma(enc, x, target=-1.0)[0]) == 0.0
+    guard = ff.FSInfoGuard(enc, target=-1.0, estimator="exact", generator=torch.Generator())
+    z = guard(x)
+    assert float(guard.last_sigma[0]) == 0.0 and torch.equal(z[0], enc(x)[0])
+    assert not torch.equal(z[1:], enc(x)[1:])
+
+
+def test_quantile_statistic_holds_for_the_fraction_it_names():
+    """dataset('quantile', 0.95) interpolated: 4 of 5 samples at or below it."""
+    from fsinfo_fast.result import SigmaResult
+
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    r = SigmaResult(sigma=s, target=torch.full((5,), -1.0, dtype=torch.float64),
+                    metric="fsinfo_diag", estimator="exact")
+    v = r.dataset("quantile", 0.95)
+    assert float((s <= v).double().mean()) >= 0.95 and v == 5.0
+
+
+def test_data_description_counts_the_samples_used():
+    from fsinfo_fast.profile.sources import load_data
+
+    d = load_data("digits", size=8, seed=0, max_samples=10)
+    assert d.description.startswith("the first 10 of digits test split (360 images")
+
+
+def test_info_reports_a_compiled_model_as_the_metrics_linearise_it(tmp_path, monkeypatch):
+    """info said 'not captured ... dynamo-optimized function' and 'auto picks torch' for a
+    torch.compile'd model that the metrics run on the engine (its _orig_mod)."""
+    import argparse
+
+    from fsinfo_fast import info
+
+    (tmp_path / "compiled_mod.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh()).eval()\n"
+        "    return torch.compile(m)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = argparse.Namespace(model="compiled_mod:build", split=None, input_shape="3,8,8",
+                              size=8)
+    r = info.model_report(args)
+    assert r["captured"] and r["auto"] == "engine" and "torch.compile" in r["compiled"]

@@ -160,7 +160,9 @@ def test_randomized_sigma_star_is_the_sigma1_estimate_mapped_with_its_interval()
     # the data-set statistics
     assert s.dataset("max") == pytest.approx(float(s.sigma.max()))
     assert s.dataset("max", conservative=True) == pytest.approx(float(hi.max()))
-    assert s.dataset("quantile", q=0.5) == pytest.approx(float(s.sigma.quantile(0.5)))
+    # at least half the samples at or below it (no interpolation between two samples)
+    assert s.dataset("quantile", q=0.5) == pytest.approx(
+        float(s.sigma.quantile(0.5, interpolation="higher")))
 
 
 def test_dfil_sigma_per_sample_and_dataset():

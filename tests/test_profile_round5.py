@@ -6,6 +6,7 @@ fix."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -186,3 +187,45 @@ def test_guard_takes_half_double_and_gray_models(name, extra, tmp_path):
     assert main(argv) == 0
     rep = json.loads(out.read_text())
     assert rep["splits"][0]["sigma"] > 0
+
+
+class _CropNet(torch.nn.Module):
+    """Sees a quarter of the pixels: the floor matters for FSInfo_diag."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.act = torch.nn.Tanh()
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        h = self.act(3 * self.conv(x[:, :, 2:6, 2:6]))
+        return self.head(h.flatten(1))
+
+
+def crop_net():
+    return _CropNet().eval()
+
+
+def test_guard_measures_fsinfo_at_the_calibrated_sigma(tmp_path):
+    """fsinfo_at_sigma_max was target + ln(sigma*_max / sigma), which assumes FSInfo + ln sigma
+    constant: -0.913 where the oracle has -0.978 on an encoder seeing a quarter of the pixels."""
+    from fsinfo_fast.cli import main
+    from fsinfo_fast.profile.sources import load_data
+
+    out = tmp_path / "g.json"
+    argv = ["guard", "--model", "tests.test_profile_round5:crop_net", "--data", "digits",
+            "--size", "8", "--max-samples", "6", "--calibration", "3", "--splits", "act",
+            "--estimator", "exact", "--no-accuracy", "--target", "-10", "--quiet", "--out",
+            str(out)]
+    assert main(argv) == 0
+    (r,) = json.loads(out.read_text())["splits"]
+    held = r["sigma_star_all"][3:]
+    j = 3 + max(range(len(held)), key=lambda i: held[i])
+    x = load_data("digits", size=8, seed=0, max_samples=6).x[j : j + 1].double()
+    want = float(ff.fsinfo(ff.split(crop_net().double(), "act"), x, sigma=r["sigma"],
+                           estimator="exact").value[0])
+    assert r["fsinfo_at_sigma_max"] == pytest.approx(want, abs=1e-6)
+    identity = -10.0 + math.log(max(held) / r["sigma"])
+    assert abs(identity - want) > 0.01  # the floor matters here

@@ -282,20 +282,23 @@ def engine_report(encoder, x) -> dict:
         ``{"captured": bool, "reason": str | None, "nodes": int, "kinds": {kind: count},
         "fallbacks": [{"node", "op", "reason"}, ...], "fallback_share": float,
         "auto": backend name auto picks, "auto_reason": why auto falls back (or None),
-        "dtype": the products' dtype, "dtype_note": why it is not the given one (or None)}``.
+        "dtype": the products' dtype, "dtype_note": why it is not the given one (or None),
+        "compiled": the note where a torch.compile'd module's original is reported (or None)}``.
         ``captured`` is False (with the reason) where the engine cannot capture the encoder:
         an explicit ``backend="engine"`` then raises, ``auto`` runs torch.func.
     """
     from collections import Counter
 
-    from ..encoder import prepare, working_dtype
+    from ..encoder import COMPILED_NOTE, prepare, uncompiled, working_dtype
     from .capture import CaptureError
     from .products import LinearisedProducts
 
-    work, note = working_dtype(encoder, x)  # as the metrics linearise it
-    enc = prepare(encoder, x, dtype=work)
+    eager = uncompiled(encoder)  # as the metrics linearise it (a torch.compile'd module's own)
+    work, note = working_dtype(eager, x)
+    enc = prepare(eager, x, dtype=work)
     out: dict = {"captured": False, "reason": None, "nodes": 0, "kinds": {}, "fallbacks": [],
-                 "fallback_share": 0.0, "dtype": str(enc.x.dtype), "dtype_note": note}
+                 "fallback_share": 0.0, "dtype": str(enc.x.dtype), "dtype_note": note,
+                 "compiled": COMPILED_NOTE if eager is not encoder else None}
     try:
         P = LinearisedProducts(enc)
     except CaptureError as err:

@@ -203,6 +203,7 @@ def _head(res: Any, n: int) -> Any:
 def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     """Compute everything ``fsinfo-fast guard`` reports (see the module docstring)."""
     from ..guard import FSInfoGuard, concat_sigma_results
+    from ..linearization import linearize
     from .distributed import resolve_device
     from .runner import check_runs, model_dtype
     from .sources import resolve_splits
@@ -264,10 +265,21 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
             guard._check_reachable(torch.tensor([sigma], dtype=torch.float64),
                                    f"split {s.name}: the calibrated sigma")
             held = sig[n_cal:]
-            # FSInfo at the calibrated sigma: target + ln(sigma*_i / sigma), exact without a
-            # prior (FSInfo + ln sigma does not depend on sigma); with one, not reported
-            at_max = (args.target + math.log(float(held.max()) / sigma)
-                      if len(held) and args.prior_var is None and sigma > 0 else None)
+            # FSInfo of the least protected held-out sample at the calibrated sigma, measured:
+            # target + ln(sigma*_i / sigma) holds only where FSInfo + ln sigma is constant (no
+            # prior, and the floor negligible: it said -0.913 where the oracle has -0.978)
+            at_max = at_max_ci = None
+            if len(held) and sigma > 0:
+                j = n_cal + int(held.argmax())
+                lin = linearize(s.encoder, x[j : j + 1], seed=args.seed, backend=args.backend,
+                                sample_ids=torch.tensor([j]))
+                extra = {"prior_var": args.prior_var} if args.prior_var is not None else {}
+                r = lin.fsinfo(sigma, variant=args.variant, estimator=args.estimator,
+                               atol=args.atol, **extra)
+                at_max = float(r.value[0])
+                lo, hi = r.ci95()
+                at_max_ci = [float(lo[0]) if math.isfinite(float(lo[0])) else None,
+                             float(hi[0])]
             row: dict[str, Any] = {
                 "split": s.name, "index": s.index, "sigma": sigma,
                 "sigma_conservative": cal.dataset(args.statistic, q, conservative=True),
@@ -279,6 +291,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
                 "protected_fraction": (float((held <= sigma).double().mean())
                                        if len(held) else None),
                 "fsinfo_at_sigma_max": at_max,
+                "fsinfo_at_sigma_max_ci95": at_max_ci,
             }
             if why_not is None:
                 at = s.index if s.index is not None else s.name

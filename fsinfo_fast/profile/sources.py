@@ -520,7 +520,8 @@ def load_data(spec: str, size: int, seed: int, max_samples: int | None,
             )
         x, y, _files = load_image_folder(p, channels)
         desc = f"image folder {p} ({len(x)} images, {x.shape[-1]}x{x.shape[-2]})"
-    if max_samples:
+    if max_samples and max_samples < len(x):
+        desc = f"the first {max_samples} of {desc}"  # the count used, not only the source's
         x, y = x[:max_samples], y[:max_samples]
     return Dataset(x=x.contiguous(), y=y, name=spec, description=desc)
 
