@@ -31,6 +31,7 @@ from torch import Tensor
 
 from ._extras import require
 from .errors import InvalidInputError
+from .formulas import DIAG_FLOOR
 
 Metric = require("torchmetrics", "FSInfoMetric / DFILMetric").Metric
 
@@ -88,8 +89,9 @@ class _LeakageMetric(Metric):
         finally:
             self._in_forward = False
 
-    #: keywords that define what the metric measures (the others change only its accuracy)
-    _DEFINING = ("variant", "floor", "prior_var")
+    #: keywords that define what the metric measures (the others change only its accuracy),
+    #: with the values they take when not given
+    _DEFINING = {"variant": "diag", "floor": DIAG_FLOOR, "prior_var": None}
 
     def merge_state(self, incoming_state: Any) -> None:
         """Add another metric's states (or a state dict) to this one's, as torchmetrics does;
@@ -101,9 +103,10 @@ class _LeakageMetric(Metric):
             if type(incoming_state) is not type(self):
                 raise InvalidInputError(f"cannot merge a {type(incoming_state).__name__} into a "
                                         f"{type(self).__name__}")
-            mine = (self.noise_sigma, *(self.metric_kwargs.get(k) for k in self._DEFINING))
+            mine = (self.noise_sigma,
+                    *(self.metric_kwargs.get(k, v) for k, v in self._DEFINING.items()))
             theirs = (incoming_state.noise_sigma,
-                      *(incoming_state.metric_kwargs.get(k) for k in self._DEFINING))
+                      *(incoming_state.metric_kwargs.get(k, v) for k, v in self._DEFINING.items()))
             if mine != theirs:
                 names = ("sigma", *self._DEFINING)
                 diff = ", ".join(f"{n} {a!r} vs {b!r}" for n, a, b in zip(names, mine, theirs,

@@ -438,3 +438,16 @@ def test_info_reports_a_compiled_model_as_the_metrics_linearise_it(tmp_path, mon
                               size=8)
     r = info.model_report(args)
     assert r["captured"] and r["auto"] == "engine" and "torch.compile" in r["compiled"]
+
+
+def test_merge_state_takes_a_default_given_explicitly():
+    """A floor given as its default value is the same metric (compared with the defaults)."""
+    from fsinfo_fast.formulas import DIAG_FLOOR
+
+    enc = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).eval()
+    a = ff.FSInfoMetric(enc, sigma=0.1, estimator="exact")
+    b = ff.FSInfoMetric(enc, sigma=0.1, estimator="exact", floor=DIAG_FLOOR)
+    a.update(torch.randn(2, 4))
+    b.update(torch.randn(3, 4))
+    a.merge_state(b)
+    assert int(a.compute()["count"]) == 5

@@ -91,8 +91,8 @@ def _finite(v: Any) -> bool:
 
 
 def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    pairs = [(r["sample"], r[key], r.get(f"{key}_se") or 0.0, r.get(f"{key}_hw") or 0.0)
-             for r in recs if _finite(r.get(key))]
+    pairs = [(r["sample"], r[key], r.get(f"{key}_se") or 0.0, r.get(f"{key}_hw") or 0.0,
+              r.get(f"{key}_probes")) for r in recs if _finite(r.get(key))]
     if not pairs:
         return None
     # records written before the flags existed have none: unknown, not "converged"
@@ -110,9 +110,8 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     worst = max(pairs, key=lambda p: p[1])
     # an interval for the split's largest true value, not the chosen sample's own (selection
     # biases the largest estimate upward)
-    dof = [r.get(f"{key}_probes") for r in recs if _finite(r.get(key))]
     worst_ci = max_interval([p[1] for p in pairs], [p[3] for p in pairs],
-                            [k - 1 if isinstance(k, int) else None for k in dof],
+                            [p[4] - 1 if isinstance(p[4], int) else None for p in pairs],
                             [p[0] in bound for p in pairs])
     return {
         "n": n,
