@@ -85,6 +85,16 @@ def encoder_zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 
 
 @pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """A saved :func:`tests.helpers.tiny_vgg5` state dict (``--model vgg5 --size 8``)."""
+    from tests.helpers import tiny_vgg5
+
+    p = tmp_path_factory.mktemp("ckpt") / "vgg5_8.pt"
+    torch.save(tiny_vgg5().state_dict(), p)
+    return p
+
+
+@pytest.fixture(scope="session")
 def zoo() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     return encoder_zoo()
 

@@ -17,29 +17,12 @@ from rich.console import Console
 
 import fsinfo_fast as ff
 from fsinfo_fast.cli import main
-from fsinfo_fast.models import vgg5
 from fsinfo_fast.profile import ProfileConfig, run_profile
 from fsinfo_fast.profile.report import SAMPLE_FIELDS, SUMMARY_FIELDS, print_table
 from fsinfo_fast.profile.shared import NestedStack, exact_diag_shared, measure_sharing
 from fsinfo_fast.profile.sources import resolve_splits
 from fsinfo_fast.profile.store import RecordStore, RunDir
-
-
-def _tiny_vgg5(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    m = vgg5(input_size=8)
-    for mod in m.modules():  # non-trivial BatchNorm statistics
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.2, 0.2)
-            mod.running_var.uniform_(0.5, 1.5)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("ckpt") / "vgg5_8.pt"
-    torch.save(_tiny_vgg5().state_dict(), p)
-    return p
+from tests.helpers import tiny_vgg5 as _tiny_vgg5
 
 
 def base_args(ckpt: Path, out: Path, *extra: str) -> list[str]:

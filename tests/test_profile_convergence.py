@@ -10,7 +10,6 @@ import functools
 import io
 import warnings
 
-import pytest
 import torch
 from rich.console import Console
 
@@ -18,14 +17,6 @@ from fsinfo_fast.linearization import Linearization
 from fsinfo_fast.profile import ProfileConfig, run_profile
 from fsinfo_fast.profile.plot import profile_figure
 from fsinfo_fast.profile.report import print_table
-from tests.test_profile import _tiny_vgg5
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ckpt") / "vgg5_8.pt"
-    torch.save(_tiny_vgg5().state_dict(), p)
-    return p
 
 
 def _cfg(ckpt, out, **kw) -> ProfileConfig:

@@ -16,14 +16,6 @@ from fsinfo_fast.profile import ProfileConfig, run_profile
 from fsinfo_fast.profile import runner as _runner
 from fsinfo_fast.profile.errors import RunDirError
 from fsinfo_fast.profile.store import RunDir
-from tests.test_profile import _tiny_vgg5
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    p = tmp_path_factory.mktemp("ckpt") / "vgg5_8.pt"
-    torch.save(_tiny_vgg5().state_dict(), p)
-    return p
 
 
 def _cfg(ckpt, out, **kw) -> ProfileConfig:
@@ -229,3 +221,17 @@ def test_guard_measures_fsinfo_at_the_calibrated_sigma(tmp_path):
     assert r["fsinfo_at_sigma_max"] == pytest.approx(want, abs=1e-6)
     identity = -10.0 + math.log(max(held) / r["sigma"])
     assert abs(identity - want) > 0.01  # the floor matters here
+
+
+@pytest.mark.parametrize("cmd", ["profile", "guard"])
+def test_a_gray_model_on_rgb_data_is_told_to_pass_channels(cmd, tmp_path, capsys):
+    """A 1-channel model on the default 3-channel data raised torch's conv message alone; the
+    one-line error now names the option that fixes it."""
+    from fsinfo_fast.cli import main
+
+    argv = [cmd, "--model", "tests.test_profile_round5:gray_cnn", "--data", "digits",
+            "--size", "8", "--max-samples", "2", "--splits", "1", "--quiet",
+            "--out", str(tmp_path / "o")]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "to have 1 channels" in err and "pass --channels 1" in err

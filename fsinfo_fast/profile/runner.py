@@ -372,10 +372,21 @@ def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
             msg = " ".join(str(err).split())[:200]
             raise DataError(
                 f"the encoder at split {s.name} cannot take the data's inputs of shape "
-                f"{tuple(x1.shape[1:])}: {type(err).__name__}: {msg}"
+                f"{tuple(x1.shape[1:])}: {type(err).__name__}: {msg}{_channels_hint(model, x1)}"
             ) from None
         if not isinstance(out, Tensor) or not out.is_floating_point():
             raise EncoderError(f"the encoder at split {s.name} does not return a float tensor")
+
+
+def _channels_hint(model: nn.Module, x1: Tensor) -> str:
+    """`` (... pass --channels N)`` where the model's first convolution takes another number of
+    channels (1 or 3) than the data has, else ``""``."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None or x1.dim() < 2 or conv.in_channels == x1.shape[1] or conv.in_channels not in (
+            1, 3):
+        return ""
+    return (f" (the model's first convolution takes {conv.in_channels} channel"
+            f"{'s' if conv.in_channels > 1 else ''}: pass --channels {conv.in_channels})")
 
 
 def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[SplitSpec],
