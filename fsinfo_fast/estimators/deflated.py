@@ -84,7 +84,7 @@ from .diagonal import (
     fsinfo_diag_summary,
     state_fields,
 )
-from .hutchinson import log_t_halfwidth, mean_and_stderr
+from .hutchinson import log_t_halfwidth, mean_and_stderr, residual_halfwidth, with_rounding
 from .probes import draw_probes
 from .stopping import (
     StopKeywords,
@@ -872,13 +872,15 @@ def estimate_diag_deflated(
             out["fsinfo_diag"] = (full(fs.value), full(fs.stderr), fs.dof, full(fs.bias_bound),
                                   fs_hw)
         if names is None or "dfil" in names:
-            mean, se = mean_and_stderr(st.norms)
+            mean, se_mc = mean_and_stderr(st.norms)
             scale = sub(dfil_scale)
-            tr, rem = full((sub(e_tr) + mean) * scale), full(mean * scale)
-
-            def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
-                return log_t_halfwidth(rem, se_, dof_, confidence)
-
+            total = sub(e_tr) + mean
+            # the exact part's and the remainder's rounding (the interval was ~1e-27 wide with
+            # the value 1.4e-12 off where the sketch held all of J: no rounding allowance)
+            se = with_rounding(se_mc, total, max(products.m, d), products.dtype)
+            tr = full(total * scale)
+            dfil_hw = residual_halfwidth(full(mean * scale), full(se_mc * scale),
+                                         full(se * scale), confidence)
             out["dfil"] = (tr, full(se * scale), st.k - 1, torch.zeros_like(tr), dfil_hw)
         return out
 

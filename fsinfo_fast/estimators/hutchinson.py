@@ -118,6 +118,30 @@ def with_rounding(se: Tensor, value: Tensor, n: int, dtype: torch.dtype) -> Tens
     return torch.sqrt(se**2 + (n**0.5 * torch.finfo(dtype).eps * value.abs()) ** 2)
 
 
+def residual_halfwidth(res: Tensor, se_mc: Tensor, se: Tensor, confidence: float,
+                       weight: float = 1.0):
+    """The ``hw_fn(se_, dof_)`` of a total ``exact part + residual mean`` (Hutch++, the
+    deflated trace) whose standard error ``se`` is the residual's Monte Carlo one ``se_mc``
+    with the total's rounding allowance (:func:`with_rounding`) in quadrature: the Monte
+    Carlo share gets the log-scale interval at the residual ``res`` (:func:`log_t_halfwidth`,
+    its skew), the rounding share a t-interval, again in quadrature. (The log-scale interval
+    of the whole ``se`` at ``res`` was infinite where the exact part holds all of ``J``:
+    ``res ~ 0``, ``expm1(t se / res)`` overflowing.)"""
+    from .base import t_quantile
+
+    pos = se > 0
+    mc_share = torch.where(pos, se_mc / torch.where(pos, se, torch.ones_like(se)),
+                           torch.ones_like(se)).clamp(0, 1)
+    rnd_share = (1.0 - mc_share**2).clamp_min(0).sqrt()
+
+    def hw_fn(se_: Tensor, dof_: int) -> Tensor:
+        mc = log_t_halfwidth(res, se_ * mc_share, dof_, confidence, weight)
+        rnd = t_quantile(dof_, confidence) * se_ * rnd_share
+        return torch.sqrt(mc**2 + rnd**2)
+
+    return hw_fn
+
+
 def trace_summarizer(chunks: list[Tensor], scale: Tensor, n: int, dtype: torch.dtype,
                      kind: str, confidence: float):
     """The :func:`~fsinfo_fast.estimators.stopping.run_rounds` summary of a Hutchinson trace

@@ -1126,7 +1126,16 @@ def slq_logdet(
             info={**info, "order": 0,
                   "reason": f"m = {m} < d = {d} and no prior: J^T J is singular"},
         )
-    extra = (d - n) * math.log(lam) if n < d else 0.0
+    if lam == 0.0 and n > d:
+        # the output side's J J^T (m x m) has rank <= d < m: its log det is -inf and says
+        # nothing of log det(J^T J) (its finite SLQ value was reported as a bound below the truth)
+        raise InvalidInputError(
+            f"side='output' with m = {m} > d = {d} and no prior: J J^T is singular and its log "
+            "det is not that of J^T J; use side='input' (or 'auto') or give prior_var")
+    # log det(J^T J / s + lam I_d) = log det(J J^T / s + lam I_m) + (d - m) log lam on the output
+    # side, whichever of m, d is larger (the term was dropped for m > d: biased by (m - d) log lam
+    # / (2d), coverage 0 of 200)
+    extra = (d - n) * math.log(lam) if n != d else 0.0
     if store is None:  # a private store: each block's bases dropped once its round is done
         store = SLQProbeStore(products, method=method, side=side, kind=kind, seed=seed,
                               sample_ids=ids, probe_chunk=probe_chunk, memory_bytes=0)

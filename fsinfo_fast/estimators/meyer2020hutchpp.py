@@ -41,8 +41,8 @@ from ..errors import InvalidInputError
 from .base import Estimate, Products, check_finite, detached, sample_ids_for
 from .hutchinson import (
     _check_side_kind,
-    log_t_halfwidth,
     mean_and_stderr,
+    residual_halfwidth,
     skew_weight,
     trace_scale,
     with_rounding,
@@ -161,15 +161,13 @@ def hutchpp_trace(
                   names: Container[str] | None = None):  # one quantity; rows unused
         t = torch.cat(chunks, dim=1)
         chunks[:] = [t]
-        mean, se = mean_and_stderr(t[:, lo:])
+        mean, se_mc = mean_and_stderr(t[:, lo:])
         k_res = t.shape[1] - lo
         total = sketch_trace + mean
-        se = with_rounding(se, total, n, dt)
+        se = with_rounding(se_mc, total, n, dt)
         # the skew is the residual mean's: its log-scale interval, shifted by the exact sketch
-        res, w = mean * scale, skew_weight(kind)
-
-        def hw_fn(se_: Tensor, dof_: int) -> Tensor:
-            return log_t_halfwidth(res, se_, dof_, confidence, w)
+        hw_fn = residual_halfwidth(mean * scale, se_mc * scale, se * scale, confidence,
+                                   skew_weight(kind))
 
         return {"value": (total * scale, se * scale, k_res - 1, torch.zeros_like(total), hw_fn)}
 
