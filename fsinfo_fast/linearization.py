@@ -193,6 +193,16 @@ def _check_max_probes(max_probes: object) -> int | None:
     return int(max_probes)
 
 
+def _check_fixed_cap(num_probes: object, max_probes: object) -> None:
+    """Refuse a fixed ``num_probes`` above a given ``max_probes`` (the cap was ignored: 500
+    products per sample at ``max_probes=10``)."""
+    if (isinstance(num_probes, int) and isinstance(max_probes, int)
+            and not isinstance(max_probes, bool) and num_probes > max_probes):
+        raise InvalidInputError(
+            f"num_probes ({num_probes}) is above max_probes ({max_probes}): a fixed count draws "
+            "num_probes probes; give one of the two")
+
+
 def _cap(max_probes: object, m: int, d: int, estimator: str, own: int | None = None) -> int:
     """The probe cap per sample a request runs under: ``max_probes`` where given; None (the
     default) is ``min(m, d)`` under ``estimator="auto"`` (the products the fast exact route
@@ -223,7 +233,7 @@ def _stopping(atol, rtol, num_probes, max_probes, cap: int | None,
         )
     mp = max_probes if cap is None else max(_CAP_FLOOR, min(max_probes, cap))
     if num_probes is not None:
-        mp = max(num_probes, mp)
+        mp = max(num_probes, mp)  # max_probes given below num_probes is refused by the caller
     return StoppingRule(num_probes=num_probes, atol=atol, rtol=rtol, max_probes=mp,
                         stop_unreachable=fallback, stop_batch=fallback)
 
@@ -640,6 +650,7 @@ class Linearization:
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
         _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
+        _check_fixed_cap(num_probes, max_probes)
         max_probes = _cap(max_probes, self.m, self.d, estimator)
         lam = _check_options(variant, prior_var, floor, lanczos_order)
         floor = float(floor)
@@ -931,6 +942,7 @@ class Linearization:
         _check_tol("rtol", rtol)
         _check_choice("method", method, DFIL_METHODS)
         asked = _check_max_probes(max_probes)
+        _check_fixed_cap(num_probes, asked)
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
@@ -1463,6 +1475,7 @@ class Linearization:
         _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
         _check_max_probes(max_probes)
+        _check_fixed_cap(num_probes, max_probes)
         tau = _check_target(target).to(self.enc.x.device)
         if tau.ndim > 1 or (tau.ndim == 1 and tau.shape[0] != self.batch):
             raise InvalidInputError(
@@ -1549,6 +1562,7 @@ class Linearization:
         """
         _check_tol("rtol", rtol)
         _check_max_probes(max_probes)
+        _check_fixed_cap(num_probes, max_probes)
         if isinstance(bound, bool) or not (
             isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0
         ):

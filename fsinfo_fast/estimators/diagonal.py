@@ -57,6 +57,7 @@ independent of ``K``, plus ``[B, K]`` probe norms.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any, Unpack
@@ -76,6 +77,7 @@ from .base import (
     rows_at_one_count,
     sample_ids_for,
     sigma_for,
+    undetached,
 )
 from .hutchinson import log_t_halfwidth, mean_and_stderr
 from .logfloor import H_ABS_ERR, floor_correction
@@ -520,7 +522,7 @@ def _check_state(
         and state.d == products.d
         and state.m == products.m
         and state.groups == groups
-        and (isinstance(seed, torch.Generator) or state.seed == seed)
+        and resolve_seed(seed) == state.seed
         and torch.equal(state.sample_ids.cpu(), ids.cpu())
     )
     if not same:
@@ -528,6 +530,21 @@ def _check_state(
             f"state must be a {cls.__name__} of this batch with the same seed, sample_ids and "
             "jackknife_groups as the call"
         )
+    bind_products(state, products)
+
+
+def bind_products(state: object, products: Products) -> None:
+    """Tie a probe state to the products it first served and refuse any other: a state of
+    another batch of the same shape gave that batch's statistics silently (its probes are
+    the same, its VJPs are not)."""
+    owner = undetached(detached(products))
+    ref = getattr(state, "_owner", None)
+    if ref is None:
+        object.__setattr__(state, "_owner", weakref.ref(owner))
+    elif ref() is not owner:
+        raise InvalidInputError(
+            f"this {type(state).__name__} holds the probes of other products (another batch or "
+            "encoder with the same shapes): build a new state for these products")
 
 
 class _Replay:

@@ -238,6 +238,13 @@ class StoppingRule:
                     f"num_probes must be >= 2 (a standard error needs two probes), got "
                     f"{self.num_probes}"
                 )
+            if self.max_probes == DEFAULT_MAX_PROBES and self.num_probes > self.max_probes:
+                object.__setattr__(self, "max_probes", self.num_probes)  # the default cap only
+            elif isinstance(self.max_probes, int) and self.max_probes < self.num_probes:
+                # a fixed count ignored the cap (500 products per sample at max_probes=10)
+                raise InvalidInputError(
+                    f"num_probes ({self.num_probes}) is above max_probes ({self.max_probes}): "
+                    "a fixed count draws num_probes probes; give one of the two")
         _check_tol("atol", self.atol)
         _check_tol("rtol", self.rtol)
         if self.min_probes is not None:
