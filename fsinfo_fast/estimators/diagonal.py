@@ -79,7 +79,12 @@ from .base import (
     sigma_for,
     undetached,
 )
-from .hutchinson import log_t_halfwidth, mean_and_stderr
+from .hutchinson import (
+    TraceHalfwidth,
+    log_t_halfwidth,
+    mean_and_stderr,
+    sample_skewness,
+)
 from .logfloor import H_ABS_ERR, floor_correction
 from .probes import draw_probes, resolve_seed
 from .stopping import (
@@ -175,6 +180,9 @@ class DiagSummary:
         value, stderr: the estimate and its standard error.
         dof: degrees of freedom of the Student-t interval.
         bias_bound: deterministic error allowance added to the half-width.
+        log_scale: a trace (:meth:`halfwidth` is then the same-sample half-width of
+            :class:`~fsinfo_fast.estimators.hutchinson.TraceHalfwidth`).
+        skew: ``[B]`` sample skewness of the per-probe values of a trace (``None``: unknown).
     """
 
     value: Tensor
@@ -182,15 +190,18 @@ class DiagSummary:
     dof: int
     bias_bound: Tensor
     log_scale: bool = False
+    skew: Tensor | None = None
 
     def halfwidth(self, confidence: float = 0.95) -> Tensor:
         """``t_{(1+c)/2, dof} stderr + bias_bound`` (0 where the value is exact); for a trace
-        (``log_scale``) the log-scale half-width of
-        :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`."""
+        (``log_scale``) the same-sample half-width of
+        :class:`~fsinfo_fast.estimators.hutchinson.TraceHalfwidth`."""
         from .base import t_quantile
 
-        if self.log_scale:
-            return log_t_halfwidth(self.value, self.stderr, self.dof, confidence) + self.bias_bound
+        if self.log_scale:  # the value and spread are of the same probes
+            hw = TraceHalfwidth(self.value, confidence, 1.0, self.skew).same_sample(
+                self.stderr, self.dof)
+            return hw + self.bias_bound
         hw = t_quantile(self.dof, confidence) * self.stderr
         hw = torch.where(self.stderr == 0, torch.zeros_like(hw), hw)
         return hw + self.bias_bound
@@ -969,7 +980,8 @@ def trace_summary(stats: DiagStats) -> DiagSummary:
     if stats.k < 2:
         raise InvalidInputError(f"a standard error needs K >= 2 probes, got {stats.k}")
     mean, se = mean_and_stderr(stats.norms)
-    return DiagSummary(mean, se, stats.k - 1, torch.zeros_like(mean), log_scale=True)
+    return DiagSummary(mean, se, stats.k - 1, torch.zeros_like(mean), log_scale=True,
+                       skew=sample_skewness(stats.norms))
 
 
 #: the most probes per sample the floored FSInfo_diag takes (:mod:`.logfloor` tabulates its
@@ -1096,9 +1108,7 @@ def estimate_diag(
             scale = dfil_scale if idx is None else dfil_scale[idx]
             dv, dse = full(tr.value * scale), full(tr.stderr * scale)
 
-            def dfil_hw(se_: Tensor, dof_: int) -> Tensor:
-                return log_t_halfwidth(dv, se_, dof_, confidence)
-
+            dfil_hw = TraceHalfwidth(dv, confidence, 1.0, full(tr.skew))  # Gaussian probes
             out["dfil"] = (dv, dse, tr.dof, torch.zeros_like(dv), dfil_hw)
         return out
 

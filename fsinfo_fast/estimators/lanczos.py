@@ -1246,7 +1246,9 @@ def slq_trace(
     Lanczos ``F^T (F v)``, Golub-Kahan ``F v`` and the next ``F^T u``), and is then available
     to the next log det. The interval is the other trace estimators' (:mod:`.hutchinson`):
     mean and standard error over the probes (plus the products' rounding allowance), the
-    log-scale t-interval with the weight of ``kind`` (:func:`~.hutchinson.skew_weight`),
+    log-scale t-interval with the weight of ``kind`` (:func:`~.hutchinson.skew_weight`) after
+    a pilot, the skewness-calibrated multiplier at a fixed count
+    (:class:`~.hutchinson.TraceHalfwidth`),
     the probe count chosen by the :class:`~fsinfo_fast.estimators.StoppingRule` under the
     three-stage rule (:func:`~.stopping.run_rounds`; trace defaults: 4 probes, +50% rounds).
 
@@ -1310,7 +1312,8 @@ def slq_trace(
             "kind": store.kind,
             "seed": store.seed,
             "reused_probes": min(held, drawn),
-            "interval": f"log-scale t (upper side, symmetric; weight {skew_weight(kind)})",
+            "interval": (f"log-scale t (upper side, symmetric; weight {skew_weight(kind)}) "
+                         "after a pilot; skewness-calibrated multiplier at a fixed count"),
         },
     )
 

@@ -454,7 +454,11 @@ class Frozen:
 #: dof)`` the stochastic part of the half-width when it is not ``t_{dof} stderr`` (e.g. the
 #: log-scale interval of a trace, :func:`~fsinfo_fast.estimators.hutchinson.log_t_halfwidth`,
 #: at this summary's value; ``None``: the t-interval); the half-width is ``hw_fn(stderr, dof) +
-#: bias_bound``. ``bias_cap``: a bound on the allowance of a second stage (for its planning).
+#: bias_bound``, or ``hw_fn.same_sample(stderr, dof) + bias_bound`` where ``hw_fn`` has that
+#: method and the value and spread are from the same probes (a fixed count, a sample recorded
+#: from its first or second stage; :class:`~fsinfo_fast.estimators.hutchinson.TraceHalfwidth`);
+#: Stein's last stage and the planning use ``hw_fn`` itself. ``bias_cap``: a bound on the
+#: allowance of a second stage (for its planning).
 Summary = dict[str, tuple]
 
 
@@ -795,7 +799,10 @@ def _parts(summ: Summary, confidence: float) -> dict[str, tuple]:
         zero = torch.zeros_like(v)
         se = torch.where(exact, zero, se)
         bias = torch.where(exact, zero, bias)
-        hw = torch.where(exact | (se == 0), zero, fn(se, dof)) + bias
+        # a mean and a spread of the same probes: the summary's same-sample half-width where it
+        # has one (hutchinson.TraceHalfwidth), else hw_fn itself
+        own = getattr(fn, "same_sample", fn)
+        hw = torch.where(exact | (se == 0), zero, own(se, dof)) + bias
         cap = BIAS_MARGIN * bias
         if len(parts) > 5:
             cap = torch.maximum(cap, torch.as_tensor(parts[5], dtype=v.dtype, device=v.device))
@@ -873,7 +880,10 @@ def _stage_size(pilot: dict[str, tuple], targets: Mapping[str, tuple], n0: int,
     need = torch.full_like(v0, 2.0)
     for name, (atol, rtol) in targets.items():
         v, se, hw, dof, bias, fn, cap = pilot[name]
-        h1 = (hw - bias).clamp_min(0)
+        # h(1): the stage-3 interval's function at the pilot's own spread (not the pilot's
+        # same-sample half-width, which may be wider: TraceHalfwidth.same_sample)
+        h1 = torch.where(~torch.isfinite(v) | (se == 0), torch.zeros_like(v), fn(se, dof))
+        h1 = h1.clamp_min(0)
         best = torch.full_like(v, math.inf)
         for tol in (
             None if atol is None else torch.full_like(v, atol),
