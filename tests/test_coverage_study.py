@@ -55,7 +55,12 @@ def test_default_intervals_cover_at_the_probes_they_use(model, size, monkeypatch
         torch.set_num_threads(n)
     lo, hi = TOL.coverage_band(SEEDS)
     for name, s in res["procedures"].items():
-        assert lo <= s["coverage"] <= hi, (name, s)
+        # a fixed count's trace interval (dFIL) covers the most skewed per-probe law; at K = 4
+        # it is the constant worst-case multiplier (TraceHalfwidth.same_sample), which covers
+        # nearly Gaussian per-probe values 0.995+ by design (tests/test_small_k_coverage.py):
+        # only its lower end is checked here
+        top = 1.0 if name == "fixed K=4 / dFIL" else hi
+        assert lo <= s["coverage"] <= top, (name, s)
         assert abs(s["bias_z"]) < TOL.z_unbiased, (name, s)
         if not name.startswith("fixed"):
             assert s["converged"] == 1.0, (name, s)

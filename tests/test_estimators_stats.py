@@ -64,6 +64,11 @@ def case(request):
 
 #: The coverage band the seed count justifies (diag, Hutchinson, Hutch++ tests).
 BAND = TOL.coverage_band(B)
+#: A trace at a fixed count (same-sample interval): the band's lower end, and the top of
+#: ``TOL.same_sample_coverage_high`` (it over-covers less skewed laws than one dominant
+#: direction by design; the band's top failed Rademacher K = 50 on ``rank_deficient_m>d`` at
+#: 0.970 where its coverage over 8000 runs is 0.955-0.957).
+TRACE_BAND = (BAND[0], TOL.same_sample_coverage_high)
 
 
 def _check(name, value, halfwidth, exact, *, what, band=(TOL.coverage_low, TOL.coverage_high)):
@@ -98,7 +103,7 @@ def test_diag_fsinfo_and_dfil(case):
         r.dfil.ci_halfwidth,
         exact_trace(J[:1], SIGMA),
         what="dFIL from the diag probes (K=50)",
-        band=BAND,
+        band=TRACE_BAND,
     )
 
 
@@ -155,7 +160,7 @@ def test_hutchinson(case, side, kind):
         r.ci_halfwidth,
         exact_trace(J[:1], SIGMA),
         what=f"Hutchinson dFIL ({side}, {kind}, K=50)",
-        band=BAND,
+        band=TRACE_BAND,
     )
 
 
