@@ -102,6 +102,7 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
     enc = encoder if args.split is not None else _FirstTensor(model)
     try:
         with torch.no_grad():
+            out = model(x) if args.split is None else None
             enc(x)
     except Exception as err:  # the model cannot take this input: a user error, one line
         msg = " ".join(str(err).split())[:240]
@@ -109,6 +110,12 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
             f"--model {args.model} cannot take an input of shape {shape} ({type(err).__name__}: "
             f"{msg}); give --input-shape (or --size) that it takes") from None
     report = engine_report(enc, x)
+    if out is not None and not isinstance(out, torch.Tensor):
+        # the metrics take the model as it is and refuse a non-tensor output
+        report["output_note"] = (
+            f"the model returns a {type(out).__name__}, not a tensor: the metrics refuse it as "
+            "it is (EncoderError); this report is of its first tensor; cut it with --split "
+            "(ff.split) or wrap it to return one tensor")
     if model is not built:
         report["compiled"] = COMPILED_NOTE
     return {"model": args.model, "split": args.split, "input_shape": list(shape), **report}
@@ -155,6 +162,8 @@ def _print_report(r: dict) -> None:
             print(f"  torch.func: node {f['node']} ({f['op']}): {f['reason']}")
     auto = r["auto"] + (f" ({r['auto_reason']})" if r["auto_reason"] else "")
     print(f"  backend auto picks: {auto}")
+    if r.get("output_note"):
+        print(f"  note: {r['output_note']}")
     if r.get("dtype_note"):
         print(f"  products in {r['dtype_note']}")
     if r.get("compiled"):
