@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _global_hooks
 from torch.overrides import TorchFunctionMode
 
 from ._precision import ieee_fp32
@@ -301,16 +302,50 @@ class _Validated:
 _VALIDATION_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None) -> tuple:
-    """Cache key: input shape, dtypes, device, training flags, parameter identities (and their
-    in-place versions when a dtype cast makes a copy that would otherwise go stale)."""
+def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
+               versions: bool | None = None) -> tuple:
+    """Cache key: input shape, dtypes, device, training flags, the forward hooks and
+    forward-pre hooks of every submodule and the global module hooks (by handle id: a hook
+    registered or removed after a validation changes the function), a forward assigned on an
+    instance, parameter identities and storages (``data_ptr``: ``p.data = t`` keeps the
+    parameter and swaps its values), and with ``versions`` (default: where a dtype cast makes a
+    copy) their in-place versions.
+
+    An in-place edit through ``.data`` (``p.data.mul_(3)``) changes neither the version nor the
+    storage: the key cannot see it, so a cached cast copy is refreshed from the live module at
+    every use (:func:`_refresh_copy`) instead of trusted."""
     key: tuple = (tuple(x.shape[1:]), x.dtype, dtype, str(x.device))
     if isinstance(encoder, nn.Module):
         tensors = list(_tensors(encoder))
-        key += (tuple(m.training for m in encoder.modules()), tuple(id(t) for t in tensors))
-        if dtype is not None:
+        mods = list(encoder.modules())
+        key += (tuple(m.training for m in mods), tuple(id(t) for t in tensors),
+                tuple(t.data_ptr() for t in tensors), forward_hooks_key(mods))
+        if (dtype is not None) if versions is None else versions:
             key += (tuple(t._version for t in tensors),)
     return key
+
+
+def forward_hooks_key(mods: list[nn.Module]) -> tuple:
+    """What changes a module's function besides its weights and training flags: the forward
+    and forward-pre hooks of ``mods`` (by handle id, unique per registration), a ``forward``
+    assigned on an instance, and the global module hooks."""
+    return (tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                   id(m.__dict__.get("forward"))) for m in mods),
+            tuple(_global_hooks._global_forward_hooks),
+            tuple(_global_hooks._global_forward_pre_hooks))
+
+
+def _refresh_copy(copy_: nn.Module, live: nn.Module) -> bool:
+    """Copy the live module's parameters and buffers into its cached cast copy (one pass over
+    the weights, cast on the way): the values the key cannot see (an edit through ``.data``)
+    reach the copy. False (nothing copied) where the two do not line up."""
+    src, dst = list(_tensors(live)), list(_tensors(copy_))
+    if len(src) != len(dst) or any(s.shape != d.shape for s, d in zip(src, dst, strict=True)):
+        return False
+    with torch.no_grad():
+        for s, d in zip(src, dst, strict=True):
+            d.copy_(s)
+    return True
 
 
 def uncompiled(encoder: Any) -> Any:
@@ -398,9 +433,12 @@ def prepare(
     differentiably on ``x``, the sample-independence check, the saved-bytes count used to size
     probe chunks, and a dtype cast's deep copy) depend on the encoder and the input's shape, not
     on the values of this batch. With ``cache=True`` they are remembered per encoder object and
-    signature (input shape, dtypes, device, training flags, parameter identities), so a second
-    batch of the same shape pays only the input checks; its output ``y`` is then computed on first
-    access (a no-grad forward), with the same non-finite check.
+    signature (input shape, dtypes, device, training flags, forward hooks, parameter identities
+    and storages, see :func:`_signature`), so a second batch of the same shape pays only the
+    input checks; its output ``y`` is then computed on first access (a no-grad forward), with the
+    same non-finite check. A cached cast copy (``dtype``) is refreshed from the live module's
+    parameters and buffers at each hit (one pass over the weights: 7 ms for ResNet-18 to
+    float64 on one core), so an edit the key cannot see (through ``.data``) still reaches it.
 
     Args:
         encoder: ``nn.Module`` or callable mapping ``[B, *in_shape]`` to ``[B, *out_shape]``.
@@ -465,7 +503,10 @@ def _prepare(
         except TypeError:  # not weak-referenceable
             hit = None
     need = min(want, x.shape[0]) if x.shape[0] > 1 else 0
-    if hit is not None and hit.interaction_checked >= need:
+    # a cached cast copy carries the values of its validation: refresh it from the live module
+    # (an edit the key cannot see, through .data, would otherwise give the old weights' values)
+    if hit is not None and hit.interaction_checked >= need and (
+            hit.enc is None or _refresh_copy(hit.enc, encoder)):
         xc = x.to(dtype) if dtype is not None else x
         in_shape = tuple(xc.shape[1:])
         enc = encoder if hit.enc is None else hit.enc

@@ -23,8 +23,8 @@ Hardsigmoid, Softplus, Mish and ``roll``. Everything else is core ATen: ``convol
 ``addmm``/``mm``/``bmm``, ``native_layer_norm``, ``native_group_norm``,
 ``_native_batch_norm_legit_no_training``, ``max_pool2d_with_indices``, ``view``, ...
 
-Captures are cached per (encoder, input shape, dtype, device, training flags, parameter shapes):
-a second batch of the same shape pays nothing.
+Captures are cached per (encoder, input shape, dtype, device, training flags, forward hooks,
+parameter shapes): a second batch of the same shape pays nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..encoder import cdist_as_norm
+from ..encoder import cdist_as_norm, forward_hooks_key
 
 __all__ = ["Captured", "CaptureError", "capture", "decomposition_table", "KEEP_WHOLE"]
 
@@ -225,7 +225,8 @@ def _named_tensors(module: nn.Module) -> dict[str, Tensor]:
 def _key(encoder: Callable, x: Tensor) -> tuple:
     key: tuple = (tuple(x.shape), x.dtype, x.device.type, x.device.index)
     if isinstance(encoder, nn.Module):
-        key += (tuple(m.training for m in encoder.modules()),
+        mods = list(encoder.modules())
+        key += (tuple(m.training for m in mods), forward_hooks_key(mods),
                 tuple((n, tuple(t.shape), t.dtype) for n, t in _named_tensors(encoder).items()))
     return key
 
