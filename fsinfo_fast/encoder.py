@@ -316,8 +316,11 @@ def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
     every use (:func:`_refresh_copy`) instead of trusted."""
     key: tuple = (tuple(x.shape[1:]), x.dtype, dtype, str(x.device))
     if isinstance(encoder, nn.Module):
-        tensors = list(_tensors(encoder))
-        mods = list(encoder.modules())
+        mods = _submodules(encoder)
+        # (a shared tensor appears once per owner: a key need not deduplicate)
+        tensors = [t for m in mods for t in itertools.chain(m._parameters.values(),
+                                                             m._buffers.values())
+                   if t is not None]
         key += (tuple(m.training for m in mods), tuple(id(t) for t in tensors),
                 tuple(t.data_ptr() for t in tensors), forward_hooks_key(mods))
         if (dtype is not None) if versions is None else versions:
@@ -325,12 +328,29 @@ def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
     return key
 
 
+def _submodules(module: nn.Module) -> list[nn.Module]:
+    """``list(module.modules())`` without the names ``modules()`` builds (a quarter of the
+    time: the key is computed at every cached call)."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        out.append(m)
+        stack.extend(c for c in reversed(m._modules.values()) if c is not None)
+    return out
+
+
 def forward_hooks_key(mods: list[nn.Module]) -> tuple:
     """What changes a module's function besides its weights and training flags: the forward
     and forward-pre hooks of ``mods`` (by handle id, unique per registration), a ``forward``
     assigned on an instance, and the global module hooks."""
-    return (tuple((tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
-                   id(m.__dict__.get("forward"))) for m in mods),
+    return (tuple((i, tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                   id(m.__dict__.get("forward"))) for i, m in enumerate(mods)
+                  if m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__),
             tuple(_global_hooks._global_forward_hooks),
             tuple(_global_hooks._global_forward_pre_hooks))
 

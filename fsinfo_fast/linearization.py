@@ -63,6 +63,7 @@ from ._precision import ieee_fp32, ieee_fp32_method
 from .encoder import (
     COMPILED_NOTE,
     PreparedEncoder,
+    _signature,
     check_sigma,
     prepare,
     uncompiled,
@@ -389,10 +390,20 @@ class _Shape:
 class Linearization:
     """One encoder linearised at one batch: validated once, every metric sharing its products.
 
-    Build it with :func:`linearize`. Attributes: ``encoder``, ``x`` (the batch as given),
-    ``enc`` (the :class:`~fsinfo_fast.encoder.PreparedEncoder`), ``batch``, ``d``, ``m``,
-    ``seed``, ``sample_ids``, ``backend`` (as requested) and :attr:`products` (built on first
-    use).
+    Build it with :func:`linearize`. Attributes: ``encoder``, ``x`` (a copy of the batch as
+    given), ``enc`` (the :class:`~fsinfo_fast.encoder.PreparedEncoder`), ``batch``, ``d``,
+    ``m``, ``seed``, ``sample_ids``, ``backend`` (as requested) and :attr:`products` (built on
+    first use).
+
+    It describes the encoder and the batch at construction: every result, memoised or computed
+    later, is of that one function at that one point. The batch is copied (an in-place change
+    of the caller's ``x`` does not reach it), and a method called after the encoder changed
+    raises :class:`~fsinfo_fast.errors.EncoderError` (call :func:`linearize` again): what the
+    validation cache's key sees (:func:`fsinfo_fast.encoder._signature`), with the parameters'
+    and buffers' in-place versions: an optimizer step or an edit under ``torch.no_grad()``, a
+    parameter or buffer replaced or given another storage, a hook added or removed, a train /
+    eval switch. An in-place edit through ``.data`` (``p.data.mul_(2)``) bumps no version and
+    is not seen; a Linearization built before it mixes the two weights (build it after).
     """
 
     def __init__(
@@ -415,10 +426,13 @@ class Linearization:
             raise InvalidInputError(
                 f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
         self.encoder = encoder
+        if isinstance(x, Tensor):  # a snapshot: the results describe x as it is now
+            x = x.detach().clone()
         self.x = x
         work, self.dtype_note = working_dtype(encoder, x, dtype)
         self.enc: PreparedEncoder = prepare(encoder, x, dtype=work,
                                             check_interaction=_INTERACTION_CHECKS, cache=True)
+        self._built_as = self._state()
         self.backend = backend
         self.seed = resolve_seed(seed)
         self.sample_ids = None if sample_ids is None else sample_ids_for(_Shape(self.enc),
@@ -434,6 +448,21 @@ class Linearization:
         self._slq: SLQProbeStore | None = None  # the SLQ probes (log det, dFIL "lanczos")
         self._enc64: PreparedEncoder | None = None  # the float64 copy (fast route's check)
         self._no_exact: str | None = None  # why the exact routes cannot run ("" : they can)
+
+    def _state(self) -> tuple:
+        """The encoder's state as the validation cache keys it, with in-place versions."""
+        return _signature(uncompiled(self.encoder), self.x, None, versions=True)
+
+    def _check_unchanged(self) -> None:
+        """Raise :class:`EncoderError` where the encoder changed since construction (the
+        memoised probes and the exact routes would describe two different functions)."""
+        if self._state() != self._built_as:
+            raise EncoderError(
+                "the encoder changed since this Linearization was built (a parameter or "
+                "buffer updated in place or replaced, a hook added or removed, or the train / "
+                "eval mode switched): a Linearization describes the encoder at construction, "
+                "and its held probes would mix the two. Call ff.linearize(encoder, x) again "
+                "for the new encoder")
 
     # -- basic properties --------------------------------------------------------------------
     @property
@@ -500,6 +529,7 @@ class Linearization:
         """
         if not isinstance(spectrum, bool):
             raise InvalidInputTypeError(f"spectrum must be True or False, got {spectrum!r}")
+        self._check_unchanged()
         if self._exact is None or (spectrum and self._exact.eigvals is None):
             self._exact = reference.exact_fisher(self.encoder, self.x, spectrum=spectrum)
         return self._exact
@@ -513,6 +543,7 @@ class Linearization:
         backend (working dtype, float64 accumulation, a measured rounding allowance), computed
         at most once: the fast exact route (``estimator="exact-fast"``, and ``auto``'s exact
         route for FSInfo_diag and dFIL). See :mod:`fsinfo_fast.estimators.exact_fast`."""
+        self._check_unchanged()
         if self._exact_fast is None:
             check = None
             if self.enc.x.dtype != torch.float64:
@@ -645,6 +676,7 @@ class Linearization:
         rank pilot, sketch and remainder products (``info["products_per_sample"]``;
         ``probes_per_sample`` counts the remainder probes). A fixed ``num_probes`` is kept under
         ``auto`` too: ``converged`` then says whether its interval met the tolerance."""
+        self._check_unchanged()
         _check_choice("estimator", estimator, ESTIMATORS)
         estimator = self._auto_without_exact(estimator)
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
@@ -936,6 +968,7 @@ class Linearization:
         ones at two products each), and at :data:`DEFAULT_MAX_PROBES` for an explicitly
         randomized estimator.
         """
+        self._check_unchanged()
         _check_choice("estimator", estimator, ESTIMATORS)
         estimator = self._auto_without_exact(estimator)
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)

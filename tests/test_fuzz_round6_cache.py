@@ -122,3 +122,63 @@ def test_global_hook_after_validation():
             ff.linearize(m, x).fsinfo(0.1, num_probes=16, estimator="randomized")
     finally:
         h.remove()
+
+
+# -- one Linearization describes one encoder at one batch ---------------------------------------
+def test_linearization_refuses_changed_weights():
+    """After an in-place update the memoised results described the old weights and exact()
+    the new ones (results depended on the call order)."""
+    m, x = _mlp(), _x()
+    lin = ff.linearize(m, x)
+    lin.fsinfo(0.1, estimator="exact")
+    with torch.no_grad():
+        m[0].weight.mul_(3.0)
+    for call in (lambda: lin.fsinfo(0.1, estimator="exact"),
+                 lambda: lin.fsinfo(0.1, variant="logdet", prior_var=1.0, estimator="exact"),
+                 lambda: lin.dfil(0.1), lambda: lin.exact(), lambda: lin.exact_fast(),
+                 lambda: lin.fsinfo_sigma(-1.0), lambda: lin.dfil_sigma(1.0)):
+        with pytest.raises(ff.errors.EncoderError, match="linearize"):
+            call()
+    r = ff.linearize(m, x).fsinfo(0.1, variant="logdet", prior_var=1.0, estimator="exact")
+    torch.testing.assert_close(r.value, ff.reference.fsinfo(
+        m, x, sigma=0.1, variant="logdet", prior_var=1.0).value)
+
+
+@pytest.mark.parametrize("change", ["hook", "mode", "swap"])
+def test_linearization_refuses_other_changes(change):
+    m, x = _mlp(), _x()
+    lin = ff.linearize(m, x)
+    lin.fsinfo(0.1, estimator="randomized", num_probes=8)
+    if change == "hook":
+        m.register_forward_hook(lambda mod, inp, out: out * 2)
+    elif change == "mode":
+        m.train()
+    else:
+        m[2].bias = nn.Parameter(m[2].bias.detach() + 1)
+    with pytest.raises(ff.errors.EncoderError, match="linearize"):
+        lin.fsinfo(0.1, estimator="randomized", num_probes=8)
+
+
+def test_linearization_snapshots_x():
+    """The batch was held by reference: after x.mul_(3) the randomized results described the
+    old x and the exact route the new one."""
+    m, x = _mlp(), _x()
+    x_old = x.clone()
+    lin = ff.linearize(m, x)
+    a = lin.fsinfo(0.1, estimator="randomized", num_probes=32).value
+    x.mul_(3.0)
+    torch.testing.assert_close(lin.fsinfo(0.1, estimator="randomized", num_probes=32).value, a)
+    old = ff.reference.fsinfo(m, x_old, sigma=0.1).value
+    torch.testing.assert_close(lin.fsinfo(0.1, estimator="exact").value, old)
+    torch.testing.assert_close(lin.fsinfo(0.1, estimator="exact-fast").value, old)
+
+
+def test_linearization_unchanged_encoder_still_answers():
+    """A forward of the encoder (no state change) between calls is not a change."""
+    m, x = _mlp(), _x()
+    lin = ff.linearize(m, x)
+    a = lin.fsinfo(0.1, estimator="randomized", num_probes=8).value
+    with torch.no_grad():
+        m(x)
+    ff.linearize(m, x * 2, dtype=torch.float64).fsinfo(0.1)
+    torch.testing.assert_close(lin.fsinfo(0.1, estimator="randomized", num_probes=8).value, a)
