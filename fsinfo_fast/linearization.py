@@ -380,6 +380,27 @@ def _crossing(f: Callable[[Tensor, Tensor], Tensor], t0: Tensor, want: Tensor,
     return torch.where(want & torch.isnan(out), b if last else a, out)
 
 
+def _copied(v: Any) -> Any:
+    """``v`` with its tensors cloned (a tensor, or a dict, list or tuple of them)."""
+    if isinstance(v, Tensor):
+        return v.clone()
+    if isinstance(v, dict):
+        return {k: _copied(item) for k, item in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_copied(item) for item in v)
+    return v
+
+
+def _own_copy(hit: Any) -> Any:
+    """A memoised :class:`~.estimators.diagonal.DiagEstimate` as the caller's own: both
+    estimates' tensors and ``info`` copied, so an in-place edit of a returned result
+    (``r.value /= math.log(2)``) does not change what the next identical request returns."""
+    return dataclasses.replace(hit, **{
+        f.name: dataclasses.replace(est, **{g.name: _copied(getattr(est, g.name))
+                                            for g in dataclasses.fields(est)})
+        for f in dataclasses.fields(hit) if isinstance(est := getattr(hit, f.name), Estimate)})
+
+
 class _Shape:
     """``batch`` and ``device`` of a prepared encoder, for the estimators' argument checks."""
 
@@ -791,7 +812,8 @@ class Linearization:
 
     def _diag(self, s: Tensor, floor: float, stop: StoppingRule, stop_on: str = "fsinfo_diag"):
         """The diagonal estimator on this batch's products (memoised per request), under the
-        rule ``stop`` for ``stop_on``'s tolerance (:func:`~.estimators.estimate_diag`).
+        rule ``stop`` for ``stop_on``'s tolerance (:func:`~.estimators.estimate_diag`); each
+        call returns its own copy of the memo.
 
         Every request replays the shared probe state (:meth:`_diag_state`): the round boundaries
         it already holds cost no products (``info["reused_probes"]``), only probes beyond them
@@ -812,7 +834,7 @@ class Linearization:
                 for est in (hit.fsinfo_diag, hit.dfil):
                     est.info["probe_state"] = f"recomputed on a fresh probe state ({err})"
             self._diag_cache[key] = hit
-        return hit
+        return _own_copy(hit)
 
     def _diag_route(self, estimator: str, s: Tensor, floor: float,
                     stop: StoppingRule) -> tuple[str, str]:
@@ -893,7 +915,8 @@ class Linearization:
     def _deflated(self, s: Tensor, floor: float, stop: StoppingRule,
                   stop_on: str = "fsinfo_diag"):
         """The deflated diagonal estimator (rank ``auto`` for a tolerance, else
-        :data:`~.estimators.deflated.START_RANK`), memoised per request.
+        :data:`~.estimators.deflated.START_RANK`), memoised per request (each call returns its
+        own copy of the memo).
 
         Every request replays the shared :meth:`_deflated_state`: the sketch columns, the rank
         pilot's VJPs and the remainder round boundaries it holds at the ranks chosen cost no
@@ -919,7 +942,7 @@ class Linearization:
                 for est in (hit.fsinfo_diag, hit.dfil):
                     est.info["probe_state"] = f"recomputed on fresh remainder probes ({err})"
             self._deflated_cache[key] = hit
-        return hit
+        return _own_copy(hit)
 
     # -- dFIL --------------------------------------------------------------------------------
     @ieee_fp32_method

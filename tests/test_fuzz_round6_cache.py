@@ -182,3 +182,47 @@ def test_linearization_unchanged_encoder_still_answers():
         m(x)
     ff.linearize(m, x * 2, dtype=torch.float64).fsinfo(0.1)
     torch.testing.assert_close(lin.fsinfo(0.1, estimator="randomized", num_probes=8).value, a)
+
+
+# -- a returned result is the caller's own -------------------------------------------------------
+def _conv():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(3 * 5 * 5, 7)).eval()
+    return m, torch.rand(3, 2, 5, 5, generator=torch.Generator().manual_seed(2))
+
+
+_CALLS = {
+    "fsinfo randomized": lambda lin: lin.fsinfo(0.1, estimator="randomized"),
+    "fsinfo deflated": lambda lin: lin.fsinfo(0.1, estimator="deflated"),
+    "fsinfo auto": lambda lin: lin.fsinfo(0.1),
+    "fsinfo exact": lambda lin: lin.fsinfo(0.1, estimator="exact"),
+    "fsinfo exact-fast": lambda lin: lin.fsinfo(0.1, estimator="exact-fast"),
+    "logdet randomized": lambda lin: lin.fsinfo(0.1, variant="logdet", prior_var=1.0,
+                                                estimator="randomized", atol=0.05),
+    "dfil randomized": lambda lin: lin.dfil(0.1, estimator="randomized"),
+    "dfil diag": lambda lin: lin.dfil(0.1, estimator="randomized", method="diag"),
+    "dfil deflated": lambda lin: lin.dfil(0.1, estimator="deflated"),
+    "dfil exact": lambda lin: lin.dfil(0.1, estimator="exact"),
+}
+
+
+def _tensor_fields(r):
+    return {k: v for k, v in vars(r).items() if isinstance(v, torch.Tensor)
+            and v.is_floating_point() and 0 not in v.stride()}  # (an expanded sigma)
+
+
+@pytest.mark.parametrize("name", list(_CALLS))
+def test_results_do_not_alias_the_memo(name):
+    """``r.value /= math.log(2)`` on a randomized result changed the next identical call's
+    answer (the same storage); dFIL's stderr the same."""
+    m, x = _conv()
+    lin = ff.linearize(m, x)
+    r = _CALLS[name](lin)
+    want = {k: v.clone() for k, v in _tensor_fields(r).items()}
+    for v in _tensor_fields(r).values():
+        v.div_(math.log(2)).add_(1.0)
+    again = _tensor_fields(_CALLS[name](lin))
+    assert set(again) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(again[k], v, equal_nan=True, msg=f"{name}: {k}")
