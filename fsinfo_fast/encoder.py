@@ -329,8 +329,8 @@ def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
 
 
 def _submodules(module: nn.Module) -> list[nn.Module]:
-    """``list(module.modules())`` without the names ``modules()`` builds (a quarter of the
-    time: the key is computed at every cached call)."""
+    """``list(module.modules())`` (the same order) without the names ``modules()`` builds: the
+    key is computed at every cached call (ResNet-18: 54-76 us instead of 115 us)."""
     out: list[nn.Module] = []
     seen: set[int] = set()
     stack = [module]
@@ -457,8 +457,9 @@ def prepare(
     and storages, see :func:`_signature`), so a second batch of the same shape pays only the
     input checks; its output ``y`` is then computed on first access (a no-grad forward), with the
     same non-finite check. A cached cast copy (``dtype``) is refreshed from the live module's
-    parameters and buffers at each hit (one pass over the weights: 7 ms for ResNet-18 to
-    float64 on one core), so an edit the key cannot see (through ``.data``) still reaches it.
+    parameters and buffers at each hit (one pass over the weights: 8-23 ms for ResNet-18's 11M
+    parameters to float64 on one loaded CPU core), so an edit the key cannot see (through
+    ``.data``) still reaches it.
 
     Args:
         encoder: ``nn.Module`` or callable mapping ``[B, *in_shape]`` to ``[B, *out_shape]``.
