@@ -193,6 +193,9 @@ class ClaimSpec:
 
     ``ratio = baseline / provider`` of ``metric`` (median time, or peak memory) in one case, found
     by ``task`` and the encoder fields (``model``, ``split``, ``size``; ``None`` matches any).
+    Provider and baseline come from the same case (a batch 1 case is never divided by a batch 8
+    one); where several matching cases measured both, the claim takes the smallest ratio among
+    them (``case`` in the results says which; ``cases`` lists every case's ratio).
     ``provider = "ours-best"`` takes the fastest (or smallest) available ``ours-*`` row. With
     ``metric = "time_per_image"`` no baseline is used: the value is the provider's median seconds
     per image, checked against ``max_value`` (sweep rows are searched too). ``min_ratio`` /

@@ -1,0 +1,44 @@
+"""Fuzz round 6, the benchmark runner: claims within one case, comparisons that lose rows, stale
+outputs, config validation, the oracle cache and the plot folder (tiny configs, seconds each)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fsinfo_fast.bench import BenchConfig, ClaimSpec
+from fsinfo_fast.bench.runner import _claims
+
+
+def _row(case: str, provider: str, mode: str, median: float, batch: int) -> dict:
+    return {"case": case, "task": "fsinfo_diag", "model": "tiny-cnn", "split": 2, "size": 8,
+            "batch": batch, "provider": provider, "mode": mode, "status": "ok", "reason": None,
+            "time_s": {"median": median, "q25": median, "q75": median},
+            "time_per_image_s": median / batch, "peak_memory_bytes": 1000}
+
+
+def _claim_cfg(**kw) -> BenchConfig:
+    return BenchConfig(claims=[ClaimSpec("ours vs exact-best", "fsinfo_diag",
+                                         baseline="exact-best", model="tiny-cnn", **kw)])
+
+
+def test_a_claim_never_divides_times_of_two_cases():
+    # ours at batch 1 (5 ms per call), exact-best at batch 8 (3.4 ms per call, 0.42 ms per
+    # image): the old claim said ours was 0.64x as fast by dividing the two per-call times
+    rows = [_row("c/B1", "ours-torch", "equal_accuracy", 5e-3, 1),
+            _row("c/B8", "exact-best", "exact", 3.4e-3, 8)]
+    (c,) = _claims(_claim_cfg(min_ratio=0.5), rows, [])
+    assert c["status"] == "unmeasured" and c["value"] is None
+    assert "c/B1" in c["reason"] and "c/B8" in c["reason"]
+
+
+def test_a_claim_over_several_cases_takes_the_worst_and_names_it():
+    rows = [_row("c/B1", "ours-torch", "equal_accuracy", 1e-3, 1),
+            _row("c/B1", "exact-best", "exact", 10e-3, 1),
+            _row("c/B8", "ours-torch", "equal_accuracy", 4e-3, 8),
+            _row("c/B8", "exact-best", "exact", 8e-3, 8)]
+    (c,) = _claims(_claim_cfg(min_ratio=5.0), rows, [])
+    # before: fastest ours (1 ms, B1) against fastest exact-best (8 ms, B8): 8x, "pass"
+    assert c["value"] == pytest.approx(2.0) and c["case"] == "c/B8"
+    assert c["status"] == "fail"
+    assert c["cases"] == {"c/B1": pytest.approx(10.0), "c/B8": pytest.approx(2.0)}
+
