@@ -3,9 +3,14 @@ outputs, config validation, the oracle cache and the plot folder (tiny configs, 
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 
 from fsinfo_fast.bench import BenchConfig, ClaimSpec
+from fsinfo_fast.bench.__main__ import main as bench_main
+from fsinfo_fast.bench.report import compare, format_comparison
 from fsinfo_fast.bench.runner import _claims
 
 
@@ -42,3 +47,41 @@ def test_a_claim_over_several_cases_takes_the_worst_and_names_it():
     assert c["status"] == "fail"
     assert c["cases"] == {"c/B1": pytest.approx(10.0), "c/B8": pytest.approx(2.0)}
 
+
+def _doc(rows: list[dict], claims: list[dict]) -> dict:
+    return {"environment": {}, "results": rows, "claims": claims}
+
+
+def test_compare_flags_rows_and_claims_the_new_run_lost():
+    rows = [_row("c/B1", "exact-best", "exact", 1e-3, 1),
+            _row("c/B1", "ours-torch", "equal_accuracy", 1e-3, 1),
+            _row("c/B1", "ours-torch", "equal_probes", 1e-3, 1),
+            dict(_row("c/B1", "ours-cuda", "equal_accuracy", 1e-3, 1), status="skipped",
+                 reason="needs a GPU", time_s=None)]
+    claim = {"name": "ours vs exact-best", "status": "pass", "value": 3.0, "reason": None}
+    old = _doc(rows, [claim, dict(claim, name="gone")])
+    # the new run lost the ours-torch rows (a misspelt backend) and so the claim's measurement
+    new = _doc(rows[:1], [dict(claim, status="unmeasured", value=None,
+                               reason="ours-best not measured in a matching case")])
+    found = compare(old, new)
+    reg = [f for f in found if f["regression"]]
+    assert {(f["kind"], f["key"]) for f in reg} == {
+        ("missing", "c/B1 / ours-torch / equal_accuracy"),
+        ("missing", "c/B1 / ours-torch / equal_probes"),
+        ("claim", "ours vs exact-best"), ("missing", "gone")}
+    assert "3 regression" not in format_comparison(old, new, found)
+    assert "4 regression(s)" in format_comparison(old, new, found)
+    assert not [f for f in compare(old, copy.deepcopy(old)) if f["regression"]]
+
+
+def test_fail_if_regression_fails_when_rows_are_lost(tmp_path, capsys):
+    rows = [_row("c/B1", "exact-best", "exact", 1e-3, 1),
+            _row("c/B1", "ours-torch", "equal_accuracy", 1e-3, 1)]
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps(_doc(rows, [])))
+    new.write_text(json.dumps(_doc(rows[:1], [])))
+    assert bench_main(["--compare", str(old), "--results", str(new),
+                       "--fail-if-regression"]) == 1
+    assert "REGRESSION missing" in capsys.readouterr().out
+    assert bench_main(["--compare", str(old), "--results", str(old),
+                       "--fail-if-regression"]) == 0

@@ -188,11 +188,20 @@ def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float = 0.25) -
     A slow-down is flagged when ``new_median > (1 + tolerance) * old_median`` and the new lower
     quartile lies above the old upper quartile (outside the noise). Also flagged: a row that was
     ``ok`` and is not any more, an accuracy target met before and missed now, and a claim that
-    passed and now fails. Each finding is ``{kind, key, old, new, ratio, message, regression}``;
-    improvements are returned too with ``regression = False``.
+    passed and now fails or is no longer measured. Rows of ``old`` that ``new`` lacks (a provider,
+    case or mode that stopped running) and claims it lacks are flagged too (``kind = "missing"``;
+    rows that were only ``skipped`` before are not). Each finding is
+    ``{kind, key, old, new, ratio, message, regression}``; improvements are returned too with
+    ``regression = False``.
     """
     out: list[Finding] = []
     old_rows = {_key(r): r for r in old.get("results", [])}
+    new_keys = {_key(r) for r in new.get("results", [])}
+    for k, o in old_rows.items():
+        if k not in new_keys and o.get("status") != "skipped":
+            out.append({"kind": "missing", "key": " / ".join(str(x) for x in k),
+                        "old": o.get("status"), "new": None, "ratio": None, "regression": True,
+                        "message": f"was {o.get('status')}, no such row in the new results"})
     for r in new.get("results", []):
         o = old_rows.get(_key(r))
         if o is None:
@@ -224,13 +233,20 @@ def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float = 0.25) -
                         "new": an.get("err95"), "ratio": None, "regression": True,
                         "message": f"misses its accuracy target now (err95 {an.get('err95'):.3g}"
                                    f" > {an.get('target')})"})
-    old_claims = {c["name"]: c for c in old.get("claims", [])}
-    for c in new.get("claims", []):
-        o = old_claims.get(c["name"])
-        if o and o["status"] == "pass" and c["status"] == "fail":
-            out.append({"kind": "claim", "key": c["name"], "old": o["value"], "new": c["value"],
-                        "ratio": None, "regression": True, "message": "claim passed before, "
-                        "fails now"})
+    new_claims = {c["name"]: c for c in new.get("claims", [])}
+    for o in old.get("claims", []):
+        if o.get("status") != "pass":
+            continue
+        c = new_claims.get(o["name"])
+        if c is None:
+            out.append({"kind": "missing", "key": o["name"], "old": o.get("value"), "new": None,
+                        "ratio": None, "regression": True,
+                        "message": "claim passed before, not in the new results"})
+        elif c["status"] != "pass":
+            why = f": {c['reason']}" if c.get("reason") else ""
+            out.append({"kind": "claim", "key": o["name"], "old": o.get("value"),
+                        "new": c.get("value"), "ratio": None, "regression": True,
+                        "message": f"claim passed before, {c['status']} now{why}"})
     return out
 
 
