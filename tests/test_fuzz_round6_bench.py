@@ -85,3 +85,33 @@ def test_fail_if_regression_fails_when_rows_are_lost(tmp_path, capsys):
     assert "REGRESSION missing" in capsys.readouterr().out
     assert bench_main(["--compare", str(old), "--results", str(old),
                        "--fail-if-regression"]) == 0
+
+
+TINY = {"model": "tiny-cnn", "size": 8}
+FAST = {"compile": False, "repeats": 2, "warmup": 0, "memory": False, "threads": 1,
+        "max_seconds": 0.5, "min_repeats": 1}
+
+
+def _cfg_file(tmp_path, name: str = "t", **kw) -> str:
+    cfg = {"name": name, "cases": [{"task": "dfil", "encoder": TINY, "batch": 1,
+                                    "providers": ["exact-best"]}], **FAST, **kw}
+    p = tmp_path / f"{name}_{len(list(tmp_path.iterdir()))}.json"
+    p.write_text(json.dumps(cfg))
+    return str(p)
+
+
+def test_a_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path):
+    out = tmp_path / "res"
+    sweep = {"task": "fsinfo_diag", "encoder": TINY, "providers": ["exact-best"], "sizes": [8],
+             "gpu_sizes": [], "batches": [1], "probes": [4], "base_size": 8, "base_batch": 1,
+             "base_probes": 4, "max_reference_d": 192}
+    assert bench_main(["--config", _cfg_file(tmp_path, sweep=sweep), "--out", str(out),
+                       "--no-plot"]) == 0
+    stale = [out / "bench_t_sweep.csv", out / "bench_t_scaling.png",
+             out / "bench_t_speed_accuracy.png"]
+    assert stale[0].exists()
+    for p in stale[1:]:
+        p.write_bytes(b"old")  # as an earlier run with plots left them
+    assert bench_main(["--config", _cfg_file(tmp_path), "--out", str(out), "--no-plot"]) == 0
+    assert not [p for p in stale if p.exists()]
+    assert sorted(p.name for p in out.iterdir()) == ["bench_t.csv", "bench_t.json"]

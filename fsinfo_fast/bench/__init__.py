@@ -11,9 +11,11 @@ Usage (also ``python -m fsinfo_fast.bench ...``)::
     fsinfo-fast bench --compare OLD.json --results NEW.json --fail-if-regression
 
 A run writes ``bench_<name>.json`` (schema: :mod:`fsinfo_fast.bench.schema`), ``.csv``,
-``_sweep.csv`` and the two plots. Exit status: 0; 1 when a provider failed the correctness gate
-or raised (a row, sweep point or efficiency measurement with status ``error``), or (with
-``--fail-if-regression``) something regressed; 2 for usage errors.
+``_sweep.csv`` and the two plots; files of those names that the run does not produce (no sweep,
+``--no-plot``) are removed, so nothing of an earlier run is left beside the new results.
+Exit status: 0; 1 when a provider failed the correctness gate or raised (a row, sweep point or
+efficiency measurement with status ``error``), or (with ``--fail-if-regression``) something
+regressed (rows or passing claims the new results lost included); 2 for usage errors.
 
 Modules: :mod:`.config` (cases, presets), :mod:`.cases` (encoders, inputs, exact values),
 :mod:`.providers` and :mod:`.baseline` (what is compared), :mod:`.harness` (timing, memory,
@@ -124,6 +126,16 @@ def _check_out(path: Path) -> None:
         raise UsageError(f"--out: {anc} is a file, not a directory")
     if not os.access(anc, os.W_OK):
         raise UsageError(f"--out: cannot write into {anc}")
+
+
+def _remove_stale(jpath: Path, spath: Path, produced: set[Path]) -> None:
+    """Remove the outputs of an earlier run of the same name that this run did not write (a
+    sweep CSV or plot left beside a JSON without a sweep or plots would describe another run)."""
+    for p in (spath, jpath.with_name(f"{jpath.stem}_speed_accuracy.png"),
+              jpath.with_name(f"{jpath.stem}_scaling.png")):
+        if p not in produced and p.is_file():
+            p.unlink()
+            print(f"removed {p} (from an earlier run; this run does not produce it)")
 
 
 def _check_selection(args: argparse.Namespace) -> None:
@@ -240,11 +252,14 @@ def run(args: argparse.Namespace) -> int:
         write_json(doc, jpath)
         write_csv(doc, cpath, spath)
         print(f"wrote {jpath} and {cpath}")
+        produced = {jpath, cpath} | ({spath} if doc.get("sweep") else set())
         if not args.no_plot:
             from .plots import plot_all
 
             for p in plot_all(doc, jpath.parent, jpath.stem):
+                produced.add(p)
                 print(f"wrote {p}")
+        _remove_stale(jpath, spath, produced)
         bad = [r for r in doc["results"] if r["status"] in ("incorrect", "error")]
         for r in bad:
             print(f"{r['status'].upper()} {r['provider']} on {r['case']}: {r['reason']}",
