@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 
@@ -12,6 +13,7 @@ from fsinfo_fast.bench import BenchConfig, ClaimSpec
 from fsinfo_fast.bench.__main__ import main as bench_main
 from fsinfo_fast.bench.report import compare, format_comparison
 from fsinfo_fast.bench.runner import _claims
+from fsinfo_fast.bench.schema import load_results, write_json
 
 
 def _row(case: str, provider: str, mode: str, median: float, batch: int) -> dict:
@@ -115,3 +117,24 @@ def test_a_rerun_leaves_no_outputs_of_the_earlier_run(tmp_path):
     assert bench_main(["--config", _cfg_file(tmp_path), "--out", str(out), "--no-plot"]) == 0
     assert not [p for p in stale if p.exists()]
     assert sorted(p.name for p in out.iterdir()) == ["bench_t.csv", "bench_t.json"]
+
+
+def test_readers_format_non_finite_values(tmp_path, capsys):
+    # sigma 1e-200 (refused by the config now) made the oracle's dFIL inf: the JSON held "inf"
+    # strings (JSON has no inf) and --table / --compare raised "Unknown format code 'g'"
+    out = tmp_path / "res"
+    assert bench_main(["--config", _cfg_file(tmp_path), "--out", str(out), "--no-plot"]) == 0
+    res = out / "bench_t.json"
+    doc = load_results(res)
+    row = doc["results"][0]
+    row["accuracy"].update(max_err=math.inf, rms_err=math.inf, err95=math.nan)
+    doc["cases"][0]["exact_value"] = [math.inf]
+    write_json(doc, res)
+    assert '"inf"' in res.read_text()
+    back = load_results(res)
+    assert back["results"][0]["accuracy"]["max_err"] == math.inf
+    assert back["results"][0]["reason"] is None and back["results"][0]["provider"] == "exact-best"
+    capsys.readouterr()
+    assert bench_main(["--table", str(res)]) == 0
+    assert "| exact-best |" in capsys.readouterr().out
+    assert bench_main(["--compare", str(res), "--results", str(res)]) == 0

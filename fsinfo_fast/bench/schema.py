@@ -149,6 +149,21 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+_NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+def _restore(obj: Any) -> Any:
+    """Inverse of :func:`_clean`: the strings it wrote for non-finite floats become floats again
+    (readers format numbers; ``f"{'inf':g}"`` raised)."""
+    if isinstance(obj, str):
+        return _NON_FINITE.get(obj, obj)
+    if isinstance(obj, dict):
+        return {k: _restore(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore(v) for v in obj]
+    return obj
+
+
 def output_paths(out: str | Path, name: str) -> tuple[Path, Path, Path]:
     """``(json, csv, sweep_csv)`` paths for ``--out`` (a directory or a ``.json`` file)."""
     p = Path(out)
@@ -220,4 +235,4 @@ def load_results(path: str | Path) -> dict[str, Any]:
         raise InvalidInputError(
             f"{p} is not a results file of fsinfo-fast bench (no 'environment' and 'results'; "
             "a config file is run with --config)")
-    return doc
+    return _restore(doc)
