@@ -138,3 +138,43 @@ def test_readers_format_non_finite_values(tmp_path, capsys):
     assert bench_main(["--table", str(res)]) == 0
     assert "| exact-best |" in capsys.readouterr().out
     assert bench_main(["--compare", str(res), "--results", str(res)]) == 0
+
+
+_CASE = {"task": "dfil", "encoder": TINY, "batch": 1, "providers": ["exact-best"]}
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    ({"cases": [dict(_CASE, providers=["exact-bset"])]}, "config.cases[0].providers"),
+    ({"cases": [dict(_CASE, providers="exact-best")]}, "config.cases[0].providers"),
+    ({"cases": [dict(_CASE, sigma=-1)]}, "config.cases[0].sigma"),
+    ({"cases": [dict(_CASE, sigma=1e-200)]}, "config.cases[0].sigma"),
+    ({"cases": [dict(_CASE, encoder={"model": "tiny-cnn", "size": 0})]},
+     "config.cases[0].encoder.size"),
+    ({"repeats": 0}, "config.repeats"),
+    ({"warmup": -1}, "config.warmup"),
+    ({"threads": 0}, "config.threads"),
+    ({"device": "gpu"}, "config.device"),
+    ({"calib_seeds": 0}, "config.calib_seeds"),
+    ({"ours_backends": ["trch"]}, "config.ours_backends"),
+    ({"ours_backends": []}, "config.ours_backends"),
+    ({"name": "../../evil"}, "config.name"),
+    ({"sweep": {"providers": "ours-*"}}, "config.sweep.providers"),
+])
+def test_config_values_the_command_line_refuses_are_refused_up_front(tmp_path, capsys, change,
+                                                                     key):
+    out = tmp_path / "res"
+    assert bench_main(["--config", _cfg_file(tmp_path, **change), "--out", str(out),
+                       "--no-plot"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fsinfo-fast bench: error: ") and key in err and "\n" not in err, err
+    assert not out.exists() and not (tmp_path.parent / "evil").exists()
+
+
+def test_a_config_that_is_not_an_object_and_a_bad_device_option(tmp_path, capsys):
+    p = tmp_path / "list.json"
+    p.write_text(json.dumps([{"name": "x"}]))
+    assert bench_main(["--config", str(p), "--out", str(tmp_path / "r")]) == 2
+    assert "expected a JSON object, got list" in capsys.readouterr().err
+    assert bench_main(["--config", _cfg_file(tmp_path), "--device", "tpu",
+                       "--out", str(tmp_path / "r")]) == 2
+    assert "--device must be auto, cpu or cuda" in capsys.readouterr().err

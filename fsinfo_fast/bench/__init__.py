@@ -140,31 +140,25 @@ def _remove_stale(jpath: Path, spath: Path, produced: set[Path]) -> None:
 
 def _check_selection(args: argparse.Namespace) -> None:
     """Refuse names that select nothing and counts below 1 (a misspelt task or provider ran
-    nothing and exited 0; a bad backend or --threads 0 raised a traceback)."""
-    import fnmatch
-
+    nothing and exited 0; a bad backend or --threads 0 raised a traceback). The same checks as
+    a config file's (:func:`fsinfo_fast.bench.config.validate_config`)."""
     from ..cli import UsageError
-    from ..engine import BACKENDS
-    from .config import TASKS
-    from .providers import default_providers
+    from ..errors import InvalidInputError
+    from .config import check_backends, check_count, check_device, check_providers, check_tasks
 
-    bad = [t for t in args.tasks or () if t not in TASKS]
-    if bad:
-        raise UsageError(f"unknown --tasks {' '.join(bad)}; known tasks: {', '.join(TASKS)}")
-    bad = [b for b in args.backends or () if b not in BACKENDS]
-    if bad:
-        raise UsageError(f"unknown --backends {' '.join(bad)}; known: {', '.join(BACKENDS)}")
-    if args.providers:
-        names = [p.name for p in default_providers(ours_backends=list(BACKENDS),
-                                                   curvlinops=True)]
-        bad = [g for g in args.providers if not fnmatch.filter(names, g)]
-        if bad:
-            raise UsageError(f"--providers {' '.join(bad)} match(es) no provider; known: "
-                             f"{', '.join(names)}")
-    for name in ("threads", "repeats"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UsageError(f"--{name} must be >= 1, got {v}")
+    try:
+        if args.tasks:
+            check_tasks(args.tasks, "--tasks")
+        if args.backends:
+            check_backends(list(args.backends), "--backends")
+        if args.providers:
+            check_providers(list(args.providers), "--providers")
+        if args.device is not None:
+            check_device(args.device, "--device")
+        for name in ("threads", "repeats"):
+            check_count(getattr(args, name), f"--{name}", optional=True)
+    except InvalidInputError as err:
+        raise UsageError(str(err)) from None
 
 
 def _config_from_args(args: argparse.Namespace) -> BenchConfig:

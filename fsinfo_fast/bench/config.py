@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,13 @@ __all__ = [
     "craft_config",
     "load_config",
     "config_from_dict",
+    "validate_config",
+    "check_tasks",
+    "check_backends",
+    "check_providers",
+    "check_device",
+    "check_count",
+    "check_sigma_value",
 ]
 
 #: Task name -> (metric, what the error is measured in).
@@ -421,12 +430,175 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise InvalidInputError(f"{where}: {err}") from err
 
 
+# -- validation (shared with the command line's checks) -------------------------------------------
+def check_tasks(names: Any, label: str) -> None:
+    """Raise unless ``names`` are tasks of :data:`TASKS`."""
+    bad = [t for t in names if t not in TASKS]
+    if bad:
+        raise InvalidInputError(f"unknown {label} {' '.join(map(str, bad))}; known tasks: "
+                                f"{', '.join(TASKS)}")
+
+
+def check_backends(names: Any, label: str) -> None:
+    """Raise unless ``names`` is a non-empty list of the library's backends."""
+    from ..engine import BACKENDS
+
+    if not isinstance(names, list) or not names:
+        raise InvalidInputError(f"{label} must be a non-empty list of backends (known: "
+                                f"{', '.join(BACKENDS)}), got {names!r}")
+    bad = [b for b in names if b not in BACKENDS]
+    if bad:
+        raise InvalidInputError(f"unknown {label} {' '.join(map(str, bad))}; known: "
+                                f"{', '.join(BACKENDS)}")
+
+
+def check_providers(globs: Any, label: str) -> None:
+    """Raise unless every name or glob of the list ``globs`` matches a provider."""
+    import fnmatch
+
+    from ..engine import BACKENDS
+    from .providers import default_providers
+
+    if not isinstance(globs, list) or not all(isinstance(g, str) for g in globs):
+        raise InvalidInputError(f"{label} must be a list of provider names or globs, got "
+                                f"{globs!r}")
+    names = [p.name for p in default_providers(ours_backends=list(BACKENDS), curvlinops=True)]
+    bad = [g for g in globs if not fnmatch.filter(names, g)]
+    if bad:
+        raise InvalidInputError(f"{label} {' '.join(bad)} match(es) no provider; known: "
+                                f"{', '.join(names)}")
+
+
+def check_device(name: Any, label: str) -> None:
+    """Raise unless ``name`` is ``auto`` or a CPU / CUDA device torch knows."""
+    import torch
+
+    ok = name == "auto"
+    if not ok and isinstance(name, str):
+        try:
+            ok = torch.device(name).type in ("cpu", "cuda")
+        except RuntimeError:
+            ok = False
+    if not ok:
+        raise InvalidInputError(f"{label} must be auto, cpu or cuda (cuda:N), got {name!r}")
+
+
+def check_count(value: Any, label: str, minimum: int = 1, optional: bool = False) -> None:
+    """Raise unless ``value`` is an integer >= ``minimum`` (or ``None`` when ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInputError(f"{label} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise InvalidInputError(f"{label} must be >= {minimum}, got {value}")
+
+
+def check_sigma_value(sigma: Any, label: str) -> None:
+    """Raise unless ``sigma`` is a noise scale the library accepts
+    (:data:`fsinfo_fast.encoder.SIGMA_RANGE`; beyond it the oracle's ``sigma**2`` over- or
+    underflows and every provider is judged against ``inf``)."""
+    from ..encoder import SIGMA_RANGE
+
+    lo, hi = SIGMA_RANGE
+    if (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
+            or not (math.isfinite(sigma) and lo <= sigma <= hi)):
+        raise InvalidInputError(f"{label} must be a positive number in [{lo:g}, {hi:g}] (the "
+                                f"noise scales the metrics accept), got {sigma!r}")
+
+
+def _positive(value: Any, label: str, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not (math.isfinite(value) and value > 0)):
+        raise InvalidInputError(f"{label} must be a positive finite number, got {value!r}")
+
+
+def _counts(values: Any, label: str, optional: bool = False) -> None:
+    if values is None and optional:
+        return
+    if not isinstance(values, list) or not values:
+        raise InvalidInputError(f"{label} must be a non-empty list of integers, got {values!r}")
+    for i, v in enumerate(values):
+        check_count(v, f"{label}[{i}]")
+
+
+def _encoder(e: EncoderSpec, label: str) -> None:
+    if not isinstance(e.model, str):
+        raise InvalidInputError(f"{label}.model must be a model name, got {e.model!r}")
+    check_count(e.size, f"{label}.size")
+    check_count(e.channels, f"{label}.channels")
+    check_count(e.split, f"{label}.split", minimum=0)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+
+
+def validate_config(cfg: BenchConfig, where: str = "config") -> None:
+    """Raise :class:`~fsinfo_fast.errors.InvalidInputError` (one line naming the key) where
+    ``cfg`` cannot run as asked: names that select nothing, counts below 1, a noise scale the
+    library refuses, a device torch does not know, a name that is not a plain file name (it
+    names the output files). The checks are those of ``fsinfo-fast bench``'s options."""
+    if not isinstance(cfg.name, str) or not _NAME.fullmatch(cfg.name):
+        raise InvalidInputError(f"{where}.name must be a plain file name (letters, digits, "
+                                f"'_', '.', '+', '-'; it names the output files), got "
+                                f"{cfg.name!r}")
+    check_device(cfg.device, f"{where}.device")
+    check_count(cfg.threads, f"{where}.threads", optional=True)
+    check_count(cfg.repeats, f"{where}.repeats")
+    check_count(cfg.min_repeats, f"{where}.min_repeats")
+    check_count(cfg.warmup, f"{where}.warmup", minimum=0)
+    check_count(cfg.calib_seeds, f"{where}.calib_seeds")
+    check_count(cfg.equal_probes, f"{where}.equal_probes")
+    check_count(cfg.lanczos_steps, f"{where}.lanczos_steps")
+    check_count(cfg.paper_rows, f"{where}.paper_rows", optional=True)
+    _positive(cfg.max_seconds, f"{where}.max_seconds")
+    _counts(cfg.probe_grid, f"{where}.probe_grid")
+    check_backends(cfg.ours_backends, f"{where}.ours_backends")
+    for i, c in enumerate(cfg.cases):
+        at = f"{where}.cases[{i}]"
+        _encoder(c.encoder, f"{at}.encoder")
+        check_sigma_value(c.sigma, f"{at}.sigma")
+        _positive(c.target, f"{at}.target")
+        _positive(c.prior_var, f"{at}.prior_var", optional=True)
+        if c.providers is not None:
+            check_providers(c.providers, f"{at}.providers")
+        _counts(c.probe_grid, f"{at}.probe_grid", optional=True)
+        check_count(c.calib_seeds, f"{at}.calib_seeds", optional=True)
+    sw = cfg.sweep
+    if sw is not None:
+        check_tasks([sw.task], f"{where}.sweep.task")
+        _encoder(sw.encoder, f"{where}.sweep.encoder")
+        check_sigma_value(sw.sigma, f"{where}.sweep.sigma")
+        check_providers(sw.providers, f"{where}.sweep.providers")
+        for key in ("sizes", "batches", "probes"):
+            _counts(getattr(sw, key), f"{where}.sweep.{key}")
+        if sw.gpu_sizes:
+            _counts(sw.gpu_sizes, f"{where}.sweep.gpu_sizes")
+        for key in ("base_size", "base_batch", "base_probes"):
+            check_count(getattr(sw, key), f"{where}.sweep.{key}")
+    if cfg.efficiency is not None:
+        _encoder(cfg.efficiency.encoder, f"{where}.efficiency.encoder")
+        _counts(cfg.efficiency.probes, f"{where}.efficiency.probes")
+        check_count(cfg.efficiency.batch, f"{where}.efficiency.batch")
+    if cfg.linearize is not None:
+        check_sigma_value(cfg.linearize.sigma, f"{where}.linearize.sigma")
+        for i, e in enumerate(cfg.linearize.encoders):
+            _encoder(e, f"{where}.linearize.encoders[{i}]")
+    if cfg.craft is not None:
+        check_sigma_value(cfg.craft.sigma, f"{where}.craft.sigma")
+    for i, c in enumerate(cfg.claims):
+        check_tasks([c.task], f"{where}.claims[{i}].task")
+
+
 def config_from_dict(data: dict[str, Any]) -> BenchConfig:
     """Build a :class:`BenchConfig` from a plain dict (as stored in results JSON).
 
     A ``"preset"`` key (``"quick"`` or ``"full"``) starts from that preset; other keys replace
     the preset's fields (``"cases"``, ``"claims"`` replace the whole list).
     """
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"config: expected a JSON object, got {type(data).__name__}")
     data = dict(data)
     preset = data.pop("preset", None)
     if preset is not None:
@@ -435,7 +607,9 @@ def config_from_dict(data: dict[str, Any]) -> BenchConfig:
         base = PRESETS[preset]().to_dict()
         base.update(data)
         data = base
-    return _build(BenchConfig, data, "config")
+    cfg = _build(BenchConfig, data, "config")
+    validate_config(cfg)
+    return cfg
 
 
 def load_config(path: str | Path) -> BenchConfig:
