@@ -178,3 +178,24 @@ def test_a_config_that_is_not_an_object_and_a_bad_device_option(tmp_path, capsys
     assert bench_main(["--config", _cfg_file(tmp_path), "--device", "tpu",
                        "--out", str(tmp_path / "r")]) == 2
     assert "--device must be auto, cpu or cuda" in capsys.readouterr().err
+
+
+def test_a_truncated_oracle_cache_entry_is_recomputed(tmp_path, capsys):
+    from fsinfo_fast.bench.cases import clear_cache
+
+    cache = tmp_path / "refc"
+    argv = ["--config", _cfg_file(tmp_path), "--out", str(tmp_path / "r"), "--no-plot",
+            "--ref-cache", str(cache)]
+    clear_cache()
+    assert bench_main(argv) == 0
+    (entry,) = cache.iterdir()  # no temporary file left beside it
+    good = entry.read_bytes()
+    entry.write_bytes(good[:100])  # as an interrupted save left it before the saves were atomic
+    clear_cache()
+    with pytest.warns(RuntimeWarning, match="unreadable oracle cache entry"):
+        assert bench_main(argv) == 0
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+    assert entry.stat().st_size == len(good)  # rewritten
+    capsys.readouterr()
+    assert bench_main([*argv[:-1], str(entry)]) == 2
+    assert "--ref-cache" in capsys.readouterr().err

@@ -230,6 +230,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = _config_from_args(args)
         _check_out(output_paths(args.out, cfg.name)[0])  # before the work, not after it
+        if args.ref_cache is not None and Path(args.ref_cache).exists() and not Path(
+                args.ref_cache).is_dir():
+            raise UsageError(f"--ref-cache: {args.ref_cache} is a file, not a directory")
         from .._extras import require
         from .runner import run_bench as _run
 

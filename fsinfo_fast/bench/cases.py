@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,9 +241,15 @@ def exact_values(
         if cache_dir is not None:
             path = Path(cache_dir) / (hashlib.sha256(full_key.encode()).hexdigest()[:24] + ".pt")
             if path.exists():
-                data = torch.load(path, weights_only=True)
-                ev = ExactValues(data["diag"], data["trace"], data.get("eigvals"), 0.0)
-                if ev.eigvals is not None or not need_eigvals:
+                try:
+                    data = torch.load(path, weights_only=True)
+                    ev = ExactValues(data["diag"], data["trace"], data.get("eigvals"), 0.0)
+                except Exception as err:  # noqa: BLE001 - an interrupted save, another file
+                    warnings.warn(f"ignoring the unreadable oracle cache entry {path} "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                                  "recomputing it", RuntimeWarning, stacklevel=2)
+                    ev = None
+                if ev is not None and (ev.eigvals is not None or not need_eigvals):
                     _CACHE[full_key] = ev
                     return ev
     t0 = time.perf_counter()
@@ -262,7 +270,13 @@ def exact_values(
         if cache_dir is not None:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             path = Path(cache_dir) / (hashlib.sha256(full_key.encode()).hexdigest()[:24] + ".pt")
-            torch.save({"diag": ev.diag, "trace": ev.trace, "eigvals": ev.eigvals}, path)
+            # atomically: an interrupted save leaves a temporary file, never a truncated entry
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                torch.save({"diag": ev.diag, "trace": ev.trace, "eigvals": ev.eigvals}, tmp)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
     return ev
 
 
