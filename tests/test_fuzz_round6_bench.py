@@ -199,3 +199,15 @@ def test_a_truncated_oracle_cache_entry_is_recomputed(tmp_path, capsys):
     capsys.readouterr()
     assert bench_main([*argv[:-1], str(entry)]) == 2
     assert "--ref-cache" in capsys.readouterr().err
+
+
+def test_plot_without_out_writes_beside_the_results_file(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    res_dir = tmp_path / "res"
+    assert bench_main(["--config", _cfg_file(tmp_path), "--out", str(res_dir), "--no-plot"]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert bench_main(["--plot", str(res_dir / "bench_t.json")]) == 0
+    assert (res_dir / "bench_t_speed_accuracy.png").exists()
+    assert not list(elsewhere.rglob("*"))  # before: ./benchmarks/results/ under the cwd

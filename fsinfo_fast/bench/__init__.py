@@ -66,6 +66,10 @@ def run_bench(*args, **kwargs):
     return _run_bench(*args, **kwargs)
 
 
+#: where a run writes its results when --out is not given
+_DEFAULT_OUT = "benchmarks/results"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fsinfo-fast bench``."""
     what = parser.add_argument_group("what to run")
@@ -94,8 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hyg.add_argument("--ref-cache", metavar="DIR", default=None,
                      help="cache exact oracle values on disk in DIR")
     out = parser.add_argument_group("output")
-    out.add_argument("--out", default="benchmarks/results",
-                     help="directory (or .json path) for the results (default: %(default)s)")
+    out.add_argument("--out", default=None,
+                     help=f"directory (or .json path) for the results (default: {_DEFAULT_OUT}); "
+                          "with --plot: the directory for the PNGs (default: beside RESULTS)")
     out.add_argument("--no-plot", action="store_true", help="do not draw the PNGs after a run")
     out.add_argument("--table", metavar="RESULTS", help="print the README Markdown of a results "
                      "file and exit")
@@ -229,7 +234,8 @@ def run(args: argparse.Namespace) -> int:
         doc = load_results(args.results)
     else:
         cfg = _config_from_args(args)
-        _check_out(output_paths(args.out, cfg.name)[0])  # before the work, not after it
+        out_arg = args.out if args.out is not None else _DEFAULT_OUT
+        _check_out(output_paths(out_arg, cfg.name)[0])  # before the work, not after it
         if args.ref_cache is not None and Path(args.ref_cache).exists() and not Path(
                 args.ref_cache).is_dir():
             raise UsageError(f"--ref-cache: {args.ref_cache} is a file, not a directory")
@@ -245,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         problems = validate(doc)
         if problems:  # a bug in the runner, not the user's fault
             raise RuntimeError("results do not follow the schema: " + "; ".join(problems[:5]))
-        jpath, cpath, spath = output_paths(args.out, cfg.name)
+        jpath, cpath, spath = output_paths(out_arg, cfg.name)
         write_json(doc, jpath)
         write_csv(doc, cpath, spath)
         print(f"wrote {jpath} and {cpath}")
