@@ -159,6 +159,8 @@ _CASE = {"task": "dfil", "encoder": TINY, "batch": 1, "providers": ["exact-best"
     ({"ours_backends": []}, "config.ours_backends"),
     ({"name": "../../evil"}, "config.name"),
     ({"sweep": {"providers": "ours-*"}}, "config.sweep.providers"),
+    ({"claims": [{"name": "c", "task": "dfil", "baseline": "exact-bset"}]},
+     "config.claims[0].baseline"),
 ])
 def test_config_values_the_command_line_refuses_are_refused_up_front(tmp_path, capsys, change,
                                                                      key):

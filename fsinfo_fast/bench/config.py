@@ -588,7 +588,18 @@ def validate_config(cfg: BenchConfig, where: str = "config") -> None:
     if cfg.craft is not None:
         check_sigma_value(cfg.craft.sigma, f"{where}.craft.sigma")
     for i, c in enumerate(cfg.claims):
-        check_tasks([c.task], f"{where}.claims[{i}].task")
+        at = f"{where}.claims[{i}]"
+        check_tasks([c.task], f"{at}.task")
+        if c.provider != "ours-best":
+            check_providers([c.provider], f"{at}.provider")
+        if c.baseline is not None:
+            check_providers([c.baseline], f"{at}.baseline")
+        if c.metric not in ("time", "memory", "time_per_image"):
+            raise InvalidInputError(f"{at}.metric must be time, memory or time_per_image, got "
+                                    f"{c.metric!r}")
+        if c.mode not in ("exact", "equal_accuracy", "equal_probes", "adaptive"):
+            raise InvalidInputError(f"{at}.mode must be exact, equal_accuracy, equal_probes or "
+                                    f"adaptive, got {c.mode!r}")
 
 
 def config_from_dict(data: dict[str, Any]) -> BenchConfig:
