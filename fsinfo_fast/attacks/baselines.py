@@ -24,10 +24,33 @@ dimension). The standard error is the leave-one-out jackknife.
     \hat I(x; z) = \psi(k) + \psi(n) - \langle \psi(n_x + 1) + \psi(n_z + 1) \rangle
 
 where ``eps_i`` is the distance from sample ``i`` to its ``k``-th nearest neighbour in the joint
-space under the max-norm ``max(||x_i - x_j||, ||z_i - z_j||)`` (Euclidean norms within each
-space), and ``n_x(i)``, ``n_z(i)`` count the other samples strictly closer than ``eps_i`` in
-each marginal space. Neighbours come from scikit-learn's ``NearestNeighbors`` on precomputed
-SciPy distance matrices. The standard error is that of the mean of the per-sample terms.
+space under the max-norm ``max(||x_i - x_j|| / s_x, ||z_i - z_j|| / s_z)`` (Euclidean norms
+within each space), and ``n_x(i)``, ``n_z(i)`` count the other samples strictly closer than
+``eps_i`` in each marginal space. Neighbours come from scikit-learn's ``NearestNeighbors`` on
+precomputed SciPy distance matrices. The standard error is that of the mean of the per-sample
+terms.
+
+*Common scale.* The max-norm compares a distance in ``x`` with one in ``z``, so the two spaces
+must be on a common scale first: unscaled, ``z = 10 x`` made every joint neighbourhood a ``z``
+neighbourhood and gave ``I(x; 10 x) = 0`` where ``I(x; x)`` reached the ceiling. Each space is
+divided by its typical ``k``-nearest-neighbour distance ``s`` (the median over samples of the
+distance to the ``k``-th nearest sample at a positive distance; 1 for a space whose samples all
+coincide). The KSG estimate is invariant to any invertible map of each space in population, and
+this choice keeps the finite-sample estimate invariant to a scale factor and a rotation (any
+isometry) of either space. The neighbour radius is what the estimator compares, so matching the
+typical ``k``-NN radius balances the two spaces where they matter; a global RMS would not in high
+dimension, where the ratio of the ``k``-NN distance to the spread differs between spaces of
+different intrinsic dimension. Per-coordinate standardisation (scikit-learn's scalar
+``mutual_info_regression``) would break the rotation invariance.
+
+*Ties* (repeated samples, quantised data). Distances within a relative ``1e-6`` of ``eps_i``
+count as equal to it (so a rescaled copy's rounding does not decide a count). Ties in the joint
+distance are broken by neighbour rank: the ``k - 1`` joint neighbours ranked before the ``k``-th
+count as strictly closer in both marginals, so ``n_x, n_z >= k - 1``. Where ``eps_i = 0`` (at
+least ``k`` exact copies of sample ``i`` in the joint space) the term is that of Gao, Kannan, Oh
+and Viswanath (2017, the mixed discrete-continuous KSG): ``psi(k_i) + psi(n) - psi(n_x + 1) -
+psi(n_z + 1)`` with ``k_i`` the number of joint copies and ``n_x, n_z`` the copies in each space.
+Every term is finite and at most ``psi(n) - psi(k)``.
 
 Honest limits at these dimensions (``d = 3072`` pixels, ``m`` up to ``65536`` features, ``n`` of
 a few hundred samples): the estimator's consistency is asymptotic in ``n`` at fixed dimension.
@@ -142,6 +165,21 @@ def distance_correlation(x: Tensor | np.ndarray, z: Tensor | np.ndarray,
     return SetStatistic(value=value, stderr=se, n=n, info={"statistic": "V", "metric": "euclidean"})
 
 
+_TIE_RTOL = 1e-6
+
+
+def _knn_scale(dist: np.ndarray, k: int) -> float:
+    """Median over samples of the distance to the ``k``-th nearest sample at a positive distance
+    (fewer than ``k`` such samples: the farthest one); 1 where all samples coincide."""
+    d = np.where(dist > 0, dist, np.inf)
+    kk = min(k, d.shape[1]) - 1
+    kth = np.partition(d, kk, axis=1)[:, kk]
+    far = np.where(np.isfinite(d), d, -np.inf).max(1)
+    kth = np.where(np.isfinite(kth), kth, far)
+    kth = kth[np.isfinite(kth) & (kth > 0)]
+    return float(np.median(kth)) if kth.size else 1.0
+
+
 def _project(a: np.ndarray, dims: int | None) -> np.ndarray:
     if dims is None or dims >= min(a.shape):
         return a
@@ -182,20 +220,38 @@ def ksg_mutual_information(x: Tensor | np.ndarray, z: Tensor | np.ndarray, k: in
 
     xa, za = _pair(x, z)
     n = xa.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n:
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)) \
+            or not 1 <= k < n:
         raise InvalidInputError(f"k must be an int with 1 <= k < n = {n}, got {k!r}")
-    if dims is not None and (isinstance(dims, bool) or int(dims) < 1):
-        raise InvalidInputError(f"dims must be a positive int or None, got {dims!r}")
+    k = int(k)
+    if dims is not None:
+        if isinstance(dims, (bool, np.bool_)) or not isinstance(dims, (int, np.integer)) \
+                or dims < 1:
+            raise InvalidInputError(f"dims must be a positive int or None, got {dims!r}")
+        dims = int(dims)
     xa, za = _project(xa, dims), _project(za, dims)
     dx, dz = _distances(xa), _distances(za)
+    sx, sz = _knn_scale(dx, k), _knn_scale(dz, k)
+    dx, dz = dx / sx, dz / sz
     joint = np.maximum(dx, dz)
     nn = NearestNeighbors(n_neighbors=k, metric="precomputed").fit(joint)
-    eps = nn.kneighbors(return_distance=True)[0][:, -1]  # k-th neighbour, self excluded
-    nx = (dx < eps[:, None]).sum(1) - 1  # strictly closer, self excluded
-    nz = (dz < eps[:, None]).sum(1) - 1
-    terms = digamma(k) + digamma(n) - digamma(nx + 1) - digamma(nz + 1)
+    eps, order = nn.kneighbors(return_distance=True)  # self excluded, ascending
+    eps = eps[:, -1]
+    below = eps * (1.0 - _TIE_RTOL)  # distances within the tolerance of eps tie with it
+    rows = np.arange(n)[:, None]
+    first = order[:, : k - 1]  # the k - 1 joint neighbours ranked before the k-th
+    nx = (dx < below[:, None]).sum(1) - 1 + (dx[rows, first] >= below[:, None]).sum(1)
+    nz = (dz < below[:, None]).sum(1) - 1 + (dz[rows, first] >= below[:, None]).sum(1)
+    ki = np.full(n, k)
+    zero = eps == 0
+    if zero.any():  # >= k exact joint copies: the mixed (Gao et al. 2017) term
+        ki[zero] = (joint[zero] == 0).sum(1) - 1
+        nx[zero] = (dx[zero] == 0).sum(1) - 1
+        nz[zero] = (dz[zero] == 0).sum(1) - 1
+    terms = digamma(ki) + digamma(n) - digamma(nx + 1) - digamma(nz + 1)
     value = float(terms.mean())
     se = float(terms.std(ddof=1) / math.sqrt(n))
     return SetStatistic(value=value, stderr=se, n=n,
                         info={"k": k, "dims": dims, "ceiling": float(digamma(n) - digamma(k)),
-                              "metric": "max(euclidean_x, euclidean_z)"})
+                              "metric": "max(euclidean_x / s_x, euclidean_z / s_z)",
+                              "scale_x": sx, "scale_z": sz, "ties": int(zero.sum())})
