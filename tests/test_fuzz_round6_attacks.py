@@ -77,3 +77,22 @@ def test_ksg_argument_checks():
     for k in (3.0, "3", True, 0, 20):
         with pytest.raises(InvalidInputError, match="k must"):
             ksg_mutual_information(x, x, k=k)
+
+
+def test_summary_reports_perfect_reconstructions():
+    # Before: one perfect of 8 -> psnr mean 20.0 with n = 8 and no trace of it; all perfect -> None.
+    from fsinfo_fast.attacks import AttackResult, reconstruction_scores
+
+    x = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    xh = x.clone()
+    xh[1:] += 0.1
+    s = reconstruction_scores(xh, x)
+    out = AttackResult("t", xh, s.mse, s.psnr, s.ssim, 0.0).summary()
+    assert out["n"] == 8
+    assert out["psnr"]["perfect"] == 1 and out["psnr"]["n"] == 7
+    assert out["psnr"]["mean"] == pytest.approx(20.0, abs=1e-4)
+    assert out["psnr"]["median"] == pytest.approx(20.0, abs=1e-4)
+    s = reconstruction_scores(x.clone(), x)
+    out = AttackResult("t", x, s.mse, s.psnr, s.ssim, 0.0).summary()
+    assert out["psnr"] == {"mean": None, "stderr": None, "n": 0, "perfect": 8, "median": None}
+    assert out["mse"]["mean"] == 0.0

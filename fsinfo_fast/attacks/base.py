@@ -46,15 +46,30 @@ class AttackResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        """Mean and standard error over samples of each score (JSON-ready floats)."""
+        """Mean and standard error over samples of each score (JSON-ready floats).
+
+        ``out["n"]`` is the batch size; each score's ``n`` is the number of samples its
+        ``mean`` and ``stderr`` are over: the finite ones. A perfect reconstruction has PSNR
+        ``+inf``, which no finite mean can hold: ``psnr["perfect"]`` counts those samples, and
+        ``psnr["mean"]`` is the mean over the other ``psnr["n"]`` (``None`` when all are
+        perfect), so a batch with perfect samples reads "``perfect`` exact, the rest at
+        ``mean`` dB", never a mean that silently leaves them out. ``psnr["median"]`` is the
+        lower median over all samples (``None`` where over half are perfect: it is ``+inf``).
+        ``ssim`` is ``nan`` for inputs that are not images, so its ``n`` is 0 there.
+        """
         out: dict[str, Any] = {"n": int(self.mse.shape[0])}
         for key in ("mse", "psnr", "ssim"):
-            v = getattr(self, key)
-            v = v[torch.isfinite(v)]
+            v_all = getattr(self, key).detach().double().cpu()
+            v = v_all[torch.isfinite(v_all)]
             n = int(v.numel())
             mean = float(v.mean()) if n else None
             se = float(v.std() / math.sqrt(n)) if n > 1 else None
-            out[key] = {"mean": mean, "stderr": se}
+            out[key] = {"mean": mean, "stderr": se, "n": n}
+            if key == "psnr":
+                ok = v_all[~torch.isnan(v_all)]
+                out[key]["perfect"] = int(torch.isposinf(ok).sum())
+                med = float(ok.sort().values[(ok.numel() - 1) // 2]) if ok.numel() else None
+                out[key]["median"] = med if med is not None and math.isfinite(med) else None
         return out
 
 
