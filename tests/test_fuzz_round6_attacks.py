@@ -96,3 +96,36 @@ def test_summary_reports_perfect_reconstructions():
     out = AttackResult("t", x, s.mse, s.psnr, s.ssim, 0.0).summary()
     assert out["psnr"] == {"mean": None, "stderr": None, "n": 0, "perfect": 8, "median": None}
     assert out["mse"]["mean"] == 0.0
+
+
+def test_inverse_network_one_training_sample_and_flat_features_give_no_nan():
+    # Before: the std of 1 sample is NaN, clamp_min kept it: all-NaN reconstructions.
+    from fsinfo_fast.attacks import inverse_network_attack
+
+    g = torch.Generator().manual_seed(0)
+    xtr, xte = torch.rand(1, 64, generator=g), torch.rand(4, 64, generator=g)
+    r = inverse_network_attack(torch.nn.Identity(), 0.1, xtr, xte, epochs=2, out_range=None)
+    assert torch.isfinite(r.x_hat).all() and torch.isfinite(r.mse).all()
+    r = inverse_network_attack(lambda t: torch.zeros(t.shape[0], 8), 0.0, torch.rand(5, 64),
+                               xte, epochs=2, out_range=None)
+    assert torch.isfinite(r.x_hat).all()
+
+
+def test_inverse_network_refuses_non_finite_inputs_and_bad_settings():
+    # Before: one NaN pixel in x_train trained to NaN silently (mse nan, no error).
+    from fsinfo_fast.attacks import inverse_network_attack
+
+    g = torch.Generator().manual_seed(0)
+    xtr, xte = torch.rand(32, 1, 8, 8, generator=g), torch.rand(4, 1, 8, 8, generator=g)
+    bad = xtr.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidInputError, match="x_train has 1 non-finite"):
+        inverse_network_attack(torch.nn.Identity(), 0.1, bad, xte, epochs=1)
+    with pytest.raises(InvalidInputError, match="x_test"):
+        inverse_network_attack(torch.nn.Identity(), 0.1, xtr, xte * float("inf"), epochs=1)
+    with pytest.raises(InvalidInputError, match="features"):
+        inverse_network_attack(lambda t: t / 0.0, 0.1, xtr, xte, epochs=1)
+    for kw in ({"lr": float("inf")}, {"epochs": 1.5}, {"width": "8"}):
+        with pytest.raises(InvalidInputError):
+            inverse_network_attack(torch.nn.Identity(), 0.1, xtr, xte, **kw)
+

@@ -94,6 +94,51 @@ def _check_x(x: Any, name: str = "x") -> Tensor:
     return x
 
 
+def check_count(v: Any, name: str) -> int:
+    """An integer ``>= 1`` (Python or NumPy integer; not a bool, a float or a string)."""
+    import numbers
+
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or int(v) < 1:
+        raise InvalidInputError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def check_positive_finite(v: Any, name: str, allow_zero: bool = False) -> float:
+    """A finite number ``> 0`` (``>= 0`` with ``allow_zero``)."""
+    try:
+        if isinstance(v, (bool, str, bytes)):
+            raise TypeError
+        f = float(v)
+    except (TypeError, ValueError, RuntimeError):
+        raise InvalidInputError(f"{name} must be a number, got {v!r}") from None
+    if not math.isfinite(f) or f < 0 or (f == 0 and not allow_zero):
+        raise InvalidInputError(
+            f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+    return f
+
+
+def check_finite(t: Tensor, name: str) -> Tensor:
+    """Refuse NaN / inf in an attack's input (they would train or optimise to NaN silently)."""
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise InvalidInputError(f"{name} has {bad} non-finite value(s) (NaN or inf)")
+    return t
+
+
+def check_encoder_dtype(encoder: Any, x: Tensor, name: str = "x") -> None:
+    """A clear error where ``x``'s floating dtype differs from the encoder's parameters'
+    (torch's own message is a bare ``mat1 and mat2 must have the same dtype``)."""
+    if not isinstance(encoder, torch.nn.Module):
+        return
+    for p in encoder.parameters():
+        if p.is_floating_point():
+            if p.dtype != x.dtype:
+                raise InvalidInputTypeError(
+                    f"{name} is {x.dtype} but the encoder's parameters are {p.dtype}: cast one "
+                    f"to the other (e.g. {name}.to({p.dtype}))")
+            return
+
+
 @torch.no_grad()
 def encode(encoder: Encoder, x: Tensor, batch_size: int = 256) -> Tensor:
     """``encoder(x)`` in batches, without gradients (on ``x``'s device)."""

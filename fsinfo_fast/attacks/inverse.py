@@ -34,7 +34,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidInputError
-from .base import AttackResult, _check_x, check_sigma_scalar, encode, observe, result
+from .base import (
+    AttackResult,
+    _check_x,
+    check_count,
+    check_encoder_dtype,
+    check_finite,
+    check_positive_finite,
+    check_sigma_scalar,
+    encode,
+    observe,
+    result,
+)
 
 __all__ = ["inverse_network_attack", "make_decoder"]
 
@@ -141,6 +152,10 @@ class _Affine(nn.Module):
 def _feature_stats(z: Tensor) -> tuple[Tensor, Tensor]:
     dims = (0, 2, 3) if z.ndim == 4 else (0,)
     mean = z.mean(dims, keepdim=True)[0]
+    if math.prod(z.shape[d] for d in dims) < 2:
+        # one value per feature (one sample, flat features): the unbiased std would be NaN,
+        # which clamp_min keeps; scale by 1 instead
+        return mean, torch.ones_like(mean)
     std = z.std(dims, keepdim=True)[0].clamp_min(1e-6)
     return mean, std
 
@@ -201,25 +216,31 @@ def inverse_network_attack(
             f"x_train samples {tuple(x_train.shape[1:])} and x_test samples "
             f"{tuple(x_test.shape[1:])} differ in shape"
         )
-    if epochs < 1 or batch_size < 1 or width < 1 or not lr > 0:
-        raise InvalidInputError(
-            f"need epochs, batch_size, width >= 1 and lr > 0; got {epochs}, {batch_size}, "
-            f"{width}, {lr}"
-        )
+    epochs, batch_size = check_count(epochs, "epochs"), check_count(batch_size, "batch_size")
+    width, lr = check_count(width, "width"), check_positive_finite(lr, "lr")
+    check_finite(x_train, "x_train")
+    check_finite(x_test, "x_test")
     gen = torch.Generator().manual_seed(int(seed))
     device = x_train.device
     if features is None:
+        check_encoder_dtype(encoder, x_train, "x_train")
         features = (encode(encoder, x_train), encode(encoder, x_test))
     f_train, f_test = (f.detach() for f in features)
     if f_train.shape[0] != x_train.shape[0] or f_test.shape[0] != x_test.shape[0]:
         raise InvalidInputError("features must hold one row per sample of x_train and x_test")
+    check_finite(f_train, "the encoder's features of x_train")
+    check_finite(f_test, "the encoder's features of x_test")
+    # the decoder trains in float64 where the features are float64, else in float32
+    work = torch.float64 if f_train.dtype == torch.float64 else torch.float32
+    f_train, f_test = f_train.to(work), f_test.to(work)
     z_test = observe(f_test, sigma, torch.Generator().manual_seed(int(seed) + 1))
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         body = make_decoder(tuple(f_train.shape[1:]), tuple(x_train.shape[1:]), width, out_range)
     mean, std = _feature_stats(observe(f_train, sigma, gen))
-    decoder = nn.Sequential(_Standardize(mean, std), body).to(device)
+    decoder = nn.Sequential(_Standardize(mean, std), body).to(device=device, dtype=work)
+    y_train = x_train.to(work)  # the targets in the decoder's dtype
 
     n = x_train.shape[0]
     steps = epochs * math.ceil(n / batch_size)
@@ -233,7 +254,7 @@ def inverse_network_attack(
         total = 0.0
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            loss = F.mse_loss(decoder(z_train[idx]), x_train[idx])
+            loss = F.mse_loss(decoder(z_train[idx]), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
