@@ -129,3 +129,39 @@ def test_inverse_network_refuses_non_finite_inputs_and_bad_settings():
         with pytest.raises(InvalidInputError):
             inverse_network_attack(torch.nn.Identity(), 0.1, xtr, xte, **kw)
 
+
+def test_attacks_on_float64_data_with_a_float32_encoder_say_so():
+    # Before: torch's bare "mat1 and mat2 must have the same dtype" from inside the attack.
+    from fsinfo_fast.attacks import inverse_network_attack, optimization_attack
+    from fsinfo_fast.errors import InvalidInputTypeError
+
+    torch.manual_seed(0)
+    enc = torch.nn.Linear(4, 4).eval()
+    x = torch.rand(20, 4, dtype=torch.float64)
+    with pytest.raises(InvalidInputTypeError, match="float64 but the encoder"):
+        inverse_network_attack(enc, 0.1, x[:16], x[16:], epochs=1, out_range=None)
+    with pytest.raises(InvalidInputTypeError, match="float64 but the encoder"):
+        optimization_attack(enc, 0.1, x, steps=2)
+    # a parameter-free encoder on float64 data works (the decoder trains in float64)
+    r = inverse_network_attack(torch.nn.Identity(), 0.1, x[:16], x[16:], epochs=1, out_range=None)
+    assert torch.isfinite(r.mse).all()
+
+
+def test_optimization_attack_checks_the_full_shape_of_z_and_its_settings():
+    # Before: z of shape (N,1,1,1) or (N,1) against features (N,1,8,8) broadcast silently;
+    # lr=inf and steps=2.5 were accepted.
+    from fsinfo_fast.attacks import optimization_attack
+
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    enc = torch.nn.Identity()
+    for z in (torch.zeros(4, 1, 1, 1), torch.zeros(4, 1), torch.zeros(4, 64)):
+        with pytest.raises(InvalidInputError, match="feature shape"):
+            optimization_attack(enc, 0.1, x, z=z, steps=2)
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        optimization_attack(enc, 0.1, x, z=torch.full((4, 1, 8, 8), float("nan")), steps=2)
+    for kw in ({"lr": float("inf")}, {"lr": float("nan")}, {"steps": 2.5}, {"steps": "3"},
+               {"steps": True}, {"batch_size": 0}, {"tv_weight": float("inf")}):
+        with pytest.raises(InvalidInputError):
+            optimization_attack(enc, 0.1, x, **kw)
+    r = optimization_attack(enc, 0.1, x, z=torch.zeros(4, 1, 8, 8), steps=np.int64(2))
+    assert r.info["steps"] == 2

@@ -29,8 +29,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import InvalidInputError
-from .base import AttackResult, _check_x, check_sigma_scalar, encode, observe, result
+from ..errors import InvalidInputError, InvalidInputTypeError
+from .base import (
+    AttackResult,
+    _check_x,
+    check_count,
+    check_encoder_dtype,
+    check_finite,
+    check_positive_finite,
+    check_sigma_scalar,
+    encode,
+    observe,
+    result,
+)
 
 __all__ = ["optimization_attack", "total_variation"]
 
@@ -98,19 +109,28 @@ def optimization_attack(
     x = _check_x(x)
     if param not in _PARAMS:
         raise InvalidInputError(f"param must be one of {_PARAMS}, got {param!r}")
-    if steps < 1 or batch_size < 1 or not lr > 0 or not tv_weight >= 0:
-        raise InvalidInputError(
-            f"need steps, batch_size >= 1, lr > 0 and tv_weight >= 0; got {steps}, "
-            f"{batch_size}, {lr}, {tv_weight}"
-        )
+    steps, batch_size = check_count(steps, "steps"), check_count(batch_size, "batch_size")
+    lr = check_positive_finite(lr, "lr")
+    tv_weight = check_positive_finite(tv_weight, "tv_weight", allow_zero=True)
     lo, hi = (float(b) for b in bounds)
     if not hi > lo:
         raise InvalidInputError(f"bounds must be (lo, hi) with hi > lo, got {bounds!r}")
+    check_finite(x, "x")
+    check_encoder_dtype(encoder, x)
     gen = torch.Generator().manual_seed(int(seed))
     if z is None:
         z = observe(encode(encoder, x), sigma, gen)
-    elif z.shape[0] != x.shape[0]:
-        raise InvalidInputError(f"z has {z.shape[0]} samples, x has {x.shape[0]}")
+    else:
+        if not isinstance(z, Tensor):
+            raise InvalidInputTypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
+        if z.shape[0] != x.shape[0]:
+            raise InvalidInputError(f"z has {z.shape[0]} samples, x has {x.shape[0]}")
+        feat = tuple(encode(encoder, x[:1]).shape[1:])
+        if tuple(z.shape[1:]) != feat:
+            raise InvalidInputError(
+                f"z must have the encoder's feature shape [N, *{feat}], got {tuple(z.shape)} "
+                "(a shape that only broadcasts against f(x) is refused)")
+        check_finite(z, "z")
     z = z.detach()
     start_gen = torch.Generator().manual_seed(int(seed) + 7919)
     outs, objective = [], []
