@@ -165,3 +165,43 @@ def test_optimization_attack_checks_the_full_shape_of_z_and_its_settings():
             optimization_attack(enc, 0.1, x, **kw)
     r = optimization_attack(enc, 0.1, x, z=torch.zeros(4, 1, 8, 8), steps=np.int64(2))
     assert r.info["steps"] == 2
+
+
+_V = ["validate", "--models", "vgg5", "--size", "8", "--epochs", "1", "--splits", "0",
+      "--samples", "2", "--eval-samples", "8", "--attack-steps", "2", "--decoder-epochs", "1",
+      "--sweep-sigmas", "none", "--no-plot", "--quiet"]
+
+
+def _usage_error(capsys, argv) -> str:
+    from fsinfo_fast.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own type errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--backend", "nosuch"], "unknown --backend 'nosuch'"),  # before: rc 0, recorded
+    (["--seed", "-1"], "--seed must be"),  # before: a numpy traceback
+    (["--train-samples", "0"], "--train-samples: must be >= 2 or 'all'"),  # before: 0 = all
+    (["--eval-samples", "0"], "--eval-samples: must be >= 2 or 'all'"),
+])
+def test_validate_refuses_bad_settings_up_front(capsys, tmp_path, extra, needle):
+    out = tmp_path / "v"
+    err = _usage_error(capsys, [*_V, *extra, "--out", str(out)])
+    assert needle in err, err
+    assert not out.exists()  # refused before any training or output
+
+
+def test_validate_config_checks_backend_and_seed():
+    from fsinfo_fast.validate import ValidateConfig
+
+    for kw in ({"backend": "nosuch"}, {"seed": -1}, {"seed": 2**64}, {"seed": 1.5}):
+        with pytest.raises(InvalidInputError):
+            ValidateConfig(**kw).validate()
+    ValidateConfig(backend="torch", seed=3).validate()

@@ -60,9 +60,16 @@ __all__ = [
 
 
 def _optional_int(text: str) -> int | None:
-    if text.strip().lower() in ("all", "0"):
+    # only 'all' means all: 0 used to mean it too, silently, while 1 was refused
+    if text.strip().lower() == "all":
         return None
-    return _positive_int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'all', got {text!r}") from None
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 or 'all', got {v}")
+    return v
 
 
 def _sigmas(text: str) -> tuple[float, ...]:
@@ -99,10 +106,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"held-out samples for the per-sample metrics, the optimisation attack "
                         f"and the bound report (default {d.samples})")
     g.add_argument("--eval-samples", type=_optional_int, default=d.eval_samples, metavar="N",
-                   help="held-out samples for the inverse network's scores, dCor and kNN MI "
-                        "('all': the whole test split, the default)")
+                   help="held-out samples for the inverse network's scores, dCor and kNN MI, "
+                        ">= 2 ('all': the whole test split, the default)")
     g.add_argument("--train-samples", type=_optional_int, default=d.train_samples, metavar="N",
-                   help="the inverse network's training samples ('all', the default)")
+                   help="the inverse network's training samples, >= 2 ('all', the default)")
     m = parser.add_argument_group("metrics")
     m.add_argument("--sigma", type=float, default=d.sigma,
                    help=f"noise std on the smashed data (default {d.sigma})")

@@ -156,6 +156,14 @@ class ValidateConfig:
                 f"({', '.join(self.models)}); add it or pass --sweep-sigmas none")
         if not (self.attack_lr > 0 and self.tv_weight >= 0):
             raise InvalidInputError("--attack-lr must be > 0 and --tv-weight >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) \
+                or not 0 <= self.seed < 2**63:
+            raise InvalidInputError(f"--seed must be an integer in [0, 2**63), got {self.seed!r}")
+        from ..engine import BACKENDS
+
+        if self.backend not in ("auto", *BACKENDS):
+            raise InvalidInputError(
+                f"unknown --backend {self.backend!r}; one of auto, {', '.join(BACKENDS)}")
 
 
 @dataclass
