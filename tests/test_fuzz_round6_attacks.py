@@ -205,3 +205,12 @@ def test_validate_config_checks_backend_and_seed():
         with pytest.raises(InvalidInputError):
             ValidateConfig(**kw).validate()
     ValidateConfig(backend="torch", seed=3).validate()
+
+
+def test_reconstruction_scores_of_a_flat_tensor_is_a_clear_error():
+    # Before: a raw IndexError (Dimension out of range) from flatten(1).
+    from fsinfo_fast.attacks import reconstruction_scores
+
+    with pytest.raises(InvalidInputError, match="batch"):
+        reconstruction_scores(torch.rand(5), torch.rand(5))
+    assert reconstruction_scores(torch.rand(1, 5), torch.rand(1, 5)).mse.shape == (1,)

@@ -46,6 +46,10 @@ def per_sample_mse(x_hat: Tensor, x: Tensor) -> Tensor:
         raise InvalidInputError(
             f"reconstruction shape {tuple(x_hat.shape)} differs from the input's {tuple(x.shape)}"
         )
+    if x.ndim < 2:
+        raise InvalidInputError(
+            f"need a batch [N, ...] of samples with ndim >= 2, got shape {tuple(x.shape)} (a "
+            "single flat sample is x[None])")
     diff = x_hat.detach().to(torch.float64) - x.detach().to(torch.float64)
     return diff.pow(2).flatten(1).mean(1)
 
