@@ -553,6 +553,12 @@ def _prepare(
             if mapped is not None:
                 raise mapped from err
             msg = str(err).lower()
+            if "inference tensors cannot be saved for backward" in msg:
+                raise InvalidInputError(
+                    "the encoder holds tensors created under torch.inference_mode() (its "
+                    "parameters or buffers: a model built or loaded inside it), which autograd "
+                    "cannot use; build or load the model outside inference mode (the metrics "
+                    "themselves run inside it)") from err
             about_dtype = any(k in msg for k in ("dtype", "scalar type", "double", "input type",
                                                   "bfloat16", "half"))
             if dtype is not None and about_dtype:
@@ -599,7 +605,9 @@ def _prepare(
         if grad is None:
             raise NotDifferentiableError(
                 "the encoder's output does not depend differentiably on x (no autograd path: "
-                "was it computed under torch.no_grad(), detached, or via .numpy()?)"
+                "was it computed under torch.no_grad(), detached, or via .numpy()? A layer "
+                "inside torch.utils.checkpoint(..., use_reentrant=True) cut out by ff.split's "
+                "hooks is computed without autograd too: use use_reentrant=False)"
             )
     out = out.detach()
     out_shape = tuple(out.shape[1:])

@@ -448,7 +448,8 @@ class Linearization:
                 f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
         self.encoder = encoder
         if isinstance(x, Tensor):  # a snapshot: the results describe x as it is now
-            x = x.detach().clone()
+            with torch.inference_mode(False):  # a normal tensor, even inside inference mode
+                x = x.detach().clone()          # (an inference-mode copy refused autograd)
         self.x = x
         work, self.dtype_note = working_dtype(encoder, x, dtype)
         self.enc: PreparedEncoder = prepare(encoder, x, dtype=work,
@@ -635,13 +636,17 @@ class Linearization:
         return self._exact_unavailable() or (
             f"the exact oracle does not fit in memory (m = {self.m}, d = {self.d})")
 
-    def _auto_exact(self, estimator: str, cost_randomized: int, spectrum: bool) -> str | None:
-        """Why ``auto`` (or ``exact``) takes the oracle route, or None for the randomized one."""
+    def _auto_exact(self, estimator: str, cost_randomized: int, spectrum: bool,
+                    fixed: bool = False) -> str | None:
+        """Why ``auto`` (or ``exact``) takes the oracle route, or None for the randomized one;
+        ``fixed``: a ``num_probes`` was asked for, which ``auto`` keeps (the exact quantities
+        computed before for this batch replaced it)."""
         if estimator in ("exact", "exact-fast"):
             return "requested"
         if estimator != "auto":
             return None
-        if self._has_exact(spectrum) or (not spectrum and self._exact_fast is not None):
+        if not fixed and (self._has_exact(spectrum)
+                          or (not spectrum and self._exact_fast is not None)):
             return "the exact Fisher quantities were already computed for this batch"
         n = min(self.m, self.d)
         # the fast exact route (no spectrum) chunks its one-hot products to the memory budget;
@@ -730,7 +735,9 @@ class Linearization:
                 # m < d without a prior: -inf exactly (rank J^T J <= m < d); the SLQ route
                 # returns that structural answer with no products, the oracle would build J
                 estimator = "randomized"
-        why = self._auto_exact(estimator, cost, spectrum)
+        if estimator not in ("exact", "exact-fast"):  # checked on every route (the exact one
+            _stopping(atol, rtol, num_probes, max_probes, None)  # held took any before)
+        why = self._auto_exact(estimator, cost, spectrum, fixed=num_probes is not None)
         if why is not None:
             return self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
         cap = None
@@ -1047,7 +1054,9 @@ class Linearization:
         else:
             cost = expected_passes("hutch++" if method == "hutch++" else "hutchinson",
                                    d=self.d, m=self.m, num_probes=k0, sketch_size=sketch)
-        why = self._auto_exact(estimator, cost, spectrum=False)
+        if estimator not in ("exact", "exact-fast"):  # checked on every route (the exact one
+            _stopping(atol, rtol, num_probes, max_probes, None)  # held took any before)
+        why = self._auto_exact(estimator, cost, spectrum=False, fixed=num_probes is not None)
         if why is not None:
             return self._exact_dfil(s, why, estimator)
         prediction: dict[str, Any] = {}

@@ -382,8 +382,8 @@ def _channels_hint(model: nn.Module, x1: Tensor) -> str:
     """`` (... pass --channels N)`` where the model's first convolution takes another number of
     channels (1 or 3) than the data has, else ``""``."""
     conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    if conv is None or x1.dim() < 2 or conv.in_channels == x1.shape[1] or conv.in_channels not in (
-            1, 3):
+    if (not isinstance(conv, nn.Conv2d) or x1.dim() != 4 or conv.in_channels == x1.shape[1]
+            or conv.in_channels not in (1, 3)):  # images only (a Conv1d of audio: no hint)
         return ""
     return (f" (the model's first convolution takes {conv.in_channels} channel"
             f"{'s' if conv.in_channels > 1 else ''}: pass --channels {conv.in_channels})")
