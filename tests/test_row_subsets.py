@@ -110,12 +110,14 @@ def test_deflated_sub_batches_change_nothing_but_the_products(monkeypatch):
     rounds run for the samples still running: the same ranks, values and intervals."""
     J = torch.cat([spectral_jacobian(geometric_spectrum(30, c), 48, 30, seed=s)
                    for s, c in ((1, 1e4), (2, 10.0), (3, 1e2))])
-    states = {}
+    states, prods = {}, {}
 
     def run():
-        st = DeflatedProbeState.for_products(DenseProducts(J), seed=1)
+        # a state serves the products object it first served (as SLQProbeStore does)
+        P = prods[base.ROW_SUBSETS] = DenseProducts(J)
+        st = DeflatedProbeState.for_products(P, seed=1)
         states[base.ROW_SUBSETS] = st
-        return estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, atol=0.005, start_rank=4,
+        return estimate_diag_deflated(P, sigma=SIGMA, atol=0.005, start_rank=4,
                                       seed=1, state=st)
 
     never, always = _both(monkeypatch, run)
@@ -135,7 +137,8 @@ def test_deflated_sub_batches_change_nothing_but_the_products(monkeypatch):
     # a later request that needs more columns grows the samples that hold fewer (in another
     # block than a fresh sketch: the same span, equal up to the rounding of Gram-Schmidt)
     monkeypatch.setattr(base, "ROW_SUBSETS", "always")
-    P = DenseProducts(J)
+    P = prods["always"]
+    P.jvp_passes = 0
     fixed = estimate_diag_deflated(P, sigma=SIGMA, rank=max(ranks), num_probes=8, seed=1,
                                    state=states["always"])
     fresh = estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, rank=max(ranks),
