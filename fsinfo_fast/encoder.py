@@ -72,8 +72,9 @@ class PreparedEncoder:
             the memory one tangent or cotangent of one sample needs (used to chunk probes).
         module: the encoder itself (after any dtype cast), mapping ``[B, *in_shape]`` to
             ``[B, *out_shape]``; the linearised engine traces it (``None``: not available).
-        cached: True when the structural checks (differentiability, sample independence,
-            saved bytes) were taken from the validation cache instead of run on this batch.
+        cached: True when the structural part of the validation (the cast copy, the saved
+            bytes, the vmap check) was taken from the validation cache; the value-dependent
+            checks ran on this batch unless :func:`prepare` was called with ``recheck=False``.
     """
 
     fn: Callable[[Tensor], Tensor]
@@ -446,20 +447,23 @@ def prepare(
     dtype: torch.dtype | None = None,
     check_interaction: int | None = None,
     cache: bool = False,
+    recheck: bool = True,
 ) -> PreparedEncoder:
     """Validate ``encoder`` and ``x`` and return the flat per-sample function.
 
-    The structural checks (a forward with autograd and a backward to prove the output depends
-    differentiably on ``x``, the sample-independence check, the saved-bytes count used to size
-    probe chunks, and a dtype cast's deep copy) depend on the encoder and the input's shape, not
-    on the values of this batch. With ``cache=True`` they are remembered per encoder object and
-    signature (input shape, dtypes, device, training flags, forward hooks, parameter identities
-    and storages, see :func:`_signature`), so a second batch of the same shape pays only the
-    input checks; its output ``y`` is then computed on first access (a no-grad forward), with the
-    same non-finite check. A cached cast copy (``dtype``) is refreshed from the live module's
-    parameters and buffers at each hit (one pass over the weights: 8-23 ms for ResNet-18's 11M
-    parameters to float64 on one loaded CPU core), so an edit the key cannot see (through
-    ``.data``) still reaches it.
+    The checks: a forward with autograd and a backward to prove the output depends
+    differentiably on ``x``, the sample-independence check, the forward-/reverse-mode agreement
+    (:func:`_check_adjoint`), the vmap check, the saved-bytes count used to size probe chunks,
+    and a dtype cast's deep copy. With ``cache=True`` the ones that depend on the encoder and
+    the input's shape only (the deep copy, the saved-bytes count, the vmap check) are remembered
+    per encoder object and signature (input shape, dtypes, device, training flags, forward
+    hooks, parameter identities and storages, see :func:`_signature`); the others run again on
+    every batch (``recheck``), because their outcome can depend on the values: a clamp on
+    ``y.data`` or under ``no_grad`` that bites only in some batches, a batch maximum that one
+    sample sets in one batch only. ``cached`` then says the remembered part was reused. A
+    cached cast copy (``dtype``) is refreshed from the live module's parameters and buffers at
+    each hit (one pass over the weights: 8-23 ms for ResNet-18's 11M parameters to float64 on
+    one loaded CPU core), so an edit the key cannot see (through ``.data``) still reaches it.
 
     Args:
         encoder: ``nn.Module`` or callable mapping ``[B, *in_shape]`` to ``[B, *out_shape]``.
@@ -470,6 +474,9 @@ def prepare(
             (``f(x)[i] == f(x[i:i+1])``); ``None`` checks all of them.
         cache: reuse (and store) the structural checks of an earlier call with this encoder and
             signature.
+        recheck: on a cache hit, run the value-dependent checks on this batch (default);
+            ``False`` skips them, for a batch that was checked already in another dtype (its
+            output ``y`` is then computed on first access, with the non-finite check).
 
     Raises:
         InvalidInputTypeError, InvalidInputError: bad ``x``.
@@ -488,7 +495,7 @@ def prepare(
     check_device(encoder, x)
     with ieee_fp32(x.device):  # no TF32 in the checks' forward passes (see _precision)
         return _prepare(encoder, x, dtype=dtype, check_interaction=check_interaction,
-                        cache=cache)
+                        cache=cache, recheck=recheck)
 
 
 def check_device(encoder: Callable[[Tensor], Tensor], x: Tensor) -> None:
@@ -514,6 +521,7 @@ def _prepare(
     dtype: torch.dtype | None,
     check_interaction: int | None,
     cache: bool,
+    recheck: bool = True,
 ) -> PreparedEncoder:
     want = (1 << 62) if check_interaction is None else check_interaction
     key = _signature(encoder, x, dtype) if cache else None
@@ -526,16 +534,23 @@ def _prepare(
     need = min(want, x.shape[0]) if x.shape[0] > 1 else 0
     # a cached cast copy carries the values of its validation: refresh it from the live module
     # (an edit the key cannot see, through .data, would otherwise give the old weights' values)
+    spot: _Validated | None = None
     if hit is not None and hit.interaction_checked >= need and (
             hit.enc is None or _refresh_copy(hit.enc, encoder)):
-        xc = x.to(dtype) if dtype is not None else x
-        in_shape = tuple(xc.shape[1:])
         enc = encoder if hit.enc is None else hit.enc
-        return PreparedEncoder(
-            fn=_flat_fn(enc, in_shape), x=xc.reshape(xc.shape[0], -1).detach(),
-            in_shape=in_shape, out_shape=hit.out_shape, saved_bytes=hit.saved_bytes,
-            module=enc, cached=True)
-    enc = _cast_encoder(encoder, dtype)
+        if not recheck:
+            xc = x.to(dtype) if dtype is not None else x
+            in_shape = tuple(xc.shape[1:])
+            return PreparedEncoder(
+                fn=_flat_fn(enc, in_shape), x=xc.reshape(xc.shape[0], -1).detach(),
+                in_shape=in_shape, out_shape=hit.out_shape, saved_bytes=hit.saved_bytes,
+                module=enc, cached=True)
+        # the checks whose outcome depends on this batch's values run again below (a clamp
+        # that bites, a batch max that moves, a no_grad block that changes something only
+        # here); the deep copy, the saved-bytes count and the vmap check are reused
+        spot = hit
+    else:
+        enc = _cast_encoder(encoder, dtype)
     if dtype is not None:
         x = x.to(dtype)
     batch = x.shape[0]
@@ -638,40 +653,17 @@ def _prepare(
                 f"Jacobian undefined; {how}")
 
     n = 0
-    if batch == 1:
+    if batch == 1 and spot is None:  # randomness is the encoder's, not this batch's
         deterministic()
     if batch > 1:
         n = batch if check_interaction is None else min(batch, check_interaction)
-        with torch.no_grad():
-            for i in range(n):
-                try:
-                    alone = fn(x[i : i + 1].reshape(1, -1))[0]
-                except Exception as err:  # e.g. an exported program with a static batch size
-                    raise EncoderError(
-                        f"the encoder ran on the batch of {batch} samples but failed on sample "
-                        f"{i} alone ({type(err).__name__}: {err}). The metrics evaluate every "
-                        "sample on its own (batch size 1): the encoder must accept any batch "
-                        "size (a torch.export program needs a dynamic batch dimension, e.g. "
-                        "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})") from err
-                scale = float(y[i].abs().max()) + 1e-30
-                err = float((alone - y[i]).abs().max())
-                if not err <= tol * scale:
-                    deterministic()  # randomness, not interaction, if the batch itself varies
-                    # kernels pick their blocking by batch size: saturated layers (tanh at
-                    # large weights) turn that rounding into 1e-4 differences. A batch of the
-                    # same size holding only sample i rounds as the batch did, and still moves
-                    # sample i's output where the samples interact
-                    same = fn(x[i : i + 1].expand(batch, *x.shape[1:]).reshape(batch, -1))[i]
-                    if float((same - y[i]).abs().max()) <= tol * scale:
-                        continue
-                    raise SampleInteractionError(
-                        f"sample {i}'s output changes by {err:.3g} (relative "
-                        f"{err / scale:.3g}) when it is encoded alone instead of in the batch: "
-                        "the samples interact (batch statistics, mixing across the batch). The "
-                        "metric is per sample; use an encoder that treats samples independently"
-                    )
+        _check_interaction(fn, x, y, n, tol, deterministic)
     _check_adjoint(fn, x.reshape(batch, -1), u.reshape(batch, -1), grad.reshape(batch, -1), y,
                    tol)
+    if spot is not None:
+        return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
+                               out_shape=out_shape, _y=y, saved_bytes=spot.saved_bytes,
+                               module=enc, cached=True)
     _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol)
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:
@@ -684,6 +676,43 @@ def _prepare(
             pass
     return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
                            out_shape=out_shape, _y=y, saved_bytes=per_sample, module=enc)
+
+
+def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: int, tol: float,
+                       deterministic: Callable[[], None]) -> None:
+    """Raise :class:`SampleInteractionError` where one of the first ``n`` samples' output
+    changes when it is encoded alone instead of in the batch ``x`` (``[B, *in]``, outputs
+    ``y`` ``[B, m]``). Run at every :func:`prepare`, cached or not: whether samples interact
+    can depend on the values (a batch maximum that one sample sets in one batch only)."""
+    batch = x.shape[0]
+    with torch.no_grad():
+        for i in range(n):
+            try:
+                alone = fn(x[i : i + 1].reshape(1, -1))[0]
+            except Exception as err:  # e.g. an exported program with a static batch size
+                raise EncoderError(
+                    f"the encoder ran on the batch of {batch} samples but failed on sample "
+                    f"{i} alone ({type(err).__name__}: {err}). The metrics evaluate every "
+                    "sample on its own (batch size 1): the encoder must accept any batch "
+                    "size (a torch.export program needs a dynamic batch dimension, e.g. "
+                    "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})") from err
+            scale = float(y[i].abs().max()) + 1e-30
+            err = float((alone - y[i]).abs().max())
+            if not err <= tol * scale:
+                deterministic()  # randomness, not interaction, if the batch itself varies
+                # kernels pick their blocking by batch size: saturated layers (tanh at
+                # large weights) turn that rounding into 1e-4 differences. A batch of the
+                # same size holding only sample i rounds as the batch did, and still moves
+                # sample i's output where the samples interact
+                same = fn(x[i : i + 1].expand(batch, *x.shape[1:]).reshape(batch, -1))[i]
+                if float((same - y[i]).abs().max()) <= tol * scale:
+                    continue
+                raise SampleInteractionError(
+                    f"sample {i}'s output changes by {err:.3g} (relative "
+                    f"{err / scale:.3g}) when it is encoded alone instead of in the batch: "
+                    "the samples interact (batch statistics, mixing across the batch). The "
+                    "metric is per sample; use an encoder that treats samples independently"
+                )
 
 
 #: torch.func / autograd failures caused by how the encoder is written: (substring of the

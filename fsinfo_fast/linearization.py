@@ -621,8 +621,9 @@ class Linearization:
     def _float64_encoder(self) -> PreparedEncoder:
         """The encoder prepared in float64 at this batch (cached)."""
         if self._enc64 is None:
+            # (this batch's value-dependent checks ran at construction, in the working dtype)
             self._enc64 = prepare(self.encoder, self.x, dtype=torch.float64,
-                                  check_interaction=0, cache=True)
+                                  check_interaction=0, cache=True, recheck=False)
         return self._enc64
 
     def _oracle_fits(self) -> bool:
