@@ -141,26 +141,43 @@ CROSS_CHECK_RTOL_SCALED = 5e-2
 
 
 def _cross_check(prods, enc: PreparedEncoder, kw: dict) -> None:
-    """One seeded VJP of the engine against ``torch.func``'s at the same batch: the capture
-    cannot see everything autograd honours (``y.data`` records no op at all: the engine
-    differentiated through a stop-gradient), and a node's rule may fail only when it runs (an
-    in-place ``copy_`` into a slice). Raises :class:`~.capture.CaptureError` with the reason
-    where they disagree or the engine's product fails; where ``torch.func`` itself cannot run
-    the encoder there is nothing to compare with and the engine serves."""
+    """One seeded VJP and one seeded JVP of the engine per sample against ``torch.func``'s at
+    this batch: the capture cannot see everything autograd honours (``y.data`` records no op at
+    all: the engine differentiated through a stop-gradient), and a node's rule may fail only
+    when it runs (an in-place ``copy_`` into a slice). Raises :class:`~.capture.CaptureError`
+    with the reason where they disagree or the engine's product fails; where ``torch.func``
+    itself cannot run the encoder there is nothing to compare with and the engine serves.
+
+    The first batch's outcome is kept per captured graph (``Captured.checked``): a refusal
+    stays for this shape. After a pass the comparison runs again on every later batch, because
+    the values can decide it (a clamp on ``y.data`` that does nothing in the first batch and
+    bites in this one; a zero-variance image, a fully masked attention row where the engine's
+    derivative is NaN and autograd's is defined); such a refusal is this batch's only (the
+    error's ``spot`` is True) and is not kept."""
     from .capture import CaptureError
 
     key = (getattr(prods, "backend", None), str(enc.x.dtype), str(kw.get("scale_dtype")))
     done = prods.captured.checked
-    if key not in done:
-        counts = prods.jvp_passes, prods.vjp_passes
-        try:
-            _compare_with_torch_func(prods, enc, kw)
-            done[key] = None
-        except CaptureError as err:
-            done[key] = err
-        prods.jvp_passes, prods.vjp_passes = counts  # the check's products are not the run's
-    if done[key] is not None:
+    if done.get(key) is not None:
         raise done[key]
+    first = key not in done
+    counts = prods.jvp_passes, prods.vjp_passes
+    try:
+        _compare_with_torch_func(prods, enc, kw)
+        failure = None
+    except CaptureError as err:
+        failure = err
+    prods.jvp_passes, prods.vjp_passes = counts  # the check's products are not the run's
+    if first:
+        done[key] = failure
+    elif failure is not None:
+        spot = CaptureError(f"{failure} (the first batch of this shape agreed: the difference "
+                            "depends on this batch's values or on Python state the capture "
+                            "cannot see)")
+        spot.spot = True
+        raise spot from failure
+    if failure is not None:
+        raise failure
 
 
 def _engine_product(product, t: torch.Tensor, what: str) -> torch.Tensor:
@@ -216,14 +233,24 @@ def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict) -> None:
 def _engine(enc: PreparedEncoder, name: str, auto: bool, **kw) -> object:
     """The linearised engine with ``name``'s ops; under ``auto`` a recorded fallback to
     ``torch.func``, otherwise :class:`BackendUnavailableError` when it cannot serve ``enc``."""
-    from .capture import CaptureError
+    from .capture import CaptureError, recapture
     from .ops import get_ops
     from .products import LinearisedProducts
 
     ops = get_ops("torch" if name == "engine" else name)
     try:
         prods = LinearisedProducts(enc, ops=ops, backend=name, **kw)
-        _cross_check(prods, enc, kw)
+        try:
+            _cross_check(prods, enc, kw)
+        except CaptureError as err:
+            # a later batch disagrees with a graph the first batch passed: where the encoder's
+            # Python state changed the graph (a flag adding a .detach()), capture it again and
+            # check the new graph; the same graph: the values decide, this batch is refused
+            if not getattr(err, "spot", False) or not recapture(
+                    prods.root, enc.x.reshape(enc.batch, *enc.in_shape)):
+                raise
+            prods = LinearisedProducts(enc, ops=ops, backend=name, **kw)
+            _cross_check(prods, enc, kw)
     except CaptureError as err:
         if not auto:
             raise BackendUnavailableError(

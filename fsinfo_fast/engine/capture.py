@@ -24,7 +24,9 @@ Hardsigmoid, Softplus, Mish and ``roll``. Everything else is core ATen: ``convol
 ``_native_batch_norm_legit_no_training``, ``max_pool2d_with_indices``, ``view``, ...
 
 Captures are cached per (encoder, input shape, dtype, device, training flags, forward hooks,
-parameter shapes): a second batch of the same shape pays nothing.
+parameter shapes): a second batch of the same shape pays no capture. Python state the key cannot
+see (a flag ``forward`` reads) is caught by the engine's per-batch cross-check against
+``torch.func``, which then captures again (:func:`recapture`).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from torch.utils._pytree import tree_flatten
 
 from ..encoder import cdist_as_norm, forward_hooks_key
 
-__all__ = ["Captured", "CaptureError", "capture", "decomposition_table", "KEEP_WHOLE"]
+__all__ = ["Captured", "CaptureError", "capture", "decomposition_table", "KEEP_WHOLE",
+           "recapture"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -203,8 +206,10 @@ class Captured:
     inputs: list[str | None]
     in_shape: tuple[int, ...]
     graph: fx.Graph = field(init=False)
-    #: outcomes of the engine's cross-check against torch.func per (backend, dtypes): the
-    #: graph's structure decides it, so a second batch of this shape does not pay it again
+    #: outcomes of the engine's cross-check against torch.func at the first batch, per
+    #: (backend, dtypes): a refusal stays for this shape; after a pass every later batch is
+    #: checked again (one seeded probe per sample), since the values can decide it (a clamp on
+    #: ``y.data`` that bites only in some batches, a NaN derivative at zero variance)
     checked: dict = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -264,6 +269,32 @@ def capture(encoder: Callable[[Tensor], Tensor], x: Tensor) -> Captured:
     if isinstance(result, CaptureError):
         raise result
     return result
+
+
+def recapture(encoder: Callable[[Tensor], Tensor], x: Tensor) -> bool:
+    """Capture ``encoder`` again at ``x``'s shape and replace the cached graph where the new
+    one differs (``True``). The cache key cannot see the Python state ``forward`` reads (a flag
+    that adds a ``.detach()``): the engine's per-batch cross-check against ``torch.func`` calls
+    this when a cached graph disagrees on a later batch. ``False``: the same graph (the
+    disagreement is the values'), nothing cached, or the capture now fails."""
+    try:
+        per_encoder = _CACHE.get(encoder)
+    except TypeError:
+        return False
+    key = _key(encoder, x)
+    old = None if per_encoder is None else per_encoder.get(key)
+    if not isinstance(old, Captured):
+        return False
+    try:
+        new = _capture(encoder, x)
+    except CaptureError:
+        return False
+    if new.gm.code == old.gm.code:
+        return False
+    log.debug("recaptured %s: its graph changed since the cached capture",
+              type(encoder).__name__)
+    per_encoder[key] = new
+    return True
 
 
 def _capture(encoder: Callable, x: Tensor) -> Captured:
