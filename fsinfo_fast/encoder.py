@@ -85,6 +85,10 @@ class PreparedEncoder:
     saved_bytes: int = 0
     module: Callable[[Tensor], Tensor] | None = None
     cached: bool = False
+    #: ``(u, J^T u)``, ``[B, m]`` and ``[B, d]``: the seeded cotangent of a cached batch's
+    #: re-validation and autograd's VJP of it (the engine's per-batch cross-check compares its
+    #: own VJP with it instead of running torch.func's again); ``None`` elsewhere
+    adjoint: tuple[Tensor, Tensor] | None = None
 
     @property
     def y(self) -> Tensor:
@@ -104,7 +108,9 @@ class PreparedEncoder:
         """The same encoder at the samples ``idx`` of this batch (``[n]`` int64): the checks
         are per encoder and sample, so they hold for any subset of the batch."""
         return dataclasses.replace(self, x=self.x[idx],
-                                   _y=None if self._y is None else self._y[idx])
+                                   _y=None if self._y is None else self._y[idx],
+                                   adjoint=None if self.adjoint is None else
+                                   (self.adjoint[0][idx], self.adjoint[1][idx]))
 
     @property
     def d(self) -> int:
@@ -663,7 +669,9 @@ def _prepare(
     if spot is not None:
         return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
                                out_shape=out_shape, _y=y, saved_bytes=spot.saved_bytes,
-                               module=enc, cached=True)
+                               module=enc, cached=True,
+                               adjoint=(u.detach().reshape(batch, -1),
+                                        grad.detach().reshape(batch, -1)))
     _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol)
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:

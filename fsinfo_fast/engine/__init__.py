@@ -163,7 +163,7 @@ def _cross_check(prods, enc: PreparedEncoder, kw: dict) -> None:
     first = key not in done
     counts = prods.jvp_passes, prods.vjp_passes
     try:
-        _compare_with_torch_func(prods, enc, kw)
+        _compare_with_torch_func(prods, enc, kw, reuse=not first)
         failure = None
     except CaptureError as err:
         failure = err
@@ -191,16 +191,25 @@ def _engine_product(product, t: torch.Tensor, what: str) -> torch.Tensor:
                            f"{str(err).splitlines()[0][:200]}") from err
 
 
-def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict) -> None:
+def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict, reuse: bool = False
+                             ) -> None:
+    """``reuse``: where ``enc`` carries the seeded VJP of its re-validation (a cached batch of
+    :func:`~fsinfo_fast.encoder.prepare`, ``enc.adjoint``), compare with that instead of running
+    torch.func's (the same reverse-mode product of the same function; it halves the per-batch
+    check's cost)."""
     from ..estimators.probes import draw_probes
     from .capture import CaptureError
 
-    u = draw_probes(enc.m, seed=0x5EED_C4EC, sample_ids=torch.arange(enc.batch), count=1,
-                    kind="gaussian", dtype=enc.x.dtype, device=enc.x.device)
-    try:
-        ref = TorchFuncProducts(enc, memory_budget=kw.get("memory_budget")).vjp(u)
-    except Exception:  # torch.func cannot run it (buffer writes, old-style Functions, ...)
-        return
+    adjoint = getattr(enc, "adjoint", None) if reuse else None
+    if adjoint is not None:
+        u, ref = adjoint[0].unsqueeze(1), adjoint[1].unsqueeze(1)
+    else:
+        u = draw_probes(enc.m, seed=0x5EED_C4EC, sample_ids=torch.arange(enc.batch), count=1,
+                        kind="gaussian", dtype=enc.x.dtype, device=enc.x.device)
+        try:
+            ref = TorchFuncProducts(enc, memory_budget=kw.get("memory_budget")).vjp(u)
+        except Exception:  # torch.func cannot run it (buffer writes, old-style Functions, ...)
+            return
     got = _engine_product(prods.vjp, u, "vector-Jacobian")
     ref64, got64 = ref.to(torch.float64).flatten(1), got.to(torch.float64).flatten(1)
     rtol = CROSS_CHECK_RTOL if kw.get("scale_dtype") is None else CROSS_CHECK_RTOL_SCALED
