@@ -89,6 +89,25 @@ class PreparedEncoder:
     #: re-validation and autograd's VJP of it (the engine's per-batch cross-check compares its
     #: own VJP with it instead of running torch.func's again); ``None`` elsewhere
     adjoint: tuple[Tensor, Tensor] | None = None
+    #: ``[check]`` where a cached batch's forward-/reverse-mode check is deferred to
+    #: :meth:`confirm` (one cell, shared by :meth:`select`'s copies); ``None`` elsewhere
+    pending: list | None = None
+
+    def confirm(self) -> None:
+        """Run this batch's deferred forward-/reverse-mode check (:func:`_check_adjoint`), once.
+
+        A cached :func:`prepare` defers it: its JVP is most of a re-validation's cost (forward
+        mode runs 4x a forward on ResNet-18), and the engine's per-batch cross-check compares
+        the engine's JVP with the same autograd VJP (:attr:`adjoint`), so where the engine
+        serves the batch it is not run. :func:`~fsinfo_fast.engine.make_products` calls this
+        for every other outcome, the exact routes before they run.
+
+        Raises:
+            EncoderError: the two modes disagree at this batch.
+        """
+        if self.pending is not None and self.pending[0] is not None:
+            self.pending[0]()
+            self.pending[0] = None
 
     @property
     def y(self) -> Tensor:
@@ -664,14 +683,13 @@ def _prepare(
     if batch > 1:
         n = batch if check_interaction is None else min(batch, check_interaction)
         _check_interaction(fn, x, y, n, tol, deterministic)
-    _check_adjoint(fn, x.reshape(batch, -1), u.reshape(batch, -1), grad.reshape(batch, -1), y,
-                   tol)
-    if spot is not None:
-        return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
-                               out_shape=out_shape, _y=y, saved_bytes=spot.saved_bytes,
-                               module=enc, cached=True,
-                               adjoint=(u.detach().reshape(batch, -1),
-                                        grad.detach().reshape(batch, -1)))
+    xf, uf, gf = x.reshape(batch, -1), u.detach().reshape(batch, -1), grad.reshape(batch, -1)
+    if spot is not None:  # the forward-/reverse-mode check: deferred (PreparedEncoder.confirm)
+        return PreparedEncoder(fn=fn, x=xf.detach(), in_shape=in_shape, out_shape=out_shape,
+                               _y=y, saved_bytes=spot.saved_bytes, module=enc, cached=True,
+                               adjoint=(uf, gf.detach()),
+                               pending=[lambda: _check_adjoint(fn, xf, uf, gf, y, tol)])
+    _check_adjoint(fn, xf, uf, gf, y, tol)
     _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol)
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:

@@ -553,6 +553,7 @@ class Linearization:
             raise InvalidInputTypeError(f"spectrum must be True or False, got {spectrum!r}")
         self._check_unchanged()
         if self._exact is None or (spectrum and self._exact.eigvals is None):
+            self.enc.confirm()  # the oracle's JVPs against the reverse mode, at this batch
             self._exact = reference.exact_fisher(self.encoder, self.x, spectrum=spectrum)
         return self._exact
 
@@ -621,6 +622,7 @@ class Linearization:
     def _float64_encoder(self) -> PreparedEncoder:
         """The encoder prepared in float64 at this batch (cached)."""
         if self._enc64 is None:
+            self.enc.confirm()  # the torch.func routes' forward against reverse mode
             # (this batch's value-dependent checks ran at construction, in the working dtype)
             self._enc64 = prepare(self.encoder, self.x, dtype=torch.float64,
                                   check_interaction=0, cache=True, recheck=False)

@@ -47,8 +47,11 @@ def test_no_grad_clamp_refused_on_a_later_batch_that_exercises_it(backend):
     xa, xb = _quiet_and_loud()
     ff.linearize(m, xa, backend=backend, seed=0).fsinfo(0.1, estimator="randomized",
                                                         num_probes=4)
+    lin = ff.linearize(m, xb, backend=backend, seed=0)  # the check runs with the products
     with pytest.raises(ff.EncoderError, match="forward-mode and reverse-mode"):
-        ff.linearize(m, xb, backend=backend, seed=0)
+        lin.fsinfo(0.1, estimator="randomized", num_probes=4)
+    with pytest.raises(ff.EncoderError, match="forward-mode and reverse-mode"):
+        ff.linearize(m, xb, backend=backend, seed=0).exact()
 
 
 def test_batch_coupling_refused_on_a_later_batch_that_shows_it():

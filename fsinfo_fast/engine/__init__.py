@@ -168,6 +168,10 @@ def _cross_check(prods, enc: PreparedEncoder, kw: dict) -> None:
     except CaptureError as err:
         failure = err
     prods.jvp_passes, prods.vjp_passes = counts  # the check's products are not the run's
+    if failure is None and not first and getattr(enc, "adjoint", None) is not None:
+        # the engine's JVP agreed with autograd's VJP through the adjoint identity: the check
+        # the cached prepare deferred (forward against reverse mode) is answered for this route
+        prods.adjoint_confirmed = True
     if first:
         done[key] = failure
     elif failure is not None:
@@ -306,9 +310,21 @@ def make_products(enc: PreparedEncoder, backend: str | None = "auto", **kw) -> o
     """
     auto = backend is None or backend == "auto"
     name = resolve_backend(backend, enc.x.device)
+    # a cached batch's deferred forward-/reverse-mode check (PreparedEncoder.confirm) runs
+    # unless the engine's per-batch cross-check answered it; before an engine refusal, so the
+    # encoder's own error comes first
+    confirm = getattr(enc, "confirm", lambda: None)
     if name == "torch":
+        confirm()
         return TorchFuncProducts(enc, **kw)
-    return _engine(enc, name, auto and not os.environ.get(ENV_VAR), **kw)
+    try:
+        prods = _engine(enc, name, auto and not os.environ.get(ENV_VAR), **kw)
+    except BackendUnavailableError:
+        confirm()
+        raise
+    if not getattr(prods, "adjoint_confirmed", False):
+        confirm()
+    return prods
 
 
 def engine_report(encoder, x) -> dict:
