@@ -483,12 +483,15 @@ def prepare(
     the input's shape only (the deep copy, the saved-bytes count, the vmap check) are remembered
     per encoder object and signature (input shape, dtypes, device, training flags, forward
     hooks, parameter identities and storages, see :func:`_signature`); the others run again on
-    every batch (``recheck``), because their outcome can depend on the values: a clamp on
-    ``y.data`` or under ``no_grad`` that bites only in some batches, a batch maximum that one
-    sample sets in one batch only. ``cached`` then says the remembered part was reused. A
-    cached cast copy (``dtype``) is refreshed from the live module's parameters and buffers at
-    each hit (one pass over the weights: 8-23 ms for ResNet-18's 11M parameters to float64 on
-    one loaded CPU core), so an edit the key cannot see (through ``.data``) still reaches it.
+    every batch (``recheck``), because their outcome can depend on the values: a clamp under
+    ``no_grad`` that bites only in some batches, a batch maximum that one sample sets in one
+    batch only. On such a hit the forward-/reverse-mode check is deferred to
+    :meth:`PreparedEncoder.confirm` (run by :func:`~fsinfo_fast.engine.make_products` unless
+    the engine's per-batch cross-check answers it). ``cached`` then says the remembered part
+    was reused. A cached cast copy (``dtype``) is refreshed from the live module's parameters
+    and buffers at each hit (one pass over the weights: 8-23 ms for ResNet-18's 11M parameters
+    to float64 on one loaded CPU core), so an edit the key cannot see (through ``.data``) still
+    reaches it.
 
     Args:
         encoder: ``nn.Module`` or callable mapping ``[B, *in_shape]`` to ``[B, *out_shape]``.
