@@ -551,6 +551,8 @@ def _prepare(
     cache: bool,
     recheck: bool = True,
 ) -> PreparedEncoder:
+    if x.is_inference():  # made under torch.inference_mode(): autograd cannot record on it
+        x = x.clone()  # (prepare runs with inference mode off, so the copy is a normal tensor)
     want = (1 << 62) if check_interaction is None else check_interaction
     key = _signature(encoder, x, dtype) if cache else None
     hit = None

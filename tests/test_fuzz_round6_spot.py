@@ -165,3 +165,16 @@ def test_engine_nan_derivative_on_a_later_batch_falls_back_under_auto(case):
     assert r.info["backend"] == "torch" and "engine -> torch" in r.info["backend_fallback"]
     truth, _ = _metrics(m, xb, "torch")
     torch.testing.assert_close(r.value, truth.value)
+
+
+def test_fresh_encoder_inside_inference_mode():
+    """The validation's backward needs a normal tensor: a snapshot taken under
+    ``torch.inference_mode()`` is an inference tensor (a fresh encoder there raised "Setting
+    requires_grad=True on inference tensor"; a cached one passed only because its hit skipped
+    the backward)."""
+    torch.manual_seed(0)
+    m = _NoGradClamp().eval()
+    xa, _ = _quiet_and_loud()
+    with torch.inference_mode():
+        r = ff.linearize(m, xa, seed=0).fsinfo(0.1, estimator="randomized", num_probes=4)
+    assert bool(torch.isfinite(r.value).all())
