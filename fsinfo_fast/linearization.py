@@ -2,7 +2,8 @@ r"""Linearise once, answer everything: :func:`linearize` and :class:`Linearizati
 
 Every metric of this package is a functional of one object, the per-sample Jacobian ``J`` of the
 encoder at the batch ``x``. :func:`linearize` validates the encoder once (cached per encoder and
-input signature, so a second batch of the same shape pays nothing for it), builds the product
+input signature; a second batch of the same shape re-runs only the checks its values can decide,
+see :func:`fsinfo_fast.encoder.prepare`), builds the product
 backend once (the engine's primal runs once per batch) and returns a :class:`Linearization` whose
 methods share every product they can:
 
