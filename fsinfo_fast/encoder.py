@@ -761,6 +761,15 @@ _FUNC_ERRORS = (
      "torch.utils.checkpoint (activation checkpointing) runs inside forward, which torch.func "
      "does not support; turn it off for the measurement (transformers: "
      "model.gradient_checkpointing_disable())"),
+    ("vmap: we do not yet support",
+     "an op of its forward has no batching rule in torch.func's vmap (nn.RReLU's "
+     "rrelu_with_noise, for one), which the exact routes' batched one-hot products (and the "
+     "torch backend's batched probes, for some ops) need; pass estimator='randomized' (its "
+     "products may still run) or replace the op"),
+    ("called random operation while in randomness error mode",
+     "its forward draws random numbers (torch.rand*, a torch.Generator) inside torch.func's "
+     "vmap, which the exact routes' batched one-hot products need; draw them once outside "
+     "forward (a buffer), or pass estimator='randomized'"),
     ("use_reentrant=true, torch.utils.checkpoint is incompatible",
      "torch.utils.checkpoint(use_reentrant=True) runs inside forward, which cannot be "
      "differentiated with respect to the input alone; turn checkpointing off for the "
