@@ -107,6 +107,7 @@ from .estimators.stopping import (
     START_PROBES,
     StoppingRule,
     _check_tol,
+    check_fixed_cap,
     initial_probes,
     planned_probes,
 )
@@ -193,16 +194,6 @@ def _check_max_probes(max_probes: object) -> int | None:
         raise InvalidInputError(
             f"max_probes must be >= 2 (an interval needs two probes), got {max_probes!r}")
     return int(max_probes)
-
-
-def _check_fixed_cap(num_probes: object, max_probes: object) -> None:
-    """Refuse a fixed ``num_probes`` above a given ``max_probes`` (the cap was ignored: 500
-    products per sample at ``max_probes=10``)."""
-    if (isinstance(num_probes, int) and isinstance(max_probes, int)
-            and not isinstance(max_probes, bool) and num_probes > max_probes):
-        raise InvalidInputError(
-            f"num_probes ({num_probes}) is above max_probes ({max_probes}): a fixed count draws "
-            "num_probes probes; give one of the two")
 
 
 def _cap(max_probes: object, m: int, d: int, estimator: str, own: int | None = None) -> int:
@@ -712,7 +703,7 @@ class Linearization:
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
         _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
-        _check_fixed_cap(num_probes, max_probes)
+        check_fixed_cap(num_probes, max_probes)
         max_probes = _cap(max_probes, self.m, self.d, estimator)
         lam = _check_options(variant, prior_var, floor, lanczos_order)
         floor = float(floor)
@@ -1009,7 +1000,7 @@ class Linearization:
         _check_tol("rtol", rtol)
         _check_choice("method", method, DFIL_METHODS)
         asked = _check_max_probes(max_probes)
-        _check_fixed_cap(num_probes, asked)
+        check_fixed_cap(num_probes, asked)
         s = self._sigma(sigma)
         n = min(self.m, self.d)
         if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
@@ -1544,7 +1535,7 @@ class Linearization:
         _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
         _check_max_probes(max_probes)
-        _check_fixed_cap(num_probes, max_probes)
+        check_fixed_cap(num_probes, max_probes)
         tau = _check_target(target).to(self.enc.x.device)
         if tau.ndim > 1 or (tau.ndim == 1 and tau.shape[0] != self.batch):
             raise InvalidInputError(
@@ -1631,7 +1622,7 @@ class Linearization:
         """
         _check_tol("rtol", rtol)
         _check_max_probes(max_probes)
-        _check_fixed_cap(num_probes, max_probes)
+        check_fixed_cap(num_probes, max_probes)
         if isinstance(bound, bool) or not (
             isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0
         ):

@@ -166,6 +166,16 @@ def _check_tol(name: str, val: object) -> None:
         raise InvalidInputError(f"{name} must be positive and finite, got {val!r}")
 
 
+def check_fixed_cap(num_probes: object, max_probes: object) -> None:
+    """Refuse a fixed ``num_probes`` above a given ``max_probes`` (the cap was ignored: 500
+    products per sample at ``max_probes=10``); other types are left to their own checks."""
+    if (isinstance(num_probes, int) and isinstance(max_probes, int)
+            and not isinstance(max_probes, bool) and num_probes > max_probes):
+        raise InvalidInputError(
+            f"num_probes ({num_probes}) is above max_probes ({max_probes}): a fixed count draws "
+            "num_probes probes; give one of the two")
+
+
 @dataclass(frozen=True)
 class StoppingRule:
     """When to stop drawing probes: the one options object every estimator takes (``stop=``).
@@ -240,11 +250,8 @@ class StoppingRule:
                 )
             if self.max_probes == DEFAULT_MAX_PROBES and self.num_probes > self.max_probes:
                 object.__setattr__(self, "max_probes", self.num_probes)  # the default cap only
-            elif isinstance(self.max_probes, int) and self.max_probes < self.num_probes:
-                # a fixed count ignored the cap (500 products per sample at max_probes=10)
-                raise InvalidInputError(
-                    f"num_probes ({self.num_probes}) is above max_probes ({self.max_probes}): "
-                    "a fixed count draws num_probes probes; give one of the two")
+            else:
+                check_fixed_cap(self.num_probes, self.max_probes)
         _check_tol("atol", self.atol)
         _check_tol("rtol", self.rtol)
         if self.min_probes is not None:
