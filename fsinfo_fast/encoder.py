@@ -420,6 +420,33 @@ COMPILED_NOTE = ("a torch.compile'd module: its original module (_orig_mod, the 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
+#: :func:`check_same_function`'s tolerance: the working-dtype output may differ from the float64
+#: one by this share of its largest magnitude (float32 rounding through deep networks stays
+#: below 1e-4 of it; a branch on the dtype or a dtype-dependent draw differs by O(1))
+SAME_FUNCTION_RTOL = 1e-2
+
+
+def check_same_function(enc: PreparedEncoder, enc64: PreparedEncoder) -> None:
+    """Raise :class:`EncoderError` where the encoder's float64 copy (the exact routes', whose
+    Jacobian the metrics describe) computes another function than the working-dtype encoder at
+    this batch: a branch on ``x.dtype``, a draw from a seeded generator (its numbers depend on
+    the dtype). The randomized and fast exact routes would then measure one function and the
+    float64 oracle and rounding checks another."""
+    if enc.x.dtype == torch.float64:
+        return
+    y, y64 = enc.y.to(torch.float64), enc64.y
+    scale = float(y64.abs().max())
+    err = float((y - y64).abs().max())
+    if not err <= SAME_FUNCTION_RTOL * scale + 1e-30:
+        raise EncoderError(
+            f"the encoder computes another function in float64 than in {enc.x.dtype}: its "
+            f"outputs at this batch differ by {err:.3g} (relative {err / max(scale, 1e-300):.3g},"
+            f" far above rounding). The exact routes (the float64 oracle, the fast route's "
+            "rounding check) run a float64 copy; make forward independent of the dtype (a "
+            "branch on x.dtype, random numbers drawn with the input's dtype), or pass "
+            "dtype=torch.float64")
+
+
 def working_dtype(encoder: Callable[[Tensor], Tensor], x: Tensor,
                   requested: torch.dtype | None = None) -> tuple[torch.dtype | None, str | None]:
     """The dtype the metrics compute Jacobian products in, and why it differs from the given one.

@@ -65,6 +65,7 @@ from .encoder import (
     COMPILED_NOTE,
     PreparedEncoder,
     _signature,
+    check_same_function,
     check_sigma,
     prepare,
     uncompiled,
@@ -546,6 +547,8 @@ class Linearization:
         self._check_unchanged()
         if self._exact is None or (spectrum and self._exact.eigvals is None):
             self.enc.confirm()  # the oracle's JVPs against the reverse mode, at this batch
+            if self.enc.x.dtype != torch.float64:
+                self._float64_encoder()  # the same function in float64 (checked once)
             self._exact = reference.exact_fisher(self.encoder, self.x, spectrum=spectrum)
         return self._exact
 
@@ -616,8 +619,10 @@ class Linearization:
         if self._enc64 is None:
             self.enc.confirm()  # the torch.func routes' forward against reverse mode
             # (this batch's value-dependent checks ran at construction, in the working dtype)
-            self._enc64 = prepare(self.encoder, self.x, dtype=torch.float64,
-                                  check_interaction=0, cache=True, recheck=False)
+            enc64 = prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
+                            cache=True, recheck=False)
+            check_same_function(self.enc, enc64)
+            self._enc64 = enc64
         return self._enc64
 
     def _oracle_fits(self) -> bool:

@@ -76,24 +76,3 @@ def test_channels_hint_only_for_image_convolutions():
     assert _channels_hint(audio, torch.rand(1, 3, 8, 8)) == ""
     gray = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3))
     assert "pass --channels 1" in _channels_hint(gray, torch.rand(1, 3, 8, 8))
-
-
-def test_ops_without_a_vmap_rule_are_named():
-    """nn.RReLU in eval mode and a forward drawing from a seeded Generator: the default
-    estimator (its exact route's batched one-hot products) raised torch's raw vmap
-    RuntimeError; now an EncoderError naming the cause and estimator='randomized'."""
-    from fsinfo_fast.errors import EncoderError
-
-    class SeededProj(torch.nn.Module):
-        def forward(self, x):
-            g = torch.Generator().manual_seed(0)
-            return torch.tanh(x @ torch.randn(x.shape[-1], 4, generator=g, dtype=x.dtype))
-
-    torch.manual_seed(0)
-    rrelu = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.RReLU()).eval()
-    for enc, x, why in ((rrelu, torch.randn(2, 3, 8, 8), "no batching rule"),
-                        (SeededProj(), torch.randn(2, 5, 6), "draws random numbers")):
-        with pytest.raises(EncoderError, match=why):
-            ff.fsinfo(enc, x, sigma=0.1, backend="torch")
-        r = ff.fsinfo(enc, x, sigma=0.1, backend="torch", estimator="randomized", num_probes=8)
-        assert torch.isfinite(r.value).all()

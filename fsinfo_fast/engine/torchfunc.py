@@ -39,6 +39,13 @@ def default_memory_budget(device: torch.device) -> int:
     return int(DEFAULT_MEMORY_FRACTION * free)
 
 
+def _no_batching_rule(msg: str) -> bool:
+    """Whether a vmap failure is an op without a batching rule (a loop over the probes gives
+    the same values), not a random draw or data-dependent control flow (which it would not)."""
+    low = msg.lower()
+    return "vmap: we do not yet support" in low or "batching rule not implemented" in low
+
+
 class TorchFuncProducts:
     """``jvp``/``vjp`` of a prepared encoder over ``K`` probes per sample, with ``torch.func``.
 
@@ -74,6 +81,8 @@ class TorchFuncProducts:
         self.forward_mode = True
         self._jvp_route = 0
         self._pullback = None
+        self._pullback2 = None  # the double-backward route's (see _double_pullback)
+        self._loop_probes = False  # an op has no vmap batching rule: one probe at a time
         #: what the metrics record in ``result.info`` (e.g. why ``auto`` fell back to torch)
         self.info: dict = {}
 
@@ -82,18 +91,23 @@ class TorchFuncProducts:
         options (its pullback is built on first use)."""
         sub = TorchFuncProducts(self.enc.select(idx), **self._options)
         sub.forward_mode, sub._jvp_route = self.forward_mode, self._jvp_route
+        sub._loop_probes, sub.info = self._loop_probes, dict(self.info)
         return sub
 
     # -- products -----------------------------------------------------------------------------
-    def _vmap_probes(self, f, T: Tensor) -> Tensor:
+    def _vmap_probes(self, f, T: Tensor, loop_ok: bool = False) -> Tensor:
         """Apply ``f: [B, n] -> [B, n']`` to every probe of ``T: [B, K, n]`` in chunks.
 
         Out of memory, the chunk is halved and the call retried (never a more memory-hungry
-        route); if one probe does not fit, the error names the sizes."""
+        route); if one probe does not fit, the error names the sizes. ``loop_ok``: where an op
+        has no vmap batching rule, ``f`` runs one probe at a time instead (the same values,
+        slower; recorded in ``info["vmap_fallback"]`` and kept for later calls)."""
         k = T.shape[1]
         while True:
             cs = min(self.chunk_size, k)
             try:
+                if loop_ok and self._loop_probes:
+                    return torch.stack([f(T[:, j]) for j in range(k)], dim=1)
                 return vmap(f, in_dims=1, out_dims=1, chunk_size=cs)(T)
             except torch.OutOfMemoryError as err:
                 if cs == 1:
@@ -104,6 +118,16 @@ class TorchFuncProducts:
                 self.chunk_size = max(1, cs // 2)
                 log.debug("out of memory at %d probes per chunk; retrying with %d", cs,
                           self.chunk_size)
+            except RuntimeError as err:
+                msg = str(err)
+                if not loop_ok or self._loop_probes or not _no_batching_rule(msg):
+                    raise
+                self._loop_probes = True
+                self.info["vmap_fallback"] = (
+                    f"an op has no vmap batching rule ({msg.splitlines()[0][:120]}): the "
+                    "torch.func products run one probe at a time (a Python loop; the same "
+                    "values, slower)")
+                log.info("torch.func products: %s", self.info["vmap_fallback"])
 
     def _check(self, T: Tensor, n: int, name: str) -> Tensor:
         if T.ndim != 3 or T.shape[0] != self.batch or T.shape[2] != n:
@@ -120,7 +144,7 @@ class TorchFuncProducts:
             if self._pullback is None:
                 _, self._pullback = _vjp(self.enc.fn, self.x)
             pull = self._pullback
-            out = self._vmap_probes(lambda u: pull(u)[0], U)
+            out = self._vmap_probes(lambda u: pull(u)[0], U, loop_ok=True)
         self.vjp_passes += U.shape[1]
         return out
 
@@ -143,16 +167,16 @@ class TorchFuncProducts:
                         out = self._vmap_probes(
                             lambda v: _jvp(self.enc.fn, (self.x,), (v,))[1], V)
                     else:
-                        out = self._vmap_probes(self._jvp_by_double_vjp, V)
+                        pb2 = self._double_pullback()
+                        out = self._vmap_probes(lambda v, pb2=pb2: pb2(v)[0], V,
+                                                loop_ok=True)
             except torch.OutOfMemoryError:
                 raise  # chunked smaller already; double backward would need more memory
             except (RuntimeError, NotImplementedError) as err:
                 first_error = first_error or err
-                mapped = func_error(err)
-                if mapped is not None:
-                    raise mapped from err
-                if i == len(routes) - 1:
-                    raise first_error from err
+                if i == len(routes) - 1:  # say what in the encoder failed (the first route's
+                    mapped = func_error(first_error) or func_error(err)  # error, else this)
+                    raise (mapped or first_error) from err
                 log.debug("jvp route %s failed (%s); trying %s", self._JVP_ROUTES[route],
                           err, self._JVP_ROUTES[routes[i + 1]])
                 continue
@@ -174,12 +198,16 @@ class TorchFuncProducts:
 
         return sdpa_kernel([SDPBackend.MATH])
 
-    def _jvp_by_double_vjp(self, v: Tensor) -> Tensor:
-        # u -> J^T u is linear; its VJP with cotangent v is J v.
-        def pull(u: Tensor) -> Tensor:
-            _, pb = _vjp(self.enc.fn, self.x)
-            return pb(u)[0]
+    def _double_pullback(self):
+        """``v -> (J v,)``: the VJP of the linear map ``u -> J^T u`` (double backward), built
+        once per batch outside vmap, so that only backward ops run under it: an op without a
+        batching rule for its forward (``nn.RReLU``'s ``rrelu_with_noise``) does not stop the
+        JVPs where its VJPs run."""
+        if self._pullback2 is None:
+            def pull(u: Tensor) -> Tensor:
+                _, pb = _vjp(self.enc.fn, self.x)
+                return pb(u)[0]
 
-        u0 = torch.zeros(self.batch, self.m, dtype=self.dtype, device=self.device)
-        _, pb2 = _vjp(pull, u0)
-        return pb2(v)[0]
+            u0 = torch.zeros(self.batch, self.m, dtype=self.dtype, device=self.device)
+            _, self._pullback2 = _vjp(pull, u0)
+        return self._pullback2
