@@ -192,6 +192,14 @@ def check_prior_var(prior_var: float | None) -> float:
     return 1.0 / float(prior_var)
 
 
+def _note_batch(err: BaseException, x: Tensor) -> None:
+    """Add to the encoder's own error how the metrics called it (an unbatched sample, read as a
+    batch of its first dimension, fails inside the model with a shape error of its own)."""
+    err.add_note(f"fsinfo_fast called the encoder on x of shape {tuple(x.shape)}: a batch of "
+                 f"{x.shape[0]} sample(s) of shape {tuple(x.shape[1:])} (the first dimension is "
+                 "the batch; for one sample pass x.unsqueeze(0))")
+
+
 def check_input(x: object) -> Tensor:
     """Raise unless ``x`` is a non-empty, finite, floating-point batch ``[B, ...]``."""
     if not isinstance(x, Tensor):
@@ -646,6 +654,10 @@ def _prepare(
                     f"x is {x.dtype} but the encoder's parameters are {want} ({err}): pass "
                     f"x.to({want}), or ff.linearize(..., dtype={x.dtype}) to compute in "
                     f"{x.dtype} on a cast copy of the encoder") from err
+            _note_batch(err, x)
+            raise
+        except (ValueError, TypeError, IndexError, AssertionError) as err:
+            _note_batch(err, x)
             raise
         if not isinstance(out, Tensor):
             raise EncoderError(
