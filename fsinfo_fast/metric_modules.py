@@ -16,11 +16,23 @@ estimator alone: ``sqrt(sum_i se_i^2) / n``, as :meth:`fsinfo_fast.MetricResult.
 bias, that the per-sample intervals include; 0 where there are none), ``worst`` (the most leaking
 sample's value), ``count``, ``n_unconverged`` (samples whose estimate stopped at the probe cap
 before its tolerance) and ``n_bound`` (samples whose value is only an upper bound: then ``mean``
-is only an upper bound too).
+is only an upper bound too), ``ci_halfwidth`` (the 95% half-width of ``mean`` over the samples seen,
+from their own intervals as :meth:`fsinfo_fast.MetricResult.mean`: each sample's small-probe
+Student-t factor and allowances count) and ``n_neg_inf`` (samples whose value is exactly
+``-inf``, a singular log det: ``mean`` is then ``-inf`` and ``stderr`` infinite).
+
+The encoder is referenced, not owned: it is not a submodule of the metric, so ``.to()``,
+``.half()`` and ``set_dtype`` move or cast the metric's states only (``set_dtype(torch.half)``
+cast the caller's model in place), and a module holding the metric does not save the encoder's
+weights twice. The counters are int64 states. A :class:`torchmetrics.MetricCollection` groups
+two of these metrics (``compute_groups``) only where they measure the same thing: a state
+``settings`` holds a digest of the class, ``sigma``, variant, floor and prior, which also
+refuses a state dict saved from another metric.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 from collections.abc import Callable
@@ -56,13 +68,16 @@ class _LeakageMetric(Metric):
             raise InvalidInputError(f"sigma must be a positive finite float, got {sigma!r}")
         sigma = float(sigma)
         super().__init__(**kwargs)
-        self.encoder = encoder
+        self.__dict__["encoder"] = encoder  # referenced, not a submodule (see the module doc)
         self.noise_sigma = sigma
         self.metric_kwargs = metric_kwargs
-        for name in ("total", "total_sq", "total_var", "total_bias", "count", "n_unconverged",
-                     "n_bound"):
+        for name in ("total", "total_sq", "total_var", "total_bias", "total_noise_sq"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        for name in _COUNTERS:
+            self.add_state(name, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("worst", torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx="max")
+        # equal on every rank and in every metric that measures the same thing: "max" keeps it
+        self.add_state("settings", self._settings_digest(), dist_reduce_fx="max")
         self._next_id = 0  # running sample id (not a state: each rank numbers its own samples)
         self._in_forward = False
 
@@ -93,6 +108,42 @@ class _LeakageMetric(Metric):
     #: with the values they take when not given
     _DEFINING = {"variant": "diag", "floor": DIAG_FLOOR, "prior_var": None}
 
+    def _apply(self, fn: Callable, exclude_state: Any = "") -> Any:
+        """torchmetrics' ``_apply`` (``.to()``, ``set_dtype``), except that the int64 counters
+        and the settings digest keep their dtype (``set_dtype(torch.half)`` counted 3004 of
+        3003 samples, and would have rounded the digest); they follow the device."""
+        keep = (*_COUNTERS, "settings")
+        this = super()._apply(fn, exclude_state=(*exclude_state, *keep))
+        dev = this._device
+        for k in keep:
+            this._defaults[k] = this._defaults[k].to(dev)
+            setattr(this, k, getattr(this, k).to(dev))
+        return this
+
+    def _defining(self) -> tuple:
+        """What the values measure: the class, sigma, and the :attr:`_DEFINING` keywords."""
+        return (type(self).__name__, self.noise_sigma,
+                *(self.metric_kwargs.get(k, v) for k, v in self._DEFINING.items()))
+
+    def _settings_digest(self) -> Tensor:
+        """``[4]`` float64 integers in ``[0, 2**16)`` from a hash of :meth:`_defining`: two
+        digests are ``allclose`` (torchmetrics' test for sharing states) only when equal."""
+        h = hashlib.sha256(repr(self._defining()).encode()).digest()
+        return torch.tensor([int.from_bytes(h[i:i + 2], "big") for i in range(0, 8, 2)],
+                            dtype=torch.float64)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        theirs = state_dict.get(prefix + "settings")
+        if theirs is not None and not torch.equal(theirs.cpu().to(torch.float64),
+                                                  self._settings_digest()):
+            raise InvalidInputError(
+                f"this state dict was saved from a metric that measures something else (its "
+                f"settings digest differs from this {type(self).__name__}'s: sigma "
+                f"{self.noise_sigma!r}, " + ", ".join(
+                    f"{k} {self.metric_kwargs.get(k, v)!r}" for k, v in self._DEFINING.items())
+                + "); load it into a metric built with the same sigma, variant, floor and prior")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def merge_state(self, incoming_state: Any) -> None:
         """Add another metric's states (or a state dict) to this one's, as torchmetrics does;
         a metric of another class, noise scale or variant is refused (its values measure
@@ -113,6 +164,11 @@ class _LeakageMetric(Metric):
                                                                           strict=True) if a != b)
                 raise InvalidInputError(f"cannot merge metrics that measure different things "
                                         f"({diff})")
+        elif isinstance(incoming_state, dict) and "settings" in incoming_state and not (
+                torch.equal(incoming_state["settings"].cpu().to(torch.float64),
+                            self._settings_digest())):
+            raise InvalidInputError("cannot merge the states of a metric that measures "
+                                    "something else (its settings digest differs)")
         super().merge_state(incoming_state)
         self._computed = None
 
@@ -141,31 +197,53 @@ class _LeakageMetric(Metric):
         """Add a batch ``x`` (``[B, ...]``); ``sample_ids`` (``[B]`` int64 global ids) seed
         each sample's probes (default: the running count of samples seen)."""
         r = self._evaluate(x, sample_ids)
-        v = r.value.detach().to(self.total.device)
+        dev = self.total.device
+        v = r.value.detach().to(device=dev, dtype=torch.float64)
+        neg_inf = v == -math.inf  # exact (a singular log det): counted, kept out of the sums
+        fin = torch.where(neg_inf, torch.zeros_like(v), v)  # of squares and spreads
+        se = r.stderr.detach().to(device=dev, dtype=torch.float64)
+        hw = r.ci_halfwidth.detach().to(device=dev, dtype=torch.float64)
+        bias = r.bias_bound.detach().to(device=dev, dtype=torch.float64)
         self.total += v.sum()
-        self.total_sq += (v**2).sum()
-        self.total_var += (r.stderr.detach().to(self.total.device) ** 2).sum()
-        self.total_bias += r.bias_bound.detach().to(self.total.device).sum()
+        self.total_sq += (fin**2).sum()
+        self.total_var += torch.where(neg_inf, torch.zeros_like(se), se**2).sum()
+        self.total_bias += torch.where(neg_inf, torch.zeros_like(bias), bias).sum()
+        # the noise part of each sample's own half-width (see result.mean_halfwidth)
+        self.total_noise_sq += torch.where(neg_inf, torch.zeros_like(hw),
+                                           (hw - bias).clamp_min(0) ** 2).sum()
         self.count += v.numel()
-        self.n_unconverged += (~r.converged).sum().to(self.total.device)
-        self.n_bound += r.bound.sum().to(self.total.device)
+        self.n_unconverged += (~r.converged).sum().to(dev)
+        self.n_bound += r.bound.sum().to(dev)
+        self.n_neg_inf += neg_inf.sum()
         self.worst = torch.maximum(self.worst, v.max())
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count
+        if int(n) == 0:
+            raise InvalidInputError(
+                f"{type(self).__name__}.compute() before any update(): no samples to average")
         mean = self.total / n
-        var = (self.total_sq / n - mean**2).clamp_min(0) * n / (n - 1).clamp_min(1)
+        if int(self.n_neg_inf) > 0:  # -inf exactly; the data distribution's spread is unknown
+            stderr = torch.full_like(mean, math.inf)
+        else:
+            var = (self.total_sq / n - mean**2).clamp_min(0) * n / (n - 1).clamp_min(1)
+            stderr = torch.sqrt(var / n) if n > 1 else torch.full_like(mean, math.inf)
         return {
             "mean": mean,
-            "stderr": torch.sqrt(var / n) if n > 1 else torch.full_like(mean, math.inf),
+            "stderr": stderr,
             "estimator_stderr": torch.sqrt(self.total_var) / n,
             "bias_bound": self.total_bias / n,
+            "ci_halfwidth": torch.sqrt(self.total_noise_sq) / n + self.total_bias / n,
             "worst": self.worst,
             "count": n,
             "n_unconverged": self.n_unconverged,
             "n_bound": self.n_bound,
+            "n_neg_inf": self.n_neg_inf,
         }
 
+
+#: the int64 counter states
+_COUNTERS = ("count", "n_unconverged", "n_bound", "n_neg_inf")
 
 #: torchmetrics' bookkeeping that ``forward`` changes around its reset (restored with the
 #: states where the batch is refused)

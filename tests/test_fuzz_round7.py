@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -30,3 +32,104 @@ def test_unbatched_sample_error_says_how_the_encoder_was_called():
     with pytest.raises(RuntimeError) as info:
         ff.fsinfo(conv, torch.rand(3, 16), sigma=0.1)
     assert "x.unsqueeze(0)" in "\n".join(getattr(info.value, "__notes__", []))
+
+
+# -- torchmetrics FSInfoMetric / DFILMetric ------------------------------------------------------
+
+torchmetrics = pytest.importorskip("torchmetrics")
+
+
+def test_metric_collection_does_not_group_metrics_that_measure_different_things():
+    """Two FSInfoMetrics with different floors in one MetricCollection (compute_groups on, the
+    default): torchmetrics merged them after a first batch whose values agreed to 5e-6, and
+    both reported one floor's mean (-2.570 where -6.024 was right). A settings digest state
+    keeps them apart; the same settings still share states."""
+    enc = torch.nn.ReLU()
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = torch.rand(4, 6, generator=gen) + 0.5, -torch.rand(4, 6, generator=gen) - 0.5
+    mc = torchmetrics.MetricCollection({
+        "a": ff.FSInfoMetric(enc, sigma=0.1, estimator="exact"),
+        "b": ff.FSInfoMetric(enc, sigma=0.1, estimator="exact", floor=1e-4),
+        "c": ff.FSInfoMetric(enc, sigma=0.1, estimator="exact", floor=1e-4)})
+    mc.update(x1)
+    mc.update(x2)
+    out = mc.compute()
+    x = torch.cat([x1, x2])
+    for name, floor in (("a", 1e-10), ("b", 1e-4), ("c", 1e-4)):
+        want = ff.fsinfo(enc, x, sigma=0.1, estimator="exact", floor=floor).value.mean()
+        assert abs(float(out[f"{name}_mean"]) - float(want)) < 1e-9, name
+    assert sorted(map(sorted, mc.compute_groups.values())) == [["a"], ["b", "c"]]
+
+
+def test_metric_state_dict_from_another_setting_is_refused():
+    """A state dict saved from a sigma=0.1 metric loaded into a sigma=1 one was accepted
+    (merge_state refused the same pairing) and reported its mean as the other's."""
+    enc = torch.nn.Tanh()
+    a = ff.FSInfoMetric(enc, sigma=0.1, estimator="exact")
+    a.persistent(True)
+    a.update(torch.randn(3, 4))
+    b = ff.FSInfoMetric(enc, sigma=1.0, estimator="exact")
+    b.persistent(True)
+    with pytest.raises(ff.InvalidInputError, match="measures something else"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ff.InvalidInputError, match="measures something else"):
+        b.merge_state({k: getattr(a, k) for k in a._defaults})
+    c = ff.FSInfoMetric(enc, sigma=0.1, estimator="exact")
+    c.persistent(True)
+    c.load_state_dict(a.state_dict())
+    assert float(c.compute()["mean"]) == float(a.compute()["mean"])
+
+
+def test_metric_set_dtype_leaves_the_encoder_and_the_counts_alone():
+    """metric.set_dtype(torch.half) cast the caller's encoder (a submodule) to float16 in place
+    (weights off by 1.2e-4 after casting back) and the float counters lost counts (3004 of
+    3003 samples). The encoder is referenced, not owned; the counters are int64."""
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh()).eval()
+    w = enc[0].weight.detach().clone()
+    m = ff.FSInfoMetric(enc, sigma=0.1, estimator="exact")
+    m.set_dtype(torch.half)
+    assert enc[0].weight.dtype == torch.float32 and torch.equal(enc[0].weight, w)
+    assert list(m.parameters()) == [] and "encoder" not in dict(m.named_children())
+    for _ in range(3):
+        m.update(torch.randn(1001, 4))
+    assert int(m.compute()["count"]) == 3003 and m.count.dtype == torch.int64
+
+
+def test_metric_reports_the_mean_interval_of_the_functional_api():
+    """compute() gave a standard error but no 95% half-width: mean +- 1.96 estimator_stderr +
+    bias covered the exact mean in 0.880 of 200 seeds at num_probes=3 (each sample's own
+    interval uses a Student-t factor). compute()['ci_halfwidth'] is now the functional
+    MetricResult.mean()'s half-width on the same probes."""
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh()).eval()
+    x = torch.randn(7, 6)
+    ids = torch.arange(7)
+    m = ff.FSInfoMetric(enc, sigma=0.1, estimator="randomized", num_probes=3, seed=3)
+    m.update(x[:3], sample_ids=ids[:3])
+    m.update(x[3:], sample_ids=ids[3:])
+    out = m.compute()
+    want = ff.fsinfo(enc, x, sigma=0.1, estimator="randomized", num_probes=3, seed=3,
+                     sample_ids=ids).mean()
+    # the batches' float32 products round differently from the whole batch's (~1e-8)
+    assert abs(float(out["mean"]) - want.value) < 1e-7
+    assert abs(float(out["ci_halfwidth"]) - want.ci_halfwidth) < 1e-6 * want.ci_halfwidth
+    assert float(out["ci_halfwidth"]) > 1.96 * float(out["estimator_stderr"])
+
+
+def test_metric_compute_before_update_and_singular_samples():
+    """compute() before any update returned NaN/inf with a generic warning; a log-det sample
+    at -inf (singular) made stderr NaN (inf - inf). Now a clear error, and stderr infinite
+    with the -inf samples counted."""
+    m = ff.FSInfoMetric(torch.nn.Tanh(), sigma=0.1, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="before any update"):
+        m.compute()
+    relu = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.ReLU())
+    torch.nn.init.eye_(relu[0].weight)
+    x = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 2.0, 3.0], [1.0, 1.0, 1.0]])
+    m = ff.FSInfoMetric(relu, sigma=0.1, estimator="exact", variant="logdet")
+    with pytest.warns(ff.SingularFisherWarning):
+        m.update(x)
+    out = m.compute()
+    assert float(out["mean"]) == -math.inf and float(out["stderr"]) == math.inf
+    assert int(out["n_neg_inf"]) == 1 and int(out["count"]) == 3
