@@ -233,3 +233,48 @@ def test_sigmas_are_one_linearization_per_batch(ckpt, report):
                                                         rel=1e-12)
         assert r["sigma_conservative"] >= r["sigma"]
         assert r["estimator"] == res.estimator
+
+
+def test_interrupted_run_resumes_with_nothing_lost(ckpt, tmp_path, monkeypatch, capsys):
+    """An interrupted ``fsinfo-fast guard`` lost every sigma* it had computed (a SIGINT after
+    16 of 1080 samples: exit 130, nothing kept, no --resume). Each batch is now kept beside
+    --out; --resume computes only the rest and writes the report an uninterrupted run writes."""
+    from fsinfo_fast.guard import FSInfoGuard
+
+    base = ["--splits", "1,5", "--target", "-0.5"]
+    whole = tmp_path / "whole.json"
+    assert main(_args(ckpt, *base, "--out", str(whole))) == 0
+    assert not (tmp_path / "whole.json.partial.pt").exists()
+
+    out = tmp_path / "g.json"
+    real = FSInfoGuard.sigma_result
+    calls = []
+
+    def interrupted(self, *a, **kw):
+        if len(calls) == 4:  # the second split's second batch (3 batches of 4 per split)
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(FSInfoGuard, "sigma_result", interrupted)
+    assert main(_args(ckpt, *base, "--out", str(out))) == 130
+    assert "--resume" in capsys.readouterr().err and not out.exists()
+    part = tmp_path / "g.json.partial.pt"
+    assert part.exists()
+    # a new run may not silently start over, nor resume other settings
+    monkeypatch.setattr(FSInfoGuard, "sigma_result", real)
+    assert main(_args(ckpt, *base, "--out", str(out))) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(_args(ckpt, "--splits", "1,5", "--target", "-1", "--out", str(out),
+                      "--resume")) == 2
+    assert "target -0.5 (now -1.0)" in capsys.readouterr().err
+
+    calls.clear()
+    monkeypatch.setattr(FSInfoGuard, "sigma_result", interrupted)
+    assert main(_args(ckpt, *base, "--out", str(out), "--resume")) == 0
+    assert len(calls) == 2  # only the two batches not kept
+    assert not part.exists()
+    got, want = json.loads(out.read_text()), json.loads(whole.read_text())
+    assert got.pop("resumed_batches") == 4 and want.pop("resumed_batches") == 0
+    assert got == want
+    assert main(_args(ckpt, *base, "--out", str(out), "--resume")) == 2  # nothing to resume

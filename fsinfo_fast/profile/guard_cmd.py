@@ -19,22 +19,28 @@ Usage::
     fsinfo-fast guard --model resnet18 --data natural --splits 3,7 --target -1.5
     fsinfo-fast guard --model vgg5 --checkpoint vgg5.pt --data ./images --statistic quantile
 
-Writes the table to the terminal and, with ``--out FILE.json``, the numbers (per split, plus
-every sample's ``sigma*``). The model, data and split options mean what they mean for
-``fsinfo-fast profile``. Accuracy needs labels (the bundled sets and class sub-folders have
-them) and a model whose output is class scores (a tensor ``[B, C]``, or ``.logits`` as the
-``transformers`` classifiers return); otherwise only the sigmas are reported. Split points of any
-``--model package.module:function`` may be module paths (cut with forward hooks when torch.fx
-cannot trace the model, e.g. ``fsinfo_fast.models.third_party:convnext_classifier_small32``).
+Writes the table to the terminal and, with ``--out FILE.json``, the numbers (per split, plus every
+sample's ``sigma*``). With ``--out``, each batch's ``sigma*`` is kept as it is computed in
+``FILE.json.partial.pt`` (removed when the run completes): an interrupted run continues with
+``--resume`` (the same model, data and sigma* settings; the statistic, calibration count and
+accuracy options may change, they are applied afterwards). The model, data and split options mean
+what they mean for ``fsinfo-fast profile``. Accuracy needs labels (the bundled sets and class
+sub-folders have them) and a model whose output is class scores (a tensor ``[B, C]``, or
+``.logits`` as the ``transformers`` classifiers return); otherwise only the sigmas are reported.
+Split points of any ``--model package.module:function`` may be module paths (cut with forward hooks
+when torch.fx cannot trace the model, e.g.
+``fsinfo_fast.models.third_party:convnext_classifier_small32``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -103,6 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--seed", type=int, default=0,
                    help="seed of the probes, the noise and the demo model's training")
     r.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from FILE.json.partial.pt beside --out")
     r.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
 
@@ -115,6 +123,9 @@ def _check(args: argparse.Namespace) -> None:
         raise InvalidInputError(f"--atol must be a positive number, got {args.atol!r}")
     if args.prior_var is not None and args.variant != "logdet":
         raise InvalidInputError("--prior-var applies to --variant logdet")
+    if getattr(args, "resume", False) and not args.out:
+        raise InvalidInputError("--resume continues the run written to --out FILE.json: give "
+                                "the same --out")
     if args.out:
         out = Path(args.out)
         if out.is_dir():
@@ -122,6 +133,84 @@ def _check(args: argparse.Namespace) -> None:
         parent = out.parent if str(out.parent) else Path(".")
         if not parent.is_dir() or not os.access(parent, os.W_OK):
             raise RunDirError(f"--out {out}: cannot write into {parent}")
+
+
+#: the options ``sigma*`` depends on (a resumed run must match them; the others are applied to
+#: the per-sample results afterwards)
+_SIGMA_OPTIONS = ("model", "checkpoint", "data", "size", "channels", "splits", "max_samples",
+                  "target", "variant", "prior_var", "estimator", "atol", "backend", "seed",
+                  "batch_size")
+_SIGMA_FIELDS = ("sigma", "target", "ci_low", "ci_high", "converged")
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+class _Progress:
+    """The per-batch ``sigma*`` computed so far, kept beside ``--out`` in
+    ``FILE.json.partial.pt`` (rewritten atomically after each batch, removed when the report is
+    written), so that an interrupted run loses at most the batch it was in. ``--resume`` reads
+    it back where its settings (:data:`_SIGMA_OPTIONS`, the data's and the model's digests)
+    match this run's."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, x: Tensor) -> None:
+        self.path = None if not args.out else Path(args.out).with_name(
+            Path(args.out).name + ".partial.pt")
+        self.parts: dict[str, dict[int, dict[str, Any]]] = {}
+        self.restored = 0
+        if self.path is None:
+            return
+        self.key = {k: getattr(args, k) for k in _SIGMA_OPTIONS}
+        self.key["data_digest"] = _digest([x])
+        self.key["model_digest"] = _digest(model.state_dict().values())
+        resume = getattr(args, "resume", False)
+        if self.path.exists():
+            if not resume:
+                raise RunDirError(
+                    f"{self.path} holds the progress of an interrupted run: pass --resume to "
+                    "continue it, or delete the file to start again")
+            try:
+                saved = torch.load(self.path, weights_only=True)
+                key, parts = saved["key"], saved["parts"]
+            except Exception as err:  # noqa: BLE001  (a torn or foreign file)
+                raise RunDirError(f"--resume: cannot read {self.path} ({_one_line(err)}); "
+                                  "delete it to start again") from err
+            diff = [f"{k} {key.get(k)!r} (now {v!r})" for k, v in self.key.items()
+                    if key.get(k) != v]
+            if diff:
+                raise RunDirError(f"--resume: {self.path} was computed with other settings: "
+                                  f"{'; '.join(diff)}; rerun with those, or delete it to start "
+                                  "again")
+            self.parts = parts
+            self.restored = sum(len(b) for b in parts.values())
+        elif resume:
+            raise RunDirError(f"--resume: there is no {self.path} to continue (the run "
+                              "completed, or was never started with this --out)")
+
+    def get(self, split: str, start: int):
+        from ..result import SigmaResult
+
+        d = self.parts.get(split, {}).get(start)
+        if d is None:
+            return None
+        return SigmaResult(**{k: d[k] for k in _SIGMA_FIELDS}, metric=d["metric"],
+                           estimator=d["estimator"], info={"resumed_from": str(self.path)})
+
+    def add(self, split: str, start: int, res: Any) -> None:
+        if self.path is None:
+            return
+        self.parts.setdefault(split, {})[start] = {
+            **{k: getattr(res, k).detach().cpu() for k in _SIGMA_FIELDS},
+            "metric": res.metric, "estimator": res.estimator}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"key": self.key, "parts": self.parts}, tmp)
+        tmp.replace(self.path)  # atomic: a torn write never replaces the last good state
 
 
 def _load(args: argparse.Namespace, progress: bool):
@@ -236,6 +325,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             clean = accuracy(_Scores(model), x_ev, y_ev.cpu(), args.batch_size)
 
+    kept = _Progress(args, model, x)
     bar = None
     if progress:
         from .._progress import progress_bar
@@ -253,8 +343,11 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
             parts = []
             for i in range(0, n, args.batch_size):
                 xb = x[i : i + args.batch_size]
-                ids = torch.arange(i, i + len(xb))
-                parts.append(guard.sigma_result(xb, sample_ids=ids))
+                part = kept.get(s.name, i)
+                if part is None:
+                    part = guard.sigma_result(xb, sample_ids=torch.arange(i, i + len(xb)))
+                    kept.add(s.name, i, part)
+                parts.append(part)
                 if bar is not None:
                     bar.update(len(xb))
             res = concat_sigma_results(parts)
@@ -319,6 +412,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
         "calibration_samples": n_cal, "held_out_samples": n - n_cal,
         "noise_draws": args.noise_draws, "seed": args.seed,
         "accuracy_clean": clean, "accuracy_note": why_not, "splits": rows,
+        "resumed_batches": kept.restored,
     }
 
 
@@ -358,7 +452,15 @@ def _print(report: dict[str, Any]) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.quiet:  # before the work, not after it
         require("rich", "the guard table (--quiet skips it)")
-    report = guard_report(args)
+    try:
+        report = guard_report(args)
+    except KeyboardInterrupt:
+        if args.out:
+            part = Path(args.out).with_name(Path(args.out).name + ".partial.pt")
+            if part.exists():
+                print(f"interrupted: the sigma* computed so far are kept in {part}; rerun with "
+                      "--resume to continue", file=sys.stderr)
+        raise
     if not args.quiet:
         _print(report)
     if args.out:
@@ -366,6 +468,7 @@ def run(args: argparse.Namespace) -> int:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
         tmp.replace(out)  # atomic: no half-written file is ever left under the final name
+        out.with_name(out.name + ".partial.pt").unlink(missing_ok=True)  # the run is complete
         if not args.quiet:
             print(f"wrote {out}")
     return 0
