@@ -146,6 +146,32 @@ _NONFINITE_OUTPUT = (
 )
 
 
+def check_output(out: object, batch: int) -> None:
+    """Raise :class:`EncoderError` unless the encoder's output ``out`` is a finite floating-point
+    tensor ``[batch, ...]`` with values per sample (what the metrics, and the guard's noise,
+    need)."""
+    if not isinstance(out, Tensor):
+        raise EncoderError(
+            f"the encoder must return a tensor, got {type(out).__name__}; wrap it to select "
+            "the tensor (e.g. lambda x: model(x)[0])"
+        )
+    if not out.is_floating_point():
+        raise EncoderError(
+            f"the encoder's output has dtype {out.dtype}; it must be floating point "
+            "(argmax or rounding make the output non-differentiable)"
+        )
+    if out.ndim < 1 or out.shape[0] != batch:
+        raise EncoderError(
+            f"the encoder's output has shape {tuple(out.shape)}; it must keep the batch "
+            f"dimension first ([{batch}, ...])"
+        )
+    if out[0].numel() == 0:
+        raise EncoderError(f"the encoder's output has shape {tuple(out.shape)}: no values "
+                           "per sample (nothing to measure)")
+    if not bool(torch.isfinite(out).all()):
+        raise EncoderError(_NONFINITE_OUTPUT)
+
+
 def check_sigma(sigma: float | Tensor, batch: int | None = None, name: str = "sigma") -> None:
     """Raise unless ``sigma`` is a positive finite number (or a ``[B]`` tensor of them)."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
@@ -659,26 +685,7 @@ def _prepare(
         except (ValueError, TypeError, IndexError, AssertionError) as err:
             _note_batch(err, x)
             raise
-        if not isinstance(out, Tensor):
-            raise EncoderError(
-                f"the encoder must return a tensor, got {type(out).__name__}; wrap it to select "
-                "the tensor (e.g. lambda x: model(x)[0])"
-            )
-        if not out.is_floating_point():
-            raise EncoderError(
-                f"the encoder's output has dtype {out.dtype}; it must be floating point "
-                "(argmax or rounding make the output non-differentiable)"
-            )
-        if out.ndim < 1 or out.shape[0] != batch:
-            raise EncoderError(
-                f"the encoder's output has shape {tuple(out.shape)}; it must keep the batch "
-                f"dimension first ([{batch}, ...])"
-            )
-        if out[0].numel() == 0:
-            raise EncoderError(f"the encoder's output has shape {tuple(out.shape)}: no values "
-                               "per sample (nothing to measure)")
-        if not bool(torch.isfinite(out).all()):
-            raise EncoderError(_NONFINITE_OUTPUT)
+        check_output(out, batch)
         grad = None
         if out.requires_grad:
             with func_errors():

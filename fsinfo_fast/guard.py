@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .encoder import check_output
 from .errors import InvalidInputError, InvalidInputTypeError
-from .formulas import DIAG_FLOOR
-from .result import SigmaResult
+from .formulas import DIAG_FLOOR, HALF_LOG_2PIE
+from .result import SigmaResult, check_q
 
 __all__ = ["FSInfoGuard", "GaussianNoise", "add_noise", "concat_sigma_results"]
 
@@ -54,6 +55,11 @@ def add_noise(z: Tensor, sigma: float | Tensor, generator: torch.Generator | Non
         raise InvalidInputError(
             f"sigma has shape {tuple(exact.shape)} for a batch of {z.shape[0]} samples (a float "
             "or [B])")
+    # sigma beyond z's dtype (65504 in float16, 3.4e38 in float32) is inf there: the smashed
+    # data would be inf, which is no noise level at all
+    top = torch.finfo(z.dtype).max if z.is_floating_point() else None
+    if top is not None and bool((exact > top).any()):
+        raise InvalidInputError(_overflow_message(float(exact.max()), z.dtype, top))
     # in z's dtype, rounded up: a half-precision model must not get less noise than asked
     sigma = exact.to(z.dtype)
     sigma = torch.where(sigma.to(torch.float64) < exact,
@@ -63,7 +69,19 @@ def add_noise(z: Tensor, sigma: float | Tensor, generator: torch.Generator | Non
     # the noise is drawn there and moved, so the same generator state gives the same noise
     where = z.device if generator is None else generator.device
     noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=where).to(z.device)
-    return z + scale * noise
+    out = z + scale * noise
+    # sigma below the dtype's max can still overflow it once times a draw (|eps| > 1) or added
+    # to z: refused, never returned as inf
+    if top is not None and not bool(torch.isfinite(out[torch.isfinite(z)]).all()):
+        raise InvalidInputError(_overflow_message(float(exact.max()), z.dtype, top))
+    return out
+
+
+def _overflow_message(sigma: float, dtype: torch.dtype, top: float) -> str:
+    return (f"noise of sigma {sigma:.4g} overflows the output's dtype {dtype} (largest finite "
+            f"value {top:.4g}): the noisy smashed data would be inf. Compute the encoder's output "
+            "in a wider dtype (e.g. encoder.float() or .double()), or, with FSInfoGuard, choose "
+            "a higher target (less noise)")
 
 
 class GaussianNoise(nn.Module):
@@ -121,10 +139,25 @@ def concat_sigma_results(results: Sequence[SigmaResult]) -> SigmaResult:
 
 
 def _is_pair(data: Any) -> bool:
-    """``(x, y)`` with float inputs and non-float labels: one batch, not two."""
-    return (isinstance(data, (tuple, list)) and len(data) == 2
+    """``(x, y)``: one batch of inputs with its labels or targets, not two batches.
+
+    Two tensors, float inputs first, with as many samples each: a pair when ``y`` is not
+    floating point (class labels) or has another shape than ``x`` (float regression targets).
+    Float ``y`` of ``x``'s very shape (an autoencoder's targets, or two equal input batches):
+    a list stays a list of two batches (as lists of batches always were), a tuple is ambiguous
+    and refused."""
+    if not (isinstance(data, (tuple, list)) and len(data) == 2
             and all(isinstance(t, Tensor) for t in data) and data[0].is_floating_point()
-            and not data[1].is_floating_point() and data[1].shape[:1] == data[0].shape[:1])
+            and data[1].shape[:1] == data[0].shape[:1]):
+        return False
+    if not data[1].is_floating_point() or data[1].shape != data[0].shape:
+        return True
+    if isinstance(data, list):
+        return False
+    raise InvalidInputError(
+        f"calibrate() got two float tensors of the same shape {tuple(data[0].shape)}: an "
+        "(x, y) pair with float targets y, or two batches of inputs? Pass x alone "
+        "(calibrate(x)) for one batch, or a list [x1, x2] (or a DataLoader) for two")
 
 
 def _batches(data: Tensor | Iterable) -> Iterable[Tensor]:
@@ -188,7 +221,9 @@ class FSInfoGuard(nn.Module):
         check_metric_keywords({**metric_kwargs, "variant": variant}, "fsinfo_sigma",
                               "FSInfoGuard", extra=("sample_ids",))
         for name, v in (("target", target), ("sigma", sigma)):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+            # sigma=None is per-sample mode; target has no None (it is what the noise reaches)
+            if (v is not None or name == "target") and (isinstance(v, bool)
+                                                          or not isinstance(v, numbers.Real)):
                 raise InvalidInputTypeError(f"{name} must be a float, got {v!r}")
         if not math.isfinite(target):
             raise InvalidInputError(f"target must be a finite FSInfo in nats/dim, got {target!r}")
@@ -254,7 +289,10 @@ class FSInfoGuard(nn.Module):
 
         Args:
             data: a tensor batch, an ``(x, y)`` pair, a Hugging Face style mapping with
-                ``pixel_values``, or an iterable of any of these (a DataLoader).
+                ``pixel_values``, or an iterable of any of these (a DataLoader). ``y`` are
+                labels or float targets of another shape than ``x``; a tuple of two float
+                tensors of one shape is refused as ambiguous (pass ``x`` alone, or
+                ``[x1, x2]`` for two batches).
             statistic: ``"max"`` (every calibration sample's estimate reaches the target or
                 below: within the estimator's tolerance, ``atol`` 0.01 nats/dim by default) or
                 ``"quantile"`` (a fraction ``q`` of them does) or ``"mean"``.
@@ -270,8 +308,8 @@ class FSInfoGuard(nn.Module):
             raise InvalidInputError(
                 f"statistic must be 'max', 'quantile' or 'mean', got {statistic!r}"
             )
-        if statistic == "quantile" and not 0 < q <= 1:
-            raise InvalidInputError(f"q must be in (0, 1], got {q!r}")
+        if statistic == "quantile":
+            q = check_q(q)  # as SigmaResult.dataset will, before the work
         results, seen = [], 0
         for batch in _batches(data):
             ids = torch.arange(seen, seen + batch.shape[0])
@@ -314,11 +352,27 @@ class FSInfoGuard(nn.Module):
                 f"the guard would add none. {fix}")
         bad = ~torch.isfinite(sigma)
         if bool(bad.any()):
+            # FSInfo(sigma) -> log(c)/2 - log(2 pi e)/2 as sigma -> inf, c the constant inside
+            # the log (formulas.sigma_for_target): the floor (diag) or 1/prior_var (log det)
+            if self.variant == "diag":
+                c = float(self.metric_kwargs.get("floor", DIAG_FLOOR))
+                name, formula = f"the floor {c:g}", "log(floor)/2 - log(2 pi e)/2"
+            else:
+                prior_var = self.metric_kwargs.get("prior_var")
+                c = 0.0 if prior_var is None else 1.0 / float(prior_var)
+                name = f"the prior variance {prior_var!r}"
+                formula = "-log(prior_var)/2 - log(2 pi e)/2"
+            if c > 0:
+                limit = 0.5 * math.log(c) - HALF_LOG_2PIE
+                why = (f"FSInfo_{self.variant} never goes below the asymptote {formula} "
+                       f"({limit:.4g} nats/dim for {name}); choose a target above it")
+            else:  # no asymptote: sigma* = exp(FSInfo_1 - target) overflowed float64
+                why = (f"FSInfo_{self.variant} has no asymptote here, but sigma* = "
+                       "exp(FSInfo at sigma=1 - target) exceeds float64's range; choose a "
+                       "higher target")
             raise InvalidInputError(
                 f"no finite noise brings FSInfo to the target {self.target:g} nats/dim ({what} "
-                f"is inf for {int(bad.sum())} of {bad.numel()}): FSInfo_diag never goes below "
-                "the floor's asymptote log(floor)/2 - log(2 pi e)/2 (-12.93 nats/dim for the "
-                "paper's floor 1e-10); choose a higher target")
+                f"is inf for {int(bad.sum())} of {bad.numel()}): {why}")
 
     def forward(self, x: Tensor) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
@@ -330,6 +384,9 @@ class FSInfoGuard(nn.Module):
             self._check_reachable(sigma, "sigma*")
         z = self.encoder(x)
         if sigma is None:
+            # per-sample mode checked the output while linearizing; a fixed sigma must too (a
+            # tuple, an integer or a non-finite output gets no meaningful noise)
+            check_output(z, x.shape[0])
             sigma = self.sigma.expand(z.shape[0])
         self.last_sigma = sigma
         return add_noise(z, sigma, self.generator)

@@ -1628,11 +1628,14 @@ class Linearization:
         _check_tol("rtol", rtol)
         _check_max_probes(max_probes)
         check_fixed_cap(num_probes, max_probes)
+        # any real scalar (numpy's too), as a Python float: a np.float32 times a tensor
+        # computed in float32
         if isinstance(bound, bool) or not (
-            isinstance(bound, (int, float)) and math.isfinite(bound) and bound > 0
+            isinstance(bound, numbers.Real) and math.isfinite(bound) and bound > 0
         ):
             raise InvalidInputError(
                 f"bound must be a positive float (squared input units), got {bound!r}")
+        bound = float(bound)
         r = self.dfil(1.0, estimator=estimator, rtol=rtol, num_probes=num_probes,
                       max_probes=max_probes, method=method)
         lo = (r.value - r.ci_halfwidth).clamp_min(0)

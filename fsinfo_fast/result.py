@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, InvalidInputTypeError
 from .estimators.base import t_quantile
 
 __all__ = ["MetricResult", "Aggregate", "SigmaResult", "Z95", "max_interval", "mean_halfwidth",
@@ -52,6 +53,21 @@ class Aggregate:
             return (self.low, self.high)
         low = -math.inf if self.bound else self.value - self.ci_halfwidth
         return (low, self.value + self.ci_halfwidth)
+
+
+def check_q(q: object) -> float:
+    """A quantile level as a float in ``(0, 1]``: any real number (a Python or numpy scalar) or
+    a one-element real tensor; checked before any work (FSInfoGuard.calibrate,
+    :meth:`SigmaResult.dataset`)."""
+    if isinstance(q, Tensor) and q.numel() == 1 and not (q.dtype == torch.bool
+                                                          or q.is_complex()):
+        q = float(q)
+    if isinstance(q, bool) or not isinstance(q, numbers.Real):
+        raise InvalidInputTypeError(
+            f"q must be a real number in (0, 1], got {type(q).__name__} {q!r}")
+    if not 0 < float(q) <= 1:
+        raise InvalidInputError(f"q must be in (0, 1], got {q!r}")
+    return float(q)
 
 
 def selection_ratio(n: int, dof: int | None) -> float:
@@ -318,10 +334,7 @@ class SigmaResult:
             return float(s.mean())
         if statistic == "rms":
             return float((s**2).mean().sqrt())
-        if isinstance(q, Tensor) and q.numel() == 1:
-            q = float(q)
-        if isinstance(q, bool) or not (isinstance(q, (int, float)) and 0 < q <= 1):
-            raise InvalidInputError(f"q must be in (0, 1], got {q!r}")
+        q = check_q(q)
         # "higher": at least a fraction q of the samples are at or below it (linear
         # interpolation fell between two samples: 4 of 5 at q = 0.95)
         return float(torch.quantile(s, q, interpolation="higher"))

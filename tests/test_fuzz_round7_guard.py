@@ -1,0 +1,149 @@
+"""Fuzz round 7 (guard, bounds, formulas, training): each test failing before its fix."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _tanh_enc() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh()).double().eval()
+
+
+# -- 1: noise beyond the output dtype --------------------------------------------------------
+
+def test_guard_refuses_sigma_beyond_float16_instead_of_emitting_inf():
+    """A float16 encoder with sigma 1e5 (> 65504) or 3e4 (sigma * eps > 65504 for |eps| > 2.2)
+    returned inf smashed data."""
+    enc = nn.Linear(4, 3).half().eval()
+    x = torch.randn(1000, 4).half()
+    for s in (3e4, 1e5):
+        guard = ff.FSInfoGuard(enc, sigma=s, generator=torch.Generator().manual_seed(0))
+        with pytest.raises(ff.InvalidInputError, match="overflows the output's dtype "
+                           "torch.float16.*65504|overflows the output's dtype torch.float16"):
+            guard(x)
+    # a sigma the dtype holds still works
+    z = ff.FSInfoGuard(enc, sigma=1.0, generator=torch.Generator().manual_seed(0))(x)
+    assert bool(torch.isfinite(z).all())
+
+
+def test_guard_refuses_float32_sigma_star_beyond_float32_max():
+    """target -100 without an asymptote (log det without a prior, floor=0) gives sigma* ~ e^100:
+    finite in float64, inf once cast to the float32 output."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(4, 6), nn.Tanh()).eval()
+    x = torch.randn(3, 4)
+    for kw in ({"variant": "logdet"}, {"variant": "diag", "floor": 0.0}):
+        guard = ff.FSInfoGuard(enc, target=-100.0, estimator="exact", **kw)
+        with pytest.raises(ff.InvalidInputError, match=r"float32 \(largest finite value "
+                           r"3.403e\+38\).*wider dtype"):
+            guard(x)
+
+
+# -- 2: calibrate((x, y)) with float targets --------------------------------------------------
+
+def test_calibrate_pair_with_float_targets_is_one_batch_or_refused():
+    """(x, y) with float y was calibrated as two batches of inputs (y taken for inputs)."""
+    enc = _tanh_enc()
+    x = torch.randn(8, 4, dtype=torch.float64) * 0.1
+    guard = ff.FSInfoGuard(enc, estimator="exact")
+    plain = guard.calibrate(x, "mean")
+    y_reg = torch.randn(8, dtype=torch.float64) * 10  # regression targets, another shape
+    assert guard.calibrate((x, y_reg), "mean") == plain
+    assert guard.calibration["n"] == 8
+    y_same = torch.randn(8, 4, dtype=torch.float64) * 10  # x's shape: ambiguous
+    with pytest.raises(ff.InvalidInputError, match="Pass x alone"):
+        guard.calibrate((x, y_same), "mean")
+    # two equal batches still go through as a list (a list of batches) or an iterator
+    for two in ([x, x], iter([x, x])):
+        assert guard.calibrate(two, "mean") == pytest.approx(plain, rel=1e-12)
+        assert guard.calibration["n"] == 16
+
+
+# -- 5: fixed-sigma mode checks the encoder's output ------------------------------------------
+
+class _Tup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.lin(x)
+        return y, y.sum(1)
+
+
+class _IntOut(_Tup):
+    def forward(self, x):
+        return self.lin(x).argmax(1)
+
+
+@pytest.mark.parametrize("enc_cls, match", [(_Tup, "must return a tensor"),
+                                            (_IntOut, "must be floating point")])
+def test_fixed_sigma_guard_checks_the_output_like_per_sample_mode(enc_cls, match):
+    """Data-set mode gave a raw AttributeError (tuple) or RuntimeError (int64)."""
+    x = torch.randn(3, 4)
+    for kw in ({}, {"sigma": 0.5}):
+        with pytest.raises(ff.EncoderError, match=match):
+            ff.FSInfoGuard(enc_cls().eval(), **kw)(x)
+
+
+# -- 9: target=None --------------------------------------------------------------------------
+
+def test_guard_target_none_is_a_clear_type_error():
+    with pytest.raises(ff.InvalidInputTypeError, match="target must be a float, got None"):
+        ff.FSInfoGuard(nn.Linear(4, 3), target=None)
+
+
+# -- 11: the unreachable-target message names the right asymptote ----------------------------
+
+def test_unreachable_target_message_names_the_variants_asymptote():
+    """The message always quoted FSInfo_diag's floor asymptote (-12.93 nats/dim)."""
+    enc = _tanh_enc()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    prior = 0.5 * math.log(1.0) - 0.5 * math.log(2 * math.pi * math.e)
+    guard = ff.FSInfoGuard(enc, target=-2.0, variant="logdet", prior_var=1.0)
+    for call in (guard, guard.calibrate):
+        with pytest.raises(ff.InvalidInputError) as info:
+            call(x)
+        assert "FSInfo_logdet" in str(info.value) and f"{prior:.4g}" in str(info.value)
+        assert "-12.93" not in str(info.value)
+    floor = 0.5 * math.log(1e-3) - 0.5 * math.log(2 * math.pi * math.e)
+    guard = ff.FSInfoGuard(enc, target=-5.0, floor=1e-3, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match=f"FSInfo_diag.*{floor:.4g} nats/dim"):
+        guard(x)
+
+
+# -- 12: numpy scalars for q and bound --------------------------------------------------------
+
+@pytest.mark.parametrize("q", [np.float32(0.9), np.float64(0.9), torch.tensor(0.9)])
+def test_calibrate_quantile_accepts_numpy_and_tensor_scalars(q):
+    """The guard accepted np.float32(0.9), SigmaResult.dataset then refused it ('q must be in
+    (0, 1], got 0.9') after all the work."""
+    enc = _tanh_enc()
+    x = torch.randn(10, 4, dtype=torch.float64)
+    guard = ff.FSInfoGuard(enc, estimator="exact")
+    assert guard.calibrate(x, "quantile", q) == guard.calibrate(x, "quantile", float(q))
+
+
+def test_calibrate_refuses_a_bad_q_before_the_work():
+    guard = ff.FSInfoGuard(_tanh_enc(), estimator="exact")
+    with pytest.raises(ff.InvalidInputTypeError, match="q must be a real number"):
+        guard.calibrate(iter(["not a batch"]), "quantile", "0.9")
+
+
+def test_dfil_sigma_accepts_a_numpy_bound():
+    enc = _tanh_enc()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    want = ff.dfil_sigma(enc, x, bound=0.3).sigma
+    assert torch.equal(ff.dfil_sigma(enc, x, bound=np.float32(0.3)).sigma.double(),
+                       ff.dfil_sigma(enc, x, bound=float(np.float32(0.3))).sigma)
+    assert want.dtype == torch.float64
