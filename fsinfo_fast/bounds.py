@@ -8,7 +8,15 @@ Two kinds, kept apart on purpose:
 - :func:`fsinfo_bound` is a **surrogate**: ``exp(-2 FSInfo) / (2 pi e)``, the per-dimension
   variance of a Gaussian with the FSInfo entropy. It is not a theorem against attackers that use a
   prior; read it as a calibrated leakage scale. For full-rank Fisher information,
-  ``1/dFIL <= exp(-2 FSInfo_diag)/(2 pi e) <= exp(-2 FSInfo)/(2 pi e)``.
+  ``exp(-2 FSInfo_diag)/(2 pi e) <= exp(-2 FSInfo)/(2 pi e)`` (Hadamard; FSInfo the log det
+  without a prior, any floor), and ``1/dFIL <= exp(-2 FSInfo_diag)/(2 pi e)`` exactly when the
+  geometric mean of ``D_k + c`` is at most the arithmetic mean of ``D_k`` (which is dFIL), with
+  ``D_k = (J^T J)_kk / sigma^2`` and ``c`` the floor inside FSInfo_diag's log (``floor``,
+  ``1e-10`` by default). With ``floor=0`` that is AM-GM and always holds; with a floor it can
+  fail, by a relative ``c / D_k`` (negligible while every ``D_k >> c``, e.g. ``1e-10`` at
+  ``D_k = 1``), and by much more once the ``D_k`` come near ``c`` (a large sigma or a small
+  Jacobian: FSInfo_diag stops at its asymptote ``log(c)/2 - log(2 pi e)/2`` while ``1/dFIL``
+  keeps growing).
 
 The worst case over a batch is the least private sample: the smallest bound (largest leakage).
 """
@@ -16,12 +24,14 @@ The worst case over a batch is the least private sample: the smallest bound (lar
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .result import MetricResult
+from .errors import InvalidInputError, InvalidInputTypeError
+from .result import Aggregate, MetricResult, SigmaResult
 
 __all__ = ["Bound", "dfil_bound", "fsinfo_bound"]
 
@@ -52,15 +62,39 @@ class Bound:
         return i, float(self.value[i])
 
 
-def _metric_and_interval(metric: MetricResult | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _metric_and_interval(metric: MetricResult | Aggregate | Tensor | float,
+                         who: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``[B]`` value and 95% interval ends of a per-sample result, a ``[B]`` tensor, or one
+    sample: a summary (:class:`~fsinfo_fast.result.Aggregate`, e.g. ``r.worst()``), a float or
+    a 0-d tensor (a batch of one, so that :meth:`Bound.worst` has a sample to point at)."""
     if isinstance(metric, MetricResult):
         lo, hi = metric.ci95()
         return metric.value, lo, hi
-    v = torch.as_tensor(metric, dtype=torch.float64)
+    if isinstance(metric, Aggregate):
+        lo, hi = metric.ci95()
+        as1 = lambda t: torch.tensor([float(t)], dtype=torch.float64)  # noqa: E731
+        return as1(metric.value), as1(lo), as1(hi)
+    real = isinstance(metric, numbers.Real) and not isinstance(metric, bool)
+    if not (real or isinstance(metric, Tensor)) or (
+            isinstance(metric, Tensor) and (metric.dtype == torch.bool or metric.is_complex())):
+        raise InvalidInputTypeError(
+            f"{who} takes a MetricResult, its summary (r.worst(), r.mean()), a [B] real tensor "
+            f"or a float; got {type(metric).__name__}"
+            + (" (a noise scale: pass the metric computed at that sigma)"
+               if isinstance(metric, SigmaResult) else ""))
+    v = torch.as_tensor(metric, dtype=torch.float64).detach()
+    if v.ndim == 0:
+        v = v.reshape(1)
+    if v.ndim != 1 or v.numel() == 0:
+        raise InvalidInputError(
+            f"{who} takes one value per sample, a [B] tensor with B >= 1; got shape "
+            f"{tuple(v.shape)}")
+    if bool(torch.isnan(v).any()):
+        raise InvalidInputError(f"{who} got NaN values: there is no bound to give for them")
     return v, v, v
 
 
-def dfil_bound(dfil: MetricResult | Tensor) -> Bound:
+def dfil_bound(dfil: MetricResult | Aggregate | Tensor | float) -> Bound:
     """Cramer-Rao bound ``1 / dFIL`` per sample (proven, unbiased attackers only).
 
     Example:
@@ -71,13 +105,18 @@ def dfil_bound(dfil: MetricResult | Tensor) -> Bound:
     """
     if isinstance(dfil, MetricResult) and dfil.metric != "dfil":
         raise ValueError(f"dfil_bound needs a dFIL result, got {dfil.metric}")
-    v, lo, hi = _metric_and_interval(dfil)
+    v, lo, hi = _metric_and_interval(dfil, "dfil_bound")
+    if bool((v < 0).any()):
+        # tr(J^T J) / (sigma^2 d) >= 0: a negative value is no dFIL, and 1/v no bound
+        raise InvalidInputError(
+            f"dfil_bound got a negative dFIL ({float(v.min()):.4g}); dFIL = tr(J^T J) / "
+            "(sigma^2 d) is >= 0: pass the dFIL values themselves")
     # larger dFIL -> smaller bound: the interval flips; a non-positive lower end means no bound
     high = torch.where(lo > 0, 1.0 / lo, torch.full_like(lo, math.inf))
     return Bound(value=1.0 / v, low=1.0 / hi, high=high, proven=True, kind="dfil")
 
 
-def fsinfo_bound(fsinfo: MetricResult | Tensor) -> Bound:
+def fsinfo_bound(fsinfo: MetricResult | Aggregate | Tensor | float) -> Bound:
     """Surrogate bound ``exp(-2 FSInfo) / (2 pi e)`` per sample (FSInfo in nats per dimension).
 
     Example:
@@ -89,6 +128,6 @@ def fsinfo_bound(fsinfo: MetricResult | Tensor) -> Bound:
     """
     if isinstance(fsinfo, MetricResult) and fsinfo.units != "nats/dim":
         raise ValueError(f"fsinfo_bound needs FSInfo in nats/dim, got {fsinfo.units}")
-    v, lo, hi = _metric_and_interval(fsinfo)
+    v, lo, hi = _metric_and_interval(fsinfo, "fsinfo_bound")
     f = lambda t: torch.exp(-2.0 * t) / _TWO_PI_E  # noqa: E731
     return Bound(value=f(v), low=f(hi), high=f(lo), proven=False, kind="fsinfo")

@@ -147,3 +147,64 @@ def test_dfil_sigma_accepts_a_numpy_bound():
     assert torch.equal(ff.dfil_sigma(enc, x, bound=np.float32(0.3)).sigma.double(),
                        ff.dfil_sigma(enc, x, bound=float(np.float32(0.3))).sigma)
     assert want.dtype == torch.float64
+
+
+# -- 3: the bounds chain's condition on the floor ---------------------------------------------
+
+def test_bounds_docstring_states_the_floor_condition_of_the_chain():
+    """The module docstring claimed 1/dFIL <= exp(-2 FSInfo_diag)/(2 pi e) for full-rank
+    Fisher information; with the 1e-10 floor it fails at sigma = 1e4 for J = I. The condition
+    it now states (geometric mean of D_k + c <= dFIL) decides it, and floor=0 restores it."""
+    from fsinfo_fast import bounds
+
+    assert "geometric mean of ``D_k + c``" in bounds.__doc__
+    enc = nn.Linear(4, 4, bias=False).double().eval()
+    with torch.no_grad():
+        enc.weight.copy_(torch.eye(4, dtype=torch.float64))
+    x = torch.zeros(1, 4, dtype=torch.float64)
+    for sigma in (1e4, 1e6):
+        inv = bounds.dfil_bound(ff.dfil(enc, x, sigma=sigma, estimator="exact")).value.item()
+        for floor in (1e-10, 0.0):
+            diag = bounds.fsinfo_bound(ff.fsinfo(enc, x, sigma=sigma, estimator="exact",
+                                                 floor=floor)).value.item()
+            d_k = 1.0 / sigma**2
+            stated = d_k + floor <= d_k  # geometric mean of D_k + c <= dFIL (all D_k equal)
+            assert (inv <= diag * (1 + 1e-12)) == stated
+
+
+# -- 4: what the bounds accept ----------------------------------------------------------------
+
+def test_bounds_take_a_scalar_as_one_sample_and_refuse_bad_shapes():
+    """A float / 0-d tensor made a Bound whose worst() raised a raw IndexError; an empty or 2-D
+    tensor a raw error from torch; a negative dFIL a negative 'proven' bound."""
+    from fsinfo_fast import bounds
+
+    assert bounds.dfil_bound(4.0).worst() == (0, 0.25)
+    i, b = bounds.fsinfo_bound(torch.tensor(-1.0)).worst()
+    assert i == 0 and b == pytest.approx(math.exp(2.0) / (2 * math.pi * math.e))
+    for bad, match in ((torch.tensor([]), r"B >= 1; got shape \(0,\)"),
+                       (torch.ones(2, 2), r"got shape \(2, 2\)")):
+        for fn in (bounds.dfil_bound, bounds.fsinfo_bound):
+            with pytest.raises(ff.InvalidInputError, match=match):
+                fn(bad)
+    with pytest.raises(ff.InvalidInputError, match="negative dFIL"):
+        bounds.dfil_bound(torch.tensor([-4.0]))
+    with pytest.raises(ff.InvalidInputTypeError, match="takes a MetricResult"):
+        bounds.dfil_bound("4.0")
+
+
+def test_bounds_take_a_summary_and_refuse_a_sigma_result():
+    """r.worst() / r.mean() (Aggregate) and a SigmaResult gave a raw TypeError from torch."""
+    from fsinfo_fast import bounds
+
+    enc = _tanh_enc()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    r = ff.fsinfo(enc, x, sigma=0.1, estimator="exact")
+    d = ff.dfil(enc, x, sigma=0.1, estimator="exact")
+    worst = bounds.fsinfo_bound(r.worst())
+    assert worst.value.item() == pytest.approx(bounds.fsinfo_bound(r).worst()[1], rel=1e-12)
+    assert bounds.dfil_bound(d.mean()).value.item() == pytest.approx(
+        1.0 / d.value.mean().item(), rel=1e-12)
+    s = ff.FSInfoGuard(enc, estimator="exact").sigma_result(x)
+    with pytest.raises(ff.InvalidInputTypeError, match="noise scale"):
+        bounds.dfil_bound(s)
