@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from .errors import InvalidInputError
+
 #: ``(1/2) log(2 pi e)``: the per-dimension entropy of a unit Gaussian, in nats.
 HALF_LOG_2PIE: float = 0.5 * math.log(2.0 * math.pi * math.e)
 
@@ -52,6 +54,16 @@ def as_sigma(sigma: float | Tensor, batch: int, device: torch.device | None = No
     return s.reshape(batch)
 
 
+def _check_spectrum(mu: Tensor) -> Tensor:
+    """``mu`` as float64 ``[B, n]``, small negative rounding clamped to 0."""
+    if not isinstance(mu, Tensor) or mu.ndim != 2:
+        shape = tuple(mu.shape) if isinstance(mu, Tensor) else type(mu).__name__
+        raise InvalidInputError(
+            f"mu must be a [B, n] tensor (one spectrum per sample), got {shape}; for one "
+            "sample pass mu[None]")
+    return mu.to(torch.float64).clamp_min(0.0)
+
+
 def fsinfo_from_spectrum(
     mu: Tensor, d: int, sigma: float | Tensor, c: float = 0.0
 ) -> Tensor:
@@ -75,11 +87,16 @@ def fsinfo_from_spectrum(
         >>> round(float(v + HALF_LOG_2PIE), 6)  # (log 4 + log 1) / 4
         0.346574
     """
-    mu = mu.to(torch.float64).clamp_min(0.0)
+    mu = _check_spectrum(mu)
     b, n = mu.shape
     if n > d:
         raise ValueError(f"spectrum has {n} entries but d = {d}")
-    s2 = as_sigma(sigma, b, mu.device) ** 2
+    s = as_sigma(sigma, b, mu.device)
+    # sigma enters squared: a negative one read as |sigma|, NaN gave NaN
+    if not bool((s >= 0).all()):
+        raise InvalidInputError(f"sigma must be >= 0 (the noise's standard deviation), got "
+                                f"{sigma!r}")
+    s2 = s**2
     total = torch.log(mu / s2[:, None] + c).sum(dim=1)
     if n < d:
         extra = (d - n) * (math.log(c) if c > 0 else -math.inf)
@@ -117,9 +134,12 @@ def sigma_for_target(
         >>> round(float(fsinfo_from_spectrum(mu, 2, s)), 9)
         -1.0
     """
-    mu = mu.to(torch.float64).clamp_min(0.0)
+    mu = _check_spectrum(mu)
     b = mu.shape[0]
     tau = as_sigma(target, b, mu.device)
+    if bool(torch.isnan(tau).any()):
+        # NaN compares false everywhere: the bracket search returned its start, a finite sigma
+        raise InvalidInputError(f"target must be a number (FSInfo in nats/dim), got {target!r}")
     f1 = fsinfo_from_spectrum(mu, d, 1.0, 0.0)  # c = 0 closed form
     closed = torch.exp(f1 - tau)
     if c == 0.0:

@@ -208,3 +208,26 @@ def test_bounds_take_a_summary_and_refuse_a_sigma_result():
     s = ff.FSInfoGuard(enc, estimator="exact").sigma_result(x)
     with pytest.raises(ff.InvalidInputTypeError, match="noise scale"):
         bounds.dfil_bound(s)
+
+
+# -- 13: formulas validate their arguments ----------------------------------------------------
+
+def test_formulas_refuse_nan_target_negative_sigma_and_1d_mu():
+    """sigma_for_target(target=nan, c>0) returned a finite sigma; fsinfo_from_spectrum took
+    sigma=-1 for 1 and a 1-D mu to 'not enough values to unpack'."""
+    from fsinfo_fast import formulas as F
+
+    mu = torch.tensor([[4.0, 1.0, 0.25]], dtype=torch.float64)
+    for c in (0.0, 1e-10):
+        with pytest.raises(ff.InvalidInputError, match="target must be a number"):
+            F.sigma_for_target(mu, 3, math.nan, c=c)
+    for bad in (-1.0, math.nan, torch.tensor([-1.0])):
+        with pytest.raises(ff.InvalidInputError, match="sigma must be >= 0"):
+            F.fsinfo_from_spectrum(mu, 3, bad)
+    for fn in (lambda m: F.fsinfo_from_spectrum(m, 2, 1.0),
+               lambda m: F.sigma_for_target(m, 2, -1.0)):
+        with pytest.raises(ff.InvalidInputError, match=r"mu must be a \[B, n\] tensor"):
+            fn(torch.tensor([4.0, 1.0], dtype=torch.float64))
+    # valid calls unchanged
+    assert F.fsinfo_from_spectrum(mu, 3, F.sigma_for_target(mu, 3, -1.0, c=1e-10),
+                                  c=1e-10).item() == pytest.approx(-1.0, abs=1e-12)
