@@ -172,6 +172,22 @@ def check_output(out: object, batch: int) -> None:
         raise EncoderError(_NONFINITE_OUTPUT)
 
 
+def check_target(target: object, batch: int | None) -> Tensor:
+    """``target`` (FSInfo in nats/dim) as a float64 tensor, 0-d or ``[batch]``; raises unless a
+    finite float or ``[B]`` tensor (the fast path's and the oracle's ``fsinfo_sigma``; a
+    ``batch`` of None, x not yet checked, skips the length check as :func:`check_sigma` does)."""
+    try:
+        tau = torch.as_tensor(target, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise InvalidInputError(f"target must be a float or a [B] tensor, got {target!r}") from err
+    if not bool(torch.isfinite(tau).all()):
+        raise InvalidInputError(f"target must be finite, got {target!r}")
+    if tau.ndim > 1 or (tau.ndim == 1 and batch is not None and tau.shape[0] != batch):
+        raise InvalidInputError(
+            f"target must be a float or have shape [B] = [{batch}], got {tuple(tau.shape)}")
+    return tau
+
+
 def check_sigma(sigma: float | Tensor, batch: int | None = None, name: str = "sigma") -> None:
     """Raise unless ``sigma`` is a positive finite number (or a ``[B]`` tensor of them)."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):

@@ -67,6 +67,7 @@ from .encoder import (
     _signature,
     check_same_function,
     check_sigma,
+    check_target,
     prepare,
     uncompiled,
     working_dtype,
@@ -165,16 +166,6 @@ _INTERACTION_CHECKS = 2
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise InvalidInputError(f"{name} must be one of {choices}, got {value!r}")
-
-
-def _check_target(target: object) -> Tensor:
-    try:
-        tau = torch.as_tensor(target, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise InvalidInputError(f"target must be a float or a [B] tensor, got {target!r}") from err
-    if not bool(torch.isfinite(tau).all()):
-        raise InvalidInputError(f"target must be finite, got {target!r}")
-    return tau
 
 
 def _check_max_probes(max_probes: object) -> int | None:
@@ -1541,11 +1532,7 @@ class Linearization:
         _check_choice("variant", variant, VARIANTS)
         _check_max_probes(max_probes)
         check_fixed_cap(num_probes, max_probes)
-        tau = _check_target(target).to(self.enc.x.device)
-        if tau.ndim > 1 or (tau.ndim == 1 and tau.shape[0] != self.batch):
-            raise InvalidInputError(
-                f"target must be a float or have shape [B] = [{self.batch}], got "
-                f"{tuple(tau.shape)}")
+        tau = check_target(target, self.batch).to(self.enc.x.device)
         tau_b = tau.expand(self.batch) if tau.ndim == 0 else tau
         _check_options(variant, prior_var, floor, lanczos_order)
         floor = float(floor)

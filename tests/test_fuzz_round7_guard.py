@@ -231,3 +231,16 @@ def test_formulas_refuse_nan_target_negative_sigma_and_1d_mu():
     # valid calls unchanged
     assert F.fsinfo_from_spectrum(mu, 3, F.sigma_for_target(mu, 3, -1.0, c=1e-10),
                                   c=1e-10).item() == pytest.approx(-1.0, abs=1e-12)
+
+
+# -- 10: the oracle's fsinfo_sigma checks the target like the fast path -----------------------
+
+@pytest.mark.parametrize("target, match", [(torch.tensor([-1.0, -2.0]), r"shape \[B\] = \[3\]"),
+                                           ("abc", "a float or a \\[B\\] tensor, got 'abc'")])
+def test_reference_fsinfo_sigma_checks_the_target_like_the_fast_path(target, match):
+    """A [2] target for 3 samples: raw RuntimeError from a reshape; 'abc': raw TypeError."""
+    enc = _tanh_enc()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    for fn in (ff.reference.fsinfo_sigma, ff.fsinfo_sigma):
+        with pytest.raises(ff.InvalidInputError, match=match):
+            fn(enc, x, target=target)

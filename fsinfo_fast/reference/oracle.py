@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from ..encoder import PreparedEncoder, check_prior_var, check_sigma, func_errors, prepare
+from ..encoder import (
+    PreparedEncoder,
+    check_prior_var,
+    check_sigma,
+    check_target,
+    func_errors,
+    prepare,
+)
 from ..errors import InvalidInputError, SingularFisherWarning, warn_user
 from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sigma_for_target
 from ..result import MetricResult
@@ -393,8 +400,8 @@ def fsinfo_sigma(
     (:func:`fsinfo_fast.formulas.sigma_for_target`). Returns ``[B]`` float64.
     """
     _check_options(variant, prior_var, floor)
-    if not torch.isfinite(torch.as_tensor(target, dtype=torch.float64)).all():
-        raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
+    # the fast path's check: a string or a [k != B] target raised torch's raw errors here
+    check_target(target, x.shape[0] if isinstance(x, Tensor) and x.ndim > 0 else None)
     ex = exact_fisher(encoder, x, spectrum=variant == "logdet", chunk_size=chunk_size,
                       budget_bytes=budget_bytes)
     return ex.fsinfo_sigma(target, variant, prior_var=prior_var, floor=floor)
