@@ -261,8 +261,11 @@ def check_input(x: object) -> Tensor:
     if x.numel() == 0:
         raise InvalidInputError(f"x is empty (shape {tuple(x.shape)}): give at least one sample")
     if x.device.type == "meta":
-        raise InvalidInputError("x is on the meta device (shapes only, no values): the metrics "
-                                "need the data; move it to the encoder's device")
+        # a meta tensor cannot be moved off meta (no values to copy): "move it" was no fix
+        raise InvalidInputError(
+            "x is on the meta device (shapes only, no values): the metrics need the data. Pass "
+            "x with real values on the encoder's device; an encoder on meta needs real weights "
+            "too (encoder.to_empty(device=...) then load_state_dict(...), or build it there)")
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         rows = bad.reshape(x.shape[0], -1).any(dim=1).nonzero().flatten().tolist()
@@ -612,6 +615,16 @@ def check_device(encoder: Callable[[Tensor], Tensor], x: Tensor) -> None:
     devices = {t.device for t in _tensors(encoder)}
     if len(devices) == 1:
         (dev,) = devices
+        if dev != x.device and "meta" in (dev.type, x.device.type):
+            # moving anything to 'meta' drops its values, and a meta module cannot be moved
+            # off it (no values to copy): the only fix is real weights on a real device
+            which = ("the encoder's parameters and buffers are" if dev.type == "meta"
+                     else "x is")
+            raise InvalidInputError(
+                f"{which} on the meta device (shapes only, no values; x on {x.device}, the "
+                f"encoder on {dev}): the metrics need real values. Materialise a meta encoder "
+                "on x's device (encoder.to_empty(device=...) then load_state_dict(...) with its "
+                "weights, or build it there) and pass x with real values")
         if dev != x.device:
             raise InvalidInputError(
                 f"x is on device {x.device} but the encoder's parameters and buffers are on "

@@ -244,3 +244,17 @@ def test_reference_fsinfo_sigma_checks_the_target_like_the_fast_path(target, mat
     for fn in (ff.reference.fsinfo_sigma, ff.fsinfo_sigma):
         with pytest.raises(ff.InvalidInputError, match=match):
             fn(enc, x, target=target)
+
+
+# -- 14: the advice for a meta encoder -------------------------------------------------------
+
+def test_meta_encoder_advice_is_to_materialise_it_not_to_move_x_to_meta():
+    """The error advised x.to('meta'), which then failed with 'x is on the meta device'."""
+    enc = nn.Linear(4, 3, device="meta")
+    x = torch.randn(2, 4)
+    for xx in (x, x.to("meta")):
+        with pytest.raises(ff.InvalidInputError) as info:
+            ff.FSInfoGuard(enc)(xx)
+        msg = str(info.value)
+        assert "to_empty" in msg and "load_state_dict" in msg
+        assert "to('meta')" not in msg and "move it" not in msg
