@@ -57,7 +57,10 @@ def train_briefly(
         y: integer class labels ``[N]`` in ``0..num_classes - 1``.
         epochs: passes over the data (an integer >= 0).
         lr: Adam learning rate (finite, > 0).
-        batch_size: mini-batch size (an integer >= 1; the last batch of an epoch may be smaller).
+        batch_size: mini-batch size (an integer >= 1; the last batch of an epoch may be
+            smaller). A model with batch norm cannot train on one sample: there a last batch of
+            one sample joins the one before it (``batch_size + 1`` samples), and ``N == 1`` or
+            ``batch_size == 1`` is refused before any update.
         seed: seed of the shuffling and of the model's random draws (an integer).
         progress: show a tqdm progress bar (one step per epoch, with the mean loss).
         weight_decay: Adam weight decay (finite, >= 0).
@@ -66,9 +69,10 @@ def train_briefly(
         ``model`` itself, in eval mode.
 
     Raises:
-        InvalidInputError: mismatched lengths, empty data, bad hyper-parameters, or labels
-            outside ``0..num_classes - 1`` (checked at the first mini-batch, whose logits give
-            ``num_classes``).
+        InvalidInputError: mismatched lengths, empty data, bad hyper-parameters, a model or data
+            on the meta device, a batch-norm model with ``N == 1`` or ``batch_size == 1``, or
+            labels outside ``0..num_classes - 1`` (checked at the first mini-batch, whose logits
+            give ``num_classes``).
         InvalidInputTypeError: ``x`` not floating point, ``y`` not integer, ``epochs``,
             ``batch_size`` or ``seed`` not integers, ``lr`` / ``weight_decay`` not real numbers,
             or the model's output neither logits nor an output with ``logits``.
@@ -90,12 +94,19 @@ def train_briefly(
             f"weight_decay >= 0; got epochs={epochs}, batch_size={batch_size}, lr={lr}, "
             f"weight_decay={weight_decay}"
         )
+    _check_not_meta(model, x, y, "train_briefly")
     if int(y.min()) < 0:
         raise InvalidInputError(f"y holds a negative class label ({int(y.min())})")
     try:
         device = next(model.parameters()).device
     except StopIteration:
         raise InvalidInputError("model has no parameters to train") from None
+    if _has_batch_norm(model) and (len(x) == 1 or batch_size == 1):
+        # torch refuses batch statistics of one value per channel; refused before any update
+        raise InvalidInputError(
+            f"train_briefly: the model has batch norm, which cannot train on mini-batches of one "
+            f"sample (N = {len(x)}, batch_size = {batch_size}); give at least 2 samples and "
+            "batch_size >= 2")
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
                                device_type="cuda"):
@@ -105,6 +116,25 @@ def train_briefly(
                 torch.cuda.manual_seed(seed)
         _train(model, x, y, device, epochs, lr, batch_size, seed, progress, weight_decay)
     return model
+
+
+def _check_not_meta(model: nn.Module, x: Tensor, y: Tensor, who: str) -> None:
+    """Refuse a model or data on the meta device (shapes only, no values) up front: torch
+    raised its own errors from inside the loop (``int(y.min())``, ``.to(device)``, the
+    loss)."""
+    on_meta = [name for name, t in (("x", x), ("y", y)) if t.device.type == "meta"]
+    if any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
+        on_meta.insert(0, "the model")
+    if on_meta:
+        raise InvalidInputError(
+            f"{who}: {' and '.join(on_meta)} {'is' if len(on_meta) == 1 else 'are'} on the "
+            "meta device (shapes only, no values): "
+            "give real data, and a model with real weights on a real device (a meta model: "
+            "model.to_empty(device=...) then load_state_dict(...), or build it there)")
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _integer(value: object, name: str) -> int:
@@ -158,13 +188,18 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, epochs:
 
         bar = progress_bar("the training progress bar (progress=True)", total=epochs,
                            desc="train", unit="epoch")
+    # mini-batch boundaries; batch norm cannot train on one sample: a last batch of one joins
+    # the one before it (train_briefly refused N == 1 and batch_size == 1 for such models)
+    ends = list(range(batch_size, n, batch_size)) + [n]
+    if len(ends) > 1 and n - ends[-2] == 1 and _has_batch_norm(model):
+        del ends[-2]
     model.train()
     try:
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             total, seen = 0.0, 0
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
+            for start, end in zip([0, *ends[:-1]], ends, strict=True):
+                idx = order[start:end]
                 xb, yb = x[idx].to(device), y[idx].to(device)
                 logits = _logits(model(xb), "train_briefly")
                 if not checked:
@@ -196,13 +231,20 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> f
 
     The model returns logits ``[B, num_classes]``: a tensor, or an output with a ``logits``
     tensor attribute (a Hugging Face classifier's ``ModelOutput``)."""
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise InvalidInputTypeError("accuracy: x and y must be tensors ([N, ...] and [N])")
+    if len(x) != len(y) or len(x) == 0:
+        # the accuracy of no samples is undefined (it returned 0.0)
+        raise InvalidInputError(
+            f"accuracy: x and y need the same, non-zero length; got {len(x)}, {len(y)}")
+    _check_not_meta(model, x, y, "accuracy")
     # the model's device (a model without parameters or buffers runs where x is)
     device = next(iter([*model.parameters(), *model.buffers()]), x).device
     correct = 0
     for start in range(0, len(x), batch_size):
         logits = _logits(model(x[start : start + batch_size].to(device)), "accuracy")
         correct += int((logits.argmax(1).cpu() == y[start : start + batch_size]).sum())
-    return correct / max(1, len(x))
+    return correct / len(x)
 
 
 def default_cache_dir() -> Path:

@@ -258,3 +258,54 @@ def test_meta_encoder_advice_is_to_materialise_it_not_to_move_x_to_meta():
         msg = str(info.value)
         assert "to_empty" in msg and "load_state_dict" in msg
         assert "to('meta')" not in msg and "move it" not in msg
+
+
+# -- 6, 7, 8: training helpers ----------------------------------------------------------------
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_train_briefly_folds_a_one_sample_last_batch_for_batch_norm():
+    """N % batch_size == 1 with BatchNorm1d: torch's raw ValueError mid-epoch, after the model
+    had already been updated in place. The last sample now joins the batch before it."""
+    from fsinfo_fast.train import train_briefly
+
+    x, y = torch.randn(65, 4), torch.randint(0, 3, (65,))
+    model = train_briefly(_bn_model(), x, y, epochs=2, batch_size=64)
+    assert not model.training
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    # N == 1 or batch_size == 1 cannot be folded: refused before any update
+    for n, bs in ((1, 64), (8, 1)):
+        model = _bn_model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ff.InvalidInputError, match="batch norm"):
+            train_briefly(model, x[:n], y[:n], epochs=1, batch_size=bs)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("where", ["model", "x", "y"])
+def test_train_briefly_refuses_meta_up_front(where):
+    """A model or data on 'meta': raw torch errors from inside the loop."""
+    from fsinfo_fast.train import train_briefly
+
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    model = nn.Linear(4, 3, device="meta") if where == "model" else nn.Linear(4, 3)
+    x = x.to("meta") if where == "x" else x
+    y = y.to("meta") if where == "y" else y
+    with pytest.raises(ff.InvalidInputError, match="meta device"):
+        train_briefly(model, x, y, epochs=1)
+
+
+def test_accuracy_refuses_mismatched_lengths_and_empty_data():
+    """Mismatched lengths: a raw RuntimeError from the comparison; no data: 0.0 silently."""
+    from fsinfo_fast.train import accuracy
+
+    model = nn.Linear(4, 3).eval()
+    x, y = torch.randn(10, 4), torch.randint(0, 3, (10,))
+    with pytest.raises(ff.InvalidInputError, match="same, non-zero length; got 10, 5"):
+        accuracy(model, x, y[:5])
+    with pytest.raises(ff.InvalidInputError, match="got 0, 0"):
+        accuracy(model, x[:0], y[:0])
+    assert 0.0 <= accuracy(model, x, y) <= 1.0
