@@ -362,14 +362,15 @@ class FSInfoGuard(nn.Module):
                 c = 0.0 if prior_var is None else 1.0 / float(prior_var)
                 name = f"the prior variance {prior_var!r}"
                 formula = "-log(prior_var)/2 - log(2 pi e)/2"
-            if c > 0:
-                limit = 0.5 * math.log(c) - HALF_LOG_2PIE
+            limit = 0.5 * math.log(c) - HALF_LOG_2PIE if c > 0 else -math.inf
+            if self.target <= limit:
                 why = (f"FSInfo_{self.variant} never goes below the asymptote {formula} "
                        f"({limit:.4g} nats/dim for {name}); choose a target above it")
-            else:  # no asymptote: sigma* = exp(FSInfo_1 - target) overflowed float64
-                why = (f"FSInfo_{self.variant} has no asymptote here, but sigma* = "
-                       "exp(FSInfo at sigma=1 - target) exceeds float64's range; choose a "
-                       "higher target")
+            else:  # no asymptote, or a target just above it: sigma* overflowed float64
+                asym = (f"its asymptote is {limit:.4g} nats/dim for {name}" if c > 0 else
+                        f"no asymptote for {name}")
+                why = (f"the sigma* that reaches it exceeds float64's range (FSInfo_"
+                       f"{self.variant} has {asym}); choose a higher target")
             raise InvalidInputError(
                 f"no finite noise brings FSInfo to the target {self.target:g} nats/dim ({what} "
                 f"is inf for {int(bad.sum())} of {bad.numel()}): {why}")

@@ -120,6 +120,10 @@ def test_unreachable_target_message_names_the_variants_asymptote():
     guard = ff.FSInfoGuard(enc, target=-5.0, floor=1e-3, estimator="exact")
     with pytest.raises(ff.InvalidInputError, match=f"FSInfo_diag.*{floor:.4g} nats/dim"):
         guard(x)
+    # no asymptote (log det without a prior): sigma* = e^800 overflows float64
+    guard = ff.FSInfoGuard(enc, target=-800.0, variant="logdet", estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="exceeds float64's range.*no asymptote"):
+        guard(x)
 
 
 # -- 12: numpy scalars for q and bound --------------------------------------------------------
