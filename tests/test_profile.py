@@ -76,7 +76,10 @@ def test_files_and_schema(finished_run):
     by = {s["name"]: s for s in summary["splits"]}
     assert by["features.1"]["fsinfo_logdet"] is not None  # m = 512 >= 192
     assert by["features.3"]["fsinfo_logdet"] is not None  # m = 256 >= 192
-    assert by["classifier.0"]["fsinfo_logdet"] is None  # m = 128 < 192
+    # m = 128 < 192: exactly -inf for every sample, so is the mean (null + flag in JSON)
+    assert by["classifier.0"]["fsinfo_logdet"]["mean_is_neg_inf"]
+    assert by["classifier.0"]["fsinfo_logdet"]["mean"] is None
+    assert by["classifier.0"]["fsinfo_logdet"]["n_neg_inf"] == 4
     assert "m = 128 < d = 192" in by["classifier.0"]["fsinfo_logdet_status"][0]
     # Hadamard: diag >= log det, per sample
     for r in summary["samples"]:
@@ -615,7 +618,8 @@ def test_exact_sweep_builds_linearizations_only_where_needed(ckpt, tmp_path, mon
                                                             "features.2"]
     assert calls == []
     out = run_profile(ProfileConfig(variant="both", out=str(tmp_path / "b"), **cfg))
-    logdet = [s["name"] for s in out.summary["splits"] if s["fsinfo_logdet"] is not None]
+    skipped = out.summary["sharing"]["logdet_skipped"]  # m < d: -inf without computing
+    logdet = [s["name"] for s in out.summary["splits"] if s["name"] not in skipped]
     assert logdet  # m >= d at these splits
     assert sorted(calls) == sorted((n, 1) for n in logdet for _ in range(2))
     calls.clear()

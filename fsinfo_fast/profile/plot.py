@@ -75,7 +75,17 @@ def profile_figure(summary: dict[str, Any], dpi: int = 110):
                     label="hollow: not converged or upper bound only")
 
     def series(ax, key: str, label: str, color: str, marker: str, log: bool = False) -> None:
-        pts = [(x, s[key]) for x, s in zip(xs, splits, strict=True) if s.get(key)]
+        # a mean that is exactly -inf (some sample's J^T J singular) has no point: mark it
+        low = [x for x, s in zip(xs, splits, strict=True) if (s.get(key) or {}).get(
+            "mean_is_neg_inf")]
+        for x in low:
+            ax.annotate("-∞", (x, 0.03), xycoords=("data", "axes fraction"), ha="center",
+                        va="bottom", color=color, fontsize=12)
+        if low:
+            ax.plot([], [], linestyle="none", label=f"-∞: {label} mean is -inf (a singular "
+                    "J^T J)")
+        pts = [(x, s[key]) for x, s in zip(xs, splits, strict=True)
+               if s.get(key) and s[key]["mean"] is not None]
         if not pts:
             return
         px = [p[0] for p in pts]

@@ -31,6 +31,13 @@ them; a mean over samples that includes an upper bound is itself only an upper b
 (``mean_is_bound``, no lower end). The table marks such cells (``*`` not converged, ``≤`` upper
 bound, with a legend), the CSV files carry the flags and counts, the plot draws them hollow.
 
+Exact -inf. A log-det FSInfo of a singular ``J^T J`` is exactly -inf (the library returns -inf
+only where it is exact; the record holds ``null`` with ``fsinfo_logdet_status`` ``-inf: ...``).
+The mean over samples is then -inf: ``mean`` (and its interval) ``null`` with ``mean_is_neg_inf``
+true and ``n_neg_inf`` counting those samples (``n``, ``finite_mean``, ``max`` and ``worst`` are
+over the finite ones); ``summary.csv`` writes ``-inf`` (and ``fsinfo_logdet_n_neg_inf``),
+``samples.csv`` ``-inf`` for such a sample, the table ``-inf``.
+
 JSON: non-finite values are written as ``null`` (with a status field saying why).
 """
 
@@ -72,7 +79,8 @@ SUMMARY_FIELDS = (
     "fsinfo_diag_mean", "fsinfo_diag_mean_low", "fsinfo_diag_mean_high", "fsinfo_diag_std",
     "fsinfo_diag_max", "fsinfo_diag_n_unconverged", "fsinfo_diag_n_bound",
     "fsinfo_logdet_mean", "fsinfo_logdet_mean_low", "fsinfo_logdet_mean_high",
-    "fsinfo_logdet_n_finite", "fsinfo_logdet_n_unconverged", "fsinfo_logdet_n_bound",
+    "fsinfo_logdet_n_finite", "fsinfo_logdet_n_neg_inf", "fsinfo_logdet_n_unconverged",
+    "fsinfo_logdet_n_bound",
     "dfil_mean", "dfil_mean_low", "dfil_mean_high", "dfil_std", "dfil_max",
     "dfil_n_unconverged", "dfil_n_bound",
     "dfil_bound_worst", "dfil_bound_worst_low", "dfil_bound_worst_high",
@@ -90,9 +98,19 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _neg_inf(rec: dict[str, Any], key: str) -> bool:
+    """Whether the record's ``key`` is exactly -inf (stored as ``null`` with a ``{key}_status``
+    starting with ``-inf``: a singular ``J^T J``, which the library claims only when exact)."""
+    return rec.get(key) is None and str(rec.get(f"{key}_status") or "").startswith("-inf")
+
+
 def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
     pairs = [(r["sample"], r[key], r.get(f"{key}_se") or 0.0, r.get(f"{key}_hw") or 0.0,
               r.get(f"{key}_probes")) for r in recs if _finite(r.get(key))]
+    neg_inf = [r["sample"] for r in recs if _neg_inf(r, key)]
+    if neg_inf:
+        return _neg_inf_stats(_stats(
+            [r for r in recs if not _neg_inf(r, key)], key) if pairs else None, neg_inf)
     if not pairs:
         return None
     # records written before the flags existed have none: unknown, not "converged"
@@ -135,6 +153,23 @@ def _stats(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
         "n_bound": len(bound),
         "bound_samples": sorted(bound),
     }
+
+
+def _neg_inf_stats(finite: dict[str, Any] | None, neg_inf: list[int]) -> dict[str, Any]:
+    """The statistics of a split where ``neg_inf`` samples' value is exactly -inf: the mean
+    over all samples is -inf (JSON: ``mean`` and its interval ``null``, ``mean_is_neg_inf``
+    true, ``n_neg_inf`` counting them; ``n`` and ``finite_mean`` are over the finite ones)."""
+    st = dict(finite) if finite is not None else {
+        "n": 0, "mean_is_bound": False, "max": None, "worst": None, "n_unconverged": 0,
+        "unconverged_samples": [], "n_convergence_unknown": 0, "n_bound": 0, "bound_samples": []}
+    st.update({
+        "finite_mean": finite["mean"] if finite is not None else None,
+        "mean": None, "mean_ci95": [None, None], "mean_stderr": None, "mean_halfwidth": None,
+        "mean_is_neg_inf": True,
+        "sample_std": None, "sem": None, "min": None,
+        "n_neg_inf": len(neg_inf), "neg_inf_samples": neg_inf,
+    })
+    return st
 
 
 #: the metric whose interval (and probe count) each derived quantity's interval is the image of
@@ -259,7 +294,7 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             for p in path:
                 if v is None:
                     return None
-                v = v[p]
+                v = v.get(p) if isinstance(v, dict) else v[p]
             return v
 
         rows.append({
@@ -272,10 +307,14 @@ def _summary_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             "fsinfo_diag_max": g("fsinfo_diag", "max"),
             "fsinfo_diag_n_unconverged": g("fsinfo_diag", "n_unconverged"),
             "fsinfo_diag_n_bound": g("fsinfo_diag", "n_bound"),
-            "fsinfo_logdet_mean": g("fsinfo_logdet", "mean"),
-            "fsinfo_logdet_mean_low": g("fsinfo_logdet", "mean_ci95", 0),
-            "fsinfo_logdet_mean_high": g("fsinfo_logdet", "mean_ci95", 1),
+            # an exact -inf (a singular J^T J) makes the mean over samples -inf
+            **({"fsinfo_logdet_mean": "-inf", "fsinfo_logdet_mean_low": "-inf",
+                "fsinfo_logdet_mean_high": "-inf"} if g("fsinfo_logdet", "mean_is_neg_inf") else {
+                "fsinfo_logdet_mean": g("fsinfo_logdet", "mean"),
+                "fsinfo_logdet_mean_low": g("fsinfo_logdet", "mean_ci95", 0),
+                "fsinfo_logdet_mean_high": g("fsinfo_logdet", "mean_ci95", 1)}),
             "fsinfo_logdet_n_finite": g("fsinfo_logdet", "n") or 0,
+            "fsinfo_logdet_n_neg_inf": (s.get("fsinfo_logdet") or {}).get("n_neg_inf", 0),
             "fsinfo_logdet_n_unconverged": g("fsinfo_logdet", "n_unconverged"),
             "fsinfo_logdet_n_bound": g("fsinfo_logdet", "n_bound"),
             "dfil_mean": g("dfil", "mean"),
@@ -332,7 +371,10 @@ def write_outputs(run_dir: Path, summary: dict[str, Any], records: dict, *,
         files["plot"] = str(run_dir / "profile.png")
     summary["files"] = {k: Path(v).name for k, v in files.items()}
     atomic_write_text(files["summary_csv"], _csv(_summary_rows(summary), SUMMARY_FIELDS))
-    atomic_write_text(files["samples_csv"], _csv(summary["samples"], SAMPLE_FIELDS))
+    atomic_write_text(files["samples_csv"], _csv(
+        # an exact -inf log det (null in JSON, with its status) is written as -inf here
+        [{**r, "fsinfo_logdet": "-inf"} if _neg_inf(r, "fsinfo_logdet") else r
+         for r in summary["samples"]], SAMPLE_FIELDS))
     if plot:
         from .plot import plot_profile
 
@@ -366,6 +408,8 @@ def _flags(st: dict[str, Any] | None) -> tuple[bool, bool]:
 def _pm(st: dict[str, Any] | None) -> str:
     if st is None:
         return "-"
+    if st.get("mean_is_neg_inf"):  # some sample's value is exactly -inf: so is the mean
+        return "-inf"
     unconv, bound = _flags(st)
     hw = st["mean_halfwidth"]
     if hw <= 0:
@@ -426,12 +470,13 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
                else ["FSInfo bnd", "sigma*"])
     for col in cols + ["dFIL", "1/dFIL", *derived]:
         t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
-    n_unconv = n_bound = n_gone = 0
+    n_unconv = n_bound = n_gone = n_neg_inf = 0
     marked = False
     for s in summary["splits"]:
         ld = _pm(s["fsinfo_logdet"])
-        if s["fsinfo_logdet"] is None and s["fsinfo_logdet_status"]:
-            ld = "-inf" if s["fsinfo_logdet_status"][0].startswith("-inf") else "-"
+        n_neg_inf += (s["fsinfo_logdet"] or {}).get("n_neg_inf", 0)
+        if (s["fsinfo_logdet"] or {}).get("mean_is_neg_inf"):
+            pass  # exact: no upper-bound mark
         elif any(x.startswith("upper bound") for x in s.get("fsinfo_logdet_status") or ()):
             ld = "<= " + ld  # some samples' log det is only an upper bound (working precision)
         b, fb, sg = s["dfil_bound_worst"], s["fsinfo_diag_bound_worst"], s["sigma_star"]
@@ -471,6 +516,11 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
                          "end only).")
         parts.append("Per sample: the *_converged and *_is_bound columns of samples.csv.")
         console.print(" ".join(parts), soft_wrap=True)
+    if n_neg_inf and with_logdet:
+        console.print(f"-inf FSInfo logdet: {n_neg_inf} sample value(s) are exactly -inf (J^T J "
+                      "singular), so the mean over samples is -inf (n_neg_inf, and finite_mean "
+                      "over the others, in profile.json; fsinfo_logdet_n_neg_inf in "
+                      "summary.csv).", soft_wrap=True)
     if n_gone:
         console.print(f"∞ sigma*: for {n_gone} sample(s) no finite noise reaches --target "
                       f"{st['target']}: it lies at or below FSInfo's floor asymptote "

@@ -1,0 +1,109 @@
+"""Fuzzer round 7, ``fsinfo-fast profile``: an exact -inf log det in the split mean, two runs on
+one run directory, the one-split plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from fsinfo_fast.profile import ProfileConfig, run_profile
+from fsinfo_fast.profile.report import print_table
+from fsinfo_fast.profile.store import RecordStore
+
+pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+# m = 390 >= d = 192 behind a ReLU: J^T J is singular, exactly, for some samples (dead units)
+SINGULAR_MODULE = (
+    "import torch\n"
+    "def build():\n"
+    "    torch.manual_seed(0)\n"
+    "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 390),\n"
+    "                               torch.nn.ReLU(), torch.nn.Linear(390, 10)).eval()\n")
+
+
+def _images(folder, n: int = 6) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            folder / f"im{i}.png")
+
+
+@pytest.fixture
+def singular_setup(tmp_path, monkeypatch):
+    (tmp_path / "r7_singular_mod.py").write_text(SINGULAR_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("r7_singular_mod", None)
+    _images(tmp_path / "imgs")
+    return tmp_path
+
+
+def _cfg(tmp_path, **kw) -> ProfileConfig:
+    base = dict(model="r7_singular_mod:build", data=str(tmp_path / "imgs"), splits="2",
+                max_samples=None, variant="both", plot=False, progress=False, table=False,
+                out=str(tmp_path / "run"))
+    base.update(kw)
+    return ProfileConfig(**base)
+
+
+def test_exact_neg_inf_logdet_makes_the_split_mean_neg_inf(singular_setup):
+    tmp = singular_setup
+    with pytest.warns(UserWarning):
+        out = run_profile(_cfg(tmp))
+    recs = [r for r in out.summary["samples"]]
+    gone = [r for r in recs if r["fsinfo_logdet_status"].startswith("-inf")]
+    assert 0 < len(gone) < len(recs)  # the case: some samples -inf, some finite
+    assert all(r["fsinfo_logdet"] is None for r in gone)
+    finite = [r["fsinfo_logdet"] for r in recs if r["fsinfo_logdet"] is not None]
+
+    split = json.loads((tmp / "run" / "profile.json").read_text())["splits"][0]
+    st = split["fsinfo_logdet"]
+    assert st["mean"] is None and st["mean_is_neg_inf"] is True  # JSON: null + flag
+    assert st["mean_ci95"] == [None, None]
+    assert st["n_neg_inf"] == len(gone) and st["neg_inf_samples"] == [r["sample"] for r in gone]
+    assert st["n"] == len(finite) and st["finite_mean"] == pytest.approx(
+        sum(finite) / len(finite))
+
+    row = next(csv.DictReader(open(tmp / "run" / "summary.csv")))
+    assert float(row["fsinfo_logdet_mean"]) == -math.inf
+    assert int(row["fsinfo_logdet_n_neg_inf"]) == len(gone)
+    assert int(row["fsinfo_logdet_n_finite"]) == len(finite)
+    rows = list(csv.DictReader(open(tmp / "run" / "samples.csv")))
+    assert sorted(float(r["fsinfo_logdet"]) for r in rows)[:len(gone)] == [-math.inf] * len(gone)
+
+    buf = io.StringIO()
+    print_table(out.summary, console=Console(file=buf, width=240))
+    text = buf.getvalue()
+    assert "-inf" in text and f"{len(gone)} sample value(s) are exactly -inf" in text
+
+    # resume: the records round-trip (null + status), the summary is the same
+    store = RecordStore(tmp / "run" / "records.jsonl")
+    kept = list(store.read().values())
+    assert sorted(r["sample"] for r in kept if r["fsinfo_logdet"] is None) == \
+        [r["sample"] for r in gone]
+    lines = (tmp / "run" / "records.jsonl").read_text().splitlines()
+    (tmp / "run" / "records.jsonl").write_text("\n".join(lines[:1]) + "\n")
+    with pytest.warns(UserWarning):
+        again = run_profile(_cfg(tmp, resume=True))
+    assert again.computed == len(recs) - 1
+    assert again.summary["splits"][0]["fsinfo_logdet"] == out.summary["splits"][0][
+        "fsinfo_logdet"]
+
+
+def test_all_neg_inf_logdet_split_reports_neg_inf(singular_setup):
+    """m < d without a prior: every sample's log det is -inf (the plan says so): the same
+    convention (mean null + mean_is_neg_inf, -inf in summary.csv)."""
+    tmp = singular_setup
+    out = run_profile(_cfg(tmp, splits="3"))  # the last Linear: m = 10 < d = 192
+    st = out.summary["splits"][0]["fsinfo_logdet"]
+    assert st["mean"] is None and st["mean_is_neg_inf"] and st["n_neg_inf"] == 6 and st["n"] == 0
+    row = next(csv.DictReader(open(tmp / "run" / "summary.csv")))
+    assert row["fsinfo_logdet_mean"] == "-inf" and row["fsinfo_logdet_n_neg_inf"] == "6"
