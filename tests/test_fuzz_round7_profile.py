@@ -107,3 +107,93 @@ def test_all_neg_inf_logdet_split_reports_neg_inf(singular_setup):
     assert st["mean"] is None and st["mean_is_neg_inf"] and st["n_neg_inf"] == 6 and st["n"] == 0
     row = next(csv.DictReader(open(tmp / "run" / "summary.csv")))
     assert row["fsinfo_logdet_mean"] == "-inf" and row["fsinfo_logdet_n_neg_inf"] == "6"
+
+
+# ------------------------------------------------------------------------------------------------
+# one run at a time on a run directory
+
+HOLDER = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    "os.ftruncate(fd, 0); os.write(fd, f'pid {os.getpid()} on test'.encode())\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n")
+
+
+def _finished_diag_run(tmp):
+    out = run_profile(_cfg(tmp, variant="diag", batch_size=2))
+    lines = (tmp / "run" / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 6
+    (tmp / "run" / "records.jsonl").write_text("\n".join(lines[:2]) + "\n")  # interrupted
+    return out
+
+
+def test_second_run_on_a_busy_run_directory_is_refused(singular_setup):
+    """Two ``--resume`` of one directory at once both computed every missing batch (duplicate
+    lines in records.jsonl): a run holds a lock on the directory; another is refused, naming
+    the directory and the process holding it."""
+    import subprocess
+
+    from fsinfo_fast.errors import FSInfoError
+
+    tmp = singular_setup
+    _finished_diag_run(tmp)
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp / "run" / ".profile.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FSInfoError, match="in use by another profile run") as err:
+            run_profile(_cfg(tmp, variant="diag", batch_size=2, resume=True))
+        assert str(tmp / "run") in str(err.value) and f"pid {holder.pid}" in str(err.value)
+        assert "\n" not in str(err.value)
+        # a new run there is refused the same way (not only as "not empty")
+        with pytest.raises(FSInfoError, match="in use by another profile run"):
+            run_profile(_cfg(tmp, variant="diag", batch_size=2))
+        assert len((tmp / "run" / "records.jsonl").read_text().splitlines()) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    out = run_profile(_cfg(tmp, variant="diag", batch_size=2, resume=True))  # free again
+    assert out.computed == 4
+    assert len((tmp / "run" / "records.jsonl").read_text().splitlines()) == 6
+
+
+def test_run_lock_is_released_on_interrupt_and_error(singular_setup, monkeypatch):
+    import fcntl
+    import os
+
+    from fsinfo_fast.profile import runner
+
+    tmp = singular_setup
+    _finished_diag_run(tmp)
+    lock = tmp / "run" / ".profile.lock"
+
+    def stop(*a, **k):
+        assert lock.is_file()
+        fd = os.open(lock, os.O_RDWR)
+        try:  # held by the run while it computes
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        raise KeyboardInterrupt
+
+    compute_batch = runner.compute_batch
+    monkeypatch.setattr(runner, "compute_batch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_profile(_cfg(tmp, variant="diag", batch_size=2, resume=True))
+    fd = os.open(lock, os.O_RDWR)
+    try:  # released
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    monkeypatch.setattr(runner, "compute_batch", compute_batch)
+    # a refused resume (other settings) releases it too
+    from fsinfo_fast.errors import FSInfoError
+
+    with pytest.raises(FSInfoError, match="different settings"):
+        run_profile(_cfg(tmp, variant="diag", batch_size=2, resume=True, sigma=0.2))
+    out = run_profile(_cfg(tmp, variant="diag", batch_size=2, resume=True))
+    assert out.computed == 4
+

@@ -52,7 +52,7 @@ from .sources import (
     tensor_fingerprint,
     zoo_key,
 )
-from .store import STORE_VERSION, RunDir, atomic_write_bytes, settings_diff
+from .store import STORE_VERSION, RunDir, RunDirBusy, RunLock, atomic_write_bytes, settings_diff
 
 __all__ = [
     "ProfileConfig",
@@ -431,18 +431,29 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
     }
 
 
-def _claim(cfg: ProfileConfig, run_dir: RunDir, settings: dict[str, Any]) -> RunDir:
-    """Create the run directory and commit the settings there, exclusively: where another run
-    started at the same time claimed it first, an automatic name moves on to the next free
-    one and an explicit ``--out`` is refused (both runs wrote their records into one folder,
-    under one run's settings, and exited 0)."""
+def _claim(cfg: ProfileConfig, run_dir: RunDir, settings: dict[str, Any],
+           locks: list[RunLock]) -> RunDir:
+    """Create the run directory, take its run lock (appended to ``locks``: the caller releases
+    it) and commit the settings there, exclusively: where another run started at the same time
+    claimed it first, an automatic name moves on to the next free one and an explicit ``--out``
+    is refused (both runs wrote their records into one folder, under one run's settings, and
+    exited 0)."""
     for _ in range(100):
         run_dir.create()
         try:
+            lock = run_dir.lock()
+        except RunDirBusy:
+            if cfg.out:
+                raise
+            run_dir = RunDir(resolve_out(cfg))
+            continue
+        try:
             run_dir.clear_leftovers()
             run_dir.write_settings(settings, new=True)
+            locks.append(lock)
             return run_dir
         except FileExistsError:
+            lock.release()
             if cfg.out:
                 raise RunDirError(
                     f"output directory {run_dir.path} was claimed by another profile run "
@@ -450,16 +461,24 @@ def _claim(cfg: ProfileConfig, run_dir: RunDir, settings: dict[str, Any]) -> Run
                     "run has stopped)") from None
             run_dir = RunDir(resolve_out(cfg))
         except OSError as err:
+            lock.release()
             raise RunDirError(
                 f"cannot write to output directory {run_dir.path}: {err.strerror or err}"
             ) from None
     raise RunDirError(f"no free output directory next to {run_dir.path}; pass --out")
 
 
-def _prepare_root(cfg: ProfileConfig, dist: DistContext) -> tuple[_Prepared, Dataset, dict]:
+def _prepare_root(cfg: ProfileConfig, dist: DistContext,
+                  locks: list[RunLock]) -> tuple[_Prepared, Dataset, dict]:
+    """Rank 0's set-up: check or claim the run directory, holding its run lock (appended to
+    ``locks``, released by the caller when the run ends, however it ends), load the model and
+    the data, settle the settings."""
     run_dir = RunDir(resolve_out(cfg))
-    stored = run_dir.check_resume() if cfg.resume else None
-    if not cfg.resume:
+    stored = None
+    if cfg.resume:
+        stored, lock = run_dir.check_resume()
+        locks.append(lock)
+    else:
         run_dir.check_new()
     if stored is not None:  # what selects the model and data, before loading them (another
         # model or size failed in the checkpoint or split lookup, naming neither)
@@ -493,7 +512,7 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext) -> tuple[_Prepared, Dat
         settings = {**stored, **{k: settings[k] for k in ("batch_size", "device", "world_size",
                                                           "backend")}}
     else:
-        run_dir = _claim(cfg, run_dir, settings)
+        run_dir = _claim(cfg, run_dir, settings, locks)
         try:
             if not cfg.checkpoint and is_zoo_model(cfg.model):
                 atomic_write_bytes(run_dir.model_path, state_to_bytes(model))
@@ -956,6 +975,16 @@ def run_profile(cfg: ProfileConfig, dist: DistContext | None = None) -> ProfileO
 
 
 def _run(cfg: ProfileConfig, dist: DistContext) -> ProfileOutcome:
+    """:func:`_run_locked`, releasing rank 0's run lock however it ends (an error, SIGINT)."""
+    locks: list[RunLock] = []
+    try:
+        return _run_locked(cfg, dist, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> ProfileOutcome:
     from .report import summarize, write_outputs
 
     t_start = time.perf_counter()
@@ -964,7 +993,7 @@ def _run(cfg: ProfileConfig, dist: DistContext) -> ProfileOutcome:
 
     def setup() -> _Prepared:
         nonlocal data
-        prep, data_, extra = _prepare_root(cfg, dist)
+        prep, data_, extra = _prepare_root(cfg, dist, locks)
         data = data_
         root_extra.update(extra)
         return prep

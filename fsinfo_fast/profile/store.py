@@ -10,6 +10,7 @@ Layout of a run directory::
     summary.csv        one row per split
     samples.csv        one row per (sample, split)
     profile.png        leakage against split point
+    .profile.lock      the lock a run holds while it uses the directory (never removed)
 
 Record commits. Each record is one line ``{...}\\n`` whose JSON carries a CRC-32 of its own
 content (``"crc"``). A batch of records is written with one ``write`` of whole lines, then
@@ -19,17 +20,26 @@ the zero-filled tail a crash can leave), so a record is either fully present or 
 appending, the writer truncates a torn tail so that a new line never continues a broken one.
 Records are keyed by ``(sample, split)``; the reader keeps the first copy of a key, so the store
 never holds a duplicate result. Only one process (rank 0) ever appends.
+
+One run at a time. A run (rank 0) holds an exclusive, non-blocking ``flock`` on
+``.profile.lock`` from the moment it claims the directory (a new run) or checks it (``--resume``)
+until it exits (the operating system drops it when the process dies, SIGKILL included); a second
+run on the directory is refused, naming the process that holds it (written into the lock file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import socket
 import tempfile
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +48,8 @@ from .errors import ResumeError, RunDirError
 __all__ = [
     "RecordStore",
     "RunDir",
+    "RunLock",
+    "RunDirBusy",
     "atomic_write_bytes",
     "atomic_write_text",
     "canonical_json",
@@ -49,6 +61,7 @@ log = logging.getLogger(__name__)
 SETTINGS = "settings.json"
 RECORDS = "records.jsonl"
 MODEL = "model.pt"
+LOCK = ".profile.lock"
 #: Files a run directory may contain (anything else makes a directory "foreign").
 OUTPUTS = ("profile.json", "summary.csv", "samples.csv", "profile.png")
 #: Bump when the record or settings layout, or the way a record's numbers are computed, changes
@@ -248,6 +261,88 @@ class RecordStore:
         self.close()
 
 
+class RunDirBusy(RunDirError):
+    """Another profile run holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on a run directory's lock file (see the module
+    docstring). :meth:`acquire` raises :class:`RunDirBusy` where another process holds it;
+    :meth:`release` (or the process's exit) drops it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system
+            warnings.warn(f"cannot lock {self.path.parent} (no fcntl here): a second profile "
+                          "run on it at the same time would not be detected", stacklevel=2)
+            return self
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise RunDirError(f"cannot create the lock file {self.path}: "
+                              f"{err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise RunDirBusy(
+                    f"output directory {self.path.parent} is in use by another profile run "
+                    f"({self.holder() or 'process unknown'}); wait for it to finish or stop "
+                    "it, then --resume (or choose another --out)") from None
+            warnings.warn(f"cannot lock {self.path.parent} ({err.strerror or err}: a file "
+                          "system without flock): a second profile run on it at the same time "
+                          "would not be detected", stacklevel=2)
+            return self
+        self._fd = fd
+        with contextlib.suppress(OSError):  # who holds it, for the refusal of another run
+            os.ftruncate(fd, 0)
+            now = datetime.now().isoformat(timespec="seconds")
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {now}\n"
+                      .encode(), 0)
+        return self
+
+    def holder(self) -> str:
+        """What the lock file says about the process holding it (``""`` where unknown)."""
+        try:
+            return self.path.read_text("utf-8", errors="replace").strip()[:200]
+        except OSError:
+            return ""
+
+    def busy(self) -> str | None:
+        """The holder (or ``"process unknown"``) where another process holds the lock now,
+        else None (the lock is not taken)."""
+        if not self.path.is_file():
+            return None
+        try:
+            self.acquire()
+        except RunDirBusy:
+            return self.holder() or "process unknown"
+        except RunDirError:
+            return None
+        self.release()
+        return None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+        os.close(self._fd)  # drops the flock
+        self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 def _describe(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -285,6 +380,10 @@ class RunDir:
     def model_path(self) -> Path:
         return self.path / MODEL
 
+    def lock(self) -> RunLock:
+        """Take the directory's run lock (:class:`RunDirBusy` where another run holds it)."""
+        return RunLock(self.path / LOCK).acquire()
+
     def exists(self) -> bool:
         """Whether this directory holds a run (its settings file)."""
         return self.settings_path.is_file()
@@ -320,6 +419,11 @@ class RunDir:
             except OSError as err:
                 raise RunDirError(
                     f"cannot read output directory {p}: {err.strerror or err}") from None
+            holder = RunLock(p / LOCK).busy()
+            if holder is not None:
+                raise RunDirBusy(
+                    f"output directory {p} is in use by another profile run ({holder}); "
+                    "choose another --out (or --resume it once that run has stopped)")
             if entries:
                 what = "a previous profile run" if self.exists() else "other files"
                 raise RunDirError(
@@ -328,10 +432,13 @@ class RunDir:
                 )
         self._check_writable()
 
-    def check_resume(self) -> dict[str, Any]:
-        """Raise unless the directory holds a run that can be continued; return its settings.
+    def check_resume(self) -> tuple[dict[str, Any], RunLock]:
+        """Raise unless the directory holds a run that can be continued; return its settings
+        and the run lock, now held (:class:`RunDirBusy` where another run holds it; the caller
+        releases it).
 
-        Temporary files of an interrupted atomic write are removed."""
+        Temporary files of an interrupted atomic write are removed (once the lock is held: not
+        another run's)."""
         if not self.path.is_dir():
             raise ResumeError(
                 f"--resume: output directory {self.path} does not exist; start a new run "
@@ -339,17 +446,18 @@ class RunDir:
             )
         settings = self.load_settings()
         self._check_writable()
+        lock = self.lock()
         for tmp in self.path.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()
-        return settings
+        return settings, lock
 
     def _setup_leftover(self, entry: Path) -> bool:
         """Files an interrupted set-up may leave before ``settings.json`` exists (a new run may
         replace them): the demo weights and temporary files of atomic writes."""
         if self.settings_path.exists():
             return False
-        return entry.is_file() and (entry.name == MODEL or (
+        return entry.is_file() and (entry.name in (MODEL, LOCK) or (
             entry.name.startswith(".") and entry.name.endswith(".tmp")))
 
     def _check_writable(self) -> None:
@@ -383,7 +491,7 @@ class RunDir:
         if self.settings_path.exists() or not self.path.is_dir():
             return
         for entry in list(self.path.iterdir()):
-            if self._setup_leftover(entry):
+            if self._setup_leftover(entry) and entry.name != LOCK:  # another run may hold it
                 with contextlib.suppress(OSError):
                     entry.unlink()
 
