@@ -197,3 +197,27 @@ def test_run_lock_is_released_on_interrupt_and_error(singular_setup, monkeypatch
     out = run_profile(_cfg(tmp, variant="diag", batch_size=2, resume=True))
     assert out.computed == 4
 
+
+# ------------------------------------------------------------------------------------------------
+# profile.png with one split
+
+
+def test_one_split_plot_draws_a_visible_sample_range(singular_setup):
+    """With one split the sample-range band (fill_between over one x) had no width, though
+    listed in the legend: a visible bar from min to max now."""
+    from fsinfo_fast.profile.plot import profile_figure
+
+    out = run_profile(_cfg(singular_setup, variant="diag"))
+    st = out.summary["splits"][0]["fsinfo_diag"]
+    assert st["max"] > st["min"]
+    from matplotlib.collections import LineCollection, PolyCollection
+
+    ax = profile_figure(out.summary).axes[0]
+    ranges = [c for c in ax.collections if c.get_label() == "FSInfo diag: sample range"]
+    assert len(ranges) == 1
+    (r,) = ranges
+    width = r.get_paths()[0].get_extents().width  # x data units
+    assert (isinstance(r, PolyCollection) and width > 0) or (
+        isinstance(r, LineCollection) and min(r.get_linewidth()) >= 5)  # points: seen
+    ys = [v[1] for path in r.get_paths() for v in path.vertices]
+    assert min(ys) == pytest.approx(st["min"]) and max(ys) == pytest.approx(st["max"])

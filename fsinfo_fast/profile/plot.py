@@ -3,7 +3,8 @@
 Four panels sharing the split axis:
 
 1. FSInfo (diag, and log det where finite): the mean over samples with its 95% estimator
-   interval as error bars, and the spread over samples (min to max) as a band;
+   interval as error bars, and the spread over samples (min to max) as a band (a thick bar
+   where only one split has a point);
 2. dFIL (log scale), the same way;
 3. the worst-case error bounds (log scale): ``1/dFIL`` (proven, unbiased attackers) and the FSInfo
    surrogate ``exp(-2 FSInfo)/(2 pi e)``, with their intervals;
@@ -91,8 +92,14 @@ def profile_figure(summary: dict[str, Any], dpi: int = 110):
         px = [p[0] for p in pts]
         mean = [p[1]["mean"] for p in pts]
         err = list(zip(*[_err(p[1]["mean"], *p[1]["mean_ci95"]) for p in pts], strict=True))
-        ax.fill_between(px, [p[1]["min"] for p in pts], [p[1]["max"] for p in pts],
-                        color=color, alpha=0.15, linewidth=0, label=f"{label}: sample range")
+        lo = [p[1]["min"] for p in pts]
+        hi = [p[1]["max"] for p in pts]
+        if len(px) > 1:
+            ax.fill_between(px, lo, hi, color=color, alpha=0.15, linewidth=0,
+                            label=f"{label}: sample range")
+        else:  # a band over one x has no width: a thick bar instead
+            ax.vlines(px, lo, hi, color=color, alpha=0.25, linewidth=12,
+                      label=f"{label}: sample range")
         ax.errorbar(px, mean, yerr=err, color=color, marker=marker, capsize=4,
                     label=f"{label}: mean ± 95% CI")
         hollow(ax, px, mean, [_flagged(p[1]) for p in pts], color, marker)
