@@ -2,7 +2,8 @@
 
 For each split point and each sample: FSInfo (the diagonal variant; with ``--variant both`` also
 the log-det variant where it can be finite, i.e. ``m >= d``, or everywhere with ``--prior-var``;
-``-inf`` with the reason elsewhere), dFIL, the error bounds
+``-inf`` with the reason elsewhere, and a split's mean is ``-inf`` where any sample's is: see
+:mod:`.report`), dFIL, the error bounds
 (``1/dFIL``, proven for unbiased attackers; the FSInfo surrogate ``exp(-2 FSInfo)/(2 pi e)``) and
 the FSInfoGuard noise scale ``sigma*`` for ``--target``, each with a 95% interval. Results go to a
 run directory: per-sample records as they are computed, then ``profile.json``, ``summary.csv``,
@@ -19,7 +20,8 @@ Usage::
     fsinfo-fast profile --model resnet18 --data natural --max-samples 16
     fsinfo-fast profile --model vgg5 --checkpoint vgg5.pt --data ./images --splits 0-3
     fsinfo-fast profile --model mypkg.models:encoder --splits layer1,layer2 --out run1
-    fsinfo-fast profile --out run1 --resume     # continue an interrupted run
+    fsinfo-fast profile --out run1 --resume     # continue an interrupted run (one run at a
+                                                # time per directory: a lock, .profile.lock)
     torchrun --nproc-per-node 4 -m fsinfo_fast profile --model resnet18 --out run2
 
 Defaults (no arguments, what ``make demo`` runs): ``--model vgg5`` trained briefly (2 epochs,
