@@ -133,3 +133,107 @@ def test_metric_compute_before_update_and_singular_samples():
     out = m.compute()
     assert float(out["mean"]) == -math.inf and float(out["stderr"]) == math.inf
     assert int(out["n_neg_inf"]) == 1 and int(out["count"]) == 3
+
+
+# -- backends (differential fuzz) ----------------------------------------------------------------
+
+
+def _products_vs_oracle(enc, x, backend):
+    from fsinfo_fast.reference import jacobian
+
+    J = jacobian(enc, x)
+    gen = torch.Generator().manual_seed(0)
+    U = torch.randn(x.shape[0], 3, J.shape[1], generator=gen, dtype=torch.float64)
+    V = torch.randn(x.shape[0], 3, J.shape[2], generator=gen, dtype=torch.float64)
+    P = ff.linearize(enc, x, backend=backend).products
+    uj, jv = P.vjp(U.to(x.dtype)).double(), P.jvp(V.to(x.dtype)).double()
+    want_uj = torch.einsum("bmd,bkm->bkd", J, U)
+    want_jv = torch.einsum("bmd,bkd->bkm", J, V)
+    return (float((uj - want_uj).norm() / want_uj.norm()),
+            float((jv - want_jv).norm() / want_jv.norm()), P)
+
+
+def test_lstm_products_on_every_backend():
+    """nn.LSTM(batch_first=True) on the CPU: every backend's VJP (auto and default
+    ff.fsinfo included) raised torch's 'Expected a proper Tensor but got None ... workspace':
+    the pullback was built under no_grad, where the mkldnn LSTM kernel keeps no workspace for
+    its backward. Pullbacks are built in grad mode now; the products equal the oracle's."""
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(4, 3, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    torch.manual_seed(0)
+    enc, x = Enc().eval(), torch.randn(2, 5, 4)
+    for backend in ("torch", "engine", "auto"):
+        e_vjp, e_jvp, _ = _products_vs_oracle(enc, x, backend)
+        assert e_vjp < 1e-5 and e_jvp < 1e-5, (backend, e_vjp, e_jvp)
+    r = ff.fsinfo(enc, x, sigma=0.1)
+    torch.testing.assert_close(r.value, ff.fsinfo(enc, x, sigma=0.1, estimator="exact").value,
+                               rtol=0, atol=1e-5)
+
+
+def test_complex_intermediate_is_not_a_constant_in_the_engine():
+    """A feature computed through torch.fft (a complex intermediate): the engine skipped the
+    node as if it had no derivative (the two spectral features' Jacobian rows came back 0,
+    relative error 2.4e-3, under the cross-check's tolerance), and auto served it unflagged.
+    The engine now refuses it naming the node; auto falls back to torch, recorded, with the
+    oracle's products."""
+    from fsinfo_fast.errors import BackendUnavailableError
+
+    class Enc(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 512)
+
+        def forward(self, x):
+            spec = torch.fft.rfft(x, dim=-1).abs()
+            feats = torch.stack([spec[:, :8].mean(-1), spec[:, 8:].mean(-1)], -1) * 0.01
+            return torch.cat([self.lin(x), feats], -1)
+
+    torch.manual_seed(0)
+    enc, x = Enc().eval(), torch.randn(2, 64)
+    with pytest.raises(BackendUnavailableError, match="complex-valued"):
+        _ = ff.linearize(enc, x, backend="engine").products
+    e_vjp, e_jvp, P = _products_vs_oracle(enc, x, "auto")
+    assert e_vjp < 1e-5 and e_jvp < 1e-5
+    assert "complex-valued" in P.info["backend_fallback"]
+
+
+def test_engine_cross_check_falls_back_to_autograd(monkeypatch):
+    """Where torch.func's VJP could not run at the cross-check, the engine was served
+    unchecked; autograd's reverse mode is now the reference there, and where neither runs the
+    skipped check is recorded."""
+    import fsinfo_fast.engine as eng
+    from fsinfo_fast.encoder import clear_validation_cache
+    from fsinfo_fast.engine.torchfunc import TorchFuncProducts
+
+    def broken(self, U):
+        raise RuntimeError("torch.func cannot run this")
+
+    def fresh():  # a new module: its own capture, checked as a first batch
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh()).eval()
+
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = eng._autograd_vjp
+    monkeypatch.setattr(TorchFuncProducts, "vjp", broken)
+    monkeypatch.setattr(eng, "_autograd_vjp", lambda enc, u: calls.append(1) or real(enc, u))
+    clear_validation_cache()
+    P = ff.linearize(fresh(), x, backend="engine").products
+    assert calls and "cross_check" not in P.info
+
+    def wrong(enc, u):  # a reference the engine disagrees with: refused, not served
+        return 2 * real(enc, u)
+
+    monkeypatch.setattr(eng, "_autograd_vjp", wrong)
+    with pytest.raises(ff.errors.BackendUnavailableError, match="disagree"):
+        _ = ff.linearize(fresh(), x, backend="engine").products
+    monkeypatch.setattr(eng, "_autograd_vjp", lambda enc, u: broken(None, u))
+    P = ff.linearize(fresh(), x, backend="engine").products
+    assert P.info["cross_check"].startswith("skipped")

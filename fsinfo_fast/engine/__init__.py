@@ -146,7 +146,8 @@ def _cross_check(prods, enc: PreparedEncoder, kw: dict) -> None:
     all: the engine differentiated through a stop-gradient), and a node's rule may fail only
     when it runs (an in-place ``copy_`` into a slice). Raises :class:`~.capture.CaptureError`
     with the reason where they disagree or the engine's product fails; where ``torch.func``
-    itself cannot run the encoder there is nothing to compare with and the engine serves.
+    itself cannot run the encoder, autograd's reverse mode is the reference (where neither
+    runs, the engine serves with ``info["cross_check"]`` saying the check was skipped).
 
     The first batch's outcome is kept per captured graph (``Captured.checked``): a refusal
     stays for this shape. After a pass the comparison runs again on every later batch, because
@@ -195,6 +196,15 @@ def _engine_product(product, t: torch.Tensor, what: str) -> torch.Tensor:
                            f"{str(err).splitlines()[0][:200]}") from err
 
 
+def _autograd_vjp(enc: PreparedEncoder, u: torch.Tensor) -> torch.Tensor:
+    """``J^T u`` (``u``: ``[B, 1, m]``) by plain autograd, one backward pass."""
+    with torch.enable_grad():
+        x = enc.x.detach().requires_grad_(True)
+        y = enc.fn(x)
+        (g,) = torch.autograd.grad(y, x, u[:, 0].to(y.dtype))
+    return g.unsqueeze(1)
+
+
 def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict, reuse: bool = False
                              ) -> None:
     """``reuse``: where ``enc`` carries the seeded VJP of its re-validation (a cached batch of
@@ -212,8 +222,16 @@ def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict, reuse: bool 
                         kind="gaussian", dtype=enc.x.dtype, device=enc.x.device)
         try:
             ref = TorchFuncProducts(enc, memory_budget=kw.get("memory_budget")).vjp(u)
-        except Exception:  # torch.func cannot run it (buffer writes, old-style Functions, ...)
-            return
+        except Exception:  # noqa: BLE001  torch.func cannot run it (buffer writes, old-style
+            # Functions, ...): autograd's reverse mode is the reference (it was skipped, and
+            # the engine served unchecked)
+            try:
+                ref = _autograd_vjp(enc, u)
+            except Exception as err:  # noqa: BLE001
+                prods.cross_check_note = (
+                    f"skipped: neither torch.func nor autograd could differentiate the encoder "
+                    f"here ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+                return
     got = _engine_product(prods.vjp, u, "vector-Jacobian")
     ref64, got64 = ref.to(torch.float64).flatten(1), got.to(torch.float64).flatten(1)
     rtol = CROSS_CHECK_RTOL if kw.get("scale_dtype") is None else CROSS_CHECK_RTOL_SCALED

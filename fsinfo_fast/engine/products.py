@@ -53,6 +53,12 @@ def _is_float(v: Any) -> bool:
     return isinstance(v, Tensor) and v.is_floating_point()
 
 
+def _has_complex(v: Any) -> bool:
+    if isinstance(v, (tuple, list)):
+        return any(_has_complex(x) for x in v)
+    return isinstance(v, Tensor) and v.is_complex()
+
+
 def _has_float(v: Any) -> bool:
     if isinstance(v, (tuple, list)):
         return any(_is_float(x) for x in v)
@@ -171,6 +177,7 @@ class LinearisedProducts:
         active: set[fx.Node] = set()
         steps: list[_Step] = []
         self.fallbacks: list[dict[str, str]] = []
+        self.cross_check_note: str | None = None  # why the check against autograd was skipped
         self._n_out: dict[fx.Node, int] = {}
         feed = iter(self._inputs_of(cap, x))
         order = {n: i for i, n in enumerate(cap.graph.nodes)}
@@ -229,8 +236,17 @@ class LinearisedProducts:
             env[node] = value
             if isinstance(value, (tuple, list)):
                 self._n_out[node] = len(value)
-            if not _has_float(value) or getattr(target, "overloadpacket", None) in CONSTANT_OPS:
+            if getattr(target, "overloadpacket", None) in CONSTANT_OPS:
                 continue  # no derivative flows through
+            if not _has_float(value):
+                if _has_complex(value) and self._active_inputs(node, active)[0]:
+                    # the rules are real-valued: skipping the node dropped its derivative
+                    # (an FFT feature came back with a zero Jacobian, unflagged)
+                    raise CaptureError(
+                        f"node {node.name} ({target}) computes a complex-valued tensor from the "
+                        "input; the engine's rules are real-valued (backend='torch' "
+                        "differentiates complex intermediates)")
+                continue  # integer or boolean: no derivative flows through
             inputs, act, kw_active, list_lens = self._active_inputs(node, active)
             if not inputs:
                 continue
@@ -362,8 +378,11 @@ class LinearisedProducts:
     @property
     def info(self) -> dict[str, Any]:
         """What a metric records in ``result.info`` about how its products were computed."""
-        return {"engine_nodes": len(self.node_kinds),
-                "engine_fallback_nodes": [dict(f) for f in self.fallbacks]}
+        out = {"engine_nodes": len(self.node_kinds),
+               "engine_fallback_nodes": [dict(f) for f in self.fallbacks]}
+        if self.cross_check_note:  # the check against autograd could not run
+            out["cross_check"] = self.cross_check_note
+        return out
 
     # -- products -------------------------------------------------------------------------------
     def _check(self, T: Tensor, n: int, name: str) -> Tensor:

@@ -39,6 +39,12 @@ def default_memory_budget(device: torch.device) -> int:
     return int(DEFAULT_MEMORY_FRACTION * free)
 
 
+def needs_grad_mode(err: BaseException) -> bool:
+    """Whether a pullback failed because it was built under no_grad, where a kernel keeps no
+    state for its backward (the CPU LSTM's mkldnn_rnn_layer and its workspace)."""
+    return "expected a proper tensor but got none" in str(err).lower()
+
+
 def _no_batching_rule(msg: str) -> bool:
     """Whether a vmap failure is an op without a batching rule (a loop over the probes gives
     the same values), not a random draw or data-dependent control flow (which it would not)."""
@@ -83,6 +89,7 @@ class TorchFuncProducts:
         self._pullback = None
         self._pullback2 = None  # the double-backward route's (see _double_pullback)
         self._loop_probes = False  # an op has no vmap batching rule: one probe at a time
+        self._grad_mode = False  # build the pullbacks in grad mode (see _in_grad_mode_if_needed)
         #: what the metrics record in ``result.info`` (e.g. why ``auto`` fell back to torch)
         self.info: dict = {}
 
@@ -92,6 +99,7 @@ class TorchFuncProducts:
         sub = TorchFuncProducts(self.enc.select(idx), **self._options)
         sub.forward_mode, sub._jvp_route = self.forward_mode, self._jvp_route
         sub._loop_probes, sub.info = self._loop_probes, dict(self.info)
+        sub._grad_mode = self._grad_mode
         return sub
 
     # -- products -----------------------------------------------------------------------------
@@ -141,10 +149,14 @@ class TorchFuncProducts:
         """``J_b^T u`` for every sample ``b`` and probe: ``[B, K, m] -> [B, K, d]``."""
         U = self._check(U, self.m, "vjp")
         with func_errors():
-            if self._pullback is None:
-                _, self._pullback = _vjp(self.enc.fn, self.x)
-            pull = self._pullback
-            out = self._vmap_probes(lambda u: pull(u)[0], U, loop_ok=True)
+            def run() -> Tensor:
+                if self._pullback is None:
+                    with torch.set_grad_enabled(self._grad_mode):
+                        _, self._pullback = _vjp(self.enc.fn, self.x)
+                pull = self._pullback
+                return self._vmap_probes(lambda u: pull(u)[0], U, loop_ok=True)
+
+            out = self._in_grad_mode_if_needed(run)
         self.vjp_passes += U.shape[1]
         return out
 
@@ -167,9 +179,11 @@ class TorchFuncProducts:
                         out = self._vmap_probes(
                             lambda v: _jvp(self.enc.fn, (self.x,), (v,))[1], V)
                     else:
-                        pb2 = self._double_pullback()
-                        out = self._vmap_probes(lambda v, pb2=pb2: pb2(v)[0], V,
-                                                loop_ok=True)
+                        def run() -> Tensor:
+                            pb2 = self._double_pullback()
+                            return self._vmap_probes(lambda v: pb2(v)[0], V, loop_ok=True)
+
+                        out = self._in_grad_mode_if_needed(run)
             except torch.OutOfMemoryError:
                 raise  # chunked smaller already; double backward would need more memory
             except (RuntimeError, NotImplementedError) as err:
@@ -209,5 +223,22 @@ class TorchFuncProducts:
                 return pb(u)[0]
 
             u0 = torch.zeros(self.batch, self.m, dtype=self.dtype, device=self.device)
-            _, self._pullback2 = _vjp(pull, u0)
+            with torch.set_grad_enabled(self._grad_mode):
+                _, self._pullback2 = _vjp(pull, u0)
         return self._pullback2
+
+    def _in_grad_mode_if_needed(self, run):
+        """``run()``; where a pullback built under no_grad fails because a kernel kept no
+        backward state there (the CPU LSTM's mkldnn_rnn_layer drops its workspace: 'Expected a
+        proper Tensor but got None'), the pullbacks are built again in grad mode, as autograd
+        builds them, and ``run`` is retried. Not grad mode from the start: there a tensor
+        computed from the parameters requires grad, which some kernels refuse (the CPU flash
+        attention's float mask in transformers' Swin)."""
+        try:
+            return run()
+        except RuntimeError as err:
+            if self._grad_mode or not needs_grad_mode(err):
+                raise
+            self._grad_mode = True
+            self._pullback = self._pullback2 = None
+            return run()
