@@ -83,16 +83,20 @@ def decomposition_table() -> dict:
     return table
 
 
-def _opaque(name: str, fn: Callable, schema: str, n_tensors: int) -> Any:
+def _opaque(name: str, fn: Callable, schema: str, n_tensors: int,
+            out_shape: Callable[..., list[int]]) -> Any:
     """``fn`` as an opaque torch op ``fsinfo_fast_capture::name`` (one graph node): its fake
-    kernel gives the first input's shape, autograd goes through ``torch.func.vjp`` of ``fn``
-    (used only where the engine's rule declines and the node runs through torch.func)."""
+    kernel gives a *contiguous* tensor of ``out_shape(*args)`` (the real op's exact output
+    shape; ``fn`` returns a contiguous tensor too, so that ``make_fx`` records the views that
+    follow for the layout the replay produces), autograd goes through ``torch.func.vjp`` of
+    ``fn`` (used only where the engine's rule declines and the node runs through torch.func)."""
     op = torch.library.custom_op(f"fsinfo_fast_capture::{name}", fn, mutates_args=(),
                                  schema=schema)
 
     @op.register_fake
     def _fake(*args):
-        return torch.empty_like(args[0])
+        first = args[0]
+        return first.new_empty(out_shape(*args))
 
     def setup(ctx, inputs, output):
         ctx.inputs = inputs
@@ -118,23 +122,42 @@ def _opaque(name: str, fn: Callable, schema: str, n_tensors: int) -> Any:
 
 def _rms_norm(input: Tensor, normalized_shape: list[int], weight: Tensor | None,
               eps: float | None) -> Tensor:
-    return F.rms_norm(input, normalized_shape, weight, eps)
+    return F.rms_norm(input, normalized_shape, weight, eps).contiguous()
+
+
+def _rms_norm_shape(input: Tensor, *_: Any) -> list[int]:
+    return list(input.shape)
 
 
 def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
           is_causal: bool, scale: float | None, enable_gqa: bool) -> Tensor:
     return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
-                                          scale=scale, enable_gqa=enable_gqa)
+                                          scale=scale, enable_gqa=enable_gqa).contiguous()
+
+
+def _sdpa_shape(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
+                dropout_p: float, is_causal: bool, scale: float | None,
+                enable_gqa: bool) -> list[int]:
+    """The output shape of ``F.scaled_dot_product_attention``: the batch dimensions of query,
+    key and value broadcast (with ``enable_gqa``, the heads are the query's), the query's
+    length ``L`` and the value's head dimension ``Ev``."""
+    batch = [tuple(t.shape[:-2]) for t in (query, key, value)]
+    if enable_gqa and query.dim() >= 3:
+        batch = [b[:-1] for b in batch]
+        heads: tuple = (query.shape[-3],)
+    else:
+        heads = ()
+    return [*torch.broadcast_shapes(*batch), *heads, query.shape[-2], value.shape[-1]]
 
 
 #: ``F.rms_norm`` as one op (its composite decomposes on a CPU before any table sees it)
 RMS_NORM_OP = _opaque("rms_norm", _rms_norm,
                       "(Tensor input, int[] normalized_shape, Tensor? weight, float? eps) "
-                      "-> Tensor", 3)
+                      "-> Tensor", 3, _rms_norm_shape)
 #: ``F.scaled_dot_product_attention`` as one op, whatever kernel it would pick
 SDPA_OP = _opaque("sdpa", _sdpa,
                   "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
-                  "bool is_causal, float? scale, bool enable_gqa) -> Tensor", 4)
+                  "bool is_causal, float? scale, bool enable_gqa) -> Tensor", 4, _sdpa_shape)
 
 
 def _route_rms_norm(input, normalized_shape, weight=None, eps=None):

@@ -232,7 +232,7 @@ class LinearisedProducts:
             schema = getattr(target, "_schema", None)
             if schema is not None and schema.is_mutable:
                 target = self._out_of_place(node, target, order)
-            value = target(*args, **kwargs)
+            value = self._replay(node, target, args, kwargs)
             env[node] = value
             if isinstance(value, (tuple, list)):
                 self._n_out[node] = len(value)
@@ -274,6 +274,20 @@ class LinearisedProducts:
         self._plan()
         self.node_kinds = {s.node.name: s.lin.kind for s in self._steps
                            if not isinstance(s.lin, _GetItem)}
+
+    @staticmethod
+    def _replay(node: fx.Node, target: Any, args: Any, kwargs: dict) -> Any:
+        """One node of the captured graph on the real batch; a failure (the capture recorded
+        something the real tensors do not fit, e.g. a ``view`` of a layout the real op does
+        not produce) raised as :class:`CaptureError` naming the node."""
+        try:
+            return target(*args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001  (any op's error)
+            msg = str(err).splitlines()[0][:300] if str(err) else ""
+            raise CaptureError(f"replaying the captured graph failed at node {node.name} "
+                               f"({target}): {type(err).__name__}: {msg}") from err
 
     @staticmethod
     def _out_of_place(node: fx.Node, op: Any, order: dict) -> Any:

@@ -1,0 +1,127 @@
+"""Fuzz round 7, engine backend: opaque capture ops (attention, RMS norm) with the real op's
+output shape and layout, replay failures as capture errors, declined opaque nodes served by
+the per-node fallback, and the reasons the engine gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fsinfo_fast as ff
+from fsinfo_fast.encoder import prepare
+from fsinfo_fast.engine import make_products
+from fsinfo_fast.engine.capture import CaptureError, capture
+from fsinfo_fast.engine.products import LinearisedProducts
+from fsinfo_fast.errors import BackendUnavailableError
+from fsinfo_fast.reference import jacobian
+
+T, E = 5, 8
+
+
+def _check(model: nn.Module, x: torch.Tensor, tol: float = 1e-5, k: int = 3
+           ) -> LinearisedProducts:
+    """The engine's float32 products against the float64 Jacobian on seeded probes."""
+    P = LinearisedProducts(prepare(model, x, dtype=torch.float32))
+    J = jacobian(model, x)
+    g = torch.Generator().manual_seed(7)
+    V = torch.randn(P.batch, k, P.d, generator=g, dtype=torch.float64)
+    U = torch.randn(P.batch, k, P.m, generator=g, dtype=torch.float64)
+    jv = P.jvp(V.float()).double()
+    vj = P.vjp(U.float()).double()
+    want_jv = torch.einsum("bmd,bkd->bkm", J, V)
+    want_vj = torch.einsum("bmd,bkm->bkd", J, U)
+    assert float((jv - want_jv).norm() / want_jv.norm()) <= tol
+    assert float((vj - want_vj).norm() / want_vj.norm()) <= tol
+    return P
+
+
+class ConstMem(nn.Module):
+    """Input-dependent query, learned key/value memory [1, H, S, D] broadcast over the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.k = nn.Parameter(torch.randn(1, 2, 4, 4))
+        self.v = nn.Parameter(torch.randn(1, 2, 4, 4))
+        self.q = nn.Linear(E, E)
+
+    def forward(self, x):
+        b = x.shape[0]
+        q = self.q(x).view(b, T, 2, 4).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, self.k, self.v).transpose(1, 2).reshape(b, T, E)
+
+
+class RMSTransposed(nn.Module):
+    def forward(self, x):  # RMS-normalise over T
+        y = F.rms_norm(x.transpose(1, 2), (T,))
+        return y.transpose(1, 2).reshape(x.shape[0], -1)
+
+
+class SDPAvdim(nn.Module):
+    """Value head dimension 3, query/key head dimension 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(E, 8), nn.Linear(E, 8), nn.Linear(E, 6)
+
+    def forward(self, x):
+        b = x.shape[0]
+        q = self.q(x).view(b, T, 2, 4).transpose(1, 2)
+        k = self.k(x).view(b, T, 2, 4).transpose(1, 2)
+        v = self.v(x).view(b, T, 2, 3).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, T, 6)
+
+
+def test_sdpa_with_constant_key_value_broadcast_over_the_batch():
+    """Was a raw 'view size is not compatible' RuntimeError on engine, cpp, auto and default
+    ff.fsinfo (the fake kernel copied the query's strides)."""
+    torch.manual_seed(0)
+    enc, x = ConstMem().eval(), torch.randn(2, T, E)
+    P = _check(enc, x)
+    assert "attention" in P.node_kinds.values()
+    r = ff.fsinfo(enc, x, sigma=0.1)
+    assert r.info["backend"] in ("engine", "cpp")
+    ref = ff.fsinfo(enc, x, sigma=0.1, backend="torch")
+    assert torch.allclose(r.value, ref.value, rtol=1e-4, atol=1e-4)
+
+
+def test_rms_norm_over_a_transposed_view():
+    torch.manual_seed(0)
+    _check(RMSTransposed(), torch.randn(2, T, E))
+
+
+def test_sdpa_with_value_head_dim_unlike_the_query():
+    """The capture failed ("shape '[2, 5, 6]' is invalid for input of size 80")."""
+    torch.manual_seed(0)
+    P = _check(SDPAvdim().eval(), torch.randn(2, T, E))
+    assert "attention" in P.node_kinds.values()
+    assert P.fallbacks == []
+
+
+def test_a_failure_replaying_the_graph_is_a_capture_error_naming_the_node():
+    """An op of the captured graph that fails on the real batch was a raw traceback on every
+    engine backend and under auto: now a CaptureError naming the node (auto falls back to
+    torch with the reason, an explicit engine raises BackendUnavailableError)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh()).eval()
+    x = torch.randn(2, 4)
+    cap = capture(model, x)
+    node = next(n for n in cap.graph.nodes if n.op == "call_function"
+                and "tanh" in str(n.target))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("view size is not compatible with input tensor's size and stride")
+
+    node.target = broken
+    enc = prepare(model, x)
+    with pytest.raises(CaptureError, match=f"replaying the captured graph failed at node "
+                       f"{node.name} .*view size is not compatible"):
+        LinearisedProducts(enc)
+    with pytest.raises(BackendUnavailableError, match=f"'engine' was requested but cannot serve "
+                       f"this encoder: replaying the captured graph failed at node {node.name}"):
+        make_products(enc, "engine")
+    r = ff.fsinfo(model, x, sigma=0.1)
+    assert r.info["backend"] == "torch"
+    assert f"replaying the captured graph failed at node {node.name}" in \
+        r.info["backend_fallback"]
