@@ -125,3 +125,57 @@ def test_a_failure_replaying_the_graph_is_a_capture_error_naming_the_node():
     assert r.info["backend"] == "torch"
     assert f"replaying the captured graph failed at node {node.name}" in \
         r.info["backend_fallback"]
+
+
+class GQA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(E, 8), nn.Linear(E, 4), nn.Linear(E, 4)
+
+    def forward(self, x):
+        b = x.shape[0]
+        q = self.q(x).view(b, T, 4, 2).transpose(1, 2)
+        k = self.k(x).view(b, T, 2, 2).transpose(1, 2)
+        v = self.v(x).view(b, T, 2, 2).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b, T, E)
+
+
+class InputMask(nn.Module):
+    """An additive attention mask computed from the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(E, E)
+
+    def forward(self, x):
+        b = x.shape[0]
+        q = self.q(x).view(b, T, 2, 4).transpose(1, 2)
+        mask = torch.tanh(x @ x.transpose(1, 2)).unsqueeze(1)
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, T, E)
+
+
+class RMSInputWeight(nn.Module):
+    def forward(self, x):
+        return torch.stack([F.rms_norm(xi, (E,), weight=xi[0].sigmoid()) for xi in x.unbind(0)])
+
+
+@pytest.mark.parametrize("model, op, reason", [
+    (GQA, "sdpa", "grouped-query"),
+    (InputMask, "sdpa", "argument 3"),
+    (RMSInputWeight, "rms_norm", "argument 2"),
+])
+def test_declined_opaque_nodes_run_the_plain_function(model, op, reason):
+    """Where the attention or RMS-norm rule declines, the node's per-node torch.func fallback
+    ran the capture's custom op, whose autograd cannot run under torch.func: explicit engine
+    was refused with an unrelated 'setup_context' message. It now runs the function the op
+    wraps, and is exact."""
+    torch.manual_seed(0)
+    enc, x = model().eval(), torch.randn(2, T, E)
+    P = _check(enc, x)
+    assert P.fallbacks and all(f"fsinfo_fast_capture.{op}" in f["op"] for f in P.fallbacks)
+    assert all(reason in f["reason"] for f in P.fallbacks)
+    r = ff.fsinfo(enc, x, sigma=0.1, backend="engine")
+    ref = ff.fsinfo(enc, x, sigma=0.1, backend="torch")
+    assert torch.allclose(r.value, ref.value, rtol=1e-4, atol=1e-4)

@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten
 from ..encoder import cdist_as_norm, forward_hooks_key
 
 __all__ = ["Captured", "CaptureError", "capture", "decomposition_table", "KEEP_WHOLE",
-           "recapture"]
+           "OPAQUE_IMPLS", "recapture"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -135,6 +135,16 @@ def _sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, d
                                           scale=scale, enable_gqa=enable_gqa).contiguous()
 
 
+def _sdpa_math(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
+               dropout_p: float, is_causal: bool, scale: float | None,
+               enable_gqa: bool) -> Tensor:
+    """:func:`_sdpa` through the composite math kernel (matmuls and a softmax: forward-mode
+    and double-backward derivatives exist, which the fused CPU/CUDA kernels lack)."""
+    return aten._scaled_dot_product_attention_math(query, key, value, attn_mask, dropout_p,
+                                                   is_causal, scale=scale,
+                                                   enable_gqa=enable_gqa)[0]
+
+
 def _sdpa_shape(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None,
                 dropout_p: float, is_causal: bool, scale: float | None,
                 enable_gqa: bool) -> list[int]:
@@ -158,6 +168,12 @@ RMS_NORM_OP = _opaque("rms_norm", _rms_norm,
 SDPA_OP = _opaque("sdpa", _sdpa,
                   "(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, float dropout_p, "
                   "bool is_causal, float? scale, bool enable_gqa) -> Tensor", 4, _sdpa_shape)
+
+#: the plain PyTorch function each opaque op wraps (the per-node ``torch.func`` fallback runs
+#: it where the engine's rule declines: the custom op's own autograd cannot run under
+#: ``torch.func`` transforms)
+OPAQUE_IMPLS: dict[Any, Callable] = {RMS_NORM_OP._opoverload: _rms_norm,
+                                     SDPA_OP._opoverload: _sdpa_math}
 
 
 def _route_rms_norm(input, normalized_shape, weight=None, eps=None):

@@ -20,6 +20,7 @@ from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 from torch.func import vmap
 
+from ..capture import OPAQUE_IMPLS
 from ..torchfunc import needs_grad_mode
 from . import Lin
 
@@ -50,6 +51,8 @@ class TorchFuncLin(Lin):
 
     def __init__(self, op: Any, args: tuple, kwargs: dict, paths: list[Path], out: Any) -> None:
         self.op, self.args, self.kwargs, self.paths = op, args, kwargs, paths
+        # an opaque capture op (attention, RMS norm) runs as the PyTorch function it wraps
+        self.fn = OPAQUE_IMPLS.get(op, op)
         self.primals = tuple(self._get(p) for p in paths)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         self.multi = isinstance(out, (tuple, list))
@@ -78,7 +81,7 @@ class TorchFuncLin(Lin):
                 args[p[0]] = lst
             else:
                 args[p[0]] = v
-        out = self.op(*args, **kwargs)
+        out = self.fn(*args, **kwargs)
         outs = list(out) if isinstance(out, (tuple, list)) else [out]
         return tuple(outs[i] for i in self.out_float)
 
