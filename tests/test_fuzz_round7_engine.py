@@ -179,3 +179,17 @@ def test_declined_opaque_nodes_run_the_plain_function(model, op, reason):
     r = ff.fsinfo(enc, x, sigma=0.1, backend="engine")
     ref = ff.fsinfo(enc, x, sigma=0.1, backend="torch")
     assert torch.allclose(r.value, ref.value, rtol=1e-4, atol=1e-4)
+
+
+def test_instance_norm_fallback_reason_names_instance_norm_not_eval():
+    """nn.InstanceNorm2d in eval mode: the fallback reason said 'BatchNorm in training mode
+    uses batch statistics: call .eval()' (InstanceNorm calls batch_norm with training=True
+    on a [1, B*C, ...] view); the products were and are exact."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    P = _check(enc, x)
+    assert [f["op"] for f in P.fallbacks] == ["aten.native_batch_norm.default"]
+    why = P.fallbacks[0]["reason"]
+    assert "InstanceNorm" in why and "[1, 8, 4, 4]" in why
+    assert "call .eval()" not in why

@@ -49,6 +49,22 @@ class ChannelScaleLin(Lin):
         return [u[0] * self.scale]
 
 
+def _batch_stats_reason(x: Tensor, running: bool) -> str:
+    """Why a ``batch_norm`` that normalises with the statistics of its input declines: the
+    module calling it decides what the user can do."""
+    shape = list(x.shape)
+    if not running and x.ndim >= 2 and x.shape[0] == 1:
+        return (f"batch_norm with input statistics over a {shape} view: InstanceNorm (per "
+                "sample and channel, legal in eval mode) or a BatchNorm without running "
+                "statistics on one sample; the engine has no rule for it")
+    if not running:
+        return (f"batch_norm with batch statistics over {shape} and no running statistics "
+                "(a BatchNorm with track_running_stats=False normalises with batch statistics "
+                "even in eval mode; InstanceNorm calls batch_norm on a [1, B*C, ...] view)")
+    return ("BatchNorm (or InstanceNorm with track_running_stats) in training mode uses batch "
+            "statistics: call .eval()")
+
+
 @register(aten._native_batch_norm_legit_no_training, aten.native_batch_norm,
           aten._native_batch_norm_legit_functional, aten._native_batch_norm_legit)
 def batch_norm_rule(call: OpCall) -> Lin:
@@ -58,10 +74,12 @@ def batch_norm_rule(call: OpCall) -> Lin:
     if call.op.overloadpacket is aten._native_batch_norm_legit_no_training:
         running_var, eps = call.args[4], call.args[6]
     else:
-        training = call.args[5]
+        no_stats = call.op._overloadname == "no_stats"  # (x, w, b, training, momentum, eps)
+        training = call.args[3] if no_stats else call.args[5]
+        running_var = None if no_stats else call.args[4]
         if training:
-            raise Decline("BatchNorm in training mode uses batch statistics: call .eval()")
-        running_var, eps = call.args[4], call.args[7]
+            raise Decline(_batch_stats_reason(x, running_var is not None))
+        eps = call.args[7]
     if running_var is None or x.ndim < 2:
         raise Decline("BatchNorm without running statistics")
     scale = torch.rsqrt(running_var + eps)
