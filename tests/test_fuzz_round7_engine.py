@@ -193,3 +193,39 @@ def test_instance_norm_fallback_reason_names_instance_norm_not_eval():
     why = P.fallbacks[0]["reason"]
     assert "InstanceNorm" in why and "[1, 8, 4, 4]" in why
     assert "call .eval()" not in why
+
+
+class SeededMask(nn.Module):
+    """A fixed mask drawn from a freshly seeded generator in forward (deterministic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(E, E)
+
+    def forward(self, x):
+        b = x.shape[0]
+        q = self.q(x).view(b, T, 2, 4).transpose(1, 2)
+        m = torch.rand(T, T, generator=torch.Generator().manual_seed(3)) > 0.3
+        m[:, 0] = True
+        out = F.scaled_dot_product_attention(q, q, q, attn_mask=m)
+        return out.transpose(1, 2).reshape(b, T, E)
+
+
+def test_random_draw_in_forward_refuses_the_engine_up_front():
+    """The capture baked the Generator into the cached graph and each replay advanced it: the
+    first linearize worked, every later one of that shape was refused with 'the captured
+    primal differs ... by 0.9' and no hint. Now refused from the start, with the op named;
+    auto falls back to torch (recorded) and matches it."""
+    torch.manual_seed(0)
+    enc, x = SeededMask().eval(), torch.randn(2, T, E)
+    why = r"a random draw in forward \(aten.rand.generator\): each replay of the captured " \
+          r"graph would draw new numbers; backend='torch' runs forward itself"
+    for _ in range(2):
+        with pytest.raises(BackendUnavailableError, match="'engine' was requested but cannot "
+                           "serve this encoder: " + why):
+            _ = ff.linearize(enc, x, backend="engine").products
+    r = ff.fsinfo(enc, x, sigma=0.1)
+    assert r.info["backend"] == "torch"
+    assert "aten.rand.generator" in r.info["backend_fallback"]
+    ref = ff.fsinfo(enc, x, sigma=0.1, backend="torch")
+    assert torch.allclose(r.value, ref.value)

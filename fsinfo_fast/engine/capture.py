@@ -336,6 +336,34 @@ def recapture(encoder: Callable[[Tensor], Tensor], x: Tensor) -> bool:
     return True
 
 
+def _refuse_random_draws(graph: fx.Graph) -> None:
+    """A random op in the captured graph (``torch.rand`` with or without a generator, dropout
+    in training mode, ``bernoulli``, ``randperm``, ...) draws new numbers at every replay: the
+    graph could not reproduce the encoder's forward (the cached capture even holds a
+    ``Generator`` object, advanced by each replay), so the engine is refused up front.
+    Attention (ATen variants and :data:`SDPA_OP`) counts only with ``dropout_p > 0``."""
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        schema = getattr(node.target, "_schema", None)
+        if schema is None:
+            continue
+        named = {a.name: a.default_value if a.has_default_value() else None
+                 for a in schema.arguments}
+        named.update({a.name: v for a, v in zip(schema.arguments, node.args, strict=False)})
+        named.update(node.kwargs)
+        if "dropout_p" in named:  # attention: random only with dropout
+            if not named["dropout_p"]:
+                continue
+        elif torch.Tag.nondeterministic_seeded not in getattr(node.target, "tags", ()):
+            continue
+        elif "train" in named and (named["train"] is False or named.get("p") == 0):
+            continue  # native_dropout with train=False or p=0: the identity
+        raise CaptureError(f"a random draw in forward ({node.target}): each replay of the "
+                           "captured graph would draw new numbers; backend='torch' runs "
+                           "forward itself")
+
+
 def _capture(encoder: Callable, x: Tensor) -> Captured:
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -377,6 +405,7 @@ def _capture(encoder: Callable, x: Tensor) -> Captured:
         raise CaptureError(f"make_fx could not capture the encoder at the ATen level ({msg})"
                            ) from err
     gm.graph.eliminate_dead_code()
+    _refuse_random_draws(gm.graph)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     leaves, _ = tree_flatten(example)
     if len(placeholders) != len(leaves):
