@@ -229,3 +229,57 @@ def test_random_draw_in_forward_refuses_the_engine_up_front():
     assert "aten.rand.generator" in r.info["backend_fallback"]
     ref = ff.fsinfo(enc, x, sigma=0.1, backend="torch")
     assert torch.allclose(r.value, ref.value)
+
+
+class Moments(nn.Module):
+    """std / var / std_mean / var_mean over several dims, some rows of zero variance."""
+
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.lin, self.f = nn.Linear(4, 4), f
+
+    def forward(self, x):  # x [B, 3, 4]
+        h = self.lin(x)
+        return torch.cat([h.reshape(x.shape[0], -1), self.f(x).reshape(x.shape[0], -1)], 1)
+
+
+MOMENTS = {
+    "std_keepdim": lambda x: x.std(-1, keepdim=True),
+    "std_dims": lambda x: x.std((1, 2)),
+    "std_correction0": lambda x: x.std(1, correction=0),
+    "var_correction2": lambda x: torch.var(x, -1, correction=2),
+    "var_default": lambda x: x.var(-1),
+    "std_mean_both": lambda x: torch.cat(torch.std_mean(x, -1, keepdim=True), -1),
+    "var_mean_both": lambda x: torch.cat(torch.var_mean(x, 1), -1),
+    "sqrt_of_std_plus_one": lambda x: (x.std(-1) + 1).sqrt(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOMENTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_std_and_var_match_autograd_at_zero_variance(name, dtype):
+    """std over a zero-variance row was refused ('relative difference nan ... stop-gradient'):
+    its decomposition sqrt(var) gives sqrt'(0) * 0 = NaN where autograd gives 0. std is now
+    kept whole and var/std (and their _mean forms) have a rule, exact against the Jacobian."""
+    torch.manual_seed(0)
+    enc = Moments(MOMENTS[name]).eval()
+    x = torch.randn(3, 3, 4)
+    x[1, 0] = 0.5  # a constant row (zero variance over the last dim)
+    x[2] = -1.0  # a constant sample (zero variance over every dim)
+    P = LinearisedProducts(prepare(enc, x.to(dtype), dtype=dtype))
+    assert P.fallbacks == []
+    assert "norm" in P.node_kinds.values()  # the moment rule, not sqrt's
+    J = jacobian(enc, x)
+    assert torch.isfinite(J).all()
+    g = torch.Generator().manual_seed(7)
+    V = torch.randn(P.batch, 3, P.d, generator=g, dtype=torch.float64)
+    U = torch.randn(P.batch, 3, P.m, generator=g, dtype=torch.float64)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    jv, vj = P.jvp(V.to(dtype)).double(), P.vjp(U.to(dtype)).double()
+    want_jv = torch.einsum("bmd,bkd->bkm", J, V)
+    want_vj = torch.einsum("bmd,bkm->bkd", J, U)
+    assert float((jv - want_jv).norm() / want_jv.norm()) <= tol
+    assert float((vj - want_vj).norm() / want_vj.norm()) <= tol
+    r = ff.fsinfo(enc, x, sigma=0.1, backend="engine")
+    ref = ff.fsinfo(enc, x, sigma=0.1, backend="torch")
+    assert torch.allclose(r.value, ref.value, rtol=1e-4, atol=1e-4)

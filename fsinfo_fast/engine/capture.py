@@ -19,8 +19,8 @@ Kept whole because the engine has compact rules for them: scaled dot-product att
 norm (``F.scaled_dot_product_attention`` and ``F.rms_norm`` are recorded as one opaque op each,
 :data:`SDPA_OP` and :data:`RMS_NORM_OP`, whatever kernel they would dispatch to; the ATen
 attention variants are kept too), and, removed from the decomposition table, SiLU, Hardswish,
-Hardsigmoid, Softplus, Mish and ``roll``. Everything else is core ATen: ``convolution``,
-``addmm``/``mm``/``bmm``, ``native_layer_norm``, ``native_group_norm``,
+Hardsigmoid, Softplus, Mish, ``roll`` and ``std`` / ``std_mean``. Everything else is core
+ATen: ``convolution``, ``addmm``/``mm``/``bmm``, ``native_layer_norm``, ``native_group_norm``,
 ``_native_batch_norm_legit_no_training``, ``max_pool2d_with_indices``, ``view``, ...
 
 Captures are cached per (encoder, input shape, dtype, device, training flags, forward hooks,
@@ -65,6 +65,9 @@ KEEP_WHOLE = (
     aten._scaled_dot_product_cudnn_attention,
     aten.silu, aten.silu_, aten.hardswish, aten.hardswish_, aten.hardsigmoid, aten.hardsigmoid_,
     aten.softplus, aten.mish, aten.mish_, aten.roll, aten._fused_rms_norm, aten.rms_norm,
+    # std as one node: its decomposition sqrt(var) has the derivative inf * 0 = NaN where the
+    # variance is 0 (autograd's std_backward gives 0 there)
+    aten.std, aten.std_mean,
 )
 
 

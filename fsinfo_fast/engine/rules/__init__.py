@@ -27,10 +27,11 @@ raises :class:`Decline` with the reason: the engine then runs that node through 
 and reports it. Adding an op is adding one rule here and one test in ``tests/test_rules.py``.
 
 Families: :mod:`.elementwise` (activations, arithmetic, casts), :mod:`.linalg` (convolution,
-``mm``/``addmm``/``bmm``), :mod:`.norm` (batch / layer / group / RMS norm), :mod:`.attention`
-(softmax, log-softmax, scaled dot-product attention), :mod:`.pooling` (max / average / adaptive
-pooling, upsampling), :mod:`.shape` (views, slicing, indexing, ``cat``/``split``, ``pad``,
-``roll``, reductions), :mod:`.fallback` (per-node ``torch.func`` for everything else).
+``mm``/``addmm``/``bmm``), :mod:`.norm` (batch / layer / group / RMS norm, variance, standard
+deviation), :mod:`.attention` (softmax, log-softmax, scaled dot-product attention),
+:mod:`.pooling` (max / average / adaptive pooling, upsampling), :mod:`.shape` (views, slicing,
+indexing, ``cat``/``split``, ``pad``, ``roll``, reductions), :mod:`.fallback` (per-node
+``torch.func`` for everything else).
 """
 
 from __future__ import annotations

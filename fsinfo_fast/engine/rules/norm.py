@@ -228,3 +228,82 @@ def rms_norm_rule(call: OpCall) -> Lin:
     if n_out == 1:
         lin.single = True
     return lin
+
+
+class MomentLin(Lin):
+    """``var`` / ``std`` (and ``var_mean`` / ``std_mean``) over some dims: ``J t = sum(g t)``
+    with the stored ``g`` of the primal's shape (``var``: ``2 (x - mean) / (n - c)``; ``std``:
+    ``(x - mean) / ((n - c) std)``, 0 where ``std`` is 0, as autograd's ``std_backward``; the
+    decomposition ``sqrt(var)`` gave ``inf * 0 = NaN`` on a constant row), ``J^T u = g u``;
+    the mean output's tangent is ``mean(t)``."""
+
+    kind = "norm"
+
+    def __init__(self, g: Tensor, dims: list[int], keepdim: bool, out_shape: tuple,
+                 with_mean: bool) -> None:
+        self.g, self.dims, self.keepdim = g, dims, keepdim  # dims in tangent coordinates
+        self.out_shape, self.with_mean = out_shape, with_mean
+        self.count = math.prod(g.shape[d - 1] for d in dims)
+
+    def _reduce(self, t: Tensor) -> Tensor:
+        return t.sum(self.dims, keepdim=True).reshape(t.shape[0], *self.out_shape)
+
+    def _back(self, u: Tensor) -> Tensor:
+        kshape = [1 if i + 1 in self.dims else s for i, s in enumerate(self.g.shape)]
+        return u.reshape(u.shape[0], *kshape)
+
+    def jvp(self, ts):
+        t = ts[0]
+        out = self._reduce(self.g * t)
+        if not self.with_mean:
+            return out
+        return [out, self._reduce(t) / self.count]
+
+    def vjp(self, u):
+        if not self.with_mean:
+            return [self._back(u) * self.g]
+        um, umean = u
+        g = None if um is None else self._back(um) * self.g
+        if umean is not None:
+            m = (self._back(umean) / self.count).expand(umean.shape[0], *self.g.shape)
+            g = m if g is None else g + m
+        return [g]
+
+
+@register(aten.var, aten.std, aten.var_mean, aten.std_mean)
+def moment_rule(call: OpCall) -> Lin:
+    """Variance and standard deviation (``aten.std`` is kept whole by the capture)."""
+    call.only_active(0)
+    x = call.args[0]
+    named: dict = {}
+    for i, a in enumerate(call.op._schema.arguments):
+        named[a.name] = a.default_value if a.has_default_value() else None
+        if i < len(call.args):
+            named[a.name] = call.args[i]
+    named.update(call.kwargs)
+    if not x.is_floating_point() or x.is_complex():
+        raise Decline(f"{call.op} of a {x.dtype} tensor")
+    dims = named.get("dim")
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+        dims = list(range(x.ndim))
+    elif not isinstance(dims, (list, tuple)):
+        dims = [dims]
+    dims = sorted({d % max(x.ndim, 1) + 1 for d in dims}) if x.ndim else []
+    correction = named.get("correction")
+    if correction is None:
+        correction = 1 if named.get("unbiased", True) else 0
+    n = math.prod(x.shape[d - 1] for d in dims)
+    if n - correction <= 0:
+        raise Decline(f"{call.op} over {n} element(s) with correction {correction}")
+    keepdim = bool(named.get("keepdim", False))
+    pack = call.op.overloadpacket
+    with_mean = pack in (aten.var_mean, aten.std_mean)
+    out = call.out[0] if with_mean else call.out
+    centred = x - x.mean([d - 1 for d in dims], keepdim=True) if dims else x - x
+    if pack in (aten.std, aten.std_mean):
+        sd = out.reshape([1 if i + 1 in dims else s for i, s in enumerate(x.shape)])
+        g = torch.where(sd == 0, torch.zeros((), dtype=x.dtype, device=x.device),
+                        centred / ((n - correction) * sd))
+    else:
+        g = centred * (2.0 / (n - correction))
+    return MomentLin(g, dims, keepdim, tuple(out.shape), with_mean)
