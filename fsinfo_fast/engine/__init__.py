@@ -255,8 +255,9 @@ def _compare_with_torch_func(prods, enc: PreparedEncoder, kw: dict, reuse: bool 
         if bool(bad.any()):
             rel = float((err / scale.clamp_min(1e-300)).max())
             raise CaptureError(
-                f"the engine's Jacobian products disagree with torch.func's at this batch "
-                f"(relative difference {rel:.2g} on a seeded probe): the recorded graph is not "
+                f"the engine's Jacobian products disagree with torch.func's / autograd's "
+                f"reverse mode at this batch (relative difference {rel:.2g} on a seeded "
+                "probe): the recorded graph is not "
                 "what autograd differentiates (a stop-gradient the capture cannot see, such as "
                 "y.data, or an op without a faithful rule)")
 
