@@ -75,8 +75,10 @@ def fsinfo(
         atol: target 95% half-width in nats per dimension (randomized).
         rtol: target half-width relative to ``|value|`` (randomized).
         num_probes: a fixed probe count instead of adaptive stopping; kept under
-            ``estimator="auto"`` too (no switch to an exact route): ``converged`` says whether
-            its interval met ``atol`` / ``rtol``.
+            ``estimator="auto"`` too (no switch to an exact route after the probes):
+            ``converged`` says whether its interval met ``atol`` / ``rtol``. Where the exact
+            route's ``min(m, d)`` products cost no more than those probes, ``auto`` takes it
+            instead (the exact value; ``info["auto"]`` says so).
         max_probes: cap on the probes per sample (an int >= 2). None (the default): ``min(m,
             d)`` under ``estimator="auto"``, the products of the exact route it would fall
             back to (the log det keeps its smaller cap, ``min(m, d) / (2 order)``); 1000

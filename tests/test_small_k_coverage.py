@@ -8,7 +8,8 @@ probes' spread puts the truth above it too often (the log-scale t-interval: 0.89
 The same-sample multiplier (:func:`~fsinfo_fast.estimators.hutchinson.same_sample_multiplier`)
 is calibrated to cover that law exactly; these tests check it over many seeds, on the worst
 case, on less skewed laws and through the estimators, and that nearly Gaussian per-probe
-values are not grossly over-covered; the FSInfo_diag near-floor case is still open (xfail).
+values are not grossly over-covered; the FSInfo_diag near-floor case and an adaptive Rademacher
+trace over three live input dimensions are still open (xfail).
 """
 
 from __future__ import annotations
@@ -187,3 +188,34 @@ def test_nearly_gaussian_trace_not_grossly_conservative(k):
     r = estimate_diag(DenseProducts(J), sigma=SIGMA, num_probes=k, seed=9).dfil
     cov = coverage(r.value, r.ci_halfwidth, exact)
     assert BAND[0] <= cov <= NOT_GROSS, f"K={k}: coverage {cov:.3f}"
+
+
+@pytest.mark.xfail(strict=True, reason="open: an adaptive Rademacher trace with 3 live input "
+                   "dimensions (a 4-atom law, one low atom of probability 1/4) stops early on "
+                   "the 7.5% of samples whose first 9 probes miss that atom (spread tiny, "
+                   "converged=True): 0.85-0.89 over 2000 runs, truth mostly below")
+def test_dfil_rademacher_with_three_live_inputs():
+    """dFIL under ``auto`` (Hutchinson, Rademacher input-side probes) behind a crop that keeps 3
+    of 300 inputs, ``rtol=0.05``: the per-probe law has 4 atoms; where the pilot stages miss
+    the low one, Stein's rule plans few probes from a spread near zero and the interval misses
+    (found by the round-7 coverage fuzz; 1000 runs here)."""
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(3, 200, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(200, 3, generator=g) / math.sqrt(3))
+
+    class Crop(torch.nn.Module):
+        def forward(self, z):
+            return z[:, :3]
+
+    import fsinfo_fast as ff
+
+    enc = torch.nn.Sequential(Crop(), lin).eval()
+    x = torch.randn(1, 300, generator=torch.Generator().manual_seed(1))
+    truth = ff.dfil(enc, x, sigma=0.1, estimator="exact").value
+    n = 1000
+    r = ff.dfil(enc, x.expand(n, 300).clone(), sigma=0.1, rtol=0.05, sample_ids=torch.arange(n))
+    assert r.info.get("method") == "hutchinson"
+    cov = coverage(r.value, r.ci_halfwidth, truth)
+    lo, hi = TOL.coverage_band(n)
+    assert lo <= cov <= hi, f"coverage {cov:.3f} outside [{lo:.3f}, {hi:.3f}]"
