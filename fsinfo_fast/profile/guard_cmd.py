@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -51,7 +50,7 @@ from torch import Tensor, nn
 from .._extras import require
 from ..errors import InvalidInputError
 from .errors import DataError, RunDirError
-from .sources import _one_line
+from .sources import _one_line, state_fingerprint, tensor_fingerprint
 
 __all__ = ["add_arguments", "guard_report", "run"]
 
@@ -143,15 +142,6 @@ _SIGMA_OPTIONS = ("model", "checkpoint", "data", "size", "channels", "splits", "
 _SIGMA_FIELDS = ("sigma", "target", "ci_low", "ci_high", "converged")
 
 
-def _digest(tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
 class _Progress:
     """The per-batch ``sigma*`` computed so far, kept beside ``--out`` in
     ``FILE.json.partial.pt`` (rewritten atomically after each batch, removed when the report is
@@ -167,8 +157,8 @@ class _Progress:
         if self.path is None:
             return
         self.key = {k: getattr(args, k) for k in _SIGMA_OPTIONS}
-        self.key["data_digest"] = _digest([x])
-        self.key["model_digest"] = _digest(model.state_dict().values())
+        self.key["data_sha256"] = tensor_fingerprint(x)
+        self.key["model_sha256"] = state_fingerprint(model)
         resume = getattr(args, "resume", False)
         if self.path.exists():
             if not resume:
