@@ -39,10 +39,22 @@ def default_memory_budget(device: torch.device) -> int:
     return int(DEFAULT_MEMORY_FRACTION * free)
 
 
-def needs_grad_mode(err: BaseException) -> bool:
-    """Whether a pullback failed because it was built under no_grad, where a kernel keeps no
-    state for its backward (the CPU LSTM's mkldnn_rnn_layer and its workspace)."""
-    return "expected a proper tensor but got none" in str(err).lower()
+def retry_in_grad_mode(owner, run, *pullbacks: str):
+    """``run()``; where a pullback ``owner`` built under no_grad fails because a kernel kept no
+    backward state there (the CPU LSTM's mkldnn_rnn_layer drops its workspace: 'Expected a
+    proper Tensor but got None'), ``owner._grad_mode`` is set, its ``pullbacks`` attributes are
+    dropped (built again in grad mode, as autograd builds them) and ``run`` is retried once.
+    Not grad mode from the start: there a tensor computed from the parameters requires grad,
+    which some kernels refuse (the CPU flash attention's float mask in transformers' Swin)."""
+    try:
+        return run()
+    except RuntimeError as err:
+        if owner._grad_mode or "expected a proper tensor but got none" not in str(err).lower():
+            raise
+        owner._grad_mode = True
+        for name in pullbacks:
+            setattr(owner, name, None)
+        return run()
 
 
 def _no_batching_rule(msg: str) -> bool:
@@ -89,7 +101,7 @@ class TorchFuncProducts:
         self._pullback = None
         self._pullback2 = None  # the double-backward route's (see _double_pullback)
         self._loop_probes = False  # an op has no vmap batching rule: one probe at a time
-        self._grad_mode = False  # build the pullbacks in grad mode (see _in_grad_mode_if_needed)
+        self._grad_mode = False  # pullbacks in grad mode (retry_in_grad_mode)
         #: what the metrics record in ``result.info`` (e.g. why ``auto`` fell back to torch)
         self.info: dict = {}
 
@@ -156,7 +168,7 @@ class TorchFuncProducts:
                 pull = self._pullback
                 return self._vmap_probes(lambda u: pull(u)[0], U, loop_ok=True)
 
-            out = self._in_grad_mode_if_needed(run)
+            out = retry_in_grad_mode(self, run, "_pullback", "_pullback2")
         self.vjp_passes += U.shape[1]
         return out
 
@@ -183,7 +195,7 @@ class TorchFuncProducts:
                             pb2 = self._double_pullback()
                             return self._vmap_probes(lambda v: pb2(v)[0], V, loop_ok=True)
 
-                        out = self._in_grad_mode_if_needed(run)
+                        out = retry_in_grad_mode(self, run, "_pullback", "_pullback2")
             except torch.OutOfMemoryError:
                 raise  # chunked smaller already; double backward would need more memory
             except (RuntimeError, NotImplementedError) as err:
@@ -226,19 +238,3 @@ class TorchFuncProducts:
             with torch.set_grad_enabled(self._grad_mode):
                 _, self._pullback2 = _vjp(pull, u0)
         return self._pullback2
-
-    def _in_grad_mode_if_needed(self, run):
-        """``run()``; where a pullback built under no_grad fails because a kernel kept no
-        backward state there (the CPU LSTM's mkldnn_rnn_layer drops its workspace: 'Expected a
-        proper Tensor but got None'), the pullbacks are built again in grad mode, as autograd
-        builds them, and ``run`` is retried. Not grad mode from the start: there a tensor
-        computed from the parameters requires grad, which some kernels refuse (the CPU flash
-        attention's float mask in transformers' Swin)."""
-        try:
-            return run()
-        except RuntimeError as err:
-            if self._grad_mode or not needs_grad_mode(err):
-                raise
-            self._grad_mode = True
-            self._pullback = self._pullback2 = None
-            return run()

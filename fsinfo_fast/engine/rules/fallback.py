@@ -21,7 +21,7 @@ from torch.func import vjp as _vjp
 from torch.func import vmap
 
 from ..capture import OPAQUE_IMPLS
-from ..torchfunc import needs_grad_mode
+from ..torchfunc import retry_in_grad_mode
 from . import Lin
 
 __all__ = ["TorchFuncLin"]
@@ -61,7 +61,7 @@ class TorchFuncLin(Lin):
         self.out_shapes = [tuple(outs[i].shape) for i in self.out_float]
         self._pullback = None
         self._route = 0
-        self._grad_mode = False  # build the pullback in grad mode (see vjp)
+        self._grad_mode = False  # pullback in grad mode (retry_in_grad_mode)
 
     def _get(self, p: Path) -> Tensor:
         if isinstance(p[0], str):
@@ -104,7 +104,8 @@ class TorchFuncLin(Lin):
                 if route == 0:
                     outs = vmap(lambda *t: _jvp(self._f, self.primals, t)[1])(*ts)
                 else:
-                    outs = self._by_double_vjp(ts)
+                    outs = retry_in_grad_mode(
+                        self, lambda: vmap(self._jvp_by_double_vjp)(*ts))
             except torch.OutOfMemoryError:
                 raise  # never retried with the more memory-hungry route
             except (RuntimeError, NotImplementedError) as err:
@@ -116,15 +117,6 @@ class TorchFuncLin(Lin):
             self._route = route
             return self._structure(outs)
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _by_double_vjp(self, ts: list[Tensor]) -> Any:
-        try:
-            return vmap(self._jvp_by_double_vjp)(*ts)
-        except RuntimeError as err:  # built again in grad mode where a kernel needs it (vjp)
-            if self._grad_mode or not needs_grad_mode(err):
-                raise
-            self._grad_mode = True
-            return vmap(self._jvp_by_double_vjp)(*ts)
 
     def _jvp_by_double_vjp(self, *t: Tensor) -> tuple[Tensor, ...]:
         def pull(*u: Tensor):
@@ -142,16 +134,12 @@ class TorchFuncLin(Lin):
         k = ref.shape[0]
         cots = [us[i] if us[i] is not None else ref.new_zeros(()).expand(k, *s)
                 for i, s in zip(self.out_float, self.out_shapes, strict=True)]
-        for grad_mode in (self._grad_mode, True):
+        def run():
             if self._pullback is None:
-                with torch.set_grad_enabled(grad_mode):
+                with torch.set_grad_enabled(self._grad_mode):
                     _, self._pullback = _vjp(self._f, *self.primals)
             pb = self._pullback
-            try:
-                outs = vmap(lambda *c, pb=pb: pb(tuple(c)))(*cots)
-                break
-            except RuntimeError as err:  # a kernel kept no backward state under the engine's
-                if self._grad_mode or not needs_grad_mode(err):  # no_grad (the CPU LSTM's
-                    raise  # workspace): built again in grad mode, as autograd builds it
-                self._grad_mode, self._pullback = True, None
+            return vmap(lambda *c: pb(tuple(c)))(*cots)
+
+        outs = retry_in_grad_mode(self, run, "_pullback")  # under the engine's no_grad
         return dict(zip(self.paths, outs, strict=True))
