@@ -72,7 +72,9 @@ def add_noise(z: Tensor, sigma: float | Tensor, generator: torch.Generator | Non
     out = z + scale * noise
     # sigma below the dtype's max can still overflow it once times a draw (|eps| > 1) or added
     # to z: refused, never returned as inf
-    if top is not None and not bool(torch.isfinite(out[torch.isfinite(z)]).all()):
+    # (one reduction on the common path; the masked comparison only where something is inf)
+    if (top is not None and not bool(torch.isfinite(out).all())
+            and not bool(torch.isfinite(out[torch.isfinite(z)]).all())):
         raise InvalidInputError(_overflow_message(float(exact.max()), z.dtype, top))
     return out
 
