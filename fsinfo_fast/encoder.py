@@ -683,8 +683,9 @@ def _prepare(
                 # a copy: an encoder may write into its input (ReLU(inplace=True) first, x.sub_),
                 # which autograd refuses on a leaf that requires grad
                 out = enc(xr.clone())
-        except RuntimeError as err:
-            mapped = func_error(err)
+        except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as err:
+            # (a dtype mismatch is a RuntimeError in most ops, a ValueError in nn.LSTM's check)
+            mapped = func_error(err) if isinstance(err, RuntimeError) else None
             if mapped is not None:
                 raise mapped from err
             msg = str(err).lower()
@@ -709,10 +710,8 @@ def _prepare(
                     f"x is {x.dtype} but the encoder's parameters are {want} ({err}): pass "
                     f"x.to({want}), or ff.linearize(..., dtype={x.dtype}) to compute in "
                     f"{x.dtype} on a cast copy of the encoder") from err
-            _note_batch(err, x)
-            raise
-        except (ValueError, TypeError, IndexError, AssertionError) as err:
-            _note_batch(err, x)
+            if not about_dtype:  # a shape error of the model's own, most likely
+                _note_batch(err, x)
             raise
         check_output(out, batch)
         grad = None

@@ -237,3 +237,16 @@ def test_engine_cross_check_falls_back_to_autograd(monkeypatch):
     monkeypatch.setattr(eng, "_autograd_vjp", lambda enc, u: broken(None, u))
     P = ff.linearize(fresh(), x, backend="engine").products
     assert P.info["cross_check"].startswith("skipped")
+
+
+def test_callable_whose_dtype_check_raises_value_error_stays_randomized():
+    """A plain callable around nn.LSTM: in float64 its input check raises ValueError ('RNN
+    input dtype ... does not match weight dtype'), not the RuntimeError other ops raise, so
+    the default estimator's float64 try crashed instead of staying randomized (with a
+    note about batch shapes that did not apply)."""
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(4, 3, batch_first=True).eval()
+    r = ff.dfil(lambda t: lstm(t)[0], torch.randn(2, 5, 4), sigma=0.1)
+    assert torch.isfinite(r.value).all()
+    assert "cannot" in r.info["exact_unavailable"] and "RNN input dtype" in \
+        r.info["exact_unavailable"]
