@@ -99,6 +99,7 @@ from .estimators.exact_fast import (
     CHECK_COLUMNS,
     FastExactFisher,
     exact_fast_fisher,
+    exact_products,
     fsinfo_bias,
     rounding_floor,
 )
@@ -188,10 +189,11 @@ def _check_max_probes(max_probes: object) -> int | None:
     return int(max_probes)
 
 
-def _cap(max_probes: object, m: int, d: int, estimator: str, own: int | None = None) -> int:
+def _cap(max_probes: object, n: int, estimator: str, own: int | None = None) -> int:
     """The probe cap per sample a request runs under: ``max_probes`` where given; None (the
-    default) is ``min(m, d)`` under ``estimator="auto"`` (the products the fast exact route
-    costs: more randomized probes than that cannot be cheaper) or the route's ``own`` cap where
+    default) is ``n`` under ``estimator="auto"`` (the products the exact route costs,
+    ``min(m, d)`` or fewer: more randomized probes than that cannot be cheaper) or the route's
+    ``own`` cap where
     it counts its products otherwise (dFIL ``method="lanczos"``: the SLQ probes held are free,
     each new one costs two products), else :data:`DEFAULT_MAX_PROBES`. Under ``auto`` each
     route then applies its own caps too (the SLQ log det's is below ``min(m, d)``)."""
@@ -199,7 +201,7 @@ def _cap(max_probes: object, m: int, d: int, estimator: str, own: int | None = N
     if mp is not None:
         return mp
     if estimator == "auto":
-        return max(2, min(m, d) if own is None else own)
+        return max(2, n if own is None else own)
     return DEFAULT_MAX_PROBES
 
 
@@ -562,8 +564,22 @@ class Linearization:
                                           memory_budget=self.memory_budget)
             self._exact_fast = exact_fast_fisher(self.products, check_products=check,
                                                  seed=self.seed,
-                                                 memory_budget=self.memory_budget)
+                                                 memory_budget=self.memory_budget,
+                                                 live=self.enc.live)
         return self._exact_fast
+
+    def _exact_n(self, spectrum: bool = False) -> int:
+        """Products per sample of the exact route: ``min(m, d)`` (the oracle, for the spectrum),
+        fewer on the fast route where input dimensions do not reach the output
+        (:func:`~.estimators.exact_fast.exact_products`)."""
+        if spectrum:
+            return min(self.m, self.d)
+        return exact_products(self.enc.live, self.d, self.m)
+
+    def _exact_n_text(self, n: int) -> str:
+        if n == min(self.m, self.d):
+            return f"min(m, d) = {n}"
+        return f"{n} (the {n - 1} input dimensions that reach the output, +1 check)"
 
     def _exact_route(self, estimator: str, spectrum: bool, why: str):
         """The exact quantities a switch to the exact route reads, and the reason to record:
@@ -639,11 +655,11 @@ class Linearization:
         if not fixed and (self._has_exact(spectrum)
                           or (not spectrum and self._exact_fast is not None)):
             return "the exact Fisher quantities were already computed for this batch"
-        n = min(self.m, self.d)
+        n = self._exact_n(spectrum)
         # the fast exact route (no spectrum) chunks its one-hot products to the memory budget;
         # the oracle builds each sample's dense Jacobian
         if n <= cost_randomized and (not spectrum or self._oracle_fits()):
-            return (f"the exact route's min(m, d) = {n} products cost no more than the "
+            return (f"the exact route's {self._exact_n_text(n)} products cost no more than the "
                     f"randomized estimator's first round ({cost_randomized})")
         return None
 
@@ -700,7 +716,9 @@ class Linearization:
         _check_tol("rtol", rtol)
         _check_choice("variant", variant, VARIANTS)
         check_fixed_cap(num_probes, max_probes)
-        max_probes = _cap(max_probes, self.m, self.d, estimator)
+        spectrum = variant == "logdet"
+        n = self._exact_n(spectrum)
+        max_probes = _cap(max_probes, n, estimator)
         lam = _check_options(variant, prior_var, floor, lanczos_order)
         floor = float(floor)
         if estimator == "exact-fast" and variant != "diag":
@@ -710,8 +728,6 @@ class Linearization:
         if variant == "logdet" and estimator == "deflated":
             raise InvalidInputError("estimator='deflated' applies to variant='diag' only")
         s = self._sigma(sigma)
-        n = min(self.m, self.d)
-        spectrum = variant == "logdet"
         if variant == "diag":
             k0 = initial_probes(num_probes=num_probes, max_probes=max_probes)
         else:
@@ -998,7 +1014,7 @@ class Linearization:
         asked = _check_max_probes(max_probes)
         check_fixed_cap(num_probes, asked)
         s = self._sigma(sigma)
-        n = min(self.m, self.d)
+        n = self._exact_n()
         if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
             method, estimator = "deflated", "randomized"
         tol_run = num_probes is None and (rtol is not None or atol is not None)
@@ -1006,8 +1022,8 @@ class Linearization:
         # SLQ probes held are free, each new one costs two products
         held = self._slq.k if self._slq is not None else 0
         own_l = held + n // 2
-        max_probes = _cap(asked, self.m, self.d, estimator)
-        max_probes_l = _cap(asked, self.m, self.d, estimator, own=own_l)
+        max_probes = _cap(asked, n, estimator)
+        max_probes_l = _cap(asked, n, estimator, own=own_l)
         mp = max(_CAP_FLOOR, min(max_probes, n)) if estimator == "auto" else max_probes
         mp_l = (max(_CAP_FLOOR, min(max_probes_l, own_l)) if estimator == "auto"
                 else max_probes_l)
@@ -1290,7 +1306,7 @@ class Linearization:
             passes += c["spent"]
         if c is None:
             return None, {}
-        n = expected_passes("exact", d=self.d, m=self.m)
+        n = self._exact_n()
         check = 0 if self.enc.x.dtype == torch.float64 else min(CHECK_COLUMNS, n)
         what = (f"the randomized dfil ({method}) was predicted to need about {c['new']:.0f} new "
                 f"products under the three-stage rule (stages 1-3: {c['total']:.0f} probes for "
@@ -1300,7 +1316,7 @@ class Linearization:
             return (f"{what}, more than its probe cap {c.get('cap', mp)}: it would stop "
                     "unconverged"), pred
         if c["new"] >= n + check:
-            return (f"{what}, no fewer than the exact route's min(m, d) = {n} products"
+            return (f"{what}, no fewer than the exact route's {self._exact_n_text(n)} products"
                     + (f" (+ {check} float64 check JVPs)" if check else "")), pred
         return None, pred
 

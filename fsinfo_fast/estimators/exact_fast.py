@@ -13,6 +13,15 @@ once and chunked to a memory budget:
 
 The squares are accumulated in float64; ``tr(J^T J)`` is the sum of the diagonal.
 
+**Input dimensions that do not reach the output** (a crop, a strided convolution that skips
+pixels, an input ReLU that is off) are zero columns of ``J``. The encoder's validation already
+computed ``J^T u`` for a seeded Gaussian ``u``, which is zero there
+(:attr:`~fsinfo_fast.encoder.PreparedEncoder.live`); where the batch's union of the other
+columns is smaller than ``min(m, d)``, only those are computed, after one JVP of a Rademacher
+vector on the zero-marked dimensions came back exactly 0 for every sample (a zero column
+contributes exact zeros; a nonzero one shows, and the route then computes every column). The
+diagonal is 0 there exactly, as the oracle's is.
+
 **Rounding allowance.** The products are computed in the working dtype, so each diagonal entry
 carries a relative rounding error (of the products themselves, and of a linearisation point
 computed in that dtype: a ReLU mask or a max-pool argmax can differ from the float64 one). A
@@ -58,7 +67,7 @@ from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum
 from ..result import MetricResult
 
 __all__ = ["CHECK_COLUMNS", "FLOOR_ULPS", "SAFETY", "FastExactFisher", "exact_fast_fisher",
-           "fsinfo_bias", "rounding_floor"]
+           "exact_products", "fsinfo_bias", "live_columns", "rounding_floor"]
 
 #: Columns whose diagonal entries are recomputed in float64 to measure the rounding error.
 CHECK_COLUMNS = 16
@@ -97,8 +106,9 @@ class FastExactFisher:
         checked: ``[n_check]`` int64 indices of the checked columns.
         d, m: input and output dimensions.
         side: ``"columns"`` (``d`` JVPs) or ``"rows"`` (``m`` VJPs).
-        passes: products per sample in the working dtype (``min(m, d)``), plus ``n_check``
-            float64 JVPs for the check (``check_passes``).
+        passes: products per sample in the working dtype (``min(m, d)``, or the live columns
+            and their zero check, see the module docstring), plus ``n_check`` float64 JVPs for
+            the check (``check_passes``).
         info: backend, dtype, chunking.
     """
 
@@ -161,6 +171,24 @@ class FastExactFisher:
             ci_halfwidth=bias.clone(), bias_bound=bias, info=self._info({}))
 
 
+def live_columns(live: Tensor | None, d: int, m: int) -> Tensor | None:
+    """The sorted union over the batch of the ``live`` input dimensions (``[B, d]`` bool, see
+    :func:`exact_fast_fisher`) where computing only those columns (and the one check JVP) is
+    cheaper than ``min(m, d)`` products; None elsewhere (``live`` None included)."""
+    if live is None:
+        return None
+    cols = live.any(dim=0).nonzero().flatten().cpu()
+    return cols if int(cols.numel()) + 1 < min(m, d) else None
+
+
+def exact_products(live: Tensor | None, d: int, m: int) -> int:
+    """Products per sample of the fast exact route (:func:`exact_fast_fisher`): ``min(m, d)``,
+    or the live columns and their check JVP where :func:`live_columns` takes them (an
+    estimate: the check may send the route back to every column)."""
+    cols = live_columns(live, d, m)
+    return min(m, d) if cols is None else int(cols.numel()) + 1
+
+
 def _chunk_size(n: int, batch: int, d: int, m: int, itemsize: int, budget: int) -> int:
     """One-hot probes per chunk: inputs, outputs and their float64 squares within ``budget``."""
     per_probe = batch * (itemsize * (d + m) + 8 * max(d, m))
@@ -183,6 +211,7 @@ def exact_fast_fisher(
     seed: int = 0,
     memory_budget: int | None = None,
     n_check: int = CHECK_COLUMNS,
+    live: Tensor | None = None,
 ) -> FastExactFisher:
     r"""Exact ``diag(J^T J)`` and trace from ``min(m, d)`` one-hot products of ``products``.
 
@@ -198,6 +227,13 @@ def exact_fast_fisher(
         memory_budget: bytes a chunk of one-hot probes and their outputs may use (default:
             :func:`fsinfo_fast.engine.default_memory_budget`).
         n_check: columns checked (capped at ``d``).
+        live: ``[B, d]`` bool, the input dimensions that may reach the output
+            (:attr:`~fsinfo_fast.encoder.PreparedEncoder.live`), or None. Where the union
+            ``U`` of the batch's is small (:func:`live_columns`), only its columns are computed
+            (``|U|`` JVPs) and the diagonal is 0 on the others, after one JVP of a Rademacher
+            vector on those others came back exactly 0 for every sample (a zero column gives
+            exact zeros; a nonzero one would show). Where it did not, the whole route runs
+            (``info["exact_fast_live"]`` says so).
 
     Returns:
         :class:`FastExactFisher`.
@@ -221,12 +257,36 @@ def exact_fast_fisher(
     budget = memory_budget if memory_budget is not None else default_memory_budget(dev)
     side = "columns" if d <= m else "rows"
     n = min(m, d)
+    cols = live_columns(live, d, m)
+    live_note, extra = None, 0
+    if cols is not None:
+        dead = torch.ones(d, dtype=torch.bool, device=dev)
+        dead[cols.to(dev)] = False
+        gen = torch.Generator().manual_seed((int(seed) + 0x11FE) & 0x7FFFFFFFFFFFFFFF)
+        z = (torch.randint(0, 2, (d,), generator=gen) * 2 - 1).to(dtype=dtype, device=dev)
+        out = products.jvp((z * dead)[None, None].expand(b, 1, d).contiguous())
+        extra = 1
+        if bool((out == 0).all()):
+            side, n = "columns", int(cols.numel())
+            live_note = (f"{d - n} of {d} input dimensions do not reach the output (the "
+                         "validation's VJP is 0 there and a Rademacher JVP on them is exactly "
+                         f"0): {n} one-hot JVPs on the others (+1 for that check)")
+        else:
+            cols = None
+            live_note = ("the input dimensions where the validation's VJP was 0 do reach the "
+                         "output (a JVP on them is not 0): every column computed")
     itemsize = torch.finfo(dtype).bits // 8
     cs = _chunk_size(n, b, d, m, itemsize, budget)
     diag = torch.zeros(b, d, dtype=torch.float64, device=dev)
     for start in range(0, n, cs):
         size = min(cs, n - start)
-        if side == "columns":
+        if side == "columns" and cols is not None:
+            idx = cols[start:start + size].to(dev)
+            e = torch.zeros(b, size, d, dtype=dtype, device=dev)
+            e[:, torch.arange(size, device=dev), idx] = 1
+            sq = products.jvp(e).to(torch.float64).square_().sum(dim=2)  # [B, c]
+            diag[:, idx] = sq
+        elif side == "columns":
             out = products.jvp(_one_hot(b, start, size, d, dtype, dev))  # [B, c, m]
             sq = out.to(torch.float64).square_().sum(dim=2)  # [B, c]
             diag[:, start:start + size] = sq
@@ -239,9 +299,13 @@ def exact_fast_fisher(
                 f"the fast exact route got non-finite products ({side} {start}..{start + size})")
     trace = diag.sum(dim=1)
     floor = rounding_floor(dtype)
-    k = min(n_check, d)
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
-    checked = torch.randperm(d, generator=gen)[:k].sort().values
+    if cols is None:
+        k = min(n_check, d)
+        checked = torch.randperm(d, generator=gen)[:k].sort().values
+    else:  # the others' zeros are exact
+        k = min(n_check, n)
+        checked = cols.cpu()[torch.randperm(n, generator=gen)[:k]].sort().values
     measured = torch.zeros(b, dtype=torch.float64, device=dev)
     check_passes = 0
     if check_products is not None and k > 0:
@@ -258,6 +322,8 @@ def exact_fast_fisher(
     info = {"backend": getattr(products, "backend", None), "exact_fast_dtype": str(dtype),
             "exact_fast_chunk": cs}
     info.update(getattr(products, "info", None) or {})
+    if live_note is not None:
+        info["exact_fast_live"] = live_note
     return FastExactFisher(diag=diag, trace=trace, rel_err=rel_err, measured=measured,
-                           checked=checked, d=d, m=m, side=side, passes=n,
+                           checked=checked, d=d, m=m, side=side, passes=n + extra,
                            check_passes=check_passes, info=info)
