@@ -92,14 +92,20 @@ class PreparedEncoder:
     #: ``[check]`` where a cached batch's forward-/reverse-mode check is deferred to
     #: :meth:`confirm` (one cell, shared by :meth:`select`'s copies); ``None`` elsewhere
     pending: list | None = None
-    #: ``[B, d]`` bool: the input dimensions where the validation's VJP of a seeded Gaussian
-    #: cotangent is not zero (``(J^T u)_k != 0``). A column of ``J`` that is zero gives a zero
-    #: there; a nonzero one does so only by an exact cancellation (probability zero for a
-    #: Gaussian ``u``), so its complement names the dimensions that (almost surely) do not
-    #: reach the output: a crop, skipped pixels. A hint, not a proof: the fast exact route
-    #: verifies it with a JVP on those dimensions before it relies on it. ``None`` where the
-    #: batch was not differentiated (a cached ``recheck=False`` prepare).
-    live: Tensor | None = None
+    #: ``[B, d]``: the validation's VJP ``J^T u`` of a seeded Gaussian cotangent ``u``
+    #: (:func:`_adjoint_u`, unit variance), so ``E[seen_k^2] = (J^T J)_kk``; ``None`` where the
+    #: batch was not differentiated (a cached ``recheck=False`` prepare). See :attr:`live`.
+    seen: Tensor | None = None
+
+    @property
+    def live(self) -> Tensor | None:
+        """``[B, d]`` bool: the input dimensions where :attr:`seen` is not zero. A column of
+        ``J`` that is zero gives a zero there; a nonzero one does so only by an exact
+        cancellation (probability zero for a Gaussian ``u``), so its complement names the
+        dimensions that (almost surely) do not reach the output: a crop, skipped pixels. A
+        hint, not a proof: the fast exact route verifies it with a JVP on those dimensions
+        before it relies on it. ``None`` where :attr:`seen` is."""
+        return None if self.seen is None else self.seen != 0
 
     def confirm(self) -> None:
         """Run this batch's deferred forward-/reverse-mode check (:func:`_check_adjoint`), once.
@@ -138,7 +144,7 @@ class PreparedEncoder:
                                    _y=None if self._y is None else self._y[idx],
                                    adjoint=None if self.adjoint is None else
                                    (self.adjoint[0][idx], self.adjoint[1][idx]),
-                                   live=None if self.live is None else self.live[idx])
+                                   seen=None if self.seen is None else self.seen[idx])
 
     @property
     def d(self) -> int:
@@ -772,11 +778,11 @@ def _prepare(
         n = batch if check_interaction is None else min(batch, check_interaction)
         _check_interaction(fn, x, y, n, tol, deterministic)
     xf, uf, gf = x.reshape(batch, -1), u.detach().reshape(batch, -1), grad.reshape(batch, -1)
-    live = gf.detach() != 0
+    seen = gf.detach()
     if spot is not None:  # the forward-/reverse-mode check: deferred (PreparedEncoder.confirm)
         return PreparedEncoder(fn=fn, x=xf.detach(), in_shape=in_shape, out_shape=out_shape,
                                _y=y, saved_bytes=spot.saved_bytes, module=enc, cached=True,
-                               adjoint=(uf, gf.detach()), live=live,
+                               adjoint=(uf, gf.detach()), seen=seen,
                                pending=[lambda: _check_adjoint(fn, xf, uf, gf, y, tol)])
     _check_adjoint(fn, xf, uf, gf, y, tol)
     _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol)
@@ -791,7 +797,7 @@ def _prepare(
             pass
     return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
                            out_shape=out_shape, _y=y, saved_bytes=per_sample, module=enc,
-                           live=live)
+                           seen=seen)
 
 
 def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: int, tol: float,

@@ -103,6 +103,7 @@ from .estimators.exact_fast import (
     fsinfo_bias,
     rounding_floor,
 )
+from .estimators.hutchinson import dominant_columns
 from .estimators.lanczos import SLQProbeStore, slq_trace
 from .estimators.probes import resolve_seed
 from .estimators.stopping import (
@@ -449,6 +450,9 @@ class Linearization:
         self._products: Any = None
         self._exact: reference.ExactFisher | None = None
         self._exact_fast: FastExactFisher | None = None
+        #: the few input dimensions that carry most of J, computed exactly by the Rademacher
+        #: trace (:func:`~.estimators.hutchinson.dominant_columns`; chosen once per batch)
+        self._dominant = dominant_columns(self.enc.seen)
         self._diag_cache: dict[tuple, Any] = {}
         self._dstate: DiagProbeState | None = None
         self._deflated_cache: dict[tuple, Any] = {}
@@ -1092,7 +1096,7 @@ class Linearization:
             est = slq_trace(self.products, store=self._slq_store(), stop=start, **common)
         elif method == "hutchinson":
             est = hutchinson_trace(self.products, side="input", kind="rademacher", stop=start,
-                                   **common)
+                                   exact_columns=self._dominant, **common)
         else:
             est = hutchpp_trace(self.products, sketch_size=sketch, stop=start, **common)
         why = self._finish(est, False, estimator, "dfil", stop.max_probes,
@@ -1325,7 +1329,8 @@ class Linearization:
         round of Rademacher JVPs (``"spent"``: those products, drawn again by the estimate)."""
         k1 = initial_probes(max_probes=mp, quantity="trace")
         r1 = hutchinson_trace(self.products, side="input", kind="rademacher", sigma=s,
-                              seed=self.seed, sample_ids=self.sample_ids, num_probes=k1)
+                              seed=self.seed, sample_ids=self.sample_ids, num_probes=k1,
+                              exact_columns=self._dominant)
         c = self._plan(self._need_each(r1.value, r1.stderr**2 * k1, rtol, atol), k1, mp,
                        rtol if atol is None else None,
                        source=f"its first round ({k1} Rademacher JVPs, drawn again by the "

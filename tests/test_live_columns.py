@@ -136,3 +136,39 @@ def test_auto_caps_its_probes_at_the_live_route(keep):
     assert f"more than its probe cap {keep + 1}" in r.info["auto"]
     assert r.passes == keep + 1 + min(16, keep)
     assert _inside(r, ex.dfil(0.1).value)
+
+
+def test_exact_columns_keep_the_trace_unbiased():
+    """Hutchinson with a few columns computed exactly: unbiased over 400 seeds (the columns are
+    chosen before the probes), every sample with its own columns."""
+    from fsinfo_fast.estimators import hutchinson_trace
+    from fsinfo_fast.testing import unbiasedness_z
+
+    g = torch.Generator().manual_seed(7)
+    J = torch.randn(2, 30, 20, dtype=torch.float64, generator=g)
+    J[0, :, :3] *= 10  # sample 0: 3 dominant columns
+    cols = torch.zeros(2, 20, dtype=torch.bool)
+    cols[0, :3] = True
+    cols[1, [4, 9]] = True  # sample 1: any fixed choice is unbiased too
+    truth = (J**2).sum(dim=(1, 2))
+    est = torch.stack([hutchinson_trace(DenseProducts(J), side="input", kind="rademacher",
+                                        seed=s, num_probes=4, exact_columns=cols).value
+                       for s in range(400)])
+    for b in range(2):
+        assert abs(unbiasedness_z(est[:, b], truth[b])) < 4
+    r = hutchinson_trace(DenseProducts(J), side="input", kind="rademacher", seed=0,
+                         num_probes=4, exact_columns=cols)
+    assert r.passes == 4 + 3 and r.info["exact_columns"] == [3, 2]
+    with pytest.raises(ff.InvalidInputError, match=r"\[B, d\]"):
+        hutchinson_trace(DenseProducts(J), side="input", num_probes=4, exact_columns=cols[0])
+    with pytest.raises(ff.InvalidInputError, match="side='input'"):
+        hutchinson_trace(DenseProducts(J), side="output", num_probes=4, exact_columns=cols)
+
+
+def test_image_encoders_take_no_dominant_columns(zoo):
+    from fsinfo_fast.encoder import prepare
+    from fsinfo_fast.estimators.hutchinson import dominant_columns
+
+    for name in ("cnn_bn_maxpool_m<d", "cnn_bn_maxpool_m>d", "attention_m=d"):
+        model, x = zoo[name]
+        assert dominant_columns(prepare(model, x).seen) is None, name
