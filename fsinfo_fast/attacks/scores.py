@@ -8,9 +8,13 @@ the data's own units (pixels in ``[0, 1]`` for the bundled data, so ``data_range
 - ``psnr``: ``10 log10(data_range^2 / mse)`` in dB (torchmetrics
   ``peak_signal_noise_ratio``);
 - ``ssim``: the structural similarity of Wang et al. (2004) with an 11x11 Gaussian window
-  (sigma 1.5; the window shrinks to the largest odd size that fits smaller images), averaged over
-  channels (torchmetrics ``structural_similarity_index_measure``). ``nan`` for inputs that are
-  not images ``[N, C, H, W]``.
+  (sigma 1.5) on images of at least 11x11 pixels, averaged over channels (torchmetrics
+  ``structural_similarity_index_measure``, its reflect padding at the borders). On smaller
+  images the window shrinks to the largest odd size ``k`` that fits (``k <= min(H, W)``) with
+  the Gaussian scaled with it, sigma ``1.5 k / 11`` (:func:`ssim_window`: torchmetrics sizes
+  a Gaussian window by sigma alone, ``2 int(3.5 sigma + 0.5) + 1``, and ignores its
+  ``kernel_size``, so the window is set through sigma). ``nan`` for inputs that are not images
+  ``[N, C, H, W]`` and for images under 3 pixels on a side (no window fits).
 """
 
 from __future__ import annotations
@@ -22,7 +26,27 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 
-__all__ = ["ReconstructionScores", "reconstruction_scores", "per_sample_mse"]
+__all__ = ["ReconstructionScores", "reconstruction_scores", "per_sample_mse", "ssim_window"]
+
+#: SSIM's window side and Gaussian sigma on images of at least that size (Wang et al. 2004)
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+
+
+def ssim_window(height: int, width: int) -> tuple[int, float] | None:
+    """SSIM's ``(window side k, Gaussian sigma)`` for ``height x width`` images: ``(11, 1.5)``
+    where an 11x11 window fits, else the largest odd ``k <= min(height, width)`` with sigma
+    ``1.5 k / 11`` (the same Gaussian, scaled; torchmetrics' window for sigma ``s`` is
+    ``2 int(3.5 s + 0.5) + 1`` wide, exactly ``k`` for these sigmas); ``None`` under 3 pixels.
+
+    Example:
+        >>> ssim_window(32, 32), ssim_window(8, 8), ssim_window(5, 9), ssim_window(2, 8)
+        ((11, 1.5), (7, 0.9545454545454546), (5, 0.6818181818181818), None)
+    """
+    k = min(SSIM_WINDOW, int(height), int(width))
+    k -= 1 - k % 2  # largest odd window that fits
+    if k < 3:
+        return None
+    return k, SSIM_SIGMA * k / SSIM_WINDOW
 
 
 @dataclass(frozen=True)
@@ -87,11 +111,12 @@ def reconstruction_scores(
     b = x.detach().to(torch.float64).cpu()
     dims = tuple(range(1, a.ndim))
     psnr = peak_signal_noise_ratio(a, b, data_range=data_range, reduction="none", dim=dims)
-    if a.ndim == 4 and min(a.shape[-2:]) >= 3:
-        k = min(11, min(a.shape[-2:]))
-        k -= 1 - k % 2  # largest odd window that fits
+    window = ssim_window(*a.shape[-2:]) if a.ndim == 4 else None
+    if window is not None:
+        k, sigma = window
+        # the Gaussian window's size follows from sigma alone (kernel_size is ignored with it)
         ssim = structural_similarity_index_measure(
-            a, b, data_range=data_range, kernel_size=k, reduction="none"
+            a, b, data_range=data_range, sigma=sigma, kernel_size=k, reduction="none"
         )
     else:
         ssim = torch.full((a.shape[0],), float("nan"), dtype=torch.float64)
