@@ -6,8 +6,20 @@ patched), so none trains anything and each takes about a second.
 
 from __future__ import annotations
 
+import argparse
+import json
+
+import numpy as np
 import pytest
 import torch
+
+from fsinfo_fast.errors import (
+    BackendUnavailableError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    SplitError,
+)
+from fsinfo_fast.estimators.base import t_quantile
 
 pytest.importorskip("torchmetrics")
 
@@ -46,6 +58,81 @@ def _cfg(tmp_path, out="run", **kw):
                 out=str(tmp_path / out), plot=False, progress=False, table=False)
     base.update(kw)
     return ValidateConfig(**base)
+
+
+# -- 1. the intervals of validate.json and the table
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_validate_intervals_are_the_results_own_and_student_t(fake_load, tmp_path):
+    # Before: max_sample_ci95_halfwidth was 1.96 * max(stderr), narrower than the results'
+    # own ci_halfwidth (t-based / log-scale for dFIL), and ci95 of the mean over n = 3
+    # samples used 1.96 instead of t_2 = 4.30.
+    import fsinfo_fast as ff
+    from fsinfo_fast.profile.sources import resolve_splits
+    from fsinfo_fast.validate import run_validate
+
+    rep = run_validate(_cfg(tmp_path, exact_max=0)).report  # randomized: per-sample intervals
+    (s,) = rep["models"][0]["splits"]
+    data = _fake_data()
+    enc = resolve_splits(data["model"], "2")[0].encoder
+    lin = ff.linearize(enc, data["x_test"][:3], seed=0)
+    res = {"fsinfo_diag": lin.fsinfo(0.1, estimator="randomized", num_probes=4),
+           "dfil": lin.dfil(0.1, estimator="randomized", num_probes=4, method="diag")}
+    for key, r in res.items():
+        m = s["metrics"][key]
+        assert s["per_sample"][key] == pytest.approx(r.value.tolist(), rel=1e-12)
+        assert m["max_sample_ci95_halfwidth"] == pytest.approx(float(r.ci_halfwidth.max()),
+                                                               rel=1e-9), key
+        half = (m["ci95"][1] - m["ci95"][0]) / 2
+        assert m["n"] == 3 and half >= t_quantile(2) * m["stderr"] * (1 - 1e-12), key
+        assert m["ci95"] == pytest.approx(list(r.mean(population=True).ci95()), rel=1e-9)
+
+
+def test_validate_table_plus_minus_is_the_95_interval():
+    # Before: the table's ± was 1.96 * stderr whatever the number of samples.
+    from fsinfo_fast.validate.report import _pm
+
+    with_ci = {"mean": 1.0, "stderr": 0.1, "n": 3, "ci95": [1.0 - 0.43, 1.0 + 0.43]}
+    assert _pm(with_ci).endswith("± 0.4")
+    score = {"mean": 1.0, "stderr": 0.1, "n": 3}  # an attack's score: no ci95, t on n - 1
+    assert _pm(score).endswith(f"± {t_quantile(2) * 0.1:.1g}") and _pm(score).endswith("0.4")
+
+
+# -- 2. --out
+
+
+def test_validate_refuses_an_out_holding_a_previous_run(fake_load, tmp_path):
+    # Before: a second run silently replaced validate.json and the figures.
+    from fsinfo_fast.profile.errors import RunDirError
+    from fsinfo_fast.validate import run_validate
+
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "validate.json").write_text('{"previous": "run"}')
+    with pytest.raises(RunDirError, match=r"not empty \(it holds a previous validate run\).*--out"):
+        run_validate(_cfg(tmp_path, out="old"))
+    assert json.loads((out / "validate.json").read_text()) == {"previous": "run"}
+    assert fake_load == []  # before any work
+
+
+def test_validate_default_out_folders_of_one_second_do_not_collide(monkeypatch, tmp_path):
+    # Before: two runs started in the same second shared fsinfo-validate/<time> (exist_ok).
+    from datetime import datetime
+
+    from fsinfo_fast.validate import ValidateConfig, runner
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 1, 2, 3, 4, 5, tzinfo=tz)
+
+    monkeypatch.setattr(runner, "datetime", Frozen)
+    monkeypatch.chdir(tmp_path)
+    a = runner._resolve_out(ValidateConfig())
+    b = runner._resolve_out(ValidateConfig())
+    assert a != b and a.is_dir() and b.is_dir()
+    assert a.name == "20260102-030405" and b.name == "20260102-030405-2"
 
 
 # -- 3. SSIM's window
@@ -88,3 +175,91 @@ def test_ssim_window_shrinks_for_small_images():
     assert ssim_window(2, 9) is None
     tiny = torch.rand(2, 3, 2, 9, generator=g)
     assert torch.isnan(reconstruction_scores(tiny, tiny).ssim).all()
+
+
+# -- 4. --sweep-split up front
+
+
+def test_validate_checks_the_sweep_split_before_any_work(fake_load, tmp_path):
+    # Before: --sweep-split 99 raised only after every model and split had been computed.
+    from fsinfo_fast.validate import run_validate
+
+    with pytest.raises(SplitError, match=r"--sweep-split 99 .*out of range"):
+        run_validate(_cfg(tmp_path, sweep_sigmas=(0.1,), sweep_split=99))
+    assert fake_load == []  # nothing trained or loaded
+    assert not (tmp_path / "run").exists()
+
+
+# -- 5. one model-name normaliser
+
+
+def test_models_and_sweep_model_normalise_names_alike():
+    # Before: --models dropped '-' and '_' but --sweep-model only '-': VGG_5 given to both was
+    # refused ("--sweep-model 'vgg_5' is not among --models (vgg5)").
+    from fsinfo_fast.validate import ValidateConfig, add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for name in ("VGG_5", "VGG-5", " vgg5"):
+        cfg = config_from_args(p.parse_args(["--models", name, "--sweep-model", name]))
+        cfg.validate()
+        assert cfg.models == ("vgg5",) and cfg.sweep_model == "vgg5"
+    api = ValidateConfig(models=["ResNet_18", "VGG-5"], sweep_model="Vgg_5")
+    api.validate()
+    assert api.models == ("resnet18", "vgg5") and api.sweep_model == "vgg5"
+
+
+# -- 6. --backend
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_validate_checks_an_explicit_backend_up_front(fake_load, tmp_path):
+    # Before: at 8 px every split took the float64 oracle, so an unavailable --backend was
+    # never asked and the run succeeded, recording it in its settings.
+    from fsinfo_fast.validate import run_validate
+
+    with pytest.raises(BackendUnavailableError, match="--backend cuda"):
+        run_validate(_cfg(tmp_path, backend="cuda", device="cpu"))
+    assert fake_load == [] and not (tmp_path / "run").exists()
+    rep = run_validate(_cfg(tmp_path, out="ok", backend="torch", device="cpu")).report
+    m = rep["models"][0]["splits"][0]["metrics"]["fsinfo_diag"]
+    assert m["estimator"] == "exact" and m["backend"] == "reference"
+    assert m["backend_requested"] == "torch"  # the oracle served, said so
+
+
+# -- 7. ValidateConfig's types
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"samples": 3.0}, "--samples"),
+    ({"sigma": "0.1"}, "--sigma"),
+    ({"size": None}, "--size"),
+    ({"models": "vgg5"}, "--models"),
+    ({"eval_samples": 30.0}, "--eval-samples"),
+    ({"sweep_sigmas": "0.1,1"}, "--sweep-sigmas"),
+    ({"splits": 2.5}, "--splits"),
+    ({"sweep_split": 2.0}, "--sweep-split"),
+    ({"plot": "no"}, "plot"),
+])
+def test_validate_config_refuses_wrong_types_up_front(kw, needle):
+    # Before: samples=3.0 passed validate() and failed after training (slice indices); sigma
+    # "0.1" and size None raised raw TypeErrors; models="vgg5" read as the models v, g, ...
+    from fsinfo_fast.validate import ValidateConfig
+
+    with pytest.raises(InvalidInputTypeError, match=needle):
+        ValidateConfig(**kw).validate()
+
+
+def test_validate_config_accepts_numpy_counts_and_lists():
+    from fsinfo_fast.validate import ValidateConfig
+
+    cfg = ValidateConfig(models=["vgg5"], samples=np.int64(3), sigma=np.float32(0.25),
+                         splits=[1, "features.2"], sweep_sigmas=[1, 2.5],
+                         device=torch.device("cpu"))
+    cfg.validate()
+    assert type(cfg.samples) is int and cfg.samples == 3
+    assert type(cfg.sigma) is float and cfg.sweep_sigmas == (1.0, 2.5)
+    assert cfg.models == ("vgg5",) and cfg.device == "cpu" and cfg.splits == [1, "features.2"]
+    with pytest.raises(InvalidInputError, match="--seed"):  # unchanged: a value error
+        ValidateConfig(seed=1.5).validate()
+

@@ -73,11 +73,14 @@ def is_zoo_model(spec: str) -> bool:
     """Whether ``spec`` names a zoo model (case, ``-`` and ``_`` ignored)."""
     from ..models import ZOO
 
-    return spec.lower().replace("-", "").replace("_", "") in ZOO
+    return zoo_key(spec) in ZOO
 
 
 def zoo_key(spec: str) -> str:
-    return spec.lower().replace("-", "").replace("_", "")
+    """A zoo model's name as the zoo spells it: case, ``-``, ``_`` and surrounding blanks
+    ignored (``VGG_5``, ``vgg-5``, ``ResNet-18``). The one normaliser of model names: profile's
+    ``--model`` and validate's ``--models`` and ``--sweep-model`` all go through it."""
+    return spec.strip().lower().replace("-", "").replace("_", "")
 
 
 def _import_from_cwd_too(modname: str):

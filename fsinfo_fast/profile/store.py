@@ -38,7 +38,7 @@ import socket
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ __all__ = [
     "RunDir",
     "RunLock",
     "RunDirBusy",
+    "check_out_empty",
     "atomic_write_bytes",
     "atomic_write_text",
     "canonical_json",
@@ -358,6 +359,32 @@ def settings_diff(old: dict[str, Any], new: dict[str, Any], keys: Iterable[str])
     return out
 
 
+def check_out_empty(path: Path, holds: str, fix: str,
+                    ignore: Callable[[Path], bool] | None = None) -> None:
+    """Raise :class:`RunDirError` unless ``path`` can take a new run's output: absent, or an
+    empty directory (entries for which ``ignore`` is true do not count). A command that writes
+    its files at fixed names (``profile``, ``validate``) would otherwise overwrite a previous
+    run's results without a word.
+
+    Args:
+        path: the ``--out`` directory.
+        holds: what a non-empty directory is said to hold, e.g. ``"a previous profile run"``.
+        fix: what to do instead, e.g. ``"choose a new --out"``.
+        ignore: entries that a new run may replace.
+    """
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise RunDirError(f"output path {p} exists and is not a directory; choose another --out")
+    if not p.is_dir():
+        return
+    try:
+        entries = [e for e in p.iterdir() if ignore is None or not ignore(e)]
+    except OSError as err:
+        raise RunDirError(f"cannot read output directory {p}: {err.strerror or err}") from None
+    if entries:
+        raise RunDirError(f"output directory {p} is not empty (it holds {holds}); {fix}")
+
+
 class RunDir:
     """A run directory (see the module docstring for its layout).
 
@@ -410,26 +437,15 @@ class RunDir:
         """Raise unless the directory can hold a new run: absent, or an empty directory, and its
         nearest existing parent is writable."""
         p = self.path
-        if p.exists() and not p.is_dir():
-            raise RunDirError(
-                f"output path {p} exists and is not a directory; choose another --out")
         if p.is_dir():
-            try:
-                entries = [e for e in p.iterdir() if not self._setup_leftover(e)]
-            except OSError as err:
-                raise RunDirError(
-                    f"cannot read output directory {p}: {err.strerror or err}") from None
             holder = RunLock(p / LOCK).busy()
             if holder is not None:
                 raise RunDirBusy(
                     f"output directory {p} is in use by another profile run ({holder}); "
                     "choose another --out (or --resume it once that run has stopped)")
-            if entries:
-                what = "a previous profile run" if self.exists() else "other files"
-                raise RunDirError(
-                    f"output directory {p} is not empty (it holds {what}); pass --resume to "
-                    "continue that run or choose a new --out"
-                )
+        check_out_empty(p, "a previous profile run" if self.exists() else "other files",
+                        "pass --resume to continue that run or choose a new --out",
+                        ignore=self._setup_leftover)
         self._check_writable()
 
     def check_resume(self) -> tuple[dict[str, Any], RunLock]:

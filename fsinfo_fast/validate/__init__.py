@@ -25,7 +25,10 @@ FSInfo + ln sigma must stay constant while the attacks' MSE rises.
 
 Output (``--out``, default ``fsinfo-validate/<time>/``): ``validate.json`` (schema
 ``fsinfo_fast.validate/1``), ``agreement.png``, ``splits_<model>.png``,
-``reconstructions_<model>.png``, ``noise_sweep.png``; a table is printed.
+``reconstructions_<model>.png``, ``noise_sweep.png``; a table is printed. A ``--out`` that holds
+anything is refused before any work (as ``profile`` refuses it): the files have fixed names.
+Every setting, ``--backend``'s availability and the split points of ``--splits`` and
+``--sweep-split`` are checked before any training.
 
 Default size (``fsinfo-fast validate``): VGG5 and ResNet-18 trained 4 epochs on the natural
 photograph crops at 16x16 pixels, the paper's split points, sigma 0.1, 6 samples for the
@@ -41,6 +44,7 @@ import argparse
 
 from ..cli import UsageError
 from ..profile import _positive_int  # the same argparse type as profile's flags
+from ..profile.sources import zoo_key
 from .agreement import Agreement, agreement, pearson, relative_drop, relative_rise
 from .runner import SCHEMA, ValidateConfig, ValidateOutcome, run_validate
 
@@ -83,8 +87,8 @@ def _sigmas(text: str) -> tuple[float, ...]:
 
 
 def _models(text: str) -> tuple[str, ...]:
-    return tuple(t.strip().lower().replace("-", "").replace("_", "")
-                 for t in text.split(",") if t.strip())
+    # the same normaliser as --sweep-model's (and profile's --model): VGG_5 is vgg5 in both
+    return tuple(zoo_key(t) for t in text.split(",") if t.strip())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -164,7 +168,7 @@ def config_from_args(args: argparse.Namespace) -> ValidateConfig:
         logdet=args.logdet, decoder_epochs=args.decoder_epochs,
         decoder_width=args.decoder_width, attack_steps=args.attack_steps,
         attack_lr=args.attack_lr, tv_weight=args.tv_weight, mi_k=args.mi_k,
-        mi_dims=args.mi_dims, sweep_model=args.sweep_model.lower().replace("-", ""),
+        mi_dims=args.mi_dims, sweep_model=zoo_key(args.sweep_model),
         sweep_split=args.sweep_split, sweep_sigmas=tuple(args.sweep_sigmas), seed=args.seed,
         device=args.device, backend=args.backend, out=args.out, plot=args.plot,
         progress=not args.quiet, table=not args.quiet,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..result import Z95
+from .runner import halfwidth95
 
 __all__ = ["plot_splits", "plot_agreement", "plot_noise_sweep", "plot_reconstructions"]
 
@@ -43,8 +43,7 @@ def _png(fig) -> bytes:
 
 
 def _ci(entry: dict[str, Any], key_mean: str = "mean") -> tuple[float, float]:
-    se = entry.get("stderr") or 0.0
-    return entry.get(key_mean) or float("nan"), Z95 * se
+    return entry.get(key_mean) or float("nan"), halfwidth95(entry) or 0.0
 
 
 def plot_splits(model: dict[str, Any]) -> bytes:
@@ -65,7 +64,7 @@ def plot_splits(model: dict[str, Any]) -> bytes:
                 continue
             v = e.get("mean", e.get("value"))
             vals.append(np.nan if v is None else v)
-            errs.append(Z95 * (e.get("stderr") or 0.0))
+            errs.append(halfwidth95(e) or 0.0)
         a.errorbar(xs, vals, yerr=errs, marker="o", capsize=3, color=color, label=label)
         if log:
             a.set_yscale("log")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..profile.report import _fmt
-from ..result import Z95
+from .runner import halfwidth95
 
 __all__ = ["print_table"]
 
@@ -17,10 +17,10 @@ def _pm(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "-"
     v = entry.get("mean", entry.get("value"))
-    se = entry.get("stderr")
     if v is None:
         return "-"
-    return _fmt(v) if not se else f"{_fmt(v)} ± {Z95 * se:.1g}"
+    hw = halfwidth95(entry)  # the entry's 95% interval (Student-t over few samples)
+    return _fmt(v) if not hw else f"{_fmt(v)} ± {hw:.1g}"
 
 
 def _r(entry: dict[str, Any] | None) -> str:

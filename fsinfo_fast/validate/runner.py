@@ -28,8 +28,9 @@ from ..attacks import (
     optimization_attack,
 )
 from ..bounds import dfil_bound, fsinfo_bound
-from ..errors import InvalidInputError
-from ..result import Z95
+from ..errors import BackendUnavailableError, InvalidInputError, InvalidInputTypeError
+from ..estimators.base import t_quantile
+from ..result import Z95, MetricResult
 from .agreement import agreement
 
 __all__ = ["ValidateConfig", "ValidateOutcome", "run_validate", "SCHEMA", "PAPER_PEARSON"]
@@ -112,10 +113,25 @@ class ValidateConfig:
     table: bool = True
 
     def validate(self) -> None:
-        """Raise :class:`~fsinfo_fast.errors.InvalidInputError` for a bad setting."""
+        """Check every setting before any work; normalise the model names.
+
+        A config built in Python (not by the CLI) may hold a float count, a string sigma or a
+        single model name as a string: each is refused here, naming the option, rather than as
+        a raw ``TypeError`` after the models were trained (``samples=3.0`` slices the data) or
+        misread (``models="vgg5"`` is the models ``v``, ``g``, ...). Model names are normalised
+        as the CLI does (:func:`~fsinfo_fast.profile.sources.zoo_key`: ``VGG_5`` is ``vgg5``).
+
+        Raises:
+            InvalidInputTypeError: a setting of the wrong type.
+            InvalidInputError: a bad value.
+        """
         from ..data import DATASETS
         from ..models import ZOO
+        from ..profile.sources import zoo_key
 
+        _check_types(self)
+        self.models = tuple(zoo_key(m) for m in self.models)
+        self.sweep_model = zoo_key(self.sweep_model)
         if not self.models:
             raise InvalidInputError("--models needs at least one model")
         for mname in self.models:
@@ -166,6 +182,105 @@ class ValidateConfig:
                 f"unknown --backend {self.backend!r}; one of auto, {', '.join(BACKENDS)}")
 
 
+#: ValidateConfig's settings by type (checked by :func:`_check_types`)
+#: (``seed`` has its own check, ``sweep_split`` may also be a module path)
+_INT_KEYS = ("size", "epochs", "samples", "probes", "exact_max", "decoder_epochs",
+             "decoder_width", "attack_steps", "mi_k", "mi_dims")
+_OPTIONAL_INT_KEYS = ("eval_samples", "train_samples")
+_FLOAT_KEYS = ("sigma", "attack_lr", "tv_weight")
+_STR_KEYS = ("data", "sweep_model", "backend")
+_BOOL_KEYS = ("logdet", "plot", "progress", "table")
+
+
+def _flag(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
+def _check_types(cfg: ValidateConfig) -> None:
+    """Raise :class:`InvalidInputTypeError` for a setting of the wrong type (see
+    :meth:`ValidateConfig.validate`): integers (Python or NumPy, not bools or floats), real
+    numbers (not strings), strings, booleans, ``models`` a sequence of names, ``sweep_sigmas``
+    a sequence of numbers, ``splits`` a string or a sequence of split indices / module paths,
+    ``sweep_split`` one of those, ``device`` a string or a :class:`torch.device`. Counts become
+    ``int``, numbers ``float``, sequences tuples (``splits``: a list, as
+    :func:`~fsinfo_fast.profile.sources.resolve_splits` takes it), a device its string, so
+    that ``validate.json`` records plain values."""
+    import numbers
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def is_real(v: Any) -> bool:
+        return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+    for key in _INT_KEYS + _OPTIONAL_INT_KEYS:
+        v = getattr(cfg, key)
+        if v is None and key in _OPTIONAL_INT_KEYS:
+            continue
+        if not is_int(v):
+            extra = " or None (all)" if key in _OPTIONAL_INT_KEYS else ""
+            raise InvalidInputTypeError(
+                f"{_flag(key)} ({key}=) must be an integer{extra}, got {type(v).__name__} "
+                f"{v!r}")
+        setattr(cfg, key, int(v))
+    for key in _FLOAT_KEYS:
+        v = getattr(cfg, key)
+        if not is_real(v):
+            raise InvalidInputTypeError(
+                f"{_flag(key)} ({key}=) must be a number, got {type(v).__name__} {v!r}")
+        setattr(cfg, key, float(v))
+    for key in _STR_KEYS:
+        v = getattr(cfg, key)
+        if not isinstance(v, str):
+            raise InvalidInputTypeError(
+                f"{_flag(key)} ({key}=) must be a string, got {type(v).__name__} {v!r}")
+    for key in _BOOL_KEYS:
+        v = getattr(cfg, key)
+        if not isinstance(v, bool):
+            raise InvalidInputTypeError(
+                f"{key}= must be True or False, got {type(v).__name__} {v!r}")
+    if isinstance(cfg.models, str) or not isinstance(cfg.models, (list, tuple)) or not all(
+            isinstance(m, str) for m in cfg.models):
+        raise InvalidInputTypeError(
+            f"--models (models=) must be a list or tuple of model names, e.g. ('vgg5',), got "
+            f"{type(cfg.models).__name__} {cfg.models!r}")
+    cfg.models = tuple(cfg.models)
+    if isinstance(cfg.sweep_sigmas, (str, bytes)) or not isinstance(
+            cfg.sweep_sigmas, (list, tuple)) or not all(is_real(v) for v in cfg.sweep_sigmas):
+        raise InvalidInputTypeError(
+            f"--sweep-sigmas (sweep_sigmas=) must be a list or tuple of numbers (empty: no "
+            f"sweep), got {type(cfg.sweep_sigmas).__name__} {cfg.sweep_sigmas!r}")
+    cfg.sweep_sigmas = tuple(float(v) for v in cfg.sweep_sigmas)
+    def is_point(v: Any) -> bool:
+        return isinstance(v, str) or is_int(v)
+
+    if not is_point(cfg.sweep_split):
+        raise InvalidInputTypeError(
+            f"--sweep-split (sweep_split=) must be a split index or a module path, got "
+            f"{type(cfg.sweep_split).__name__} {cfg.sweep_split!r}")
+    if is_int(cfg.sweep_split):
+        cfg.sweep_split = int(cfg.sweep_split)
+    if not isinstance(cfg.splits, str):
+        if not isinstance(cfg.splits, (list, tuple)) or not all(is_point(v)
+                                                                for v in cfg.splits):
+            raise InvalidInputTypeError(
+                f"--splits (splits=) must be a string ('paper', 'all', '1,2,3') or a list of "
+                f"split indices / module paths, got {type(cfg.splits).__name__} "
+                f"{cfg.splits!r}")
+        cfg.splits = [int(v) if is_int(v) else v for v in cfg.splits]
+    if isinstance(cfg.device, torch.device):
+        cfg.device = str(cfg.device)
+    if not isinstance(cfg.device, str):
+        raise InvalidInputTypeError(
+            f"--device (device=) must be a string such as 'cpu' or 'cuda:0', got "
+            f"{type(cfg.device).__name__} {cfg.device!r}")
+    if cfg.out is not None and not isinstance(cfg.out, (str, os.PathLike)):
+        raise InvalidInputTypeError(
+            f"--out (out=) must be a path or None, got {type(cfg.out).__name__} {cfg.out!r}")
+    if isinstance(cfg.out, os.PathLike):
+        cfg.out = os.fspath(cfg.out)
+
+
 @dataclass
 class ValidateOutcome:
     """What :func:`run_validate` returns: the output folder, the JSON document and its files."""
@@ -187,34 +302,88 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
-def _mean_se(v: Tensor, se: Tensor | None = None) -> dict[str, Any]:
-    """Mean over samples with the estimator's and the sampling error bars."""
+def _mean_se(v: Tensor, r: MetricResult | None = None) -> dict[str, Any]:
+    """Mean over samples with the estimator's and the sampling error bars.
+
+    ``stderr`` is the standard error of the mean as an estimate of the data set's mean
+    (sampling + estimator) and ``ci95`` its interval with the Student-t quantile on ``n - 1``
+    degrees of freedom: a handful of samples (``--samples 3``: t = 4.30, not 1.96) would
+    otherwise be labelled 95% and cover about 80%. Where ``r`` (the metric's result over these
+    samples) is given the interval is :meth:`MetricResult.mean` ``(population=True)``'s (which
+    adds the estimators' deterministic error allowances), ``estimator_stderr`` the estimators'
+    own error of the mean and ``max_sample_ci95_halfwidth`` the widest of the samples' own 95%
+    intervals (``r.ci_halfwidth``: t-based, or log-scale for dFIL, not ``1.96 * stderr``).
+    """
     v = v.detach().to(torch.float64).cpu()
     n = int(v.numel())
     out: dict[str, Any] = {"mean": _num(v.mean()), "n": n,
                            "sample_std": _num(v.std()) if n > 1 else None,
                            "min": _num(v.min()), "max": _num(v.max())}
-    # the standard error of the mean as an estimate of the data set's mean (sampling + estimator)
     out["stderr"] = _num(v.std() / math.sqrt(n)) if n > 1 else None
-    if se is not None:
-        est = float(torch.sqrt((se.to(torch.float64).cpu() ** 2).sum()) / n)
-        out["estimator_stderr"] = _num(est)
-        out["max_sample_ci95_halfwidth"] = _num(Z95 * se.max())
+    if r is not None:
+        se = r.stderr.detach().to(torch.float64).cpu()
+        out["estimator_stderr"] = _num(torch.sqrt((se**2).sum()) / n)
+        out["max_sample_ci95_halfwidth"] = _num(r.ci_halfwidth.max())
     if out["stderr"] is not None:
-        out["ci95"] = [out["mean"] - Z95 * out["stderr"], out["mean"] + Z95 * out["stderr"]]
+        if r is not None:
+            low, high = r.mean(population=True).ci95()
+        else:
+            hw = t_quantile(n - 1) * out["stderr"]
+            low, high = out["mean"] - hw, out["mean"] + hw
+        out["ci95"] = [_num(low), _num(high)]
     return out
+
+
+def halfwidth95(entry: dict[str, Any]) -> float | None:
+    """The 95% half-width of a summary entry of ``validate.json`` (the table's ``±`` and the
+    figures' error bars): half its ``ci95`` where it has one, else the Student-t quantile on
+    ``n - 1`` degrees of freedom times its ``stderr`` (the attacks' scores, dCor, kNN MI);
+    ``None`` without a standard error."""
+    ci = entry.get("ci95")
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
+        return (ci[1] - ci[0]) / 2
+    se, n = entry.get("stderr"), entry.get("n")
+    if not se:
+        return None
+    return t_quantile(n - 1) * se if isinstance(n, int) and n > 1 else Z95 * se
 
 
 def _resolve_out(cfg: ValidateConfig) -> Path:
+    """The output folder, created before any work.
+
+    ``--out``: refused where it holds anything (the same check as ``profile``'s,
+    :func:`~fsinfo_fast.profile.store.check_out_empty`): ``validate.json`` and the figures have
+    fixed names, so a second run there would replace a previous run's results without a word.
+    Default: a new ``fsinfo-validate/<time>`` folder, claimed with ``mkdir(exist_ok=False)``
+    (``<time>-2``, ``-3``, ... where a run started in the same second took the name), so two
+    runs never share one.
+    """
+    from ..profile.errors import RunDirError
+    from ..profile.store import check_out_empty
+
     if cfg.out:
         out = Path(cfg.out)
-    else:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("fsinfo-validate") / stamp
-    if out.exists() and not out.is_dir():
-        raise InvalidInputError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+        holds = ("a previous validate run" if (out / "validate.json").exists()
+                 else "other files")
+        check_out_empty(out, holds, "choose a new --out (or empty that folder first)")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(
+                f"cannot create output directory {out}: {err.strerror or err}") from None
+        return out
+    base = Path("fsinfo-validate") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    for i in range(1, 1000):
+        out = base if i == 1 else Path(f"{base}-{i}")
+        try:
+            out.mkdir(parents=True, exist_ok=False)
+            return out
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise RunDirError(
+                f"cannot create output directory {out}: {err.strerror or err}") from None
+    raise RunDirError(f"no free output directory next to {base}; pass --out")
 
 
 def _load_demo(cfg: ValidateConfig, name: str, device: torch.device, bar) -> dict[str, Any]:
@@ -281,17 +450,21 @@ def _diag_metrics(cfg: ValidateConfig, enc: nn.Module, x: Tensor, sigma: float,
     if min(lin.m, lin.d) <= cfg.exact_max:
         ex = lin.exact()  # one oracle pass serves both metrics
         fs, df = ex.fsinfo(sigma), ex.dfil(sigma)
-        how = {"estimator": "exact", "probes": None, "backend": "reference"}
+        # the float64 oracle served (--backend was checked up front, but not used here)
+        how = {"estimator": "exact", "probes": None, "backend": "reference",
+               "backend_requested": cfg.backend}
     else:
         fs = lin.fsinfo(sigma, estimator="randomized", num_probes=cfg.probes)
         df = lin.dfil(sigma, estimator="randomized", num_probes=cfg.probes, method="diag")
         how = {"estimator": "randomized", "probes": cfg.probes,
-               "backend": fs.info.get("backend", str(cfg.backend))}
+               "backend": fs.info.get("backend", str(cfg.backend)),
+               "backend_requested": cfg.backend}
     values = {"fsinfo_diag": (fs.value, fs.stderr), "dfil": (df.value, df.stderr)}
     per_sample = {k: v[0].detach().cpu().to(torch.float64) for k, v in values.items()}
     per_sample.update({f"{k}_stderr": v[1].detach().cpu().to(torch.float64)
                        for k, v in values.items()})
-    summary = {k: dict(_mean_se(v[0], v[1]), **how) for k, v in values.items()}
+    summary = {"fsinfo_diag": dict(_mean_se(fs.value, fs), **how),
+               "dfil": dict(_mean_se(df.value, df), **how)}
     return summary, per_sample
 
 
@@ -301,7 +474,7 @@ def _logdet(cfg: ValidateConfig, enc: nn.Module, x: Tensor, sigma: float, prior_
 
     r = fsinfo(enc, x, sigma=sigma, variant="logdet", prior_var=prior_var, atol=0.02, seed=seed,
                backend=cfg.backend)
-    return dict(_mean_se(r.value, r.stderr), estimator=r.estimator,
+    return dict(_mean_se(r.value, r), estimator=r.estimator,
                 prior_var=prior_var), r.value.detach().cpu().to(torch.float64)
 
 
@@ -344,6 +517,8 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
     from ..profile.store import atomic_write_bytes, atomic_write_text
 
     device = resolve_device(cfg.device)
+    _check_backend(cfg, device)
+    _check_split_points(cfg)
     out = _resolve_out(cfg)
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
@@ -417,6 +592,54 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
 
         print_table(report, files)
     return ValidateOutcome(out=out, report=report, files=files)
+
+
+def _check_backend(cfg: ValidateConfig, device: torch.device) -> None:
+    """An explicit ``--backend`` that cannot run here is refused before any work, as the metrics
+    refuse it (:func:`~fsinfo_fast.engine.resolve_backend`). Without this check a run whose
+    splits all took the float64 oracle (``min(m, d) <= exact_max``) never asked the backend
+    and succeeded, recording a backend that could not have served.
+
+    Raises:
+        BackendUnavailableError: naming ``--backend`` and why it cannot run.
+    """
+    if cfg.backend == "auto":
+        return
+    from ..engine import resolve_backend
+
+    try:
+        resolve_backend(cfg.backend, device)
+    except BackendUnavailableError as err:
+        raise BackendUnavailableError(
+            f"--backend {cfg.backend}: {err}; choose another --backend (or auto)") from None
+
+
+def _check_split_points(cfg: ValidateConfig) -> None:
+    """Resolve ``--splits`` for every model and ``--sweep-split`` for the sweep's model on an
+    untrained copy of each (the same modules, so the same split points) before any training:
+    an unknown split point found after every model was trained and every split computed
+    throws all that work away.
+
+    Raises:
+        SplitError: naming the option (``--splits`` or ``--sweep-split``) and the model.
+    """
+    from ..errors import SplitError
+    from ..models import get_model
+    from ..profile.sources import resolve_splits
+
+    for name in cfg.models:
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG is not touched
+            model = get_model(name, num_classes=2, in_channels=3, input_size=cfg.size).eval()
+        try:
+            _by_depth(name, resolve_splits(model, cfg.splits))
+        except SplitError as err:
+            raise SplitError(f"--splits for {name}: {err}") from None
+        if cfg.sweep_sigmas and name == cfg.sweep_model:
+            try:
+                resolve_splits(model, [cfg.sweep_split])
+            except SplitError as err:
+                raise SplitError(f"--sweep-split {cfg.sweep_split!r} for {name}: {err}"
+                                 ) from None
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
