@@ -263,3 +263,32 @@ def test_validate_config_accepts_numpy_counts_and_lists():
     with pytest.raises(InvalidInputError, match="--seed"):  # unchanged: a value error
         ValidateConfig(seed=1.5).validate()
 
+
+# -- 7b. per-split results written as they finish
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_validate_writes_each_split_as_it_finishes(fake_load, monkeypatch, tmp_path):
+    # Before: nothing was written until the very end; a run stopped in its last split lost
+    # every split before it.
+    from fsinfo_fast.validate import run_validate, runner
+
+    real, calls = runner.optimization_attack, []
+
+    def attack(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stopped during the second split
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "optimization_attack", attack)
+    with pytest.raises(KeyboardInterrupt):
+        run_validate(_cfg(tmp_path, splits="1,2"))
+    part = json.loads((tmp_path / "run" / "validate.partial.json").read_text())
+    assert part["partial"] is True and part["settings"]["splits"] == "1,2"
+    (m,) = part["models"]
+    assert m["model"] == "vgg5" and [s["index"] for s in m["splits"]] == [1]
+    assert m["splits"][0]["per_sample"]["fsinfo_diag"]
+    monkeypatch.setattr(runner, "optimization_attack", real)
+    done = run_validate(_cfg(tmp_path, out="done", splits="1,2")).out
+    assert (done / "validate.json").is_file() and not (done / "validate.partial.json").exists()

@@ -25,10 +25,11 @@ FSInfo + ln sigma must stay constant while the attacks' MSE rises.
 
 Output (``--out``, default ``fsinfo-validate/<time>/``): ``validate.json`` (schema
 ``fsinfo_fast.validate/1``), ``agreement.png``, ``splits_<model>.png``,
-``reconstructions_<model>.png``, ``noise_sweep.png``; a table is printed. A ``--out`` that holds
-anything is refused before any work (as ``profile`` refuses it): the files have fixed names.
-Every setting, ``--backend``'s availability and the split points of ``--splits`` and
-``--sweep-split`` are checked before any training.
+``reconstructions_<model>.png``, ``noise_sweep.png``; a table is printed. While it runs,
+``validate.partial.json`` holds every split finished so far (removed at the end). A ``--out``
+that holds anything is refused before any work (as ``profile`` refuses it): the files have
+fixed names. Every setting, ``--backend``'s availability and the split points of ``--splits``
+and ``--sweep-split`` are checked before any training.
 
 Default size (``fsinfo-fast validate``): VGG5 and ResNet-18 trained 4 epochs on the natural
 photograph crops at 16x16 pixels, the paper's split points, sigma 0.1, 6 samples for the

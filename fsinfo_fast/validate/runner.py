@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: Identifies the layout of ``validate.json``.
 SCHEMA = "fsinfo_fast.validate/1"
+#: The per-split results written as each split finishes (``"partial": true``; the same
+#: ``models[].splits[]`` entries as ``validate.json``), removed once ``validate.json`` is written.
+PARTIAL = "validate.partial.json"
 #: The paper's Pearson correlations (CIFAR-10, inverse-network attack; PAPER.md).
 PAPER_PEARSON = {
     "resnet18": {"fsinfo_diag": 0.9875, "dfil": 0.9570, "dcor": 0.9711, "knn_mi": 0.9437},
@@ -526,6 +529,16 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
     models_report: list[dict[str, Any]] = []
     examples: dict[str, Any] = {}
     sweep_report: dict[str, Any] | None = None
+    settings = {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(cfg).items() if k not in ("progress", "table", "plot")}
+
+    def save_partial(name: str, splits_done: list[dict[str, Any]]) -> None:
+        # each split's results as soon as it finishes (PARTIAL, replaced atomically): a run
+        # stopped after hours keeps the splits it computed
+        done = [*models_report, {"model": name, "splits": splits_done}]
+        atomic_write_text(out / PARTIAL, json.dumps(
+            {"schema": SCHEMA, "partial": True, "settings": settings, "models": done},
+            indent=1, allow_nan=False) + "\n")
 
     try:
         loaded: dict[str, dict[str, Any]] = {}
@@ -542,7 +555,8 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
             bar = progress_bar("the validate progress bar", total=total, desc="validate",
                                unit="step")
         for name in cfg.models:
-            rep, ex = _validate_model(cfg, name, loaded[name], split_lists[name], bar, timing)
+            rep, ex = _validate_model(cfg, name, loaded[name], split_lists[name], bar, timing,
+                                      save_partial)
             models_report.append(rep)
             examples[name] = ex
         if cfg.sweep_sigmas:
@@ -556,8 +570,7 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "settings": {k: (list(v) if isinstance(v, tuple) else v)
-                     for k, v in asdict(cfg).items() if k not in ("progress", "table", "plot")},
+        "settings": settings,
         "environment": _environment(device),
         "models": models_report,
         "noise_sweep": sweep_report,
@@ -586,6 +599,7 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
     report["files"] = {k: Path(v).name for k, v in files.items()}
     report["files"]["json"] = "validate.json"
     atomic_write_text(out / "validate.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+    (out / PARTIAL).unlink(missing_ok=True)  # validate.json holds all of it now
     files["json"] = str(out / "validate.json")
     if cfg.table:
         from .report import print_table
@@ -693,7 +707,8 @@ def _step(bar, text: str) -> Any:
 
 
 def _validate_model(cfg: ValidateConfig, name: str, data: dict[str, Any], splits: list, bar,
-                    timing: dict[str, float]) -> tuple[dict[str, Any], dict[str, Any]]:
+                    timing: dict[str, float], save_partial: Any = None,
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
     model, x_tr, x_te = data["model"], data["x_train"], data["x_test"]
     x = x_te[: cfg.samples]
     prior_var = float(x_tr.double().var())
@@ -752,6 +767,8 @@ def _validate_model(cfg: ValidateConfig, name: str, data: dict[str, Any], splits
         rep["seconds"] = round(time.perf_counter() - t_split, 2)
         timing[f"{name}/split {sp.label}"] = time.perf_counter() - t_split
         split_reports.append(rep)
+        if save_partial is not None:
+            save_partial(name, split_reports)
         for key in METRICS:
             m = metrics.get(key)
             series[key].append(None if m is None else m.get("mean", m.get("value")))
