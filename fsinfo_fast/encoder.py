@@ -923,10 +923,11 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: T
     (``grad``, the backward of the structural check with the seeded cotangent ``u``).
     ``torch.no_grad()`` inside ``forward`` stops the reverse mode only, so the routes built on
     JVPs (the oracle, the fast exact route by columns) and those built on VJPs measured
-    different Jacobians. The tolerance is relative to the terms' size and to
-    :func:`natural_scale` (rounding noise of a vanishing Jacobian is no disagreement). Skipped
-    where forward-mode AD does not run the encoder (the products then go through the reverse
-    mode only)."""
+    different Jacobians; an op whose modes pick different subgradients at a kink does the same
+    on inputs exactly at it (``F.prelu`` is routed around that: :func:`prelu_as_where`). The
+    tolerance is relative to the terms' size and to :func:`natural_scale` (rounding noise of a
+    vanishing Jacobian is no disagreement). Skipped where forward-mode AD does not run the
+    encoder (the products then go through the reverse mode only)."""
     gen = torch.Generator().manual_seed(0x5EED)
     v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
     try:
@@ -956,7 +957,11 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: T
             " (or set_grad_enabled(False)) inside forward stops the reverse mode only, and a "
             "custom autograd.Function may define jvp and backward differently. The routes "
             "would measure different Jacobians; use .detach() for a stop-gradient (every route "
-            "honours it) or remove the no_grad block. Where neither applies, the encoder's "
+            "honours it) or remove the no_grad block. An op whose two modes take different "
+            "subgradients at a kink does this too where an input lies exactly on the kink "
+            "(torch._prelu_kernel at 0: slope 1 forward, its weight reverse; nn.PReLU and "
+            "F.prelu are computed with one subgradient here): use nn.PReLU / F.prelu, "
+            "LeakyReLU, or an op with one derivative there. Where none applies, the encoder's "
             "terms cancel in float32 (layers much larger than their product): compute in "
             "float64 (ff.linearize(..., dtype=torch.float64))")
 
@@ -970,13 +975,40 @@ def cdist_as_norm(x1: Tensor, x2: Tensor, p: float = 2.0, compute_mode: Any = No
     return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
 
 
+def prelu_as_where(input: Tensor, weight: Tensor) -> Tensor:
+    """``F.prelu`` as ``where(x > 0, x, weight * x)``: the same values bit for bit (PyTorch's
+    kernel computes exactly that), and one derivative at the kink. PyTorch's own op takes slope 1
+    at ``x == 0`` in forward mode and ``weight`` in reverse mode (torch 2.13; every other
+    activation agrees in both), so on inputs with exact zeros (a bias-free convolution over a
+    black background) the JVP routes (the oracle's columns, the fast exact route) and the VJP
+    routes measured different Jacobians and the validation refused the encoder. Both modes of
+    this form take ``weight`` there, as reverse mode and ``LeakyReLU`` do. A weight that does not
+    fit the input goes to PyTorch's op, for its own error."""
+    if weight.dim() > 1 or (weight.numel() != 1 and (
+            input.dim() < 2 or weight.numel() != input.shape[1])):
+        return torch.prelu(input, weight)
+    if weight.numel() != 1:  # one slope per channel (dimension 1)
+        weight = weight.reshape(weight.shape[0], *([1] * (input.dim() - 2)))
+    else:
+        weight = weight.reshape(())
+    return torch.where(input > 0, input, weight * input)
+
+
+#: ops PyTorch differentiates wrongly, not at all or inconsistently between its modes under
+#: torch.func, and the equivalent primitives run instead (:class:`FuncRoute`; the engine's
+#: capture routes them too)
+FUNC_ROUTES: dict[Callable, Callable] = {torch.cdist: cdist_as_norm, torch.prelu: prelu_as_where}
+
+
 class FuncRoute(TorchFunctionMode):
     """While the encoder runs under torch.func, ops PyTorch differentiates wrongly or not at all
-    there are computed by equivalent primitives (``torch.cdist``: :func:`cdist_as_norm`)."""
+    there are computed by equivalent primitives (:data:`FUNC_ROUTES`: ``torch.cdist`` by
+    :func:`cdist_as_norm`, ``F.prelu`` by :func:`prelu_as_where`)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.cdist:
-            return cdist_as_norm(*args, **(kwargs or {}))
+        route = FUNC_ROUTES.get(func)
+        if route is not None:
+            return route(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 

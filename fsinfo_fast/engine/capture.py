@@ -43,7 +43,7 @@ from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..encoder import cdist_as_norm, forward_hooks_key
+from ..encoder import FUNC_ROUTES, forward_hooks_key
 
 __all__ = ["Captured", "CaptureError", "capture", "decomposition_table", "KEEP_WHOLE",
            "OPAQUE_IMPLS", "recapture"]
@@ -211,18 +211,18 @@ def _route_pad(input, pad, mode="constant", value=None):
     return F.pad(input, pad, mode=mode, value=value)
 
 
-#: Python functions recorded as one op (or, for circular padding and cdist, as primitives)
-#: during capture
+#: Python functions recorded as one op (or, for circular padding, cdist and PReLU, as
+#: primitives: :data:`~fsinfo_fast.encoder.FUNC_ROUTES`) during capture
 _ROUTES = {F.rms_norm: _route_rms_norm, torch.rms_norm: _route_rms_norm,
            F.scaled_dot_product_attention: _route_sdpa, F.pad: _route_pad,
-           torch._C._nn.pad: _route_pad, torch.cdist: cdist_as_norm}
+           torch._C._nn.pad: _route_pad, **FUNC_ROUTES}
 
 
 class _Route(TorchFunctionMode):
     """During capture, RMS norm and scaled dot-product attention become one node each
     (:data:`RMS_NORM_OP`, :data:`SDPA_OP`), which the engine's rules linearise compactly, and
     circular padding becomes gathers (:func:`_pad_circular`), ``torch.cdist`` a norm of
-    differences."""
+    differences and ``F.prelu`` a ``where`` (one derivative at its kink in both modes)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         route = _ROUTES.get(func)

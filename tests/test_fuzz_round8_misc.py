@@ -1,0 +1,79 @@
+"""Fuzz round 8 (misc): PReLU's kink, ``info --model`` on float64/float16 and resized zoo models,
+and the argument checks of ``fsinfo_fast.data``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fsinfo_fast as ff
+from fsinfo_fast.errors import EncoderError
+
+# --- 1. PReLU at exact zeros ------------------------------------------------------------------
+
+
+def _zero_heavy_batch() -> torch.Tensor:
+    # a black background: a bias-free convolution's pre-activations are exactly 0 there
+    x = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    x[:, :, :3] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("backend", ["engine", "torch"])
+def test_prelu_at_exact_zeros_is_one_jacobian_on_every_route(backend):
+    # PyTorch's PReLU takes slope 1 at x == 0 in forward mode and its weight in reverse mode:
+    # the encoder was refused (forward-/reverse-mode disagreement blamed on no_grad). Every
+    # route now takes the weight there, as LeakyReLU does in both modes.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    prelu = nn.Sequential(conv, nn.PReLU(num_parameters=4, init=0.25)).eval()
+    leaky = nn.Sequential(conv, nn.LeakyReLU(0.25)).eval()  # (0.25: exact in float32)
+    x = _zero_heavy_batch()
+    lin = ff.linearize(prelu, x, seed=0, backend=backend)
+    oracle = lin.exact()  # float64 columns by JVP
+    want = ff.linearize(leaky, x, seed=0).exact()
+    torch.testing.assert_close(oracle.fsinfo(0.1).value, want.fsinfo(0.1).value, rtol=1e-9,
+                               atol=1e-12)
+    torch.testing.assert_close(oracle.dfil(0.1).value, want.dfil(0.1).value, rtol=1e-9, atol=0)
+    # the backend's fast exact route (columns by JVP) and its VJP probes: the same Jacobian
+    fast = lin.fsinfo(0.1, variant="diag", estimator="exact-fast")
+    assert fast.info["backend"] == backend
+    torch.testing.assert_close(fast.value, oracle.fsinfo(0.1).value, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lin.dfil(0.1, estimator="exact-fast").value,
+                               oracle.dfil(0.1).value, rtol=1e-4, atol=0)
+    r = lin.fsinfo(0.1, variant="diag", estimator="randomized", atol=0.01)
+    assert r.info["backend"] == backend
+    assert ((r.value - oracle.fsinfo(0.1).value).abs() <= 2 * r.ci_halfwidth + 1e-6).all()
+
+
+def test_prelu_route_keeps_values_and_errors():
+    x = torch.randn(2, 3, 4, 4)
+    x[0, 0, 0] = 0.0
+    for w in (torch.tensor([0.2]), torch.tensor([0.1, -0.5, 2.0])):
+        from fsinfo_fast.encoder import prelu_as_where
+
+        assert torch.equal(prelu_as_where(x, w), F.prelu(x, w))
+    assert torch.equal(prelu_as_where(torch.tensor(0.5), torch.tensor([0.2])),
+                       F.prelu(torch.tensor(0.5), torch.tensor([0.2])))
+    with pytest.raises(RuntimeError):  # PyTorch's own error for a weight that does not fit
+        prelu_as_where(x, torch.ones(2))
+
+
+def test_kink_disagreement_message_names_the_kink():
+    # an op whose two modes take different subgradients (the raw kernel, not routed) is still
+    # refused, and the message names that cause, not only no_grad / autograd.Function
+    class RawPReLU(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.full((1,), 0.25))
+
+        def forward(self, x):
+            return torch._prelu_kernel(x, self.w)
+
+    enc = nn.Sequential(nn.Linear(5, 5, bias=False), RawPReLU()).eval()
+    x = torch.tensor([[0.0, 0, 0, 0, 0], [1, 2, 3, 4, 5]])
+    with pytest.raises(EncoderError, match="subgradients at a kink") as info:
+        ff.fsinfo(enc, x, sigma=0.1)
+    assert "LeakyReLU" in str(info.value)
