@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import platform
 
+from torch import nn
+
 from .errors import InvalidInputError
 
 __all__ = ["add_arguments", "run", "collect"]
@@ -62,13 +64,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-sample input shape, e.g. 3,224,224 (default 3,SIZE,SIZE)")
 
 
-class _FirstTensor:
-    """A model whose output is a tuple or a ``ModelOutput``: its first tensor."""
+class _FirstTensor(nn.Module):
+    """A model whose output is a tuple or a ``ModelOutput``: its first tensor. A module, so the
+    report sees the model's parameters (a half-precision model is linearised on a float32 copy,
+    as the metrics do)."""
 
     def __init__(self, model) -> None:
+        super().__init__()
         self.model = model
 
-    def __call__(self, x):
+    def forward(self, x):
         out = self.model(x)
         return out if hasattr(out, "shape") else out[0]
 
@@ -79,13 +84,11 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
 
     from .encoder import COMPILED_NOTE, uncompiled
     from .engine import engine_report
-    from .profile.sources import build_model
+    from .profile.errors import ModelSpecError
+    from .profile.runner import build_recipe, input_dtype, model_dtype, zoo_recipe
+    from .profile.sources import is_zoo_model
     from .split import split
 
-    built = build_model(args.model)
-    model = uncompiled(built)  # a torch.compile'd model: the metrics linearise its original
-    encoder = split(model, int(args.split) if str(args.split).lstrip("-").isdigit()
-                    else args.split) if args.split is not None else model
     if args.input_shape:
         try:
             shape = tuple(int(s) for s in str(args.input_shape).split(","))
@@ -98,12 +101,38 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
         if args.size < 1:
             raise InvalidInputError(f"--size must be a positive int, got {args.size}")
         shape = (3, args.size, args.size)
+    recipe = {"spec": args.model, "zoo_kwargs": {}}
+    if is_zoo_model(args.model):
+        # built for this input size, as profile builds it (its classifier is sized for it; RGB,
+        # as profile's demo models)
+        if len(shape) != 3 or shape[1] != shape[2]:
+            raise InvalidInputError(
+                f"zoo model {args.model} takes square images (channels,size,size); "
+                f"--input-shape is {','.join(map(str, shape))}: give e.g. 3,{shape[-1]},"
+                f"{shape[-1]} (or --size)")
+        recipe = zoo_recipe(args.model, shape[-1])
+        try:
+            built = build_recipe(recipe)
+        except ModelSpecError as err:  # a size too small for the architecture
+            raise InvalidInputError(
+                f"--model {args.model} cannot take an input of shape {shape} ({err}); give "
+                "--input-shape (or --size) that it takes") from None
+    else:
+        built = build_recipe(recipe)
+    model = uncompiled(built)  # a torch.compile'd model: the metrics linearise its original
+    encoder = split(model, int(args.split) if str(args.split).lstrip("-").isdigit()
+                    else args.split) if args.split is not None else model
+    # in the model's dtype, as profile feeds and checks it (a float64 model refuses float32
+    # input; the forward check runs a half model on half, the report computes it on a float32
+    # copy as the metrics do)
     x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0))
+    x = x.to(input_dtype(model))
+    x_check = x.to(model_dtype(model) or x.dtype)
     enc = encoder if args.split is not None else _FirstTensor(model)
     try:
         with torch.no_grad():
-            out = model(x) if args.split is None else None
-            enc(x)
+            out = model(x_check) if args.split is None else None
+            enc(x_check)
     except Exception as err:  # the model cannot take this input: a user error, one line
         msg = " ".join(str(err).split())[:240]
         raise InvalidInputError(

@@ -3,6 +3,9 @@ and the argument checks of ``fsinfo_fast.data``."""
 
 from __future__ import annotations
 
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn as nn
@@ -77,3 +80,49 @@ def test_kink_disagreement_message_names_the_kink():
     with pytest.raises(EncoderError, match="subgradients at a kink") as info:
         ff.fsinfo(enc, x, sigma=0.1)
     assert "LeakyReLU" in str(info.value)
+
+
+# --- 2, 3. info --model: the model's dtype, zoo models at --size -------------------------------
+
+
+def _info(monkeypatch, capsys, tmp_path, *argv):
+    from fsinfo_fast.cli import main
+
+    (tmp_path / "r8models.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+        def f64():
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).double()
+        def f16():
+            return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).half()
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    sys.modules.pop("r8models", None)
+    rc = main(["info", *argv, "--json"])
+    out = capsys.readouterr()
+    if rc != 0:
+        return rc, out.err
+    import json
+
+    return rc, json.loads(out.out)["engine_model_report"]
+
+
+@pytest.mark.parametrize("builder,dtype", [("f64", "torch.float64"), ("f16", "torch.float32")])
+def test_info_feeds_the_example_in_the_models_dtype(monkeypatch, capsys, tmp_path, builder,
+                                                    dtype):
+    rc, rep = _info(monkeypatch, capsys, tmp_path, "--model", f"r8models:{builder}", "--size",
+                    "8")
+    assert rc == 0 and rep["captured"] and rep["dtype"] == dtype
+    assert (rep["dtype_note"] is None) == (builder == "f64")
+
+
+@pytest.mark.parametrize("extra", [[], ["--split", "6"]])
+def test_info_builds_a_zoo_model_at_size(monkeypatch, capsys, tmp_path, extra):
+    # vgg5 was built for 32 px: its classifier refused 16 px ("mat1 and mat2 shapes")
+    rc, rep = _info(monkeypatch, capsys, tmp_path, "--model", "vgg5", "--size", "16", *extra)
+    assert rc == 0 and rep["captured"] and rep["input_shape"] == [3, 16, 16]
+
+
+def test_info_zoo_model_refuses_a_non_square_input_shape(monkeypatch, capsys, tmp_path):
+    rc, err = _info(monkeypatch, capsys, tmp_path, "--model", "vgg5", "--input-shape", "3,16,12")
+    assert rc == 2 and "takes square images" in err and "--input-shape is 3,16,12" in err

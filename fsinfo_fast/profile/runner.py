@@ -277,10 +277,9 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
         recipe = {"spec": cfg.model, "zoo_kwargs": {}}
         if is_zoo_model(cfg.model):
             _require_square(data, cfg.model)
-            recipe["zoo_kwargs"] = {"num_classes": infer_num_classes(state),
-                                    "in_channels": int(data.x.shape[1]),
-                                    "input_size": int(data.x.shape[-1])}
-        model = _build(recipe)
+            recipe = zoo_recipe(cfg.model, int(data.x.shape[-1]), int(data.x.shape[1]),
+                                infer_num_classes(state))
+        model = build_recipe(recipe)
         apply_checkpoint(model, state, cfg.checkpoint)
         return model.eval(), data, recipe, ckpt_sha
     if is_zoo_model(cfg.model):
@@ -306,9 +305,8 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
             _, x_te, y_te, _ = demo_model(zoo_key(cfg.model), data=train_data, size=size,
                                           seed=cfg.seed, epochs=0)
             state = load_checkpoint(cached)
-            recipe = {"spec": zoo_key(cfg.model), "zoo_kwargs": {
-                "num_classes": infer_num_classes(state), "in_channels": 3, "input_size": size}}
-            model = _build(recipe)
+            recipe = zoo_recipe(zoo_key(cfg.model), size, 3, infer_num_classes(state))
+            model = build_recipe(recipe)
             apply_checkpoint(model, state, str(cached))
             acc = None
         else:
@@ -316,9 +314,8 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
             # does not train again; the run directory keeps its own copy (model.pt) for --resume
             model, x_te, y_te, acc = demo_model(zoo_key(cfg.model), data=train_data, size=size,
                                                 seed=cfg.seed, progress=progress, cache=True)
-            recipe = {"spec": zoo_key(cfg.model), "zoo_kwargs": {
-                "num_classes": infer_num_classes(model.state_dict()), "in_channels": 3,
-                "input_size": size}}
+            recipe = zoo_recipe(zoo_key(cfg.model), size, 3,
+                                infer_num_classes(model.state_dict()))
         if embedded:
             n = cfg.max_samples or len(x_te)
             what = "digits test split" if cfg.data == "digits" else "natural-image test crops"
@@ -330,7 +327,7 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
     data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
                          channels=cfg.channels)
     recipe = {"spec": cfg.model, "zoo_kwargs": {}}
-    return _build(recipe), data, recipe, None
+    return build_recipe(recipe), data, recipe, None
 
 
 def _require_square(data: Dataset, model: str) -> None:
@@ -341,7 +338,17 @@ def _require_square(data: Dataset, model: str) -> None:
         )
 
 
-def _build(recipe: dict[str, Any]) -> nn.Module:
+def zoo_recipe(spec: str, size: int, in_channels: int = 3,
+               num_classes: int = 10) -> dict[str, Any]:
+    """The recipe of zoo model ``spec`` for square ``size``-pixel inputs of ``in_channels``
+    channels: its classifier is sized for that input (a VGG built for 32 px refuses 16 px at
+    its first linear layer), so ``profile`` and ``info --model`` build it the same way."""
+    return {"spec": spec, "zoo_kwargs": {"num_classes": num_classes, "in_channels": in_channels,
+                                         "input_size": size}}
+
+
+def build_recipe(recipe: dict[str, Any]) -> nn.Module:
+    """The model of a recipe (``{"spec", "zoo_kwargs"}``, as ``settings.json`` keeps it)."""
     return build_model(recipe["spec"], **recipe["zoo_kwargs"])
 
 
@@ -530,7 +537,7 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
 
 
 def _rebuild(prep: _Prepared) -> tuple[nn.Module, list[SplitSpec]]:
-    model = _build(prep.recipe)
+    model = build_recipe(prep.recipe)
     state = torch.load(io.BytesIO(prep.state), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval()
