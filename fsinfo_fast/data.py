@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._extras import require
-from .errors import InvalidInputError
+from .errors import InvalidInputError, check_int
 
 __all__ = ["digits", "natural_images", "load_dataset", "DATASETS", "NATURAL_SOURCES"]
 
@@ -48,13 +48,11 @@ NATURAL_SOURCES: tuple[tuple[str, str], ...] = (
 
 
 def _check_size(size: int) -> int:
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise InvalidInputError(f"size must be a positive int (pixels), got {size!r}")
-    return int(size)
+    return check_int(size, "size", 1, " (pixels)")
 
 
 def _check_channels(channels: int) -> int:
-    if channels not in (1, 3):
+    if check_int(channels, "channels") not in (1, 3):
         raise InvalidInputError(f"channels must be 1 or 3, got {channels!r}")
     return int(channels)
 
@@ -108,9 +106,7 @@ def digits(
     else:
         raise InvalidInputError(f"split must be 'all', 'train' or 'test', got {split!r}")
     if max_samples is not None:
-        if int(max_samples) < 1:
-            raise InvalidInputError(f"max_samples must be >= 1, got {max_samples!r}")
-        idx = idx[: int(max_samples)]
+        idx = idx[: check_int(max_samples, "max_samples", 1)]
     x = torch.from_numpy(images[idx]).unsqueeze(1)  # [N, 1, 8, 8]
     if size != 8:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -145,7 +141,8 @@ def natural_images(
     size: int = 32,
     n: int = 256,
     seed: int = 0,
-    sources: Sequence[str] | None = None,
+    sources: Sequence[str] | str | None = None,
+    channels: int = 3,
 ) -> tuple[Tensor, Tensor]:
     """CIFAR-style ``size x size`` RGB crops of real photographs bundled with installed packages.
 
@@ -160,7 +157,10 @@ def natural_images(
         seed: seed of the crop positions and sizes.
         sources: names of the photographs to use (default: all of ``NATURAL_SOURCES``:
             astronaut, chelsea, coffee, rocket, hubble_deep_field, immunohistochemistry, retina,
-            china, flower). Labels index into this list.
+            china, flower), or one name. Labels index into this list.
+        channels: 3; 1 is refused (colour photographs: a gray conversion would be a choice of
+            weights, and ``fsinfo-fast profile --channels 1`` refuses them too), so
+            ``load_dataset(name, channels=...)`` takes the same keyword for both data sets.
 
     Returns:
         ``(x, y)``: ``x`` float32 ``[n, 3, size, size]`` in ``[0, 1]``; ``y`` int64 ``[n]``, the
@@ -171,11 +171,16 @@ def natural_images(
         >>> tuple(x.shape), y.tolist()
         ((9, 3, 16, 16), [0, 1, 2, 3, 4, 5, 6, 7, 8])
     """
-    size = _check_size(size)
-    if isinstance(n, bool) or int(n) < 1:
-        raise InvalidInputError(f"n must be >= 1, got {n!r}")
-    n = int(n)
+    size, n = _check_size(size), check_int(n, "n", 1)
+    seed = check_int(seed, "seed", 0)  # numpy's default_rng refuses a negative seed
+    if _check_channels(channels) != 3:
+        raise InvalidInputError(
+            "natural_images: channels=1 is not available: the photographs are colour (a gray "
+            "conversion would pick channel weights for you); use digits(channels=1) for gray "
+            "images, or convert x yourself (e.g. x.mean(1, keepdim=True))")
     known = {name: pkg for pkg, name in NATURAL_SOURCES}
+    if isinstance(sources, str):  # one name, not its letters
+        sources = [sources]
     names = [name for _, name in NATURAL_SOURCES] if sources is None else list(sources)
     if not names:
         raise InvalidInputError("sources must name at least one photograph")
@@ -219,8 +224,8 @@ def load_dataset(name: str, size: int = 32, **kwargs) -> tuple[Tensor, Tensor]:
     Args:
         name: ``"digits"`` (:func:`digits`) or ``"natural"`` (:func:`natural_images`).
         size: image side in pixels.
-        **kwargs: passed on (``split``, ``channels``, ``max_samples`` for digits; ``n``, ``seed``,
-            ``sources`` for natural).
+        **kwargs: passed on (``channels``; ``split``, ``max_samples`` for digits; ``n``,
+            ``seed``, ``sources`` for natural).
 
     Returns:
         ``(x, y)``: float32 images ``[N, C, size, size]`` in ``[0, 1]`` and int64 labels ``[N]``.

@@ -81,3 +81,19 @@ def warn_user(message: str, category: type[Warning]) -> None:
             _PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def check_int(value: object, name: str, lo: int | None = None, what: str = "") -> int:
+    """``value`` as an ``int`` (a Python or NumPy integer), else :class:`InvalidInputTypeError`
+    (a bool, ``2.5`` and ``8.0`` too: a float count was silently truncated by ``int()`` in some
+    arguments and refused in others); :class:`InvalidInputError` where it is below ``lo``.
+    ``what`` is appended to the messages (the unit, e.g. ``" (pixels)"``)."""
+    import numbers
+
+    need = "an int" if lo is None else f"an int >= {lo}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInputTypeError(
+            f"{name} must be {need}{what}, got {value!r} ({type(value).__name__})")
+    if lo is not None and value < lo:
+        raise InvalidInputError(f"{name} must be {need}{what}, got {value!r}")
+    return int(value)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fsinfo_fast as ff
-from fsinfo_fast.errors import EncoderError
+from fsinfo_fast.errors import EncoderError, InvalidInputError, InvalidInputTypeError
 
 # --- 1. PReLU at exact zeros ------------------------------------------------------------------
 
@@ -126,3 +126,35 @@ def test_info_builds_a_zoo_model_at_size(monkeypatch, capsys, tmp_path, extra):
 def test_info_zoo_model_refuses_a_non_square_input_shape(monkeypatch, capsys, tmp_path):
     rc, err = _info(monkeypatch, capsys, tmp_path, "--model", "vgg5", "--input-shape", "3,16,12")
     assert rc == 2 and "takes square images" in err and "--input-shape is 3,16,12" in err
+
+
+# --- 4. fsinfo_fast.data arguments --------------------------------------------------------------
+
+
+def test_data_ints_are_checked_as_ints():
+    from fsinfo_fast.data import digits, load_dataset, natural_images
+
+    for call in (lambda: digits(size=8.0), lambda: digits(size=8, max_samples=2.7),
+                 lambda: natural_images(size=8, n=2.5), lambda: natural_images(size=8, n=2,
+                                                                                seed=1.0),
+                 lambda: digits(size=8, channels=3.0)):
+        with pytest.raises(InvalidInputTypeError, match="must be an int"):
+            call()
+    with pytest.raises(InvalidInputError, match="seed must be an int >= 0"):
+        natural_images(size=8, n=2, seed=-1)
+    with pytest.raises(InvalidInputError, match="max_samples must be an int >= 1"):
+        digits(size=8, max_samples=0)
+    x, _ = digits(size=8, max_samples=__import__("numpy").int64(3))
+    assert x.shape == (3, 3, 8, 8)
+    with pytest.raises(InvalidInputError, match="channels=1 .*colour.*digits"):
+        load_dataset("natural", size=8, channels=1)
+    x, _ = load_dataset("natural", size=8, n=2, channels=3)
+    assert x.shape == (2, 3, 8, 8)
+
+
+def test_natural_images_takes_one_source_name():
+    from fsinfo_fast.data import natural_images
+
+    x, y = natural_images(size=8, n=2, sources="astronaut")
+    x2, y2 = natural_images(size=8, n=2, sources=["astronaut"])
+    assert torch.equal(x, x2) and y.tolist() == [0, 0]
