@@ -333,6 +333,11 @@ class LinearisedProducts:
         return inputs, tuple(act), kw_active, list_lens
 
     def _rule(self, node: fx.Node, call: OpCall, inputs: list) -> Lin:
+        """The node's linearisation: its rule's, ``torch.func`` where the rule declines. A rule
+        that fails otherwise (an argument layout it did not foresee) is raised as
+        :class:`CaptureError` naming the node, as a replay failure is: ``auto`` then runs the
+        encoder through ``torch.func`` and records why, an explicit engine backend says which
+        node (a raw ``IndexError`` from inside a rule said neither)."""
         rule = find_rule(call.op)
         try:
             if rule is None:
@@ -340,6 +345,12 @@ class LinearisedProducts:
             return rule(call)
         except Decline as why:
             reason = str(why)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001  (a rule's own bug)
+            msg = str(err).splitlines()[0][:300] if str(err) else ""
+            raise CaptureError(f"the engine's rule for node {node.name} ({call.op}) failed: "
+                               f"{type(err).__name__}: {msg}") from err
         self.fallbacks.append({"node": node.name, "op": str(call.op), "reason": reason})
         log.debug("engine: node %s (%s) runs through torch.func: %s", node.name, call.op, reason)
         return TorchFuncLin(call.op, call.args, call.kwargs, [p for p, _ in inputs], call.out)

@@ -196,31 +196,38 @@ def index_select_rule(call: OpCall) -> Lin:
     return IndexSelectLin(tuple(x.shape), _dim(call.args[1], x.ndim), call.args[2])
 
 
+def _legacy_empty(shape: tuple) -> bool:
+    """A legacy empty tensor (shape ``(0,)``, e.g. ``torch.tensor([])``): ``torch.cat`` skips it
+    whatever ``dim`` and the other tensors' rank (transformers' ``DynamicCache`` starts its keys
+    as one and concatenates on ``dim=-2``), so the rule must skip it too: it has no size along a
+    ``dim`` it does not have."""
+    return len(shape) == 1 and shape[0] == 0
+
+
 class CatLin(Lin):
     kind = "cat"
 
     def __init__(self, shapes: list[tuple], active: tuple, dim: int, primals: list) -> None:
         self.shapes, self.active, self.dim = shapes, active, dim
-        self.sizes = [s[dim - 1] if len(s) else 0 for s in shapes]
+        self.keep = [i for i, s in enumerate(shapes) if not _legacy_empty(s)]
+        self.sizes = [shapes[i][dim - 1] for i in self.keep]
         self.primals = primals  # for zero tangents' dtype / device
 
     def jvp(self, ts):
         parts = ts[0]
         k = next(t.shape[0] for t in parts if t is not None)
         full = []
-        for t, s, p in zip(parts, self.shapes, self.primals, strict=True):
+        for i in self.keep:
+            t = parts[i]
             if t is None:
-                if len(s) == 1 and s[0] == 0:  # legacy empty tensor, skipped by cat
-                    continue
-                t = p.new_zeros(()).expand(k, *s)
+                t = self.primals[i].new_zeros(()).expand(k, *self.shapes[i])
             full.append(t)
         return torch.cat(full, self.dim)
 
     def vjp(self, u):
-        keep = [i for i, s in enumerate(self.shapes) if not (len(s) == 1 and s[0] == 0)]
-        pieces = torch.split(u, [self.sizes[i] for i in keep], self.dim)
+        pieces = torch.split(u, self.sizes, self.dim)
         out: list = [None] * len(self.shapes)
-        for i, p in zip(keep, pieces, strict=True):
+        for i, p in zip(self.keep, pieces, strict=True):
             out[i] = p if self.active[i] else None
         return [out]
 

@@ -1,0 +1,104 @@
+"""Fuzz round 8 (third-party models): a legacy empty tensor in ``torch.cat`` (transformers'
+``DynamicCache`` on its first update) and a rule's own failure in the engine, a forward partly
+computed in float32 (Hugging Face Mamba) under ``auto`` and the exact routes, and dFIL's
+deflated estimator against another explicit method. Each test fails before its fix."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+from fsinfo_fast.encoder import prepare
+from fsinfo_fast.engine import rules as engine_rules
+from fsinfo_fast.engine.products import LinearisedProducts
+from fsinfo_fast.errors import BackendUnavailableError
+from fsinfo_fast.reference import jacobian
+
+aten = torch.ops.aten
+
+# --- 1. torch.cat with a legacy empty tensor; a rule's own failure -----------------------------
+
+
+class _CatLegacyEmpty(nn.Module):
+    """``torch.cat([torch.tensor([]), y], dim=-2)``: torch.cat skips the legacy empty (0,)
+    tensor whatever ``dim`` (the engine's cat rule indexed its missing ``dim``: IndexError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(5, 5)
+
+    def forward(self, x):  # [B, 4, 5]
+        empty = torch.tensor([], dtype=x.dtype)
+        return torch.cat([empty, torch.tanh(self.lin(x)), x[:, :1]], dim=-2)  # [B, 5, 5]
+
+
+def test_cat_with_a_legacy_empty_tensor_on_the_engine():
+    x = torch.randn(2, 4, 5, generator=torch.Generator().manual_seed(1))
+    enc = _CatLegacyEmpty().eval()
+    P = LinearisedProducts(prepare(enc, x, dtype=torch.float32))
+    assert "cat" in P.node_kinds.values() and not P.fallbacks
+    J = jacobian(enc, x)  # [B, m, d] float64
+    g = torch.Generator().manual_seed(7)
+    V = torch.randn(2, 3, P.d, generator=g, dtype=torch.float64)
+    U = torch.randn(2, 3, P.m, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(P.jvp(V.float()).double(), torch.einsum("bmd,bkd->bkm", J, V),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(P.vjp(U.float()).double(), torch.einsum("bmd,bkm->bkd", J, U),
+                               rtol=1e-5, atol=1e-5)
+    want = ff.fsinfo(enc, x, 0.1, estimator="exact").value
+    for backend in ("engine", "torch", "auto"):
+        r = ff.fsinfo(enc, x, 0.1, backend=backend, estimator="exact-fast")
+        assert r.info["backend"] == ("torch" if backend == "torch" else "engine")
+        torch.testing.assert_close(r.value, want, rtol=0, atol=1e-5)
+
+
+def test_a_rules_own_failure_is_a_capture_error(monkeypatch):
+    """A rule that fails (not a Decline) raised its raw exception through every backend, auto
+    included; it is now the engine's capture error naming the node: auto runs torch.func and
+    records why, an explicit engine backend raises BackendUnavailableError."""
+    engine_rules.find_rule(aten.tanh)  # load the rule tables
+
+    def broken(call):
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setitem(engine_rules.RULES, aten.tanh, broken)
+    monkeypatch.setitem(engine_rules.RULES, aten.tanh.default, broken)
+    enc = nn.Sequential(nn.Linear(5, 4), nn.Tanh()).eval()
+    x = torch.randn(2, 5, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(BackendUnavailableError, match=r"rule for node tanh.*IndexError"):
+        ff.fsinfo(enc, x, 0.1, backend="engine", estimator="randomized", num_probes=4)
+    r = ff.fsinfo(enc, x, 0.1, backend="auto", estimator="randomized", num_probes=4)
+    assert r.info["backend"] == "torch"
+    assert "IndexError" in r.info["backend_fallback"] and "tanh" in r.info["backend_fallback"]
+
+
+def test_gpt2_with_inputs_embeds_on_auto_inside_the_oracles_interval():
+    """GPT-2 fed inputs_embeds (use_cache: a DynamicCache that concatenates onto a legacy empty
+    tensor) crashed the engine, cpp and auto backends with a raw IndexError."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16)
+    model = transformers.GPT2Model(cfg).eval()
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m(inputs_embeds=x).last_hidden_state
+
+    enc = Wrap().eval()
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
+    want = ff.fsinfo(enc, x, 0.1, estimator="exact").value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's vmap fallback performance note
+        r = ff.fsinfo(enc, x, 0.1)
+    assert r.info["backend"] == "engine" and "backend_fallback" not in r.info
+    lo, hi = r.ci95()
+    assert bool(((lo <= want) & (want <= hi)).all()), (lo, want, hi)
