@@ -899,6 +899,12 @@ def func_errors():
 #: 23-40% of random inits; at 1, 0-0.5%)
 ADJOINT_FACTOR = 1.0
 
+#: A float64 forward-/reverse-mode disagreement at most this share of the terms' size is read as
+#: part of the forward computed below float64 (float32 rounds at ``6e-8``; HF Mamba's float32
+#: scan disagreed by ``1.7e-8`` of ``u^T J v``), not as a dropped term: a no_grad term or a kink's
+#: other subgradient is a share of the Jacobian itself (``1e-3`` and up in the tests)
+BELOW_FLOAT64_REL = 1e-5
+
 
 def _adjoint_u(out: Tensor) -> Tensor:
     """The seeded output-side vector of :func:`_check_adjoint` (shaped like ``out``)."""
@@ -951,9 +957,25 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: T
     if not math.isfinite(scale):  # non-finite derivatives are reported where products run
         return
     if not abs(a - b) <= ADJOINT_FACTOR * tol * scale + 1e-30:
+        rel = abs(a - b) / scale
+        # enough digits to show the difference (6 printed -16.8745 twice for a 1.7e-8 one)
+        digits = min(17, max(6, 3 + math.ceil(-math.log10(max(rel, 1e-17)))))
+        shown = f"u^T J v = {a:.{digits}g} by a JVP, {b:.{digits}g} by a VJP, over the batch"
+        if x.dtype == torch.float64 and rel <= BELOW_FLOAT64_REL:
+            # far above float64 rounding, far below float32's: a dropped term would not be
+            # this small; part of the forward ran in float32 (HF Mamba: A_log.float())
+            raise EncoderError(
+                f"the encoder's forward-mode and reverse-mode derivatives differ in float64 by "
+                f"{rel:.2g} relative ({shown}): far above float64 rounding but within float32's."
+                " The encoder apparently computes part of its forward below float64 (a .float()"
+                " or .to(torch.float32) cast inside forward, as Hugging Face Mamba's "
+                "A_log.float()), so its float64 copy is not a float64 function and the exact "
+                "routes (the float64 oracle, the fast exact route's rounding check) cannot be "
+                "trusted on it. Use estimator='randomized' in the default float32 working dtype "
+                "(not dtype=torch.float64), or remove the casts")
         raise EncoderError(
-            f"the encoder's forward-mode and reverse-mode derivatives disagree (u^T J v = "
-            f"{a:.6g} by a JVP, {b:.6g} by a VJP, over the batch): torch.no_grad()"
+            f"the encoder's forward-mode and reverse-mode derivatives disagree ({shown}, "
+            f"relative {rel:.2g}): torch.no_grad()"
             " (or set_grad_enabled(False)) inside forward stops the reverse mode only, and a "
             "custom autograd.Function may define jvp and backward differently. The routes "
             "would measure different Jacobians; use .detach() for a stop-gradient (every route "

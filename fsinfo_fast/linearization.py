@@ -50,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import numbers
@@ -460,6 +461,7 @@ class Linearization:
         self._slq: SLQProbeStore | None = None  # the SLQ probes (log det, dFIL "lanczos")
         self._enc64: PreparedEncoder | None = None  # the float64 copy (fast route's check)
         self._no_exact: str | None = None  # why the exact routes cannot run ("" : they can)
+        self._replan = False  # auto just found them unavailable: plan the request again
 
     def _state(self) -> tuple:
         """The encoder's state as the validation cache keys it, with in-place versions."""
@@ -603,18 +605,38 @@ class Linearization:
                    "float64 accumulation)")
         return fx, why
 
-    def _exact_unavailable(self) -> str | None:
+    def _exact_unavailable(self, attempt: bool = False) -> str | None:
         """Why the exact routes (the oracle and the fast route's rounding check, both on a
-        float64 copy of the encoder) cannot run here, or None. An ``nn.Module`` is cast; a plain
-        callable is tried in float64 once (``auto`` then stays randomized and says why)."""
+        float64 copy of the encoder) cannot run here, or None. A plain callable is tried in
+        float64 once (``auto`` then stays randomized and says why). An ``nn.Module`` is cast,
+        and its copy prepared only where a route is about to need it (``attempt``: ``auto``
+        switching to an exact route; preparing it on every call would cost a float64 forward
+        and its checks where the randomized route serves): a copy that fails its own checks
+        (a forward computed partly in float32, whose float64 modes then disagree beyond float64
+        rounding) makes the exact routes unavailable, recorded like a callable's, instead of
+        failing a call the working dtype serves. A copy computing another function than the
+        working dtype's still raises (:func:`~fsinfo_fast.encoder.check_same_function`: the
+        metric itself is ambiguous there)."""
+        float64 = self.enc.x.dtype == torch.float64
         if self._no_exact is None:
             self._no_exact = ""
-            if self.enc.x.dtype != torch.float64 and not isinstance(self.encoder, nn.Module):
+            if not float64 and not isinstance(self.encoder, nn.Module):
+                self.enc.confirm()  # the working dtype's own check is no float64 matter
                 try:
                     self._float64_encoder()
                 except EncoderError as err:
                     self._no_exact = ("the exact routes run the encoder in float64, which this "
                                       f"callable cannot ({err})")
+        if attempt and not self._no_exact and not float64 and self._enc64 is None:
+            self.enc.confirm()
+            try:
+                self._prepare64()
+            except EncoderError as err:
+                self._no_exact = ("the exact routes run a float64 copy of the encoder, which "
+                                  f"fails its checks ({err})")
+                self._replan = True
+            else:
+                self._float64_encoder()  # the same function (raises where it is not)
         return self._no_exact or None
 
     def _auto_without_exact(self, estimator: str) -> str:
@@ -625,13 +647,29 @@ class Linearization:
             return "randomized"
         return estimator
 
+    def _replanned(self, estimator: str) -> bool:
+        """True (once) where ``auto`` has just found the exact routes unavailable (a module's
+        float64 copy failed its checks when a switch first needed it): the request is then
+        planned again from the start as ``auto`` plans it without them (:meth:`_auto_without_exact`:
+        randomized, its own probe cap, no switch), reusing the probes held, rather than kept
+        within the cap and the early stop of a switch that cannot happen."""
+        if estimator != "auto" or not self._replan:
+            return False
+        self._replan = False
+        return True
+
+    def _prepare64(self) -> PreparedEncoder:
+        """The encoder prepared in float64 at this batch, its own checks run (validated once
+        per encoder and shape: a failure raises again, a pass is cached by ``prepare``)."""
+        # (this batch's value-dependent checks ran at construction, in the working dtype)
+        return prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
+                       cache=True, recheck=False)
+
     def _float64_encoder(self) -> PreparedEncoder:
         """The encoder prepared in float64 at this batch (cached)."""
         if self._enc64 is None:
             self.enc.confirm()  # the torch.func routes' forward against reverse mode
-            # (this batch's value-dependent checks ran at construction, in the working dtype)
-            enc64 = prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
-                            cache=True, recheck=False)
+            enc64 = self._prepare64()
             check_same_function(self.enc, enc64)
             self._enc64 = enc64
         return self._enc64
@@ -640,8 +678,8 @@ class Linearization:
         """Whether the oracle can run: the encoder runs in float64 and one sample's dense
         float64 Jacobian (and its Gram matrix) fits in memory."""
         need = 8 * (self.m * self.d + min(self.m, self.d) ** 2)
-        return (self._exact_unavailable() is None
-                and need <= default_memory_budget(self.enc.x.device))
+        return (need <= default_memory_budget(self.enc.x.device)
+                and self._exact_unavailable(attempt=True) is None)
 
     def _no_oracle_why(self) -> str:
         return self._exact_unavailable() or (
@@ -662,7 +700,8 @@ class Linearization:
         n = self._exact_n(spectrum)
         # the fast exact route (no spectrum) chunks its one-hot products to the memory budget;
         # the oracle builds each sample's dense Jacobian
-        if n <= cost_randomized and (not spectrum or self._oracle_fits()):
+        if n <= cost_randomized and (self._oracle_fits() if spectrum
+                                     else self._exact_unavailable(attempt=True) is None):
             return (f"the exact route's {self._exact_n_text(n)} products cost no more than the "
                     f"randomized estimator's first round ({cost_randomized})")
         return None
@@ -676,10 +715,12 @@ class Linearization:
         if estimator != "auto" or fixed or bool(est.converged.all()):
             return None
         n_bad, others = _unconverged(est)
-        if not spectrum or self._oracle_fits():
+        if self._oracle_fits() if spectrum else self._exact_unavailable(attempt=True) is None:
             return (f"the randomized {what} did not reach the tolerance within {max_probes} "
                     f"probes for {n_bad} sample(s) (stopped at the cap, or as soon as that was "
                     f"predicted){others}")
+        if self._replan:  # the caller plans the request again (_replanned), without the switch
+            return None
         warn_user(
             f"{what}: the tolerance was not met within {max_probes} probes for {n_bad} sample(s),"
             f" and {self._no_oracle_why()}; returning the randomized estimate with its error "
@@ -714,6 +755,10 @@ class Linearization:
         ``probes_per_sample`` counts the remainder probes). A fixed ``num_probes`` is kept under
         ``auto`` too: ``converged`` then says whether its interval met the tolerance."""
         self._check_unchanged()
+        again = functools.partial(self.fsinfo, sigma, variant=variant, estimator=estimator,
+                                  atol=atol, rtol=rtol, num_probes=num_probes,
+                                  max_probes=max_probes, prior_var=prior_var, floor=floor,
+                                  lanczos_order=lanczos_order)
         _check_choice("estimator", estimator, ESTIMATORS)
         estimator = self._auto_without_exact(estimator)
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
@@ -751,6 +796,8 @@ class Linearization:
         why = self._auto_exact(estimator, cost, spectrum, fixed=num_probes is not None)
         if why is not None:
             return self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
+        if self._replanned(estimator):
+            return again()
         cap = None
         if estimator == "auto":  # never spend more probes than the oracle's products
             cap = (min(n, MAX_FLOORED_PROBES) if variant == "diag"
@@ -758,6 +805,8 @@ class Linearization:
         # auto's exact route takes over a sample that cannot converge within the cap (the
         # log det's only where the oracle fits): such a sample stops as soon as that is planned
         fallback = estimator == "auto" and (not spectrum or self._oracle_fits())
+        if self._replanned(estimator):  # (the log det's oracle: its float64 copy failed)
+            return again()
         stop = _stopping(atol, rtol, num_probes, max_probes, cap, fallback)
         common = {"seed": self.seed, "sample_ids": self.sample_ids}
         if variant == "diag":
@@ -779,6 +828,8 @@ class Linearization:
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
         why = self._finish(est, spectrum, estimator, metric, stop.max_probes,
                            fixed=num_probes is not None)
+        if why is None and self._replanned(estimator):
+            return again()
         if why is not None:
             r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
@@ -1010,6 +1061,8 @@ class Linearization:
         randomized estimator.
         """
         self._check_unchanged()
+        again = functools.partial(self.dfil, sigma, estimator=estimator, rtol=rtol, atol=atol,
+                                  num_probes=num_probes, max_probes=max_probes, method=method)
         _check_choice("estimator", estimator, ESTIMATORS)
         estimator = self._auto_without_exact(estimator)
         _check_tol("atol", atol)  # checked whichever route serves (auto's exact ones too)
@@ -1070,16 +1123,20 @@ class Linearization:
         why = self._auto_exact(estimator, cost, spectrum=False, fixed=num_probes is not None)
         if why is not None:
             return self._exact_dfil(s, why, estimator)
+        if self._replanned(estimator):
+            return again()
         prediction: dict[str, Any] = {}
         if estimator == "auto" and tol_run and method != "hutch++":
             why, prediction = self._dfil_predicted_exact(s, method, costs, rtol, atol,
                                                          mp_l if method == "lanczos" else mp)
-            if why is not None:
+            if why is not None and self._exact_unavailable(attempt=True) is None:
                 r = self._exact_dfil(s, why, estimator)
                 r.info["auto_prediction_passes"] = prediction.get("passes", 0)
                 if method_reason is not None:
                     r.info["method_reason"] = method_reason
                 return r
+            if self._replanned(estimator):
+                return again()
         stop = rule_for(method)
         common = {"sigma": s, "seed": self.seed, "sample_ids": self.sample_ids}
         start = dataclasses.replace(stop, min_probes=min(k0, stop.max_probes))
@@ -1101,6 +1158,8 @@ class Linearization:
             est = hutchpp_trace(self.products, sketch_size=sketch, stop=start, **common)
         why = self._finish(est, False, estimator, "dfil", stop.max_probes,
                            fixed=num_probes is not None)
+        if why is None and self._replanned(estimator):
+            return again()
         if why is not None:
             r = self._exact_dfil(s, why, estimator)
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch

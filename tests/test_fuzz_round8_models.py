@@ -15,7 +15,7 @@ import fsinfo_fast as ff
 from fsinfo_fast.encoder import prepare
 from fsinfo_fast.engine import rules as engine_rules
 from fsinfo_fast.engine.products import LinearisedProducts
-from fsinfo_fast.errors import BackendUnavailableError
+from fsinfo_fast.errors import BackendUnavailableError, EncoderError
 from fsinfo_fast.reference import jacobian
 
 aten = torch.ops.aten
@@ -102,3 +102,72 @@ def test_gpt2_with_inputs_embeds_on_auto_inside_the_oracles_interval():
     assert r.info["backend"] == "engine" and "backend_fallback" not in r.info
     lo, hi = r.ci95()
     assert bool(((lo <= want) & (want <= hi)).all()), (lo, want, hi)
+
+
+# --- 2. a forward partly computed in float32 --------------------------------------------------
+
+
+class _Float32Inside(nn.Module):
+    """Part of forward cast to float32 (as HF Mamba's ``A_log.float()``): its float64 copy's
+    forward and reverse modes round differently at 1e-8, beyond the float64 check's 1e-9."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 6)
+        self.w = nn.Parameter(torch.randn(6, 6))
+
+    def forward(self, x):
+        h = self.lin(x)
+        return torch.tanh(h.float() @ self.w.float()).to(x.dtype) + h
+
+
+def test_float32_inside_forward_auto_stays_randomized_and_exact_says_why():
+    x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(1))
+    enc = _Float32Inside().eval()
+    # the default call's exact routes prepared the float64 copy, whose error ended the call
+    for r in (ff.fsinfo(enc, x, 0.1), ff.dfil(enc, x, 0.1)):
+        assert torch.isfinite(r.value).all() and r.estimator == "randomized"
+        assert "below float64" in r.info["exact_unavailable"]
+    # the exact routes refuse it, naming the cause (it blamed no_grad and printed
+    # -11.7536 twice) and the way out
+    for est in ("exact", "exact-fast"):
+        with pytest.raises(EncoderError, match="below float64") as err:
+            ff.fsinfo(enc, x, 0.1, estimator=est)
+        msg = str(err.value)
+        assert "estimator='randomized'" in msg and "no_grad" not in msg
+        jvp, vjp = msg.split("u^T J v = ")[1].split(" by a JVP, ")
+        assert jvp != vjp.split(" by a VJP")[0]
+    # a dropped term is still refused as one (no_grad, whatever its dtype)
+
+    class NoGrad(nn.Module):
+        def forward(self, x):
+            with torch.no_grad():
+                s = x.sum(-1, keepdim=True)
+            return torch.tanh(x) * s
+
+    with pytest.raises(EncoderError, match="no_grad"):
+        ff.linearize(NoGrad(), x.double())
+
+
+def test_mamba_default_call_is_measured():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(hidden_size=8, num_hidden_layers=1, state_size=2, expand=2,
+                                   intermediate_size=16)
+    model = transformers.MambaModel(cfg).eval()
+
+    class Wrap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m(inputs_embeds=x).last_hidden_state
+
+    enc = Wrap().eval()
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
+    r = ff.fsinfo(enc, x, 0.1, rtol=None, atol=0.05)
+    assert torch.isfinite(r.value).all() and "below float64" in r.info["exact_unavailable"]
+    with pytest.raises(EncoderError, match="below float64"):
+        ff.fsinfo(enc, x, 0.1, estimator="exact")
