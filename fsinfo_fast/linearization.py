@@ -1073,6 +1073,12 @@ class Linearization:
         s = self._sigma(sigma)
         n = self._exact_n()
         if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
+            if method not in ("auto", "deflated"):
+                # another method asked for was silently replaced by the deflated one
+                raise InvalidInputError(
+                    f"estimator='deflated' computes dFIL with the deflated method; "
+                    f"method={method!r} contradicts it: pass method='auto' (or 'deflated'), or "
+                    f"estimator='randomized' with method={method!r}")
             method, estimator = "deflated", "randomized"
         tol_run = num_probes is None and (rtol is not None or atol is not None)
         # the probe cap of the single-stream methods under auto (the oracle's products); the

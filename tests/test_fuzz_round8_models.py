@@ -5,6 +5,7 @@ deflated estimator against another explicit method. Each test fails before its f
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ import fsinfo_fast as ff
 from fsinfo_fast.encoder import prepare
 from fsinfo_fast.engine import rules as engine_rules
 from fsinfo_fast.engine.products import LinearisedProducts
-from fsinfo_fast.errors import BackendUnavailableError, EncoderError
+from fsinfo_fast.errors import BackendUnavailableError, EncoderError, InvalidInputError
 from fsinfo_fast.reference import jacobian
 
 aten = torch.ops.aten
@@ -171,3 +172,19 @@ def test_mamba_default_call_is_measured():
     assert torch.isfinite(r.value).all() and "below float64" in r.info["exact_unavailable"]
     with pytest.raises(EncoderError, match="below float64"):
         ff.fsinfo(enc, x, 0.1, estimator="exact")
+
+
+# --- 4. dFIL: estimator='deflated' against another method --------------------------------------
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "diag", "lanczos"])
+def test_dfil_deflated_with_another_method_is_refused(method):
+    enc = nn.Sequential(nn.Linear(8, 6), nn.Tanh()).eval()
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InvalidInputError, match=re.escape(f"method='{method}' contradicts")):
+        ff.dfil(enc, x, 0.1, estimator="deflated", method=method)
+    with pytest.raises(InvalidInputError, match="contradicts"):
+        ff.linearize(enc, x).dfil_sigma(1.0, estimator="deflated", method=method)
+    for ok in ("auto", "deflated"):
+        r = ff.dfil(enc, x, 0.1, estimator="deflated", method=ok)
+        assert r.info["method"] == "deflated"
