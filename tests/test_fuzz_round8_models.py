@@ -78,6 +78,17 @@ def test_a_rules_own_failure_is_a_capture_error(monkeypatch):
     assert "IndexError" in r.info["backend_fallback"] and "tanh" in r.info["backend_fallback"]
 
 
+class _EmbedsEncoder(nn.Module):
+    """A transformers model fed ``inputs_embeds``: its last hidden state."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, x):
+        return self.m(inputs_embeds=x).last_hidden_state
+
+
 def test_gpt2_with_inputs_embeds_on_auto_inside_the_oracles_interval():
     """GPT-2 fed inputs_embeds (use_cache: a DynamicCache that concatenates onto a legacy empty
     tensor) crashed the engine, cpp and auto backends with a raw IndexError."""
@@ -86,15 +97,7 @@ def test_gpt2_with_inputs_embeds_on_auto_inside_the_oracles_interval():
     cfg = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=16)
     model = transformers.GPT2Model(cfg).eval()
 
-    class Wrap(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = model
-
-        def forward(self, x):
-            return self.m(inputs_embeds=x).last_hidden_state
-
-    enc = Wrap().eval()
+    enc = _EmbedsEncoder(model).eval()
     x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(1))
     want = ff.fsinfo(enc, x, 0.1, estimator="exact").value
     with warnings.catch_warnings():
@@ -158,15 +161,7 @@ def test_mamba_default_call_is_measured():
                                    intermediate_size=16)
     model = transformers.MambaModel(cfg).eval()
 
-    class Wrap(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.m = model
-
-        def forward(self, x):
-            return self.m(inputs_embeds=x).last_hidden_state
-
-    enc = Wrap().eval()
+    enc = _EmbedsEncoder(model).eval()
     x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(1))
     r = ff.fsinfo(enc, x, 0.1, rtol=None, atol=0.05)
     assert torch.isfinite(r.value).all() and "below float64" in r.info["exact_unavailable"]
