@@ -230,13 +230,14 @@ def test_dfil_rademacher_with_three_dominant_inputs(weak):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sigma", [0.1, 1.0])
-def test_slq_logdet_with_a_prior_on_a_rank_one_jacobian(sigma):
+def test_slq_logdet_with_a_prior_on_a_rank_one_jacobian():
     """The randomized log det (SLQ, Rademacher probes) with ``prior_var=1`` on a rank-one
     Jacobian (``Linear(100 -> 1) -> Linear(1 -> 100)``), default ``atol``: the per-probe values
     are a PSD matrix's quadratic forms less a constant (``log(A / s^2 + lam) - log(lam) >= 0``),
     one direction dominating, and the t-interval covered 0.90-0.92 (found by the round-7
-    coverage fuzz); the trace's log-scale interval on the shifted values covers. 1200 runs."""
+    coverage fuzz); the trace's log-scale interval on the shifted values covers. 1200 runs at
+    sigma 1 (31 s; at sigma 0.1, 0.917 before and 0.940 after, 86 s, not run here)."""
+    sigma = 1.0
     import fsinfo_fast as ff
 
     g = torch.Generator().manual_seed(0)
