@@ -106,7 +106,7 @@ from .estimators.exact_fast import (
 )
 from .estimators.hutchinson import dominant_columns
 from .estimators.lanczos import SLQProbeStore, slq_trace
-from .estimators.probes import resolve_seed
+from .estimators.probes import draw_probes, resolve_seed
 from .estimators.stopping import (
     DEFAULT_MAX_PROBES,
     START_PROBES,
@@ -121,6 +121,10 @@ from .reference.oracle import _check_options, _warn_singular
 from .result import Z95, MetricResult, SigmaResult
 
 __all__ = ["DEFAULT_MAX_PROBES", "Linearization", "linearize"]
+
+#: The probe stream of the cotangent that chooses the dominant input columns (:meth:`Linearization.
+#: _dominant`).
+DOMINANT_STREAM = 21
 
 log = logging.getLogger(__name__)
 
@@ -451,9 +455,7 @@ class Linearization:
         self._products: Any = None
         self._exact: reference.ExactFisher | None = None
         self._exact_fast: FastExactFisher | None = None
-        #: the few input dimensions that carry most of J, computed exactly by the Rademacher
-        #: trace (:func:`~.estimators.hutchinson.dominant_columns`; chosen once per batch)
-        self._dominant = dominant_columns(self.enc.seen)
+        self._dominant_sel: tuple[Tensor | None] | None = None  # see _dominant
         self._diag_cache: dict[tuple, Any] = {}
         self._dstate: DiagProbeState | None = None
         self._deflated_cache: dict[tuple, Any] = {}
@@ -573,6 +575,20 @@ class Linearization:
                                                  memory_budget=self.memory_budget,
                                                  live=self.enc.live)
         return self._exact_fast
+
+    def _dominant(self) -> Tensor | None:
+        """The few input dimensions that carry most of ``J``, computed exactly by the
+        Rademacher trace (:func:`~.estimators.hutchinson.dominant_columns`), chosen once per
+        batch from one VJP of a Gaussian cotangent drawn per sample id (stream
+        :data:`DOMINANT_STREAM`, independent of every estimator's probes): a sample's choice,
+        and so its result, does not depend on how the samples are batched."""
+        if self._dominant_sel is None:
+            p = self.products
+            ids = sample_ids_for(p, self.sample_ids)
+            u = draw_probes(p.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
+                            dtype=p.dtype, device=p.device, stream=DOMINANT_STREAM)
+            self._dominant_sel = (dominant_columns(p.vjp(u)[:, 0]),)
+        return self._dominant_sel[0]
 
     def _exact_n(self, spectrum: bool = False) -> int:
         """Products per sample of the exact route: ``min(m, d)`` (the oracle, for the spectrum),
@@ -1159,7 +1175,7 @@ class Linearization:
             est = slq_trace(self.products, store=self._slq_store(), stop=start, **common)
         elif method == "hutchinson":
             est = hutchinson_trace(self.products, side="input", kind="rademacher", stop=start,
-                                   exact_columns=self._dominant, **common)
+                                   exact_columns=self._dominant(), **common)
         else:
             est = hutchpp_trace(self.products, sketch_size=sketch, stop=start, **common)
         why = self._finish(est, False, estimator, "dfil", stop.max_probes,
@@ -1395,7 +1411,7 @@ class Linearization:
         k1 = initial_probes(max_probes=mp, quantity="trace")
         r1 = hutchinson_trace(self.products, side="input", kind="rademacher", sigma=s,
                               seed=self.seed, sample_ids=self.sample_ids, num_probes=k1,
-                              exact_columns=self._dominant)
+                              exact_columns=self._dominant())
         c = self._plan(self._need_each(r1.value, r1.stderr**2 * k1, rtol, atol), k1, mp,
                        rtol if atol is None else None,
                        source=f"its first round ({k1} Rademacher JVPs, drawn again by the "

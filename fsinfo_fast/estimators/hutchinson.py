@@ -360,11 +360,12 @@ DOMINANT_MAX, DOMINANT_SHARE = 8, 0.9
 
 
 def dominant_columns(seen: Tensor | None) -> Tensor | None:
-    r"""The input dimensions that carry most of ``J`` where they are few, for
-    :func:`hutchinson_trace`'s ``exact_columns``; None where there are none.
+    r"""The input dimensions that carry most of ``J`` where they are few (``[B, d]`` bool,
+    all False where a sample has none), for :func:`hutchinson_trace`'s ``exact_columns``; None
+    for ``seen=None``.
 
-    ``seen`` (``[B, d]``) is ``J^T u`` for a Gaussian ``u`` (the encoder's validation VJP,
-    :attr:`~fsinfo_fast.encoder.PreparedEncoder.seen`): ``seen_k^2`` is an unbiased one-draw
+    ``seen`` (``[B, d]``) is ``J^T u`` for a Gaussian ``u`` (drawn per sample id by
+    :class:`~fsinfo_fast.Linearization`): ``seen_k^2`` is an unbiased one-draw
     estimate of ``(J^T J)_kk``. Where the largest :data:`DOMINANT_MAX` of a sample's hold at
     least :data:`DOMINANT_SHARE` of its sum, the fewest of them that do are taken
     (``[B, d]`` bool, each sample on its own: the choice does not depend on the batch).
@@ -384,8 +385,6 @@ def dominant_columns(seen: Tensor | None) -> Tensor | None:
     ok = (cum[:, -1:] >= DOMINANT_SHARE * total) & (total > 0)
     need = (cum < DOMINANT_SHARE * total).sum(dim=1, keepdim=True)  # columns before the share
     take = (torch.arange(k, device=g2.device)[None] <= need) & ok & (top > 0)
-    if not bool(take.any()):
-        return None
     return torch.zeros_like(g2, dtype=torch.bool).scatter_(1, idx, take)
 
 
@@ -474,7 +473,7 @@ def hutchinson_trace(
     chunks: list[Tensor] = []
     rows = RowProducts(products)
     keep, base, extra = None, None, 0
-    if exact_columns is not None and bool(exact_columns.any()):
+    if exact_columns is not None:
         if side != "input":
             raise InvalidInputError("exact_columns applies to side='input' (JVP probes)")
         cols = exact_columns.to(device=products.device, dtype=torch.bool)
@@ -482,6 +481,7 @@ def hutchinson_trace(
             raise InvalidInputError(
                 f"exact_columns must be [B, d] = [{products.batch}, {n}] bool, got "
                 f"{tuple(cols.shape)}")
+    if exact_columns is not None and bool(cols.any()):
         extra = int(cols.sum(dim=1).max())
         rows.rows(None, extra)
         # each sample's columns in order, one per probe slot (slots beyond its count stay 0)
@@ -527,7 +527,7 @@ def hutchinson_trace(
         summarize=summarize,
         targets={"value": rule.targets},
     )
-    info_cols = {} if keep is None else {
+    info_cols = {} if exact_columns is None else {
         "exact_columns": exact_columns.sum(dim=1).tolist(),
         "exact_columns_why": "the few input dimensions that carry most of J, computed exactly "
                              "(their Rademacher per-probe law has few atoms)"}
