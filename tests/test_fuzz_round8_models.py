@@ -183,3 +183,35 @@ def test_dfil_deflated_with_another_method_is_refused(method):
     for ok in ("auto", "deflated"):
         r = ff.dfil(enc, x, 0.1, estimator="deflated", method=ok)
         assert r.info["method"] == "deflated"
+
+
+def test_profile_plans_no_exact_route_where_the_float64_copy_fails():
+    """``profile`` (auto) planned the float64 oracle for a small input (d <= 256) on a split
+    whose float64 copy fails (a block run in float32 with weights outside the parameters) and
+    aborted; it now plans the randomized routes there and records why."""
+    from fsinfo_fast.profile import ProfileConfig
+    from fsinfo_fast.profile.runner import make_plan
+    from fsinfo_fast.profile.sources import resolve_splits
+
+    class Float32Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.randn(4, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.3
+
+        def forward(self, h):
+            return torch.tanh(torch.nn.functional.conv2d(h.float(), self.w).to(h.dtype))
+
+    model = torch.nn.Sequential()
+    model.add_module("c1", torch.nn.Conv2d(3, 4, 3))
+    model.add_module("act", torch.nn.ReLU())
+    model.add_module("tail", Float32Block())
+    model.eval()
+    example = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    splits = resolve_splits(model, ["act", "tail"])
+    plan = make_plan(ProfileConfig(), model, splits, example)
+    assert not plan.exact and set(plan.exact_unavailable) == {"tail"}
+    assert "float64" in plan.exact_unavailable["tail"]
+    assert plan.small_exact == ["act"] or "tail" not in plan.small_exact
+    assert plan.describe()["exact_unavailable"] == plan.exact_unavailable
+    r = ff.fsinfo(splits[1].encoder, example, sigma=0.1)
+    assert "exact_unavailable" in r.info or r.estimator == "randomized"

@@ -200,3 +200,4 @@ def test_dominant_columns_do_not_depend_on_the_batching():
         alone = ff.linearize(enc, x[i:i + 1], sample_ids=ids[i:i + 1]).dfil(1.0, **kw)
         assert torch.equal(alone.value, base.value[i:i + 1])
         assert alone.info["exact_columns"] == [base.info["exact_columns"][i]]
+

@@ -564,6 +564,9 @@ class Plan:
         stack: the nested stack (``None`` without sharing, or in a randomized profile, where
             nothing is shared across splits).
         rejected: splits the stack cannot serve, with the reason.
+        exact_unavailable: splits whose float64 copy fails its checks (a forward computed
+            partly in float32), with the reason: ``auto`` takes no exact route there (the
+            profile is then randomized, as ``ff.fsinfo``'s ``auto`` is).
     """
 
     d: int
@@ -574,6 +577,7 @@ class Plan:
     logdet: dict[str, str | None]
     stack: NestedStack | None
     rejected: dict[str, str]
+    exact_unavailable: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -583,6 +587,7 @@ class Plan:
             "stack_splits": self.stack.names if self.stack else [],
             "not_shareable": self.rejected,
             "logdet_skipped": {k: v for k, v in self.logdet.items() if v is not None},
+            "exact_unavailable": self.exact_unavailable,
         }
 
 
@@ -594,6 +599,14 @@ def make_plan(cfg: ProfileConfig, model: nn.Module, splits: list[SplitSpec],
         probe = example.to(model_dtype(model) or example.dtype)  # shapes only
         m = {s.name: int(s.encoder(probe)[0].numel()) for s in splits}
     exact = cfg.estimator == "exact" or (cfg.estimator == "auto" and d <= EXACT_SMALL_D)
+    unavailable: dict[str, str] = {}
+    if cfg.estimator == "auto":  # the exact routes auto would plan need a float64 copy
+        for s in splits:
+            if exact or min(m[s.name], d) <= DFIL_EXACT_MAX:
+                why = _float64_unavailable(s.encoder, example)
+                if why is not None:
+                    unavailable[s.name] = why
+        exact = exact and not unavailable
     stack = None
     rejected: dict[str, str] = {}
     if cfg.share and exact:  # the one-hot sweep is the only work shared across splits
@@ -625,9 +638,25 @@ def make_plan(cfg: ProfileConfig, model: nn.Module, splits: list[SplitSpec],
                     best_j, best = j, c
             sweep = names[:best_j]
     elif cfg.estimator == "auto":
-        small = [s.name for s in splits if min(m[s.name], d) <= DFIL_EXACT_MAX]
+        small = [s.name for s in splits
+                 if min(m[s.name], d) <= DFIL_EXACT_MAX and s.name not in unavailable]
     return Plan(d=d, m=m, exact=exact, sweep=sweep, small_exact=small, logdet=logdet,
-                stack=stack, rejected=rejected)
+                stack=stack, rejected=rejected, exact_unavailable=unavailable)
+
+
+def _float64_unavailable(encoder: nn.Module, example: Tensor) -> str | None:
+    """Why the exact routes cannot run on this split's float64 copy (its own checks fail: a
+    forward computed partly in float32, weights held outside the module's parameters), or
+    None. ``auto`` then plans no exact route for it, as :class:`~fsinfo_fast.Linearization`
+    finds and records (``info["exact_unavailable"]``); ``--estimator exact`` raises instead."""
+    from ..encoder import prepare
+
+    try:
+        prepare(encoder, example[:1], dtype=torch.float64, check_interaction=0, cache=True)
+    except EncoderError as err:
+        return ("the exact routes run the split's encoder in float64, which fails its checks "
+                f"({err})")
+    return None
 
 
 class WarningSink:
