@@ -456,6 +456,7 @@ class Linearization:
         self._exact: reference.ExactFisher | None = None
         self._exact_fast: FastExactFisher | None = None
         self._dominant_sel: tuple[Tensor | None] | None = None  # see _dominant
+        self._dominant_unbilled = 0  # its VJP, until a result counts it (_dominant_passes)
         self._diag_cache: dict[tuple, Any] = {}
         self._dstate: DiagProbeState | None = None
         self._deflated_cache: dict[tuple, Any] = {}
@@ -588,7 +589,13 @@ class Linearization:
             u = draw_probes(p.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
                             dtype=p.dtype, device=p.device, stream=DOMINANT_STREAM)
             self._dominant_sel = (dominant_columns(p.vjp(u)[:, 0]),)
+            self._dominant_unbilled = 1
         return self._dominant_sel[0]
+
+    def _dominant_passes(self) -> int:
+        """The products :meth:`_dominant` spent and no result has counted yet (then 0)."""
+        n, self._dominant_unbilled = self._dominant_unbilled, 0
+        return n
 
     def _exact_n(self, spectrum: bool = False) -> int:
         """Products per sample of the exact route: ``min(m, d)`` (the oracle, for the spectrum),
@@ -1176,6 +1183,7 @@ class Linearization:
         elif method == "hutchinson":
             est = hutchinson_trace(self.products, side="input", kind="rademacher", stop=start,
                                    exact_columns=self._dominant(), **common)
+            est = dataclasses.replace(est, passes=est.passes + self._dominant_passes())
         else:
             est = hutchpp_trace(self.products, sketch_size=sketch, stop=start, **common)
         why = self._finish(est, False, estimator, "dfil", stop.max_probes,
@@ -1412,11 +1420,12 @@ class Linearization:
         r1 = hutchinson_trace(self.products, side="input", kind="rademacher", sigma=s,
                               seed=self.seed, sample_ids=self.sample_ids, num_probes=k1,
                               exact_columns=self._dominant())
+        spent = int(r1.passes) + self._dominant_passes()
         c = self._plan(self._need_each(r1.value, r1.stderr**2 * k1, rtol, atol), k1, mp,
                        rtol if atol is None else None,
                        source=f"its first round ({k1} Rademacher JVPs, drawn again by the "
                               "estimate)")
-        return {**c, "spent": int(r1.passes)}
+        return {**c, "spent": spent}
 
     def _deflated_dfil_cost(self, s: Tensor, stop: StoppingRule,
                             best: float) -> dict[str, Any]:

@@ -87,7 +87,8 @@ def test_auto_goes_exact_at_once_from_the_first_round(seed, monkeypatch):
     d = lin.dfil(0.1)
     assert "three-stage rule" in d.info["auto"] and "first round (4 Rademacher" in d.info["auto"]
     assert "fast exact route was used" in d.info["auto"]
-    assert d.info.get("auto_randomized_passes") is None and d.info["auto_prediction_passes"] == 4
+    # 4 Rademacher JVPs and the VJP choosing their dominant columns (none taken here)
+    assert d.info.get("auto_randomized_passes") is None and d.info["auto_prediction_passes"] == 5
     assert sum(jvps) == 4  # the exact route here reads rows (m < d): VJPs only
     monkeypatch.setattr(type(P), "jvp", real)
     _check_exact(lin, d)
@@ -203,8 +204,9 @@ def test_auto_weighs_the_deflated_dfil_where_plain_probes_need_many(monkeypatch)
         assert bool(d.converged.all())
         assert "deflated: pilot, sketch + remainder" in d.info["method_reason"]
         assert "not taken" not in d.info["method_reason"]
-        # the prediction spent 4 Rademacher JVPs, the pilot's 8 VJPs and 16 sketch columns
-        assert d.info["auto_prediction_passes"] == 4 + 8 + 2 * 16
+        # the prediction spent 4 Rademacher JVPs (and the VJP choosing their dominant
+        # columns), the pilot's 8 VJPs and 16 sketch columns
+        assert d.info["auto_prediction_passes"] == 4 + 1 + 8 + 2 * 16
         assert d.info["rank_pilot_reused_probes"] == 8 and d.info["sketch_passes"] == 0
         assert d.info["sketch_reused_passes"] == 2 * 16
         total = d.passes + d.info["auto_prediction_passes"]
