@@ -66,6 +66,9 @@ def test_fsinfo_diag_adaptive_meets_atol(case):
 def test_dfil_within_one_percent_with_64_probes(case, seed):
     encoder, x, _, exact = case
     r = ff.dfil(encoder, x, sigma=0.1, estimator="randomized", num_probes=64, seed=seed)
-    assert r.passes <= 64
+    # 64 probes, and on the Rademacher route the VJP choosing its dominant input columns
+    # (none on these image encoders: each sample's 8 largest hold about 3% of the squares)
+    assert r.passes <= 64 + 1 and r.num_probes <= 64
+    assert not any(r.info.get("exact_columns", []))
     assert bool((r.ci_halfwidth <= 0.01 * r.value).all()), r.ci_halfwidth / r.value
     assert bool(((r.value / exact - 1).abs() <= 0.01).all())
