@@ -30,6 +30,7 @@ __all__ = [
     "TOL",
     "Tolerances",
     "assert_close_verbose",
+    "coupled_columns_linear",
     "coverage",
     "exact_fsinfo_diag",
     "exact_fsinfo_logdet",
@@ -152,6 +153,30 @@ def spectral_jacobian(
     V = random_orthogonal(d, generator=g)[:, :r]
     J = (U * s) @ V.T
     return J.expand(batch, m, d).contiguous().to(dtype)
+
+
+def coupled_columns_linear(k: int, rest: float, d: int = 300, *, seed: int = 0) -> torch.nn.Linear:
+    """``Linear(d, d, bias=False)`` (float32, eval) whose first ``k`` columns are one unit
+    vector (drawn from ``seed``) and whose others are a diagonal of ``rest``: a Rademacher
+    probe sees the ``k`` coupled columns through ``2^(k-1)`` sign patterns only (3 columns: 4
+    atoms, one of probability 1/4) and the diagonal exactly. Its exact ``tr(J^T J)`` is
+    ``(weight.double() ** 2).sum()``.
+
+    Example:
+        >>> enc = coupled_columns_linear(3, 0.1, d=6)
+        >>> w = enc.weight.detach()
+        >>> bool((w[:, 0] == w[:, 2]).all()), float(w[4, 4])
+        (True, 0.10000000149011612)
+    """
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, generator=g, dtype=torch.float64)
+    J = torch.zeros(d, d, dtype=torch.float64)
+    J[:, :k] = (a / a.norm())[:, None]
+    J[torch.arange(k, d), torch.arange(k, d)] = rest
+    enc = torch.nn.Linear(d, d, bias=False).eval()
+    with torch.no_grad():
+        enc.weight.copy_(J.float())
+    return enc
 
 
 def exact_trace(J: Tensor, sigma: float | Tensor | None = None) -> Tensor:

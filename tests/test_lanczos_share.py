@@ -166,6 +166,7 @@ def _rotated(d: int, sv: torch.Tensor, seed: int) -> torch.Tensor:
     ("cond 1e4, fixed 30 probes", torch.logspace(0, -2, 12, dtype=torch.float64),
      dict(num_probes=30)),
 ])
+@pytest.mark.usefixtures("one_thread")
 def test_slq_trace_coverage(name, sv, kw):
     """The interval is honest: 1000 independent replications (sample ids seed the probes, so
     one batch of the same J is 1000 seeds), 95% coverage within [0.93, 0.97] and the bias of
@@ -175,7 +176,6 @@ def test_slq_trace_coverage(name, sv, kw):
     2000 seeds, 0.928 / 0.919 at 6 probes and 0.941 / 0.932 at 10 on these two spectra, the
     same numbers as hutchinson_trace on the same Rademacher probes; the three-stage rule is
     what a tolerance runs.)"""
-    torch.set_num_threads(1)
     reps, sigma = 1000, 0.5
     J = _rotated(12, sv, 0)
     true = float((J**2).sum()) / (sigma**2 * 12)
