@@ -468,6 +468,8 @@ class Frozen:
 
     ``ci_halfwidth = t_{dof} * stderr + bias_bound``. ``with_batch``: ``[B]`` bool, the samples
     stopped with the batch (``StoppingRule.stop_batch``; ``None`` where none was).
+    ``rechecked``: ``[B]`` bool, the samples whose interval the re-check of :func:`run_rounds`
+    widened (their last stage's spread grew past stage 2's; ``None`` where none was).
     """
 
     value: Tensor
@@ -476,6 +478,7 @@ class Frozen:
     dof: Tensor
     bias_bound: Tensor
     with_batch: Tensor | None = None
+    rechecked: Tensor | None = None
 
 
 #: ``summarize(lo, rows, names)`` returns, for (at least) the quantities ``name in names``
@@ -618,7 +621,8 @@ def run_rounds(
     need = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
     # end of stage 2 -> stage 2's summaries and probe count
     pilots: dict[int, tuple[dict[str, tuple], int]] = {}
-    rechecked = torch.zeros(batch, dtype=torch.bool, device=device)
+    rechecked = torch.zeros(batch, dtype=torch.bool, device=device)  # extended at least once
+    widened = torch.zeros(batch, dtype=torch.bool, device=device)  # reported the wider interval
     drawn = n0
     for start, count, _ in sched[1:]:
         if bool(done.all()):
@@ -680,7 +684,11 @@ def run_rounds(
             _freeze(frozen, rep, rows)
             converged[rows] = _met_all(rep, targets)[rows]
             probes[rows] = drawn
+            widened |= grew & rows
             done |= rows
+    if bool(widened.any()):
+        for f in frozen.values():
+            f.rechecked = widened
     pilot = torch.where(probes > lo, lo, torch.zeros_like(lo))
     return frozen, converged, probes, drawn, pilot
 
@@ -1030,8 +1038,9 @@ def estimate_from(
     quantity of :func:`run_rounds`: value, stderr, half-width, the ``[B]`` converged mask and
     probe counts, and ``info`` with ``dof``, ``confidence``, ``stopping`` (how the probe
     count was chosen) and ``pilot_probes`` (``[B]``, the pilot's probes, not in the value)
-    added. ``bias_bound=False``: the quantity has no deterministic
-    allowance (the field stays ``None``)."""
+    added, and ``rechecked`` (``[B]`` bool) with ``rechecked_why`` where the re-check of
+    :func:`run_rounds` widened some sample's interval. ``bias_bound=False``: the quantity has
+    no deterministic allowance (the field stays ``None``)."""
     stages = {}
     if not rule.adaptive:
         how = f"fixed: {rule.num_probes} probes"
@@ -1056,5 +1065,12 @@ def estimate_from(
         bias_bound=frozen.bias_bound if bias_bound else None,
         info={**info, "dof": frozen.dof, "confidence": rule.confidence, "stopping": how,
               "pilot_probes": pilot, **stages,
-              **({} if frozen.with_batch is None else {"stopped_with_batch": frozen.with_batch})},
+              **({} if frozen.with_batch is None else {"stopped_with_batch": frozen.with_batch}),
+              **({} if frozen.rechecked is None else {
+                  "rechecked": frozen.rechecked,
+                  "rechecked_why": "the last stage's per-probe spread exceeded stage 2's more "
+                                   f"than {RECHECK_RATIO:g} times (and the F test at level "
+                                   f"{RECHECK_LEVEL:g}): the interval is the wider of Stein's "
+                                   "and the stage's own, the stage extended while that missed "
+                                   "the tolerance"})},
     )
