@@ -80,12 +80,12 @@ def test_spread_grew_threshold():
 
     t = {"value": (None, 0.1)}
     n = 100  # both stages of 100 probes: the F quantile is below the ratio
-    assert _f_upper(n - 1, n - 1) < stopping.RECHECK_RATIO
+    assert _f_upper(n - 1, n - 1, stopping.RECHECK_LEVEL) < stopping.RECHECK_RATIO
     r = math.sqrt(stopping.RECHECK_RATIO)
     grew = _spread_grew(parts([0.99 * r, 1.01 * r, 1.0, 1.0]), parts([1.0, 1.0, 0.0, 1.0]), t,
                         n, n)
     assert grew.tolist() == [False, True, True, False]
-    crit = _f_upper(99, 2)
+    crit = _f_upper(99, 2, stopping.RECHECK_LEVEL)
     assert crit > stopping.RECHECK_RATIO
     se3 = math.sqrt(0.99 * crit * 3 / 100)  # variance ratio 0.99 crit: not triggered
     assert not bool(_spread_grew(parts([se3]), parts([1.0]), t, 3, 100)[0])

@@ -621,7 +621,7 @@ def run_rounds(
     need = torch.full((batch,), math.inf, dtype=torch.float64, device=device)
     # end of stage 2 -> stage 2's summaries and probe count
     pilots: dict[int, tuple[dict[str, tuple], int]] = {}
-    rechecked = torch.zeros(batch, dtype=torch.bool, device=device)  # extended at least once
+    extended = torch.zeros(batch, dtype=torch.bool, device=device)  # extended at least once
     widened = torch.zeros(batch, dtype=torch.bool, device=device)  # reported the wider interval
     drawn = n0
     for start, count, _ in sched[1:]:
@@ -667,7 +667,7 @@ def run_rounds(
             piloted, n_p = pilots[k2]
             # the spread grew past the pilot's (or grew before: an extended stage 3): the wider
             # of Stein's interval and the stage's own
-            grew = rows & (rechecked | _spread_grew(stage, piloted, targets, n_p, drawn - k2))
+            grew = rows & (extended | _spread_grew(stage, piloted, targets, n_p, drawn - k2))
             rep = _stein(stage, piloted, targets, n_p, drawn - k2, widen=grew)
             more = grew & ~at_cap & ~_met_all(rep, targets)
             if bool(more.any()):  # extend stage 3 to the size its own interval asks for
@@ -677,7 +677,7 @@ def run_rounds(
                     more &= ~(k2 + least > cap_f)
                 if bool(more.any()):
                     need[more] = torch.maximum(n4, torch.full_like(n4, drawn - k2 + 2.0))[more]
-                    rechecked |= more
+                    extended |= more
                     rows = rows & ~more
                     if not bool(rows.any()):
                         continue
@@ -722,7 +722,7 @@ _FLOOR_MAX = 256
 #: The re-check (module docstring): a sample whose last stage's per-probe variance exceeds
 #: stage 2's more than ``RECHECK_RATIO`` times, and beyond the upper ``RECHECK_LEVEL`` point
 #: of the F distribution, reports the wider of Stein's interval and the stage's own, and is
-#: extended once where that misses the tolerance.
+#: extended while that misses the tolerance (up to the cap).
 RECHECK_LEVEL = 0.01
 RECHECK_RATIO = 8.0
 
@@ -836,7 +836,7 @@ def _spread_grew(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapp
     out = torch.zeros_like(v0, dtype=torch.bool)
     if n < 2 or n_pilot < 2:
         return out
-    crit = _f_upper(n - 1, n_pilot - 1)
+    crit = _f_upper(n - 1, n_pilot - 1, RECHECK_LEVEL)
     for name in targets:
         v, se = stage[name][0], stage[name][1]
         se0 = pilot[name][1]
@@ -846,10 +846,11 @@ def _spread_grew(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapp
 
 
 @functools.lru_cache(maxsize=4096)
-def _f_upper(dfn: int, dfd: int) -> float:
+def _f_upper(dfn: int, dfd: int, level: float) -> float:
+    """The upper ``level`` point of the F distribution with ``(dfn, dfd)`` dof."""
     from scipy.stats import f
 
-    return float(f.ppf(1.0 - RECHECK_LEVEL, dfn, dfd))
+    return float(f.ppf(1.0 - level, dfn, dfd))
 
 
 def _stein(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapping[str, tuple],
@@ -1047,7 +1048,8 @@ def estimate_from(
     else:
         how = (
             "three-stage (Stein): stage 1 sizes stage 2, whose spread sizes stage 3 and gives "
-            "the interval; the value comes from stage 3 alone"
+            "the interval; the value comes from stage 3 alone (and its extensions where the "
+            "re-check extended it: info['rechecked'])"
         )
         # where stage 2 starts: a sample whose value starts past it (pilot_probes) has Stein's
         # interval from the probes stage1_probes .. pilot_probes - 1 (stage_ranges)
