@@ -44,6 +44,12 @@ class NonFiniteProbeError(FSInfoError, FloatingPointError):
     """A randomized probe produced a non-finite contribution (it is never averaged in)."""
 
 
+class PrecisionError(FSInfoError, FloatingPointError):
+    """The working dtype cannot give the answer asked for: e.g. a Jacobian column that is 0 in
+    float32 (its products underflow, or a saturated ``tanh``'s ``1 - y^2`` rounds to 0) but not
+    in float64, where a floorless FSInfo_diag of ``-inf`` would be a false claim."""
+
+
 class BackendUnavailableError(FSInfoError, RuntimeError):
     """An explicitly requested backend cannot run here; the message lists why."""
 

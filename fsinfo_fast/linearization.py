@@ -74,7 +74,13 @@ from .encoder import (
     working_dtype,
 )
 from .engine import default_memory_budget, make_products
-from .errors import EncoderError, InvalidInputError, InvalidInputTypeError, warn_user
+from .errors import (
+    EncoderError,
+    InvalidInputError,
+    InvalidInputTypeError,
+    PrecisionError,
+    warn_user,
+)
 from .estimators import base as _base
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
 from .estimators.base import Estimate, sample_ids_for
@@ -115,6 +121,7 @@ from .estimators.stopping import (
     check_fixed_cap,
     initial_probes,
     planned_probes,
+    tolerance_met,
 )
 from .formulas import DIAG_FLOOR, HALF_LOG_2PIE, as_sigma
 from .reference.oracle import _check_options, _warn_singular
@@ -125,6 +132,9 @@ __all__ = ["DEFAULT_MAX_PROBES", "Linearization", "linearize"]
 #: The probe stream of the cotangent that chooses the dominant input columns (:meth:`Linearization.
 #: _dominant`).
 DOMINANT_STREAM = 21
+#: The probe stream of the float64 cotangent that confirms a floorless ``-inf``
+#: (:meth:`Linearization._confirm_neg_inf`).
+DEAD_STREAM = 22
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +473,7 @@ class Linearization:
         self._dfstate: DeflatedProbeState | None = None  # shared by the deflated requests
         self._slq: SLQProbeStore | None = None  # the SLQ probes (log det, dFIL "lanczos")
         self._enc64: PreparedEncoder | None = None  # the float64 copy (fast route's check)
+        self._dead64_cache: Tensor | None = None  # [B]: a column of J is 0 in float64 (_dead64)
         self._no_exact: str | None = None  # why the exact routes cannot run ("" : they can)
         self._replan = False  # auto just found them unavailable: plan the request again
 
@@ -697,6 +708,66 @@ class Linearization:
             self._enc64 = enc64
         return self._enc64
 
+    def _dead64(self) -> Tensor:
+        """``[B]`` bool: whether some input dimension of each sample has a Jacobian column that
+        is exactly 0 in float64 (computed once): there the float64 VJP of a seeded Gaussian
+        cotangent (stream :data:`DEAD_STREAM`) is 0, which a nonzero column gives only by an
+        exact cancellation (probability zero). The float64 copy must be available
+        (:meth:`_exact_unavailable`)."""
+        if self._dead64_cache is None:
+            from .engine import TorchFuncProducts
+
+            p64 = TorchFuncProducts(self._float64_encoder(), memory_budget=self.memory_budget)
+            ids = sample_ids_for(p64, self.sample_ids)
+            u = draw_probes(p64.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
+                            dtype=torch.float64, device=p64.device, stream=DEAD_STREAM)
+            self._dead64_cache = (p64.vjp(u)[:, 0] == 0).any(dim=1)
+        return self._dead64_cache
+
+    def _confirm_neg_inf(self, r: MetricResult, estimator: str, s: Tensor,
+                         floor: float) -> MetricResult:
+        """A floorless FSInfo_diag of ``-inf`` claims that an input dimension does not reach
+        the output at all. From products in a working dtype below float64 the claim is checked
+        against the float64 copy of the encoder (:meth:`_dead64`, one float64 VJP per batch):
+        a column that is 0 in float32 only (its products underflow, or a saturated
+        ``tanh``'s ``1 - y^2`` rounds to 0) makes the true value finite. Then ``auto`` takes
+        the float64 oracle (where it fits; the reason is recorded in ``info["auto"]``), and
+        another route raises :class:`~fsinfo_fast.errors.PrecisionError`; where no float64
+        copy can run, the value stands with a warning and ``info["neg_inf_unconfirmed"]``."""
+        if (r.metric != "fsinfo_diag" or floor > 0 or r.estimator == "exact"
+                or self.enc.x.dtype == torch.float64):
+            return r
+        neg = torch.isneginf(r.value)
+        if not bool(neg.any()):
+            return r
+        na = self._exact_unavailable(attempt=True)
+        if na is not None:
+            self._replan = False  # (this result is final: nothing to plan again)
+            r.info["neg_inf_unconfirmed"] = na
+            warn_user(f"the floorless FSInfo_diag is -inf for {int(neg.sum())} sample(s) from "
+                      f"{self.enc.x.dtype} products, and {na}: a column that underflows in "
+                      f"{self.enc.x.dtype} would make it finite (pass a floor > 0)",
+                      RuntimeWarning)
+            return r
+        false = neg & ~self._dead64().to(neg.device)
+        if not bool(false.any()):
+            return r
+        why = (f"{int(false.sum())} sample(s) have a floorless FSInfo_diag of -inf from "
+               f"{self.enc.x.dtype} products, but every column of their Jacobian is nonzero in "
+               f"float64 (a column of J is 0 in {self.enc.x.dtype} only: its products "
+               "underflow, or a saturated activation's derivative rounds to 0), so the value "
+               "is finite")
+        if estimator == "auto" and self._oracle_fits():
+            out = self._exact_fsinfo(s, "diag", None, floor,
+                                     f"{why}; the float64 oracle was used", "exact")
+            # spent before the switch (the route's, and any randomized before it)
+            out.info["auto_randomized_passes"] = (int(r.passes)
+                                                  + int(r.info.get("auto_randomized_passes", 0)))
+            return out
+        raise PrecisionError(
+            f"{why}. Use estimator='exact' (the float64 oracle), a floor > 0 (the paper's "
+            f"{DIAG_FLOOR:g}), or run the encoder in float64")
+
     def _oracle_fits(self) -> bool:
         """Whether the oracle can run: the encoder runs in float64 and one sample's dense
         float64 Jacobian (and its Gram matrix) fits in memory."""
@@ -818,7 +889,9 @@ class Linearization:
             _stopping(atol, rtol, num_probes, max_probes, None)  # held took any before)
         why = self._auto_exact(estimator, cost, spectrum, fixed=num_probes is not None)
         if why is not None:
-            return self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
+            return self._confirm_neg_inf(
+                self._exact_fsinfo(s, variant, prior_var, floor, why, estimator, (atol, rtol)),
+                estimator, s, floor)
         if self._replanned(estimator):
             return again()
         cap = None
@@ -854,24 +927,48 @@ class Linearization:
         if why is None and self._replanned(estimator):
             return again()
         if why is not None:
-            r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator)
+            r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator,
+                                   (atol, rtol))
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
-            return r
+            return self._confirm_neg_inf(r, estimator, s, floor)
         if variant == "logdet" and est.singular is not None:
             _warn_singular(est.singular, self.m, self.d)
-        return _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
-                          info=self._info(**extra), dtype=self.enc.x.dtype)
+        return self._confirm_neg_inf(
+            _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
+                       info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s, floor)
 
     def _exact_fsinfo(self, s: Tensor, variant: str, prior_var, floor: float,
-                      why: str, estimator: str) -> MetricResult:
+                      why: str, estimator: str, tol: tuple = (None, None)) -> MetricResult:
         src, why = self._exact_route(estimator, variant == "logdet", why)
         if isinstance(src, FastExactFisher):
             r = src.fsinfo(s, variant, floor=floor)
             r.info.update(self._info(floor=floor))
-        else:
+            miss = self._fast_missed(r, estimator, tol)
+            if miss is not None:
+                src, why = self.exact(), f"{why}; {miss}"
+        if not isinstance(src, FastExactFisher):
             r = src.fsinfo(s, variant, prior_var=prior_var, floor=floor)
         r.info["auto"] = why
         return r
+
+    def _fast_missed(self, r: MetricResult, estimator: str, tol: tuple) -> str | None:
+        """``auto`` only: why the float64 oracle replaces the fast exact route's result ``r``
+        (None: keep it). The fast route's interval is its measured rounding allowance
+        (:mod:`~fsinfo_fast.estimators.exact_fast`); where that misses the tolerance ``tol =
+        (atol, rtol)`` (products that lose most of their digits: a saturated activation, an
+        underflow) and the oracle fits, the oracle serves, as it does for a randomized estimate
+        that missed it; where the oracle does not fit, ``r`` is kept with ``converged`` False
+        for the samples that missed it."""
+        met = tolerance_met(r.value, r.ci_halfwidth, *tol)
+        if estimator != "auto" or bool(met.all()):
+            return None
+        if not self._oracle_fits():
+            r.converged.logical_and_(met)  # (kept: the interval says what it holds)
+            return None
+        worst = max(r.info.get("exact_fast_measured") or [math.nan])
+        return (f"its rounding allowance (largest relative error measured against float64 on "
+                f"the checked columns: {worst:.3g}) missed the tolerance, so the float64 oracle "
+                "was used")
 
     def _slq_store(self) -> SLQProbeStore:
         """The SLQ probes of this batch and their Krylov recursions, shared by every log-det
@@ -1151,7 +1248,7 @@ class Linearization:
             _stopping(atol, rtol, num_probes, max_probes, None)  # held took any before)
         why = self._auto_exact(estimator, cost, spectrum=False, fixed=num_probes is not None)
         if why is not None:
-            return self._exact_dfil(s, why, estimator)
+            return self._exact_dfil(s, why, estimator, (atol, rtol))
         if self._replanned(estimator):
             return again()
         prediction: dict[str, Any] = {}
@@ -1159,7 +1256,7 @@ class Linearization:
             why, prediction = self._dfil_predicted_exact(s, method, costs, rtol, atol,
                                                          mp_l if method == "lanczos" else mp)
             if why is not None and self._exact_unavailable(attempt=True) is None:
-                r = self._exact_dfil(s, why, estimator)
+                r = self._exact_dfil(s, why, estimator, (atol, rtol))
                 r.info["auto_prediction_passes"] = prediction.get("passes", 0)
                 if method_reason is not None:
                     r.info["method_reason"] = method_reason
@@ -1191,7 +1288,7 @@ class Linearization:
         if why is None and self._replanned(estimator):
             return again()
         if why is not None:
-            r = self._exact_dfil(s, why, estimator)
+            r = self._exact_dfil(s, why, estimator, (atol, rtol))
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
             if prediction:
                 r.info["auto_prediction"] = prediction["why"]
@@ -1483,11 +1580,15 @@ class Linearization:
                               f"plain probes' need (batch mean; > {_DEFLATED_DFIL_SAVES:.0%})")
         return c
 
-    def _exact_dfil(self, s: Tensor, why: str, estimator: str) -> MetricResult:
+    def _exact_dfil(self, s: Tensor, why: str, estimator: str,
+                    tol: tuple = (None, None)) -> MetricResult:
         src, why = self._exact_route(estimator, False, why)
         r = src.dfil(s)
         if isinstance(src, FastExactFisher):
             r.info.update(self._info())
+            miss = self._fast_missed(r, estimator, tol)
+            if miss is not None:
+                r, why = self.exact().dfil(s), f"{why}; {miss}"
         r.info["auto"] = why
         return r
 

@@ -51,6 +51,8 @@ class Aggregate:
         ci_halfwidth)`` (``-inf`` low end when the value is only an upper bound)."""
         if self.low is not None and self.high is not None:
             return (self.low, self.high)
+        if self.ci_halfwidth == math.inf:  # no claim (also for an infinite value: no nan)
+            return (-math.inf, math.inf)
         low = -math.inf if self.bound else self.value - self.ci_halfwidth
         return (low, self.value + self.ci_halfwidth)
 
@@ -187,10 +189,15 @@ class MetricResult:
 
     def ci95(self) -> tuple[Tensor, Tensor]:
         """Per-sample 95% interval ``(low, high)`` (``low = -inf`` where ``bound``: the value is
-        then only an upper bound)."""
+        then only an upper bound; ``(-inf, inf)`` where the half-width is infinite)."""
         low = self.value - self.ci_halfwidth
         low = torch.where(self.bound, torch.full_like(low, -math.inf), low)
-        return low, self.value + self.ci_halfwidth
+        high = self.value + self.ci_halfwidth
+        none = torch.isposinf(self.ci_halfwidth)  # no claim (an infinite value: no nan)
+        if bool(none.any()):
+            low = torch.where(none, torch.full_like(low, -math.inf), low)
+            high = torch.where(none, torch.full_like(high, math.inf), high)
+        return low, high
 
     def to_bits(self) -> MetricResult:
         """The same result in bits per input dimension (FSInfo only)."""

@@ -178,7 +178,7 @@ def test_planned_probes_past_the_schedule_is_inf():
     enc, x = _spread(0, n=64)
     lin = ff.linearize(enc, x, seed=0)
     lin.fsinfo(0.1, estimator="randomized", num_probes=8)  # Gaussian VJPs held
-    d = lin.dfil(0.1, rtol=1e-12)
+    d = lin.dfil(0.1, rtol=1e-4)  # (1e-12: the oracle, see test_neg_inf_claims.py)
     assert d.estimator == "exact-fast" and "more than its probe cap 64:" in d.info["auto"]
 
 

@@ -97,7 +97,7 @@ def test_auto_uses_the_fast_route_not_the_oracle():
     enc = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.Tanh()).eval()
     x = torch.rand(2, 1, 6, 6)  # d = 36: the exact route's 36 products beat 40+ probes
     lin = ff.linearize(enc, x, seed=0)
-    r = lin.fsinfo(0.1, atol=1e-6, max_probes=20)  # cannot converge: auto finishes exactly
+    r = lin.fsinfo(0.1, atol=1e-4, max_probes=20)  # cannot converge: auto finishes exactly
     assert r.estimator == "exact-fast" and "fast exact route" in r.info["auto"]
     assert "did not reach the tolerance" in r.info["auto"]
     # the products spent before the switch: counted, within the cap (the deflated route's

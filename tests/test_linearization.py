@@ -331,12 +331,13 @@ def test_max_probes_none_is_min_m_d_under_auto(one_thread):
     for mp in (None, 1000):
         lin = ff.linearize(enc, x, seed=0)
         r = lin.fsinfo(0.1, atol=1e-9, max_probes=mp)
-        assert r.estimator == "exact-fast"
+        # the fast exact route's float32 rounding allowance misses 1e-9 too: the float64 oracle
+        assert r.estimator == "exact" and "missed the tolerance" in r.info["auto"]
         assert f"within {n if mp is None else mp} probes" in r.info["auto"]
         runs[mp] = (r.info["auto_randomized_passes"], _products(lin))
         lin = ff.linearize(enc, x, seed=0)
         d = lin.dfil(0.1, rtol=1e-7, max_probes=mp)
-        assert d.estimator == "exact-fast"
+        assert d.estimator == "exact" and "missed the tolerance" in d.info["auto"]
         assert f"more than its probe cap {n if mp is None else mp}:" in d.info["auto"]
     # the same sketch and pilot (same seed); the sample cannot converge under either cap, and
     # auto stops it as soon as that is predicted (StoppingRule.stop_unreachable): the same few
@@ -401,7 +402,7 @@ def test_max_probes_none_keeps_the_lanczos_cap_with_held_probes(one_thread):
     for mp in (None, 1000):
         lin = ff.linearize(enc, x, seed=0)
         lin.fsinfo(0.1, variant="logdet", estimator="randomized", num_probes=40)
-        d = lin.dfil(0.1, rtol=1e-6, method="lanczos", max_probes=mp)
+        d = lin.dfil(0.1, rtol=1e-4, method="lanczos", max_probes=mp)
         assert d.estimator == "exact-fast"
         assert "from the 40 SLQ probes held" in d.info["auto"], d.info["auto"]
         assert "more than its probe cap 48:" in d.info["auto"], d.info["auto"]

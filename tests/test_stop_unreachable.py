@@ -160,14 +160,14 @@ def test_auto_takes_the_exact_route_without_spending_probes_to_the_cap():
     the cap. An explicitly randomized estimate still uses every probe the cap allows."""
     enc, x = _wide()
     lin = ff.linearize(enc, x, seed=0)
-    r = lin.fsinfo(0.1, atol=1e-6)
+    r = lin.fsinfo(0.1, atol=1e-5)  # (the fast route's rounding allowance is ~2e-6)
     assert r.estimator == "exact-fast"
     assert "within 600 probes" in r.info["auto"]
     spent = r.info["auto_randomized_passes"]
     assert 0 < spent < 600 // 4
     exact = lin.exact()
     torch.testing.assert_close(r.value, exact.fsinfo(0.1, "diag").value, rtol=1e-5, atol=1e-6)
-    d = ff.linearize(enc, x, seed=0).dfil(0.1, rtol=1e-6, method="hutchinson")
+    d = ff.linearize(enc, x, seed=0).dfil(0.1, rtol=1e-4, method="hutchinson")
     assert d.estimator == "exact-fast"
     spent = d.info.get("auto_randomized_passes", 0) + d.info.get("auto_prediction_passes", 0)
     assert 0 < spent < 600 // 4

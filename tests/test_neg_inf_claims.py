@@ -1,0 +1,156 @@
+"""A floorless FSInfo_diag of ``-inf`` is a claim that an input dimension does not reach the output
+at all. From float32 products it was made wherever a column of ``J`` rounded to 0 in float32:
+products that underflow (a Jacobian entry of 1e-60) and, far more commonly, a saturated ``tanh``
+(autograd's ``1 - y^2`` is exactly 0 in float32 once ``|z| > 9``, in float64 only past 19). The
+claim is now checked against the encoder's float64 copy (one float64 VJP per batch,
+``Linearization._confirm_neg_inf``): ``auto`` takes the float64 oracle where it is false, an
+explicit randomized or fast exact route raises ``PrecisionError``. A real crop keeps its exact
+``-inf``. And ``auto``'s fast exact route, whose interval is a measured rounding allowance, gives
+way to the oracle where that allowance misses the tolerance (it returned an interval of
+``(-inf, inf)`` on the saturated ``tanh``)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+from fsinfo_fast.result import MetricResult
+
+
+class Underflow(nn.Module):
+    """Two input dimensions reach the output through ``1e-30 * 1e-30`` (0 in float32)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 6)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        tiny = x[:, :2] * 1e-30
+        return torch.cat([self.lin(x[:, 2:10]), tiny * 1e-30], 1)
+
+
+class Saturated(nn.Module):
+    """``tanh(scale * x)`` at the input: a few dimensions saturate in float32, not in float64."""
+
+    def __init__(self, scale: float, d: int = 64, m: int = 48) -> None:
+        super().__init__()
+        self.scale = scale
+        self.lin = nn.Linear(d, m)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(torch.tanh(x.flatten(1) * self.scale)))
+
+
+class Cropped(Saturated):
+    """The saturated encoder with its last 8 input dimensions cut off (a real crop)."""
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return super().forward(torch.cat([x[:, :-8], torch.zeros_like(x[:, -8:])], 1))
+
+
+def _oracle(enc, x, **kw):
+    return ff.fsinfo(enc, x, 0.1, estimator="exact", **kw).value
+
+
+@pytest.mark.parametrize("make", [Underflow, lambda: Saturated(5.0)], ids=["underflow", "tanh"])
+def test_auto_gives_the_finite_floorless_value_where_float32_rounds_a_column_to_zero(make):
+    torch.manual_seed(0)
+    enc = make().eval()
+    x = torch.randn(2, 10 if isinstance(enc, Underflow) else 64)
+    ref = _oracle(enc, x, floor=0.0)
+    assert torch.isfinite(ref).all()  # the float64 oracle: every column is nonzero
+    r = ff.fsinfo(enc, x, 0.1, floor=0.0)
+    assert torch.isfinite(r.value).all(), r.value  # it was -inf with a zero half-width
+    torch.testing.assert_close(r.value, ref, rtol=0, atol=1e-9)
+    assert r.estimator == "exact" and "nonzero in float64" in r.info["auto"]
+    lo, hi = r.ci95()
+    assert bool(((lo <= ref) & (ref <= hi)).all())
+
+
+@pytest.mark.parametrize("estimator", ["randomized", "exact-fast", "deflated"])
+def test_an_explicit_float32_route_raises_instead_of_a_false_neg_inf(estimator):
+    torch.manual_seed(0)
+    enc = Saturated(5.0).eval()
+    x = torch.randn(2, 64)
+    with pytest.raises(ff.PrecisionError, match="nonzero in float64.*estimator='exact'"):
+        ff.fsinfo(enc, x, 0.1, floor=0.0, estimator=estimator)
+
+
+def test_sigma_star_of_the_floorless_diag_is_not_zero_there():
+    """``fsinfo_sigma`` of the diagonal variant reads the floorless FSInfo at sigma = 1: a false
+    -inf gave sigma* = 0 with the interval [0, 0]."""
+    torch.manual_seed(0)
+    enc = Underflow().eval()
+    x = torch.randn(2, 10)
+    r = ff.fsinfo_sigma(enc, x, target=-1.0, floor=0.0)
+    assert bool((r.sigma > 0).all()) and bool(torch.isfinite(r.sigma).all())
+
+
+def test_a_real_crop_keeps_its_exact_neg_inf():
+    """Dead input dimensions are 0 in float64 too: the -inf stands, on the randomized route,
+    with a half-width near 0, even where other dimensions saturate in float32."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64)
+    for enc in (Cropped(1.0).eval(), Cropped(5.0).eval()):
+        ref = _oracle(enc, x, floor=0.0)
+        assert bool(torch.isneginf(ref).all())
+        for est in ("auto", "randomized"):
+            r = ff.fsinfo(enc, x, 0.1, floor=0.0, estimator=est)
+            assert bool(torch.isneginf(r.value).all()) and r.estimator != "exact"
+            assert bool((r.ci_halfwidth < 1e-3).all())
+
+
+def test_a_float64_encoder_pays_no_check():
+    torch.manual_seed(0)
+    enc = Cropped(1.0).double().eval()
+    lin = ff.linearize(enc, torch.randn(2, 64, dtype=torch.float64))
+    r = lin.fsinfo(0.1, floor=0.0, estimator="randomized")
+    assert bool(torch.isneginf(r.value).all()) and lin._dead64_cache is None
+
+
+def test_without_a_float64_copy_the_neg_inf_stands_with_a_warning():
+    torch.manual_seed(0)
+    net = nn.Linear(6, 4)
+    enc = lambda v: net(v[:, :6])  # noqa: E731  (float32 weights: no float64 run)
+    x = torch.randn(2, 10)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        r = ff.fsinfo(enc, x, 0.1, floor=0.0)
+    assert bool(torch.isneginf(r.value).all()) and "float64" in r.info["neg_inf_unconfirmed"]
+    assert any("pass a floor > 0" in str(w.message) for w in seen)
+
+
+def test_auto_leaves_a_fast_exact_route_whose_rounding_allowance_misses_the_tolerance():
+    """The saturated tanh at the default floor: auto's fast exact route measured a relative
+    error of 1 on its checked columns, an allowance of inf, and returned (-inf, inf)."""
+    torch.manual_seed(0)
+    enc = Saturated(12.0).eval()
+    x = torch.randn(2, 64)
+    ref = _oracle(enc, x)
+    r = ff.fsinfo(enc, x, 0.1)
+    assert r.estimator == "exact" and "rounding allowance" in r.info["auto"]
+    torch.testing.assert_close(r.value, ref, rtol=0, atol=1e-12)
+    assert bool(torch.isfinite(r.ci_halfwidth).all())
+    fast = ff.fsinfo(enc, x, 0.1, estimator="exact-fast")  # asked for: kept, honest
+    assert not bool(torch.isfinite(fast.ci_halfwidth).all())
+    d = ff.dfil(enc, x, 0.1, estimator="auto", rtol=0.001)
+    assert bool(d.converged.all())
+
+
+def test_an_infinite_half_width_gives_the_whole_line_not_nan():
+    v = torch.tensor([-math.inf, 1.0], dtype=torch.float64)
+    hw = torch.tensor([math.inf, math.inf], dtype=torch.float64)
+    r = MetricResult(value=v, stderr=torch.zeros(2, dtype=torch.float64), metric="fsinfo_diag",
+                     units="nats/dim", estimator="exact-fast", sigma=torch.full((2,), 0.1),
+                     d=4, m=4, ci_halfwidth=hw, bias_bound=hw)
+    lo, hi = r.ci95()
+    assert lo.tolist() == [-math.inf, -math.inf] and hi.tolist() == [math.inf, math.inf]
+    agg = ff.Aggregate(value=-math.inf, stderr=0.0, ci_halfwidth=math.inf)
+    assert agg.ci95() == (-math.inf, math.inf)
