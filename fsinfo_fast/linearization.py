@@ -132,9 +132,13 @@ __all__ = ["DEFAULT_MAX_PROBES", "Linearization", "linearize"]
 #: The probe stream of the cotangent that chooses the dominant input columns (:meth:`Linearization.
 #: _dominant`).
 DOMINANT_STREAM = 21
-#: The probe stream of the float64 cotangent that confirms a floorless ``-inf``
-#: (:meth:`Linearization._confirm_neg_inf`).
+#: The probe stream of the cotangent that finds the columns of ``J`` that are 0 in the working
+#: dtype but not in float64 (:meth:`Linearization._lost`).
 DEAD_STREAM = 22
+#: At most this many such input dimensions (the batch's union) are computed exactly in float64;
+#: beyond it ``auto`` takes the oracle and another route raises.
+LOST_MAX = 256
+_LOST_CHUNK = 64
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +477,7 @@ class Linearization:
         self._dfstate: DeflatedProbeState | None = None  # shared by the deflated requests
         self._slq: SLQProbeStore | None = None  # the SLQ probes (log det, dFIL "lanczos")
         self._enc64: PreparedEncoder | None = None  # the float64 copy (fast route's check)
-        self._dead64_cache: Tensor | None = None  # [B]: a column of J is 0 in float64 (_dead64)
+        self._lost_cache: tuple | None = None  # (see _lost)
         self._no_exact: str | None = None  # why the exact routes cannot run ("" : they can)
         self._replan = False  # auto just found them unavailable: plan the request again
 
@@ -708,65 +712,149 @@ class Linearization:
             self._enc64 = enc64
         return self._enc64
 
-    def _dead64(self) -> Tensor:
-        """``[B]`` bool: whether some input dimension of each sample has a Jacobian column that
-        is exactly 0 in float64 (computed once): there the float64 VJP of a seeded Gaussian
-        cotangent (stream :data:`DEAD_STREAM`) is 0, which a nonzero column gives only by an
-        exact cancellation (probability zero). The float64 copy must be available
+    def _lost(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        """The input dimensions whose column of ``J`` is 0 in the working dtype but not in
+        float64 (computed once per batch): products that underflow, or a saturated
+        activation whose derivative rounds to 0 (autograd's ``1 - tanh^2`` in float32 past
+        ``|z| = 9``). Every float32 route takes such a column for a dead one. ``None`` where
+        there is nothing to check: a float64 batch, or no column 0 in the working dtype (the
+        validation's VJP :attr:`~fsinfo_fast.encoder.PreparedEncoder.live` is nonzero
+        everywhere; the common case, no cost). Else one float64 VJP of a seeded Gaussian
+        cotangent (stream :data:`DEAD_STREAM`; its square is 0 exactly where the oracle's
+        diagonal is) gives ``(dead64 [B] bool: some column is 0 in float64 too, lost [B, d]
+        bool, diag [B, d])`` with ``diag`` the float64 ``(J^T J)_kk`` of the lost columns (0
+        elsewhere) from one float64 JVP per dimension of their union over the batch, or
+        ``None`` where that union exceeds :data:`LOST_MAX`. The float64 copy must be available
         (:meth:`_exact_unavailable`)."""
-        if self._dead64_cache is None:
-            from .engine import TorchFuncProducts
+        if self._lost_cache is None:
+            self._lost_cache = (self._find_lost(),)
+        return self._lost_cache[0]
 
-            p64 = TorchFuncProducts(self._float64_encoder(), memory_budget=self.memory_budget)
-            ids = sample_ids_for(p64, self.sample_ids)
-            u = draw_probes(p64.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
-                            dtype=torch.float64, device=p64.device, stream=DEAD_STREAM)
-            self._dead64_cache = (p64.vjp(u)[:, 0] == 0).any(dim=1)
-        return self._dead64_cache
+    @torch.no_grad()
+    def _find_lost(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        if self.enc.x.dtype == torch.float64:
+            return None
+        p = self.products
+        ids = sample_ids_for(p, self.sample_ids)
+        live = self.enc.live
+        if live is None:  # (a cached prepare without its VJP: one in the working dtype)
+            u = draw_probes(p.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
+                            dtype=p.dtype, device=p.device, stream=DEAD_STREAM)
+            live = p.vjp(u)[:, 0] != 0
+        zero = ~live.reshape(p.batch, -1)
+        if not bool(zero.any()):
+            return None
+        from .engine import TorchFuncProducts
 
-    def _confirm_neg_inf(self, r: MetricResult, estimator: str, s: Tensor,
-                         floor: float) -> MetricResult:
-        """A floorless FSInfo_diag of ``-inf`` claims that an input dimension does not reach
-        the output at all. From products in a working dtype below float64 the claim is checked
-        against the float64 copy of the encoder (:meth:`_dead64`, one float64 VJP per batch):
-        a column that is 0 in float32 only (its products underflow, or a saturated
-        ``tanh``'s ``1 - y^2`` rounds to 0) makes the true value finite. Then ``auto`` takes
-        the float64 oracle (where it fits; the reason is recorded in ``info["auto"]``), and
-        another route raises :class:`~fsinfo_fast.errors.PrecisionError`; where no float64
-        copy can run, the value stands with a warning and ``info["neg_inf_unconfirmed"]``."""
-        if (r.metric != "fsinfo_diag" or floor > 0 or r.estimator == "exact"
-                or self.enc.x.dtype == torch.float64):
+        p64 = TorchFuncProducts(self._float64_encoder(), memory_budget=self.memory_budget)
+        u = draw_probes(p64.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
+                        dtype=torch.float64, device=p64.device, stream=DEAD_STREAM)
+        nz64 = p64.vjp(u)[:, 0].square() > 0
+        lost = zero.to(nz64.device) & nz64
+        union = lost.any(dim=0).nonzero().flatten()
+        diag: Tensor | None = torch.zeros(lost.shape, dtype=torch.float64, device=lost.device)
+        if union.numel() > LOST_MAX:
+            diag = None
+        budget = self.memory_budget or default_memory_budget(lost.device)
+        chunk = max(1, min(_LOST_CHUNK, budget // (16 * p64.batch * (p64.d + p64.m) * 8)))
+        for start in range(0, union.numel() if diag is not None else 0, chunk):
+            cols = union[start:start + chunk]
+            v = torch.zeros(p64.batch, cols.numel(), p64.d, dtype=torch.float64,
+                            device=lost.device)
+            v[:, torch.arange(cols.numel()), cols] = 1.0
+            diag[:, cols] = p64.jvp(v).square().sum(dim=-1)
+        if diag is not None:
+            diag = torch.where(lost, diag, torch.zeros_like(diag))
+        return (~nz64).any(dim=1), lost, diag
+
+    def _lost_fixed(self, r: MetricResult, estimator: str, s: Tensor,
+                    floor: float = 0.0, prior_var: float | None = None) -> MetricResult:
+        """``r`` (FSInfo_diag, the log det or dFIL from products in a working dtype below
+        float64) with the columns of :meth:`_lost` put right: their float64 diagonal entries
+        enter FSInfo_diag with a floor (each lost column's term ``log(floor)`` becomes
+        ``log(D_k / sigma^2 + floor)``) and dFIL (``+ D_k / (sigma^2 d)``) exactly, and are
+        recorded (``info["lost_columns"]``, per sample). Where they cannot be (a floorless
+        FSInfo_diag of ``-inf`` whose every column is nonzero in float64, a log det, more
+        than :data:`LOST_MAX` of them), ``auto`` takes the float64 oracle (where it fits; the
+        reason in ``info["auto"]``) and another route raises
+        :class:`~fsinfo_fast.errors.PrecisionError`. A crop (a column 0 in float64 too) keeps
+        its exact ``-inf``. Where no float64 copy can run, a floorless ``-inf`` stands with a
+        warning and ``info["neg_inf_unconfirmed"]``."""
+        if r.estimator == "exact" or self.enc.x.dtype == torch.float64:
             return r
+        floorless = r.metric == "fsinfo_diag" and floor <= 0
         neg = torch.isneginf(r.value)
-        if not bool(neg.any()):
+        if floorless and not bool(neg.any()):
+            return r  # (every column is nonzero in the working dtype)
+        live = self.enc.live
+        if live is not None and bool(live.all()):
             return r
         na = self._exact_unavailable(attempt=True)
         if na is not None:
             self._replan = False  # (this result is final: nothing to plan again)
-            r.info["neg_inf_unconfirmed"] = na
-            warn_user(f"the floorless FSInfo_diag is -inf for {int(neg.sum())} sample(s) from "
-                      f"{self.enc.x.dtype} products, and {na}: a column that underflows in "
-                      f"{self.enc.x.dtype} would make it finite (pass a floor > 0)",
-                      RuntimeWarning)
+            if floorless:
+                r.info["neg_inf_unconfirmed"] = na
+                warn_user(f"the floorless FSInfo_diag is -inf for {int(neg.sum())} sample(s) "
+                          f"from {self.enc.x.dtype} products, and {na}: a column that "
+                          f"underflows in {self.enc.x.dtype} would make it finite (pass a "
+                          "floor > 0)", RuntimeWarning)
             return r
-        false = neg & ~self._dead64().to(neg.device)
-        if not bool(false.any()):
+        found = self._lost()
+        if found is None:
             return r
-        why = (f"{int(false.sum())} sample(s) have a floorless FSInfo_diag of -inf from "
-               f"{self.enc.x.dtype} products, but every column of their Jacobian is nonzero in "
-               f"float64 (a column of J is 0 in {self.enc.x.dtype} only: its products "
-               "underflow, or a saturated activation's derivative rounds to 0), so the value "
-               "is finite")
+        dead64, lost, diag = found
+        n_lost = lost.sum(dim=1)
+        if not bool((n_lost > 0).any()):
+            return r
+        dt = self.enc.x.dtype
+        what = (f"a column of J is 0 in {dt} only: its products underflow, or a saturated "
+                "activation's derivative rounds to 0")
+        why = None
+        if floorless:
+            false = neg & ~dead64.to(neg.device)
+            if not bool(false.any()):
+                return r
+            why = (f"{int(false.sum())} sample(s) have a floorless FSInfo_diag of -inf from {dt} "
+                   f"products, but every column of their Jacobian is nonzero in float64 "
+                   f"({what}), so the value is finite")
+        elif r.metric == "fsinfo_logdet":
+            why = (f"{int((n_lost > 0).sum())} sample(s) have input dimensions whose column of J"
+                   f" is 0 in {dt} but not in float64 ({what}); the log det cannot count them")
+        elif diag is None:
+            why = (f"{int(lost.any(dim=0).sum())} input dimensions have a column of J that is 0 "
+                   f"in {dt} but not in float64 ({what}), more than the {LOST_MAX} computed "
+                   "exactly")
+        if why is None:
+            d = diag.to(r.value.device)
+            sig = s.reshape(-1, 1).to(d)
+            if r.metric == "dfil":
+                add = d.sum(dim=1) / (sig.squeeze(1) ** 2 * self.d)
+            else:
+                keep = lost.to(d.device)
+                term = torch.log(d / sig**2 + floor) - math.log(floor)
+                add = torch.where(keep, term, torch.zeros_like(term)).sum(dim=1) / (2 * self.d)
+            info = dict(r.info)
+            info["lost_columns"] = n_lost.tolist()
+            info["lost_columns_why"] = (
+                f"input dimensions whose column of J is 0 in {dt} but not in float64 ({what}) "
+                "are counted with their float64 diagonal entries (one float64 JVP each)")
+            return dataclasses.replace(r, value=r.value + add, info=info)
         if estimator == "auto" and self._oracle_fits():
-            out = self._exact_fsinfo(s, "diag", None, floor,
-                                     f"{why}; the float64 oracle was used", "exact")
+            if r.metric == "dfil":
+                out = self.exact().dfil(s)
+                out.info["auto"] = f"{why}; the float64 oracle was used"
+            else:
+                out = self._exact_fsinfo(s, "logdet" if r.metric == "fsinfo_logdet" else "diag",
+                                         prior_var, floor,
+                                         f"{why}; the float64 oracle was used", "exact")
             # spent before the switch (the route's, and any randomized before it)
             out.info["auto_randomized_passes"] = (int(r.passes)
                                                   + int(r.info.get("auto_randomized_passes", 0)))
             return out
         raise PrecisionError(
-            f"{why}. Use estimator='exact' (the float64 oracle), a floor > 0 (the paper's "
-            f"{DIAG_FLOOR:g}), or run the encoder in float64")
+            f"{why}. Use estimator='exact' (the float64 oracle)"
+            + (f", a floor > 0 (the paper's {DIAG_FLOOR:g})" if floorless else "")
+            + ", or run the encoder in float64")
 
     def _oracle_fits(self) -> bool:
         """Whether the oracle can run: the encoder runs in float64 and one sample's dense
@@ -889,9 +977,9 @@ class Linearization:
             _stopping(atol, rtol, num_probes, max_probes, None)  # held took any before)
         why = self._auto_exact(estimator, cost, spectrum, fixed=num_probes is not None)
         if why is not None:
-            return self._confirm_neg_inf(
+            return self._lost_fixed(
                 self._exact_fsinfo(s, variant, prior_var, floor, why, estimator, (atol, rtol)),
-                estimator, s, floor)
+                estimator, s, floor, prior_var)
         if self._replanned(estimator):
             return again()
         cap = None
@@ -930,12 +1018,14 @@ class Linearization:
             r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator,
                                    (atol, rtol))
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
-            return self._confirm_neg_inf(r, estimator, s, floor)
-        if variant == "logdet" and est.singular is not None:
-            _warn_singular(est.singular, self.m, self.d)
-        return self._confirm_neg_inf(
+            return self._lost_fixed(r, estimator, s, floor, prior_var)
+        r = self._lost_fixed(
             _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
-                       info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s, floor)
+                       info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s, floor,
+            prior_var)
+        if variant == "logdet" and est.singular is not None and r.estimator != "exact":
+            _warn_singular(est.singular, self.m, self.d)
+        return r
 
     def _exact_fsinfo(self, s: Tensor, variant: str, prior_var, floor: float,
                       why: str, estimator: str, tol: tuple = (None, None)) -> MetricResult:
@@ -957,13 +1047,11 @@ class Linearization:
         (:mod:`~fsinfo_fast.estimators.exact_fast`); where that misses the tolerance ``tol =
         (atol, rtol)`` (products that lose most of their digits: a saturated activation, an
         underflow) and the oracle fits, the oracle serves, as it does for a randomized estimate
-        that missed it; where the oracle does not fit, ``r`` is kept with ``converged`` False
-        for the samples that missed it."""
+        that missed it. ``r.converged`` is set False for the samples that missed it (the
+        route asked for explicitly, or no oracle: ``r`` is kept)."""
         met = tolerance_met(r.value, r.ci_halfwidth, *tol)
-        if estimator != "auto" or bool(met.all()):
-            return None
-        if not self._oracle_fits():
-            r.converged.logical_and_(met)  # (kept: the interval says what it holds)
+        r.converged.logical_and_(met)  # (where it is kept: what its interval holds)
+        if estimator != "auto" or bool(met.all()) or not self._oracle_fits():
             return None
         worst = max(r.info.get("exact_fast_measured") or [math.nan])
         return (f"its rounding allowance (largest relative error measured against float64 on "
@@ -1303,8 +1391,9 @@ class Linearization:
         elif any("spent" in c for c in costs.values()):  # the method choice's own products
             extra["auto_prediction_passes"] = sum(int(c.get("spent", 0))
                                                   for c in costs.values())
-        return _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
-                          info=self._info(**extra), dtype=self.enc.x.dtype)
+        return self._lost_fixed(
+            _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
+                       info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s)
 
     def _plan(self, need: Tensor, min_probes: int, mp: int, relf, *, source: str,
               held: Tensor | None = None, rows: bool = True) -> dict[str, Any]:
@@ -1590,7 +1679,7 @@ class Linearization:
             if miss is not None:
                 r, why = self.exact().dfil(s), f"{why}; {miss}"
         r.info["auto"] = why
-        return r
+        return self._lost_fixed(r, estimator, s)
 
     # -- noise calibration -------------------------------------------------------------------
     def _floor_matters(self, r: MetricResult, tau: Tensor, floor: float,
@@ -1644,6 +1733,10 @@ class Linearization:
         if r.estimator != "randomized" or r.info.get("diag_method") != "plain":
             return None, (f"the floored sigma = 1 estimate took the "
                           f"{r.info.get('diag_method', r.estimator)} route")
+        if any(r.info.get("lost_columns", ())):
+            return None, ("input dimensions whose column of J is 0 in the working dtype but not "
+                          "in float64 (see info['lost_columns_why']), which the solve on the "
+                          "probes cannot count")
         try:
             return self._floored_solve(r, tau, floor), ""
         except SnapshotDroppedError as err:

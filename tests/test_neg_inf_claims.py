@@ -27,7 +27,7 @@ class Underflow(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.lin = nn.Linear(8, 6)
+        self.lin = nn.Linear(8, 10)  # m = 12 >= d = 10
 
     def forward(self, x):
         x = x.flatten(1)
@@ -112,7 +112,7 @@ def test_a_float64_encoder_pays_no_check():
     enc = Cropped(1.0).double().eval()
     lin = ff.linearize(enc, torch.randn(2, 64, dtype=torch.float64))
     r = lin.fsinfo(0.1, floor=0.0, estimator="randomized")
-    assert bool(torch.isneginf(r.value).all()) and lin._dead64_cache is None
+    assert bool(torch.isneginf(r.value).all()) and lin._lost_cache is None
 
 
 def test_without_a_float64_copy_the_neg_inf_stands_with_a_warning():
@@ -154,3 +154,76 @@ def test_an_infinite_half_width_gives_the_whole_line_not_nan():
     assert lo.tolist() == [-math.inf, -math.inf] and hi.tolist() == [math.inf, math.inf]
     agg = ff.Aggregate(value=-math.inf, stderr=0.0, ci_halfwidth=math.inf)
     assert agg.ci95() == (-math.inf, math.inf)
+
+
+class Tiny(nn.Module):
+    """Every input dimension reaches the output through ``1e-30 * 1e-30``: dFIL 0 in float32."""
+
+    def forward(self, x):
+        return torch.cat([x * 1e-30 * 1e-30, x[:, :2] * 1e-30 * 1e-30], 1)
+
+
+@pytest.mark.parametrize("estimator", ["auto", "randomized", "deflated", "exact-fast"])
+def test_a_floored_fsinfo_counts_the_lost_columns_exactly(estimator):
+    """With a floor the lost columns entered as log(floor): at floor 1e-300 that put the value
+    42 nats/dim below the oracle with a tight interval and converged=True. They now enter with
+    their float64 diagonal entries (one float64 JVP each)."""
+    torch.manual_seed(0)
+    enc = Underflow().eval()
+    x = torch.randn(2, 10)
+    ref = _oracle(enc, x, floor=1e-300)
+    r = ff.fsinfo(enc, x, 0.1, floor=1e-300, estimator=estimator, atol=0.01)
+    assert r.info["lost_columns"] == [2, 2] and "float64" in r.info["lost_columns_why"]
+    # (one seeded run: within 3 half-widths; it was 42 nats/dim off)
+    assert bool(((r.value - ref).abs() <= 3 * r.ci_halfwidth).all()), (r.value, ref)
+
+
+def test_dfil_counts_the_lost_columns_exactly():
+    """A Jacobian of 1e-60 everywhere: dFIL was 0 with a zero half-width on every float32 route
+    (auto's reason called every column dead)."""
+    torch.manual_seed(0)
+    enc = Tiny().eval()
+    x = torch.randn(2, 6)
+    ref = ff.dfil(enc, x, 0.1, estimator="exact").value
+    assert bool((ref > 0).all())
+    for est in ("auto", "randomized", "exact-fast"):
+        r = ff.dfil(enc, x, 0.1, estimator=est)
+        torch.testing.assert_close(r.value, ref, rtol=1e-9, atol=0)
+        assert r.info["lost_columns"] == [6, 6] or r.estimator == "exact"
+
+
+def test_a_log_det_with_lost_columns_is_not_claimed():
+    torch.manual_seed(0)
+    enc = Tiny().eval()  # (a few lost columns beside normal ones: the oracle's float64
+    x = torch.randn(2, 6)  # eigenvalues cannot hold them either, and it says -inf)
+    ref = _oracle(enc, x, variant="logdet")
+    assert torch.isfinite(ref).all()
+    with pytest.raises(ff.PrecisionError, match="the log det cannot count them"):
+        ff.fsinfo(enc, x, 0.1, variant="logdet", estimator="randomized")
+    r = ff.fsinfo(enc, x, 0.1, variant="logdet")
+    assert r.estimator == "exact"
+    torch.testing.assert_close(r.value, ref, rtol=0, atol=1e-9)
+
+
+def test_an_explicit_fast_exact_route_says_when_it_misses_the_tolerance():
+    torch.manual_seed(0)
+    enc = Saturated(12.0).eval()
+    x = torch.randn(2, 64)
+    r = ff.fsinfo(enc, x, 0.1, estimator="exact-fast", atol=0.01)
+    assert not bool(torch.isfinite(r.ci_halfwidth).any()) and not bool(r.converged.any())
+    ok = ff.fsinfo(Saturated(0.5).eval(), x, 0.1, estimator="exact-fast", atol=0.01)
+    assert bool(ok.converged.all())
+
+
+def test_sigma_star_with_the_floor_where_a_crop_meets_lost_columns():
+    """A crop (floorless -inf, exact) beside columns lost to float32: sigma* with the floor is
+    solved on the probes, which cannot count the lost columns; auto takes the oracle, an
+    explicit randomized route refuses with the reason."""
+    torch.manual_seed(0)
+    enc = Cropped(5.0).eval()
+    x = torch.randn(2, 64)
+    ref = ff.fsinfo_sigma(enc, x, target=-3.0, estimator="exact").sigma
+    r = ff.fsinfo_sigma(enc, x, target=-3.0)
+    torch.testing.assert_close(r.sigma, ref, rtol=1e-9, atol=0)
+    with pytest.raises(ff.InvalidInputError, match="which the solve on the probes cannot count"):
+        ff.fsinfo_sigma(enc, x, target=-3.0, estimator="randomized")
