@@ -818,6 +818,13 @@ def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: 
                     "sample on its own (batch size 1): the encoder must accept any batch "
                     "size (a torch.export program needs a dynamic batch dimension, e.g. "
                     "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})") from err
+            if alone.shape != y[i].shape:
+                raise SampleInteractionError(
+                    f"sample {i}'s output has {alone.numel()} values when it is encoded alone "
+                    f"but {y[i].numel()} in the batch of {batch}: the encoder's output depends "
+                    "on the batch size (a buffer or mask with one row per batch position?). "
+                    "The metric is per sample; use an encoder that treats samples "
+                    "independently")
             scale = float(y[i].abs().max()) + 1e-30
             err = float((alone - y[i]).abs().max())
             if not err <= tol * scale:
@@ -825,10 +832,21 @@ def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: 
                 # kernels pick their blocking by batch size: saturated layers (tanh at
                 # large weights) turn that rounding into 1e-4 differences. A batch of the
                 # same size holding only sample i rounds as the batch did, and still moves
-                # sample i's output where the samples interact
-                same = fn(x[i : i + 1].expand(batch, *x.shape[1:]).reshape(batch, -1))[i]
-                if float((same - y[i]).abs().max()) <= tol * scale:
+                # sample i's output where the samples interact; and every copy in it gives
+                # sample i's output, unless the encoder depends on the batch position (a
+                # mask or buffer with one row per position, which sample i alone misses)
+                copies = fn(x[i : i + 1].expand(batch, *x.shape[1:]).reshape(batch, -1))
+                moved = float((copies - y[i]).abs().max())
+                if moved <= tol * scale:
                     continue
+                if float((copies[i] - y[i]).abs().max()) <= tol * scale:
+                    raise SampleInteractionError(
+                        f"sample {i}'s output changes by {err:.3g} (relative {err / scale:.3g}) "
+                        "when it is encoded alone, and by up to "
+                        f"{moved:.3g} at another position of a batch of copies of it: the "
+                        "encoder depends on the batch position (a mask or buffer with one row "
+                        "per position). The metric is per sample; pass each sample's own "
+                        "mask with it, or use an encoder that treats samples independently")
                 raise SampleInteractionError(
                     f"sample {i}'s output changes by {err:.3g} (relative "
                     f"{err / scale:.3g}) when it is encoded alone instead of in the batch: "

@@ -179,7 +179,12 @@ def sample_ids_for(products: Products, sample_ids: Tensor | None) -> Tensor:
     b = products.batch
     if sample_ids is None:
         return torch.arange(b, dtype=torch.int64, device=products.device)
-    ids = torch.as_tensor(sample_ids, device=products.device)
+    try:
+        ids = torch.as_tensor(sample_ids, device=products.device)
+    except (OverflowError, RuntimeError, TypeError, ValueError) as err:
+        raise InvalidInputError(
+            f"sample_ids must be integers in int64's range (a tensor or list of shape [B] = "
+            f"[{b}]), got {sample_ids!r:.80} ({err})") from err
     if ids.dtype not in (torch.int64, torch.int32) or ids.shape != (b,):
         raise InvalidInputError(
             f"sample_ids must be an integer tensor of shape [B] = [{b}], got dtype {ids.dtype} "

@@ -401,11 +401,13 @@ def trace_summarizer(chunks: list[Tensor], scale: Tensor, n: int, dtype: torch.d
         t = torch.cat(chunks, dim=1)
         chunks[:] = [t]
         mean, se = mean_and_stderr(t[:, lo:])
+        same = (se == 0).to(torch.float64)  # every probe gave one value (estimate_from)
         se = with_rounding(se, mean, n, dtype)
         dof = t.shape[1] - lo - 1
         v = mean * scale
         hw_fn = TraceHalfwidth(v, confidence, skew_weight(kind), sample_skewness(t[:, lo:]))
-        return {"value": (v, se * scale, dof, torch.zeros_like(mean), hw_fn)}
+        zeros = torch.zeros_like(mean)
+        return {"value": (v, se * scale, dof, zeros, hw_fn), "spread0": (same, zeros, dof)}
 
     return summarize
 
@@ -531,9 +533,13 @@ def hutchinson_trace(
         "exact_columns": exact_columns.sum(dim=1).tolist(),
         "exact_columns_why": "the few input dimensions that carry most of J, computed exactly "
                              "(their Rademacher per-probe law has few atoms)"}
+    free = None
+    if kind == "rademacher":
+        free = n if exact_columns is None else (n - cols.sum(dim=1)).to(torch.int64)
     return estimate_from(
         rule, frozen["value"], converged=converged, probes=probes, drawn=drawn, pilot=pilot,
-        passes=drawn + extra, bias_bound=False,
+        passes=drawn + extra, bias_bound=False, rademacher_dim=free,
+        zero_spread=frozen["spread0"].value > 0,
         info={
             **info_cols,
             "method": "hutchinson",

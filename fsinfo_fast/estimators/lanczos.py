@@ -1247,7 +1247,8 @@ def slq_logdet(
             f"min(m, d) = {exact_cost}; estimator='exact' (or 'auto', which weighs both) is "
             "faster here", CostlyRouteWarning)
     return estimate_from(rule, f, converged=converged, probes=probes, drawn=drawn, pilot=pilot,
-                         passes=passes, singular=singular, bound=bound, info=out_info)
+                         passes=passes, singular=singular, bound=bound, info=out_info,
+                         rademacher_dim=n if kind == "rademacher" else None)
 
 
 def slq_trace(
@@ -1331,6 +1332,8 @@ def slq_trace(
     return estimate_from(
         rule, frozen["value"], converged=converged, probes=probes, drawn=drawn, pilot=pilot,
         passes=store.passes - spent0, bias_bound=False,
+        rademacher_dim=store.n if store.kind == "rademacher" else None,
+        zero_spread=frozen["spread0"].value > 0,
         info={
             "method": f"slq_{store.method}_trace",
             "quantity": "dfil" if sigma is not None else "trace",

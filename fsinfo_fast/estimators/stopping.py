@@ -725,6 +725,9 @@ _FLOOR_MAX = 256
 #: extended while that misses the tolerance (up to the cap).
 RECHECK_LEVEL = 0.01
 RECHECK_RATIO = 8.0
+#: Rademacher probes in at most this many coordinates are often the same vector up to sign:
+#: a spread of exactly 0 there is no information (:func:`estimate_from`)
+DUPLICATE_DIM = 24
 
 
 @functools.lru_cache(maxsize=8)
@@ -1034,6 +1037,8 @@ def estimate_from(
     singular: Tensor | None = None,
     bound: Tensor | None = None,
     bias_bound: bool = True,
+    rademacher_dim: Tensor | int | None = None,
+    zero_spread: Tensor | None = None,
 ) -> Estimate:
     """The one place an :class:`~fsinfo_fast.estimators.Estimate` is built from the recorded
     quantity of :func:`run_rounds`: value, stderr, half-width, the ``[B]`` converged mask and
@@ -1041,8 +1046,31 @@ def estimate_from(
     count was chosen) and ``pilot_probes`` (``[B]``, the pilot's probes, not in the value)
     added, and ``rechecked`` (``[B]`` bool) with ``rechecked_why`` where the re-check of
     :func:`run_rounds` widened some sample's interval. ``bias_bound=False``: the quantity has
-    no deterministic allowance (the field stays ``None``)."""
+    no deterministic allowance (the field stays ``None``).
+
+    ``rademacher_dim``: the number of coordinates the probes draw as Rademacher signs (``[B]``
+    or one count; None: Gaussian probes). In few coordinates two probes are often the same
+    vector up to sign, whose quadratic forms are equal: a sample whose probes all gave one
+    value then has a spread of exactly 0 that says nothing (at ``d = 4`` and 2 probes, 1 in
+    8; a zero half-width 430,000 half-widths off the truth), so where that count is at most
+    :data:`DUPLICATE_DIM` such a sample's half-width is infinite and ``converged`` False
+    (``info["zero_spread"]``). Above it a zero spread is the estimator's exactness (a diagonal
+    quadratic form), as the probes are distinct (two coincide with probability
+    ``2^(1 - n)``). ``zero_spread``: ``[B]`` bool, the samples whose per-probe values
+    all agreed (default: ``stderr == 0``; a trace's standard error holds a rounding
+    allowance)."""
     stages = {}
+    hw, converged, zero = frozen.ci_halfwidth, converged, None
+    if rademacher_dim is not None:
+        n = torch.as_tensor(rademacher_dim, device=hw.device).expand_as(hw)
+        same = frozen.stderr == 0 if zero_spread is None else zero_spread.to(hw.device)
+        zero = (same & torch.isfinite(frozen.value) & (n >= 2)
+                & (n <= DUPLICATE_DIM) & (torch.as_tensor(probes, device=hw.device) >= 2))
+        if bool(zero.any()):
+            hw = torch.where(zero, torch.full_like(hw, math.inf), hw)
+            converged = converged & ~zero.to(converged.device)
+        else:
+            zero = None
     if not rule.adaptive:
         how = f"fixed: {rule.num_probes} probes"
     else:
@@ -1057,7 +1085,7 @@ def estimate_from(
     return Estimate(
         value=frozen.value,
         stderr=frozen.stderr,
-        ci_halfwidth=frozen.ci_halfwidth,
+        ci_halfwidth=hw,
         num_probes=drawn,
         passes=passes,
         converged=converged,
@@ -1074,5 +1102,11 @@ def estimate_from(
                                    f"than {RECHECK_RATIO:g} times (and the F test at level "
                                    f"{RECHECK_LEVEL:g}): the interval is the wider of Stein's "
                                    "and the stage's own, the stage extended while that missed "
-                                   "the tolerance"})},
+                                   "the tolerance"}),
+              **({} if zero is None else {
+                  "zero_spread": zero,
+                  "zero_spread_why": f"every probe gave the same value, from at most "
+                                     f"{DUPLICATE_DIM} Rademacher coordinates, where probes "
+                                     "that are the same vector up to sign are common: no "
+                                     "spread information (half-width inf)"})},
     )
