@@ -266,7 +266,9 @@ def check_input(x: object) -> Tensor:
     if not x.is_floating_point():
         raise InvalidInputTypeError(
             f"x must be floating point, got dtype {x.dtype}: convert it, e.g. x.float() "
-            "(images usually as x.float() / 255)"
+            "(images usually as x.float() / 255). Integer token ids have no Jacobian: measure "
+            "from the embeddings instead (a transformers model's inputs_embeds=, or ff.split "
+            "after its embedding layer)"
         )
     if x.ndim < 2:
         raise InvalidInputError(

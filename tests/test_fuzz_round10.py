@@ -144,3 +144,36 @@ def test_a_diagonal_quadratic_form_in_many_coordinates_stays_exact():
     assert "zero_spread" not in r.info and bool(r.converged.all())
     torch.testing.assert_close(r.value, ref, rtol=1e-5, atol=0)
     assert bool((r.ci_halfwidth < 1e-4 * ref).all())
+
+
+def test_a_profile_records_the_backend_and_why_auto_left_the_engine():
+    from fsinfo_fast.profile.runner import _backend_label
+
+    assert _backend_label({"backend": "engine"}) == "engine"
+    label = _backend_label({"backend": "torch",
+                            "backend_fallback": "engine -> torch: make_fx could not\ncapture"})
+    assert label == "torch (engine -> torch: make_fx could not)"
+
+
+def test_no_plot_is_kept_for_a_resume(tmp_path):
+    """``--no-plot`` was not stored, so a ``--resume`` of such a run wrote profile.png."""
+    import json
+
+    from fsinfo_fast.profile.runner import ProfileConfig, with_stored_settings
+    from fsinfo_fast.profile.store import SETTINGS, STORE_VERSION
+
+    (tmp_path / SETTINGS).write_text(json.dumps({"store_version": STORE_VERSION,
+                                                 "plot": False}))
+    cfg = with_stored_settings(ProfileConfig(out=str(tmp_path), resume=True,
+                                             given=frozenset({"out", "resume"})))
+    assert cfg.plot is False
+    again = with_stored_settings(ProfileConfig(out=str(tmp_path), resume=True, plot=True,
+                                               given=frozenset({"out", "resume", "plot"})))
+    assert again.plot is True  # given again: kept
+
+
+def test_integer_token_ids_get_the_advice_that_works():
+    torch.manual_seed(0)
+    emb = nn.Sequential(nn.Embedding(50, 8), nn.Flatten())
+    with pytest.raises(ff.InvalidInputTypeError, match="token ids have no Jacobian"):
+        ff.fsinfo(emb, torch.randint(0, 50, (2, 6)), 0.1)

@@ -87,6 +87,9 @@ def test_files_and_schema(finished_run):
             assert r["fsinfo_diag"] >= r["fsinfo_logdet"] - 1e-9
     assert len(summary["samples"]) == 12
     assert set(summary["samples"][0]) == set(SAMPLE_FIELDS)
+    # the backend that served each split (and why auto left the engine, where it did)
+    assert all(r["backend"] for r in summary["samples"])
+    assert all(s["backends"] for s in summary["splits"])
     with open(out / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert tuple(rows[0]) == SUMMARY_FIELDS and len(rows) == 3

@@ -70,7 +70,7 @@ SAMPLE_FIELDS = (
     "fsinfo_logdet_bound", "fsinfo_logdet_bound_low", "fsinfo_logdet_bound_high",
     "sigma_star", "sigma_star_low", "sigma_star_high", "sigma_star_status",
     "sigma_star_logdet", "sigma_star_logdet_low", "sigma_star_logdet_high",
-    "sigma_star_logdet_status",
+    "sigma_star_logdet_status", "backend",
 )
 
 #: Columns of ``summary.csv`` (one row per split).
@@ -263,6 +263,7 @@ def summarize(settings: dict[str, Any], splits: list, plan: Any,
                 "dfil": sorted({str(r.get("dfil_estimator")) for r in recs
                                 if r.get("dfil_estimator")}),
             },
+            "backends": sorted({str(r.get("backend")) for r in recs if r.get("backend")}),
         })
     samples = sorted(records.values(), key=lambda r: (r["sample"], _order(splits, r["split"])))
     from .. import __version__

@@ -434,6 +434,7 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
         "device": str(device),
         "world_size": world,
         "backend": cfg.backend,
+        "plot": bool(cfg.plot),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -517,7 +518,7 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
                 "rerun with the same options or choose a new --out"
             )
         settings = {**stored, **{k: settings[k] for k in ("batch_size", "device", "world_size",
-                                                          "backend")}}
+                                                          "backend", "plot")}}
     else:
         run_dir = _claim(cfg, run_dir, settings, locks)
         try:
@@ -768,6 +769,16 @@ def _label(r: Any, requested: str, *, method: bool = False) -> str:
     return f"{r.estimator} ({m})" if m else r.estimator
 
 
+def _backend_label(info: dict[str, Any]) -> str:
+    """The backend that computed a split's products, with why ``auto`` left the engine where it
+    did (``info["backend_fallback"]``): a fallback is never silent in the outputs either."""
+    name, why = str(info.get("backend")), info.get("backend_fallback")
+    if not why:
+        return name
+    first = " ".join(str(why).strip().splitlines()[0].split())  # one line in a CSV cell
+    return f"{name} ({first[:240]})"
+
+
 def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor, ids: Tensor,
                      swept: ExactFisher | None = None, say=None) -> dict[str, list]:
     """Every record field of one split for one batch, from ONE
@@ -845,6 +856,7 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
         out.update(_sigma_fields("sigma_star", sg))
     out.update(_metric_fields("dfil", dl, dfil_label))
     out.update(_bound_fields("dfil_bound", dfil_bound(dl)))
+    out["backend"] = [_backend_label(dl.info)] * b
 
     # --- FSInfo log det -----------------------------------------------------------------------
     why = plan.logdet[spec.name]
@@ -959,7 +971,7 @@ RESUMED_OPTIONS = {
     "max_samples": "max_samples", "splits": "splits", "sigma": "sigma", "variant": "variant",
     "estimator": "estimator", "atol": "atol", "rtol": "rtol", "prior_var": "prior_var",
     "target": "target", "seed": "seed", "share": "share", "dfil_method": "dfil_method",
-    "batch_size": "batch_size", "backend": "backend", "channels": "channels",
+    "batch_size": "batch_size", "backend": "backend", "channels": "channels", "plot": "plot",
 }
 
 
