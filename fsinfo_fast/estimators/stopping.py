@@ -1060,7 +1060,7 @@ def estimate_from(
     all agreed (default: ``stderr == 0``; a trace's standard error holds a rounding
     allowance)."""
     stages = {}
-    hw, converged, zero = frozen.ci_halfwidth, converged, None
+    hw, zero = frozen.ci_halfwidth, None
     if rademacher_dim is not None:
         n = torch.as_tensor(rademacher_dim, device=hw.device).expand_as(hw)
         same = frozen.stderr == 0 if zero_spread is None else zero_spread.to(hw.device)
