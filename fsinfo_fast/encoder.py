@@ -806,8 +806,11 @@ def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: 
                        deterministic: Callable[[], None]) -> None:
     """Raise :class:`SampleInteractionError` where one of the first ``n`` samples' output
     changes when it is encoded alone instead of in the batch ``x`` (``[B, *in]``, outputs
-    ``y`` ``[B, m]``). Run at every :func:`prepare`, cached or not: whether samples interact
-    can depend on the values (a batch maximum that one sample sets in one batch only)."""
+    ``y`` ``[B, m]``), or where any sample's output changes with its position in the batch
+    (one forward of the batch in reverse order, for batches of more than ``n``: a mask stored
+    for the batch and sliced to its size moves every sample past the first ``n`` too). Run
+    at every :func:`prepare`, cached or not: whether samples interact can depend on the
+    values (a batch maximum that one sample sets in one batch only)."""
     batch = x.shape[0]
     with torch.no_grad():
         for i in range(n):
@@ -855,6 +858,30 @@ def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: 
                     "the samples interact (batch statistics, mixing across the batch). The "
                     "metric is per sample; use an encoder that treats samples independently"
                 )
+    if batch > max(n, 1):
+        with torch.no_grad():
+            rev = fn(x.flip(0).reshape(batch, -1)).flip(0)
+        scale = y.abs().amax(dim=1) + 1e-30
+        moved = (rev - y).abs().amax(dim=1) if rev.shape == y.shape else None
+        if moved is None or not bool((moved <= tol * scale).all()):
+            deterministic()  # randomness, not interaction, if the batch itself varies
+            i = 0 if moved is None else int((moved / scale).argmax())
+            # (rounding that a saturated layer amplifies, where a kernel treats rows at some
+            # positions differently: then every copy of sample i in a batch of its own gives
+            # its output)
+            with torch.no_grad():
+                copies = fn(x[i : i + 1].expand(batch, *x.shape[1:]).reshape(batch, -1))
+            if moved is not None and copies.shape == y.shape and float(
+                    (copies - y[i]).abs().max()) <= tol * float(scale[i]):
+                return
+            raise SampleInteractionError(
+                f"sample {i}'s output changes when the batch is encoded in reverse order "
+                + ("" if moved is None else f"(by {float(moved[i]):.3g}, relative "
+                   f"{float(moved[i] / scale[i]):.3g}) ")
+                + "- the encoder depends on the batch position or on the other samples (a "
+                "mask or buffer with one row per position, batch statistics). The metric is "
+                "per sample; pass each sample's own mask with it, or use an encoder that "
+                "treats samples independently")
 
 
 #: torch.func / autograd failures caused by how the encoder is written: (substring of the

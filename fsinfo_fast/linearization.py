@@ -139,6 +139,7 @@ DEAD_STREAM = 22
 #: beyond it ``auto`` takes the oracle and another route raises.
 LOST_MAX = 256
 _LOST_CHUNK = 64
+_LOST_SCALE = 2.0**40
 
 log = logging.getLogger(__name__)
 
@@ -716,14 +717,17 @@ class Linearization:
         """The input dimensions whose column of ``J`` is 0 in the working dtype but not in
         float64 (computed once per batch): products that underflow, or a saturated
         activation whose derivative rounds to 0 (autograd's ``1 - tanh^2`` in float32 past
-        ``|z| = 9``). Every float32 route takes such a column for a dead one. ``None`` where
-        there is nothing to check: a float64 batch, or no column 0 in the working dtype (the
-        validation's VJP :attr:`~fsinfo_fast.encoder.PreparedEncoder.live` is nonzero
-        everywhere; the common case, no cost). Else one float64 VJP of a seeded Gaussian
+        ``|z| = 9``). Every float32 route takes such a column for a dead one. ``None`` for a
+        float64 batch (:meth:`_lost_fixed` asks only where the validation's VJP
+        :attr:`~fsinfo_fast.encoder.PreparedEncoder.live` has zeros, or for a floorless
+        ``-inf``: the common case pays nothing). One float64 VJP of a seeded Gaussian
         cotangent (stream :data:`DEAD_STREAM`; its square is 0 exactly where the oracle's
-        diagonal is) gives ``(dead64 [B] bool: some column is 0 in float64 too, lost [B, d]
-        bool, diag [B, d])`` with ``diag`` the float64 ``(J^T J)_kk`` of the lost columns (0
-        elsewhere) from one float64 JVP per dimension of their union over the batch, or
+        diagonal is) and one in the working dtype of the same cotangent times ``2^40`` (0 there:
+        every product of ordinary size gives 0; a column that underflows for some probes only
+        is counted by the routes, not lost) give ``(dead64 [B] bool: some column is 0 in
+        float64 too, lost [B, d] bool, diag [B, d])`` with ``diag`` the float64
+        ``(J^T J)_kk`` of the lost columns (0 elsewhere) from one float64 JVP per dimension of
+        their union over the batch, or
         ``None`` where that union exceeds :data:`LOST_MAX`. The float64 copy must be available
         (:meth:`_exact_unavailable`)."""
         if self._lost_cache is None:
@@ -734,23 +738,19 @@ class Linearization:
     def _find_lost(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
         if self.enc.x.dtype == torch.float64:
             return None
-        p = self.products
-        ids = sample_ids_for(p, self.sample_ids)
-        live = self.enc.live
-        if live is None:  # (a cached prepare without its VJP: one in the working dtype)
-            u = draw_probes(p.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
-                            dtype=p.dtype, device=p.device, stream=DEAD_STREAM)
-            live = p.vjp(u)[:, 0] != 0
-        zero = ~live.reshape(p.batch, -1)
-        if not bool(zero.any()):
-            return None
         from .engine import TorchFuncProducts
 
+        p = self.products
+        ids = sample_ids_for(p, self.sample_ids)
         p64 = TorchFuncProducts(self._float64_encoder(), memory_budget=self.memory_budget)
         u = draw_probes(p64.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
                         dtype=torch.float64, device=p64.device, stream=DEAD_STREAM)
         nz64 = p64.vjp(u)[:, 0].square() > 0
-        lost = zero.to(nz64.device) & nz64
+        # the columns every working-dtype product gives 0: still 0 with a cotangent 2^40 times
+        # larger (a column that underflows for some probes only, its entries near the
+        # subnormal range, is nonzero there: the routes count it, it is not lost)
+        big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device))[:, 0].to(nz64.device)
+        lost = (big == 0) & nz64
         union = lost.any(dim=0).nonzero().flatten()
         diag: Tensor | None = torch.zeros(lost.shape, dtype=torch.float64, device=lost.device)
         if union.numel() > LOST_MAX:
@@ -787,8 +787,8 @@ class Linearization:
         if floorless and not bool(neg.any()):
             return r  # (every column is nonzero in the working dtype)
         live = self.enc.live
-        if live is not None and bool(live.all()):
-            return r
+        if not floorless and live is not None and bool(live.all()):
+            return r  # (no column 0 in the working dtype: nothing lost; no cost)
         na = self._exact_unavailable(attempt=True)
         if na is not None:
             self._replan = False  # (this result is final: nothing to plan again)
@@ -804,7 +804,7 @@ class Linearization:
             return r
         dead64, lost, diag = found
         n_lost = lost.sum(dim=1)
-        if not bool((n_lost > 0).any()):
+        if not floorless and not bool((n_lost > 0).any()):
             return r
         dt = self.enc.x.dtype
         what = (f"a column of J is 0 in {dt} only: its products underflow, or a saturated "
@@ -1367,7 +1367,8 @@ class Linearization:
             est = slq_trace(self.products, store=self._slq_store(), stop=start, **common)
         elif method == "hutchinson":
             est = hutchinson_trace(self.products, side="input", kind="rademacher", stop=start,
-                                   exact_columns=self._dominant(), **common)
+                                   exact_columns=self._dominant(), live_columns=self.enc.live,
+                                   **common)
             est = dataclasses.replace(est, passes=est.passes + self._dominant_passes())
         else:
             est = hutchpp_trace(self.products, sketch_size=sketch, stop=start, **common)

@@ -177,3 +177,106 @@ def test_integer_token_ids_get_the_advice_that_works():
     emb = nn.Sequential(nn.Embedding(50, 8), nn.Flatten())
     with pytest.raises(ff.InvalidInputTypeError, match="token ids have no Jacobian"):
         ff.fsinfo(emb, torch.randint(0, 50, (2, 6)), 0.1)
+
+
+# --- fuzz round 10c, the new checks themselves -----------------------------------------------
+
+
+class SubnormalColumns(nn.Module):
+    """Dimensions 8-15: J = 3e-7 I, whose float32 backward is ``u * 3e-45`` (a few subnormal
+    quanta: 0 where ``|u| < 0.25``, nonzero for most probes), then ``* 1e38``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return torch.cat([self.lin(x[:, :8]), (x[:, 8:] * 1e38) * 3e-45], 1)
+
+
+def test_columns_the_routes_count_are_not_counted_twice():
+    """Columns 0 in the validation's VJP but nonzero in most probes were taken for lost and
+    their float64 terms added on top of the estimate's own (up to 248 half-widths off). A
+    column is lost only where a cotangent 2^40 times larger still gives 0."""
+    torch.manual_seed(0)
+    enc = SubnormalColumns().eval()
+    x = torch.randn(4, 16).clamp(-3, 3)
+    ref = ff.fsinfo(enc, x, 1e-7, estimator="exact").value
+    for est in ("randomized", "deflated"):
+        r = ff.fsinfo(enc, x, 1e-7, estimator=est)
+        assert "lost_columns" not in r.info
+        assert bool(((r.value - ref).abs() <= 4 * r.ci_halfwidth).all()), (est, r.value, ref)
+
+
+class SubnormalOne(nn.Module):
+    """Dimension 8 reaches the output through a float32 backward of ``u * 0.25 * 1.4e-45``: 0
+    for ``|u| < 2`` (every probe, often), nonzero in the validation's VJP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return torch.cat([((x[:, 8:] * 1e38) * 1e-45) * 0.25, self.lin(x[:, :8])], 1)
+
+
+def test_a_floorless_neg_inf_is_checked_even_where_the_validation_vjp_has_no_zero():
+    torch.manual_seed(0)
+    enc = SubnormalOne().eval()
+    x = torch.randn(1, 9).clamp(-3, 3)
+    lin = ff.linearize(enc, x)
+    assert bool(lin.enc.live.all())
+    ref = ff.fsinfo(enc, x, 1e-7, estimator="exact", floor=0.0).value
+    assert torch.isfinite(ref).all()
+    r = lin.fsinfo(1e-7, floor=0.0)
+    assert r.estimator == "exact"  # was -inf, converged, on every route
+    torch.testing.assert_close(r.value, ref, rtol=0, atol=1e-9)
+    with pytest.raises(ff.PrecisionError):
+        ff.fsinfo(enc, x, 1e-7, floor=0.0, estimator="randomized")
+
+
+def test_the_zero_spread_check_counts_the_dimensions_that_reach_the_output():
+    """A crop keeping 3 of 38 inputs, 1-2 of them left after dFIL's exact columns: every probe
+    gave one value, but the check counted all 36-37 coordinates (2,873-11,941 half-widths
+    off, converged True)."""
+
+    class Crop3(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(torch.tanh(x.flatten(1)[:, :3]))
+
+    torch.manual_seed(13)
+    enc = Crop3().eval()
+    x = torch.randn(3, 38)
+    ref = ff.dfil(enc, x, 0.1, estimator="exact").value
+    r = ff.dfil(enc, x, 0.1, estimator="randomized", method="hutchinson", num_probes=3, seed=13)
+    lo, hi = r.ci95()
+    assert bool(((lo <= ref) & (ref <= hi)).all())
+    assert r.info["zero_spread"].tolist() == [True, False, False]
+
+
+def test_batch_position_is_checked_past_the_first_samples():
+    """The per-sample check runs on the first 2 samples; a mask equal to 1 there and not at
+    positions 2, 3 passed (dFIL 4-5x the per-sample value). One forward of the reversed batch
+    checks every position."""
+
+    class Pos(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(30, 40)
+            m = torch.rand(4, 30) * 3 + 0.5
+            m[:2] = 1.0
+            self.register_buffer("mask", m)
+
+        def forward(self, x):
+            x = x.flatten(1)
+            return self.lin(x * self.mask[: x.shape[0]])
+
+    torch.manual_seed(0)
+    with pytest.raises(ff.SampleInteractionError, match="reverse order"):
+        ff.dfil(Pos().eval(), torch.randn(4, 30), 0.1)

@@ -422,6 +422,7 @@ def hutchinson_trace(
     sample_ids: Tensor | None = None,
     stop: StoppingRule | None = None,
     exact_columns: Tensor | None = None,
+    live_columns: Tensor | None = None,
     **rule: Unpack[StopKeywords],
 ) -> Estimate:
     r"""Per-sample Hutchinson estimate of ``tr(J^T J)``, or of dFIL when ``sigma`` is given.
@@ -451,6 +452,10 @@ def hutchinson_trace(
             Chosen before the probes are drawn, the sum stays unbiased. For the few dimensions
             that carry most of ``J`` (see :func:`dominant_columns`): their Rademacher per-probe
             law has few atoms, which a short pilot can miss.
+        live_columns: ``[B, d]`` bool, the input dimensions that reach the output (``None``:
+            all), for ``side="input"``: the Rademacher signs drawn elsewhere cannot move a
+            probe's value, so only these count towards
+            :data:`~fsinfo_fast.estimators.stopping.DUPLICATE_DIM` (a crop keeping a few).
 
     Returns:
         :class:`~fsinfo_fast.estimators.Estimate`; ``passes`` = probes drawn (one product each)
@@ -534,8 +539,13 @@ def hutchinson_trace(
         "exact_columns_why": "the few input dimensions that carry most of J, computed exactly "
                              "(their Rademacher per-probe law has few atoms)"}
     free = None
-    if kind == "rademacher":
-        free = n if exact_columns is None else (n - cols.sum(dim=1)).to(torch.int64)
+    if kind == "rademacher":  # the signs that can move a probe's value (estimate_from)
+        drawn_on = torch.ones(products.batch, n, dtype=torch.bool, device=products.device)
+        if exact_columns is not None:
+            drawn_on &= ~cols
+        if live_columns is not None and side == "input":
+            drawn_on &= live_columns.reshape(products.batch, n).to(drawn_on.device)
+        free = drawn_on.sum(dim=1)
     return estimate_from(
         rule, frozen["value"], converged=converged, probes=probes, drawn=drawn, pilot=pilot,
         passes=drawn + extra, bias_bound=False, rademacher_dim=free,
