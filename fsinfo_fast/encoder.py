@@ -807,7 +807,7 @@ def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: 
     """Raise :class:`SampleInteractionError` where one of the first ``n`` samples' output
     changes when it is encoded alone instead of in the batch ``x`` (``[B, *in]``, outputs
     ``y`` ``[B, m]``), or where any sample's output changes with its position in the batch
-    (one forward of the batch in reverse order, for batches of more than ``n``: a mask stored
+    (one forward of the batch in reverse order, for batches of more than ``n > 0``: a mask stored
     for the batch and sliced to its size moves every sample past the first ``n`` too). Run
     at every :func:`prepare`, cached or not: whether samples interact can depend on the
     values (a batch maximum that one sample sets in one batch only)."""
@@ -858,7 +858,7 @@ def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: 
                     "the samples interact (batch statistics, mixing across the batch). The "
                     "metric is per sample; use an encoder that treats samples independently"
                 )
-    if batch > max(n, 1):
+    if 0 < n < batch:  # (n = 0: the caller turned the interaction checks off)
         with torch.no_grad():
             rev = fn(x.flip(0).reshape(batch, -1)).flip(0)
         scale = y.abs().amax(dim=1) + 1e-30
