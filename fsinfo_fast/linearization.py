@@ -105,6 +105,7 @@ from .estimators.diagonal import (
 from .estimators.exact_fast import (
     CHECK_COLUMNS,
     FastExactFisher,
+    column_norms,
     exact_fast_fisher,
     exact_products,
     fsinfo_bias,
@@ -138,7 +139,6 @@ DEAD_STREAM = 22
 #: At most this many such input dimensions (the batch's union) are computed exactly in float64;
 #: beyond it ``auto`` takes the oracle and another route raises.
 LOST_MAX = 256
-_LOST_CHUNK = 64
 _LOST_SCALE = 2.0**40
 
 log = logging.getLogger(__name__)
@@ -755,14 +755,9 @@ class Linearization:
         diag: Tensor | None = torch.zeros(lost.shape, dtype=torch.float64, device=lost.device)
         if union.numel() > LOST_MAX:
             diag = None
-        budget = self.memory_budget or default_memory_budget(lost.device)
-        chunk = max(1, min(_LOST_CHUNK, budget // (16 * p64.batch * (p64.d + p64.m) * 8)))
-        for start in range(0, union.numel() if diag is not None else 0, chunk):
-            cols = union[start:start + chunk]
-            v = torch.zeros(p64.batch, cols.numel(), p64.d, dtype=torch.float64,
-                            device=lost.device)
-            v[:, torch.arange(cols.numel()), cols] = 1.0
-            diag[:, cols] = p64.jvp(v).square().sum(dim=-1)
+        if diag is not None and union.numel():
+            diag[:, union] = column_norms(p64, union, torch.float64, budget=(
+                self.memory_budget or default_memory_budget(lost.device)))
         if diag is not None:
             diag = torch.where(lost, diag, torch.zeros_like(diag))
         return (~nz64).any(dim=1), lost, diag

@@ -227,3 +227,20 @@ def test_sigma_star_with_the_floor_where_a_crop_meets_lost_columns():
     torch.testing.assert_close(r.sigma, ref, rtol=1e-9, atol=0)
     with pytest.raises(ff.InvalidInputError, match="which the solve on the probes cannot count"):
         ff.fsinfo_sigma(enc, x, target=-3.0, estimator="randomized")
+
+
+def test_more_lost_columns_than_computed_exactly_go_to_the_oracle_or_raise():
+    """Beyond LOST_MAX lost columns per batch: auto takes the float64 oracle, an explicit route
+    raises PrecisionError naming the limit."""
+    from fsinfo_fast.linearization import LOST_MAX
+
+    torch.manual_seed(0)
+    d = LOST_MAX + 8
+    enc = Tiny().eval()
+    x = torch.randn(1, d)
+    with pytest.raises(ff.PrecisionError, match=f"more than the {LOST_MAX} computed exactly"):
+        ff.fsinfo(enc, x, 0.1, floor=1e-300, estimator="randomized")
+    r = ff.fsinfo(enc, x, 0.1, floor=1e-300)
+    ref = _oracle(enc, x, floor=1e-300)
+    assert r.estimator == "exact"
+    torch.testing.assert_close(r.value, ref, rtol=0, atol=1e-9)

@@ -67,7 +67,7 @@ from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum
 from ..result import MetricResult
 
 __all__ = ["CHECK_COLUMNS", "FLOOR_ULPS", "SAFETY", "FastExactFisher", "exact_fast_fisher",
-           "exact_products", "fsinfo_bias", "live_columns", "rounding_floor"]
+           "column_norms", "exact_products", "fsinfo_bias", "live_columns", "rounding_floor"]
 
 #: Columns whose diagonal entries are recomputed in float64 to measure the rounding error.
 CHECK_COLUMNS = 16
@@ -195,6 +195,23 @@ def _chunk_size(n: int, batch: int, d: int, m: int, itemsize: int, budget: int) 
     return int(max(1, min(n, budget // max(1, per_probe))))
 
 
+def column_norms(products: Any, idx: Tensor, dtype: torch.dtype,
+                 budget: int | None = None) -> Tensor:
+    """``||J_b e_k||^2`` (float64, ``[B, len(idx)]``) for the input dimensions ``idx`` of every
+    sample: one one-hot JVP each, in one call, or in chunks within ``budget`` bytes."""
+    b, d, m, dev = products.batch, products.d, products.m, idx.device
+    n = idx.numel()
+    cs = n if budget is None else _chunk_size(max(1, n), b, d, m,
+                                              torch.finfo(dtype).bits // 8, budget)
+    out = torch.zeros(b, n, dtype=torch.float64, device=dev)
+    for start in range(0, n, max(1, cs)):
+        part = idx[start:start + cs]
+        e = torch.zeros(b, part.numel(), d, dtype=dtype, device=dev)
+        e[:, torch.arange(part.numel(), device=dev), part] = 1
+        out[:, start:start + part.numel()] = products.jvp(e).to(torch.float64).square_().sum(dim=2)
+    return out
+
+
 def _one_hot(batch: int, start: int, size: int, n: int, dtype: torch.dtype,
              device: torch.device) -> Tensor:
     e = torch.zeros(batch, size, n, dtype=dtype, device=device)
@@ -282,9 +299,7 @@ def exact_fast_fisher(
         size = min(cs, n - start)
         if side == "columns" and cols is not None:
             idx = cols[start:start + size].to(dev)
-            e = torch.zeros(b, size, d, dtype=dtype, device=dev)
-            e[:, torch.arange(size, device=dev), idx] = 1
-            sq = products.jvp(e).to(torch.float64).square_().sum(dim=2)  # [B, c]
+            sq = column_norms(products, idx, dtype)  # [B, c]
             diag[:, idx] = sq
         elif side == "columns":
             out = products.jvp(_one_hot(b, start, size, d, dtype, dev))  # [B, c, m]
