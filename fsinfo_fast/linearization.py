@@ -113,6 +113,7 @@ from .estimators.exact_fast import (
 )
 from .estimators.hutchinson import dominant_columns
 from .estimators.lanczos import SLQProbeStore, slq_trace
+from .estimators.logfloor import log_floor_term
 from .estimators.probes import draw_probes, resolve_seed
 from .estimators.stopping import (
     DEFAULT_MAX_PROBES,
@@ -136,10 +137,23 @@ DOMINANT_STREAM = 21
 #: The probe stream of the cotangent that finds the columns of ``J`` that are 0 in the working
 #: dtype but not in float64 (:meth:`Linearization._lost`).
 DEAD_STREAM = 22
+#: ... and of the cotangents that confirm a column 0 there for every product
+#: (:data:`LOST_CONFIRM` of them).
+LOST_STREAM = 23
+#: The input vectors of the JVP rounding check (:meth:`Linearization._jvp_pair`).
+JVP_STREAM = 24
+LOST_CONFIRM = 32
 #: At most this many such input dimensions (the batch's union) are computed exactly in float64;
 #: beyond it ``auto`` takes the oracle and another route raises.
 LOST_MAX = 256
 _LOST_SCALE = 2.0**40
+#: The rounding check (:meth:`Linearization._pair`) draws enough cotangents for this many
+#: (cotangent, column) terms (at most :data:`PAIR_MAX` cotangents; one where ``d >= 64``).
+PAIR_TERMS = 64
+PAIR_MAX = 16
+#: The measured rounding allowance of a randomized estimate (:meth:`Linearization.
+#: _rounding_measured`) is this many times the measured bias plus ``Z95`` standard errors.
+ROUNDING_SAFETY = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +260,11 @@ def _stopping(atol, rtol, num_probes, max_probes, cap: int | None,
                         stop_unreachable=fallback, stop_batch=fallback)
 
 
+def pair_count(d: int) -> int:
+    """Cotangents of the rounding check at ``d`` input dimensions (:data:`PAIR_TERMS`)."""
+    return max(1, min(PAIR_MAX, -(-PAIR_TERMS // max(d, 1))))
+
+
 def _fixed(k: int) -> StoppingRule:
     """``k`` probes, a single round."""
     return StoppingRule(num_probes=k, min_probes=k, max_probes=k)
@@ -276,7 +295,9 @@ def rounding_allowance(metric: str, value: Tensor, dtype: torch.dtype) -> tuple[
     FSInfo_diag within ``-log(1 - eps) / 2`` nats/dim and dFIL within ``eps |dFIL|``. The
     exact route's float64 checks measured 5e-8 to 2.5e-7 on VGG5 and ResNet-18 splits in
     float32, 15-80x inside it. The log-det variant gets none here: its SLQ interval carries
-    its own rounding allowance (:mod:`fsinfo_fast.estimators.lanczos`)."""
+    its own rounding allowance (:mod:`fsinfo_fast.estimators.lanczos`). This is a floor:
+    :meth:`Linearization._rounding_fixed` replaces it by the rounding measured against
+    float64 where that is larger (products that lose digits by cancellation)."""
     eps = rounding_floor(dtype)
     if metric == "fsinfo_diag":
         return fsinfo_bias(torch.full_like(value, eps)), eps
@@ -479,6 +500,10 @@ class Linearization:
         self._slq: SLQProbeStore | None = None  # the SLQ probes (log det, dFIL "lanczos")
         self._enc64: PreparedEncoder | None = None  # the float64 copy (fast route's check)
         self._lost_cache: tuple | None = None  # (see _lost)
+        self._pair_cache: tuple | None = None  # (see _pair)
+        self._jvp_pair_cache: tuple | None = None  # (see _jvp_pair)
+        self._check_products = 0  # working-dtype products the rounding checks ran
+        self._check_reported = 0  # ... of which a result reported (rounding_check_products)
         self._no_exact: str | None = None  # why the exact routes cannot run ("" : they can)
         self._replan = False  # auto just found them unavailable: plan the request again
 
@@ -644,7 +669,7 @@ class Linearization:
                    "float64 accumulation)")
         return fx, why
 
-    def _exact_unavailable(self, attempt: bool = False) -> str | None:
+    def _exact_unavailable(self, attempt: bool = False, confirm: bool = True) -> str | None:
         """Why the exact routes (the oracle and the fast route's rounding check, both on a
         float64 copy of the encoder) cannot run here, or None. A plain callable is tried in
         float64 once (``auto`` then stays randomized and says why). An ``nn.Module`` is cast,
@@ -655,7 +680,9 @@ class Linearization:
         rounding) makes the exact routes unavailable, recorded like a callable's, instead of
         failing a call the working dtype serves. A copy computing another function than the
         working dtype's still raises (:func:`~fsinfo_fast.encoder.check_same_function`: the
-        metric itself is ambiguous there)."""
+        metric itself is ambiguous there). ``confirm=False``: the working dtype's deferred
+        forward-/reverse-mode check is left to the routes that need it (the rounding check's
+        float64 VJP does not)."""
         float64 = self.enc.x.dtype == torch.float64
         if self._no_exact is None:
             self._no_exact = ""
@@ -667,7 +694,8 @@ class Linearization:
                     self._no_exact = ("the exact routes run the encoder in float64, which this "
                                       f"callable cannot ({err})")
         if attempt and not self._no_exact and not float64 and self._enc64 is None:
-            self.enc.confirm()
+            if confirm:
+                self.enc.confirm()
             try:
                 self._prepare64()
             except EncoderError as err:
@@ -675,7 +703,7 @@ class Linearization:
                                   f"fails its checks ({err})")
                 self._replan = True
             else:
-                self._float64_encoder()  # the same function (raises where it is not)
+                self._float64_encoder(confirm)  # the same function (raises where it is not)
         return self._no_exact or None
 
     def _auto_without_exact(self, estimator: str) -> str:
@@ -701,13 +729,22 @@ class Linearization:
         """The encoder prepared in float64 at this batch, its own checks run (validated once
         per encoder and shape: a failure raises again, a pass is cached by ``prepare``)."""
         # (this batch's value-dependent checks ran at construction, in the working dtype)
-        return prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
-                       cache=True, recheck=False)
+        enc64 = prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
+                        cache=True, recheck=False)
+        if enc64.y.dtype != torch.float64:  # (its checks then ran at float32's tolerance)
+            raise EncoderError(
+                f"the encoder returns {enc64.y.dtype} for a float64 input: it computes in a "
+                "lower precision there (an x.float() inside), so its float64 copy gives no "
+                "float64 products")
+        return enc64
 
-    def _float64_encoder(self) -> PreparedEncoder:
-        """The encoder prepared in float64 at this batch (cached)."""
-        if self._enc64 is None:
+    def _float64_encoder(self, confirm: bool = True) -> PreparedEncoder:
+        """The encoder prepared in float64 at this batch (cached); ``confirm``: run the
+        working dtype's deferred forward-/reverse-mode check first (the exact routes' JVPs; the
+        rounding check's float64 VJP does not need it)."""
+        if confirm:
             self.enc.confirm()  # the torch.func routes' forward against reverse mode
+        if self._enc64 is None:
             enc64 = self._prepare64()
             check_same_function(self.enc, enc64)
             self._enc64 = enc64
@@ -734,28 +771,107 @@ class Linearization:
             self._lost_cache = (self._find_lost(),)
         return self._lost_cache[0]
 
-    @torch.no_grad()
-    def _find_lost(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        if self.enc.x.dtype == torch.float64:
-            return None
+    def _check_products_for(self, n: int, count: int, stream: int):
+        """The rounding checks' products ``(working dtype, float64 torch.func on the float64
+        copy)``, the batch's sample ids and ``count`` seeded float64 Gaussian vectors of size
+        ``n`` (``[B, count, n]``) from ``stream``."""
         from .engine import TorchFuncProducts
 
         p = self.products
         ids = sample_ids_for(p, self.sample_ids)
-        p64 = TorchFuncProducts(self._float64_encoder(), memory_budget=self.memory_budget)
-        u = draw_probes(p64.m, seed=self.seed, sample_ids=ids, count=1, kind="gaussian",
-                        dtype=torch.float64, device=p64.device, stream=DEAD_STREAM)
-        nz64 = p64.vjp(u)[:, 0].square() > 0
-        # the columns every working-dtype product gives 0: still 0 with a cotangent 2^40 times
-        # larger (a column that underflows for some probes only, its entries near the
-        # subnormal range, is nonzero there: the routes count it, it is not lost)
-        big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device))[:, 0].to(nz64.device)
-        lost = (big == 0) & nz64
+        p64 = TorchFuncProducts(self._float64_encoder(confirm=False),
+                                memory_budget=self.memory_budget)
+        v = draw_probes(n, seed=self.seed, sample_ids=ids, count=count, kind="gaussian",
+                        dtype=torch.float64, device=p64.device, stream=stream)
+        return p, p64, ids, v
+
+    @torch.no_grad()
+    def _pair(self) -> tuple[Tensor, Tensor, Tensor, Tensor, tuple | None]:
+        """Seeded Gaussian cotangents' VJPs in float64 and through this batch's product
+        backend in the working dtype, ``(g64 [B, c, d] float64, g [B, c, d] float64, lost
+        [B, d] bool, partial [B, d] bool, stats)`` (computed once per batch; the float64 copy
+        must be available, :meth:`_exact_unavailable`), ``c =`` :func:`pair_count` cotangents drawn
+        from stream :data:`DEAD_STREAM`. A column 0 in a working-dtype VJP but not in the
+        float64 one takes the VJP of the cotangent times ``2^40``, divided back (entries
+        near the subnormal range). Where a column is 0 there (or in the validation's VJP)
+        but not in float64, :data:`LOST_CONFIRM` more scaled cotangents (stream
+        :data:`LOST_STREAM`) decide: ``lost`` where every product gives 0 (:meth:`_lost`
+        computes it exactly), ``partial`` where some do and some do not (a cancellation to
+        exactly 0 for some cotangents: the routes count it from the others); for those the
+        same cotangents' VJPs run in float64 too, and ``stats = (s32 [B, d], s64 [B, d],
+        n)`` holds the partial columns' sums of squares over the ``n`` paired products
+        (``None`` without any). :meth:`_lost` and :meth:`_rounding_measured` read it."""
+        if self._pair_cache is None:
+            p, p64, ids, u = self._check_products_for(self.m, pair_count(self.d), DEAD_STREAM)
+            g64 = p64.vjp(u)
+            g = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
+            self._check_products += u.shape[1]
+            zero = (g == 0) & (g64 != 0)
+            if bool(zero.any()):
+                big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64)
+                self._check_products += u.shape[1]
+                g = torch.where(zero, big / _LOST_SCALE, g)
+            nz64 = (g64 != 0).any(dim=1)
+            lost = (g == 0).all(dim=1) & nz64
+            partial = torch.zeros_like(lost)
+            stats = None
+            live = self.enc.live
+            # a column 0 in some working-dtype products only, by cancellation (a saturated
+            # softmax's argmax input: 80% of Gaussian cotangents give exactly 0 in float32):
+            # seen as a 0 here or in the validation's VJP where float64's is not
+            suspect = (g == 0).any(dim=1) & nz64
+            if live is not None:
+                suspect |= ~live.to(suspect.device) & nz64
+            if bool(suspect.any()):
+                # lost only where LOST_CONFIRM more cotangents (scaled: not an underflow) give 0
+                # too; some 0 and some not: the routes count it from a few products only
+                v = draw_probes(p64.m, seed=self.seed, sample_ids=ids, count=LOST_CONFIRM,
+                                kind="gaussian", dtype=torch.float64, device=p64.device,
+                                stream=LOST_STREAM)
+                more = p.vjp((v * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64) / _LOST_SCALE
+                self._check_products += LOST_CONFIRM
+                lost &= (more == 0).all(dim=1)
+                partial = suspect & (more == 0).any(dim=1) & ~(more == 0).all(dim=1)
+                partial |= suspect & (g == 0).any(dim=1) & ~lost
+                if bool(partial.any()):  # their products' mean square against float64's
+                    more64 = p64.vjp(v)
+                    s32 = g.square().sum(dim=1) + more.square().sum(dim=1)
+                    s64 = g64.square().sum(dim=1) + more64.square().sum(dim=1)
+                    zero = torch.zeros_like(s32)
+                    stats = (torch.where(partial, s32, zero), torch.where(partial, s64, zero),
+                             u.shape[1] + LOST_CONFIRM)
+            self._pair_cache = (g64, g, lost, partial, stats)
+        return self._pair_cache
+
+    @torch.no_grad()
+    def _jvp_pair(self) -> tuple[Tensor, Tensor]:
+        """``(float64 ||J v||^2, working-dtype ||J' v||^2)``, ``[B, c]`` each, for ``c =``
+        :func:`pair_count` seeded Gaussian input vectors ``v`` (stream :data:`JVP_STREAM`):
+        the rounding check of the dFIL methods that take JVPs (computed once per batch)."""
+        if self._jvp_pair_cache is None:
+            p, p64, _, v = self._check_products_for(self.d, pair_count(self.m), JVP_STREAM)
+            n64 = p64.jvp(v).square().sum(dim=-1)
+            n = p.jvp(v.to(p.dtype).to(p.device)).to(torch.float64).square().sum(dim=-1)
+            self._check_products += v.shape[1]
+            self._jvp_pair_cache = (n64, n.to(n64.device))
+        return self._jvp_pair_cache
+
+    @torch.no_grad()
+    def _find_lost(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+        if self.enc.x.dtype == torch.float64:
+            return None
+        g64, _, lost, _, _ = self._pair()
+        # (squares: 0 exactly where the oracle's diagonal is)
+        nz64 = (g64.square() > 0).any(dim=1)
+        lost = lost & nz64
         union = lost.any(dim=0).nonzero().flatten()
         diag: Tensor | None = torch.zeros(lost.shape, dtype=torch.float64, device=lost.device)
         if union.numel() > LOST_MAX:
             diag = None
         if diag is not None and union.numel():
+            from .engine import TorchFuncProducts
+
+            p64 = TorchFuncProducts(self._float64_encoder(), memory_budget=self.memory_budget)
             diag[:, union] = column_norms(p64, union, torch.float64, budget=(
                 self.memory_budget or default_memory_budget(lost.device)))
         if diag is not None:
@@ -850,6 +966,165 @@ class Linearization:
             f"{why}. Use estimator='exact' (the float64 oracle)"
             + (f", a floor > 0 (the paper's {DIAG_FLOOR:g})" if floorless else "")
             + ", or run the encoder in float64")
+
+    @torch.no_grad()
+    def _rounding_measured(self, metric: str, s: Tensor, floor: float,
+                           value: Tensor, jvp: bool = False) -> Tensor:
+        r"""``[B]`` float64: the measured rounding allowance of a randomized
+        FSInfo_diag (nats/dim, at noise ``s`` and ``floor``) or dFIL (of ``value``) in the
+        working dtype, from :meth:`_pair`'s two VJPs of each of its Gaussian cotangents ``u``.
+
+        ``g = J'^T u`` (the working dtype's products: the Jacobian ``J'`` they apply) and
+        ``g64 = J^T u`` are Gaussian with variances ``D'_k`` and ``D_k`` per column, so the
+        single-probe FSInfo_diag term (``K = 1``: ``log(g^2)``, or with a floor
+        :func:`~fsinfo_fast.estimators.logfloor.log_floor_term`) is exactly unbiased for each,
+        and ``Delta = (1/2d) sum_k [t(g_k) - t(g64_k)]`` is an unbiased estimate of the
+        rounding bias ``FSInfo(J') - FSInfo(J)`` that the probe interval does not count (the
+        paired terms share ``u``: where rounding scales a column, a saturated activation's
+        ``1 - tanh^2``, the difference is that column's ``log`` ratio without noise). The
+        allowance is :data:`ROUNDING_SAFETY` ``(|Delta| + Z95 se)``, ``Delta`` the mean over
+        the cotangents, ``se`` from the spread of their ``c d`` terms. dFIL: ``R = sum_k (g_k^2
+        - g64_k^2) / sum_k g64_k^2`` (the relative bias of the trace, ``u``'s scale cancelling
+        where rounding scales columns), ``eps = ROUNDING_SAFETY (|R| + Z95 se_R)`` and the
+        allowance ``eps / (1 - eps) |value|`` (``inf`` for ``eps >= 1``); ``jvp`` (the dFIL
+        methods that take JVPs): also ``R`` from :meth:`_jvp_pair` (``||J'v||^2`` against
+        ``||Jv||^2``, the lost columns' trace added as the result adds it), the larger one
+        taken. Lost columns (:meth:`_lost`: computed exactly) are left out of the VJP terms; a
+        column 0 in some working-dtype products only (``partial``, :meth:`_pair`: a
+        cancellation to exactly 0, whose effect one product does not show) enters with its
+        ratio ``rho_k`` of mean squares over its ``c + LOST_CONFIRM`` paired products, taken
+        at ``rho_k (1 +- 2 sqrt(2/n))`` or at 0 (every probe of a route 0 there, which a few
+        probes can be: the floor's term, ``-inf`` without a floor), the largest term, times
+        :data:`ROUNDING_SAFETY`. A measurement from a few products (:func:`pair_count`), not a
+        proof: products in fixed directions (the deflated route's sketch) can round worse than
+        random ones."""
+        g64, g, lost, partial, stats = self._pair()
+        c = g64.shape[1]
+        sig = s.reshape(-1, 1).to(g64)
+        a2, b2 = g.square().flatten(1), g64.square().flatten(1)  # [B, c d]
+        part = None
+        if stats is not None:  # each partial column's ratio D'_k / D_k, widened for noise
+            s32, s64, n_part = stats
+            k = 1 + 2 * math.sqrt(2 / n_part)
+            rho = torch.where(partial, s32 / s64.clamp_min(1e-300), torch.ones_like(s32))
+            part = (rho * k, rho / k, s64 / n_part)
+        lost = (lost | partial).repeat(1, c)
+        if metric == "dfil":
+            num = torch.where(lost, torch.zeros_like(a2), a2 - b2)
+            den = b2.sum(dim=1)
+            rel = num.sum(dim=1) / den
+            se = (num - rel.unsqueeze(1) * b2).square().sum(dim=1).sqrt() / den
+            rel = torch.where(den > 0, rel, torch.where(num.abs().sum(dim=1) > 0, math.inf, 0.0))
+            eps = ROUNDING_SAFETY * (rel.abs() + Z95 * torch.nan_to_num(se, nan=0.0))
+            if part is not None:  # the partial columns' share of the trace
+                hi, lo, dh = part  # (at least the column itself: every probe 0 there)
+                worst = torch.maximum((hi - 1).abs(), (lo - 1).abs()).clamp_min(1) * dh
+                eps = eps + ROUNDING_SAFETY * c * worst.sum(dim=1) / den
+            if jvp:  # the JVP methods' own products: ||J'v||^2 against ||Jv||^2, with the
+                # lost columns' trace added as the result adds it (JVPs can see such a
+                # column in part: rounding that mixes it with the others)
+                n64, n32 = self._jvp_pair()
+                found = self._lost() if bool(lost.any()) else None
+                add = (torch.zeros_like(n64[:, 0]) if found is None or found[2] is None
+                       else found[2].sum(dim=1).to(n64))
+                den = n64.sum(dim=1)
+                rj = ((n32 - n64).sum(dim=1) + n64.shape[1] * add) / den
+                sej = ((n32 - n64 + add.unsqueeze(1)) / n64.mean(dim=1, keepdim=True)).std(
+                    dim=1) / math.sqrt(n64.shape[1]) if n64.shape[1] > 1 else 0 * rj
+                rj = torch.where(den > 0, rj, torch.where((n32.sum(dim=1) + add) > 0,
+                                                          math.inf, 0.0))
+                eps_j = ROUNDING_SAFETY * (rj.abs() + Z95 * torch.nan_to_num(sej, nan=0.0))
+                eps = torch.maximum(eps, eps_j.to(eps))
+            out = eps / (1 - eps) * value.to(eps).abs()
+            return torch.where(eps < 1, out, torch.where(value == 0, 0.0, math.inf))
+        if floor > 0:
+            a = floor * sig**2
+            diff = log_floor_term(a2, 1, a) - log_floor_term(b2, 1, a)
+        else:
+            diff = torch.log(a2) - torch.log(b2)
+            diff = torch.where((a2 == 0) & (b2 == 0), torch.zeros_like(diff), diff)
+        diff = torch.where(lost, torch.zeros_like(diff), diff)
+        n = diff.shape[1]  # c d terms, c cotangents
+        delta = diff.sum(dim=1) / (2 * n)  # the mean of the c single-cotangent estimates
+        se = diff.std(dim=1) / (2 * math.sqrt(n)) if n > 1 else torch.zeros_like(delta)
+        out = ROUNDING_SAFETY * (delta.abs() + Z95 * se)
+        if part is not None:  # each partial column's term at its ratio's ends
+            hi, lo, dh = part
+            w = dh / (dh + floor * sig**2) if floor > 0 else torch.ones_like(dh)
+            t_hi, t_lo = torch.log1p((hi - 1) * w), torch.log1p((lo - 1) * w)
+            # (and every probe of the route 0 there: the floor's term, -inf without a floor)
+            t_zero = torch.log1p(-w)
+            worst = torch.maximum(torch.maximum(t_hi.abs(), t_lo.abs()), t_zero.abs())
+            worst = torch.where(partial, worst, 0.0)
+            out = out + ROUNDING_SAFETY * worst.sum(dim=1) / (2 * partial.shape[1])
+        return torch.where(torch.isfinite(out), out, math.inf)
+
+    def _rounding_fixed(self, r: MetricResult, estimator: str, s: Tensor, floor: float,
+                        tol: tuple, prior_var: float | None = None,
+                        fixed: bool = False) -> MetricResult:
+        """``r`` (a randomized FSInfo_diag or dFIL from products in a working dtype below
+        float64) with the rounding allowance :meth:`_rounding_measured` where it exceeds the
+        fixed one (:func:`rounding_allowance`) in ``ci_halfwidth`` and ``bias_bound``;
+        ``info["rounding_measured"]`` holds it per sample. Where the wider interval misses the
+        tolerance ``tol = (atol, rtol)``, ``converged`` is False, and ``auto`` takes an exact
+        route (the fast one where its own measured allowance meets the tolerance, else the
+        float64 oracle) where the oracle fits and the rounding made it miss (not for a
+        ``fixed`` probe count, which ``auto`` keeps). Where no float64 copy can run (or it
+        computes another function), the fixed allowance stands and
+        ``info["rounding_unmeasured"]`` says why. ``info["rounding_check_products"]``: the
+        working-dtype products the checks (:meth:`_pair`, :meth:`_jvp_pair`) ran since the
+        last result that reported them (0 once held)."""
+        if (r.estimator != "randomized" or r.metric not in ("fsinfo_diag", "dfil")
+                or self.enc.x.dtype == torch.float64):
+            return r
+        try:
+            na = self._exact_unavailable(attempt=True, confirm=False)
+        except EncoderError as err:  # (another function in float64: the exact routes raise)
+            na = f"the float64 copy cannot serve ({err})"
+        if na is not None:
+            self._replan = False  # (this result is final: nothing to plan again)
+            r.info["rounding_unmeasured"] = na
+            return r
+        jvp = r.metric == "dfil" and r.info.get("method") != "diag"  # (methods with JVPs)
+        meas = self._rounding_measured(r.metric, s, floor, r.value, jvp).to(r.value)
+        ran, self._check_reported = self._check_products - self._check_reported, \
+            self._check_products
+        floor_a = rounding_allowance(r.metric, r.value, self.enc.x.dtype)[0].to(r.value)
+        extra = torch.where(meas > floor_a, meas - floor_a, torch.zeros_like(meas))
+        # (a floorless -inf stands exactly: a column 0 in float64 too, _lost_fixed checked it)
+        extra = torch.where(torch.isneginf(r.value), torch.zeros_like(extra), extra)
+        info = {**r.info, "rounding_measured": meas.tolist(),
+                "rounding_check_products": ran}
+        if not bool((extra > 0).any()):
+            return dataclasses.replace(r, info=info)
+        hw = r.ci_halfwidth + extra
+        met = tolerance_met(r.value, hw, *tol)
+        out = dataclasses.replace(r, ci_halfwidth=hw, bias_bound=r.bias_bound + extra,
+                                  converged=r.converged & met, info=info)
+        missed = tolerance_met(r.value, r.ci_halfwidth, *tol) & ~met  # (by the rounding)
+        if not bool(missed.any()):
+            return out
+        dt = self.enc.x.dtype
+        why = (f"the {dt} products' rounding, measured against float64 (a few products each), "
+               f"widened the randomized {r.metric} interval of {int(missed.sum())} sample(s) "
+               f"past the tolerance (allowance up to {float(meas.max()):.3g}): a saturated "
+               "activation or a cancellation loses digits")
+        if estimator == "auto" and not fixed and self._oracle_fits():
+            if r.metric == "dfil":
+                ex = self._exact_dfil(s, why, estimator, tol)
+            else:
+                ex = self._lost_fixed(
+                    self._exact_fsinfo(s, "diag", prior_var, floor, why, estimator, tol),
+                    estimator, s, floor, prior_var)
+            ex.info["auto_randomized_passes"] = (int(r.passes)
+                                                 + int(r.info.get("auto_randomized_passes", 0)))
+            return ex
+        out.info["rounding_why"] = why
+        if estimator == "auto" and not fixed:
+            warn_user(f"{r.metric}: {why}, and {self._no_oracle_why()}; returning the randomized "
+                      "estimate with the measured allowance in its interval (converged=False)",
+                      RuntimeWarning)
+        return out
 
     def _oracle_fits(self) -> bool:
         """Whether the oracle can run: the encoder runs in float64 and one sample's dense
@@ -1014,10 +1289,10 @@ class Linearization:
                                    (atol, rtol))
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
             return self._lost_fixed(r, estimator, s, floor, prior_var)
-        r = self._lost_fixed(
+        r = self._rounding_fixed(self._lost_fixed(
             _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
                        info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s, floor,
-            prior_var)
+            prior_var), estimator, s, floor, (atol, rtol), prior_var, num_probes is not None)
         if variant == "logdet" and est.singular is not None and r.estimator != "exact":
             _warn_singular(est.singular, self.m, self.d)
         return r
@@ -1026,7 +1301,7 @@ class Linearization:
                       why: str, estimator: str, tol: tuple = (None, None)) -> MetricResult:
         src, why = self._exact_route(estimator, variant == "logdet", why)
         if isinstance(src, FastExactFisher):
-            r = src.fsinfo(s, variant, floor=floor)
+            r = self._fast_measured(src.fsinfo(s, variant, floor=floor), s, floor)
             r.info.update(self._info(floor=floor))
             miss = self._fast_missed(r, estimator, tol)
             if miss is not None:
@@ -1035,6 +1310,24 @@ class Linearization:
             r = src.fsinfo(s, variant, prior_var=prior_var, floor=floor)
         r.info["auto"] = why
         return r
+
+    def _fast_measured(self, r: MetricResult, s: Tensor, floor: float) -> MetricResult:
+        """The fast exact route's FSInfo_diag or dFIL ``r`` with its interval at least the
+        randomized routes' measured rounding allowance (:meth:`_rounding_measured`, the same
+        float64 copy): its own check recomputes a few columns in float64, which can miss
+        the ones that round worst (nearly dead columns 174-394x too large in float32 on a
+        transformers ConvNeXt cut with sparse inputs: 500-1000 half-widths off the oracle
+        floorless); every column is in the measurement's products.
+        ``info["rounding_measured"]`` records it."""
+        if r.metric not in ("fsinfo_diag", "dfil") or self.enc.x.dtype == torch.float64:
+            return r
+        meas = self._rounding_measured(r.metric, s, floor, r.value).to(r.value)
+        meas = torch.where(torch.isneginf(r.value), torch.zeros_like(meas), meas)
+        extra = (meas - r.ci_halfwidth).clamp_min(0)
+        extra = torch.where(torch.isnan(extra), torch.zeros_like(extra), extra)
+        return dataclasses.replace(r, ci_halfwidth=r.ci_halfwidth + extra,
+                                   bias_bound=r.bias_bound + extra,
+                                   info={**r.info, "rounding_measured": meas.tolist()})
 
     def _fast_missed(self, r: MetricResult, estimator: str, tol: tuple) -> str | None:
         """``auto`` only: why the float64 oracle replaces the fast exact route's result ``r``
@@ -1387,9 +1680,10 @@ class Linearization:
         elif any("spent" in c for c in costs.values()):  # the method choice's own products
             extra["auto_prediction_passes"] = sum(int(c.get("spent", 0))
                                                   for c in costs.values())
-        return self._lost_fixed(
+        return self._rounding_fixed(self._lost_fixed(
             _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
-                       info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s)
+                       info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s),
+            estimator, s, 0.0, (atol, rtol), fixed=num_probes is not None)
 
     def _plan(self, need: Tensor, min_probes: int, mp: int, relf, *, source: str,
               held: Tensor | None = None, rows: bool = True) -> dict[str, Any]:
@@ -1670,6 +1964,7 @@ class Linearization:
         src, why = self._exact_route(estimator, False, why)
         r = src.dfil(s)
         if isinstance(src, FastExactFisher):
+            r = self._fast_measured(r, s, 0.0)
             r.info.update(self._info())
             miss = self._fast_missed(r, estimator, tol)
             if miss is not None:
@@ -1733,8 +2028,9 @@ class Linearization:
             return None, ("input dimensions whose column of J is 0 in the working dtype but not "
                           "in float64 (see info['lost_columns_why']), which the solve on the "
                           "probes cannot count")
+        tol = (kw.get("atol"), kw.get("rtol"))
         try:
-            return self._floored_solve(r, tau, floor), ""
+            return self._floored_solve(r, tau, floor, tol), ""
         except SnapshotDroppedError as err:
             # the shared state dropped a boundary of this estimate's stages (its snapshot
             # budget, or other requests' rounds): this estimate alone on a fresh state that
@@ -1752,26 +2048,34 @@ class Linearization:
             self._diag_cache.clear()
             r = self.fsinfo(1.0, floor=floor, **kw)
             try:
-                out = self._floored_solve(r, tau, floor)
+                out = self._floored_solve(r, tau, floor, tol)
             except SnapshotDroppedError as err2:
                 return None, ("the estimate's stage boundaries do not fit in the memory "
                               f"for probe-state snapshots, also on a fresh state ({err2})")
             out.info["probe_state"] = f"recomputed on a fresh probe state ({err})"
             return out, ""
 
-    def _floored_solve(self, r: MetricResult, tau: Tensor, floor: float) -> SigmaResult:
+    def _floored_solve(self, r: MetricResult, tau: Tensor, floor: float,
+                       tol: tuple = (None, None)) -> SigmaResult:
         """:meth:`_floored_sigma`'s solve on the probe state that holds ``r``'s stages (raises
-        :class:`~.estimators.SnapshotDroppedError` where it does not)."""
+        :class:`~.estimators.SnapshotDroppedError` where it does not). ``converged``: ``r``'s,
+        and the tolerance ``tol = (atol, rtol)`` met at the solution by the half-width there
+        with the measured rounding allowance (which grows as sigma falls)."""
         st = self._dstate
         ones = torch.ones(self.batch, dtype=torch.bool, device=self.enc.x.device)
         dtype = self.enc.x.dtype
+        measured = "rounding_measured" in r.info
 
         def at(t: Tensor, rows: Tensor, sign: float) -> Tensor:
             v, hw = fsinfo_diag_restaged(st, r, torch.exp(t), floor, rows=rows,
                                          halfwidth=bool(sign))
             if not sign:
                 return v - tau
-            return v + sign * (hw + rounding_allowance("fsinfo_diag", v, dtype)[0]) - tau
+            allow = rounding_allowance("fsinfo_diag", v, dtype)[0]
+            if measured:  # (the measured one where it is wider, as in r's interval)
+                allow = torch.maximum(allow, self._rounding_measured(
+                    "fsinfo_diag", torch.exp(t), floor, v).to(allow))
+            return v + sign * (hw + allow) - tau
 
         # every stage boundary read at once (a dropped one raises before the solve starts)
         v1, _ = fsinfo_diag_restaged(st, r, torch.ones_like(tau), floor)
@@ -1787,11 +2091,18 @@ class Linearization:
         lo = _crossing(lambda t, w: at(t, w, -1.0), t0, ones, last=False)
         mid = torch.where(above, mid, math.inf)
         hi = torch.where(above, hi, math.inf)
+        converged = r.converged
+        if measured:  # the interval at the solution: the probes' with the rounding there
+            fin = torch.isfinite(mid)
+            t = torch.where(fin, mid, torch.zeros_like(mid))
+            hw_at = (at(t, fin, 1.0) - at(t, fin, 0.0)).to(r.value)
+            v_at = (at(t, fin, 0.0) + tau).to(r.value)
+            converged = converged & (~fin | tolerance_met(v_at, hw_at, *tol))
         how = ("floored equation solved on the probes and stages of the floored sigma = 1 "
                "estimate (value decreasing in sigma; interval ends from value +- half-width)")
         return SigmaResult(sigma=torch.exp(mid), target=tau, metric="fsinfo_diag",
                            estimator="randomized", ci_low=torch.exp(lo), ci_high=torch.exp(hi),
-                           converged=r.converged,
+                           converged=converged,
                            info={**r.info, "fsinfo_sigma1": r, "floor_solve": how})
 
     @ieee_fp32_method
