@@ -989,8 +989,10 @@ class Linearization:
         allowance ``eps / (1 - eps) |value|`` (``inf`` for ``eps >= 1``); ``jvp`` (the dFIL
         methods that take JVPs): also ``R`` from :meth:`_jvp_pair` (``||J'v||^2`` against
         ``||Jv||^2``, the lost columns' trace added as the result adds it), the larger one
-        taken. Lost columns (:meth:`_lost`: computed exactly) are left out of the VJP terms; a
-        column 0 in some working-dtype products only (``partial``, :meth:`_pair`: a
+        taken, where the VJPs' ``eps`` exceeds the fixed floor or columns are lost or
+        partial (JVPs round as VJPs do through the same derivative factors; where a JVP mixes
+        a cancelled column with others the VJPs show the cancellation). Lost columns
+        (:meth:`_lost`: computed exactly) are left out of the VJP terms; a column 0 in some working-dtype products only (``partial``, :meth:`_pair`: a
         cancellation to exactly 0, whose effect one product does not show) enters with its
         ratio ``rho_k`` of mean squares over its ``c + LOST_CONFIRM`` paired products, taken
         at ``rho_k (1 +- 2 sqrt(2/n))`` or at 0 (every probe of a route 0 there, which a few
@@ -1020,9 +1022,12 @@ class Linearization:
                 hi, lo, dh = part  # (at least the column itself: every probe 0 there)
                 worst = torch.maximum((hi - 1).abs(), (lo - 1).abs()).clamp_min(1) * dh
                 eps = eps + ROUNDING_SAFETY * c * worst.sum(dim=1) / den
-            if jvp:  # the JVP methods' own products: ||J'v||^2 against ||Jv||^2, with the
-                # lost columns' trace added as the result adds it (JVPs can see such a
-                # column in part: rounding that mixes it with the others)
+            # the JVP methods' own products, ||J'v||^2 against ||Jv||^2 with the lost columns'
+            # trace added as the result adds it (JVPs can see such a column in part: rounding
+            # that mixes it with the others), where the VJPs show rounding beyond the floor
+            # (a float64 JVP costs several float64 VJPs: forward mode)
+            if jvp and (bool((eps > rounding_floor(self.enc.x.dtype)).any())
+                        or bool(lost.any())):
                 n64, n32 = self._jvp_pair()
                 found = self._lost() if bool(lost.any()) else None
                 add = (torch.zeros_like(n64[:, 0]) if found is None or found[2] is None
