@@ -977,29 +977,30 @@ class Linearization:
         ``g = J'^T u`` (the working dtype's products: the Jacobian ``J'`` they apply) and
         ``g64 = J^T u`` are Gaussian with variances ``D'_k`` and ``D_k`` per column, so the
         single-probe FSInfo_diag term (``K = 1``: ``log(g^2)``, or with a floor
-        :func:`~fsinfo_fast.estimators.logfloor.log_floor_term`) is exactly unbiased for each,
-        and ``Delta = (1/2d) sum_k [t(g_k) - t(g64_k)]`` is an unbiased estimate of the
-        rounding bias ``FSInfo(J') - FSInfo(J)`` that the probe interval does not count (the
-        paired terms share ``u``: where rounding scales a column, a saturated activation's
-        ``1 - tanh^2``, the difference is that column's ``log`` ratio without noise). The
-        allowance is :data:`ROUNDING_SAFETY` ``(|Delta| + Z95 se)``, ``Delta`` the mean over
-        the cotangents, ``se`` from the spread of their ``c d`` terms. dFIL: ``R = sum_k (g_k^2
-        - g64_k^2) / sum_k g64_k^2`` (the relative bias of the trace, ``u``'s scale cancelling
-        where rounding scales columns), ``eps = ROUNDING_SAFETY (|R| + Z95 se_R)`` and the
-        allowance ``eps / (1 - eps) |value|`` (``inf`` for ``eps >= 1``); ``jvp`` (the dFIL
-        methods that take JVPs): also ``R`` from :meth:`_jvp_pair` (``||J'v||^2`` against
-        ``||Jv||^2``, the lost columns' trace added as the result adds it), the larger one
-        taken, where the VJPs' ``eps`` exceeds the fixed floor or columns are lost or
-        partial (JVPs round as VJPs do through the same derivative factors; where a JVP mixes
-        a cancelled column with others the VJPs show the cancellation). Lost columns
-        (:meth:`_lost`: computed exactly) are left out of the VJP terms; a column 0 in some working-dtype products only (``partial``, :meth:`_pair`: a
-        cancellation to exactly 0, whose effect one product does not show) enters with its
-        ratio ``rho_k`` of mean squares over its ``c + LOST_CONFIRM`` paired products, taken
-        at ``rho_k (1 +- 2 sqrt(2/n))`` or at 0 (every probe of a route 0 there, which a few
-        probes can be: the floor's term, ``-inf`` without a floor), the largest term, times
-        :data:`ROUNDING_SAFETY`. A measurement from a few products (:func:`pair_count`), not a
-        proof: products in fixed directions (the deflated route's sketch) can round worse than
-        random ones."""
+        :func:`~fsinfo_fast.estimators.logfloor.log_floor_term`) is exactly unbiased for
+        each, and ``Delta = (1/2d) sum_k [t(g_k) - t(g64_k)]`` is an unbiased estimate of
+        the rounding bias ``FSInfo(J') - FSInfo(J)`` that the probe interval does not count
+        (the paired terms share ``u``: where rounding scales a column, a saturated
+        activation's ``1 - tanh^2``, the difference is that column's ``log`` ratio without
+        noise). The allowance is :data:`ROUNDING_SAFETY` ``(|Delta| + Z95 se)``, ``Delta``
+        the mean over the cotangents, ``se`` from the spread of their ``c d`` terms. dFIL:
+        ``R = sum_k (g_k^2 - g64_k^2) / sum_k g64_k^2`` (the relative bias of the trace,
+        ``u``'s scale cancelling where rounding scales columns), ``eps = ROUNDING_SAFETY
+        (|R| + Z95 se_R)`` and the allowance ``eps / (1 - eps) |value|`` (``inf`` for ``eps
+        >= 1``); ``jvp`` (the dFIL methods that take JVPs): also ``R`` from
+        :meth:`_jvp_pair` (``||J'v||^2`` against ``||Jv||^2``, the lost columns' trace added
+        as the result adds it), the larger one taken, where the VJPs' ``eps`` exceeds the
+        fixed floor or columns are lost or partial (JVPs round as VJPs do through the same
+        derivative factors; where a JVP mixes a cancelled column with others the VJPs show
+        the cancellation). Lost columns (:meth:`_lost`: computed exactly) are left out of
+        the VJP terms; a column 0 in some working-dtype products only (``partial``,
+        :meth:`_pair`: a cancellation to exactly 0, whose effect one product does not show)
+        enters with its ratio ``rho_k`` of mean squares over its ``c + LOST_CONFIRM`` paired
+        products, taken at ``rho_k (1 +- 2 sqrt(2/n))`` or at 0 (every probe of a route 0
+        there, which a few probes can be: the floor's term, ``-inf`` without a floor), the
+        largest term, times :data:`ROUNDING_SAFETY`. A measurement from a few products
+        (:func:`pair_count`), not a proof: products in fixed directions (the deflated
+        route's sketch) can round worse than random ones."""
         g64, g, lost, partial, stats = self._pair()
         c = g64.shape[1]
         sig = s.reshape(-1, 1).to(g64)
