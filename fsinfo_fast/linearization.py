@@ -1092,7 +1092,11 @@ class Linearization:
             r.info["rounding_unmeasured"] = na
             return r
         jvp = r.metric == "dfil" and r.info.get("method") != "diag"  # (methods with JVPs)
-        meas = self._rounding_measured(r.metric, s, floor, r.value, jvp).to(r.value)
+        try:
+            meas = self._rounding_measured(r.metric, s, floor, r.value, jvp).to(r.value)
+        except EncoderError as err:  # (torch.func's float64 VJP cannot run it: checkpointing)
+            r.info["rounding_unmeasured"] = f"the float64 rounding check cannot run ({err})"
+            return r
         ran, self._check_reported = self._check_products - self._check_reported, \
             self._check_products
         floor_a = rounding_allowance(r.metric, r.value, self.enc.x.dtype)[0].to(r.value)
@@ -1327,7 +1331,11 @@ class Linearization:
         ``info["rounding_measured"]`` records it."""
         if r.metric not in ("fsinfo_diag", "dfil") or self.enc.x.dtype == torch.float64:
             return r
-        meas = self._rounding_measured(r.metric, s, floor, r.value).to(r.value)
+        try:
+            meas = self._rounding_measured(r.metric, s, floor, r.value).to(r.value)
+        except EncoderError as err:
+            r.info["rounding_unmeasured"] = f"the float64 rounding check cannot run ({err})"
+            return r
         meas = torch.where(torch.isneginf(r.value), torch.zeros_like(meas), meas)
         extra = (meas - r.ci_halfwidth).clamp_min(0)
         extra = torch.where(torch.isnan(extra), torch.zeros_like(extra), extra)
