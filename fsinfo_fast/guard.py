@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .encoder import check_output
-from .errors import InvalidInputError, InvalidInputTypeError
+from .errors import InvalidInputError, InvalidInputTypeError, warn_user
 from .formulas import DIAG_FLOOR, HALF_LOG_2PIE
 from .result import SigmaResult, check_q
 
@@ -323,6 +323,14 @@ class FSInfoGuard(nn.Module):
         value = res.dataset(statistic, q, conservative=conservative)
         self._check_reachable(torch.tensor([value], dtype=torch.float64), f"the {statistic} "
                               "of the calibration set's sigma*")
+        bad = int((~res.converged).sum())
+        if bad:  # (a sigma* whose interval missed the tolerance: rounding, the probe cap)
+            warn_user(
+                f"calibrate: {bad} of the calibration set's {len(res)} sigma* did not meet the "
+                "tolerance (converged=False in calibration['result']: their intervals are "
+                "wider than asked); the data-set sigma uses them"
+                + ("" if conservative else " (conservative=True reduces their upper ends)"),
+                RuntimeWarning)
         self.sigma.fill_(value)
         self.calibration = {"statistic": statistic, "q": q, "conservative": conservative,
                             "n": len(res),

@@ -266,3 +266,13 @@ def test_fast_exact_route_counts_the_measured_rounding():
     assert min(fast.info["rounding_measured"]) > 1e-3  # (its own check: about 2e-6)
     r = ff.linearize(enc, x, seed=0).fsinfo(0.1, floor=0.0)
     assert bool(((r.value - oracle).abs() <= r.ci_halfwidth).all()), (r.estimator, r.info)
+
+
+def test_guard_calibration_warns_where_sigma_star_missed_the_tolerance():
+    """FSInfoGuard.calibrate returned the data-set sigma of unconverged sigma* silently (the
+    result said converged=False, nothing else did)."""
+    enc, x = _setup(1e-3, 8.0, d=256, batch=2)
+    g = ff.FSInfoGuard(enc, target=-1.0, floor=0.0, estimator="randomized")
+    with pytest.warns(RuntimeWarning, match="did not meet the tolerance"):
+        g.calibrate(x)
+    assert not bool(g.calibration["result"].converged.all())
