@@ -1065,6 +1065,19 @@ class Linearization:
             out = out + ROUNDING_SAFETY * worst.sum(dim=1) / (2 * partial.shape[1])
         return torch.where(torch.isfinite(out), out, math.inf)
 
+    def _measured(self, r: MetricResult, s: Tensor, floor: float,
+                  jvp: bool = False) -> Tensor | None:
+        """:meth:`_rounding_measured` for the result ``r`` (``[B]``, 0 where its value is an
+        exact ``-inf``: a column 0 in float64 too, :meth:`_lost_fixed` checked it), or None
+        with ``r.info["rounding_unmeasured"]`` where torch.func's float64 VJP cannot run the
+        encoder (non-reentrant activation checkpointing)."""
+        try:
+            meas = self._rounding_measured(r.metric, s, floor, r.value, jvp).to(r.value)
+        except EncoderError as err:
+            r.info["rounding_unmeasured"] = f"the float64 rounding check cannot run ({err})"
+            return None
+        return torch.where(torch.isneginf(r.value), torch.zeros_like(meas), meas)
+
     def _rounding_fixed(self, r: MetricResult, estimator: str, s: Tensor, floor: float,
                         tol: tuple, prior_var: float | None = None,
                         fixed: bool = False) -> MetricResult:
@@ -1092,17 +1105,13 @@ class Linearization:
             r.info["rounding_unmeasured"] = na
             return r
         jvp = r.metric == "dfil" and r.info.get("method") != "diag"  # (methods with JVPs)
-        try:
-            meas = self._rounding_measured(r.metric, s, floor, r.value, jvp).to(r.value)
-        except EncoderError as err:  # (torch.func's float64 VJP cannot run it: checkpointing)
-            r.info["rounding_unmeasured"] = f"the float64 rounding check cannot run ({err})"
+        meas = self._measured(r, s, floor, jvp)
+        if meas is None:
             return r
         ran, self._check_reported = self._check_products - self._check_reported, \
             self._check_products
-        floor_a = rounding_allowance(r.metric, r.value, self.enc.x.dtype)[0].to(r.value)
-        extra = torch.where(meas > floor_a, meas - floor_a, torch.zeros_like(meas))
-        # (a floorless -inf stands exactly: a column 0 in float64 too, _lost_fixed checked it)
-        extra = torch.where(torch.isneginf(r.value), torch.zeros_like(extra), extra)
+        allow0 = rounding_allowance(r.metric, r.value, self.enc.x.dtype)[0].to(r.value)
+        extra = (meas - allow0).clamp_min(0)
         info = {**r.info, "rounding_measured": meas.tolist(),
                 "rounding_check_products": ran}
         if not bool((extra > 0).any()):
@@ -1331,12 +1340,9 @@ class Linearization:
         ``info["rounding_measured"]`` records it."""
         if r.metric not in ("fsinfo_diag", "dfil") or self.enc.x.dtype == torch.float64:
             return r
-        try:
-            meas = self._rounding_measured(r.metric, s, floor, r.value).to(r.value)
-        except EncoderError as err:
-            r.info["rounding_unmeasured"] = f"the float64 rounding check cannot run ({err})"
+        meas = self._measured(r, s, floor)
+        if meas is None:
             return r
-        meas = torch.where(torch.isneginf(r.value), torch.zeros_like(meas), meas)
         extra = (meas - r.ci_halfwidth).clamp_min(0)
         extra = torch.where(torch.isnan(extra), torch.zeros_like(extra), extra)
         return dataclasses.replace(r, ci_halfwidth=r.ci_halfwidth + extra,
