@@ -357,14 +357,21 @@ def _cast_encoder(encoder: Callable, dtype: torch.dtype | None) -> Callable:
 
 
 class _SavedBytes:
-    """Context manager counting the bytes autograd saves for backward inside it."""
+    """Context manager counting the bytes autograd saves for backward inside it (and their
+    dtypes: a forward that computes in float32 inside a float64 callable saves float32)."""
 
     def __init__(self) -> None:
         self.total = 0
+        self.dtypes: set[torch.dtype] = set()  # of every floating tensor saved
+        self.computed: set[torch.dtype] = set()  # of those computed in it (with a grad_fn)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: Tensor) -> Tensor:
         self.total += t.numel() * t.element_size()
+        if t.is_floating_point():
+            self.dtypes.add(t.dtype)
+            if t.grad_fn is not None:
+                self.computed.add(t.dtype)
         return t
 
     def __enter__(self) -> _SavedBytes:
@@ -511,10 +518,13 @@ def check_same_function(enc: PreparedEncoder, enc64: PreparedEncoder) -> None:
         raise EncoderError(
             f"the encoder computes another function in float64 than in {enc.x.dtype}: its "
             f"outputs at this batch differ by {err:.3g} (relative {err / max(scale, 1e-300):.3g},"
-            f" far above rounding). The exact routes (the float64 oracle, the fast route's "
-            "rounding check) run a float64 copy; make forward independent of the dtype (a "
-            "branch on x.dtype, random numbers drawn with the input's dtype), or pass "
-            "dtype=torch.float64")
+            f" above {SAME_FUNCTION_RTOL:g}). The exact routes (the float64 oracle, the rounding "
+            "checks) run a float64 copy. Either forward depends on the dtype (a branch on "
+            "x.dtype, random numbers drawn with the input's dtype: make it independent of "
+            f"it), or {enc.x.dtype} rounding itself is that large here (a cancellation: a "
+            "normalisation of nearly constant values, a small difference of large numbers), "
+            "so its products would measure the rounding; either way dtype=torch.float64 "
+            "computes the metrics in float64")
 
 
 def working_dtype(encoder: Callable[[Tensor], Tensor], x: Tensor,
@@ -745,11 +755,12 @@ def _prepare(
                 "inside torch.utils.checkpoint(..., use_reentrant=True) cut out by ff.split's "
                 "hooks is computed without autograd too: use use_reentrant=False)"
             )
+        check_float64_computed(x, out, counter.computed)
     out = out.detach()
     out_shape = tuple(out.shape[1:])
     fn = _flat_fn(enc, in_shape)
     y = out.reshape(batch, -1)
-    tol = 1e-4 if y.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    tol = _validation_tol(x, y, enc, counter.dtypes)
 
     def deterministic() -> None:
         """Raise unless a second forward of the batch gives the same output (dropout in train
@@ -800,6 +811,44 @@ def _prepare(
     return PreparedEncoder(fn=fn, x=x.reshape(batch, -1).detach(), in_shape=in_shape,
                            out_shape=out_shape, _y=y, saved_bytes=per_sample, module=enc,
                            seen=seen)
+
+
+def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype]) -> None:
+    """Raise :class:`EncoderError` where a float64 batch is computed in a lower precision
+    inside the forward (``computed``: dtypes of tensors autograd saved that the forward
+    computed, an ``x.float()`` or a float32 submodule inside a callable) or returned in one: the
+    metrics of a float64 batch claim float64 rounding (half-widths of 1e-15, an exact oracle
+    with none), which products through float32 do not have."""
+    if x.dtype != torch.float64:
+        return
+    low = {dt for dt in computed | {out.dtype} if dt != torch.float64}
+    if low:
+        names = ", ".join(sorted(str(dt) for dt in low))
+        raise EncoderError(
+            f"x is torch.float64 but the encoder computes in {names} inside (tensors its "
+            "forward computes, or its output, are in that dtype: an x.float() inside a "
+            "callable, a submodule in float32): its products would carry that rounding "
+            "while the results claim float64's (half-widths of 1e-15, an exact oracle). Pass "
+            "x in float32 (x.float(), or ff.linearize(..., dtype=torch.float32)) to measure "
+            "it with that rounding counted, or make the forward compute in float64 (a module "
+            "cast with .double())")
+
+
+#: the validation checks' relative tolerance by the lowest precision the forward computes in
+_VALIDATION_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _validation_tol(x: Tensor, y: Tensor, enc: Callable, saved: set[torch.dtype]) -> float:
+    """The validation checks' relative tolerance: float32's (``1e-4``) where the input, the
+    output, a floating parameter or buffer of the module or a tensor autograd saved in the
+    forward (``saved``: a callable that computes in float32 inside) is below float64 (a
+    float32 encoder whose forward ends in ``.double()`` rounds in float32: its modes agree to
+    1e-8, not float64's 1e-9), else float64's."""
+    dtypes = {x.dtype, y.dtype} | saved
+    if isinstance(enc, nn.Module):
+        dtypes |= {t.dtype for t in _tensors(enc) if t.is_floating_point()}
+    low = any(dt != torch.float64 for dt in dtypes if dt.is_floating_point)
+    return _VALIDATION_TOL[torch.float32 if low else torch.float64]
 
 
 def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: int, tol: float,
