@@ -593,6 +593,11 @@ def test_records_equal_a_direct_linearization(ckpt, tmp_path, monkeypatch):
                 assert r["fsinfo_diag_converged"] is bool(fd.converged[j])
                 assert r["dfil_converged"] is bool(dl.converged[j])
                 assert r["fsinfo_diag_estimator"] == "randomized"
+                # the float64 rounding check's allowance, counted in _hw (float32 products)
+                for key, res in (("fsinfo_diag_rounding", fd), ("dfil_rounding", dl)):
+                    meas = res.info["rounding_measured"][j]
+                    assert r[key] == pytest.approx(meas, rel=1e-12, abs=0), (name, i, key)
+                    assert 0 <= r[key] <= r[key.replace("rounding", "hw")]
                 # the default --dfil-method auto: the method the Linearization chose
                 assert r["dfil_estimator"] == f"randomized ({dl.info['method']})"
                 checked += 1

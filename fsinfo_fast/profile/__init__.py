@@ -9,10 +9,11 @@ the FSInfoGuard noise scale ``sigma*`` for ``--target``, each with a 95% interva
 run directory: per-sample records as they are computed, then ``profile.json``, ``summary.csv``,
 ``samples.csv`` and ``profile.png``; a table is printed. Each record also says per metric whether
 the estimate reached its tolerance (``*_converged``: False where the probe cap stopped it) and
-whether the value is only an upper bound (``*_is_bound``); the table marks such values (``*``,
-``≤``, with a legend), both CSV files carry the flags and per-split counts, the plot draws them
-hollow, and the metrics' warnings reach the user once per split (:mod:`.report`). Needs the
-``cli`` extra (``pip install 'fsinfo_fast[cli]'``).
+whether the value is only an upper bound (``*_is_bound``), and FSInfo_diag's and dFIL's measured
+rounding allowance (``*_rounding``, inside ``*_hw``; null where none was measured); the table
+marks such values (``*``, ``≤``, with a legend), both CSV files carry the flags and per-split
+counts, the plot draws them hollow, and the metrics' warnings reach the user once per split
+(:mod:`.report`). Needs the ``cli`` extra (``pip install 'fsinfo_fast[cli]'``).
 
 Usage::
 

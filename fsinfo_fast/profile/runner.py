@@ -710,9 +710,12 @@ def _flags(t: Tensor | None, b: int, default: bool) -> list[bool]:
     return [default] * b if t is None else [bool(v) for v in t.detach().cpu().tolist()]
 
 
-def _metric_fields(prefix: str, r: Any, estimator: str, *, probes: bool = True
-                   ) -> dict[str, list]:
-    """The record fields of one :class:`~fsinfo_fast.MetricResult` (``[B]`` lists)."""
+def _metric_fields(prefix: str, r: Any, estimator: str, *, probes: bool = True,
+                   rounding: bool = True) -> dict[str, list]:
+    """The record fields of one :class:`~fsinfo_fast.MetricResult` (``[B]`` lists);
+    ``{prefix}_rounding``: the rounding allowance measured by the float64 check and counted in
+    the half-width (``info["rounding_measured"]``), null where none was measured (float64
+    products, or ``info["rounding_unmeasured"]``: the fixed allowance stands)."""
     b = len(r)
     out: dict[str, list] = {
         prefix: _nums(r.value),
@@ -721,6 +724,10 @@ def _metric_fields(prefix: str, r: Any, estimator: str, *, probes: bool = True
         f"{prefix}_converged": _flags(r.converged, b, True),
         f"{prefix}_is_bound": _flags(r.bound, b, False),
     }
+    if rounding:  # the measured rounding allowance inside _hw (null: the fixed one)
+        meas = r.info.get("rounding_measured")
+        out[f"{prefix}_rounding"] = ([None] * b if meas is None
+                                     else [_num(v) for v in meas])
     if probes:
         pps = r.probes_per_sample
         out[f"{prefix}_probes"] = ([r.num_probes] * b if pps is None
@@ -845,7 +852,8 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
             step("sigma*")
             sg = lin.fsinfo_sigma(target, variant="diag", estimator=est, atol=cfg.atol)
     diag_keys = ("fsinfo_diag", "fsinfo_diag_se", "fsinfo_diag_hw", "fsinfo_diag_probes",
-                 "fsinfo_diag_estimator", "fsinfo_diag_converged", "fsinfo_diag_is_bound")
+                 "fsinfo_diag_estimator", "fsinfo_diag_converged", "fsinfo_diag_is_bound",
+                 "fsinfo_diag_rounding")
     if fd is None:
         out.update(_none_fields(b, *diag_keys))
         out.update(_none_fields(b, "fsinfo_diag_bound", "fsinfo_diag_bound_low",
@@ -870,7 +878,8 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
     step("FSInfo logdet")
     ld = lin.fsinfo(sigma, variant="logdet", estimator=est, atol=cfg.atol,
                     prior_var=cfg.prior_var)
-    out.update(_metric_fields("fsinfo_logdet", ld, ld.estimator, probes=False))
+    out.update(_metric_fields("fsinfo_logdet", ld, ld.estimator, probes=False,
+                              rounding=False))
     out["fsinfo_logdet_status"] = [
         "-inf: J^T J is singular" if not math.isfinite(v) else
         "upper bound: the spectrum reaches the products' precision" if bd else "ok"
