@@ -303,6 +303,8 @@ def check_eval_mode(encoder: object) -> None:
                 mod.track_running_stats
             ):
                 continue  # per-sample statistics in both modes
+            if isinstance(mod, nn.modules.dropout._DropoutNd) and float(mod.p) == 0.0:
+                continue  # p = 0: the identity in both modes (a config's dropout of 0)
             where = f" at '{name}'" if name else ""
             raise TrainingModeError(
                 f"{type(mod).__name__}{where} is in training mode: its output depends on the "
@@ -755,7 +757,7 @@ def _prepare(
                 "inside torch.utils.checkpoint(..., use_reentrant=True) cut out by ff.split's "
                 "hooks is computed without autograd too: use use_reentrant=False)"
             )
-        check_float64_computed(x, out, counter.computed)
+        check_float64_computed(x, out, counter.computed, copy=dtype is not None)
     out = out.detach()
     out_shape = tuple(out.shape[1:])
     fn = _flat_fn(enc, in_shape)
@@ -798,7 +800,8 @@ def _prepare(
                                adjoint=(uf, gf.detach()), seen=seen,
                                pending=[lambda: _check_adjoint(fn, xf, uf, gf, y, tol)])
     _check_adjoint(fn, xf, uf, gf, y, tol)
-    _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol)
+    _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol,
+                fn64=lambda: _flat_fn(_cast_encoder(enc, torch.float64), in_shape))
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:
         # a batch of one checks nothing about interaction: record 0 so a later larger batch does
@@ -813,15 +816,26 @@ def _prepare(
                            seen=seen)
 
 
-def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype]) -> None:
+def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype],
+                           copy: bool = False) -> None:
     """Raise :class:`EncoderError` where a float64 batch is computed in a lower precision
     inside the forward (``computed``: dtypes of tensors autograd saved that the forward
     computed, an ``x.float()`` or a float32 submodule inside a callable) or returned in one: the
     metrics of a float64 batch claim float64 rounding (half-widths of 1e-15, an exact oracle
-    with none), which products through float32 do not have."""
+    with none), which products through float32 do not have. ``copy``: ``x`` is the float64
+    copy of a batch in another dtype (the exact routes' and rounding checks'), said so."""
     if x.dtype != torch.float64:
         return
     low = {dt for dt in computed | {out.dtype} if dt != torch.float64}
+    if low and copy:
+        names = ", ".join(sorted(str(dt) for dt in low))
+        raise EncoderError(
+            f"its float64 copy computes in {names} inside (tensors its forward computes, or "
+            "its output, are in that dtype for a float64 input: a .to(torch.float32) in "
+            "forward, as the Hugging Face RMSNorm computes its variance, an x.float() inside "
+            "a callable), so no float64 products exist for it: no float64 oracle, and the "
+            "rounding of the working dtype is not measured (its fixed allowance stands). A "
+            "forward that follows the input's dtype gives both")
     if low:
         names = ", ".join(sorted(str(dt) for dt in low))
         raise EncoderError(
@@ -1141,16 +1155,12 @@ def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]):
     return fn
 
 
-def _check_vmap(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, y: Tensor,
-                tol: float) -> None:
-    """Raise :class:`EncoderError` where torch.func's batched VJPs (``vmap``, as the torch
-    backend, the oracle and the engine's per-node fallbacks run them) differ from the same
-    pullback applied to one cotangent on sample 0: a wrong batching rule in PyTorch gives every
-    route built on it a wrong Jacobian without an error (``torch.cdist`` did, before
-    :class:`FuncRoute`). The validation cotangent is the second of two, so a rule that repeats
-    the first row is caught.
-    Skipped where vmap cannot run the encoder at all (the routes then raise or loop)."""
-    x0, u0 = x[:1].detach(), u[:1]
+def _vmap_disagreement(fn: Callable[[Tensor], Tensor], x0: Tensor, u0: Tensor,
+                       y0: Tensor) -> tuple[float, float] | None:
+    """``(err, scale)``: the largest difference between torch.func's batched (vmap) VJP of
+    ``u0`` (the second of two cotangents) and the unbatched one of the same pullback at the
+    single sample ``x0`` (``[1, d]``; ``u0`` ``[1, m]``, ``y0`` its output), and the scale it
+    is relative to; ``None`` where vmap or torch.func cannot run the encoder."""
     other = torch.flip(u0, dims=(1,)) + 0.5
     try:
         with torch.enable_grad():
@@ -1158,15 +1168,67 @@ def _check_vmap(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, y: Tensor,
             got = torch.func.vmap(lambda w: pull(w)[0])(torch.stack([other, u0]))[1]
             ref = pull(u0)[0]
     except Exception:  # noqa: BLE001  (no batching rule, no torch.func support: said elsewhere)
-        return
+        return None
     # the same forward for both: only the batching of the backward differs (a batch-size
     # dependent primal would make saturated layers' rounding look like a disagreement)
     got, ref = got.detach().to(torch.float64), ref.detach().to(torch.float64)
     err = float((got - ref).abs().max())
-    scale = float(ref.abs().max()) + float(natural_scale(x0, y[:1])[0]) * float(u0.abs().max())
-    if math.isfinite(scale) and not err <= tol * scale + 1e-30:
+    scale = float(ref.abs().max()) + float(natural_scale(x0, y0)[0]) * float(u0.abs().max())
+    return err, scale
+
+
+def _check_vmap(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, y: Tensor,
+                tol: float, fn64: Callable[[], Callable[[Tensor], Tensor]] | None = None
+                ) -> None:
+    """Raise :class:`EncoderError` where torch.func's batched VJPs (``vmap``, as the torch
+    backend, the oracle and the engine's per-node fallbacks run them) differ from the same
+    pullback applied to one cotangent on sample 0: a wrong batching rule in PyTorch gives every
+    route built on it a wrong Jacobian without an error (``torch.cdist`` did, before
+    :class:`FuncRoute`). The validation cotangent is the second of two, so a rule that repeats
+    the first row is caught.
+    Skipped where vmap cannot run the encoder at all (the routes then raise or loop).
+
+    A batch below float64 that fails is checked again in float64 (``fn64()``: the encoder's
+    float64 copy): where the two agree there, the difference was the working dtype's
+    rounding (a cancellation, ``a(x) - b(x)`` of nearly equal layers, a normalisation of
+    nearly constant values, whose products two summation orders round differently), not a
+    batching rule; the rounding checks then measure what it does to the metrics."""
+    x0, u0 = x[:1].detach(), u[:1]
+    found = _vmap_disagreement(fn, x0, u0, y[:1])
+    if found is None:
+        return
+    err, scale = found
+    if not math.isfinite(scale) or err <= tol * scale + 1e-30:
+        return
+    why = ""
+    if x.dtype != torch.float64 and fn64 is not None:
+        try:
+            f64 = fn64()
+            x64, u64 = x0.to(torch.float64), u0.to(torch.float64)
+            with torch.no_grad():
+                y64 = f64(x64)
+            again = _vmap_disagreement(f64, x64, u64, y64)
+        except Exception as e:  # noqa: BLE001  (a callable that cannot run in float64)
+            again, why = None, f" (its float64 copy cannot run: {type(e).__name__}: {e})"
+        if again is not None:
+            err64, scale64 = again
+            if math.isfinite(scale64) and err64 <= _VALIDATION_TOL[torch.float64] * scale64 \
+                    + 1e-300:
+                return  # rounding: float64 agrees
+        elif not why:
+            why = " (its float64 copy cannot run under vmap)"
+    if x.dtype != torch.float64 and (fn64 is None or why):
         raise EncoderError(
             f"torch.func's batched (vmap) backward of this encoder differs from its unbatched "
             f"one by {err:.3g} (relative {err / max(scale, 1e-300):.3g}) on sample 0: an op in "
-            "it has a wrong vmap batching rule in this PyTorch, and every route built on "
-            "torch.func would measure a wrong Jacobian. Write the op with other primitives")
+            "it has a wrong vmap batching rule in this PyTorch, or its "
+            f"{x.dtype} rounding is that large (a cancellation: a difference of nearly equal "
+            "layers, a normalisation of nearly constant values), which the float64 copy "
+            f"would tell apart{why}. Pass an nn.Module (cast to float64 for the check) or "
+            "dtype=torch.float64; a wrong rule: write the op with other primitives")
+    raise EncoderError(
+        f"torch.func's batched (vmap) backward of this encoder differs from its unbatched "
+        f"one by {err:.3g} (relative {err / max(scale, 1e-300):.3g}) on sample 0, in float64"
+        f"{'' if x.dtype == torch.float64 else ' too'}: an op in it has a wrong vmap "
+        "batching rule in this PyTorch, and every route built on torch.func would measure a "
+        "wrong Jacobian. Write the op with other primitives")

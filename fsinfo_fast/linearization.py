@@ -2018,7 +2018,14 @@ class Linearization:
         hi = torch.exp(r.value + r.ci_halfwidth - tau).clamp(max=SIGMA_RANGE[1])
         at_hi = self.fsinfo(hi, floor=floor, **kw)
         delta = (at_hi.value - (r.value - torch.log(hi))).clamp_min(0)  # floored - floorless
-        big = delta > 0.01 * r.ci_halfwidth
+        # (1% of the half-width, or of the tolerance where the half-width is far below it: the
+        # float64 fast route's 4e-15 took a floor's 2e-11 nats/dim for "near the asymptote")
+        tol = torch.zeros_like(r.value)
+        if kw.get("atol") is not None:
+            tol = tol.clamp_min(float(kw["atol"]))
+        if kw.get("rtol") is not None:
+            tol = torch.maximum(tol, float(kw["rtol"]) * r.value.abs())
+        big = delta > 0.01 * torch.maximum(r.ci_halfwidth, tol)
         if not bool(big.any()):
             return None, delta
         why = (f"for {int(big.sum())} sample(s) the floor moves FSInfo at the interval's upper "

@@ -215,7 +215,7 @@ class _LeakageMetric(Metric):
         self.n_unconverged += (~r.converged).sum().to(dev)
         self.n_bound += r.bound.sum().to(dev)
         self.n_neg_inf += neg_inf.sum()
-        self.worst = torch.maximum(self.worst, v.max())
+        self.worst = torch.maximum(self.worst, v.max().to(self.worst.dtype))  # (set_dtype's)
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count

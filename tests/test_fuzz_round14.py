@@ -89,7 +89,7 @@ def test_float32_batch_of_a_callable_computing_in_float32_has_no_float64_oracle(
     x = torch.rand(2, 3, 8, 8)
     lin = ff.linearize(f, x)
     r = lin.fsinfo(0.1)
-    assert "computes in torch.float32 inside" in r.info["exact_unavailable"]
+    assert "float64 copy computes in torch.float32 inside" in r.info["exact_unavailable"]
     assert "rounding_unmeasured" in r.info
     with pytest.raises(EncoderError, match="computes in torch.float32 inside"):
         lin.exact()
@@ -111,3 +111,121 @@ def test_another_function_in_float64_names_float32_cancellation():
     with pytest.raises(EncoderError, match="rounding itself is that large") as info:
         lin.exact()
     assert "dtype=torch.float64" in str(info.value)
+
+
+def _nearly_equal_layers():
+    torch.manual_seed(0)
+    a, b = nn.Linear(512, 512), nn.Linear(512, 512)
+    with torch.no_grad():
+        b.weight.copy_(a.weight + 1e-5 * torch.randn(512, 512))
+        b.bias.copy_(a.bias)
+    return a, b
+
+
+class _Diff(nn.Module):
+    def __init__(self, a, b) -> None:
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x) - self.b(x)
+
+
+def test_float32_cancellation_is_not_a_wrong_vmap_batching_rule():
+    # a(x) - b(x) of nearly equal layers: float32's batched and unbatched backward round
+    # differently (relative 8e-4); it was refused as "a wrong vmap batching rule". The float64
+    # copy agrees, so the encoder is linearised and the rounding checks count the rounding
+    a, b = _nearly_equal_layers()
+    x = torch.randn(2, 512)
+    lin = ff.linearize(_Diff(a, b).eval(), x, seed=0)
+    got = {est: lin.fsinfo(0.1, estimator=est) for est in ("auto", "randomized")}
+    o = lin.exact().fsinfo(S64).value
+    for est, r in got.items():
+        assert bool(((r.value - o).abs() <= r.ci_halfwidth).all()), est
+        assert max(r.info["rounding_measured"]) > 1e-3, est  # the rounding is counted
+    # a callable the check cannot run in float64 (its layers are float32): the message names
+    # both causes
+    with pytest.raises(EncoderError, match="wrong vmap batching rule in this PyTorch, or its "
+                                           "torch.float32 rounding"):
+        ff.linearize(lambda z: a(z) - b(z), x)
+
+
+class _HFRMSNorm(nn.Module):
+    """The Hugging Face (LLaMA, T5) RMSNorm: its variance in float32 whatever the dtype."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d) + 0.1 * torch.randn(d))
+
+    def forward(self, h):
+        dt = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(dt)
+
+
+def test_module_computing_in_float32_for_float64_input_has_no_oracle_and_says_so():
+    # its float64 copy ran the normalisation in float32 and served as the "exact" oracle with
+    # a 0 half-width; the metrics in float32 work, with the rounding unmeasured
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(16, 16), _HFRMSNorm(16), nn.Linear(16, 16)).eval()
+    lin = ff.linearize(enc, torch.randn(2, 10, 16), seed=0)
+    r, d = lin.fsinfo(0.1), lin.dfil(0.1)
+    for res in (r, d):
+        assert res.estimator == "randomized"
+        assert "float64 copy computes in torch.float32" in res.info["exact_unavailable"]
+        assert "rounding_unmeasured" in res.info
+    with pytest.raises(EncoderError, match="Hugging Face RMSNorm"):
+        lin.exact()
+
+
+def test_dropout_of_zero_in_training_mode_is_the_identity():
+    # a transformers model built from a config is in training mode, its dropouts at p = 0:
+    # refused as "depends on randomness"
+    from fsinfo_fast.errors import TrainingModeError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 8), nn.Dropout(0.0), nn.Tanh(), nn.AlphaDropout(0.0))
+    x = torch.randn(2, 12)
+    got = ff.fsinfo(net.train(), x, sigma=0.1, estimator="exact").value
+    want = ff.fsinfo(net.eval(), x, sigma=0.1, estimator="exact").value
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(TrainingModeError, match="Dropout"):
+        ff.fsinfo(nn.Sequential(nn.Linear(12, 8), nn.Dropout(0.1)).train(), x, sigma=0.1)
+
+
+def test_transformers_vit_from_config_without_eval():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=16,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32)
+    model = transformers.ViTModel(cfg)  # training mode, dropouts at 0 (the config's default)
+    assert model.training
+    enc = ff.split(model, "embeddings")
+    x = torch.rand(1, 3, 16, 16)
+    got = ff.linearize(enc, x, seed=0).fsinfo(0.1, estimator="exact").value
+    want = ff.linearize(ff.split(model.eval(), "embeddings"), x, seed=0).fsinfo(
+        0.1, estimator="exact").value
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_metric_states_keep_the_dtype_set_dtype_gave_them():
+    # `worst` went back to float64 at the next update (torch.maximum promoted it)
+    net = _net()
+    m = ff.DFILMetric(net, sigma=0.1)
+    m.set_dtype(torch.float32)
+    m.update(torch.rand(2, 3, 8, 8))
+    assert {k: getattr(m, k).dtype for k in ("total", "worst")} == {
+        "total": torch.float32, "worst": torch.float32}
+
+
+def test_float64_sigma_star_is_not_near_the_floor_asymptote():
+    # the float64 fast route's half-width (4e-15) took the floor's 2e-11 nats/dim shift for a
+    # target "near the floor's asymptote" (-12.9; the target is -1) and paid for the oracle
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(48, 20), nn.Tanh()).double().eval()
+    lin = ff.linearize(enc, torch.rand(3, 3, 4, 4, dtype=torch.float64), seed=0)
+    s = lin.fsinfo_sigma(-1.0)
+    assert "floor_matters" not in s.info and "near the floor" not in str(s.info.get("auto"))
+    e = lin.fsinfo_sigma(-1.0, estimator="exact")
+    assert bool(((s.ci_low <= e.sigma) & (e.sigma <= s.ci_high)).all())
