@@ -499,6 +499,7 @@ class Linearization:
         self._dfstate: DeflatedProbeState | None = None  # shared by the deflated requests
         self._slq: SLQProbeStore | None = None  # the SLQ probes (log det, dFIL "lanczos")
         self._enc64: PreparedEncoder | None = None  # the float64 copy (fast route's check)
+        self._p64 = None  # its torch.func products, pullback built (see _prepare64)
         self._lost_cache: tuple | None = None  # (see _lost)
         self._pair_cache: tuple | None = None  # (see _pair)
         self._jvp_pair_cache: tuple | None = None  # (see _jvp_pair)
@@ -669,7 +670,8 @@ class Linearization:
                    "float64 accumulation)")
         return fx, why
 
-    def _exact_unavailable(self, attempt: bool = False, confirm: bool = True) -> str | None:
+    def _exact_unavailable(self, attempt: bool = False, confirm: bool = True,
+                           prime: bool = False) -> str | None:
         """Why the exact routes (the oracle and the fast route's rounding check, both on a
         float64 copy of the encoder) cannot run here, or None. A plain callable is tried in
         float64 once (``auto`` then stays randomized and says why). An ``nn.Module`` is cast,
@@ -682,7 +684,7 @@ class Linearization:
         working dtype's still raises (:func:`~fsinfo_fast.encoder.check_same_function`: the
         metric itself is ambiguous there). ``confirm=False``: the working dtype's deferred
         forward-/reverse-mode check is left to the routes that need it (the rounding check's
-        float64 VJP does not)."""
+        float64 VJP does not); ``prime``: see :meth:`_prepare64`."""
         float64 = self.enc.x.dtype == torch.float64
         if self._no_exact is None:
             self._no_exact = ""
@@ -697,13 +699,14 @@ class Linearization:
             if confirm:
                 self.enc.confirm()
             try:
-                self._prepare64()
+                enc64 = self._prepare64(prime)
             except EncoderError as err:
                 self._no_exact = ("the exact routes run a float64 copy of the encoder, which "
                                   f"fails its checks ({err})")
                 self._replan = True
-            else:
-                self._float64_encoder(confirm)  # the same function (raises where it is not)
+            else:  # the same function (raises where it is not); the copy just prepared (a
+                # second preparation cost a weight refresh and a float64 forward per batch)
+                self._float64_encoder(confirm, enc64=enc64)
         return self._no_exact or None
 
     def _auto_without_exact(self, estimator: str) -> str:
@@ -725,12 +728,28 @@ class Linearization:
         self._replan = False
         return True
 
-    def _prepare64(self) -> PreparedEncoder:
+    def _prepare64(self, prime: bool = False) -> PreparedEncoder:
         """The encoder prepared in float64 at this batch, its own checks run (validated once
-        per encoder and shape: a failure raises again, a pass is cached by ``prepare``)."""
+        per encoder and shape: a failure raises again, a pass is cached by ``prepare``).
+        ``prime`` (the rounding check, whose float64 VJPs come next): its output from the
+        forward that builds torch.func's pullback, kept for those VJPs
+        (:meth:`_check_products_for`), rather than from a forward of its own (one float64
+        forward per batch less)."""
+        from .engine import TorchFuncProducts
+
         # (this batch's value-dependent checks ran at construction, in the working dtype)
         enc64 = prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
                         cache=True, recheck=False)
+        if prime and enc64._y is None:
+            p64 = TorchFuncProducts(enc64, memory_budget=self.memory_budget)
+            try:
+                y = p64.primal()
+            except Exception:  # noqa: BLE001  (the forward below says what fails; the VJPs'
+                pass  # own failure is recorded by the check: rounding_unmeasured)
+            else:
+                if bool(torch.isfinite(y).all()):  # (else .y raises its error)
+                    enc64._y = y.detach()
+                    self._p64 = p64
         if enc64.y.dtype != torch.float64:  # (its checks then ran at float32's tolerance)
             raise EncoderError(
                 f"the encoder returns {enc64.y.dtype} for a float64 input: it computes in a "
@@ -738,14 +757,17 @@ class Linearization:
                 "float64 products")
         return enc64
 
-    def _float64_encoder(self, confirm: bool = True) -> PreparedEncoder:
-        """The encoder prepared in float64 at this batch (cached); ``confirm``: run the
-        working dtype's deferred forward-/reverse-mode check first (the exact routes' JVPs; the
-        rounding check's float64 VJP does not need it)."""
+    def _float64_encoder(self, confirm: bool = True,
+                         enc64: PreparedEncoder | None = None) -> PreparedEncoder:
+        """The encoder prepared in float64 at this batch (cached; ``enc64``: prepared already
+        by :meth:`_prepare64`); ``confirm``: run the working dtype's deferred forward-/reverse-
+        mode check first (the exact routes' JVPs; the rounding check's float64 VJP does not
+        need it)."""
         if confirm:
             self.enc.confirm()  # the torch.func routes' forward against reverse mode
         if self._enc64 is None:
-            enc64 = self._prepare64()
+            if enc64 is None:
+                enc64 = self._prepare64()
             check_same_function(self.enc, enc64)
             self._enc64 = enc64
         return self._enc64
@@ -779,8 +801,9 @@ class Linearization:
 
         p = self.products
         ids = sample_ids_for(p, self.sample_ids)
-        p64 = TorchFuncProducts(self._float64_encoder(confirm=False),
-                                memory_budget=self.memory_budget)
+        enc64 = self._float64_encoder(confirm=False)
+        p64 = self._p64 if self._p64 is not None and self._p64.enc is enc64 else \
+            TorchFuncProducts(enc64, memory_budget=self.memory_budget)
         v = draw_probes(n, seed=self.seed, sample_ids=ids, count=count, kind="gaussian",
                         dtype=torch.float64, device=p64.device, stream=stream)
         return p, p64, ids, v
@@ -841,6 +864,7 @@ class Linearization:
                     stats = (torch.where(partial, s32, zero), torch.where(partial, s64, zero),
                              u.shape[1] + LOST_CONFIRM)
             self._pair_cache = (g64, g, lost, partial, stats)
+            self._p64 = None  # (its pullback holds the float64 forward's saved tensors)
         return self._pair_cache
 
     @torch.no_grad()
@@ -1097,7 +1121,7 @@ class Linearization:
                 or self.enc.x.dtype == torch.float64):
             return r
         try:
-            na = self._exact_unavailable(attempt=True, confirm=False)
+            na = self._exact_unavailable(attempt=True, confirm=False, prime=True)
         except EncoderError as err:  # (another function in float64: the exact routes raise)
             na = f"the float64 copy cannot serve ({err})"
         if na is not None:

@@ -99,6 +99,7 @@ class TorchFuncProducts:
         self.forward_mode = True
         self._jvp_route = 0
         self._pullback = None
+        self._primal: Tensor | None = None  # the output the pullback's forward computed
         self._pullback2 = None  # the double-backward route's (see _double_pullback)
         self._loop_probes = False  # an op has no vmap batching rule: one probe at a time
         self._grad_mode = False  # pullbacks in grad mode (retry_in_grad_mode)
@@ -162,15 +163,27 @@ class TorchFuncProducts:
         U = self._check(U, self.m, "vjp")
         with func_errors():
             def run() -> Tensor:
-                if self._pullback is None:
-                    with torch.set_grad_enabled(self._grad_mode):
-                        _, self._pullback = _vjp(self.enc.fn, self.x)
+                self._build_pullback()
                 pull = self._pullback
                 return self._vmap_probes(lambda u: pull(u)[0], U, loop_ok=True)
 
             out = retry_in_grad_mode(self, run, "_pullback", "_pullback2")
         self.vjp_passes += U.shape[1]
         return out
+
+    def _build_pullback(self) -> None:
+        if self._pullback is None:
+            with torch.set_grad_enabled(self._grad_mode):
+                self._primal, self._pullback = _vjp(self.enc.fn, self.x)
+
+    @torch.no_grad()
+    def primal(self) -> Tensor:
+        """``[B, m]``: the encoder's output at the batch, from the forward that builds the
+        VJPs' pullback (built here and kept for :meth:`vjp`: a caller that needs both the
+        output and VJPs runs one forward)."""
+        with func_errors():
+            self._build_pullback()
+        return self._primal
 
     @torch.no_grad()
     def jvp(self, V: Tensor) -> Tensor:
