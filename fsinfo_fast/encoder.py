@@ -15,7 +15,7 @@ import dataclasses
 import itertools
 import math
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,9 +166,15 @@ def check_output(out: object, batch: int) -> None:
     tensor ``[batch, ...]`` with values per sample (what the metrics, and the guard's noise,
     need)."""
     if not isinstance(out, Tensor):
+        if isinstance(out, Mapping):  # (a transformers ModelOutput too)
+            keys = ", ".join(repr(k) for k in list(out)[:6])
+            how = (f"lambda x: model(x)[key] for one of its keys ({keys})" if keys else
+                   "lambda x: model(x)[key]")
+        else:
+            how = "lambda x: model(x)[0]"
         raise EncoderError(
             f"the encoder must return a tensor, got {type(out).__name__}; wrap it to select "
-            "the tensor (e.g. lambda x: model(x)[0])"
+            f"the tensor (e.g. {how})"
         )
     if not out.is_floating_point():
         raise EncoderError(

@@ -229,3 +229,39 @@ def test_float64_sigma_star_is_not_near_the_floor_asymptote():
     assert "floor_matters" not in s.info and "near the floor" not in str(s.info.get("auto"))
     e = lin.fsinfo_sigma(-1.0, estimator="exact")
     assert bool(((s.ci_low <= e.sigma) & (e.sigma <= s.ci_high)).all())
+
+
+def conv3d():
+    """A model for volumes: it reads a batch of images ``[B, 3, H, W]`` as one unbatched
+    volume with ``B`` depth slices."""
+    return nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU()).eval()
+
+
+@pytest.mark.parametrize("command", ["profile", "guard"])
+def test_cli_model_reading_the_batch_as_one_input_is_a_one_line_error(capsys, tmp_path,
+                                                                      command):
+    # the one-sample pre-check passed ([1, 3, 8, 8] is a valid unbatched volume) and the
+    # first batch of 2 crashed with a traceback (exit 1)
+    from fsinfo_fast.cli import main
+
+    argv = [command, "--quiet", "--model", "tests.test_fuzz_round14:conv3d", "--splits", "0",
+            "--size", "8", "--max-samples", "2"]
+    argv += (["--out", str(tmp_path / "run"), "--no-plot"] if command == "profile" else
+             ["--calibration", "2", "--out", str(tmp_path / "g.json")])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "cannot take the data's inputs" in err or "not the batch" in err, err
+
+
+def test_dict_output_refusal_names_its_keys():
+    class DictOut(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"z": self.lin(x)}
+
+    with pytest.raises(EncoderError, match=r"model\(x\)\[key\] for one of its keys \('z'\)"):
+        ff.linearize(DictOut().eval(), torch.randn(2, 4))

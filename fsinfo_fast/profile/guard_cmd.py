@@ -300,7 +300,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     if n_cal < 1:
         raise DataError(f"--data {args.data} has no samples")
     splits = resolve_splits(model, args.splits)
-    check_runs(model, splits, x[:1])  # one-line errors where the encoders cannot take x
+    check_runs(model, splits, x[:2])  # one-line errors where the encoders cannot take x
     why_not = None if args.accuracy else "--no-accuracy"
     if why_not is None and n_cal == n:
         why_not = (f"no held-out samples: all {n} samples are used for calibration "

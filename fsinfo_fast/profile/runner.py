@@ -366,10 +366,12 @@ def input_dtype(model: nn.Module) -> torch.dtype:
 
 
 def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
-    """Raise :class:`DataError` (a one-line message) where a split's encoder cannot run on one
-    sample ``x1`` (a size too small for the model, an incompatible input), and
-    :class:`EncoderError` where it returns no float tensor; shared by ``profile`` and
-    ``guard``."""
+    """Raise :class:`DataError` (a one-line message) where a split's encoder cannot run on the
+    first samples ``x1`` (two where the data has them: a size too small for the model, an
+    incompatible input, or a model that reads the batch as one unbatched input, as a
+    ``Conv3d`` reads ``[B, 3, H, W]``: its output then does not keep the batch dimension
+    first), and :class:`EncoderError` where it returns no float tensor; shared by ``profile``
+    and ``guard``."""
     x1 = x1.to(model_dtype(model) or x1.dtype)  # the check only: a half model runs on half
     for s in splits:
         try:
@@ -383,6 +385,13 @@ def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
             ) from None
         if not isinstance(out, Tensor) or not out.is_floating_point():
             raise EncoderError(f"the encoder at split {s.name} does not return a float tensor")
+        if out.dim() == 0 or out.shape[0] != x1.shape[0]:
+            raise DataError(
+                f"the encoder at split {s.name} maps a batch of {x1.shape[0]} of the data's "
+                f"inputs of shape {tuple(x1.shape[1:])} to an output of shape "
+                f"{tuple(out.shape)}, whose first dimension is not the batch: the model does "
+                "not take a batch of such inputs (it reads the batch as one unbatched input "
+                "of its own kind, e.g. a Conv3d given images, or changes the batch size)")
 
 
 def _channels_hint(model: nn.Module, x1: Tensor) -> str:
@@ -502,7 +511,7 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
     if data.x.shape[0] == 0:
         raise DataError(f"--data {cfg.data}: no samples")
     splits = resolve_splits(model, cfg.splits)
-    check_runs(model, splits, data.x[:1])
+    check_runs(model, splits, data.x[:2])
     settings = _settings(cfg, model, data, splits, ckpt_sha, dist.device, dist.world)
     if stored is not None:
         diffs = settings_diff(stored, settings, MATCH_KEYS)
