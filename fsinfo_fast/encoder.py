@@ -836,7 +836,8 @@ def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype],
     if low and copy:
         names = ", ".join(sorted(str(dt) for dt in low))
         raise EncoderError(
-            f"its float64 copy computes in {names} inside (tensors its forward computes, or "
+            f"the encoder's float64 copy (the exact routes' and rounding checks', or "
+            f"dtype=torch.float64's) computes in {names} inside (tensors its forward computes, or "
             "its output, are in that dtype for a float64 input: a .to(torch.float32) in "
             "forward, as the Hugging Face RMSNorm computes its variance, an x.float() inside "
             "a callable), so no float64 products exist for it: no float64 oracle, and the "
