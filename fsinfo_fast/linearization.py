@@ -768,7 +768,11 @@ class Linearization:
         if self._enc64 is None:
             if enc64 is None:
                 enc64 = self._prepare64()
-            check_same_function(self.enc, enc64)
+            try:
+                check_same_function(self.enc, enc64)
+            except EncoderError:
+                self._p64 = None  # (a primed pullback: no check will use it)
+                raise
             self._enc64 = enc64
         return self._enc64
 
