@@ -317,6 +317,13 @@ def check_eval_mode(encoder: object) -> None:
                 "batch or on randomness, but the metric is defined per sample for a fixed "
                 "encoder. Call encoder.eval() first."
             )
+        if mod.training and _stochastic_depth(mod):
+            where = f" at '{name}'" if name else ""
+            raise TrainingModeError(
+                f"{type(mod).__name__}{where} (stochastic depth, drop probability "
+                f"{_stochastic_depth(mod):g}) is in training mode: it drops residual branches "
+                "at random, but the metric is defined for a fixed encoder. Call encoder.eval() "
+                "first.")
         if (
             mod.training
             and isinstance(mod, nn.MultiheadAttention)
@@ -326,6 +333,21 @@ def check_eval_mode(encoder: object) -> None:
                 f"MultiheadAttention at '{name}' has dropout and is in training mode: "
                 "call encoder.eval() first."
             )
+
+
+def _stochastic_depth(mod: nn.Module) -> float:
+    """The drop probability of a stochastic-depth module (timm's and transformers' ``DropPath``
+    with ``drop_prob``, torchvision's ``StochasticDepth`` with ``p``), else 0. Such a layer
+    draws random numbers in training mode; ``ff.split``'s hooks restore the RNG around each
+    forward, so the determinism check saw none, and torch.func then refused the restore."""
+    kind = type(mod).__name__.lower()
+    if "droppath" not in kind and "stochasticdepth" not in kind:
+        return 0.0
+    for attr in ("drop_prob", "p"):
+        v = getattr(mod, attr, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return 0.0
 
 
 def _tensors(module: nn.Module) -> Iterator[Tensor]:
@@ -750,6 +772,8 @@ def _prepare(
             raise
         check_output(out, batch)
         grad = None
+        # the dtypes computed on x's path (from the graph, before the backward frees it)
+        low = _dtypes_on_path(out, xr, counter.computed) if x.dtype == torch.float64 else set()
         if out.requires_grad:
             with func_errors():
                 # a seeded cotangent, not ones: the adjoint check below reads this backward,
@@ -763,7 +787,7 @@ def _prepare(
                 "inside torch.utils.checkpoint(..., use_reentrant=True) cut out by ff.split's "
                 "hooks is computed without autograd too: use use_reentrant=False)"
             )
-        check_float64_computed(x, out, counter.computed, copy=dtype is not None)
+        check_float64_computed(x, out, low, copy=dtype is not None)
     out = out.detach()
     out_shape = tuple(out.shape[1:])
     fn = _flat_fn(enc, in_shape)
@@ -822,11 +846,47 @@ def _prepare(
                            seen=seen)
 
 
+def _dtypes_on_path(out: Tensor, xr: Tensor, saved: set[torch.dtype]) -> set[torch.dtype]:
+    """The floating dtypes the forward computed on the path from ``xr`` (the leaf the
+    encoder's input was cloned from) to ``out``: the output dtypes of the autograd graph's
+    nodes that reach ``xr`` (each node's ``_input_metadata``, its gradients' dtypes, are its
+    forward outputs'). A float32 tensor computed from the parameters alone (a gate's
+    ``sigmoid(g)`` cast to float64) is not on it; a frozen float32 layer, whose float32
+    activation autograd does not save, is. Where torch's graph does not expose that metadata,
+    ``saved`` (the dtypes of tensors with a ``grad_fn`` autograd saved) stands in."""
+    root = out.grad_fn
+    if root is None:
+        return set()
+    reaches: dict[Any, bool] = {}
+    dtypes: set[torch.dtype] = set()
+    stack = [(root, False)]
+    try:
+        while stack:  # iterative post-order: a deep network's graph is deeper than recursion
+            node, done = stack.pop()
+            if node is None or (node in reaches and not done):
+                continue
+            kids = [n for n, _ in node.next_functions if n is not None]
+            if not done:
+                if getattr(node, "variable", None) is xr:
+                    reaches[node] = True
+                    continue
+                reaches[node] = False  # (in progress: a graph has no cycles)
+                stack.append((node, True))
+                stack.extend((k, False) for k in kids if k not in reaches)
+                continue
+            if any(reaches.get(k, False) for k in kids):
+                reaches[node] = True
+                dtypes |= {m.dtype for m in node._input_metadata}
+    except AttributeError:  # (no _input_metadata in this torch)
+        return set(saved)
+    return {dt for dt in dtypes if dt.is_floating_point}
+
+
 def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype],
                            copy: bool = False) -> None:
     """Raise :class:`EncoderError` where a float64 batch is computed in a lower precision
-    inside the forward (``computed``: dtypes of tensors autograd saved that the forward
-    computed, an ``x.float()`` or a float32 submodule inside a callable) or returned in one: the
+    inside the forward (``computed``: the dtypes on x's path, :func:`_dtypes_on_path`: an
+    ``x.float()`` or a float32 submodule inside a callable) or returned in one: the
     metrics of a float64 batch claim float64 rounding (half-widths of 1e-15, an exact oracle
     with none), which products through float32 do not have. ``copy``: ``x`` is the float64
     copy of a batch in another dtype (the exact routes' and rounding checks'), said so."""

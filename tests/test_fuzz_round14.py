@@ -267,3 +267,62 @@ def test_dict_output_refusal_names_its_keys():
 
     with pytest.raises(EncoderError, match=r"model\(x\)\[key\] for one of its keys \('z'\)"):
         ff.linearize(DictOut().eval(), torch.randn(2, 4))
+
+
+class _Float32Middle(nn.Module):
+    """A float64 model with a float32 layer in the middle (cast in, cast out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(8, 8).double(), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.b(torch.tanh(self.a(x)).float()).double())
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_float32_layer_on_the_path_is_found_frozen_or_not(frozen):
+    # a frozen float32 layer saves only its weight (no grad_fn), not its float32 activation: it
+    # was accepted with float64's 3.6e-15 half-widths, 2e-8 off the float64 function
+    m = _Float32Middle().eval()
+    m.b.requires_grad_(not frozen)
+    with pytest.raises(EncoderError, match="computes in torch.float32 inside"):
+        ff.linearize(m, torch.randn(3, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_float32_parameter_off_the_path_is_no_float32_computation(frozen):
+    # sigmoid(g) of a float32 parameter, cast to float64 before it meets x: the products are
+    # float64; it was refused while g required grad (its float32 sigmoid, saved, had a grad_fn)
+    class Gate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.g = nn.Linear(8, 8).double(), nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            return torch.tanh(self.a(x) * torch.sigmoid(self.g).double())
+
+    m = Gate().eval()
+    m.g.requires_grad_(not frozen)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    r = ff.linearize(m, x, seed=0).fsinfo(0.1, estimator="exact")
+    assert bool(torch.isfinite(r.value).all())
+
+
+def test_stochastic_depth_in_training_mode_is_a_training_mode_error():
+    # transformers Swin in .train() (SwinDropPath, drop_prob > 0): ff.split's hooks restore the
+    # RNG around each forward, so the determinism check saw nothing, and the refusal blamed an
+    # in-place write into a captured tensor (the restore under torch.func)
+    from fsinfo_fast.errors import TrainingModeError
+    from fsinfo_fast.models.third_party import build
+
+    pytest.importorskip("transformers")
+    m = build("swin", size=32)
+    enc = ff.split(m.eval(), "encoder.layers.0")
+    x = torch.rand(2, 3, 32, 32)
+    ff.linearize(enc, x)  # eval: fine
+    m.train()
+    with pytest.raises(TrainingModeError, match="DropPath.*stochastic depth"):
+        ff.linearize(enc, x)
