@@ -701,6 +701,7 @@ def _prepare(
     if x.is_inference():  # made under torch.inference_mode(): autograd cannot record on it
         x = x.clone()  # (prepare runs with inference mode off, so the copy is a normal tensor)
     want = (1 << 62) if check_interaction is None else check_interaction
+    upcast = dtype == torch.float64  # a float64 copy: its forward's casts stay in float64
     key = _signature(encoder, x, dtype) if cache else None
     hit = None
     if cache:
@@ -719,7 +720,7 @@ def _prepare(
             xc = x.to(dtype) if dtype is not None else x
             in_shape = tuple(xc.shape[1:])
             return PreparedEncoder(
-                fn=_flat_fn(enc, in_shape), x=xc.reshape(xc.shape[0], -1).detach(),
+                fn=_flat_fn(enc, in_shape, upcast), x=xc.reshape(xc.shape[0], -1).detach(),
                 in_shape=in_shape, out_shape=hit.out_shape, saved_bytes=hit.saved_bytes,
                 module=enc, cached=True)
         # the checks whose outcome depends on this batch's values run again below (a clamp
@@ -739,7 +740,8 @@ def _prepare(
             with _SavedBytes() as counter:
                 # a copy: an encoder may write into its input (ReLU(inplace=True) first, x.sub_),
                 # which autograd refuses on a leaf that requires grad
-                out = enc(xr.clone())
+                with FuncRoute(upcast) if upcast else contextlib.nullcontext():
+                    out = enc(xr.clone())
         except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as err:
             # (a dtype mismatch is a RuntimeError in most ops, a ValueError in nn.LSTM's check)
             mapped = func_error(err) if isinstance(err, RuntimeError) else None
@@ -790,7 +792,7 @@ def _prepare(
         check_float64_computed(x, out, low, copy=dtype is not None)
     out = out.detach()
     out_shape = tuple(out.shape[1:])
-    fn = _flat_fn(enc, in_shape)
+    fn = _flat_fn(enc, in_shape, upcast)
     y = out.reshape(batch, -1)
     tol = _validation_tol(x, y, enc, counter.dtypes)
 
@@ -831,7 +833,7 @@ def _prepare(
                                pending=[lambda: _check_adjoint(fn, xf, uf, gf, y, tol)])
     _check_adjoint(fn, xf, uf, gf, y, tol)
     _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol,
-                fn64=lambda: _flat_fn(_cast_encoder(enc, torch.float64), in_shape))
+                fn64=lambda: _flat_fn(_cast_encoder(enc, torch.float64), in_shape, True))
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
     if cache:
         # a batch of one checks nothing about interaction: record 0 so a later larger batch does
@@ -911,8 +913,8 @@ def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype],
             "callable, a submodule in float32): its products would carry that rounding "
             "while the results claim float64's (half-widths of 1e-15, an exact oracle). Pass "
             "x in float32 (x.float(), or ff.linearize(..., dtype=torch.float32)) to measure "
-            "it with that rounding counted, or make the forward compute in float64 (a module "
-            "cast with .double())")
+            "it with that rounding counted, or ff.linearize(..., dtype=torch.float64) for its "
+            "float64 copy, whose casts to float32 keep float64")
 
 
 #: the validation checks' relative tolerance by the lowest precision the forward computes in
@@ -1199,23 +1201,54 @@ def prelu_as_where(input: Tensor, weight: Tensor) -> Tensor:
 FUNC_ROUTES: dict[Callable, Callable] = {torch.cdist: cdist_as_norm, torch.prelu: prelu_as_where}
 
 
+#: floating dtypes below float64, which a float64 copy's forward computes in float64 instead
+_LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+#: the tensor methods that cast to one of them
+_LOW_CASTS = (Tensor.float, Tensor.half, Tensor.bfloat16)
+
+
 class FuncRoute(TorchFunctionMode):
     """While the encoder runs under torch.func, ops PyTorch differentiates wrongly or not at all
     there are computed by equivalent primitives (:data:`FUNC_ROUTES`: ``torch.cdist`` by
-    :func:`cdist_as_norm`, ``F.prelu`` by :func:`prelu_as_where`)."""
+    :func:`cdist_as_norm`, ``F.prelu`` by :func:`prelu_as_where`).
+
+    ``upcast`` (a float64 copy: the oracle's, the rounding checks', ``dtype=torch.float64``'s):
+    a cast of a float64 tensor to a lower floating dtype inside forward (``.float()``,
+    ``.to(torch.float32)``, a ``dtype=torch.float32`` argument of an op on it: the Hugging Face
+    LLaMA/T5 RMSNorm computes its variance so whatever the dtype, Mamba its scan) keeps float64,
+    so the copy is the same computation in float64 throughout (its products had float32
+    rounding, and the copy was refused as no oracle). Constants made in a dtype (a seeded
+    ``randn(..., dtype=torch.float32)``) keep it: their values would change."""
+
+    def __init__(self, upcast: bool = False) -> None:
+        super().__init__()
+        self.upcast = upcast
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        first = args[0] if args else None
+        # (a cast of a float64 tensor only: a constant drawn or made in float32, randn(...,
+        # dtype=torch.float32, generator=g), keeps its values; it meets float64 by promotion)
+        if self.upcast and isinstance(first, Tensor) and first.dtype == torch.float64:
+            if func in _LOW_CASTS:
+                func = Tensor.double
+            else:
+                args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in _LOW_FLOATS
+                             else a for a in args)
+                dt = kwargs.get("dtype")
+                if isinstance(dt, torch.dtype) and dt in _LOW_FLOATS:
+                    kwargs = {**kwargs, "dtype": torch.float64}
         route = FUNC_ROUTES.get(func)
         if route is not None:
-            return route(*args, **(kwargs or {}))
-        return func(*args, **(kwargs or {}))
+            return route(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
-def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...]):
+def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...], upcast: bool = False):
     def fn(flat: Tensor) -> Tensor:
         # a copy: an encoder that writes into its input (x.sub_(), ReLU(inplace=True) first)
         # would move the linearisation point (and the caller's x) at every product
-        with FuncRoute():
+        with FuncRoute(upcast):
             out = enc(flat.reshape(flat.shape[0], *in_shape).clone())
         return out.reshape(flat.shape[0], -1)
 
