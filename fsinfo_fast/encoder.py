@@ -358,7 +358,9 @@ def _tensors(module: nn.Module) -> Iterator[Tensor]:
 def _cast_encoder(encoder: Callable, dtype: torch.dtype | None) -> Callable:
     if dtype is None or not isinstance(encoder, nn.Module):
         return encoder
-    if all(t.dtype == dtype or not t.is_floating_point() for t in _tensors(encoder)):
+    cplx0 = {torch.float64: torch.complex128, torch.float32: torch.complex64}.get(dtype)
+    if all(t.dtype in (dtype, cplx0) or not (t.is_floating_point() or t.is_complex())
+           for t in _tensors(encoder)):
         return encoder
     # tensors a module keeps outside its parameters and buffers that autograd produced (a
     # cache filled by an earlier forward, e.g. transformers LeViT's attention_bias_cache)
@@ -383,7 +385,16 @@ def _cast_encoder(encoder: Callable, dtype: torch.dtype | None) -> Callable:
         for key, v in vars(m).items():
             if key not in ("_parameters", "_buffers", "_modules"):
                 visit(v, 0)
-    return copy.deepcopy(encoder, memo).to(dtype)
+    cplx = {torch.float64: torch.complex128, torch.float32: torch.complex64}.get(dtype)
+
+    def cast(t: Tensor) -> Tensor:  # (Module.to(float64) dropped a complex buffer's
+        if t.is_floating_point():   # imaginary part: Meta LLaMA's freqs_cis)
+            return t.to(dtype)
+        if t.is_complex() and cplx is not None:
+            return t.to(cplx)
+        return t
+
+    return copy.deepcopy(encoder, memo)._apply(cast)
 
 
 class _SavedBytes:
@@ -1201,10 +1212,17 @@ def prelu_as_where(input: Tensor, weight: Tensor) -> Tensor:
 FUNC_ROUTES: dict[Callable, Callable] = {torch.cdist: cdist_as_norm, torch.prelu: prelu_as_where}
 
 
-#: floating dtypes below float64, which a float64 copy's forward computes in float64 instead
-_LOW_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-#: the tensor methods that cast to one of them
-_LOW_CASTS = (Tensor.float, Tensor.half, Tensor.bfloat16)
+#: the precision a float64 copy's forward computes in float64 instead where it casts to it (a
+#: precision choice: RMSNorm's variance; a cast to float16 / bfloat16 is quantisation, a bit
+#: view of it can follow, and stays: the copy is then refused as computing below float64)
+_LOW_FLOATS = (torch.float32,)
+#: the tensor method that casts to it
+_LOW_CASTS = (Tensor.float,)
+#: functions that make a new tensor of a given dtype from another's shape or device: their
+#: values (a seeded draw) depend on the dtype, which the float64 copy keeps
+_MAKERS = (Tensor.new_empty, Tensor.new_zeros, Tensor.new_ones, Tensor.new_full,
+           Tensor.new_tensor, torch.empty_like, torch.zeros_like, torch.ones_like,
+           torch.full_like, torch.rand_like, torch.randn_like, torch.randint_like)
 
 
 class FuncRoute(TorchFunctionMode):
@@ -1213,7 +1231,7 @@ class FuncRoute(TorchFunctionMode):
     :func:`cdist_as_norm`, ``F.prelu`` by :func:`prelu_as_where`).
 
     ``upcast`` (a float64 copy: the oracle's, the rounding checks', ``dtype=torch.float64``'s):
-    a cast of a float64 tensor to a lower floating dtype inside forward (``.float()``,
+    a cast of a float64 (or integer) tensor to float32 inside forward (``.float()``,
     ``.to(torch.float32)``, a ``dtype=torch.float32`` argument of an op on it: the Hugging Face
     LLaMA/T5 RMSNorm computes its variance so whatever the dtype, Mamba its scan) keeps float64,
     so the copy is the same computation in float64 throughout (its products had float32
@@ -1227,9 +1245,12 @@ class FuncRoute(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         first = args[0] if args else None
-        # (a cast of a float64 tensor only: a constant drawn or made in float32, randn(...,
-        # dtype=torch.float32, generator=g), keeps its values; it meets float64 by promotion)
-        if self.upcast and isinstance(first, Tensor) and first.dtype == torch.float64:
+        # (a cast of a float64 tensor, or of an integer or bool one, position ids, a mask: a
+        # constant drawn or made in float32, randn(..., dtype=torch.float32, generator=g),
+        # h.new_empty(..., dtype=torch.float32).normal_(generator=g), keeps its values)
+        if (self.upcast and isinstance(first, Tensor) and func not in _MAKERS
+                and (first.dtype == torch.float64
+                     or not (first.is_floating_point() or first.is_complex()))):
             if func in _LOW_CASTS:
                 func = Tensor.double
             else:

@@ -738,8 +738,15 @@ class Linearization:
         from .engine import TorchFuncProducts
 
         # (this batch's value-dependent checks ran at construction, in the working dtype)
-        enc64 = prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
-                        cache=True, recheck=False)
+        try:
+            enc64 = prepare(self.encoder, self.x, dtype=torch.float64, check_interaction=0,
+                            cache=True, recheck=False)
+        except EncoderError:
+            raise
+        except Exception as err:  # noqa: BLE001  (the working dtype ran: the copy is the
+            # matter, e.g. a bit view of a .half() that the copy computes in float64)
+            raise EncoderError(f"its float64 copy cannot run ({type(err).__name__}: "
+                               f"{' '.join(str(err).split())[:300]})") from err
         if prime and enc64._y is None:
             p64 = TorchFuncProducts(enc64, memory_budget=self.memory_budget)
             try:

@@ -346,3 +346,111 @@ def test_stochastic_depth_in_training_mode_is_a_training_mode_error():
     m.train()
     with pytest.raises(TrainingModeError, match="DropPath.*stochastic depth"):
         ff.linearize(enc, x)
+
+
+class _Rotary(nn.Module):
+    """The transformers 4.4x rotary embedding: ``inv_freq.float() @ position_ids.float()``."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.register_buffer("inv_freq", 1.0 / (1e4 ** (torch.arange(0, d, 2).float() / d)),
+                             persistent=False)
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        pos = torch.arange(t)[None].expand(b, t)
+        inv = self.inv_freq[None, :, None].float().expand(b, -1, 1)
+        freqs = (inv @ pos[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        h = self.lin(x)
+        rot = torch.cat((-h[..., d // 2:], h[..., : d // 2]), dim=-1)
+        return h * emb.cos().to(x.dtype) + rot * emb.sin().to(x.dtype)
+
+
+class _SeededMaker(nn.Module):
+    """A projection drawn from a seeded generator in float32 by a tensor method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        g = torch.Generator().manual_seed(0)
+        p = h.new_empty(16, 16, dtype=torch.float32).normal_(generator=g)
+        return torch.tanh(h @ p.to(h.dtype))
+
+
+class _ComplexBuffer(nn.Module):
+    """A complex64 buffer (Meta LLaMA's ``freqs_cis``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(8, 8)
+        self.register_buffer("rot", torch.polar(torch.ones(4), torch.linspace(0.3, 1.2, 4)))
+
+    def forward(self, x):
+        z = torch.view_as_complex(self.lin(x).reshape(*x.shape[:-1], 4, 2).contiguous())
+        return torch.tanh(torch.view_as_real(z * self.rot).flatten(-2))
+
+
+class _HalfBits(nn.Module):
+    """Fake quantisation by a bit view of ``.half()`` (a straight-through step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        q = (h.half().view(torch.int16) & ~0xF).view(torch.float16).to(h.dtype)
+        return torch.tanh(h + (q - h).detach())
+
+
+@pytest.mark.parametrize("make, x", [
+    (_Rotary, torch.randn(2, 5, 8)),           # int -> float32 casts kept float64 too
+    (_SeededMaker, torch.randn(3, 16)),        # a seeded draw keeps its dtype (and values)
+    (_ComplexBuffer, torch.randn(3, 8)),       # complex64 -> complex128 (it lost its
+])                                             # imaginary part in the float64 copy)
+def test_float64_copy_runs_the_same_computation(make, x):
+    enc = make().eval()
+    lin = ff.linearize(enc, x, seed=0)
+    r = lin.fsinfo(0.1)
+    assert "exact_unavailable" not in r.info
+    o = lin.exact().fsinfo(S64).value
+    assert bool(((r.value - o).abs() <= r.ci_halfwidth).all())
+    # dtype=torch.float64 computes the same: its oracle is the float32 route's
+    got = ff.linearize(enc, x.double(), dtype=torch.float64).fsinfo(S64, estimator="exact")
+    torch.testing.assert_close(got.value, o, rtol=1e-12, atol=1e-12)
+
+
+def test_float16_bit_view_in_the_float64_copy():
+    # a .half() bit view (a straight-through step, detached): the copy's casts to float16 stay
+    # (quantisation, not a precision choice), so the view reads float16 bits as it does in
+    # float32; upcast to float64 it read 4x the elements and the call raised a RuntimeError
+    lin = ff.linearize(_HalfBits().eval(), torch.randn(4, 16), seed=0)
+    r = lin.fsinfo(0.1)
+    o = lin.exact().fsinfo(S64).value
+    assert bool(((r.value - o).abs() <= r.ci_halfwidth).all())
+
+
+def test_float64_copy_that_fails_to_run_leaves_auto_randomized():
+    # any error of the float64 copy's forward (the working dtype ran) makes the exact routes
+    # unavailable, recorded; a RuntimeError of the copy ended the float32 call
+    class Float32Only(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x):
+            if x.dtype == torch.float64:
+                raise RuntimeError("an op this model supports in float32 only")
+            return torch.tanh(self.lin(x))
+
+    r = ff.linearize(Float32Only().eval(), torch.randn(3, 16), seed=0).fsinfo(0.1)
+    assert r.estimator == "randomized" and torch.isfinite(r.value).all()
+    assert "float32 only" in r.info["exact_unavailable"]
