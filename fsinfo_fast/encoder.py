@@ -317,11 +317,12 @@ def check_eval_mode(encoder: object) -> None:
                 "batch or on randomness, but the metric is defined per sample for a fixed "
                 "encoder. Call encoder.eval() first."
             )
-        if mod.training and _stochastic_depth(mod):
+        drop = _stochastic_depth(mod) if mod.training else 0.0
+        if drop:
             where = f" at '{name}'" if name else ""
             raise TrainingModeError(
                 f"{type(mod).__name__}{where} (stochastic depth, drop probability "
-                f"{_stochastic_depth(mod):g}) is in training mode: it drops residual branches "
+                f"{drop:g}) is in training mode: it drops residual branches "
                 "at random, but the metric is defined for a fixed encoder. Call encoder.eval() "
                 "first.")
         if (
@@ -906,26 +907,27 @@ def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype],
     if x.dtype != torch.float64:
         return
     low = {dt for dt in computed | {out.dtype} if dt != torch.float64}
-    if low and copy:
-        names = ", ".join(sorted(str(dt) for dt in low))
+    if not low:
+        return
+    names = ", ".join(sorted(str(dt) for dt in low))
+    if copy:
         raise EncoderError(
             f"the encoder's float64 copy (the exact routes' and rounding checks', or "
             f"dtype=torch.float64's) computes in {names} inside (tensors its forward computes, or "
-            "its output, are in that dtype for a float64 input: a .to(torch.float32) in "
-            "forward, as the Hugging Face RMSNorm computes its variance, an x.float() inside "
-            "a callable), so no float64 products exist for it: no float64 oracle, and the "
+            "its output, are in that dtype for a float64 input: a .half() or .bfloat16() "
+            "on x's path, a cast the copy keeps, .type_as or .to another tensor; casts to "
+            "float32 keep float64 there), so no float64 products exist for it: no float64 "
+            "oracle, and the "
             "rounding of the working dtype is not measured (its fixed allowance stands). A "
             "forward that follows the input's dtype gives both")
-    if low:
-        names = ", ".join(sorted(str(dt) for dt in low))
-        raise EncoderError(
-            f"x is torch.float64 but the encoder computes in {names} inside (tensors its "
-            "forward computes, or its output, are in that dtype: an x.float() inside a "
-            "callable, a submodule in float32): its products would carry that rounding "
-            "while the results claim float64's (half-widths of 1e-15, an exact oracle). Pass "
-            "x in float32 (x.float(), or ff.linearize(..., dtype=torch.float32)) to measure "
-            "it with that rounding counted, or ff.linearize(..., dtype=torch.float64) for its "
-            "float64 copy, whose casts to float32 keep float64")
+    raise EncoderError(
+        f"x is torch.float64 but the encoder computes in {names} inside (tensors its "
+        "forward computes, or its output, are in that dtype: an x.float() inside a "
+        "callable, a submodule in float32): its products would carry that rounding "
+        "while the results claim float64's (half-widths of 1e-15, an exact oracle). Pass "
+        "x in float32 (x.float(), or ff.linearize(..., dtype=torch.float32)) to measure "
+        "it with that rounding counted, or ff.linearize(..., dtype=torch.float64) for its "
+        "float64 copy, whose casts to float32 keep float64")
 
 
 #: the validation checks' relative tolerance by the lowest precision the forward computes in

@@ -454,3 +454,22 @@ def test_float64_copy_that_fails_to_run_leaves_auto_randomized():
     r = ff.linearize(Float32Only().eval(), torch.randn(3, 16), seed=0).fsinfo(0.1)
     assert r.estimator == "randomized" and torch.isfinite(r.value).all()
     assert "float32 only" in r.info["exact_unavailable"]
+
+
+def test_float64_copy_through_a_float16_cast_is_no_oracle():
+    # a float16 round trip on x's path (quantisation, kept in the copy): the copy computes below
+    # float64, so the exact routes are unavailable and say why
+    class HalfTrip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x).half().to(x.dtype))
+
+    r = ff.linearize(HalfTrip().eval(), torch.randn(3, 16), seed=0).fsinfo(0.1)
+    assert r.estimator == "randomized"
+    assert "float64 copy" in r.info["exact_unavailable"]
+    assert "computes in torch.float16 inside" in r.info["exact_unavailable"]
+    assert "rounding_unmeasured" in r.info
