@@ -690,6 +690,12 @@ def _rank_choice(products: Products, state: DeflatedProbeState, rule: StoppingRu
         else:
             ranks = torch.zeros(b, dtype=torch.int64, device=dev)
             predicted = plan.predict(sketch, ranks)
+        if rule.stop_unreachable:
+            # the pilot's own prediction at the chosen rank past the cap: the remainder could
+            # only converge where its stage 2 happened to see a low spread, and those are the
+            # intervals that undercover (README, "coverage is over seeds"): give up here, on
+            # the pilot's probes, which no interval uses
+            gave_up |= pilot + per_col * ranks + predicted > rule.max_probes
     else:
         if rule.adaptive and per_col * rank + rule.min_probes > rule.max_probes:
             raise InvalidInputError(
@@ -886,20 +892,22 @@ def estimate_diag_deflated(
 
     # each sample's cap counts its pilot and sketch products too
     caps = (rule.max_probes - pilot - per_col * ranks).clamp_min(0) if rule.adaptive else None
-    # stop_batch: a sample given up at the rank choice sends the whole batch to the caller's
-    # other route, so every sample stops after its remainder's stage 1, unconverged (one
-    # sample alone goes on under stop_unreachable's own checks, as before)
-    forced = rule.stop_batch and b > 1 and bool(gave_up.any())
-    if forced and caps is not None:
-        caps = torch.zeros_like(caps)
+    # a sample given up at the rank choice stops after its remainder's stage 1, unconverged;
+    # under stop_batch it sends the whole batch to the caller's other route, so every sample
+    # stops there
+    stopped = gave_up.clone()
+    if rule.stop_batch and bool(gave_up.any()):
+        stopped.fill_(True)
+    if caps is not None:
+        caps = torch.where(stopped, torch.zeros_like(caps), caps)
     frozen, converged, probes, drawn, stage_probes = run_rounds(
         rule, batch=b, device=dev, process=run.process, summarize=summarize, targets=targets,
         mark=run.mark, caps=caps,
     )
-    if forced:  # the samples that did not give up stopped with the batch
-        converged = torch.zeros_like(converged)
+    if bool(stopped.any()):  # the samples that did not give up stopped with the batch
+        converged = converged & ~stopped
         for f in frozen.values():
-            f.with_batch = ~gave_up
+            f.with_batch = stopped & ~gave_up
     passes = pilot_new + sketch.passes - reused + run.computed
     info = {
         "seed": state.seed,
