@@ -769,6 +769,14 @@ def _prepare(
             about_dtype = any(k in msg for k in ("dtype", "scalar type", "double", "input type",
                                                   "bfloat16", "half"))
             if dtype is not None and about_dtype:
+                if isinstance(enc, nn.Module):  # (cast already: the forward mixes dtypes)
+                    raise EncoderError(
+                        f"the encoder's {dtype} copy failed ({err}): its forward mixes a dtype "
+                        "the cast copy does not follow: a float tensor kept as a plain "
+                        "attribute (not a parameter or buffer, so .to() does not cast it: "
+                        "register it with register_buffer), a cast through float16 / bfloat16 "
+                        "(.half().float()) or by a tensor type the copy keeps. Make the forward "
+                        f"follow the input's dtype to measure in {dtype}") from err
                 raise EncoderError(
                     f"the encoder failed on {dtype} input ({err}). Pass an nn.Module (it is "
                     "cast automatically) or make the callable follow the input's dtype."
@@ -807,6 +815,7 @@ def _prepare(
     fn = _flat_fn(enc, in_shape, upcast)
     y = out.reshape(batch, -1)
     tol = _validation_tol(x, y, enc, counter.dtypes)
+    half = counter.dtypes & {torch.float16, torch.bfloat16}  # saved in half precision
 
     def deterministic() -> None:
         """Raise unless a second forward of the batch gives the same output (dropout in train
@@ -842,8 +851,8 @@ def _prepare(
         return PreparedEncoder(fn=fn, x=xf.detach(), in_shape=in_shape, out_shape=out_shape,
                                _y=y, saved_bytes=spot.saved_bytes, module=enc, cached=True,
                                adjoint=(uf, gf.detach()), seen=seen,
-                               pending=[lambda: _check_adjoint(fn, xf, uf, gf, y, tol)])
-    _check_adjoint(fn, xf, uf, gf, y, tol)
+                               pending=[lambda: _check_adjoint(fn, xf, uf, gf, y, tol, half)])
+    _check_adjoint(fn, xf, uf, gf, y, tol, half)
     _check_vmap(fn, x.reshape(batch, -1), u.reshape(batch, -1), y, tol,
                 fn64=lambda: _flat_fn(_cast_encoder(enc, torch.float64), in_shape, True))
     per_sample = max(counter.total // batch, x[0].numel() * x.element_size())
@@ -893,7 +902,7 @@ def _dtypes_on_path(out: Tensor, xr: Tensor, saved: set[torch.dtype]) -> set[tor
                 dtypes |= {m.dtype for m in node._input_metadata}
     except AttributeError:  # (no _input_metadata in this torch)
         return set(saved)
-    return {dt for dt in dtypes if dt.is_floating_point}
+    return {dt for dt in dtypes if dt.is_floating_point or dt.is_complex}
 
 
 def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype],
@@ -906,7 +915,7 @@ def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype],
     copy of a batch in another dtype (the exact routes' and rounding checks'), said so."""
     if x.dtype != torch.float64:
         return
-    low = {dt for dt in computed | {out.dtype} if dt != torch.float64}
+    low = {dt for dt in computed | {out.dtype} if dt not in _HIGH}
     if not low:
         return
     names = ", ".join(sorted(str(dt) for dt in low))
@@ -916,8 +925,8 @@ def check_float64_computed(x: Tensor, out: Tensor, computed: set[torch.dtype],
             f"dtype=torch.float64's) computes in {names} inside (tensors its forward computes, or "
             "its output, are in that dtype for a float64 input: a .half() or .bfloat16() "
             "on x's path, a cast the copy keeps, .type_as or .to another tensor; casts to "
-            "float32 keep float64 there), so no float64 products exist for it: no float64 "
-            "oracle, and the "
+            "float32 or complex64 keep float64 or complex128 there), so no float64 products "
+            "exist for it: no float64 oracle, and the "
             "rounding of the working dtype is not measured (its fixed allowance stands). A "
             "forward that follows the input's dtype gives both")
     raise EncoderError(
@@ -1115,7 +1124,7 @@ def natural_scale(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: Tensor,
-                   y: Tensor, tol: float) -> None:
+                   y: Tensor, tol: float, half: set[torch.dtype] = frozenset()) -> None:
     """Raise :class:`EncoderError` where forward-mode and reverse-mode autograd differentiate
     the encoder differently: ``u^T (J v)`` (one JVP, a seeded ``v``) against ``(J^T u)^T v``
     (``grad``, the backward of the structural check with the seeded cotangent ``u``).
@@ -1125,7 +1134,8 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: T
     on inputs exactly at it (``F.prelu`` is routed around that: :func:`prelu_as_where`). The
     tolerance is relative to the terms' size and to :func:`natural_scale` (rounding noise of a
     vanishing Jacobian is no disagreement). Skipped where forward-mode AD does not run the
-    encoder (the products then go through the reverse mode only)."""
+    encoder (the products then go through the reverse mode only). ``half``: the float16 /
+    bfloat16 dtypes of tensors the forward saved (an autocast region inside it), named."""
     gen = torch.Generator().manual_seed(0x5EED)
     v = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.dtype).to(x.device)
     try:
@@ -1165,6 +1175,16 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: T
                 "routes (the float64 oracle, the fast exact route's rounding check) cannot be "
                 "trusted on it. Use estimator='randomized' in the default float32 working dtype "
                 "(not dtype=torch.float64), or remove the casts")
+        if half and x.dtype != torch.float64:
+            names = ", ".join(sorted(str(dt) for dt in half))
+            raise EncoderError(
+                f"the encoder's forward-mode and reverse-mode derivatives disagree ({shown}, "
+                f"relative {rel:.2g}), and its forward computes in {names} inside (a "
+                "torch.autocast region, or a .half() / .bfloat16() cast): the two modes round "
+                "differently there, far above the checks' tolerance. Measure it in float64 "
+                "(ff.linearize(..., dtype=torch.float64): autocast leaves float64 alone, so "
+                "the encoder is measured without that rounding), or remove the low-precision "
+                "region")
         raise EncoderError(
             f"the encoder's forward-mode and reverse-mode derivatives disagree ({shown}, "
             f"relative {rel:.2g}): torch.no_grad()"
@@ -1214,12 +1234,15 @@ def prelu_as_where(input: Tensor, weight: Tensor) -> Tensor:
 FUNC_ROUTES: dict[Callable, Callable] = {torch.cdist: cdist_as_norm, torch.prelu: prelu_as_where}
 
 
-#: the precision a float64 copy's forward computes in float64 instead where it casts to it (a
-#: precision choice: RMSNorm's variance; a cast to float16 / bfloat16 is quantisation, a bit
-#: view of it can follow, and stays: the copy is then refused as computing below float64)
-_LOW_FLOATS = (torch.float32,)
-#: the tensor method that casts to it
-_LOW_CASTS = (Tensor.float,)
+#: the precisions a float64 copy's forward computes in float64 (complex128) instead where it
+#: casts to them (a precision choice: RMSNorm's variance, an FFT in complex64; a cast to
+#: float16 / bfloat16 is quantisation, a bit view of it can follow, and stays: the copy is then
+#: refused as computing below float64)
+_UPCAST = {torch.float32: torch.float64, torch.complex64: torch.complex128}
+#: the tensor methods that cast to them, and their float64 counterparts
+_LOW_CASTS = {Tensor.float: Tensor.double, Tensor.cfloat: Tensor.cdouble}
+#: the dtypes of a float64 copy's own tensors
+_HIGH = (torch.float64, torch.complex128)
 #: functions that make a new tensor of a given dtype from another's shape or device: their
 #: values (a seeded draw) depend on the dtype, which the float64 copy keeps
 _MAKERS = (Tensor.new_empty, Tensor.new_zeros, Tensor.new_ones, Tensor.new_full,
@@ -1235,8 +1258,9 @@ class FuncRoute(TorchFunctionMode):
     ``upcast`` (a float64 copy: the oracle's, the rounding checks', ``dtype=torch.float64``'s):
     a cast of a float64 (or integer) tensor to float32 inside forward (``.float()``,
     ``.to(torch.float32)``, a ``dtype=torch.float32`` argument of an op on it: the Hugging Face
-    LLaMA/T5 RMSNorm computes its variance so whatever the dtype, Mamba its scan) keeps float64,
-    so the copy is the same computation in float64 throughout (its products had float32
+    LLaMA/T5 RMSNorm computes its variance so whatever the dtype, Mamba its scan; also
+    ``.type(torch.FloatTensor)``) keeps float64, and one to complex64 (an FFT) complex128, so
+    the copy is the same computation in float64 throughout (its products had float32
     rounding, and the copy was refused as no oracle). Constants made in a dtype (a seeded
     ``randn(..., dtype=torch.float32)``) keep it: their values would change."""
 
@@ -1251,20 +1275,36 @@ class FuncRoute(TorchFunctionMode):
         # constant drawn or made in float32, randn(..., dtype=torch.float32, generator=g),
         # h.new_empty(..., dtype=torch.float32).normal_(generator=g), keeps its values)
         if (self.upcast and isinstance(first, Tensor) and func not in _MAKERS
-                and (first.dtype == torch.float64
+                and (first.dtype in _HIGH
                      or not (first.is_floating_point() or first.is_complex()))):
             if func in _LOW_CASTS:
-                func = Tensor.double
+                func = _LOW_CASTS[func]
+            elif func is Tensor.type:  # .type(torch.FloatTensor) / .type("torch.FloatTensor")
+                args = (first, *(_tensor_type64(a) for a in args[1:]))
             else:
-                args = tuple(torch.float64 if isinstance(a, torch.dtype) and a in _LOW_FLOATS
-                             else a for a in args)
+                args = tuple(_UPCAST.get(a, a) if isinstance(a, torch.dtype) else a
+                             for a in args)
                 dt = kwargs.get("dtype")
-                if isinstance(dt, torch.dtype) and dt in _LOW_FLOATS:
-                    kwargs = {**kwargs, "dtype": torch.float64}
+                if isinstance(dt, torch.dtype) and dt in _UPCAST:
+                    kwargs = {**kwargs, "dtype": _UPCAST[dt]}
         route = FUNC_ROUTES.get(func)
         if route is not None:
             return route(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def _tensor_type64(t: Any) -> Any:
+    """The float64 counterpart of a ``Tensor.type`` argument that names float32: a legacy
+    tensor type (``torch.FloatTensor``, ``torch.cuda.FloatTensor``), its name, or a dtype;
+    anything else as it is."""
+    if isinstance(t, torch.dtype):
+        return _UPCAST.get(t, t)
+    name = t if isinstance(t, str) else (
+        f"{getattr(t, '__module__', '')}.{getattr(t, '__name__', '')}" if isinstance(t, type)
+        else None)
+    if name in ("torch.FloatTensor", "torch.cuda.FloatTensor"):
+        return name.replace("FloatTensor", "DoubleTensor")
+    return t
 
 
 def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...], upcast: bool = False):

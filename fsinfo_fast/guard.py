@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .encoder import check_output
+from .encoder import check_input, check_output
 from .errors import InvalidInputError, InvalidInputTypeError, warn_user
 from .formulas import DIAG_FLOOR, HALF_LOG_2PIE
 from .result import SigmaResult, check_q
@@ -387,6 +387,8 @@ class FSInfoGuard(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
+        if not isinstance(x, Tensor):  # (a list met x.detach() or x.shape: a raw AttributeError)
+            check_input(x)
         sigma = None
         if self.per_sample:
             # before the encoder runs: one that writes into its input (x.mul_(), an in-place

@@ -22,9 +22,16 @@ Student-t factor and allowances count) and ``n_neg_inf`` (samples whose value is
 ``-inf``, a singular log det: ``mean`` is then ``-inf`` and ``stderr`` infinite).
 
 The encoder is referenced, not owned: it is not a submodule of the metric, so ``.to()``,
-``.half()`` and ``set_dtype`` move or cast the metric's states only (``set_dtype(torch.half)``
-cast the caller's model in place), and a module holding the metric does not save the encoder's
-weights twice. The counters are int64 states. A :class:`torchmetrics.MetricCollection` groups
+``.half()`` and ``set_dtype`` move the metric's states only (``set_dtype(torch.half)`` cast the
+caller's model in place), a module holding the metric does not save the encoder's weights
+twice, and a copy of the metric (``copy.deepcopy``, ``clone()``, and so torchmetrics'
+``MetricTracker`` and ``BootStrapper``) measures the same live encoder (a deep copy of it
+measured the weights as they were at ``MetricTracker.increment()``). The states keep their
+dtypes under ``set_dtype``: the sums float64 (in float16 a dFIL sum of 1e5 rounds by 32 and its
+square overflowed; the intervals assume float64 sums), the counters int64. A state dict loaded
+into a metric carries on where it stopped: its running sample ids continue from its ``count``
+(they restarted at 0, reusing the probes of samples already counted), and a cached
+``compute()`` result is dropped. A :class:`torchmetrics.MetricCollection` groups
 two of these metrics (``compute_groups``) only where they measure the same thing: a state
 ``settings`` holds a digest of the class, ``sigma``, variant, floor and prior, which also
 refuses a state dict saved from another metric.
@@ -32,6 +39,7 @@ refuses a state dict saved from another metric.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import numbers
@@ -42,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ._extras import require
+from .encoder import check_input
 from .errors import InvalidInputError
 from .formulas import DIAG_FLOOR
 
@@ -109,16 +118,26 @@ class _LeakageMetric(Metric):
     _DEFINING = {"variant": "diag", "floor": DIAG_FLOOR, "prior_var": None}
 
     def _apply(self, fn: Callable, exclude_state: Any = "") -> Any:
-        """torchmetrics' ``_apply`` (``.to()``, ``set_dtype``), except that the int64 counters
-        and the settings digest keep their dtype (``set_dtype(torch.half)`` counted 3004 of
-        3003 samples, and would have rounded the digest); they follow the device."""
-        keep = (*_COUNTERS, "settings")
-        this = super()._apply(fn, exclude_state=(*exclude_state, *keep))
+        """torchmetrics' ``_apply`` (``.to()``, ``set_dtype``), except that every state keeps
+        its dtype and follows the device only: the sums float64, the int64 counters
+        (``set_dtype(torch.half)`` counted 3004 of 3003 samples, summed dFIL values of 7e5 to
+        inf and rounded the mean by 40 of its half-widths) and the settings digest. A cached
+        ``compute()`` result is dropped (recomputed from the states)."""
+        self._computed = None
+        this = super()._apply(fn, exclude_state=(*exclude_state, *self._defaults))
         dev = this._device
-        for k in keep:
+        for k in self._defaults:
+            if k in exclude_state:
+                continue
             this._defaults[k] = this._defaults[k].to(dev)
             setattr(this, k, getattr(this, k).to(dev))
         return this
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        """A copy that references the same encoder (module doc): the default deep copy
+        otherwise, as :func:`copy.deepcopy` makes it."""
+        memo[id(self.encoder)] = self.encoder
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
     def _defining(self) -> tuple:
         """What the values measure: the class, sigma, and the :attr:`_DEFINING` keywords."""
@@ -142,7 +161,11 @@ class _LeakageMetric(Metric):
                 f"{self.noise_sigma!r}, " + ", ".join(
                     f"{k} {self.metric_kwargs.get(k, v)!r}" for k, v in self._DEFINING.items())
                 + "); load it into a metric built with the same sigma, variant, floor and prior")
+        counted = prefix + "count" in state_dict  # (torchmetrics pops the states it loads)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if counted:  # carry on where it stopped: ids past the samples counted, no stale compute
+            self._next_id = int(self.count)
+            self._computed = None
 
     def merge_state(self, incoming_state: Any) -> None:
         """Add another metric's states (or a state dict) to this one's, as torchmetrics does;
@@ -196,6 +219,7 @@ class _LeakageMetric(Metric):
     def update(self, x: Tensor, sample_ids: Tensor | None = None) -> None:
         """Add a batch ``x`` (``[B, ...]``); ``sample_ids`` (``[B]`` int64 global ids) seed
         each sample's probes (default: the running count of samples seen)."""
+        check_input(x)  # before a running id is spent on it
         r = self._evaluate(x, sample_ids)
         dev = self.total.device
         v = r.value.detach().to(device=dev, dtype=torch.float64)
@@ -215,7 +239,7 @@ class _LeakageMetric(Metric):
         self.n_unconverged += (~r.converged).sum().to(dev)
         self.n_bound += r.bound.sum().to(dev)
         self.n_neg_inf += neg_inf.sum()
-        self.worst = torch.maximum(self.worst, v.max().to(self.worst.dtype))  # (set_dtype's)
+        self.worst = torch.maximum(self.worst, v.max())
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count

@@ -231,14 +231,15 @@ def test_transformers_vit_from_config_without_eval():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
 
 
-def test_metric_states_keep_the_dtype_set_dtype_gave_them():
-    # `worst` went back to float64 at the next update (torch.maximum promoted it)
+def test_metric_states_keep_one_dtype_under_set_dtype():
+    # `worst` went back to float64 at the next update (torch.maximum promoted it) while the
+    # sums stayed float32; every float state now keeps float64 (test_fuzz_round18.py)
     net = _net()
     m = ff.DFILMetric(net, sigma=0.1)
     m.set_dtype(torch.float32)
     m.update(torch.rand(2, 3, 8, 8))
     assert {k: getattr(m, k).dtype for k in ("total", "worst")} == {
-        "total": torch.float32, "worst": torch.float32}
+        "total": torch.float64, "worst": torch.float64}
 
 
 def test_float64_sigma_star_is_not_near_the_floor_asymptote():
