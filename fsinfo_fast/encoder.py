@@ -14,12 +14,15 @@ import copy
 import dataclasses
 import itertools
 import math
+import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _global_hooks
 from torch.overrides import TorchFunctionMode
@@ -266,8 +269,14 @@ def _note_batch(err: BaseException, x: Tensor) -> None:
 def check_input(x: object) -> Tensor:
     """Raise unless ``x`` is a non-empty, finite, floating-point batch ``[B, ...]``."""
     if not isinstance(x, Tensor):
+        hint = ""
+        if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
+            hint = (": a data loader's (inputs, labels) batch? Pass the inputs only, e.g. "
+                    "batch[0]")
+        elif isinstance(x, Mapping) and isinstance(x.get("pixel_values"), Tensor):
+            hint = ": a Hugging Face style batch? Pass its inputs, batch['pixel_values']"
         raise InvalidInputTypeError(
-            f"x must be a torch.Tensor batch of shape [B, ...], got {type(x).__name__}"
+            f"x must be a torch.Tensor batch of shape [B, ...], got {type(x).__name__}{hint}"
         )
     if not x.is_floating_point():
         raise InvalidInputTypeError(
@@ -448,13 +457,16 @@ _VALIDATION_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
-               versions: bool | None = None) -> tuple:
+               versions: bool | None = None, attributes: bool = True) -> tuple:
     """Cache key: input shape, dtypes, device, training flags, the forward hooks and
     forward-pre hooks of every submodule and the global module hooks (by handle id: a hook
     registered or removed after a validation changes the function), a forward assigned on an
     instance, parameter identities and storages (``data_ptr``: ``p.data = t`` keeps the
-    parameter and swaps its values), and with ``versions`` (default: where a dtype cast makes a
-    copy) their in-place versions.
+    parameter and swaps its values), the plain attributes of every submodule (scalars, strings
+    and tuples of them: a LeakyReLU's ``negative_slope``, a convolution's ``padding``, a
+    scale set on a custom module; tensors kept as plain attributes by identity and storage),
+    and with ``versions`` (default: where a dtype cast makes a copy) the tensors' in-place
+    versions. ``attributes=False`` leaves the attributes out (:func:`attributes_key` alone).
 
     An in-place edit through ``.data`` (``p.data.mul_(3)``) changes neither the version nor the
     storage: the key cannot see it, so a cached cast copy is refreshed from the live module at
@@ -466,11 +478,68 @@ def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
         tensors = [t for m in mods for t in itertools.chain(m._parameters.values(),
                                                              m._buffers.values())
                    if t is not None]
+        versioned = (dtype is not None) if versions is None else versions
         key += (tuple(m.training for m in mods), tuple(id(t) for t in tensors),
-                tuple(t.data_ptr() for t in tensors), forward_hooks_key(mods))
-        if (dtype is not None) if versions is None else versions:
+                tuple(t.data_ptr() for t in tensors), forward_hooks_key(mods),
+                attributes_key(mods, versioned) if attributes else ())
+        if versioned:
             key += (tuple(t._version for t in tensors),)
     return key
+
+
+def attributes_key(mods: list[nn.Module], versions: bool) -> tuple:
+    """The plain attributes of ``mods`` that define their function besides the weights: an
+    edit of one (``LeakyReLU.negative_slope``, ``Conv2d.padding``) kept an earlier
+    validation's float64 copy, whose values then served the exact routes (a dFIL 134x off
+    with a zero-width interval), and a ``Linearization`` mixed the two functions' probes.
+    Scalars, strings and tuples or lists of them by value; a tensor kept as a plain attribute
+    (not a parameter or buffer) by identity and storage (and version). A counter that the
+    forward itself increments changes it too: the validation cache then validates every batch
+    afresh, and :class:`~fsinfo_fast.Linearization` checks that the function is the same
+    (:func:`computes_the_same`) instead of refusing."""
+    out = []
+    simple, skip = _SIMPLE_TYPES, _MODULE_DICTS
+    for i, m in enumerate(mods):
+        for k, v in m.__dict__.items():
+            t = type(v)
+            if t in simple:
+                out.append((i, k, v))
+            elif t in skip:  # (nn.Module's own dicts and sets: parameters, hooks, ...)
+                continue
+            elif t is tuple or t is list:
+                if all(type(e) in simple for e in v):
+                    out.append((i, k, tuple(v)))
+            elif isinstance(v, Tensor):
+                out.append((i, k, id(v), v.data_ptr(), v._version if versions else 0))
+    return tuple(out)
+
+
+#: the exact types :func:`attributes_key` reads by value, and those it skips at once
+_SIMPLE_TYPES = frozenset((bool, int, float, str, type(None)))
+_MODULE_DICTS = frozenset((dict, set, OrderedDict))
+
+
+def computes_the_same(enc: PreparedEncoder) -> bool:
+    """Whether ``enc``'s function still gives, at its batch, the output and the seeded VJP
+    (:attr:`PreparedEncoder.seen`) its validation saw, to the validation's tolerance (float32's
+    ``1e-4`` or float64's ``1e-9``, relative to the largest entry): what an attribute change
+    that the structural key cannot judge (a counter, or a LeakyReLU slope) is checked by."""
+    tol = _VALIDATION_TOL[torch.float64 if enc.x.dtype == torch.float64 else torch.float32]
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
+        return a.shape == b.shape and float((a - b).abs().max()) <= tol * (
+            float(b.abs().max()) + 1e-30)
+
+    with torch.enable_grad():
+        xr = enc.x.detach().requires_grad_(True)
+        out = enc.fn(xr)
+        if not close(out, enc.y):
+            return False
+        if enc.seen is None or not out.requires_grad:
+            return True
+        (grad,) = torch.autograd.grad(out, xr, grad_outputs=_adjoint_u(out), allow_unused=True)
+    return grad is not None and close(grad, enc.seen)
 
 
 def _submodules(module: nn.Module) -> list[nn.Module]:
@@ -554,6 +623,12 @@ def check_same_function(enc: PreparedEncoder, enc64: PreparedEncoder) -> None:
     if enc.x.dtype == torch.float64:
         return
     y, y64 = enc.y.to(torch.float64), enc64.y
+    if y.shape != y64.shape:
+        raise EncoderError(
+            f"the encoder's float64 copy gives outputs of shape {tuple(y64.shape[1:])} where "
+            f"it gives {tuple(y.shape[1:])} in {enc.x.dtype}: its forward depends on the "
+            "dtype (or the copy is stale: a plain attribute changed that the validation cache "
+            "does not see); dtype=torch.float64 computes the metrics in float64")
     scale = float(y64.abs().max())
     err = float((y - y64).abs().max())
     if not err <= SAME_FUNCTION_RTOL * scale + 1e-30:
@@ -1228,10 +1303,35 @@ def prelu_as_where(input: Tensor, weight: Tensor) -> Tensor:
     return torch.where(input > 0, input, weight * input)
 
 
+def batch_norm_eval_as_affine(input: Tensor, running_mean: Tensor | None,
+                              running_var: Tensor | None, weight: Tensor | None = None,
+                              bias: Tensor | None = None, training: bool = False,
+                              momentum: float | None = 0.1, eps: float = 1e-5) -> Tensor:
+    """``F.batch_norm`` with running statistics (eval mode) as the affine map it is, ``x *
+    (w / sqrt(var + eps)) + (b - mean w / sqrt(var + eps))`` per channel: the same values up to
+    rounding. Under ``vmap`` PyTorch's batched backward of ``batch_norm`` is wrong where the
+    cotangent reaches it through ``flatten(2).transpose(1, 2)`` (torch 2.13, relative error
+    1.2: transformers LeViT's patch embedding, a convolution and BatchNorm turned into tokens),
+    which the vmap check refused as a wrong batching rule. Batch statistics (training, or no
+    running statistics: InstanceNorm's view) go to PyTorch's op."""
+    if training or running_mean is None or running_var is None:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum,
+                            eps)
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    scale = torch.rsqrt(running_var + eps)
+    if weight is not None:
+        scale = weight * scale
+    shift = -running_mean * scale if bias is None else bias - running_mean * scale
+    return input * scale.reshape(shape) + shift.reshape(shape)
+
+
 #: ops PyTorch differentiates wrongly, not at all or inconsistently between its modes under
 #: torch.func, and the equivalent primitives run instead (:class:`FuncRoute`; the engine's
 #: capture routes them too)
 FUNC_ROUTES: dict[Callable, Callable] = {torch.cdist: cdist_as_norm, torch.prelu: prelu_as_where}
+#: the same, for torch.func's routes only (the engine has its own rule for them)
+_TORCH_FUNC_ROUTES: dict[Callable, Callable] = {**FUNC_ROUTES,
+                                                F.batch_norm: batch_norm_eval_as_affine}
 
 
 #: the precisions a float64 copy's forward computes in float64 (complex128) instead where it
@@ -1287,7 +1387,7 @@ class FuncRoute(TorchFunctionMode):
                 dt = kwargs.get("dtype")
                 if isinstance(dt, torch.dtype) and dt in _UPCAST:
                     kwargs = {**kwargs, "dtype": _UPCAST[dt]}
-        route = FUNC_ROUTES.get(func)
+        route = _TORCH_FUNC_ROUTES.get(func)
         if route is not None:
             return route(*args, **kwargs)
         return func(*args, **kwargs)
@@ -1318,6 +1418,20 @@ def _flat_fn(enc: Callable[[Tensor], Tensor], in_shape: tuple[int, ...], upcast:
     return fn
 
 
+#: PyTorch's note that an op has no batching rule, so ``vmap`` runs it in a loop (transformers'
+#: scaled_dot_product attention backward on a CPU): slower, the same values
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching"
+
+
+@contextlib.contextmanager
+def quiet_vmap_loop() -> Iterator[None]:
+    """Silence :data:`_NO_BATCHING_RULE` inside (every transformers attention model printed
+    it at validation, as if something were wrong)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE, category=UserWarning)
+        yield
+
+
 def _vmap_disagreement(fn: Callable[[Tensor], Tensor], x0: Tensor, u0: Tensor,
                        y0: Tensor) -> tuple[float, float] | None:
     """``(err, scale)``: the largest difference between torch.func's batched (vmap) VJP of
@@ -1328,7 +1442,8 @@ def _vmap_disagreement(fn: Callable[[Tensor], Tensor], x0: Tensor, u0: Tensor,
     try:
         with torch.enable_grad():
             _, pull = torch.func.vjp(fn, x0)
-            got = torch.func.vmap(lambda w: pull(w)[0])(torch.stack([other, u0]))[1]
+            with quiet_vmap_loop():
+                got = torch.func.vmap(lambda w: pull(w)[0])(torch.stack([other, u0]))[1]
             ref = pull(u0)[0]
     except Exception:  # noqa: BLE001  (no batching rule, no torch.func support: said elsewhere)
         return None

@@ -66,9 +66,12 @@ from .encoder import (
     COMPILED_NOTE,
     PreparedEncoder,
     _signature,
+    _submodules,
+    attributes_key,
     check_same_function,
     check_sigma,
     check_target,
+    computes_the_same,
     prepare,
     uncompiled,
     working_dtype,
@@ -508,19 +511,32 @@ class Linearization:
         self._no_exact: str | None = None  # why the exact routes cannot run ("" : they can)
         self._replan = False  # auto just found them unavailable: plan the request again
 
-    def _state(self) -> tuple:
-        """The encoder's state as the validation cache keys it, with in-place versions."""
-        return _signature(uncompiled(self.encoder), self.x, None, versions=True)
+    def _state(self) -> tuple[tuple, tuple]:
+        """The encoder's state as the validation cache keys it, with in-place versions: the
+        weights, hooks and modes, and apart the modules' plain attributes."""
+        enc = uncompiled(self.encoder)
+        mods = _submodules(enc) if isinstance(enc, nn.Module) else []
+        return (_signature(enc, self.x, None, versions=True, attributes=False),
+                attributes_key(mods, True))
 
     def _check_unchanged(self) -> None:
         """Raise :class:`EncoderError` where the encoder changed since construction (the
-        memoised probes and the exact routes would describe two different functions)."""
-        if self._state() != self._built_as:
+        memoised probes and the exact routes would describe two different functions). Where
+        only a plain attribute changed (a counter the forward increments, or a LeakyReLU's
+        slope), the function decides: its output and seeded VJP at the batch are computed
+        again (:func:`~fsinfo_fast.encoder.computes_the_same`)."""
+        base, attrs = self._state()
+        if base == self._built_as[0] and attrs != self._built_as[1] and \
+                computes_the_same(self.enc):
+            self._built_as = (base, attrs)
+        if (base, attrs) != self._built_as:
             raise EncoderError(
                 "the encoder changed since this Linearization was built (a parameter or "
-                "buffer updated in place or replaced, a hook added or removed, or the train / "
-                "eval mode switched): a Linearization describes the encoder at construction, "
-                "and its held probes would mix the two. Call ff.linearize(encoder, x) again "
+                "buffer updated in place or replaced, a hook added or removed, the train / "
+                "eval mode switched, or a module attribute such as a LeakyReLU's slope or a "
+                "convolution's padding set): a Linearization describes the encoder at "
+                "construction, and its held probes would mix the two. Call ff.linearize(encoder, "
+                "x) again "
                 "for the new encoder")
 
     # -- basic properties --------------------------------------------------------------------

@@ -188,6 +188,14 @@ def insert(
         raise InvalidInputTypeError(
             f"insert() needs an nn.Module layer, got {type(layer).__name__}"
         )
+    from .guard import FSInfoGuard
+
+    if isinstance(layer, FSInfoGuard):  # (it runs its encoder: the smashed data encoded again)
+        raise InvalidInputTypeError(
+            "insert() applies the layer to the smashed data, and an FSInfoGuard runs its encoder "
+            "on its input: insert the noise it calibrated instead, "
+            "insert(model, at, GaussianNoise(guard.sigma)) (from fsinfo_fast.guard import "
+            "GaussianNoise; guard.sigma after guard.calibrate(...))")
     opts = _Options.make(occurrence, None, None, route, "insert()")
     return _locate(model, at, "insert()", opts).with_layer(layer)
 
@@ -841,9 +849,17 @@ def _fmt_points(points: list[str]) -> str:
 
 
 def _close_modules(model: nn.Module, name: str) -> str:
-    close = difflib.get_close_matches(
-        name, [n for n, _ in model.named_modules() if n], n=5, cutoff=0.6
-    )
+    """`` Did you mean ...?`` with module paths of ``model`` close to ``name``: by the whole
+    path, else by the last two components (a path under a wrapper or in another version's
+    naming: ``encoder.layer.0`` on a ``ViTForImageClassification``, whose layer is
+    ``vit.layers.0``)."""
+    paths = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(name, paths, n=5, cutoff=0.6)
+    if not close:
+        tail = ".".join(name.split(".")[-2:])
+        scored = [(difflib.SequenceMatcher(None, tail, ".".join(p.split(".")[-2:])).ratio(), p)
+                  for p in paths]
+        close = [p for r, p in sorted(scored, key=lambda t: -t[0]) if r >= 0.8][:3]
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 
@@ -1062,9 +1078,11 @@ def _cut_at_node(model: nn.Module, name: str, points: list[str] | None) -> _Cut:
     try:
         graph = fx.Tracer().trace(model)
     except Exception as err:
+        top = _fmt_list((n for n, _ in model.named_children()), limit=10)
         raise SplitError(
-            f"{name!r} is not a module path of {cls}.{_close_modules(model, name)} It could be a "
-            f"torch.fx node name, but {_untraceable(model, name, err)}"
+            f"{name!r} is not a module path of {cls}.{_close_modules(model, name)} Top-level "
+            f"modules: {top} (print(model) or model.named_modules() lists the rest). It could "
+            f"be a torch.fx node name, but {_untraceable(model, name, err)}"
         ) from err
     by_name = {n.name: n for n in graph.nodes}
     node = by_name.get(name)

@@ -215,3 +215,229 @@ def test_a_module_whose_copy_mixes_dtypes_is_not_told_to_pass_a_module():
     with pytest.raises(ff.EncoderError, match="register_buffer") as err:
         ff.fsinfo(_PlainAttr().eval(), torch.randn(2, 8), sigma=0.1, estimator="exact")
     assert "Pass an nn.Module" not in str(err.value)
+
+
+def _autograd_fsinfo_diag(enc, x, sigma, floor):
+    """FSInfo_diag from per-sample Jacobians by plain autograd (no vmap) of the float64
+    encoder ``enc``: the ground truth."""
+    import math
+
+    vals = []
+    for i in range(x.shape[0]):
+        xi = x[i:i + 1].double()
+        J = torch.autograd.functional.jacobian(lambda v: enc(v).reshape(-1), xi).reshape(
+            -1, xi.numel())
+        col = (J**2).sum(0)
+        vals.append(0.5 * torch.log(col / sigma**2 + floor).mean()
+                    - 0.5 * math.log(2 * math.pi * math.e))
+    return torch.stack(vals)
+
+
+class _ConvBNTokens(nn.Module):
+    """A convolution and an eval BatchNorm turned into tokens (LeViT's patch embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).flatten(2).transpose(1, 2)
+
+
+def test_batch_norm_before_tokens_is_measured():
+    """PyTorch's batched (vmap) backward of an eval ``batch_norm`` is wrong where the
+    cotangent reaches it through ``flatten(2).transpose(1, 2)`` (torch 2.13, relative 1.2),
+    so the vmap check refused such an encoder (transformers LeViT at 32 px) as a wrong
+    batching rule. torch.func's routes compute eval BatchNorm as its affine map: accepted, and
+    the oracle and both backends agree with plain autograd's per-sample Jacobians."""
+    from fsinfo_fast.encoder import batch_norm_eval_as_affine
+
+    enc = _ConvBNTokens().eval().double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    bn = enc.bn
+    h = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(
+        batch_norm_eval_as_affine(h, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                  False, 0.1, bn.eps), bn(h), rtol=1e-13, atol=1e-13)
+    truth = _autograd_fsinfo_diag(enc, x, 0.1, 1e-10)
+    torch.testing.assert_close(ff.fsinfo(enc, x, 0.1, estimator="exact").value, truth,
+                               rtol=1e-10, atol=0)
+    for backend in ("torch", "engine"):
+        r = ff.fsinfo(enc, x, 0.1, backend=backend, estimator="randomized", seed=1)
+        assert bool(((r.value - truth).abs() <= 2 * r.ci_halfwidth).all()), (backend, r.value)
+
+
+def test_transformers_levit_is_measured_at_32px():
+    pytest.importorskip("transformers")
+    from fsinfo_fast.models.third_party import build
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    enc = ff.split(build("levit", size=32), at="patch_embeddings")
+    lin = ff.linearize(enc, x, seed=0)
+    enc64 = ff.split(build("levit", size=32).double(), at="patch_embeddings")  # same weights
+    truth = _autograd_fsinfo_diag(enc64, x, 0.1, 1e-10)
+    torch.testing.assert_close(lin.exact().fsinfo(0.1, "diag").value, truth, rtol=1e-9,
+                               atol=0)
+    r = lin.fsinfo(0.1)
+    assert bool(((r.value - truth).abs() <= r.ci_halfwidth).all())
+
+
+def _leaky(slope):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.LeakyReLU(slope),
+                         nn.Linear(12, 8)).eval()
+
+
+def test_a_module_attribute_edit_is_a_new_encoder():
+    """A plain attribute (a LeakyReLU's slope) edited after ``ff.linearize``: the
+    Linearization went on and mixed its held probes of the old function with new ones (an
+    interval covering neither), and a new ``ff.linearize`` reused the validation cache's float64
+    copy with the old slope, refused as "another function in float64". Both now see it."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 16)
+    enc = _leaky(0.01)
+    lin = ff.linearize(enc, x, seed=1)
+    lin.fsinfo(0.1, estimator="randomized", atol=0.05)
+    lin.exact()
+    enc[2].negative_slope = 0.03
+    with pytest.raises(ff.EncoderError, match="module attribute"):
+        lin.fsinfo(0.1, estimator="randomized", atol=0.02)
+    again, fresh = ff.linearize(enc, x, seed=1), ff.linearize(_leaky(0.03), x, seed=1)
+    for call in (lambda v: v.exact().fsinfo(0.1, "diag").value, lambda v: v.fsinfo(0.1).value,
+                 lambda v: v.dfil(0.1).value):
+        torch.testing.assert_close(call(again), call(fresh), rtol=1e-12, atol=0)
+
+
+class _Scale(nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, t):
+        return torch.tanh(t * self.s)
+
+
+def _saturated(s):
+    m = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), _Scale(s)).eval()
+    with torch.no_grad():
+        m[1].weight.copy_(torch.eye(4))
+        m[1].bias.zero_()
+    return m
+
+
+def test_an_attribute_edit_does_not_reach_the_lost_columns_through_a_stale_copy():
+    """A saturated tanh whose scale changes from 4 to 4.5: float32 outputs identical, so the
+    same-function check passed, and the columns float32 loses were recomputed on the cached
+    float64 copy with the old scale (dFIL 134x the truth, a zero-width interval). The new
+    ``ff.linearize`` now builds a fresh copy: the fresh model's values."""
+    torch.manual_seed(5)
+    x = 2.5 + 0.5 * torch.rand(2, 4)
+    enc = _saturated(4.0)
+    ff.linearize(enc, x, seed=1).dfil(0.1)
+    enc[2].s = 4.5
+    got = ff.linearize(enc, x, seed=1).dfil(0.1)
+    want = ff.linearize(_saturated(4.5), x, seed=1).dfil(0.1)
+    torch.testing.assert_close(got.value, want.value, rtol=1e-9, atol=0)
+    assert bool(((got.value - want.value).abs() <= got.ci_halfwidth + 1e-30).all())
+
+
+def _spike(d=1000):
+    """A linear encoder ``d x d`` with one singular value 1 over a flat 1e-3 bulk."""
+    g = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    s = torch.full((d,), 1e-3, dtype=torch.float64)
+    s[0] = 1.0
+    lin = nn.Linear(d, d, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(((U * s) @ V.T).float())
+    return lin.eval(), torch.rand(1, d, generator=torch.Generator().manual_seed(1))
+
+
+def test_auto_does_not_accept_a_stage_cut_by_the_cap():
+    """The log det with a prior under ``auto`` on a rank-one spike over a flat bulk (d = m =
+    1000) ran SLQ to its cap of 16 probes: stage 2 cut there met the tolerance by its own 6
+    probes' spread where that came out low, and such results missed 30 of 200 seeds (all
+    ``converged``; seed 8 by 7.3 half-widths). Under ``auto`` a stage cut by the cap is no
+    longer converged: the exact route answers. An explicit estimator keeps its capped
+    result (seed 8: converged, the interval missing the oracle, as before)."""
+    enc, x = _spike()
+    r = ff.linearize(enc, x, seed=8).fsinfo(0.1, variant="logdet", prior_var=1.0)
+    assert r.estimator == "exact" and "within 16 probes" in r.info["auto"]
+    truth = r.value  # (the exact route: the oracle)
+    capped = ff.linearize(enc, x, seed=8).fsinfo(0.1, variant="logdet", prior_var=1.0,
+                                                 estimator="randomized", max_probes=16)
+    assert bool(capped.converged.all())
+    assert not bool(((capped.value - truth).abs() <= capped.ci_halfwidth).all())
+
+
+def test_guard_reports_no_accuracy_of_a_users_model_on_bundled_labels(tmp_path):
+    """``fsinfo-fast guard --model mymodule:builder --data digits`` reported "acc clean 0.0%"
+    against digit labels the model was never trained on (any model with 10 or more outputs
+    passed the label check); accuracy is now not measured there, and the note says why."""
+    import json
+
+    from fsinfo_fast.cli import main
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "g.json"
+    assert main(["guard", "--model", "fsinfo_fast.models.third_party:vit_classifier_small32",
+                 "--data", "digits", "--splits", "vit.layers.0", "--max-samples", "4",
+                 "--calibration", "2", "--quiet", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["accuracy_clean"] is None
+    assert "are not the classes of --model" in rep["accuracy_note"]
+
+
+def test_a_loader_batch_is_refused_with_what_to_pass():
+    enc = _enc()
+    x = torch.randn(2, 8)
+    with pytest.raises(InvalidInputTypeError, match=r"Pass the inputs only, e.g. batch\[0\]"):
+        ff.FSInfoMetric(enc, sigma=0.1).update((x, torch.tensor([0, 1])))
+    with pytest.raises(InvalidInputTypeError, match="batch\\['pixel_values'\\]"):
+        ff.fsinfo(enc, {"pixel_values": x}, sigma=0.1)
+
+
+def test_model_spec_accepts_a_file_path(tmp_path, monkeypatch):
+    """``--model mymodels.py:build`` said "No module named 'mymodels.py'"; a path to a file
+    with the function is accepted (relative to the current directory or absolute)."""
+    from fsinfo_fast.profile.errors import ModelSpecError
+    from fsinfo_fast.profile.sources import build_model
+
+    sub = tmp_path / "models dir"
+    sub.mkdir()
+    (sub / "mymodels.py").write_text(
+        "import torch\n"
+        "def build():\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3)).train()\n")
+    monkeypatch.chdir(tmp_path)
+    m = build_model("models dir/mymodels.py:build")
+    assert isinstance(m, nn.Sequential) and not m.training
+    assert isinstance(build_model(f"{sub}/mymodels.py:build"), nn.Sequential)
+    with pytest.raises(ModelSpecError, match="no file"):
+        build_model("nowhere/mymodels.py:build")
+    with pytest.raises(ModelSpecError, match="has no function"):
+        build_model("models dir/mymodels.py:missing")
+
+
+def test_split_suggests_the_path_under_a_wrapper():
+    """``encoder.layer.0`` (the classic Hugging Face name) on a ``ViTForImageClassification``
+    got no suggestion, and the module list came after a long torch.fx trace error; the
+    suggestion now matches the last components, and the top-level modules come first."""
+    pytest.importorskip("transformers")
+    from fsinfo_fast.errors import SplitError
+    from fsinfo_fast.models.third_party import build
+
+    model = build("vit", size=32, num_labels=10)
+    with pytest.raises(SplitError) as err:
+        ff.split(model, at="encoder.layer.0")
+    msg = str(err.value)
+    assert "Did you mean 'vit.layers.0'" in msg
+    assert msg.index("Top-level modules: vit, classifier") < msg.index("torch.fx (")

@@ -92,3 +92,25 @@ def test_readme_third_party_example_runs_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", "import torch; torch.manual_seed(0)\n" + check],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_readme_guard_deployment_runs():
+    """The README's deployment of a calibrated sigma: the model with the noise inserted
+    computes the clean model's output plus the noise's effect (same shape; zero noise gives the
+    clean output), and inserting the guard itself is refused."""
+    import fsinfo_fast as ff
+    from fsinfo_fast.errors import InvalidInputTypeError
+    from fsinfo_fast.guard import GaussianNoise
+    from fsinfo_fast.split import insert
+
+    (code,) = [b for b in _blocks("python") if "GaussianNoise(guard.sigma)" in b]
+    ns: dict = {}
+    torch.manual_seed(0)
+    exec(compile(code, str(README), "exec"), ns)  # noqa: S102 - the README's own example
+    guard, model = ns["guard"], ns["model"]
+    assert float(guard.sigma) > 0
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(insert(model, 2, GaussianNoise(0.0))(x), model(x))
+    with pytest.raises(InvalidInputTypeError, match="GaussianNoise"):
+        insert(model, 2, guard)
+    assert ff.split(model, at=2)(x).shape[0] == 2

@@ -872,20 +872,31 @@ def test_guard_cli_on_a_transformers_classifier(tmp_path):
     pytest.importorskip("transformers")
     import json
 
+    from PIL import Image
+
     from fsinfo_fast.cli import main
     from fsinfo_fast.models.third_party import convnext_classifier_small32
     from fsinfo_fast.profile.guard_cmd import class_scores
     from fsinfo_fast.profile.sources import load_data, resolve_splits
 
+    # labelled data of the model's own classes (class sub-folders 0 and 1): the bundled sets'
+    # labels are not a user model's classes, so guard does not measure accuracy on them
+    folder = tmp_path / "images"
+    nat = load_data("natural", 16, 0, 4).x
+    for i in range(4):
+        (folder / str(i % 2)).mkdir(parents=True, exist_ok=True)
+        img = (nat[i].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(img).save(folder / str(i % 2) / f"{i}.png")
     out = tmp_path / "guard.json"
     args = ["guard", "--model", "fsinfo_fast.models.third_party:convnext_classifier_small32",
-            "--data", "natural", "--size", "16", "--max-samples", "4", "--calibration", "2",
+            "--data", str(folder), "--size", "16", "--max-samples", "4", "--calibration", "2",
             "--splits", "convnext.encoder.stages.1", "--estimator", "exact",
             "--noise-draws", "1", "--out", str(out), "--quiet"]
     assert main(args) == 0
     rep = json.loads(out.read_text())
     model = convnext_classifier_small32()
-    data = load_data("natural", 16, 0, 4)
+    data = load_data(str(folder), 16, 0, 4)
+    assert sorted(data.y.tolist()) == [0, 0, 1, 1]
     (spec,) = resolve_splits(model, "convnext.encoder.stages.1")
     assert (spec.index, spec.route) == (1, "hooks") and "cannot trace" in spec.route_reason
     (row,) = rep["splits"]

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None
 
 #: architectures of the test matrix (small configs)
 MATRIX = ("vit", "deit", "dinov2", "swin", "convnext", "resnet", "mobilenetv2", "segformer",
-          "regnet")
+          "regnet", "levit")
 #: the ones whose float64 oracle Jacobian takes longest (Swin ~30 s on 2 busy cores): marked slow
 SLOW = ("dinov2", "swin", "mobilenetv2", "segformer")
 PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MATRIX]

@@ -19,7 +19,7 @@ from torch.func import vjp as _vjp
 from torch.func import vmap
 
 from .._sysinfo import available_memory_bytes
-from ..encoder import PreparedEncoder, func_error, func_errors
+from ..encoder import PreparedEncoder, func_error, func_errors, quiet_vmap_loop
 from ..errors import InvalidInputError
 
 __all__ = ["TorchFuncProducts", "default_memory_budget"]
@@ -129,7 +129,8 @@ class TorchFuncProducts:
             try:
                 if loop_ok and self._loop_probes:
                     return torch.stack([f(T[:, j]) for j in range(k)], dim=1)
-                return vmap(f, in_dims=1, out_dims=1, chunk_size=cs)(T)
+                with quiet_vmap_loop():
+                    return vmap(f, in_dims=1, out_dims=1, chunk_size=cs)(T)
             except torch.OutOfMemoryError as err:
                 if cs == 1:
                     raise torch.OutOfMemoryError(

@@ -100,6 +100,10 @@ def _small(size: int) -> dict[str, tuple[str, str, dict[str, Any]]]:
             num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2])),
         "regnet": ("RegNetModel", "RegNetConfig", dict(
             embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], groups_width=8)),
+        # convolutions and BatchNorm turned into tokens, attention with BatchNorm'd projections
+        "levit": ("LevitModel", "LevitConfig", dict(
+            image_size=size, patch_size=16, hidden_sizes=[16, 24, 32],
+            num_attention_heads=[1, 2, 2], depths=[1, 1, 1], key_dim=[8, 8, 8])),
     }
 
 
@@ -123,6 +127,7 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "mobilenetv2": ("layer.1", "layer.3"),
     "segformer": ("stages.0", "stages.1"),
     "regnet": ("encoder.stages.0", "encoder.stages.1"),
+    "levit": ("patch_embeddings", "encoder.stages.0"),
     "vit_b16": ("layers.3", "layers.7"),
     "convnext_tiny": ("encoder.stages.1", "encoder.stages.2"),
 }

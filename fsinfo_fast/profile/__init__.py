@@ -152,8 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ProfileConfig()
     g = parser.add_argument_group("model and data")
     g.add_argument("--model", default=d.model,
-                   help=f"zoo model (vgg5, vgg9, resnet18) or package.module:function returning "
-                        f"an nn.Module (default {d.model})")
+                   help=f"zoo model (vgg5, vgg9, resnet18, resnet50), package.module:function or "
+                        f"path/to/file.py:function returning an nn.Module (default {d.model})")
     g.add_argument("--checkpoint", default=None,
                    help="weights file, read with torch.load(weights_only=True) only (default: a "
                         "zoo model is trained briefly on bundled data)")

@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("model and data (as for profile)")
     g.add_argument("--model", default="vgg5",
-                   help="zoo model (vgg5, vgg9, resnet18) or package.module:function (default "
-                        "vgg5, trained briefly on the bundled data)")
+                   help="zoo model (vgg5, vgg9, resnet18, resnet50), package.module:function or "
+                        "path/to/file.py:function (default vgg5, trained briefly on the bundled "
+                        "data)")
     g.add_argument("--checkpoint", default=None,
                    help="weights file, read with torch.load(weights_only=True) only")
     g.add_argument("--data", default="digits",
@@ -103,10 +104,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="95%% half-width of FSInfo at sigma = 1, nats/dim (default 0.01)")
     c.add_argument("--backend", default="auto", help="product backend (default auto)")
     r = parser.add_argument_group("run")
-    r.add_argument("--batch-size", type=_positive_int, default=32, help="samples per batch")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    r.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="samples per batch (default 32)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     r.add_argument("--seed", type=int, default=0,
-                   help="seed of the probes, the noise and the demo model's training")
+                   help="seed of the probes, the noise and the demo model's training (default 0)")
     r.add_argument("--out", default=None, metavar="FILE.json", help="write the results as JSON")
     r.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from FILE.json.partial.pt beside --out")
@@ -285,7 +287,7 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     from ..linearization import linearize
     from .distributed import resolve_device
     from .runner import check_runs, model_dtype
-    from .sources import resolve_splits
+    from .sources import is_zoo_model, resolve_splits
 
     _check(args)
     progress = not args.quiet
@@ -305,6 +307,12 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     if why_not is None and n_cal == n:
         why_not = (f"no held-out samples: all {n} samples are used for calibration "
                    "(lower --calibration or raise --max-samples)")
+    if why_not is None and args.data in ("digits", "natural") and not is_zoo_model(args.model):
+        # (a model of 10 or more outputs took them for its classes: "accuracy 0.0%")
+        why_not = (f"the bundled data set's labels (--data {args.data}: "
+                   f"{'digit classes' if args.data == 'digits' else 'the source photograph'}"
+                   f") are not the classes of --model {args.model}; accuracy needs data labeled "
+                   "with the model's classes (--data an image folder or torchvision:NAME:ROOT)")
     if why_not is None:
         why_not = _classifier_ok(model, x, y)
     x_ev, y_ev = x[n_cal:], y[n_cal:]

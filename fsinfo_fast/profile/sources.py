@@ -58,6 +58,8 @@ __all__ = [
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm")
 _SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+#: ``path/to/file.py:function``
+_FILE_SPEC = re.compile(r"^(?P<path>.+\.py):(?P<func>[A-Za-z_]\w*)$")
 
 
 def _one_line(text: object, limit: int = 240) -> str:
@@ -105,11 +107,28 @@ def _import_from_cwd_too(modname: str):
             raise err from None
 
 
+def _import_file(path: str):
+    """The module of a Python file (``--model path/to/file.py:function``), imported under a
+    name of its own."""
+    import importlib.util
+    import os
+
+    full = os.path.abspath(path)
+    if not os.path.isfile(full):
+        raise ModuleNotFoundError(f"no file {path!r} (from {os.getcwd()})")
+    name = "_fsinfo_model_" + re.sub(r"\W", "_", full)
+    spec = importlib.util.spec_from_file_location(name, full)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def build_model(spec: str, **zoo_kwargs) -> nn.Module:
     """The model named by ``spec`` (fresh weights), in eval mode.
 
     Args:
-        spec: zoo name, or ``package.module:function`` returning an ``nn.Module``.
+        spec: zoo name, or ``package.module:function`` (or ``path/to/file.py:function``)
+            returning an ``nn.Module``.
         **zoo_kwargs: constructor arguments for zoo models (``num_classes``, ``input_size``, ...).
 
     Raises:
@@ -123,14 +142,15 @@ def build_model(spec: str, **zoo_kwargs) -> nn.Module:
             return get_model(spec, **zoo_kwargs).eval()
         except ValueError as err:  # e.g. an input size too small for the architecture
             raise ModelSpecError(f"--model {spec}: {_one_line(err)}") from None
-    if not _SPEC.match(spec):
+    file = _FILE_SPEC.match(spec)
+    if not (file or _SPEC.match(spec)):
         raise ModelSpecError(
-            f"unknown model {spec!r}: give a zoo model ({', '.join(sorted(ZOO))}) or "
-            "'package.module:function' returning an nn.Module"
+            f"unknown model {spec!r}: give a zoo model ({', '.join(sorted(ZOO))}), "
+            "'package.module:function' or 'path/to/file.py:function' returning an nn.Module"
         )
-    modname, func = spec.split(":")
+    modname, func = (file["path"], file["func"]) if file else spec.split(":")
     try:
-        mod = _import_from_cwd_too(modname)
+        mod = _import_file(modname) if file else _import_from_cwd_too(modname)
     except Exception as err:  # ImportError, or whatever the module raises on import
         raise ModelSpecError(
             f"cannot import {modname!r} for --model {spec}: {_one_line(err)}"

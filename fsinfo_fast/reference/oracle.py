@@ -30,6 +30,7 @@ from ..encoder import (
     check_target,
     func_errors,
     prepare,
+    quiet_vmap_loop,
 )
 from ..errors import InvalidInputError, SingularFisherWarning, warn_user
 from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sigma_for_target
@@ -73,7 +74,8 @@ def _map(f, eye: Tensor, chunk_size: int) -> Tensor:
     """``f`` over the one-hot rows of ``eye``: vmapped, or one by one where an op has no vmap
     batching rule (``nn.RReLU`` in eval mode: aten::rrelu_with_noise)."""
     try:
-        return vmap(f, chunk_size=chunk_size)(eye)
+        with quiet_vmap_loop():
+            return vmap(f, chunk_size=chunk_size)(eye)
     except RuntimeError as err:
         if "vmap" not in str(err).lower():
             raise
@@ -355,7 +357,8 @@ def fsinfo(
     .. math:: \mathrm{FSInfo}_{diag}(x) = \frac{1}{2d}\sum_k \log\Big(\frac{(J^TJ)_{kk}}{\sigma^2}
               + \mathrm{floor}\Big) - \frac12\log(2\pi e)
 
-    which by Hadamard's inequality is ``>=`` the log-det value (it over-states leakage).
+    which by Hadamard's inequality is ``>=`` the log-det value without a prior (it over-states
+    leakage; a prior term can lift the log det above it).
 
     Args:
         encoder: module or callable ``[B, *in] -> [B, *out]``.
