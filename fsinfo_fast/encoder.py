@@ -457,7 +457,7 @@ _VALIDATION_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
-               versions: bool | None = None, attributes: bool = True) -> tuple:
+               versions: bool | None = None, split: bool = False) -> tuple:
     """Cache key: input shape, dtypes, device, training flags, the forward hooks and
     forward-pre hooks of every submodule and the global module hooks (by handle id: a hook
     registered or removed after a validation changes the function), a forward assigned on an
@@ -466,12 +466,14 @@ def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
     and tuples of them: a LeakyReLU's ``negative_slope``, a convolution's ``padding``, a
     scale set on a custom module; tensors kept as plain attributes by identity and storage),
     and with ``versions`` (default: where a dtype cast makes a copy) the tensors' in-place
-    versions. ``attributes=False`` leaves the attributes out (:func:`attributes_key` alone).
+    versions. ``split``: ``(the key without the attributes, the attributes' key)`` instead
+    (:class:`~fsinfo_fast.Linearization` judges an attribute change by the function).
 
     An in-place edit through ``.data`` (``p.data.mul_(3)``) changes neither the version nor the
     storage: the key cannot see it, so a cached cast copy is refreshed from the live module at
     every use (:func:`_refresh_copy`) instead of trusted."""
     key: tuple = (tuple(x.shape[1:]), x.dtype, dtype, str(x.device))
+    attrs: tuple = ()
     if isinstance(encoder, nn.Module):
         mods = _submodules(encoder)
         # (a shared tensor appears once per owner: a key need not deduplicate)
@@ -479,12 +481,12 @@ def _signature(encoder: Callable, x: Tensor, dtype: torch.dtype | None,
                                                              m._buffers.values())
                    if t is not None]
         versioned = (dtype is not None) if versions is None else versions
+        attrs = attributes_key(mods, versioned)
         key += (tuple(m.training for m in mods), tuple(id(t) for t in tensors),
-                tuple(t.data_ptr() for t in tensors), forward_hooks_key(mods),
-                attributes_key(mods, versioned) if attributes else ())
+                tuple(t.data_ptr() for t in tensors), forward_hooks_key(mods))
         if versioned:
             key += (tuple(t._version for t in tensors),)
-    return key
+    return (key, attrs) if split else (*key, attrs)
 
 
 def attributes_key(mods: list[nn.Module], versions: bool) -> tuple:

@@ -66,8 +66,6 @@ from .encoder import (
     COMPILED_NOTE,
     PreparedEncoder,
     _signature,
-    _submodules,
-    attributes_key,
     check_same_function,
     check_sigma,
     check_target,
@@ -514,10 +512,7 @@ class Linearization:
     def _state(self) -> tuple[tuple, tuple]:
         """The encoder's state as the validation cache keys it, with in-place versions: the
         weights, hooks and modes, and apart the modules' plain attributes."""
-        enc = uncompiled(self.encoder)
-        mods = _submodules(enc) if isinstance(enc, nn.Module) else []
-        return (_signature(enc, self.x, None, versions=True, attributes=False),
-                attributes_key(mods, True))
+        return _signature(uncompiled(self.encoder), self.x, None, versions=True, split=True)
 
     def _check_unchanged(self) -> None:
         """Raise :class:`EncoderError` where the encoder changed since construction (the
