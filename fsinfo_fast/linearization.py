@@ -29,7 +29,9 @@ methods share every product they can:
   diagonal and the trace from ``min(m, d)`` one-hot products of this batch's backend in its
   working dtype (float64 accumulation, a measured rounding allowance as the interval); where
   ``auto`` switches to an exact route for FSInfo_diag or dFIL it takes this one (recorded in
-  ``result.info["auto"]``), not the oracle. It switches as soon as a sample is predicted not to
+  ``result.info["auto"]``), not the oracle; the samples whose fast-route allowance misses the
+  tolerance take the oracle's values, those samples only (``info["exact_fast_oracle_samples"]``,
+  :meth:`Linearization._exact_rows`). It switches as soon as a sample is predicted not to
   converge within the cap (``StoppingRule.stop_unreachable``), not after spending the cap.
 
 The module-level :func:`fsinfo_fast.fsinfo`, :func:`fsinfo_fast.dfil`,
@@ -492,6 +494,8 @@ class Linearization:
         self._products: Any = None
         self._exact: reference.ExactFisher | None = None
         self._exact_fast: FastExactFisher | None = None
+        # the oracle's diag and trace of some samples (held, diag, trace; see _exact_rows)
+        self._oracle_part: tuple[Tensor, Tensor, Tensor] | None = None
         self._dominant_sel: tuple[Tensor | None] | None = None  # see _dominant
         self._dominant_unbilled = 0  # its VJP, until a result counts it (_dominant_passes)
         self._diag_cache: dict[tuple, Any] = {}
@@ -600,6 +604,9 @@ class Linearization:
         if not isinstance(spectrum, bool):
             raise InvalidInputTypeError(f"spectrum must be True or False, got {spectrum!r}")
         self._check_unchanged()
+        if self._exact is None and not spectrum and self._oracle_part is not None:
+            # some samples' oracle is held (auto's fast route sent them): the others only
+            self._exact_rows(torch.ones(self.batch, dtype=torch.bool))
         if self._exact is None or (spectrum and self._exact.eigvals is None):
             self.enc.confirm()  # the oracle's JVPs against the reverse mode, at this batch
             if self.enc.x.dtype != torch.float64:
@@ -990,6 +997,8 @@ class Linearization:
                 keep = lost.to(d.device)
                 term = torch.log(d / sig**2 + floor) - math.log(floor)
                 add = torch.where(keep, term, torch.zeros_like(term)).sum(dim=1) / (2 * self.d)
+            # (a sample whose value is the float64 oracle's already counts every column)
+            add[r.info.get("exact_fast_oracle_samples", [])] = 0.0
             info = dict(r.info)
             info["lost_columns"] = n_lost.tolist()
             info["lost_columns_why"] = (
@@ -1366,24 +1375,90 @@ class Linearization:
                       why: str, estimator: str, tol: tuple = (None, None)) -> MetricResult:
         src, why = self._exact_route(estimator, variant == "logdet", why)
         if isinstance(src, FastExactFisher):
-            r = self._fast_measured(src.fsinfo(s, variant, floor=floor), s, floor)
-            r.info.update(self._info(floor=floor))
-            miss = self._fast_missed(r, estimator, tol)
-            if miss is not None:
-                src, why = self.exact(), f"{why}; {miss}"
-        if not isinstance(src, FastExactFisher):
+            r, why = self._fast_exact(src, lambda fx: fx.fsinfo(s, variant, floor=floor), s,
+                                      floor, estimator, tol, why, self._info(floor=floor))
+        else:
             r = src.fsinfo(s, variant, prior_var=prior_var, floor=floor)
         r.info["auto"] = why
         return r
 
-    def _fast_measured(self, r: MetricResult, s: Tensor, floor: float) -> MetricResult:
+    def _fast_exact(self, fx: FastExactFisher, make: Callable[[FastExactFisher], MetricResult],
+                    s: Tensor, floor: float, estimator: str, tol: tuple, why: str,
+                    info: dict[str, Any]) -> tuple[MetricResult, str]:
+        """The fast exact route's result ``make(fx)`` with its measured interval
+        (:meth:`_fast_measured`); under ``auto``, the samples whose interval missed the
+        tolerance (:meth:`_fast_missed`) take the float64 oracle's values, those samples only
+        (:meth:`_exact_rows`: a saturated activation or a max-pool near-tie that the working
+        dtype's rounding flips in one sample of a batch of 32 no longer sends all 32 through
+        the oracle). Returns the result (a fast one with ``info`` added) and the reason to
+        record."""
+        held = ""
+        if self._oracle_part is not None and estimator == "auto":  # (held from a request before)
+            fx = fx.with_exact_rows(*self._oracle_part)
+            held = (f"; sample(s) {fx.info['exact_fast_oracle_samples']} have the float64 "
+                    "oracle's values, computed for an earlier request")
+        r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
+        r.info.update(info)
+        miss = self._fast_missed(r, estimator, tol)
+        if miss is None:
+            return r, why + held
+        rows, text = miss
+        if fx.exact_rows is None and bool(rows.all()):  # (every sample: the oracle's result)
+            return make(self.exact()), f"{why}; {text}, so the float64 oracle was used"
+        diag, trace = self._exact_rows(rows)
+        if self._exact is not None:  # (the last samples: every one is the oracle's now)
+            return make(self._exact), (f"{why}{held}; {text} for the other {int(rows.sum())} "
+                                       "sample(s), so every sample has the float64 oracle's "
+                                       "values")
+        fx = fx.with_exact_rows(rows, diag, trace)
+        r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
+        r.info.update(info)
+        self._fast_missed(r, estimator, tol)  # (its converged: every sample meets it now)
+        return r, (f"{why}{held}; {text} for {int(rows.sum())} more of {rows.numel()} samples, "
+                   "which took the float64 oracle's values (info['exact_fast_oracle_samples'] "
+                   f"lists all {len(r.info['exact_fast_oracle_samples'])})")
+
+    def _exact_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """The float64 oracle's ``diag(J^T J)`` (``[B, d]``) and trace (``[B]``), computed for
+        the samples ``rows`` (``[B]`` bool) only, each at most once (the whole batch's oracle
+        where it is already computed); other samples' entries are NaN. The metric is per sample
+        (the encoder's validation checked that samples do not interact), so a sub-batch's
+        Jacobians are the batch's."""
+        if self._exact is not None:
+            return self._exact.diag, self._exact.trace
+        rows = rows.to(self.enc.x.device)
+        if self._oracle_part is None:
+            self._oracle_part = (
+                torch.zeros(self.batch, dtype=torch.bool, device=rows.device),
+                torch.full((self.batch, self.d), math.nan, dtype=torch.float64,
+                           device=rows.device),
+                torch.full((self.batch,), math.nan, dtype=torch.float64, device=rows.device))
+        held, diag, trace = self._oracle_part
+        new = rows & ~held
+        if bool(new.any()):
+            self.enc.confirm()  # the oracle's JVPs against the reverse mode, at this batch
+            if self.enc.x.dtype != torch.float64:
+                self._float64_encoder()  # the same function in float64 (checked once)
+            idx = new.nonzero().flatten()
+            ex = reference.exact_fisher(self.encoder, self.x[idx], spectrum=False)
+            diag[idx], trace[idx] = ex.diag.to(diag), ex.trace.to(trace)
+            held |= new
+            if bool(held.all()):  # every sample: the batch's oracle (without the spectrum)
+                self._exact = reference.ExactFisher(diag=diag, trace=trace, eigvals=None,
+                                                    zero=None, d=ex.d, m=ex.m)
+                self._oracle_part = None
+        return diag, trace
+
+    def _fast_measured(self, r: MetricResult, s: Tensor, floor: float,
+                       exact_rows: Tensor | None = None) -> MetricResult:
         """The fast exact route's FSInfo_diag or dFIL ``r`` with its interval at least the
         randomized routes' measured rounding allowance (:meth:`_rounding_measured`, the same
         float64 copy): its own check recomputes a few columns in float64, which can miss
         the ones that round worst (nearly dead columns 174-394x too large in float32 on a
         transformers ConvNeXt cut with sparse inputs: 500-1000 half-widths off the oracle
         floorless); every column is in the measurement's products.
-        ``info["rounding_measured"]`` records it."""
+        ``info["rounding_measured"]`` records it. ``exact_rows`` (``[B]`` bool): samples whose
+        value is the float64 oracle's (:meth:`_exact_rows`), which keep their interval."""
         if r.metric not in ("fsinfo_diag", "dfil") or self.enc.x.dtype == torch.float64:
             return r
         meas = self._measured(r, s, floor)
@@ -1391,26 +1466,29 @@ class Linearization:
             return r
         extra = (meas - r.ci_halfwidth).clamp_min(0)
         extra = torch.where(torch.isnan(extra), torch.zeros_like(extra), extra)
+        if exact_rows is not None:
+            extra = torch.where(exact_rows.to(extra.device), torch.zeros_like(extra), extra)
         return dataclasses.replace(r, ci_halfwidth=r.ci_halfwidth + extra,
                                    bias_bound=r.bias_bound + extra,
                                    info={**r.info, "rounding_measured": meas.tolist()})
 
-    def _fast_missed(self, r: MetricResult, estimator: str, tol: tuple) -> str | None:
-        """``auto`` only: why the float64 oracle replaces the fast exact route's result ``r``
-        (None: keep it). The fast route's interval is its measured rounding allowance
-        (:mod:`~fsinfo_fast.estimators.exact_fast`); where that misses the tolerance ``tol =
-        (atol, rtol)`` (products that lose most of their digits: a saturated activation, an
-        underflow) and the oracle fits, the oracle serves, as it does for a randomized estimate
-        that missed it. ``r.converged`` is set False for the samples that missed it (the
-        route asked for explicitly, or no oracle: ``r`` is kept)."""
+    def _fast_missed(self, r: MetricResult, estimator: str,
+                     tol: tuple) -> tuple[Tensor, str] | None:
+        """``auto`` only: the samples (``[B]`` bool) whose value the float64 oracle replaces in
+        the fast exact route's result ``r``, and why (None: keep it). The fast route's interval
+        is its measured rounding allowance (:mod:`~fsinfo_fast.estimators.exact_fast`); where
+        that misses the tolerance ``tol = (atol, rtol)`` (products that lose most of their
+        digits: a saturated activation, an underflow, a flipped max-pool tie) and the oracle
+        fits, the oracle serves those samples, as it does for a randomized estimate that missed
+        it. ``r.converged`` is set False for the samples that missed it (the route asked for
+        explicitly, or no oracle: ``r`` is kept)."""
         met = tolerance_met(r.value, r.ci_halfwidth, *tol)
         r.converged.logical_and_(met)  # (where it is kept: what its interval holds)
         if estimator != "auto" or bool(met.all()) or not self._oracle_fits():
             return None
-        worst = max(r.info.get("exact_fast_measured") or [math.nan])
-        return (f"its rounding allowance (largest relative error measured against float64 on "
-                f"the checked columns: {worst:.3g}) missed the tolerance, so the float64 oracle "
-                "was used")
+        worst = float(r.ci_halfwidth[~met].max())
+        return ~met, (f"its rounding allowance (measured against float64; a half-width up to "
+                      f"{worst:.3g} {r.units} on the samples concerned) missed the tolerance")
 
     def _slq_store(self) -> SLQProbeStore:
         """The SLQ probes of this batch and their Krylov recursions, shared by every log-det
@@ -2028,13 +2106,11 @@ class Linearization:
     def _exact_dfil(self, s: Tensor, why: str, estimator: str,
                     tol: tuple = (None, None)) -> MetricResult:
         src, why = self._exact_route(estimator, False, why)
-        r = src.dfil(s)
         if isinstance(src, FastExactFisher):
-            r = self._fast_measured(r, s, 0.0)
-            r.info.update(self._info())
-            miss = self._fast_missed(r, estimator, tol)
-            if miss is not None:
-                r, why = self.exact().dfil(s), f"{why}; {miss}"
+            r, why = self._fast_exact(src, lambda fx: fx.dfil(s), s, 0.0, estimator, tol, why,
+                                      self._info())
+        else:
+            r = src.dfil(s)
         r.info["auto"] = why
         return self._lost_fixed(r, estimator, s)
 

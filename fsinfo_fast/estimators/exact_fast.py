@@ -56,7 +56,7 @@ Example:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -123,10 +123,30 @@ class FastExactFisher:
     passes: int
     check_passes: int
     info: dict[str, Any] = field(default_factory=dict)
+    #: ``[B]`` bool: samples whose ``diag`` and ``trace`` are the float64 oracle's
+    #: (:meth:`with_exact_rows`; ``rel_err`` 0 there), or None
+    exact_rows: Tensor | None = None
 
     @property
     def batch(self) -> int:
         return int(self.trace.shape[0])
+
+    def with_exact_rows(self, rows: Tensor, diag: Tensor, trace: Tensor) -> FastExactFisher:
+        """This with the samples ``rows`` (``[B]`` bool) taking the exact (float64 oracle)
+        ``diag`` and ``trace`` (``[B, d]`` and ``[B]``, read on ``rows`` only): their
+        allowance is 0 (the oracle's claim), the other samples keep theirs.
+        ``info["exact_fast_oracle_samples"]`` lists them; ``info["exact_fast_oracle_passes"]``:
+        the float64 products each of them cost (``min(m, d)``, beside ``passes``)."""
+        r = rows.to(self.trace.device)
+        keep = self.exact_rows if self.exact_rows is not None else torch.zeros_like(r)
+        r = r | keep.to(r.device)
+        info = {**self.info, "exact_fast_oracle_samples": r.nonzero().flatten().tolist(),
+                "exact_fast_oracle_passes": min(self.m, self.d)}
+        return replace(
+            self, diag=torch.where(r[:, None], diag.to(self.diag), self.diag),
+            trace=torch.where(r, trace.to(self.trace), self.trace),
+            rel_err=torch.where(r, torch.zeros_like(self.rel_err), self.rel_err),
+            exact_rows=r, info=info)
 
     def _info(self, extra: dict[str, Any]) -> dict[str, Any]:
         return {**self.info, "exact_fast_rel_err": self.rel_err.tolist(),
