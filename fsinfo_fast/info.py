@@ -54,8 +54,9 @@ def collect() -> dict[str, object]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--model", default=None,
-                        help="also report how the engine serves this model (zoo name or "
-                             "'package.module:function'): captured or not, and every node that "
+                        help="also report how the engine serves this model (zoo name, "
+                             "'package.module:function' or 'path/to/file.py:function'): captured "
+                             "or not, and every node that "
                              "runs through per-node torch.func, with the reason")
     parser.add_argument("--split", default=None,
                         help="cut the model here first (as fsinfo_fast.split: index or path)")

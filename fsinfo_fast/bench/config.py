@@ -626,6 +626,8 @@ def config_from_dict(data: dict[str, Any]) -> BenchConfig:
 def load_config(path: str | Path) -> BenchConfig:
     """Read a JSON config file (see ``benchmarks/configs/``)."""
     p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no config file at {p} (see benchmarks/configs/ for examples)")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as err:

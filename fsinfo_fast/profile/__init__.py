@@ -165,7 +165,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(digits, or a folder / torchvision set of grayscale images, refusing "
                         "colour ones; needs --checkpoint or a package.module:function model)")
     g.add_argument("--size", type=_positive_int, default=d.size,
-                   help=f"image side for the bundled data sets (default {d.size})")
+                   help=f"image side for the bundled data sets (default {d.size}; a folder or "
+                        "torchvision data keeps its images' size)")
     g.add_argument("--max-samples", type=_max_samples, default=d.max_samples, metavar="N",
                    help=f"profile the first N samples; 'all' or 0: every one (default "
                         f"{d.max_samples})")
@@ -177,8 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"noise std on the smashed data (default {d.sigma}, the paper's nominal "
                         "value)")
     m.add_argument("--variant", choices=("diag", "logdet", "both"), default=d.variant,
-                   help="FSInfo variant; 'both' adds log det where it can be finite (m >= d) or "
-                        f"everywhere with --prior-var (default {d.variant})")
+                   help="FSInfo variant (FSInfo diag is always reported); 'both' adds the log "
+                        "det, exactly -inf at splits with m < d (J^T J singular) unless "
+                        f"--prior-var gives the finite van Trees version (default {d.variant})")
     m.add_argument("--estimator", choices=("auto", "exact", "randomized"), default=d.estimator,
                    help="exact Jacobians or randomized probes; auto: the cheaper that meets the "
                         f"tolerances (default {d.estimator})")

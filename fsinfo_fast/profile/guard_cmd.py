@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="digits, natural, a folder of images or torchvision:NAME:ROOT[:split] "
                         "(default digits)")
     g.add_argument("--size", type=_positive_int, default=32,
-                   help="image side for the bundled data sets (default 32)")
+                   help="image side for the bundled data sets (default 32; a folder or "
+                        "torchvision data keeps its images' size)")
     g.add_argument("--channels", type=int, choices=(1, 3), default=3,
                    help="input channels: 3 (default; gray images repeated over RGB) or 1 "
                         "(grayscale, for a 1-channel model: digits or a folder of gray images)")
@@ -211,7 +212,7 @@ def _load(args: argparse.Namespace, progress: bool):
 
     cfg = ProfileConfig(model=args.model, checkpoint=args.checkpoint, data=args.data,
                         size=args.size, max_samples=args.max_samples, seed=args.seed,
-                        channels=args.channels)
+                        channels=args.channels, given=getattr(args, "given_options", None))
     cfg.validate()
     # a fresh (never resumed) load: the run directory is not touched
     model, data, _, _ = _load_model_and_data(cfg, RunDir(tempfile.gettempdir()), False, progress)
@@ -313,6 +314,12 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
                    f"{'digit classes' if args.data == 'digits' else 'the source photograph'}"
                    f") are not the classes of --model {args.model}; accuracy needs data labeled "
                    "with the model's classes (--data an image folder or torchvision:NAME:ROOT)")
+    if (why_not is None and is_zoo_model(args.model) and not args.checkpoint
+            and args.data not in ("digits", "natural")):
+        # (the demo model learned the digits' classes: a folder's labels are others)
+        why_not = (f"the demo model (--model {args.model} without --checkpoint) was trained "
+                   f"briefly on the bundled digits; its classes are not the labels of --data "
+                   f"{args.data} (give --checkpoint with weights trained on them)")
     if why_not is None:
         why_not = _classifier_ok(model, x, y)
     x_ev, y_ev = x[n_cal:], y[n_cal:]

@@ -520,7 +520,8 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
         console.print(" ".join(parts), soft_wrap=True)
     if n_neg_inf and with_logdet:
         console.print(f"-inf FSInfo logdet: {n_neg_inf} sample value(s) are exactly -inf (J^T J "
-                      "singular), so the mean over samples is -inf (n_neg_inf, and finite_mean "
+                      "singular: always where m < d; --prior-var gives the finite van Trees "
+                      "version), so the mean over samples is -inf (n_neg_inf, and finite_mean "
                       "over the others, in profile.json; fsinfo_logdet_n_neg_inf in "
                       "summary.csv).", soft_wrap=True)
     if n_gone:

@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import re
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -268,10 +269,11 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
                          progress: bool) -> tuple[nn.Module, Dataset, dict[str, Any], str | None]:
     """Model, data, the recipe to rebuild the model elsewhere, and the checkpoint hash."""
     embedded = cfg.data in ("digits", "natural")
+    sized = cfg.given is not None and "size" in cfg.given
     ckpt_sha = None
     if cfg.checkpoint:
         data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
-                         channels=cfg.channels)
+                         channels=cfg.channels, size_given=sized)
         state = load_checkpoint(cfg.checkpoint)
         ckpt_sha = file_sha256(cfg.checkpoint)
         recipe = {"spec": cfg.model, "zoo_kwargs": {}}
@@ -295,7 +297,7 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
             size = cfg.size
         else:
             data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
-                         channels=cfg.channels)
+                         channels=cfg.channels, size_given=sized)
             _require_square(data, cfg.model)
             if data.x.shape[1] != 3:
                 raise DataError(f"--data {cfg.data}: the demo model takes RGB images")
@@ -325,7 +327,7 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
         model.demo_accuracy = acc  # type: ignore[attr-defined]
         return model.eval(), data, recipe, None
     data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
-                         channels=cfg.channels)
+                         channels=cfg.channels, size_given=sized)
     recipe = {"spec": cfg.model, "zoo_kwargs": {}}
     return build_recipe(recipe), data, recipe, None
 
@@ -1147,6 +1149,12 @@ def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> 
                 if err_msg[1]:
                     raise RemoteError(err_msg[2])
                 raise RuntimeError(f"another rank failed: {err_msg[2]}")
+    except KeyboardInterrupt:
+        if dist.is_root:
+            print(f"interrupted: the records computed so far are kept in {run_dir.path}; "
+                  f"continue with: fsinfo-fast profile --out {run_dir.path} --resume",
+                  file=sys.stderr)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -497,7 +497,7 @@ def _load_torchvision(spec: str, channels: int = 3) -> tuple[Tensor, Tensor, str
 
 
 def load_data(spec: str, size: int, seed: int, max_samples: int | None,
-              channels: int = 3) -> Dataset:
+              channels: int = 3, size_given: bool = False) -> Dataset:
     """The profile's inputs for ``--data spec`` (bundled names use their held-out test split).
 
     Args:
@@ -507,6 +507,8 @@ def load_data(spec: str, size: int, seed: int, max_samples: int | None,
         max_samples: keep the first this many samples (``None``: all).
         channels: 3 (gray repeated over RGB) or 1 (``digits``, or gray images only: a colour
             image and ``natural`` are refused).
+        size_given: ``size`` was set explicitly (``--size``): data that keep their own size (a
+            folder, ``torchvision:``) are refused where it differs (it was ignored silently).
 
     Raises:
         DataError: unknown data, unreadable images, or colour data with ``channels=1``.
@@ -543,6 +545,12 @@ def load_data(spec: str, size: int, seed: int, max_samples: int | None,
             )
         x, y, _files = load_image_folder(p, channels)
         desc = f"image folder {p} ({len(x)} images, {x.shape[-1]}x{x.shape[-2]})"
+    own = spec not in DATASETS
+    if size_given and own and tuple(x.shape[-2:]) != (size, size):
+        raise DataError(
+            f"--size {size} applies to the bundled data sets ({', '.join(sorted(DATASETS))}); "
+            f"--data {spec} keeps its images' own size ({x.shape[-1]}x{x.shape[-2]}): resize "
+            "the images beforehand, or leave --size out")
     if max_samples and max_samples < len(x):
         desc = f"the first {max_samples} of {desc}"  # the count used, not only the source's
         x, y = x[:max_samples], y[:max_samples]

@@ -346,7 +346,11 @@ class RunLock:
 
 def _describe(value: Any) -> str:
     text = json.dumps(value, sort_keys=True)
-    return text if len(text) <= 60 else text[:57] + "..."
+    if len(text) <= 60:
+        return text
+    if isinstance(value, str):  # (a digest: its head, quotes balanced)
+        return json.dumps(value[:16] + "...")
+    return text[:57] + "..."
 
 
 def settings_diff(old: dict[str, Any], new: dict[str, Any], keys: Iterable[str]) -> list[str]:
