@@ -1336,6 +1336,15 @@ class Linearization:
         if self._replanned(estimator):  # (the log det's oracle: its float64 copy failed)
             return again()
         stop = _stopping(atol, rtol, num_probes, max_probes, cap, fallback)
+        if spectrum and fallback and num_probes is None and len(
+                list(stop.for_estimator("slq").schedule())) < 3:
+            # only a three-stage result converges: SLQ's products would be spent for nothing
+            why = (f"the randomized log det's probe cap under auto ({stop.max_probes} probes: "
+                   f"the oracle's {n} products at Krylov order {order_est}) leaves no room for "
+                   "the three stages of a converged estimate")
+            return self._lost_fixed(
+                self._exact_fsinfo(s, variant, prior_var, floor, why, estimator, (atol, rtol)),
+                estimator, s, floor, prior_var)
         common = {"seed": self.seed, "sample_ids": self.sample_ids}
         if variant == "diag":
             route, route_why = self._diag_route(estimator, s, floor, stop)
@@ -1414,7 +1423,8 @@ class Linearization:
         r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
         r.info.update(info)
         self._fast_missed(r, estimator, tol)  # (its converged: every sample meets it now)
-        return r, (f"{why}{held}; {text} for {int(rows.sum())} more of {rows.numel()} samples, "
+        more = " more" if held else ""
+        return r, (f"{why}{held}; {text} for {int(rows.sum())}{more} of {rows.numel()} samples, "
                    "which took the float64 oracle's values (info['exact_fast_oracle_samples'] "
                    f"lists all {len(r.info['exact_fast_oracle_samples'])})")
 

@@ -93,7 +93,10 @@ same). A sample whose interval meets the tolerance from the very first round (a
 full-resolution encoder at 224 px, FSInfo_diag) now uses ``n1 + n1 + 2`` probes instead of
 ``n1``. Samples at ``max_probes`` are
 reported with ``converged = False`` (from stage 2 alone, a fixed-count estimate, where stage 3
-had no room). An exact value (``-inf``) is reported where it appears.
+had no room; from stage 1 where the cap leaves no stage 2: only a three-stage result, or an
+exact value, counts as converged). An exact value (``-inf``) is reported where it appears. A
+last round of one probe (a cap one above a round boundary) joins the round before it: a stage
+of one probe has no spread (it raised, or gave a NaN half-width).
 
 Stage 2's floor (:func:`stage2_floor`) came after the table above: it lengthens stage 2 only
 where stage 1 plans few probes. The tests behind the table pass with it; the README's coverage
@@ -229,9 +232,9 @@ class StoppingRule:
             sample (or reroutes a plain diagonal estimate to the deflated one), so the probes
             to the cap would be spent for nothing. A sample whose stage 1 or 2 is cut by the
             cap (no stage 3) is then reported unconverged too, even where that stage's own
-            interval met the tolerance (it did only where its spread came out low). Default
-            ``False`` (an explicitly randomized estimate uses every probe the cap allows and
-            reports such a stage as converged where its interval meets the tolerance).
+            interval met the tolerance (it did only where its spread came out low; so is
+            every such sample, whatever the rule). Default ``False`` (an explicitly
+            randomized estimate uses every probe the cap allows).
         stop_batch: once any sample of the batch is recorded unconverged (at its cap, or
             given up under ``stop_unreachable``), stop the others too, before the next round:
             they are reported from every probe drawn so far with ``converged=False``. For a
@@ -337,10 +340,14 @@ class StoppingRule:
             return
         r = self.for_estimator("generic")
         k = min(r.min_probes, r.max_probes)
+        if r.max_probes - k == 1:  # (a last round of one probe: a stage without a spread)
+            k += 1
         yield 0, k, k >= r.max_probes
         while k < r.max_probes:
             step = max(r.round_size, math.ceil(round((r.growth - 1.0) * k, 9)))
             c = min(step, r.max_probes - k)
+            if r.max_probes - (k + c) == 1:  # (the same: the last probe joins this round)
+                c += 1
             yield k, c, k + c >= r.max_probes
             k += c
 
@@ -562,6 +569,8 @@ def run_rounds(
         first = _parts(summarize(0, None, None), rule.confidence)
         _freeze(frozen, first, torch.ones(batch, dtype=torch.bool, device=device))
         ok = _met_all(first, targets)
+        if rule.adaptive:  # a cap within stage 1: a stage cut by the cap (see stop_here)
+            ok = ok & _any_exact(first, targets)
         full = torch.full((batch,), n0, dtype=torch.int64, device=device)
         return frozen, ok, full, n0, torch.zeros_like(full)
     # the sizing summaries need the targeted quantities only (all of them where nothing is
