@@ -608,11 +608,17 @@ class Linearization:
             # some samples' oracle is held (auto's fast route sent them): the others only
             self._exact_rows(torch.ones(self.batch, dtype=torch.bool))
         if self._exact is None or (spectrum and self._exact.eigvals is None):
-            self.enc.confirm()  # the oracle's JVPs against the reverse mode, at this batch
-            if self.enc.x.dtype != torch.float64:
-                self._float64_encoder()  # the same function in float64 (checked once)
+            self._prepare_oracle()
             self._exact = reference.exact_fisher(self.encoder, self.x, spectrum=spectrum)
         return self._exact
+
+    def _prepare_oracle(self) -> None:
+        """What the float64 oracle needs before it runs on this batch (all of it or some rows):
+        its JVPs checked against the reverse mode here, and below float64 the float64 copy's
+        function checked to be the working dtype's (once)."""
+        self.enc.confirm()
+        if self.enc.x.dtype != torch.float64:
+            self._float64_encoder()
 
     def _has_exact(self, spectrum: bool) -> bool:
         return self._exact is not None and (not spectrum or self._exact.eigvals is not None)
@@ -1446,9 +1452,7 @@ class Linearization:
         held, diag, trace = self._oracle_part
         new = rows & ~held
         if bool(new.any()):
-            self.enc.confirm()  # the oracle's JVPs against the reverse mode, at this batch
-            if self.enc.x.dtype != torch.float64:
-                self._float64_encoder()  # the same function in float64 (checked once)
+            self._prepare_oracle()
             idx = new.nonzero().flatten()
             ex = reference.exact_fisher(self.encoder, self.x[idx], spectrum=False)
             diag[idx], trace[idx] = ex.diag.to(diag), ex.trace.to(trace)
