@@ -153,3 +153,36 @@ def test_draw_probes(benchmark, impl, kind, device, monkeypatch):
     assert torch.equal(probes.draw_probes(16384, **kw), want)
     benchmark.extra_info.update(n=16384, count=64, impl=impl)
     benchmark(lambda: (probes.draw_probes(16384, **kw), _sync(device)))
+
+
+_EXACT_FAST_REF: dict[str, torch.Tensor] = {}
+
+
+@pytest.mark.parametrize("chunks", ["cpu-cap", "budget"])
+def test_exact_fast_chunks(benchmark, chunks, device, monkeypatch):
+    """The fast exact route at VGG5 ``features.0`` (8 samples, 3x32x32: ``m = 65536`` outputs
+    per one-hot JVP): chunks of one-hot probes capped at ``CPU_CHUNK_BYTES`` on the CPU (the
+    default) against chunks sized to the memory budget alone (a quarter of free memory),
+    side by side. The diagonal must be the same bits either way before anything is timed."""
+    import fsinfo_fast as ff
+    from fsinfo_fast.estimators import exact_fast
+
+    if chunks == "budget":
+        monkeypatch.setattr(exact_fast, "CPU_CHUNK_BYTES", 1 << 62)
+    torch.manual_seed(0)
+    enc = ff.split(ff.models.get_model("vgg5").eval().to(device), "features.0")
+    x = torch.rand(8, 3, 32, 32, device=device)
+    lin = ff.linearize(enc, x)
+    assert lin.products is not None  # the products are built and validated before timing
+
+    def run():
+        lin._exact_fast = None  # computed at most once per Linearization otherwise
+        out = lin.exact_fast()
+        _sync(device)
+        return out
+
+    diag = run().diag.cpu()
+    ref = _EXACT_FAST_REF.setdefault(str(device), diag)
+    assert torch.equal(diag, ref)
+    benchmark.extra_info.update(d=3072, m=65536, batch=8, chunks=chunks)
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)

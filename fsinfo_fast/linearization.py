@@ -86,7 +86,7 @@ from .errors import (
 )
 from .estimators import base as _base
 from .estimators import expected_passes, hutchinson_trace, hutchpp_trace, slq_logdet
-from .estimators.base import Estimate, sample_ids_for
+from .estimators.base import Estimate, sample_ids_for, square_sum64
 from .estimators.cost import SLQ_ORDER_ESTIMATE
 from .estimators.deflated import (
     DEFLATE_ABOVE,
@@ -910,7 +910,7 @@ class Linearization:
         if self._jvp_pair_cache is None:
             p, p64, _, v = self._check_products_for(self.d, pair_count(self.m), JVP_STREAM)
             n64 = p64.jvp(v).square().sum(dim=-1)
-            n = p.jvp(v.to(p.dtype).to(p.device)).to(torch.float64).square().sum(dim=-1)
+            n = square_sum64(p.jvp(v.to(p.dtype).to(p.device)))
             self._check_products += v.shape[1]
             self._jvp_pair_cache = (n64, n.to(n64.device))
         return self._jvp_pair_cache

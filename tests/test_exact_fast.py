@@ -162,3 +162,48 @@ def test_errors():
                            check_products=None)
     assert fx.check_passes == 0
     assert bool((fx.rel_err == FLOOR_ULPS * torch.finfo(torch.float64).eps / 2).all())
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((3, 5, 7), torch.float32),
+                                              ((2, 4, 300_000), torch.float32),
+                                              ((6, 1), torch.float64),
+                                              ((0, 9), torch.float32)])
+def test_square_sum64_is_the_whole_float64_sum(shape, dtype):
+    """The blocked float64 sum of squares gives the same bits as converting the whole tensor
+    (rows of 300,000 entries: several rows per 8 MiB block and more than one block) and
+    leaves a float64 input unchanged."""
+    from fsinfo_fast.estimators.base import square_sum64
+
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    before = t.clone()
+    want = t.to(torch.float64).square().sum(dim=-1)
+    got = square_sum64(t)
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    assert torch.equal(got, want)
+    assert torch.equal(t, before)
+    nc = t.transpose(0, -1) if t.ndim > 1 else t  # a non-contiguous input
+    assert torch.equal(square_sum64(nc), nc.to(torch.float64).square().sum(dim=-1))
+
+
+def test_cpu_chunks_stay_small_whatever_the_budget(monkeypatch):
+    """On the CPU a chunk's one-hot probes and products stay within ``CPU_CHUNK_BYTES``
+    (fresh pages above the allocator's mmap threshold cost more than the products there);
+    elsewhere the budget alone sizes them. The diagonal is the same bits at any chunking."""
+    from fsinfo_fast.estimators import exact_fast
+
+    cs = exact_fast._chunk_size
+    big = 1 << 40
+    assert cs(3072, 32, 3072, 65536, 4, big, torch.device("cpu")) == 1
+    assert cs(3072, 1, 3072, 4096, 4, big, torch.device("cpu")) == (8 << 20) // (4 * 7168)
+    assert cs(3072, 32, 3072, 65536, 4, big, torch.device("cuda")) == 3072
+    assert cs(3072, 32, 3072, 65536, 4, 1000, torch.device("cpu")) == 1
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Tanh()).eval()
+    x = torch.rand(3, 3, 8, 8)
+    diags = []
+    for cap in (1 << 62, 8 << 20, 1):
+        monkeypatch.setattr(exact_fast, "CPU_CHUNK_BYTES", cap)
+        fx = ff.linearize(enc, x, seed=0).exact_fast()
+        diags.append(fx.diag)
+    assert fx.info["exact_fast_chunk"] == 1
+    assert torch.equal(diags[0], diags[1]) and torch.equal(diags[0], diags[2])

@@ -52,6 +52,7 @@ from .base import (
     detached,
     sample_ids_for,
     sigma_for,
+    square_sum64,
 )
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
 from .stopping import StopKeywords, StoppingRule, estimate_from, resolve_rule, run_rounds
@@ -518,7 +519,7 @@ def hutchinson_trace(
             P = P * (keep if idx is None else keep[idx])
         out = rows.jvp(P) if side == "input" else rows.vjp(P)
         check_finite(out, ids, start, f"Hutchinson trace ({side} side)", idx)
-        t = (out.to(torch.float64) ** 2).sum(dim=2)
+        t = square_sum64(out)
         if base is not None:
             t = t + (base if idx is None else base[idx])[:, None]
         if idx is not None:  # the samples that stopped are not summarised from here on
