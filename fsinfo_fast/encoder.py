@@ -189,7 +189,7 @@ def check_output(out: object, batch: int) -> None:
             f"the encoder's output has shape {tuple(out.shape)}; it must keep the batch "
             f"dimension first ([{batch}, ...])"
         )
-    if out[0].numel() == 0:
+    if out.numel() == 0:  # (no sample, or no values per sample)
         raise EncoderError(f"the encoder's output has shape {tuple(out.shape)}: no values "
                            "per sample (nothing to measure)")
     if not bool(torch.isfinite(out).all()):

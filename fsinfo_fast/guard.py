@@ -248,6 +248,11 @@ class FSInfoGuard(nn.Module):
         self.sigma = keep.to(device=self.sigma.device, dtype=torch.float64)
         return self
 
+    def extra_repr(self) -> str:
+        mode = ("sigma=per-sample sigma*" if self.per_sample
+                else f"sigma={float(self.sigma):.6g}")
+        return f"target={self.target:g}, variant={self.variant!r}, {mode}"
+
     @property
     def per_sample(self) -> bool:
         """True until a data-set sigma is set (by ``sigma=`` or :meth:`calibrate`)."""
@@ -387,8 +392,9 @@ class FSInfoGuard(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
-        if not isinstance(x, Tensor):  # (a list met x.detach() or x.shape: a raw AttributeError)
-            check_input(x)
+        # in both modes (a list met x.detach() or x.shape: a raw AttributeError; an empty
+        # batch, integer or 1-D x the encoder's own raw error in the data-set mode only)
+        check_input(x)
         sigma = None
         if self.per_sample:
             # before the encoder runs: one that writes into its input (x.mul_(), an in-place

@@ -1755,6 +1755,8 @@ class Linearization:
                              fallback=estimator == "auto")
 
         costs = self._dfil_costs(s, rtol, atol, mp, mp_l) if tol_run else {}
+        if rtol is None:  # diag and deflated stop on rtol only: not auto's choice under atol
+            costs = {k: v for k, v in costs.items() if k not in ("diag", "deflated")}
         method_reason = None
         if method == "auto":  # the cheapest of the probes held, else Rademacher JVPs
             if estimator == "auto" and tol_run and not costs:

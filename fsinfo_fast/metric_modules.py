@@ -89,6 +89,7 @@ class _LeakageMetric(Metric):
         self.add_state("settings", self._settings_digest(), dist_reduce_fx="max")
         self._next_id = 0  # running sample id (not a state: each rank numbers its own samples)
         self._in_forward = False
+        self._forward_result: tuple[Tensor, Any] | None = None
 
     def reset(self) -> None:
         super().reset()
@@ -100,10 +101,15 @@ class _LeakageMetric(Metric):
         resets the states to compute the batch alone; the running sample ids go on, so every
         batch gets its own probes (they restarted at 0 with each batch before). A batch the
         metric refuses leaves the accumulated states as they were (torchmetrics' reset had
-        erased them: a NaN in one batch lost every batch before it)."""
+        erased them: a NaN in one batch lost every batch before it). Where torchmetrics
+        updates twice (``full_state_update`` or ``dist_sync_on_step``: the accumulated states,
+        then the batch alone), the batch is measured once: the second update reuses the first
+        one's result (it measured the batch again on the next ids before, at twice the cost,
+        and the batch's value came from other probes than the accumulated one)."""
         saved = {k: getattr(self, k) for k in self._defaults}
         flags = {k: getattr(self, k) for k in _FORWARD_FLAGS if hasattr(self, k)}
         self._in_forward = True
+        self._forward_result = None
         try:
             return super().forward(*args, **kwargs)
         except BaseException:
@@ -112,6 +118,7 @@ class _LeakageMetric(Metric):
             raise
         finally:
             self._in_forward = False
+            self._forward_result = None
 
     #: keywords that define what the metric measures (the others change only its accuracy),
     #: with the values they take when not given
@@ -166,6 +173,8 @@ class _LeakageMetric(Metric):
         if counted:  # carry on where it stopped: ids past the samples counted, no stale compute
             self._next_id = int(self.count)
             self._computed = None
+            if self._next_id > 0:  # (torchmetrics' "compute called before update" warning)
+                self._update_count = max(self._update_count, 1)
 
     def merge_state(self, incoming_state: Any) -> None:
         """Add another metric's states (or a state dict) to this one's, as torchmetrics does;
@@ -194,6 +203,9 @@ class _LeakageMetric(Metric):
                                     "something else (its settings digest differs)")
         super().merge_state(incoming_state)
         self._computed = None
+        # running ids past every sample counted (as after load_state_dict): the next update
+        # did reuse the ids a merged metric had given its samples
+        self._next_id = max(self._next_id, int(self.count))
 
     def _running_ids(self, batch: int) -> Tensor:
         """``[B]`` ids continuing the ones used since the last reset (offset per rank)."""
@@ -220,7 +232,18 @@ class _LeakageMetric(Metric):
         """Add a batch ``x`` (``[B, ...]``); ``sample_ids`` (``[B]`` int64 global ids) seed
         each sample's probes (default: the running count of samples seen)."""
         check_input(x)  # before a running id is spent on it
-        r = self._evaluate(x, sample_ids)
+        held = self._forward_result
+        if self._in_forward and held is not None and held[0] is x:
+            r = held[1]  # forward's second update of the same batch (see forward)
+        else:
+            start = self._next_id
+            try:
+                r = self._evaluate(x, sample_ids)
+            except BaseException:  # a batch refused (by the encoder too) spends no ids
+                self._next_id = start
+                raise
+            if self._in_forward:
+                self._forward_result = (x, r)
         dev = self.total.device
         v = r.value.detach().to(device=dev, dtype=torch.float64)
         neg_inf = v == -math.inf  # exact (a singular log det): counted, kept out of the sums

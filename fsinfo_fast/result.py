@@ -230,9 +230,12 @@ class MetricResult:
         n = v.shape[0]
         bias = float(self.bias_bound.mean())
         if population:
-            se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
+            # an exact -inf (a singular log det): the distribution's spread is unknown, no
+            # claim (as FSInfoMetric.compute; the sample std of -inf values is nan)
+            finite_spread = n > 1 and not bool(torch.isneginf(v).any())
+            se = float(v.std(unbiased=True) / math.sqrt(n)) if finite_spread else math.inf
             # the spread over n samples: Student-t with n - 1 degrees of freedom
-            hw = t_quantile(n - 1) * se + bias if n > 1 else math.inf
+            hw = t_quantile(n - 1) * se + bias if finite_spread else math.inf
         else:
             se = float(torch.sqrt((self.stderr**2).sum()) / n)
             hw = mean_halfwidth(self.stderr.tolist(), self.ci_halfwidth.tolist(),
