@@ -249,8 +249,8 @@ class FSInfoGuard(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        mode = ("sigma=per-sample sigma*" if self.per_sample
-                else f"sigma={float(self.sigma):.6g}")
+        mode = ("sigma=<meta>" if self.sigma.is_meta else "sigma=per-sample sigma*"
+                if self.per_sample else f"sigma={float(self.sigma):.6g}")
         return f"target={self.target:g}, variant={self.variant!r}, {mode}"
 
     @property
@@ -392,9 +392,13 @@ class FSInfoGuard(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
-        # in both modes (a list met x.detach() or x.shape: a raw AttributeError; an empty
-        # batch, integer or 1-D x the encoder's own raw error in the data-set mode only)
-        check_input(x)
+        if not isinstance(x, Tensor) or self.per_sample:  # (a list met x.detach() or x.shape:
+            check_input(x)  # a raw AttributeError; sigma* needs a float batch)
+        elif x.ndim == 0 or x.shape[0] == 0:  # (a raw IndexError of check_output before)
+            raise InvalidInputError(f"x is empty or has no batch dimension (shape "
+                                    f"{tuple(x.shape)}): give at least one sample")
+        # a data-set sigma leaves the rest to the encoder: token ids, masks or a 1-D batch
+        # that it takes are served (noise is added to its output; nothing is measured here)
         sigma = None
         if self.per_sample:
             # before the encoder runs: one that writes into its input (x.mul_(), an in-place

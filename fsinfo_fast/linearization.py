@@ -909,7 +909,7 @@ class Linearization:
         the rounding check of the dFIL methods that take JVPs (computed once per batch)."""
         if self._jvp_pair_cache is None:
             p, p64, _, v = self._check_products_for(self.d, pair_count(self.m), JVP_STREAM)
-            n64 = p64.jvp(v).square().sum(dim=-1)
+            n64 = square_sum64(p64.jvp(v))
             n = square_sum64(p.jvp(v.to(p.dtype).to(p.device)))
             self._check_products += v.shape[1]
             self._jvp_pair_cache = (n64, n.to(n64.device))

@@ -164,31 +164,49 @@ def test_errors():
     assert bool((fx.rel_err == FLOOR_ULPS * torch.finfo(torch.float64).eps / 2).all())
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("shape", "dtype"), [((3, 5, 7), torch.float32),
                                               ((2, 4, 300_000), torch.float32),
+                                              ((7, 300_000), torch.float32),
+                                              ((2, 1_100_000), torch.float32),
                                               ((6, 1), torch.float64),
                                               ((0, 9), torch.float32)])
-def test_square_sum64_is_the_whole_float64_sum(shape, dtype):
-    """The blocked float64 sum of squares gives the same bits as converting the whole tensor
-    (rows of 300,000 entries: several rows per 8 MiB block and more than one block) and
-    leaves a float64 input unchanged."""
+def test_square_sum64_is_the_whole_float64_sum(shape, dtype, threads):
+    """The blocked float64 sum of squares gives the same bits as converting the whole tensor,
+    at 1 and 2 threads: rows of 300,000 entries (3 rows per 8 MiB block; a 1-row tail joins
+    the block before it), rows of over 2^20 entries (one row per 8 MiB: blocks of at least
+    as many rows as threads, else torch splits a row across threads, other bits); a float64
+    input is left unchanged."""
     from fsinfo_fast.estimators.base import square_sum64
 
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
     before = t.clone()
-    want = t.to(torch.float64).square().sum(dim=-1)
-    got = square_sum64(t)
-    assert got.dtype == torch.float64 and got.shape == want.shape
-    assert torch.equal(got, want)
-    assert torch.equal(t, before)
-    nc = t.transpose(0, -1) if t.ndim > 1 else t  # a non-contiguous input
-    assert torch.equal(square_sum64(nc), nc.to(torch.float64).square().sum(dim=-1))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        want = t.to(torch.float64).square().sum(dim=-1)
+        got = square_sum64(t)
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        assert torch.equal(got, want)
+        assert torch.equal(t, before)
+        # non-contiguous with the last dimension contiguous (a batch-first view of products
+        # computed probe-first, as the engine returns them): the same bits
+        nc = t.transpose(0, 1) if t.ndim > 2 else t[::2]
+        assert torch.equal(square_sum64(nc), nc.to(torch.float64).square().sum(dim=-1))
+        # a strided last dimension is summed in another order: equal to float64 rounding
+        tr = t.transpose(0, -1)
+        assert_close_verbose(square_sum64(tr), tr.to(torch.float64).square().sum(dim=-1),
+                             rtol=1e-13, atol=0)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_cpu_chunks_stay_small_whatever_the_budget(monkeypatch):
     """On the CPU a chunk's one-hot probes and products stay within ``CPU_CHUNK_BYTES``
     (fresh pages above the allocator's mmap threshold cost more than the products there);
-    elsewhere the budget alone sizes them. The diagonal is the same bits at any chunking."""
+    elsewhere the budget alone sizes them. On the columns side (``d <= m``) the diagonal is
+    the same bits at any chunking; on the rows side each chunk's float64 sum is added, so
+    the chunking groups the additions (equal to float64 rounding)."""
     from fsinfo_fast.estimators import exact_fast
 
     cs = exact_fast._chunk_size
@@ -205,5 +223,14 @@ def test_cpu_chunks_stay_small_whatever_the_budget(monkeypatch):
         monkeypatch.setattr(exact_fast, "CPU_CHUNK_BYTES", cap)
         fx = ff.linearize(enc, x, seed=0).exact_fast()
         diags.append(fx.diag)
-    assert fx.info["exact_fast_chunk"] == 1
+    assert fx.info["exact_fast_chunk"] == 1 and fx.side == "columns"
     assert torch.equal(diags[0], diags[1]) and torch.equal(diags[0], diags[2])
+    rows = torch.nn.Sequential(torch.nn.Linear(300, 40), torch.nn.Tanh()).eval()
+    x = torch.randn(5, 300)
+    got = []
+    for cap in (1 << 62, 1):
+        monkeypatch.setattr(exact_fast, "CPU_CHUNK_BYTES", cap)
+        fx = ff.linearize(rows, x, seed=0).exact_fast()
+        got.append(fx.diag)
+    assert fx.side == "rows" and fx.info["exact_fast_chunk"] == 1
+    assert_close_verbose(got[1], got[0], rtol=1e-14, atol=0)

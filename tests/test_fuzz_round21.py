@@ -38,13 +38,24 @@ def test_auto_dfil_method_under_atol_is_one_that_stops_on_atol():
                                         (torch.ones(2, 6, dtype=torch.long),
                                          InvalidInputTypeError),
                                         (torch.randn(6), InvalidInputError)])
-def test_calibrated_guard_refuses_bad_batches_like_the_per_sample_mode(x, err):
-    """A guard with a data-set sigma raised a raw IndexError on an empty batch and torch's
-    own errors on integer or 1-D input; the per-sample mode's library errors now in both."""
+def test_guard_refuses_bad_batches_with_library_errors(x, err):
+    """An empty batch raised a raw IndexError in a guard with a data-set sigma; the
+    per-sample mode (which measures the batch) refuses integer and 1-D input too."""
     head = _tanh()
-    for g in (ff.FSInfoGuard(head, target=-1.0, sigma=0.3), ff.FSInfoGuard(head, target=-1.0)):
-        with pytest.raises(err):
-            g(x)
+    with pytest.raises(err):
+        ff.FSInfoGuard(head, target=-1.0)(x)
+    if x.numel() == 0:
+        with pytest.raises(InvalidInputError, match="empty"):
+            ff.FSInfoGuard(head, target=-1.0, sigma=0.3)(x)
+
+
+def test_calibrated_guard_serves_what_its_encoder_takes():
+    """A data-set sigma measures nothing at forward: token ids into an embedding are the
+    encoder's business, noise is added to its output."""
+    emb = torch.nn.Embedding(10, 4).eval()
+    g = ff.FSInfoGuard(emb, target=-1.0, sigma=0.3)
+    assert g(torch.tensor([[1, 2, 3], [4, 5, 6]])).shape == (2, 3, 4)
+    assert g(torch.tensor([1, 2, 3])).shape == (3, 4)
 
 
 def test_check_output_of_an_empty_batch_is_a_library_error():
@@ -134,3 +145,4 @@ def test_guard_repr_shows_its_target_and_sigma():
     assert "target=-1, variant='diag', sigma=0.3" in repr(ff.FSInfoGuard(head, target=-1.0,
                                                                           sigma=0.3))
     assert "per-sample" in repr(ff.FSInfoGuard(head, target=-1.0))
+    assert "sigma=<meta>" in repr(ff.FSInfoGuard(head, target=-1.0, sigma=0.3).to("meta"))

@@ -126,34 +126,51 @@ class Estimate:
         )
 
 
-#: Bytes of one float64 block of :func:`square_sum64` on the CPU: below glibc's largest mmap
-#: threshold (32 MiB), so each block reuses the same heap memory instead of fresh pages.
-SQUARES_BLOCK_BYTES_CPU = 8 << 20
+#: On the CPU, the bytes of the temporaries a blocked loop allocates at a time (float64
+#: squares here, one-hot chunks in :mod:`~fsinfo_fast.estimators.exact_fast`): below glibc's
+#: largest mmap threshold (32 MiB), so each block reuses the same heap memory instead of
+#: fresh pages faulted in and zeroed, which took more system time than the arithmetic (a
+#: 32-sample fast exact route at VGG5 ``features.0``: 34 s of system time beside 15 s of user
+#: time).
+CPU_BLOCK_BYTES = 8 << 20
 #: The same elsewhere (a caching allocator; fewer, larger kernels).
 SQUARES_BLOCK_BYTES = 256 << 20
 
 
+def _row_blocks(rows: int, step: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` blocks of ``step`` rows covering ``rows``, each of at least
+    ``torch.get_num_threads()`` rows (a short tail joins the block before it) unless it is
+    the whole: torch sums a block of fewer rows than threads by splitting the rows across
+    threads, whose bits depend on the thread count (a whole tensor with that many rows was
+    summed one row per thread)."""
+    step = max(step, torch.get_num_threads(), 1)
+    out = [(i, min(i + step, rows)) for i in range(0, rows, step)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] < torch.get_num_threads():
+        out[-2:] = [(out[-2][0], rows)]
+    return out
+
+
 def square_sum64(t: Tensor) -> Tensor:
-    """``(t.double() ** 2).sum(-1)``: float64 squares summed over the last dimension, with
-    the same values, converted and squared in row blocks of a few MiB.
+    """``(t.double() ** 2).sum(-1)``: float64 squares summed over the last dimension,
+    converted and squared in row blocks of a few MiB (:data:`CPU_BLOCK_BYTES`).
 
     **Why**: a whole ``[B, K, m]`` float64 copy of a product chunk runs to gigabytes (one-hot
-    JVPs of a first convolution at 32 px: ``m = 65536``), each allocated as fresh pages and
-    faulted in, which took more system time than the arithmetic (a 32-sample fast exact
-    route at VGG5 ``features.0``: 42 s of system time beside 15 s of user time); blocks below
-    the allocator's mmap threshold are reused, 4x faster for the conversion on 2 CPU cores.
-    Each row is summed whole either way: the same values (a test compares the bits)."""
+    JVPs of a first convolution at 32 px: ``m = 65536``), each allocated as fresh pages; blocks
+    below the allocator's mmap threshold are reused, 4x faster for the conversion on 2 CPU
+    cores. On the CPU each row is summed whole by one thread either way: the same bits as the
+    whole tensor's sum where the last dimension is contiguous (tests compare them, at 1 and 2
+    threads); elsewhere (a strided last dimension, another device) the same sums up to
+    float64 rounding."""
     n = t.shape[-1]
     if t.numel() == 0:
         return torch.zeros(t.shape[:-1], dtype=torch.float64, device=t.device)
     rows = t.reshape(-1, n)
     out = torch.empty(rows.shape[0], dtype=torch.float64, device=t.device)
-    block = SQUARES_BLOCK_BYTES_CPU if t.device.type == "cpu" else SQUARES_BLOCK_BYTES
-    step = max(1, block // max(1, 8 * n))
-    for i in range(0, rows.shape[0], step):
-        b = rows[i:i + step]
+    block = CPU_BLOCK_BYTES if t.device.type == "cpu" else SQUARES_BLOCK_BYTES
+    for i, j in _row_blocks(rows.shape[0], block // max(1, 8 * n)):
+        b = rows[i:j]
         b64 = b.to(torch.float64)
-        out[i:i + step] = (b64.square() if b64 is b else b64.square_()).sum(dim=1)
+        out[i:j] = (b64.square() if b64 is b else b64.square_()).sum(dim=1)
     return out.reshape(t.shape[:-1])
 
 

@@ -65,7 +65,7 @@ from torch import Tensor
 from ..errors import InvalidInputError
 from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum
 from ..result import MetricResult
-from .base import square_sum64
+from .base import CPU_BLOCK_BYTES, square_sum64
 
 __all__ = ["CHECK_COLUMNS", "FLOOR_ULPS", "SAFETY", "FastExactFisher", "exact_fast_fisher",
            "column_norms", "exact_products", "fsinfo_bias", "live_columns", "rounding_floor"]
@@ -210,14 +210,16 @@ def exact_products(live: Tensor | None, d: int, m: int) -> int:
     return min(m, d) if cols is None else int(cols.numel()) + 1
 
 
-#: On the CPU, the bytes of a chunk's one-hot probes and their products at most.
-CPU_CHUNK_BYTES = 8 << 20
+#: On the CPU, the bytes of a chunk's one-hot probes and their products at most (one probe
+#: where a single one's are more): :data:`~fsinfo_fast.estimators.base.CPU_BLOCK_BYTES`.
+CPU_CHUNK_BYTES = CPU_BLOCK_BYTES
 
 
 def _chunk_size(n: int, batch: int, d: int, m: int, itemsize: int, budget: int,
                 device: torch.device | None = None) -> int:
     """One-hot probes per chunk: inputs, outputs and their float64 squares within ``budget``;
-    on the CPU the probes and products within :data:`CPU_CHUNK_BYTES` too.
+    on the CPU the probes and products within :data:`CPU_CHUNK_BYTES` too, whatever the
+    budget (an explicit ``memory_budget`` included; at least one probe).
 
     **Why the CPU cap**: a chunk's tensors are fresh allocations there, and above the
     allocator's mmap threshold (glibc: 32 MiB at most) each is new pages faulted in and

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from .base import Estimate, Products, check_finite, detached, sample_ids_for
+from .base import Estimate, Products, check_finite, detached, sample_ids_for, square_sum64
 from .hutchinson import (
     _check_side_kind,
     mean_and_stderr,
@@ -155,7 +155,7 @@ def hutchpp_trace(
         G = G - (G @ Q) @ Qt  # (I - Q Q^T) g
         out = fwd(G.to(dt))
         check_finite(out, ids, start, f"Hutch++ residual ({side} side)")
-        chunks.append((out.to(torch.float64) ** 2).sum(dim=2))
+        chunks.append(square_sum64(out))
 
     def summarize(lo: int, rows: Tensor | None = None,
                   names: Container[str] | None = None):  # one quantity; rows unused
