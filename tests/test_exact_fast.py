@@ -179,6 +179,7 @@ def test_square_sum64_is_the_whole_float64_sum(shape, dtype, threads):
     input is left unchanged."""
     from fsinfo_fast.estimators.base import square_sum64
 
+    assert torch.equal(square_sum64(torch.tensor(3.0)), torch.tensor(9.0, dtype=torch.float64))
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=dtype)
     before = t.clone()
     old = torch.get_num_threads()
@@ -204,9 +205,11 @@ def test_square_sum64_is_the_whole_float64_sum(shape, dtype, threads):
 def test_cpu_chunks_stay_small_whatever_the_budget(monkeypatch):
     """On the CPU a chunk's one-hot probes and products stay within ``CPU_CHUNK_BYTES``
     (fresh pages above the allocator's mmap threshold cost more than the products there);
-    elsewhere the budget alone sizes them. On the columns side (``d <= m``) the diagonal is
-    the same bits at any chunking; on the rows side each chunk's float64 sum is added, so
-    the chunking groups the additions (equal to float64 rounding)."""
+    elsewhere the budget alone sizes them. On the columns side (``d <= m``) each column's
+    squares are summed whole: the same bits here at any chunking (where a backend's float32
+    products depend on the number of probes per call, they move within the rounding
+    allowance); on the rows side each chunk's float64 sum is added, so the chunking groups
+    the additions (equal to float64 rounding)."""
     from fsinfo_fast.estimators import exact_fast
 
     cs = exact_fast._chunk_size

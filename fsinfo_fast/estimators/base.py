@@ -161,6 +161,8 @@ def square_sum64(t: Tensor) -> Tensor:
     whole tensor's sum where the last dimension is contiguous (tests compare them, at 1 and 2
     threads); elsewhere (a strided last dimension, another device) the same sums up to
     float64 rounding."""
+    if t.ndim == 0:
+        return t.to(torch.float64).square()
     n = t.shape[-1]
     if t.numel() == 0:
         return torch.zeros(t.shape[:-1], dtype=torch.float64, device=t.device)
