@@ -168,15 +168,15 @@ def test_errors():
 @pytest.mark.parametrize(("shape", "dtype"), [((3, 5, 7), torch.float32),
                                               ((2, 4, 300_000), torch.float32),
                                               ((7, 300_000), torch.float32),
-                                              ((2, 1_100_000), torch.float32),
+                                              ((2, 3_211_264), torch.float32),
                                               ((6, 1), torch.float64),
                                               ((0, 9), torch.float32)])
 def test_square_sum64_is_the_whole_float64_sum(shape, dtype, threads):
     """The blocked float64 sum of squares gives the same bits as converting the whole tensor,
     at 1 and 2 threads: rows of 300,000 entries (3 rows per 8 MiB block; a 1-row tail joins
-    the block before it), rows of over 2^20 entries (one row per 8 MiB: blocks of at least
-    as many rows as threads, else torch splits a row across threads, other bits); a float64
-    input is left unchanged."""
+    the block before it), rows of over 2^20 entries (VGG ``features.0`` at 224 px: one row
+    per 8 MiB; blocks of at least as many rows as threads, else torch splits a row across
+    threads, other bits); a float64 input is left unchanged."""
     from fsinfo_fast.estimators.base import square_sum64
 
     assert torch.equal(square_sum64(torch.tensor(3.0)), torch.tensor(9.0, dtype=torch.float64))
