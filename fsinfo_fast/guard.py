@@ -392,15 +392,18 @@ class FSInfoGuard(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
-        if not isinstance(x, Tensor) or self.per_sample:  # (a list met x.detach() or x.shape:
-            check_input(x)  # a raw AttributeError; sigma* needs a float batch)
-        elif x.ndim == 0 or x.shape[0] == 0:  # (a raw IndexError of check_output before)
-            raise InvalidInputError(f"x is empty or has no batch dimension (shape "
-                                    f"{tuple(x.shape)}): give at least one sample")
-        # a data-set sigma leaves the rest to the encoder: token ids, masks or a 1-D batch
-        # that it takes are served (noise is added to its output; nothing is measured here)
+        if not isinstance(x, Tensor):  # (a list met x.detach() or x.shape: a raw AttributeError)
+            check_input(x)
+        per_sample = self.per_sample  # (one host sync on a GPU)
+        if not per_sample and (x.ndim == 0 or x.shape[0] == 0):  # (a raw IndexError of
+            raise InvalidInputError(  # check_output before)
+                f"x is empty or has no batch dimension (shape {tuple(x.shape)}): give at least "
+                "one sample")
+        # per-sample mode: sigma_for's linearize checks x (a float batch); a data-set sigma
+        # leaves the rest to the encoder: token ids, masks or a 1-D batch that it takes are
+        # served (noise is added to its output; nothing is measured here)
         sigma = None
-        if self.per_sample:
+        if per_sample:
             # before the encoder runs: one that writes into its input (x.mul_(), an in-place
             # first ReLU) would have moved x, and sigma* would be sized for another input
             sigma = self.sigma_for(x.detach())
