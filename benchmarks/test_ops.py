@@ -186,3 +186,60 @@ def test_exact_fast_chunks(benchmark, chunks, device, monkeypatch):
     assert torch.equal(diag, ref)
     benchmark.extra_info.update(d=3072, m=65536, batch=8, chunks=chunks)
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+
+
+class _SaturatedFront(torch.nn.Module):
+    """``tanh(1e-3 x)`` in front of VGG5 up to ``features.3``: a sample shifted by 8000
+    saturates (autograd's ``1 - tanh^2`` keeps few digits in float32), the others do not."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        import fsinfo_fast as ff
+
+        torch.manual_seed(0)
+        self.body = ff.split(ff.models.get_model("vgg5").eval().to(device), "features.3")
+
+    def forward(self, x):
+        return self.body(torch.tanh(1e-3 * x))
+
+
+@pytest.mark.parametrize("route", ["flagged-samples", "whole-batch"])
+def test_exact_part(benchmark, route, device, monkeypatch):
+    """``auto``'s floorless FSInfo_diag at sigma = 1 (FSInfoGuard's first request) on 16
+    samples (3x32x32) of which one saturates: its measured rounding misses the tolerance and
+    it takes an exact route. Per flagged sample (the default: that sample linearised again,
+    its ``min(m, d)`` products) against the whole batch's fast exact route (the route before,
+    restored by a patch), side by side; both must give the flagged sample the same exact value
+    within its allowance before anything is timed."""
+    import fsinfo_fast as ff
+    from fsinfo_fast.linearization import Linearization
+
+    if route == "whole-batch":
+        def whole(self, out, rows, s, floor, prior_var, tol, why=""):
+            if rows is None:
+                return out
+            return self._lost_fixed(self._exact_fsinfo(s, "diag", prior_var, floor, why,
+                                                       "auto", tol), "auto", s, floor,
+                                    prior_var)
+
+        monkeypatch.setattr(Linearization, "_exact_part", whole)
+    enc = _SaturatedFront(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=g).to(device)
+    x[3] += 8000.0
+    assert ff.linearize(enc, x).products is not None  # (validation cache, engine: warm)
+
+    def run():
+        r = ff.linearize(enc, x).fsinfo(1.0, floor=0.0)  # (sigma*'s first request)
+        _sync(device)
+        return r
+
+    r = run()
+    assert r.estimator == ("mixed" if route == "flagged-samples" else "exact-fast"), r.info
+    ref = _EXACT_PART_REF.setdefault(str(device), float(r.value[3]))
+    assert abs(float(r.value[3]) - ref) <= float(r.ci_halfwidth[3]) + 1e-12
+    benchmark.extra_info.update(d=3072, batch=16, flagged=1, route=route)
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+
+
+_EXACT_PART_REF: dict[str, float] = {}

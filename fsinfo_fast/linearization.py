@@ -33,6 +33,9 @@ methods share every product they can:
   tolerance take the oracle's values, those samples only (``info["exact_fast_oracle_samples"]``,
   :meth:`Linearization._exact_rows`). It switches as soon as a sample is predicted not to
   converge within the cap (``StoppingRule.stop_unreachable``), not after spending the cap.
+  Where a randomized estimate's measured rounding misses the tolerance for some samples only,
+  those samples take the exact route on their own (:meth:`Linearization._exact_part`,
+  ``estimator="mixed"``, ``info["exact_samples"]``).
 
 The module-level :func:`fsinfo_fast.fsinfo`, :func:`fsinfo_fast.dfil`,
 :func:`fsinfo_fast.fsinfo_sigma` and :func:`fsinfo_fast.dfil_sigma` are thin wrappers:
@@ -491,11 +494,15 @@ class Linearization:
         self.sample_ids = None if sample_ids is None else sample_ids_for(_Shape(self.enc),
                                                                           sample_ids)
         self.memory_budget = memory_budget
+        self._dtype_arg = dtype  # (as asked: the sub-batches of _exact_part ask the same)
         self._products: Any = None
         self._exact: reference.ExactFisher | None = None
         self._exact_fast: FastExactFisher | None = None
         # the oracle's diag and trace of some samples (held, diag, trace; see _exact_rows)
         self._oracle_part: tuple[Tensor, Tensor, Tensor] | None = None
+        # the exact routes of some samples only: (rows [k] on the CPU, the Linearization of
+        # x[rows], why), see _exact_part
+        self._parts: list[tuple[Tensor, Linearization, str]] = []
         self._dominant_sel: tuple[Tensor | None] | None = None  # see _dominant
         self._dominant_unbilled = 0  # its VJP, until a result counts it (_dominant_passes)
         self._diag_cache: dict[tuple, Any] = {}
@@ -1175,21 +1182,25 @@ class Linearization:
         extra = (meas - allow0).clamp_min(0)
         info = {**r.info, "rounding_measured": meas.tolist(),
                 "rounding_check_products": ran}
+        auto = estimator == "auto" and not fixed
         if not bool((extra > 0).any()):
-            return dataclasses.replace(r, info=info)
+            out = dataclasses.replace(r, info=info)
+            return self._exact_part(out, None, s, floor, prior_var, tol) if auto else out
         hw = r.ci_halfwidth + extra
         met = tolerance_met(r.value, hw, *tol)
         out = dataclasses.replace(r, ci_halfwidth=hw, bias_bound=r.bias_bound + extra,
                                   converged=r.converged & met, info=info)
         missed = tolerance_met(r.value, r.ci_halfwidth, *tol) & ~met  # (by the rounding)
         if not bool(missed.any()):
-            return out
+            return self._exact_part(out, None, s, floor, prior_var, tol) if auto else out
         dt = self.enc.x.dtype
         why = (f"the {dt} products' rounding, measured against float64 (a few products each), "
                f"widened the randomized {r.metric} interval of {int(missed.sum())} sample(s) "
                f"past the tolerance (allowance up to {float(meas.max()):.3g}): a saturated "
                "activation or a cancellation loses digits")
-        if estimator == "auto" and not fixed and self._oracle_fits():
+        if auto and self._oracle_fits():
+            if self._parts or not bool(missed.all()):  # (the samples it missed for only)
+                return self._exact_part(out, missed, s, floor, prior_var, tol, why)
             if r.metric == "dfil":
                 ex = self._exact_dfil(s, why, estimator, tol)
             else:
@@ -1205,6 +1216,78 @@ class Linearization:
                       "estimate with the measured allowance in its interval (converged=False)",
                       RuntimeWarning)
         return out
+
+    def _exact_part(self, out: MetricResult, rows: Tensor | None, s: Tensor, floor: float,
+                    prior_var: float | None, tol: tuple, why: str = "") -> MetricResult:
+        """``auto``'s randomized FSInfo_diag or dFIL ``out`` with the samples ``rows`` (``[B]``
+        bool, or None) and those sent before (:attr:`_parts`) taking the exact route's values:
+        the fast exact route (its own samples that miss the tolerance there take the float64
+        oracle's), each sample's computed at most once, on a sub-batch ``x[rows]`` linearised
+        with the same backend, seed and sample ids (the encoder's validation checked that
+        samples do not interact, so a sub-batch's Jacobians are the batch's). A sample takes
+        the exact route where its own measured rounding missed the tolerance, not because a
+        batch-mate's did: its result does not depend on how the samples are batched, and a
+        sample flagged in a batch of 32 costs one sample's ``min(m, d)`` products, not 32.
+        Returns ``out`` itself where no sample is sent, else the spliced result:
+        ``estimator="mixed"``, ``info["exact_samples"]`` (the batch indices that took an
+        exact route), ``info["exact_samples_estimator"]`` (``"exact-fast"`` or ``"exact"``,
+        each) and ``info["auto"]`` (why); ``passes`` adds the exact route's products."""
+        held = torch.zeros(self.batch, dtype=torch.bool)
+        for idx, _, _ in self._parts:
+            held[idx] = True
+        before = len(self._parts)
+        if rows is not None and bool((rows.cpu() & ~held).any()):
+            idx = (rows.cpu() & ~held).nonzero().flatten()
+            ids = (idx if self.sample_ids is None else self.sample_ids.cpu()[idx])
+            # (the validation ran single samples already: every batch size is served)
+            sub = Linearization(self.encoder, self.x[idx.to(self.x.device)],
+                                backend=self.backend, seed=self.seed, sample_ids=ids,
+                                memory_budget=self.memory_budget, dtype=self._dtype_arg)
+            self._parts.append((idx, sub, why))
+        if not self._parts:
+            return out
+        value, stderr = out.value.clone(), out.stderr.clone()
+        hw, bias = out.ci_halfwidth.clone(), out.bias_bound.clone()
+        conv, bound = out.converged.clone(), out.bound.clone()
+        meas = out.info.get("rounding_measured")
+        meas = None if meas is None else list(meas)
+        exact: dict[int, str] = {}
+        reasons, passes = [], 0
+        for n, (idx, sub, sent) in enumerate(self._parts):
+            i = idx.to(value.device)
+            si = s[i]
+            if n < before:  # (sent by an earlier request: its quantities are held)
+                sent = f"the exact quantities computed for an earlier request ({sent})"
+            if out.metric == "dfil":
+                ex = sub._exact_dfil(si, sent, "auto", tol)
+            else:
+                ex = sub._lost_fixed(
+                    sub._exact_fsinfo(si, "diag", prior_var, floor, sent, "auto", tol),
+                    "auto", si, floor, prior_var)
+            value[i], stderr[i] = ex.value.to(value), ex.stderr.to(stderr)
+            hw[i], bias[i] = ex.ci_halfwidth.to(hw), ex.bias_bound.to(bias)
+            conv[i], bound[i] = ex.converged.to(conv), ex.bound.to(bound)
+            oracle = set(ex.info.get("exact_fast_oracle_samples", ()))
+            sub_meas = ex.info.get("rounding_measured")
+            for j, k in enumerate(idx.tolist()):
+                exact[k] = ("exact" if ex.estimator == "exact" or j in oracle
+                            else ex.estimator)
+                if meas is not None:
+                    meas[k] = None if sub_meas is None else sub_meas[j]
+            reasons.append(f"sample(s) {idx.tolist()}: {ex.info.get('auto', sent)}")
+            passes = max(passes, int(ex.passes))
+        order = sorted(exact)
+        info = {**out.info, "exact_samples": order,
+                "exact_samples_estimator": [exact[k] for k in order],
+                "auto": (f"{len(order)} of {self.batch} sample(s) took an exact route, each for "
+                         "its own reason (the others keep the randomized estimate): "
+                         + "; ".join(reasons))}
+        if meas is not None:
+            info["rounding_measured"] = meas
+        return dataclasses.replace(out, value=value, stderr=stderr, ci_halfwidth=hw,
+                                   bias_bound=bias, converged=conv, bound=bound,
+                                   estimator="mixed", passes=int(out.passes) + passes,
+                                   info=info)
 
     def _oracle_fits(self) -> bool:
         """Whether the oracle can run: the encoder runs in float64 and one sample's dense
@@ -2187,8 +2270,10 @@ class Linearization:
         longer holds its stages)."""
         r = self.fsinfo(1.0, floor=floor, **kw)
         if r.estimator != "randomized" or r.info.get("diag_method") != "plain":
-            return None, (f"the floored sigma = 1 estimate took the "
-                          f"{r.info.get('diag_method', r.estimator)} route")
+            route = (r.info.get("diag_method") if r.estimator == "randomized" else
+                     f"{r.estimator} ({r.info.get('auto')})" if r.info.get("auto")
+                     else r.estimator)
+            return None, f"the floored sigma = 1 estimate took the {route} route"
         if any(r.info.get("lost_columns", ())):
             return None, ("input dimensions whose column of J is 0 in the working dtype but not "
                           "in float64 (see info['lost_columns_why']), which the solve on the "

@@ -136,7 +136,12 @@ class MetricResult:
         units: ``"nats/dim"`` for FSInfo; ``"1/dim"`` for dFIL (Fisher information per input
             dimension, in inverse squared input units).
         estimator: ``"exact"`` (the float64 oracle), ``"exact-fast"`` (one-hot products in
-            the working dtype; its interval is the rounding allowance) or ``"randomized"``.
+            the working dtype; its interval is the rounding allowance), ``"randomized"``, or
+            ``"mixed"``: ``auto``'s randomized estimate where some samples took an exact route
+            for their own reason (their measured rounding missed the tolerance), those
+            samples' values, intervals and ``converged`` the exact route's;
+            ``info["exact_samples"]`` lists them (batch indices) and
+            ``info["exact_samples_estimator"]`` names each one's route.
         sigma: ``[B]`` float64 noise scale used.
         d: input dimension; m: output dimension.
         num_probes: probes used per sample (``None`` for exact).
@@ -279,7 +284,9 @@ class SigmaResult:
         target: ``[B]`` float64 target: FSInfo ``tau`` in nats per input dimension, or the dFIL
             bound ``b`` (per-dimension MSE of unbiased attackers, squared input units).
         metric: ``"fsinfo_diag"``, ``"fsinfo_logdet"`` or ``"dfil"``.
-        estimator: ``"exact"`` or ``"randomized"``.
+        estimator: that of the metric result it was computed from (``"exact"``,
+            ``"exact-fast"``, ``"randomized"`` or ``"mixed"``, see :class:`MetricResult`), or
+            ``"mixed"`` for batches concatenated over several.
         ci_low, ci_high: ``[B]`` 95% interval of ``sigma`` from the estimate's interval (equal to
             ``sigma`` for the exact estimator).
         converged: ``[B]`` bool (see :class:`MetricResult`).

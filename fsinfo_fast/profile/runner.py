@@ -737,13 +737,17 @@ def _metric_fields(prefix: str, r: Any, estimator: str, *, probes: bool = True,
     }
     if rounding:  # the measured rounding allowance inside _hw (null: the fixed one)
         meas = r.info.get("rounding_measured")
-        out[f"{prefix}_rounding"] = ([None] * b if meas is None
-                                     else [_num(v) for v in meas])
+        out[f"{prefix}_rounding"] = ([None] * b if meas is None  # (None: a float64 sample)
+                                     else [None if v is None else _num(v) for v in meas])
     if probes:
         pps = r.probes_per_sample
         out[f"{prefix}_probes"] = ([r.num_probes] * b if pps is None
                                    else [int(k) for k in pps.cpu().tolist()])
         out[f"{prefix}_estimator"] = [estimator] * b
+        if r.estimator == "mixed":  # (auto: some samples took an exact route, each its own)
+            for k, est in zip(r.info["exact_samples"], r.info["exact_samples_estimator"],
+                              strict=True):
+                out[f"{prefix}_estimator"][k] = f"{est} (auto: {r.info['auto']})"
     return out
 
 
@@ -778,13 +782,15 @@ def _none_fields(b: int, *keys: str) -> dict[str, list]:
 def _label(r: Any, requested: str, *, method: bool = False) -> str:
     """The estimator a record names: ``randomized`` (``randomized (<method>)`` with ``method``)
     or ``exact``; where ``auto`` took the oracle, why (``exact (auto: <reason>)``), so that a
-    fallback is never silent."""
+    fallback is never silent. A ``mixed`` result's randomized samples are named so here, its
+    exact ones by :func:`_metric_fields`."""
     info = r.info if isinstance(r.info, dict) else {}
     if r.estimator in ("exact", "exact-fast"):
         why = info.get("auto")
         return f"{r.estimator} (auto: {why})" if requested == "auto" and why else r.estimator
+    name = "randomized" if r.estimator == "mixed" else r.estimator
     m = info.get("method") if method else None
-    return f"{r.estimator} ({m})" if m else r.estimator
+    return f"{name} ({m})" if m else name
 
 
 def _backend_label(info: dict[str, Any]) -> str:
