@@ -8,9 +8,11 @@ status 2 (no traceback); ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
+import warnings
 
 from .errors import FSInfoError
 
@@ -66,6 +68,23 @@ def given_options(argv: list[str] | None) -> frozenset[str]:
     return frozenset(vars(parser.parse_args(argv)))
 
 
+@contextlib.contextmanager
+def _command_line_warnings(command: str):
+    """Warnings printed as ``fsinfo-fast <command>: warning: <Category>: <message>`` while the
+    command runs: the library attributes a warning to the caller's line, which on the command
+    line was ``<frozen runpy>:88``. Only the text changes (``warnings.formatwarning``): filters
+    and whoever records warnings (pytest) are left alone."""
+    def text(message, category, filename, lineno, line=None):
+        return f"fsinfo-fast {command}: warning: {category.__name__}: {message}\n"
+
+    before = warnings.formatwarning
+    warnings.formatwarning = text
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args = parser.parse_args(argv)
@@ -76,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(modules[args.command].run(args) or 0)
+        with _command_line_warnings(args.command):
+            return int(modules[args.command].run(args) or 0)
     except (FSInfoError, FileNotFoundError, FileExistsError, PermissionError,
             IsADirectoryError, NotADirectoryError) as err:
         if args.debug:

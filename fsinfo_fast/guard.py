@@ -218,7 +218,7 @@ class FSInfoGuard(nn.Module):
         **metric_kwargs,
     ) -> None:
         super().__init__()
-        from .linearization import check_metric_keywords
+        from .linearization import check_metric_keywords, seed_once
 
         check_metric_keywords({**metric_kwargs, "variant": variant}, "fsinfo_sigma",
                               "FSInfoGuard", extra=("sample_ids",))
@@ -233,7 +233,7 @@ class FSInfoGuard(nn.Module):
         self.target = float(target)
         self.variant = variant
         self.generator = generator
-        self.metric_kwargs = metric_kwargs
+        self.metric_kwargs = seed_once(metric_kwargs)  # (a Generator: drawn once)
         self.register_buffer("sigma", torch.tensor(math.nan if sigma is None else float(sigma),
                                                    dtype=torch.float64))
         self.last_sigma: Tensor | None = None
@@ -390,8 +390,15 @@ class FSInfoGuard(nn.Module):
                 f"no finite noise brings FSInfo to the target {self.target:g} nats/dim ({what} "
                 f"is inf for {int(bad.sum())} of {bad.numel()}): {why}")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value."""
+    def forward(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value.
+
+        In per-sample mode each sample's ``sigma*`` is estimated from probes seeded by its
+        sample id: ``sample_ids`` (``[B]``), else the ``sample_ids`` given at construction,
+        else its position in the batch (``arange(B)``), so the same input at another position
+        gets another estimate of the same ``sigma*`` (within its interval). Give ids (e.g. a
+        data set's indices) where an input must get the same noise scale whatever its batch.
+        A data-set sigma ignores them."""
         if not isinstance(x, Tensor):  # (a list met x.detach() or x.shape: a raw AttributeError)
             check_input(x)
         per_sample = self.per_sample  # (one host sync on a GPU)
@@ -406,7 +413,7 @@ class FSInfoGuard(nn.Module):
         if per_sample:
             # before the encoder runs: one that writes into its input (x.mul_(), an in-place
             # first ReLU) would have moved x, and sigma* would be sized for another input
-            sigma = self.sigma_for(x.detach())
+            sigma = self.sigma_for(x.detach(), sample_ids)
             self._check_reachable(sigma, "sigma*")
         z = self.encoder(x)
         if sigma is None:

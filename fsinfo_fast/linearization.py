@@ -59,6 +59,7 @@ import functools
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -82,6 +83,7 @@ from .encoder import (
 from .engine import default_memory_budget, make_products
 from .errors import (
     EncoderError,
+    FSInfoError,
     InvalidInputError,
     InvalidInputTypeError,
     PrecisionError,
@@ -149,8 +151,8 @@ LOST_STREAM = 23
 #: The input vectors of the JVP rounding check (:meth:`Linearization._jvp_pair`).
 JVP_STREAM = 24
 LOST_CONFIRM = 32
-#: At most this many such input dimensions (the batch's union) are computed exactly in float64;
-#: beyond it ``auto`` takes the oracle and another route raises.
+#: At most this many such input dimensions per sample are computed exactly in float64; beyond
+#: it ``auto`` takes the oracle and another route raises.
 LOST_MAX = 256
 _LOST_SCALE = 2.0**40
 #: The rounding check (:meth:`Linearization._pair`) draws enough cotangents for this many
@@ -442,6 +444,11 @@ class _Shape:
         self.batch, self.device = enc.batch, enc.x.device
 
 
+class _PartUnavailable(Exception):
+    """An :meth:`Linearization._exact_part` sub-batch cannot be served (the caller takes the
+    batch's exact route and records why)."""
+
+
 class Linearization:
     """One encoder linearised at one batch: validated once, every metric sharing its products.
 
@@ -491,10 +498,20 @@ class Linearization:
         self._built_as = self._state()
         self.backend = backend
         self.seed = resolve_seed(seed)
-        self.sample_ids = None if sample_ids is None else sample_ids_for(_Shape(self.enc),
-                                                                          sample_ids)
+        # (a copy, as of x: ids the caller changes in place later would move the probes)
+        self.sample_ids = None if sample_ids is None else sample_ids_for(
+            _Shape(self.enc), sample_ids).clone()
+        if self.sample_ids is not None and int(self.sample_ids.unique().numel()) < self.batch:
+            warn_user(
+                "sample_ids repeat within the batch: samples with the same id get the same "
+                "probes, so their estimation errors are correlated and a batch mean's interval "
+                "(MetricResult.mean) counts them as independent; give each sample its own id",
+                UserWarning)
         self.memory_budget = memory_budget
         self._dtype_arg = dtype  # (as asked: the sub-batches of _exact_part ask the same)
+        # the float64 copy checked to compute the working dtype's function on a batch holding
+        # this one (an _exact_part sub-batch: that check's scale is the whole batch's)
+        self._same_function_checked = False
         self._products: Any = None
         self._exact: reference.ExactFisher | None = None
         self._exact_fast: FastExactFisher | None = None
@@ -807,7 +824,8 @@ class Linearization:
             if enc64 is None:
                 enc64 = self._prepare64()
             try:
-                check_same_function(self.enc, enc64)
+                if not self._same_function_checked:  # (an _exact_part sub-batch: its batch's)
+                    check_same_function(self.enc, enc64)
             except EncoderError:
                 self._p64 = None  # (a primed pullback: no check will use it)
                 raise
@@ -827,10 +845,11 @@ class Linearization:
         every product of ordinary size gives 0; a column that underflows for some probes only
         is counted by the routes, not lost) give ``(dead64 [B] bool: some column is 0 in
         float64 too, lost [B, d] bool, diag [B, d])`` with ``diag`` the float64
-        ``(J^T J)_kk`` of the lost columns (0 elsewhere) from one float64 JVP per dimension of
-        their union over the batch, or
-        ``None`` where that union exceeds :data:`LOST_MAX`. The float64 copy must be available
-        (:meth:`_exact_unavailable`)."""
+        ``(J^T J)_kk`` of the lost columns (0 elsewhere) from one float64 one-hot JVP per lost
+        column of each sample (as many per sample as the one that has most), or ``None`` where
+        a sample has more than :data:`LOST_MAX` (each sample's count, not the batch's union:
+        two samples with 200 each were refused together and served alone). The float64 copy
+        must be available (:meth:`_exact_unavailable`)."""
         if self._lost_cache is None:
             self._lost_cache = (self._find_lost(),)
         return self._lost_cache[0]
@@ -930,18 +949,24 @@ class Linearization:
         # (squares: 0 exactly where the oracle's diagonal is)
         nz64 = (g64.square() > 0).any(dim=1)
         lost = lost & nz64
-        union = lost.any(dim=0).nonzero().flatten()
+        # each sample's own lost columns (at most LOST_MAX each, whatever its batch-mates'):
+        # one float64 JVP per column of the sample that has most
+        counts = lost.sum(dim=1)
+        k = int(counts.max()) if counts.numel() else 0
         diag: Tensor | None = torch.zeros(lost.shape, dtype=torch.float64, device=lost.device)
-        if union.numel() > LOST_MAX:
+        if k > LOST_MAX:
             diag = None
-        if diag is not None and union.numel():
+        elif k:
             from .engine import TorchFuncProducts
 
+            order = torch.argsort((~lost).to(torch.uint8), dim=1, stable=True)[:, :k]
+            idx = torch.where(torch.arange(k, device=lost.device) < counts[:, None], order,
+                              torch.full_like(order, -1))
             p64 = TorchFuncProducts(self._float64_encoder(), memory_budget=self.memory_budget)
-            diag[:, union] = column_norms(p64, union, torch.float64, budget=(
+            norms = column_norms(p64, idx, torch.float64, budget=(
                 self.memory_budget or default_memory_budget(lost.device)))
-        if diag is not None:
-            diag = torch.where(lost, diag, torch.zeros_like(diag))
+            bi, ji = (idx >= 0).nonzero(as_tuple=True)
+            diag[bi, idx[bi, ji]] = norms[bi, ji]
         return (~nz64).any(dim=1), lost, diag
 
     def _lost_fixed(self, r: MetricResult, estimator: str, s: Tensor,
@@ -998,8 +1023,9 @@ class Linearization:
             why = (f"{int((n_lost > 0).sum())} sample(s) have input dimensions whose column of J"
                    f" is 0 in {dt} but not in float64 ({what}); the log det cannot count them")
         elif diag is None:
-            why = (f"{int(lost.any(dim=0).sum())} input dimensions have a column of J that is 0 "
-                   f"in {dt} but not in float64 ({what}), more than the {LOST_MAX} computed "
+            n_max = int(n_lost.max())
+            why = (f"a sample has {n_max} input dimensions whose column of J is 0 in {dt} but "
+                   f"not in float64 ({what}), more than the {LOST_MAX} per sample computed "
                    "exactly")
         if why is None:
             d = diag.to(r.value.device)
@@ -1156,7 +1182,8 @@ class Linearization:
         tolerance ``tol = (atol, rtol)``, ``converged`` is False, and ``auto`` takes an exact
         route (the fast one where its own measured allowance meets the tolerance, else the
         float64 oracle) where the oracle fits and the rounding made it miss (not for a
-        ``fixed`` probe count, which ``auto`` keeps). Where no float64 copy can run (or it
+        ``fixed`` probe count, which ``auto`` keeps): for those samples only
+        (:meth:`_exact_part`) unless every sample missed. Where no float64 copy can run (or it
         computes another function), the fixed allowance stands and
         ``info["rounding_unmeasured"]`` says why. ``info["rounding_check_products"]``: the
         working-dtype products the checks (:meth:`_pair`, :meth:`_jvp_pair`) ran since the
@@ -1200,7 +1227,11 @@ class Linearization:
                "activation or a cancellation loses digits")
         if auto and self._oracle_fits():
             if self._parts or not bool(missed.all()):  # (the samples it missed for only)
-                return self._exact_part(out, missed, s, floor, prior_var, tol, why)
+                try:
+                    return self._exact_part(out, missed, s, floor, prior_var, tol, why)
+                except _PartUnavailable as err:
+                    why = (f"{why}; the batch took the exact route as one: those samples "
+                           f"alone could not be served ({err})")
             if r.metric == "dfil":
                 ex = self._exact_dfil(s, why, estimator, tol)
             else:
@@ -1226,12 +1257,17 @@ class Linearization:
         with the same backend, seed and sample ids (the encoder's validation checked that
         samples do not interact, so a sub-batch's Jacobians are the batch's). A sample takes
         the exact route where its own measured rounding missed the tolerance, not because a
-        batch-mate's did: its result does not depend on how the samples are batched, and a
-        sample flagged in a batch of 32 costs one sample's ``min(m, d)`` products, not 32.
-        Returns ``out`` itself where no sample is sent, else the spliced result:
+        batch-mate's did, and a sample flagged in a batch of 32 costs one sample's ``min(m,
+        d)`` products, not 32. The sub-batch trusts this batch's check that the float64 copy
+        computes the working dtype's function (made at the batch's output scale, as for the
+        whole-batch route; a flagged sample alone can sit far below it); where the sub-batch
+        cannot be served (another check its values decide), :class:`_PartUnavailable` sends
+        the caller to the batch's exact route. Returns ``out`` itself where no sample is sent,
+        else the spliced result:
         ``estimator="mixed"``, ``info["exact_samples"]`` (the batch indices that took an
         exact route), ``info["exact_samples_estimator"]`` (``"exact-fast"`` or ``"exact"``,
-        each) and ``info["auto"]`` (why); ``passes`` adds the exact route's products."""
+        each), ``info["exact_samples_auto"]`` (each one's reason) and ``info["auto"]`` (all
+        of them); ``passes`` adds the exact route's products."""
         held = torch.zeros(self.batch, dtype=torch.bool)
         for idx, _, _ in self._parts:
             held[idx] = True
@@ -1239,11 +1275,22 @@ class Linearization:
         if rows is not None and bool((rows.cpu() & ~held).any()):
             idx = (rows.cpu() & ~held).nonzero().flatten()
             ids = (idx if self.sample_ids is None else self.sample_ids.cpu()[idx])
-            # (the validation ran single samples already: every batch size is served)
-            sub = Linearization(self.encoder, self.x[idx.to(self.x.device)],
-                                backend=self.backend, seed=self.seed, sample_ids=ids,
-                                memory_budget=self.memory_budget, dtype=self._dtype_arg)
+            try:
+                with warnings.catch_warnings():  # (repeated ids: said for the batch already)
+                    warnings.filterwarnings("ignore", "sample_ids repeat", UserWarning)
+                    sub = Linearization(self.encoder, self.x[idx.to(self.x.device)],
+                                        backend=self.backend, seed=self.seed, sample_ids=ids,
+                                        memory_budget=self.memory_budget, dtype=self._dtype_arg)
+                # this batch checked the float64 copy's function at its own scale (a sample
+                # alone, the one whose float32 lost digits, can sit far below it)
+                sub._same_function_checked = self._enc64 is not None
+                first = self._part_result(sub, s[idx.to(s.device)], why, out.metric, floor,
+                                          prior_var, tol)
+            except FSInfoError as err:  # (a check the sub-batch's values decide otherwise)
+                raise _PartUnavailable(f"{type(err).__name__}: {err}") from err
             self._parts.append((idx, sub, why))
+        else:
+            first = None
         if not self._parts:
             return out
         value, stderr = out.value.clone(), out.stderr.clone()
@@ -1252,18 +1299,15 @@ class Linearization:
         meas = out.info.get("rounding_measured")
         meas = None if meas is None else list(meas)
         exact: dict[int, str] = {}
+        said: dict[int, str] = {}
         reasons, passes = [], 0
         for n, (idx, sub, sent) in enumerate(self._parts):
             i = idx.to(value.device)
-            si = s[i]
             if n < before:  # (sent by an earlier request: its quantities are held)
                 sent = f"the exact quantities computed for an earlier request ({sent})"
-            if out.metric == "dfil":
-                ex = sub._exact_dfil(si, sent, "auto", tol)
+                ex = self._part_result(sub, s[i], sent, out.metric, floor, prior_var, tol)
             else:
-                ex = sub._lost_fixed(
-                    sub._exact_fsinfo(si, "diag", prior_var, floor, sent, "auto", tol),
-                    "auto", si, floor, prior_var)
+                ex = first
             value[i], stderr[i] = ex.value.to(value), ex.stderr.to(stderr)
             hw[i], bias[i] = ex.ci_halfwidth.to(hw), ex.bias_bound.to(bias)
             conv[i], bound[i] = ex.converged.to(conv), ex.bound.to(bound)
@@ -1272,6 +1316,7 @@ class Linearization:
             for j, k in enumerate(idx.tolist()):
                 exact[k] = ("exact" if ex.estimator == "exact" or j in oracle
                             else ex.estimator)
+                said[k] = ex.info.get("auto", sent)
                 if meas is not None:
                     meas[k] = None if sub_meas is None else sub_meas[j]
             reasons.append(f"sample(s) {idx.tolist()}: {ex.info.get('auto', sent)}")
@@ -1279,6 +1324,7 @@ class Linearization:
         order = sorted(exact)
         info = {**out.info, "exact_samples": order,
                 "exact_samples_estimator": [exact[k] for k in order],
+                "exact_samples_auto": [said[k] for k in order],
                 "auto": (f"{len(order)} of {self.batch} sample(s) took an exact route, each for "
                          "its own reason (the others keep the randomized estimate): "
                          + "; ".join(reasons))}
@@ -1288,6 +1334,15 @@ class Linearization:
                                    bias_bound=bias, converged=conv, bound=bound,
                                    estimator="mixed", passes=int(out.passes) + passes,
                                    info=info)
+
+    @staticmethod
+    def _part_result(sub: Linearization, s: Tensor, why: str, metric: str, floor: float,
+                     prior_var: float | None, tol: tuple) -> MetricResult:
+        """The exact route's FSInfo_diag or dFIL of an :meth:`_exact_part` sub-batch."""
+        if metric == "dfil":
+            return sub._exact_dfil(s, why, "auto", tol)
+        return sub._lost_fixed(sub._exact_fsinfo(s, "diag", prior_var, floor, why, "auto", tol),
+                               "auto", s, floor, prior_var)
 
     def _oracle_fits(self) -> bool:
         """Whether the oracle can run: the encoder runs in float64 and one sample's dense
@@ -2497,6 +2552,16 @@ class Linearization:
 
 #: Keywords of :func:`linearize` that FSInfoGuard and the torchmetrics metrics pass through.
 LINEARIZE_KEYWORDS = ("backend", "seed", "memory_budget", "dtype")
+
+
+def seed_once(kw: dict[str, Any]) -> dict[str, Any]:
+    """``kw`` with a ``torch.Generator`` ``seed`` drawn once (:func:`resolve_seed`): the
+    torchmetrics metrics and FSInfoGuard linearise every batch with their keywords, and a
+    generator drawn per batch gave each batch other probes (a sample's result then depended on
+    how the data was batched)."""
+    if isinstance(kw.get("seed"), torch.Generator):
+        return {**kw, "seed": resolve_seed(kw["seed"])}
+    return kw
 
 
 def check_metric_keywords(kw: dict[str, Any], method: str, who: str,

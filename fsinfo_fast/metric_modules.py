@@ -69,7 +69,7 @@ class _LeakageMetric(Metric):
         if "sample_ids" in metric_kwargs:
             raise InvalidInputError("sample_ids belong to each batch: pass them to update(), "
                                     "not to the metric's constructor")
-        from .linearization import check_metric_keywords
+        from .linearization import check_metric_keywords, seed_once
 
         check_metric_keywords(metric_kwargs, self._method, type(self).__name__)
         if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (
@@ -79,7 +79,7 @@ class _LeakageMetric(Metric):
         super().__init__(**kwargs)
         self.__dict__["encoder"] = encoder  # referenced, not a submodule (see the module doc)
         self.noise_sigma = sigma
-        self.metric_kwargs = metric_kwargs
+        self.metric_kwargs = seed_once(metric_kwargs)  # (a Generator: drawn once)
         for name in ("total", "total_sq", "total_var", "total_bias", "total_noise_sq"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         for name in _COUNTERS:

@@ -146,6 +146,44 @@ def test_profile_records_name_each_sample_route():
     f = _metric_fields("fsinfo_diag", r, _label(r, "auto"))
     labels = f["fsinfo_diag_estimator"]
     assert labels[0] == labels[2] == labels[3] == "randomized"
-    assert labels[1].startswith("exact (auto: 1 of 4 sample(s) took an exact route")
+    assert labels[1].startswith("exact (auto: the torch.float32 products' rounding")
+    assert "1 of 4 sample(s)" not in labels[1]  # (its own reason, not the batch's)
+    assert f["fsinfo_diag_probes"][1] is None and f["fsinfo_diag_probes"][0] > 0
     assert f["fsinfo_diag_rounding"][1] is None and f["fsinfo_diag_rounding"][0] is not None
 
+
+
+def test_a_sub_batch_trusts_its_batch_float64_function_check():
+    """The flagged sample alone sat far below the batch's output scale, where the float32
+    forward's cancellation (``(y + 1e3) - 1e3``) is 4.5% of its output: a sub-batch that
+    re-ran the float64 copy's function check at its own scale raised EncoderError (helper 87);
+    the batch passed it, and the whole-batch route served it before."""
+
+    class Cancels(Front):
+        def forward(self, x):
+            x = x.flatten(1)
+            w = torch.exp(-x.mean(1, keepdim=True) / 1000).detach()  # 3e-4 for the shifted one
+            return (self.lin(torch.tanh(1e-3 * x)) * w + 1e3) - 1e3
+
+    torch.manual_seed(0)
+    enc = Cancels(D).eval()
+    x = torch.randn(4, D)
+    x[1] += 8000.0
+    r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
+    assert r.estimator == "mixed" and r.info["exact_samples"] == [1]
+    assert bool(r.converged.all())
+
+
+def test_a_sub_batch_that_cannot_be_served_sends_the_batch_the_old_way(monkeypatch):
+    """Where the samples alone cannot be served (a check their own values decide), the batch
+    takes the exact route as one, and info["auto"] says why."""
+    enc, x = _setup(8000.0)
+
+    def fails(*args, **kwargs):
+        raise ff.EncoderError("a check this sub-batch fails")
+
+    monkeypatch.setattr(L.Linearization, "_part_result", staticmethod(fails))
+    r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
+    assert r.estimator in ("exact", "exact-fast") and "exact_samples" not in r.info
+    assert "alone could not be served (EncoderError: a check this sub-batch fails)" in \
+        r.info["auto"]

@@ -230,15 +230,16 @@ def test_sigma_star_with_the_floor_where_a_crop_meets_lost_columns():
 
 
 def test_more_lost_columns_than_computed_exactly_go_to_the_oracle_or_raise():
-    """Beyond LOST_MAX lost columns per batch: auto takes the float64 oracle, an explicit route
-    raises PrecisionError naming the limit."""
+    """Beyond LOST_MAX lost columns in a sample: auto takes the float64 oracle, an explicit
+    route raises PrecisionError naming the limit."""
     from fsinfo_fast.linearization import LOST_MAX
 
     torch.manual_seed(0)
     d = LOST_MAX + 8
     enc = Tiny().eval()
     x = torch.randn(1, d)
-    with pytest.raises(ff.PrecisionError, match=f"more than the {LOST_MAX} computed exactly"):
+    with pytest.raises(ff.PrecisionError,
+                       match=f"more than the {LOST_MAX} per sample computed exactly"):
         ff.fsinfo(enc, x, 0.1, floor=1e-300, estimator="randomized")
     r = ff.fsinfo(enc, x, 0.1, floor=1e-300)
     ref = _oracle(enc, x, floor=1e-300)

@@ -236,18 +236,24 @@ def _chunk_size(n: int, batch: int, d: int, m: int, itemsize: int, budget: int,
 
 def column_norms(products: Any, idx: Tensor, dtype: torch.dtype,
                  budget: int | None = None) -> Tensor:
-    """``||J_b e_k||^2`` (float64, ``[B, len(idx)]``) for the input dimensions ``idx`` of every
-    sample: one one-hot JVP each, in one call, or in chunks within ``budget`` bytes."""
+    """``||J_b e_k||^2`` (float64, ``[B, n]``) for the input dimensions ``idx``: ``[n]``, the
+    same ones for every sample, or ``[B, n]``, each sample's own (``-1``: none, norm 0); one
+    one-hot JVP each, in one call, or in chunks within ``budget`` bytes."""
     b, d, m, dev = products.batch, products.d, products.m, idx.device
-    n = idx.numel()
+    n = idx.shape[-1]
     cs = n if budget is None else _chunk_size(max(1, n), b, d, m,
                                               torch.finfo(dtype).bits // 8, budget, dev)
     out = torch.zeros(b, n, dtype=torch.float64, device=dev)
     for start in range(0, n, max(1, cs)):
-        part = idx[start:start + cs]
-        e = torch.zeros(b, part.numel(), d, dtype=dtype, device=dev)
-        e[:, torch.arange(part.numel(), device=dev), part] = 1
-        out[:, start:start + part.numel()] = square_sum64(products.jvp(e))
+        part = idx[..., start:start + cs]
+        k = part.shape[-1]
+        e = torch.zeros(b, k, d, dtype=dtype, device=dev)
+        if part.ndim == 1:
+            e[:, torch.arange(k, device=dev), part] = 1
+        else:
+            bi, ji = (part >= 0).nonzero(as_tuple=True)
+            e[bi, ji, part[bi, ji]] = 1
+        out[:, start:start + k] = square_sum64(products.jvp(e))
     return out
 
 

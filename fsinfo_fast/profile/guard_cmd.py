@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -133,8 +132,14 @@ def _check(args: argparse.Namespace) -> None:
         if out.is_dir():
             raise RunDirError(f"--out {out} is a directory; give a file name such as guard.json")
         parent = out.parent if str(out.parent) else Path(".")
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
-            raise RunDirError(f"--out {out}: cannot write into {parent}")
+        if not parent.is_dir():
+            raise RunDirError(f"--out {out}: cannot write into {parent} (not a directory)")
+        try:  # (a file written and removed: os.access says yes to root on a read-only or
+            # kernel file system, and the run failed at its first write, after the work)
+            with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{out.name}.", suffix=".tmp"):
+                pass
+        except OSError as err:
+            raise RunDirError(f"--out {out}: cannot write into {parent} ({err})") from None
 
 
 #: the options ``sigma*`` depends on (a resumed run must match them; the others are applied to
@@ -202,8 +207,12 @@ class _Progress:
             **{k: getattr(res, k).detach().cpu() for k in _SIGMA_FIELDS},
             "metric": res.metric, "estimator": res.estimator}
         tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save({"key": self.key, "parts": self.parts}, tmp)
-        tmp.replace(self.path)  # atomic: a torn write never replaces the last good state
+        try:
+            torch.save({"key": self.key, "parts": self.parts}, tmp)
+            tmp.replace(self.path)  # atomic: a torn write never replaces the last good state
+        except (OSError, RuntimeError) as err:  # (torch.save: RuntimeError from its writer)
+            raise RunDirError(f"cannot write the progress file {tmp}: "
+                              f"{_one_line(str(err))}") from None
 
 
 def _load(args: argparse.Namespace, progress: bool):
@@ -471,8 +480,11 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
-        tmp.replace(out)  # atomic: no half-written file is ever left under the final name
+        try:
+            tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
+            tmp.replace(out)  # atomic: no half-written file is ever left under the final name
+        except OSError as err:
+            raise RunDirError(f"cannot write --out {out}: {err}") from None
         out.with_name(out.name + ".partial.pt").unlink(missing_ok=True)  # the run is complete
         if not args.quiet:
             print(f"wrote {out}")

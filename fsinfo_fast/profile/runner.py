@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .. import __version__
 from .._extras import require
 from .._progress import progress_bar, set_status
+from ..engine import resolve_backend
 from ..errors import EncoderError, FSInfoError, InvalidInputError
 from ..linearization import DFIL_METHODS as LINEARIZATION_DFIL_METHODS
 from ..reference import ExactFisher
@@ -41,6 +42,7 @@ from .sources import (
     SplitSpec,
     apply_checkpoint,
     build_model,
+    check_fits,
     describe_model_source,
     file_sha256,
     infer_num_classes,
@@ -285,9 +287,13 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
         apply_checkpoint(model, state, cfg.checkpoint)
         return model.eval(), data, recipe, ckpt_sha
     if is_zoo_model(cfg.model):
+        from ..data import _digits_raw
         from ..train import demo_model
 
         train_data = cfg.data if embedded else "digits"
+        if embedded:  # (it trains on the whole set first: every digit, or 900 crops)
+            check_fits(cfg.data, cfg.size, 3, len(_digits_raw()[1]) if cfg.data == "digits"
+                       else 900 + (cfg.max_samples or 256))
         if cfg.channels != 3:
             raise DataError(
                 f"--channels {cfg.channels}: the demo model ({cfg.model} trained briefly on "
@@ -514,6 +520,9 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
         raise DataError(f"--data {cfg.data}: no samples")
     splits = resolve_splits(model, cfg.splits)
     check_runs(model, splits, data.x[:2])
+    # a requested backend that cannot run here, before the run directory is claimed (a folder
+    # claimed first was left holding these settings, and --resume failed on them again)
+    resolve_backend(cfg.backend, dist.device)
     settings = _settings(cfg, model, data, splits, ckpt_sha, dist.device, dist.world)
     if stored is not None:
         diffs = settings_diff(stored, settings, MATCH_KEYS)
@@ -745,9 +754,10 @@ def _metric_fields(prefix: str, r: Any, estimator: str, *, probes: bool = True,
                                    else [int(k) for k in pps.cpu().tolist()])
         out[f"{prefix}_estimator"] = [estimator] * b
         if r.estimator == "mixed":  # (auto: some samples took an exact route, each its own)
-            for k, est in zip(r.info["exact_samples"], r.info["exact_samples_estimator"],
-                              strict=True):
-                out[f"{prefix}_estimator"][k] = f"{est} (auto: {r.info['auto']})"
+            for k, est, why in zip(r.info["exact_samples"], r.info["exact_samples_estimator"],
+                                   r.info["exact_samples_auto"], strict=True):
+                out[f"{prefix}_estimator"][k] = f"{est} (auto: {why})"
+                out[f"{prefix}_probes"][k] = None  # (as an exact record's: no probes)
     return out
 
 

@@ -156,8 +156,13 @@ def build_model(spec: str, **zoo_kwargs) -> nn.Module:
             f"cannot import {modname!r} for --model {spec}: {_one_line(err)}"
         ) from None
     fn = getattr(mod, func, None)
-    if not callable(fn):
+    if fn is None:
         raise ModelSpecError(f"--model {spec}: module {modname!r} has no function {func!r}")
+    if not callable(fn):
+        raise ModelSpecError(
+            f"--model {spec}: {func!r} in {modname} is not a function but the "
+            f"{type(fn).__name__} {fn!r:.60} (--model names a function that takes no arguments "
+            "and returns the nn.Module)")
     try:
         model = fn()
     except FSInfoError:
@@ -496,6 +501,26 @@ def _load_torchvision(spec: str, channels: int = 3) -> tuple[Tensor, Tensor, str
     return x.contiguous(), torch.tensor(ys, dtype=torch.int64), f"torchvision {name} ({split})"
 
 
+def check_fits(spec: str, size: int, channels: int, n: int | None = None) -> None:
+    """Raise :class:`DataError` where ``n`` images of the bundled set ``spec`` at ``--size``
+    (default: as many as :func:`load_data` builds) would take more than half the available
+    memory (``--size 5000`` was killed for memory after 3 minutes, with no message;
+    ``--size 100000`` raised a raw allocator error)."""
+    from .._sysinfo import available_memory_bytes
+    from ..data import TRAIN_FRACTION, _digits_raw
+
+    if n is None:
+        total = len(_digits_raw()[1])
+        n = total - int(TRAIN_FRACTION * total) if spec == "digits" else 256
+    need = n * channels * size * size * 4  # float32
+    avail = available_memory_bytes()
+    if need > avail // 2:
+        raise DataError(
+            f"--data {spec} at --size {size}: {n} images of {channels}x{size}x{size} float32 "
+            f"take {need / 2**30:.1f} GiB, more than half the {avail / 2**30:.1f} GiB of memory "
+            "available; choose a smaller --size")
+
+
 def load_data(spec: str, size: int, seed: int, max_samples: int | None,
               channels: int = 3, size_given: bool = False) -> Dataset:
     """The profile's inputs for ``--data spec`` (bundled names use their held-out test split).
@@ -520,6 +545,8 @@ def load_data(spec: str, size: int, seed: int, max_samples: int | None,
     if channels == 1 and spec == "natural":
         raise DataError("--data natural is colour photographs; --channels 1 takes digits or a "
                         "folder of grayscale images")
+    if spec in ("digits", "natural"):
+        check_fits(spec, size, channels, None if spec == "digits" else max_samples or 256)
     if spec == "digits":
         x, y = digits(size=size, channels=channels, split="test")
         desc = f"digits test split ({len(x)} images, {size}x{size})"
