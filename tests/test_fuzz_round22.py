@@ -222,3 +222,22 @@ def test_model_spec_naming_a_non_callable_says_so(tmp_path):
     with pytest.raises(ModelSpecError,
                        match=r"'WIDTH' in .*mymodels\.py is not a function but the int 5"):
         build_model(f"{tmp_path}/mymodels.py:WIDTH")
+
+
+def test_a_backend_that_cannot_run_leaves_the_run_folder_unclaimed(tmp_path, capsys):
+    """``--backend cuda`` on a machine without a GPU failed after the run folder was claimed
+    (settings, an empty records file, the lock): a plain rerun was refused ("pass --resume")
+    and --resume failed on the same backend; where every split took the exact sweep (this
+    small input), the run ignored the backend it could not use and exited 0."""
+    from fsinfo_fast.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("the cuda backend can run here")
+    out = tmp_path / "run"
+    args = ["profile", "--model", "vgg5", "--data", "digits", "--size", "8", "--max-samples",
+            "2", "--splits", "1", "--no-plot", "--quiet", "--out", str(out)]
+    assert main([*args, "--backend", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "cuda" in err and "Traceback" not in err
+    assert not (out / "settings.json").exists()
+    assert main(args) == 0  # (a plain rerun: the folder is free)
