@@ -243,3 +243,35 @@ def test_exact_part(benchmark, route, device, monkeypatch):
 
 
 _EXACT_PART_REF: dict[str, float] = {}
+
+
+_ORACLE_REF: dict[str, torch.Tensor] = {}
+
+
+@pytest.mark.parametrize("chunks", ["cpu-cap", "budget"])
+def test_oracle_chunks(benchmark, chunks, device, monkeypatch):
+    """The float64 oracle's dense Jacobian at VGG5 ``features.2`` (4 samples, 3x32x32,
+    ``m = 16384``): chunks of one-hot products capped at ``CPU_BUDGET_BYTES`` on the CPU (the
+    default) against chunks sized to the 1 GiB budget alone, side by side; the same diagonal
+    bits either way before anything is timed."""
+    import fsinfo_fast as ff
+    from fsinfo_fast import reference
+    from fsinfo_fast.reference import oracle
+
+    if chunks == "budget":
+        monkeypatch.setattr(oracle, "CPU_BUDGET_BYTES", 1 << 62)
+    torch.manual_seed(0)
+    enc = ff.split(ff.models.get_model("vgg5").eval().to(device), "features.2")
+    x = torch.rand(4, 3, 32, 32, device=device)
+    reference.exact_fisher(enc, x[:1], spectrum=False)  # (the float64 copy: cached before)
+
+    def run():
+        out = reference.exact_fisher(enc, x, spectrum=False)
+        _sync(device)
+        return out
+
+    diag = run().diag.cpu()
+    ref = _ORACLE_REF.setdefault(str(device), diag)
+    assert torch.equal(diag, ref)
+    benchmark.extra_info.update(d=3072, m=16384, batch=4, chunks=chunks)
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)

@@ -241,3 +241,21 @@ def test_a_backend_that_cannot_run_leaves_the_run_folder_unclaimed(tmp_path, cap
     assert "cuda" in err and "Traceback" not in err
     assert not (out / "settings.json").exists()
     assert main(args) == 0  # (a plain rerun: the folder is free)
+
+
+def test_the_oracle_caps_its_cpu_chunks_with_the_same_bits(monkeypatch):
+    """The oracle sized its chunks of one-hot products to 1 GiB on the CPU too: fresh pages
+    faulted in chunk after chunk (helper 86: the README's Quick Start ``lin.exact()`` spent 18 s
+    of its 28 s in the kernel). On the CPU they stay within ``CPU_BUDGET_BYTES``; the Jacobian
+    is the same bits."""
+    from fsinfo_fast import reference
+    from fsinfo_fast.reference import oracle
+
+    cpu = torch.device("cpu")
+    assert oracle._chunk(10**9, 1000, 1 << 30, cpu) == oracle.CPU_BUDGET_BYTES // 3000
+    assert oracle._chunk(10**9, 1000, 1 << 20, cpu) == (1 << 20) // 3000  # (lower: kept)
+    enc, x = _enc()
+    capped = reference.exact_fisher(enc, x, spectrum=False, budget_bytes=1 << 30)
+    monkeypatch.setattr(oracle, "CPU_BUDGET_BYTES", 1 << 62)
+    whole = reference.exact_fisher(enc, x, spectrum=False, budget_bytes=1 << 30)
+    assert torch.equal(capped.diag, whole.diag) and torch.equal(capped.trace, whole.trace)
