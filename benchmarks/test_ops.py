@@ -177,14 +177,23 @@ def test_exact_fast_chunks(benchmark, chunks, device, monkeypatch):
 
     def run():
         lin._exact_fast = None  # computed at most once per Linearization otherwise
-        out = lin.exact_fast()
+        return lin.exact_fast()
+
+    _same_diag_then_time(benchmark, run, device, _EXACT_FAST_REF,
+                         dict(d=3072, m=65536, batch=8, chunks=chunks))
+
+
+def _same_diag_then_time(benchmark, fn, device, refs: dict, extra: dict) -> None:
+    """``fn()``'s diagonal must equal, bit for bit, the first one this session saw on this
+    device (the other chunking), then ``fn`` is timed (3 rounds, synchronised)."""
+    def run():
+        out = fn()
         _sync(device)
         return out
 
     diag = run().diag.cpu()
-    ref = _EXACT_FAST_REF.setdefault(str(device), diag)
-    assert torch.equal(diag, ref)
-    benchmark.extra_info.update(d=3072, m=65536, batch=8, chunks=chunks)
+    assert torch.equal(diag, refs.setdefault(str(device), diag))
+    benchmark.extra_info.update(extra)
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
 
 
@@ -265,13 +274,5 @@ def test_oracle_chunks(benchmark, chunks, device, monkeypatch):
     x = torch.rand(4, 3, 32, 32, device=device)
     reference.exact_fisher(enc, x[:1], spectrum=False)  # (the float64 copy: cached before)
 
-    def run():
-        out = reference.exact_fisher(enc, x, spectrum=False)
-        _sync(device)
-        return out
-
-    diag = run().diag.cpu()
-    ref = _ORACLE_REF.setdefault(str(device), diag)
-    assert torch.equal(diag, ref)
-    benchmark.extra_info.update(d=3072, m=16384, batch=4, chunks=chunks)
-    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    _same_diag_then_time(benchmark, lambda: reference.exact_fisher(enc, x, spectrum=False),
+                         device, _ORACLE_REF, dict(d=3072, m=16384, batch=4, chunks=chunks))
