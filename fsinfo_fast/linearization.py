@@ -1266,8 +1266,9 @@ class Linearization:
         else the spliced result:
         ``estimator="mixed"``, ``info["exact_samples"]`` (the batch indices that took an
         exact route), ``info["exact_samples_estimator"]`` (``"exact-fast"`` or ``"exact"``,
-        each), ``info["exact_samples_auto"]`` (each one's reason) and ``info["auto"]`` (all
-        of them); ``passes`` adds the exact route's products."""
+        each), ``info["exact_samples_auto"]`` (each one's reason and route),
+        ``info["exact_fast_oracle_samples"]`` (those the oracle served, batch indices) and
+        ``info["auto"]`` (all of them); ``passes`` adds the exact route's products."""
         held = torch.zeros(self.batch, dtype=torch.bool)
         for idx, _, _ in self._parts:
             held[idx] = True
@@ -1316,7 +1317,9 @@ class Linearization:
             for j, k in enumerate(idx.tolist()):
                 exact[k] = ("exact" if ex.estimator == "exact" or j in oracle
                             else ex.estimator)
-                said[k] = ex.info.get("auto", sent)
+                said[k] = f"{sent}; " + (  # (its own route: the sub-batch's text counts it)
+                    "this sample took the fast exact route" if exact[k] == "exact-fast" else
+                    "this sample took the float64 oracle (see info['auto'])")
                 if meas is not None:
                     meas[k] = None if sub_meas is None else sub_meas[j]
             reasons.append(f"sample(s) {idx.tolist()}: {ex.info.get('auto', sent)}")
@@ -1325,6 +1328,7 @@ class Linearization:
         info = {**out.info, "exact_samples": order,
                 "exact_samples_estimator": [exact[k] for k in order],
                 "exact_samples_auto": [said[k] for k in order],
+                "exact_fast_oracle_samples": [k for k in order if exact[k] == "exact"],
                 "auto": (f"{len(order)} of {self.batch} sample(s) took an exact route, each for "
                          "its own reason (the others keep the randomized estimate): "
                          + "; ".join(reasons))}

@@ -187,3 +187,25 @@ def test_a_sub_batch_that_cannot_be_served_sends_the_batch_the_old_way(monkeypat
     assert r.estimator in ("exact", "exact-fast") and "exact_samples" not in r.info
     assert "alone could not be served (EncoderError: a check this sub-batch fails)" in \
         r.info["auto"]
+
+
+def test_each_flagged_sample_names_its_own_route():
+    """Three flagged samples in one sub-batch, one served by the fast exact route and two by
+    the oracle: each sample's reason was the sub-batch's text ("2 of 3 samples ... took the
+    float64 oracle's values"), the exact-fast one's too, and it cited a key the mixed result
+    did not have (helper 88)."""
+    torch.manual_seed(0)
+    enc = Front(D).eval()
+    x = torch.randn(6, D)
+    for i, shift in ((1, 5400.0), (2, 8000.0), (3, 7000.0)):
+        x[i] += shift
+    r = ff.linearize(enc, x).fsinfo(1.0, floor=0.0)
+    assert r.estimator == "mixed" and r.info["exact_samples"] == [1, 2, 3]
+    routes = dict(zip(r.info["exact_samples"], r.info["exact_samples_estimator"], strict=True))
+    said = dict(zip(r.info["exact_samples"], r.info["exact_samples_auto"], strict=True))
+    assert r.info["exact_fast_oracle_samples"] == [k for k, v in routes.items() if v == "exact"]
+    for k, route in routes.items():
+        assert said[k].endswith("this sample took the fast exact route" if route == "exact-fast"
+                                else "this sample took the float64 oracle (see info['auto'])")
+        assert "2 of 3" not in said[k]
+    assert "exact-fast" in routes.values() and "exact" in routes.values()
