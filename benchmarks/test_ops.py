@@ -227,9 +227,7 @@ def test_exact_part(benchmark, route, device, monkeypatch):
         def whole(self, out, rows, s, floor, prior_var, tol, why=""):
             if rows is None:
                 return out
-            return self._lost_fixed(self._exact_fsinfo(s, "diag", prior_var, floor, why,
-                                                       "auto", tol), "auto", s, floor,
-                                    prior_var)
+            return self._exact_result(s, why, out.metric, floor, prior_var, tol)
 
         monkeypatch.setattr(Linearization, "_exact_part", whole)
     enc = _SaturatedFront(device)

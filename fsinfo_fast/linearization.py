@@ -1232,12 +1232,7 @@ class Linearization:
                 except _PartUnavailable as err:
                     why = (f"{why}; the batch took the exact route as one: those samples "
                            f"alone could not be served ({err})")
-            if r.metric == "dfil":
-                ex = self._exact_dfil(s, why, estimator, tol)
-            else:
-                ex = self._lost_fixed(
-                    self._exact_fsinfo(s, "diag", prior_var, floor, why, estimator, tol),
-                    estimator, s, floor, prior_var)
+            ex = self._exact_result(s, why, r.metric, floor, prior_var, tol)
             ex.info["auto_randomized_passes"] = (int(r.passes)
                                                  + int(r.info.get("auto_randomized_passes", 0)))
             return ex
@@ -1285,7 +1280,7 @@ class Linearization:
                 # this batch checked the float64 copy's function at its own scale (a sample
                 # alone, the one whose float32 lost digits, can sit far below it)
                 sub._same_function_checked = self._enc64 is not None
-                first = self._part_result(sub, s[idx.to(s.device)], why, out.metric, floor,
+                first = sub._exact_result(s[idx.to(s.device)], why, out.metric, floor,
                                           prior_var, tol)
             except FSInfoError as err:  # (a check the sub-batch's values decide otherwise)
                 raise _PartUnavailable(f"{type(err).__name__}: {err}") from err
@@ -1306,7 +1301,7 @@ class Linearization:
             i = idx.to(value.device)
             if n < before:  # (sent by an earlier request: its quantities are held)
                 sent = f"the exact quantities computed for an earlier request ({sent})"
-                ex = self._part_result(sub, s[i], sent, out.metric, floor, prior_var, tol)
+                ex = sub._exact_result(s[i], sent, out.metric, floor, prior_var, tol)
             else:
                 ex = first
             value[i], stderr[i] = ex.value.to(value), ex.stderr.to(stderr)
@@ -1339,14 +1334,14 @@ class Linearization:
                                    estimator="mixed", passes=int(out.passes) + passes,
                                    info=info)
 
-    @staticmethod
-    def _part_result(sub: Linearization, s: Tensor, why: str, metric: str, floor: float,
-                     prior_var: float | None, tol: tuple) -> MetricResult:
-        """The exact route's FSInfo_diag or dFIL of an :meth:`_exact_part` sub-batch."""
+    def _exact_result(self, s: Tensor, why: str, metric: str, floor: float,
+                      prior_var: float | None, tol: tuple) -> MetricResult:
+        """``auto``'s exact-route FSInfo_diag or dFIL of this batch (the whole batch's switch
+        in :meth:`_rounding_fixed`, or an :meth:`_exact_part` sub-batch's), ``why`` recorded."""
         if metric == "dfil":
-            return sub._exact_dfil(s, why, "auto", tol)
-        return sub._lost_fixed(sub._exact_fsinfo(s, "diag", prior_var, floor, why, "auto", tol),
-                               "auto", s, floor, prior_var)
+            return self._exact_dfil(s, why, "auto", tol)
+        return self._lost_fixed(self._exact_fsinfo(s, "diag", prior_var, floor, why, "auto", tol),
+                                "auto", s, floor, prior_var)
 
     def _oracle_fits(self) -> bool:
         """Whether the oracle can run: the encoder runs in float64 and one sample's dense

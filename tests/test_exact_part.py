@@ -179,10 +179,14 @@ def test_a_sub_batch_that_cannot_be_served_sends_the_batch_the_old_way(monkeypat
     takes the exact route as one, and info["auto"] says why."""
     enc, x = _setup(8000.0)
 
-    def fails(*args, **kwargs):
-        raise ff.EncoderError("a check this sub-batch fails")
+    served = L.Linearization._exact_result
 
-    monkeypatch.setattr(L.Linearization, "_part_result", staticmethod(fails))
+    def fails(self, *args, **kwargs):  # (the sub-batch of the one flagged sample only)
+        if self.batch == 1:
+            raise ff.EncoderError("a check this sub-batch fails")
+        return served(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Linearization, "_exact_result", fails)
     r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
     assert r.estimator in ("exact", "exact-fast") and "exact_samples" not in r.info
     assert "alone could not be served (EncoderError: a check this sub-batch fails)" in \
