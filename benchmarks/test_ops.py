@@ -213,27 +213,31 @@ class _SaturatedFront(torch.nn.Module):
 
 
 @pytest.mark.parametrize("route", ["flagged-samples", "whole-batch"])
-def test_exact_part(benchmark, route, device, monkeypatch):
+@pytest.mark.parametrize("case", ["rounding", "lost"])
+def test_exact_part(benchmark, case, route, device, monkeypatch):
     """``auto``'s floorless FSInfo_diag at sigma = 1 (FSInfoGuard's first request) on 16
-    samples (3x32x32) of which one saturates: its measured rounding misses the tolerance and
-    it takes an exact route. Per flagged sample (the default: that sample linearised again,
-    its ``min(m, d)`` products) against the whole batch's fast exact route (the route before,
+    samples (3x32x32) of which one takes an exact route: ``rounding``, it saturates (shifted by
+    8000) and its measured rounding misses the tolerance (the fast exact route); ``lost``, every
+    derivative of its ``tanh`` is 0 in float32 (shifted by 12000, not in float64), a false
+    ``-inf`` (the float64 oracle). Per flagged sample (the default: that sample linearised
+    again, its ``min(m, d)`` products) against the whole batch's exact route (the route before,
     restored by a patch), side by side; both must give the flagged sample the same exact value
-    within its allowance before anything is timed."""
+    (within its allowance; the oracle: within float64 rounding, its sub-batch against the
+    batch) before anything is timed."""
     import fsinfo_fast as ff
-    from fsinfo_fast.linearization import Linearization
+    from fsinfo_fast.linearization import Linearization, _PartUnavailable
 
     if route == "whole-batch":
-        def whole(self, out, rows, s, floor, prior_var, tol, why=""):
+        def whole(self, out, rows, *args, **kwargs):
             if rows is None:
                 return out
-            return self._exact_result(s, why, out.metric, floor, prior_var, tol)
+            raise _PartUnavailable("the route before: the whole batch")
 
         monkeypatch.setattr(Linearization, "_exact_part", whole)
     enc = _SaturatedFront(device)
     g = torch.Generator().manual_seed(0)
     x = torch.rand(16, 3, 32, 32, generator=g).to(device)
-    x[3] += 8000.0
+    x[3] += 8000.0 if case == "rounding" else 12000.0
     assert ff.linearize(enc, x).products is not None  # (validation cache, engine: warm)
 
     def run():
@@ -242,14 +246,20 @@ def test_exact_part(benchmark, route, device, monkeypatch):
         return r
 
     r = run()
-    assert r.estimator == ("mixed" if route == "flagged-samples" else "exact-fast"), r.info
-    ref = _EXACT_PART_REF.setdefault(str(device), float(r.value[3]))
-    assert abs(float(r.value[3]) - ref) <= float(r.ci_halfwidth[3]) + 1e-12
-    benchmark.extra_info.update(d=3072, batch=16, flagged=1, route=route)
+    batch_route = "exact-fast" if case == "rounding" else "exact"
+    assert r.estimator == ("mixed" if route == "flagged-samples" else batch_route), r.info
+    if route == "flagged-samples":
+        assert r.info["exact_samples"] == [3]
+        if case == "lost":
+            assert r.info["exact_samples_estimator"] == ["exact"]
+    ref = _EXACT_PART_REF.setdefault((str(device), case), float(r.value[3]))
+    slack = 1e-12 if case == "rounding" else 1e-9 * abs(ref)  # (float64: two oracles)
+    assert abs(float(r.value[3]) - ref) <= float(r.ci_halfwidth[3]) + slack
+    benchmark.extra_info.update(d=3072, batch=16, flagged=1, route=route, case=case)
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
 
 
-_EXACT_PART_REF: dict[str, float] = {}
+_EXACT_PART_REF: dict[tuple[str, str], float] = {}
 
 
 _ORACLE_REF: dict[str, torch.Tensor] = {}

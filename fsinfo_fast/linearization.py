@@ -518,8 +518,9 @@ class Linearization:
         # the oracle's diag and trace of some samples (held, diag, trace; see _exact_rows)
         self._oracle_part: tuple[Tensor, Tensor, Tensor] | None = None
         # the exact routes of some samples only: (rows [k] on the CPU, the Linearization of
-        # x[rows], why), see _exact_part
-        self._parts: list[tuple[Tensor, Linearization, str]] = []
+        # x[rows], why, the request its last result answers, that result and its reason), see
+        # _exact_part
+        self._parts: list[list[Any]] = []
         self._dominant_sel: tuple[Tensor | None] | None = None  # see _dominant
         self._dominant_unbilled = 0  # its VJP, until a result counts it (_dominant_passes)
         self._diag_cache: dict[tuple, Any] = {}
@@ -652,19 +653,28 @@ class Linearization:
         """``diag(J^T J)`` and the trace from ``min(m, d)`` one-hot products of this batch's
         backend (working dtype, float64 accumulation, a measured rounding allowance), computed
         at most once: the fast exact route (``estimator="exact-fast"``, and ``auto``'s exact
-        route for FSInfo_diag and dFIL). See :mod:`fsinfo_fast.estimators.exact_fast`."""
+        route for FSInfo_diag and dFIL). See :mod:`fsinfo_fast.estimators.exact_fast`. The
+        columns the working dtype rounds to 0 (:meth:`_lost`, at most :data:`LOST_MAX` a
+        sample) take their float64 entries (``info["exact_fast_lost_columns"]``): they were
+        0 there, and a checked one made the allowance infinite."""
         self._check_unchanged()
         if self._exact_fast is None:
-            check = None
+            check, known = None, None
             if self.enc.x.dtype != torch.float64:
                 from .engine import TorchFuncProducts
 
                 check = TorchFuncProducts(self._float64_encoder(),
                                           memory_budget=self.memory_budget)
+                live = self.enc.live
+                found = self._lost() if live is not None and not bool(live.all()) else None
+                if found is not None:
+                    _, lost, diag, over = found
+                    mask = lost & ~over[:, None].to(lost.device)
+                    known = (mask, diag) if bool(mask.any()) else None
             self._exact_fast = exact_fast_fisher(self.products, check_products=check,
                                                  seed=self.seed,
                                                  memory_budget=self.memory_budget,
-                                                 live=self.enc.live)
+                                                 live=self.enc.live, known=known)
         return self._exact_fast
 
     def _dominant(self) -> Tensor | None:
@@ -832,7 +842,7 @@ class Linearization:
             self._enc64 = enc64
         return self._enc64
 
-    def _lost(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    def _lost(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         """The input dimensions whose column of ``J`` is 0 in the working dtype but not in
         float64 (computed once per batch): products that underflow, or a saturated
         activation whose derivative rounds to 0 (autograd's ``1 - tanh^2`` in float32 past
@@ -844,12 +854,13 @@ class Linearization:
         diagonal is) and one in the working dtype of the same cotangent times ``2^40`` (0 there:
         every product of ordinary size gives 0; a column that underflows for some probes only
         is counted by the routes, not lost) give ``(dead64 [B] bool: some column is 0 in
-        float64 too, lost [B, d] bool, diag [B, d])`` with ``diag`` the float64
+        float64 too, lost [B, d] bool, diag [B, d], over [B] bool)`` with ``diag`` the float64
         ``(J^T J)_kk`` of the lost columns (0 elsewhere) from one float64 one-hot JVP per lost
-        column of each sample (as many per sample as the one that has most), or ``None`` where
-        a sample has more than :data:`LOST_MAX` (each sample's count, not the batch's union:
-        two samples with 200 each were refused together and served alone). The float64 copy
-        must be available (:meth:`_exact_unavailable`)."""
+        column of each sample (as many per sample as the one that has most), ``over`` the
+        samples with more than :data:`LOST_MAX` (each sample's count, not the batch's union:
+        two samples with 200 each were refused together and served alone), whose ``diag``
+        rows are 0 (not computed). The float64 copy must be available
+        (:meth:`_exact_unavailable`)."""
         if self._lost_cache is None:
             self._lost_cache = (self._find_lost(),)
         return self._lost_cache[0]
@@ -942,7 +953,7 @@ class Linearization:
         return self._jvp_pair_cache
 
     @torch.no_grad()
-    def _find_lost(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    def _find_lost(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         if self.enc.x.dtype == torch.float64:
             return None
         g64, _, lost, _, _ = self._pair()
@@ -952,11 +963,11 @@ class Linearization:
         # each sample's own lost columns (at most LOST_MAX each, whatever its batch-mates'):
         # one float64 JVP per column of the sample that has most
         counts = lost.sum(dim=1)
+        over = counts > LOST_MAX
+        counts = torch.where(over, torch.zeros_like(counts), counts)
         k = int(counts.max()) if counts.numel() else 0
-        diag: Tensor | None = torch.zeros(lost.shape, dtype=torch.float64, device=lost.device)
-        if k > LOST_MAX:
-            diag = None
-        elif k:
+        diag = torch.zeros(lost.shape, dtype=torch.float64, device=lost.device)
+        if k:
             from .engine import TorchFuncProducts
 
             order = torch.argsort((~lost).to(torch.uint8), dim=1, stable=True)[:, :k]
@@ -967,10 +978,22 @@ class Linearization:
                 self.memory_budget or default_memory_budget(lost.device)))
             bi, ji = (idx >= 0).nonzero(as_tuple=True)
             diag[bi, idx[bi, ji]] = norms[bi, ji]
-        return (~nz64).any(dim=1), lost, diag
+        return (~nz64).any(dim=1), lost, diag, over
+
+    def _lost_add(self, metric: str, s: Tensor, floor: float) -> Tensor:
+        """``[B]`` float64: what the lost columns (:meth:`_lost`; 0 for a sample with more
+        than :data:`LOST_MAX`) add to FSInfo_diag with a floor (each term ``log(floor)``
+        becomes ``log(D_k / s^2 + floor)``) or to dFIL (``D_k / (s^2 d)``) at noise ``s``."""
+        _, lost, d, _ = self._lost()
+        sig = s.reshape(-1, 1).to(d)
+        if metric == "dfil":
+            return d.sum(dim=1) / (sig.squeeze(1) ** 2 * self.d)
+        term = torch.log(d / sig**2 + floor) - math.log(floor)
+        return torch.where(lost, term, torch.zeros_like(term)).sum(dim=1) / (2 * self.d)
 
     def _lost_fixed(self, r: MetricResult, estimator: str, s: Tensor,
-                    floor: float = 0.0, prior_var: float | None = None) -> MetricResult:
+                    floor: float = 0.0, prior_var: float | None = None,
+                    tol: tuple = (None, None)) -> MetricResult:
         """``r`` (FSInfo_diag, the log det or dFIL from products in a working dtype below
         float64) with the columns of :meth:`_lost` put right: their float64 diagonal entries
         enter FSInfo_diag with a floor (each lost column's term ``log(floor)`` becomes
@@ -978,7 +1001,9 @@ class Linearization:
         recorded (``info["lost_columns"]``, per sample). Where they cannot be (a floorless
         FSInfo_diag of ``-inf`` whose every column is nonzero in float64, a log det, more
         than :data:`LOST_MAX` of them), ``auto`` takes the float64 oracle (where it fits; the
-        reason in ``info["auto"]``) and another route raises
+        reason in ``info["auto"]``; for a randomized result, the samples concerned only where
+        some are not, :meth:`_exact_part`, the others' lost columns put right, at tolerance
+        ``tol``) and another route raises
         :class:`~fsinfo_fast.errors.PrecisionError`. A crop (a column 0 in float64 too) keeps
         its exact ``-inf``. Where no float64 copy can run, a floorless ``-inf`` stands with a
         warning and ``info["neg_inf_unconfirmed"]``."""
@@ -1004,47 +1029,54 @@ class Linearization:
         found = self._lost()
         if found is None:
             return r
-        dead64, lost, diag = found
+        dead64, lost, diag, over = found
         n_lost = lost.sum(dim=1)
         if not floorless and not bool((n_lost > 0).any()):
             return r
         dt = self.enc.x.dtype
         what = (f"a column of J is 0 in {dt} only: its products underflow, or a saturated "
                 "activation's derivative rounds to 0")
-        why = None
+        why, rows = None, None  # (rows: the samples only an exact route serves; None: all)
         if floorless:
-            false = neg & ~dead64.to(neg.device)
-            if not bool(false.any()):
+            rows = neg & ~dead64.to(neg.device)
+            if not bool(rows.any()):
                 return r
-            why = (f"{int(false.sum())} sample(s) have a floorless FSInfo_diag of -inf from {dt} "
+            why = (f"{int(rows.sum())} sample(s) have a floorless FSInfo_diag of -inf from {dt} "
                    f"products, but every column of their Jacobian is nonzero in float64 "
                    f"({what}), so the value is finite")
         elif r.metric == "fsinfo_logdet":
             why = (f"{int((n_lost > 0).sum())} sample(s) have input dimensions whose column of J"
                    f" is 0 in {dt} but not in float64 ({what}); the log det cannot count them")
-        elif diag is None:
-            n_max = int(n_lost.max())
-            why = (f"a sample has {n_max} input dimensions whose column of J is 0 in {dt} but "
-                   f"not in float64 ({what}), more than the {LOST_MAX} per sample computed "
-                   "exactly")
-        if why is None:
-            d = diag.to(r.value.device)
-            sig = s.reshape(-1, 1).to(d)
-            if r.metric == "dfil":
-                add = d.sum(dim=1) / (sig.squeeze(1) ** 2 * self.d)
-            else:
-                keep = lost.to(d.device)
-                term = torch.log(d / sig**2 + floor) - math.log(floor)
-                add = torch.where(keep, term, torch.zeros_like(term)).sum(dim=1) / (2 * self.d)
-            # (a sample whose value is the float64 oracle's already counts every column)
+        else:
+            add = self._lost_add(r.metric, s, floor).to(r.value)
+            # (a sample whose value is the float64 oracle's already counts every column, and
+            # the fast exact route its lost ones)
             add[r.info.get("exact_fast_oracle_samples", [])] = 0.0
+            if "exact_fast_lost_columns" in r.info:
+                add.zero_()
             info = dict(r.info)
             info["lost_columns"] = n_lost.tolist()
             info["lost_columns_why"] = (
                 f"input dimensions whose column of J is 0 in {dt} but not in float64 ({what}) "
                 "are counted with their float64 diagonal entries (one float64 JVP each)")
-            return dataclasses.replace(r, value=r.value + add, info=info)
+            fixed = dataclasses.replace(r, value=r.value + add, info=info)
+            if not bool(over.any()):
+                return fixed
+            rows = over.to(r.value.device)
+            why = (f"{int(rows.sum())} sample(s) have up to {int(n_lost.max())} input dimensions "
+                   f"whose column of J is 0 in {dt} but not in float64 ({what}), more than "
+                   f"the {LOST_MAX} per sample computed exactly")
+            if estimator == "auto":
+                r = fixed  # (the others' put right; those samples' values are replaced)
         if estimator == "auto" and self._oracle_fits():
+            if rows is not None and r.estimator == "randomized" and (self._parts
+                                                                     or not bool(rows.all())):
+                try:  # (those samples only: the others' values stand)
+                    return self._exact_part(r, rows, s, floor, prior_var, tol,
+                                            f"{why}; the float64 oracle was used", "exact")
+                except _PartUnavailable as err:
+                    why = (f"{why}; the batch took the float64 oracle as one: those samples "
+                           f"alone could not be served ({err})")
             if r.metric == "dfil":
                 out = self.exact().dfil(s)
                 out.info["auto"] = f"{why}; the float64 oracle was used"
@@ -1125,7 +1157,7 @@ class Linearization:
                         or bool(lost.any())):
                 n64, n32 = self._jvp_pair()
                 found = self._lost() if bool(lost.any()) else None
-                add = (torch.zeros_like(n64[:, 0]) if found is None or found[2] is None
+                add = (torch.zeros_like(n64[:, 0]) if found is None
                        else found[2].sum(dim=1).to(n64))
                 den = n64.sum(dim=1)
                 rj = ((n32 - n64).sum(dim=1) + n64.shape[1] * add) / den
@@ -1187,8 +1219,9 @@ class Linearization:
         computes another function), the fixed allowance stands and
         ``info["rounding_unmeasured"]`` says why. ``info["rounding_check_products"]``: the
         working-dtype products the checks (:meth:`_pair`, :meth:`_jvp_pair`) ran since the
-        last result that reported them (0 once held)."""
-        if (r.estimator != "randomized" or r.metric not in ("fsinfo_diag", "dfil")
+        last result that reported them (0 once held). A ``"mixed"`` ``r`` (:meth:`_lost_fixed`
+        sent some samples to the oracle) is checked for its randomized samples."""
+        if (r.estimator not in ("randomized", "mixed") or r.metric not in ("fsinfo_diag", "dfil")
                 or self.enc.x.dtype == torch.float64):
             return r
         try:
@@ -1203,6 +1236,9 @@ class Linearization:
         meas = self._measured(r, s, floor, jvp)
         if meas is None:
             return r
+        held = torch.zeros_like(meas, dtype=torch.bool)
+        held[r.info.get("exact_samples", [])] = True  # (their own routes' values: spliced again)
+        meas = torch.where(held, torch.zeros_like(meas), meas)
         ran, self._check_reported = self._check_products - self._check_reported, \
             self._check_products
         allow0 = rounding_allowance(r.metric, r.value, self.enc.x.dtype)[0].to(r.value)
@@ -1210,16 +1246,17 @@ class Linearization:
         info = {**r.info, "rounding_measured": meas.tolist(),
                 "rounding_check_products": ran}
         auto = estimator == "auto" and not fixed
+        splice = auto or r.estimator == "mixed"
         if not bool((extra > 0).any()):
             out = dataclasses.replace(r, info=info)
-            return self._exact_part(out, None, s, floor, prior_var, tol) if auto else out
+            return self._exact_part(out, None, s, floor, prior_var, tol) if splice else out
         hw = r.ci_halfwidth + extra
         met = tolerance_met(r.value, hw, *tol)
         out = dataclasses.replace(r, ci_halfwidth=hw, bias_bound=r.bias_bound + extra,
                                   converged=r.converged & met, info=info)
         missed = tolerance_met(r.value, r.ci_halfwidth, *tol) & ~met  # (by the rounding)
         if not bool(missed.any()):
-            return self._exact_part(out, None, s, floor, prior_var, tol) if auto else out
+            return self._exact_part(out, None, s, floor, prior_var, tol) if splice else out
         dt = self.enc.x.dtype
         why = (f"the {dt} products' rounding, measured against float64 (a few products each), "
                f"widened the randomized {r.metric} interval of {int(missed.sum())} sample(s) "
@@ -1244,11 +1281,14 @@ class Linearization:
         return out
 
     def _exact_part(self, out: MetricResult, rows: Tensor | None, s: Tensor, floor: float,
-                    prior_var: float | None, tol: tuple, why: str = "") -> MetricResult:
+                    prior_var: float | None, tol: tuple, why: str = "",
+                    route: str = "auto") -> MetricResult:
         """``auto``'s randomized FSInfo_diag or dFIL ``out`` with the samples ``rows`` (``[B]``
         bool, or None) and those sent before (:attr:`_parts`) taking the exact route's values:
         the fast exact route (its own samples that miss the tolerance there take the float64
-        oracle's), each sample's computed at most once, on a sub-batch ``x[rows]`` linearised
+        oracle's; ``route="exact"``: the oracle's), each sample's computed at most once (a
+        result spliced twice in one request, by :meth:`_lost_fixed` and
+        :meth:`_rounding_fixed`, reads it once), on a sub-batch ``x[rows]`` linearised
         with the same backend, seed and sample ids (the encoder's validation checked that
         samples do not interact, so a sub-batch's Jacobians are the batch's). A sample takes
         the exact route where its own measured rounding missed the tolerance, not because a
@@ -1262,12 +1302,15 @@ class Linearization:
         ``estimator="mixed"``, ``info["exact_samples"]`` (the batch indices that took an
         exact route), ``info["exact_samples_estimator"]`` (``"exact-fast"`` or ``"exact"``,
         each), ``info["exact_samples_auto"]`` (each one's reason and route),
-        ``info["exact_fast_oracle_samples"]`` (those the oracle served, batch indices) and
-        ``info["auto"]`` (all of them); ``passes`` adds the exact route's products."""
+        ``info["exact_fast_oracle_samples"]`` (those the oracle served, batch indices),
+        ``info["exact_samples_passes"]`` (their products per sample, the most of any
+        sub-batch) and ``info["auto"]`` (all of them); ``passes`` adds those products."""
         held = torch.zeros(self.batch, dtype=torch.bool)
-        for idx, _, _ in self._parts:
+        for idx, *_ in self._parts:
             held[idx] = True
-        before = len(self._parts)
+        # (this request: a result spliced twice in it, by _lost_fixed and _rounding_fixed,
+        # reads each sub-batch's result once)
+        request = (out.metric, floor, prior_var, tuple(s.reshape(-1).tolist()))
         if rows is not None and bool((rows.cpu() & ~held).any()):
             idx = (rows.cpu() & ~held).nonzero().flatten()
             ids = (idx if self.sample_ids is None else self.sample_ids.cpu()[idx])
@@ -1281,12 +1324,10 @@ class Linearization:
                 # alone, the one whose float32 lost digits, can sit far below it)
                 sub._same_function_checked = self._enc64 is not None
                 first = sub._exact_result(s[idx.to(s.device)], why, out.metric, floor,
-                                          prior_var, tol)
+                                          prior_var, tol, route)
             except FSInfoError as err:  # (a check the sub-batch's values decide otherwise)
                 raise _PartUnavailable(f"{type(err).__name__}: {err}") from err
-            self._parts.append((idx, sub, why))
-        else:
-            first = None
+            self._parts.append([idx, sub, why, request, first, why])
         if not self._parts:
             return out
         value, stderr = out.value.clone(), out.stderr.clone()
@@ -1297,13 +1338,13 @@ class Linearization:
         exact: dict[int, str] = {}
         said: dict[int, str] = {}
         reasons, passes = [], 0
-        for n, (idx, sub, sent) in enumerate(self._parts):
+        for part in self._parts:
+            idx, sub, why0, asked, ex, sent = part
             i = idx.to(value.device)
-            if n < before:  # (sent by an earlier request: its quantities are held)
-                sent = f"the exact quantities computed for an earlier request ({sent})"
+            if asked != request:  # (sent by an earlier request: its quantities are held)
+                sent = f"the exact quantities computed for an earlier request ({why0})"
                 ex = sub._exact_result(s[i], sent, out.metric, floor, prior_var, tol)
-            else:
-                ex = first
+                part[3:] = [request, ex, sent]
             value[i], stderr[i] = ex.value.to(value), ex.stderr.to(stderr)
             hw[i], bias[i] = ex.ci_halfwidth.to(hw), ex.bias_bound.to(bias)
             conv[i], bound[i] = ex.converged.to(conv), ex.bound.to(bound)
@@ -1324,6 +1365,7 @@ class Linearization:
                 "exact_samples_estimator": [exact[k] for k in order],
                 "exact_samples_auto": [said[k] for k in order],
                 "exact_fast_oracle_samples": [k for k in order if exact[k] == "exact"],
+                "exact_samples_passes": passes,
                 "auto": (f"{len(order)} of {self.batch} sample(s) took an exact route, each for "
                          "its own reason (the others keep the randomized estimate): "
                          + "; ".join(reasons))}
@@ -1331,17 +1373,20 @@ class Linearization:
             info["rounding_measured"] = meas
         return dataclasses.replace(out, value=value, stderr=stderr, ci_halfwidth=hw,
                                    bias_bound=bias, converged=conv, bound=bound,
-                                   estimator="mixed", passes=int(out.passes) + passes,
-                                   info=info)
+                                   estimator="mixed", info=info,
+                                   # (a result spliced before counts its exact part once)
+                                   passes=int(out.passes) + passes
+                                   - int(out.info.get("exact_samples_passes", 0)))
 
     def _exact_result(self, s: Tensor, why: str, metric: str, floor: float,
-                      prior_var: float | None, tol: tuple) -> MetricResult:
+                      prior_var: float | None, tol: tuple, route: str = "auto") -> MetricResult:
         """``auto``'s exact-route FSInfo_diag or dFIL of this batch (the whole batch's switch
-        in :meth:`_rounding_fixed`, or an :meth:`_exact_part` sub-batch's), ``why`` recorded."""
+        in :meth:`_rounding_fixed`, or an :meth:`_exact_part` sub-batch's), ``why`` recorded;
+        ``route="exact"``: the float64 oracle's."""
         if metric == "dfil":
-            return self._exact_dfil(s, why, "auto", tol)
-        return self._lost_fixed(self._exact_fsinfo(s, "diag", prior_var, floor, why, "auto", tol),
-                                "auto", s, floor, prior_var)
+            return self._exact_dfil(s, why, route, tol)
+        return self._lost_fixed(self._exact_fsinfo(s, "diag", prior_var, floor, why, route, tol),
+                                route, s, floor, prior_var)
 
     def _oracle_fits(self) -> bool:
         """Whether the oracle can run: the encoder runs in float64 and one sample's dense
@@ -1518,7 +1563,8 @@ class Linearization:
         r = self._rounding_fixed(self._lost_fixed(
             _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
                        info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s, floor,
-            prior_var), estimator, s, floor, (atol, rtol), prior_var, num_probes is not None)
+            prior_var, (atol, rtol)), estimator, s, floor, (atol, rtol), prior_var,
+            num_probes is not None)
         if variant == "logdet" and est.singular is not None and r.estimator != "exact":
             _warn_singular(est.singular, self.m, self.d)
         return r
@@ -1979,8 +2025,8 @@ class Linearization:
                                                   for c in costs.values())
         return self._rounding_fixed(self._lost_fixed(
             _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
-                       info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s),
-            estimator, s, 0.0, (atol, rtol), fixed=num_probes is not None)
+                       info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s,
+            tol=(atol, rtol)), estimator, s, 0.0, (atol, rtol), fixed=num_probes is not None)
 
     def _plan(self, need: Tensor, min_probes: int, mp: int, relf, *, source: str,
               held: Tensor | None = None, rows: bool = True) -> dict[str, Any]:
@@ -2321,20 +2367,19 @@ class Linearization:
         where ``tau`` is at or below the floor's asymptote ``log(floor) / 2 - log(2 pi e) / 2``
         (every estimate lies above it: exact), as the oracle says. Returns ``(None, why)``
         where this route cannot serve (the estimate took another route, or the probe state no
-        longer holds its stages)."""
+        longer holds its stages). A ``"mixed"`` estimate (some samples took an exact route,
+        :meth:`_exact_part`): the equation is solved so for its randomized samples, and each
+        sub-batch of the others by the float64 oracle on its own samples
+        (:meth:`_parts_sigma`)."""
         r = self.fsinfo(1.0, floor=floor, **kw)
-        if r.estimator != "randomized" or r.info.get("diag_method") != "plain":
+        if r.estimator not in ("randomized", "mixed") or r.info.get("diag_method") != "plain":
             route = (r.info.get("diag_method") if r.estimator == "randomized" else
                      f"{r.estimator} ({r.info.get('auto')})" if r.info.get("auto")
                      else r.estimator)
             return None, f"the floored sigma = 1 estimate took the {route} route"
-        if any(r.info.get("lost_columns", ())):
-            return None, ("input dimensions whose column of J is 0 in the working dtype but not "
-                          "in float64 (see info['lost_columns_why']), which the solve on the "
-                          "probes cannot count")
         tol = (kw.get("atol"), kw.get("rtol"))
         try:
-            return self._floored_solve(r, tau, floor, tol), ""
+            return self._parts_sigma(self._floored_solve(r, tau, floor, tol), tau, floor), ""
         except SnapshotDroppedError as err:
             # the shared state dropped a boundary of this estimate's stages (its snapshot
             # budget, or other requests' rounds): this estimate alone on a fresh state that
@@ -2357,22 +2402,55 @@ class Linearization:
                 return None, ("the estimate's stage boundaries do not fit in the memory "
                               f"for probe-state snapshots, also on a fresh state ({err2})")
             out.info["probe_state"] = f"recomputed on a fresh probe state ({err})"
-            return out, ""
+            return self._parts_sigma(out, tau, floor), ""
+
+    def _parts_sigma(self, out: SigmaResult, tau: Tensor, floor: float,
+                     oracle_only: bool = False) -> SigmaResult:
+        """The ``sigma*`` ``out`` of a ``"mixed"`` estimate with the samples that took an exact
+        route (:attr:`_parts`, ``info["exact_samples"]``) solved with the floor by the float64
+        oracle of their sub-batch (held where it served them; one sample's oracle otherwise,
+        not the batch's); ``oracle_only``: the sub-batches the oracle served in part only (a
+        closed form from their values, of half-width 0, would neglect the floor: its upper
+        end is no bound)."""
+        if out.estimator != "mixed":
+            return out
+        took = dict(zip(out.info["exact_samples"], out.info["exact_samples_estimator"],
+                        strict=True))
+        sigma, lo, hi = out.sigma.clone(), out.ci_low.clone(), out.ci_high.clone()
+        conv = out.converged.clone()
+        for idx, sub, *_ in self._parts:
+            if oracle_only and all(took[k] != "exact" for k in idx.tolist()):
+                continue
+            i = idx.to(sigma.device)
+            sig = sub.fsinfo_sigma(tau[i], estimator="exact", floor=floor)
+            sigma[i], lo[i], hi[i] = (sig.sigma.to(sigma), sig.ci_low.to(lo),
+                                      sig.ci_high.to(hi))
+            conv[i] = sig.converged.to(conv)
+        return dataclasses.replace(out, sigma=sigma, ci_low=lo, ci_high=hi, converged=conv)
 
     def _floored_solve(self, r: MetricResult, tau: Tensor, floor: float,
                        tol: tuple = (None, None)) -> SigmaResult:
         """:meth:`_floored_sigma`'s solve on the probe state that holds ``r``'s stages (raises
         :class:`~.estimators.SnapshotDroppedError` where it does not). ``converged``: ``r``'s,
         and the tolerance ``tol = (atol, rtol)`` met at the solution by the half-width there
-        with the measured rounding allowance (which grows as sigma falls)."""
+        with the measured rounding allowance (which grows as sigma falls). The samples of a
+        ``"mixed"`` ``r`` that took an exact route are left to :meth:`_parts_sigma`."""
         st = self._dstate
         ones = torch.ones(self.batch, dtype=torch.bool, device=self.enc.x.device)
+        ones[r.info.get("exact_samples", [])] = False  # (the randomized samples)
         dtype = self.enc.x.dtype
         measured = "rounding_measured" in r.info
+        lost = any(r.info.get("lost_columns", ()))  # (their float64 terms, as r counts them)
+
+        def value(t: Tensor, rows: Tensor, halfwidth: bool) -> tuple[Tensor, Tensor | None]:
+            v, hw = fsinfo_diag_restaged(st, r, torch.exp(t), floor, rows=rows,
+                                         halfwidth=halfwidth)
+            if lost:
+                v = v + self._lost_add("fsinfo_diag", torch.exp(t), floor).to(v)
+            return v, hw
 
         def at(t: Tensor, rows: Tensor, sign: float) -> Tensor:
-            v, hw = fsinfo_diag_restaged(st, r, torch.exp(t), floor, rows=rows,
-                                         halfwidth=bool(sign))
+            v, hw = value(t, rows, bool(sign))
             if not sign:
                 return v - tau
             allow = rounding_allowance("fsinfo_diag", v, dtype)[0]
@@ -2382,8 +2460,8 @@ class Linearization:
             return v + sign * (hw + allow) - tau
 
         # every stage boundary read at once (a dropped one raises before the solve starts)
-        v1, _ = fsinfo_diag_restaged(st, r, torch.ones_like(tau), floor)
-        if not torch.equal(v1, r.value):
+        v1, _ = value(torch.zeros_like(tau), ones, False)
+        if not torch.equal(v1[ones], r.value[ones]):
             raise SnapshotDroppedError("the probe state no longer holds the estimate's probes")
         # start at the floorless closed form's root (the live columns' slope is at most 1)
         t0 = (r.value - tau).clamp(-_LOG_SIGMA_MAX / 2, _LOG_SIGMA_MAX / 2)
@@ -2405,7 +2483,7 @@ class Linearization:
         how = ("floored equation solved on the probes and stages of the floored sigma = 1 "
                "estimate (value decreasing in sigma; interval ends from value +- half-width)")
         return SigmaResult(sigma=torch.exp(mid), target=tau, metric="fsinfo_diag",
-                           estimator="randomized", ci_low=torch.exp(lo), ci_high=torch.exp(hi),
+                           estimator=r.estimator, ci_low=torch.exp(lo), ci_high=torch.exp(hi),
                            converged=converged,
                            info={**r.info, "fsinfo_sigma1": r, "floor_solve": how})
 
@@ -2504,10 +2582,12 @@ class Linearization:
                                estimator="exact", info=info)
         hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)
         sig = torch.exp(r.value - tau_b)
-        return SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,
-                           ci_low=torch.exp(r.value - hw - tau_b),
-                           ci_high=torch.exp(r.value + r.ci_halfwidth + floor_shift - tau_b),
-                           converged=r.converged, info={**r.info, "fsinfo_sigma1": r})
+        out = SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,
+                          ci_low=torch.exp(r.value - hw - tau_b),
+                          ci_high=torch.exp(r.value + r.ci_halfwidth + floor_shift - tau_b),
+                          converged=r.converged, info={**r.info, "fsinfo_sigma1": r})
+        return (self._parts_sigma(out, tau_b, floor, oracle_only=True)
+                if variant == "diag" else out)
 
     @ieee_fp32_method
     def dfil_sigma(

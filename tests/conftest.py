@@ -108,3 +108,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def oracle_batches(monkeypatch):
+    """The batch sizes the float64 oracle (``reference.exact_fisher``) was run on."""
+    from fsinfo_fast import reference
+
+    seen: list[int] = []
+    real = reference.exact_fisher
+
+    def counting(encoder, x, **kw):
+        seen.append(int(x.shape[0]))
+        return real(encoder, x, **kw)
+
+    monkeypatch.setattr(reference, "exact_fisher", counting)
+    return seen

@@ -106,9 +106,17 @@ def test_the_held_samples_serve_later_requests(fast_batches):
     s = lin.fsinfo_sigma(-1.0)
     assert s.estimator == "mixed" and s.info["exact_samples"] == [1]
     true = ex.fsinfo_sigma(torch.tensor(-1.0), "diag")
-    assert bool(((s.ci_low <= true) & (true <= s.ci_high)).all())
-    # sigma* = exp(FSInfo(1) - target) from the held exact quantities: FSInfo(1) = FSInfo(0.1)
-    # + log(0.1) floorless
+    keep = torch.tensor([0, 2, 3])
+    assert bool(((s.ci_low[keep] <= true[keep]) & (true[keep] <= s.ci_high[keep])).all())
+    # sample 1 (the oracle's): the floored equation solved by its held oracle, as alone (the
+    # closed form exp(FSInfo(1) - target) neglected the floor with an interval of width 0);
+    # the batch's oracle agrees within float64 rounding
+    alone = ff.linearize(enc, x[1:2], sample_ids=torch.tensor([1])).fsinfo_sigma(
+        -1.0, estimator="exact")
+    assert torch.equal(s.sigma[1:2], alone.sigma) and torch.equal(s.ci_high[1:2], alone.sigma)
+    assert float(s.sigma[1]) == pytest.approx(float(true[1]), rel=1e-12)
+    assert fast_batches == [1] and len(lin._parts) == 1
+    # FSInfo(1) = FSInfo(0.1) + log(0.1) floorless: the closed form is within the floor's effect
     assert float(s.sigma[1]) == pytest.approx(
         float(torch.exp(first.value[1] + torch.log(torch.tensor(0.1, dtype=torch.float64))
                         + 1.0)), rel=1e-9)
@@ -213,3 +221,162 @@ def test_each_flagged_sample_names_its_own_route():
                                 else "this sample took the float64 oracle (see info['auto'])")
         assert "2 of 3" not in said[k]
     assert "exact-fast" in routes.values() and "exact" in routes.values()
+
+
+# -- a floorless -inf that float64 refutes: those samples take the oracle, not the batch --------
+
+def _dead_in_float32(batch: int = 6, dead=(1,), flagged=()):
+    """Samples ``dead`` shifted by 12000: ``tanh(1e-3 x)`` has every derivative 0 in float32
+    (``|z| > 9``), none in float64 (``|z| < 19``), so their floorless FSInfo_diag is ``-inf``
+    from float32 products and finite in truth; ``flagged`` shifted by 6300 (the rounding)."""
+    enc, x = _setup(12000.0, dead, batch)
+    for i in flagged:
+        x[i] += 6300.0
+    return enc, x
+
+
+def test_a_false_neg_inf_sends_only_its_own_sample_to_the_oracle(oracle_batches):
+    """One such sample in 6 sent the whole batch through the float64 oracle (helper 88: 2.82 s
+    against 0.11 s); now it alone takes it, and the others keep their randomized estimates."""
+    enc, x = _dead_in_float32()
+    lin = ff.linearize(enc, x)
+    r = lin.fsinfo(0.1, floor=0.0)
+    assert r.estimator == "mixed", r.info.get("auto")
+    assert r.info["exact_samples"] == [1] and r.info["exact_samples_estimator"] == ["exact"]
+    assert "nonzero in float64" in r.info["exact_samples_auto"][0]
+    assert oracle_batches == [1]  # one sample's oracle, not the batch's
+    alone = ff.linearize(enc, x[1:2], sample_ids=torch.tensor([1])).fsinfo(
+        0.1, floor=0.0, estimator="exact")
+    assert torch.equal(r.value[1:2], alone.value) and float(r.ci_halfwidth[1]) == 0.0
+    assert bool(torch.isfinite(r.value).all()) and bool(r.converged.all())
+    # the others: their estimates as without the dead sample (same ids, same probes)
+    keep = torch.tensor([0, 2, 3, 4, 5])
+    rest = ff.linearize(enc, x[keep], sample_ids=keep).fsinfo(0.1, floor=0.0)
+    assert rest.estimator == "randomized"
+    for name in ("value", "ci_halfwidth", "bias_bound"):
+        assert torch.equal(getattr(r, name)[keep], getattr(rest, name)), name
+    assert r.passes == rest.passes + r.info["exact_samples_passes"]
+    assert r.info["exact_samples_passes"] == D  # (min(m, d) float64 products)
+    # a later request reads the held oracle: no new one
+    oracle_batches.clear()
+    r2 = lin.fsinfo(0.2, floor=0.0)
+    assert r2.estimator == "mixed" and r2.info["exact_samples"] == [1]
+    assert "earlier request" in r2.info["exact_samples_auto"][0]
+    assert oracle_batches == []
+    want = ff.linearize(enc, x[1:2], sample_ids=torch.tensor([1])).fsinfo(
+        0.2, floor=0.0, estimator="exact")
+    assert torch.equal(r2.value[1:2], want.value)
+
+
+def test_a_false_neg_inf_with_a_fixed_probe_count_is_put_right_for_that_sample():
+    """A fixed probe count keeps the others' estimates; the -inf cannot stand."""
+    enc, x = _dead_in_float32(4)
+    r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0, num_probes=8)
+    assert r.estimator == "mixed" and r.info["exact_samples"] == [1]
+    assert bool(torch.isfinite(r.value).all())
+    assert r.probes_per_sample[0] == 8
+
+
+def test_a_false_neg_inf_and_a_rounding_flag_in_one_batch(oracle_batches, fast_batches):
+    """The dead sample (the oracle, sent by the lost-column check) and a rounding-flagged one
+    (sent by the rounding check: the fast exact route, then the oracle, its own allowance
+    missing too) in one request: each its own sub-batch, route and reason, the products
+    counted once each."""
+    enc, x = _dead_in_float32(6, dead=(1,), flagged=(3,))
+    r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
+    assert r.estimator == "mixed", r.info.get("auto")
+    assert r.info["exact_samples"] == [1, 3]
+    assert r.info["exact_samples_estimator"] == ["exact", "exact"]
+    said = r.info["exact_samples_auto"]
+    assert "nonzero in float64" in said[0] and "earlier request" not in said[0]
+    assert "measured against float64" in said[1] and "earlier request" not in said[1]
+    assert fast_batches == [1] and oracle_batches == [1, 1]  # (sample 1 straight to the oracle)
+    keep = torch.tensor([0, 2, 4, 5])
+    rest = ff.linearize(enc, x[keep], sample_ids=keep).fsinfo(0.1, floor=0.0)
+    assert r.passes == rest.passes + r.info["exact_samples_passes"]
+    assert r.info["exact_samples_passes"] == D
+    for k in (1, 3):
+        alone = ff.linearize(enc, x[k:k + 1], sample_ids=torch.tensor([k])).fsinfo(
+            0.1, floor=0.0, estimator="exact")
+        assert abs(float(r.value[k] - alone.value[0])) <= float(r.ci_halfwidth[k]) + 1e-12
+
+
+def test_every_sample_dead_in_float32_takes_the_batch_oracle(oracle_batches):
+    enc, x = _dead_in_float32(2, dead=(0, 1))
+    r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
+    assert r.estimator == "exact" and "exact_samples" not in r.info
+    assert oracle_batches == [2]
+
+
+# -- more lost columns than computed exactly, and sigma* with the floor -------------------------
+
+class CropFront(Front):
+    """:class:`Front` that never sees its last 8 input dimensions: the floorless FSInfo_diag is
+    ``-inf`` exactly and the floor matters for sigma* (``(J^T J)_kk = 0``)."""
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return super().forward(torch.cat([x[:, :-8], torch.zeros_like(x[:, -8:])], 1))
+
+
+def _crop_batch():
+    """Sample 1: every seen dimension lost in float32 (504, more than LOST_MAX); sample 2: 20 of
+    them (computed exactly); samples 0 and 3 plain."""
+    torch.manual_seed(0)
+    enc = CropFront(D).eval()
+    x = torch.randn(4, D)
+    x[1] += 12000.0
+    x[2, :20] += 12000.0
+    return enc, x
+
+
+def test_a_sample_with_too_many_lost_columns_alone_takes_the_oracle(oracle_batches):
+    """More than LOST_MAX lost columns in one sample sent the whole batch to the oracle, for
+    FSInfo_diag with a floor and for dFIL; now that sample alone, and the others' lost columns
+    are counted exactly as before."""
+    enc, x = _crop_batch()
+    lin = ff.linearize(enc, x)
+    ex = ff.linearize(enc, x).exact()
+    one = ff.linearize(enc, x[1:2], sample_ids=torch.tensor([1])).exact()
+    oracle_batches.clear()
+    s = torch.tensor(0.1, dtype=torch.float64)
+    # (dFIL with a fixed probe count: auto's method choice sends this batch to the fast
+    # exact route as one, sample 1's float32 trace being 0)
+    for r, want, alone in ((lin.fsinfo(0.1), ex.fsinfo(s), one.fsinfo(s)),
+                           (lin.dfil(0.1, num_probes=8), ex.dfil(s), one.dfil(s))):
+        assert r.estimator == "mixed", r.info.get("auto")
+        assert r.info["exact_samples"] == [1] and r.info["exact_samples_estimator"] == ["exact"]
+        assert "more than the 256 per sample" in r.info["exact_samples_auto"][0]
+        assert r.info["lost_columns"][1:3] == [504, 20]
+        assert float(r.ci_halfwidth[1]) == 0.0
+        assert torch.equal(r.value[1:2], alone.value)
+        assert torch.equal(r.value[1], want.value[1])
+        if r.metric == "fsinfo_diag":  # (sample 2's 20 lost columns counted exactly)
+            assert bool(((r.value - want.value).abs() <= r.ci_halfwidth + 1e-9).all())
+    assert oracle_batches == [1]  # one sample's oracle, held for dFIL
+    # the others: as in a batch without sample 1 (same ids, same probes)
+    keep = torch.tensor([0, 2, 3])
+    rest = ff.linearize(enc, x[keep], sample_ids=keep).fsinfo(0.1)
+    assert torch.equal(lin.fsinfo(0.1).value[keep], rest.value)
+
+
+def test_floored_sigma_solves_the_randomized_samples_and_the_held_one_alone(oracle_batches):
+    """sigma* where the floor matters (a crop) on a batch where one sample took the oracle and
+    one has lost columns: the floored equation was refused for both (a mixed estimate, lost
+    columns) and the whole batch went to the oracle; now the randomized samples are solved on
+    their probes (the lost columns' float64 terms counted at each sigma) and the held one by
+    its own oracle."""
+    enc, x = _crop_batch()
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
+    oracle_batches.clear()
+    got = ff.linearize(enc, x).fsinfo_sigma(-1.0)
+    assert got.estimator == "mixed" and got.info["exact_samples"] == [1], got.info.get("auto")
+    assert "floor_solve" in got.info and "(J^T J)_kk = 0" in got.info["floor_matters"]
+    assert oracle_batches == [1]
+    alone = ff.linearize(enc, x[1:2], sample_ids=torch.tensor([1])).fsinfo_sigma(
+        -1.0, estimator="exact")
+    assert torch.equal(got.sigma[1:2], alone.sigma)
+    torch.testing.assert_close(got.sigma[1], want[1], rtol=1e-9, atol=0)
+    keep = torch.tensor([0, 2, 3])
+    assert bool(((got.ci_low[keep] <= want[keep]) & (want[keep] <= got.ci_high[keep])).all())
+    assert bool((got.ci_low[keep] < got.ci_high[keep]).all())

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import fsinfo_fast as ff
-from fsinfo_fast import reference
 
 
 def _mlp_batch():
@@ -23,20 +22,6 @@ def _mlp_batch():
     x = torch.randn(3, 24)
     x[1] *= 6.0
     return enc, x
-
-
-@pytest.fixture
-def oracle_batches(monkeypatch):
-    """The batch sizes the float64 oracle was run on."""
-    seen: list[int] = []
-    real = reference.exact_fisher
-
-    def counting(encoder, x, **kw):
-        seen.append(int(x.shape[0]))
-        return real(encoder, x, **kw)
-
-    monkeypatch.setattr(reference, "exact_fisher", counting)
-    return seen
 
 
 def test_only_the_samples_that_missed_take_the_oracle(oracle_batches):

@@ -274,6 +274,7 @@ def exact_fast_fisher(
     memory_budget: int | None = None,
     n_check: int = CHECK_COLUMNS,
     live: Tensor | None = None,
+    known: tuple[Tensor, Tensor] | None = None,
 ) -> FastExactFisher:
     r"""Exact ``diag(J^T J)`` and trace from ``min(m, d)`` one-hot products of ``products``.
 
@@ -296,6 +297,11 @@ def exact_fast_fisher(
             vector on those others came back exactly 0 for every sample (a zero column gives
             exact zeros; a nonzero one would show). Where it did not, the whole route runs
             (``info["exact_fast_live"]`` says so).
+        known: ``(mask [B, d] bool, values [B, d] float64)``: diagonal entries computed
+            exactly elsewhere (the columns a working dtype below float64 rounds to 0,
+            :meth:`~fsinfo_fast.Linearization._lost`); they replace the products' before the
+            trace and the check, and ``info["exact_fast_lost_columns"]`` counts them per
+            sample.
 
     Returns:
         :class:`FastExactFisher`.
@@ -357,6 +363,9 @@ def exact_fast_fisher(
         if not bool(torch.isfinite(sq).all()):
             raise FloatingPointError(
                 f"the fast exact route got non-finite products ({side} {start}..{start + size})")
+    if known is not None:
+        mask = known[0].to(dev)
+        diag = torch.where(mask, known[1].to(diag), diag)
     trace = diag.sum(dim=1)
     floor = rounding_floor(dtype)
     gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
@@ -384,6 +393,8 @@ def exact_fast_fisher(
     info.update(getattr(products, "info", None) or {})
     if live_note is not None:
         info["exact_fast_live"] = live_note
+    if known is not None:
+        info["exact_fast_lost_columns"] = known[0].sum(dim=1).tolist()
     return FastExactFisher(diag=diag, trace=trace, rel_err=rel_err, measured=measured,
                            checked=checked, d=d, m=m, side=side, passes=n + extra,
                            check_passes=check_passes, info=info)
