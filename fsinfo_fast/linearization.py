@@ -249,14 +249,15 @@ def _cap(max_probes: object, n: int, estimator: str, own: int | None = None) -> 
 
 
 def _stopping(atol, rtol, num_probes, max_probes, cap: int | None,
-              fallback: bool = False) -> StoppingRule:
+              fallback: bool = False, batch: bool = True) -> StoppingRule:
     """The estimators' :class:`~fsinfo_fast.estimators.StoppingRule` (``stop=``; its unset
     start and rounds are each estimator's defaults); ``cap`` bounds the probes under
     ``auto``; ``fallback``: an exact route takes over an unconverged sample (``auto``), so a
     sample whose planned last stage would pass the cap stops at once
-    (``StoppingRule.stop_unreachable``) instead of drawing probes to the cap first, and the
-    batch's other samples stop with it (``StoppingRule.stop_batch``: the exact route replaces
-    the whole batch)."""
+    (``StoppingRule.stop_unreachable``) instead of drawing probes to the cap first, and, with
+    ``batch`` (the exact route replaces the whole batch), the batch's other samples stop with
+    it (``StoppingRule.stop_batch``; without it they go on: the exact route takes that sample
+    alone, :meth:`Linearization._exact_part`)."""
     if num_probes is None and atol is None and rtol is None:
         raise InvalidInputError(
             "the randomized estimator needs atol, rtol or num_probes (all were None)"
@@ -265,7 +266,7 @@ def _stopping(atol, rtol, num_probes, max_probes, cap: int | None,
     if num_probes is not None:
         mp = max(num_probes, mp)  # max_probes given below num_probes is refused by the caller
     return StoppingRule(num_probes=num_probes, atol=atol, rtol=rtol, max_probes=mp,
-                        stop_unreachable=fallback, stop_batch=fallback)
+                        stop_unreachable=fallback, stop_batch=fallback and batch)
 
 
 def pair_count(d: int) -> int:
@@ -518,9 +519,10 @@ class Linearization:
         # the oracle's diag and trace of some samples (held, diag, trace; see _exact_rows)
         self._oracle_part: tuple[Tensor, Tensor, Tensor] | None = None
         # the exact routes of some samples only: (rows [k] on the CPU, the Linearization of
-        # x[rows], why, the request its last result answers, that result and its reason), see
-        # _exact_part
+        # x[rows], why, the call its last result answers, that result and its reason, the call
+        # that sent it), see _exact_part
         self._parts: list[list[Any]] = []
+        self._request = 0  # (counts the fsinfo and dfil calls: _exact_part's per-call results)
         self._dominant_sel: tuple[Tensor | None] | None = None  # see _dominant
         self._dominant_unbilled = 0  # its VJP, until a result counts it (_dominant_passes)
         self._diag_cache: dict[tuple, Any] = {}
@@ -993,7 +995,7 @@ class Linearization:
 
     def _lost_fixed(self, r: MetricResult, estimator: str, s: Tensor,
                     floor: float = 0.0, prior_var: float | None = None,
-                    tol: tuple = (None, None)) -> MetricResult:
+                    tol: tuple = (None, None), fixed: bool = False) -> MetricResult:
         """``r`` (FSInfo_diag, the log det or dFIL from products in a working dtype below
         float64) with the columns of :meth:`_lost` put right: their float64 diagonal entries
         enter FSInfo_diag with a floor (each lost column's term ``log(floor)`` becomes
@@ -1003,7 +1005,8 @@ class Linearization:
         than :data:`LOST_MAX` of them), ``auto`` takes the float64 oracle (where it fits; the
         reason in ``info["auto"]``; for a randomized result, the samples concerned only where
         some are not, :meth:`_exact_part`, the others' lost columns put right, at tolerance
-        ``tol``) and another route raises
+        ``tol``; ``fixed``: a fixed probe count's, see :meth:`_exact_part`) and another route
+        raises
         :class:`~fsinfo_fast.errors.PrecisionError`. A crop (a column 0 in float64 too) keeps
         its exact ``-inf``. Where no float64 copy can run, a floorless ``-inf`` stands with a
         warning and ``info["neg_inf_unconfirmed"]``."""
@@ -1059,21 +1062,34 @@ class Linearization:
             info["lost_columns_why"] = (
                 f"input dimensions whose column of J is 0 in {dt} but not in float64 ({what}) "
                 "are counted with their float64 diagonal entries (one float64 JVP each)")
-            fixed = dataclasses.replace(r, value=r.value + add, info=info)
-            if not bool(over.any()):
-                return fixed
+            right = dataclasses.replace(r, value=r.value + add, info=info)
             rows = over.to(r.value.device)
+            rows[r.info.get("exact_fast_oracle_samples", [])] = False  # (the oracle's already)
+            if not bool(rows.any()):
+                return right
             why = (f"{int(rows.sum())} sample(s) have up to {int(n_lost.max())} input dimensions "
                    f"whose column of J is 0 in {dt} but not in float64 ({what}), more than "
                    f"the {LOST_MAX} per sample computed exactly")
             if estimator == "auto":
-                r = fixed  # (the others' put right; those samples' values are replaced)
+                r = right  # (the others' put right; those samples' values are replaced)
+        if rows is not None and r.estimator == "exact-fast":
+            rows[r.info.get("exact_fast_oracle_samples", [])] = False
+            if not bool(rows.any()):  # (a floorless -inf of the fast route's oracle samples:
+                return r  # a column 0 in float64 too, exact)
         if estimator == "auto" and self._oracle_fits():
+            if rows is not None and r.estimator == "exact-fast" and not bool(rows.all()):
+                # those samples' float64 oracle rows in the fast exact route (_exact_rows), the
+                # result made again with them
+                self._exact_rows(rows)
+                return self._exact_result(s, f"{r.info.get('auto', 'exact-fast')}; {why}; "
+                                          "those samples took the float64 oracle's values",
+                                          r.metric, floor, prior_var, tol)
             if rows is not None and r.estimator == "randomized" and (self._parts
                                                                      or not bool(rows.all())):
                 try:  # (those samples only: the others' values stand)
                     return self._exact_part(r, rows, s, floor, prior_var, tol,
-                                            f"{why}; the float64 oracle was used", "exact")
+                                            f"{why}; the float64 oracle was used", "exact",
+                                            fixed)
                 except _PartUnavailable as err:
                     why = (f"{why}; the batch took the float64 oracle as one: those samples "
                            f"alone could not be served ({err})")
@@ -1249,14 +1265,16 @@ class Linearization:
         splice = auto or r.estimator == "mixed"
         if not bool((extra > 0).any()):
             out = dataclasses.replace(r, info=info)
-            return self._exact_part(out, None, s, floor, prior_var, tol) if splice else out
+            return (self._exact_part(out, None, s, floor, prior_var, tol, fixed=fixed)
+                    if splice else out)
         hw = r.ci_halfwidth + extra
         met = tolerance_met(r.value, hw, *tol)
         out = dataclasses.replace(r, ci_halfwidth=hw, bias_bound=r.bias_bound + extra,
                                   converged=r.converged & met, info=info)
         missed = tolerance_met(r.value, r.ci_halfwidth, *tol) & ~met  # (by the rounding)
         if not bool(missed.any()):
-            return self._exact_part(out, None, s, floor, prior_var, tol) if splice else out
+            return (self._exact_part(out, None, s, floor, prior_var, tol, fixed=fixed)
+                    if splice else out)
         dt = self.enc.x.dtype
         why = (f"the {dt} products' rounding, measured against float64 (a few products each), "
                f"widened the randomized {r.metric} interval of {int(missed.sum())} sample(s) "
@@ -1282,7 +1300,7 @@ class Linearization:
 
     def _exact_part(self, out: MetricResult, rows: Tensor | None, s: Tensor, floor: float,
                     prior_var: float | None, tol: tuple, why: str = "",
-                    route: str = "auto") -> MetricResult:
+                    route: str = "auto", fixed: bool = False) -> MetricResult:
         """``auto``'s randomized FSInfo_diag or dFIL ``out`` with the samples ``rows`` (``[B]``
         bool, or None) and those sent before (:attr:`_parts`) taking the exact route's values:
         the fast exact route (its own samples that miss the tolerance there take the float64
@@ -1303,14 +1321,17 @@ class Linearization:
         exact route), ``info["exact_samples_estimator"]`` (``"exact-fast"`` or ``"exact"``,
         each), ``info["exact_samples_auto"]`` (each one's reason and route),
         ``info["exact_fast_oracle_samples"]`` (those the oracle served, batch indices),
-        ``info["exact_samples_passes"]`` (their products per sample, the most of any
-        sub-batch) and ``info["auto"]`` (all of them); ``passes`` adds those products."""
+        ``info["exact_samples_passes"]`` (their new products per sample, the most of any
+        sub-batch sent by this call; 0 where they are held from an earlier one) and
+        ``info["auto"]`` (all of them); ``passes`` adds those products.
+        ``fixed`` (a fixed probe count, whose estimates stand where they can): the samples
+        sent for ``out`` only, not those held from other calls."""
         held = torch.zeros(self.batch, dtype=torch.bool)
         for idx, *_ in self._parts:
             held[idx] = True
-        # (this request: a result spliced twice in it, by _lost_fixed and _rounding_fixed,
-        # reads each sub-batch's result once)
-        request = (out.metric, floor, prior_var, tuple(s.reshape(-1).tolist()))
+        # (this call: a result spliced twice in it, by _lost_fixed and _rounding_fixed, reads
+        # each sub-batch's result once; another call, whatever its arguments, reads it again)
+        request = self._request
         if rows is not None and bool((rows.cpu() & ~held).any()):
             idx = (rows.cpu() & ~held).nonzero().flatten()
             ids = (idx if self.sample_ids is None else self.sample_ids.cpu()[idx])
@@ -1327,8 +1348,15 @@ class Linearization:
                                           prior_var, tol, route)
             except FSInfoError as err:  # (a check the sub-batch's values decide otherwise)
                 raise _PartUnavailable(f"{type(err).__name__}: {err}") from err
-            self._parts.append([idx, sub, why, request, first, why])
-        if not self._parts:
+            self._parts.append([idx, sub, why, request, first, why, request])
+        parts = self._parts
+        if fixed:
+            want = torch.zeros(self.batch, dtype=torch.bool)
+            want[out.info.get("exact_samples", [])] = True
+            if rows is not None:
+                want |= rows.cpu()
+            parts = [part for part in parts if bool(want[part[0]].any())]
+        if not parts:
             return out
         value, stderr = out.value.clone(), out.stderr.clone()
         hw, bias = out.ci_halfwidth.clone(), out.bias_bound.clone()
@@ -1338,13 +1366,13 @@ class Linearization:
         exact: dict[int, str] = {}
         said: dict[int, str] = {}
         reasons, passes = [], 0
-        for part in self._parts:
-            idx, sub, why0, asked, ex, sent = part
+        for part in parts:
+            idx, sub, why0, asked, ex, sent, born = part
             i = idx.to(value.device)
             if asked != request:  # (sent by an earlier request: its quantities are held)
                 sent = f"the exact quantities computed for an earlier request ({why0})"
                 ex = sub._exact_result(s[i], sent, out.metric, floor, prior_var, tol)
-                part[3:] = [request, ex, sent]
+                part[3:6] = [request, ex, sent]
             value[i], stderr[i] = ex.value.to(value), ex.stderr.to(stderr)
             hw[i], bias[i] = ex.ci_halfwidth.to(hw), ex.bias_bound.to(bias)
             conv[i], bound[i] = ex.converged.to(conv), ex.bound.to(bound)
@@ -1359,7 +1387,8 @@ class Linearization:
                 if meas is not None:
                     meas[k] = None if sub_meas is None else sub_meas[j]
             reasons.append(f"sample(s) {idx.tolist()}: {ex.info.get('auto', sent)}")
-            passes = max(passes, int(ex.passes))
+            if born == request:  # (new products: a later call reads held ones)
+                passes = max(passes, int(ex.passes))
         order = sorted(exact)
         info = {**out.info, "exact_samples": order,
                 "exact_samples_estimator": [exact[k] for k in order],
@@ -1469,6 +1498,7 @@ class Linearization:
         ``probes_per_sample`` counts the remainder probes). A fixed ``num_probes`` is kept under
         ``auto`` too: ``converged`` then says whether its interval met the tolerance."""
         self._check_unchanged()
+        self._request += 1
         again = functools.partial(self.fsinfo, sigma, variant=variant, estimator=estimator,
                                   atol=atol, rtol=rtol, num_probes=num_probes,
                                   max_probes=max_probes, prior_var=prior_var, floor=floor,
@@ -1523,7 +1553,8 @@ class Linearization:
         fallback = estimator == "auto" and (not spectrum or self._oracle_fits())
         if self._replanned(estimator):  # (the log det's oracle: its float64 copy failed)
             return again()
-        stop = _stopping(atol, rtol, num_probes, max_probes, cap, fallback)
+        # (the diagonal's unconverged samples take the exact route alone: the others go on)
+        stop = _stopping(atol, rtol, num_probes, max_probes, cap, fallback, batch=spectrum)
         if spectrum and fallback and num_probes is None and len(
                 list(stop.for_estimator("slq").schedule())) < 3:
             # only a three-stage result converges: SLQ's products would be spent for nothing
@@ -1555,7 +1586,10 @@ class Linearization:
                            fixed=num_probes is not None)
         if why is None and self._replanned(estimator):
             return again()
-        if why is not None:
+        bad = None if why is None or spectrum else ~est.converged
+        if bad is not None and bool(bad.all()):
+            bad = None  # (every sample: the batch's exact route, below)
+        if why is not None and bad is None:
             r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator,
                                    (atol, rtol))
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
@@ -1563,8 +1597,19 @@ class Linearization:
         r = self._rounding_fixed(self._lost_fixed(
             _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
                        info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s, floor,
-            prior_var, (atol, rtol)), estimator, s, floor, (atol, rtol), prior_var,
-            num_probes is not None)
+            prior_var, (atol, rtol), num_probes is not None), estimator, s, floor,
+            (atol, rtol), prior_var, num_probes is not None)
+        if bad is not None and r.estimator in ("randomized", "mixed"):
+            # the samples that missed the tolerance within the cap take the exact route alone;
+            # the others' estimates (converged) stand
+            try:
+                return self._exact_part(r, bad, s, floor, prior_var, (atol, rtol), why)
+            except _PartUnavailable as err:
+                r = self._exact_fsinfo(s, variant, prior_var, floor, (
+                    f"{why}; the batch took the exact route as one: those samples alone "
+                    f"could not be served ({err})"), estimator, (atol, rtol))
+                r.info["auto_randomized_passes"] = int(est.passes)
+                return self._lost_fixed(r, estimator, s, floor, prior_var)
         if variant == "logdet" and est.singular is not None and r.estimator != "exact":
             _warn_singular(est.singular, self.m, self.d)
         return r
@@ -1594,7 +1639,8 @@ class Linearization:
         if self._oracle_part is not None and estimator == "auto":  # (held from a request before)
             fx = fx.with_exact_rows(*self._oracle_part)
             held = (f"; sample(s) {fx.info['exact_fast_oracle_samples']} have the float64 "
-                    "oracle's values, computed for an earlier request")
+                    "oracle's values, computed for an earlier request (or sent there by the "
+                    "lost-column check)")
         r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
         r.info.update(info)
         miss = self._fast_missed(r, estimator, tol)
@@ -1898,6 +1944,7 @@ class Linearization:
         randomized estimator.
         """
         self._check_unchanged()
+        self._request += 1
         again = functools.partial(self.dfil, sigma, estimator=estimator, rtol=rtol, atol=atol,
                                   num_probes=num_probes, max_probes=max_probes, method=method)
         _check_choice("estimator", estimator, ESTIMATORS)
@@ -2026,7 +2073,8 @@ class Linearization:
         return self._rounding_fixed(self._lost_fixed(
             _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
                        info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s,
-            tol=(atol, rtol)), estimator, s, 0.0, (atol, rtol), fixed=num_probes is not None)
+            tol=(atol, rtol), fixed=num_probes is not None), estimator, s, 0.0, (atol, rtol),
+            fixed=num_probes is not None)
 
     def _plan(self, need: Tensor, min_probes: int, mp: int, relf, *, source: str,
               held: Tensor | None = None, rows: bool = True) -> dict[str, Any]:
@@ -2379,7 +2427,8 @@ class Linearization:
             return None, f"the floored sigma = 1 estimate took the {route} route"
         tol = (kw.get("atol"), kw.get("rtol"))
         try:
-            return self._parts_sigma(self._floored_solve(r, tau, floor, tol), tau, floor), ""
+            return self._floored_done(self._floored_solve(r, tau, floor, tol), r, tau, floor,
+                                      kw), ""
         except SnapshotDroppedError as err:
             # the shared state dropped a boundary of this estimate's stages (its snapshot
             # budget, or other requests' rounds): this estimate alone on a fresh state that
@@ -2402,7 +2451,35 @@ class Linearization:
                 return None, ("the estimate's stage boundaries do not fit in the memory "
                               f"for probe-state snapshots, also on a fresh state ({err2})")
             out.info["probe_state"] = f"recomputed on a fresh probe state ({err})"
-            return self._parts_sigma(out, tau, floor), ""
+            return self._floored_done(out, r, tau, floor, kw), ""
+
+    def _floored_done(self, out: SigmaResult, r: MetricResult, tau: Tensor, floor: float,
+                      kw: dict[str, Any]) -> SigmaResult:
+        """The floored ``sigma*`` ``out`` solved on the probes of ``r`` (the floored ``sigma =
+        1`` estimate), with, under ``auto`` (no fixed probe count, the oracle fits), its
+        samples that missed the tolerance at the solution sent to the float64 oracle alone
+        (:meth:`_exact_part`): their probes and stages were chosen at ``sigma = 1``, where
+        the floor can keep the spread tiny, and far below it (``sigma*`` of 2e-9) such an
+        interval undercovered (3 of 10 seeds missed the oracle's ``sigma*``, each with
+        ``converged`` False); then every sample that took an exact route is solved by its
+        sub-batch's oracle (:meth:`_parts_sigma`)."""
+        miss = ~out.converged
+        miss[out.info.get("exact_samples", [])] = False
+        if (kw.get("estimator") == "auto" and kw.get("num_probes") is None
+                and bool(miss.any()) and self._oracle_fits()):
+            why = ("the floored sigma* solved on the probes of the floored sigma = 1 estimate "
+                   "missed the tolerance at the solution (its probes were chosen at sigma = 1)")
+            try:
+                part = self._exact_part(r, miss.cpu(), r.sigma, floor, kw.get("prior_var"),
+                                        (kw.get("atol"), kw.get("rtol")), why, "exact")
+            except _PartUnavailable:
+                part = None  # (the interval stands, converged False)
+            if part is not None:
+                keys = ("exact_samples", "exact_samples_estimator", "exact_samples_auto",
+                        "exact_fast_oracle_samples", "auto")
+                out = dataclasses.replace(out, estimator="mixed", info={
+                    **out.info, **{k: part.info[k] for k in keys}})
+        return self._parts_sigma(out, tau, floor)
 
     def _parts_sigma(self, out: SigmaResult, tau: Tensor, floor: float,
                      oracle_only: bool = False) -> SigmaResult:
@@ -2419,8 +2496,9 @@ class Linearization:
         sigma, lo, hi = out.sigma.clone(), out.ci_low.clone(), out.ci_high.clone()
         conv = out.converged.clone()
         for idx, sub, *_ in self._parts:
-            if oracle_only and all(took[k] != "exact" for k in idx.tolist()):
-                continue
+            if any(k not in took for k in idx.tolist()) or oracle_only and all(
+                    took[k] != "exact" for k in idx.tolist()):
+                continue  # (a part sent by a later call than out's, or no oracle's sample)
             i = idx.to(sigma.device)
             sig = sub.fsinfo_sigma(tau[i], estimator="exact", floor=floor)
             sigma[i], lo[i], hi[i] = (sig.sigma.to(sigma), sig.ci_low.to(lo),

@@ -263,6 +263,7 @@ def test_a_false_neg_inf_sends_only_its_own_sample_to_the_oracle(oracle_batches)
     assert r2.estimator == "mixed" and r2.info["exact_samples"] == [1]
     assert "earlier request" in r2.info["exact_samples_auto"][0]
     assert oracle_batches == []
+    assert r2.info["exact_samples_passes"] == 0  # (held: no new products billed)
     want = ff.linearize(enc, x[1:2], sample_ids=torch.tensor([1])).fsinfo(
         0.2, floor=0.0, estimator="exact")
     assert torch.equal(r2.value[1:2], want.value)
@@ -380,3 +381,56 @@ def test_floored_sigma_solves_the_randomized_samples_and_the_held_one_alone(orac
     keep = torch.tensor([0, 2, 3])
     assert bool(((got.ci_low[keep] <= want[keep]) & (want[keep] <= got.ci_high[keep])).all())
     assert bool((got.ci_low[keep] < got.ci_high[keep]).all())
+
+
+def test_a_later_call_with_another_tolerance_does_not_read_an_earlier_calls_result():
+    """The sub-batch's result was held per (metric, floor, prior, sigma): a second call at a
+    tighter atol read the first call's fast exact result (half-width 0.0078, converged=True at
+    atol 0.007) where its own route takes the oracle (helper 91)."""
+    enc, x = _setup(5500.0)
+    lin = ff.linearize(enc, x)
+    first = lin.fsinfo(0.1, floor=0.0)
+    assert first.info["exact_samples_estimator"] == ["exact-fast"], first.info.get("auto")
+    hw = float(first.ci_halfwidth[1])
+    tight = 0.9 * hw
+    r = lin.fsinfo(0.1, floor=0.0, atol=tight)
+    # (its held fast exact quantities miss the tighter tolerance: that sample's oracle)
+    assert r.info["exact_samples_estimator"] == ["exact"], r.info.get("auto")
+    assert float(r.ci_halfwidth[1]) == 0.0 and bool(r.converged.all())
+    alone = ff.linearize(enc, x[1:2], sample_ids=torch.tensor([1])).fsinfo(
+        0.1, floor=0.0, estimator="exact")
+    assert torch.equal(r.value[1:2], alone.value)
+
+
+def test_a_fixed_probe_count_does_not_take_other_calls_held_samples():
+    """With num_probes, a batch-mate's false -inf spliced in every sample held from earlier
+    calls (sample 1, flagged by an earlier auto call, became exact here only where sample 3
+    was dead; helper 91)."""
+    got = []
+    for dead in (False, True):
+        enc, x = _setup(8000.0)
+        if dead:
+            x[3] += 12000.0
+        lin = ff.linearize(enc, x)
+        assert 1 in lin.fsinfo(0.1, floor=0.0).info["exact_samples"]
+        r = lin.fsinfo(0.1, floor=0.0, num_probes=8)
+        assert r.info.get("exact_samples", []) == ([3] if dead else [])
+        got.append(r)
+    for name in ("value", "ci_halfwidth", "converged"):
+        assert torch.equal(getattr(got[0], name)[:3], getattr(got[1], name)[:3]), name
+    assert not bool(got[1].converged[1])  # (8 probes: sample 1's own estimate)
+
+
+def test_the_fast_exact_route_sends_its_samples_with_too_many_lost_columns_alone(
+        oracle_batches):
+    """auto's dFIL takes the fast exact route for this batch (sample 1's float32 trace is 0);
+    that sample's 504 lost columns (more than computed exactly) sent the batch to the oracle
+    (helpers 90 and 91); now that sample's oracle rows join the fast route."""
+    enc, x = _crop_batch()
+    r = ff.linearize(enc, x).dfil(0.1)
+    assert r.estimator == "exact-fast" and r.info["exact_fast_oracle_samples"] == [1], \
+        r.info.get("auto")
+    assert "more than the 256 per sample" in r.info["auto"]
+    assert oracle_batches == [1]
+    want = ff.linearize(enc, x).exact().dfil(torch.tensor(0.1, dtype=torch.float64)).value
+    assert bool(((r.value - want).abs() <= r.ci_halfwidth + 1e-30).all()), (r.value - want)

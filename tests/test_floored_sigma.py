@@ -194,3 +194,38 @@ def test_stage_boundaries_dropped_by_the_snapshot_budget_are_recomputed():
     # later requests run on the fresh state and equal a fresh call's
     torch.testing.assert_close(lin.fsinfo(0.1).value,
                                ff.linearize(enc, x, seed=0).fsinfo(0.1).value, rtol=1e-12, atol=0)
+
+
+def test_auto_sends_a_floored_sigma_that_misses_its_tolerance_to_the_oracle(oracle_batches):
+    """The floored equation is solved on the probes of the floored sigma = 1 estimate, whose
+    stages were sized at sigma = 1: with the floor 1e-10 nearly the whole value there (the spread
+    tiny, 14 probes), and sigma* at 1.8e-9, the interval of a saturated sample (its products
+    rounding in float32) missed the oracle's sigma* in 3 of 10 seeds, converged False each time
+    (helper 90). auto now sends such a sample to the float64 oracle alone."""
+
+    class Front(torch.nn.Module):
+        def __init__(self, d=640, crop=8):
+            super().__init__()
+            self.lin, self.crop = torch.nn.Linear(d, d), crop
+
+        def forward(self, x):
+            x = x.flatten(1)
+            x = torch.cat([x[:, :-self.crop], torch.zeros_like(x[:, -self.crop:])], 1)
+            return self.lin(torch.tanh(1e-3 * x))
+
+    torch.manual_seed(8)
+    enc = Front().eval()
+    x = torch.randn(2, 640)
+    x[1] += 6000.0
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(0.5, floor=1e-10)
+    oracle_batches.clear()
+    rand = ff.linearize(enc, x, seed=0).fsinfo_sigma(0.5, floor=1e-10, estimator="randomized")
+    assert not bool(rand.converged[1]) and not float(rand.ci_low[1]) <= float(want[1])
+    got = ff.linearize(enc, x, seed=0).fsinfo_sigma(0.5, floor=1e-10)
+    assert got.estimator == "mixed" and got.info["exact_samples"] == [1], got.info.get("auto")
+    assert "missed the tolerance at the solution" in got.info["exact_samples_auto"][0]
+    assert oracle_batches == [1]  # (that sample's oracle only)
+    assert bool(got.converged.all())
+    assert bool(((got.ci_low <= want) & (want <= got.ci_high)).all())
+    torch.testing.assert_close(got.sigma[1], want[1], rtol=1e-9, atol=0)
+    assert "floor_solve" in got.info
