@@ -1396,7 +1396,9 @@ class Linearization:
                 "exact_fast_oracle_samples": [k for k in order if exact[k] == "exact"],
                 "exact_samples_passes": passes,
                 "auto": (f"{len(order)} of {self.batch} sample(s) took an exact route, each for "
-                         "its own reason (the others keep the randomized estimate): "
+                         "its own reason (" + ("the others keep the randomized estimate"
+                                               if len(order) < self.batch else
+                                               "every sample, each sent on its own") + "): "
                          + "; ".join(reasons))}
         if meas is not None:
             info["rounding_measured"] = meas
@@ -1982,7 +1984,7 @@ class Linearization:
                 cap = max(2, cap)
             return _stopping(atol, rtol, num_probes,
                              max_probes_l if method == "lanczos" else max_probes, cap,
-                             fallback=estimator == "auto")
+                             fallback=estimator == "auto", batch=False)
 
         costs = self._dfil_costs(s, rtol, atol, mp, mp_l) if tol_run else {}
         if rtol is None:  # diag and deflated stop on rtol only: not auto's choice under atol
@@ -2054,13 +2056,18 @@ class Linearization:
                            fixed=num_probes is not None)
         if why is None and self._replanned(estimator):
             return again()
-        if why is not None:
+        bad = None if why is None or bool((~est.converged).all()) else ~est.converged
+
+        def whole(why: str) -> MetricResult:  # the batch's exact route
             r = self._exact_dfil(s, why, estimator, (atol, rtol))
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
             if prediction:
                 r.info["auto_prediction"] = prediction["why"]
                 r.info["auto_prediction_passes"] = prediction.get("passes", 0)
             return r
+
+        if why is not None and bad is None:
+            return whole(why)
         extra: dict[str, Any] = {"method": method}
         if method_reason is not None:
             extra["method_reason"] = method_reason
@@ -2070,11 +2077,19 @@ class Linearization:
         elif any("spent" in c for c in costs.values()):  # the method choice's own products
             extra["auto_prediction_passes"] = sum(int(c.get("spent", 0))
                                                   for c in costs.values())
-        return self._rounding_fixed(self._lost_fixed(
+        r = self._rounding_fixed(self._lost_fixed(
             _to_result(est, metric="dfil", units="1/dim", sigma=s, d=self.d, m=self.m,
                        info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s,
             tol=(atol, rtol), fixed=num_probes is not None), estimator, s, 0.0, (atol, rtol),
             fixed=num_probes is not None)
+        if bad is not None and r.estimator in ("randomized", "mixed"):
+            # the samples that missed the tolerance within the cap take the exact route alone
+            try:
+                return self._exact_part(r, bad, s, 0.0, None, (atol, rtol), why)
+            except _PartUnavailable as err:
+                return whole(f"{why}; the batch took the exact route as one: those samples "
+                             f"alone could not be served ({err})")
+        return r
 
     def _plan(self, need: Tensor, min_probes: int, mp: int, relf, *, source: str,
               held: Tensor | None = None, rows: bool = True) -> dict[str, Any]:

@@ -137,9 +137,11 @@ class MetricResult:
             dimension, in inverse squared input units).
         estimator: ``"exact"`` (the float64 oracle), ``"exact-fast"`` (one-hot products in
             the working dtype; its interval is the rounding allowance), ``"randomized"``, or
-            ``"mixed"``: ``auto``'s randomized estimate where some samples took an exact route
-            for their own reason (their measured rounding missed the tolerance), those
-            samples' values, intervals and ``converged`` the exact route's;
+            ``"mixed"``: ``auto``'s randomized estimate where some samples (possibly each,
+            sent on its own) took an exact route for their own reason (their measured rounding
+            missed the tolerance, float32 lost their columns, they could not converge within
+            the probe cap), those samples' values, intervals and ``converged`` the exact
+            route's;
             ``info["exact_samples"]`` lists them (batch indices) and
             ``info["exact_samples_estimator"]`` names each one's route.
         sigma: ``[B]`` float64 noise scale used.

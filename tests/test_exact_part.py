@@ -434,3 +434,29 @@ def test_the_fast_exact_route_sends_its_samples_with_too_many_lost_columns_alone
     assert oracle_batches == [1]
     want = ff.linearize(enc, x).exact().dfil(torch.tensor(0.1, dtype=torch.float64)).value
     assert bool(((r.value - want).abs() <= r.ci_halfwidth + 1e-30).all()), (r.value - want)
+
+
+def test_a_batch_whose_every_sample_went_its_own_way_says_so():
+    """Sample 1 (297 lost columns, more than computed exactly) took the oracle alone, the three
+    others could not converge within the probe cap and took the fast exact route alone: the
+    record said "the others keep the randomized estimate" with none left (helper 92)."""
+
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(600, 700)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(torch.tanh(1e-3 * x.flatten(1))))
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    enc = Mix().eval()
+    x = torch.rand(4, 600, generator=g) * 1000
+    x[1] *= 20
+    x[2, :300] += 5500.0
+    r = ff.linearize(enc, x, seed=0).fsinfo(0.1, floor=1e-10, atol=0.001)
+    assert r.estimator == "mixed" and r.info["exact_samples"] == [0, 1, 2, 3], r.info.get("auto")
+    assert "every sample, each sent on its own" in r.info["auto"]
+    assert "the others keep" not in r.info["auto"]
+    assert bool(r.converged.all())

@@ -299,3 +299,31 @@ def test_auto_gives_up_where_the_rank_pilot_predicts_past_the_cap():
     r = lin.fsinfo(0.1)
     assert r.estimator == "exact-fast"
     assert bool(((r.value - oracle).abs() <= r.ci_halfwidth).all())
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "diag"])
+def test_auto_dfil_sends_only_its_samples_that_miss_the_cap_to_the_exact_route(
+        method, monkeypatch):
+    """dFIL's probe-cap switch, as FSInfo_diag's: the samples that cannot converge within the
+    cap (three saturated ones here) take the fast exact route alone, the other keeps its
+    randomized estimate (it took the batch's route, the others stopping with the first that
+    gave up). The prediction that would choose the exact route for the batch first is turned
+    off so that the estimate runs."""
+    import fsinfo_fast.linearization as L
+
+    monkeypatch.setattr(L.Linearization, "_dfil_predicted_exact", lambda self, *a, **k: (None, {}))
+    enc, x = _wide()
+    x = torch.stack([30 * x[1], 30 * x[1], 30 * x[1], x[0]])
+    lin = ff.linearize(enc, x, seed=0)
+    r = lin.dfil(0.1, rtol=0.01, method=method)
+    assert r.estimator == "mixed", r.info.get("auto")
+    assert r.info["exact_samples"] == [0, 1, 2]
+    assert "did not reach the tolerance within" in r.info["exact_samples_auto"][0]
+    assert "stopped with it" not in r.info["auto"]
+    assert bool(r.converged.all())
+    truth = lin.exact().dfil(torch.tensor(0.1, dtype=torch.float64)).value
+    assert bool(((r.value - truth).abs() <= r.ci_halfwidth).all()), (r.value - truth)
+    alone = ff.linearize(enc, x[3:], sample_ids=torch.tensor([3]), seed=0).dfil(
+        0.1, rtol=0.01, method=method)
+    assert alone.estimator == "randomized"
+    torch.testing.assert_close(r.value[3:], alone.value, rtol=1e-6, atol=0)
