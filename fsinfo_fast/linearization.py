@@ -1409,6 +1409,19 @@ class Linearization:
                                    passes=int(out.passes) + passes
                                    - int(out.info.get("exact_samples_passes", 0)))
 
+    def _capped_part(self, r: MetricResult, bad: Tensor, s: Tensor, floor: float,
+                     prior_var: float | None, tol: tuple, why: str,
+                     whole: Callable[[str], MetricResult]) -> MetricResult:
+        """``auto``'s FSInfo_diag or dFIL ``r`` with the samples ``bad`` (``[B]`` bool), which
+        missed the tolerance within the probe cap, taking the exact route alone
+        (:meth:`_exact_part`; the others' converged estimates stand), or, where those samples
+        alone cannot be served, the batch's exact route ``whole(why)``."""
+        try:
+            return self._exact_part(r, bad, s, floor, prior_var, tol, why)
+        except _PartUnavailable as err:
+            return whole(f"{why}; the batch took the exact route as one: those samples alone "
+                         f"could not be served ({err})")
+
     def _exact_result(self, s: Tensor, why: str, metric: str, floor: float,
                       prior_var: float | None, tol: tuple, route: str = "auto") -> MetricResult:
         """``auto``'s exact-route FSInfo_diag or dFIL of this batch (the whole batch's switch
@@ -1591,27 +1604,22 @@ class Linearization:
         bad = None if why is None or spectrum else ~est.converged
         if bad is not None and bool(bad.all()):
             bad = None  # (every sample: the batch's exact route, below)
-        if why is not None and bad is None:
+
+        def whole(why: str) -> MetricResult:  # the batch's exact route
             r = self._exact_fsinfo(s, variant, prior_var, floor, why, estimator,
                                    (atol, rtol))
             r.info["auto_randomized_passes"] = int(est.passes)  # spent before the switch
             return self._lost_fixed(r, estimator, s, floor, prior_var)
+
+        if why is not None and bad is None:
+            return whole(why)
         r = self._rounding_fixed(self._lost_fixed(
             _to_result(est, metric=metric, units="nats/dim", sigma=s, d=self.d, m=self.m,
                        info=self._info(**extra), dtype=self.enc.x.dtype), estimator, s, floor,
             prior_var, (atol, rtol), num_probes is not None), estimator, s, floor,
             (atol, rtol), prior_var, num_probes is not None)
         if bad is not None and r.estimator in ("randomized", "mixed"):
-            # the samples that missed the tolerance within the cap take the exact route alone;
-            # the others' estimates (converged) stand
-            try:
-                return self._exact_part(r, bad, s, floor, prior_var, (atol, rtol), why)
-            except _PartUnavailable as err:
-                r = self._exact_fsinfo(s, variant, prior_var, floor, (
-                    f"{why}; the batch took the exact route as one: those samples alone "
-                    f"could not be served ({err})"), estimator, (atol, rtol))
-                r.info["auto_randomized_passes"] = int(est.passes)
-                return self._lost_fixed(r, estimator, s, floor, prior_var)
+            return self._capped_part(r, bad, s, floor, prior_var, (atol, rtol), why, whole)
         if variant == "logdet" and est.singular is not None and r.estimator != "exact":
             _warn_singular(est.singular, self.m, self.d)
         return r
@@ -2083,12 +2091,7 @@ class Linearization:
             tol=(atol, rtol), fixed=num_probes is not None), estimator, s, 0.0, (atol, rtol),
             fixed=num_probes is not None)
         if bad is not None and r.estimator in ("randomized", "mixed"):
-            # the samples that missed the tolerance within the cap take the exact route alone
-            try:
-                return self._exact_part(r, bad, s, 0.0, None, (atol, rtol), why)
-            except _PartUnavailable as err:
-                return whole(f"{why}; the batch took the exact route as one: those samples "
-                             f"alone could not be served ({err})")
+            return self._capped_part(r, bad, s, 0.0, None, (atol, rtol), why, whole)
         return r
 
     def _plan(self, need: Tensor, min_probes: int, mp: int, relf, *, source: str,

@@ -124,3 +124,20 @@ def oracle_batches(monkeypatch):
 
     monkeypatch.setattr(reference, "exact_fisher", counting)
     return seen
+
+
+@pytest.fixture
+def one_sample_parts_fail(monkeypatch):
+    """A sub-batch of one sample (``Linearization._exact_part``'s) cannot be served: its exact
+    route raises ``EncoderError("a check this sub-batch fails")``."""
+    import fsinfo_fast as ff
+    import fsinfo_fast.linearization as L
+
+    served = L.Linearization._exact_result
+
+    def fails(self, *args, **kwargs):
+        if self.batch == 1:
+            raise ff.EncoderError("a check this sub-batch fails")
+        return served(self, *args, **kwargs)
+
+    monkeypatch.setattr(L.Linearization, "_exact_result", fails)

@@ -182,19 +182,10 @@ def test_a_sub_batch_trusts_its_batch_float64_function_check():
     assert bool(r.converged.all())
 
 
-def test_a_sub_batch_that_cannot_be_served_sends_the_batch_the_old_way(monkeypatch):
+def test_a_sub_batch_that_cannot_be_served_sends_the_batch_the_old_way(one_sample_parts_fail):
     """Where the samples alone cannot be served (a check their own values decide), the batch
     takes the exact route as one, and info["auto"] says why."""
     enc, x = _setup(8000.0)
-
-    served = L.Linearization._exact_result
-
-    def fails(self, *args, **kwargs):  # (the sub-batch of the one flagged sample only)
-        if self.batch == 1:
-            raise ff.EncoderError("a check this sub-batch fails")
-        return served(self, *args, **kwargs)
-
-    monkeypatch.setattr(L.Linearization, "_exact_result", fails)
     r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
     assert r.estimator in ("exact", "exact-fast") and "exact_samples" not in r.info
     assert "alone could not be served (EncoderError: a check this sub-batch fails)" in \

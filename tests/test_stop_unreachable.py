@@ -327,3 +327,14 @@ def test_auto_dfil_sends_only_its_samples_that_miss_the_cap_to_the_exact_route(
         0.1, rtol=0.01, method=method)
     assert alone.estimator == "randomized"
     torch.testing.assert_close(r.value[3:], alone.value, rtol=1e-6, atol=0)
+
+
+def test_a_hopeless_sample_that_cannot_be_served_alone_sends_the_batch(one_sample_parts_fail):
+    """Where the sample that gave up cannot be served on its own (a check its sub-batch fails),
+    the batch takes the exact route as one, and info["auto"] says why."""
+    enc, x = _wide()
+    x = torch.stack([x[0], 30 * x[1]])
+    r = ff.linearize(enc, x, seed=0).fsinfo(0.1, atol=0.001)
+    assert r.estimator == "exact-fast" and "exact_samples" not in r.info
+    assert "alone could not be served (EncoderError: a check this sub-batch fails)" in \
+        r.info["auto"]
