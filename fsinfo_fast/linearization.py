@@ -72,6 +72,7 @@ from .encoder import (
     COMPILED_NOTE,
     PreparedEncoder,
     _signature,
+    check_prior_var,
     check_same_function,
     check_sigma,
     check_target,
@@ -150,6 +151,21 @@ DEAD_STREAM = 22
 LOST_STREAM = 23
 #: The input vectors of the JVP rounding check (:meth:`Linearization._jvp_pair`).
 JVP_STREAM = 24
+#: The input-side vector of the float64 forward-/reverse-mode check (:meth:`Linearization.
+#: _modes`; its cotangents are the rounding check's, :meth:`Linearization._pair`).
+MODES_STREAM = 25
+#: A sample whose float64 forward- and reverse-mode ``u^T J v`` differ by more than this share
+#: of the terms' size, weighted as the metric weighs the columns (:meth:`Linearization.
+#: _modes_share`), has no Jacobian determined in float64: one mode cancelled digits the other
+#: kept (a softmax whose largest probability rounds to 1: ``p (g - <p, g>)`` against ``p
+#: (zdot - <p, zdot>)``). Measured with every column at its own scale on the bundled
+#: transformers encoders (ten architectures, two splits each, bare and classifier, inputs 1x
+#: and 30x): at most 3.2e-16; classifiers' softmax with logits scaled 30x: up to 5.6e-5 (one
+#: RegNet input), 1000x: up to 0.66.
+MODES_REL = 1e-6
+#: ... the scale-free share above which a result's own weighting is measured (a float64 JVP):
+#: 3000x the largest seen without a saturated softmax.
+MODES_SCREEN = 1e-12
 LOST_CONFIRM = 32
 #: At most this many such input dimensions per sample are computed exactly in float64; beyond
 #: it ``auto`` takes the oracle and another route raises.
@@ -438,6 +454,33 @@ def _own_copy(hit: Any) -> Any:
         for f in dataclasses.fields(hit) if isinstance(est := getattr(hit, f.name), Estimate)})
 
 
+def _modes_checked(kind: str) -> Callable:
+    """A public result method whose result :meth:`Linearization._modes_flagged` checks (the
+    outermost call only: the methods call each other, and ``auto`` plans some requests again
+    through their own method). ``kind``: ``"fsinfo"`` (the constant inside the log: ``floor``
+    for the diagonal, the prior's precision for the log det) or ``"dfil"`` (none)."""
+
+    def wrap(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def checked(self: Linearization, *args: Any, **kw: Any) -> Any:
+            self._depth += 1
+            try:
+                out = method(self, *args, **kw)
+            finally:
+                self._depth -= 1
+            if self._depth:
+                return out
+            c = 0.0
+            if kind == "fsinfo":
+                c = (float(kw.get("floor", DIAG_FLOOR)) if kw.get("variant", "diag") == "diag"
+                     else check_prior_var(kw.get("prior_var")))
+            return self._modes_flagged(out, kind, c)
+
+        return checked
+
+    return wrap
+
+
 class _Shape:
     """``batch`` and ``device`` of a prepared encoder, for the estimators' argument checks."""
 
@@ -535,6 +578,9 @@ class Linearization:
         self._lost_cache: tuple | None = None  # (see _lost)
         self._pair_cache: tuple | None = None  # (see _pair)
         self._jvp_pair_cache: tuple | None = None  # (see _jvp_pair)
+        self._modes_cache: tuple | str | None = None  # (see _modes)
+        self._depth = 0  # public result methods running (see _modes_checked)
+        self._modes_forward = True  # the check's JVP ran in forward mode (see _modes_share)
         self._check_products = 0  # working-dtype products the rounding checks ran
         self._check_reported = 0  # ... of which a result reported (rounding_check_products)
         self._no_exact: str | None = None  # why the exact routes cannot run ("" : they can)
@@ -955,6 +1001,171 @@ class Linearization:
         return self._jvp_pair_cache
 
     @torch.no_grad()
+    def _modes(self) -> tuple | str:
+        """The float64 copy's forward- against reverse-mode check of every sample, its shared
+        part (computed once per batch): ``(u, g, z, D, base)`` with the rounding check's
+        seeded Gaussian cotangents ``u`` (``[B, c, m]``, :meth:`_pair`; one where ``d >= 64``)
+        and their float64 VJPs ``g = J^T u`` (the rounding check's where it ran), one seeded
+        Gaussian input vector ``z`` (``[B, 1, d]``, stream :data:`MODES_STREAM`), ``D`` the
+        columns' squared norms as ``g`` estimates them (``[B, d]``) and ``base`` the share
+        :meth:`_modes_share` measures with every column at its own scale (``[B]``: the
+        floorless FSInfo's weighting); or why the check cannot run (no float64 copy, no float64
+        VJP or JVP).
+
+        The validation's forward-/reverse-mode check (:func:`~fsinfo_fast.encoder.
+        _check_adjoint`) is over the batch in the working dtype and reads a disagreement far
+        below the output's size as rounding; a sample whose Jacobian sits below float64's
+        resolution of its output (a saturated softmax: ``p_max`` rounds to 1) passes it, while
+        the two modes' Jacobians differ by up to 58% per entry there (neither the true one):
+        every route, the oracle included, then measures one arbitrary Jacobian."""
+        if self._modes_cache is None:
+            try:
+                why = self._exact_unavailable(attempt=True, confirm=False)
+            except EncoderError as err:  # (another function in float64: the exact routes raise)
+                why = f"the float64 copy cannot serve ({err})"
+            if why is None:
+                try:
+                    _, p64, ids, u = self._check_products_for(self.m, pair_count(self.d),
+                                                              DEAD_STREAM)
+                    # (the rounding check's VJPs where it ran: the same cotangents, the same
+                    # float64 products)
+                    g = self._pair_cache[0] if self._pair_cache is not None else p64.vjp(u)
+                    z = draw_probes(self.d, seed=self.seed, sample_ids=ids, count=1,
+                                    kind="gaussian", dtype=torch.float64, device=p64.device,
+                                    stream=MODES_STREAM)
+                    D = g.square().mean(dim=1)
+                    self._modes_cache = (u, g, z, D, None)
+                    base = self._modes_share("fsinfo", torch.zeros_like(D[:, 0]))
+                except torch.OutOfMemoryError:
+                    raise
+                except (EncoderError, RuntimeError, NotImplementedError) as err:
+                    self._modes_cache = None
+                    why = (f"the float64 forward-/reverse-mode check cannot run "
+                           f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
+                else:
+                    self._modes_cache = (u, g, z, D, base)
+            if why is not None:
+                self._modes_cache = why
+        return self._modes_cache
+
+    def _modes_share(self, kind: str, a: Tensor) -> Tensor:
+        r"""``[B]`` float64: how far the float64 forward and reverse modes disagree on ``u^T J
+        v`` (one float64 JVP), as a share of the terms' size, for an input vector ``v = z w``
+        weighted as the metric weighs the columns (``D_k`` the columns' squared norms,
+        :meth:`_modes`): FSInfo (``kind="fsinfo"``) ``w_k = sqrt(D_k) / (D_k + a)``, ``a =
+        c sigma^2`` per sample (``c`` the floor or the prior's precision): every column at its
+        own scale, those far below ``a`` left out (a disagreement there moves no term of the
+        log); dFIL ``w_k = sqrt(D_k)``: the columns as they weigh in the trace. The share is
+        ``max |u^T (J v) - (J^T u)^T v| / (sum |u_i (J v)_i| + sum |(J^T u)_k| (|v_k| +
+        |z_k| r_k))`` over the cotangents (scale-free in ``v``), ``r_k = a / ((D_k + a)
+        sqrt(D_k))`` (times ``w``'s normalisation) the floor's part of a column: its term in
+        the denominator at its own scale while its part in the disagreement is weighted by
+        ``D_k / (D_k + a)``, as a relative change of ``D_k`` moves the log (a column far below
+        the floor counts in the denominator only); 0 where ``a`` is not finite (a noise scale
+        of ``inf``: every column below the floor) or the denominator overflows, ``inf`` where
+        a product is not finite. A sample whose ``g`` is 0 everywhere takes ``w = 1``; under
+        FSInfo without ``a`` a column 0 in ``g`` only takes the largest weight (reverse mode's
+        0, forward mode's not: the disagreement shows). Where an op has no forward-mode rule
+        the JVP is the VJP's transpose (double backward, :class:`~fsinfo_fast.engine.
+        TorchFuncProducts`): a weaker check, recorded by :meth:`_modes_flagged`."""
+        from .engine import TorchFuncProducts
+
+        u, g, z, D, _ = self._modes_cache
+        # (made afresh: _prepare64's primed products hold the float64 forward's saved tensors)
+        p64 = TorchFuncProducts(self._float64_encoder(confirm=False),
+                                memory_budget=self.memory_budget)
+        a = a.to(D).reshape(-1, 1)
+        rest = torch.zeros_like(D)  # the floor's part of each column's weight (see below)
+        if kind == "dfil":
+            w = D.sqrt()
+        else:
+            root = D.sqrt()
+            w = torch.where(D > 0, root / (D + a), torch.zeros_like(D))
+            top = w.amax(dim=1, keepdim=True)
+            w = torch.where((D == 0) & (a == 0), top, w)
+            rest = torch.where(D > 0, a / ((D + a) * root), torch.zeros_like(D))
+        top = w.amax(dim=1, keepdim=True)
+        one = top == 0
+        w = torch.where(one, torch.ones_like(w), w / torch.where(one, 1.0, top))
+        rest = rest / torch.where(one, 1.0, top)
+        v = z * w.unsqueeze(1)  # [B, 1, d]
+        jv = p64.jvp(v)  # [B, 1, m]
+        self._modes_forward = p64.forward_mode
+        x = torch.einsum("bim,bjm->bij", u, jv)
+        y = torch.einsum("bid,bjd->bij", g, v)
+        own = (torch.einsum("bim,bjm->bij", u.abs(), jv.abs())
+               + torch.einsum("bid,bjd->bij", g.abs(), v.abs()))
+        finite = torch.isfinite(x) & torch.isfinite(y) & torch.isfinite(own)
+        # each column's term in the denominator at its own scale (sqrt(D_k) w_k + the floor's
+        # share a / ((D_k + a) sqrt(D_k)) = 1 / sqrt(D_k), before the normalisation), its part
+        # in the disagreement at its weight in the log, D_k / (D_k + a): a column far below
+        # the floor counts in the denominator, not in the disagreement
+        own = own + torch.einsum("bid,bjd->bij", g.abs(), (z * rest.unsqueeze(1)).abs())
+        share = torch.where(own > 0, (x - y).abs() / own, torch.zeros_like(own))
+        share = torch.where(finite, share, math.inf)
+        share = torch.where(torch.isposinf(own), 0.0, share).flatten(1).amax(dim=1)
+        return torch.where(torch.isfinite(a[:, 0]), share, torch.zeros_like(share))
+
+    def _modes_flagged(self, out: MetricResult | SigmaResult,
+                       kind: str, c: float) -> MetricResult | SigmaResult:
+        """``out`` (a public method's result) with no interval claimed for the samples whose
+        float64 forward- and reverse-mode Jacobians disagree (:meth:`_modes`) beyond
+        :data:`MODES_REL` of ``u^T J v``'s terms, weighted as the metric weighs the columns
+        (:meth:`_modes_share`) at the result's sigma (``sigma*`` for a noise scale) and ``c``
+        (the floor or the prior's precision): their half-width becomes ``inf`` (a noise
+        scale's interval ``(0, inf)``; ``bias_bound`` kept: the half-width says it) and
+        ``converged`` False, the value kept; ``info["modes_disagree"]`` holds every sample's
+        share and ``info["modes_why"]`` says which and why, with a :class:`RuntimeWarning`
+        (``info["modes_jvp"]`` where the JVP was a double backward). The scale-free share
+        (:meth:`_modes`' ``base``) screens: a result's own weighting costs a float64 JVP and
+        is measured only where that exceeds :data:`MODES_SCREEN`.
+        Where the check cannot run, ``info["modes_unchecked"]`` says why."""
+        got = self._modes()
+        if isinstance(got, str):
+            out.info["modes_unchecked"] = got
+            return out
+        if not self._modes_forward:
+            out.info["modes_jvp"] = ("double backward (an op has no forward-mode rule): the "
+                                     "check compares reverse mode with its transpose")
+        base = got[4]
+        if not bool((base > MODES_SCREEN).any()):
+            return out
+        s = out.sigma.to(base).reshape(-1)
+        a = c * s.square() if c > 0 else torch.zeros_like(s)
+        try:
+            share = base if kind == "fsinfo" and c == 0 else self._modes_share(kind, a)
+        except torch.OutOfMemoryError:
+            raise
+        except (EncoderError, RuntimeError, NotImplementedError) as err:
+            out.info["modes_unchecked"] = (
+                f"the float64 forward-/reverse-mode check at this result's weighting cannot "
+                f"run ({type(err).__name__}: {' '.join(str(err).split())[:200]})")
+            return out
+        bad = (base > MODES_SCREEN) & (share > MODES_REL)
+        if not bool(bad.any()):
+            return out
+        idx = bad.nonzero().flatten().tolist()
+        why = (f"sample(s) {idx}: float64 forward- and reverse-mode autograd give different "
+               f"Jacobians here (u^T J v differs by up to {float(share[bad].max()):.2g} of its "
+               "terms, far above float64 rounding: the Jacobian sits below float64's "
+               "resolution of what one mode cancels, e.g. a softmax whose largest probability "
+               "rounds to 1, or a stationary point), so the Jacobian, and this "
+               f"{out.metric}, are not determined in float64 on any route (the float64 oracle "
+               "included): no interval is claimed (half-width inf, converged=False)")
+        warn_user(f"{out.metric}: {why}", RuntimeWarning)
+        bad = bad.to(out.converged.device)
+        info = {**out.info, "modes_disagree": share.tolist(), "modes_why": why}
+        conv = out.converged & ~bad
+        if isinstance(out, SigmaResult):
+            return dataclasses.replace(
+                out, ci_low=torch.where(bad, torch.zeros_like(out.ci_low), out.ci_low),
+                ci_high=torch.where(bad, torch.full_like(out.ci_high, math.inf), out.ci_high),
+                converged=conv, info=info)
+        inf = torch.full_like(out.ci_halfwidth, math.inf)
+        return dataclasses.replace(out, ci_halfwidth=torch.where(bad, inf, out.ci_halfwidth),
+                                   converged=conv, info=info)
+
+    @torch.no_grad()
     def _find_lost(self) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
         if self.enc.x.dtype == torch.float64:
             return None
@@ -1344,6 +1555,7 @@ class Linearization:
                 # this batch checked the float64 copy's function at its own scale (a sample
                 # alone, the one whose float32 lost digits, can sit far below it)
                 sub._same_function_checked = self._enc64 is not None
+                sub._depth = 1  # (its results are this batch's: checked here, _modes_checked)
                 first = sub._exact_result(s[idx.to(s.device)], why, out.metric, floor,
                                           prior_var, tol, route)
             except FSInfoError as err:  # (a check the sub-batch's values decide otherwise)
@@ -1489,6 +1701,7 @@ class Linearization:
 
     # -- FSInfo ------------------------------------------------------------------------------
     @ieee_fp32_method
+    @_modes_checked("fsinfo")
     def fsinfo(
         self,
         sigma: float | Tensor = 0.1,
@@ -1908,6 +2121,7 @@ class Linearization:
 
     # -- dFIL --------------------------------------------------------------------------------
     @ieee_fp32_method
+    @_modes_checked("dfil")
     def dfil(
         self,
         sigma: float | Tensor = 0.1,
@@ -2584,6 +2798,7 @@ class Linearization:
                            info={**r.info, "fsinfo_sigma1": r, "floor_solve": how})
 
     @ieee_fp32_method
+    @_modes_checked("fsinfo")
     def fsinfo_sigma(
         self,
         target: float | Tensor = -1.0,
@@ -2686,6 +2901,7 @@ class Linearization:
                 if variant == "diag" else out)
 
     @ieee_fp32_method
+    @_modes_checked("dfil")
     def dfil_sigma(
         self,
         bound: float,

@@ -148,10 +148,13 @@ class MetricResult:
         d: input dimension; m: output dimension.
         num_probes: probes used per sample (``None`` for exact).
         passes: Jacobian products (JVP or VJP) per sample.
-        ci_halfwidth: ``[B]`` half-width of the 95% interval (0 for exact).
+        ci_halfwidth: ``[B]`` half-width of the 95% interval (0 for exact; ``inf`` where no
+            interval is claimed, e.g. a sample whose float64 forward- and reverse-mode
+            Jacobians disagree: ``info["modes_why"]``).
         singular: ``[B]`` bool, where the Fisher matrix was found singular (log-det is ``-inf``).
-        converged: ``[B]`` bool: the interval met the requested tolerance (always True for the
-            exact estimator; False where the probe cap stopped the sample first).
+        converged: ``[B]`` bool: the interval met the requested tolerance (True for the
+            exact estimator unless its float64 Jacobian is not determined there, as above;
+            False where the probe cap stopped the sample first).
         probes_per_sample: ``[B]`` int64 probes each sample's estimate used (``None``: exact).
         bound: ``[B]`` bool: the value is a one-sided **upper bound**, not an estimate (e.g. a
             log det whose spectrum reaches the working precision: eigenvalues below the
