@@ -21,6 +21,7 @@ from fsinfo_fast.estimators import estimate_diag, hutchpp_trace, slq_logdet
 from fsinfo_fast.testing import TOL, assert_close_verbose
 
 from .conftest import encoder_zoo
+from .helpers import NoForwardAD
 
 ZOO_NAMES = list(encoder_zoo())
 
@@ -52,22 +53,6 @@ def test_torchfunc_products_match_dense_jacobian(zoo, name, dtype):
 
 
 def test_jvp_falls_back_to_double_vjp_when_forward_mode_is_missing():
-    class NoForwardAD(torch.autograd.Function):
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x):
-            return torch.tanh(x)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(output)
-
-        @staticmethod
-        def backward(ctx, g):
-            (y,) = ctx.saved_tensors
-            return g * (1 - y**2)
-
     lin = torch.nn.Linear(4, 5).double()
     enc = lambda z: NoForwardAD.apply(lin(z))  # noqa: E731
     x = torch.randn(2, 4, dtype=torch.float64)

@@ -13,6 +13,8 @@ from torch import nn
 import fsinfo_fast as ff
 from fsinfo_fast import linearization as L
 
+from .helpers import NoForwardAD
+
 
 class _Softmax(nn.Module):
     def __init__(self):
@@ -197,23 +199,6 @@ def test_a_guard_calibrated_over_a_flagged_sample_says_so():
     assert res.converged.tolist() == [True, False] and float(res.ci_high[1]) == math.inf
 
 
-class _NoJvp(torch.autograd.Function):
-    """``tanh`` with a backward but no forward-mode rule."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
 class _NoJvpNet(nn.Module):
     def __init__(self):
         super().__init__()
@@ -221,7 +206,7 @@ class _NoJvpNet(nn.Module):
         self.lin = nn.Linear(16, 8)
 
     def forward(self, x):
-        return _NoJvp.apply(self.lin(x))
+        return NoForwardAD.apply(self.lin(x))
 
 
 def test_a_double_backward_jvp_is_recorded():

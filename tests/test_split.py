@@ -16,6 +16,8 @@ from fsinfo_fast.errors import InvalidInputError, InvalidInputTypeError, SplitEr
 from fsinfo_fast.models import resnet18, vgg5, vgg9
 from fsinfo_fast.split import HookEncoder, first_tensor, insert, split
 
+from .helpers import NoForwardAD
+
 
 def _manual_prefix(model: nn.Module, k: int, x: torch.Tensor) -> torch.Tensor:
     """Run the model's paper layers 0..k by hand (flatten before the first dense layer)."""
@@ -912,23 +914,6 @@ def test_guard_cli_on_a_transformers_classifier(tmp_path):
     assert 0.0 <= row["accuracy_calibrated"] <= 1.0
 
 
-class _NoForwardAD(torch.autograd.Function):
-    """tanh with a backward formula but no forward-mode (jvp) one, like CPU flash attention."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, g):
-        (y,) = ctx.saved_tensors
-        return g * (1 - y * y)
-
-
 def test_shared_profile_work_skips_a_model_without_forward_ad():
     """The profile's nested-split sharing pushes JVPs through the model: a model without
     forward-mode AD is computed per split, with the reason recorded."""
@@ -941,7 +926,7 @@ def test_shared_profile_work_skips_a_model_without_forward_ad():
             self.b = nn.Linear(4, 4)
 
         def forward(self, x):
-            return self.b(_NoForwardAD.apply(self.a(x)))
+            return self.b(NoForwardAD.apply(self.a(x)))
 
     torch.manual_seed(0)
     net = Net().eval()
