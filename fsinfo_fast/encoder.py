@@ -1257,7 +1257,10 @@ def _check_adjoint(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, grad: T
                 "A_log.float()), so its float64 copy is not a float64 function and the exact "
                 "routes (the float64 oracle, the fast exact route's rounding check) cannot be "
                 "trusted on it. Use estimator='randomized' in the default float32 working dtype "
-                "(not dtype=torch.float64), or remove the casts")
+                "(not dtype=torch.float64), or remove the casts. (Without such a cast: one mode "
+                "cancels digits the other keeps at this batch, e.g. a softmax whose largest "
+                "probability rounds to 1; the Jacobian is then not determined in float64, and "
+                "no route's interval can be trusted there: scale down the logits)")
         if half and x.dtype != torch.float64:
             names = ", ".join(sorted(str(dt) for dt in half))
             raise EncoderError(

@@ -1003,14 +1003,20 @@ class Linearization:
     @torch.no_grad()
     def _modes(self) -> tuple | str:
         """The float64 copy's forward- against reverse-mode check of every sample, its shared
-        part (computed once per batch): ``(u, g, z, D, base)`` with the rounding check's
+        part (computed once per batch): ``(u, g, z, R, base, zero)`` with the rounding check's
         seeded Gaussian cotangents ``u`` (``[B, c, m]``, :meth:`_pair`; one where ``d >= 64``)
         and their float64 VJPs ``g = J^T u`` (the rounding check's where it ran), one seeded
-        Gaussian input vector ``z`` (``[B, 1, d]``, stream :data:`MODES_STREAM`), ``D`` the
-        columns' squared norms as ``g`` estimates them (``[B, d]``) and ``base`` the share
-        :meth:`_modes_share` measures with every column at its own scale (``[B]``: the
-        floorless FSInfo's weighting); or why the check cannot run (no float64 copy, no float64
-        VJP or JVP).
+        Gaussian input vector ``z`` (``[B, 1, d]``, stream :data:`MODES_STREAM`), ``R`` the
+        columns' norms as ``g`` estimates them (``[B, d]``, the root mean square over the
+        cotangents, scaled against underflow), ``base`` the share :meth:`_modes_share`
+        measures with every column at its own scale (``[B]``: the floorless FSInfo's
+        weighting), and ``zero``: for the columns reverse mode gives as exactly 0 (every
+        cotangent), ``(||J v0||^2 [B], sum z_k^2 over them [B])`` with ``v0`` = ``z`` on them
+        and 0 elsewhere, its JVP in forward mode (one more float64 JVP, only where such
+        columns are; ``None`` without): reverse mode's exact 0 against forward mode's value,
+        at any scale (a column forward mode sees at ``5e-19`` next to columns of ``1e-3``,
+        behind a saturated softmax, is invisible in the weighted share); or why the check
+        cannot run (no float64 copy, no float64 VJP or JVP).
 
         The validation's forward-/reverse-mode check (:func:`~fsinfo_fast.encoder.
         _check_adjoint`) is over the batch in the working dtype and reads a disagreement far
@@ -1033,9 +1039,17 @@ class Linearization:
                     z = draw_probes(self.d, seed=self.seed, sample_ids=ids, count=1,
                                     kind="gaussian", dtype=torch.float64, device=p64.device,
                                     stream=MODES_STREAM)
-                    D = g.square().mean(dim=1)
-                    self._modes_cache = (u, g, z, D, None)
-                    base = self._modes_share("fsinfo", torch.zeros_like(D[:, 0]))
+                    big = g.abs().amax(dim=1)  # (D = R^2 underflows below 1e-162)
+                    scaled = g / torch.where(big > 0, big, 1.0).unsqueeze(1)
+                    R = big * scaled.square().mean(dim=1).sqrt()
+                    self._modes_cache = (u, g, z, R, None, None)
+                    base = self._modes_share("fsinfo", torch.zeros_like(R[:, 0]))
+                    dead = R == 0
+                    zero = None
+                    if bool(dead.any()):
+                        v0 = z * dead.unsqueeze(1)
+                        zero = (square_sum64(self._p64_fresh().jvp(v0)).sum(dim=1),
+                                v0.square().sum(dim=(1, 2)))
                 except torch.OutOfMemoryError:
                     raise
                 except (EncoderError, RuntimeError, NotImplementedError) as err:
@@ -1043,51 +1057,55 @@ class Linearization:
                     why = (f"the float64 forward-/reverse-mode check cannot run "
                            f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
                 else:
-                    self._modes_cache = (u, g, z, D, base)
+                    self._modes_cache = (u, g, z, R, base, zero)
             if why is not None:
                 self._modes_cache = why
         return self._modes_cache
 
+    def _p64_fresh(self):
+        """torch.func products of the float64 copy, made afresh (:meth:`_prepare64`'s primed
+        ones hold the float64 forward's saved tensors)."""
+        from .engine import TorchFuncProducts
+
+        return TorchFuncProducts(self._float64_encoder(confirm=False),
+                                 memory_budget=self.memory_budget)
+
     def _modes_share(self, kind: str, a: Tensor) -> Tensor:
         r"""``[B]`` float64: how far the float64 forward and reverse modes disagree on ``u^T J
         v`` (one float64 JVP), as a share of the terms' size, for an input vector ``v = z w``
-        weighted as the metric weighs the columns (``D_k`` the columns' squared norms,
-        :meth:`_modes`): FSInfo (``kind="fsinfo"``) ``w_k = sqrt(D_k) / (D_k + a)``, ``a =
-        c sigma^2`` per sample (``c`` the floor or the prior's precision): every column at its
-        own scale, those far below ``a`` left out (a disagreement there moves no term of the
-        log); dFIL ``w_k = sqrt(D_k)``: the columns as they weigh in the trace. The share is
-        ``max |u^T (J v) - (J^T u)^T v| / (sum |u_i (J v)_i| + sum |(J^T u)_k| (|v_k| +
-        |z_k| r_k))`` over the cotangents (scale-free in ``v``), ``r_k = a / ((D_k + a)
-        sqrt(D_k))`` (times ``w``'s normalisation) the floor's part of a column: its term in
-        the denominator at its own scale while its part in the disagreement is weighted by
-        ``D_k / (D_k + a)``, as a relative change of ``D_k`` moves the log (a column far below
-        the floor counts in the denominator only); 0 where ``a`` is not finite (a noise scale
-        of ``inf``: every column below the floor) or the denominator overflows, ``inf`` where
-        a product is not finite. A sample whose ``g`` is 0 everywhere takes ``w = 1``; under
-        FSInfo without ``a`` a column 0 in ``g`` only takes the largest weight (reverse mode's
-        0, forward mode's not: the disagreement shows). Where an op has no forward-mode rule
-        the JVP is the VJP's transpose (double backward, :class:`~fsinfo_fast.engine.
-        TorchFuncProducts`): a weaker check, recorded by :meth:`_modes_flagged`."""
-        from .engine import TorchFuncProducts
-
-        u, g, z, D, _ = self._modes_cache
-        # (made afresh: _prepare64's primed products hold the float64 forward's saved tensors)
-        p64 = TorchFuncProducts(self._float64_encoder(confirm=False),
-                                memory_budget=self.memory_budget)
-        a = a.to(D).reshape(-1, 1)
-        rest = torch.zeros_like(D)  # the floor's part of each column's weight (see below)
+        weighted as the metric weighs the columns (``R_k`` the columns' norms, :meth:`_modes`):
+        FSInfo (``kind="fsinfo"``) ``w_k = R_k / (R_k^2 + a)``, ``a = c sigma^2`` per sample
+        (``c`` the floor or the prior's precision): every column at its own scale, those far
+        below ``a`` left out (a disagreement there moves no term of the log); dFIL ``w_k =
+        R_k``: the columns as they weigh in the trace. The share is ``max |u^T (J v) - (J^T
+        u)^T v| / (sum |u_i (J v)_i| + sum |(J^T u)_k| (|v_k| + |z_k| r_k))`` over the
+        cotangents (scale-free in ``v``), ``r_k = a / ((R_k^2 + a) R_k)`` (times ``w``'s
+        normalisation) the floor's part of a column: its term in the denominator at its own
+        scale while its part in the disagreement is weighted by ``R_k^2 / (R_k^2 + a)``, as a
+        relative change of ``D_k`` moves the log (a column far below the floor counts in the
+        denominator only); 0 where ``a`` is not finite (a noise scale of ``inf``: every column
+        below the floor) or the denominator overflows (every column far below it), ``inf``
+        where a product is not finite. A sample whose ``g`` is 0 everywhere takes ``w = 1``;
+        the columns 0 in ``g`` take weight 0 here (:meth:`_modes`' ``zero`` checks them).
+        Where an op has no forward-mode rule the JVP is the VJP's transpose (double backward,
+        :class:`~fsinfo_fast.engine.TorchFuncProducts`): a weaker check, recorded by
+        :meth:`_modes_flagged`."""
+        u, g, z, R, _, _ = self._modes_cache
+        p64 = self._p64_fresh()
+        a = a.to(R).reshape(-1, 1)
+        live = R > 0
+        one = torch.ones_like(R)
         if kind == "dfil":
-            w = D.sqrt()
+            w, rest = R, torch.zeros_like(R)
         else:
-            root = D.sqrt()
-            w = torch.where(D > 0, root / (D + a), torch.zeros_like(D))
-            top = w.amax(dim=1, keepdim=True)
-            w = torch.where((D == 0) & (a == 0), top, w)
-            rest = torch.where(D > 0, a / ((D + a) * root), torch.zeros_like(D))
+            w = torch.where(live, R / (R.square() + a), 0.0)
+            rest = torch.where(live & (a > 0),
+                               (a / (R.square() + a)) / torch.where(live, R, one), 0.0)
         top = w.amax(dim=1, keepdim=True)
-        one = top == 0
-        w = torch.where(one, torch.ones_like(w), w / torch.where(one, 1.0, top))
-        rest = rest / torch.where(one, 1.0, top)
+        flat = top == 0  # (g 0 everywhere, or every column's weight underflowed)
+        top = torch.where(flat, 1.0, top)
+        w = torch.where(flat, one, w / top)
+        rest = rest / top
         v = z * w.unsqueeze(1)  # [B, 1, d]
         jv = p64.jvp(v)  # [B, 1, m]
         self._modes_forward = p64.forward_mode
@@ -1096,15 +1114,34 @@ class Linearization:
         own = (torch.einsum("bim,bjm->bij", u.abs(), jv.abs())
                + torch.einsum("bid,bjd->bij", g.abs(), v.abs()))
         finite = torch.isfinite(x) & torch.isfinite(y) & torch.isfinite(own)
-        # each column's term in the denominator at its own scale (sqrt(D_k) w_k + the floor's
-        # share a / ((D_k + a) sqrt(D_k)) = 1 / sqrt(D_k), before the normalisation), its part
-        # in the disagreement at its weight in the log, D_k / (D_k + a): a column far below
-        # the floor counts in the denominator, not in the disagreement
+        # each column's term in the denominator at its own scale (R_k w_k + the floor's share
+        # a / ((R_k^2 + a) R_k) = 1 / R_k, before the normalisation), its part in the
+        # disagreement at its weight in the log, R_k^2 / (R_k^2 + a): a column far below the
+        # floor counts in the denominator, not in the disagreement
         own = own + torch.einsum("bid,bjd->bij", g.abs(), (z * rest.unsqueeze(1)).abs())
         share = torch.where(own > 0, (x - y).abs() / own, torch.zeros_like(own))
         share = torch.where(finite, share, math.inf)
-        share = torch.where(torch.isposinf(own), 0.0, share).flatten(1).amax(dim=1)
+        share = torch.where(torch.isposinf(own) & finite, 0.0, share).flatten(1).amax(dim=1)
         return torch.where(torch.isfinite(a[:, 0]), share, torch.zeros_like(share))
+
+    def _modes_zero(self, kind: str, a: Tensor) -> Tensor:
+        """``[B]`` float64: the columns reverse mode gives as exactly 0 (:meth:`_modes`'
+        ``zero``) as forward mode sees them, against the metric's scale: FSInfo their mean
+        squared norm over ``a`` (``inf`` where ``a`` is 0 and forward mode sees any: reverse
+        mode's ``-inf`` column; 0 where ``a`` is not finite); dFIL their share of the trace
+        (their mean squared norm times their count over ``sum_k R_k^2``). 0 where there are
+        none."""
+        _, _, _, R, _, zero = self._modes_cache
+        if zero is None:
+            return torch.zeros_like(R[:, 0])
+        fwd, zz = zero
+        mean = fwd / torch.where(zz > 0, zz, 1.0)
+        if kind == "dfil":
+            n = (R == 0).sum(dim=1).to(R)
+            return torch.where(fwd > 0, n * mean / R.square().sum(dim=1), 0.0)
+        a = a.to(R)
+        out = torch.where(fwd > 0, mean / a, 0.0)
+        return torch.where(torch.isfinite(a), out, 0.0)
 
     def _modes_flagged(self, out: MetricResult | SigmaResult,
                        kind: str, c: float) -> MetricResult | SigmaResult:
@@ -1112,7 +1149,9 @@ class Linearization:
         float64 forward- and reverse-mode Jacobians disagree (:meth:`_modes`) beyond
         :data:`MODES_REL` of ``u^T J v``'s terms, weighted as the metric weighs the columns
         (:meth:`_modes_share`) at the result's sigma (``sigma*`` for a noise scale) and ``c``
-        (the floor or the prior's precision): their half-width becomes ``inf`` (a noise
+        (the floor or the prior's precision), or on the columns reverse mode gives as exactly
+        0 beyond that share of the metric's scale (:meth:`_modes_zero`): their half-width
+        becomes ``inf`` (a noise
         scale's interval ``(0, inf)``; ``bias_bound`` kept: the half-width says it) and
         ``converged`` False, the value kept; ``info["modes_disagree"]`` holds every sample's
         share and ``info["modes_why"]`` says which and why, with a :class:`RuntimeWarning`
@@ -1127,21 +1166,25 @@ class Linearization:
         if not self._modes_forward:
             out.info["modes_jvp"] = ("double backward (an op has no forward-mode rule): the "
                                      "check compares reverse mode with its transpose")
-        base = got[4]
-        if not bool((base > MODES_SCREEN).any()):
+        base, zero = got[4], got[5]
+        if not bool((base > MODES_SCREEN).any()) and zero is None:
             return out
         s = out.sigma.to(base).reshape(-1)
         a = c * s.square() if c > 0 else torch.zeros_like(s)
-        try:
-            share = base if kind == "fsinfo" and c == 0 else self._modes_share(kind, a)
-        except torch.OutOfMemoryError:
-            raise
-        except (EncoderError, RuntimeError, NotImplementedError) as err:
-            out.info["modes_unchecked"] = (
-                f"the float64 forward-/reverse-mode check at this result's weighting cannot "
-                f"run ({type(err).__name__}: {' '.join(str(err).split())[:200]})")
-            return out
-        bad = (base > MODES_SCREEN) & (share > MODES_REL)
+        share = torch.zeros_like(base)
+        if bool((base > MODES_SCREEN).any()):
+            try:
+                share = base if kind == "fsinfo" and c == 0 else self._modes_share(kind, a)
+            except torch.OutOfMemoryError:
+                raise
+            except (EncoderError, RuntimeError, NotImplementedError) as err:
+                out.info["modes_unchecked"] = (
+                    f"the float64 forward-/reverse-mode check at this result's weighting "
+                    f"cannot run ({type(err).__name__}: {' '.join(str(err).split())[:200]})")
+                return out
+            share = torch.where(base > MODES_SCREEN, share, 0.0)
+        share = torch.maximum(share, self._modes_zero(kind, a))
+        bad = share > MODES_REL
         if not bool(bad.any()):
             return out
         idx = bad.nonzero().flatten().tolist()

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fsinfo_fast as ff
@@ -162,6 +163,68 @@ def test_a_disagreement_in_small_columns_is_not_diluted_by_large_ones(near, floo
     assert abs(_fsinfo_of(Jf, 0.1, 1e-10) - _fsinfo_of(Jr, 0.1, 1e-10)) < 1e-6
     r, said = _quiet(ff.linearize(enc, x).fsinfo, 0.1, estimator="exact")
     assert not said and float(r.ci_halfwidth[0]) == 0.0 and bool(r.converged[0])
+
+
+class _Tiny(nn.Module):
+    """``_Mix`` beside one input whose column is ``1e-120``: its ``D k sqrt(D_k)`` underflows."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = _Mix()
+
+    def forward(self, x):
+        return torch.cat([self.m(x[:, :32]), x[:, 32:] * 1e-120], 1)
+
+
+def test_an_underflowing_column_does_not_silence_the_sample():
+    """Before (helper 94): the floor's term of a column of 1e-120 was 0/0, its NaN read as
+    agreement: the whole sample's share 0, the oracle's 0.345 nats/dim mode gap unflagged."""
+    x = torch.randn(1, 33, generator=torch.Generator().manual_seed(1))
+    lin = ff.linearize(_Tiny().eval(), x)
+    assert float(lin._modes()[4][0]) > 1e-3
+    r, said = _quiet(lin.fsinfo, 0.1, floor=0.0, estimator="exact")
+    assert math.isinf(float(r.ci_halfwidth[0])) and said
+
+
+class _ZeroInReverse(nn.Module):
+    """Four inputs feed the largest logit of a saturated softmax (gap 41) only, a linear map
+    after it: reverse mode gives their columns as exactly 0 (``g - <p, g>`` cancels), forward
+    mode as about 5e-19 (helper 94)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(40, 8)
+        c0 = torch.full((40,), -1.0)
+        c0[0] = 40.0
+        self.register_buffer("c0", c0)
+        self.register_buffer("w", torch.randn(4))
+
+    def forward(self, x):
+        z = self.c0 + F.pad((x[:, 16:20] * self.w).sum(1, keepdim=True), (0, 39))
+        return torch.cat([self.a(x[:, :16]), self.b(torch.softmax(z, 1))], 1)
+
+
+def test_columns_zero_in_reverse_mode_only_are_seen():
+    """Before: those columns took weight 0 (or the smallest live column's, 1e16 times too
+    small), the share read 5e-17, and at sigma = 1e-15 the oracle's FSInfo_diag (forward mode
+    here: m > d) stood 0.70 nats/dim above reverse mode's with half-width 0 (floorless: reverse
+    mode's -inf). A JVP over the columns reverse mode gives as 0 compares forward mode's."""
+    enc = _ZeroInReverse().eval()
+    x = torch.randn(1, 20, generator=torch.Generator().manual_seed(1))
+    Jf, Jr = _jacobians(enc, x)
+    assert float(Jr[:, 16:].abs().max()) == 0.0
+    assert float(Jf[:, 16:].norm(dim=0).min()) > 0
+    lin = ff.linearize(enc, x)
+    assert abs(_fsinfo_of(Jf, 1e-15, 1e-10) - _fsinfo_of(Jr, 1e-15, 1e-10)) > 0.5
+    for floor in (1e-10, 0.0):
+        r, said = _quiet(lin.fsinfo, 1e-15, floor=floor, estimator="exact")
+        assert math.isinf(float(r.ci_halfwidth[0])) and said, floor
+    # at sigma 0.1 those columns (5e-19) sit far below the floor's 1e-6: the modes agree on
+    # the metric, and nothing is flagged
+    assert abs(_fsinfo_of(Jf, 0.1, 1e-10) - _fsinfo_of(Jr, 0.1, 1e-10)) < 1e-12
+    r, said = _quiet(lin.fsinfo, 0.1, estimator="exact")
+    assert not said and float(r.ci_halfwidth[0]) == 0.0
 
 
 def test_the_check_says_where_it_cannot_run():
