@@ -1151,14 +1151,13 @@ class Linearization:
         (:meth:`_modes_share`) at the result's sigma (``sigma*`` for a noise scale) and ``c``
         (the floor or the prior's precision), or on the columns reverse mode gives as exactly
         0 beyond that share of the metric's scale (:meth:`_modes_zero`): their half-width
-        becomes ``inf`` (a noise
-        scale's interval ``(0, inf)``; ``bias_bound`` kept: the half-width says it) and
-        ``converged`` False, the value kept; ``info["modes_disagree"]`` holds every sample's
-        share and ``info["modes_why"]`` says which and why, with a :class:`RuntimeWarning`
-        (``info["modes_jvp"]`` where the JVP was a double backward). The scale-free share
-        (:meth:`_modes`' ``base``) screens: a result's own weighting costs a float64 JVP and
-        is measured only where that exceeds :data:`MODES_SCREEN`.
-        Where the check cannot run, ``info["modes_unchecked"]`` says why."""
+        becomes ``inf`` (a noise scale's interval ``(0, inf)``; ``bias_bound`` kept: the
+        half-width says it) and ``converged`` False, the value kept; ``info["modes_disagree"]``
+        holds every sample's share and ``info["modes_why"]`` says which and why, with a
+        :class:`RuntimeWarning` (``info["modes_jvp"]`` where the JVP was a double backward).
+        The scale-free share (:meth:`_modes`' ``base``) screens: a result's own weighting costs
+        a float64 JVP and is measured only where that exceeds :data:`MODES_SCREEN`. Where the
+        check cannot run, ``info["modes_unchecked"]`` says why."""
         got = self._modes()
         if isinstance(got, str):
             out.info["modes_unchecked"] = got
@@ -1188,11 +1187,13 @@ class Linearization:
         if not bool(bad.any()):
             return out
         idx = bad.nonzero().flatten().tolist()
+        top = float(share[bad].max())
+        how = ("columns reverse mode gives as exactly 0 are not 0 in forward mode" if top ==
+               math.inf else f"u^T J v differs by up to {top:.2g} of its terms")
         why = (f"sample(s) {idx}: float64 forward- and reverse-mode autograd give different "
-               f"Jacobians here (u^T J v differs by up to {float(share[bad].max()):.2g} of its "
-               "terms, far above float64 rounding: the Jacobian sits below float64's "
-               "resolution of what one mode cancels, e.g. a softmax whose largest probability "
-               "rounds to 1, or a stationary point), so the Jacobian, and this "
+               f"Jacobians here ({how}, far above float64 rounding: the Jacobian sits below "
+               "float64's resolution of what one mode cancels, e.g. a softmax whose largest "
+               "probability rounds to 1, or a stationary point), so the Jacobian, and this "
                f"{out.metric}, are not determined in float64 on any route (the float64 oracle "
                "included): no interval is claimed (half-width inf, converged=False)")
         warn_user(f"{out.metric}: {why}", RuntimeWarning)

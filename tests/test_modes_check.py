@@ -220,6 +220,7 @@ def test_columns_zero_in_reverse_mode_only_are_seen():
     for floor in (1e-10, 0.0):
         r, said = _quiet(lin.fsinfo, 1e-15, floor=floor, estimator="exact")
         assert math.isinf(float(r.ci_halfwidth[0])) and said, floor
+    assert "reverse mode gives as exactly 0" in r.info["modes_why"]  # (floorless: -inf there)
     # at sigma 0.1 those columns (5e-19) sit far below the floor's 1e-6: the modes agree on
     # the metric, and nothing is flagged
     assert abs(_fsinfo_of(Jf, 0.1, 1e-10) - _fsinfo_of(Jr, 0.1, 1e-10)) < 1e-12
