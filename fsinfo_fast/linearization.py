@@ -579,6 +579,7 @@ class Linearization:
         self._pair_cache: tuple | None = None  # (see _pair)
         self._jvp_pair_cache: tuple | None = None  # (see _jvp_pair)
         self._modes_cache: tuple | str | None = None  # (see _modes)
+        self._modes_shares: dict[tuple, Tensor] = {}  # each weighting's share (_modes_flagged)
         self._depth = 0  # public result methods running (see _modes_checked)
         self._modes_forward = True  # the check's JVP ran in forward mode (see _modes_share)
         self._check_products = 0  # working-dtype products the rounding checks ran
@@ -1156,7 +1157,8 @@ class Linearization:
         holds every sample's share and ``info["modes_why"]`` says which and why, with a
         :class:`RuntimeWarning` (``info["modes_jvp"]`` where the JVP was a double backward).
         The scale-free share (:meth:`_modes`' ``base``) screens: a result's own weighting costs
-        a float64 JVP and is measured only where that exceeds :data:`MODES_SCREEN`. Where the
+        a float64 JVP (once per weighting) and is measured only where that exceeds
+        :data:`MODES_SCREEN`. Where the
         check cannot run, ``info["modes_unchecked"]`` says why."""
         got = self._modes()
         if isinstance(got, str):
@@ -1172,8 +1174,14 @@ class Linearization:
         a = c * s.square() if c > 0 else torch.zeros_like(s)
         share = torch.zeros_like(base)
         if bool((base > MODES_SCREEN).any()):
+            key = (kind, a.cpu().numpy().tobytes())
             try:
-                share = base if kind == "fsinfo" and c == 0 else self._modes_share(kind, a)
+                if kind == "fsinfo" and c == 0:
+                    share = base
+                elif key in self._modes_shares:  # (the same weighting asked before)
+                    share = self._modes_shares[key]
+                else:
+                    share = self._modes_shares[key] = self._modes_share(kind, a)
             except torch.OutOfMemoryError:
                 raise
             except (EncoderError, RuntimeError, NotImplementedError) as err:

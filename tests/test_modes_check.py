@@ -228,6 +228,21 @@ def test_columns_zero_in_reverse_mode_only_are_seen():
     assert not said and float(r.ci_halfwidth[0]) == 0.0
 
 
+def test_a_weighting_is_measured_once(monkeypatch):
+    """The scale-free share screens; a result's own weighting costs one float64 JVP, once."""
+    lin = ff.linearize(_Softmax().eval(), _batch(), seed=0)
+    lin._modes()
+    calls = []
+    real = L.Linearization._modes_share
+    monkeypatch.setattr(L.Linearization, "_modes_share",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    for _ in range(2):
+        _quiet(lin.fsinfo, 0.1, floor=0.0)  # (the scale-free share itself: no JVP)
+        _quiet(lin.dfil, 0.1)
+        _quiet(lin.fsinfo, 1e-9, estimator="exact")
+    assert len(calls) == 2  # dFIL's weighting and the floor's at sigma 1e-9, once each
+
+
 def test_the_check_says_where_it_cannot_run():
     W = torch.randn(16, 8)
 
