@@ -284,3 +284,41 @@ def test_oracle_chunks(benchmark, chunks, device, monkeypatch):
 
     _same_diag_then_time(benchmark, lambda: reference.exact_fisher(enc, x, spectrum=False),
                          device, _ORACLE_REF, dict(d=3072, m=16384, batch=4, chunks=chunks))
+
+
+_MODES_REF: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+@pytest.mark.parametrize("check", ["on", "off"])
+@pytest.mark.parametrize("case", ["vgg5-split2-32px", "resnet18-split7-32px",
+                                  "resnet18-imagenet-split7-224px"])
+def test_modes_check_cost(benchmark, case, check, device, monkeypatch):
+    """The per-sample float64 forward-/reverse-mode check's cost on a default call sequence
+    (``ff.linearize`` + FSInfo_diag + dFIL, one image, defaults): the check as shipped
+    against it patched out, side by side; both must give the same values (the check changes
+    no unflagged sample) before anything is timed."""
+    import fsinfo_fast as ff
+    from fsinfo_fast.linearization import Linearization
+
+    if check == "off":
+        monkeypatch.setattr(Linearization, "_modes_flagged", lambda self, out, kind, c: out)
+    name, split = ("vgg5", 2) if case.startswith("vgg5") else ("resnet18", 7)
+    px = 224 if case.endswith("224px") else 32
+    torch.manual_seed(0)
+    model = (ff.models.resnet18(stem="imagenet") if px == 224 else
+             ff.models.get_model(name)).eval().to(device)
+    enc = ff.split(model, split)
+    x = torch.rand(1, 3, px, px, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run():
+        lin = ff.linearize(enc, x)
+        out = lin.fsinfo(0.1), lin.dfil(0.1)
+        _sync(device)
+        return out
+
+    fs, df = run()
+    assert "modes_disagree" not in fs.info and "modes_disagree" not in df.info
+    ref = _MODES_REF.setdefault((str(device), case), (fs.value, df.value))
+    assert torch.equal(fs.value, ref[0]) and torch.equal(df.value, ref[1])
+    benchmark.extra_info.update(case=case, check=check, batch=1)
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
