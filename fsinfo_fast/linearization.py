@@ -120,6 +120,7 @@ from .estimators.exact_fast import (
     fsinfo_bias,
     rounding_floor,
 )
+from .estimators.exact_fast import SAFETY as EXACT_SAFETY
 from .estimators.hutchinson import dominant_columns
 from .estimators.lanczos import SLQProbeStore, slq_trace
 from .estimators.logfloor import log_floor_term
@@ -560,7 +561,7 @@ class Linearization:
         self._exact: reference.ExactFisher | None = None
         self._exact_fast: FastExactFisher | None = None
         # the oracle's diag and trace of some samples (held, diag, trace; see _exact_rows)
-        self._oracle_part: tuple[Tensor, Tensor, Tensor] | None = None
+        self._oracle_part: tuple[Tensor, reference.ExactFisher] | None = None
         # the exact routes of some samples only: (rows [k] on the CPU, the Linearization of
         # x[rows], why, the call its last result answers, that result and its reason, the call
         # that sent it), see _exact_part
@@ -683,7 +684,8 @@ class Linearization:
             self._exact_rows(torch.ones(self.batch, dtype=torch.bool))
         if self._exact is None or (spectrum and self._exact.eigvals is None):
             self._prepare_oracle()
-            self._exact = reference.exact_fisher(self.encoder, self.x, spectrum=spectrum)
+            self._exact = self._oracle_measured(
+                reference.exact_fisher(self.encoder, self.x, spectrum=spectrum))
         return self._exact
 
     def _prepare_oracle(self) -> None:
@@ -1043,8 +1045,8 @@ class Linearization:
                     big = g.abs().amax(dim=1)  # (D = R^2 underflows below 1e-162)
                     scaled = g / torch.where(big > 0, big, 1.0).unsqueeze(1)
                     R = big * scaled.square().mean(dim=1).sqrt()
-                    self._modes_cache = (u, g, z, R, None, None)
-                    base = self._modes_share("fsinfo", torch.zeros_like(R[:, 0]))
+                    self._modes_cache = (u, g, z, R, None, None, None)
+                    base, col = self._modes_share("fsinfo", torch.zeros_like(R[:, 0]))
                     dead = R == 0
                     zero = None
                     if bool(dead.any()):
@@ -1058,7 +1060,7 @@ class Linearization:
                     why = (f"the float64 forward-/reverse-mode check cannot run "
                            f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
                 else:
-                    self._modes_cache = (u, g, z, R, base, zero)
+                    self._modes_cache = (u, g, z, R, base, zero, col)
             if why is not None:
                 self._modes_cache = why
         return self._modes_cache
@@ -1071,14 +1073,15 @@ class Linearization:
         return TorchFuncProducts(self._float64_encoder(confirm=False),
                                  memory_budget=self.memory_budget)
 
-    def _modes_share(self, kind: str, a: Tensor) -> Tensor:
-        r"""``[B]`` float64: how far the float64 forward and reverse modes disagree on ``u^T J
-        v`` (one float64 JVP), as a share of the terms' size, for an input vector ``v = z w``
-        weighted as the metric weighs the columns (``R_k`` the columns' norms, :meth:`_modes`):
-        FSInfo (``kind="fsinfo"``) ``w_k = R_k / (R_k^2 + a)``, ``a = c sigma^2`` per sample
-        (``c`` the floor or the prior's precision): every column at its own scale, those far
-        below ``a`` left out (a disagreement there moves no term of the log); dFIL ``w_k =
-        R_k``: the columns as they weigh in the trace. The share is ``max |u^T (J v) - (J^T
+    def _modes_share(self, kind: str, a: Tensor) -> tuple[Tensor, Tensor]:
+        r"""``([B], [B])`` float64: how far the float64 forward and reverse modes disagree on
+        ``u^T J v`` (one float64 JVP), as a share of the terms' size, for an input vector ``v =
+        z w`` weighted as the metric weighs the columns (``R_k`` the columns' norms,
+        :meth:`_modes`): FSInfo (``kind="fsinfo"``) ``w_k = R_k / (R_k^2 + a)``, ``a = c
+        sigma^2`` per sample (``c`` the floor or the prior's precision): every column at its
+        own scale, those far below ``a`` left out (a disagreement there moves no term of the
+        log); dFIL ``w_k = R_k``: the columns as they weigh in the trace; ``"flat"``: ``w_k =
+        1``. The share is ``max |u^T (J v) - (J^T
         u)^T v| / (sum |u_i (J v)_i| + sum |(J^T u)_k| (|v_k| + |z_k| r_k))`` over the
         cotangents (scale-free in ``v``), ``r_k = a / ((R_k^2 + a) R_k)`` (times ``w``'s
         normalisation) the floor's part of a column: its term in the denominator at its own
@@ -1090,18 +1093,27 @@ class Linearization:
         the columns 0 in ``g`` take weight 0 here (:meth:`_modes`' ``zero`` checks them).
         Where an op has no forward-mode rule the JVP is the VJP's transpose (double backward,
         :class:`~fsinfo_fast.engine.TorchFuncProducts`): a weaker check, recorded by
-        :meth:`_modes_flagged`."""
-        u, g, z, R, _, _ = self._modes_cache
+        :meth:`_modes_flagged`. Second: the relative error per column this disagreement reads
+        as, ``max |u^T (J v) - (J^T u)^T v| / sqrt(sum_k v_k^2 R_k^2)`` (for Gaussian ``u`` the
+        disagreement's spread where column ``k`` is off by ``e_k R_k`` is ``sqrt(sum_k v_k^2
+        e_k^2 R_k^2)``: this reads the ``e_k`` weighted by ``v_k^2 R_k^2``; the oracle's
+        rounding allowance, :meth:`_oracle_measured`)."""
+        u, g, z, R, *_ = self._modes_cache
         p64 = self._p64_fresh()
         a = a.to(R).reshape(-1, 1)
         live = R > 0
         one = torch.ones_like(R)
         if kind == "dfil":
             w, rest = R, torch.zeros_like(R)
+        elif kind == "flat":
+            w, rest = live.to(R), torch.zeros_like(R)
         else:
-            w = torch.where(live, R / (R.square() + a), 0.0)
-            rest = torch.where(live & (a > 0),
-                               (a / (R.square() + a)) / torch.where(live, R, one), 0.0)
+            # (R / (R^2 + a) and a / ((R^2 + a) R) without R^2, which underflows below 1e-162:
+            # the floorless weights of such columns read 1 / 0 = inf)
+            r = torch.where(live, R, one)
+            w = torch.where(live, 1.0 / (r + a / r), 0.0)
+            pos = a > 0
+            rest = torch.where(live & pos, 1.0 / (r + r.pow(3) / torch.where(pos, a, 1.0)), 0.0)
         top = w.amax(dim=1, keepdim=True)
         flat = top == 0  # (g 0 everywhere, or every column's weight underflowed)
         top = torch.where(flat, 1.0, top)
@@ -1123,7 +1135,20 @@ class Linearization:
         share = torch.where(own > 0, (x - y).abs() / own, torch.zeros_like(own))
         share = torch.where(finite, share, math.inf)
         share = torch.where(torch.isposinf(own) & finite, 0.0, share).flatten(1).amax(dim=1)
-        return torch.where(torch.isfinite(a[:, 0]), share, torch.zeros_like(share))
+        share = torch.where(torch.isfinite(a[:, 0]), share, torch.zeros_like(share))
+        vr = (v * R.unsqueeze(1)).flatten(1)  # (scaled: R^2 underflows below 1e-162)
+        big = vr.abs().amax(dim=1)
+        spread = big * (vr / torch.where(big > 0, big, 1.0).unsqueeze(1)).square().sum(1).sqrt()
+        gap = torch.where(finite, (x - y).abs(), math.inf).flatten(1).amax(dim=1)
+        return share, torch.where(spread > 0, gap / spread, torch.where(gap > 0, math.inf, 0.0))
+
+    def _modes_weighted(self, kind: str, a: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_modes_share` at a weighting (``kind``, ``a`` per sample), measured once per
+        weighting and batch (a float64 JVP each)."""
+        key = (kind, a.cpu().numpy().tobytes())
+        if key not in self._modes_shares:
+            self._modes_shares[key] = self._modes_share(kind, a)
+        return self._modes_shares[key]
 
     def _modes_zero(self, kind: str, a: Tensor) -> Tensor:
         """``[B]`` float64: the columns reverse mode gives as exactly 0 (:meth:`_modes`'
@@ -1132,7 +1157,7 @@ class Linearization:
         mode's ``-inf`` column; 0 where ``a`` is not finite); dFIL their share of the trace
         (their mean squared norm times their count over ``sum_k R_k^2``). 0 where there are
         none."""
-        _, _, _, R, _, zero = self._modes_cache
+        _, _, _, R, _, zero, _ = self._modes_cache
         if zero is None:
             return torch.zeros_like(R[:, 0])
         fwd, zz = zero
@@ -1174,14 +1199,11 @@ class Linearization:
         a = c * s.square() if c > 0 else torch.zeros_like(s)
         share = torch.zeros_like(base)
         if bool((base > MODES_SCREEN).any()):
-            key = (kind, a.cpu().numpy().tobytes())
             try:
                 if kind == "fsinfo" and c == 0:
                     share = base
-                elif key in self._modes_shares:  # (the same weighting asked before)
-                    share = self._modes_shares[key]
                 else:
-                    share = self._modes_shares[key] = self._modes_share(kind, a)
+                    share = self._modes_weighted(kind, a)[0]
             except torch.OutOfMemoryError:
                 raise
             except (EncoderError, RuntimeError, NotImplementedError) as err:
@@ -1896,9 +1918,34 @@ class Linearization:
             r, why = self._fast_exact(src, lambda fx: fx.fsinfo(s, variant, floor=floor), s,
                                       floor, estimator, tol, why, self._info(floor=floor))
         else:
+            if variant == "diag":
+                src = self._oracle_weighted(src, s, floor)
             r = src.fsinfo(s, variant, prior_var=prior_var, floor=floor)
         r.info["auto"] = why
         return r
+
+    def _oracle_weighted(self, ex: reference.ExactFisher, s: Tensor,
+                         floor: float) -> reference.ExactFisher:
+        """``ex`` for FSInfo_diag at noise ``s`` and ``floor``: where the forward- against
+        reverse-mode check's scale-free share exceeds :data:`MODES_SCREEN`, the columns'
+        rounding read at this result's weighting (:meth:`_modes_weighted`, the columns far
+        below the floor's level left out: a disagreement there moves no term of the log)
+        where that is smaller than the scale-free reading (both bound the error: each
+        column's weight in the log is at most 1)."""
+        got = self._modes()
+        if isinstance(got, str) or ex.ad_err is None or not bool(
+                (got[4] > MODES_SCREEN).any()):
+            return ex
+        if floor == 0:  # (the scale-free reading is this weighting's)
+            return ex
+        sig = s.to(got[4]).reshape(-1)
+        try:
+            col = self._modes_weighted("fsinfo", floor * sig.square())[1]
+        except torch.OutOfMemoryError:
+            raise
+        except (EncoderError, RuntimeError, NotImplementedError):
+            return ex
+        return ex.with_ad_err(torch.minimum(ex.ad_err, EXACT_SAFETY * col.to(ex.ad_err)))
 
     def _fast_exact(self, fx: FastExactFisher, make: Callable[[FastExactFisher], MetricResult],
                     s: Tensor, floor: float, estimator: str, tol: tuple, why: str,
@@ -1924,12 +1971,12 @@ class Linearization:
         rows, text = miss
         if fx.exact_rows is None and bool(rows.all()):  # (every sample: the oracle's result)
             return make(self.exact()), f"{why}; {text}, so the float64 oracle was used"
-        diag, trace = self._exact_rows(rows)
+        oracle = self._exact_rows(rows)
         if self._exact is not None:  # (the last samples: every one is the oracle's now)
             return make(self._exact), (f"{why}{held}; {text} for the other {int(rows.sum())} "
                                        "sample(s), so every sample has the float64 oracle's "
                                        "values")
-        fx = fx.with_exact_rows(rows, diag, trace)
+        fx = fx.with_exact_rows(rows, oracle)
         r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
         r.info.update(info)
         self._fast_missed(r, estimator, tol)  # (its converged: every sample meets it now)
@@ -1938,34 +1985,59 @@ class Linearization:
                    "which took the float64 oracle's values (info['exact_fast_oracle_samples'] "
                    f"lists all {len(r.info['exact_fast_oracle_samples'])})")
 
-    def _exact_rows(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """The float64 oracle's ``diag(J^T J)`` (``[B, d]``) and trace (``[B]``), computed for
-        the samples ``rows`` (``[B]`` bool) only, each at most once (the whole batch's oracle
-        where it is already computed); other samples' entries are NaN. The metric is per sample
-        (the encoder's validation checked that samples do not interact), so a sub-batch's
-        Jacobians are the batch's."""
+    def _exact_rows(self, rows: Tensor) -> reference.ExactFisher:
+        """The float64 oracle's quantities (no spectrum; the rounding allowance measured,
+        :meth:`_oracle_measured`), computed for the samples ``rows`` (``[B]`` bool) only, each
+        at most once (the whole batch's oracle where it is already computed); other samples'
+        entries are NaN. The metric is per sample (the encoder's validation checked that
+        samples do not interact), so a sub-batch's Jacobians are the batch's."""
         if self._exact is not None:
-            return self._exact.diag, self._exact.trace
+            return self._exact
         rows = rows.to(self.enc.x.device)
         if self._oracle_part is None:
+            nan = math.nan
+            dev = rows.device
             self._oracle_part = (
-                torch.zeros(self.batch, dtype=torch.bool, device=rows.device),
-                torch.full((self.batch, self.d), math.nan, dtype=torch.float64,
-                           device=rows.device),
-                torch.full((self.batch,), math.nan, dtype=torch.float64, device=rows.device))
-        held, diag, trace = self._oracle_part
+                torch.zeros(self.batch, dtype=torch.bool, device=dev),
+                reference.ExactFisher(
+                    diag=torch.full((self.batch, self.d), nan, dtype=torch.float64, device=dev),
+                    trace=torch.full((self.batch,), nan, dtype=torch.float64, device=dev),
+                    eigvals=None, zero=None, d=self.d, m=self.m,
+                    zero_cols=torch.zeros(self.batch, self.d, dtype=torch.bool, device=dev)))
+        held, ex = self._oracle_part
         new = rows & ~held
         if bool(new.any()):
             self._prepare_oracle()
             idx = new.nonzero().flatten()
-            ex = reference.exact_fisher(self.encoder, self.x[idx], spectrum=False)
-            diag[idx], trace[idx] = ex.diag.to(diag), ex.trace.to(trace)
+            part = reference.exact_fisher(self.encoder, self.x[idx], spectrum=False)
+            ex.diag[idx], ex.trace[idx] = part.diag.to(ex.diag), part.trace.to(ex.trace)
+            ex.zero_cols[idx] = part.zero_cols.to(ex.zero_cols.device)
             held |= new
+            ex = self._oracle_measured(ex)
             if bool(held.all()):  # every sample: the batch's oracle (without the spectrum)
-                self._exact = reference.ExactFisher(diag=diag, trace=trace, eigvals=None,
-                                                    zero=None, d=ex.d, m=ex.m)
-                self._oracle_part = None
-        return diag, trace
+                self._exact, self._oracle_part = ex, None
+            else:
+                self._oracle_part = (held, ex)
+        return ex
+
+    def _oracle_measured(self, ex: reference.ExactFisher) -> reference.ExactFisher:
+        """``ex`` with autograd's float64 rounding of ``J`` measured (:attr:`~fsinfo_fast.
+        reference.ExactFisher.ad_err`): :data:`~fsinfo_fast.estimators.exact_fast.SAFETY`
+        times the relative error per column that the forward- against reverse-mode check
+        reads (:meth:`_modes_share`), never below the a-priori
+        :data:`~fsinfo_fast.reference.oracle.AD_ULPS` unit roundoffs; the a-priori value where
+        the check cannot run (the result records why, ``info["modes_unchecked"]``)."""
+        got = self._modes()
+        if isinstance(got, str):
+            return ex
+        try:
+            fro = self._modes_weighted("flat", torch.zeros_like(got[3][:, 0]))[1]
+        except torch.OutOfMemoryError:
+            raise
+        except (EncoderError, RuntimeError, NotImplementedError):
+            fro = torch.full_like(got[6], math.inf)  # (no reading of J as a whole: no claim)
+        return ex.with_ad_err(EXACT_SAFETY * got[6].to(ex.trace),
+                              EXACT_SAFETY * fro.to(ex.trace))
 
     def _fast_measured(self, r: MetricResult, s: Tensor, floor: float,
                        exact_rows: Tensor | None = None) -> MetricResult:
@@ -2932,17 +3004,17 @@ class Linearization:
                              f"randomized estimate ({cannot}); the float64 oracle solves it")
         if r is None or r.estimator == "exact":
             ex = self.exact(spectrum=variant == "logdet")
-            sig = ex.fsinfo_sigma(tau_b, variant, prior_var=prior_var, floor=floor)
+            sig, lo, hi = ex.sigma_interval(tau_b, variant, prior_var=prior_var, floor=floor)
             _check_sigma_star(sig, ex.fsinfo(1.0, variant, prior_var=prior_var,
                                              floor=floor).value, tau_b,
                               exact_zero=(ex.diag == 0).all(dim=1))
-            info = {"backend": "reference"}
+            info = {"backend": "reference", "oracle_rel_err": ex.rel_err()[0].tolist()}
             if r is not None and "auto" in r.info:
                 info["auto"] = r.info["auto"]
             elif floor_why is not None:
                 info["auto"] = floor_why
             return SigmaResult(sigma=sig, target=tau_b, metric=f"fsinfo_{variant}",
-                               estimator="exact", info=info)
+                               estimator="exact", ci_low=lo, ci_high=hi, info=info)
         hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)
         sig = torch.exp(r.value - tau_b)
         out = SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,

@@ -148,9 +148,10 @@ class MetricResult:
         d: input dimension; m: output dimension.
         num_probes: probes used per sample (``None`` for exact).
         passes: Jacobian products (JVP or VJP) per sample.
-        ci_halfwidth: ``[B]`` half-width of the 95% interval (0 for exact; ``inf`` where no
-            interval is claimed, e.g. a sample whose float64 forward- and reverse-mode
-            Jacobians disagree: ``info["modes_why"]``).
+        ci_halfwidth: ``[B]`` half-width of the 95% interval (for the exact routes their
+            rounding allowance, 0 only where the value is exact, e.g. an exact ``-inf``;
+            ``inf`` where no interval is claimed, e.g. a sample whose float64 forward- and
+            reverse-mode Jacobians disagree: ``info["modes_why"]``).
         singular: ``[B]`` bool, where the Fisher matrix was found singular (log-det is ``-inf``).
         converged: ``[B]`` bool: the interval met the requested tolerance (True for the
             exact estimator unless its float64 Jacobian is not determined there, as above;

@@ -20,13 +20,19 @@ from fsinfo_fast.profile.store import RecordStore
 pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-# m = 390 >= d = 192 behind a ReLU: J^T J is singular, exactly, for some samples (dead units)
+# m = 390 >= d = 192: J^T J is singular, exactly, for the samples whose gate is off (a column of
+# J exactly 0; a ReLU's dead units made it singular only to float64's resolution, which the
+# oracle reports as an upper bound, not -inf)
 SINGULAR_MODULE = (
     "import torch\n"
+    "class Gate(torch.nn.Module):\n"
+    "    def forward(self, x):\n"
+    "        x = x.flatten(1)\n"
+    "        return x * (x[:, :1] > x.mean(dim=1, keepdim=True)).to(x.dtype)\n"
     "def build():\n"
     "    torch.manual_seed(0)\n"
-    "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 390),\n"
-    "                               torch.nn.ReLU(), torch.nn.Linear(390, 10)).eval()\n")
+    "    return torch.nn.Sequential(Gate(), torch.nn.Linear(192, 390),\n"
+    "                               torch.nn.Tanh(), torch.nn.Linear(390, 10)).eval()\n")
 
 
 def _images(folder, n: int = 6) -> None:

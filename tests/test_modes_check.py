@@ -162,7 +162,9 @@ def test_a_disagreement_in_small_columns_is_not_diluted_by_large_ones(near, floo
     # disagreement that matters, and none flagged
     assert abs(_fsinfo_of(Jf, 0.1, 1e-10) - _fsinfo_of(Jr, 0.1, 1e-10)) < 1e-6
     r, said = _quiet(ff.linearize(enc, x).fsinfo, 0.1, estimator="exact")
-    assert not said and float(r.ci_halfwidth[0]) == 0.0 and bool(r.converged[0])
+    assert not said and bool(r.converged[0])
+    # (the oracle's rounding, read where the log weighs the columns: not the small ones' 40-66%)
+    assert 0 < float(r.ci_halfwidth[0]) < 1e-9
 
 
 class _Tiny(nn.Module):
@@ -225,7 +227,7 @@ def test_columns_zero_in_reverse_mode_only_are_seen():
     # the metric, and nothing is flagged
     assert abs(_fsinfo_of(Jf, 0.1, 1e-10) - _fsinfo_of(Jr, 0.1, 1e-10)) < 1e-12
     r, said = _quiet(lin.fsinfo, 0.1, estimator="exact")
-    assert not said and float(r.ci_halfwidth[0]) == 0.0
+    assert not said and 0 < float(r.ci_halfwidth[0]) < 1e-9  # (the oracle's rounding)
 
 
 def test_a_weighting_is_measured_once(monkeypatch):
@@ -240,7 +242,9 @@ def test_a_weighting_is_measured_once(monkeypatch):
         _quiet(lin.fsinfo, 0.1, floor=0.0)  # (the scale-free share itself: no JVP)
         _quiet(lin.dfil, 0.1)
         _quiet(lin.fsinfo, 1e-9, estimator="exact")
-    assert len(calls) == 2  # dFIL's weighting and the floor's at sigma 1e-9, once each
+    # dFIL's weighting and the floor's at sigma 1e-9, once each, and the oracle's reading of J
+    # as a whole (its rounding allowance, :meth:`_oracle_measured`), once
+    assert sorted(c[0] for c in calls) == ["dfil", "flat", "fsinfo"]
 
 
 def test_the_check_says_where_it_cannot_run():

@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum
+from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sum_rel_bound
 from ..result import MetricResult
 from .base import CPU_BLOCK_BYTES, square_sum64
 
@@ -125,29 +125,30 @@ class FastExactFisher:
     check_passes: int
     info: dict[str, Any] = field(default_factory=dict)
     #: ``[B]`` bool: samples whose ``diag`` and ``trace`` are the float64 oracle's
-    #: (:meth:`with_exact_rows`; ``rel_err`` 0 there), or None
+    #: (:meth:`with_exact_rows`; ``rel_err`` the oracle's there), or None
     exact_rows: Tensor | None = None
 
     @property
     def batch(self) -> int:
         return int(self.trace.shape[0])
 
-    def with_exact_rows(self, rows: Tensor, diag: Tensor, trace: Tensor) -> FastExactFisher:
-        """This with the samples ``rows`` (``[B]`` bool) taking the exact (float64 oracle)
-        ``diag`` and ``trace`` (``[B, d]`` and ``[B]``, read on ``rows`` only): their
-        allowance is 0 (the oracle's claim), the other samples keep theirs.
-        ``info["exact_fast_oracle_samples"]`` lists them; ``info["exact_fast_oracle_passes"]``:
-        the float64 products each of them cost (``min(m, d)``, beside ``passes``)."""
+    def with_exact_rows(self, rows: Tensor, oracle: Any) -> FastExactFisher:
+        """This with the samples ``rows`` (``[B]`` bool) taking the float64 oracle's ``diag``
+        and ``trace`` (a :class:`~fsinfo_fast.reference.ExactFisher`, read on ``rows`` only)
+        and its rounding allowance (the larger of its diagonal's and its trace's), the other
+        samples keeping theirs. ``info["exact_fast_oracle_samples"]`` lists them;
+        ``info["exact_fast_oracle_passes"]``: the float64 products each of them cost
+        (``min(m, d)``, beside ``passes``)."""
         r = rows.to(self.trace.device)
         keep = self.exact_rows if self.exact_rows is not None else torch.zeros_like(r)
         r = r | keep.to(r.device)
         info = {**self.info, "exact_fast_oracle_samples": r.nonzero().flatten().tolist(),
                 "exact_fast_oracle_passes": min(self.m, self.d)}
+        e = torch.maximum(*oracle.rel_err()).to(self.rel_err)
         return replace(
-            self, diag=torch.where(r[:, None], diag.to(self.diag), self.diag),
-            trace=torch.where(r, trace.to(self.trace), self.trace),
-            rel_err=torch.where(r, torch.zeros_like(self.rel_err), self.rel_err),
-            exact_rows=r, info=info)
+            self, diag=torch.where(r[:, None], oracle.diag.to(self.diag), self.diag),
+            trace=torch.where(r, oracle.trace.to(self.trace), self.trace),
+            rel_err=torch.where(r, e, self.rel_err), exact_rows=r, info=info)
 
     def _info(self, extra: dict[str, Any]) -> dict[str, Any]:
         return {**self.info, "exact_fast_rel_err": self.rel_err.tolist(),
@@ -387,7 +388,8 @@ def exact_fast_fisher(
         rel = torch.where(both0, torch.zeros_like(ref), (got - ref).abs() / ref)
         rel = torch.nan_to_num(rel, nan=math.inf, posinf=math.inf)
         measured = rel.amax(dim=1)
-    rel_err = (SAFETY * measured).clamp_min(floor)
+    # (+ the float64 sums: m squares an entry, d entries the trace)
+    rel_err = (SAFETY * measured).clamp_min(floor) + sum_rel_bound(m + d + 1)
     info = {"backend": getattr(products, "backend", None), "exact_fast_dtype": str(dtype),
             "exact_fast_chunk": cs}
     info.update(getattr(products, "info", None) or {})

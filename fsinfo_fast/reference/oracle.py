@@ -11,10 +11,42 @@ built with ``torch.func`` on the cheaper side: ``m`` VJPs when ``m <= d`` (rows)
 - the eigenvalues of ``J^T J`` on the smaller side (squared singular values of ``J``), and
   with them ``log det(J^T J / sigma^2 + lambda I_d)``, using
   ``log det(J^T J/s + lambda I_d) = (d - m) log(lambda) + log det(J J^T/s + lambda I_m)``.
+
+**Rounding.** float64 is not exact arithmetic, and a zero half-width would claim it is. Every
+result of :class:`ExactFisher` carries an allowance for the oracle's own rounding, from three
+parts, per sample:
+
+- autograd's: each column of the computed ``J`` is taken to be within a relative ``a_b`` of the
+  true one (:attr:`ExactFisher.ad_err`: :data:`AD_ULPS` unit roundoffs a priori; a
+  :class:`~fsinfo_fast.Linearization` sets ``SAFETY`` times what its float64 forward- against
+  reverse-mode check measured, where that is larger);
+- the sums of squares: ``diag`` sums ``m`` squares, the trace ``m d``: a relative
+  ``gamma_n = n u / (1 - n u)`` (``u`` float64's unit roundoff), and up to ``n`` times the
+  smallest subnormal where squares underflow;
+- the SVD's (log det): the computed singular values are those of a matrix within
+  ``max(m, d) eps s_max`` of ``J`` (the usual numerical-rank tolerance, the backward-stable
+  SVD's bound), and by Weyl's inequality each moves by at most that plus ``||dJ||_F <= a_b
+  ||J||_F``.
+
+So every diagonal entry and the trace lie in ``[x / (1 + e), x / (1 - e)]`` and every singular
+value in ``[s - delta, s + delta]``; FSInfo grows with each entry of its spectrum, so the value
+at the lower and at the upper spectrum bracket the truth (and give ``sigma*``'s interval the
+same way), the half-width the larger distance, plus the log-sum's own rounding. ``-inf`` is
+claimed only where it is exact: ``m < d`` without a prior, or a column of the float64 ``J``
+that is exactly 0 (every path through the graph multiplied by an exact 0; a square sum that
+underflowed is not one). Where the lower bracket reaches ``-inf`` otherwise (a singular value
+within ``delta`` of 0 without a prior: ``J^T J`` singular to float64's resolution, e.g. a
+bottleneck narrower than ``d``), the value is the upper bracket's and flagged ``bound`` (an
+upper bound, ``ci95() = (-inf, value]``), with a :class:`SingularFisherWarning`.
+The allowance is a model (a measured autograd error scaled by a safety factor, worst-case
+summation and SVD bounds), not a proof: a cancellation both modes of autograd share (a
+saturated ``tanh`` whose ``1 - y^2`` both read from the same rounded ``y``) is not seen by the
+measurement.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +65,14 @@ from ..encoder import (
     quiet_vmap_loop,
 )
 from ..errors import InvalidInputError, SingularFisherWarning, warn_user
-from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sigma_for_target
+from ..formulas import (
+    DIAG_FLOOR,
+    HALF_LOG_2PIE,
+    as_sigma,
+    fsinfo_from_spectrum,
+    sigma_for_target,
+    sum_rel_bound,
+)
 from ..result import MetricResult
 
 __all__ = [
@@ -50,6 +89,14 @@ __all__ = [
 ]
 
 Encoder = Callable[[Tensor], Tensor]
+
+#: The float64 unit roundoff.
+U64 = torch.finfo(torch.float64).eps / 2
+#: A priori, autograd's float64 Jacobian columns are within this many unit roundoffs (relative)
+#: of the true ones (the fast exact route's floor for float64 products, ``FLOOR_ULPS``).
+AD_ULPS = 64.0
+#: The smallest positive float64 (subnormal): what one square that underflowed to 0 may be.
+SUBNORMAL = 2.0**-1074
 
 #: Memory the oracle lets one chunk of one-hot products use.
 DEFAULT_BUDGET_BYTES = 1 << 30
@@ -167,6 +214,16 @@ def eigvals_from_jacobian(J: Tensor) -> tuple[Tensor, Tensor]:
     return mu, zero
 
 
+def _svd_spectrum(J: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(sv, zero, err)``: the singular values of ``J`` as computed (ascending, none set to
+    0), the mask of those within ``err`` of 0, and ``err`` (``[B]``), the SVD's bound on their
+    absolute error: ``max(m, d) eps s_max``."""
+    _, m, d = J.shape
+    sv = torch.linalg.svdvals(J).flip(-1)
+    err = sv.amax(dim=1) * max(m, d) * torch.finfo(J.dtype).eps
+    return sv, sv <= err.unsqueeze(1), err
+
+
 def fisher_eigvals(encoder: Encoder, x: Tensor, **kw) -> Tensor:
     """``[B, min(m, d)]`` eigenvalues of ``J^T J`` on the smaller side (ascending, float64).
 
@@ -183,7 +240,8 @@ def _singular_mask(zero: Tensor, m: int, d: int, lam: float) -> Tensor:
 def _warn_singular(singular: Tensor, m: int, d: int) -> None:
     if bool(singular.any()):
         n = int(singular.sum())
-        why = f"m = {m} < d = {d}, so rank(J^T J) < d" if m < d else "J^T J has zero eigenvalues"
+        why = (f"m = {m} < d = {d}, so rank(J^T J) < d" if m < d else
+               "a column of J is exactly 0: an input dimension that does not reach the output")
         warn_user(
             f"the Fisher information matrix is singular for {n} sample(s) ({why}): their "
             "log-det FSInfo is -inf. Use variant='diag' (the paper's published numbers) or give "
@@ -206,8 +264,6 @@ def fisher_logdet(
     _, m, d = J.shape
     mu, zero = eigvals_from_jacobian(J)
     _warn_singular(_singular_mask(zero, m, d, lam), m, d)
-    from ..formulas import HALF_LOG_2PIE
-
     return 2.0 * d * (fsinfo_from_spectrum(mu, d, sigma, lam) + HALF_LOG_2PIE)
 
 
@@ -240,21 +296,41 @@ def _check_options(variant: str, prior_var: float | None, floor: float,
     return lam
 
 
+def _finite(hw: Tensor) -> Tensor:
+    """``bias_bound`` for a half-width that is all allowance: ``hw``, 0 where it is ``inf`` (no
+    claim; an infinite ``bias_bound`` made batch means' half-widths ``inf - inf``)."""
+    return torch.where(torch.isfinite(hw), hw, 0.0)
+
+
 @dataclass(frozen=True)
 class ExactFisher:
     r"""Exact per-sample Fisher quantities at ``sigma = 1``, from the dense float64 Jacobian.
 
     Everything the metrics need, computed once: the diagonal and the trace of ``J^T J`` and
     (with ``spectrum``) its eigenvalues on the smaller side. Every sigma, floor and prior is then
-    closed-form arithmetic (:mod:`fsinfo_fast.formulas`).
+    closed-form arithmetic (:mod:`fsinfo_fast.formulas`), with the oracle's own rounding as the
+    interval (the module docstring's "Rounding").
 
     Attributes:
         diag: ``[B, d]`` float64 ``diag(J^T J)`` (squared column norms of ``J``).
         trace: ``[B]`` float64 ``tr(J^T J) = ||J||_F^2``.
-        eigvals: ``[B, min(m, d)]`` float64 eigenvalues (ascending, numerically-zero ones set to
-            0), or ``None`` when not computed.
-        zero: ``[B, min(m, d)]`` bool mask of the numerically-zero eigenvalues (or ``None``).
+        eigvals: ``[B, min(m, d)]`` float64 eigenvalues (ascending, the squared singular values
+            as computed; the columns exactly 0 in ``J`` make as many exact zeros), or ``None``
+            when not computed.
+        zero: ``[B, min(m, d)]`` bool mask of the eigenvalues float64 does not tell from 0
+            (singular values within ``svd_err``), or ``None``.
         d, m: input and output dimensions.
+        ad_err: ``[B]`` relative rounding of the computed ``J``'s columns (autograd's; each
+            column within that share of its own norm), or ``None``: :data:`AD_ULPS` unit
+            roundoffs (a priori; :meth:`with_ad_err` sets a measured one).
+        fro_err: ``[B]`` the same as a whole, ``||J_computed - J||_F / ||J||_F`` (the trace's
+            and the singular values' allowance), or ``None``: :data:`AD_ULPS` unit roundoffs.
+        svd_err: ``[B]`` the SVD's bound on its singular values' absolute error (with the
+            spectrum), or ``None``.
+        singular_values: ``[B, min(m, d)]`` the singular values of ``J`` (ascending, as
+            computed: their squares, ``eigvals``, under- and overflow), or ``None``.
+        zero_cols: ``[B, d]`` bool: columns of the computed ``J`` that are exactly 0, or
+            ``None`` (then ``diag == 0`` is taken as exact).
     """
 
     diag: Tensor
@@ -263,10 +339,41 @@ class ExactFisher:
     zero: Tensor | None
     d: int
     m: int
+    ad_err: Tensor | None = None
+    fro_err: Tensor | None = None
+    svd_err: Tensor | None = None
+    singular_values: Tensor | None = None
+    zero_cols: Tensor | None = None
 
     @property
     def batch(self) -> int:
         return int(self.trace.shape[0])
+
+    def with_ad_err(self, ad_err: Tensor, fro_err: Tensor | None = None) -> ExactFisher:
+        """This with a measured relative rounding of ``J``'s columns and of ``J`` as a whole
+        (``[B]`` each; ``fro_err`` None: kept; never below the a-priori :data:`AD_ULPS` unit
+        roundoffs)."""
+        floor = AD_ULPS * U64
+        fro = self.fro_err if fro_err is None else torch.clamp_min(fro_err.to(self.trace), floor)
+        return dataclasses.replace(self, ad_err=torch.clamp_min(ad_err.to(self.trace), floor),
+                                   fro_err=fro)
+
+    def _a_priori(self, err: Tensor | None) -> Tensor:
+        return err if err is not None else torch.full_like(self.trace, AD_ULPS * U64)
+
+    def rel_err(self) -> tuple[Tensor, Tensor]:
+        """``([B], [B])`` float64: the relative error bound ``e`` of every diagonal entry and
+        of the trace (``x / (1 + e) <= true <= x / (1 - e)``): columns off by ``a`` make
+        squared norms off by ``(1 + a)^2 - 1``, and a float64 sum of ``n`` squares adds
+        ``gamma_n`` (``n = m`` for an entry, ``m d`` for the trace; the trace's ``a`` is
+        :attr:`fro_err`)."""
+        j = (1 + self._a_priori(self.ad_err)).square() - 1
+        f = (1 + self._a_priori(self.fro_err)).square() - 1
+        return (j + sum_rel_bound(self.m + 1) * (1 + j),
+                f + sum_rel_bound(self.m * self.d + 1) * (1 + f))
+
+    def _zero_cols(self) -> Tensor:
+        return self.zero_cols if self.zero_cols is not None else self.diag == 0
 
     def _need_spectrum(self) -> None:
         if self.eigvals is None:
@@ -275,49 +382,174 @@ class ExactFisher:
                 "log-det variant needs it"
             )
 
+    def _spectra(self, variant: str) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
+        """``(point, low, high, terms, scale)``: the spectrum as computed and the two that
+        bracket the true one entry by entry (``[B, n]``), how many float64 terms the log-sum
+        adds, and ``[B]`` the scale ``t`` they are in: the log det's spectra are of ``t J``
+        (``t`` a power of two near ``1 / s_max``: squared singular values of 1e-162 underflowed
+        to 0, and the log det read ``-inf``), to be read at noise ``t sigma``; 1 for the
+        diagonal."""
+        zc = self._zero_cols()
+        if variant == "diag":
+            e = self.rel_err()[0].unsqueeze(1)
+            low = self.diag / (1 + e)
+            high = torch.where(e < 1, self.diag / (1 - e).clamp_min(U64), math.inf)
+            # squares that underflowed: up to m subnormals each (none in an exact-zero column)
+            high = torch.where(zc, 0.0, high + (self.m + 1) * SUBNORMAL)
+            return self.diag, low, high, self.d, torch.ones_like(self.trace)
+        self._need_spectrum()
+        sv = (self.singular_values if self.singular_values is not None
+              else self.eigvals.clamp_min(0).sqrt())
+        top = sv.amax(dim=1)
+        t = torch.where(top > 0, torch.exp2(-torch.floor(torch.log2(
+            torch.where(top > 0, top, 1.0)))), 1.0)
+        sv = sv * t.unsqueeze(1)
+        a, e_tr = self._a_priori(self.fro_err), self.rel_err()[1]
+        svd = (self.svd_err * t if self.svd_err is not None else torch.zeros_like(self.trace))
+        # Weyl: the SVD's own error, plus ||dJ||_2 <= ||dJ||_F <= a ||J_true||_F (||J||_F from
+        # the singular values: the trace's squares under- and overflow)
+        fro = (torch.linalg.vector_norm(sv, dim=1) * torch.sqrt(1 + e_tr)
+               / (1 - a).clamp_min(U64))
+        delta = (svd + torch.where(a < 1, a * fro, math.inf)).unsqueeze(1)
+        low = (sv - delta).clamp_min(0).square()
+        high = (sv + delta).square()
+        # k columns exactly 0: J^T J has at least k exact zero eigenvalues, of which the d - n
+        # beyond the smaller side are implicit: the smallest k - (d - n) computed ones are 0
+        n = sv.shape[1]
+        k = (zc.sum(dim=1, keepdim=True) - (self.d - n)).clamp_min(0)
+        exact0 = torch.arange(n, device=sv.device).unsqueeze(0) < k
+        point = sv.square()
+        return (torch.where(exact0, 0.0, point), torch.where(exact0, 0.0, low),
+                torch.where(exact0, 0.0, high), n, t)
+
+    def _exact_neg_inf(self, variant: str, c: float) -> Tensor:
+        """``[B]`` bool: FSInfo is ``-inf`` exactly (without a floor or prior: ``m < d`` for
+        the log det, or a column of ``J`` exactly 0)."""
+        if c > 0:
+            return torch.zeros_like(self.trace, dtype=torch.bool)
+        zero = self._zero_cols().any(dim=1)
+        return zero | (self.m < self.d) if variant == "logdet" else zero
+
+    def _bracketed(self, variant: str, s: Tensor, c: float
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(value, half-width, bound, exact -inf)`` per sample at noise ``s`` and constant
+        ``c``: the value at the computed spectrum, or the upper bracket's where the lower one
+        reaches ``-inf`` and the upper does not (``bound``); no claim (half-width ``inf``)
+        where the upper bracket is not finite and that is not exact."""
+        point, low, high, n, t = self._spectra(variant)
+        d, st = self.d, s * t
+        value = fsinfo_from_spectrum(point, d, st, c)
+        lo = fsinfo_from_spectrum(low, d, st, c)
+        hi = fsinfo_from_spectrum(high, d, st, c)
+        arith = self._arith(point, st, c, n)
+        exact = self._exact_neg_inf(variant, c)
+        value = torch.where(exact, -math.inf, value)
+        none = ~exact & ~torch.isfinite(hi)  # (an allowance without bound, or underflow)
+        bound = torch.isneginf(lo) & ~exact & ~none
+        hw = torch.where(bound, arith, torch.maximum(hi - value, value - lo) + arith)
+        hw = torch.where(none, math.inf, torch.where(exact, 0.0, hw))
+        value = torch.where(bound, hi, value)
+        return value, hw, bound, exact
+
+    def _arith(self, point: Tensor, s: Tensor, c: float, n: int) -> Tensor:
+        """``[B]``: the rounding of the log-sum itself at noise ``s`` (``n`` float64 terms, each
+        log within a unit roundoff, and the constant)."""
+        terms = torch.log(point / s.square().unsqueeze(1) + c).abs()
+        total = torch.where(torch.isfinite(terms), terms, 0.0).sum(dim=1)
+        if self.d > point.shape[1] and c > 0:
+            total = total + (self.d - point.shape[1]) * abs(math.log(c))
+        return (sum_rel_bound(n + 2) + U64) * (total / (2 * self.d) + HALF_LOG_2PIE)
+
+    def _bound_warning(self, bound: Tensor) -> dict[str, str]:
+        if not bool(bound.any()):
+            return {}
+        why = (f"sample(s) {bound.nonzero().flatten().tolist()}: J^T J is singular to float64's "
+               "resolution (a singular value within the SVD's and autograd's rounding of 0, "
+               "e.g. a layer narrower than the input), so the log det without a prior is only "
+               "bounded above: value = that upper bound, bound=True, ci95() = (-inf, value]")
+        warn_user(f"{why}. Give prior_var= for the finite Bayesian (van Trees) version, or use "
+                  "variant='diag'.", SingularFisherWarning)
+        return {"bound_reason": why}
+
     def fsinfo(self, sigma: float | Tensor = 0.1, variant: str = "diag", *,
                prior_var: float | None = None, floor: float = DIAG_FLOOR) -> MetricResult:
-        """Exact FSInfo (see :func:`fsinfo`)."""
+        """Exact FSInfo (see :func:`fsinfo`), its interval the oracle's rounding."""
         check_sigma(sigma, self.batch)
         lam = _check_options(variant, prior_var, floor)
         d, m = self.d, self.m
+        s = as_sigma(sigma, self.batch, self.diag.device)
         if variant == "diag":
-            value = fsinfo_from_spectrum(self.diag, d, sigma, floor)
+            value, hw, bound, exact = self._bracketed("diag", s, floor)
             singular, metric, info = None, "fsinfo_diag", {"floor": floor}
         else:
-            self._need_spectrum()
-            singular = _singular_mask(self.zero, m, d, lam)
+            value, hw, bound, exact = self._bracketed("logdet", s, lam)
+            singular = exact
             _warn_singular(singular, m, d)
-            value = fsinfo_from_spectrum(self.eigvals, d, sigma, lam)
             metric, info = "fsinfo_logdet", {"prior_var": prior_var}
+            info.update(self._bound_warning(bound))
+        info["oracle_rel_err"] = self.rel_err()[0].tolist()
         return MetricResult(
             value=value, stderr=torch.zeros_like(value), metric=metric, units="nats/dim",
-            estimator="exact", sigma=as_sigma(sigma, self.batch, value.device), d=d, m=m,
-            passes=min(m, d), singular=singular, info={"backend": "reference", **info},
+            estimator="exact", sigma=s, d=d, m=m, passes=min(m, d), singular=singular,
+            ci_halfwidth=hw, bias_bound=_finite(hw), bound=bound,
+            info={"backend": "reference", **info},
         )
 
     def dfil(self, sigma: float | Tensor = 0.1) -> MetricResult:
-        """Exact dFIL ``tr(J^T J) / (sigma^2 d)`` (see :func:`dfil`)."""
+        """Exact dFIL ``tr(J^T J) / (sigma^2 d)`` (see :func:`dfil`), its interval the
+        oracle's rounding (the trace's, the division's, and squares that underflowed: 0 only
+        where ``J`` is exactly 0)."""
         check_sigma(sigma, self.batch)
         s = as_sigma(sigma, self.batch, self.trace.device)
         value = self.trace / (s**2 * self.d)
+        e = self.rel_err()[1]
+        under = torch.where(self._zero_cols().all(dim=1), 0.0,
+                            (self.m * self.d + 1) * SUBNORMAL / (s**2 * self.d))
+        hw = torch.where(e < 1, value * (e / (1 - e).clamp_min(U64) + 3 * U64) + under, math.inf)
         return MetricResult(
             value=value, stderr=torch.zeros_like(value), metric="dfil", units="1/dim",
             estimator="exact", sigma=s, d=self.d, m=self.m, passes=min(self.d, self.m),
-            info={"backend": "reference"},
+            ci_halfwidth=hw, bias_bound=_finite(hw),
+            info={"backend": "reference", "oracle_rel_err": e.tolist()},
         )
 
-    def fsinfo_sigma(self, target: float | Tensor = -1.0, variant: str = "diag", *,
-                     prior_var: float | None = None, floor: float = DIAG_FLOOR) -> Tensor:
-        """Exact FSInfoGuard ``sigma*`` per sample (see :func:`fsinfo_sigma`)."""
+    def sigma_interval(self, target: float | Tensor = -1.0, variant: str = "diag", *,
+                       prior_var: float | None = None, floor: float = DIAG_FLOOR
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(sigma*, low, high)`` (``[B]`` float64 each): FSInfoGuard's noise scale from the
+        computed spectrum and its interval from the two that bracket the true one (FSInfo grows
+        with every entry, so each solves for its own ``sigma*``), widened by the log-sum's
+        rounding and the solver's resolution. Where the log det is only bounded (see
+        :meth:`fsinfo`), ``sigma*`` is the upper bracket's (the most noise it may need)."""
         lam = _check_options(variant, prior_var, floor)
         if not torch.isfinite(torch.as_tensor(target, dtype=torch.float64)).all():
             raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
-        if variant == "diag":
-            return sigma_for_target(self.diag, self.d, target, floor)
-        self._need_spectrum()
-        _warn_singular(_singular_mask(self.zero, self.m, self.d, lam), self.m, self.d)
-        return sigma_for_target(self.eigvals, self.d, target, lam)
+        c = floor if variant == "diag" else lam
+        point, low, high, n, t = self._spectra(variant)
+        exact = self._exact_neg_inf(variant, c)
+        if variant == "logdet":
+            _warn_singular(exact, self.m, self.d)
+        tau = as_sigma(target, self.batch, point.device)
+        bound = torch.isneginf(fsinfo_from_spectrum(low, self.d, 1.0, c)) & ~exact
+        if variant == "logdet":
+            self._bound_warning(bound)
+        # (the spectra of t J: their sigma* is t times J's)
+        sig = sigma_for_target(torch.where(bound.unsqueeze(1), high, point), self.d, tau, c) / t
+        sig = torch.where(exact, 0.0, sig)
+        # the log-sum's rounding at sigma*: the target read that much higher or lower
+        s = torch.where(torch.isfinite(sig) & (sig > 0), sig, torch.ones_like(sig))
+        arith = self._arith(point, s * t, c, n)
+        # (the bisection stops within 4 eps of the root in log sigma)
+        lo = sigma_for_target(low, self.d, tau + arith, c) / t * (1 - 16 * U64)
+        hi = sigma_for_target(high, self.d, tau - arith, c) / t * (1 + 16 * U64)
+        lo, hi = torch.where(exact, 0.0, lo), torch.where(exact, 0.0, hi)
+        return sig, torch.minimum(lo, sig), torch.maximum(hi, sig)
+
+    def fsinfo_sigma(self, target: float | Tensor = -1.0, variant: str = "diag", *,
+                     prior_var: float | None = None, floor: float = DIAG_FLOOR) -> Tensor:
+        """Exact FSInfoGuard ``sigma*`` per sample (see :func:`fsinfo_sigma`; its interval:
+        :meth:`sigma_interval`)."""
+        return self.sigma_interval(target, variant, prior_var=prior_var, floor=floor)[0]
 
 
 def exact_fisher(
@@ -333,11 +565,13 @@ def exact_fisher(
     """
     enc = prepare(encoder, x, dtype=torch.float64)
     J = _jacobian_prepared(enc, chunk_size, budget_bytes)
-    mu = zero = None
+    mu = zero = svd = sv = None
     if spectrum:
-        mu, zero = eigvals_from_jacobian(J)
+        sv, zero, svd = _svd_spectrum(J)
+        mu = sv.square()
     return ExactFisher(diag=(J**2).sum(dim=1), trace=(J**2).sum(dim=(1, 2)), eigvals=mu,
-                       zero=zero, d=enc.d, m=enc.m)
+                       zero=zero, d=enc.d, m=enc.m, svd_err=svd, singular_values=sv,
+                       zero_cols=(J == 0).all(dim=1))
 
 
 def fsinfo(

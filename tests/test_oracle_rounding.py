@@ -1,0 +1,261 @@
+"""The float64 oracle's own rounding is inside its interval, and its ``-inf`` only where exact.
+
+Before, every exact result had half-width 0 and the log det was ``-inf`` wherever a singular
+value fell below ``max(m, d) eps s_max``. On a Jacobian with singular values from 1 to 1e-12
+the oracle's log det was 6e-8 nats/dim off the truth (the SVD's rounding) with a zero
+half-width; from 1e-14 down it was ``-inf`` (with a warning that ``J^T J`` has zero
+eigenvalues) where the truth is finite. A column whose squares underflow made the floorless
+FSInfo_diag ``-inf`` too. The truths here come from matrices whose singular values are known
+exactly (a Hadamard matrix times a diagonal, every entry exact in float64), evaluated with
+mpmath at 50 digits.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import mpmath
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+from fsinfo_fast.formulas import HALF_LOG_2PIE
+
+mpmath.mp.dps = 50
+N = 64  # a power of two: a Sylvester Hadamard matrix
+
+
+def _hadamard(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _encoder(s: torch.Tensor) -> nn.Module:
+    """``f(x) = A x`` with ``A = H diag(s)``: entries ``+-s_k`` (exact in float64), ``A^T A =
+    N diag(s^2)`` (singular values ``sqrt(N) s_k`` exactly)."""
+    lin = nn.Linear(N, N, bias=False).double()
+    with torch.no_grad():
+        lin.weight.copy_(_hadamard(N) * s)
+    return lin.eval()
+
+
+def _spectrum(lo_exp: float) -> torch.Tensor:
+    """Singular values (before the sqrt(N)) log-spaced from 1 to 10**lo_exp, rounded to float64
+    (the truth uses these float64 numbers exactly), in a fixed shuffled order."""
+    s = torch.logspace(0, lo_exp, N, dtype=torch.float64)
+    return s[torch.randperm(N, generator=torch.Generator().manual_seed(0))]
+
+
+def _truth(mu: list, d: int, sigma: float, c: float) -> float:
+    """FSInfo from an exact spectrum ``mu`` (mpmath numbers) at 50 digits."""
+    total = mpmath.fsum(mpmath.log(m / mpmath.mpf(sigma) ** 2 + mpmath.mpf(c)) for m in mu)
+    return float(total / (2 * d)) - HALF_LOG_2PIE
+
+
+def _mu(s: torch.Tensor) -> list:
+    return [N * mpmath.mpf(float(v)) ** 2 for v in s.tolist()]
+
+
+@pytest.mark.parametrize("lo_exp", [-6, -10, -12, -13])
+@pytest.mark.parametrize("prior_var", [None, 1e20])
+def test_logdet_interval_covers_the_truth(lo_exp, prior_var):
+    """Resolved spectra: the interval covers the 50-digit truth (before: half-width 0, and
+    at 1e-12 the value was 6e-8 nats/dim off)."""
+    s = _spectrum(lo_exp)
+    x = torch.zeros(1, N, dtype=torch.float64)
+    r = ff.fsinfo(_encoder(s), x, 0.1, variant="logdet", estimator="exact", prior_var=prior_var)
+    lam = 0.0 if prior_var is None else 1.0 / prior_var
+    want = _truth(_mu(s), N, 0.1, lam)
+    assert not bool(r.bound[0]) and torch.isfinite(r.value).all()
+    hw = float(r.ci_halfwidth[0])
+    assert 0 < hw < 0.05, hw
+    assert abs(float(r.value[0]) - want) <= hw, (float(r.value[0]), want, hw)
+    assert float(r.bias_bound[0]) == hw and float(r.stderr[0]) == 0.0
+
+
+@pytest.mark.parametrize("lo_exp", [-14, -15, -17])
+def test_logdet_below_float64_resolution_is_an_upper_bound_not_minus_inf(lo_exp):
+    """Singular values below the SVD's resolution (``max(m, d) eps s_max``): the truth is
+    finite, the oracle said ``-inf``; now a finite upper bound, flagged, with a warning."""
+    s = _spectrum(lo_exp)
+    x = torch.zeros(1, N, dtype=torch.float64)
+    with pytest.warns(ff.SingularFisherWarning, match="only bounded above"):
+        r = ff.fsinfo(_encoder(s), x, 0.1, variant="logdet", estimator="exact")
+    want = _truth(_mu(s), N, 0.1, 0.0)
+    assert bool(r.bound[0]) and not bool(r.singular[0])
+    assert math.isfinite(float(r.value[0]))
+    low, high = r.ci95()
+    assert float(low[0]) == -math.inf and want <= float(high[0])
+    assert "bound_reason" in r.info
+    # sigma*: its interval holds the truth's sigma* (FSInfo falls with sigma)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ff.SingularFisherWarning)
+        sr = ff.linearize(_encoder(s), x).fsinfo_sigma(-3.0, variant="logdet", estimator="exact")
+    lo, hi = float(sr.ci_low[0]), float(sr.ci_high[0])
+    assert _truth(_mu(s), N, hi, 0.0) <= -3.0
+    assert lo == 0.0 or _truth(_mu(s), N, lo, 0.0) >= -3.0
+
+
+@pytest.mark.parametrize("lo_exp", [-6, -12])
+def test_sigma_star_interval_holds_the_truth(lo_exp):
+    """The exact sigma* has an interval now (before: ``ci_low == ci_high == sigma``), from the
+    spectra that bracket the true one; the truth's FSInfo at its ends straddles the target."""
+    s = _spectrum(lo_exp)
+    x = torch.zeros(1, N, dtype=torch.float64)
+    lin = ff.linearize(_encoder(s), x)
+    for variant, kw, c in (("logdet", {"prior_var": 1e20}, 1e-20), ("diag", {}, 1e-10)):
+        sr = lin.fsinfo_sigma(-3.0, variant=variant, estimator="exact", **kw)
+        sig, lo, hi = float(sr.sigma[0]), float(sr.ci_low[0]), float(sr.ci_high[0])
+        assert lo < sig < hi, (variant, lo, sig, hi)
+        assert _truth(_mu(s), N, hi, c) <= -3.0 <= _truth(_mu(s), N, lo, c), variant
+
+
+def test_diag_and_dfil_intervals_cover_the_truth():
+    """FSInfo_diag (with and without the floor) and dFIL from exact column norms ``N s_k^2``."""
+    s = _spectrum(-12)
+    x = torch.zeros(1, N, dtype=torch.float64)
+    lin = ff.linearize(_encoder(s), x)
+    mu = _mu(s)
+    for floor in (1e-10, 0.0):
+        r = lin.fsinfo(0.1, estimator="exact", floor=floor)
+        want = _truth(mu, N, 0.1, floor)
+        hw = float(r.ci_halfwidth[0])
+        assert 0 < hw < 1e-9 and abs(float(r.value[0]) - want) <= hw, (floor, hw)
+    r = lin.dfil(0.1, estimator="exact")
+    want = float(mpmath.fsum(mu) / (mpmath.mpf("0.01") * N))
+    hw = float(r.ci_halfwidth[0])
+    assert 0 < hw < 1e-9 * want and abs(float(r.value[0]) - want) <= hw
+
+
+class _Tiny(nn.Module):
+    """``x * 1e-200``: every Jacobian entry 1e-200, whose square underflows to 0 in float64."""
+
+    def forward(self, x):
+        return x * 1e-200
+
+
+def test_underflowed_column_is_not_minus_inf():
+    """The squares underflow, the column is not 0: the floorless FSInfo_diag was ``-inf``
+    (a claim that no input dimension reaches the output); now an upper bound."""
+    x = torch.randn(2, 8, dtype=torch.float64)
+    r = ff.reference.fsinfo(_Tiny(), x, 0.1, floor=0.0)
+    assert bool(r.bound.all()) and torch.isfinite(r.value).all()
+    want = math.log(1e-200 / 0.1) - HALF_LOG_2PIE  # (finite: log of 1e-400 / 0.01, halved)
+    assert bool((r.ci95()[1] >= want).all())
+    d = ff.reference.dfil(_Tiny(), x, 0.1)
+    assert bool((d.value == 0).all()) and bool((d.ci_halfwidth > 0).all())
+
+
+class _Cropped(nn.Module):
+    """A crop: the last two input dimensions never reach the output (exact zero columns)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 10).double()
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x[:, :6]))
+
+
+def test_exact_minus_inf_is_kept_where_it_is_exact():
+    """An input dimension that does not reach the output: ``-inf`` (log det without a prior,
+    floorless diag) with half-width 0 is exact and stays; ``m < d`` the same."""
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with pytest.warns(ff.SingularFisherWarning, match="exactly 0"):
+        r = ff.reference.fsinfo(_Cropped().eval(), x, 0.1, variant="logdet")
+    assert bool(torch.isneginf(r.value).all()) and bool(r.singular.all())
+    assert bool((r.ci_halfwidth == 0).all()) and not bool(r.bound.any())
+    r = ff.reference.fsinfo(_Cropped().eval(), x, 0.1, floor=0.0)
+    assert bool(torch.isneginf(r.value).all()) and bool((r.ci_halfwidth == 0).all())
+    with pytest.warns(ff.SingularFisherWarning, match="m = 4 < d = 8"):
+        r = ff.reference.fsinfo(nn.Linear(8, 4).double().eval(), x, 0.1, variant="logdet")
+    assert bool(torch.isneginf(r.value).all()) and bool((r.ci_halfwidth == 0).all())
+
+
+def test_bottleneck_is_a_bound():
+    """A layer narrower than the input (rank 3 < d = 6 <= m = 10): ``J^T J`` is singular, which
+    float64 cannot tell from singular values of 1e-17: a bound (``(-inf, value]``), not a
+    ``-inf`` claimed from a rounding threshold."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 10)).double().eval()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    with pytest.warns(ff.SingularFisherWarning, match="only bounded above"):
+        r = ff.fsinfo(enc, x, 0.1, variant="logdet", estimator="exact")
+    assert bool(r.bound.all()) and torch.isfinite(r.value).all()
+    assert bool(torch.isneginf(r.ci95()[0]).all())
+
+
+def test_the_interval_covers_the_other_mode():
+    """On real layers (conv, BatchNorm, GELU, max-pool, attention) the oracle's float64 values
+    and those from the Jacobian built the other way (forward- against reverse-mode one-hot
+    products) differ by rounding; the oracle's half-width covers that (it was 0)."""
+    from torch.func import jacfwd, jacrev, vmap
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.GELU(),
+                        nn.MaxPool2d(2), nn.Conv2d(8, 4, 3), nn.Tanh(), nn.Flatten())
+    enc[1].running_mean.uniform_(-0.5, 0.5)
+    enc[1].running_var.uniform_(0.5, 2.0)
+    enc = enc.double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    lin = ff.linearize(enc, x)
+    ex = lin.exact(spectrum=True)
+    assert bool((ex.ad_err > 0).all())
+
+    def f(xi):
+        return enc(xi[None])[0]
+
+    other = vmap((jacrev if ex.m > ex.d else jacfwd)(f))(x)  # (the oracle's other side)
+    J = other.reshape(2, ex.m, ex.d)
+    diag = (J**2).sum(dim=1)
+    mu = torch.linalg.svdvals(J).square()
+    for name, got, theirs in (
+        ("diag", lin.fsinfo(0.1, estimator="exact"),
+         ff.formulas.fsinfo_from_spectrum(diag, ex.d, 0.1, 1e-10)),
+        ("logdet", lin.fsinfo(0.1, variant="logdet", estimator="exact", prior_var=1.0),
+         ff.formulas.fsinfo_from_spectrum(mu, ex.d, 0.1, 1.0)),
+        ("dfil", lin.dfil(0.1, estimator="exact"), diag.sum(dim=1) / (0.01 * ex.d)),
+    ):
+        gap = (got.value - theirs).abs()
+        assert bool((gap <= got.ci_halfwidth).all()), (name, gap, got.ci_halfwidth)
+        assert bool((got.ci_halfwidth > 0).all()) and bool((got.ci_halfwidth < 1e-9).all())
+
+
+def test_zero_column_with_m_below_d_and_a_prior():
+    """``m < d`` and a column exactly 0: the ``d - m`` implicit zero eigenvalues already hold
+    it; the computed ``m`` stay (a first version zeroed one: -0.942 against the truth -0.723,
+    helper 95)."""
+    A = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 6.0, 0.0]], dtype=torch.float64)
+    lin_ = nn.Linear(4, 2, bias=False).double()
+    with torch.no_grad():
+        lin_.weight.copy_(A)
+    x = torch.zeros(1, 4, dtype=torch.float64)
+    G = mpmath.matrix(A.tolist())
+    M = G * G.T / mpmath.mpf("0.25") + mpmath.eye(2) / 2  # J J^T / s^2 + lambda I_m
+    want = float((mpmath.log(mpmath.det(M)) + 2 * mpmath.log(mpmath.mpf("0.5"))) / 8) \
+        - HALF_LOG_2PIE
+    r = ff.linearize(lin_.eval(), x).fsinfo(0.5, variant="logdet", estimator="exact",
+                                            prior_var=2.0)
+    assert abs(float(r.value[0]) - want) <= float(r.ci_halfwidth[0]), (float(r.value[0]), want)
+
+
+@pytest.mark.parametrize("scale", [1e-156, 1e-162, 1e-200])
+def test_logdet_of_a_tiny_jacobian_is_not_minus_inf(scale):
+    """Squared singular values below 1e-308 underflowed: the log det without a prior read
+    ``-inf`` (claimed exact) or 7.6e-4 nats/dim off with a half-width of 1e-13 (helper 95);
+    the spectrum is now scaled by a power of two first. The Linearization's own reading of
+    autograd's rounding read ``inf`` there (its weights squared the column norms)."""
+    s = _spectrum(-2) * scale
+    x = torch.zeros(1, N, dtype=torch.float64)
+    want = _truth(_mu(s), N, 1e-100, 0.0)
+    for r in (ff.reference.fsinfo(_encoder(s), x, 1e-100, variant="logdet"),
+              ff.linearize(_encoder(s), x).fsinfo(1e-100, variant="logdet", estimator="exact")):
+        assert not bool(r.singular[0]) and not bool(r.bound[0])
+        hw = float(r.ci_halfwidth[0])
+        assert hw < 1e-9 and abs(float(r.value[0]) - want) <= hw, (float(r.value[0]), want, hw)
+    r = ff.linearize(_encoder(s), x).fsinfo(0.1, estimator="exact")  # (the floor decides)
+    assert float(r.ci_halfwidth[0]) < 1e-9
