@@ -137,6 +137,7 @@ from .estimators.stopping import (
 )
 from .formulas import DIAG_FLOOR, HALF_LOG_2PIE, as_sigma
 from .reference.oracle import _check_options, _warn_singular
+from .reference.saturation import perturbed_vjp
 from .result import Z95, MetricResult, SigmaResult
 
 __all__ = ["DEFAULT_MAX_PROBES", "Linearization", "linearize"]
@@ -155,6 +156,9 @@ JVP_STREAM = 24
 #: The input-side vector of the float64 forward-/reverse-mode check (:meth:`Linearization.
 #: _modes`; its cotangents are the rounding check's, :meth:`Linearization._pair`).
 MODES_STREAM = 25
+#: Seeds the signs of the saturating activations' perturbation
+#: (:meth:`Linearization._saturation`).
+SATURATION_STREAM = 26
 #: A sample whose float64 forward- and reverse-mode ``u^T J v`` differ by more than this share
 #: of the terms' size, weighted as the metric weighs the columns (:meth:`Linearization.
 #: _modes_share`), has no Jacobian determined in float64: one mode cancelled digits the other
@@ -284,6 +288,40 @@ def _stopping(atol, rtol, num_probes, max_probes, cap: int | None,
         mp = max(num_probes, mp)  # max_probes given below num_probes is refused by the caller
     return StoppingRule(num_probes=num_probes, atol=atol, rtol=rtol, max_probes=mp,
                         stop_unreachable=fallback, stop_batch=fallback and batch)
+
+
+def _column_weights(R: Tensor, kind: str, a: Tensor) -> tuple[Tensor, Tensor]:
+    """``([B, d], [B, d])``: the columns' weights ``w`` as a metric weighs them and the floor's
+    part ``rest`` of each (:meth:`Linearization._modes_share`), normalised by the largest
+    weight; ``a`` ``[B, 1]``."""
+    live = R > 0
+    one = torch.ones_like(R)
+    if kind == "dfil":
+        w, rest = R, torch.zeros_like(R)
+    elif kind == "flat":
+        w, rest = live.to(R), torch.zeros_like(R)
+    else:
+        # (R / (R^2 + a) and a / ((R^2 + a) R) without R^2, which underflows below 1e-162:
+        # the floorless weights of such columns read 1 / 0 = inf)
+        r = torch.where(live, R, one)
+        w = torch.where(live, 1.0 / (r + a / r), 0.0)
+        pos = a > 0
+        rest = torch.where(live & pos, 1.0 / (r + r.pow(3) / torch.where(pos, a, 1.0)), 0.0)
+    top = w.amax(dim=1, keepdim=True)
+    flat = top == 0  # (g 0 everywhere, or every column's weight underflowed)
+    top = torch.where(flat, 1.0, top)
+    return torch.where(flat, one, w / top), rest / top
+
+
+def _per_column(gap: Tensor, v: Tensor, R: Tensor) -> Tensor:
+    """``[B]``: a disagreement ``gap`` in ``u^T dJ v`` (``[B]``, Gaussian ``u``) read as the
+    relative error per column ``e`` it implies: its spread is ``sqrt(sum_k v_k^2 e_k^2
+    R_k^2)``, so ``gap / sqrt(sum_k v_k^2 R_k^2)`` reads the ``e_k`` weighted by ``v_k^2
+    R_k^2`` (``inf`` where a gap meets a zero spread)."""
+    vr = (v * R.unsqueeze(1)).flatten(1)  # (scaled: R^2 underflows below 1e-162)
+    big = vr.abs().amax(dim=1)
+    spread = big * (vr / torch.where(big > 0, big, 1.0).unsqueeze(1)).square().sum(1).sqrt()
+    return torch.where(spread > 0, gap / spread, torch.where(gap > 0, math.inf, 0.0))
 
 
 def pair_count(d: int) -> int:
@@ -580,6 +618,7 @@ class Linearization:
         self._pair_cache: tuple | None = None  # (see _pair)
         self._jvp_pair_cache: tuple | None = None  # (see _jvp_pair)
         self._modes_cache: tuple | str | None = None  # (see _modes)
+        self._sat_cache: Tensor | str | None = None  # (see _saturation)
         self._modes_shares: dict[tuple, Tensor] = {}  # each weighting's share (_modes_flagged)
         self._depth = 0  # public result methods running (see _modes_checked)
         self._modes_forward = True  # the check's JVP ran in forward mode (see _modes_share)
@@ -1101,24 +1140,7 @@ class Linearization:
         u, g, z, R, *_ = self._modes_cache
         p64 = self._p64_fresh()
         a = a.to(R).reshape(-1, 1)
-        live = R > 0
-        one = torch.ones_like(R)
-        if kind == "dfil":
-            w, rest = R, torch.zeros_like(R)
-        elif kind == "flat":
-            w, rest = live.to(R), torch.zeros_like(R)
-        else:
-            # (R / (R^2 + a) and a / ((R^2 + a) R) without R^2, which underflows below 1e-162:
-            # the floorless weights of such columns read 1 / 0 = inf)
-            r = torch.where(live, R, one)
-            w = torch.where(live, 1.0 / (r + a / r), 0.0)
-            pos = a > 0
-            rest = torch.where(live & pos, 1.0 / (r + r.pow(3) / torch.where(pos, a, 1.0)), 0.0)
-        top = w.amax(dim=1, keepdim=True)
-        flat = top == 0  # (g 0 everywhere, or every column's weight underflowed)
-        top = torch.where(flat, 1.0, top)
-        w = torch.where(flat, one, w / top)
-        rest = rest / top
+        w, rest = _column_weights(R, kind, a)
         v = z * w.unsqueeze(1)  # [B, 1, d]
         jv = p64.jvp(v)  # [B, 1, m]
         self._modes_forward = p64.forward_mode
@@ -1136,11 +1158,8 @@ class Linearization:
         share = torch.where(finite, share, math.inf)
         share = torch.where(torch.isposinf(own) & finite, 0.0, share).flatten(1).amax(dim=1)
         share = torch.where(torch.isfinite(a[:, 0]), share, torch.zeros_like(share))
-        vr = (v * R.unsqueeze(1)).flatten(1)  # (scaled: R^2 underflows below 1e-162)
-        big = vr.abs().amax(dim=1)
-        spread = big * (vr / torch.where(big > 0, big, 1.0).unsqueeze(1)).square().sum(1).sqrt()
         gap = torch.where(finite, (x - y).abs(), math.inf).flatten(1).amax(dim=1)
-        return share, torch.where(spread > 0, gap / spread, torch.where(gap > 0, math.inf, 0.0))
+        return share, _per_column(gap, v, R)
 
     def _modes_weighted(self, kind: str, a: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`_modes_share` at a weighting (``kind``, ``a`` per sample), measured once per
@@ -1927,24 +1946,29 @@ class Linearization:
     def _oracle_weighted(self, ex: reference.ExactFisher, s: Tensor,
                          floor: float) -> reference.ExactFisher:
         """``ex`` for FSInfo_diag at noise ``s`` and ``floor``: where the forward- against
-        reverse-mode check's scale-free share exceeds :data:`MODES_SCREEN`, the columns'
-        rounding read at this result's weighting (:meth:`_modes_weighted`, the columns far
-        below the floor's level left out: a disagreement there moves no term of the log)
-        where that is smaller than the scale-free reading (both bound the error: each
-        column's weight in the log is at most 1)."""
+        reverse-mode check's scale-free share exceeds :data:`MODES_SCREEN` or the saturating
+        activations move the columns (:meth:`_saturation`), the columns' rounding read at
+        this result's weighting (:meth:`_modes_weighted`, :meth:`_saturation_col`; the
+        columns far below the floor's level left out: a disagreement there moves no term of
+        the log) where that is smaller than the scale-free reading (both bound the error:
+        each column's weight in the log is at most 1)."""
         got = self._modes()
-        if isinstance(got, str) or ex.ad_err is None or not bool(
-                (got[4] > MODES_SCREEN).any()):
+        if isinstance(got, str) or ex.ad_err is None or floor == 0:
+            return ex  # (floorless: the scale-free readings are this weighting's)
+        sat = self._saturation()
+        moved = isinstance(sat, Tensor) and bool((sat != 0).any())
+        loud = bool((got[4] > MODES_SCREEN).any())
+        if not (loud or moved):
             return ex
-        if floor == 0:  # (the scale-free reading is this weighting's)
-            return ex
-        sig = s.to(got[4]).reshape(-1)
-        try:
-            col = self._modes_weighted("fsinfo", floor * sig.square())[1]
+        a = floor * s.to(got[4]).reshape(-1).square()
+        try:  # (the scale-free reading bounds the error at any weighting)
+            col = self._modes_weighted("fsinfo", a)[1] if loud else got[6]
         except torch.OutOfMemoryError:
             raise
         except (EncoderError, RuntimeError, NotImplementedError):
             return ex
+        if moved:
+            col = torch.maximum(col, self._saturation_col("fsinfo", a))
         return ex.with_ad_err(torch.minimum(ex.ad_err, EXACT_SAFETY * col.to(ex.ad_err)))
 
     def _fast_exact(self, fx: FastExactFisher, make: Callable[[FastExactFisher], MetricResult],
@@ -1959,7 +1983,8 @@ class Linearization:
         record."""
         held = ""
         if self._oracle_part is not None and estimator == "auto":  # (held from a request before)
-            fx = fx.with_exact_rows(*self._oracle_part)
+            held_rows, held_ex = self._oracle_part
+            fx = fx.with_exact_rows(held_rows, self._oracle_weighted(held_ex, s, floor))
             held = (f"; sample(s) {fx.info['exact_fast_oracle_samples']} have the float64 "
                     "oracle's values, computed for an earlier request (or sent there by the "
                     "lost-column check)")
@@ -1970,13 +1995,15 @@ class Linearization:
             return r, why + held
         rows, text = miss
         if fx.exact_rows is None and bool(rows.all()):  # (every sample: the oracle's result)
-            return make(self.exact()), f"{why}; {text}, so the float64 oracle was used"
+            return (make(self._oracle_weighted(self.exact(), s, floor)),
+                    f"{why}; {text}, so the float64 oracle was used")
         oracle = self._exact_rows(rows)
         if self._exact is not None:  # (the last samples: every one is the oracle's now)
-            return make(self._exact), (f"{why}{held}; {text} for the other {int(rows.sum())} "
+            return make(self._oracle_weighted(self._exact, s, floor)), (
+                f"{why}{held}; {text} for the other {int(rows.sum())} "
                                        "sample(s), so every sample has the float64 oracle's "
                                        "values")
-        fx = fx.with_exact_rows(rows, oracle)
+        fx = fx.with_exact_rows(rows, self._oracle_weighted(oracle, s, floor))
         r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
         r.info.update(info)
         self._fast_missed(r, estimator, tol)  # (its converged: every sample meets it now)
@@ -2030,14 +2057,60 @@ class Linearization:
         got = self._modes()
         if isinstance(got, str):
             return ex
+        zero = torch.zeros_like(got[3][:, 0])
+        col = got[6]
         try:
-            fro = self._modes_weighted("flat", torch.zeros_like(got[3][:, 0]))[1]
+            fro = self._modes_weighted("flat", zero)[1]
         except torch.OutOfMemoryError:
             raise
         except (EncoderError, RuntimeError, NotImplementedError):
-            fro = torch.full_like(got[6], math.inf)  # (no reading of J as a whole: no claim)
-        return ex.with_ad_err(EXACT_SAFETY * got[6].to(ex.trace),
-                              EXACT_SAFETY * fro.to(ex.trace))
+            fro = torch.full_like(col, math.inf)  # (no reading of J as a whole: no claim)
+        sat = self._saturation()
+        if isinstance(sat, Tensor):
+            col = torch.maximum(col, self._saturation_col("fsinfo", zero))
+            fro = torch.maximum(fro, self._saturation_col("flat", zero))
+            moved = (sat != 0).any(dim=1).to(ex.diag.device)  # [B, d]
+            gone = (ex.diag == 0) & moved  # (computed 0, and the rounding moves it)
+            if bool(gone.any()):
+                top = (EXACT_SAFETY * sat.abs().amax(dim=1)).square().to(ex.diag)
+                ex = dataclasses.replace(
+                    ex, zero_cols=None if ex.zero_cols is None else ex.zero_cols & ~moved,
+                    col_floor=torch.where(gone, top, 0.0))
+        return ex.with_ad_err(EXACT_SAFETY * col.to(ex.trace), EXACT_SAFETY * fro.to(ex.trace))
+
+    def _saturation(self) -> Tensor | str:
+        """``[B, c, d]`` float64: how one unit roundoff in the saturating activations' outputs
+        moves the float64 VJPs of :meth:`_modes`' cotangents
+        (:func:`~fsinfo_fast.reference.saturation.perturbed_vjp`: the rounding both modes of
+        autograd share, which the forward-/reverse-mode check cannot see), computed once per
+        batch (a float64 forward and two VJPs, only where such ops run); or why it cannot
+        run."""
+        if self._sat_cache is None:
+            got = self._modes()
+            if isinstance(got, str):
+                self._sat_cache = got
+            else:
+                try:
+                    enc64 = self._float64_encoder(confirm=False)
+                    self._sat_cache = perturbed_vjp(enc64.fn, enc64.x, got[0],
+                                                    seed=SATURATION_STREAM)[0]
+                except torch.OutOfMemoryError:
+                    raise
+                except (EncoderError, RuntimeError, NotImplementedError) as err:
+                    self._sat_cache = (f"the saturating activations' rounding cannot be read "
+                                       f"({type(err).__name__}: "
+                                       f"{' '.join(str(err).split())[:200]})")
+        return self._sat_cache
+
+    def _saturation_col(self, kind: str, a: Tensor) -> Tensor:
+        """``[B]``: :meth:`_saturation`'s change read as a relative error per column at a
+        weighting (:func:`_column_weights`, :func:`_per_column`); no products."""
+        diff = self._saturation()
+        _, _, z, R, *_ = self._modes_cache
+        w, _ = _column_weights(R, kind, a.to(R).reshape(-1, 1))
+        v = z * w.unsqueeze(1)
+        gap = torch.einsum("bcd,bjd->bcj", diff.to(v), v).abs().flatten(1).amax(dim=1)
+        return _per_column(gap, v, R)
 
     def _fast_measured(self, r: MetricResult, s: Tensor, floor: float,
                        exact_rows: Tensor | None = None) -> MetricResult:

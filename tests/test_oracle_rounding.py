@@ -259,3 +259,60 @@ def test_logdet_of_a_tiny_jacobian_is_not_minus_inf(scale):
         assert hw < 1e-9 and abs(float(r.value[0]) - want) <= hw, (float(r.value[0]), want, hw)
     r = ff.linearize(_encoder(s), x).fsinfo(0.1, estimator="exact")  # (the floor decides)
     assert float(r.ci_halfwidth[0]) < 1e-9
+
+
+def _tanh_truth(W, b, x, sigma, variant, floor=0.0, prior_var=None):
+    """FSInfo of ``tanh(W x + b)`` at 60 digits (``J = diag(1 - tanh(z)^2) W``)."""
+    with mpmath.workdps(60):
+        m, d = W.shape
+        Wm = mpmath.matrix(W.tolist())
+        z = [mpmath.fsum(Wm[i, j] * mpmath.mpf(float(x[0, j])) for j in range(d))
+             + mpmath.mpf(float(b[i])) for i in range(m)]
+        J = mpmath.matrix(m, d)
+        for i in range(m):
+            gi = 1 - mpmath.tanh(z[i]) ** 2
+            for j in range(d):
+                J[i, j] = gi * Wm[i, j]
+        s2 = mpmath.mpf(sigma) ** 2
+        if variant == "diag":
+            D = J.T * J
+            total = mpmath.fsum(mpmath.log(D[k, k] / s2 + floor) for k in range(d))
+        else:
+            lam = 0 if prior_var is None else 1 / mpmath.mpf(prior_var)
+            total = mpmath.log(mpmath.det(J.T * J / s2 + lam * mpmath.eye(d)))
+        return float(total / (2 * d) - mpmath.log(2 * mpmath.pi * mpmath.e) / 2)
+
+
+@pytest.mark.parametrize("shift", [5.0, 10.0, 14.0, 17.0, 18.5, 19.5])
+def test_saturated_tanh_rounding_is_read(shift):
+    """``tanh(W x + b)`` with pre-activations near ``shift``: autograd's ``1 - y^2`` keeps
+    few digits (none past 19.06, where ``y`` rounds to 1 and the column to 0), the same in both
+    modes, so the forward-/reverse-mode check reads nothing. Before (helper 95) the oracle's
+    interval missed the 60-digit truth from ``|z| = 3`` on (600 half-widths at 7; 3e-2 nats/dim
+    at 14 with a half-width of 1e-14) and past 19.06 claimed ``-inf`` exactly (the truth
+    -13.5). The saturating ops' rounding is now read (``reference.saturation``): every
+    interval holds the truth, or none is claimed (``inf``) where the digits are gone."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 3, dtype=torch.float64, generator=g) * 0.1
+    b = torch.full((4,), shift, dtype=torch.float64) + torch.rand(4, dtype=torch.float64,
+                                                                   generator=g)
+    x = torch.randn(1, 3, dtype=torch.float64, generator=g) * 0.1
+
+    def enc(v):
+        return torch.tanh(v @ W.T + b)
+
+    lin = ff.linearize(enc, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cases = [("diag", 0.1, {}), ("diag", 1e-12, {"floor": 0.0}),
+                 ("logdet", 1e-12, {}), ("logdet", 1e-12, {"prior_var": 1e20})]
+        for variant, sigma, kw in cases:
+            r = lin.fsinfo(sigma, variant=variant, estimator="exact", **kw)
+            want = _tanh_truth(W, b, x, sigma, variant, kw.get("floor", 1e-10),
+                               kw.get("prior_var"))
+            low, high = (float(t[0]) for t in r.ci95())
+            assert low <= want <= high, (variant, kw, float(r.value[0]), want, low, high)
+            if shift <= 10:  # (digits left: a finite interval, not a give-up)
+                assert math.isfinite(high - low) and not bool(r.bound[0])
+            if variant == "logdet" and "prior_var" not in kw:
+                assert not bool(r.singular[0])  # (a rounded-away column is no exact -inf)

@@ -127,6 +127,9 @@ class FastExactFisher:
     #: ``[B]`` bool: samples whose ``diag`` and ``trace`` are the float64 oracle's
     #: (:meth:`with_exact_rows`; ``rel_err`` the oracle's there), or None
     exact_rows: Tensor | None = None
+    #: ``[B]`` the trace's relative allowance where it is not ``rel_err`` (the oracle's rows,
+    #: :meth:`with_exact_rows`), or None
+    trace_rel_err: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -135,8 +138,9 @@ class FastExactFisher:
     def with_exact_rows(self, rows: Tensor, oracle: Any) -> FastExactFisher:
         """This with the samples ``rows`` (``[B]`` bool) taking the float64 oracle's ``diag``
         and ``trace`` (a :class:`~fsinfo_fast.reference.ExactFisher`, read on ``rows`` only)
-        and its rounding allowance (the larger of its diagonal's and its trace's), the other
-        samples keeping theirs. ``info["exact_fast_oracle_samples"]`` lists them;
+        and its rounding allowances (its diagonal's as ``rel_err``, its trace's as
+        ``trace_rel_err``), the other samples keeping theirs.
+        ``info["exact_fast_oracle_samples"]`` lists them;
         ``info["exact_fast_oracle_passes"]``: the float64 products each of them cost
         (``min(m, d)``, beside ``passes``)."""
         r = rows.to(self.trace.device)
@@ -144,11 +148,13 @@ class FastExactFisher:
         r = r | keep.to(r.device)
         info = {**self.info, "exact_fast_oracle_samples": r.nonzero().flatten().tolist(),
                 "exact_fast_oracle_passes": min(self.m, self.d)}
-        e = torch.maximum(*oracle.rel_err()).to(self.rel_err)
+        e_diag, e_trace = (e.to(self.rel_err) for e in oracle.rel_err())
+        trace_rel = self.trace_rel_err if self.trace_rel_err is not None else self.rel_err
         return replace(
             self, diag=torch.where(r[:, None], oracle.diag.to(self.diag), self.diag),
             trace=torch.where(r, oracle.trace.to(self.trace), self.trace),
-            rel_err=torch.where(r, e, self.rel_err), exact_rows=r, info=info)
+            rel_err=torch.where(r, e_diag, self.rel_err),
+            trace_rel_err=torch.where(r, e_trace, trace_rel), exact_rows=r, info=info)
 
     def _info(self, extra: dict[str, Any]) -> dict[str, Any]:
         return {**self.info, "exact_fast_rel_err": self.rel_err.tolist(),
@@ -186,7 +192,7 @@ class FastExactFisher:
         r"""dFIL ``tr(J^T J) / (sigma^2 d)`` with ``eps_b * dFIL`` as its interval."""
         s = as_sigma(sigma, self.batch, self.trace.device)
         value = self.trace / (s**2 * self.d)
-        bias = self.rel_err * value
+        bias = (self.trace_rel_err if self.trace_rel_err is not None else self.rel_err) * value
         return MetricResult(
             value=value, stderr=torch.zeros_like(value), metric="dfil", units="1/dim",
             estimator=NAME, sigma=s, d=self.d, m=self.m, passes=self.passes + self.check_passes,

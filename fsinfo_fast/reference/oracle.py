@@ -18,8 +18,10 @@ parts, per sample:
 
 - autograd's: each column of the computed ``J`` is taken to be within a relative ``a_b`` of the
   true one (:attr:`ExactFisher.ad_err`: :data:`AD_ULPS` unit roundoffs a priori; a
-  :class:`~fsinfo_fast.Linearization` sets ``SAFETY`` times what its float64 forward- against
-  reverse-mode check measured, where that is larger);
+  :class:`~fsinfo_fast.Linearization` sets ``SAFETY`` times what it reads where that is
+  larger: its float64 forward- against reverse-mode check, and the rounding both modes share
+  in saturating activations, :mod:`~fsinfo_fast.reference.saturation`; a column computed as
+  exactly 0 that the latter moves is no structural zero, and gets an upper bound of its own);
 - the sums of squares: ``diag`` sums ``m`` squares, the trace ``m d``: a relative
   ``gamma_n = n u / (1 - n u)`` (``u`` float64's unit roundoff), and up to ``n`` times the
   smallest subnormal where squares underflow;
@@ -38,10 +40,9 @@ underflowed is not one). Where the lower bracket reaches ``-inf`` otherwise (a s
 within ``delta`` of 0 without a prior: ``J^T J`` singular to float64's resolution, e.g. a
 bottleneck narrower than ``d``), the value is the upper bracket's and flagged ``bound`` (an
 upper bound, ``ci95() = (-inf, value]``), with a :class:`SingularFisherWarning`.
-The allowance is a model (a measured autograd error scaled by a safety factor, worst-case
-summation and SVD bounds), not a proof: a cancellation both modes of autograd share (a
-saturated ``tanh`` whose ``1 - y^2`` both read from the same rounded ``y``) is not seen by the
-measurement.
+The allowance is a model (measured autograd errors scaled by a safety factor, worst-case
+summation and SVD bounds), not a proof; the bare :func:`fsinfo` and :func:`exact_fisher`
+measure nothing (the a-priori allowance, and every column exactly 0 taken as structural).
 """
 
 from __future__ import annotations
@@ -329,6 +330,10 @@ class ExactFisher:
             spectrum), or ``None``.
         singular_values: ``[B, min(m, d)]`` the singular values of ``J`` (ascending, as
             computed: their squares, ``eigvals``, under- and overflow), or ``None``.
+        col_floor: ``[B, d]`` an upper bound of the true squared norm of columns computed as
+            exactly 0 that are not structural zeros (a saturated ``tanh``'s, found by
+            :func:`~fsinfo_fast.reference.saturation.perturbed_vjp`; 0 elsewhere), or
+            ``None``.
         zero_cols: ``[B, d]`` bool: columns of the computed ``J`` that are exactly 0, or
             ``None`` (then ``diag == 0`` is taken as exact).
     """
@@ -343,6 +348,7 @@ class ExactFisher:
     fro_err: Tensor | None = None
     svd_err: Tensor | None = None
     singular_values: Tensor | None = None
+    col_floor: Tensor | None = None
     zero_cols: Tensor | None = None
 
     @property
@@ -396,6 +402,8 @@ class ExactFisher:
             high = torch.where(e < 1, self.diag / (1 - e).clamp_min(U64), math.inf)
             # squares that underflowed: up to m subnormals each (none in an exact-zero column)
             high = torch.where(zc, 0.0, high + (self.m + 1) * SUBNORMAL)
+            if self.col_floor is not None:  # (computed 0, not structurally: the reading's)
+                high = torch.maximum(high, self.col_floor)
             return self.diag, low, high, self.d, torch.ones_like(self.trace)
         self._need_spectrum()
         sv = (self.singular_values if self.singular_values is not None
@@ -410,7 +418,10 @@ class ExactFisher:
         # the singular values: the trace's squares under- and overflow)
         fro = (torch.linalg.vector_norm(sv, dim=1) * torch.sqrt(1 + e_tr)
                / (1 - a).clamp_min(U64))
-        delta = (svd + torch.where(a < 1, a * fro, math.inf)).unsqueeze(1)
+        delta = svd + torch.where(a < 1, a * fro, math.inf)
+        if self.col_floor is not None:  # (columns computed 0 whose truth is not: in dJ too)
+            delta = delta + self.col_floor.sum(dim=1).sqrt() * t
+        delta = delta.unsqueeze(1)
         low = (sv - delta).clamp_min(0).square()
         high = (sv + delta).square()
         # k columns exactly 0: J^T J has at least k exact zero eigenvalues, of which the d - n

@@ -1,0 +1,146 @@
+r"""Autograd's float64 rounding that forward and reverse mode share: saturating activations.
+
+``tanh``, ``sigmoid``, ``softmax`` and ``log_softmax`` compute their derivative from their own
+rounded output (``1 - y^2``, ``y (1 - y)``, ``p (g - <p, g>)``). Near the output's limit the
+derivative keeps few of its digits (``1 - tanh(z)^2`` carries a relative error of about
+``u e^{2|z|} / 4``: 1e-12 at ``|z| = 5``; ``tanh(19.1)`` rounds to 1 and the derivative to 0),
+and both modes of autograd read the same rounded output, so comparing them (the float64
+forward-/reverse-mode check) does not see it. :func:`perturbed_vjp` recomputes a VJP with each
+such op's derivative read from its output perturbed by one unit roundoff (relative, seeded
+random signs; the forward values are unchanged): the change is what that rounding does to
+``J^T u``, each op weighted as it enters the columns. A column computed as exactly 0 that
+changes is not a structural zero (a saturated ``tanh``, not a crop).
+
+The ops are caught where Python calls them (``torch.tanh``, ``nn.Tanh``, ``F.softmax``,
+``Tensor.softmax``, ...); one fused inside another op (``F.gelu(approximate="tanh")``,
+``F.scaled_dot_product_attention``'s softmax) is not.
+
+Example:
+    >>> import torch
+    >>> f = lambda x: torch.tanh(x + 18.0)  # 1 - tanh^2 ~ 9e-16: one digit in float64
+    >>> x = torch.zeros(1, 3, dtype=torch.float64)
+    >>> u = torch.ones(1, 1, 3, dtype=torch.float64)
+    >>> diff, ops = perturbed_vjp(f, x, u, seed=0)
+    >>> ops, bool(diff.abs().max() > 1e-17)
+    (1, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["perturbed_vjp"]
+
+U64 = torch.finfo(torch.float64).eps / 2
+
+_OPS = {
+    torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.tanh: "tanh",
+    torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+    F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
+    torch.Tensor.log_softmax: "log_softmax",
+}
+
+
+class _Perturbed(torch.autograd.Function):
+    """The op's value, and a backward that reads its derivative from ``y (1 + u r)``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kind: str, dim: int | None, r: Tensor) -> Tensor:
+        if kind == "tanh":
+            y = torch.tanh(x)
+        elif kind == "sigmoid":
+            y = torch.sigmoid(x)
+        elif kind == "softmax":
+            y = torch.softmax(x, dim)
+        else:
+            y = torch.log_softmax(x, dim)
+        ctx.save_for_backward(y, r)
+        ctx.kind, ctx.dim = kind, dim
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        y, r = ctx.saved_tensors
+        kind, dim = ctx.kind, ctx.dim
+        if kind == "tanh":
+            yp = y * (1 + U64 * r)
+            grad = g * (1 - yp * yp)
+        elif kind == "sigmoid":
+            yp = y * (1 + U64 * r)
+            grad = g * yp * (1 - yp)
+        elif kind == "softmax":
+            p = y * (1 + U64 * r)
+            grad = p * (g - (p * g).sum(dim, keepdim=True))
+        else:
+            p = torch.exp(y) * (1 + U64 * r)
+            grad = g - p * g.sum(dim, keepdim=True)
+        return grad, None, None, None
+
+
+class _Saturating(TorchFunctionMode):
+    """Routes the saturating ops through :class:`_Perturbed` (a seeded generator draws each
+    op's signs); ``count`` says how many it caught."""
+
+    def __init__(self, gen: torch.Generator) -> None:
+        super().__init__()
+        self.gen = gen
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        kind = _OPS.get(func)
+        x = args[0] if args else kwargs.get("input")
+        if kind is None or not isinstance(x, Tensor) or not x.is_floating_point():
+            return func(*args, **kwargs)
+        dim = None
+        if kind in ("softmax", "log_softmax"):
+            rest = dict(zip(("dim", "_stacklevel", "dtype"), args[1:], strict=False))
+            rest.update({k: v for k, v in kwargs.items() if k != "input"})
+            dim = rest.pop("dim", None)
+            rest.pop("_stacklevel", None)
+            if dim is None or rest.get("dtype") is not None or set(rest) - {"dtype"}:
+                return func(*args, **kwargs)  # (an implicit dim, a cast, out=: left alone)
+        elif len(args) > 1 or set(kwargs) - {"input"}:
+            return func(*args, **kwargs)
+        r = torch.randint(0, 2, x.shape, generator=self.gen).to(x.device, x.dtype) * 2 - 1
+        self.count += 1
+        return _Perturbed.apply(x, kind, dim, r)
+
+
+def perturbed_vjp(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor,
+                  seed: int = 0) -> tuple[Tensor, int]:
+    """How one unit roundoff in the saturating ops' outputs moves ``J^T u``.
+
+    Args:
+        fn: the encoder on flattened inputs (``[B, d] -> [B, m]``), in float64.
+        x: ``[B, d]`` the batch.
+        u: ``[B, c, m]`` cotangents.
+        seed: seeds the perturbations' signs.
+
+    Returns:
+        ``(diff, ops)``: ``[B, c, d]`` the perturbed VJPs less the plain ones (plain autograd
+        both), and how many saturating op calls were caught (0: ``diff`` is 0, no VJP ran).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    xs = x.detach().clone().requires_grad_(True)
+    diff = torch.zeros(u.shape[0], u.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
+    with torch.enable_grad():
+        mode = _Saturating(gen)
+        with mode:
+            y1 = fn(xs)
+        if mode.count == 0:
+            return diff, 0
+        y0 = fn(xs)
+        for j in range(u.shape[1]):
+            cot = u[:, j].reshape(y1.shape).to(y1.dtype)
+            (g1,) = torch.autograd.grad(y1, xs, cot, retain_graph=True, allow_unused=True)
+            (g0,) = torch.autograd.grad(y0, xs, cot, retain_graph=True, allow_unused=True)
+            if g1 is not None and g0 is not None:
+                diff[:, j] = g1 - g0
+    return diff, mode.count
