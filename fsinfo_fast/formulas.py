@@ -39,7 +39,12 @@ __all__ = [
     "sigma_for_target",
     "nats_to_bits",
     "sum_rel_bound",
+    "SUBNORMAL",
 ]
+
+
+#: The smallest positive float64 (subnormal): what one square that underflowed to 0 may be.
+SUBNORMAL: float = 2.0**-1074
 
 
 def sum_rel_bound(n: int) -> float:

@@ -290,10 +290,13 @@ def _stopping(atol, rtol, num_probes, max_probes, cap: int | None,
                         stop_unreachable=fallback, stop_batch=fallback and batch)
 
 
-def _column_weights(R: Tensor, kind: str, a: Tensor) -> tuple[Tensor, Tensor]:
-    """``([B, d], [B, d])``: the columns' weights ``w`` as a metric weighs them and the floor's
-    part ``rest`` of each (:meth:`Linearization._modes_share`), normalised by the largest
-    weight; ``a`` ``[B, 1]``."""
+def _column_weights(R: Tensor, kind: str, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``([B, d], [B, d], [B, d])``: the columns' weights ``w`` as a metric weighs them and the
+    floor's part ``rest`` of each (:meth:`Linearization._modes_share`), normalised by the
+    largest weight, and each column's scale for :func:`_per_column` (``w_k R_k``; for FSInfo
+    ``w_k R_k / rho_k``, ``rho_k = R_k^2 / (R_k^2 + a)`` its weight in the log: a relative
+    error ``e_k`` moves its term by ``rho_k e_k``, so the reading is of ``rho_k e_k``, and a
+    column far below the floor's level reads as such); ``a`` ``[B, 1]``."""
     live = R > 0
     one = torch.ones_like(R)
     if kind == "dfil":
@@ -310,15 +313,20 @@ def _column_weights(R: Tensor, kind: str, a: Tensor) -> tuple[Tensor, Tensor]:
     top = w.amax(dim=1, keepdim=True)
     flat = top == 0  # (g 0 everywhere, or every column's weight underflowed)
     top = torch.where(flat, 1.0, top)
-    return torch.where(flat, one, w / top), rest / top
+    w = torch.where(flat, one, w / top)
+    # (w_k R_k / rho_k = 1 / top on the live columns: R_k^2 / rho_k underflows)
+    scale = (torch.where(flat, one, live.to(R) / top) if kind == "fsinfo"
+             else w * R)
+    return w, rest / top, scale
 
 
-def _per_column(gap: Tensor, v: Tensor, R: Tensor) -> Tensor:
-    """``[B]``: a disagreement ``gap`` in ``u^T dJ v`` (``[B]``, Gaussian ``u``) read as the
-    relative error per column ``e`` it implies: its spread is ``sqrt(sum_k v_k^2 e_k^2
-    R_k^2)``, so ``gap / sqrt(sum_k v_k^2 R_k^2)`` reads the ``e_k`` weighted by ``v_k^2
-    R_k^2`` (``inf`` where a gap meets a zero spread)."""
-    vr = (v * R.unsqueeze(1)).flatten(1)  # (scaled: R^2 underflows below 1e-162)
+def _per_column(gap: Tensor, z: Tensor, scale: Tensor) -> Tensor:
+    """``[B]``: a disagreement ``gap`` in ``u^T dJ v`` (``[B]``, Gaussian ``u``, ``v = z w``)
+    read as the relative error per column it implies: with column ``k`` off by ``e_k R_k`` its
+    spread is ``sqrt(sum_k z_k^2 w_k^2 e_k^2 R_k^2)``, so ``gap / sqrt(sum_k z_k^2 s_k^2)``
+    (``s`` the columns' ``scale``, :func:`_column_weights`) reads ``e_k w_k R_k / s_k``
+    weighted by ``z_k^2 s_k^2`` (``inf`` where a gap meets a zero spread)."""
+    vr = (z * scale.unsqueeze(1)).flatten(1)  # (scaled: R^2 underflows below 1e-162)
     big = vr.abs().amax(dim=1)
     spread = big * (vr / torch.where(big > 0, big, 1.0).unsqueeze(1)).square().sum(1).sqrt()
     return torch.where(spread > 0, gap / spread, torch.where(gap > 0, math.inf, 0.0))
@@ -1140,7 +1148,7 @@ class Linearization:
         u, g, z, R, *_ = self._modes_cache
         p64 = self._p64_fresh()
         a = a.to(R).reshape(-1, 1)
-        w, rest = _column_weights(R, kind, a)
+        w, rest, scale = _column_weights(R, kind, a)
         v = z * w.unsqueeze(1)  # [B, 1, d]
         jv = p64.jvp(v)  # [B, 1, m]
         self._modes_forward = p64.forward_mode
@@ -1159,7 +1167,7 @@ class Linearization:
         share = torch.where(torch.isposinf(own) & finite, 0.0, share).flatten(1).amax(dim=1)
         share = torch.where(torch.isfinite(a[:, 0]), share, torch.zeros_like(share))
         gap = torch.where(finite, (x - y).abs(), math.inf).flatten(1).amax(dim=1)
-        return share, _per_column(gap, v, R)
+        return share, _per_column(gap, z, scale)
 
     def _modes_weighted(self, kind: str, a: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`_modes_share` at a weighting (``kind``, ``a`` per sample), measured once per
@@ -1211,6 +1219,9 @@ class Linearization:
         if not self._modes_forward:
             out.info["modes_jvp"] = ("double backward (an op has no forward-mode rule): the "
                                      "check compares reverse mode with its transpose")
+        if isinstance(self._sat_cache, str) and out.estimator in ("exact", "mixed"):
+            out.info["saturation_unread"] = (  # (_oracle_measured: no claim)
+                f"{self._sat_cache}: the oracle's rounding is not bounded (half-width inf)")
         base, zero = got[4], got[5]
         if not bool((base > MODES_SCREEN).any()) and zero is None:
             return out
@@ -2066,6 +2077,9 @@ class Linearization:
         except (EncoderError, RuntimeError, NotImplementedError):
             fro = torch.full_like(col, math.inf)  # (no reading of J as a whole: no claim)
         sat = self._saturation()
+        if isinstance(sat, str):  # (the reading failed: no claim; _modes_flagged says why)
+            inf = torch.full_like(col, math.inf).to(ex.trace)
+            return ex.with_ad_err(inf, inf)
         if isinstance(sat, Tensor):
             col = torch.maximum(col, self._saturation_col("fsinfo", zero))
             fro = torch.maximum(fro, self._saturation_col("flat", zero))
@@ -2107,10 +2121,10 @@ class Linearization:
         weighting (:func:`_column_weights`, :func:`_per_column`); no products."""
         diff = self._saturation()
         _, _, z, R, *_ = self._modes_cache
-        w, _ = _column_weights(R, kind, a.to(R).reshape(-1, 1))
+        w, _, scale = _column_weights(R, kind, a.to(R).reshape(-1, 1))
         v = z * w.unsqueeze(1)
         gap = torch.einsum("bcd,bjd->bcj", diff.to(v), v).abs().flatten(1).amax(dim=1)
-        return _per_column(gap, v, R)
+        return _per_column(gap, z, scale)
 
     def _fast_measured(self, r: MetricResult, s: Tensor, floor: float,
                        exact_rows: Tensor | None = None) -> MetricResult:

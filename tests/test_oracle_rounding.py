@@ -316,3 +316,101 @@ def test_saturated_tanh_rounding_is_read(shift):
                 assert math.isfinite(high - low) and not bool(r.bound[0])
             if variant == "logdet" and "prior_var" not in kw:
                 assert not bool(r.singular[0])  # (a rounded-away column is no exact -inf)
+
+
+@pytest.mark.parametrize("shift", [8.0, 16.0, 25.0])
+def test_sigmoid_head_rounding_is_read(shift):
+    """A sigmoid head near saturation: ``y (1 + u r)`` rounds back to ``y`` for ``r = +1``, so
+    a first version of the saturation reading moved only the elements drawn -1 and read 0 on a
+    single sigmoid (helper 96: 17 to 2.6e8 half-widths off the truth); one ulp up or down now."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(1, 1, dtype=torch.float64, generator=g) * 0.1
+    x = torch.randn(1, 1, dtype=torch.float64, generator=g) * 0.1
+
+    def enc(v):
+        return torch.sigmoid(v @ W.T + shift)
+
+    with mpmath.workdps(60):
+        z = [mpmath.mpf(float(W[i, 0])) * mpmath.mpf(float(x[0, 0])) + shift for i in range(1)]
+        D = mpmath.fsum((mpmath.exp(-v) / (1 + mpmath.exp(-v)) ** 2 * mpmath.mpf(float(W[i, 0])))
+                        ** 2 for i, v in enumerate(z))
+        want = float(mpmath.log(D / mpmath.mpf("0.01")) / 2
+                     - mpmath.log(2 * mpmath.pi * mpmath.e) / 2)
+    r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0, estimator="exact")
+    hw = float(r.ci_halfwidth[0])
+    assert math.isfinite(hw) and abs(float(r.value[0]) - want) <= hw, (float(r.value[0]), want, hw)
+
+
+def test_every_element_moves_and_every_spelling_is_caught():
+    """Each saturating op's derivative moves whatever its drawn sign; ``torch.special.expit``,
+    ``F.softmin``, ``torch.special.softmax`` and a softmax whose ``dtype`` is its input's are
+    caught too (helper 96)."""
+    import torch.nn.functional as F
+
+    from fsinfo_fast.reference.saturation import perturbed_vjp
+
+    x = torch.full((1, 64), 8.0, dtype=torch.float64)
+    u = torch.ones(1, 1, 64, dtype=torch.float64)
+    for f in (torch.sigmoid, torch.tanh, torch.special.expit):
+        diff, ops = perturbed_vjp(f, x, u)
+        assert ops == 1 and bool((diff != 0).all()), f
+    z = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u = torch.randn(2, 1, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for f in (lambda v: F.softmin(v * 30, dim=1), lambda v: torch.special.softmax(v * 30, 1),
+              lambda v: torch.softmax(v * 30, -1, dtype=torch.float64),
+              lambda v: torch.special.log_softmax(v * 30, dim=1)):
+        diff, ops = perturbed_vjp(f, z, u)
+        assert ops == 1 and bool((diff != 0).any())
+    assert perturbed_vjp(lambda v: torch.softmax(v, -1, dtype=torch.float32).double(),
+                         z, u)[1] == 0  # (a cast: left alone)
+
+
+def test_a_reading_that_cannot_run_claims_nothing():
+    """``torch.vmap`` inside the encoder: the reading cannot run there; the oracle kept the
+    a-priori allowance, 1.8e10 half-widths off (helper 96); now no claim, and it says why."""
+    w = torch.tensor([0.3, -0.2, 0.25], dtype=torch.float64)
+    b = torch.tensor([15.0, 14.0, 16.0], dtype=torch.float64)
+
+    def enc(v):
+        return torch.vmap(lambda row: torch.tanh(row * w + b))(v)
+
+    r = ff.linearize(enc, torch.zeros(1, 3, dtype=torch.float64)).fsinfo(
+        0.1, floor=0.0, estimator="exact")
+    assert math.isinf(float(r.ci_halfwidth[0]))
+    assert "cannot be read" in r.info["saturation_unread"]
+
+
+def test_columns_far_below_the_floor_keep_a_finite_interval():
+    """Every column saturated past ``|z| = 17`` (a relative error of 1 or more) but 1e-20 of
+    the floor's level: each term is ``log(floor)`` to 1e-20, and the interval was ``inf``
+    (helper 96); the reading is of each column's weight in the log times its error."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 3, dtype=torch.float64, generator=g) * 0.1
+    x = torch.randn(1, 3, dtype=torch.float64, generator=g) * 0.1
+    for shift in (17.0, 18.5):
+        def enc(v, shift=shift):
+            return torch.tanh(v @ W.T + shift)
+
+        r = ff.linearize(enc, x).fsinfo(0.1, estimator="exact")
+        assert float(r.ci_halfwidth[0]) < 1e-12, shift
+        assert abs(float(r.value[0]) - (0.5 * math.log(1e-10) - HALF_LOG_2PIE)) < 1e-12
+
+
+def test_float64_products_whose_squares_underflow_are_not_minus_inf():
+    """A float64 sigmoid head at ``z = -700``: Jacobian entries of 1e-304 whose squares
+    underflow. The fast exact route (float64 products) claimed the floorless ``-inf`` with a
+    half-width of 4e-15 (helper 96; the truth about -699); it claims nothing now, and ``auto``
+    takes the oracle's upper bound."""
+    a = torch.tensor([1.0003, 1.0007, 1.0001], dtype=torch.float64)
+    c = torch.tensor([-700.0, -707.0, -693.0], dtype=torch.float64)
+    x = torch.tensor([[0.123456789, -0.3141592653, 0.2718281828]], dtype=torch.float64)
+
+    def enc(v):
+        return torch.sigmoid(v * a + c)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = ff.linearize(enc, x).fsinfo(0.1, floor=0.0, estimator="exact-fast")
+        auto = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
+    assert math.isinf(float(fast.ci_halfwidth[0]))
+    assert bool(auto.bound[0]) and -699.1 <= float(auto.ci95()[1][0]) < math.inf

@@ -63,7 +63,13 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidInputError
-from ..formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum, sum_rel_bound
+from ..formulas import (
+    DIAG_FLOOR,
+    SUBNORMAL,
+    as_sigma,
+    fsinfo_from_spectrum,
+    sum_rel_bound,
+)
 from ..result import MetricResult
 from .base import CPU_BLOCK_BYTES, square_sum64
 
@@ -130,6 +136,10 @@ class FastExactFisher:
     #: ``[B]`` the trace's relative allowance where it is not ``rel_err`` (the oracle's rows,
     #: :meth:`with_exact_rows`), or None
     trace_rel_err: Tensor | None = None
+    #: ``[B, d]`` bool: columns whose products are not 0 but whose squares all underflowed
+    #: (each such entry below ``m`` subnormals, not 0: no floorless ``-inf`` is claimed), or
+    #: None
+    underflow: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -154,7 +164,8 @@ class FastExactFisher:
             self, diag=torch.where(r[:, None], oracle.diag.to(self.diag), self.diag),
             trace=torch.where(r, oracle.trace.to(self.trace), self.trace),
             rel_err=torch.where(r, e_diag, self.rel_err),
-            trace_rel_err=torch.where(r, e_trace, trace_rel), exact_rows=r, info=info)
+            trace_rel_err=torch.where(r, e_trace, trace_rel), exact_rows=r, info=info,
+            underflow=None if self.underflow is None else self.underflow & ~r[:, None])
 
     def _info(self, extra: dict[str, Any]) -> dict[str, Any]:
         return {**self.info, "exact_fast_rel_err": self.rel_err.tolist(),
@@ -183,6 +194,11 @@ class FastExactFisher:
         s = as_sigma(sigma, self.batch, self.diag.device)
         value = fsinfo_from_spectrum(self.diag, self.d, s, floor)
         bias = fsinfo_bias(self.rel_err)
+        if self.underflow is not None:  # (up to (m + 1) subnormals each, not 0)
+            n = self.underflow.sum(dim=1).to(bias)
+            up = (torch.log1p((self.m + 1) * SUBNORMAL / (s.square() * floor)) if floor > 0
+                  else torch.full_like(bias, math.inf))
+            bias = bias + torch.where(n > 0, n * up / (2 * self.d), 0.0)
         return MetricResult(
             value=value, stderr=torch.zeros_like(value), metric="fsinfo_diag", units="nats/dim",
             estimator=NAME, sigma=s, d=self.d, m=self.m, passes=self.passes + self.check_passes,
@@ -193,6 +209,9 @@ class FastExactFisher:
         s = as_sigma(sigma, self.batch, self.trace.device)
         value = self.trace / (s**2 * self.d)
         bias = (self.trace_rel_err if self.trace_rel_err is not None else self.rel_err) * value
+        if self.underflow is not None:
+            bias = bias + (self.underflow.sum(dim=1).to(bias) * (self.m + 1) * SUBNORMAL
+                           / (s.square() * self.d))
         return MetricResult(
             value=value, stderr=torch.zeros_like(value), metric="dfil", units="1/dim",
             estimator=NAME, sigma=s, d=self.d, m=self.m, passes=self.passes + self.check_passes,
@@ -353,6 +372,7 @@ def exact_fast_fisher(
     itemsize = torch.finfo(dtype).bits // 8
     cs = _chunk_size(n, b, d, m, itemsize, budget, dev)
     diag = torch.zeros(b, d, dtype=torch.float64, device=dev)
+    nonzero = torch.zeros(b, d, dtype=torch.bool, device=dev)  # (products not all 0)
     for start in range(0, n, cs):
         size = min(cs, n - start)
         if side == "columns" and cols is not None:
@@ -363,8 +383,10 @@ def exact_fast_fisher(
             out = products.jvp(_one_hot(b, start, size, d, dtype, dev))  # [B, c, m]
             sq = square_sum64(out)  # [B, c]
             diag[:, start:start + size] = sq
+            nonzero[:, start:start + size] = (out != 0).any(dim=-1)
         else:
             out = products.vjp(_one_hot(b, start, size, m, dtype, dev))  # [B, c, d]
+            nonzero |= (out != 0).any(dim=1)
             sq = out.to(torch.float64).square_()  # (d < m: the small side)
             diag += sq.sum(dim=1)
         if not bool(torch.isfinite(sq).all()):
@@ -403,6 +425,11 @@ def exact_fast_fisher(
         info["exact_fast_live"] = live_note
     if known is not None:
         info["exact_fast_lost_columns"] = known[0].sum(dim=1).tolist()
+    # columns whose squares all underflowed to 0 (entries below 1e-162): not dead ones
+    under = nonzero & (diag == 0)
+    if known is not None:
+        under &= ~known[0].to(dev)
     return FastExactFisher(diag=diag, trace=trace, rel_err=rel_err, measured=measured,
+                           underflow=under if bool(under.any()) else None,
                            checked=checked, d=d, m=m, side=side, passes=n + extra,
                            check_passes=check_passes, info=info)

@@ -69,6 +69,7 @@ from ..errors import InvalidInputError, SingularFisherWarning, warn_user
 from ..formulas import (
     DIAG_FLOOR,
     HALF_LOG_2PIE,
+    SUBNORMAL,
     as_sigma,
     fsinfo_from_spectrum,
     sigma_for_target,
@@ -96,8 +97,6 @@ U64 = torch.finfo(torch.float64).eps / 2
 #: A priori, autograd's float64 Jacobian columns are within this many unit roundoffs (relative)
 #: of the true ones (the fast exact route's floor for float64 products, ``FLOOR_ULPS``).
 AD_ULPS = 64.0
-#: The smallest positive float64 (subnormal): what one square that underflowed to 0 may be.
-SUBNORMAL = 2.0**-1074
 
 #: Memory the oracle lets one chunk of one-hot products use.
 DEFAULT_BUDGET_BYTES = 1 << 30
@@ -255,10 +254,14 @@ def fisher_logdet(
     encoder: Encoder, x: Tensor, sigma: float | Tensor = 1.0, prior_var: float | None = None,
     **kw,
 ) -> Tensor:
-    """``[B]`` exact ``log det(J^T J / sigma^2 + lambda I_d)`` with ``lambda = 1/prior_var``.
+    """``[B]`` ``log det(J^T J / sigma^2 + lambda I_d)`` with ``lambda = 1/prior_var``, the
+    float64 point value.
 
-    ``-inf`` (with a :class:`SingularFisherWarning`) where the matrix is singular and there is no
-    prior term; never NaN."""
+    ``-inf`` (with a :class:`SingularFisherWarning`) where the matrix is singular without a
+    prior term, by the numerical-rank threshold of :func:`eigvals_from_jacobian` (a singular
+    value at or below ``max(m, d) eps s_max`` counts as 0: float64 cannot tell it from one); never
+    NaN. :meth:`ExactFisher.fsinfo` gives the interval, and a bound where that threshold
+    decides."""
     check_sigma(sigma, x.shape[0] if isinstance(x, Tensor) else None)
     lam = check_prior_var(prior_var)
     J = jacobian(encoder, x, **kw)

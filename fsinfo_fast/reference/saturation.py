@@ -6,14 +6,19 @@ derivative keeps few of its digits (``1 - tanh(z)^2`` carries a relative error o
 ``u e^{2|z|} / 4``: 1e-12 at ``|z| = 5``; ``tanh(19.1)`` rounds to 1 and the derivative to 0),
 and both modes of autograd read the same rounded output, so comparing them (the float64
 forward-/reverse-mode check) does not see it. :func:`perturbed_vjp` recomputes a VJP with each
-such op's derivative read from its output perturbed by one unit roundoff (relative, seeded
-random signs; the forward values are unchanged): the change is what that rounding does to
-``J^T u``, each op weighted as it enters the columns. A column computed as exactly 0 that
-changes is not a structural zero (a saturated ``tanh``, not a crop).
+such op's derivative read from its output moved by one ulp (seeded random signs; a softmax
+probability by ``1 + |log p|`` ulps, which its logit gap's rounding carries; the forward values
+are unchanged): the change is what that rounding does to ``J^T u``, each op weighted as it
+enters the columns. A column computed as exactly 0 that changes is not a structural zero (a
+saturated ``tanh``, not a crop).
 
-The ops are caught where Python calls them (``torch.tanh``, ``nn.Tanh``, ``F.softmax``,
-``Tensor.softmax``, ...); one fused inside another op (``F.gelu(approximate="tanh")``,
-``F.scaled_dot_product_attention``'s softmax) is not.
+The ops are caught where Python calls them (``torch.tanh``, ``nn.Tanh``, ``torch.sigmoid``,
+``torch.special.expit``, ``F.softmax``, ``F.softmin``, ``Tensor.softmax``,
+``torch.special.log_softmax``, ...). Not caught: one fused inside another op
+(``F.gelu(approximate="tanh")``, the softmax of ``F.scaled_dot_product_attention``), one called
+inside another overridable function (``F.multi_head_attention_forward``: ``nn.MultiheadAttention``,
+``nn.TransformerEncoderLayer``), in-place spellings (``tanh_``), and a softmax that casts
+(``dtype=`` other than its input's).
 
 Example:
     >>> import torch
@@ -27,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,15 +42,20 @@ from torch.overrides import TorchFunctionMode
 
 __all__ = ["perturbed_vjp"]
 
-U64 = torch.finfo(torch.float64).eps / 2
+EPS64 = torch.finfo(torch.float64).eps
 
 _OPS = {
     torch.tanh: "tanh", torch.Tensor.tanh: "tanh", F.tanh: "tanh",
     torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    torch.special.expit: "sigmoid",
     F.softmax: "softmax", torch.softmax: "softmax", torch.Tensor.softmax: "softmax",
+    torch.special.softmax: "softmax", F.softmin: "softmin",
     F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax",
-    torch.Tensor.log_softmax: "log_softmax",
+    torch.Tensor.log_softmax: "log_softmax", torch.special.log_softmax: "log_softmax",
 }
+
+
+_STACKLEVEL = (F.softmax, F.softmin, F.log_softmax)
 
 
 class _Perturbed(torch.autograd.Function):
@@ -58,6 +69,8 @@ class _Perturbed(torch.autograd.Function):
             y = torch.sigmoid(x)
         elif kind == "softmax":
             y = torch.softmax(x, dim)
+        elif kind == "softmin":
+            y = torch.softmax(-x, dim)
         else:
             y = torch.log_softmax(x, dim)
         ctx.save_for_backward(y, r)
@@ -68,17 +81,22 @@ class _Perturbed(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         y, r = ctx.saved_tensors
         kind, dim = ctx.kind, ctx.dim
+        # one ulp of the output, up or down (y (1 + u) rounds back to y: a first version
+        # moved only the elements drawn -1, helper 96)
+        yp = torch.where(r > 0, torch.nextafter(y, torch.full_like(y, math.inf)),
+                         torch.nextafter(y, torch.full_like(y, -math.inf)))
         if kind == "tanh":
-            yp = y * (1 + U64 * r)
             grad = g * (1 - yp * yp)
         elif kind == "sigmoid":
-            yp = y * (1 + U64 * r)
             grad = g * yp * (1 - yp)
-        elif kind == "softmax":
-            p = y * (1 + U64 * r)
+        elif kind in ("softmax", "softmin"):
+            # (a probability far below the largest carries about |log p| u of its logit gap)
+            p = yp * (1 + r * EPS64 * torch.log(y).abs().nan_to_num(posinf=0.0))
             grad = p * (g - (p * g).sum(dim, keepdim=True))
-        else:
-            p = torch.exp(y) * (1 + U64 * r)
+            if kind == "softmin":
+                grad = -grad
+        else:  # (log_softmax: the log-probability's ulp carries its |y| u into p)
+            p = torch.exp(yp)
             grad = g - p * g.sum(dim, keepdim=True)
         return grad, None, None, None
 
@@ -99,12 +117,16 @@ class _Saturating(TorchFunctionMode):
         if kind is None or not isinstance(x, Tensor) or not x.is_floating_point():
             return func(*args, **kwargs)
         dim = None
-        if kind in ("softmax", "log_softmax"):
-            rest = dict(zip(("dim", "_stacklevel", "dtype"), args[1:], strict=False))
+        if kind in ("softmax", "softmin", "log_softmax"):
+            names = (("dim", "_stacklevel", "dtype") if func in _STACKLEVEL
+                     else ("dim", "dtype"))  # (F.softmax's third is _stacklevel)
+            rest = dict(zip(names, args[1:], strict=False))
             rest.update({k: v for k, v in kwargs.items() if k != "input"})
             dim = rest.pop("dim", None)
             rest.pop("_stacklevel", None)
-            if dim is None or rest.get("dtype") is not None or set(rest) - {"dtype"}:
+            if rest.get("dtype") in (x.dtype, None):
+                rest.pop("dtype", None)
+            if dim is None or rest:
                 return func(*args, **kwargs)  # (an implicit dim, a cast, out=: left alone)
         elif len(args) > 1 or set(kwargs) - {"input"}:
             return func(*args, **kwargs)
