@@ -3100,8 +3100,11 @@ class Linearization:
                 info["auto"] = r.info["auto"]
             elif floor_why is not None:
                 info["auto"] = floor_why
+            # (an upper end of inf for a finite sigma*: the oracle claims no interval there)
+            conv = torch.isfinite(hi) | ~torch.isfinite(sig)
             return SigmaResult(sigma=sig, target=tau_b, metric=f"fsinfo_{variant}",
-                               estimator="exact", ci_low=lo, ci_high=hi, info=info)
+                               estimator="exact", ci_low=lo, ci_high=hi, converged=conv,
+                               info=info)
         hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)
         sig = torch.exp(r.value - tau_b)
         out = SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,

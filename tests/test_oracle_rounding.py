@@ -414,3 +414,29 @@ def test_float64_products_whose_squares_underflow_are_not_minus_inf():
         auto = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
     assert math.isinf(float(fast.ci_halfwidth[0]))
     assert bool(auto.bound[0]) and -699.1 <= float(auto.ci95()[1][0]) < math.inf
+
+
+@pytest.mark.parametrize("kw", [{"floor": 1e-10}, {"variant": "logdet", "prior_var": 1.0}])
+def test_sigma_star_has_no_finite_upper_end_where_the_oracle_claims_none(kw):
+    """tanh saturated near 18-19: autograd's rounding exceeds the columns (relative allowance
+    above 1), FSInfo's half-width is inf, and sigma*'s upper end came out 1.34e154 (2^512,
+    where the bisection's sigma^2 overflowed on an infinite spectrum), ``converged`` True
+    (helper 97; a conservative guard calibration used it). Now inf, ``converged`` False."""
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(5, 3, dtype=torch.float64, generator=g) * 0.1
+    b = 18.0 + torch.rand(5, dtype=torch.float64, generator=g)
+    x = torch.randn(1, 3, dtype=torch.float64, generator=g) * 0.1
+
+    def enc(v):
+        return torch.tanh(v @ W.T + b)
+
+    lin = ff.linearize(enc, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        variant = kw.get("variant", "diag")
+        opts = {k: v for k, v in kw.items() if k != "variant"}
+        r = lin.fsinfo(1e-16, variant=variant, estimator="exact", **opts)
+        s = lin.fsinfo_sigma(-1.0, variant=variant, estimator="exact", **opts)
+    assert math.isinf(float(r.ci_halfwidth[0]))  # (the case: no claim on FSInfo)
+    assert math.isinf(float(s.ci_high[0])) and not bool(s.converged[0])
+    assert float(s.ci_low[0]) <= float(s.sigma[0])

@@ -534,7 +534,8 @@ class ExactFisher:
         computed spectrum and its interval from the two that bracket the true one (FSInfo grows
         with every entry, so each solves for its own ``sigma*``), widened by the log-sum's
         rounding and the solver's resolution. Where the log det is only bounded (see
-        :meth:`fsinfo`), ``sigma*`` is the upper bracket's (the most noise it may need)."""
+        :meth:`fsinfo`), ``sigma*`` is the upper bracket's (the most noise it may need); where
+        the upper bracket is not finite (no claim), the upper end is ``inf``."""
         lam = _check_options(variant, prior_var, floor)
         if not torch.isfinite(torch.as_tensor(target, dtype=torch.float64)).all():
             raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
@@ -544,7 +545,11 @@ class ExactFisher:
         if variant == "logdet":
             _warn_singular(exact, self.m, self.d)
         tau = as_sigma(target, self.batch, point.device)
-        bound = torch.isneginf(fsinfo_from_spectrum(low, self.d, 1.0, c)) & ~exact
+        # an upper bracket that is not finite (an allowance without bound): no upper end (the
+        # bisection read inf / inf and settled at sigma^2's overflow, 2^512, helper 97)
+        none = ~torch.isfinite(high).all(dim=1) & ~exact
+        high = torch.where(none.unsqueeze(1), point, high)
+        bound = torch.isneginf(fsinfo_from_spectrum(low, self.d, 1.0, c)) & ~exact & ~none
         if variant == "logdet":
             self._bound_warning(bound)
         # (the spectra of t J: their sigma* is t times J's)
@@ -557,6 +562,7 @@ class ExactFisher:
         lo = sigma_for_target(low, self.d, tau + arith, c) / t * (1 - 16 * U64)
         hi = sigma_for_target(high, self.d, tau - arith, c) / t * (1 + 16 * U64)
         lo, hi = torch.where(exact, 0.0, lo), torch.where(exact, 0.0, hi)
+        hi = torch.where(none, math.inf, hi)
         return sig, torch.minimum(lo, sig), torch.maximum(hi, sig)
 
     def fsinfo_sigma(self, target: float | Tensor = -1.0, variant: str = "diag", *,
