@@ -261,6 +261,20 @@ def test_logdet_of_a_tiny_jacobian_is_not_minus_inf(scale):
     assert float(r.ci_halfwidth[0]) < 1e-9
 
 
+def _tanh_layer(seed: int, m: int, shift: float):
+    """``(W, b, x, enc)``: ``enc(v) = tanh(v W^T + b)``, ``d = 3``, pre-activations near
+    ``shift`` (plus up to 1), a small seeded input."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, 3, dtype=torch.float64, generator=g) * 0.1
+    b = shift + torch.rand(m, dtype=torch.float64, generator=g)
+    x = torch.randn(1, 3, dtype=torch.float64, generator=g) * 0.1
+
+    def enc(v):
+        return torch.tanh(v @ W.T + b)
+
+    return W, b, x, enc
+
+
 def _tanh_truth(W, b, x, sigma, variant, floor=0.0, prior_var=None):
     """FSInfo of ``tanh(W x + b)`` at 60 digits (``J = diag(1 - tanh(z)^2) W``)."""
     with mpmath.workdps(60):
@@ -292,15 +306,7 @@ def test_saturated_tanh_rounding_is_read(shift):
     at 14 with a half-width of 1e-14) and past 19.06 claimed ``-inf`` exactly (the truth
     -13.5). The saturating ops' rounding is now read (``reference.saturation``): every
     interval holds the truth, or none is claimed (``inf``) where the digits are gone."""
-    g = torch.Generator().manual_seed(1)
-    W = torch.randn(4, 3, dtype=torch.float64, generator=g) * 0.1
-    b = torch.full((4,), shift, dtype=torch.float64) + torch.rand(4, dtype=torch.float64,
-                                                                   generator=g)
-    x = torch.randn(1, 3, dtype=torch.float64, generator=g) * 0.1
-
-    def enc(v):
-        return torch.tanh(v @ W.T + b)
-
+    W, b, x, enc = _tanh_layer(1, 4, shift)
     lin = ff.linearize(enc, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -422,14 +428,7 @@ def test_sigma_star_has_no_finite_upper_end_where_the_oracle_claims_none(kw):
     above 1), FSInfo's half-width is inf, and sigma*'s upper end came out 1.34e154 (2^512,
     where the bisection's sigma^2 overflowed on an infinite spectrum), ``converged`` True
     (helper 97; a conservative guard calibration used it). Now inf, ``converged`` False."""
-    g = torch.Generator().manual_seed(3)
-    W = torch.randn(5, 3, dtype=torch.float64, generator=g) * 0.1
-    b = 18.0 + torch.rand(5, dtype=torch.float64, generator=g)
-    x = torch.randn(1, 3, dtype=torch.float64, generator=g) * 0.1
-
-    def enc(v):
-        return torch.tanh(v @ W.T + b)
-
+    _, _, x, enc = _tanh_layer(3, 5, 18.0)
     lin = ff.linearize(enc, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
