@@ -735,6 +735,23 @@ class Linearization:
                 reference.exact_fisher(self.encoder, self.x, spectrum=spectrum))
         return self._exact
 
+    def _adopt_exact(self, ex: reference.ExactFisher) -> None:
+        """Take ``ex``, this batch's exact diagonal and trace computed elsewhere in float64
+        (the profile's one-hot JVP sweep through a deeper split,
+        :func:`~fsinfo_fast.profile.shared.exact_fisher_shared`), as the oracle's, with its
+        rounding measured here as the oracle's own is (:meth:`_oracle_measured`: the a-priori
+        allowance of a bare ``ExactFisher`` missed a saturated ``tanh`` by up to 1700
+        half-widths). The exact methods then read it as they read :meth:`exact`'s."""
+        if (ex.batch, ex.d, ex.m) != (self.batch, self.d, self.m):
+            raise InvalidInputError(
+                f"the exact quantities are for batch {ex.batch}, d = {ex.d}, m = {ex.m}; this "
+                f"Linearization has batch {self.batch}, d = {self.d}, m = {self.m}")
+        self._check_unchanged()
+        if ex.zero_cols is None:  # (none recorded: every column computed as 0 is one)
+            ex = dataclasses.replace(ex, zero_cols=ex.diag == 0)
+        self._prepare_oracle()
+        self._exact, self._oracle_part = self._oracle_measured(ex), None
+
     def _prepare_oracle(self) -> None:
         """What the float64 oracle needs before it runs on this batch (all of it or some rows):
         its JVPs checked against the reverse mode here, and below float64 the float64 copy's
@@ -1961,8 +1978,10 @@ class Linearization:
         activations move the columns (:meth:`_saturation`), the columns' rounding read at
         this result's weighting (:meth:`_modes_weighted`, :meth:`_saturation_col`; the
         columns far below the floor's level left out: a disagreement there moves no term of
-        the log) where that is smaller than the scale-free reading (both bound the error:
-        each column's weight in the log is at most 1)."""
+        the log), a reading of ``rho_k e_k`` (``rho_k`` the column's weight in the log) that
+        bounds column ``k``'s error by ``t / rho_k`` (``col_err``, at most the scale-free
+        reading; :meth:`~fsinfo_fast.reference.ExactFisher.fsinfo` intersects its bracket
+        with the scale-free one's: both bound the error)."""
         got = self._modes()
         if isinstance(got, str) or ex.ad_err is None or floor == 0:
             return ex  # (floorless: the scale-free readings are this weighting's)
@@ -1980,7 +1999,20 @@ class Linearization:
             return ex
         if moved:
             col = torch.maximum(col, self._saturation_col("fsinfo", a))
-        return ex.with_ad_err(torch.minimum(ex.ad_err, EXACT_SAFETY * col.to(ex.ad_err)))
+        # (a reading of rho_k e_k: column k's error is at most t / rho_k, and at most the
+        # scale-free reading; taken as every column's error, rho_k multiplied it again: 38
+        # half-widths off the truth where a saturated tanh's columns sit 1e-8 below the
+        # floor's level)
+        # (and |dJ_k| <= ||dJ||_F <= fro_err ||J||_F: the reading of J as a whole bounds the
+        # columns far below the floor, whose e_k neither reading bounds: 110 nats/dim of
+        # half-width on softmax columns of 1e-135, whose terms are log(floor) to 1e-250)
+        t = EXACT_SAFETY * col.to(ex.diag).unsqueeze(1)
+        share = ex.diag / (ex.diag + a.to(ex.diag).unsqueeze(1))  # rho_k
+        per = torch.where(share > 0, t / share, math.inf)
+        size = ex.diag.sqrt()
+        whole = ex._a_priori(ex.fro_err) * ex.trace.clamp_min(0).sqrt()
+        per = torch.minimum(per, torch.where(size > 0, whole.unsqueeze(1) / size, math.inf))
+        return dataclasses.replace(ex, col_err=torch.minimum(per, ex.ad_err.unsqueeze(1)))
 
     def _fast_exact(self, fx: FastExactFisher, make: Callable[[FastExactFisher], MetricResult],
                     s: Tensor, floor: float, estimator: str, tol: tuple, why: str,
@@ -1995,7 +2027,8 @@ class Linearization:
         held = ""
         if self._oracle_part is not None and estimator == "auto":  # (held from a request before)
             held_rows, held_ex = self._oracle_part
-            fx = fx.with_exact_rows(held_rows, self._oracle_weighted(held_ex, s, floor))
+            held_ex = self._oracle_weighted(held_ex, s, floor)
+            fx = fx.with_exact_rows(held_rows, held_ex, held_ex.term_rel_err(s, floor))
             held = (f"; sample(s) {fx.info['exact_fast_oracle_samples']} have the float64 "
                     "oracle's values, computed for an earlier request (or sent there by the "
                     "lost-column check)")
@@ -2014,7 +2047,8 @@ class Linearization:
                 f"{why}{held}; {text} for the other {int(rows.sum())} "
                                        "sample(s), so every sample has the float64 oracle's "
                                        "values")
-        fx = fx.with_exact_rows(rows, self._oracle_weighted(oracle, s, floor))
+        oracle = self._oracle_weighted(oracle, s, floor)
+        fx = fx.with_exact_rows(rows, oracle, oracle.term_rel_err(s, floor))
         r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
         r.info.update(info)
         self._fast_missed(r, estimator, tol)  # (its converged: every sample meets it now)

@@ -422,12 +422,15 @@ def test_float64_products_whose_squares_underflow_are_not_minus_inf():
     assert bool(auto.bound[0]) and -699.1 <= float(auto.ci95()[1][0]) < math.inf
 
 
-@pytest.mark.parametrize("kw", [{"floor": 1e-10}, {"variant": "logdet", "prior_var": 1.0}])
+@pytest.mark.parametrize("kw", [{"floor": 0.0}, {"variant": "logdet", "prior_var": 1.0}])
 def test_sigma_star_has_no_finite_upper_end_where_the_oracle_claims_none(kw):
     """tanh saturated near 18-19: autograd's rounding exceeds the columns (relative allowance
     above 1), FSInfo's half-width is inf, and sigma*'s upper end came out 1.34e154 (2^512,
     where the bisection's sigma^2 overflowed on an infinite spectrum), ``converged`` True
-    (helper 97; a conservative guard calibration used it). Now inf, ``converged`` False."""
+    (helper 97; a conservative guard calibration used it). Now inf, ``converged`` False.
+    (Floorless: with a floor FSInfo_diag reads the columns' errors against their computed
+    norms, ``col_err``, and claims a finite interval here: a rounding of 16 times the column
+    keeps it within 17 times.)"""
     _, _, x, enc = _tanh_layer(3, 5, 18.0)
     lin = ff.linearize(enc, x)
     with warnings.catch_warnings():
@@ -439,3 +442,78 @@ def test_sigma_star_has_no_finite_upper_end_where_the_oracle_claims_none(kw):
     assert math.isinf(float(r.ci_halfwidth[0]))  # (the case: no claim on FSInfo)
     assert math.isinf(float(s.ci_high[0])) and not bool(s.converged[0])
     assert float(s.ci_low[0]) <= float(s.sigma[0])
+
+
+def _tanh_wide(seed: int, shift: float, batch: int = 1):
+    """``(W, b, x, enc)``: ``tanh(W x + b)``, ``d = 6``, ``m = 5``, unscaled Gaussian ``W``,
+    every pre-activation near ``shift``."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    b = torch.full((5,), shift, dtype=torch.float64)
+    x = torch.rand(batch, 6, dtype=torch.float64, generator=g) * 0.1
+
+    def enc(v):
+        return torch.tanh(v @ W.T + b)
+
+    return W, b, x, enc
+
+
+@pytest.mark.parametrize("shift", [10.0, 11.0, 12.0])
+def test_floor_weighted_reading_bounds_each_column(shift):
+    """With the default floor the rounding is read as each column's weight in the log times
+    its error, ``rho_k e_k``; taken as every column's relative error, ``rho_k`` multiplied it
+    a second time, and where a saturated tanh's columns sit 1e-8 below the floor's level the
+    interval missed the 60-digit truth by 2-38 half-widths (5e-13 nats/dim). Column ``k``'s
+    error is now at most ``t / rho_k`` (``ExactFisher.col_err``)."""
+    for seed in range(3):
+        W, b, x, enc = _tanh_wide(seed, shift)
+        r = ff.linearize(enc, x).fsinfo(0.1, estimator="exact")
+        want = _tanh_truth(W, b, x, 0.1, "diag", 1e-10)
+        low, high = (float(t[0]) for t in r.ci95())
+        assert low <= want <= high, (seed, float(r.value[0]), want, low, high)
+        assert high - low < 1e-8
+
+
+def test_floored_interval_with_rounding_beyond_the_columns_holds():
+    """tanh near 18: the rounding read is 16 times the columns (the floorless interval claims
+    nothing); with a floor, at a noise where the columns dominate it, the bracket of columns
+    within 17 times their computed norms holds the truth (finite, and wide)."""
+    W, b, x, enc = _tanh_layer(3, 5, 18.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = ff.linearize(enc, x).fsinfo(1e-16, estimator="exact")
+    want = _tanh_truth(W, b, x, 1e-16, "diag", 1e-10)
+    low, high = (float(t[0]) for t in r.ci95())
+    assert low <= want <= high and math.isfinite(high - low), (float(r.value[0]), want, low, high)
+
+
+@pytest.mark.parametrize("shift", [7.0, 9.0, 11.0])
+def test_profile_exact_sweep_reads_the_rounding_of_each_split(shift):
+    """An exact profile's splits served by the shared one-hot JVP sweep took its diagonal
+    with the a-priori allowance (64 unit roundoffs, nothing read): past a saturated tanh their
+    intervals missed the 60-digit truth by up to 1700 half-widths. Each split's Linearization
+    now measures it (``Linearization._adopt_exact``), as the oracle's own is measured."""
+    from fsinfo_fast.profile.runner import ProfileConfig, compute_batch, make_plan
+    from fsinfo_fast.profile.sources import resolve_splits
+
+    W, b, x, _ = _tanh_wide(0, shift, batch=2)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(W)
+        model[0].bias.copy_(b)
+    cfg = ProfileConfig(model="vgg5", estimator="exact", variant="diag", plot=False,
+                        progress=False, table=False)
+    specs = resolve_splits(model, "all")
+    plan = make_plan(cfg, model, specs, x[:1])
+    assert "1" in plan.sweep  # (the tanh's output: a split the sweep serves)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        recs = compute_batch(cfg, plan, specs, x, torch.zeros(2, dtype=torch.long),
+                             torch.arange(2))
+    got = [r for r in recs if r["split"] == "1"]
+    assert len(got) == 2
+    for r in got:
+        want = _tanh_truth(W, b, x[r["sample"]:r["sample"] + 1], 0.1, "diag", 1e-10)
+        assert abs(r["fsinfo_diag"] - want) <= r["fsinfo_diag_hw"], (r, want)
+        assert r["fsinfo_diag_estimator"] == "exact"
+        assert r["dfil_estimator"] == "exact (shared sweep)"

@@ -613,28 +613,45 @@ def test_records_equal_a_direct_linearization(ckpt, tmp_path, monkeypatch):
     assert recs[(1, "features.4")]["dfil"] == pytest.approx(float(dl.value[0]), rel=1e-6)
 
 
-def test_exact_sweep_builds_linearizations_only_where_needed(ckpt, tmp_path, monkeypatch):
-    """Exact profiles: the splits of the one-hot sweep need no Linearization (diag variant);
-    a split whose log det is asked gets exactly one per batch; --no-share: one per split and
-    batch."""
+def test_exact_sweep_measures_each_split_without_its_own_jacobian(ckpt, tmp_path, monkeypatch):
+    """Exact profiles: the splits of the one-hot sweep compute no Jacobian of their own (the
+    sweep's serves them), but each gets one Linearization per batch, which measures the
+    sweep's rounding on that split (``Linearization._adopt_exact``); a split whose log det is
+    asked computes its spectrum there; --no-share: every split its own oracle."""
+    import fsinfo_fast.reference as oracle
+
     cfg = {"model": "vgg5", "checkpoint": str(ckpt), "size": 8, "max_samples": 2,
            "batch_size": 1, "splits": "0,1,2", "estimator": "exact", "plot": False,
            "progress": False, "table": False}
+    jac: list[bool] = []
+    real = oracle.exact_fisher
+
+    def counting(*args, **kw):
+        jac.append(kw.get("spectrum", True))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(oracle, "exact_fisher", counting)
     calls = _count_linearizations(monkeypatch)
+    per_split = sorted((f"features.{k}", 1) for k in range(3) for _ in range(2))
     out = run_profile(ProfileConfig(variant="diag", out=str(tmp_path / "a"), **cfg))
     assert out.summary["sharing"]["exact_sweep_splits"] == ["features.0", "features.1",
                                                             "features.2"]
-    assert calls == []
+    assert sorted(calls) == per_split and jac == []
+    hw = [r["fsinfo_diag_hw"] for r in out.summary["samples"]]
+    assert all(0 < h < 1e-9 for h in hw)  # (the measured allowance: not 0, not a give-up)
+    calls.clear()
     out = run_profile(ProfileConfig(variant="both", out=str(tmp_path / "b"), **cfg))
     skipped = out.summary["sharing"]["logdet_skipped"]  # m < d: -inf without computing
     logdet = [s["name"] for s in out.summary["splits"] if s["name"] not in skipped]
     assert logdet  # m >= d at these splits
-    assert sorted(calls) == sorted((n, 1) for n in logdet for _ in range(2))
+    assert sorted(calls) == per_split
+    assert jac == [True] * (2 * len(logdet))  # (the spectrum only: the diagonal is swept)
     calls.clear()
+    jac.clear()
     out = run_profile(ProfileConfig(variant="diag", share=False, out=str(tmp_path / "c"),
                                     **cfg))
     assert out.summary["sharing"]["exact_sweep_splits"] == []
-    assert sorted(calls) == sorted((f"features.{k}", 1) for k in range(3) for _ in range(2))
+    assert sorted(calls) == per_split and len(jac) == 6
 
 
 def test_dfil_method_option(ckpt, tmp_path):

@@ -33,10 +33,9 @@ from ..engine import resolve_backend
 from ..errors import EncoderError, FSInfoError, InvalidInputError
 from ..linearization import DFIL_METHODS as LINEARIZATION_DFIL_METHODS
 from ..reference import ExactFisher
-from ..result import SigmaResult
 from .distributed import DistContext
 from .errors import DataError, ResumeError, RunDirError
-from .shared import NestedStack, exact_diag_shared
+from .shared import NestedStack, exact_fisher_shared
 from .sources import (
     Dataset,
     SplitSpec,
@@ -823,8 +822,9 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
     they share every product the Linearization can share, and each sample's probes are seeded
     by ``(seed, sample id)`` only); the bounds from :mod:`fsinfo_fast.bounds`. A split served by
     the exact one-hot sweep (``swept``, the :class:`~fsinfo_fast.reference.ExactFisher` built
-    from the shared diagonal) takes FSInfo_diag, dFIL and ``sigma*`` from it and builds a
-    Linearization only for the log det.
+    from the shared diagonal) hands it to its Linearization as the oracle's
+    (``Linearization._adopt_exact``: no Jacobian of its own; its rounding measured on this
+    split, as the oracle's is), which computes the spectrum only for the log det.
 
     Args:
         cfg: the run's settings.
@@ -853,31 +853,26 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
     est = "exact" if exact else cfg.estimator
     want_logdet = plan.logdet[spec.name] is None
     out: dict[str, list] = {}
-    lin = None
-    if swept is None or want_logdet:
-        step("linearize")
-        lin = ff.linearize(spec.encoder, x, backend=cfg.backend, seed=cfg.seed, sample_ids=ids)
-        if exact and want_logdet and swept is None:
-            lin.exact(spectrum=True)  # one dense Jacobian (with its spectrum) serves everything
+    step("linearize")
+    lin = ff.linearize(spec.encoder, x, backend=cfg.backend, seed=cfg.seed, sample_ids=ids)
+    if swept is not None:  # the sweep's Jacobian, its rounding measured on this split
+        lin._adopt_exact(swept)
+    elif exact and want_logdet:
+        lin.exact(spectrum=True)  # one dense Jacobian (with its spectrum) serves everything
 
     # --- FSInfo_diag, dFIL and sigma* ---------------------------------------------------------
+    fd = sg = None
+    if exact or cfg.variant != "logdet":
+        step("FSInfo diag")
+        fd = lin.fsinfo(sigma, variant="diag", estimator=est, atol=cfg.atol)
+    step("dFIL")
+    dl = lin.dfil(sigma, estimator=est, rtol=cfg.rtol, method=cfg.dfil_method)
+    dfil_label = "exact (shared sweep)" if swept is not None else _label(dl, est, method=True)
     if swept is not None:
-        fd, dl = swept.fsinfo(sigma, "diag"), swept.dfil(sigma)
-        sig = swept.fsinfo_sigma(target, "diag")
-        sg = SigmaResult(sigma=sig, target=torch.full_like(sig, target), metric="fsinfo_diag",
-                         estimator="exact", info={"backend": "reference (shared sweep)"})
-        dfil_label = "exact (shared sweep)"
-    else:
-        fd = sg = None
-        if exact or cfg.variant != "logdet":
-            step("FSInfo diag")
-            fd = lin.fsinfo(sigma, variant="diag", estimator=est, atol=cfg.atol)
-        step("dFIL")
-        dl = lin.dfil(sigma, estimator=est, rtol=cfg.rtol, method=cfg.dfil_method)
-        dfil_label = _label(dl, est, method=True)
-        if fd is not None:
-            step("sigma*")
-            sg = lin.fsinfo_sigma(target, variant="diag", estimator=est, atol=cfg.atol)
+        dl.info["backend"] = "reference (shared sweep)"
+    if fd is not None:
+        step("sigma*")
+        sg = lin.fsinfo_sigma(target, variant="diag", estimator=est, atol=cfg.atol)
     diag_keys = ("fsinfo_diag", "fsinfo_diag_se", "fsinfo_diag_hw", "fsinfo_diag_probes",
                  "fsinfo_diag_estimator", "fsinfo_diag_converged", "fsinfo_diag_is_bound",
                  "fsinfo_diag_rounding")
@@ -932,8 +927,9 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
 
     Per split, one :class:`~fsinfo_fast.Linearization` (:func:`split_quantities`); in exact
     profiles the splits of the plan's sweep take their exact diagonal from one one-hot JVP sweep
-    through the deepest of them (:func:`~fsinfo_fast.profile.shared.exact_diag_shared`), as a
-    :class:`~fsinfo_fast.reference.ExactFisher`.
+    through the deepest of them (:func:`~fsinfo_fast.profile.shared.exact_fisher_shared`), as a
+    :class:`~fsinfo_fast.reference.ExactFisher` whose rounding each split's Linearization
+    measures.
 
     Per sample and metric the record says whether the estimate met its tolerance
     (``*_converged``: False where the probe cap stopped it first; its interval is then wider than
@@ -955,9 +951,7 @@ def compute_batch(cfg: ProfileConfig, plan: Plan, splits: list[SplitSpec], x: Te
     swept: dict[str, ExactFisher] = {}
     if plan.exact and plan.sweep:
         say(f"exact sweep ({len(plan.sweep)} splits)")
-        for name, dg in exact_diag_shared(plan.stack, plan.sweep, x).items():
-            swept[name] = ExactFisher(diag=dg, trace=dg.sum(1), eigvals=None, zero=None, d=d,
-                                      m=plan.m[name])
+        swept = exact_fisher_shared(plan.stack, plan.sweep, x)
     records = []
     for s in splits:
         with warnings.catch_warnings(record=True) as caught:

@@ -51,9 +51,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import jvp, vmap
 
+from ..reference import ExactFisher
+
 __all__ = [
     "NestedStack",
     "exact_diag_shared",
+    "exact_fisher_shared",
     "measure_sharing",
 ]
 
@@ -244,13 +247,28 @@ def exact_diag_shared(
 
     The model is deep-copied to float64 (the caller's model is unchanged), as the reference does.
     """
+    return {n: ex.diag for n, ex in
+            exact_fisher_shared(stack, names, x, budget_bytes=budget_bytes).items()}
+
+
+def exact_fisher_shared(
+    stack: NestedStack, names: Sequence[str], x: Tensor, *, budget_bytes: int = 1 << 29,
+) -> dict[str, ExactFisher]:
+    """:func:`exact_diag_shared` as a :class:`~fsinfo_fast.reference.ExactFisher` per split
+    (no spectrum): the diagonal, the trace (its sum) and the columns that are exactly 0 in the
+    float64 ``J`` (``zero_cols``: every entry 0, not squares that underflowed). Its rounding
+    allowance is the a-priori one; a :class:`~fsinfo_fast.Linearization` of the split measures
+    it (``Linearization._adopt_exact``, as the profile does)."""
     names = [n for n in stack.names if n in set(names)]
     f = stack.function(names, model=stack.float64_model())
     x64 = x.detach().to(torch.float64)
     b = x64.shape[0]
     d = x64[0].numel()
     shape = x64.shape
-    diag = {n: torch.zeros(b, d, dtype=torch.float64, device=x.device) for n in names}
+    dev = x.device
+    diag = {n: torch.zeros(b, d, dtype=torch.float64, device=dev) for n in names}
+    zero = {n: torch.zeros(b, d, dtype=torch.bool, device=dev) for n in names}
+    m: dict[str, int] = {}
     chunk = _probe_chunk(stack, names, b, 8, budget_bytes)
 
     def push(v: Tensor) -> tuple[Tensor, ...]:
@@ -259,13 +277,16 @@ def exact_diag_shared(
     with torch.no_grad():
         for i0 in range(0, d, chunk):
             c = min(chunk, d - i0)
-            V = torch.zeros(c, b, d, dtype=torch.float64, device=x.device)
-            idx = torch.arange(c, device=x.device)
+            V = torch.zeros(c, b, d, dtype=torch.float64, device=dev)
+            idx = torch.arange(c, device=dev)
             V[idx, :, i0 + idx] = 1.0
             outs = vmap(push)(V.view(c, *shape))
             for n, o in zip(names, outs, strict=True):
                 diag[n][:, i0 : i0 + c] = (o**2).sum(-1).T
-    return diag
+                zero[n][:, i0 : i0 + c] = (o == 0).all(-1).T
+                m[n] = int(o.shape[-1])
+    return {n: ExactFisher(diag=diag[n], trace=diag[n].sum(1), eigvals=None, zero=None, d=d,
+                           m=m[n], zero_cols=zero[n]) for n in names}
 
 
 def measure_sharing(

@@ -339,6 +339,12 @@ class ExactFisher:
             ``None``.
         zero_cols: ``[B, d]`` bool: columns of the computed ``J`` that are exactly 0, or
             ``None`` (then ``diag == 0`` is taken as exact).
+        col_err: ``[B, d]`` a reading for one result (one noise and floor), or ``None``: each
+            column's error against its computed norm, ``|dJ_k| <= col_err_k R_k``
+            (``Linearization._oracle_weighted``: a reading of each column's weight in the log
+            times its error, ``rho_k e_k``, turned into ``e_k``). :meth:`fsinfo` (diag) and
+            :meth:`term_rel_err` intersect the bracket it gives with ``ad_err``'s; the other
+            methods do not read it.
     """
 
     diag: Tensor
@@ -353,6 +359,7 @@ class ExactFisher:
     singular_values: Tensor | None = None
     col_floor: Tensor | None = None
     zero_cols: Tensor | None = None
+    col_err: Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -380,6 +387,40 @@ class ExactFisher:
         f = (1 + self._a_priori(self.fro_err)).square() - 1
         return (j + sum_rel_bound(self.m + 1) * (1 + j),
                 f + sum_rel_bound(self.m * self.d + 1) * (1 + f))
+
+    def _diag_bracket(self, s: Tensor, c: float) -> tuple[Tensor, Tensor, Tensor]:
+        """``(point, low, high)`` ``[B, d]``: the diagonal as computed and the entries that
+        bracket the true one at noise ``s`` and floor ``c`` (:meth:`_spectra`'s, intersected
+        with :attr:`col_err`'s where it is read: ``D_k (1 - e_k)^2 / (1 + gamma)`` to ``D_k
+        (1 + e_k)^2 / (1 - gamma)``, ``gamma`` the float64 sum's, plus the squares that
+        underflowed; the columns exactly 0 and :attr:`col_floor`'s as there)."""
+        point, low, high, _, _ = self._spectra("diag")
+        if self.col_err is None:
+            return point, low, high
+        e = torch.where(point > 0, self.col_err.to(point), 0.0)  # (0 * inf: no NaN)
+        g = sum_rel_bound(self.m + 1)
+        t_low = point * (1 - e).clamp_min(0).square() / (1 + g)
+        t_high = torch.where(self._zero_cols(), 0.0,
+                             point * (1 + e).square() / (1 - g) + (self.m + 1) * SUBNORMAL)
+        if self.col_floor is not None:
+            t_high = torch.maximum(t_high, self.col_floor)
+        return point, torch.maximum(low, t_low), torch.minimum(high, t_high)
+
+    def term_rel_err(self, sigma: float | Tensor = 0.1, floor: float = DIAG_FLOOR) -> Tensor:
+        """``[B]``: a bound ``e`` on every FSInfo_diag term's error at noise ``sigma`` and
+        ``floor``, ``|log(true / computed)| <= -log(1 - e)`` for ``log(D_k / sigma^2 +
+        floor)``, from the brackets of :meth:`fsinfo` (the fast exact route reads the oracle's
+        samples' allowance so, :meth:`~fsinfo_fast.estimators.exact_fast.FastExactFisher.
+        with_exact_rows`); the diagonal's :meth:`rel_err` where that cannot be read (a noise
+        of ``inf``)."""
+        s = as_sigma(sigma, self.batch, self.diag.device)
+        point, low, high = self._diag_bracket(s, floor)
+        a = floor * s.square().unsqueeze(1)
+        base = point + a
+        up = torch.where(base > 0, 1 - base / (high + a), torch.where(high > 0, 1.0, 0.0))
+        dn = torch.where(base > 0, 1 - (low + a) / base, 0.0)
+        e = torch.maximum(up, dn).amax(dim=1)
+        return torch.where(torch.isnan(e), self.rel_err()[0], e)
 
     def _zero_cols(self) -> Tensor:
         return self.zero_cols if self.zero_cols is not None else self.diag == 0
@@ -450,7 +491,10 @@ class ExactFisher:
         ``c``: the value at the computed spectrum, or the upper bracket's where the lower one
         reaches ``-inf`` and the upper does not (``bound``); no claim (half-width ``inf``)
         where the upper bracket is not finite and that is not exact."""
-        point, low, high, n, t = self._spectra(variant)
+        if variant == "diag":
+            (point, low, high), n, t = self._diag_bracket(s, c), self.d, torch.ones_like(s)
+        else:
+            point, low, high, n, t = self._spectra(variant)
         d, st = self.d, s * t
         value = fsinfo_from_spectrum(point, d, st, c)
         lo = fsinfo_from_spectrum(low, d, st, c)
