@@ -968,7 +968,7 @@ class Linearization:
         cotangent (stream :data:`DEAD_STREAM`; its square is 0 exactly where the oracle's
         diagonal is) and one in the working dtype of the same cotangent times ``2^40`` (0 there:
         every product of ordinary size gives 0; a column that underflows for some probes only
-        is counted by the routes, not lost) give ``(dead64 [B] bool: some column is 0 in
+        is counted by the routes, not lost) give ``(zero64 [B, d] bool: the columns 0 in
         float64 too, lost [B, d] bool, diag [B, d], over [B] bool)`` with ``diag`` the float64
         ``(J^T J)_kk`` of the lost columns (0 elsewhere) from one float64 one-hot JVP per lost
         column of each sample (as many per sample as the one that has most), ``over`` the
@@ -1312,7 +1312,60 @@ class Linearization:
                 self.memory_budget or default_memory_budget(lost.device)))
             bi, ji = (idx >= 0).nonzero(as_tuple=True)
             diag[bi, idx[bi, ji]] = norms[bi, ji]
-        return (~nz64).any(dim=1), lost, diag, over
+        return ~nz64, lost, diag, over
+
+    def _structural(self, zero64: Tensor) -> Tensor:
+        """``[B]`` bool: some column 0 in float64 (``zero64``, ``[B, d]``) that the saturating
+        activations' rounding does not move (:meth:`_saturation`): a crop, a dead input; a
+        ``tanh`` rounded to 1 is not one. Where that reading cannot run, none is confirmed,
+        unless the forward-/reverse-mode check cannot run either (then every such column is
+        taken as structural, as the oracle takes it; ``info["modes_unchecked"]``)."""
+        none = torch.zeros(zero64.shape[0], dtype=torch.bool, device=zero64.device)
+        if not bool(zero64.any()):
+            return none
+        sat = self._saturation()
+        if isinstance(sat, str):
+            return zero64.any(dim=1) if isinstance(self._modes(), str) else none
+        return (zero64 & ~(sat != 0).any(dim=1).to(zero64.device)).any(dim=1)
+
+    def _zero_claims(self, r: MetricResult, floorless: bool, neg: Tensor,
+                     zero64: Tensor | None = None) -> tuple[Tensor, str] | None:
+        """The samples (``[B]`` bool) whose result claims an exact value from columns 0 in
+        float64 that are no structural zeros (:meth:`_structural`: a saturated activation's
+        derivative rounded to 0, in float64 too), and why; None where there are none. A
+        floorless FSInfo_diag's ``-inf`` is exact where some column is structurally 0; a dFIL
+        of ``0 +- 0`` where every column is. ``zero64`` (``[B, d]``): the columns 0 in
+        float64 (default: the forward-/reverse-mode check's float64 VJPs, :meth:`_modes`; no
+        claim is questioned where it cannot run, as the oracle's is not)."""
+        if floorless:  # (an infinite half-width claims nothing)
+            cand = neg & torch.isfinite(r.ci_halfwidth)
+        elif r.metric == "dfil":
+            cand = (r.value == 0) & (r.ci_halfwidth == 0)
+        else:
+            return None
+        if not bool(cand.any()):
+            return None
+        if zero64 is None:
+            got = self._modes()
+            if isinstance(got, str):
+                return None
+            zero64 = (got[1] == 0).all(dim=1)  # (entries 0, not squares that underflow)
+        zero64 = zero64.to(cand.device)
+        if floorless:
+            rows = cand & ~self._structural(zero64).to(cand.device)
+            what = "a floorless FSInfo_diag of -inf"
+        else:
+            sat = self._saturation()
+            moved = (torch.ones_like(zero64) if isinstance(sat, str)
+                     else (sat != 0).any(dim=1).to(zero64.device))
+            rows = cand & (zero64 & moved).any(dim=1)
+            what = "a dFIL of 0 +- 0"
+        if not bool(rows.any()):
+            return None
+        return rows, (f"{int(rows.sum())} sample(s) have {what}, but their columns 0 in float64 "
+                      "are not all structural zeros: a saturated activation's derivative "
+                      "rounds to 0 there, and one ulp of its output moves it "
+                      "(reference.saturation), so the value is not exact")
 
     def _lost_add(self, metric: str, s: Tensor, floor: float) -> Tensor:
         """``[B]`` float64: what the lost columns (:meth:`_lost`; 0 for a sample with more
@@ -1342,7 +1395,7 @@ class Linearization:
         :class:`~fsinfo_fast.errors.PrecisionError`. A crop (a column 0 in float64 too) keeps
         its exact ``-inf``. Where no float64 copy can run, a floorless ``-inf`` stands with a
         warning and ``info["neg_inf_unconfirmed"]``."""
-        if r.estimator == "exact" or self.enc.x.dtype == torch.float64:
+        if r.estimator == "exact":
             return r
         floorless = r.metric == "fsinfo_diag" and floor <= 0
         neg = torch.isneginf(r.value)
@@ -1351,6 +1404,12 @@ class Linearization:
         live = self.enc.live
         if not floorless and live is not None and bool(live.all()):
             return r  # (no column 0 in the working dtype: nothing lost; no cost)
+        if self.enc.x.dtype == torch.float64:  # (nothing is lost; a claim from zeros may be)
+            got = self._zero_claims(r, floorless, neg)
+            if got is None:
+                return r
+            return self._exact_for(r, estimator, s, floor, prior_var, tol, fixed, *got,
+                                   floorless)
         na = self._exact_unavailable(attempt=True)
         if na is not None:
             self._replan = False  # (this result is final: nothing to plan again)
@@ -1364,21 +1423,30 @@ class Linearization:
         found = self._lost()
         if found is None:
             return r
-        dead64, lost, diag, over = found
+        zero64, lost, diag, over = found
         n_lost = lost.sum(dim=1)
+        claims = (self._zero_claims(r, floorless, neg, zero64) if r.metric == "dfil"
+                  else None)
         if not floorless and not bool((n_lost > 0).any()):
-            return r
+            if claims is None:
+                return r
+            return self._exact_for(r, estimator, s, floor, prior_var, tol, fixed, *claims,
+                                   floorless)
         dt = self.enc.x.dtype
         what = (f"a column of J is 0 in {dt} only: its products underflow, or a saturated "
                 "activation's derivative rounds to 0")
         why, rows = None, None  # (rows: the samples only an exact route serves; None: all)
         if floorless:
-            rows = neg & ~dead64.to(neg.device)
+            rows = neg & ~self._structural(zero64).to(neg.device)
             if not bool(rows.any()):
                 return r
             why = (f"{int(rows.sum())} sample(s) have a floorless FSInfo_diag of -inf from {dt} "
                    f"products, but every column of their Jacobian is nonzero in float64 "
                    f"({what}), so the value is finite")
+            if bool((zero64.to(rows.device) & rows[:, None]).any()):
+                why += (" (or 0 in float64 too, where a saturated activation's derivative "
+                        "rounds to 0 there: one ulp of its output moves it, "
+                        "reference.saturation)")
         elif r.metric == "fsinfo_logdet":
             why = (f"{int((n_lost > 0).sum())} sample(s) have input dimensions whose column of J"
                    f" is 0 in {dt} but not in float64 ({what}); the log det cannot count them")
@@ -1397,13 +1465,25 @@ class Linearization:
             right = dataclasses.replace(r, value=r.value + add, info=info)
             rows = over.to(r.value.device)
             rows[r.info.get("exact_fast_oracle_samples", [])] = False  # (the oracle's already)
-            if not bool(rows.any()):
+            if not bool(rows.any()) and claims is None:
                 return right
             why = (f"{int(rows.sum())} sample(s) have up to {int(n_lost.max())} input dimensions "
                    f"whose column of J is 0 in {dt} but not in float64 ({what}), more than "
                    f"the {LOST_MAX} per sample computed exactly")
+            if claims is not None:
+                rows = rows | claims[0].to(rows.device)
+                why = claims[1] if not bool(over.any()) else f"{why}; {claims[1]}"
             if estimator == "auto":
                 r = right  # (the others' put right; those samples' values are replaced)
+        return self._exact_for(r, estimator, s, floor, prior_var, tol, fixed, rows, why,
+                               floorless)
+
+    def _exact_for(self, r: MetricResult, estimator: str, s: Tensor, floor: float,
+                   prior_var: float | None, tol: tuple, fixed: bool, rows: Tensor | None,
+                   why: str, floorless: bool) -> MetricResult:
+        """:meth:`_lost_fixed`'s end: the samples ``rows`` (``None``: all) only an exact route
+        serves, for the reason ``why``: under ``auto`` the float64 oracle (those samples only
+        where it can), else :class:`~fsinfo_fast.errors.PrecisionError`."""
         if rows is not None and r.estimator == "exact-fast":
             rows[r.info.get("exact_fast_oracle_samples", [])] = False
             if not bool(rows.any()):  # (a floorless -inf of the fast route's oracle samples:

@@ -517,3 +517,57 @@ def test_profile_exact_sweep_reads_the_rounding_of_each_split(shift):
         assert abs(r["fsinfo_diag"] - want) <= r["fsinfo_diag_hw"], (r, want)
         assert r["fsinfo_diag_estimator"] == "exact"
         assert r["dfil_estimator"] == "exact (shared sweep)"
+
+
+def _saturated_pair(shift: float, dtype):
+    """``(W7, x7, enc)``: ``tanh(W x)`` with ``d = 7``, ``m = 5``; sample 0 unsaturated,
+    sample 1 shifted by ``shift`` in every unit (its 7th input carries it), in ``dtype``."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(5, 6, dtype=torch.float64, generator=g).to(dtype).double()
+    x = (torch.rand(2, 6, dtype=torch.float64, generator=g) * 0.1).to(dtype).double()
+    W7 = torch.cat([W, torch.ones(5, 1, dtype=torch.float64)], 1)
+    x7 = torch.cat([x, torch.tensor([[0.0], [shift]], dtype=torch.float64)], 1)
+    layer = nn.Linear(7, 5, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(W7.to(dtype))
+    return W7, x7, nn.Sequential(layer, nn.Tanh())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shift", [19.5, 25.0])
+def test_no_route_claims_exact_zeros_a_saturated_tanh_made(dtype, shift):
+    """A sample whose every tanh rounds to 1, in float64 too: its columns are computed as 0,
+    the truth is not (floorless FSInfo_diag about -35.5 and -46.5). The randomized, the fast
+    exact and ``auto``'s routes claimed the floorless ``-inf`` (half-width 2e-6, 4e-15) and a
+    dFIL of ``0 +- 0``; only columns that the saturation reading does not move are structural
+    zeros now: ``auto`` takes the oracle's upper bound, the other routes raise."""
+    W7, x7, enc = _saturated_pair(shift, dtype)
+    lin = ff.linearize(enc, x7.to(dtype))
+    want = _tanh_truth(W7, torch.zeros(5, dtype=torch.float64), x7[1:2], 0.1, "diag", 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = lin.fsinfo(0.1, floor=0.0)
+        for est in ("randomized", "exact-fast"):
+            with pytest.raises(ff.PrecisionError, match="structural|saturated"):
+                lin.fsinfo(0.1, floor=0.0, estimator=est)
+            with pytest.raises(ff.PrecisionError, match="0 \\+- 0"):
+                lin.dfil(0.1, estimator=est)
+        dl = lin.dfil(0.1)
+    assert math.isfinite(float(r.value[1])) and bool(r.bound[1])
+    assert want <= float(r.ci95()[1][1])
+    assert float(r.ci_halfwidth[0]) < 1e-3  # (the other sample keeps its own route's value)
+    assert float(dl.value[1]) == 0.0 and math.isinf(float(dl.ci_halfwidth[1]))
+
+
+def test_a_structural_zero_column_keeps_its_exact_minus_inf():
+    """The same encoder with an input that reaches nothing (a zero column no rounding moves):
+    the floorless ``-inf`` stays, on every route."""
+    W7, x7, _ = _saturated_pair(0.0, torch.float64)
+    W7[:, 2] = 0.0
+    enc = nn.Linear(7, 5, bias=False).double()
+    with torch.no_grad():
+        enc.weight.copy_(W7)
+    lin = ff.linearize(nn.Sequential(enc, nn.Tanh()), x7)
+    for est in ("auto", "randomized", "exact-fast", "exact"):
+        r = lin.fsinfo(0.1, floor=0.0, estimator=est)
+        assert bool(torch.isneginf(r.value).all()), est

@@ -214,7 +214,9 @@ class FastExactFisher:
         r"""dFIL ``tr(J^T J) / (sigma^2 d)`` with ``eps_b * dFIL`` as its interval."""
         s = as_sigma(sigma, self.batch, self.trace.device)
         value = self.trace / (s**2 * self.d)
-        bias = (self.trace_rel_err if self.trace_rel_err is not None else self.rel_err) * value
+        e = self.trace_rel_err if self.trace_rel_err is not None else self.rel_err
+        # (an allowance without bound claims nothing, at a value of 0 too: inf * 0 was NaN)
+        bias = torch.where(torch.isfinite(e), e * value, math.inf)
         if self.underflow is not None:
             bias = bias + (self.underflow.sum(dim=1).to(bias) * (self.m + 1) * SUBNORMAL
                            / (s.square() * self.d))
