@@ -18,6 +18,7 @@ import warnings
 import mpmath
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fsinfo_fast as ff
@@ -571,3 +572,62 @@ def test_a_structural_zero_column_keeps_its_exact_minus_inf():
     for est in ("auto", "randomized", "exact-fast", "exact"):
         r = lin.fsinfo(0.1, floor=0.0, estimator=est)
         assert bool(torch.isneginf(r.value).all()), est
+
+
+def _act_truth(W1, b1, W2, x, act, sigma, floor):
+    """FSInfo_diag of ``act(x W1^T + b1) W2^T`` at 60 digits (``J = W2 diag(act'(z)) W1``)."""
+    with mpmath.workdps(60):
+        h, d = W1.shape
+        z = [mpmath.fsum(mpmath.mpf(float(W1[i, j])) * mpmath.mpf(float(x[0, j]))
+                         for j in range(d)) + mpmath.mpf(float(b1[i])) for i in range(h)]
+        if act == "gelu":
+            der = [mpmath.erfc(-v / mpmath.sqrt(2)) / 2
+                   + v * mpmath.exp(-v * v / 2) / mpmath.sqrt(2 * mpmath.pi) for v in z]
+        elif act == "gelu_tanh":
+            beta, kappa = mpmath.sqrt(2 / mpmath.pi), mpmath.mpf(0.044715)
+            der = []
+            for v in z:
+                t = beta * (v + kappa * v**3)
+                one = 2 / (1 + mpmath.exp(-2 * t))  # 1 + tanh(t), without the cancellation
+                der.append(one / 2 + v * (4 / (mpmath.exp(t) + mpmath.exp(-t)) ** 2)
+                           * beta * (1 + 3 * kappa * v * v) / 2)
+        else:  # tanh
+            der = [4 / (mpmath.exp(v) + mpmath.exp(-v)) ** 2 for v in z]
+        W2m = [[mpmath.mpf(float(W2[o, i])) for i in range(h)] for o in range(W2.shape[0])]
+        total = 0
+        for k in range(d):
+            col = [mpmath.fsum(W2m[o][i] * der[i] * mpmath.mpf(float(W1[i, k]))
+                               for i in range(h)) for o in range(W2.shape[0])]
+            total += mpmath.log(mpmath.fsum(c * c for c in col) / mpmath.mpf(sigma) ** 2
+                                + floor)
+        return float(total / (2 * d) - mpmath.log(2 * mpmath.pi * mpmath.e) / 2)
+
+
+@pytest.mark.parametrize("act,low,high", [("gelu", -12.0, -9.0), ("gelu", -8.0, -6.0),
+                                          ("gelu_tanh", -8.0, -5.0), ("tanh_", 12.0, 19.0)])
+def test_fused_gelu_and_in_place_tanh_rounding_is_read(act, low, high):
+    """``F.gelu``'s derivative cancels in ``1 + erf`` (``1 + tanh``) below about -5, the same
+    in both modes, and ``tanh_`` escaped the reading: the floorless interval missed the
+    60-digit truth by up to 1.4e11 half-widths (0.0116 nats/dim, the erf form at -9..-12),
+    1.5e5 (the tanh form) and 3e7 (``tanh_``) (helper 98). The reading computes gelu without
+    the cancellation and catches the in-place spellings."""
+    g = torch.Generator().manual_seed(0)
+    d, h, m = 12, 16, 10
+    W1 = torch.randn(h, d, dtype=torch.float64, generator=g) / math.sqrt(d) * 0.3
+    b1 = math.copysign(1.0, low) * (abs(low) + (abs(high) - abs(low))
+                                    * torch.rand(h, dtype=torch.float64, generator=g))
+    W2 = torch.randn(m, h, dtype=torch.float64, generator=g)
+    x = torch.randn(1, d, dtype=torch.float64, generator=g)
+    fn = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+          "tanh_": lambda z: z.tanh_()}[act]
+
+    def enc(v):
+        return fn(v @ W1.T + b1) @ W2.T
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = ff.linearize(enc, x).fsinfo(0.1, floor=0.0, estimator="exact")
+    want = _act_truth(W1, b1, W2, x, act.rstrip("_"), 0.1, 0.0)
+    low_ci, high_ci = (float(t[0]) for t in r.ci95())
+    assert low_ci <= want <= high_ci, (float(r.value[0]), want, low_ci, high_ci)
+    assert math.isfinite(high_ci - low_ci)
