@@ -59,6 +59,20 @@ def sum_rel_bound(n: int) -> float:
     return nu / (1.0 - nu) if nu < 1 else math.inf
 
 
+def logsum_rounding(mu: Tensor, d: int, sigma: Tensor, c: float) -> Tensor:
+    """``[B]``: a bound on the float64 rounding of :func:`fsinfo_from_spectrum` itself (its
+    ``n`` logs, each within a unit roundoff of its term, their sum, and the constant), for the
+    spectrum ``mu`` ``[B, n]`` at noise ``sigma`` (``[B]``) and constant ``c`` (the ``d - n``
+    implicit terms ``log(c)`` counted where ``c > 0``)."""
+    terms = torch.log(mu / sigma.square().unsqueeze(1) + c).abs()
+    total = torch.where(torch.isfinite(terms), terms, 0.0).sum(dim=1)
+    n = mu.shape[1]
+    if d > n and c > 0:
+        total = total + (d - n) * abs(math.log(c))
+    u = torch.finfo(torch.float64).eps / 2
+    return (sum_rel_bound(n + 2) + u) * (total / (2 * d) + HALF_LOG_2PIE)
+
+
 def nats_to_bits(value: Tensor | float) -> Tensor | float:
     """Convert nats to bits (divide by ``ln 2``)."""
     return value / math.log(2.0)

@@ -326,6 +326,18 @@ class FSInfoGuard(nn.Module):
             raise InvalidInputError("calibrate() got no data")
         res = concat_sigma_results(results)
         value = res.dataset(statistic, q, conservative=conservative)
+        if conservative and not math.isfinite(value):
+            # (an estimate whose interval has no upper end: not a target beyond float64)
+            open_ = torch.isinf(res.ci_high) & torch.isfinite(res.sigma)
+            if bool(open_.any()):
+                raise InvalidInputError(
+                    f"conservative=True: {int(open_.sum())} of the calibration set's "
+                    f"{len(res)} sigma* (sample(s) {open_.nonzero().flatten().tolist()[:20]}) "
+                    "have an interval without an upper end: their estimate claims none there "
+                    "(converged=False in the per-sample results; e.g. the float64 oracle's "
+                    "rounding exceeds the columns of a saturated activation), so no finite "
+                    "conservative sigma follows. Use conservative=False (their estimates), "
+                    "statistic='quantile', or leave those samples out")
         self._check_reachable(torch.tensor([value], dtype=torch.float64), f"the {statistic} "
                               "of the calibration set's sigma*")
         bad = int((~res.converged).sum())
@@ -382,7 +394,7 @@ class FSInfoGuard(nn.Module):
                 why = (f"FSInfo_{self.variant} never goes below the asymptote {formula} "
                        f"({limit:.4g} nats/dim for {name}); choose a target above it")
             else:  # no asymptote, or a target just above it: sigma* overflowed float64
-                asym = (f"its asymptote is {limit:.4g} nats/dim for {name}" if c > 0 else
+                asym = (f"an asymptote of {limit:.4g} nats/dim for {name}" if c > 0 else
                         f"no asymptote for {name}")
                 why = (f"the sigma* that reaches it exceeds float64's range (FSInfo_"
                        f"{self.variant} has {asym}); choose a higher target")

@@ -3137,6 +3137,7 @@ class Linearization:
         prior_var: float | None = None,
         floor: float = DIAG_FLOOR,
         lanczos_order: int | None = None,
+        _keep_tiny: bool = False,
     ) -> SigmaResult:
         r"""FSInfoGuard's per-sample noise scale: the sigma at which FSInfo equals ``target``.
 
@@ -3154,6 +3155,9 @@ class Linearization:
         prior is not
         available (``auto`` uses the oracle). ``max_probes``: as in :meth:`fsinfo` (None:
         ``min(m, d)`` under ``auto``, :data:`DEFAULT_MAX_PROBES` for a randomized estimator).
+        A ``sigma*`` below :data:`~fsinfo_fast.encoder.SIGMA_RANGE` raises
+        :class:`~fsinfo_fast.errors.InvalidInputError` (``_keep_tiny``: returned as computed,
+        for the profile, which records such samples rather than stop at the first).
         """
         _check_choice("estimator", estimator, ESTIMATORS)
         estimator = self._auto_without_exact(estimator)
@@ -3180,7 +3184,8 @@ class Linearization:
             r = None
         else:
             r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
-            _check_sigma_star(torch.exp(r.value - tau_b), r.value, tau_b)
+            if not _keep_tiny:
+                _check_sigma_star(torch.exp(r.value - tau_b), r.value, tau_b)
             # (an exact r, from auto's oracle, is re-solved with the floor below)
             why, floor_shift = (self._floor_matters(r, tau_b, floor, kw)
                                 if variant == "diag" and r.estimator != "exact"
@@ -3206,9 +3211,10 @@ class Linearization:
         if r is None or r.estimator == "exact":
             ex = self.exact(spectrum=variant == "logdet")
             sig, lo, hi = ex.sigma_interval(tau_b, variant, prior_var=prior_var, floor=floor)
-            _check_sigma_star(sig, ex.fsinfo(1.0, variant, prior_var=prior_var,
-                                             floor=floor).value, tau_b,
-                              exact_zero=(ex.diag == 0).all(dim=1))
+            if not _keep_tiny:
+                _check_sigma_star(sig, ex.fsinfo(1.0, variant, prior_var=prior_var,
+                                                 floor=floor).value, tau_b,
+                                  exact_zero=(ex.diag == 0).all(dim=1))
             info = {"backend": "reference", "oracle_rel_err": ex.rel_err()[0].tolist()}
             if r is not None and "auto" in r.info:
                 info["auto"] = r.info["auto"]

@@ -631,3 +631,23 @@ def test_fused_gelu_and_in_place_tanh_rounding_is_read(act, low, high):
     low_ci, high_ci = (float(t[0]) for t in r.ci95())
     assert low_ci <= want <= high_ci, (float(r.value[0]), want, low_ci, high_ci)
     assert math.isfinite(high_ci - low_ci)
+
+
+def test_conservative_calibration_names_the_interval_without_an_upper_end():
+    """A calibration sample whose exact ``sigma*`` interval has no upper end (tanh near 18: the
+    oracle's rounding exceeds the columns) made ``calibrate(conservative=True)`` say that "the
+    sigma* that reaches it exceeds float64's range" (helper 97); it names the open intervals
+    now, and the estimates still calibrate."""
+    W, b, x, _ = _tanh_layer(3, 5, 18.0)
+    enc = nn.Sequential(nn.Linear(3, 5), nn.Tanh()).double()
+    with torch.no_grad():
+        enc[0].weight.copy_(W)
+        enc[0].bias.copy_(b)
+    guard = ff.FSInfoGuard(enc, target=-1.0, estimator="exact", floor=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isinf(float(guard.sigma_result(x).ci_high[0]))  # (the case)
+        with pytest.raises(ff.InvalidInputError, match="sample\\(s\\) \\[0\\]\\) have an "
+                                                       "interval without an upper end"):
+            guard.calibrate(x, conservative=True)
+        assert 0 < guard.calibrate(x) < math.inf

@@ -689,3 +689,30 @@ def test_auto_fallback_to_the_oracle_is_named_in_the_record():
     assert r.estimator == "exact" and r.info["auto"]
     assert _label(r, "auto") == f"exact (auto: {r.info['auto']})"
     assert _label(r, "exact") == "exact"  # the plan asked for it: nothing to explain
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_a_sigma_star_below_the_range_is_recorded_not_fatal(share):
+    """A split whose FSInfo at sigma = 1 lies far below the target (columns of 1e-151 at the
+    floor's level): its sigma* (1e-156) is below the metrics' range, which
+    ``Linearization.fsinfo_sigma`` refuses, and the whole exact profile stopped there (helper
+    99; the shared sweep's splits had taken sigma* from their ExactFisher until it was
+    measured per split). The record keeps it, with a status saying no noise is needed."""
+    from fsinfo_fast.profile.runner import SIGMA_NEGLIGIBLE, compute_batch, make_plan
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Softmax(-1),
+                                torch.nn.Linear(3, 3)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-3.2, 10.4], [5.7, -1.2], [0.6, 0.5]],
+                                           dtype=torch.float64) * 1e-151)
+    x = torch.rand(2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cfg = ProfileConfig(model="vgg5", estimator="exact", variant="diag", share=share,
+                        plot=False, progress=False, table=False)
+    specs = resolve_splits(model, "all")
+    plan = make_plan(cfg, model, specs, x[:1])
+    assert bool(plan.sweep) == share
+    recs = compute_batch(cfg, plan, specs, x, torch.zeros(2, dtype=torch.long), torch.arange(2))
+    assert len(recs) == 2 * len(specs)
+    for r in recs:
+        assert 0 < r["sigma_star"] < 1e-100 and r["sigma_star_status"] == SIGMA_NEGLIGIBLE
+        assert r["sigma_star_low"] <= r["sigma_star"] <= r["sigma_star_high"]

@@ -68,6 +68,7 @@ from ..formulas import (
     SUBNORMAL,
     as_sigma,
     fsinfo_from_spectrum,
+    logsum_rounding,
     sum_rel_bound,
 )
 from ..result import MetricResult
@@ -199,7 +200,9 @@ class FastExactFisher:
                 f"variant={variant!r} needs the spectrum: use estimator='exact' (the oracle)")
         s = as_sigma(sigma, self.batch, self.diag.device)
         value = fsinfo_from_spectrum(self.diag, self.d, s, floor)
-        bias = fsinfo_bias(self.rel_err)
+        # (and the log-sum's own rounding: an oracle sample's diagonal allowance can be below
+        # one ulp of the value, helper 99)
+        bias = fsinfo_bias(self.rel_err) + logsum_rounding(self.diag, self.d, s, floor)
         if self.underflow is not None:  # (up to (m + 1) subnormals each, not 0)
             n = self.underflow.sum(dim=1).to(bias)
             up = (torch.log1p((self.m + 1) * SUBNORMAL / (s.square() * floor)) if floor > 0

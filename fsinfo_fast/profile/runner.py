@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .. import __version__
 from .._extras import require
 from .._progress import progress_bar, set_status
+from ..encoder import SIGMA_RANGE
 from ..engine import resolve_backend
 from ..errors import EncoderError, FSInfoError, InvalidInputError
 from ..linearization import DFIL_METHODS as LINEARIZATION_DFIL_METHODS
@@ -769,6 +770,8 @@ def _bound_fields(prefix: str, bound: Any) -> dict[str, list]:
 #: ``{prefix}_status`` of a sigma* no finite noise reaches (JSON has no infinity; the value
 #: fields are null there, which alone would read as "not computed")
 SIGMA_UNREACHABLE = "unreachable: the target is at or below FSInfo's floor asymptote"
+SIGMA_NEGLIGIBLE = (f"below {SIGMA_RANGE[0]:g}: the target holds without noise in practice "
+                    "(FSInfo at sigma = 1 lies far below it)")
 
 
 def _sigma_keys(prefix: str) -> tuple[str, ...]:
@@ -780,7 +783,8 @@ def _sigma_fields(prefix: str, s: Any) -> dict[str, list]:
     ``{prefix}_status`` says where no finite sigma reaches the target."""
     return {prefix: _nums(s.sigma), f"{prefix}_low": _nums(s.ci_low),
             f"{prefix}_high": _nums(s.ci_high),
-            f"{prefix}_status": [SIGMA_UNREACHABLE if math.isinf(v) else None
+            f"{prefix}_status": [SIGMA_UNREACHABLE if math.isinf(v) else
+                                 SIGMA_NEGLIGIBLE if v < SIGMA_RANGE[0] else None
                                  for v in s.sigma.tolist()]}
 
 
@@ -872,7 +876,8 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
         dl.info["backend"] = "reference (shared sweep)"
     if fd is not None:
         step("sigma*")
-        sg = lin.fsinfo_sigma(target, variant="diag", estimator=est, atol=cfg.atol)
+        sg = lin.fsinfo_sigma(target, variant="diag", estimator=est, atol=cfg.atol,
+                              _keep_tiny=True)
     diag_keys = ("fsinfo_diag", "fsinfo_diag_se", "fsinfo_diag_hw", "fsinfo_diag_probes",
                  "fsinfo_diag_estimator", "fsinfo_diag_converged", "fsinfo_diag_is_bound",
                  "fsinfo_diag_rounding")
@@ -913,7 +918,7 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
         step("sigma* logdet")
         sl = lin.fsinfo_sigma(target, variant="logdet",
                               estimator="exact" if ld.estimator == "exact" else est,
-                              atol=cfg.atol, prior_var=cfg.prior_var)
+                              atol=cfg.atol, prior_var=cfg.prior_var, _keep_tiny=True)
         out.update(_sigma_fields("sigma_star_logdet", sl))
     else:
         out.update(_none_fields(b, *_sigma_keys("sigma_star_logdet")))

@@ -72,6 +72,7 @@ from ..formulas import (
     SUBNORMAL,
     as_sigma,
     fsinfo_from_spectrum,
+    logsum_rounding,
     sigma_for_target,
     sum_rel_bound,
 )
@@ -499,7 +500,7 @@ class ExactFisher:
         value = fsinfo_from_spectrum(point, d, st, c)
         lo = fsinfo_from_spectrum(low, d, st, c)
         hi = fsinfo_from_spectrum(high, d, st, c)
-        arith = self._arith(point, st, c, n)
+        arith = logsum_rounding(point, d, st, c)
         exact = self._exact_neg_inf(variant, c)
         value = torch.where(exact, -math.inf, value)
         none = ~exact & ~torch.isfinite(hi)  # (an allowance without bound, or underflow)
@@ -508,15 +509,6 @@ class ExactFisher:
         hw = torch.where(none, math.inf, torch.where(exact, 0.0, hw))
         value = torch.where(bound, hi, value)
         return value, hw, bound, exact
-
-    def _arith(self, point: Tensor, s: Tensor, c: float, n: int) -> Tensor:
-        """``[B]``: the rounding of the log-sum itself at noise ``s`` (``n`` float64 terms, each
-        log within a unit roundoff, and the constant)."""
-        terms = torch.log(point / s.square().unsqueeze(1) + c).abs()
-        total = torch.where(torch.isfinite(terms), terms, 0.0).sum(dim=1)
-        if self.d > point.shape[1] and c > 0:
-            total = total + (self.d - point.shape[1]) * abs(math.log(c))
-        return (sum_rel_bound(n + 2) + U64) * (total / (2 * self.d) + HALF_LOG_2PIE)
 
     def _bound_warning(self, bound: Tensor) -> dict[str, str]:
         if not bool(bound.any()):
@@ -601,7 +593,7 @@ class ExactFisher:
         sig = torch.where(exact, 0.0, sig)
         # the log-sum's rounding at sigma*: the target read that much higher or lower
         s = torch.where(torch.isfinite(sig) & (sig > 0), sig, torch.ones_like(sig))
-        arith = self._arith(point, s * t, c, n)
+        arith = logsum_rounding(point, self.d, s * t, c)
         # (the bisection stops within 4 eps of the root in log sigma)
         lo = sigma_for_target(low, self.d, tau + arith, c) / t * (1 - 16 * U64)
         hi = sigma_for_target(high, self.d, tau - arith, c) / t * (1 + 16 * U64)
