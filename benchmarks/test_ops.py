@@ -293,15 +293,17 @@ _MODES_REF: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 @pytest.mark.parametrize("case", ["vgg5-split2-32px", "resnet18-split7-32px",
                                   "resnet18-imagenet-split7-224px"])
 def test_modes_check_cost(benchmark, case, check, device, monkeypatch):
-    """The per-sample float64 forward-/reverse-mode check's cost on a default call sequence
-    (``ff.linearize`` + FSInfo_diag + dFIL, one image, defaults): the check as shipped
-    against it patched out, side by side; both must give the same values (the check changes
-    no unflagged sample) before anything is timed."""
+    """The per-sample float64 checks' cost on a default call sequence (``ff.linearize`` +
+    FSInfo_diag + dFIL, one image, defaults): the forward-/reverse-mode check and the float64
+    Jacobian's own rounding (the saturation reading) as shipped against both patched out,
+    side by side; both must give the same values (the checks change no unflagged sample)
+    before anything is timed."""
     import fsinfo_fast as ff
     from fsinfo_fast.linearization import Linearization
 
     if check == "off":
         monkeypatch.setattr(Linearization, "_modes_flagged", lambda self, out, kind, c: out)
+        monkeypatch.setattr(Linearization, "_float64_allowed", lambda self, out, c, tol: out)
     name, split = ("vgg5", 2) if case.startswith("vgg5") else ("resnet18", 7)
     px = 224 if case.endswith("224px") else 32
     torch.manual_seed(0)

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import numbers
@@ -508,6 +509,10 @@ def _modes_checked(kind: str) -> Callable:
     for the diagonal, the prior's precision for the log det) or ``"dfil"`` (none)."""
 
     def wrap(method: Callable) -> Callable:
+        params = inspect.signature(method).parameters
+        tol_default = tuple(params[k].default if k in params else None
+                            for k in ("atol", "rtol"))
+
         @functools.wraps(method)
         def checked(self: Linearization, *args: Any, **kw: Any) -> Any:
             self._depth += 1
@@ -521,7 +526,9 @@ def _modes_checked(kind: str) -> Callable:
             if kind == "fsinfo":
                 c = (float(kw.get("floor", DIAG_FLOOR)) if kw.get("variant", "diag") == "diag"
                      else check_prior_var(kw.get("prior_var")))
-            return self._modes_flagged(out, kind, c)
+            tol = tuple(kw.get(k, v) for k, v in zip(("atol", "rtol"), tol_default,
+                                                      strict=True))
+            return self._modes_flagged(self._float64_allowed(out, c, tol), kind, c)
 
         return checked
 
@@ -1213,6 +1220,154 @@ class Linearization:
         out = torch.where(fwd > 0, mean / a, 0.0)
         return torch.where(torch.isfinite(a), out, 0.0)
 
+    def _float64_allowed(self, out: MetricResult | SigmaResult, c: float,
+                         tol: tuple) -> MetricResult | SigmaResult:
+        """``out`` (a public method's FSInfo_diag or dFIL) with the float64 Jacobian's own
+        rounding (:meth:`_float64_rounding`) in the interval of its samples that no float64
+        oracle served (the oracle's interval holds it already): every other route checks its
+        products against float64 ones, which share that rounding (the fast exact route in
+        float64 on a saturated ``tanh``: 3e5-1e6 half-widths off the truth, helper 100);
+        ``info["float64_rounding"]`` per sample, ``converged`` False where the wider interval
+        misses the tolerance ``tol = (atol, rtol)``."""
+        if (not isinstance(out, MetricResult) or out.metric not in ("fsinfo_diag", "dfil")
+                or out.estimator == "exact"):
+            return out
+        rows = torch.ones_like(out.value, dtype=torch.bool)
+        took = dict(zip(out.info.get("exact_samples", []),
+                        out.info.get("exact_samples_estimator", []), strict=False))
+        for i, est in took.items():
+            rows[i] = est != "exact"
+        rows[out.info.get("exact_fast_oracle_samples", [])] = False
+        if not bool(rows.any()):
+            return out
+        extra = self._float64_rounding(out.metric, out.sigma.to(out.value).reshape(-1), c,
+                                       out.value)
+        if extra is None:
+            return out
+        extra = torch.where(rows & ~torch.isneginf(out.value), extra.to(out.value), 0.0)
+        if not bool((extra > 0).any()):
+            return out
+        hw = out.ci_halfwidth + extra
+        conv = out.converged & (tolerance_met(out.value, hw, *tol) | (extra == 0))
+        info = {**out.info, "float64_rounding": extra.tolist()}
+        return dataclasses.replace(out, ci_halfwidth=hw,
+                                   bias_bound=out.bias_bound + torch.where(
+                                       torch.isfinite(extra), extra, 0.0),
+                                   converged=conv, info=info)
+
+    def _zero_sigma_checked(self, out: SigmaResult) -> SigmaResult:
+        """A randomized ``sigma*`` of exactly 0 with the interval ``[0, 0]`` (every column of
+        the sample computed as 0: FSInfo at its floor's asymptote, no noise needed) claims that
+        only where those columns are structural zeros; where the saturation reading moves them
+        (a ``tanh`` rounded to 1: the truth needs a tiny positive noise) the upper end is
+        ``inf`` and ``converged`` False (``info["sigma_zero_unconfirmed"]``)."""
+        cand = (out.sigma == 0) & (out.ci_high == 0)
+        if out.estimator == "exact" or not bool(cand.any()):
+            return out
+        got = self._modes()
+        if isinstance(got, str):
+            return out
+        sat = self._saturation()
+        zero64 = (got[1] == 0).all(dim=1)
+        moved = (torch.ones_like(zero64) if isinstance(sat, str)
+                 else (sat != 0).any(dim=1).to(zero64.device))
+        rows = cand & (zero64 & moved).any(dim=1).to(cand.device)
+        if not bool(rows.any()):
+            return out
+        why = (f"sample(s) {rows.nonzero().flatten().tolist()}: sigma* = 0 from columns "
+               "computed as 0 that a saturated activation's rounding moves (not structural "
+               "zeros): the true sigma* is positive, its upper end not bounded here; "
+               "estimator='exact' bounds it")
+        return dataclasses.replace(
+            out, ci_high=torch.where(rows, math.inf, out.ci_high),
+            converged=out.converged & ~rows,
+            info={**out.info, "sigma_zero_unconfirmed": why})
+
+    def _float64_rounding(self, metric: str, s: Tensor, c: float,
+                          value: Tensor) -> Tensor | None:
+        """``[B]``: how far the float64 Jacobian's own rounding can move FSInfo_diag (at noise
+        ``s`` and floor ``c``) or dFIL (``value``) beyond the a-priori :data:`~fsinfo_fast.
+        reference.oracle.AD_ULPS` unit roundoffs the routes allow, from the readings the
+        oracle takes (:meth:`_oracle_measured`, :meth:`_oracle_weighted`): ``E``,
+        :data:`~fsinfo_fast.estimators.exact_fast.SAFETY` times the larger of the
+        forward-/reverse-mode check's and the saturation reading's relative error per column,
+        each column at its own scale; with a floor ``t``, the same read at the result's
+        weighting (each column's weight in the log times its error). A term of FSInfo_diag
+        then lies within ``[D_k / (1 + J), D_k / (1 - J)]``, ``J = E (2 + E)`` (``inf`` for ``J
+        >= 1``: no claim), and with a floor below ``D_k (1 + e_k)^2`` too, ``e_k <= t /
+        rho_k`` (as the oracle's brackets), which bounds FSInfo's move; the trace within a
+        relative ``e / (1 - e)``, ``e = F (2 + F)``, ``F`` read as the trace weighs the
+        columns. Only where a saturating op's reading moves the columns or the scale-free mode
+        check exceeds :data:`MODES_SCREEN` (elsewhere the modes agree to float64 rounding,
+        which the routes' own float64 floor holds). Columns computed as 0 that
+        the saturation reading moves add their bound (``(SAFETY max|change|)^2``, as the
+        oracle's ``col_floor``). None where nothing exceeds the a-priori allowance (or the
+        check cannot run: ``info["modes_unchecked"]`` says so); ``inf`` where the saturation
+        reading cannot run."""
+        got = self._modes()
+        if isinstance(got, str):
+            return None
+        sat = self._saturation()
+        if isinstance(sat, str):
+            return torch.full_like(value, math.inf)
+        floor = reference.oracle.AD_ULPS * reference.oracle.U64
+        moved = bool((sat != 0).any())
+        loud = bool((got[4] > MODES_SCREEN).any())
+        if not (moved or loud):  # (the modes agree to float64 rounding: the routes' own
+            return None  # float64 floor holds it; readings at that level move with the batch)
+        zero = torch.zeros_like(got[3][:, 0])
+        kind = "fsinfo" if metric == "fsinfo_diag" else "dfil"
+
+        def weighted(k: str, a: Tensor) -> Tensor:  # (the scale-free reading bounds it)
+            return self._modes_weighted(k, a)[1] if loud else got[6]
+
+        col = EXACT_SAFETY * got[6]
+        try:
+            if kind == "dfil":
+                col = EXACT_SAFETY * weighted("dfil", zero)
+            t = (EXACT_SAFETY * weighted("fsinfo", (c * s.square()).to(got[3]))
+                 if kind == "fsinfo" and c > 0 else None)
+        except torch.OutOfMemoryError:
+            raise
+        except (EncoderError, RuntimeError, NotImplementedError):
+            return torch.full_like(value, math.inf)
+        if moved:
+            col = torch.maximum(col, EXACT_SAFETY * self._saturation_col(kind, zero))
+        if not moved and not bool((col > floor).any()):
+            return None
+        col = torch.where(col > floor, col, 0.0).to(value)
+        s2 = s.square().to(value)
+        if kind == "dfil":  # (as the oracle's: the trace within a relative e / (1 - e))
+            e = col * (2 + col)
+            out = torch.where(e < 1, value.abs() * e / (1 - e).clamp_min(1e-16), math.inf)
+        else:
+            # (as the oracle's brackets: D_true within [D / (1 + J), D / (1 - J)], J = E (2 +
+            # E); with a floor its upper end also D (1 + e_k)^2, e_k <= t / rho_k)
+            j = col * (2 + col)
+            up = torch.where(j < 1, -torch.log1p(-j.clamp_max(1 - 1e-16)), math.inf)
+            if t is not None:
+                if moved:
+                    t = torch.maximum(t, EXACT_SAFETY * self._saturation_col(
+                        "fsinfo", (c * s.square()).to(got[3])))
+                big = torch.minimum(torch.where(t > floor, t, 0.0).to(value), col) * (2 + col)
+                low = torch.minimum(big, j / (1 + j))
+                up = torch.maximum(torch.log1p(big), -torch.log1p(-low.clamp_max(1 - 1e-16)))
+            out = 0.5 * up
+        if moved:  # (columns computed as 0 that the rounding moves: their own bound)
+            _, g, *_ = got
+            gone = ((g == 0).all(dim=1) & (sat != 0).any(dim=1)).to(value.device)
+            top = (EXACT_SAFETY * sat.abs().flatten(1).amax(dim=1)).square().to(value)
+            n = gone.sum(dim=1).to(value)
+            if kind == "dfil":
+                out = out + n * top / (s2 * self.d)
+            elif c > 0:
+                out = out + n * torch.log1p(top / (s2 * c)) / (2 * self.d)
+        # (per sample: where neither reading stands out, the routes' own floor holds it, and
+        # a batch-mate's saturation does not move this sample's interval)
+        own = ((sat != 0).flatten(1).any(dim=1).to(out.device)
+               | (got[4] > MODES_SCREEN).to(out.device))
+        return torch.where(own, out, 0.0)
+
     def _modes_flagged(self, out: MetricResult | SigmaResult,
                        kind: str, c: float) -> MetricResult | SigmaResult:
         """``out`` (a public method's result) with no interval claimed for the samples whose
@@ -1329,7 +1484,8 @@ class Linearization:
         return (zero64 & ~(sat != 0).any(dim=1).to(zero64.device)).any(dim=1)
 
     def _zero_claims(self, r: MetricResult, floorless: bool, neg: Tensor,
-                     zero64: Tensor | None = None) -> tuple[Tensor, str] | None:
+                     zero64: Tensor | None = None,
+                     auto: bool = False) -> tuple[Tensor, str] | None:
         """The samples (``[B]`` bool) whose result claims an exact value from columns 0 in
         float64 that are no structural zeros (:meth:`_structural`: a saturated activation's
         derivative rounded to 0, in float64 too), and why; None where there are none. A
@@ -1337,8 +1493,8 @@ class Linearization:
         of ``0 +- 0`` where every column is. ``zero64`` (``[B, d]``): the columns 0 in
         float64 (default: the forward-/reverse-mode check's float64 VJPs, :meth:`_modes`; no
         claim is questioned where it cannot run, as the oracle's is not)."""
-        if floorless:  # (an infinite half-width claims nothing)
-            cand = neg & torch.isfinite(r.ci_halfwidth)
+        if floorless:  # (an infinite half-width claims nothing; auto still seeks a bound)
+            cand = neg & (torch.isfinite(r.ci_halfwidth) | auto)
         elif r.metric == "dfil":
             cand = (r.value == 0) & (r.ci_halfwidth == 0)
         else:
@@ -1405,7 +1561,7 @@ class Linearization:
         if not floorless and live is not None and bool(live.all()):
             return r  # (no column 0 in the working dtype: nothing lost; no cost)
         if self.enc.x.dtype == torch.float64:  # (nothing is lost; a claim from zeros may be)
-            got = self._zero_claims(r, floorless, neg)
+            got = self._zero_claims(r, floorless, neg, auto=estimator == "auto")
             if got is None:
                 return r
             return self._exact_for(r, estimator, s, floor, prior_var, tol, fixed, *got,
@@ -1519,7 +1675,8 @@ class Linearization:
         raise PrecisionError(
             f"{why}. Use estimator='exact' (the float64 oracle)"
             + (f", a floor > 0 (the paper's {DIAG_FLOOR:g})" if floorless else "")
-            + ", or run the encoder in float64")
+            + (", or run the encoder in float64" if self.enc.x.dtype != torch.float64
+               else ""))
 
     @torch.no_grad()
     def _rounding_measured(self, metric: str, s: Tensor, floor: float,
@@ -2047,8 +2204,19 @@ class Linearization:
         else:
             if variant == "diag":
                 src = self._oracle_weighted(src, s, floor)
-            r = src.fsinfo(s, variant, prior_var=prior_var, floor=floor)
+            r = self._oracle_met(src.fsinfo(s, variant, prior_var=prior_var, floor=floor),
+                                 estimator, tol)
         r.info["auto"] = why
+        return r
+
+    @staticmethod
+    def _oracle_met(r: MetricResult, estimator: str, tol: tuple) -> MetricResult:
+        """``auto``'s oracle result ``r`` with ``converged`` False where its interval (the
+        oracle's rounding) misses the tolerance ``tol`` (4.6-9.2 nats/dim of half-width on
+        softmax columns far below the floor read True, helper 99); an explicit ``"exact"``
+        asked for no tolerance."""
+        if estimator == "auto":
+            r.converged.logical_and_(tolerance_met(r.value, r.ci_halfwidth, *tol))
         return r
 
     def _oracle_weighted(self, ex: reference.ExactFisher, s: Tensor,
@@ -2112,24 +2280,42 @@ class Linearization:
             held = (f"; sample(s) {fx.info['exact_fast_oracle_samples']} have the float64 "
                     "oracle's values, computed for an earlier request (or sent there by the "
                     "lost-column check)")
-        r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
+        def made(fx: FastExactFisher, ex: reference.ExactFisher | None) -> MetricResult:
+            # the oracle's samples read as the oracle reads them (its brackets, its log-sum's
+            # rounding, an upper bound where the lower bracket reaches -inf: a held sample
+            # saturated to 0 read -inf +- inf here)
+            r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
+            if fx.exact_rows is None or ex is None:
+                return r
+            ro, k = make(ex), fx.exact_rows.to(r.value.device)
+            bound = torch.as_tensor(r.bound, device=k.device).expand_as(k)
+            return dataclasses.replace(
+                r, value=torch.where(k, ro.value.to(r.value), r.value),
+                ci_halfwidth=torch.where(k, ro.ci_halfwidth.to(r.value), r.ci_halfwidth),
+                bias_bound=torch.where(k, ro.bias_bound.to(r.value), r.bias_bound),
+                bound=torch.where(k, torch.as_tensor(ro.bound, device=k.device)
+                                  .expand_as(k), bound))
+
+        r = made(fx, held_ex if held else None)
         r.info.update(info)
         miss = self._fast_missed(r, estimator, tol)
         if miss is None:
             return r, why + held
         rows, text = miss
         if fx.exact_rows is None and bool(rows.all()):  # (every sample: the oracle's result)
-            return (make(self._oracle_weighted(self.exact(), s, floor)),
+            return (self._oracle_met(make(self._oracle_weighted(self.exact(), s, floor)),
+                                     estimator, tol),
                     f"{why}; {text}, so the float64 oracle was used")
         oracle = self._exact_rows(rows)
         if self._exact is not None:  # (the last samples: every one is the oracle's now)
-            return make(self._oracle_weighted(self._exact, s, floor)), (
+            return self._oracle_met(make(self._oracle_weighted(self._exact, s, floor)),
+                                    estimator, tol), (
                 f"{why}{held}; {text} for the other {int(rows.sum())} "
                                        "sample(s), so every sample has the float64 oracle's "
                                        "values")
         oracle = self._oracle_weighted(oracle, s, floor)
         fx = fx.with_exact_rows(rows, oracle, oracle.term_rel_err(s, floor))
-        r = self._fast_measured(make(fx), s, floor, fx.exact_rows)
+        r = made(fx, oracle)
         r.info.update(info)
         self._fast_missed(r, estimator, tol)  # (its converged: every sample meets it now)
         more = " more" if held else ""
@@ -2914,7 +3100,7 @@ class Linearization:
             r, why = self._fast_exact(src, lambda fx: fx.dfil(s), s, 0.0, estimator, tol, why,
                                       self._info())
         else:
-            r = src.dfil(s)
+            r = self._oracle_met(src.dfil(s), estimator, tol)
         r.info["auto"] = why
         return self._lost_fixed(r, estimator, s)
 
@@ -3183,18 +3369,25 @@ class Linearization:
         if estimator == "exact":
             r = None
         else:
-            r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
-            if not _keep_tiny:
-                _check_sigma_star(torch.exp(r.value - tau_b), r.value, tau_b)
-            # (an exact r, from auto's oracle, is re-solved with the floor below)
-            why, floor_shift = (self._floor_matters(r, tau_b, floor, kw)
-                                if variant == "diag" and r.estimator != "exact"
-                                else (None, torch.zeros_like(r.value)))
+            try:
+                r = self.fsinfo(1.0, floor=0.0 if variant == "diag" else floor, **kw)
+            except PrecisionError as err:  # (the floorless -inf a route cannot claim)
+                if variant != "diag" or floor <= 0:
+                    raise
+                r, why = None, ("the floorless estimate at sigma = 1 cannot serve ("
+                                + " ".join(str(err).split(". Use ")[0].split()) + ")")
+            if r is not None:
+                if not _keep_tiny:
+                    _check_sigma_star(torch.exp(r.value - tau_b), r.value, tau_b)
+                # (an exact r, from auto's oracle, is re-solved with the floor below)
+                why, floor_shift = (self._floor_matters(r, tau_b, floor, kw)
+                                    if variant == "diag" and r.estimator != "exact"
+                                    else (None, torch.zeros_like(r.value)))
             if why is not None:
                 solved, cannot = self._floored_sigma(tau_b, floor, kw)
                 if solved is not None:
                     solved.info["floor_matters"] = why
-                    return solved
+                    return self._zero_sigma_checked(solved)
                 fits = self._oracle_fits()
                 if estimator == "randomized" or not fits:
                     raise InvalidInputError(
@@ -3225,6 +3418,9 @@ class Linearization:
             return SigmaResult(sigma=sig, target=tau_b, metric=f"fsinfo_{variant}",
                                estimator="exact", ci_low=lo, ci_high=hi, converged=conv,
                                info=info)
+        # (the float64 Jacobian's own rounding, which the public fsinfo adds: sigma* =
+        # exp(FSInfo(1) - target) moves by exp of FSInfo's move)
+        r = self._float64_allowed(r, 0.0 if variant == "diag" else floor, (atol, rtol))
         hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)
         sig = torch.exp(r.value - tau_b)
         out = SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,
@@ -3265,8 +3461,9 @@ class Linearization:
             raise InvalidInputError(
                 f"bound must be a positive float (squared input units), got {bound!r}")
         bound = float(bound)
-        r = self.dfil(1.0, estimator=estimator, rtol=rtol, num_probes=num_probes,
-                      max_probes=max_probes, method=method)
+        r = self._float64_allowed(  # (as the public dfil adds it)
+            self.dfil(1.0, estimator=estimator, rtol=rtol, num_probes=num_probes,
+                      max_probes=max_probes, method=method), 0.0, (None, rtol))
         lo = (r.value - r.ci_halfwidth).clamp_min(0)
         b = torch.full_like(r.value, float(bound))
         return SigmaResult(sigma=(bound * r.value).sqrt(), target=b, metric="dfil",

@@ -651,3 +651,86 @@ def test_conservative_calibration_names_the_interval_without_an_upper_end():
                                                        "interval without an upper end"):
             guard.calibrate(x, conservative=True)
         assert 0 < guard.calibrate(x) < math.inf
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("floor", [1e-10, 0.0])
+def test_every_route_counts_the_float64_jacobians_own_rounding(dtype, floor):
+    """Every route checks its products against float64 ones, which share the float64
+    Jacobian's own rounding in saturating activations: on ``tanh(40 W x)`` the fast exact
+    route in float64 claimed 5e-15 where it was 1.5e-9 off the 60-digit truth (3e5-1e6
+    half-widths, helper 100). Each non-oracle sample's interval now holds the oracle's
+    readings of that rounding (``info["float64_rounding"]``)."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(16, 12, generator=g) * 40.0
+    layer = nn.Linear(12, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(W)
+    enc = nn.Sequential(layer, nn.Tanh()).to(dtype)
+    x = torch.rand(3, 12, generator=torch.Generator().manual_seed(0), dtype=dtype) * 2 - 1
+    W64, b0, eye = W.to(dtype).double(), torch.zeros(16, dtype=torch.float64), torch.eye(16)
+    want = [_act_truth(W64, b0, eye, x[i:i + 1].double(), "tanh", 0.1, floor) for i in range(3)]
+    checked = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for est in ("auto", "exact-fast"):
+            try:
+                r = ff.linearize(enc, x).fsinfo(0.1, floor=floor, estimator=est)
+            except ff.PrecisionError:  # (a -inf the route cannot claim: raised, not returned)
+                assert est != "auto" and floor == 0.0
+                continue
+            for i in range(3):
+                low, high = (float(t[i]) for t in r.ci95())
+                assert low <= want[i] <= high, (est, i, float(r.value[i]), want[i], low, high)
+                checked += 1
+    assert checked >= 3
+
+
+def _tanh40(dtype=torch.float64):
+    """``tanh(40 W x)``, ``d = 12``, ``m = 16``, batch 3: sample 0's every tanh rounds to 1 in
+    float64 too, samples 1-2 keep a few digits (helper 100)."""
+    g = torch.Generator().manual_seed(1)
+    layer = nn.Linear(12, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(16, 12, generator=g) * 40.0)
+    x = torch.rand(3, 12, generator=torch.Generator().manual_seed(0), dtype=dtype) * 2 - 1
+    return nn.Sequential(layer, nn.Tanh()).to(dtype), x
+
+
+def test_auto_does_not_depend_on_what_was_asked_before():
+    """After a floored request the oracle's samples are held, and the floorless request read
+    them through the fast route's allowance: ``-inf +- inf`` where a fresh Linearization gave
+    the oracle's upper bound (helper 100). The held samples now read as the oracle reads them."""
+    enc, x = _tanh40()
+    W = enc[0].weight.detach().double()
+    want = _act_truth(W, torch.zeros(16, dtype=torch.float64), torch.eye(16), x[:1], "tanh",
+                      0.1, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fresh = ff.linearize(enc, x).fsinfo(0.1, floor=0.0)
+        for first in ("fsinfo", "dfil"):
+            lin = ff.linearize(enc, x)
+            getattr(lin, first)(0.1)
+            again = lin.fsinfo(0.1, floor=0.0)
+            # (an upper bound of the truth either way; its saturation reading is the
+            # sub-batch's or the batch's: readings are per batch)
+            assert bool(again.bound[0]) and want <= float(again.ci95()[1][0]), first
+            assert torch.equal(again.value[1:], fresh.value[1:]), first
+    assert bool(fresh.bound[0]) and want <= float(fresh.ci95()[1][0])
+
+
+def test_randomized_sigma_star_with_a_floor_serves_a_saturated_sample():
+    """The floorless estimate inside ``fsinfo_sigma`` raised ``PrecisionError`` (its ``-inf`` a
+    saturated activation made) with advice that did not apply (helper 100: the default floor
+    given, the encoder already float64); the floored equation is solved instead, and the
+    saturated sample's ``sigma*`` of 0 claims no ``[0, 0]``: its upper end is open."""
+    enc, x = _tanh40()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = ff.linearize(enc, x).fsinfo_sigma(-1.0, estimator="randomized")
+        ex = ff.linearize(enc, x).fsinfo_sigma(-1.0, estimator="exact")
+    assert float(r.sigma[0]) == 0.0 and math.isinf(float(r.ci_high[0]))
+    assert not bool(r.converged[0]) and "sigma_zero_unconfirmed" in r.info
+    assert 0 < float(ex.ci_high[0]) < math.inf  # (the oracle bounds it)
+    for i in (1, 2):  # (the others: the floored solve's estimates, positive and finite)
+        assert 0 < float(r.sigma[i]) < math.inf and 0 < float(ex.sigma[i]) < math.inf

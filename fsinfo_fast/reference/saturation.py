@@ -6,11 +6,11 @@ derivative keeps few of its digits (``1 - tanh(z)^2`` carries a relative error o
 ``u e^{2|z|} / 4``: 1e-12 at ``|z| = 5``; ``tanh(19.1)`` rounds to 1 and the derivative to 0),
 and both modes of autograd read the same rounded output, so comparing them (the float64
 forward-/reverse-mode check) does not see it. :func:`perturbed_vjp` recomputes a VJP with each
-such op's derivative read from its output moved by one ulp (seeded random signs; a softmax
-probability by ``1 + |log p|`` ulps, which its logit gap's rounding carries; the forward values
-are unchanged): the change is what that rounding does to ``J^T u``, each op weighted as it
-enters the columns. A column computed as exactly 0 that changes is not a structural zero (a
-saturated ``tanh``, not a crop).
+such op's derivative read from its output moved by one ulp (signs hashed from each element
+and the seed; a softmax probability by ``1 + |log p|`` ulps, which its logit gap's rounding
+carries; the forward values are unchanged): the change is what that rounding does to
+``J^T u``, each op weighted as it enters the columns. A column computed as exactly 0 that
+changes is not a structural zero (a saturated ``tanh``, not a crop).
 
 The ops are caught where Python calls them (``torch.tanh``, ``nn.Tanh``, ``torch.sigmoid``,
 ``torch.special.expit``, ``F.softmax``, ``F.softmin``, ``Tensor.softmax``,
@@ -67,6 +67,9 @@ _OPS = {
 
 
 _STACKLEVEL = (F.softmax, F.softmin, F.log_softmax)
+
+#: An odd 63-bit constant (Fibonacci hashing) mixing an element's bits into its sign.
+_MIX = 0x1E3779B97F4A7C15
 
 _INPLACE = {torch.Tensor.tanh_: "tanh", torch.tanh_: "tanh",
             torch.Tensor.sigmoid_: "sigmoid", torch.sigmoid_: "sigmoid"}
@@ -130,14 +133,19 @@ class _Saturating(TorchFunctionMode):
     """Routes the saturating ops through :class:`_Perturbed` (a seeded generator draws each
     op's signs); ``count`` says how many it caught."""
 
-    def __init__(self, gen: torch.Generator) -> None:
+    def __init__(self, seed: int) -> None:
         super().__init__()
-        self.gen = gen
+        self.salt = int(seed) * 0x5851F42D4C957F2D % (1 << 62)
         self.count = 0
 
     def _signs(self, x: Tensor) -> Tensor:
+        """Each element's sign from its own bits and the seed (a hash, no random draw): the
+        same input element gets the same sign whatever its batch and its place there (a
+        sample's reading does not move with its batch-mates)."""
         self.count += 1
-        return torch.randint(0, 2, x.shape, generator=self.gen).to(x.device, x.dtype) * 2 - 1
+        v = x.detach().to(torch.float64).contiguous().view(torch.int64)
+        h = (v ^ (v >> 31) ^ self.salt) * _MIX
+        return (((h >> 33) & 1) * 2 - 1).to(x.dtype)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -190,11 +198,10 @@ def perturbed_vjp(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor,
         ``(diff, ops)``: ``[B, c, d]`` the perturbed VJPs less the plain ones (plain autograd
         both), and how many saturating op calls were caught (0: ``diff`` is 0, no VJP ran).
     """
-    gen = torch.Generator().manual_seed(int(seed))
     xs = x.detach().clone().requires_grad_(True)
     diff = torch.zeros(u.shape[0], u.shape[1], x.shape[1], dtype=x.dtype, device=x.device)
     with torch.enable_grad():
-        mode = _Saturating(gen)
+        mode = _Saturating(seed)
         with mode:
             y1 = fn(xs)
         if mode.count == 0:
