@@ -591,6 +591,8 @@ def _act_truth(W1, b1, W2, x, act, sigma, floor):
                 one = 2 / (1 + mpmath.exp(-2 * t))  # 1 + tanh(t), without the cancellation
                 der.append(one / 2 + v * (4 / (mpmath.exp(t) + mpmath.exp(-t)) ** 2)
                            * beta * (1 + 3 * kappa * v * v) / 2)
+        elif act == "sigmoid":
+            der = [mpmath.exp(-v) / (1 + mpmath.exp(-v)) ** 2 for v in z]
         else:  # tanh
             der = [4 / (mpmath.exp(v) + mpmath.exp(-v)) ** 2 for v in z]
         W2m = [[mpmath.mpf(float(W2[o, i])) for i in range(h)] for o in range(W2.shape[0])]
@@ -734,3 +736,34 @@ def test_randomized_sigma_star_with_a_floor_serves_a_saturated_sample():
     assert 0 < float(ex.ci_high[0]) < math.inf  # (the oracle bounds it)
     for i in (1, 2):  # (the others: the floored solve's estimates, positive and finite)
         assert 0 < float(r.sigma[i]) < math.inf and 0 < float(ex.sigma[i]) < math.inf
+
+
+def test_columns_whose_digits_are_gone_far_below_the_floor_are_counted():
+    """A float64 sigmoid whose one logit near +41 rounds its derivative to 0, the others far
+    negative: every column is computed at 1e-66..1e-76 where the truth is 1e-31..1e-33, and at
+    sigma 1e-6 that is 1e-44 of the floor's level. The routes' float64 allowance cut the
+    floor-weighted reading (2e-25) at the a-priori floor and added nothing: 761 half-widths off
+    (helper 101). Counted now (wide on those routes); ``auto`` takes the oracle, which reads it
+    column by column."""
+    g = torch.Generator().manual_seed(3)
+    W1 = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    b1 = torch.tensor([41.0, -80.0, -120.0, -160.0, -200.0], dtype=torch.float64)
+    W2 = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    x = torch.rand(2, 6, dtype=torch.float64, generator=g) * 0.1
+    layer1, layer2 = nn.Linear(6, 5).double(), nn.Linear(5, 4, bias=False).double()
+    with torch.no_grad():
+        layer1.weight.copy_(W1)
+        layer1.bias.copy_(b1)
+        layer2.weight.copy_(W2)
+    enc = nn.Sequential(layer1, nn.Sigmoid(), layer2)
+    want = [_act_truth(W1, b1, W2, x[i:i + 1], "sigmoid", 1e-6, 1e-10) for i in range(2)]
+    lin = ff.linearize(enc, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for est in ("auto", "exact-fast", "randomized"):
+            r = lin.fsinfo(1e-6, estimator=est)
+            for i in range(2):
+                low, high = (float(t[i]) for t in r.ci95())
+                assert low <= want[i] <= high, (est, i, float(r.value[i]), want[i], low, high)
+            if est == "auto":
+                assert r.estimator == "exact" and bool(r.converged.all())
