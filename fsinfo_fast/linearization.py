@@ -3398,6 +3398,11 @@ class Linearization:
             if r is not None:
                 if not _keep_tiny:
                     _check_sigma_star(torch.exp(r.value - tau_b), r.value, tau_b)
+                # (the float64 Jacobian's own rounding, which the public fsinfo adds, first:
+                # the floor's effect is measured at the upper end it gives; sigma* =
+                # exp(FSInfo(1) - target) moves by exp of FSInfo's move)
+                r = self._float64_allowed(r, 0.0 if variant == "diag" else floor,
+                                          (atol, rtol))
                 # (an exact r, from auto's oracle, is re-solved with the floor below)
                 why, floor_shift = (self._floor_matters(r, tau_b, floor, kw)
                                     if variant == "diag" and r.estimator != "exact"
@@ -3437,14 +3442,12 @@ class Linearization:
             return SigmaResult(sigma=sig, target=tau_b, metric=f"fsinfo_{variant}",
                                estimator="exact", ci_low=lo, ci_high=hi, converged=conv,
                                info=info)
-        # (the float64 Jacobian's own rounding, which the public fsinfo adds: sigma* =
-        # exp(FSInfo(1) - target) moves by exp of FSInfo's move)
-        r = self._float64_allowed(r, 0.0 if variant == "diag" else floor, (atol, rtol))
         hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)
         sig = torch.exp(r.value - tau_b)
         out = SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,
                           ci_low=torch.exp(r.value - hw - tau_b),
-                          ci_high=torch.exp(r.value + r.ci_halfwidth + floor_shift - tau_b),
+                          ci_high=torch.exp(r.value + r.ci_halfwidth + _floor_grown(floor_shift)
+                                            - tau_b),
                           converged=r.converged, info={**r.info, "fsinfo_sigma1": r})
         return (self._parts_sigma(out, tau_b, floor, oracle_only=True)
                 if variant == "diag" else out)
@@ -3543,6 +3546,19 @@ def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
         raise InvalidInputTypeError(
             f"{who} got unexpected keyword(s) {', '.join(hints)}; it takes "
             f"{', '.join(sorted(allowed))}")
+
+
+def _floor_grown(delta: Tensor) -> Tensor:
+    """The floor's effect ``delta`` on FSInfo_diag, measured at a noise ``s``, at the upper end
+    ``s e^D`` it moves ``sigma*``'s interval to: ``Delta(s) = (1/2d) sum_k log(1 + c s^2 /
+    D_k)`` and ``log(1 + l a) <= l log(1 + a)`` for ``l >= 1``, so ``D <= delta e^(2 D)``: the
+    smallest such ``D`` (``inf`` where there is none, ``delta >= 1 / (2e)``). Measured at ``s``
+    itself it fell short by about ``2 delta^2`` (helper 101: the upper end 1.6e-11 below the
+    true ``sigma*``)."""
+    grown = delta.clone()
+    for _ in range(60):
+        grown = delta * torch.exp(2 * grown)
+    return torch.where(delta < 1 / (2 * math.e), grown, math.inf)
 
 
 def _check_sigma_star(sig: Tensor, f1: Tensor, tau: Tensor,

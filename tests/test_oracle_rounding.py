@@ -767,3 +767,27 @@ def test_columns_whose_digits_are_gone_far_below_the_floor_are_counted():
                 assert low <= want[i] <= high, (est, i, float(r.value[i]), want[i], low, high)
             if est == "auto":
                 assert r.estimator == "exact" and bool(r.converged.all())
+
+
+def test_sigma_star_upper_end_counts_the_floor_where_it_moves_it():
+    """The floor's effect on FSInfo was measured at the interval's upper end before the floor
+    moved it: it grows with the noise, and the upper end fell about ``2 Delta^2`` short of the
+    true ``sigma*`` (helper 101: 1.6e-11 relative, ``converged`` True). Each upper end now holds
+    the 60-digit truth: the true FSInfo there is at or below the target."""
+    g = torch.Generator().manual_seed(8)
+    W1 = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    b1 = torch.randn(5, dtype=torch.float64, generator=g)
+    W2 = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    x = torch.rand(3, 6, dtype=torch.float64, generator=g)
+    layer1, layer2 = nn.Linear(6, 5).double(), nn.Linear(5, 4, bias=False).double()
+    with torch.no_grad():
+        layer1.weight.copy_(W1)
+        layer1.bias.copy_(b1)
+        layer2.weight.copy_(W2)
+    enc = nn.Sequential(layer1, nn.Tanh(), layer2)
+    tau = torch.tensor([_act_truth(W1, b1, W2, x[i:i + 1], "tanh", 1.0, 1e-10) - 3.0
+                        for i in range(3)], dtype=torch.float64)
+    r = ff.linearize(enc, x).fsinfo_sigma(tau, estimator="exact-fast", floor=1e-10)
+    for i in range(3):
+        at_high = _act_truth(W1, b1, W2, x[i:i + 1], "tanh", float(r.ci_high[i]), 1e-10)
+        assert at_high <= float(tau[i]), (i, float(r.ci_high[i]), at_high, float(tau[i]))
