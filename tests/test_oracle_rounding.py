@@ -738,6 +738,17 @@ def test_randomized_sigma_star_with_a_floor_serves_a_saturated_sample():
         assert 0 < float(r.sigma[i]) < math.inf and 0 < float(ex.sigma[i]) < math.inf
 
 
+def _two_layers(W1, b1, W2, act: nn.Module) -> nn.Module:
+    """``act(x W1^T + b1) W2^T`` in float64 (the encoder :func:`_act_truth` computes)."""
+    layer1, layer2 = nn.Linear(W1.shape[1], W1.shape[0]).double(), nn.Linear(
+        W2.shape[1], W2.shape[0], bias=False).double()
+    with torch.no_grad():
+        layer1.weight.copy_(W1)
+        layer1.bias.copy_(b1)
+        layer2.weight.copy_(W2)
+    return nn.Sequential(layer1, act, layer2)
+
+
 def test_columns_whose_digits_are_gone_far_below_the_floor_are_counted():
     """A float64 sigmoid whose one logit near +41 rounds its derivative to 0, the others far
     negative: every column is computed at 1e-66..1e-76 where the truth is 1e-31..1e-33, and at
@@ -750,12 +761,7 @@ def test_columns_whose_digits_are_gone_far_below_the_floor_are_counted():
     b1 = torch.tensor([41.0, -80.0, -120.0, -160.0, -200.0], dtype=torch.float64)
     W2 = torch.randn(4, 5, dtype=torch.float64, generator=g)
     x = torch.rand(2, 6, dtype=torch.float64, generator=g) * 0.1
-    layer1, layer2 = nn.Linear(6, 5).double(), nn.Linear(5, 4, bias=False).double()
-    with torch.no_grad():
-        layer1.weight.copy_(W1)
-        layer1.bias.copy_(b1)
-        layer2.weight.copy_(W2)
-    enc = nn.Sequential(layer1, nn.Sigmoid(), layer2)
+    enc = _two_layers(W1, b1, W2, nn.Sigmoid())
     want = [_act_truth(W1, b1, W2, x[i:i + 1], "sigmoid", 1e-6, 1e-10) for i in range(2)]
     lin = ff.linearize(enc, x)
     with warnings.catch_warnings():
@@ -779,12 +785,7 @@ def test_sigma_star_upper_end_counts_the_floor_where_it_moves_it():
     b1 = torch.randn(5, dtype=torch.float64, generator=g)
     W2 = torch.randn(4, 5, dtype=torch.float64, generator=g)
     x = torch.rand(3, 6, dtype=torch.float64, generator=g)
-    layer1, layer2 = nn.Linear(6, 5).double(), nn.Linear(5, 4, bias=False).double()
-    with torch.no_grad():
-        layer1.weight.copy_(W1)
-        layer1.bias.copy_(b1)
-        layer2.weight.copy_(W2)
-    enc = nn.Sequential(layer1, nn.Tanh(), layer2)
+    enc = _two_layers(W1, b1, W2, nn.Tanh())
     tau = torch.tensor([_act_truth(W1, b1, W2, x[i:i + 1], "tanh", 1.0, 1e-10) - 3.0
                         for i in range(3)], dtype=torch.float64)
     r = ff.linearize(enc, x).fsinfo_sigma(tau, estimator="exact-fast", floor=1e-10)
