@@ -2295,7 +2295,7 @@ class Linearization:
         if self._oracle_part is not None and estimator == "auto":  # (held from a request before)
             held_rows, held_ex = self._oracle_part
             held_ex = self._oracle_weighted(held_ex, s, floor)
-            fx = fx.with_exact_rows(held_rows, held_ex, held_ex.term_rel_err(s, floor))
+            fx = fx.with_exact_rows(held_rows, held_ex)
             held = (f"; sample(s) {fx.info['exact_fast_oracle_samples']} have the float64 "
                     "oracle's values, computed for an earlier request (or sent there by the "
                     "lost-column check)")
@@ -2333,7 +2333,7 @@ class Linearization:
                                        "sample(s), so every sample has the float64 oracle's "
                                        "values")
         oracle = self._oracle_weighted(oracle, s, floor)
-        fx = fx.with_exact_rows(rows, oracle, oracle.term_rel_err(s, floor))
+        fx = fx.with_exact_rows(rows, oracle)
         r = made(fx, oracle)
         r.info.update(info)
         self._fast_missed(r, estimator, tol)  # (its converged: every sample meets it now)

@@ -146,15 +146,13 @@ class FastExactFisher:
     def batch(self) -> int:
         return int(self.trace.shape[0])
 
-    def with_exact_rows(self, rows: Tensor, oracle: Any,
-                        diag_err: Tensor | None = None) -> FastExactFisher:
+    def with_exact_rows(self, rows: Tensor, oracle: Any) -> FastExactFisher:
         """This with the samples ``rows`` (``[B]`` bool) taking the float64 oracle's ``diag``
         and ``trace`` (a :class:`~fsinfo_fast.reference.ExactFisher`, read on ``rows`` only)
-        and its rounding allowances (``diag_err`` as ``rel_err``: the bound on each
-        FSInfo_diag term that :meth:`fsinfo` reads, the oracle's
-        :meth:`~fsinfo_fast.reference.ExactFisher.term_rel_err` at the result's noise and
-        floor; default its diagonal's relative bound; its trace's as ``trace_rel_err``), the
-        other samples keeping theirs.
+        and its a-priori relative bounds (its diagonal's as ``rel_err``, its trace's as
+        ``trace_rel_err``), the other samples keeping theirs. (The linearization reads those
+        samples' results from the oracle itself, its per-column brackets and measured
+        rounding, so these bounds only label them.)
         ``info["exact_fast_oracle_samples"]`` lists them;
         ``info["exact_fast_oracle_passes"]``: the float64 products each of them cost
         (``min(m, d)``, beside ``passes``)."""
@@ -164,8 +162,6 @@ class FastExactFisher:
         info = {**self.info, "exact_fast_oracle_samples": r.nonzero().flatten().tolist(),
                 "exact_fast_oracle_passes": min(self.m, self.d)}
         e_diag, e_trace = (e.to(self.rel_err) for e in oracle.rel_err())
-        if diag_err is not None:
-            e_diag = diag_err.to(self.rel_err)
         trace_rel = self.trace_rel_err if self.trace_rel_err is not None else self.rel_err
         return replace(
             self, diag=torch.where(r[:, None], oracle.diag.to(self.diag), self.diag),

@@ -343,9 +343,9 @@ class ExactFisher:
         col_err: ``[B, d]`` a reading for one result (one noise and floor), or ``None``: each
             column's error against its computed norm, ``|dJ_k| <= col_err_k R_k``
             (``Linearization._oracle_weighted``: a reading of each column's weight in the log
-            times its error, ``rho_k e_k``, turned into ``e_k``). :meth:`fsinfo` (diag) and
-            :meth:`term_rel_err` intersect the bracket it gives with ``ad_err``'s; the other
-            methods do not read it.
+            times its error, ``rho_k e_k``, turned into ``e_k``). :meth:`fsinfo` (diag)
+            intersects the bracket it gives with ``ad_err``'s; the other methods do not read
+            it.
     """
 
     diag: Tensor
@@ -406,22 +406,6 @@ class ExactFisher:
         if self.col_floor is not None:
             t_high = torch.maximum(t_high, self.col_floor)
         return point, torch.maximum(low, t_low), torch.minimum(high, t_high)
-
-    def term_rel_err(self, sigma: float | Tensor = 0.1, floor: float = DIAG_FLOOR) -> Tensor:
-        """``[B]``: a bound ``e`` on every FSInfo_diag term's error at noise ``sigma`` and
-        ``floor``, ``|log(true / computed)| <= -log(1 - e)`` for ``log(D_k / sigma^2 +
-        floor)``, from the brackets of :meth:`fsinfo` (the fast exact route reads the oracle's
-        samples' allowance so, :meth:`~fsinfo_fast.estimators.exact_fast.FastExactFisher.
-        with_exact_rows`); the diagonal's :meth:`rel_err` where that cannot be read (a noise
-        of ``inf``)."""
-        s = as_sigma(sigma, self.batch, self.diag.device)
-        point, low, high = self._diag_bracket(s, floor)
-        a = floor * s.square().unsqueeze(1)
-        base = point + a
-        up = torch.where(base > 0, 1 - base / (high + a), torch.where(high > 0, 1.0, 0.0))
-        dn = torch.where(base > 0, 1 - (low + a) / base, 0.0)
-        e = torch.maximum(up, dn).amax(dim=1)
-        return torch.where(torch.isnan(e), self.rel_err()[0], e)
 
     def _zero_cols(self) -> Tensor:
         return self.zero_cols if self.zero_cols is not None else self.diag == 0
