@@ -428,11 +428,11 @@ def test_sigma_star_has_no_finite_upper_end_where_the_oracle_claims_none(kw):
     """tanh saturated near 18-19: autograd's rounding exceeds the columns (relative allowance
     above 1), FSInfo's half-width is inf, and sigma*'s upper end came out 1.34e154 (2^512,
     where the bisection's sigma^2 overflowed on an infinite spectrum), ``converged`` True
-    (helper 97; a conservative guard calibration used it). Now inf, ``converged`` False.
-    (Floorless: with a floor FSInfo_diag reads the columns' errors against their computed
-    norms, ``col_err``, and claims a finite interval here: a rounding of 16 times the column
-    keeps it within 17 times.)"""
-    _, _, x, enc = _tanh_layer(3, 5, 18.0)
+    (helper 97; a conservative guard calibration used it). Now inf, ``converged`` False, for
+    the log det. (FSInfo_diag reads each column's error against its computed norm,
+    ``col_err``: a rounding of 16 times the column keeps it within 17 times, so its interval
+    and sigma*'s are finite, and hold the 60-digit truths.)"""
+    W, b, x, enc = _tanh_layer(3, 5, 18.0)
     lin = ff.linearize(enc, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -440,9 +440,16 @@ def test_sigma_star_has_no_finite_upper_end_where_the_oracle_claims_none(kw):
         opts = {k: v for k, v in kw.items() if k != "variant"}
         r = lin.fsinfo(1e-16, variant=variant, estimator="exact", **opts)
         s = lin.fsinfo_sigma(-1.0, variant=variant, estimator="exact", **opts)
-    assert math.isinf(float(r.ci_halfwidth[0]))  # (the case: no claim on FSInfo)
-    assert math.isinf(float(s.ci_high[0])) and not bool(s.converged[0])
     assert float(s.ci_low[0]) <= float(s.sigma[0])
+    if variant == "logdet":
+        assert math.isinf(float(r.ci_halfwidth[0]))  # (the case: no claim on FSInfo)
+        assert math.isinf(float(s.ci_high[0])) and not bool(s.converged[0])
+        return
+    want = _tanh_truth(W, b, x, 1e-16, "diag")
+    assert abs(float(r.value[0]) - want) <= float(r.ci_halfwidth[0]) < math.inf
+    assert float(s.ci_high[0]) < 1e-10  # (not the overflow's 2^512)
+    ends = [_tanh_truth(W, b, x, float(v), "diag") for v in (s.ci_low[0], s.ci_high[0])]
+    assert ends[0] >= -1.0 >= ends[1], ends
 
 
 def _tanh_wide(seed: int, shift: float, batch: int = 1):
@@ -645,7 +652,9 @@ def test_conservative_calibration_names_the_interval_without_an_upper_end():
     with torch.no_grad():
         enc[0].weight.copy_(W)
         enc[0].bias.copy_(b)
-    guard = ff.FSInfoGuard(enc, target=-1.0, estimator="exact", floor=0.0)
+    # (the log det: FSInfo_diag reads each column's own error and bounds it here)
+    guard = ff.FSInfoGuard(enc, target=-1.0, estimator="exact", variant="logdet",
+                           prior_var=1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert math.isinf(float(guard.sigma_result(x).ci_high[0]))  # (the case)
@@ -792,3 +801,32 @@ def test_sigma_star_upper_end_counts_the_floor_where_it_moves_it():
     for i in range(3):
         at_high = _act_truth(W1, b1, W2, x[i:i + 1], "tanh", float(r.ci_high[i]), 1e-10)
         assert at_high <= float(tau[i]), (i, float(r.ci_high[i]), at_high, float(tau[i]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_column_far_off_its_neighbours_is_read_on_its_own(seed):
+    """A sigmoid at 11.9 (``1 - y`` of 7e-6 from an output rounded near 1) carries column 0's
+    rounding, 1e-11 of it; column 1 sits at 1e-160, far below the floor. The saturation
+    reading was a mean over the columns, each weighed by one Gaussian input vector, and with a
+    floor column 0's share of it was diluted by column 1: 80% of these results missed the
+    60-digit truth, by up to 6x the half-width (helper 99's fuzzing: 150 of 16,389 results
+    on chained saturated sigmoid/tanh). Each column's own change is read now."""
+    g = torch.Generator().manual_seed(seed)
+    W1 = torch.randn(3, 2, dtype=torch.float64, generator=g) * torch.tensor(
+        [1.0, 1e-160], dtype=torch.float64)
+    b1 = torch.tensor([40.1, 11.9, 20.3], dtype=torch.float64) + 0.3 * torch.randn(
+        3, dtype=torch.float64, generator=g)
+    W2 = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    x = torch.randn(1, 2, dtype=torch.float64, generator=g) * 0.1
+    lin = ff.linearize(_two_layers(W1, b1, W2, nn.Sigmoid()), x)
+    for sigma in (1e-4, 0.1):
+        r = lin.fsinfo(sigma, estimator="exact", floor=1e-10)
+        want = _act_truth(W1, b1, W2, x, "sigmoid", sigma, 1e-10)
+        low, high = (float(t[0]) for t in r.ci95())
+        assert low <= want <= high, (sigma, float(r.value[0]) - want, float(r.ci_halfwidth[0]))
+        assert float(r.ci_halfwidth[0]) < 1e-8  # (the reading is of this column, not wide)
+    tau = torch.tensor([_act_truth(W1, b1, W2, x, "sigmoid", 1e-4, 1e-10) - 1.0],
+                       dtype=torch.float64)
+    s = lin.fsinfo_sigma(tau, estimator="exact", floor=1e-10)
+    at = [_act_truth(W1, b1, W2, x, "sigmoid", float(v), 1e-10) for v in (s.ci_low, s.ci_high)]
+    assert at[0] >= float(tau[0]) >= at[1], (at, float(tau[0]))

@@ -340,12 +340,15 @@ class ExactFisher:
             ``None``.
         zero_cols: ``[B, d]`` bool: columns of the computed ``J`` that are exactly 0, or
             ``None`` (then ``diag == 0`` is taken as exact).
-        col_err: ``[B, d]`` a reading for one result (one noise and floor), or ``None``: each
-            column's error against its computed norm, ``|dJ_k| <= col_err_k R_k``
-            (``Linearization._oracle_weighted``: a reading of each column's weight in the log
-            times its error, ``rho_k e_k``, turned into ``e_k``). :meth:`fsinfo` (diag)
-            intersects the bracket it gives with ``ad_err``'s; the other methods do not read
-            it.
+        col_err: ``[B, d]`` each column's error against its computed norm, ``|dJ_k| <=
+            col_err_k R_k``, or ``None``: ``Linearization._oracle_measured`` reads each
+            column's own change under the saturating activations' rounding (valid at every
+            noise and floor; ``ad_err`` is then at least its largest), and
+            ``Linearization._oracle_weighted`` a tighter one for one result (one noise and
+            floor: a reading of each column's weight in the log times its error, ``rho_k
+            e_k``, turned into ``e_k``, never below the column's own). :meth:`fsinfo` (diag)
+            and :meth:`sigma_interval` (diag) intersect the bracket it gives with
+            ``ad_err``'s; the other methods do not read it.
     """
 
     diag: Tensor
@@ -406,6 +409,14 @@ class ExactFisher:
         if self.col_floor is not None:
             t_high = torch.maximum(t_high, self.col_floor)
         return point, torch.maximum(low, t_low), torch.minimum(high, t_high)
+
+    def _bracket(self, variant: str, s: Tensor, c: float
+                 ) -> tuple[Tensor, Tensor, Tensor, int, Tensor]:
+        """:meth:`_spectra`'s five, the diagonal's bracket read per column where
+        :attr:`col_err` is (:meth:`_diag_bracket`)."""
+        if variant == "diag":
+            return (*self._diag_bracket(s, c), self.d, torch.ones_like(s))
+        return self._spectra(variant)
 
     def _zero_cols(self) -> Tensor:
         return self.zero_cols if self.zero_cols is not None else self.diag == 0
@@ -476,10 +487,7 @@ class ExactFisher:
         ``c``: the value at the computed spectrum, or the upper bracket's where the lower one
         reaches ``-inf`` and the upper does not (``bound``); no claim (half-width ``inf``)
         where the upper bracket is not finite and that is not exact."""
-        if variant == "diag":
-            (point, low, high), n, t = self._diag_bracket(s, c), self.d, torch.ones_like(s)
-        else:
-            point, low, high, n, t = self._spectra(variant)
+        point, low, high, n, t = self._bracket(variant, s, c)
         d, st = self.d, s * t
         value = fsinfo_from_spectrum(point, d, st, c)
         lo = fsinfo_from_spectrum(low, d, st, c)
@@ -560,7 +568,8 @@ class ExactFisher:
         if not torch.isfinite(torch.as_tensor(target, dtype=torch.float64)).all():
             raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
         c = floor if variant == "diag" else lam
-        point, low, high, n, t = self._spectra(variant)
+        point, low, high, n, t = self._bracket(
+            variant, torch.ones(self.batch, dtype=torch.float64, device=self.trace.device), c)
         exact = self._exact_neg_inf(variant, c)
         if variant == "logdet":
             _warn_singular(exact, self.m, self.d)
