@@ -1516,12 +1516,15 @@ class Linearization:
         """The samples (``[B]`` bool) whose result claims an exact value from columns 0 in
         float64 that are no structural zeros (:meth:`_structural`: a saturated activation's
         derivative rounded to 0, in float64 too), and why; None where there are none. A
-        floorless FSInfo_diag's ``-inf`` is exact where some column is structurally 0; a dFIL
-        of ``0 +- 0`` where every column is. ``zero64`` (``[B, d]``): the columns 0 in
+        floorless FSInfo_diag's ``-inf`` is exact where some column is structurally 0, a log
+        det's without a prior also where ``m < d``; a dFIL of ``0 +- 0`` where every column
+        is (``floorless``: either of the first two). ``zero64`` (``[B, d]``): the columns 0 in
         float64 (default: the forward-/reverse-mode check's float64 VJPs, :meth:`_modes`; no
         claim is questioned where it cannot run, as the oracle's is not)."""
         if floorless:  # (an infinite half-width claims nothing; auto still seeks a bound)
             cand = neg & (torch.isfinite(r.ci_halfwidth) | auto)
+            if r.metric == "fsinfo_logdet" and self.m < self.d:
+                return None  # (rank J^T J <= m < d: -inf exactly)
         elif r.metric == "dfil":
             cand = (r.value == 0) & (r.ci_halfwidth == 0)
         else:
@@ -1536,7 +1539,8 @@ class Linearization:
         zero64 = zero64.to(cand.device)
         if floorless:
             rows = cand & ~self._structural(zero64).to(cand.device)
-            what = "a floorless FSInfo_diag of -inf"
+            what = ("a log det of -inf (no prior)" if r.metric == "fsinfo_logdet"
+                    else "a floorless FSInfo_diag of -inf")
         else:
             sat = self._saturation()
             moved = (torch.ones_like(zero64) if isinstance(sat, str)
@@ -1584,11 +1588,15 @@ class Linearization:
         neg = torch.isneginf(r.value)
         if floorless and not bool(neg.any()):
             return r  # (every column is nonzero in the working dtype)
+        # (a log det without a prior claims -inf as the floorless diagonal does: the SLQ reads
+        # J = 0 as singular; a saturated tanh's J rounds to 0 in float64 too, helper 103)
+        singular = (r.metric == "fsinfo_logdet" and check_prior_var(prior_var) == 0
+                    and bool(neg.any()))
         live = self.enc.live
-        if not floorless and live is not None and bool(live.all()):
+        if not floorless and not singular and live is not None and bool(live.all()):
             return r  # (no column 0 in the working dtype: nothing lost; no cost)
         if self.enc.x.dtype == torch.float64:  # (nothing is lost; a claim from zeros may be)
-            got = self._zero_claims(r, floorless, neg, auto=estimator == "auto")
+            got = self._zero_claims(r, floorless or singular, neg, auto=estimator == "auto")
             if got is None:
                 return r
             return self._exact_for(r, estimator, s, floor, prior_var, tol, fixed, *got,
@@ -1608,8 +1616,8 @@ class Linearization:
             return r
         zero64, lost, diag, over = found
         n_lost = lost.sum(dim=1)
-        claims = (self._zero_claims(r, floorless, neg, zero64) if r.metric == "dfil"
-                  else None)
+        claims = (self._zero_claims(r, singular, neg, zero64, auto=estimator == "auto")
+                  if r.metric == "dfil" or singular else None)
         if not floorless and not bool((n_lost > 0).any()):
             if claims is None:
                 return r
@@ -1631,8 +1639,19 @@ class Linearization:
                         "rounds to 0 there: one ulp of its output moves it, "
                         "reference.saturation)")
         elif r.metric == "fsinfo_logdet":
-            why = (f"{int((n_lost > 0).sum())} sample(s) have input dimensions whose column of J"
+            # (a truth of -inf whatever the lost columns: m < d without a prior, or a
+            # structural zero column; helper 103: auto raised there)
+            exact = self._structural(zero64).to(neg.device) | (self.m < self.d)
+            exact = exact & (check_prior_var(prior_var) == 0)
+            rows = (n_lost > 0).to(neg.device) & ~exact
+            if claims is not None:
+                rows = rows | claims[0].to(rows.device)
+            if not bool(rows.any()):
+                return r
+            why = (f"{int(rows.sum())} sample(s) have input dimensions whose column of J"
                    f" is 0 in {dt} but not in float64 ({what}); the log det cannot count them")
+            if claims is not None:
+                why = f"{why}; {claims[1]}"
         else:
             add = self._lost_add(r.metric, s, floor).to(r.value)
             # (a sample whose value is the float64 oracle's already counts every column, and

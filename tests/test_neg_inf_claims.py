@@ -282,3 +282,54 @@ def test_more_lost_columns_than_computed_exactly_go_to_the_oracle_or_raise():
     ref = _oracle(enc, x, floor=1e-300)
     assert r.estimator == "exact"
     torch.testing.assert_close(r.value, ref, rtol=0, atol=1e-9)
+
+
+def _all_saturated(dtype, z: float = 20.0, d: int = 8, m: int = 16):
+    """``tanh(x W^T + b)`` with every pre-activation at ``+-z``: ``1 - tanh^2`` rounds to 0 in
+    float32 and float64 alike, so ``J`` is computed as 0 while the true one is not."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, d, generator=g, dtype=torch.float64)
+    W = torch.randn(m, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    b = z * torch.where(torch.arange(m) % 2 == 0, 1.0, -1.0).double() - x[0] @ W.T
+    lin = nn.Linear(d, m).double()
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(b)
+    return nn.Sequential(lin, nn.Tanh()).to(dtype).eval(), x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_log_det_of_a_saturated_jacobian_is_not_an_exact_neg_inf(dtype):
+    """Every ``tanh`` saturated: the SLQ log det without a prior read the zero products as a
+    singular ``J^T J``, ``-inf`` with half-width 0 (``singular``), where the truth is -39.8
+    nats/dim (helper 103). The randomized route raises now; ``auto`` takes the oracle, which
+    claims nothing there (half-width ``inf``)."""
+    enc, x = _all_saturated(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ff.PrecisionError, match="log det of -inf"):
+            ff.fsinfo(enc, x, 1.0, variant="logdet", estimator="randomized")
+        r = ff.fsinfo(enc, x, 1.0, variant="logdet")
+    assert not (torch.isneginf(r.value) & torch.isfinite(r.ci_halfwidth)).any()
+
+
+def test_a_structural_log_det_neg_inf_stands_beside_lost_columns():
+    """``m < d`` without a prior: the log det is ``-inf`` exactly whatever the float32
+    rounding; a unit saturated in float32 only (a lost column) made ``auto`` and the
+    randomized route raise ``PrecisionError`` (helper 103). Beside a crop's structural zero
+    column the truth is ``-inf`` too, and the randomized route's upper bound stands."""
+    torch.manual_seed(0)
+    d = 16
+    b = torch.zeros(d)
+    b[0] = 10.0  # (float32's 1 - tanh^2 is 0 there, float64's is not)
+    V, Vb = torch.randn(4, d), torch.randn(32, d - 2)
+    x = torch.zeros(1, d)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for est in ("auto", "randomized"):
+            r = ff.fsinfo(lambda v: torch.tanh(v * 0.1 + b.to(v.dtype)) @ V.T.to(v.dtype), x,
+                          1.0, variant="logdet", estimator=est)
+            assert torch.isneginf(r.value).all() and bool(r.singular.all()), est
+        r = ff.fsinfo(lambda v: torch.tanh(v[:, :d - 2] * 0.1 + b[:d - 2].to(v.dtype))
+                      @ Vb.T.to(v.dtype), x, 1.0, variant="logdet", estimator="randomized")
+    assert torch.isneginf(r.value).all() or bool(r.bound.all())
