@@ -164,6 +164,15 @@ _NONFINITE_OUTPUT = (
 )
 
 
+def check_encoder(encoder: object) -> None:
+    """Raise :class:`InvalidInputTypeError` unless ``encoder`` can be called (an
+    ``nn.Module`` or a function); the constructors that take one check it at once."""
+    if not callable(encoder):
+        raise InvalidInputTypeError(
+            f"encoder must be an nn.Module or a callable, got {type(encoder).__name__}"
+        )
+
+
 def check_output(out: object, batch: int) -> None:
     """Raise :class:`EncoderError` unless the encoder's output ``out`` is a finite floating-point
     tensor ``[batch, ...]`` with values per sample (what the metrics, and the guard's noise,
@@ -187,7 +196,8 @@ def check_output(out: object, batch: int) -> None:
     if out.ndim < 1 or out.shape[0] != batch:
         raise EncoderError(
             f"the encoder's output has shape {tuple(out.shape)}; it must keep the batch "
-            f"dimension first ([{batch}, ...])"
+            f"dimension first ([{batch}, ...]; x's first dimension is the batch: for one "
+            "sample pass x.unsqueeze(0))"
         )
     if out.numel() == 0:  # (no sample, or no values per sample)
         raise EncoderError(f"the encoder's output has shape {tuple(out.shape)}: no values "
@@ -739,10 +749,7 @@ def prepare(
         NotDifferentiableError: output not connected to ``x`` by differentiable operations.
         SampleInteractionError: a sample's output depends on the other samples.
     """
-    if not callable(encoder):
-        raise InvalidInputTypeError(
-            f"encoder must be an nn.Module or a callable, got {type(encoder).__name__}"
-        )
+    check_encoder(encoder)
     encoder = uncompiled(encoder)
     x = check_input(x)
     check_eval_mode(encoder)

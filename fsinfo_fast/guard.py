@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .encoder import check_input, check_output
+from .encoder import check_encoder, check_input, check_output
 from .errors import InvalidInputError, InvalidInputTypeError, warn_user
 from .formulas import DIAG_FLOOR, HALF_LOG_2PIE
 from .result import SigmaResult, check_q
@@ -220,6 +220,7 @@ class FSInfoGuard(nn.Module):
         super().__init__()
         from .linearization import check_metric_keywords, seed_once
 
+        check_encoder(encoder)
         check_metric_keywords({**metric_kwargs, "variant": variant}, "fsinfo_sigma",
                               "FSInfoGuard", extra=("sample_ids",))
         for name, v in (("target", target), ("sigma", sigma)):

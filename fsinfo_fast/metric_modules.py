@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from ._extras import require
-from .encoder import check_input
-from .errors import InvalidInputError
+from .encoder import check_encoder, check_input
+from .errors import InvalidInputError, InvalidInputTypeError
 from .formulas import DIAG_FLOOR
 
 Metric = require("torchmetrics", "FSInfoMetric / DFILMetric").Metric
@@ -65,6 +65,7 @@ class _LeakageMetric(Metric):
     full_state_update = False
 
     def __init__(self, encoder: Callable[[Tensor], Tensor], sigma: float = 0.1, **kwargs) -> None:
+        check_encoder(encoder)
         metric_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in _METRIC_BASE_KW}
         if "sample_ids" in metric_kwargs:
             raise InvalidInputError("sample_ids belong to each batch: pass them to update(), "
@@ -228,9 +229,20 @@ class _LeakageMetric(Metric):
     def _evaluate(self, x: Tensor, sample_ids: Tensor | None):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def update(self, x: Tensor, sample_ids: Tensor | None = None) -> None:
-        """Add a batch ``x`` (``[B, ...]``); ``sample_ids`` (``[B]`` int64 global ids) seed
-        each sample's probes (default: the running count of samples seen)."""
+    def update(self, x: Tensor, *args: Any, sample_ids: Tensor | None = None) -> None:
+        """Add a batch ``x`` (``[B, ...]``); ``sample_ids`` (keyword only; ``[B]`` int64 global
+        ids) seed each sample's probes (default: the running count of samples seen).
+
+        Raises:
+            InvalidInputTypeError: a second positional argument (a torchmetrics loop's
+                ``update(preds, target)``: labels taken as ids would seed samples of every
+                batch with the same probes, and the aggregate's interval would count them as
+                independent)."""
+        if args:
+            raise InvalidInputTypeError(
+                f"{type(self).__name__}.update takes the batch only (update(x)); got "
+                f"{len(args)} more positional argument(s): labels are not needed, and probe "
+                "seeds go by keyword (update(x, sample_ids=ids))")
         check_input(x)  # before a running id is spent on it
         held = self._forward_result
         if self._in_forward and held is not None and held[0] is x:
