@@ -3259,8 +3259,9 @@ class Linearization:
 
     def _floored_sigma(self, tau: Tensor, floor: float,
                        kw: dict[str, Any]) -> tuple[SigmaResult | None, str]:
-        r"""FSInfo_diag's ``sigma*`` with the floor, from the randomized estimator: the
-        floored ``sigma = 1`` estimate (three stages as usual) fixes the probes and stages, and
+        r"""FSInfo_diag's ``sigma*`` with the floor, from the randomized estimator: a floored
+        estimate (three stages as usual; first at ``sigma = 1``, then at the first solution:
+        the probes and stages sized where the answer is) fixes the probes and stages, and
         FSInfo at any ``s`` from exactly those (:func:`~.estimators.diagonal.
         fsinfo_diag_restaged`) is decreasing in ``s``; ``sigma*`` solves ``value(s) = tau``,
         the interval's upper end ``sup {s : value + h >= tau}`` and its lower end ``inf {s :
@@ -3274,16 +3275,46 @@ class Linearization:
         :meth:`_exact_part`): the equation is solved so for its randomized samples, and each
         sub-batch of the others by the float64 oracle on its own samples
         (:meth:`_parts_sigma`)."""
-        r = self.fsinfo(1.0, floor=floor, **kw)
+        first, why = self._floored_at(1.0, tau, floor, kw)
+        if first is None:
+            return None, why
+        out, r = first
+        # (the probes and stages were chosen at sigma = 1, where the floor can hide the spread:
+        # 14 probes there, and at sigma* of e^-2..e^-6 the interval missed the truth by up to 7
+        # half-widths with converged True, helper 102; the estimate at the solution sizes them
+        # there, and the equation is solved again on its probes)
+        fin = torch.isfinite(out.sigma) & (out.sigma > 0)
+        ref = torch.where(fin, out.sigma, torch.ones_like(out.sigma))
+        if bool(fin.any()) and not bool((ref == 1).all()):
+            again, why = self._floored_at(ref, tau, floor, kw)
+            if again is None:
+                return None, f"{why} (at the first solution's sigma*)"
+            out2, r2 = again
+            kept = {k: out.info[k] for k in ("probe_state",) if k in out.info}
+            out = dataclasses.replace(out2, info={
+                **kept, **out2.info, "fsinfo_sigma1": r, "fsinfo_at_solution": r2,
+                "floor_solve": out2.info["floor_solve"] + (
+                    "; solved first on the floored sigma = 1 estimate's probes, then again on "
+                    "those of a floored estimate at that solution (its probes and stages sized "
+                    "there)")})
+            r = r2
+        return self._floored_done(out, r, tau, floor, kw), ""
+
+    def _floored_at(self, ref: float | Tensor, tau: Tensor, floor: float, kw: dict[str, Any]
+                    ) -> tuple[tuple[SigmaResult, MetricResult] | None, str]:
+        """:meth:`_floored_sigma`'s solve on the probes and stages of the floored randomized
+        estimate at noise ``ref`` (float or ``[B]``): ``((sigma*, that estimate), "")``, or
+        ``(None, why)`` where the estimate took another route or its stages cannot be held."""
+        r = self.fsinfo(ref, floor=floor, **kw)
+        at = "1" if isinstance(ref, float) else "the first solution"
         if r.estimator not in ("randomized", "mixed") or r.info.get("diag_method") != "plain":
             route = (r.info.get("diag_method") if r.estimator == "randomized" else
                      f"{r.estimator} ({r.info.get('auto')})" if r.info.get("auto")
                      else r.estimator)
-            return None, f"the floored sigma = 1 estimate took the {route} route"
+            return None, f"the floored sigma = {at} estimate took the {route} route"
         tol = (kw.get("atol"), kw.get("rtol"))
         try:
-            return self._floored_done(self._floored_solve(r, tau, floor, tol), r, tau, floor,
-                                      kw), ""
+            return (self._floored_solve(r, tau, floor, tol), r), ""
         except SnapshotDroppedError as err:
             # the shared state dropped a boundary of this estimate's stages (its snapshot
             # budget, or other requests' rounds): this estimate alone on a fresh state that
@@ -3299,14 +3330,14 @@ class Linearization:
             self._diag_state(snapshot_bytes=max(budget // 2, min(stages, free // 2)),
                              pinned_rows_only=True)
             self._diag_cache.clear()
-            r = self.fsinfo(1.0, floor=floor, **kw)
+            r = self.fsinfo(ref, floor=floor, **kw)
             try:
                 out = self._floored_solve(r, tau, floor, tol)
             except SnapshotDroppedError as err2:
                 return None, ("the estimate's stage boundaries do not fit in the memory "
                               f"for probe-state snapshots, also on a fresh state ({err2})")
             out.info["probe_state"] = f"recomputed on a fresh probe state ({err})"
-            return self._floored_done(out, r, tau, floor, kw), ""
+            return (out, r), ""
 
     def _floored_done(self, out: SigmaResult, r: MetricResult, tau: Tensor, floor: float,
                       kw: dict[str, Any]) -> SigmaResult:
@@ -3393,11 +3424,12 @@ class Linearization:
             return v + sign * (hw + allow) - tau
 
         # every stage boundary read at once (a dropped one raises before the solve starts)
-        v1, _ = value(torch.zeros_like(tau), ones, False)
+        t_ref = torch.log(r.sigma.to(tau).reshape(-1).expand_as(tau))
+        v1, _ = value(t_ref, ones, False)
         if not torch.equal(v1[ones], r.value[ones]):
             raise SnapshotDroppedError("the probe state no longer holds the estimate's probes")
         # start at the floorless closed form's root (the live columns' slope is at most 1)
-        t0 = (r.value - tau).clamp(-_LOG_SIGMA_MAX / 2, _LOG_SIGMA_MAX / 2)
+        t0 = (t_ref + r.value - tau).clamp(-_LOG_SIGMA_MAX / 2, _LOG_SIGMA_MAX / 2)
         # at or below the asymptote no finite noise reaches tau (every estimate lies above
         # it): sigma* and the upper end are inf exactly; the lower end is solved
         above = ones & (tau > 0.5 * math.log(floor) - HALF_LOG_2PIE)
@@ -3413,7 +3445,7 @@ class Linearization:
             hw_at = (at(t, fin, 1.0) - at(t, fin, 0.0)).to(r.value)
             v_at = (at(t, fin, 0.0) + tau).to(r.value)
             converged = converged & (~fin | tolerance_met(v_at, hw_at, *tol))
-        how = ("floored equation solved on the probes and stages of the floored sigma = 1 "
+        how = ("floored equation solved on the probes and stages of a floored randomized "
                "estimate (value decreasing in sigma; interval ends from value +- half-width)")
         return SigmaResult(sigma=torch.exp(mid), target=tau, metric="fsinfo_diag",
                            estimator=r.estimator, ci_low=torch.exp(lo), ci_high=torch.exp(hi),

@@ -1192,6 +1192,7 @@ def fsinfo_diag_restaged(
         SnapshotDroppedError: a stage boundary's statistics are no longer held by ``state``.
     """
     from .base import t_quantile
+    from .stopping import RECHECK_LEVEL, RECHECK_RATIO, _f_upper
 
     n1 = est.info.get("stage1_probes", 0)  # absent for a fixed count: its own interval
     if est.probes_per_sample is None or "pilot_probes" not in est.info:
@@ -1218,6 +1219,9 @@ def fsinfo_diag_restaged(
     # the samples sharing a stage are summarised together, as run_rounds did
     pilot_se = torch.zeros_like(value)
     pilot_t = torch.zeros_like(value)
+    rechecked = est.info.get("rechecked")
+    rechecked = (torch.zeros_like(want) if rechecked is None
+                 else torch.as_tensor(rechecked, device=state.device).to(torch.bool))
     for lo in sorted(set(los[want].tolist())) if halfwidth else ():
         group = want & (los == lo)
         if lo > n1:  # Stein: stage 2's spread (probes n1 .. lo - 1), then scaled
@@ -1233,6 +1237,18 @@ def fsinfo_diag_restaged(
         if lo > n1:  # stage 2's standard error scaled to stage 3's size
             se = pilot_se[idx] * math.sqrt((lo - n1) / (hi - lo))
             h = torch.where(se == 0, torch.zeros_like(se), pilot_t[idx] * se) + last.bias_bound
+            # run_rounds' re-check at these (sigma, floor): where stage 3's per-probe spread
+            # grew past stage 2's (or the estimate's own re-check widened it), the wider of
+            # Stein's interval and stage 3's own (helper 102: at a floored sigma* far below
+            # the estimate's sigma, Stein's alone was 23x narrower than the estimator's own
+            # interval at that sigma, and the solve missed the truth by up to 7 half-widths)
+            n2, n3 = lo - n1, hi - lo
+            crit = max(_f_upper(n3 - 1, n2 - 1, RECHECK_LEVEL), RECHECK_RATIO) if min(
+                n2, n3) >= 2 else math.inf
+            s3, s2 = last.stderr.square() * n3, pilot_se[idx].square() * n2
+            grew = ((s3 > crit * s2) & (s3 > 0)) | rechecked[idx]
+            h = torch.where(grew & torch.isfinite(last.value),
+                            torch.maximum(h, last.halfwidth(confidence)), h)
         else:
             h = last.halfwidth(confidence)
         hw[idx] = torch.where(torch.isfinite(last.value), h, torch.zeros_like(h))
