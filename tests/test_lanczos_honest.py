@@ -227,7 +227,9 @@ def test_bracket_holds_at_every_order(method, prior_var):
         tol = 1e-9 * exact.abs()
         # quad_atol = 0: only a bracket closed to rounding (or a breakdown) stops a probe early
         assert (t.order == k).all() or (t.order < k).any() and k > n // 2
-        assert not t.bound.any()
+        # (without a prior a probe stopped with its bracket open claims its Gauss value only:
+        # the Radau node's assumption on lambda_min is untested; the bracket still holds here)
+        assert (t.bound == ~t.converged).all() if prior_var is None else not t.bound.any()
         assert (exact <= t.value + t.rounding + tol).all(), f"Gauss below exact at k = {k}"
         assert (exact >= t.value - t.quad_error - t.rounding - tol).all(), (
             f"Radau above exact at k = {k}"
@@ -452,3 +454,32 @@ def test_singular_warning_is_attributed_to_the_caller():
         ff.fsinfo(enc, torch.randn(2, 6, dtype=torch.float64), sigma=1.0, variant="logdet",
                   estimator="exact")
     assert w[0].filename == __file__
+
+
+@pytest.mark.parametrize("order", [2, 3, 5])
+def test_an_order_below_the_rank_claims_only_an_upper_bound(order):
+    """An explicit ``lanczos_order`` below the rank stops each probe with its bracket open; the
+    resolved regime's Radau node assumed ``lambda_min(G)`` above it, which that Krylov space
+    never tested: on a crop (truth ``-inf``) orders 2-5 gave finite intervals, ``bound`` False
+    (helper 103). Such a probe claims its Gauss value only (an upper bound)."""
+    torch.manual_seed(0)
+    W = torch.randn(32, 6, dtype=torch.float64) / math.sqrt(6)
+    x = torch.randn(2, 8, dtype=torch.float64)
+
+    def crop(v):
+        return torch.tanh(v[:, :6] @ W.T)
+
+    assert torch.isneginf(ff.fsinfo(crop, x, 0.1, variant="logdet", estimator="exact").value).all()
+    r = ff.fsinfo(crop, x, 0.1, variant="logdet", estimator="randomized", num_probes=12,
+                  lanczos_order=order, seed=1)
+    assert bool(r.bound.all()) and not bool(r.converged.any())
+    assert torch.isneginf(r.ci95()[0]).all()
+
+
+@pytest.mark.parametrize("order", [0, -3, 2.5, True])
+def test_every_route_refuses_a_bad_lanczos_order(order):
+    enc = torch.nn.Linear(8, 16).double().eval()
+    x = torch.randn(1, 8, dtype=torch.float64)
+    for est in ("exact", "auto", "randomized"):
+        with pytest.raises(ff.InvalidInputError, match="lanczos_order"):
+            ff.fsinfo(enc, x, 0.1, variant="logdet", estimator=est, lanczos_order=order)

@@ -77,7 +77,11 @@ Each probe is evaluated in one of three regimes (``c = lambda sigma^2``):
   so the value is an **upper bound**. A sample is flagged ``bound = True`` when any of its
   probes is in this regime; the Gauss values of its other probes are upper bounds too (only
   their Radau ends rest on the now doubtful assumption), so ``value + ci_halfwidth`` is an
-  upper confidence limit of the log det. Finite; never a bare ``-inf``.
+  upper confidence limit of the log det. Finite; never a bare ``-inf``. A probe of the
+  resolved regime that ``max_order`` stopped with its bracket still open is flagged so too: its
+  Radau node's assumption was never tested by its Krylov space (an explicit order below the
+  rank on a crop, whose truth is ``-inf``, gave finite intervals), while its Gauss value is an
+  upper bound for any spectrum.
 
 In every regime a rounding allowance ``sum_i w_i Delta(x_i) / (x_i + shift - Delta(x_i))``
 (first-order change of ``log`` under the eigenvalue perturbation, on the Radau nodes/weights,
@@ -628,7 +632,7 @@ def _log_terms(
     radau = torch.where(zero, logc, radau)
     rounding = torch.where(zero, torch.zeros_like(rounding), rounding)
     return {"gauss": gauss, "radau": radau, "rounding": rounding, "bound": bound & ~zero,
-            "zero": zero, "theta_min": tmin}
+            "zero": zero, "theta_min": tmin, "resolved": resolved & ~zero}
 
 
 @dataclass(frozen=True)
@@ -732,6 +736,11 @@ def slq_probe_terms(
             exact = state.done[sel] & (state.steps[sel] <= k)
             last = pos[sel] == len(sched) - 1
             fin = ok | exact | last
+            # a probe stopped by max_order with its bracket open, in the resolved regime: its
+            # Radau node assumed lambda_min(G) >= min(f, theta_min / 2), which its Krylov space
+            # never tested; the Gauss value (an upper bound of log for any spectrum) is all it
+            # claims (helper 103: orders 2-5 on a crop, truth -inf, gave finite intervals)
+            t["bound"] = t["bound"] | (last & ~ok & ~exact & t["resolved"])
             for nm in names:
                 cur = res[nm][sel]
                 res[nm][sel] = torch.where(fin, t[nm], cur)

@@ -298,6 +298,9 @@ def _check_options(variant: str, prior_var: float | None, floor: float,
     if variant == "diag" and lanczos_order is not None:
         raise InvalidInputError("lanczos_order applies to variant='logdet' only (its stochastic "
                                 "Lanczos quadrature)")
+    from ..estimators.lanczos import _check_order  # (every route: the exact one ignored 0)
+
+    _check_order(lanczos_order, "lanczos_order")
     return lam
 
 
