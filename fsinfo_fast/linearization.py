@@ -160,6 +160,10 @@ MODES_STREAM = 25
 #: Seeds the signs of the saturating activations' perturbation
 #: (:meth:`Linearization._saturation`).
 SATURATION_STREAM = 26
+#: Unit roundoffs of ``||J||_F`` (the cotangents' reading) beyond which the computed
+#: Jacobian's own error enters the randomized log det's rounding model
+#: (:meth:`Linearization._logdet_jerr`); ordinary products round at a few.
+JERR_GATE = 256.0
 #: The cotangents of the oracle's per-column saturation reading (:meth:`Linearization.
 #: _saturation_cols`; :data:`SATURATION_COLS` of them).
 SATURATION_COLS_STREAM = 27
@@ -2212,7 +2216,8 @@ class Linearization:
             if estimator == "auto" and order is None:  # bound the adaptive order so that
                 order = max(4, n // (2 * k0))  # 2 * order * k0 <= n, the oracle's products
             est = slq_logdet(self.products, sigma=s, prior_var=prior_var, order=order,
-                             stop=stop, store=self._slq_store(), **common)
+                             stop=stop, store=self._slq_store(), j_err=self._logdet_jerr(),
+                             **common)
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
         why = self._finish(est, spectrum, estimator, metric, stop.max_probes,
                            fixed=num_probes is not None)
@@ -2490,6 +2495,47 @@ class Linearization:
                                        f"({type(err).__name__}: "
                                        f"{' '.join(str(err).split())[:200]})")
         return self._sat_cache
+
+    def _logdet_jerr(self) -> Tensor | None:
+        """``[B]`` float64: a bound on ``||dJ||_2`` (``J``'s units) for the randomized log det
+        where the computed Jacobian's own error exceeds what its products' rounding model
+        holds (:mod:`~fsinfo_fast.estimators.lanczos`: a few unit roundoffs of ``||J||``;
+        every float32 ``tanh`` at 8.5 rounds its derivative to few digits, and the interval
+        missed the truth by 24 half-widths, a float64 one at 18.5 by 12, an upper bound fell
+        0.5-3.5 nats/dim below it, helper 103): :data:`~fsinfo_fast.estimators.exact_fast.
+        SAFETY` times ``||dJ||_F`` (at least ``||dJ||_2``) as the cotangents read it, for the
+        working dtype's products against float64 ones (:meth:`_pair`) and float64's own
+        rounding in saturating activations (:meth:`_saturation`), each where it exceeds
+        :data:`JERR_GATE` unit roundoffs of ``||J||_F`` (below, the model holds it). None
+        where nothing exceeds it or no float64 copy can run (the model alone, as before)."""
+        if self._exact_unavailable(attempt=True, confirm=False) is not None:
+            return None
+
+        def fro(v: Tensor) -> Tensor:  # ||.||_F per sample from c Gaussian cotangents
+            big = v.abs().flatten(1).amax(dim=1).clamp_min(1e-300)
+            return big * (v / big[:, None, None]).square().sum(dim=2).mean(dim=1).sqrt()
+
+        total = None
+        try:
+            if self.enc.x.dtype != torch.float64:
+                g64, g, *_ = self._pair()
+                eps = torch.finfo(self.enc.x.dtype).eps
+                err, ref = fro(g - g64), fro(g64)
+                total = torch.where(err > JERR_GATE * eps * ref, EXACT_SAFETY * err, 0.0)
+            sat = self._saturation()
+            if isinstance(sat, Tensor) and bool((sat != 0).any()):
+                got = self._modes()
+                err, ref = fro(sat.to(torch.float64)), fro(got[1].to(torch.float64))
+                own = torch.where(err > JERR_GATE * reference.oracle.U64 * ref,
+                                  EXACT_SAFETY * err, 0.0)
+                total = own if total is None else total + own.to(total)
+        except torch.OutOfMemoryError:
+            raise
+        except (EncoderError, RuntimeError, NotImplementedError):
+            return None
+        if total is None or not bool((total > 0).any()):
+            return None
+        return total.to(torch.float64)
 
     def _saturation_cols(self) -> Tensor | str:
         """``[B, d]`` float64: how one unit roundoff in the saturating activations' outputs

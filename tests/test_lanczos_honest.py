@@ -483,3 +483,38 @@ def test_every_route_refuses_a_bad_lanczos_order(order):
     for est in ("exact", "auto", "randomized"):
         with pytest.raises(ff.InvalidInputError, match="lanczos_order"):
             ff.fsinfo(enc, x, 0.1, variant="logdet", estimator=est, lanczos_order=order)
+
+
+def _saturated_square(z: float, dtype, d: int = 32):
+    """``tanh(x W^T + b)`` with ``m = d`` and every pre-activation at ``+-z`` (the derivative
+    ``1 - tanh^2`` rounded to few digits), and its log det FSInfo at sigma 1 without a prior
+    from the closed form ``log det(J^T J) = 2 (sum_i log sech^2 z_i + log |det W|)``."""
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(d, d, generator=g, dtype=torch.float64) / math.sqrt(d)
+    x = torch.randn(1, d, generator=g, dtype=torch.float64)
+    sign = torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0).double()
+    lin = nn.Linear(d, d).double()
+    with torch.no_grad():
+        lin.weight.copy_(W)
+        lin.bias.copy_(z * sign - x[0] @ W.T)
+    enc = nn.Sequential(lin, nn.Tanh()).to(dtype).eval()
+    xs = x.to(dtype)
+    W64, b64 = lin.weight.detach().to(dtype).double(), lin.bias.detach().to(dtype).double()
+    pre = (xs.double() @ W64.T + b64)[0].abs()
+    log_sech2 = math.log(4.0) - 2 * pre - 2 * torch.log1p(torch.exp(-2 * pre))
+    logdet = 2 * (float(log_sech2.sum()) + float(torch.linalg.slogdet(W64)[1]))
+    return enc, xs, logdet / (2 * d) - 0.5 * math.log(2 * math.pi * math.e)
+
+
+@pytest.mark.parametrize("z, dtype", [(8.5, torch.float32), (18.5, torch.float64)])
+def test_a_jacobian_rounded_to_few_digits_enters_the_log_dets_model(z, dtype):
+    """Every ``tanh`` saturated: the computed ``J`` is off by a large share of itself (float32
+    at 8.5, float64 at 18.5), beyond the products' rounding model (a few unit roundoffs of
+    ``||J||``): the randomized log det missed the truth by 24 and 12 half-widths, an interval
+    and not a bound (helper 103). The measured ``||dJ||`` now enters the model: an upper bound
+    that holds."""
+    enc, x, want = _saturated_square(z, dtype)
+    r = ff.fsinfo(enc, x, 1.0, variant="logdet", estimator="randomized", seed=0)
+    low, high = (float(t[0]) for t in r.ci95())
+    assert low <= want <= high or (bool(r.bound[0]) and want <= high), (
+        float(r.value[0]), want, float(r.ci_halfwidth[0]), bool(r.bound[0]))

@@ -264,15 +264,21 @@ class _Precision:
         arith = ARITH_EPS * math.sqrt(n) * _EPS64
         return cls(method, ROUNDING_EPS * torch.finfo(dtype).eps + arith, arith)
 
-    def params(self, theta_min: Tensor, theta_max: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def params(self, theta_min: Tensor, theta_max: Tensor,
+               j_err: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(delta_J, delta0, floor)`` per probe from its extreme Ritz values (G units;
-        ``delta_J`` is 0 for Lanczos, whose ``Delta(x) = delta0`` is constant)."""
+        ``delta_J`` is 0 for Lanczos, whose ``Delta(x) = delta0`` is constant). ``j_err``
+        (per probe, ``J``'s units, or None): a measured bound on ``||dJ||_2``, the computed
+        Jacobian's own error beyond the model (a saturated activation's derivative rounded
+        to few digits), added to the singular values' move (Lanczos: ``G``'s eigenvalues move
+        by ``2 sqrt(lam) j_err + j_err^2`` more)."""
         lam = theta_max.clamp_min(0.0)
         neg = (-1.5 * theta_min).clamp_min(0.0)  # negative Ritz values: rounding seen directly
+        je = torch.zeros_like(lam) if j_err is None else j_err.to(lam)
         if self.method == "lanczos":
-            d0 = torch.maximum(self.delta_rel * lam, neg)
+            d0 = torch.maximum(self.delta_rel * lam + 2 * lam.sqrt() * je + je.square(), neg)
             return torch.zeros_like(d0), d0, FLOOR_LANCZOS * d0
-        dj = self.delta_rel * lam.sqrt()
+        dj = self.delta_rel * lam.sqrt() + je
         et = torch.maximum(self.arith_rel * lam, neg)
         return dj, dj**2 + et, torch.maximum(FLOOR_GK * dj**2, FLOOR_LANCZOS * et)
 
@@ -579,7 +585,7 @@ class LanczosProbeState:
 
 def _log_terms(
     diag: Tensor, off: Tensor, shift_c: Tensor, prec: _Precision, ops: Ops,
-    bidiag: tuple[Tensor, Tensor] | None = None,
+    bidiag: tuple[Tensor, Tensor] | None = None, j_err: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Gauss/Radau bracket of ``e_1^T log(G + shift) e_1`` for ``N`` tridiagonals of one order
     ``k`` (``diag [N, k]``, ``off [N, k]`` with the next coupling last), in the probe's regime.
@@ -605,7 +611,7 @@ def _log_terms(
                                  tgk.contiguous())
         theta = pm**2
     tmin, tmax = theta.min(dim=1).values, theta.max(dim=1).values
-    dj, d0, floor = prec.params(tmin, tmax)
+    dj, d0, floor = prec.params(tmin, tmax, j_err)
     zero = tmax <= 0
     prior = shift_c >= floor
     bound = ~prior & (tmin <= floor)
@@ -671,6 +677,7 @@ def slq_probe_terms(
     quad_atol: float = DEFAULT_QUAD_ATOL,
     max_order: int | None = None,
     probes: tuple[int, int] | None = None,
+    j_err: Tensor | None = None,
 ) -> SLQProbeTerms:
     r"""Serve one request from a state: adaptive per-probe orders, then each probe's bracket.
 
@@ -688,6 +695,8 @@ def slq_probe_terms(
         max_order: cap on the order (default and at most ``n``).
         probes: ``(lo, hi)``: serve only the state's probes ``lo .. hi-1`` (the others are
             neither continued nor evaluated); default all.
+        j_err: ``[B]`` a measured bound on ``||dJ||_2`` per sample (the computed Jacobian's
+            own error beyond the rounding model, see :meth:`_Precision.params`), or None.
 
     Returns:
         :class:`SLQProbeTerms` (``[B, hi - lo]`` with ``probes``).
@@ -729,7 +738,8 @@ def slq_probe_terms(
             if state.method == "golub_kahan":
                 bidiag = (state._ga[sel][:, :k], state._gb[sel][:, :k])
             t = _log_terms(state.diag[sel][:, :k], state.off[sel][:, :k], shift_c[sel],
-                           state.precision, state.eig_ops, bidiag)
+                           state.precision, state.eig_ops, bidiag,
+                           None if j_err is None else j_err[:, None].expand(b, kk)[sel])
             width = t["gauss"] - t["radau"]
             width = torch.where(t["zero"], torch.zeros_like(width), width)
             ok = width * scale[sel] <= quad_atol
@@ -933,12 +943,12 @@ class SLQProbeStore:
 
     def terms(self, start: int, count: int, *, sigma: float | Tensor,
               prior_var: float | None, quad_atol: float,
-              max_order: int | None) -> SLQProbeTerms:
+              max_order: int | None, j_err: Tensor | None = None) -> SLQProbeTerms:
         """:func:`slq_probe_terms` of probes ``start .. start+count-1`` (``[B, count]``)."""
         parts = [
             self._serve(i, lambda bl, lo=lo, hi=hi: slq_probe_terms(
                 bl, sigma=sigma, prior_var=prior_var, quad_atol=quad_atol,
-                max_order=max_order, probes=(lo, hi)))
+                max_order=max_order, probes=(lo, hi), j_err=j_err))
             for i, lo, hi in self._pieces(start, count)
         ]
         return SLQProbeTerms(**{
@@ -1043,6 +1053,7 @@ def slq_logdet(
     probe_chunk: int | None = None,
     quad_atol: float | None = None,
     store: SLQProbeStore | None = None,
+    j_err: Tensor | None = None,
     **rule: Unpack[StopKeywords],
 ) -> Estimate:
     r"""Log-det FSInfo per sample by stochastic Lanczos quadrature, with an honest interval.
@@ -1081,6 +1092,11 @@ def slq_logdet(
             taken are reused (a second log det at another sigma or prior, the trace of
             :func:`slq_trace`), the result equal to a fresh call's; ``passes`` counts only the
             new products (``info["reused_probes"]``: the probes held before the call).
+        j_err: ``[B]`` a measured bound on ``||dJ||_2`` per sample, the computed Jacobian's
+            own error beyond the products' rounding model (a saturated activation's
+            derivative rounded to few digits: the model's ``4 eps ||J||`` missed it by 12-24
+            half-widths), added to every probe's perturbation model (its regimes, floor and
+            rounding allowance), or None.
 
     Returns:
         :class:`~fsinfo_fast.estimators.Estimate` on the FSInfo scale (nats per input dimension).
@@ -1176,7 +1192,7 @@ def slq_logdet(
     }
 
     def process(start: int, count: int, active: Tensor | None = None) -> None:
-        t = store.terms(start, count, sigma=sig, prior_var=prior_var, quad_atol=qa,
+        t = store.terms(start, count, sigma=sig, prior_var=prior_var, quad_atol=qa, j_err=j_err,
                         max_order=cap)
         parts["value"].append(t.value)
         parts["allow"].append(t.quad_error + t.rounding)
