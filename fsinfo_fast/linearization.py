@@ -2484,17 +2484,21 @@ class Linearization:
             if isinstance(got, str):
                 self._sat_cache = got
             else:
-                try:
-                    enc64 = self._float64_encoder(confirm=False)
-                    self._sat_cache = perturbed_vjp(enc64.fn, enc64.x, got[0],
-                                                    seed=SATURATION_STREAM)[0]
-                except torch.OutOfMemoryError:
-                    raise
-                except (EncoderError, RuntimeError, NotImplementedError) as err:
-                    self._sat_cache = (f"the saturating activations' rounding cannot be read "
-                                       f"({type(err).__name__}: "
-                                       f"{' '.join(str(err).split())[:200]})")
+                self._sat_cache = self._perturbed(got[0])
         return self._sat_cache
+
+    def _perturbed(self, u: Tensor, what: str = "") -> Tensor | str:
+        """:func:`~fsinfo_fast.reference.saturation.perturbed_vjp` of the cotangents ``u``
+        (``[B, c, m]``) on the float64 copy, the signs of :data:`SATURATION_STREAM`; or why
+        it cannot run (``what`` names the reading)."""
+        try:
+            enc64 = self._float64_encoder(confirm=False)
+            return perturbed_vjp(enc64.fn, enc64.x, u, seed=SATURATION_STREAM)[0]
+        except torch.OutOfMemoryError:
+            raise
+        except (EncoderError, RuntimeError, NotImplementedError) as err:
+            return (f"the saturating activations' rounding cannot be read{what} "
+                    f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
 
     def _logdet_jerr(self) -> Tensor | None:
         """``[B]`` float64: a bound on ``||dJ||_2`` (``J``'s units) for the randomized log det
@@ -2550,17 +2554,19 @@ class Linearization:
             try:
                 _, _, _, u = self._check_products_for(self.m, SATURATION_COLS,
                                                       SATURATION_COLS_STREAM)
-                enc64 = self._float64_encoder(confirm=False)
-                diff = perturbed_vjp(enc64.fn, enc64.x, u, seed=SATURATION_STREAM)[0]
-                big = diff.abs().amax(dim=1)  # (scaled: a change of 1e-178 squares to 0)
-                scaled = diff / torch.where(big > 0, big, 1.0).unsqueeze(1)
-                self._sat_cols_cache = big * scaled.square().mean(dim=1).sqrt()
             except torch.OutOfMemoryError:
                 raise
             except (EncoderError, RuntimeError, NotImplementedError) as err:
-                self._sat_cols_cache = (f"the saturating activations' rounding cannot be read "
-                                        f"per column ({type(err).__name__}: "
-                                        f"{' '.join(str(err).split())[:200]})")
+                diff = (f"the saturating activations' rounding cannot be read per column "
+                        f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
+            else:
+                diff = self._perturbed(u, " per column")
+            if isinstance(diff, str):
+                self._sat_cols_cache = diff
+            else:
+                big = diff.abs().amax(dim=1)  # (scaled: a change of 1e-178 squares to 0)
+                scaled = diff / torch.where(big > 0, big, 1.0).unsqueeze(1)
+                self._sat_cols_cache = big * scaled.square().mean(dim=1).sqrt()
         return self._sat_cols_cache
 
     def _own_cols(self, ex: reference.ExactFisher) -> Tensor | None:
