@@ -112,6 +112,12 @@ class GaussianNoise(nn.Module):
         return add_noise(z, self.sigma, self.generator)
 
 
+def _of(flags: Tensor) -> str:
+    """`` for k of n`` samples flagged, or nothing for one value (a calibrated statistic: "1
+    of 1" read as if the calibration set had one sample)."""
+    return f" for {int(flags.sum())} of {flags.numel()}" if flags.numel() > 1 else ""
+
+
 def concat_sigma_results(results: Sequence[SigmaResult]) -> SigmaResult:
     """The per-sample noise scales of several batches as one :class:`SigmaResult`.
 
@@ -375,7 +381,7 @@ class FSInfoGuard(nn.Module):
                    "Bayesian log det)" if self.variant == "logdet" else
                    "Keep the default floor (1e-10, the paper's) or a positive one")
             raise InvalidInputError(
-                f"{what} is 0 for {int(zero.sum())} of {zero.numel()}: FSInfo_{self.variant} is "
+                f"{what} is 0{_of(zero)}: FSInfo_{self.variant} is "
                 f"-inf at every sigma there ({why}), so every target holds without noise and "
                 f"the guard would add none. {fix}")
         bad = ~torch.isfinite(sigma)
@@ -401,7 +407,7 @@ class FSInfoGuard(nn.Module):
                        f"{self.variant} has {asym}); choose a higher target")
             raise InvalidInputError(
                 f"no finite noise brings FSInfo to the target {self.target:g} nats/dim ({what} "
-                f"is inf for {int(bad.sum())} of {bad.numel()}): {why}")
+                f"is inf{_of(bad)}): {why}")
 
     def forward(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         """``f(x) + sigma * N(0, I)``; ``sigma`` per sample or the calibrated data-set value.

@@ -46,6 +46,10 @@ class Aggregate:
         if self.ci_halfwidth is None:
             object.__setattr__(self, "ci_halfwidth", Z95 * self.stderr + self.bias_bound)
 
+    def __float__(self) -> float:
+        """The value (``float(r.mean())``; its interval: :meth:`ci95`)."""
+        return float(self.value)
+
     def ci95(self) -> tuple[float, float]:
         """95% interval: ``(low, high)`` where given, else ``(value - ci_halfwidth, value +
         ci_halfwidth)`` (``-inf`` low end when the value is only an upper bound)."""

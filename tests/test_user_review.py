@@ -44,3 +44,18 @@ def test_constructors_refuse_what_is_no_encoder(make):
 def test_an_unbatched_image_is_told_to_add_the_batch_dimension():
     with pytest.raises(ff.EncoderError, match=r"pass x\.unsqueeze\(0\)"):
         ff.fsinfo(_enc(), torch.rand(3, 8, 8), 0.1)
+
+
+def test_a_data_set_mean_converts_to_float():
+    r = ff.fsinfo(_enc(), torch.rand(2, 3, 8, 8), 0.1, num_probes=4)
+    agg = r.mean()
+    assert float(agg) == agg.value and isinstance(float(agg), float)
+
+
+def test_an_unreachable_calibrated_target_does_not_count_samples_it_does_not_have():
+    """``calibrate`` on two samples said the calibrated sigma* "is inf for 1 of 1", as if the
+    set had one sample: the statistic is one value."""
+    guard = ff.FSInfoGuard(_enc(), target=-100.0)
+    with pytest.raises(ff.InvalidInputError) as err:
+        guard.calibrate(torch.rand(2, 3, 8, 8))
+    assert "1 of 1" not in str(err.value) and "is inf" in str(err.value)

@@ -441,7 +441,7 @@ def _print(report: dict[str, Any]) -> None:
     t = Table(title=f"FSInfoGuard at target {report['target']} nats/dim ({report['variant']}; "
                     f"sigma = {stat} of sigma* over {report['calibration_samples']} samples)")
     for c in ("split", "sigma", "sigma* min..max", "protected", "acc clean", "acc guarded",
-              "acc per-sample", "cost"):
+              "acc per-sample", "acc drop"):
         t.add_column(c, justify="left" if c == "split" else "right")
     clean = report["accuracy_clean"]
     for r in report["splits"]:

@@ -1207,7 +1207,8 @@ def _status(bar, ids: list[int]):
 def _progress(cfg: ProfileConfig, dist: DistContext, total: int, nbatches: int):
     if not (cfg.progress and dist.is_root) or total == 0:
         return None
-    desc = f"profile ({nbatches} batches" + (f", {dist.world} procs)" if dist.distributed else ")")
+    desc = (f"profile ({nbatches} batch{'es' if nbatches != 1 else ''}"
+            + (f", {dist.world} procs)" if dist.distributed else ")"))
     return progress_bar("the profile progress bar", total=total, desc=desc, unit="rec")
 
 
