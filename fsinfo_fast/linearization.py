@@ -2454,7 +2454,13 @@ class Linearization:
                 if isinstance(cols, str):
                     inf = torch.full_like(col, math.inf).to(ex.trace)
                     return ex.with_ad_err(inf, inf)
-                whole = cols.to(ex.diag).square().sum(dim=1).sqrt() / ex.trace.sqrt()
+                # (J as a whole over the columns computed nonzero, as the flat reading weighs
+                # them: a column computed as 0 has its own bound, col_floor below; counted
+                # here, a J saturated to 0 read inf against a trace of 0 and a log det that
+                # its prior holds to 1e-14 lost its claim, helper 106)
+                live = ex.diag > 0
+                whole = (torch.where(live, cols.to(ex.diag), 0.0).square().sum(dim=1).sqrt()
+                         / ex.trace.sqrt())
                 fro = torch.maximum(fro, torch.where(torch.isnan(whole), 0.0, whole).to(fro))
                 cols = self._own_cols(ex)
             gone = (ex.diag == 0) & moved  # (computed 0, and the rounding moves it)
