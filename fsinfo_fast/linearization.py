@@ -167,6 +167,9 @@ JERR_GATE = 256.0
 #: The cotangents of the oracle's per-column saturation reading (:meth:`Linearization.
 #: _saturation_cols`; :data:`SATURATION_COLS` of them).
 SATURATION_COLS_STREAM = 27
+#: The cotangents of the randomized log det's reading of the working dtype's ``||dJ||_F``
+#: (:meth:`Linearization._logdet_jerr`).
+JERR_STREAM = 28
 #: Cotangents of the oracle's per-column saturation reading: each column's change is read as
 #: the root mean square of this many Gaussian projections (a chi with 8 degrees of freedom
 #: over 8: below a tenth of its mean, the reading's safety factor, with probability about 1e-7).
@@ -663,6 +666,7 @@ class Linearization:
         self._modes_cache: tuple | str | None = None  # (see _modes)
         self._sat_cache: Tensor | str | None = None  # (see _saturation)
         self._sat_cols_cache: Tensor | str | None = None  # (see _saturation_cols)
+        self._jerr_cache: tuple | None = None  # (see _logdet_jerr)
         self._modes_shares: dict[tuple, Tensor] = {}  # each weighting's share (_modes_flagged)
         self._depth = 0  # public result methods running (see _modes_checked)
         self._modes_forward = True  # the check's JVP ran in forward mode (see _modes_share)
@@ -2256,7 +2260,8 @@ class Linearization:
             if estimator == "auto" and order is None:  # bound the adaptive order so that
                 order = max(4, n // (2 * k0))  # 2 * order * k0 <= n, the oracle's products
             est = slq_logdet(self.products, sigma=s, prior_var=prior_var, order=order,
-                             stop=stop, store=self._slq_store(), j_err=self._logdet_jerr(),
+                             stop=stop, store=self._slq_store(),
+                             j_err=None if lam == 0 and self.m < self.d else self._logdet_jerr(),
                              **common)
             metric, extra = "fsinfo_logdet", {"prior_var": prior_var}
         why = self._finish(est, spectrum, estimator, metric, stop.max_probes,
@@ -2558,6 +2563,16 @@ class Linearization:
         rounding in saturating activations (:meth:`_saturation`), each where it exceeds
         :data:`JERR_GATE` unit roundoffs of ``||J||_F`` (below, the model holds it). None
         where nothing exceeds it or no float64 copy can run (the model alone, as before)."""
+        if self._jerr_cache is None:
+            self._jerr_cache = (self._jerr_read(),)
+        return self._jerr_cache[0]
+
+    def _jerr_read(self) -> Tensor | None:
+        """:meth:`_logdet_jerr`'s reading (once per batch). Each ``||dJ||_F`` is read over
+        :data:`SATURATION_COLS` Gaussian cotangents (one cotangent under-read a single
+        saturated unit's error more than 10x in about 8% of draws, helper 107): float64's own
+        from :meth:`_saturation_cols`, the working dtype's from fresh paired VJPs where the
+        rounding check's own pair (:meth:`_pair`) passes a screen 100x below the gate."""
         if self._exact_unavailable(attempt=True, confirm=False) is not None:
             return None
 
@@ -2565,17 +2580,29 @@ class Linearization:
             big = v.abs().flatten(1).amax(dim=1).clamp_min(1e-300)
             return big * (v / big[:, None, None]).square().sum(dim=2).mean(dim=1).sqrt()
 
+        def norm(cols: Tensor) -> Tensor:  # ||.||_F from per-column root mean squares
+            big = cols.abs().amax(dim=1).clamp_min(1e-300)
+            return big * (cols / big[:, None]).square().sum(dim=1).sqrt()
+
         total = None
         try:
             if self.enc.x.dtype != torch.float64:
                 g64, g, *_ = self._pair()
                 eps = torch.finfo(self.enc.x.dtype).eps
-                err, ref = fro(g - g64), fro(g64)
-                total = torch.where(err > JERR_GATE * eps * ref, EXACT_SAFETY * err, 0.0)
+                if bool((fro(g - g64) > JERR_GATE / 100 * eps * fro(g64)).any()):
+                    p, p64, _, u = self._check_products_for(self.m, SATURATION_COLS,
+                                                            JERR_STREAM)
+                    g64 = p64.vjp(u)
+                    g = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
+                    err, ref = fro(g - g64), fro(g64)
+                    total = torch.where(err > JERR_GATE * eps * ref, EXACT_SAFETY * err, 0.0)
             sat = self._saturation()
             if isinstance(sat, Tensor) and bool((sat != 0).any()):
+                cols = self._saturation_cols()
+                if isinstance(cols, str):
+                    return None  # (no reading: _modes_flagged says why)
                 got = self._modes()
-                err, ref = fro(sat.to(torch.float64)), fro(got[1].to(torch.float64))
+                err, ref = norm(cols.to(torch.float64)), fro(got[1].to(torch.float64))
                 own = torch.where(err > JERR_GATE * reference.oracle.U64 * ref,
                                   EXACT_SAFETY * err, 0.0)
                 total = own if total is None else total + own.to(total)
@@ -3383,7 +3410,8 @@ class Linearization:
         # there, and the equation is solved again on its probes)
         fin = torch.isfinite(out.sigma) & (out.sigma > 0)
         ref = torch.where(fin, out.sigma, torch.ones_like(out.sigma))
-        if bool(fin.any()) and not bool((ref == 1).all()):
+        # (within a factor e of sigma = 1 the stages sized there serve: solved once)
+        if bool(fin.any()) and bool((torch.log(ref).abs() > 1).any()):
             again, why = self._floored_at(ref, tau, floor, kw)
             if again is None:
                 return None, f"{why} (at the first solution's sigma*)"
