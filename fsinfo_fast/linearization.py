@@ -335,6 +335,13 @@ def _column_weights(R: Tensor, kind: str, a: Tensor) -> tuple[Tensor, Tensor, Te
     return w, rest / top, scale
 
 
+def _rms(v: Tensor, dim: int) -> Tensor:
+    """The root mean square over ``dim``, scaled against underflow (a column norm of 1e-170
+    squares to 0 in float64)."""
+    big = v.abs().amax(dim=dim, keepdim=True)
+    return big.squeeze(dim) * (v / torch.where(big > 0, big, 1.0)).square().mean(dim=dim).sqrt()
+
+
 def _per_column(gap: Tensor, z: Tensor, scale: Tensor) -> Tensor:
     """``[B]``: a disagreement ``gap`` in ``u^T dJ v`` (``[B]``, Gaussian ``u``, ``v = z w``)
     read as the relative error per column it implies: with column ``k`` off by ``e_k R_k`` its
@@ -1146,9 +1153,7 @@ class Linearization:
                     z = draw_probes(self.d, seed=self.seed, sample_ids=ids, count=1,
                                     kind="gaussian", dtype=torch.float64, device=p64.device,
                                     stream=MODES_STREAM)
-                    big = g.abs().amax(dim=1)  # (D = R^2 underflows below 1e-162)
-                    scaled = g / torch.where(big > 0, big, 1.0).unsqueeze(1)
-                    R = big * scaled.square().mean(dim=1).sqrt()
+                    R = _rms(g, 1)  # (D = R^2 underflows below 1e-162)
                     self._modes_cache = (u, g, z, R, None, None, None)
                     base, col = self._modes_share("fsinfo", torch.zeros_like(R[:, 0]))
                     dead = R == 0
@@ -1307,12 +1312,11 @@ class Linearization:
         sat = self._saturation()
         if not isinstance(sat, Tensor) or not bool((sat != 0).any()):
             return None
-        cols = self._saturation_cols()
-        if isinstance(cols, str):
+        own = self._own_cols(diag)
+        if own is None:
             return torch.full_like(value, math.inf)
         D = diag.to(torch.float64)
-        size = D.sqrt()
-        e = torch.where(size > 0, EXACT_SAFETY * cols.to(D) / size, 0.0)
+        e = EXACT_SAFETY * own
         grow = (1 + e).square() - 1
         shrink = 1 - (1 - e).clamp_min(0).square()
         if metric == "dfil":
@@ -2354,7 +2358,7 @@ class Linearization:
         share = ex.diag / (ex.diag + a.to(ex.diag).unsqueeze(1))  # rho_k
         per = torch.where(share > 0, t / share, math.inf)
         if moved:  # (each column at least its own reading, _oracle_measured)
-            own = self._own_cols(ex)
+            own = self._own_cols(ex.diag)
             if own is not None:
                 per = torch.maximum(per, EXACT_SAFETY * own)
         size = ex.diag.sqrt()
@@ -2487,7 +2491,7 @@ class Linearization:
         if isinstance(sat, str):  # (the reading failed: no claim; _modes_flagged says why)
             inf = torch.full_like(col, math.inf).to(ex.trace)
             return ex.with_ad_err(inf, inf)
-        cols = None
+        own = None
         if isinstance(sat, Tensor):
             col = torch.maximum(col, self._saturation_col("fsinfo", zero))
             fro = torch.maximum(fro, self._saturation_col("flat", zero))
@@ -2503,24 +2507,23 @@ class Linearization:
                 # them: a column computed as 0 has its own bound, col_floor below; counted
                 # here, a J saturated to 0 read inf against a trace of 0 and a log det that
                 # its prior holds to 1e-14 lost its claim, helper 106)
-                live = ex.diag > 0
-                whole = (torch.where(live, cols.to(ex.diag), 0.0).square().sum(dim=1).sqrt()
-                         / ex.trace.sqrt())
+                live = torch.where(ex.diag > 0, cols.to(ex.diag), 0.0)
+                whole = _rms(live, 1) * math.sqrt(self.d) / ex.trace.sqrt()
                 fro = torch.maximum(fro, torch.where(torch.isnan(whole), 0.0, whole).to(fro))
-                cols = self._own_cols(ex)
+                own = self._own_cols(ex.diag)
             gone = (ex.diag == 0) & moved  # (computed 0, and the rounding moves it)
             if bool(gone.any()):
                 top = sat.abs().amax(dim=1).to(ex.diag)
-                if cols is not None:
-                    top = torch.maximum(top, self._saturation_cols().to(ex.diag))
+                if own is not None:
+                    top = torch.maximum(top, cols.to(ex.diag))
                 ex = dataclasses.replace(
                     ex, zero_cols=None if ex.zero_cols is None else ex.zero_cols & ~moved,
                     col_floor=torch.where(gone, (EXACT_SAFETY * top).square(), 0.0))
         ad = EXACT_SAFETY * col.to(ex.trace)
-        if cols is not None:  # (every column at least its own reading; ad_err their largest)
-            own = torch.maximum(ad.unsqueeze(1), EXACT_SAFETY * cols)
-            ex = dataclasses.replace(ex, col_err=own)
-            ad = own.amax(dim=1)
+        if own is not None:  # (every column at least its own reading; ad_err their largest)
+            each = torch.maximum(ad.unsqueeze(1), EXACT_SAFETY * own)
+            ex = dataclasses.replace(ex, col_err=each)
+            ad = each.amax(dim=1)
         return ex.with_ad_err(ad, EXACT_SAFETY * fro.to(ex.trace))
 
     def _saturation(self) -> Tensor | str:
@@ -2559,8 +2562,8 @@ class Linearization:
         missed the truth by 24 half-widths, a float64 one at 18.5 by 12, an upper bound fell
         0.5-3.5 nats/dim below it, helper 103): :data:`~fsinfo_fast.estimators.exact_fast.
         SAFETY` times ``||dJ||_F`` (at least ``||dJ||_2``) as the cotangents read it, for the
-        working dtype's products against float64 ones (:meth:`_pair`) and float64's own
-        rounding in saturating activations (:meth:`_saturation`), each where it exceeds
+        working dtype's products against float64 ones and float64's own rounding in
+        saturating activations (:meth:`_jerr_read`), each where it exceeds
         :data:`JERR_GATE` unit roundoffs of ``||J||_F`` (below, the model holds it). None
         where nothing exceeds it or no float64 copy can run (the model alone, as before)."""
         if self._jerr_cache is None:
@@ -2576,13 +2579,11 @@ class Linearization:
         if self._exact_unavailable(attempt=True, confirm=False) is not None:
             return None
 
-        def fro(v: Tensor) -> Tensor:  # ||.||_F per sample from c Gaussian cotangents
-            big = v.abs().flatten(1).amax(dim=1).clamp_min(1e-300)
-            return big * (v / big[:, None, None]).square().sum(dim=2).mean(dim=1).sqrt()
-
         def norm(cols: Tensor) -> Tensor:  # ||.||_F from per-column root mean squares
-            big = cols.abs().amax(dim=1).clamp_min(1e-300)
-            return big * (cols / big[:, None]).square().sum(dim=1).sqrt()
+            return _rms(cols, 1) * math.sqrt(self.d)
+
+        def fro(v: Tensor) -> Tensor:  # ||.||_F per sample from [B, c, d] cotangents' VJPs
+            return norm(_rms(v, 1))
 
         total = None
         try:
@@ -2634,22 +2635,18 @@ class Linearization:
                         f"({type(err).__name__}: {' '.join(str(err).split())[:200]})")
             else:
                 diff = self._perturbed(u, " per column")
-            if isinstance(diff, str):
-                self._sat_cols_cache = diff
-            else:
-                big = diff.abs().amax(dim=1)  # (scaled: a change of 1e-178 squares to 0)
-                scaled = diff / torch.where(big > 0, big, 1.0).unsqueeze(1)
-                self._sat_cols_cache = big * scaled.square().mean(dim=1).sqrt()
+            self._sat_cols_cache = diff if isinstance(diff, str) else _rms(diff, 1)
         return self._sat_cols_cache
 
-    def _own_cols(self, ex: reference.ExactFisher) -> Tensor | None:
+    def _own_cols(self, diag: Tensor) -> Tensor | None:
         """``[B, d]``: :meth:`_saturation_cols`' change of each column against the column's
-        norm in ``ex`` (0 where the norm is 0 or not computed: a NaN row of a partial
-        oracle); None where that reading is not taken or failed."""
-        cols = self._sat_cols_cache
-        if not isinstance(cols, Tensor):
+        norm, ``sqrt(diag)`` (the oracle's or the fast exact route's ``[B, d]``; 0 where the
+        norm is 0 or not computed: a NaN row of a partial oracle); None where that reading
+        failed."""
+        cols = self._saturation_cols()
+        if isinstance(cols, str):
             return None
-        size = ex.diag.sqrt()
+        size = diag.to(torch.float64).sqrt()
         own = torch.where(size > 0, cols.to(size) / size, 0.0)
         return torch.where(torch.isnan(own), 0.0, own)
 
