@@ -1192,7 +1192,7 @@ def fsinfo_diag_restaged(
         SnapshotDroppedError: a stage boundary's statistics are no longer held by ``state``.
     """
     from .base import t_quantile
-    from .stopping import RECHECK_LEVEL, RECHECK_RATIO, _f_upper
+    from .stopping import recheck_ratio
 
     n1 = est.info.get("stage1_probes", 0)  # absent for a fixed count: its own interval
     if est.probes_per_sample is None or "pilot_probes" not in est.info:
@@ -1243,8 +1243,7 @@ def fsinfo_diag_restaged(
             # the estimate's sigma, Stein's alone was 23x narrower than the estimator's own
             # interval at that sigma, and the solve missed the truth by up to 7 half-widths)
             n2, n3 = lo - n1, hi - lo
-            crit = max(_f_upper(n3 - 1, n2 - 1, RECHECK_LEVEL), RECHECK_RATIO) if min(
-                n2, n3) >= 2 else math.inf
+            crit = recheck_ratio(n3, n2)
             s3, s2 = last.stderr.square() * n3, pilot_se[idx].square() * n2
             grew = ((s3 > crit * s2) & (s3 > 0)) | rechecked[idx]
             h = torch.where(grew & torch.isfinite(last.value),

@@ -859,13 +859,23 @@ def _spread_grew(stage: dict[str, tuple], pilot: dict[str, tuple], targets: Mapp
     out = torch.zeros_like(v0, dtype=torch.bool)
     if n < 2 or n_pilot < 2:
         return out
-    crit = _f_upper(n - 1, n_pilot - 1, RECHECK_LEVEL)
+    crit = recheck_ratio(n, n_pilot)
     for name in targets:
         v, se = stage[name][0], stage[name][1]
         se0 = pilot[name][1]
         s2, s02 = se.square() * n, se0.square() * n_pilot
-        out |= torch.isfinite(v) & (s2 > max(crit, RECHECK_RATIO) * s02) & (s2 > 0)
+        out |= torch.isfinite(v) & (s2 > crit * s02) & (s2 > 0)
     return out
+
+
+def recheck_ratio(n: int, n_pilot: int) -> float:
+    """The per-probe variance ratio (last stage of ``n`` probes over the pilot's ``n_pilot``)
+    past which the re-check widens: ``max(RECHECK_RATIO, F)``, ``F`` the upper
+    :data:`RECHECK_LEVEL` point with ``(n - 1, n_pilot - 1)`` dof; ``inf`` below two probes
+    (no spread to compare)."""
+    if n < 2 or n_pilot < 2:
+        return math.inf
+    return max(_f_upper(n - 1, n_pilot - 1, RECHECK_LEVEL), RECHECK_RATIO)
 
 
 @functools.lru_cache(maxsize=4096)
