@@ -129,6 +129,42 @@ def mean_halfwidth(stderr: Sequence[float], halfwidth: Sequence[float],
     return noise / n + sum(bias) / n
 
 
+def _batch_indices(idx: object, b: int) -> list[int]:
+    """Batch indices ``idx`` selects among ``b`` samples, in order: an int (negative counts
+    from the end), a slice, a sequence of ints, an integer tensor or a ``[b]`` bool mask."""
+    if isinstance(idx, Tensor):
+        if idx.dtype == torch.bool:
+            if idx.shape != (b,):
+                raise IndexError(f"a bool mask must have shape ({b},), got {tuple(idx.shape)}")
+            return idx.nonzero().flatten().tolist()
+        if idx.is_floating_point() or idx.is_complex() or idx.dim() > 1:
+            raise IndexError("an index tensor must hold integers (at most one dimension), "
+                             f"got {idx.dtype} of shape {tuple(idx.shape)}")
+        idx = idx.tolist()
+    if isinstance(idx, slice):
+        return list(range(b))[idx]
+    items = [idx] if isinstance(idx, numbers.Integral) else idx
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or any(
+        isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in items
+    ):
+        raise IndexError(f"samples are selected by an int, a slice, a sequence of ints, an "
+                         f"integer tensor or a bool mask, got {type(idx).__name__} {idx!r}")
+    out = []
+    for i in items:
+        if not -b <= int(i) < b:
+            raise IndexError(f"sample index {i} is out of range for {b} samples")
+        out.append(int(i) % b)
+    return out
+
+
+def _take(t: Tensor | None, rows: list[int]) -> Tensor | None:
+    return None if t is None else t[torch.tensor(rows, dtype=torch.long, device=t.device)]
+
+
+def _scalar(v: Tensor) -> float | int | bool:
+    return v.item()
+
+
 @dataclass(frozen=True)
 class MetricResult:
     """Per-sample metric values with standard errors.
@@ -201,6 +237,63 @@ class MetricResult:
 
     def __len__(self) -> int:
         return int(self.value.shape[0])
+
+    #: The ``[B]`` fields :meth:`__getitem__` selects.
+    _PER_SAMPLE = ("value", "stderr", "sigma", "ci_halfwidth", "singular", "converged",
+                   "probes_per_sample", "bound", "bias_bound")
+
+    def __getitem__(self, idx: object) -> MetricResult:
+        """The samples ``idx`` selects (an int, a slice, a sequence of ints, an integer tensor
+        or a ``[B]`` bool mask) as a result of their own: every ``[B]`` field taken at those
+        samples (an int keeps a batch of one). ``info`` is the batch's, whose per-sample
+        entries still index the whole batch, with ``info["batch_indices"]`` the selected
+        samples' indices in it.
+
+        Example:
+            >>> import torch
+            >>> r = MetricResult(value=torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64),
+            ...                  stderr=torch.zeros(3, dtype=torch.float64), metric="dfil",
+            ...                  units="1/dim", estimator="exact",
+            ...                  sigma=torch.ones(3, dtype=torch.float64), d=4, m=2)
+            >>> r[1:].value.tolist(), r[-1].info["batch_indices"]
+            ([2.0, 3.0], [2])
+        """
+        rows = _batch_indices(idx, len(self))
+        parent = self.info.get("batch_indices")
+        picked = rows if parent is None else [parent[i] for i in rows]
+        fields = {k: _take(getattr(self, k), rows) for k in self._PER_SAMPLE}
+        return MetricResult(metric=self.metric, units=self.units, estimator=self.estimator,
+                            d=self.d, m=self.m, num_probes=self.num_probes, passes=self.passes,
+                            info={**self.info, "batch_indices": picked}, **fields)
+
+    def records(self) -> list[dict[str, Any]]:
+        """One plain dict per sample (Python numbers, ``inf`` kept), e.g. for
+        ``pandas.DataFrame(r.records())``: ``index`` (in the batch), ``metric``, ``units``,
+        ``estimator`` (the sample's own route in a ``"mixed"`` result), ``sigma``, ``value``,
+        ``stderr``, ``ci_halfwidth``, ``ci_low``, ``ci_high`` (:meth:`ci95`), ``bias_bound``,
+        ``converged``, ``bound``, ``singular`` and ``probes`` (None for an exact route)."""
+        low, high = self.ci95()
+        own = dict(zip(self.info.get("exact_samples", ()),
+                       self.info.get("exact_samples_estimator", ()), strict=False))
+        index = self.info.get("batch_indices", range(len(self)))
+        out = []
+        for k in range(len(self)):
+            i = int(index[k])
+            est = self.estimator if self.estimator != "mixed" else own.get(i, "randomized")
+            probes = (None if self.probes_per_sample is None or i in own
+                      else int(self.probes_per_sample[k]))
+            out.append({
+                "index": i, "metric": self.metric, "units": self.units, "estimator": est,
+                "sigma": _scalar(self.sigma[k]), "value": _scalar(self.value[k]),
+                "stderr": _scalar(self.stderr[k]),
+                "ci_halfwidth": _scalar(self.ci_halfwidth[k]),
+                "ci_low": _scalar(low[k]), "ci_high": _scalar(high[k]),
+                "bias_bound": _scalar(self.bias_bound[k]),
+                "converged": bool(self.converged[k]), "bound": bool(self.bound[k]),
+                "singular": False if self.singular is None else bool(self.singular[k]),
+                "probes": probes,
+            })
+        return out
 
     def ci95(self) -> tuple[Tensor, Tensor]:
         """Per-sample 95% interval ``(low, high)`` (``low = -inf`` where ``bound``: the value is
@@ -330,6 +423,29 @@ class SigmaResult:
 
     def __len__(self) -> int:
         return int(self.sigma.shape[0])
+
+    def __getitem__(self, idx: object) -> SigmaResult:
+        """The samples ``idx`` selects (as :meth:`MetricResult.__getitem__`): ``sigma``,
+        ``target``, the interval and ``converged`` at those samples; ``info`` the batch's with
+        ``info["batch_indices"]``."""
+        rows = _batch_indices(idx, len(self))
+        parent = self.info.get("batch_indices")
+        picked = rows if parent is None else [parent[i] for i in rows]
+        return SigmaResult(sigma=_take(self.sigma, rows), target=_take(self.target, rows),
+                           metric=self.metric, estimator=self.estimator,
+                           ci_low=_take(self.ci_low, rows), ci_high=_take(self.ci_high, rows),
+                           converged=_take(self.converged, rows),
+                           info={**self.info, "batch_indices": picked})
+
+    def records(self) -> list[dict[str, Any]]:
+        """One plain dict per sample (``index``, ``metric``, ``estimator``, ``target``,
+        ``sigma``, ``ci_low``, ``ci_high``, ``converged``; ``inf`` kept where no finite noise
+        reaches the target), e.g. for ``pandas.DataFrame(s.records())``."""
+        index = self.info.get("batch_indices", range(len(self)))
+        return [{"index": int(index[k]), "metric": self.metric, "estimator": self.estimator,
+                 "target": _scalar(self.target[k]), "sigma": _scalar(self.sigma[k]),
+                 "ci_low": _scalar(self.ci_low[k]), "ci_high": _scalar(self.ci_high[k]),
+                 "converged": bool(self.converged[k])} for k in range(len(self))]
 
     def ci95(self) -> tuple[Tensor, Tensor]:
         """Per-sample 95% interval of ``sigma``."""
