@@ -192,6 +192,13 @@ def _batches(data: Tensor | Iterable) -> Iterable[Tensor]:
 class FSInfoGuard(nn.Module):
     """Wrap an encoder so its output carries noise calibrated to a target FSInfo.
 
+    An encoder :func:`fsinfo_fast.split` cut with forward hooks (a model torch.fx cannot
+    trace, e.g. a ``transformers`` model) holds the whole model: with the default
+    ``occurrence=-1`` each call runs the model's whole forward, the layers after the cut
+    included, and the guard's ``state_dict`` carries every weight. For a client-side guard, cut
+    with ``occurrence=0`` (the forward stops at the cut) and ship the calibrated ``sigma`` (the
+    only state the guard adds) beside the client's own part of the model.
+
     Args:
         encoder: the bottom part of the model (``[B, ...] -> [B, ...]``, eval mode).
         target: target FSInfo ``tau`` in nats per input dimension.
@@ -244,6 +251,9 @@ class FSInfoGuard(nn.Module):
         self.register_buffer("sigma", torch.tensor(math.nan if sigma is None else float(sigma),
                                                    dtype=torch.float64))
         self.last_sigma: Tensor | None = None
+        #: what :meth:`calibrate` measured (None before it; not in the state dict, which keeps
+        #: the calibrated ``sigma`` only)
+        self.calibration: dict[str, Any] | None = None
         if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
             raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
 
@@ -286,7 +296,10 @@ class FSInfoGuard(nn.Module):
 
     def sigma_for(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         """``[B]`` per-sample ``sigma*`` for the batch ``x`` (float64; see
-        :meth:`sigma_result`)."""
+        :meth:`sigma_result`), as they are: ``inf`` where no finite noise reaches the target,
+        0 where FSInfo is ``-inf`` at every sigma (the log det without a prior where ``m <
+        d``). :meth:`forward` and :meth:`calibrate` refuse to use such values (the guard would
+        add inf/NaN noise, or none to samples that leak) with the reason."""
         return self.sigma_result(x, sample_ids).sigma
 
     @torch.no_grad()

@@ -25,8 +25,12 @@ The encoder is referenced, not owned: it is not a submodule of the metric, so ``
 ``.half()`` and ``set_dtype`` move the metric's states only (``set_dtype(torch.half)`` cast the
 caller's model in place), a module holding the metric does not save the encoder's weights
 twice, and a copy of the metric (``copy.deepcopy``, ``clone()``, and so torchmetrics'
-``MetricTracker`` and ``BootStrapper``) measures the same live encoder (a deep copy of it
-measured the weights as they were at ``MetricTracker.increment()``). The states keep their
+``MetricTracker``) measures the same live encoder (a deep copy of it measured the weights as
+they were at ``MetricTracker.increment()``). ``compute()`` returns a dict, which torchmetrics'
+wrappers that reduce one tensor do not take (``BootStrapper``, ``MetricTracker.best_metric``:
+a ``TypeError`` in torchmetrics); ``MetricTracker.compute_all()`` works, and ``stderr`` and
+``ci_halfwidth`` are this metric's own error bars (a bootstrap over samples would add nothing
+to ``stderr``). The states keep their
 dtypes under ``set_dtype``: the sums float64 (in float16 a dFIL sum of 1e5 rounds by 32 and its
 square overflowed; the intervals assume float64 sums), the counters int64. A state dict loaded
 into a metric carries on where it stopped: its running sample ids continue from its ``count``

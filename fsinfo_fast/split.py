@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import collections
 import difflib
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -676,6 +677,10 @@ class HookEncoder(_HookBase):
                     "input_name='pixel_values')") from err
             raise
         except Exception as err:
+            if seen == 0 and not self.input_name and not isinstance(err, FSInfoError):
+                hint = _token_input_hint(self.model, x)
+                if hint:
+                    raise EncoderError(hint + f" ({type(err).__name__}: {err})") from err
             if stop is not None or seen == 0 or isinstance(err, FSInfoError):
                 raise
             # the run failed in the layers after the cut (e.g. a fixed-size head on a smaller
@@ -695,6 +700,27 @@ class HookEncoder(_HookBase):
         out, state = kept[0]
         state.restore()  # the layers after the cut leave no trace (BatchNorm statistics, RNG)
         return out
+
+
+def _token_input_hint(model: nn.Module, x: Any) -> str:
+    """Why a text model failed on a float input given positionally (its forward's first
+    argument is ``input_ids``, token indices, and the input went there: ``nn.Embedding``'s raw
+    dtype error), and the keyword to pass it as; ``""`` where that is not the case."""
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return ""
+    if not params or params[0] != "input_ids" or not (
+        isinstance(x, Tensor) and x.is_floating_point()
+    ):
+        return ""
+    embeds = "inputs_embeds" in params
+    return ("the model's forward takes token ids (input_ids) first and was given the float "
+            "input positionally; the metrics differentiate with respect to a float input: "
+            + ("cut the model with ff.split(model, ..., input_name='inputs_embeds') and pass "
+               "embeddings [B, tokens, hidden]" if embeds else
+               "cut the model with ff.split(model, ..., input_name=<the keyword its forward "
+               "takes a float input as>)"))
 
 
 class HookInsert(_HookBase):

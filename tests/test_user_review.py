@@ -59,3 +59,42 @@ def test_an_unreachable_calibrated_target_does_not_count_samples_it_does_not_hav
     with pytest.raises(ff.InvalidInputError) as err:
         guard.calibrate(torch.rand(2, 3, 8, 8))
     assert "1 of 1" not in str(err.value) and "is inf" in str(err.value)
+
+
+# helper 108's review: a text model cut without input_name, the guard's calibration record
+
+
+def _llama():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    return LlamaModel(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=2)).eval()
+
+
+def test_a_text_model_given_embeddings_positionally_is_told_the_keyword():
+    """``ff.split(llama, "layers.0")`` fed float embeddings raised nn.Embedding's raw dtype error
+    from deep inside the model; the fix is the keyword the embeddings go in as."""
+    llama = _llama()
+    x = torch.randn(2, 5, 16) * 0.02
+    with pytest.raises(ff.EncoderError, match=r"input_name='inputs_embeds'") as err:
+        ff.fsinfo(ff.split(llama, "layers.0"), x, sigma=0.1, num_probes=4)
+    assert "input_ids" in str(err.value)
+    r = ff.fsinfo(ff.split(llama, "layers.0", input_name="inputs_embeds"), x, sigma=0.1,
+                  num_probes=4)
+    assert bool(torch.isfinite(r.value).all())
+    # token ids, the model's own input, still reach it (nothing is said where nothing failed)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    assert ff.split(llama, "layers.0")(ids).shape == (1, 5, 16)
+
+
+def test_the_guard_calibration_record_is_none_until_calibrated():
+    guard = ff.FSInfoGuard(_enc(), target=-1.0, estimator="exact")
+    assert guard.calibration is None
+    guard.calibrate(torch.rand(2, 3, 8, 8))
+    assert guard.calibration["n"] == 2
+    loaded = ff.FSInfoGuard(_enc(), target=-1.0)
+    loaded.load_state_dict(guard.state_dict())  # the sigma only: no record of how
+    assert loaded.calibration is None and float(loaded.sigma) == float(guard.sigma)

@@ -50,12 +50,14 @@ for a torchvision data set already on disk (only where torchvision is installed)
 (gray repeated) unless ``--channels 1``: grayscale for a 1-channel model (digits, or gray images
 only).
 
-Split points (``--splits``): ``paper`` (default: the model's ``paper_splits``, else every split
-point), ``all``, or a comma-separated list of paper indices, ranges (``0-3``), module paths and
-torch.fx node names. Module paths work for any ``--model package.module:function``: a model that
-torch.fx cannot trace (``transformers`` models, ...) is cut with forward hooks
-(:func:`fsinfo_fast.split`), e.g. ``--model fsinfo_fast.models.third_party:convnext_small32
---splits encoder.stages.0,encoder.stages.1``.
+Split points (``--splits``): ``paper`` (default: the model's ``paper_splits``, else every one
+of its ``split_points``, else every cut between an ``nn.Sequential``'s children; any other model
+needs ``--splits``), ``all``, or a comma-separated list of paper indices, ranges (``0-3``),
+module paths and torch.fx node names. Module paths work for any ``--model
+package.module:function``: a model that torch.fx cannot trace (``transformers`` models, ...) is
+cut with forward hooks (:func:`fsinfo_fast.split`), e.g.
+``--model fsinfo_fast.models.third_party:convnext_small32 --splits
+encoder.stages.0,encoder.stages.1``.
 
 Nothing lost (``--resume``): records are committed one line at a time (:mod:`.store`); a run
 killed at any moment continues with ``--resume`` (same ``--out``, or the newest run under

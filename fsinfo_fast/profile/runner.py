@@ -31,7 +31,7 @@ from .._extras import require
 from .._progress import progress_bar, set_status
 from ..encoder import SIGMA_RANGE
 from ..engine import resolve_backend
-from ..errors import EncoderError, FSInfoError, InvalidInputError
+from ..errors import EncoderError, FSInfoError, InvalidInputError, InvalidInputTypeError
 from ..linearization import DFIL_METHODS as LINEARIZATION_DFIL_METHODS
 from ..reference import ExactFisher
 from .distributed import DistContext
@@ -91,10 +91,22 @@ class ProfileConfig:
     """Options of a profile run (the CLI flags; see ``fsinfo-fast profile --help``).
 
     Attributes:
-        model: zoo name or ``package.module:function``.
-        checkpoint: weights file (``torch.load(weights_only=True)``).
-        data: ``digits``, ``natural``, a folder of images or ``torchvision:NAME:ROOT[:split]``.
+        model: zoo name or ``package.module:function``; in the Python API also an
+            ``nn.Module`` in eval mode (a model already in memory, e.g. a ``transformers``
+            model: it is moved to the run's ``device``; ``--resume`` needs the same weights,
+            ``settings.json`` names its class; under ``torchrun`` each process passes its own
+            and rank 0's weights are loaded into the others).
+        checkpoint: weights file (``torch.load(weights_only=True)``; not with an
+            ``nn.Module``: load its weights into it).
+        data: ``digits``, ``natural``, a folder of images or ``torchvision:NAME:ROOT[:split]``;
+            in the Python API also a float tensor ``[N, ...]`` of inputs (any shape the model
+            takes, e.g. embeddings for a text model cut with ``input_name="inputs_embeds"``)
+            or an ``(x, labels)`` pair (``size`` and ``channels`` do not apply to it;
+            ``--resume`` needs the same tensor).
         size: image side for the bundled data sets.
+        input_name: the keyword the model takes its input as (:func:`fsinfo_fast.split`'s
+            ``input_name``; Python API), e.g. ``"inputs_embeds"`` for a text model given
+            embeddings as ``data``; None: positionally.
         splits: ``paper`` (default), ``all`` or a comma-separated list.
         sigma: noise scale on the smashed data.
         variant: ``diag``, ``logdet`` or ``both`` (log det where it can be finite).
@@ -132,9 +144,9 @@ class ProfileConfig:
             (:data:`MATCH_KEYS`).
     """
 
-    model: str = "vgg5"
+    model: str | nn.Module = "vgg5"
     checkpoint: str | None = None
-    data: str = "digits"
+    data: str | Tensor | tuple[Tensor, Tensor] = "digits"
     size: int = 32
     splits: str | None = None
     sigma: float = 0.1
@@ -157,6 +169,7 @@ class ProfileConfig:
     table: bool = True
     dfil_method: str = "auto"
     channels: int = 3
+    input_name: str | None = None
     #: the options the command line set explicitly (``None``: unknown, e.g. an API call; then
     #: ``--resume`` takes the stored value of every option at its default)
     given: frozenset[str] | None = None
@@ -170,6 +183,7 @@ class ProfileConfig:
                 raise InvalidInputError(f"--{name.replace('_', '-')} must be a positive number, "
                                         f"got {v!r}")
 
+        _check_model_and_data(self)
         if isinstance(self.splits, str) and not self.splits.strip(" ,"):
             raise InvalidInputError("--splits is empty: give split points, 'paper' or 'all' "
                                     "(or leave the option out for the paper splits)")
@@ -205,6 +219,79 @@ class ProfileConfig:
         if self.backend not in names:  # before the run directory is made
             raise InvalidInputError(f"--backend must be one of {', '.join(names)}, got "
                                     f"{self.backend!r}")
+
+
+def _check_model_and_data(cfg: ProfileConfig) -> None:
+    """The types of ``model`` and ``data`` (a spec string, or in the Python API an object in
+    memory), before any work."""
+    from ..encoder import check_eval_mode
+
+    if isinstance(cfg.model, nn.Module):
+        if cfg.checkpoint:
+            raise InvalidInputError(
+                "checkpoint= applies to a model spec (a zoo name or 'package.module:function'); "
+                "load the weights into the nn.Module given as model= instead")
+        check_eval_mode(cfg.model)  # (the profile does not switch the caller's model's mode)
+    elif not isinstance(cfg.model, str) or not cfg.model.strip():
+        raise InvalidInputTypeError(
+            "model must be a zoo name ('vgg5'), a 'package.module:function' spec or an "
+            f"nn.Module, got {type(cfg.model).__name__} {cfg.model!r:.80}")
+    if isinstance(cfg.data, str):
+        return
+    x = cfg.data[0] if isinstance(cfg.data, (tuple, list)) and len(cfg.data) == 2 else cfg.data
+    y = cfg.data[1] if x is not cfg.data else None
+    if not (isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 2):
+        raise InvalidInputTypeError(
+            "data must be a data set spec ('digits', 'natural', a folder, "
+            "'torchvision:NAME:ROOT'), a float tensor [N, ...] of inputs or an (x, labels) "
+            f"pair, got {_what(x)}")
+    if y is not None and not (isinstance(y, Tensor) and not y.is_floating_point()
+                              and y.shape == x.shape[:1]):
+        raise InvalidInputTypeError(
+            f"data=(x, labels): labels must be an integer tensor [{x.shape[0]}], got {_what(y)}")
+
+
+def _what(v: object) -> str:
+    if isinstance(v, Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"{type(v).__name__} {v!r:.80}"
+
+
+def model_label(model: str | nn.Module) -> str:
+    """What ``settings.json``, the run directory's name and the messages call the model: the
+    spec, or the class of a model given in memory."""
+    if isinstance(model, nn.Module):
+        return f"{type(model).__name__} (an nn.Module given to run_profile)"
+    return model
+
+
+def data_label(data: str | Tensor | tuple[Tensor, Tensor]) -> str:
+    """The same for the data: the spec, or the shape of a tensor given in memory."""
+    if isinstance(data, str):
+        return data
+    x = data if isinstance(data, Tensor) else data[0]
+    return f"tensor {list(x.shape)} (given to run_profile)"
+
+
+def _embedded(cfg: ProfileConfig) -> bool:
+    """The data are one of the bundled sets (``digits``, ``natural``)."""
+    return isinstance(cfg.data, str) and cfg.data in ("digits", "natural")
+
+
+def _dataset(cfg: ProfileConfig, sized: bool) -> Dataset:
+    """The inputs: :func:`load_data` of the spec, or the tensor given (its first
+    ``max_samples``)."""
+    if isinstance(cfg.data, str):
+        return load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
+                         channels=cfg.channels, size_given=sized)
+    x, y = (cfg.data, None) if isinstance(cfg.data, Tensor) else cfg.data
+    n = cfg.max_samples or x.shape[0]
+    x = x.detach()[:n].cpu().contiguous()
+    y = (torch.full((x.shape[0],), -1, dtype=torch.int64) if y is None
+         else y.detach()[:n].cpu().to(torch.int64))
+    return Dataset(x=x, y=y, name="tensor",
+                   description=f"the tensor given to run_profile ({x.shape[0]} samples of "
+                               f"shape {list(x.shape[1:])})")
 
 
 @dataclass
@@ -245,8 +332,11 @@ def resolve_out(cfg: ProfileConfig) -> Path:
             raise ResumeError(f"--resume without --out: no run found under {root}/; pass --out")
         return runs[-1]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    data = _slug(Path(cfg.data).name or cfg.data)
-    base = root / f"{_slug(cfg.model.split(':')[-1])}-{data}-{stamp}"
+    data = (_slug(Path(cfg.data).name or cfg.data) if isinstance(cfg.data, str)
+            else "tensor")
+    model = (type(cfg.model).__name__ if isinstance(cfg.model, nn.Module)
+             else cfg.model.split(':')[-1])
+    base = root / f"{_slug(model)}-{data}-{stamp}"
     p, i = base, 1
     while p.exists():
         i += 1
@@ -270,12 +360,13 @@ class _Prepared:
 def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
                          progress: bool) -> tuple[nn.Module, Dataset, dict[str, Any], str | None]:
     """Model, data, the recipe to rebuild the model elsewhere, and the checkpoint hash."""
-    embedded = cfg.data in ("digits", "natural")
+    embedded = _embedded(cfg)
     sized = cfg.given is not None and "size" in cfg.given
     ckpt_sha = None
+    if isinstance(cfg.model, nn.Module):  # (no recipe: refused under torchrun)
+        return cfg.model, _dataset(cfg, sized), {"spec": None, "zoo_kwargs": {}}, None
     if cfg.checkpoint:
-        data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
-                         channels=cfg.channels, size_given=sized)
+        data = _dataset(cfg, sized)
         state = load_checkpoint(cfg.checkpoint)
         ckpt_sha = file_sha256(cfg.checkpoint)
         recipe = {"spec": cfg.model, "zoo_kwargs": {}}
@@ -302,11 +393,11 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
         if embedded:
             size = cfg.size
         else:
-            data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
-                         channels=cfg.channels, size_given=sized)
+            data = _dataset(cfg, sized)
             _require_square(data, cfg.model)
             if data.x.shape[1] != 3:
-                raise DataError(f"--data {cfg.data}: the demo model takes RGB images")
+                raise DataError(f"--data {data_label(cfg.data)}: the demo model takes RGB "
+                                "images")
             size = int(data.x.shape[-1])
         cached = run_dir.model_path if resuming and run_dir.model_path.is_file() else None
         if cached is not None:  # resume: the weights trained by the first invocation
@@ -332,8 +423,7 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
                                        f"({min(n, len(x_te))} of {len(x_te)}, {size}x{size})")
         model.demo_accuracy = acc  # type: ignore[attr-defined]
         return model.eval(), data, recipe, None
-    data = load_data(cfg.data, cfg.size, cfg.seed, cfg.max_samples or None,
-                         channels=cfg.channels, size_given=sized)
+    data = _dataset(cfg, sized)
     recipe = {"spec": cfg.model, "zoo_kwargs": {}}
     return build_recipe(recipe), data, recipe, None
 
@@ -418,22 +508,23 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
     return {
         "store_version": STORE_VERSION,
         "fsinfo_fast_version": __version__,
-        "model": cfg.model,
-        "model_source": describe_model_source(cfg.model, cfg.checkpoint),
+        "model": model_label(cfg.model),
+        "model_source": describe_model_source(model_label(cfg.model), cfg.checkpoint),
         "model_class": type(model).__name__,
         "checkpoint": cfg.checkpoint,
         "checkpoint_sha256": ckpt_sha,
         "model_sha256": state_fingerprint(model),
         "demo_accuracy": getattr(model, "demo_accuracy", None),
-        "data": cfg.data,
+        "data": data_label(cfg.data),
         "data_description": data.description,
-        "size": cfg.size if cfg.data in ("digits", "natural") else int(data.x.shape[-1]),
+        "size": cfg.size if _embedded(cfg) else int(data.x.shape[-1]),
         "input_shape": list(data.x.shape[1:]),
         "data_sha256": tensor_fingerprint(data.x, data.y),
         "num_samples": int(data.x.shape[0]),
         "max_samples": cfg.max_samples,
         "channels": int(data.x.shape[1]),
         "splits": [s.name for s in splits],
+        "input_name": cfg.input_name,
         "split_index": [s.index for s in splits],
         "split_layer": [s.layer for s in splits],
         "sigma": float(cfg.sigma),
@@ -509,6 +600,9 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
         # model or size failed in the checkpoint or split lookup, naming neither)
         early = {k: getattr(cfg, k) for k in ("model", "checkpoint", "data", "size")
                  if k in stored}
+        early = {**early, **{k: f(getattr(cfg, k)) for k, f in (("model", model_label),
+                                                                ("data", data_label))
+                             if k in early}}
         diffs = settings_diff(stored, early, early)
         if diffs:
             raise ResumeError(
@@ -517,8 +611,8 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
     model, data, recipe, ckpt_sha = _load_model_and_data(
         cfg, run_dir, cfg.resume, progress=cfg.progress)
     if data.x.shape[0] == 0:
-        raise DataError(f"--data {cfg.data}: no samples")
-    splits = resolve_splits(model, cfg.splits)
+        raise DataError(f"--data {data_label(cfg.data)}: no samples")
+    splits = resolve_splits(model, cfg.splits, input_name=cfg.input_name)
     check_runs(model, splits, data.x[:2])
     # a requested backend that cannot run here, before the run directory is claimed (a folder
     # claimed first was left holding these settings, and --resume failed on them again)
@@ -529,7 +623,8 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
         if diffs == settings_diff(stored, settings, ("model_sha256",)) and diffs:
             raise ResumeError(
                 f"--resume: the model's weights differ from those {run_dir.path} was made with "
-                f"({diffs[0]}), with the same options: --model {cfg.model} builds other weights "
+                f"({diffs[0]}), with the same options: --model {model_label(cfg.model)} builds "
+                "other weights "
                 "at each call (an unseeded random initialisation, e.g. a transformers model from "
                 "a config); seed the builder (torch.manual_seed) or pass --checkpoint")
         if diffs:
@@ -542,7 +637,7 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
     else:
         run_dir = _claim(cfg, run_dir, settings, locks)
         try:
-            if not cfg.checkpoint and is_zoo_model(cfg.model):
+            if not cfg.checkpoint and isinstance(cfg.model, str) and is_zoo_model(cfg.model):
                 atomic_write_bytes(run_dir.model_path, state_to_bytes(model))
         except OSError as err:
             raise RunDirError(
@@ -557,12 +652,14 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
     return prepared, data, {"model": model, "splits": splits}
 
 
-def _rebuild(prep: _Prepared) -> tuple[nn.Module, list[SplitSpec]]:
-    model = build_recipe(prep.recipe)
+def _rebuild(prep: _Prepared, cfg: ProfileConfig) -> tuple[nn.Module, list[SplitSpec]]:
+    """Another rank's model: built from the recipe, or the rank's own ``nn.Module`` given as
+    ``model`` (each process of a ``torchrun`` job builds its own), with rank 0's weights."""
+    model = cfg.model if isinstance(cfg.model, nn.Module) else build_recipe(prep.recipe)
     state = torch.load(io.BytesIO(prep.state), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     model.eval()
-    return model, resolve_splits(model, list(prep.split_names))
+    return model, resolve_splits(model, list(prep.split_names), input_name=cfg.input_name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -984,10 +1081,13 @@ def require_extras(cfg: ProfileConfig) -> None:
     """Raise :class:`~fsinfo_fast.errors.MissingExtraError` (with the ``pip install`` line)
     before any work when an optional package this run will need is missing, rather than after
     an hour of computing when the table or the plot is drawn."""
-    embedded = cfg.data in ("digits", "natural")
-    if embedded or (is_zoo_model(cfg.model) and not cfg.checkpoint):
+    embedded = _embedded(cfg)
+    zoo = isinstance(cfg.model, str) and is_zoo_model(cfg.model)
+    if embedded or (zoo and not cfg.checkpoint):
         require("sklearn", "the bundled data sets (and the demo model's training data)")
-    if cfg.data == "natural":
+    if not isinstance(cfg.data, str):
+        pass  # (a tensor in memory: nothing to read)
+    elif cfg.data == "natural":
         require("skimage", "--data natural")
     elif not embedded and not cfg.data.startswith("torchvision:"):
         require("PIL", f"reading the images of --data {cfg.data}")
@@ -1007,6 +1107,7 @@ RESUMED_OPTIONS = {
     "estimator": "estimator", "atol": "atol", "rtol": "rtol", "prior_var": "prior_var",
     "target": "target", "seed": "seed", "share": "share", "dfil_method": "dfil_method",
     "batch_size": "batch_size", "backend": "backend", "channels": "channels", "plot": "plot",
+    "input_name": "input_name",
 }
 
 
@@ -1085,7 +1186,7 @@ def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> 
     if dist.is_root:
         model, splits = root_extra["model"], root_extra["splits"]
     else:
-        model, splits = _rebuild(prep)
+        model, splits = _rebuild(prep, cfg)
     device = dist.device
     model.to(device).eval()
     for s in splits:

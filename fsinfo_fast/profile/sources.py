@@ -663,7 +663,8 @@ def parse_split_items(spec: str | None, model: nn.Module) -> list[int | str]:
     return items
 
 
-def resolve_splits(model: nn.Module, spec: str | list[int | str] | None) -> list[SplitSpec]:
+def resolve_splits(model: nn.Module, spec: str | list[int | str] | None, *,
+                   input_name: str | None = None) -> list[SplitSpec]:
     """Split the model at every point named by ``spec`` (duplicates dropped, order kept).
 
     Args:
@@ -671,6 +672,8 @@ def resolve_splits(model: nn.Module, spec: str | list[int | str] | None) -> list
         spec: a ``--splits`` string (see :func:`parse_split_items`), or a list of split points
             taken as they are (``int``: paper index; ``str``: module path or fx node name, never
             parsed as a number).
+        input_name: :func:`fsinfo_fast.split`'s ``input_name`` (the keyword the model takes
+            the input as), or None.
 
     Raises:
         SplitError: an unknown or unusable split point (one line, from :func:`fsinfo_fast.split`).
@@ -683,7 +686,7 @@ def resolve_splits(model: nn.Module, spec: str | list[int | str] | None) -> list
     items = list(spec) if isinstance(spec, (list, tuple)) else parse_split_items(spec, model)
     for item in items:
         try:
-            enc = split(model, item)
+            enc = split(model, item, **({} if input_name is None else {"input_name": input_name}))
         except SplitError as err:
             raise SplitError(_one_line(err, 400)) from None
         name = str(getattr(enc, "split_name", item))

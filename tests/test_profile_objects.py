@@ -1,0 +1,85 @@
+"""``run_profile`` on a model and data already in memory (helper 108's review).
+
+``ProfileConfig(model=<nn.Module>)`` failed with a raw ``AttributeError`` ("'ConvNextModel'
+object has no attribute 'strip'"): the Python API took only the CLI's spec strings, so a
+notebook user profiling the model they hold had to write it into an importable module first,
+and a text model given embeddings could not be profiled at all (no ``input_name``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+from fsinfo_fast.profile import ProfileConfig, run_profile
+
+_QUIET = dict(table=False, plot=False, progress=False, estimator="exact")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3, stride=2),
+                         nn.Tanh()).eval()
+
+
+def _means(summary: dict) -> dict[str, float]:
+    return {s["name"]: s["fsinfo_diag"]["mean"] for s in summary["splits"]}
+
+
+def test_a_module_and_a_tensor_profile_as_the_public_api_measures_them(tmp_path):
+    model, x = _model(), torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    out = run_profile(ProfileConfig(model=model, data=x, splits="1,3", out=str(tmp_path / "r"),
+                                    **_QUIET))
+    means = _means(out.summary)
+    assert len(means) == 2 and out.computed == 6
+    for idx, got in zip((1, 3), means.values(), strict=True):
+        want = ff.reference.fsinfo(ff.split(model, idx), x, sigma=0.1).value.mean()
+        assert got == pytest.approx(float(want), rel=1e-10)
+    settings = out.summary["settings"]
+    assert "Sequential" in settings["model"] and settings["data"].startswith("tensor [3, 3, 6, 6]")
+    # resumed with the same objects: nothing to compute; other inputs: refused
+    again = run_profile(ProfileConfig(model=model, data=x, splits="1,3",
+                                      out=str(tmp_path / "r"), resume=True, **_QUIET))
+    assert again.computed == 0 and _means(again.summary) == means
+    with pytest.raises(ff.FSInfoError, match="data_sha256"):
+        run_profile(ProfileConfig(model=model, data=x * 0.5, splits="1,3",
+                                  out=str(tmp_path / "r"), resume=True, **_QUIET))
+    # labels ride along as an (x, labels) pair
+    labelled = run_profile(ProfileConfig(model=model, data=(x, torch.tensor([0, 1, 2])),
+                                         splits="1", out=str(tmp_path / "l"), **_QUIET))
+    assert [r["label"] for r in labelled.summary["samples"]] == [0, 1, 2]
+
+
+def test_a_text_model_profiles_on_embeddings_with_input_name(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    llama = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=2)).eval()
+    x = torch.randn(2, 4, 16) * 0.02
+    out = run_profile(ProfileConfig(model=llama, data=x, splits="layers.0",
+                                    input_name="inputs_embeds", out=str(tmp_path / "r"),
+                                    **_QUIET))
+    enc = ff.split(llama, "layers.0", input_name="inputs_embeds")
+    want = ff.reference.fsinfo(enc, x, sigma=0.1).value.mean()
+    assert _means(out.summary)["layers.0"] == pytest.approx(float(want), rel=1e-10)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(model=3), ff.InvalidInputTypeError, "nn.Module, got int"),
+    (dict(data=[1, 2]), ff.InvalidInputTypeError, "float tensor"),
+    (dict(data=torch.arange(6)), ff.InvalidInputTypeError, "float tensor"),
+    (dict(data=(torch.rand(3, 3, 6, 6), torch.rand(3))), ff.InvalidInputTypeError, "labels"),
+    (dict(checkpoint="weights.pt"), ff.InvalidInputError, "load the weights into"),
+    (dict(model=nn.Sequential(nn.Dropout(), nn.Linear(2, 2))), ff.TrainingModeError, "eval"),
+])
+def test_what_is_not_a_model_or_data_is_refused_before_any_work(tmp_path, bad, error, match):
+    cfg = {"model": _model(), "data": torch.rand(3, 3, 6, 6), "out": str(tmp_path / "r"),
+           **_QUIET, **bad}
+    with pytest.raises(error, match=match):
+        run_profile(ProfileConfig(**cfg))
+    assert not (tmp_path / "r").exists()
