@@ -518,3 +518,28 @@ def test_a_jacobian_rounded_to_few_digits_enters_the_log_dets_model(z, dtype):
     low, high = (float(t[0]) for t in r.ci95())
     assert low <= want <= high or (bool(r.bound[0]) and want <= high), (
         float(r.value[0]), want, float(r.ci_halfwidth[0]), bool(r.bound[0]))
+
+
+def test_probes_that_agree_to_their_rounding_claim_no_spread():
+    """A saturated softmax (8 outputs, two of them carrying J): every Rademacher probe of some
+    samples drew one atom of the per-probe law, and their values agreed to the last bits but
+    were not bit-equal, so the rule for a zero spread in few coordinates did not fire: a
+    half-width of 7e-17 with the value 1e8 half-widths off the oracle's, ``converged=True``
+    (helper 109; 6 of 800 samples). Values that agree to their rounding say nothing of the
+    spread: half-width inf, not converged."""
+    g = torch.Generator().manual_seed(2944601673)
+    m, d, b = 8, 32, 800
+    p = torch.softmax(30 * torch.randn(m, generator=g, dtype=torch.float64), 0)
+    J = (torch.diag(p) - torch.outer(p, p)) @ torch.randn(m, d, generator=g, dtype=torch.float64)
+    lam = 1e-4
+    A = J @ J.T + lam * torch.eye(m, dtype=torch.float64)
+    truth = ((float(torch.linalg.slogdet(A)[1]) + (d - m) * math.log(lam)) / (2 * d)
+             - HALF_LOG_2PIE)
+    est = slq_logdet(DenseProducts(J[None].expand(b, m, d).contiguous()), sigma=1.0,
+                     prior_var=1 / lam, num_probes=8)
+    z = (est.value - truth).abs() / est.ci_halfwidth
+    agreed = est.info["zero_spread"]
+    assert int(agreed.sum()) >= 3  # (6 here): those samples claim nothing
+    assert bool(torch.isinf(est.ci_halfwidth[agreed]).all()) and not bool(
+        est.converged[agreed].any())
+    assert float(z[~agreed].max()) < 10  # (9.6e7 before)

@@ -94,6 +94,32 @@ def test_readme_third_party_example_runs_in_a_fresh_process():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
+def test_readme_profile_python_api_runs_in_a_fresh_process(tmp_path):
+    """The README's ``run_profile`` on a transformers model and a tensor held in memory, in a
+    new process: each split's mean FSInfo_diag within the run's own interval of the oracle's
+    (the run's estimator is ``auto``), from the same model and inputs rebuilt."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    (code,) = [b for b in _blocks("python") if "run_profile(ProfileConfig(" in b]
+    check = "torch.manual_seed(0)\n" + code + (
+        # the block's model and inputs again (built in that order from the same seed)
+        "import fsinfo_fast as ff\n"
+        "torch.manual_seed(0)\n"
+        "model, x = convnext_small32().eval(), torch.rand(2, 3, 32, 32)\n"
+        "for s in out.summary['splits']:\n"
+        "    f = s['fsinfo_diag']\n"
+        "    want = float(ff.reference.fsinfo(ff.split(model, s['name']), x, 0.1).value.mean())\n"
+        "    assert abs(f['mean'] - want) <= f['mean_halfwidth'] + 1e-9, (s['name'], f, want)\n"
+        "assert out.summary['settings']['model'].startswith('ConvNextModel')\n"
+        "print('OK', len(out.summary['splits']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", "import torch\n" + check], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "OK 2" in out.stdout, out.stderr[-3000:]
+
+
 def test_readme_guard_deployment_runs():
     """The README's deployment of a calibrated sigma: the model with the noise inserted
     computes the clean model's output plus the noise's effect (same shape; zero noise gives the

@@ -331,6 +331,13 @@ def with_rounding(se: Tensor, value: Tensor, n: int, dtype: torch.dtype) -> Tens
     return torch.sqrt(se**2 + (n**0.5 * torch.finfo(dtype).eps * value.abs()) ** 2)
 
 
+def within_rounding(se: Tensor, value: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """Where a spread ``se`` over probes is no more than the rounding allowance
+    :func:`with_rounding` adds for ``value`` (``sqrt(n) eps |value|``): the per-probe values
+    agree to their rounding, which says nothing of their law's spread (``[B]`` bool)."""
+    return se <= n**0.5 * torch.finfo(dtype).eps * value.abs()
+
+
 def residual_halfwidth(res: Tensor, se_mc: Tensor, se: Tensor, confidence: float,
                        weight: float = 1.0):
     """The ``hw_fn(se_, dof_)`` of a total ``exact part + residual mean`` (Hutch++, the
@@ -402,7 +409,10 @@ def trace_summarizer(chunks: list[Tensor], scale: Tensor, n: int, dtype: torch.d
         t = torch.cat(chunks, dim=1)
         chunks[:] = [t]
         mean, se = mean_and_stderr(t[:, lo:])
-        same = (se == 0).to(torch.float64)  # every probe gave one value (estimate_from)
+        # every probe gave one value up to rounding (estimate_from; bit-equal values only missed
+        # probes that all drew one atom of a few-atom law and differed in the last bits: a
+        # half-width of 7e-17 some 1e15 half-widths off, helper 109)
+        same = within_rounding(se, mean, n, dtype).to(torch.float64)
         se = with_rounding(se, mean, n, dtype)
         dof = t.shape[1] - lo - 1
         v = mean * scale

@@ -131,7 +131,7 @@ from .base import (
     sigma_for,
     undetached,
 )
-from .hutchinson import log_t_halfwidth, mean_and_stderr, skew_weight
+from .hutchinson import log_t_halfwidth, mean_and_stderr, skew_weight, within_rounding
 from .probes import PROBE_KINDS, draw_probes, resolve_seed
 from .stopping import StopKeywords, StoppingRule, estimate_from, resolve_rule, run_rounds
 
@@ -1212,6 +1212,9 @@ def slq_logdet(
         vals = cat("value", lo)
         q = torch.where(zero, torch.zeros_like(vals), vals)
         mean, se = mean_and_stderr(q)
+        # the probes agree to their rounding (estimate_from: no spread information where they
+        # are drawn from few Rademacher coordinates)
+        same = within_rounding(se, q.abs().mean(dim=1), n, products.dtype)
         kk = q.shape[1]
         allow = cat("allow", lo).mean(dim=1) / (2 * d)
         value = (mean + extra) / (2 * d) - HALF_LOG_2PIE
@@ -1229,6 +1232,8 @@ def slq_logdet(
             hw_fn = _StageThreeLogT(shifted, confidence)
         # a converged probe's bracket is at most qa: plan second stages for that allowance
         out = {"value": (value, se, kk - 1, allow, hw_fn, qa)}
+        if names is None or "spread0" in names:
+            out["spread0"] = (same.to(torch.float64), zeros, kk - 1)
         if names is None or "bound" in names:
             out["bound"] = (cat("bound", lo).any(dim=1).to(torch.float64), zeros, kk - 1)
         if names is None or "qconv" in names:
@@ -1273,7 +1278,8 @@ def slq_logdet(
             "faster here", CostlyRouteWarning)
     return estimate_from(rule, f, converged=converged, probes=probes, drawn=drawn, pilot=pilot,
                          passes=passes, singular=singular, bound=bound, info=out_info,
-                         rademacher_dim=n if kind == "rademacher" else None)
+                         rademacher_dim=n if kind == "rademacher" else None,
+                         zero_spread=frozen["spread0"].value > 0)
 
 
 def slq_trace(
