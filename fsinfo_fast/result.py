@@ -132,6 +132,10 @@ def mean_halfwidth(stderr: Sequence[float], halfwidth: Sequence[float],
 def _batch_indices(idx: object, b: int) -> list[int]:
     """Batch indices ``idx`` selects among ``b`` samples, in order: an int (negative counts
     from the end), a slice, a sequence of ints, an integer tensor or a ``[b]`` bool mask."""
+    if type(idx).__module__ == "numpy" and hasattr(idx, "shape") and idx.shape != ():
+        idx = torch.as_tensor(idx)  # (a numpy array of indices or a bool mask)
+    if isinstance(idx, (list, tuple)) and idx and all(isinstance(i, bool) for i in idx):
+        idx = torch.tensor(idx)  # (a list of bools: a mask)
     if isinstance(idx, Tensor):
         if idx.dtype == torch.bool:
             if idx.shape != (b,):

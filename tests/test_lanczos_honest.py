@@ -543,3 +543,23 @@ def test_probes_that_agree_to_their_rounding_claim_no_spread():
     assert bool(torch.isinf(est.ci_halfwidth[agreed]).all()) and not bool(
         est.converged[agreed].any())
     assert float(z[~agreed].max()) < 10  # (9.6e7 before)
+
+
+def test_exact_columns_do_not_hide_the_free_parts_spread():
+    """The spread of the free columns' per-probe values is compared with their own rounding,
+    not with the total's: three exact columns holding all but 1e-8 of the trace in float32
+    made the free part's real spread read as rounding (half-width inf, helper 110)."""
+    from fsinfo_fast.estimators.hutchinson import hutchinson_trace as trace
+
+    g = torch.Generator().manual_seed(0)
+    m, d, b = 6, 20, 4
+    J = torch.randn(b, m, d, generator=g, dtype=torch.float64) * 1e-4
+    J[:, :, :3] = torch.randn(b, m, 3, generator=g, dtype=torch.float64)
+    cols = torch.zeros(b, d, dtype=torch.bool)
+    cols[:, :3] = True
+    truth = (J**2).sum(dim=(1, 2))
+    for dtype in (torch.float32, torch.float64):
+        est = trace(DenseProducts(J.to(dtype)), side="input", kind="rademacher",
+                    exact_columns=cols, num_probes=8)
+        assert "zero_spread" not in est.info and bool(est.converged.all()), dtype
+        assert bool(((est.value - truth).abs() <= est.ci_halfwidth).all()), dtype

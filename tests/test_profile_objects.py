@@ -83,3 +83,29 @@ def test_what_is_not_a_model_or_data_is_refused_before_any_work(tmp_path, bad, e
     with pytest.raises(error, match=match):
         run_profile(ProfileConfig(**cfg))
     assert not (tmp_path / "r").exists()
+
+
+def test_a_tensor_cut_by_the_default_sample_cap_says_so(tmp_path):
+    x = torch.rand(18, 3, 6, 6)
+    with pytest.warns(UserWarning, match="the first 16 of the tensor's 18 samples"):
+        out = run_profile(ProfileConfig(model=_model(), data=x, splits="1",
+                                        out=str(tmp_path / "r"), **_QUIET))
+    assert out.summary["splits"][0]["fsinfo_diag"]["n"] == 16
+    every = run_profile(ProfileConfig(model=_model(), data=x, splits="1", max_samples=None,
+                                      out=str(tmp_path / "all"), **_QUIET))
+    assert every.summary["splits"][0]["fsinfo_diag"]["n"] == 18
+
+
+def test_a_run_made_in_memory_resumes_only_with_its_objects(tmp_path, capsys):
+    """Resumed without the model or the data, the stored labels were read as specs ("unknown
+    data 'tensor [...] (given to run_profile)'"): the run says how to resume it."""
+    from fsinfo_fast.cli import main
+
+    model, x = _model(), torch.rand(2, 3, 6, 6)
+    run = str(tmp_path / "r")
+    run_profile(ProfileConfig(model=model, data=x, splits="1", out=run, **_QUIET))
+    for cfg in (dict(data=x), dict(model=model)):
+        with pytest.raises(ff.FSInfoError, match="given in memory to run_profile"):
+            run_profile(ProfileConfig(**cfg, splits="1", out=run, resume=True, **_QUIET))
+    assert main(["profile", "--out", run, "--resume", "--quiet", "--no-plot"]) != 0
+    assert "resume it from Python" in capsys.readouterr().err

@@ -40,7 +40,10 @@ def test_a_selected_sample_is_the_sample_measured_alone():
     # the same samples however they are selected; a selection of a selection names the batch's
     tail = r[1:]
     assert tail[1].info["batch_indices"] == [2]
-    for sel in (-1, [2], torch.tensor([2]), torch.tensor([False, False, True])):
+    import numpy as np
+
+    for sel in (-1, [2], torch.tensor([2]), torch.tensor([False, False, True]), np.int64(2),
+                np.array([2]), np.array([False, False, True]), [False, False, True]):
         assert r[sel].value.tolist() == one.value.tolist()
     assert r[[2, 0]].value.tolist() == [float(r.value[2]), float(r.value[0])]
 
@@ -92,7 +95,7 @@ def test_sigma_results_select_and_export_too():
 
 
 @pytest.mark.parametrize("bad", [3, -4, 1.0, "0", None, torch.tensor([0.5]),
-                                 torch.tensor([True]), [0, True]])
+                                 torch.tensor([True]), [0, True], [True, False]])
 def test_a_bad_selection_says_what_selects(bad):
     f = torch.ones(3, dtype=torch.float64)
     r = MetricResult(value=f, stderr=f, metric="dfil", units="1/dim", estimator="exact",

@@ -397,12 +397,15 @@ def dominant_columns(seen: Tensor | None) -> Tensor | None:
 
 
 def trace_summarizer(chunks: list[Tensor], scale: Tensor, n: int, dtype: torch.dtype,
-                     kind: str, confidence: float):
+                     kind: str, confidence: float, base: Tensor | None = None):
     """The :func:`~fsinfo_fast.estimators.stopping.run_rounds` summary of a Hutchinson trace
     from the per-probe terms appended to ``chunks`` (``[B, k]`` each, ``v^T A v`` with ``E[v
     v^T] = I``, probes of ``kind`` and length ``n``): the mean times ``scale``, its standard
     error with the rounding allowance of ``dtype`` (:func:`with_rounding`) and the log-scale
-    t-interval (:func:`log_t_halfwidth`, weight :func:`skew_weight`)."""
+    t-interval (:func:`log_t_halfwidth`, weight :func:`skew_weight`). ``base`` (``[B]``): an
+    exact part every term holds (the exact columns of :func:`hutchinson_trace`), left out of
+    the scale the spread is compared with (:func:`within_rounding`): the spread is the free
+    part's, whose own rounding is what a spread within rounding would be."""
 
     def summarize(lo: int, rows: Tensor | None = None,
                   names: Container[str] | None = None):  # one quantity; rows unused
@@ -412,7 +415,8 @@ def trace_summarizer(chunks: list[Tensor], scale: Tensor, n: int, dtype: torch.d
         # every probe gave one value up to rounding (estimate_from; bit-equal values only missed
         # probes that all drew one atom of a few-atom law and differed in the last bits: a
         # half-width of 7e-17 some 1e15 half-widths off, helper 109)
-        same = within_rounding(se, mean, n, dtype).to(torch.float64)
+        free = mean if base is None else mean - base
+        same = within_rounding(se, free, n, dtype).to(torch.float64)
         se = with_rounding(se, mean, n, dtype)
         dof = t.shape[1] - lo - 1
         v = mean * scale
@@ -536,7 +540,7 @@ def hutchinson_trace(
             t = t.new_full((products.batch, count), math.nan).index_copy_(0, idx, t)
         chunks.append(t)
 
-    summarize = trace_summarizer(chunks, scale, n, products.dtype, kind, confidence)
+    summarize = trace_summarizer(chunks, scale, n, products.dtype, kind, confidence, base)
     frozen, converged, probes, drawn, pilot = run_rounds(
         rule,
         batch=products.batch,

@@ -286,6 +286,10 @@ def _dataset(cfg: ProfileConfig, sized: bool) -> Dataset:
                          channels=cfg.channels, size_given=sized)
     x, y = (cfg.data, None) if isinstance(cfg.data, Tensor) else cfg.data
     n = cfg.max_samples or x.shape[0]
+    if n < x.shape[0]:
+        warnings.warn(f"data: the first {n} of the tensor's {x.shape[0]} samples (max_samples="
+                      f"{cfg.max_samples}; ProfileConfig's default is 16): pass max_samples=None "
+                      "for all of them", UserWarning, stacklevel=2)
     x = x.detach()[:n].cpu().contiguous()
     y = (torch.full((x.shape[0],), -1, dtype=torch.int64) if y is None
          else y.detach()[:n].cpu().to(torch.int64))
@@ -363,7 +367,7 @@ def _load_model_and_data(cfg: ProfileConfig, run_dir: RunDir, resuming: bool,
     embedded = _embedded(cfg)
     sized = cfg.given is not None and "size" in cfg.given
     ckpt_sha = None
-    if isinstance(cfg.model, nn.Module):  # (no recipe: refused under torchrun)
+    if isinstance(cfg.model, nn.Module):  # (no recipe: other ranks pass their own)
         return cfg.model, _dataset(cfg, sized), {"spec": None, "zoo_kwargs": {}}, None
     if cfg.checkpoint:
         data = _dataset(cfg, sized)
@@ -471,6 +475,9 @@ def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
     first), and :class:`EncoderError` where it returns no float tensor; shared by ``profile``
     and ``guard``."""
     x1 = x1.to(model_dtype(model) or x1.dtype)  # the check only: a half model runs on half
+    # (on the model's device: one given in memory may be on an accelerator already; the run
+    # moves it to --device afterwards)
+    x1 = x1.to(next((t.device for t in model.parameters()), x1.device))
     for s in splits:
         try:
             with torch.no_grad():
@@ -509,6 +516,8 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
         "store_version": STORE_VERSION,
         "fsinfo_fast_version": __version__,
         "model": model_label(cfg.model),
+        "model_in_memory": isinstance(cfg.model, nn.Module),
+        "data_in_memory": not isinstance(cfg.data, str),
         "model_source": describe_model_source(model_label(cfg.model), cfg.checkpoint),
         "model_class": type(model).__name__,
         "checkpoint": cfg.checkpoint,
@@ -1124,6 +1133,12 @@ def with_stored_settings(cfg: ProfileConfig) -> ProfileConfig:
         stored = RunDir(resolve_out(cfg)).load_settings()
     except (FSInfoError, OSError, ValueError):
         return cfg
+    for key, name in (("model_in_memory", "model"), ("data_in_memory", "data")):
+        if stored.get(key) and isinstance(getattr(cfg, name), str):
+            raise ResumeError(
+                f"--resume: {resolve_out(cfg)} was made with the {name} given in memory to "
+                f"run_profile ({stored.get(name)}): resume it from Python, run_profile("
+                f"ProfileConfig(..., {name}=<the same {name}>, resume=True))")
     default = ProfileConfig()
     changes: dict[str, Any] = {}
     for name, key in RESUMED_OPTIONS.items():
