@@ -154,7 +154,7 @@ def run(name: str, seeds: int, start: int, out: Path, time_limit: float | None) 
     ex = lin0.exact(spectrum=True)
     oracle = {"diag": ex.fsinfo(sigma).value, "dfil": ex.dfil(sigma).value,
               "logdet": ex.fsinfo(sigma, variant="logdet").value,
-              "sigma": ex.fsinfo_sigma(target=-1.0)}  # (the oracle's: a [B] tensor)
+              "sigma": ex.fsinfo_sigma(target=-1.0).sigma}  # (the oracle's)
     d, m = lin0.d, lin0.m
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.csv"

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -106,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"fsinfo-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (``fsinfo-fast info | head``): no traceback; stdout is pointed
+        # at devnull so the interpreter's final flush does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3675,21 +3675,16 @@ class Linearization:
                              f"randomized estimate ({cannot}); the float64 oracle solves it")
         if r is None or r.estimator == "exact":
             ex = self.exact(spectrum=variant == "logdet")
-            sig, lo, hi = ex.sigma_interval(tau_b, variant, prior_var=prior_var, floor=floor)
+            out = ex.fsinfo_sigma(tau_b, variant, prior_var=prior_var, floor=floor)
             if not _keep_tiny:
-                _check_sigma_star(sig, ex.fsinfo(1.0, variant, prior_var=prior_var,
-                                                 floor=floor).value, tau_b,
+                _check_sigma_star(out.sigma, ex.fsinfo(1.0, variant, prior_var=prior_var,
+                                                       floor=floor).value, tau_b,
                                   exact_zero=(ex.diag == 0).all(dim=1))
-            info = {"backend": "reference", "oracle_rel_err": ex.rel_err()[0].tolist()}
             if r is not None and "auto" in r.info:
-                info["auto"] = r.info["auto"]
+                out.info["auto"] = r.info["auto"]
             elif floor_why is not None:
-                info["auto"] = floor_why
-            # (an upper end of inf for a finite sigma*: the oracle claims no interval there)
-            conv = torch.isfinite(hi) | ~torch.isfinite(sig)
-            return SigmaResult(sigma=sig, target=tau_b, metric=f"fsinfo_{variant}",
-                               estimator="exact", ci_low=lo, ci_high=hi, converged=conv,
-                               info=info)
+                out.info["auto"] = floor_why
+            return out
         hw = torch.where(r.bound, torch.full_like(r.ci_halfwidth, math.inf), r.ci_halfwidth)
         sig = torch.exp(r.value - tau_b)
         out = SigmaResult(sigma=sig, target=tau_b, metric=r.metric, estimator=r.estimator,

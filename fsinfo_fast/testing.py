@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .formulas import as_sigma, fsinfo_from_spectrum
+from .formulas import DIAG_FLOOR, as_sigma, fsinfo_from_spectrum
 
 __all__ = [
     "TOL",
@@ -188,8 +188,11 @@ def exact_trace(J: Tensor, sigma: float | Tensor | None = None) -> Tensor:
     return t / (as_sigma(sigma, J.shape[0]) ** 2 * J.shape[2])
 
 
-def exact_fsinfo_diag(J: Tensor, sigma: float | Tensor, floor: float = 0.0) -> Tensor:
-    """``[B]`` exact FSInfo_diag (nats/dim) from ``J``'s squared column norms."""
+def exact_fsinfo_diag(J: Tensor, sigma: float | Tensor, floor: float = DIAG_FLOOR) -> Tensor:
+    """``[B]`` exact FSInfo_diag (nats/dim) from ``J``'s squared column norms, with the
+    library's default ``floor`` (``1e-10``, the paper's: the default of ``ff.fsinfo``; it was
+    0 here, so a user's check against ``ff.fsinfo`` failed by ~1e-9, or read ``-inf`` at a
+    zero column)."""
     J = J.to(torch.float64)
     return fsinfo_from_spectrum((J**2).sum(dim=1), J.shape[2], sigma, floor)
 

@@ -216,7 +216,7 @@ def test_unbiased_and_covers_fixed_rank(name):
     J = CASES[name](B)
     r = estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, floor=0.0, rank=3, num_probes=6,
                                seed=11)
-    _check(r.fsinfo_diag.value, r.fsinfo_diag.ci_halfwidth, exact_fsinfo_diag(J[:1], SIGMA),
+    _check(r.fsinfo_diag.value, r.fsinfo_diag.ci_halfwidth, exact_fsinfo_diag(J[:1], SIGMA, 0.0),
            f"deflated FSInfo_diag on {name} (r=3, K=6)")
     # dFIL: Hutchinson on the remainder plus the exact part (K = 30 for a nominal t-interval)
     r = estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, floor=0.0, rank=3, num_probes=30,

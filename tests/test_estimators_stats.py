@@ -91,7 +91,7 @@ def test_diag_fsinfo_and_dfil(case):
         name,
         r.fsinfo_diag.value,
         r.fsinfo_diag.ci_halfwidth,
-        exact_fsinfo_diag(J[:1], SIGMA),
+        exact_fsinfo_diag(J[:1], SIGMA, 0.0),
         what="FSInfo_diag (K=10)",
         band=BAND,
     )
@@ -118,7 +118,7 @@ def test_diag_grouped_jackknife(case):
         name,
         r.value,
         r.ci_halfwidth,
-        exact_fsinfo_diag(J[:1], SIGMA),
+        exact_fsinfo_diag(J[:1], SIGMA, 0.0),
         what="FSInfo_diag (K=25, 10 groups)",
         band=BAND,
     )
@@ -143,7 +143,7 @@ def test_diag_debiasing_matters_at_tiny_k(case):
     the debiased estimator is not (the test has the power to see the difference)."""
     name, J, _ = case
     r = estimate_diag(DenseProducts(J), sigma=SIGMA, floor=0.0, num_probes=3, seed=3)
-    exact = exact_fsinfo_diag(J[:1], SIGMA)
+    exact = exact_fsinfo_diag(J[:1], SIGMA, 0.0)
     assert abs(unbiasedness_z(r.fsinfo_diag.value, exact)) < TOL.z_unbiased
     naive = r.fsinfo_diag.value + float(log_chi2_mean_offset(3.0)) / 2
     assert abs(unbiasedness_z(naive, exact)) > 10

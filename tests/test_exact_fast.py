@@ -112,7 +112,7 @@ def test_auto_uses_the_fast_route_not_the_oracle():
         assert bool(((res.value - o.value).abs() <= res.ci_halfwidth).all())
     s = lin.fsinfo_sigma(-1.0)
     assert s.estimator == "exact-fast"
-    exact_sigma = ex.fsinfo_sigma(-1.0, floor=0.0)
+    exact_sigma = ex.fsinfo_sigma(-1.0, floor=0.0).sigma
     assert bool(((s.ci_low <= exact_sigma) & (exact_sigma <= s.ci_high)).all())
     # once the oracle is there, auto reads it (it is exact and free)
     lin.exact()

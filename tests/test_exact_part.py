@@ -105,7 +105,7 @@ def test_the_held_samples_serve_later_requests(fast_batches):
     assert fast_batches == [1] and len(lin._parts) == 1
     s = lin.fsinfo_sigma(-1.0)
     assert s.estimator == "mixed" and s.info["exact_samples"] == [1]
-    true = ex.fsinfo_sigma(torch.tensor(-1.0), "diag")
+    true = ex.fsinfo_sigma(torch.tensor(-1.0), "diag").sigma
     keep = torch.tensor([0, 2, 3])
     assert bool(((s.ci_low[keep] <= true[keep]) & (true[keep] <= s.ci_high[keep])).all())
     # sample 1 (the oracle's): the floored equation solved by its held oracle, as alone (the
@@ -366,7 +366,7 @@ def test_floored_sigma_solves_the_randomized_samples_and_the_held_one_alone(orac
     their probes (the lost columns' float64 terms counted at each sigma) and the held one by
     its own oracle."""
     enc, x = _crop_batch()
-    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0).sigma
     oracle_batches.clear()
     got = ff.linearize(enc, x).fsinfo_sigma(-1.0)
     assert got.estimator == "mixed" and got.info["exact_samples"] == [1], got.info.get("auto")

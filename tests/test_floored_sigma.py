@@ -84,7 +84,7 @@ def test_dead_inputs_solved_on_the_randomized_probes():
     estimate (no oracle), and its interval holds the oracle's sigma*; FSInfoGuard adds that
     noise."""
     enc, x = _crop(size=16)
-    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0).sigma
     for estimator in ("auto", "randomized"):
         got = ff.linearize(enc, x, seed=0).fsinfo_sigma(-1.0, estimator=estimator)
         assert got.estimator == "randomized" and "floor_solve" in got.info
@@ -106,10 +106,10 @@ def test_target_below_the_asymptote_is_infinite_exactly():
     below = lin.fsinfo_sigma(ASYMPTOTE - 0.5, estimator="randomized")
     assert below.estimator == "randomized"
     assert bool(torch.isinf(below.sigma).all() and torch.isinf(below.ci_high).all())
-    exact = ff.linearize(enc, x).exact().fsinfo_sigma(ASYMPTOTE - 0.5)
+    exact = ff.linearize(enc, x).exact().fsinfo_sigma(ASYMPTOTE - 0.5).sigma
     assert bool(torch.isinf(exact).all())
     near = lin.fsinfo_sigma(ASYMPTOTE + 0.3, estimator="randomized")
-    want = ff.linearize(enc, x).exact().fsinfo_sigma(ASYMPTOTE + 0.3)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(ASYMPTOTE + 0.3).sigma
     assert "asymptote" in near.info["floor_matters"]
     assert bool(torch.isfinite(near.sigma).all() and (near.sigma > 1e3).all())
     assert bool((near.ci_low <= want).all() and (want <= near.ci_high).all())
@@ -140,7 +140,7 @@ def test_solve_far_below_the_estimates_sigma_keeps_the_rechecked_interval():
     first solution, its interval re-checked as the estimator's is."""
     enc, x = _saturated_sigmoid()
     tau = 0.5 * math.log(1e-6) - HALF_LOG_2PIE + 1e-3
-    want = ff.linearize(enc, x).exact().fsinfo_sigma(tau, floor=1e-6)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(tau, floor=1e-6).sigma
     got = ff.linearize(enc, x, seed=8).fsinfo_sigma(tau, floor=1e-6, estimator="randomized")
     assert "floor_solve" in got.info and "fsinfo_at_solution" in got.info
     assert bool((got.ci_low <= want).all() and (want <= got.ci_high).all()), (
@@ -164,7 +164,7 @@ def test_floored_sigma_interval_coverage(case, seeds):
         enc = _dead_linear(dead=8 if case == "dead_inputs" else 0)
         x = torch.randn(8, 40, generator=torch.Generator().manual_seed(1))
         tau, kw = (-1.0 if case == "dead_inputs" else ASYMPTOTE + 0.4), {}
-    want = ff.linearize(enc, x).exact().fsinfo_sigma(tau, **kw)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(tau, **kw).sigma
     hits, errs = 0, []
     for seed in range(seeds):
         got = ff.linearize(enc, x, seed=seed).fsinfo_sigma(tau, estimator="randomized", **kw)
@@ -181,7 +181,7 @@ def test_floored_sigma_interval_coverage(case, seeds):
 def test_fixed_num_probes_solved_too():
     """A fixed num_probes has one stage: the floored sigma* takes its own interval there."""
     enc, x = _crop(size=16)
-    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0).sigma
     got = ff.linearize(enc, x, seed=0).fsinfo_sigma(-1.0, estimator="randomized",
                                                     num_probes=16)
     assert "floor_solve" in got.info
@@ -209,7 +209,7 @@ def test_auto_on_a_batch_mixing_seen_and_unseen_inputs():
     r = lin.fsinfo(1.0, floor=0.0)
     assert bool(torch.isfinite(r.value[0])) and bool(torch.isinf(r.value[1:]).all())
     got = lin.fsinfo_sigma(-1.0)
-    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(-1.0).sigma
     assert bool(((got.ci_low <= want) & (want <= got.ci_high)).all())
     ff.FSInfoGuard(enc, target=-1.0)(x[:2])
 
@@ -259,7 +259,7 @@ def test_auto_sends_a_floored_sigma_that_misses_its_tolerance_to_the_oracle(orac
     enc = Front().eval()
     x = torch.randn(2, 640)
     x[1] += 6000.0
-    want = ff.linearize(enc, x).exact().fsinfo_sigma(0.5, floor=1e-10)
+    want = ff.linearize(enc, x).exact().fsinfo_sigma(0.5, floor=1e-10).sigma
     oracle_batches.clear()
     rand = ff.linearize(enc, x, seed=2).fsinfo_sigma(0.5, floor=1e-10, estimator="randomized")
     assert not bool(rand.converged[1])

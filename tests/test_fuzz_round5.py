@@ -395,7 +395,7 @@ def test_a_sample_that_leaks_nothing_needs_no_noise():
         assert float(s[0]) == 0.0, est
         if est != "randomized":
             torch.testing.assert_close(s[1:], alone)
-    assert float(ff.reference.fsinfo_sigma(enc, x, target=-1.0)[0]) == 0.0
+    assert float(ff.reference.fsinfo_sigma(enc, x, target=-1.0).sigma[0]) == 0.0
     guard = ff.FSInfoGuard(enc, target=-1.0, estimator="exact", generator=torch.Generator())
     z = guard(x)
     assert float(guard.last_sigma[0]) == 0.0 and torch.equal(z[0], enc(x)[0])

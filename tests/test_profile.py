@@ -198,7 +198,7 @@ def test_prior_var_makes_logdet_finite_everywhere(ckpt, tmp_path):
         x, _ = digits(size=8, split="test", max_samples=2)
         enc = ff.split(_tiny_vgg5(), 5)
         sig = torch.tensor([r["sigma_star_logdet"] for r in recs], dtype=torch.float64)
-        ref = ff.reference.fsinfo_sigma(enc, x, target, "logdet", prior_var=0.1)
+        ref = ff.reference.fsinfo_sigma(enc, x, target, "logdet", prior_var=0.1).sigma
         torch.testing.assert_close(sig, ref, rtol=1e-8, atol=0)
         f = ff.reference.fsinfo(enc, x, sig, "logdet", prior_var=0.1).value
         torch.testing.assert_close(f, torch.full_like(f, target), rtol=0, atol=1e-9)
@@ -288,7 +288,8 @@ def test_shared_exact_sweep_matches_per_split():
         torch.testing.assert_close(ex.fsinfo(0.1).value, ref.fsinfo(0.1).value, rtol=1e-12,
                                    atol=1e-12)
         torch.testing.assert_close(ex.dfil(0.1).value, ref.dfil(0.1).value, rtol=1e-10, atol=0)
-        torch.testing.assert_close(ex.fsinfo_sigma(-1.0), ref.fsinfo_sigma(-1.0), rtol=1e-10,
+        torch.testing.assert_close(ex.fsinfo_sigma(-1.0).sigma, ref.fsinfo_sigma(-1.0).sigma,
+                                   rtol=1e-10,
                                    atol=0)
 
 

@@ -8,6 +8,8 @@ and a text model given embeddings could not be profiled at all (no ``input_name`
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -109,3 +111,41 @@ def test_a_run_made_in_memory_resumes_only_with_its_objects(tmp_path, capsys):
             run_profile(ProfileConfig(**cfg, splits="1", out=run, resume=True, **_QUIET))
     assert main(["profile", "--out", run, "--resume", "--quiet", "--no-plot"]) != 0
     assert "resume it from Python" in capsys.readouterr().err
+
+
+def test_a_sample_that_needs_no_noise_does_not_make_the_split_unreachable(tmp_path):
+    """A dead ReLU sample (J = 0: sigma* 0, status "below 1e-100") was counted as one no finite
+    noise reaches: the split's largest sigma* read inf in profile.json, the table and the CSV
+    (helper 111), where the oracle's largest is finite."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3)
+    model = nn.Sequential(lin, nn.ReLU()).eval()
+    x = torch.randn(4, 4)
+    with torch.no_grad():  # sample 0: every pre-activation negative
+        lin.bias.copy_(torch.tensor([0.5, 0.5, 0.5]))
+        x[0] = -100 * torch.linalg.lstsq(lin.weight, torch.ones(3, 1)).solution.squeeze()
+    out = run_profile(ProfileConfig(model=model, data=x, splits="1", out=str(tmp_path / "r"),
+                                    **_QUIET))
+    (split,) = out.summary["splits"]
+    want = ff.reference.fsinfo_sigma(ff.split(model, 1), x, target=-1.0).sigma
+    assert float(want[0]) == 0.0
+    assert split["sigma_star"]["value"] == pytest.approx(float(want.max()), rel=1e-10)
+    assert not split["sigma_star"].get("n_unreachable")
+
+
+def test_non_finite_inputs_are_named_by_sample_before_any_work(tmp_path):
+    x = torch.rand(7, 3, 6, 6)
+    x[5, 0, 0, 0] = math.nan
+    with pytest.raises(ff.FSInfoError, match=r"sample\(s\) \[5\] hold NaN"):
+        run_profile(ProfileConfig(model=_model(), data=x, splits="1", batch_size=4,
+                                  out=str(tmp_path / "r"), **_QUIET))
+    assert not (tmp_path / "r").exists()
+
+
+def test_settings_of_non_image_data_name_no_channels_or_size(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 8), nn.Tanh()).eval()
+    out = run_profile(ProfileConfig(model=model, data=torch.rand(2, 5, 16), splits="1",
+                                    out=str(tmp_path / "r"), **_QUIET))
+    settings = out.summary["settings"]
+    assert settings["channels"] is None and settings["size"] is None
+    assert settings["input_shape"] == [5, 16]

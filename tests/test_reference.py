@@ -135,7 +135,7 @@ def test_rank_deficient_square_jacobian_is_singular():
 def test_fsinfo_sigma_reproduces_target(zoo, variant, kw):
     model, x = zoo["tanh_mlp_m>d"]
     for target in (-1.0, 0.5, 2.0):
-        s = ff.reference.fsinfo_sigma(model, x, target=target, variant=variant, **kw)
+        s = ff.reference.fsinfo_sigma(model, x, target=target, variant=variant, **kw).sigma
         assert s.shape == (x.shape[0],) and bool((s > 0).all())
         back = ff.reference.fsinfo(model, x, sigma=s, variant=variant, **kw).value
         torch.testing.assert_close(back, torch.full_like(back, target), rtol=0, atol=1e-10)
@@ -145,7 +145,7 @@ def test_fsinfo_sigma_closed_form_matches_paper(zoo):
     model, x = zoo["tanh_mlp_m>d"]
     tau = -1.0
     f1 = ff.reference.fsinfo(model, x, sigma=1.0, variant="logdet").value
-    s = ff.reference.fsinfo_sigma(model, x, target=tau, variant="logdet")
+    s = ff.reference.fsinfo_sigma(model, x, target=tau, variant="logdet").sigma
     torch.testing.assert_close(s, torch.exp(f1 - tau))
     # sigma* = det(J^T J)^(1/2d) exp(-tau) / sqrt(2 pi e)
     J = dense_jacobian(model, x)
@@ -159,7 +159,7 @@ def test_fsinfo_sigma_unreachable_target_with_prior_is_inf(zoo):
     # with prior precision 1/prior_var, FSInfo never drops below log(1/prior_var)/2 - log(2 pi e)/2
     floor_value = 0.5 * math.log(1 / 0.01) - HALF_LOG_2PIE
     s = ff.reference.fsinfo_sigma(model, x, target=floor_value - 0.1, variant="logdet",
-                                  prior_var=0.01)
+                                  prior_var=0.01).sigma
     assert bool(torch.isinf(s).all())
 
 

@@ -903,7 +903,7 @@ def test_guard_cli_on_a_transformers_classifier(tmp_path):
     assert (spec.index, spec.route) == (1, "hooks") and "cannot trace" in spec.route_reason
     (row,) = rep["splits"]
     assert (row["split"], row["index"]) == ("convnext.encoder.stages.1", 1)
-    sig = ff.reference.fsinfo_sigma(spec.encoder, data.x, target=-1.0)
+    sig = ff.reference.fsinfo_sigma(spec.encoder, data.x, target=-1.0).sigma
     torch.testing.assert_close(torch.tensor(row["sigma_star_all"], dtype=torch.float64), sig,
                                rtol=1e-8, atol=0)
     assert rep["accuracy_note"] is None

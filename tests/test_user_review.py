@@ -98,3 +98,64 @@ def test_the_guard_calibration_record_is_none_until_calibrated():
     loaded = ff.FSInfoGuard(_enc(), target=-1.0)
     loaded.load_state_dict(guard.state_dict())  # the sigma only: no record of how
     assert loaded.calibration is None and float(loaded.sigma) == float(guard.sigma)
+
+
+def test_the_oracles_sigma_star_is_a_sigma_result_like_every_other():
+    """``lin.exact().fsinfo_sigma()`` returned a bare tensor where ``lin.fsinfo_sigma()``
+    returns a ``SigmaResult`` (helper 104): ``.dataset("max")`` failed on it."""
+    enc = _enc().double()
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    lin = ff.linearize(enc, x)
+    ex = lin.exact().fsinfo_sigma(-1.0)
+    via = lin.fsinfo_sigma(-1.0, estimator="exact")
+    ref = ff.reference.fsinfo_sigma(enc, x, -1.0)
+    for s in (ex, ref):
+        assert isinstance(s, ff.SigmaResult) and s.estimator == "exact"
+    for name in ("sigma", "target", "ci_low", "ci_high", "converged"):
+        assert torch.equal(getattr(ex, name), getattr(via, name)), name
+    # (the bare oracle's interval is its a-priori rounding allowance, the Linearization's the
+    # measured one: the values agree)
+    torch.testing.assert_close(ref.sigma, via.sigma, rtol=1e-12, atol=0)
+    assert bool((ref.ci_low <= ref.sigma).all() and (ref.sigma <= ref.ci_high).all())
+    assert ex.dataset("max") == float(via.sigma.max())
+    assert bool((ex.ci_low <= ex.sigma).all() and (ex.sigma <= ex.ci_high).all())
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path):
+    """``fsinfo-fast bench --table ... | head`` printed a BrokenPipeError traceback (helper
+    112): the reader went away, the command ends with 141 and nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the command writes
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "fsinfo_fast", "bench", "--table",
+             str(root / "benchmarks" / "results" / "bench_quick.json")],
+            stdout=w, stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=300,
+            env={**os.environ, "PYTHONPATH": str(root)})
+    finally:
+        os.close(w)
+    assert out.returncode == 141 and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_the_testing_helpers_exact_diag_uses_the_librarys_floor():
+    """``fsinfo_fast.testing.exact_fsinfo_diag`` defaulted to floor 0 where ``ff.fsinfo``
+    uses 1e-10: a user's check of the library against it failed (helper 112), and read
+    ``-inf`` at a column the encoder never sees."""
+    from fsinfo_fast.testing import exact_fsinfo_diag
+
+    torch.manual_seed(0)
+    enc = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        enc.weight[:, 4] = 0  # input 4 never reaches the output
+    x = torch.randn(2, 5, dtype=torch.float64)
+    J = torch.func.vmap(torch.func.jacrev(enc))(x)
+    got = exact_fsinfo_diag(J, 0.5)
+    assert bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got, ff.fsinfo(enc, x, sigma=0.5, estimator="exact").value,
+                               rtol=1e-12, atol=1e-12)

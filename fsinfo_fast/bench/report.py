@@ -222,7 +222,8 @@ def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float = 0.25) -
                 out.append({"kind": "time", "key": key, "old": to["median"],
                             "new": tn["median"], "ratio": ratio, "regression": True,
                             "message": f"{ratio:.2f}x slower ({_t(to['median'])} -> "
-                                       f"{_t(tn['median'])})"})
+                                       f"{_t(tn['median'])} per call, the median of the "
+                                       "repeats; the tables show time per image)"})
             elif ratio < 1 / (1 + tolerance) and tn["q75"] < to["q25"]:
                 out.append({"kind": "time", "key": key, "old": to["median"],
                             "new": tn["median"], "ratio": ratio, "regression": False,

@@ -430,6 +430,12 @@ def guard_report(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+
+def _points(cost: float | None) -> str:
+    """The accuracy the noise costs in percentage points (a drop positive: ``55.0``; it read
+    ``+55.0%``, a gain's sign on a drop), ``-`` where not measured."""
+    return "-" if cost is None else f"{100 * cost:.1f}"
+
 def _print(report: dict[str, Any]) -> None:
     require("rich", "the guard table")
     from rich.table import Table
@@ -441,7 +447,7 @@ def _print(report: dict[str, Any]) -> None:
     t = Table(title=f"FSInfoGuard at target {report['target']} nats/dim ({report['variant']}; "
                     f"sigma = {stat} of sigma* over {report['calibration_samples']} samples)")
     for c in ("split", "sigma", "sigma* min..max", "protected", "acc clean", "acc guarded",
-              "acc per-sample", "acc drop"):
+              "acc per-sample", "acc drop (pp)"):
         t.add_column(c, justify="left" if c == "split" else "right")
     clean = report["accuracy_clean"]
     for r in report["splits"]:
@@ -451,7 +457,7 @@ def _print(report: dict[str, Any]) -> None:
             f(r["sigma"]), f"{f(r['sigma_star']['min'])}..{f(r['sigma_star']['max'])}",
             f(r["protected_fraction"], ".0%"), f(clean, ".1%"),
             "-" if acc is None else f"{acc:.1%} ± {r['accuracy_calibrated_sd']:.1%}",
-            f(r.get("accuracy_per_sample"), ".1%"), f(r.get("accuracy_cost"), "+.1%"),
+            f(r.get("accuracy_per_sample"), ".1%"), _points(r.get("accuracy_cost")),
         )
     from .report import table_console
 

@@ -55,7 +55,9 @@ def profile_figure(summary: dict[str, Any], dpi: int = 110):
 
     splits = summary["splits"]
     xs = list(range(len(splits)))
-    labels = [f"{s['index'] if s['index'] is not None else s['name']}\n{s['layer']}"
+    # (a module path is its own layer name: once)
+    labels = [s["name"] if s["index"] is None and s["layer"] == s["name"]
+              else f"{s['index'] if s['index'] is not None else s['name']}\n{s['layer']}"
               for s in splits]
     fig = Figure(figsize=(max(8.0, 1.1 * len(splits) + 3), 10.5), dpi=dpi)
     axes = fig.subplots(4, 1, sharex=True)
@@ -150,7 +152,8 @@ def profile_figure(summary: dict[str, Any], dpi: int = 110):
     axes[3].set_yscale("log")
     axes[3].set_ylabel(f"FSInfoGuard sigma*\n(target {st['target']})")
     axes[3].set_xticks(xs, labels)
-    axes[3].set_xlabel("split point (paper index / layer)")
+    axes[3].set_xlabel("split point (paper index / layer)" if any(
+        s["index"] is not None for s in splits) else "split point (module path)")
     for ax in axes:
         ax.grid(True, alpha=0.3)
         handles, labels_ = ax.get_legend_handles_labels()

@@ -261,7 +261,7 @@ def model_label(model: str | nn.Module) -> str:
     """What ``settings.json``, the run directory's name and the messages call the model: the
     spec, or the class of a model given in memory."""
     if isinstance(model, nn.Module):
-        return f"{type(model).__name__} (an nn.Module given to run_profile)"
+        return f"{type(model).__name__} (in memory)"
     return model
 
 
@@ -270,7 +270,7 @@ def data_label(data: str | Tensor | tuple[Tensor, Tensor]) -> str:
     if isinstance(data, str):
         return data
     x = data if isinstance(data, Tensor) else data[0]
-    return f"tensor {list(x.shape)} (given to run_profile)"
+    return f"tensor {list(x.shape)} (in memory)"
 
 
 def _embedded(cfg: ProfileConfig) -> bool:
@@ -512,6 +512,7 @@ def _channels_hint(model: nn.Module, x1: Tensor) -> str:
 
 def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[SplitSpec],
               ckpt_sha: str | None, device: torch.device, world: int) -> dict[str, Any]:
+    image = isinstance(cfg.data, str) or data.x.dim() == 4
     return {
         "store_version": STORE_VERSION,
         "fsinfo_fast_version": __version__,
@@ -526,12 +527,13 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
         "demo_accuracy": getattr(model, "demo_accuracy", None),
         "data": data_label(cfg.data),
         "data_description": data.description,
-        "size": cfg.size if _embedded(cfg) else int(data.x.shape[-1]),
+        # (images only: an in-memory [N, T, H] tensor has no channels or side)
+        "size": cfg.size if _embedded(cfg) else (int(data.x.shape[-1]) if image else None),
         "input_shape": list(data.x.shape[1:]),
         "data_sha256": tensor_fingerprint(data.x, data.y),
         "num_samples": int(data.x.shape[0]),
         "max_samples": cfg.max_samples,
-        "channels": int(data.x.shape[1]),
+        "channels": int(data.x.shape[1]) if image else None,
         "splits": [s.name for s in splits],
         "input_name": cfg.input_name,
         "split_index": [s.index for s in splits],
@@ -621,6 +623,10 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
         cfg, run_dir, cfg.resume, progress=cfg.progress)
     if data.x.shape[0] == 0:
         raise DataError(f"--data {data_label(cfg.data)}: no samples")
+    bad = (~torch.isfinite(data.x.reshape(data.x.shape[0], -1)).all(dim=1)).nonzero().flatten()
+    if bad.numel():  # (before any work: a batch's own check named its batch positions)
+        raise DataError(f"--data {data_label(cfg.data)}: sample(s) {bad.tolist()[:20]} hold NaN "
+                        "or inf; the metrics are defined at finite inputs")
     splits = resolve_splits(model, cfg.splits, input_name=cfg.input_name)
     check_runs(model, splits, data.x[:2])
     # a requested backend that cannot run here, before the run directory is claimed (a folder
@@ -1253,6 +1259,11 @@ def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> 
                     result = ("ok", recs)
                 except Exception as err:  # reported to every rank, re-raised below
                     user = isinstance(err, (FSInfoError, OSError))
+                    if hasattr(err, "add_note"):  # (Python 3.11+: shown with the traceback)
+                        err.add_note(
+                            f"profile: while computing the batch of samples {ids}; the records "
+                            f"computed before it are kept in {run_dir.path}: continue with "
+                            "--resume (run_profile(..., resume=True))")
                     result = ("error", user, " ".join(str(err).split()), err)
             gathered = dist.gather(result if result is None or result[0] == "ok"
                                    else result[:3])

@@ -76,7 +76,7 @@ from ..formulas import (
     sigma_for_target,
     sum_rel_bound,
 )
-from ..result import MetricResult
+from ..result import MetricResult, SigmaResult
 
 __all__ = [
     "jacobian",
@@ -598,10 +598,19 @@ class ExactFisher:
         return sig, torch.minimum(lo, sig), torch.maximum(hi, sig)
 
     def fsinfo_sigma(self, target: float | Tensor = -1.0, variant: str = "diag", *,
-                     prior_var: float | None = None, floor: float = DIAG_FLOOR) -> Tensor:
-        """Exact FSInfoGuard ``sigma*`` per sample (see :func:`fsinfo_sigma`; its interval:
-        :meth:`sigma_interval`)."""
-        return self.sigma_interval(target, variant, prior_var=prior_var, floor=floor)[0]
+                     prior_var: float | None = None, floor: float = DIAG_FLOOR) -> SigmaResult:
+        """Exact FSInfoGuard ``sigma*`` per sample (see :func:`fsinfo_sigma`) as a
+        :class:`~fsinfo_fast.result.SigmaResult` (the kind every ``fsinfo_sigma`` returns),
+        its interval :meth:`sigma_interval`'s; ``converged`` False where that claims no upper
+        end for a finite ``sigma*``."""
+        sig, lo, hi = self.sigma_interval(target, variant, prior_var=prior_var, floor=floor)
+        tau = as_sigma(target, self.batch, sig.device)
+        # (an upper end of inf for a finite sigma*: the oracle claims no interval there)
+        conv = torch.isfinite(hi) | ~torch.isfinite(sig)
+        return SigmaResult(sigma=sig, target=tau, metric=f"fsinfo_{variant}", estimator="exact",
+                           ci_low=lo, ci_high=hi, converged=conv,
+                           info={"backend": "reference",
+                                 "oracle_rel_err": self.rel_err()[0].tolist()})
 
 
 def exact_fisher(
@@ -688,12 +697,14 @@ def fsinfo_sigma(
     encoder: Encoder, x: Tensor, target: float | Tensor = -1.0, variant: str = "diag", *,
     prior_var: float | None = None, floor: float = DIAG_FLOOR,
     chunk_size: int | None = None, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-) -> Tensor:
+) -> SigmaResult:
     r"""Exact FSInfoGuard noise scale per sample: the sigma whose FSInfo equals ``target``.
 
     Closed form without a prior or floor: :math:`\sigma^* = \exp(\mathrm{FSInfo}_{\sigma=1}-\tau)`;
     otherwise the monotone equation is solved to float64 precision
-    (:func:`fsinfo_fast.formulas.sigma_for_target`). Returns ``[B]`` float64.
+    (:func:`fsinfo_fast.formulas.sigma_for_target`). Returns a
+    :class:`~fsinfo_fast.result.SigmaResult` (``.sigma``: ``[B]`` float64; its interval the
+    oracle's rounding).
     """
     _check_options(variant, prior_var, floor)
     # the fast path's check: a string or a [k != B] target raised torch's raw errors here
