@@ -63,7 +63,7 @@ def profile_figure(summary: dict[str, Any], dpi: int = 110):
     axes = fig.subplots(4, 1, sharex=True)
     st = summary["settings"]
     model = str(st["model"]).split(":")[-1]
-    data = str(st["data"]) if len(str(st["data"])) <= 30 else "..." + str(st["data"])[-27:]
+    data = str(st["data"]) if len(str(st["data"])) <= 40 else "..." + str(st["data"])[-37:]
     fig.suptitle(f"{model} on {data}: leakage by split point\n"
                  f"(sigma={st['sigma']}, {splits[0]['n'] if splits else 0} samples, "
                  f"{st['estimator']} estimator)")
