@@ -88,7 +88,14 @@ def _command_line_warnings(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # an unknown option of a subcommand: that subcommand's usage and error (the top-level
+        # parser's named only "fsinfo-fast [-h] [--debug] COMMAND")
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
+                   None)
+        owner = sub.choices.get(args.command) if sub is not None and args.command else parser
+        owner.error(f"unrecognized arguments: {' '.join(extra)}")
     args.given_options = given_options(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -149,3 +149,19 @@ def test_settings_of_non_image_data_name_no_channels_or_size(tmp_path):
     settings = out.summary["settings"]
     assert settings["channels"] is None and settings["size"] is None
     assert settings["input_shape"] == [5, 16]
+
+
+def test_a_logdet_sigma_star_that_is_not_computed_says_why(tmp_path):
+    """With ``variant="both"``, ``m < d`` and no prior the log-det sigma* was null with a null
+    status (helper 111), where the oracle's is 0 (FSInfo_logdet is -inf at every sigma)."""
+    model = nn.Sequential(nn.Linear(8, 3), nn.Tanh()).eval()
+    x = torch.rand(2, 8)
+    out = run_profile(ProfileConfig(model=model, data=x, splits="1", variant="both",
+                                    out=str(tmp_path / "r"), **_QUIET))
+    for rec in out.summary["samples"]:
+        assert rec["sigma_star_logdet"] is None
+        assert rec["sigma_star_logdet_status"].startswith("0: FSInfo_logdet is -inf")
+    want = ff.reference.fsinfo_sigma(ff.split(model, 1), x, variant="logdet").sigma
+    assert want.tolist() == [0.0, 0.0]
+    assert not out.summary["splits"][0]["sigma_star_logdet"] or not out.summary["splits"][0][
+        "sigma_star_logdet"].get("n_unreachable")

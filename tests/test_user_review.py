@@ -159,3 +159,16 @@ def test_the_testing_helpers_exact_diag_uses_the_librarys_floor():
     assert bool(torch.isfinite(got).all())
     torch.testing.assert_close(got, ff.fsinfo(enc, x, sigma=0.5, estimator="exact").value,
                                rtol=1e-12, atol=1e-12)
+
+
+def test_a_misspelt_option_gets_its_subcommands_usage(capsys):
+    """``fsinfo-fast guard --modle vgg5`` printed the top-level usage (``fsinfo-fast [-h]
+    [--debug] COMMAND``) rather than guard's (helper 112)."""
+    from fsinfo_fast.cli import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["guard", "--modle", "vgg5"])
+    assert err.value.code == 2
+    text = capsys.readouterr().err
+    assert "fsinfo-fast guard: error: unrecognized arguments: --modle vgg5" in text
+    assert "usage: fsinfo-fast guard" in text

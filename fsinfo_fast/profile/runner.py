@@ -1013,6 +1013,10 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
                                 "fsinfo_logdet_bound", "fsinfo_logdet_bound_low",
                                 "fsinfo_logdet_bound_high", *_sigma_keys("sigma_star_logdet")))
         out["fsinfo_logdet_status"] = [why] * b
+        if why.startswith("-inf"):  # (sigma* is 0 there: FSInfo is -inf at every noise)
+            out["sigma_star_logdet_status"] = [
+                "0: FSInfo_logdet is -inf at every sigma here (every target holds without "
+                "noise; the guard refuses it): give --prior-var for a finite one"] * b
         return out
     step("FSInfo logdet")
     ld = lin.fsinfo(sigma, variant="logdet", estimator=est, atol=cfg.atol,
@@ -1034,6 +1038,9 @@ def split_quantities(cfg: ProfileConfig, plan: Plan, spec: SplitSpec, x: Tensor,
         out.update(_sigma_fields("sigma_star_logdet", sl))
     else:
         out.update(_none_fields(b, *_sigma_keys("sigma_star_logdet")))
+        out["sigma_star_logdet_status"] = [
+            "not computed: with a prior only the exact route solves for sigma* (this log det "
+            f"took the {ld.estimator} route)"] * b
     return out
 
 
