@@ -86,16 +86,29 @@ def _command_line_warnings(command: str):
         warnings.formatwarning = before
 
 
+def _unknown(parser: argparse.ArgumentParser, command: str | None, extra: list[str],
+             argv: list[str]) -> None:
+    """Exit with the error of the parser an unknown argument belongs to: the subcommand's
+    usage for one after the command (the top-level usage named only ``fsinfo-fast [-h]
+    [--debug] COMMAND``), the top-level one for one before it, and where a top-level option
+    (``--debug``) comes after the command, where it goes."""
+    top = [t for t in extra if t.split("=")[0] in parser._option_string_actions]
+    if top and command:
+        parser.error(f"{' '.join(top)} is an option of fsinfo-fast itself: give it before the "
+                     f"command (fsinfo-fast {' '.join(top)} {command} ...)")
+    at = argv.index(command) if command in argv else len(argv)
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    after = command and sub is not None and all(
+        t not in argv[:at] for t in extra)  # (every unknown token follows the command)
+    (sub.choices[command] if after else parser).error(
+        f"unrecognized arguments: {' '.join(extra)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        # an unknown option of a subcommand: that subcommand's usage and error (the top-level
-        # parser's named only "fsinfo-fast [-h] [--debug] COMMAND")
-        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)),
-                   None)
-        owner = sub.choices.get(args.command) if sub is not None and args.command else parser
-        owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        _unknown(parser, args.command, extra, sys.argv[1:] if argv is None else list(argv))
     args.given_options = given_options(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -115,10 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fsinfo-fast {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # the reader went away (``fsinfo-fast info | head``): no traceback; stdout is pointed
-        # at devnull so the interpreter's final flush does not raise again
+        # the reader of stdout went away (``fsinfo-fast info | head``): no traceback; stdout is
+        # pointed at devnull so the interpreter's final flush does not raise again
+        if args.debug:
+            raise
+        try:
+            fd = sys.stdout.fileno()
+        except (OSError, ValueError):  # (not a real file: a captured stream)
+            return 141
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, fd)
+        os.close(devnull)
         return 141
 
 

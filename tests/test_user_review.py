@@ -172,3 +172,18 @@ def test_a_misspelt_option_gets_its_subcommands_usage(capsys):
     text = capsys.readouterr().err
     assert "fsinfo-fast guard: error: unrecognized arguments: --modle vgg5" in text
     assert "usage: fsinfo-fast guard" in text
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["info", "--debug"], "--debug is an option of fsinfo-fast itself: give it before the "
+                          "command (fsinfo-fast --debug info"),
+    (["--bogus", "info"], "fsinfo-fast: error: unrecognized arguments: --bogus"),
+])
+def test_an_option_in_the_wrong_place_is_told_where_it_belongs(capsys, argv, words):
+    """(helper 113: after the subcommand's own error, a top-level option given after the
+    command read as unknown to the command, and one before it was blamed on the command)"""
+    from fsinfo_fast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert words in capsys.readouterr().err
