@@ -7,12 +7,15 @@ forces a redraw of its own.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from ._extras import require
 
-__all__ = ["LOG_INTERVAL", "progress_bar", "set_status"]
+__all__ = ["LOG_INTERVAL", "meter", "progress_bar", "set_status", "tick"]
 
 #: seconds between redraws where stderr is not a terminal
 LOG_INTERVAL = 30.0
@@ -34,3 +37,31 @@ def progress_bar(feature: str, **kw: Any):
 def set_status(bar: Any, text: str) -> None:
     """Show ``text`` after the bar: at once on a terminal, with the next redraw in a log."""
     bar.set_postfix_str(text, refresh=sys.stderr.isatty())
+
+
+#: the bar the products of the running call count on (:func:`meter`), or None
+_METER: ContextVar[Any] = ContextVar("fsinfo_fast_meter", default=None)
+
+
+@contextlib.contextmanager
+def meter(enabled: bool, desc: str, total: int | None = None) -> Iterator[None]:
+    """Within: the long loops of the library count their Jacobian products (:func:`tick`) on
+    a bar named ``desc`` where ``enabled`` (``ff.linearize(..., progress=True)``); nothing
+    otherwise. A meter already running (an outer call) keeps counting."""
+    if not enabled or _METER.get() is not None:
+        yield
+        return
+    bar = progress_bar("progress=True", desc=desc, total=total, unit="product", leave=False)
+    token = _METER.set(bar)
+    try:
+        yield
+    finally:
+        _METER.reset(token)
+        bar.close()
+
+
+def tick(n: int) -> None:
+    """``n`` more products done on the running :func:`meter`'s bar, if any."""
+    bar = _METER.get()
+    if bar is not None:
+        bar.update(n)

@@ -69,6 +69,7 @@ from torch import Tensor, nn
 
 from . import reference
 from ._precision import ieee_fp32, ieee_fp32_method
+from ._progress import meter
 from .encoder import (
     COMPILED_NOTE,
     PreparedEncoder,
@@ -614,7 +615,11 @@ class Linearization:
         sample_ids: Tensor | None = None,
         memory_budget: int | None = None,
         dtype: torch.dtype | None = None,
+        progress: bool = False,
     ) -> None:
+        if not isinstance(progress, bool):
+            raise InvalidInputTypeError(f"progress must be True or False, got {progress!r}")
+        self.progress = progress
         if not isinstance(backend, str):
             raise InvalidInputError(f"backend must be a string, got {type(backend).__name__}")
         if dtype is not None and not isinstance(dtype, torch.dtype):
@@ -778,8 +783,10 @@ class Linearization:
             self._exact_rows(torch.ones(self.batch, dtype=torch.bool))
         if self._exact is None or (spectrum and self._exact.eigvals is None):
             self._prepare_oracle()
-            self._exact = self._oracle_measured(
-                reference.exact_fisher(self.encoder, self.x, spectrum=spectrum))
+            with meter(self.progress, "exact Jacobian (float64 oracle)",
+                       self.batch * min(self.m, self.d)):
+                ex = reference.exact_fisher(self.encoder, self.x, spectrum=spectrum)
+            self._exact = self._oracle_measured(ex)
         return self._exact
 
     def _adopt_exact(self, ex: reference.ExactFisher) -> None:
@@ -833,10 +840,12 @@ class Linearization:
                     _, lost, diag, over = found
                     mask = lost & ~over[:, None].to(lost.device)
                     known = (mask, diag) if bool(mask.any()) else None
-            self._exact_fast = exact_fast_fisher(self.products, check_products=check,
-                                                 seed=self.seed,
-                                                 memory_budget=self.memory_budget,
-                                                 live=self.enc.live, known=known)
+            with meter(self.progress, "exact diagonal (one-hot products)",
+                       self.batch * min(self.m, self.d)):
+                self._exact_fast = exact_fast_fisher(self.products, check_products=check,
+                                                     seed=self.seed,
+                                                     memory_budget=self.memory_budget,
+                                                     live=self.enc.live, known=known)
         return self._exact_fast
 
     def _dominant(self) -> Tensor | None:
@@ -2007,7 +2016,8 @@ class Linearization:
                     warnings.filterwarnings("ignore", "sample_ids repeat", UserWarning)
                     sub = Linearization(self.encoder, self.x[idx.to(self.x.device)],
                                         backend=self.backend, seed=self.seed, sample_ids=ids,
-                                        memory_budget=self.memory_budget, dtype=self._dtype_arg)
+                                        memory_budget=self.memory_budget, dtype=self._dtype_arg,
+                                        progress=self.progress)
                 # this batch checked the float64 copy's function at its own scale (a sample
                 # alone, the one whose float32 lost digits, can sit far below it)
                 sub._same_function_checked = self._enc64 is not None
@@ -2451,7 +2461,9 @@ class Linearization:
         if bool(new.any()):
             self._prepare_oracle()
             idx = new.nonzero().flatten()
-            part = reference.exact_fisher(self.encoder, self.x[idx], spectrum=False)
+            with meter(self.progress, "exact Jacobian (float64 oracle)",
+                       int(idx.numel()) * min(self.m, self.d)):
+                part = reference.exact_fisher(self.encoder, self.x[idx], spectrum=False)
             ex.diag[idx], ex.trace[idx] = part.diag.to(ex.diag), part.trace.to(ex.trace)
             ex.zero_cols[idx] = part.zero_cols.to(ex.zero_cols.device)
             held |= new
@@ -3738,7 +3750,7 @@ class Linearization:
 
 
 #: Keywords of :func:`linearize` that FSInfoGuard and the torchmetrics metrics pass through.
-LINEARIZE_KEYWORDS = ("backend", "seed", "memory_budget", "dtype")
+LINEARIZE_KEYWORDS = ("backend", "seed", "memory_budget", "dtype", "progress")
 
 
 def seed_once(kw: dict[str, Any]) -> dict[str, Any]:
@@ -3836,6 +3848,7 @@ def linearize(
     sample_ids: Tensor | None = None,
     memory_budget: int | None = None,
     dtype: torch.dtype | None = None,
+    progress: bool = False,
 ) -> Linearization:
     """Validate ``encoder`` at the batch ``x`` once and return a :class:`Linearization`.
 
@@ -3854,10 +3867,13 @@ def linearize(
             encoder or input is linearised in float32 on a copy (half-precision products err
             by more than the intervals count; recorded in ``info["working_dtype"]``, see
             :func:`fsinfo_fast.encoder.working_dtype`).
+        progress: show a progress bar (tqdm, on stderr) while the exact routes compute their
+            one-hot products (the float64 oracle of :meth:`Linearization.exact`, the fast exact
+            diagonal): the long single calls at a large input (``d`` products a sample).
 
     Raises:
         InvalidInputError: ``dtype`` is not float32 / float64; the input and encoder errors of
             :func:`fsinfo_fast.encoder.prepare`.
     """
     return Linearization(encoder, x, backend=backend, seed=seed, sample_ids=sample_ids,
-                         memory_budget=memory_budget, dtype=dtype)
+                         memory_budget=memory_budget, dtype=dtype, progress=progress)

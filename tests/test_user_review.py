@@ -187,3 +187,34 @@ def test_an_option_in_the_wrong_place_is_told_where_it_belongs(capsys, argv, wor
     with pytest.raises(SystemExit):
         main(argv)
     assert words in capsys.readouterr().err
+
+
+def test_progress_counts_the_exact_routes_products(monkeypatch):
+    """``ff.linearize(..., progress=True)``: the long single calls (the float64 oracle, the
+    fast exact diagonal: ``min(m, d)`` one-hot products a sample) show a bar that counts every
+    product; without it no bar is made (the Python API had none, only the CLI)."""
+    from fsinfo_fast import _progress
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.n, self.total, self.closed = 0, kw.get("total"), False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(_progress, "progress_bar", lambda feature, **kw: Bar(**kw))
+    enc, x = _enc(), torch.rand(2, 3, 4, 4)  # d = 48 < m = 64
+    quiet = ff.linearize(enc, x).exact()
+    assert bars == []
+    loud = ff.linearize(enc, x, progress=True).exact()
+    ff.linearize(enc, x, progress=True).fsinfo(0.1, estimator="exact-fast")
+    assert [(b.n, b.total, b.closed) for b in bars] == [(96, 96, True), (96, 96, True)]
+    assert torch.equal(quiet.diag, loud.diag)  # (the same products, counted)
+    with pytest.raises(ff.InvalidInputTypeError, match="progress"):
+        ff.linearize(enc, x, progress="yes")

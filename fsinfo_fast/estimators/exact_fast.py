@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._progress import tick
 from ..errors import InvalidInputError
 from ..formulas import (
     DIAG_FLOOR,
@@ -396,6 +397,7 @@ def exact_fast_fisher(
             nonzero |= (out != 0).any(dim=1)
             sq = out.to(torch.float64).square_()  # (d < m: the small side)
             diag += sq.sum(dim=1)
+        tick(b * size)
         if not bool(torch.isfinite(sq).all()):
             raise FloatingPointError(
                 f"the fast exact route got non-finite products ({side} {start}..{start + size})")

@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
+from .._progress import tick
 from ..encoder import (
     PreparedEncoder,
     check_prior_var,
@@ -126,15 +127,24 @@ def _jacobian_prepared(enc: PreparedEncoder, chunk_size: int | None, budget: int
 
 
 def _map(f, eye: Tensor, chunk_size: int) -> Tensor:
-    """``f`` over the one-hot rows of ``eye``: vmapped, or one by one where an op has no vmap
-    batching rule (``nn.RReLU`` in eval mode: aten::rrelu_with_noise)."""
+    """``f`` over the one-hot rows of ``eye``: vmapped ``chunk_size`` rows at a time (each
+    chunk counted on a progress meter, :func:`fsinfo_fast._progress.tick`), or one by one
+    where an op has no vmap batching rule (``nn.RReLU`` in eval mode: aten::rrelu_with_noise)."""
     try:
         with quiet_vmap_loop():
-            return vmap(f, chunk_size=chunk_size)(eye)
+            parts = []
+            for s in range(0, eye.shape[0], chunk_size):
+                parts.append(vmap(f)(eye[s : s + chunk_size]))
+                tick(parts[-1].shape[0])
+            return torch.cat(parts)
     except RuntimeError as err:
         if "vmap" not in str(err).lower():
             raise
-        return torch.stack([f(e) for e in eye])
+        out = []
+        for e in eye:
+            out.append(f(e))
+            tick(1)
+        return torch.stack(out)
 
 
 def _jacobian_rows_or_columns(enc: PreparedEncoder, chunk_size: int | None,
