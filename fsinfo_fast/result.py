@@ -165,8 +165,13 @@ def _take(t: Tensor | None, rows: list[int]) -> Tensor | None:
     return None if t is None else t[torch.tensor(rows, dtype=torch.long, device=t.device)]
 
 
-def _scalar(v: Tensor) -> float | int | bool:
-    return v.item()
+def _selection(idx: object, b: int, info: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+    """The rows ``idx`` selects among ``b`` samples and the selection's ``info``: the batch's,
+    with ``batch_indices`` those rows' indices in the original batch (a selection of a
+    selection names the original's)."""
+    rows = _batch_indices(idx, b)
+    parent = info.get("batch_indices")
+    return rows, {**info, "batch_indices": rows if parent is None else [parent[i] for i in rows]}
 
 
 @dataclass(frozen=True)
@@ -262,13 +267,11 @@ class MetricResult:
             >>> r[1:].value.tolist(), r[-1].info["batch_indices"]
             ([2.0, 3.0], [2])
         """
-        rows = _batch_indices(idx, len(self))
-        parent = self.info.get("batch_indices")
-        picked = rows if parent is None else [parent[i] for i in rows]
+        rows, info = _selection(idx, len(self), self.info)
         fields = {k: _take(getattr(self, k), rows) for k in self._PER_SAMPLE}
         return MetricResult(metric=self.metric, units=self.units, estimator=self.estimator,
                             d=self.d, m=self.m, num_probes=self.num_probes, passes=self.passes,
-                            info={**self.info, "batch_indices": picked}, **fields)
+                            info=info, **fields)
 
     def records(self) -> list[dict[str, Any]]:
         """One plain dict per sample (Python numbers, ``inf`` kept), e.g. for
@@ -288,11 +291,11 @@ class MetricResult:
                       else int(self.probes_per_sample[k]))
             out.append({
                 "index": i, "metric": self.metric, "units": self.units, "estimator": est,
-                "sigma": _scalar(self.sigma[k]), "value": _scalar(self.value[k]),
-                "stderr": _scalar(self.stderr[k]),
-                "ci_halfwidth": _scalar(self.ci_halfwidth[k]),
-                "ci_low": _scalar(low[k]), "ci_high": _scalar(high[k]),
-                "bias_bound": _scalar(self.bias_bound[k]),
+                "sigma": self.sigma[k].item(), "value": self.value[k].item(),
+                "stderr": self.stderr[k].item(),
+                "ci_halfwidth": self.ci_halfwidth[k].item(),
+                "ci_low": low[k].item(), "ci_high": high[k].item(),
+                "bias_bound": self.bias_bound[k].item(),
                 "converged": bool(self.converged[k]), "bound": bool(self.bound[k]),
                 "singular": False if self.singular is None else bool(self.singular[k]),
                 "probes": probes,
@@ -432,14 +435,11 @@ class SigmaResult:
         """The samples ``idx`` selects (as :meth:`MetricResult.__getitem__`): ``sigma``,
         ``target``, the interval and ``converged`` at those samples; ``info`` the batch's with
         ``info["batch_indices"]``."""
-        rows = _batch_indices(idx, len(self))
-        parent = self.info.get("batch_indices")
-        picked = rows if parent is None else [parent[i] for i in rows]
+        rows, info = _selection(idx, len(self), self.info)
         return SigmaResult(sigma=_take(self.sigma, rows), target=_take(self.target, rows),
                            metric=self.metric, estimator=self.estimator,
                            ci_low=_take(self.ci_low, rows), ci_high=_take(self.ci_high, rows),
-                           converged=_take(self.converged, rows),
-                           info={**self.info, "batch_indices": picked})
+                           converged=_take(self.converged, rows), info=info)
 
     def records(self) -> list[dict[str, Any]]:
         """One plain dict per sample (``index``, ``metric``, ``estimator``, ``target``,
@@ -447,8 +447,8 @@ class SigmaResult:
         reaches the target), e.g. for ``pandas.DataFrame(s.records())``."""
         index = self.info.get("batch_indices", range(len(self)))
         return [{"index": int(index[k]), "metric": self.metric, "estimator": self.estimator,
-                 "target": _scalar(self.target[k]), "sigma": _scalar(self.sigma[k]),
-                 "ci_low": _scalar(self.ci_low[k]), "ci_high": _scalar(self.ci_high[k]),
+                 "target": self.target[k].item(), "sigma": self.sigma[k].item(),
+                 "ci_low": self.ci_low[k].item(), "ci_high": self.ci_high[k].item(),
                  "converged": bool(self.converged[k])} for k in range(len(self))]
 
     def ci95(self) -> tuple[Tensor, Tensor]:
