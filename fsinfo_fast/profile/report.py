@@ -222,9 +222,11 @@ def _sigma_extreme(recs: list[dict[str, Any]], key: str) -> dict[str, Any] | Non
     (``{key}_status``), that is the largest: value, interval and mean null (infinite) and
     ``n_unreachable`` counts those samples."""
     out = _extreme(recs, key, max)
+    from .runner import SIGMA_UNREACHABLE
+
     # (only those: a sigma* below 1e-100, the target held without noise, has a status too and
     # its value, and read as unreachable it made the split's largest sigma* infinite)
-    gone = [r for r in recs if str(r.get(f"{key}_status") or "").startswith("unreachable")]
+    gone = [r for r in recs if r.get(f"{key}_status") == SIGMA_UNREACHABLE]
     if not gone:
         return out
     return {"value": None, "sample": gone[0]["sample"], "interval": [None, None],
