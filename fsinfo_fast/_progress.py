@@ -15,7 +15,7 @@ from typing import Any
 
 from ._extras import require
 
-__all__ = ["LOG_INTERVAL", "meter", "progress_bar", "set_status", "tick"]
+__all__ = ["LOG_INTERVAL", "meter", "part", "progress_bar", "set_status", "tick"]
 
 #: seconds between redraws where stderr is not a terminal
 LOG_INTERVAL = 30.0
@@ -45,11 +45,15 @@ _METER: ContextVar[Any] = ContextVar("fsinfo_fast_meter", default=None)
 
 @contextlib.contextmanager
 def meter(enabled: bool, desc: str, total: int | None = None) -> Iterator[None]:
-    """Within: the long loops of the library count their Jacobian products (:func:`tick`) on
-    a bar named ``desc`` where ``enabled`` (``ff.linearize(..., progress=True)``); nothing
-    otherwise. A meter already running (an outer call) keeps counting."""
+    """Within: the Jacobian products the library computes count (:func:`tick`) on a bar named
+    ``desc`` where ``enabled`` (``ff.linearize(..., progress=True)``); nothing otherwise.
+    ``total``: the products expected (None: not known ahead, an adaptive probe count).
+
+    A bar already running (an outer call's) keeps counting; a part with a ``total`` shows its
+    ``desc`` and counts towards ``total`` more products on it while it runs (:func:`part`)."""
     if not enabled or _METER.get() is not None:
-        yield
+        with part(desc, total):
+            yield
         return
     bar = progress_bar("progress=True", desc=desc, total=total, unit="product", leave=False)
     token = _METER.set(bar)
@@ -60,8 +64,28 @@ def meter(enabled: bool, desc: str, total: int | None = None) -> Iterator[None]:
         bar.close()
 
 
+@contextlib.contextmanager
+def part(desc: str, total: int | None) -> Iterator[None]:
+    """Within: the running bar (if any) names ``desc`` and expects ``total`` more products (a
+    loop whose count is known: the exact routes' one-hot products); its name and total come
+    back after. Nothing where no bar runs or ``total`` is None."""
+    bar = _METER.get()
+    if bar is None or total is None:
+        yield
+        return
+    before = (bar.total, bar.desc)
+    bar.total = bar.n + int(total)
+    bar.set_description_str(desc, refresh=False)
+    try:
+        yield
+    finally:
+        bar.total = before[0]
+        bar.set_description_str(before[1], refresh=False)
+
+
 def tick(n: int) -> None:
-    """``n`` more products done on the running :func:`meter`'s bar, if any."""
+    """``n`` more products done on the running :func:`meter`'s bar, if any (the backends'
+    ``jvp`` / ``vjp`` count rows times probes; the float64 oracle its one-hot chunks)."""
     bar = _METER.get()
     if bar is not None:
         bar.update(n)

@@ -537,13 +537,18 @@ def _modes_checked(kind: str) -> Callable:
 
         @functools.wraps(method)
         def checked(self: Linearization, *args: Any, **kw: Any) -> Any:
+            if self._depth:
+                return method(self, *args, **kw)
+            # the outermost call: a bar (progress=True) counting every product it computes
+            with meter(self.progress, f"{method.__name__} (Jacobian products)"):
+                return outermost(self, *args, **kw)
+
+        def outermost(self: Linearization, *args: Any, **kw: Any) -> Any:
             self._depth += 1
             try:
                 out = method(self, *args, **kw)
             finally:
                 self._depth -= 1
-            if self._depth:
-                return out
             c = 0.0
             if kind == "fsinfo":
                 c = (float(kw.get("floor", DIAG_FLOOR)) if kw.get("variant", "diag") == "diag"
@@ -840,8 +845,8 @@ class Linearization:
                     _, lost, diag, over = found
                     mask = lost & ~over[:, None].to(lost.device)
                     known = (mask, diag) if bool(mask.any()) else None
-            with meter(self.progress, "exact diagonal (one-hot products)",
-                       self.batch * min(self.m, self.d)):
+            # (the bar's total: exact_fast_fisher's, once it knows the live columns)
+            with meter(self.progress, "exact diagonal (one-hot products)"):
                 self._exact_fast = exact_fast_fisher(self.products, check_products=check,
                                                      seed=self.seed,
                                                      memory_budget=self.memory_budget,
@@ -3867,9 +3872,11 @@ def linearize(
             encoder or input is linearised in float32 on a copy (half-precision products err
             by more than the intervals count; recorded in ``info["working_dtype"]``, see
             :func:`fsinfo_fast.encoder.working_dtype`).
-        progress: show a progress bar (tqdm, on stderr) while the exact routes compute their
-            one-hot products (the float64 oracle of :meth:`Linearization.exact`, the fast exact
-            diagonal): the long single calls at a large input (``d`` products a sample).
+        progress: show a progress bar (tqdm, on stderr) in each metric call and in
+            :meth:`Linearization.exact` that counts the Jacobian products computed; where their
+            count is known ahead (the float64 oracle, the fast exact diagonal: ``min(m, d)``
+            one-hot products a sample) against that count, otherwise (a randomized estimate's
+            adaptive probe count) as a running count and rate.
 
     Raises:
         InvalidInputError: ``dtype`` is not float32 / float64; the input and encoder errors of

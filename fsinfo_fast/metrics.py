@@ -48,6 +48,7 @@ def fsinfo(
     sample_ids: Tensor | None = None,
     backend: str = "auto",
     memory_budget: int | None = None,
+    progress: bool = False,
     lanczos_order: int | None = None,
 ) -> MetricResult:
     r"""Per-sample FSInfo in nats per input dimension (higher = more leakage).
@@ -92,6 +93,9 @@ def fsinfo(
         backend: how products are computed (``"auto"``, ``"torch"``, ...; see
             :mod:`fsinfo_fast.engine`).
         memory_budget: bytes a chunk of probes may use (default: a share of free memory).
+        progress: show a progress bar (tqdm, on stderr) counting the Jacobian products the
+            call computes (against their count where it is known ahead: the exact routes'
+            one-hot products).
         lanczos_order: maximum Lanczos steps per probe for the log-det variant (None: adaptive
             up to ``min(m, d)``, where the quadrature is exact; under ``auto``, capped so that
             the randomized route costs at most about the oracle's products). Each probe stops
@@ -115,7 +119,7 @@ def fsinfo(
         True
     """
     lin = linearize(encoder, x, backend=backend, seed=seed, sample_ids=sample_ids,
-                    memory_budget=memory_budget)
+                    memory_budget=memory_budget, progress=progress)
     return lin.fsinfo(sigma, variant=variant, estimator=estimator, atol=atol, rtol=rtol,
                       num_probes=num_probes, max_probes=max_probes, prior_var=prior_var,
                       floor=floor, lanczos_order=lanczos_order)
@@ -136,14 +140,15 @@ def dfil(
     sample_ids: Tensor | None = None,
     backend: str = "auto",
     memory_budget: int | None = None,
+    progress: bool = False,
 ) -> MetricResult:
     r"""Per-sample dFIL, :math:`\mathrm{tr}(J^TJ)/(\sigma^2 d)` (Maeng et al. 2023), in 1/dim.
 
     Any *unbiased* attacker has ``E||x_hat - x||^2/d >= 1/dFIL`` (Cramer-Rao; proven).
 
     Args:
-        encoder, x, sigma, estimator, seed, sample_ids, backend, memory_budget: as in
-            :func:`fsinfo`.
+        encoder, x, sigma, estimator, seed, sample_ids, backend, memory_budget, progress: as
+            in :func:`fsinfo`.
         rtol: target 95% half-width relative to the value (randomized; 1% by default).
         atol: target half-width in 1/dim.
         num_probes, max_probes: fixed probe count / cap (``max_probes=None``: ``min(m, d)``
@@ -164,7 +169,7 @@ def dfil(
         :class:`~fsinfo_fast.result.MetricResult` (``units="1/dim"``).
     """
     lin = linearize(encoder, x, backend=backend, seed=seed, sample_ids=sample_ids,
-                    memory_budget=memory_budget)
+                    memory_budget=memory_budget, progress=progress)
     return lin.dfil(sigma, estimator=estimator, rtol=rtol, atol=atol, num_probes=num_probes,
                     max_probes=max_probes, method=method)
 
@@ -186,6 +191,7 @@ def fsinfo_sigma(
     sample_ids: Tensor | None = None,
     backend: str = "auto",
     memory_budget: int | None = None,
+    progress: bool = False,
     lanczos_order: int | None = None,
 ) -> SigmaResult:
     r"""FSInfoGuard noise scale per sample: the sigma at which FSInfo equals ``target``.
@@ -201,7 +207,8 @@ def fsinfo_sigma(
 
     Args:
         encoder, x, variant, estimator, atol, rtol, num_probes, max_probes, prior_var, floor,
-            seed, sample_ids, backend, memory_budget, lanczos_order: as in :func:`fsinfo`.
+            seed, sample_ids, backend, memory_budget, progress, lanczos_order: as in
+            :func:`fsinfo`.
         target: the target FSInfo ``tau`` in nats per dimension (float or ``[B]``).
 
     Returns:
@@ -218,7 +225,7 @@ def fsinfo_sigma(
         [-1.0, -1.0, -1.0]
     """
     lin = linearize(encoder, x, backend=backend, seed=seed, sample_ids=sample_ids,
-                    memory_budget=memory_budget)
+                    memory_budget=memory_budget, progress=progress)
     return lin.fsinfo_sigma(target, variant=variant, estimator=estimator, atol=atol, rtol=rtol,
                             num_probes=num_probes, max_probes=max_probes, prior_var=prior_var,
                             floor=floor, lanczos_order=lanczos_order)
@@ -238,6 +245,7 @@ def dfil_sigma(
     sample_ids: Tensor | None = None,
     backend: str = "auto",
     memory_budget: int | None = None,
+    progress: bool = False,
 ) -> SigmaResult:
     r"""Noise scales for a target dFIL bound (Maeng et al. 2023's calibration).
 
@@ -249,13 +257,13 @@ def dfil_sigma(
 
     Args:
         encoder, x, estimator, rtol, num_probes, max_probes, method, seed, sample_ids, backend,
-            memory_budget: as in :func:`dfil`.
+            memory_budget, progress: as in :func:`dfil`.
         bound: the target ``1/dFIL`` (squared input units, ``> 0``).
 
     Returns:
         :class:`~fsinfo_fast.result.SigmaResult` (``metric="dfil"``).
     """
     lin = linearize(encoder, x, backend=backend, seed=seed, sample_ids=sample_ids,
-                    memory_budget=memory_budget)
+                    memory_budget=memory_budget, progress=progress)
     return lin.dfil_sigma(bound, estimator=estimator, rtol=rtol, num_probes=num_probes,
                           max_probes=max_probes, method=method)

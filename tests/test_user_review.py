@@ -192,7 +192,52 @@ def test_an_option_in_the_wrong_place_is_told_where_it_belongs(capsys, argv, wor
 def test_progress_counts_the_exact_routes_products(monkeypatch):
     """``ff.linearize(..., progress=True)``: the long single calls (the float64 oracle, the
     fast exact diagonal: ``min(m, d)`` one-hot products a sample) show a bar that counts every
-    product; without it no bar is made (the Python API had none, only the CLI)."""
+    product against the count they will compute; without it no bar is made (the Python API had
+    none, only the CLI)."""
+    from fsinfo_fast import _progress
+
+    bars = []
+
+    class Bar:
+        def __init__(self, **kw):
+            self.n, self.total, self.desc, self.closed = 0, kw.get("total"), kw["desc"], False
+            self.seen = []  # (n, total, desc) after each update
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+            self.seen.append((self.n, self.total, self.desc))
+
+        def set_description_str(self, desc, refresh=True):
+            self.desc = desc
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(_progress, "progress_bar", lambda feature, **kw: Bar(**kw))
+    enc, x = _enc(), torch.rand(2, 3, 4, 4)  # d = 48 < m = 64
+    quiet = ff.linearize(enc, x).exact()
+    assert bars == []
+    loud = ff.linearize(enc, x, progress=True).exact()
+    assert [(b.n, b.total, b.closed) for b in bars] == [(96, 96, True)]
+    assert torch.equal(quiet.diag, loud.diag)  # (the same products, counted)
+    bars.clear()
+    fast = ff.linearize(enc, x, progress=True).fsinfo(0.1, estimator="exact-fast")
+    # the call's bar: 48 one-hot JVPs a sample and the float64 rounding check's columns,
+    # counted against that total while the sweep runs
+    from fsinfo_fast.estimators.exact_fast import CHECK_COLUMNS
+
+    (bar,) = bars
+    assert fast.estimator == "exact-fast" and bar.closed
+    sweep = [s for s in bar.seen if s[2] == "exact diagonal (one-hot products)"]
+    before = bar.seen[bar.seen.index(sweep[0]) - 1][0] if bar.seen[0] != sweep[0] else 0
+    assert sweep[-1][0] == sweep[-1][1] == before + 2 * (48 + CHECK_COLUMNS)
+    assert bar.desc == "fsinfo (Jacobian products)" and bar.total is None  # (restored)
+
+
+def test_progress_counts_the_randomized_routes_products(monkeypatch):
+    """The randomized routes (adaptive probe counts, no total known ahead) count their products
+    on a bar too: every JVP and VJP of the call, at least the estimator's own."""
     from fsinfo_fast import _progress
 
     bars = []
@@ -209,12 +254,18 @@ def test_progress_counts_the_exact_routes_products(monkeypatch):
             self.closed = True
 
     monkeypatch.setattr(_progress, "progress_bar", lambda feature, **kw: Bar(**kw))
-    enc, x = _enc(), torch.rand(2, 3, 4, 4)  # d = 48 < m = 64
-    quiet = ff.linearize(enc, x).exact()
+    enc, x = _enc(), torch.rand(2, 3, 4, 4)
+    ff.linearize(enc, x).dfil(0.1, estimator="randomized", rtol=0.05)
     assert bars == []
-    loud = ff.linearize(enc, x, progress=True).exact()
-    ff.linearize(enc, x, progress=True).fsinfo(0.1, estimator="exact-fast")
-    assert [(b.n, b.total, b.closed) for b in bars] == [(96, 96, True), (96, 96, True)]
-    assert torch.equal(quiet.diag, loud.diag)  # (the same products, counted)
+    lin = ff.linearize(enc, x, progress=True)
+    for call in (lambda: lin.fsinfo(0.1, estimator="randomized", atol=0.05),
+                 lambda: lin.dfil(0.1, estimator="randomized", rtol=0.05),
+                 lambda: ff.fsinfo_sigma(enc, x, target=-1.0, estimator="randomized",
+                                         progress=True)):
+        bars.clear()
+        r = call()
+        (bar,) = bars
+        assert bar.closed and bar.total is None
+        assert bar.n >= int(r.info["computed_per_sample"].sum()) > 0
     with pytest.raises(ff.InvalidInputTypeError, match="progress"):
         ff.linearize(enc, x, progress="yes")

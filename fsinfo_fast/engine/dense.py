@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._progress import tick
 from ..errors import InvalidInputError, InvalidInputTypeError
 
 __all__ = ["DenseProducts"]
@@ -68,10 +69,12 @@ class DenseProducts:
         """``[B, K, d] -> [B, K, m]``: ``J_b V[b, k]``."""
         self._check(V, self.d, "jvp")
         self.jvp_passes += V.shape[1]
+        tick(V.shape[0] * V.shape[1])
         return torch.bmm(V.to(self.dtype), self.J.transpose(1, 2))
 
     def vjp(self, U: Tensor) -> Tensor:
         """``[B, K, m] -> [B, K, d]``: ``J_b^T U[b, k]``."""
         self._check(U, self.m, "vjp")
         self.vjp_passes += U.shape[1]
+        tick(U.shape[0] * U.shape[1])
         return torch.bmm(U.to(self.dtype), self.J)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
+from .._progress import tick
 from ..encoder import PreparedEncoder
 from ..errors import InvalidInputError
 from .capture import Captured, CaptureError, capture
@@ -444,6 +445,7 @@ class LinearisedProducts:
         V = self._check(V, self.d, "jvp")
         out = self._chunks(V, self._jvp, "jvp")
         self.jvp_passes += V.shape[1]
+        tick(V.shape[0] * V.shape[1])
         return out
 
     @torch.no_grad()
@@ -452,6 +454,7 @@ class LinearisedProducts:
         U = self._check(U, self.m, "vjp")
         out = self._chunks(U, self._vjp, "vjp")
         self.vjp_passes += U.shape[1]
+        tick(U.shape[0] * U.shape[1])
         return out
 
     @staticmethod

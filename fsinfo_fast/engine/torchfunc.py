@@ -18,6 +18,7 @@ from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 from torch.func import vmap
 
+from .._progress import tick
 from .._sysinfo import available_memory_bytes
 from ..encoder import PreparedEncoder, func_error, func_errors, quiet_vmap_loop
 from ..errors import InvalidInputError
@@ -170,6 +171,7 @@ class TorchFuncProducts:
 
             out = retry_in_grad_mode(self, run, "_pullback", "_pullback2")
         self.vjp_passes += U.shape[1]
+        tick(U.shape[0] * U.shape[1])
         return out
 
     def _build_pullback(self) -> None:
@@ -223,6 +225,7 @@ class TorchFuncProducts:
             self._jvp_route = route
             self.forward_mode = route < 2
             self.jvp_passes += V.shape[1]
+            tick(V.shape[0] * V.shape[1])
             return out
         raise AssertionError("unreachable")  # pragma: no cover
 

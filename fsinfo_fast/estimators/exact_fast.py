@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._progress import tick
+from .._progress import part
 from ..errors import InvalidInputError
 from ..formulas import (
     DIAG_FLOOR,
@@ -379,52 +379,52 @@ def exact_fast_fisher(
                          "output (a JVP on them is not 0): every column computed")
     itemsize = torch.finfo(dtype).bits // 8
     cs = _chunk_size(n, b, d, m, itemsize, budget, dev)
-    diag = torch.zeros(b, d, dtype=torch.float64, device=dev)
-    nonzero = torch.zeros(b, d, dtype=torch.bool, device=dev)  # (products not all 0)
-    for start in range(0, n, cs):
-        size = min(cs, n - start)
-        if side == "columns" and cols is not None:
-            idx = cols[start:start + size].to(dev)
-            sq = column_norms(products, idx, dtype)  # [B, c]
-            diag[:, idx] = sq
-        elif side == "columns":
-            out = products.jvp(_one_hot(b, start, size, d, dtype, dev))  # [B, c, m]
-            sq = square_sum64(out)  # [B, c]
-            diag[:, start:start + size] = sq
-            nonzero[:, start:start + size] = (out != 0).any(dim=-1)
-        else:
-            out = products.vjp(_one_hot(b, start, size, m, dtype, dev))  # [B, c, d]
-            nonzero |= (out != 0).any(dim=1)
-            sq = out.to(torch.float64).square_()  # (d < m: the small side)
-            diag += sq.sum(dim=1)
-        tick(b * size)
-        if not bool(torch.isfinite(sq).all()):
-            raise FloatingPointError(
-                f"the fast exact route got non-finite products ({side} {start}..{start + size})")
-    if known is not None:
-        mask = known[0].to(dev)
-        diag = torch.where(mask, known[1].to(diag), diag)
-    trace = diag.sum(dim=1)
-    floor = rounding_floor(dtype)
-    gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
-    if cols is None:
-        k = min(n_check, d)
-        checked = torch.randperm(d, generator=gen)[:k].sort().values
-    else:  # the others' zeros are exact
-        k = min(n_check, n)
-        checked = cols.cpu()[torch.randperm(n, generator=gen)[:k]].sort().values
-    measured = torch.zeros(b, dtype=torch.float64, device=dev)
-    check_passes = 0
-    if check_products is not None and k > 0:
-        e = torch.zeros(b, k, d, dtype=torch.float64, device=dev)
-        e[:, torch.arange(k), checked.to(dev)] = 1
-        ref = square_sum64(check_products.jvp(e))  # [B, k]
-        check_passes = k
-        got = diag[:, checked.to(dev)]
-        both0 = (ref == 0) & (got == 0)
-        rel = torch.where(both0, torch.zeros_like(ref), (got - ref).abs() / ref)
-        rel = torch.nan_to_num(rel, nan=math.inf, posinf=math.inf)
-        measured = rel.amax(dim=1)
+    # the columns the rounding check reads again in float64, after the sweep
+    k = 0 if check_products is None else min(n_check, d if cols is None else n)
+    with part("exact diagonal (one-hot products)", b * (n + k)):
+        diag = torch.zeros(b, d, dtype=torch.float64, device=dev)
+        nonzero = torch.zeros(b, d, dtype=torch.bool, device=dev)  # (products not all 0)
+        for start in range(0, n, cs):
+            size = min(cs, n - start)
+            if side == "columns" and cols is not None:
+                idx = cols[start:start + size].to(dev)
+                sq = column_norms(products, idx, dtype)  # [B, c]
+                diag[:, idx] = sq
+            elif side == "columns":
+                out = products.jvp(_one_hot(b, start, size, d, dtype, dev))  # [B, c, m]
+                sq = square_sum64(out)  # [B, c]
+                diag[:, start:start + size] = sq
+                nonzero[:, start:start + size] = (out != 0).any(dim=-1)
+            else:
+                out = products.vjp(_one_hot(b, start, size, m, dtype, dev))  # [B, c, d]
+                nonzero |= (out != 0).any(dim=1)
+                sq = out.to(torch.float64).square_()  # (d < m: the small side)
+                diag += sq.sum(dim=1)
+            if not bool(torch.isfinite(sq).all()):
+                raise FloatingPointError("the fast exact route got non-finite products "
+                                         f"({side} {start}..{start + size})")
+        if known is not None:
+            mask = known[0].to(dev)
+            diag = torch.where(mask, known[1].to(diag), diag)
+        trace = diag.sum(dim=1)
+        floor = rounding_floor(dtype)
+        gen = torch.Generator().manual_seed(int(seed) & 0x7FFFFFFFFFFFFFFF)
+        if cols is None:
+            checked = torch.randperm(d, generator=gen)[:min(n_check, d)].sort().values
+        else:  # the others' zeros are exact
+            checked = cols.cpu()[torch.randperm(n, generator=gen)[:min(n_check, n)]].sort().values
+        measured = torch.zeros(b, dtype=torch.float64, device=dev)
+        check_passes = 0
+        if check_products is not None and k > 0:
+            e = torch.zeros(b, k, d, dtype=torch.float64, device=dev)
+            e[:, torch.arange(k), checked.to(dev)] = 1
+            ref = square_sum64(check_products.jvp(e))  # [B, k]
+            check_passes = k
+            got = diag[:, checked.to(dev)]
+            both0 = (ref == 0) & (got == 0)
+            rel = torch.where(both0, torch.zeros_like(ref), (got - ref).abs() / ref)
+            rel = torch.nan_to_num(rel, nan=math.inf, posinf=math.inf)
+            measured = rel.amax(dim=1)
     # (+ the float64 sums: m squares an entry, d entries the trace)
     rel_err = (SAFETY * measured).clamp_min(floor) + sum_rel_bound(m + d + 1)
     info = {"backend": getattr(products, "backend", None), "exact_fast_dtype": str(dtype),
