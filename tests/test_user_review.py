@@ -269,3 +269,17 @@ def test_progress_counts_the_randomized_routes_products(monkeypatch):
         assert bar.n >= int(r.info["computed_per_sample"].sum()) > 0
     with pytest.raises(ff.InvalidInputTypeError, match="progress"):
         ff.linearize(enc, x, progress="yes")
+
+
+@pytest.mark.parametrize("target", ["a", torch.zeros(3), torch.zeros(2, 2), float("nan")])
+def test_exact_fisher_sigma_checks_its_target(target):
+    """``lin.exact().fsinfo_sigma(target)`` / ``.sigma_interval`` called directly check the
+    target as the public calls do: a string or a ``[k != B]`` target raised torch's raw
+    errors (``ValueError``, a broadcast ``RuntimeError``)."""
+    enc, x = _enc(), torch.rand(2, 3, 4, 4)
+    ex = ff.linearize(enc, x).exact()
+    with pytest.raises(ff.InvalidInputError, match="target must be"):
+        ex.fsinfo_sigma(target)
+    with pytest.raises(ff.InvalidInputError, match="target must be"):
+        ex.sigma_interval(target)
+    assert torch.equal(ex.fsinfo_sigma([-1.0, -2.0]).sigma[:1], ex.fsinfo_sigma(-1.0).sigma[:1])

@@ -578,8 +578,7 @@ class ExactFisher:
         :meth:`fsinfo`), ``sigma*`` is the upper bracket's (the most noise it may need); where
         the upper bracket is not finite (no claim), the upper end is ``inf``."""
         lam = _check_options(variant, prior_var, floor)
-        if not torch.isfinite(torch.as_tensor(target, dtype=torch.float64)).all():
-            raise InvalidInputError(f"target must be finite (nats per dimension), got {target!r}")
+        check_target(target, self.batch)  # (a string or a [k != B] target: torch's raw errors)
         c = floor if variant == "diag" else lam
         point, low, high, n, t = self._bracket(
             variant, torch.ones(self.batch, dtype=torch.float64, device=self.trace.device), c)
