@@ -85,6 +85,7 @@ from .encoder import (
 )
 from .engine import default_memory_budget, make_products
 from .errors import (
+    CostlyRouteWarning,
     EncoderError,
     FSInfoError,
     InvalidInputError,
@@ -572,11 +573,32 @@ def _modes_checked(kind: str) -> Callable:
                     "rounding (saturating activations, read as the oracle reads it) put the "
                     f"{out.estimator} interval past the tolerance for {n} sample(s), so the "
                     "float64 oracle was used")
+            if kw.get("estimator") == "randomized" and kw.get("num_probes") is None:
+                _warn_costly_randomized(wide, min(self.m, self.d))
             return self._modes_flagged(wide, kind, c)
 
         return checked
 
     return wrap
+
+
+def _warn_costly_randomized(out: MetricResult | SigmaResult, exact_cost: int) -> None:
+    """Warn (:class:`~fsinfo_fast.errors.CostlyRouteWarning`) where an explicitly randomized
+    estimate left samples unconverged after at least the ``min(m, d)`` products the exact
+    route needs for each (a classifier's logits: 1000 probes where 10 one-hot products give
+    the exact value); their intervals stand, only wider than the tolerance."""
+    spent = getattr(out, "probes_per_sample", None)  # (a SigmaResult: its products)
+    spent = out.info.get("computed_per_sample") if spent is None else spent
+    miss = ~out.converged
+    if spent is None or not bool(miss.any()):
+        return
+    worst = int(torch.as_tensor(spent)[miss.cpu()].max())
+    if worst < exact_cost:
+        return
+    warn_user(f"estimator='randomized': {int(miss.sum())} of {len(miss)} sample(s) did not reach "
+              f"the tolerance within {worst} probes (their 95% intervals stand, wider); the "
+              f"exact route needs min(m, d) = {exact_cost} products a sample: "
+              "estimator='auto' takes it where it is cheaper", CostlyRouteWarning)
 
 
 class _Shape:

@@ -381,8 +381,22 @@ class MetricResult:
         se = float(self.stderr.max()) if n else 0.0
         return (
             f"MetricResult({self.metric}, [{head}{more}] {self.units}, "
-            f"max stderr {se:.2g}, estimator={self.estimator}, B={n}, d={self.d}, m={self.m})"
+            f"max stderr {se:.2g}, estimator={self.estimator}, B={n}, d={self.d}, m={self.m}"
+            f"{_flag_counts(self.converged, self.bound)})"
         )
+
+
+def _flag_counts(converged: Tensor, bound: Tensor | None) -> str:
+    """The ``repr``'s note of the samples that missed their tolerance and of the upper bounds
+    (``", 2 not converged"``; empty where there are none): the values alone look final."""
+    notes = []
+    n = int((~converged).sum())
+    if n:
+        notes.append(f"{n} not converged")
+    k = 0 if bound is None else int(bound.sum())
+    if k:
+        notes.append(f"{k} upper bound{'s' if k > 1 else ''} only")
+    return "".join(f", {t}" for t in notes)
 
 
 @dataclass(frozen=True)
@@ -490,4 +504,4 @@ class SigmaResult:
         head = ", ".join(f"{float(v):.4g}" for v in self.sigma[:4])
         more = ", ..." if len(self) > 4 else ""
         return (f"SigmaResult({self.metric}, sigma [{head}{more}], estimator={self.estimator}, "
-                f"B={len(self)})")
+                f"B={len(self)}{_flag_counts(self.converged, None)})")

@@ -283,3 +283,29 @@ def test_exact_fisher_sigma_checks_its_target(target):
     with pytest.raises(ff.InvalidInputError, match="target must be"):
         ex.sigma_interval(target)
     assert torch.equal(ex.fsinfo_sigma([-1.0, -2.0]).sigma[:1], ex.fsinfo_sigma(-1.0).sigma[:1])
+
+
+def test_randomized_left_unconverged_where_exact_is_cheaper_warns():
+    """An explicit ``estimator="randomized"`` on a classifier's logits (``m = 10``) ran to its
+    cap, every sample unconverged, without a word (helper 115: 1000 probes a sample where 10
+    one-hot products give the exact value); it warns now, and the results' ``repr`` counts
+    the unconverged samples (the values alone looked final). ``auto`` does not warn."""
+    import warnings
+
+    torch.manual_seed(0)
+    enc = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Tanh(),
+                              torch.nn.Flatten(), torch.nn.Linear(64, 10),
+                              torch.nn.Softmax(-1)).eval()
+    x = torch.rand(2, 3, 4, 4)
+    lin = ff.linearize(enc, x)
+    with pytest.warns(ff.CostlyRouteWarning, match=r"min\(m, d\) = 10 products"):
+        r = lin.fsinfo(0.1, estimator="randomized", max_probes=40)
+    assert not bool(r.converged.any()) and "2 not converged" in repr(r)
+    with pytest.warns(ff.CostlyRouteWarning, match="2 of 2 sample"):
+        s = ff.fsinfo_sigma(enc, x, target=-1.0, estimator="randomized", max_probes=40)
+    assert repr(s).endswith(", 2 not converged)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ff.CostlyRouteWarning)
+        a = lin.fsinfo(0.1)  # auto: the exact route
+        lin.fsinfo(0.1, estimator="randomized", num_probes=8)  # (a fixed count asked for)
+    assert bool(a.converged.all()) and "converged" not in repr(a)
