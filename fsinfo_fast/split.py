@@ -499,14 +499,17 @@ class _State:
 
     def restore(self) -> None:
         """Put back the buffers and the RNG states. A buffer is written back where it was
-        replaced or written to since (its version counter moved) and wherever its module is in
-        training mode: BatchNorm updates its running statistics inside the kernel, which does not
-        move the counter."""
+        replaced or written to since (its version counter moved), and where its module is in
+        training mode and its values changed: BatchNorm updates its running statistics inside
+        the kernel, which does not move the counter. (Writing back every buffer of a module in
+        training mode moved the counters of buffers no pass had touched, a ``position_ids``
+        of a CLIP model with dropout 0: the encoder then read as changed, helper 114.)"""
         with torch.no_grad():
             for m, name, t, version, value in self.buffers:
                 if m._buffers.get(name) is not t:
                     m._buffers[name] = t
-                if m.training or version is None or _version(t) != version:
+                if (version is None or _version(t) != version
+                        or (m.training and not torch.equal(t, value))):
                     t.copy_(value)
         torch.set_rng_state(self.cpu)
         for d, state in self.cuda:
