@@ -56,3 +56,46 @@ def test_training_mode_batchnorm_statistics_still_put_back():
     assert not torch.equal(bn.running_mean, before)
     state.restore()
     assert torch.equal(bn.running_mean, before)
+
+
+def _underflowing() -> nn.Module:
+    """Jacobian entries near 1e-48: below float32's smallest subnormal, float64's are not."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                        nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        for layer in (enc[0], enc[2], enc[4]):
+            layer.weight.mul_(1e-16)
+    return enc
+
+
+def test_underflowing_jacobian_is_not_read_as_dead_columns():
+    """Where float32 products underflow to exact zeros, the validation's VJP and the fast
+    exact route's Rademacher check read every column as dead: dFIL 0 with a zero half-width,
+    ``converged``, ``info`` saying no input dimension reaches the output, and
+    ``dfil_bound`` an infinite "proven" bound (helper 114: a random EfficientNet block).
+    The check runs in float64 too: the route computes every column, its rounding check sees
+    them lost (no upper end), and ``auto`` takes the float64 oracle."""
+    enc, x = _underflowing(), torch.randn(3, 8)
+    ref = ff.reference.dfil(enc, x, sigma=0.1)
+    assert bool((ref.value > 0).all())
+    got = ff.dfil(enc, x, sigma=0.1)
+    lo, hi = got.ci95()
+    assert bool(((lo <= ref.value) & (ref.value <= hi)).all()) and got.estimator == "exact"
+    assert bool(torch.isfinite(ff.bounds.dfil_bound(got).value).all())
+    fast = ff.dfil(enc, x, sigma=0.1, estimator="exact-fast")
+    assert "an underflow" in fast.info["exact_fast_live"]
+    assert not bool(fast.converged.any()) and bool(torch.isinf(fast.ci_halfwidth).all())
+
+
+def test_dead_columns_still_skipped_where_float64_agrees():
+    """Columns that do not reach the output (zero in float64 too) keep the shortcut: only the
+    live columns are computed (one float64 JVP more checks the rest)."""
+    torch.manual_seed(0)
+    # a crop drops the border pixels: d = 108, 48 live, m = 256
+    enc = nn.Sequential(nn.ZeroPad2d(-1), nn.Conv2d(3, 16, 1), nn.Tanh()).eval()
+    x = torch.rand(2, 3, 6, 6)
+    fast = ff.dfil(enc, x, sigma=0.1, estimator="exact-fast")
+    ref = ff.reference.dfil(enc, x, sigma=0.1)
+    assert fast.info["exact_fast_live"].startswith("60 of 108 input dimensions do not reach")
+    torch.testing.assert_close(fast.value, ref.value, rtol=1e-5, atol=0)
