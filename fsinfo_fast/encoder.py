@@ -270,7 +270,10 @@ def check_prior_var(prior_var: float | None) -> float:
 
 def _note_batch(err: BaseException, x: Tensor) -> None:
     """Add to the encoder's own error how the metrics called it (an unbatched sample, read as a
-    batch of its first dimension, fails inside the model with a shape error of its own)."""
+    batch of its first dimension, fails inside the model with a shape error of its own).
+    Python 3.11+ (shown with the traceback; 3.10 has no notes: the error goes as it came)."""
+    if not hasattr(err, "add_note"):
+        return
     err.add_note(f"fsinfo_fast called the encoder on x of shape {tuple(x.shape)}: a batch of "
                  f"{x.shape[0]} sample(s) of shape {tuple(x.shape[1:])} (the first dimension is "
                  "the batch; for one sample pass x.unsqueeze(0))")

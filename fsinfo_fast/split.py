@@ -684,6 +684,8 @@ class HookEncoder(_HookBase):
                 hint = _token_input_hint(self.model, x)
                 if hint:
                     raise EncoderError(hint + f" ({type(err).__name__}: {err})") from err
+            if seen == 0 and self.input_name and not isinstance(err, FSInfoError):
+                _note_unnamed_input(err, self.model, self.input_name, self.path)
             if stop is not None or seen == 0 or isinstance(err, FSInfoError):
                 raise
             # the run failed in the layers after the cut (e.g. a fixed-size head on a smaller
@@ -703,6 +705,25 @@ class HookEncoder(_HookBase):
         out, state = kept[0]
         state.restore()  # the layers after the cut leave no trace (BatchNorm statistics, RNG)
         return out
+
+
+def _note_unnamed_input(err: BaseException, model: nn.Module, name: str, path: str) -> None:
+    """Add to an error the model raised before reaching the cut that ``input_name`` is not a
+    named parameter of its forward, where that is so (a ``**kwargs`` took the keyword, and the
+    model failed for want of its real input: transformers' ``CLIPTextModel`` and
+    ``inputs_embeds``, helper 114)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return
+    if name in params or not hasattr(err, "add_note"):
+        return
+    named = ", ".join(p for p, v in params.items() if v.kind not in (
+        inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))
+    err.add_note(f"fsinfo_fast passed the input as {name}=, which is not a named parameter of "
+                 f"{type(model).__name__}.forward ({named}; its **kwargs took it): split "
+                 f"a submodule that takes the float input (one holding {path!r}, such as its "
+                 "encoder) instead, or give input_name= a keyword the forward names")
 
 
 def _token_input_hint(model: nn.Module, x: Any) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import fsinfo_fast as ff
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes: Python 3.11+")
 def test_unbatched_sample_error_says_how_the_encoder_was_called():
     """One image [3, H, W] given to an image model: the model's own shape error (a ViT's
     'not enough values to unpack (expected 4, got 3)', a conv's expected-4D message) came with

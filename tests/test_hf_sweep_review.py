@@ -5,6 +5,9 @@ take; shape errors raised before the cut."""
 
 from __future__ import annotations
 
+import sys
+
+import pytest
 import torch
 from torch import nn
 
@@ -99,3 +102,27 @@ def test_dead_columns_still_skipped_where_float64_agrees():
     ref = ff.reference.dfil(enc, x, sigma=0.1)
     assert fast.info["exact_fast_live"].startswith("60 of 108 input dimensions do not reach")
     torch.testing.assert_close(fast.value, ref.value, rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes: Python 3.11+")
+def test_input_name_a_forward_does_not_name_is_said():
+    """``input_name=`` that the model's ``forward`` takes only through ``**kwargs``: the model
+    failed for want of its real input with its own message alone (transformers 5's
+    ``CLIPTextModel`` and ``inputs_embeds``, helper 114); the error now says so."""
+
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.Linear(4, 4)
+
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            if input_ids is None:
+                raise ValueError("You have to specify input_ids")
+            return self.encoder(input_ids)
+
+    enc = ff.split(Text().eval(), "encoder", input_name="inputs_embeds")
+    with pytest.raises(ValueError, match="You have to specify input_ids") as info:
+        ff.fsinfo(enc, torch.randn(2, 4), sigma=0.1)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "inputs_embeds=, which is not a named parameter of Text.forward" in notes
+    assert "input_ids, attention_mask" in notes
