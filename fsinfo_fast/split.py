@@ -565,6 +565,7 @@ class _HookBase(nn.Module):
                 " It is unused, used other than by calling it (e.g. only its weights), or "
                 "skipped on this input."
             )
+            why += _container_hint(self._target(), self.path)
             if fx._symbolic_trace.is_fx_symbolic_tracing():
                 why += (" (Under torch.fx symbolic tracing, forward hooks of modules that "
                         "torch.fx keeps whole do not run, so a hooks-route encoder cannot be "
@@ -705,6 +706,17 @@ class HookEncoder(_HookBase):
         out, state = kept[0]
         state.restore()  # the layers after the cut leave no trace (BatchNorm statistics, RNG)
         return out
+
+
+def _container_hint(target: nn.Module, path: str) -> str:
+    """For a split at a ``ModuleList`` / ``ModuleDict`` (never called: the model iterates over
+    it), which member to cut at instead; ``""`` for other modules (PoolFormer's
+    ``encoder.block.0``, helper 114)."""
+    if not isinstance(target, (nn.ModuleList, nn.ModuleDict)) or not len(target):
+        return ""
+    first = next(iter(target._modules))
+    return (f" A {type(target).__name__} is a container the model iterates over, not a module "
+            f"it calls: cut at one of its members, e.g. '{path}.{first}'.")
 
 
 def _note_unnamed_input(err: BaseException, model: nn.Module, name: str, path: str) -> None:
@@ -1110,7 +1122,8 @@ def _cut_at_module(model: nn.Module, path: str, target: nn.Module, index: int | 
         )
         raise SplitError(
             f"module {path!r} ({type(target).__name__}) is never called in the traced forward of "
-            f"{cls}:{where}"
+            f"{cls}:{where}" + ("." + container if (container := _container_hint(target, path))
+                               else "")
         )
     k = opts.index
     if not -len(calls) <= k < len(calls):

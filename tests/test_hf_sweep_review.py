@@ -126,3 +126,24 @@ def test_input_name_a_forward_does_not_name_is_said():
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "inputs_embeds=, which is not a named parameter of Text.forward" in notes
     assert "input_ids, attention_mask" in notes
+
+
+@pytest.mark.parametrize("route", ["auto", "hooks"])
+def test_split_at_a_module_list_names_a_member(route):
+    """A split at a ``ModuleList`` (the model iterates over it, never calls it) said it was
+    never called, without the member to cut at (PoolFormer's ``encoder.block.0``, helper
+    114)."""
+
+    class Staged(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.ModuleList([nn.ModuleList([nn.Linear(4, 4), nn.Tanh()])])
+
+        def forward(self, x):
+            for stage in self.block:
+                for layer in stage:
+                    x = layer(x)
+            return x
+
+    with pytest.raises(ff.SplitError, match=r"cut at one of its members, e.g. 'block\.0\.0'"):
+        ff.fsinfo(ff.split(Staged().eval(), "block.0", route=route), torch.randn(2, 4))
