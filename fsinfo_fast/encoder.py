@@ -918,8 +918,10 @@ def _prepare(
                    if training or not isinstance(enc, nn.Module) else
                    "the model is in eval mode, so the randomness does not depend on the mode "
                    "(torch.rand / randn in forward: random masking such as ViTMAE's noise, "
-                   "noise layers, F.dropout(..., training=True)): pass it fixed (ViTMAE: "
-                   "noise=) or remove it")
+                   "noise layers, F.dropout(..., training=True)): pass it fixed or remove "
+                   "it (ViTMAE takes noise=: split an nn.Module whose forward returns "
+                   "model(pixel_values=x, noise=fixed.expand(len(x), -1)) with fixed a [1, "
+                   "patches] tensor)")
             raise EncoderError(
                 f"the encoder's output is not deterministic: a second forward of the same input "
                 f"differs by {diff:.3g} (relative {diff / scale:.3g}). Random operations "
