@@ -55,7 +55,7 @@ def meter(enabled: bool, desc: str, total: int | None = None) -> Iterator[None]:
         with part(desc, total):
             yield
         return
-    bar = progress_bar("progress=True", desc=desc, total=total, unit="product", leave=False)
+    bar = progress_bar("progress=True", desc=desc, total=total, unit=" product", leave=False)
     token = _METER.set(bar)
     try:
         yield
