@@ -1099,6 +1099,13 @@ class Linearization:
             g64 = p64.vjp(u)
             g = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
             self._check_products += u.shape[1]
+            # a sample whose every working-dtype product is 0 where float64's are not: its
+            # whole Jacobian underflows (entries near 1e-48 in float32), and the routes' own
+            # products see nothing of it (dFIL 0 with a zero half-width, helper 116); the
+            # scaled products below would see it, which keeps a lone underflowing column among
+            # ordinary ones (a negligible share) off the lost list
+            under = ((g == 0).all(dim=2).all(dim=1)
+                     & (g64 != 0).any(dim=2).any(dim=1))[:, None]  # [B, 1]
             zero = (g == 0) & (g64 != 0)
             if bool(zero.any()):
                 big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64)
@@ -1133,6 +1140,9 @@ class Linearization:
                     zero = torch.zeros_like(s32)
                     stats = (torch.where(partial, s32, zero), torch.where(partial, s64, zero),
                              u.shape[1] + LOST_CONFIRM)
+            if bool(under.any()):  # every float64-nonzero column of such a sample: lost
+                lost |= under & nz64
+                partial &= ~lost
             self._pair_cache = (g64, g, lost, partial, stats)
             self._p64 = None  # (its pullback holds the float64 forward's saved tensors)
         return self._pair_cache

@@ -383,9 +383,13 @@ def exact_fast_fisher(
                 " in float64, where the working dtype rounds it to 0: an underflow")
         if dead_ok:
             side, n = "columns", int(cols.numel())
+            k_lost = 0 if known is None else int(known[0].sum(dim=1).max())
+            lost_part = "" if not k_lost else (
+                f", except up to {k_lost} a sample that the working dtype rounds to 0 and "
+                "float64 does not, computed in float64 (exact_fast_lost_columns)")
             live_note = (f"{d - n} of {d} input dimensions do not reach the output (the "
                          "validation's VJP is 0 there and a Rademacher JVP on them is exactly "
-                         f"0): {n} one-hot JVPs on the others (+1 for that check)")
+                         f"0{lost_part}): {n} one-hot JVPs on the others (+1 for that check)")
         else:
             cols = None
             live_note = ("the input dimensions where the validation's VJP was 0 do reach the "
