@@ -587,8 +587,10 @@ def _warn_costly_randomized(out: MetricResult | SigmaResult, exact_cost: int) ->
     estimate left samples unconverged after at least the ``min(m, d)`` products the exact
     route needs for each (a classifier's logits: 1000 probes where 10 one-hot products give
     the exact value); their intervals stand, only wider than the tolerance."""
-    spent = getattr(out, "probes_per_sample", None)  # (a SigmaResult: its products)
-    spent = out.info.get("computed_per_sample") if spent is None else spent
+    spent = getattr(out, "probes_per_sample", None)  # (a SigmaResult: its probes, those
+    if spent is None and out.info.get("computed_per_sample") is not None:  # reused included)
+        spent = (torch.as_tensor(out.info["computed_per_sample"])
+                 + int(out.info.get("reused_probes", 0)))
     miss = ~out.converged
     if spent is None or not bool(miss.any()):
         return

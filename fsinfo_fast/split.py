@@ -509,11 +509,19 @@ class _State:
                 if m._buffers.get(name) is not t:
                     m._buffers[name] = t
                 if (version is None or _version(t) != version
-                        or (m.training and not torch.equal(t, value))):
+                        or (m.training and not _same_values(t, value))):
                     t.copy_(value)
         torch.set_rng_state(self.cpu)
         for d, state in self.cuda:
             torch.cuda.set_rng_state(state, d)
+
+
+def _same_values(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` hold the same values, a NaN matching a NaN (``torch.equal`` does not:
+    a buffer holding NaN was written back after every pass, helper 116)."""
+    if a.is_floating_point() or a.is_complex():
+        return bool(torch.allclose(a, b, rtol=0.0, atol=0.0, equal_nan=True))
+    return torch.equal(a, b)
 
 
 def _version(t: Tensor) -> int | None:
@@ -679,6 +687,8 @@ class HookEncoder(_HookBase):
                     f"the model did not take the input positionally ({err}); give the keyword "
                     "its forward takes it as, e.g. ff.split(model, ..., "
                     "input_name='pixel_values')") from err
+            if seen == 0 and self.input_name:
+                _note_unnamed_input(err, self.model, self.input_name, self.path)
             raise
         except Exception as err:
             if seen == 0 and not self.input_name and not isinstance(err, FSInfoError):
@@ -732,8 +742,10 @@ def _note_unnamed_input(err: BaseException, model: nn.Module, name: str, path: s
         return
     named = ", ".join(p for p, v in params.items() if v.kind not in (
         inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD))
+    took = ("; its **kwargs took it" if any(v.kind == inspect.Parameter.VAR_KEYWORD
+                                            for v in params.values()) else "")
     err.add_note(f"fsinfo_fast passed the input as {name}=, which is not a named parameter of "
-                 f"{type(model).__name__}.forward ({named}; its **kwargs took it): split "
+                 f"{type(model).__name__}.forward ({named}{took}): split "
                  f"a submodule that takes the float input (one holding {path!r}, such as its "
                  "encoder) instead, or give input_name= a keyword the forward names")
 

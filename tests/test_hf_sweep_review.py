@@ -5,6 +5,7 @@ take; shape errors raised before the cut."""
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 
@@ -193,3 +194,51 @@ def test_dead_set_that_underflows_in_part_is_not_called_dead():
     ref = ff.reference.dfil(enc, x, sigma=0.1)
     lo, hi = fast.ci95()
     assert bool(((lo <= ref.value) & (ref.value <= hi)).all())
+
+
+def test_training_mode_buffer_holding_nan_is_left_alone():
+    """A training-mode buffer holding NaN (``torch.equal`` reads NaN != NaN) was still written
+    back after each pass, and the encoder read as changed (helper 116)."""
+
+    class NanBuffer(_Buffered):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("unused", torch.tensor([math.nan, 1.0]))
+
+    torch.manual_seed(0)
+    model, x = NanBuffer(), torch.randn(2, 4)
+    lin = ff.linearize(ff.split(model, "a"), x)
+    lin.fsinfo(0.1)
+    lin.dfil(0.1)  # (raised EncoderError: "the encoder changed since ...")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes: Python 3.11+")
+def test_input_name_note_on_a_type_error_too():
+    """A model whose forward passes the missing input on as None fails with a TypeError,
+    which skipped the note on ``input_name`` (helper 116)."""
+
+    class Kw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+
+        def forward(self, input_ids=None, **kw):
+            return self.a(input_ids)
+
+    with pytest.raises(TypeError) as info:
+        ff.split(Kw().eval(), "a", input_name="inputs_embeds", route="hooks")(torch.randn(2, 4))
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "not a named parameter of Kw.forward (input_ids; its **kwargs took it)" in notes
+
+
+def test_costly_warning_for_sigma_on_reused_probes():
+    """``fsinfo_sigma(estimator="randomized")`` after ``fsinfo`` reuses its probes (0 computed)
+    and did not warn where the metric did (helper 116): both count the probes used."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4)).eval()
+    lin = ff.linearize(enc, torch.randn(3, 12))
+    with pytest.warns(ff.CostlyRouteWarning):
+        lin.fsinfo(1.0, estimator="randomized", max_probes=40)
+    with pytest.warns(ff.CostlyRouteWarning, match="within 40 probes"):
+        s = lin.fsinfo_sigma(-1.0, estimator="randomized", max_probes=40)
+    assert not bool(s.converged.any())
