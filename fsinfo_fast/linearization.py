@@ -592,8 +592,8 @@ def _warn_costly_randomized(out: MetricResult | SigmaResult, exact_cost: int) ->
         spent = (torch.as_tensor(out.info["computed_per_sample"])
                  + int(out.info.get("reused_probes", 0)))
     miss = ~out.converged
-    if spent is None or not bool(miss.any()):
-        return
+    if spent is None or not bool(miss.any()) or "costly" in out.info:
+        return  # (the randomized log det's own warning said it: info["costly"])
     worst = int(torch.as_tensor(spent)[miss.cpu()].max())
     if worst < exact_cost:
         return

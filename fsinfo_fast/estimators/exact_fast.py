@@ -330,8 +330,9 @@ def exact_fast_fisher(
             ``U`` of the batch's is small (:func:`live_columns`), only its columns are computed
             (``|U|`` JVPs) and the diagonal is 0 on the others, after one JVP of a Rademacher
             vector on those others came back exactly 0 for every sample (a zero column gives
-            exact zeros; a nonzero one would show). Where it did not, the whole route runs
-            (``info["exact_fast_live"]`` says so).
+            exact zeros; a nonzero one would show), in the working dtype and, with
+            ``check_products``, in float64 (an underflow gives exact zeros in float32 too).
+            Where it did not, the whole route runs (``info["exact_fast_live"]`` says so).
         known: ``(mask [B, d] bool, values [B, d] float64)``: diagonal entries computed
             exactly elsewhere (the columns a working dtype below float64 rounds to 0,
             :meth:`~fsinfo_fast.Linearization._lost`); they replace the products' before the
