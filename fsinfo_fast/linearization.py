@@ -138,7 +138,7 @@ from .estimators.stopping import (
     planned_probes,
     tolerance_met,
 )
-from .formulas import DIAG_FLOOR, HALF_LOG_2PIE, as_sigma
+from .formulas import DIAG_FLOOR, HALF_LOG_2PIE, as_sigma, sum_rel_bound
 from .reference.oracle import _check_options, _warn_singular
 from .reference.saturation import perturbed_vjp
 from .result import Z95, MetricResult, SigmaResult
@@ -1101,13 +1101,15 @@ class Linearization:
             g64 = p64.vjp(u)
             g = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
             self._check_products += u.shape[1]
-            # a sample whose every working-dtype product is 0 where float64's are not: its
-            # whole Jacobian underflows (entries near 1e-48 in float32), and the routes' own
-            # products see nothing of it (dFIL 0 with a zero half-width, helper 116); the
+            # a sample whose working-dtype products keep less than half the float64 ones'
+            # energy: its whole Jacobian underflows (entries near 1e-48 in float32: every
+            # product 0; near 1e-44: a few subnormals, helper 118), and the routes' own
+            # products see nothing of it (dFIL 0 with a zero half-width, helper 116). The
             # scaled products below would see it, which keeps a lone underflowing column among
-            # ordinary ones (a negligible share) off the lost list
-            under = ((g == 0).all(dim=2).all(dim=1)
-                     & (g64 != 0).any(dim=2).any(dim=1))[:, None]  # [B, 1]
+            # ordinary ones (a negligible share) off the lost list; rounding keeps the energy
+            # to a few ulps
+            e32, e64 = g.square().sum(dim=(1, 2)), g64.square().sum(dim=(1, 2))
+            under = ((e64 > 0) & (e32 < 0.5 * e64))[:, None]  # [B, 1]
             zero = (g == 0) & (g64 != 0)
             if bool(zero.any()):
                 big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64)
@@ -1764,7 +1766,14 @@ class Linearization:
             info["lost_columns_why"] = (
                 f"input dimensions whose column of J is 0 in {dt} but not in float64 ({what}) "
                 "are counted with their float64 diagonal entries (one float64 JVP each)")
-            right = dataclasses.replace(r, value=r.value + add, info=info)
+            # (the float64 entries' own rounding: a column's sum of m squares, the trace's
+            # sum over d; an interval of exactly 0 around them claimed too much, helper 118)
+            e64 = (sum_rel_bound(self.m + self.d + 1) * add.abs() if r.metric == "dfil" else
+                   sum_rel_bound(self.m + 1) * n_lost.to(add) / (2 * self.d))
+            e64 = torch.where(add != 0, e64, 0.0)
+            right = dataclasses.replace(r, value=r.value + add, info=info,
+                                        ci_halfwidth=r.ci_halfwidth + e64,
+                                        bias_bound=r.bias_bound + e64)
             rows = over.to(r.value.device)
             rows[r.info.get("exact_fast_oracle_samples", [])] = False  # (the oracle's already)
             if not bool(rows.any()) and claims is None:
@@ -1897,6 +1906,12 @@ class Linearization:
                 rj = torch.where(den > 0, rj, torch.where((n32.sum(dim=1) + add) > 0,
                                                           math.inf, 0.0))
                 eps_j = ROUNDING_SAFETY * (rj.abs() + Z95 * torch.nan_to_num(sej, nan=0.0))
+                if found is not None:  # every column of a sample lost (or 0 in float64 too):
+                    # its JVPs carry nothing, the lost part is exact; the comparison above
+                    # would read the probes' own spread around that part as rounding (a
+                    # whole Jacobian that underflows: no upper end, helper 118)
+                    whole = (found[1] | found[0]).all(dim=1) & ~found[3].to(found[1].device)
+                    eps_j = torch.where(whole.to(eps_j.device), 0.0, eps_j)
                 eps = torch.maximum(eps, eps_j.to(eps))
             out = eps / (1 - eps) * value.to(eps).abs()
             return torch.where(eps < 1, out, torch.where(value == 0, 0.0, math.inf))
@@ -3452,6 +3467,9 @@ class Linearization:
         if first is None:
             return None, why
         out, r = first
+        # a target far above FSInfo(1): say so, not the metric's sigma check at the second
+        # solve (helper 118); an exact 0 (every probe 0: J = 0) is a result
+        _check_sigma_star(out.sigma, r.value, tau, exact_zero=out.sigma == 0)
         # (the probes and stages were chosen at sigma = 1, where the floor can hide the spread:
         # 14 probes there, and at sigma* of e^-2..e^-6 the interval missed the truth by up to 7
         # half-widths with converged True, helper 102; the estimate at the solution sizes them

@@ -242,3 +242,52 @@ def test_costly_warning_for_sigma_on_reused_probes():
     with pytest.warns(ff.CostlyRouteWarning, match="within 40 probes"):
         s = lin.fsinfo_sigma(-1.0, estimator="randomized", max_probes=40)
     assert not bool(s.converged.any())
+
+
+def test_underflowing_jacobian_randomized_dfil_interval_is_finite_and_not_zero():
+    """The lost columns of a wholly underflowing sample are exact (float64) and its JVPs carry
+    nothing: the JVP rounding comparison read the probes' spread around the lost part's trace
+    as rounding (no upper end after 1000 probes, helper 118); the interval now holds the
+    float64 entries' own rounding, finite and not 0."""
+    enc, x = _underflowing(), torch.randn(3, 8)
+    ref = ff.reference.dfil(enc, x, sigma=0.1).value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ff.CostlyRouteWarning)
+        got = ff.dfil(enc, x, sigma=0.1, estimator="randomized", method="hutchinson")
+    lo, hi = got.ci95()
+    assert bool(((lo <= ref) & (ref <= hi)).all())
+    hw = got.ci_halfwidth
+    assert bool((torch.isfinite(hw) & (hw > 0) & (hw < 1e-9 * got.value)).all()), hw
+
+
+def test_exact_fast_says_why_a_sample_has_no_upper_end():
+    """A Jacobian near 1e-44 (float32 subnormals): the fast exact route's one-hot products are
+    0 where float64's are not, its check reads a relative error of 1 (no upper end); it now
+    says why and what serves the sample, and ``auto`` gives the oracle's value (helper 118)."""
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(24, 16, bias=False), nn.Linear(16, 12, bias=False)).eval()
+    with torch.no_grad():
+        for layer in enc:
+            layer.weight.mul_(1e-22)
+    x = torch.randn(3, 24)
+    fast = ff.dfil(enc, x, sigma=0.1, estimator="exact-fast")
+    assert not bool(fast.converged.any())
+    assert "came back 0 in torch.float32" in fast.info["exact_fast_unbounded"]
+    ref = ff.reference.dfil(enc, x, sigma=0.1).value
+    lo, hi = ff.dfil(enc, x, sigma=0.1).ci95()
+    assert bool(((lo <= ref) & (ref <= hi)).all())
+
+
+def test_randomized_sigma_star_below_the_range_says_why():
+    """A target far above FSInfo at sigma = 1 (a saturated tanh: sigma* near 1e-128): the
+    randomized route raised the metric's own argument check, "sigma must lie in [1e-100,
+    1e+100]", for a sigma the user never gave; it now says what ``auto`` says (helper 118)."""
+    g = torch.Generator().manual_seed(4)
+    torch.manual_seed(4)
+    enc = nn.Sequential(nn.Tanh(), nn.Linear(24, 12)).eval()
+    x = torch.randn(3, 24, generator=g)
+    x[0] *= 1e3
+    x[2, :4] *= 1e4
+    for est in ("auto", "randomized"):
+        with pytest.raises(ff.InvalidInputError, match="lies .* above FSInfo at sigma = 1"):
+            ff.fsinfo_sigma(enc, x, target=-1.0, estimator=est)
