@@ -1101,15 +1101,15 @@ class Linearization:
             g64 = p64.vjp(u)
             g = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
             self._check_products += u.shape[1]
-            # a sample whose working-dtype products keep less than half the float64 ones'
-            # energy: its whole Jacobian underflows (entries near 1e-48 in float32: every
-            # product 0; near 1e-44: a few subnormals, helper 118), and the routes' own
+            # a sample whose every working-dtype product is 0 where float64's are not: its
+            # whole Jacobian underflows (entries near 1e-48 in float32), and the routes' own
             # products see nothing of it (dFIL 0 with a zero half-width, helper 116). The
             # scaled products below would see it, which keeps a lone underflowing column among
-            # ordinary ones (a negligible share) off the lost list; rounding keeps the energy
-            # to a few ulps
-            e32, e64 = g.square().sum(dim=(1, 2)), g64.square().sum(dim=(1, 2))
-            under = ((e64 > 0) & (e32 < 0.5 * e64))[:, None]  # [B, 1]
+            # ordinary ones (a negligible share) off the lost list. (Not an energy shortfall:
+            # a saturated softmax loses energy to rounding with nonzero products, which the
+            # lost columns' float64 terms would then count twice, helper 119.)
+            under = ((g == 0).all(dim=2).all(dim=1)
+                     & (g64 != 0).any(dim=2).any(dim=1))[:, None]  # [B, 1]
             zero = (g == 0) & (g64 != 0)
             if bool(zero.any()):
                 big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64)

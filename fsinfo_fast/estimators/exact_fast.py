@@ -453,9 +453,10 @@ def exact_fast_fisher(
     lost = (measured >= 1).nonzero().flatten().tolist()
     if lost:  # (their allowance has no upper end; say why)
         info["exact_fast_unbounded"] = (
-            f"sample(s) {lost}: a checked column came back 0 in {dtype} where float64's is "
-            "not (its products underflow, or a saturated activation's derivative rounds to "
-            "0): no upper end; estimator='exact' (the float64 oracle) or 'auto' serves them")
+            f"sample(s) {lost}: a checked column in {dtype} is off from float64's by 100% or "
+            "more (0 where float64's is not: products that underflow, or a saturated "
+            "activation's derivative rounding to 0; or rounding that doubles it): no upper "
+            "end; estimator='exact' (the float64 oracle) or 'auto' serves them")
     if known is not None:
         info["exact_fast_lost_columns"] = known[0].sum(dim=1).tolist()
     # columns whose squares all underflowed to 0 (entries below 1e-162): not dead ones
