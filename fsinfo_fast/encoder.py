@@ -321,41 +321,53 @@ def check_input(x: object) -> Tensor:
     return x
 
 
-def check_eval_mode(encoder: object) -> None:
-    """Refuse BatchNorm / InstanceNorm / Dropout modules that are in training mode."""
+def check_eval_mode(encoder: object, x: Tensor | None = None) -> None:
+    """Refuse BatchNorm / InstanceNorm / Dropout (and stochastic depth, attention dropout)
+    modules that are in training mode. For a hooks-route split (:class:`~fsinfo_fast.split.
+    HookEncoder`) given the input ``x``, only those that run before the cut's output: a check
+    pass finds them (its buffers and RNG put back), since the encoder holds the whole model and
+    a head's dropout after the cut changes nothing the metric reads (helper 121)."""
     if not isinstance(encoder, nn.Module):
         return
-    for name, mod in encoder.named_modules():
-        if mod.training and isinstance(mod, _BATCH_OR_RANDOM):
-            if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and not (
-                mod.track_running_stats
-            ):
-                continue  # per-sample statistics in both modes
-            if isinstance(mod, nn.modules.dropout._DropoutNd) and float(mod.p) == 0.0:
-                continue  # p = 0: the identity in both modes (a config's dropout of 0)
-            where = f" at '{name}'" if name else ""
-            raise TrainingModeError(
-                f"{type(mod).__name__}{where} is in training mode: its output depends on the "
+    hooks = hasattr(encoder, "ran_before_cut")  # (its model is its submodule "model": the
+    # names say the user's own paths)
+    found = [(name, mod, why) for name, mod in encoder.named_modules()
+             if (why := _training_mode_problem(name.removeprefix("model.") if hooks else name,
+                                               mod))]
+    if found and x is not None and hooks:
+        ran = encoder.ran_before_cut(x, [(name, mod) for name, mod, _ in found])
+        if ran is not None:
+            found = [f for f in found if f[0] in ran]
+    if found:
+        raise TrainingModeError(found[0][2])
+
+
+def _training_mode_problem(name: str, mod: nn.Module) -> str:
+    """Why ``mod`` (at ``name``) in its current mode makes the encoder's output depend on the
+    batch or on randomness (``""`` if it does not)."""
+    if not mod.training:
+        return ""
+    where = f" at '{name}'" if name else ""
+    if isinstance(mod, _BATCH_OR_RANDOM):
+        if isinstance(mod, nn.modules.instancenorm._InstanceNorm) and not (
+            mod.track_running_stats
+        ):
+            return ""  # per-sample statistics in both modes
+        if isinstance(mod, nn.modules.dropout._DropoutNd) and float(mod.p) == 0.0:
+            return ""  # p = 0: the identity in both modes (a config's dropout of 0)
+        return (f"{type(mod).__name__}{where} is in training mode: its output depends on the "
                 "batch or on randomness, but the metric is defined per sample for a fixed "
-                "encoder. Call encoder.eval() first."
-            )
-        drop = _stochastic_depth(mod) if mod.training else 0.0
-        if drop:
-            where = f" at '{name}'" if name else ""
-            raise TrainingModeError(
-                f"{type(mod).__name__}{where} (stochastic depth, drop probability "
+                "encoder. Call encoder.eval() first.")
+    drop = _stochastic_depth(mod)
+    if drop:
+        return (f"{type(mod).__name__}{where} (stochastic depth, drop probability "
                 f"{drop:g}) is in training mode: it drops residual branches "
                 "at random, but the metric is defined for a fixed encoder. Call encoder.eval() "
                 "first.")
-        if (
-            mod.training
-            and isinstance(mod, nn.MultiheadAttention)
-            and float(getattr(mod, "dropout", 0.0)) > 0
-        ):
-            raise TrainingModeError(
-                f"MultiheadAttention at '{name}' has dropout and is in training mode: "
-                "call encoder.eval() first."
-            )
+    if isinstance(mod, nn.MultiheadAttention) and float(getattr(mod, "dropout", 0.0)) > 0:
+        return (f"MultiheadAttention{where} has dropout and is in training mode: "
+                "call encoder.eval() first.")
+    return ""
 
 
 def _stochastic_depth(mod: nn.Module) -> float:
@@ -755,8 +767,8 @@ def prepare(
     check_encoder(encoder)
     encoder = uncompiled(encoder)
     x = check_input(x)
-    check_eval_mode(encoder)
     check_device(encoder, x)
+    check_eval_mode(encoder, x)
     with ieee_fp32(x.device):  # no TF32 in the checks' forward passes (see _precision)
         return _prepare(encoder, x, dtype=dtype, check_interaction=check_interaction,
                         cache=cache, recheck=recheck)
@@ -889,6 +901,14 @@ def _prepare(
                 # and a dropped term orthogonal to the ones vector would hide from it
                 u = _adjoint_u(out)
                 (grad,) = torch.autograd.grad(out, xr, grad_outputs=u, allow_unused=True)
+        if grad is None and out.requires_grad:  # (a graph, from the weights only)
+            raise NotDifferentiableError(
+                "the encoder's output does not use x: it has an autograd graph, from the "
+                "encoder's own parameters, but x is not in it (the output is the same for "
+                "every input, or x reaches it only through non-differentiable steps: integer "
+                "indexing by x's values, argmax, rounding, a comparison, x.detach()). Check "
+                "that the encoder passes its input on (a forward that reads a stored tensor, "
+                "or an input keyword the model ignores)")
         if grad is None:
             raise NotDifferentiableError(
                 "the encoder's output does not depend differentiably on x (no autograd path: "

@@ -79,12 +79,26 @@ class MissingExtraError(FSInfoError, ImportError):
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
+def _callers_skipped() -> tuple[str, ...]:
+    """The directories whose frames :func:`warn_user` passes over: fsinfo_fast's, and torch's
+    and torchmetrics' where they are imported (a module's ``__call__`` and a metric's
+    ``forward`` sit between the user's line and ours: an FSInfoGuard's warning pointed at
+    torch/nn/modules/module.py, helper 121)."""
+    dirs = [_PACKAGE_DIR]
+    for name in ("torch", "torchmetrics"):
+        mod = sys.modules.get(name)
+        if getattr(mod, "__file__", None):
+            dirs.append(os.path.dirname(os.path.abspath(mod.__file__)) + os.sep)
+    return tuple(dirs)
+
+
 def warn_user(message: str, category: type[Warning]) -> None:
-    """``warnings.warn`` attributed to the first caller outside fsinfo_fast (the user's line,
-    whichever public function or method the warning came through)."""
+    """``warnings.warn`` attributed to the first caller outside fsinfo_fast, torch and
+    torchmetrics (the user's line, whichever public function, method or module call the
+    warning came through)."""
+    skip = _callers_skipped()
     frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-            _PACKAGE_DIR):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(skip):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 

@@ -257,6 +257,41 @@ class FSInfoGuard(nn.Module):
         if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
             raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
 
+    def _calibrated_for(self) -> dict[str, Any]:
+        """What a calibrated ``sigma`` reaches the target under: the target, variant, floor and
+        prior (kept in the state dict beside ``sigma``)."""
+        return {"target": self.target, "variant": self.variant,
+                "floor": float(self.metric_kwargs.get("floor", DIAG_FLOOR)),
+                "prior_var": self.metric_kwargs.get("prior_var")}
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"calibrated_for": self._calibrated_for()}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Refuse a calibrated ``sigma`` saved by a guard of another target, variant, floor or
+        prior (it reaches that guard's target, not this one's: less noise than this guard
+        promises, helper 121); a per-sample guard's (``sigma`` NaN) loads anywhere."""
+        theirs = state.get("calibrated_for") if isinstance(state, Mapping) else None
+        mine = self._calibrated_for()
+        if theirs is not None and theirs != mine and not self.per_sample:
+            diff = ", ".join(f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in mine.items()
+                             if theirs.get(k) != v)
+            raise InvalidInputError(
+                f"this state dict's sigma was calibrated by an FSInfoGuard of other settings "
+                f"({diff}, saved vs this guard): it does not reach this guard's target; build "
+                "the guard with the saved settings, or calibrate this one")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # (a state dict saved before the settings were kept: loads as before)
+        state_dict.setdefault(prefix + "_extra_state", {})
+        before = self.sigma.detach().clone()
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        except InvalidInputError:  # (refused: not left holding the other guard's sigma)
+            with torch.no_grad():
+                self.sigma.copy_(before)
+            raise
+
     def _apply(self, fn, recurse=True):
         """``.half()``, ``.to(dtype)`` and the like leave the calibrated sigma in float64 (a
         float16 copy rounded it down: less noise than calibrated); devices move as usual."""

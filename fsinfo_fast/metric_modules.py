@@ -267,18 +267,28 @@ class _LeakageMetric(Metric):
         se = r.stderr.detach().to(device=dev, dtype=torch.float64)
         hw = r.ci_halfwidth.detach().to(device=dev, dtype=torch.float64)
         bias = r.bias_bound.detach().to(device=dev, dtype=torch.float64)
-        self.total += v.sum()
-        self.total_sq += (fin**2).sum()
-        self.total_var += torch.where(neg_inf, torch.zeros_like(se), se**2).sum()
-        self.total_bias += torch.where(neg_inf, torch.zeros_like(bias), bias).sum()
-        # the noise part of each sample's own half-width (see result.mean_halfwidth)
-        self.total_noise_sq += torch.where(neg_inf, torch.zeros_like(hw),
-                                           (hw - bias).clamp_min(0) ** 2).sum()
-        self.count += v.numel()
-        self.n_unconverged += (~r.converged).sum().to(dev)
-        self.n_bound += r.bound.sum().to(dev)
-        self.n_neg_inf += neg_inf.sum()
-        self.worst = torch.maximum(self.worst, v.max())
+        # every state's new value first, then all of them, out of place: states made under
+        # torch.inference_mode (a validation loop's forward) are inference tensors that an
+        # in-place add outside it refuses, and one refused add must not leave the sums
+        # half-updated (helper 121)
+        new = {
+            "total": self.total + v.sum(),
+            "total_sq": self.total_sq + (fin**2).sum(),
+            "total_var": self.total_var + torch.where(neg_inf, torch.zeros_like(se),
+                                                      se**2).sum(),
+            "total_bias": self.total_bias + torch.where(neg_inf, torch.zeros_like(bias),
+                                                        bias).sum(),
+            # the noise part of each sample's own half-width (see result.mean_halfwidth)
+            "total_noise_sq": self.total_noise_sq + torch.where(
+                neg_inf, torch.zeros_like(hw), (hw - bias).clamp_min(0) ** 2).sum(),
+            "count": self.count + v.numel(),
+            "n_unconverged": self.n_unconverged + (~r.converged).sum().to(dev),
+            "n_bound": self.n_bound + r.bound.sum().to(dev),
+            "n_neg_inf": self.n_neg_inf + neg_inf.sum(),
+            "worst": torch.maximum(self.worst, v.max()),
+        }
+        for name, value in new.items():
+            setattr(self, name, value)
 
     def compute(self) -> dict[str, Tensor]:
         n = self.count

@@ -645,6 +645,41 @@ class HookEncoder(_HookBase):
         self.select = select
         self.input_name = input_name
 
+    def ran_before_cut(self, x: Tensor, modules: list[tuple[str, nn.Module]]) -> set[str] | None:
+        """The names among ``modules`` (``(name, submodule)`` pairs) whose first call in the
+        forward of ``x`` comes before the cut call's output (inside the cut module included):
+        one pass without gradients, the model's buffers and RNG states put back after it; None
+        where that pass raises (the caller then counts every module)."""
+        target = self._target()
+        done = [0]  # the cut module's calls completed so far
+        first: dict[str, int] = {}
+
+        def pre(name: str) -> Callable:
+            def hook(module: nn.Module, inputs: Any) -> None:
+                first.setdefault(name, done[0])
+            return hook
+
+        def count(module: nn.Module, inputs: Any, output: Any) -> None:
+            done[0] += 1
+
+        # (registered before the forward's own hook on the target: it counts the cut call
+        # before that hook stops the pass there)
+        handles = [m.register_forward_pre_hook(pre(n)) for n, m in modules]
+        handles.append(target.register_forward_hook(count))
+        args = ((), {self.input_name: x}) if self.input_name else ((x,), {})
+        state = _State(self.model, _cuda_devices(self.model, *args))
+        try:
+            with torch.no_grad():
+                self(x)
+        except Exception:
+            return None
+        finally:
+            for h in handles:
+                h.remove()
+            state.restore()
+        cut = self.occurrence if self.occurrence >= 0 else done[0] + self.occurrence
+        return {name for name, k in first.items() if k <= cut}
+
     def _pick(self, output: Any) -> Tensor:
         value = first_tensor(output) if self.select is None else self.select(output)
         if not _is_tensor_like(value):
@@ -967,12 +1002,12 @@ def _error_text(err: BaseException) -> str:
 
 
 def _untraceable(model: nn.Module, at: str, err: BaseException) -> SplitError:
+    """(Its caller lists the top-level modules: the text said them twice, helper 120.)"""
     cls = type(model).__name__
-    paths = [n for n, _ in model.named_children()]
     return SplitError(
         f"{cls} cannot be traced by torch.fx ({_error_text(err)}), so it cannot be cut at the "
         f"torch.fx node {at!r}. Module paths work on any model (forward hooks, no tracing): "
-        f"split(model, 'module.path'); top-level modules: {_fmt_list(paths, limit=10)}"
+        "split(model, 'module.path')"
     )
 
 

@@ -278,3 +278,33 @@ def test_interrupted_run_resumes_with_nothing_lost(ckpt, tmp_path, monkeypatch, 
     assert got.pop("resumed_batches") == 4 and want.pop("resumed_batches") == 0
     assert got == want
     assert main(_args(ckpt, *base, "--out", str(out), "--resume")) == 2  # nothing to resume
+
+
+def test_interrupted_guard_prints_a_resume_command_that_works(ckpt, tmp_path, monkeypatch,
+                                                              capsys):
+    """The hint said "rerun with --resume"; run so, the resume refused every option the first
+    run had been given (a resume reads none from the progress file, helper 120)."""
+    import shlex
+
+    from fsinfo_fast.guard import FSInfoGuard
+
+    out = tmp_path / "g.json"
+    real = FSInfoGuard.sigma_result
+    calls = []
+
+    def second_stops(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(FSInfoGuard, "sigma_result", second_stops)
+    assert main(_args(ckpt, "--splits", "1", "--target", "-0.5", "--out", str(out))) == 130
+    monkeypatch.setattr(FSInfoGuard, "sigma_result", real)
+    err = capsys.readouterr().err
+    line = err.split("continue with: ", 1)[1].splitlines()[0].strip()
+    argv = shlex.split(line)
+    assert argv[:2] == ["fsinfo-fast", "guard"] and argv[-1] == "--resume"
+    assert main([*argv[1:], "--quiet"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["resumed_batches"] == 1 and rep["target"] == -0.5

@@ -635,6 +635,14 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
     settings = _settings(cfg, model, data, splits, ckpt_sha, dist.device, dist.world)
     if stored is not None:
         diffs = settings_diff(stored, settings, MATCH_KEYS)
+        if diffs == settings_diff(stored, settings, ("model_sha256",)) and diffs and (
+                isinstance(cfg.model, nn.Module)):
+            raise ResumeError(
+                f"--resume: the model's weights differ from those {run_dir.path} was made with "
+                f"({diffs[0]}), with the same options: the {model_label(cfg.model)} model "
+                "passed now is not the one the run measured (its weights were changed or it was "
+                "built again with other random weights); pass the same weights, or choose a "
+                "new --out")
         if diffs == settings_diff(stored, settings, ("model_sha256",)) and diffs:
             raise ResumeError(
                 f"--resume: the model's weights differ from those {run_dir.path} was made with "
@@ -1300,9 +1308,12 @@ def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> 
                 raise RuntimeError(f"another rank failed: {err_msg[2]}")
     except KeyboardInterrupt:
         if dist.is_root:
+            # (a model or data given in memory has no command line: the CLI's resume refuses it)
+            how = ("run_profile(ProfileConfig(..., resume=True)) with the same model, data and "
+                   "options" if isinstance(cfg.model, nn.Module) or not isinstance(cfg.data, str)
+                   else f"fsinfo-fast profile --out {run_dir.path} --resume")
             print(f"interrupted: the records computed so far are kept in {run_dir.path}; "
-                  f"continue with: fsinfo-fast profile --out {run_dir.path} --resume",
-                  file=sys.stderr)
+                  f"continue with: {how}", file=sys.stderr)
         raise
     finally:
         if bar is not None:

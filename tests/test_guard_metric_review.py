@@ -1,0 +1,212 @@
+"""Guard and torchmetrics findings of a review on transformers-style use (helper 121)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fsinfo_fast as ff
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh()).eval()
+
+
+def test_metric_states_from_inference_mode_take_a_later_update():
+    """forward inside torch.inference_mode leaves inference-tensor states; an update outside
+    raised after adding to ``total`` only (the mean then read 0.26 for 0.37)."""
+    pytest.importorskip("torchmetrics")
+    enc, X = _mlp(), torch.randn(4, 4)
+    M = ff.FSInfoMetric(enc, sigma=0.1, estimator="exact")
+    with torch.inference_mode():
+        M(X[:2])
+    M.update(X[2:])
+    out = M.compute()
+    ref = ff.fsinfo(enc, X, sigma=0.1, estimator="exact").value
+    assert int(out["count"]) == 4
+    assert torch.allclose(out["mean"], ref.mean(), rtol=1e-12, atol=0)
+    with torch.inference_mode():
+        M.reset()
+    M.update(X[:2])
+    assert torch.allclose(M.compute()["mean"], ref[:2].mean(), rtol=1e-12, atol=0)
+
+
+class _Branchy(nn.Module):
+    """Not torch.fx-traceable (a value-dependent branch): split takes the hooks route."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(8, 3))
+
+    def forward(self, x):
+        h = self.body(x)
+        if float(h.detach().abs().sum()) >= 0:
+            return self.head(self.bn(h))
+        return h
+
+
+@pytest.mark.parametrize("occurrence", [None, 0])
+def test_training_mode_layers_after_the_cut_do_not_refuse_a_hooks_split(occurrence):
+    """A head's dropout (and BatchNorm, stopped at the cut) in training mode changes nothing
+    the encoder returns; the hooks route refused it (the whole model is its submodule)."""
+    torch.manual_seed(0)
+    net, x = _Branchy(), torch.randn(3, 8)
+    ref = ff.fsinfo(ff.split(net.eval(), "body"), x, 0.1, estimator="exact").value
+    net.train()
+    net.bn.train(occurrence == 0)  # (batch statistics after the cut: one sample fails a whole pass)
+    enc = ff.split(net, "body", occurrence=occurrence)
+    assert enc.split_route == "hooks"
+    bn = [t.clone() for t in net.bn.buffers()]
+    rng = torch.get_rng_state()
+    got = ff.fsinfo(enc, x, 0.1, estimator="exact").value
+    assert torch.equal(got, ref)
+    assert all(torch.equal(a, b) for a, b in zip(bn, net.bn.buffers(), strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert net.training and net.head[0].training
+
+
+def test_training_mode_dropout_before_or_in_the_cut_is_still_refused():
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    net = _Branchy().eval()
+    net.body.insert(1, nn.Dropout(0.3))
+    net.body[1].train()
+    with pytest.raises(ff.TrainingModeError, match="body.1"):
+        ff.fsinfo(ff.split(net, "body"), x, 0.1)
+
+
+def test_guard_state_dict_refuses_a_sigma_calibrated_for_another_target():
+    enc, X = _mlp(), torch.randn(8, 4)
+    g = ff.FSInfoGuard(enc, target=2.0, estimator="exact")
+    g.calibrate(X)
+    sd = g.state_dict()
+    other = ff.FSInfoGuard(enc, target=-1.0, estimator="exact")
+    with pytest.raises(ff.InvalidInputError, match="target 2.0 vs -1.0"):
+        other.load_state_dict(sd)
+    assert other.per_sample  # (not left holding the refused sigma)
+    same = ff.FSInfoGuard(enc, target=2.0, estimator="exact")
+    same.load_state_dict(sd)
+    assert float(same.sigma) == float(g.sigma)
+    # a per-sample guard's state (sigma NaN) and one saved before the settings were kept load
+    ff.FSInfoGuard(enc, target=-1.0).load_state_dict(ff.FSInfoGuard(enc, target=2.0).state_dict())
+    legacy = {k: v for k, v in sd.items() if k != "_extra_state"}
+    ff.FSInfoGuard(enc, target=-1.0).load_state_dict(legacy)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"seed": "a"}, "seed must be"),
+    ({"num_probes": 0}, "num_probes must be"),
+    ({"backend": "nope"}, "backend must be"),
+    ({"memory_budget": -5}, "memory_budget must be"),
+    ({"max_probes": 1}, "max_probes must be"),
+])
+def test_metric_and_guard_constructors_check_options(kw, match):
+    """These passed the constructors and failed at the first update, deep in a loop."""
+    pytest.importorskip("torchmetrics")
+    enc = _mlp()
+    for cls in (ff.FSInfoMetric, ff.DFILMetric):
+        with pytest.raises((ff.InvalidInputError, TypeError), match=match):
+            cls(enc, sigma=0.1, **kw)
+    with pytest.raises((ff.InvalidInputError, TypeError), match=match):
+        ff.FSInfoGuard(enc, target=1.0, **kw)
+
+
+def test_keyword_typo_message_lists_public_keywords_only():
+    with pytest.raises(TypeError, match="sigmaa") as err:
+        ff.FSInfoGuard(_mlp(), target=1.0, sigmaa=1.0)
+    assert "_keep_tiny" not in str(err.value)
+
+
+def test_an_encoder_that_ignores_its_input_is_named_as_such():
+    class Const(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(5))
+
+        def forward(self, x):
+            return self.w.expand(x.shape[0], 5)
+
+    with pytest.raises(ff.NotDifferentiableError, match="does not use x"):
+        ff.dfil(Const(), torch.randn(3, 4))
+
+
+def test_guard_warning_points_at_the_callers_line():
+    """Through nn.Module.__call__ the warning pointed at torch/nn/modules/module.py."""
+    enc = nn.Sequential(nn.Linear(8, 3), nn.Tanh()).eval()  # m = 3 < d = 8
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with pytest.raises(ff.InvalidInputError):
+            ff.FSInfoGuard(enc, variant="logdet")(torch.randn(2, 8))
+    ours = [w for w in rec if issubclass(w.category, ff.SingularFisherWarning)]
+    assert ours and all(w.filename == __file__ for w in ours)
+
+
+# -- profile messages for a model given in memory (helper 120) ----------------------------------
+
+def _tiny_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 8 * 8, 5)).eval()
+
+
+def _profile_cfg(model, out, **kw):
+    from fsinfo_fast.profile import ProfileConfig
+
+    torch.manual_seed(1)
+    return ProfileConfig(model=model, data=torch.rand(4, 3, 8, 8), splits="1", out=str(out),
+                         plot=False, progress=False, table=False, batch_size=2, **kw)
+
+
+def test_interrupted_in_memory_profile_names_the_python_resume(tmp_path, monkeypatch, capsys):
+    """The hint named 'fsinfo-fast profile --out ... --resume', which refuses a run made with a
+    model given in memory."""
+    from fsinfo_fast.profile import run_profile, runner
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "compute_batch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_profile(_profile_cfg(_tiny_cnn(), tmp_path / "r"))
+    err = capsys.readouterr().err
+    assert "run_profile(ProfileConfig(..., resume=True))" in err
+    assert "fsinfo-fast profile --out" not in err
+
+
+def test_resume_with_changed_in_memory_weights_says_so(tmp_path):
+    """It advised seeding a builder or passing --checkpoint, neither of which a model given in
+    memory has."""
+    from fsinfo_fast.profile import run_profile
+    from fsinfo_fast.profile.errors import ResumeError
+
+    model = _tiny_cnn()
+    run_profile(_profile_cfg(model, tmp_path / "r"))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    with pytest.raises(ResumeError, match="is not the one the run measured") as err:
+        run_profile(_profile_cfg(model, tmp_path / "r", resume=True))
+    assert "--checkpoint" not in str(err.value)
+
+
+def test_guard_command_notes_a_model_at_chance():
+    """The README's ResNet-18 guard example read 6.2% clean (9 classes) and a negative accuracy
+    drop, without a word (helper 120)."""
+    from argparse import Namespace
+
+    from fsinfo_fast.profile.guard_cmd import _at_chance
+
+    y = torch.arange(9).repeat(8)  # 72 held-out labels, 9 classes: 11.1% each
+    demo = Namespace(model="resnet18", checkpoint=None, data="natural")
+    note = _at_chance(0.062, y, demo)
+    assert note is not None and "at chance" in note and "--checkpoint" in note
+    assert _at_chance(0.16, y, demo) is not None  # (within 5 points of the 11.1% baseline)
+    assert _at_chance(0.60, y, demo) is None
+    assert _at_chance(None, y, demo) is None
+    mine = Namespace(model="pkg.mod:build", checkpoint=None, data="./images")
+    assert "--checkpoint" not in _at_chance(0.1, y, mine)
