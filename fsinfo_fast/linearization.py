@@ -159,6 +159,9 @@ JVP_STREAM = 24
 #: The input-side vector of the float64 forward-/reverse-mode check (:meth:`Linearization.
 #: _modes`; its cotangents are the rounding check's, :meth:`Linearization._pair`).
 MODES_STREAM = 25
+#: The rounding check's further cotangents where its first ones show rounding beyond the
+#: floor (:meth:`Linearization._pair_more`, :data:`PAIR_ESCALATE`).
+ROUNDING_STREAM = 29
 #: Seeds the signs of the saturating activations' perturbation
 #: (:meth:`Linearization._saturation`).
 SATURATION_STREAM = 26
@@ -197,6 +200,21 @@ _LOST_SCALE = 2.0**40
 #: (cotangent, column) terms (at most :data:`PAIR_MAX` cotangents; one where ``d >= 64``).
 PAIR_TERMS = 64
 PAIR_MAX = 16
+#: ... and this many cotangents (and JVP input vectors) in all where those show rounding beyond
+#: the floor: the reading's spread is then taken over independent cotangents, not over the
+#: columns one cotangent shares (a saturated softmax loses one output direction in float32,
+#: and one cotangent read 3% of the lost trace where 97% was lost).
+PAIR_ESCALATE = 16
+#: ... where the first cotangents' allowance is this many times the fixed one
+#: (:func:`rounding_allowance`; ordinary float32 encoders read up to 55 times it on FSInfo_diag,
+#: a fifth of it on dFIL: their extra products would not change a result).
+PAIR_ESCALATE_AT = 100.0
+#: ... or where it exceeds the interval's half-width over this (a rank-one loss that one
+#: cotangent reads at a small share, past intervals far inside the tolerance; ordinary float32
+#: encoders read far below it: VGG5 split 2, ResNet-18 split 7 and seven transformers
+#: architectures at 16-32 px, 3 seeds of 2 samples, FSInfo_diag 255 times below their
+#: half-widths or more but for one transformers ResNet sample at 72, dFIL 23000 times).
+PAIR_ESCALATE_HW = 200.0
 #: The measured rounding allowance of a randomized estimate (:meth:`Linearization.
 #: _rounding_measured`) is this many times the measured bias plus ``Z95`` standard errors.
 ROUNDING_SAFETY = 2.0
@@ -646,17 +664,9 @@ class Linearization:
         dtype: torch.dtype | None = None,
         progress: bool = False,
     ) -> None:
-        if not isinstance(progress, bool):
-            raise InvalidInputTypeError(f"progress must be True or False, got {progress!r}")
+        _check_linearize_options(backend=backend, seed=seed, memory_budget=memory_budget,
+                                 dtype=dtype, progress=progress)
         self.progress = progress
-        if not isinstance(backend, str):
-            raise InvalidInputError(f"backend must be a string, got {type(backend).__name__}")
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise InvalidInputTypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(
-                memory_budget, numbers.Integral) or memory_budget <= 0):
-            raise InvalidInputError(
-                f"memory_budget must be a positive int (bytes) or None, got {memory_budget!r}")
         self.encoder = encoder
         if isinstance(x, Tensor):  # a snapshot: the results describe x as it is now
             with torch.inference_mode(False):  # a normal tensor, even inside inference mode
@@ -703,7 +713,8 @@ class Linearization:
         self._p64 = None  # its torch.func products, pullback built (see _prepare64)
         self._lost_cache: tuple | None = None  # (see _lost)
         self._pair_cache: tuple | None = None  # (see _pair)
-        self._jvp_pair_cache: tuple | None = None  # (see _jvp_pair)
+        self._jvp_pair_cache: dict[int, tuple] = {}  # (see _jvp_pair)
+        self._pair_more_cache: tuple | None = None  # (see _pair_more)
         self._modes_cache: tuple | str | None = None  # (see _modes)
         self._sat_cache: Tensor | str | None = None  # (see _saturation)
         self._sat_cols_cache: Tensor | str | None = None  # (see _saturation_cols)
@@ -1152,17 +1163,39 @@ class Linearization:
         return self._pair_cache
 
     @torch.no_grad()
-    def _jvp_pair(self) -> tuple[Tensor, Tensor]:
-        """``(float64 ||J v||^2, working-dtype ||J' v||^2)``, ``[B, c]`` each, for ``c =``
-        :func:`pair_count` seeded Gaussian input vectors ``v`` (stream :data:`JVP_STREAM`):
-        the rounding check of the dFIL methods that take JVPs (computed once per batch)."""
-        if self._jvp_pair_cache is None:
-            p, p64, _, v = self._check_products_for(self.d, pair_count(self.m), JVP_STREAM)
+    def _pair_more(self) -> tuple[Tensor, Tensor]:
+        """:data:`PAIR_ESCALATE` minus :meth:`_pair`'s cotangents more, from stream
+        :data:`ROUNDING_STREAM`: ``(g64 [B, c', d] float64, g [B, c', d] float64)``, their
+        VJPs as :meth:`_pair` takes them (an entry 0 in the working dtype only: the VJP of the
+        cotangent times ``2^40``, divided back). :meth:`_rounding_measured` reads them for the
+        samples whose first cotangents show rounding far beyond the floor (computed once per
+        batch)."""
+        if self._pair_more_cache is None:
+            count = PAIR_ESCALATE - self._pair()[0].shape[1]
+            p, p64, _, u = self._check_products_for(self.m, count, ROUNDING_STREAM)
+            g64 = p64.vjp(u)
+            g = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
+            self._check_products += count
+            zero = (g == 0) & (g64 != 0)
+            if bool(zero.any()):
+                big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64)
+                self._check_products += count
+                g = torch.where(zero, big / _LOST_SCALE, g)
+            self._pair_more_cache = (g64, g)
+        return self._pair_more_cache
+
+    @torch.no_grad()
+    def _jvp_pair(self, count: int) -> tuple[Tensor, Tensor]:
+        """``(float64 ||J v||^2, working-dtype ||J' v||^2)``, ``[B, count]`` each, for
+        ``count`` seeded Gaussian input vectors ``v`` (stream :data:`JVP_STREAM`): the rounding
+        check of the dFIL methods that take JVPs (computed once per batch and count)."""
+        if count not in self._jvp_pair_cache:
+            p, p64, _, v = self._check_products_for(self.d, count, JVP_STREAM)
             n64 = square_sum64(p64.jvp(v))
             n = square_sum64(p.jvp(v.to(p.dtype).to(p.device)))
             self._check_products += v.shape[1]
-            self._jvp_pair_cache = (n64, n.to(n64.device))
-        return self._jvp_pair_cache
+            self._jvp_pair_cache[count] = (n64, n.to(n64.device))
+        return self._jvp_pair_cache[count]
 
     @torch.no_grad()
     def _modes(self) -> tuple | str:
@@ -1835,7 +1868,8 @@ class Linearization:
 
     @torch.no_grad()
     def _rounding_measured(self, metric: str, s: Tensor, floor: float,
-                           value: Tensor, jvp: bool = False) -> Tensor:
+                           value: Tensor, jvp: bool = False,
+                           halfwidth: Tensor | None = None) -> Tensor:
         r"""``[B]`` float64: the measured rounding allowance of a randomized
         FSInfo_diag (nats/dim, at noise ``s`` and ``floor``) or dFIL (of ``value``) in the
         working dtype, from :meth:`_pair`'s two VJPs of each of its Gaussian cotangents ``u``.
@@ -1848,64 +1882,142 @@ class Linearization:
         the rounding bias ``FSInfo(J') - FSInfo(J)`` that the probe interval does not count
         (the paired terms share ``u``: where rounding scales a column, a saturated
         activation's ``1 - tanh^2``, the difference is that column's ``log`` ratio without
-        noise). The allowance is :data:`ROUNDING_SAFETY` ``(|Delta| + Z95 se)``, ``Delta``
-        the mean over the cotangents, ``se`` from the spread of their ``c d`` terms. dFIL:
+        noise). The allowance is :data:`ROUNDING_SAFETY` ``(|Delta| + z se)``, ``Delta``
+        the mean over the cotangents, ``z se`` the larger of ``Z95`` times the standard error
+        from the spread of their ``c d`` terms and, for ``c > 1``, ``t_{c-1}`` times the
+        one from the spread of the ``c`` cotangents' own estimates (the columns share each
+        cotangent: a float32 softmax whose top probability rounds to 1 loses one output
+        direction, and the share a cotangent reads of it is a chi-square with one degree of
+        freedom: 3% where 97% was lost). Where that allowance is :data:`PAIR_ESCALATE_AT`
+        times the fixed one (:func:`rounding_allowance`) or more, or more than the interval's
+        ``halfwidth`` over :data:`PAIR_ESCALATE_HW` (where given), that sample's is read again
+        over :data:`PAIR_ESCALATE` cotangents (:meth:`_pair_more`: the products run for the
+        batch, a sample's reading is its own), never below its first reading. dFIL:
         ``R = sum_k (g_k^2 - g64_k^2) / sum_k g64_k^2`` (the relative bias of the trace,
         ``u``'s scale cancelling where rounding scales columns), ``eps = ROUNDING_SAFETY
-        (|R| + Z95 se_R)`` and the allowance ``eps / (1 - eps) |value|`` (``inf`` for ``eps
+        (|R| + z se_R)`` and the allowance ``eps / (1 - eps) |value|`` (``inf`` for ``eps
         >= 1``); ``jvp`` (the dFIL methods that take JVPs): also ``R`` from
         :meth:`_jvp_pair` (``||J'v||^2`` against ``||Jv||^2``, the lost columns' trace added
-        as the result adds it), the larger one taken, where the VJPs' ``eps`` exceeds the
-        fixed floor or columns are lost or partial (JVPs round as VJPs do through the same
-        derivative factors; where a JVP mixes a cancelled column with others the VJPs show
-        the cancellation). Lost columns (:meth:`_lost`: computed exactly) are left out of
-        the VJP terms; a column 0 in some working-dtype products only (``partial``,
-        :meth:`_pair`: a cancellation to exactly 0, whose effect one product does not show)
-        enters with its ratio ``rho_k`` of mean squares over its ``c + LOST_CONFIRM`` paired
-        products, taken at ``rho_k (1 +- 2 sqrt(2/n))`` or at 0 (every probe of a route 0
-        there, which a few probes can be: the floor's term, ``-inf`` without a floor), the
-        largest term, times :data:`ROUNDING_SAFETY`. A measurement from a few products
-        (:func:`pair_count`), not a proof: products in fixed directions (the deflated
-        route's sketch) can round worse than random ones."""
+        as the result adds it; ``t_{n-1}`` times the standard error over its ``n`` input
+        vectors, :func:`pair_count` ``(m)`` of them or :data:`PAIR_ESCALATE` where ``eps``
+        is :data:`PAIR_ESCALATE_AT` times the floor), the larger one taken, where the VJPs'
+        ``eps`` exceeds the fixed floor or columns are lost or partial (JVPs round as VJPs
+        do through the same derivative factors; where a JVP mixes a cancelled column with
+        others the VJPs show the cancellation). Lost columns (:meth:`_lost`: computed
+        exactly) are left out of the VJP terms; a column 0 in some working-dtype products
+        only (``partial``, :meth:`_pair`: a cancellation to exactly 0, whose effect one
+        product does not show) enters with its ratio ``rho_k`` of mean squares over its
+        ``c + LOST_CONFIRM`` paired products, taken at ``rho_k (1 +- 2 sqrt(2/n))`` or at 0
+        (every probe of a route 0 there, which a few probes can be: the floor's term,
+        ``-inf`` without a floor), the largest term, times :data:`ROUNDING_SAFETY`. A
+        measurement from a few products (:func:`pair_count`), not a proof: products in fixed
+        directions (the deflated route's sketch) can round worse than random ones, and one
+        cotangent can read a rank-one loss at a small share (below :data:`PAIR_ESCALATE_AT`
+        times the floor with probability near ``0.8 sqrt(that / loss)``)."""
         g64, g, lost, partial, stats = self._pair()
-        c = g64.shape[1]
         sig = s.reshape(-1, 1).to(g64)
-        a2, b2 = g.square().flatten(1), g64.square().flatten(1)  # [B, c d]
+        skip = (lost | partial).unsqueeze(1)  # [B, 1, d]: counted apart
+
+        def reading(g64: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+            # the VJPs' allowance (dFIL: eps) and the mean trace a cotangent reads; the spread
+            # over the columns, and over the cotangents where there are several (the columns
+            # share each one: a rounding that loses one output direction moves them together)
+            c = g64.shape[1]
+            a2, b2 = g.square(), g64.square()  # [B, c, d]
+            tq = _base.t_quantile(c - 1)
+            if metric == "dfil":
+                num = torch.where(skip, torch.zeros_like(a2), a2 - b2)
+                x, y = num.sum(dim=2), b2.sum(dim=2)  # [B, c]
+                den = y.sum(dim=1)
+                rel = x.sum(dim=1) / den
+                se = (num - rel[:, None, None] * b2).square().sum(dim=(1, 2)).sqrt() / den
+                z = Z95 * torch.nan_to_num(se, nan=0.0)
+                if c > 1:
+                    se_c = ((x - rel[:, None] * y).square().sum(dim=1) * c / (c - 1)).sqrt() / den
+                    z = torch.maximum(z, tq * torch.nan_to_num(se_c, nan=0.0))
+                rel = torch.where(den > 0, rel, torch.where(num.abs().sum(dim=(1, 2)) > 0,
+                                                            math.inf, 0.0))
+                return ROUNDING_SAFETY * (rel.abs() + z), den / c
+            if floor > 0:
+                a = floor * sig[:, :, None]**2
+                diff = log_floor_term(a2, 1, a) - log_floor_term(b2, 1, a)
+            else:
+                diff = torch.log(a2) - torch.log(b2)
+                diff = torch.where((a2 == 0) & (b2 == 0), torch.zeros_like(diff), diff)
+            diff = torch.where(skip, torch.zeros_like(diff), diff)
+            n = diff.shape[1] * diff.shape[2]  # c d terms
+            per = diff.sum(dim=2) / (2 * diff.shape[2])  # [B, c]: each cotangent's estimate
+            delta = per.mean(dim=1)
+            se = diff.flatten(1).std(dim=1) / (2 * math.sqrt(n)) if n > 1 else 0 * delta
+            z = Z95 * se
+            if c > 1:
+                z = torch.maximum(z, tq * per.std(dim=1) / math.sqrt(c))
+            return ROUNDING_SAFETY * (delta.abs() + z), delta
+
+        out, den = reading(g64, g)
+        eps0 = rounding_floor(self.enc.x.dtype)
+        fixed = (torch.full_like(out, eps0) if metric == "dfil" else
+                 rounding_allowance(metric, value.to(out), self.enc.x.dtype)[0])
+
+        def far_of(out: Tensor) -> Tensor:  # far beyond the floor
+            far = out > PAIR_ESCALATE_AT * fixed
+            if halfwidth is not None:  # (or a share of the interval it widens: a rank-one
+                # loss read at a small share by one cotangent went past intervals of 3e-6)
+                size = out * value.to(out).abs() if metric == "dfil" else out
+                far |= size > halfwidth.to(out) / PAIR_ESCALATE_HW
+            return far & torch.isfinite(out)
+
+        far = far_of(out)
+        if g64.shape[1] < PAIR_ESCALATE and bool(far.any()):
+            # rounding far beyond the floor: those samples read it over PAIR_ESCALATE
+            # cotangents (per sample: another sample's reading leaves a sample's own alone),
+            # never below the first reading (fixed-direction sketches round worse than the
+            # cotangents: a lower reading let such intervals miss, helper 122)
+            g64m, gm = self._pair_more()
+            more, den_more = reading(torch.cat([g64, g64m.to(g64)], dim=1),
+                                     torch.cat([g, gm.to(g)], dim=1))
+            out = torch.where(far, torch.maximum(more, out), out)
+            den = torch.where(far, den_more, den)
         part = None
         if stats is not None:  # each partial column's ratio D'_k / D_k, widened for noise
             s32, s64, n_part = stats
             k = 1 + 2 * math.sqrt(2 / n_part)
             rho = torch.where(partial, s32 / s64.clamp_min(1e-300), torch.ones_like(s32))
             part = (rho * k, rho / k, s64 / n_part)
-        lost = (lost | partial).repeat(1, c)
         if metric == "dfil":
-            num = torch.where(lost, torch.zeros_like(a2), a2 - b2)
-            den = b2.sum(dim=1)
-            rel = num.sum(dim=1) / den
-            se = (num - rel.unsqueeze(1) * b2).square().sum(dim=1).sqrt() / den
-            rel = torch.where(den > 0, rel, torch.where(num.abs().sum(dim=1) > 0, math.inf, 0.0))
-            eps = ROUNDING_SAFETY * (rel.abs() + Z95 * torch.nan_to_num(se, nan=0.0))
+            eps = out
             if part is not None:  # the partial columns' share of the trace
                 hi, lo, dh = part  # (at least the column itself: every probe 0 there)
                 worst = torch.maximum((hi - 1).abs(), (lo - 1).abs()).clamp_min(1) * dh
-                eps = eps + ROUNDING_SAFETY * c * worst.sum(dim=1) / den
+                eps = eps + ROUNDING_SAFETY * worst.sum(dim=1) / den
             # the JVP methods' own products, ||J'v||^2 against ||Jv||^2 with the lost columns'
             # trace added as the result adds it (JVPs can see such a column in part: rounding
             # that mixes it with the others), where the VJPs show rounding beyond the floor
-            # (a float64 JVP costs several float64 VJPs: forward mode)
-            if jvp and (bool((eps > rounding_floor(self.enc.x.dtype)).any())
-                        or bool(lost.any())):
-                n64, n32 = self._jvp_pair()
-                found = self._lost() if bool(lost.any()) else None
+            # (over PAIR_ESCALATE input vectors for a sample far beyond it; a float64 JVP
+            # costs several float64 VJPs: forward mode)
+            if jvp and (bool((eps > eps0).any()) or bool(skip.any())):
+                count = pair_count(self.m)
+                far_j = far_of(eps)
+                n64, n32 = self._jvp_pair(max(count, PAIR_ESCALATE) if bool(far_j.any())
+                                          else count)
+                found = self._lost() if bool(lost.any() | partial.any()) else None
                 add = (torch.zeros_like(n64[:, 0]) if found is None
                        else found[2].sum(dim=1).to(n64))
-                den = n64.sum(dim=1)
-                rj = ((n32 - n64).sum(dim=1) + n64.shape[1] * add) / den
-                sej = ((n32 - n64 + add.unsqueeze(1)) / n64.mean(dim=1, keepdim=True)).std(
-                    dim=1) / math.sqrt(n64.shape[1]) if n64.shape[1] > 1 else 0 * rj
-                rj = torch.where(den > 0, rj, torch.where((n32.sum(dim=1) + add) > 0,
-                                                          math.inf, 0.0))
-                eps_j = ROUNDING_SAFETY * (rj.abs() + Z95 * torch.nan_to_num(sej, nan=0.0))
+
+                def jvp_eps(n64: Tensor, n32: Tensor) -> Tensor:
+                    den, n = n64.sum(dim=1), n64.shape[1]
+                    rj = ((n32 - n64).sum(dim=1) + n * add) / den
+                    sej = ((n32 - n64 + add.unsqueeze(1)) / n64.mean(dim=1, keepdim=True)).std(
+                        dim=1) / math.sqrt(n) if n > 1 else 0 * rj
+                    rj = torch.where(den > 0, rj, torch.where((n32.sum(dim=1) + add) > 0,
+                                                              math.inf, 0.0))
+                    tq = _base.t_quantile(n - 1) if n > 1 else Z95
+                    return ROUNDING_SAFETY * (rj.abs() + tq * torch.nan_to_num(sej, nan=0.0))
+
+                # (the first vectors of the longer draw are the shorter draw's)
+                eps_j = jvp_eps(n64[:, :count], n32[:, :count])
+                if n64.shape[1] > count:
+                    eps_j = torch.where(far_j.to(eps_j.device), jvp_eps(n64, n32), eps_j)
                 if found is not None:  # every column of a sample lost (or 0 in float64 too):
                     # its JVPs carry nothing, the lost part is exact; the comparison above
                     # would read the probes' own spread around that part as rounding (a
@@ -1915,17 +2027,6 @@ class Linearization:
                 eps = torch.maximum(eps, eps_j.to(eps))
             out = eps / (1 - eps) * value.to(eps).abs()
             return torch.where(eps < 1, out, torch.where(value == 0, 0.0, math.inf))
-        if floor > 0:
-            a = floor * sig**2
-            diff = log_floor_term(a2, 1, a) - log_floor_term(b2, 1, a)
-        else:
-            diff = torch.log(a2) - torch.log(b2)
-            diff = torch.where((a2 == 0) & (b2 == 0), torch.zeros_like(diff), diff)
-        diff = torch.where(lost, torch.zeros_like(diff), diff)
-        n = diff.shape[1]  # c d terms, c cotangents
-        delta = diff.sum(dim=1) / (2 * n)  # the mean of the c single-cotangent estimates
-        se = diff.std(dim=1) / (2 * math.sqrt(n)) if n > 1 else torch.zeros_like(delta)
-        out = ROUNDING_SAFETY * (delta.abs() + Z95 * se)
         if part is not None:  # each partial column's term at its ratio's ends
             hi, lo, dh = part
             w = dh / (dh + floor * sig**2) if floor > 0 else torch.ones_like(dh)
@@ -1944,7 +2045,8 @@ class Linearization:
         with ``r.info["rounding_unmeasured"]`` where torch.func's float64 VJP cannot run the
         encoder (non-reentrant activation checkpointing)."""
         try:
-            meas = self._rounding_measured(r.metric, s, floor, r.value, jvp).to(r.value)
+            meas = self._rounding_measured(r.metric, s, floor, r.value, jvp,
+                                           r.ci_halfwidth).to(r.value)
         except EncoderError as err:
             r.info["rounding_unmeasured"] = f"the float64 rounding check cannot run ({err})"
             return None
@@ -3612,7 +3714,7 @@ class Linearization:
             allow = rounding_allowance("fsinfo_diag", v, dtype)[0]
             if measured:  # (the measured one where it is wider, as in r's interval)
                 allow = torch.maximum(allow, self._rounding_measured(
-                    "fsinfo_diag", torch.exp(t), floor, v).to(allow))
+                    "fsinfo_diag", torch.exp(t), floor, v, halfwidth=hw).to(allow))
             return v + sign * (hw + allow) - tau
 
         # every stage boundary read at once (a dropped one raises before the solve starts)
@@ -3810,6 +3912,33 @@ class Linearization:
 LINEARIZE_KEYWORDS = ("backend", "seed", "memory_budget", "dtype", "progress")
 
 
+def _check_linearize_options(**kw: Any) -> None:
+    """Raise for a bad :func:`linearize` option among ``kw`` (``backend``, ``seed``,
+    ``memory_budget``, ``dtype``, ``progress``): checked where it is given (a metric's or
+    guard's constructor checks them too, before its first batch)."""
+    if "progress" in kw and not isinstance(kw["progress"], bool):
+        raise InvalidInputTypeError(f"progress must be True or False, got {kw['progress']!r}")
+    if "backend" in kw:
+        backend = kw["backend"]
+        if not isinstance(backend, str):
+            raise InvalidInputError(f"backend must be a string, got {type(backend).__name__}")
+        from .engine import BACKENDS
+
+        if backend not in ("auto", *BACKENDS):
+            raise InvalidInputError(
+                f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    dtype = kw.get("dtype")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise InvalidInputTypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+    budget = kw.get("memory_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(
+            budget, numbers.Integral) or budget <= 0):
+        raise InvalidInputError(
+            f"memory_budget must be a positive int (bytes) or None, got {budget!r}")
+    if "seed" in kw and not isinstance(kw["seed"], torch.Generator):
+        resolve_seed(kw["seed"])  # (an int's check; a generator is drawn from per batch)
+
+
 def seed_once(kw: dict[str, Any]) -> dict[str, Any]:
     """``kw`` with a ``torch.Generator`` ``seed`` drawn once (:func:`resolve_seed`): the
     torchmetrics metrics and FSInfoGuard linearise every batch with their keywords, and a
@@ -3839,6 +3968,11 @@ def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
     for name in ("atol", "rtol"):
         if name in kw:
             _check_tol(name, kw[name])
+    _check_linearize_options(**{k: kw[k] for k in LINEARIZE_KEYWORDS if k in kw})
+    if kw.get("num_probes") is not None and "num_probes" in allowed:
+        StoppingRule(num_probes=kw["num_probes"])  # (its own check: an int >= 2)
+    if "max_probes" in kw and "max_probes" in allowed:
+        _check_max_probes(kw["max_probes"])
 
     def value(name: str) -> Any:
         return kw[name] if name in kw else params[name].default
@@ -3853,11 +3987,11 @@ def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
                                 f"{', '.join(stops)} (all were None)")
     bad = sorted(set(kw) - allowed)
     if bad:
+        public = sorted(a for a in allowed if not a.startswith("_"))
         hints = [f"{b!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(
-            b, sorted(allowed), n=1)) else repr(b) for b in bad]
+            b, public, n=1)) else repr(b) for b in bad]
         raise InvalidInputTypeError(
-            f"{who} got unexpected keyword(s) {', '.join(hints)}; it takes "
-            f"{', '.join(sorted(allowed))}")
+            f"{who} got unexpected keyword(s) {', '.join(hints)}; it takes {', '.join(public)}")
 
 
 def _floor_grown(delta: Tensor) -> Tensor:
