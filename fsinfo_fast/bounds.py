@@ -5,9 +5,15 @@ Two kinds, kept apart on purpose:
 - :func:`dfil_bound` is **proven** (Cramer-Rao): any *unbiased* attacker reconstructing ``x`` from
   ``z = f(x) + N(0, sigma^2 I)`` has ``E||x_hat - x||^2 / d >= 1 / dFIL(x)``. It says nothing
   about biased attackers (for example those that use a data prior).
-- :func:`fsinfo_bound` is a **surrogate**: ``exp(-2 FSInfo) / (2 pi e)``, the per-dimension
-  variance of a Gaussian with the FSInfo entropy. It is not a theorem against attackers that use a
-  prior; read it as a calibrated leakage scale. For full-rank Fisher information,
+- :func:`fsinfo_bound`, ``exp(-2 FSInfo) / (2 pi e)`` (the per-dimension variance of a Gaussian
+  with the FSInfo entropy), is **proven** against unbiased attackers too: with ``I = J^T J /
+  sigma^2``, Cramer-Rao gives ``E||x_hat - x||^2 / d >= tr(I^-1) / d >= det(I)^(-1/d)``
+  (AM-GM on the eigenvalues), which is at least ``det(I + lambda)^(-1/d)`` (the log det with a
+  prior ``lambda = 1 / prior_var``: the bound from it) and at least ``prod_k (I_kk + c)^(-1/d)``
+  (Hadamard, and a floor ``c >= 0`` only lowers it: FSInfo_diag's bound); where ``I`` is singular
+  no unbiased attacker exists. Neither bound holds against attackers that use a prior (the
+  attacks of :mod:`fsinfo_fast.attacks` do, and beat both at times). For full-rank Fisher
+  information,
   ``exp(-2 FSInfo_diag)/(2 pi e) <= exp(-2 FSInfo)/(2 pi e)`` (Hadamard; FSInfo the log det
   without a prior, any floor), and ``1/dFIL <= exp(-2 FSInfo_diag)/(2 pi e)`` exactly when the
   geometric mean of ``D_k + c`` is at most the arithmetic mean of ``D_k`` (which is dFIL), with
@@ -46,7 +52,7 @@ class Bound:
         value: ``[B]`` float64 bound (in squared input units per dimension).
         low, high: ``[B]`` the bound's image of the metric's 95% interval (equal to ``value`` for
             exact metrics). The bound is monotone in the metric, so these are exact images.
-        proven: whether the bound is a theorem (dFIL, unbiased attackers) or a surrogate (FSInfo).
+        proven: whether the bound is a theorem (against unbiased attackers: both kinds are).
         kind: ``"dfil"`` or ``"fsinfo"``.
     """
 
@@ -117,7 +123,8 @@ def dfil_bound(dfil: MetricResult | Aggregate | Tensor | float) -> Bound:
 
 
 def fsinfo_bound(fsinfo: MetricResult | Aggregate | Tensor | float) -> Bound:
-    """Surrogate bound ``exp(-2 FSInfo) / (2 pi e)`` per sample (FSInfo in nats per dimension).
+    """Bound ``exp(-2 FSInfo) / (2 pi e)`` per sample (FSInfo in nats per dimension; proven
+    against unbiased attackers, below the Cramer-Rao bound ``tr(I^-1)/d``: see the module).
 
     Example:
         >>> import math, torch
@@ -130,4 +137,4 @@ def fsinfo_bound(fsinfo: MetricResult | Aggregate | Tensor | float) -> Bound:
         raise ValueError(f"fsinfo_bound needs FSInfo in nats/dim, got {fsinfo.units}")
     v, lo, hi = _metric_and_interval(fsinfo, "fsinfo_bound")
     f = lambda t: torch.exp(-2.0 * t) / _TWO_PI_E  # noqa: E731
-    return Bound(value=f(v), low=f(hi), high=f(lo), proven=False, kind="fsinfo")
+    return Bound(value=f(v), low=f(hi), high=f(lo), proven=True, kind="fsinfo")

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         _unknown(parser, args.command, extra, sys.argv[1:] if argv is None else list(argv))
     args.given_options = given_options(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (as typed: a resume hint)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:

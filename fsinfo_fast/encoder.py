@@ -324,22 +324,26 @@ def check_input(x: object) -> Tensor:
 def check_eval_mode(encoder: object, x: Tensor | None = None) -> None:
     """Refuse BatchNorm / InstanceNorm / Dropout (and stochastic depth, attention dropout)
     modules that are in training mode. For a hooks-route split (:class:`~fsinfo_fast.split.
-    HookEncoder`) given the input ``x``, only those that run before the cut's output: a check
-    pass finds them (its buffers and RNG put back), since the encoder holds the whole model and
-    a head's dropout after the cut changes nothing the metric reads (helper 121)."""
+    HookEncoder`) given the input ``x``, not those a check pass sees called only after the
+    cut's output (:meth:`~fsinfo_fast.split.HookEncoder.run_after_cut`): the encoder holds the
+    whole model, and a head's dropout after the cut changes nothing the metric reads (helper
+    121)."""
     if not isinstance(encoder, nn.Module):
         return
-    hooks = hasattr(encoder, "ran_before_cut")  # (its model is its submodule "model": the
+    hooks = hasattr(encoder, "run_after_cut")  # (its model is its submodule "model": the
     # names say the user's own paths)
     found = [(name, mod, why) for name, mod in encoder.named_modules()
              if (why := _training_mode_problem(name.removeprefix("model.") if hooks else name,
                                                mod))]
+    why = ""
     if found and x is not None and hooks:
-        ran = encoder.ran_before_cut(x, [(name, mod) for name, mod, _ in found])
-        if ran is not None:
-            found = [f for f in found if f[0] in ran]
+        after, why = encoder.run_after_cut(x, [(name, mod) for name, mod, _ in found
+                                               if name.startswith("model.")])
+        found = [f for f in found if f[0] not in after]
     if found:
-        raise TrainingModeError(found[0][2])
+        raise TrainingModeError(found[0][2] + (
+            f" (Layers that run only after the cut are not counted, but the pass that finds "
+            f"them could not tell: {why}.)" if why else ""))
 
 
 def _training_mode_problem(name: str, mod: nn.Module) -> str:

@@ -257,40 +257,58 @@ class FSInfoGuard(nn.Module):
         if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
             raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
 
-    def _calibrated_for(self) -> dict[str, Any]:
-        """What a calibrated ``sigma`` reaches the target under: the target, variant, floor and
-        prior (kept in the state dict beside ``sigma``)."""
-        return {"target": self.target, "variant": self.variant,
-                "floor": float(self.metric_kwargs.get("floor", DIAG_FLOOR)),
-                "prior_var": self.metric_kwargs.get("prior_var")}
+    #: the state-dict key of :meth:`_calibrated_for` (beside ``sigma``)
+    _SETTINGS_KEY = "calibrated_for"
+    _VARIANT_CODES = ("diag", "logdet")
 
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"calibrated_for": self._calibrated_for()}
+    def _calibrated_for(self) -> Tensor:
+        """What a ``sigma`` reaches the target under, as the state dict keeps it beside
+        ``sigma``: ``[target, variant (0 diag, 1 log det), floor, prior_var (NaN: none)]``
+        float64 (a tensor: state-dict readers, checkpoint fingerprints and
+        ``torch.load(weights_only=True)`` take it as any buffer)."""
+        prior = self.metric_kwargs.get("prior_var")
+        code = self._VARIANT_CODES.index(self.variant) if self.variant in \
+            self._VARIANT_CODES else math.nan
+        return torch.tensor([float(self.target), float(code),
+                             float(self.metric_kwargs.get("floor", DIAG_FLOOR)),
+                             math.nan if prior is None else float(prior)], dtype=torch.float64)
 
-    def set_extra_state(self, state: Any) -> None:
-        """Refuse a calibrated ``sigma`` saved by a guard of another target, variant, floor or
-        prior (it reaches that guard's target, not this one's: less noise than this guard
-        promises, helper 121); a per-sample guard's (``sigma`` NaN) loads anywhere."""
-        theirs = state.get("calibrated_for") if isinstance(state, Mapping) else None
-        mine = self._calibrated_for()
-        if theirs is not None and theirs != mine and not self.per_sample:
-            diff = ", ".join(f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in mine.items()
-                             if theirs.get(k) != v)
-            raise InvalidInputError(
-                f"this state dict's sigma was calibrated by an FSInfoGuard of other settings "
-                f"({diff}, saved vs this guard): it does not reach this guard's target; build "
-                "the guard with the saved settings, or calibrate this one")
+    def _describe_settings(self, t: Tensor) -> dict[str, Any]:
+        v = t.detach().cpu().double().tolist()
+        code = int(v[1]) if math.isfinite(v[1]) and 0 <= v[1] < len(self._VARIANT_CODES) \
+            else None
+        return {"target": v[0], "variant": None if code is None else self._VARIANT_CODES[code],
+                "floor": v[2], "prior_var": None if math.isnan(v[3]) else v[3]}
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # (a state dict saved before the settings were kept: loads as before)
-        state_dict.setdefault(prefix + "_extra_state", {})
-        before = self.sigma.detach().clone()
-        try:
-            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        except InvalidInputError:  # (refused: not left holding the other guard's sigma)
-            with torch.no_grad():
-                self.sigma.copy_(before)
-            raise
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + self._SETTINGS_KEY] = self._calibrated_for().to(self.sigma.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+        """Refuse, before anything of this guard loads, a ``sigma`` set for another target,
+        variant, floor or prior (it reaches that guard's target, not this one's: less noise
+        than this guard promises, helper 121). A per-sample guard's (``sigma`` NaN), a state
+        dict without ``sigma`` (``strict=False``) or without the settings (saved before they
+        were kept) loads as before."""
+        theirs = state_dict.pop(prefix + self._SETTINGS_KEY, None)
+        sigma = state_dict.get(prefix + "sigma")
+        if (isinstance(theirs, Tensor) and isinstance(sigma, Tensor) and not theirs.is_meta
+                and not sigma.is_meta and theirs.numel() == 4 and sigma.numel() == 1
+                and not bool(torch.isnan(sigma.detach().cpu()).all())):
+            mine = self._calibrated_for()
+            if not torch.allclose(theirs.detach().cpu().double(), mine, rtol=0.0, atol=0.0,
+                                  equal_nan=True):
+                saved, own = self._describe_settings(theirs), self._describe_settings(mine)
+                diff = ", ".join(f"{k} {saved[k]!r} vs {v!r}" for k, v in own.items()
+                                 if saved[k] != v)
+                raise InvalidInputError(
+                    f"this state dict's sigma {float(sigma):.6g} was set for an FSInfoGuard of "
+                    f"other settings ({diff}, saved vs this guard): it does not reach this "
+                    "guard's target; build the guard with the saved settings, or calibrate "
+                    "this one")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
         """``.half()``, ``.to(dtype)`` and the like leave the calibrated sigma in float64 (a

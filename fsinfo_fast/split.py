@@ -645,13 +645,17 @@ class HookEncoder(_HookBase):
         self.select = select
         self.input_name = input_name
 
-    def ran_before_cut(self, x: Tensor, modules: list[tuple[str, nn.Module]]) -> set[str] | None:
-        """The names among ``modules`` (``(name, submodule)`` pairs) whose first call in the
-        forward of ``x`` comes before the cut call's output (inside the cut module included):
-        one pass without gradients, the model's buffers and RNG states put back after it; None
-        where that pass raises (the caller then counts every module)."""
+    def run_after_cut(self, x: Tensor,
+                      modules: list[tuple[str, nn.Module]]) -> tuple[set[str], str]:
+        """The names among ``modules`` (``(name, submodule)`` pairs) that the whole forward of
+        ``x`` calls only after the cut call has returned (a classifier head): one pass of the
+        model without gradients to its end (whatever ``occurrence``), its buffers and RNG
+        states put back. A module seen before the cut's output, or never seen (a hook that
+        does not fire inside a ``torch.compile``'d submodule, a ``select`` module, which runs
+        in the cut's own hook), is not among them; where the pass raises, none is, and the
+        second element says why (``""`` otherwise)."""
         target = self._target()
-        done = [0]  # the cut module's calls completed so far
+        done = [0]  # the cut module's calls returned so far
         first: dict[str, int] = {}
 
         def pre(name: str) -> Callable:
@@ -662,23 +666,25 @@ class HookEncoder(_HookBase):
         def count(module: nn.Module, inputs: Any, output: Any) -> None:
             done[0] += 1
 
-        # (registered before the forward's own hook on the target: it counts the cut call
-        # before that hook stops the pass there)
+        args, kwargs = ((), {self.input_name: x}) if self.input_name else ((x,), {})
+        state = _State(self.model, _cuda_devices(self.model, args, kwargs))
         handles = [m.register_forward_pre_hook(pre(n)) for n, m in modules]
+        # (appended after any hook the model has: the select module of the cut's own hook, if
+        # it is a submodule, reads as seen before the count moves)
         handles.append(target.register_forward_hook(count))
-        args = ((), {self.input_name: x}) if self.input_name else ((x,), {})
-        state = _State(self.model, _cuda_devices(self.model, *args))
         try:
             with torch.no_grad():
-                self(x)
-        except Exception:
-            return None
+                self.model(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001  (the encoder's own run reports it)
+            return set(), f"the model's whole forward failed ({_error_text(err)})"
         finally:
             for h in handles:
                 h.remove()
             state.restore()
         cut = self.occurrence if self.occurrence >= 0 else done[0] + self.occurrence
-        return {name for name, k in first.items() if k <= cut}
+        if not 0 <= cut < done[0]:
+            return set(), f"{self.path!r} was called {done[0]} time(s)"
+        return {name for name, k in first.items() if k > cut}, ""
 
     def _pick(self, output: Any) -> Tensor:
         value = first_tensor(output) if self.select is None else self.select(output)
@@ -712,10 +718,12 @@ class HookEncoder(_HookBase):
                 raise _StopForward
 
         handle = self._target().register_forward_hook(hook)
+        ran = False
         try:
             self.model(*args, **kwargs)
+            ran = True
         except _StopForward:
-            pass
+            ran = True
         except TypeError as err:
             if seen == 0 and not self.input_name and "positional argument" in str(err):
                 raise EncoderError(
@@ -744,6 +752,8 @@ class HookEncoder(_HookBase):
                 "stop there") from err
         finally:
             handle.remove()
+            if not ran and kept:  # a forward that failed after the cut: its layers there
+                kept[0][1].restore()  # leave no trace either (helper 123)
         if found:
             return found[0]
         if stop is not None or seen < -self.occurrence:

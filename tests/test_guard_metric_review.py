@@ -95,7 +95,7 @@ def test_guard_state_dict_refuses_a_sigma_calibrated_for_another_target():
     assert float(same.sigma) == float(g.sigma)
     # a per-sample guard's state (sigma NaN) and one saved before the settings were kept load
     ff.FSInfoGuard(enc, target=-1.0).load_state_dict(ff.FSInfoGuard(enc, target=2.0).state_dict())
-    legacy = {k: v for k, v in sd.items() if k != "_extra_state"}
+    legacy = {k: v for k, v in sd.items() if k != "calibrated_for"}
     ff.FSInfoGuard(enc, target=-1.0).load_state_dict(legacy)
 
 
@@ -210,3 +210,86 @@ def test_guard_command_notes_a_model_at_chance():
     assert _at_chance(None, y, demo) is None
     mine = Namespace(model="pkg.mod:build", checkpoint=None, data="./images")
     assert "--checkpoint" not in _at_chance(0.1, y, mine)
+
+
+# -- helper 123's review of the above ----------------------------------------------------------
+
+def test_a_refused_assign_load_leaves_the_source_guard_alone():
+    """With assign=True the refusing guard's rollback wrote into the source's sigma storage."""
+    enc, X = _mlp(), torch.randn(8, 4)
+    src = ff.FSInfoGuard(enc, target=2.0, estimator="exact")
+    src.calibrate(X)
+    before = float(src.sigma)
+    dst = ff.FSInfoGuard(enc, target=-1.0, sigma=5.0)
+    with pytest.raises(ff.InvalidInputError):
+        dst.load_state_dict(src.state_dict(), assign=True)
+    assert float(src.sigma) == before and float(dst.sigma) == 5.0
+    # no sigma in the dict (strict=False): nothing to refuse
+    sd = {k: v for k, v in src.state_dict().items() if k != "sigma"}
+    dst.load_state_dict(sd, strict=False)
+
+
+def test_guard_state_dict_is_tensors_only():
+    """A numpy prior_var made the state dict unloadable under weights_only; a model holding a
+    guard could not be fingerprinted by the profile (a dict in its state dict)."""
+    import io
+
+    import numpy as np
+
+    from fsinfo_fast.profile.sources import state_fingerprint
+
+    enc, X = _mlp(), torch.randn(8, 4)
+    g = ff.FSInfoGuard(enc, target=2.0, variant="logdet", prior_var=np.float64(0.5),
+                       estimator="exact")
+    g.calibrate(X)
+    assert all(isinstance(v, torch.Tensor) for v in g.state_dict().values())
+    buf = io.BytesIO()
+    torch.save(g.state_dict(), buf)
+    buf.seek(0)
+    h = ff.FSInfoGuard(enc, target=2.0, variant="logdet", prior_var=0.5, estimator="exact")
+    h.load_state_dict(torch.load(buf, weights_only=True))
+    assert float(h.sigma) == float(g.sigma)
+    assert len(state_fingerprint(nn.Sequential(enc, g))) == 64
+
+    class Extra(nn.Module):  # (any module's get_extra_state: a picklable object)
+        def get_extra_state(self):
+            return {"k": 1}
+
+        def set_extra_state(self, state):
+            pass
+
+    assert len(state_fingerprint(nn.Sequential(nn.Linear(2, 2), Extra()))) == 64
+
+
+def test_hooks_split_still_refuses_what_the_check_pass_cannot_see():
+    """A training-mode BatchNorm inside a compiled body (the pass's hooks do not fire there) or
+    in a select module (run in the cut's hook) was accepted after the first version of the
+    check; both are refused, as before it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    net = _Branchy().eval()
+    net.head.train()
+    sel = nn.Sequential(nn.BatchNorm1d(8)).train()
+    with pytest.raises(ff.TrainingModeError, match="select.0"):
+        ff.fsinfo(ff.split(net, "body", select=sel), x, 0.1)
+    net.body = torch.compile(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))).train()
+    with pytest.raises(ff.TrainingModeError, match="BatchNorm1d"):
+        from fsinfo_fast.encoder import check_eval_mode
+
+        check_eval_mode(ff.split(net, "body"), x)
+
+
+def test_a_failed_whole_forward_leaves_buffers_and_rng_alone():
+    """occurrence=-1 with a batch-statistics head after the cut: the one-sample check fails in
+    the head; its BatchNorm counters and the RNG had moved."""
+    torch.manual_seed(0)
+    net, x = _Branchy(), torch.randn(4, 8)
+    net.eval()
+    net.head.train()
+    net.bn.train()
+    bn = [t.clone() for t in net.bn.buffers()]
+    rng = torch.get_rng_state()
+    with pytest.raises(ff.EncoderError):
+        ff.fsinfo(ff.split(net, "body"), x, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(bn, net.bn.buffers(), strict=True))
+    assert torch.equal(torch.get_rng_state(), rng)

@@ -64,7 +64,7 @@ def test_bound_fractions_on_a_constructed_case():
     from fsinfo_fast.validate.runner import _bound_fractions
 
     # dFIL = 0.5 everywhere: the Cramer-Rao bound 1/dFIL is 2, beaten by the MSE 1 only;
-    # FSInfo_diag F = -(1/2) log(2.5 * 2 pi e), so its surrogate exp(-2F)/(2 pi e) is 2.5,
+    # FSInfo_diag F = -(1/2) log(2.5 * 2 pi e), so its bound exp(-2F)/(2 pi e) is 2.5,
     # beaten by the MSEs 1 and 2
     f = -0.5 * math.log(2.5 * 2 * math.pi * math.e)
     out = _bound_fractions(torch.tensor([1.0, 2.0, 3.0, 4.0]),
@@ -74,8 +74,10 @@ def test_bound_fractions_on_a_constructed_case():
     assert out["dfil"]["bound_mean"] == pytest.approx(2.0) and out["dfil"]["proven"] is True
     assert out["fsinfo_diag"]["count_below"] == 2 and out["fsinfo_diag"]["fraction_below"] == 0.5
     assert out["fsinfo_diag"]["bound_mean"] == pytest.approx(2.5)
-    # MSE / bound = (0.4, 0.8, 1.2, 1.6): torch's median of an even count is the lower middle
-    assert out["fsinfo_diag"]["mse_over_bound_median"] == pytest.approx(0.8)
+    # MSE / bound = (0.4, 0.8, 1.2, 1.6): the median of an even count is the middle two's
+    # mean (it was torch's lower middle, 0.8, helper 124)
+    assert out["fsinfo_diag"]["mse_over_bound_median"] == pytest.approx(1.0)
+    assert out["fsinfo_diag"]["proven"] is True
 
 
 def test_agreement_keeps_the_papers_sign_for_a_negative_first_value():
@@ -138,7 +140,7 @@ def test_tiny_validate_run_writes_the_json_and_figures(cache, tmp_path):
                 b = s["bounds"][attack][key]
                 assert b["n"] == 2 and b["fraction_below"] == b["count_below"] / 2
             assert s["bounds"][attack]["dfil"]["proven"] is True
-            assert s["bounds"][attack]["fsinfo_diag"]["proven"] is False
+            assert s["bounds"][attack]["fsinfo_diag"]["proven"] is True
         assert s["attacks"]["inverse_network"]["all"]["n"] == 30
         assert s["attacks"]["optimization"]["all"]["n"] == 2
     split5 = m["splits"][2]

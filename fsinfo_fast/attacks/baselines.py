@@ -3,7 +3,8 @@ mutual-information estimate between the inputs ``x`` and the smashed data ``z``.
 
 Both are *set-level* statistics of ``n`` paired samples (not per sample like FSInfo and dFIL).
 
-**Distance correlation** (Szekely, Rizzo and Bakirov 2007), exact and ``O(n^2)``: with the
+**Distance correlation** (Szekely, Rizzo and Bakirov 2007), exact and ``O(n^2)`` (its default
+jackknife interval: ``O(n^3)``): with the
 double-centred Euclidean distance matrices ``A`` of ``x`` and ``B`` of ``z``,
 
 .. math::

@@ -4,7 +4,7 @@ For each split point and each sample: FSInfo (the diagonal variant; with ``--var
 the log-det variant where it can be finite, i.e. ``m >= d``, or everywhere with ``--prior-var``;
 ``-inf`` with the reason elsewhere, and a split's mean is ``-inf`` where any sample's is: see
 :mod:`.report`), dFIL, the error bounds
-(``1/dFIL``, proven for unbiased attackers; the FSInfo surrogate ``exp(-2 FSInfo)/(2 pi e)``) and
+(``1/dFIL`` and ``exp(-2 FSInfo)/(2 pi e)``, both proven for unbiased attackers) and
 the FSInfoGuard noise scale ``sigma*`` for ``--target``, each with a 95% interval. Results go to a
 run directory: per-sample records as they are computed, then ``profile.json``, ``summary.csv``,
 ``samples.csv`` and ``profile.png``; a table is printed. Each record also says per metric whether

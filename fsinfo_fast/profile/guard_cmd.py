@@ -495,17 +495,16 @@ def _print(report: dict[str, Any]) -> None:
 
 
 def _resume_command(args: argparse.Namespace) -> str:
-    """The command that continues this run: a resume reads no options from the progress file,
-    and one given otherwise is refused (the hint said only "rerun with --resume", which refused
-    every option the first run had been given, helper 120)."""
+    """The command that continues this run: the command line as given, with ``--resume`` (a
+    resume reads no options from the progress file, and refuses other ones: the hint said only
+    "rerun with --resume", which refused every option the first run had been given, helper
+    120); from Python (no command line), ``guard_report`` with the same arguments."""
     import shlex
 
-    parts = ["fsinfo-fast", "guard"]
-    for k in _SIGMA_OPTIONS:
-        v = getattr(args, k, None)
-        if v is not None:
-            parts += [f"--{k.replace('_', '-')}", shlex.quote(str(v))]
-    return " ".join([*parts, "--out", shlex.quote(str(args.out)), "--resume"])
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        return "the same arguments with resume=True"
+    return shlex.join(["fsinfo-fast", *argv, *([] if "--resume" in argv else ["--resume"])])
 
 
 def run(args: argparse.Namespace) -> int:

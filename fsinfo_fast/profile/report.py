@@ -16,8 +16,8 @@ Per split and metric (over the ``n`` samples):
 Bounds (per-dimension reconstruction MSE; lower = weaker privacy) are reported for the worst
 case, the least private sample: the smallest bound, with the interval ``[min_i low_i,
 min_i high_i']`` (the image of the per-sample intervals, the upper ends widened for selection
-among ``n`` samples: an interval for the smallest true bound). ``dfil_bound`` is proven (Cramer-Rao,
-unbiased attackers); ``fsinfo_bound`` is the FSInfo surrogate (see :mod:`fsinfo_fast.bounds`).
+among ``n`` samples: an interval for the smallest true bound). Both ``dfil_bound`` and
+``fsinfo_bound`` are proven against unbiased attackers (Cramer-Rao, see :mod:`fsinfo_fast.bounds`).
 
 The FSInfoGuard noise scale is reported per data set as the largest per-sample ``sigma*`` (the
 noise that brings every profiled sample down to the target), with ``[max_i low_i', max_i
@@ -505,8 +505,9 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
                   str(s["m"]), *cells)
     console.print(t)
     console.print(
-        "FSInfo: nats/dim, mean ± 95% estimator half-width. 1/dFIL (proven, unbiased attackers) "
-        "and FSInfo bnd (surrogate): per-dim MSE bound of the least private sample. sigma*: "
+        "FSInfo: nats/dim, mean ± 95% estimator half-width. 1/dFIL and FSInfo bnd "
+        "exp(-2 FSInfo)/(2 pi e) (both proven for unbiased attackers): per-dim MSE bound of "
+        "the least private sample. sigma*: "
         "largest per-sample FSInfoGuard noise for the target"
         + (", both from FSInfo logdet." if from_logdet else "."), soft_wrap=False)
     if marked:

@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -1311,7 +1312,7 @@ def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> 
             # (a model or data given in memory has no command line: the CLI's resume refuses it)
             how = ("run_profile(ProfileConfig(..., resume=True)) with the same model, data and "
                    "options" if isinstance(cfg.model, nn.Module) or not isinstance(cfg.data, str)
-                   else f"fsinfo-fast profile --out {run_dir.path} --resume")
+                   else f"fsinfo-fast profile --out {shlex.quote(str(run_dir.path))} --resume")
             print(f"interrupted: the records computed so far are kept in {run_dir.path}; "
                   f"continue with: {how}", file=sys.stderr)
         raise

@@ -247,7 +247,8 @@ def apply_checkpoint(model: nn.Module, state: dict[str, Tensor], path: str) -> N
     shapes = [
         f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
         for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+        if k in state and isinstance(state[k], Tensor) and isinstance(own[k], Tensor)
+        and tuple(state[k].shape) != tuple(own[k].shape)
     ]
     if missing or unexpected or shapes:
         parts = []
@@ -283,6 +284,9 @@ def state_fingerprint(model: nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes and bytes), hex."""
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
+        if not isinstance(v, Tensor):  # (a module's get_extra_state: any picklable object)
+            h.update(f"{k}|{type(v).__name__}|{v!r}|".encode())
+            continue
         t = v.detach().to("cpu").contiguous()
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -711,5 +715,6 @@ def describe_model_source(spec: str, checkpoint: str | None) -> str:
 
 def state_to_bytes(model: nn.Module) -> bytes:
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    torch.save({k: v.detach().cpu() if isinstance(v, Tensor) else v
+                for k, v in model.state_dict().items()}, buf)
     return buf.getvalue()

@@ -17,8 +17,7 @@ points, on held-out samples:
   across split points of the metric's relative drop ``(m0 - mi)/m0`` with the attack MSE's
   relative rise ``(MSE_i - MSE0)/MSE_i`` (:mod:`.agreement`), with a Fisher-z interval;
 - the bound report: the fraction of samples whose optimisation-attack MSE falls below ``1/dFIL``
-  (proven only for unbiased attackers) and below the FSInfo surrogate
-  ``exp(-2 FSInfo)/(2 pi e)`` (not a theorem).
+  and below ``exp(-2 FSInfo)/(2 pi e)`` (both proven only for unbiased attackers).
 
 Then a noise sweep at one split (``--sweep-model``, ``--sweep-split``, ``--sweep-sigmas``):
 FSInfo + ln sigma must stay constant while the attacks' MSE rises.

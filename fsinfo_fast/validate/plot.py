@@ -154,7 +154,7 @@ def plot_noise_sweep(sweep: dict[str, Any], examples: dict[str, Any] | None = No
     a1.plot(s, [p["bounds"]["optimization"]["dfil"]["bound_mean"] for p in pts], "--",
             color="tab:green", label="1/dFIL (unbiased only)")
     a1.plot(s, [p["bounds"]["optimization"]["fsinfo_diag"]["bound_mean"] for p in pts], ":",
-            color="tab:purple", label="FSInfo surrogate exp(-2F)/(2 pi e)")
+            color="tab:purple", label="FSInfo bound exp(-2F)/(2 pi e)")
     if sweep.get("variance_of_data") is not None:
         a1.axhline(sweep["variance_of_data"], color="gray", linewidth=1,
                    label="data variance")

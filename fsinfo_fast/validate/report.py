@@ -97,8 +97,8 @@ def print_table(report: dict[str, Any], files: dict[str, str] | None = None,
         console.print(t)
     opt = report["bounds"]["optimization"]
     parts = [f"{k}: {v['count_below']}/{v['n']}" for k, v in opt.items()]
-    console.print("optimisation-attack samples below each bound (1/dFIL binds only unbiased "
-                  "attackers; the FSInfo bound is a surrogate): " + ", ".join(parts),
+    console.print("optimisation-attack samples below each bound (both bind only unbiased "
+                  "attackers): " + ", ".join(parts),
                   soft_wrap=True)
     if files:
         console.print("wrote " + ", ".join(files.values()), soft_wrap=True)
