@@ -1,6 +1,6 @@
 r"""Error lower bounds implied by the metrics, per sample and worst case over a batch.
 
-Two kinds, kept apart on purpose:
+Two bounds, both against unbiased attackers:
 
 - :func:`dfil_bound` is **proven** (Cramer-Rao): any *unbiased* attacker reconstructing ``x`` from
   ``z = f(x) + N(0, sigma^2 I)`` has ``E||x_hat - x||^2 / d >= 1 / dFIL(x)``. It says nothing
@@ -109,7 +109,7 @@ def dfil_bound(dfil: MetricResult | Aggregate | Tensor | float) -> Bound:
         >>> b.value.tolist(), b.worst()
         ([0.25, 2.0], (0, 0.25))
     """
-    if isinstance(dfil, MetricResult) and dfil.metric != "dfil":
+    if isinstance(dfil, (MetricResult, Aggregate)) and dfil.metric not in (None, "dfil"):
         raise ValueError(f"dfil_bound needs a dFIL result, got {dfil.metric}")
     v, lo, hi = _metric_and_interval(dfil, "dfil_bound")
     if bool((v < 0).any()):
@@ -133,8 +133,10 @@ def fsinfo_bound(fsinfo: MetricResult | Aggregate | Tensor | float) -> Bound:
         >>> round(float(b.value[0]), 12)  # FSInfo of a unit Gaussian -> variance 1
         1.0
     """
-    if isinstance(fsinfo, MetricResult) and fsinfo.units != "nats/dim":
-        raise ValueError(f"fsinfo_bound needs FSInfo in nats/dim, got {fsinfo.units}")
+    if isinstance(fsinfo, (MetricResult, Aggregate)) and (
+            fsinfo.units not in (None, "nats/dim") or fsinfo.metric == "dfil"):
+        raise ValueError(f"fsinfo_bound needs FSInfo in nats/dim, got "
+                         f"{fsinfo.metric or 'a result'} in {fsinfo.units}")
     v, lo, hi = _metric_and_interval(fsinfo, "fsinfo_bound")
     f = lambda t: torch.exp(-2.0 * t) / _TWO_PI_E  # noqa: E731
     return Bound(value=f(v), low=f(hi), high=f(lo), proven=True, kind="fsinfo")

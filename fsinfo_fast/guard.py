@@ -257,21 +257,20 @@ class FSInfoGuard(nn.Module):
         if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
             raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
 
-    #: the state-dict key of :meth:`_calibrated_for` (beside ``sigma``)
-    _SETTINGS_KEY = "calibrated_for"
     _VARIANT_CODES = ("diag", "logdet")
 
     def _calibrated_for(self) -> Tensor:
-        """What a ``sigma`` reaches the target under, as the state dict keeps it beside
-        ``sigma``: ``[target, variant (0 diag, 1 log det), floor, prior_var (NaN: none)]``
-        float64 (a tensor: state-dict readers, checkpoint fingerprints and
-        ``torch.load(weights_only=True)`` take it as any buffer)."""
+        """What a ``sigma`` reaches the target under, as the state dict keeps it (its extra
+        state, ``<prefix>_extra_state``): ``[target, variant (0 diag, 1 log det), floor,
+        prior_var (NaN: none)]``, float64 on the CPU (a tensor: checkpoint fingerprints,
+        ``torch.load(weights_only=True)`` and distributed checkpoints take it)."""
         prior = self.metric_kwargs.get("prior_var")
         code = self._VARIANT_CODES.index(self.variant) if self.variant in \
             self._VARIANT_CODES else math.nan
         return torch.tensor([float(self.target), float(code),
                              float(self.metric_kwargs.get("floor", DIAG_FLOOR)),
-                             math.nan if prior is None else float(prior)], dtype=torch.float64)
+                             math.nan if prior is None else float(prior)],
+                            dtype=torch.float64, device="cpu")
 
     def _describe_settings(self, t: Tensor) -> dict[str, Any]:
         v = t.detach().cpu().double().tolist()
@@ -280,9 +279,31 @@ class FSInfoGuard(nn.Module):
         return {"target": v[0], "variant": None if code is None else self._VARIANT_CODES[code],
                 "floor": v[2], "prior_var": None if math.isnan(v[3]) else v[3]}
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + self._SETTINGS_KEY] = self._calibrated_for().to(self.sigma.device)
+    def get_extra_state(self) -> Tensor:
+        return self._calibrated_for()
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # (checked in _load_from_state_dict, before anything loads)
+
+    def _saved_settings(self, state_dict: dict, prefix: str) -> Tensor | None:
+        """The settings a state dict holds for this guard, in any form it was saved in (this
+        one's extra state; a development version's ``calibrated_for`` key or dict), or None;
+        the extra state key set (a state dict saved before the settings were kept loads as
+        before, also under ``strict=True``)."""
+        key = prefix + "_extra_state"
+        old = state_dict.pop(prefix + "calibrated_for", None)
+        theirs = state_dict.get(key, old)
+        if isinstance(theirs, Mapping) and isinstance(theirs.get("calibrated_for"), Mapping):
+            d = theirs["calibrated_for"]
+            prior = d.get("prior_var")
+            code = (self._VARIANT_CODES.index(d["variant"])
+                    if d.get("variant") in self._VARIANT_CODES else math.nan)
+            theirs = torch.tensor([float(d.get("target", math.nan)), float(code),
+                                   float(d.get("floor", math.nan)),
+                                   math.nan if prior is None else float(prior)],
+                                  dtype=torch.float64)
+        state_dict[key] = self._calibrated_for()
+        return theirs if isinstance(theirs, Tensor) else None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -291,9 +312,9 @@ class FSInfoGuard(nn.Module):
         than this guard promises, helper 121). A per-sample guard's (``sigma`` NaN), a state
         dict without ``sigma`` (``strict=False``) or without the settings (saved before they
         were kept) loads as before."""
-        theirs = state_dict.pop(prefix + self._SETTINGS_KEY, None)
+        theirs = self._saved_settings(state_dict, prefix)
         sigma = state_dict.get(prefix + "sigma")
-        if (isinstance(theirs, Tensor) and isinstance(sigma, Tensor) and not theirs.is_meta
+        if (theirs is not None and isinstance(sigma, Tensor) and not theirs.is_meta
                 and not sigma.is_meta and theirs.numel() == 4 and sigma.numel() == 1
                 and not bool(torch.isnan(sigma.detach().cpu()).all())):
             mine = self._calibrated_for()

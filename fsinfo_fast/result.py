@@ -41,6 +41,10 @@ class Aggregate:
     #: true value of the batch); None: ``value -+ ci_halfwidth``
     low: float | None = None
     high: float | None = None
+    #: what it summarises, where known (``r.mean()``, ``r.worst()``): the bounds check them (a
+    #: bits summary read as nats gave a bound above Cramer-Rao's, helper 125)
+    metric: str | None = None
+    units: str | None = None
 
     def __post_init__(self) -> None:
         if self.ci_halfwidth is None:
@@ -356,7 +360,7 @@ class MetricResult:
             hw = mean_halfwidth(self.stderr.tolist(), self.ci_halfwidth.tolist(),
                                 self.bias_bound.tolist())
         return Aggregate(float(v.mean()), se, ci_halfwidth=hw, bias_bound=bias,
-                         bound=bool(self.bound.any()))
+                         bound=bool(self.bound.any()), metric=self.metric, units=self.units)
 
     def worst(self) -> Aggregate:
         """The most leaking sample: the largest value (FSInfo and dFIL both grow with leakage),
@@ -372,7 +376,7 @@ class MetricResult:
         return Aggregate(float(self.value[i]), float(self.stderr[i]), index=i,
                          ci_halfwidth=float(self.ci_halfwidth[i]),
                          bias_bound=float(self.bias_bound[i]), bound=bool(self.bound[i]),
-                         low=low, high=high)
+                         low=low, high=high, metric=self.metric, units=self.units)
 
     def __repr__(self) -> str:
         n = len(self)

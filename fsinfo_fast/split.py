@@ -647,16 +647,25 @@ class HookEncoder(_HookBase):
 
     def run_after_cut(self, x: Tensor,
                       modules: list[tuple[str, nn.Module]]) -> tuple[set[str], str]:
-        """The names among ``modules`` (``(name, submodule)`` pairs) that the whole forward of
-        ``x`` calls only after the cut call has returned (a classifier head): one pass of the
-        model without gradients to its end (whatever ``occurrence``), its buffers and RNG
-        states put back. A module seen before the cut's output, or never seen (a hook that
-        does not fire inside a ``torch.compile``'d submodule, a ``select`` module, which runs
-        in the cut's own hook), is not among them; where the pass raises, none is, and the
-        second element says why (``""`` otherwise)."""
+        """The names among ``modules`` (``(name, submodule)`` pairs) that cannot change the
+        encoder's output: a check pass of the model on ``x`` without gradients (its buffers
+        and RNG states put back) sees them called only after the cut call returned (a negative
+        ``occurrence``: the pass runs the whole forward, as the encoder does), or not before
+        it (``occurrence >= 0``: the pass stops there, as the encoder does; the layers after it
+        never run). A module whose calls the pass cannot see is never among them: inside a
+        ``torch.compile``'d submodule (hooks added after compiling do not fire there) or in
+        ``select`` (it runs in the encoder's own hook). Where the pass raises, none is, and
+        the second element says why (``""`` otherwise)."""
         target = self._target()
+        stop = self.occurrence if self.occurrence >= 0 else None
         done = [0]  # the cut module's calls returned so far
         first: dict[str, int] = {}
+        hidden: set[int] = set()
+        for m in self.model.modules():
+            if type(m).__name__ == "OptimizedModule":
+                hidden.update(id(k) for k in m.modules())
+        if isinstance(self.select, nn.Module):
+            hidden.update(id(k) for k in self.select.modules())
 
         def pre(name: str) -> Callable:
             def hook(module: nn.Module, inputs: Any) -> None:
@@ -665,26 +674,29 @@ class HookEncoder(_HookBase):
 
         def count(module: nn.Module, inputs: Any, output: Any) -> None:
             done[0] += 1
+            if stop is not None and done[0] > stop:
+                raise _StopForward
 
         args, kwargs = ((), {self.input_name: x}) if self.input_name else ((x,), {})
         state = _State(self.model, _cuda_devices(self.model, args, kwargs))
         handles = [m.register_forward_pre_hook(pre(n)) for n, m in modules]
-        # (appended after any hook the model has: the select module of the cut's own hook, if
-        # it is a submodule, reads as seen before the count moves)
         handles.append(target.register_forward_hook(count))
         try:
             with torch.no_grad():
                 self.model(*args, **kwargs)
+        except _StopForward:
+            pass
         except Exception as err:  # noqa: BLE001  (the encoder's own run reports it)
-            return set(), f"the model's whole forward failed ({_error_text(err)})"
+            return set(), f"the model's forward failed ({_error_text(err)})"
         finally:
             for h in handles:
                 h.remove()
             state.restore()
-        cut = self.occurrence if self.occurrence >= 0 else done[0] + self.occurrence
+        cut = stop if stop is not None else done[0] + self.occurrence
         if not 0 <= cut < done[0]:
             return set(), f"{self.path!r} was called {done[0]} time(s)"
-        return {name for name, k in first.items() if k > cut}, ""
+        return {name for name, m in modules if id(m) not in hidden
+                and (first[name] > cut if name in first else stop is not None)}, ""
 
     def _pick(self, output: Any) -> Tensor:
         value = first_tensor(output) if self.select is None else self.select(output)

@@ -95,7 +95,7 @@ def test_guard_state_dict_refuses_a_sigma_calibrated_for_another_target():
     assert float(same.sigma) == float(g.sigma)
     # a per-sample guard's state (sigma NaN) and one saved before the settings were kept load
     ff.FSInfoGuard(enc, target=-1.0).load_state_dict(ff.FSInfoGuard(enc, target=2.0).state_dict())
-    legacy = {k: v for k, v in sd.items() if k != "calibrated_for"}
+    legacy = {k: v for k, v in sd.items() if k != "_extra_state"}
     ff.FSInfoGuard(enc, target=-1.0).load_state_dict(legacy)
 
 
@@ -293,3 +293,115 @@ def test_a_failed_whole_forward_leaves_buffers_and_rng_alone():
         ff.fsinfo(ff.split(net, "body"), x, 0.1)
     assert all(torch.equal(a, b) for a, b in zip(bn, net.bn.buffers(), strict=True))
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+# -- helper 125's review of the above ----------------------------------------------------------
+
+class _Counted(nn.Module):
+    """A head that cannot run on one sample in training mode, and counts its runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 3))
+        self.head_runs = 0
+
+    def forward(self, x):
+        h = self.body(x)
+        if float(h.detach().abs().sum()) >= 0:  # (not fx-traceable: the hooks route)
+            self.head_runs += 1
+            return self.head(self.drop(h))
+        return h
+
+
+def test_occurrence_zero_check_stops_at_the_cut():
+    """The check pass ran the whole forward: a head that fails on one sample turned an accepted
+    encoder into a TrainingModeError, and the head ran though the encoder never reaches it."""
+    from fsinfo_fast.encoder import check_eval_mode
+
+    torch.manual_seed(0)
+    net = _Counted().eval()
+    net.head.train()
+    net.drop.train()
+    enc = ff.split(net, "body", occurrence=0)
+    x = torch.randn(1, 8)
+    check_eval_mode(enc, x)
+    assert net.head_runs == 0
+    ff.FSInfoGuard(enc, target=-1.0, estimator="exact")(x)
+
+
+def test_a_select_module_the_model_also_calls_after_the_cut_is_refused():
+    torch.manual_seed(0)
+    net = _Counted().eval()
+    net.drop.train()
+    with pytest.raises(ff.TrainingModeError, match="drop"):
+        ff.fsinfo(ff.split(net, "body", select=net.drop), torch.randn(3, 8), 0.1)
+
+
+def test_guard_settings_in_every_saved_form_are_checked():
+    """A dict extra state (1b27999) or a 'calibrated_for' key (a077dce) loaded without the
+    check (strict=False); inside a torch.device context the check crashed."""
+    enc, X = _mlp(), torch.randn(8, 4)
+    g = ff.FSInfoGuard(enc, target=2.0, estimator="exact")
+    g.calibrate(X)
+    sd = g.state_dict()
+    assert isinstance(sd["_extra_state"], torch.Tensor)
+    base = {k: v for k, v in sd.items() if k != "_extra_state"}
+    legacy = [{**base, "_extra_state": {"calibrated_for": {
+        "target": 2.0, "variant": "diag", "floor": 1e-10, "prior_var": None}}},
+        {**base, "calibrated_for": sd["_extra_state"]}]
+    for old in legacy:
+        with pytest.raises(ff.InvalidInputError, match="target 2.0 vs -1.0"):
+            ff.FSInfoGuard(enc, target=-1.0).load_state_dict(dict(old), strict=False)
+        same = ff.FSInfoGuard(enc, target=2.0)
+        same.load_state_dict(dict(old))
+        assert float(same.sigma) == float(g.sigma)
+    with torch.device("meta"):
+        m = ff.FSInfoGuard(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), target=-1.0)
+    with torch.device("meta"), pytest.raises(ff.InvalidInputError):
+        m.load_state_dict(sd, assign=True)
+
+
+def test_distributed_checkpoint_reads_a_model_holding_a_guard():
+    dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    model = nn.Sequential(ff.FSInfoGuard(_mlp(), target=1.0, sigma=0.5), nn.Linear(6, 2))
+    sd = dcp.get_model_state_dict(model)
+    assert "0._extra_state" in sd
+    dcp.set_model_state_dict(model, sd)
+
+
+def test_bounds_refuse_a_summary_in_bits_or_of_the_other_metric():
+    enc, X = _mlp(), torch.randn(3, 4)
+    f = ff.fsinfo(enc, X, 0.1, estimator="exact")
+    d = ff.dfil(enc, X, 0.1, estimator="exact")
+    with pytest.raises(ValueError, match="bits"):
+        ff.bounds.fsinfo_bound(f.to_bits().worst())
+    with pytest.raises(ValueError):
+        ff.bounds.fsinfo_bound(d.worst())
+    with pytest.raises(ValueError):
+        ff.bounds.dfil_bound(f.mean())
+    assert ff.bounds.fsinfo_bound(f.worst()).proven
+
+
+def test_state_fingerprint_reads_extra_states_by_value():
+    import io
+
+    from fsinfo_fast.profile.sources import state_fingerprint
+
+    class Extra(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.state = {"t": torch.zeros(5000), "f": io.BytesIO()}
+
+        def get_extra_state(self):
+            return self.state
+
+        def set_extra_state(self, state):
+            self.state = state
+
+    m = Extra()
+    a = state_fingerprint(m)
+    assert state_fingerprint(m) == a  # (an address in a repr is not state)
+    m.state["t"][2500] = 1.0
+    assert state_fingerprint(m) != a

@@ -32,6 +32,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -284,13 +285,28 @@ def state_fingerprint(model: nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes and bytes), hex."""
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
-        if not isinstance(v, Tensor):  # (a module's get_extra_state: any picklable object)
-            h.update(f"{k}|{type(v).__name__}|{v!r}|".encode())
-            continue
-        t = v.detach().to("cpu").contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        _hash_value(h, k, v)
     return h.hexdigest()
+
+
+def _hash_value(h: Any, key: str, v: Any) -> None:
+    """Add ``v`` under ``key`` to the hash ``h``: a tensor's dtype, shape and bytes; a module's
+    extra state (any picklable object) walked through its mappings and sequences to them."""
+    if isinstance(v, Tensor):
+        t = v.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(v, Mapping):
+        h.update(f"{key}|mapping|{len(v)}|".encode())
+        for k2 in sorted(v, key=repr):
+            _hash_value(h, f"{key}.{k2!r}", v[k2])
+    elif isinstance(v, (list, tuple)):
+        h.update(f"{key}|{type(v).__name__}|{len(v)}|".encode())
+        for i, item in enumerate(v):
+            _hash_value(h, f"{key}[{i}]", item)
+    else:  # (an object's address in its repr is not its state)
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(v))
+        h.update(f"{key}|{type(v).__name__}|{text}|".encode())
 
 
 def tensor_fingerprint(*tensors: Tensor) -> str:
