@@ -1109,23 +1109,16 @@ class Linearization:
         (``None`` without any). :meth:`_lost` and :meth:`_rounding_measured` read it."""
         if self._pair_cache is None:
             p, p64, ids, u = self._check_products_for(self.m, pair_count(self.d), DEAD_STREAM)
-            g64 = p64.vjp(u)
-            g = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
-            self._check_products += u.shape[1]
+            g64, g0, g = self._paired_vjps(p, p64, u)
             # a sample whose every working-dtype product is 0 where float64's are not: its
             # whole Jacobian underflows (entries near 1e-48 in float32), and the routes' own
             # products see nothing of it (dFIL 0 with a zero half-width, helper 116). The
-            # scaled products below would see it, which keeps a lone underflowing column among
+            # scaled products (_paired_vjps' g) see it, which keeps a lone underflowing column among
             # ordinary ones (a negligible share) off the lost list. (Not an energy shortfall:
             # a saturated softmax loses energy to rounding with nonzero products, which the
             # lost columns' float64 terms would then count twice, helper 119.)
-            under = ((g == 0).all(dim=2).all(dim=1)
+            under = ((g0 == 0).all(dim=2).all(dim=1)
                      & (g64 != 0).any(dim=2).any(dim=1))[:, None]  # [B, 1]
-            zero = (g == 0) & (g64 != 0)
-            if bool(zero.any()):
-                big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64)
-                self._check_products += u.shape[1]
-                g = torch.where(zero, big / _LOST_SCALE, g)
             nz64 = (g64 != 0).any(dim=1)
             lost = (g == 0).all(dim=1) & nz64
             partial = torch.zeros_like(lost)
@@ -1173,16 +1166,25 @@ class Linearization:
         if self._pair_more_cache is None:
             count = PAIR_ESCALATE - self._pair()[0].shape[1]
             p, p64, _, u = self._check_products_for(self.m, count, ROUNDING_STREAM)
-            g64 = p64.vjp(u)
-            g = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
-            self._check_products += count
-            zero = (g == 0) & (g64 != 0)
-            if bool(zero.any()):
-                big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64)
-                self._check_products += count
-                g = torch.where(zero, big / _LOST_SCALE, g)
+            g64, _, g = self._paired_vjps(p, p64, u)
             self._pair_more_cache = (g64, g)
         return self._pair_more_cache
+
+    def _paired_vjps(self, p, p64, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The cotangents ``u``'s VJPs in float64 (``p64``) and through the working-dtype
+        products ``p``: ``(g64, g0, g)`` float64, ``g0`` the working dtype's as computed and
+        ``g`` with its entries 0 where float64's are not taken from the VJP of ``u`` times
+        ``2^40``, divided back (entries near the subnormal range); counts the products."""
+        g64 = p64.vjp(u)
+        g0 = p.vjp(u.to(p.dtype).to(p.device)).to(g64)
+        self._check_products += u.shape[1]
+        g = g0
+        zero = (g0 == 0) & (g64 != 0)
+        if bool(zero.any()):
+            big = p.vjp((u * _LOST_SCALE).to(p.dtype).to(p.device)).to(g64)
+            self._check_products += u.shape[1]
+            g = torch.where(zero, big / _LOST_SCALE, g0)
+        return g64, g0, g
 
     @torch.no_grad()
     def _jvp_pair(self, count: int) -> tuple[Tensor, Tensor]:
