@@ -286,22 +286,11 @@ class FSInfoGuard(nn.Module):
         pass  # (checked in _load_from_state_dict, before anything loads)
 
     def _saved_settings(self, state_dict: dict, prefix: str) -> Tensor | None:
-        """The settings a state dict holds for this guard, in any form it was saved in (this
-        one's extra state; a development version's ``calibrated_for`` key or dict), or None;
-        the extra state key set (a state dict saved before the settings were kept loads as
-        before, also under ``strict=True``)."""
+        """The settings a state dict holds for this guard (its extra state), or None; the
+        extra state key set (a state dict saved before the settings were kept loads as before,
+        also under ``strict=True``)."""
         key = prefix + "_extra_state"
-        old = state_dict.pop(prefix + "calibrated_for", None)
-        theirs = state_dict.get(key, old)
-        if isinstance(theirs, Mapping) and isinstance(theirs.get("calibrated_for"), Mapping):
-            d = theirs["calibrated_for"]
-            prior = d.get("prior_var")
-            code = (self._VARIANT_CODES.index(d["variant"])
-                    if d.get("variant") in self._VARIANT_CODES else math.nan)
-            theirs = torch.tensor([float(d.get("target", math.nan)), float(code),
-                                   float(d.get("floor", math.nan)),
-                                   math.nan if prior is None else float(prior)],
-                                  dtype=torch.float64)
+        theirs = state_dict.get(key)
         state_dict[key] = self._calibrated_for()
         return theirs if isinstance(theirs, Tensor) else None
 

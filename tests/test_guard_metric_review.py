@@ -339,24 +339,19 @@ def test_a_select_module_the_model_also_calls_after_the_cut_is_refused():
         ff.fsinfo(ff.split(net, "body", select=net.drop), torch.randn(3, 8), 0.1)
 
 
-def test_guard_settings_in_every_saved_form_are_checked():
-    """A dict extra state (1b27999) or a 'calibrated_for' key (a077dce) loaded without the
-    check (strict=False); inside a torch.device context the check crashed."""
+def test_guard_settings_are_checked_from_the_extra_state():
+    """The settings travel as the guard's extra state (a tensor) and are checked also under
+    strict=False; inside a torch.device context the check crashed."""
     enc, X = _mlp(), torch.randn(8, 4)
     g = ff.FSInfoGuard(enc, target=2.0, estimator="exact")
     g.calibrate(X)
     sd = g.state_dict()
     assert isinstance(sd["_extra_state"], torch.Tensor)
-    base = {k: v for k, v in sd.items() if k != "_extra_state"}
-    legacy = [{**base, "_extra_state": {"calibrated_for": {
-        "target": 2.0, "variant": "diag", "floor": 1e-10, "prior_var": None}}},
-        {**base, "calibrated_for": sd["_extra_state"]}]
-    for old in legacy:
-        with pytest.raises(ff.InvalidInputError, match="target 2.0 vs -1.0"):
-            ff.FSInfoGuard(enc, target=-1.0).load_state_dict(dict(old), strict=False)
-        same = ff.FSInfoGuard(enc, target=2.0)
-        same.load_state_dict(dict(old))
-        assert float(same.sigma) == float(g.sigma)
+    with pytest.raises(ff.InvalidInputError, match="target 2.0 vs -1.0"):
+        ff.FSInfoGuard(enc, target=-1.0).load_state_dict(dict(sd), strict=False)
+    same = ff.FSInfoGuard(enc, target=2.0)
+    same.load_state_dict(dict(sd))
+    assert float(same.sigma) == float(g.sigma)
     with torch.device("meta"):
         m = ff.FSInfoGuard(nn.Sequential(nn.Linear(4, 6), nn.Tanh()), target=-1.0)
     with torch.device("meta"), pytest.raises(ff.InvalidInputError):
