@@ -16,8 +16,10 @@ calibration set, or a quantile of it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .encoder import check_encoder, check_input, check_output
-from .errors import InvalidInputError, InvalidInputTypeError, warn_user
+from .errors import InvalidInputError, InvalidInputTypeError, SingularFisherWarning, warn_user
 from .formulas import DIAG_FLOOR, HALF_LOG_2PIE
 from .result import SigmaResult, check_q
 
@@ -110,6 +112,30 @@ class GaussianNoise(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return add_noise(z, self.sigma, self.generator)
+
+
+_HELD_REGISTRY: dict = {}  # (the re-emitted warnings' "once per location" record)
+
+
+@contextlib.contextmanager
+def _singular_warning_held():
+    """Hold the warnings raised inside (under the caller's filters) and re-emit them on the way
+    out; where the block raises, a :class:`SingularFisherWarning` is dropped: the guard's
+    refusal names the same cause (it warned and then raised)."""
+    with warnings.catch_warnings(record=True) as caught:
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            held = list(caught)
+            caught.clear()
+    for w in held:
+        if not (failed and issubclass(w.category, SingularFisherWarning)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                   registry=_HELD_REGISTRY, source=w.source)
 
 
 def _of(flags: Tensor) -> str:
@@ -400,29 +426,31 @@ class FSInfoGuard(nn.Module):
             )
         if statistic == "quantile":
             q = check_q(q)  # as SigmaResult.dataset will, before the work
-        results, seen = [], 0
-        for batch in _batches(data):
-            ids = torch.arange(seen, seen + batch.shape[0])
-            results.append(self.sigma_result(batch, sample_ids=ids))
-            seen += batch.shape[0]
-        if not results:
-            raise InvalidInputError("calibrate() got no data")
-        res = concat_sigma_results(results)
-        value = res.dataset(statistic, q, conservative=conservative)
-        if conservative and not math.isfinite(value):
-            # (an estimate whose interval has no upper end: not a target beyond float64)
-            open_ = torch.isinf(res.ci_high) & torch.isfinite(res.sigma)
-            if bool(open_.any()):
-                raise InvalidInputError(
-                    f"conservative=True: {int(open_.sum())} of the calibration set's "
-                    f"{len(res)} sigma* (sample(s) {open_.nonzero().flatten().tolist()[:20]}) "
-                    "have an interval without an upper end: their estimate claims none there "
-                    "(converged=False in the per-sample results; e.g. the float64 oracle's "
-                    "rounding exceeds the columns of a saturated activation), so no finite "
-                    "conservative sigma follows. Use conservative=False (their estimates), "
-                    "statistic='quantile', or leave those samples out")
-        self._check_reachable(torch.tensor([value], dtype=torch.float64), f"the {statistic} "
-                              "of the calibration set's sigma*")
+        with _singular_warning_held():
+            results, seen = [], 0
+            for batch in _batches(data):
+                ids = torch.arange(seen, seen + batch.shape[0])
+                results.append(self.sigma_result(batch, sample_ids=ids))
+                seen += batch.shape[0]
+            if not results:
+                raise InvalidInputError("calibrate() got no data")
+            res = concat_sigma_results(results)
+            value = res.dataset(statistic, q, conservative=conservative)
+            if conservative and not math.isfinite(value):
+                # (an estimate whose interval has no upper end: not a target beyond float64)
+                open_ = torch.isinf(res.ci_high) & torch.isfinite(res.sigma)
+                if bool(open_.any()):
+                    raise InvalidInputError(
+                        f"conservative=True: {int(open_.sum())} of the calibration set's "
+                        f"{len(res)} sigma* (sample(s) "
+                        f"{open_.nonzero().flatten().tolist()[:20]}) have an interval without "
+                        "an upper end: their estimate claims none there "
+                        "(converged=False in the per-sample results; e.g. the float64 oracle's "
+                        "rounding exceeds the columns of a saturated activation), so no finite "
+                        "conservative sigma follows. Use conservative=False (their estimates), "
+                        "statistic='quantile', or leave those samples out")
+            self._check_reachable(torch.tensor([value], dtype=torch.float64),
+                                  f"the {statistic} of the calibration set's sigma*")
         bad = int((~res.converged).sum())
         if bad:  # (a sigma* whose interval missed the tolerance: rounding, the probe cap)
             warn_user(
@@ -508,8 +536,9 @@ class FSInfoGuard(nn.Module):
         if per_sample:
             # before the encoder runs: one that writes into its input (x.mul_(), an in-place
             # first ReLU) would have moved x, and sigma* would be sized for another input
-            sigma = self.sigma_for(x.detach(), sample_ids)
-            self._check_reachable(sigma, "sigma*")
+            with _singular_warning_held():
+                sigma = self.sigma_for(x.detach(), sample_ids)
+                self._check_reachable(sigma, "sigma*")
         z = self.encoder(x)
         if sigma is None:
             # per-sample mode checked the output while linearizing; a fixed sigma must too (a

@@ -400,3 +400,30 @@ def test_state_fingerprint_reads_extra_states_by_value():
     assert state_fingerprint(m) == a  # (an address in a repr is not state)
     m.state["t"][2500] = 1.0
     assert state_fingerprint(m) != a
+
+
+def test_log_det_guard_refusal_does_not_warn_first():
+    """A log-det guard without a prior on a singular J^T J warned SingularFisherWarning and then
+    raised for the same cause; where it goes on (some samples singular, the max finite) the
+    warning still reaches the user, at their line."""
+    import warnings
+
+    enc = nn.Sequential(nn.Linear(6, 2), nn.Tanh())
+    for call in (lambda g: g.calibrate(torch.randn(4, 6)),
+                 lambda g: g(torch.randn(4, 6))):
+        g = ff.FSInfoGuard(enc, target=-1.0, variant="logdet", estimator="exact")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(ff.InvalidInputError, match="singular"):
+                call(g)
+        assert not [w for w in caught if issubclass(w.category, ff.SingularFisherWarning)]
+    lin = nn.Linear(2, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(2))
+        lin.bias.zero_()
+    g = ff.FSInfoGuard(nn.Sequential(lin, nn.ReLU()), target=-1.0, variant="logdet",
+                       estimator="exact")
+    x = torch.tensor([[1.0, 2.0], [-1.0, -2.0]])  # the second sample's J is 0
+    with pytest.warns(ff.SingularFisherWarning) as rec:
+        assert g.calibrate(x) > 0
+    assert any(w.filename == __file__ for w in rec)
