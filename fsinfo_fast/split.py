@@ -802,9 +802,13 @@ def _note_unnamed_input(err: BaseException, model: nn.Module, name: str, path: s
     took = ("; its **kwargs took it" if any(v.kind == inspect.Parameter.VAR_KEYWORD
                                             for v in params.values()) else "")
     err.add_note(f"fsinfo_fast passed the input as {name}=, which is not a named parameter of "
-                 f"{type(model).__name__}.forward ({named}{took}): split "
-                 f"a submodule that takes the float input (one holding {path!r}, such as its "
-                 "encoder) instead, or give input_name= a keyword the forward names")
+                 f"{type(model).__name__}.forward ({named}{took}): give input_name= a keyword "
+                 "the forward names, or cut a module of your own whose forward takes the float "
+                 f"input and calls the submodule holding {path!r} (such as its encoder) the way "
+                 f"{type(model).__name__}.forward does: called alone, a submodule misses what "
+                 "that forward builds for it (CLIPTextModel's causal mask: its bare encoder "
+                 "attends both ways, another function; README, 'Models you did not write'); "
+                 "check its output at the cut against the whole model's")
 
 
 def _token_input_hint(model: nn.Module, x: Any) -> str:

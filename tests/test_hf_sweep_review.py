@@ -151,6 +151,9 @@ def test_input_name_a_forward_does_not_name_is_said():
     notes = "\n".join(getattr(info.value, "__notes__", []))
     assert "inputs_embeds=, which is not a named parameter of Text.forward" in notes
     assert "input_ids, attention_mask" in notes
+    # (it recommended the bare encoder, which misses the causal mask CLIPTextModel builds for it:
+    # another function, helper 128)
+    assert "misses what that forward builds for it" in notes and "causal mask" in notes
 
 
 @pytest.mark.parametrize("route", ["auto", "hooks"])

@@ -94,6 +94,46 @@ def test_readme_third_party_example_runs_in_a_fresh_process():
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
+def test_readme_clip_text_wrapper_is_the_model_at_the_cut():
+    """The README's CLIPTextModel wrapper, run as written in a fresh process on a tiny config:
+    its cut equals the whole model's first layer and is causal (the bare encoder the error note
+    once recommended attends both ways, helper 128), and the metrics serve it."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    (code,) = [b for b in _blocks("python") if "class CausalText" in b]
+    setup = (
+        "import torch, transformers as T\n"
+        "import fsinfo_fast as ff\n"
+        "torch.manual_seed(0)\n"
+        "cfg = T.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,\n"
+        "    num_attention_heads=2, vocab_size=100, max_position_embeddings=16,\n"
+        "    bos_token_id=0, eos_token_id=1, pad_token_id=1)\n"
+        "clip_text_model = T.CLIPTextModel(cfg).eval()\n"
+    )
+    check = (
+        "ids = torch.randint(2, 100, (2, 6))\n"
+        "emb = clip_text_model.embeddings(input_ids=ids).detach()\n"
+        "got = {}\n"
+        "h = clip_text_model.encoder.layers[0].register_forward_hook(\n"
+        "    lambda mod, i, o: got.__setitem__('o', o[0] if isinstance(o, tuple) else o))\n"
+        "clip_text_model(input_ids=ids); h.remove()\n"
+        "assert torch.allclose(encoder(emb), got['o'], atol=1e-6)\n"
+        "x = emb[:1].clone().requires_grad_(True)\n"
+        "encoder(x)[0, 0].sum().backward()\n"
+        "assert float(x.grad[0, 1:].abs().sum()) == 0.0\n"
+        "bare = ff.split(clip_text_model.encoder, 'layers.0', input_name='inputs_embeds')\n"
+        "assert not torch.allclose(bare(emb), got['o'], atol=1e-3)\n"
+        "r = ff.linearize(encoder, emb).fsinfo(0.1)\n"
+        "assert bool(torch.isfinite(r.value).all())\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", setup + code + check], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
 def test_readme_profile_python_api_runs_in_a_fresh_process(tmp_path):
     """The README's ``run_profile`` on a transformers model and a tensor held in memory, in a
     new process: each split's mean FSInfo_diag within the run's own interval of the oracle's
