@@ -245,11 +245,24 @@ def _check_model_and_data(cfg: ProfileConfig) -> None:
         raise InvalidInputTypeError(
             "data must be a data set spec ('digits', 'natural', a folder, "
             "'torchvision:NAME:ROOT'), a float tensor [N, ...] of inputs or an (x, labels) "
-            f"pair, got {_what(x)}")
+            f"pair, got {_what(x)}{_integer_data_hint(x)}")
     if y is not None and not (isinstance(y, Tensor) and not y.is_floating_point()
                               and y.shape == x.shape[:1]):
         raise InvalidInputTypeError(
             f"data=(x, labels): labels must be an integer tensor [{x.shape[0]}], got {_what(y)}")
+
+
+def _integer_data_hint(x: object) -> str:
+    """How to profile integer data: token ids ``[N, tokens]`` as their embeddings (the metrics
+    differentiate with respect to a float input), integer images as floats."""
+    if not isinstance(x, Tensor) or x.is_floating_point() or x.is_complex() or \
+            x.dtype == torch.bool:
+        return ""
+    if x.dim() == 2 and x.dtype != torch.uint8:
+        return ("; token ids? The metrics differentiate with respect to a float input: give the "
+                "model's embeddings of them and input_name= the keyword its forward takes them "
+                "as (ProfileConfig(input_name='inputs_embeds') for a transformers text model)")
+    return "; integer pixels: convert them (x.float() / 255 for 8-bit images)"
 
 
 def _what(v: object) -> str:
@@ -484,7 +497,16 @@ def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
             with torch.no_grad():
                 out = s.encoder(x1)
         except Exception as err:
-            msg = " ".join(str(err).split())[:200]
+            # the whole message of the package's own errors (their advice came last and was
+            # cut off, helper 128), a model's own shortened; with the notes added to either
+            msg = " ".join(str(err).split())
+            if not isinstance(err, FSInfoError) and len(msg) > 500:
+                msg = msg[:500] + " ..."
+            msg = " ".join([msg] + [" ".join(str(n).split())
+                                    for n in getattr(err, "__notes__", None) or []])
+            if "ff.split(model, ..., input_name=" in msg:  # (the profile's own keyword)
+                msg += " (here: ProfileConfig(input_name=...), which run_profile passes to " \
+                       "ff.split)"
             raise DataError(
                 f"the encoder at split {s.name} cannot take the data's inputs of shape "
                 f"{tuple(x1.shape[1:])}: {type(err).__name__}: {msg}{_channels_hint(model, x1)}"
