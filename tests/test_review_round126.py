@@ -37,3 +37,120 @@ def test_profile_says_how_to_give_integer_data(tmp_path, data, want):
     with pytest.raises(TypeError, match="float tensor") as info:
         run_profile(cfg)
     assert want in str(info.value)
+
+
+# -- profile resume (helper 126) ----------------------------------------------------------------
+
+def _net(act):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), act, torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 8 * 8, 8)).eval()
+
+
+def _interrupted(monkeypatch, cfg, after=1):
+    """Run ``cfg``, interrupted (KeyboardInterrupt) when batch ``after`` starts."""
+    from fsinfo_fast.profile import runner
+
+    orig, calls = runner.compute_batch, [0]
+
+    def cb(*a, **k):
+        calls[0] += 1
+        if calls[0] > after:
+            raise KeyboardInterrupt
+        return orig(*a, **k)
+
+    monkeypatch.setattr(runner, "compute_batch", cb)
+    with pytest.raises(KeyboardInterrupt):
+        run_profile(cfg)
+    monkeypatch.setattr(runner, "compute_batch", orig)
+
+
+def _cfg(out, **kw):
+    torch.manual_seed(1)
+    base = dict(data=torch.rand(4, 3, 8, 8), splits="1", batch_size=2, plot=False,
+                progress=False, table=False, out=str(out))
+    return ProfileConfig(**{**base, **kw})
+
+
+def test_resume_refuses_another_architecture_with_the_same_weights(tmp_path, monkeypatch):
+    """ReLU for Tanh has the same state dict: the resume was accepted and mixed the two
+    functions' numbers (FSInfo_diag 0.358 for -0.212 from sample 2 on)."""
+    from fsinfo_fast.profile.errors import ResumeError
+
+    _interrupted(monkeypatch, _cfg(tmp_path / "r", model=_net(torch.nn.ReLU())))
+    with pytest.raises(ResumeError, match="another function"):
+        run_profile(_cfg(tmp_path / "r", model=_net(torch.nn.Tanh()), resume=True))
+    got = run_profile(_cfg(tmp_path / "r", model=_net(torch.nn.ReLU()), resume=True))
+    ref = run_profile(_cfg(tmp_path / "ref", model=_net(torch.nn.ReLU())))
+    assert [s["fsinfo_diag"] for s in got.summary["samples"]] == \
+        [s["fsinfo_diag"] for s in ref.summary["samples"]]
+
+
+def test_structure_fingerprint_is_the_same_in_another_process():
+    """The digest a resume compares is stable across processes (a transformers model from a
+    seeded config: no addresses or random ids in it) and sees its config."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.manual_seed(0)\n"
+            "from fsinfo_fast.models import third_party as t\n"
+            "from fsinfo_fast.profile.sources import structure_fingerprint as f\n"
+            "m = t.build('vit', size=16)\n"
+            "print(f(m)); m.config.layer_norm_eps = 0.5; print(f(m))\n")
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    outs = [r.stdout.split() for r in runs]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-2000:]
+    assert outs[0] == outs[1] and outs[0][0] != outs[0][1]
+
+
+def test_resume_refuses_an_explicit_option_equal_to_its_default(tmp_path, monkeypatch):
+    """ProfileConfig(sigma=0.1, resume=True) on a run made at sigma 0.2 resumed at 0.2 without a
+    word (a value equal to the default counted as not given); the CLI refused --sigma."""
+    from fsinfo_fast.profile.errors import ResumeError
+
+    model = _net(torch.nn.Tanh())
+    _interrupted(monkeypatch, _cfg(tmp_path / "r", model=model, sigma=0.2))
+    with pytest.raises(ResumeError, match="sigma 0.2 -> 0.1"):
+        run_profile(_cfg(tmp_path / "r", model=model, sigma=0.1, resume=True))
+    out = run_profile(_cfg(tmp_path / "r", model=model, resume=True))  # sigma not given
+    assert out.summary["settings"]["sigma"] == 0.2
+
+
+def test_resume_of_a_partly_stored_batch_writes_only_its_missing_records(tmp_path, monkeypatch):
+    """A sample with one record lost had all its records appended again (duplicates in
+    records.jsonl, ``computed`` counting them)."""
+    model = _net(torch.nn.Tanh())
+    cfg = _cfg(tmp_path / "r", model=model, splits="0,1,3")
+    run_profile(cfg)
+    path = tmp_path / "r" / "records.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[0] = b"{corrupt" + b" " * max(0, len(lines[0]) - 8)
+    path.write_bytes(b"\n".join(lines))
+    out = run_profile(_cfg(tmp_path / "r", model=model, splits="0,1,3", resume=True))
+    assert out.computed == 1
+    before = len([ln for ln in lines if ln.strip()])  # (the corrupt line stays, unread)
+    assert len([ln for ln in path.read_bytes().split(b"\n") if ln.strip()]) == before + 1
+
+
+def test_a_data_folder_resumes_however_its_path_is_spelled(tmp_path, monkeypatch):
+    """A run on --data imgs was refused on ./imgs or its absolute path, and could not resume
+    from another working directory (the stored relative path named nothing there)."""
+    Image = pytest.importorskip("PIL.Image")
+    work = tmp_path / "w"
+    (work / "imgs").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        px = (torch.rand(8, 8, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(px).save(work / "imgs" / f"{i}.png")
+    model = _net(torch.nn.Tanh())
+    kw = dict(model=model, splits="1", batch_size=2, plot=False, progress=False, table=False)
+    monkeypatch.chdir(work)
+    _interrupted(monkeypatch, ProfileConfig(data="imgs", out="r", **kw))
+    monkeypatch.chdir(tmp_path)
+    for data in ("w/imgs", str(work / "imgs")):
+        run_profile(ProfileConfig(data=data, out="w/r", resume=True, **kw))
+    monkeypatch.chdir(work)
+    out = run_profile(ProfileConfig(data="./imgs", out="r", resume=True, **kw))
+    assert out.computed == 0 and len(out.summary["samples"]) == 4

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from .._extras import require
 from ..errors import InvalidInputError
 from .errors import DataError, RunDirError
-from .sources import _one_line, state_fingerprint, tensor_fingerprint
+from .sources import _one_line, state_fingerprint, structure_fingerprint, tensor_fingerprint
 
 __all__ = ["add_arguments", "guard_report", "run"]
 
@@ -167,6 +167,7 @@ class _Progress:
         self.key = {k: getattr(args, k) for k in _SIGMA_OPTIONS}
         self.key["data_sha256"] = tensor_fingerprint(x)
         self.key["model_sha256"] = state_fingerprint(model)
+        self.key["model_structure_sha256"] = structure_fingerprint(model)
         resume = getattr(args, "resume", False)
         if self.path.exists():
             if not resume:

@@ -11,6 +11,7 @@ run's records equal an uninterrupted run's, none lost, none duplicated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -53,10 +54,19 @@ from .sources import (
     resolve_splits,
     state_fingerprint,
     state_to_bytes,
+    structure_fingerprint,
     tensor_fingerprint,
     zoo_key,
 )
-from .store import STORE_VERSION, RunDir, RunDirBusy, RunLock, atomic_write_bytes, settings_diff
+from .store import (
+    STORE_VERSION,
+    RunDir,
+    RunDirBusy,
+    RunLock,
+    atomic_write_bytes,
+    record_key,
+    settings_diff,
+)
 
 __all__ = [
     "ProfileConfig",
@@ -79,7 +89,8 @@ EXACT_SMALL_D = 256
 DFIL_EXACT_MAX = 256
 #: Settings that change the numbers: a resumed run must have the same ones.
 MATCH_KEYS = (
-    "model", "checkpoint_sha256", "model_sha256", "data", "size", "data_sha256", "num_samples",
+    "model", "checkpoint_sha256", "model_sha256", "model_structure_sha256", "data", "size",
+    "data_sha256", "num_samples",
     "splits", "sigma", "variant", "estimator", "atol", "rtol", "prior_var", "target", "seed",
     "share", "dfil_method",
 )
@@ -171,8 +182,11 @@ class ProfileConfig:
     dfil_method: str = "auto"
     channels: int = 3
     input_name: str | None = None
-    #: the options the command line set explicitly (``None``: unknown, e.g. an API call; then
-    #: ``--resume`` takes the stored value of every option at its default)
+    #: the options set explicitly: the command line's, or the keywords (and positional
+    #: arguments) a ``ProfileConfig(...)`` call gave (``--resume`` takes the stored value of
+    #: every other option; an explicit one that differs from the stored is refused, also where
+    #: it equals the default: the API's ``sigma=0.1`` resumed a run made at 0.2 at 0.2 without a
+    #: word, helper 126). ``None``: unknown (every option at its default counts as not given)
     given: frozenset[str] | None = None
 
     def validate(self) -> None:
@@ -220,6 +234,23 @@ class ProfileConfig:
         if self.backend not in names:  # before the run directory is made
             raise InvalidInputError(f"--backend must be one of {', '.join(names)}, got "
                                     f"{self.backend!r}")
+
+
+def _recording_given(init):
+    """Wrap ``ProfileConfig.__init__`` so that a call that does not pass ``given`` records the
+    options it did pass there (:attr:`ProfileConfig.given`)."""
+    names = [f.name for f in dataclasses.fields(ProfileConfig) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        if len(args) <= names.index("given") and "given" not in kwargs:
+            self.given = frozenset(names[:len(args)]) | frozenset(kwargs)
+
+    return __init__
+
+
+ProfileConfig.__init__ = _recording_given(ProfileConfig.__init__)  # type: ignore[method-assign]
 
 
 def _check_model_and_data(cfg: ProfileConfig) -> None:
@@ -285,6 +316,21 @@ def data_label(data: str | Tensor | tuple[Tensor, Tensor]) -> str:
         return data
     x = data if isinstance(data, Tensor) else data[0]
     return f"tensor {list(x.shape)} (in memory)"
+
+
+def _resolved(spec: Any) -> Any:
+    """A ``--data`` or ``--checkpoint`` spec that names an existing file or folder: its absolute
+    path (the settings keep it, so that a run resumes from any working directory, and compares
+    it, so that ``imgs``, ``./imgs`` and its absolute path are one folder; they were refused as
+    different, helper 126); anything else as it is."""
+    if not isinstance(spec, str) or spec in ("digits", "natural") or spec.startswith(
+            "torchvision:"):
+        return spec
+    p = Path(spec).expanduser()
+    try:
+        return str(p.resolve()) if p.exists() else spec
+    except OSError:
+        return spec
 
 
 def _embedded(cfg: ProfileConfig) -> bool:
@@ -544,11 +590,12 @@ def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[
         "data_in_memory": not isinstance(cfg.data, str),
         "model_source": describe_model_source(model_label(cfg.model), cfg.checkpoint),
         "model_class": type(model).__name__,
-        "checkpoint": cfg.checkpoint,
+        "checkpoint": _resolved(cfg.checkpoint),
         "checkpoint_sha256": ckpt_sha,
         "model_sha256": state_fingerprint(model),
+        "model_structure_sha256": structure_fingerprint(model),
         "demo_accuracy": getattr(model, "demo_accuracy", None),
-        "data": data_label(cfg.data),
+        "data": _resolved(data_label(cfg.data)),
         "data_description": data.description,
         # (images only: an in-memory [N, T, H] tensor has no channels or side)
         "size": cfg.size if _embedded(cfg) else (int(data.x.shape[-1]) if image else None),
@@ -631,12 +678,15 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
     else:
         run_dir.check_new()
     if stored is not None:  # what selects the model and data, before loading them (another
-        # model or size failed in the checkpoint or split lookup, naming neither)
+        # model or size failed in the checkpoint or split lookup, naming neither); paths as
+        # absolute ones (a run stored before they were kept so: from its working directory)
+        stored = {**stored, **{k: _resolved(stored[k]) for k in ("data", "checkpoint")
+                               if k in stored}}
         early = {k: getattr(cfg, k) for k in ("model", "checkpoint", "data", "size")
                  if k in stored}
-        early = {**early, **{k: f(getattr(cfg, k)) for k, f in (("model", model_label),
-                                                                ("data", data_label))
-                             if k in early}}
+        early = {**early, **{k: f(getattr(cfg, k)) for k, f in (
+            ("model", model_label), ("data", lambda d: _resolved(data_label(d))),
+            ("checkpoint", _resolved)) if k in early}}
         diffs = settings_diff(stored, early, early)
         if diffs:
             raise ResumeError(
@@ -657,7 +707,16 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
     resolve_backend(cfg.backend, dist.device)
     settings = _settings(cfg, model, data, splits, ckpt_sha, dist.device, dist.world)
     if stored is not None:
-        diffs = settings_diff(stored, settings, MATCH_KEYS)
+        # (a run stored before the architecture's digest was kept: its weights' alone)
+        diffs = settings_diff(stored, settings, [k for k in MATCH_KEYS if k in stored
+                                                 or k != "model_structure_sha256"])
+        if diffs == settings_diff(stored, settings, ("model_structure_sha256",)) and diffs:
+            raise ResumeError(
+                f"--resume: the model passed now computes another function than the one "
+                f"{run_dir.path} was made with, with the same weights and options (its modules, "
+                "their settings such as an activation or a LayerNorm's eps, or its transformers "
+                "config differ: model_structure_sha256); its numbers would be mixed with the "
+                "stored ones: pass the same model, or choose a new --out")
         if diffs == settings_diff(stored, settings, ("model_sha256",)) and diffs and (
                 isinstance(cfg.model, nn.Module)):
             raise ResumeError(
@@ -1166,7 +1225,8 @@ RESUMED_OPTIONS = {
 
 def with_stored_settings(cfg: ProfileConfig) -> ProfileConfig:
     """For ``--resume``: ``cfg`` with every option of :data:`RESUMED_OPTIONS` that the command
-    line did not give (``cfg.given``; without it, that is at its default) taken from the run's
+    line or the ``ProfileConfig(...)`` call did not give (``cfg.given``; where that is
+    ``None``, every option at its default) taken from the run's
     ``settings.json`` (``fsinfo-fast profile --out run1
     --resume`` alone continues ``run1`` as it was started; an option given with another value
     than the run's is still refused by the settings check). Unchanged without ``--resume`` or
@@ -1256,16 +1316,18 @@ def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> 
 
     run_dir = RunDir(prep.run_dir)
     names = [s.name for s in splits]
-    todo: list[tuple[list[int], list[int]]] = []  # (batch ids, ids still missing)
+    # (batch ids, the (sample, split) records still missing: a batch with some recomputed whole,
+    # only those written; a sample's other splits' records were appended again, helper 126)
+    todo: list[tuple[list[int], set[tuple[int, str]]]] = []
     total_missing = 0
     store = None
     if dist.is_root:
         existing = run_dir.records.read()
         for ids in batches(prep.num_samples, cfg.batch_size):
-            missing = [i for i in ids if any((i, n) not in existing for n in names)]
+            missing = {(i, n) for i in ids for n in names if (i, n) not in existing}
             if missing:
                 todo.append((ids, missing))
-                total_missing += len(missing) * len(names)
+                total_missing += len(missing)
         store = run_dir.records.open()
     todo_n = dist.broadcast(len(todo))
     steps = (todo_n + dist.world - 1) // dist.world
@@ -1314,8 +1376,7 @@ def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> 
                         err_msg = err_msg or res
                         continue
                     ids, missing = todo[step * dist.world + j]
-                    keep = set(missing)
-                    new = [rec for rec in res[1] if rec["sample"] in keep]
+                    new = [rec for rec in res[1] if record_key(rec) in missing]
                     store.append(new)
                     computed += len(new)
                     if bar is not None:

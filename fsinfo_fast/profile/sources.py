@@ -52,6 +52,7 @@ __all__ = [
     "load_image_folder",
     "resolve_splits",
     "state_fingerprint",
+    "structure_fingerprint",
     "tensor_fingerprint",
 ]
 
@@ -286,6 +287,37 @@ def state_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         _hash_value(h, k, v)
+    return h.hexdigest()
+
+
+#: transformers config entries that name where or with what a model was made, not its function
+_CONFIG_PROVENANCE = ("_name_or_path", "transformers_version", "_commit_hash")
+
+
+def structure_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of what a module computes beyond its state dict, hex: every submodule's name,
+    class and ``extra_repr`` (an activation, a LayerNorm's eps, a convolution's stride), the
+    buffers the state dict leaves out (non-persistent: a rotary embedding's frequencies) and a
+    transformers ``config`` (its provenance entries aside). A resume compares it: the same
+    weights in another architecture (ReLU for Tanh) gave other numbers, which a resume mixed
+    into the run (helper 126). Code inside a ``forward`` is not seen."""
+    h = hashlib.sha256()
+    for name, mod in model.named_modules():
+        cls = type(mod)
+        extra = re.sub(r" at 0x[0-9a-fA-F]+", "", mod.extra_repr())
+        h.update(f"{name}|{cls.__module__}.{cls.__qualname__}|{extra}|".encode())
+    persistent = set(model.state_dict())
+    for name, buf in model.named_buffers():
+        if name not in persistent:
+            _hash_value(h, f"buffer:{name}", buf)
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        try:
+            entries = {k: v for k, v in to_dict().items() if k not in _CONFIG_PROVENANCE}
+        except Exception:  # (a config that cannot list itself: its repr)
+            entries = {"repr": repr(config)}
+        _hash_value(h, "config", entries)
     return h.hexdigest()
 
 
