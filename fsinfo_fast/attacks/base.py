@@ -18,7 +18,7 @@ from torch import Tensor
 from ..errors import InvalidInputError, InvalidInputTypeError
 from .scores import reconstruction_scores
 
-__all__ = ["AttackResult", "observe", "encode", "check_sigma_scalar"]
+__all__ = ["AttackResult", "observe", "encode", "check_sigma_scalar", "check_in_range"]
 
 Encoder = Callable[[Tensor], Tensor]
 
@@ -74,13 +74,45 @@ class AttackResult:
 
 
 def check_sigma_scalar(sigma: Any) -> float:
-    """A finite ``sigma >= 0`` as a float (attacks use one noise scale for the whole batch)."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+    """A finite ``sigma >= 0`` as a float (attacks use one noise scale for the whole batch).
+
+    Any real scalar is accepted: a Python ``int`` / ``float``, a NumPy real scalar
+    (``np.float32(0.1)``) or a one-element real torch tensor; bools, complex numbers, strings
+    and tensors of several elements are refused.
+    """
+    import numbers
+
+    import numpy as np
+
+    if isinstance(sigma, Tensor):
+        if sigma.numel() != 1 or sigma.dtype == torch.bool or sigma.is_complex():
+            raise InvalidInputTypeError(
+                f"sigma must be a real scalar, got a {sigma.dtype} tensor of shape "
+                f"{tuple(sigma.shape)}")
+        sigma = sigma.item()
+    if isinstance(sigma, (bool, np.bool_)) or not isinstance(sigma, numbers.Real):
         raise InvalidInputTypeError(f"sigma must be a number, got {type(sigma).__name__}")
     s = float(sigma)
     if not math.isfinite(s) or s < 0:
         raise InvalidInputError(f"sigma must be finite and >= 0, got {sigma!r}")
     return s
+
+
+def check_in_range(t: Tensor, lo: float, hi: float, name: str, option: str, fix: str) -> None:
+    """Refuse data outside ``[lo, hi]`` (up to ``1e-6 (hi - lo)`` of rounding) where an attack
+    confines its reconstructions to that range: their error against such data would measure
+    the range, not the attack.
+
+    Raises:
+        InvalidInputError: naming the data's range, ``option`` and ``fix``.
+    """
+    tol = 1e-6 * (hi - lo)
+    t_min, t_max = float(t.min()), float(t.max())
+    if t_min < lo - tol or t_max > hi + tol:
+        raise InvalidInputError(
+            f"{name} has values in [{t_min:.4g}, {t_max:.4g}], outside {option}=({lo:g}, {hi:g}) "
+            f"that the reconstructions are confined to, so their MSE against {name} would be "
+            f"meaningless; {fix}")
 
 
 def _check_x(x: Any, name: str = "x") -> Tensor:
@@ -141,8 +173,21 @@ def check_encoder_dtype(encoder: Any, x: Tensor, name: str = "x") -> None:
 
 @torch.no_grad()
 def encode(encoder: Encoder, x: Tensor, batch_size: int = 256) -> Tensor:
-    """``encoder(x)`` in batches, without gradients (on ``x``'s device)."""
-    outs = [encoder(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)]
+    """``encoder(x)`` in batches, without gradients (on ``x``'s device).
+
+    Raises:
+        InvalidInputTypeError: the encoder returned something other than a tensor (a tuple,
+            a model output object): the attacks need the features as one tensor.
+    """
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        f = encoder(x[i : i + batch_size])
+        if not isinstance(f, Tensor):
+            raise InvalidInputTypeError(
+                f"the encoder returned a {type(f).__name__}, not a tensor: the attacks need the "
+                "features as one tensor [N, ...]; wrap the encoder to return it (e.g. "
+                "lambda x: encoder(x)[0] for a tuple)")
+        outs.append(f)
     return torch.cat(outs)
 
 

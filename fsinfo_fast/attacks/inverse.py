@@ -33,13 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, InvalidInputTypeError
 from .base import (
     AttackResult,
     _check_x,
     check_count,
     check_encoder_dtype,
     check_finite,
+    check_in_range,
     check_positive_finite,
     check_sigma_scalar,
     encode,
@@ -160,6 +161,27 @@ def _feature_stats(z: Tensor) -> tuple[Tensor, Tensor]:
     return mean, std
 
 
+def _check_features(features: Any, encoder: Encoder, x_train: Tensor, x_test: Tensor) -> None:
+    """``features=`` must be two tensors, one row per sample of ``x_train`` / ``x_test``, with
+    the encoder's feature shape (one sample is encoded to compare)."""
+    if not isinstance(features, (tuple, list)) or len(features) != 2 or not all(
+            isinstance(f, Tensor) for f in features):
+        raise InvalidInputTypeError(
+            "features must be a pair of tensors (encoder(x_train), encoder(x_test)), got "
+            f"{type(features).__name__}"
+            + (f" of {len(features)}" if isinstance(features, (tuple, list)) else ""))
+    f_train, f_test = features
+    if f_train.shape[0] != x_train.shape[0] or f_test.shape[0] != x_test.shape[0]:
+        raise InvalidInputError("features must hold one row per sample of x_train and x_test")
+    check_encoder_dtype(encoder, x_test, "x_test")
+    expect = tuple(encode(encoder, x_test[:1]).shape[1:])
+    for name, f in (("features[0] (x_train's)", f_train), ("features[1] (x_test's)", f_test)):
+        if tuple(f.shape[1:]) != expect:
+            raise InvalidInputError(
+                f"{name} have the per-sample shape {tuple(f.shape[1:])} but the encoder's "
+                f"features are {expect}")
+
+
 def inverse_network_attack(
     encoder: Encoder,
     sigma: float,
@@ -190,10 +212,15 @@ def inverse_network_attack(
         batch_size: mini-batch size.
         lr: Adam learning rate at the start of the cosine schedule.
         out_range: range of the data, for the decoder's output squashing (``None``: linear).
+            ``x_train`` and ``x_test`` must lie in it (up to ``1e-6 (hi - lo)``): data outside
+            it (e.g. ImageNet-normalised inputs with the default ``(0, 1)``) is refused, as a
+            decoder squashed into the range could not fit it; pass the data's range or
+            ``out_range=None``.
         seed: seeds the decoder's initialisation, the shuffling and every noise draw (the
             global RNG state is not touched).
         features: ``(encoder(x_train), encoder(x_test))`` when already computed (noise-free;
-            saves the encoding passes).
+            saves the encoding passes): two tensors with one row per sample and the encoder's
+            feature shape (checked on one sample).
         progress: called with a short status text after each epoch.
 
     Returns:
@@ -220,14 +247,24 @@ def inverse_network_attack(
     width, lr = check_count(width, "width"), check_positive_finite(lr, "lr")
     check_finite(x_train, "x_train")
     check_finite(x_test, "x_test")
+    if out_range is not None:
+        lo, hi = (float(v) for v in out_range)
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise InvalidInputError(
+                f"out_range must be (lo, hi) with finite lo < hi, or None; got {out_range!r}")
+        fix = ("pass out_range=(lo, hi) covering the data, or out_range=None for a linear "
+               "output")
+        check_in_range(x_train, lo, hi, "x_train", "out_range", fix)
+        check_in_range(x_test, lo, hi, "x_test", "out_range", fix)
+        out_range = (lo, hi)
     gen = torch.Generator().manual_seed(int(seed))
     device = x_train.device
     if features is None:
         check_encoder_dtype(encoder, x_train, "x_train")
         features = (encode(encoder, x_train), encode(encoder, x_test))
+    else:
+        _check_features(features, encoder, x_train, x_test)
     f_train, f_test = (f.detach() for f in features)
-    if f_train.shape[0] != x_train.shape[0] or f_test.shape[0] != x_test.shape[0]:
-        raise InvalidInputError("features must hold one row per sample of x_train and x_test")
     check_finite(f_train, "the encoder's features of x_train")
     check_finite(f_test, "the encoder's features of x_test")
     # the decoder trains in float64 where the features are float64, else in float32

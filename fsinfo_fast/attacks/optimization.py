@@ -36,6 +36,7 @@ from .base import (
     check_count,
     check_encoder_dtype,
     check_finite,
+    check_in_range,
     check_positive_finite,
     check_sigma_scalar,
     encode,
@@ -86,7 +87,11 @@ def optimization_attack(
             for ``param="sigmoid"``).
         tv_weight: ``lambda``, weight of the total-variation prior (0 disables it).
         param: ``"clamp"`` (projected Adam) or ``"sigmoid"`` (``x' = lo + (hi - lo) sigmoid(w)``).
-        bounds: ``(lo, hi)`` range of the inputs; the random start is uniform on it.
+        bounds: ``(lo, hi)`` range of the inputs; the reconstructions stay in it and the random
+            start is uniform on it. ``x`` must lie in it (up to ``1e-6 (hi - lo)``): data outside
+            (e.g. ImageNet-normalised inputs with the default ``(0, 1)``) is refused, as the
+            error of a reconstruction confined to the box against it would be meaningless;
+            pass the data's range.
         batch_size: samples optimised together.
         seed: seeds the observation noise and the random start.
         progress: called with a short status text every 10 steps.
@@ -116,6 +121,9 @@ def optimization_attack(
     if not hi > lo:
         raise InvalidInputError(f"bounds must be (lo, hi) with hi > lo, got {bounds!r}")
     check_finite(x, "x")
+    check_in_range(x, lo, hi, "x", "bounds",
+                   f"pass bounds=(lo, hi) covering the data, e.g. bounds=({float(x.min()):.4g}, "
+                   f"{float(x.max()):.4g}), or rescale x into ({lo:g}, {hi:g})")
     check_encoder_dtype(encoder, x)
     gen = torch.Generator().manual_seed(int(seed))
     if z is None:
