@@ -127,8 +127,9 @@ def test_tiny_validate_run_writes_the_json_and_figures(cache, tmp_path):
         for key in ("fsinfo_diag", "dfil"):
             st = s["metrics"][key]
             assert st["n"] == 2 and math.isfinite(st["mean"]) and st["ci95"][0] <= st["mean"]
-        for key in ("dcor", "knn_mi", "knn_mi_pca"):
+        for key in ("dcor", "dcor_u", "knn_mi", "knn_mi_pca"):
             assert math.isfinite(s["metrics"][key]["value"]) and s["metrics"][key]["n"] == 30
+            assert s["metrics"][key]["stderr"] > 0, key
         for attack in ("inverse_network", "optimization"):
             scores = s["attacks"][attack]["all"]
             # PSNR = 10 log10(1 / MSE) per sample (data range 1): by Jensen its mean is at
@@ -147,7 +148,7 @@ def test_tiny_validate_run_writes_the_json_and_figures(cache, tmp_path):
     assert split5["metrics"]["fsinfo_diag"]["estimator"] == "exact"  # m = 128 <= 256
     for attack in ("inverse_network", "optimization"):
         ag = m["agreement"][attack]
-        assert set(ag) == {"fsinfo_diag", "dfil", "dcor", "knn_mi", "knn_mi_pca"}
+        assert set(ag) == {"fsinfo_diag", "dfil", "dcor", "dcor_u", "knn_mi", "knn_mi_pca"}
         # the agreement is built from the numbers the report shows per split: the metric's
         # relative drop and the attack's relative rise, then their Pearson r
         mse = [s["attacks"][attack]["all"]["mse"]["mean"] for s in m["splits"]]

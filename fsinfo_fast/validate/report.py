@@ -10,7 +10,7 @@ from .runner import halfwidth95
 __all__ = ["print_table"]
 
 _SHORT = {"fsinfo_diag": "FSInfo diag", "fsinfo_logdet": "FSInfo logdet", "dfil": "dFIL",
-          "dcor": "dCor", "knn_mi": "kNN MI", "knn_mi_pca": "kNN MI pca"}
+          "dcor": "dCor", "dcor_u": "dCor² U", "knn_mi": "kNN MI", "knn_mi_pca": "kNN MI pca"}
 
 
 def _pm(entry: dict[str, Any] | None) -> str:

@@ -26,6 +26,7 @@ from ..attacks import (
     ksg_mutual_information,
     observe,
     optimization_attack,
+    u_distance_correlation_sqr,
 )
 from ..bounds import dfil_bound, fsinfo_bound
 from ..errors import BackendUnavailableError, InvalidInputError, InvalidInputTypeError
@@ -48,7 +49,9 @@ PAPER_PEARSON = {
     "vgg5": {"fsinfo_diag": 0.9872, "dfil": 0.8945, "dcor": 0.7332, "knn_mi": 0.6690},
 }
 #: Metrics whose agreement is reported, in table order (``fsinfo_logdet`` when computed).
-METRICS = ("fsinfo_diag", "fsinfo_logdet", "dfil", "dcor", "knn_mi", "knn_mi_pca")
+#: ``dcor`` is the paper's V-statistic (comparable with its numbers), ``dcor_u`` the
+#: bias-corrected squared distance correlation (about 0 under independence).
+METRICS = ("fsinfo_diag", "fsinfo_logdet", "dfil", "dcor", "dcor_u", "knn_mi", "knn_mi_pca")
 ATTACKS = ("inverse_network", "optimization")
 
 
@@ -366,9 +369,17 @@ def _resolve_out(cfg: ValidateConfig) -> Path:
 
     if cfg.out:
         out = Path(cfg.out)
-        holds = ("a previous validate run" if (out / "validate.json").exists()
-                 else "other files")
-        check_out_empty(out, holds, "choose a new --out (or empty that folder first)")
+        fix = "choose a new --out (or empty that folder first)"
+        if (out / "validate.json").exists():
+            holds = "a previous validate run"
+        elif (out / PARTIAL).exists():
+            holds = f"an interrupted validate run: {PARTIAL}"
+            fix = (f"its finished splits are in {out / PARTIAL} (the same models[].splits[] "
+                   "entries as validate.json; validate cannot resume it); choose a new --out "
+                   "to run again, or move that file away first")
+        else:
+            holds = "other files"
+        check_out_empty(out, holds, fix)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -404,13 +415,7 @@ def _load_demo(cfg: ValidateConfig, name: str, device: torch.device, bar) -> dic
         x_tr = x_tr[: cfg.train_samples]
     if cfg.eval_samples is not None:
         x_te = x_te[: cfg.eval_samples]
-    if cfg.samples > len(x_te):
-        raise InvalidInputError(
-            f"--samples {cfg.samples} exceeds the {len(x_te)} held-out samples available")
-    if cfg.mi_k >= len(x_te):
-        raise InvalidInputError(
-            f"--mi-k {cfg.mi_k} needs more than {cfg.mi_k} held-out samples for the kNN mutual "
-            f"information; the data has {len(x_te)} (lower --mi-k)")
+    _check_sizes(cfg, len(x_te))
     return {"model": model.to(device).eval(), "x_train": x_tr.to(device),
             "x_test": x_te.to(device), "accuracy": acc}
 
@@ -524,6 +529,7 @@ def run_validate(cfg: ValidateConfig) -> ValidateOutcome:
     device = resolve_device(cfg.device)
     _check_backend(cfg, device)
     _check_split_points(cfg)
+    _check_data_sizes(cfg)
     out = _resolve_out(cfg)
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
@@ -628,6 +634,45 @@ def _check_backend(cfg: ValidateConfig, device: torch.device) -> None:
     except BackendUnavailableError as err:
         raise BackendUnavailableError(
             f"--backend {cfg.backend}: {err}; choose another --backend (or auto)") from None
+
+
+def _check_sizes(cfg: ValidateConfig, n_test: int) -> None:
+    """``--samples`` and ``--mi-k`` against the held-out samples used (``n_test``, after
+    ``--eval-samples``).
+
+    Raises:
+        InvalidInputError: naming the option and the number of samples available.
+    """
+    if cfg.samples > n_test:
+        raise InvalidInputError(
+            f"--samples {cfg.samples} exceeds the {n_test} held-out samples available"
+            + (f" (--eval-samples {cfg.eval_samples})" if cfg.eval_samples is not None else "")
+            + "; lower --samples")
+    if cfg.mi_k >= n_test:
+        raise InvalidInputError(
+            f"--mi-k {cfg.mi_k} needs more than {cfg.mi_k} held-out samples for the kNN mutual "
+            f"information; the data has {n_test} (lower --mi-k)")
+
+
+def _check_data_sizes(cfg: ValidateConfig) -> None:
+    """The data's split sizes are known without training (the same split as the training's):
+    check the sample counts against them before any model is trained or any folder made.
+
+    Raises:
+        InvalidInputError: ``--eval-samples`` or ``--train-samples`` above the split's size, or
+            one of :func:`_check_sizes`'s.
+    """
+    from ..train import _demo_data
+
+    x_tr, _, x_te, _ = _demo_data(cfg.data, cfg.size, cfg.seed)
+    for key, v, have, split in (("eval_samples", cfg.eval_samples, len(x_te), "held-out"),
+                                ("train_samples", cfg.train_samples, len(x_tr), "training")):
+        if v is not None and v > have:
+            raise InvalidInputError(
+                f"{_flag(key)} {v} exceeds the {have} {split} samples of --data {cfg.data} "
+                f"(size {cfg.size}); lower it or leave it out (all)")
+    n_test = len(x_te) if cfg.eval_samples is None else cfg.eval_samples
+    _check_sizes(cfg, n_test)
 
 
 def _check_split_points(cfg: ValidateConfig) -> None:
@@ -741,9 +786,11 @@ def _validate_model(cfg: ValidateConfig, name: str, data: dict[str, Any], splits
         zgen = torch.Generator().manual_seed(_noise_seed(cfg.seed, sp.name))
         z_eval = observe(f_test[sp.name], cfg.sigma, zgen)
         dc = distance_correlation(x_te, z_eval)
+        dcu = u_distance_correlation_sqr(x_te, z_eval)
         mi = ksg_mutual_information(x_te, z_eval, k=cfg.mi_k)
         mip = ksg_mutual_information(x_te, z_eval, k=cfg.mi_k, dims=cfg.mi_dims)
-        for key, st in (("dcor", dc), ("knn_mi", mi), ("knn_mi_pca", mip)):
+        for key, st in (("dcor", dc), ("dcor_u", dcu), ("knn_mi", mi),
+                        ("knn_mi_pca", mip)):
             metrics[key] = {"value": _num(st.value), "stderr": _num(st.stderr), "n": st.n,
                             **{k2: v for k2, v in st.info.items() if v is not None}}
         rep["metrics"] = metrics
