@@ -37,7 +37,10 @@ MIN_SPLITS = 3
 
 
 def _vector(values: Sequence[float], name: str) -> np.ndarray:
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1:
+        raise InvalidInputError(
+            f"{name} needs a 1-D sequence (one value per split point), got shape {v.shape}")
     if v.size < 2:
         raise InvalidInputError(f"{name} needs at least 2 split points, got {v.size}")
     return v
@@ -89,7 +92,9 @@ class Agreement:
         p_value: two-sided p-value of ``r = 0`` (t-test with ``n - 2`` degrees of freedom).
         n: split points used.
         metric_drop, attack_rise: the two sequences.
-        note: why ``pearson`` is undefined (``None`` when it is defined).
+        note: why ``pearson`` is undefined (``None`` when it is defined): fewer than 3 splits,
+            ``m_0 = 0`` (the drop divides by it), an attack MSE of 0 (the rise divides by it),
+            a non-finite value, or a constant drop or rise.
     """
 
     pearson: float
@@ -139,6 +144,7 @@ def agreement(metric: Sequence[float], mse: Sequence[float]) -> Agreement:
                          note=f"undefined with {n} split points (needs {MIN_SPLITS}: two points "
                               "always correlate at +-1)")
     r = pearson(drop, rise)
+    note = None if math.isfinite(r) else _why_undefined(metric, mse, drop, rise)
     ci = None
     p = None
     if math.isfinite(r):
@@ -155,4 +161,31 @@ def agreement(metric: Sequence[float], mse: Sequence[float]) -> Agreement:
                 tstat = r * math.sqrt((n - 2) / (1.0 - r * r))
                 p = t_two_sided_tail(tstat, n - 2)
     return Agreement(pearson=r, ci95=ci, p_value=p, n=n, metric_drop=drop.tolist(),
-                     attack_rise=rise.tolist())
+                     attack_rise=rise.tolist(), note=note)
+
+
+def _why_undefined(metric: Sequence[float], mse: Sequence[float], drop: np.ndarray,
+                   rise: np.ndarray) -> str:
+    """Why the correlation of ``drop`` and ``rise`` is undefined, for :attr:`Agreement.note`."""
+    m = np.asarray(metric, dtype=np.float64)
+    e = np.asarray(mse, dtype=np.float64)
+    bad_m = [i for i, v in enumerate(m) if not math.isfinite(v)]
+    bad_e = [i for i, v in enumerate(e) if not math.isfinite(v)]
+    if bad_m or bad_e:
+        parts = ([f"the metric at split(s) {bad_m}"] if bad_m else []) + (
+            [f"the attack MSE at split(s) {bad_e}"] if bad_e else [])
+        return "undefined: non-finite value of " + " and ".join(parts)
+    if m[0] == 0:
+        return ("undefined: the metric is 0 at the shallowest split, and the relative drop "
+                "(m_0 - m_i) / m_0 divides by it")
+    zero = [i for i, v in enumerate(e) if v == 0]
+    if zero:
+        return (f"undefined: the attack MSE is 0 at split(s) {zero}, and the relative rise "
+                "(MSE_i - MSE_0) / MSE_i divides by it")
+    if not (np.isfinite(drop).all() and np.isfinite(rise).all()):  # pragma: no cover
+        return "undefined: the relative drop or rise is not finite"
+    if np.ptp(drop) == 0:
+        return "undefined: the metric's relative drop is the same at every split (constant)"
+    if np.ptp(rise) == 0:
+        return "undefined: the attack's relative rise is the same at every split (constant)"
+    return "undefined"  # pragma: no cover

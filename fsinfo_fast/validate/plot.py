@@ -19,7 +19,8 @@ from .runner import halfwidth95
 __all__ = ["plot_splits", "plot_agreement", "plot_noise_sweep", "plot_reconstructions"]
 
 _LABELS = {"fsinfo_diag": "FSInfo diag", "fsinfo_logdet": "FSInfo log det", "dfil": "dFIL",
-           "dcor": "dist. corr.", "knn_mi": "kNN MI", "knn_mi_pca": "kNN MI (PCA)"}
+           "dcor": "dist. corr.", "dcor_u": "dist. corr.² (U)", "knn_mi": "kNN MI",
+           "knn_mi_pca": "kNN MI (PCA)"}
 _ATTACKS = {"inverse_network": "inverse network", "optimization": "optimisation"}
 
 
@@ -46,8 +47,31 @@ def _ci(entry: dict[str, Any], key_mean: str = "mean") -> tuple[float, float]:
     return entry.get(key_mean) or float("nan"), halfwidth95(entry) or 0.0
 
 
+def _clipped_yerr(values: list[float], halfwidths: list[float], lo: float | None = None,
+                  hi: float | None = None, log: bool = False) -> np.ndarray:
+    """Asymmetric error bars ``[2, N]`` of ``values +- halfwidths`` cut to the score's valid
+    range ``[lo, hi]`` (SSIM at most 1, MSE at least 0); on a log axis, which has no 0, a bar
+    that would reach 0 stops at half the panel's smallest positive bar end or value."""
+    v = np.asarray(values, dtype=float)
+    h = np.nan_to_num(np.asarray(halfwidths, dtype=float))
+    low, high = v - h, v + h
+    if lo is not None:
+        low = np.maximum(low, lo)
+    if hi is not None:
+        high = np.minimum(high, hi)
+    if log:
+        pos = np.concatenate([low[np.isfinite(low) & (low > 0)], v[np.isfinite(v) & (v > 0)]])
+        floor = 0.5 * pos.min() if pos.size else 1e-12
+        low = np.where(low > 0, low, np.minimum(floor, v))
+    return np.nan_to_num(np.stack([v - low, high - v]))
+
+
 def plot_splits(model: dict[str, Any]) -> bytes:
-    """Metrics (mean, 95% CI over samples) and attack MSE / SSIM at every split of one model."""
+    """Metrics (mean, 95% CI over samples) and attack MSE / SSIM at every split of one model.
+
+    The attacks' error bars are cut to the valid range (SSIM at most 1; MSE above 0 on its
+    log axis); a metric that was not computed (FSInfo log det without ``--logdet``) has no
+    series and no legend entry."""
     splits = model["splits"]
     xs = np.arange(len(splits))
     labels = [f"{s['index']}\n{s['layer']}" for s in splits]
@@ -55,6 +79,8 @@ def plot_splits(model: dict[str, Any]) -> bytes:
     ax = fig.subplots(2, 2, sharex=True)
 
     def series(a, key: str, where: str, color: str, label: str, log: bool = False) -> None:
+        if all(s[where].get(key) is None for s in splits):
+            return  # not computed in this run: no empty legend entry
         vals, errs = [], []
         for s in splits:
             e = s[where].get(key)
@@ -75,7 +101,8 @@ def plot_splits(model: dict[str, Any]) -> bytes:
     series(ax[0, 1], "dfil", "metrics", "tab:green", "dFIL", log=True)
     ax[0, 1].set_ylabel("dFIL (1/dim)")
     tw = ax[0, 1].twinx()
-    series(tw, "dcor", "metrics", "tab:orange", "dist. corr.")
+    series(tw, "dcor", "metrics", "tab:orange", "dist. corr. (V)")
+    series(tw, "dcor_u", "metrics", "tab:olive", "dist. corr.² (U, bias-corrected)")
     series(tw, "knn_mi", "metrics", "tab:red", "kNN MI (nats)")
     series(tw, "knn_mi_pca", "metrics", "tab:brown", "kNN MI PCA (nats)")
     tw.set_ylabel("dCor / kNN MI")
@@ -89,7 +116,9 @@ def plot_splits(model: dict[str, Any]) -> bytes:
                 m, h = _ci(s["attacks"][attack]["all"][score])
                 v.append(m)
                 e.append(h)
-            panel.errorbar(xs, v, yerr=e, marker="o", capsize=3, color=color,
+            yerr = (_clipped_yerr(v, e, lo=0.0, log=True) if score == "mse"
+                    else _clipped_yerr(v, e, lo=-1.0, hi=1.0))
+            panel.errorbar(xs, v, yerr=yerr, marker="o", capsize=3, color=color,
                            label=_ATTACKS[attack])
     ax[1, 0].set_yscale("log")
     ax[1, 0].set_ylabel("attack MSE per pixel")
@@ -111,8 +140,8 @@ def plot_agreement(report: dict[str, Any]) -> bytes:
     attacks = list(_ATTACKS)
     fig = _figure(5.5 * len(attacks), 4.5 * len(models))
     axes = np.atleast_2d(fig.subplots(len(models), len(attacks), squeeze=False))
-    colors = dict(zip(_LABELS, ["tab:blue", "tab:purple", "tab:green", "tab:orange", "tab:red",
-                                "tab:brown"], strict=True))
+    colors = dict(zip(_LABELS, ["tab:blue", "tab:purple", "tab:green", "tab:orange", "tab:olive",
+                                "tab:red", "tab:brown"], strict=True))
     for i, m in enumerate(models):
         for j, attack in enumerate(attacks):
             a = axes[i, j]
