@@ -154,3 +154,46 @@ def test_a_data_folder_resumes_however_its_path_is_spelled(tmp_path, monkeypatch
     monkeypatch.chdir(work)
     out = run_profile(ProfileConfig(data="./imgs", out="r", resume=True, **kw))
     assert out.computed == 0 and len(out.summary["samples"]) == 4
+
+
+def test_profile_table_marks_an_upper_bound_once_and_json_units_say_sigma(tmp_path, capsys):
+    """The log-det cell of a singular-to-rounding split read '<= ≤ -15.4 ± 6e-13' (two marks);
+    profile.json's dFIL unit said 'per unit sigma^2' of a value taken at --sigma."""
+    import json
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 16)).eval()
+    torch.manual_seed(1)
+    run_profile(ProfileConfig(model=m, data=torch.rand(3, 3, 8, 8), splits="1", variant="both",
+                              out=str(tmp_path / "r"), plot=False, progress=False))
+    row = [ln for ln in capsys.readouterr().out.splitlines() if "│     1 │" in ln]
+    assert row and "≤ -" in row[0] and "<=" not in row[0] and row[0].count("≤") == 1, row
+    units = json.loads((tmp_path / "r" / "profile.json").read_text())["units"]
+    assert "sigma^2" not in units["dfil"] and "at settings.sigma" in units["dfil"]
+
+
+def test_in_memory_data_with_other_channels_is_not_told_to_pass_channels(tmp_path):
+    cfg = _cfg(tmp_path / "r", model=_net(torch.nn.Tanh()), data=torch.rand(2, 1, 8, 8))
+    with pytest.raises(DataError) as info:
+        run_profile(cfg)
+    assert "give a tensor [N, 3, H, W]" in str(info.value)
+    assert "pass --channels" not in str(info.value)
+
+
+def test_an_interrupt_during_set_up_after_the_claim_says_how_to_resume(tmp_path, monkeypatch,
+                                                                       capsys):
+    """After settings.json was written, an interrupt in the set-up said only 'interrupted'."""
+    from fsinfo_fast.profile import runner
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "make_plan", stop)
+    model = _net(torch.nn.Tanh())
+    with pytest.raises(KeyboardInterrupt):
+        run_profile(_cfg(tmp_path / "r", model=model))
+    assert "continue with: run_profile(ProfileConfig(..., resume=True))" in \
+        capsys.readouterr().err
+    monkeypatch.undo()
+    assert run_profile(_cfg(tmp_path / "r", model=model, resume=True)).computed == 4

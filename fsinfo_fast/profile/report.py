@@ -275,7 +275,8 @@ def summarize(settings: dict[str, Any], splits: list, plan: Any,
 
     return {
         "fsinfo_fast_version": __version__,
-        "units": {"fsinfo": "nats per input dimension", "dfil": "1/dim (per unit sigma^2)",
+        "units": {"fsinfo": "nats per input dimension",
+                  "dfil": "per input dimension, 1/(squared input units), at settings.sigma",
                   "bounds": "per-dimension MSE, squared input units",
                   "sigma_star": "input-independent noise std on the smashed data"},
         "settings": settings,
@@ -483,8 +484,9 @@ def print_table(summary: dict[str, Any], files: dict[str, str] | None = None,
         n_neg_inf += (s["fsinfo_logdet"] or {}).get("n_neg_inf", 0)
         if (s["fsinfo_logdet"] or {}).get("mean_is_neg_inf"):
             pass  # exact: no upper-bound mark
-        elif any(x.startswith("upper bound") for x in s.get("fsinfo_logdet_status") or ()):
-            ld = "<= " + ld  # some samples' log det is only an upper bound (working precision)
+        elif any(x.startswith("upper bound") for x in s.get("fsinfo_logdet_status") or ()) \
+                and not ld.startswith(BOUND_MARK):  # (_pm marked it already: once, helper 126)
+            ld = f"{BOUND_MARK} {ld}"  # some samples' log det is only an upper bound
         b, fb, sg = s["dfil_bound_worst"], s["fsinfo_diag_bound_worst"], s["sigma_star"]
         fs = s["fsinfo_diag"]
         tag = ""

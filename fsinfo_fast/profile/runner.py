@@ -527,7 +527,8 @@ def input_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
 
 
-def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
+def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor,
+               in_memory: bool = False) -> None:
     """Raise :class:`DataError` (a one-line message) where a split's encoder cannot run on the
     first samples ``x1`` (two where the data has them: a size too small for the model, an
     incompatible input, or a model that reads the batch as one unbatched input, as a
@@ -555,7 +556,8 @@ def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
                        "ff.split)"
             raise DataError(
                 f"the encoder at split {s.name} cannot take the data's inputs of shape "
-                f"{tuple(x1.shape[1:])}: {type(err).__name__}: {msg}{_channels_hint(model, x1)}"
+                f"{tuple(x1.shape[1:])}: {type(err).__name__}: {msg}"
+                f"{_channels_hint(model, x1, in_memory)}"
             ) from None
         if not isinstance(out, Tensor) or not out.is_floating_point():
             raise EncoderError(f"the encoder at split {s.name} does not return a float tensor")
@@ -568,15 +570,18 @@ def check_runs(model: nn.Module, splits: list[SplitSpec], x1: Tensor) -> None:
                 "of its own kind, e.g. a Conv3d given images, or changes the batch size)")
 
 
-def _channels_hint(model: nn.Module, x1: Tensor) -> str:
+def _channels_hint(model: nn.Module, x1: Tensor, in_memory: bool = False) -> str:
     """`` (... pass --channels N)`` where the model's first convolution takes another number of
-    channels (1 or 3) than the data has, else ``""``."""
+    channels (1 or 3) than the data has, else ``""``; for data given in memory, which
+    ``--channels`` does not convert, that the tensor must have them."""
     conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     if (not isinstance(conv, nn.Conv2d) or x1.dim() != 4 or conv.in_channels == x1.shape[1]
             or conv.in_channels not in (1, 3)):  # images only (a Conv1d of audio: no hint)
         return ""
+    have = (f"give a tensor [N, {conv.in_channels}, H, W] (channels converts the bundled data "
+            "and folders only)" if in_memory else f"pass --channels {conv.in_channels}")
     return (f" (the model's first convolution takes {conv.in_channels} channel"
-            f"{'s' if conv.in_channels > 1 else ''}: pass --channels {conv.in_channels})")
+            f"{'s' if conv.in_channels > 1 else ''}: {have})")
 
 
 def _settings(cfg: ProfileConfig, model: nn.Module, data: Dataset, splits: list[SplitSpec],
@@ -701,7 +706,7 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
         raise DataError(f"--data {data_label(cfg.data)}: sample(s) {bad.tolist()[:20]} hold NaN "
                         "or inf; the metrics are defined at finite inputs")
     splits = resolve_splits(model, cfg.splits, input_name=cfg.input_name)
-    check_runs(model, splits, data.x[:2])
+    check_runs(model, splits, data.x[:2], in_memory=not isinstance(cfg.data, str))
     # a requested backend that cannot run here, before the run directory is claimed (a folder
     # claimed first was left holding these settings, and --resume failed on them again)
     resolve_backend(cfg.backend, dist.device)
@@ -1282,6 +1287,18 @@ def _run(cfg: ProfileConfig, dist: DistContext) -> ProfileOutcome:
     locks: list[RunLock] = []
     try:
         return _run_locked(cfg, dist, locks)
+    except KeyboardInterrupt:
+        # rank 0 holds the run directory's lock from the moment its settings are written
+        # (an interrupt during the set-up after that said only "interrupted", helper 126)
+        if dist.is_root and locks:
+            path = locks[0].path.parent
+            # (a model or data given in memory has no command line: the CLI's resume refuses it)
+            how = ("run_profile(ProfileConfig(..., resume=True)) with the same model, data and "
+                   "options" if isinstance(cfg.model, nn.Module) or not isinstance(cfg.data, str)
+                   else f"fsinfo-fast profile --out {shlex.quote(str(path))} --resume")
+            print(f"interrupted: the records computed so far are kept in {path}; "
+                  f"continue with: {how}", file=sys.stderr)
+        raise
     finally:
         for lock in locks:
             lock.release()
@@ -1390,15 +1407,6 @@ def _run_locked(cfg: ProfileConfig, dist: DistContext, locks: list[RunLock]) -> 
                 if err_msg[1]:
                     raise RemoteError(err_msg[2])
                 raise RuntimeError(f"another rank failed: {err_msg[2]}")
-    except KeyboardInterrupt:
-        if dist.is_root:
-            # (a model or data given in memory has no command line: the CLI's resume refuses it)
-            how = ("run_profile(ProfileConfig(..., resume=True)) with the same model, data and "
-                   "options" if isinstance(cfg.model, nn.Module) or not isinstance(cfg.data, str)
-                   else f"fsinfo-fast profile --out {shlex.quote(str(run_dir.path))} --resume")
-            print(f"interrupted: the records computed so far are kept in {run_dir.path}; "
-                  f"continue with: {how}", file=sys.stderr)
-        raise
     finally:
         if bar is not None:
             bar.close()
