@@ -928,14 +928,22 @@ def _prepare(
     tol = _validation_tol(x, y, enc, counter.dtypes)
     half = counter.dtypes & {torch.float16, torch.bfloat16}  # saved in half precision
 
-    def deterministic() -> None:
+    def deterministic(seeds: tuple[int, ...] = _RESEED) -> None:
         """Raise unless a second forward of the batch gives the same output (dropout in train
         mode, F.dropout(training=True), noise layers: every product would see other weights,
-        and the float64 oracle returned another value at each call)."""
-        with torch.no_grad():
-            again = fn(x.reshape(batch, -1))
-        diff = float((again - y).abs().max())
-        scale = float(y.abs().max()) + 1e-30
+        and the float64 oracle returned another value at each call), under each of ``seeds``
+        (torch's, NumPy's and Python's global generators seeded so for that forward and put
+        back after it: an encoder that restores the RNG state it found, as a hooks split's
+        whole forward does, drew the same numbers at every call from one state, and a
+        layer-skipping draw, transformers' LayerDrop, was reported as samples interacting,
+        helper 128)."""
+        for seed in seeds:
+            with _reseeded(seed, x.device), torch.no_grad():
+                again = fn(x.reshape(batch, -1))
+            diff = float((again - y).abs().max())
+            scale = float(y.abs().max()) + 1e-30
+            if not diff <= tol * scale:
+                break
         if not diff <= tol * scale:
             training = isinstance(enc, nn.Module) and any(m.training for m in enc.modules())
             how = ("call model.eval() (and split again on the fx route) or remove them"
@@ -953,7 +961,9 @@ def _prepare(
                 f"Jacobian undefined; {how}")
 
     n = 0
-    if batch == 1 and spot is None:  # randomness is the encoder's, not this batch's
+    if spot is None:  # randomness is the encoder's, not this batch's: checked once (a batch
+        # of several was checked only where a sample alone moved; an encoder that puts the RNG
+        # state back gave every sample the same draws, and its values changed with the seed)
         deterministic()
     if batch > 1:
         n = batch if check_interaction is None else min(batch, check_interaction)
@@ -1069,8 +1079,38 @@ def _validation_tol(x: Tensor, y: Tensor, enc: Callable, saved: set[torch.dtype]
     return _VALIDATION_TOL[torch.float32 if low else torch.float64]
 
 
+#: seeds of the determinism check's forwards (:func:`_reseeded`; it stops at the first that
+#: differs): a draw that decides a whole layer (LayerDrop) repeats under one other seed with
+#: probability 1/2 per layer
+_RESEED = (0x5EED, 0x5EED + 1, 0x5EED + 2)
+
+
+@contextlib.contextmanager
+def _reseeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run the block with torch's CPU generator (and ``device``'s, a CUDA one), NumPy's and
+    Python's global generators seeded with ``seed``, and put their states back afterwards."""
+    import random
+
+    import numpy as np
+
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            for i in cuda:
+                torch.cuda.default_generators[i].manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            yield
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+
+
 def _check_interaction(fn: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, n: int, tol: float,
-                       deterministic: Callable[[], None]) -> None:
+                       deterministic: Callable[..., None]) -> None:
     """Raise :class:`SampleInteractionError` where one of the first ``n`` samples' output
     changes when it is encoded alone instead of in the batch ``x`` (``[B, *in]``, outputs
     ``y`` ``[B, m]``), or where any sample's output changes with its position in the batch

@@ -107,7 +107,7 @@ def check_in_range(t: Tensor, lo: float, hi: float, name: str, option: str, fix:
         InvalidInputError: naming the data's range, ``option`` and ``fix``.
     """
     tol = 1e-6 * (hi - lo)
-    t_min, t_max = float(t.min()), float(t.max())
+    t_min, t_max = float(t.detach().min()), float(t.detach().max())
     if t_min < lo - tol or t_max > hi + tol:
         raise InvalidInputError(
             f"{name} has values in [{t_min:.4g}, {t_max:.4g}], outside {option}=({lo:g}, {hi:g}) "

@@ -185,7 +185,7 @@ def _optimise(encoder: Encoder, z: Tensor, u: Tensor, lo: float, hi: float, step
                 w.clamp_(lo, hi)
         if progress is not None and (step + 1) % 10 == 0:
             progress(f"samples {i0}-{min(n, i0 + len(z)) - 1}: step {step + 1}/{steps}, "
-                     f"fit {float(fit.mean()):.3g}")
+                     f"fit {float(fit.detach().mean()):.3g}")
     with torch.no_grad():
         xi = image(w)
         fit = (encoder(xi) - z).pow(2).flatten(1).sum(1) / m
