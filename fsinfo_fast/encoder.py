@@ -279,6 +279,22 @@ def _note_batch(err: BaseException, x: Tensor) -> None:
                  "the batch; for one sample pass x.unsqueeze(0))")
 
 
+def _note_training(err: BaseException, encoder: Any) -> None:
+    """Add to the encoder's own error that it is in training mode, where it is (a forward can
+    take another path there and fail on an input that requires grad: transformers'
+    ``Wav2Vec2FeatureEncoder`` sets ``requires_grad`` on its activations, a raw RuntimeError
+    from inside the model, helper 128)."""
+    if not hasattr(err, "add_note"):
+        return
+    modules = list(encoder.modules()) if isinstance(encoder, nn.Module) else []
+    training = [type(m).__name__ for m in modules if m.training
+                and not type(m).__module__.startswith("fsinfo_fast.")]  # (not our wrappers)
+    if training:
+        err.add_note(f"the encoder is in training mode ({len(training)} module(s), e.g. "
+                     f"{training[0]}): its forward may take another path there; the metrics "
+                     "are defined in eval mode: call model.eval() before splitting it")
+
+
 def check_input(x: object) -> Tensor:
     """Raise unless ``x`` is a non-empty, finite, floating-point batch ``[B, ...]``."""
     if not isinstance(x, Tensor):
@@ -894,6 +910,7 @@ def _prepare(
                     f"{x.dtype} on a cast copy of the encoder") from err
             if not about_dtype:  # a shape error of the model's own, most likely
                 _note_batch(err, x)
+            _note_training(err, encoder)
             raise
         check_output(out, batch)
         grad = None

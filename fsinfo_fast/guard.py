@@ -194,24 +194,35 @@ def _is_pair(data: Any) -> bool:
         "(calibrate(x)) for one batch, or a list [x1, x2] (or a DataLoader) for two")
 
 
-def _batches(data: Tensor | Iterable) -> Iterable[Tensor]:
+#: the float input of a Hugging Face style batch (a mapping), by model kind: images, text fed
+#: embeddings, raw audio, audio features (text and audio were refused, helper 128)
+INPUT_KEYS = ("pixel_values", "inputs_embeds", "input_values", "input_features")
+
+
+def _batches(data: Tensor | Iterable, input_name: str | None = None) -> Iterable[Tensor]:
     if isinstance(data, (Tensor, Mapping)) or _is_pair(data):
         data = [data]
     for k, item in enumerate(data):
         if isinstance(item, Mapping):  # a Hugging Face style batch
-            if "pixel_values" not in item:
+            keys = ([input_name] if input_name in item else
+                    [key for key in INPUT_KEYS if key in item])
+            if len(keys) != 1:
+                known = ((input_name,) if input_name else ()) + INPUT_KEYS
                 raise InvalidInputError(
-                    f"a calibration batch is a mapping without 'pixel_values' (keys "
-                    f"{sorted(map(str, item))}); pass tensors, (x, y) pairs or such mappings")
-            item = item["pixel_values"]
+                    f"a calibration batch is a mapping with "
+                    f"{'none' if not keys else 'several'} of the input keys "
+                    f"{', '.join(map(repr, known))} (keys {sorted(map(str, item))}): pass "
+                    "tensors, (x, y) pairs or mappings with one of them (the split's "
+                    "input_name= if it has one)")
+            item = item[keys[0]]
         item = item[0] if isinstance(item, (tuple, list)) else item
         if not isinstance(item, Tensor) or not item.is_floating_point():
             what = (f"a {item.dtype} tensor (labels?)" if isinstance(item, Tensor)
                     else type(item).__name__)
             raise InvalidInputTypeError(
                 f"calibration batch {k} is {what}, not a float tensor of inputs: pass one "
-                "tensor, an (x, y) pair, a mapping with 'pixel_values', or an iterable of "
-                "these")
+                "tensor, an (x, y) pair, a mapping with 'pixel_values' (or another input key), "
+                "or an iterable of these")
         yield item
 
 
@@ -405,7 +416,8 @@ class FSInfoGuard(nn.Module):
 
         Args:
             data: a tensor batch, an ``(x, y)`` pair, a Hugging Face style mapping with
-                ``pixel_values``, or an iterable of any of these (a DataLoader). ``y`` are
+                ``pixel_values`` (or ``inputs_embeds``, ``input_values``, ``input_features``, the
+                split's ``input_name``), or an iterable of any of these (a DataLoader). ``y`` are
                 labels or float targets of another shape than ``x``; a tuple of two float
                 tensors of one shape is refused as ambiguous (pass ``x`` alone, or
                 ``[x1, x2]`` for two batches).
@@ -428,7 +440,7 @@ class FSInfoGuard(nn.Module):
             q = check_q(q)  # as SigmaResult.dataset will, before the work
         with _singular_warning_held():
             results, seen = [], 0
-            for batch in _batches(data):
+            for batch in _batches(data, getattr(self.encoder, "input_name", None)):
                 ids = torch.arange(seen, seen + batch.shape[0])
                 results.append(self.sigma_result(batch, sample_ids=ids))
                 seen += batch.shape[0]

@@ -285,3 +285,42 @@ def test_optimisation_attack_progress_is_silent():
         warnings.simplefilter("error")
         optimization_attack(enc, 0.1, torch.rand(2, 6), steps=10, progress=lines.append)
     assert lines and "fit" in lines[-1]
+
+
+def test_a_forward_that_fails_in_training_mode_says_so():
+    """A training-mode Wav2Vec2 failed inside transformers ('you can only change requires_grad
+    flags of leaf variables') with no word of its mode."""
+    import fsinfo_fast as ff
+
+    class Fussy(torch.nn.Module):  # fails on an input that requires grad in training mode
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            if self.training:
+                h.requires_grad = True
+            return h
+
+    with pytest.raises(RuntimeError, match="leaf variables") as info:
+        ff.fsinfo(Fussy().train(), torch.randn(2, 4), 0.1)
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "training mode" in notes and "Fussy" in notes and "model.eval()" in notes
+    assert ff.fsinfo(Fussy().eval(), torch.randn(2, 4), 0.1, estimator="exact") is not None
+
+
+def test_guard_calibrates_on_text_and_audio_batches():
+    """A mapping batch was read for 'pixel_values' only: {'inputs_embeds': E} was refused."""
+    import fsinfo_fast as ff
+
+    enc = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh()).double().eval()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    want = ff.FSInfoGuard(enc, target=-1.0, estimator="exact").calibrate(x)
+    for key in ("pixel_values", "inputs_embeds", "input_values", "input_features"):
+        g = ff.FSInfoGuard(enc, target=-1.0, estimator="exact")
+        assert g.calibrate({key: x, "attention_mask": torch.ones(5, 4)}) == want
+    with pytest.raises(ff.InvalidInputError, match="several of the input keys"):
+        ff.FSInfoGuard(enc, target=-1.0).calibrate({"pixel_values": x, "input_values": x})
+    with pytest.raises(ff.InvalidInputError, match="none of the input keys"):
+        ff.FSInfoGuard(enc, target=-1.0).calibrate({"input_ids": x})
