@@ -122,20 +122,22 @@ def _singular_warning_held():
     """Hold the warnings raised inside (under the caller's filters) and re-emit them on the way
     out; where the block raises, a :class:`SingularFisherWarning` is dropped: the guard's
     refusal names the same cause (it warned and then raised)."""
-    with warnings.catch_warnings(record=True) as caught:
-        failed = False
-        try:
-            yield
-        except BaseException:
-            failed = True
-            raise
-        finally:
-            held = list(caught)
-            caught.clear()
-    for w in held:
-        if not (failed and issubclass(w.category, SingularFisherWarning)):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
-                                   registry=_HELD_REGISTRY, source=w.source)
+    held: list = []
+    failed = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            try:
+                yield
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                held = list(caught)
+    finally:  # (also where the block raised: every other warning still reaches the user)
+        for w in held:
+            if not (failed and issubclass(w.category, SingularFisherWarning)):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                       registry=_HELD_REGISTRY, source=w.source)
 
 
 def _of(flags: Tensor) -> str:

@@ -324,3 +324,87 @@ def test_guard_calibrates_on_text_and_audio_batches():
         ff.FSInfoGuard(enc, target=-1.0).calibrate({"pixel_values": x, "input_values": x})
     with pytest.raises(ff.InvalidInputError, match="none of the input keys"):
         ff.FSInfoGuard(enc, target=-1.0).calibrate({"input_ids": x})
+
+
+# -- second review of this round (helper 130) ---------------------------------------------------
+
+def test_resume_refuses_an_option_changed_after_the_config_was_made(tmp_path, monkeypatch):
+    """dataclasses.replace(cfg, sigma=...) and cfg.sigma = ... after the call were resumed at
+    the stored sigma (the call's record of given options did not see them)."""
+    import dataclasses
+
+    from fsinfo_fast.profile.errors import ResumeError
+
+    model = _net(torch.nn.Tanh())
+    _interrupted(monkeypatch, _cfg(tmp_path / "r", model=model, sigma=0.2))
+    base = _cfg(tmp_path / "r", model=model, resume=True)
+    with pytest.raises(ResumeError, match="sigma 0.2 -> 0.5"):
+        run_profile(dataclasses.replace(base, sigma=0.5))
+    later = _cfg(tmp_path / "r", model=model, resume=True)
+    later.sigma = 0.5
+    with pytest.raises(ResumeError, match="sigma 0.2 -> 0.5"):
+        run_profile(later)
+
+
+def test_validate_refuses_too_few_held_out_samples_up_front():
+    """--eval-samples 3 failed after the models and attacks had run (the bias-corrected dCor²
+    needs 4)."""
+    from fsinfo_fast.errors import InvalidInputError
+    from fsinfo_fast.validate import ValidateConfig
+
+    with pytest.raises(InvalidInputError, match="--eval-samples must be >= 4"):
+        ValidateConfig(eval_samples=3).validate()
+    ValidateConfig(eval_samples=4).validate()
+
+
+def test_a_refusing_guard_keeps_the_models_own_warnings():
+    import warnings
+
+    import fsinfo_fast as ff
+
+    class Enc(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            warnings.warn("the model's own warning", UserWarning, stacklevel=2)
+            return torch.tanh(self.lin(x))
+
+    g = ff.FSInfoGuard(Enc().eval(), variant="logdet", estimator="exact")  # m < d: refused
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with pytest.raises(ff.InvalidInputError):
+            g(torch.randn(2, 8))
+    texts = [str(w.message) for w in rec]
+    assert "the model's own warning" in texts
+    assert not [w for w in rec if issubclass(w.category, ff.SingularFisherWarning)]
+
+
+def test_structure_fingerprint_orders_sets_whatever_the_hash_seed():
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from fsinfo_fast.profile.sources import structure_fingerprint as f\n"
+            "class C:\n"
+            "    def to_dict(self): return {'tags': {'alpha', 'beta', 'gamma', 'delta'}}\n"
+            "m = torch.nn.Linear(2, 2); m.config = C()\n"
+            "print(f(m))\n")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, timeout=300).stdout
+            for seed in ("1", "2", "3")}
+    assert len(outs) == 1 and len(next(iter(outs)).strip()) == 64
+
+
+def test_bias_corrected_dcor_of_a_degenerate_set_is_zero_not_rounding_noise():
+    """n = 4 with a tie: dCov²_U(x, x) is 0 in exact arithmetic; a 6e-31 residue gave a ratio
+    of rounding noise."""
+    import numpy as np
+
+    from fsinfo_fast.attacks.baselines import u_distance_correlation_sqr
+
+    x = np.array([[-0.13], [-0.13], [-0.67], [0.35]])
+    z = np.array([[0.3], [-1.2], [0.7], [2.2]])
+    assert u_distance_correlation_sqr(x, z).value == 0.0

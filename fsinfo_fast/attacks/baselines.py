@@ -154,11 +154,17 @@ def _dcor_from(da: np.ndarray, db: np.ndarray) -> float:
     return float(math.sqrt(max(vxy, 0.0) / math.sqrt(vxx * vyy)))
 
 
+#: a distance covariance this small against the squared distances is a rounding residue of 0
+_ZERO_RTOL = 1e-12
+
+
 def _dcor_u_from(da: np.ndarray, db: np.ndarray) -> float:
     """Bias-corrected squared distance correlation from two distance matrices (``n >= 4``)."""
     a, b = _u_centre(da), _u_centre(db)
     vxy, vxx, vyy = (a * b).sum(), (a * a).sum(), (b * b).sum()
-    if vxx <= 0 or vyy <= 0:
+    # (0 in exact arithmetic, e.g. n = 4 with a tie: a rounding residue of 1e-31 gave a ratio of
+    # noise, helper 130)
+    if vxx <= _ZERO_RTOL * (da * da).sum() or vyy <= _ZERO_RTOL * (db * db).sum():
         return 0.0
     return float(vxy / math.sqrt(vxx * vyy))
 
@@ -198,7 +204,7 @@ def _jackknife_se(loo: np.ndarray) -> float:
 def _loo_dcor(da: np.ndarray, db: np.ndarray, u: bool) -> np.ndarray:
     """Every leave-one-out dCor (V) or bias-corrected dCor^2 (U), ``O(n^2)`` in all."""
     vxy, vxx, vyy = _loo_dcov2(da, db, u), _loo_dcov2(da, da, u), _loo_dcov2(db, db, u)
-    ok = (vxx > 0) & (vyy > 0)
+    ok = (vxx > _ZERO_RTOL * (da * da).mean()) & (vyy > _ZERO_RTOL * (db * db).mean())
     den = np.sqrt(np.where(ok, vxx * vyy, 1.0))
     if u:
         return np.where(ok, vxy / den, 0.0)

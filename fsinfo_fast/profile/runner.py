@@ -1251,7 +1251,10 @@ def with_stored_settings(cfg: ProfileConfig) -> ProfileConfig:
     default = ProfileConfig()
     changes: dict[str, Any] = {}
     for name, key in RESUMED_OPTIONS.items():
-        given = name in cfg.given if cfg.given is not None else \
+        # given: named in the call (or on the command line), or changed since (a value other
+        # than the default: dataclasses.replace(cfg, sigma=...) or cfg.sigma = ... after the
+        # call, which its record does not see, helper 130)
+        given = (cfg.given is not None and name in cfg.given) or \
             getattr(cfg, name) != getattr(default, name)
         if key not in stored or given:
             continue

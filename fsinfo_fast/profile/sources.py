@@ -332,6 +332,11 @@ def _hash_value(h: Any, key: str, v: Any) -> None:
         h.update(f"{key}|mapping|{len(v)}|".encode())
         for k2 in sorted(v, key=repr):
             _hash_value(h, f"{key}.{k2!r}", v[k2])
+    elif isinstance(v, (set, frozenset)):  # (in an order that does not depend on the
+        # process's string hash seed, helper 130)
+        h.update(f"{key}|{type(v).__name__}|{len(v)}|".encode())
+        for i, item in enumerate(sorted(v, key=repr)):
+            _hash_value(h, f"{key}{{{i}}}", item)
     elif isinstance(v, (list, tuple)):
         h.update(f"{key}|{type(v).__name__}|{len(v)}|".encode())
         for i, item in enumerate(v):
