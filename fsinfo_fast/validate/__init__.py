@@ -6,9 +6,10 @@ points, on held-out samples:
 - the metrics, each with its error bar: FSInfo diag and dFIL per sample (mean over samples with
   its 95% interval; exact where ``min(m, d) <= 256``, otherwise from the same ``--probes``
   Gaussian VJP probes), optionally FSInfo log det (``--logdet``, with a prior variance so that
-  it is finite), and the set-level baselines distance correlation (jackknife error) and KSG
-  k-NN mutual information, on the full vectors and on their top ``--mi-dims`` principal
-  components;
+  it is finite), and the set-level baselines distance correlation (the paper's V-statistic
+  and the bias-corrected dCor², jackknife errors) and KSG k-NN mutual information
+  (delete-a-group jackknife error), on the full vectors and on their top ``--mi-dims``
+  principal components;
 - both attacks (:mod:`fsinfo_fast.attacks`) at the same noise ``--sigma``: the learned inverse
   network (trained on the model's training split, scored on the whole test split) and the
   white-box optimisation attack (on the first ``--samples`` test samples), scored by MSE, PSNR
@@ -111,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"and the bound report (default {d.samples})")
     g.add_argument("--eval-samples", type=_optional_int, default=d.eval_samples, metavar="N",
                    help="held-out samples for the inverse network's scores, dCor and kNN MI, "
-                        ">= 2 ('all': the whole test split, the default)")
+                        ">= 4 ('all': the whole test split, the default)")
     g.add_argument("--train-samples", type=_optional_int, default=d.train_samples, metavar="N",
                    help="the inverse network's training samples, >= 2 ('all', the default)")
     m = parser.add_argument_group("metrics")
