@@ -134,9 +134,10 @@ def test_progress_bar_is_sparse_in_a_log(monkeypatch):
 
 def test_validate_mi_k_needs_more_eval_samples(capsys, tmp_path):
     err = _one_line(capsys, main(["validate", "--models", "vgg5", "--size", "16", "--samples",
-                                  "3", "--eval-samples", "3", "--out", str(tmp_path / "v")]),
+                                  "3", "--mi-k", "4", "--eval-samples", "4", "--out",
+                                  str(tmp_path / "v")]),
                     "validate")
-    assert "--mi-k 3" in err and "--eval-samples" in err
+    assert "--mi-k 4" in err and "--eval-samples" in err
 
 
 def test_bench_results_file_is_checked(tmp_path, capsys):
