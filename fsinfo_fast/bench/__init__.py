@@ -7,7 +7,8 @@ Usage (also ``python -m fsinfo_fast.bench ...``)::
     fsinfo-fast bench --config benchmarks/configs/sweep_gpu.json --out benchmarks/results/
     fsinfo-fast bench --table benchmarks/results/bench_quick.json     # README Markdown
     fsinfo-fast bench --plot benchmarks/results/bench_quick.json      # PNGs beside it
-    fsinfo-fast bench --quick --compare benchmarks/results/bench_quick.json --fail-if-regression
+    fsinfo-fast bench --quick --out /tmp/fsinfo-bench-new/ \\
+        --compare benchmarks/results/bench_quick.json --fail-if-regression
     fsinfo-fast bench --compare OLD.json --results NEW.json --fail-if-regression
 
 A run writes ``bench_<name>.json`` (schema: :mod:`fsinfo_fast.bench.schema`), ``.csv``,
@@ -106,7 +107,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "file and exit")
     out.add_argument("--plot", metavar="RESULTS", help="draw the PNGs of a results file and exit")
     cmp_ = parser.add_argument_group("regression check")
-    cmp_.add_argument("--compare", metavar="OLD", help="compare with an earlier results file")
+    cmp_.add_argument("--compare", metavar="OLD",
+                      help="compare with an earlier results file (read before the run; not a "
+                           "file this run writes: give another --out)")
     cmp_.add_argument("--results", metavar="NEW",
                       help="with --compare: compare this file instead of running")
     cmp_.add_argument("--fail-if-regression", action="store_true",
@@ -131,6 +134,21 @@ def _check_out(path: Path) -> None:
         raise UsageError(f"--out: {anc} is a file, not a directory")
     if not os.access(anc, os.W_OK):
         raise UsageError(f"--out: cannot write into {anc}")
+
+
+def _check_not_overwritten(baseline: Path, paths: tuple[Path, ...], default_out: bool) -> None:
+    """Refuse a ``--compare`` baseline that this run would overwrite (its results were written
+    first and then compared with themselves: never a regression, and the baseline was lost)."""
+    from ..cli import UsageError
+
+    target = baseline.resolve()
+    for p in paths:
+        if p.resolve() == target:
+            where = f"the default --out {_DEFAULT_OUT}" if default_out else f"--out {p}"
+            raise UsageError(
+                f"--compare {baseline}: this run writes its results to that file ({where}) and "
+                "would overwrite the baseline before comparing; give another --out (e.g. --out "
+                "/tmp/fsinfo-bench-new/) or compare against a copy of the baseline")
 
 
 def _remove_stale(jpath: Path, spath: Path, produced: set[Path]) -> None:
@@ -230,12 +248,18 @@ def run(args: argparse.Namespace) -> int:
             print(p)
         return 0
     status = 0
+    # the baseline is read before any work: a missing or broken --compare file was found only
+    # after the whole run, and one that the run writes was overwritten before it was read
+    old = load_results(args.compare) if args.compare else None
     if args.compare and args.results:
         doc = load_results(args.results)
     else:
         cfg = _config_from_args(args)
         out_arg = args.out if args.out is not None else _DEFAULT_OUT
-        _check_out(output_paths(out_arg, cfg.name)[0])  # before the work, not after it
+        paths = output_paths(out_arg, cfg.name)
+        if args.compare:
+            _check_not_overwritten(Path(args.compare), paths, args.out is None)
+        _check_out(paths[0])  # before the work, not after it
         if args.ref_cache is not None and Path(args.ref_cache).exists() and not Path(
                 args.ref_cache).is_dir():
             raise UsageError(f"--ref-cache: {args.ref_cache} is a file, not a directory")
@@ -280,8 +304,7 @@ def run(args: argparse.Namespace) -> int:
             bad.append(msg)
             print(f"ERROR in craft: {msg}", file=sys.stderr)
         status = 1 if bad else 0
-    if args.compare:
-        old = load_results(args.compare)
+    if old is not None:
         findings = compare(old, doc, tolerance=args.tolerance)
         print(format_comparison(old, doc, findings))
         if args.fail_if_regression and any(f["regression"] for f in findings):
