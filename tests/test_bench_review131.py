@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fsinfo_fast.bench.__main__ import main as bench_main
 
 TINY = {"model": "tiny-cnn", "size": 8}
@@ -84,3 +86,71 @@ def test_the_documented_compare_commands_do_not_overwrite_their_baseline():
         for line in joined.splitlines():
             if "--compare benchmarks/results/" in line and "--results" not in line:
                 assert "--out" in line and "--out benchmarks/results" not in line, line
+
+
+# -- 2. --compare compares sweep rows and peak memory too -----------------------------------------
+def _row(provider: str = "ours-torch", mode: str = "equal_accuracy", median: float = 1e-3,
+         mem: int | None = 5 << 20, **kw) -> dict:
+    return {"case": "c/B1", "task": "fsinfo_diag", "model": "tiny-cnn", "split": 0, "size": 8,
+            "batch": 1, "provider": provider, "mode": mode, "status": "ok", "reason": None,
+            "num_probes": 16, "time_s": {"median": median, "q25": median * 0.99,
+                                         "q75": median * 1.01},
+            "time_per_image_s": median, "peak_memory_bytes": mem,
+            "accuracy": {"err95": 0.005, "target": 0.01, "meets_target": True}, **kw}
+
+
+def _sweep_row(axis: str, median: float = 1e-3, mem: int | None = 5 << 20, **kw) -> dict:
+    r = _row(mem=mem, median=median, **kw)
+    for k in ("case", "mode"):
+        r.pop(k)
+    return dict(r, axis=axis, stem=None)
+
+
+def _sdoc(rows: list[dict], sweep: list[dict]) -> dict:
+    return {"environment": {}, "results": rows, "sweep": sweep, "claims": []}
+
+
+def test_compare_flags_peak_memory_growth_beyond_the_tolerance_and_a_floor():
+    from fsinfo_fast.bench.report import compare
+
+    old = _sdoc([_row()], [])
+    reg = [f for f in compare(old, _sdoc([_row(mem=50 << 20)], [])) if f["regression"]]
+    assert [(f["kind"], f["ratio"]) for f in reg] == [("memory", pytest.approx(10.0))]
+    # a few hundred KiB of RSS noise on a small row is not a regression
+    small = _sdoc([_row(mem=600 << 10)], [])
+    assert not [f for f in compare(small, _sdoc([_row(mem=1200 << 10)], [])) if f["regression"]]
+    # and less memory is an improvement
+    imp = compare(_sdoc([_row(mem=50 << 20)], []), old)
+    assert [(f["kind"], f["regression"]) for f in imp] == [("memory", False)]
+
+
+def test_compare_flags_sweep_slowdowns_memory_and_lost_sweep_points(tmp_path, capsys):
+    from fsinfo_fast.bench.report import compare
+
+    # the base point is measured once and appears under every axis
+    sweep = [_sweep_row("size"), _sweep_row("batch"), _sweep_row("probes"),
+             _sweep_row("size", size=16)]
+    old = _sdoc([_row()], sweep)
+    assert not [f for f in compare(old, old) if f["regression"]]
+    slow = _sdoc([_row()], [_sweep_row(a, median=5e-3) for a in ("size", "batch", "probes")]
+                 + [_sweep_row("size", size=16)])
+    reg = [f for f in compare(old, slow) if f["regression"]]
+    assert [(f["kind"], f["key"].split(" / ")[0]) for f in reg] == [("time", "sweep")]
+    assert "@8px" in reg[0]["key"] and "K16" in reg[0]["key"]
+    mem = _sdoc([_row()], sweep[:3] + [_sweep_row("size", size=16, mem=80 << 20)])
+    assert [f["kind"] for f in compare(old, mem) if f["regression"]] == ["memory"]
+    lost = _sdoc([_row()], sweep[:3])
+    assert [f["kind"] for f in compare(old, lost) if f["regression"]] == ["missing"]
+    # through the command line
+    o, n = tmp_path / "old.json", tmp_path / "new.json"
+    o.write_text(json.dumps(old))
+    n.write_text(json.dumps(slow))
+    assert bench_main(["--compare", str(o), "--results", str(n), "--fail-if-regression"]) == 1
+    assert "REGRESSION time     sweep" in capsys.readouterr().out
+
+
+def test_compare_help_says_what_is_compared(capsys):
+    with pytest.raises(SystemExit):
+        bench_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "sweep rows" in text and "not probe efficiency" in text

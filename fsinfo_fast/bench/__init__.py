@@ -109,13 +109,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cmp_ = parser.add_argument_group("regression check")
     cmp_.add_argument("--compare", metavar="OLD",
                       help="compare with an earlier results file (read before the run; not a "
-                           "file this run writes: give another --out)")
+                           "file this run writes: give another --out). Compared: result rows and "
+                           "sweep rows (status, time, peak memory, accuracy target) and claims; "
+                           "not probe efficiency, sharing, linearize or craft")
     cmp_.add_argument("--results", metavar="NEW",
                       help="with --compare: compare this file instead of running")
     cmp_.add_argument("--fail-if-regression", action="store_true",
                       help="exit 1 when --compare finds a regression")
     cmp_.add_argument("--tolerance", type=float, default=0.25,
-                      help="relative slow-down tolerated by --compare (default: %(default)s)")
+                      help="relative slow-down (and peak-memory growth, beyond 1 MiB) "
+                           "tolerated by --compare (default: %(default)s)")
 
 
 def _check_out(path: Path) -> None:

@@ -1,9 +1,11 @@
 """Reading results: the README's Markdown tables and the regression comparison.
 
 :func:`markdown` turns a results document into Markdown (one table per case, plus claims and
-probe efficiency) for the README. :func:`compare` matches the rows of two results documents and
-flags slow-downs beyond a tolerance *and* beyond the measured spread, providers that stopped
-passing the correctness gate or their accuracy target, and claims that stopped passing.
+probe efficiency) for the README. :func:`compare` matches the result and sweep rows of two results
+documents and flags slow-downs beyond a tolerance *and* beyond the measured spread, peak-memory
+growth beyond the tolerance, providers that stopped passing the correctness gate or their accuracy
+target, and claims that stopped passing (probe efficiency and the sharing, linearize and craft
+sections are not compared).
 """
 
 from __future__ import annotations
@@ -182,31 +184,30 @@ def _key(r: dict[str, Any]) -> tuple:
     return (r["case"], r["provider"], r["mode"])
 
 
-def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float = 0.25) -> list[Finding]:
-    """Rows of ``new`` that regressed against ``old``.
+#: memory growth below this is not flagged (peak RSS moves by pages and allocator arenas)
+MEMORY_FLOOR_BYTES = 1 << 20
 
-    A slow-down is flagged when ``new_median > (1 + tolerance) * old_median`` and the new lower
-    quartile lies above the old upper quartile (outside the noise). Also flagged: a row that was
-    ``ok`` and is not any more, an accuracy target met before and missed now, and a claim that
-    passed and now fails or is no longer measured. Rows of ``old`` that ``new`` lacks (a provider,
-    case or mode that stopped running) and claims it lacks are flagged too (``kind = "missing"``;
-    rows that were only ``skipped`` before are not). Each finding is
-    ``{kind, key, old, new, ratio, message, regression}``; improvements are returned too with
-    ``regression = False``.
-    """
-    out: list[Finding] = []
-    old_rows = {_key(r): r for r in old.get("results", [])}
-    new_keys = {_key(r) for r in new.get("results", [])}
+
+def _sweep_key(r: dict[str, Any]) -> tuple:
+    """A sweep measurement (the base point appears once per axis: the same measurement)."""
+    return ("sweep", f"{r.get('task')}/{r.get('model')}-s{r.get('split')}"
+            + (f"-{r['stem']}" if r.get("stem") else "") + f"@{r.get('size')}px",
+            f"B{r.get('batch')}" + ("" if r.get("num_probes") is None
+                                    else f"/K{r.get('num_probes')}"), r.get("provider"))
+
+
+def _compare_rows(out: list[Finding], old_rows: dict[tuple, dict[str, Any]],
+                  new_rows: dict[tuple, dict[str, Any]], tolerance: float) -> None:
     for k, o in old_rows.items():
-        if k not in new_keys and o.get("status") != "skipped":
+        if k not in new_rows and o.get("status") != "skipped":
             out.append({"kind": "missing", "key": " / ".join(str(x) for x in k),
                         "old": o.get("status"), "new": None, "ratio": None, "regression": True,
                         "message": f"was {o.get('status')}, no such row in the new results"})
-    for r in new.get("results", []):
-        o = old_rows.get(_key(r))
+    for k, r in new_rows.items():
+        o = old_rows.get(k)
         if o is None:
             continue
-        key = " / ".join(str(k) for k in _key(r))
+        key = " / ".join(str(x) for x in k)
         if o["status"] == "ok" and r["status"] != "ok":
             out.append({"kind": "status", "key": key, "old": o["status"], "new": r["status"],
                         "ratio": None, "regression": True,
@@ -228,12 +229,52 @@ def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float = 0.25) -
                 out.append({"kind": "time", "key": key, "old": to["median"],
                             "new": tn["median"], "ratio": ratio, "regression": False,
                             "message": f"{1 / ratio:.2f}x faster"})
+        mo, mn = o.get("peak_memory_bytes"), r.get("peak_memory_bytes")
+        if mo and mn is not None:
+            ratio = mn / mo
+            if ratio > 1 + tolerance and mn - mo > MEMORY_FLOOR_BYTES:
+                out.append({"kind": "memory", "key": key, "old": mo, "new": mn, "ratio": ratio,
+                            "regression": True,
+                            "message": f"{ratio:.2f}x the peak memory ({_mem(mo)} -> "
+                                       f"{_mem(mn)})"})
+            elif ratio < 1 / (1 + tolerance) and mo - mn > MEMORY_FLOOR_BYTES:
+                out.append({"kind": "memory", "key": key, "old": mo, "new": mn, "ratio": ratio,
+                            "regression": False,
+                            "message": f"{1 / ratio:.2f}x less peak memory"})
         ao, an = o.get("accuracy") or {}, r.get("accuracy") or {}
         if ao.get("meets_target") is True and an.get("meets_target") is False:
             out.append({"kind": "accuracy", "key": key, "old": ao.get("err95"),
                         "new": an.get("err95"), "ratio": None, "regression": True,
                         "message": f"misses its accuracy target now (err95 {an.get('err95'):.3g}"
                                    f" > {an.get('target')})"})
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], tolerance: float = 0.25) -> list[Finding]:
+    """Rows of ``new`` that regressed against ``old``.
+
+    Compared: the ``results`` rows (by case, provider and mode), the ``sweep`` rows (by task,
+    encoder, size, batch, probe count and provider) and the claims. Not compared: probe
+    efficiency and the ``sharing``, ``linearize`` and ``craft`` sections.
+
+    A slow-down is flagged when ``new_median > (1 + tolerance) * old_median`` and the new lower
+    quartile lies above the old upper quartile (outside the noise); a peak-memory growth when
+    ``new > (1 + tolerance) * old`` and by more than :data:`MEMORY_FLOOR_BYTES`. Also flagged: a
+    row that was ``ok`` and is not any more, an accuracy target met before and missed now, and a
+    claim that passed and now fails or is no longer measured. Rows of ``old`` that ``new`` lacks
+    (a provider, case, mode or sweep point that stopped running) and claims it lacks are flagged
+    too (``kind = "missing"``; rows that were only ``skipped`` before are not). Each finding is
+    ``{kind, key, old, new, ratio, message, regression}``; improvements are returned too with
+    ``regression = False``.
+    """
+    out: list[Finding] = []
+    _compare_rows(out, {_key(r): r for r in old.get("results", [])},
+                  {_key(r): r for r in new.get("results", [])}, tolerance)
+    old_sweep: dict[tuple, dict[str, Any]] = {}
+    new_sweep: dict[tuple, dict[str, Any]] = {}
+    for rows, into in ((old.get("sweep") or [], old_sweep), (new.get("sweep") or [], new_sweep)):
+        for r in rows:
+            into.setdefault(_sweep_key(r), r)
+    _compare_rows(out, old_sweep, new_sweep, tolerance)
     new_claims = {c["name"]: c for c in new.get("claims", [])}
     for o in old.get("claims", []):
         if o.get("status") != "pass":
