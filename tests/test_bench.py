@@ -198,8 +198,11 @@ def test_randomized_rows_have_both_comparisons(tiny_doc):
     if eq["status"] == "ok":
         assert curve[-1]["err95"] <= 0.01 < curve[0]["err95"]
     assert modes["equal_probes"]["num_probes"] == 4
-    assert set(eq["speedup_vs"]) >= {"paper-reference", "exact-best"}
-    assert eq["speedup_vs_reference"] == pytest.approx(eq["speedup_vs"]["paper-reference"])
+    if eq["status"] == "ok":  # (a row that missed the target is at no equal accuracy)
+        assert set(eq["speedup_vs"]) >= {"paper-reference", "exact-best"}
+        assert eq["speedup_vs_reference"] == pytest.approx(eq["speedup_vs"]["paper-reference"])
+    else:
+        assert eq["speedup_vs"] == {} and eq["speedup_vs_reference"] is None
 
 
 def test_real_library_path_runs():

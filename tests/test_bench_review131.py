@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from fsinfo_fast.bench import BenchConfig, CaseSpec, ClaimSpec, EncoderSpec
 from fsinfo_fast.bench.__main__ import main as bench_main
+from fsinfo_fast.bench.providers import ExactBest, Ours
+from fsinfo_fast.bench.report import markdown
+from fsinfo_fast.bench.runner import run_bench
+from fsinfo_fast.bench.schema import load_results, validate
 
 TINY = {"model": "tiny-cnn", "size": 8}
 FAST = {"compile": False, "repeats": 2, "warmup": 0, "memory": False, "threads": 1,
@@ -43,9 +48,9 @@ def test_compare_refuses_the_file_the_run_writes_and_keeps_the_baseline(tmp_path
     assert bench_main(["--config", cfg, "--out", str(base), "--no-plot",
                        "--compare", str(out / ".." / "res" / "bench_t.json")]) == 2
     assert base.read_bytes() == before
-    # another --out is fine
+    # another --out is fine (no --fail-if-regression: two runs' times may differ)
     assert bench_main(["--config", cfg, "--out", str(tmp_path / "new"), "--no-plot",
-                       "--compare", str(base), "--fail-if-regression"]) == 0
+                       "--compare", str(base)]) == 0
 
 
 def test_compare_refuses_the_default_out_of_the_documented_command(tmp_path, monkeypatch,
@@ -154,3 +159,88 @@ def test_compare_help_says_what_is_compared(capsys):
         bench_main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "sweep rows" in text and "not probe efficiency" in text
+
+
+# -- 3, 4. adaptive rows that missed the target; such rows in the speed-up pools ---------------
+class BiasedAdaptive(Ours):
+    """Ours, with its adaptive stopping 0.015 nats/dim off (a miss of the 0.01 target)."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.name = "ours-biased"
+
+    def run(self, case, num_probes=None, seed=0, adaptive=False):
+        out = super().run(case, num_probes, seed, adaptive=adaptive)
+        if adaptive:
+            out.value = out.value + 0.015
+        return out
+
+
+def test_an_adaptive_row_that_missed_the_target_says_so_and_serves_no_ratio_or_claim():
+    cfg = BenchConfig(
+        name="adaptive", cases=[CaseSpec("fsinfo_diag", EncoderSpec("tiny-cnn", 0, 8), batch=1,
+                                         probe_grid=[4, 16, 64, 256])],
+        claims=[ClaimSpec("ours adaptive vs exact-best", "fsinfo_diag", baseline="exact-best",
+                          mode="adaptive", min_ratio=1e-6)],
+        **FAST, calib_seeds=2, equal_probes=4, ours_backends=["torch"])
+    doc = run_bench(cfg, providers=[ExactBest(), BiasedAdaptive()], log=lambda m: None)
+    assert validate(doc) == []
+    rows = {r["mode"]: r for r in doc["results"] if r["provider"] == "ours-biased"}
+    ad = rows["adaptive"]
+    assert ad["accuracy"]["meets_target"] is False
+    # before: status ok, correct, with speed-ups, and the claim passed on it
+    assert ad["status"] == "target_not_reached" and "adaptive stopping" in ad["reason"]
+    assert ad["speedup_vs"] == {} and ad["speedup_vs_reference"] is None
+    (exact,) = [r for r in doc["results"] if r["provider"] == "exact-best"]
+    assert not any(k.startswith("ours-biased@adaptive") for k in exact["speedup_vs"])
+    (claim,) = doc["claims"]
+    assert claim["status"] == "unmeasured" and "adaptive stopping" in claim["reason"]
+    text = markdown(doc)
+    line = next(ln for ln in text.splitlines() if "| ours-biased | adaptive |" in ln)
+    assert "(missed)" in line and "target_not_reached" in line
+
+
+def test_rows_that_missed_the_target_are_in_no_equal_accuracy_pool():
+    from fsinfo_fast.bench.runner import _ratios
+
+    def row(provider, mode, median, status="ok"):
+        return {"provider": provider, "mode": mode, "status": status, "speedup_vs": {},
+                "speedup_vs_reference": None, "time_s": {"median": median}}
+
+    rows = [row("paper-reference", "exact", 1.0), row("exact-best", "exact", 0.1),
+            row("ours-torch", "equal_accuracy", 0.01),
+            row("torchfunc-eager", "equal_accuracy", 0.001, "target_not_reached"),
+            row("torchfunc-eager", "equal_probes", 0.002)]
+    _ratios(rows)
+    ref, best, ours, tnr, probes = rows
+    assert set(ref["speedup_vs"]) == {"exact-best", "ours-torch@equal_accuracy"}
+    assert set(ours["speedup_vs"]) == {"paper-reference", "exact-best"}
+    assert tnr["speedup_vs"] == {} and tnr["speedup_vs_reference"] is None
+    assert set(probes["speedup_vs"]) == {"paper-reference", "exact-best"}
+
+
+@pytest.mark.parametrize(("err", "target", "units", "want"), [
+    (0.0104, 0.01, "nats/dim", "0.0104 (missed)"), (0.0099, 0.01, "nats/dim", "0.0099"),
+    (0.0123, 0.01, "nats/dim", "0.012 (missed)"), (0.01004, 0.01, "relative", "1.004% (missed)")])
+def test_the_table_shows_a_miss_of_the_target(err, target, units, want):
+    from fsinfo_fast.bench.report import _err
+
+    acc = {"err95": err, "target": target, "units": units, "meets_target": err <= target}
+    assert _err(acc, mark_miss=True) == want
+
+
+# -- 6. a probe grid too small for the case -------------------------------------------------------
+def test_a_correct_estimator_on_too_small_a_grid_is_target_not_reached_not_incorrect(tmp_path,
+                                                                                      capsys):
+    cfg = _cfg_file(tmp_path, name="small", cases=[
+        {"task": "fsinfo_diag", "encoder": {"model": "vgg5", "split": 2, "size": 8}, "batch": 1,
+         "providers": ["exact-best", "torchfunc-eager"]}], probe_grid=[2], calib_seeds=2)
+    out = tmp_path / "o"
+    # before: torchfunc-eager was INCORRECT at K = 2 (error 5x the target) and the command exit 1
+    assert bench_main(["--config", cfg, "--out", str(out), "--no-plot"]) == 0
+    doc = load_results(out / "bench_small.json")
+    (eq,) = [r for r in doc["results"] if r["mode"] == "equal_accuracy"]
+    assert eq["status"] == "target_not_reached", eq["reason"]
+    assert "probe grid is too small" in eq["reason"] and eq["num_probes"] == 2
+    assert eq["info"]["gate"]["max_err"] <= eq["info"]["gate"]["bound"]
+    assert eq["speedup_vs"] == {}

@@ -40,13 +40,19 @@ def _x(v: float | None) -> str:
     return f"{v:.3g}x" if v < 1000 else f"{v:,.0f}x"
 
 
-def _err(acc: dict[str, Any] | None) -> str:
+def _err(acc: dict[str, Any] | None, mark_miss: bool = False) -> str:
     if not acc or acc.get("err95") is None:
         return "(rows checked)" if acc and acc.get("checked") == "rows" else "-"
-    e = acc["err95"]
-    units = "%" if acc.get("units") == "relative" else ""
-    val = f"{e * 100:.2g}%" if units else f"{e:.2g}"
-    return val
+    e, target = acc["err95"], acc.get("target")
+    scale, units = (100, "%") if acc.get("units") == "relative" else (1, "")
+    # 2 significant digits, more where they would round a miss onto the target (0.0104 read
+    # 0.01 against a target of 0.01); a row meant to reach the target marks a miss
+    for digits in range(2, 7):
+        text = f"{e * scale:.{digits}g}"
+        if target is None or (float(text) > target * scale) == (e > target):
+            break
+    missed = mark_miss and acc.get("meets_target") is False
+    return text + units + (" (missed)" if missed else "")
 
 
 def markdown(doc: dict[str, Any]) -> str:
@@ -91,11 +97,12 @@ def markdown(doc: dict[str, Any]) -> str:
                 note = (note + "; " if note else "") + f"compile {_t(r['compile_s'])}"
             note = note.replace("|", "/")
             sv = r.get("speedup_vs") or {}
+            err = _err(r.get("accuracy"), r["mode"] in ("equal_accuracy", "adaptive"))
             lines.append(
                 f"| {r['provider']} | {r['mode']} | {r['num_probes'] or '-'} | "
                 f"{r['passes'] if r['passes'] is not None else '-'} | "
                 f"{_t(r['time_per_image_s'])} | {_x(sv.get('paper-reference'))} | "
-                f"{_x(sv.get('exact-best'))} | {_err(r.get('accuracy'))} | "
+                f"{_x(sv.get('exact-best'))} | {err} | "
                 f"{_mem(r.get('peak_memory_bytes'))} | {note} |")
         if skipped:
             lines += ["", "Skipped: " + "; ".join(f"{', '.join(names)} ({why})"

@@ -9,10 +9,13 @@ value once with the float64 oracle, and for each provider:
    ``1.96 * RMS``, is within the target);
 3. makes a first call and checks it against the exact value (the correctness gate: an exact
    provider must be within ``exact_tol * target``, a randomized one within
-   ``gate_factor * target``); a provider that fails is ``incorrect`` and is not timed;
+   ``gate_factor * target``; where the grid ran out before the target, at a larger ``K`` that
+   an unbiased estimator would pass: see :func:`_gate_beyond_grid`); a provider that fails is
+   ``incorrect`` and is not timed; one that passes but missed the target (the grid ran out, or
+   the adaptive rule stopped short) is ``target_not_reached``;
 4. times it (warm-up, medians of repeats; compile time separately) at equal accuracy (``K``
    from step 2) and at equal probe count (``equal_probes``), and measures its peak memory;
-5. computes speed-ups against every other provider of the case.
+5. computes speed-ups against every other ``ok`` provider of the case.
 
 Then the scaling sweep, the probe efficiency and the claims. The result is one JSON-able dict
 (see :mod:`.schema`).
@@ -291,7 +294,10 @@ def _pooled_err95(case: Case, p: Provider, k: int | None, seeds: int,
 
 def _measure_randomized_at(case: Case, p: Provider, cfg: BenchConfig, k: int | None, mode: str,
                            err95: float | None, adaptive: bool = False,
-                           seeds: int | None = None) -> dict[str, Any]:
+                           seeds: int | None = None, gate: bool = True) -> dict[str, Any]:
+    """One randomized row. ``gate``: apply the correctness gate to an ``equal_accuracy`` row
+    (off where no probe count of the grid reached the target: a correct estimator at too few
+    probes is then ``target_not_reached``, not ``incorrect``)."""
     row = _base_row(case, p)
     row["mode"] = mode
     dev = case.device
@@ -308,18 +314,43 @@ def _measure_randomized_at(case: Case, p: Provider, cfg: BenchConfig, k: int | N
         err95 = _pooled_err95(case, p, k, seeds, adaptive)
     row["accuracy"] = _accuracy(case, stats, err95, "full" if stats else "none",
                                 seeds if err95 is not None else 1)
-    gate = cfg.gate_factor * case.target
-    if stats is not None and mode == "equal_accuracy" and not stats["max_err"] <= gate:
+    bound = cfg.gate_factor * case.target
+    if (gate and stats is not None and mode == "equal_accuracy"
+            and not stats["max_err"] <= bound):
         row.update(status="incorrect", correct=False, reason=(
             f"correctness gate: error {stats['max_err']:.3g} > {cfg.gate_factor} x target "
             f"{case.target:g} at its calibrated K = {k}"))
         return row
-    row["correct"] = stats is not None
+    row["correct"] = stats is not None if gate or mode != "equal_accuracy" else None
     t = time_call(call, device=dev, warmup=cfg.warmup, repeats=cfg.repeats,
                   min_repeats=cfg.min_repeats, max_seconds=cfg.max_seconds, first_call_s=t_first)
     _set_timing(row, t, case.batch, p.compiled)
     row["peak_memory_bytes"] = _memory(cfg, call, dev)
+    acc = row["accuracy"]
+    if mode == "adaptive" and acc["meets_target"] is False:
+        # its own stopping rule stopped short of the target: not an equal-accuracy row (no
+        # speed-ups, no claims)
+        row.update(status="target_not_reached", reason=(
+            f"adaptive stopping missed the target: err95 {_fmt_err(acc['err95'], case.target)}"
+            f" > {case.target:g} (pooled over {acc['seeds']} seed(s), {row['num_probes']} "
+            "probes at seed 0)"))
     return row
+
+
+def _gate_beyond_grid(case: Case, p: Provider, cfg: BenchConfig, k: int,
+                      err95: float) -> tuple[int, Any]:
+    """The correctness gate of a provider whose grid ran out before the target: one run at the
+    count where an unbiased estimator's error (``~ 1/sqrt(K)``) would be half the gate, within
+    ``64 k`` and the provider's cap. A correct estimator on too small a grid passes there
+    (``target_not_reached``); a biased one does not (``incorrect``). ``(k_gate, None)`` where
+    that count is no larger than ``k`` (the gate is then applied at ``k``)."""
+    bound = cfg.gate_factor * case.target
+    want = math.ceil(4 * k * (err95 / bound) ** 2) if math.isfinite(err95) else 64 * k
+    cap = p.max_probes(case)
+    k_gate = min(max(want, k), 64 * k, cap if cap is not None else 64 * k)
+    if k_gate <= k:
+        return k, None
+    return k_gate, p.run(case, k_gate, 0)
 
 
 def _measure_randomized(case: Case, p: Provider, cfg: BenchConfig,
@@ -335,14 +366,40 @@ def _measure_randomized(case: Case, p: Provider, cfg: BenchConfig,
         k, err95, curve, reached = _calibrate(case, p, cfg, first)
         calibrated[p.name] = (k, err95, curve, reached)
     seeds = case.spec.calib_seeds or cfg.calib_seeds
-    row = _measure_randomized_at(case, p, cfg, k, "equal_accuracy", err95, seeds=seeds)
+    gate_at_k = reached
+    if not reached:
+        k_gate, out = _gate_beyond_grid(case, p, cfg, k, err95)
+        if out is None:  # no larger count to check at: gated at the grid's largest
+            gate_at_k = True
+        else:
+            stats = _err_stats(case, out.value)
+            bound = cfg.gate_factor * case.target
+            if not stats["max_err"] <= bound:
+                row = _base_row(case, p)
+                row.update(mode="equal_accuracy", num_probes=out.num_probes, passes=out.passes,
+                           info=dict(out.info), calibration=curve, status="incorrect",
+                           correct=False,
+                           accuracy=_accuracy(case, stats, None, "full", 1), reason=(
+                               f"correctness gate: no probe count of the grid reached the "
+                               f"target (err95 {err95:.3g} at K = {k}), and at K = {k_gate}, "
+                               f"where an unbiased estimator would be within half the gate, "
+                               f"the error is {stats['max_err']:.3g} > {cfg.gate_factor} x "
+                               f"target {case.target:g}"))
+                return [row]
+    row = _measure_randomized_at(case, p, cfg, k, "equal_accuracy", err95, seeds=seeds,
+                                 gate=gate_at_k)
+    if not gate_at_k:
+        row["info"]["gate"] = {"num_probes": k_gate, "max_err": stats["max_err"],
+                               "bound": cfg.gate_factor * case.target}
     row["calibration"] = curve
     if first and not p.compiled:
         row["first_call_s"] = first["first_call_s"]
     if not reached and row["status"] == "ok":
+        gated = ("" if gate_at_k else f"; correct: within the gate at K = {k_gate}")
         row.update(status="target_not_reached", reason=(
-            f"no probe count up to {k} reached the target "
-            f"(err95 {err95:.3g} > {case.target:g}); timed at K = {k}"))
+            f"the largest probe count tried, K = {k}, did not reach the target (err95 "
+            f"{_fmt_err(err95, case.target)} > {case.target:g}): the probe grid is too small "
+            f"for this case; timed at K = {k}, not an equal-accuracy row{gated}"))
     rows.append(row)
     if row["status"] in ("ok", "target_not_reached"):
         k_eq = max(cfg.equal_probes, p.min_probes)
@@ -359,9 +416,13 @@ def _measure_randomized(case: Case, p: Provider, cfg: BenchConfig,
 
 # -- a case --------------------------------------------------------------------------------------
 def _ratios(rows: list[dict[str, Any]]) -> None:
-    """``speedup_vs[other] = t_other / t_row`` within the comparison pool of each row."""
-    timed = [r for r in rows if r["time_s"] is not None and r["status"] in
-             ("ok", "target_not_reached")]
+    """``speedup_vs[other] = t_other / t_row`` within the comparison pool of each row.
+
+    Only ``ok`` rows: a row that missed its accuracy target (``target_not_reached``: the probe
+    grid ran out, or the adaptive rule stopped short) is at no equal accuracy with anything, so
+    it neither gets speed-ups nor serves in another row's.
+    """
+    timed = [r for r in rows if r["time_s"] is not None and r["status"] == "ok"]
     ref = next((r for r in timed if r["provider"] == "paper-reference"), None)
     for r in timed:
         if r["mode"] == "exact":
@@ -423,6 +484,16 @@ def measure_case(case: Case, providers: list[Provider], cfg: BenchConfig,
     return rows
 
 
+def _fmt_err(e: float, target: float | None) -> str:
+    """``e`` to 2 significant digits, more where that would round a miss of ``target`` onto it
+    or below (0.0104 against 0.01 printed ``0.01``)."""
+    for digits in range(2, 7):
+        text = f"{e:.{digits}g}"
+        if target is None or (float(text) > target) == (e > target):
+            return text
+    return repr(e)
+
+
 def _fmt_s(v: float | None) -> str:
     if v is None:
         return "-"
@@ -438,7 +509,7 @@ def _row_line(r: dict[str, Any]) -> str:
     k = r["num_probes"]
     return (f"{r['provider']:<20s} {mode:<14s} {_fmt_s(r['time_per_image_s'])}/img"
             f"{'' if k is None else f'  K={k}'}"
-            f"{'' if err is None else f'  err95={err:.2g}'}"
+            f"{'' if err is None else '  err95=' + _fmt_err(err, acc.get('target'))}"
             f"{'' if r['compile_s'] is None else '  compile=' + _fmt_s(r['compile_s'])}"
             f"{'' if r['status'] == 'ok' else '  ' + r['status']}")
 

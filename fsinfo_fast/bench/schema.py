@@ -26,8 +26,10 @@ Top level (``SCHEMA_VERSION = "fsinfo_fast.bench/1"``)::
 
 A result row's ``mode`` is ``"exact"`` (exact providers), ``"equal_accuracy"`` (randomized, at the
 probe count that reaches the target), ``"equal_probes"`` (randomized, at ``equal_probes``) or
-``"adaptive"`` (the library's own stopping rule). ``status`` is ``ok``, ``target_not_reached``,
-``skipped``, ``incorrect`` (failed the correctness gate; not timed) or ``error``. Times are in
+``"adaptive"`` (the library's own stopping rule). ``status`` is ``ok``, ``target_not_reached``
+(an ``equal_accuracy`` row whose probe grid ran out, or an ``adaptive`` row whose pooled error
+missed the target: timed, but no speed-ups and no claims), ``skipped``, ``incorrect`` (failed the
+correctness gate; not timed) or ``error``. Times are in
 seconds (``time_s`` holds median, quartiles, min, max, samples), memory in bytes, errors in the
 task's units (``accuracy.units``). ``speedup_vs[name] = t(name) / t(this row)``.
 """
