@@ -244,3 +244,48 @@ def test_a_correct_estimator_on_too_small_a_grid_is_target_not_reached_not_incor
     assert "probe grid is too small" in eq["reason"] and eq["num_probes"] == 2
     assert eq["info"]["gate"]["max_err"] <= eq["info"]["gate"]["bound"]
     assert eq["speedup_vs"] == {}
+
+
+# -- 5. the seconds-per-image claim ---------------------------------------------------------------
+def _tpi_cfg(max_reference_d: int = 100000) -> BenchConfig:
+    from fsinfo_fast.bench import SweepSpec
+
+    return BenchConfig(
+        sweep=SweepSpec(task="fsinfo_diag", encoder=EncoderSpec("vgg5", 2, 8),
+                        providers=["ours-torch"], sizes=[8], batches=[1], probes=[2],
+                        base_size=8, base_batch=1, base_probes=2,
+                        max_reference_d=max_reference_d),
+        claims=[ClaimSpec("ours s/img", "fsinfo_diag", model="vgg5", size=8, baseline=None,
+                          metric="time_per_image", max_value=1.0)])
+
+
+def _swept(k: int, median: float, err95: float | None, axis: str = "size") -> dict:
+    acc = None if err95 is None else {"err95": err95, "max_err": err95, "target": 0.01,
+                                      "meets_target": err95 <= 0.01}
+    return {"axis": axis, "task": "fsinfo_diag", "model": "vgg5", "split": 2, "stem": None,
+            "size": 8, "batch": 1, "num_probes": k, "d": 192, "m": 1024,
+            "provider": "ours-torch", "status": "ok", "reason": None,
+            "time_s": {"median": median, "q25": median, "q75": median},
+            "time_per_image_s": median, "peak_memory_bytes": None, "accuracy": acc}
+
+
+def test_a_seconds_per_image_claim_takes_only_sweep_rows_that_met_the_target():
+    from fsinfo_fast.bench.runner import _claims
+
+    cfg = _tpi_cfg()
+    # before: 'pass 0.0173 s' from a K = 2 row with 5x the target's error
+    (c,) = _claims(cfg, [], [_swept(2, 0.0173, 0.0543), _swept(2, 0.0173, 0.0543, "batch")])
+    assert c["status"] == "unmeasured" and c["value"] is None
+    assert c["reason"].count("err95 0.0543 > 0.01") == 1 and "cannot be evaluated" in c["reason"]
+    # a checked row at a K that met the target serves (not the faster row that missed it)
+    (c,) = _claims(cfg, [], [_swept(2, 0.0173, 0.0543), _swept(64, 0.03, 0.004)])
+    assert c["status"] == "pass" and c["value"] == pytest.approx(0.03)
+    assert c["case"].endswith("/K64")
+
+
+def test_a_seconds_per_image_claim_without_an_oracle_says_it_is_unchecked():
+    from fsinfo_fast.bench.runner import _claims
+
+    (c,) = _claims(_tpi_cfg(max_reference_d=100), [], [_swept(2, 0.0173, None)])
+    assert c["status"] == "unchecked" and c["value"] == pytest.approx(0.0173)
+    assert "max_reference_d = 100" in c["reason"] and "d = 192" in c["reason"]

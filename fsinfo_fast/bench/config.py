@@ -207,7 +207,10 @@ class ClaimSpec:
     them (``case`` in the results says which; ``cases`` lists every case's ratio).
     ``provider = "ours-best"`` takes the fastest (or smallest) available ``ours-*`` row. With
     ``metric = "time_per_image"`` no baseline is used: the value is the provider's median seconds
-    per image, checked against ``max_value`` (sweep rows are searched too). ``min_ratio`` /
+    per image, checked against ``max_value`` (sweep rows are searched too, but only those that
+    the oracle checked and that met the target at their fixed ``K``; where none did the claim is
+    ``unmeasured`` with the reason, and where the only rows are above the sweep's
+    ``max_reference_d`` (no oracle) it is ``unchecked``, with their value). ``min_ratio`` /
     ``max_value`` ``None`` means the number is reported, not checked.
     """
 

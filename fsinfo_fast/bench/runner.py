@@ -702,18 +702,46 @@ def _claims(cfg: BenchConfig, results: list[dict], sweep: list[dict]) -> list[di
                 "value": None, "status": "unmeasured", "reason": None}
         rows = [r for r in results if _matches(r, c)]
         if c.metric == "time_per_image":
-            srows = [dict(r, mode=c.mode) for r in sweep if _matches(r, c)]
+            # a sweep row runs at the sweep's fixed K: it serves only where the oracle checked it
+            # and it met the target there (it was relabelled equal_accuracy at any K and error)
+            swept = list({(r["size"], r["batch"], r.get("num_probes"), r["provider"]): r
+                          for r in sweep if _matches(r, c) and r.get("status") == "ok"}.values())
+            checked = [r for r in swept if (r.get("accuracy") or {}).get("meets_target")]
+            srows = [dict(r, mode="exact" if r.get("num_probes") is None else c.mode)
+                     for r in checked]
             best = _pick(rows + srows, c.provider, (c.mode, "exact"), "time")
+            unchecked = [dict(r, mode="exact" if r.get("num_probes") is None else c.mode)
+                         for r in swept if r.get("accuracy") is None]
+            missed = [r for r in swept if (r.get("accuracy") or {}).get("meets_target") is False
+                      and _pick([dict(r, mode=c.mode)], c.provider, (c.mode,), "time")]
+            status = None
+            if best is None and unchecked:
+                best = _pick(unchecked, c.provider, (c.mode, "exact"), "time")
+                if best is not None:
+                    status = "unchecked"
+                    max_d = (cfg.sweep.max_reference_d if cfg.sweep is not None else None)
+                    item["reason"] = (
+                        f"accuracy unchecked: d = {best['d']} is above the sweep's "
+                        f"max_reference_d = {max_d} (no oracle), so K = {best['num_probes']} "
+                        "is not known to reach the target")
             if best is None:
-                item["reason"] = "no measured row matches (needs the sweep size on this device)"
+                if missed:
+                    item["reason"] = (
+                        "cannot be evaluated: no row met the target at a checked K ("
+                        + "; ".join(f"sweep K = {r['num_probes']}: err95 "
+                                    f"{r['accuracy']['err95']:.3g} > {r['accuracy']['target']:g}"
+                                    for r in missed[:3]) + ")")
+                else:
+                    item["reason"] = ("no measured row matches (needs the sweep size on this "
+                                      "device)")
             else:
                 item["value"] = best["time_per_image_s"]
                 item["provider_row"] = best["provider"]
                 item["case"] = best.get("case") or (
                     f"sweep {best['task']}/{best['model']}@{best['size']}px/B{best['batch']}"
                     + ("" if best.get("num_probes") is None else f"/K{best['num_probes']}"))
-                item["status"] = ("reported" if c.max_value is None else
-                                  "pass" if item["value"] <= c.max_value else "fail")
+                item["status"] = status or ("reported" if c.max_value is None else
+                                            "pass" if item["value"] <= c.max_value else "fail")
             out.append(item)
             continue
         key = "memory" if c.metric == "memory" else "time"
