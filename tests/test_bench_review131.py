@@ -289,3 +289,23 @@ def test_a_seconds_per_image_claim_without_an_oracle_says_it_is_unchecked():
     (c,) = _claims(_tpi_cfg(max_reference_d=100), [], [_swept(2, 0.0173, None)])
     assert c["status"] == "unchecked" and c["value"] == pytest.approx(0.0173)
     assert "max_reference_d = 100" in c["reason"] and "d = 192" in c["reason"]
+
+
+# -- 7. the output check writes, not asks os.access ----------------------------------------------
+def test_an_unwritable_out_is_refused_before_the_run_even_where_os_access_says_yes(
+        tmp_path, monkeypatch, capsys):
+    import os
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)  # what root is told
+    cfg = _cfg_file(tmp_path)
+    # /proc takes no new folders, whoever asks
+    assert bench_main(["--config", cfg, "--out", "/proc/fsinfo-bench-check/", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "--out: cannot write" in err
+    assert "device cpu" not in err  # refused before the run, not after it
+    # a writable one: the folder is made, nothing is left in it
+    out = tmp_path / "a" / "b"
+    from fsinfo_fast.bench import _check_out
+
+    _check_out(out / "bench_t.json")
+    assert out.is_dir() and list(out.iterdir()) == []

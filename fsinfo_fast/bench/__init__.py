@@ -123,8 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_out(path: Path) -> None:
     """Raise where the results file cannot be written (a file in the way of its folder, a
-    folder in place of the file, no write permission): found after the whole run before."""
-    import os
+    folder in place of the file, no write permission): found after the whole run before. The
+    folder is made and a file written in it and removed (``os.access`` says yes to root on a
+    read-only file system); an existing results file is opened for appending, not truncated."""
+    import tempfile
 
     from ..cli import UsageError
 
@@ -135,8 +137,15 @@ def _check_out(path: Path) -> None:
         anc = anc.parent
     if not anc.is_dir():
         raise UsageError(f"--out: {anc} is a file, not a directory")
-    if not os.access(anc, os.W_OK):
-        raise UsageError(f"--out: cannot write into {anc}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".bench-write-check-"):
+            pass
+        if path.exists():
+            with open(path, "a"):
+                pass
+    except OSError as err:
+        raise UsageError(f"--out: cannot write {path}: {err.strerror or err}") from None
 
 
 def _check_not_overwritten(baseline: Path, paths: tuple[Path, ...], default_out: bool) -> None:
