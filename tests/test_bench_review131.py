@@ -309,3 +309,22 @@ def test_an_unwritable_out_is_refused_before_the_run_even_where_os_access_says_y
 
     _check_out(out / "bench_t.json")
     assert out.is_dir() and list(out.iterdir()) == []
+
+
+# -- 8. Ctrl-C during a run ----------------------------------------------------------------------
+def test_an_interrupted_run_says_so_writes_nothing_and_exits_130(tmp_path, monkeypatch, capsys):
+    import fsinfo_fast.bench.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_bench", interrupted)
+    out = tmp_path / "o"
+    try:
+        rc = bench_main(["--config", _cfg_file(tmp_path), "--out", str(out), "--no-plot"])
+    except KeyboardInterrupt:  # before: a raw traceback
+        rc = "raised"
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert "interrupted; nothing was written" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "bench_t.json").exists() and not (out / "bench_t.csv").exists()

@@ -16,7 +16,8 @@ A run writes ``bench_<name>.json`` (schema: :mod:`fsinfo_fast.bench.schema`), ``
 ``--no-plot``) are removed, so nothing of an earlier run is left beside the new results.
 Exit status: 0; 1 when a provider failed the correctness gate or raised (a row, sweep point or
 efficiency measurement with status ``error``), or (with ``--fail-if-regression``) something
-regressed (rows or passing claims the new results lost included); 2 for usage errors.
+regressed (rows or passing claims the new results lost included); 2 for usage errors; 130 when
+interrupted (Ctrl-C; nothing is written).
 
 Modules: :mod:`.config` (cases, presets), :mod:`.cases` (encoders, inputs, exact values),
 :mod:`.providers` and :mod:`.baseline` (what is compared), :mod:`.harness` (timing, memory,
@@ -282,8 +283,15 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_plot:
             require("matplotlib", "the benchmark plots (--no-plot skips them)")
 
-        doc = _run(cfg, cache_dir=args.ref_cache,
-                   command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        try:
+            doc = _run(cfg, cache_dir=args.ref_cache,
+                       command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+        except KeyboardInterrupt:
+            # (a traceback and silence before; the rows measured so far are not written: a
+            # partial results file would pass for a run of the whole config)
+            print("fsinfo-fast bench: interrupted; nothing was written (no results, CSV or "
+                  f"plots; {paths[0]} is as it was)", file=sys.stderr)
+            return 130
         problems = validate(doc)
         if problems:  # a bug in the runner, not the user's fault
             raise RuntimeError("results do not follow the schema: " + "; ".join(problems[:5]))

@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fsinfo-fast bench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("fsinfo-fast bench: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
