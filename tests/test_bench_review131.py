@@ -328,3 +328,26 @@ def test_an_interrupted_run_says_so_writes_nothing_and_exits_130(tmp_path, monke
     err = capsys.readouterr().err
     assert "interrupted; nothing was written" in err and len(err.strip().splitlines()) == 1
     assert not (out / "bench_t.json").exists() and not (out / "bench_t.csv").exists()
+
+
+# -- 9. a run without result rows (a craft run) --------------------------------------------------
+def test_a_run_without_result_rows_writes_no_empty_csv_or_blank_plot(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    stale = out / "bench_e.csv"
+    stale.write_text("from an earlier run\n")
+    cfg = _cfg_file(tmp_path, name="e", cases=[])
+    assert bench_main(["--config", cfg, "--out", str(out)]) == 0
+    # before: a header-only CSV and a blank speed-accuracy plot
+    assert sorted(p.name for p in out.iterdir()) == ["bench_e.json"]
+    capsys.readouterr()
+    assert bench_main(["--table", str(out / "bench_e.json")]) == 0
+    assert "No result rows" in capsys.readouterr().out
+
+
+def test_the_table_of_a_craft_run_shows_its_rows(capsys):
+    repo = Path(__file__).resolve().parents[1]
+    res = repo / "benchmarks" / "results" / "bench_craft_batch.json"
+    assert bench_main(["--table", str(res)]) == 0
+    text = capsys.readouterr().out
+    assert "**CRAFT**" in text and "| pool1 (16384) | batch-auto |" in text

@@ -12,8 +12,9 @@ Usage (also ``python -m fsinfo_fast.bench ...``)::
     fsinfo-fast bench --compare OLD.json --results NEW.json --fail-if-regression
 
 A run writes ``bench_<name>.json`` (schema: :mod:`fsinfo_fast.bench.schema`), ``.csv``,
-``_sweep.csv`` and the two plots; files of those names that the run does not produce (no sweep,
-``--no-plot``) are removed, so nothing of an earlier run is left beside the new results.
+``_sweep.csv`` and the two plots, each where it has something to show; files of those names that
+the run does not produce (no result rows, no sweep, ``--no-plot``) are removed, so nothing of an
+earlier run is left beside the new results.
 Exit status: 0; 1 when a provider failed the correctness gate or raised (a row, sweep point or
 efficiency measurement with status ``error``), or (with ``--fail-if-regression``) something
 regressed (rows or passing claims the new results lost included); 2 for usage errors; 130 when
@@ -166,8 +167,10 @@ def _check_not_overwritten(baseline: Path, paths: tuple[Path, ...], default_out:
 
 def _remove_stale(jpath: Path, spath: Path, produced: set[Path]) -> None:
     """Remove the outputs of an earlier run of the same name that this run did not write (a
-    sweep CSV or plot left beside a JSON without a sweep or plots would describe another run)."""
-    for p in (spath, jpath.with_name(f"{jpath.stem}_speed_accuracy.png"),
+    CSV or plot left beside a JSON without result rows, a sweep or plots would describe another
+    run)."""
+    for p in (jpath.with_suffix(".csv"), spath,
+              jpath.with_name(f"{jpath.stem}_speed_accuracy.png"),
               jpath.with_name(f"{jpath.stem}_scaling.png")):
         if p not in produced and p.is_file():
             p.unlink()
@@ -297,9 +300,9 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError("results do not follow the schema: " + "; ".join(problems[:5]))
         jpath, cpath, spath = output_paths(out_arg, cfg.name)
         write_json(doc, jpath)
-        write_csv(doc, cpath, spath)
-        print(f"wrote {jpath} and {cpath}")
-        produced = {jpath, cpath} | ({spath} if doc.get("sweep") else set())
+        written = write_csv(doc, cpath, spath)
+        print(f"wrote {jpath}" + "".join(f" and {p}" for p in written if p != spath))
+        produced = {jpath, *written}
         if not args.no_plot:
             from .plots import plot_all
 

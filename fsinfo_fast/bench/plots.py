@@ -44,13 +44,15 @@ def _colors(names: list[str]) -> dict[str, Any]:
     return {n: cmap(i % 10) for i, n in enumerate(sorted(set(names)))}
 
 
-def plot_speed_accuracy(doc: dict[str, Any], path: str | Path) -> Path:
-    """Time per image vs error, one panel per case."""
-    plt = _plt()
+def plot_speed_accuracy(doc: dict[str, Any], path: str | Path) -> Path | None:
+    """Time per image vs error, one panel per case (``None``, no file, without timed rows)."""
     cases: dict[str, list[dict[str, Any]]] = {}
     for r in doc["results"]:
         if r["status"] in ("ok", "target_not_reached") and r["time_per_image_s"]:
             cases.setdefault(r["case"], []).append(r)
+    if not cases:
+        return None
+    plt = _plt()
     n = max(1, len(cases))
     cols = min(2, n)
     rows_n = math.ceil(n / cols)
@@ -157,13 +159,12 @@ def plot_scaling(doc: dict[str, Any], path: str | Path) -> Path | None:
 
 
 def plot_all(doc: dict[str, Any], out_dir: str | Path, stem: str) -> list[Path]:
-    """Both figures into ``out_dir`` as ``<stem>_speed_accuracy.png`` and ``<stem>_scaling.png``."""
+    """Both figures into ``out_dir`` as ``<stem>_speed_accuracy.png`` and ``<stem>_scaling.png``
+    (each only where the results have something to draw)."""
     out = Path(out_dir)
-    paths = [plot_speed_accuracy(doc, out / f"{stem}_speed_accuracy.png")]
-    s = plot_scaling(doc, out / f"{stem}_scaling.png")
-    if s is not None:
-        paths.append(s)
-    return paths
+    paths = [plot_speed_accuracy(doc, out / f"{stem}_speed_accuracy.png"),
+             plot_scaling(doc, out / f"{stem}_scaling.png")]
+    return [p for p in paths if p is not None]
 
 
 def main(argv: list[str] | None = None) -> int:

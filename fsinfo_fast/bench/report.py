@@ -108,6 +108,8 @@ def markdown(doc: dict[str, Any]) -> str:
             lines += ["", "Skipped: " + "; ".join(f"{', '.join(names)} ({why})"
                                                  for why, names in skipped.items())]
         lines.append("")
+    if not doc["results"]:
+        lines += ["No result rows (no case was measured).", ""]
     if doc.get("claims"):
         lines += ["**Claims** (ratio = baseline / ours)", "",
                   "| claim | value | required | status |", "|---|---:|---:|---|"]
@@ -180,7 +182,35 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {e['encoder']} | {_t(e['linearize_cold_s'])} | "
                          f"{_t(e['linearize_cached_s'])} |")
         lines.append("")
+    lines += _craft_lines(doc.get("craft"))
     return "\n".join(lines)
+
+
+def _num(v: Any, fmt: str) -> str:
+    return "-" if not isinstance(v, (int, float)) else format(v, fmt)
+
+
+def _craft_lines(cr: dict[str, Any] | None) -> list[str]:
+    """The craft section's summary: one line per split and route (a run of only that section
+    printed a header alone)."""
+    if not cr or not cr.get("summary"):
+        return []
+    lines = [f"**CRAFT** ({cr.get('model')} at {cr.get('size')} px, {cr.get('images')} image(s), "
+             f"FSInfo_diag at atol {cr.get('atol')}, sigma {cr.get('sigma')}; products per "
+             "sample)", "",
+             "| split (m) | route | estimator | s/sample | products | max abs error | covers | "
+             "status |", "|---|---|---|---:|---:|---:|---|---|"]
+    for ln in cr["summary"]:
+        products = ln.get("passes", ln.get("products_per_sample"))
+        covers = {True: "yes", False: "NO", None: "-"}.get(ln.get("covers"), "-")
+        status = str(ln.get("status")) + (f" ({ln['reason']})" if ln.get("reason") else "")
+        lines.append(f"| {ln.get('layer')} ({ln.get('m')}) | {ln.get('route')} | "
+                     f"{str(ln.get('estimator', '-')).replace('|', '/')} | "
+                     f"{_num(ln.get('seconds_per_sample'), '.3g')} | {_num(products, '.4g')} | "
+                     f"{_num(ln.get('max_abs_err'), '.2g')} | {covers} | "
+                     f"{status.replace('|', '/')} |")
+    lines.append("")
+    return lines
 
 
 # -- regression comparison -----------------------------------------------------------------------

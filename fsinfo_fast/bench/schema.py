@@ -207,19 +207,26 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def write_csv(doc: dict[str, Any], path: str | Path, sweep_path: str | Path | None = None) -> None:
-    """One CSV row per result row (and, if asked, one per sweep row)."""
-    with open(path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for row in doc["results"]:
-            w.writerow(_flat(row))
+def write_csv(doc: dict[str, Any], path: str | Path,
+              sweep_path: str | Path | None = None) -> list[Path]:
+    """One CSV row per result row (and, if asked, one per sweep row); returns the files written.
+    A part without rows writes no file (a run of only a craft section wrote a header alone)."""
+    written: list[Path] = []
+    if doc["results"]:
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=_CSV_COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for row in doc["results"]:
+                w.writerow(_flat(row))
+        written.append(Path(path))
     if sweep_path is not None and doc.get("sweep"):
         with open(sweep_path, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=_SWEEP_COLUMNS, extrasaction="ignore")
             w.writeheader()
             for row in doc["sweep"]:
                 w.writerow(_flat(row) | {"axis": row.get("axis")})
+        written.append(Path(sweep_path))
+    return written
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
