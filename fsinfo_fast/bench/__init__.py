@@ -158,7 +158,8 @@ def _check_not_overwritten(baseline: Path, paths: tuple[Path, ...], default_out:
     target = baseline.resolve()
     for p in paths:
         if p.resolve() == target:
-            where = f"the default --out {_DEFAULT_OUT}" if default_out else f"--out {p}"
+            where = (f"the default --out {_DEFAULT_OUT}" if default_out else "--out") + (
+                f" writes {p}")
             raise UsageError(
                 f"--compare {baseline}: this run writes its results to that file ({where}) and "
                 "would overwrite the baseline before comparing; give another --out (e.g. --out "
