@@ -351,3 +351,35 @@ def test_the_table_of_a_craft_run_shows_its_rows(capsys):
     assert bench_main(["--table", str(res)]) == 0
     text = capsys.readouterr().out
     assert "**CRAFT**" in text and "| pool1 (16384) | batch-auto |" in text
+
+
+class OffsetAdaptive(Ours):
+    """Ours, whose adaptive answer is the exact value plus ``delta`` (no noise)."""
+
+    def __init__(self, delta: float) -> None:
+        super().__init__("torch")
+        self.name, self.delta = "ours-offset", delta
+
+    def run(self, case, num_probes=None, seed=0, adaptive=False):
+        out = super().run(case, num_probes, seed, adaptive=adaptive)
+        if adaptive:
+            out.value = case.exact.to(out.value) + self.delta
+        return out
+
+
+@pytest.mark.parametrize("err95_over_target, missed", [(1.2, False), (2.0, True)])
+def test_an_adaptive_row_misses_only_where_its_pooled_errors_reject_the_target(
+        err95_over_target, missed):
+    """An adaptive rule stops where its half-width meets the target, so its err95 sits at the
+    target by design; from 2 pooled errors (2 seeds, batch 1) a row at 1.2 x the target is within
+    the sampling spread of an RMS (chi2_2(0.95) / 2 = 3.0: up to 1.73 x), one at 2 x is not."""
+    cfg = BenchConfig(
+        name="adaptive", cases=[CaseSpec("fsinfo_diag", EncoderSpec("tiny-cnn", 0, 8), batch=1,
+                                         probe_grid=[4, 16, 64, 256])],
+        **FAST, calib_seeds=2, equal_probes=4, ours_backends=["torch"])
+    p = OffsetAdaptive(err95_over_target * 0.01 / 1.959963984540054)
+    doc = run_bench(cfg, providers=[ExactBest(), p], log=lambda m: None)
+    (ad,) = [r for r in doc["results"] if r["provider"] == "ours-offset"
+             and r["mode"] == "adaptive"]
+    assert ad["accuracy"]["meets_target"] is False
+    assert (ad["status"] == "target_not_reached") is missed, ad.get("reason")
