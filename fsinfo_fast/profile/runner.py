@@ -670,6 +670,34 @@ def _claim(cfg: ProfileConfig, run_dir: RunDir, settings: dict[str, Any],
     raise RunDirError(f"no free output directory next to {run_dir.path}; pass --out")
 
 
+def _resume_refusal(diffs: list[str], stored: dict, settings: dict, cfg: ProfileConfig,
+                    path: Path) -> str:
+    """Why ``--resume`` refuses ``path``: the settings in ``diffs`` differ from the stored ones;
+    where only the model's digest of its structure or of its weights differs, the cause."""
+    def only(key: str) -> bool:
+        return diffs == settings_diff(stored, settings, (key,))
+
+    if only("model_structure_sha256"):
+        return (f"--resume: the model passed now computes another function than the one {path} "
+                "was made with, with the same weights and options (its modules, their settings "
+                "such as an activation or a LayerNorm's eps, or its transformers config differ: "
+                "model_structure_sha256); its numbers would be mixed with the stored ones: pass "
+                "the same model, or choose a new --out")
+    if only("model_sha256") and isinstance(cfg.model, nn.Module):
+        return (f"--resume: the model's weights differ from those {path} was made with "
+                f"({diffs[0]}), with the same options: the {model_label(cfg.model)} model passed "
+                "now is not the one the run measured (its weights were changed or it was built "
+                "again with other random weights); pass the same weights, or choose a new --out")
+    if only("model_sha256"):
+        return (f"--resume: the model's weights differ from those {path} was made with "
+                f"({diffs[0]}), with the same options: --model {model_label(cfg.model)} builds "
+                "other weights at each call (an unseeded random initialisation, e.g. a "
+                "transformers model from a config); seed the builder (torch.manual_seed) or pass "
+                "--checkpoint")
+    return (f"--resume: {path} was made with different settings ({'; '.join(diffs)}); rerun "
+            "with the same options or choose a new --out")
+
+
 def _prepare_root(cfg: ProfileConfig, dist: DistContext,
                   locks: list[RunLock]) -> tuple[_Prepared, Dataset, dict]:
     """Rank 0's set-up: check or claim the run directory, holding its run lock (appended to
@@ -694,9 +722,7 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
             ("checkpoint", _resolved)) if k in early}}
         diffs = settings_diff(stored, early, early)
         if diffs:
-            raise ResumeError(
-                f"--resume: {run_dir.path} was made with different settings ({'; '.join(diffs)}); "
-                "rerun with the same options or choose a new --out")
+            raise ResumeError(_resume_refusal(diffs, stored, early, cfg, run_dir.path))
     model, data, recipe, ckpt_sha = _load_model_and_data(
         cfg, run_dir, cfg.resume, progress=cfg.progress)
     if data.x.shape[0] == 0:
@@ -715,33 +741,8 @@ def _prepare_root(cfg: ProfileConfig, dist: DistContext,
         # (a run stored before the architecture's digest was kept: its weights' alone)
         diffs = settings_diff(stored, settings, [k for k in MATCH_KEYS if k in stored
                                                  or k != "model_structure_sha256"])
-        if diffs == settings_diff(stored, settings, ("model_structure_sha256",)) and diffs:
-            raise ResumeError(
-                f"--resume: the model passed now computes another function than the one "
-                f"{run_dir.path} was made with, with the same weights and options (its modules, "
-                "their settings such as an activation or a LayerNorm's eps, or its transformers "
-                "config differ: model_structure_sha256); its numbers would be mixed with the "
-                "stored ones: pass the same model, or choose a new --out")
-        if diffs == settings_diff(stored, settings, ("model_sha256",)) and diffs and (
-                isinstance(cfg.model, nn.Module)):
-            raise ResumeError(
-                f"--resume: the model's weights differ from those {run_dir.path} was made with "
-                f"({diffs[0]}), with the same options: the {model_label(cfg.model)} model "
-                "passed now is not the one the run measured (its weights were changed or it was "
-                "built again with other random weights); pass the same weights, or choose a "
-                "new --out")
-        if diffs == settings_diff(stored, settings, ("model_sha256",)) and diffs:
-            raise ResumeError(
-                f"--resume: the model's weights differ from those {run_dir.path} was made with "
-                f"({diffs[0]}), with the same options: --model {model_label(cfg.model)} builds "
-                "other weights "
-                "at each call (an unseeded random initialisation, e.g. a transformers model from "
-                "a config); seed the builder (torch.manual_seed) or pass --checkpoint")
         if diffs:
-            raise ResumeError(
-                f"--resume: {run_dir.path} was made with different settings ({'; '.join(diffs)}); "
-                "rerun with the same options or choose a new --out"
-            )
+            raise ResumeError(_resume_refusal(diffs, stored, settings, cfg, run_dir.path))
         settings = {**stored, **{k: settings[k] for k in ("batch_size", "device", "world_size",
                                                           "backend", "plot")}}
     else:
