@@ -62,10 +62,10 @@ info: venv
 	$(VENV)/bin/fsinfo-fast info
 
 lint: venv
-	$(VENV)/bin/ruff check fsinfo_fast tests benchmarks
+	$(VENV)/bin/ruff check fsinfo_fast tests benchmarks examples
 
 format: venv
-	$(VENV)/bin/ruff format fsinfo_fast tests benchmarks
+	$(VENV)/bin/ruff format fsinfo_fast tests benchmarks examples
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .ruff_cache
