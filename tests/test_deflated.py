@@ -203,11 +203,19 @@ def test_input_errors():
 # --- statistics over TOL.seeds independent samples ------------------------------------------
 
 
-def _check(value, halfwidth, exact, what):
+#: A fixed probe count's interval is the trace's same-sample one (hutchinson.TraceHalfwidth,
+#: calibrated for the most skewed per-probe law, a remainder of one direction): it over-covers
+#: less skewed remainders by design, so its top is TOL.same_sample_coverage_high (the lower
+#: end stays the band's). The near-floor case covered 0.931, 0.932, 0.911 (seeds 13, 1, 2)
+#: with the plain log-scale interval, 0.971, 0.961, 0.949 with it.
+FIXED_BAND = (BAND[0], TOL.same_sample_coverage_high)
+
+
+def _check(value, halfwidth, exact, what, band=BAND):
     z = unbiasedness_z(value, exact)
     cov = coverage(value, halfwidth, exact)
     assert abs(z) < TOL.z_unbiased, f"{what}: mean is {z:.2f} standard errors off"
-    assert BAND[0] <= cov <= BAND[1], f"{what}: coverage {cov:.3f} outside {BAND}"
+    assert band[0] <= cov <= band[1], f"{what}: coverage {cov:.3f} outside {band}"
     return z, cov
 
 
@@ -217,12 +225,12 @@ def test_unbiased_and_covers_fixed_rank(name):
     r = estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, floor=0.0, rank=3, num_probes=6,
                                seed=11)
     _check(r.fsinfo_diag.value, r.fsinfo_diag.ci_halfwidth, exact_fsinfo_diag(J[:1], SIGMA, 0.0),
-           f"deflated FSInfo_diag on {name} (r=3, K=6)")
+           f"deflated FSInfo_diag on {name} (r=3, K=6)", FIXED_BAND)
     # dFIL: Hutchinson on the remainder plus the exact part (K = 30 for a nominal t-interval)
     r = estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, floor=0.0, rank=3, num_probes=30,
                                seed=12)
     _check(r.dfil.value, r.dfil.ci_halfwidth, exact_trace(J[:1], SIGMA),
-           f"deflated dFIL on {name} (r=3, K=30)")
+           f"deflated dFIL on {name} (r=3, K=30)", FIXED_BAND)
 
 
 def test_unbiased_and_covers_near_the_floor():
@@ -230,7 +238,7 @@ def test_unbiased_and_covers_near_the_floor():
     r = estimate_diag_deflated(DenseProducts(J), sigma=SIGMA, rank=3, num_probes=6,
                                seed=13).fsinfo_diag
     _check(r.value, r.ci_halfwidth, exact_fsinfo_diag(J[:1], SIGMA, 1e-10),
-           "deflated FSInfo_diag at the floor (r=3, K=6)")
+           "deflated FSInfo_diag at the floor (r=3, K=6)", FIXED_BAND)
     assert (r.bias_bound > 0).all()
 
 

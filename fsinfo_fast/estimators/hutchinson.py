@@ -66,6 +66,7 @@ __all__ = [
     "skew_calibration",
     "skewed_t_quantile",
     "TraceHalfwidth",
+    "residual_halfwidth",
     "SIDES",
     "dominant_columns",
 ]
@@ -295,21 +296,60 @@ class TraceHalfwidth:
     it replaces the log-scale interval there, which undercovered that law at every ``K`` and
     was calibrated on moderate spectra at ``K = 50`` only). ``skew=None``: the constant
     :func:`skewed_t_quantile`.
+
+    ``mc_share`` (``[B]`` in ``[0, 1]``, ``None``: 1): the Monte Carlo share of the standard
+    error of a total ``exact part + residual mean`` (Hutch++, the deflated trace; ``value`` is
+    then the residual mean, whose skew it is), the rest being a rounding allowance
+    (:func:`with_rounding`): both half-widths above apply to the Monte Carlo share, a
+    t-interval to the rounding share, in quadrature (:func:`residual_halfwidth`).
+
+    ``linear`` (``[B]`` in ``[0, 1]``, ``None``: 1): for a value that is a concave function
+    of the probe mean rather than the mean itself (the deflated FSInfo_diag's remainder share,
+    a mean of ``log(a_k + R_k)``): how linear it is there (1: a trace; 0: a logarithm of the
+    mean, which is left-skewed and whose jackknife t-interval covers, see
+    :func:`~.diagonal.fsinfo_diag_summary`). The same-sample multiplier is then ``t + linear
+    (m - t)``, and never below the log-scale interval.
     """
 
     def __init__(self, value: Tensor, confidence: float, weight: float,
-                 skew: Tensor | None = None) -> None:
+                 skew: Tensor | None = None, mc_share: Tensor | None = None,
+                 linear: Tensor | None = None) -> None:
         self.value, self.confidence, self.weight, self.skew = value, confidence, weight, skew
+        self.mc_share, self.linear = mc_share, linear
 
-    def __call__(self, se: Tensor, dof: int) -> Tensor:
+    def _log_t(self, se: Tensor, dof: int) -> Tensor:
         return log_t_halfwidth(self.value, se, dof, self.confidence, self.weight)
 
-    def same_sample(self, se: Tensor, dof: int) -> Tensor:
+    def _same(self, se: Tensor, dof: int) -> Tensor:
         if self.skew is None:
             m = torch.full_like(se, skewed_t_quantile(dof, self.confidence))
         else:
             m = same_sample_multiplier(self.skew, dof, self.confidence)
+        if self.linear is not None:
+            from .base import t_quantile
+
+            t = t_quantile(dof, self.confidence)
+            m = t + self.linear.clamp(0, 1) * (m - t)
+            m = torch.where(se == 0, torch.zeros_like(se), m * se)
+            return torch.maximum(m, self._log_t(se, dof))
         return torch.where(se == 0, torch.zeros_like(se), m * se)
+
+    def _plus_rounding(self, se: Tensor, dof: int, mc_fn) -> Tensor:
+        if self.mc_share is None:
+            return mc_fn(se, dof)
+        from .base import t_quantile
+
+        rnd_share = (1.0 - self.mc_share**2).clamp_min(0).sqrt()
+        mc = mc_fn(se * self.mc_share, dof)
+        rnd = t_quantile(dof, self.confidence) * se * rnd_share
+        rnd = torch.where(rnd_share == 0, torch.zeros_like(rnd), rnd)  # inf * 0 at dof < 1
+        return torch.sqrt(mc**2 + rnd**2)
+
+    def __call__(self, se: Tensor, dof: int) -> Tensor:
+        return self._plus_rounding(se, dof, self._log_t)
+
+    def same_sample(self, se: Tensor, dof: int) -> Tensor:
+        return self._plus_rounding(se, dof, self._same)
 
 
 def skew_weight(kind: str) -> float:
@@ -339,27 +379,23 @@ def within_rounding(se: Tensor, value: Tensor, n: int, dtype: torch.dtype) -> Te
 
 
 def residual_halfwidth(res: Tensor, se_mc: Tensor, se: Tensor, confidence: float,
-                       weight: float = 1.0):
-    """The ``hw_fn(se_, dof_)`` of a total ``exact part + residual mean`` (Hutch++, the
-    deflated trace) whose standard error ``se`` is the residual's Monte Carlo one ``se_mc``
-    with the total's rounding allowance (:func:`with_rounding`) in quadrature: the Monte
-    Carlo share gets the log-scale interval at the residual ``res`` (:func:`log_t_halfwidth`,
-    its skew), the rounding share a t-interval, again in quadrature. (The log-scale interval
-    of the whole ``se`` at ``res`` was infinite where the exact part holds all of ``J``:
-    ``res ~ 0``, ``expm1(t se / res)`` overflowing.)"""
-    from .base import t_quantile
-
+                       weight: float = 1.0, skew: Tensor | None = None) -> TraceHalfwidth:
+    """The ``hw_fn`` of a total ``exact part + residual mean`` (Hutch++, the deflated trace)
+    whose standard error ``se`` is the residual's Monte Carlo one ``se_mc`` with the total's
+    rounding allowance (:func:`with_rounding`) in quadrature: a :class:`TraceHalfwidth` at the
+    residual ``res`` (the skewed part) with ``skew`` the sample skewness of the residual's
+    per-probe values (:func:`sample_skewness`), applied to the Monte Carlo share of ``se``; the
+    rounding share gets a t-interval, in quadrature. So the plain and the residual routes share
+    one interval: the log-scale one after a pilot, the skewness-calibrated one where the mean
+    and the spread come from the same probes. (That second half-width was missing here: the
+    log-scale interval alone covered 0.92-0.93 at fixed ``K = 4..12`` where the remainder left
+    by a deflation sketch was nearly rank one, helper 137. The log-scale interval of the whole
+    ``se`` at ``res`` was infinite where the exact part holds all of ``J``: ``res ~ 0``,
+    ``expm1(t se / res)`` overflowing.)"""
     pos = se > 0
     mc_share = torch.where(pos, se_mc / torch.where(pos, se, torch.ones_like(se)),
                            torch.ones_like(se)).clamp(0, 1)
-    rnd_share = (1.0 - mc_share**2).clamp_min(0).sqrt()
-
-    def hw_fn(se_: Tensor, dof_: int) -> Tensor:
-        mc = log_t_halfwidth(res, se_ * mc_share, dof_, confidence, weight)
-        rnd = t_quantile(dof_, confidence) * se_ * rnd_share
-        return torch.sqrt(mc**2 + rnd**2)
-
-    return hw_fn
+    return TraceHalfwidth(res, confidence, weight, skew, mc_share)
 
 
 #: :func:`dominant_columns`: at most this many columns per sample, holding at least this share

@@ -43,6 +43,7 @@ from .hutchinson import (
     _check_side_kind,
     mean_and_stderr,
     residual_halfwidth,
+    sample_skewness,
     skew_weight,
     trace_scale,
     with_rounding,
@@ -167,7 +168,7 @@ def hutchpp_trace(
         se = with_rounding(se_mc, total, n, dt)
         # the skew is the residual mean's: its log-scale interval, shifted by the exact sketch
         hw_fn = residual_halfwidth(mean * scale, se_mc * scale, se * scale, confidence,
-                                   skew_weight(kind))
+                                   skew_weight(kind), sample_skewness(t[:, lo:]))
 
         return {"value": (total * scale, se * scale, k_res - 1, torch.zeros_like(total), hw_fn)}
 
@@ -190,6 +191,7 @@ def hutchpp_trace(
             "sketch_size": k,
             "seed": seed,
             "se_method": "conditional on the sketch: residual sample std / sqrt(K)",
-            "interval": "log-scale t of the residual mean (upper side, symmetric)",
+            "interval": ("log-scale t of the residual mean (upper side, symmetric) after a "
+                         "pilot; skewness-calibrated multiplier at a fixed count"),
         },
     )
