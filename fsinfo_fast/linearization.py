@@ -3023,7 +3023,8 @@ class Linearization:
                 START_RANK, max(1, min(self.m, self.d) // 2))
             st = self._deflated_state()
             call = dict(sigma=s, floor=floor, seed=self.seed, sample_ids=self.sample_ids,
-                        rank=rank, stop=stop, stop_on=stop_on)
+                        rank=rank, stop=stop, stop_on=stop_on,
+                        fsinfo_rounding=False)  # (rounding_allowance is added to the result)
             try:
                 hit = estimate_diag_deflated(self.products, state=st, **call)
             except SnapshotDroppedError as err:

@@ -771,6 +771,7 @@ def estimate_diag_deflated(
     exact_diagonal: bool = True,
     sketch: DeflationSketch | None = None,
     state: DeflatedProbeState | None = None,
+    fsinfo_rounding: bool = True,
     **rule: Unpack[StopKeywords],
 ) -> DiagEstimate:
     r"""FSInfo_diag and dFIL per sample with the dominant subspace of ``J`` deflated.
@@ -823,6 +824,16 @@ def estimate_diag_deflated(
             added to it. Each sample's result equals that of a fresh call with the same
             arguments and sketch. Raises :class:`~.diagonal.SnapshotDroppedError` where a
             boundary it went past was not kept (recompute with a fresh state).
+        fsinfo_rounding: count the products' rounding in the FSInfo_diag interval, as the
+            dFIL side does (:func:`~.hutchinson.with_rounding`): ``sqrt(n) eps / 2`` nats/dim
+            (``n = max(m, d)``, ``eps`` of the products' dtype: every ``D_k`` within ``sqrt(n)
+            eps`` relative) in quadrature with the standard error, its share of the interval
+            a t-interval. It matters where the sketch holds all of ``J`` (the remainder is
+            rounding only): float32, rank-3 ``J``, rank-4 sketch, half-widths of 5e-12 around
+            errors of 4e-8 without it (helper 137). ``False`` for a caller that adds its own
+            allowance (:class:`~fsinfo_fast.Linearization` adds
+            :func:`~fsinfo_fast.linearization.rounding_allowance` to every randomized
+            estimate).
 
     Returns:
         :class:`~.diagonal.DiagEstimate`; ``passes`` counts the products per sample computed
@@ -861,6 +872,8 @@ def estimate_diag_deflated(
 
     # the value with a zero remainder: the exactly known lower end of the estimate
     known = _known_value(E, sigma_t, floor)
+    # FSInfo_diag's rounding standard error: every D_k within sqrt(n) eps relative, nats/dim
+    fs_rounding = 0.5 * max(products.m, d) ** 0.5 * torch.finfo(products.dtype).eps
 
     def summarize(lo: int, rows: Tensor | None = None, names: Container[str] | None = None):
         st, idx = run.stats(lo, rows)
@@ -885,8 +898,14 @@ def estimate_diag_deflated(
             share = fs.value - sub(known)
             sh = full(torch.where(torch.isfinite(share), share, torch.zeros_like(share)))
             skew, linear = _influence_skew(st, sub(E), sub(sigma_t), floor)
-            fs_hw = TraceHalfwidth(sh, confidence, 1.0, full(skew), linear=full(linear))
-            out["fsinfo_diag"] = (full(fs.value), full(fs.stderr), fs.dof, full(fs.bias_bound),
+            fs_se, fs_share = fs.stderr, None
+            if fsinfo_rounding:  # E's and the remainder's rounding (the dFIL side's allowance)
+                fs_se = torch.sqrt(fs.stderr**2 + fs_rounding**2)
+                fs_share = full(torch.where(fs_se > 0, fs.stderr / fs_se.clamp_min(1e-300),
+                                            torch.ones_like(fs_se)).clamp(0, 1))
+            fs_hw = TraceHalfwidth(sh, confidence, 1.0, full(skew), mc_share=fs_share,
+                                   linear=full(linear))
+            out["fsinfo_diag"] = (full(fs.value), full(fs_se), fs.dof, full(fs.bias_bound),
                                   fs_hw)
         if names is None or "dfil" in names:
             mean, se_mc = mean_and_stderr(st.norms)
