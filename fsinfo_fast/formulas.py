@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from .errors import InvalidInputError
+from .errors import InvalidInputError, check_int
 
 #: ``(1/2) log(2 pi e)``: the per-dimension entropy of a unit Gaussian, in nats.
 HALF_LOG_2PIE: float = 0.5 * math.log(2.0 * math.pi * math.e)
@@ -121,18 +121,47 @@ def fsinfo_from_spectrum(
     """
     mu = _check_spectrum(mu)
     b, n = mu.shape
-    if n > d:
-        raise ValueError(f"spectrum has {n} entries but d = {d}")
+    d, c = _check_d_c(d, c, n)
     s = as_sigma(sigma, b, mu.device)
     # sigma enters squared: a negative one read as |sigma|, NaN gave NaN
     if not bool((s >= 0).all()):
         raise InvalidInputError(f"sigma must be >= 0 (the noise's standard deviation), got "
                                 f"{sigma!r}")
-    s2 = s**2
-    total = torch.log(mu / s2[:, None] + c).sum(dim=1)
+    return _fsinfo_at_log_sigma(mu, d, torch.log(s), c)
+
+
+def _check_d_c(d: int, c: float, n: int) -> tuple[int, float]:
+    """``d`` (an int ``>= max(n, 1)``) and ``c`` (a finite float ``>= 0``), checked."""
+    import numbers
+
+    d = check_int(d, "d", lo=1)
+    if n > d:
+        raise InvalidInputError(f"spectrum has {n} entries but d = {d}")
+    if isinstance(c, Tensor) and c.numel() == 1:
+        c = c.item()
+    if isinstance(c, bool) or not isinstance(c, numbers.Real) or not math.isfinite(float(c)) \
+            or c < 0:
+        raise InvalidInputError(
+            f"c (the constant inside the logarithm: prior precision or floor) must be a finite "
+            f"number >= 0, got {c!r}")
+    return d, float(c)
+
+
+def _fsinfo_at_log_sigma(mu: Tensor, d: int, log_s: Tensor, c: float) -> Tensor:
+    """:func:`fsinfo_from_spectrum` at ``log(sigma)`` (``[B]``, ``-inf`` allowed): each term
+    ``log(mu_k / sigma^2 + c)`` as ``log mu_k - 2 log sigma`` (``c = 0``) or its ``logaddexp``
+    with ``log c``, finite wherever the value is (``sigma^2`` overflowed at ``1e155``, underflowed
+    at ``1e-160``); a zero entry is ``log c`` at every sigma (also ``sigma = 0``, its limit), and
+    a ``-inf`` term (``c = 0``) makes the value ``-inf`` (as at every ``sigma > 0``)."""
+    n = mu.shape[1]
+    x = torch.log(mu) - 2.0 * log_s[:, None]
+    x = torch.where(mu == 0, torch.full_like(x, -math.inf), x)  # 0 / sigma^2 = 0
+    term = x if c == 0 else torch.logaddexp(x, torch.full_like(x, math.log(c)))
+    total = term.sum(dim=1)
     if n < d:
-        extra = (d - n) * (math.log(c) if c > 0 else -math.inf)
-        total = total + extra
+        total = total + (d - n) * (math.log(c) if c > 0 else -math.inf)
+    neg = (term == -math.inf).any(dim=1) | (n < d and c == 0)
+    total = torch.where(neg, torch.full_like(total, -math.inf), total)
     return total / (2.0 * d) - HALF_LOG_2PIE
 
 
@@ -168,6 +197,7 @@ def sigma_for_target(
     """
     mu = _check_spectrum(mu)
     b = mu.shape[0]
+    d, c = _check_d_c(d, c, mu.shape[1])
     tau = as_sigma(target, b, mu.device)
     if bool(torch.isnan(tau).any()):
         # NaN compares false everywhere: the bracket search returned its start, a finite sigma
@@ -181,9 +211,12 @@ def sigma_for_target(
     out = torch.empty(b, dtype=torch.float64, device=mu.device)
     unreachable = tau <= floor_value
     out[unreachable] = math.inf
+    # target +inf: only sigma = 0 gives it (the closed form's answer for c = 0; the search
+    # stopped at some 1e-211)
+    out[tau == math.inf] = 0.0
     # a zero spectrum (the output does not depend on the input): FSInfo is the asymptote at
     # every sigma, already below the target: no noise needed (the search ran to exp(-400))
-    silent = (mu == 0).all(dim=1) & ~unreachable
+    silent = ((mu == 0).all(dim=1) | (tau == math.inf)) & ~unreachable
     out[silent] = 0.0
     idx = (~unreachable & ~silent).nonzero().flatten()
     if idx.numel() == 0:
@@ -191,7 +224,7 @@ def sigma_for_target(
     m, t = mu[idx], tau[idx]
 
     def g(log_s: Tensor) -> Tensor:
-        return fsinfo_from_spectrum(m, d, torch.exp(log_s), c) - t
+        return _fsinfo_at_log_sigma(m, d, log_s, c) - t
 
     # bracket: start at the closed-form guess (finite fallback 0), widen until the sign changes
     guess = torch.log(closed[idx])
