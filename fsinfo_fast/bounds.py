@@ -112,6 +112,9 @@ def dfil_bound(dfil: MetricResult | Aggregate | Tensor | float) -> Bound:
     if isinstance(dfil, (MetricResult, Aggregate)) and dfil.metric not in (None, "dfil"):
         raise ValueError(f"dfil_bound needs a dFIL result, got {dfil.metric}")
     v, lo, hi = _metric_and_interval(dfil, "dfil_bound")
+    # -0.0 + 0.0 = +0.0: a signed zero is a zero dFIL, whose bound is +inf (1 / -0.0 = -inf
+    # was a -inf "proven" bound that worst() picked)
+    v, lo, hi = v + 0.0, lo + 0.0, hi + 0.0
     if bool((v < 0).any()):
         # tr(J^T J) / (sigma^2 d) >= 0: a negative value is no dFIL, and 1/v no bound
         raise InvalidInputError(

@@ -4,6 +4,8 @@ sigma N(0, I)`` (helper 124: it was labelled a surrogate, "not a theorem")."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -49,3 +51,13 @@ def test_fsinfo_bounds_sit_below_the_cramer_rao_bound(m, d, cond):
     mse = (xh - x[:1]).square().mean().item()
     assert mse == pytest.approx(crb, rel=0.05)
     assert max(float(b.value[0]) for b in bounds) <= mse * 1.05
+
+
+def test_dfil_bound_signed_zero_is_a_zero():
+    """-0.0 is a zero dFIL: bound +inf, never a -inf "proven" bound that worst() picks
+    (helper 137)."""
+    from fsinfo_fast.bounds import dfil_bound
+
+    b = dfil_bound(torch.tensor([-0.0, 2.0], dtype=torch.float64))
+    assert b.value.tolist() == [math.inf, 0.5] and b.low.tolist() == [math.inf, 0.5]
+    assert b.worst() == (1, 0.5)
