@@ -72,8 +72,11 @@ def train_briefly(
         InvalidInputError: mismatched lengths, empty data, bad hyper-parameters, a model or data
             on the meta device, a batch-norm model with ``N == 1`` or ``batch_size == 1``, or
             labels outside ``0..num_classes - 1`` (checked at the first mini-batch, whose logits
-            give ``num_classes``).
-        InvalidInputTypeError: ``x`` not floating point, ``y`` not integer, ``epochs``,
+            give ``num_classes``), a seed outside ``[-2**63, 2**64 - 1]``, ``lr`` or
+            ``weight_decay`` beyond the parameters' dtype, non-finite ``x``, or a loss that
+            becomes non-finite (raised before that step).
+        InvalidInputTypeError: ``x`` of another dtype than the model's parameters, ``x`` not
+            floating point, ``y`` not integer, ``epochs``,
             ``batch_size`` or ``seed`` not integers, ``lr`` / ``weight_decay`` not real numbers,
             or the model's output neither logits nor an output with ``logits``.
     """
@@ -85,7 +88,7 @@ def train_briefly(
         raise InvalidInputError(f"x and y need the same, non-zero length; got {len(x)}, {len(y)}")
     epochs = _integer(epochs, "epochs")
     batch_size = _integer(batch_size, "batch_size")
-    seed = _integer(seed, "seed")
+    seed = _seed(seed)
     lr = _real(lr, "lr")
     weight_decay = _real(weight_decay, "weight_decay")
     if epochs < 0 or batch_size < 1 or not lr > 0 or not weight_decay >= 0:
@@ -101,6 +104,21 @@ def train_briefly(
         device = next(model.parameters()).device
     except StopIteration:
         raise InvalidInputError("model has no parameters to train") from None
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    if floats and x.dtype not in floats:
+        raise InvalidInputTypeError(
+            f"train_briefly: x is {x.dtype} but the model's parameters are {floats[0]}; convert "
+            f"one to the other (x.to({floats[0]}) or model.to({x.dtype}))")
+    for dt in set(floats):  # Adam keeps lr and weight_decay in the parameters' dtype
+        big = torch.finfo(dt).max
+        if lr > big or weight_decay > big:
+            raise InvalidInputError(
+                f"train_briefly: lr={lr} and weight_decay={weight_decay} must be at most the "
+                f"largest {dt} ({big:.4g}), the parameters' dtype")
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidInputError(
+            f"train_briefly: x holds {int((~torch.isfinite(x)).sum())} non-finite value(s) "
+            "(NaN or inf); training on them makes every weight NaN")
     if _has_batch_norm(model) and (len(x) == 1 or batch_size == 1):
         # torch refuses batch statistics of one value per channel; refused before any update
         raise InvalidInputError(
@@ -143,6 +161,21 @@ def _integer(value: object, name: str) -> int:
         raise InvalidInputTypeError(
             f"train_briefly: {name} must be an integer, got {value!r} ({type(value).__name__})"
         )
+    return int(value)
+
+
+#: The seeds a ``torch.Generator`` accepts.
+_SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _seed(value: object, who: str = "train_briefly") -> int:
+    """``value`` as an ``int`` seed within what ``torch.Generator.manual_seed`` accepts."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInputTypeError(
+            f"{who}: seed must be an integer, got {value!r} ({type(value).__name__})")
+    if not _SEED_MIN <= int(value) <= _SEED_MAX:
+        raise InvalidInputError(
+            f"{who}: seed must be in [-2**63, 2**64 - 1] (a torch.Generator seed), got {value!r}")
     return int(value)
 
 
@@ -195,7 +228,7 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, epochs:
         del ends[-2]
     model.train()
     try:
-        for _ in range(epochs):
+        for epoch in range(epochs):
             order = torch.randperm(n, generator=gen)
             total, seen = 0.0, 0
             for start, end in zip([0, *ends[:-1]], ends, strict=True):
@@ -210,6 +243,13 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, device: torch.device, epochs:
                         )
                     checked = True
                 loss = F.cross_entropy(logits, yb)
+                lv = loss.detach()
+                if not bool(torch.isfinite(lv)):  # before the step that would spread it
+                    raise InvalidInputError(
+                        f"train_briefly: the loss became {float(lv)} (epoch {epoch + 1}, "
+                        f"samples {start}..{end - 1} of the shuffled order): training "
+                        f"diverged (lr={lr} too large?) or the model gives non-finite "
+                        "logits; the weights are those before this step")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -334,6 +374,11 @@ def demo_model(
     """
     from .models import get_model
 
+    seed = _seed(seed, "demo_model")
+    if cache is not None and not isinstance(cache, (bool, str, os.PathLike)):
+        raise InvalidInputTypeError(
+            f"demo_model: cache must be True, False, None or a folder path, got {cache!r} "
+            f"({type(cache).__name__})")
     x_tr, y_tr, x_te, y_te = _demo_data(data, size, seed)
     num_classes = int(max(y_tr.max(), y_te.max())) + 1
     with torch.random.fork_rng(devices=[]):
