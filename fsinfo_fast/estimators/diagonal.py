@@ -56,6 +56,7 @@ independent of ``K``, plus ``[B, K]`` probe norms.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Container
@@ -658,7 +659,9 @@ def _diag_rule(
     return rule, targets
 
 
+@functools.lru_cache(maxsize=4096)
 def _trigamma(x: float) -> float:
+    # (cached: a floored sigma* solve summarises the same few probe counts hundreds of times)
     from scipy.special import polygamma
 
     return float(polygamma(1, x))
@@ -709,7 +712,8 @@ def _column_terms(
     far: Tensor | None = None if all_pos else pos
     if floor > 0:
         inv_a = 1.0 / (floor * sigma2.reshape(shape))  # x = (k/2) s / (floor sigma^2)
-        values = torch.unique(k).tolist()
+        # (one sample, the usual case with a floor: its count without torch.unique)
+        values = k.reshape(-1).tolist() if k.numel() == 1 else torch.unique(k).tolist()
         if len(values) == 1:  # one probe count (s is not needed after x: x in its memory)
             alpha = values[0] / 2.0
             xs = s.mul_(alpha * inv_a)
@@ -960,8 +964,9 @@ def _floor_skew(terms: Tensor, t_minus: Tensor, near: Tensor, ng: Tensor, K: flo
     return extra.clamp_min(0) / q
 
 
+@functools.lru_cache(maxsize=4096)
 def _normal_over_t(dof: int, confidence: float) -> float:
-    """``z_{(1+c)/2} / t_{(1+c)/2, dof}``."""
+    """``z_{(1+c)/2} / t_{(1+c)/2, dof}`` (cached, as :func:`_trigamma`)."""
     from scipy.stats import norm
 
     from .base import t_quantile
