@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import itertools
 import math
+import numbers
 import warnings
 import weakref
 from collections import OrderedDict
@@ -223,8 +224,9 @@ def check_target(target: object, batch: int | None) -> Tensor:
 
 
 def check_sigma(sigma: float | Tensor, batch: int | None = None, name: str = "sigma") -> None:
-    """Raise unless ``sigma`` is a positive finite number (or a ``[B]`` tensor of them)."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, Tensor)):
+    """Raise unless ``sigma`` is a positive finite number (a Python or numpy real, or a 0-d
+    tensor) or a ``[B]`` tensor of them."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (numbers.Real, Tensor)):
         raise InvalidInputTypeError(
             f"{name} must be a positive float or a tensor of shape [B], got {type(sigma).__name__}"
         )
@@ -691,6 +693,18 @@ def check_same_function(enc: PreparedEncoder, enc64: PreparedEncoder) -> None:
             "computes the metrics in float64")
 
 
+def check_working_dtype(requested: torch.dtype) -> torch.dtype:
+    """``requested`` (a ``dtype=`` asked for the products), raising unless float32 or float64
+    (:func:`working_dtype` per batch; the metrics' and the guard's constructors too)."""
+    if requested not in (torch.float32, torch.float64):
+        raise InvalidInputError(
+            f"dtype={requested} is not supported: the metrics compute Jacobian products in "
+            "torch.float32 or torch.float64 (half-precision products err by far more than "
+            "the intervals count; a half-precision encoder is linearised in float32 by "
+            "default, dtype=None)")
+    return requested
+
+
 def working_dtype(encoder: Callable[[Tensor], Tensor], x: Tensor,
                   requested: torch.dtype | None = None) -> tuple[torch.dtype | None, str | None]:
     """The dtype the metrics compute Jacobian products in, and why it differs from the given one.
@@ -712,13 +726,7 @@ def working_dtype(encoder: Callable[[Tensor], Tensor], x: Tensor,
         InvalidInputError: ``requested`` is not float32 or float64.
     """
     if requested is not None:
-        if requested not in (torch.float32, torch.float64):
-            raise InvalidInputError(
-                f"dtype={requested} is not supported: the metrics compute Jacobian products in "
-                "torch.float32 or torch.float64 (half-precision products err by far more than "
-                "the intervals count; a half-precision encoder is linearised in float32 by "
-                "default, dtype=None)")
-        return requested, None
+        return check_working_dtype(requested), None
     half = {getattr(x, "dtype", None)} & set(HALF_DTYPES)  # not a tensor: prepare says so
     if isinstance(encoder, nn.Module):
         half |= {t.dtype for t in _tensors(encoder) if t.dtype in HALF_DTYPES}

@@ -2366,12 +2366,7 @@ class Linearization:
         max_probes = _cap(max_probes, n, estimator)
         lam = _check_options(variant, prior_var, floor, lanczos_order)
         floor = float(floor)
-        if estimator == "exact-fast" and variant != "diag":
-            raise InvalidInputError(
-                "estimator='exact-fast' computes the diagonal and the trace only; the log-det "
-                "variant needs the spectrum: use estimator='exact' (the float64 oracle)")
-        if variant == "logdet" and estimator == "deflated":
-            raise InvalidInputError("estimator='deflated' applies to variant='diag' only")
+        _check_fsinfo_route(estimator, variant)
         s = self._sigma(sigma)
         if variant == "diag":
             k0 = initial_probes(num_probes=num_probes, max_probes=max_probes)
@@ -3097,12 +3092,7 @@ class Linearization:
         s = self._sigma(sigma)
         n = self._exact_n()
         if estimator == "deflated":  # the deflated diagonal estimator's trace (Hutch++ split)
-            if method not in ("auto", "deflated"):
-                # another method asked for was silently replaced by the deflated one
-                raise InvalidInputError(
-                    f"estimator='deflated' computes dFIL with the deflated method; "
-                    f"method={method!r} contradicts it: pass method='auto' (or 'deflated'), or "
-                    f"estimator='randomized' with method={method!r}")
+            _check_dfil_route(estimator, method)
             method, estimator = "deflated", "randomized"
         tol_run = num_probes is None and (rtol is not None or atol is not None)
         # the probe cap of the single-stream methods under auto (the oracle's products); the
@@ -3933,6 +3923,10 @@ def _check_linearize_options(**kw: Any) -> None:
     dtype = kw.get("dtype")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise InvalidInputTypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+    if dtype is not None:
+        from .encoder import check_working_dtype
+
+        check_working_dtype(dtype)  # (float32 or float64, as working_dtype refuses per batch)
     budget = kw.get("memory_budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(
             budget, numbers.Integral) or budget <= 0):
@@ -3940,6 +3934,28 @@ def _check_linearize_options(**kw: Any) -> None:
             f"memory_budget must be a positive int (bytes) or None, got {budget!r}")
     if "seed" in kw and not isinstance(kw["seed"], torch.Generator):
         resolve_seed(kw["seed"])  # (an int's check; a generator is drawn from per batch)
+
+
+def _check_fsinfo_route(estimator: str, variant: str) -> None:
+    """Raise for an ``estimator`` that cannot compute ``variant`` (:meth:`Linearization.fsinfo`
+    checks it per call, :func:`check_metric_keywords` at a metric's construction)."""
+    if estimator == "exact-fast" and variant != "diag":
+        raise InvalidInputError(
+            "estimator='exact-fast' computes the diagonal and the trace only; the log-det "
+            "variant needs the spectrum: use estimator='exact' (the float64 oracle)")
+    if variant == "logdet" and estimator == "deflated":
+        raise InvalidInputError("estimator='deflated' applies to variant='diag' only")
+
+
+def _check_dfil_route(estimator: str, method: str) -> None:
+    """Raise for a dFIL ``method`` that ``estimator`` contradicts (:meth:`Linearization.dfil`
+    per call, :func:`check_metric_keywords` at construction)."""
+    if estimator == "deflated" and method not in ("auto", "deflated"):
+        # another method asked for was silently replaced by the deflated one
+        raise InvalidInputError(
+            f"estimator='deflated' computes dFIL with the deflated method; "
+            f"method={method!r} contradicts it: pass method='auto' (or 'deflated'), or "
+            f"estimator='randomized' with method={method!r}")
 
 
 def seed_once(kw: dict[str, Any]) -> dict[str, Any]:
@@ -3983,6 +3999,11 @@ def check_metric_keywords(kw: dict[str, Any], method: str, who: str,
     if method in ("fsinfo", "fsinfo_sigma"):
         _check_options(value("variant"), value("prior_var"), value("floor"),
                        value("lanczos_order"))
+    # the combinations every call would refuse (fsinfo_sigma picks its own route for some)
+    if method == "fsinfo":
+        _check_fsinfo_route(value("estimator"), value("variant"))
+    elif method == "dfil":
+        _check_dfil_route(value("estimator"), value("method"))
     stops = [n for n in ("atol", "rtol", "num_probes") if n in params]
     if stops and all(value(n) is None for n in stops) and value("estimator") not in (
             "exact", "exact-fast"):
