@@ -41,7 +41,9 @@ class SampleInteractionError(EncoderError):
 
 
 class NonFiniteProbeError(FSInfoError, FloatingPointError):
-    """A randomized probe produced a non-finite contribution (it is never averaged in)."""
+    """A randomized probe or an exact route's product produced a non-finite contribution (an
+    infinite derivative such as ``sqrt`` at 0, or an overflow): it is never averaged in, and a
+    torchmetrics metric does not add a batch with a non-finite value."""
 
 
 class PrecisionError(FSInfoError, FloatingPointError):

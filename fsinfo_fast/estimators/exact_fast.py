@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from .._progress import part
-from ..errors import InvalidInputError
+from ..errors import InvalidInputError, NonFiniteProbeError
 from ..formulas import (
     DIAG_FLOOR,
     SUBNORMAL,
@@ -345,7 +345,7 @@ def exact_fast_fisher(
     Raises:
         InvalidInputError: no float64 check products for a lower-precision backend, or the
             check products do not match the batch.
-        FloatingPointError: a product is not finite.
+        NonFiniteProbeError: (a ``FloatingPointError``) a product is not finite.
     """
     from ..engine import default_memory_budget
 
@@ -419,8 +419,10 @@ def exact_fast_fisher(
                 sq = out.to(torch.float64).square_()  # (d < m: the small side)
                 diag += sq.sum(dim=1)
             if not bool(torch.isfinite(sq).all()):
-                raise FloatingPointError("the fast exact route got non-finite products "
-                                         f"({side} {start}..{start + size})")
+                raise NonFiniteProbeError(
+                    f"the fast exact route got non-finite products ({side} {start}.."
+                    f"{start + size}): a non-finite derivative of the encoder at this input "
+                    "(e.g. sqrt or log at 0) or an overflow; the metrics are not defined there")
         if known is not None:
             mask = known[0].to(dev)
             diag = torch.where(mask, known[1].to(diag), diag)

@@ -66,7 +66,7 @@ from ..encoder import (
     prepare,
     quiet_vmap_loop,
 )
-from ..errors import InvalidInputError, SingularFisherWarning, warn_user
+from ..errors import InvalidInputError, NonFiniteProbeError, SingularFisherWarning, warn_user
 from ..formulas import (
     DIAG_FLOOR,
     HALF_LOG_2PIE,
@@ -622,6 +622,21 @@ class ExactFisher:
                                  "oracle_rel_err": self.rel_err()[0].tolist()})
 
 
+def check_finite_jacobian(J: Tensor) -> None:
+    """Raise :class:`~fsinfo_fast.NonFiniteProbeError` where a sample's float64 Jacobian
+    (``[B, m, d]``) has a NaN or infinite entry: an infinite derivative at this input (``sqrt``
+    or ``log`` at 0, ``|x|^p`` with ``p < 1``) or an overflow. The metrics are not defined
+    there, and a value computed from it was NaN (as the randomized routes' probes refuse it)."""
+    bad = ~torch.isfinite(J).flatten(1).all(dim=1)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        raise NonFiniteProbeError(
+            f"the float64 Jacobian of sample(s) {idx[:8]} (batch index) has non-finite entries: "
+            "a non-finite derivative of the encoder at this input (e.g. sqrt or log at 0, "
+            "|x|^p with p < 1) or an overflow, so FSInfo and dFIL are not defined there; move "
+            "the input off that point (or drop the sample)")
+
+
 def exact_fisher(
     encoder: Encoder, x: Tensor, *, spectrum: bool = True, chunk_size: int | None = None,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
@@ -635,6 +650,7 @@ def exact_fisher(
     """
     enc = prepare(encoder, x, dtype=torch.float64)
     J = _jacobian_prepared(enc, chunk_size, budget_bytes)
+    check_finite_jacobian(J)
     mu = zero = svd = sv = None
     if spectrum:
         sv, zero, svd = _svd_spectrum(J)
