@@ -38,7 +38,14 @@ into a metric carries on where it stopped: its running sample ids continue from 
 ``compute()`` result is dropped. A :class:`torchmetrics.MetricCollection` groups
 two of these metrics (``compute_groups``) only where they measure the same thing: a state
 ``settings`` holds a digest of the class, ``sigma``, variant, floor and prior, which also
-refuses a state dict saved from another metric.
+refuses a state dict saved from another metric, and a state ``encoder_tag`` the identity of
+the encoder object (two metrics of different encoders whose states agreed after a first batch
+were grouped, and the second reported the first one's values; the tag is left out of state
+dicts). Under torch.distributed the sync refuses ranks whose ``settings`` differ (a per-rank
+sigma, e.g. calibrated on each rank's own data, was averaged into a meaningless mean),
+leaving each rank's states as they were. ``sigma`` is a real number or a 0-d tensor, checked
+as the functions check it; a batch whose value is NaN or ``+inf`` (an infinite derivative) is
+refused (:class:`~fsinfo_fast.NonFiniteProbeError`) and not added to the sums.
 """
 
 from __future__ import annotations
@@ -46,7 +53,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -54,8 +60,8 @@ import torch
 from torch import Tensor
 
 from ._extras import require
-from .encoder import check_encoder, check_input
-from .errors import InvalidInputError, InvalidInputTypeError
+from .encoder import check_encoder, check_input, check_sigma
+from .errors import InvalidInputError, InvalidInputTypeError, NonFiniteProbeError
 from .formulas import DIAG_FLOOR
 
 Metric = require("torchmetrics", "FSInfoMetric / DFILMetric").Metric
@@ -77,21 +83,24 @@ class _LeakageMetric(Metric):
         from .linearization import check_metric_keywords, seed_once
 
         check_metric_keywords(metric_kwargs, self._method, type(self).__name__)
-        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (
-                math.isfinite(sigma) and sigma > 0):
-            raise InvalidInputError(f"sigma must be a positive finite float, got {sigma!r}")
-        sigma = float(sigma)
+        sigma = _one_sigma(sigma, type(self).__name__)
         super().__init__(**kwargs)
         self.__dict__["encoder"] = encoder  # referenced, not a submodule (see the module doc)
         self.noise_sigma = sigma
         self.metric_kwargs = seed_once(metric_kwargs)  # (a Generator: drawn once)
+        # equal on every rank and in every metric that measures the same thing; the sync
+        # refuses ranks that differ (registered first: its reduction runs before any sum's,
+        # so a refused sync leaves every state as it was)
+        self.add_state("settings", self._settings_digest(), dist_reduce_fx=_SameOnEveryRank(
+            type(self).__name__, self._describe()))
+        # which encoder (object) this metric measures: two metrics of different encoders never
+        # share a torchmetrics compute group (their states may agree on a first batch)
+        self.add_state("encoder_tag", _encoder_tag(encoder), dist_reduce_fx="max")
         for name in ("total", "total_sq", "total_var", "total_bias", "total_noise_sq"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         for name in _COUNTERS:
             self.add_state(name, torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("worst", torch.tensor(-math.inf, dtype=torch.float64), dist_reduce_fx="max")
-        # equal on every rank and in every metric that measures the same thing: "max" keeps it
-        self.add_state("settings", self._settings_digest(), dist_reduce_fx="max")
         self._next_id = 0  # running sample id (not a state: each rank numbers its own samples)
         self._in_forward = False
         self._forward_result: tuple[Tensor, Any] | None = None
@@ -151,6 +160,34 @@ class _LeakageMetric(Metric):
         memo[id(self.encoder)] = self.encoder
         return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
+    def _retag(self) -> None:
+        """:attr:`encoder_tag` (and its reset value) from this metric's own encoder: after a
+        sync or a merge (which reduce it with the other metrics') and after unpickling (a new
+        encoder object)."""
+        tag = _encoder_tag(self.encoder).to(self.settings.device)
+        self._defaults["encoder_tag"] = tag
+        self.encoder_tag = tag.clone()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "encoder_tag" in self._defaults:
+            self._retag()
+
+    def _sync_dist(self, *args: Any, **kwargs: Any) -> None:
+        super()._sync_dist(*args, **kwargs)
+        self._retag()  # (each rank's own encoder; "max" gave one rank's object's id)
+
+    def persistent(self, mode: bool = False) -> None:
+        """torchmetrics' ``persistent``, except that :attr:`encoder_tag` stays out of the state
+        dict (an object's id means nothing in another process or metric)."""
+        super().persistent(mode)
+        self._persistent["encoder_tag"] = False
+
+    def _describe(self) -> str:
+        """What the values measure, in words (the errors that refuse another setting)."""
+        return f"sigma {self.noise_sigma!r}, " + ", ".join(
+            f"{k} {self.metric_kwargs.get(k, v)!r}" for k, v in self._DEFINING.items())
+
     def _defining(self) -> tuple:
         """What the values measure: the class, sigma, and the :attr:`_DEFINING` keywords."""
         return (type(self).__name__, self.noise_sigma,
@@ -169,10 +206,10 @@ class _LeakageMetric(Metric):
                                                   self._settings_digest()):
             raise InvalidInputError(
                 f"this state dict was saved from a metric that measures something else (its "
-                f"settings digest differs from this {type(self).__name__}'s: sigma "
-                f"{self.noise_sigma!r}, " + ", ".join(
-                    f"{k} {self.metric_kwargs.get(k, v)!r}" for k, v in self._DEFINING.items())
-                + "); load it into a metric built with the same sigma, variant, floor and prior")
+                f"settings digest differs from this {type(self).__name__}'s: "
+                f"{self._describe()}); load it into a metric built with the same sigma, "
+                "variant, floor and prior")
+        state_dict.pop(prefix + "encoder_tag", None)  # (this metric's own encoder's)
         counted = prefix + "count" in state_dict  # (torchmetrics pops the states it loads)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if counted:  # carry on where it stopped: ids past the samples counted, no stale compute
@@ -206,7 +243,11 @@ class _LeakageMetric(Metric):
                             self._settings_digest())):
             raise InvalidInputError("cannot merge the states of a metric that measures "
                                     "something else (its settings digest differs)")
+        if isinstance(incoming_state, dict) and "encoder_tag" not in incoming_state:
+            # (a state dict leaves the tag out; torchmetrics wants every state)
+            incoming_state = {**incoming_state, "encoder_tag": self.encoder_tag}
         super().merge_state(incoming_state)
+        self._retag()
         self._computed = None
         # running ids past every sample counted (as after load_state_dict): the next update
         # did reuse the ids a merged metric had given its samples
@@ -255,6 +296,7 @@ class _LeakageMetric(Metric):
             start = self._next_id
             try:
                 r = self._evaluate(x, sample_ids)
+                self._check_finite(r)
             except BaseException:  # a batch refused (by the encoder too) spends no ids
                 self._next_id = start
                 raise
@@ -290,6 +332,24 @@ class _LeakageMetric(Metric):
         for name, value in new.items():
             setattr(self, name, value)
 
+    def _check_finite(self, r: Any) -> None:
+        """Raise :class:`~fsinfo_fast.NonFiniteProbeError` where a sample's value is NaN or
+        ``+inf`` or its error bars are NaN (``-inf`` is exact: a singular log det; an infinite
+        half-width claims no interval): added in, they made the running sums NaN for every
+        later batch."""
+        bad = torch.isnan(r.value) | (r.value == math.inf)
+        for t in (r.stderr, r.ci_halfwidth, r.bias_bound):
+            bad = bad | torch.isnan(t.to(bad.device))
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten().tolist()
+            vals = r.value[bad].tolist()
+            raise NonFiniteProbeError(
+                f"{type(self).__name__}.update: the {r.metric} of sample(s) {idx[:8]} (batch "
+                f"index) is not finite (value {vals[:8]}): a non-finite derivative of the "
+                "encoder there (e.g. sqrt or log at 0) or an overflow; the batch is not added "
+                "(the running sums would stay NaN for every later batch). Move the input off "
+                "that point, or drop the sample")
+
     def compute(self) -> dict[str, Tensor]:
         n = self.count
         if int(n) == 0:
@@ -317,6 +377,49 @@ class _LeakageMetric(Metric):
 
 #: the int64 counter states
 _COUNTERS = ("count", "n_unconverged", "n_bound", "n_neg_inf")
+
+
+def _one_sigma(sigma: Any, who: str) -> float:
+    """The metric's noise scale as a float: a real number (Python or numpy) or a 0-d tensor,
+    checked as the functional API checks it (:func:`~fsinfo_fast.encoder.check_sigma`:
+    positive, finite, within ``SIGMA_RANGE``)."""
+    if isinstance(sigma, Tensor) and sigma.ndim != 0:
+        raise InvalidInputError(
+            f"{who}: sigma must be one number (a float or a 0-d tensor), got a tensor of shape "
+            f"{tuple(sigma.shape)}: a per-sample sigma does not fit batches of any size "
+            "(use the functional ff.fsinfo / ff.dfil for per-sample noise scales)")
+    check_sigma(sigma)
+    return float(sigma)
+
+
+def _encoder_tag(encoder: Any) -> Tensor:
+    """``[4]`` float64 integers in ``[0, 2**16)``: the 16-bit pieces of ``id(encoder)``. Two
+    live encoders' tags are equal only for the same object, and ``allclose`` (torchmetrics'
+    test for sharing states) only when equal."""
+    key = id(encoder)
+    return torch.tensor([(key >> (16 * i)) & 0xFFFF for i in range(4)], dtype=torch.float64)
+
+
+class _SameOnEveryRank:
+    """``dist_reduce_fx`` of the ``settings`` digest: the gathered rows (``[world, 4]``), which
+    must be equal (every rank's metric measures the same thing); raises otherwise. ``max``
+    mixed ranks built with another sigma (a per-rank ``FSInfoGuard.calibrate``) into one
+    meaningless mean without a word."""
+
+    def __init__(self, who: str, describe: str) -> None:
+        self.who, self.describe = who, describe
+
+    def __call__(self, rows: Tensor) -> Tensor:
+        rows = rows.reshape(-1, rows.shape[-1])
+        other = [i for i in range(1, rows.shape[0]) if not torch.equal(rows[i], rows[0])]
+        if other:
+            raise InvalidInputError(
+                f"{self.who}: the processes' metrics measure different things (their settings "
+                f"digests differ: process(es) {other} of the group against process 0); this "
+                f"process's metric has {self.describe}. Build the metric with the same sigma, "
+                "variant, floor and prior on every rank (e.g. calibrate sigma once and "
+                "broadcast it)")
+        return rows[0]
 
 #: torchmetrics' bookkeeping that ``forward`` changes around its reset (restored with the
 #: states where the batch is refused)
