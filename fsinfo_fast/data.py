@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._extras import require
-from .errors import InvalidInputError, check_int
+from .errors import InvalidInputError, InvalidInputTypeError, check_int
 
 __all__ = ["digits", "natural_images", "load_dataset", "DATASETS", "NATURAL_SOURCES"]
 
@@ -184,6 +184,11 @@ def natural_images(
     names = [name for _, name in NATURAL_SOURCES] if sources is None else list(sources)
     if not names:
         raise InvalidInputError("sources must name at least one photograph")
+    repeated = sorted({name for name in names if isinstance(name, str) and names.count(name) > 1})
+    if repeated:  # (one photograph would be two classes)
+        raise InvalidInputError(
+            f"sources names {', '.join(map(repr, repeated))} more than once: the labels index "
+            "the sources, so one photograph would be two classes; name each photograph once")
     for name in names:
         if name not in known:
             raise InvalidInputError(
@@ -232,10 +237,28 @@ def load_dataset(name: str, size: int = 32, **kwargs) -> tuple[Tensor, Tensor]:
 
     Raises:
         InvalidInputError: (a ``ValueError``) unknown name; the message lists the known ones.
+        InvalidInputTypeError: (a ``TypeError``) a keyword the named loader does not take
+            (the other loader's: ``split`` or ``max_samples`` for natural, ``n`` or ``seed``
+            for digits); the message lists the keywords it takes.
     """
+    import inspect
+
     if name not in DATASETS:
         raise InvalidInputError(
             f"unknown data set {name!r}; bundled data sets (no download): "
             f"{', '.join(sorted(DATASETS))}"
         )
-    return DATASETS[name](size=size, **kwargs)
+    loader = DATASETS[name]
+    takes = [p for p in inspect.signature(loader).parameters if p != "size"]
+    bad = [k for k in kwargs if k not in takes]
+    if bad:
+        hints = [f"{k!r} (the number of images is {_SAME[k]!r} here)" if _SAME.get(k) in takes
+                 else repr(k) for k in bad]
+        raise InvalidInputTypeError(
+            f"load_dataset({name!r}) got keyword(s) its loader {loader.__name__}() does not "
+            f"take: {', '.join(hints)}; it takes size, {', '.join(takes)}")
+    return loader(size=size, **kwargs)
+
+
+#: a keyword of one loader and the other's for the same thing (load_dataset's hint)
+_SAME = {"max_samples": "n", "n": "max_samples"}

@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import platform
 
 from torch import nn
 
-from .errors import InvalidInputError
+from .errors import BackendUnavailableError, InvalidInputError
 
 __all__ = ["add_arguments", "run", "collect"]
 
@@ -19,7 +21,7 @@ def collect() -> dict[str, object]:
     import torch
 
     from . import __version__
-    from .engine import available_backends, resolve_backend
+    from .engine import available_backends
     from .engine.compiled import build_info
     from .estimators.probes import probe_hash_backend
 
@@ -30,7 +32,8 @@ def collect() -> dict[str, object]:
     except ImportError:
         triton_version = None
     cuda = torch.cuda.is_available()
-    return {
+    auto, env_note, _ = _auto_backend(torch.device("cuda" if cuda else "cpu"))
+    out = {
         "fsinfo_fast": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -44,11 +47,49 @@ def collect() -> dict[str, object]:
         "backends": {k: {"available": ok, "reason": why}
                      for k, (ok, why) in available_backends().items()},
         # what auto picks for tensors on the default device (CUDA when present)
-        "auto_backend": resolve_backend("auto", torch.device("cuda" if cuda else "cpu")),
+        "auto_backend": auto,
         "extension": build_info(),
         # which code hashes CPU probes (same bits either way; C++ is faster)
         "probe_hash": "{} ({})".format(*probe_hash_backend("cpu")),
     }
+    if env_note is not None:  # (only where the variable is set)
+        out[_ENV_KEY] = env_note
+    return out
+
+
+#: the report's entry on ``$FSINFO_FAST_BACKEND``
+_ENV_KEY = "FSINFO_FAST_BACKEND"
+
+
+def _auto_backend(device) -> tuple[str | None, str | None, bool]:
+    """What ``backend="auto"`` picks on ``device``, a note on ``$FSINFO_FAST_BACKEND`` (None
+    where unset) and whether the variable cannot serve. A value that is unknown or cannot run
+    here makes every ``auto`` request raise: the note says so and why, and ``auto`` reads None
+    (the report is printed anyway: it is where a user looks for what is available)."""
+    from .engine import ENV_VAR, resolve_backend
+
+    env = os.environ.get(ENV_VAR)
+    try:
+        auto = resolve_backend("auto", device)
+    except (InvalidInputError, BackendUnavailableError) as err:
+        if not env:
+            raise
+        return None, f"{env!r}: every backend='auto' request raises here: {err}", True
+    return auto, None if not env else f"{env!r} (backend='auto' takes it)", False
+
+
+@contextlib.contextmanager
+def _without_bad_env(bad: bool):
+    """``$FSINFO_FAST_BACKEND`` removed for the block where it cannot serve (``bad``: the
+    engine report then says what ``auto`` picks without it)."""
+    from .engine import ENV_VAR
+
+    saved = os.environ.pop(ENV_VAR, None) if bad else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[ENV_VAR] = saved
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -139,7 +180,12 @@ def model_report(args: argparse.Namespace) -> dict[str, object]:
         raise InvalidInputError(
             f"--model {args.model} cannot take an input of shape {shape} ({type(err).__name__}: "
             f"{msg}); give --input-shape (or --size) that it takes") from None
-    report = engine_report(enc, x)
+    bad_env = _auto_backend(x.device)[2]
+    with _without_bad_env(bad_env):
+        report = engine_report(enc, x)
+    if bad_env:
+        report["auto_reason"] = (f"without ${_ENV_KEY}, which cannot serve: "
+                                 + (report.get("auto_reason") or "the fastest available"))
     if out is not None and not isinstance(out, torch.Tensor):
         # the metrics take the model as it is and refuse a non-tensor output
         report["output_note"] = (
@@ -158,6 +204,11 @@ def run(args: argparse.Namespace) -> int:
             or "size" in getattr(args, "given_options", ())):
         raise InvalidInputError("--split, --input-shape and --size describe --model's engine "
                                 "report: pass --model too")
+    if getattr(args, "model", None) and "input_shape" in getattr(args, "given_options", ()) \
+            and "size" in args.given_options:
+        raise InvalidInputError("--size and --input-shape both give the example input's shape "
+                                f"(--size {args.size}, --input-shape {args.input_shape}): give "
+                                "one of them")
     if getattr(args, "model", None):
         info["engine_model_report"] = model_report(args)
     if args.json:
@@ -167,6 +218,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     report = info.pop("engine_model_report", None)
     backends = info.pop("backends")
+    if info["auto_backend"] is None:
+        info["auto_backend"] = f"none (${_ENV_KEY} cannot serve: below)"
     for k, v in info.items():
         print(f"{k:>16}: {v}")
     print("        backends:")

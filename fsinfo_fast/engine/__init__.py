@@ -101,6 +101,7 @@ def resolve_backend(backend: str | None = "auto", device: torch.device | None = 
         InvalidInputError: an unknown name.
         BackendUnavailableError: an explicitly requested backend cannot run (with the reason).
     """
+    source = ""  # (where the request came from, for the errors: the variable names itself)
     if backend is None or backend == "auto":
         backend = os.environ.get(ENV_VAR, "auto") or "auto"
         if backend == "auto":
@@ -109,9 +110,14 @@ def resolve_backend(backend: str | None = "auto", device: torch.device | None = 
                 if ok:
                     return name
                 log.debug("backend %s skipped: %s", name, why)
+        source = (f" by the environment variable {ENV_VAR} (backend='auto' takes it; unset "
+                  "it, or set it to an available backend)")
     if backend not in BACKENDS:
+        name = f"{ENV_VAR}" if source else "backend"
         raise InvalidInputError(
-            f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}"
+            f"{name} must be 'auto' or one of {BACKENDS}, got {backend!r}"
+            + (f" (backend='auto' takes ${ENV_VAR}; unset it or fix its value)" if source
+               else "")
         )
     ok, why = _availability(backend)
     if ok and backend in GPU_BACKENDS and device is not None and torch.device(
@@ -121,7 +127,8 @@ def resolve_backend(backend: str | None = "auto", device: torch.device | None = 
     if not ok:
         others = ", ".join(n for n in BACKENDS if _availability(n)[0])
         raise BackendUnavailableError(
-            f"backend {backend!r} was requested but cannot run: {why}. Available: {others}"
+            f"backend {backend!r} was requested{source} but cannot run: {why}. Available: "
+            f"{others}"
         )
     return backend
 
