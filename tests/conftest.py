@@ -11,7 +11,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two torch threads (the CI machine's two cores), shared out among the worker processes when
+# pytest-xdist runs the suite in parallel (`make test`): two workers of two threads each on two
+# cores would oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
 
 
 class TanhMLP(nn.Module):
