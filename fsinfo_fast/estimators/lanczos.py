@@ -436,9 +436,13 @@ class LanczosProbeState:
         cap = min(self.n, max(need, 2 * self._cap, 8))
 
         def pad(X: Tensor, extra: int, dim: int = 2) -> Tensor:
+            # one zeroed allocation and a copy of the rows held (torch.cat with a zero block
+            # allocated, and faulted in, both the block and the result: the bases are large)
             shape = list(X.shape)
-            shape[dim] = extra
-            return torch.cat([X, X.new_zeros(shape)], dim=dim)
+            shape[dim] += extra
+            out = X.new_zeros(shape)
+            out.narrow(dim, 0, X.shape[dim]).copy_(X)
+            return out
 
         extra = cap - self._cap
         self.diag, self.off = pad(self.diag, extra), pad(self.off, extra)
