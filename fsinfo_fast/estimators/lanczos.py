@@ -578,9 +578,11 @@ class LanczosProbeState:
 
     def release(self) -> None:
         """Drop the Krylov bases (memory); the tridiagonals stay."""
-        self._Q = self._Q[:, :, :0]
+        # new empty tensors: a view ``X[:, :, :0]`` kept the whole storage alive (every block
+        # of a call held its bases until the call returned)
+        self._Q = self._Q.new_zeros(self.batch, self.num_probes, 0, self.n)
         if self.method == "golub_kahan":
-            self._U = self._U[:, :, :0]
+            self._U = self._U.new_zeros(self.batch, self.num_probes, 0, self.p)
         self.released = True
 
 
