@@ -32,18 +32,11 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu 
 	$(PY) -c 'from curvlinops import hutchinson_diag, xdiag'
 	@touch $(STAMP)
 
-# The tests run in parallel (pytest-xdist): one worker process per core (`-n auto`: 2 on the CI
-# machine), whole files to a worker (`--dist loadfile`: a module's fixtures are built once and its
-# tests keep their order). tests/conftest.py shares the cores' torch threads out among the workers.
-# `make test TEST_WORKERS=0` runs them in one process, in order.
-TEST_WORKERS ?= auto
-PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadfile
-
 test: venv
-	$(PY) -m pytest -q $(PYTEST_PARALLEL) --durations=15
+	$(PY) -m pytest -q --durations=15
 
 test-fast: venv
-	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
+	$(PY) -m pytest -q -m "not slow"
 
 demo: venv
 	$(VENV)/bin/fsinfo-fast profile

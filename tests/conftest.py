@@ -11,11 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-# Two torch threads (the CI machine's two cores), shared out among the worker processes when
-# pytest-xdist runs the suite in parallel (`make test`): two workers of two threads each on two
-# cores would oversubscribe them.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, torch.get_num_threads()) // _WORKERS))
+torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 class TanhMLP(nn.Module):
